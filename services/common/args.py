@@ -1,0 +1,145 @@
+"""Server flags shared by every service and by `radixserve serve`.
+
+Flag names and defaults follow SGLang's `launch_server` where SGLang has the flag. Every service
+accepts every flag, so one command line can be handed to all of them; each reads what it needs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_GRPC_PORTS = {
+    "gateway": 30010,
+    "tokenizer": 30011,
+    "scheduler": 30012,
+    "executor": 30013,
+    "detokenizer": 30014,
+}
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    dtype: str = "auto"
+    context_length: int | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    device: str = "auto"
+    random_seed: int | None = None
+    skip_tokenizer_init: bool = False
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 30000
+
+    # Memory and scheduling
+    mem_fraction_static: float | None = None
+    max_running_requests: int | None = None
+    max_total_tokens: int | None = None
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "fcfs"  # fcfs | lpm
+    disable_radix_cache: bool = False
+
+    # Service addresses (host:port); each service listens on its own and dials the others.
+    grpc_host: str = "127.0.0.1"
+    gateway_grpc_port: int = DEFAULT_GRPC_PORTS["gateway"]
+    tokenizer_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['tokenizer']}"
+    scheduler_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['scheduler']}"
+    executor_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}"
+    detokenizer_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}"
+
+    # Logging
+    log_level: str = "info"
+
+    # Which service this process is (set by the CLI, not a flag).
+    service: str = field(default="serve", metadata={"cli": False})
+
+    def listen_addr(self, service: str) -> str:
+        """The host:port a service binds its gRPC server to."""
+        if service == "gateway":
+            return f"{self.grpc_host}:{self.gateway_grpc_port}"
+        return getattr(self, f"{service}_addr")
+
+    def to_cli(self) -> list[str]:
+        """This config as command-line flags (for starting child processes)."""
+        argv: list[str] = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("cli") is False:
+                continue
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    argv.append(flag)
+            elif value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+
+_HELP = {
+    "model_path": "HF model folder, .gguf file, or folder holding one; default: the embedded SmolLM2-135M-Instruct",
+    "tokenizer_path": "tokenizer folder (default: the model's)",
+    "served_model_name": "model name reported by the API (default: derived from the model path)",
+    "chat_template": "a Jinja chat template, or a file holding one, to use instead of the model's",
+    "dtype": "auto | bfloat16 | float16 | float32 (auto: the config's dtype)",
+    "context_length": "longest prompt + generation (default: the model's max_position_embeddings)",
+    "load_format": "auto | safetensors | gguf | dummy (random weights)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "random_seed": "seed for dummy weights and unseeded sampling",
+    "skip_tokenizer_init": "run without a tokenizer (token ids in, token ids out)",
+    "host": "HTTP host of the gateway",
+    "port": "HTTP port of the gateway",
+    "mem_fraction_static": "fraction of device memory for weights + KV cache",
+    "max_running_requests": "most requests decoded together",
+    "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
+    "max_prefill_tokens": "most prompt tokens run in one prefill step",
+    "schedule_policy": "fcfs (arrival order) | lpm (longest cached prefix first)",
+    "disable_radix_cache": "do not reuse KV across requests",
+    "grpc_host": "host the gateway's public gRPC API binds to",
+    "gateway_grpc_port": "port of the gateway's public gRPC API",
+    "tokenizer_addr": "host:port of the tokenizer service",
+    "scheduler_addr": "host:port of the scheduler service",
+    "executor_addr": "host:port of the executor service",
+    "detokenizer_addr": "host:port of the detokenizer service",
+    "log_level": "debug | info | warning | error",
+}
+
+_CHOICES = {
+    "dtype": ["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"],
+    "load_format": ["auto", "safetensors", "gguf", "dummy"],
+    "schedule_policy": ["fcfs", "lpm"],
+    "log_level": ["debug", "info", "warning", "error", "critical"],
+}
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(ServerArgs):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kwargs: dict = {"dest": f.name, "default": default, "help": _HELP.get(f.name, "")}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", **kwargs)
+            continue
+        ftype = f.type if isinstance(f.type, str) else f.type.__name__
+        if "int" in ftype:
+            kwargs["type"] = int
+        elif "float" in ftype:
+            kwargs["type"] = float
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1,
+                        help="tensor parallel size (only 1 is supported so far)")
+
+
+def args_from_namespace(ns: argparse.Namespace, service: str) -> ServerArgs:
+    if getattr(ns, "tp_size", 1) != 1:
+        raise SystemExit("error: --tp-size > 1 is not supported yet")
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerArgs) if hasattr(ns, f.name)}
+    return ServerArgs(**values, service=service)

@@ -1,0 +1,104 @@
+from radixserve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExecutorNewRequest(_message.Message):
+    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    prefix_slots: _containers.RepeatedScalarFieldContainer[int]
+    new_slots: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    sample: bool
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class ExecutorContinuingRequest(_message.Message):
+    __slots__ = ("request_id", "input_ids", "new_slots", "sample")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    input_ids: _containers.RepeatedScalarFieldContainer[int]
+    new_slots: _containers.RepeatedScalarFieldContainer[int]
+    sample: bool
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class ExecutorStepRequest(_message.Message):
+    __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    new_requests: _containers.RepeatedCompositeFieldContainer[ExecutorNewRequest]
+    continuing_requests: _containers.RepeatedCompositeFieldContainer[ExecutorContinuingRequest]
+    def __init__(self, step_id: _Optional[int] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., new_requests: _Optional[_Iterable[_Union[ExecutorNewRequest, _Mapping]]] = ..., continuing_requests: _Optional[_Iterable[_Union[ExecutorContinuingRequest, _Mapping]]] = ...) -> None: ...
+
+class ExecutorRequestOutput(_message.Message):
+    __slots__ = ("request_id", "token_id", "logprob")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_id: int
+    logprob: _common_pb2.TokenLogprob
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
+
+class ExecutorStepResponse(_message.Message):
+    __slots__ = ("step_id", "outputs", "forward_ms")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    outputs: _containers.RepeatedCompositeFieldContainer[ExecutorRequestOutput]
+    forward_ms: float
+    def __init__(self, step_id: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[ExecutorRequestOutput, _Mapping]]] = ..., forward_ms: _Optional[float] = ...) -> None: ...
+
+class ExecutorModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutorModelInfo(_message.Message):
+    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    model_path: str
+    context_length: int
+    kv_slots: int
+    vocab_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    device: str
+    num_parameters: int
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+
+class ExecutorResetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutorResetResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...
