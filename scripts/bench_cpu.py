@@ -1,0 +1,75 @@
+"""CPU figures through the full five-process stack with the embedded SmolLM2-135M-Instruct.
+
+Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
+Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import httpx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from tests.stack import start_stack, stop_stack  # noqa: E402
+
+PROMPT = "Write a long essay about the history of the Roman Empire."
+
+
+def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
+    body = {"text": prompt, "stream": True,
+            "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    meta = {}
+    with httpx.stream("POST", base_url + "/generate", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            meta = json.loads(line[6:]).get("meta_info", meta)
+    n = meta["completion_tokens"]
+    return {"ttft_s": first - t0, "e2e_s": last - t0, "completion_tokens": n,
+            "decode_tok_s": (n - 1) / (last - first) if last > first else float("nan")}
+
+
+def bench(dtype: str, output_len: int, concurrency: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack("--dtype", dtype, log_path=f"{tmp}/serve.log")
+        try:
+            stream_one(stack.base_url, 8)  # warm-up
+            single = stream_one(stack.base_url, output_len)
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                runs = list(pool.map(lambda i: stream_one(stack.base_url, output_len, f"{PROMPT} ({i})"),
+                                     range(concurrency)))
+            wall = time.perf_counter() - t0
+        finally:
+            stop_stack(stack)
+    out_tokens = sum(r["completion_tokens"] for r in runs)
+    return {"dtype": dtype, "output_len": output_len,
+            "bs1_decode_tok_s": round(single["decode_tok_s"], 1), "bs1_ttft_ms": round(single["ttft_s"] * 1e3, 1),
+            "concurrency": concurrency, "concurrent_output_tok_s": round(out_tokens / wall, 1),
+            "concurrent_wall_s": round(wall, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    a = p.parse_args()
+    for dtype in a.dtypes:
+        print(json.dumps(bench(dtype, a.output_len, a.concurrency)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Start `radixserve serve` (five processes) on free loopback ports for end-to-end tests."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    scheduler_addr: str
+    log_path: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log_tail(self, n: int = 60) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+
+def start_stack(*extra: str, log_path: str, timeout: float = 600) -> Stack:
+    http, grpc_port, tok, sch, exe, detok = free_ports(6)
+    cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(http),
+           "--gateway-grpc-port", str(grpc_port),
+           "--tokenizer-addr", f"127.0.0.1:{tok}", "--scheduler-addr", f"127.0.0.1:{sch}",
+           "--executor-addr", f"127.0.0.1:{exe}", "--detokenizer-addr", f"127.0.0.1:{detok}", *extra]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stack = Stack(proc, http, grpc_port, f"127.0.0.1:{sch}", log_path)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"radixserve serve exited ({proc.returncode}):\n{stack.log_tail()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(stack.base_url + "/health", timeout=30) as r:
+                if r.status == 200:
+                    return stack
+        time.sleep(1)
+    stop_stack(stack)
+    raise RuntimeError(f"stack not healthy after {timeout}s:\n{stack.log_tail()}")
+
+
+def stop_stack(stack: Stack) -> None:
+    if stack.proc.poll() is None:
+        stack.proc.send_signal(signal.SIGTERM)
+        try:
+            stack.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.proc.pid, signal.SIGKILL)
+            stack.proc.wait()
