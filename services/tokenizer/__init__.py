@@ -1,0 +1,1 @@
+"""The tokenizer service: text and chat conversations to token ids (stateless; any replica serves any call)."""

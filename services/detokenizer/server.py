@@ -1,0 +1,89 @@
+"""gRPC front of the detokenizer service: Decode, for a batch of requests at a time.
+
+Per-request state lives with the caller (the gateway), in DetokenizerState, sent with every call;
+this process keeps none, so any replica can serve any call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from transformers import PreTrainedTokenizerBase
+
+from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
+from services.common import grpc_util
+from services.common.args import ServerArgs
+from services.common.log import setup_logging
+from services.detokenizer.incremental import DecodeState, DecodeStep, decode_step
+from services.tokenizer.core import load_tokenizer, tokenizer_folder
+from services.tokenizer.lifecycle import run_until_signalled
+
+log = logging.getLogger("radixserve.detokenizer")
+
+
+def state_from_proto(state: detokenizer_pb2.DetokenizerState) -> DecodeState:
+    window = list(state.window_ids)
+    if not 0 <= state.prefix_offset <= state.read_offset <= len(window):
+        raise ValueError(f"bad DetokenizerState offsets: prefix {state.prefix_offset}, "
+                         f"read {state.read_offset}, window of {len(window)}")
+    return DecodeState(window, state.prefix_offset, state.read_offset, state.held_text, state.emitted_chars)
+
+
+def state_to_proto(state: DecodeState) -> detokenizer_pb2.DetokenizerState:
+    return detokenizer_pb2.DetokenizerState(
+        window_ids=state.window_ids, prefix_offset=state.prefix_offset, read_offset=state.read_offset,
+        held_text=state.held_text, emitted_chars=state.emitted_chars)
+
+
+class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    def _check_ids(self, request_id: str, ids) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+
+    def _decode_item(self, item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.DetokenizerDecodeResult:
+        self._check_ids(item.request_id, item.new_token_ids)
+        step: DecodeStep = decode_step(
+            self.tokenizer, state_from_proto(item.state), list(item.new_token_ids), list(item.stop),
+            skip_special_tokens=item.skip_special_tokens, final=item.final)
+        return detokenizer_pb2.DetokenizerDecodeResult(
+            request_id=item.request_id, text=step.text, state=state_to_proto(step.state),
+            stopped=step.stopped, matched_stop=step.matched_stop)
+
+    def _decode_batch(self, request: detokenizer_pb2.DetokenizerDecodeRequest):
+        return detokenizer_pb2.DetokenizerDecodeResponse(results=[self._decode_item(i) for i in request.items])
+
+    async def Decode(self, request, context):
+        try:
+            return await asyncio.to_thread(self._decode_batch, request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+async def start_server(tokenizer: PreTrainedTokenizerBase, addr: str) -> tuple[grpc.aio.Server, int]:
+    """Start serving on addr ("host:0" picks a free port); returns the server and its port."""
+    server = grpc_util.aio_server()
+    detokenizer_pb2_grpc.add_DetokenizerServicer_to_server(DetokenizerServicer(tokenizer), server)
+    port = grpc_util.bind(server, addr)
+    await server.start()
+    return server, port
+
+
+async def serve(args: ServerArgs) -> None:
+    folder = tokenizer_folder(args)
+    tokenizer = await asyncio.to_thread(load_tokenizer, folder)
+    log.info("loaded tokenizer from %s", folder)
+    server, _ = await start_server(tokenizer, args.detokenizer_addr)
+    log.info("detokenizer ready on %s", args.detokenizer_addr)
+    await run_until_signalled(server)
+
+
+def main(args: ServerArgs) -> int:
+    setup_logging("detokenizer", args.log_level)
+    asyncio.run(serve(args))
+    return 0

@@ -1,0 +1,47 @@
+"""Chat conversations as the chat template sees them, converted from the gRPC messages."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from radixserve.v1 import common_pb2
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+
+def _json_list(text: str, what: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a JSON array, got {type(value).__name__}")
+    return value
+
+
+def message_from_proto(msg: common_pb2.ChatMessage) -> dict[str, Any]:
+    """Only the fields a message sets are passed, so templates can test them with `is defined`."""
+    message: dict[str, Any] = {"role": msg.role, "content": msg.content}
+    if msg.name:
+        message["name"] = msg.name
+    if msg.tool_calls_json:
+        message["tool_calls"] = _json_list(msg.tool_calls_json, "tool_calls_json")
+    if msg.tool_call_id:
+        message["tool_call_id"] = msg.tool_call_id
+    return message
+
+
+def conversation_from_proto(conv: common_pb2.ChatConversation) -> Conversation:
+    return Conversation(
+        messages=[message_from_proto(m) for m in conv.messages],
+        add_generation_prompt=conv.add_generation_prompt,
+        continue_final_message=conv.continue_final_message,
+        tools=_json_list(conv.tools_json, "tools_json") if conv.tools_json else None,
+    )

@@ -1,0 +1,122 @@
+"""The tokenizer itself: encoding, chat-template rendering and a description, on top of an HF fast tokenizer.
+
+transformers renders chat templates in a sandboxed Jinja environment; templates are only ever
+rendered through `apply_chat_template`, so that stays true here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from services.common.args import ServerArgs
+from services.common.model_files import resolve_model_path
+from services.tokenizer.conversation import Conversation
+
+
+@dataclass
+class RenderedChat:
+    prompt: str
+    ids: list[int]
+
+
+@dataclass
+class TokenizerDescription:
+    vocab_size: int
+    eos_token_ids: list[int]
+    bos_token_id: int  # -1 when there is none
+    chat_template: str  # "" when there is none
+    tokenizer_path: str
+
+
+def tokenizer_folder(args: ServerArgs) -> pathlib.Path:
+    return resolve_model_path(args.tokenizer_path or args.model_path)
+
+
+def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{folder} has no fast tokenizer (tokenizer.json)")
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template` is either a file holding a template or the template text itself."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = pathlib.Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+
+
+def generation_config_eos_ids(folder: pathlib.Path) -> list[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _default_template(template: str | dict | None) -> str:
+    if isinstance(template, dict):  # named templates: the "default" one is what plain chats use
+        return template.get("default", "")
+    return template or ""
+
+
+class TokenizerCore:
+    def __init__(self, folder: str | os.PathLike, chat_template: str | None = None):
+        self.folder = pathlib.Path(folder)
+        self.tokenizer = load_tokenizer(self.folder)
+        if chat_template is not None:
+            self.tokenizer.chat_template = read_chat_template(chat_template)
+        self._eos_ids = self._collect_eos_ids()
+
+    def _collect_eos_ids(self) -> list[int]:
+        ids = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        for eos in generation_config_eos_ids(self.folder):
+            if eos not in ids:
+                ids.append(eos)
+        return ids
+
+    def encode(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+
+    def render_chat(self, conversation: Conversation) -> str:
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"the tokenizer in {self.folder} has no chat template; pass --chat-template")
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation.messages,
+                tools=conversation.tools,
+                add_generation_prompt=conversation.add_generation_prompt,
+                continue_final_message=conversation.continue_final_message,
+                tokenize=False,
+            )
+        except ValueError:
+            raise
+        except Exception as e:  # anything a template raises (raise_exception, undefined, type errors)
+            raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
+
+    def apply_chat_template(self, conversations: list[Conversation]) -> list[RenderedChat]:
+        prompts = [self.render_chat(c) for c in conversations]
+        # The template writes its own special tokens; adding more would double the BOS.
+        ids = self.encode(prompts, add_special_tokens=False)
+        return [RenderedChat(p, i) for p, i in zip(prompts, ids)]
+
+    def info(self) -> TokenizerDescription:
+        bos = self.tokenizer.bos_token_id
+        return TokenizerDescription(
+            vocab_size=len(self.tokenizer),
+            eos_token_ids=list(self._eos_ids),
+            bos_token_id=-1 if bos is None else bos,
+            chat_template=_default_template(self.tokenizer.chat_template),
+            tokenizer_path=str(self.folder),
+        )

@@ -1,0 +1,79 @@
+"""gRPC front of the tokenizer service: Encode, ApplyChatTemplate, GetInfo. Stateless.
+
+Tokenizing is CPU work, so it runs in a worker thread and the event loop stays responsive.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, TypeVar
+
+import grpc
+
+from radixserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.common import grpc_util
+from services.common.args import ServerArgs
+from services.common.log import setup_logging
+from services.tokenizer.conversation import conversation_from_proto
+from services.tokenizer.core import TokenizerCore, tokenizer_folder
+from services.tokenizer.lifecycle import run_until_signalled
+
+log = logging.getLogger("radixserve.tokenizer")
+T = TypeVar("T")
+
+
+async def run_in_thread_or_abort(context: grpc.aio.ServicerContext, fn: Callable[..., T], *args) -> T:
+    """fn(*args) in a worker thread; a ValueError ends the call with INVALID_ARGUMENT."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, core: TokenizerCore):
+        self.core = core
+
+    async def Encode(self, request, context):
+        results = await run_in_thread_or_abort(
+            context, self.core.encode, list(request.texts), request.add_special_tokens)
+        return tokenizer_pb2.TokenizerEncodeResponse(
+            results=[common_pb2.TokenIds(ids=ids) for ids in results])
+
+    async def ApplyChatTemplate(self, request, context):
+        def render():
+            return self.core.apply_chat_template([conversation_from_proto(c) for c in request.conversations])
+
+        rendered = await run_in_thread_or_abort(context, render)
+        return tokenizer_pb2.TokenizerChatResponse(
+            results=[tokenizer_pb2.TokenizerChatResult(prompt=r.prompt, ids=r.ids) for r in rendered])
+
+    async def GetInfo(self, request, context):
+        info = self.core.info()
+        return tokenizer_pb2.TokenizerInfo(
+            vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids, bos_token_id=info.bos_token_id,
+            chat_template=info.chat_template, tokenizer_path=info.tokenizer_path)
+
+
+async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server, int]:
+    """Start serving core on addr ("host:0" picks a free port); returns the server and its port."""
+    server = grpc_util.aio_server()
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core), server)
+    port = grpc_util.bind(server, addr)
+    await server.start()
+    return server, port
+
+
+async def serve(args: ServerArgs) -> None:
+    folder = tokenizer_folder(args)
+    core = await asyncio.to_thread(TokenizerCore, folder, args.chat_template)
+    log.info("loaded tokenizer from %s (vocab %d)", folder, core.info().vocab_size)
+    server, _ = await start_server(core, args.tokenizer_addr)
+    log.info("tokenizer ready on %s", args.tokenizer_addr)
+    await run_until_signalled(server)
+
+
+def main(args: ServerArgs) -> int:
+    setup_logging("tokenizer", args.log_level)
+    asyncio.run(serve(args))
+    return 0
