@@ -1,0 +1,57 @@
+"""The FastAPI application: routes plus error handlers that always answer in OpenAI's error shape."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.args import ServerArgs
+from services.gateway import native_routes, openai_routes
+from services.gateway.engine import Engine
+from services.gateway.errors import ApiError
+from services.gateway.sampling import validation_error
+
+log = logging.getLogger("radixserve.gateway.app")
+
+
+def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
+    engine = engine or Engine(args)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await engine.close()
+
+    app = FastAPI(title="radixserve", version="0.1.0", lifespan=lifespan)
+    app.state.args = args
+    app.state.engine = engine
+    app.include_router(openai_routes.router)
+    app.include_router(native_routes.router)
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError):
+        err = validation_error(exc.errors())
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException):
+        err = ApiError(exc.status_code, str(exc.detail), code=None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        err = ApiError(500, "Internal server error", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)

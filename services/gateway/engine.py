@@ -1,0 +1,294 @@
+"""The request pipeline shared by the REST and gRPC APIs.
+
+tokenize -> scheduler Generate stream -> detokenizer Decode per chunk -> Delta items, then a Finish.
+Closing the stream (client gone, task cancelled, stop string matched) cancels the scheduler call,
+which aborts the request and frees its KV in every stage.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2,
+                           scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
+from services.common.args import ServerArgs
+from services.common.grpc_util import aio_channel
+from services.common.model_files import default_model_name
+from services.gateway.errors import ApiError, bad_request, from_grpc
+from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
+                                         PreparedRequest)
+
+log = logging.getLogger("radixserve.gateway.engine")
+
+UNARY_TIMEOUT_S = 60.0
+INFO_WAIT_S = 60.0
+HEALTH_TIMEOUT_S = 20.0
+TOKEN_TEXT_CACHE_LIMIT = 500_000
+FINISH_NAMES = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+def served_model_name(args: ServerArgs) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    try:
+        return default_model_name(args.model_path)
+    except (OSError, ValueError):
+        return os.path.basename(str(args.model_path or "").rstrip("/")) or "default"
+
+
+@dataclass
+class _Stubs:
+    channels: list[grpc.aio.Channel]
+    tokenizer: tokenizer_pb2_grpc.TokenizerStub
+    scheduler: scheduler_pb2_grpc.SchedulerStub
+    detokenizer: detokenizer_pb2_grpc.DetokenizerStub
+
+
+class Engine:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.served_name = served_model_name(args)
+        self.uses_tokenizer = not args.skip_tokenizer_init
+        self._stubs: _Stubs | None = None
+        self._info: ModelInfo | None = None
+        self._info_lock: asyncio.Lock | None = None
+        self._token_texts: dict[int, str] = {}
+
+    # ---- connections and backend info ----
+
+    def stubs(self) -> _Stubs:
+        """Channels are made on first use, so they belong to the running event loop."""
+        if self._stubs is None:
+            a = self.args
+            channels = [aio_channel(a.tokenizer_addr), aio_channel(a.scheduler_addr),
+                        aio_channel(a.detokenizer_addr)]
+            self._stubs = _Stubs(channels, tokenizer_pb2_grpc.TokenizerStub(channels[0]),
+                                 scheduler_pb2_grpc.SchedulerStub(channels[1]),
+                                 detokenizer_pb2_grpc.DetokenizerStub(channels[2]))
+        return self._stubs
+
+    async def close(self) -> None:
+        if self._stubs is not None:
+            for channel in self._stubs.channels:
+                await channel.close()
+            self._stubs = None
+
+    async def scheduler_info(self) -> scheduler_pb2.SchedulerInfo:
+        try:
+            return await self.stubs().scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(),
+                                                        timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "scheduler") from None
+
+    async def model_info(self, wait_s: float = INFO_WAIT_S) -> ModelInfo:
+        """Backend facts, fetched once; retries while the backends are still starting."""
+        if self._info is not None:
+            return self._info
+        if self._info_lock is None:
+            self._info_lock = asyncio.Lock()
+        async with self._info_lock:
+            if self._info is None:
+                self._info = await self._fetch_info(wait_s)
+        return self._info
+
+    async def _fetch_info(self, wait_s: float) -> ModelInfo:
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                return await self._fetch_info_once()
+            except grpc.aio.AioRpcError as e:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise ApiError(503, "the backend services are not ready", code="service_unavailable") from None
+                log.info("waiting for backends: %s", e.code().name)
+                await asyncio.sleep(0.5)
+
+    async def _fetch_info_once(self) -> ModelInfo:
+        stubs = self.stubs()
+        sched = await stubs.scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=5)
+        tok = None
+        if self.uses_tokenizer:
+            tok = await stubs.tokenizer.GetInfo(tokenizer_pb2.TokenizerInfoRequest(), timeout=5)
+        context_length = sched.context_length or self.args.context_length or 0
+        model_path = sched.model_path or str(self.args.model_path or "")
+        return ModelInfo(
+            served_name=self.served_name, model_path=model_path,
+            tokenizer_path=(tok.tokenizer_path if tok else "") or str(self.args.tokenizer_path or model_path),
+            architecture=sched.architecture, context_length=context_length,
+            vocab_size=sched.vocab_size or (tok.vocab_size if tok else 0),
+            eos_token_ids=list(sched.eos_token_ids or (tok.eos_token_ids if tok else [])),
+            has_chat_template=bool(tok and tok.chat_template))
+
+    # ---- preparing a request ----
+
+    async def prepare(self, inp: GenerationInput) -> PreparedRequest:
+        """Tokenize and validate; raises ApiError for anything the client must fix."""
+        info = await self.model_info()
+        input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
+        if not input_ids:
+            raise bad_request("the prompt is empty", param=inp.prompt_param)
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(inp.sampling)
+        prompt_len = len(input_ids)
+        room = info.context_length - prompt_len if info.context_length else None
+        requested = sampling.max_new_tokens
+        if room is not None and room < (requested or 1):
+            completion = requested or 1
+            where = "messages" if inp.prompt_param == "messages" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {info.context_length} tokens. However, you requested "
+                f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} in the "
+                f"completion). Please reduce the length of the {where} or completion.",
+                param=inp.prompt_param, code="context_length_exceeded")
+        if not requested:
+            defaults = [n for n in (inp.default_max_new_tokens, room) if n]
+            if not defaults:
+                raise bad_request("max_tokens is required: the context length is unknown", param="max_tokens")
+            requested = min(defaults)
+        sampling.max_new_tokens = requested
+        return PreparedRequest(request_id=inp.request_id or uuid.uuid4().hex, input_ids=input_ids,
+                               sampling=sampling, stop=[s for s in inp.stop if s],
+                               skip_special_tokens=inp.skip_special_tokens)
+
+    async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not isinstance(t, int) or t < 0 or (vocab_size and t >= vocab_size)]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+            return list(prompt)
+        if not self.uses_tokenizer:
+            raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                              param=param)
+        tokenizer = self.stubs().tokenizer
+        try:
+            if isinstance(prompt, str):
+                resp = await tokenizer.Encode(tokenizer_pb2.TokenizerEncodeRequest(
+                    texts=[prompt], add_special_tokens=True), timeout=UNARY_TIMEOUT_S)
+                return list(resp.results[0].ids)
+            resp = await tokenizer.ApplyChatTemplate(
+                tokenizer_pb2.TokenizerChatRequest(conversations=[prompt]), timeout=UNARY_TIMEOUT_S)
+            return list(resp.results[0].ids)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "tokenizer") from None
+
+    # ---- generating ----
+
+    async def stream(self, req: PreparedRequest) -> AsyncIterator[Delta | Finish]:
+        """Delta items, then exactly one Finish; closing the iterator aborts the request."""
+        call = self.stubs().scheduler.Generate(scheduler_pb2.SchedulerGenerateRequest(
+            request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling))
+        state = detokenizer_pb2.DetokenizerState()
+        generated = cached = 0
+        finished_by_scheduler = False
+        try:
+            async for msg in call:
+                generated += len(msg.token_ids)
+                if msg.HasField("usage"):
+                    cached = msg.usage.cached_tokens
+                done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                text, matched_stop = "", None
+                if self.uses_tokenizer and (msg.token_ids or (done and _has_pending_text(state))):
+                    result = await self._decode(req, state, msg.token_ids, final=done)
+                    state, text = result.state, result.text
+                    if result.stopped:
+                        matched_stop = result.matched_stop
+                if text or msg.token_ids:
+                    yield Delta(text, list(msg.token_ids), list(msg.logprobs))
+                if matched_stop is not None:
+                    call.cancel()  # aborts the request in the scheduler and frees its KV
+                    yield Finish("stop", matched_stop, len(req.input_ids), generated, cached)
+                    return
+                if done:
+                    finished_by_scheduler = True
+                    reason = FINISH_NAMES.get(msg.finish_reason, "abort")
+                    matched = msg.matched_stop_token_id if reason == "stop" else None
+                    yield Finish(reason, matched, len(req.input_ids), generated, cached)
+                    return
+            yield Finish("abort", None, len(req.input_ids), generated, cached)
+        except grpc.aio.AioRpcError as e:  # only the scheduler call raises these here
+            raise from_grpc(e, "scheduler") from None
+        finally:
+            if not finished_by_scheduler:
+                call.cancel()
+
+    async def _decode(self, req: PreparedRequest, state, new_ids, final: bool):
+        item = detokenizer_pb2.DetokenizerDecodeItem(
+            request_id=req.request_id, state=state, new_token_ids=new_ids, stop=req.stop,
+            skip_special_tokens=req.skip_special_tokens, final=final)
+        try:
+            resp = await self.stubs().detokenizer.Decode(
+                detokenizer_pb2.DetokenizerDecodeRequest(items=[item]), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "detokenizer") from None
+        return resp.results[0]
+
+    async def complete(self, req: PreparedRequest) -> Completion:
+        """Run a request to the end and collect its output."""
+        texts, ids, logprobs = [], [], []
+        finish = None
+        stream = self.stream(req)
+        try:
+            async for item in stream:
+                if isinstance(item, Delta):
+                    texts.append(item.text)
+                    ids += item.token_ids
+                    logprobs += item.logprobs
+                else:
+                    finish = item
+        finally:
+            await stream.aclose()
+        return Completion("".join(texts), ids, logprobs, finish)
+
+    async def token_texts(self, ids: list[int]) -> dict[int, str]:
+        """The text of single tokens (for logprobs), special tokens included; cached."""
+        missing = sorted({i for i in ids if i not in self._token_texts})
+        if missing and self.uses_tokenizer:
+            items = [detokenizer_pb2.DetokenizerDecodeItem(request_id=str(i), new_token_ids=[i], final=True)
+                     for i in missing]
+            try:
+                resp = await self.stubs().detokenizer.Decode(
+                    detokenizer_pb2.DetokenizerDecodeRequest(items=items), timeout=UNARY_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                raise from_grpc(e, "detokenizer") from None
+            if len(self._token_texts) > TOKEN_TEXT_CACHE_LIMIT:
+                self._token_texts.clear()
+            for i, result in zip(missing, resp.results):
+                self._token_texts[i] = result.text
+        return {i: self._token_texts.get(i, "") for i in ids}
+
+    # ---- health ----
+
+    async def health(self, timeout: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:
+        """A one-token generation through every stage."""
+        try:
+            await asyncio.wait_for(self._health_probe(), timeout)
+            return True, ""
+        except asyncio.TimeoutError:
+            return False, f"no answer within {timeout:g}s"
+        except ApiError as e:
+            return False, e.message
+
+    async def _health_probe(self) -> None:
+        if self.uses_tokenizer:
+            ids = await self._tokenize("ping", "text")
+        else:
+            ids = [0]
+        req = PreparedRequest(f"health-{uuid.uuid4().hex}", ids,
+                              common_pb2.SamplingParams(temperature=0, top_p=1, max_new_tokens=1, ignore_eos=True),
+                              stop=[], skip_special_tokens=True)
+        result = await self.complete(req)
+        if result.finish is None or result.finish.reason == "abort" or not result.token_ids:
+            raise ApiError(503, "the health probe produced no token")
+
+
+def _has_pending_text(state: detokenizer_pb2.DetokenizerState) -> bool:
+    return bool(state.held_text) or state.read_offset < len(state.window_ids)

@@ -1,0 +1,63 @@
+"""API errors in OpenAI's shape, and how backend gRPC failures map onto them."""
+from __future__ import annotations
+
+import grpc
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    499: "invalid_request_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status plus OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def not_supported(feature: str, param: str | None = None) -> ApiError:
+    return ApiError(400, f"{feature} is not supported yet", param=param, code="not_supported")
+
+
+def from_grpc(err: grpc.aio.AioRpcError, stage: str) -> ApiError:
+    """Translate a backend's gRPC status; only client-facing details are passed on."""
+    code = err.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ApiError(400, err.details() or f"{stage} rejected the request", code="invalid_argument")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(503, f"{stage} is overloaded: {err.details()}", code="resource_exhausted")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ApiError(503, f"the {stage} service is unavailable", code="service_unavailable")
+    if code == grpc.StatusCode.CANCELLED:
+        return ApiError(499, "the request was cancelled", code="cancelled")
+    return ApiError(500, f"the {stage} service failed ({code.name})", code="internal_error")
+
+
+def grpc_status_for(status: int) -> grpc.StatusCode:
+    """The gRPC status the public gRPC API answers for an HTTP-style ApiError status."""
+    if status == 400:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if status == 404:
+        return grpc.StatusCode.NOT_FOUND
+    if status == 499:
+        return grpc.StatusCode.CANCELLED
+    if status == 503:
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,70 @@
+"""The data that flows through the gateway's pipeline, independent of REST or gRPC."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from radixserve.v1 import common_pb2
+
+Prompt = str | common_pb2.ChatConversation | list[int]
+
+
+@dataclass
+class GenerationInput:
+    """One generation request as the API layers hand it to the engine."""
+    prompt: Prompt
+    sampling: common_pb2.SamplingParams  # max_new_tokens 0: use default_max_new_tokens
+    stop: list[str] = field(default_factory=list)
+    skip_special_tokens: bool = True
+    request_id: str = ""
+    prompt_param: str = "prompt"  # the request field named in prompt-related errors
+    default_max_new_tokens: int | None = None  # None: fill the context
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request in token ids, ready for the scheduler."""
+    request_id: str
+    input_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    stop: list[str]
+    skip_special_tokens: bool
+
+
+@dataclass
+class Delta:
+    """New output since the previous item."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprob]
+
+
+@dataclass
+class Finish:
+    """The last item of a generation."""
+    reason: str  # "stop" | "length" | "abort"
+    matched: str | int | None  # the stop string or stop token id that ended it
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Completion:
+    """A whole generation, collected from its stream."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprob]
+    finish: Finish
+
+
+@dataclass
+class ModelInfo:
+    """What the backends say about the served model."""
+    served_name: str
+    model_path: str
+    tokenizer_path: str
+    architecture: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    has_chat_template: bool

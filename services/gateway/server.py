@@ -1,0 +1,89 @@
+"""The gateway process: the OpenAI REST API (uvicorn) and the public gRPC API in one event loop."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import uvicorn
+
+from services.common.args import ServerArgs
+from services.common.log import setup_logging
+from services.gateway.app import create_app
+from services.gateway.engine import Engine
+from services.gateway.grpc_api import start_grpc_api
+
+log = logging.getLogger("radixserve.gateway")
+GRPC_STOP_GRACE_S = 5
+
+
+class _HttpServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """serve() handles SIGINT/SIGTERM itself, so the gRPC server stops cleanly too."""
+        yield
+
+
+class Gateway:
+    """Both front ends over one engine; port 0 in args picks free ports (see http_port, grpc_port)."""
+
+    def __init__(self, args: ServerArgs, engine: Engine | None = None):
+        self.args = args
+        self.engine = engine or Engine(args)
+        self.app = create_app(args, self.engine)
+        self.http = _HttpServer(uvicorn.Config(
+            self.app, host=args.host, port=args.port, log_level=args.log_level, loop="asyncio",
+            timeout_graceful_shutdown=5))
+        self.grpc: grpc.aio.Server | None = None
+        self.grpc_port = 0
+        self._http_task: asyncio.Task | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.servers[0].sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self.grpc, self.grpc_port = await start_grpc_api(self.engine, self.args.listen_addr("gateway"))
+        self._http_task = asyncio.create_task(self.http.serve())
+        while not self.http.started:
+            if self._http_task.done():
+                await self._http_task
+                raise RuntimeError(f"the HTTP server did not start on {self.args.host}:{self.args.port}")
+            await asyncio.sleep(0.05)
+        log.info("gateway ready on http://%s:%d (gRPC API on %s:%d)", self.args.host, self.http_port,
+                 self.args.grpc_host, self.grpc_port)
+
+    def request_stop(self) -> None:
+        self.http.should_exit = True
+
+    async def wait(self) -> None:
+        await self._http_task
+
+    async def stop(self) -> None:
+        self.http.should_exit = True
+        if self._http_task is not None:
+            await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.grpc is not None:
+            await self.grpc.stop(GRPC_STOP_GRACE_S)
+        await self.engine.close()
+
+
+async def serve(args: ServerArgs) -> None:
+    gateway = Gateway(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, gateway.request_stop)
+    await gateway.start()
+    try:
+        await gateway.wait()
+    finally:
+        await gateway.stop()
+        log.info("gateway stopped")
+
+
+def main(args: ServerArgs) -> int:
+    setup_logging("gateway", args.log_level)
+    asyncio.run(serve(args))
+    return 0
