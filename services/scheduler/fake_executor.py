@@ -1,0 +1,149 @@
+"""A deterministic stand-in for the executor, for tests and for running the scheduler without a model.
+
+The "model" samples a token that depends only on the whole sequence so far, through a hash chain
+kept in its fake KV memory: each written slot holds (position, token, hash of tokens 0..position).
+Reading a prefix whose slots were overwritten or handed out in the wrong order breaks the chain
+and raises, and a wrong prefix changes every later token, so scheduler bugs surface as errors or
+as outputs that differ from an unconstrained run. Plans may be protobuf messages or the core's
+dataclasses: only attribute names are used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+
+_MOD = (1 << 61) - 1
+
+
+def chain_hash(prev: int, token: int) -> int:
+    return (prev * 1_000_003 + token + 1) % _MOD
+
+
+class FakeExecutorError(AssertionError):
+    pass
+
+
+@dataclass
+class _ReqState:
+    slots: list[int]
+    last_hash: int  # hash of every token with KV, plus the last sampled one
+    last_token: int
+    sampling: object = None
+
+
+@dataclass
+class FakeModel:
+    kv_slots: int
+    vocab_size: int = 1000
+    kv: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    reqs: dict[str, _ReqState] = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    def token_for(self, seq_hash: int) -> int:
+        return seq_hash % self.vocab_size
+
+    def step(self, plan) -> list[tuple[str, int]]:
+        """Run one plan; return (request_id, token_id) per request, new requests first."""
+        self.steps.append(plan)
+        for rid in plan.finished_request_ids:
+            self.reqs.pop(rid, None)
+        live_slots = {s for st in self.reqs.values() for s in st.slots}
+        written: list[int] = []
+        outputs: list[tuple[str, int]] = []
+        for new in plan.new_requests:
+            rid = new.request_id
+            if rid in self.reqs:
+                raise FakeExecutorError(f"new request {rid} is already live")
+            if not new.input_ids:
+                raise FakeExecutorError(f"new request {rid} has no input_ids")
+            if len(new.new_slots) != len(new.input_ids):
+                raise FakeExecutorError(f"{rid}: {len(new.input_ids)} inputs, {len(new.new_slots)} slots")
+            h = self._read_prefix(rid, list(new.prefix_slots))
+            pos = len(new.prefix_slots)
+            for token, slot in zip(new.input_ids, new.new_slots):
+                h = chain_hash(h, token)
+                self._write(slot, (pos, token, h), live_slots, written)
+                pos += 1
+            token = self.token_for(h)
+            slots = list(new.prefix_slots) + list(new.new_slots)
+            live_slots.update(slots)
+            self.reqs[rid] = _ReqState(slots, chain_hash(h, token), token, getattr(new, "sampling", None))
+            outputs.append((rid, token))
+        for cont in plan.continuing_requests:
+            rid = cont.request_id
+            st = self.reqs.get(rid)
+            if st is None:
+                raise FakeExecutorError(f"continuing request {rid} is unknown")
+            if list(cont.input_ids) or len(cont.new_slots) != 1:
+                raise FakeExecutorError(f"{rid}: only single-token decode is supported by the fake")
+            slot = cont.new_slots[0]
+            self._write(slot, (len(st.slots), st.last_token, st.last_hash), live_slots, written)
+            st.slots.append(slot)
+            live_slots.add(slot)
+            token = self.token_for(st.last_hash)
+            st.last_hash = chain_hash(st.last_hash, token)
+            st.last_token = token
+            outputs.append((rid, token))
+        return outputs
+
+    def _read_prefix(self, rid: str, prefix: list[int]) -> int:
+        h = 0
+        for pos, slot in enumerate(prefix):
+            entry = self.kv.get(slot)
+            if entry is None:
+                raise FakeExecutorError(f"{rid}: prefix slot {slot} was never written")
+            kv_pos, token, kv_hash = entry
+            if kv_pos != pos or chain_hash(h, token) != kv_hash:
+                raise FakeExecutorError(f"{rid}: prefix slot {slot} at position {pos} holds stale KV")
+            h = kv_hash
+        return h
+
+    def _write(self, slot: int, entry, live_slots: set[int], written: list[int]) -> None:
+        if not 0 < slot < self.kv_slots:
+            raise FakeExecutorError(f"slot {slot} outside 1..{self.kv_slots - 1}")
+        if slot in live_slots:
+            raise FakeExecutorError(f"slot {slot} is in use by a live request")
+        if slot in written:
+            raise FakeExecutorError(f"slot {slot} written twice in one step")
+        written.append(slot)
+        self.kv[slot] = entry
+
+
+class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    """The FakeModel behind the Executor gRPC interface."""
+
+    def __init__(self, kv_slots: int = 512, vocab_size: int = 1000, context_length: int = 256,
+                 eos_token_ids: tuple[int, ...] = (), fail_steps: bool = False):
+        self.model = FakeModel(kv_slots, vocab_size)
+        self.context_length = context_length
+        self.eos_token_ids = eos_token_ids
+        self.fail_steps = fail_steps  # answer Step with UNAVAILABLE (to test failure handling)
+
+    async def GetModelInfo(self, request, context):
+        return executor_pb2.ExecutorModelInfo(
+            architecture="FakeForCausalLM", model_path="fake", context_length=self.context_length,
+            kv_slots=self.model.kv_slots, vocab_size=self.model.vocab_size,
+            eos_token_ids=list(self.eos_token_ids), dtype="float32", device="cpu")
+
+    async def Step(self, request, context):
+        if self.fail_steps:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fake executor failure")
+        try:
+            outputs = self.model.step(request)
+        except FakeExecutorError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        resp = executor_pb2.ExecutorStepResponse(step_id=request.step_id)
+        for rid, token in outputs:
+            out = resp.outputs.add(request_id=rid, token_id=token)
+            sampling = self.model.reqs[rid].sampling
+            if sampling is not None and sampling.return_logprob:
+                out.logprob.CopyFrom(common_pb2.TokenLogprob(token_id=token, logprob=-0.5))
+        return resp
+
+    async def Reset(self, request, context):
+        dropped = len(self.model.reqs)
+        self.model.reqs.clear()
+        return executor_pb2.ExecutorResetResponse(dropped=dropped)

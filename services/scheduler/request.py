@@ -1,0 +1,119 @@
+"""Plain data of the scheduler core: requests, step plans, step outputs and events."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class FinishReason(enum.IntEnum):
+    # Same numbers as radixserve.v1.FinishReason.
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Handed to the executor untouched (the server puts the SamplingParams proto here).
+    sampling: Any = None
+
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.
+    slots: list[int] = field(default_factory=list)
+    prefix_len: int = 0
+    last_node: Any = None
+    # Prompt tokens served from the cache at the first admission (reported as usage).
+    cached_tokens: int = 0
+    admitted_once: bool = False
+    admit_seq: int = 0  # admission order; retraction picks the newest
+    status: Status = Status.WAITING
+    aborted: bool = False
+
+    @property
+    def seq(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))
+
+    @property
+    def own_slots(self) -> int:
+        """Slots this request holds that the cache does not."""
+        return len(self.slots) - self.prefix_len
+
+
+@dataclass
+class NewRequestPlan:
+    request_id: str
+    input_ids: list[int]
+    prefix_slots: list[int]
+    new_slots: list[int]
+    sampling: Any = None
+    sample: bool = True
+
+
+@dataclass
+class ContinuingRequestPlan:
+    request_id: str
+    new_slots: list[int]
+    input_ids: list[int] = field(default_factory=list)  # empty: decode the last sampled token
+    sample: bool = True
+
+
+@dataclass
+class StepPlan:
+    """Mirrors ExecutorStepRequest."""
+    step_id: int
+    finished_request_ids: list[str] = field(default_factory=list)
+    new_requests: list[NewRequestPlan] = field(default_factory=list)
+    continuing_requests: list[ContinuingRequestPlan] = field(default_factory=list)
+
+    @property
+    def is_prefill(self) -> bool:
+        return bool(self.new_requests)
+
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self.new_requests] + [r.request_id for r in self.continuing_requests]
+
+
+@dataclass
+class StepOutput:
+    """One sampled token, as ExecutorRequestOutput."""
+    request_id: str
+    token_id: int
+    logprob: Any = None
+
+
+@dataclass
+class RequestEvent:
+    """What one step (or an abort) produced for one request."""
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    matched_stop_token_id: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

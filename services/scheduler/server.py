@@ -1,0 +1,187 @@
+"""The Scheduler gRPC service: a thin servicer over SchedulerRuntime, and process startup."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from services.common.args import ServerArgs
+from services.common.grpc_util import aio_channel, aio_server, bind
+from services.common.log import setup_logging
+from services.scheduler.convert import event_to_proto, request_from_proto
+from services.scheduler.core import Scheduler
+from services.scheduler.runtime import SchedulerRuntime, StepFailure
+
+log = logging.getLogger("radixserve.scheduler")
+
+# Default --max-running-requests: one request per this many pool tokens (a modest average
+# sequence; retraction covers the cases where requests grow longer), between 1 and the cap.
+TOKENS_PER_RUNNING_REQUEST = 128
+MAX_RUNNING_REQUESTS_CAP = 256
+MAX_TOP_LOGPROBS = 20
+EXECUTOR_WAIT_LOG_EVERY_S = 10.0
+
+
+def default_max_running_requests(pool_tokens: int) -> int:
+    return max(1, min(MAX_RUNNING_REQUESTS_CAP, pool_tokens // TOKENS_PER_RUNNING_REQUEST))
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, runtime: SchedulerRuntime, model: executor_pb2.ExecutorModelInfo, config: dict):
+        self.runtime = runtime
+        self.model = model
+        self.config = config
+
+    def _invalid(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> str | None:
+        vocab = self.model.vocab_size
+        bad = next((t for t in msg.input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})"
+        if not 0 <= msg.sampling.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            return f"top_logprobs_num must be in 0..{MAX_TOP_LOGPROBS}"
+        return self.runtime.core.validate(len(msg.input_ids), msg.sampling.max_new_tokens)
+
+    async def Generate(self, request, context):
+        error = self._invalid(request)
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        rid = request.request_id or uuid.uuid4().hex
+        if rid in self.runtime.core.requests:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
+        req = request_from_proto(rid, request)
+        queue = self.runtime.submit(req)
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, StepFailure):
+                    done = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, item.message)
+                done = item.finished
+                yield event_to_proto(item)
+        finally:
+            self.runtime.detach(req, queue, abort=not done)
+
+    async def Abort(self, request, context):
+        aborted = self.runtime.abort(list(request.request_ids), request.abort_all)
+        return scheduler_pb2.SchedulerAbortResponse(aborted=aborted)
+
+    async def GetInfo(self, request, context):
+        core = self.runtime.core
+        stats = core.stats()
+        return scheduler_pb2.SchedulerInfo(
+            architecture=self.model.architecture,
+            model_path=self.model.model_path,
+            context_length=core.context_length,
+            max_total_tokens=stats.pool_tokens,
+            free_tokens=stats.free,
+            cached_tokens=stats.cached,
+            in_use_tokens=stats.in_use,
+            running_requests=stats.running,
+            waiting_requests=stats.waiting,
+            eos_token_ids=sorted(core.eos_token_ids),
+            dtype=self.model.dtype,
+            total_cached_prompt_tokens=stats.total_cached_prompt_tokens,
+            total_prompt_tokens=stats.total_prompt_tokens,
+            config_json=json.dumps(self.config),
+            vocab_size=self.model.vocab_size,
+        )
+
+    async def FlushCache(self, request, context):
+        return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=self.runtime.core.flush_cache())
+
+
+async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> executor_pb2.ExecutorModelInfo:
+    """GetModelInfo, retried until the executor answers (it may still be loading the model)."""
+    loop = asyncio.get_running_loop()
+    last_log = -EXECUTOR_WAIT_LOG_EVERY_S
+    while True:
+        try:
+            return await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as e:
+            if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
+                log.info("waiting for the executor at %s (%s)", addr, e.code().name)
+                last_log = loop.time()
+            await asyncio.sleep(0.5)
+
+
+def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Scheduler:
+    pool_size = model.kv_slots
+    if args.max_total_tokens:
+        pool_size = min(pool_size, args.max_total_tokens + 1)
+    context_length = min(args.context_length or model.context_length, model.context_length)
+    max_running = args.max_running_requests or default_max_running_requests(pool_size - 1)
+    return Scheduler(
+        pool_size=pool_size,
+        context_length=context_length,
+        max_running_requests=max_running,
+        max_prefill_tokens=args.max_prefill_tokens,
+        policy=args.schedule_policy,
+        disable_radix_cache=args.disable_radix_cache,
+        eos_token_ids=model.eos_token_ids,
+    )
+
+
+@dataclass
+class RunningScheduler:
+    server: grpc.aio.Server
+    runtime: SchedulerRuntime
+    port: int
+    loop_task: asyncio.Task
+    channel: grpc.aio.Channel
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.loop_task.cancel()
+        await self.server.stop(grace)
+        await self.channel.close()
+
+
+async def start_scheduler(args: ServerArgs) -> RunningScheduler:
+    """Connect to the executor, then serve on args.scheduler_addr (port 0: an ephemeral one)."""
+    channel = aio_channel(args.executor_addr)
+    stub = executor_pb2_grpc.ExecutorStub(channel)
+    model = await wait_for_executor(stub, args.executor_addr)
+    core = build_core(args, model)
+    config = {
+        "schedule_policy": core.policy,
+        "max_running_requests": core.max_running_requests,
+        "max_prefill_tokens": core.max_prefill_tokens,
+        "max_total_tokens": core.pool.size - 1,
+        "context_length": core.context_length,
+        "disable_radix_cache": core.disable_radix_cache,
+        "page_size": 1,
+        "chunked_prefill": False,
+    }
+    runtime = SchedulerRuntime(core, stub)
+    server = aio_server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(runtime, model, config), server)
+    port = bind(server, args.scheduler_addr)
+    await server.start()
+    loop_task = asyncio.create_task(runtime.run(), name="scheduler-loop")
+    host = args.scheduler_addr.rsplit(":", 1)[0]
+    log.info("scheduler ready on %s:%d (model %s, %d KV tokens, context %d, config %s)",
+             host, port, model.architecture, core.pool.size - 1, core.context_length, json.dumps(config))
+    return RunningScheduler(server, runtime, port, loop_task, channel)
+
+
+async def serve(args: ServerArgs) -> None:
+    running = await start_scheduler(args)
+    try:
+        await running.server.wait_for_termination()
+    finally:
+        await running.stop(grace=1.0)
+
+
+def main(args: ServerArgs) -> int:
+    setup_logging("scheduler", args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0

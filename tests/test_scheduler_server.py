@@ -1,0 +1,217 @@
+"""The real gRPC scheduler in-process against a fake executor servicer, on ephemeral ports."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import grpc
+import pytest
+
+from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common.args import ServerArgs
+from services.common.grpc_util import aio_channel, aio_server, bind
+from services.scheduler.fake_executor import FakeExecutorServicer, chain_hash
+from services.scheduler.server import start_scheduler
+
+KV_SLOTS = 257
+VOCAB = 1000
+
+
+def reference_tokens(prompt, n):
+    h = 0
+    for t in prompt:
+        h = chain_hash(h, t)
+    out = []
+    for _ in range(n):
+        out.append(h % VOCAB)
+        h = chain_hash(h, out[-1])
+    return out
+
+
+class SlowFakeExecutor(FakeExecutorServicer):
+    step_delay = 0.0
+
+    async def Step(self, request, context):
+        if self.step_delay:
+            await asyncio.sleep(self.step_delay)
+        return await super().Step(request, context)
+
+
+@contextlib.asynccontextmanager
+async def stack(**arg_overrides):
+    executor = SlowFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128)
+    exec_server = aio_server()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
+    exec_port = bind(exec_server, "127.0.0.1:0")
+    await exec_server.start()
+    args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}", **arg_overrides)
+    scheduler = await start_scheduler(args)
+    channel = aio_channel(f"127.0.0.1:{scheduler.port}")
+    try:
+        yield scheduler_pb2_grpc.SchedulerStub(channel), executor, scheduler
+    finally:
+        await channel.close()
+        await scheduler.stop()
+        await exec_server.stop(None)
+
+
+def run(coro):
+    asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def gen_request(rid, prompt, max_new=5, **sampling):
+    return scheduler_pb2.SchedulerGenerateRequest(
+        request_id=rid, input_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True, **sampling))
+
+
+async def collect(stub, request):
+    return [msg async for msg in stub.Generate(request)]
+
+
+async def wait_idle(stub):
+    for _ in range(200):
+        info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
+        if info.running_requests == 0 and info.waiting_requests == 0 and info.in_use_tokens == 0:
+            return info
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"scheduler never went idle: {info}")
+
+
+def test_generate_streams_tokens_with_usage():
+    async def body():
+        async with stack() as (stub, _, _):
+            msgs = await collect(stub, gen_request("a", [1, 2, 3], max_new=6, return_logprob=True))
+            assert [t for m in msgs for t in m.token_ids] == reference_tokens([1, 2, 3], 6)
+            assert len(msgs) == 6 and all(len(m.logprobs) == 1 for m in msgs)
+            assert msgs[0].usage.prompt_tokens == 3
+            assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+            last = msgs[-1]
+            assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_tokens) == (3, 6, 0)
+    run(body())
+
+
+def test_concurrent_requests_and_cached_tokens():
+    async def body():
+        async with stack() as (stub, _, _):
+            shared = list(range(10, 30))
+            await collect(stub, gen_request("warm", shared + [1], max_new=2))
+            results = await asyncio.gather(
+                *(collect(stub, gen_request(f"r{i}", shared + [i + 2], max_new=4)) for i in range(4)))
+            for i, msgs in enumerate(results):
+                assert [t for m in msgs for t in m.token_ids] == reference_tokens(shared + [i + 2], 4)
+                assert msgs[0].usage.cached_tokens == len(shared)
+                assert msgs[-1].usage.cached_tokens == len(shared)
+            info = await wait_idle(stub)
+            assert info.total_prompt_tokens == 21 * 5
+            assert info.total_cached_prompt_tokens == 20 * 4
+            assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
+    run(body())
+
+
+def test_invalid_arguments():
+    async def body():
+        async with stack(context_length=64) as (stub, _, _):
+            for request, fragment in [
+                (gen_request("long", [1] * 60, max_new=5), "context length"),
+                (gen_request("empty", [], max_new=5), "at least one token"),
+                (gen_request("vocab", [1, VOCAB], max_new=5), "vocabulary"),
+                (gen_request("zero", [1], max_new=0), "max_new_tokens"),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await collect(stub, request)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert fragment in err.value.details()
+    run(body())
+
+
+def test_duplicate_request_id_is_rejected():
+    async def body():
+        async with stack() as (stub, executor, _):
+            executor.step_delay = 0.01
+            call = stub.Generate(gen_request("dup", [1, 2], max_new=50))
+            await call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, gen_request("dup", [3], max_new=2))
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            call.cancel()
+    run(body())
+
+
+def test_client_cancellation_frees_kv():
+    async def body():
+        async with stack() as (stub, executor, _):
+            executor.step_delay = 0.01
+            call = stub.Generate(gen_request("c", [1, 2, 3, 4], max_new=100))
+            await call.read()
+            await call.read()
+            info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
+            assert info.running_requests == 1 and info.in_use_tokens > 0
+            call.cancel()
+            info = await wait_idle(stub)
+            assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
+            flushed = await stub.FlushCache(scheduler_pb2.SchedulerFlushCacheRequest())
+            assert flushed.freed_tokens == info.cached_tokens > 0
+            info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
+            assert info.free_tokens == KV_SLOTS - 1
+    run(body())
+
+
+def test_abort_rpc_ends_stream_with_abort():
+    async def body():
+        async with stack() as (stub, executor, _):
+            executor.step_delay = 0.01
+            call = stub.Generate(gen_request("x", [5, 6], max_new=100))
+            await call.read()
+            resp = await stub.Abort(scheduler_pb2.SchedulerAbortRequest(request_ids=["x", "nope"]))
+            assert resp.aborted == 1
+            rest = []
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                rest.append(msg)
+            assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+            await wait_idle(stub)
+    run(body())
+
+
+def test_executor_failure_fails_requests_then_recovers():
+    async def body():
+        async with stack() as (stub, executor, _):
+            executor.fail_steps = True
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, gen_request("f", [1, 2], max_new=3))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            executor.fail_steps = False
+            msgs = await collect(stub, gen_request("g", [1, 2], max_new=3))
+            assert [t for m in msgs for t in m.token_ids] == reference_tokens([1, 2], 3)
+    run(body())
+
+
+def test_get_info_reports_model_and_config():
+    async def body():
+        async with stack(max_total_tokens=200, schedule_policy="lpm") as (stub, _, _):
+            info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
+            assert info.architecture == "FakeForCausalLM" and info.vocab_size == VOCAB
+            assert info.max_total_tokens == 200 and info.free_tokens == 200
+            assert info.context_length == 128
+            config = json.loads(info.config_json)
+            assert config["schedule_policy"] == "lpm" and config["max_running_requests"] == 1
+    run(body())
+
+
+def test_scheduler_waits_for_a_late_executor():
+    async def body():
+        executor = FakeExecutorServicer(kv_slots=KV_SLOTS, vocab_size=VOCAB)
+        exec_server = aio_server()
+        executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
+        port = bind(exec_server, "127.0.0.1:0")
+        args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}")
+        starting = asyncio.create_task(start_scheduler(args))
+        await asyncio.sleep(0.3)
+        assert not starting.done()
+        await exec_server.start()
+        scheduler = await starting
+        await scheduler.stop()
+        await exec_server.stop(None)
+    run(body())
