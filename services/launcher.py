@@ -101,9 +101,12 @@ def launch(args: ServerArgs) -> int:
             if (why := _exited(procs)) is not None:
                 log.error("%s before the server was ready", why)
                 return 1
-            if time.time() - t0 > READY_TIMEOUT_S:
+            waited = time.time() - t0
+            if waited > READY_TIMEOUT_S:
                 log.error("not ready after %ds", READY_TIMEOUT_S)
                 return 1
+            if int(waited) // 10 != int(waited - 0.5) // 10:
+                log.info("waiting for the services to come up (%.0fs)", waited)
             time.sleep(0.5)
         if not stopping:
             log.info("ready in %.1fs: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d",

@@ -1,0 +1,52 @@
+"""The radixserve command: every service starts alone with --help; flags round-trip to children."""
+import subprocess
+import sys
+
+import pytest
+
+from services.cli import SERVICES, build_parser
+from services.common.args import ServerArgs, args_from_namespace
+
+SGLANG_FLAGS = ["--model-path", "--tokenizer-path", "--host", "--port", "--served-model-name", "--dtype",
+                "--context-length", "--mem-fraction-static", "--max-running-requests", "--max-total-tokens",
+                "--max-prefill-tokens", "--schedule-policy", "--disable-radix-cache", "--load-format",
+                "--random-seed", "--log-level"]
+
+
+@pytest.mark.parametrize("command", ["serve", *SERVICES])
+def test_help_lists_the_sglang_flags(command):
+    out = subprocess.run([sys.executable, "-m", "services.cli", command, "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in SGLANG_FLAGS:
+        assert flag in out.stdout, flag
+
+
+def test_defaults_match_sglang():
+    args = args_from_namespace(build_parser().parse_args(["serve"]), "serve")
+    assert args.port == 30000 and args.host == "127.0.0.1"
+    assert args.schedule_policy == "fcfs" and args.load_format == "auto" and args.dtype == "auto"
+
+
+def test_flags_round_trip_to_child_processes():
+    parser = build_parser()
+    argv = ["serve", "--model-path", "/m", "--dtype", "float32", "--max-total-tokens", "4096",
+            "--disable-radix-cache", "--schedule-policy", "lpm", "--mem-fraction-static", "0.5"]
+    args = args_from_namespace(parser.parse_args(argv), "serve")
+    again = args_from_namespace(parser.parse_args(["executor", *args.to_cli()]), "executor")
+    assert {**vars(again), "service": "serve"} == vars(args)
+    assert isinstance(again, ServerArgs) and again.max_total_tokens == 4096 and again.disable_radix_cache
+
+
+def test_bad_flag_values_are_rejected():
+    out = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--schedule-policy", "random"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_check_env_reports_versions():
+    out = subprocess.run([sys.executable, "-m", "services.cli", "check-env"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for key in ("Python", "torch", "transformers", "grpcio", "CUDA available", "Embedded model"):
+        assert key in out.stdout
