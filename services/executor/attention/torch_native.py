@@ -1,0 +1,93 @@
+"""Attention with torch's scaled_dot_product_attention; runs on CPU and CUDA.
+
+Decode tokens of the whole batch are handled by one SDPA call: their K/V are gathered through a
+padded [B, max_len] slot table (padding reads slot 0) into buffers reused by every layer, and a
+key-padding mask hides the padding. Grouped-query heads need no K/V expansion for decode: the
+query heads sharing a kv head become that kv head's query rows. Extend sequences run one causal
+SDPA each, the mask offset by the cached prefix length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from services.executor.attention.backend import AttentionBackend
+from services.executor.attention.metadata import ForwardBatch
+
+
+@dataclass
+class _StepMetadata:
+    extend_masks: list[torch.Tensor | None]  # None: no prefix, plain causal attention on the new K/V
+    decode_table: torch.Tensor | None  # [B * max_len] slot ids, padded with slot 0
+    decode_max_len: int
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, None when no padding
+    k_buf: torch.Tensor | None
+    v_buf: torch.Tensor | None
+
+
+class TorchNativeAttentionBackend(AttentionBackend):
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        device = batch.out_slots.device
+        masks = []
+        for seq in batch.extend_seqs:
+            if seq.prefix_len == 0:
+                masks.append(None)
+            else:
+                ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
+                masks.append(ones.tril_(seq.prefix_len))
+        table = mask = k_buf = v_buf = None
+        max_len = 0
+        if batch.decode_slots:
+            lens = [len(s) for s in batch.decode_slots]
+            max_len = max(lens)
+            table = pad_sequence(batch.decode_slots, batch_first=True, padding_value=0).reshape(-1)
+            if min(lens) != max_len:
+                lens_t = torch.tensor(lens, device=device)
+                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, max_len)
+            pool = batch.kv_pool
+            shape = (table.numel(), pool.num_kv_heads, pool.head_dim)
+            k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
+            v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
+        batch.attn_metadata = _StepMetadata(masks, table, max_len, mask, k_buf, v_buf)
+
+    def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
+        meta: _StepMetadata = batch.attn_metadata
+        k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
+        k_cache.index_copy_(0, batch.out_slots, k)
+        v_cache.index_copy_(0, batch.out_slots, v)
+
+        num_tokens = q.shape[0]
+        hidden = layer.num_heads * layer.head_dim
+        n_ext = batch.num_extend_tokens
+        if n_ext == 0:
+            return self._decode(q, k_cache, v_cache, layer, meta)
+        out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
+        for seq, mask in zip(batch.extend_seqs, meta.extend_masks):
+            end = seq.start + seq.num_tokens
+            qs = q[seq.start:end].transpose(0, 1)
+            if mask is None:
+                ks, vs = k[seq.start:end].transpose(0, 1), v[seq.start:end].transpose(0, 1)
+            else:
+                ks = k_cache.index_select(0, seq.slots).transpose(0, 1)
+                vs = v_cache.index_select(0, seq.slots).transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                               scale=layer.scaling, enable_gqa=True)
+            out[seq.start:end] = o.transpose(0, 1).reshape(seq.num_tokens, hidden)
+        if n_ext < num_tokens:
+            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, layer, meta: _StepMetadata) -> torch.Tensor:
+        bsz = q.shape[0]
+        kvh, d = layer.num_kv_heads, layer.head_dim
+        torch.index_select(k_cache, 0, meta.decode_table, out=meta.k_buf)
+        torch.index_select(v_cache, 0, meta.decode_table, out=meta.v_buf)
+        keys = meta.k_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
+        values = meta.v_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
+        queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling)
+        return o.reshape(bsz, layer.num_heads * d)

@@ -1,0 +1,130 @@
+"""Turn a step's diff into one flattened token batch: validate, update request state, lay out tokens.
+
+Validation runs before any state changes, so an invalid step leaves the executor as it was
+(except for finished_request_ids, which are dropped first by definition).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.executor.attention.metadata import ExtendSeq
+from services.executor.request_state import RequestState
+from services.executor.step_io import StepError, StepInput
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    state: RequestState
+    tokens: list[int] | None  # None: the token sampled last step
+    new_slots: list[int]
+    sample: bool
+
+
+@dataclass
+class BuiltBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    extend_seqs: list[ExtendSeq]
+    num_extend_tokens: int
+    decode_slots: list[torch.Tensor]
+    sample_token_index: torch.Tensor  # flattened-batch index of each sampling request's last token
+    sample_request_ids: list[str]
+    sample_states: list[RequestState]
+
+
+class BatchBuilder:
+    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, device: torch.device):
+        self.kv_slots, self.vocab_size, self.context_length = kv_slots, vocab_size, context_length
+        self.device = device
+
+    def _check_ids_and_slots(self, rid: str, input_ids, slots, what: str) -> None:
+        if slots and (min(slots) < 1 or max(slots) >= self.kv_slots):
+            raise StepError(f"request {rid}: {what} slot ids must be in 1..{self.kv_slots - 1}")
+        if input_ids and (min(input_ids) < 0 or max(input_ids) >= self.vocab_size):
+            raise StepError(f"request {rid}: token ids must be in 0..{self.vocab_size - 1}")
+
+    def _check_length(self, rid: str, length: int) -> None:
+        if length > self.context_length:
+            raise StepError(f"request {rid}: {length} tokens exceed the context length {self.context_length}")
+
+    def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
+        seen: set[str] = set()
+        for req in step.new_requests:
+            rid = req.request_id
+            if rid in states or rid in seen:
+                raise StepError(f"new request {rid} is already active (finish it first)")
+            seen.add(rid)
+            if not req.input_ids:
+                raise StepError(f"new request {rid} has no input_ids")
+            if len(req.new_slots) != len(req.input_ids):
+                raise StepError(f"new request {rid}: {len(req.new_slots)} new_slots for {len(req.input_ids)} input_ids")
+            self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
+            self._check_ids_and_slots(rid, None, req.prefix_slots, "prefix")
+            self._check_length(rid, len(req.prefix_slots) + len(req.input_ids))
+        for req in step.continuing_requests:
+            rid = req.request_id
+            state = states.get(rid)
+            if state is None:
+                raise StepError(f"continuing request {rid} is unknown (never added, or finished)")
+            if rid in seen:
+                raise StepError(f"request {rid} appears twice in the step")
+            seen.add(rid)
+            n = len(req.input_ids) or 1
+            if not req.input_ids and state.last_token is None:
+                raise StepError(f"continuing request {rid} has no input_ids and no token sampled for it")
+            if len(req.new_slots) != n:
+                raise StepError(f"continuing request {rid}: {len(req.new_slots)} new_slots for {n} tokens")
+            self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
+            self._check_length(rid, state.length + n)
+
+    def build(self, step: StepInput, states: dict[str, RequestState]) -> BuiltBatch:
+        """Validate, register new requests, append slots and lay the tokens out (extends first)."""
+        self.validate(step, states)
+        seqs: list[_Seq] = []
+        for req in step.new_requests:
+            state = RequestState.create(list(req.prefix_slots), req.sampling, self.device)
+            states[req.request_id] = state
+            seqs.append(_Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample))
+        for req in step.continuing_requests:
+            tokens = list(req.input_ids) if req.input_ids else None
+            seqs.append(_Seq(req.request_id, states[req.request_id], tokens, list(req.new_slots), req.sample))
+
+        extends = [s for s in seqs if len(s.new_slots) > 1]
+        decodes = [s for s in seqs if len(s.new_slots) == 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        out_slots: list[int] = []
+        extend_seqs: list[ExtendSeq] = []
+        decode_slots: list[torch.Tensor] = []
+        last_index: dict[int, int] = {}
+        for seq in extends + decodes:
+            state = seq.state
+            start, prefix = len(input_ids), state.length
+            n = len(seq.new_slots)
+            input_ids += seq.tokens if seq.tokens is not None else [state.last_token]
+            positions += range(prefix, prefix + n)
+            out_slots += seq.new_slots
+            all_slots = state.append_slots(seq.new_slots)
+            if n > 1:
+                extend_seqs.append(ExtendSeq(start, n, prefix, all_slots))
+            else:
+                decode_slots.append(all_slots)
+            last_index[id(seq)] = start + n - 1
+
+        sampling = [s for s in seqs if s.sample]
+        as_long = dict(dtype=torch.int64, device=self.device)
+        return BuiltBatch(
+            input_ids=torch.tensor(input_ids, **as_long),
+            positions=torch.tensor(positions, **as_long),
+            out_slots=torch.tensor(out_slots, **as_long),
+            extend_seqs=extend_seqs,
+            num_extend_tokens=sum(len(s.new_slots) for s in extends),
+            decode_slots=decode_slots,
+            sample_token_index=torch.tensor([last_index[id(s)] for s in sampling], **as_long),
+            sample_request_ids=[s.request_id for s in sampling],
+            sample_states=[s.state for s in sampling],
+        )

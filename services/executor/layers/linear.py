@@ -1,0 +1,142 @@
+"""Linear layers that own their weight loading and shard for tensor parallelism (tp=1 today).
+
+QKVParallelLinear and MergedColumnParallelLinear hold one fused weight, filled from HF's separate
+q/k/v and gate/up tensors: one GEMM instead of three (or two) matters for CPU decode speed.
+On CPU in bfloat16 the weight is additionally pre-packed for oneDNN, which measures ~1.5x faster
+than F.linear for the small-batch GEMMs of decode.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.executor.parallel_state import tp_rank, tp_size
+
+log = logging.getLogger("radixserve.executor.linear")
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _new_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+_onednn_ok: bool | None = None
+
+
+def _onednn_bf16_available() -> bool:
+    global _onednn_ok
+    if _onednn_ok is None:
+        _onednn_ok = False
+        try:
+            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                w = torch.randn(64, 32, dtype=torch.bfloat16)
+                x = torch.randn(3, 32, dtype=torch.bfloat16)
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                _onednn_ok = torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+        except (RuntimeError, AttributeError) as e:
+            log.info("oneDNN bf16 linear unavailable (%s); using F.linear", e)
+    return _onednn_ok
+
+
+class LinearBase(nn.Module):
+    """y = x W^T + b with W of shape [out_features, in_features] (this rank's shard)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _new_param(out_features, in_features)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = _new_param(out_features)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self._packed_weight: torch.Tensor | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        default_weight_loader(param, loaded)
+
+    def process_weights_after_loading(self) -> None:
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_bf16_available():
+            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    pass
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank holds a slice of W's rows."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        assert out_features % tp_size() == 0
+        super().__init__(in_features, out_features // tp_size(), bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        rows = param.shape[0]
+        default_weight_loader(param, loaded.narrow(0, tp_rank() * rows, rows))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial sums need an all-reduce once tp > 1."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        assert in_features % tp_size() == 0
+        super().__init__(in_features // tp_size(), out_features, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param.dim() == 1:  # the bias is added once, not sharded
+            default_weight_loader(param, loaded)
+            return
+        cols = param.shape[1]
+        default_weight_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs (e.g. gate and up) stacked in one weight."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = [s // tp_size() for s in output_sizes]
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param, loaded, shard_id: int):
+        size = self.output_sizes[shard_id]
+        offset = sum(self.output_sizes[:shard_id])
+        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections stacked in one weight: rows [q | k | v] of this rank's heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = tp_size()
+        assert num_heads % tp == 0
+        self.num_heads = num_heads // tp
+        # With more ranks than kv heads, each kv head is replicated.
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)
+        self.head_dim = head_dim
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias)
+
+    def weight_loader(self, param, loaded, shard_id: str):
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        rank = tp_rank() if shard_id == "q" else tp_rank() // self.kv_replicas
+        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))

@@ -1,0 +1,62 @@
+"""Rotary position embedding (NeoX / HF rotate-half layout) with precomputed cos/sin tables.
+
+Scaling types: default, linear, llama3. Both the transformers-5 `rope_parameters` dict and the
+older `rope_theta` + `rope_scaling` keys are read.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_settings(hf_config: dict) -> tuple[float, dict]:
+    """(theta, scaling dict with a 'rope_type' key) from a raw config.json dict."""
+    params = dict(hf_config.get("rope_parameters") or {})
+    params.update(hf_config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return float(theta), params
+
+
+def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = scaling["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling.get("original_max_position_embeddings", max_positions)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope type {kind!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype):
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_table", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin_table", emb.sin().to(dtype), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tables [T, 1, head_dim] for the step (computed once, used by every layer)."""
+        return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] rotated; returns a new contiguous tensor."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return torch.addcmul(x * cos, rotated, sin)

@@ -1,0 +1,151 @@
+"""Llama family (Llama 2/3, Mistral-style, SmolLM2): forward over a flattened token batch."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from services.executor.attention.layer import Attention
+from services.executor.layers.activation import SiluAndMul
+from services.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from services.executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                             default_weight_loader)
+from services.executor.layers.norm import RMSNorm
+from services.executor.layers.rotary import RotaryEmbedding, rope_settings
+from services.executor.model_config import ModelConfig
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        hidden = config.get("hidden_size")
+        d = config.head_dim
+        self.qkv_proj = QKVParallelLinear(hidden, d, config.num_heads, config.num_kv_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(self.num_heads * d, hidden, bias=o_bias)
+        self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, d, scaling=d ** -0.5)
+        self.qk_width = (self.num_heads + self.num_kv_heads) * d
+        self.head_dim = d
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        t = qkv.shape[0]
+        # q and k are rotated together: one set of rotary ops per layer instead of two.
+        qk = RotaryEmbedding.apply(qkv[:, :self.qk_width].view(t, -1, self.head_dim), cos, sin)
+        v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, self.head_dim)
+        o = self.attn(qk[:, :self.num_heads], qk[:, self.num_heads:], v)
+        return self.o_proj(o)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        hidden, eps = config.get("hidden_size"), config.get("rms_norm_eps", 1e-6)
+        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(hidden, config.get("intermediate_size"), bias=config.get("mlp_bias", False))
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def process_weights_after_loading(self) -> None:
+        # Runs before the linears' own hook (modules() lists parents first), so packing sees the folded weights.
+        self.input_layernorm.fold_into(self.self_attn.qkv_proj)
+        self.post_attention_layernorm.fold_into(self.mlp.gate_up_proj)
+
+    def forward(self, x, residual, cos, sin):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.get("hidden_size"))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.get("hidden_size"), config.get("rms_norm_eps", 1e-6))
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF weight name fragment -> (our fused parameter fragment, shard id)
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, qkv_bias=self.qkv_bias(config), o_bias=self.o_bias(config))
+        theta, scaling = rope_settings(config.hf)
+        max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
+        self.rotary_emb = RotaryEmbedding(config.head_dim, max_pos, theta, scaling, torch.get_default_dtype())
+        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    @staticmethod
+    def qkv_bias(config: ModelConfig) -> bool:
+        return bool(config.get("attention_bias", False))
+
+    @staticmethod
+    def o_bias(config: ModelConfig) -> bool:
+        return bool(config.get("attention_bias", False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flattened token batch (after the final norm)."""
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            shard = None
+            for fragment, (fused, shard_id) in self.stacked_params.items():
+                if fragment in name:
+                    name, shard = name.replace(fragment, fused), shard_id
+                    break
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name} has no matching parameter")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if shard is not None:
+                loader(param, tensor, shard)
+            elif loader is not None:
+                loader(param, tensor)
+            else:
+                default_weight_loader(param, tensor)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded}
+        if self.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")

@@ -1,0 +1,42 @@
+"""What the executor remembers about a request between steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.executor.step_io import SamplingParams
+
+
+@dataclass
+class RequestState:
+    slots: torch.Tensor  # int64 buffer; slots[:length] are the request's KV slots in position order
+    length: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    last_token: int | None = None
+
+    @classmethod
+    def create(cls, prefix_slots: list[int], sampling: SamplingParams, device: torch.device) -> "RequestState":
+        capacity = max(64, 2 * len(prefix_slots))
+        slots = torch.zeros(capacity, dtype=torch.int64, device=device)
+        if prefix_slots:
+            slots[:len(prefix_slots)] = torch.tensor(prefix_slots, dtype=torch.int64)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return cls(slots, len(prefix_slots), sampling, generator)
+
+    def append_slots(self, new_slots: list[int]) -> torch.Tensor:
+        """Add slots after the current ones; returns the full slot list as a view."""
+        end = self.length + len(new_slots)
+        if end > self.slots.numel():
+            grown = torch.zeros(max(end, 2 * self.slots.numel()), dtype=torch.int64, device=self.slots.device)
+            grown[:self.length] = self.slots[:self.length]
+            self.slots = grown
+        if len(new_slots) == 1:
+            self.slots[self.length] = new_slots[0]
+        else:
+            self.slots[self.length:end] = torch.tensor(new_slots, dtype=torch.int64)
+        self.length = end
+        return self.slots[:end]

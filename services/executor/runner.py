@@ -1,0 +1,144 @@
+"""ModelRunner: loads the model, allocates the KV pool and applies steps. Pure Python + torch."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.common.args import ServerArgs
+from services.executor.attention.metadata import ForwardBatch, forward_context
+from services.executor.attention.torch_native import TorchNativeAttentionBackend
+from services.executor.batch_builder import BatchBuilder
+from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
+from services.executor.model_config import ModelConfig, dtype_name, resolve_device
+from services.executor.models.registry import get_model_class
+from services.executor.request_state import RequestState
+from services.executor.sampling import sample
+from services.executor.step_io import RequestOutput, StepInput, StepOutput
+from services.executor.weights import init_dummy_weights, iterate_safetensors
+
+log = logging.getLogger("radixserve.executor.runner")
+
+
+@dataclass
+class ModelInfo:
+    architecture: str
+    model_path: str
+    context_length: int
+    kv_slots: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    dtype: str
+    device: str
+    num_parameters: int
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, model_path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
+                 load_format: str = "auto", context_length: int | None = None,
+                 max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
+                 random_seed: int | None = None):
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
+        self.dtype = self.config.dtype
+        self.model = self._load_model(load_format, random_seed)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+
+        cfg = self.config
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype)
+        self.kv_slots = compute_kv_slots(per_token, self.device, max_total_tokens, mem_fraction_static)
+        self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
+
+        self.attn_backend = TorchNativeAttentionBackend()
+        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device)
+        self.states: dict[str, RequestState] = {}
+        self.generator = torch.Generator(device=self.device)
+        if random_seed is not None:
+            self.generator.manual_seed(random_seed)
+        else:
+            self.generator.seed()
+
+    @classmethod
+    def from_args(cls, args: ServerArgs) -> "ModelRunner":
+        from services.common.model_files import resolve_model_path
+        return cls(resolve_model_path(args.model_path), dtype=args.dtype, device=args.device,
+                   load_format=args.load_format, context_length=args.context_length,
+                   max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
+                   random_seed=args.random_seed)
+
+    def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
+        cfg = self.config
+        t0 = time.perf_counter()
+        with torch.device(self.device), _default_dtype(self.dtype):
+            model = get_model_class(cfg.architecture)(cfg)
+        if load_format == "dummy":
+            init_dummy_weights(model, seed)
+        else:
+            model.load_weights(iterate_safetensors(cfg.path))
+        for module in model.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
+        model.eval()
+        log.info("loaded %s (%s, %s weights) on %s in %.1fs", cfg.architecture, dtype_name(self.dtype),
+                 load_format, self.device, time.perf_counter() - t0)
+        return model
+
+    def model_info(self) -> ModelInfo:
+        cfg = self.config
+        return ModelInfo(cfg.architecture, str(cfg.path), cfg.context_length, self.kv_slots, cfg.vocab_size,
+                         list(cfg.eos_token_ids), dtype_name(self.dtype), str(self.device), self.num_parameters)
+
+    def reset(self) -> int:
+        dropped = len(self.states)
+        self.states.clear()
+        return dropped
+
+    @torch.inference_mode()
+    def step(self, step: StepInput) -> StepOutput:
+        """Drop finished requests, run the step's tokens, sample. Raises StepError on invalid input."""
+        for rid in step.finished_request_ids:
+            self.states.pop(rid, None)
+        if not step.new_requests and not step.continuing_requests:
+            return StepOutput(step.step_id, [], 0.0)
+        t0 = time.perf_counter()
+        batch = self.batch_builder.build(step, self.states)
+        fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
+                          extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
+                          decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
+        with forward_context(fb):
+            hidden = self.model(batch.input_ids, batch.positions)
+        outputs: list[RequestOutput] = []
+        logits = None
+        if batch.sample_request_ids:
+            logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
+            states = batch.sample_states
+            result = sample(logits, [s.sampling for s in states], [s.generator for s in states], self.generator)
+            for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):
+                state.last_token = result.token_ids[i]
+                outputs.append(RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i]))
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepOutput(step.step_id, outputs, (time.perf_counter() - t0) * 1000, logits)
+
+
+def build_model_runner(args: ServerArgs) -> ModelRunner:
+    return ModelRunner.from_args(args)

@@ -1,0 +1,77 @@
+"""Token sampling, vectorised over the batch.
+
+Sampling draws by the exponential race: token = argmax(p / E) with E ~ Exp(1) i.i.d. per vocab
+entry, which picks token i with probability p_i. Each seeded request draws its row of E from its
+own torch.Generator, so its tokens do not depend on which other requests share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.executor.step_io import SamplingParams
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Zero the entries top_k / top_p / min_p exclude (rows need not sum to 1 afterwards)."""
+    vocab = probs.shape[1]
+    device = probs.device
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p if 0 < p.top_p < 1 else 1.0 for p in params]
+    min_p = [p.min_p if p.min_p > 0 else 0.0 for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device)
+        drop = ranks[None, :] >= torch.tensor(top_k, device=device)[:, None]
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # The most likely token is always kept: its mass_before is 0.
+        drop |= mass_before >= torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.empty_like(probs).scatter_(1, order, sorted_probs)
+    if any(m > 0 for m in min_p):
+        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> SampleResult:
+    """Pick one token per row of float32 logits [S, vocab]; generators[i] is row i's seeded generator."""
+    greedy = [p.temperature <= 0 or p.top_k == 1 for p in params]
+    tokens = logits.argmax(dim=-1)
+    if not all(greedy):
+        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                             device=logits.device, dtype=logits.dtype)
+        probs = _filter_probs(torch.softmax(logits / temps[:, None], dim=-1), params)
+        noise = torch.empty_like(probs).exponential_(generator=default_generator)
+        for row, gen in enumerate(generators):
+            if gen is not None and not greedy[row]:
+                noise[row].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
+    token_ids = tokens.tolist()
+    logprobs: list[float | None] = [None] * len(params)
+    tops: list[list[tuple[int, float]]] = [[] for _ in params]
+    rows = [i for i, p in enumerate(params) if p.return_logprob]
+    if rows:
+        row_index = torch.tensor(rows, device=logits.device)
+        log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1)
+        chosen = log_probs.gather(1, tokens.index_select(0, row_index)[:, None]).squeeze(1).tolist()
+        n_top = max(min(params[i].top_logprobs_num, log_probs.shape[1]) for i in rows)
+        top_values = top_ids = None
+        if n_top > 0:
+            top_values, top_ids = (t.tolist() for t in log_probs.topk(n_top, dim=-1))
+        for j, i in enumerate(rows):
+            logprobs[i] = chosen[j]
+            n = params[i].top_logprobs_num
+            if n > 0:
+                tops[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
+    return SampleResult(token_ids, logprobs, tops)

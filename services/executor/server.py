@@ -1,0 +1,115 @@
+"""The executor's gRPC service: a thin layer over ModelRunner. Steps run one at a time in a worker
+thread so the event loop stays responsive."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+
+import grpc
+import torch
+
+from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from services.common.args import ServerArgs
+from services.common.grpc_util import aio_server, bind
+from services.common.log import setup_logging
+from services.executor.runner import ModelRunner, build_model_runner
+from services.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
+                                       StepOutput)
+
+log = logging.getLogger("radixserve.executor")
+
+
+def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                          seed=p.seed if p.HasField("seed") else None, return_logprob=p.return_logprob,
+                          top_logprobs_num=p.top_logprobs_num)
+
+
+def step_from_pb(req: executor_pb2.ExecutorStepRequest) -> StepInput:
+    return StepInput(
+        step_id=req.step_id,
+        finished_request_ids=list(req.finished_request_ids),
+        new_requests=[NewRequest(r.request_id, list(r.input_ids), list(r.new_slots), list(r.prefix_slots),
+                                 sampling_from_pb(r.sampling), r.sample) for r in req.new_requests],
+        continuing_requests=[ContinuingRequest(r.request_id, list(r.new_slots), list(r.input_ids), r.sample)
+                             for r in req.continuing_requests],
+    )
+
+
+def step_to_pb(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
+    resp = executor_pb2.ExecutorStepResponse(step_id=out.step_id, forward_ms=out.forward_ms)
+    for o in out.outputs:
+        item = resp.outputs.add(request_id=o.request_id, token_id=o.token_id)
+        if o.logprob is not None:
+            item.logprob.token_id = o.token_id
+            item.logprob.logprob = o.logprob
+            for tid, lp in o.top_logprobs:
+                item.logprob.top.add(token_id=tid, logprob=lp)
+    return resp
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        # One worker: steps are serialized and torch state is touched by a single thread.
+        threads = torch.get_num_threads()
+        self.worker = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="executor-step", initializer=torch.set_num_threads, initargs=(threads,))
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def Step(self, request, context):
+        step = step_from_pb(request)
+        try:
+            out = await self._run(self.runner.step, step)
+        except StepError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            log.exception("step %d failed", request.step_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {e}")
+        return step_to_pb(out)
+
+    async def GetModelInfo(self, request, context):
+        info = self.runner.model_info()
+        return executor_pb2.ExecutorModelInfo(
+            architecture=info.architecture, model_path=info.model_path, context_length=info.context_length,
+            kv_slots=info.kv_slots, vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids,
+            dtype=info.dtype, device=info.device, num_parameters=info.num_parameters)
+
+    async def Reset(self, request, context):
+        dropped = await self._run(self.runner.reset)
+        return executor_pb2.ExecutorResetResponse(dropped=dropped)
+
+
+async def start_server(runner: ModelRunner, addr: str) -> tuple[grpc.aio.Server, int]:
+    """Start serving runner on addr (port 0: any free port); returns the server and its port."""
+    server = aio_server()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(runner), server)
+    port = bind(server, addr)
+    await server.start()
+    return server, port
+
+
+async def serve(args: ServerArgs) -> None:
+    log.info("loading model %s (dtype %s, load format %s)", args.model_path or "<embedded SmolLM2>",
+             args.dtype, args.load_format)
+    runner = await asyncio.to_thread(build_model_runner, args)
+    info = runner.model_info()
+    log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
+             info.kv_slots, info.context_length)
+    server, _ = await start_server(runner, args.executor_addr)
+    log.info("executor ready on %s", args.executor_addr)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1)
+
+
+def main(args: ServerArgs) -> None:
+    setup_logging("executor", args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,239 @@
+"""ModelRunner step semantics, sampling, dummy weights, KV sizing and the gRPC servicer."""
+import asyncio
+import json
+import math
+
+import grpc
+import pytest
+import torch
+
+from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from services.common.grpc_util import aio_channel
+from services.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
+from services.executor.runner import ModelRunner
+from services.executor.sampling import _filter_probs, sample
+from services.executor.server import start_server
+from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+
+VOCAB = 128
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+    "rope_theta": 10000.0, "eos_token_id": 2, "dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    return folder
+
+
+@pytest.fixture()
+def runner(model_dir):
+    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                       max_total_tokens=200)
+
+
+def new(rid, ids, slots, **kw):
+    sampling = kw.pop("sampling", SamplingParams())
+    return NewRequest(rid, ids, slots, sampling=sampling, **kw)
+
+
+# --- step diff semantics -------------------------------------------------------------------------
+
+def test_state_is_cached_and_outputs_are_ordered(runner):
+    out = runner.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3]), new("b", [6], [4])]))
+    assert [o.request_id for o in out.outputs] == ["a", "b"] and out.step_id == 1 and out.forward_ms > 0
+    out = runner.step(StepInput(2, new_requests=[new("c", [7, 8], [5, 6], sample=False)],
+                                continuing_requests=[ContinuingRequest("b", [7]), ContinuingRequest("a", [8])]))
+    assert [o.request_id for o in out.outputs] == ["b", "a"]  # c did not sample
+    assert runner.states["a"].length == 4 and runner.states["a"].slots[:4].tolist() == [1, 2, 3, 8]
+    assert runner.states["a"].last_token == out.outputs[1].token_id
+
+
+def test_decode_uses_last_sampled_token(runner):
+    ids = [3, 4, 5]
+    out = runner.step(StepInput(1, new_requests=[new("a", ids, [1, 2, 3])]))
+    first = out.outputs[0].token_id
+    out = runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [4])]))
+    explicit = out.logits[0]
+    # The same sequence with the token given explicitly, as a fresh request, gives the same logits.
+    out = runner.step(StepInput(3, new_requests=[new("z", ids + [first], [10, 11, 12, 13])]))
+    torch.testing.assert_close(out.logits[0], explicit, atol=1e-5, rtol=0)
+
+
+def test_finished_ids_dropped_before_step_allows_retraction(runner):
+    runner.step(StepInput(1, new_requests=[new("a", [3, 4], [1, 2])]))
+    out = runner.step(StepInput(2, finished_request_ids=["a", "never-seen"],
+                                new_requests=[new("a", [3, 4, 9], [1, 2, 3])]))
+    assert runner.states["a"].length == 3 and out.outputs[0].request_id == "a"
+    runner.step(StepInput(3, finished_request_ids=["a"]))
+    assert "a" not in runner.states
+
+
+@pytest.mark.parametrize("bad_step, message", [
+    (StepInput(1, continuing_requests=[ContinuingRequest("ghost", [5])]), "unknown"),
+    (StepInput(1, new_requests=[new("x", [3, 4], [5])]), "new_slots"),
+    (StepInput(1, new_requests=[new("x", [3], [201])]), "slot ids"),
+    (StepInput(1, new_requests=[new("x", [3], [0])]), "slot ids"),
+    (StepInput(1, new_requests=[new("x", [3], [7], prefix_slots=[999])]), "slot ids"),
+    (StepInput(1, new_requests=[new("x", [VOCAB], [7])]), "token ids"),
+    (StepInput(1, new_requests=[new("a", [3], [7])]), "already active"),
+    (StepInput(1, continuing_requests=[ContinuingRequest("a", [7, 8])]), "new_slots"),
+])
+def test_invalid_steps_raise_and_leave_state_intact(runner, bad_step, message):
+    runner.step(StepInput(0, new_requests=[new("a", [3, 4], [1, 2])]))
+    with pytest.raises(StepError, match=message):
+        runner.step(bad_step)
+    assert set(runner.states) == {"a"} and runner.states["a"].length == 2
+    out = runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [3])]))
+    assert out.outputs[0].request_id == "a"
+
+
+def test_decode_without_sampled_token_is_an_error(runner):
+    runner.step(StepInput(1, new_requests=[new("a", [3, 4], [1, 2], sample=False)]))
+    with pytest.raises(StepError, match="no token sampled"):
+        runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [3])]))
+
+
+def test_reset_drops_everything(runner):
+    runner.step(StepInput(1, new_requests=[new("a", [3], [1]), new("b", [3], [2])]))
+    assert runner.reset() == 2 and runner.states == {}
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def logits_batch(rows=4, vocab=50, seed=0):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_and_top_k_one_are_argmax():
+    logits = logits_batch()
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(),
+              SamplingParams(temperature=0.7, top_k=1, seed=3)]
+    res = sample(logits, params, [None, None, None, torch.Generator().manual_seed(3)])
+    assert res.token_ids == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    logits = logits_batch(rows=3)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+    other = SamplingParams(temperature=1.0)
+
+    def draw(rows, params):
+        gens = [torch.Generator().manual_seed(x.seed) if x.seed is not None else None for x in params]
+        return [sample(logits[rows], params, gens).token_ids for _ in range(1)][0]
+
+    alone = [sample(logits[[0]], [p], [g]).token_ids[0] for g in [torch.Generator().manual_seed(42)]]
+    gen = torch.Generator().manual_seed(42)
+    seq_alone = [sample(logits[[0]], [p], [gen]).token_ids[0] for _ in range(20)]
+    gen = torch.Generator().manual_seed(42)
+    seq_batched = [sample(logits[[1, 0, 2]], [other, p, other], [None, gen, None]).token_ids[1] for _ in range(20)]
+    assert seq_alone == seq_batched and seq_alone[0] == alone[0]
+    assert len(set(seq_alone)) > 1  # it does sample
+    assert draw([0], [p]) == draw([0], [p])
+
+
+def test_top_p_and_min_p_filter_a_known_distribution():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4)
+    params = [SamplingParams(temperature=1, top_p=0.7), SamplingParams(temperature=1, top_p=0.85),
+              SamplingParams(temperature=1, min_p=0.4), SamplingParams(temperature=1, top_k=3)]
+    kept = (_filter_probs(probs, params) > 0).tolist()
+    assert kept == [[True, True, False, False], [True, True, True, False],
+                    [True, True, False, False], [True, True, True, False]]
+    logits = probs.log()
+    seen = set()
+    for seed in range(200):
+        res = sample(logits[[2]], [params[2]], [torch.Generator().manual_seed(seed)])
+        seen.add(res.token_ids[0])
+    assert seen == {0, 1}
+
+
+def test_logprobs():
+    logits = logits_batch(rows=2)
+    params = [SamplingParams(return_logprob=True, top_logprobs_num=5), SamplingParams()]
+    res = sample(logits, params, [None, None])
+    expected = torch.log_softmax(logits[0], -1)
+    assert math.isclose(res.logprobs[0], expected[res.token_ids[0]].item(), rel_tol=1e-5)
+    assert len(res.top_logprobs[0]) == 5 and res.top_logprobs[0][0][0] == res.token_ids[0]
+    assert [lp for _, lp in res.top_logprobs[0]] == sorted((lp for _, lp in res.top_logprobs[0]), reverse=True)
+    assert res.logprobs[1] is None and res.top_logprobs[1] == []
+
+
+def test_seeded_request_through_runner_is_reproducible(runner):
+    sp = SamplingParams(temperature=1.0, top_k=20, seed=7)
+
+    def generate(extra: bool):
+        runner.reset()
+        reqs = [new("s", [3, 4, 5], [1, 2, 3], sampling=sp)]
+        if extra:
+            reqs.append(new("t", [9, 9], [20, 21], sampling=SamplingParams(temperature=1.0)))
+        toks = [runner.step(StepInput(1, new_requests=reqs)).outputs[0].token_id]
+        for i in range(8):
+            toks.append(runner.step(StepInput(i + 2, continuing_requests=[ContinuingRequest("s", [4 + i])])).outputs[0].token_id)
+        return toks
+
+    assert generate(False) == generate(True)
+
+
+# --- loading and sizing --------------------------------------------------------------------------
+
+def test_dummy_weights_are_finite_and_seeded(model_dir, runner):
+    out = runner.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
+    assert torch.isfinite(out.logits).all() and out.logits.abs().max() > 0
+    again = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                        max_total_tokens=200)
+    torch.testing.assert_close(again.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])])).logits,
+                               out.logits)
+
+
+def test_model_info_and_dtype_auto(model_dir, runner):
+    info = runner.model_info()
+    assert info.kv_slots == 201 and info.vocab_size == VOCAB and info.eos_token_ids == [2, 5]
+    assert info.dtype == "float32" and info.device == "cpu" and info.context_length == 256
+    assert info.architecture == "LlamaForCausalLM" and info.num_parameters > 0
+    auto = ModelRunner(model_dir, load_format="dummy", max_total_tokens=16, context_length=64)
+    assert auto.model_info().dtype == "bfloat16" and auto.model_info().context_length == 64
+    out = auto.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_kv_slot_sizing():
+    assert compute_kv_slots(1000, torch.device("cpu"), 100, None) == 101
+    slots = compute_kv_slots(1000, torch.device("cpu"), None, None)
+    assert 16 < slots <= CPU_MAX_KV_TOKENS + 1
+
+
+# --- gRPC ----------------------------------------------------------------------------------------
+
+def test_grpc_server_in_process(runner):
+    async def scenario():
+        server, port = await start_server(runner, "127.0.0.1:0")
+        try:
+            async with aio_channel(f"127.0.0.1:{port}") as channel:
+                stub = executor_pb2_grpc.ExecutorStub(channel)
+                info = await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest())
+                assert info.kv_slots == 201 and list(info.eos_token_ids) == [2, 5] and info.dtype == "float32"
+                sampling = common_pb2.SamplingParams(temperature=0.0, return_logprob=True, top_logprobs_num=3)
+                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=7, new_requests=[
+                    executor_pb2.ExecutorNewRequest(request_id="a", input_ids=[3, 4], new_slots=[1, 2],
+                                                    sampling=sampling, sample=True)]))
+                assert resp.step_id == 7 and resp.outputs[0].request_id == "a" and resp.forward_ms > 0
+                assert len(resp.outputs[0].logprob.top) == 3
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Step(executor_pb2.ExecutorStepRequest(step_id=8, continuing_requests=[
+                        executor_pb2.ExecutorContinuingRequest(request_id="ghost", new_slots=[3], sample=True)]))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ghost" in err.value.details()
+                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=9, continuing_requests=[
+                    executor_pb2.ExecutorContinuingRequest(request_id="a", new_slots=[3], sample=True)]))
+                assert resp.outputs[0].request_id == "a"
+                reset = await stub.Reset(executor_pb2.ExecutorResetRequest())
+                assert reset.dropped == 1
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
