@@ -19,8 +19,13 @@ class KVPool:
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Only slot 0 is ever read before being written (as padding); it must hold finite values,
+        # since a masked-out key still multiplies its value by 0. Not zeroing the rest keeps start fast
+        # and, on CPU, leaves untouched pages uncommitted.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for buf in self.k + self.v:
+            buf[0].zero_()
 
     def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer_id], self.v[layer_id]

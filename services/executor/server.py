@@ -7,7 +7,6 @@ import concurrent.futures
 import logging
 
 import grpc
-import torch
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.args import ServerArgs
@@ -49,13 +48,19 @@ def step_to_pb(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
     return resp
 
 
+def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that runs all torch work (loading and steps), so steps are serialized.
+
+    It must be the same thread throughout: OpenMP gives each thread that runs parallel ops its own
+    team of workers, and two teams on a small CPU measured ~1.5x slower decode steps.
+    """
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-torch")
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, worker: concurrent.futures.ThreadPoolExecutor):
         self.runner = runner
-        # One worker: steps are serialized and torch state is touched by a single thread.
-        threads = torch.get_num_threads()
-        self.worker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="executor-step", initializer=torch.set_num_threads, initargs=(threads,))
+        self.worker = worker
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
@@ -83,10 +88,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
 
 
-async def start_server(runner: ModelRunner, addr: str) -> tuple[grpc.aio.Server, int]:
-    """Start serving runner on addr (port 0: any free port); returns the server and its port."""
+async def start_server(runner: ModelRunner, addr: str,
+                       worker: concurrent.futures.ThreadPoolExecutor | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving runner on addr (port 0: any free port); returns the server and its port.
+
+    worker: the thread the runner was built on (see torch_worker); a new one when not given.
+    """
     server = aio_server()
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(runner), server)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(runner, worker or torch_worker()), server)
     port = bind(server, addr)
     await server.start()
     return server, port
@@ -95,11 +104,12 @@ async def start_server(runner: ModelRunner, addr: str) -> tuple[grpc.aio.Server,
 async def serve(args: ServerArgs) -> None:
     log.info("loading model %s (dtype %s, load format %s)", args.model_path or "<embedded SmolLM2>",
              args.dtype, args.load_format)
-    runner = await asyncio.to_thread(build_model_runner, args)
+    worker = torch_worker()
+    runner = await asyncio.get_running_loop().run_in_executor(worker, build_model_runner, args)
     info = runner.model_info()
     log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
              info.kv_slots, info.context_length)
-    server, _ = await start_server(runner, args.executor_addr)
+    server, _ = await start_server(runner, args.executor_addr, worker)
     log.info("executor ready on %s", args.executor_addr)
     try:
         await server.wait_for_termination()

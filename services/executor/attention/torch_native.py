@@ -67,15 +67,16 @@ class TorchNativeAttentionBackend(AttentionBackend):
         out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
         for seq, mask in zip(batch.extend_seqs, meta.extend_masks):
             end = seq.start + seq.num_tokens
-            qs = q[seq.start:end].transpose(0, 1)
+            # 4-D [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
+            qs = q[seq.start:end].transpose(0, 1).unsqueeze(0)
             if mask is None:
-                ks, vs = k[seq.start:end].transpose(0, 1), v[seq.start:end].transpose(0, 1)
+                ks, vs = k[seq.start:end], v[seq.start:end]
             else:
-                ks = k_cache.index_select(0, seq.slots).transpose(0, 1)
-                vs = v_cache.index_select(0, seq.slots).transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
-                                               scale=layer.scaling, enable_gqa=True)
-            out[seq.start:end] = o.transpose(0, 1).reshape(seq.num_tokens, hidden)
+                ks, vs = k_cache.index_select(0, seq.slots), v_cache.index_select(0, seq.slots)
+            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                                               attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
+                                               enable_gqa=True)
+            out[seq.start:end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta)
         return out

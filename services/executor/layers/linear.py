@@ -3,7 +3,8 @@
 QKVParallelLinear and MergedColumnParallelLinear hold one fused weight, filled from HF's separate
 q/k/v and gate/up tensors: one GEMM instead of three (or two) matters for CPU decode speed.
 On CPU in bfloat16 the weight is additionally pre-packed for oneDNN, which measures ~1.5x faster
-than F.linear for the small-batch GEMMs of decode.
+than F.linear for the small-batch GEMMs of decode (and slower for large prefill batches, which
+keep using F.linear on the plain weight).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def _new_param(*shape: int) -> nn.Parameter:
 
 
 _onednn_ok: bool | None = None
+PACKED_MAX_TOKENS = 256  # above this many rows F.linear measured faster than the packed weight
 
 
 def _onednn_bf16_available() -> bool:
@@ -71,7 +73,7 @@ class LinearBase(nn.Module):
             self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed_weight is not None:
+        if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

@@ -46,9 +46,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_table", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_table", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("cos_table", torch.cat((freqs.cos(), freqs.cos()), -1).to(dtype), persistent=False)
+        # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
+        self.register_buffer("sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tables [T, 1, head_dim] for the step (computed once, used by every layer)."""
@@ -58,5 +58,4 @@ class RotaryEmbedding(nn.Module):
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, head_dim] rotated; returns a new contiguous tensor."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return torch.addcmul(x * cos, rotated, sin)
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), sin)
