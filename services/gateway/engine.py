@@ -20,6 +20,7 @@ from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, sc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel
 from services.common.model_files import default_model_name
+from services.gateway.decode_batcher import DecodeBatcher
 from services.gateway.errors import ApiError, bad_request, from_grpc
 from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
                                          PreparedRequest)
@@ -63,6 +64,7 @@ class Engine:
         self._info: ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
         self._token_texts: dict[int, str] = {}
+        self._decode_batcher = DecodeBatcher(lambda: self.stubs().detokenizer, UNARY_TIMEOUT_S)
 
     # ---- connections and backend info ----
 
@@ -221,15 +223,9 @@ class Engine:
                 call.cancel()
 
     async def _decode(self, req: PreparedRequest, state, new_ids, final: bool):
-        item = detokenizer_pb2.DetokenizerDecodeItem(
+        return await self._decode_batcher.decode(detokenizer_pb2.DetokenizerDecodeItem(
             request_id=req.request_id, state=state, new_token_ids=new_ids, stop=req.stop,
-            skip_special_tokens=req.skip_special_tokens, final=final)
-        try:
-            resp = await self.stubs().detokenizer.Decode(
-                detokenizer_pb2.DetokenizerDecodeRequest(items=[item]), timeout=UNARY_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            raise from_grpc(e, "detokenizer") from None
-        return resp.results[0]
+            skip_special_tokens=req.skip_special_tokens, final=final))
 
     async def complete(self, req: PreparedRequest) -> Completion:
         """Run a request to the end and collect its output."""
