@@ -43,6 +43,7 @@ class ServerArgs:
     max_prefill_tokens: int = 16384
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
 
     # Service addresses (host:port); each service listens on its own and dials the others.
     grpc_host: str = "127.0.0.1"
@@ -99,6 +100,7 @@ _HELP = {
     "max_prefill_tokens": "most prompt tokens run in one prefill step",
     "schedule_policy": "fcfs (arrival order) | lpm (longest cached prefix first)",
     "disable_radix_cache": "do not reuse KV across requests",
+    "disable_overlap_schedule": "plan each step only after the previous one returned",
     "grpc_host": "host the gateway's public gRPC API binds to",
     "gateway_grpc_port": "port of the gateway's public gRPC API",
     "tokenizer_addr": "host:port of the tokenizer service",

@@ -36,3 +36,12 @@ def bind(server: grpc.aio.Server, addr: str) -> int:
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC server to {addr}")
     return port
+
+
+async def start_aio_server(register, servicer, addr: str) -> tuple[grpc.aio.Server, int]:
+    """Serve servicer (added with its generated add_*Servicer_to_server) on addr; port 0 picks one."""
+    server = aio_server()
+    register(servicer, server)
+    port = bind(server, addr)
+    await server.start()
+    return server, port

@@ -17,7 +17,7 @@ from services.common.args import ServerArgs
 from services.common.log import setup_logging
 from services.detokenizer.incremental import DecodeState, DecodeStep, decode_step
 from services.tokenizer.core import load_tokenizer, tokenizer_folder
-from services.tokenizer.lifecycle import run_until_signalled
+from services.common.lifecycle import run_until_signalled
 
 log = logging.getLogger("radixserve.detokenizer")
 
@@ -67,11 +67,7 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
 
 async def start_server(tokenizer: PreTrainedTokenizerBase, addr: str) -> tuple[grpc.aio.Server, int]:
     """Start serving on addr ("host:0" picks a free port); returns the server and its port."""
-    server = grpc_util.aio_server()
-    detokenizer_pb2_grpc.add_DetokenizerServicer_to_server(DetokenizerServicer(tokenizer), server)
-    port = grpc_util.bind(server, addr)
-    await server.start()
-    return server, port
+    return await grpc_util.start_aio_server(detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, DetokenizerServicer(tokenizer), addr)
 
 
 async def serve(args: ServerArgs) -> None:

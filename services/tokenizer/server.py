@@ -16,7 +16,7 @@ from services.common.args import ServerArgs
 from services.common.log import setup_logging
 from services.tokenizer.conversation import conversation_from_proto
 from services.tokenizer.core import TokenizerCore, tokenizer_folder
-from services.tokenizer.lifecycle import run_until_signalled
+from services.common.lifecycle import run_until_signalled
 
 log = logging.getLogger("radixserve.tokenizer")
 T = TypeVar("T")
@@ -57,11 +57,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
 async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server, int]:
     """Start serving core on addr ("host:0" picks a free port); returns the server and its port."""
-    server = grpc_util.aio_server()
-    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(core), server)
-    port = grpc_util.bind(server, addr)
-    await server.start()
-    return server, port
+    return await grpc_util.start_aio_server(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, TokenizerServicer(core), addr)
 
 
 async def serve(args: ServerArgs) -> None:
