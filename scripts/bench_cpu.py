@@ -1,7 +1,7 @@
 """CPU figures through the full five-process stack with the embedded SmolLM2-135M-Instruct.
 
 Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
-Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128]
+Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128] [--hf-baseline]
 """
 from __future__ import annotations
 
@@ -61,14 +61,41 @@ def bench(dtype: str, output_len: int, concurrency: int) -> dict:
             "concurrent_wall_s": round(wall, 2)}
 
 
+def hf_baseline(dtype: str, output_len: int) -> dict:
+    """HF transformers generate() at batch 1 on the same converted weights, for a side-by-side ratio."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.model_files import resolve_model_path
+
+    folder = resolve_model_path(None)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]])
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
+
+    timed(4)  # warm-up
+    one, full = timed(1), timed(output_len)
+    return {"baseline": "hf-transformers generate", "dtype": dtype, "output_len": output_len,
+            "bs1_decode_tok_s": round((output_len - 1) / (full - one), 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--hf-baseline", action="store_true", help="also time HF transformers at batch 1")
     a = p.parse_args()
     for dtype in a.dtypes:
         print(json.dumps(bench(dtype, a.output_len, a.concurrency)), flush=True)
+        if a.hf_baseline:
+            print(json.dumps(hf_baseline(dtype, a.output_len)), flush=True)
 
 
 if __name__ == "__main__":
