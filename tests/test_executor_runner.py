@@ -12,6 +12,7 @@ from services.common.grpc_util import aio_channel
 from services.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
 from services.executor.runner import ModelRunner
 from services.executor.sampling import _filter_probs, sample
+from services.common.step_order import StepOrder
 from services.executor.server import start_server
 from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
@@ -228,5 +229,55 @@ def test_grpc_server_in_process(runner):
                 assert reset.dropped == 1
         finally:
             await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_grpc_steps_run_in_step_id_order(runner):
+    async def scenario():
+        server, port = await start_server(runner, "127.0.0.1:0")
+        try:
+            async with aio_channel(f"127.0.0.1:{port}") as channel:
+                stub = executor_pb2_grpc.ExecutorStub(channel)
+                greedy = common_pb2.SamplingParams(temperature=0.0)
+                first = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=1, new_requests=[
+                    executor_pb2.ExecutorNewRequest(request_id="a", input_ids=[3, 4, 5], new_slots=[1, 2, 3],
+                                                    sampling=greedy, sample=True)]))
+
+                def decode(step_id, slot):
+                    return stub.Step(executor_pb2.ExecutorStepRequest(step_id=step_id, continuing_requests=[
+                        executor_pb2.ExecutorContinuingRequest(request_id="a", new_slots=[slot], sample=True)]))
+
+                later = decode(3, 11)
+                await asyncio.sleep(0.1)  # step 3 arrives first and must wait for step 2
+                second, third = await asyncio.gather(decode(2, 10), later)
+                assert runner.states["a"].slots[:5].tolist() == [1, 2, 3, 10, 11]
+                assert runner.states["a"].last_token == third.outputs[0].token_id
+                # Step 2 decoded the token step 1 sampled: a fresh request with it spelled out agrees.
+                tokens = [3, 4, 5, first.outputs[0].token_id]
+                check = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=4, new_requests=[
+                    executor_pb2.ExecutorNewRequest(request_id="z", input_ids=tokens, new_slots=[20, 21, 22, 23],
+                                                    sampling=greedy, sample=True)]))
+                assert check.outputs[0].token_id == second.outputs[0].token_id
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_step_order_gap_times_out_and_reset_rebases():
+    async def scenario():
+        order = StepOrder(timeout_s=0.1)
+        await order.wait_turn(5)
+        await order.done(5)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await order.wait_turn(7)  # step 6 never comes
+        assert 0.09 < loop.time() - start < 1.0
+        await order.done(7)
+        await order.reset()
+        start = loop.time()
+        await order.wait_turn(1)
+        assert loop.time() - start < 0.05 and order.next_id == 1
 
     asyncio.run(scenario())

@@ -31,16 +31,24 @@ def reference_tokens(prompt, n):
 
 class SlowFakeExecutor(FakeExecutorServicer):
     step_delay = 0.0
+    concurrent_steps = 0
+    max_concurrent_steps = 0
 
     async def Step(self, request, context):
-        if self.step_delay:
-            await asyncio.sleep(self.step_delay)
-        return await super().Step(request, context)
+        self.concurrent_steps += 1
+        self.max_concurrent_steps = max(self.max_concurrent_steps, self.concurrent_steps)
+        try:
+            if self.step_delay:
+                await asyncio.sleep(self.step_delay)
+            return await super().Step(request, context)
+        finally:
+            self.concurrent_steps -= 1
 
 
 @contextlib.asynccontextmanager
-async def stack(**arg_overrides):
-    executor = SlowFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128)
+async def stack(eos_token_ids=(), **arg_overrides):
+    executor = SlowFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128,
+                                eos_token_ids=eos_token_ids)
     exec_server = aio_server()
     executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
     exec_port = bind(exec_server, "127.0.0.1:0")
@@ -63,7 +71,7 @@ def run(coro):
 def gen_request(rid, prompt, max_new=5, **sampling):
     return scheduler_pb2.SchedulerGenerateRequest(
         request_id=rid, input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True, **sampling))
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, **{"ignore_eos": True, **sampling}))
 
 
 async def collect(stub, request):
@@ -140,9 +148,10 @@ def test_duplicate_request_id_is_rejected():
     run(body())
 
 
-def test_client_cancellation_frees_kv():
+@pytest.mark.parametrize("disable_overlap", [False, True])
+def test_client_cancellation_frees_kv(disable_overlap):
     async def body():
-        async with stack() as (stub, executor, _):
+        async with stack(disable_overlap_schedule=disable_overlap) as (stub, executor, _):
             executor.step_delay = 0.01
             call = stub.Generate(gen_request("c", [1, 2, 3, 4], max_new=100))
             await call.read()
@@ -156,6 +165,42 @@ def test_client_cancellation_frees_kv():
             assert flushed.freed_tokens == info.cached_tokens > 0
             info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
             assert info.free_tokens == KV_SLOTS - 1
+    run(body())
+
+
+def stream_fields(msgs):
+    return [(list(m.token_ids), m.finish_reason, m.matched_stop_token_id, m.usage.prompt_tokens,
+             m.usage.completion_tokens, m.usage.cached_tokens) for m in msgs]
+
+
+def test_overlap_and_serial_streams_are_identical():
+    shared = list(range(10, 26))
+    eos = {reference_tokens(shared + [1], 8)[3], reference_tokens(shared + [2], 8)[0]}
+    stop = reference_tokens(shared + [3], 8)[5]
+
+    async def traffic(disable_overlap):
+        async with stack(eos_token_ids=tuple(eos), disable_overlap_schedule=disable_overlap) as (stub, executor, sched):
+            executor.step_delay = 0.002
+            await collect(stub, gen_request("warm", shared + [0], max_new=1))  # cached: deterministic
+            requests = [gen_request(f"r{i}", shared + [i], max_new=8, ignore_eos=False) for i in range(1, 5)]
+            requests[2].sampling.stop_token_ids.append(stop)
+            requests.append(gen_request("long", [7, 7, 7], max_new=20))
+            streams = await asyncio.gather(*(collect(stub, r) for r in requests))
+            # A follow-up whose prompt extends a finished request reuses the same cached prefix.
+            first = [t for m in streams[0] for t in m.token_ids]
+            streams.append(await collect(stub, gen_request("next", shared + [1] + first + [9], max_new=3)))
+            await wait_idle(stub)
+            return [stream_fields(s) for s in streams], executor.max_concurrent_steps
+
+    async def body():
+        overlapped, overlap_depth = await traffic(False)
+        serial, serial_depth = await traffic(True)
+        assert (overlap_depth, serial_depth) == (2, 1)
+        assert overlapped == serial
+        tokens = [[t for m in s for t in m[0]] for s in overlapped]
+        assert tokens[0] == reference_tokens(shared + [1], 4) and tokens[1] == reference_tokens(shared + [2], 1)
+        assert tokens[2] == reference_tokens(shared + [3], 6) and len(tokens[4]) == 20
+        assert overlapped[5][-1][5] == len(shared) + 1 + 3  # cached: prompt and all but the last token
     run(body())
 
 
@@ -185,6 +230,23 @@ def test_executor_failure_fails_requests_then_recovers():
             executor.fail_steps = False
             msgs = await collect(stub, gen_request("g", [1, 2], max_new=3))
             assert [t for m in msgs for t in m.token_ids] == reference_tokens([1, 2], 3)
+    run(body())
+
+
+def test_failed_step_with_another_in_flight_fails_all_then_recovers():
+    async def body():
+        async with stack() as (stub, executor, sched):
+            executor.step_delay = 0.005
+            executor.fail_step_ids = {4}
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, gen_request("f", [1, 2], max_new=10))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert executor.max_concurrent_steps == 2
+            msgs = await collect(stub, gen_request("g", [1, 2], max_new=5))
+            assert [t for m in msgs for t in m.token_ids] == reference_tokens([1, 2], 5)
+            info = await wait_idle(stub)
+            assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
+            assert not sched.runtime.inflight
     run(body())
 
 

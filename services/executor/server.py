@@ -12,11 +12,14 @@ from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_server, bind
 from services.common.log import setup_logging
+from services.common.step_order import StepOrder
 from services.executor.runner import ModelRunner, build_model_runner
 from services.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
                                        StepOutput)
 
 log = logging.getLogger("radixserve.executor")
+
+# How long a step waits for the steps before it to arrive before running anyway.
 
 
 def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -61,14 +64,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, runner: ModelRunner, worker: concurrent.futures.ThreadPoolExecutor):
         self.runner = runner
         self.worker = worker
+        self.order = StepOrder()
+
+    def _submit(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        return await self._submit(fn, *args)
 
     async def Step(self, request, context):
         step = step_from_pb(request)
+        await self.order.wait_turn(request.step_id)
+        # The worker runs jobs in submission order, so the next step may queue up behind this one.
+        running = self._submit(self.runner.step, step)
+        await self.order.done(request.step_id)
         try:
-            out = await self._run(self.runner.step, step)
+            out = await running
         except StepError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
@@ -84,6 +95,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=info.dtype, device=info.device, num_parameters=info.num_parameters)
 
     async def Reset(self, request, context):
+        await self.order.reset()
         dropped = await self._run(self.runner.reset)
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
 

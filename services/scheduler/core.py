@@ -3,10 +3,15 @@
 Usage: add_request(); then repeatedly plan = schedule(), run it on the executor, events =
 update(plan, outputs). Between steps every running request holds KV slots for all of its tokens
 except the last sampled one (whose KV the next decode step writes).
+
+Overlap: schedule() may be called again before update() of the plans in flight (updates come in
+plan order). A request in k plans not yet updated holds a slot for every known token plus k - 1
+more: the in-flight steps write the KV of tokens sampled by the steps before them.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -85,8 +90,10 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._pending_finished: list[str] = []
-        self._inflight: StepPlan | None = None
-        self._inflight_reqs: dict[str, Request] = {}
+        # Plans sent but not yet updated, oldest first, with the requests each one samples for.
+        self._inflight: deque[tuple[StepPlan, list[Request]]] = deque()
+        # Aborted requests whose KV waits for the update of their last in-flight step.
+        self._releasing: list[Request] = []
         self._step_id = 0
         self._admit_counter = 0
         self.total_prompt_tokens = 0
@@ -127,12 +134,14 @@ class Scheduler:
             return None
         if req.status is Status.WAITING:
             self.waiting.remove(req)
-            req.status = Status.DONE
         else:
-            req.aborted = True
-            if self._inflight is None:
-                self._release_aborted()
-            # else: the step in flight may still write its KV; update() releases it.
+            self.running.remove(req)
+            self._pending_finished.append(request_id)
+            if req.inflight:
+                self._releasing.append(req)  # steps in flight still write its KV
+            else:
+                self._release_kv(req)
+        req.status = Status.DONE
         return self._event(req, FinishReason.ABORT)
 
     def abort_all(self) -> list[RequestEvent]:
@@ -144,22 +153,26 @@ class Scheduler:
     # ---- planning --------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
-        """The next step: a prefill batch when requests can be admitted, else a decode batch."""
-        if self._inflight is not None:
-            raise RuntimeError("schedule() called before update() of the previous step")
-        plan = self._schedule_prefill() or self._schedule_decode()
-        if plan is None:
+        """The next step: a prefill batch when requests can be admitted, else a decode batch.
+
+        With steps in flight, None can also mean: wait for their results first.
+        """
+        planned = self._schedule_prefill() or self._schedule_decode()
+        if planned is None:
             return None
+        plan, reqs = planned
+        for req in reqs:
+            req.inflight += 1
         plan.finished_request_ids = self._pending_finished
         self._pending_finished = []
-        self._inflight = plan
+        self._inflight.append((plan, reqs))
         return plan
 
     def _next_plan(self) -> StepPlan:
         self._step_id += 1
         return StepPlan(step_id=self._step_id)
 
-    def _schedule_prefill(self) -> StepPlan | None:
+    def _schedule_prefill(self) -> tuple[StepPlan, list[Request]] | None:
         if not self.waiting or len(self.running) >= self.max_running_requests:
             return None
         plan = None
@@ -196,8 +209,7 @@ class Scheduler:
             return None
         self.waiting = [r for r in self.waiting if r.status is Status.WAITING]
         self.running += admitted
-        self._inflight_reqs = {r.request_id: r for r in admitted}
-        return plan
+        return plan, admitted
 
     def _admission_order(self) -> list[Request]:
         if self.policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
@@ -227,21 +239,33 @@ class Scheduler:
             self.cache.evict(short, self.pool.free)
         return self.pool.alloc(n)
 
-    def _schedule_decode(self) -> StepPlan | None:
-        if not self.running:
+    def _schedule_decode(self) -> tuple[StepPlan, list[Request]] | None:
+        batch = [r for r in self.running if not self._finishes_in_flight(r)]
+        if not batch:
             return None
-        self._retract_until_decode_fits()
-        slots = self._alloc(len(self.running))
+        if self._inflight:
+            # Retraction is not overlapped: when the batch does not fit, drain the steps in flight
+            # (their finished requests may free enough) and retract in a serial schedule().
+            if self.pool.available() + self.cache.evictable_size() < len(batch):
+                return None
+        else:
+            self._retract_until_decode_fits()
+            batch = list(self.running)
+        slots = self._alloc(len(batch))
         if slots is None:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         plan = self._next_plan()
-        for req, slot in zip(self.running, slots):
+        for req, slot in zip(batch, slots):
             req.slots.append(slot)
             plan.continuing_requests.append(ContinuingRequestPlan(req.request_id, new_slots=[slot]))
-        self._inflight_reqs = {r.request_id: r for r in self.running}
         self.new_token_ratio = max(self.min_new_token_ratio,
                                    self.new_token_ratio - self.new_token_ratio_decay)
-        return plan
+        return plan, batch
+
+    def _finishes_in_flight(self, req: Request) -> bool:
+        """Whether the steps in flight already bring req to max_new_tokens or the context length."""
+        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.max_new_tokens
+                                       or req.seq_len + req.inflight >= self.context_length)
 
     def _retract_until_decode_fits(self) -> None:
         while (len(self.running) > 1
@@ -259,13 +283,15 @@ class Scheduler:
         self.num_retractions += 1
         self.new_token_ratio = min(1.0, self.new_token_ratio + RETRACT_RATIO_BUMP)
 
-    def _release_kv(self, req: Request) -> None:
-        """Hand the request's KV to the cache (or free it) and unlock its cached prefix."""
+    def _release_kv(self, req: Request, cache_len: int | None = None) -> None:
+        """Hand the KV of the first cache_len tokens (default: all known tokens with a slot) to the
+        cache, free the rest of the request's slots, and unlock its cached prefix."""
         if req.last_node is None:
             return
-        tokens = req.seq[:len(req.slots)]
-        already_cached = self.cache.insert(tokens, req.slots)
-        self.pool.free(req.slots[req.prefix_len:already_cached])
+        if cache_len is None:
+            cache_len = min(len(req.slots), req.seq_len)
+        already_cached = self.cache.insert(req.seq[:cache_len], req.slots[:cache_len])
+        self.pool.free(req.slots[req.prefix_len:already_cached] + req.slots[cache_len:])
         self.cache.dec_lock_ref(req.last_node)
         req.slots = []
         req.prefix_len = 0
@@ -275,14 +301,17 @@ class Scheduler:
 
     def update(self, plan: StepPlan, outputs: Iterable[StepOutput]) -> list[RequestEvent]:
         """Apply the executor's sampled tokens; return one event per live request of the plan."""
-        if plan is not self._inflight:
-            raise RuntimeError(f"update() for step {plan.step_id}, which is not the step in flight")
+        if not self._inflight or plan is not self._inflight[0][0]:
+            raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")
+        _, reqs = self._inflight.popleft()
         by_id = {o.request_id: o for o in outputs}
         events = []
         finished: set[int] = set()
-        for rid, req in self._inflight_reqs.items():
-            if req.aborted:
-                continue
+        for req in reqs:
+            req.inflight -= 1
+            if req.status is not Status.RUNNING:
+                continue  # aborted, or finished by an earlier step: its token is not emitted
+            rid = req.request_id
             out = by_id.get(rid)
             if out is None:
                 raise RuntimeError(f"executor returned no token for request {rid} in step {plan.step_id}")
@@ -295,16 +324,16 @@ class Scheduler:
             event.logprobs = [out.logprob] if out.logprob is not None else []
             events.append(event)
             if reason is not None:
-                self._release_kv(req)
+                # Cache what a serial run caches: all but the last token. A step in flight may still
+                # write that token's KV slot; it runs before any step that can reuse the slot.
+                self._release_kv(req, cache_len=req.seq_len - 1)
                 req.status = Status.DONE
                 del self.requests[rid]
                 self._pending_finished.append(rid)
                 finished.add(id(req))
         if finished:
             self.running = [r for r in self.running if id(r) not in finished]
-        self._inflight = None
-        self._inflight_reqs = {}
-        self._release_aborted()
+        self._release_settled_aborts()
         return events
 
     def _finish_reason(self, req: Request, token: int) -> tuple[FinishReason | None, int]:
@@ -316,14 +345,12 @@ class Scheduler:
             return FinishReason.LENGTH, 0
         return None, 0
 
-    def _release_aborted(self) -> None:
-        aborted = [r for r in self.running if r.aborted]
-        for req in aborted:
+    def _release_settled_aborts(self) -> None:
+        settled = [r for r in self._releasing if not r.inflight]
+        for req in settled:
             self._release_kv(req)
-            req.status = Status.DONE
-            self._pending_finished.append(req.request_id)
-        if aborted:
-            self.running = [r for r in self.running if not r.aborted]
+        if settled:
+            self._releasing = [r for r in self._releasing if r.inflight]
 
     @staticmethod
     def _event(req: Request, reason: FinishReason | None, matched: int = 0) -> RequestEvent:
@@ -341,14 +368,15 @@ class Scheduler:
     def reset(self) -> list[str]:
         """Drop every request and all KV (after an executor failure); return the dropped ids."""
         dropped = list(self.requests)
-        known_to_executor = [r.request_id for r in self.running] + self._pending_finished
+        known_to_executor = ([r.request_id for r in self.running] + self._pending_finished
+                             + [rid for plan, _ in self._inflight for rid in plan.request_ids()])
         self.pool.reset()
         self.cache.reset()
         self.requests = {}
         self.waiting = []
         self.running = []
-        self._inflight = None
-        self._inflight_reqs = {}
+        self._inflight.clear()
+        self._releasing = []
         self.new_token_ratio = self.init_new_token_ratio
         # The executor may still hold their state; the next step drops it.
         self._pending_finished = list(dict.fromkeys(known_to_executor))
@@ -360,25 +388,26 @@ class Scheduler:
 
     def check_leak(self, deep: bool = False) -> str | None:
         """An error message if some KV slot is unaccounted for (or, deep, held twice)."""
-        own = sum(r.own_slots for r in self.running)
+        holders = self.running + self._releasing
+        own = sum(r.own_slots for r in holders)
         free, evictable = self.pool.available(), self.cache.evictable_size()
         protected = self.cache.protected_size()
         total = self.pool.size - 1
         if free + evictable + protected + own != total:
             return (f"KV slot leak: free {free} + cached {evictable} + locked {protected} + "
                     f"request-owned {own} != pool {total}")
-        if not self.running and protected:
+        if not holders and protected:
             return f"KV lock leak: {protected} cached slots still locked with no running request"
         if deep:
             held = list(self.pool._free) + self.cache.all_slots()
-            for r in self.running:
+            for r in holders:
                 held += r.slots[r.prefix_len:]
             if sorted(held) != list(range(1, self.pool.size)):
                 return "KV slot bookkeeping corrupt: a slot is held twice or not at all"
         return None
 
     def stats(self) -> SchedulerStats:
-        own = sum(r.own_slots for r in self.running)
+        own = sum(r.own_slots for r in self.running + self._releasing)
         return SchedulerStats(
             pool_tokens=self.pool.size - 1,
             free=self.pool.available(),

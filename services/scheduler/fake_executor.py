@@ -9,11 +9,13 @@ dataclasses: only attribute names are used.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import grpc
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from services.common.step_order import StepOrder
 
 _MOD = (1 << 61) - 1
 
@@ -121,6 +123,8 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.fail_steps = fail_steps  # answer Step with UNAVAILABLE (to test failure handling)
+        self.fail_step_ids: set[int] = set()  # answer these steps with UNAVAILABLE
+        self.order = StepOrder()  # steps run in step_id order, as on the real executor
 
     async def GetModelInfo(self, request, context):
         return executor_pb2.ExecutorModelInfo(
@@ -129,7 +133,9 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             eos_token_ids=list(self.eos_token_ids), dtype="float32", device="cpu")
 
     async def Step(self, request, context):
-        if self.fail_steps:
+        await self.order.wait_turn(request.step_id)
+        await self.order.done(request.step_id)
+        if self.fail_steps or request.step_id in self.fail_step_ids:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake executor failure")
         try:
             outputs = self.model.step(request)
@@ -146,4 +152,5 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def Reset(self, request, context):
         dropped = len(self.model.reqs)
         self.model.reqs.clear()
+        await self.order.reset()
         return executor_pb2.ExecutorResetResponse(dropped=dropped)

@@ -40,7 +40,8 @@ class Request:
     admitted_once: bool = False
     admit_seq: int = 0  # admission order; retraction picks the newest
     status: Status = Status.WAITING
-    aborted: bool = False
+    # Planned steps not yet updated that sample a token for this request.
+    inflight: int = 0
 
     @property
     def seq(self) -> list[int]:

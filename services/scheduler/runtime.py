@@ -1,8 +1,12 @@
-"""The step loop: plan with the core, run the plan on the executor, route events to streams."""
+"""The step loop: plan with the core, run the plan on the executor, route events to streams.
+
+With overlap (the default) step N+1 is planned and sent while step N runs, so the executor does not
+sit idle during the round trip and the scheduler's own work."""
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 import grpc
 
@@ -10,11 +14,13 @@ from radixserve.v1 import executor_pb2, executor_pb2_grpc
 
 from services.scheduler.convert import outputs_from_proto, plan_to_proto
 from services.scheduler.core import Scheduler
-from services.scheduler.request import Request, RequestEvent
+from services.scheduler.request import Request, RequestEvent, StepPlan
 
 log = logging.getLogger("radixserve.scheduler")
 
 EXECUTOR_RESET_TIMEOUT_S = 5.0
+# Steps sent before the oldest one's result is processed, when overlapping.
+OVERLAP_DEPTH = 2
 
 
 class StepFailure:
@@ -25,12 +31,17 @@ class StepFailure:
 
 
 class SchedulerRuntime:
-    def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub):
+    def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub, overlap: bool = True):
         self.core = core
         self.executor = executor
+        self.overlap = overlap
         self.queues: dict[str, asyncio.Queue] = {}
         self.wake = asyncio.Event()
         self.steps = 0
+        self.inflight: deque[tuple[StepPlan, grpc.aio.UnaryUnaryCall]] = deque()
+        # The executor orders steps from the first one it sees (after a start or Reset), so the
+        # first step goes alone: a second one arriving before it would set the wrong base.
+        self.executor_synced = False
 
     # ---- called by the gRPC handlers ---------------------------------------------------------
 
@@ -62,12 +73,22 @@ class SchedulerRuntime:
 
     # ---- the loop ----------------------------------------------------------------------------
 
+    def _depth(self) -> int:
+        return OVERLAP_DEPTH if self.overlap and self.executor_synced else 1
+
     async def run(self) -> None:
+        """Send steps while fewer than _depth() are in flight and the core has one to plan; else
+        process the oldest step's result; with nothing in flight and nothing to plan, sleep."""
         leak_checked = True
         while True:
             try:
-                plan = self.core.schedule()
-                if plan is None:
+                plan = self.core.schedule() if len(self.inflight) < self._depth() else None
+                if plan is not None:
+                    leak_checked = False
+                    self.inflight.append((plan, self.executor.Step(plan_to_proto(plan))))
+                elif self.inflight:
+                    await self._finish_oldest_step()
+                else:
                     if not leak_checked:
                         leak_checked = True
                         error = self.core.check_leak()
@@ -75,20 +96,30 @@ class SchedulerRuntime:
                             log.error(error)
                     self.wake.clear()
                     await self.wake.wait()
-                    continue
-                leak_checked = False
-                try:
-                    resp = await self.executor.Step(plan_to_proto(plan))
-                except grpc.aio.AioRpcError as e:
-                    await self._fail_all(f"executor step failed: {e.code().name}: {e.details()}")
-                    continue
-                self.steps += 1
-                self._dispatch(self.core.update(plan, outputs_from_proto(resp)))
             except asyncio.CancelledError:
+                self._cancel_inflight()
                 raise
             except Exception as e:  # a bug must not leave every stream hanging
                 log.exception("scheduler step failed")
                 await self._fail_all(f"scheduler error: {e}")
+
+    async def _finish_oldest_step(self) -> None:
+        plan, call = self.inflight[0]
+        try:
+            resp = await call
+        except grpc.aio.AioRpcError as e:
+            await self._fail_all(f"executor step failed: {e.code().name}: {e.details()}")
+            return
+        self.inflight.popleft()
+        self.executor_synced = True
+        self.steps += 1
+        self._dispatch(self.core.update(plan, outputs_from_proto(resp)))
+
+    def _cancel_inflight(self) -> None:
+        """Forget the steps in flight; their results, should they come, are ignored."""
+        for _, call in self.inflight:
+            call.cancel()
+        self.inflight.clear()
 
     def _dispatch(self, events: list[RequestEvent]) -> None:
         for event in events:
@@ -98,6 +129,8 @@ class SchedulerRuntime:
 
     async def _fail_all(self, message: str) -> None:
         log.error("%s; failing %d requests and dropping all KV", message, len(self.core.requests))
+        self._cancel_inflight()
+        self.executor_synced = False
         for rid in self.core.reset():
             queue = self.queues.get(rid)
             if queue is not None:

@@ -155,10 +155,11 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "max_total_tokens": core.pool.size - 1,
         "context_length": core.context_length,
         "disable_radix_cache": core.disable_radix_cache,
+        "disable_overlap_schedule": args.disable_overlap_schedule,
         "page_size": 1,
         "chunked_prefill": False,
     }
-    runtime = SchedulerRuntime(core, stub)
+    runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule)
     server = aio_server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(runtime, model, config), server)
     port = bind(server, args.scheduler_addr)

@@ -1,0 +1,197 @@
+"""The scheduler core in overlap mode: step N+1 is planned before step N's update, as the runtime does.
+
+The FakeModel runs each plan only when its result is needed (the latest an executor could), so a
+plan changed after it was handed out, or a slot reused too early, shows up as an error or a wrong
+token. Every run is compared with the serial run of the same traffic.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.scheduler.request import FinishReason, Request, StepOutput
+from tests.test_scheduler_core import Harness, prompts, reference_tokens
+
+
+class OverlapHarness(Harness):
+    """Keeps up to `depth` plans in flight; updates the oldest only when it cannot plan another."""
+
+    def __init__(self, depth=2, **kwargs):
+        super().__init__(**kwargs)
+        self.depth = depth
+        self.in_flight: deque = deque()
+        self.overlapped = 0  # plans made while another was in flight
+
+    def step(self):
+        plan = self.sched.schedule() if len(self.in_flight) < self.depth else None
+        if plan is not None:
+            self.overlapped += bool(self.in_flight)
+            self.plans.append(plan)
+            self.in_flight.append(plan)
+            return plan, []
+        if not self.in_flight:
+            return None
+        plan = self.in_flight.popleft()
+        outputs = [StepOutput(rid, tok) for rid, tok in self.model.step(plan)]
+        events = self.sched.update(plan, outputs)
+        for ev in events:
+            assert ev.request_id not in self.finals, f"{ev.request_id} got a token after it finished"
+            self.outputs[ev.request_id] += ev.token_ids
+            if ev.finished:
+                self.finals[ev.request_id] = ev
+        assert self.sched.check_leak(deep=True) is None
+        return plan, events
+
+
+def run_both(traffic, **kwargs):
+    """Run traffic [(rid, prompt, max_new, request kwargs)] serially and overlapped; return both."""
+    runs = []
+    for harness in (Harness(**kwargs), OverlapHarness(**kwargs)):
+        for rid, prompt, max_new, extra in traffic:
+            harness.add(rid, prompt, max_new=max_new, **extra)
+        harness.run()
+        runs.append(harness)
+    return runs
+
+
+def final_fields(harness):
+    return {rid: (ev.finish_reason, ev.matched_stop_token_id, ev.prompt_tokens, ev.completion_tokens,
+                  ev.cached_tokens) for rid, ev in harness.finals.items()}
+
+
+def eos_traffic():
+    """Requests ending on EOS, on a stop token, on max_new_tokens, and sharing prefixes."""
+    shared = [3, 1, 4, 1, 5, 9, 2, 6]
+    traffic = [(f"p{i}", shared + [20 + i], 12, {}) for i in range(4)]
+    traffic += [(f"q{i}", p, 3 + i, {}) for i, p in enumerate(prompts(4, length=6, shared=2))]
+    eos = {reference_tokens(shared + [20], 12)[4], reference_tokens(shared + [21], 12)[0]}
+    stop = reference_tokens(shared + [22], 12)[6]
+    traffic.append(("s", shared + [22], 12, {"stop_token_ids": (stop,)}))
+    return traffic, eos
+
+
+def test_mixed_finishes_match_serial_and_emit_nothing_extra():
+    traffic, eos = eos_traffic()
+    serial, overlap = run_both(traffic, eos_token_ids=eos)
+    assert overlap.overlapped > 0
+    assert dict(overlap.outputs) == dict(serial.outputs)
+    assert final_fields(overlap) == final_fields(serial)
+    reasons = {ev.finish_reason for ev in overlap.finals.values()}
+    assert reasons == {FinishReason.STOP, FinishReason.LENGTH}
+    assert overlap.finals["p0"].completion_tokens == 5 and overlap.finals["p1"].completion_tokens == 1
+    for rid, prompt, max_new, extra in traffic:
+        assert overlap.outputs[rid] == reference_tokens(prompt, max_new)[:len(overlap.outputs[rid])]
+
+
+def test_eos_finish_was_planned_again_and_is_dropped_by_a_later_plan():
+    prompt = [1, 2, 3]
+    eos = reference_tokens(prompt, 5)[2]
+    assert eos not in reference_tokens(prompt, 2) + reference_tokens([4], 10)
+    h = OverlapHarness(eos_token_ids=[eos])
+    h.add("a", prompt, max_new=5)
+    h.add("b", [4], max_new=10)
+    h.run()
+    assert h.outputs["a"] == reference_tokens(prompt, 3)
+    assert h.finals["a"].finish_reason == FinishReason.STOP and h.finals["a"].completion_tokens == 3
+    planned = [i for i, p in enumerate(h.plans) if "a" in p.request_ids()]
+    assert len(planned) == 4  # prefill + 2 decodes + 1 decode whose token is discarded
+    dropped_by = [i for i, p in enumerate(h.plans) if "a" in p.finished_request_ids]
+    assert len(dropped_by) == 1 and dropped_by[0] > planned[-1]
+    assert h.outputs["b"] == reference_tokens([4], 10)
+
+
+def test_max_new_tokens_finish_is_not_planned_again():
+    h = OverlapHarness()
+    h.add("a", [1, 2, 3], max_new=4)
+    h.run()
+    assert sum("a" in p.request_ids() for p in h.plans) == 4
+    assert h.outputs["a"] == reference_tokens([1, 2, 3], 4)
+
+
+def test_abort_with_two_steps_in_flight_frees_kv_after_the_last():
+    h = OverlapHarness(pool_size=256)
+    h.add("a", [1, 2, 3], max_new=50)
+    h.add("b", [4, 5, 6], max_new=50)
+    while len(h.in_flight) < 2 or not h.in_flight[1].continuing_requests:
+        h.step()
+    assert h.sched.abort("a").finish_reason == FinishReason.ABORT
+    h.sched.add_request(Request("a", [7, 7], 2))  # the id is free again at once
+    assert h.sched.check_leak(deep=True) is None
+    aborted = h.sched._releasing[0]
+    held = list(aborted.slots)
+    _, events = h.step()  # update of the older step
+    assert [e.request_id for e in events] == ["b"] and aborted.slots == held
+    _, events = h.step()  # plans again (new "a"), the other step is still in flight
+    while h.in_flight and aborted.inflight:
+        h.step()
+    assert aborted.slots == [] and not h.sched._releasing
+    h.sched.abort("b")
+    h.run()
+    assert h.outputs["a"] == reference_tokens([7, 7], 2)
+    assert h.sched.stats().in_use == 0
+
+
+def test_retraction_under_a_tiny_pool_matches_unconstrained():
+    traffic = [(f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))]
+    serial, overlap = run_both(traffic, pool_size=48, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    assert overlap.sched.num_retractions > 0 and overlap.overlapped > 0
+    assert dict(overlap.outputs) == dict(serial.outputs)
+    for rid, prompt, max_new, _ in traffic:
+        assert overlap.outputs[rid] == reference_tokens(prompt, max_new)
+        assert overlap.finals[rid].finish_reason == FinishReason.LENGTH
+
+
+def test_prefix_reuse_after_eos_finish_caches_as_serial():
+    prompt = [9, 8, 7, 6]
+    eos = reference_tokens(prompt, 6)[3]
+    cached = []
+    for harness in (Harness(eos_token_ids=[eos]), OverlapHarness(eos_token_ids=[eos])):
+        harness.add("a", prompt, max_new=6)
+        harness.run()
+        harness.add("b", prompt + harness.outputs["a"] + [5], max_new=2)
+        harness.run()
+        cached.append(harness.finals["b"].cached_tokens)
+    assert cached[0] == cached[1] == len(prompt) + 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), pool_size=st.integers(24, 96), policy=st.sampled_from(["fcfs", "lpm"]),
+       max_running=st.integers(1, 6))
+def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, max_running):
+    rng = random.Random(seed)
+    eos = {rng.randrange(1000) for _ in range(40)}
+    h = OverlapHarness(pool_size=pool_size, max_running_requests=max_running, max_prefill_tokens=16,
+                       policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]), eos_token_ids=eos)
+    expected, aborted, next_id = {}, set(), 0
+    for _ in range(250):
+        if rng.random() < 0.3:
+            prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
+            max_new = rng.randint(1, min(12, pool_size - len(prompt)))
+            rid = f"r{next_id}"
+            next_id += 1
+            ignore_eos = rng.random() < 0.5
+            h.add(rid, prompt, max_new=max_new, ignore_eos=ignore_eos)
+            tokens = reference_tokens(prompt, max_new)
+            if not ignore_eos:
+                tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+            expected[rid] = tokens
+        if h.sched.requests and rng.random() < 0.05:
+            rid = rng.choice(sorted(h.sched.requests))
+            h.sched.abort(rid)
+            aborted.add(rid)
+        if rng.random() < 0.05:
+            h.sched.flush_cache()
+        h.step()
+    h.run()
+    for rid, tokens in expected.items():
+        if rid in aborted:
+            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
+        else:
+            assert h.outputs[rid] == tokens
+            assert h.finals[rid].completion_tokens == len(tokens)
+    assert h.sched.check_leak(deep=True) is None
+    h.sched.flush_cache()
+    assert h.sched.pool.available() == pool_size - 1
