@@ -281,3 +281,29 @@ def test_step_order_gap_times_out_and_reset_rebases():
         assert loop.time() - start < 0.05 and order.next_id == 1
 
     asyncio.run(scenario())
+
+
+def test_seeded_request_gives_the_same_tokens_after_retraction(runner):
+    sampling = SamplingParams(temperature=1.0, seed=1234)
+    prompt = [3, 4, 5, 6]
+
+    def decode(rid, first_slot, steps, step_id):
+        tokens = []
+        for i in range(steps):
+            out = runner.step(StepInput(step_id + i, continuing_requests=[ContinuingRequest(rid, [first_slot + i])]))
+            tokens.append(out.outputs[0].token_id)
+        return tokens
+
+    first = runner.step(StepInput(1, new_requests=[new("s", prompt, [1, 2, 3, 4], sampling=sampling)]))
+    straight = [first.outputs[0].token_id] + decode("s", 5, 7, 2)
+
+    # Same request, retracted after 4 tokens: state dropped, re-added with prompt + generated as its
+    # input (KV recomputed at other slots), then decoded on; a second request shares the batch.
+    first = runner.step(StepInput(20, finished_request_ids=["s"],
+                                  new_requests=[new("s", prompt, [31, 32, 33, 34], sampling=sampling)]))
+    before = [first.outputs[0].token_id] + decode("s", 35, 3, 21)
+    again = runner.step(StepInput(30, finished_request_ids=["s"], new_requests=[
+        new("s", prompt + before, list(range(60, 68)), sampling=sampling),
+        new("other", [9, 9], [70, 71], sampling=SamplingParams(temperature=1.0, seed=7))]))
+    after = [again.outputs[0].token_id] + decode("s", 80, 3, 31)
+    assert before + after == straight

@@ -22,10 +22,18 @@ class RequestState:
         slots = torch.zeros(capacity, dtype=torch.int64, device=device)
         if prefix_slots:
             slots[:len(prefix_slots)] = torch.tensor(prefix_slots, dtype=torch.int64)
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        generator = torch.Generator(device=device) if sampling.seed is not None else None
         return cls(slots, len(prefix_slots), sampling, generator)
+
+    def generator_for_next_token(self) -> torch.Generator | None:
+        """The seeded generator, reseeded from (seed, position of the token being sampled).
+
+        Seeding by position rather than advancing one stream keeps a seeded request's tokens the
+        same when it is retracted and re-prefilled, and whichever requests share its batch.
+        """
+        if self.generator is None:
+            return None
+        return self.generator.manual_seed(hash((self.sampling.seed, self.length)) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def append_slots(self, new_slots: list[int]) -> torch.Tensor:
         """Add slots after the current ones; returns the full slot list as a view."""

@@ -131,7 +131,7 @@ class ModelRunner:
         if batch.sample_request_ids:
             logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
             states = batch.sample_states
-            result = sample(logits, [s.sampling for s in states], [s.generator for s in states], self.generator)
+            result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)
             for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):
                 state.last_token = result.token_ids[i]
                 outputs.append(RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i]))
