@@ -45,9 +45,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (for model folders with only config.json)")
+    p.add_argument("--max-total-tokens", type=int, default=32768)
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
-    runner = build_model_runner(ServerArgs(model_path=a.model_path, dtype=a.dtype, max_total_tokens=32768))
+    runner = build_model_runner(ServerArgs(model_path=a.model_path, dtype=a.dtype, load_format=a.load_format,
+                                             max_total_tokens=a.max_total_tokens))
     for batch in a.batch:
         ms = time_decode(runner, batch, a.prompt_len, a.steps, a.profile)
         print(f"dtype={a.dtype} batch={batch} prompt_len={a.prompt_len}: {ms:.1f} ms/step, "
