@@ -14,6 +14,7 @@ from services.common.args import ServerArgs
 from services.executor.attention.metadata import ForwardBatch, forward_context
 from services.executor.attention.torch_native import TorchNativeAttentionBackend
 from services.executor.batch_builder import BatchBuilder
+from services.executor.fast_decode import FastDecode
 from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
 from services.executor.model_config import ModelConfig, dtype_name, resolve_device
 from services.executor.models.registry import get_model_class
@@ -69,6 +70,7 @@ class ModelRunner:
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
         self.attn_backend = TorchNativeAttentionBackend()
+        self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
         self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device)
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device=self.device)
@@ -124,8 +126,11 @@ class ModelRunner:
         fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
                           extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
                           decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
-        with forward_context(fb):
-            hidden = self.model(batch.input_ids, batch.positions)
+        if self.fast_decode is not None and self.fast_decode.supports(fb):
+            hidden = self.fast_decode.forward(batch.input_ids, batch.positions, fb)
+        else:
+            with forward_context(fb):
+                hidden = self.model(batch.input_ids, batch.positions)
         outputs: list[RequestOutput] = []
         logits = None
         if batch.sample_request_ids:

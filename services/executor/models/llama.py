@@ -58,11 +58,6 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def process_weights_after_loading(self) -> None:
-        # Runs before the linears' own hook (modules() lists parents first), so packing sees the folded weights.
-        self.input_layernorm.fold_into(self.self_attn.qkv_proj)
-        self.post_attention_layernorm.fold_into(self.mlp.gate_up_proj)
-
     def forward(self, x, residual, cos, sin):
         if residual is None:
             residual = x

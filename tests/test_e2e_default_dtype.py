@@ -1,0 +1,49 @@
+"""End to end with the default settings (bf16 on CPU: the fused CPU decode kernels where the CPU has
+AVX512-BF16, the torch path elsewhere), through all five processes and the openai client."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import openai
+import pytest
+
+from tests.stack import start_stack, stop_stack
+from tests.test_e2e import MODEL, wait_idle_and_check_no_leak
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = start_stack("--max-total-tokens", "20000", log_path=str(tmp_path_factory.mktemp("bf16") / "serve.log"))
+    yield s
+    stop_stack(s)
+    assert s.proc.returncode == 0, s.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_default_dtype_is_bf16_and_answers_paris(stack, client):
+    assert "bfloat16" in stack.log_tail(400)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=30)
+    assert "Paris" in resp.choices[0].message.content
+
+
+def test_concurrent_streams_match_their_non_streamed_text(stack, client):
+    def both(i):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": f"List {i + 2} fruits."}],
+                      temperature=0, max_tokens=24)
+        full = client.chat.completions.create(**kwargs).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            **kwargs, stream=True) if c.choices)
+        return full, streamed
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(both, range(8)))
+    assert all(full and full == streamed for full, streamed in results), results
+    wait_idle_and_check_no_leak(stack)
