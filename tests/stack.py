@@ -64,6 +64,22 @@ def start_stack(*extra: str, log_path: str, timeout: float = 600) -> Stack:
     raise RuntimeError(f"stack not healthy after {timeout}s:\n{stack.log_tail()}")
 
 
+@contextlib.contextmanager
+def running_stack(log_dir, *flags: str):
+    """A started stack for a test module; on exit it must stop cleanly (exit code 0)."""
+    stack = start_stack(*flags, log_path=str(log_dir / "serve.log"))
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+    assert stack.proc.returncode == 0, stack.log_tail()
+
+
+def openai_client(stack: Stack):
+    import openai
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def stop_stack(stack: Stack) -> None:
     if stack.proc.poll() is None:
         stack.proc.send_signal(signal.SIGTERM)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import openai
 import pytest
 
-from tests.stack import start_stack, stop_stack
+from tests.stack import openai_client, running_stack
 from tests.test_e2e import MODEL, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
@@ -15,15 +14,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack("--max-total-tokens", "20000", log_path=str(tmp_path_factory.mktemp("bf16") / "serve.log"))
-    yield s
-    stop_stack(s)
-    assert s.proc.returncode == 0, s.log_tail()
+    with running_stack(tmp_path_factory.mktemp("bf16"), "--max-total-tokens", "20000") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def client(stack):
-    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(stack)
 
 
 def test_default_dtype_is_bf16_and_answers_paris(stack, client):
