@@ -1,0 +1,239 @@
+"""Paged decode attention (one query token per sequence) with GQA and split-KV, in Triton.
+
+Flash-decoding style, two stages:
+
+* Stage 1, grid (B, num_kv_heads, num_splits): one program takes every query head of one kv-head group
+  (GQA: G = num_heads // num_kv_heads rows, padded to BLOCK_H = max(16, next_pow2(G)) so that tl.dot can
+  be used) and one contiguous split of the sequence's positions. It walks the split in blocks of BLOCK_N
+  tokens, gathers the K/V rows through the slot table (page size 1: one slot per token) and keeps an
+  online softmax in float32. It writes an fp32 partial output [B, H, S, D] (already normalised by its own
+  softmax sum) and the log-sum-exp [B, H, S] of the scaled scores (-inf for a split with no token).
+* Stage 2, grid (B, num_heads): merges the splits with weights exp(lse_s - max_s lse_s). A sequence whose
+  splits are all empty (seq_len 0) gets zeros.
+
+The split length is ceil(max_len / num_splits), max_len being slot_table.shape[1], so short sequences in
+a batch simply have empty trailing splits. Padding entries of slot_table past seq_len are never loaded.
+
+decode_attention_ref is the torch reference (gather per sequence, fp32 softmax).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
+                  stride_ks, stride_kh, stride_vs, stride_vh,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over positions [n0, min(n0 + BLOCK_N, end)) (n0 < end)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = n0 + offs_n
+    n_mask = pos < end
+    slots = tl.load(slot_row + pos, mask=n_mask, other=0).to(tl.int64)
+    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale              # [BLOCK_H, BLOCK_N] fp32
+    qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    # The block holds at least one valid token, so m_new is finite (exp(-inf - m_new) = 0 on the first step).
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_stage1(
+    q_ptr, k_ptr, v_ptr, slot_ptr, lens_ptr, part_ptr, lse_ptr,
+    scale, split_len,
+    stride_qb, stride_qh,
+    stride_ks, stride_kh,
+    stride_vs, stride_vh,
+    stride_tb,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    s = tl.program_id(2)
+
+    seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    start = s * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kh * GROUP + offs_h
+
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+
+    slot_row = slot_ptr + b64 * stride_tb
+    # Empty split (start >= end): the loop does not run, l_i stays 0 and lse is written as -inf.
+    if USE_WHILE:
+        # The interpreter (triton 3.6 with numpy 2.x) cannot run `range` over runtime bounds; a while loop
+        # runs the same block step there.
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
+                                          stride_ks, stride_kh, stride_vs, stride_vh,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
+                                          stride_ks, stride_kh, stride_vs, stride_vh,
+                                          HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(part_ptr + b64 * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
+             out, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + s, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_stage2(
+    part_ptr, lse_ptr, o_ptr,
+    num_splits,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    valid = lse > float("-inf")
+    m = tl.max(lse, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.where(valid, tl.exp(lse - m), 0.0)
+    w_sum = tl.sum(w, 0)
+    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_num_splits(max_len: int) -> int:
+    """ceil(max_len / 256), at least 1, at most 16."""
+    return max(1, min(16, triton.cdiv(max(max_len, 1), 256)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
+    """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots slot_table[b, :seq_lens[b]].
+
+    q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D]; slot_table [B, max_len] int32/int64;
+    seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
+    """
+    assert q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
+    B, H, D = q.shape
+    H_kv = k_cache.shape[1]
+    assert k_cache.shape[2] == D and v_cache.shape == k_cache.shape, "K/V cache shapes must match q's head_dim"
+    assert H % H_kv == 0, "num_heads must be divisible by num_kv_heads"
+    assert D <= 256, "head_dim up to 256"
+    assert slot_table.dim() == 2 and slot_table.shape[0] == B and seq_lens.shape == (B,)
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    assert not slot_table.dtype.is_floating_point and not seq_lens.dtype.is_floating_point
+
+    # Innermost (head_dim) dimension must be unit-stride; other strides are passed through.
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if k_cache.stride(2) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(2) != 1:
+        v_cache = v_cache.contiguous()
+    if slot_table.stride(1) != 1:
+        slot_table = slot_table.contiguous()
+
+    max_len = slot_table.shape[1]
+    if num_splits is None:
+        num_splits = default_num_splits(max_len)
+    num_splits = max(1, int(num_splits))
+    split_len = max(1, triton.cdiv(max_len, num_splits))
+
+    group = H // H_kv
+    BLOCK_H = max(16, triton.next_power_of_2(group))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if block_n is None:
+        block_n = 32 if BLOCK_D >= 256 else 64
+    BLOCK_N = block_n
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    o = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return o
+    part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+
+    _decode_stage1[(B, H_kv, num_splits)](
+        q, k_cache, v_cache, slot_table, seq_lens, part, lse,
+        float(scale), split_len,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        slot_table.stride(0),
+        part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        PRECISION=precision, USE_WHILE=_interpreting(),
+        num_warps=4, num_stages=2,
+    )
+    _decode_stage2[(B, H)](
+        part, lse, o, num_splits,
+        part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1),
+        o.stride(0), o.stride(1),
+        HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    return o
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Torch reference: per sequence, gather its K/V slots and run an fp32 softmax attention."""
+    B, H, D = q.shape
+    H_kv = k_cache.shape[1]
+    group = H // H_kv
+    o = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        slots = slot_table[b, :n].long()
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)      # [n, H, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        p = torch.softmax(s, dim=-1)
+        o[b] = torch.einsum("hn,nhd->hd", p, v)
+    return o.to(q.dtype)

@@ -1,0 +1,101 @@
+"""Paged decode attention (kernels/decode_attention.py) against its torch reference.
+
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set before triton is
+imported) on small shapes. The KV pool's slots are shuffled, so each sequence's slots are non-contiguous;
+slot 0 is a poison slot full of NaN and every slot_table padding entry points at it, so any read past
+seq_len would show up as NaN in the output.
+
+Tolerances: float32 atol = rtol = 1e-4 (fp32 accumulation, only the summation order differs);
+float16 / bfloat16 atol = rtol = 2e-2 (bfloat16 only on CUDA: the interpreter's tl.dot mishandles
+bf16 operands; the softmax probabilities are rounded to the input dtype before the
+P.V product, and the output is rounded to the input dtype).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_splits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def make_case(lens, heads, kv_heads, head_dim, dtype, seed=0, extra_slots=7, pad=3, idx_dtype=torch.int32):
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    max_len = max(lens) + pad
+    num_slots = 1 + sum(lens) + extra_slots
+    k = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    v = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    k[0] = float("nan")
+    v[0] = float("nan")
+    perm = (torch.randperm(num_slots - 1, generator=g) + 1)       # shuffled, never slot 0
+    table = torch.zeros(B, max_len, dtype=torch.int64)             # padding -> poison slot 0
+    off = 0
+    for b, n in enumerate(lens):
+        table[b, :n] = perm[off:off + n]
+        off += n
+    q = torch.randn(B, heads, head_dim, generator=g)
+    to = dict(device=DEVICE)
+    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to),
+            table.to(dtype=idx_dtype, **to), torch.tensor(lens, dtype=torch.int32, **to), head_dim ** -0.5)
+
+
+def check(got, ref, dtype):
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert torch.isfinite(got.float()).all()
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (9, 3), (4, 4)])
+@pytest.mark.parametrize("lens", [[1], [17, 70], [1, 17, 70]])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp32(heads, kv_heads, lens, num_splits):
+    q, k, v, table, seq_lens, scale = make_case(lens, heads, kv_heads, 64, torch.float32, seed=len(lens) + heads)
+    got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=num_splits, block_n=16)
+    check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), torch.float32)
+
+
+def test_default_splits_and_int64_table():
+    # max_len 600 -> default 3 splits of 200; lengths 5 and 130 leave whole splits empty.
+    assert default_num_splits(600) == 3 and default_num_splits(1) == 1 and default_num_splits(10**6) == 16
+    q, k, v, table, seq_lens, scale = make_case([5, 130, 597], 4, 2, 64, torch.float32, seed=3,
+                                                pad=3, idx_dtype=torch.int64)
+    got = decode_attention(q, k, v, table, seq_lens, scale)
+    check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), torch.float32)
+
+
+def test_head_dim_not_power_of_two_and_zero_len():
+    # head_dim 80 (BLOCK_D 128, masked); a zero-length sequence gives zeros, not NaN.
+    q, k, v, table, seq_lens, scale = make_case([0, 9, 33], 6, 2, 80, torch.float32, seed=5)
+    got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=2, block_n=16)
+    ref = decode_attention_ref(q, k, v, table, seq_lens, scale)
+    check(got, ref, torch.float32)
+    assert (got[0] == 0).all()
+
+
+# The Triton 3.6 interpreter's tl.dot returns garbage for bfloat16 operands: bf16 is a CUDA case.
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+def test_half(dtype):
+    q, k, v, table, seq_lens, scale = make_case([1, 17, 70], 9, 3, 64, dtype, seed=11)
+    got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=3, block_n=16)
+    check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), dtype)
+
+
+@pytest.mark.cuda  # realistic size: selected on a GPU machine (`-m cuda`)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_cuda_realistic(head_dim):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 4097, (32,), generator=g).tolist()
+    lens[0], lens[1] = 1, 4096
+    q, k, v, table, seq_lens, scale = make_case(lens, 32, 8, head_dim, torch.bfloat16, seed=1, pad=0)
+    ref = decode_attention_ref(q, k, v, table, seq_lens, scale)
+    for ns in (None, 1, 16):
+        got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=ns)
+        check(got, ref, torch.bfloat16)
