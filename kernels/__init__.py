@@ -1,7 +1,8 @@
-"""Compute kernels, one file each, each checked against a torch reference.
+"""Compute kernels, one file each, each checked against a torch reference (docs/kernel_notes.md).
 
-cpu_decode: fused bf16 decode forward for x86 CPUs with AVX512-BF16 (C++, compiled at first use),
-used by services/executor/fast_decode.py. The CPU prefill path uses the torch-native attention in
-services/executor/attention; Triton kernels for the GPU (paged decode/extend attention, fused RMSNorm, rotary,
-SiLU-and-mul, KV store) land here with the GPU executor work.
+CPU: cpu_decode (fused bf16 decode forward for x86 CPUs with AVX512-BF16; C++, compiled at first
+use) used by services/executor/fast_decode.py.
+GPU (Triton; tested on CPU with TRITON_INTERPRET=1): rmsnorm (fused residual add + RMSNorm),
+rotary, silu_mul, kv_store, decode_attention (paged GQA split-KV). Wiring them into an executor
+attention backend, CUDA graphs and the prefill/extend kernel are the GPU executor work in progress.
 """
