@@ -50,3 +50,35 @@ def test_check_env_reports_versions():
     assert out.returncode == 0, out.stderr
     for key in ("Python", "torch", "transformers", "grpcio", "CUDA available", "Embedded model"):
         assert key in out.stdout
+
+
+def test_sigterm_stops_executor_and_scheduler_cleanly(tmp_path):
+    import json
+    import signal
+    import time
+
+    from tests.stack import free_ports
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "eos_token_id": 2, "dtype": "float32"}))
+    exe_port, sch_port = free_ports(2)
+    common = ["--model-path", str(tmp_path), "--load-format", "dummy", "--max-total-tokens", "256",
+              "--executor-addr", f"127.0.0.1:{exe_port}", "--scheduler-addr", f"127.0.0.1:{sch_port}"]
+    procs = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name, *common],
+                                    stderr=subprocess.PIPE, text=True) for name in ("executor", "scheduler")}
+    try:
+        for name, proc in procs.items():
+            deadline = time.time() + 120
+            for line in proc.stderr:
+                if f"{name} ready on" in line or time.time() > deadline:
+                    break
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            assert proc.wait(30) == 0, name
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()

@@ -11,6 +11,7 @@ import grpc
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_server, bind
+from services.common.lifecycle import run_until_signalled
 from services.common.log import setup_logging
 from services.common.step_order import StepOrder
 from services.executor.runner import ModelRunner, build_model_runner
@@ -123,15 +124,10 @@ async def serve(args: ServerArgs) -> None:
              info.kv_slots, info.context_length)
     server, _ = await start_server(runner, args.executor_addr, worker)
     log.info("executor ready on %s", args.executor_addr)
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(grace=1)
+    await run_until_signalled(server)
 
 
-def main(args: ServerArgs) -> None:
+def main(args: ServerArgs) -> int:
     setup_logging("executor", args.log_level)
-    try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(serve(args))
+    return 0

@@ -13,6 +13,7 @@ from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, schedu
 
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel, aio_server, bind
+from services.common.lifecycle import SHUTDOWN_GRACE_S, wait_until_signalled
 from services.common.log import setup_logging
 from services.scheduler.convert import event_to_proto, request_from_proto
 from services.scheduler.core import Scheduler
@@ -174,15 +175,12 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
 async def serve(args: ServerArgs) -> None:
     running = await start_scheduler(args)
     try:
-        await running.server.wait_for_termination()
+        await wait_until_signalled(running.server)
     finally:
-        await running.stop(grace=1.0)
+        await running.stop(grace=SHUTDOWN_GRACE_S)
 
 
 def main(args: ServerArgs) -> int:
     setup_logging("scheduler", args.log_level)
-    try:
-        asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(serve(args))
     return 0
