@@ -1,4 +1,4 @@
-"""The `radixserve` command: `serve` (all five services), one service alone, or `check-env`."""
+"""The `radixserve` command: `serve` (all five services), one service alone, `bench`, or `check-env`."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,9 @@ _DESCRIPTIONS = {
     "executor": "the model, its KV tensors and kernels",
     "detokenizer": "incremental token ids to text, stop strings",
     "check-env": "print versions and devices",
+    "bench": "benchmarks: one-batch (the executor in process) or serving (a running server)",
 }
+BENCHMARKS = {"one-batch": "services.bench.one_batch", "serving": "services.bench.serving"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name])
         add_server_args(p)
     sub.add_parser("check-env", help=_DESCRIPTIONS["check-env"])
+    bench = sub.add_parser("bench", help=_DESCRIPTIONS["bench"], description=_DESCRIPTIONS["bench"])
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its flags (see radixserve bench NAME --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        # The benchmark parses its own flags (including --help).
+        return importlib.import_module(BENCHMARKS[argv[1]]).main(argv[2:]) or 0
     ns = build_parser().parse_args(argv)
     if ns.command == "check-env":
         from services.common.check_env import print_env

@@ -41,9 +41,19 @@ class ServerArgs:
     max_running_requests: int | None = None
     max_total_tokens: int | None = None
     max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 8192  # -1: off
+    enable_mixed_chunk: bool = False
+    page_size: int = 1
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
+
+    # Kernels and graphs (executor)
+    attention_backend: str | None = None  # None: triton on CUDA, torch_native on CPU
+    cuda_graph_max_bs: int = 160
+    disable_cuda_graph: bool = False
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
 
     # Service addresses (host:port); each service listens on its own and dials the others.
     grpc_host: str = "127.0.0.1"
@@ -98,6 +108,14 @@ _HELP = {
     "max_running_requests": "most requests decoded together",
     "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
     "max_prefill_tokens": "most prompt tokens run in one prefill step",
+    "chunked_prefill_size": "longest prompt chunk run in one step (-1: prefill each prompt whole)",
+    "enable_mixed_chunk": "run a prefill chunk and the running requests' decode tokens in one step",
+    "page_size": "KV slots per page: allocation and prefix-cache reuse happen in whole pages",
+    "attention_backend": "triton | torch_native | flashinfer (default: triton on CUDA, torch_native on CPU)",
+    "cuda_graph_max_bs": "largest decode batch replayed from a captured CUDA graph",
+    "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
+    "enable_torch_compile": "compile the decode forward with torch.compile (inside the CUDA graphs)",
+    "torch_compile_max_bs": "largest decode batch run through the compiled forward",
     "schedule_policy": "fcfs (arrival order) | lpm (longest cached prefix first)",
     "disable_radix_cache": "do not reuse KV across requests",
     "disable_overlap_schedule": "plan each step only after the previous one returned",
@@ -114,6 +132,7 @@ _CHOICES = {
     "dtype": ["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"],
     "load_format": ["auto", "safetensors", "gguf", "dummy"],
     "schedule_policy": ["fcfs", "lpm"],
+    "attention_backend": ["triton", "torch_native", "flashinfer"],
     "log_level": ["debug", "info", "warning", "error", "critical"],
 }
 
