@@ -11,8 +11,11 @@ Flash-decoding style, two stages:
 * Stage 2, grid (B, num_heads): merges the splits with weights exp(lse_s - max_s lse_s). A sequence whose
   splits are all empty (seq_len 0) gets zeros.
 
-The split length is ceil(max_len / num_splits), max_len being slot_table.shape[1], so short sequences in
-a batch simply have empty trailing splits. Padding entries of slot_table past seq_len are never loaded.
+Each sequence is split on its own length: split_len = ceil(seq_len / num_splits) rounded up to a whole
+BLOCK_N, so a short sequence uses fewer splits, and nothing depends on the table's width. That keeps the
+launch shape a function of (B, num_splits) alone, which CUDA graphs need. Table entries past seq_len are
+never loaded. The table row of sequence b is rows[b] when rows is given (a persistent
+request-to-slot table, as the executor keeps), else b.
 
 decode_attention_ref is the torch reference (gather per sequence, fp32 softmax).
 """
@@ -51,8 +54,8 @@ def _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
 
 @triton.jit
 def _decode_stage1(
-    q_ptr, k_ptr, v_ptr, slot_ptr, lens_ptr, part_ptr, lse_ptr,
-    scale, split_len,
+    q_ptr, k_ptr, v_ptr, slot_ptr, rows_ptr, lens_ptr, part_ptr, lse_ptr,
+    scale, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
@@ -61,13 +64,14 @@ def _decode_stage1(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr,
+    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     s = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -85,7 +89,10 @@ def _decode_stage1(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
 
-    slot_row = slot_ptr + b64 * stride_tb
+    if HAS_ROWS:
+        slot_row = slot_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_tb
+    else:
+        slot_row = slot_ptr + b64 * stride_tb
     # Empty split (start >= end): the loop does not run, l_i stays 0 and lse is written as -inf.
     if USE_WHILE:
         # The interpreter (triton 3.6 with numpy 2.x) cannot run `range` over runtime bounds; a while loop
@@ -147,12 +154,19 @@ def default_num_splits(max_len: int) -> int:
     return max(1, min(16, triton.cdiv(max(max_len, 1), 256)))
 
 
+def num_splits_for_batch(batch: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Enough splits for about two programs per SM, from the batch shape alone (CUDA-graph safe)."""
+    want = triton.cdiv(2 * num_sms, max(1, batch * num_kv_heads))
+    return max(1, min(max_splits, triton.next_power_of_2(want)))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
-    """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots slot_table[b, :seq_lens[b]].
+                     block_n: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
+    r = rows[b] (or b without rows).
 
-    q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D]; slot_table [B, max_len] int32/int64;
+    q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D]; slot_table [R, max_len] int32/int64;
     seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
     """
     assert q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
@@ -161,7 +175,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert k_cache.shape[2] == D and v_cache.shape == k_cache.shape, "K/V cache shapes must match q's head_dim"
     assert H % H_kv == 0, "num_heads must be divisible by num_kv_heads"
     assert D <= 256, "head_dim up to 256"
-    assert slot_table.dim() == 2 and slot_table.shape[0] == B and seq_lens.shape == (B,)
+    assert slot_table.dim() == 2 and seq_lens.shape == (B,)
+    assert (slot_table.shape[0] == B) if rows is None else (rows.shape == (B,))
     assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
     assert not slot_table.dtype.is_floating_point and not seq_lens.dtype.is_floating_point
 
@@ -179,7 +194,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         num_splits = default_num_splits(max_len)
     num_splits = max(1, int(num_splits))
-    split_len = max(1, triton.cdiv(max_len, num_splits))
 
     group = H // H_kv
     BLOCK_H = max(16, triton.next_power_of_2(group))
@@ -196,8 +210,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
 
     _decode_stage1[(B, H_kv, num_splits)](
-        q, k_cache, v_cache, slot_table, seq_lens, part, lse,
-        float(scale), split_len,
+        q, k_cache, v_cache, slot_table, seq_lens if rows is None else rows, seq_lens, part, lse,
+        float(scale), num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
@@ -205,7 +219,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, USE_WHILE=_interpreting(),
+        PRECISION=precision, USE_WHILE=_interpreting(), HAS_ROWS=rows is not None,
         num_warps=4, num_stages=2,
     )
     _decode_stage2[(B, H)](
@@ -220,7 +234,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                         seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference: per sequence, gather its K/V slots and run an fp32 softmax attention."""
     B, H, D = q.shape
     H_kv = k_cache.shape[1]
@@ -230,7 +245,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         n = int(seq_lens[b])
         if n == 0:
             continue
-        slots = slot_table[b, :n].long()
+        row = b if rows is None else int(rows[b])
+        slots = slot_table[row, :n].long()
         k = k_cache[slots].float().repeat_interleave(group, dim=1)      # [n, H, D]
         v = v_cache[slots].float().repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale

@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_splits  # noqa: E402
+from kernels.decode_attention import (decode_attention, decode_attention_ref, default_num_splits,  # noqa: E402
+                                     num_splits_for_batch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -63,7 +64,8 @@ def test_fp32(heads, kv_heads, lens, num_splits):
 
 
 def test_default_splits_and_int64_table():
-    # max_len 600 -> default 3 splits of 200; lengths 5 and 130 leave whole splits empty.
+    # max_len 600 -> default 3 splits; each sequence splits its own length in whole 64-token blocks,
+    # so length 5 leaves two splits empty.
     assert default_num_splits(600) == 3 and default_num_splits(1) == 1 and default_num_splits(10**6) == 16
     q, k, v, table, seq_lens, scale = make_case([5, 130, 597], 4, 2, 64, torch.float32, seed=3,
                                                 pad=3, idx_dtype=torch.int64)
@@ -78,6 +80,24 @@ def test_head_dim_not_power_of_two_and_zero_len():
     ref = decode_attention_ref(q, k, v, table, seq_lens, scale)
     check(got, ref, torch.float32)
     assert (got[0] == 0).all()
+
+
+def test_rows_index_a_persistent_table():
+    # The executor keeps one request-to-slot table and passes each sequence's row.
+    q, k, v, table, seq_lens, scale = make_case([40, 3, 65], 4, 2, 32, torch.float32, seed=9)
+    wide = torch.zeros(6, table.shape[1], dtype=table.dtype, device=table.device)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=table.device)
+    wide[rows.long()] = table
+    got = decode_attention(q, k, v, wide, seq_lens, scale, num_splits=4, block_n=16, rows=rows)
+    check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), torch.float32)
+    check(got, decode_attention_ref(q, k, v, wide, seq_lens, scale, rows=rows), torch.float32)
+
+
+def test_num_splits_for_batch():
+    assert num_splits_for_batch(1, 8, 132) == 16
+    assert num_splits_for_batch(16, 8, 132) == 4
+    assert num_splits_for_batch(128, 8, 132) == 1
+    assert num_splits_for_batch(3, 8, 132, max_splits=8) == 8
 
 
 # The Triton 3.6 interpreter's tl.dot returns garbage for bfloat16 operands: bf16 is a CUDA case.

@@ -1,13 +1,18 @@
-"""Our Llama/Qwen2 against transformers' forward and greedy generate, on tiny random models in fp32.
+"""Our Llama/Qwen2 against transformers' forward and greedy generate, on tiny random models in fp32,
+with each attention backend: torch_native, and triton (the GPU backend: slot table, paged extend
+and split-KV decode kernels; on a machine without CUDA under TRITON_INTERPRET=1).
 
-Tolerance: logits agree to atol 1e-4 (fp32; the differences come from op order, e.g. the RMSNorm
-weight folded into the following linear).
+Tolerance: logits agree to atol 1e-4 (fp32; the differences come from op order).
 """
+import os
 import random
 
 import pytest
 import torch
 import transformers
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from services.executor.runner import ModelRunner
 from services.executor.step_io import ContinuingRequest, NewRequest, StepInput
@@ -46,11 +51,13 @@ def build_hf_model(name: str, folder) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[(c, b) for c in CONFIGS for b in ("torch_native", "triton")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def models(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_model(request.param, folder)
-    runner = ModelRunner(folder, dtype="float32", device="cpu", max_total_tokens=1024)
+    config, backend = request.param
+    folder = tmp_path_factory.mktemp(config)
+    hf = build_hf_model(config, folder)
+    runner = ModelRunner(folder, dtype="float32", device="cpu", max_total_tokens=1024, attention_backend=backend)
     return hf, runner
 
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.executor.attention.metadata import ExtendSeq
+from services.executor.attention.metadata import ExtendSeq, TableMeta
 from services.executor.request_state import RequestState
+from services.executor.slot_table import SlotTable
 from services.executor.step_io import StepError, StepInput
 
 
@@ -34,12 +35,34 @@ class BuiltBatch:
     sample_token_index: torch.Tensor  # flattened-batch index of each sampling request's last token
     sample_request_ids: list[str]
     sample_states: list[RequestState]
+    table_meta: TableMeta | None = None
+
+
+class _Packer:
+    """Collects the step's int lists and moves them to the device in one copy."""
+
+    def __init__(self):
+        self.values: list[int] = []
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, values: list[int]) -> int:
+        self.spans.append((len(self.values), len(values)))
+        self.values += values
+        return len(self.spans) - 1
+
+    def ship(self, device: torch.device) -> list[torch.Tensor]:
+        packed = torch.tensor(self.values, dtype=torch.int64)
+        if device.type != "cpu":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        return [packed[start:start + n] for start, n in self.spans]
 
 
 class BatchBuilder:
-    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, device: torch.device):
+    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, device: torch.device,
+                 slot_table: SlotTable | None = None):
         self.kv_slots, self.vocab_size, self.context_length = kv_slots, vocab_size, context_length
         self.device = device
+        self.slot_table = slot_table
 
     def _check_ids_and_slots(self, rid: str, input_ids, slots, what: str) -> None:
         if slots and (min(slots) < 1 or max(slots) >= self.kv_slots):
@@ -52,6 +75,10 @@ class BatchBuilder:
             raise StepError(f"request {rid}: {length} tokens exceed the context length {self.context_length}")
 
     def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
+        if self.slot_table is not None and len(step.new_requests) > self.slot_table.free_rows:
+            raise StepError(f"{len(step.new_requests)} new requests but only {self.slot_table.free_rows} free rows "
+                            "in the executor's slot table; raise --max-running-requests on the executor "
+                            "or lower it on the scheduler")
         seen: set[str] = set()
         for req in step.new_requests:
             rid = req.request_id
@@ -85,9 +112,13 @@ class BatchBuilder:
         """Validate, register new requests, append slots and lay the tokens out (extends first)."""
         self.validate(step, states)
         seqs: list[_Seq] = []
+        table_writes: tuple[list[int], list[int], list[int]] = ([], [], [])
         for req in step.new_requests:
             state = RequestState.create(list(req.prefix_slots), req.sampling, self.device)
             states[req.request_id] = state
+            if self.slot_table is not None:
+                state.table_row = self.slot_table.assign()
+                self._table_write(table_writes, state.table_row, 0, list(req.prefix_slots))
             seqs.append(_Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample))
         for req in step.continuing_requests:
             tokens = list(req.input_ids) if req.input_ids else None
@@ -108,6 +139,8 @@ class BatchBuilder:
             input_ids += seq.tokens if seq.tokens is not None else [state.last_token]
             positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
+            if self.slot_table is not None:
+                self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
             all_slots = state.append_slots(seq.new_slots)
             if n > 1:
                 extend_seqs.append(ExtendSeq(start, n, prefix, all_slots))
@@ -116,15 +149,39 @@ class BatchBuilder:
             last_index[id(seq)] = start + n - 1
 
         sampling = [s for s in seqs if s.sample]
-        as_long = dict(dtype=torch.int64, device=self.device)
+        packer = _Packer()
+        fields = [packer.add(v) for v in (input_ids, positions, out_slots, [last_index[id(s)] for s in sampling])]
+        if self.slot_table is not None:
+            ordered = extends + decodes
+            fields += [packer.add(v) for v in (
+                [s.state.table_row for s in ordered], [s.state.length for s in ordered],
+                [e.prefix_len for e in extend_seqs], [e.start for e in extend_seqs],
+                [e.num_tokens for e in extend_seqs], *table_writes)]
+        shipped = packer.ship(self.device)
+        ids_t, pos_t, out_t, sample_t = shipped[:4]
+        table_meta = None
+        if self.slot_table is not None:
+            rows_t, lens_t, prefix_t, starts_t, qlens_t, w_rows, w_cols, w_vals = shipped[4:]
+            self.slot_table.write(w_rows, w_cols, w_vals)
+            table_meta = TableMeta(self.slot_table.tensor, rows_t, lens_t, prefix_t, starts_t, qlens_t,
+                                   max((e.num_tokens for e in extend_seqs), default=0))
         return BuiltBatch(
-            input_ids=torch.tensor(input_ids, **as_long),
-            positions=torch.tensor(positions, **as_long),
-            out_slots=torch.tensor(out_slots, **as_long),
+            input_ids=ids_t,
+            positions=pos_t,
+            out_slots=out_t,
             extend_seqs=extend_seqs,
             num_extend_tokens=sum(len(s.new_slots) for s in extends),
             decode_slots=decode_slots,
-            sample_token_index=torch.tensor([last_index[id(s)] for s in sampling], **as_long),
+            sample_token_index=sample_t,
             sample_request_ids=[s.request_id for s in sampling],
             sample_states=[s.state for s in sampling],
+            table_meta=table_meta,
         )
+
+    @staticmethod
+    def _table_write(writes: tuple[list[int], list[int], list[int]], row: int, first_col: int,
+                     slots: list[int]) -> None:
+        rows, cols, values = writes
+        rows += [row] * len(slots)
+        cols += range(first_col, first_col + len(slots))
+        values += slots

@@ -50,9 +50,11 @@ def compute_kv_slots(bytes_per_token: int, device: torch.device, max_total_token
     if max_total_tokens:
         return max_total_tokens + 1
     if device.type == "cuda":
+        # As SGLang: the fraction of the whole device for weights + KV pool; what is in use now (the
+        # weights, other processes) comes off it, the rest of the device is left for activations and graphs.
         fraction = mem_fraction_static or CUDA_DEFAULT_MEM_FRACTION
-        total = torch.cuda.get_device_properties(device).total_memory
-        budget = total * fraction - torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1 - fraction)
         tokens = int(budget // bytes_per_token)
     else:
         fraction = mem_fraction_static or CPU_DEFAULT_MEM_FRACTION

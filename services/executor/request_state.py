@@ -10,16 +10,19 @@ from services.executor.step_io import SamplingParams
 
 @dataclass
 class RequestState:
-    slots: torch.Tensor  # int64 buffer; slots[:length] are the request's KV slots in position order
+    # Host int64 buffer; slots[:length] are the request's KV slots in position order. Kept on the
+    # host: per-token device writes would cost a launch each. GPU backends read a device copy (SlotTable).
+    slots: torch.Tensor
     length: int
     sampling: SamplingParams
     generator: torch.Generator | None
     last_token: int | None = None
+    table_row: int = -1  # this request's row of the executor's SlotTable (GPU backends), -1: none
 
     @classmethod
     def create(cls, prefix_slots: list[int], sampling: SamplingParams, device: torch.device) -> "RequestState":
         capacity = max(64, 2 * len(prefix_slots))
-        slots = torch.zeros(capacity, dtype=torch.int64, device=device)
+        slots = torch.zeros(capacity, dtype=torch.int64)
         if prefix_slots:
             slots[:len(prefix_slots)] = torch.tensor(prefix_slots, dtype=torch.int64)
         generator = torch.Generator(device=device) if sampling.seed is not None else None
@@ -39,7 +42,7 @@ class RequestState:
         """Add slots after the current ones; returns the full slot list as a view."""
         end = self.length + len(new_slots)
         if end > self.slots.numel():
-            grown = torch.zeros(max(end, 2 * self.slots.numel()), dtype=torch.int64, device=self.slots.device)
+            grown = torch.zeros(max(end, 2 * self.slots.numel()), dtype=torch.int64)
             grown[:self.length] = self.slots[:self.length]
             self.slots = grown
         if len(new_slots) == 1:

@@ -12,7 +12,7 @@ import torch
 
 from services.common.args import ServerArgs
 from services.executor.attention.metadata import ForwardBatch, forward_context
-from services.executor.attention.torch_native import TorchNativeAttentionBackend
+from services.executor.attention.registry import create_attention_backend
 from services.executor.batch_builder import BatchBuilder
 from services.executor.fast_decode import FastDecode
 from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
@@ -20,10 +20,13 @@ from services.executor.model_config import ModelConfig, dtype_name, resolve_devi
 from services.executor.models.registry import get_model_class
 from services.executor.request_state import RequestState
 from services.executor.sampling import sample
+from services.executor.slot_table import SlotTable
 from services.executor.step_io import RequestOutput, StepInput, StepOutput
 from services.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
+
+DEFAULT_SLOT_TABLE_ROWS = 256  # the scheduler's default cap on running requests
 
 
 @dataclass
@@ -53,7 +56,8 @@ class ModelRunner:
     def __init__(self, model_path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", context_length: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
-                 random_seed: int | None = None):
+                 random_seed: int | None = None, attention_backend: str | None = None,
+                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0):
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
@@ -69,9 +73,20 @@ class ModelRunner:
         self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device)
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
-        self.attn_backend = TorchNativeAttentionBackend()
+        self.attn_backend = create_attention_backend(attention_backend, self.device, num_kv_heads)
+        self.slot_table = None
+        if getattr(self.attn_backend, "needs_slot_table", False):
+            rows = max_running_requests or DEFAULT_SLOT_TABLE_ROWS
+            self.slot_table = SlotTable(rows, cfg.context_length, self.device)
         self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
-        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device)
+        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device,
+                                          self.slot_table)
+        self.cuda_graphs = None
+        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
+            from services.executor.cuda_graph_runner import CudaGraphRunner
+            max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
+            self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
+                                               max_bs, self.device)
         self.states: dict[str, RequestState] = {}
         self.generator = torch.Generator(device=self.device)
         if random_seed is not None:
@@ -85,7 +100,9 @@ class ModelRunner:
         return cls(resolve_model_path(args.model_path), dtype=args.dtype, device=args.device,
                    load_format=args.load_format, context_length=args.context_length,
                    max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
-                   random_seed=args.random_seed)
+                   random_seed=args.random_seed, attention_backend=args.attention_backend,
+                   max_running_requests=args.max_running_requests,
+                   cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         cfg = self.config
@@ -112,21 +129,32 @@ class ModelRunner:
     def reset(self) -> int:
         dropped = len(self.states)
         self.states.clear()
+        if self.slot_table is not None:
+            self.slot_table.reset()
         return dropped
+
+    def _drop(self, request_id: str) -> None:
+        state = self.states.pop(request_id, None)
+        if state is not None and self.slot_table is not None:
+            self.slot_table.release(state.table_row)
 
     @torch.inference_mode()
     def step(self, step: StepInput) -> StepOutput:
         """Drop finished requests, run the step's tokens, sample. Raises StepError on invalid input."""
         for rid in step.finished_request_ids:
-            self.states.pop(rid, None)
+            self._drop(rid)
         if not step.new_requests and not step.continuing_requests:
             return StepOutput(step.step_id, [], 0.0)
         t0 = time.perf_counter()
         batch = self.batch_builder.build(step, self.states)
         fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
                           extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
-                          decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend)
-        if self.fast_decode is not None and self.fast_decode.supports(fb):
+                          decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
+                          table_meta=batch.table_meta)
+        all_logits = hidden = None
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(fb):
+            all_logits = self.cuda_graphs.replay(fb, batch.input_ids, batch.positions)
+        elif self.fast_decode is not None and self.fast_decode.supports(fb):
             hidden = self.fast_decode.forward(batch.input_ids, batch.positions, fb)
         else:
             with forward_context(fb):
@@ -134,7 +162,10 @@ class ModelRunner:
         outputs: list[RequestOutput] = []
         logits = None
         if batch.sample_request_ids:
-            logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
+            if all_logits is not None:
+                logits = all_logits.index_select(0, batch.sample_token_index)
+            else:
+                logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
             states = batch.sample_states
             result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)
             for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):

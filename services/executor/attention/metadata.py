@@ -29,6 +29,34 @@ class ExtendSeq:
 
 
 @dataclass
+class TableMeta:
+    """The step as GPU backends read it: sequences index rows of the executor's SlotTable.
+
+    Sequence order is the token order: extend sequences first, then decode sequences. All device
+    int64 tensors; max_extend_len is a host int (it sizes a kernel grid).
+    """
+    table: torch.Tensor  # [rows, width] slot ids (SlotTable.tensor)
+    seq_rows: torch.Tensor  # [num_seqs] table row of each sequence
+    seq_lens: torch.Tensor  # [num_seqs] tokens with KV after this step (prefix + new)
+    extend_prefix_lens: torch.Tensor  # [num_extends]
+    extend_q_starts: torch.Tensor  # [num_extends] first token of each extend sequence in the batch
+    extend_q_lens: torch.Tensor  # [num_extends]
+    max_extend_len: int
+
+    @property
+    def num_extends(self) -> int:
+        return self.extend_q_lens.shape[0]
+
+    @property
+    def decode_rows(self) -> torch.Tensor:
+        return self.seq_rows[self.num_extends:]
+
+    @property
+    def decode_lens(self) -> torch.Tensor:
+        return self.seq_lens[self.num_extends:]
+
+
+@dataclass
 class ForwardBatch:
     num_tokens: int
     out_slots: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
@@ -37,11 +65,12 @@ class ForwardBatch:
     decode_slots: list[torch.Tensor]  # per decode sequence, its full slot list (including the new slot)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
+    table_meta: TableMeta | None = None  # set when the executor keeps a SlotTable (GPU backends)
     attn_metadata: Any = field(default=None)  # whatever the backend prepared for this step
 
     @property
     def num_decode(self) -> int:
-        return len(self.decode_slots)
+        return self.num_tokens - self.num_extend_tokens
 
 
 _current: ForwardBatch | None = None

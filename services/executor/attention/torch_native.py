@@ -21,6 +21,7 @@ from services.executor.attention.metadata import ForwardBatch
 @dataclass
 class _StepMetadata:
     extend_masks: list[torch.Tensor | None]  # None: no prefix, plain causal attention on the new K/V
+    extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
     decode_table: torch.Tensor | None  # [B * max_len] slot ids, padded with slot 0
     decode_max_len: int
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, None when no padding
@@ -31,19 +32,21 @@ class _StepMetadata:
 class TorchNativeAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.out_slots.device
-        masks = []
+        masks, slots = [], []
         for seq in batch.extend_seqs:
             if seq.prefix_len == 0:
                 masks.append(None)
+                slots.append(None)
             else:
                 ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
                 masks.append(ones.tril_(seq.prefix_len))
+                slots.append(seq.slots.to(device))
         table = mask = k_buf = v_buf = None
         max_len = 0
         if batch.decode_slots:
             lens = [len(s) for s in batch.decode_slots]
             max_len = max(lens)
-            table = pad_sequence(batch.decode_slots, batch_first=True, padding_value=0).reshape(-1)
+            table = pad_sequence(batch.decode_slots, batch_first=True, padding_value=0).reshape(-1).to(device)
             if min(lens) != max_len:
                 lens_t = torch.tensor(lens, device=device)
                 mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, max_len)
@@ -51,7 +54,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
             shape = (table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
-        batch.attn_metadata = _StepMetadata(masks, table, max_len, mask, k_buf, v_buf)
+        batch.attn_metadata = _StepMetadata(masks, slots, table, max_len, mask, k_buf, v_buf)
 
     def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
         meta: _StepMetadata = batch.attn_metadata
@@ -65,14 +68,14 @@ class TorchNativeAttentionBackend(AttentionBackend):
         if n_ext == 0:
             return self._decode(q, k_cache, v_cache, layer, meta)
         out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
-        for seq, mask in zip(batch.extend_seqs, meta.extend_masks):
+        for seq, mask, slots in zip(batch.extend_seqs, meta.extend_masks, meta.extend_slots):
             end = seq.start + seq.num_tokens
             # 4-D [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
             qs = q[seq.start:end].transpose(0, 1).unsqueeze(0)
             if mask is None:
                 ks, vs = k[seq.start:end], v[seq.start:end]
             else:
-                ks, vs = k_cache.index_select(0, seq.slots), v_cache.index_select(0, seq.slots)
+                ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
             o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
                                                attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
                                                enable_gqa=True)

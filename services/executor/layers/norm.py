@@ -3,6 +3,7 @@
 Numerics follow HF transformers: normalize in float32, round to the activation dtype, then scale
 by the weight in that dtype. In bf16 the shortcuts (scaling by a bf16 1/rms, or folding the weight
 into the next linear) change greedy answers of small models, so none are taken.
+On CUDA the Triton kernel (kernels/rmsnorm.py, same numerics) does the add and the norm in one pass.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if x.is_cuda:
+            from kernels import rmsnorm
+            if residual is None:
+                return rmsnorm.rmsnorm(x, self.weight, self.eps)
+            return rmsnorm.fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._normalize(x)
         residual = x.add_(residual)

@@ -50,6 +50,12 @@ class RotaryEmbedding(nn.Module):
         # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
         self.register_buffer("sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False)
 
+    def prepare(self, positions: torch.Tensor) -> "RopeStep":
+        """What every layer of one step uses to rotate its q and k (built once per step)."""
+        if positions.is_cuda:
+            return _TritonRope(self.cos_table, self.sin_table, positions)
+        return _TorchRope(*self.cos_sin(positions))
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tables [T, 1, head_dim] for the step (computed once, used by every layer)."""
         return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
@@ -59,3 +65,27 @@ class RotaryEmbedding(nn.Module):
         """x [T, heads, head_dim] rotated; returns a new contiguous tensor."""
         half = x.shape[-1] // 2
         return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), sin)
+
+
+class RopeStep:
+    def rotate(self, qk: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+        """qk [T, q_heads + k_heads, head_dim] (q heads first) rotated; may be in place."""
+        raise NotImplementedError
+
+
+class _TorchRope(RopeStep):
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+    def rotate(self, qk, num_q_heads):
+        return RotaryEmbedding.apply(qk, self.cos, self.sin)
+
+
+class _TritonRope(RopeStep):
+    def __init__(self, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
+        self.cos_table, self.sin_table, self.positions = cos_table, sin_table, positions
+
+    def rotate(self, qk, num_q_heads):
+        from kernels.rotary import apply_rotary
+        apply_rotary(qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions)
+        return qk

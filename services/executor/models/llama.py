@@ -12,7 +12,7 @@ from services.executor.layers.embedding import ParallelLMHead, VocabParallelEmbe
 from services.executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                              default_weight_loader)
 from services.executor.layers.norm import RMSNorm
-from services.executor.layers.rotary import RotaryEmbedding, rope_settings
+from services.executor.layers.rotary import RopeStep, RotaryEmbedding, rope_settings
 from services.executor.model_config import ModelConfig
 
 
@@ -39,11 +39,11 @@ class LlamaAttention(nn.Module):
         self.qk_width = (self.num_heads + self.num_kv_heads) * d
         self.head_dim = d
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeStep) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t = qkv.shape[0]
         # q and k are rotated together: one set of rotary ops per layer instead of two.
-        qk = RotaryEmbedding.apply(qkv[:, :self.qk_width].view(t, -1, self.head_dim), cos, sin)
+        qk = rope.rotate(qkv[:, :self.qk_width].view(t, -1, self.head_dim), self.num_heads)
         v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, self.head_dim)
         o = self.attn(qk[:, :self.num_heads], qk[:, self.num_heads:], v)
         return self.o_proj(o)
@@ -58,13 +58,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
-    def forward(self, x, residual, cos, sin):
+    def forward(self, x, residual, rope: RopeStep):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
+        x = self.self_attn(x, rope)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -106,11 +106,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] of a flattened token batch (after the final norm)."""
-        cos, sin = self.rotary_emb.cos_sin(positions)
+        rope = self.rotary_emb.prepare(positions)
         x = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:
-            x, residual = layer(x, residual, cos, sin)
+            x, residual = layer(x, residual, rope)
         x, _ = self.model.norm(x, residual)
         return x
 

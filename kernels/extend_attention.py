@@ -1,0 +1,165 @@
+"""Paged prefill/extend attention (causal) over a cached prefix, with GQA, in Triton.
+
+Each extend sequence s runs q_lens[s] new tokens at positions prefix_lens[s] .. prefix_lens[s] +
+q_lens[s] - 1; its keys and values (the cached prefix and the new tokens, whose K/V the caller
+stored first) are read through the slot table: position p of sequence s lives at slot
+table[rows[s], p]. Query token i of s sits at row q_starts[s] + i of q and of the output.
+
+Grid (num_seqs, ceil(max_q_len / BLOCK_M), num_heads): one program takes BLOCK_M queries of one
+sequence and one head and walks the keys in BLOCK_N blocks up to its last query's position, with an
+online softmax in float32 (flash-attention forward). Blocks past a sequence's q_len do nothing, so
+one launch covers sequences of any mix of lengths.
+
+extend_attention_ref is the torch reference (per sequence, fp32, explicit causal mask).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc, scale,
+                  stride_ks, stride_kh, stride_vs, stride_vh,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = n0 + offs_n
+    n_mask = pos < kv_end
+    slots = tl.load(slot_row + pos, mask=n_mask, other=0).to(tl.int64)
+    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [BLOCK_M, BLOCK_N]
+    visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+    qk = tl.where(visible, qk, float("-inf"))
+    # Every query row sees position 0 in the first block, so m_new is finite from the first block on.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, rows_ptr, prefix_ptr, qstart_ptr, qlen_ptr,
+    scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr,
+):
+    s = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    h = tl.program_id(2)
+    q_len = tl.load(qlen_ptr + s).to(tl.int32)
+    if m0 < q_len:
+        prefix = tl.load(prefix_ptr + s).to(tl.int32)
+        q_start = tl.load(qstart_ptr + s).to(tl.int64)
+        row = tl.load(rows_ptr + s).to(tl.int64)
+        kh = h // GROUP
+
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < HEAD_DIM
+        tokens = q_start + offs_m.to(tl.int64)
+        q = tl.load(q_ptr + tokens[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = prefix + offs_m
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        slot_row = table_ptr + row * stride_tr
+        kv_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
+        if USE_WHILE:  # the interpreter cannot run `range` over runtime bounds (see decode_attention.py)
+            n0 = 0
+            while n0 < kv_end:
+                m_i, l_i, acc = _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
+                                              scale, stride_ks, stride_kh, stride_vs, stride_vh,
+                                              HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+                n0 += BLOCK_N
+        else:
+            for n0 in range(0, kv_end, BLOCK_N):
+                m_i, l_i, acc = _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
+                                              scale, stride_ks, stride_kh, stride_vs, stride_vh,
+                                              HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                     rows: torch.Tensor, prefix_lens: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                     max_q_len: int, scale: float, out: torch.Tensor | None = None,
+                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Causal attention of each extend sequence's new tokens over its prefix and themselves.
+
+    q [T, H, D] (rows q_starts[s] .. q_starts[s] + q_lens[s] - 1 are sequence s); k_cache / v_cache
+    [num_slots, H_kv, D] already holding the new tokens' K/V; table [R, width] slot ids; rows,
+    prefix_lens, q_starts, q_lens [S] ints; max_q_len = max(q_lens) (host int: it sizes the grid).
+    Returns out [T, H, D] (rows of no sequence are left untouched).
+    """
+    T, H, D = q.shape
+    H_kv = k_cache.shape[1]
+    S = rows.shape[0]
+    assert H % H_kv == 0 and k_cache.shape[2] == D and v_cache.shape == k_cache.shape
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    assert prefix_lens.shape == q_starts.shape == q_lens.shape == (S,)
+    assert D <= 256, "head_dim up to 256"
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and table.stride(1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    if S == 0 or max_q_len == 0:
+        return out
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if block_m is None:
+        block_m = 64 if BLOCK_D <= 128 else 32
+    if block_n is None:
+        block_n = 64 if BLOCK_D <= 128 else 32
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (S, triton.cdiv(max_q_len, block_m), H)
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, table, rows, prefix_lens, q_starts, q_lens,
+        float(scale),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), table.stride(0),
+        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        PRECISION=precision, USE_WHILE=_interpreting(),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def extend_attention_ref(q, k_cache, v_cache, table, rows, prefix_lens, q_starts, q_lens, max_q_len=None,
+                         scale=1.0) -> torch.Tensor:
+    """Torch reference: per sequence, gather prefix + new K/V, fp32 causal softmax."""
+    T, H, D = q.shape
+    group = H // k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for s in range(rows.shape[0]):
+        prefix, start, n = int(prefix_lens[s]), int(q_starts[s]), int(q_lens[s])
+        if n == 0:
+            continue
+        slots = table[int(rows[s]), :prefix + n].long()
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)          # [L, H, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        qs = q[start:start + n].float()                                      # [n, H, D]
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        q_pos = prefix + torch.arange(n)[:, None]
+        k_pos = torch.arange(prefix + n)[None, :]
+        scores = scores.masked_fill((k_pos > q_pos)[None], float("-inf"))
+        out[start:start + n] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, -1), v).to(q.dtype)
+    return out

@@ -1,0 +1,171 @@
+"""`radixserve bench one-batch`: one static batch through the executor, like sglang.bench_one_batch.
+
+For each (batch size, input length): one prefill step of batch_size prompts of input_len random
+token ids, then output_len - 1 decode steps; prints prefill latency and throughput, median decode
+step latency and throughput, and the totals, as text and as one JSON line per run. No server needed:
+the ModelRunner is driven in process, with every server flag available (--attention-backend,
+--disable-cuda-graph, ...). With --executor-addr the same steps go over gRPC to a running executor
+instead (--over-grpc), and the JSON also gives the executor's own step time, so the gRPC hop is
+measured directly.
+
+  radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
+      --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.common.args import add_server_args, args_from_namespace
+from services.executor.step_io import ContinuingRequest, NewRequest, StepInput, StepOutput
+
+
+@dataclass
+class StepTiming:
+    wall_s: float
+    executor_ms: float  # the executor's own measurement (forward + sampling)
+
+
+class InProcessTarget:
+    """Runs steps on a ModelRunner in this process."""
+
+    def __init__(self, args):
+        from services.executor.runner import build_model_runner
+        self.runner = build_model_runner(args)
+        info = self.runner.model_info()
+        self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
+
+    def step(self, step: StepInput) -> tuple[StepOutput, StepTiming]:
+        t0 = time.perf_counter()
+        out = self.runner.step(step)
+        return out, StepTiming(time.perf_counter() - t0, out.forward_ms)
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+
+class GrpcTarget:
+    """Sends the same steps to a running executor service."""
+
+    def __init__(self, addr: str):
+        import grpc
+
+        from radixserve.v1 import executor_pb2, executor_pb2_grpc
+        self.pb = executor_pb2
+        self.stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(addr))
+        info = self.stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=600)
+        self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
+        self.step_id = 0
+
+    def step(self, step: StepInput) -> tuple[StepOutput, StepTiming]:
+        self.step_id += 1
+        msg = self.pb.ExecutorStepRequest(step_id=self.step_id, finished_request_ids=step.finished_request_ids)
+        for r in step.new_requests:
+            msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
+                                 new_slots=r.new_slots, sample=r.sample)
+        for r in step.continuing_requests:
+            msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
+                                        sample=r.sample)
+        t0 = time.perf_counter()
+        resp = self.stub.Step(msg, timeout=600)
+        wall = time.perf_counter() - t0
+        return StepOutput(resp.step_id, [], resp.forward_ms), StepTiming(wall, resp.forward_ms)
+
+    def reset(self) -> None:
+        self.stub.Reset(self.pb.ExecutorResetRequest(), timeout=600)
+        self.step_id = 0
+
+
+def run_once(target, batch_size: int, input_len: int, output_len: int, seed: int) -> dict:
+    span = input_len + output_len
+    if batch_size * span + 1 > target.kv_slots:
+        raise SystemExit(f"batch {batch_size} x {span} tokens needs {batch_size * span} KV slots; "
+                         f"the pool has {target.kv_slots - 1} (raise --max-total-tokens or --mem-fraction-static)")
+    target.reset()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, target.vocab_size, (batch_size, input_len), generator=g).tolist()
+    first_slot = [1 + b * span for b in range(batch_size)]
+    new = [NewRequest(f"r{b}", ids[b], list(range(first_slot[b], first_slot[b] + input_len)))
+           for b in range(batch_size)]
+    _, prefill = target.step(StepInput(1, new_requests=new))
+    decodes: list[StepTiming] = []
+    for i in range(output_len - 1):
+        cont = [ContinuingRequest(f"r{b}", [first_slot[b] + input_len + i]) for b in range(batch_size)]
+        decodes.append(target.step(StepInput(2 + i, continuing_requests=cont))[1])
+    target.step(StepInput(output_len + 1, finished_request_ids=[f"r{b}" for b in range(batch_size)]))
+    return summarize(batch_size, input_len, output_len, prefill, decodes)
+
+
+def summarize(batch_size: int, input_len: int, output_len: int, prefill: StepTiming,
+              decodes: list[StepTiming]) -> dict:
+    result = {
+        "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
+        "prefill_latency": prefill.wall_s,
+        "prefill_throughput": batch_size * input_len / prefill.wall_s,
+    }
+    total = prefill.wall_s + sum(d.wall_s for d in decodes)
+    if decodes:
+        median = statistics.median(d.wall_s for d in decodes)
+        result.update({
+            "median_decode_latency": median,
+            "median_decode_throughput": batch_size / median,
+            "median_decode_executor_ms": statistics.median(d.executor_ms for d in decodes),
+        })
+    result.update({"overall_latency": total, "overall_throughput": batch_size * (input_len + output_len) / total})
+    return result
+
+
+def print_result(r: dict) -> None:
+    print(f"Prefill. latency: {r['prefill_latency']:.5f} s, throughput: {r['prefill_throughput']:9.2f} token/s")
+    if "median_decode_latency" in r:
+        print(f"Decode.  median latency: {r['median_decode_latency']:.5f} s, "
+              f"median throughput: {r['median_decode_throughput']:9.2f} token/s "
+              f"(executor's own step: {r['median_decode_executor_ms']:.3f} ms)")
+    print(f"Total. latency: {r['overall_latency']:.3f} s, throughput: {r['overall_throughput']:9.2f} token/s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radixserve bench one-batch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_args(p)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, nargs="+", default=[1024])
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--run-name", default="default")
+    p.add_argument("--result-filename", default=None, help="append one JSON line per run here")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (kernel compilation)")
+    p.add_argument("--over-grpc", action="store_true",
+                   help="drive the running executor at --executor-addr over gRPC instead of one in process")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.output_len < 1:
+        raise SystemExit("--output-len must be at least 1")
+    target = GrpcTarget(ns.executor_addr) if ns.over_grpc else InProcessTarget(args_from_namespace(ns, "executor"))
+    if not ns.no_warmup:
+        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), ns.seed)
+    for bs in ns.batch_size:
+        for input_len in ns.input_len:
+            r = run_once(target, bs, input_len, ns.output_len, ns.seed)
+            r.update({"run_name": ns.run_name, "device": target.device,
+                      "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process"})
+            print_result(r)
+            line = json.dumps(r)
+            print(line, flush=True)
+            if ns.result_filename:
+                with open(ns.result_filename, "a") as f:
+                    f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

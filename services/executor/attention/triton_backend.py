@@ -1,0 +1,61 @@
+"""Attention with the Triton kernels of kernels/ (CUDA): KV store, paged extend, paged split-KV decode.
+
+Reads the step from batch.table_meta (the executor's SlotTable rows and lengths), never from
+host-side slot lists, and launches a fixed set of kernels whose shapes depend only on the token
+count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.decode_attention import decode_attention, num_splits_for_batch
+from kernels.extend_attention import extend_attention
+from kernels.kv_store import store_kv
+from services.executor.attention.backend import AttentionBackend
+from services.executor.attention.metadata import ForwardBatch
+
+
+@dataclass
+class _StepMetadata:
+    num_splits: int
+
+
+class TritonAttentionBackend(AttentionBackend):
+    needs_slot_table = True
+
+    def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        self.max_splits = max_splits
+
+    def num_splits(self, decode_batch: int) -> int:
+        return num_splits_for_batch(decode_batch, self.num_kv_heads, self.num_sms, self.max_splits)
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if batch.table_meta is None:
+            raise RuntimeError("the triton attention backend needs the executor's slot table")
+        batch.attn_metadata = _StepMetadata(self.num_splits(batch.num_decode))
+
+    def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
+        meta = batch.table_meta
+        k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
+        store_kv(k, v, k_cache, v_cache, batch.out_slots)
+        num_tokens = q.shape[0]
+        n_ext = batch.num_extend_tokens
+        if n_ext == 0:
+            return self._decode(q, k_cache, v_cache, layer, batch).view(num_tokens, -1)
+        out = torch.empty(num_tokens, layer.num_heads, layer.head_dim, dtype=q.dtype, device=q.device)
+        extend_attention(q, k_cache, v_cache, meta.table, meta.seq_rows[:meta.num_extends],
+                             meta.extend_prefix_lens, meta.extend_q_starts, meta.extend_q_lens,
+                         meta.max_extend_len, layer.scaling, out=out)
+        if n_ext < num_tokens:
+            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, batch)
+        return out.view(num_tokens, layer.num_heads * layer.head_dim)
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, layer, batch: ForwardBatch) -> torch.Tensor:
+        meta = batch.table_meta
+        return decode_attention(q, k_cache, v_cache, meta.table, meta.decode_lens, layer.scaling,
+                                num_splits=batch.attn_metadata.num_splits, rows=meta.decode_rows)

@@ -1,0 +1,93 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode step's kernels depend only on its batch size (the attention backend reads lengths and
+slot-table rows from device tensors), so each bucket is captured once at start, embeddings to
+logits, over static input buffers. A step of B requests runs the smallest bucket >= B: its inputs
+are copied into the first B entries and the padding entries are made inert (KV slot -1: not
+stored; length 0: nothing read). All graphs share one memory pool, captured largest first.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+
+from services.executor.attention.metadata import ForwardBatch, TableMeta, forward_context
+
+log = logging.getLogger("radixserve.executor.cuda_graph")
+
+BUCKETS = [1, 2, 4, 8, 12] + list(range(16, 257, 8)) + list(range(272, 1025, 16))
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    buckets = [b for b in BUCKETS if b <= max_bs]
+    if not buckets or buckets[-1] != max_bs:
+        buckets.append(max_bs)
+    return buckets
+
+
+class CudaGraphRunner:
+    def __init__(self, model, kv_pool, attn_backend, slot_table, max_bs: int, device: torch.device):
+        self.model, self.kv_pool, self.attn_backend, self.slot_table = model, kv_pool, attn_backend, slot_table
+        self.buckets = graph_buckets(max_bs)
+        self.max_bs = self.buckets[-1]
+        n = self.max_bs
+        as_long = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(n, **as_long)
+        self.positions = torch.zeros(n, **as_long)
+        self.out_slots = torch.full((n,), -1, **as_long)
+        self.rows = torch.zeros(n, **as_long)
+        self.lens = torch.zeros(n, **as_long)
+        self._empty = torch.zeros(0, **as_long)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.buckets):
+            self.graphs[bs], self.logits[bs] = self._capture(bs, pool)
+        log.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.buckets), self.buckets[0],
+                 self.max_bs, time.perf_counter() - t0)
+
+    def _forward_batch(self, bs: int) -> ForwardBatch:
+        meta = TableMeta(self.slot_table.tensor, self.rows[:bs], self.lens[:bs], self._empty, self._empty,
+                         self._empty, 0)
+        return ForwardBatch(num_tokens=bs, out_slots=self.out_slots[:bs], extend_seqs=[], num_extend_tokens=0,
+                            decode_slots=[], kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=meta)
+
+    def _run(self, bs: int) -> torch.Tensor:
+        return self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs]))
+
+    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        with forward_context(self._forward_batch(bs)):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles / autotunes the kernels for this shape outside the capture
+                    self._run(bs)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._run(bs)
+        return graph, logits
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.num_extend_tokens == 0 and 0 < batch.num_tokens <= self.max_bs
+
+    def replay(self, batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] (float32) of a decode step of B <= max_bs tokens."""
+        bs = batch.num_tokens
+        bucket = self.buckets[bisect.bisect_left(self.buckets, bs)]
+        meta = batch.table_meta
+        self.input_ids[:bs].copy_(input_ids)
+        self.positions[:bs].copy_(positions)
+        self.out_slots[:bs].copy_(batch.out_slots)
+        self.rows[:bs].copy_(meta.seq_rows)
+        self.lens[:bs].copy_(meta.seq_lens)
+        if bucket > bs:
+            self.out_slots[bs:bucket].fill_(-1)
+            self.lens[bs:bucket].zero_()
+        self.graphs[bucket].replay()
+        return self.logits[bucket][:bs]

@@ -1,0 +1,84 @@
+"""`radixserve bench one-batch`: in process and over gRPC against a running executor, on a tiny model."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from services.bench import one_batch
+from tests.stack import free_ports
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    import socket
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def check_record(r: dict, bs: int, input_len: int, output_len: int) -> None:
+    assert (r["batch_size"], r["input_len"], r["output_len"]) == (bs, input_len, output_len)
+    for key in ("prefill_latency", "prefill_throughput", "median_decode_latency", "median_decode_throughput",
+                "overall_latency", "overall_throughput", "median_decode_executor_ms"):
+        assert r[key] > 0, key
+    assert r["prefill_throughput"] == pytest.approx(bs * input_len / r["prefill_latency"])
+    assert r["median_decode_throughput"] == pytest.approx(bs / r["median_decode_latency"])
+
+
+def test_in_process(tiny_model, capsys, tmp_path):
+    results = tmp_path / "r.jsonl"
+    assert one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "1", "3",
+                           "--input-len", "5", "17", "--output-len", "4", "--max-total-tokens", "200",
+                           "--result-filename", str(results)]) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [(r["batch_size"], r["input_len"]) for r in records] == [(1, 5), (1, 17), (3, 5), (3, 17)]
+    for r in records:
+        check_record(r, r["batch_size"], r["input_len"], 4)
+        assert r["target"] == "in-process"
+    assert json_lines(results.read_text()) == records
+
+
+def test_pool_too_small_is_a_clear_error(tiny_model):
+    with pytest.raises(SystemExit, match="KV slots"):
+        one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "4",
+                        "--input-len", "100", "--output-len", "4", "--max-total-tokens", "200", "--no-warmup"])
+
+
+def test_over_grpc(tiny_model, capsys):
+    (port,) = free_ports(1)
+    addr = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "executor", "--model-path", str(tiny_model),
+                             "--device", "cpu", "--executor-addr", addr, "--max-total-tokens", "200"])
+    try:
+        wait_for_port(port, timeout=120)
+        assert one_batch.main(["--over-grpc", "--executor-addr", addr, "--batch-size", "2", "--input-len", "9",
+                               "--output-len", "3"]) == 0
+        (r,) = json_lines(capsys.readouterr().out)
+        check_record(r, 2, 9, 3)
+        assert r["target"] == f"grpc {addr}"
+        # the executor's own step time is part of the wall time seen across gRPC
+        assert r["median_decode_executor_ms"] <= r["median_decode_latency"] * 1000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
