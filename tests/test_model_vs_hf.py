@@ -57,7 +57,8 @@ def models(request, tmp_path_factory):
     config, backend = request.param
     folder = tmp_path_factory.mktemp(config)
     hf = build_hf_model(config, folder)
-    runner = ModelRunner(folder, dtype="float32", device="cpu", max_total_tokens=1024, attention_backend=backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    runner = ModelRunner(folder, dtype="float32", device=device, max_total_tokens=1024, attention_backend=backend)
     return hf, runner
 
 
@@ -92,7 +93,7 @@ def test_batched_prefill_decode_and_prefix_reuse(models):
     out = runner.step(StepInput(1, new_requests=[NewRequest(r, p, slots[r]) for r, p in zip("abc", (a, b, c))]))
     assert [o.request_id for o in out.outputs] == ["a", "b", "c"]
     for i, p in enumerate((a, b, c)):
-        torch.testing.assert_close(out.logits[i], hf_last_logits(hf, p), atol=ATOL, rtol=0)
+        torch.testing.assert_close(out.logits[i].cpu(), hf_last_logits(hf, p), atol=ATOL, rtol=0)
     seqs = {"a": a + [out.outputs[0].token_id], "b": b + [out.outputs[1].token_id], "c": c + [out.outputs[2].token_id]}
 
     # Decode of three requests in one step, plus a new request reusing a's first 5 slots as its prefix.
@@ -102,9 +103,9 @@ def test_batched_prefill_decode_and_prefix_reuse(models):
     out = runner.step(StepInput(2, new_requests=[NewRequest("d", d[5:], d_new, prefix_slots=slots["a"][:5])],
                                 continuing_requests=cont))
     assert [o.request_id for o in out.outputs] == ["d", "b", "a", "c"]
-    torch.testing.assert_close(out.logits[0], hf_last_logits(hf, d), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits[0].cpu(), hf_last_logits(hf, d), atol=ATOL, rtol=0)
     for i, r in enumerate(("b", "a", "c")):
-        torch.testing.assert_close(out.logits[i + 1], hf_last_logits(hf, seqs[r]), atol=ATOL, rtol=0)
+        torch.testing.assert_close(out.logits[i + 1].cpu(), hf_last_logits(hf, seqs[r]), atol=ATOL, rtol=0)
 
 
 def test_chunked_prefill(models):
@@ -115,7 +116,7 @@ def test_chunked_prefill(models):
     out = runner.step(StepInput(1, new_requests=[NewRequest("x", p[:8], pool.take(8), sample=False)]))
     assert out.outputs == []
     out = runner.step(StepInput(2, continuing_requests=[ContinuingRequest("x", pool.take(12), p[8:])]))
-    torch.testing.assert_close(out.logits[0], hf_last_logits(hf, p), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits[0].cpu(), hf_last_logits(hf, p), atol=ATOL, rtol=0)
 
 
 def test_greedy_matches_hf_generate(models):

@@ -29,13 +29,18 @@ def iterate_safetensors(folder: pathlib.Path) -> Iterator[tuple[str, torch.Tenso
 
 
 def init_dummy_weights(model: nn.Module, seed: int | None, std: float = 0.02) -> None:
-    """Small random weights (norm scales 1, biases 0) so outputs are finite; reproducible by seed."""
-    gen = torch.Generator(device="cpu").manual_seed(seed or 0)
+    """Small random weights (norm scales 1, biases 0) so outputs are finite; reproducible by seed on
+    one device type. Drawn on the parameters' device (an 8B model fills in seconds on a GPU)."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
+        device = param.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed or 0)
+        gen = generators[device]
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith(".bias"):
             param.data.zero_()
         else:
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device) * std
             param.data.copy_(values)
