@@ -2,7 +2,10 @@
 
 Builds the HF model from a config folder (e.g. ../shared/models/llama-3-8b) with random weights on
 the GPU, loads the same tensors into a ModelRunner (triton backend, CUDA graphs as served), and
-generates greedily from a few prompts on both. Where bf16 rounding makes the two fork, the
+generates greedily from a few prompts on both. The random weights are variance-preserving
+(std 1/sqrt(fan_in) for every matrix, N(0, 1) embeddings, norm scales 1): the usual 0.02 init
+gives an 8B model near-flat logits whose argmax is decided by rounding noise alone, which would
+test nothing. Where bf16 rounding still makes the two fork, the
 comparison follows vLLM's check_logprobs_close: at the first differing token each side's token
 must be among the other side's top-5, and the comparison of that prompt stops there.
 
@@ -61,6 +64,24 @@ def compare(ours: list[int], ours_logits, theirs: list[int], their_logits) -> di
     return {"identical_prefix": len(ours), "fork_ok": True}
 
 
+@torch.no_grad()
+def init_variance_preserving(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0 if "norm" in name else 0.0)
+        elif "embed_tokens" in name:
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda"))
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * p.shape[1] ** -0.5)
+
+
+def logits_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    diff = (ours - theirs).abs()
+    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "logit_std": theirs.std().item(),
+            "cosine": torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
@@ -75,6 +96,7 @@ def main(argv=None) -> int:
     config = transformers.AutoConfig.from_pretrained(a.model_path)
     with torch.device("cuda"):
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    init_variance_preserving(hf, a.seed)
     runner = ModelRunner(a.model_path, dtype=a.dtype, device="cuda", load_format="dummy",
                          max_total_tokens=a.num_prompts * (a.prompt_len + a.max_new_tokens) + 64,
                          cuda_graph_max_bs=max(8, a.num_prompts))
@@ -87,7 +109,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             theirs, their_logits = hf_generate(hf, prompt, a.max_new_tokens)
-            results.append(compare(ours[i], ours_logits[i], theirs, their_logits))
+            results.append(compare(ours[i], ours_logits[i], theirs, their_logits)
+                           | {"first_step_logits": logits_agreement(ours_logits[i][0], their_logits[0])})
     summary = {"model": a.model_path, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "prompts": results,
                "all_ok": all(r["fork_ok"] for r in results)}
     print(json.dumps(summary))

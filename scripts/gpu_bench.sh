@@ -8,7 +8,7 @@ MODEL=${MODEL:-.models/llama-3-8b}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-rs() { python -m services.cli "$@"; }
+rs=(python -m services.cli)
 common=(--model-path "$MODEL" --load-format dummy --dtype bfloat16 --skip-tokenizer-init)
 
 stage_tests() {
@@ -18,24 +18,24 @@ stage_tests() {
 }
 
 stage_one_batch() {
-  timeout 300 rs bench one-batch "${common[@]}" --batch-size 1 32 128 --input-len 128 --output-len 32 \
+  timeout 300 "${rs[@]}" bench one-batch "${common[@]}" --batch-size 1 32 128 --input-len 128 --output-len 32 \
     --run-name cuda-graph --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -30
 }
 
 stage_one_batch_eager() {
-  timeout 300 rs bench one-batch "${common[@]}" --batch-size 1 128 --input-len 128 --output-len 16 \
+  timeout 300 "${rs[@]}" bench one-batch "${common[@]}" --batch-size 1 128 --input-len 128 --output-len 16 \
     --disable-cuda-graph --run-name eager --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -10
 }
 
 stage_grpc_hop() {
   local port=31013
-  rs executor "${common[@]}" --executor-addr 127.0.0.1:$port --max-total-tokens 65536 > "$OUT/executor.log" 2>&1 &
+  "${rs[@]}" executor "${common[@]}" --executor-addr 127.0.0.1:$port --max-total-tokens 65536 > "$OUT/executor.log" 2>&1 &
   local pid=$!
   for _ in $(seq 240); do python - <<EOF 2>/dev/null && break
 import socket; socket.create_connection(("127.0.0.1", $port), 1)
 EOF
     sleep 1; done
-  timeout 200 rs bench one-batch --over-grpc --executor-addr 127.0.0.1:$port --batch-size 1 --input-len 128 \
+  timeout 200 "${rs[@]}" bench one-batch --over-grpc --executor-addr 127.0.0.1:$port --batch-size 1 --input-len 128 \
     --output-len 64 --run-name grpc --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -5
   kill $pid; wait $pid
 }
