@@ -24,14 +24,15 @@ SSE_BODY = re.compile(rb"^(data: \{[^\n]*\}\n\n)+data: \[DONE\]\n\n$")
 
 
 class RunningGateway:
-    def __init__(self, backends: FakeBackends):
+    def __init__(self, backends: FakeBackends, **overrides):
         self.backends = backends
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         args = ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
                           tokenizer_addr=backends.tokenizer_addr, scheduler_addr=backends.scheduler_addr,
-                          detokenizer_addr=backends.detokenizer_addr, served_model_name=MODEL, log_level="warning")
+                          detokenizer_addr=backends.detokenizer_addr, served_model_name=MODEL, log_level="warning",
+                          **overrides)
         self.gateway = Gateway(args)
         self.run(self.gateway.start())
         self.base_url = f"http://127.0.0.1:{self.gateway.http_port}"
@@ -393,3 +394,22 @@ def test_health_is_a_real_generation_and_fails_without_the_scheduler(gw, backend
             return await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest())
 
     assert not asyncio.run(grpc_health()).healthy
+
+
+def test_native_stream_without_tokenizer_sends_every_token(backends):
+    # --skip-tokenizer-init: no text ever, so each chunk must still carry the ids that arrived
+    # (a benchmark's TTFT and ITL depend on it).
+    running = RunningGateway(backends, skip_tokenizer_init=True)
+    try:
+        with httpx.stream("POST", running.base_url + "/generate", json={
+                "input_ids": [72, 105], "stream": True,
+                "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}) as r:
+            assert r.status_code == 200
+            events = sse_events(r.read())
+    finally:
+        running.close()
+    counts = [len(e["output_ids"]) for e in events]
+    # the fake scheduler sends tokens in small groups; before the fix there was one final chunk only
+    assert counts[-1] == 5 and len(events) >= 3
+    assert counts == sorted(counts) and counts[0] >= 1
+    assert all(e["text"] == "" for e in events)

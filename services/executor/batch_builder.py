@@ -140,8 +140,12 @@ class BatchBuilder:
             positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
             if self.slot_table is not None:
+                # The device table is the slot list GPU backends read; no host copy is kept.
                 self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
-            all_slots = state.append_slots(seq.new_slots)
+                state.length += n
+                all_slots = None
+            else:
+                all_slots = state.append_slots(seq.new_slots)
             if n > 1:
                 extend_seqs.append(ExtendSeq(start, n, prefix, all_slots))
             else:

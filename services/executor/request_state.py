@@ -11,7 +11,8 @@ from services.executor.step_io import SamplingParams
 @dataclass
 class RequestState:
     # Host int64 buffer; slots[:length] are the request's KV slots in position order. Kept on the
-    # host: per-token device writes would cost a launch each. GPU backends read a device copy (SlotTable).
+    # host: per-token device writes would cost a launch each. With a SlotTable (GPU backends) the
+    # device table is the only copy and this holds just the prefix given at arrival.
     slots: torch.Tensor
     length: int
     sampling: SamplingParams

@@ -163,7 +163,8 @@ class ModelRunner:
         logits = None
         if batch.sample_request_ids:
             if all_logits is not None:
-                logits = all_logits.index_select(0, batch.sample_token_index)
+                every_row = len(batch.sample_request_ids) == all_logits.shape[0]  # decode: each row samples
+                logits = all_logits if every_row else all_logits.index_select(0, batch.sample_token_index)
             else:
                 logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
             states = batch.sample_states

@@ -99,7 +99,9 @@ async def native_events(engine: Engine, prepared: PreparedRequest, started: floa
             if isinstance(item, Delta):
                 text += item.text
                 ids += item.token_ids
-                if not item.text:
+                # With a tokenizer, a delta whose text is held back (stop strings, partial UTF-8) waits
+                # for the next; without one (--skip-tokenizer-init) every delta carries ids only.
+                if not item.text and (engine.uses_tokenizer or not item.token_ids):
                     continue
             yield {"text": text, "output_ids": list(ids),
                    "meta_info": meta_info(prepared.request_id, finish, len(prepared.input_ids), len(ids), started)}

@@ -21,7 +21,8 @@ class ExtendSeq:
     start: int  # first token of the sequence in the flattened batch
     num_tokens: int  # tokens run this step
     prefix_len: int  # tokens whose KV is already in the cache
-    slots: torch.Tensor  # all slots of the sequence, prefix + new, in position order (int64)
+    slots: torch.Tensor | None  # all slots of the sequence, prefix + new, in position order (int64, host);
+    # None when the executor keeps a SlotTable (GPU backends read that instead)
 
     @property
     def seq_len(self) -> int:
@@ -62,7 +63,7 @@ class ForwardBatch:
     out_slots: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
     extend_seqs: list[ExtendSeq]
     num_extend_tokens: int
-    decode_slots: list[torch.Tensor]  # per decode sequence, its full slot list (including the new slot)
+    decode_slots: list[torch.Tensor | None]  # per decode sequence, its full slot list (incl. the new slot); None as above
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
     table_meta: TableMeta | None = None  # set when the executor keeps a SlotTable (GPU backends)
