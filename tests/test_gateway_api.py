@@ -379,23 +379,6 @@ def test_grpc_gateway_api(gw, backends):
 
 # ---- health (last: stops the fake scheduler) ----
 
-def test_health_is_a_real_generation_and_fails_without_the_scheduler(gw, backends):
-    before = len(backends.scheduler.completed)
-    assert httpx.get(gw.base_url + "/health", timeout=30).status_code == 200
-    assert len(backends.scheduler.completed) == before + 1
-    backends.stop_scheduler()
-    r = httpx.get(gw.base_url + "/health", timeout=30)
-    assert r.status_code == 503 and r.json()["error"]["message"]
-    r = httpx.post(gw.base_url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3})
-    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
-
-    async def grpc_health():
-        async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:
-            return await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest())
-
-    assert not asyncio.run(grpc_health()).healthy
-
-
 def test_native_stream_without_tokenizer_sends_every_token(backends):
     # --skip-tokenizer-init: no text ever, so each chunk must still carry the ids that arrived
     # (a benchmark's TTFT and ITL depend on it).
@@ -413,3 +396,21 @@ def test_native_stream_without_tokenizer_sends_every_token(backends):
     assert counts[-1] == 5 and len(events) >= 3
     assert counts == sorted(counts) and counts[0] >= 1
     assert all(e["text"] == "" for e in events)
+
+
+# Stops the fake scheduler: keep it the module's last test.
+def test_health_is_a_real_generation_and_fails_without_the_scheduler(gw, backends):
+    before = len(backends.scheduler.completed)
+    assert httpx.get(gw.base_url + "/health", timeout=30).status_code == 200
+    assert len(backends.scheduler.completed) == before + 1
+    backends.stop_scheduler()
+    r = httpx.get(gw.base_url + "/health", timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["message"]
+    r = httpx.post(gw.base_url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+
+    async def grpc_health():
+        async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:
+            return await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest())
+
+    assert not asyncio.run(grpc_health()).healthy

@@ -1,11 +1,14 @@
-"""RadixCache: exact hand cases and hypothesis state-machine invariants against a dict model."""
+"""RadixCache and PagedRadixCache: exact hand cases and hypothesis state-machine invariants
+against a dict model."""
 from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.scheduler.radix_cache import DisabledRadixCache, RadixCache
+import pytest
+
+from services.scheduler.radix_cache import DisabledRadixCache, PagedRadixCache, RadixCache
 
 
 def test_insert_returns_shared_prefix_and_keeps_first_slots():
@@ -111,6 +114,39 @@ def test_disabled_cache_caches_nothing():
     assert cache.total_size() == cache.evictable_size() == cache.protected_size() == 0
 
 
+def test_paged_match_is_rounded_down_to_whole_pages():
+    cache = PagedRadixCache(4)
+    cache.insert([1, 2, 3, 4, 5, 6, 7, 8], list(range(16, 24)))
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6, 7])[0] == [16, 17, 18, 19]
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6, 9, 9])[0] == [16, 17, 18, 19]
+    assert cache.match_prefix([1, 2, 3])[0] == []
+    assert cache.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9])[0] == list(range(16, 24))
+
+
+def test_paged_insert_shares_whole_pages_only():
+    cache = PagedRadixCache(2)
+    assert cache.insert([1, 2, 3, 4], [10, 11, 12, 13]) == 0
+    # [3, 5] differs from the cached page [3, 4] inside the page: a new page, not a split.
+    assert cache.insert([1, 2, 3, 5], [20, 21, 22, 23]) == 2
+    assert cache.match_prefix([1, 2, 3, 5])[0] == [10, 11, 22, 23]
+    assert sorted(cache.all_slots()) == [10, 11, 12, 13, 22, 23]
+    upper = cache.root.children[(1, 2)]
+    assert upper.key == [1, 2] and sorted(upper.children) == [(3, 4), (3, 5)]
+    with pytest.raises(ValueError, match="whole number of pages"):
+        cache.insert([1, 2, 3], [30, 31, 32])
+
+
+def test_paged_eviction_frees_whole_pages():
+    cache = PagedRadixCache(4)
+    cache.insert(list(range(8)), list(range(4, 12)))
+    cache.insert(list(range(4)) + [9] * 4, list(range(4, 8)) + list(range(12, 16)))
+    freed: list[list[int]] = []
+    assert cache.evict(1, freed.append) == 4
+    assert cache.evict(100, freed.append) == 8
+    assert all(len(f) % 4 == 0 and f[0] % 4 == 0 for f in freed)
+    assert cache.total_size() == 0
+
+
 tokens_st = st.lists(st.integers(0, 3), min_size=1, max_size=6)
 
 
@@ -195,3 +231,86 @@ class RadixCacheMachine(RuleBasedStateMachine):
 
 RadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestRadixCacheMachine = RadixCacheMachine.TestCase
+
+
+PAGE = 2
+pages_st = st.lists(st.lists(st.integers(0, 2), min_size=PAGE, max_size=PAGE), min_size=1, max_size=3).map(
+    lambda pages: [t for page in pages for t in page])
+
+
+class PagedRadixCacheMachine(RuleBasedStateMachine):
+    """The reference model: every cached whole-page prefix (as a tuple) -> the slots of its last page."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = PagedRadixCache(PAGE)
+        self.ref: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.next_page = 1
+        self.locks: list[tuple[object, list[int], tuple[int, ...]]] = []
+
+    def _expected_match(self, tokens) -> list[int]:
+        out: list[int] = []
+        for end in range(PAGE, len(tokens) + 1, PAGE):
+            page_slots = self.ref.get(tuple(tokens[:end]))
+            if page_slots is None:
+                break
+            out += page_slots
+        return out
+
+    @rule(tokens=pages_st)
+    def insert(self, tokens):
+        slots = list(range(self.next_page * PAGE, (self.next_page + len(tokens) // PAGE) * PAGE))
+        self.next_page += len(tokens) // PAGE
+        expected_dup = len(self._expected_match(tokens))
+        assert self.cache.insert(tokens, slots) == expected_dup
+        for end in range(expected_dup + PAGE, len(tokens) + 1, PAGE):
+            self.ref[tuple(tokens[:end])] = tuple(slots[end - PAGE:end])
+
+    @rule(tokens=tokens_st)
+    def match(self, tokens):
+        slots, _ = self.cache.match_prefix(tokens)
+        assert slots == self._expected_match(tokens)
+        assert len(slots) % PAGE == 0
+
+    @rule(tokens=tokens_st)
+    def lock(self, tokens):
+        slots, node = self.cache.match_prefix(tokens)
+        self.cache.inc_lock_ref(node)
+        self.locks.append((node, slots, tuple(tokens[:len(slots)])))
+
+    @precondition(lambda self: self.locks)
+    @rule(index=st.integers(0, 100))
+    def unlock(self, index):
+        node, _, _ = self.locks.pop(index % len(self.locks))
+        self.cache.dec_lock_ref(node)
+
+    @rule(num=st.integers(0, 12))
+    def evict(self, num):
+        evictable_before = self.cache.evictable_size()
+        freed: list[int] = []
+        reported = self.cache.evict(num, freed.extend)
+        assert reported == len(freed) and reported % PAGE == 0
+        assert reported >= min(num, evictable_before)
+        locked = {s for _, slots, _ in self.locks for s in slots}
+        assert not locked & set(freed)
+        gone = set(freed)
+        self.ref = {k: v for k, v in self.ref.items() if not gone & set(v)}
+
+    @invariant()
+    def slots_are_whole_pages_and_sizes_consistent(self):
+        slots = self.cache.all_slots()
+        assert len(slots) == len(set(slots))
+        assert set(slots) == {s for v in self.ref.values() for s in v}
+        assert {s // PAGE for s in slots} == {v[0] // PAGE for v in self.ref.values()}
+        assert self.cache.evictable_size() + self.cache.protected_size() == len(slots)
+        locked = {s for _, locked_slots, _ in self.locks for s in locked_slots}
+        assert self.cache.protected_size() == len(locked)
+
+    @invariant()
+    def locked_paths_still_match(self):
+        for _, slots, tokens in self.locks:
+            assert self.cache.match_prefix(list(tokens))[0] == slots
+
+
+PagedRadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestPagedRadixCacheMachine = PagedRadixCacheMachine.TestCase

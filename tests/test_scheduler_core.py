@@ -32,7 +32,7 @@ class Harness:
     def __init__(self, pool_size=512, context_length=1024, max_running_requests=16,
                  max_prefill_tokens=4096, **kwargs):
         self.sched = Scheduler(pool_size, context_length, max_running_requests, max_prefill_tokens, **kwargs)
-        self.model = FakeModel(pool_size, VOCAB)
+        self.model = FakeModel(pool_size, VOCAB, page_size=kwargs.get("page_size", 1))
         self.plans = []
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}
@@ -334,18 +334,26 @@ def test_reset_drops_everything():
     assert plan is not None and h.outputs["c"] == reference_tokens([1, 2], 2)
 
 
-@settings(max_examples=40, deadline=None)
+# Chunk sizes (-1: off), mixing and page sizes the random traffic tests run under.
+CHUNK_SIZES = st.sampled_from([-1, 1, 3, 8])
+PAGE_SIZES = st.sampled_from([1, 4, 16])
+
+
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10**6), pool_size=st.integers(24, 96), policy=st.sampled_from(["fcfs", "lpm"]),
-       max_running=st.integers(1, 6))
-def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, policy, max_running):
+       max_running=st.integers(1, 6), chunk=CHUNK_SIZES, mixed=st.booleans(), page_size=PAGE_SIZES)
+def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, policy, max_running, chunk,
+                                                          mixed, page_size):
     rng = random.Random(seed)
-    h = Harness(pool_size=pool_size, max_running_requests=max_running, max_prefill_tokens=16,
-                policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]))
+    h = Harness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
+                max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
+                chunked_prefill_size=chunk, enable_mixed_chunk=mixed, page_size=page_size)
+    capacity = h.sched.pool.capacity
     expected, aborted, next_id = {}, set(), 0
     for _ in range(200):
         if rng.random() < 0.3:
             prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
-            max_new = rng.randint(1, min(12, pool_size - len(prompt)))
+            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
             rid = f"r{next_id}"
             next_id += 1
             h.add(rid, prompt, max_new=max_new, ignore_eos=True)
@@ -365,4 +373,4 @@ def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, polic
             assert h.outputs[rid] == tokens
     assert h.sched.check_leak() is None
     h.sched.flush_cache()
-    assert h.sched.pool.available() == pool_size - 1
+    assert h.sched.pool.available() == capacity

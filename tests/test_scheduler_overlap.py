@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.request import FinishReason, Request, StepOutput
-from tests.test_scheduler_core import Harness, prompts, reference_tokens
+from tests.test_scheduler_core import CHUNK_SIZES, PAGE_SIZES, Harness, prompts, reference_tokens
 
 
 class OverlapHarness(Harness):
@@ -157,19 +157,23 @@ def test_prefix_reuse_after_eos_finish_caches_as_serial():
     assert cached[0] == cached[1] == len(prompt) + 3
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 10**6), pool_size=st.integers(24, 96), policy=st.sampled_from(["fcfs", "lpm"]),
-       max_running=st.integers(1, 6))
-def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, max_running):
+       max_running=st.integers(1, 6), chunk=CHUNK_SIZES, mixed=st.booleans(), page_size=PAGE_SIZES)
+def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, max_running, chunk, mixed,
+                                                     page_size):
     rng = random.Random(seed)
     eos = {rng.randrange(1000) for _ in range(40)}
-    h = OverlapHarness(pool_size=pool_size, max_running_requests=max_running, max_prefill_tokens=16,
-                       policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]), eos_token_ids=eos)
+    h = OverlapHarness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
+                       max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
+                       eos_token_ids=eos, chunked_prefill_size=chunk, enable_mixed_chunk=mixed,
+                       page_size=page_size)
+    capacity = h.sched.pool.capacity
     expected, aborted, next_id = {}, set(), 0
     for _ in range(250):
         if rng.random() < 0.3:
             prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
-            max_new = rng.randint(1, min(12, pool_size - len(prompt)))
+            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
             rid = f"r{next_id}"
             next_id += 1
             ignore_eos = rng.random() < 0.5
@@ -194,4 +198,4 @@ def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, ma
             assert h.finals[rid].completion_tokens == len(tokens)
     assert h.sched.check_leak(deep=True) is None
     h.sched.flush_cache()
-    assert h.sched.pool.available() == pool_size - 1
+    assert h.sched.pool.available() == capacity

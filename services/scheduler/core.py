@@ -1,22 +1,41 @@
-"""The scheduler core: admission, continuous batching, retraction, KV bookkeeping. No I/O.
+"""The scheduler core: admission, continuous batching, chunked prefill, retraction, KV bookkeeping.
+No I/O.
 
 Usage: add_request(); then repeatedly plan = schedule(), run it on the executor, events =
 update(plan, outputs). Between steps every running request holds KV slots for all of its tokens
 except the last sampled one (whose KV the next decode step writes).
 
+Chunked prefill (chunked_prefill_size > 0, as SGLang's): a prefill step runs at most
+min(max_prefill_tokens, chunked_prefill_size) tokens. A prompt longer than what is left of that
+budget runs its first chunk without sampling and becomes the chunked request (at most one at a
+time). It holds its slots and its locked prefix but stays out of `running`; every later prefill
+step runs its next chunk first, until the last chunk samples and it joins `running`. Without
+chunking, max_prefill_tokens caps a step's tokens except that one request is always admitted.
+
+Mixed steps (enable_mixed_chunk): a prefill step also decodes one token for every running request,
+so prefills do not stall decoding; those tokens count against the step's budget. When they would
+take the whole budget, or memory cannot hold them, the step prefills only, as without mixing.
+
+Pages (page_size > 1): the pool hands out whole pages and a request's slots run page by page (its
+token i at offset i % page_size of its (i // page_size)-th page). The prefix cache matches and
+stores whole pages only, so the partial last page of a finished or retracted request is freed,
+not cached. The pool's and the cache's sizes are counted in slots.
+
 Overlap: schedule() may be called again before update() of the plans in flight (updates come in
-plan order). A request in k plans not yet updated holds a slot for every known token plus k - 1
-more: the in-flight steps write the KV of tokens sampled by the steps before them.
+plan order). A request in k sampling plans not yet updated holds a slot for every known token plus
+k - 1 more: the in-flight steps write the KV of tokens sampled by the steps before them. The next
+chunk of a prefill may be planned while the previous one runs, since the executor runs steps in
+order; a chunk that does not sample expects no output in update().
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
-from services.scheduler.kv_pool import KVPool
-from services.scheduler.radix_cache import DisabledRadixCache, RadixCache
+from services.scheduler.kv_pool import make_kv_pool
+from services.scheduler.radix_cache import make_radix_cache
 from services.scheduler.request import (
     ContinuingRequestPlan,
     FinishReason,
@@ -54,6 +73,30 @@ class SchedulerStats:
     num_retractions: int
 
 
+@dataclass
+class _Step:
+    """A planned step and the requests whose counters it holds until its update."""
+    plan: StepPlan
+    sampled: list[Request]  # requests it samples a token for
+    chunk_req: Request | None = None  # the request it runs a non-sampling prefill chunk of
+
+
+@dataclass
+class _PrefillBuild:
+    """A prefill step while it is being planned."""
+    tokens_left: int  # of the step's token budget
+    keep: int  # slots the step's mixed decodes will take: every allocation leaves them
+    reserved: int  # slots promised to running requests' future tokens (keep included)
+    new_requests: list[NewRequestPlan] = field(default_factory=list)
+    continuing: list[ContinuingRequestPlan] = field(default_factory=list)
+    joined: list[Request] = field(default_factory=list)  # finish their prefill: join `running`
+    chunk_req: Request | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.new_requests and not self.continuing
+
+
 class Scheduler:
     def __init__(
         self,
@@ -68,14 +111,24 @@ class Scheduler:
         min_new_token_ratio: float = 0.1,
         new_token_ratio_decay: float = 0.001,
         debug: bool = True,
+        chunked_prefill_size: int = -1,
+        enable_mixed_chunk: bool = False,
+        page_size: int = 1,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown schedule policy {policy!r}; expected one of {POLICIES}")
-        self.pool = KVPool(pool_size, debug=debug)
-        self.cache = DisabledRadixCache() if disable_radix_cache else RadixCache()
+        self.pool = make_kv_pool(pool_size, page_size, debug=debug)
+        self.cache = make_radix_cache(page_size, disable=disable_radix_cache)
+        self.page_size = page_size
         self.context_length = context_length
         self.max_running_requests = max(1, max_running_requests)
         self.max_prefill_tokens = max_prefill_tokens
+        self.chunked_prefill_size = chunked_prefill_size
+        self.chunking = chunked_prefill_size > 0
+        self.enable_mixed_chunk = enable_mixed_chunk
+        # Most tokens one prefill step runs (without chunking, a lone long prompt may exceed it).
+        self.prefill_budget = (min(max_prefill_tokens, chunked_prefill_size) if self.chunking
+                               else max_prefill_tokens)
         self.policy = policy
         self.disable_radix_cache = disable_radix_cache
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -89,9 +142,11 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        # The request whose prefill is split over steps and not finished (holds KV, not running).
+        self.chunked: Request | None = None
         self._pending_finished: list[str] = []
-        # Plans sent but not yet updated, oldest first, with the requests each one samples for.
-        self._inflight: deque[tuple[StepPlan, list[Request]]] = deque()
+        # Steps sent but not yet updated, oldest first.
+        self._inflight: deque[_Step] = deque()
         # Aborted requests whose KV waits for the update of their last in-flight step.
         self._releasing: list[Request] = []
         self._step_id = 0
@@ -112,9 +167,9 @@ class Scheduler:
             return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                     f"the context length ({self.context_length})")
         # Alone in the pool, a request needs a slot per token but its last one.
-        if prompt_len + max_new_tokens - 1 > self.pool.size - 1:
+        if prompt_len + max_new_tokens - 1 > self.pool.capacity:
             return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                    f"the KV pool ({self.pool.size - 1} tokens)")
+                    f"the KV pool ({self.pool.capacity} tokens)")
         return None
 
     def add_request(self, req: Request) -> None:
@@ -128,16 +183,16 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort(self, request_id: str) -> RequestEvent | None:
-        """Abort a queued or running request; its finish event, or None if unknown."""
+        """Abort a queued, prefilling or running request; its finish event, or None if unknown."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         else:
-            self.running.remove(req)
+            self._drop_admitted(req)
             self._pending_finished.append(request_id)
-            if req.inflight:
+            if req.busy:
                 self._releasing.append(req)  # steps in flight still write its KV
             else:
                 self._release_kv(req)
@@ -148,68 +203,150 @@ class Scheduler:
         return [ev for rid in list(self.requests) if (ev := self.abort(rid)) is not None]
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.chunked)
+
+    def _drop_admitted(self, req: Request) -> None:
+        if req is self.chunked:
+            self.chunked = None
+        else:
+            self.running.remove(req)
+
+    def _holders(self) -> list[Request]:
+        """Every request that holds KV slots."""
+        chunked = [self.chunked] if self.chunked is not None else []
+        return self.running + chunked + self._releasing
 
     # ---- planning --------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
-        """The next step: a prefill batch when requests can be admitted, else a decode batch.
+        """The next step: a prefill batch when a prefill can run, else a decode batch.
 
         With steps in flight, None can also mean: wait for their results first.
         """
-        planned = self._schedule_prefill() or self._schedule_decode()
-        if planned is None:
+        step = self._schedule_prefill() or self._schedule_decode()
+        if step is None:
             return None
-        plan, reqs = planned
-        for req in reqs:
+        for req in step.sampled:
             req.inflight += 1
-        plan.finished_request_ids = self._pending_finished
+        if step.chunk_req is not None:
+            step.chunk_req.chunks_inflight += 1
+        step.plan.finished_request_ids = self._pending_finished
         self._pending_finished = []
-        self._inflight.append((plan, reqs))
-        return plan
+        self._inflight.append(step)
+        return step.plan
 
     def _next_plan(self) -> StepPlan:
         self._step_id += 1
         return StepPlan(step_id=self._step_id)
 
-    def _schedule_prefill(self) -> tuple[StepPlan, list[Request]] | None:
-        if not self.waiting or len(self.running) >= self.max_running_requests:
+    def _reclaimable(self) -> int:
+        return self.pool.available() + self.cache.evictable_size()
+
+    def _schedule_prefill(self) -> _Step | None:
+        if self.chunked is None and (not self.waiting
+                                     or len(self.running) >= self.max_running_requests):
             return None
-        plan = None
-        admitted: list[Request] = []
-        prefill_tokens = 0
-        reserved = sum(self._future_tokens(r) for r in self.running)
+        decodes = self._decodes_to_mix()
+        keep = self.pool.decode_need(decodes)
+        build = _PrefillBuild(tokens_left=self.prefill_budget - len(decodes), keep=keep,
+                              reserved=keep + sum(self._future_tokens(r) for r in self.running))
+        if self.chunked is not None and not self._plan_next_chunk(build):
+            return None  # memory cannot hold the chunk yet; nothing may overtake it
+        if self.chunked is None:
+            self._plan_admissions(build)
+        if build.empty:
+            return None
+        self.running += build.joined
+        plan = self._next_plan()
+        plan.new_requests = build.new_requests
+        plan.continuing_requests = build.continuing
+        if decodes:
+            self._plan_decodes(plan, decodes)
+        return _Step(plan, build.joined + decodes, build.chunk_req)
+
+    def _decodes_to_mix(self) -> list[Request]:
+        """The running requests a prefill step also decodes: none unless mixing is on, and none when
+        they would leave no budget for the prefill or do not fit in memory."""
+        if not self.enable_mixed_chunk or not self.running:
+            return []
+        batch = [r for r in self.running if not self._finishes_in_flight(r)]
+        if len(batch) >= self.prefill_budget:
+            return []
+        if self.pool.decode_need(batch) > self._reclaimable():
+            return []
+        return batch
+
+    def _plan_next_chunk(self, build: _PrefillBuild) -> bool:
+        """Plan the chunked request's next chunk; False when memory cannot hold it now."""
+        req = self.chunked
+        fill = req.seq
+        start = len(req.slots)
+        n = min(len(fill) - start, build.tokens_left)
+        new_slots = self._alloc(req.slots, n, keep=build.keep)
+        if new_slots is None:
+            return False
+        req.slots += new_slots
+        last = start + n == len(fill)
+        build.continuing.append(ContinuingRequestPlan(
+            req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last))
+        build.tokens_left -= n
+        if last:
+            self.chunked = None
+            build.joined.append(req)
+        else:
+            build.chunk_req = req
+        return True
+
+    def _plan_admissions(self, build: _PrefillBuild) -> None:
         for req in self._admission_order():
-            if len(self.running) + len(admitted) >= self.max_running_requests:
+            if len(self.running) + len(build.joined) >= self.max_running_requests:
                 break
-            fill = req.seq
-            # At least one token must run to sample from, so never match the whole sequence.
-            prefix_slots, node = self.cache.match_prefix(fill[:-1])
-            extend = len(fill) - len(prefix_slots)
-            if admitted and prefill_tokens + extend > self.max_prefill_tokens:
+            if not self._try_admit(req, build) or build.chunk_req is not None:
                 break
-            self.cache.inc_lock_ref(node)
-            reclaimable = self.pool.available() + self.cache.evictable_size()
-            future = self._future_tokens(req)
-            alone = not self.running and not admitted
-            fits = extend + future <= reclaimable - reserved or (alone and extend <= reclaimable)
-            new_slots = self._alloc(extend) if fits else None
-            if new_slots is None:
-                self.cache.dec_lock_ref(node)
-                break
-            self._admit(req, prefix_slots, node, new_slots)
-            admitted.append(req)
-            prefill_tokens += extend
-            reserved += future
-            plan = plan or self._next_plan()
-            plan.new_requests.append(NewRequestPlan(
-                request_id=req.request_id, input_ids=fill[len(prefix_slots):],
-                prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling))
-        if not admitted:
-            return None
-        self.waiting = [r for r in self.waiting if r.status is Status.WAITING]
-        self.running += admitted
-        return plan, admitted
+        if build.new_requests:
+            self.waiting = [r for r in self.waiting if r.status is Status.WAITING]
+
+    def _try_admit(self, req: Request, build: _PrefillBuild) -> bool:
+        """Admit req into the step (whole, or its first chunk); False if it does not fit."""
+        fill = req.seq
+        # At least one token must run to sample from, so never match the whole sequence.
+        prefix_slots, node = self.cache.match_prefix(fill[:-1])
+        prefix_len = len(prefix_slots)
+        extend = len(fill) - prefix_len
+        n = self._first_chunk_len(extend, build)
+        if n <= 0:
+            return False
+        self.cache.inc_lock_ref(node)
+        # Memory is checked for the whole prompt, so that later chunks find room.
+        need = self.pool.slots_needed(prefix_len, extend)
+        future = self._future_tokens(req)
+        reclaimable = self._reclaimable()
+        alone = not self.running and not build.joined
+        fits = need + future <= reclaimable - build.reserved or (alone and need <= reclaimable)
+        new_slots = self._alloc(prefix_slots, n) if fits else None
+        if new_slots is None:
+            self.cache.dec_lock_ref(node)
+            return False
+        self._admit(req, prefix_slots, node, new_slots)
+        sample = n == extend
+        build.new_requests.append(NewRequestPlan(
+            request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
+            prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample))
+        build.tokens_left -= n
+        build.reserved += future
+        if sample:
+            build.joined.append(req)
+        else:
+            self.chunked = build.chunk_req = req
+        return True
+
+    def _first_chunk_len(self, extend: int, build: _PrefillBuild) -> int:
+        """How many of a request's extend tokens the step runs (0: none, wait for the next step)."""
+        if self.chunking:
+            return min(extend, build.tokens_left)
+        if build.new_requests and extend > build.tokens_left:
+            return 0
+        return extend  # the first request of a step always runs whole
 
     def _admission_order(self) -> list[Request]:
         if self.policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
@@ -233,48 +370,69 @@ class Scheduler:
             self.total_prompt_tokens += len(req.prompt_ids)
             self.total_cached_prompt_tokens += len(prefix_slots)
 
-    def _alloc(self, n: int) -> list[int] | None:
-        short = n - self.pool.available()
+    def _alloc(self, held: list[int], n: int, keep: int = 0) -> list[int] | None:
+        """Slots for n more tokens of a request holding `held`, evicting cache entries as needed
+        but leaving `keep` slots reclaimable; None if memory cannot."""
+        need = self.pool.slots_needed(len(held), n)
+        available = self.pool.available()
+        if need + keep > available + self.cache.evictable_size():
+            return None
+        if need > available:
+            self.cache.evict(need - available, self.pool.free)
+        return self.pool.extend(held, n)
+
+    def _alloc_decode(self, batch: list[Request]) -> list[int] | None:
+        """A slot for the next token of each request in batch, evicting as needed."""
+        short = self.pool.decode_need(batch) - self.pool.available()
         if short > 0:
             self.cache.evict(short, self.pool.free)
-        return self.pool.alloc(n)
+        return self.pool.alloc_decode(batch)
 
-    def _schedule_decode(self) -> tuple[StepPlan, list[Request]] | None:
+    def _plan_decodes(self, plan: StepPlan, batch: list[Request]) -> None:
+        slots = self._alloc_decode(batch)
+        if slots is None:
+            raise RuntimeError("KV pool cannot hold one more token for a lone request")
+        for req, slot in zip(batch, slots):
+            req.slots.append(slot)
+            plan.continuing_requests.append(ContinuingRequestPlan(req.request_id, new_slots=[slot]))
+
+    def _schedule_decode(self) -> _Step | None:
         batch = [r for r in self.running if not self._finishes_in_flight(r)]
         if not batch:
             return None
         if self._inflight:
             # Retraction is not overlapped: when the batch does not fit, drain the steps in flight
             # (their finished requests may free enough) and retract in a serial schedule().
-            if self.pool.available() + self.cache.evictable_size() < len(batch):
+            if self._reclaimable() < self.pool.decode_need(batch):
                 return None
         else:
             self._retract_until_decode_fits()
             batch = list(self.running)
-        slots = self._alloc(len(batch))
-        if slots is None:
-            raise RuntimeError("KV pool cannot hold one more token for a lone request")
         plan = self._next_plan()
-        for req, slot in zip(batch, slots):
-            req.slots.append(slot)
-            plan.continuing_requests.append(ContinuingRequestPlan(req.request_id, new_slots=[slot]))
+        self._plan_decodes(plan, batch)
         self.new_token_ratio = max(self.min_new_token_ratio,
                                    self.new_token_ratio - self.new_token_ratio_decay)
-        return plan, batch
+        return _Step(plan, batch)
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""
         return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.max_new_tokens
                                        or req.seq_len + req.inflight >= self.context_length)
 
+    def _decode_fits(self) -> bool:
+        return self.pool.decode_need(self.running) <= self._reclaimable()
+
     def _retract_until_decode_fits(self) -> None:
-        while (len(self.running) > 1
-               and self.pool.available() + self.cache.evictable_size() < len(self.running)):
+        # The chunked request goes first: it is the newest admission and has decoded nothing.
+        # (Only a serial schedule() retracts, so none of its chunks is in flight.)
+        if self.chunked is not None and not self._decode_fits():
+            self._retract(self.chunked)
+        while len(self.running) > 1 and not self._decode_fits():
             self._retract(max(self.running, key=lambda r: r.admit_seq))
 
     def _retract(self, req: Request) -> None:
-        """Send a running request back to the queue; its computed KV stays in the cache."""
-        self.running.remove(req)
+        """Send an admitted request back to the queue; its computed KV stays in the cache."""
+        self._drop_admitted(req)
         self._release_kv(req)
         req.status = Status.WAITING
         # Retracted requests go first; retracting newest-first keeps them in admission order.
@@ -284,12 +442,13 @@ class Scheduler:
         self.new_token_ratio = min(1.0, self.new_token_ratio + RETRACT_RATIO_BUMP)
 
     def _release_kv(self, req: Request, cache_len: int | None = None) -> None:
-        """Hand the KV of the first cache_len tokens (default: all known tokens with a slot) to the
-        cache, free the rest of the request's slots, and unlock its cached prefix."""
+        """Hand the KV of the first cache_len tokens (default: all known tokens with a slot), in
+        whole pages, to the cache, free the rest of the request's slots, and unlock its prefix."""
         if req.last_node is None:
             return
         if cache_len is None:
             cache_len = min(len(req.slots), req.seq_len)
+        cache_len = self.pool.round_down(cache_len)
         already_cached = self.cache.insert(req.seq[:cache_len], req.slots[:cache_len])
         self.pool.free(req.slots[req.prefix_len:already_cached] + req.slots[cache_len:])
         self.cache.dec_lock_ref(req.last_node)
@@ -300,14 +459,16 @@ class Scheduler:
     # ---- results ---------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, outputs: Iterable[StepOutput]) -> list[RequestEvent]:
-        """Apply the executor's sampled tokens; return one event per live request of the plan."""
-        if not self._inflight or plan is not self._inflight[0][0]:
+        """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
+        if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")
-        _, reqs = self._inflight.popleft()
+        step = self._inflight.popleft()
+        if step.chunk_req is not None:
+            step.chunk_req.chunks_inflight -= 1  # a chunk that does not sample has no output
         by_id = {o.request_id: o for o in outputs}
         events = []
         finished: set[int] = set()
-        for req in reqs:
+        for req in step.sampled:
             req.inflight -= 1
             if req.status is not Status.RUNNING:
                 continue  # aborted, or finished by an earlier step: its token is not emitted
@@ -346,11 +507,11 @@ class Scheduler:
         return None, 0
 
     def _release_settled_aborts(self) -> None:
-        settled = [r for r in self._releasing if not r.inflight]
+        settled = [r for r in self._releasing if not r.busy]
         for req in settled:
             self._release_kv(req)
         if settled:
-            self._releasing = [r for r in self._releasing if r.inflight]
+            self._releasing = [r for r in self._releasing if r.busy]
 
     @staticmethod
     def _event(req: Request, reason: FinishReason | None, matched: int = 0) -> RequestEvent:
@@ -368,13 +529,15 @@ class Scheduler:
     def reset(self) -> list[str]:
         """Drop every request and all KV (after an executor failure); return the dropped ids."""
         dropped = list(self.requests)
-        known_to_executor = ([r.request_id for r in self.running] + self._pending_finished
-                             + [rid for plan, _ in self._inflight for rid in plan.request_ids()])
+        admitted = self.running + ([self.chunked] if self.chunked is not None else [])
+        known_to_executor = ([r.request_id for r in admitted] + self._pending_finished
+                             + [rid for step in self._inflight for rid in step.plan.request_ids()])
         self.pool.reset()
         self.cache.reset()
         self.requests = {}
         self.waiting = []
         self.running = []
+        self.chunked = None
         self._inflight.clear()
         self._releasing = []
         self.new_token_ratio = self.init_new_token_ratio
@@ -386,30 +549,45 @@ class Scheduler:
         """The executor dropped all request state itself: nothing left to tell it."""
         self._pending_finished = []
 
+    def _own_slots(self, req: Request) -> int:
+        """Slots req holds that the cache does not (its partial last page counted whole)."""
+        return self.pool.round_up(len(req.slots)) - req.prefix_len
+
     def check_leak(self, deep: bool = False) -> str | None:
-        """An error message if some KV slot is unaccounted for (or, deep, held twice)."""
-        holders = self.running + self._releasing
-        own = sum(r.own_slots for r in holders)
+        """An error message if some KV slot is unaccounted for (or, deep, held twice or a
+        request's slots are not laid out by pages)."""
+        holders = self._holders()
+        own = sum(self._own_slots(r) for r in holders)
         free, evictable = self.pool.available(), self.cache.evictable_size()
         protected = self.cache.protected_size()
-        total = self.pool.size - 1
+        total = self.pool.capacity
         if free + evictable + protected + own != total:
             return (f"KV slot leak: free {free} + cached {evictable} + locked {protected} + "
                     f"request-owned {own} != pool {total}")
         if not holders and protected:
             return f"KV lock leak: {protected} cached slots still locked with no running request"
         if deep:
-            held = list(self.pool._free) + self.cache.all_slots()
-            for r in holders:
-                held += r.slots[r.prefix_len:]
-            if sorted(held) != list(range(1, self.pool.size)):
-                return "KV slot bookkeeping corrupt: a slot is held twice or not at all"
+            return self._check_slots_deep(holders)
+        return None
+
+    def _check_slots_deep(self, holders: list[Request]) -> str | None:
+        ps = self.page_size
+        held = self.pool.free_slots() + self.cache.all_slots()
+        for r in holders:
+            if r.prefix_len % ps:
+                return f"request {r.request_id}: cached prefix of {r.prefix_len} is not whole pages"
+            try:
+                held += self.pool.occupied(r.slots[r.prefix_len:])
+            except ValueError as e:
+                return f"request {r.request_id}: {e}"
+        if sorted(held) != list(range(ps, self.pool.num_pages * ps)):
+            return "KV slot bookkeeping corrupt: a slot is held twice or not at all"
         return None
 
     def stats(self) -> SchedulerStats:
-        own = sum(r.own_slots for r in self.running + self._releasing)
+        own = sum(self._own_slots(r) for r in self._holders())
         return SchedulerStats(
-            pool_tokens=self.pool.size - 1,
+            pool_tokens=self.pool.capacity,
             free=self.pool.available(),
             cached=self.cache.evictable_size(),
             in_use=self.cache.protected_size() + own,

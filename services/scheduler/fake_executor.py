@@ -4,7 +4,10 @@ The "model" samples a token that depends only on the whole sequence so far, thro
 kept in its fake KV memory: each written slot holds (position, token, hash of tokens 0..position).
 Reading a prefix whose slots were overwritten or handed out in the wrong order breaks the chain
 and raises, and a wrong prefix changes every later token, so scheduler bugs surface as errors or
-as outputs that differ from an unconstrained run. Plans may be protobuf messages or the core's
+as outputs that differ from an unconstrained run. It runs steps as the executor does: new requests
+may carry a first prefill chunk that does not sample, continuing requests may run explicit
+input_ids (later chunks), and only requests with sample set get an output. With page_size > 1 it
+also checks the page layout of every slot written. Plans may be protobuf messages or the core's
 dataclasses: only attribute names are used.
 """
 from __future__ import annotations
@@ -31,8 +34,8 @@ class FakeExecutorError(AssertionError):
 @dataclass
 class _ReqState:
     slots: list[int]
-    last_hash: int  # hash of every token with KV, plus the last sampled one
-    last_token: int
+    kv_hash: int  # hash of every token with KV
+    last_token: int | None  # sampled by the request's last step; None after a chunk that did not sample
     sampling: object = None
 
 
@@ -40,6 +43,9 @@ class _ReqState:
 class FakeModel:
     kv_slots: int
     vocab_size: int = 1000
+    # With page_size > 1, also check that every request's slots are laid out by pages: token i at
+    # offset i % page_size of a page, contiguous within the page.
+    page_size: int = 1
     kv: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     reqs: dict[str, _ReqState] = field(default_factory=dict)
     steps: list = field(default_factory=list)
@@ -48,7 +54,7 @@ class FakeModel:
         return seq_hash % self.vocab_size
 
     def step(self, plan) -> list[tuple[str, int]]:
-        """Run one plan; return (request_id, token_id) per request, new requests first."""
+        """Run one plan; return (request_id, token_id) per sampling request, new requests first."""
         self.steps.append(plan)
         for rid in plan.finished_request_ids:
             self.reqs.pop(rid, None)
@@ -61,35 +67,53 @@ class FakeModel:
                 raise FakeExecutorError(f"new request {rid} is already live")
             if not new.input_ids:
                 raise FakeExecutorError(f"new request {rid} has no input_ids")
-            if len(new.new_slots) != len(new.input_ids):
-                raise FakeExecutorError(f"{rid}: {len(new.input_ids)} inputs, {len(new.new_slots)} slots")
-            h = self._read_prefix(rid, list(new.prefix_slots))
-            pos = len(new.prefix_slots)
-            for token, slot in zip(new.input_ids, new.new_slots):
-                h = chain_hash(h, token)
-                self._write(slot, (pos, token, h), live_slots, written)
-                pos += 1
-            token = self.token_for(h)
-            slots = list(new.prefix_slots) + list(new.new_slots)
-            live_slots.update(slots)
-            self.reqs[rid] = _ReqState(slots, chain_hash(h, token), token, getattr(new, "sampling", None))
-            outputs.append((rid, token))
+            prefix = list(new.prefix_slots)
+            st = _ReqState(prefix, self._read_prefix(rid, prefix), None, getattr(new, "sampling", None))
+            live_slots.update(prefix)
+            self.reqs[rid] = st
+            self._run(rid, st, list(new.input_ids), list(new.new_slots), live_slots, written)
+            if new.sample:
+                outputs.append((rid, self._sample(st)))
         for cont in plan.continuing_requests:
             rid = cont.request_id
             st = self.reqs.get(rid)
             if st is None:
                 raise FakeExecutorError(f"continuing request {rid} is unknown")
-            if list(cont.input_ids) or len(cont.new_slots) != 1:
-                raise FakeExecutorError(f"{rid}: only single-token decode is supported by the fake")
-            slot = cont.new_slots[0]
-            self._write(slot, (len(st.slots), st.last_token, st.last_hash), live_slots, written)
+            tokens = list(cont.input_ids)
+            if not tokens:
+                if st.last_token is None:
+                    raise FakeExecutorError(f"{rid}: decode, but its last step sampled nothing")
+                tokens = [st.last_token]
+            self._run(rid, st, tokens, list(cont.new_slots), live_slots, written)
+            if cont.sample:
+                outputs.append((rid, self._sample(st)))
+        return outputs
+
+    def _run(self, rid: str, st: _ReqState, tokens: list[int], slots: list[int],
+             live_slots: set[int], written: list[int]) -> None:
+        """Write the KV of tokens at the request's next positions."""
+        if len(slots) != len(tokens):
+            raise FakeExecutorError(f"{rid}: {len(tokens)} tokens, {len(slots)} slots")
+        for token, slot in zip(tokens, slots):
+            self._check_page_layout(rid, st.slots, slot)
+            st.kv_hash = chain_hash(st.kv_hash, token)
+            self._write(slot, (len(st.slots), token, st.kv_hash), live_slots, written)
             st.slots.append(slot)
             live_slots.add(slot)
-            token = self.token_for(st.last_hash)
-            st.last_hash = chain_hash(st.last_hash, token)
-            st.last_token = token
-            outputs.append((rid, token))
-        return outputs
+        st.last_token = None
+
+    def _sample(self, st: _ReqState) -> int:
+        st.last_token = self.token_for(st.kv_hash)
+        return st.last_token
+
+    def _check_page_layout(self, rid: str, slots: list[int], slot: int) -> None:
+        ps = self.page_size
+        pos = len(slots)
+        if ps == 1:
+            return
+        if slot % ps != pos % ps or (pos % ps and slot != slots[-1] + 1):
+            raise FakeExecutorError(f"{rid}: slot {slot} for position {pos} breaks the page layout "
+                                    f"(page size {ps})")
 
     def _read_prefix(self, rid: str, prefix: list[int]) -> int:
         h = 0
@@ -118,8 +142,8 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     """The FakeModel behind the Executor gRPC interface."""
 
     def __init__(self, kv_slots: int = 512, vocab_size: int = 1000, context_length: int = 256,
-                 eos_token_ids: tuple[int, ...] = (), fail_steps: bool = False):
-        self.model = FakeModel(kv_slots, vocab_size)
+                 eos_token_ids: tuple[int, ...] = (), fail_steps: bool = False, page_size: int = 1):
+        self.model = FakeModel(kv_slots, vocab_size, page_size=page_size)
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.fail_steps = fail_steps  # answer Step with UNAVAILABLE (to test failure handling)

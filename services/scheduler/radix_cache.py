@@ -1,8 +1,12 @@
-"""Radix tree prefix cache over token ids and KV slot ids (page size 1).
+"""Radix tree prefix cache over token ids and KV slot ids.
 
 Each edge holds a run of tokens and the KV slots that hold their keys/values. A request locks the
 path to the node its cached prefix ends at, so that path cannot be evicted while it runs.
 Eviction frees unlocked leaves, least recently used first. Pure Python, no I/O.
+
+PagedRadixCache works in whole pages (as SGLang's paged radix cache): edges are page multiples,
+children are keyed by their first page, matches are rounded down to a page multiple, and only
+page multiples can be inserted, so every node holds whole KV pages and eviction frees whole pages.
 """
 from __future__ import annotations
 
@@ -37,8 +41,19 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class RadixCache:
+    page_size = 1
+
     def __init__(self) -> None:
         self.reset()
+
+    @staticmethod
+    def _child_key(key: Sequence[int], i: int):
+        """The key under which the child edge starting at key[i] hangs."""
+        return key[i]
+
+    @staticmethod
+    def _match_len(a: Sequence[int], b: Sequence[int]) -> int:
+        return _common_prefix_len(a, b)
 
     def reset(self) -> None:
         """Forget everything (the caller owns freeing the slots)."""
@@ -63,11 +78,12 @@ class RadixCache:
         node = self.root
         slots: list[int] = []
         i = 0
-        while i < len(tokens):
-            child = node.children.get(tokens[i])
+        end = len(tokens) - len(tokens) % self.page_size
+        while i < end:
+            child = node.children.get(self._child_key(tokens, i))
             if child is None:
                 break
-            n = _common_prefix_len(child.key, tokens[i:i + len(child.key)])
+            n = self._match_len(child.key, tokens[i:min(i + len(child.key), end)])
             if n < len(child.key):
                 child = self._split(child, n)
             self._touch(child)
@@ -85,17 +101,20 @@ class RadixCache:
         """
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
+        if len(tokens) % self.page_size:
+            raise ValueError(f"{len(tokens)} tokens are not a whole number of pages of {self.page_size}")
         node = self.root
         i = 0
         while i < len(tokens):
-            child = node.children.get(tokens[i])
+            key = self._child_key(tokens, i)
+            child = node.children.get(key)
             if child is None:
                 leaf = self._new_node(list(tokens[i:]), list(slots[i:]), node)
-                node.children[tokens[i]] = leaf
+                node.children[key] = leaf
                 self._evictable += len(leaf.key)
                 self._touch(leaf)
                 return i
-            n = _common_prefix_len(child.key, tokens[i:i + len(child.key)])
+            n = self._match_len(child.key, tokens[i:i + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             self._touch(child)
@@ -110,8 +129,8 @@ class RadixCache:
         # Every lock on child goes through upper too, so upper inherits the count.
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
-        upper.children[child.key[n]] = child
-        parent.children[child.key[0]] = upper
+        upper.children[self._child_key(child.key, n)] = child
+        parent.children[self._child_key(child.key, 0)] = upper
         child.parent = upper
         child.key = child.key[n:]
         child.slots = child.slots[n:]
@@ -149,7 +168,7 @@ class RadixCache:
             freed += len(leaf.slots)
             self._evictable -= len(leaf.key)
             parent = leaf.parent
-            del parent.children[leaf.key[0]]
+            del parent.children[self._child_key(leaf.key, 0)]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.uid, parent))
         return freed
@@ -181,6 +200,27 @@ class RadixCache:
             out += node.slots
             stack.extend(node.children.values())
         return out
+
+
+class PagedRadixCache(RadixCache):
+    def __init__(self, page_size: int) -> None:
+        if page_size < 2:
+            raise ValueError(f"use RadixCache for page size {page_size}")
+        self.page_size = page_size
+        super().__init__()
+
+    def _child_key(self, key: Sequence[int], i: int):
+        return tuple(key[i:i + self.page_size])
+
+    def _match_len(self, a: Sequence[int], b: Sequence[int]) -> int:
+        n = _common_prefix_len(a, b)
+        return n - n % self.page_size
+
+
+def make_radix_cache(page_size: int = 1, disable: bool = False):
+    if disable:
+        return DisabledRadixCache()
+    return RadixCache() if page_size == 1 else PagedRadixCache(page_size)
 
 
 class DisabledRadixCache:

@@ -32,6 +32,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.
+    # While a prefill is chunked, len(slots) is how far it has been planned.
     slots: list[int] = field(default_factory=list)
     prefix_len: int = 0
     last_node: Any = None
@@ -42,6 +43,8 @@ class Request:
     status: Status = Status.WAITING
     # Planned steps not yet updated that sample a token for this request.
     inflight: int = 0
+    # Planned steps not yet updated that run a prefill chunk of it without sampling.
+    chunks_inflight: int = 0
 
     @property
     def seq(self) -> list[int]:
@@ -56,9 +59,9 @@ class Request:
         return max(0, self.max_new_tokens - len(self.output_ids))
 
     @property
-    def own_slots(self) -> int:
-        """Slots this request holds that the cache does not."""
-        return len(self.slots) - self.prefix_len
+    def busy(self) -> bool:
+        """Whether steps in flight still write this request's KV."""
+        return bool(self.inflight or self.chunks_inflight)
 
 
 @dataclass
@@ -68,7 +71,7 @@ class NewRequestPlan:
     prefix_slots: list[int]
     new_slots: list[int]
     sampling: Any = None
-    sample: bool = True
+    sample: bool = True  # False when input_ids is the first chunk of a longer prefill
 
 
 @dataclass
@@ -76,7 +79,7 @@ class ContinuingRequestPlan:
     request_id: str
     new_slots: list[int]
     input_ids: list[int] = field(default_factory=list)  # empty: decode the last sampled token
-    sample: bool = True
+    sample: bool = True  # False for a prefill chunk that is not the last
 
 
 @dataclass
@@ -89,7 +92,8 @@ class StepPlan:
 
     @property
     def is_prefill(self) -> bool:
-        return bool(self.new_requests)
+        """Whether the step runs prompt tokens (a new request, or a later chunk of a prefill)."""
+        return bool(self.new_requests) or any(c.input_ids for c in self.continuing_requests)
 
     def request_ids(self) -> list[str]:
         return [r.request_id for r in self.new_requests] + [r.request_id for r in self.continuing_requests]

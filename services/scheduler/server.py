@@ -115,7 +115,8 @@ async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> 
 def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Scheduler:
     pool_size = model.kv_slots
     if args.max_total_tokens:
-        pool_size = min(pool_size, args.max_total_tokens + 1)
+        # Page 0 holds the padding slot: one page more than the tokens (rounded down to pages).
+        pool_size = min(pool_size, args.max_total_tokens + args.page_size)
     context_length = min(args.context_length or model.context_length, model.context_length)
     max_running = args.max_running_requests or default_max_running_requests(pool_size - 1)
     return Scheduler(
@@ -126,6 +127,9 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
         policy=args.schedule_policy,
         disable_radix_cache=args.disable_radix_cache,
         eos_token_ids=model.eos_token_ids,
+        chunked_prefill_size=args.chunked_prefill_size,
+        enable_mixed_chunk=args.enable_mixed_chunk,
+        page_size=args.page_size,
     )
 
 
@@ -153,12 +157,14 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "schedule_policy": core.policy,
         "max_running_requests": core.max_running_requests,
         "max_prefill_tokens": core.max_prefill_tokens,
-        "max_total_tokens": core.pool.size - 1,
+        "max_total_tokens": core.pool.capacity,
         "context_length": core.context_length,
         "disable_radix_cache": core.disable_radix_cache,
         "disable_overlap_schedule": args.disable_overlap_schedule,
-        "page_size": 1,
-        "chunked_prefill": False,
+        "page_size": core.page_size,
+        "chunked_prefill": core.chunking,
+        "chunked_prefill_size": core.chunked_prefill_size,
+        "enable_mixed_chunk": core.enable_mixed_chunk,
     }
     runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule)
     server = aio_server()
@@ -168,7 +174,7 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     loop_task = asyncio.create_task(runtime.run(), name="scheduler-loop")
     host = args.scheduler_addr.rsplit(":", 1)[0]
     log.info("scheduler ready on %s:%d (model %s, %d KV tokens, context %d, config %s)",
-             host, port, model.architecture, core.pool.size - 1, core.context_length, json.dumps(config))
+             host, port, model.architecture, core.pool.capacity, core.context_length, json.dumps(config))
     return RunningScheduler(server, runtime, port, loop_task, channel)
 
 
