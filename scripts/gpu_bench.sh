@@ -40,6 +40,53 @@ EOF
   kill $pid; wait $pid
 }
 
+wait_http() {
+  for _ in $(seq 300); do
+    python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$1/health', timeout=5)" 2>/dev/null && return 0
+    sleep 1
+  done
+  return 1
+}
+
+stage_serving() {
+  local port=31000
+  "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
+    --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
+    ${SERVE_FLAGS:-} > "$OUT/serve.log" 2>&1 &
+  local pid=$!
+  wait_http $port || { tail -30 "$OUT/serve.log"; kill $pid; return 1; }
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
+               --random-range-ratio 1.0 --output-file "$OUT/serving.jsonl")
+  echo "--- 256 x 512 in / 256 out, rate inf"
+  timeout 240 "${bench[@]}" --random-input-len 512 --random-output-len 256 --num-prompts 256 --request-rate inf \
+    > "$OUT/rate_inf.txt" 2>&1 &
+  local bench_pid=$!
+  if [ -n "${PROFILE:-}" ]; then  # py-spy (carried) samples each process for 5 s mid-run
+    sleep 10
+    for name in gateway scheduler executor; do
+      py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-$name.txt" -p "$(pgrep -f "services.cli $name" | head -1)" \
+        > /dev/null 2>&1 &
+    done
+    py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-client.txt" -p "$(pgrep -f "^python -m services.cli bench serving" | head -1)" \
+      > /dev/null 2>&1 &
+  fi
+  wait $bench_pid
+  grep -v '^{' "$OUT/rate_inf.txt" | grep -v "requests:"
+  if [ -z "${ONLY_RATE_INF:-}" ]; then
+  echo "--- 1 req/s, 32 x 512 in / 256 out"
+  timeout 120 "${bench[@]}" --random-input-len 512 --random-output-len 256 --num-prompts 32 --request-rate 1 | grep -v '^{'
+  echo "--- one at a time (bs1 ITL vs the in-process step), 4 x 128 in / 128 out"
+  timeout 60 "${bench[@]}" --random-input-len 128 --random-output-len 128 --num-prompts 4 --max-concurrency 1 | grep -v '^{'
+  fi
+  kill $pid; wait $pid
+}
+
+stage_hf_baseline() {
+  timeout 300 "${rs[@]}" bench serving --backend hf-transformers --model-path "$MODEL" --load-format dummy \
+    --dtype bfloat16 --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \
+    --num-prompts ${HF_PROMPTS:-256} --output-file "$OUT/serving.jsonl" | grep -v '^{'
+}
+
 stage_parity() {
   timeout 300 python scripts/check_hf_parity.py --model-path "$MODEL" --max-new-tokens 32 | tee "$OUT/parity.json"
 }

@@ -58,7 +58,9 @@ def load_model(folder: str, config, dtype: str, load_format: str, device: str):
 
     if load_format == "dummy":
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype, config))
+        # Built (and randomly initialised) on the target device: on the CPU an 8B init takes minutes.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype, config))
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype, config))
     return model.to(device).eval()
