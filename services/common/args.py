@@ -50,10 +50,8 @@ class ServerArgs:
 
     # Kernels and graphs (executor)
     attention_backend: str | None = None  # None: triton on CUDA, torch_native on CPU
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
-    enable_torch_compile: bool = False
-    torch_compile_max_bs: int = 32
 
     # Service addresses (host:port); each service listens on its own and dials the others.
     grpc_host: str = "127.0.0.1"
@@ -114,8 +112,6 @@ _HELP = {
     "attention_backend": "triton | torch_native | flashinfer (default: triton on CUDA, torch_native on CPU)",
     "cuda_graph_max_bs": "largest decode batch replayed from a captured CUDA graph",
     "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
-    "enable_torch_compile": "compile the decode forward with torch.compile (inside the CUDA graphs)",
-    "torch_compile_max_bs": "largest decode batch run through the compiled forward",
     "schedule_policy": "fcfs (arrival order) | lpm (longest cached prefix first)",
     "disable_radix_cache": "do not reuse KV across requests",
     "disable_overlap_schedule": "plan each step only after the previous one returned",
