@@ -16,7 +16,7 @@ from services.common.args import ServerArgs
 from services.common.log import setup_logging
 from services.tokenizer.conversation import conversation_from_proto
 from services.tokenizer.core import TokenizerCore, tokenizer_folder
-from services.common.lifecycle import run_until_signalled
+from services.common.lifecycle import catch_stop_signals, run_until_signalled
 
 log = logging.getLogger("radixserve.tokenizer")
 T = TypeVar("T")
@@ -61,12 +61,13 @@ async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server,
 
 
 async def serve(args: ServerArgs) -> None:
+    stop = catch_stop_signals()
     folder = tokenizer_folder(args)
     core = await asyncio.to_thread(TokenizerCore, folder, args.chat_template)
     log.info("loaded tokenizer from %s (vocab %d)", folder, core.info().vocab_size)
     server, _ = await start_server(core, args.tokenizer_addr)
     log.info("tokenizer ready on %s", args.tokenizer_addr)
-    await run_until_signalled(server)
+    await run_until_signalled(server, stop)
 
 
 def main(args: ServerArgs) -> int:
