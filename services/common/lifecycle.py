@@ -1,36 +1,55 @@
-"""Run a started grpc.aio server until SIGTERM/SIGINT, then stop it gracefully (every service)."""
+"""A service process's life: SIGTERM/SIGINT caught from its event loop's first moment, a started
+grpc.aio server served until one arrives, then stopped gracefully (every gRPC service)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+import weakref
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
 SHUTDOWN_GRACE_S = 5.0
 
+Args = TypeVar("Args")
+# The stop event of each loop run_service started: set by SIGTERM/SIGINT.
+_stop_events: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event]" = weakref.WeakKeyDictionary()
 
-def catch_stop_signals() -> asyncio.Event:
-    """From now on SIGTERM/SIGINT set the returned event instead of killing the process. Call it
-    before the service reports ready, so that a signal right after that is a clean stop."""
+
+def _stop_event() -> asyncio.Event:
+    """This loop's stop event; the first call installs the signal handlers that set it."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_events.get(loop)
+    if stop is None:
+        stop = _stop_events[loop] = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                loop.add_signal_handler(sig, stop.set)
     return stop
 
 
-async def wait_until_signalled(server: grpc.aio.Server, stop: asyncio.Event | None = None) -> None:
-    """Return on SIGTERM/SIGINT (or `stop` set) or when the server terminates; the caller then shuts down."""
-    stop = stop or catch_stop_signals()
+def run_service(serve: Callable[[Args], Awaitable[None]], args: Args) -> int:
+    """asyncio.run(serve(args)) with the signals caught before serve starts: a stop that arrives
+    while the service loads, or right after it reports ready, is a clean one (exit code 0)."""
+    async def main() -> None:
+        _stop_event()
+        await serve(args)
+
+    asyncio.run(main())
+    return 0
+
+
+async def wait_until_signalled(server: grpc.aio.Server) -> None:
+    """Return on SIGTERM/SIGINT or when the server terminates; the caller then shuts down."""
+    stop = _stop_event()
     waiter = asyncio.ensure_future(server.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()  # the waiter finishes by itself once the server is stopped
 
 
-async def run_until_signalled(server: grpc.aio.Server, stop: asyncio.Event | None = None) -> None:
+async def run_until_signalled(server: grpc.aio.Server) -> None:
     """Serve until SIGTERM/SIGINT, then stop the server gracefully."""
-    await wait_until_signalled(server, stop)
+    await wait_until_signalled(server)
     await server.stop(SHUTDOWN_GRACE_S)

@@ -17,7 +17,7 @@ from services.common.args import ServerArgs
 from services.common.log import setup_logging
 from services.detokenizer.incremental import DecodeState, DecodeStep, decode_step
 from services.tokenizer.core import load_tokenizer, tokenizer_folder
-from services.common.lifecycle import catch_stop_signals, run_until_signalled
+from services.common.lifecycle import run_service, run_until_signalled
 
 log = logging.getLogger("radixserve.detokenizer")
 
@@ -71,16 +71,14 @@ async def start_server(tokenizer: PreTrainedTokenizerBase, addr: str) -> tuple[g
 
 
 async def serve(args: ServerArgs) -> None:
-    stop = catch_stop_signals()
     folder = tokenizer_folder(args)
     tokenizer = await asyncio.to_thread(load_tokenizer, folder)
     log.info("loaded tokenizer from %s", folder)
     server, _ = await start_server(tokenizer, args.detokenizer_addr)
     log.info("detokenizer ready on %s", args.detokenizer_addr)
-    await run_until_signalled(server, stop)
+    await run_until_signalled(server)
 
 
 def main(args: ServerArgs) -> int:
     setup_logging("detokenizer", args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, args)

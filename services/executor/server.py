@@ -11,7 +11,7 @@ import grpc
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_server, bind
-from services.common.lifecycle import catch_stop_signals, run_until_signalled
+from services.common.lifecycle import run_service, run_until_signalled
 from services.common.log import setup_logging
 from services.common.step_order import StepOrder
 from services.executor.runner import ModelRunner, build_model_runner
@@ -117,7 +117,6 @@ async def start_server(runner: ModelRunner, addr: str,
 async def serve(args: ServerArgs) -> None:
     log.info("loading model %s (dtype %s, load format %s)", args.model_path or "<embedded SmolLM2>",
              args.dtype, args.load_format)
-    stop = catch_stop_signals()
     worker = torch_worker()
     runner = await asyncio.get_running_loop().run_in_executor(worker, build_model_runner, args)
     info = runner.model_info()
@@ -125,10 +124,9 @@ async def serve(args: ServerArgs) -> None:
              info.kv_slots, info.context_length)
     server, _ = await start_server(runner, args.executor_addr, worker)
     log.info("executor ready on %s", args.executor_addr)
-    await run_until_signalled(server, stop)
+    await run_until_signalled(server)
 
 
 def main(args: ServerArgs) -> int:
     setup_logging("executor", args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, args)

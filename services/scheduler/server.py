@@ -13,7 +13,7 @@ from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, schedu
 
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel, aio_server, bind
-from services.common.lifecycle import SHUTDOWN_GRACE_S, catch_stop_signals, wait_until_signalled
+from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, wait_until_signalled
 from services.common.log import setup_logging
 from services.scheduler.convert import event_to_proto, request_from_proto
 from services.scheduler.core import Scheduler
@@ -179,15 +179,13 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
 
 
 async def serve(args: ServerArgs) -> None:
-    stop = catch_stop_signals()
     running = await start_scheduler(args)
     try:
-        await wait_until_signalled(running.server, stop)
+        await wait_until_signalled(running.server)
     finally:
         await running.stop(grace=SHUTDOWN_GRACE_S)
 
 
 def main(args: ServerArgs) -> int:
     setup_logging("scheduler", args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, args)

@@ -16,7 +16,7 @@ from services.common.args import ServerArgs
 from services.common.log import setup_logging
 from services.tokenizer.conversation import conversation_from_proto
 from services.tokenizer.core import TokenizerCore, tokenizer_folder
-from services.common.lifecycle import catch_stop_signals, run_until_signalled
+from services.common.lifecycle import run_service, run_until_signalled
 
 log = logging.getLogger("radixserve.tokenizer")
 T = TypeVar("T")
@@ -61,16 +61,14 @@ async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server,
 
 
 async def serve(args: ServerArgs) -> None:
-    stop = catch_stop_signals()
     folder = tokenizer_folder(args)
     core = await asyncio.to_thread(TokenizerCore, folder, args.chat_template)
     log.info("loaded tokenizer from %s (vocab %d)", folder, core.info().vocab_size)
     server, _ = await start_server(core, args.tokenizer_addr)
     log.info("tokenizer ready on %s", args.tokenizer_addr)
-    await run_until_signalled(server, stop)
+    await run_until_signalled(server)
 
 
 def main(args: ServerArgs) -> int:
     setup_logging("tokenizer", args.log_level)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, args)
