@@ -33,6 +33,7 @@ class BuiltBatch:
     num_extend_tokens: int
     decode_slots: list[torch.Tensor]
     sample_token_index: torch.Tensor  # flattened-batch index of each sampling request's last token
+    samples_every_token: bool  # sample_token_index is 0..num_tokens-1 (one token per request, each sampling)
     sample_request_ids: list[str]
     sample_states: list[RequestState]
     table_meta: TableMeta | None = None
@@ -114,7 +115,8 @@ class BatchBuilder:
         seqs: list[_Seq] = []
         table_writes: tuple[list[int], list[int], list[int]] = ([], [], [])
         for req in step.new_requests:
-            state = RequestState.create(list(req.prefix_slots), req.sampling, self.device)
+            state = RequestState.create(list(req.prefix_slots), req.sampling, self.device,
+                                        host_slots=self.slot_table is None)
             states[req.request_id] = state
             if self.slot_table is not None:
                 state.table_row = self.slot_table.assign()
@@ -153,8 +155,9 @@ class BatchBuilder:
             last_index[id(seq)] = start + n - 1
 
         sampling = [s for s in seqs if s.sample]
+        sample_index = [last_index[id(s)] for s in sampling]
         packer = _Packer()
-        fields = [packer.add(v) for v in (input_ids, positions, out_slots, [last_index[id(s)] for s in sampling])]
+        fields = [packer.add(v) for v in (input_ids, positions, out_slots, sample_index)]
         if self.slot_table is not None:
             ordered = extends + decodes
             fields += [packer.add(v) for v in (
@@ -177,6 +180,7 @@ class BatchBuilder:
             num_extend_tokens=sum(len(s.new_slots) for s in extends),
             decode_slots=decode_slots,
             sample_token_index=sample_t,
+            samples_every_token=sample_index == list(range(len(input_ids))),
             sample_request_ids=[s.request_id for s in sampling],
             sample_states=[s.state for s in sampling],
             table_meta=table_meta,

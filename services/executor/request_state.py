@@ -11,9 +11,9 @@ from services.executor.step_io import SamplingParams
 @dataclass
 class RequestState:
     # Host int64 buffer; slots[:length] are the request's KV slots in position order. Kept on the
-    # host: per-token device writes would cost a launch each. With a SlotTable (GPU backends) the
-    # device table is the only copy and this holds just the prefix given at arrival.
-    slots: torch.Tensor
+    # host: per-token device writes would cost a launch each. None with a SlotTable (GPU backends):
+    # the device table is then the only copy.
+    slots: torch.Tensor | None
     length: int
     sampling: SamplingParams
     generator: torch.Generator | None
@@ -21,11 +21,13 @@ class RequestState:
     table_row: int = -1  # this request's row of the executor's SlotTable (GPU backends), -1: none
 
     @classmethod
-    def create(cls, prefix_slots: list[int], sampling: SamplingParams, device: torch.device) -> "RequestState":
-        capacity = max(64, 2 * len(prefix_slots))
-        slots = torch.zeros(capacity, dtype=torch.int64)
-        if prefix_slots:
-            slots[:len(prefix_slots)] = torch.tensor(prefix_slots, dtype=torch.int64)
+    def create(cls, prefix_slots: list[int], sampling: SamplingParams, device: torch.device,
+               host_slots: bool = True) -> "RequestState":
+        slots = None
+        if host_slots:
+            slots = torch.zeros(max(64, 2 * len(prefix_slots)), dtype=torch.int64)
+            if prefix_slots:
+                slots[:len(prefix_slots)] = torch.tensor(prefix_slots, dtype=torch.int64)
         generator = torch.Generator(device=device) if sampling.seed is not None else None
         return cls(slots, len(prefix_slots), sampling, generator)
 

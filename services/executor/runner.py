@@ -162,11 +162,11 @@ class ModelRunner:
         outputs: list[RequestOutput] = []
         logits = None
         if batch.sample_request_ids:
-            if all_logits is not None:
-                every_row = len(batch.sample_request_ids) == all_logits.shape[0]  # decode: each row samples
-                logits = all_logits if every_row else all_logits.index_select(0, batch.sample_token_index)
+            if all_logits is None:
+                rows = hidden if batch.samples_every_token else hidden.index_select(0, batch.sample_token_index)
+                logits = self.model.compute_logits(rows)
             else:
-                logits = self.model.compute_logits(hidden.index_select(0, batch.sample_token_index))
+                logits = all_logits if batch.samples_every_token else all_logits.index_select(0, batch.sample_token_index)
             states = batch.sample_states
             result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)
             for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):
