@@ -2,7 +2,8 @@
 
 CPU: cpu_decode (fused bf16 decode forward for x86 CPUs with AVX512-BF16; C++, compiled at first
 use) used by services/executor/fast_decode.py.
-GPU (Triton; tested on CPU with TRITON_INTERPRET=1): rmsnorm (fused residual add + RMSNorm),
-rotary, silu_mul, kv_store, decode_attention (paged GQA split-KV). Wiring them into an executor
-attention backend, CUDA graphs and the prefill/extend kernel are the GPU executor work in progress.
+GPU (Triton; tested on CPU with TRITON_INTERPRET=1), used by the executor's CUDA forward and
+its triton attention backend: rmsnorm (fused residual add + RMSNorm), rotary, silu_mul, kv_store,
+decode_attention (paged GQA split-KV) and extend_attention (paged causal prefill), the last two
+sharing paged_attention_block's online-softmax step.
 """

@@ -21,35 +21,11 @@ decode_attention_ref is the torch reference (gather per sequence, fp32 softmax).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
-                  stride_ks, stride_kh, stride_vs, stride_vh,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over positions [n0, min(n0 + BLOCK_N, end)) (n0 < end)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = n0 + offs_n
-    n_mask = pos < end
-    slots = tl.load(slot_row + pos, mask=n_mask, other=0).to(tl.int64)
-    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale              # [BLOCK_H, BLOCK_N] fp32
-    qk = tl.where(n_mask[None, :], qk, float("-inf"))
-    # The block holds at least one valid token, so m_new is finite (exp(-inf - m_new) = 0 on the first step).
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+from kernels.paged_attention_block import attend_block, interpreting
 
 
 @triton.jit
@@ -99,15 +75,15 @@ def _decode_stage1(
         # runs the same block step there.
         n0 = start
         while n0 < end:
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
-                                          stride_ks, stride_kh, stride_vs, stride_vh,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+            m_i, l_i, acc = attend_block(q, 0, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
+                                         stride_ks, stride_kh, stride_vs, stride_vh,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
-                                          stride_ks, stride_kh, stride_vs, stride_vh,
-                                          HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+            m_i, l_i, acc = attend_block(q, 0, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
+                                         stride_ks, stride_kh, stride_vs, stride_vh,
+                                         HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -143,10 +119,6 @@ def _decode_stage2(
                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_num_splits(max_len: int) -> int:
@@ -219,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, USE_WHILE=_interpreting(), HAS_ROWS=rows is not None,
+        PRECISION=precision, USE_WHILE=interpreting(), HAS_ROWS=rows is not None,
         num_warps=4, num_stages=2,
     )
     _decode_stage2[(B, H)](

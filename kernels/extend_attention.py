@@ -14,35 +14,11 @@ extend_attention_ref is the torch reference (per sequence, fp32, explicit causal
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc, scale,
-                  stride_ks, stride_kh, stride_vs, stride_vh,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    pos = n0 + offs_n
-    n_mask = pos < kv_end
-    slots = tl.load(slot_row + pos, mask=n_mask, other=0).to(tl.int64)
-    kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [BLOCK_M, BLOCK_N]
-    visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
-    qk = tl.where(visible, qk, float("-inf"))
-    # Every query row sees position 0 in the first block, so m_new is finite from the first block on.
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+from kernels.paged_attention_block import attend_block, interpreting
 
 
 @triton.jit
@@ -78,25 +54,21 @@ def _extend_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         slot_row = table_ptr + row * stride_tr
         kv_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
-        if USE_WHILE:  # the interpreter cannot run `range` over runtime bounds (see decode_attention.py)
+        if USE_WHILE:  # see paged_attention_block.interpreting
             n0 = 0
             while n0 < kv_end:
-                m_i, l_i, acc = _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
-                                              scale, stride_ks, stride_kh, stride_vs, stride_vh,
-                                              HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+                m_i, l_i, acc = attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
+                                             scale, stride_ks, stride_kh, stride_vs, stride_vh,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=True)
                 n0 += BLOCK_N
         else:
             for n0 in range(0, kv_end, BLOCK_N):
-                m_i, l_i, acc = _extend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
-                                              scale, stride_ks, stride_kh, stride_vs, stride_vh,
-                                              HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
+                m_i, l_i, acc = attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
+                                             scale, stride_ks, stride_kh, stride_vs, stride_vh,
+                                             HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=True)
         out = acc / l_i[:, None]
         tl.store(o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
@@ -137,7 +109,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), table.stride(0),
         GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        PRECISION=precision, USE_WHILE=_interpreting(),
+        PRECISION=precision, USE_WHILE=interpreting(),
         num_warps=4, num_stages=2,
     )
     return out
