@@ -57,8 +57,10 @@ class ModelRunner:
                  load_format: str = "auto", context_length: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
                  random_seed: int | None = None, attention_backend: str | None = None,
-                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0):
+                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0, keep_logits: bool = True):
         self.device = resolve_device(device)
+        # StepOutput.logits for callers that read them (tests, parity checks); the server does not.
+        self.keep_logits = keep_logits
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
@@ -102,7 +104,8 @@ class ModelRunner:
                    max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
                    random_seed=args.random_seed, attention_backend=args.attention_backend,
                    max_running_requests=args.max_running_requests,
-                   cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs)
+                   cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
+                   keep_logits=False)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         cfg = self.config
@@ -174,6 +177,10 @@ class ModelRunner:
                 outputs.append(RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i]))
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if not self.keep_logits:
+            logits = None
+        elif logits is all_logits and logits is not None:
+            logits = logits.clone()  # the CUDA graph's output buffer, which the next replay overwrites
         return StepOutput(step.step_id, outputs, (time.perf_counter() - t0) * 1000, logits)
 
 
