@@ -150,15 +150,58 @@ def test_paged_eviction_frees_whole_pages():
 tokens_st = st.lists(st.integers(0, 3), min_size=1, max_size=6)
 
 
-class RadixCacheMachine(RuleBasedStateMachine):
+class _LockingMachine(RuleBasedStateMachine):
+    """Rules both caches share: lock a matched path, unlock it, evict; locked paths keep matching.
+    Subclasses hold the reference model (self.ref) and drop evicted entries from it."""
+
+    def __init__(self, cache):
+        super().__init__()
+        self.cache = cache
+        self.locks: list[tuple[object, list[int], tuple[int, ...]]] = []
+
+    @rule(tokens=tokens_st)
+    def lock(self, tokens):
+        slots, node = self.cache.match_prefix(tokens)
+        self.cache.inc_lock_ref(node)
+        self.locks.append((node, slots, tuple(tokens[:len(slots)])))
+
+    @precondition(lambda self: self.locks)
+    @rule(index=st.integers(0, 100))
+    def unlock(self, index):
+        node, _, _ = self.locks.pop(index % len(self.locks))
+        self.cache.dec_lock_ref(node)
+
+    @rule(num=st.integers(0, 12))
+    def evict(self, num):
+        evictable_before = self.cache.evictable_size()
+        freed: list[int] = []
+        reported = self.cache.evict(num, freed.extend)
+        assert reported == len(freed)
+        assert reported >= min(num, evictable_before)
+        assert self.cache.evictable_size() == evictable_before - reported
+        locked = {s for _, slots, _ in self.locks for s in slots}
+        assert not locked & set(freed)
+        self.forget(freed)
+
+    def forget(self, freed: list[int]) -> None:
+        raise NotImplementedError
+
+    def locked_slots(self) -> set[int]:
+        return {s for _, slots, _ in self.locks for s in slots}
+
+    @invariant()
+    def locked_paths_still_match(self):
+        for _, slots, tokens in self.locks:
+            assert self.cache.match_prefix(list(tokens))[0] == slots
+
+
+class RadixCacheMachine(_LockingMachine):
     """The reference model: every cached prefix (as a tuple) -> the slot of its last token."""
 
     def __init__(self):
-        super().__init__()
-        self.cache = RadixCache()
+        super().__init__(RadixCache())
         self.ref: dict[tuple[int, ...], int] = {}
         self.next_slot = 1
-        self.locks: list[tuple[object, list[int], tuple[int, ...]]] = []
 
     def _expected_match(self, tokens) -> list[int]:
         out = []
@@ -183,28 +226,7 @@ class RadixCacheMachine(RuleBasedStateMachine):
         slots, _ = self.cache.match_prefix(tokens)
         assert slots == self._expected_match(tokens)
 
-    @rule(tokens=tokens_st)
-    def lock(self, tokens):
-        slots, node = self.cache.match_prefix(tokens)
-        self.cache.inc_lock_ref(node)
-        self.locks.append((node, slots, tuple(tokens[:len(slots)])))
-
-    @precondition(lambda self: self.locks)
-    @rule(index=st.integers(0, 100))
-    def unlock(self, index):
-        node, _, _ = self.locks.pop(index % len(self.locks))
-        self.cache.dec_lock_ref(node)
-
-    @rule(num=st.integers(0, 12))
-    def evict(self, num):
-        evictable_before = self.cache.evictable_size()
-        freed: list[int] = []
-        reported = self.cache.evict(num, freed.extend)
-        assert reported == len(freed)
-        assert reported >= min(num, evictable_before)
-        assert self.cache.evictable_size() == evictable_before - reported
-        locked = {s for _, slots, _ in self.locks for s in slots}
-        assert not locked & set(freed)
+    def forget(self, freed):
         gone = set(freed)
         assert gone <= set(self.ref.values())
         self.ref = {k: v for k, v in self.ref.items() if v not in gone}
@@ -215,18 +237,12 @@ class RadixCacheMachine(RuleBasedStateMachine):
         assert len(slots) == len(set(slots))
         assert set(slots) == set(self.ref.values())
         assert self.cache.evictable_size() + self.cache.protected_size() == self.cache.total_size() == len(slots)
-        locked = {s for _, locked_slots, _ in self.locks for s in locked_slots}
-        assert self.cache.protected_size() == len(locked)
+        assert self.cache.protected_size() == len(self.locked_slots())
 
     @invariant()
     def reference_is_prefix_closed(self):
         for key in self.ref:
             assert len(key) == 1 or key[:-1] in self.ref
-
-    @invariant()
-    def locked_paths_still_match(self):
-        for _, slots, tokens in self.locks:
-            assert self.cache.match_prefix(list(tokens))[0] == slots
 
 
 RadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
@@ -238,15 +254,13 @@ pages_st = st.lists(st.lists(st.integers(0, 2), min_size=PAGE, max_size=PAGE), m
     lambda pages: [t for page in pages for t in page])
 
 
-class PagedRadixCacheMachine(RuleBasedStateMachine):
+class PagedRadixCacheMachine(_LockingMachine):
     """The reference model: every cached whole-page prefix (as a tuple) -> the slots of its last page."""
 
     def __init__(self):
-        super().__init__()
-        self.cache = PagedRadixCache(PAGE)
+        super().__init__(PagedRadixCache(PAGE))
         self.ref: dict[tuple[int, ...], tuple[int, ...]] = {}
         self.next_page = 1
-        self.locks: list[tuple[object, list[int], tuple[int, ...]]] = []
 
     def _expected_match(self, tokens) -> list[int]:
         out: list[int] = []
@@ -272,27 +286,8 @@ class PagedRadixCacheMachine(RuleBasedStateMachine):
         assert slots == self._expected_match(tokens)
         assert len(slots) % PAGE == 0
 
-    @rule(tokens=tokens_st)
-    def lock(self, tokens):
-        slots, node = self.cache.match_prefix(tokens)
-        self.cache.inc_lock_ref(node)
-        self.locks.append((node, slots, tuple(tokens[:len(slots)])))
-
-    @precondition(lambda self: self.locks)
-    @rule(index=st.integers(0, 100))
-    def unlock(self, index):
-        node, _, _ = self.locks.pop(index % len(self.locks))
-        self.cache.dec_lock_ref(node)
-
-    @rule(num=st.integers(0, 12))
-    def evict(self, num):
-        evictable_before = self.cache.evictable_size()
-        freed: list[int] = []
-        reported = self.cache.evict(num, freed.extend)
-        assert reported == len(freed) and reported % PAGE == 0
-        assert reported >= min(num, evictable_before)
-        locked = {s for _, slots, _ in self.locks for s in slots}
-        assert not locked & set(freed)
+    def forget(self, freed):
+        assert len(freed) % PAGE == 0
         gone = set(freed)
         self.ref = {k: v for k, v in self.ref.items() if not gone & set(v)}
 
@@ -303,13 +298,7 @@ class PagedRadixCacheMachine(RuleBasedStateMachine):
         assert set(slots) == {s for v in self.ref.values() for s in v}
         assert {s // PAGE for s in slots} == {v[0] // PAGE for v in self.ref.values()}
         assert self.cache.evictable_size() + self.cache.protected_size() == len(slots)
-        locked = {s for _, locked_slots, _ in self.locks for s in locked_slots}
-        assert self.cache.protected_size() == len(locked)
-
-    @invariant()
-    def locked_paths_still_match(self):
-        for _, slots, tokens in self.locks:
-            assert self.cache.match_prefix(list(tokens))[0] == slots
+        assert self.cache.protected_size() == len(self.locked_slots())
 
 
 PagedRadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
