@@ -334,6 +334,49 @@ def test_reset_drops_everything():
     assert plan is not None and h.outputs["c"] == reference_tokens([1, 2], 2)
 
 
+def drive_random_traffic(h, rng: random.Random, steps: int, eos: set[int] | None = None):
+    """Random arrivals, aborts and cache flushes, then run to the end. Returns the reference tokens
+    of every request (cut at the first eos where the request does not ignore it) and the aborted ids."""
+    capacity = h.sched.pool.capacity
+    expected, aborted, next_id = {}, set(), 0
+    for _ in range(steps):
+        if rng.random() < 0.3:
+            prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
+            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
+            rid = f"r{next_id}"
+            next_id += 1
+            ignore_eos = eos is None or rng.random() < 0.5
+            h.add(rid, prompt, max_new=max_new, ignore_eos=ignore_eos)
+            tokens = reference_tokens(prompt, max_new)
+            if not ignore_eos:
+                tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+            expected[rid] = tokens
+        if h.sched.requests and rng.random() < 0.05:
+            rid = rng.choice(sorted(h.sched.requests))
+            h.sched.abort(rid)
+            aborted.add(rid)
+        if rng.random() < 0.05:
+            h.sched.flush_cache()
+        h.step()
+    h.run()
+    return expected, aborted
+
+
+def check_random_traffic(h, expected: dict, aborted: set, deep: bool, check_usage: bool = False) -> None:
+    """Finished requests got exactly their reference tokens (aborted ones a prefix), nothing leaked,
+    and a flush frees the whole pool."""
+    for rid, tokens in expected.items():
+        if rid in aborted:
+            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
+        else:
+            assert h.outputs[rid] == tokens
+            if check_usage:
+                assert h.finals[rid].completion_tokens == len(tokens)
+    assert h.sched.check_leak(deep=deep) is None
+    h.sched.flush_cache()
+    assert h.sched.pool.available() == h.sched.pool.capacity
+
+
 # Chunk sizes (-1: off), mixing and page sizes the random traffic tests run under.
 CHUNK_SIZES = st.sampled_from([-1, 1, 3, 8])
 PAGE_SIZES = st.sampled_from([1, 4, 16])
@@ -348,29 +391,5 @@ def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, polic
     h = Harness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
                 max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
                 chunked_prefill_size=chunk, enable_mixed_chunk=mixed, page_size=page_size)
-    capacity = h.sched.pool.capacity
-    expected, aborted, next_id = {}, set(), 0
-    for _ in range(200):
-        if rng.random() < 0.3:
-            prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
-            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
-            rid = f"r{next_id}"
-            next_id += 1
-            h.add(rid, prompt, max_new=max_new, ignore_eos=True)
-            expected[rid] = reference_tokens(prompt, max_new)
-        if h.sched.requests and rng.random() < 0.05:
-            rid = rng.choice(sorted(h.sched.requests))
-            h.sched.abort(rid)
-            aborted.add(rid)
-        if rng.random() < 0.05:
-            h.sched.flush_cache()
-        h.step()
-    h.run()
-    for rid, tokens in expected.items():
-        if rid in aborted:
-            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
-        else:
-            assert h.outputs[rid] == tokens
-    assert h.sched.check_leak() is None
-    h.sched.flush_cache()
-    assert h.sched.pool.available() == capacity
+    expected, aborted = drive_random_traffic(h, rng, steps=200)
+    check_random_traffic(h, expected, aborted, deep=False)

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.request import FinishReason, Request, StepOutput
-from tests.test_scheduler_core import CHUNK_SIZES, PAGE_SIZES, Harness, prompts, reference_tokens
+from tests.test_scheduler_core import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
+                                      prompts, reference_tokens)
 
 
 class OverlapHarness(Harness):
@@ -168,34 +169,5 @@ def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, ma
                        max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
                        eos_token_ids=eos, chunked_prefill_size=chunk, enable_mixed_chunk=mixed,
                        page_size=page_size)
-    capacity = h.sched.pool.capacity
-    expected, aborted, next_id = {}, set(), 0
-    for _ in range(250):
-        if rng.random() < 0.3:
-            prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
-            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
-            rid = f"r{next_id}"
-            next_id += 1
-            ignore_eos = rng.random() < 0.5
-            h.add(rid, prompt, max_new=max_new, ignore_eos=ignore_eos)
-            tokens = reference_tokens(prompt, max_new)
-            if not ignore_eos:
-                tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
-            expected[rid] = tokens
-        if h.sched.requests and rng.random() < 0.05:
-            rid = rng.choice(sorted(h.sched.requests))
-            h.sched.abort(rid)
-            aborted.add(rid)
-        if rng.random() < 0.05:
-            h.sched.flush_cache()
-        h.step()
-    h.run()
-    for rid, tokens in expected.items():
-        if rid in aborted:
-            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
-        else:
-            assert h.outputs[rid] == tokens
-            assert h.finals[rid].completion_tokens == len(tokens)
-    assert h.sched.check_leak(deep=True) is None
-    h.sched.flush_cache()
-    assert h.sched.pool.available() == capacity
+    expected, aborted = drive_random_traffic(h, rng, steps=250, eos=eos)
+    check_random_traffic(h, expected, aborted, deep=True, check_usage=True)
