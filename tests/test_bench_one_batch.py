@@ -4,20 +4,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import transformers
 
 from services.bench import one_batch
 from tests.stack import free_ports
+from tests.test_model_vs_hf import build_hf_model
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    build_hf_model("llama", folder)
     return folder
 
 

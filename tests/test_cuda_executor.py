@@ -11,6 +11,7 @@ import transformers
 
 from services.executor.runner import ModelRunner
 from services.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from tests.test_model_vs_hf import build_hf_model
 
 pytestmark = pytest.mark.cuda
 
@@ -18,15 +19,9 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-cuda")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
-    config.eos_token_id = None
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 1.0 if "embed" in name else 0.1) if "norm" not in name else p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
+    build_hf_model(transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                            num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                                            max_position_embeddings=1024), folder)
     return folder
 
 

@@ -36,9 +36,10 @@ CONFIGS = {
 }
 
 
-def build_hf_model(name: str, folder) -> torch.nn.Module:
+def build_hf_model(name_or_config, folder) -> torch.nn.Module:
+    """A random HF model (a CONFIGS name or a config) saved to folder, with wide random weights."""
     torch.manual_seed(0)
-    config = CONFIGS[name]()
+    config = CONFIGS[name_or_config]() if isinstance(name_or_config, str) else name_or_config
     config.eos_token_id = None
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # larger than the default init so that differences would show
