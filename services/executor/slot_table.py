@@ -13,7 +13,7 @@ class SlotTable:
     def __init__(self, rows: int, width: int, device: torch.device):
         self.width = width
         self.tensor = torch.zeros(rows, width, dtype=torch.int64, device=device)
-        self._free = list(range(rows - 1, -1, -1))
+        self.reset()
 
     @property
     def free_rows(self) -> int:
@@ -27,6 +27,7 @@ class SlotTable:
             self._free.append(row)
 
     def reset(self) -> None:
+        """Every row free (popped from the end: row 0 first)."""
         self._free = list(range(self.tensor.shape[0] - 1, -1, -1))
 
     def write(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:

@@ -22,13 +22,15 @@ class DoubleFreeError(RuntimeError):
 
 
 class KVPool:
+    """Single slots 1..size-1 (PagedKVPool also uses one as its allocator of page ids)."""
     page_size = 1
 
-    def __init__(self, size: int, debug: bool = True):
+    def __init__(self, size: int, debug: bool = True, unit: str = "slot"):
         if size < 2:
-            raise ValueError(f"a KV pool needs at least 2 slots (got {size})")
+            raise ValueError(f"a KV pool needs at least 2 {unit}s (got {size})")
         self.size = size
         self.debug = debug
+        self.unit = unit
         self.num_pages = size
         self.capacity = size - 1  # slots that can be handed out
         # Popped from the end, so low slot ids go out first.
@@ -55,14 +57,14 @@ class KVPool:
         if self.debug:
             for s in slots:
                 if not 0 < s < self.size:
-                    raise DoubleFreeError(f"slot {s} is outside 1..{self.size - 1}")
+                    raise DoubleFreeError(f"{self.unit} {s} is outside 1..{self.size - 1}")
                 if self._is_free[s]:
-                    raise DoubleFreeError(f"slot {s} freed twice")
+                    raise DoubleFreeError(f"{self.unit} {s} freed twice")
                 self._is_free[s] = 1
         self._free.extend(reversed(slots))
 
     def reset(self) -> None:
-        self.__init__(self.size, self.debug)
+        self.__init__(self.size, self.debug, self.unit)
 
     # ---- the page-aware interface the core uses (trivial with one-slot pages) ------------------
 
@@ -112,38 +114,19 @@ class PagedKVPool:
         self.debug = debug
         self.num_pages = size // page_size  # a partial page at the end is never used
         self.capacity = (self.num_pages - 1) * page_size
-        self._free_pages = list(range(self.num_pages - 1, 0, -1))
-        self._is_free = bytearray([0]) + bytearray([1]) * (self.num_pages - 1)
+        self._pages = KVPool(self.num_pages, debug, unit="page")  # page ids 1..num_pages-1
 
     def available(self) -> int:
-        return len(self._free_pages) * self.page_size
+        return self._pages.available() * self.page_size
 
     def alloc_pages(self, n: int) -> list[int] | None:
-        if n > len(self._free_pages):
-            return None
-        if n == 0:
-            return []
-        pages = self._free_pages[-n:][::-1]
-        del self._free_pages[-n:]
-        if self.debug:
-            for p in pages:
-                self._is_free[p] = 0
-        return pages
+        return self._pages.alloc(n)
 
     def free(self, slots: Iterable[int]) -> None:
-        slots = list(slots)
-        pages = self._pages_of(slots, check=self.debug)
-        if self.debug:
-            for p in pages:
-                if not 0 < p < self.num_pages:
-                    raise DoubleFreeError(f"page {p} is outside 1..{self.num_pages - 1}")
-                if self._is_free[p]:
-                    raise DoubleFreeError(f"page {p} freed twice")
-                self._is_free[p] = 1
-        self._free_pages.extend(reversed(pages))
+        self._pages.free(self._pages_of(list(slots), check=self.debug))
 
     def reset(self) -> None:
-        self.__init__(self.size, self.page_size, self.debug)
+        self._pages.reset()
 
     def round_down(self, n: int) -> int:
         return n - n % self.page_size
@@ -183,7 +166,7 @@ class PagedKVPool:
 
     def free_slots(self) -> list[int]:
         ps = self.page_size
-        return [s for p in self._free_pages for s in range(p * ps, p * ps + ps)]
+        return [s for p in self._pages.free_slots() for s in range(p * ps, p * ps + ps)]
 
     def occupied(self, own_slots: Sequence[int]) -> list[int]:
         ps = self.page_size
