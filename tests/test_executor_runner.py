@@ -307,3 +307,15 @@ def test_seeded_request_gives_the_same_tokens_after_retraction(runner):
         new("other", [9, 9], [70, 71], sampling=SamplingParams(temperature=1.0, seed=7))]))
     after = [again.outputs[0].token_id] + decode("s", 80, 3, 31)
     assert before + after == straight
+
+
+def test_step_protobuf_round_trip():
+    from services.executor.server import step_from_pb, step_input_to_pb
+    step = StepInput(7, finished_request_ids=["old"],
+                     new_requests=[NewRequest("a", [3, 4], [5, 6], prefix_slots=[1, 2], sample=False,
+                                              sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=4, min_p=0.125,
+                                                                      seed=11, return_logprob=True,
+                                                                      top_logprobs_num=2)),
+                                   NewRequest("b", [9], [8])],
+                     continuing_requests=[ContinuingRequest("c", [10]), ContinuingRequest("d", [12, 13], [1, 2])])
+    assert step_from_pb(step_input_to_pb(step)) == step

@@ -57,7 +57,9 @@ class GrpcTarget:
         import grpc
 
         from radixserve.v1 import executor_pb2, executor_pb2_grpc
+        from services.executor.server import step_input_to_pb
         self.pb = executor_pb2
+        self.to_pb = step_input_to_pb
         self.stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(addr))
         info = self.stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=600)
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
@@ -65,13 +67,8 @@ class GrpcTarget:
 
     def step(self, step: StepInput) -> tuple[StepOutput, StepTiming]:
         self.step_id += 1
-        msg = self.pb.ExecutorStepRequest(step_id=self.step_id, finished_request_ids=step.finished_request_ids)
-        for r in step.new_requests:
-            msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
-                                 new_slots=r.new_slots, sample=r.sample)
-        for r in step.continuing_requests:
-            msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
-                                        sample=r.sample)
+        step.step_id = self.step_id  # the executor orders steps from the first one after a Reset
+        msg = self.to_pb(step)
         t0 = time.perf_counter()
         resp = self.stub.Step(msg, timeout=600)
         wall = time.perf_counter() - t0

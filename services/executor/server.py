@@ -29,6 +29,24 @@ def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
                           top_logprobs_num=p.top_logprobs_num)
 
 
+def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                     seed=p.seed, return_logprob=p.return_logprob,
+                                     top_logprobs_num=p.top_logprobs_num)
+
+
+def step_input_to_pb(step: StepInput) -> executor_pb2.ExecutorStepRequest:
+    """The inverse of step_from_pb (for clients that drive an executor directly, e.g. benchmarks)."""
+    msg = executor_pb2.ExecutorStepRequest(step_id=step.step_id, finished_request_ids=step.finished_request_ids)
+    for r in step.new_requests:
+        msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
+                             new_slots=r.new_slots, sampling=sampling_to_pb(r.sampling), sample=r.sample)
+    for r in step.continuing_requests:
+        msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
+                                    sample=r.sample)
+    return msg
+
+
 def step_from_pb(req: executor_pb2.ExecutorStepRequest) -> StepInput:
     return StepInput(
         step_id=req.step_id,
