@@ -1,4 +1,4 @@
-"""The interface attention backends (torch-native today; triton, flashinfer later) implement."""
+"""The interface attention backends (torch_native, triton; see registry.py) implement."""
 from __future__ import annotations
 
 import abc
