@@ -315,7 +315,12 @@ def test_step_protobuf_round_trip():
                      new_requests=[NewRequest("a", [3, 4], [5, 6], prefix_slots=[1, 2], sample=False,
                                               sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=4, min_p=0.125,
                                                                       seed=11, return_logprob=True,
-                                                                      top_logprobs_num=2)),
+                                                                      top_logprobs_num=2, frequency_penalty=0.5,
+                                                                      presence_penalty=-0.25, repetition_penalty=1.25,
+                                                                      min_new_tokens=4, logit_bias={3: -100.0, 17: 2.5},
+                                                                      stop_token_ids=[9], ignore_eos=True),
+                                              token_bitmask=b"\x01\x00\x00\x00", penalty_prompt_ids=[7, 3]),
                                    NewRequest("b", [9], [8])],
-                     continuing_requests=[ContinuingRequest("c", [10]), ContinuingRequest("d", [12, 13], [1, 2])])
+                     continuing_requests=[ContinuingRequest("c", [10], token_bitmask=b"\xff\x00\x00\x00"),
+                                          ContinuingRequest("d", [12, 13], [1, 2])])
     assert step_from_pb(step_input_to_pb(step)) == step

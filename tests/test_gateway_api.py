@@ -146,7 +146,11 @@ def test_completions_prompt_shapes_and_streaming(client, gw):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
-    r = httpx.post(gw.base_url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+    batch = client.completions.create(model=MODEL, prompt=["a", "bc"], max_tokens=2)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [expected_output(2)] * 2
+    assert batch.usage.prompt_tokens == 3 and batch.usage.completion_tokens == 4
+    r = httpx.post(gw.base_url + "/v1/completions", json={"prompt": [], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
@@ -217,7 +221,7 @@ BAD_CHAT_BODIES = [
     (json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": 2.5}), 400, "temperature"),
     (json.dumps({"model": MODEL, "messages": MESSAGES, "top_p": 1.5}), 400, "top_p"),
     (json.dumps({"model": MODEL, "messages": MESSAGES, "top_p": 0}), 400, "top_p"),
-    (json.dumps({"model": MODEL, "messages": MESSAGES, "n": 2}), 400, "n"),
+    (json.dumps({"model": MODEL, "messages": MESSAGES, "n": 0}), 400, "n"),
     (json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 10 ** 6}), 400, "messages"),
     (json.dumps({"model": "no-such-model", "messages": MESSAGES}), 404, "model"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": POISON}]}), 400, None),

@@ -5,6 +5,7 @@ tokens per message and records which requests were cancelled by their caller.
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from concurrent import futures
@@ -66,6 +67,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.cancelled: list[str] = []
         self.completed: list[str] = []
         self.active: set[str] = set()
+        self.sessions = 0
 
     def _cached_tokens(self, ids: list[int]) -> int:
         best = 0
@@ -129,6 +131,48 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 return
             yield msg
 
+    def Session(self, request_iterator, context):
+        """Generate, multiplexed: each request runs Generate in a thread with a per-request context."""
+        with self.lock:
+            self.sessions += 1
+        out: queue.Queue = queue.Queue()
+        contexts: dict[str, _SessionRequestContext] = {}
+
+        def run(msg):
+            ctx = contexts[msg.request_id]
+            try:
+                for resp in self.Generate(msg, ctx):
+                    out.put(scheduler_pb2.SchedulerSessionEvents(events=[resp]))
+            except _RequestAborted as e:
+                out.put(scheduler_pb2.SchedulerSessionEvents(errors=[scheduler_pb2.SchedulerRequestError(
+                    request_id=msg.request_id, code=e.code.value[0], message=e.details)]))
+            finally:
+                ctx.end()
+
+        def read():
+            try:
+                for action in request_iterator:
+                    if action.WhichOneof("action") == "generate":
+                        contexts[action.generate.request_id] = _SessionRequestContext()
+                        threading.Thread(target=run, args=(action.generate,), daemon=True).start()
+                    else:
+                        for rid in action.abort.request_ids:
+                            if rid in contexts:
+                                contexts[rid].end()
+            except grpc.RpcError:
+                pass  # the gateway closed the stream
+
+        threading.Thread(target=read, daemon=True).start()
+        try:
+            while context.is_active():
+                try:
+                    yield out.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+        finally:
+            for ctx in list(contexts.values()):
+                ctx.end()
+
     def GetInfo(self, request, context):
         with self.lock:
             running = len(self.active)
@@ -144,6 +188,35 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         with self.lock:
             self.prompts.clear()
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=7)
+
+
+class _RequestAborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self.code, self.details = code, details
+
+
+class _SessionRequestContext:
+    """The part of a grpc.ServicerContext that FakeScheduler.Generate uses, for one session request."""
+
+    def __init__(self):
+        self.active = True
+        self.callbacks = []
+        self.lock = threading.Lock()
+
+    def abort(self, code, details):
+        raise _RequestAborted(code, details)
+
+    def add_callback(self, fn):
+        self.callbacks.append(fn)
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def end(self) -> None:
+        with self.lock:
+            callbacks, self.callbacks, self.active = self.callbacks, [], False
+        for fn in callbacks:
+            fn()
 
 
 def fake_logprob(token: int, sp: common_pb2.SamplingParams) -> common_pb2.TokenLogprob:

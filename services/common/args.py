@@ -31,10 +31,14 @@ class ServerArgs:
     device: str = "auto"
     random_seed: int | None = None
     skip_tokenizer_init: bool = False
+    tool_call_parser: str | None = None  # None: chosen from the model (hermes for Qwen, llama3 for Llama)
+    is_embedding: bool = False  # serve /v1/embeddings instead of generation
 
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000
+    api_key: str | None = None  # None: every route is open
+    file_storage_path: str | None = None  # None: $XDG_DATA_HOME/radixserve/storage
 
     # Memory and scheduling
     mem_fraction_static: float | None = None
@@ -100,8 +104,15 @@ _HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "random_seed": "seed for dummy weights and unseeded sampling",
     "skip_tokenizer_init": "run without a tokenizer (token ids in, token ids out)",
+    "tool_call_parser": "format of the model's tool calls: hermes (Qwen, Hermes) | llama3 "
+                        "(default: chosen from the model's architecture and name)",
+    "is_embedding": "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as "
+                    "their sentence-transformers config says, decoders on the last token and L2-normalized",
     "host": "HTTP host of the gateway",
     "port": "HTTP port of the gateway",
+    "api_key": "require `Authorization: Bearer KEY` on every HTTP route but /health and on the gRPC API",
+    "file_storage_path": "folder for /v1/files uploads and /v1/batches state "
+                         "(default: $XDG_DATA_HOME/radixserve/storage, i.e. ~/.local/share/radixserve/storage)",
     "mem_fraction_static": "fraction of device memory for weights + KV cache",
     "max_running_requests": "most requests decoded together",
     "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",

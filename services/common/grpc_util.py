@@ -26,8 +26,8 @@ def sync_channel(addr: str) -> grpc.Channel:
     return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 
-def aio_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
 
 
 def bind(server: grpc.aio.Server, addr: str) -> int:

@@ -13,6 +13,7 @@ import grpc
 SHUTDOWN_GRACE_S = 5.0
 
 Args = TypeVar("Args")
+T = TypeVar("T")
 # The stop event of each loop run_service started: set by SIGTERM/SIGINT.
 _stop_events: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event]" = weakref.WeakKeyDictionary()
 
@@ -36,8 +37,18 @@ def run_service(serve: Callable[[Args], Awaitable[None]], args: Args) -> int:
         _stop_event()
         await serve(args)
 
-    asyncio.run(main())
+    run_event_loop(main())
     return 0
+
+
+def run_event_loop(main: Awaitable[T]) -> T:
+    """asyncio.run on uvloop when it is installed: its loop cuts the per-message cost of every
+    gRPC stream and HTTP response a service handles."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def wait_until_signalled(server: grpc.aio.Server) -> None:

@@ -75,6 +75,11 @@ class BatchBuilder:
         if length > self.context_length:
             raise StepError(f"request {rid}: {length} tokens exceed the context length {self.context_length}")
 
+    @staticmethod
+    def _check_bitmask(rid: str, bitmask: bytes) -> None:
+        if len(bitmask) % 4:
+            raise StepError(f"request {rid}: token_bitmask has {len(bitmask)} bytes, not whole int32 words")
+
     def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
         if self.slot_table is not None and len(step.new_requests) > self.slot_table.free_rows:
             raise StepError(f"{len(step.new_requests)} new requests but only {self.slot_table.free_rows} free rows "
@@ -93,6 +98,7 @@ class BatchBuilder:
             self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
             self._check_ids_and_slots(rid, None, req.prefix_slots, "prefix")
             self._check_length(rid, len(req.prefix_slots) + len(req.input_ids))
+            self._check_bitmask(rid, req.token_bitmask)
         for req in step.continuing_requests:
             rid = req.request_id
             state = states.get(rid)
@@ -108,6 +114,7 @@ class BatchBuilder:
                 raise StepError(f"continuing request {rid}: {len(req.new_slots)} new_slots for {n} tokens")
             self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
             self._check_length(rid, state.length + n)
+            self._check_bitmask(rid, req.token_bitmask)
 
     def build(self, step: StepInput, states: dict[str, RequestState]) -> BuiltBatch:
         """Validate, register new requests, append slots and lay the tokens out (extends first)."""

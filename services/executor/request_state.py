@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.executor.logits_processors import LogitsState
 from services.executor.step_io import SamplingParams
 
 
@@ -19,6 +20,7 @@ class RequestState:
     generator: torch.Generator | None
     last_token: int | None = None
     table_row: int = -1  # this request's row of the executor's SlotTable (GPU backends), -1: none
+    logits_state: LogitsState | None = None  # set when its sampling options need history (LogitsProcessor)
 
     @classmethod
     def create(cls, prefix_slots: list[int], sampling: SamplingParams, device: torch.device,

@@ -16,7 +16,9 @@ from services.executor.attention.registry import create_attention_backend
 from services.executor.batch_builder import BatchBuilder
 from services.executor.fast_decode import FastDecode
 from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
+from services.executor.logits_processors import LogitsProcessor, step_bitmasks
 from services.executor.model_config import ModelConfig, dtype_name, resolve_device
+from services.executor.models.bert import BertModel
 from services.executor.models.registry import get_model_class
 from services.executor.request_state import RequestState
 from services.executor.sampling import sample
@@ -50,6 +52,24 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def load_model(cfg: ModelConfig, device: torch.device, load_format: str, seed: int | None) -> torch.nn.Module:
+    """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy)."""
+    t0 = time.perf_counter()
+    with torch.device(device), _default_dtype(cfg.dtype):
+        model = get_model_class(cfg.architecture)(cfg)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        model.load_weights(iterate_safetensors(cfg.path))
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    model.eval()
+    log.info("loaded %s (%s, %s weights) on %s in %.1fs", cfg.architecture, dtype_name(cfg.dtype),
+             load_format, device, time.perf_counter() - t0)
+    return model
 
 
 class ModelRunner:
@@ -90,6 +110,7 @@ class ModelRunner:
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
                                                max_bs, self.device)
         self.states: dict[str, RequestState] = {}
+        self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
         if random_seed is not None:
             self.generator.manual_seed(random_seed)
@@ -108,21 +129,9 @@ class ModelRunner:
                    keep_logits=False)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
-        cfg = self.config
-        t0 = time.perf_counter()
-        with torch.device(self.device), _default_dtype(self.dtype):
-            model = get_model_class(cfg.architecture)(cfg)
-        if load_format == "dummy":
-            init_dummy_weights(model, seed)
-        else:
-            model.load_weights(iterate_safetensors(cfg.path))
-        for module in model.modules():
-            if hasattr(module, "process_weights_after_loading"):
-                module.process_weights_after_loading()
-        model.eval()
-        log.info("loaded %s (%s, %s weights) on %s in %.1fs", cfg.architecture, dtype_name(self.dtype),
-                 load_format, self.device, time.perf_counter() - t0)
-        return model
+        if issubclass(get_model_class(self.config.architecture), BertModel):
+            raise ValueError(f"{self.config.architecture} is an encoder: serve it with --is-embedding")
+        return load_model(self.config, self.device, load_format, seed)
 
     def model_info(self) -> ModelInfo:
         cfg = self.config
@@ -132,12 +141,15 @@ class ModelRunner:
     def reset(self) -> int:
         dropped = len(self.states)
         self.states.clear()
+        self.logits_processor.reset()
         if self.slot_table is not None:
             self.slot_table.reset()
         return dropped
 
     def _drop(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
+        if state is not None:
+            self.logits_processor.release(state)
         if state is not None and self.slot_table is not None:
             self.slot_table.release(state.table_row)
 
@@ -150,6 +162,8 @@ class ModelRunner:
             return StepOutput(step.step_id, [], 0.0)
         t0 = time.perf_counter()
         batch = self.batch_builder.build(step, self.states)
+        for req in step.new_requests:
+            self.logits_processor.register(self.states[req.request_id], req)
         fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
                           extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
                           decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
@@ -171,7 +185,9 @@ class ModelRunner:
             else:
                 logits = all_logits if batch.samples_every_token else all_logits.index_select(0, batch.sample_token_index)
             states = batch.sample_states
+            self.logits_processor.apply(logits, states, step_bitmasks(step, batch.sample_request_ids))
             result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)
+            self.logits_processor.record(states, result.token_ids)
             for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):
                 state.last_token = result.token_ids[i]
                 outputs.append(RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i]))

@@ -12,6 +12,8 @@ import torch
 
 from services.executor.step_io import SamplingParams
 
+MIN_LOGPROB = -9999.0
+
 
 @dataclass
 class SampleResult:
@@ -63,7 +65,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rows = [i for i, p in enumerate(params) if p.return_logprob]
     if rows:
         row_index = torch.tensor(rows, device=logits.device)
-        log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1)
+        # Floored like OpenAI's: a token a logits processor forbade (-inf) reports MIN_LOGPROB.
+        log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1).clamp_(min=MIN_LOGPROB)
         chosen = log_probs.gather(1, tokens.index_select(0, row_index)[:, None]).squeeze(1).tolist()
         n_top = max(min(params[i].top_logprobs_num, log_probs.shape[1]) for i in rows)
         top_values = top_ids = None

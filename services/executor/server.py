@@ -14,6 +14,7 @@ from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service, run_until_signalled
 from services.common.log import setup_logging
 from services.common.step_order import StepOrder
+from services.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
 from services.executor.runner import ModelRunner, build_model_runner
 from services.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
                                        StepOutput)
@@ -26,13 +27,19 @@ log = logging.getLogger("radixserve.executor")
 def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
                           seed=p.seed if p.HasField("seed") else None, return_logprob=p.return_logprob,
-                          top_logprobs_num=p.top_logprobs_num)
+                          top_logprobs_num=p.top_logprobs_num, frequency_penalty=p.frequency_penalty,
+                          presence_penalty=p.presence_penalty, repetition_penalty=p.repetition_penalty or 1.0,
+                          min_new_tokens=p.min_new_tokens, logit_bias=dict(p.logit_bias),
+                          stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
 
 
 def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
                                      seed=p.seed, return_logprob=p.return_logprob,
-                                     top_logprobs_num=p.top_logprobs_num)
+                                     top_logprobs_num=p.top_logprobs_num, frequency_penalty=p.frequency_penalty,
+                                     presence_penalty=p.presence_penalty, repetition_penalty=p.repetition_penalty,
+                                     min_new_tokens=p.min_new_tokens, logit_bias=p.logit_bias,
+                                     stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
 
 
 def step_input_to_pb(step: StepInput) -> executor_pb2.ExecutorStepRequest:
@@ -40,10 +47,11 @@ def step_input_to_pb(step: StepInput) -> executor_pb2.ExecutorStepRequest:
     msg = executor_pb2.ExecutorStepRequest(step_id=step.step_id, finished_request_ids=step.finished_request_ids)
     for r in step.new_requests:
         msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
-                             new_slots=r.new_slots, sampling=sampling_to_pb(r.sampling), sample=r.sample)
+                             new_slots=r.new_slots, sampling=sampling_to_pb(r.sampling), sample=r.sample,
+                             token_bitmask=r.token_bitmask, penalty_prompt_ids=r.penalty_prompt_ids)
     for r in step.continuing_requests:
         msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
-                                    sample=r.sample)
+                                    sample=r.sample, token_bitmask=r.token_bitmask)
     return msg
 
 
@@ -52,9 +60,10 @@ def step_from_pb(req: executor_pb2.ExecutorStepRequest) -> StepInput:
         step_id=req.step_id,
         finished_request_ids=list(req.finished_request_ids),
         new_requests=[NewRequest(r.request_id, list(r.input_ids), list(r.new_slots), list(r.prefix_slots),
-                                 sampling_from_pb(r.sampling), r.sample) for r in req.new_requests],
-        continuing_requests=[ContinuingRequest(r.request_id, list(r.new_slots), list(r.input_ids), r.sample)
-                             for r in req.continuing_requests],
+                                 sampling_from_pb(r.sampling), r.sample, r.token_bitmask,
+                                 list(r.penalty_prompt_ids)) for r in req.new_requests],
+        continuing_requests=[ContinuingRequest(r.request_id, list(r.new_slots), list(r.input_ids), r.sample,
+                                               r.token_bitmask) for r in req.continuing_requests],
     )
 
 
@@ -118,6 +127,21 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         dropped = await self._run(self.runner.reset)
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
 
+    async def Embed(self, request, context):
+        if not isinstance(self.runner, EmbeddingRunner):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this executor serves generation; start it with --is-embedding to embed")
+        try:
+            out = await self._run(self.runner.embed, [list(s.ids) for s in request.sequences])
+        except EmbedInputError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            log.exception("embedding %d sequences failed", len(request.sequences))
+            await context.abort(grpc.StatusCode.INTERNAL, f"embed failed: {e}")
+        return executor_pb2.ExecutorEmbedResponse(dimension=out.vectors.shape[1],
+                                                  embeddings=out.vectors.reshape(-1).tolist(),
+                                                  normalized=out.normalized, forward_ms=out.forward_ms)
+
 
 async def start_server(runner: ModelRunner, addr: str,
                        worker: concurrent.futures.ThreadPoolExecutor | None = None) -> tuple[grpc.aio.Server, int]:
@@ -136,7 +160,8 @@ async def serve(args: ServerArgs) -> None:
     log.info("loading model %s (dtype %s, load format %s)", args.model_path or "<embedded SmolLM2>",
              args.dtype, args.load_format)
     worker = torch_worker()
-    runner = await asyncio.get_running_loop().run_in_executor(worker, build_model_runner, args)
+    build = build_embedding_runner if args.is_embedding else build_model_runner
+    runner = await asyncio.get_running_loop().run_in_executor(worker, build, args)
     info = runner.model_info()
     log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
              info.kv_slots, info.context_length)

@@ -14,6 +14,14 @@ class SamplingParams:
     seed: int | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 (or <= 0): disabled
+    min_new_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Besides the model's EOS ids (unless ignore_eos), what min_new_tokens holds back.
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -24,6 +32,8 @@ class NewRequest:
     prefix_slots: list[int] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     sample: bool = True
+    token_bitmask: bytes = b""  # non-empty: only tokens whose bit is set may be sampled this step
+    penalty_prompt_ids: list[int] = field(default_factory=list)  # the whole prompt, for repetition_penalty
 
 
 @dataclass
@@ -32,6 +42,7 @@ class ContinuingRequest:
     new_slots: list[int]
     input_ids: list[int] = field(default_factory=list)  # empty: the token sampled last step
     sample: bool = True
+    token_bitmask: bytes = b""
 
 
 @dataclass

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.args import ServerArgs
-from services.gateway import native_routes, openai_routes
+from services.gateway import batch_routes, embedding_routes, native_routes, openai_routes
+from services.gateway.auth import install_api_key
 from services.gateway.engine import Engine
 from services.gateway.errors import ApiError
 from services.gateway.sampling import validation_error
@@ -23,7 +24,9 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        _app.state.batch_runner.resume_unfinished()
         yield
+        await _app.state.batch_runner.close()
         await engine.close()
 
     app = FastAPI(title="radixserve", version="0.1.0", lifespan=lifespan)
@@ -31,6 +34,9 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
+    app.include_router(embedding_routes.router)
+    batch_routes.install(app, args)
+    install_api_key(app, args.api_key)
     install_error_handlers(app)
     return app
 

@@ -21,7 +21,10 @@ from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel
 from services.common.model_files import default_model_name
 from services.gateway.decode_batcher import DecodeBatcher
-from services.gateway.errors import ApiError, bad_request, from_grpc
+from services.gateway.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVER_ONLY, EmbeddingBatch,
+                                         check_lengths)
+from services.gateway.scheduler_session import RequestFailed, SchedulerSession
+from services.gateway.errors import ApiError, bad_request, from_grpc, from_status
 from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
                                          PreparedRequest)
 
@@ -65,6 +68,7 @@ class Engine:
         self._info_lock: asyncio.Lock | None = None
         self._token_texts: dict[int, str] = {}
         self._decode_batcher = DecodeBatcher(lambda: self.stubs().detokenizer, UNARY_TIMEOUT_S)
+        self.session = SchedulerSession(lambda: self.stubs().scheduler)
 
     # ---- connections and backend info ----
 
@@ -80,6 +84,7 @@ class Engine:
         return self._stubs
 
     async def close(self) -> None:
+        await self.session.close()
         if self._stubs is not None:
             for channel in self._stubs.channels:
                 await channel.close()
@@ -134,6 +139,8 @@ class Engine:
 
     async def prepare(self, inp: GenerationInput) -> PreparedRequest:
         """Tokenize and validate; raises ApiError for anything the client must fix."""
+        if self.args.is_embedding:
+            raise bad_request(EMBEDDING_SERVER_ONLY)
         info = await self.model_info()
         input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
         if not input_ids:
@@ -186,13 +193,12 @@ class Engine:
 
     async def stream(self, req: PreparedRequest) -> AsyncIterator[Delta | Finish]:
         """Delta items, then exactly one Finish; closing the iterator aborts the request."""
-        call = self.stubs().scheduler.Generate(scheduler_pb2.SchedulerGenerateRequest(
+        events = self.session.start(scheduler_pb2.SchedulerGenerateRequest(
             request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling))
         state = detokenizer_pb2.DetokenizerState()
         generated = cached = 0
-        finished_by_scheduler = False
         try:
-            async for msg in call:
+            async for msg in events:
                 generated += len(msg.token_ids)
                 if msg.HasField("usage"):
                     cached = msg.usage.cached_tokens
@@ -206,21 +212,18 @@ class Engine:
                 if text or msg.token_ids:
                     yield Delta(text, list(msg.token_ids), list(msg.logprobs))
                 if matched_stop is not None:
-                    call.cancel()  # aborts the request in the scheduler and frees its KV
+                    events.close()  # aborts the request in the scheduler and frees its KV
                     yield Finish("stop", matched_stop, len(req.input_ids), generated, cached)
                     return
                 if done:
-                    finished_by_scheduler = True
                     reason = FINISH_NAMES.get(msg.finish_reason, "abort")
                     matched = msg.matched_stop_token_id if reason == "stop" else None
                     yield Finish(reason, matched, len(req.input_ids), generated, cached)
                     return
-            yield Finish("abort", None, len(req.input_ids), generated, cached)
-        except grpc.aio.AioRpcError as e:  # only the scheduler call raises these here
-            raise from_grpc(e, "scheduler") from None
+        except RequestFailed as e:
+            raise from_status(e.code, e.details, "scheduler") from None
         finally:
-            if not finished_by_scheduler:
-                call.cancel()
+            events.close()
 
     async def _decode(self, req: PreparedRequest, state, new_ids, final: bool):
         return await self._decode_batcher.decode(detokenizer_pb2.DetokenizerDecodeItem(
@@ -244,6 +247,19 @@ class Engine:
             await stream.aclose()
         return Completion("".join(texts), ids, logprobs, finish)
 
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of a token sequence, special tokens included ("" without a tokenizer)."""
+        if not self.uses_tokenizer or not ids:
+            return ""
+        item = detokenizer_pb2.DetokenizerDecodeItem(request_id="detokenize", new_token_ids=ids, final=True,
+                                                     skip_special_tokens=False)
+        try:
+            resp = await self.stubs().detokenizer.Decode(
+                detokenizer_pb2.DetokenizerDecodeRequest(items=[item]), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "detokenizer") from None
+        return resp.results[0].text
+
     async def token_texts(self, ids: list[int]) -> dict[int, str]:
         """The text of single tokens (for logprobs), special tokens included; cached."""
         missing = sorted({i for i in ids if i not in self._token_texts})
@@ -261,6 +277,36 @@ class Engine:
                 self._token_texts[i] = result.text
         return {i: self._token_texts.get(i, "") for i in ids}
 
+    # ---- embeddings (--is-embedding) ----
+
+    async def embed(self, inputs: list[str] | list[list[int]], param: str = "input") -> EmbeddingBatch:
+        """One vector per input, in order: texts are tokenized with the model's special tokens (BERT's
+        [CLS] ... [SEP]), token-id lists are taken as they are. Raises ApiError."""
+        if not self.args.is_embedding:
+            raise bad_request(GENERATION_SERVER_ONLY)
+        info = await self.model_info()
+        if inputs and isinstance(inputs[0], str):
+            sequences = await self._encode_texts(inputs, param)
+        else:
+            sequences = [await self._tokenize(ids, param, info.vocab_size) for ids in inputs]
+        check_lengths(sequences, info.context_length, param)
+        request = scheduler_pb2.SchedulerEmbedRequest(sequences=[common_pb2.TokenIds(ids=s) for s in sequences])
+        try:
+            return EmbeddingBatch.from_proto(await self.stubs().scheduler.Embed(request, timeout=UNARY_TIMEOUT_S))
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "scheduler") from None
+
+    async def _encode_texts(self, texts: list[str], param: str) -> list[list[int]]:
+        if not self.uses_tokenizer:
+            raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                              param=param)
+        try:
+            resp = await self.stubs().tokenizer.Encode(tokenizer_pb2.TokenizerEncodeRequest(
+                texts=texts, add_special_tokens=True), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "tokenizer") from None
+        return [list(r.ids) for r in resp.results]
+
     # ---- health ----
 
     async def health(self, timeout: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:
@@ -274,6 +320,9 @@ class Engine:
             return False, e.message
 
     async def _health_probe(self) -> None:
+        if self.args.is_embedding:
+            await self.embed(["ping"] if self.uses_tokenizer else [[0]])
+            return
         if self.uses_tokenizer:
             ids = await self._tokenize("ping", "text")
         else:

@@ -37,12 +37,15 @@ def not_supported(feature: str, param: str | None = None) -> ApiError:
 
 
 def from_grpc(err: grpc.aio.AioRpcError, stage: str) -> ApiError:
-    """Translate a backend's gRPC status; only client-facing details are passed on."""
-    code = err.code()
+    """Translate a backend's gRPC error; only client-facing details are passed on."""
+    return from_status(err.code(), err.details() or "", stage)
+
+
+def from_status(code: grpc.StatusCode, details: str, stage: str) -> ApiError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ApiError(400, err.details() or f"{stage} rejected the request", code="invalid_argument")
+        return ApiError(400, details or f"{stage} rejected the request", code="invalid_argument")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(503, f"{stage} is overloaded: {err.details()}", code="resource_exhausted")
+        return ApiError(503, f"{stage} is overloaded: {details}", code="resource_exhausted")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ApiError(503, f"the {stage} service is unavailable", code="service_unavailable")
     if code == grpc.StatusCode.CANCELLED:

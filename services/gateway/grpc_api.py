@@ -7,10 +7,12 @@ import grpc
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_util import aio_server, bind
+from services.gateway.auth import grpc_interceptors
 from services.gateway.engine import Engine
 from services.gateway.errors import ApiError, bad_request, grpc_status_for
 from services.gateway.generation import Delta, GenerationInput
 from services.gateway.sampling import build_sampling
+from services.gateway.structured_output import copy_constraint
 
 log = logging.getLogger("radixserve.gateway.grpc")
 FINISH_ENUMS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
@@ -33,7 +35,10 @@ def generation_input(engine: Engine, request: gateway_pb2.GatewayGenerateRequest
         temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
         seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_new_tokens or None,
         max_tokens_param="max_new_tokens", stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        logprobs=s.return_logprob, top_logprobs=s.top_logprobs_num)
+        logprobs=s.return_logprob, top_logprobs=s.top_logprobs_num, frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or None,
+        logit_bias=dict(s.logit_bias), min_tokens=s.min_new_tokens, min_tokens_param="min_new_tokens")
+    copy_constraint(s, sampling)
     return GenerationInput(prompt, sampling, list(request.stop), request.skip_special_tokens,
                            request_id=request.request_id, prompt_param=kind)
 
@@ -77,9 +82,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.GatewayHealthResponse(healthy=healthy, detail=detail)
 
 
-async def start_grpc_api(engine: Engine, addr: str) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_api(engine: Engine, addr: str, api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the public gRPC server on addr (host:port); returns it and the bound port."""
-    server = aio_server()
+    server = aio_server(grpc_interceptors(api_key))
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(engine), server)
     port = bind(server, addr)
     await server.start()

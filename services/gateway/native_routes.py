@@ -17,8 +17,9 @@ from services.gateway.engine import Engine
 from services.gateway.errors import bad_request, from_grpc, not_supported
 from services.gateway.generation import Delta, Finish, GenerationInput, PreparedRequest
 from services.gateway.protocol import NativeGenerateRequest, NativeSamplingParams
-from services.gateway.sampling import build_sampling, parse_body, reject_unsupported, stop_list
+from services.gateway.sampling import build_sampling, parse_body, stop_list
 from services.gateway.sse import run_unless_disconnected, sse_response
+from services.gateway.structured_output import add_constraint
 
 router = APIRouter()
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128
@@ -45,12 +46,13 @@ def native_input(req: NativeGenerateRequest) -> GenerationInput:
     if req.return_logprob:
         raise not_supported("return_logprob on /generate", param="return_logprob")
     sp = req.sampling_params or NativeSamplingParams()
-    reject_unsupported(presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-                       repetition_penalty=sp.repetition_penalty)
     sampling = build_sampling(
         temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=sp.seed,
         max_tokens=sp.max_new_tokens, max_tokens_param="max_new_tokens", stop_token_ids=sp.stop_token_ids,
-        ignore_eos=sp.ignore_eos)
+        ignore_eos=sp.ignore_eos, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+        repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, min_tokens_param="min_new_tokens")
+    add_constraint(sampling, json_schema=sp.json_schema, regex=sp.regex, ebnf=sp.ebnf,
+                   param_prefix="sampling_params.")
     if req.text is not None:
         prompt, param = _single(req.text, "text"), "text"
     else:
@@ -141,8 +143,8 @@ async def get_server_info(request: Request):
         scheduler["config"] = json.loads(config) if config else {}
     except json.JSONDecodeError:
         scheduler["config"] = config
-    return {**dataclasses.asdict(engine.args), "served_model_name": engine.served_name, "scheduler": scheduler,
-            "version": "radixserve-0.1.0"}
+    return {**dataclasses.asdict(engine.args), "api_key": None, "served_model_name": engine.served_name,
+            "scheduler": scheduler, "version": "radixserve-0.1.0"}
 
 
 @router.post("/flush_cache")

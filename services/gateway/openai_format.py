@@ -14,6 +14,7 @@ class ResponseMeta:
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
 
     def envelope(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
@@ -32,17 +33,30 @@ def matched_stop(finish: Finish) -> str | int | None:
 
 # ---- chat ----
 
-def chat_response(meta: ResponseMeta, text: str, finish: Finish, logprobs: dict | None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None, "tool_calls": None},
-              "logprobs": logprobs, "finish_reason": finish.reason, "matched_stop": matched_stop(finish)}
-    return {**meta.envelope("chat.completion"), "choices": [choice], "usage": usage(finish)}
+def chat_choice(index: int, text: str | None, finish: Finish, logprobs: dict | None,
+                tool_calls: list[dict] | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None,
+                                        "tool_calls": tool_calls or None},
+            "logprobs": logprobs, "finish_reason": "tool_calls" if tool_calls else finish.reason,
+            "matched_stop": matched_stop(finish)}
+
+
+def chat_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:
+    return {**meta.envelope("chat.completion"), "choices": choices, "usage": usage(total)}
 
 
 def chat_chunk(meta: ResponseMeta, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, index: int = 0, running: Finish | None = None) -> dict:
     chunk = {**meta.envelope("chat.completion.chunk"),
-             "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if meta.include_usage:
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return _with_usage_field(meta, chunk, running)
+
+
+def _with_usage_field(meta: ResponseMeta, chunk: dict, running: Finish | None) -> dict:
+    """include_usage: null on every chunk but the last; continuous_usage_stats: the counts so far."""
+    if meta.continuous_usage and running is not None:
+        chunk["usage"] = usage(running)
+    elif meta.include_usage:
         chunk["usage"] = None
     return chunk
 
@@ -66,19 +80,20 @@ def chat_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int, str],
 
 # ---- text completions ----
 
-def completion_response(meta: ResponseMeta, text: str, finish: Finish, logprobs: dict | None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.reason,
-              "matched_stop": matched_stop(finish)}
-    return {**meta.envelope("text_completion"), "choices": [choice], "usage": usage(finish)}
+def completion_choice(index: int, text: str, finish: Finish, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish.reason,
+            "matched_stop": matched_stop(finish)}
+
+
+def completion_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:
+    return {**meta.envelope("text_completion"), "choices": choices, "usage": usage(total)}
 
 
 def completion_chunk(meta: ResponseMeta, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, index: int = 0, running: Finish | None = None) -> dict:
     chunk = {**meta.envelope("text_completion"),
-             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if meta.include_usage:
-        chunk["usage"] = None
-    return chunk
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    return _with_usage_field(meta, chunk, running)
 
 
 def completion_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int, str],

@@ -48,7 +48,12 @@ class _OpenAISampling(_Body):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = None
     user: str | None = None
+    # Structured output: OpenAI's response_format, or SGLang's regex / ebnf extensions.
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -56,7 +61,6 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
@@ -85,6 +89,10 @@ class NativeSamplingParams(_Body):
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
     repetition_penalty: float | None = 1.0
+    min_new_tokens: int | None = 0
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

@@ -11,6 +11,9 @@ from services.gateway.errors import bad_request, not_supported
 
 UINT64_MASK = (1 << 64) - 1
 MAX_TOP_LOGPROBS = 20
+MAX_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
+MAX_LOGIT_BIAS = 100.0
+MAX_TOKEN_ID = (1 << 31) - 1
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -48,8 +51,15 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 def build_sampling(*, temperature: float | None, top_p: float | None, top_k: int | None, min_p: float | None,
                    seed: int | None, max_tokens: int | None, stop_token_ids: list[int] | None,
                    ignore_eos: bool, max_tokens_param: str = "max_tokens", top_logprobs: int | None = None,
-                   logprobs: bool = False) -> common_pb2.SamplingParams:
-    """Validated SamplingParams; max_new_tokens stays 0 when the client left the length open."""
+                   logprobs: bool = False, frequency_penalty: float | None = None,
+                   presence_penalty: float | None = None, repetition_penalty: float | None = None,
+                   logit_bias: dict[str, float] | dict[int, float] | None = None, min_tokens: int | None = None,
+                   min_tokens_param: str = "min_tokens") -> common_pb2.SamplingParams:
+    """Validated SamplingParams; max_new_tokens stays 0 when the client left the length open.
+
+    logit_bias token ids are checked to be integers >= 0 only (the vocabulary may be unknown here);
+    the executor ignores ids beyond the model's vocabulary.
+    """
     temperature = 1.0 if temperature is None else temperature
     top_p = 1.0 if top_p is None else top_p
     top_k = 0 if top_k is None or top_k == -1 else top_k
@@ -74,22 +84,60 @@ def build_sampling(*, temperature: float | None, top_p: float | None, top_k: int
     sampling = common_pb2.SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_new_tokens=max_tokens or 0,
         stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos, return_logprob=logprobs,
-        top_logprobs_num=top_logprobs if logprobs else 0)
+        top_logprobs_num=top_logprobs if logprobs else 0,
+        **_penalty_options(frequency_penalty, presence_penalty, repetition_penalty),
+        logit_bias=_logit_bias(logit_bias), min_new_tokens=_min_tokens(min_tokens, min_tokens_param, max_tokens))
     if seed is not None:
         sampling.seed = seed & UINT64_MASK
     return sampling
 
 
-def reject_unsupported(*, n: int | None = 1, presence_penalty: float | None = None,
-                       frequency_penalty: float | None = None, repetition_penalty: float | None = None,
-                       logit_bias: dict | None = None) -> None:
+def penalty_args(body) -> dict:
+    """build_sampling's penalty, logit_bias and min_tokens arguments from an OpenAI request body."""
+    return {"frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+            "repetition_penalty": body.repetition_penalty, "logit_bias": body.logit_bias,
+            "min_tokens": body.min_tokens}
+
+
+def _penalty_options(frequency: float | None, presence: float | None, repetition: float | None) -> dict:
+    for value, name in ((frequency, "frequency_penalty"), (presence, "presence_penalty")):
+        if value is not None and not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise bad_request(f"{name} must be between -2 and 2, got {value}", param=name, code="invalid_value")
+    if repetition is not None and not 0.0 < repetition <= MAX_PENALTY:
+        raise bad_request(f"repetition_penalty must be in (0, 2], got {repetition}", param="repetition_penalty",
+                          code="invalid_value")
+    return {"frequency_penalty": frequency or 0.0, "presence_penalty": presence or 0.0,
+            "repetition_penalty": repetition or 1.0}
+
+
+def _logit_bias(bias: dict[str, float] | dict[int, float] | None) -> dict[int, float]:
+    checked: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token <= MAX_TOKEN_ID:
+            raise bad_request(f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                              param="logit_bias", code="invalid_value")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias values must be between -100 and 100, got {value} for token {key}",
+                              param="logit_bias", code="invalid_value")
+        checked[token] = value
+    return checked
+
+
+def _min_tokens(min_tokens: int | None, param: str, max_tokens: int | None) -> int:
+    if min_tokens is None:
+        return 0
+    if min_tokens < 0:
+        raise bad_request(f"{param} must be at least 0, got {min_tokens}", param=param, code="invalid_value")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise bad_request(f"{param} ({min_tokens}) must not exceed the maximum number of tokens ({max_tokens})",
+                          param=param, code="invalid_value")
+    return min_tokens
+
+
+def reject_unsupported(*, n: int | None = 1) -> None:
     if n is not None and n != 1:
         raise not_supported("n other than 1", param="n")
-    if presence_penalty:
-        raise not_supported("presence_penalty", param="presence_penalty")
-    if frequency_penalty:
-        raise not_supported("frequency_penalty", param="frequency_penalty")
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        raise not_supported("repetition_penalty", param="repetition_penalty")
-    if logit_bias:
-        raise not_supported("logit_bias", param="logit_bias")

@@ -10,6 +10,7 @@ import grpc
 import uvicorn
 
 from services.common.args import ServerArgs
+from services.common.lifecycle import run_event_loop
 from services.common.log import setup_logging
 from services.gateway.app import create_app
 from services.gateway.engine import Engine
@@ -34,7 +35,7 @@ class Gateway:
         self.engine = engine or Engine(args)
         self.app = create_app(args, self.engine)
         self.http = _HttpServer(uvicorn.Config(
-            self.app, host=args.host, port=args.port, log_level=args.log_level, loop="asyncio",
+            self.app, host=args.host, port=args.port, log_level=args.log_level,
             timeout_graceful_shutdown=5))
         self.grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
@@ -45,7 +46,8 @@ class Gateway:
         return self.http.servers[0].sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        self.grpc, self.grpc_port = await start_grpc_api(self.engine, self.args.listen_addr("gateway"))
+        self.grpc, self.grpc_port = await start_grpc_api(self.engine, self.args.listen_addr("gateway"),
+                                                          api_key=self.args.api_key)
         self._http_task = asyncio.create_task(self.http.serve())
         while not self.http.started:
             if self._http_task.done():
@@ -85,5 +87,5 @@ async def serve(args: ServerArgs) -> None:
 
 def main(args: ServerArgs) -> int:
     setup_logging("gateway", args.log_level)
-    asyncio.run(serve(args))
+    run_event_loop(serve(args))
     return 0

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
+import orjson
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
@@ -17,10 +18,12 @@ log = logging.getLogger("radixserve.gateway.sse")
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
+# How often a stream asks whether its client is still there (each check costs a task switch).
+DISCONNECT_CHECK_INTERVAL_S = 0.1
 
 
 def sse_event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -62,11 +65,14 @@ async def sse_response(request: Request, events: AsyncIterator[dict]) -> Streami
 async def _frames(request: Request, first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     try:
         yield sse_event(first)
+        next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
         async for event in events:
             # Starlette also cancels this generator on disconnect; this check covers servers that don't.
-            if await request.is_disconnected():
-                log.info("client disconnected mid-stream; request aborted")
-                return
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    log.info("client disconnected mid-stream; request aborted")
+                    return
+                next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
             yield sse_event(event)
         yield DONE
     except ApiError as e:

@@ -26,6 +26,15 @@ plan order). A request in k sampling plans not yet updated holds a slot for ever
 k - 1 more: the in-flight steps write the KV of tokens sampled by the steps before them. The next
 chunk of a prefill may be planned while the previous one runs, since the executor runs steps in
 order; a chunk that does not sample expects no output in update().
+
+Structured output: a request with a grammar (Request.grammar) gets, in every plan entry that samples
+for it, the token_bitmask of what its grammar allows next; update() feeds each sampled token to the
+grammar and stops the request (FINISH_REASON_STOP) once the grammar has accepted its stop token, or
+aborts it if the executor sampled a token the grammar forbids. A mask is only right once the
+request's previous token is known, so a constrained request is never in two sampling plans in
+flight at once; needs_result_before_next_step() tells the runtime to stop overlapping meanwhile
+rather than have such requests skip every other step. A retracted request keeps its grammar: it has
+accepted exactly output_ids, which the re-prefill runs as prompt.
 """
 from __future__ import annotations
 
@@ -197,6 +206,7 @@ class Scheduler:
             else:
                 self._release_kv(req)
         req.status = Status.DONE
+        req.grammar = None
         return self._event(req, FinishReason.ABORT)
 
     def abort_all(self) -> list[RequestEvent]:
@@ -204,6 +214,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked)
+
+    def needs_result_before_next_step(self) -> bool:
+        """Whether a running request's next token mask depends on a step's result (it has a grammar):
+        planning ahead of the steps in flight would leave it out, so the runtime should not overlap."""
+        return any(r.grammar is not None for r in self.running)
 
     def _drop_admitted(self, req: Request) -> None:
         if req is self.chunked:
@@ -269,7 +284,7 @@ class Scheduler:
         they would leave no budget for the prefill or do not fit in memory."""
         if not self.enable_mixed_chunk or not self.running:
             return []
-        batch = [r for r in self.running if not self._finishes_in_flight(r)]
+        batch = [r for r in self.running if self._may_decode(r)]
         if len(batch) >= self.prefill_budget:
             return []
         if self.pool.decode_need(batch) > self._reclaimable():
@@ -288,7 +303,8 @@ class Scheduler:
         req.slots += new_slots
         last = start + n == len(fill)
         build.continuing.append(ContinuingRequestPlan(
-            req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last))
+            req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last,
+            token_bitmask=self._allowed_tokens(req, last)))
         build.tokens_left -= n
         if last:
             self.chunked = None
@@ -331,7 +347,9 @@ class Scheduler:
         sample = n == extend
         build.new_requests.append(NewRequestPlan(
             request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
-            prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample))
+            prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample,
+            token_bitmask=self._allowed_tokens(req, sample),
+            seq_ids=fill, num_output_ids=len(req.output_ids)))
         build.tokens_left -= n
         build.reserved += future
         if sample:
@@ -394,10 +412,17 @@ class Scheduler:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
-            plan.continuing_requests.append(ContinuingRequestPlan(req.request_id, new_slots=[slot]))
+            plan.continuing_requests.append(ContinuingRequestPlan(
+                req.request_id, new_slots=[slot], token_bitmask=self._allowed_tokens(req)))
+
+    @staticmethod
+    def _allowed_tokens(req: Request, sample: bool = True) -> bytes:
+        """A plan entry's token_bitmask: the grammar's next-token mask when it samples for a
+        constrained request, else empty (any token)."""
+        return req.grammar.next_token_bitmask() if sample and req.grammar is not None else b""
 
     def _schedule_decode(self) -> _Step | None:
-        batch = [r for r in self.running if not self._finishes_in_flight(r)]
+        batch = [r for r in self.running if self._may_decode(r)]
         if not batch:
             return None
         if self._inflight:
@@ -413,6 +438,11 @@ class Scheduler:
         self.new_token_ratio = max(self.min_new_token_ratio,
                                    self.new_token_ratio - self.new_token_ratio_decay)
         return _Step(plan, batch)
+
+    def _may_decode(self, req: Request) -> bool:
+        """Whether a decode of req may be planned now: not when the steps in flight already finish
+        it, nor when its grammar's mask waits for the token a step in flight samples."""
+        return not self._finishes_in_flight(req) and not (req.grammar is not None and req.inflight)
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""
@@ -480,6 +510,8 @@ class Scheduler:
             if out.logprob is not None:
                 req.logprobs.append(out.logprob)
             reason, matched = self._finish_reason(req, out.token_id)
+            if req.grammar is not None:
+                reason, matched = self._grammar_verdict(req, out.token_id, reason, matched)
             event = self._event(req, reason, matched)
             event.token_ids = [out.token_id]
             event.logprobs = [out.logprob] if out.logprob is not None else []
@@ -489,6 +521,7 @@ class Scheduler:
                 # write that token's KV slot; it runs before any step that can reuse the slot.
                 self._release_kv(req, cache_len=req.seq_len - 1)
                 req.status = Status.DONE
+                req.grammar = None
                 del self.requests[rid]
                 self._pending_finished.append(rid)
                 finished.add(id(req))
@@ -498,13 +531,29 @@ class Scheduler:
         return events
 
     def _finish_reason(self, req: Request, token: int) -> tuple[FinishReason | None, int]:
-        if token in self.eos_token_ids and not req.ignore_eos:
+        # As the executor's mask: min_new_tokens tokens come before a stop token (which is in output_ids).
+        stop_allowed = len(req.output_ids) > req.min_new_tokens
+        if stop_allowed and token in self.eos_token_ids and not req.ignore_eos:
             return FinishReason.STOP, token
-        if token in req.stop_token_ids:
+        if stop_allowed and token in req.stop_token_ids:
             return FinishReason.STOP, token
         if len(req.output_ids) >= req.max_new_tokens or req.seq_len >= self.context_length:
             return FinishReason.LENGTH, 0
         return None, 0
+
+    @staticmethod
+    def _grammar_verdict(req: Request, token: int, reason: FinishReason | None,
+                         matched: int) -> tuple[FinishReason | None, int]:
+        """Feed a sampled token to req's grammar, unless a stop token already ended the request:
+        the grammar's stop token (EOS, even with ignore_eos) ends it, a token the grammar forbids
+        (the executor ignored the mask) aborts it."""
+        if reason is FinishReason.STOP:
+            return reason, matched
+        if not req.grammar.accept(token):
+            return FinishReason.ABORT, 0
+        if req.grammar.terminated:
+            return FinishReason.STOP, token
+        return reason, matched
 
     def _release_settled_aborts(self) -> None:
         settled = [r for r in self._releasing if not r.busy]

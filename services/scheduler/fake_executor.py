@@ -7,8 +7,9 @@ and raises, and a wrong prefix changes every later token, so scheduler bugs surf
 as outputs that differ from an unconstrained run. It runs steps as the executor does: new requests
 may carry a first prefill chunk that does not sample, continuing requests may run explicit
 input_ids (later chunks), and only requests with sample set get an output. With page_size > 1 it
-also checks the page layout of every slot written. Plans may be protobuf messages or the core's
-dataclasses: only attribute names are used.
+also checks the page layout of every slot written. A token_bitmask restricts the sample to the
+tokens it allows, picked by the same hash (uniformly, over hashes). Plans may be protobuf messages
+or the core's dataclasses: only attribute names are used.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.step_order import StepOrder
@@ -29,6 +31,12 @@ def chain_hash(prev: int, token: int) -> int:
 
 class FakeExecutorError(AssertionError):
     pass
+
+
+def allowed_tokens(token_bitmask: bytes, vocab_size: int) -> np.ndarray:
+    """The token ids a token_bitmask allows (bit j of little-endian int32 word i: token 32*i+j)."""
+    bits = np.unpackbits(np.frombuffer(token_bitmask, dtype=np.uint8), bitorder="little")
+    return np.flatnonzero(bits[:vocab_size])
 
 
 @dataclass
@@ -73,7 +81,7 @@ class FakeModel:
             self.reqs[rid] = st
             self._run(rid, st, list(new.input_ids), list(new.new_slots), live_slots, written)
             if new.sample:
-                outputs.append((rid, self._sample(st)))
+                outputs.append((rid, self._sample(rid, st, new.token_bitmask)))
         for cont in plan.continuing_requests:
             rid = cont.request_id
             st = self.reqs.get(rid)
@@ -86,7 +94,7 @@ class FakeModel:
                 tokens = [st.last_token]
             self._run(rid, st, tokens, list(cont.new_slots), live_slots, written)
             if cont.sample:
-                outputs.append((rid, self._sample(st)))
+                outputs.append((rid, self._sample(rid, st, cont.token_bitmask)))
         return outputs
 
     def _run(self, rid: str, st: _ReqState, tokens: list[int], slots: list[int],
@@ -102,8 +110,13 @@ class FakeModel:
             live_slots.add(slot)
         st.last_token = None
 
-    def _sample(self, st: _ReqState) -> int:
+    def _sample(self, rid: str, st: _ReqState, token_bitmask: bytes = b"") -> int:
         st.last_token = self.token_for(st.kv_hash)
+        if token_bitmask:
+            allowed = allowed_tokens(token_bitmask, self.vocab_size)
+            if not len(allowed):
+                raise FakeExecutorError(f"{rid}: the token_bitmask allows no token")
+            st.last_token = int(allowed[st.kv_hash % len(allowed)])
         return st.last_token
 
     def _check_page_layout(self, rid: str, slots: list[int], slot: int) -> None:

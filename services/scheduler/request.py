@@ -26,8 +26,12 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS and stop tokens do not finish it before this many output tokens
     # Handed to the executor untouched (the server puts the SamplingParams proto here).
     sampling: Any = None
+    # Structured output: a grammar.RequestGrammar that has accepted every token of output_ids
+    # (next_token_bitmask(), accept(token), terminated); None when unconstrained or finished.
+    grammar: Any = None
 
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
@@ -72,6 +76,11 @@ class NewRequestPlan:
     new_slots: list[int]
     sampling: Any = None
     sample: bool = True  # False when input_ids is the first chunk of a longer prefill
+    token_bitmask: bytes = b""  # non-empty: the tokens the executor may sample this step
+    # The request's whole sequence (prompt, then tokens generated before a retraction), and how many of
+    # those are generated tokens; plan_to_proto adjusts the sampling options that depend on them.
+    seq_ids: list[int] = field(default_factory=list)
+    num_output_ids: int = 0
 
 
 @dataclass
@@ -80,6 +89,7 @@ class ContinuingRequestPlan:
     new_slots: list[int]
     input_ids: list[int] = field(default_factory=list)  # empty: decode the last sampled token
     sample: bool = True  # False for a prefill chunk that is not the last
+    token_bitmask: bytes = b""
 
 
 @dataclass

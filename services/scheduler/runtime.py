@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
@@ -24,10 +25,14 @@ OVERLAP_DEPTH = 2
 
 
 class StepFailure:
-    """Put on a request's queue when its step failed; the stream ends with UNAVAILABLE."""
+    """Delivered to a request's receiver when its step failed; its stream ends with UNAVAILABLE."""
 
     def __init__(self, message: str):
         self.message = message
+
+
+# Receives one request's events, in order, synchronously from the step loop.
+Deliver = Callable[[RequestEvent | StepFailure], None]
 
 
 class SchedulerRuntime:
@@ -35,7 +40,7 @@ class SchedulerRuntime:
         self.core = core
         self.executor = executor
         self.overlap = overlap
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.receivers: dict[str, Deliver] = {}
         self.wake = asyncio.Event()
         self.steps = 0
         self.inflight: deque[tuple[StepPlan, grpc.aio.UnaryUnaryCall]] = deque()
@@ -45,18 +50,16 @@ class SchedulerRuntime:
 
     # ---- called by the gRPC handlers ---------------------------------------------------------
 
-    def submit(self, req: Request) -> asyncio.Queue:
-        """Queue a validated request; its events arrive on the returned queue."""
+    def submit(self, req: Request, deliver: Deliver) -> None:
+        """Queue a validated request; each of its events (or a StepFailure) is passed to deliver."""
         self.core.add_request(req)
-        queue: asyncio.Queue = asyncio.Queue()
-        self.queues[req.request_id] = queue
+        self.receivers[req.request_id] = deliver
         self.wake.set()
-        return queue
 
-    def detach(self, req: Request, queue: asyncio.Queue, abort: bool) -> None:
+    def detach(self, req: Request, deliver: Deliver, abort: bool) -> None:
         """The stream of req ended; abort the request if it was still live (client went away)."""
-        if self.queues.get(req.request_id) is queue:
-            del self.queues[req.request_id]
+        if self.receivers.get(req.request_id) is deliver:
+            del self.receivers[req.request_id]
         if abort and self.core.requests.get(req.request_id) is req:
             self.core.abort(req.request_id)
             log.info("request %s cancelled by the client", req.request_id)
@@ -74,7 +77,8 @@ class SchedulerRuntime:
     # ---- the loop ----------------------------------------------------------------------------
 
     def _depth(self) -> int:
-        return OVERLAP_DEPTH if self.overlap and self.executor_synced else 1
+        overlap = self.overlap and self.executor_synced and not self.core.needs_result_before_next_step()
+        return OVERLAP_DEPTH if overlap else 1
 
     async def run(self) -> None:
         """Send steps while fewer than _depth() are in flight and the core has one to plan; else
@@ -123,18 +127,18 @@ class SchedulerRuntime:
 
     def _dispatch(self, events: list[RequestEvent]) -> None:
         for event in events:
-            queue = self.queues.get(event.request_id)
-            if queue is not None:
-                queue.put_nowait(event)
+            deliver = self.receivers.get(event.request_id)
+            if deliver is not None:
+                deliver(event)
 
     async def _fail_all(self, message: str) -> None:
         log.error("%s; failing %d requests and dropping all KV", message, len(self.core.requests))
         self._cancel_inflight()
         self.executor_synced = False
         for rid in self.core.reset():
-            queue = self.queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(StepFailure(message))
+            deliver = self.receivers.get(rid)
+            if deliver is not None:
+                deliver(StepFailure(message))
         try:
             await self.executor.Reset(executor_pb2.ExecutorResetRequest(),
                                       timeout=EXECUTOR_RESET_TIMEOUT_S)

@@ -17,7 +17,12 @@ from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, wait_until_
 from services.common.log import setup_logging
 from services.scheduler.convert import event_to_proto, request_from_proto
 from services.scheduler.core import Scheduler
+from services.scheduler.embed_batcher import EmbedBatcher
+from services.scheduler.embedding_service import EmbeddingSchedulerServicer
+from services.scheduler.request import Request
+from services.scheduler.grammar import GrammarBackend, InvalidConstraint, grammar_backend, request_grammar
 from services.scheduler.runtime import SchedulerRuntime, StepFailure
+from services.scheduler.session import Rejected, Session
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -34,7 +39,9 @@ def default_max_running_requests(pool_tokens: int) -> int:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, runtime: SchedulerRuntime, model: executor_pb2.ExecutorModelInfo, config: dict):
+    def __init__(self, runtime: SchedulerRuntime, model: executor_pb2.ExecutorModelInfo, config: dict,
+                 grammars: GrammarBackend | None = None):
+        self.grammars = grammars
         self.runtime = runtime
         self.model = model
         self.config = config
@@ -48,15 +55,30 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return f"top_logprobs_num must be in 0..{MAX_TOP_LOGPROBS}"
         return self.runtime.core.validate(len(msg.input_ids), msg.sampling.max_new_tokens)
 
-    async def Generate(self, request, context):
-        error = self._invalid(request)
+    async def prepare(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
+        """The core Request for a generate call, or Rejected."""
+        error = self._invalid(msg)
         if error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        rid = request.request_id or uuid.uuid4().hex
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, error)
+        try:
+            grammar = await request_grammar(self.grammars, msg.sampling)
+        except InvalidConstraint as e:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        rid = msg.request_id or uuid.uuid4().hex
         if rid in self.runtime.core.requests:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
-        req = request_from_proto(rid, request)
-        queue = self.runtime.submit(req)
+            raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
+        req = request_from_proto(rid, msg)
+        req.grammar = grammar
+        return req
+
+    async def Generate(self, request, context):
+        try:
+            req = await self.prepare(request)
+        except Rejected as e:
+            await context.abort(e.code, e.message)
+        queue: asyncio.Queue = asyncio.Queue()
+        deliver = queue.put_nowait  # one bound method: detach recognises its receiver by identity
+        self.runtime.submit(req, deliver)
         done = False
         try:
             while not done:
@@ -67,7 +89,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 done = item.finished
                 yield event_to_proto(item)
         finally:
-            self.runtime.detach(req, queue, abort=not done)
+            self.runtime.detach(req, deliver, abort=not done)
+
+    async def Session(self, request_iterator, context):
+        session = Session(self.runtime, self.prepare)
+        reader = asyncio.create_task(session.read(request_iterator))
+        try:
+            while (events := await session.outbox.get()) is not None:
+                yield events
+        finally:
+            reader.cancel()
+            session.close()
 
     async def Abort(self, request, context):
         aborted = self.runtime.abort(list(request.request_ids), request.abort_all)
@@ -96,6 +128,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def FlushCache(self, request, context):
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=self.runtime.core.flush_cache())
+
+    async def Embed(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "this server serves generation; start it with --is-embedding to embed")
 
 
 async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> executor_pb2.ExecutorModelInfo:
@@ -136,7 +172,7 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
 @dataclass
 class RunningScheduler:
     server: grpc.aio.Server
-    runtime: SchedulerRuntime
+    runtime: SchedulerRuntime | None  # None with --is-embedding
     port: int
     loop_task: asyncio.Task
     channel: grpc.aio.Channel
@@ -147,11 +183,29 @@ class RunningScheduler:
         await self.channel.close()
 
 
+async def start_embedding_scheduler(args: ServerArgs, channel: grpc.aio.Channel, stub: executor_pb2_grpc.ExecutorStub,
+                                    model: executor_pb2.ExecutorModelInfo) -> RunningScheduler:
+    """--is-embedding: no KV pool and no step loop; Embed calls are batched by an EmbedBatcher."""
+    batcher = EmbedBatcher(stub, max_batch_tokens=args.max_prefill_tokens)
+    config = {"is_embedding": True, "max_prefill_tokens": args.max_prefill_tokens,
+              "context_length": model.context_length}
+    server = aio_server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(EmbeddingSchedulerServicer(batcher, model, config), server)
+    port = bind(server, args.scheduler_addr)
+    await server.start()
+    loop_task = asyncio.create_task(batcher.run(), name="embed-batcher")
+    log.info("embedding scheduler ready on port %d (model %s, context %d, batches of %d padded tokens)",
+             port, model.architecture, model.context_length, args.max_prefill_tokens)
+    return RunningScheduler(server, None, port, loop_task, channel)
+
+
 async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     """Connect to the executor, then serve on args.scheduler_addr (port 0: an ephemeral one)."""
     channel = aio_channel(args.executor_addr)
     stub = executor_pb2_grpc.ExecutorStub(channel)
     model = await wait_for_executor(stub, args.executor_addr)
+    if args.is_embedding:
+        return await start_embedding_scheduler(args, channel, stub, model)
     core = build_core(args, model)
     config = {
         "schedule_policy": core.policy,
@@ -168,7 +222,8 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     }
     runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule)
     server = aio_server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(runtime, model, config), server)
+    servicer = SchedulerServicer(runtime, model, config, grammar_backend(args, model))
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     port = bind(server, args.scheduler_addr)
     await server.start()
     loop_task = asyncio.create_task(runtime.run(), name="scheduler-loop")

@@ -1,8 +1,9 @@
-"""HF architecture name -> model class."""
+"""HF architecture name -> model class. The BERT-family encoders serve only with --is-embedding."""
 from __future__ import annotations
 
 from torch import nn
 
+from services.executor.models.bert import BertModel, XLMRobertaModel
 from services.executor.models.llama import LlamaForCausalLM
 from services.executor.models.qwen2 import Qwen2ForCausalLM
 
@@ -10,6 +11,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertModel,
+    "XLMRobertaModel": XLMRobertaModel,
 }
 
 

@@ -8,32 +8,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecutorNewRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample")
+    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SLOTS_FIELD_NUMBER: _ClassVar[int]
     NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
+    PENALTY_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_slots: _containers.RepeatedScalarFieldContainer[int]
     new_slots: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     sample: bool
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    token_bitmask: bytes
+    penalty_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecutorContinuingRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "new_slots", "sample")
+    __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     new_slots: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    token_bitmask: bytes
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ...) -> None: ...
 
 class ExecutorStepRequest(_message.Message):
     __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests")
@@ -102,3 +108,21 @@ class ExecutorResetResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     dropped: int
     def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
+class ExecutorEmbedRequest(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenIds]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ...) -> None: ...
+
+class ExecutorEmbedResponse(_message.Message):
+    __slots__ = ("dimension", "embeddings", "normalized", "forward_ms")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    dimension: int
+    embeddings: _containers.RepeatedScalarFieldContainer[float]
+    normalized: bool
+    forward_ms: float
+    def __init__(self, dimension: _Optional[int] = ..., embeddings: _Optional[_Iterable[float]] = ..., normalized: _Optional[bool] = ..., forward_ms: _Optional[float] = ...) -> None: ...

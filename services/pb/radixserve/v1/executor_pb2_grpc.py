@@ -49,6 +49,11 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/radixserve.v1.Executor/Embed',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -75,6 +80,13 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed a batch of token-id sequences in one forward pass (executors started with --is-embedding).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Reset,
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Executor:
             '/radixserve.v1.Executor/Reset',
             radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Executor/Embed',
+            radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

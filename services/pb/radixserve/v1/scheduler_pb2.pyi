@@ -33,6 +33,32 @@ class SchedulerGenerateResponse(_message.Message):
     usage: _common_pb2.Usage
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., matched_stop_token_id: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
+class SchedulerSessionRequest(_message.Message):
+    __slots__ = ("generate", "abort")
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    generate: SchedulerGenerateRequest
+    abort: SchedulerAbortRequest
+    def __init__(self, generate: _Optional[_Union[SchedulerGenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[SchedulerAbortRequest, _Mapping]] = ...) -> None: ...
+
+class SchedulerRequestError(_message.Message):
+    __slots__ = ("request_id", "code", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    code: int
+    message: str
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SchedulerSessionEvents(_message.Message):
+    __slots__ = ("events", "errors")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[SchedulerGenerateResponse]
+    errors: _containers.RepeatedCompositeFieldContainer[SchedulerRequestError]
+    def __init__(self, events: _Optional[_Iterable[_Union[SchedulerGenerateResponse, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[SchedulerRequestError, _Mapping]]] = ...) -> None: ...
+
 class SchedulerAbortRequest(_message.Message):
     __slots__ = ("request_ids", "abort_all")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -94,3 +120,21 @@ class SchedulerFlushCacheResponse(_message.Message):
     FREED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     freed_tokens: int
     def __init__(self, freed_tokens: _Optional[int] = ...) -> None: ...
+
+class SchedulerEmbedRequest(_message.Message):
+    __slots__ = ("sequences",)
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenIds]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ...) -> None: ...
+
+class SchedulerEmbedResponse(_message.Message):
+    __slots__ = ("dimension", "embeddings", "normalized", "prompt_tokens")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    dimension: int
+    embeddings: _containers.RepeatedScalarFieldContainer[float]
+    normalized: bool
+    prompt_tokens: int
+    def __init__(self, dimension: _Optional[int] = ..., embeddings: _Optional[_Iterable[float]] = ..., normalized: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...

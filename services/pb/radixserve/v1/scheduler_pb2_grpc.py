@@ -39,6 +39,11 @@ class SchedulerStub:
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/radixserve.v1.Scheduler/Session',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionEvents.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/radixserve.v1.Scheduler/Abort',
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerAbortRequest.SerializeToString,
@@ -54,6 +59,11 @@ class SchedulerStub:
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/radixserve.v1.Scheduler/Embed',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -62,6 +72,15 @@ class SchedulerServicer:
     def Generate(self, request, context):
         """Generate from token ids; streams one message per step that produced tokens for this request.
         Cancelling the call aborts the request and frees its KV memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many requests over one stream, as the gateway uses it: the client sends generate and abort
+        actions; each message back carries the events of one step for every request of the session.
+        Closing the stream aborts the session's unfinished requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,6 +107,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed token-id sequences (servers started with --is-embedding). Concurrent calls are batched
+        into executor Embed calls of at most --max-prefill-tokens tokens; generation RPCs are refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +122,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionEvents.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -110,6 +142,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.FlushCache,
                     request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +176,33 @@ class Scheduler:
             '/radixserve.v1.Scheduler/Generate',
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateRequest.SerializeToString,
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radixserve.v1.Scheduler/Session',
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerSessionEvents.FromString,
             options,
             channel_credentials,
             insecure,
@@ -220,6 +284,33 @@ class Scheduler:
             '/radixserve.v1.Scheduler/FlushCache',
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheRequest.SerializeToString,
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerFlushCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Scheduler/Embed',
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

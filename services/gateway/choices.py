@@ -1,0 +1,87 @@
+"""Several choices from one API request: `n` samples of each prompt, and a list of prompts
+(/v1/completions). Each choice is its own scheduler request (the radix cache shares the prompt's
+KV between them); their streams are merged here, tagged with the choice index."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+from radixserve.v1 import common_pb2
+from services.gateway.engine import Engine
+from services.gateway.generation import Completion, Delta, Finish, PreparedRequest
+
+UINT64_MASK = (1 << 64) - 1
+
+
+def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[PreparedRequest]:
+    """n copies with their own request ids; a seeded request's copies get seeds seed+i, so the
+    choices differ and the whole response stays reproducible."""
+    if n == 1 and first_index == 0:
+        return [prepared]
+    copies = []
+    for i in range(n):
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(prepared.sampling)
+        if sampling.HasField("seed"):
+            sampling.seed = (sampling.seed + i) & UINT64_MASK
+        copies.append(dataclasses.replace(prepared, request_id=f"{prepared.request_id}-{first_index + i}",
+                                          sampling=sampling))
+    return copies
+
+
+async def complete_all(engine: Engine, requests: list[PreparedRequest]) -> list[Completion]:
+    tasks = [asyncio.ensure_future(engine.complete(r)) for r in requests]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merged_streams(engine: Engine, requests: list[PreparedRequest]) -> AsyncIterator[tuple[int, Delta | Finish]]:
+    """(choice index, item) from every request's stream as items arrive; an error in any choice
+    ends the whole response; closing the iterator aborts the unfinished ones."""
+    if len(requests) == 1:
+        stream = engine.stream(requests[0])
+        try:
+            async for item in stream:
+                yield 0, item
+        finally:
+            await stream.aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, request: PreparedRequest) -> None:
+        stream = engine.stream(request)
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as e:  # handed to the consumer, which raises it
+            queue.put_nowait((index, e))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        unfinished = len(requests)
+        while unfinished:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Finish):
+                unfinished -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def total_usage(finishes: list[Finish], n: int) -> Finish:
+    """One usage for the choices of a response (n per prompt, grouped by prompt): each prompt
+    counted once, every completion token."""
+    firsts = finishes[::n]
+    return Finish(reason="", matched=None, prompt_tokens=sum(f.prompt_tokens for f in firsts),
+                  completion_tokens=sum(f.completion_tokens for f in finishes),
+                  cached_tokens=sum(f.cached_tokens for f in firsts))

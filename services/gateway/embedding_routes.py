@@ -1,0 +1,59 @@
+"""POST /v1/embeddings in OpenAI's shapes (servers started with --is-embedding).
+
+`input` is a string, a list of strings, a list of token ids or a list of token-id lists; strings
+get the model's special tokens. Inputs longer than the model takes are refused (400), not
+truncated, and so are empty ones. `encoding_format` is "float" (JSON numbers) or "base64"
+(little-endian float32). `dimensions`: see services/gateway/embeddings.py.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from services.gateway.embeddings import encode_vector
+from services.gateway.engine import Engine
+from services.gateway.errors import bad_request
+from services.gateway.openai_routes import check_model
+from services.gateway.sampling import parse_body
+from services.gateway.sse import run_unless_disconnected
+
+router = APIRouter()
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+def embedding_inputs(value: str | list) -> list[str] | list[list[int]]:
+    """The request's input as a list of texts or a list of token-id lists."""
+    if not value:
+        raise bad_request("input must not be empty", param="input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value[0], int):
+        return [value]
+    if isinstance(value[0], str) and not all(value):
+        raise bad_request("input must not contain empty strings", param="input")
+    return value
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(request: Request):
+    engine: Engine = request.app.state.engine
+    req = parse_body(await request.body(), EmbeddingRequest)
+    check_model(engine, req.model)
+    batch = await run_unless_disconnected(request, engine.embed(embedding_inputs(req.input)))
+    if req.dimensions is not None:
+        batch = batch.shortened(req.dimensions)
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+            for i, v in enumerate(batch.vectors)]
+    usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
+    return JSONResponse({"object": "list", "data": data, "model": engine.served_name, "usage": usage})

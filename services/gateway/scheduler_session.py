@@ -1,0 +1,140 @@
+"""The gateway's end of the scheduler's Session stream: one gRPC stream carries every request.
+
+Requests start and abort by writing actions to the stream; a reader task routes each step's events
+to the queue of the request they belong to. When the stream breaks (scheduler restarted, network),
+every open request gets the error and the next request opens a new stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("radixserve.gateway.session")
+
+
+class RequestFailed(Exception):
+    """The scheduler ended a request with an error status (or the stream carrying it broke)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class RequestEvents:
+    """The scheduler's messages for one request; iterate, then close (aborts it if unfinished)."""
+
+    def __init__(self, session: "SchedulerSession", request_id: str, queue: asyncio.Queue):
+        self._session = session
+        self.request_id = request_id
+        self._queue = queue
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> scheduler_pb2.SchedulerGenerateResponse:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, RequestFailed):
+            self.done = True
+            raise item
+        if item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self.done = True
+        return item
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self._session.abort(self.request_id)
+
+
+class SchedulerSession:
+    def __init__(self, stub: Callable[[], scheduler_pb2_grpc.SchedulerStub]):
+        self._stub = stub
+        self._call = None
+        self._outbox: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._queues: dict[str, asyncio.Queue] = {}
+
+    def start(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> RequestEvents:
+        """Send a generate action; msg.request_id must be set and not in use."""
+        if msg.request_id in self._queues:
+            raise ValueError(f"request {msg.request_id} is already open")
+        self._ensure_open()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[msg.request_id] = queue
+        self._outbox.put_nowait(scheduler_pb2.SchedulerSessionRequest(generate=msg))
+        return RequestEvents(self, msg.request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None and self._outbox is not None:
+            self._outbox.put_nowait(scheduler_pb2.SchedulerSessionRequest(
+                abort=scheduler_pb2.SchedulerAbortRequest(request_ids=[request_id])))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._call is not None:
+            self._call.cancel()
+        self._fail_open_requests(RequestFailed(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))
+        self._call = self._outbox = None
+        self._tasks = []
+
+    # ---- the stream ----
+
+    def _ensure_open(self) -> None:
+        if self._call is not None:
+            return
+        call = self._stub().Session()
+        outbox: asyncio.Queue = asyncio.Queue()
+        self._call, self._outbox = call, outbox
+        self._tasks = [asyncio.create_task(self._write(call, outbox), name="scheduler-session-writer"),
+                       asyncio.create_task(self._read(call), name="scheduler-session-reader")]
+
+    async def _write(self, call, outbox: asyncio.Queue) -> None:
+        try:
+            while True:
+                await call.write(await outbox.get())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            log.debug("scheduler session write ended: %s", e)  # the reader reports the failure
+
+    async def _read(self, call) -> None:
+        try:
+            async for msg in call:
+                for event in msg.events:
+                    queue = self._queues.get(event.request_id)
+                    if queue is not None:
+                        queue.put_nowait(event)
+                        if event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                            del self._queues[event.request_id]
+                for error in msg.errors:
+                    queue = self._queues.pop(error.request_id, None)
+                    if queue is not None:
+                        code = _STATUS_BY_VALUE.get(error.code, grpc.StatusCode.UNKNOWN)
+                        queue.put_nowait(RequestFailed(code, error.message))
+            failure = RequestFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler closed the session")
+        except grpc.aio.AioRpcError as e:
+            failure = RequestFailed(e.code(), e.details() or "")
+        if self._call is call:
+            log.warning("scheduler session ended (%s); failing %d open requests", failure, len(self._queues))
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
+            self._call = self._outbox = None
+            self._tasks = []
+            self._fail_open_requests(failure)
+
+    def _fail_open_requests(self, failure: RequestFailed) -> None:
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            queue.put_nowait(failure)

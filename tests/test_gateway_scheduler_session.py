@@ -1,0 +1,130 @@
+"""The gateway's SchedulerSession: many requests over one stream, failure of the stream, reconnection."""
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+
+import grpc
+import pytest
+
+from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.gateway.scheduler_session import RequestFailed, SchedulerSession
+from tests.stack import free_ports
+from tests.test_gateway_fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
+
+
+def serve_fake(port: int, scheduler: FakeScheduler) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server
+
+
+def request(rid: str, prompt: str, max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
+    return scheduler_pb2.SchedulerGenerateRequest(
+        request_id=rid, input_ids=encode(prompt),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+
+
+async def collect(events) -> tuple[str, int]:
+    text, reason = "", 0
+    async for msg in events:
+        text += "".join(map(chr, msg.token_ids))
+        reason = msg.finish_reason
+    return text, reason
+
+
+@pytest.fixture
+def port():
+    return free_ports(1)[0]
+
+
+def test_concurrent_requests_share_one_stream_and_errors_stay_per_request(port):
+    fake = FakeScheduler(step_delay=0.002)
+    server = serve_fake(port, fake)
+
+    async def body():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
+        try:
+            good = [session.start(request(f"g{i}", "hi", 6)) for i in range(5)]
+            poisoned = session.start(request("p", POISON, 6))
+            failing = session.start(request("f", FAIL_MARKER, 20))
+            results = await asyncio.gather(*(collect(e) for e in good))
+            assert results == [(OUTPUT_TEXT[:6], common_pb2.FINISH_REASON_LENGTH)] * 5
+            with pytest.raises(RequestFailed) as err:
+                await collect(poisoned)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(RequestFailed) as err:
+                await collect(failing)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert len(fake.started) == 6 and fake.sessions == 1  # one stream carried them all
+        finally:
+            await session.close()
+            await channel.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 30))
+    finally:
+        server.stop(0).wait()
+
+
+def test_closing_a_request_aborts_it_in_the_scheduler(port):
+    fake = FakeScheduler(step_delay=0.01)
+    server = serve_fake(port, fake)
+
+    async def body():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
+        try:
+            events = session.start(request("long", "hi", 200))
+            await anext(events)
+            events.close()
+            for _ in range(200):
+                if "long" in fake.cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            assert fake.cancelled == ["long"]
+        finally:
+            await session.close()
+            await channel.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 30))
+    finally:
+        server.stop(0).wait()
+
+
+def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects(port):
+    server = serve_fake(port, FakeScheduler(step_delay=0.01))
+
+    async def body():
+        nonlocal server
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
+        try:
+            events = session.start(request("cut", "hi", 200))
+            await anext(events)
+            await asyncio.to_thread(lambda: server.stop(0).wait())
+            with pytest.raises(RequestFailed) as err:
+                await collect(events)
+            assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            server = serve_fake(port, FakeScheduler())
+            for _ in range(100):  # the channel reconnects with backoff
+                try:
+                    assert await collect(session.start(request("after", "hi", 3))) == (
+                        OUTPUT_TEXT[:3], common_pb2.FINISH_REASON_LENGTH)
+                    break
+                except RequestFailed:
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("no request succeeded after the scheduler came back")
+        finally:
+            await session.close()
+            await channel.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 30))
+    finally:
+        server.stop(0).wait()
