@@ -282,6 +282,7 @@ def test_named_tool_choice_and_none(client, model):
     ({"n": 0}, "n"),
     ({"temperature": 5}, "temperature"),
     ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"10000000": 1}}, "logit_bias"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
 ])

@@ -147,6 +147,10 @@ class Engine:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(inp.sampling)
+        outside = sorted(t for t in sampling.logit_bias if info.vocab_size and t >= info.vocab_size)
+        if outside:
+            raise bad_request(f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
+                              param="logit_bias", code="invalid_value")
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None
         requested = sampling.max_new_tokens
