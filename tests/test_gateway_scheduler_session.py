@@ -35,96 +35,89 @@ async def collect(events) -> tuple[str, int]:
     return text, reason
 
 
-@pytest.fixture
-def port():
-    return free_ports(1)[0]
+class FakeSchedulerServer:
+    """A FakeScheduler served on a fixed port, so a test can stop it and serve a new one there."""
+
+    def __init__(self, scheduler: FakeScheduler):
+        self.port = free_ports(1)[0]
+        self.server = serve_fake(self.port, scheduler)
+
+    def restart(self, scheduler: FakeScheduler) -> None:
+        self.server = serve_fake(self.port, scheduler)
 
 
-def test_concurrent_requests_share_one_stream_and_errors_stay_per_request(port):
+def run_with_session(fake: FakeScheduler, body) -> None:
+    """Run body(session, served) against fake, with a gateway SchedulerSession on its own channel."""
+    served = FakeSchedulerServer(fake)
+
+    async def main():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{served.port}")
+        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
+        try:
+            await body(session, served)
+        finally:
+            await session.close()
+            await channel.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        served.server.stop(0).wait()
+
+
+def test_concurrent_requests_share_one_stream_and_errors_stay_per_request():
     fake = FakeScheduler(step_delay=0.002)
-    server = serve_fake(port, fake)
 
-    async def body():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
-        try:
-            good = [session.start(request(f"g{i}", "hi", 6)) for i in range(5)]
-            poisoned = session.start(request("p", POISON, 6))
-            failing = session.start(request("f", FAIL_MARKER, 20))
-            results = await asyncio.gather(*(collect(e) for e in good))
-            assert results == [(OUTPUT_TEXT[:6], common_pb2.FINISH_REASON_LENGTH)] * 5
-            with pytest.raises(RequestFailed) as err:
-                await collect(poisoned)
-            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(RequestFailed) as err:
-                await collect(failing)
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE
-            assert len(fake.started) == 6 and fake.sessions == 1  # one stream carried them all
-        finally:
-            await session.close()
-            await channel.close()
+    async def body(session, _):
+        good = [session.start(request(f"g{i}", "hi", 6)) for i in range(5)]
+        poisoned = session.start(request("p", POISON, 6))
+        failing = session.start(request("f", FAIL_MARKER, 20))
+        results = await asyncio.gather(*(collect(e) for e in good))
+        assert results == [(OUTPUT_TEXT[:6], common_pb2.FINISH_REASON_LENGTH)] * 5
+        with pytest.raises(RequestFailed) as err:
+            await collect(poisoned)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(RequestFailed) as err:
+            await collect(failing)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert len(fake.started) == 6 and fake.sessions == 1  # one stream carried them all
 
-    try:
-        asyncio.run(asyncio.wait_for(body(), 30))
-    finally:
-        server.stop(0).wait()
+    run_with_session(fake, body)
 
 
-def test_closing_a_request_aborts_it_in_the_scheduler(port):
+def test_closing_a_request_aborts_it_in_the_scheduler():
     fake = FakeScheduler(step_delay=0.01)
-    server = serve_fake(port, fake)
 
-    async def body():
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
-        try:
-            events = session.start(request("long", "hi", 200))
-            await anext(events)
-            events.close()
-            for _ in range(200):
-                if "long" in fake.cancelled:
-                    break
-                await asyncio.sleep(0.01)
-            assert fake.cancelled == ["long"]
-        finally:
-            await session.close()
-            await channel.close()
+    async def body(session, _):
+        events = session.start(request("long", "hi", 200))
+        await anext(events)
+        events.close()
+        for _ in range(200):
+            if "long" in fake.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.cancelled == ["long"]
 
-    try:
-        asyncio.run(asyncio.wait_for(body(), 30))
-    finally:
-        server.stop(0).wait()
+    run_with_session(fake, body)
 
 
-def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects(port):
-    server = serve_fake(port, FakeScheduler(step_delay=0.01))
+def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects():
+    async def body(session, served):
+        events = session.start(request("cut", "hi", 200))
+        await anext(events)
+        await asyncio.to_thread(lambda: served.server.stop(0).wait())
+        with pytest.raises(RequestFailed) as err:
+            await collect(events)
+        assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        served.restart(FakeScheduler())
+        for _ in range(100):  # the channel reconnects with backoff
+            try:
+                assert await collect(session.start(request("after", "hi", 3))) == (
+                    OUTPUT_TEXT[:3], common_pb2.FINISH_REASON_LENGTH)
+                break
+            except RequestFailed:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("no request succeeded after the scheduler came back")
 
-    async def body():
-        nonlocal server
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
-        try:
-            events = session.start(request("cut", "hi", 200))
-            await anext(events)
-            await asyncio.to_thread(lambda: server.stop(0).wait())
-            with pytest.raises(RequestFailed) as err:
-                await collect(events)
-            assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-            server = serve_fake(port, FakeScheduler())
-            for _ in range(100):  # the channel reconnects with backoff
-                try:
-                    assert await collect(session.start(request("after", "hi", 3))) == (
-                        OUTPUT_TEXT[:3], common_pb2.FINISH_REASON_LENGTH)
-                    break
-                except RequestFailed:
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("no request succeeded after the scheduler came back")
-        finally:
-            await session.close()
-            await channel.close()
-
-    try:
-        asyncio.run(asyncio.wait_for(body(), 30))
-    finally:
-        server.stop(0).wait()
+    run_with_session(FakeScheduler(step_delay=0.01), body)

@@ -9,24 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.core import DuplicateRequestError, Scheduler
-from services.scheduler.fake_executor import FakeModel, chain_hash
+from services.scheduler.fake_executor import FakeModel
+from services.scheduler.fake_executor import reference_tokens as fake_reference_tokens
 from services.scheduler.request import FinishReason, Request, StepOutput
 
 VOCAB = 1000
 
 
 def reference_tokens(prompt: list[int], n: int) -> list[int]:
-    """What the fake model generates for prompt when nothing interferes."""
-    h = 0
-    for t in prompt:
-        h = chain_hash(h, t)
-    out = []
-    for _ in range(n):
-        token = h % VOCAB
-        out.append(token)
-        h = chain_hash(h, token)
-    return out
-
+    return fake_reference_tokens(prompt, n, VOCAB)
 
 class Harness:
     def __init__(self, pool_size=512, context_length=1024, max_running_requests=16,

@@ -11,23 +11,16 @@ import pytest
 from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel, aio_server, bind
-from services.scheduler.fake_executor import FakeExecutorServicer, chain_hash
+from services.scheduler.fake_executor import FakeExecutorServicer
+from services.scheduler.fake_executor import reference_tokens as fake_reference_tokens
 from services.scheduler.server import start_scheduler
 
 KV_SLOTS = 257
 VOCAB = 1000
 
 
-def reference_tokens(prompt, n):
-    h = 0
-    for t in prompt:
-        h = chain_hash(h, t)
-    out = []
-    for _ in range(n):
-        out.append(h % VOCAB)
-        h = chain_hash(h, out[-1])
-    return out
-
+def reference_tokens(prompt: list[int], n: int) -> list[int]:
+    return fake_reference_tokens(prompt, n, VOCAB)
 
 class SlowFakeExecutor(FakeExecutorServicer):
     step_delay = 0.0

@@ -24,7 +24,8 @@ from services.gateway.native_routes import native_input
 from services.gateway.openai_routes import chat_input, completion_input
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
 from services.scheduler.core import Scheduler
-from services.scheduler.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens, chain_hash
+from services.scheduler.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
+from services.scheduler.fake_executor import reference_tokens as fake_reference_tokens
 from services.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
 from services.scheduler.request import FinishReason, Request, StepOutput
 from services.scheduler.server import start_scheduler
@@ -118,16 +119,7 @@ def test_no_backend_means_no_constraints():
 # ---- the scheduler core with a fake model that samples among the allowed tokens -------------
 
 def reference_tokens(prompt: list[int], n: int) -> list[int]:
-    """What the fake model generates, unconstrained, for prompt."""
-    h = 0
-    for t in prompt:
-        h = chain_hash(h, t)
-    out = []
-    for _ in range(n):
-        out.append(h % VOCAB)
-        h = chain_hash(h, out[-1])
-    return out
-
+    return fake_reference_tokens(prompt, n, VOCAB)
 
 class Harness:
     """Drives a core and a FakeModel; depth > 1 plans that many steps ahead, as overlap does. Checks

@@ -54,8 +54,9 @@ def outputs_from_proto(resp: executor_pb2.ExecutorStepResponse) -> list[StepOutp
             for o in resp.outputs]
 
 
-def event_to_proto(event: RequestEvent) -> scheduler_pb2.SchedulerGenerateResponse:
-    return scheduler_pb2.SchedulerGenerateResponse(
+def event_fields(event: RequestEvent) -> dict:
+    """The fields of a SchedulerGenerateResponse for event (to construct one or add it to a list)."""
+    return dict(
         request_id=event.request_id,
         token_ids=event.token_ids,
         logprobs=event.logprobs,
@@ -65,3 +66,7 @@ def event_to_proto(event: RequestEvent) -> scheduler_pb2.SchedulerGenerateRespon
                                completion_tokens=event.completion_tokens,
                                cached_tokens=event.cached_tokens),
     )
+
+
+def event_to_proto(event: RequestEvent) -> scheduler_pb2.SchedulerGenerateResponse:
+    return scheduler_pb2.SchedulerGenerateResponse(**event_fields(event))

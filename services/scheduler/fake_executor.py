@@ -29,6 +29,19 @@ def chain_hash(prev: int, token: int) -> int:
     return (prev * 1_000_003 + token + 1) % _MOD
 
 
+def reference_tokens(prompt: list[int], n: int, vocab_size: int) -> list[int]:
+    """What FakeModel generates for prompt, unconstrained and undisturbed: each token is the
+    running hash of the sequence so far, modulo the vocabulary."""
+    h = 0
+    for t in prompt:
+        h = chain_hash(h, t)
+    out = []
+    for _ in range(n):
+        out.append(h % vocab_size)
+        h = chain_hash(h, out[-1])
+    return out
+
+
 class FakeExecutorError(AssertionError):
     pass
 

@@ -16,7 +16,7 @@ import grpc
 
 from radixserve.v1 import scheduler_pb2
 
-from services.scheduler.convert import event_to_proto
+from services.scheduler.convert import event_fields
 from services.scheduler.request import Request, RequestEvent
 from services.scheduler.runtime import SchedulerRuntime, StepFailure
 
@@ -109,12 +109,11 @@ class Session:
             self._forget(rid)
             self._error(rid, grpc.StatusCode.UNAVAILABLE, event.message)
             return
-        merged = self.pending_by_id.get(rid)
-        if merged is None:
-            self.pending_by_id[rid] = self.pending.events.add()
-            self.pending_by_id[rid].CopyFrom(event_to_proto(event))
+        earlier = self.pending_by_id.get(rid)
+        if earlier is None:
+            self.pending_by_id[rid] = self.pending.events.add(**event_fields(event))
         else:  # two steps finished within one event-loop turn: one event per request still
-            merge_into(merged, event_to_proto(event))
+            merge_into(earlier, event)
         if event.finished:
             self._forget(rid)
         self._schedule_flush()
@@ -145,11 +144,11 @@ class Session:
             self.outbox.put_nowait(None)
 
 
-def merge_into(earlier: scheduler_pb2.SchedulerGenerateResponse,
-               later: scheduler_pb2.SchedulerGenerateResponse) -> None:
+def merge_into(earlier: scheduler_pb2.SchedulerGenerateResponse, later: RequestEvent) -> None:
     """Fold a request's later event into its earlier unsent one."""
-    earlier.token_ids.extend(later.token_ids)
-    earlier.logprobs.extend(later.logprobs)
-    earlier.finish_reason = later.finish_reason
-    earlier.matched_stop_token_id = later.matched_stop_token_id
-    earlier.usage.CopyFrom(later.usage)
+    fields = event_fields(later)
+    earlier.token_ids.extend(fields["token_ids"])
+    earlier.logprobs.extend(fields["logprobs"])
+    earlier.finish_reason = fields["finish_reason"]
+    earlier.matched_stop_token_id = fields["matched_stop_token_id"]
+    earlier.usage.CopyFrom(fields["usage"])
