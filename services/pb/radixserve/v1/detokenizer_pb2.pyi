@@ -1,3 +1,4 @@
+from radixserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -21,20 +22,22 @@ class DetokenizerState(_message.Message):
     def __init__(self, window_ids: _Optional[_Iterable[int]] = ..., prefix_offset: _Optional[int] = ..., read_offset: _Optional[int] = ..., held_text: _Optional[str] = ..., emitted_chars: _Optional[int] = ...) -> None: ...
 
 class DetokenizerDecodeItem(_message.Message):
-    __slots__ = ("request_id", "state", "new_token_ids", "stop", "skip_special_tokens", "final")
+    __slots__ = ("request_id", "state", "new_token_ids", "stop", "skip_special_tokens", "final", "trace_context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: DetokenizerState
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     stop: _containers.RepeatedScalarFieldContainer[str]
     skip_special_tokens: bool
     final: bool
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., final: _Optional[bool] = ...) -> None: ...
+    trace_context: _common_pb2.TraceContext
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., final: _Optional[bool] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
 
 class DetokenizerDecodeRequest(_message.Message):
     __slots__ = ("items",)

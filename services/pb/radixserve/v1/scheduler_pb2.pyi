@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SchedulerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "sampling")
+    __slots__ = ("request_id", "input_ids", "sampling", "trace_context")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    trace_context: _common_pb2.TraceContext
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
 
 class SchedulerGenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "finish_reason", "matched_stop_token_id", "usage")
@@ -138,3 +140,13 @@ class SchedulerEmbedResponse(_message.Message):
     normalized: bool
     prompt_tokens: int
     def __init__(self, dimension: _Optional[int] = ..., embeddings: _Optional[_Iterable[float]] = ..., normalized: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class SchedulerMetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SchedulerMetrics(_message.Message):
+    __slots__ = ("prometheus_text",)
+    PROMETHEUS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    prometheus_text: str
+    def __init__(self, prometheus_text: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class SchedulerStub:
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/radixserve.v1.Scheduler/GetMetrics',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -115,6 +120,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """The scheduler's Prometheus metrics (queue time, step latency, running/waiting requests, KV usage,
+        prefix-cache hits), which the gateway's /metrics serves along with its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Scheduler:
             '/radixserve.v1.Scheduler/Embed',
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedRequest.SerializeToString,
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Scheduler/GetMetrics',
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.FromString,
             options,
             channel_credentials,
             insecure,
