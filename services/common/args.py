@@ -65,6 +65,26 @@ class ServerArgs:
     executor_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}"
     detokenizer_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}"
 
+    # Limits and lifecycle
+    max_payload_size: int = 32 * 1024 * 1024  # bytes of an HTTP request body; larger ones get 413
+    allow_auto_truncate: bool = False  # cut prompts longer than the context instead of rejecting them
+    max_queued_requests: int | None = None  # None: no limit; past it new requests get 503
+    request_timeout: float | None = None  # seconds a request may take end to end; None: no limit
+    shutdown_timeout: float = 30.0  # seconds SIGTERM lets accepted requests finish
+    watchdog_timeout: float = 300.0  # seconds a step may run before the executor is declared hung
+
+    # Security between services
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
+    grpc_auth_token: str | None = None  # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else no token
+
+    # Observability
+    otlp_traces_endpoint: str | None = None  # None: tracing off
+    trace_sample_ratio: float = 1.0
+    enable_metrics: bool = False
+    log_requests: bool = False
+
     # Logging
     log_level: str = "info"
 
@@ -133,6 +153,22 @@ _HELP = {
     "executor_addr": "host:port of the executor service",
     "detokenizer_addr": "host:port of the detokenizer service",
     "log_level": "debug | info | warning | error",
+    "max_payload_size": "largest HTTP request body in bytes; a larger one gets 413",
+    "allow_auto_truncate": "keep the last tokens of a prompt longer than the context instead of answering 400",
+    "max_queued_requests": "most requests waiting to run; past it new requests get 503 with Retry-After",
+    "request_timeout": "seconds a request may take end to end before it is aborted (default: no limit)",
+    "shutdown_timeout": "on SIGTERM, seconds accepted requests get to finish before the process exits",
+    "watchdog_timeout": "seconds one executor step may run before it is reported hung and the executor restarted",
+    "grpc_tls_cert": "PEM certificate of this service's gRPC server (TLS between services)",
+    "grpc_tls_key": "PEM private key for --grpc-tls-cert",
+    "grpc_tls_ca": "PEM CA bundle that signs the other services' certificates (clients verify with it)",
+    "grpc_auth_token": "shared secret sent in gRPC metadata between services and required by every service "
+                       "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)",
+    "otlp_traces_endpoint": "send OpenTelemetry traces to this OTLP gRPC endpoint, e.g. localhost:4317 "
+                            "(needs `pip install radixserve[tracing]`; default: tracing off)",
+    "trace_sample_ratio": "fraction of requests traced (parent-based: an incoming sampled traceparent is honoured)",
+    "enable_metrics": "serve Prometheus metrics at the gateway's /metrics (the scheduler's included)",
+    "log_requests": "log each request's id, trace id, parameters and outcome",
 }
 
 _CHOICES = {

@@ -1,5 +1,13 @@
-"""gRPC plumbing shared by the services: channel/server options and startup."""
+"""gRPC plumbing shared by the services: channel/server options, credentials, interceptors, startup.
+
+A service process installs its process-wide settings once at start (`install`): TLS credentials
+and the interceptors of tracing and of the inter-service token. Every channel and server made here
+afterwards uses them; with nothing installed, channels and servers are plain insecure ones with no
+interceptor on the hot path.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -18,21 +26,55 @@ SERVER_OPTIONS = [
 ]
 
 
+@dataclass
+class GrpcSettings:
+    """What every channel and server of this process uses (see install)."""
+    client_interceptors: list = field(default_factory=list)  # grpc.aio.ClientInterceptor instances
+    server_interceptors: list = field(default_factory=list)  # grpc.aio.ServerInterceptor instances
+    channel_credentials: grpc.ChannelCredentials | None = None  # None: insecure channels
+    server_credentials: grpc.ServerCredentials | None = None  # None: insecure ports
+
+
+settings = GrpcSettings()
+
+
+def install(client_interceptors=(), server_interceptors=(), channel_credentials=None,
+            server_credentials=None) -> None:
+    """Add interceptors and set credentials for the channels and servers made from now on."""
+    settings.client_interceptors.extend(client_interceptors)
+    settings.server_interceptors.extend(server_interceptors)
+    if channel_credentials is not None:
+        settings.channel_credentials = channel_credentials
+    if server_credentials is not None:
+        settings.server_credentials = server_credentials
+
+
+def reset() -> None:
+    """Back to plain insecure channels and servers (tests that install settings undo them)."""
+    global settings
+    settings = GrpcSettings()
+
+
 def aio_channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-
-
-def sync_channel(addr: str) -> grpc.Channel:
-    return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    interceptors = list(settings.client_interceptors) or None
+    if settings.channel_credentials is not None:
+        return grpc.aio.secure_channel(addr, settings.channel_credentials, options=CHANNEL_OPTIONS,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    """A server with the installed interceptors first, then these."""
+    chain = [*settings.server_interceptors, *(interceptors or [])]
+    return grpc.aio.server(interceptors=chain or None, options=SERVER_OPTIONS)
 
 
 def bind(server: grpc.aio.Server, addr: str) -> int:
-    """Bind addr (host:port) and return the port; fail loudly if it is taken."""
-    port = server.add_insecure_port(addr)
+    """Bind addr (host:port) and return the port; fail loudly if it is taken. TLS when installed."""
+    if settings.server_credentials is not None:
+        port = server.add_secure_port(addr, settings.server_credentials)
+    else:
+        port = server.add_insecure_port(addr)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC server to {addr}")
     return port

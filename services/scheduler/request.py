@@ -33,6 +33,11 @@ class Request:
     # (next_token_bitmask(), accept(token), terminated); None when unconstrained or finished.
     grammar: Any = None
 
+    # When the request reached the scheduler (time.monotonic()), for queue-time metrics and spans.
+    arrival_time: float = 0.0
+    # The caller's W3C trace context (a radixserve.v1.TraceContext); None: not traced.
+    trace_context: Any = None
+
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.

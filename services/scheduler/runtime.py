@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -35,15 +36,35 @@ class StepFailure:
 Deliver = Callable[[RequestEvent | StepFailure], None]
 
 
+class RuntimeObserver:
+    """Telemetry hooks on the step loop (metrics, tracing), called synchronously; override what you need."""
+
+    def submitted(self, req: Request) -> None:
+        """req was queued (req.arrival_time is set)."""
+
+    def sent(self, plan: StepPlan) -> None:
+        """plan went to the executor."""
+
+    def completed(self, plan: StepPlan, seconds: float) -> None:
+        """plan's result came back, seconds after it was sent."""
+
+    def dispatched(self, events: list[RequestEvent]) -> None:
+        """Events of a step or of aborts (finished events end their requests)."""
+
+    def failed(self, request_ids: list[str], message: str) -> None:
+        """These requests ended with a step failure."""
+
+
 class SchedulerRuntime:
     def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub, overlap: bool = True):
         self.core = core
         self.executor = executor
         self.overlap = overlap
         self.receivers: dict[str, Deliver] = {}
+        self.observers: list[RuntimeObserver] = []
         self.wake = asyncio.Event()
         self.steps = 0
-        self.inflight: deque[tuple[StepPlan, grpc.aio.UnaryUnaryCall]] = deque()
+        self.inflight: deque[tuple[StepPlan, grpc.aio.UnaryUnaryCall, float]] = deque()
         # The executor orders steps from the first one it sees (after a start or Reset), so the
         # first step goes alone: a second one arriving before it would set the wrong base.
         self.executor_synced = False
@@ -52,8 +73,11 @@ class SchedulerRuntime:
 
     def submit(self, req: Request, deliver: Deliver) -> None:
         """Queue a validated request; each of its events (or a StepFailure) is passed to deliver."""
+        req.arrival_time = time.monotonic()
         self.core.add_request(req)
         self.receivers[req.request_id] = deliver
+        for observer in self.observers:
+            observer.submitted(req)
         self.wake.set()
 
     def detach(self, req: Request, deliver: Deliver, abort: bool) -> None:
@@ -61,8 +85,10 @@ class SchedulerRuntime:
         if self.receivers.get(req.request_id) is deliver:
             del self.receivers[req.request_id]
         if abort and self.core.requests.get(req.request_id) is req:
-            self.core.abort(req.request_id)
+            event = self.core.abort(req.request_id)
             log.info("request %s cancelled by the client", req.request_id)
+            for observer in self.observers:
+                observer.dispatched([event])
             self.wake.set()
 
     def abort(self, request_ids: list[str], abort_all: bool) -> int:
@@ -89,7 +115,9 @@ class SchedulerRuntime:
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
                     leak_checked = False
-                    self.inflight.append((plan, self.executor.Step(plan_to_proto(plan))))
+                    self.inflight.append((plan, self.executor.Step(plan_to_proto(plan)), time.monotonic()))
+                    for observer in self.observers:
+                        observer.sent(plan)
                 elif self.inflight:
                     await self._finish_oldest_step()
                 else:
@@ -108,7 +136,7 @@ class SchedulerRuntime:
                 await self._fail_all(f"scheduler error: {e}")
 
     async def _finish_oldest_step(self) -> None:
-        plan, call = self.inflight[0]
+        plan, call, sent_at = self.inflight[0]
         try:
             resp = await call
         except grpc.aio.AioRpcError as e:
@@ -117,15 +145,19 @@ class SchedulerRuntime:
         self.inflight.popleft()
         self.executor_synced = True
         self.steps += 1
+        for observer in self.observers:
+            observer.completed(plan, time.monotonic() - sent_at)
         self._dispatch(self.core.update(plan, outputs_from_proto(resp)))
 
     def _cancel_inflight(self) -> None:
         """Forget the steps in flight; their results, should they come, are ignored."""
-        for _, call in self.inflight:
+        for _, call, _ in self.inflight:
             call.cancel()
         self.inflight.clear()
 
     def _dispatch(self, events: list[RequestEvent]) -> None:
+        for observer in self.observers:
+            observer.dispatched(events)
         for event in events:
             deliver = self.receivers.get(event.request_id)
             if deliver is not None:
@@ -135,7 +167,10 @@ class SchedulerRuntime:
         log.error("%s; failing %d requests and dropping all KV", message, len(self.core.requests))
         self._cancel_inflight()
         self.executor_synced = False
-        for rid in self.core.reset():
+        failed = self.core.reset()
+        for observer in self.observers:
+            observer.failed(failed, message)
+        for rid in failed:
             deliver = self.receivers.get(rid)
             if deliver is not None:
                 deliver(StepFailure(message))
