@@ -3,6 +3,8 @@
 # (default ./gpu-results). Model: a config folder with random weights (--load-format dummy), e.g.
 #   mkdir -p .models/llama-3-8b && cp ../shared/models/llama-3-8b/config.json .models/llama-3-8b/
 #   MODEL=.models/llama-3-8b scripts/gpu_bench.sh tests one-batch grpc-hop parity serving hf-baseline
+# Several GPUs: comm parallel-tests tp-parity, and serving with SERVE_FLAGS="--tp 2" (SKIP_RATE_1=1
+# leaves out the 1 req/s run).
 set -uo pipefail
 MODEL=${MODEL:-.models/llama-3-8b}
 OUT=${OUT:-gpu-results}
@@ -73,8 +75,10 @@ stage_serving() {
   wait $bench_pid
   grep -v '^{' "$OUT/rate_inf.txt" | grep -v "requests:"
   if [ -z "${ONLY_RATE_INF:-}" ]; then
+  if [ -z "${SKIP_RATE_1:-}" ]; then
   echo "--- 1 req/s, 32 x 512 in / 256 out"
   timeout 120 "${bench[@]}" --random-input-len 512 --random-output-len 256 --num-prompts 32 --request-rate 1 | grep -v '^{'
+  fi
   echo "--- one at a time (bs1 ITL vs the in-process step), 4 x 128 in / 128 out"
   timeout 60 "${bench[@]}" --random-input-len 128 --random-output-len 128 --num-prompts 4 --max-concurrency 1 | grep -v '^{'
   fi
@@ -89,6 +93,21 @@ stage_hf_baseline() {
 
 stage_parity() {
   timeout 300 python scripts/check_hf_parity.py --model-path "$MODEL" --max-new-tokens 32 | tee "$OUT/parity.json"
+}
+
+stage_comm() {
+  timeout 120 "${rs[@]}" check-comm --backend nccl --nproc "${NPROC:-2}" 2>&1 | tee "$OUT/check_comm.jsonl" | tail -8
+}
+
+stage_parallel_tests() {
+  timeout 400 python -m pytest -q -x -m "cuda or not cuda" -p no:cacheprovider tests/test_kernels_fused_moe.py \
+    tests/test_tensor_parallel.py tests/test_moe_tensor_parallel.py 2>&1 | tail -15
+}
+
+stage_tp_parity() {
+  timeout 500 python scripts/check_tp_parity.py --model-path "$MODEL" --tp "${TP:-2}" --extra "${TP_EXTRA:-}" \
+    | tee -a "$OUT/tp_parity.jsonl" | python -c "import json,sys; r=json.loads(sys.stdin.read()); \
+print({k: r[k] for k in ('model', 'tp', 'extra', 'identical', 'first_difference')})"
 }
 
 for stage in "$@"; do

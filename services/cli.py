@@ -1,11 +1,14 @@
-"""The `radixserve` command: `serve` (all five services), one service alone, `bench`, or `check-env`."""
+"""The `radixserve` command: `serve` (all five services), one service alone, `bench`, `check-env`,
+`check-comm` (collectives across ranks), or `healthcheck SERVICE` (for container and Kubernetes probes)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from services.common.args import add_server_args, args_from_namespace
+from services import check_comm
+from services.common.args import add_server_args, args_from_namespace, check_parallelism
+from services.healthcheck import add_arguments as add_healthcheck_arguments
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor", "detokenizer")
 
@@ -17,7 +20,10 @@ _DESCRIPTIONS = {
     "executor": "the model, its KV tensors and kernels",
     "detokenizer": "incremental token ids to text, stop strings",
     "check-env": "print versions and devices",
+    "check-comm": "check all-reduce, all-gather and broadcast across ranks (torchrun or --nproc N) and measure "
+                  "all-reduce bandwidth; one JSON line per rank, exit 1 on a wrong result",
     "bench": "benchmarks: one-batch (the executor in process) or serving (a running server)",
+    "healthcheck": "exit 0 if a running service answers a real call (container and Kubernetes probes), else 1",
 }
 BENCHMARKS = {"one-batch": "services.bench.one_batch", "serving": "services.bench.serving"}
 
@@ -29,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name])
         add_server_args(p)
     sub.add_parser("check-env", help=_DESCRIPTIONS["check-env"])
+    comm = sub.add_parser("check-comm", help=_DESCRIPTIONS["check-comm"], description=check_comm.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    check_comm.add_arguments(comm)
+    health = sub.add_parser("healthcheck", help=_DESCRIPTIONS["healthcheck"], description=_DESCRIPTIONS["healthcheck"])
+    add_healthcheck_arguments(health, SERVICES)
+    add_server_args(health)  # the service's flags and RADIXSERVE_* environment: its addresses, token and TLS
     bench = sub.add_parser("bench", help=_DESCRIPTIONS["bench"], description=_DESCRIPTIONS["bench"])
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="its flags (see radixserve bench NAME --help)")
@@ -45,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         from services.common.check_env import print_env
         print_env()
         return 0
+    if ns.command == "check-comm":
+        return check_comm.main(ns, argv[1:])
     args = args_from_namespace(ns, ns.command)
+    if ns.command == "healthcheck":
+        from services.healthcheck import main as healthcheck
+        return healthcheck(args, ns)
+    if ns.command in ("serve", "executor", "scheduler", "gateway"):
+        check_parallelism(args)
     if ns.command == "serve":
         from services.launcher import launch
         return launch(args)

@@ -1,12 +1,33 @@
 """`radixserve serve`: the five services as separate OS processes talking gRPC on loopback.
 
 The launcher resolves the model once (converting a GGUF into the cache, with progress), starts
-the services with the same flags, waits until the gateway's /health answers, and stops them all
-when it is interrupted or when any of them exits.
+the services with the same flags (one tokenizer or detokenizer process per address of
+--tokenizer-addr / --detokenizer-addr, which take comma-separated lists of local addresses) and
+waits until the gateway's /health answers. A service that exits before that stops the launch
+(exit code 1): a bad flag or model fails fast instead of crash-looping.
+
+Once ready, a service that dies is restarted with the same command, after a backoff that grows
+with quick crashes in a row; after too many the launcher stops everything and exits 1 (see
+supervisor.py). Only the dead service is restarted: the gateway keeps running, and its /health
+answers 503 until the stack works again.
+
+With --dp-size N > 1 the scheduler and the executor run N times (replicas "scheduler", "scheduler-dp1", ...,
+"executor", "executor-dp1", ...): replica i listens at the i-th address of --scheduler-addr /
+--executor-addr (or the one given, its port + i * DP_PORT_STRIDE), its executor takes the GPUs from
+--base-gpu-id + i * tp_size on, and each process is restarted on its own like any other. The gateway
+routes requests over the replicas' schedulers.
+
+With --tp-size > 1 the executor process starts its tensor-parallel shards itself and exits if one
+dies (see services/executor/shard_group.py), so the executor restarts as a whole. On a node other than
+0 (--node-rank k > 0) only the executor runs: its shards join node 0's group, and it is ready once
+started (node 0's gateway answers for the server).
+
+SIGTERM or SIGINT stops the gateway first and gives it --shutdown-timeout (plus a margin) to drain
+its requests, then stops the other services; the launcher exits 0 with no child left.
 """
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -16,65 +37,76 @@ import time
 import urllib.error
 import urllib.request
 
-from services.common.args import ServerArgs
+from services.common.args import ServerArgs, replica_args, replica_name
+from services.common.grpc_security import TOKEN_ENV, TlsCredentials
 from services.common.log import setup_logging
 from services.common.model_files import default_model_name, resolve_model_path
+from services.gateway.replicas import parse_addrs
+from services.supervisor import ProcessSpec, Supervisor, stop_processes
 
 # Start order: the slow one first, so it loads while the others start.
 START_ORDER = ("executor", "scheduler", "tokenizer", "detokenizer", "gateway")
+REPLICATED = ("tokenizer", "detokenizer")  # stateless: one process per address of their flag
+DATA_PARALLEL = ("executor", "scheduler")  # one pair per --dp-size replica
 READY_TIMEOUT_S = 600
+POLL_S = 0.2
+GATEWAY_STOP_MARGIN_S = 10.0  # past --shutdown-timeout, for the gateway's own shutdown
+STOP_TIMEOUT_S = 10.0  # for the other services
 
 log = logging.getLogger("radixserve.launcher")
-
-
-def _die_with_parent() -> None:
-    """Child processes get SIGTERM if the launcher dies, even by SIGKILL (Linux prctl)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def child_command(service: str, args: ServerArgs) -> list[str]:
     return [sys.executable, "-m", "services.cli", service, *args.to_cli()]
 
 
-def start_services(args: ServerArgs) -> dict[str, subprocess.Popen]:
-    procs = {}
+def child_env(args: ServerArgs) -> dict[str, str] | None:
+    """The inter-service token goes to the children in their environment: argv shows in `ps`."""
+    if not args.grpc_auth_token:
+        return None  # they inherit the launcher's (with $RADIXSERVE_GRPC_AUTH_TOKEN if set)
+    return {**os.environ, TOKEN_ENV: args.grpc_auth_token}
+
+
+def service_specs(args: ServerArgs) -> list[ProcessSpec]:
+    """The processes to run, in START_ORDER; replicas are named tokenizer, tokenizer-2, ..."""
+    env = child_env(args)
+    if args.node_rank > 0:
+        return [ProcessSpec("executor", child_command("executor", args), env)]
+    specs = []
     for service in START_ORDER:
-        if service in ("tokenizer", "detokenizer") and args.skip_tokenizer_init:
+        if service in DATA_PARALLEL:
+            for i in range(args.dp_size):
+                specs.append(ProcessSpec(replica_name(service, i), child_command(service, replica_args(args, i)), env))
             continue
-        procs[service] = subprocess.Popen(child_command(service, args), preexec_fn=_die_with_parent)
-        log.info("started %s (pid %d)", service, procs[service].pid)
-    return procs
+        if service not in REPLICATED:
+            specs.append(ProcessSpec(service, child_command(service, args), env))
+            continue
+        if args.skip_tokenizer_init:
+            continue
+        addrs = parse_addrs(getattr(args, f"{service}_addr"))
+        for i, addr in enumerate(addrs):
+            own = args if len(addrs) == 1 else dataclasses.replace(args, **{f"{service}_addr": addr})
+            specs.append(ProcessSpec(service if i == 0 else f"{service}-{i + 1}", child_command(service, own), env))
+    return specs
 
 
-def stop_services(procs: dict[str, subprocess.Popen], timeout: float = 10.0) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.time() + timeout
-    for proc in procs.values():
-        try:
-            proc.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_services(args: ServerArgs) -> dict[str, subprocess.Popen]:
+    TlsCredentials.from_args(args)  # half-given or unreadable TLS flags stop here, before any child starts
+    return {spec.name: spec.spawn() for spec in service_specs(args)}
+
+
+def stop_services(procs: dict[str, subprocess.Popen], timeout: float = STOP_TIMEOUT_S) -> None:
+    stop_processes(procs, timeout)
 
 
 def _healthy(args: ServerArgs) -> bool:
+    if args.node_rank > 0:
+        return True  # shards only: node 0's gateway reports the server's health
     try:
         with urllib.request.urlopen(f"http://{args.host}:{args.port}/health", timeout=30) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _exited(procs: dict[str, subprocess.Popen]) -> str | None:
-    for name, proc in procs.items():
-        if proc.poll() is not None:
-            return f"{name} exited with code {proc.returncode}"
-    return None
 
 
 def launch(args: ServerArgs) -> int:
@@ -94,11 +126,11 @@ def launch(args: ServerArgs) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    procs = start_services(args)
+    supervisor = Supervisor(service_specs(args), start_services(args))
     try:
         t0 = time.time()
         while not stopping and not _healthy(args):
-            if (why := _exited(procs)) is not None:
+            if (why := supervisor.first_exit()) is not None:
                 log.error("%s before the server was ready", why)
                 return 1
             waited = time.time() - t0
@@ -108,16 +140,20 @@ def launch(args: ServerArgs) -> int:
             if int(waited) // 10 != int(waited - 0.5) // 10:
                 log.info("waiting for the services to come up (%.0fs)", waited)
             time.sleep(0.5)
-        if not stopping:
+        if not stopping and args.node_rank > 0:
+            log.info("node %d of %d: executor shards started; they join %s", args.node_rank, args.nnodes,
+                     args.dist_init_addr)
+        elif not stopping:
             log.info("ready in %.1fs: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d",
-                      time.time() - t0, args.host, args.port, args.grpc_host, args.gateway_grpc_port)
+                     time.time() - t0, args.host, args.port, args.grpc_host, args.gateway_grpc_port)
             print(f"radixserve ready: http://{args.host}:{args.port}/v1", flush=True)
         while not stopping:
-            if (why := _exited(procs)) is not None:
+            if (why := supervisor.check()) is not None:
                 log.error("%s; stopping the server", why)
                 return 1
-            time.sleep(0.5)
-        log.info("shutting down")
+            time.sleep(POLL_S)
+        log.info("shutting down: the gateway drains its requests (up to %gs), then the other services stop",
+                 args.shutdown_timeout)
         return 0
     finally:
-        stop_services(procs)
+        supervisor.stop("gateway", args.shutdown_timeout + GATEWAY_STOP_MARGIN_S, STOP_TIMEOUT_S)

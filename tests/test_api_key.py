@@ -15,7 +15,9 @@ from services.gateway.auth import OPEN_PATHS
 from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway, backends  # noqa: F401
 
 KEY = "sk-test-key"
-PATH_PARAM = re.compile(r"\{[^}]+\}")
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PATH_PARAM = re.compile(r"\{(\w+)(:\w+)?\}")
+SLOW_STEP_S = 0.05  # the fake scheduler's step while the minimal requests run: a batch stays cancellable
 
 
 @pytest.fixture(scope="module")
@@ -26,34 +28,105 @@ def gw(backends, tmp_path_factory):
 
 
 def http_routes(routes, prefix: str = "") -> list[tuple[str, str]]:
-    """(method, path) of every route, descending into included routers; path parameters filled in."""
+    """(method, path template) of every route, descending into included routers."""
     found = []
     for route in routes:
         if hasattr(route, "original_router"):  # FastAPI's wrapper around an included router
             found += http_routes(route.original_router.routes, prefix + route.include_context.prefix)
         elif hasattr(route, "methods") and route.methods:
-            found += [(method, PATH_PARAM.sub("dummy", prefix + route.path)) for method in sorted(route.methods)]
+            found += [(method, prefix + route.path) for method in sorted(route.methods)]
     return found
+
+
+def fill(template: str, params: dict[str, str] | None = None) -> str:
+    return PATH_PARAM.sub(lambda m: (params or {}).get(m.group(1), "dummy"), template)
 
 
 def test_every_route_but_health_needs_the_key(gw):
     routes = http_routes(gw.gateway.app.routes)
-    assert {("POST", "/v1/chat/completions"), ("POST", "/v1/batches"), ("GET", "/v1/files/dummy/content"),
+    assert {("POST", "/v1/chat/completions"), ("POST", "/v1/batches"), ("GET", "/v1/files/{file_id}/content"),
             ("GET", "/health")} <= set(routes)
-    for method, path in routes:
+    for method, template in routes:
+        path = fill(template)
         url = gw.base_url + path
         if path in OPEN_PATHS:
             assert httpx.request(method, url, timeout=30).status_code != 401, path
             continue
         missing = httpx.request(method, url)
         wrong = httpx.request(method, url, headers={"Authorization": "Bearer sk-wrong"})
-        assert missing.status_code == wrong.status_code == 401, (method, path)
+        prefix = httpx.request(method, url, headers={"Authorization": f"Bearer {KEY[:-1]}"})
+        assert missing.status_code == wrong.status_code == prefix.status_code == 401, (method, path)
         assert missing.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
         if method != "HEAD":
             assert missing.json()["error"]["type"] == "invalid_request_error"
             assert (missing.json()["error"]["code"], wrong.json()["error"]["code"]) == (None, "invalid_api_key")
-        right = httpx.request(method, url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        assert right.status_code != 401, (method, path, right.text)
+
+
+def upload(gw, content: bytes, purpose: str) -> str:
+    r = httpx.post(gw.base_url + "/v1/files", headers=AUTH, data={"purpose": purpose},
+                   files={"file": ("in.jsonl", content)}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+@pytest.fixture
+def slow_backends(gw):
+    gw.backends.scheduler.step_delay = SLOW_STEP_S
+    yield
+    gw.backends.scheduler.step_delay = 0.002
+
+
+def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
+    """A valid minimal request for each route, as httpx.request keyword arguments (plus "path": its
+    parameters), and the status it gets with the key."""
+    slow_line = {"custom_id": "slow", "method": "POST", "url": "/v1/completions",
+                 "body": {"model": MODEL, "prompt": "x", "max_tokens": 200}}
+    batch_file = upload(gw, json.dumps(slow_line).encode(), "batch")
+    batch = {"input_file_id": batch_file, "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch_id = httpx.post(gw.base_url + "/v1/batches", headers=AUTH, json=batch, timeout=30).json()["id"]
+    file_param, batch_param = {"file_id": batch_file}, {"batch_id": batch_id}
+    ok = 200
+    return {
+        **{(method, path): ({}, ok) for method in ("GET", "HEAD")
+           for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")},
+        ("GET", "/v1/models"): ({}, ok),
+        ("GET", "/v1/models/{model_id:path}"): ({"path": {"model_id": MODEL}}, ok),
+        ("POST", "/v1/chat/completions"): ({"json": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}}, ok),
+        ("POST", "/v1/completions"): ({"json": {"model": MODEL, "prompt": "x", "max_tokens": 2}}, ok),
+        ("POST", "/generate"): ({"json": {"text": "x", "sampling_params": {"max_new_tokens": 2}}}, ok),
+        ("GET", "/health"): ({}, ok),
+        ("GET", "/health_generate"): ({}, ok),
+        ("GET", "/get_model_info"): ({}, ok),
+        ("GET", "/get_server_info"): ({}, ok),
+        ("GET", "/flush_cache"): ({}, ok),
+        ("POST", "/flush_cache"): ({}, ok),
+        # A generation server refuses embeddings: the key let the request through to say so.
+        ("POST", "/v1/embeddings"): ({"json": {"model": MODEL, "input": "x"}}, 400),
+        ("POST", "/v1/files"): ({"data": {"purpose": "user_data"}, "files": {"file": ("a.txt", b"a")}}, ok),
+        ("GET", "/v1/files"): ({}, ok),
+        ("GET", "/v1/files/{file_id}"): ({"path": file_param}, ok),
+        ("GET", "/v1/files/{file_id}/content"): ({"path": file_param}, ok),
+        ("POST", "/v1/batches"): ({"json": batch}, ok),
+        ("GET", "/v1/batches"): ({}, ok),
+        ("GET", "/v1/batches/{batch_id}"): ({"path": batch_param}, ok),
+        ("POST", "/v1/batches/{batch_id}/cancel"): ({"path": batch_param}, ok),
+        ("DELETE", "/v1/files/{file_id}"): ({"path": {"file_id": upload(gw, b"bye", "user_data")}}, ok),
+        ("GET", "/metrics"): ({}, 404),  # off without --enable-metrics
+        ("POST", "/abort_request"): ({"json": {"abort_all": True}}, ok),  # last: it ends the batches' lines
+    }
+
+
+def test_every_route_serves_a_minimal_request_with_the_key(gw, slow_backends):
+    routes = http_routes(gw.gateway.app.routes)
+    requests = minimal_requests(gw)
+    assert set(requests) <= set(routes), set(requests) - set(routes)
+    for (method, template), (kwargs, expected) in requests.items():
+        path = fill(template, kwargs.pop("path", None))
+        r = httpx.request(method, gw.base_url + path, headers=AUTH, timeout=30, **kwargs)
+        assert r.status_code == expected, (method, path, r.text)
+    for method, template in set(routes) - set(requests):  # routes this table does not know yet
+        r = httpx.request(method, gw.base_url + fill(template), headers=AUTH, timeout=30)
+        assert r.status_code != 401, (method, template, r.text)
 
 
 def test_requests_with_the_key_are_served(gw):

@@ -18,6 +18,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),
     ("grpc.keepalive_time_ms", 30000),
+    # A name that resolves to several replicas (dns:///tokenizer:30011 in compose, a headless
+    # Service in Kubernetes) spreads calls over all of them instead of pinning the first.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -33,16 +36,22 @@ class GrpcSettings:
     server_interceptors: list = field(default_factory=list)  # grpc.aio.ServerInterceptor instances
     channel_credentials: grpc.ChannelCredentials | None = None  # None: insecure channels
     server_credentials: grpc.ServerCredentials | None = None  # None: insecure ports
+    # Left out of public servers (the gateway's API for clients): the inter-service token check.
+    inter_service_interceptors: list = field(default_factory=list)
+    public_server_credentials: grpc.ServerCredentials | None = None  # None: insecure public ports
 
 
 settings = GrpcSettings()
 
 
 def install(client_interceptors=(), server_interceptors=(), channel_credentials=None,
-            server_credentials=None) -> None:
+            server_credentials=None, inter_service_interceptors=(), public_server_credentials=None) -> None:
     """Add interceptors and set credentials for the channels and servers made from now on."""
     settings.client_interceptors.extend(client_interceptors)
     settings.server_interceptors.extend(server_interceptors)
+    settings.inter_service_interceptors.extend(inter_service_interceptors)
+    if public_server_credentials is not None:
+        settings.public_server_credentials = public_server_credentials
     if channel_credentials is not None:
         settings.channel_credentials = channel_credentials
     if server_credentials is not None:
@@ -55,24 +64,29 @@ def reset() -> None:
     settings = GrpcSettings()
 
 
-def aio_channel(addr: str) -> grpc.aio.Channel:
-    interceptors = list(settings.client_interceptors) or None
+def aio_channel(addr: str, interceptors: list[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+    """A channel with the installed interceptors first, then these."""
+    interceptors = [*settings.client_interceptors, *(interceptors or [])] or None
     if settings.channel_credentials is not None:
         return grpc.aio.secure_channel(addr, settings.channel_credentials, options=CHANNEL_OPTIONS,
                                        interceptors=interceptors)
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
-def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
-    """A server with the installed interceptors first, then these."""
-    chain = [*settings.server_interceptors, *(interceptors or [])]
+def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None, public: bool = False) -> grpc.aio.Server:
+    """A server with the installed interceptors first, then these; a public one (for clients outside
+    the deployment) leaves out the inter-service ones."""
+    inter_service = [] if public else settings.inter_service_interceptors
+    chain = [*inter_service, *settings.server_interceptors, *(interceptors or [])]
     return grpc.aio.server(interceptors=chain or None, options=SERVER_OPTIONS)
 
 
-def bind(server: grpc.aio.Server, addr: str) -> int:
-    """Bind addr (host:port) and return the port; fail loudly if it is taken. TLS when installed."""
-    if settings.server_credentials is not None:
-        port = server.add_secure_port(addr, settings.server_credentials)
+def bind(server: grpc.aio.Server, addr: str, public: bool = False) -> int:
+    """Bind addr (host:port) and return the port; fail loudly if it is taken. TLS when installed
+    (for a public server: without client certificates)."""
+    credentials = settings.public_server_credentials if public else settings.server_credentials
+    if credentials is not None:
+        port = server.add_secure_port(addr, credentials)
     else:
         port = server.add_insecure_port(addr)
     if port == 0:

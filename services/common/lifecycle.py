@@ -10,6 +10,8 @@ from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
+from services.common import tracing
+
 SHUTDOWN_GRACE_S = 5.0
 
 Args = TypeVar("Args")
@@ -32,13 +34,25 @@ def _stop_event() -> asyncio.Event:
 
 def run_service(serve: Callable[[Args], Awaitable[None]], args: Args) -> int:
     """asyncio.run(serve(args)) with the signals caught before serve starts: a stop that arrives
-    while the service loads, or right after it reports ready, is a clean one (exit code 0)."""
+    while the service loads, or right after it reports ready, is a clean one (exit code 0).
+    Tracing (when configured) starts before serve and is flushed after it."""
     async def main() -> None:
         _stop_event()
         await serve(args)
 
-    run_event_loop(main())
+    with traced_process(args):
+        run_event_loop(main())
     return 0
+
+
+@contextlib.contextmanager
+def traced_process(args):
+    """Tracing for this service process per its flags (--otlp-traces-endpoint), flushed at exit."""
+    tracing.setup(args.service, args.otlp_traces_endpoint, args.trace_sample_ratio)
+    try:
+        yield
+    finally:
+        tracing.shutdown()
 
 
 def run_event_loop(main: Awaitable[T]) -> T:

@@ -12,8 +12,9 @@ import grpc
 from transformers import PreTrainedTokenizerBase
 
 from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
-from services.common import grpc_util
+from services.common import grpc_util, tracing
 from services.common.args import ServerArgs
+from services.common.grpc_security import install_from_args
 from services.common.log import setup_logging
 from services.detokenizer.incremental import DecodeState, DecodeStep, decode_step
 from services.tokenizer.core import load_tokenizer, tokenizer_folder
@@ -55,8 +56,21 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
             request_id=item.request_id, text=step.text, state=state_to_proto(step.state),
             stopped=step.stopped, matched_stop=step.matched_stop)
 
+    def _decode_traced_item(self, item: detokenizer_pb2.DetokenizerDecodeItem):
+        """_decode_item inside a `detokenize` span, when the item carries a trace context."""
+        parent = tracing.context_from_proto(item.trace_context) if tracing.enabled() else None
+        if parent is None:
+            return self._decode_item(item)
+        with tracing.tracer().start_as_current_span("detokenize", context=parent, attributes={
+                "radixserve.request_id": item.request_id, "radixserve.tokens": len(item.new_token_ids),
+                "radixserve.final": item.final}) as span:
+            result = self._decode_item(item)
+            span.set_attributes({"radixserve.text_chars": len(result.text), "radixserve.stopped": result.stopped})
+            return result
+
     def _decode_batch(self, request: detokenizer_pb2.DetokenizerDecodeRequest):
-        return detokenizer_pb2.DetokenizerDecodeResponse(results=[self._decode_item(i) for i in request.items])
+        decode = self._decode_traced_item if tracing.enabled() else self._decode_item
+        return detokenizer_pb2.DetokenizerDecodeResponse(results=[decode(i) for i in request.items])
 
     async def Decode(self, request, context):
         try:
@@ -71,6 +85,7 @@ async def start_server(tokenizer: PreTrainedTokenizerBase, addr: str) -> tuple[g
 
 
 async def serve(args: ServerArgs) -> None:
+    install_from_args(args)
     folder = tokenizer_folder(args)
     tokenizer = await asyncio.to_thread(load_tokenizer, folder)
     log.info("loaded tokenizer from %s", folder)

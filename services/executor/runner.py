@@ -1,4 +1,8 @@
-"""ModelRunner: loads the model, allocates the KV pool and applies steps. Pure Python + torch."""
+"""ModelRunner: loads the model, allocates the KV pool and applies steps. Pure Python + torch.
+
+Under tensor parallelism every shard builds a ModelRunner over its slice of the model and KV heads and
+runs every step (see step_broadcast.py); shards agree on the KV slot count, and only rank 0 samples.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +24,7 @@ from services.executor.logits_processors import LogitsProcessor, step_bitmasks
 from services.executor.model_config import ModelConfig, dtype_name, resolve_device
 from services.executor.models.bert import BertModel
 from services.executor.models.registry import get_model_class
+from services.executor.parallel_state import agree_int, tp_local_size, tp_rank, tp_size
 from services.executor.request_state import RequestState
 from services.executor.sampling import sample
 from services.executor.slot_table import SlotTable
@@ -77,21 +82,31 @@ class ModelRunner:
                  load_format: str = "auto", context_length: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
                  random_seed: int | None = None, attention_backend: str | None = None,
-                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0, keep_logits: bool = True):
+                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0, keep_logits: bool = True,
+                 host_replicas: int = 1):
+        """host_replicas: data-parallel replicas on this host (--dp-size); on the CPU they share its cores
+        and memory with this one, as its tensor-parallel shards do."""
         self.device = resolve_device(device)
         # StepOutput.logits for callers that read them (tests, parity checks); the server does not.
         self.keep_logits = keep_logits
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            # Shards on one host share its cores.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp_local_size() * host_replicas)))
+        # Rank 0 samples; the other shards only run the forward passes with it.
+        self.samples = tp_rank() == 0
         self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
         self.dtype = self.config.dtype
         self.model = self._load_model(load_format, random_seed)
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # Summed over the shards (a replicated tensor, e.g. a norm, counts once per shard).
+        self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
         cfg = self.config
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this shard's
         per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype)
-        self.kv_slots = compute_kv_slots(per_token, self.device, max_total_tokens, mem_fraction_static)
+        # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
+        sizing_per_token = per_token * (tp_local_size() * host_replicas if self.device.type == "cpu" else 1)
+        self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, max_total_tokens,
+                                                   mem_fraction_static), "min")
         self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device)
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
@@ -104,7 +119,9 @@ class ModelRunner:
         self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device,
                                           self.slot_table)
         self.cuda_graphs = None
-        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
+        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and tp_size() > 1:
+            log.info("CUDA graphs off under tensor parallelism (collectives are not captured yet)")
+        elif cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
             from services.executor.cuda_graph_runner import CudaGraphRunner
             max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
@@ -126,7 +143,7 @@ class ModelRunner:
                    random_seed=args.random_seed, attention_backend=args.attention_backend,
                    max_running_requests=args.max_running_requests,
                    cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-                   keep_logits=False)
+                   keep_logits=False, host_replicas=args.dp_size)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         if issubclass(get_model_class(self.config.architecture), BertModel):
@@ -162,7 +179,7 @@ class ModelRunner:
             return StepOutput(step.step_id, [], 0.0)
         t0 = time.perf_counter()
         batch = self.batch_builder.build(step, self.states)
-        for req in step.new_requests:
+        for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
         fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
                           extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
@@ -184,6 +201,7 @@ class ModelRunner:
                 logits = self.model.compute_logits(rows)
             else:
                 logits = all_logits if batch.samples_every_token else all_logits.index_select(0, batch.sample_token_index)
+        if batch.sample_request_ids and self.samples:
             states = batch.sample_states
             self.logits_processor.apply(logits, states, step_bitmasks(step, batch.sample_request_ids))
             result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)

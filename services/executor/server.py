@@ -1,21 +1,43 @@
 """The executor's gRPC service: a thin layer over ModelRunner. Steps run one at a time in a worker
-thread so the event loop stays responsive."""
+thread so the event loop stays responsive.
+
+Tensor parallelism (--tp-size N > 1) runs one process per shard (shard_group.py). How a step reaches
+every shard: leader broadcast. Rank 0 is the only executor the scheduler talks to; its worker thread
+broadcasts each step to the other shards (torch.distributed broadcast_object_list over a gloo control
+group), every shard runs the forward pass, and rank 0 alone samples and answers (step_broadcast.py).
+Chosen over fan-out from the scheduler (TGI's way) because the scheduler and the protocol stay as they
+are (the scheduler learns nothing of TP but the KV slot count GetModelInfo reports), a step costs one
+gRPC hop whatever N is, and rank 0's worker thread already orders steps, so every shard sees them in
+the same order with no further protocol; the broadcast of a step's diff costs well under a millisecond
+next to its forward pass. The other shards serve no gRPC.
+"""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import logging
 
 import grpc
+import torch
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from services.common.args import ServerArgs
+from services.common.args import ServerArgs, replica_name
+from services.common.grpc_security import install_from_args
+from services.common import tracing
 from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service, run_until_signalled
 from services.common.log import setup_logging
 from services.common.step_order import StepOrder
+from services.common.model_files import resolve_model_path
 from services.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
+from services.executor.parallel_state import destroy_tensor_parallel
 from services.executor.runner import ModelRunner, build_model_runner
+from services.executor.shard_group import NodeShards, ShardLayout, join_group, open_store, shard_device
+from services.executor.step_broadcast import TensorParallelLeader, follow
+from services.executor.step_tracing import StepTracer
+from services.executor.watchdog import StepWatchdog
 from services.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
                                        StepOutput)
 
@@ -89,12 +111,35 @@ def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner, worker: concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, runner: ModelRunner, worker: concurrent.futures.ThreadPoolExecutor,
+                 watchdog: StepWatchdog | None = None):
         self.runner = runner
         self.worker = worker
+        self.watchdog = watchdog  # watches every job on the worker (steps, resets, embeds)
         self.order = StepOrder()
+        self.step_tracer = StepTracer() if tracing.enabled() else None
+
+    def _step(self, request: executor_pb2.ExecutorStepRequest, step: StepInput) -> StepOutput:
+        """runner.step on the worker thread, inside its spans when tracing is on."""
+        if self.step_tracer is None:
+            return self.runner.step(step)
+        spans = self.step_tracer.start(request)
+        try:
+            out = self.runner.step(step)
+        except BaseException as e:
+            StepTracer.end(spans, error=e)
+            raise
+        StepTracer.end(spans, out.forward_ms)
+        return out
+
+    def _reset(self) -> int:
+        if self.step_tracer is not None:
+            self.step_tracer.reset()
+        return self.runner.reset()
 
     def _submit(self, fn, *args) -> asyncio.Future:
+        if self.watchdog is not None:
+            fn, args = self.watchdog.run, (fn, *args)
         return asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def _run(self, fn, *args):
@@ -104,7 +149,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         step = step_from_pb(request)
         await self.order.wait_turn(request.step_id)
         # The worker runs jobs in submission order, so the next step may queue up behind this one.
-        running = self._submit(self.runner.step, step)
+        running = self._submit(self._step, request, step)
         await self.order.done(request.step_id)
         try:
             out = await running
@@ -124,7 +169,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
 
     async def Reset(self, request, context):
         await self.order.reset()
-        dropped = await self._run(self.runner.reset)
+        dropped = await self._run(self._reset)
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
 
     async def Embed(self, request, context):
@@ -143,33 +188,107 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                                                   normalized=out.normalized, forward_ms=out.forward_ms)
 
 
-async def start_server(runner: ModelRunner, addr: str,
-                       worker: concurrent.futures.ThreadPoolExecutor | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_server(runner: ModelRunner, addr: str, worker: concurrent.futures.ThreadPoolExecutor | None = None,
+                       watchdog: StepWatchdog | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving runner on addr (port 0: any free port); returns the server and its port.
 
     worker: the thread the runner was built on (see torch_worker); a new one when not given.
+    watchdog: a started StepWatchdog that every job on the worker runs under; None: unwatched.
     """
     server = aio_server()
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(runner, worker or torch_worker()), server)
+    servicer = ExecutorServicer(runner, worker or torch_worker(), watchdog)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
     port = bind(server, addr)
     await server.start()
     return server, port
 
 
+SHARD_STOP_TIMEOUT_S = 10.0
+
+
+def start_shard_group(args: ServerArgs) -> tuple[ServerArgs, ShardLayout, object, NodeShards | None]:
+    """Tensor parallelism, on the main thread: the model resolved once for every shard, the group's
+    store opened and the node's other shards started (by the node's first shard)."""
+    args = dataclasses.replace(args, model_path=str(resolve_model_path(args.model_path)))
+    layout = ShardLayout.from_args(args)
+    store, addr = open_store(args, layout)
+    shards = NodeShards(args, layout, addr) if layout.starts_node_shards else None
+    return args, layout, store, shards
+
+
+def build_shard_runner(layout: ShardLayout, store, args: ServerArgs) -> ModelRunner:
+    """On the torch worker thread: join the group and load this shard's part of the model."""
+    return build_model_runner(join_group(args, layout, store))
+
+
+def on_base_gpu(args: ServerArgs) -> ServerArgs:
+    """--base-gpu-id at --tp-size 1 (replica i of `serve --dp-size N`): the device becomes cuda:<base_gpu_id>."""
+    if args.base_gpu_id == 0:
+        return args
+    return dataclasses.replace(args, device=str(shard_device(args.device, 0, 1, args.base_gpu_id)))
+
+
+def build_on_device(build, args: ServerArgs):
+    """build(args) on the torch thread, with a cuda:N device made that thread's current one (kernels launch
+    on the current device)."""
+    if args.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(args.device))
+    return build(args)
+
+
+def _stop_group(leader: TensorParallelLeader) -> None:
+    leader.stop()
+    destroy_tensor_parallel()
+
+
 async def serve(args: ServerArgs) -> None:
-    log.info("loading model %s (dtype %s, load format %s)", args.model_path or "<embedded SmolLM2>",
-             args.dtype, args.load_format)
+    install_from_args(args)
+    log.info("loading model %s (dtype %s, load format %s, tp %d)", args.model_path or "<embedded SmolLM2>",
+             args.dtype, args.load_format, args.tp_size)
     worker = torch_worker()
-    build = build_embedding_runner if args.is_embedding else build_model_runner
-    runner = await asyncio.get_running_loop().run_in_executor(worker, build, args)
-    info = runner.model_info()
-    log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
-             info.kv_slots, info.context_length)
-    server, _ = await start_server(runner, args.executor_addr, worker)
-    log.info("executor ready on %s", args.executor_addr)
-    await run_until_signalled(server)
+    loop = asyncio.get_running_loop()
+    shards = None
+    if args.tp_size > 1:
+        args, layout, store, shards = start_shard_group(args)
+        build = functools.partial(build_shard_runner, layout, store)
+    else:
+        args = on_base_gpu(args)
+        build = functools.partial(build_on_device, build_embedding_runner if args.is_embedding else build_model_runner)
+    try:
+        runner = await loop.run_in_executor(worker, build, args)
+        if args.tp_size > 1:
+            runner = TensorParallelLeader(runner)
+        info = runner.model_info()
+        log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
+                 info.kv_slots, info.context_length)
+        watchdog = StepWatchdog(args.watchdog_timeout).start() if args.watchdog_timeout > 0 else None
+        server, _ = await start_server(runner, args.executor_addr, worker, watchdog)
+        log.info("executor ready on %s", args.executor_addr)
+        await run_until_signalled(server)
+        if isinstance(runner, TensorParallelLeader):
+            await loop.run_in_executor(worker, _stop_group, runner)
+    finally:
+        if shards is not None:
+            shards.stop(SHARD_STOP_TIMEOUT_S)
+
+
+def run_shard(args: ServerArgs) -> int:
+    """A tensor-parallel shard other than rank 0: no gRPC; it runs what rank 0 broadcasts until told to stop."""
+    args, layout, store, shards = start_shard_group(args)
+    try:
+        follow(build_shard_runner(layout, store, args))
+        destroy_tensor_parallel()
+    finally:
+        if shards is not None:
+            shards.stop(SHARD_STOP_TIMEOUT_S)
+    log.info("tensor-parallel shard %d stopped", layout.rank)
+    return 0
 
 
 def main(args: ServerArgs) -> int:
-    setup_logging("executor", args.log_level)
+    name = replica_name("executor", args.dp_rank)
+    if args.tp_size > 1 and (rank := ShardLayout.from_args(args).rank) != 0:
+        setup_logging(f"{name}-tp{rank}", args.log_level)
+        return run_shard(args)
+    setup_logging(name, args.log_level)
     return run_service(serve, args)

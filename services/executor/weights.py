@@ -1,4 +1,7 @@
-"""Filling a model's parameters: from safetensors files, or random (`--load-format dummy`)."""
+"""Filling a model's parameters: from safetensors files, or random (`--load-format dummy`).
+
+Under tensor parallelism each tensor is read whole and the parameter's weight_loader keeps this rank's
+slice (see layers/linear.py); dummy weights are drawn whole too and sliced the same way."""
 from __future__ import annotations
 
 import json
@@ -28,11 +31,24 @@ def iterate_safetensors(folder: pathlib.Path) -> Iterator[tuple[str, torch.Tenso
                 yield name, f.get_tensor(name)
 
 
+def _params_with_owner(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
+    """model.named_parameters() (same order, shared ones once) with the module each belongs to."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{module_name}.{name}" if module_name else name, param, module
+
+
 def init_dummy_weights(model: nn.Module, seed: int | None, std: float = 0.02) -> None:
     """Small random weights (norm scales 1, biases 0) so outputs are finite; reproducible by seed on
-    one device type. Drawn on the parameters' device (an 8B model fills in seconds on a GPU)."""
+    one device type. Drawn on the parameters' device (an 8B model fills in seconds on a GPU).
+
+    Tensor-parallel layers (those with full_shape / load_full) draw their whole tp=1 value and keep
+    their rank's slice, so a model has the same dummy weights at every --tp-size."""
     generators: dict[torch.device, torch.Generator] = {}
-    for name, param in model.named_parameters():
+    for name, param, module in _params_with_owner(model):
         device = param.device
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed or 0)
@@ -41,6 +57,9 @@ def init_dummy_weights(model: nn.Module, seed: int | None, std: float = 0.02) ->
             param.data.fill_(1.0)
         elif name.endswith(".bias"):
             param.data.zero_()
+        elif hasattr(module, "load_full"):
+            shape = module.full_shape(param)
+            module.load_full(param, torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std)
         else:
             values = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device) * std
             param.data.copy_(values)

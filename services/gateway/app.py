@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,10 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.args import ServerArgs
-from services.gateway import batch_routes, embedding_routes, native_routes, openai_routes
+from services.gateway import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
 from services.gateway.auth import install_api_key
 from services.gateway.engine import Engine
 from services.gateway.errors import ApiError
+from services.gateway.payload_limit import install_payload_limit
+from services.gateway.request_tracing import untraced_http_request
 from services.gateway.sampling import validation_error
 
 log = logging.getLogger("radixserve.gateway.app")
@@ -29,14 +32,19 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
         await _app.state.batch_runner.close()
         await engine.close()
 
-    app = FastAPI(title="radixserve", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own OpenTelemetry instrumentation makes the HTTP request span (honouring an incoming
+    # traceparent) once tracing.setup has installed a tracer provider; Prometheus does the metrics.
+    app = FastAPI(title="radixserve", version="0.1.0", lifespan=lifespan,
+                  telemetry={"metrics": False, "exclude": untraced_http_request})
     app.state.args = args
     app.state.engine = engine
     app.include_router(openai_routes.router)
     app.include_router(native_routes.router)
     app.include_router(embedding_routes.router)
+    app.include_router(metrics_routes.router)
     batch_routes.install(app, args)
     install_api_key(app, args.api_key)
+    install_payload_limit(app, args.max_payload_size)
     install_error_handlers(app)
     return app
 
@@ -44,7 +52,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError):
@@ -53,7 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request: Request, exc: StarletteHTTPException):
-        err = ApiError(exc.status_code, str(exc.detail), code=None)
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        err = ApiError(exc.status_code, message, code=None)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

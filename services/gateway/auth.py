@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from services.common.grpc_security import denying_handler
 from services.gateway.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/health_generate"})
@@ -69,24 +70,9 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
                               if key == "authorization"), None)
         if key_matches(authorization, self.api_key):
             return handler
-        return _denying(handler, auth_error(authorization).message)
+        return denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, auth_error(authorization).message)
 
 
 def grpc_interceptors(api_key: str | None) -> list[grpc.aio.ServerInterceptor]:
     return [GrpcApiKeyInterceptor(api_key)] if api_key else []
 
-
-def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as handler that answers UNAUTHENTICATED."""
-    async def deny(_request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    serializers = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **serializers)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **serializers)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **serializers)
-    return grpc.stream_stream_rpc_method_handler(deny, **serializers)

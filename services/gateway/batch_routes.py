@@ -13,6 +13,7 @@ from services.common.args import ServerArgs
 from services.gateway.batch_runner import BatchRunner
 from services.gateway.errors import bad_request
 from services.gateway.file_store import UPLOAD_PURPOSES, BatchStore, FileStore, default_storage_path, page
+from services.gateway.protocol import openapi_body
 from services.gateway.sampling import parse_body
 
 router = APIRouter()
@@ -78,7 +79,7 @@ class CreateBatchBody(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", openapi_extra=openapi_body(CreateBatchBody))
 async def create_batch(request: Request):
     body = parse_body(await request.body(), CreateBatchBody)
     if body.metadata and len(body.metadata) > MAX_METADATA_PAIRS:

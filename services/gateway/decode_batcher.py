@@ -1,8 +1,9 @@
 """Coalesces the detokenizer calls of concurrent requests into batch Decode RPCs.
 
-One batch is in flight at a time; items that arrive meanwhile ride the next one. A lone request
-pays no extra latency (its item is sent at once); N concurrent streams cost about one RPC per
-scheduler step instead of N.
+Up to max_inflight batches are in flight at a time (one per detokenizer replica: the stub spreads
+them over the replicas); items that arrive meanwhile ride the next one. A lone request pays no extra
+latency (its item is sent at once); N concurrent streams cost about one RPC per scheduler step
+instead of N.
 """
 from __future__ import annotations
 
@@ -18,18 +19,21 @@ MAX_BATCH_ITEMS = 512
 
 
 class DecodeBatcher:
-    def __init__(self, stub: Callable[[], detokenizer_pb2_grpc.DetokenizerStub], timeout_s: float):
+    def __init__(self, stub: Callable[[], detokenizer_pb2_grpc.DetokenizerStub], timeout_s: float,
+                 max_inflight: int = 1):
         self._stub = stub
         self._timeout_s = timeout_s
+        self._max_inflight = max(1, max_inflight)
         self._pending: list[tuple[detokenizer_pb2.DetokenizerDecodeItem, asyncio.Future]] = []
-        self._pump_task: asyncio.Task | None = None
+        self._pumps: set[asyncio.Task] = set()
         self.rpcs = 0  # batch RPCs sent (for tests and debugging)
 
     async def decode(self, item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.DetokenizerDecodeResult:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        if self._pump_task is None or self._pump_task.done():
-            self._pump_task = asyncio.create_task(self._pump())
+        self._pumps = {pump for pump in self._pumps if not pump.done()}
+        if len(self._pumps) < self._max_inflight:
+            self._pumps.add(asyncio.create_task(self._pump()))
         return await future
 
     async def _pump(self) -> None:

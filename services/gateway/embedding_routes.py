@@ -17,6 +17,7 @@ from services.gateway.embeddings import encode_vector
 from services.gateway.engine import Engine
 from services.gateway.errors import bad_request
 from services.gateway.openai_routes import check_model
+from services.gateway.protocol import openapi_body
 from services.gateway.sampling import parse_body
 from services.gateway.sse import run_unless_disconnected
 
@@ -45,7 +46,7 @@ def embedding_inputs(value: str | list) -> list[str] | list[list[int]]:
     return value
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
 async def create_embeddings(request: Request):
     engine: Engine = request.app.state.engine
     req = parse_body(await request.body(), EmbeddingRequest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,15 +17,20 @@ from dataclasses import dataclass
 import grpc
 
 from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2,
-                           scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
-from services.common.args import ServerArgs
+                           tokenizer_pb2, tokenizer_pb2_grpc)
+from services.common.args import ServerArgs, replica_addrs
 from services.common.grpc_util import aio_channel
 from services.common.model_files import default_model_name
 from services.gateway.decode_batcher import DecodeBatcher
+from services.gateway.dp_router import DataParallelRouter
+from services.gateway.replicas import ReplicaSet, parse_addrs
 from services.gateway.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVER_ONLY, EmbeddingBatch,
                                          check_lengths)
+from services.gateway.request_telemetry import RequestTelemetry
+from services.gateway.scheduler_replicas import SchedulerReplicas
 from services.gateway.scheduler_session import RequestFailed, SchedulerSession
 from services.gateway.errors import ApiError, bad_request, from_grpc, from_status
+from services.gateway.metrics import GatewayMetrics, client_interceptors
 from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
                                          PreparedRequest)
 
@@ -33,7 +39,9 @@ log = logging.getLogger("radixserve.gateway.engine")
 UNARY_TIMEOUT_S = 60.0
 INFO_WAIT_S = 60.0
 HEALTH_TIMEOUT_S = 20.0
+HEALTH_INFO_TIMEOUT_S = 5.0
 TOKEN_TEXT_CACHE_LIMIT = 500_000
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids travel as int32
 FINISH_NAMES = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -53,22 +61,29 @@ def served_model_name(args: ServerArgs) -> str:
 @dataclass
 class _Stubs:
     channels: list[grpc.aio.Channel]
-    tokenizer: tokenizer_pb2_grpc.TokenizerStub
-    scheduler: scheduler_pb2_grpc.SchedulerStub
-    detokenizer: detokenizer_pb2_grpc.DetokenizerStub
+    tokenizer: ReplicaSet  # used as a TokenizerStub: each call goes to one of the replicas
+    scheduler: SchedulerReplicas  # used as a SchedulerStub over the data-parallel replicas
+    detokenizer: ReplicaSet  # used as a DetokenizerStub
 
 
 class Engine:
     def __init__(self, args: ServerArgs):
         self.args = args
         self.served_name = served_model_name(args)
+        self.metrics = GatewayMetrics(self.served_name) if args.enable_metrics else None
         self.uses_tokenizer = not args.skip_tokenizer_init
         self._stubs: _Stubs | None = None
         self._info: ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
         self._token_texts: dict[int, str] = {}
-        self._decode_batcher = DecodeBatcher(lambda: self.stubs().detokenizer, UNARY_TIMEOUT_S)
-        self.session = SchedulerSession(lambda: self.stubs().scheduler)
+        # One batch in flight per detokenizer replica.
+        self._decode_batcher = DecodeBatcher(lambda: self.stubs().detokenizer, UNARY_TIMEOUT_S,
+                                             max_inflight=len(parse_addrs(args.detokenizer_addr)))
+        # Data parallelism (--dp-size): a Session stream per scheduler replica; the router picks one per request.
+        self.scheduler_addrs = replica_addrs(args.scheduler_addr, args.dp_size)
+        self.router = DataParallelRouter(len(self.scheduler_addrs), args.load_balance_method)
+        self.sessions = [SchedulerSession(lambda i=i: self.stubs().scheduler.stub(i))
+                         for i in range(len(self.scheduler_addrs))]
 
     # ---- connections and backend info ----
 
@@ -76,15 +91,21 @@ class Engine:
         """Channels are made on first use, so they belong to the running event loop."""
         if self._stubs is None:
             a = self.args
-            channels = [aio_channel(a.tokenizer_addr), aio_channel(a.scheduler_addr),
-                        aio_channel(a.detokenizer_addr)]
-            self._stubs = _Stubs(channels, tokenizer_pb2_grpc.TokenizerStub(channels[0]),
-                                 scheduler_pb2_grpc.SchedulerStub(channels[1]),
-                                 detokenizer_pb2_grpc.DetokenizerStub(channels[2]))
+
+            def channel_to(service: str):
+                return lambda addr: aio_channel(addr, client_interceptors(self.metrics, service))
+            tokenizer = ReplicaSet(parse_addrs(a.tokenizer_addr), tokenizer_pb2_grpc.TokenizerStub,
+                                   channel_to("tokenizer"))
+            detokenizer = ReplicaSet(parse_addrs(a.detokenizer_addr), detokenizer_pb2_grpc.DetokenizerStub,
+                                     channel_to("detokenizer"))
+            scheduler = SchedulerReplicas(self.scheduler_addrs, channel_to("scheduler"), self.router)
+            self._stubs = _Stubs([*tokenizer.channels, *scheduler.channels, *detokenizer.channels], tokenizer,
+                                 scheduler, detokenizer)
         return self._stubs
 
     async def close(self) -> None:
-        await self.session.close()
+        for session in self.sessions:
+            await session.close()
         if self._stubs is not None:
             for channel in self._stubs.channels:
                 await channel.close()
@@ -151,32 +172,41 @@ class Engine:
         if outside:
             raise bad_request(f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
                               param="logit_bias", code="invalid_value")
+        request_id = inp.request_id or uuid.uuid4().hex
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None
         requested = sampling.max_new_tokens
         if room is not None and room < (requested or 1):
-            completion = requested or 1
-            where = "messages" if inp.prompt_param == "messages" else "prompt"
-            raise bad_request(
-                f"This model's maximum context length is {info.context_length} tokens. However, you requested "
-                f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} in the "
-                f"completion). Please reduce the length of the {where} or completion.",
-                param=inp.prompt_param, code="context_length_exceeded")
+            completion = requested or inp.default_max_new_tokens or 1
+            if not (self.args.allow_auto_truncate and completion < info.context_length):
+                completion = requested or 1
+                where = "messages" if inp.prompt_param == "messages" else "prompt"
+                raise bad_request(
+                    f"This model's maximum context length is {info.context_length} tokens. However, you requested "
+                    f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} in the "
+                    f"completion). Please reduce the length of the {where} or completion.",
+                    param=inp.prompt_param, code="context_length_exceeded")
+            input_ids = input_ids[prompt_len - (info.context_length - completion):]
+            log.warning("request %s: prompt of %d tokens truncated to its last %d (--allow-auto-truncate; context "
+                        "length %d, %d left for the completion)", request_id, prompt_len, len(input_ids),
+                        info.context_length, completion)
+            room = completion
         if not requested:
             defaults = [n for n in (inp.default_max_new_tokens, room) if n]
             if not defaults:
                 raise bad_request("max_tokens is required: the context length is unknown", param="max_tokens")
             requested = min(defaults)
         sampling.max_new_tokens = requested
-        return PreparedRequest(request_id=inp.request_id or uuid.uuid4().hex, input_ids=input_ids,
+        return PreparedRequest(request_id=request_id, input_ids=input_ids,
                                sampling=sampling, stop=[s for s in inp.stop if s],
                                skip_special_tokens=inp.skip_special_tokens)
 
     async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
         if isinstance(prompt, list):
-            bad = [t for t in prompt if not isinstance(t, int) or t < 0 or (vocab_size and t >= vocab_size)]
+            limit = vocab_size or MAX_TOKEN_ID + 1
+            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < limit]
             if bad:
-                raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+                raise bad_request(f"token id {bad[0]} is out of range [0, {limit})", param=param)
             return list(prompt)
         if not self.uses_tokenizer:
             raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
@@ -195,10 +225,20 @@ class Engine:
 
     # ---- generating ----
 
-    async def stream(self, req: PreparedRequest) -> AsyncIterator[Delta | Finish]:
-        """Delta items, then exactly one Finish; closing the iterator aborts the request."""
-        events = self.session.start(scheduler_pb2.SchedulerGenerateRequest(
-            request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling))
+    async def stream(self, req: PreparedRequest, observed: bool = True,
+                     replica: int | None = None) -> AsyncIterator[Delta | Finish]:
+        """Delta items, then exactly one Finish; closing the iterator aborts the request.
+        observed=False (health probes): no metrics, span or request log for it. replica: the data-parallel
+        replica to run it on (health probes); None: the router picks one (--load-balance-method)."""
+        telemetry = RequestTelemetry(req, self.served_name, self.metrics, self.args.log_requests, observed)
+        replica = self.router.route(req.input_ids) if replica is None else self.router.pin(replica)
+        try:
+            events = self.sessions[replica].start(scheduler_pb2.SchedulerGenerateRequest(
+                request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling,
+                trace_context=telemetry.trace_context))
+        except BaseException:
+            self.router.finished(replica)
+            raise
         state = detokenizer_pb2.DetokenizerState()
         generated = cached = 0
         try:
@@ -209,36 +249,47 @@ class Engine:
                 done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 text, matched_stop = "", None
                 if self.uses_tokenizer and (msg.token_ids or (done and _has_pending_text(state))):
-                    result = await self._decode(req, state, msg.token_ids, final=done)
+                    result = await self._decode(req, state, msg.token_ids, done, telemetry)
                     state, text = result.state, result.text
                     if result.stopped:
                         matched_stop = result.matched_stop
+                telemetry.tokens(len(msg.token_ids))  # after detokenizing: TTFT as the client sees it
                 if text or msg.token_ids:
                     yield Delta(text, list(msg.token_ids), list(msg.logprobs))
                 if matched_stop is not None:
                     events.close()  # aborts the request in the scheduler and frees its KV
+                    telemetry.finish("stop", generated, cached)
                     yield Finish("stop", matched_stop, len(req.input_ids), generated, cached)
                     return
                 if done:
                     reason = FINISH_NAMES.get(msg.finish_reason, "abort")
                     matched = msg.matched_stop_token_id if reason == "stop" else None
+                    telemetry.finish(reason, generated, cached)
                     yield Finish(reason, matched, len(req.input_ids), generated, cached)
                     return
         except RequestFailed as e:
-            raise from_status(e.code, e.details, "scheduler") from None
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                self.router.mark_unavailable(replica)  # the others take new requests for a while
+            raise request_failure(e) from None
         finally:
             events.close()
+            self.router.finished(replica)
+            telemetry.close()
 
-    async def _decode(self, req: PreparedRequest, state, new_ids, final: bool):
-        return await self._decode_batcher.decode(detokenizer_pb2.DetokenizerDecodeItem(
+    async def _decode(self, req: PreparedRequest, state, new_ids, final: bool, telemetry: RequestTelemetry):
+        started = time.monotonic()
+        result = await self._decode_batcher.decode(detokenizer_pb2.DetokenizerDecodeItem(
             request_id=req.request_id, state=state, new_token_ids=new_ids, stop=req.stop,
-            skip_special_tokens=req.skip_special_tokens, final=final))
+            skip_special_tokens=req.skip_special_tokens, final=final,
+            trace_context=telemetry.decode_context(final)))
+        telemetry.decoded(time.monotonic() - started)
+        return result
 
-    async def complete(self, req: PreparedRequest) -> Completion:
-        """Run a request to the end and collect its output."""
+    async def complete(self, req: PreparedRequest, observed: bool = True, replica: int | None = None) -> Completion:
+        """Run a request to the end and collect its output (replica: as for stream)."""
         texts, ids, logprobs = [], [], []
         finish = None
-        stream = self.stream(req)
+        stream = self.stream(req, observed, replica)
         try:
             async for item in stream:
                 if isinstance(item, Delta):
@@ -314,18 +365,46 @@ class Engine:
     # ---- health ----
 
     async def health(self, timeout: float = HEALTH_TIMEOUT_S) -> tuple[bool, str]:
-        """A one-token generation through every stage."""
-        try:
-            await asyncio.wait_for(self._health_probe(), timeout)
+        """A one-token generation through every stage, on every data-parallel replica at once: healthy when
+        all of them are (a replica that is not is also left out of routing for a while). A replica fails at
+        once while its scheduler reports its executor unavailable (a probe would wait in the queue until
+        the executor is back)."""
+        results = await asyncio.gather(*(self._replica_health(i, timeout) for i in range(len(self.sessions))))
+        failed = [(i, why) for i, why in enumerate(results) if why is not None]
+        for i, _ in failed:
+            self.router.mark_unavailable(i)
+        if not failed:
             return True, ""
-        except asyncio.TimeoutError:
-            return False, f"no answer within {timeout:g}s"
-        except ApiError as e:
-            return False, e.message
+        if len(self.sessions) == 1:
+            return False, failed[0][1]
+        return False, "; ".join(f"replica {i} ({self.scheduler_addrs[i]}): {why}" for i, why in failed)
 
-    async def _health_probe(self) -> None:
+    async def _replica_health(self, replica: int, timeout: float) -> str | None:
+        """Why the replica is unhealthy, or None."""
+        try:
+            await asyncio.wait_for(self._health_probe(replica), timeout)
+            return None
+        except asyncio.TimeoutError:
+            return f"no answer within {timeout:g}s"
+        except ApiError as e:
+            return e.message
+
+    async def _health_probe(self, replica: int = 0) -> None:
+        scheduler = self.stubs().scheduler.stub(replica)
+        try:
+            info = await scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=HEALTH_INFO_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "scheduler") from None
+        if info.executor_unavailable:
+            raise ApiError(503, "the executor service is unavailable (the scheduler waits for it to come back)",
+                           code="service_unavailable")
         if self.args.is_embedding:
-            await self.embed(["ping"] if self.uses_tokenizer else [[0]])
+            ids = (await self._encode_texts(["ping"], "input"))[0] if self.uses_tokenizer else [0]
+            request = scheduler_pb2.SchedulerEmbedRequest(sequences=[common_pb2.TokenIds(ids=ids)])
+            try:
+                await scheduler.Embed(request, timeout=UNARY_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                raise from_grpc(e, "scheduler") from None
             return
         if self.uses_tokenizer:
             ids = await self._tokenize("ping", "text")
@@ -334,9 +413,18 @@ class Engine:
         req = PreparedRequest(f"health-{uuid.uuid4().hex}", ids,
                               common_pb2.SamplingParams(temperature=0, top_p=1, max_new_tokens=1, ignore_eos=True),
                               stop=[], skip_special_tokens=True)
-        result = await self.complete(req)
+        result = await self.complete(req, observed=False, replica=replica)  # probes are not requests
         if result.finish is None or result.finish.reason == "abort" or not result.token_ids:
             raise ApiError(503, "the health probe produced no token")
+
+
+def request_failure(e: RequestFailed) -> ApiError:
+    """The API error of a request the scheduler failed. The scheduler's message for a request whose
+    step failed in the executor (it died, hung or raised) starts with "executor": name that stage."""
+    if e.details.startswith("executor"):
+        return ApiError(503, "the executor service failed while running this request; retry it",
+                        code="service_unavailable")
+    return from_status(e.code, e.details, "scheduler")
 
 
 def _has_pending_text(state: detokenizer_pb2.DetokenizerState) -> bool:

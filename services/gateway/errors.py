@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import grpc
 
+RETRY_AFTER_S = 1  # what a 503 for an overloaded backend tells the client to wait
+
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     499: "invalid_request_error",
     503: "service_unavailable_error",
 }
@@ -16,13 +19,14 @@ class ApiError(Exception):
     """An error answered to the client: HTTP status plus OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status, "server_error")
+        self.type = type or _TYPE_BY_STATUS.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers  # extra HTTP response headers, e.g. Retry-After
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -44,8 +48,11 @@ def from_grpc(err: grpc.aio.AioRpcError, stage: str) -> ApiError:
 def from_status(code: grpc.StatusCode, details: str, stage: str) -> ApiError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ApiError(400, details or f"{stage} rejected the request", code="invalid_argument")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return ApiError(400, details or "a request with this id is already running", code="duplicate_request_id")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(503, f"{stage} is overloaded: {details}", code="resource_exhausted")
+        return ApiError(503, f"the {stage} is overloaded: {details}", code="resource_exhausted",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ApiError(503, f"the {stage} service is unavailable", code="service_unavailable")
     if code == grpc.StatusCode.CANCELLED:

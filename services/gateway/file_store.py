@@ -23,7 +23,8 @@ from services.gateway.errors import ApiError
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 BATCH_OUTPUT_PURPOSE = "batch_output"
-_ID = re.compile(r"[A-Za-z0-9_-]+")
+# What new_id makes: no "/", "..", NUL or absolute path can reach a file name; long ones answer 404, not 500.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def default_storage_path() -> Path:
@@ -34,6 +35,13 @@ def default_storage_path() -> Path:
 def new_id(prefix: str) -> str:
     """Ids sort in creation order: a fixed-width nanosecond clock, then randomness."""
     return f"{prefix}{time.time_ns():016x}{uuid.uuid4().hex[:8]}"
+
+
+def checked_id(value: str, kind: str, param: str) -> str:
+    """value if it could be an id of this store; otherwise the object does not exist (404)."""
+    if _ID.fullmatch(value):
+        return value
+    raise ApiError(404, f"No such {kind} object: {value}", param=param, code="not_found")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -78,10 +86,10 @@ class FileStore:
         self.folder = root / "files"
 
     def _object_path(self, file_id: str) -> Path:
-        return self.folder / f"{file_id}.json"
+        return self.folder / f"{checked_id(file_id, 'File', 'file_id')}.json"
 
     def content_path(self, file_id: str) -> Path:
-        return self.folder / f"{file_id}.data"
+        return self.folder / f"{checked_id(file_id, 'File', 'file_id')}.data"
 
     def create(self, source: BinaryIO | bytes, filename: str, purpose: str) -> dict:
         """Store content (bytes or a readable binary file); blocking, so run it off the event loop."""
@@ -104,11 +112,9 @@ class FileStore:
 
     def get(self, file_id: str) -> dict:
         try:
-            if _ID.fullmatch(file_id):
-                return json.loads(self._object_path(file_id).read_text())
+            return json.loads(self._object_path(file_id).read_text())
         except FileNotFoundError:
-            pass
-        raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="not_found")
+            raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="not_found") from None
 
     def read(self, file_id: str) -> bytes:
         self.get(file_id)
@@ -128,22 +134,23 @@ class BatchStore:
     def __init__(self, root: Path):
         self.folder = root / "batches"
 
+    def _object_path(self, batch_id: str) -> Path:
+        return self.folder / f"{checked_id(batch_id, 'Batch', 'batch_id')}.json"
+
     def save(self, batch: dict) -> None:
-        write_json_atomic(self.folder / f"{batch['id']}.json", batch)
+        write_json_atomic(self._object_path(batch["id"]), batch)
 
     def get(self, batch_id: str) -> dict:
         try:
-            if _ID.fullmatch(batch_id):
-                return json.loads((self.folder / f"{batch_id}.json").read_text())
+            return json.loads(self._object_path(batch_id).read_text())
         except FileNotFoundError:
-            pass
-        raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found")
+            raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found") from None
 
     def list(self) -> list[dict]:
         return _read_objects(self.folder)
 
     def progress_path(self, batch_id: str) -> Path:
-        return self.folder / f"{batch_id}.progress.jsonl"
+        return self.folder / f"{checked_id(batch_id, 'Batch', 'batch_id')}.progress.jsonl"
 
     def read_progress(self, batch_id: str) -> list[dict]:
         """The records appended so far; a line cut short by a crash is skipped."""

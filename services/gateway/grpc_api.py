@@ -11,6 +11,7 @@ from services.gateway.auth import grpc_interceptors
 from services.gateway.engine import Engine
 from services.gateway.errors import ApiError, bad_request, grpc_status_for
 from services.gateway.generation import Delta, GenerationInput
+from services.gateway.request_tracing import grpc_entry_span
 from services.gateway.sampling import build_sampling
 from services.gateway.structured_output import copy_constraint
 
@@ -48,6 +49,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.engine = engine
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
+        with grpc_entry_span("radixserve.v1.Gateway/Generate", context.invocation_metadata()):
+            async for response in self._generate(request, context):
+                yield response
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext):
         try:
             prepared = await self.engine.prepare(generation_input(self.engine, request))
             stream = self.engine.stream(prepared)
@@ -84,8 +90,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 async def start_grpc_api(engine: Engine, addr: str, api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the public gRPC server on addr (host:port); returns it and the bound port."""
-    server = aio_server(grpc_interceptors(api_key))
+    server = aio_server(grpc_interceptors(api_key), public=True)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(engine), server)
-    port = bind(server, addr)
+    port = bind(server, addr, public=True)
     await server.start()
     return server, port

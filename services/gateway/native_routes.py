@@ -1,4 +1,5 @@
-"""SGLang-style native endpoints: /generate, /health, /get_model_info, /get_server_info, /flush_cache."""
+"""SGLang-style native endpoints: /generate, /abort_request, /health, /get_model_info, /get_server_info,
+/flush_cache."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,10 @@ from google.protobuf.json_format import MessageToDict
 
 from radixserve.v1 import scheduler_pb2
 from services.gateway.engine import Engine
-from services.gateway.errors import bad_request, from_grpc, not_supported
+from services.gateway.errors import ApiError, bad_request, from_grpc, not_supported
 from services.gateway.generation import Delta, Finish, GenerationInput, PreparedRequest
-from services.gateway.protocol import NativeGenerateRequest, NativeSamplingParams
+from services.gateway.protocol import AbortRequest, NativeGenerateRequest, NativeSamplingParams, openapi_body
+from services.gateway.request_control import live_requests
 from services.gateway.sampling import build_sampling, parse_body, stop_list
 from services.gateway.sse import run_unless_disconnected, sse_response
 from services.gateway.structured_output import add_constraint
@@ -78,15 +80,18 @@ def meta_info(request_id: str, finish: Finish | None, prompt_tokens: int, comple
             "e2e_latency": round(time.monotonic() - started, 4)}
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=openapi_body(NativeGenerateRequest))
 async def generate(request: Request):
     engine = engine_of(request)
     started = time.monotonic()
     req = parse_body(await request.body(), NativeGenerateRequest)
     prepared = await engine.prepare(native_input(req))
+    live = live_requests(request)
     if req.stream:
-        return await sse_response(request, native_events(engine, prepared, started))
-    result = await run_unless_disconnected(request, engine.complete(prepared))
+        return await sse_response(request, live.tracked_events(
+            prepared.request_id, [prepared], started, native_events(engine, prepared, started)))
+    with live.track(prepared.request_id, [prepared], started):
+        result = await run_unless_disconnected(request, engine.complete(prepared))
     return JSONResponse({"text": result.text, "output_ids": result.token_ids, "meta_info": meta_info(
         prepared.request_id, result.finish, len(prepared.input_ids), len(result.token_ids), started)})
 
@@ -109,6 +114,22 @@ async def native_events(engine: Engine, prepared: PreparedRequest, started: floa
                    "meta_info": meta_info(prepared.request_id, finish, len(prepared.input_ids), len(ids), started)}
     finally:
         await stream.aclose()
+
+
+@router.post("/abort_request", openapi_extra=openapi_body(AbortRequest))
+async def abort_request(request: Request):
+    """Ends a request (its response finishes with finish_reason "abort"), or every request."""
+    req = parse_body(await request.body(), AbortRequest)
+    live = live_requests(request)
+    if req.abort_all:
+        return {"aborted": await live.abort_all()}
+    if not req.rid:
+        raise bad_request("give rid (a request id: a response's id, or /generate's meta_info.id) or abort_all",
+                          param="rid")
+    aborted = await live.abort(req.rid)
+    if not aborted:
+        raise ApiError(404, f"No running request has id {req.rid!r}.", param="rid", code="request_not_found")
+    return {"aborted": aborted}
 
 
 # ---- health and info ----

@@ -17,7 +17,8 @@ from services.gateway.errors import ApiError, bad_request, not_supported
 from services.gateway.chat_tools import ToolPlan, plan_tools, tools_for_template
 from services.gateway.choices import complete_all, fan_out, merged_streams, total_usage
 from services.gateway.generation import Completion, Delta, Finish, GenerationInput, PreparedRequest
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
+from services.gateway.request_control import live_requests
 from services.gateway.sampling import build_sampling, parse_body, penalty_args, stop_list
 from services.gateway.sse import run_unless_disconnected, sse_response
 from services.gateway.structured_output import add_constraint
@@ -128,8 +129,9 @@ class ChatOptions:
     tools: ToolPlan | None
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
 async def chat_completions(request: Request):
+    started = time.monotonic()
     engine = engine_of(request)
     req = parse_body(await request.body(), ChatCompletionRequest)
     check_model(engine, req.model)
@@ -140,9 +142,12 @@ async def chat_completions(request: Request):
     options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
+    live = live_requests(request)
     if req.stream:
-        return await sse_response(request, chat_events(engine, requests, meta, options))
-    results = await run_unless_disconnected(request, complete_all(engine, requests))
+        return await sse_response(request, live.tracked_events(
+            prepared.request_id, requests, started, chat_events(engine, requests, meta, options)))
+    with live.track(prepared.request_id, requests, started):
+        results = await run_unless_disconnected(request, complete_all(engine, requests))
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
     return JSONResponse(fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n)))
 
@@ -244,8 +249,9 @@ def completion_input(req: CompletionRequest, prompt: str | list[int] | None = No
                            request_id=f"cmpl-{uuid.uuid4().hex}", prompt_param="prompt")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
 async def completions(request: Request):
+    started = time.monotonic()
     engine = engine_of(request)
     req = parse_body(await request.body(), CompletionRequest)
     check_model(engine, req.model)
@@ -256,9 +262,12 @@ async def completions(request: Request):
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
+    live = live_requests(request)
     if req.stream:
-        return await sse_response(request, completion_events(engine, requests, n, meta, want_logprobs, echoes))
-    results = await run_unless_disconnected(request, complete_all(engine, requests))
+        return await sse_response(request, live.tracked_events(
+            meta.id, requests, started, completion_events(engine, requests, n, meta, want_logprobs, echoes)))
+    with live.track(meta.id, requests, started):
+        results = await run_unless_disconnected(request, complete_all(engine, requests))
     choices = []
     for i, result in enumerate(results):
         logprobs = None

@@ -57,6 +57,9 @@ class _OpenAISampling(_Body):
 
 
 class ChatCompletionRequest(_OpenAISampling):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16, "stream": True, "n": 2}]})
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -68,6 +71,9 @@ class ChatCompletionRequest(_OpenAISampling):
 
 
 class CompletionRequest(_OpenAISampling):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"prompt": "Once upon a time", "max_tokens": 16},
+        {"prompt": [[1, 2, 3], "Hi"], "max_tokens": 4, "stream": True, "echo": True}]})
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = False
@@ -98,9 +104,39 @@ class NativeSamplingParams(_Body):
 
 
 class NativeGenerateRequest(_Body):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 16}},
+        {"input_ids": [1, 2, 3], "stream": True, "rid": "my-request"}]})
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
     rid: str | None = None
     return_logprob: bool = False
+
+
+class AbortRequest(_Body):
+    """SGLang's POST /abort_request: one request by id, or every request."""
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"rid": "my-request"},
+                                                                             {"abort_all": True}]})
+    rid: str | None = None
+    abort_all: bool = False
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """openapi_extra for a route that parses its own body: the model's JSON schema as the documented
+    request body (with its $defs inlined, so the schema stands alone inside the OpenAPI document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_refs(schema, defs)}}}}
+
+
+def _inline_refs(node, defs: dict):
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inline_refs(value, defs) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(value, defs) for value in node]
+    return node

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -13,30 +14,59 @@ UINT64_MASK = (1 << 64) - 1
 MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
 MAX_LOGIT_BIAS = 100.0
-MAX_TOKEN_ID = (1 << 31) - 1
+MAX_INT32 = (1 << 31) - 1
+MAX_TOKEN_ID = MAX_INT32
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+PYTHON_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")  # in some pydantic messages: show the bare name
 Body = TypeVar("Body", bound=BaseModel)
 
 
 def parse_body(raw: bytes, model: type[Body]) -> Body:
     """JSON bytes to a request model; every failure is a 400 in OpenAI's error shape."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")  # strictly: json.loads(bytes) would let encoded surrogates through
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        raise bad_request("Invalid JSON body: not UTF-8 text", code="invalid_json") from None
+    except json.JSONDecodeError as e:
         raise bad_request(f"Invalid JSON body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("Invalid JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object", code="invalid_json")
+    if SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+        raise bad_request("Invalid JSON body: a string holds an unpaired UTF-16 surrogate escape", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
 
 
+def _has_lone_surrogate(data) -> bool:
+    """Whether a string anywhere in data is not encodable as UTF-8 (json.loads lets "\\ud800" through)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def validation_error(errors) -> Exception:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     param = ".".join(loc) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    detail = PYTHON_CLASS.sub(r"\1", str(first.get("msg", "invalid value"))).removeprefix("Value error, ")
+    message = f"{param}: {detail}" if param else detail
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more errors)"
     return bad_request(message, param=param, code="invalid_value")
@@ -74,9 +104,15 @@ def build_sampling(*, temperature: float | None, top_p: float | None, top_k: int
                           code="invalid_value")
     if not 0.0 <= min_p <= 1.0:
         raise bad_request(f"min_p must be in [0, 1], got {min_p}", param="min_p", code="invalid_value")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param,
-                          code="invalid_value")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_INT32:
+        raise bad_request(f"{max_tokens_param} must be between 1 and {MAX_INT32}, got {max_tokens}",
+                          param=max_tokens_param, code="invalid_value")
+    if top_k > MAX_INT32:
+        raise bad_request(f"top_k must be at most {MAX_INT32}, got {top_k}", param="top_k", code="invalid_value")
+    bad_stop = next((t for t in stop_token_ids or () if not 0 <= t <= MAX_TOKEN_ID), None)
+    if bad_stop is not None:
+        raise bad_request(f"stop_token_ids must be token ids (non-negative integers), got {bad_stop}",
+                          param="stop_token_ids", code="invalid_value")
     top_logprobs = top_logprobs or 0
     if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs",
@@ -130,8 +166,9 @@ def _logit_bias(bias: dict[str, float] | dict[int, float] | None) -> dict[int, f
 def _min_tokens(min_tokens: int | None, param: str, max_tokens: int | None) -> int:
     if min_tokens is None:
         return 0
-    if min_tokens < 0:
-        raise bad_request(f"{param} must be at least 0, got {min_tokens}", param=param, code="invalid_value")
+    if not 0 <= min_tokens <= MAX_INT32:
+        raise bad_request(f"{param} must be between 0 and {MAX_INT32}, got {min_tokens}", param=param,
+                          code="invalid_value")
     if max_tokens is not None and min_tokens > max_tokens:
         raise bad_request(f"{param} ({min_tokens}) must not exceed the maximum number of tokens ({max_tokens})",
                           param=param, code="invalid_value")

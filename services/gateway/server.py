@@ -1,4 +1,11 @@
-"""The gateway process: the OpenAI REST API (uvicorn) and the public gRPC API in one event loop."""
+"""The gateway process: the OpenAI REST API (uvicorn) and the public gRPC API in one event loop.
+
+SIGTERM (or SIGINT) drains: new HTTP requests get 503 with an OpenAI error body while the listening
+socket stays open (see drain.py), the public gRPC server stops taking calls (new ones fail with
+UNAVAILABLE, its port closes at once), and the accepted requests of both get up to --shutdown-timeout
+to finish. Then the HTTP socket closes (later connections are refused) and the process exits 0.
+A second signal stops at once.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,14 +17,17 @@ import grpc
 import uvicorn
 
 from services.common.args import ServerArgs
-from services.common.lifecycle import run_event_loop
+from services.common.grpc_security import install_from_args
+from services.common.lifecycle import run_event_loop, traced_process
 from services.common.log import setup_logging
 from services.gateway.app import create_app
+from services.gateway.drain import DrainGate
 from services.gateway.engine import Engine
 from services.gateway.grpc_api import start_grpc_api
 
 log = logging.getLogger("radixserve.gateway")
 GRPC_STOP_GRACE_S = 5
+HTTP_STOP_GRACE_S = 5  # what uvicorn still gives open connections once it is told to exit
 
 
 class _HttpServer(uvicorn.Server):
@@ -34,12 +44,14 @@ class Gateway:
         self.args = args
         self.engine = engine or Engine(args)
         self.app = create_app(args, self.engine)
+        self.gate = DrainGate(self.app)
         self.http = _HttpServer(uvicorn.Config(
-            self.app, host=args.host, port=args.port, log_level=args.log_level,
-            timeout_graceful_shutdown=5))
+            self.gate, host=args.host, port=args.port, log_level=args.log_level,
+            timeout_graceful_shutdown=HTTP_STOP_GRACE_S))
         self.grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
         self._http_task: asyncio.Task | None = None
+        self._drain_task: asyncio.Task | None = None
 
     @property
     def http_port(self) -> int:
@@ -58,6 +70,24 @@ class Gateway:
                  self.args.grpc_host, self.grpc_port)
 
     def request_stop(self) -> None:
+        """Drain, then stop (SIGTERM/SIGINT); a second call stops at once."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(self.args.shutdown_timeout))
+        else:
+            log.warning("stopping now, without waiting for the requests in progress")
+            self.http.should_exit = self.http.force_exit = True
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, give the accepted ones up to timeout seconds, then stop serving HTTP."""
+        self.gate.close()
+        log.info("draining: %d HTTP requests in progress, new ones get 503 (up to %gs)", self.gate.active, timeout)
+        waits = [self.gate.wait_idle(timeout)]
+        if self.grpc is not None:
+            waits.append(self.grpc.stop(timeout))
+        http_idle, *_ = await asyncio.gather(*waits)
+        if not http_idle:
+            log.warning("%d HTTP requests still running after --shutdown-timeout %gs; stopping anyway",
+                        self.gate.active, timeout)
         self.http.should_exit = True
 
     async def wait(self) -> None:
@@ -65,6 +95,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self.http.should_exit = True
+        if self._drain_task is not None:
+            self._drain_task.cancel()
         if self._http_task is not None:
             await asyncio.gather(self._http_task, return_exceptions=True)
         if self.grpc is not None:
@@ -73,6 +105,7 @@ class Gateway:
 
 
 async def serve(args: ServerArgs) -> None:
+    install_from_args(args)
     gateway = Gateway(args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -87,5 +120,6 @@ async def serve(args: ServerArgs) -> None:
 
 def main(args: ServerArgs) -> int:
     setup_logging("gateway", args.log_level)
-    run_event_loop(serve(args))
+    with traced_process(args):
+        run_event_loop(serve(args))
     return 0

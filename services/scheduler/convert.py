@@ -16,6 +16,7 @@ def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequ
         ignore_eos=sampling.ignore_eos,
         min_new_tokens=sampling.min_new_tokens,
         sampling=sampling,
+        trace_context=msg.trace_context if msg.HasField("trace_context") else None,
     )
 
 
@@ -28,7 +29,8 @@ def plan_to_proto(plan: StepPlan) -> executor_pb2.ExecutorStepRequest:
                              prefix_slots=new.prefix_slots, new_slots=new.new_slots,
                              sampling=_sampling_after_retraction(sampling, new.num_output_ids), sample=new.sample,
                              token_bitmask=new.token_bitmask,
-                             penalty_prompt_ids=new.seq_ids if _repetition_penalty_on(sampling) else ())
+                             penalty_prompt_ids=new.seq_ids if _repetition_penalty_on(sampling) else (),
+                             trace_context=new.trace_context)
     for cont in plan.continuing_requests:
         msg.continuing_requests.add(request_id=cont.request_id, input_ids=cont.input_ids,
                                     new_slots=cont.new_slots, sample=cont.sample, token_bitmask=cont.token_bitmask)

@@ -349,7 +349,7 @@ class Scheduler:
             request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
             prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample,
             token_bitmask=self._allowed_tokens(req, sample),
-            seq_ids=fill, num_output_ids=len(req.output_ids)))
+            seq_ids=fill, num_output_ids=len(req.output_ids), trace_context=req.trace_context))
         build.tokens_left -= n
         build.reserved += future
         if sample:
@@ -575,16 +575,25 @@ class Scheduler:
         """Free every unlocked cache entry; return the number of slots freed."""
         return self.cache.evict(self.cache.evictable_size(), self.pool.free)
 
-    def reset(self) -> list[str]:
-        """Drop every request and all KV (after an executor failure); return the dropped ids."""
-        dropped = list(self.requests)
+    def reset(self, keep_waiting: bool = False) -> list[str]:
+        """Drop all KV and every admitted request (after an executor failure: their KV is gone);
+        return the dropped ids. With keep_waiting the queued requests stay queued (they hold no KV;
+        one retracted earlier re-runs its prompt and the tokens it already streamed); else they go too."""
+        kept = self.waiting if keep_waiting else []
+        kept_ids = {req.request_id for req in kept}
+        dropped = [rid for rid in self.requests if rid not in kept_ids]
         admitted = self.running + ([self.chunked] if self.chunked is not None else [])
         known_to_executor = ([r.request_id for r in admitted] + self._pending_finished
                              + [rid for step in self._inflight for rid in step.plan.request_ids()])
+        for req in admitted:
+            req.status = Status.DONE
+            req.grammar = None
+        for req in kept:
+            req.inflight = req.chunks_inflight = 0
         self.pool.reset()
         self.cache.reset()
-        self.requests = {}
-        self.waiting = []
+        self.requests = {req.request_id: req for req in kept}
+        self.waiting = list(kept)
         self.running = []
         self.chunked = None
         self._inflight.clear()

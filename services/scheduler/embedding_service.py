@@ -62,3 +62,6 @@ class EmbeddingSchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def FlushCache(self, request, context):
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=0)
+
+    async def GetMetrics(self, request, context):
+        return scheduler_pb2.SchedulerMetrics()  # no scheduler metrics without a step loop

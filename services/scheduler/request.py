@@ -86,6 +86,7 @@ class NewRequestPlan:
     # those are generated tokens; plan_to_proto adjusts the sampling options that depend on them.
     seq_ids: list[int] = field(default_factory=list)
     num_output_ids: int = 0
+    trace_context: Any = None  # the request's TraceContext proto for the executor; None: not traced
 
 
 @dataclass

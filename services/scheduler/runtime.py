@@ -1,7 +1,12 @@
 """The step loop: plan with the core, run the plan on the executor, route events to streams.
 
 With overlap (the default) step N+1 is planned and sent while step N runs, so the executor does not
-sit idle during the round trip and the scheduler's own work."""
+sit idle during the round trip and the scheduler's own work.
+
+When a step fails (the executor died, hung past the step deadline, or raised), the admitted requests
+fail (their KV is gone) and the queued ones stay queued; the loop waits until the executor answers
+again (a restarted one once it has loaded), resets it and goes on. A bug in the scheduler itself
+fails every request instead."""
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +26,26 @@ from services.scheduler.request import Request, RequestEvent, StepPlan
 log = logging.getLogger("radixserve.scheduler")
 
 EXECUTOR_RESET_TIMEOUT_S = 5.0
+EXECUTOR_PROBE_TIMEOUT_S = 5.0
+EXECUTOR_RETRY_S = 0.5
+EXECUTOR_WAIT_LOG_EVERY_S = 10.0
+# Past the executor's --watchdog-timeout, which restarts a hung executor first; the deadline covers
+# an executor that hangs without its watchdog firing.
+STEP_DEADLINE_MARGIN_S = 30.0
 # Steps sent before the oldest one's result is processed, when overlapping.
 OVERLAP_DEPTH = 2
+
+
+def step_deadline(watchdog_timeout: float) -> float | None:
+    """Seconds a Step call may take (None: no watchdog, no deadline); a step sent with overlap also
+    waits for the one before it."""
+    if watchdog_timeout <= 0:
+        return None
+    return OVERLAP_DEPTH * watchdog_timeout + min(STEP_DEADLINE_MARGIN_S, watchdog_timeout)
+
+
+class ExecutorChanged(RuntimeError):
+    """The executor came back with another model or a smaller KV pool: the scheduler cannot go on."""
 
 
 class StepFailure:
@@ -56,10 +79,15 @@ class RuntimeObserver:
 
 
 class SchedulerRuntime:
-    def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub, overlap: bool = True):
+    def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub, overlap: bool = True,
+                 step_timeout: float | None = None, model: executor_pb2.ExecutorModelInfo | None = None):
         self.core = core
         self.executor = executor
         self.overlap = overlap
+        self.step_timeout = step_timeout  # deadline of each Step call; None: none
+        self.model = model  # what the executor served at start; a restarted one must match it
+        # False from a failed step until the executor answers again (GetInfo reports it).
+        self.executor_available = True
         self.receivers: dict[str, Deliver] = {}
         self.observers: list[RuntimeObserver] = []
         self.wake = asyncio.Event()
@@ -115,7 +143,8 @@ class SchedulerRuntime:
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
                     leak_checked = False
-                    self.inflight.append((plan, self.executor.Step(plan_to_proto(plan)), time.monotonic()))
+                    call = self.executor.Step(plan_to_proto(plan), timeout=self.step_timeout)
+                    self.inflight.append((plan, call, time.monotonic()))
                     for observer in self.observers:
                         observer.sent(plan)
                 elif self.inflight:
@@ -131,16 +160,18 @@ class SchedulerRuntime:
             except asyncio.CancelledError:
                 self._cancel_inflight()
                 raise
+            except ExecutorChanged:
+                raise  # fatal: the process exits and is restarted
             except Exception as e:  # a bug must not leave every stream hanging
                 log.exception("scheduler step failed")
-                await self._fail_all(f"scheduler error: {e}")
+                await self._recover(f"scheduler error: {e}", keep_waiting=False)
 
     async def _finish_oldest_step(self) -> None:
         plan, call, sent_at = self.inflight[0]
         try:
             resp = await call
         except grpc.aio.AioRpcError as e:
-            await self._fail_all(f"executor step failed: {e.code().name}: {e.details()}")
+            await self._recover(f"executor step failed: {e.code().name}: {e.details()}", keep_waiting=True)
             return
         self.inflight.popleft()
         self.executor_synced = True
@@ -163,22 +194,52 @@ class SchedulerRuntime:
             if deliver is not None:
                 deliver(event)
 
-    async def _fail_all(self, message: str) -> None:
-        log.error("%s; failing %d requests and dropping all KV", message, len(self.core.requests))
+    async def _recover(self, message: str, keep_waiting: bool) -> None:
+        """Fail the admitted requests (and the queued ones unless keep_waiting), drop all KV, and
+        return once the executor answers again and has dropped what it still held."""
+        self.executor_available = False
         self._cancel_inflight()
         self.executor_synced = False
-        failed = self.core.reset()
+        failed = self.core.reset(keep_waiting=keep_waiting)
+        log.error("%s; failing %d requests, keeping %d queued, dropping all KV", message, len(failed),
+                  len(self.core.waiting))
         for observer in self.observers:
             observer.failed(failed, message)
         for rid in failed:
             deliver = self.receivers.get(rid)
             if deliver is not None:
                 deliver(StepFailure(message))
-        try:
-            await self.executor.Reset(executor_pb2.ExecutorResetRequest(),
-                                      timeout=EXECUTOR_RESET_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            log.warning("executor Reset failed too (%s); the next step drops its stale requests",
-                        e.code().name)
-        else:
-            self.core.executor_was_reset()
+        await self._reconnect()
+        self.core.executor_was_reset()
+        self.executor_available = True
+        log.info("executor is back; %d queued requests go on", len(self.core.waiting))
+
+    async def _reconnect(self) -> None:
+        """Wait until the executor answers with the model it served before, then Reset it (a
+        restarted one holds nothing; a live one drops the failed requests). Its step order then
+        starts again from the next step, which goes alone (executor_synced is False)."""
+        loop = asyncio.get_running_loop()
+        last_log = loop.time()
+        while True:
+            try:
+                info = await self.executor.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(),
+                                                        timeout=EXECUTOR_PROBE_TIMEOUT_S)
+                self._check_same_model(info)
+                await self.executor.Reset(executor_pb2.ExecutorResetRequest(), timeout=EXECUTOR_RESET_TIMEOUT_S)
+                return
+            except grpc.aio.AioRpcError as e:
+                if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
+                    log.warning("still waiting for the executor (%s); %d requests queued", e.code().name,
+                                len(self.core.waiting))
+                    last_log = loop.time()
+            await asyncio.sleep(EXECUTOR_RETRY_S)
+
+    def _check_same_model(self, info: executor_pb2.ExecutorModelInfo) -> None:
+        if self.model is None:
+            return
+        slots_used = self.core.pool.num_pages * self.core.page_size
+        if (info.architecture, info.vocab_size) != (self.model.architecture, self.model.vocab_size) \
+                or info.kv_slots < slots_used:
+            raise ExecutorChanged(
+                f"the executor came back with {info.architecture} (vocab {info.vocab_size}, {info.kv_slots} KV "
+                f"slots), not {self.model.architecture} (vocab {self.model.vocab_size}, {slots_used} slots used)")

@@ -9,19 +9,23 @@ from dataclasses import dataclass
 
 import grpc
 
-from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from services.common.args import ServerArgs
+from services.common.args import ServerArgs, replica_name
+from services.common.grpc_security import install_from_args
 from services.common.grpc_util import aio_channel, aio_server, bind
 from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, wait_until_signalled
+from services.common import tracing
 from services.common.log import setup_logging
 from services.scheduler.convert import event_to_proto, request_from_proto
 from services.scheduler.core import Scheduler
 from services.scheduler.embed_batcher import EmbedBatcher
 from services.scheduler.embedding_service import EmbeddingSchedulerServicer
 from services.scheduler.request import Request
+from services.scheduler.request_tracing import RequestTracer
 from services.scheduler.grammar import GrammarBackend, InvalidConstraint, grammar_backend, request_grammar
-from services.scheduler.runtime import SchedulerRuntime, StepFailure
+from services.scheduler.metrics import SchedulerMetrics, attach_metrics
+from services.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
 from services.scheduler.session import Rejected, Session
 
 log = logging.getLogger("radixserve.scheduler")
@@ -34,14 +38,24 @@ MAX_TOP_LOGPROBS = 20
 EXECUTOR_WAIT_LOG_EVERY_S = 10.0
 
 
+def trace_context_from_metadata(target: common_pb2.TraceContext, metadata) -> None:
+    """A direct Generate caller's traceparent travels in metadata; the core carries it as a field."""
+    for key, value in metadata or ():
+        if key in ("traceparent", "tracestate"):
+            setattr(target, key, value)
+
+
 def default_max_running_requests(pool_tokens: int) -> int:
     return max(1, min(MAX_RUNNING_REQUESTS_CAP, pool_tokens // TOKENS_PER_RUNNING_REQUEST))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    max_queued_requests: int | None = None  # --max-queued-requests; None: no limit
+
     def __init__(self, runtime: SchedulerRuntime, model: executor_pb2.ExecutorModelInfo, config: dict,
-                 grammars: GrammarBackend | None = None):
+                 grammars: GrammarBackend | None = None, metrics: SchedulerMetrics | None = None):
         self.grammars = grammars
+        self.metrics = metrics
         self.runtime = runtime
         self.model = model
         self.config = config
@@ -67,11 +81,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         rid = msg.request_id or uuid.uuid4().hex
         if rid in self.runtime.core.requests:
             raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
+        waiting = len(self.runtime.core.waiting)
+        if self.max_queued_requests is not None and waiting >= self.max_queued_requests:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{waiting} requests are already waiting (--max-queued-requests); retry later")
         req = request_from_proto(rid, msg)
         req.grammar = grammar
         return req
 
     async def Generate(self, request, context):
+        if not request.HasField("trace_context"):
+            trace_context_from_metadata(request.trace_context, context.invocation_metadata())
         try:
             req = await self.prepare(request)
         except Rejected as e:
@@ -124,6 +144,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             total_prompt_tokens=stats.total_prompt_tokens,
             config_json=json.dumps(self.config),
             vocab_size=self.model.vocab_size,
+            executor_unavailable=not self.runtime.executor_available,
         )
 
     async def FlushCache(self, request, context):
@@ -132,6 +153,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Embed(self, request, context):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             "this server serves generation; start it with --is-embedding to embed")
+
+    async def GetMetrics(self, request, context):
+        text = self.metrics.prometheus_text() if self.metrics is not None else ""
+        return scheduler_pb2.SchedulerMetrics(prometheus_text=text)
 
 
 async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> executor_pb2.ExecutorModelInfo:
@@ -220,9 +245,13 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "chunked_prefill_size": core.chunked_prefill_size,
         "enable_mixed_chunk": core.enable_mixed_chunk,
     }
-    runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule)
+    runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule,
+                               step_timeout=step_deadline(args.watchdog_timeout), model=model)
+    if tracing.enabled():
+        runtime.observers.append(RequestTracer())
     server = aio_server()
-    servicer = SchedulerServicer(runtime, model, config, grammar_backend(args, model))
+    servicer = SchedulerServicer(runtime, model, config, grammar_backend(args, model), attach_metrics(runtime, args))
+    servicer.max_queued_requests = args.max_queued_requests
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     port = bind(server, args.scheduler_addr)
     await server.start()
@@ -234,13 +263,18 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
 
 
 async def serve(args: ServerArgs) -> None:
+    install_from_args(args)
     running = await start_scheduler(args)
     try:
-        await wait_until_signalled(running.server)
+        signalled = asyncio.ensure_future(wait_until_signalled(running.server))
+        await asyncio.wait({signalled, running.loop_task}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if running.loop_task.done() and not running.loop_task.cancelled():
+            running.loop_task.result()  # the loop only ends on a fatal error: raise it (exit code 1)
     finally:
         await running.stop(grace=SHUTDOWN_GRACE_S)
 
 
 def main(args: ServerArgs) -> int:
-    setup_logging("scheduler", args.log_level)
+    setup_logging(replica_name("scheduler", args.dp_rank), args.log_level)
     return run_service(serve, args)

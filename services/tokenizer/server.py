@@ -13,6 +13,7 @@ import grpc
 from radixserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.common import grpc_util
 from services.common.args import ServerArgs
+from services.common.grpc_security import install_from_args
 from services.common.log import setup_logging
 from services.tokenizer.conversation import conversation_from_proto
 from services.tokenizer.core import TokenizerCore, tokenizer_folder
@@ -61,6 +62,7 @@ async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server,
 
 
 async def serve(args: ServerArgs) -> None:
+    install_from_args(args)
     folder = tokenizer_folder(args)
     core = await asyncio.to_thread(TokenizerCore, folder, args.chat_template)
     log.info("loaded tokenizer from %s (vocab %d)", folder, core.info().vocab_size)

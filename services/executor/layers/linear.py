@@ -1,4 +1,10 @@
-"""Linear layers that own their weight loading and shard for tensor parallelism (tp=1 today).
+"""Linear layers that own their weight loading and shard for tensor parallelism.
+
+Column-parallel layers (QKV by heads, gate/up by intermediate features) keep this rank's slice of the
+output features and need no communication; row-parallel ones (o_proj, down_proj) keep a slice of the
+input features and all-reduce their partial sums (the bias is added once, after). Every layer can also
+take its parameters whole, in the tp=1 layout (full_shape / load_full), which is how dummy weights
+come out the same at any tp size.
 
 QKVParallelLinear and MergedColumnParallelLinear hold one fused weight, filled from HF's separate
 q/k/v and gate/up tensors: one GEMM instead of three (or two) matters for CPU decode speed.
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.parallel_state import tp_rank, tp_size
+from services.executor.parallel_state import all_reduce, tp_rank, tp_size
 
 log = logging.getLogger("radixserve.executor.linear")
 
@@ -67,15 +73,26 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
+        """The shape of param at tp=1 (what load_full takes)."""
+        return tuple(param.shape)
+
+    def load_full(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        """Fill param with this rank's part of its whole (tp=1 layout) value."""
+        self.weight_loader(param, full)
+
     def process_weights_after_loading(self) -> None:
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_bf16_available():
             self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.bias)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -93,9 +110,12 @@ class ColumnParallelLinear(LinearBase):
         rows = param.shape[0]
         default_weight_loader(param, loaded.narrow(0, tp_rank() * rows, rows))
 
+    def full_shape(self, param):
+        return (param.shape[0] * tp_size(), *param.shape[1:])
+
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial sums need an all-reduce once tp > 1."""
+    """Input features split across ranks; the partial sums are all-reduced, then the bias added once."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         assert in_features % tp_size() == 0
@@ -107,6 +127,15 @@ class RowParallelLinear(LinearBase):
             return
         cols = param.shape[1]
         default_weight_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
+
+    def full_shape(self, param):
+        return tuple(param.shape) if param.dim() == 1 else (param.shape[0], param.shape[1] * tp_size())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return self._linear(x, self.bias)
+        y = all_reduce(self._linear(x, None))
+        return y if self.bias is None else y + self.bias
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -121,17 +150,25 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id])
         default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
 
+    def load_full(self, param, full):
+        for shard_id, part in enumerate(full.split([s * tp_size() for s in self.output_sizes])):
+            self.weight_loader(param, part, shard_id)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections stacked in one weight: rows [q | k | v] of this rank's heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = tp_size()
-        assert num_heads % tp == 0
+        if num_heads % tp:
+            raise ValueError(f"{num_heads} attention heads do not split over tensor-parallel size {tp}")
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads neither split over nor replicate to tensor-parallel size {tp}")
         self.num_heads = num_heads // tp
         # With more ranks than kv heads, each kv head is replicated.
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
+        self.total_num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
@@ -142,3 +179,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         rank = tp_rank() if shard_id == "q" else tp_rank() // self.kv_replicas
         default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+
+    def full_shape(self, param):
+        rows = (self.num_heads * tp_size() + 2 * self.total_num_kv_heads) * self.head_dim
+        return (rows, *param.shape[1:])
+
+    def load_full(self, param, full):
+        q = self.num_heads * tp_size() * self.head_dim
+        kv = self.total_num_kv_heads * self.head_dim
+        for shard_id, part in zip("qkv", full.split([q, kv, kv])):
+            self.weight_loader(param, part, shard_id)

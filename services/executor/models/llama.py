@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(hidden, d, config.num_heads, config.num_kv_heads, bias=qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(self.num_heads * d, hidden, bias=o_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * d, hidden, bias=o_bias)  # all heads: it shards them
         self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, d, scaling=d ** -0.5)
         self.qk_width = (self.num_heads + self.num_kv_heads) * d
         self.head_dim = d

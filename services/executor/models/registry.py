@@ -5,12 +5,18 @@ from torch import nn
 
 from services.executor.models.bert import BertModel, XLMRobertaModel
 from services.executor.models.llama import LlamaForCausalLM
+from services.executor.models.mixtral import MixtralForCausalLM
 from services.executor.models.qwen2 import Qwen2ForCausalLM
+from services.executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from services.executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,

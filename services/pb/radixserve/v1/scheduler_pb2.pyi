@@ -80,7 +80,7 @@ class SchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size")
+    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size", "executor_unavailable", "replicas")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class SchedulerInfo(_message.Message):
     TOTAL_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -111,7 +113,27 @@ class SchedulerInfo(_message.Message):
     total_prompt_tokens: int
     config_json: str
     vocab_size: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    executor_unavailable: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[SchedulerReplicaInfo]
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., executor_unavailable: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[SchedulerReplicaInfo, _Mapping]]] = ...) -> None: ...
+
+class SchedulerReplicaInfo(_message.Message):
+    __slots__ = ("index", "addr", "reachable", "error", "info", "routed_requests", "inflight_requests")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    addr: str
+    reachable: bool
+    error: str
+    info: SchedulerInfo
+    routed_requests: int
+    inflight_requests: int
+    def __init__(self, index: _Optional[int] = ..., addr: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., info: _Optional[_Union[SchedulerInfo, _Mapping]] = ..., routed_requests: _Optional[int] = ..., inflight_requests: _Optional[int] = ...) -> None: ...
 
 class SchedulerFlushCacheRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,78 @@
+"""Calls to the replicas of a stateless service (tokenizer, detokenizer): round robin with failover.
+
+--tokenizer-addr and --detokenizer-addr take a comma-separated list of host:port. Each call goes to
+the next replica in turn; a call that fails with UNAVAILABLE (the replica is down or restarting) is
+retried on the others, each at most once, before the error reaches the caller. A replica that
+answered UNAVAILABLE within the last SUSPECT_S seconds is tried after the others. The calls are
+idempotent (the detokenizer's state travels in each request), so a retry cannot do harm.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from services.common.grpc_util import aio_channel
+
+log = logging.getLogger("radixserve.gateway.replicas")
+
+SUSPECT_S = 2.0
+
+
+def parse_addrs(value: str) -> list[str]:
+    """The host:port entries of a comma-separated address flag."""
+    addrs = [addr.strip() for addr in value.split(",") if addr.strip()]
+    if not addrs:
+        raise ValueError(f"no address in {value!r}")
+    return addrs
+
+
+class ReplicaSet:
+    """Stands in for one stub of the service: `replicas.Encode(request, timeout=...)` is a balanced,
+    failed-over call of the stub method of that name (unary methods only)."""
+
+    def __init__(self, addrs: list[str], stub_class: Callable[[grpc.aio.Channel], Any],
+                 channel: Callable[[str], grpc.aio.Channel] = aio_channel):
+        self.addrs = list(addrs)
+        self.channels = [channel(addr) for addr in self.addrs]
+        self.stubs = [stub_class(ch) for ch in self.channels]
+        self.calls = [0] * len(self.addrs)  # calls sent to each replica (for tests and debugging)
+        self._next = 0
+        self._failed_at = [float("-inf")] * len(self.addrs)
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        async def call(request, **kwargs):
+            return await self.call(method, request, **kwargs)
+        return call
+
+    def _order(self) -> list[int]:
+        """Replica indexes to try: round robin from the next one, recently failed ones last."""
+        n = len(self.stubs)
+        start, self._next = self._next, (self._next + 1) % n
+        ring = [(start + i) % n for i in range(n)]
+        now = time.monotonic()
+        return sorted(ring, key=lambda i: now - self._failed_at[i] < SUSPECT_S)
+
+    async def call(self, method: str, request, **kwargs):
+        order = self._order()
+        for attempt, i in enumerate(order):
+            self.calls[i] += 1
+            try:
+                return await getattr(self.stubs[i], method)(request, **kwargs)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._failed_at[i] = time.monotonic()
+                if attempt == len(order) - 1:
+                    raise
+                log.warning("%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i])
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()

@@ -1,0 +1,152 @@
+"""The gateway's span of one generation: from handing the request to the scheduler to its finish.
+
+Its context travels to the scheduler in the generate action (and from there to the executor), and
+to the detokenizer on the first and the final decode item. Token arrivals are counted on the span
+(TTFT as an attribute and a `first_token` event), not recorded one span per token. With tracing off
+`RequestTrace.start` returns NO_TRACE, whose methods do nothing; so it does outside a traced HTTP or
+gRPC request.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from radixserve.v1 import common_pb2
+from services.common import tracing
+
+
+UNTRACED_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
+
+
+def untraced_http_request(scope) -> bool:
+    """Probes and scrapes start no trace of their own (unless the caller sends a traceparent)."""
+    return scope.get("path") in UNTRACED_PATHS and not any(key == b"traceparent" for key, _ in scope["headers"])
+
+
+class _NoTrace:
+    trace_context = None
+
+    def decode_context(self, final: bool):
+        return None
+
+    def tokens(self, n: int) -> None:
+        pass
+
+    def decoded(self, seconds: float) -> None:
+        pass
+
+    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
+        pass
+
+    def fail(self, error: BaseException) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+NO_TRACE = _NoTrace()
+
+
+def _sampling_attributes(sampling: common_pb2.SamplingParams) -> dict:
+    attrs = {"gen_ai.request.temperature": sampling.temperature, "gen_ai.request.top_p": sampling.top_p,
+             "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.top_k": sampling.top_k}
+    if sampling.HasField("seed"):
+        attrs["gen_ai.request.seed"] = sampling.seed
+    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "min_new_tokens"):
+        value = getattr(sampling, name)
+        if value:
+            attrs[f"radixserve.sampling.{name}"] = value
+    if sampling.WhichOneof("constraint"):
+        attrs["radixserve.sampling.constraint"] = sampling.WhichOneof("constraint")
+    return attrs
+
+
+class RequestTrace:
+    """A live `generate` span; see the module docstring."""
+
+    @staticmethod
+    def start(request_id: str, model: str, prompt_tokens: int, sampling: common_pb2.SamplingParams):
+        if not tracing.enabled():
+            return NO_TRACE
+        from opentelemetry import trace
+        if not trace.get_current_span().get_span_context().trace_flags.sampled:
+            return NO_TRACE  # outside a traced HTTP or gRPC request (health probes, batch jobs)
+        return RequestTrace(tracing.tracer().start_span("generate", attributes={
+            "radixserve.request_id": request_id, "gen_ai.request.model": model,
+            "gen_ai.usage.input_tokens": prompt_tokens, **_sampling_attributes(sampling)}))
+
+    def __init__(self, span):
+        self.span = span
+        self.trace_context = tracing.span_to_proto(span)
+        self.started = time.monotonic()
+        self.generated = 0
+        self.decode_calls = 0
+        self.decode_seconds = 0.0
+        self.first_decode_sent = False
+        self.ended = False
+
+    def decode_context(self, final: bool) -> common_pb2.TraceContext | None:
+        """The context for a detokenizer item: only on the first and the final one."""
+        if final or not self.first_decode_sent:
+            self.first_decode_sent = True
+            return self.trace_context
+        return None
+
+    def tokens(self, n: int) -> None:
+        if n and not self.generated:
+            ttft_ms = (time.monotonic() - self.started) * 1000
+            self.span.set_attribute("radixserve.ttft_ms", round(ttft_ms, 3))
+            self.span.add_event("first_token")
+        self.generated += n
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_calls += 1
+        self.decode_seconds += seconds
+
+    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
+        if self.ended:
+            return
+        self.span.set_attributes({
+            "gen_ai.response.finish_reasons": [reason], "gen_ai.usage.input_tokens": prompt_tokens,
+            "gen_ai.usage.output_tokens": completion_tokens, "radixserve.cached_tokens": cached_tokens,
+            "radixserve.detokenize.calls": self.decode_calls,
+            "radixserve.detokenize.ms": round(self.decode_seconds * 1000, 3)})
+        self._end()
+
+    def fail(self, error: BaseException) -> None:
+        if self.ended:
+            return
+        from opentelemetry.trace import Status, StatusCode
+        self.span.record_exception(error)
+        self.span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+        self._end()
+
+    def close(self) -> None:
+        """The stream was closed before a finish (the client went away): the request was aborted."""
+        if not self.ended:
+            self.span.add_event("client_closed")
+            self.span.set_attributes({"gen_ai.response.finish_reasons": ["abort"],
+                                      "gen_ai.usage.output_tokens": self.generated})
+            self._end()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.span.end()
+
+
+@contextlib.contextmanager
+def grpc_entry_span(method: str, invocation_metadata):
+    """The root span of a public gRPC API call (the HTTP middleware's counterpart): an incoming
+    traceparent in the metadata is honoured. Does nothing with tracing off."""
+    if not tracing.enabled():
+        yield
+        return
+    from opentelemetry.trace import SpanKind
+    from services.common.trace_propagation import context_from_metadata
+    service, _, name = method.partition("/")
+    with tracing.tracer().start_as_current_span(
+            method, context=context_from_metadata(invocation_metadata), kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}):
+        yield

@@ -1,0 +1,237 @@
+"""Aborts against the real scheduler (fake executor, fake tokenizer/detokenizer) behind the gateway:
+an abort storm of cut streams (SGLang's test_abort pattern), POST /abort_request, --request-timeout and
+--max-queued-requests; after each, the scheduler is idle, with no KV in use and its leak check passing."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+
+import httpx
+
+from radixserve.v1 import executor_pb2_grpc
+from services.common.args import ServerArgs
+from services.common.grpc_util import aio_server, bind
+from services.gateway.server import Gateway
+from services.scheduler.core import Scheduler
+from services.scheduler.fake_executor import FakeExecutorServicer
+from services.scheduler.server import start_scheduler
+from tests.test_gateway_fakes import FakeBackends
+
+MODEL = "fake-model"
+VOCAB = 128  # token ids are code points for the fake detokenizer: ASCII only (httpx splits lines at \x85)
+CONTEXT = 4096
+KV_SLOTS = 16384
+STEP_DELAY_S = 0.004  # so that 2048 tokens take seconds, never less than a test's cut
+MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
+
+
+class PacedFakeExecutor(FakeExecutorServicer):
+    async def Step(self, request, context):
+        await asyncio.sleep(STEP_DELAY_S)
+        return await super().Step(request, context)
+
+
+@dataclass
+class Stack:
+    client: httpx.AsyncClient
+    core: Scheduler
+    gateway: Gateway
+
+    async def server_info(self) -> dict:
+        r = await self.client.get("/get_server_info")
+        assert r.status_code == 200, r.text
+        return r.json()["scheduler"]
+
+    async def wait_for(self, predicate, timeout: float = 10.0) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            info = await self.server_info()
+            if predicate(info):
+                return info
+            assert loop.time() < deadline, f"scheduler never reached the state: {info}"
+            await asyncio.sleep(0.02)
+
+    async def assert_idle_without_leaks(self, timeout: float = 5.0) -> None:
+        """Within timeout, well before an unaborted 2048-token request could finish by itself."""
+        info = await self.wait_for(lambda i: i["running_requests"] == 0 and i["waiting_requests"] == 0
+                                   and i["in_use_tokens"] == 0, timeout)
+        assert info["free_tokens"] + info["cached_tokens"] == info["max_total_tokens"], info
+        assert self.core.check_leak(deep=True) is None
+        assert not self.core.requests
+        live = getattr(self.gateway.app.state, "live_requests", None)
+        assert live is None or not live.groups
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp_path, **flags):
+    backends = FakeBackends()  # its tokenizer and detokenizer; the scheduler is the real one
+    executor = PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
+    exec_server = aio_server()
+    executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
+    exec_port = bind(exec_server, "127.0.0.1:0")
+    await exec_server.start()
+    scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
+                                                 **flags))
+    gateway = Gateway(ServerArgs(
+        host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0, served_model_name=MODEL,
+        tokenizer_addr=backends.tokenizer_addr, detokenizer_addr=backends.detokenizer_addr,
+        scheduler_addr=f"127.0.0.1:{scheduler.port}", file_storage_path=str(tmp_path), log_level="warning", **flags))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+            yield Stack(client, scheduler.runtime.core, gateway)
+    finally:
+        await gateway.stop()
+        await scheduler.stop()
+        await exec_server.stop(None)
+        backends.stop()
+
+
+def run(coro, timeout: float = 60):
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def sse_payloads(lines: list[str]) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+
+
+async def read_stream(client: httpx.AsyncClient, path: str, body: dict, seconds: float | None = None) -> list[str]:
+    """The SSE lines of a streamed request; with seconds, the connection is cut after that long."""
+    lines: list[str] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async with client.stream("POST", path, json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                async for line in r.aiter_lines():
+                    lines.append(line)
+    return lines
+
+
+async def post_cut(client: httpx.AsyncClient, path: str, body: dict, seconds: float) -> None:
+    """A non-streamed request whose client gives up (closes the connection) after seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await client.post(path, json={**body, "stream": False})
+        raise AssertionError(f"{path} finished before it was cut")
+
+
+STORM_REQUESTS = [
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 2048, "stream": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2048, "stream": True, "n": 2}),
+    ("/generate", {"text": "Once upon a time", "stream": True, "sampling_params": {"max_new_tokens": 2048}}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 2048, "stream": True,
+                              "stream_options": {"include_usage": True}}),
+]
+
+
+def test_abort_storm_of_cut_streams_leaves_the_scheduler_idle_without_leaks(tmp_path):
+    async def main():
+        async with gateway_stack(tmp_path) as stack:
+            cut = [read_stream(stack.client, *STORM_REQUESTS[i % len(STORM_REQUESTS)], seconds=0.5) for i in range(16)]
+            cut_plain = [post_cut(stack.client, *STORM_REQUESTS[i], seconds=0.5) for i in range(len(STORM_REQUESTS))]
+            results = (await asyncio.gather(*cut, *cut_plain))[:16]
+            assert sum(bool(sse_payloads(lines)) for lines in results) >= 8  # most were cut mid-generation
+            assert not any("[DONE]" in line for lines in results for line in lines)
+            await stack.assert_idle_without_leaks()
+            # and the server still serves
+            r = await stack.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+            await stack.assert_idle_without_leaks()
+
+    run(main())
+
+
+def test_abort_request_by_id_and_abort_all_end_responses_with_finish_reason_abort(tmp_path):
+    async def main():
+        async with gateway_stack(tmp_path) as stack:
+            client = stack.client
+            victim = {"text": "Hello", "rid": "victim", "stream": True, "sampling_params": {"max_new_tokens": 2048}}
+            async with client.stream("POST", "/generate", json=victim) as r:
+                lines = r.aiter_lines()
+                first = json.loads((await anext(lines))[len("data: "):])
+                assert first["meta_info"]["id"] == "victim" and first["meta_info"]["finish_reason"] is None
+                aborted = await client.post("/abort_request", json={"rid": "victim"})
+                assert aborted.status_code == 200 and aborted.json() == {"aborted": 1}
+                rest = [line async for line in lines]
+            events = sse_payloads(rest)
+            assert events[-1]["meta_info"]["finish_reason"] == {"type": "abort"}
+            assert events[-1]["meta_info"]["completion_tokens"] < 2048 and rest[-2:] == ["data: [DONE]", ""]
+
+            # An OpenAI response's id aborts all of its choices.
+            async with client.stream("POST", "/v1/chat/completions", json={
+                    "model": MODEL, "messages": MESSAGES, "max_tokens": 2048, "stream": True, "n": 2}) as r:
+                lines = r.aiter_lines()
+                response_id = json.loads((await anext(lines))[len("data: "):])["id"]
+                assert (await client.post("/abort_request", json={"rid": response_id})).json()["aborted"] >= 1
+                chunks = sse_payloads([line async for line in lines])
+            reasons = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+                       if c["choices"] and c["choices"][0]["finish_reason"]}
+            assert reasons == {0: "abort", 1: "abort"}
+
+            # abort_all reaches a non-streamed request, whose response still goes out.
+            pending = asyncio.create_task(client.post("/v1/completions", json={
+                "model": MODEL, "prompt": "Once", "max_tokens": 2048}))
+            await stack.wait_for(lambda i: i["running_requests"] == 1)
+            assert (await client.post("/abort_request", json={"abort_all": True})).json()["aborted"] == 1
+            resp = await pending
+            assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "abort"
+            assert 0 < resp.json()["usage"]["completion_tokens"] < 2048
+
+            missing = await client.post("/abort_request", json={"rid": "no-such-request"})
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+            assert (await client.post("/abort_request", json={})).status_code == 400
+            await stack.assert_idle_without_leaks()
+
+    run(main())
+
+
+def test_request_timeout_aborts_streamed_and_non_streamed_responses(tmp_path):
+    async def main():
+        async with gateway_stack(tmp_path, request_timeout=0.5) as stack:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            resp = await stack.client.post("/v1/completions", json={
+                "model": MODEL, "prompt": "Once", "max_tokens": 2048})
+            assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "abort"
+            assert 0.5 <= loop.time() - started < 5
+            chat = sse_payloads(await read_stream(stack.client, "/v1/chat/completions", {
+                "model": MODEL, "messages": MESSAGES, "max_tokens": 2048, "stream": True}))
+            assert chat[-1]["choices"][0]["finish_reason"] == "abort"
+            native = sse_payloads(await read_stream(stack.client, "/generate", {
+                "text": "Once", "stream": True, "sampling_params": {"max_new_tokens": 2048}}))
+            assert native[-1]["meta_info"]["finish_reason"] == {"type": "abort"}
+            short = await stack.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+            assert short.json()["choices"][0]["finish_reason"] == "length"
+            await stack.assert_idle_without_leaks()
+
+    run(main())
+
+
+def test_max_queued_requests_answers_503_with_retry_after(tmp_path):
+    async def main():
+        async with gateway_stack(tmp_path, max_running_requests=1, max_queued_requests=1) as stack:
+            body = {"model": MODEL, "prompt": "Once", "max_tokens": 2048, "stream": True}
+            running = asyncio.create_task(read_stream(stack.client, "/v1/completions", body))
+            await stack.wait_for(lambda i: i["running_requests"] == 1)
+            queued = asyncio.create_task(read_stream(stack.client, "/v1/completions", body))
+            await stack.wait_for(lambda i: i["waiting_requests"] == 1)
+
+            refused = await stack.client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": MESSAGES, "max_tokens": 8})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            error = refused.json()["error"]
+            assert error["code"] == "resource_exhausted" and error["type"] == "service_unavailable_error"
+            streamed = await stack.client.post("/generate", json={"text": "x", "stream": True})
+            assert streamed.status_code == 503 and "retry-after" in streamed.headers
+
+            await stack.client.post("/abort_request", json={"abort_all": True})
+            for task in (running, queued):
+                assert sse_payloads(await task)[-1]["choices"][0]["finish_reason"] == "abort"
+            await stack.assert_idle_without_leaks()
+            ok = await stack.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+            assert ok.status_code == 200
+
+    run(main())

@@ -1,0 +1,97 @@
+"""A tensor-parallel group of ModelRunners as processes, for tests/test_tensor_parallel.py.
+
+`python -m tests.tp_ranks --rank R --world N --port P --model DIR --out FILE [--device cuda] [--ep E]` runs one
+shard (on the CPU over gloo, or on cuda:R over NCCL; MoE experts split over E groups, as --ep-size): rank 0
+drives `scenario` through TensorParallelLeader (the gRPC servicer's path) and saves what it returned to
+FILE; the other ranks follow it. The test runs the same scenario on a TP=1 runner and compares.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from services.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from services.executor.runner import ModelRunner
+from services.executor.step_broadcast import TensorParallelLeader, follow
+from services.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
+
+GREEDY_TOKENS = 24
+
+
+def build_runner(model: str, device: str = "cpu") -> ModelRunner:
+    return ModelRunner(model, dtype="float32", device=device, max_total_tokens=1024, random_seed=0)
+
+
+def on_cpu(result: dict) -> dict:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
+
+
+def scenario(runner) -> dict:
+    """Prefill of three prompts, a prefix-reusing request and decodes, a chunked prefill, an invalid step,
+    a reset, then greedy decoding; the logits and tokens of each part."""
+    out = {}
+    step = runner.step(StepInput(1, new_requests=[
+        NewRequest("a", list(range(3, 10)), list(range(1, 8))),
+        NewRequest("b", list(range(40, 52)), list(range(10, 22))),
+        NewRequest("c", [7], [30])]))
+    out["prefill"] = step.logits
+    step = runner.step(StepInput(2, continuing_requests=[
+        ContinuingRequest("b", [40]), ContinuingRequest("a", [41]), ContinuingRequest("c", [42])],
+        new_requests=[NewRequest("d", [90, 91, 92], [50, 51, 52], prefix_slots=list(range(1, 6)))]))
+    out["decode"] = step.logits
+    runner.step(StepInput(3, new_requests=[NewRequest("e", list(range(60, 70)), list(range(60, 70)), sample=False)]))
+    step = runner.step(StepInput(4, continuing_requests=[ContinuingRequest("e", list(range(70, 76)),
+                                                                           list(range(100, 106)))]))
+    out["chunked"] = step.logits
+    try:  # invalid on every shard alike: the group carries on
+        runner.step(StepInput(5, continuing_requests=[ContinuingRequest("ghost", [77])]))
+        out["invalid_step_error"] = None
+    except StepError as e:
+        out["invalid_step_error"] = str(e)
+    out["dropped"] = runner.reset()
+    prompt, other = [5, 17, 33, 2, 200, 9, 11, 64, 128], [3, 3, 4]
+    step = runner.step(StepInput(10, new_requests=[NewRequest("g", prompt, list(range(1, 10))),
+                                                   NewRequest("o", other, list(range(20, 23)))]))
+    tokens = [step.outputs[0].token_id]
+    for i in range(GREEDY_TOKENS - 1):
+        step = runner.step(StepInput(11 + i, continuing_requests=[ContinuingRequest("o", [200 + i]),
+                                                                  ContinuingRequest("g", [300 + i])]))
+        tokens.append(step.outputs[1].token_id)
+    out["greedy"] = tokens
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for flag in ("--rank", "--world", "--port"):
+        parser.add_argument(flag, type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--ep", type=int, default=1)
+    ns = parser.parse_args()
+    device = torch.device("cuda", ns.rank) if ns.device == "cuda" else torch.device("cpu")
+    store = dist.TCPStore("127.0.0.1", ns.port, ns.world, is_master=ns.rank == 0,
+                          timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, device, ep_size=ns.ep)
+    runner = build_runner(ns.model, str(device))
+    if ns.rank == 0:
+        def broken(error):
+            raise error
+        leader = TensorParallelLeader(runner, on_broken=broken)
+        result = scenario(leader)
+        result["kv_slots"] = leader.model_info().kv_slots
+        result["moe_local_experts"] = sorted({m.num_local_experts for m in runner.model.modules()
+                                              if hasattr(m, "num_local_experts")})
+        leader.stop()
+        torch.save(on_cpu(result), ns.out)
+    else:
+        follow(runner)
+    destroy_tensor_parallel()
+
+
+if __name__ == "__main__":
+    main()
