@@ -121,3 +121,33 @@ def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects():
             raise AssertionError("no request succeeded after the scheduler came back")
 
     run_with_session(FakeScheduler(step_delay=0.01), body)
+
+
+def test_an_id_already_open_is_a_400_not_a_server_error():
+    from services.common.args import ServerArgs
+    from services.gateway.engine import Engine
+    from services.gateway.errors import ApiError
+    from services.gateway.generation import PreparedRequest
+    from tests.test_gateway_fakes import FakeBackends
+
+    fakes = FakeBackends(step_delay=0.01)
+    engine = Engine(ServerArgs(tokenizer_addr=fakes.tokenizer_addr, scheduler_addr=fakes.scheduler_addr,
+                               detokenizer_addr=fakes.detokenizer_addr))
+
+    def prepared() -> PreparedRequest:
+        return PreparedRequest("same-id", encode("hi"), common_pb2.SamplingParams(max_new_tokens=50, ignore_eos=True),
+                               stop=[], skip_special_tokens=True)
+
+    async def main():
+        first = engine.stream(prepared())
+        await first.__anext__()  # running
+        with pytest.raises(ApiError) as err:
+            await engine.stream(prepared()).__anext__()
+        assert err.value.status == 400 and "same-id" in err.value.message
+        await first.aclose()
+        await engine.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        fakes.stop()

@@ -28,7 +28,7 @@ from services.gateway.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVE
                                          check_lengths)
 from services.gateway.request_telemetry import RequestTelemetry
 from services.gateway.scheduler_replicas import SchedulerReplicas
-from services.gateway.scheduler_session import RequestFailed, SchedulerSession
+from services.gateway.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
 from services.gateway.errors import ApiError, bad_request, from_grpc, from_status
 from services.gateway.metrics import GatewayMetrics, client_interceptors
 from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
@@ -236,9 +236,12 @@ class Engine:
             events = self.sessions[replica].start(scheduler_pb2.SchedulerGenerateRequest(
                 request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling,
                 trace_context=telemetry.trace_context))
-        except BaseException:
+        except BaseException as e:
             self.router.finished(replica)
-            raise
+            error = bad_request(str(e), param="rid", code="duplicate_request_id") \
+                if isinstance(e, DuplicateRequestId) else e
+            telemetry.fail(error)
+            raise error from None
         state = detokenizer_pb2.DetokenizerState()
         generated = cached = 0
         try:

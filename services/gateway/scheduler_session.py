@@ -26,6 +26,10 @@ class RequestFailed(Exception):
         self.details = details
 
 
+class DuplicateRequestId(ValueError):
+    """start() was given the id of a request still open on this session."""
+
+
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 
@@ -69,7 +73,7 @@ class SchedulerSession:
     def start(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> RequestEvents:
         """Send a generate action; msg.request_id must be set and not in use."""
         if msg.request_id in self._queues:
-            raise ValueError(f"request {msg.request_id} is already open")
+            raise DuplicateRequestId(f"request id {msg.request_id} is already in use")
         self._ensure_open()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[msg.request_id] = queue
