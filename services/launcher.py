@@ -37,8 +37,8 @@ import time
 import urllib.error
 import urllib.request
 
-from services.common.args import ServerArgs, replica_args, replica_name
-from services.common.grpc_security import TOKEN_ENV, TlsCredentials
+from services.common.args import ServerArgs, env_name, replica_args, replica_name
+from services.common.grpc_security import TlsCredentials
 from services.common.log import setup_logging
 from services.common.model_files import default_model_name, resolve_model_path
 from services.gateway.replicas import parse_addrs
@@ -61,10 +61,11 @@ def child_command(service: str, args: ServerArgs) -> list[str]:
 
 
 def child_env(args: ServerArgs) -> dict[str, str] | None:
-    """The inter-service token goes to the children in their environment: argv shows in `ps`."""
-    if not args.grpc_auth_token:
-        return None  # they inherit the launcher's (with $RADIXSERVE_GRPC_AUTH_TOKEN if set)
-    return {**os.environ, TOKEN_ENV: args.grpc_auth_token}
+    """Secrets (the inter-service token, the API key) go to the children in their environment, as
+    RADIXSERVE_<FLAG>: argv shows in `ps`. None: they inherit the launcher's."""
+    secrets = {env_name(f.name): getattr(args, f.name) for f in dataclasses.fields(args)
+               if f.metadata.get("secret") and getattr(args, f.name)}
+    return {**os.environ, **secrets} if secrets else None
 
 
 def service_specs(args: ServerArgs) -> list[ProcessSpec]:

@@ -82,3 +82,26 @@ def test_sigterm_stops_executor_and_scheduler_cleanly(tmp_path):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_sigterm_stops_a_scheduler_still_waiting_for_its_executor():
+    import signal
+    import time
+
+    from tests.stack import free_ports
+
+    exe_port, sch_port = free_ports(2)  # nothing listens on the executor's port
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "scheduler", "--executor-addr",
+                             f"127.0.0.1:{exe_port}", "--scheduler-addr", f"127.0.0.1:{sch_port}"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "waiting for the executor" in line:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()

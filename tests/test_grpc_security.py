@@ -329,11 +329,13 @@ def test_half_given_tls_flags_exit_the_service_with_a_message(certs):
     assert "Traceback" not in result.stderr
 
 
-def test_token_stays_out_of_the_command_line():
-    args = ServerArgs(grpc_auth_token=TOKEN, api_key="k")
-    assert TOKEN not in " ".join(args.to_cli()) and "--grpc-auth-token" not in args.to_cli()
-    assert TOKEN not in " ".join(launcher.child_command("scheduler", args))
+def test_secrets_stay_out_of_the_command_line():
+    args = ServerArgs(grpc_auth_token=TOKEN, api_key="api-key-123")
+    for secret, flag in ((TOKEN, "--grpc-auth-token"), ("api-key-123", "--api-key")):
+        assert secret not in " ".join(args.to_cli()) and flag not in args.to_cli()
+        assert secret not in " ".join(launcher.child_command("gateway", args))
     assert launcher.child_env(args)[TOKEN_ENV] == TOKEN
+    assert launcher.child_env(args)["RADIXSERVE_API_KEY"] == "api-key-123"
     assert launcher.child_env(ServerArgs()) is None  # children inherit the launcher's environment
 
 

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.fused_moe import fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
+from tests.test_kernels_triton_elementwise import close as elementwise_close  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -27,12 +28,7 @@ cuda_only = pytest.mark.cuda
 
 
 def close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    assert got.dtype == ref.dtype and got.shape == ref.shape, (got.dtype, ref.dtype, got.shape, ref.shape)
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    else:
-        got, ref = got.float(), ref.float()
-        torch.testing.assert_close(got, ref, atol=2e-2 * ref.abs().max().item() + 1e-6, rtol=2e-2)
+    elementwise_close(got, ref, tol=2e-2)  # bf16 in the interpreter truncates: ~1.3% off
 
 
 def routing(T, E, k, seed, hot=0, empty=None, foreign=0.0):

@@ -50,7 +50,7 @@ class ServerArgs:
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = None  # None: every route is open
+    api_key: str | None = field(default=None, metadata={"secret": True})  # None: every route is open
     file_storage_path: str | None = None  # None: $XDG_DATA_HOME/radixserve/storage
 
     # Memory and scheduling

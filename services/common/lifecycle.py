@@ -65,6 +65,22 @@ def run_event_loop(main: Awaitable[T]) -> T:
     return uvloop.run(main)
 
 
+async def unless_stopped(awaitable: Awaitable[T]) -> T | None:
+    """awaitable's result, or None (it is cancelled) when SIGTERM/SIGINT arrives first: a service
+    still waiting for its peers at start stops at once."""
+    stop = _stop_event()
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 async def wait_until_signalled(server: grpc.aio.Server) -> None:
     """Return on SIGTERM/SIGINT or when the server terminates; the caller then shuts down."""
     stop = _stop_event()

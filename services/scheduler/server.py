@@ -14,7 +14,7 @@ from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler
 from services.common.args import ServerArgs, replica_name
 from services.common.grpc_security import install_from_args
 from services.common.grpc_util import aio_channel, aio_server, bind
-from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, wait_until_signalled
+from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, unless_stopped, wait_until_signalled
 from services.common import tracing
 from services.common.log import setup_logging
 from services.scheduler.convert import event_to_proto, request_from_proto
@@ -264,7 +264,10 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
 
 async def serve(args: ServerArgs) -> None:
     install_from_args(args)
-    running = await start_scheduler(args)
+    running = await unless_stopped(start_scheduler(args))
+    if running is None:
+        log.info("stopped while waiting for the executor")
+        return
     try:
         signalled = asyncio.ensure_future(wait_until_signalled(running.server))
         await asyncio.wait({signalled, running.loop_task}, return_when=asyncio.FIRST_COMPLETED)

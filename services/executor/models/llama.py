@@ -123,24 +123,30 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            shard = None
-            for fragment, (fused, shard_id) in self.stacked_params.items():
-                if fragment in name:
-                    name, shard = name.replace(fragment, fused), shard_id
-                    break
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name} has no matching parameter")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if shard is not None:
-                loader(param, tensor, shard)
-            elif loader is not None:
-                loader(param, tensor)
-            else:
-                default_weight_loader(param, tensor)
-            loaded.add(name)
+            loaded.add(load_checkpoint_tensor(params, self.stacked_params, name, tensor))
         missing = {n for n in params if n not in loaded}
         if self.tie_word_embeddings:
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+
+
+def load_checkpoint_tensor(params: dict, stacked_params: dict, name: str, tensor: torch.Tensor) -> str:
+    """Load one checkpoint tensor into its parameter (q/k/v and gate/up into their fused parameter,
+    through its shard); returns the parameter's name."""
+    shard = None
+    for fragment, (fused, shard_id) in stacked_params.items():
+        if fragment in name:
+            name, shard = name.replace(fragment, fused), shard_id
+            break
+    if name not in params:
+        raise KeyError(f"checkpoint tensor {name} has no matching parameter")
+    param = params[name]
+    loader = getattr(param, "weight_loader", None)
+    if shard is not None:
+        loader(param, tensor, shard)
+    elif loader is not None:
+        loader(param, tensor)
+    else:
+        default_weight_loader(param, tensor)
+    return name

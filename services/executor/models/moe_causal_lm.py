@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from services.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from services.executor.layers.linear import default_weight_loader
 from services.executor.layers.moe import FusedMoE
 from services.executor.layers.norm import RMSNorm
 from services.executor.layers.rotary import RotaryEmbedding, rope_settings
 from services.executor.model_config import ModelConfig
-from services.executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from services.executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, load_checkpoint_tensor
 
 _EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
@@ -107,22 +106,7 @@ class MoeCausalLM(nn.Module):
                 expert_tensors[name] += 1
                 loaded.add(name)
                 continue
-            shard = None
-            for fragment, (fused, shard_id) in self.stacked_params.items():
-                if fragment in name:
-                    name, shard = name.replace(fragment, fused), shard_id
-                    break
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name} has no matching parameter")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if shard is not None:
-                loader(param, tensor, shard)
-            elif loader is not None:
-                loader(param, tensor)
-            else:
-                default_weight_loader(param, tensor)
-            loaded.add(name)
+            loaded.add(load_checkpoint_tensor(params, self.stacked_params, name, tensor))
         missing = {n for n in params if n not in loaded}
         if self.tie_word_embeddings:
             missing.discard("lm_head.weight")
