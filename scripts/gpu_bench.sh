@@ -59,8 +59,8 @@ stage_serving() {
   wait_http $port || { tail -30 "$OUT/serve.log"; kill $pid; return 1; }
   local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
                --random-range-ratio 1.0 --output-file "$OUT/serving.jsonl")
-  echo "--- 256 x 512 in / 256 out, rate inf"
-  timeout 240 "${bench[@]}" --random-input-len 512 --random-output-len 256 --num-prompts 256 --request-rate inf \
+  echo "--- ${RATE_INF_PROMPTS:-256} x 512 in / 256 out, rate inf"
+  timeout 240 "${bench[@]}" --random-input-len 512 --random-output-len 256 --num-prompts ${RATE_INF_PROMPTS:-256} --request-rate inf \
     > "$OUT/rate_inf.txt" 2>&1 &
   local bench_pid=$!
   if [ -n "${PROFILE:-}" ]; then  # py-spy (carried) samples each process for 5 s mid-run
