@@ -22,7 +22,9 @@ SLOW_STEP_S = 0.05  # the fake scheduler's step while the minimal requests run: 
 
 @pytest.fixture(scope="module")
 def gw(backends, tmp_path_factory):
-    running = RunningGateway(backends, api_key=KEY, file_storage_path=str(tmp_path_factory.mktemp("storage")))
+    # (grpc_auth_token is only read here, not installed: the fakes take no token)
+    running = RunningGateway(backends, api_key=KEY, grpc_auth_token="inter-service-secret",
+                             file_storage_path=str(tmp_path_factory.mktemp("storage")))
     yield running
     running.close()
 
@@ -134,7 +136,8 @@ def test_requests_with_the_key_are_served(gw):
     r = httpx.post(gw.base_url + "/v1/chat/completions", headers=headers, timeout=30,
                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-    assert httpx.get(gw.base_url + "/get_server_info", headers=headers, timeout=30).json()["api_key"] is None
+    info = httpx.get(gw.base_url + "/get_server_info", headers=headers, timeout=30).json()
+    assert info["api_key"] is None and info["grpc_auth_token"] is None  # secrets are not echoed
 
 
 def test_batch_lines_run_in_process_carry_the_key(gw):

@@ -164,7 +164,8 @@ async def get_server_info(request: Request):
         scheduler["config"] = json.loads(config) if config else {}
     except json.JSONDecodeError:
         scheduler["config"] = config
-    return {**dataclasses.asdict(engine.args), "api_key": None, "served_model_name": engine.served_name,
+    secrets = {f.name: None for f in dataclasses.fields(engine.args) if f.metadata.get("secret")}
+    return {**dataclasses.asdict(engine.args), **secrets, "served_model_name": engine.served_name,
             "scheduler": scheduler, "version": "radixserve-0.1.0"}
 
 
