@@ -35,21 +35,29 @@ def rss_mb() -> dict[str, float]:
     return sizes
 
 
-async def client(session: aiohttp.ClientSession, url: str, stop_at: float, rng: random.Random, stats: dict) -> None:
+def error(stats: dict, message: str) -> None:
+    stats["errors"] += 1
+    if len(stats["first_errors"]) < 10:
+        stats["first_errors"].append(message)
+
+
+async def client(session: aiohttp.ClientSession, url: str, model: str, stop_at: float, rng: random.Random,
+                 stats: dict) -> None:
     while time.monotonic() < stop_at:
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(5, 60)))
-        body = {"model": "default", "stream": True, "max_tokens": rng.randint(16, 256), "temperature": 0.8,
+        body = {"model": model, "stream": True, "max_tokens": rng.randint(16, 256), "temperature": 0.8,
                 "messages": [{"role": "user", "content": prompt}]}
         cut_after = rng.randint(2, 20) if rng.random() < 0.1 else None
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as resp:
                 if resp.status != 200:
-                    stats["errors"].append(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                    error(stats, f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                    await asyncio.sleep(1)
                     continue
                 chunks = 0
                 async for line in resp.content:
                     if line.startswith(b"data: ") and b'"error"' in line:
-                        stats["errors"].append(line.decode()[:200])
+                        error(stats, line.decode()[:200])
                     chunks += 1
                     if cut_after is not None and chunks >= cut_after:
                         stats["cut"] += 1
@@ -57,13 +65,16 @@ async def client(session: aiohttp.ClientSession, url: str, stop_at: float, rng: 
                 else:
                     stats["completed"] += 1
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            stats["errors"].append(f"{type(e).__name__}: {e}")
+            error(stats, f"{type(e).__name__}: {e}")
+            await asyncio.sleep(1)
 
 
 async def server_info(session: aiohttp.ClientSession, url: str) -> dict:
     async with session.get(url + "/get_server_info") as resp:
+        if resp.status != 200:
+            return {"error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
         scheduler = (await resp.json())["scheduler"]
-    return {k: scheduler[k] for k in ("running_requests", "waiting_requests", "in_use_tokens", "cached_tokens")}
+    return {k: scheduler.get(k, 0) for k in ("running_requests", "waiting_requests", "in_use_tokens", "cached_tokens")}
 
 
 async def main() -> int:
@@ -74,24 +85,26 @@ async def main() -> int:
     p.add_argument("--sample-s", type=float, default=60)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    stats = {"errors": [], "completed": 0, "cut": 0}
+    stats = {"errors": 0, "first_errors": [], "completed": 0, "cut": 0}
     started = time.monotonic()
     stop_at = started + a.minutes * 60
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        clients = [asyncio.create_task(client(session, a.base_url, stop_at, random.Random(a.seed + i), stats))
+        async with session.get(a.base_url + "/v1/models") as resp:
+            model = (await resp.json())["data"][0]["id"]
+        clients = [asyncio.create_task(client(session, a.base_url, model, stop_at, random.Random(a.seed + i), stats))
                    for i in range(a.clients)]
         while time.monotonic() < stop_at:
             await asyncio.sleep(min(a.sample_s, max(0.0, stop_at - time.monotonic())))
             print(json.dumps({"t_s": round(time.monotonic() - started), "completed": stats["completed"],
-                              "cut": stats["cut"], "errors": len(stats["errors"]), "rss_mb": rss_mb(),
+                              "cut": stats["cut"], "errors": stats["errors"], "rss_mb": rss_mb(),
                               "server": await server_info(session, a.base_url)}), flush=True)
         await asyncio.gather(*clients)
         await asyncio.sleep(2)  # the last aborts settle
         idle = await server_info(session, a.base_url)
-    leaked = idle.get("in_use_tokens", 0) or idle.get("running_requests", 0) or idle.get("waiting_requests", 0)
+    leaked = "error" in idle or any(idle[k] for k in ("in_use_tokens", "running_requests", "waiting_requests"))
     print(json.dumps({"done": True, "completed": stats["completed"], "cut": stats["cut"],
-                      "errors": len(stats["errors"]), "first_errors": stats["errors"][:5], "idle_server": idle,
+                      "errors": stats["errors"], "first_errors": stats["first_errors"], "idle_server": idle,
                       "leaked": bool(leaked)}), flush=True)
     return 1 if stats["errors"] or leaked else 0
 
