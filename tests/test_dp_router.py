@@ -123,3 +123,9 @@ def test_replica_metrics_merge_into_one_exposition_labelled_by_replica():
     hits = {s.labels["dp_rank"]: s.value for s in families["radixserve:cached_prompt_tokens"].samples}
     assert hits == {"0": 10.0, "1": 20.0}
     assert merged.count("# TYPE radixserve:num_running_reqs gauge") == 1
+
+
+def test_one_replica_remembers_no_prompts():
+    router = DataParallelRouter(1, "cache_aware")
+    assert [router.route(list(range(i, i + 100))) for i in range(5)] == [0] * 5
+    assert router.trees == []  # no per-request tree insert when there is nothing to choose

@@ -2,7 +2,6 @@
 import asyncio
 
 import grpc
-import pytest
 
 from radixserve.v1 import detokenizer_pb2
 from services.gateway.decode_batcher import DecodeBatcher

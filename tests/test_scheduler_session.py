@@ -1,7 +1,6 @@
 """The scheduler's Session stream: many requests over one gRPC stream, events batched per step."""
 from __future__ import annotations
 
-import asyncio
 
 import grpc
 

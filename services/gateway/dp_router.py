@@ -46,7 +46,9 @@ class DataParallelRouter:
         self.balance_rel_threshold = balance_rel_threshold
         self.inflight = [0] * replicas  # requests running on each replica (routed or pinned)
         self.routed = [0] * replicas  # requests route() sent to each replica since start
-        self.trees = [PrefixTree(max_tree_tokens) for _ in range(replicas)] if method == "cache_aware" else []
+        # Prompts are remembered only where there is a choice to make (one replica: no trees at all).
+        self.trees = ([PrefixTree(max_tree_tokens) for _ in range(replicas)]
+                      if method == "cache_aware" and replicas > 1 else [])
         self._next = 0
         self._unavailable_until = [float("-inf")] * replicas
 

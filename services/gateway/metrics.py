@@ -2,8 +2,6 @@
 request by Engine.stream, and the latency of each gRPC hop to the backend services."""
 from __future__ import annotations
 
-import asyncio
-import sys
 import time
 
 import grpc
@@ -50,85 +48,29 @@ class GatewayMetrics:
                                       "unary gRPC calls to the backend services", ["service", "method"],
                                       registry=r, buckets=GRPC_BUCKETS)
 
-    def request(self, prompt_tokens: int) -> "RequestMetrics":
-        return RequestMetrics(self, prompt_tokens)
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def later_tokens(self, gap_s: float, n: int) -> None:
+        """n tokens arrived gap_s after the previous ones: one inter-token latency each."""
+        for _ in range(n):
+            self.itl.observe(gap_s / n)
+
+    def ended(self, prompt_tokens: int, generated: int, reason: str | None, e2e_s: float) -> None:
+        """A request ended: finished with reason (stop, length, abort), or failed (reason None)."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generated)
+        if reason is None:
+            self.errors.inc()
+        else:
+            self.e2e.observe(e2e_s)
+            self.success[reason].inc()
 
     def client_interceptors(self, service: str) -> list[grpc.aio.ClientInterceptor]:
         return [HopLatencyInterceptor(self.grpc_latency, service)]
 
     def prometheus_text(self) -> str:
         return generate_latest(self.registry).decode()
-
-
-class RequestMetrics:
-    """One request's timings and token counts; recorded once, when it ends."""
-
-    def __init__(self, metrics: GatewayMetrics, prompt_tokens: int):
-        self._metrics = metrics
-        self._prompt_tokens = prompt_tokens
-        self._start = time.perf_counter()
-        self._last_tokens_at: float | None = None
-        self._generated = 0
-        self._ended = False
-
-    def tokens(self, n: int) -> None:
-        """A message with n new tokens reached the client side."""
-        if not n:
-            return
-        now = time.perf_counter()
-        if self._last_tokens_at is None:
-            self._metrics.ttft.observe(now - self._start)
-        else:
-            gap = (now - self._last_tokens_at) / n
-            for _ in range(n):
-                self._metrics.itl.observe(gap)
-        self._last_tokens_at = now
-        self._generated += n
-
-    def finish(self, reason: str) -> None:
-        """The request finished with reason (stop, length or abort)."""
-        if self._end():
-            self._metrics.e2e.observe(time.perf_counter() - self._start)
-            self._metrics.success[reason].inc()
-
-    def close(self) -> None:
-        """Called from the request's `finally`: a request not finished by now was dropped by its
-        consumer (client gone: abort) or failed (the exception being raised)."""
-        error = sys.exc_info()[1]
-        if error is None or isinstance(error, (GeneratorExit, asyncio.CancelledError)):
-            self.finish("abort")
-        elif self._end():
-            self._metrics.errors.inc()
-
-    def _end(self) -> bool:
-        """Count the tokens; False when the request was already recorded."""
-        if self._ended:
-            return False
-        self._ended = True
-        self._metrics.prompt_tokens.inc(self._prompt_tokens)
-        self._metrics.generation_tokens.inc(self._generated)
-        return True
-
-
-class _Unrecorded:
-    """Stands in for RequestMetrics when metrics are off or the request opts out (health probes)."""
-
-    def tokens(self, n: int) -> None:
-        pass
-
-    def finish(self, reason: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-UNRECORDED = _Unrecorded()
-
-
-def request_metrics(metrics: GatewayMetrics | None, prompt_tokens: int, record: bool = True):
-    """A recorder for one request: RequestMetrics, or a no-op one."""
-    return metrics.request(prompt_tokens) if metrics is not None and record else UNRECORDED
 
 
 def client_interceptors(metrics: GatewayMetrics | None, service: str) -> list[grpc.aio.ClientInterceptor]:

@@ -54,6 +54,8 @@ class ReplicaSet:
     def _order(self) -> list[int]:
         """Replica indexes to try: round robin from the next one, recently failed ones last."""
         n = len(self.stubs)
+        if n == 1:
+            return [0]
         start, self._next = self._next, (self._next + 1) % n
         ring = [(start + i) % n for i in range(n)]
         now = time.monotonic()

@@ -9,7 +9,6 @@ gRPC request.
 from __future__ import annotations
 
 import contextlib
-import time
 
 from radixserve.v1 import common_pb2
 from services.common import tracing
@@ -29,7 +28,7 @@ class _NoTrace:
     def decode_context(self, final: bool):
         return None
 
-    def tokens(self, n: int) -> None:
+    def first_token(self, ttft_s: float) -> None:
         pass
 
     def decoded(self, seconds: float) -> None:
@@ -39,9 +38,6 @@ class _NoTrace:
         pass
 
     def fail(self, error: BaseException) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
@@ -63,7 +59,7 @@ def _sampling_attributes(sampling: common_pb2.SamplingParams) -> dict:
 
 
 class RequestTrace:
-    """A live `generate` span; see the module docstring."""
+    """A live `generate` span; see the module docstring. RequestTelemetry calls finish or fail once."""
 
     @staticmethod
     def start(request_id: str, model: str, prompt_tokens: int, sampling: common_pb2.SamplingParams):
@@ -79,12 +75,9 @@ class RequestTrace:
     def __init__(self, span):
         self.span = span
         self.trace_context = tracing.span_to_proto(span)
-        self.started = time.monotonic()
-        self.generated = 0
         self.decode_calls = 0
         self.decode_seconds = 0.0
         self.first_decode_sent = False
-        self.ended = False
 
     def decode_context(self, final: bool) -> common_pb2.TraceContext | None:
         """The context for a detokenizer item: only on the first and the final one."""
@@ -93,47 +86,27 @@ class RequestTrace:
             return self.trace_context
         return None
 
-    def tokens(self, n: int) -> None:
-        if n and not self.generated:
-            ttft_ms = (time.monotonic() - self.started) * 1000
-            self.span.set_attribute("radixserve.ttft_ms", round(ttft_ms, 3))
-            self.span.add_event("first_token")
-        self.generated += n
+    def first_token(self, ttft_s: float) -> None:
+        self.span.set_attribute("radixserve.ttft_ms", round(ttft_s * 1000, 3))
+        self.span.add_event("first_token")
 
     def decoded(self, seconds: float) -> None:
         self.decode_calls += 1
         self.decode_seconds += seconds
 
     def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
-        if self.ended:
-            return
         self.span.set_attributes({
             "gen_ai.response.finish_reasons": [reason], "gen_ai.usage.input_tokens": prompt_tokens,
             "gen_ai.usage.output_tokens": completion_tokens, "radixserve.cached_tokens": cached_tokens,
             "radixserve.detokenize.calls": self.decode_calls,
             "radixserve.detokenize.ms": round(self.decode_seconds * 1000, 3)})
-        self._end()
+        self.span.end()
 
     def fail(self, error: BaseException) -> None:
-        if self.ended:
-            return
         from opentelemetry.trace import Status, StatusCode
         self.span.record_exception(error)
         self.span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
-        self._end()
-
-    def close(self) -> None:
-        """The stream was closed before a finish (the client went away): the request was aborted."""
-        if not self.ended:
-            self.span.add_event("client_closed")
-            self.span.set_attributes({"gen_ai.response.finish_reasons": ["abort"],
-                                      "gen_ai.usage.output_tokens": self.generated})
-            self._end()
-
-    def _end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.span.end()
+        self.span.end()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ or the core's dataclasses: only attribute names are used.
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import grpc

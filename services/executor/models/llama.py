@@ -88,13 +88,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, qkv_bias=self.qkv_bias(config), o_bias=self.o_bias(config))
-        theta, scaling = rope_settings(config.hf)
-        max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
-        self.rotary_emb = RotaryEmbedding(config.head_dim, max_pos, theta, scaling, torch.get_default_dtype())
-        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+        add_rotary_and_lm_head(self, config)
 
     @staticmethod
     def qkv_bias(config: ModelConfig) -> bool:
@@ -129,6 +123,18 @@ class LlamaForCausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+
+
+def add_rotary_and_lm_head(causal_lm: nn.Module, config: ModelConfig) -> None:
+    """What every Llama-style causal LM has around its decoder (`causal_lm.model`): the rotary
+    tables and the LM head, tied to the input embedding when the config says so."""
+    theta, scaling = rope_settings(config.hf)
+    max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
+    causal_lm.rotary_emb = RotaryEmbedding(config.head_dim, max_pos, theta, scaling, torch.get_default_dtype())
+    causal_lm.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+    causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
+    if causal_lm.tie_word_embeddings:
+        causal_lm.lm_head.tie_to(causal_lm.model.embed_tokens)
 
 
 def load_checkpoint_tensor(params: dict, stacked_params: dict, name: str, tensor: torch.Tensor) -> str:

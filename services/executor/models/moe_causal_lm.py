@@ -15,12 +15,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from services.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from services.executor.layers.embedding import VocabParallelEmbedding
 from services.executor.layers.moe import FusedMoE
 from services.executor.layers.norm import RMSNorm
-from services.executor.layers.rotary import RotaryEmbedding, rope_settings
 from services.executor.model_config import ModelConfig
-from services.executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, load_checkpoint_tensor
+from services.executor.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
+                                           add_rotary_and_lm_head, load_checkpoint_tensor)
 
 _EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
@@ -68,13 +68,7 @@ class MoeCausalLM(nn.Module):
         self.config = config
         self.model = MoeModel(config, (MoeDecoderLayer(config, self.make_attention(config, i), self.make_mlp(config, i))
                                        for i in range(config.num_layers)))
-        theta, scaling = rope_settings(config.hf)
-        max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
-        self.rotary_emb = RotaryEmbedding(config.head_dim, max_pos, theta, scaling, torch.get_default_dtype())
-        self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+        add_rotary_and_lm_head(self, config)
 
     def make_attention(self, config: ModelConfig, layer_id: int) -> nn.Module:
         bias = bool(config.get("attention_bias", False))
