@@ -107,7 +107,8 @@ def test_executor_killed_under_load(stack):
     status, took, body = health(stack)
     assert status == 503 and took < 2 and "executor" in body, (status, took, body)
     assert scheduler_info(stack).executor_unavailable
-    assert not any(call.ended for call in queued), "a queued request was lost"
+    # A queued request is lost if it failed; with a fast restart it may already have completed (200).
+    assert all(call.ended is None or call.status == 200 for call in queued), "a queued request was lost"
 
     for call in queued:
         call.join(60)
