@@ -55,6 +55,15 @@ def test_in_process(tiny_model, capsys, tmp_path):
     assert json_lines(results.read_text()) == records
 
 
+def test_in_process_launching_ahead(tiny_model, capsys):
+    assert one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "2",
+                           "--input-len", "5", "--output-len", "6", "--max-total-tokens", "200",
+                           "--launch-ahead", "--no-warmup"]) == 0
+    [record] = json_lines(capsys.readouterr().out)
+    check_record(record, 2, 5, 6)
+    assert record["launch_ahead"] is True
+
+
 def test_pool_too_small_is_a_clear_error(tiny_model):
     with pytest.raises(SystemExit, match="KV slots"):
         one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "4",

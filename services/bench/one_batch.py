@@ -6,7 +6,9 @@ step latency and throughput, and the totals, as text and as one JSON line per ru
 the ModelRunner is driven in process, with every server flag available (--attention-backend,
 --disable-cuda-graph, ...). With --executor-addr the same steps go over gRPC to a running executor
 instead (--over-grpc), and the JSON also gives the executor's own step time, so the gRPC hop is
-measured directly.
+measured directly. With --launch-ahead (in process) each decode step is launched before the previous
+one is collected, as the executor server does when the scheduler overlaps steps: the decode latency is
+then the interval between consecutive steps' results.
 
   radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
       --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
@@ -46,6 +48,21 @@ class InProcessTarget:
         out = self.runner.step(step)
         return out, StepTiming(time.perf_counter() - t0, out.forward_ms)
 
+    def decode_launching_ahead(self, steps: list[StepInput]) -> list[StepTiming]:
+        """Each step launched before the previous one is collected; a step's wall time is the interval
+        between its result and the previous one's."""
+        timings: list[StepTiming] = []
+        previous, last = None, time.perf_counter()
+        for step in steps + [None]:
+            launched = self.runner.launch(step) if step is not None else None
+            if previous is not None:
+                out = self.runner.collect(previous)
+                now = time.perf_counter()
+                timings.append(StepTiming(now - last, out.forward_ms))
+                last = now
+            previous = launched
+        return timings
+
     def reset(self) -> None:
         self.runner.reset()
 
@@ -79,7 +96,8 @@ class GrpcTarget:
         self.step_id = 0
 
 
-def run_once(target, batch_size: int, input_len: int, output_len: int, seed: int) -> dict:
+def run_once(target, batch_size: int, input_len: int, output_len: int, seed: int,
+             launch_ahead: bool = False) -> dict:
     span = input_len + output_len
     if batch_size * span + 1 > target.kv_slots:
         raise SystemExit(f"batch {batch_size} x {span} tokens needs {batch_size * span} KV slots; "
@@ -91,10 +109,12 @@ def run_once(target, batch_size: int, input_len: int, output_len: int, seed: int
     new = [NewRequest(f"r{b}", ids[b], list(range(first_slot[b], first_slot[b] + input_len)))
            for b in range(batch_size)]
     _, prefill = target.step(StepInput(1, new_requests=new))
-    decodes: list[StepTiming] = []
-    for i in range(output_len - 1):
-        cont = [ContinuingRequest(f"r{b}", [first_slot[b] + input_len + i]) for b in range(batch_size)]
-        decodes.append(target.step(StepInput(2 + i, continuing_requests=cont))[1])
+    steps = [StepInput(2 + i, continuing_requests=[ContinuingRequest(f"r{b}", [first_slot[b] + input_len + i])
+                                                   for b in range(batch_size)]) for i in range(output_len - 1)]
+    if launch_ahead:
+        decodes = target.decode_launching_ahead(steps)
+    else:
+        decodes = [target.step(step)[1] for step in steps]
     target.step(StepInput(output_len + 1, finished_request_ids=[f"r{b}" for b in range(batch_size)]))
     return summarize(batch_size, input_len, output_len, prefill, decodes)
 
@@ -138,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-filename", default=None, help="append one JSON line per run here")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (kernel compilation)")
+    p.add_argument("--launch-ahead", action="store_true",
+                   help="in process: launch each decode step before collecting the previous one")
     p.add_argument("--over-grpc", action="store_true",
                    help="drive the running executor at --executor-addr over gRPC instead of one in process")
     return p
@@ -147,13 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.output_len < 1:
         raise SystemExit("--output-len must be at least 1")
+    if ns.launch_ahead and ns.over_grpc:
+        raise SystemExit("--launch-ahead drives the executor in process; over gRPC steps go one at a time")
     target = GrpcTarget(ns.executor_addr) if ns.over_grpc else InProcessTarget(args_from_namespace(ns, "executor"))
     if not ns.no_warmup:
-        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), ns.seed)
+        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), ns.seed, ns.launch_ahead)
     for bs in ns.batch_size:
         for input_len in ns.input_len:
-            r = run_once(target, bs, input_len, ns.output_len, ns.seed)
-            r.update({"run_name": ns.run_name, "device": target.device,
+            r = run_once(target, bs, input_len, ns.output_len, ns.seed, ns.launch_ahead)
+            r.update({"run_name": ns.run_name, "device": target.device, "launch_ahead": ns.launch_ahead,
                       "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process"})
             print_result(r)
             line = json.dumps(r)

@@ -37,6 +37,7 @@ class BuiltBatch:
     sample_request_ids: list[str]
     sample_states: list[RequestState]
     table_meta: TableMeta | None = None
+    sample_rows: torch.Tensor | None = None  # the sampling requests' SlotTable rows (device), with a table
 
 
 class _Packer:
@@ -108,7 +109,7 @@ class BatchBuilder:
                 raise StepError(f"request {rid} appears twice in the step")
             seen.add(rid)
             n = len(req.input_ids) or 1
-            if not req.input_ids and state.last_token is None:
+            if not req.input_ids and not state.has_token:
                 raise StepError(f"continuing request {rid} has no input_ids and no token sampled for it")
             if len(req.new_slots) != n:
                 raise StepError(f"continuing request {rid}: {len(req.new_slots)} new_slots for {n} tokens")
@@ -141,11 +142,22 @@ class BatchBuilder:
         extend_seqs: list[ExtendSeq] = []
         decode_slots: list[torch.Tensor] = []
         last_index: dict[int, int] = {}
+        # Decode inputs sampled last step, with a SlotTable: read from its next_tokens on the device.
+        gather_at: list[int] = []
+        gather_rows: list[int] = []
         for seq in extends + decodes:
             state = seq.state
             start, prefix = len(input_ids), state.length
             n = len(seq.new_slots)
-            input_ids += seq.tokens if seq.tokens is not None else [state.last_token]
+            if seq.tokens is not None:
+                input_ids += seq.tokens
+            elif self.slot_table is not None:
+                gather_at.append(start)
+                gather_rows.append(state.table_row)
+                input_ids.append(0)
+            else:
+                input_ids.append(state.last_token)
+            state.has_token = seq.sample  # the runner samples it this step
             positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
             if self.slot_table is not None:
@@ -170,13 +182,18 @@ class BatchBuilder:
             fields += [packer.add(v) for v in (
                 [s.state.table_row for s in ordered], [s.state.length for s in ordered],
                 [e.prefix_len for e in extend_seqs], [e.start for e in extend_seqs],
-                [e.num_tokens for e in extend_seqs], *table_writes)]
+                [e.num_tokens for e in extend_seqs], *table_writes, gather_at, gather_rows,
+                [s.state.table_row for s in sampling])]
         shipped = packer.ship(self.device)
         ids_t, pos_t, out_t, sample_t = shipped[:4]
         table_meta = None
         if self.slot_table is not None:
-            rows_t, lens_t, prefix_t, starts_t, qlens_t, w_rows, w_cols, w_vals = shipped[4:]
+            rows_t, lens_t, prefix_t, starts_t, qlens_t, w_rows, w_cols, w_vals, g_at, g_rows, sample_rows = shipped[4:]
             self.slot_table.write(w_rows, w_cols, w_vals)
+            if len(gather_at) == len(input_ids):
+                ids_t = self.slot_table.next_tokens.index_select(0, g_rows)
+            elif gather_at:
+                ids_t.index_copy_(0, g_at, self.slot_table.next_tokens.index_select(0, g_rows))
             table_meta = TableMeta(self.slot_table.tensor, rows_t, lens_t, prefix_t, starts_t, qlens_t,
                                    max((e.num_tokens for e in extend_seqs), default=0))
         return BuiltBatch(
@@ -191,6 +208,7 @@ class BatchBuilder:
             sample_request_ids=[s.request_id for s in sampling],
             sample_states=[s.state for s in sampling],
             table_meta=table_meta,
+            sample_rows=sample_rows if self.slot_table is not None else None,
         )
 
     @staticmethod

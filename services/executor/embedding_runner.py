@@ -29,7 +29,7 @@ from services.executor.model_config import ModelConfig, dtype_name, resolve_devi
 from services.executor.models.bert import BertModel
 from services.executor.pooling import PoolingConfig
 from services.executor.runner import ModelInfo, load_model
-from services.executor.step_io import StepError, StepInput, StepOutput
+from services.executor.step_io import StepError, StepInput
 
 
 class EmbedInputError(ValueError):
@@ -74,8 +74,10 @@ class EmbeddingRunner:
     def reset(self) -> int:
         return 0
 
-    def step(self, step: StepInput) -> StepOutput:
+    def launch(self, step: StepInput):
         raise StepError("this executor serves embeddings (--is-embedding): it runs no generation steps")
+
+    step = launch
 
     def check(self, sequences: list[list[int]]) -> None:
         """Raise EmbedInputError unless every sequence can be embedded."""

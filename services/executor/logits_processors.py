@@ -144,20 +144,20 @@ class LogitsProcessor:
             sub.index_copy_(0, index, part)
         logits.index_copy_(0, row_index, sub)
 
-    def record(self, states: list[RequestState], token_ids: list[int]) -> None:
-        """Account for the tokens just sampled (token_ids[i] for states[i])."""
+    def record(self, states: list[RequestState], tokens: torch.Tensor) -> None:
+        """Account for the tokens just sampled: tokens[i] (a device tensor, not read back) for states[i]."""
         if not self.num_active:
             return
-        rows, tokens = [], []
-        for state, token in zip(states, token_ids):
+        rows, positions = [], []
+        for i, state in enumerate(states):
             ls = state.logits_state
             if ls is not None:
                 ls.num_generated += 1
                 if ls.penalty_row >= 0:
                     rows.append(ls.penalty_row)
-                    tokens.append(token)
+                    positions.append(i)
         if rows:
-            self.penalties.count(rows, tokens)
+            self.penalties.count(rows, tokens.index_select(0, torch.tensor(positions, device=tokens.device)))
 
     def _penalise(self, sub: torch.Tensor, picked: list[LogitsState | None]) -> None:
         rows = [j for j, ls in enumerate(picked) if ls is not None and ls.penalty_row >= 0]

@@ -102,6 +102,14 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """x as rank 0 has it, on every shard, in place over the data group (on CUDA queued on the
+    stream like any kernel: nothing waits for the device); returns x."""
+    if _state.size > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def agree_int(value: int, op: str) -> int:
     """value reduced over the shards with op ("min" or "sum"), over the control group."""
     if _state.size == 1:

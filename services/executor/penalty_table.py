@@ -35,10 +35,11 @@ class PenaltyTable:
     def release(self, row: int) -> None:
         self.free.append(row)
 
-    def count(self, rows: list[int], token_ids: list[int]) -> None:
-        """Add one generated occurrence of token_ids[i] to rows[i] (rows are distinct)."""
-        index = torch.tensor([rows, token_ids], device=self.device)
-        self.counts.index_put_((index[0], index[1]), torch.ones((), device=self.device), accumulate=True)
+    def count(self, rows: list[int], token_ids: torch.Tensor) -> None:
+        """Add one generated occurrence of token_ids[i] (a device tensor) to rows[i] (rows are distinct)."""
+        index = torch.tensor(rows, device=self.device)
+        self.counts.index_put_((index, token_ids.to(self.device)), torch.ones((), device=self.device),
+                               accumulate=True)
 
     def _grow(self) -> None:
         old = self.counts.shape[0]

@@ -18,6 +18,9 @@ class RequestState:
     length: int
     sampling: SamplingParams
     generator: torch.Generator | None
+    # A token was sampled for it (in a step launched, perhaps not finished yet): the next decode's input.
+    has_token: bool = False
+    # That token on the host; only without a SlotTable (with one, SlotTable.next_tokens holds it on the device).
     last_token: int | None = None
     table_row: int = -1  # this request's row of the executor's SlotTable (GPU backends), -1: none
     logits_state: LogitsState | None = None  # set when its sampling options need history (LogitsProcessor)

@@ -17,16 +17,16 @@ import torch
 from services.common.args import ServerArgs
 from services.executor.attention.metadata import ForwardBatch, forward_context
 from services.executor.attention.registry import create_attention_backend
-from services.executor.batch_builder import BatchBuilder
+from services.executor.batch_builder import BatchBuilder, BuiltBatch
 from services.executor.fast_decode import FastDecode
 from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
 from services.executor.logits_processors import LogitsProcessor, step_bitmasks
 from services.executor.model_config import ModelConfig, dtype_name, resolve_device
 from services.executor.models.bert import BertModel
 from services.executor.models.registry import get_model_class
-from services.executor.parallel_state import agree_int, tp_local_size, tp_rank, tp_size
+from services.executor.parallel_state import agree_int, broadcast_from_rank0, tp_local_size, tp_rank
 from services.executor.request_state import RequestState
-from services.executor.sampling import sample
+from services.executor.sampling import DeviceSample, sample_on_device
 from services.executor.slot_table import SlotTable
 from services.executor.step_io import RequestOutput, StepInput, StepOutput
 from services.executor.weights import init_dummy_weights, iterate_safetensors
@@ -34,6 +34,17 @@ from services.executor.weights import init_dummy_weights, iterate_safetensors
 log = logging.getLogger("radixserve.executor.runner")
 
 DEFAULT_SLOT_TABLE_ROWS = 256  # the scheduler's default cap on running requests
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device (ModelRunner.launch), to be read back by ModelRunner.collect."""
+    step_id: int
+    t0: float  # when launch began (perf_counter)
+    request_ids: list[str]  # the requests that sample, in output order
+    sampled: DeviceSample | None = None  # rank 0's tokens (and logprobs), on their way to the host
+    done: torch.cuda.Event | None = None  # recorded after the step's last kernel (CUDA)
+    logits: torch.Tensor | None = None  # a copy, when the runner keeps logits
 
 
 @dataclass
@@ -119,9 +130,9 @@ class ModelRunner:
         self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device,
                                           self.slot_table)
         self.cuda_graphs = None
-        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and tp_size() > 1:
-            log.info("CUDA graphs off under tensor parallelism (collectives are not captured yet)")
-        elif cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
+        # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
+        # replays them in the same order (each runs every step rank 0 broadcasts).
+        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
             from services.executor.cuda_graph_runner import CudaGraphRunner
             max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
@@ -170,14 +181,21 @@ class ModelRunner:
         if state is not None and self.slot_table is not None:
             self.slot_table.release(state.table_row)
 
-    @torch.inference_mode()
     def step(self, step: StepInput) -> StepOutput:
-        """Drop finished requests, run the step's tokens, sample. Raises StepError on invalid input."""
+        """Drop finished requests, run the step's tokens, sample, wait for the result. Raises StepError
+        on invalid input."""
+        return self.collect(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> LaunchedStep:
+        """step up to its sampled tokens, queued on the device but not waited for: the next step may be
+        launched before collect() reads this one (its decode inputs come from the device). Raises
+        StepError on invalid input, before anything changes."""
         for rid in step.finished_request_ids:
             self._drop(rid)
-        if not step.new_requests and not step.continuing_requests:
-            return StepOutput(step.step_id, [], 0.0)
         t0 = time.perf_counter()
+        if not step.new_requests and not step.continuing_requests:
+            return LaunchedStep(step.step_id, t0, [])
         batch = self.batch_builder.build(step, self.states)
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
@@ -193,7 +211,7 @@ class ModelRunner:
         else:
             with forward_context(fb):
                 hidden = self.model(batch.input_ids, batch.positions)
-        outputs: list[RequestOutput] = []
+        launched = LaunchedStep(step.step_id, t0, batch.sample_request_ids)
         logits = None
         if batch.sample_request_ids:
             if all_logits is None:
@@ -201,21 +219,45 @@ class ModelRunner:
                 logits = self.model.compute_logits(rows)
             else:
                 logits = all_logits if batch.samples_every_token else all_logits.index_select(0, batch.sample_token_index)
-        if batch.sample_request_ids and self.samples:
-            states = batch.sample_states
+            launched.sampled = self._sample(step, batch, logits)
+        if self.keep_logits and logits is not None:
+            launched.logits = logits.clone()  # the CUDA graph's output buffer, which the next replay overwrites
+        if self.device.type == "cuda":
+            launched.done = torch.cuda.Event()
+            launched.done.record()
+        return launched
+
+    def _sample(self, step: StepInput, batch: BuiltBatch, logits: torch.Tensor) -> DeviceSample | None:
+        """Sample (rank 0), hand the tokens to every shard and keep them for the next step's decode
+        inputs; returns rank 0's sample with its copy to the host under way."""
+        states = batch.sample_states
+        drawn = None
+        if self.samples:
             self.logits_processor.apply(logits, states, step_bitmasks(step, batch.sample_request_ids))
-            result = sample(logits, [s.sampling for s in states], [s.generator_for_next_token() for s in states], self.generator)
-            self.logits_processor.record(states, result.token_ids)
-            for i, (rid, state) in enumerate(zip(batch.sample_request_ids, states)):
-                state.last_token = result.token_ids[i]
-                outputs.append(RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i]))
-        elif self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if not self.keep_logits:
-            logits = None
-        elif logits is all_logits and logits is not None:
-            logits = logits.clone()  # the CUDA graph's output buffer, which the next replay overwrites
-        return StepOutput(step.step_id, outputs, (time.perf_counter() - t0) * 1000, logits)
+            drawn = sample_on_device(logits, [s.sampling for s in states],
+                                     [s.generator_for_next_token() for s in states], self.generator)
+            self.logits_processor.record(states, drawn.tokens)
+            tokens = drawn.tokens
+        else:
+            tokens = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        broadcast_from_rank0(tokens)
+        if self.slot_table is not None:
+            self.slot_table.next_tokens.index_copy_(0, batch.sample_rows, tokens)
+        else:
+            for state, token in zip(states, tokens.tolist()):
+                state.last_token = token
+        return drawn.to_host() if drawn is not None else None
+
+    def collect(self, launched: LaunchedStep) -> StepOutput:
+        """Wait for a launched step on the device and read its sampled tokens."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        outputs: list[RequestOutput] = []
+        if launched.sampled is not None:
+            result = launched.sampled.result()
+            outputs = [RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                       for i, rid in enumerate(launched.request_ids)]
+        return StepOutput(launched.step_id, outputs, (time.perf_counter() - launched.t0) * 1000, launched.logits)
 
 
 def build_model_runner(args: ServerArgs) -> ModelRunner:

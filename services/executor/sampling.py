@@ -44,9 +44,46 @@ def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return probs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> SampleResult:
-    """Pick one token per row of float32 logits [S, vocab]; generators[i] is row i's seeded generator."""
+@dataclass
+class DeviceSample:
+    """A step's sampled tokens (and asked-for logprobs) still on the logits' device; to_host() starts
+    their copy to the host without waiting, result() reads it (after the device has finished)."""
+    tokens: torch.Tensor  # int64 [S]
+    logprob_rows: list[int]  # rows that asked for logprobs
+    top_nums: list[int]  # top_logprobs_num of each such row
+    chosen: torch.Tensor | None = None  # [len(logprob_rows)] logprob of each row's token
+    top_values: torch.Tensor | None = None  # [len(logprob_rows), max top_nums]
+    top_ids: torch.Tensor | None = None
+
+    def to_host(self) -> "DeviceSample":
+        """Copies of the tensors in pinned host memory, made asynchronously on the current stream."""
+        def copy(t):
+            if t is None or t.device.type == "cpu":
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+        return DeviceSample(copy(self.tokens), self.logprob_rows, self.top_nums, copy(self.chosen),
+                            copy(self.top_values), copy(self.top_ids))
+
+    def result(self) -> SampleResult:
+        token_ids = self.tokens.tolist()
+        logprobs: list[float | None] = [None] * len(token_ids)
+        tops: list[list[tuple[int, float]]] = [[] for _ in token_ids]
+        if self.logprob_rows:
+            chosen = self.chosen.tolist()
+            top_values = self.top_values.tolist() if self.top_values is not None else None
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            for j, (i, n) in enumerate(zip(self.logprob_rows, self.top_nums)):
+                logprobs[i] = chosen[j]
+                if n > 0:
+                    tops[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
+        return SampleResult(token_ids, logprobs, tops)
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     default_generator: torch.Generator | None = None) -> DeviceSample:
+    """Pick one token per row of float32 logits [S, vocab]; generators[i] is row i's seeded generator.
+    Nothing waits for the device: the tokens stay there (see DeviceSample)."""
     greedy = [p.temperature <= 0 or p.top_k == 1 for p in params]
     tokens = logits.argmax(dim=-1)
     if not all(greedy):
@@ -59,22 +96,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
-    token_ids = tokens.tolist()
-    logprobs: list[float | None] = [None] * len(params)
-    tops: list[list[tuple[int, float]]] = [[] for _ in params]
     rows = [i for i, p in enumerate(params) if p.return_logprob]
+    out = DeviceSample(tokens, rows, [params[i].top_logprobs_num for i in rows])
     if rows:
         row_index = torch.tensor(rows, device=logits.device)
         # Floored like OpenAI's: a token a logits processor forbade (-inf) reports MIN_LOGPROB.
         log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1).clamp_(min=MIN_LOGPROB)
-        chosen = log_probs.gather(1, tokens.index_select(0, row_index)[:, None]).squeeze(1).tolist()
-        n_top = max(min(params[i].top_logprobs_num, log_probs.shape[1]) for i in rows)
-        top_values = top_ids = None
+        out.chosen = log_probs.gather(1, tokens.index_select(0, row_index)[:, None]).squeeze(1)
+        n_top = min(max(out.top_nums), log_probs.shape[1])
         if n_top > 0:
-            top_values, top_ids = (t.tolist() for t in log_probs.topk(n_top, dim=-1))
-        for j, i in enumerate(rows):
-            logprobs[i] = chosen[j]
-            n = params[i].top_logprobs_num
-            if n > 0:
-                tops[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
-    return SampleResult(token_ids, logprobs, tops)
+            out.top_values, out.top_ids = log_probs.topk(n_top, dim=-1)
+    return out
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> SampleResult:
+    """sample_on_device, read back at once."""
+    return sample_on_device(logits, params, generators, default_generator).result()

@@ -1,5 +1,6 @@
 """The executor's gRPC service: a thin layer over ModelRunner. Steps run one at a time in a worker
-thread so the event loop stays responsive.
+thread so the event loop stays responsive; each is launched on the device, then collected (its tokens
+read back), and a step that arrives early is launched before the previous one is collected.
 
 Tensor parallelism (--tp-size N > 1) runs one process per shard (shard_group.py). How a step reaches
 every shard: leader broadcast. Rank 0 is the only executor the scheduler talks to; its worker thread
@@ -33,7 +34,7 @@ from services.common.step_order import StepOrder
 from services.common.model_files import resolve_model_path
 from services.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
 from services.executor.parallel_state import destroy_tensor_parallel
-from services.executor.runner import ModelRunner, build_model_runner
+from services.executor.runner import LaunchedStep, ModelRunner, build_model_runner
 from services.executor.shard_group import NodeShards, ShardLayout, join_group, open_store, shard_device
 from services.executor.step_broadcast import TensorParallelLeader, follow
 from services.executor.step_tracing import StepTracer
@@ -119,13 +120,18 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.order = StepOrder()
         self.step_tracer = StepTracer() if tracing.enabled() else None
 
-    def _step(self, request: executor_pb2.ExecutorStepRequest, step: StepInput) -> StepOutput:
-        """runner.step on the worker thread, inside its spans when tracing is on."""
-        if self.step_tracer is None:
-            return self.runner.step(step)
-        spans = self.step_tracer.start(request)
+    def _launch(self, request: executor_pb2.ExecutorStepRequest, step: StepInput):
+        """runner.launch on the worker thread; returns it with the step's spans (tracing on) for _collect."""
+        spans = self.step_tracer.start(request) if self.step_tracer is not None else None
         try:
-            out = self.runner.step(step)
+            return self.runner.launch(step), spans
+        except BaseException as e:
+            StepTracer.end(spans, error=e)
+            raise
+
+    def _collect(self, launched: LaunchedStep, spans) -> StepOutput:
+        try:
+            out = self.runner.collect(launched)
         except BaseException as e:
             StepTracer.end(spans, error=e)
             raise
@@ -148,11 +154,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def Step(self, request, context):
         step = step_from_pb(request)
         await self.order.wait_turn(request.step_id)
-        # The worker runs jobs in submission order, so the next step may queue up behind this one.
-        running = self._submit(self._step, request, step)
+        # The worker runs jobs in submission order. When the next step has arrived by the time this
+        # one is launched, its launch is queued before this step's collect: the device goes from one
+        # step to the next while this one's tokens are read back and answered.
+        launching = self._submit(self._launch, request, step)
         await self.order.done(request.step_id)
         try:
-            out = await running
+            launched, spans = await launching
+            out = await self._submit(self._collect, launched, spans)
         except StepError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:

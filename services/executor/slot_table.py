@@ -3,6 +3,10 @@ slot ids in position order (SGLang's req_to_token). The scheduler still decides 
 this table only mirrors the slot lists the steps carry, on the device, so that kernels (and CUDA
 graphs) find them without a per-step gather. Rows are handed to requests as they arrive and taken
 back when they finish.
+
+Each row also keeps, on the device, the token last sampled for its request (next_tokens): a decode
+step takes its input from there, so it can be launched before the previous step's tokens reach the
+host.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ class SlotTable:
     def __init__(self, rows: int, width: int, device: torch.device):
         self.width = width
         self.tensor = torch.zeros(rows, width, dtype=torch.int64, device=device)
+        self.next_tokens = torch.zeros(rows, dtype=torch.int64, device=device)
         self.reset()
 
     @property

@@ -2,10 +2,11 @@
 
 Rank 0 is the executor the scheduler talks to. Each job its torch worker runs (a step, a reset) is
 first broadcast to the other shards over the control group, then run on rank 0's own shard; the other
-shards run the same job, meeting rank 0 in the layers' collectives. Only rank 0 samples, so the other
-shards never learn the sampled tokens: rank 0 spells a decode's input token out in the copy it sends
-(the scheduler leaves it empty, meaning "the token sampled last step"). Sampling settings, which the
-other shards do not use, are left out of that copy.
+shards run the same job, meeting rank 0 in the layers' collectives. Only rank 0 samples; it broadcasts the
+sampled tokens over the data group (on the device, queued after the step like any kernel), so every
+shard keeps them for the next decode's input and rank 0 can broadcast step N+1 before step N's tokens
+reach its host. Sampling settings, which the other shards do not use, are left out of the copy sent.
+A shard waits for step N's kernels only after it has launched step N+1, as rank 0 does.
 
 Every shard validates a step the same way before any collective, so an invalid step (StepError) fails
 on all of them together and the group carries on. Any other failure may leave shards waiting in
@@ -21,7 +22,7 @@ import sys
 from typing import Callable
 
 from services.executor.parallel_state import broadcast_control, receive_control
-from services.executor.request_state import RequestState
+from services.executor.runner import LaunchedStep
 from services.executor.step_io import SamplingParams, StepError, StepInput, StepOutput
 
 log = logging.getLogger("radixserve.executor.step_broadcast")
@@ -39,16 +40,10 @@ def exit_broken_group(error: BaseException) -> None:
     os._exit(BROKEN_GROUP_EXIT_CODE)
 
 
-def for_other_shards(step: StepInput, states: dict[str, RequestState]) -> StepInput:
-    """The step as the shards that do not sample need it: decode tokens spelled out, no sampling settings."""
-    continuing = []
-    for req in step.continuing_requests:
-        state = states.get(req.request_id)
-        if not req.input_ids and state is not None and state.last_token is not None:
-            req = dataclasses.replace(req, input_ids=[state.last_token])
-        continuing.append(req)
+def for_other_shards(step: StepInput) -> StepInput:
+    """The step as the shards that do not sample need it: no sampling settings."""
     new = [dataclasses.replace(req, sampling=SamplingParams(), penalty_prompt_ids=[]) for req in step.new_requests]
-    return dataclasses.replace(step, new_requests=new, continuing_requests=continuing)
+    return dataclasses.replace(step, new_requests=new)
 
 
 class TensorParallelLeader:
@@ -59,9 +54,18 @@ class TensorParallelLeader:
         self.on_broken = on_broken
 
     def step(self, step: StepInput) -> StepOutput:
-        broadcast_control(("step", for_other_shards(step, self.runner.states)))
+        return self.collect(self.launch(step))
+
+    def launch(self, step: StepInput) -> LaunchedStep:
+        broadcast_control(("step", for_other_shards(step)))
+        return self._unless_broken(self.runner.launch, step)
+
+    def collect(self, launched: LaunchedStep) -> StepOutput:
+        return self._unless_broken(self.runner.collect, launched)
+
+    def _unless_broken(self, fn, *args):
         try:
-            return self.runner.step(step)
+            return fn(*args)
         except StepError:
             raise
         except BaseException as e:
@@ -83,16 +87,23 @@ class TensorParallelLeader:
 def follow(runner) -> None:
     """A shard other than rank 0: run what rank 0 broadcasts until it says stop. A failure other than
     an invalid step (which rank 0 reports) raises: the process exits and rank 0 with it."""
+    previous = None  # the step launched last, collected once the next one is launched
     while True:
         kind, payload = receive_control()
         if kind == "stop":
             return
         if kind == "reset":
+            if previous is not None:
+                runner.collect(previous)
+                previous = None
             runner.reset()
         elif kind == "step":
             try:
-                runner.step(payload)
+                launched = runner.launch(payload)
             except StepError:
-                pass
+                continue
+            if previous is not None:
+                runner.collect(previous)
+            previous = launched
         else:
             raise RuntimeError(f"unknown message {kind!r} from rank 0")
