@@ -1,8 +1,10 @@
 """Launch-ahead: step N+1 launched before step N is collected (as the executor server does when the
 scheduler overlaps) gives the same tokens as running the steps one by one, with the decode inputs
 taken from the device (triton backend: the slot table's next_tokens) or from the host (torch_native)."""
+import asyncio
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -10,7 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from radixserve.v1 import executor_pb2_grpc
+from services.common.grpc_util import aio_channel
 from services.executor.runner import ModelRunner
+from services.executor.server import start_server, step_input_to_pb
 from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
 VOCAB = 96
@@ -96,3 +101,48 @@ def test_decode_after_a_non_sampling_chunk_needs_explicit_input(model_dir):
     runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [3], input_ids=[4], sample=False)]))
     with pytest.raises(StepError, match="no token sampled"):
         runner.launch(StepInput(3, continuing_requests=[ContinuingRequest("a", [4])]))
+
+
+class RecordingRunner:
+    """A ModelRunner that logs launch/collect calls; launching step 1 takes a while."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, []
+
+    def launch(self, step):
+        if step.step_id == 1:
+            time.sleep(0.3)  # step 2 arrives meanwhile
+        self.calls.append(("launch", step.step_id))
+        return self.runner.launch(step)
+
+    def collect(self, launched):
+        self.calls.append(("collect", launched.step_id))
+        return self.runner.collect(launched)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def test_server_launches_an_early_step_before_collecting_the_previous_one(model_dir):
+    runner = RecordingRunner(make_runner(model_dir, "triton"))
+    reference = make_runner(model_dir, "triton")
+    expected = [reference.step(s) for s in steps()[:3]]
+
+    async def scenario():
+        server, port = await start_server(runner, "127.0.0.1:0")
+        try:
+            async with aio_channel(f"127.0.0.1:{port}") as channel:
+                stub = executor_pb2_grpc.ExecutorStub(channel)
+                first = stub.Step(step_input_to_pb(steps()[0]))
+                await asyncio.sleep(0.1)
+                second = stub.Step(step_input_to_pb(steps()[1]))
+                results = await asyncio.gather(first, second)
+                results.append(await stub.Step(step_input_to_pb(steps()[2])))
+                return results
+        finally:
+            await server.stop(None)
+
+    results = asyncio.run(scenario())
+    assert runner.calls[:4] == [("launch", 1), ("launch", 2), ("collect", 1), ("collect", 2)]
+    assert [[(o.request_id, o.token_id) for o in r.outputs] for r in results] == \
+        [[(o.request_id, o.token_id) for o in e.outputs] for e in expected]
