@@ -16,12 +16,26 @@ common=(--model-path "$MODEL" --load-format dummy --dtype bfloat16 --skip-tokeni
 stage_tests() {
   timeout 300 python -m pytest -q -x -m "cuda or not cuda" -p no:cacheprovider \
     tests/test_kernels_extend_attention.py tests/test_kernels_decode_attention.py \
-    tests/test_kernels_triton_elementwise.py tests/test_cuda_executor.py tests/test_model_vs_hf.py 2>&1 | tail -25
+    tests/test_kernels_triton_elementwise.py tests/test_kernels_skinny_gemm.py tests/test_kernels_rotary_kv_store.py \
+    tests/test_cuda_executor.py tests/test_executor_launch_ahead.py tests/test_model_vs_hf.py 2>&1 | tail -25
 }
 
 stage_one_batch() {
   timeout 300 "${rs[@]}" bench one-batch "${common[@]}" --batch-size 1 32 128 --input-len 128 --output-len 32 \
     --run-name cuda-graph --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -30
+}
+
+stage_one_batch_ahead() {  # each decode step launched before the previous one is collected, as the server does
+  timeout 300 "${rs[@]}" bench one-batch "${common[@]}" --batch-size 1 128 --input-len 128 --output-len 32 \
+    --launch-ahead --run-name launch-ahead --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -20
+}
+
+stage_gemm() {
+  timeout 300 python scripts/bench_skinny_gemm.py --out "$OUT/skinny_gemm.jsonl" 2>&1 | tail -40
+}
+
+stage_profile() {
+  timeout 300 python scripts/profile_decode.py --model-path "$MODEL" --batch-size 1 2>&1 | tail -40
 }
 
 stage_one_batch_eager() {

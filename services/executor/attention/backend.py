@@ -6,6 +6,7 @@ import abc
 import torch
 
 from services.executor.attention.metadata import ForwardBatch
+from services.executor.layers.rotary import RopeStep
 
 
 class AttentionBackend(abc.ABC):
@@ -19,3 +20,13 @@ class AttentionBackend(abc.ABC):
 
         q is [T, heads, head_dim]; returns [T, heads * head_dim].
         """
+
+    def forward_with_rope(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep, layer,
+                          batch: ForwardBatch) -> torch.Tensor:
+        """What models call (through Attention): rotate q and k with the step's rope, then forward().
+
+        qk is [T, heads + kv_heads, head_dim], q heads first, not yet rotated. A backend that can fuse
+        the rotation into its KV store (triton) overrides this; the others keep this default.
+        """
+        qk = rope.rotate(qk, layer.num_heads)
+        return self.forward(qk[:, :layer.num_heads], qk[:, layer.num_heads:], v, layer, batch)

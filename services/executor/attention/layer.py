@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from services.executor.attention.metadata import get_forward_batch
+from services.executor.layers.rotary import RopeStep
 
 
 class Attention(nn.Module):
@@ -14,6 +15,9 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep) -> torch.Tensor:
+        """qk [T, heads + kv_heads, head_dim] (q heads first) not yet rotated, v [T, kv_heads, head_dim]:
+        the backend rotates q and k with `rope` (on its own or fused with its KV store), stores k and v,
+        attends. Returns [T, heads * head_dim]."""
         batch = get_forward_batch()
-        return batch.attn_backend.forward(q, k, v, self, batch)
+        return batch.attn_backend.forward_with_rope(qk, v, rope, self, batch)

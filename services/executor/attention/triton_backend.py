@@ -1,5 +1,10 @@
 """Attention with the Triton kernels of kernels/ (CUDA): KV store, paged extend, paged split-KV decode.
 
+Models hand over q and k unrotated (forward_with_rope): one kernel per layer rotates q in place and
+writes the rotated k and v to the cache (kernels/rotary_kv_store.py), instead of a rotary kernel
+then a KV-store kernel; at small batch both are launch-bound. k itself stays unrotated, which is
+fine since the attention kernels here read K/V only from the cache.
+
 Reads the step from batch.table_meta (the executor's SlotTable rows and lengths), never from
 host-side slot lists, and launches a fixed set of kernels whose shapes depend only on the token
 count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
@@ -13,8 +18,10 @@ import torch
 from kernels.decode_attention import decode_attention, num_splits_for_batch
 from kernels.extend_attention import extend_attention
 from kernels.kv_store import store_kv
+from kernels.rotary_kv_store import rotary_and_store_kv
 from services.executor.attention.backend import AttentionBackend
 from services.executor.attention.metadata import ForwardBatch
+from services.executor.layers.rotary import RopeStep
 
 
 @dataclass
@@ -38,10 +45,21 @@ class TritonAttentionBackend(AttentionBackend):
             raise RuntimeError("the triton attention backend needs the executor's slot table")
         batch.attn_metadata = _StepMetadata(self.num_splits(batch.num_decode))
 
+    def forward_with_rope(self, qk, v, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
+        k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
+        q, k = qk[:, :layer.num_heads], qk[:, layer.num_heads:]
+        rotary_and_store_kv(q, k, v, rope.cos_table, rope.sin_table, rope.positions, k_cache, v_cache,
+                            batch.out_slots)
+        return self._attend(q, k_cache, v_cache, layer, batch)
+
     def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
-        meta = batch.table_meta
         k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
         store_kv(k, v, k_cache, v_cache, batch.out_slots)
+        return self._attend(q, k_cache, v_cache, layer, batch)
+
+    def _attend(self, q, k_cache, v_cache, layer, batch: ForwardBatch) -> torch.Tensor:
+        """Attention of q over the cache (this step's K/V already stored)."""
+        meta = batch.table_meta
         num_tokens = q.shape[0]
         n_ext = batch.num_extend_tokens
         if n_ext == 0:

@@ -15,6 +15,7 @@ keep using F.linear on the plain weight).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,10 @@ def _new_param(*shape: int) -> nn.Parameter:
 
 _onednn_ok: bool | None = None
 PACKED_MAX_TOKENS = 256  # above this many rows F.linear measured faster than the packed weight
+# RADIXSERVE_SKINNY_GEMM=1: on CUDA, bf16/fp16 linears of at most 16 rows (decode) run the Triton skinny
+# GEMM (kernels/skinny_gemm.py), which streams the weight faster than cuBLAS and needs no split-K reduction.
+SKINNY_GEMM = os.environ.get("RADIXSERVE_SKINNY_GEMM", "0") == "1"
+SKINNY_DEVICES = ("cuda",)  # tests add "cpu" to run it in the Triton interpreter
 
 
 def _onednn_bf16_available() -> bool:
@@ -90,6 +95,10 @@ class LinearBase(nn.Module):
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if SKINNY_GEMM and x.device.type in SKINNY_DEVICES and x.dtype in (torch.bfloat16, torch.float16):
+            from kernels import skinny_gemm
+            if x.numel() <= skinny_gemm.M_MAX * x.shape[-1] and self.weight.dtype == x.dtype:
+                return skinny_gemm.skinny_gemm(x, self.weight, bias)
         if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)

@@ -54,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         """What every layer of one step uses to rotate its q and k (built once per step)."""
         if positions.is_cuda:
             return _TritonRope(self.cos_table, self.sin_table, positions)
-        return _TorchRope(*self.cos_sin(positions))
+        return _TorchRope(self.cos_table, self.sin_table, positions, *self.cos_sin(positions))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tables [T, 1, head_dim] for the step (computed once, used by every layer)."""
@@ -68,13 +68,20 @@ class RotaryEmbedding(nn.Module):
 
 
 class RopeStep:
+    """One step's rotation: the [max_pos, head_dim] tables and the step's positions [T], which a kernel
+    fusing the rotation into other work reads (kernels/rotary_kv_store.py), and `rotate` for the rest."""
+
+    def __init__(self, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
+        self.cos_table, self.sin_table, self.positions = cos_table, sin_table, positions
+
     def rotate(self, qk: torch.Tensor, num_q_heads: int) -> torch.Tensor:
         """qk [T, q_heads + k_heads, head_dim] (q heads first) rotated; may be in place."""
         raise NotImplementedError
 
 
 class _TorchRope(RopeStep):
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, cos_table, sin_table, positions, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__(cos_table, sin_table, positions)
         self.cos, self.sin = cos, sin
 
     def rotate(self, qk, num_q_heads):
@@ -82,9 +89,6 @@ class _TorchRope(RopeStep):
 
 
 class _TritonRope(RopeStep):
-    def __init__(self, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor):
-        self.cos_table, self.sin_table, self.positions = cos_table, sin_table, positions
-
     def rotate(self, qk, num_q_heads):
         from kernels.rotary import apply_rotary
         apply_rotary(qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions)

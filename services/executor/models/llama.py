@@ -42,10 +42,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeStep) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         t = qkv.shape[0]
-        # q and k are rotated together: one set of rotary ops per layer instead of two.
-        qk = rope.rotate(qkv[:, :self.qk_width].view(t, -1, self.head_dim), self.num_heads)
+        # q and k go to attention together and unrotated: its backend rotates them in one op, or in
+        # the kernel that stores K/V.
+        qk = qkv[:, :self.qk_width].view(t, -1, self.head_dim)
         v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, self.head_dim)
-        o = self.attn(qk[:, :self.num_heads], qk[:, self.num_heads:], v)
+        o = self.attn(qk, v, rope)
         return self.o_proj(o)
 
 

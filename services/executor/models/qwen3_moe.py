@@ -25,9 +25,8 @@ class QKNormAttention(LlamaAttention):
         q_width = self.num_heads * d
         q = self.q_norm(qkv[:, :q_width].view(t, self.num_heads, d))
         k = self.k_norm(qkv[:, q_width:self.qk_width].view(t, self.num_kv_heads, d))
-        qk = rope.rotate(torch.cat((q, k), dim=1), self.num_heads)
         v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, d)
-        o = self.attn(qk[:, :self.num_heads], qk[:, self.num_heads:], v)
+        o = self.attn(torch.cat((q, k), dim=1), v, rope)  # normed, then rotated by the attention backend
         return self.o_proj(o)
 
 

@@ -1,0 +1,101 @@
+"""Fused rotary + KV store (kernels/rotary_kv_store.py) against what it replaces: rotary then store.
+
+Two comparisons per case: with the torch references (apply_rotary_ref then store_kv_ref), to the
+shared tolerance of tests/test_kernels_triton_elementwise.py (`close`), and with the two existing
+Triton kernels run one after the other (apply_rotary then store_kv), which must agree bit for bit:
+the fused kernel does the same float32 math in the same order. Without a GPU the kernels run in the
+Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on small shapes; on CUDA the
+realistic 8B shapes are added (`-m cuda`).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.kv_store import store_kv  # noqa: E402
+from kernels.rotary import apply_rotary  # noqa: E402
+from kernels.rotary_kv_store import rotary_and_store_kv, rotary_and_store_kv_ref  # noqa: E402
+from services.executor.layers.rotary import RotaryEmbedding  # noqa: E402
+from tests.test_kernels_triton_elementwise import (DEVICE, DTYPES, close, cuda_only, exact_or_close,  # noqa: E402
+                                                   gen, randn)
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def _check(T, hq, hk, head_dim, dtype, num_slots=64, max_pos=256, scaling=None, strided=False,
+           with_padding=False, cache_dtype=None):
+    g = gen(T * 19 + hq * 7 + hk * 3 + head_dim)
+    cache_dtype = cache_dtype or dtype
+    rope = RotaryEmbedding(head_dim, max_pos, 500000.0 if scaling else 10000.0, scaling or {"rope_type": "default"},
+                           dtype).to(DEVICE)
+    positions = torch.randint(0, max_pos, (T,), generator=g).to(DEVICE)
+    if strided:  # q, k and v as views of one fused qkv projection output, as the models pass them
+        qkv = randn(g, T, (hq + 2 * hk) * head_dim, dtype=dtype)
+        q = qkv[:, : hq * head_dim].view(T, hq, head_dim)
+        k = qkv[:, hq * head_dim: (hq + hk) * head_dim].view(T, hk, head_dim)
+        v = qkv[:, (hq + hk) * head_dim:].view(T, hk, head_dim)
+    else:
+        q = randn(g, T, hq, head_dim, dtype=dtype)
+        k = randn(g, T, hk, head_dim, dtype=dtype)
+        v = randn(g, T, hk, head_dim, dtype=dtype)
+    slots = torch.randperm(num_slots, generator=g)[:T].to(torch.int64)
+    if with_padding:
+        slots[::3] = -1
+    slots = slots.to(DEVICE)
+    k_cache = randn(g, num_slots, hk, head_dim, dtype=cache_dtype)
+    v_cache = randn(g, num_slots, hk, head_dim, dtype=cache_dtype)
+    k0, v0 = k.clone(), v.clone()
+    tables = (rope.cos_table, rope.sin_table, positions)
+
+    # reference: torch rotary, then torch store
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    q_ref = rotary_and_store_kv_ref(q, k, v, *tables, kc_ref, vc_ref, slots)
+    # the unfused kernels: apply_rotary (in place on copies of q and k), then store_kv
+    q_two, k_two = q.clone(), k.clone()
+    kc_two, vc_two = k_cache.clone(), v_cache.clone()
+    apply_rotary(q_two, k_two, *tables)
+    store_kv(k_two, v, kc_two, vc_two, slots)
+
+    out = rotary_and_store_kv(q, k, v, *tables, k_cache, v_cache, slots)
+    assert out is q
+    close(q, q_ref)
+    close(k_cache, kc_ref)
+    exact_or_close(v_cache, vc_ref)  # a copy (cast to the cache dtype)
+    assert torch.equal(q, q_two) and torch.equal(k_cache, kc_two) and torch.equal(v_cache, vc_two)
+    assert torch.equal(k, k0) and torch.equal(v, v0)  # k is read only: the rotated k lives in the cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, hq, hk, head_dim", [(1, 4, 2, 64), (5, 4, 2, 128), (33, 4, 4, 64), (6, 6, 2, 96)])
+def test_rotary_and_store_kv(T, hq, hk, head_dim, dtype):
+    _check(T, hq, hk, head_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_qkv_view_and_padding_slots(dtype):
+    _check(7, 4, 2, 64, dtype, strided=True, with_padding=True)
+
+
+def test_llama3_scaled_tables():
+    _check(9, 4, 2, 64, torch.float32, max_pos=512, scaling=LLAMA3_SCALING)
+
+
+def test_cache_dtype_differs():
+    _check(5, 4, 2, 64, torch.float32, cache_dtype=torch.bfloat16)
+
+
+def test_no_tokens():
+    _check(0, 4, 2, 64, torch.float32)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 256])
+def test_rotary_and_store_kv_cuda_realistic(T, dtype):
+    _check(T, 32, 8, 128, dtype, num_slots=100_000, max_pos=8192, scaling=LLAMA3_SCALING, strided=True,
+           with_padding=T > 1)
