@@ -112,9 +112,9 @@ def spy(monkeypatch):
     return calls
 
 
-def test_switch_off_by_default_and_cpu_untouched(monkeypatch, spy):
+def test_switch_on_by_default_and_cpu_untouched(monkeypatch, spy):
     if "RADIXSERVE_SKINNY_GEMM" not in os.environ:
-        assert linear_mod.SKINNY_GEMM is False  # off unless asked for
+        assert linear_mod.SKINNY_GEMM is True  # on unless RADIXSERVE_SKINNY_GEMM=0
     monkeypatch.setattr(linear_mod, "SKINNY_GEMM", True)
     layer, g = _layer(torch.bfloat16)
     layer.cpu()
