@@ -4,7 +4,7 @@ taken from the device (triton backend: the slot table's next_tokens) or from the
 import asyncio
 import json
 import os
-import time
+import threading
 
 import pytest
 import torch
@@ -104,18 +104,22 @@ def test_decode_after_a_non_sampling_chunk_needs_explicit_input(model_dir):
 
 
 class RecordingRunner:
-    """A ModelRunner that logs launch/collect calls; launching step 1 takes a while."""
+    """A ModelRunner that logs launch/collect calls; collecting step 1 waits (up to 5 s) for step 2 to
+    be launched, which only a server that launches while it collects lets happen in time."""
 
     def __init__(self, runner):
         self.runner, self.calls = runner, []
+        self.step_2_launched = threading.Event()
 
     def launch(self, step):
-        if step.step_id == 1:
-            time.sleep(0.3)  # step 2 arrives meanwhile
         self.calls.append(("launch", step.step_id))
+        if step.step_id == 2:
+            self.step_2_launched.set()
         return self.runner.launch(step)
 
     def collect(self, launched):
+        if launched.step_id == 1:
+            self.calls.append(("step 2 launched while step 1 was collected", self.step_2_launched.wait(5)))
         self.calls.append(("collect", launched.step_id))
         return self.runner.collect(launched)
 
@@ -143,6 +147,7 @@ def test_server_launches_an_early_step_before_collecting_the_previous_one(model_
             await server.stop(None)
 
     results = asyncio.run(scenario())
-    assert runner.calls[:4] == [("launch", 1), ("launch", 2), ("collect", 1), ("collect", 2)]
+    assert runner.calls[:5] == [("launch", 1), ("launch", 2), ("step 2 launched while step 1 was collected", True),
+                                ("collect", 1), ("collect", 2)]
     assert [[(o.request_id, o.token_id) for o in r.outputs] for r in results] == \
         [[(o.request_id, o.token_id) for o in e.outputs] for e in expected]

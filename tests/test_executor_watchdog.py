@@ -55,13 +55,17 @@ def test_steps_within_the_timeout_are_not_reported():
 
 
 class SleepyRunner:
-    """Just enough of a ModelRunner for the servicer's Step: each step sleeps."""
+    """Just enough of a ModelRunner for the servicer's Step: collecting a step (waiting for the device)
+    sleeps."""
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def step(self, step):
+    def launch(self, step):
+        return step.step_id
+
+    def collect(self, step_id):
         time.sleep(self.seconds)
-        return StepOutput(step_id=step.step_id, outputs=[], forward_ms=self.seconds * 1000)
+        return StepOutput(step_id=step_id, outputs=[], forward_ms=self.seconds * 1000)
 
 
 def test_the_executor_servicer_runs_steps_under_the_watchdog():
@@ -79,7 +83,7 @@ def test_the_executor_servicer_runs_steps_under_the_watchdog():
         return resp, hangs
 
     resp, hangs = asyncio.run(asyncio.wait_for(body(), 30))
-    assert resp.step_id == 1 and len(hangs.messages) == 1 and "_step" in hangs.messages[0]
+    assert resp.step_id == 1 and len(hangs.messages) == 1 and "_collect" in hangs.messages[0]
 
 
 def test_by_default_a_hung_step_exits_the_process_non_zero():

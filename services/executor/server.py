@@ -1,6 +1,6 @@
 """The executor's gRPC service: a thin layer over ModelRunner. Steps run one at a time in a worker
 thread so the event loop stays responsive; each is launched on the device, then collected (its tokens
-read back), and a step that arrives early is launched before the previous one is collected.
+read back) on a second thread, so a step that arrives while the previous one runs is launched at once.
 
 Tensor parallelism (--tp-size N > 1) runs one process per shard (shard_group.py). How a step reaches
 every shard: leader broadcast. Rank 0 is the only executor the scheduler talks to; its worker thread
@@ -116,7 +116,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                  watchdog: StepWatchdog | None = None):
         self.runner = runner
         self.worker = worker
-        self.watchdog = watchdog  # watches every job on the worker (steps, resets, embeds)
+        # Waits for launched steps on the device and reads their tokens back, leaving the worker free
+        # to launch the next step meanwhile.
+        self.collector = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-collect")
+        self.watchdog = watchdog  # watches every job on the worker and the collector
         self.order = StepOrder()
         self.step_tracer = StepTracer() if tracing.enabled() else None
 
@@ -143,10 +146,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             self.step_tracer.reset()
         return self.runner.reset()
 
-    def _submit(self, fn, *args) -> asyncio.Future:
+    def _submit(self, fn, *args, on=None) -> asyncio.Future:
+        """fn(*args) on the worker thread (or the pool `on`), under the watchdog."""
         if self.watchdog is not None:
             fn, args = self.watchdog.run, (fn, *args)
-        return asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(on or self.worker, fn, *args)
 
     async def _run(self, fn, *args):
         return await self._submit(fn, *args)
@@ -154,14 +158,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def Step(self, request, context):
         step = step_from_pb(request)
         await self.order.wait_turn(request.step_id)
-        # The worker runs jobs in submission order. When the next step has arrived by the time this
-        # one is launched, its launch is queued before this step's collect: the device goes from one
-        # step to the next while this one's tokens are read back and answered.
+        # The worker launches steps in step order; the collector waits for each on the device. So the
+        # next step is launched as soon as it arrives, while this one still runs: the device goes from
+        # one step to the next while this one's tokens are read back and answered.
         launching = self._submit(self._launch, request, step)
         await self.order.done(request.step_id)
         try:
             launched, spans = await launching
-            out = await self._submit(self._collect, launched, spans)
+            out = await self._submit(self._collect, launched, spans, on=self.collector)
         except StepError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:

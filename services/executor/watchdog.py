@@ -37,8 +37,8 @@ class StepWatchdog:
         self.timeout_s = timeout_s
         self.on_hang = on_hang
         self._lock = threading.Lock()
-        # The watched job: (what, start time, thread name); None while the worker is idle.
-        self._job: tuple[str, float, str] | None = None
+        # The watched jobs by thread (the torch worker, the step collector): (what, start time, thread name).
+        self._jobs: dict[int, tuple[str, float, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -55,19 +55,20 @@ class StepWatchdog:
     def run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the calling thread, watched."""
         job = (getattr(fn, "__name__", "job"), time.monotonic(), threading.current_thread().name)
+        thread = threading.get_ident()
         with self._lock:
-            self._job = job
+            self._jobs[thread] = job
         try:
             return fn(*args)
         finally:
             with self._lock:
-                self._job = None
+                del self._jobs[thread]
 
     def _watch(self) -> None:
         reported = None
         while not self._stop.wait(min(MAX_POLL_S, self.timeout_s / 4)):
             with self._lock:
-                job = self._job
+                job = min(self._jobs.values(), key=lambda j: j[1], default=None)  # the oldest
             if job is None or job is reported:
                 continue
             what, started, thread = job
