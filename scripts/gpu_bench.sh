@@ -35,7 +35,8 @@ stage_gemm() {
 }
 
 stage_profile() {
-  timeout 300 python scripts/profile_decode.py --model-path "$MODEL" --batch-size 1 2>&1 | tail -40
+  timeout 300 python scripts/profile_decode.py --model-path "$MODEL" --batch-size 1 > "$OUT/profile.json" 2>&1
+  head -c 1200 "$OUT/profile.json"
 }
 
 stage_one_batch_eager() {
