@@ -33,13 +33,9 @@ def _rotate_heads(x_ptr, stride_h, H, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
-    HQ, HK,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
+def _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr):
+    """Both halves of token t's cos and sin table rows, as float32 [1, BLOCK_HALF] each."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
     dm = d < HALF
@@ -47,6 +43,18 @@ def _rotary_kernel(
     c2 = tl.load(cos_ptr + pos * stride_cos + HALF + d, mask=dm, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + pos * stride_sin + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+    HQ, HK,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    c1, c2, s1, s2 = _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, HK, c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_store import store_kv_ref
-from kernels.rotary import _rotate_heads, apply_rotary_ref
+from kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_rotary_ref
 
 
 @triton.jit
@@ -60,13 +60,7 @@ def _rotary_kv_store_kernel(
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    dm = d < HALF
-    c1 = tl.load(cos_ptr + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * stride_cos + HALF + d, mask=dm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * stride_sin + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    c1, c2, s1, s2 = _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
