@@ -57,7 +57,7 @@ class TensorParallelLeader:
         return self.collect(self.launch(step))
 
     def launch(self, step: StepInput) -> LaunchedStep:
-        broadcast_control(("step", for_other_shards(step)))
+        self._unless_broken(broadcast_control, ("step", for_other_shards(step)))
         return self._unless_broken(self.runner.launch, step)
 
     def collect(self, launched: LaunchedStep) -> StepOutput:
@@ -73,7 +73,7 @@ class TensorParallelLeader:
             raise
 
     def reset(self) -> int:
-        broadcast_control(("reset", None))
+        self._unless_broken(broadcast_control, ("reset", None))
         return self.runner.reset()
 
     def stop(self) -> None:
