@@ -49,6 +49,9 @@ START_ORDER = ("executor", "scheduler", "tokenizer", "detokenizer", "gateway")
 REPLICATED = ("tokenizer", "detokenizer")  # stateless: one process per address of their flag
 DATA_PARALLEL = ("executor", "scheduler")  # one pair per --dp-size replica
 READY_TIMEOUT_S = 600
+# One readiness probe (/health: a one-token generation); short, so that a probe sent before every
+# service was up, or queued behind early traffic, does not hide for long that the server is ready.
+READY_PROBE_TIMEOUT_S = 5.0
 POLL_S = 0.2
 GATEWAY_STOP_MARGIN_S = 10.0  # past --shutdown-timeout, for the gateway's own shutdown
 STOP_TIMEOUT_S = 10.0  # for the other services
@@ -104,7 +107,7 @@ def _healthy(args: ServerArgs) -> bool:
     if args.node_rank > 0:
         return True  # shards only: node 0's gateway reports the server's health
     try:
-        with urllib.request.urlopen(f"http://{args.host}:{args.port}/health", timeout=30) as resp:
+        with urllib.request.urlopen(f"http://{args.host}:{args.port}/health", timeout=READY_PROBE_TIMEOUT_S) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -131,7 +134,7 @@ def launch(args: ServerArgs) -> int:
     try:
         t0 = time.time()
         while not stopping and not _healthy(args):
-            if (why := supervisor.first_exit()) is not None:
+            if (why := supervisor.first_failed_start() or supervisor.check()) is not None:
                 log.error("%s before the server was ready", why)
                 return 1
             waited = time.time() - t0

@@ -78,11 +78,14 @@ class Supervisor:
         self._lives = {name: _Life(now) for name in procs}
         self.restarts = 0
 
-    def first_exit(self) -> str | None:
-        """How the first child that exited did, or None while all run."""
+    def first_failed_start(self) -> str | None:
+        """While the server comes up: how the first child that exited on its own (an exit code, e.g. a
+        bad flag or model) did, or None. A child killed by a signal (OOM killer, an operator, a crash)
+        is left to check(), which restarts it as it would once the server is ready."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                return f"{name} exited with {describe_exit(proc.returncode)}"
+            code = proc.poll()
+            if code is not None and code >= 0:
+                return f"{name} exited with {describe_exit(code)}"
         return None
 
     def check(self) -> str | None:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
 
@@ -41,6 +41,9 @@ class Stack:
             return "".join(f.readlines()[-n:])
 
 
+READY_LINE = "radixserve ready: "  # what the launcher prints once /health answered 200
+
+
 def start_stack(*extra: str, log_path: str, timeout: float = 600) -> Stack:
     http, grpc_port, tok, sch, exe, detok = free_ports(6)
     cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(http),
@@ -52,14 +55,14 @@ def start_stack(*extra: str, log_path: str, timeout: float = 600) -> Stack:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stack = Stack(proc, http, grpc_port, f"127.0.0.1:{sch}", log_path)
     deadline = time.time() + timeout
+    # Ready when the launcher says so: from then on its own readiness probes (/health, a generation)
+    # no longer share the scheduler with the test's requests.
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"radixserve serve exited ({proc.returncode}):\n{stack.log_tail()}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(stack.base_url + "/health", timeout=30) as r:
-                if r.status == 200:
-                    return stack
-        time.sleep(1)
+        if READY_LINE in pathlib.Path(log_path).read_text(errors="replace"):
+            return stack
+        time.sleep(0.5)
     stop_stack(stack)
     raise RuntimeError(f"stack not healthy after {timeout}s:\n{stack.log_tail()}")
 

@@ -63,6 +63,29 @@ def test_a_dead_child_is_restarted_alone_with_the_same_command():
     assert all(proc.poll() is not None for proc in supervisor.procs.values())
 
 
+def test_before_ready_an_exit_code_stops_the_launch_but_a_killed_child_is_restarted():
+    failing = ProcessSpec("tokenizer", [sys.executable, "-c", "import sys; sys.exit(2)"])
+    supervisor = start([sleeper("executor"), failing])
+    try:
+        deadline = time.monotonic() + 10
+        while (why := supervisor.first_failed_start()) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert why == "tokenizer exited with code 2"  # a bad flag or model: stop, do not retry
+    finally:
+        supervisor.stop()
+
+    supervisor = start([sleeper("executor"), sleeper("gateway")])
+    try:
+        executor = supervisor.procs["executor"]
+        executor.kill()  # e.g. the OOM killer, or an operator, while the server comes up
+        executor.wait(10)
+        assert supervisor.first_failed_start() is None
+        assert check_until(supervisor, lambda: supervisor.procs["executor"] is not executor) is None
+        assert supervisor.procs["executor"].poll() is None
+    finally:
+        supervisor.stop()
+
+
 def test_quick_crashes_in_a_row_make_it_give_up_with_growing_backoff():
     crasher = ProcessSpec("scheduler", [sys.executable, "-c", "raise SystemExit(3)"])
     supervisor = start([crasher, sleeper("gateway")])
