@@ -1,4 +1,5 @@
-"""Triton rotary embedding + KV-cache store in one kernel: what kernels/rotary.py then kernels/kv_store.py do.
+"""Triton rotary embedding + KV-cache store in one kernel: kernels/rotary.py's rotation, then a store at the
+scheduler's slots (the executor has no allocator).
 
 For each token t (position positions[t], cache slot out_slots[t]):
   q[t]                  <- rotate(q[t])          in place, q's dtype
@@ -24,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_store import store_kv_ref
 from kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_rotary_ref
 
 
@@ -105,6 +105,13 @@ def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_t
         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return q
+
+
+def store_kv_ref(k, v, k_cache, v_cache, slots) -> None:
+    """k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] (cast to the cache dtype) where slots[t] >= 0."""
+    keep = slots >= 0
+    k_cache[slots[keep]] = k[keep].to(k_cache.dtype)
+    v_cache[slots[keep]] = v[keep].to(v_cache.dtype)
 
 
 def rotary_and_store_kv_ref(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, out_slots) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Triton elementwise kernels (kernels/rmsnorm.py, rotary.py, silu_mul.py, kv_store.py) vs their torch refs.
+"""Triton elementwise kernels (kernels/rmsnorm.py, rotary.py, silu_mul.py) vs their torch refs (the KV store:
+tests/test_kernels_rotary_kv_store.py).
 
 Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported), on small shapes; on CUDA one realistic shape per kernel is added. bf16 and fp16 both run
@@ -19,7 +20,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 from kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
@@ -169,37 +169,3 @@ def test_silu_and_mul_cuda_realistic(dtype):
     g = gen(5)
     gu = randn(g, 128, 2 * 14336, dtype=dtype, scale=3.0)
     close(silu_and_mul(gu), silu_and_mul_ref(gu))
-
-
-# ---------------------------------------------------------------- store_kv
-
-def _check_store_kv(T, hk, head_dim, dtype, num_slots, with_padding=False):
-    g = gen(T * 17 + hk + head_dim)
-    k = randn(g, T, hk, head_dim, dtype=dtype)
-    v = randn(g, T, hk, head_dim, dtype=dtype)
-    slots = torch.randperm(num_slots, generator=g)[:T].to(torch.int64)
-    if with_padding:
-        slots[::3] = -1
-    slots = slots.to(DEVICE)
-    k_cache = randn(g, num_slots, hk, head_dim, dtype=dtype)
-    v_cache = randn(g, num_slots, hk, head_dim, dtype=dtype)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv_ref(k, v, k_ref, v_ref, slots)
-    store_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # pure copy: exact
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, hk, head_dim", [(1, 2, 64), (5, 4, 128), (33, 2, 64)])
-def test_store_kv(T, hk, head_dim, dtype):
-    _check_store_kv(T, hk, head_dim, dtype, num_slots=64)
-
-
-def test_store_kv_skips_negative_slots():
-    _check_store_kv(7, 2, 64, torch.bfloat16, num_slots=32, with_padding=True)
-
-
-@cuda_only
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_store_kv_cuda_realistic(dtype):
-    _check_store_kv(128, 8, 128, dtype, num_slots=100_000)

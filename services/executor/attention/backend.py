@@ -15,18 +15,15 @@ class AttentionBackend(abc.ABC):
         """Build per-step tensors once (not per layer); store them in batch.attn_metadata."""
 
     @abc.abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, batch: ForwardBatch) -> torch.Tensor:
-        """Write k/v [T, kv_heads, head_dim] at batch.out_slots, then attend.
+    def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
+        """Rotate q and k with the step's rope, write k/v at batch.out_slots, then attend.
 
-        q is [T, heads, head_dim]; returns [T, heads * head_dim].
+        qk is [T, heads + kv_heads, head_dim], q heads first, not yet rotated (a backend may fuse the
+        rotation into its KV store); v is [T, kv_heads, head_dim]. Returns [T, heads * head_dim].
         """
 
-    def forward_with_rope(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep, layer,
-                          batch: ForwardBatch) -> torch.Tensor:
-        """What models call (through Attention): rotate q and k with the step's rope, then forward().
-
-        qk is [T, heads + kv_heads, head_dim], q heads first, not yet rotated. A backend that can fuse
-        the rotation into its KV store (triton) overrides this; the others keep this default.
-        """
+    @staticmethod
+    def rotate(qk: torch.Tensor, rope: RopeStep, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, head_dim] and k [T, kv_heads, head_dim], rotated (for backends that do not fuse it)."""
         qk = rope.rotate(qk, layer.num_heads)
-        return self.forward(qk[:, :layer.num_heads], qk[:, layer.num_heads:], v, layer, batch)
+        return qk[:, :layer.num_heads], qk[:, layer.num_heads:]

@@ -20,4 +20,4 @@ class Attention(nn.Module):
         the backend rotates q and k with `rope` (on its own or fused with its KV store), stores k and v,
         attends. Returns [T, heads * head_dim]."""
         batch = get_forward_batch()
-        return batch.attn_backend.forward_with_rope(qk, v, rope, self, batch)
+        return batch.attn_backend.forward(qk, v, rope, self, batch)

@@ -19,7 +19,8 @@ class NoCacheCausalBackend(AttentionBackend):
         if batch.num_extend_tokens != batch.num_tokens or any(s.prefix_len for s in batch.extend_seqs):
             raise ValueError("no-cache attention runs whole sequences only (no prefix, no decode tokens)")
 
-    def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
+        q, k = self.rotate(qk, rope, layer)
         out = torch.empty(q.shape[0], layer.num_heads * layer.head_dim, dtype=q.dtype, device=q.device)
         for seq in batch.extend_seqs:
             rows = slice(seq.start, seq.start + seq.num_tokens)

@@ -56,7 +56,8 @@ class TorchNativeAttentionBackend(AttentionBackend):
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
         batch.attn_metadata = _StepMetadata(masks, slots, table, max_len, mask, k_buf, v_buf)
 
-    def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
+        q, k = self.rotate(qk, rope, layer)
         meta: _StepMetadata = batch.attn_metadata
         k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
         k_cache.index_copy_(0, batch.out_slots, k)

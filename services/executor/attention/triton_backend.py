@@ -1,6 +1,6 @@
-"""Attention with the Triton kernels of kernels/ (CUDA): KV store, paged extend, paged split-KV decode.
+"""Attention with the Triton kernels of kernels/ (CUDA): rotary + KV store, paged extend, paged split-KV decode.
 
-Models hand over q and k unrotated (forward_with_rope): one kernel per layer rotates q in place and
+Models hand over q and k unrotated: one kernel per layer rotates q in place and
 writes the rotated k and v to the cache (kernels/rotary_kv_store.py), instead of a rotary kernel
 then a KV-store kernel; at small batch both are launch-bound. k itself stays unrotated, which is
 fine since the attention kernels here read K/V only from the cache.
@@ -17,7 +17,6 @@ import torch
 
 from kernels.decode_attention import decode_attention, num_splits_for_batch
 from kernels.extend_attention import extend_attention
-from kernels.kv_store import store_kv
 from kernels.rotary_kv_store import rotary_and_store_kv
 from services.executor.attention.backend import AttentionBackend
 from services.executor.attention.metadata import ForwardBatch
@@ -45,20 +44,11 @@ class TritonAttentionBackend(AttentionBackend):
             raise RuntimeError("the triton attention backend needs the executor's slot table")
         batch.attn_metadata = _StepMetadata(self.num_splits(batch.num_decode))
 
-    def forward_with_rope(self, qk, v, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, qk, v, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
         k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
         q, k = qk[:, :layer.num_heads], qk[:, layer.num_heads:]
         rotary_and_store_kv(q, k, v, rope.cos_table, rope.sin_table, rope.positions, k_cache, v_cache,
                             batch.out_slots)
-        return self._attend(q, k_cache, v_cache, layer, batch)
-
-    def forward(self, q, k, v, layer, batch: ForwardBatch) -> torch.Tensor:
-        k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
-        store_kv(k, v, k_cache, v_cache, batch.out_slots)
-        return self._attend(q, k_cache, v_cache, layer, batch)
-
-    def _attend(self, q, k_cache, v_cache, layer, batch: ForwardBatch) -> torch.Tensor:
-        """Attention of q over the cache (this step's K/V already stored)."""
         meta = batch.table_meta
         num_tokens = q.shape[0]
         n_ext = batch.num_extend_tokens
