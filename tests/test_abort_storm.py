@@ -17,7 +17,7 @@ from services.gateway.server import Gateway
 from services.scheduler.core import Scheduler
 from services.scheduler.fake_executor import FakeExecutorServicer
 from services.scheduler.server import start_scheduler
-from tests.test_gateway_fakes import FakeBackends
+from tests.test_gateway_fakes import FakeBackends, gateway_client
 
 MODEL = "fake-model"
 VOCAB = 128  # token ids are code points for the fake detokenizer: ASCII only (httpx splits lines at \x85)
@@ -75,16 +75,11 @@ async def gateway_stack(tmp_path, **flags):
     await exec_server.start()
     scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
                                                  **flags))
-    gateway = Gateway(ServerArgs(
-        host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0, served_model_name=MODEL,
-        tokenizer_addr=backends.tokenizer_addr, detokenizer_addr=backends.detokenizer_addr,
-        scheduler_addr=f"127.0.0.1:{scheduler.port}", file_storage_path=str(tmp_path), log_level="warning", **flags))
-    await gateway.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+        async with gateway_client(backends.tokenizer_addr, f"127.0.0.1:{scheduler.port}", backends.detokenizer_addr,
+                                  served_model_name=MODEL, file_storage_path=str(tmp_path), **flags) as (client, gateway):
             yield Stack(client, scheduler.runtime.core, gateway)
     finally:
-        await gateway.stop()
         await scheduler.stop()
         await exec_server.stop(None)
         backends.stop()

@@ -5,15 +5,20 @@ tokens per message and records which requests were cancelled by their caller.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from concurrent import futures
 
 import grpc
+import httpx
 
 from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc,
                            tokenizer_pb2, tokenizer_pb2_grpc)
+
+from services.common.args import ServerArgs
+from services.gateway.server import Gateway
 
 EOS_ID = 3
 CONTEXT_LENGTH = 256
@@ -282,6 +287,20 @@ class FakeBackends:
     def stop(self) -> None:
         for name in ("tokenizer", "scheduler", "detokenizer"):
             getattr(self, f"{name}_server").stop(0).wait()
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(tokenizer_addr: str, scheduler_addr: str, detokenizer_addr: str, **flags):
+    """A Gateway on free loopback ports (its gRPC API too) and an httpx client for it: yields (client, gateway)."""
+    gateway = Gateway(ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
+                                 tokenizer_addr=tokenizer_addr, scheduler_addr=scheduler_addr,
+                                 detokenizer_addr=detokenizer_addr, log_level="warning", **flags))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+            yield client, gateway
+    finally:
+        await gateway.stop()
 
 
 def test_fake_detokenizer_holds_back_possible_stop_prefixes():

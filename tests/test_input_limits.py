@@ -9,9 +9,7 @@ import logging
 
 import httpx
 
-from services.common.args import ServerArgs
-from services.gateway.server import Gateway
-from tests.test_gateway_fakes import CONTEXT_LENGTH, FakeBackends, encode
+from tests.test_gateway_fakes import CONTEXT_LENGTH, FakeBackends, encode, gateway_client
 
 MODEL = "fake-model"
 LIMIT = 2000
@@ -20,16 +18,9 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 
 @contextlib.asynccontextmanager
 async def gateway(backends: FakeBackends, tmp_path, **flags):
-    gw = Gateway(ServerArgs(
-        host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0, served_model_name=MODEL,
-        tokenizer_addr=backends.tokenizer_addr, scheduler_addr=backends.scheduler_addr,
-        detokenizer_addr=backends.detokenizer_addr, file_storage_path=str(tmp_path), log_level="warning", **flags))
-    await gw.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}", timeout=30) as client:
-            yield client
-    finally:
-        await gw.stop()
+    async with gateway_client(backends.tokenizer_addr, backends.scheduler_addr, backends.detokenizer_addr,
+                              served_model_name=MODEL, file_storage_path=str(tmp_path), **flags) as (client, _):
+        yield client
 
 
 def run_with_gateway(tmp_path, body, **flags) -> FakeBackends:

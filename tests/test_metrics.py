@@ -16,13 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from radixserve.v1 import executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common.args import ServerArgs
 from services.common.grpc_util import aio_channel, aio_server, bind
-from services.gateway.server import Gateway
 from services.scheduler.core import Scheduler
 from services.scheduler.fake_executor import FakeExecutorServicer
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
 from services.scheduler.server import start_scheduler
-from tests.test_gateway_fakes import FAIL_MARKER, POISON, FakeBackends
+from tests.test_gateway_fakes import FAIL_MARKER, POISON, FakeBackends, gateway_client
 
 MODEL = "fake-model"
 DASHBOARD = pathlib.Path(__file__).parent.parent / "deploy" / "grafana" / "radixserve-dashboard.json"
@@ -51,16 +50,9 @@ def backends():
 @contextlib.asynccontextmanager
 async def gateway(tokenizer_addr: str, scheduler_addr: str, detokenizer_addr: str, **overrides):
     """A gateway on free ports and an HTTP client for it."""
-    args = ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
-                      tokenizer_addr=tokenizer_addr, scheduler_addr=scheduler_addr,
-                      detokenizer_addr=detokenizer_addr, served_model_name=MODEL, log_level="warning", **overrides)
-    running = Gateway(args)
-    await running.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.http_port}", timeout=30) as client:
-            yield client
-    finally:
-        await running.stop()
+    async with gateway_client(tokenizer_addr, scheduler_addr, detokenizer_addr, served_model_name=MODEL,
+                              **overrides) as (client, _):
+        yield client
 
 
 def fake_gateway(backends: FakeBackends, **overrides):
