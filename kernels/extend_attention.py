@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention_block import attend_block, interpreting
+from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 
 @triton.jit

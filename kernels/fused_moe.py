@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.paged_attention_block import interpreting
-from kernels.silu_mul import silu_and_mul
+from radixserve.kernels.paged_attention_block import interpreting
+from radixserve.kernels.silu_mul import silu_and_mul
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_rotary_ref
+from radixserve.kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_rotary_ref
 
 
 @triton.jit

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention_block import interpreting
+from radixserve.kernels.paged_attention_block import interpreting
 
 M_MAX = 16  # largest M (rows of x) the kernel takes; larger batches belong to cuBLAS
 
@@ -137,8 +137,10 @@ def _bench(fn, quantiles):
 
 
 _KEY = ["M_BUCKET", "N", "K"]
-_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, do_bench=_bench)(_skinny_gemm_kernel)
-_dot_tuned = triton.autotune(DOT_CONFIGS, key=_KEY, do_bench=_bench)(_skinny_gemm_kernel)
+# cache_results: each shape's pick is kept in Triton's cache folder (the executor points TRITON_CACHE_DIR at
+# radixserve's cache), so a restart reads it instead of timing the configs again.
+_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(_skinny_gemm_kernel)
+_dot_tuned = triton.autotune(DOT_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(_skinny_gemm_kernel)
 
 
 def tuned_config(m: int) -> triton.Config | None:

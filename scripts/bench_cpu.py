@@ -66,7 +66,7 @@ def hf_baseline(dtype: str, output_len: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.model_files import resolve_model_path
+    from radixserve.common.model_files import resolve_model_path
 
     folder = resolve_model_path(None)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import skinny_gemm as sg
+from radixserve.kernels import skinny_gemm as sg
 
 SHAPES = {  # Llama-3-8B, tp=1: name -> (N, K)
     "qkv": (6144, 4096),

@@ -20,8 +20,8 @@ import sys
 import torch
 import transformers
 
-from services.executor.runner import ModelRunner
-from services.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 
 TOP = 5
 

@@ -24,9 +24,10 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
+    # Only the leaf package (radixserve/v1) is a package of its own: pyproject maps it to
+    # radixserve.v1, and `radixserve` itself is services/.
     for pkg in {p.parent.relative_to(PROTO_DIR) for p in protos}:
-        for level in [pkg, *pkg.parents][:-1]:
-            (out_dir / level / "__init__.py").touch()
+        (out_dir / pkg / "__init__.py").touch()
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
 

@@ -10,7 +10,7 @@ MODEL=${MODEL:-.models/llama-3-8b}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-rs=(python -m services.cli)
+rs=(python -m radixserve.cli)
 common=(--model-path "$MODEL" --load-format dummy --dtype bfloat16 --skip-tokenizer-init)
 
 stage_tests() {
@@ -81,10 +81,10 @@ stage_serving() {
   if [ -n "${PROFILE:-}" ]; then  # py-spy (carried) samples each process for 5 s mid-run
     sleep 10
     for name in gateway scheduler executor; do
-      py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-$name.txt" -p "$(pgrep -f "services.cli $name" | head -1)" \
+      py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-$name.txt" -p "$(pgrep -f "radixserve.cli $name" | head -1)" \
         > /dev/null 2>&1 &
     done
-    py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-client.txt" -p "$(pgrep -f "^python -m services.cli bench serving" | head -1)" \
+    py-spy record -d 5 -r 100 --format raw -o "$OUT/spy-client.txt" -p "$(pgrep -f "^python -m radixserve.cli bench serving" | head -1)" \
       > /dev/null 2>&1 &
   fi
   wait $bench_pid

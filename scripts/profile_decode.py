@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from services.bench.one_batch import InProcessTarget, run_once
-from services.common.args import ServerArgs
+from radixserve.bench.one_batch import InProcessTarget, run_once
+from radixserve.common.args import ServerArgs
 
 
 def graph_gpu_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:

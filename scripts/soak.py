@@ -28,8 +28,8 @@ def rss_mb() -> dict[str, float]:
     for line in out.splitlines():
         rss, _, args = line.strip().partition(" ")
         parts = args.split()
-        if "services.cli" in parts and len(parts) > parts.index("services.cli") + 1:
-            name = parts[parts.index("services.cli") + 1]
+        if "radixserve.cli" in parts and len(parts) > parts.index("radixserve.cli") + 1:
+            name = parts[parts.index("radixserve.cli") + 1]
             if name in ("gateway", "tokenizer", "scheduler", "executor", "detokenizer"):
                 sizes[name] = round(sizes.get(name, 0) + int(rss) / 1024, 1)
     return sizes

@@ -6,7 +6,7 @@ nccl-tests reports it: algbw = bytes / time, busbw = algbw * 2 (n - 1) / n), the
 line. Exit code 1 when any result differs from what it must be, 2 when the group cannot form.
 
 Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) when
-it is set, e.g. `torchrun --nnodes 2 --nproc-per-node 8 ... -m services.cli check-comm`; otherwise
+it is set, e.g. `torchrun --nnodes 2 --nproc-per-node 8 ... -m radixserve.cli check-comm`; otherwise
 `--nproc N` starts N local ranks (default 1). NCCL ranks use cuda:<local rank>, gloo ranks the CPU.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def spawn_local(ns: argparse.Namespace, argv: list[str]) -> int:
     for rank in range(ns.nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ns.nproc), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(ns.nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.cli", "check-comm", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "radixserve.cli", "check-comm", *argv], env=env))
     deadline = time.monotonic() + ns.timeout + 60
     codes = []
     for proc in procs:

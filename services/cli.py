@@ -6,11 +6,14 @@ import argparse
 import importlib
 import sys
 
-from services import check_comm
-from services.common.args import add_server_args, args_from_namespace, check_parallelism
-from services.healthcheck import add_arguments as add_healthcheck_arguments
+from radixserve import check_comm
+from radixserve.common.args import (FlagError, add_server_args, args_from_namespace, check_parallelism,
+                                    load_config_file)
+from radixserve.common.foreign_flags import warn_ignored
+from radixserve.healthcheck import add_arguments as add_healthcheck_arguments
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor", "detokenizer")
+_FLAG_COMMANDS = ("serve", *SERVICES)  # the commands that take the server flags
 
 _DESCRIPTIONS = {
     "serve": "start all five services as local processes and serve the OpenAI API",
@@ -25,14 +28,17 @@ _DESCRIPTIONS = {
     "bench": "benchmarks: one-batch (the executor in process) or serving (a running server)",
     "healthcheck": "exit 0 if a running service answers a real call (container and Kubernetes probes), else 1",
 }
-BENCHMARKS = {"one-batch": "services.bench.one_batch", "serving": "services.bench.serving"}
+BENCHMARKS = {"one-batch": "radixserve.bench.one_batch", "serving": "radixserve.bench.serving"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixserve", description="radixserve LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("serve", *SERVICES):
-        p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name])
+        p = sub.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
+                           usage=f"radixserve {name} {'[MODEL] ' if name == 'serve' else ''}[flags]")
+        if name == "serve":  # `vllm serve MODEL`
+            p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model-path")
         add_server_args(p)
     sub.add_parser("check-env", help=_DESCRIPTIONS["check-env"])
     comm = sub.add_parser("check-comm", help=_DESCRIPTIONS["check-comm"], description=check_comm.__doc__,
@@ -52,23 +58,35 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
         # The benchmark parses its own flags (including --help).
         return importlib.import_module(BENCHMARKS[argv[1]]).main(argv[2:]) or 0
-    ns = build_parser().parse_args(argv)
+    if argv and argv[0] in (*_FLAG_COMMANDS, "healthcheck"):
+        argv = [argv[0], *load_config_file(argv[1:])]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if getattr(ns, "model_tag", None):
+        if ns.model_path not in (None, ns.model_tag):
+            parser.error(f"the model is given twice: {ns.model_tag!r} and --model-path {ns.model_path!r}")
+        ns.model_path = ns.model_tag
     if ns.command == "check-env":
-        from services.common.check_env import print_env
+        from radixserve.common.check_env import print_env
         print_env()
         return 0
     if ns.command == "check-comm":
         return check_comm.main(ns, argv[1:])
-    args = args_from_namespace(ns, ns.command)
+    try:
+        args = args_from_namespace(ns, ns.command)
+    except FlagError as e:
+        parser.exit(2, f"radixserve {ns.command}: error: {e}\n")
+    if ns.command in _FLAG_COMMANDS:
+        warn_ignored(ns, f"radixserve {ns.command}")
     if ns.command == "healthcheck":
-        from services.healthcheck import main as healthcheck
+        from radixserve.healthcheck import main as healthcheck
         return healthcheck(args, ns)
     if ns.command in ("serve", "executor", "scheduler", "gateway"):
         check_parallelism(args)
     if ns.command == "serve":
-        from services.launcher import launch
+        from radixserve.launcher import launch
         return launch(args)
-    module = importlib.import_module(f"services.{ns.command}.server")
+    module = importlib.import_module(f"radixserve.{ns.command}.server")
     return module.main(args) or 0
 
 

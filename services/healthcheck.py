@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 
-from services.common.args import ServerArgs
+from radixserve.common.args import ServerArgs
 
 DEFAULT_TIMEOUT_S = 20.0
 
@@ -91,7 +91,7 @@ async def check_grpc(service: str, addr: str, timeout: float, server_name: str |
 
     from radixserve.v1 import (detokenizer_pb2, detokenizer_pb2_grpc, executor_pb2, executor_pb2_grpc,
                                scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc)
-    from services.common import grpc_util
+    from radixserve.common import grpc_util
 
     settings = grpc_util.settings
     interceptors = list(settings.client_interceptors) or None
@@ -143,7 +143,7 @@ def check(args: ServerArgs, service: str, addr: str | None = None, timeout: floa
         if service == "gateway":
             detail = check_gateway(target, timeout)
         else:
-            from services.common.grpc_security import install_from_args
+            from radixserve.common.grpc_security import install_from_args
             install_from_args(args)
             detail = asyncio.run(check_grpc(service, target, timeout, tls_server_name(args, service, server_name)))
     except (RuntimeError, ValueError) as e:

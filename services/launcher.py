@@ -37,12 +37,13 @@ import time
 import urllib.error
 import urllib.request
 
-from services.common.args import ServerArgs, env_name, replica_args, replica_name
-from services.common.grpc_security import TlsCredentials
-from services.common.log import setup_logging
-from services.common.model_files import default_model_name, resolve_model_path
-from services.gateway.replicas import parse_addrs
-from services.supervisor import ProcessSpec, Supervisor, stop_processes
+from radixserve.common.args import ServerArgs, env_name, replica_args, replica_name
+from radixserve.common.grpc_security import TlsCredentials
+from radixserve.common.log import setup_logging
+from radixserve.common.model_files import default_model_name, resolve_model_path
+from radixserve.common.model_hub import HubModelError, is_hub_id
+from radixserve.gateway.replicas import parse_addrs
+from radixserve.supervisor import ProcessSpec, Supervisor, stop_processes
 
 # Start order: the slow one first, so it loads while the others start.
 START_ORDER = ("executor", "scheduler", "tokenizer", "detokenizer", "gateway")
@@ -60,7 +61,7 @@ log = logging.getLogger("radixserve.launcher")
 
 
 def child_command(service: str, args: ServerArgs) -> list[str]:
-    return [sys.executable, "-m", "services.cli", service, *args.to_cli()]
+    return [sys.executable, "-m", "radixserve.cli", service, *args.to_cli()]
 
 
 def child_env(args: ServerArgs) -> dict[str, str] | None:
@@ -116,10 +117,22 @@ def _healthy(args: ServerArgs) -> bool:
 def launch(args: ServerArgs) -> int:
     setup_logging("launcher", args.log_level)
     original = args.model_path
-    if args.load_format != "dummy" or args.model_path is None:
-        args.model_path = str(resolve_model_path(original))
+    hub = {"revision": args.revision, "download_dir": args.download_dir}
+    # A hub id is resolved here once, even for dummy weights (its config and tokenizer, then), and the
+    # services get the local folder; the served name stays the id.
+    try:
+        if args.load_format != "dummy" or args.model_path is None or is_hub_id(original):
+            args.model_path = str(resolve_model_path(original, **hub, weights=args.load_format != "dummy"))
+        if is_hub_id(args.tokenizer_path):
+            # --revision belongs to the model: it applies to a tokenizer id only when that is the model's id.
+            revision = args.revision if args.tokenizer_path == original else None
+            args.tokenizer_path = str(resolve_model_path(args.tokenizer_path, revision, args.download_dir,
+                                                         weights=False))
+    except HubModelError as e:
+        log.error("%s", e)
+        return 1
     if args.served_model_name is None:
-        args.served_model_name = default_model_name(original)
+        args.served_model_name = default_model_name(original, **hub)
     log.info("model %s from %s", args.served_model_name, args.model_path)
 
     stopping = False

@@ -44,9 +44,11 @@ class Stack:
 READY_LINE = "radixserve ready: "  # what the launcher prints once /health answered 200
 
 
-def start_stack(*extra: str, log_path: str, timeout: float = 600) -> Stack:
+def start_stack(*extra: str, log_path: str, timeout: float = 600,
+                command: tuple[str, ...] = ("radixserve.cli", "serve")) -> Stack:
+    """command: the module (and subcommand) run with `python -m`, e.g. ("radixserve.launch_server",)."""
     http, grpc_port, tok, sch, exe, detok = free_ports(6)
-    cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(http),
+    cmd = [sys.executable, "-m", *command, "--port", str(http),
            "--gateway-grpc-port", str(grpc_port),
            "--tokenizer-addr", f"127.0.0.1:{tok}", "--scheduler-addr", f"127.0.0.1:{sch}",
            "--executor-addr", f"127.0.0.1:{exe}", "--detokenizer-addr", f"127.0.0.1:{detok}", *extra]

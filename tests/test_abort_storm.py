@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import httpx
 
 from radixserve.v1 import executor_pb2_grpc
-from services.common.args import ServerArgs
-from services.common.grpc_util import aio_server, bind
-from services.gateway.server import Gateway
-from services.scheduler.core import Scheduler
-from services.scheduler.fake_executor import FakeExecutorServicer
-from services.scheduler.server import start_scheduler
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_util import aio_server, bind
+from radixserve.gateway.server import Gateway
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.fake_executor import FakeExecutorServicer
+from radixserve.scheduler.server import start_scheduler
 from tests.test_gateway_fakes import FakeBackends, gateway_client
 
 MODEL = "fake-model"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from services.bench import one_batch
+from radixserve.bench import one_batch
 from tests.stack import free_ports
 from tests.test_model_vs_hf import build_hf_model
 
@@ -73,7 +73,7 @@ def test_pool_too_small_is_a_clear_error(tiny_model):
 def test_over_grpc(tiny_model, capsys):
     (port,) = free_ports(1)
     addr = f"127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "executor", "--model-path", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-m", "radixserve.cli", "executor", "--model-path", str(tiny_model),
                              "--device", "cpu", "--executor-addr", addr, "--max-total-tokens", "200"])
     try:
         wait_for_port(port, timeout=120)

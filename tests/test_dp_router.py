@@ -7,9 +7,9 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway.dp_router import DataParallelRouter
-from services.gateway.prefix_tree import PrefixTree
-from services.gateway.scheduler_replicas import merge_prometheus_texts
+from radixserve.gateway.dp_router import DataParallelRouter
+from radixserve.gateway.prefix_tree import PrefixTree
+from radixserve.gateway.scheduler_replicas import merge_prometheus_texts
 
 
 def prompt(seed: int, length: int = 40) -> list[int]:
@@ -100,6 +100,15 @@ def test_an_unavailable_replica_is_left_out_unless_all_are():
     assert route_and_finish(router, ids) == 1 - home
     router.mark_unavailable(1 - home)
     assert route_and_finish(router, ids) in (0, 1)  # all unavailable: every replica is a candidate
+
+
+def test_a_replica_that_passes_a_health_probe_is_routed_to_again_at_once():
+    """A probe that failed while the replica was still starting must not keep it out once it answers."""
+    router = DataParallelRouter(2, "round_robin")
+    router.mark_unavailable(0)
+    assert [route_and_finish(router, prompt(1)) for _ in range(2)] == [1, 1]
+    router.mark_available(0)
+    assert sorted(route_and_finish(router, prompt(1)) for _ in range(2)) == [0, 1]
 
 
 def test_unknown_method_is_refused():

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.common.model_files import resolve_model_path
+from radixserve.common.model_files import resolve_model_path
 from tests.stack import openai_client, running_stack
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ import concurrent.futures
 import httpx
 import pytest
 
-from services.common.model_files import resolve_model_path
+from radixserve.common.model_files import resolve_model_path
 from tests.stack import running_stack
 from tests.test_e2e import FIXED_PROMPT, wait_idle_and_check_no_leak
 

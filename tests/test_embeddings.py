@@ -24,17 +24,17 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 from radixserve.v1 import executor_pb2
-from services.common.args import ServerArgs
-from services.executor.embedding_runner import EmbedInputError, EmbeddingRunner
-from services.executor.model_config import ModelConfig
-from services.executor.pooling import PoolingConfig
-from services.executor.runner import ModelRunner, load_model
-from services.gateway import embedding_routes
-from services.gateway.app import install_error_handlers
-from services.gateway.embeddings import GENERATION_SERVER_ONLY
-from services.gateway.engine import Engine
-from services.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
-from services.tokenizer.core import TokenizerCore
+from radixserve.common.args import ServerArgs
+from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunner
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.pooling import PoolingConfig
+from radixserve.executor.runner import ModelRunner, load_model
+from radixserve.gateway import embedding_routes
+from radixserve.gateway.app import install_error_handlers
+from radixserve.gateway.embeddings import GENERATION_SERVER_ONLY
+from radixserve.gateway.engine import Engine
+from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
+from radixserve.tokenizer.core import TokenizerCore
 from tests.stack import openai_client, running_stack
 from tests.test_model_vs_hf import build_hf_model
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from services.cli import SERVICES, build_parser, main
-from services.common.args import ServerArgs, _CHOICES, args_from_namespace, env_name
+from radixserve.cli import SERVICES, build_parser, main
+from radixserve.common.args import ServerArgs, args_from_namespace, env_name, flag_fields, supported_choices
 
 
 @pytest.fixture(autouse=True)
@@ -19,17 +19,27 @@ def parse(*argv: str, service: str = "gateway") -> ServerArgs:
     return args_from_namespace(build_parser().parse_args([service, *argv]), service)
 
 
-def flag_fields():
-    return [f for f in dataclasses.fields(ServerArgs) if f.metadata.get("cli") is not False]
+# Fields whose sample must agree with another's (normalize checks them together) or whose last choice maps
+# back to the default: (environment value, value parsed).
+SAMPLES = {
+    "dtype": ("bfloat16", "bfloat16"), "kv_cache_dtype": ("bf16", "bf16"), "quantization": ("gguf", "gguf"),
+    "device": ("cuda:1", "cuda:1"), "tool_call_parser": ("llama3", "llama3"),
+    "load_balance_method": ("total_requests", "shortest_queue"),  # SGLang's name of shortest_queue
+    "tokenizer_worker_num": ("2", 2), "tokenizer_addr": ("h:1", "h:1,h:101"),
+    "detokenizer_worker_num": ("3", 3), "detokenizer_addr": ("h:2", "h:2,h:102,h:202"),
+}
 
 
 def sample(f: dataclasses.Field) -> tuple[str, object]:
     """An env value for the field's flag and the value it must parse to (never the default)."""
+    if f.name in SAMPLES:
+        return SAMPLES[f.name]
     if isinstance(f.default, bool):
         return "yes", True
-    if f.name in _CHOICES:
-        choice = next(c for c in reversed(_CHOICES[f.name]) if c != f.default)
-        return choice, choice
+    choices = supported_choices(f)
+    if choices is not None:
+        choice = next(c for c in reversed(choices) if c != f.default)
+        return str(choice), choice
     if "int" in f.type:
         return "4097", 4097
     if "float" in f.type:
@@ -53,6 +63,20 @@ def test_every_flag_can_come_from_the_environment(monkeypatch):
     for service in ("serve", *SERVICES):
         args = parse(service=service)
         assert {name: getattr(args, name) for name in expected} == expected, service
+
+
+def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_environment(monkeypatch, capsys):
+    refused = {"kv_cache_dtype": "fp8_e5m2", "quantization": "fp8", "load_format": "pt", "attention_backend": "fa3",
+               "schedule_policy": "lof", "load_balance_method": "total_tokens", "tool_call_parser": "mistral",
+               "device": "npu"}
+    for name, raw in refused.items():
+        monkeypatch.setenv(env_name(name), raw)
+        with pytest.raises(SystemExit) as exc:
+            parse(service="serve")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert env_name(name) in err and raw in err, err
+        monkeypatch.delenv(env_name(name))
 
 
 def test_command_line_flags_win(monkeypatch):

@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from radixserve.v1 import executor_pb2_grpc
-from services.common.grpc_util import aio_channel
-from services.executor.runner import ModelRunner
-from services.executor.server import start_server, step_input_to_pb
-from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.grpc_util import aio_channel
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.server import start_server, step_input_to_pb
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
 VOCAB = 96
 CONFIG = {

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from services.common.grpc_util import aio_channel
-from services.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
-from services.executor.runner import ModelRunner
-from services.executor.sampling import _filter_probs, sample
-from services.common.step_order import StepOrder
-from services.executor.server import start_server
-from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.grpc_util import aio_channel
+from radixserve.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.sampling import _filter_probs, sample
+from radixserve.common.step_order import StepOrder
+from radixserve.executor.server import start_server
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
 VOCAB = 128
 TINY_CONFIG = {
@@ -310,7 +310,7 @@ def test_seeded_request_gives_the_same_tokens_after_retraction(runner):
 
 
 def test_step_protobuf_round_trip():
-    from services.executor.server import step_from_pb, step_input_to_pb
+    from radixserve.executor.server import step_from_pb, step_input_to_pb
     step = StepInput(7, finished_request_ids=["old"],
                      new_requests=[NewRequest("a", [3, 4], [5, 6], prefix_slots=[1, 2], sample=False,
                                               sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=4, min_p=0.125,

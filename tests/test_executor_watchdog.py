@@ -9,10 +9,10 @@ import threading
 import time
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
-from services.common.grpc_util import aio_channel
-from services.executor.server import start_server, torch_worker
-from services.executor.step_io import StepOutput
-from services.executor.watchdog import WATCHDOG_EXIT_CODE, StepWatchdog
+from radixserve.common.grpc_util import aio_channel
+from radixserve.executor.server import start_server, torch_worker
+from radixserve.executor.step_io import StepOutput
+from radixserve.executor.watchdog import WATCHDOG_EXIT_CODE, StepWatchdog
 
 
 class Hangs:
@@ -88,7 +88,7 @@ def test_the_executor_servicer_runs_steps_under_the_watchdog():
 
 def test_by_default_a_hung_step_exits_the_process_non_zero():
     script = ("import time\n"
-              "from services.executor.watchdog import StepWatchdog\n"
+              "from radixserve.executor.watchdog import StepWatchdog\n"
               "StepWatchdog(0.2).start().run(time.sleep, 30)\n")
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.common.args import ServerArgs
-from services.gateway.server import Gateway
+from radixserve.common.args import ServerArgs
+from radixserve.gateway.server import Gateway
 from tests.test_gateway_fakes import (CONTEXT_LENGTH, EOS_MARKER, FAIL_MARKER, MODEL_PATH, OUTPUT_TEXT, POISON,
                                       FakeBackends, render_chat)
 

@@ -4,8 +4,8 @@ import asyncio
 import grpc
 
 from radixserve.v1 import detokenizer_pb2
-from services.gateway.decode_batcher import DecodeBatcher
-from services.gateway.errors import ApiError
+from radixserve.gateway.decode_batcher import DecodeBatcher
+from radixserve.gateway.errors import ApiError
 
 
 class FakeDetokenizer:

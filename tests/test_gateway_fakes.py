@@ -17,8 +17,8 @@ import httpx
 from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc,
                            tokenizer_pb2, tokenizer_pb2_grpc)
 
-from services.common.args import ServerArgs
-from services.gateway.server import Gateway
+from radixserve.common.args import ServerArgs
+from radixserve.gateway.server import Gateway
 
 EOS_ID = 3
 CONTEXT_LENGTH = 256

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.gateway.scheduler_session import RequestFailed, SchedulerSession
+from radixserve.gateway.scheduler_session import RequestFailed, SchedulerSession
 from tests.stack import free_ports
 from tests.test_gateway_fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
 
@@ -124,10 +124,10 @@ def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects():
 
 
 def test_an_id_already_open_is_a_400_not_a_server_error():
-    from services.common.args import ServerArgs
-    from services.gateway.engine import Engine
-    from services.gateway.errors import ApiError
-    from services.gateway.generation import PreparedRequest
+    from radixserve.common.args import ServerArgs
+    from radixserve.gateway.engine import Engine
+    from radixserve.gateway.errors import ApiError
+    from radixserve.gateway.generation import PreparedRequest
     from tests.test_gateway_fakes import FakeBackends
 
     fakes = FakeBackends(step_delay=0.01)

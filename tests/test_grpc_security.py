@@ -19,14 +19,14 @@ import pytest
 
 from radixserve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2
 from radixserve.v1 import tokenizer_pb2_grpc
-from services import launcher
-from services.common import grpc_util
-from services.common.args import ServerArgs
-from services.common.grpc_security import TOKEN_ENV, TOKEN_METADATA_KEY, install_from_args, token_client_interceptors
-from services.common.model_files import resolve_model_path
-from services.gateway.grpc_api import start_grpc_api
-from services.tokenizer.core import TokenizerCore
-from services.tokenizer.server import start_server as start_tokenizer
+from radixserve import launcher
+from radixserve.common import grpc_util
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_security import TOKEN_ENV, TOKEN_METADATA_KEY, install_from_args, token_client_interceptors
+from radixserve.common.model_files import resolve_model_path
+from radixserve.gateway.grpc_api import start_grpc_api
+from radixserve.tokenizer.core import TokenizerCore
+from radixserve.tokenizer.server import start_server as start_tokenizer
 from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway
 from tests.test_gateway_fakes import FakeBackends
 
@@ -322,7 +322,7 @@ def test_bad_tls_flags_stop_the_start(certs, clean_grpc, tmp_path, flags, messag
 
 
 def test_half_given_tls_flags_exit_the_service_with_a_message(certs):
-    result = subprocess.run([sys.executable, "-m", "services.cli", "tokenizer", "--grpc-tls-cert", certs.cert,
+    result = subprocess.run([sys.executable, "-m", "radixserve.cli", "tokenizer", "--grpc-tls-cert", certs.cert,
                              "--tokenizer-addr", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "error: TLS between services needs --grpc-tls-cert and --grpc-tls-key" in result.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_decode
+from radixserve.kernels import cpu_decode
 
 cd = cpu_decode.load()
 pytestmark = pytest.mark.skipif(cd is None, reason="CPU decode kernels unavailable (no AVX512-BF16 or no compiler)")
@@ -173,7 +173,7 @@ def write_model(folder, config):
 
 
 def make_runner(folder, enabled: bool, monkeypatch):
-    from services.executor.runner import ModelRunner
+    from radixserve.executor.runner import ModelRunner
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if enabled else "0")
     cpu_decode.reset_for_tests()
     try:
@@ -184,7 +184,7 @@ def make_runner(folder, enabled: bool, monkeypatch):
 
 def run_greedy(runner, prompts, steps):
     """Prefill the prompts (torch path), then `steps` decode steps; slots of a sequence are scattered."""
-    from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+    from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
     greedy = SamplingParams(temperature=0.0)
     free = list(range(1, 1800))
     free = free[1::2] + free[0::2]  # odd slots first: prompts and decode tokens never get adjacent runs

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.decode_attention import (decode_attention, decode_attention_ref, default_num_splits,  # noqa: E402
+from radixserve.kernels.decode_attention import (decode_attention, decode_attention_ref, default_num_splits,  # noqa: E402
                                      num_splits_for_batch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.extend_attention import extend_attention, extend_attention_ref  # noqa: E402
+from radixserve.kernels.extend_attention import extend_attention, extend_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rotary import apply_rotary  # noqa: E402
-from kernels.rotary_kv_store import rotary_and_store_kv, rotary_and_store_kv_ref, store_kv_ref  # noqa: E402
-from services.executor.layers.rotary import RotaryEmbedding  # noqa: E402
+from radixserve.kernels.rotary import apply_rotary  # noqa: E402
+from radixserve.kernels.rotary_kv_store import rotary_and_store_kv, rotary_and_store_kv_ref, store_kv_ref  # noqa: E402
+from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.test_kernels_triton_elementwise import (DEVICE, DTYPES, close, cuda_only, exact_or_close,  # noqa: E402
                                                    gen, randn)
 

@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import skinny_gemm as sg  # noqa: E402
-from services.executor.layers import linear as linear_mod  # noqa: E402
+from radixserve.kernels import skinny_gemm as sg  # noqa: E402
+from radixserve.executor.layers import linear as linear_mod  # noqa: E402
 from tests.test_kernels_triton_elementwise import close as elementwise_close  # noqa: E402
 
 CUDA = torch.cuda.is_available()

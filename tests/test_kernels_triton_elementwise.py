@@ -20,11 +20,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
-from kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
-from kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from services.executor.layers.norm import RMSNorm  # noqa: E402
-from services.executor.layers.rotary import RotaryEmbedding  # noqa: E402
+from radixserve.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
+from radixserve.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from radixserve.kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from radixserve.executor.layers.norm import RMSNorm  # noqa: E402
+from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -14,13 +14,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from radixserve.v1 import executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.common.args import ServerArgs
-from services.common.grpc_util import aio_channel, aio_server, bind
-from services.scheduler.core import Scheduler
-from services.scheduler.fake_executor import FakeExecutorServicer
-from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
-from services.scheduler.server import start_scheduler
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_util import aio_channel, aio_server, bind
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.fake_executor import FakeExecutorServicer
+from radixserve.scheduler.metrics import SchedulerMetrics
+from radixserve.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
+from radixserve.scheduler.server import start_scheduler
 from tests.test_gateway_fakes import FAIL_MARKER, POISON, FakeBackends, gateway_client
 
 MODEL = "fake-model"

@@ -14,8 +14,8 @@ import transformers
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from services.executor.runner import ModelRunner
-from services.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 
 ATOL = 1e-4
 VOCAB = 256

@@ -6,9 +6,9 @@ equal the single-rank output."""
 import pytest
 import torch
 
-from services.executor.layers import moe
-from services.executor.layers.moe import FusedMoE, reduce_partial_outputs, select_experts
-from services.executor.weights import init_dummy_weights
+from radixserve.executor.layers import moe
+from radixserve.executor.layers.moe import FusedMoE, reduce_partial_outputs, select_experts
+from radixserve.executor.weights import init_dummy_weights
 
 E, H, I, TOP_K, T = 8, 32, 48, 2, 11
 

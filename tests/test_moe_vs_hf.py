@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from services.executor.layers.moe import SparseMoeBlock
-from services.executor.runner import ModelRunner
-from services.executor.step_io import NewRequest, StepInput
-from services.executor.weights import iterate_safetensors
+from radixserve.executor.layers.moe import SparseMoeBlock
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_io import NewRequest, StepInput
+from radixserve.executor.weights import iterate_safetensors
 from tests.test_model_vs_hf import (VOCAB, build_hf_model, prompts,  # noqa: F401 (the tests run here)
                                     test_batched_prefill_decode_and_prefix_reuse, test_chunked_prefill,
                                     test_greedy_matches_hf_generate)

@@ -21,8 +21,8 @@ import grpc
 import pytest
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
-from services.executor.server import step_input_to_pb
-from services.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+from radixserve.executor.server import step_input_to_pb
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
 from tests.stack import free_ports, stop_stack
 from tests.test_data_parallel import replicas, routed
 from tests.test_tensor_parallel import children, generate
@@ -40,7 +40,7 @@ def model(tmp_path_factory) -> Path:
 
 
 def executor_command(model: Path, addr: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "executor", "--model-path", str(model), "--load-format", "dummy",
+    return [sys.executable, "-m", "radixserve.cli", "executor", "--model-path", str(model), "--load-format", "dummy",
             "--max-total-tokens", "1024", "--executor-addr", addr, *flags]
 
 
@@ -207,8 +207,9 @@ def test_serve_on_two_nodes_answers_like_tp1(model, processes, tmp_path):
     """`radixserve serve` on each node, as deployed: node 0 runs the five services, node 1 only its executor shard
     (its launcher starts nothing else and is ready at once); node 0's gateway answers as a --tp 1 stack does."""
     (rendezvous,) = free_ports(1)
-    flags = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{rendezvous}")
-    node1 = processes.start("node1", [sys.executable, "-m", "services.cli", "serve", "--model-path", str(model),
+    # As SGLang's multi-node example writes it: --nccl-init, argparse's prefix of --nccl-init-addr.
+    flags = ("--tp", "2", "--nnodes", "2", "--nccl-init", f"127.0.0.1:{rendezvous}")
+    node1 = processes.start("node1", [sys.executable, "-m", "radixserve.cli", "serve", "--model-path", str(model),
                                       "--load-format", "dummy", "--max-total-tokens", "40000", *flags,
                                       "--node-rank", "1"])
     stacks = {}
@@ -245,7 +246,7 @@ def test_serve_dp2_tp2_answers_on_both_replicas_alike(tmp_path):
                              "--executor-addr", f"127.0.0.1:{exec0},127.0.0.1:{exec1}")
     try:
         assert {"scheduler", "executor"} <= set(service_pids(stack.proc.pid))  # names the -dp1 twins the same
-        executors = [pid for pid in children(stack.proc.pid) if cmdline(pid)[2:4] == ["services.cli", "executor"]]
+        executors = [pid for pid in children(stack.proc.pid) if cmdline(pid)[2:4] == ["radixserve.cli", "executor"]]
         assert len(executors) == 2, [cmdline(pid) for pid in children(stack.proc.pid)]
         assert sorted(cmdline(pid)[cmdline(pid).index("--dp-rank") + 1] for pid in executors) == ["0", "1"]
         for executor in executors:  # each replica's executor started its rank-1 shard

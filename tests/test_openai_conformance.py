@@ -11,8 +11,8 @@ import jsonschema
 import openai
 import pytest
 
-from services.common.args import ServerArgs
-from services.tokenizer.core import load_tokenizer, tokenizer_folder
+from radixserve.common.args import ServerArgs
+from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
 from tests.stack import openai_client, running_stack
 from tests.test_e2e import wait_idle_and_check_no_leak
 

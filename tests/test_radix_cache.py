@@ -8,7 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pytest
 
-from services.scheduler.radix_cache import DisabledRadixCache, PagedRadixCache, RadixCache
+from radixserve.scheduler.radix_cache import DisabledRadixCache, PagedRadixCache, RadixCache
 
 
 def test_insert_returns_shared_prefix_and_keeps_first_slots():

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.args import ServerArgs
-from services.common.model_files import resolve_model_path
-from services.gateway.app import create_app
-from services.gateway.errors import ApiError
-from services.gateway.file_store import BatchStore, FileStore
-from services.tokenizer.conversation import Conversation
-from services.tokenizer.core import TokenizerCore
+from radixserve.common.args import ServerArgs
+from radixserve.common.model_files import resolve_model_path
+from radixserve.gateway.app import create_app
+from radixserve.gateway.errors import ApiError
+from radixserve.gateway.file_store import BatchStore, FileStore
+from radixserve.tokenizer.conversation import Conversation
+from radixserve.tokenizer.core import TokenizerCore
 
 HOSTILE_TEMPLATES = [
     "{{ ''.__class__.__mro__ }}",

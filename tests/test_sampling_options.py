@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from radixserve.v1 import common_pb2, gateway_pb2
-from services.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
-from services.executor.runner import ModelRunner
-from services.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
-from services.gateway.errors import ApiError
-from services.gateway.grpc_api import generation_input
-from services.gateway.native_routes import native_input
-from services.gateway.openai_routes import chat_input, completion_input
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
-from services.gateway.sampling import build_sampling
-from services.scheduler.convert import plan_to_proto
-from services.scheduler.request import ContinuingRequestPlan, FinishReason, NewRequestPlan, StepPlan
+from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
+from radixserve.gateway.errors import ApiError
+from radixserve.gateway.grpc_api import generation_input
+from radixserve.gateway.native_routes import native_input
+from radixserve.gateway.openai_routes import chat_input, completion_input
+from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
+from radixserve.gateway.sampling import build_sampling
+from radixserve.scheduler.convert import plan_to_proto
+from radixserve.scheduler.request import ContinuingRequestPlan, FinishReason, NewRequestPlan, StepPlan
 from tests.test_executor_runner import VOCAB, model_dir, new  # noqa: F401  (model_dir is a fixture)
 from tests.test_scheduler_core import Harness, prompts, reference_tokens
 
@@ -213,7 +213,7 @@ def test_forbidden_tokens_report_a_finite_logprob(runner):
 
 
 def test_unset_repetition_penalty_in_the_proto_means_off():
-    from services.executor.server import step_from_pb, step_input_to_pb
+    from radixserve.executor.server import step_from_pb, step_input_to_pb
     msg = step_input_to_pb(StepInput(1, new_requests=[new("a", [3], [1])]))
     msg.new_requests[0].sampling.repetition_penalty = 0.0  # proto3 default
     assert step_from_pb(msg).new_requests[0].sampling.repetition_penalty == 1.0

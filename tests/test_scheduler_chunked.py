@@ -12,8 +12,8 @@ import json
 import pytest
 
 from radixserve.v1 import scheduler_pb2
-from services.scheduler.kv_pool import DoubleFreeError, PagedKVPool
-from services.scheduler.request import ContinuingRequestPlan, NewRequestPlan, StepOutput
+from radixserve.scheduler.kv_pool import DoubleFreeError, PagedKVPool
+from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, StepOutput
 from tests.test_scheduler_core import Harness, prompts, reference_tokens
 from tests.test_scheduler_overlap import OverlapHarness, final_fields
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.core import DuplicateRequestError, Scheduler
-from services.scheduler.fake_executor import FakeModel
-from services.scheduler.fake_executor import reference_tokens as fake_reference_tokens
-from services.scheduler.request import FinishReason, Request, StepOutput
+from radixserve.scheduler.core import DuplicateRequestError, Scheduler
+from radixserve.scheduler.fake_executor import FakeModel
+from radixserve.scheduler.fake_executor import reference_tokens as fake_reference_tokens
+from radixserve.scheduler.request import FinishReason, Request, StepOutput
 
 VOCAB = 1000
 

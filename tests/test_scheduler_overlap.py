@@ -12,7 +12,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.request import FinishReason, Request, StepOutput
+from radixserve.scheduler.request import FinishReason, Request, StepOutput
 from tests.test_scheduler_core import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
                                       prompts, reference_tokens)
 

@@ -10,13 +10,13 @@ import grpc
 import pytest
 
 from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.common.args import ServerArgs
-from services.common.grpc_util import aio_channel, aio_server, bind
-from services.scheduler.core import Scheduler
-from services.scheduler.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
-from services.scheduler.request import Request, StepOutput
-from services.scheduler.runtime import ExecutorChanged, step_deadline
-from services.scheduler.server import start_scheduler
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_util import aio_channel, aio_server, bind
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
+from radixserve.scheduler.request import Request, StepOutput
+from radixserve.scheduler.runtime import ExecutorChanged, step_deadline
+from radixserve.scheduler.server import start_scheduler
 
 VOCAB = 1000
 KV_SLOTS = 1025

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Unsatisfiable
 
-from services.common.args import ServerArgs
-from services.gateway.app import create_app
+from radixserve.common.args import ServerArgs
+from radixserve.gateway.app import create_app
 from scripts import fuzz_api
 from tests.test_gateway_api import RunningGateway
 from tests.test_gateway_fakes import FakeBackends

@@ -16,20 +16,20 @@ import openai
 import pytest
 
 from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.common.args import ServerArgs
-from services.common.grpc_util import aio_channel, aio_server, bind
-from services.common.model_files import resolve_model_path
-from services.gateway.errors import ApiError
-from services.gateway.native_routes import native_input
-from services.gateway.openai_routes import chat_input, completion_input
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
-from services.scheduler.core import Scheduler
-from services.scheduler.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
-from services.scheduler.fake_executor import reference_tokens as fake_reference_tokens
-from services.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
-from services.scheduler.request import FinishReason, Request, StepOutput
-from services.scheduler.server import start_scheduler
-from services.tokenizer.core import load_tokenizer
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_util import aio_channel, aio_server, bind
+from radixserve.common.model_files import resolve_model_path
+from radixserve.gateway.errors import ApiError
+from radixserve.gateway.native_routes import native_input
+from radixserve.gateway.openai_routes import chat_input, completion_input
+from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
+from radixserve.scheduler.fake_executor import reference_tokens as fake_reference_tokens
+from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
+from radixserve.scheduler.request import FinishReason, Request, StepOutput
+from radixserve.scheduler.server import start_scheduler
+from radixserve.tokenizer.core import load_tokenizer
 from tests.stack import openai_client, running_stack
 
 VOCAB = 49152  # SmolLM2's

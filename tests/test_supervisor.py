@@ -7,9 +7,9 @@ import signal
 import sys
 import time
 
-from services.common.args import ServerArgs
-from services.launcher import service_specs
-from services.supervisor import ProcessSpec, RestartPolicy, Supervisor
+from radixserve.common.args import ServerArgs
+from radixserve.launcher import service_specs
+from radixserve.supervisor import ProcessSpec, RestartPolicy, Supervisor
 
 FAST = RestartPolicy(backoff_s=0.1, max_backoff_s=1.0, stable_after_s=60.0, max_quick_crashes=3)
 
@@ -133,7 +133,7 @@ def test_replica_lists_start_one_process_per_address():
     assert flag(specs["tokenizer"], "--tokenizer-addr") == "127.0.0.1:7001"
     assert flag(specs["tokenizer-2"], "--tokenizer-addr") == "127.0.0.1:7002"
     assert flag(specs["gateway"], "--tokenizer-addr") == "127.0.0.1:7001,127.0.0.1:7002"
-    assert specs["tokenizer"][specs["tokenizer"].index("services.cli") + 1] == "tokenizer"
+    assert specs["tokenizer"][specs["tokenizer"].index("radixserve.cli") + 1] == "tokenizer"
     assert "tokenizer" not in {s.name for s in service_specs(ServerArgs(skip_tokenizer_init=True))}
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import transformers
 
-from services.cli import build_parser
-from services.common.args import args_from_namespace, check_parallelism
-from services.executor.shard_group import ShardLayout
-from services.launcher import service_specs
+from radixserve.cli import build_parser
+from radixserve.common.args import args_from_namespace, check_parallelism
+from radixserve.executor.shard_group import ShardLayout
+from radixserve.launcher import service_specs
 from tests.stack import free_ports, stop_stack
 from tests.test_model_vs_hf import build_hf_model
 from tests.tiny_stack import service_pids, start_tiny_stack
@@ -88,7 +88,7 @@ def test_a_dead_shard_takes_the_executor_down(tmp_path):
     """So that the supervisor of `radixserve serve` restarts the executor with all its shards."""
     build_hf_model(CONFIGS["kv_split_odd_vocab"](), tmp_path)
     (port,) = free_ports(1)
-    executor = subprocess.Popen([sys.executable, "-m", "services.cli", "executor", "--tp", "2", "--model-path",
+    executor = subprocess.Popen([sys.executable, "-m", "radixserve.cli", "executor", "--tp", "2", "--model-path",
                                  str(tmp_path), "--max-total-tokens", "256", "--executor-addr", f"127.0.0.1:{port}"],
                                 stderr=subprocess.PIPE, text=True)
     try:
@@ -185,7 +185,7 @@ def test_parallelism_flags_that_do_not_fit_are_refused(argv, message):
 
 def check_comm(*env: tuple[str, str]) -> tuple[int, list[dict]]:
     """`radixserve check-comm` on two local gloo ranks: its exit code and the ranks' JSON lines."""
-    out = subprocess.run([sys.executable, "-m", "services.cli", "check-comm", "--backend", "gloo", "--nproc", "2",
+    out = subprocess.run([sys.executable, "-m", "radixserve.cli", "check-comm", "--backend", "gloo", "--nproc", "2",
                           "--size-mb", "2"], capture_output=True, text=True, timeout=120, env={**os.environ, **dict(env)})
     return out.returncode, sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: r["rank"])
 

@@ -9,11 +9,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from radixserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common import grpc_util
-from services.common.model_files import resolve_model_path
-from services.tokenizer.conversation import Conversation, conversation_from_proto
-from services.tokenizer.core import TokenizerCore, read_chat_template
-from services.tokenizer.server import start_server
+from radixserve.common import grpc_util
+from radixserve.common.model_files import resolve_model_path
+from radixserve.tokenizer.conversation import Conversation, conversation_from_proto
+from radixserve.tokenizer.core import TokenizerCore
+from radixserve.tokenizer.named_chat_templates import resolve_chat_template
+from radixserve.tokenizer.server import start_server
 
 SMOL_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TEXTS = ["Hello, world!", "  leading spaces\nand newlines\n\n", "café ünïcödé", "中文分词测试", "emoji 🤖🎉", ""]
@@ -93,7 +94,7 @@ def test_chat_template_override_file(folder, tmp_path):
 
 def test_chat_template_flag_neither_file_nor_template():
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
-        read_chat_template("/no/such/template.jinja")
+        resolve_chat_template("/no/such/template.jinja")
 
 
 def test_missing_chat_template_is_a_clear_error(folder):

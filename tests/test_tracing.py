@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 
-from services.common import grpc_util, tracing
+from radixserve.common import grpc_util, tracing
 from tests.otlp_receiver import start_receiver
 from tests.stack import running_stack
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.model_files import resolve_model_path
+from radixserve.common.model_files import resolve_model_path
 from tests.stack import Stack, start_stack
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -46,8 +46,8 @@ def service_pids(launcher_pid: int) -> dict[str, int]:
                 argv = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
             except FileNotFoundError:
                 continue
-            if b"services.cli" in argv:
-                pids[argv[argv.index(b"services.cli") + 1].decode()] = int(pid)
+            if b"radixserve.cli" in argv:
+                pids[argv[argv.index(b"radixserve.cli") + 1].decode()] = int(pid)
     return pids
 
 

@@ -13,10 +13,10 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from services.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-from services.executor.runner import ModelRunner
-from services.executor.step_broadcast import TensorParallelLeader, follow
-from services.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
+from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from radixserve.executor.runner import ModelRunner
+from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
 
 GREEDY_TOKENS = 24
 

@@ -11,7 +11,7 @@ Lengths follow SGLang's random datasets: each prompt's input and output length i
 
 Example:
 
-    from services.bench.datasets import random_ids_requests
+    from radixserve.bench.datasets import random_ids_requests
     requests = random_ids_requests(num_prompts=8, input_len=512, output_len=256, range_ratio=0.5,
                                    vocab_size=49152, seed=1)
 """

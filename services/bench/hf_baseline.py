@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
-from services.bench.datasets import BenchRequest
-from services.bench.serving import RequestResult, build_requests
+from radixserve.bench.datasets import BenchRequest
+from radixserve.bench.serving import RequestResult, build_requests
 
 
 def pick_device(requested: str | None) -> str:
@@ -138,12 +138,16 @@ def run_hf_baseline(args: argparse.Namespace) -> tuple[list[RequestResult], floa
     import transformers
     from transformers import AutoConfig
 
-    from services.common.model_files import resolve_model_path
+    from radixserve.common.model_files import resolve_model_path
 
-    folder = str(resolve_model_path(args.model_path))
+    folder = str(resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
+                                    weights=args.load_format != "dummy"))
     config = AutoConfig.from_pretrained(folder)
     requests = build_requests(args, vocab_size_of(config), folder)
-    inputs = prompt_token_ids(requests, args.tokenizer or folder)
+    tokenizer = folder
+    if args.tokenizer:
+        tokenizer = str(resolve_model_path(args.tokenizer, download_dir=args.download_dir, weights=False))
+    inputs = prompt_token_ids(requests, tokenizer)
     max_new_tokens = max(r.output_len for r in requests)
     if len({r.output_len for r in requests}) > 1:
         print(f"note: generate_batch takes one max_new_tokens; every request generates up to {max_new_tokens} "

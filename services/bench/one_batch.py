@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.args import add_server_args, args_from_namespace
-from services.executor.step_io import ContinuingRequest, NewRequest, StepInput, StepOutput
+from radixserve.common.args import add_server_args, args_from_namespace
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput, StepOutput
 
 
 @dataclass
@@ -38,7 +38,7 @@ class InProcessTarget:
     """Runs steps on a ModelRunner in this process."""
 
     def __init__(self, args):
-        from services.executor.runner import build_model_runner
+        from radixserve.executor.runner import build_model_runner
         self.runner = build_model_runner(args)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
@@ -74,7 +74,7 @@ class GrpcTarget:
         import grpc
 
         from radixserve.v1 import executor_pb2, executor_pb2_grpc
-        from services.executor.server import step_input_to_pb
+        from radixserve.executor.server import step_input_to_pb
         self.pb = executor_pb2
         self.to_pb = step_input_to_pb
         self.stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(addr))
@@ -156,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--run-name", default="default")
     p.add_argument("--result-filename", default=None, help="append one JSON line per run here")
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (kernel compilation)")
     p.add_argument("--launch-ahead", action="store_true",
                    help="in process: launch each decode step before collecting the previous one")
@@ -167,16 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    prompt_seed = 1 if ns.random_seed is None else ns.random_seed  # --random-seed / --seed: the prompts' too
     if ns.output_len < 1:
         raise SystemExit("--output-len must be at least 1")
     if ns.launch_ahead and ns.over_grpc:
         raise SystemExit("--launch-ahead drives the executor in process; over gRPC steps go one at a time")
     target = GrpcTarget(ns.executor_addr) if ns.over_grpc else InProcessTarget(args_from_namespace(ns, "executor"))
     if not ns.no_warmup:
-        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), ns.seed, ns.launch_ahead)
+        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), prompt_seed, ns.launch_ahead)
     for bs in ns.batch_size:
         for input_len in ns.input_len:
-            r = run_once(target, bs, input_len, ns.output_len, ns.seed, ns.launch_ahead)
+            r = run_once(target, bs, input_len, ns.output_len, prompt_seed, ns.launch_ahead)
             r.update({"run_name": ns.run_name, "device": target.device, "launch_ahead": ns.launch_ahead,
                       "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process"})
             print_result(r)

@@ -39,8 +39,8 @@ import aiohttp
 import httpx
 import numpy as np
 
-from services.common.lifecycle import run_event_loop
-from services.bench.datasets import BenchRequest, random_ids_requests, random_text_requests
+from radixserve.common.lifecycle import run_event_loop
+from radixserve.bench.datasets import BenchRequest, random_ids_requests, random_text_requests
 
 SERVER_BACKENDS = ("radixserve", "sglang-native", "openai-completions")
 HF_BACKEND = "hf-transformers"
@@ -431,13 +431,13 @@ def served_model_name(base_url: str) -> str | None:
     return models[0].get("id") if models else None
 
 
-def load_tokenizer(path: str | None):
-    """An HF tokenizer from a folder or GGUF (None: the embedded default model)."""
+def load_tokenizer(path: str | None, revision: str | None = None, download_dir: str | None = None):
+    """An HF tokenizer from a folder, GGUF or hub id (None: the embedded default model)."""
     from transformers import AutoTokenizer
 
-    from services.common.model_files import resolve_model_path
+    from radixserve.common.model_files import resolve_model_path
 
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(path)))
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(path, revision, download_dir, weights=False)))
 
 
 def build_requests(args: argparse.Namespace, vocab_size: int | None, tokenizer_path: str | None) -> list[BenchRequest]:
@@ -449,7 +449,9 @@ def build_requests(args: argparse.Namespace, vocab_size: int | None, tokenizer_p
             raise SystemExit("error: random-ids needs the vocabulary size: the server did not report it "
                              "(GET /get_model_info); pass --vocab-size")
         return random_ids_requests(vocab_size=vocab_size, **common)
-    return random_text_requests(tokenizer=load_tokenizer(args.tokenizer or tokenizer_path), **common)
+    path = args.tokenizer or tokenizer_path
+    revision = args.revision if path == args.model_path else None  # --revision is the model's
+    return random_text_requests(tokenizer=load_tokenizer(path, revision, args.download_dir), **common)
 
 
 def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], float, dict]:
@@ -499,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the embedded SmolLM2)")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer for the random dataset (default: the server's tokenizer path)")
+    p.add_argument("--revision", default=None, help="for a hub id --model-path: the branch, tag or commit")
+    p.add_argument("--download-dir", default=None,
+                   help="for hub ids: the cache folder to read and download into (default: the hub's cache)")
     p.add_argument("--vocab-size", type=int, default=None, help="random-ids vocabulary (default: the server's)")
     p.add_argument("--output-file", default=None, help="append the JSON result line to this file")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -529,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.backend == HF_BACKEND:
-            from services.bench.hf_baseline import run_hf_baseline
+            from radixserve.bench.hf_baseline import run_hf_baseline
             results, duration, extra = run_hf_baseline(args)
         else:
             results, duration, extra = run_against_server(args)

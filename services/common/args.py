@@ -1,19 +1,25 @@
 """Server flags shared by every service and by `radixserve serve`.
 
-Flag names and defaults follow SGLang's `launch_server` where SGLang has the flag. Every service
-accepts every flag, so one command line can be handed to all of them; each reads what it needs.
+Flag names, aliases and defaults follow SGLang's `launch_server` where SGLang has the flag, and the
+everyday flags of `vllm serve` are aliases of the same fields (`--model`, `--max-model-len`,
+`--gpu-memory-utilization`, `-tp`, ...). Each field of ServerArgs declares its flag once: help,
+choices, aliases and its section of `--help` live in the field's metadata (`option(...)`), and the
+parser is generated from them. Every service accepts every flag, so one command line can be handed
+to all of them; each reads what it needs. SGLang and vLLM flags that are not fields here are either
+accepted with a warning or refused with a message (services/common/foreign_flags.py).
 
 Every flag can also come from the environment (containers, Kubernetes ConfigMaps): `RADIXSERVE_` and
 the flag's name upper-cased with `_`, e.g. `--model-path` is `RADIXSERVE_MODEL_PATH`, `--tp-size` is
 `RADIXSERVE_TP_SIZE`; booleans take 1/true/yes/on or 0/false/no/off (`--no-FLAG` turns one off on
 the command line). An empty variable counts as unset. Flags on the command line win over the
-environment.
+environment, which wins over a `--config` YAML file.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import pathlib
 from dataclasses import dataclass, field
 
 ENV_PREFIX = "RADIXSERVE_"
@@ -30,94 +36,330 @@ DEFAULT_GRPC_PORTS = {
     "detokenizer": 30014,
 }
 
+# Sections of `--help`, in the order of SGLang's server-arguments reference, then radixserve's own.
+GROUPS = (
+    "Model and tokenizer",
+    "HTTP server",
+    "Quantization and data type",
+    "Memory and scheduling",
+    "Runtime options",
+    "Logging",
+    "API related",
+    "Data parallelism",
+    "Multi-node distributed serving",
+    "Kernel backends",
+    "Expert parallelism",
+    "Optimization/debug options",
+    "Services and addresses (radixserve)",
+    "Limits and lifecycle (radixserve)",
+    "Security between services (radixserve)",
+)
+
+
+def option(default, help: str, *, group: str, choices=None, supported=None, unsupported_hint: str = "",
+           value_map: dict | None = None, aliases: tuple[str, ...] = (), tokens: bool = False,
+           one_of_many: str = "", secret: bool = False, cli: bool = True):
+    """A ServerArgs field with its flag's description.
+
+    choices: the values the parser accepts (SGLang's list where it has one); supported: the subset
+    honoured here (default: all of them). A value in choices but not supported is refused at start
+    (exit 2) with unsupported_hint, so a pasted SGLang command fails with a reason, not a typo error.
+    value_map: other projects' names of a supported value (SGLang's `qwen25` tool parser is `hermes`).
+    tokens: a token count, also written 32k (32,000) or 32K (32,768) as SGLang and vLLM take it.
+    one_of_many: the flag takes several values in vLLM (nargs +); one is honoured, more are refused
+    with this reason. secret: never passed on a command line (argv shows in `ps`). cli=False: not a flag."""
+    assert group in GROUPS, group
+    meta = {"help": help, "group": group, "choices": choices, "supported": supported,
+            "unsupported_hint": unsupported_hint, "value_map": value_map or {}, "aliases": tuple(aliases),
+            "tokens": tokens, "one_of_many": one_of_many, "secret": secret, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def human_int(value: str) -> int:
+    """An int, or a number with a suffix as SGLang and vLLM take token counts: k/m/g decimal (25.6k is
+    25,600), K/M/G binary and whole (32K is 32,768)."""
+    text = str(value).strip()
+    if text and text[-1] in _SUFFIXES:
+        number, mult = text[:-1], _SUFFIXES[text[-1]]
+        try:
+            if text[-1].isupper():
+                return int(number) * mult
+            return int(float(number) * mult)
+        except ValueError:
+            pass
+        raise ValueError(f"invalid int value: {value!r}")
+    return int(text)
+
+
+human_int.__name__ = "int"  # argparse names the type in its error: "invalid int value"
+
+_DEVICES = ("auto", "cpu", "cuda")
+_OTHER_DEVICES = ("xpu", "hpu", "npu", "musa", "mps")
+
+
+def device_name(value: str) -> str:
+    """--device: auto | cpu | cuda | cuda:N (SGLang's other devices are refused with a reason)."""
+    if value in _DEVICES or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    if value.split(":")[0] in _OTHER_DEVICES:
+        raise argparse.ArgumentTypeError(f"{value}: not supported yet (auto, cpu, cuda or cuda:N)")
+    raise argparse.ArgumentTypeError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+
+
+class FlagError(ValueError):
+    """Flags that each parse but do not fit together; the CLI exits 2 with the message."""
+
+
+_DTYPES = ["auto", "half", "float16", "fp16", "bfloat16", "bf16", "float", "float32", "fp32"]
+# SGLang's --load-format and --kv-cache-dtype choices; the supported subsets are what this version honours.
+_SGLANG_LOAD_FORMATS = ["auto", "pt", "safetensors", "npcache", "dummy", "sharded_state", "gguf", "bitsandbytes",
+                        "layered", "remote", "remote_instance", "fastsafetensors", "runai_streamer"]
+_SGLANG_KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1", "mxfp8", "nvfp4", "fp8",
+                           "fp8_inc", "fp8_ds_mla"]
+_SGLANG_ATTENTION_BACKENDS = ["triton", "torch_native", "flex_attention", "flashinfer", "fa3", "fa4", "flashmla",
+                              "cutlass_mla", "trtllm_mla", "trtllm_mha", "dual_chunk_flash_attn", "aiter", "wave",
+                              "intel_amx", "ascend", "intel_xpu"]
+
 
 @dataclass
 class ServerArgs:
-    # Model and tokenizer
-    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
-    tokenizer_path: str | None = None
-    served_model_name: str | None = None
-    chat_template: str | None = None
-    dtype: str = "auto"
-    context_length: int | None = None
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    device: str = "auto"
-    random_seed: int | None = None
-    skip_tokenizer_init: bool = False
-    tool_call_parser: str | None = None  # None: chosen from the model (hermes for Qwen, llama3 for Llama)
-    is_embedding: bool = False  # serve /v1/embeddings instead of generation
+    # -- Model and tokenizer
+    model_path: str | None = option(
+        None, "HF model folder, hub id (org/name, resolved through the HF cache; --revision, --download-dir), "
+              ".gguf file, or folder holding one; default: the embedded SmolLM2-135M-Instruct",
+        group="Model and tokenizer", aliases=("--model",))
+    tokenizer_path: str | None = option(None, "tokenizer folder or hub id (default: the model's)",
+                                        group="Model and tokenizer", aliases=("--tokenizer",))
+    revision: str | None = option(None, "for a hub id: the branch, tag or commit to load (default: main)",
+                                  group="Model and tokenizer")
+    download_dir: str | None = option(
+        None, "for a hub id: the cache folder to read and download into (default: the hub's cache, $HF_HOME)",
+        group="Model and tokenizer")
+    load_format: str = option(
+        "auto", "auto | safetensors | gguf | dummy (random weights)", group="Model and tokenizer",
+        choices=_SGLANG_LOAD_FORMATS, supported=["auto", "safetensors", "gguf", "dummy"],
+        unsupported_hint="not supported yet")
+    context_length: int | None = option(
+        None, "longest prompt + generation (default: the model's max_position_embeddings)",
+        group="Model and tokenizer", aliases=("--max-model-len",), tokens=True)
+    is_embedding: bool = option(
+        False, "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as their "
+               "sentence-transformers config says, decoders on the last token and L2-normalized",
+        group="Model and tokenizer")
+    skip_tokenizer_init: bool = option(False, "run without a tokenizer (token ids in, token ids out)",
+                                       group="Model and tokenizer")
 
-    # HTTP
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = field(default=None, metadata={"secret": True})  # None: every route is open
-    file_storage_path: str | None = None  # None: $XDG_DATA_HOME/radixserve/storage
+    # -- HTTP server
+    host: str = option("127.0.0.1", "HTTP host of the gateway", group="HTTP server")
+    port: int = option(30000, "HTTP port of the gateway", group="HTTP server")
 
-    # Memory and scheduling
-    mem_fraction_static: float | None = None
-    max_running_requests: int | None = None
-    max_total_tokens: int | None = None
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int = 8192  # -1: off
-    enable_mixed_chunk: bool = False
-    page_size: int = 1
-    schedule_policy: str = "fcfs"  # fcfs | lpm
-    disable_radix_cache: bool = False
-    disable_overlap_schedule: bool = False
+    # -- Quantization and data type
+    dtype: str = option("auto", "auto | bfloat16 | float16 | float32 (auto: the config's dtype)",
+                        group="Quantization and data type", choices=_DTYPES)
+    quantization: str | None = option(
+        None, "gguf: a .gguf model (dequantized at load); other quantized weights are not supported yet",
+        group="Quantization and data type", aliases=("-q",),
+        choices=["awq", "fp8", "mxfp8", "gptq", "marlin", "gptq_marlin", "awq_marlin", "bitsandbytes", "gguf",
+                 "modelopt", "modelopt_fp8", "modelopt_fp4", "petit_nvfp4", "w8a8_int8", "w8a8_fp8", "moe_wna16",
+                 "qoq", "w4afp8", "mxfp4", "auto-round", "compressed-tensors", "modelslim", "quark", "unquant",
+                 "fp8_inc", "experts_int8", "fbgemm_fp8", "torchao", "gptq_marlin_24", "awq_marlin_24"],
+        supported=["gguf", "unquant"], value_map={"unquant": None},
+        unsupported_hint="quantized weights are not supported yet: serve a bf16/fp16 checkpoint")
+    kv_cache_dtype: str = option(
+        "auto", "KV cache dtype; auto: the model's dtype", group="Quantization and data type",
+        choices=_SGLANG_KV_CACHE_DTYPES, supported=["auto", "bf16", "bfloat16"],
+        unsupported_hint="a quantized KV cache is not supported yet; leave it at auto (the model's dtype)")
 
-    # Kernels and graphs (executor)
-    attention_backend: str | None = None  # None: triton on CUDA, torch_native on CPU
-    cuda_graph_max_bs: int = 256
-    disable_cuda_graph: bool = False
+    # -- Memory and scheduling
+    mem_fraction_static: float | None = option(
+        None, "fraction of device memory for weights + KV cache (default 0.85 on CUDA)",
+        group="Memory and scheduling", aliases=("--gpu-memory-utilization",))
+    max_running_requests: int | None = option(None, "most requests decoded together", group="Memory and scheduling",
+                                              aliases=("--max-num-seqs",))
+    max_queued_requests: int | None = option(
+        None, "most requests waiting to run; past it new requests get 503 with Retry-After (default: no limit)",
+        group="Memory and scheduling")
+    max_total_tokens: int | None = option(None, "KV pool size in tokens (overrides --mem-fraction-static)",
+                                          group="Memory and scheduling", tokens=True)
+    chunked_prefill_size: int = option(8192, "longest prompt chunk run in one step (-1: prefill each prompt whole)",
+                                       group="Memory and scheduling", tokens=True)
+    max_prefill_tokens: int = option(16384, "most prompt tokens run in one prefill step", group="Memory and scheduling",
+                                     tokens=True)
+    schedule_policy: str = option(
+        "fcfs", "fcfs (arrival order) | lpm (longest cached prefix first)", group="Memory and scheduling",
+        choices=["fcfs", "lpm", "random", "dfs-weight", "lof", "priority", "routing-key"], supported=["fcfs", "lpm"],
+        unsupported_hint="not supported yet")
+    schedule_conservativeness: float = option(
+        1.0, "how much KV a running request is assumed to still need when admitting new ones (the initial new-token "
+             "ratio is min(0.7 x this, 1)): larger admits fewer requests and retracts less",
+        group="Memory and scheduling")
+    enable_mixed_chunk: bool = option(False, "run a prefill chunk and the running requests' decode tokens in one step",
+                                      group="Memory and scheduling")
+    page_size: int = option(1, "KV slots per page: allocation and prefix-cache reuse happen in whole pages",
+                            group="Memory and scheduling", aliases=("--block-size",))
 
-    # Parallelism (executor): tp_size shards over nnodes nodes; node k holds ranks k*tp_size/nnodes...
-    tp_size: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_init_addr: str | None = None  # HOST:PORT of rank 0's rendezvous; None: a free loopback port (one node)
-    tp_rank: int | None = None  # set on the shards an executor starts; None: the node's first shard
-    ep_size: int = 1  # expert parallelism: MoE experts split over ep_size groups of the tp_size shards
-    base_gpu_id: int = 0  # the executor's first CUDA device (shard k of a node takes base_gpu_id + k)
-    # Data parallelism: dp_size scheduler + executor pairs (replicas), each with its own KV and radix cache;
-    # the gateway routes each request to one of them (services/gateway/dp_router.py).
-    dp_size: int = 1
-    load_balance_method: str = "cache_aware"  # round_robin | shortest_queue | cache_aware
-    dp_rank: int | None = None  # set by `serve` on the scheduler and executor of replica i (log names)
+    # -- Runtime options
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", group="Runtime options")
+    skip_server_warmup: bool = option(
+        False, "say ready without warming up (the first requests then pay for kernel compilation and autotuning)",
+        group="Runtime options")
+    tp_size: int = option(
+        1, "tensor parallel size: the executor runs this many shards (one per GPU; on CPU, all on the host), "
+           "split evenly over --nnodes nodes", group="Runtime options",
+        aliases=("--tensor-parallel-size", "--tp", "-tp"))
+    random_seed: int | None = option(None, "seed for dummy weights and unseeded sampling", group="Runtime options",
+                                     aliases=("--seed",))
+    watchdog_timeout: float = option(
+        300.0, "seconds one executor step may run before it is reported hung and the executor restarted",
+        group="Runtime options")
+    base_gpu_id: int = option(
+        0, "the first CUDA device the executor uses: shard k of a node takes cuda:(base_gpu_id + k) "
+           "(`serve --dp-size N` gives replica i base_gpu_id + i * tp_size)", group="Runtime options")
+    tp_rank: int | None = option(
+        None, "this shard's tensor-parallel rank (set by the executor on the shards it starts; "
+              "default: the first rank of --node-rank)", group="Runtime options")
 
-    # Service addresses (host:port); each service listens on its own and dials the others.
-    grpc_host: str = "127.0.0.1"
-    gateway_grpc_port: int = DEFAULT_GRPC_PORTS["gateway"]
-    tokenizer_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['tokenizer']}"
-    scheduler_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['scheduler']}"
-    executor_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}"
-    detokenizer_addr: str = f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}"
+    # -- Logging
+    log_level: str = option("info", "debug | info | warning | error", group="Logging",
+                            choices=["debug", "info", "warning", "error", "critical"])
+    log_requests: bool = option(False, "log each request's id, trace id, parameters and outcome", group="Logging")
+    enable_metrics: bool = option(False, "serve Prometheus metrics at the gateway's /metrics (the scheduler's included)",
+                                  group="Logging")
+    enable_trace: bool = option(False, "send OpenTelemetry traces (to --otlp-traces-endpoint, default localhost:4317)",
+                                group="Logging")
+    otlp_traces_endpoint: str | None = option(
+        None, "send OpenTelemetry traces to this OTLP gRPC endpoint, e.g. localhost:4317 "
+              "(needs `pip install radixserve[tracing]`; default: tracing off)", group="Logging")
+    trace_sample_ratio: float = option(
+        1.0, "fraction of requests traced (parent-based: an incoming sampled traceparent is honoured)", group="Logging")
 
-    # Limits and lifecycle
-    max_payload_size: int = 32 * 1024 * 1024  # bytes of an HTTP request body; larger ones get 413
-    allow_auto_truncate: bool = False  # cut prompts longer than the context instead of rejecting them
-    max_queued_requests: int | None = None  # None: no limit; past it new requests get 503
-    request_timeout: float | None = None  # seconds a request may take end to end; None: no limit
-    shutdown_timeout: float = 30.0  # seconds SIGTERM lets accepted requests finish
-    watchdog_timeout: float = 300.0  # seconds a step may run before the executor is declared hung
+    # -- API related
+    api_key: str | None = option(
+        None, "require `Authorization: Bearer KEY` on every HTTP route but /health and on the gRPC API",
+        group="API related", secret=True, one_of_many="several API keys are not supported yet")
+    served_model_name: str | None = option(
+        None, "model name reported by the API (default: the hub id, or derived from the model path)",
+        group="API related", one_of_many="several served model names are not supported yet")
+    chat_template: str | None = option(
+        None, "SGLang's named template (chatml, llama-3-instruct, ...), a file holding a Jinja chat template, or "
+              "the template itself, to use instead of the model's", group="API related")
+    tool_call_parser: str | None = option(
+        None, "format of the model's tool calls: hermes (Qwen, Hermes; SGLang's qwen25) | llama3 (default or auto: "
+              "chosen from the model's architecture and name)", group="API related",
+        supported=["hermes", "qwen", "qwen25", "llama3", "llama3_json", "auto"],
+        value_map={"llama3_json": "llama3", "qwen": "hermes", "qwen25": "hermes", "auto": None}, unsupported_hint="this tool call format is not supported yet")
+    file_storage_path: str | None = option(
+        None, "folder for /v1/files uploads and /v1/batches state "
+              "(default: $XDG_DATA_HOME/radixserve/storage, i.e. ~/.local/share/radixserve/storage)",
+        group="API related")
 
-    # Security between services
-    grpc_tls_cert: str | None = None
-    grpc_tls_key: str | None = None
-    grpc_tls_ca: str | None = None
-    # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else no token. Secret: never in to_cli (argv shows in `ps`).
-    grpc_auth_token: str | None = field(default=None, metadata={"secret": True})
+    # -- Data parallelism: dp_size scheduler + executor pairs (replicas), each with its own KV and radix
+    # cache; the gateway routes each request to one of them (services/gateway/dp_router.py).
+    dp_size: int = option(
+        1, "data parallel size: run this many scheduler + executor replicas, each with its own KV cache and prefix "
+           "cache (and --tp-size shards); the gateway routes each request to one of them. Replica i listens at the "
+           "i-th address of --scheduler-addr / --executor-addr, or, when one address is given, at its port + "
+           f"i * {DP_PORT_STRIDE}", group="Data parallelism", aliases=("--data-parallel-size", "--dp", "-dp"))
+    load_balance_method: str = option(
+        "cache_aware", "how the gateway picks a replica (--dp-size > 1): round_robin | shortest_queue (fewest "
+                       "requests in flight) | cache_aware (the replica that most likely caches the prompt's prefix, "
+                       "unless the load is too uneven); SGLang's auto is round_robin, total_requests shortest_queue",
+        group="Data parallelism",
+        choices=["round_robin", "shortest_queue", "cache_aware", "auto", "total_requests", "total_tokens",
+                 "minimum_tokens", "follow_bootstrap_room"],
+        supported=["round_robin", "shortest_queue", "cache_aware", "auto", "total_requests"],
+        value_map={"auto": "round_robin", "total_requests": "shortest_queue"}, unsupported_hint="not supported yet")
+    dp_rank: int | None = option(
+        None, "this process's data-parallel replica (set by `serve` on each replica's scheduler and executor)",
+        group="Data parallelism")
 
-    # Observability
-    otlp_traces_endpoint: str | None = None  # None: tracing off
-    trace_sample_ratio: float = 1.0
-    enable_metrics: bool = False
-    log_requests: bool = False
+    # -- Multi-node distributed serving: tp_size shards over nnodes nodes; node k holds ranks k*tp_size/nnodes...
+    dist_init_addr: str | None = option(
+        None, "HOST:PORT where rank 0 (node 0) serves the shards' rendezvous; needed with --nnodes > 1 "
+              "(default: a free loopback port)", group="Multi-node distributed serving", aliases=("--nccl-init-addr",))
+    nnodes: int = option(1, "number of nodes the tensor-parallel shards span", group="Multi-node distributed serving")
+    node_rank: int = option(
+        0, "this node's index (0..nnodes-1); nodes other than 0 run only executor shards, which join node 0's group",
+        group="Multi-node distributed serving")
 
-    # Logging
-    log_level: str = "info"
+    # -- Kernel backends
+    attention_backend: str | None = option(
+        None, "triton | torch_native (default: triton on CUDA, torch_native on CPU)", group="Kernel backends",
+        choices=_SGLANG_ATTENTION_BACKENDS, supported=["triton", "torch_native"],
+        unsupported_hint="not available here; use triton (CUDA) or torch_native")
+
+    # -- Expert parallelism
+    ep_size: int = option(
+        1, "expert parallel size for MoE models: the experts are split over this many groups of the --tp-size shards "
+           "(each group holds E / ep_size experts; within a group the tp_size / ep_size shards split each expert's "
+           "intermediate size); must divide --tp-size", group="Expert parallelism",
+        aliases=("--expert-parallel-size", "--ep"))
+    enable_ep_moe: bool = option(False, "expert parallelism over all tensor-parallel shards (--ep-size = --tp-size)",
+                                 group="Expert parallelism")
+
+    # -- Optimization/debug options
+    disable_radix_cache: bool = option(False, "do not reuse KV across requests", group="Optimization/debug options")
+    cuda_graph_max_bs: int = option(256, "largest decode batch replayed from a captured CUDA graph",
+                                    group="Optimization/debug options", aliases=("--cuda-graph-max-bs-decode",))
+    disable_cuda_graph: bool = option(False, "run every step eagerly (no CUDA graphs)",
+                                      group="Optimization/debug options")
+    disable_overlap_schedule: bool = option(False, "plan each step only after the previous one returned",
+                                            group="Optimization/debug options")
+
+    # -- Services and addresses: each service listens on its own and dials the others.
+    grpc_host: str = option("127.0.0.1", "host the gateway's public gRPC API binds to",
+                            group="Services and addresses (radixserve)")
+    gateway_grpc_port: int = option(DEFAULT_GRPC_PORTS["gateway"], "port of the gateway's public gRPC API",
+                                    group="Services and addresses (radixserve)")
+    tokenizer_worker_num: int = option(
+        1, "tokenizer processes: with one --tokenizer-addr, replica i listens at its port + i * 100",
+        group="Services and addresses (radixserve)")
+    detokenizer_worker_num: int = option(
+        1, "detokenizer processes: with one --detokenizer-addr, replica i listens at its port + i * 100",
+        group="Services and addresses (radixserve)")
+    tokenizer_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['tokenizer']}",
+                                 "host:port of the tokenizer service (comma-separated: replicas)",
+                                 group="Services and addresses (radixserve)")
+    scheduler_addr: str = option(
+        f"127.0.0.1:{DEFAULT_GRPC_PORTS['scheduler']}",
+        "host:port of the scheduler service (with --dp-size N: N comma-separated addresses, or one whose port is "
+        "replica 0's)", group="Services and addresses (radixserve)")
+    executor_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}",
+                                "host:port of the executor service (with --dp-size N: as --scheduler-addr)",
+                                group="Services and addresses (radixserve)")
+    detokenizer_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}",
+                                   "host:port of the detokenizer service (comma-separated: replicas)",
+                                   group="Services and addresses (radixserve)")
+
+    # -- Limits and lifecycle
+    max_payload_size: int = option(32 * 1024 * 1024, "largest HTTP request body in bytes; a larger one gets 413",
+                                   group="Limits and lifecycle (radixserve)")
+    allow_auto_truncate: bool = option(
+        False, "keep the last tokens of a prompt longer than the context instead of answering 400",
+        group="Limits and lifecycle (radixserve)")
+    request_timeout: float | None = option(
+        None, "seconds a request may take end to end before it is aborted (default: no limit)",
+        group="Limits and lifecycle (radixserve)")
+    shutdown_timeout: float = option(30.0, "on SIGTERM, seconds accepted requests get to finish before the process "
+                                           "exits", group="Limits and lifecycle (radixserve)")
+
+    # -- Security between services
+    grpc_tls_cert: str | None = option(None, "PEM certificate of this service's gRPC server (TLS between services)",
+                                       group="Security between services (radixserve)")
+    grpc_tls_key: str | None = option(None, "PEM private key for --grpc-tls-cert",
+                                      group="Security between services (radixserve)")
+    grpc_tls_ca: str | None = option(None, "PEM CA bundle that signs the other services' certificates (clients "
+                                           "verify with it)", group="Security between services (radixserve)")
+    # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else no token.
+    grpc_auth_token: str | None = option(
+        None, "shared secret sent in gRPC metadata between services and required by every service "
+              "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)", group="Security between services (radixserve)", secret=True)
 
     # Which service this process is (set by the CLI, not a flag).
-    service: str = field(default="serve", metadata={"cli": False})
+    service: str = option("serve", "", group="Runtime options", cli=False)
 
     def listen_addr(self, service: str) -> str:
         """The host:port a service binds its gRPC server to."""
@@ -128,8 +370,8 @@ class ServerArgs:
     def to_cli(self) -> list[str]:
         """This config as command-line flags (for starting child processes)."""
         argv: list[str] = []
-        for f in dataclasses.fields(self):
-            if f.metadata.get("cli") is False or f.metadata.get("secret"):
+        for f in flag_fields():
+            if f.metadata["secret"]:
                 continue
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
@@ -143,98 +385,15 @@ class ServerArgs:
         return argv
 
 
-_HELP = {
-    "model_path": "HF model folder, .gguf file, or folder holding one; default: the embedded SmolLM2-135M-Instruct",
-    "tokenizer_path": "tokenizer folder (default: the model's)",
-    "served_model_name": "model name reported by the API (default: derived from the model path)",
-    "chat_template": "a Jinja chat template, or a file holding one, to use instead of the model's",
-    "dtype": "auto | bfloat16 | float16 | float32 (auto: the config's dtype)",
-    "context_length": "longest prompt + generation (default: the model's max_position_embeddings)",
-    "load_format": "auto | safetensors | gguf | dummy (random weights)",
-    "device": "auto | cpu | cuda | cuda:N",
-    "random_seed": "seed for dummy weights and unseeded sampling",
-    "skip_tokenizer_init": "run without a tokenizer (token ids in, token ids out)",
-    "tool_call_parser": "format of the model's tool calls: hermes (Qwen, Hermes) | llama3 "
-                        "(default: chosen from the model's architecture and name)",
-    "is_embedding": "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as "
-                    "their sentence-transformers config says, decoders on the last token and L2-normalized",
-    "host": "HTTP host of the gateway",
-    "port": "HTTP port of the gateway",
-    "api_key": "require `Authorization: Bearer KEY` on every HTTP route but /health and on the gRPC API",
-    "file_storage_path": "folder for /v1/files uploads and /v1/batches state "
-                         "(default: $XDG_DATA_HOME/radixserve/storage, i.e. ~/.local/share/radixserve/storage)",
-    "mem_fraction_static": "fraction of device memory for weights + KV cache",
-    "max_running_requests": "most requests decoded together",
-    "max_total_tokens": "KV pool size in tokens (overrides --mem-fraction-static)",
-    "max_prefill_tokens": "most prompt tokens run in one prefill step",
-    "chunked_prefill_size": "longest prompt chunk run in one step (-1: prefill each prompt whole)",
-    "enable_mixed_chunk": "run a prefill chunk and the running requests' decode tokens in one step",
-    "page_size": "KV slots per page: allocation and prefix-cache reuse happen in whole pages",
-    "attention_backend": "triton | torch_native | flashinfer (default: triton on CUDA, torch_native on CPU)",
-    "cuda_graph_max_bs": "largest decode batch replayed from a captured CUDA graph",
-    "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
-    "tp_size": "tensor parallel size: the executor runs this many shards (one per GPU; on CPU, all on the host), "
-               "split evenly over --nnodes nodes",
-    "nnodes": "number of nodes the tensor-parallel shards span",
-    "node_rank": "this node's index (0..nnodes-1); nodes other than 0 run only executor shards, which join "
-                 "node 0's group",
-    "dist_init_addr": "HOST:PORT where rank 0 (node 0) serves the shards' rendezvous; needed with --nnodes > 1 "
-                      "(default: a free loopback port)",
-    "tp_rank": "this shard's tensor-parallel rank (set by the executor on the shards it starts; "
-               "default: the first rank of --node-rank)",
-    "ep_size": "expert parallel size for MoE models: the experts are split over this many groups of the "
-               "--tp-size shards (each group holds E / ep_size experts; within a group the tp_size / ep_size "
-               "shards split each expert's intermediate size); must divide --tp-size",
-    "base_gpu_id": "the first CUDA device the executor uses: shard k of a node takes cuda:(base_gpu_id + k) "
-                   "(`serve --dp-size N` gives replica i base_gpu_id + i * tp_size)",
-    "dp_size": "data parallel size: run this many scheduler + executor replicas, each with its own KV cache and "
-               "prefix cache (and --tp-size shards); the gateway routes each request to one of them. Replica i "
-               "listens at the i-th address of --scheduler-addr / --executor-addr, or, when one address is given, "
-               f"at its port + i * {DP_PORT_STRIDE}",
-    "load_balance_method": "how the gateway picks a replica (--dp-size > 1): round_robin | shortest_queue (fewest "
-                           "requests in flight) | cache_aware (the replica that most likely caches the prompt's "
-                           "prefix, unless the load is too uneven)",
-    "dp_rank": "this process's data-parallel replica (set by `serve` on each replica's scheduler and executor)",
-    "schedule_policy": "fcfs (arrival order) | lpm (longest cached prefix first)",
-    "disable_radix_cache": "do not reuse KV across requests",
-    "disable_overlap_schedule": "plan each step only after the previous one returned",
-    "grpc_host": "host the gateway's public gRPC API binds to",
-    "gateway_grpc_port": "port of the gateway's public gRPC API",
-    "tokenizer_addr": "host:port of the tokenizer service",
-    "scheduler_addr": "host:port of the scheduler service (with --dp-size N: N comma-separated addresses, or "
-                      "one whose port is replica 0's)",
-    "executor_addr": "host:port of the executor service (with --dp-size N: as --scheduler-addr)",
-    "detokenizer_addr": "host:port of the detokenizer service",
-    "log_level": "debug | info | warning | error",
-    "max_payload_size": "largest HTTP request body in bytes; a larger one gets 413",
-    "allow_auto_truncate": "keep the last tokens of a prompt longer than the context instead of answering 400",
-    "max_queued_requests": "most requests waiting to run; past it new requests get 503 with Retry-After",
-    "request_timeout": "seconds a request may take end to end before it is aborted (default: no limit)",
-    "shutdown_timeout": "on SIGTERM, seconds accepted requests get to finish before the process exits",
-    "watchdog_timeout": "seconds one executor step may run before it is reported hung and the executor restarted",
-    "grpc_tls_cert": "PEM certificate of this service's gRPC server (TLS between services)",
-    "grpc_tls_key": "PEM private key for --grpc-tls-cert",
-    "grpc_tls_ca": "PEM CA bundle that signs the other services' certificates (clients verify with it)",
-    "grpc_auth_token": "shared secret sent in gRPC metadata between services and required by every service "
-                       "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)",
-    "otlp_traces_endpoint": "send OpenTelemetry traces to this OTLP gRPC endpoint, e.g. localhost:4317 "
-                            "(needs `pip install radixserve[tracing]`; default: tracing off)",
-    "trace_sample_ratio": "fraction of requests traced (parent-based: an incoming sampled traceparent is honoured)",
-    "enable_metrics": "serve Prometheus metrics at the gateway's /metrics (the scheduler's included)",
-    "log_requests": "log each request's id, trace id, parameters and outcome",
-}
-
-_CHOICES = {
-    "dtype": ["auto", "bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"],
-    "load_format": ["auto", "safetensors", "gguf", "dummy"],
-    "schedule_policy": ["fcfs", "lpm"],
-    "attention_backend": ["triton", "torch_native", "flashinfer"],
-    "log_level": ["debug", "info", "warning", "error", "critical"],
-    "load_balance_method": ["round_robin", "shortest_queue", "cache_aware"],
-}
+def flag_fields() -> list[dataclasses.Field]:
+    """The ServerArgs fields that are flags."""
+    return [f for f in dataclasses.fields(ServerArgs) if f.metadata["cli"]]
 
 
-_ALIASES = {"tp_size": ["--tp"], "dist_init_addr": ["--nccl-init-addr"], "dp_size": ["--dp"], "ep_size": ["--ep"]}
+def supported_choices(f: dataclasses.Field) -> list | None:
+    """The values of a choice flag that this version honours (None: not a choice flag)."""
+    choices, supported = f.metadata["choices"], f.metadata["supported"]
+    return choices if supported is None else supported
 
 
 def env_name(dest: str) -> str:
@@ -248,13 +407,28 @@ def _env_value(dest: str) -> str | None:
     return raw or None
 
 
-def _env_default(parser: argparse.ArgumentParser, dest: str, default, kind=None, choices=None):
+def _unsupported_message(f: dataclasses.Field, value) -> str | None:
+    """Why a value SGLang accepts is refused here, or None when it is honoured."""
+    supported = f.metadata["supported"]
+    if supported is None or value is None or value in supported:
+        return None
+    flag = "--" + f.name.replace("_", "-")
+    also = f" (supported here: {', '.join(map(str, supported))})" if supported else ""
+    return f"{flag} {value}: {f.metadata['unsupported_hint']}{also}"
+
+
+def _mapped(f: dataclasses.Field, value):
+    """A supported value as this version names it (value_map)."""
+    return f.metadata["value_map"].get(value, value)
+
+
+def _env_default(parser: argparse.ArgumentParser, f: dataclasses.Field, kind=None):
     """The flag's default: its environment variable's value when set, converted like the flag.
     A value the flag would refuse stops the program (exit code 2, as for a bad flag)."""
-    raw = _env_value(dest)
+    raw = _env_value(f.name)
     if raw is None:
-        return default
-    name = env_name(dest)
+        return f.default
+    name = env_name(f.name)
 
     def refuse(why: str):
         parser.exit(2, f"{parser.prog.split()[0]}: error: environment variable {name}={raw!r}: {why}\n")
@@ -269,42 +443,166 @@ def _env_default(parser: argparse.ArgumentParser, dest: str, default, kind=None,
     if kind is not None:
         try:
             value = kind(raw)
-        except ValueError:
-            refuse(f"not a valid {kind.__name__}")
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            refuse(str(e) if isinstance(e, argparse.ArgumentTypeError) else f"not a valid {kind.__name__}")
+    choices = f.metadata["choices"]
     if choices is not None and value not in choices:
         refuse(f"invalid choice (choose from {', '.join(choices)})")
-    return value
+    if (why := _unsupported_message(f, value)) is not None:
+        refuse(why)
+    return _mapped(f, value)
+
+
+class _FieldAction(argparse.Action):
+    """Stores a flag's value: one of several (vLLM's nargs +) only; a value SGLang has but this version
+    does not is refused (exit 2, with the flag's hint); other projects' names mapped to this one's."""
+
+    def __init__(self, *args, server_field: dataclasses.Field, **kwargs):
+        self.server_field = server_field
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        f = self.server_field
+        if f.metadata["one_of_many"]:
+            if len(values) != 1:
+                parser.exit(2, f"{parser.prog}: error: {option_string} got {len(values)} values: "
+                               f"{f.metadata['one_of_many']}\n")
+            values = values[0]
+        if (why := _unsupported_message(f, values)) is not None:
+            parser.exit(2, f"{parser.prog}: error: {why}\n")
+        setattr(namespace, self.dest, _mapped(f, values))
 
 
 ENV_EPILOG = (f"Every flag can also be set in the environment as {ENV_PREFIX}<FLAG>: the flag's name upper-cased "
               f"with _ (--model-path: {ENV_PREFIX}MODEL_PATH; booleans 1/true/yes/on or 0/false/no/off). "
-              "Flags on the command line win.")
+              "Flags on the command line win. SGLang's and vLLM's other flags are accepted with a warning where "
+              "they cannot change what is served, and refused with a reason otherwise.")
 
 
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """The ServerArgs flags, with defaults taken from RADIXSERVE_* environment variables where set."""
+def _field_type(f: dataclasses.Field):
+    ftype = f.type if isinstance(f.type, str) else f.type.__name__
+    if f.metadata["tokens"]:
+        return human_int
+    if f.name == "device":
+        return device_name
+    if "int" in ftype:
+        return int
+    if "float" in ftype:
+        return float
+    return None
+
+
+def add_server_args(parser: argparse.ArgumentParser, with_foreign: bool = True) -> None:
+    """The ServerArgs flags in SGLang's help sections, with defaults taken from RADIXSERVE_* environment
+    variables where set; then (with_foreign) SGLang's and vLLM's other flags (foreign_flags.py)."""
+    from radixserve.common import foreign_flags
+
     if parser.epilog is None:
         parser.epilog = ENV_EPILOG
-    for f in dataclasses.fields(ServerArgs):
-        if f.metadata.get("cli") is False:
-            continue
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of flags (`model-path: M`, `tp-size: 2`, "
+                        "`disable-radix-cache: true`), as SGLang's --config; the command line wins")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in flag_fields():
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        kwargs: dict = {"dest": f.name, "help": _HELP.get(f.name, "")}
-        if isinstance(default, bool):
+        kwargs: dict = {"dest": f.name, "help": f.metadata["help"]}
+        if isinstance(f.default, bool):
             # --flag / --no-flag, so that the command line can turn off what the environment turned on.
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=_env_default(parser, f.name, default, bool), **kwargs)
+            group.add_argument(flag, *f.metadata["aliases"], action=argparse.BooleanOptionalAction,
+                               default=_env_default(parser, f, bool), **kwargs)
             continue
-        ftype = f.type if isinstance(f.type, str) else f.type.__name__
-        if "int" in ftype:
-            kwargs["type"] = int
-        elif "float" in ftype:
-            kwargs["type"] = float
-        if f.name in _CHOICES:
-            kwargs["choices"] = _CHOICES[f.name]
-        kwargs["default"] = _env_default(parser, f.name, default, kwargs.get("type"), kwargs.get("choices"))
-        parser.add_argument(flag, *_ALIASES.get(f.name, []), **kwargs)
+        kind = _field_type(f)
+        if kind is not None:
+            kwargs["type"] = kind
+        if f.metadata["choices"] is not None:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.metadata["supported"] is not None or f.metadata["one_of_many"] or f.metadata["value_map"]:
+            kwargs.update(action=_FieldAction, server_field=f)
+            if f.metadata["supported"]:
+                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["supported"])) + "}"
+            if f.metadata["one_of_many"]:
+                kwargs["nargs"] = "+"
+                kwargs["metavar"] = f.name.upper()
+        kwargs["default"] = _env_default(parser, f, kind)
+        group.add_argument(flag, *f.metadata["aliases"], **kwargs)
+    if with_foreign:
+        foreign_flags.add_foreign_flags(parser)
+
+
+_BOOL_FLAGS = {f.name for f in flag_fields() if isinstance(f.default, bool)}
+
+
+def load_config_file(argv: list[str]) -> list[str]:
+    """argv with the flags of a `--config FILE` (YAML: flag names with or without `--`, `-` or `_`)
+    put before the command line's own, so that the command line wins. SGLang's --config."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    rest, path = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if not path:
+        raise SystemExit("error: --config needs a file")
+    import yaml
+
+    try:
+        doc = yaml.safe_load(pathlib.Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: --config {path}: {e}") from e
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SystemExit(f"error: --config {path}: expected a mapping of flags to values")
+    from_file: list[str] = []
+    for key, value in doc.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        if value is True:
+            from_file.append(flag)
+        elif value is False:
+            if flag[2:].replace("-", "_") in _BOOL_FLAGS:
+                from_file.append("--no-" + flag[2:])  # off, even if the environment turned it on
+        elif value is None:
+            continue
+        elif isinstance(value, list):
+            from_file += [flag, *map(str, value)]
+        else:
+            from_file += [flag, str(value)]
+    # The service name (argv[0] for the subcommand parsers) stays first.
+    return from_file + rest
+
+
+def normalize(args: ServerArgs) -> ServerArgs:
+    """Flags that set others, as SGLang reads them: --enable-ep-moe is --ep-size = --tp-size, --enable-trace
+    traces to localhost:4317 unless --otlp-traces-endpoint says where, --quantization gguf loads a GGUF,
+    --tokenizer-worker-num / --detokenizer-worker-num spread one address into that many replicas.
+    Raises FlagError for flags that parse but do not fit together."""
+    changes: dict = {}
+    if args.enable_ep_moe and args.ep_size != args.tp_size:
+        changes["ep_size"] = args.tp_size
+    if args.enable_trace and not args.otlp_traces_endpoint:
+        changes["otlp_traces_endpoint"] = "localhost:4317"
+    if args.quantization == "gguf" and args.load_format == "auto":
+        changes["load_format"] = "gguf"
+    if args.kv_cache_dtype in ("bf16", "bfloat16") and args.dtype not in ("bfloat16", "bf16"):
+        raise FlagError(f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the model's dtype here; "
+                        "pass --dtype bfloat16 with it, or leave --kv-cache-dtype at auto")
+    if args.schedule_conservativeness < 0:
+        raise FlagError("--schedule-conservativeness must be at least 0")
+    for service in ("tokenizer", "detokenizer"):
+        count, addrs = getattr(args, f"{service}_worker_num"), getattr(args, f"{service}_addr")
+        if count < 1:
+            raise FlagError(f"--{service}-worker-num must be at least 1")
+        if count > 1:
+            try:
+                changes[f"{service}_addr"] = ",".join(replica_addrs(addrs, count))
+            except ValueError as e:
+                raise FlagError(f"--{service}-worker-num {count}: --{service}-addr {e}") from e
+    return dataclasses.replace(args, **changes) if changes else args
 
 
 def check_parallelism(args: ServerArgs) -> None:
@@ -365,7 +663,7 @@ def replica_addrs(value: str, dp_size: int) -> list[str]:
     if len(addrs) == dp_size:
         return addrs
     if len(addrs) != 1:
-        raise ValueError(f"{len(addrs)} addresses for --dp-size {dp_size}: give {dp_size}, or one")
+        raise ValueError(f"{len(addrs)} addresses for {dp_size} replicas: give {dp_size}, or one")
     host, _, port = addrs[0].rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"{addrs[0]!r} is not HOST:PORT")
@@ -387,5 +685,11 @@ def replica_args(args: ServerArgs, index: int) -> ServerArgs:
 
 
 def args_from_namespace(ns: argparse.Namespace, service: str) -> ServerArgs:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ServerArgs) if hasattr(ns, f.name)}
-    return ServerArgs(**values, service=service)
+    """The ServerArgs of parsed flags, normalized (see normalize); raises FlagError for flags that do not fit."""
+    from radixserve.common.foreign_flags import after_parse
+
+    values = {f.name: getattr(ns, f.name) for f in flag_fields() if hasattr(ns, f.name)}
+    args, why = after_parse(ns, normalize(ServerArgs(**values, service=service)))
+    if why is not None:
+        raise FlagError(why)
+    return args

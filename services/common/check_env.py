@@ -37,7 +37,7 @@ def collect_env() -> dict[str, str]:
     except ImportError:
         pass
     try:
-        from services.common.model_files import embedded_gguf
+        from radixserve.common.model_files import embedded_gguf
         env["Embedded model"] = str(embedded_gguf())
     except FileNotFoundError as e:
         env["Embedded model"] = f"missing ({e})"

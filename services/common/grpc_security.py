@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from services.common import grpc_util
-from services.common.args import ServerArgs
+from radixserve.common import grpc_util
+from radixserve.common.args import ServerArgs
 
 TOKEN_ENV = "RADIXSERVE_GRPC_AUTH_TOKEN"
 TOKEN_METADATA_KEY = "x-radixserve-grpc-token"

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
-from services.common import tracing
+from radixserve.common import tracing
 
 SHUTDOWN_GRACE_S = 5.0
 

@@ -13,7 +13,7 @@ class RequestContextFilter(logging.Filter):
     """Adds `context`: " [rid=... trace=...]" for records logged while serving a request, else ""."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from services.common.tracing import current_trace_id
+        from radixserve.common.tracing import current_trace_id
         parts = []
         if rid := request_id.get():
             parts.append(f"rid={rid}")

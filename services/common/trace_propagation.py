@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, Sa
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from services.common import tracing
+from radixserve.common import tracing
 
 _propagator = TraceContextTextMapPropagator()
 _TRACE_HEADERS = ("traceparent", "tracestate")

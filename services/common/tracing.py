@@ -58,8 +58,8 @@ def setup(service: str, endpoint: str | None, sample_ratio: float = 1.0, exporte
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     except ImportError as e:
         raise SystemExit(f"error: {INSTALL_HINT} ({e})") from None
-    from services.common import grpc_util
-    from services.common.trace_propagation import ClientTracingInterceptor, ServerTracingInterceptor, sampler
+    from radixserve.common import grpc_util
+    from radixserve.common.trace_propagation import ClientTracingInterceptor, ServerTracingInterceptor, sampler
 
     if exporter is None:
         url = endpoint if "://" in endpoint else f"http://{endpoint}"

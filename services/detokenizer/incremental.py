@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.detokenizer.stop_strings import scan_for_stops
+from radixserve.detokenizer.stop_strings import scan_for_stops
 
 REPLACEMENT_CHAR = "\ufffd"
 

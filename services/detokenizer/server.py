@@ -12,13 +12,13 @@ import grpc
 from transformers import PreTrainedTokenizerBase
 
 from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
-from services.common import grpc_util, tracing
-from services.common.args import ServerArgs
-from services.common.grpc_security import install_from_args
-from services.common.log import setup_logging
-from services.detokenizer.incremental import DecodeState, DecodeStep, decode_step
-from services.tokenizer.core import load_tokenizer, tokenizer_folder
-from services.common.lifecycle import run_service, run_until_signalled
+from radixserve.common import grpc_util, tracing
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_security import install_from_args
+from radixserve.common.log import setup_logging
+from radixserve.detokenizer.incremental import DecodeState, DecodeStep, decode_step
+from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
+from radixserve.common.lifecycle import run_service, run_until_signalled
 
 log = logging.getLogger("radixserve.detokenizer")
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from services.executor.attention.metadata import ExtendSeq, TableMeta
-from services.executor.request_state import RequestState
-from services.executor.slot_table import SlotTable
-from services.executor.step_io import StepError, StepInput
+from radixserve.executor.attention.metadata import ExtendSeq, TableMeta
+from radixserve.executor.request_state import RequestState
+from radixserve.executor.slot_table import SlotTable
+from radixserve.executor.step_io import StepError, StepInput
 
 
 @dataclass

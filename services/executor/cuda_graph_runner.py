@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from services.executor.attention.metadata import ForwardBatch, TableMeta, forward_context
+from radixserve.executor.attention.metadata import ForwardBatch, TableMeta, forward_context
 
 log = logging.getLogger("radixserve.executor.cuda_graph")
 

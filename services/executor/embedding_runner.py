@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from services.common.args import ServerArgs
-from services.executor.attention.metadata import ExtendSeq, ForwardBatch, forward_context
-from services.executor.attention.no_cache import NoCacheCausalBackend
-from services.executor.model_config import ModelConfig, dtype_name, resolve_device
-from services.executor.models.bert import BertModel
-from services.executor.pooling import PoolingConfig
-from services.executor.runner import ModelInfo, load_model
-from services.executor.step_io import StepError, StepInput
+from radixserve.common.args import ServerArgs
+from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, forward_context
+from radixserve.executor.attention.no_cache import NoCacheCausalBackend
+from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
+from radixserve.executor.models.bert import BertModel
+from radixserve.executor.pooling import PoolingConfig
+from radixserve.executor.runner import ModelInfo, load_model
+from radixserve.executor.step_io import StepError, StepInput
 
 
 class EmbedInputError(ValueError):
@@ -62,8 +62,10 @@ class EmbeddingRunner:
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> "EmbeddingRunner":
-        from services.common.model_files import resolve_model_path
-        return cls(resolve_model_path(args.model_path), dtype=args.dtype, device=args.device,
+        from radixserve.common.model_files import resolve_model_path
+        folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
+                                    weights=args.load_format != "dummy")
+        return cls(folder, dtype=args.dtype, device=args.device,
                    load_format=args.load_format, context_length=args.context_length, random_seed=args.random_seed)
 
     def model_info(self) -> ModelInfo:

@@ -16,10 +16,10 @@ import logging
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from kernels import cpu_decode
-from services.executor.attention.metadata import ForwardBatch
-from services.executor.layers.activation import SiluAndMul
-from services.executor.parallel_state import tp_size
+from radixserve.kernels import cpu_decode
+from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.layers.activation import SiluAndMul
+from radixserve.executor.parallel_state import tp_size
 
 log = logging.getLogger("radixserve.executor.fast_decode")
 
@@ -41,7 +41,7 @@ class FastDecode:
     @classmethod
     def build(cls, runner) -> "FastDecode | None":
         """The fast path for this runner's model, or None where it does not apply (reason logged)."""
-        from services.executor.models.llama import LlamaForCausalLM
+        from radixserve.executor.models.llama import LlamaForCausalLM
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.bfloat16 or tp_size() != 1:
             return None

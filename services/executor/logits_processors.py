@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from services.executor.penalty_table import PenaltyTable
-from services.executor.step_io import NewRequest, SamplingParams, StepInput
+from radixserve.executor.penalty_table import PenaltyTable
+from radixserve.executor.step_io import NewRequest, SamplingParams, StepInput
 
 if TYPE_CHECKING:
-    from services.executor.request_state import RequestState
+    from radixserve.executor.request_state import RequestState
 
 BITS_PER_WORD = 32
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.executor.logits_processors import LogitsState
-from services.executor.step_io import SamplingParams
+from radixserve.executor.logits_processors import LogitsState
+from radixserve.executor.step_io import SamplingParams
 
 
 @dataclass

@@ -14,22 +14,23 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.args import ServerArgs
-from services.executor.attention.metadata import ForwardBatch, forward_context
-from services.executor.attention.registry import create_attention_backend
-from services.executor.batch_builder import BatchBuilder, BuiltBatch
-from services.executor.fast_decode import FastDecode
-from services.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
-from services.executor.logits_processors import LogitsProcessor, step_bitmasks
-from services.executor.model_config import ModelConfig, dtype_name, resolve_device
-from services.executor.models.bert import BertModel
-from services.executor.models.registry import get_model_class
-from services.executor.parallel_state import agree_int, broadcast_from_rank0, tp_local_size, tp_rank
-from services.executor.request_state import RequestState
-from services.executor.sampling import DeviceSample, sample_on_device
-from services.executor.slot_table import SlotTable
-from services.executor.step_io import RequestOutput, StepInput, StepOutput
-from services.executor.weights import init_dummy_weights, iterate_safetensors
+from radixserve.common.args import ServerArgs
+from radixserve.common.phase_clock import PhaseClock
+from radixserve.executor.attention.metadata import ForwardBatch, forward_context
+from radixserve.executor.attention.registry import create_attention_backend
+from radixserve.executor.batch_builder import BatchBuilder, BuiltBatch
+from radixserve.executor.fast_decode import FastDecode
+from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
+from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
+from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
+from radixserve.executor.models.bert import BertModel
+from radixserve.executor.models.registry import get_model_class
+from radixserve.executor.parallel_state import agree_int, broadcast_from_rank0, tp_local_size, tp_rank
+from radixserve.executor.request_state import RequestState
+from radixserve.executor.sampling import DeviceSample, sample_on_device
+from radixserve.executor.slot_table import SlotTable
+from radixserve.executor.step_io import RequestOutput, StepInput, StepOutput
+from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
 
@@ -94,9 +95,10 @@ class ModelRunner:
                  max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
                  random_seed: int | None = None, attention_backend: str | None = None,
                  max_running_requests: int | None = None, cuda_graph_max_bs: int = 0, keep_logits: bool = True,
-                 host_replicas: int = 1):
+                 host_replicas: int = 1, clock: PhaseClock | None = None):
         """host_replicas: data-parallel replicas on this host (--dp-size); on the CPU they share its cores
-        and memory with this one, as its tensor-parallel shards do."""
+        and memory with this one, as its tensor-parallel shards do. clock: times the start's phases."""
+        self.clock = clock = clock or PhaseClock()
         self.device = resolve_device(device)
         # StepOutput.logits for callers that read them (tests, parity checks); the server does not.
         self.keep_logits = keep_logits
@@ -107,7 +109,8 @@ class ModelRunner:
         self.samples = tp_rank() == 0
         self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
         self.dtype = self.config.dtype
-        self.model = self._load_model(load_format, random_seed)
+        with clock.phase("load weights"):
+            self.model = self._load_model(load_format, random_seed)
         # Summed over the shards (a replicated tensor, e.g. a norm, counts once per shard).
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
@@ -116,9 +119,11 @@ class ModelRunner:
         per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype)
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
         sizing_per_token = per_token * (tp_local_size() * host_replicas if self.device.type == "cpu" else 1)
-        self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, max_total_tokens,
-                                                   mem_fraction_static), "min")
-        self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        with clock.phase("KV pool"):
+            self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, max_total_tokens,
+                                                       mem_fraction_static), "min")
+            self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype,
+                                  self.device)
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
         self.attn_backend = create_attention_backend(attention_backend, self.device, num_kv_heads)
@@ -133,10 +138,11 @@ class ModelRunner:
         # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
         # replays them in the same order (each runs every step rank 0 broadcasts).
         if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
-            from services.executor.cuda_graph_runner import CudaGraphRunner
+            from radixserve.executor.cuda_graph_runner import CudaGraphRunner
             max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
-            self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
-                                               max_bs, self.device)
+            with clock.phase("CUDA graphs"):
+                self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
+                                                   max_bs, self.device)
         self.states: dict[str, RequestState] = {}
         self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
@@ -147,14 +153,18 @@ class ModelRunner:
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> "ModelRunner":
-        from services.common.model_files import resolve_model_path
-        return cls(resolve_model_path(args.model_path), dtype=args.dtype, device=args.device,
+        from radixserve.common.model_files import resolve_model_path
+        clock = PhaseClock()
+        with clock.phase("resolve model"):
+            folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
+                                        weights=args.load_format != "dummy")
+        return cls(folder, dtype=args.dtype, device=args.device,
                    load_format=args.load_format, context_length=args.context_length,
                    max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
                    random_seed=args.random_seed, attention_backend=args.attention_backend,
                    max_running_requests=args.max_running_requests,
                    cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-                   keep_logits=False, host_replicas=args.dp_size)
+                   keep_logits=False, host_replicas=args.dp_size, clock=clock)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         if issubclass(get_model_class(self.config.architecture), BertModel):

@@ -19,27 +19,30 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 
 import grpc
 import torch
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from services.common.args import ServerArgs, replica_name
-from services.common.grpc_security import install_from_args
-from services.common import tracing
-from services.common.grpc_util import aio_server, bind
-from services.common.lifecycle import run_service, run_until_signalled
-from services.common.log import setup_logging
-from services.common.step_order import StepOrder
-from services.common.model_files import resolve_model_path
-from services.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
-from services.executor.parallel_state import destroy_tensor_parallel
-from services.executor.runner import LaunchedStep, ModelRunner, build_model_runner
-from services.executor.shard_group import NodeShards, ShardLayout, join_group, open_store, shard_device
-from services.executor.step_broadcast import TensorParallelLeader, follow
-from services.executor.step_tracing import StepTracer
-from services.executor.watchdog import StepWatchdog
-from services.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
+from radixserve.common.args import ServerArgs, replica_name
+from radixserve.common.grpc_security import install_from_args
+from radixserve.common import tracing
+from radixserve.common.grpc_util import aio_server, bind
+from radixserve.common.lifecycle import run_service, run_until_signalled
+from radixserve.common.log import setup_logging
+from radixserve.common.step_order import StepOrder
+from radixserve.common.model_files import cache_root, resolve_model_path
+from radixserve.common.phase_clock import PhaseClock
+from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
+from radixserve.executor.parallel_state import destroy_tensor_parallel
+from radixserve.executor.runner import LaunchedStep, ModelRunner, build_model_runner
+from radixserve.executor.shard_group import NodeShards, ShardLayout, join_group, open_store, shard_device
+from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from radixserve.executor.step_tracing import StepTracer
+from radixserve.executor.warmup import run_warmup
+from radixserve.executor.watchdog import StepWatchdog
+from radixserve.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
                                        StepOutput)
 
 log = logging.getLogger("radixserve.executor")
@@ -222,7 +225,9 @@ SHARD_STOP_TIMEOUT_S = 10.0
 def start_shard_group(args: ServerArgs) -> tuple[ServerArgs, ShardLayout, object, NodeShards | None]:
     """Tensor parallelism, on the main thread: the model resolved once for every shard, the group's
     store opened and the node's other shards started (by the node's first shard)."""
-    args = dataclasses.replace(args, model_path=str(resolve_model_path(args.model_path)))
+    folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
+                                weights=args.load_format != "dummy")
+    args = dataclasses.replace(args, model_path=str(folder))
     layout = ShardLayout.from_args(args)
     store, addr = open_store(args, layout)
     shards = NodeShards(args, layout, addr) if layout.starts_node_shards else None
@@ -271,9 +276,14 @@ async def serve(args: ServerArgs) -> None:
         runner = await loop.run_in_executor(worker, build, args)
         if args.tp_size > 1:
             runner = TensorParallelLeader(runner)
+        clock = getattr(getattr(runner, "runner", runner), "clock", None) or PhaseClock()
+        if not args.skip_server_warmup and not args.is_embedding:
+            with clock.phase("warm-up"):
+                await loop.run_in_executor(worker, run_warmup, runner, args)
         info = runner.model_info()
         log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
                  info.kv_slots, info.context_length)
+        log.info("startup: %s", clock.summary())
         watchdog = StepWatchdog(args.watchdog_timeout).start() if args.watchdog_timeout > 0 else None
         server, _ = await start_server(runner, args.executor_addr, worker, watchdog)
         log.info("executor ready on %s", args.executor_addr)
@@ -299,6 +309,9 @@ def run_shard(args: ServerArgs) -> int:
 
 
 def main(args: ServerArgs) -> int:
+    # Compiled Triton kernels and autotuning picks live with radixserve's other caches (a container's /cache
+    # volume), so that a restart loads them instead of compiling and timing again.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
     name = replica_name("executor", args.dp_rank)
     if args.tp_size > 1 and (rank := ShardLayout.from_args(args).rank) != 0:
         setup_logging(f"{name}-tp{rank}", args.log_level)

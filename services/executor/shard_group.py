@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from services.common.args import ServerArgs
-from services.executor.model_config import resolve_device
-from services.executor.parallel_state import init_tensor_parallel
-from services.supervisor import _child_setup, describe_exit, stop_processes
+from radixserve.common.args import ServerArgs
+from radixserve.executor.model_config import resolve_device
+from radixserve.executor.parallel_state import init_tensor_parallel
+from radixserve.supervisor import _child_setup, describe_exit, stop_processes
 
 log = logging.getLogger("radixserve.executor.shard_group")
 
@@ -102,7 +102,7 @@ class NodeShards:
         for local in range(1, layout.local_size):
             rank = layout.rank + local
             own = dataclasses.replace(args, tp_rank=rank, dist_init_addr=dist_init_addr)
-            cmd = [sys.executable, "-m", "services.cli", "executor", *own.to_cli()]
+            cmd = [sys.executable, "-m", "radixserve.cli", "executor", *own.to_cli()]
             proc = subprocess.Popen(cmd, preexec_fn=_child_setup)
             log.info("started tensor-parallel shard %d (pid %d)", rank, proc.pid)
             self.procs[f"shard {rank}"] = proc

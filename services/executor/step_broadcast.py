@@ -21,9 +21,9 @@ import os
 import sys
 from typing import Callable
 
-from services.executor.parallel_state import broadcast_control, receive_control
-from services.executor.runner import LaunchedStep
-from services.executor.step_io import SamplingParams, StepError, StepInput, StepOutput
+from radixserve.executor.parallel_state import broadcast_control, receive_control
+from radixserve.executor.runner import LaunchedStep
+from radixserve.executor.step_io import SamplingParams, StepError, StepInput, StepOutput
 
 log = logging.getLogger("radixserve.executor.step_broadcast")
 

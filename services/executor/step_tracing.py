@@ -13,7 +13,7 @@ token in the request's trace.
 from __future__ import annotations
 
 from radixserve.v1 import executor_pb2
-from services.common import tracing
+from radixserve.common import tracing
 
 
 class StepTracer:

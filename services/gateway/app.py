@@ -10,14 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.common.args import ServerArgs
-from services.gateway import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
-from services.gateway.auth import install_api_key
-from services.gateway.engine import Engine
-from services.gateway.errors import ApiError
-from services.gateway.payload_limit import install_payload_limit
-from services.gateway.request_tracing import untraced_http_request
-from services.gateway.sampling import validation_error
+from radixserve.common.args import ServerArgs
+from radixserve.gateway import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
+from radixserve.gateway.auth import install_api_key
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import ApiError
+from radixserve.gateway.payload_limit import install_payload_limit
+from radixserve.gateway.request_tracing import untraced_http_request
+from radixserve.gateway.sampling import validation_error
 
 log = logging.getLogger("radixserve.gateway.app")
 

@@ -8,8 +8,8 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from services.common.grpc_security import denying_handler
-from services.gateway.errors import ApiError
+from radixserve.common.grpc_security import denying_handler
+from radixserve.gateway.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/health_generate"})
 OPEN_GRPC_METHODS = frozenset({"/radixserve.v1.Gateway/Health"})

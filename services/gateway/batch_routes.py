@@ -9,12 +9,12 @@ from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict
 
-from services.common.args import ServerArgs
-from services.gateway.batch_runner import BatchRunner
-from services.gateway.errors import bad_request
-from services.gateway.file_store import UPLOAD_PURPOSES, BatchStore, FileStore, default_storage_path, page
-from services.gateway.protocol import openapi_body
-from services.gateway.sampling import parse_body
+from radixserve.common.args import ServerArgs
+from radixserve.gateway.batch_runner import BatchRunner
+from radixserve.gateway.errors import bad_request
+from radixserve.gateway.file_store import UPLOAD_PURPOSES, BatchStore, FileStore, default_storage_path, page
+from radixserve.gateway.protocol import openapi_body
+from radixserve.gateway.sampling import parse_body
 
 router = APIRouter()
 MAX_METADATA_PAIRS = 16

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from services.gateway.errors import ApiError, bad_request
-from services.gateway.file_store import BATCH_OUTPUT_PURPOSE, BatchStore, FileStore, new_id
+from radixserve.gateway.errors import ApiError, bad_request
+from radixserve.gateway.file_store import BATCH_OUTPUT_PURPOSE, BatchStore, FileStore, new_id
 
 log = logging.getLogger("radixserve.gateway.batch")
 

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 
 from radixserve.v1 import common_pb2
-from services.gateway.errors import bad_request
-from services.gateway.generation import ModelInfo
-from services.gateway.tool_parsers import (ConstrainedStreamingParser, ParsedOutput, StreamingToolParser, ToolParser,
+from radixserve.gateway.errors import bad_request
+from radixserve.gateway.generation import ModelInfo
+from radixserve.gateway.tool_parsers import (ConstrainedStreamingParser, ParsedOutput, StreamingToolParser, ToolParser,
                                            default_tool_parser_name, get_tool_parser, parse_constrained_output,
                                            resolve_tool_choice, tool_call_json_schema)
 

@@ -8,8 +8,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from radixserve.v1 import common_pb2
-from services.gateway.engine import Engine
-from services.gateway.generation import Completion, Delta, Finish, PreparedRequest
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.generation import Completion, Delta, Finish, PreparedRequest
 
 UINT64_MASK = (1 << 64) - 1
 

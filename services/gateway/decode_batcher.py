@@ -13,7 +13,7 @@ from collections.abc import Callable
 import grpc
 
 from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
-from services.gateway.errors import from_grpc
+from radixserve.gateway.errors import from_grpc
 
 MAX_BATCH_ITEMS = 512
 

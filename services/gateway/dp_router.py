@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from services.gateway.prefix_tree import PrefixTree
+from radixserve.gateway.prefix_tree import PrefixTree
 
 METHODS = ("round_robin", "shortest_queue", "cache_aware")
 CACHE_THRESHOLD = 0.5
@@ -75,6 +75,11 @@ class DataParallelRouter:
 
     def mark_unavailable(self, replica: int) -> None:
         self._unavailable_until[replica] = time.monotonic() + UNAVAILABLE_S
+
+    def mark_available(self, replica: int) -> None:
+        """The replica just passed a health probe: route to it again at once (a probe that failed while it
+        was still starting, e.g. warming up, must not keep it out after the server says ready)."""
+        self._unavailable_until[replica] = float("-inf")
 
     def _candidates(self) -> list[int]:
         """The available replicas (all when none is), in turn from the next one."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from services.gateway.errors import ApiError
+from radixserve.gateway.errors import ApiError
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", code="service_unavailable")
 

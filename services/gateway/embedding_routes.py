@@ -13,13 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from services.gateway.embeddings import encode_vector
-from services.gateway.engine import Engine
-from services.gateway.errors import bad_request
-from services.gateway.openai_routes import check_model
-from services.gateway.protocol import openapi_body
-from services.gateway.sampling import parse_body
-from services.gateway.sse import run_unless_disconnected
+from radixserve.gateway.embeddings import encode_vector
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import bad_request
+from radixserve.gateway.openai_routes import check_model
+from radixserve.gateway.protocol import openapi_body
+from radixserve.gateway.sampling import parse_body
+from radixserve.gateway.sse import run_unless_disconnected
 
 router = APIRouter()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from radixserve.v1 import scheduler_pb2
-from services.gateway.errors import bad_request
+from radixserve.gateway.errors import bad_request
 
 EMBEDDING_SERVER_ONLY = "this server serves embeddings (--is-embedding); use /v1/embeddings"
 GENERATION_SERVER_ONLY = "this server serves text generation; start it with --is-embedding to serve /v1/embeddings"

@@ -18,20 +18,20 @@ import grpc
 
 from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2,
                            tokenizer_pb2, tokenizer_pb2_grpc)
-from services.common.args import ServerArgs, replica_addrs
-from services.common.grpc_util import aio_channel
-from services.common.model_files import default_model_name
-from services.gateway.decode_batcher import DecodeBatcher
-from services.gateway.dp_router import DataParallelRouter
-from services.gateway.replicas import ReplicaSet, parse_addrs
-from services.gateway.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVER_ONLY, EmbeddingBatch,
+from radixserve.common.args import ServerArgs, replica_addrs
+from radixserve.common.grpc_util import aio_channel
+from radixserve.common.model_files import default_model_name
+from radixserve.gateway.decode_batcher import DecodeBatcher
+from radixserve.gateway.dp_router import DataParallelRouter
+from radixserve.gateway.replicas import ReplicaSet, parse_addrs
+from radixserve.gateway.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVER_ONLY, EmbeddingBatch,
                                          check_lengths)
-from services.gateway.request_telemetry import RequestTelemetry
-from services.gateway.scheduler_replicas import SchedulerReplicas
-from services.gateway.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
-from services.gateway.errors import ApiError, bad_request, from_grpc, from_status
-from services.gateway.metrics import GatewayMetrics, client_interceptors
-from services.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
+from radixserve.gateway.request_telemetry import RequestTelemetry
+from radixserve.gateway.scheduler_replicas import SchedulerReplicas
+from radixserve.gateway.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
+from radixserve.gateway.errors import ApiError, bad_request, from_grpc, from_status
+from radixserve.gateway.metrics import GatewayMetrics, client_interceptors
+from radixserve.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
                                          PreparedRequest)
 
 log = logging.getLogger("radixserve.gateway.engine")
@@ -53,7 +53,7 @@ def served_model_name(args: ServerArgs) -> str:
     if args.served_model_name:
         return args.served_model_name
     try:
-        return default_model_name(args.model_path)
+        return default_model_name(args.model_path, revision=args.revision, download_dir=args.download_dir)
     except (OSError, ValueError):
         return os.path.basename(str(args.model_path or "").rstrip("/")) or "default"
 
@@ -374,8 +374,11 @@ class Engine:
         the executor is back)."""
         results = await asyncio.gather(*(self._replica_health(i, timeout) for i in range(len(self.sessions))))
         failed = [(i, why) for i, why in enumerate(results) if why is not None]
-        for i, _ in failed:
-            self.router.mark_unavailable(i)
+        for i, why in enumerate(results):
+            if why is None:
+                self.router.mark_available(i)
+            else:
+                self.router.mark_unavailable(i)
         if not failed:
             return True, ""
         if len(self.sessions) == 1:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from services.gateway.errors import ApiError
+from radixserve.gateway.errors import ApiError
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 BATCH_OUTPUT_PURPOSE = "batch_output"

@@ -6,14 +6,14 @@ import logging
 import grpc
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.common.grpc_util import aio_server, bind
-from services.gateway.auth import grpc_interceptors
-from services.gateway.engine import Engine
-from services.gateway.errors import ApiError, bad_request, grpc_status_for
-from services.gateway.generation import Delta, GenerationInput
-from services.gateway.request_tracing import grpc_entry_span
-from services.gateway.sampling import build_sampling
-from services.gateway.structured_output import copy_constraint
+from radixserve.common.grpc_util import aio_server, bind
+from radixserve.gateway.auth import grpc_interceptors
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import ApiError, bad_request, grpc_status_for
+from radixserve.gateway.generation import Delta, GenerationInput
+from radixserve.gateway.request_tracing import grpc_entry_span
+from radixserve.gateway.sampling import build_sampling
+from radixserve.gateway.structured_output import copy_constraint
 
 log = logging.getLogger("radixserve.gateway.grpc")
 FINISH_ENUMS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,

@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from radixserve.v1 import scheduler_pb2
-from services.gateway.engine import Engine
-from services.gateway.errors import ApiError
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import ApiError
 
 log = logging.getLogger("radixserve.gateway.metrics")
 router = APIRouter()

@@ -14,14 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf.json_format import MessageToDict
 
 from radixserve.v1 import scheduler_pb2
-from services.gateway.engine import Engine
-from services.gateway.errors import ApiError, bad_request, from_grpc, not_supported
-from services.gateway.generation import Delta, Finish, GenerationInput, PreparedRequest
-from services.gateway.protocol import AbortRequest, NativeGenerateRequest, NativeSamplingParams, openapi_body
-from services.gateway.request_control import live_requests
-from services.gateway.sampling import build_sampling, parse_body, stop_list
-from services.gateway.sse import run_unless_disconnected, sse_response
-from services.gateway.structured_output import add_constraint
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import ApiError, bad_request, from_grpc, not_supported
+from radixserve.gateway.generation import Delta, Finish, GenerationInput, PreparedRequest
+from radixserve.gateway.protocol import AbortRequest, NativeGenerateRequest, NativeSamplingParams, openapi_body
+from radixserve.gateway.request_control import live_requests
+from radixserve.gateway.sampling import build_sampling, parse_body, stop_list
+from radixserve.gateway.sse import run_unless_disconnected, sse_response
+from radixserve.gateway.structured_output import add_constraint
 
 router = APIRouter()
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128

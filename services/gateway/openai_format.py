@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 
 from radixserve.v1 import common_pb2
-from services.gateway.generation import Finish
+from radixserve.gateway.generation import Finish
 
 
 @dataclass

@@ -11,17 +11,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from radixserve.v1 import common_pb2
-from services.gateway import openai_format as fmt
-from services.gateway.engine import Engine
-from services.gateway.errors import ApiError, bad_request, not_supported
-from services.gateway.chat_tools import ToolPlan, plan_tools, tools_for_template
-from services.gateway.choices import complete_all, fan_out, merged_streams, total_usage
-from services.gateway.generation import Completion, Delta, Finish, GenerationInput, PreparedRequest
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
-from services.gateway.request_control import live_requests
-from services.gateway.sampling import build_sampling, parse_body, penalty_args, stop_list
-from services.gateway.sse import run_unless_disconnected, sse_response
-from services.gateway.structured_output import add_constraint
+from radixserve.gateway import openai_format as fmt
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.errors import ApiError, bad_request, not_supported
+from radixserve.gateway.chat_tools import ToolPlan, plan_tools, tools_for_template
+from radixserve.gateway.choices import complete_all, fan_out, merged_streams, total_usage
+from radixserve.gateway.generation import Completion, Delta, Finish, GenerationInput, PreparedRequest
+from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
+from radixserve.gateway.request_control import live_requests
+from radixserve.gateway.sampling import build_sampling, parse_body, penalty_args, stop_list
+from radixserve.gateway.sse import run_unless_disconnected, sse_response
+from radixserve.gateway.structured_output import add_constraint
 
 router = APIRouter()
 STARTED_AT = int(time.time())

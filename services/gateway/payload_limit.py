@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from services.gateway.errors import ApiError
+from radixserve.gateway.errors import ApiError
 
 
 class PayloadTooLarge(Exception):

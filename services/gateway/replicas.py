@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from services.common.grpc_util import aio_channel
+from radixserve.common.grpc_util import aio_channel
 
 log = logging.getLogger("radixserve.gateway.replicas")
 

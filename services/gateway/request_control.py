@@ -17,9 +17,9 @@ import grpc
 from fastapi import Request
 
 from radixserve.v1 import scheduler_pb2
-from services.gateway.engine import UNARY_TIMEOUT_S, Engine
-from services.gateway.errors import ApiError, bad_request, from_grpc
-from services.gateway.generation import PreparedRequest
+from radixserve.gateway.engine import UNARY_TIMEOUT_S, Engine
+from radixserve.gateway.errors import ApiError, bad_request, from_grpc
+from radixserve.gateway.generation import PreparedRequest
 
 log = logging.getLogger("radixserve.gateway.requests")
 

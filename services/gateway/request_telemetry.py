@@ -9,10 +9,10 @@ import logging
 import sys
 import time
 
-from services.common.log import request_id
-from services.gateway.generation import PreparedRequest
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.request_tracing import NO_TRACE, RequestTrace
+from radixserve.common.log import request_id
+from radixserve.gateway.generation import PreparedRequest
+from radixserve.gateway.metrics import GatewayMetrics
+from radixserve.gateway.request_tracing import NO_TRACE, RequestTrace
 
 log = logging.getLogger("radixserve.gateway.requests")
 

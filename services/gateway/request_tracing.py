@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from radixserve.v1 import common_pb2
-from services.common import tracing
+from radixserve.common import tracing
 
 
 UNTRACED_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
@@ -117,7 +117,7 @@ def grpc_entry_span(method: str, invocation_metadata):
         yield
         return
     from opentelemetry.trace import SpanKind
-    from services.common.trace_propagation import context_from_metadata
+    from radixserve.common.trace_propagation import context_from_metadata
     service, _, name = method.partition("/")
     with tracing.tracer().start_as_current_span(
             method, context=context_from_metadata(invocation_metadata), kind=SpanKind.SERVER,

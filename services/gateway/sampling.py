@@ -8,7 +8,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from radixserve.v1 import common_pb2
-from services.gateway.errors import bad_request, not_supported
+from radixserve.gateway.errors import bad_request, not_supported
 
 UINT64_MASK = (1 << 64) - 1
 MAX_TOP_LOGPROBS = 20

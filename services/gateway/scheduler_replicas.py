@@ -20,8 +20,8 @@ from collections.abc import Callable
 import grpc
 
 from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.gateway.dp_router import DataParallelRouter
-from services.gateway.replicas import ReplicaSet
+from radixserve.gateway.dp_router import DataParallelRouter
+from radixserve.gateway.replicas import ReplicaSet
 
 log = logging.getLogger("radixserve.gateway.scheduler_replicas")
 

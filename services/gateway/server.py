@@ -16,14 +16,14 @@ import signal
 import grpc
 import uvicorn
 
-from services.common.args import ServerArgs
-from services.common.grpc_security import install_from_args
-from services.common.lifecycle import run_event_loop, traced_process
-from services.common.log import setup_logging
-from services.gateway.app import create_app
-from services.gateway.drain import DrainGate
-from services.gateway.engine import Engine
-from services.gateway.grpc_api import start_grpc_api
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_security import install_from_args
+from radixserve.common.lifecycle import run_event_loop, traced_process
+from radixserve.common.log import setup_logging
+from radixserve.gateway.app import create_app
+from radixserve.gateway.drain import DrainGate
+from radixserve.gateway.engine import Engine
+from radixserve.gateway.grpc_api import start_grpc_api
 
 log = logging.getLogger("radixserve.gateway")
 GRPC_STOP_GRACE_S = 5

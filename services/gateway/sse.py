@@ -11,7 +11,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
-from services.gateway.errors import ApiError
+from radixserve.gateway.errors import ApiError
 
 log = logging.getLogger("radixserve.gateway.sse")
 

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from radixserve.v1 import common_pb2
-from services.gateway.errors import bad_request
+from radixserve.gateway.errors import bad_request
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 

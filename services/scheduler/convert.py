@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from radixserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
-from services.scheduler.request import Request, RequestEvent, StepOutput, StepPlan
+from radixserve.scheduler.request import Request, RequestEvent, StepOutput, StepPlan
 
 
 def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:

@@ -43,9 +43,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from services.scheduler.kv_pool import make_kv_pool
-from services.scheduler.radix_cache import make_radix_cache
-from services.scheduler.request import (
+from radixserve.scheduler.kv_pool import make_kv_pool
+from radixserve.scheduler.radix_cache import make_radix_cache
+from radixserve.scheduler.request import (
     ContinuingRequestPlan,
     FinishReason,
     NewRequestPlan,

@@ -11,7 +11,7 @@ import json
 import grpc
 
 from radixserve.v1 import executor_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
+from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 
 GENERATION_REFUSED = "this server serves embeddings (--is-embedding): call Embed, not Generate"
 

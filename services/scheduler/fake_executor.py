@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from services.common.step_order import StepOrder
+from radixserve.common.step_order import StepOrder
 
 _MOD = (1 << 61) - 1
 

@@ -23,8 +23,8 @@ import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from radixserve.v1 import common_pb2, executor_pb2
-from services.common.args import ServerArgs
-from services.tokenizer.core import load_tokenizer, tokenizer_folder
+from radixserve.common.args import ServerArgs
+from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
 
 GRAMMAR_CACHE_BYTES = 256 << 20
 COMPILE_THREADS = 4

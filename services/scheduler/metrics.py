@@ -8,11 +8,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.args import ServerArgs
-from services.gateway.engine import served_model_name
-from services.scheduler.core import Scheduler
-from services.scheduler.request import Request, RequestEvent, StepPlan
-from services.scheduler.runtime import RuntimeObserver, SchedulerRuntime
+from radixserve.common.args import ServerArgs
+from radixserve.gateway.engine import served_model_name
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.request import Request, RequestEvent, StepPlan
+from radixserve.scheduler.runtime import RuntimeObserver, SchedulerRuntime
 
 QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
                       160.0, 320.0, 640.0)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 
-from services.common import tracing
-from services.scheduler.request import FinishReason, Request, RequestEvent, StepPlan
-from services.scheduler.runtime import RuntimeObserver
+from radixserve.common import tracing
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent, StepPlan
+from radixserve.scheduler.runtime import RuntimeObserver
 
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 

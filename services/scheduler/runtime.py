@@ -19,9 +19,9 @@ import grpc
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 
-from services.scheduler.convert import outputs_from_proto, plan_to_proto
-from services.scheduler.core import Scheduler
-from services.scheduler.request import Request, RequestEvent, StepPlan
+from radixserve.scheduler.convert import outputs_from_proto, plan_to_proto
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.request import Request, RequestEvent, StepPlan
 
 log = logging.getLogger("radixserve.scheduler")
 

@@ -11,22 +11,22 @@ import grpc
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from services.common.args import ServerArgs, replica_name
-from services.common.grpc_security import install_from_args
-from services.common.grpc_util import aio_channel, aio_server, bind
-from services.common.lifecycle import SHUTDOWN_GRACE_S, run_service, unless_stopped, wait_until_signalled
-from services.common import tracing
-from services.common.log import setup_logging
-from services.scheduler.convert import event_to_proto, request_from_proto
-from services.scheduler.core import Scheduler
-from services.scheduler.embed_batcher import EmbedBatcher
-from services.scheduler.embedding_service import EmbeddingSchedulerServicer
-from services.scheduler.request import Request
-from services.scheduler.request_tracing import RequestTracer
-from services.scheduler.grammar import GrammarBackend, InvalidConstraint, grammar_backend, request_grammar
-from services.scheduler.metrics import SchedulerMetrics, attach_metrics
-from services.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
-from services.scheduler.session import Rejected, Session
+from radixserve.common.args import ServerArgs, replica_name
+from radixserve.common.grpc_security import install_from_args
+from radixserve.common.grpc_util import aio_channel, aio_server, bind
+from radixserve.common.lifecycle import SHUTDOWN_GRACE_S, run_service, unless_stopped, wait_until_signalled
+from radixserve.common import tracing
+from radixserve.common.log import setup_logging
+from radixserve.scheduler.convert import event_to_proto, request_from_proto
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.embed_batcher import EmbedBatcher
+from radixserve.scheduler.embedding_service import EmbeddingSchedulerServicer
+from radixserve.scheduler.request import Request
+from radixserve.scheduler.request_tracing import RequestTracer
+from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, grammar_backend, request_grammar
+from radixserve.scheduler.metrics import SchedulerMetrics, attach_metrics
+from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
+from radixserve.scheduler.session import Rejected, Session
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -191,6 +191,8 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
         chunked_prefill_size=args.chunked_prefill_size,
         enable_mixed_chunk=args.enable_mixed_chunk,
         page_size=args.page_size,
+        # SGLang's --schedule-conservativeness: the assumed share of a request's remaining tokens to reserve.
+        init_new_token_ratio=min(0.7 * args.schedule_conservativeness, 1.0),
     )
 
 

@@ -16,9 +16,9 @@ import grpc
 
 from radixserve.v1 import scheduler_pb2
 
-from services.scheduler.convert import event_fields
-from services.scheduler.request import Request, RequestEvent
-from services.scheduler.runtime import SchedulerRuntime, StepFailure
+from radixserve.scheduler.convert import event_fields
+from radixserve.scheduler.request import Request, RequestEvent
+from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure
 
 log = logging.getLogger("radixserve.scheduler")
 

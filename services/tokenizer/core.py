@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from services.common.args import ServerArgs
-from services.common.model_files import resolve_model_path
-from services.tokenizer.conversation import Conversation
+from radixserve.common.args import ServerArgs
+from radixserve.common.model_files import resolve_model_path
+from radixserve.tokenizer.conversation import Conversation
+from radixserve.tokenizer.named_chat_templates import resolve_chat_template
 
 
 @dataclass
@@ -33,7 +34,11 @@ class TokenizerDescription:
 
 
 def tokenizer_folder(args: ServerArgs) -> pathlib.Path:
-    return resolve_model_path(args.tokenizer_path or args.model_path)
+    # --revision is the model's: it applies to --tokenizer-path only when that names the model itself.
+    own_tokenizer = args.tokenizer_path is not None and args.tokenizer_path != args.model_path
+    return resolve_model_path(args.tokenizer_path or args.model_path,
+                              revision=None if own_tokenizer else args.revision,
+                              download_dir=args.download_dir, weights=False)
 
 
 def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -41,16 +46,6 @@ def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         raise ValueError(f"{folder} has no fast tokenizer (tokenizer.json)")
     return tokenizer
-
-
-def read_chat_template(value: str) -> str:
-    """`--chat-template` is either a file holding a template or the template text itself."""
-    if "{{" in value or "{%" in value:
-        return value
-    path = pathlib.Path(value).expanduser()
-    if path.is_file():
-        return path.read_text()
-    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
 def generation_config_eos_ids(folder: pathlib.Path) -> list[int]:
@@ -74,7 +69,7 @@ class TokenizerCore:
         self.folder = pathlib.Path(folder)
         self.tokenizer = load_tokenizer(self.folder)
         if chat_template is not None:
-            self.tokenizer.chat_template = read_chat_template(chat_template)
+            self.tokenizer.chat_template = resolve_chat_template(chat_template)
         self._eos_ids = self._collect_eos_ids()
 
     def _collect_eos_ids(self) -> list[int]:

@@ -11,13 +11,13 @@ from typing import Callable, TypeVar
 import grpc
 
 from radixserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common import grpc_util
-from services.common.args import ServerArgs
-from services.common.grpc_security import install_from_args
-from services.common.log import setup_logging
-from services.tokenizer.conversation import conversation_from_proto
-from services.tokenizer.core import TokenizerCore, tokenizer_folder
-from services.common.lifecycle import run_service, run_until_signalled
+from radixserve.common import grpc_util
+from radixserve.common.args import ServerArgs
+from radixserve.common.grpc_security import install_from_args
+from radixserve.common.log import setup_logging
+from radixserve.tokenizer.conversation import conversation_from_proto
+from radixserve.tokenizer.core import TokenizerCore, tokenizer_folder
+from radixserve.common.lifecycle import run_service, run_until_signalled
 
 log = logging.getLogger("radixserve.tokenizer")
 T = TypeVar("T")

@@ -5,8 +5,8 @@ import abc
 
 import torch
 
-from services.executor.attention.metadata import ForwardBatch
-from services.executor.layers.rotary import RopeStep
+from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.layers.rotary import RopeStep
 
 
 class AttentionBackend(abc.ABC):

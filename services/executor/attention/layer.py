@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.executor.attention.metadata import get_forward_batch
-from services.executor.layers.rotary import RopeStep
+from radixserve.executor.attention.metadata import get_forward_batch
+from radixserve.executor.layers.rotary import RopeStep
 
 
 class Attention(nn.Module):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from services.executor.attention.backend import AttentionBackend
-    from services.executor.kv_cache import KVPool
+    from radixserve.executor.attention.backend import AttentionBackend
+    from radixserve.executor.kv_cache import KVPool
 
 
 @dataclass

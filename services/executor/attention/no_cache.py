@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.executor.attention.backend import AttentionBackend
-from services.executor.attention.metadata import ForwardBatch
+from radixserve.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.metadata import ForwardBatch
 
 
 class NoCacheCausalBackend(AttentionBackend):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from services.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.backend import AttentionBackend
 
 BACKENDS = ("triton", "torch_native", "flashinfer")
 
@@ -18,7 +18,7 @@ def default_backend(device: torch.device) -> str:
 def create_attention_backend(name: str | None, device: torch.device, num_kv_heads: int) -> AttentionBackend:
     name = name or default_backend(device)
     if name == "torch_native":
-        from services.executor.attention.torch_native import TorchNativeAttentionBackend
+        from radixserve.executor.attention.torch_native import TorchNativeAttentionBackend
         return TorchNativeAttentionBackend()
     if name == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -26,7 +26,7 @@ def create_attention_backend(name: str | None, device: torch.device, num_kv_head
                              "use torch_native on CPU")
         if importlib.util.find_spec("triton") is None:
             raise ValueError("--attention-backend triton needs the triton package (pip install triton)")
-        from services.executor.attention.triton_backend import TritonAttentionBackend
+        from radixserve.executor.attention.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend(num_kv_heads, device)
     if name == "flashinfer":
         if importlib.util.find_spec("flashinfer") is None:

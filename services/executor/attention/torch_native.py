@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from services.executor.attention.backend import AttentionBackend
-from services.executor.attention.metadata import ForwardBatch
+from radixserve.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.metadata import ForwardBatch
 
 
 @dataclass

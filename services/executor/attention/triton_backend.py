@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decode_attention import decode_attention, num_splits_for_batch
-from kernels.extend_attention import extend_attention
-from kernels.rotary_kv_store import rotary_and_store_kv
-from services.executor.attention.backend import AttentionBackend
-from services.executor.attention.metadata import ForwardBatch
-from services.executor.layers.rotary import RopeStep
+from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
+from radixserve.kernels.extend_attention import extend_attention
+from radixserve.kernels.rotary_kv_store import rotary_and_store_kv
+from radixserve.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.layers.rotary import RopeStep
 
 
 @dataclass

@@ -7,7 +7,7 @@ from torch import nn
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from kernels.silu_mul import silu_and_mul
+            from radixserve.kernels.silu_mul import silu_and_mul
             return silu_and_mul(x)
         half = x.shape[-1] // 2
         return F.silu(x[..., :half]).mul_(x[..., half:])

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.layers.linear import LinearBase, default_weight_loader
-from services.executor.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from radixserve.executor.layers.linear import LinearBase, default_weight_loader
+from radixserve.executor.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
 def _load_vocab_slice(param: torch.Tensor, loaded: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.parallel_state import all_reduce, tp_rank, tp_size
+from radixserve.executor.parallel_state import all_reduce, tp_rank, tp_size
 
 log = logging.getLogger("radixserve.executor.linear")
 
@@ -97,7 +97,7 @@ class LinearBase(nn.Module):
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if SKINNY_GEMM and x.device.type in SKINNY_DEVICES and x.dtype in (torch.bfloat16, torch.float16):
-            from kernels import skinny_gemm
+            from radixserve.kernels import skinny_gemm
             if x.numel() <= skinny_gemm.M_MAX * x.shape[-1] and self.weight.dtype == x.dtype:
                 return skinny_gemm.skinny_gemm(x, self.weight, bias)
         if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:

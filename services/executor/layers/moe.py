@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.layers.linear import ReplicatedLinear
-from services.executor.parallel_state import all_reduce, tp_rank, tp_size
-from services.executor.parallel_state import ep_size as expert_parallel_size
+from radixserve.executor.layers.linear import ReplicatedLinear
+from radixserve.executor.parallel_state import all_reduce, tp_rank, tp_size
+from radixserve.executor.parallel_state import ep_size as expert_parallel_size
 
 
 def default_ep() -> tuple[int, int]:
@@ -119,9 +119,9 @@ class FusedMoE(nn.Module):
         """This rank's share of the output: its experts' pairs (and its slice of their intermediate size)."""
         ids = self.local_ids(topk_ids)
         if x.is_cuda:
-            from kernels.fused_moe import fused_moe
+            from radixserve.kernels.fused_moe import fused_moe
             return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, ids)
-        from kernels.fused_moe import fused_moe_ref
+        from radixserve.kernels.fused_moe import fused_moe_ref
         return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, ids)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

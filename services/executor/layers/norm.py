@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
         if x.is_cuda:
-            from kernels import rmsnorm
+            from radixserve.kernels import rmsnorm
             if residual is None:
                 return rmsnorm.rmsnorm(x, self.weight, self.eps)
             return rmsnorm.fused_add_rmsnorm(x, residual, self.weight, self.eps)

@@ -90,6 +90,6 @@ class _TorchRope(RopeStep):
 
 class _TritonRope(RopeStep):
     def rotate(self, qk, num_q_heads):
-        from kernels.rotary import apply_rotary
+        from radixserve.kernels.rotary import apply_rotary
         apply_rotary(qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions)
         return qk

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.executor.layers.linear import default_weight_loader
-from services.executor.model_config import ModelConfig
+from radixserve.executor.layers.linear import default_weight_loader
+from radixserve.executor.model_config import ModelConfig
 
 ACTIVATIONS = {
     "gelu": F.gelu,

@@ -6,14 +6,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from services.executor.attention.layer import Attention
-from services.executor.layers.activation import SiluAndMul
-from services.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from services.executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+from radixserve.executor.attention.layer import Attention
+from radixserve.executor.layers.activation import SiluAndMul
+from radixserve.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                              default_weight_loader)
-from services.executor.layers.norm import RMSNorm
-from services.executor.layers.rotary import RopeStep, RotaryEmbedding, rope_settings
-from services.executor.model_config import ModelConfig
+from radixserve.executor.layers.norm import RMSNorm
+from radixserve.executor.layers.rotary import RopeStep, RotaryEmbedding, rope_settings
+from radixserve.executor.model_config import ModelConfig
 
 
 class LlamaMLP(nn.Module):

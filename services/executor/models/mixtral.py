@@ -1,8 +1,8 @@
 """Mixtral: Llama attention (no biases) and a top-k sparse MoE block in every layer, routing weights
 renormalized over the chosen experts; checkpoint experts are block_sparse_moe.experts.<j>.w1/w3/w2."""
-from services.executor.layers.moe import SparseMoeBlock
-from services.executor.model_config import ModelConfig
-from services.executor.models.moe_causal_lm import MoeCausalLM, config_num_experts
+from radixserve.executor.layers.moe import SparseMoeBlock
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.moe_causal_lm import MoeCausalLM, config_num_experts
 
 
 class MixtralForCausalLM(MoeCausalLM):

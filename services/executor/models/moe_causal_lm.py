@@ -15,11 +15,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from services.executor.layers.embedding import VocabParallelEmbedding
-from services.executor.layers.moe import FusedMoE
-from services.executor.layers.norm import RMSNorm
-from services.executor.model_config import ModelConfig
-from services.executor.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
+from radixserve.executor.layers.embedding import VocabParallelEmbedding
+from radixserve.executor.layers.moe import FusedMoE
+from radixserve.executor.layers.norm import RMSNorm
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
                                            add_rotary_and_lm_head, load_checkpoint_tensor)
 
 _EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")

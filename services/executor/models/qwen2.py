@@ -1,6 +1,6 @@
 """Qwen2: the Llama architecture with biases on q, k and v (none on o)."""
-from services.executor.model_config import ModelConfig
-from services.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.llama import LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -3,10 +3,10 @@ shared expert scaled by sigmoid(shared_expert_gate(x)); dense MLPs in mlp_only_l
 decoder_sparse_step; routing weights renormalized only with norm_topk_prob."""
 from torch import nn
 
-from services.executor.layers.moe import SparseMoeBlock
-from services.executor.model_config import ModelConfig
-from services.executor.models.llama import LlamaAttention, LlamaMLP
-from services.executor.models.moe_causal_lm import MoeCausalLM, config_num_experts, qwen_layer_is_sparse
+from radixserve.executor.layers.moe import SparseMoeBlock
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.llama import LlamaAttention, LlamaMLP
+from radixserve.executor.models.moe_causal_lm import MoeCausalLM, config_num_experts, qwen_layer_is_sparse
 
 
 def qwen_moe_mlp(config: ModelConfig, layer_id: int) -> nn.Module:

@@ -4,12 +4,12 @@ the rotary embedding (as Qwen3), optional attention biases, sparse MoE blocks wi
 import torch
 from torch import nn
 
-from services.executor.layers.norm import RMSNorm
-from services.executor.layers.rotary import RopeStep
-from services.executor.model_config import ModelConfig
-from services.executor.models.llama import LlamaAttention
-from services.executor.models.moe_causal_lm import MoeCausalLM
-from services.executor.models.qwen2_moe import qwen_moe_mlp
+from radixserve.executor.layers.norm import RMSNorm
+from radixserve.executor.layers.rotary import RopeStep
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.llama import LlamaAttention
+from radixserve.executor.models.moe_causal_lm import MoeCausalLM
+from radixserve.executor.models.qwen2_moe import qwen_moe_mlp
 
 
 class QKNormAttention(LlamaAttention):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from services.executor.models.bert import BertModel, XLMRobertaModel
-from services.executor.models.llama import LlamaForCausalLM
-from services.executor.models.mixtral import MixtralForCausalLM
-from services.executor.models.qwen2 import Qwen2ForCausalLM
-from services.executor.models.qwen2_moe import Qwen2MoeForCausalLM
-from services.executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.models.mixtral import MixtralForCausalLM
+from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
+from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -1,8 +1,8 @@
 """OpenAI tool calls out of generated text: per-format parsers (streaming and not) and tool_choice support."""
-from services.gateway.tool_parsers.calls import ParsedOutput, ToolCall, new_call_id
-from services.gateway.tool_parsers.registry import TOOL_PARSERS, default_tool_parser_name, get_tool_parser
-from services.gateway.tool_parsers.streaming import StreamEvent, StreamingToolParser, ToolParser
-from services.gateway.tool_parsers.tool_choice import ConstrainedStreamingParser, named_function, \
+from radixserve.gateway.tool_parsers.calls import ParsedOutput, ToolCall, new_call_id
+from radixserve.gateway.tool_parsers.registry import TOOL_PARSERS, default_tool_parser_name, get_tool_parser
+from radixserve.gateway.tool_parsers.streaming import StreamEvent, StreamingToolParser, ToolParser
+from radixserve.gateway.tool_parsers.tool_choice import ConstrainedStreamingParser, named_function, \
     parse_constrained_output, resolve_tool_choice, tool_call_json_schema, validate_tools
 
 __all__ = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from services.gateway.tool_parsers.calls import tool_call_from_object
-from services.gateway.tool_parsers.streaming import Segment, partial_marker_length
+from radixserve.gateway.tool_parsers.calls import tool_call_from_object
+from radixserve.gateway.tool_parsers.streaming import Segment, partial_marker_length
 
 PYTHON_TAG = "<|python_tag|>"
 _decoder = json.JSONDecoder()

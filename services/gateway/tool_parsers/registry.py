@@ -1,9 +1,9 @@
 """Tool-call parsers by --tool-call-parser name, and a default guessed from the model."""
 from __future__ import annotations
 
-from services.gateway.tool_parsers.hermes import HermesScanner
-from services.gateway.tool_parsers.llama3 import Llama3Scanner
-from services.gateway.tool_parsers.streaming import ToolParser
+from radixserve.gateway.tool_parsers.hermes import HermesScanner
+from radixserve.gateway.tool_parsers.llama3 import Llama3Scanner
+from radixserve.gateway.tool_parsers.streaming import ToolParser
 
 _HERMES = ToolParser("hermes", HermesScanner)
 _LLAMA3 = ToolParser("llama3", Llama3Scanner)

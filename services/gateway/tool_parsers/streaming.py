@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Union
 
-from services.gateway.tool_parsers.calls import ParsedOutput, ToolCall, tool_call_deltas
+from radixserve.gateway.tool_parsers.calls import ParsedOutput, ToolCall, tool_call_deltas
 
 Segment = Union[str, ToolCall]
 StreamEvent = Union[str, dict]  # a content delta, or one OpenAI `delta.tool_calls` item

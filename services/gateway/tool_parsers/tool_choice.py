@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.gateway.errors import bad_request
-from services.gateway.tool_parsers.calls import ParsedOutput, ToolCall, serialise_arguments, tool_call_deltas, \
+from radixserve.gateway.errors import bad_request
+from radixserve.gateway.tool_parsers.calls import ParsedOutput, ToolCall, serialise_arguments, tool_call_deltas, \
     tool_call_from_object
-from services.gateway.tool_parsers.streaming import StreamEvent
+from radixserve.gateway.tool_parsers.streaming import StreamEvent
 
 _MODES = ("none", "auto", "required")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -1,0 +1,200 @@
+"""Warm-up: before the executor says ready, run the paths traffic will take, so that the first
+requests do not pay for compilation, autotuning or the allocator's first growth.
+
+Triton compiles a kernel per specialization of its integer arguments (== 1, divisible by 16, other),
+the skinny GEMM autotunes per (rows bucket, N, K), cuBLAS picks and caches an algorithm per shape, and
+the caching allocator grows at the first large step. CUDA graph capture already covers decode at the
+graph batch sizes; this runs the rest through the runner's real step path (under tensor parallelism,
+the leader's, so every shard warms up too): prefills of 1, 3, 16 and 17 sequences of short lengths of
+each class and one as large as a step can be, a prefill in two chunks, decode steps right after each
+(graph replay), a decode batch above the graph sizes (eager), a step mixing a prefill with decodes,
+and every sampling path (greedy, temperature / top-p / top-k / min-p, seeded, penalties, logit bias,
+logprobs, a token bitmask). Then the runner is reset: the scheduler starts with every slot free and
+the KV written here is garbage nobody reads.
+
+Triton keeps compiled kernels in its cache (TRITON_CACHE_DIR) and, with TRITON_CACHE_AUTOTUNING=1
+(set by the executor), the autotuner's choices, so a restart mostly loads instead of compiling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+
+log = logging.getLogger("radixserve.executor.warmup")
+
+_SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05)
+_PENALISED = SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
+                            logit_bias={0: -1.0, 1: 2.0}, return_logprob=True, top_logprobs_num=5,
+                            min_new_tokens=2)
+_SEEDED = SamplingParams(temperature=1.0, seed=1234, return_logprob=True)
+SAMPLING_VARIANTS = (SamplingParams(), _SAMPLED, _PENALISED, _SEEDED)
+
+
+@dataclasses.dataclass
+class WarmupReport:
+    steps: int = 0
+    tokens: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)  # scenarios that did not fit the KV pool
+    seconds: float = 0.0
+
+
+class _Slots:
+    """Hands out KV slots from the start of the pool (slot 0 is the padding slot); reused per scenario."""
+
+    def __init__(self, total: int):
+        self.total, self.next = total, 1
+
+    def take(self, n: int) -> list[int]:
+        if self.next + n > self.total:
+            raise _DoesNotFit
+        slots = list(range(self.next, self.next + n))
+        self.next += n
+        return slots
+
+
+class _DoesNotFit(Exception):
+    pass
+
+
+class Warmup:
+    def __init__(self, runner, *, kv_slots: int, vocab_size: int, max_prefill_tokens: int,
+                 chunked_prefill_size: int, max_running_requests: int, graph_max_bs: int, on_gpu: bool,
+                 decode_steps: int = 2):
+        self.runner = runner
+        self.kv_slots, self.vocab = kv_slots, vocab_size
+        step_tokens = max_prefill_tokens if chunked_prefill_size <= 0 else min(max_prefill_tokens,
+                                                                               chunked_prefill_size)
+        self.step_tokens = max(1, step_tokens)
+        self.max_running = max(1, max_running_requests)
+        self.graph_max_bs = graph_max_bs
+        self.on_gpu = on_gpu
+        self.decode_steps = decode_steps
+        self.report = WarmupReport()
+        self._ids = 0
+        self._step_id = 0
+
+    # -- scenarios
+    def plan(self) -> list[tuple[str, callable]]:
+        """(name, run) pairs, cheapest first, so that a small pool still gets the common shapes."""
+        # On the GPU, each class of token and sequence counts that Triton specializes on (1, multiples of 16,
+        # others); on the CPU nothing is compiled or tuned per shape, so one of each path is enough.
+        shapes = ([(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)] if self.on_gpu
+                  else [(1, 7), (3, 5)])
+        scenarios = [(f"prefill {n}x{length} + decode", lambda n=n, length=length: self._prefill_decode(n, length))
+                     for n, length in shapes if n <= self.max_running and n * length <= self.step_tokens]
+        scenarios.append(("sampling variants", self._sampling_variants))
+        scenarios.append(("chunked prefill", self._chunked_prefill))
+        scenarios.append(("mixed prefill + decode", self._mixed))
+        if self.graph_max_bs and self.max_running > self.graph_max_bs:
+            n = self.graph_max_bs + 1
+            scenarios.append((f"eager decode of {n}", lambda n=n: self._prefill_decode(n, 1)))
+        # On the GPU, a step as large as the scheduler makes: cuBLAS shapes and the allocator's growth.
+        big = self._largest_prefill() if self.on_gpu else None
+        if big is not None:
+            n, length = big
+            scenarios.append((f"largest prefill {n}x{length}", lambda: self._prefill_decode(n, length, decode=False)))
+        return scenarios
+
+    def _largest_prefill(self) -> tuple[int, int] | None:
+        budget = min(self.step_tokens, self.kv_slots - 64)
+        if budget < 512:
+            return None
+        length = min(512, budget)
+        return max(1, min(self.max_running, budget // length)), length
+
+    def run(self) -> WarmupReport:
+        t0 = time.perf_counter()
+        for name, scenario in self.plan():
+            try:
+                scenario()
+            except _DoesNotFit:
+                self.report.skipped.append(name)
+            finally:
+                self.runner.reset()
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+    # -- helpers
+    def _tokens(self, n: int) -> list[int]:
+        return [(7919 * (i + self._ids) + 17) % self.vocab for i in range(n)]
+
+    def _rid(self) -> str:
+        self._ids += 1
+        return f"warmup-{self._ids}"
+
+    def _step(self, new=(), continuing=(), finished=()) -> None:
+        self._step_id += 1
+        step = StepInput(step_id=self._step_id, finished_request_ids=list(finished), new_requests=list(new),
+                         continuing_requests=list(continuing))
+        self.runner.step(step)
+        self.report.steps += 1
+        self.report.tokens += sum(len(r.input_ids) for r in new) + sum(max(1, len(r.input_ids)) for r in continuing)
+
+    def _new(self, slots: _Slots, length: int, sampling: SamplingParams = SamplingParams(), sample: bool = True,
+             bitmask: bytes = b"") -> NewRequest:
+        ids = self._tokens(length)
+        return NewRequest(self._rid(), ids, slots.take(length), sampling=sampling, sample=sample,
+                          token_bitmask=bitmask, penalty_prompt_ids=ids)
+
+    def _decode(self, slots: _Slots, requests: list[NewRequest], steps: int) -> None:
+        for _ in range(steps):
+            self._step(continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in requests])
+
+    # -- scenarios
+    def _prefill_decode(self, n: int, length: int, decode: bool = True) -> None:
+        slots = _Slots(self.kv_slots)
+        requests = [self._new(slots, length) for _ in range(n)]
+        self._step(new=requests)
+        if decode:
+            self._decode(slots, requests, self.decode_steps)
+        self._step(finished=[r.request_id for r in requests])
+
+    def _bitmask(self) -> bytes:
+        words = (self.vocab + 31) // 32
+        mask = bytearray(b"\xff" * (words * 4))
+        mask[0] = 0xF0  # a few tokens disallowed
+        return bytes(mask)
+
+    def _sampling_variants(self) -> None:
+        slots = _Slots(self.kv_slots)
+        requests = [self._new(slots, 4, sampling) for sampling in SAMPLING_VARIANTS]
+        requests.append(self._new(slots, 4, _SAMPLED, bitmask=self._bitmask()))
+        self._step(new=requests)
+        self._decode(slots, requests, self.decode_steps)
+        self._step(finished=[r.request_id for r in requests])
+
+    def _chunked_prefill(self) -> None:
+        slots = _Slots(self.kv_slots)
+        first = self._new(slots, 24, sample=False)
+        self._step(new=[first])
+        rest = ContinuingRequest(first.request_id, slots.take(9), input_ids=self._tokens(9))
+        self._step(continuing=[rest])
+        self._decode(slots, [first], 1)
+        self._step(finished=[first.request_id])
+
+    def _mixed(self) -> None:
+        slots = _Slots(self.kv_slots)
+        running = [self._new(slots, 6) for _ in range(2)]
+        self._step(new=running)
+        arriving = self._new(slots, 20)
+        self._step(new=[arriving], continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in running])
+        self._decode(slots, [*running, arriving], 1)
+        self._step(finished=[r.request_id for r in (*running, arriving)])
+
+
+def run_warmup(runner, args) -> WarmupReport:
+    """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
+    inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
+    rows = inner.slot_table.tensor.shape[0] if inner.slot_table is not None else (args.max_running_requests or 256)
+    warmup = Warmup(runner, kv_slots=inner.kv_slots, vocab_size=inner.config.vocab_size,
+                    max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
+                    max_running_requests=min(rows, args.max_running_requests or rows),
+                    graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
+                    on_gpu=inner.device.type == "cuda")
+    report = warmup.run()
+    log.info("warm-up: %d steps, %d tokens in %.1fs%s", report.steps, report.tokens, report.seconds,
+             f" (did not fit the KV pool: {', '.join(report.skipped)})" if report.skipped else "")
+    return report
