@@ -100,6 +100,36 @@ stage_serving() {
   kill $pid; wait $pid
 }
 
+stage_warm_start() {
+  # Issue 15: the start phase by phase, and two back-to-back 256 x 512 in / 256 out rate-inf runs right after
+  # "ready" (no warm-up request of the client's own). Runs (WARM_RUNS): cold-skip = an empty Triton cache and
+  # --skip-server-warmup (first traffic compiles); cold = an empty cache, warm-up on; warm = a restart that
+  # keeps the cache (what a restarted container sees).
+  local port=31000
+  local cache=${TRITON_CACHE_DIR:-${RADIXSERVE_CACHE:-$HOME/.cache/radixserve}/triton}
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
+               --random-range-ratio 1.0 --random-input-len 512 --random-output-len 256 --num-prompts 256
+               --request-rate inf --warmup-requests 0 --disable-tqdm --output-file "$OUT/warm_start.jsonl")
+  for run in ${WARM_RUNS:-cold-skip cold warm}; do
+    case $run in cold*) rm -rf "$cache" ;; esac
+    local extra=()
+    [ "$run" = cold-skip ] && extra=(--skip-server-warmup)
+    local t0=$(date +%s)
+    "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
+      --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
+      ${SERVE_FLAGS:-} "${extra[@]}" > "$OUT/serve-$run.log" 2>&1 &
+    local pid=$!
+    wait_http $port || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
+    echo "--- $run: ready $(( $(date +%s) - t0 ))s after the command"
+    grep -h "startup:\|warm-up:\|captured" "$OUT/serve-$run.log" | sed 's/^.*INFO //'
+    for i in 1 2; do
+      echo "  run $i:"
+      timeout 200 "${bench[@]}" | grep -E "Output token throughput|Median TTFT|Median ITL|Benchmark duration" | sed 's/^/    /'
+    done
+    kill $pid; wait $pid
+  done
+}
+
 stage_hf_baseline() {
   timeout 300 "${rs[@]}" bench serving --backend hf-transformers --model-path "$MODEL" --load-format dummy \
     --dtype bfloat16 --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \

@@ -40,6 +40,7 @@ import urllib.request
 from radixserve.common.args import ServerArgs, env_name, replica_args, replica_name
 from radixserve.common.grpc_security import TlsCredentials
 from radixserve.common.log import setup_logging
+from radixserve.common.phase_clock import PhaseClock
 from radixserve.common.model_files import default_model_name, resolve_model_path
 from radixserve.common.model_hub import HubModelError, is_hub_id
 from radixserve.gateway.replicas import parse_addrs
@@ -114,20 +115,27 @@ def _healthy(args: ServerArgs) -> bool:
         return False
 
 
+def _resolve_model(args: ServerArgs, original: str | None, hub: dict) -> None:
+    """The model (and a hub-id tokenizer) as local folders, for the services: converted, downloaded or looked up."""
+    if args.load_format != "dummy" or args.model_path is None or is_hub_id(original):
+        args.model_path = str(resolve_model_path(original, **hub, weights=args.load_format != "dummy"))
+    if is_hub_id(args.tokenizer_path):
+        # --revision belongs to the model: it applies to a tokenizer id only when that is the model's id.
+        revision = args.revision if args.tokenizer_path == original else None
+        args.tokenizer_path = str(resolve_model_path(args.tokenizer_path, revision, args.download_dir,
+                                                     weights=False))
+
+
 def launch(args: ServerArgs) -> int:
     setup_logging("launcher", args.log_level)
     original = args.model_path
     hub = {"revision": args.revision, "download_dir": args.download_dir}
+    clock = PhaseClock()
     # A hub id is resolved here once, even for dummy weights (its config and tokenizer, then), and the
     # services get the local folder; the served name stays the id.
     try:
-        if args.load_format != "dummy" or args.model_path is None or is_hub_id(original):
-            args.model_path = str(resolve_model_path(original, **hub, weights=args.load_format != "dummy"))
-        if is_hub_id(args.tokenizer_path):
-            # --revision belongs to the model: it applies to a tokenizer id only when that is the model's id.
-            revision = args.revision if args.tokenizer_path == original else None
-            args.tokenizer_path = str(resolve_model_path(args.tokenizer_path, revision, args.download_dir,
-                                                         weights=False))
+        with clock.phase("resolve/convert model"):
+            _resolve_model(args, original, hub)
     except HubModelError as e:
         log.error("%s", e)
         return 1
@@ -161,8 +169,9 @@ def launch(args: ServerArgs) -> int:
             log.info("node %d of %d: executor shards started; they join %s", args.node_rank, args.nnodes,
                      args.dist_init_addr)
         elif not stopping:
-            log.info("ready in %.1fs: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d",
-                     time.time() - t0, args.host, args.port, args.grpc_host, args.gateway_grpc_port)
+            clock.phases.append(("services up (the executor's phases: its `startup:` line)", time.time() - t0))
+            log.info("ready: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d; start: %s", args.host, args.port,
+                     args.grpc_host, args.gateway_grpc_port, clock.summary())
             print(f"radixserve ready: http://{args.host}:{args.port}/v1", flush=True)
         while not stopping:
             if (why := supervisor.check()) is not None:
