@@ -42,16 +42,29 @@ def test_warmup_covers_every_scenario_and_leaves_the_runner_clean(model_dir):
                          max_total_tokens=4096)
     before = greedy(runner, [3, 4, 5, 6, 7], 6)
     report = run_warmup(runner, server_args())
-    assert report.skipped == [] and report.steps >= 15 and report.tokens > 80
+    assert report.skipped == [] and report.failed == [] and report.steps >= 15 and report.tokens > 80
     assert runner.states == {} and runner.logits_processor is not None
     assert greedy(runner, [3, 4, 5, 6, 7], 6) == before  # nothing the warm-up wrote is read afterwards
+
+
+def test_the_gpu_plan_is_made_of_valid_steps(model_dir):
+    """Every scenario of the GPU plan (all shape classes, eager decode above the graphs, the largest prefill)
+    run through a CPU runner: no step is refused and the runner ends clean."""
+    runner = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                         max_total_tokens=12000)
+    warmup = Warmup(runner, kv_slots=runner.kv_slots, vocab_size=TINY_CONFIG["vocab_size"], max_prefill_tokens=16384,
+                    chunked_prefill_size=8192, max_running_requests=24, graph_max_bs=16, on_gpu=True)
+    names = [name for name, _ in warmup.plan()]
+    assert "eager decode of 17" in names and "largest prefill 16x512" in names
+    report = warmup.run()
+    assert report.failed == [] and report.skipped == [] and report.tokens > 9000 and runner.states == {}
 
 
 def test_a_small_pool_skips_what_does_not_fit_without_failing(model_dir):
     runner = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
                          max_total_tokens=25)
     report = run_warmup(runner, server_args())
-    assert report.steps > 0 and report.skipped and runner.states == {}
+    assert report.steps > 0 and report.skipped and report.failed == [] and runner.states == {}
 
 
 def test_the_plan_follows_the_step_limits(model_dir):
@@ -117,7 +130,8 @@ def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
                                             max_position_embeddings=4096), tmp_path)
     runner = ModelRunner(tmp_path, dtype="bfloat16", device="cuda", max_total_tokens=65536, cuda_graph_max_bs=32,
                          max_running_requests=64)
-    run_warmup(runner, server_args(max_running_requests=64))
+    report = run_warmup(runner, server_args(max_running_requests=64))
+    assert report.failed == [] and report.skipped == []
     rng = random.Random(0)
     with CompileCounter() as counter:
         slot, step = 1, 1

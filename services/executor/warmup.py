@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
 log = logging.getLogger("radixserve.executor.warmup")
 
@@ -38,6 +38,7 @@ class WarmupReport:
     steps: int = 0
     tokens: int = 0
     skipped: list[str] = dataclasses.field(default_factory=list)  # scenarios that did not fit the KV pool
+    failed: list[str] = dataclasses.field(default_factory=list)  # scenarios whose step was refused (a bug)
     seconds: float = 0.0
 
 
@@ -112,6 +113,9 @@ class Warmup:
                 scenario()
             except _DoesNotFit:
                 self.report.skipped.append(name)
+            except StepError as e:  # refused before anything ran, on every shard alike: the server can still start
+                log.warning("warm-up step %r was refused (%s); the first requests of that shape may compile", name, e)
+                self.report.failed.append(name)
             finally:
                 self.runner.reset()
         self.report.seconds = time.perf_counter() - t0
