@@ -10,6 +10,7 @@ from radixserve import check_comm
 from radixserve.common.args import (FlagError, add_server_args, args_from_namespace, check_parallelism,
                                     load_config_file)
 from radixserve.common.foreign_flags import warn_ignored
+from radixserve.common.grpc_security import check_internal_security
 from radixserve.healthcheck import add_arguments as add_healthcheck_arguments
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor", "detokenizer")
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_comm.main(ns, argv[1:])
     try:
         args = args_from_namespace(ns, ns.command)
+        if ns.command in SERVICES:
+            check_internal_security(args, ns.command)
     except FlagError as e:
         parser.exit(2, f"radixserve {ns.command}: error: {e}\n")
     if ns.command in _FLAG_COMMANDS:

@@ -96,13 +96,13 @@ async def check_grpc(service: str, addr: str, timeout: float, server_name: str |
     settings = grpc_util.settings
     interceptors = list(settings.client_interceptors) or None
     if settings.channel_credentials is not None:
-        options = list(grpc_util.CHANNEL_OPTIONS)
+        options = grpc_util.channel_options()
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         channel = grpc.aio.secure_channel(addr, settings.channel_credentials, options=options,
                                           interceptors=interceptors)
     else:
-        channel = grpc.aio.insecure_channel(addr, options=grpc_util.CHANNEL_OPTIONS, interceptors=interceptors)
+        channel = grpc.aio.insecure_channel(addr, options=grpc_util.channel_options(), interceptors=interceptors)
     try:
         if service == "tokenizer":
             reply = await tokenizer_pb2_grpc.TokenizerStub(channel).Encode(
@@ -129,7 +129,11 @@ async def check_grpc(service: str, addr: str, timeout: float, server_name: str |
             return f"GetModelInfo -> {info.architecture} on {info.device}, {info.kv_slots} KV slots"
         raise ValueError(f"unknown service {service!r}")
     except grpc.aio.AioRpcError as e:
-        raise RuntimeError(f"{e.code().name}: {e.details()}") from None
+        hint = ""
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            hint = (" (give the check the services' token: --grpc-auth-token or $RADIXSERVE_GRPC_AUTH_TOKEN; "
+                    "`radixserve serve` makes one up unless given one)")
+        raise RuntimeError(f"{e.code().name}: {e.details()}{hint}") from None
     finally:
         await channel.close()
 
@@ -143,9 +147,16 @@ def check(args: ServerArgs, service: str, addr: str | None = None, timeout: floa
         if service == "gateway":
             detail = check_gateway(target, timeout)
         else:
+            from radixserve.common import grpc_util
             from radixserve.common.grpc_security import install_from_args
-            install_from_args(args)
-            detail = asyncio.run(check_grpc(service, target, timeout, tls_server_name(args, service, server_name)))
+            saved = grpc_util.settings  # the check's token and TLS settings apply to its own call only
+            grpc_util.reset()
+            try:
+                install_from_args(args)
+                detail = asyncio.run(check_grpc(service, target, timeout,
+                                                tls_server_name(args, service, server_name)))
+            finally:
+                grpc_util.settings = saved
     except (RuntimeError, ValueError) as e:
         return False, f"{service} at {target}: unhealthy: {e}"
     return True, f"{service} at {target}: healthy ({detail}, {1000 * (time.perf_counter() - t0):.0f} ms)"

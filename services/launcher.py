@@ -22,6 +22,10 @@ dies (see services/executor/shard_group.py), so the executor restarts as a whole
 0 (--node-rank k > 0) only the executor runs: its shards join node 0's group, and it is ready once
 started (node 0's gateway answers for the server).
 
+The services accept only calls that carry the inter-service token (--grpc-auth-token, or
+$RADIXSERVE_GRPC_AUTH_TOKEN); without one the launcher makes one up for the launch. Children get it in
+their environment, never on their command line (argv shows in `ps`).
+
 SIGTERM or SIGINT stops the gateway first and gives it --shutdown-timeout (plus a margin) to drain
 its requests, then stops the other services; the launcher exits 0 with no child left.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -38,7 +43,7 @@ import urllib.error
 import urllib.request
 
 from radixserve.common.args import ServerArgs, env_name, replica_args, replica_name
-from radixserve.common.grpc_security import TlsCredentials
+from radixserve.common.grpc_security import TOKEN_ENV, TlsCredentials, auth_token
 from radixserve.common.log import setup_logging
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.common.model_files import default_model_name, resolve_model_path
@@ -63,6 +68,16 @@ log = logging.getLogger("radixserve.launcher")
 
 def child_command(service: str, args: ServerArgs) -> list[str]:
     return [sys.executable, "-m", "radixserve.cli", service, *args.to_cli()]
+
+
+def ensure_internal_token(args: ServerArgs) -> None:
+    """Without --grpc-auth-token or $RADIXSERVE_GRPC_AUTH_TOKEN, a random token of this launch, so that the
+    services answer only each other (and whoever is given the token) even on loopback; the children get it
+    in their environment (child_env), never on their command line."""
+    if auth_token(args) is None:
+        args.grpc_auth_token = secrets.token_urlsafe(32)
+        log.info("services authenticate each other with a token made up for this launch (choose one with "
+                 "--grpc-auth-token or $%s to call them directly)", TOKEN_ENV)
 
 
 def child_env(args: ServerArgs) -> dict[str, str] | None:
@@ -151,6 +166,7 @@ def launch(args: ServerArgs) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    ensure_internal_token(args)
     supervisor = Supervisor(service_specs(args), start_services(args))
     try:
         t0 = time.time()

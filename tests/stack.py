@@ -4,12 +4,20 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+import grpc
+
+from radixserve.common.grpc_security import TOKEN_ENV, SyncTokenInterceptor
+
+# The inter-service token the test stacks run with, so that tests can call the services directly.
+STACK_GRPC_TOKEN = f"test-stack-{secrets.token_hex(8)}"
 
 
 def free_ports(n: int) -> list[int]:
@@ -31,10 +39,17 @@ class Stack:
     grpc_port: int
     scheduler_addr: str
     log_path: str
+    grpc_token: str | None = None  # the services' inter-service token (None: one the launcher made up)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    def grpc_channel(self, addr: str) -> grpc.Channel:
+        """A blocking channel to one of the stack's services that carries its inter-service token."""
+        channel = grpc.insecure_channel(addr)
+        return channel if self.grpc_token is None else grpc.intercept_channel(channel,
+                                                                              SyncTokenInterceptor(self.grpc_token))
 
     def log_tail(self, n: int = 60) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -45,17 +60,23 @@ READY_LINE = "radixserve ready: "  # what the launcher prints once /health answe
 
 
 def start_stack(*extra: str, log_path: str, timeout: float = 600,
-                command: tuple[str, ...] = ("radixserve.cli", "serve")) -> Stack:
-    """command: the module (and subcommand) run with `python -m`, e.g. ("radixserve.launch_server",)."""
+                command: tuple[str, ...] = ("radixserve.cli", "serve"),
+                grpc_token: str | None = STACK_GRPC_TOKEN) -> Stack:
+    """command: the module (and subcommand) run with `python -m`, e.g. ("radixserve.launch_server",).
+    grpc_token: the services' inter-service token, given in the environment; None: none given (the
+    launcher makes one up, which the test does not know)."""
     http, grpc_port, tok, sch, exe, detok = free_ports(6)
     cmd = [sys.executable, "-m", *command, "--port", str(http),
            "--gateway-grpc-port", str(grpc_port),
            "--tokenizer-addr", f"127.0.0.1:{tok}", "--scheduler-addr", f"127.0.0.1:{sch}",
            "--executor-addr", f"127.0.0.1:{exe}", "--detokenizer-addr", f"127.0.0.1:{detok}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if grpc_token is not None:
+        env[TOKEN_ENV] = grpc_token
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    stack = Stack(proc, http, grpc_port, f"127.0.0.1:{sch}", log_path)
+                            env={**env, "PYTHONUNBUFFERED": "1"})
+    stack = Stack(proc, http, grpc_port, f"127.0.0.1:{sch}", log_path, grpc_token)
     deadline = time.time() + timeout
     # Ready when the launcher says so: from then on its own readiness probes (/health, a generation)
     # no longer share the scheduler with the test's requests.

@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 
@@ -32,7 +31,7 @@ def stack(tmp_path_factory):
 
 
 def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
-    with grpc.insecure_channel(stack.scheduler_addr) as ch:
+    with stack.grpc_channel(stack.scheduler_addr) as ch:
         return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
 
 

@@ -33,7 +33,8 @@ import pytest
 import yaml
 
 from radixserve.cli import SERVICES, build_parser
-from radixserve.common.args import ServerArgs, args_from_namespace, env_name
+from radixserve.common.args import FlagError, ServerArgs, args_from_namespace, env_name
+from radixserve.common.grpc_security import check_internal_security
 from radixserve.healthcheck import check, split_host_port
 from tests.stack import free_ports
 
@@ -45,6 +46,8 @@ KNOWN_ENV = {env_name(f.name) for f in dataclasses.fields(ServerArgs) if f.metad
 KNOWN_ENV.add(env_name("tp_size"))
 RADIXSERVE_IMAGES = ("radixserve:latest", "radixserve:cuda")
 START_TIMEOUT_S = 300  # a deadline: warm, the stack is up in ~15 s; cold, the model converts and kernels build first
+# What the shell must give compose: compose.yaml's required variables (${NAME:?message}).
+COMPOSE_SHELL = {"RADIXSERVE_GRPC_AUTH_TOKEN": "compose-test-token"}
 
 
 # ---- helpers: compose files ----
@@ -52,8 +55,13 @@ START_TIMEOUT_S = 300  # a deadline: warm, the stack is up in ~15 s; cold, the m
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
+class MissingVariable(ValueError):
+    """A required variable (${NAME:?message}, ${NAME?message}) is unset (or, with :?, empty)."""
+
+
 def interpolate(value, variables: dict[str, str]):
-    """Compose's ${NAME}, ${NAME:-default}, ${NAME-default} and $$, over a loaded document."""
+    """Compose's ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error} and $$, over a
+    loaded document."""
     if isinstance(value, dict):
         return {k: interpolate(v, variables) for k, v in value.items()}
     if isinstance(value, list):
@@ -70,6 +78,8 @@ def interpolate(value, variables: dict[str, str]):
             return current if current else default
         if op == "-":
             return current if current is not None else default
+        if op in (":?", "?") and (not current if op == ":?" else current is None):
+            raise MissingVariable(f"required variable {name} is missing a value: {default}")
         return current or ""
     return _VAR.sub(sub, value)
 
@@ -149,17 +159,17 @@ def compose_schema() -> dict:
 def test_compose_file_validates_against_the_compose_spec():
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)  # draft 2020-12 today
-    for label, doc in [("as written", load_compose()), ("interpolated", load_compose({})),
-                       ("observability", load_compose(read_env_file(OBSERVABILITY_ENV)))]:
+    for label, doc in [("as written", load_compose()), ("interpolated", load_compose(COMPOSE_SHELL)),
+                       ("observability", load_compose({**COMPOSE_SHELL, **read_env_file(OBSERVABILITY_ENV)}))]:
         errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
         assert errors == [], label
-    broken = load_compose({})
+    broken = load_compose(COMPOSE_SHELL)
     broken["services"]["gateway"]["healthcheck"]["command"] = broken["services"]["gateway"]["healthcheck"].pop("test")
     assert list(validator.iter_errors(broken)), "the schema must catch a misspelt key"
 
 
 def test_compose_topology():
-    doc = load_compose({})
+    doc = load_compose(COMPOSE_SHELL)
     services = default_services(doc)
     assert set(services) == set(SERVICES)
     for name, svc in radixserve_services(doc).items():
@@ -195,10 +205,10 @@ def test_compose_topology():
 
 
 def test_observability_configs_agree_with_compose():
-    doc = load_compose({})
+    doc = load_compose(COMPOSE_SHELL)
     env = read_env_file(OBSERVABILITY_ENV)
     assert env["COMPOSE_PROFILES"] == "observability" and env["RADIXSERVE_ENABLE_METRICS"] == "1"
-    on = load_compose(env)
+    on = load_compose({**COMPOSE_SHELL, **env})
     for svc in default_services(on).values():
         assert svc["environment"]["RADIXSERVE_OTLP_TRACES_ENDPOINT"] == env["RADIXSERVE_OTLP_TRACES_ENDPOINT"]
         assert svc["environment"]["RADIXSERVE_ENABLE_METRICS"] == "1"
@@ -231,7 +241,7 @@ def test_observability_configs_agree_with_compose():
 
 
 def test_compose_commands_are_radixserve_commands():
-    doc = load_compose({})
+    doc = load_compose(COMPOSE_SHELL)
     for name, svc in radixserve_services(doc).items():
         ns, args = parse_command(svc["command"], svc["environment"])
         assert ns.command == service_kind(svc["command"])
@@ -248,9 +258,43 @@ def test_compose_commands_are_radixserve_commands():
             assert split_host_port(svc["environment"][env_name(f"{ns.command}_addr")])[1] == port
 
 
+def test_compose_requires_the_inter_service_token():
+    for shell in ({}, {"RADIXSERVE_GRPC_AUTH_TOKEN": ""}):  # `docker compose up` stops with this message
+        with pytest.raises(MissingVariable, match="RADIXSERVE_GRPC_AUTH_TOKEN is missing a value: .*openssl rand"):
+            load_compose(shell)
+    services = radixserve_services(load_compose(COMPOSE_SHELL))
+    for name, svc in services.items():
+        env = svc["environment"]
+        assert env["RADIXSERVE_GRPC_AUTH_TOKEN"] == COMPOSE_SHELL["RADIXSERVE_GRPC_AUTH_TOKEN"], name
+        _, args = parse_command(svc["command"], env)
+        check_internal_security(args, svc["command"][0])  # binds 0.0.0.0, with the token: starts
+        _, bare = parse_command(svc["command"], {k: v for k, v in env.items() if k != "RADIXSERVE_GRPC_AUTH_TOKEN"})
+        with pytest.raises(FlagError, match="not loopback"):
+            check_internal_security(bare, svc["command"][0])
+
+
+def test_kubernetes_pods_require_the_inter_service_token():
+    docs = k8s_documents()
+    config = next(d for _, d in docs if d["kind"] == "ConfigMap")["data"]
+    deployments = [(path, d) for path, d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == len(SERVICES) + 1  # and the GPU executor
+    for path, doc in deployments:
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        [token] = [e for e in container["env"] if e["name"] == "RADIXSERVE_GRPC_AUTH_TOKEN"]
+        ref = token["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == ("radixserve-secrets", "grpc-auth-token",
+                                                                         False), path
+        env = k8s_env(doc["spec"]["template"]["spec"], config)
+        _, args = parse_command(container["args"], {**env, "RADIXSERVE_GRPC_AUTH_TOKEN": "from-the-secret"})
+        check_internal_security(args, container["args"][0])
+        _, bare = parse_command(container["args"], env)
+        with pytest.raises(FlagError, match="not loopback"):
+            check_internal_security(bare, container["args"][0])
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_help_succeeds_with_the_compose_and_kubernetes_flags(service):
-    doc = load_compose({})
+    doc = load_compose(COMPOSE_SHELL)
     compose = [s for s in radixserve_services(doc).values() if s["command"][0] == service]
     k8s = [c for _, d in k8s_documents() if d["kind"] == "Deployment"
            for c in d["spec"]["template"]["spec"]["containers"] if c["args"][0] == service]
@@ -432,7 +476,7 @@ class LocalCompose:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.doc = load_compose({})  # the shell sets no variable: compose.yaml's defaults
+        self.doc = load_compose(COMPOSE_SHELL)  # the shell sets only what it must: compose.yaml's defaults
         self.services = default_services(self.doc)
         self.replicas: dict[str, list[Replica]] = {}
         for name, svc in self.services.items():

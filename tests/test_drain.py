@@ -25,18 +25,21 @@ class Stream(threading.Thread):
     def __init__(self, base_url: str, body: dict):
         super().__init__(daemon=True)
         self.url, self.body = base_url + "/v1/completions", {**body, "stream": True}
-        self.status, self.events, self.done = None, [], False
+        self.status, self.events, self.done, self.error = None, [], False, None
         self.started = threading.Event()
 
     def run(self):
-        with httpx.stream("POST", self.url, json=self.body, timeout=120) as resp:
-            self.status = resp.status_code
-            for line in resp.iter_lines():
-                if line == "data: [DONE]":
-                    self.done = True
-                elif line.startswith("data: "):
-                    self.events.append(json.loads(line[len("data: "):]))
-                    self.started.set()
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=120) as resp:
+                self.status = resp.status_code
+                for line in resp.iter_lines():
+                    if line == "data: [DONE]":
+                        self.done = True
+                    elif line.startswith("data: "):
+                        self.events.append(json.loads(line[len("data: "):]))
+                        self.started.set()
+        except httpx.HTTPError as e:  # e.g. a stream cut mid-chunk
+            self.error = e
 
     def text(self) -> str:
         return "".join(e["choices"][0]["text"] for e in self.events if e.get("choices"))
@@ -119,6 +122,44 @@ def test_gateway_drain_in_process():
         assert not stream.done
         stream.join(10)
         assert stream.status == 200 and stream.done and len(stream.text()) == 60
+        wait_for(lambda: gw.gateway._http_task.done(), 10, "the HTTP server to stop")
+        assert refused(gw.base_url)
+    finally:
+        gw.close()
+        backends.stop()
+
+
+def test_a_stream_still_running_at_the_shutdown_timeout_ends_with_an_error_event_and_done():
+    """At --shutdown-timeout a running stream is cut at an event boundary: an OpenAI-shaped error event,
+    then [DONE], then the end of the chunked body; its generation is aborted. A request still waiting
+    for its answer gets a 503."""
+    backends = FakeBackends(step_delay=0.05)  # 2 tokens per 50 ms: 400 tokens take 10 s
+    gw = RunningGateway(backends, shutdown_timeout=0.5)
+    try:
+        stream = Stream(gw.base_url, {"model": "fake-model", "prompt": "hi", "max_tokens": 200})
+        stream.start()
+        assert stream.started.wait(10)
+        waiting: dict = {}
+        waiter = threading.Thread(target=lambda: waiting.update(response=httpx.post(
+            gw.base_url + "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 200},
+            timeout=30)), daemon=True)
+        waiter.start()
+        assert wait_for(lambda: len(backends.scheduler.started) == 2, 5, "the second request to start")
+        started = time.monotonic()
+        gw.loop.call_soon_threadsafe(gw.gateway.request_stop)
+
+        stream.join(10)
+        waiter.join(10)
+        assert time.monotonic() - started < 5
+        assert stream.error is None and stream.status == 200 and stream.done, (stream.error, stream.events[-1:])
+        assert 0 < len(stream.text()) < 200
+        assert stream.events[-1] == {"error": {"message": "the server shut down before this request finished "
+                                                          "(--shutdown-timeout)", "type": "service_unavailable_error",
+                                               "param": None, "code": "service_unavailable"}}
+        assert all("error" not in e for e in stream.events[:-1])
+        late = waiting["response"]
+        assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable", late.text
+        wait_for(lambda: len(backends.scheduler.cancelled) == 2, 5, "both generations to be aborted")
         wait_for(lambda: gw.gateway._http_task.done(), 10, "the HTTP server to stop")
         assert refused(gw.base_url)
     finally:

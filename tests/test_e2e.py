@@ -33,7 +33,7 @@ def client(stack):
 
 
 def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
-    with grpc.insecure_channel(stack.scheduler_addr) as ch:
+    with stack.grpc_channel(stack.scheduler_addr) as ch:
         return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
 
 
@@ -184,7 +184,7 @@ def test_direct_grpc_clients(stack):
     assert pieces[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     assert models.models[0].id == MODEL and health.healthy
 
-    with grpc.insecure_channel(stack.scheduler_addr) as ch:
+    with stack.grpc_channel(stack.scheduler_addr) as ch:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         req = scheduler_pb2.SchedulerGenerateRequest(
             request_id="direct-1", input_ids=[1, 504, 3458, 282], sampling=common_pb2.SamplingParams(

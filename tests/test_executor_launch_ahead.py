@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from radixserve.v1 import executor_pb2_grpc
 from radixserve.common.grpc_util import aio_channel
 from radixserve.executor.runner import ModelRunner
+from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server, step_input_to_pb
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
@@ -137,11 +138,19 @@ def test_server_launches_an_early_step_before_collecting_the_previous_one(model_
         try:
             async with aio_channel(f"127.0.0.1:{port}") as channel:
                 stub = executor_pb2_grpc.ExecutorStub(channel)
-                first = stub.Step(step_input_to_pb(steps()[0]))
+                session = await ExecutorSession.open(stub)  # Step only from the executor's step session
+
+                def step(i):
+                    msg = step_input_to_pb(steps()[i])
+                    msg.session_id = session.id
+                    return stub.Step(msg)
+
+                first = step(0)
                 await asyncio.sleep(0.1)
-                second = stub.Step(step_input_to_pb(steps()[1]))
+                second = step(1)
                 results = await asyncio.gather(first, second)
-                results.append(await stub.Step(step_input_to_pb(steps()[2])))
+                results.append(await step(2))
+                session.close()
                 return results
         finally:
             await server.stop(None)

@@ -13,6 +13,7 @@ from radixserve.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.sampling import _filter_probs, sample
 from radixserve.common.step_order import StepOrder
+from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 
@@ -212,21 +213,24 @@ def test_grpc_server_in_process(runner):
                 stub = executor_pb2_grpc.ExecutorStub(channel)
                 info = await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest())
                 assert info.kv_slots == 201 and list(info.eos_token_ids) == [2, 5] and info.dtype == "float32"
+                session = await ExecutorSession.open(stub)
+                sid = session.id  # Step and Reset only from the executor's step session
                 sampling = common_pb2.SamplingParams(temperature=0.0, return_logprob=True, top_logprobs_num=3)
-                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=7, new_requests=[
+                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=7, session_id=sid, new_requests=[
                     executor_pb2.ExecutorNewRequest(request_id="a", input_ids=[3, 4], new_slots=[1, 2],
                                                     sampling=sampling, sample=True)]))
                 assert resp.step_id == 7 and resp.outputs[0].request_id == "a" and resp.forward_ms > 0
                 assert len(resp.outputs[0].logprob.top) == 3
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stub.Step(executor_pb2.ExecutorStepRequest(step_id=8, continuing_requests=[
+                    await stub.Step(executor_pb2.ExecutorStepRequest(step_id=8, session_id=sid, continuing_requests=[
                         executor_pb2.ExecutorContinuingRequest(request_id="ghost", new_slots=[3], sample=True)]))
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ghost" in err.value.details()
-                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=9, continuing_requests=[
+                resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=9, session_id=sid, continuing_requests=[
                     executor_pb2.ExecutorContinuingRequest(request_id="a", new_slots=[3], sample=True)]))
                 assert resp.outputs[0].request_id == "a"
-                reset = await stub.Reset(executor_pb2.ExecutorResetRequest())
+                reset = await stub.Reset(executor_pb2.ExecutorResetRequest(session_id=sid))
                 assert reset.dropped == 1
+                session.close()
         finally:
             await server.stop(None)
 
@@ -239,14 +243,17 @@ def test_grpc_steps_run_in_step_id_order(runner):
         try:
             async with aio_channel(f"127.0.0.1:{port}") as channel:
                 stub = executor_pb2_grpc.ExecutorStub(channel)
+                session = await ExecutorSession.open(stub)
+                sid = session.id  # Step and Reset only from the executor's step session
                 greedy = common_pb2.SamplingParams(temperature=0.0)
-                first = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=1, new_requests=[
+                first = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=1, session_id=sid, new_requests=[
                     executor_pb2.ExecutorNewRequest(request_id="a", input_ids=[3, 4, 5], new_slots=[1, 2, 3],
                                                     sampling=greedy, sample=True)]))
 
                 def decode(step_id, slot):
-                    return stub.Step(executor_pb2.ExecutorStepRequest(step_id=step_id, continuing_requests=[
-                        executor_pb2.ExecutorContinuingRequest(request_id="a", new_slots=[slot], sample=True)]))
+                    return stub.Step(executor_pb2.ExecutorStepRequest(
+                        step_id=step_id, session_id=sid, continuing_requests=[
+                            executor_pb2.ExecutorContinuingRequest(request_id="a", new_slots=[slot], sample=True)]))
 
                 later = decode(3, 11)
                 await asyncio.sleep(0.1)  # step 3 arrives first and must wait for step 2
@@ -255,10 +262,11 @@ def test_grpc_steps_run_in_step_id_order(runner):
                 assert runner.states["a"].last_token == third.outputs[0].token_id
                 # Step 2 decoded the token step 1 sampled: a fresh request with it spelled out agrees.
                 tokens = [3, 4, 5, first.outputs[0].token_id]
-                check = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=4, new_requests=[
+                check = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=4, session_id=sid, new_requests=[
                     executor_pb2.ExecutorNewRequest(request_id="z", input_ids=tokens, new_slots=[20, 21, 22, 23],
                                                     sampling=greedy, sample=True)]))
                 assert check.outputs[0].token_id == second.outputs[0].token_id
+                session.close()
         finally:
             await server.stop(None)
 

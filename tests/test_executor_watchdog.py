@@ -10,6 +10,7 @@ import time
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.grpc_util import aio_channel
+from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server, torch_worker
 from radixserve.executor.step_io import StepOutput
 from radixserve.executor.watchdog import WATCHDOG_EXIT_CODE, StepWatchdog
@@ -67,6 +68,9 @@ class SleepyRunner:
         time.sleep(self.seconds)
         return StepOutput(step_id=step_id, outputs=[], forward_ms=self.seconds * 1000)
 
+    def reset(self):  # opening the step session drops the request state
+        return 0
+
 
 def test_the_executor_servicer_runs_steps_under_the_watchdog():
     async def body():
@@ -75,7 +79,10 @@ def test_the_executor_servicer_runs_steps_under_the_watchdog():
         server, port = await start_server(SleepyRunner(0.4), "127.0.0.1:0", torch_worker(), watchdog)
         channel = aio_channel(f"127.0.0.1:{port}")
         try:
-            resp = await executor_pb2_grpc.ExecutorStub(channel).Step(executor_pb2.ExecutorStepRequest(step_id=1))
+            stub = executor_pb2_grpc.ExecutorStub(channel)
+            session = await ExecutorSession.open(stub)
+            resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=1, session_id=session.id))
+            session.close()
         finally:
             await channel.close()
             await server.stop(None)

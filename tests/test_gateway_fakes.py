@@ -157,9 +157,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         def read():
             try:
                 for action in request_iterator:
-                    if action.WhichOneof("action") == "generate":
-                        contexts[action.generate.request_id] = _SessionRequestContext()
-                        threading.Thread(target=run, args=(action.generate,), daemon=True).start()
+                    kind = action.WhichOneof("action")
+                    if kind in ("generate", "generate_group"):
+                        msgs = [action.generate] if kind == "generate" else list(action.generate_group.requests)
+                        for msg in msgs:
+                            contexts[msg.request_id] = _SessionRequestContext()
+                            threading.Thread(target=run, args=(msg,), daemon=True).start()
                     else:
                         for rid in action.abort.request_ids:
                             if rid in contexts:

@@ -117,6 +117,40 @@ def test_every_error_status_answers_in_openais_shape(tmp_path):
     run_with_gateway(tmp_path, body)
 
 
+def test_chat_message_content_null_or_missing_is_a_400_as_openai_answers(tmp_path):
+    """OpenAI requires content (a string or a list of parts) in every message, but an assistant message
+    with tool_calls (or the older function_call) may leave it null or out."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+    async def body(client: httpx.AsyncClient, backends):
+        started = len(backends.scheduler.started)
+        for i, message in enumerate([{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": None}, {"role": "developer"},
+                                     {"role": "tool", "tool_call_id": "call_1", "content": None},
+                                     {"role": "assistant", "content": None}, {"role": "assistant"}]):
+            for stream in (False, True):
+                messages = [*MESSAGES, message] if i else [message]
+                r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                                     "max_tokens": 2, "stream": stream})
+                error = assert_openai_error(r, 400, "invalid_value")
+                assert error["param"] == f"messages.{len(messages) - 1}.content", error
+                assert error["type"] == "invalid_request_error" and message["role"] in error["message"]
+        assert len(backends.scheduler.started) == started
+
+        for messages in ([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                         [{"role": "user", "content": ""}],
+                         [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+                         [*MESSAGES, {"role": "assistant", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "42"}]}],
+                         [*MESSAGES, {"role": "assistant", "content": None,
+                                      "function_call": {"name": "f", "arguments": "{}"}}]):
+            r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+            assert r.status_code == 200, (messages, r.text)
+
+    run_with_gateway(tmp_path, body)
+
+
 def test_prompt_beyond_the_context_length_is_a_400(tmp_path):
     async def body(client: httpx.AsyncClient, backends):
         started = len(backends.scheduler.started)

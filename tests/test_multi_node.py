@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
+from radixserve.common.step_session import BlockingExecutorSession
 from radixserve.executor.server import step_input_to_pb
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
 from tests.stack import free_ports, stop_stack
@@ -112,8 +113,18 @@ def start_two_nodes(procs: Processes, model: Path) -> str:
     return addr
 
 
-def step(stub, step_input: StepInput, timeout: float = 60) -> executor_pb2.ExecutorStepResponse:
-    return stub.Step(step_input_to_pb(step_input), timeout=timeout)
+@contextlib.contextmanager
+def step_session(addr: str):
+    """A stub of the executor at addr and a step session on it (Step is refused without one), for step()."""
+    with grpc.insecure_channel(addr) as channel:
+        stub = executor_pb2_grpc.ExecutorStub(channel)
+        with BlockingExecutorSession(stub) as session:
+            yield stub, session
+
+
+def step(driver, step_input: StepInput, timeout: float = 60) -> executor_pb2.ExecutorStepResponse:
+    stub, session = driver
+    return stub.Step(session.stamp(step_input_to_pb(step_input)), timeout=timeout)
 
 
 def decode(addr: str) -> list[tuple]:
@@ -127,8 +138,7 @@ def decode(addr: str) -> list[tuple]:
     first = StepInput(1, new_requests=[NewRequest("a", prompt_a, a_slots, sampling=sampling),
                                        NewRequest("b", prompt_b, take(len(prompt_b)), sampling=sampling)])
     sampled = []
-    with grpc.insecure_channel(addr) as channel:
-        stub = executor_pb2_grpc.ExecutorStub(channel)
+    with step_session(addr) as stub:
         outputs = [step(stub, first).outputs]
         for i in range(DECODE_STEPS):
             running = [ContinuingRequest("a", take(1)), ContinuingRequest("b", take(1))]
@@ -175,8 +185,7 @@ def test_node0_fails_its_steps_when_node1_dies(model, processes):
     addr = start_two_nodes(processes, model)
     wait_ready(processes, "node0", addr)
     one = StepInput(1, new_requests=[NewRequest("a", [5, 6, 7], [1, 2, 3])])
-    with grpc.insecure_channel(addr) as channel:
-        stub = executor_pb2_grpc.ExecutorStub(channel)
+    with step_session(addr) as stub:
         assert len(step(stub, one).outputs) == 1
         processes.procs["node1"].kill()
         assert processes.procs["node1"].wait(10) == -signal.SIGKILL

@@ -29,12 +29,13 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def start_tiny_stack(tmp_path: Path, *flags: str) -> Stack:
+def start_tiny_stack(tmp_path: Path, *flags: str, **stack_options) -> Stack:
+    """stack_options: start_stack's (grpc_token)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "0")  # no kernel build on a fresh machine
         return start_stack("--model-path", str(tiny_model(tmp_path / "model")), "--load-format", "dummy",
                            "--served-model-name", MODEL, "--max-total-tokens", "40000", *flags,
-                           log_path=str(tmp_path / "serve.log"), timeout=180)
+                           log_path=str(tmp_path / "serve.log"), timeout=180, **stack_options)
 
 
 def service_pids(launcher_pid: int) -> dict[str, int]:

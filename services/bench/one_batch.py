@@ -6,9 +6,10 @@ step latency and throughput, and the totals, as text and as one JSON line per ru
 the ModelRunner is driven in process, with every server flag available (--attention-backend,
 --disable-cuda-graph, ...). With --executor-addr the same steps go over gRPC to a running executor
 instead (--over-grpc), and the JSON also gives the executor's own step time, so the gRPC hop is
-measured directly. With --launch-ahead (in process) each decode step is launched before the previous
-one is collected, as the executor server does when the scheduler overlaps steps: the decode latency is
-then the interval between consecutive steps' results.
+measured directly (the benchmark opens the executor's step session, so no scheduler may be connected to
+it; the inter-service token and TLS flags apply as for a service). With --launch-ahead (in process) each
+decode step is launched before the previous one is collected, as the executor server does when the
+scheduler overlaps steps: the decode latency is then the interval between consecutive steps' results.
 
   radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
       --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
@@ -68,31 +69,42 @@ class InProcessTarget:
 
 
 class GrpcTarget:
-    """Sends the same steps to a running executor service."""
+    """Sends the same steps to a running executor service, with the inter-service token and TLS settings of
+    the flags, through a step session of its own: the executor must have none live (no scheduler connected)."""
 
     def __init__(self, addr: str):
-        import grpc
-
         from radixserve.v1 import executor_pb2, executor_pb2_grpc
+        from radixserve.common import grpc_util
+        from radixserve.common.step_session import BlockingExecutorSession, SessionRefused
         from radixserve.executor.server import step_input_to_pb
         self.pb = executor_pb2
         self.to_pb = step_input_to_pb
-        self.stub = executor_pb2_grpc.ExecutorStub(grpc.insecure_channel(addr))
+        self.channel = grpc_util.channel(addr)
+        self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
         info = self.stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=600)
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
+        try:
+            self.session = BlockingExecutorSession(self.stub)
+        except SessionRefused as e:
+            raise SystemExit(f"cannot drive the executor at {addr}: {e} (a scheduler holds its step session: "
+                             "benchmark an executor no scheduler is connected to)") from None
         self.step_id = 0
+
+    def close(self) -> None:
+        self.session.close()
+        self.channel.close()
 
     def step(self, step: StepInput) -> tuple[StepOutput, StepTiming]:
         self.step_id += 1
         step.step_id = self.step_id  # the executor orders steps from the first one after a Reset
-        msg = self.to_pb(step)
+        msg = self.session.stamp(self.to_pb(step))
         t0 = time.perf_counter()
         resp = self.stub.Step(msg, timeout=600)
         wall = time.perf_counter() - t0
         return StepOutput(resp.step_id, [], resp.forward_ms), StepTiming(wall, resp.forward_ms)
 
     def reset(self) -> None:
-        self.stub.Reset(self.pb.ExecutorResetRequest(), timeout=600)
+        self.stub.Reset(self.session.stamp(self.pb.ExecutorResetRequest()), timeout=600)
         self.step_id = 0
 
 
@@ -171,7 +183,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--output-len must be at least 1")
     if ns.launch_ahead and ns.over_grpc:
         raise SystemExit("--launch-ahead drives the executor in process; over gRPC steps go one at a time")
-    target = GrpcTarget(ns.executor_addr) if ns.over_grpc else InProcessTarget(args_from_namespace(ns, "executor"))
+    args = args_from_namespace(ns, "executor")
+    if ns.over_grpc:
+        from radixserve.common.grpc_security import install_from_args
+        install_from_args(args)  # the token (--grpc-auth-token, $RADIXSERVE_GRPC_AUTH_TOKEN) and TLS flags
+        target = GrpcTarget(ns.executor_addr)
+    else:
+        target = InProcessTarget(args)
+    try:
+        return run_all(ns, target, prompt_seed)
+    finally:
+        if ns.over_grpc:
+            target.close()
+
+
+def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
     if not ns.no_warmup:
         run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), prompt_seed, ns.launch_ahead)
     for bs in ns.batch_size:

@@ -345,6 +345,31 @@ class ServerArgs:
         group="Limits and lifecycle (radixserve)")
     shutdown_timeout: float = option(30.0, "on SIGTERM, seconds accepted requests get to finish before the process "
                                            "exits", group="Limits and lifecycle (radixserve)")
+    max_request_sequences: int = option(
+        256, "most sequences one request may ask for (prompts x n; also counted against --max-queued-requests); "
+             "more is a 400", group="Limits and lifecycle (radixserve)")
+    grammar_compile_timeout: float = option(
+        10.0, "seconds a structured-output constraint (json_schema, regex, ebnf) may take to compile; longer is a 400",
+        group="Limits and lifecycle (radixserve)")
+    grammar_max_concurrent_compiles: int = option(
+        2, "constraints compiled at once (the others wait, within --grammar-compile-timeout)",
+        group="Limits and lifecycle (radixserve)")
+    grammar_max_bytes: int = option(
+        131072, "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
+        group="Limits and lifecycle (radixserve)")
+    http_max_header_bytes: int = option(
+        65536, "largest HTTP request head (request line + headers) in bytes; larger gets 431 and the connection closes",
+        group="Limits and lifecycle (radixserve)")
+    http_max_headers: int = option(100, "most HTTP request headers; more gets 431",
+                                   group="Limits and lifecycle (radixserve)")
+    http_header_timeout: float = option(
+        10.0, "seconds a client may take to send a request's headers; then the connection closes",
+        group="Limits and lifecycle (radixserve)")
+    http_keep_alive_timeout: float = option(
+        5.0, "seconds an idle keep-alive HTTP connection stays open", group="Limits and lifecycle (radixserve)")
+    http_max_connections: int | None = option(
+        None, "most open HTTP connections; past it new ones get 503 and close (default: from the open-file limit)",
+        group="Limits and lifecycle (radixserve)")
 
     # -- Security between services
     grpc_tls_cert: str | None = option(None, "PEM certificate of this service's gRPC server (TLS between services)",
@@ -353,7 +378,10 @@ class ServerArgs:
                                       group="Security between services (radixserve)")
     grpc_tls_ca: str | None = option(None, "PEM CA bundle that signs the other services' certificates (clients "
                                            "verify with it)", group="Security between services (radixserve)")
-    # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else no token.
+    insecure_internal: bool = option(
+        False, "let a service started alone listen on a non-loopback address without --grpc-auth-token or TLS",
+        group="Security between services (radixserve)")
+    # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else none (`serve` then makes one up for its services).
     grpc_auth_token: str | None = option(
         None, "shared secret sent in gRPC metadata between services and required by every service "
               "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)", group="Security between services (radixserve)", secret=True)

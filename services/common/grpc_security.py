@@ -4,17 +4,23 @@
 through grpc_util.install. With no TLS flag and no token it installs nothing, so calls pay nothing.
 The gateway's public gRPC API (a `public` server) is served over TLS without client certificates
 and without the token: --api-key guards it.
+
+`radixserve serve` always has a token (the launcher makes one up when none is given). A service started
+alone on a non-loopback address must have the token or mutual TLS, or --insecure-internal
+(check_internal_security, run by the CLI before the service starts).
 """
 from __future__ import annotations
 
+import collections
 import hmac
+import ipaddress
 import os
 from pathlib import Path
 
 import grpc
 
 from radixserve.common import grpc_util
-from radixserve.common.args import ServerArgs
+from radixserve.common.args import FlagError, ServerArgs
 
 TOKEN_ENV = "RADIXSERVE_GRPC_AUTH_TOKEN"
 TOKEN_METADATA_KEY = "x-radixserve-grpc-token"
@@ -33,10 +39,49 @@ def install_from_args(args: ServerArgs) -> None:
         return
     grpc_util.install(
         client_interceptors=token_client_interceptors(token) if token else (),
+        sync_client_interceptors=[SyncTokenInterceptor(token)] if token else (),
         inter_service_interceptors=[TokenServerInterceptor(token)] if token else (),
         channel_credentials=tls and tls.channel,
         server_credentials=tls and tls.server,
         public_server_credentials=tls and tls.public_server)
+
+
+def listen_hosts(args: ServerArgs, service: str) -> list[str]:
+    """The hosts a standalone service binds: the gateway its HTTP and public gRPC ones; an executor shard other
+    than rank 0 (tensor parallelism) none, as it serves no gRPC."""
+    if service == "gateway":
+        return [args.host, args.grpc_host]
+    if service == "executor" and args.tp_size > 1:
+        rank = args.tp_rank if args.tp_rank is not None else args.node_rank * (args.tp_size // max(args.nnodes, 1))
+        if rank != 0:
+            return []
+    return [addr.strip().rpartition(":")[0] for addr in getattr(args, f"{service}_addr").split(",") if addr.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (other than localhost), 0.0.0.0 / :: (every interface) or empty
+
+
+def check_internal_security(args: ServerArgs, service: str) -> None:
+    """Refuse (FlagError) to start a service alone on a non-loopback address with nothing that authenticates
+    the other services' calls, unless --insecure-internal: anyone who reaches its port could drive it (write
+    KV through Executor.Step, abort every request through Scheduler.Abort). `radixserve serve` gives its
+    services a token of its own when none is given."""
+    if args.insecure_internal or auth_token(args) is not None or (args.grpc_tls_ca and args.grpc_tls_cert):
+        return
+    exposed = [host or "*" for host in listen_hosts(args, service) if not is_loopback(host)]
+    if exposed:
+        raise FlagError(
+            f"{service} would listen on {', '.join(dict.fromkeys(exposed))} (not loopback) and accept calls from "
+            f"anyone who reaches it: give every service the same --grpc-auth-token (or ${TOKEN_ENV}; e.g. "
+            f"`openssl rand -hex 32`), or mutual TLS (--grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca); "
+            f"--insecure-internal starts it unauthenticated anyway")
 
 
 class TlsCredentials:
@@ -113,6 +158,37 @@ class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
 def token_client_interceptors(token: str) -> list:
     """One interceptor per RPC kind: a grpc.aio channel files each interceptor under one kind only."""
     return [kind(token) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)]
+
+
+class _SyncCallDetails(collections.namedtuple("_SyncCallDetails", ("method", "timeout", "metadata", "credentials",
+                                                                     "wait_for_ready", "compression")),
+                       grpc.ClientCallDetails):
+    pass
+
+
+class SyncTokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """The token on every call of a blocking channel (grpc.intercept_channel; see grpc_util.channel)."""
+
+    def __init__(self, token: str):
+        self.entry = (TOKEN_METADATA_KEY, token)
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _SyncCallDetails(details.method, details.timeout, [*(details.metadata or ()), self.entry],
+                                details.credentials, getattr(details, "wait_for_ready", None),
+                                getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 class TokenServerInterceptor(grpc.aio.ServerInterceptor):

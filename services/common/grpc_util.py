@@ -17,7 +17,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),
-    ("grpc.keepalive_time_ms", 30000),
     # A name that resolves to several replicas (dns:///tokenizer:30011 in compose, a headless
     # Service in Kubernetes) spreads calls over all of them instead of pinning the first.
     ("grpc.lb_policy_name", "round_robin"),
@@ -27,6 +26,50 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
 ]
+
+# Keepalive, one definition for both ends of every channel (channel_options, server_options): each end
+# pings a connection every KEEPALIVE_TIME_MS, also while a long stream (the gateway's scheduler session,
+# the scheduler's executor session) sits idle, and drops it when a ping goes unanswered for
+# KEEPALIVE_TIMEOUT_MS. Servers accept pings up to twice that often: with gRPC's default policy (none
+# more often than every 5 minutes without data) a server answers a client pinging every 30 s with
+# GOAWAY too_many_pings after a few minutes of an idle stream, breaking the stream and its requests.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# Reconnects to a stage that is down (restarting, still loading): gRPC's default back-off grows to
+# 2 minutes between attempts, so a stage that came up late was reached up to half a minute after it
+# was ready. Kept short (under a second between attempts, with gRPC's +-20% jitter); the calls that
+# wait for a stage use wait_for_ready and so go out as soon as the channel connects.
+RECONNECT_INITIAL_BACKOFF_MS = 100
+RECONNECT_MAX_BACKOFF_MS = 800
+
+
+def channel_options() -> list[tuple[str, object]]:
+    """CHANNEL_OPTIONS with the keepalive and reconnect settings (read when a channel is made)."""
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Unlimited: by default a client sends two pings without data between them, then none, so an
+        # idle stream would stop being checked.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
+    ]
+
+
+def server_options() -> list[tuple[str, object]]:
+    """SERVER_OPTIONS with the ping policy that lets the clients' keepalive through, and the server's own
+    keepalive (a client that vanished without closing its connection is noticed)."""
+    return [
+        *SERVER_OPTIONS,
+        # The C core's name for the least interval between pings it accepts without data
+        # (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS); gRPC's max_ping_strikes (2) stays.
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 @dataclass
@@ -39,15 +82,19 @@ class GrpcSettings:
     # Left out of public servers (the gateway's API for clients): the inter-service token check.
     inter_service_interceptors: list = field(default_factory=list)
     public_server_credentials: grpc.ServerCredentials | None = None  # None: insecure public ports
+    # The client interceptors for blocking channels (see channel), e.g. the inter-service token's.
+    sync_client_interceptors: list = field(default_factory=list)  # grpc.UnaryUnaryClientInterceptor ...
 
 
 settings = GrpcSettings()
 
 
 def install(client_interceptors=(), server_interceptors=(), channel_credentials=None,
-            server_credentials=None, inter_service_interceptors=(), public_server_credentials=None) -> None:
+            server_credentials=None, inter_service_interceptors=(), public_server_credentials=None,
+            sync_client_interceptors=()) -> None:
     """Add interceptors and set credentials for the channels and servers made from now on."""
     settings.client_interceptors.extend(client_interceptors)
+    settings.sync_client_interceptors.extend(sync_client_interceptors)
     settings.server_interceptors.extend(server_interceptors)
     settings.inter_service_interceptors.extend(inter_service_interceptors)
     if public_server_credentials is not None:
@@ -68,9 +115,19 @@ def aio_channel(addr: str, interceptors: list[grpc.aio.ClientInterceptor] | None
     """A channel with the installed interceptors first, then these."""
     interceptors = [*settings.client_interceptors, *(interceptors or [])] or None
     if settings.channel_credentials is not None:
-        return grpc.aio.secure_channel(addr, settings.channel_credentials, options=CHANNEL_OPTIONS,
+        return grpc.aio.secure_channel(addr, settings.channel_credentials, options=channel_options(),
                                        interceptors=interceptors)
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(addr, options=channel_options(), interceptors=interceptors)
+
+
+def channel(addr: str) -> grpc.Channel:
+    """A blocking (non-asyncio) channel with the installed credentials and token, for synchronous
+    clients (benchmarks, tests)."""
+    if settings.channel_credentials is not None:
+        plain = grpc.secure_channel(addr, settings.channel_credentials, options=channel_options())
+    else:
+        plain = grpc.insecure_channel(addr, options=channel_options())
+    return grpc.intercept_channel(plain, *settings.sync_client_interceptors)
 
 
 def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None, public: bool = False) -> grpc.aio.Server:
@@ -78,7 +135,7 @@ def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None, pub
     the deployment) leaves out the inter-service ones."""
     inter_service = [] if public else settings.inter_service_interceptors
     chain = [*inter_service, *settings.server_interceptors, *(interceptors or [])]
-    return grpc.aio.server(interceptors=chain or None, options=SERVER_OPTIONS)
+    return grpc.aio.server(interceptors=chain or None, options=server_options())
 
 
 def bind(server: grpc.aio.Server, addr: str, public: bool = False) -> int:

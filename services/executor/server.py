@@ -11,6 +11,9 @@ are (the scheduler learns nothing of TP but the KV slot count GetModelInfo repor
 gRPC hop whatever N is, and rank 0's worker thread already orders steps, so every shard sees them in
 the same order with no further protocol; the broadcast of a step's diff costs well under a millisecond
 next to its forward pass. The other shards serve no gRPC.
+
+Only the client that holds the executor's step session (its scheduler; see common/step_session.py) may
+Step or Reset: anyone else is refused before a step takes a place in the step order.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from radixserve.common import tracing
 from radixserve.common.grpc_util import aio_server, bind
 from radixserve.common.lifecycle import run_service, run_until_signalled
 from radixserve.common.log import setup_logging
-from radixserve.common.step_order import StepOrder
+from radixserve.common.step_session import StepSessions
 from radixserve.common.model_files import cache_root, resolve_model_path
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
@@ -123,7 +126,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         # to launch the next step meanwhile.
         self.collector = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-collect")
         self.watchdog = watchdog  # watches every job on the worker and the collector
-        self.order = StepOrder()
+        self.sessions = StepSessions()  # Step and Reset only from the live session's client (its scheduler)
         self.step_tracer = StepTracer() if tracing.enabled() else None
 
     def _launch(self, request: executor_pb2.ExecutorStepRequest, step: StepInput):
@@ -159,13 +162,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return await self._submit(fn, *args)
 
     async def Step(self, request, context):
+        # Refused before it takes a place in the step order unless it comes from the live session.
+        session = await self.sessions.wait_turn(request, context)
         step = step_from_pb(request)
-        await self.order.wait_turn(request.step_id)
         # The worker launches steps in step order; the collector waits for each on the device. So the
         # next step is launched as soon as it arrives, while this one still runs: the device goes from
         # one step to the next while this one's tokens are read back and answered.
         launching = self._submit(self._launch, request, step)
-        await self.order.done(request.step_id)
+        await session.order.done(request.step_id)
         try:
             launched, spans = await launching
             out = await self._submit(self._collect, launched, spans, on=self.collector)
@@ -184,9 +188,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             dtype=info.dtype, device=info.device, num_parameters=info.num_parameters)
 
     async def Reset(self, request, context):
-        await self.order.reset()
+        session = await self.sessions.admit(request.session_id, context)
+        await session.order.reset()
         dropped = await self._run(self._reset)
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
+
+    async def OpenSession(self, request, context):
+        async for event in self.sessions.open(request, context, functools.partial(self._run, self._reset)):
+            yield event
 
     async def Embed(self, request, context):
         if not isinstance(self.runner, EmbeddingRunner):

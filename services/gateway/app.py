@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from radixserve.common.args import ServerArgs
 from radixserve.gateway import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
@@ -57,6 +58,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError):
         err = validation_error(exc.errors())
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, _exc: ClientDisconnect):
+        # Raised while reading the body: an ordinary event, logged once, without a traceback. The answer
+        # goes nowhere (the server drops what is sent to a gone client) but completes the request.
+        log.info("client disconnected while sending the body of %s %s", request.method, request.url.path)
+        err = ApiError(499, "the client disconnected", code="client_disconnected")
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)

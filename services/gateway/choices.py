@@ -8,8 +8,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from radixserve.v1 import common_pb2
-from radixserve.gateway.engine import Engine
-from radixserve.gateway.generation import Completion, Delta, Finish, PreparedRequest
+from radixserve.gateway.engine import Engine, collect
+from radixserve.gateway.generation import Cancellation, Completion, Delta, Finish, PreparedRequest
 
 UINT64_MASK = (1 << 64) - 1
 
@@ -30,30 +30,35 @@ def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[Pre
     return copies
 
 
-async def complete_all(engine: Engine, requests: list[PreparedRequest]) -> list[Completion]:
-    tasks = [asyncio.ensure_future(engine.complete(r)) for r in requests]
+async def complete_all(engine: Engine, requests: list[PreparedRequest],
+                       cancellation: Cancellation | None = None) -> list[Completion]:
+    """Run the requests (started together, see Engine.open_streams) to the end and collect them."""
+    streams = engine.open_streams(requests, cancellation=cancellation)
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
+        for stream in streams:  # those whose task never ran are aborted here
+            stream.close()
 
 
-async def merged_streams(engine: Engine, requests: list[PreparedRequest]) -> AsyncIterator[tuple[int, Delta | Finish]]:
+async def merged_streams(engine: Engine, requests: list[PreparedRequest],
+                         cancellation: Cancellation | None = None) -> AsyncIterator[tuple[int, Delta | Finish]]:
     """(choice index, item) from every request's stream as items arrive; an error in any choice
     ends the whole response; closing the iterator aborts the unfinished ones."""
-    if len(requests) == 1:
-        stream = engine.stream(requests[0])
+    streams = engine.open_streams(requests, cancellation=cancellation)
+    if len(streams) == 1:
         try:
-            async for item in stream:
+            async for item in streams[0]:
                 yield 0, item
         finally:
-            await stream.aclose()
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, request: PreparedRequest) -> None:
-        stream = engine.stream(request)
+    async def pump(index: int, stream) -> None:
         try:
             async for item in stream:
                 queue.put_nowait((index, item))
@@ -62,7 +67,7 @@ async def merged_streams(engine: Engine, requests: list[PreparedRequest]) -> Asy
         finally:
             await stream.aclose()
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         unfinished = len(requests)
         while unfinished:
@@ -75,6 +80,8 @@ async def merged_streams(engine: Engine, requests: list[PreparedRequest]) -> Asy
     finally:
         for task in tasks:
             task.cancel()
+        for stream in streams:
+            stream.close()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

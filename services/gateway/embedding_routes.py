@@ -7,6 +7,7 @@ truncated, and so are empty ones. `encoding_format` is "float" (JSON numbers) or
 """
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from radixserve.gateway.engine import Engine
 from radixserve.gateway.errors import bad_request
 from radixserve.gateway.openai_routes import check_model
 from radixserve.gateway.protocol import openapi_body
+from radixserve.gateway.request_control import Deadline
 from radixserve.gateway.sampling import parse_body
 from radixserve.gateway.sse import run_unless_disconnected
 
@@ -48,10 +50,14 @@ def embedding_inputs(value: str | list) -> list[str] | list[list[int]]:
 
 @router.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
 async def create_embeddings(request: Request):
+    started = time.monotonic()
     engine: Engine = request.app.state.engine
     req = parse_body(await request.body(), EmbeddingRequest)
     check_model(engine, req.model)
-    batch = await run_unless_disconnected(request, engine.embed(embedding_inputs(req.input)))
+    inputs = embedding_inputs(req.input)
+    # At --request-timeout the call is cancelled: the scheduler drops its inputs still queued.
+    deadline = Deadline(engine.args.request_timeout, started)
+    batch = await run_unless_disconnected(request, deadline.run(engine.embed(inputs)))
     if req.dimensions is not None:
         batch = batch.shortened(req.dimensions)
     data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}

@@ -20,6 +20,7 @@ from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, sc
                            tokenizer_pb2, tokenizer_pb2_grpc)
 from radixserve.common.args import ServerArgs, replica_addrs
 from radixserve.common.grpc_util import aio_channel
+from radixserve.common.log import request_id as log_request_id
 from radixserve.common.model_files import default_model_name
 from radixserve.gateway.decode_batcher import DecodeBatcher
 from radixserve.gateway.dp_router import DataParallelRouter
@@ -31,7 +32,7 @@ from radixserve.gateway.scheduler_replicas import SchedulerReplicas
 from radixserve.gateway.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
 from radixserve.gateway.errors import ApiError, bad_request, from_grpc, from_status
 from radixserve.gateway.metrics import GatewayMetrics, client_interceptors
-from radixserve.gateway.generation import (Completion, Delta, Finish, GenerationInput, ModelInfo,
+from radixserve.gateway.generation import (Cancellation, Completion, Delta, Finish, GenerationInput, ModelInfo,
                                          PreparedRequest)
 
 log = logging.getLogger("radixserve.gateway.engine")
@@ -225,23 +226,72 @@ class Engine:
 
     # ---- generating ----
 
-    async def stream(self, req: PreparedRequest, observed: bool = True,
-                     replica: int | None = None) -> AsyncIterator[Delta | Finish]:
-        """Delta items, then exactly one Finish; closing the iterator aborts the request.
-        observed=False (health probes): no metrics, span or request log for it. replica: the data-parallel
-        replica to run it on (health probes); None: the router picks one (--load-balance-method)."""
-        telemetry = RequestTelemetry(req, self.served_name, self.metrics, self.args.log_requests, observed)
-        replica = self.router.route(req.input_ids) if replica is None else self.router.pin(replica)
+    def check_sequences(self, count: int, param: str, detail: str = "") -> None:
+        """400 unless one request may ask for `count` sequences (prompts x n, embedding inputs): at most
+        --max-request-sequences, and no more than --max-queued-requests (they are queued together, so more
+        could never be admitted). Checked before any tokenization, so a huge fan-out costs nothing."""
+        limit = self.args.max_request_sequences
+        what = f"{count} sequences" + (f" ({detail})" if detail else "")
+        if count > limit:
+            raise bad_request(f"this request asks for {what}, more than the {limit} one request may have "
+                              f"(--max-request-sequences)", param=param, code="too_many_sequences")
+        queued = self.args.max_queued_requests
+        if queued is not None and count > queued:
+            raise bad_request(f"this request asks for {what}, more than the {queued} that may wait in the queue "
+                              f"(--max-queued-requests): it could never be admitted", param=param,
+                              code="too_many_sequences")
+
+    def open_streams(self, reqs: list[PreparedRequest], observed: bool = True, replica: int | None = None,
+                     cancellation: Cancellation | None = None) -> list["RequestStream"]:
+        """Start requests on the scheduler together (the sequences of one API request: one data-parallel
+        replica, one group that is queued all or none) and return one stream per request: Delta items, then
+        exactly one Finish. Closing a stream aborts its request. cancellation.cancel() aborts them all (they
+        finish with "abort"; if it was cancelled already they do so at once, never reaching the scheduler).
+        observed=False (health probes): no metrics, span or request log. replica: the data-parallel replica
+        (health probes); None: the router picks one (--load-balance-method)."""
+        telemetries = [RequestTelemetry(req, self.served_name, self.metrics, self.args.log_requests, observed)
+                       for req in reqs]
+        if observed and len(reqs) > 1:
+            log_request_id.set(reqs[0].request_id)
+        if cancellation is not None and cancellation.cancelled:
+            return [RequestStream(self, req, NotStarted(req.request_id), telemetry, None)
+                    for req, telemetry in zip(reqs, telemetries)]
+        if replica is None:
+            replica = self.router.route(reqs[0].input_ids)
+        else:
+            self.router.pin(replica)
+        for _ in reqs[1:]:
+            self.router.pin(replica)
+        session = self.sessions[replica]
         try:
-            events = self.sessions[replica].start(scheduler_pb2.SchedulerGenerateRequest(
+            events = session.start_group([scheduler_pb2.SchedulerGenerateRequest(
                 request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling,
-                trace_context=telemetry.trace_context))
+                trace_context=telemetry.trace_context) for req, telemetry in zip(reqs, telemetries)])
         except BaseException as e:
-            self.router.finished(replica)
+            for _ in reqs:
+                self.router.finished(replica)
             error = bad_request(str(e), param="rid", code="duplicate_request_id") \
                 if isinstance(e, DuplicateRequestId) else e
-            telemetry.fail(error)
+            for telemetry in telemetries:
+                telemetry.fail(error)
             raise error from None
+        if cancellation is not None:
+            cancellation.on_cancel(lambda: session.cancel(events))
+        return [RequestStream(self, req, ev, telemetry, replica)
+                for req, ev, telemetry in zip(reqs, events, telemetries)]
+
+    async def stream(self, req: PreparedRequest, observed: bool = True, replica: int | None = None,
+                     cancellation: Cancellation | None = None) -> AsyncIterator[Delta | Finish]:
+        """Delta items, then exactly one Finish; closing the iterator aborts the request (see open_streams)."""
+        [stream] = self.open_streams([req], observed, replica, cancellation)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()
+
+    async def _items(self, stream: "RequestStream") -> AsyncIterator[Delta | Finish]:
+        req, events, telemetry = stream.request, stream.events, stream.telemetry
         state = detokenizer_pb2.DetokenizerState()
         generated = cached = 0
         try:
@@ -271,13 +321,11 @@ class Engine:
                     yield Finish(reason, matched, len(req.input_ids), generated, cached)
                     return
         except RequestFailed as e:
-            if e.code == grpc.StatusCode.UNAVAILABLE:
-                self.router.mark_unavailable(replica)  # the others take new requests for a while
+            if e.code == grpc.StatusCode.UNAVAILABLE and stream.replica is not None:
+                self.router.mark_unavailable(stream.replica)  # the others take new requests for a while
             raise request_failure(e) from None
         finally:
-            events.close()
-            self.router.finished(replica)
-            telemetry.close()
+            stream.close()
 
     async def _decode(self, req: PreparedRequest, state, new_ids, final: bool, telemetry: RequestTelemetry):
         started = time.monotonic()
@@ -288,22 +336,10 @@ class Engine:
         telemetry.decoded(time.monotonic() - started)
         return result
 
-    async def complete(self, req: PreparedRequest, observed: bool = True, replica: int | None = None) -> Completion:
-        """Run a request to the end and collect its output (replica: as for stream)."""
-        texts, ids, logprobs = [], [], []
-        finish = None
-        stream = self.stream(req, observed, replica)
-        try:
-            async for item in stream:
-                if isinstance(item, Delta):
-                    texts.append(item.text)
-                    ids += item.token_ids
-                    logprobs += item.logprobs
-                else:
-                    finish = item
-        finally:
-            await stream.aclose()
-        return Completion("".join(texts), ids, logprobs, finish)
+    async def complete(self, req: PreparedRequest, observed: bool = True, replica: int | None = None,
+                       cancellation: Cancellation | None = None) -> Completion:
+        """Run a request to the end and collect its output (the arguments: as for open_streams)."""
+        return await collect(self.stream(req, observed, replica, cancellation))
 
     async def detokenize(self, ids: list[int]) -> str:
         """The text of a token sequence, special tokens included ("" without a tokenizer)."""
@@ -342,6 +378,7 @@ class Engine:
         [CLS] ... [SEP]), token-id lists are taken as they are. Raises ApiError."""
         if not self.args.is_embedding:
             raise bad_request(GENERATION_SERVER_ONLY)
+        self.check_sequences(len(inputs), param, f"{len(inputs)} inputs")
         info = await self.model_info()
         if inputs and isinstance(inputs[0], str):
             sequences = await self._encode_texts(inputs, param)
@@ -422,6 +459,80 @@ class Engine:
         result = await self.complete(req, observed=False, replica=replica)  # probes are not requests
         if result.finish is None or result.finish.reason == "abort" or not result.token_ids:
             raise ApiError(503, "the health probe produced no token")
+
+
+class RequestStream:
+    """One request's output (Engine.open_streams): iterate it for Delta items, then one Finish.
+    close() or aclose() (either, any number of times) ends it: an unfinished request is aborted in the
+    scheduler, its routing slot and telemetry are released."""
+
+    def __init__(self, engine: Engine, req: PreparedRequest, events, telemetry: RequestTelemetry,
+                 replica: int | None):
+        self.engine = engine
+        self.request = req
+        self.events = events  # RequestEvents, or NotStarted
+        self.telemetry = telemetry
+        self.replica = replica  # None: never routed (cancelled before it started)
+        self._closed = False
+        self._items = engine._items(self)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delta | Finish:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        await self._items.aclose()
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous end, also for a stream never iterated (telemetry: an error being handled fails it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.events.close()
+        if self.replica is not None:
+            self.engine.router.finished(self.replica)
+        self.telemetry.close()
+
+
+class NotStarted:
+    """The scheduler events of a request cancelled before it was sent: only an abort finish."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> scheduler_pb2.SchedulerGenerateResponse:
+        if self.done:
+            raise StopAsyncIteration
+        self.done = True
+        return scheduler_pb2.SchedulerGenerateResponse(request_id=self.request_id,
+                                                       finish_reason=common_pb2.FINISH_REASON_ABORT)
+
+    def close(self) -> None:
+        self.done = True
+
+
+async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
+    """A stream's items as one Completion; the stream is closed at the end (or on error/cancel)."""
+    texts, ids, logprobs = [], [], []
+    finish = None
+    try:
+        async for item in stream:
+            if isinstance(item, Delta):
+                texts.append(item.text)
+                ids += item.token_ids
+                logprobs += item.logprobs
+            else:
+                finish = item
+    finally:
+        await stream.aclose()
+    return Completion("".join(texts), ids, logprobs, finish)
 
 
 def request_failure(e: RequestFailed) -> ApiError:

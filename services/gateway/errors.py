@@ -70,4 +70,6 @@ def grpc_status_for(status: int) -> grpc.StatusCode:
         return grpc.StatusCode.CANCELLED
     if status == 503:
         return grpc.StatusCode.UNAVAILABLE
+    if status == 504:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL

@@ -1,6 +1,7 @@
 """The data that flows through the gateway's pipeline, independent of REST or gRPC."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixserve.v1 import common_pb2
@@ -68,3 +69,26 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int]
     has_chat_template: bool
+
+
+class Cancellation:
+    """Ends the generations of one API request early (--request-timeout, /abort_request): those started
+    are aborted in the scheduler (queued or running) and finish with "abort"; those started after it
+    finish so at once, without reaching the scheduler."""
+
+    def __init__(self):
+        self.cancelled = False
+        self._hooks: list[Callable[[], int]] = []
+
+    def on_cancel(self, hook: Callable[[], int]) -> None:
+        """hook() aborts some generations and returns how many were still open; runs at once if cancelled."""
+        if self.cancelled:
+            hook()
+        else:
+            self._hooks.append(hook)
+
+    def cancel(self) -> int:
+        """How many generations this aborted (0 when they had all ended, or it was cancelled before)."""
+        self.cancelled = True
+        hooks, self._hooks = self._hooks, []
+        return sum(hook() for hook in hooks)

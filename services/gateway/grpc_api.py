@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
@@ -10,7 +11,8 @@ from radixserve.common.grpc_util import aio_server, bind
 from radixserve.gateway.auth import grpc_interceptors
 from radixserve.gateway.engine import Engine
 from radixserve.gateway.errors import ApiError, bad_request, grpc_status_for
-from radixserve.gateway.generation import Delta, GenerationInput
+from radixserve.gateway.generation import Cancellation, Delta, GenerationInput
+from radixserve.gateway.request_control import Deadline
 from radixserve.gateway.request_tracing import grpc_entry_span
 from radixserve.gateway.sampling import build_sampling
 from radixserve.gateway.structured_output import copy_constraint
@@ -54,9 +56,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield response
 
     async def _generate(self, request, context: grpc.aio.ServicerContext):
+        # --request-timeout as in the REST API: preparation past it is DEADLINE_EXCEEDED, generation past
+        # it is aborted in the scheduler and ends with FINISH_REASON_ABORT.
+        deadline = Deadline(self.engine.args.request_timeout, time.monotonic())
+        cancellation = Cancellation()
+        timer = None
         try:
-            prepared = await self.engine.prepare(generation_input(self.engine, request))
-            stream = self.engine.stream(prepared)
+            self.engine.check_sequences(1, "prompt")
+            prepared = await deadline.run(self.engine.prepare(generation_input(self.engine, request)))
+            timer = deadline.arm(cancellation, prepared.request_id)
+            stream = self.engine.stream(prepared, cancellation=cancellation)
             try:
                 async for item in stream:
                     if isinstance(item, Delta):
@@ -74,6 +83,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 await stream.aclose()
         except ApiError as e:
             await context.abort(grpc_status_for(e.status), e.message)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def ListModels(self, request, context):
         try:

@@ -16,7 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from radixserve.v1 import scheduler_pb2
 from radixserve.gateway.engine import Engine
 from radixserve.gateway.errors import ApiError, bad_request, from_grpc, not_supported
-from radixserve.gateway.generation import Delta, Finish, GenerationInput, PreparedRequest
+from radixserve.gateway.generation import Cancellation, Delta, Finish, GenerationInput, PreparedRequest
 from radixserve.gateway.protocol import AbortRequest, NativeGenerateRequest, NativeSamplingParams, openapi_body
 from radixserve.gateway.request_control import live_requests
 from radixserve.gateway.sampling import build_sampling, parse_body, stop_list
@@ -85,21 +85,28 @@ async def generate(request: Request):
     engine = engine_of(request)
     started = time.monotonic()
     req = parse_body(await request.body(), NativeGenerateRequest)
-    prepared = await engine.prepare(native_input(req))
+    prompts = req.text if req.text is not None else req.input_ids
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list)):  # a batch of prompts
+        engine.check_sequences(len(prompts), "text" if req.text is not None else "input_ids",
+                               f"{len(prompts)} prompts")
     live = live_requests(request)
+    prepared = await live.deadline(started).run(engine.prepare(native_input(req)))
+    cancellation = Cancellation()
     if req.stream:
         return await sse_response(request, live.tracked_events(
-            prepared.request_id, [prepared], started, native_events(engine, prepared, started)))
-    with live.track(prepared.request_id, [prepared], started):
-        result = await run_unless_disconnected(request, engine.complete(prepared))
+            prepared.request_id, [prepared], started, cancellation,
+            native_events(engine, prepared, started, cancellation)))
+    with live.track(prepared.request_id, [prepared], started, cancellation):
+        result = await run_unless_disconnected(request, engine.complete(prepared, cancellation=cancellation))
     return JSONResponse({"text": result.text, "output_ids": result.token_ids, "meta_info": meta_info(
         prepared.request_id, result.finish, len(prepared.input_ids), len(result.token_ids), started)})
 
 
-async def native_events(engine: Engine, prepared: PreparedRequest, started: float) -> AsyncIterator[dict]:
+async def native_events(engine: Engine, prepared: PreparedRequest, started: float,
+                        cancellation: Cancellation | None = None) -> AsyncIterator[dict]:
     """Cumulative text and output ids in every event, as SGLang streams them."""
     text, ids = "", []
-    stream = engine.stream(prepared)
+    stream = engine.stream(prepared, cancellation=cancellation)
     try:
         async for item in stream:
             finish = item if isinstance(item, Finish) else None

@@ -16,7 +16,7 @@ from radixserve.gateway.engine import Engine
 from radixserve.gateway.errors import ApiError, bad_request, not_supported
 from radixserve.gateway.chat_tools import ToolPlan, plan_tools, tools_for_template
 from radixserve.gateway.choices import complete_all, fan_out, merged_streams, total_usage
-from radixserve.gateway.generation import Completion, Delta, Finish, GenerationInput, PreparedRequest
+from radixserve.gateway.generation import Cancellation, Completion, Delta, Finish, GenerationInput, PreparedRequest
 from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
 from radixserve.gateway.request_control import live_requests
 from radixserve.gateway.sampling import build_sampling, parse_body, penalty_args, stop_list
@@ -136,18 +136,21 @@ async def chat_completions(request: Request):
     req = parse_body(await request.body(), ChatCompletionRequest)
     check_model(engine, req.model)
     n = choice_count(req.n)
-    prepared = await engine.prepare(chat_input(req))
+    engine.check_sequences(n, "n", f"n={n}")
+    live = live_requests(request)
+    prepared = await live.deadline(started).run(engine.prepare(chat_input(req)))
     tools = plan_tools(req.tools, req.tool_choice, engine.args.tool_call_parser, await engine.model_info(),
                        prepared.sampling)
     options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
-    live = live_requests(request)
+    cancellation = Cancellation()
     if req.stream:
         return await sse_response(request, live.tracked_events(
-            prepared.request_id, requests, started, chat_events(engine, requests, meta, options)))
-    with live.track(prepared.request_id, requests, started):
-        results = await run_unless_disconnected(request, complete_all(engine, requests))
+            prepared.request_id, requests, started, cancellation,
+            chat_events(engine, requests, meta, options, cancellation)))
+    with live.track(prepared.request_id, requests, started, cancellation):
+        results = await run_unless_disconnected(request, complete_all(engine, requests, cancellation))
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
     return JSONResponse(fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n)))
 
@@ -165,10 +168,10 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
 
 
 async def chat_events(engine: Engine, requests: list[PreparedRequest], meta: fmt.ResponseMeta,
-                      options: ChatOptions) -> AsyncIterator[dict]:
+                      options: ChatOptions, cancellation: Cancellation | None = None) -> AsyncIterator[dict]:
     """Per choice: a role chunk, content (or tool-call) deltas, one chunk with its finish_reason;
     then the usage chunk when asked for."""
-    stream = merged_streams(engine, requests)
+    stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
@@ -216,6 +219,13 @@ def chat_deltas(events: list) -> list[dict]:
 
 # ---- /v1/completions ----
 
+def prompt_count(prompt) -> int:
+    """How many prompts completion_prompts will make of a request's prompt, without making them."""
+    if isinstance(prompt, str) or not prompt or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
 def completion_prompts(prompt) -> list[str | list[int]]:
     """The prompts of a request: a string, a token list, or a list of either."""
     if isinstance(prompt, str):
@@ -256,18 +266,22 @@ async def completions(request: Request):
     req = parse_body(await request.body(), CompletionRequest)
     check_model(engine, req.model)
     n = choice_count(req.n)
+    # Before anything is made per sequence: 800 prompts x n 128 must cost nothing but this 400.
+    count = prompt_count(req.prompt)
+    engine.check_sequences(count * n, "n" if n > 1 else "prompt", f"{count} prompts x n={n}")
     prompts = completion_prompts(req.prompt)
-    prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
+    live = live_requests(request)
+    prepared, echoes = await live.deadline(started).run(prepare_completions(engine, req, prompts, n))
     requests = [copy for i, p in enumerate(prepared) for copy in fan_out(p, n, first_index=i * n)]
-    echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
-    live = live_requests(request)
+    cancellation = Cancellation()
     if req.stream:
         return await sse_response(request, live.tracked_events(
-            meta.id, requests, started, completion_events(engine, requests, n, meta, want_logprobs, echoes)))
-    with live.track(meta.id, requests, started):
-        results = await run_unless_disconnected(request, complete_all(engine, requests))
+            meta.id, requests, started, cancellation,
+            completion_events(engine, requests, n, meta, want_logprobs, echoes, cancellation)))
+    with live.track(meta.id, requests, started, cancellation):
+        results = await run_unless_disconnected(request, complete_all(engine, requests, cancellation))
     choices = []
     for i, result in enumerate(results):
         logprobs = None
@@ -278,14 +292,23 @@ async def completions(request: Request):
     return JSONResponse(fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n)))
 
 
+async def prepare_completions(engine: Engine, req: CompletionRequest, prompts: list[str | list[int]],
+                              n: int) -> tuple[list[PreparedRequest], list[str]]:
+    """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
+    prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
+    echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
+    return prepared, echoes
+
+
 async def echo_text(engine: Engine, prompt: str | list[int]) -> str:
     """The prompt as text, for echo (token-id prompts are decoded, special tokens included)."""
     return prompt if isinstance(prompt, str) else await engine.detokenize(prompt)
 
 
 async def completion_events(engine: Engine, requests: list[PreparedRequest], n: int, meta: fmt.ResponseMeta,
-                            want_logprobs: bool, echoes: list[str]) -> AsyncIterator[dict]:
-    stream = merged_streams(engine, requests)
+                            want_logprobs: bool, echoes: list[str],
+                            cancellation: Cancellation | None = None) -> AsyncIterator[dict]:
+    stream = merged_streams(engine, requests, cancellation)
     offsets = [0] * len(requests)
     counts = RunningCounts(requests, n)
     finishes: list[Finish | None] = [None] * len(requests)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Body(BaseModel):
@@ -22,10 +22,27 @@ class ContentPart(_Body):
 
 class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    # Before content, so that its check below sees them.
     tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None  # OpenAI's deprecated predecessor of tool_calls
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
+    name: str | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, content, info: ValidationInfo):
+        """As OpenAI: content (a string or a list of parts) is required, but an assistant message that
+        carries tool_calls or function_call may leave it null or out."""
+        role = info.data.get("role")
+        if content is not None or role is None:
+            return content
+        if role != "assistant":
+            raise ValueError(f"a {role} message needs content (a string or a list of content parts), "
+                             "got null or nothing")
+        if info.data.get("tool_calls") is None and info.data.get("function_call") is None:
+            raise ValueError("an assistant message needs content unless it has tool_calls or function_call")
+        return content
 
 
 class _OpenAISampling(_Body):

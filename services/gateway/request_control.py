@@ -1,9 +1,12 @@
 """Ending generations from outside their own response: POST /abort_request and --request-timeout.
 
-Both go through the scheduler's Abort, which ends the request in every stage (the executor drops it,
-its KV is freed); the request's own stream then finishes with finish_reason "abort", so a response
-still goes out whole. The abort is repeated for a while, in case it reached the scheduler before the
-request did.
+A tracked API request's generations are ended through its Cancellation: the abort goes down the
+scheduler Session stream that started them, behind their start (so it cannot miss them while they are
+in transit or being prepared), one batch for all of its sequences; the scheduler takes them out of
+its queues and frees their KV within a step, and each stream then finishes with finish_reason
+"abort", so a response still goes out whole. --request-timeout counts from the request's arrival:
+preparation (tokenizing) past it is a 504, generation past it is cancelled. Ids the gateway does not
+track (another client's) are aborted with the scheduler's Abort call.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from fastapi import Request
@@ -19,47 +24,91 @@ from fastapi import Request
 from radixserve.v1 import scheduler_pb2
 from radixserve.gateway.engine import UNARY_TIMEOUT_S, Engine
 from radixserve.gateway.errors import ApiError, bad_request, from_grpc
-from radixserve.gateway.generation import PreparedRequest
+from radixserve.gateway.generation import Cancellation, PreparedRequest
 
 log = logging.getLogger("radixserve.gateway.requests")
 
-ABORT_RETRY_S = 0.2
-ABORT_RETRIES = 10
+T = TypeVar("T")
+
+
+class Deadline:
+    """--request-timeout for one API request, from its arrival (`started`, time.monotonic())."""
+
+    def __init__(self, timeout_s: float | None, started: float):
+        self.timeout_s = timeout_s or None
+        self.at = started + timeout_s if timeout_s else None
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await work (preparation: tokenizing, an embedding call); cancelled at the deadline: a 504."""
+        remaining = self.remaining()
+        if remaining is None:
+            return await work
+        try:
+            async with asyncio.timeout(remaining) as scope:
+                return await work
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise self.error() from None
+
+    def error(self) -> ApiError:
+        return ApiError(504, f"the request did not finish within --request-timeout ({self.timeout_s:g}s)",
+                        code="request_timeout")
+
+    def arm(self, cancellation: Cancellation, what: str) -> asyncio.TimerHandle | None:
+        """Cancel the generations at the deadline; the handle's cancel() disarms it."""
+        if self.at is None:
+            return None
+
+        def expire() -> None:
+            aborted = cancellation.cancel()
+            log.warning("request %s ran past --request-timeout (%gs); aborted %d sequences", what, self.timeout_s,
+                        aborted)
+        return asyncio.get_running_loop().call_later(self.remaining(), expire)
+
+
+@dataclass
+class _Tracked:
+    ids: list[str]  # the scheduler request ids, one per sequence
+    cancellation: Cancellation
 
 
 class LiveRequests:
     """The REST API's generations in flight, by the id their client sees (the response's `id`,
-    /generate's meta_info.id), each with its scheduler request ids (one per choice)."""
+    /generate's meta_info.id), each with its scheduler request ids (one per sequence)."""
 
     def __init__(self, engine: Engine, timeout_s: float | None):
         self.engine = engine
         self.timeout_s = timeout_s
-        self.groups: dict[str, list[str]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self.groups: dict[str, _Tracked] = {}
+
+    def deadline(self, started: float) -> Deadline:
+        return Deadline(self.timeout_s, started)
 
     @contextlib.contextmanager
-    def track(self, api_id: str, requests: list[PreparedRequest], started: float):
-        """While inside, the requests can be aborted by api_id and are aborted at the deadline."""
+    def track(self, api_id: str, requests: list[PreparedRequest], started: float, cancellation: Cancellation):
+        """While inside, the requests can be aborted by api_id and are cancelled at the deadline (generate
+        them with this cancellation)."""
         if api_id in self.groups:
             raise bad_request(f"request id {api_id!r} is already in use", param="rid", code="duplicate_request_id")
-        ids = [r.request_id for r in requests]
-        self.groups[api_id] = ids
-        timer = None
-        if self.timeout_s:
-            delay = max(0.0, started + self.timeout_s - time.monotonic())
-            timer = asyncio.get_running_loop().call_later(delay, self._expire, api_id, ids)
+        tracked = _Tracked([r.request_id for r in requests], cancellation)
+        self.groups[api_id] = tracked
+        timer = self.deadline(started).arm(cancellation, api_id)
         try:
-            yield
+            yield cancellation
         finally:
             if timer is not None:
                 timer.cancel()
-            if self.groups.get(api_id) is ids:
+            if self.groups.get(api_id) is tracked:
                 del self.groups[api_id]
 
     async def tracked_events(self, api_id: str, requests: list[PreparedRequest], started: float,
-                             events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+                             cancellation: Cancellation, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
         """events (a streamed response's) with its requests tracked until the stream ends."""
-        with self.track(api_id, requests, started):
+        with self.track(api_id, requests, started, cancellation):
             try:
                 async for event in events:
                     yield event
@@ -67,35 +116,18 @@ class LiveRequests:
                 await events.aclose()
 
     async def abort(self, rid: str) -> int:
-        """Abort one API request (all its choices) or one scheduler request by id; how many ended."""
-        ids = self.groups.get(rid)
-        aborted = await self._scheduler_abort(ids or [rid])
-        if ids is not None:
-            self._spawn(self._abort_until_ended(rid, ids))
-            return max(aborted, 1)
-        return aborted
+        """Abort one API request (all its sequences) or one scheduler request by id; how many ended."""
+        tracked = self.groups.get(rid)
+        if tracked is not None:
+            return max(tracked.cancellation.cancel(), 1)
+        return await self._scheduler_abort([rid])
 
     async def abort_all(self) -> int:
         """Abort every request of the scheduler (this gateway's and any other client's)."""
         aborted = await self._scheduler_abort([], abort_all=True)
-        for api_id, ids in list(self.groups.items()):
-            self._spawn(self._abort_until_ended(api_id, ids))
+        for tracked in list(self.groups.values()):
+            tracked.cancellation.cancel()  # also those not in the scheduler yet
         return aborted
-
-    def _expire(self, api_id: str, ids: list[str]) -> None:
-        log.warning("request %s ran past --request-timeout (%gs); aborting it", api_id, self.timeout_s)
-        self._spawn(self._abort_until_ended(api_id, ids, first_now=True))
-
-    async def _abort_until_ended(self, api_id: str, ids: list[str], first_now: bool = False) -> None:
-        for attempt in range(ABORT_RETRIES):
-            if attempt or not first_now:
-                await asyncio.sleep(ABORT_RETRY_S)
-            if self.groups.get(api_id) is not ids:
-                return
-            try:
-                await self._scheduler_abort(ids)
-            except ApiError as e:
-                log.warning("aborting request %s failed: %s", api_id, e.message)
 
     async def _scheduler_abort(self, ids: list[str], abort_all: bool = False) -> int:
         try:
@@ -104,11 +136,6 @@ class LiveRequests:
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
         return resp.aborted
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def live_requests(request: Request) -> LiveRequests:

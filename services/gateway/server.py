@@ -3,8 +3,12 @@
 SIGTERM (or SIGINT) drains: new HTTP requests get 503 with an OpenAI error body while the listening
 socket stays open (see drain.py), the public gRPC server stops taking calls (new ones fail with
 UNAVAILABLE, its port closes at once), and the accepted requests of both get up to --shutdown-timeout
-to finish. Then the HTTP socket closes (later connections are refused) and the process exits 0.
-A second signal stops at once.
+to finish. Requests still running then are cut: a stream ends with an error event and `data: [DONE]`,
+a request not yet answered gets 503 (see DrainGate.cut). Then the HTTP socket closes (later connections
+are refused) and the process exits 0. A second signal stops at once.
+
+HTTP/1.1 is served by uvicorn's httptools protocol with the limits of http_limits.py (request head size,
+header count and time, open connections) and --http-keep-alive-timeout.
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ from radixserve.gateway.app import create_app
 from radixserve.gateway.drain import DrainGate
 from radixserve.gateway.engine import Engine
 from radixserve.gateway.grpc_api import start_grpc_api
+from radixserve.gateway.http_limits import HttpLimits, protocol_class
 
 log = logging.getLogger("radixserve.gateway")
 GRPC_STOP_GRACE_S = 5
 HTTP_STOP_GRACE_S = 5  # what uvicorn still gives open connections once it is told to exit
+CUT_GRACE_S = 2  # how long requests cut at --shutdown-timeout get to send their last words
 
 
 class _HttpServer(uvicorn.Server):
@@ -42,12 +48,14 @@ class Gateway:
 
     def __init__(self, args: ServerArgs, engine: Engine | None = None):
         self.args = args
+        self.http_limits = HttpLimits.from_args(args)
         self.engine = engine or Engine(args)
         self.app = create_app(args, self.engine)
         self.gate = DrainGate(self.app)
         self.http = _HttpServer(uvicorn.Config(
             self.gate, host=args.host, port=args.port, log_level=args.log_level,
-            timeout_graceful_shutdown=HTTP_STOP_GRACE_S))
+            timeout_graceful_shutdown=HTTP_STOP_GRACE_S, http=protocol_class(self.http_limits),
+            timeout_keep_alive=self.http_limits.keep_alive_timeout))
         self.grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
         self._http_task: asyncio.Task | None = None
@@ -86,8 +94,9 @@ class Gateway:
             waits.append(self.grpc.stop(timeout))
         http_idle, *_ = await asyncio.gather(*waits)
         if not http_idle:
-            log.warning("%d HTTP requests still running after --shutdown-timeout %gs; stopping anyway",
+            log.warning("%d HTTP requests still running after --shutdown-timeout %gs; cutting them",
                         self.gate.active, timeout)
+            await self.gate.cut(CUT_GRACE_S)
         self.http.should_exit = True
 
     async def wait(self) -> None:

@@ -193,24 +193,42 @@ class Scheduler:
 
     def abort(self, request_id: str) -> RequestEvent | None:
         """Abort a queued, prefilling or running request; its finish event, or None if unknown."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        if req.status is Status.WAITING:
-            self.waiting.remove(req)
-        else:
-            self._drop_admitted(req)
-            self._pending_finished.append(request_id)
-            if req.busy:
-                self._releasing.append(req)  # steps in flight still write its KV
+        events = self.abort_many([request_id])
+        return events[0] if events else None
+
+    def abort_many(self, request_ids: Iterable[str]) -> list[RequestEvent]:
+        """Abort queued, prefilling or running requests (unknown ids are skipped); their finish events.
+        The queues are rebuilt once for the whole batch, so aborting k requests costs O(k + queues),
+        not a list removal per request."""
+        events = []
+        left_queue = left_running = False
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status is Status.WAITING:
+                left_queue = True
             else:
-                self._release_kv(req)
-        req.status = Status.DONE
-        req.grammar = None
-        return self._event(req, FinishReason.ABORT)
+                if req is self.chunked:
+                    self.chunked = None
+                else:
+                    left_running = True
+                self._pending_finished.append(rid)
+                if req.busy:
+                    self._releasing.append(req)  # steps in flight still write its KV
+                else:
+                    self._release_kv(req)
+            req.status = Status.DONE
+            req.grammar = None
+            events.append(self._event(req, FinishReason.ABORT))
+        if left_queue:
+            self.waiting = [r for r in self.waiting if r.status is Status.WAITING]
+        if left_running:
+            self.running = [r for r in self.running if r.status is Status.RUNNING]
+        return events
 
     def abort_all(self) -> list[RequestEvent]:
-        return [ev for rid in list(self.requests) if (ev := self.abort(rid)) is not None]
+        return self.abort_many(list(self.requests))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked)

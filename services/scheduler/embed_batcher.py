@@ -4,7 +4,10 @@ Sequences queue in arrival order. One executor call is in flight at a time (the 
 one after another anyway), and the sequences that arrive meanwhile make up the next call: it takes
 queued sequences in order while the padded batch, sequences x longest sequence, stays within
 max_batch_tokens (--max-prefill-tokens); a sequence longer than that goes alone. A caller's
-sequences may thus be split over calls; embed() gathers their vectors back in order. This runs
+sequences may thus be split over calls; embed() gathers their vectors back in order. With max_queued
+(--max-queued-requests) a caller's sequences are queued all or none: more than max_queued can never
+be (INVALID_ARGUMENT), more than the room left now is RESOURCE_EXHAUSTED. A cancelled caller's
+sequences still queued are dropped. This runs
 apart from the generation step loop: an embedding server has no KV pool and runs no steps.
 """
 from __future__ import annotations
@@ -46,15 +49,18 @@ class _Pending:
 
 
 class EmbedBatcher:
-    def __init__(self, executor: executor_pb2_grpc.ExecutorStub, max_batch_tokens: int):
+    def __init__(self, executor: executor_pb2_grpc.ExecutorStub, max_batch_tokens: int,
+                 max_queued: int | None = None):
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
+        self.max_queued = max_queued
         self.queue: deque[_Pending] = deque()
         self.wake = asyncio.Event()
         self.executor_calls = 0
 
     async def embed(self, sequences: list[list[int]]) -> Embeddings:
         """The vectors of sequences, in order; raises EmbedFailed."""
+        self._check_room(len(sequences))
         loop = asyncio.get_running_loop()
         pending = [_Pending(ids, loop.create_future()) for ids in sequences]
         self.queue.extend(pending)
@@ -66,6 +72,20 @@ class EmbedBatcher:
                 p.result.cancel()
         values = [x for vector, _ in results for x in vector]
         return Embeddings(len(results[0][0]), values, results[0][1])
+
+    def _check_room(self, count: int) -> None:
+        limit = self.max_queued
+        if limit is None:
+            return
+        if count > limit:
+            raise EmbedFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"this request has {count} inputs but at most {limit} may wait in the queue "
+                              f"(--max-queued-requests): it can never be queued; send fewer")
+        self.queue = deque(p for p in self.queue if not p.result.done())  # callers gone: not waiting
+        if len(self.queue) + count > limit:
+            raise EmbedFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{len(self.queue)} inputs are already waiting (--max-queued-requests {limit}); "
+                              f"retry later")
 
     async def run(self) -> None:
         """Send batches to the executor until cancelled."""

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from radixserve.common.step_order import StepOrder
+from radixserve.common.step_session import StepSessions
 
 _MOD = (1 << 61) - 1
 
@@ -173,7 +173,7 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.eos_token_ids = eos_token_ids
         self.fail_steps = fail_steps  # answer Step with UNAVAILABLE (to test failure handling)
         self.fail_step_ids: set[int] = set()  # answer these steps with UNAVAILABLE
-        self.order = StepOrder()  # steps run in step_id order, as on the real executor
+        self.sessions = StepSessions()  # as on the real executor: steps from the live session, in step_id order
 
     async def GetModelInfo(self, request, context):
         return executor_pb2.ExecutorModelInfo(
@@ -182,8 +182,8 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             eos_token_ids=list(self.eos_token_ids), dtype="float32", device="cpu")
 
     async def Step(self, request, context):
-        await self.order.wait_turn(request.step_id)
-        await self.order.done(request.step_id)
+        session = await self.sessions.wait_turn(request, context)
+        await session.order.done(request.step_id)
         if self.fail_steps or request.step_id in self.fail_step_ids:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake executor failure")
         try:
@@ -199,7 +199,18 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return resp
 
     async def Reset(self, request, context):
+        session = await self.sessions.admit(request.session_id, context)
+        await session.order.reset()
+        return executor_pb2.ExecutorResetResponse(dropped=self._drop_requests())
+
+    async def OpenSession(self, request, context):
+        async def reset() -> int:
+            return self._drop_requests()
+
+        async for event in self.sessions.open(request, context, reset):
+            yield event
+
+    def _drop_requests(self) -> int:
         dropped = len(self.model.reqs)
         self.model.reqs.clear()
-        await self.order.reset()
-        return executor_pb2.ExecutorResetResponse(dropped=dropped)
+        return dropped

@@ -6,7 +6,11 @@ sit idle during the round trip and the scheduler's own work.
 When a step fails (the executor died, hung past the step deadline, or raised), the admitted requests
 fail (their KV is gone) and the queued ones stay queued; the loop waits until the executor answers
 again (a restarted one once it has loaded), resets it and goes on. A bug in the scheduler itself
-fails every request instead."""
+fails every request instead.
+
+The scheduler drives its executor through a step session (common/step_session.py), opened when it
+connects and again after every failure: the executor refuses steps from any other client. A session
+that ends under it (the executor went away) is handled as a failed step, also while idle."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +23,7 @@ import grpc
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 
+from radixserve.common.step_session import ExecutorSession, SessionRefused
 from radixserve.scheduler.convert import outputs_from_proto, plan_to_proto
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.request import Request, RequestEvent, StepPlan
@@ -27,7 +32,7 @@ log = logging.getLogger("radixserve.scheduler")
 
 EXECUTOR_RESET_TIMEOUT_S = 5.0
 EXECUTOR_PROBE_TIMEOUT_S = 5.0
-EXECUTOR_RETRY_S = 0.5
+EXECUTOR_RETRY_S = 0.2  # after a refused or failed attempt; the probe itself waits for the channel to connect
 EXECUTOR_WAIT_LOG_EVERY_S = 10.0
 # Past the executor's --watchdog-timeout, which restarts a hung executor first; the deadline covers
 # an executor that hangs without its watchdog firing.
@@ -96,6 +101,7 @@ class SchedulerRuntime:
         # The executor orders steps from the first one it sees (after a start or Reset), so the
         # first step goes alone: a second one arriving before it would set the wrong base.
         self.executor_synced = False
+        self.session: ExecutorSession | None = None  # the executor's step session (connect)
 
     # ---- called by the gRPC handlers ---------------------------------------------------------
 
@@ -119,11 +125,27 @@ class SchedulerRuntime:
                 observer.dispatched([event])
             self.wake.set()
 
+    def detach_all(self, entries: list[tuple[Request, Deliver]]) -> int:
+        """detach(abort=True) for many requests at once (a session's stream is gone): one batch abort,
+        so the queue is rebuilt once however many of them wait. Returns how many were still live."""
+        live = []
+        for req, deliver in entries:
+            if self.receivers.get(req.request_id) is deliver:
+                del self.receivers[req.request_id]
+            if self.core.requests.get(req.request_id) is req:
+                live.append(req.request_id)
+        if live:
+            events = self.core.abort_many(live)
+            log.info("%d requests cancelled by the client (%s%s)", len(events), ", ".join(live[:3]),
+                     ", ..." if len(live) > 3 else "")
+            for observer in self.observers:
+                observer.dispatched(events)
+            self.wake.set()
+        return len(live)
+
     def abort(self, request_ids: list[str], abort_all: bool) -> int:
-        if abort_all:
-            events = self.core.abort_all()
-        else:
-            events = [ev for rid in request_ids if (ev := self.core.abort(rid)) is not None]
+        """Abort requests by id (unknown ones are skipped), in one batch: O(ids + queue length)."""
+        events = self.core.abort_all() if abort_all else self.core.abort_many(request_ids)
         self._dispatch(events)
         self.wake.set()
         return len(events)
@@ -138,12 +160,20 @@ class SchedulerRuntime:
         """Send steps while fewer than _depth() are in flight and the core has one to plan; else
         process the oldest step's result; with nothing in flight and nothing to plan, sleep."""
         leak_checked = True
+        if self.session is None:
+            await self.connect()
         while True:
             try:
+                if not self.session.live and not self.inflight:
+                    await self._recover(f"the executor's step session ended ({self.session.end_reason})",
+                                        keep_waiting=True)
+                    continue
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
                     leak_checked = False
-                    call = self.executor.Step(plan_to_proto(plan), timeout=self.step_timeout)
+                    msg = plan_to_proto(plan)
+                    msg.session_id = self.session.id
+                    call = self.executor.Step(msg, timeout=self.step_timeout)
                     self.inflight.append((plan, call, time.monotonic()))
                     for observer in self.observers:
                         observer.sent(plan)
@@ -159,6 +189,7 @@ class SchedulerRuntime:
                     await self.wake.wait()
             except asyncio.CancelledError:
                 self._cancel_inflight()
+                self.session.close()
                 raise
             except ExecutorChanged:
                 raise  # fatal: the process exits and is restarted
@@ -214,25 +245,48 @@ class SchedulerRuntime:
         self.executor_available = True
         log.info("executor is back; %d queued requests go on", len(self.core.waiting))
 
+    async def connect(self) -> None:
+        """Open the executor's step session; returns once it is open (see _reconnect)."""
+        await self._reconnect()
+
     async def _reconnect(self) -> None:
-        """Wait until the executor answers with the model it served before, then Reset it (a
-        restarted one holds nothing; a live one drops the failed requests). Its step order then
-        starts again from the next step, which goes alone (executor_synced is False)."""
+        """Wait until the executor answers with the model it served before, then open a new step
+        session (which drops all its request state: a restarted one holds nothing; a live one drops
+        the failed requests). Its step order then starts again from the next step, which goes alone
+        (executor_synced is False). While another client holds the session (a scheduler that has not
+        quite gone yet), wait for it to end."""
         loop = asyncio.get_running_loop()
         last_log = loop.time()
+        refused_before = False
         while True:
             try:
                 info = await self.executor.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(),
-                                                        timeout=EXECUTOR_PROBE_TIMEOUT_S)
+                                                        timeout=EXECUTOR_PROBE_TIMEOUT_S, wait_for_ready=True)
                 self._check_same_model(info)
-                await self.executor.Reset(executor_pb2.ExecutorResetRequest(), timeout=EXECUTOR_RESET_TIMEOUT_S)
+                await self._open_session()
                 return
             except grpc.aio.AioRpcError as e:
-                if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
-                    log.warning("still waiting for the executor (%s); %d requests queued", e.code().name,
-                                len(self.core.waiting))
-                    last_log = loop.time()
+                why = e.code().name
+            except SessionRefused as e:
+                why = f"step session: {e}"
+                if e.code == grpc.StatusCode.FAILED_PRECONDITION and not refused_before:
+                    refused_before = True
+                    log.warning("the executor's step session is held by another client (%s); waiting for it to "
+                                "end", e.details)
+            if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
+                log.warning("still waiting for the executor (%s); %d requests queued", why, len(self.core.waiting))
+                last_log = loop.time()
             await asyncio.sleep(EXECUTOR_RETRY_S)
+
+    async def _open_session(self) -> None:
+        """A new step session in place of this scheduler's previous one (closed first; named in the
+        request too, should the executor not have seen it end yet)."""
+        replaces = ""
+        if self.session is not None:
+            replaces = self.session.id
+            self.session.close()
+        self.session = await ExecutorSession.open(self.executor, replaces, on_end=self.wake.set,
+                                                  timeout=EXECUTOR_RESET_TIMEOUT_S)
 
     def _check_same_model(self, info: executor_pb2.ExecutorModelInfo) -> None:
         if self.model is None:

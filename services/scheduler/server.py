@@ -23,7 +23,8 @@ from radixserve.scheduler.embed_batcher import EmbedBatcher
 from radixserve.scheduler.embedding_service import EmbeddingSchedulerServicer
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.request_tracing import RequestTracer
-from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, grammar_backend, request_grammar
+from radixserve.scheduler.grammar import (CompileBusy, CompilerUnavailable, GrammarBackend, InvalidConstraint,
+                                         grammar_backend, request_grammar)
 from radixserve.scheduler.metrics import SchedulerMetrics, attach_metrics
 from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
 from radixserve.scheduler.session import Rejected, Session
@@ -69,8 +70,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return f"top_logprobs_num must be in 0..{MAX_TOP_LOGPROBS}"
         return self.runtime.core.validate(len(msg.input_ids), msg.sampling.max_new_tokens)
 
-    async def prepare(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
-        """The core Request for a generate call, or Rejected."""
+    async def build(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
+        """The core Request for a generate action, or Rejected; the queue limit is not checked here."""
         error = self._invalid(msg)
         if error:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, error)
@@ -78,15 +79,38 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             grammar = await request_grammar(self.grammars, msg.sampling)
         except InvalidConstraint as e:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except CompileBusy as e:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except CompilerUnavailable as e:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         rid = msg.request_id or uuid.uuid4().hex
         if rid in self.runtime.core.requests:
             raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
-        waiting = len(self.runtime.core.waiting)
-        if self.max_queued_requests is not None and waiting >= self.max_queued_requests:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{waiting} requests are already waiting (--max-queued-requests); retry later")
         req = request_from_proto(rid, msg)
         req.grammar = grammar
+        return req
+
+    def check_room(self, count: int) -> None:
+        """Rejected unless `count` more requests fit the queue (--max-queued-requests): more than the
+        whole limit can never fit (INVALID_ARGUMENT); more than what is left now is RESOURCE_EXHAUSTED."""
+        limit = self.max_queued_requests
+        if limit is None:
+            return
+        if count > limit:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"this request has {count} sequences but at most {limit} may wait in the queue "
+                           f"(--max-queued-requests): it can never be queued; send fewer")
+        waiting = len(self.runtime.core.waiting)
+        if waiting + count > limit:
+            needs = "" if count == 1 else f" and this request needs room for {count}"
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{waiting} requests are already waiting{needs} (--max-queued-requests {limit}); "
+                           f"retry later")
+
+    async def prepare(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
+        """The core Request for a generate call, or Rejected (the queue limit included)."""
+        req = await self.build(msg)
+        self.check_room(1)
         return req
 
     async def Generate(self, request, context):
@@ -112,7 +136,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.runtime.detach(req, deliver, abort=not done)
 
     async def Session(self, request_iterator, context):
-        session = Session(self.runtime, self.prepare)
+        session = Session(self.runtime, self.build, self.check_room)
         reader = asyncio.create_task(session.read(request_iterator))
         try:
             while (events := await session.outbox.get()) is not None:
@@ -160,17 +184,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
 
 async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> executor_pb2.ExecutorModelInfo:
-    """GetModelInfo, retried until the executor answers (it may still be loading the model)."""
+    """GetModelInfo, retried until the executor answers (it may still be loading the model). Each call
+    waits for the channel to connect, so it goes out as soon as the executor listens (the channel retries
+    the connection at short intervals: grpc_util.RECONNECT_MAX_BACKOFF_MS)."""
     loop = asyncio.get_running_loop()
     last_log = -EXECUTOR_WAIT_LOG_EVERY_S
     while True:
         try:
-            return await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=5.0)
+            return await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=5.0, wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
                 log.info("waiting for the executor at %s (%s)", addr, e.code().name)
                 last_log = loop.time()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
 
 
 def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Scheduler:
@@ -203,8 +229,11 @@ class RunningScheduler:
     port: int
     loop_task: asyncio.Task
     channel: grpc.aio.Channel
+    grammars: GrammarBackend | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.grammars is not None:
+            self.grammars.close()  # kills running compiles: the calls waiting for them end now
         self.loop_task.cancel()
         await self.server.stop(grace)
         await self.channel.close()
@@ -213,7 +242,7 @@ class RunningScheduler:
 async def start_embedding_scheduler(args: ServerArgs, channel: grpc.aio.Channel, stub: executor_pb2_grpc.ExecutorStub,
                                     model: executor_pb2.ExecutorModelInfo) -> RunningScheduler:
     """--is-embedding: no KV pool and no step loop; Embed calls are batched by an EmbedBatcher."""
-    batcher = EmbedBatcher(stub, max_batch_tokens=args.max_prefill_tokens)
+    batcher = EmbedBatcher(stub, max_batch_tokens=args.max_prefill_tokens, max_queued=args.max_queued_requests)
     config = {"is_embedding": True, "max_prefill_tokens": args.max_prefill_tokens,
               "context_length": model.context_length}
     server = aio_server()
@@ -251,8 +280,10 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
                                step_timeout=step_deadline(args.watchdog_timeout), model=model)
     if tracing.enabled():
         runtime.observers.append(RequestTracer())
+    await runtime.connect()  # the executor's step session: ready means able to run steps
     server = aio_server()
-    servicer = SchedulerServicer(runtime, model, config, grammar_backend(args, model), attach_metrics(runtime, args))
+    grammars = grammar_backend(args, model)
+    servicer = SchedulerServicer(runtime, model, config, grammars, attach_metrics(runtime, args))
     servicer.max_queued_requests = args.max_queued_requests
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     port = bind(server, args.scheduler_addr)
@@ -261,7 +292,7 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     host = args.scheduler_addr.rsplit(":", 1)[0]
     log.info("scheduler ready on %s:%d (model %s, %d KV tokens, context %d, config %s)",
              host, port, model.architecture, core.pool.capacity, core.context_length, json.dumps(config))
-    return RunningScheduler(server, runtime, port, loop_task, channel)
+    return RunningScheduler(server, runtime, port, loop_task, channel, grammars)
 
 
 async def serve(args: ServerArgs) -> None:

@@ -34,14 +34,28 @@ class Rejected(Exception):
 
 # Validates a generate action and builds its core Request, or raises Rejected.
 Prepare = Callable[[scheduler_pb2.SchedulerGenerateRequest], Awaitable[Request]]
+# Raises Rejected unless the queue has room for this many more requests (--max-queued-requests).
+CheckRoom = Callable[[int], None]
+
+
+class _Starting:
+    """The requests of one generate or generate_group action while they are prepared (validation,
+    grammar compilation); ids loses those aborted meanwhile."""
+
+    def __init__(self, ids):
+        self.ids: set[str] = set(ids)
+        self.task: asyncio.Task | None = None
 
 
 class Session:
-    def __init__(self, runtime: SchedulerRuntime, prepare: Prepare):
+    def __init__(self, runtime: SchedulerRuntime, prepare: Prepare, check_room: CheckRoom | None = None):
+        """prepare: validation of one request; check_room: the queue limit, applied to each action's
+        requests together right before they are queued (prepare then must not check it)."""
         self.runtime = runtime
         self.prepare = prepare
+        self.check_room = check_room
         self.live: dict[str, tuple[Request, Callable]] = {}
-        self.starting: dict[str, asyncio.Task] = {}
+        self.starting: dict[str, _Starting] = {}
         self.pending = scheduler_pb2.SchedulerSessionEvents()
         self.pending_by_id: dict[str, scheduler_pb2.SchedulerGenerateResponse] = {}
         self.outbox: asyncio.Queue[scheduler_pb2.SchedulerSessionEvents | None] = asyncio.Queue()
@@ -52,53 +66,85 @@ class Session:
         async for action in actions:
             kind = action.WhichOneof("action")
             if kind == "generate":
-                self._start(action.generate)
+                self._start([action.generate])
+            elif kind == "generate_group":
+                self._start(list(action.generate_group.requests))
             elif kind == "abort":
                 self._abort(action.abort)
         self.input_closed = True
         self._end_if_done()
 
     def close(self) -> None:
-        """The stream is gone: abort every request still running or starting."""
-        for task in self.starting.values():
+        """The stream is gone: abort every request still running or starting (in one batch)."""
+        for task in {id(s.task): s.task for s in self.starting.values() if s.task is not None}.values():
             task.cancel()
-        for req, deliver in list(self.live.values()):
-            self.runtime.detach(req, deliver, abort=True)
+        entries = list(self.live.values())
         self.live.clear()
+        self.runtime.detach_all(entries)
 
     # ---- actions ----
 
-    def _start(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> None:
-        rid = msg.request_id
-        if not rid:
-            self._error(rid, grpc.StatusCode.INVALID_ARGUMENT, "request_id is required on a session")
-        elif rid in self.live or rid in self.starting:
-            self._error(rid, grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
-        else:
-            self.starting[rid] = asyncio.create_task(self._submit(rid, msg))
+    def _start(self, msgs: list[scheduler_pb2.SchedulerGenerateRequest]) -> None:
+        """Prepare, then queue, one request or a group (all or none: one that fails fails them all)."""
+        if not msgs:
+            return
+        ids = [msg.request_id for msg in msgs]
+        problem = None
+        seen: set[str] = set()
+        for rid in ids:
+            if not rid:
+                problem = (grpc.StatusCode.INVALID_ARGUMENT, "request_id is required on a session")
+            elif rid in self.live or rid in self.starting or rid in seen:
+                problem = (grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
+            if problem:
+                break
+            seen.add(rid)
+        if problem:
+            for rid in dict.fromkeys(ids):
+                self._error(rid, *problem)
+            return
+        start = _Starting(ids)
+        for rid in ids:
+            self.starting[rid] = start
+        start.task = asyncio.create_task(self._submit(start, msgs))
 
-    async def _submit(self, rid: str, msg: scheduler_pb2.SchedulerGenerateRequest) -> None:
+    async def _submit(self, start: _Starting, msgs: list[scheduler_pb2.SchedulerGenerateRequest]) -> None:
         try:
-            req = await self.prepare(msg)
+            reqs = [await self.prepare(msg) for msg in msgs if msg.request_id in start.ids]
+            reqs = [req for req in reqs if req.request_id in start.ids]  # not aborted meanwhile
+            clash = next((r.request_id for r in reqs if r.request_id in self.runtime.core.requests), None)
+            if clash is not None:
+                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {clash} is already running")
+            if reqs and self.check_room is not None:
+                self.check_room(len(reqs))
         except Rejected as e:
-            self._error(rid, e.code, e.message)
+            for rid in start.ids:
+                self._error(rid, e.code, e.message)
             return
         except Exception as e:  # a bug in validation must not kill the whole session
-            log.exception("preparing request %s failed", rid)
-            self._error(rid, grpc.StatusCode.INTERNAL, f"scheduler error: {e}")
+            log.exception("preparing request(s) %s failed", ", ".join(sorted(start.ids)[:3]))
+            for rid in start.ids:
+                self._error(rid, grpc.StatusCode.INTERNAL, f"scheduler error: {e}")
             return
         finally:
-            self.starting.pop(rid, None)
-        deliver = functools.partial(self._deliver, rid)
-        self.live[rid] = (req, deliver)
-        self.runtime.submit(req, deliver)
+            for rid in start.ids:
+                if self.starting.get(rid) is start:
+                    del self.starting[rid]
+        for req in reqs:  # no await since the room check: they are queued together
+            deliver = functools.partial(self._deliver, req.request_id)
+            self.live[req.request_id] = (req, deliver)
+            self.runtime.submit(req, deliver)
 
     def _abort(self, msg: scheduler_pb2.SchedulerAbortRequest) -> None:
+        """One batch however many ids: those still starting get CANCELLED, the queued and running ones
+        leave the core at once (aborting k of them costs O(k + queue length))."""
         ids = list(self.live) + list(self.starting) if msg.abort_all else list(msg.request_ids)
         for rid in ids:
-            task = self.starting.pop(rid, None)
-            if task is not None:
-                task.cancel()
+            start = self.starting.pop(rid, None)
+            if start is not None:
+                start.ids.discard(rid)
+                if not start.ids and start.task is not None:
+                    start.task.cancel()
                 self._error(rid, grpc.StatusCode.CANCELLED, "aborted before it started")
         self.runtime.abort([rid for rid in ids if rid in self.live], abort_all=False)
 

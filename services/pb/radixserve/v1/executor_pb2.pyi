@@ -44,16 +44,18 @@ class ExecutorContinuingRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ...) -> None: ...
 
 class ExecutorStepRequest(_message.Message):
-    __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests")
+    __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests", "session_id")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CONTINUING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
     new_requests: _containers.RepeatedCompositeFieldContainer[ExecutorNewRequest]
     continuing_requests: _containers.RepeatedCompositeFieldContainer[ExecutorContinuingRequest]
-    def __init__(self, step_id: _Optional[int] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., new_requests: _Optional[_Iterable[_Union[ExecutorNewRequest, _Mapping]]] = ..., continuing_requests: _Optional[_Iterable[_Union[ExecutorContinuingRequest, _Mapping]]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, step_id: _Optional[int] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., new_requests: _Optional[_Iterable[_Union[ExecutorNewRequest, _Mapping]]] = ..., continuing_requests: _Optional[_Iterable[_Union[ExecutorContinuingRequest, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ExecutorRequestOutput(_message.Message):
     __slots__ = ("request_id", "token_id", "logprob")
@@ -102,8 +104,24 @@ class ExecutorModelInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
 
 class ExecutorResetRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExecutorOpenSessionRequest(_message.Message):
+    __slots__ = ("replaces_session_id",)
+    REPLACES_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    replaces_session_id: str
+    def __init__(self, replaces_session_id: _Optional[str] = ...) -> None: ...
+
+class ExecutorSessionEvent(_message.Message):
+    __slots__ = ("session_id", "dropped")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    dropped: int
+    def __init__(self, session_id: _Optional[str] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class ExecutorResetResponse(_message.Message):
     __slots__ = ("dropped",)

@@ -49,6 +49,11 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_stream(
+                '/radixserve.v1.Executor/OpenSession',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorOpenSessionRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorSessionEvent.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/radixserve.v1.Executor/Embed',
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
@@ -60,7 +65,7 @@ class ExecutorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Step(self, request, context):
-        """Run one forward step and sample.
+        """Run one forward step and sample; only for the live step session (session_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,7 +79,17 @@ class ExecutorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reset(self, request, context):
-        """Drop all cached request state (after a scheduler restart).
+        """Drop all cached request state; only for the live step session (session_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
+        """Open the step session: all request state is dropped, the first (and only) message gives the
+        session's id, and the session lives as long as the stream: until the client cancels it or goes
+        away, or another OpenSession replaces it (the stream then ends with ABORTED). Refused with
+        FAILED_PRECONDITION while another session is live, unless replaces_session_id names it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +119,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Reset,
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorOpenSessionRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorSessionEvent.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -192,6 +212,33 @@ class Executor:
             '/radixserve.v1.Executor/Reset',
             radixserve_dot_v1_dot_executor__pb2.ExecutorResetRequest.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.ExecutorResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/radixserve.v1.Executor/OpenSession',
+            radixserve_dot_v1_dot_executor__pb2.ExecutorOpenSessionRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.ExecutorSessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,12 +36,20 @@ class SchedulerGenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., matched_stop_token_id: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class SchedulerSessionRequest(_message.Message):
-    __slots__ = ("generate", "abort")
+    __slots__ = ("generate", "abort", "generate_group")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_GROUP_FIELD_NUMBER: _ClassVar[int]
     generate: SchedulerGenerateRequest
     abort: SchedulerAbortRequest
-    def __init__(self, generate: _Optional[_Union[SchedulerGenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[SchedulerAbortRequest, _Mapping]] = ...) -> None: ...
+    generate_group: SchedulerGenerateGroup
+    def __init__(self, generate: _Optional[_Union[SchedulerGenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[SchedulerAbortRequest, _Mapping]] = ..., generate_group: _Optional[_Union[SchedulerGenerateGroup, _Mapping]] = ...) -> None: ...
+
+class SchedulerGenerateGroup(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SchedulerGenerateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SchedulerGenerateRequest, _Mapping]]] = ...) -> None: ...
 
 class SchedulerRequestError(_message.Message):
     __slots__ = ("request_id", "code", "message")

@@ -83,8 +83,9 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """Many requests over one stream, as the gateway uses it: the client sends generate and abort
-        actions; each message back carries the events of one step for every request of the session.
+        """Many requests over one stream, as the gateway uses it: the client sends generate (or
+        generate_group) and abort actions; each message back carries the events of one step for every
+        request of the session.
         Closing the stream aborts the session's unfinished requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
