@@ -57,9 +57,10 @@ EOF
   kill $pid; wait $pid
 }
 
-wait_http() {
+wait_http() {  # port [pid]: up to 300 s, and no longer than the server process ($2) lives
   for _ in $(seq 300); do
     python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$1/health', timeout=5)" 2>/dev/null && return 0
+    [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null && return 1
     sleep 1
   done
   return 1
@@ -71,7 +72,7 @@ stage_serving() {
     --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
     ${SERVE_FLAGS:-} > "$OUT/serve.log" 2>&1 &
   local pid=$!
-  wait_http $port || { tail -30 "$OUT/serve.log"; kill $pid; return 1; }
+  wait_http $port $pid || { tail -30 "$OUT/serve.log"; kill $pid; return 1; }
   local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
                --random-range-ratio 1.0 --output-file "$OUT/serving.jsonl")
   echo "--- ${RATE_INF_PROMPTS:-256} x 512 in / 256 out, rate inf"
@@ -119,7 +120,7 @@ stage_warm_start() {
       --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
       ${SERVE_FLAGS:-} "${extra[@]}" > "$OUT/serve-$run.log" 2>&1 &
     local pid=$!
-    wait_http $port || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
+    wait_http $port $pid || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
     echo "--- $run: ready $(( $(date +%s) - t0 ))s after the command"
     grep -h "startup:\|warm-up:\|captured" "$OUT/serve-$run.log" | sed 's/^.*INFO //'
     for i in 1 2; do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from radixserve import check_comm
@@ -89,8 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         from radixserve.launcher import launch
         return launch(args)
+    if ns.command == "executor":
+        quiet_openmp_threads()
     module = importlib.import_module(f"radixserve.{ns.command}.server")
     return module.main(args) or 0
+
+
+def quiet_openmp_threads() -> None:
+    """Let the executor's OpenMP threads sleep, not spin, between parallel regions (unless the environment
+    says otherwise). On a CPU machine that also runs the other services, spinning threads took the cores
+    the gateway needed: under a header flood a small chat took up to 5 s instead of 1.8 (docs/security.md).
+    It must be set before torch loads its OpenMP runtime, which reads it once."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 if __name__ == "__main__":

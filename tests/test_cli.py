@@ -1,4 +1,5 @@
 """The radixserve command: every service starts alone with --help; flags round-trip to children."""
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,21 @@ def test_sigterm_stops_a_scheduler_still_waiting_for_its_executor():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_executor_loads_torch_with_sleeping_openmp_threads():
+    # OMP_WAIT_POLICY is read once, when torch loads libgomp: it must be in the environment by then, and an
+    # operator's own setting wins.
+    probe = ("import importlib, os, sys\n"
+             "from radixserve import cli\n"
+             "def fake(name):\n"
+             "    print(name, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+             "    raise SystemExit(0)\n"
+             "importlib.import_module = fake\n"
+             "cli.main(['executor'])\n")
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.split() == ["radixserve.executor.server", expected, "False"], out.stdout + out.stderr

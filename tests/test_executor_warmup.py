@@ -96,6 +96,7 @@ class CompileCounter:
         self.knobs = triton.knobs.runtime
         self.compiles = 0
         self.tunes = 0
+        self.what: list[str] = []  # the compiled and autotuned kernels' names
 
     def __enter__(self):
         from triton.runtime.autotuner import Autotuner
@@ -107,6 +108,7 @@ class CompileCounter:
 
         def bench(tuner, *args, **kwargs):
             counter.tunes += 1
+            counter.what.append(f"autotune {getattr(tuner.fn, '__name__', tuner.fn)} {tuner.keys}")
             return counter.original_bench(tuner, *args, **kwargs)
 
         Autotuner._bench = bench
@@ -114,6 +116,7 @@ class CompileCounter:
 
     def _count(self, *args, **kwargs):
         self.compiles += 1
+        self.what.append(kwargs["repr"][:400])  # the kernel's name, launch options and argument types
         return False  # compile as usual
 
     def __exit__(self, *exc):
@@ -156,4 +159,4 @@ def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
                 finished = []
                 step += 1
         torch.cuda.synchronize()
-    assert (counter.compiles, counter.tunes) == (0, 0)
+    assert (counter.compiles, counter.tunes) == (0, 0), counter.what

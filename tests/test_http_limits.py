@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from radixserve.gateway.http_limits import MAX_DEFAULT_CONNECTIONS, HttpLimits, default_max_connections
+from radixserve.gateway.http_limits import LINGER_S, MAX_DEFAULT_CONNECTIONS, HttpLimits, default_max_connections
 from tests.test_gateway_api import RunningGateway
 from tests.test_gateway_fakes import FakeBackends
 
@@ -139,6 +139,22 @@ def test_a_head_over_the_size_limit_gets_431_without_growing_memory(backends):
                 assert_error(*read_response(sock), 431, "request_header_fields_too_large")
                 assert sent < 24 << 20, "the gateway read a 24 MB header without answering"
                 assert grown < 8 << 20, f"the process grew by {grown >> 20} MB while a header streamed in"
+        assert health(gw) == 200
+
+
+def test_a_refused_client_that_keeps_sending_is_reset_after_a_bounded_drain(backends):
+    # After its 431 the gateway drops what the client still sends, so that the client gets to read the answer,
+    # but only LINGER_MAX_BYTES of it: reading megabytes per refusal cost more CPU than the refusal itself.
+    with running(backends) as gw, connect(gw) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Endless: ")
+        chunk, sent, started = b"c" * 65536, 0, time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            while sent < 256 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        elapsed = time.monotonic() - started
+        assert sent < 32 << 20 and elapsed < LINGER_S, (sent, elapsed)
+        assert_error(*read_response(sock), 431, "request_header_fields_too_large")  # still in the receive queue
         assert health(gw) == 200
 
 

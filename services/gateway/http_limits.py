@@ -18,8 +18,8 @@ timeout_keep_alive), but bounds neither the request head nor the connections the
   the connections under the limit are served as before.
 
 Each refusal is an OpenAI-shaped JSON error with `Connection: close`. The server then reads no more
-requests from that connection but, for up to LINGER_S, drops what the client is still sending, so the
-client reads the answer instead of a connection reset. Refusals are logged as a warning at most once per
+requests from that connection but, for up to LINGER_S and LINGER_MAX_BYTES, drops what the client is still
+sending, so the client reads the answer instead of a connection reset. Refusals are logged as a warning at most once per
 WARN_INTERVAL_S per kind (with a count), so that an attack does not flood the log.
 """
 from __future__ import annotations
@@ -40,6 +40,10 @@ from radixserve.gateway.errors import RETRY_AFTER_S, ApiError
 log = logging.getLogger("radixserve.gateway.http")
 
 LINGER_S = 1.0  # how long a refused connection's remaining input is read and dropped before closing it
+# ... and how much of it: a client streaming a huge header has megabytes in flight when its 431 leaves, and
+# reading them all cost the gateway more CPU than the rest of the refusal. Past this the connection is reset
+# (the answer is in the client's receive queue by then).
+LINGER_MAX_BYTES = 256 * 1024
 MIN_FD_HEADROOM = 128  # descriptors kept for what is not a client connection (gRPC channels, files, ...)
 MAX_DEFAULT_CONNECTIONS = 65536  # the derived default never exceeds this, however high the open-file limit
 WARN_INTERVAL_S = 10.0
@@ -122,6 +126,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._rejection: tuple[int, str, str] | None = None  # set by a parser callback that broke a limit
         self._discarding = False  # answered with an error: further input is dropped until the connection closes
+        self._dropped_bytes = 0  # input dropped while lingering
         self._over_limit = False  # beyond max_connections: never served
         self._counted_refusing = False
 
@@ -174,6 +179,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            self._dropped_bytes += len(data)
+            if self._dropped_bytes > LINGER_MAX_BYTES and self._linger_timer is not None:
+                self.transport.abort()
             return
         self._unset_keepalive_if_required()
         limit = self.limits.max_header_bytes
