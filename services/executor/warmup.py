@@ -9,7 +9,7 @@ the leader's, so every shard warms up too): prefills of 1, 3, 16 and 17 sequence
 each class and one as large as a step can be, a prefill in two chunks, decode steps right after each
 (graph replay), a decode batch above the graph sizes (eager), a step mixing a prefill with decodes,
 and every sampling path (greedy, temperature / top-p / top-k / min-p, seeded, penalties, logit bias,
-logprobs, a token bitmask). Then the runner is reset: the scheduler starts with every slot free and
+logprobs, a token bitmask). On the CPU, where nothing is compiled per shape, one small step. Then the runner is reset: the scheduler starts with every slot free and
 the KV written here is garbage nobody reads.
 
 Triton keeps compiled kernels in its cache (TRITON_CACHE_DIR) and, with TRITON_CACHE_AUTOTUNING=1
@@ -81,9 +81,12 @@ class Warmup:
     def plan(self) -> list[tuple[str, callable]]:
         """(name, run) pairs, cheapest first, so that a small pool still gets the common shapes."""
         # On the GPU, each class of token and sequence counts that Triton specializes on (1, multiples of 16,
-        # others); on the CPU nothing is compiled or tuned per shape, so one of each path is enough.
-        shapes = ([(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)] if self.on_gpu
-                  else [(1, 7), (3, 5)])
+        # others). On the CPU nothing is compiled or tuned per shape: one small step pays the first call's
+        # set-up (measured on the embedded model: the whole GPU-style plan took 7 s of the start and made the
+        # first chat no faster, docs/benchmarks.md).
+        if not self.on_gpu:
+            return [("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens)))]
+        shapes = [(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)]
         scenarios = [(f"prefill {n}x{length} + decode", lambda n=n, length=length: self._prefill_decode(n, length))
                      for n, length in shapes if n <= self.max_running and n * length <= self.step_tokens]
         scenarios.append(("sampling variants", self._sampling_variants))
