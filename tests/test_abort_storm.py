@@ -15,7 +15,7 @@ from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_server, bind
 from radixserve.gateway.server import Gateway
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.fake_executor import FakeExecutorServicer
+from tests.fake_executor import FakeExecutorServicer
 from radixserve.scheduler.server import start_scheduler
 from tests.test_gateway_fakes import FakeBackends, gateway_client
 

@@ -23,7 +23,7 @@ from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.common.lifecycle import SHUTDOWN_GRACE_S
 from radixserve.common.model_files import resolve_model_path
-from radixserve.scheduler.fake_executor import FakeExecutorServicer, reference_tokens
+from tests.fake_executor import FakeExecutorServicer, reference_tokens
 from radixserve.scheduler.grammar import (MAX_SCHEMA_DEPTH, CompileBusy, CompilerUnavailable, Constraint,
                                           GrammarBackend, GrammarLimits, InvalidConstraint)
 from radixserve.scheduler.server import start_scheduler

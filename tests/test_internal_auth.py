@@ -34,7 +34,7 @@ from radixserve.common.grpc_security import (TOKEN_ENV, SyncTokenInterceptor, To
                                              check_internal_security, install_from_args)
 from radixserve.common.step_session import BlockingExecutorSession, ExecutorSession, SessionRefused
 from radixserve.gateway.scheduler_session import SchedulerSession
-from radixserve.scheduler.fake_executor import FakeExecutorServicer, reference_tokens
+from tests.fake_executor import FakeExecutorServicer, reference_tokens
 from radixserve.scheduler.server import start_scheduler
 from tests.stack import free_ports, stop_stack
 from tests.tiny_stack import MODEL, alive, service_pids, start_tiny_stack

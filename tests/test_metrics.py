@@ -17,7 +17,7 @@ from radixserve.v1 import executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.fake_executor import FakeExecutorServicer
+from tests.fake_executor import FakeExecutorServicer
 from radixserve.scheduler.metrics import SchedulerMetrics
 from radixserve.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
 from radixserve.scheduler.server import start_scheduler

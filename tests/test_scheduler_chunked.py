@@ -13,7 +13,7 @@ import pytest
 
 from radixserve.v1 import scheduler_pb2
 from radixserve.scheduler.kv_pool import DoubleFreeError, PagedKVPool
-from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, StepOutput
+from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, SampledToken
 from tests.test_scheduler_core import Harness, prompts, reference_tokens
 from tests.test_scheduler_overlap import OverlapHarness, final_fields
 
@@ -191,7 +191,7 @@ def test_next_chunk_is_planned_while_the_previous_runs():
     assert decodes_of(fourth) == ["a"]
     tokens = []
     for plan in (first, second, third, fourth):
-        outputs = [StepOutput(rid, tok) for rid, tok in h.model.step(plan)]
+        outputs = [SampledToken(rid, tok) for rid, tok in h.model.step(plan)]
         assert len(outputs) == (plan in (third, fourth))
         tokens += [t for ev in h.sched.update(plan, outputs) for t in ev.token_ids]
         assert h.sched.check_leak(deep=True) is None

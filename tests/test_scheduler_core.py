@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
-from radixserve.scheduler.fake_executor import FakeModel
-from radixserve.scheduler.fake_executor import reference_tokens as fake_reference_tokens
-from radixserve.scheduler.request import FinishReason, Request, StepOutput
+from tests.fake_executor import FakeModel
+from tests.fake_executor import reference_tokens as fake_reference_tokens
+from radixserve.scheduler.request import FinishReason, Request, SampledToken
 
 VOCAB = 1000
 
@@ -37,7 +37,7 @@ class Harness:
             return None
         self.plans.append(plan)
         assert len(self.sched.running) <= self.sched.max_running_requests
-        outputs = [StepOutput(rid, tok) for rid, tok in self.model.step(plan)]
+        outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
         events = self.sched.update(plan, outputs)
         for ev in events:
             self.outputs[ev.request_id] += ev.token_ids
@@ -233,7 +233,7 @@ def test_abort_during_step_in_flight():
     h.add("b", [4, 5, 6], max_new=3)
     h.step()
     plan = h.sched.schedule()
-    outputs = [StepOutput(rid, tok) for rid, tok in h.model.step(plan)]
+    outputs = [SampledToken(rid, tok) for rid, tok in h.model.step(plan)]
     assert h.sched.abort("a").finish_reason == FinishReason.ABORT
     h.sched.add_request(Request("a", [7, 7], 2))  # the id is free again at once
     events = h.sched.update(plan, outputs)

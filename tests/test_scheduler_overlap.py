@@ -12,7 +12,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.scheduler.request import FinishReason, Request, StepOutput
+from radixserve.scheduler.request import FinishReason, Request, SampledToken
 from tests.test_scheduler_core import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
                                       prompts, reference_tokens)
 
@@ -36,7 +36,7 @@ class OverlapHarness(Harness):
         if not self.in_flight:
             return None
         plan = self.in_flight.popleft()
-        outputs = [StepOutput(rid, tok) for rid, tok in self.model.step(plan)]
+        outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
         events = self.sched.update(plan, outputs)
         for ev in events:
             assert ev.request_id not in self.finals, f"{ev.request_id} got a token after it finished"

@@ -13,8 +13,8 @@ from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, schedule
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
-from radixserve.scheduler.request import Request, StepOutput
+from tests.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
+from radixserve.scheduler.request import Request, SampledToken
 from radixserve.scheduler.runtime import ExecutorChanged, step_deadline
 from radixserve.scheduler.server import start_scheduler
 
@@ -28,7 +28,7 @@ def test_core_reset_keeping_waiting_fails_only_admitted_requests():
     for i, rid in enumerate("abcd"):
         sched.add_request(Request(rid, [i + 1, 2, 3], 5))
     plan = sched.schedule()
-    sched.update(plan, [StepOutput(r, t) for r, t in model.step(plan)])
+    sched.update(plan, [SampledToken(r, t) for r, t in model.step(plan)])
     sched.schedule()  # a step in flight when the executor fails
 
     assert sorted(sched.reset(keep_waiting=True)) == ["a", "b"]
@@ -38,7 +38,7 @@ def test_core_reset_keeping_waiting_fails_only_admitted_requests():
     sched.executor_was_reset()
     model, outputs = FakeModel(64, VOCAB), {"c": [], "d": []}
     while (plan := sched.schedule()) is not None:
-        for event in sched.update(plan, [StepOutput(r, t) for r, t in model.step(plan)]):
+        for event in sched.update(plan, [SampledToken(r, t) for r, t in model.step(plan)]):
             outputs[event.request_id] += event.token_ids
     assert outputs == {"c": reference_tokens([3, 2, 3], 5, VOCAB), "d": reference_tokens([4, 2, 3], 5, VOCAB)}
     assert sched.check_leak(deep=True) is None

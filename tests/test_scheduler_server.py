@@ -11,8 +11,8 @@ import pytest
 from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
-from radixserve.scheduler.fake_executor import FakeExecutorServicer
-from radixserve.scheduler.fake_executor import reference_tokens as fake_reference_tokens
+from tests.fake_executor import FakeExecutorServicer
+from tests.fake_executor import reference_tokens as fake_reference_tokens
 from radixserve.scheduler.server import start_scheduler
 
 KV_SLOTS = 257

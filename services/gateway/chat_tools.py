@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from radixserve.v1 import common_pb2
 from radixserve.gateway.errors import bad_request
-from radixserve.gateway.generation import ModelInfo
+from radixserve.gateway.generation import ServedModel
 from radixserve.gateway.tool_parsers import (ConstrainedStreamingParser, ParsedOutput, StreamingToolParser, ToolParser,
                                            default_tool_parser_name, get_tool_parser, parse_constrained_output,
                                            resolve_tool_choice, tool_call_json_schema)
@@ -32,7 +32,7 @@ def tools_for_template(tools: list[dict] | None, tool_choice) -> list[dict] | No
     return tools
 
 
-def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, info: ModelInfo,
+def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, info: ServedModel,
                sampling: common_pb2.SamplingParams) -> ToolPlan | None:
     """How this request's tool calls are produced and read; None when it has no tools in play.
     For "required" and named choices, sets sampling's constraint to the calls' JSON schema."""

@@ -32,7 +32,7 @@ from radixserve.gateway.scheduler_replicas import SchedulerReplicas
 from radixserve.gateway.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
 from radixserve.gateway.errors import ApiError, bad_request, from_grpc, from_status
 from radixserve.gateway.metrics import GatewayMetrics, client_interceptors
-from radixserve.gateway.generation import (Cancellation, Completion, Delta, Finish, GenerationInput, ModelInfo,
+from radixserve.gateway.generation import (Cancellation, Completion, Delta, Finish, GenerationInput, ServedModel,
                                          PreparedRequest)
 
 log = logging.getLogger("radixserve.gateway.engine")
@@ -74,7 +74,7 @@ class Engine:
         self.metrics = GatewayMetrics(self.served_name) if args.enable_metrics else None
         self.uses_tokenizer = not args.skip_tokenizer_init
         self._stubs: _Stubs | None = None
-        self._info: ModelInfo | None = None
+        self._info: ServedModel | None = None
         self._info_lock: asyncio.Lock | None = None
         self._token_texts: dict[int, str] = {}
         # One batch in flight per detokenizer replica.
@@ -119,7 +119,7 @@ class Engine:
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
 
-    async def model_info(self, wait_s: float = INFO_WAIT_S) -> ModelInfo:
+    async def model_info(self, wait_s: float = INFO_WAIT_S) -> ServedModel:
         """Backend facts, fetched once; retries while the backends are still starting."""
         if self._info is not None:
             return self._info
@@ -130,7 +130,7 @@ class Engine:
                 self._info = await self._fetch_info(wait_s)
         return self._info
 
-    async def _fetch_info(self, wait_s: float) -> ModelInfo:
+    async def _fetch_info(self, wait_s: float) -> ServedModel:
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             try:
@@ -141,7 +141,7 @@ class Engine:
                 log.info("waiting for backends: %s", e.code().name)
                 await asyncio.sleep(0.5)
 
-    async def _fetch_info_once(self) -> ModelInfo:
+    async def _fetch_info_once(self) -> ServedModel:
         stubs = self.stubs()
         sched = await stubs.scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=5)
         tok = None
@@ -149,7 +149,7 @@ class Engine:
             tok = await stubs.tokenizer.GetInfo(tokenizer_pb2.TokenizerInfoRequest(), timeout=5)
         context_length = sched.context_length or self.args.context_length or 0
         model_path = sched.model_path or str(self.args.model_path or "")
-        return ModelInfo(
+        return ServedModel(
             served_name=self.served_name, model_path=model_path,
             tokenizer_path=(tok.tokenizer_path if tok else "") or str(self.args.tokenizer_path or model_path),
             architecture=sched.architecture, context_length=context_length,

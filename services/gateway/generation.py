@@ -59,7 +59,7 @@ class Completion:
 
 
 @dataclass
-class ModelInfo:
+class ServedModel:
     """What the backends say about the served model."""
     served_name: str
     model_path: str

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from radixserve.v1 import common_pb2, executor_pb2, scheduler_pb2
 
-from radixserve.scheduler.request import Request, RequestEvent, StepOutput, StepPlan
+from radixserve.scheduler.request import Request, RequestEvent, SampledToken, StepPlan
 
 
 def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
@@ -51,8 +51,8 @@ def _sampling_after_retraction(sampling: common_pb2.SamplingParams, num_output_i
     return adjusted
 
 
-def outputs_from_proto(resp: executor_pb2.ExecutorStepResponse) -> list[StepOutput]:
-    return [StepOutput(o.request_id, o.token_id, o.logprob if o.HasField("logprob") else None)
+def outputs_from_proto(resp: executor_pb2.ExecutorStepResponse) -> list[SampledToken]:
+    return [SampledToken(o.request_id, o.token_id, o.logprob if o.HasField("logprob") else None)
             for o in resp.outputs]
 
 

@@ -52,7 +52,7 @@ from radixserve.scheduler.request import (
     Request,
     RequestEvent,
     Status,
-    StepOutput,
+    SampledToken,
     StepPlan,
 )
 
@@ -506,7 +506,7 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, outputs: Iterable[StepOutput]) -> list[RequestEvent]:
+    def update(self, plan: StepPlan, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
         """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
         if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")

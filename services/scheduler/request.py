@@ -116,7 +116,7 @@ class StepPlan:
 
 
 @dataclass
-class StepOutput:
+class SampledToken:
     """One sampled token, as ExecutorRequestOutput."""
     request_id: str
     token_id: int
