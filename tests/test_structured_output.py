@@ -27,7 +27,7 @@ from radixserve.scheduler.core import Scheduler
 from tests.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
 from tests.fake_executor import reference_tokens as fake_reference_tokens
 from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
-from radixserve.scheduler.request import FinishReason, Request, StepOutput
+from radixserve.scheduler.request import FinishReason, Request, SampledToken
 from radixserve.scheduler.server import start_scheduler
 from radixserve.tokenizer.core import load_tokenizer
 from tests.stack import openai_client, running_stack
@@ -155,7 +155,7 @@ class Harness:
         if not self.inflight:
             return False
         plan, sampled = self.inflight.popleft()
-        for ev in self.sched.update(plan, [StepOutput(rid, token) for rid, token in sampled]):
+        for ev in self.sched.update(plan, [SampledToken(rid, token) for rid, token in sampled]):
             self.outputs[ev.request_id] += ev.token_ids
             if ev.finished:
                 self.finals[ev.request_id] = ev
@@ -280,7 +280,7 @@ def test_a_token_the_grammar_forbids_aborts_the_request(backend, tokenizer):
     req = h.add("json", [1, 2, 3], json_schema=json.dumps(PERSON_SCHEMA))
     plan = h.sched.schedule()
     [letter] = tokenizer.encode("x", add_special_tokens=False)
-    [event] = h.sched.update(plan, [StepOutput("json", letter)])
+    [event] = h.sched.update(plan, [SampledToken("json", letter)])
     assert event.finish_reason == FinishReason.ABORT
     assert req.grammar is None
     assert h.sched.check_leak(deep=True) is None
