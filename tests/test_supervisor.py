@@ -15,7 +15,8 @@ FAST = RestartPolicy(backoff_s=0.1, max_backoff_s=1.0, stable_after_s=60.0, max_
 
 
 def sleeper(name: str, log_path=None, term_delay: float = 0.0) -> ProcessSpec:
-    """A child that runs until SIGTERM; then it logs `<name> term`, waits term_delay, logs `<name> exit`."""
+    """A child that runs until SIGTERM; then it logs `<name> term`, waits term_delay, logs `<name> exit`.
+    It logs `<name> ready` once its SIGTERM handler is installed."""
     script = f"""
 import signal, sys, time
 def log(what):
@@ -28,6 +29,7 @@ def on_term(*_):
     log('exit')
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
+log('ready')
 while True:
     time.sleep(0.05)
 """
@@ -103,9 +105,11 @@ def test_quick_crashes_in_a_row_make_it_give_up_with_growing_backoff():
 def test_stop_drains_the_gateway_before_stopping_the_others(tmp_path):
     log = tmp_path / "events"
     supervisor = start([sleeper("executor", log), sleeper("scheduler", log), sleeper("gateway", log, term_delay=0.5)])
-    time.sleep(0.5)  # the children installed their SIGTERM handlers
+    deadline = time.monotonic() + 30  # until the children installed their SIGTERM handlers (slow under load)
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count(" ready\n") < 3):
+        time.sleep(0.02)
     supervisor.stop("gateway", first_timeout=5, timeout=5)
-    events = log.read_text().split("\n")[:-1]
+    events = [e for e in log.read_text().split("\n")[:-1] if not e.endswith(" ready")]
     assert events[:2] == ["gateway term", "gateway exit"]
     assert sorted(events[2:]) == ["executor exit", "executor term", "scheduler exit", "scheduler term"]
     assert all(proc.returncode == 0 for proc in supervisor.procs.values())
