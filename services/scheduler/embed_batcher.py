@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from radixserve.scheduler.queue_limit import queue_refusal
 
 log = logging.getLogger("radixserve.scheduler.embed")
 
@@ -74,18 +75,10 @@ class EmbedBatcher:
         return Embeddings(len(results[0][0]), values, results[0][1])
 
     def _check_room(self, count: int) -> None:
-        limit = self.max_queued
-        if limit is None:
-            return
-        if count > limit:
-            raise EmbedFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"this request has {count} inputs but at most {limit} may wait in the queue "
-                              f"(--max-queued-requests): it can never be queued; send fewer")
         self.queue = deque(p for p in self.queue if not p.result.done())  # callers gone: not waiting
-        if len(self.queue) + count > limit:
-            raise EmbedFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{len(self.queue)} inputs are already waiting (--max-queued-requests {limit}); "
-                              f"retry later")
+        refusal = queue_refusal(count, len(self.queue), self.max_queued, "inputs", "inputs")
+        if refusal is not None:
+            raise EmbedFailed(*refusal)
 
     async def run(self) -> None:
         """Send batches to the executor until cancelled."""

@@ -27,6 +27,7 @@ from radixserve.scheduler.grammar import (CompileBusy, CompilerUnavailable, Gram
                                          grammar_backend, request_grammar)
 from radixserve.scheduler.metrics import SchedulerMetrics, attach_metrics
 from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
+from radixserve.scheduler.queue_limit import queue_refusal
 from radixserve.scheduler.session import Rejected, Session
 
 log = logging.getLogger("radixserve.scheduler")
@@ -91,21 +92,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return req
 
     def check_room(self, count: int) -> None:
-        """Rejected unless `count` more requests fit the queue (--max-queued-requests): more than the
-        whole limit can never fit (INVALID_ARGUMENT); more than what is left now is RESOURCE_EXHAUSTED."""
-        limit = self.max_queued_requests
-        if limit is None:
-            return
-        if count > limit:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"this request has {count} sequences but at most {limit} may wait in the queue "
-                           f"(--max-queued-requests): it can never be queued; send fewer")
-        waiting = len(self.runtime.core.waiting)
-        if waiting + count > limit:
-            needs = "" if count == 1 else f" and this request needs room for {count}"
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{waiting} requests are already waiting{needs} (--max-queued-requests {limit}); "
-                           f"retry later")
+        """Rejected unless `count` more requests fit the queue (queue_limit.queue_refusal)."""
+        refusal = queue_refusal(count, len(self.runtime.core.waiting), self.max_queued_requests, "sequences",
+                                "requests")
+        if refusal is not None:
+            raise Rejected(*refusal)
 
     async def prepare(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
         """The core Request for a generate call, or Rejected (the queue limit included)."""
