@@ -65,23 +65,37 @@ class Stack:
         assert live is None or not live.groups
 
 
-@contextlib.asynccontextmanager
-async def gateway_stack(tmp_path, **flags):
-    backends = FakeBackends()  # its tokenizer and detokenizer; the scheduler is the real one
-    executor = PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
+async def scheduler_on_fake_executor(executor: executor_pb2_grpc.ExecutorServicer | None = None, **flags):
+    """The real scheduler (ServerArgs(**flags)) stepping a fake executor (default: a PacedFakeExecutor), both
+    on free ports: (the scheduler, an async function that stops both)."""
+    executor = executor or PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
     exec_server = aio_server()
     executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
     exec_port = bind(exec_server, "127.0.0.1:0")
     await exec_server.start()
-    scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
-                                                 **flags))
+    try:
+        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0",
+                                                     executor_addr=f"127.0.0.1:{exec_port}", **flags))
+    except BaseException:
+        await exec_server.stop(None)
+        raise
+
+    async def stop():
+        await scheduler.stop()
+        await exec_server.stop(None)
+    return scheduler, stop
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp_path, **flags):
+    backends = FakeBackends()  # its tokenizer and detokenizer; the scheduler is the real one
+    scheduler, stop = await scheduler_on_fake_executor(**flags)
     try:
         async with gateway_client(backends.tokenizer_addr, f"127.0.0.1:{scheduler.port}", backends.detokenizer_addr,
                                   served_model_name=MODEL, file_storage_path=str(tmp_path), **flags) as (client, gateway):
             yield Stack(client, scheduler.runtime.core, gateway)
     finally:
-        await scheduler.stop()
-        await exec_server.stop(None)
+        await stop()
         backends.stop()
 
 

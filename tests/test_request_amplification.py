@@ -18,15 +18,12 @@ import httpx
 
 from radixserve.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
                            scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2_grpc)
-from radixserve.common.args import ServerArgs
-from radixserve.common.grpc_util import aio_server, bind
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.runtime import SchedulerRuntime
-from radixserve.scheduler.server import start_scheduler
-from tests.test_abort_storm import CONTEXT, KV_SLOTS, MESSAGES, VOCAB, PacedFakeExecutor, Stack, read_stream, \
-    sse_payloads
+from tests.test_abort_storm import MESSAGES, VOCAB, Stack, read_stream,\
+    scheduler_on_fake_executor, sse_payloads
 from tests.test_gateway_fakes import FakeBackends, FakeTokenizer, encode, gateway_client
 
 MODEL = "fake-model"
@@ -64,20 +61,13 @@ async def generation_stack(tmp_path, **flags):
     backends.tokenizer = tokenizer
     backends.tokenizer_addr = backends._serve("tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
                                               tokenizer)
-    executor = PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
-    exec_server = aio_server()
-    executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
-    exec_port = bind(exec_server, "127.0.0.1:0")
-    await exec_server.start()
-    scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
-                                                 **flags))
+    scheduler, stop = await scheduler_on_fake_executor(**flags)
     try:
         async with gateway_client(backends.tokenizer_addr, f"127.0.0.1:{scheduler.port}", backends.detokenizer_addr,
                                   served_model_name=MODEL, file_storage_path=str(tmp_path), **flags) as (client, gateway):
             yield AmpStack(client, scheduler.runtime.core, gateway, tokenizer, f"127.0.0.1:{gateway.grpc_port}")
     finally:
-        await scheduler.stop()
-        await exec_server.stop(None)
+        await stop()
         backends.stop()
 
 
@@ -187,13 +177,7 @@ def test_a_session_group_is_queued_all_or_none():
     """The scheduler's side: a generate_group is admitted against --max-queued-requests as a whole, and
     aborting one member while the group is prepared leaves the others running."""
     async def main():
-        executor = PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
-        exec_server = aio_server()
-        executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
-        exec_port = bind(exec_server, "127.0.0.1:0")
-        await exec_server.start()
-        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
-                                                     max_running_requests=1, max_queued_requests=3))
+        scheduler, stop = await scheduler_on_fake_executor(max_running_requests=1, max_queued_requests=3)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}")
         outbox: asyncio.Queue = asyncio.Queue()
 
@@ -253,8 +237,7 @@ def test_a_session_group_is_queued_all_or_none():
             assert not core.requests and core.check_leak(deep=True) is None
         finally:
             await channel.close()
-            await scheduler.stop()
-            await exec_server.stop(None)
+            await stop()
 
     run(main(), timeout=60)
 
@@ -433,15 +416,10 @@ def test_embeddings_inputs_are_counted_and_cut_at_the_request_timeout(tmp_path):
     async def main():
         backends = FakeBackends()
         executor = SlowEmbedExecutor()
-        exec_server = aio_server()
-        executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
-        exec_port = bind(exec_server, "127.0.0.1:0")
-        await exec_server.start()
         # --max-prefill-tokens 8: each 5-token input is an executor call of its own.
         flags = dict(is_embedding=True, request_timeout=2, max_request_sequences=12, max_queued_requests=10,
                      max_prefill_tokens=8)
-        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0",
-                                                     executor_addr=f"127.0.0.1:{exec_port}", **flags))
+        scheduler, stop = await scheduler_on_fake_executor(executor, **flags)
         try:
             async with gateway_client(backends.tokenizer_addr, f"127.0.0.1:{scheduler.port}",
                                       backends.detokenizer_addr, served_model_name=MODEL,
@@ -467,8 +445,7 @@ def test_embeddings_inputs_are_counted_and_cut_at_the_request_timeout(tmp_path):
                 assert ok.status_code == 200, ok.text
                 assert [d["embedding"] for d in ok.json()["data"]] == [[2.0, 104.0], [3.0, 104.0]]
         finally:
-            await scheduler.stop()
-            await exec_server.stop(None)
+            await stop()
             backends.stop()
 
     run(main())
