@@ -88,14 +88,6 @@ def core() -> TokenizerCore:
     return TokenizerCore(resolve_model_path(None))
 
 
-@pytest.fixture
-def clean_grpc(monkeypatch):
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    grpc_util.reset()
-    yield
-    grpc_util.reset()
-
-
 class EchoScheduler(scheduler_pb2_grpc.SchedulerServicer):
     """The scheduler's two streaming RPCs, echoing the prompt back."""
 

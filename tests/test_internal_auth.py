@@ -43,14 +43,6 @@ VOCAB = 1000
 TOKEN = "internal-auth-test-token"
 
 
-@pytest.fixture
-def clean_grpc(monkeypatch):
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    grpc_util.reset()
-    yield
-    grpc_util.reset()
-
-
 def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
