@@ -101,6 +101,43 @@ stage_serving() {
   kill $pid; wait $pid
 }
 
+stage_host_profile() {
+  # Issue 16: the 256 x 512 in / 256 out rate-inf run twice on one server; during the second, each process's
+  # CPU seconds (from /proc) and a py-spy sample (carried wheel) of PROFILE_S seconds starting PROFILE_AT s in.
+  local port=31000
+  "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
+    --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
+    ${SERVE_FLAGS:-} > "$OUT/serve-profile.log" 2>&1 &
+  local pid=$!
+  wait_http $port $pid || { tail -30 "$OUT/serve-profile.log"; kill $pid; return 1; }
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
+               --random-range-ratio 1.0 --random-input-len 512 --random-output-len 256 --num-prompts 256
+               --request-rate inf --disable-tqdm --output-file "$OUT/host_profile.jsonl")
+  echo "--- run 1 (warm)"
+  timeout 200 "${bench[@]}" | grep -E "Output token throughput|Median TTFT|Median ITL|Benchmark duration"
+  echo "--- run 2 (profiled)"
+  "${bench[@]}" > "$OUT/host_profile_run2.txt" 2>&1 &
+  local bench_pid=$!
+  sleep "${PROFILE_AT:-3}"
+  local names="gateway scheduler executor"
+  declare -A pids t0
+  for name in $names; do pids[$name]=$(pgrep -f "radixserve.cli $name" | head -1); done
+  pids[client]=$bench_pid
+  for name in ${!pids[@]}; do
+    t0[$name]=$(awk '{print $14+$15}' /proc/${pids[$name]}/stat)
+    py-spy record -d "${PROFILE_S:-4}" -r 200 --format raw -o "$OUT/spy-$name.txt" -p "${pids[$name]}" > /dev/null 2>&1 &
+  done
+  sleep "${PROFILE_S:-4}"
+  local hz=$(getconf CLK_TCK)
+  for name in ${!pids[@]}; do
+    local t1=$(awk '{print $14+$15}' /proc/${pids[$name]}/stat)
+    echo "cpu $name: $(( (t1 - ${t0[$name]}) * 100 / hz / ${PROFILE_S:-4} ))% of a core"
+  done
+  wait $bench_pid
+  grep -E "Output token throughput|Median TTFT|Median ITL|Benchmark duration" "$OUT/host_profile_run2.txt"
+  kill $pid; wait $pid
+}
+
 stage_warm_start() {
   # Issue 15: the start phase by phase, and two back-to-back 256 x 512 in / 256 out rate-inf runs right after
   # "ready" (no warm-up request of the client's own). Runs (WARM_RUNS): cold-skip = an empty Triton cache and
