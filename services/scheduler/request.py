@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # types only: the grammar module loads xgrammar
+    from radixserve.scheduler.grammar import RequestGrammar
+    from radixserve.scheduler.radix_cache import TreeNode
+    from radixserve.v1.common_pb2 import TokenLogprob, TraceContext
 
 
 class FinishReason(enum.IntEnum):
@@ -29,22 +34,22 @@ class Request:
     min_new_tokens: int = 0  # EOS and stop tokens do not finish it before this many output tokens
     # Handed to the executor untouched (the server puts the SamplingParams proto here).
     sampling: Any = None
-    # Structured output: a grammar.RequestGrammar that has accepted every token of output_ids
-    # (next_token_bitmask(), accept(token), terminated); None when unconstrained or finished.
-    grammar: Any = None
+    # Structured output: the grammar state that has accepted every token of output_ids; None when
+    # unconstrained or finished.
+    grammar: RequestGrammar | None = None
 
     # When the request reached the scheduler (time.monotonic()), for queue-time metrics and spans.
     arrival_time: float = 0.0
-    # The caller's W3C trace context (a radixserve.v1.TraceContext); None: not traced.
-    trace_context: Any = None
+    # The caller's W3C trace context; None: not traced.
+    trace_context: TraceContext | None = None
 
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[Any] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.
     # While a prefill is chunked, len(slots) is how far it has been planned.
     slots: list[int] = field(default_factory=list)
     prefix_len: int = 0
-    last_node: Any = None
+    last_node: TreeNode | None = None  # the end of the locked cache path
     # Prompt tokens served from the cache at the first admission (reported as usage).
     cached_tokens: int = 0
     admitted_once: bool = False

@@ -1,0 +1,81 @@
+"""Decoding and retraction: the running requests, which of them a step decodes, and which go back
+to the queue when memory cannot hold one more token for each.
+
+Mixed steps (enable_mixed_chunk): a prefill step also decodes one token for every running request,
+so prefills do not stall decoding; those tokens count against the step's budget. When they would
+take the whole budget, or memory cannot hold them, the step prefills only, as without mixing.
+
+Retraction sends the newest admission back to the waiting queue (first in line); the KV it computed
+stays in the prefix cache, so its re-prefill is mostly a cache hit. Only a serial schedule() (no
+step in flight) retracts.
+"""
+from __future__ import annotations
+
+from radixserve.scheduler.kv_accounting import KVAccounting
+from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
+from radixserve.scheduler.request import ContinuingRequestPlan, Request, StepPlan
+
+
+class DecodeManager:
+    def __init__(self, kv: KVAccounting, ratio: NewTokenRatio, context_length: int):
+        self.kv = kv
+        self.ratio = ratio
+        self.context_length = context_length
+        self.running: list[Request] = []
+        self.num_retractions = 0
+
+    def decodable(self) -> list[Request]:
+        return [r for r in self.running if self._may_decode(r)]
+
+    def batch_to_mix(self, prefill_budget: int) -> list[Request]:
+        """The running requests a mixed prefill step also decodes: none when they would leave no
+        budget for the prefill or do not fit in memory."""
+        if not self.running:
+            return []
+        batch = self.decodable()
+        if len(batch) >= prefill_budget:
+            return []
+        if not self.kv.decode_fits(batch):
+            return []
+        return batch
+
+    def plan_decodes(self, plan: StepPlan, batch: list[Request]) -> None:
+        slots = self.kv.alloc_decode(batch)
+        if slots is None:
+            raise RuntimeError("KV pool cannot hold one more token for a lone request")
+        for req, slot in zip(batch, slots):
+            req.slots.append(slot)
+            plan.continuing_requests.append(ContinuingRequestPlan(
+                req.request_id, new_slots=[slot], token_bitmask=allowed_tokens(req)))
+
+    def retract_until_decode_fits(self, prefill: PrefillManager) -> list[str]:
+        """Retract requests until memory holds one more token of each running one (a lone request
+        always stays); the ids of the retracted ones, in retraction order."""
+        retracted = []
+        # The chunked request goes first: it is the newest admission and has decoded nothing.
+        # (Only a serial schedule() retracts, so none of its chunks is in flight.)
+        if prefill.chunked is not None and not self.kv.decode_fits(self.running):
+            retracted.append(self._retract(prefill.chunked, prefill))
+        while len(self.running) > 1 and not self.kv.decode_fits(self.running):
+            retracted.append(self._retract(max(self.running, key=lambda r: r.admit_seq), prefill))
+        return retracted
+
+    def _retract(self, req: Request, prefill: PrefillManager) -> str:
+        """Send an admitted request back to the queue; its computed KV stays in the cache."""
+        if req is not prefill.chunked:
+            self.running.remove(req)
+        self.kv.release(req)
+        prefill.requeue(req)
+        self.num_retractions += 1
+        self.ratio.bump()
+        return req.request_id
+
+    def _may_decode(self, req: Request) -> bool:
+        """Whether a decode of req may be planned now: not when the steps in flight already finish
+        it, nor when its grammar's mask waits for the token a step in flight samples."""
+        return not self._finishes_in_flight(req) and not (req.grammar is not None and req.inflight)
+
+    def _finishes_in_flight(self, req: Request) -> bool:
+        """Whether the steps in flight already bring req to max_new_tokens or the context length."""
+        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.max_new_tokens
+                                       or req.seq_len + req.inflight >= self.context_length)
