@@ -124,6 +124,7 @@ class PrefillManager:
         self.waiting.insert(0, req)
 
     def reset(self, kept: list[Request]) -> None:
+        """Queue only `kept` and forget the chunked request (its KV is gone); the counters stay."""
         self.waiting = list(kept)
         self.chunked = None
 
