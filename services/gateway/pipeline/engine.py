@@ -536,9 +536,9 @@ async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
 
 
 def request_failure(e: RequestFailed) -> ApiError:
-    """The API error of a request the scheduler failed. The scheduler's message for a request whose
-    step failed in the executor (it died, hung or raised) starts with "executor": name that stage."""
-    if e.details.startswith("executor"):
+    """The API error of a request the scheduler failed, naming the stage that failed it: the executor
+    (it died, hung or raised while running the request's step) or the scheduler."""
+    if e.stage == scheduler_pb2.FAILED_STAGE_EXECUTOR:
         return ApiError(503, "the executor service failed while running this request; retry it",
                         code="service_unavailable")
     return from_status(e.code, e.details, "scheduler")

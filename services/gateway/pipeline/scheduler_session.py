@@ -22,12 +22,14 @@ log = logging.getLogger("radixserve.gateway.session")
 
 
 class RequestFailed(Exception):
-    """The scheduler ended a request with an error status (or the stream carrying it broke)."""
+    """The scheduler ended a request with an error status (or the stream carrying it broke); stage: the
+    one that failed it, a scheduler_pb2.FailedStage (SchedulerRequestError.failed_stage)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.stage = stage
 
 
 class DuplicateRequestId(ValueError):
@@ -187,7 +189,7 @@ class SchedulerSession:
                     self._events.pop(error.request_id, None)
                     if queue is not None:
                         code = _STATUS_BY_VALUE.get(error.code, grpc.StatusCode.UNKNOWN)
-                        queue.put_nowait(RequestFailed(code, error.message))
+                        queue.put_nowait(RequestFailed(code, error.message, error.failed_stage))
             failure = RequestFailed(grpc.StatusCode.UNAVAILABLE, "the scheduler closed the session")
         except grpc.aio.AioRpcError as e:
             failure = RequestFailed(e.code(), e.details() or "")
