@@ -48,7 +48,7 @@ from radixserve.common.log import setup_logging
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.common.model_files import default_model_name, resolve_model_path
 from radixserve.common.model_hub import HubModelError, is_hub_id
-from radixserve.gateway.replicas import parse_addrs
+from radixserve.gateway.pipeline.replicas import parse_addrs
 from radixserve.supervisor import ProcessSpec, Supervisor, stop_processes
 
 # Start order: the slow one first, so it loads while the others start.

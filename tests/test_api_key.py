@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from radixserve.v1 import gateway_pb2, gateway_pb2_grpc
-from radixserve.gateway.auth import OPEN_PATHS
+from radixserve.gateway.api.auth import OPEN_PATHS
 from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway, backends  # noqa: F401
 
 KEY = "sk-test-key"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from radixserve.gateway.file_store import BatchStore
+from radixserve.gateway.api.file_store import BatchStore
 from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway, backends, expected_output, wait_until  # noqa: F401
 
 FINISHED = ("completed", "failed", "cancelled", "expired")

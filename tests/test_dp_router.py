@@ -1,4 +1,4 @@
-"""The gateway's data-parallel router (services/gateway/dp_router.py), its prefix trees and the merge of the
+"""The gateway's data-parallel router (services/gateway/pipeline/dp_router.py), its prefix trees and the merge of the
 replicas' metrics, in process."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from radixserve.gateway.dp_router import DataParallelRouter
-from radixserve.gateway.prefix_tree import PrefixTree
-from radixserve.gateway.scheduler_replicas import merge_prometheus_texts
+from radixserve.gateway.pipeline.dp_router import DataParallelRouter
+from radixserve.gateway.pipeline.prefix_tree import PrefixTree
+from radixserve.gateway.pipeline.scheduler_replicas import merge_prometheus_texts
 
 
 def prompt(seed: int, length: int = 40) -> list[int]:

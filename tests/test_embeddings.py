@@ -29,10 +29,10 @@ from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunne
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.pooling import PoolingConfig
 from radixserve.executor.runner import ModelRunner, load_model
-from radixserve.gateway import embedding_routes
+from radixserve.gateway.api import embedding_routes
 from radixserve.gateway.app import install_error_handlers
-from radixserve.gateway.embeddings import GENERATION_SERVER_ONLY
-from radixserve.gateway.engine import Engine
+from radixserve.gateway.pipeline.embeddings import GENERATION_SERVER_ONLY
+from radixserve.gateway.pipeline.engine import Engine
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.tokenizer.core import TokenizerCore
 from tests.stack import openai_client, running_stack

@@ -15,8 +15,8 @@ import pytest
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.server import Gateway
-from tests.test_gateway_fakes import (CONTEXT_LENGTH, EOS_MARKER, FAIL_MARKER, MODEL_PATH, OUTPUT_TEXT, POISON,
-                                      FakeBackends, render_chat)
+from tests.test_gateway_fakes import (CONTEXT_LENGTH, EOS_MARKER, EXECUTOR_FAIL_MARKER, FAIL_MARKER, MODEL_PATH,
+                                      OUTPUT_TEXT, POISON, FakeBackends, render_chat)
 
 MODEL = "fake-model"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -261,6 +261,23 @@ def test_backend_failure_mid_stream(gw):
         events = sse_events(r.read())
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1]["error"]["code"] == "service_unavailable" and "Traceback" not in json.dumps(events)
+
+
+def test_the_failed_stage_is_named_from_the_scheduler_error_detail_not_its_message(gw):
+    """The fake's executor failure has a message that does not start with "executor"; its failed_stage names it.
+    FAIL_MARKER's failure is the scheduler's own, though its message mentions the executor."""
+    executor_failed = {"error": {"message": "the executor service failed while running this request; retry it",
+                                 "type": "service_unavailable_error", "param": None, "code": "service_unavailable"}}
+    scheduler_failed = {"error": {"message": "the scheduler service is unavailable",
+                                  "type": "service_unavailable_error", "param": None, "code": "service_unavailable"}}
+    for marker, expected in ((EXECUTOR_FAIL_MARKER, executor_failed), (FAIL_MARKER, scheduler_failed)):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": marker}], "max_tokens": 50}
+        r = httpx.post(gw.base_url + "/v1/chat/completions", json=body, timeout=30)
+        assert (r.status_code, r.json()) == (503, expected)
+        with httpx.stream("POST", gw.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=30) as r:
+            events = sse_events(r.read())
+        assert events[-1] == expected
 
 
 # ---- disconnects ----

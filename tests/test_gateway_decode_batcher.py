@@ -4,8 +4,8 @@ import asyncio
 import grpc
 
 from radixserve.v1 import detokenizer_pb2
-from radixserve.gateway.decode_batcher import DecodeBatcher
-from radixserve.gateway.errors import ApiError
+from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
+from radixserve.gateway.api.errors import ApiError
 
 
 class FakeDetokenizer:

@@ -30,6 +30,10 @@ EOS_MARKER = "EOS"  # a prompt holding it makes the fake scheduler emit EOS afte
 EOS_AFTER = 5
 FAIL_MARKER = "BOOM"  # a prompt holding it makes the fake scheduler fail with UNAVAILABLE after FAIL_AFTER tokens
 FAIL_AFTER = 4
+# A prompt holding it fails like FAIL_MARKER but as the executor's failure: on a Session, its error's failed_stage
+# names the executor, and its message (EXECUTOR_FAILURE_MESSAGE) does not.
+EXECUTOR_FAIL_MARKER = "CRASH"
+EXECUTOR_FAILURE_MESSAGE = "step 3 lost its worker (connection reset)"
 
 
 def encode(text: str) -> list[int]:
@@ -121,6 +125,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             if FAIL_MARKER in "".join(map(chr, ids)) and produced > FAIL_AFTER:
                 finished.set()
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the fake scheduler lost its executor")
+            if EXECUTOR_FAIL_MARKER in "".join(map(chr, ids)) and produced > FAIL_AFTER:
+                finished.set()
+                if isinstance(context, _SessionRequestContext):
+                    raise _RequestAborted(grpc.StatusCode.UNAVAILABLE, EXECUTOR_FAILURE_MESSAGE,
+                                          scheduler_pb2.FAILED_STAGE_EXECUTOR)
+                context.abort(grpc.StatusCode.UNAVAILABLE, EXECUTOR_FAILURE_MESSAGE)
             if not context.is_active():
                 return
             usage.completion_tokens = produced
@@ -150,7 +160,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                     out.put(scheduler_pb2.SchedulerSessionEvents(events=[resp]))
             except _RequestAborted as e:
                 out.put(scheduler_pb2.SchedulerSessionEvents(errors=[scheduler_pb2.SchedulerRequestError(
-                    request_id=msg.request_id, code=e.code.value[0], message=e.details)]))
+                    request_id=msg.request_id, code=e.code.value[0], message=e.details, failed_stage=e.stage)]))
             finally:
                 ctx.end()
 
@@ -199,8 +209,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
 
 class _RequestAborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        self.code, self.details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER):
+        self.code, self.details, self.stage = code, details, stage
 
 
 class _SessionRequestContext:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from radixserve.gateway.scheduler_session import RequestFailed, SchedulerSession
+from radixserve.gateway.pipeline.scheduler_session import RequestFailed, SchedulerSession
 from tests.stack import free_ports
 from tests.test_gateway_fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
 
@@ -125,9 +125,9 @@ def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects():
 
 def test_an_id_already_open_is_a_400_not_a_server_error():
     from radixserve.common.args import ServerArgs
-    from radixserve.gateway.engine import Engine
-    from radixserve.gateway.errors import ApiError
-    from radixserve.gateway.generation import PreparedRequest
+    from radixserve.gateway.pipeline.engine import Engine
+    from radixserve.gateway.api.errors import ApiError
+    from radixserve.gateway.pipeline.generation import PreparedRequest
     from tests.test_gateway_fakes import FakeBackends
 
     fakes = FakeBackends(step_delay=0.01)
@@ -151,3 +151,18 @@ def test_an_id_already_open_is_a_400_not_a_server_error():
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         fakes.stop()
+
+
+def test_the_api_error_names_the_stage_from_the_detail_not_the_message_prefix():
+    from radixserve.gateway.pipeline.engine import request_failure
+
+    executor = request_failure(RequestFailed(grpc.StatusCode.UNAVAILABLE, "step 7 lost its worker",
+                                             scheduler_pb2.FAILED_STAGE_EXECUTOR))
+    assert (executor.status, executor.body()) == (503, {"error": {
+        "message": "the executor service failed while running this request; retry it",
+        "type": "service_unavailable_error", "param": None, "code": "service_unavailable"}})
+    scheduler = request_failure(RequestFailed(grpc.StatusCode.UNAVAILABLE, "executor-shaped words from the scheduler",
+                                              scheduler_pb2.FAILED_STAGE_SCHEDULER))
+    assert (scheduler.status, scheduler.body()) == (503, {"error": {
+        "message": "the scheduler service is unavailable", "type": "service_unavailable_error", "param": None,
+        "code": "service_unavailable"}})

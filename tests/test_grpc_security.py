@@ -24,7 +24,7 @@ from radixserve.common import grpc_util
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_security import TOKEN_ENV, TOKEN_METADATA_KEY, install_from_args, token_client_interceptors
 from radixserve.common.model_files import resolve_model_path
-from radixserve.gateway.grpc_api import start_grpc_api
+from radixserve.gateway.api.grpc_api import start_grpc_api
 from radixserve.tokenizer.core import TokenizerCore
 from radixserve.tokenizer.server import start_server as start_tokenizer
 from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway

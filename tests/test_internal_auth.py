@@ -33,7 +33,7 @@ from radixserve.common.args import FlagError, ServerArgs
 from radixserve.common.grpc_security import (TOKEN_ENV, SyncTokenInterceptor, TokenServerInterceptor,
                                              check_internal_security, install_from_args)
 from radixserve.common.step_session import BlockingExecutorSession, ExecutorSession, SessionRefused
-from radixserve.gateway.scheduler_session import SchedulerSession
+from radixserve.gateway.pipeline.scheduler_session import SchedulerSession
 from tests.fake_executor import FakeExecutorServicer, reference_tokens
 from radixserve.scheduler.server import start_scheduler
 from tests.stack import free_ports, stop_stack

@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 from radixserve.common.args import ServerArgs
 from radixserve.common.model_files import resolve_model_path
 from radixserve.gateway.app import create_app
-from radixserve.gateway.errors import ApiError
-from radixserve.gateway.file_store import BatchStore, FileStore
+from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.api.file_store import BatchStore, FileStore
 from radixserve.tokenizer.conversation import Conversation
 from radixserve.tokenizer.core import TokenizerCore
 

@@ -7,12 +7,12 @@ from radixserve.v1 import common_pb2, gateway_pb2
 from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
-from radixserve.gateway.errors import ApiError
-from radixserve.gateway.grpc_api import generation_input
-from radixserve.gateway.native_routes import native_input
-from radixserve.gateway.openai_routes import chat_input, completion_input
-from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
-from radixserve.gateway.sampling import build_sampling
+from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.api.grpc_api import generation_input
+from radixserve.gateway.api.native_routes import native_input
+from radixserve.gateway.api.openai_routes import chat_input, completion_input
+from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
+from radixserve.gateway.pipeline.sampling import build_sampling
 from radixserve.scheduler.convert import plan_to_proto
 from radixserve.scheduler.request import ContinuingRequestPlan, FinishReason, NewRequestPlan, StepPlan
 from tests.test_executor_runner import VOCAB, model_dir, new  # noqa: F401  (model_dir is a fixture)

@@ -76,6 +76,7 @@ def test_session_rejects_bad_requests_without_ending_the_others():
             assert errors[""].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert errors["bad-token"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert "vocabulary" in errors["bad-token"].message
+            assert {e.failed_stage for e in errors.values()} == {scheduler_pb2.FAILED_STAGE_SCHEDULER}
             assert tokens["good"] == reference_tokens([1, 2, 3], 6)
             assert last["good"].finish_reason == common_pb2.FINISH_REASON_LENGTH
             session.call.cancel()
@@ -131,6 +132,7 @@ def test_executor_failure_reaches_every_session_request_as_an_error():
             await session.generate(gen_request("y", [3, 4], max_new=3))
             _, _, _, errors = await session.read_until_done({"x", "y"})
             assert {e.code for e in errors.values()} == {grpc.StatusCode.UNAVAILABLE.value[0]}
+            assert {e.failed_stage for e in errors.values()} == {scheduler_pb2.FAILED_STAGE_EXECUTOR}
             executor.fail_steps = False
             await session.generate(gen_request("z", [1, 2], max_new=3))
             _, tokens, _, errors = await session.read_until_done({"z"})

@@ -19,10 +19,10 @@ from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, schedule
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.common.model_files import resolve_model_path
-from radixserve.gateway.errors import ApiError
-from radixserve.gateway.native_routes import native_input
-from radixserve.gateway.openai_routes import chat_input, completion_input
-from radixserve.gateway.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
+from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.api.native_routes import native_input
+from radixserve.gateway.api.openai_routes import chat_input, completion_input
+from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
 from radixserve.scheduler.core import Scheduler
 from tests.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
 from tests.fake_executor import reference_tokens as fake_reference_tokens

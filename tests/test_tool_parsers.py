@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from radixserve.gateway.errors import ApiError
-from radixserve.gateway.tool_parsers import (ConstrainedStreamingParser, default_tool_parser_name, get_tool_parser,
+from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.pipeline.tool_parsers import (ConstrainedStreamingParser, default_tool_parser_name, get_tool_parser,
                                            parse_constrained_output, resolve_tool_choice, tool_call_json_schema)
 
 WEATHER_ARGS = {"city": "Paris", "unit": "celsius"}

@@ -257,7 +257,7 @@ class ServerArgs:
         group="API related")
 
     # -- Data parallelism: dp_size scheduler + executor pairs (replicas), each with its own KV and radix
-    # cache; the gateway routes each request to one of them (services/gateway/dp_router.py).
+    # cache; the gateway routes each request to one of them (services/gateway/pipeline/dp_router.py).
     dp_size: int = option(
         1, "data parallel size: run this many scheduler + executor replicas, each with its own KV cache and prefix "
            "cache (and --tp-size shards); the gateway routes each request to one of them. Replica i listens at the "

@@ -12,13 +12,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from radixserve.common.args import ServerArgs
-from radixserve.gateway import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
-from radixserve.gateway.auth import install_api_key
-from radixserve.gateway.engine import Engine
-from radixserve.gateway.errors import ApiError
-from radixserve.gateway.payload_limit import install_payload_limit
-from radixserve.gateway.request_tracing import untraced_http_request
-from radixserve.gateway.sampling import validation_error
+from radixserve.gateway.api import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
+from radixserve.gateway.api.auth import install_api_key
+from radixserve.gateway.pipeline.engine import Engine
+from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.api.payload_limit import install_payload_limit
+from radixserve.gateway.telemetry.request_tracing import untraced_http_request
+from radixserve.gateway.pipeline.sampling import validation_error
 
 log = logging.getLogger("radixserve.gateway.app")
 

@@ -25,10 +25,10 @@ from radixserve.common.grpc_security import install_from_args
 from radixserve.common.lifecycle import run_event_loop, traced_process
 from radixserve.common.log import setup_logging
 from radixserve.gateway.app import create_app
-from radixserve.gateway.drain import DrainGate
-from radixserve.gateway.engine import Engine
-from radixserve.gateway.grpc_api import start_grpc_api
-from radixserve.gateway.http_limits import HttpLimits, protocol_class
+from radixserve.gateway.api.drain import DrainGate
+from radixserve.gateway.pipeline.engine import Engine
+from radixserve.gateway.api.grpc_api import start_grpc_api
+from radixserve.gateway.api.http_limits import HttpLimits, protocol_class
 
 log = logging.getLogger("radixserve.gateway")
 GRPC_STOP_GRACE_S = 5

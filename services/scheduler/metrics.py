@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from radixserve.common.args import ServerArgs
-from radixserve.gateway.engine import served_model_name
+from radixserve.gateway.pipeline.engine import served_model_name
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.request import Request, RequestEvent, StepPlan
 from radixserve.scheduler.runtime import RuntimeObserver, SchedulerRuntime

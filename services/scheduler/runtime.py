@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import grpc
 
-from radixserve.v1 import executor_pb2, executor_pb2_grpc
+from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 from radixserve.common.step_session import ExecutorSession, SessionRefused
 from radixserve.scheduler.convert import outputs_from_proto, plan_to_proto
@@ -54,10 +54,12 @@ class ExecutorChanged(RuntimeError):
 
 
 class StepFailure:
-    """Delivered to a request's receiver when its step failed; its stream ends with UNAVAILABLE."""
+    """Delivered to a request's receiver when its step failed; its stream ends with UNAVAILABLE.
+    stage: which one failed it, a scheduler_pb2.FailedStage."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, stage: int):
         self.message = message
+        self.stage = stage
 
 
 # Receives one request's events, in order, synchronously from the step loop.
@@ -166,7 +168,7 @@ class SchedulerRuntime:
             try:
                 if not self.session.live and not self.inflight:
                     await self._recover(f"the executor's step session ended ({self.session.end_reason})",
-                                        keep_waiting=True)
+                                        keep_waiting=True, stage=scheduler_pb2.FAILED_STAGE_EXECUTOR)
                     continue
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
@@ -195,14 +197,16 @@ class SchedulerRuntime:
                 raise  # fatal: the process exits and is restarted
             except Exception as e:  # a bug must not leave every stream hanging
                 log.exception("scheduler step failed")
-                await self._recover(f"scheduler error: {e}", keep_waiting=False)
+                await self._recover(f"scheduler error: {e}", keep_waiting=False,
+                                    stage=scheduler_pb2.FAILED_STAGE_SCHEDULER)
 
     async def _finish_oldest_step(self) -> None:
         plan, call, sent_at = self.inflight[0]
         try:
             resp = await call
         except grpc.aio.AioRpcError as e:
-            await self._recover(f"executor step failed: {e.code().name}: {e.details()}", keep_waiting=True)
+            await self._recover(f"executor step failed: {e.code().name}: {e.details()}", keep_waiting=True,
+                                stage=scheduler_pb2.FAILED_STAGE_EXECUTOR)
             return
         self.inflight.popleft()
         self.executor_synced = True
@@ -225,9 +229,10 @@ class SchedulerRuntime:
             if deliver is not None:
                 deliver(event)
 
-    async def _recover(self, message: str, keep_waiting: bool) -> None:
-        """Fail the admitted requests (and the queued ones unless keep_waiting), drop all KV, and
-        return once the executor answers again and has dropped what it still held."""
+    async def _recover(self, message: str, keep_waiting: bool, stage: int) -> None:
+        """Fail the admitted requests (and the queued ones unless keep_waiting) as failed by `stage` (a
+        scheduler_pb2.FailedStage), drop all KV, and return once the executor answers again and has
+        dropped what it still held."""
         self.executor_available = False
         self._cancel_inflight()
         self.executor_synced = False
@@ -239,7 +244,7 @@ class SchedulerRuntime:
         for rid in failed:
             deliver = self.receivers.get(rid)
             if deliver is not None:
-                deliver(StepFailure(message))
+                deliver(StepFailure(message, stage))
         await self._reconnect()
         self.core.executor_was_reset()
         self.executor_available = True

@@ -153,7 +153,7 @@ class Session:
     def _deliver(self, rid: str, event: RequestEvent | StepFailure) -> None:
         if isinstance(event, StepFailure):
             self._forget(rid)
-            self._error(rid, grpc.StatusCode.UNAVAILABLE, event.message)
+            self._error(rid, grpc.StatusCode.UNAVAILABLE, event.message, event.stage)
             return
         earlier = self.pending_by_id.get(rid)
         if earlier is None:
@@ -169,8 +169,9 @@ class Session:
         if entry is not None:
             self.runtime.detach(*entry, abort=False)
 
-    def _error(self, rid: str, code: grpc.StatusCode, message: str) -> None:
-        self.pending.errors.add(request_id=rid, code=code.value[0], message=message)
+    def _error(self, rid: str, code: grpc.StatusCode, message: str,
+               stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER) -> None:
+        self.pending.errors.add(request_id=rid, code=code.value[0], message=message, failed_stage=stage)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

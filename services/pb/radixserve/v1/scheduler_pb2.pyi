@@ -1,11 +1,21 @@
 from radixserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FailedStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILED_STAGE_UNSPECIFIED: _ClassVar[FailedStage]
+    FAILED_STAGE_SCHEDULER: _ClassVar[FailedStage]
+    FAILED_STAGE_EXECUTOR: _ClassVar[FailedStage]
+FAILED_STAGE_UNSPECIFIED: FailedStage
+FAILED_STAGE_SCHEDULER: FailedStage
+FAILED_STAGE_EXECUTOR: FailedStage
 
 class SchedulerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "input_ids", "sampling", "trace_context")
@@ -52,14 +62,16 @@ class SchedulerGenerateGroup(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[SchedulerGenerateRequest, _Mapping]]] = ...) -> None: ...
 
 class SchedulerRequestError(_message.Message):
-    __slots__ = ("request_id", "code", "message")
+    __slots__ = ("request_id", "code", "message", "failed_stage")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     code: int
     message: str
-    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    failed_stage: FailedStage
+    def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., failed_stage: _Optional[_Union[FailedStage, str]] = ...) -> None: ...
 
 class SchedulerSessionEvents(_message.Message):
     __slots__ = ("events", "errors")

@@ -1,0 +1,66 @@
+"""POST /v1/embeddings in OpenAI's shapes (servers started with --is-embedding).
+
+`input` is a string, a list of strings, a list of token ids or a list of token-id lists; strings
+get the model's special tokens. Inputs longer than the model takes are refused (400), not
+truncated, and so are empty ones. `encoding_format` is "float" (JSON numbers) or "base64"
+(little-endian float32). `dimensions`: see services/gateway/pipeline/embeddings.py.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from radixserve.gateway.pipeline.embeddings import encode_vector
+from radixserve.gateway.pipeline.engine import Engine
+from radixserve.gateway.api.errors import bad_request
+from radixserve.gateway.api.openai_routes import check_model
+from radixserve.gateway.api.protocol import openapi_body
+from radixserve.gateway.pipeline.request_control import Deadline
+from radixserve.gateway.pipeline.sampling import parse_body
+from radixserve.gateway.api.sse import run_unless_disconnected
+
+router = APIRouter()
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+def embedding_inputs(value: str | list) -> list[str] | list[list[int]]:
+    """The request's input as a list of texts or a list of token-id lists."""
+    if not value:
+        raise bad_request("input must not be empty", param="input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value[0], int):
+        return [value]
+    if isinstance(value[0], str) and not all(value):
+        raise bad_request("input must not contain empty strings", param="input")
+    return value
+
+
+@router.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
+async def create_embeddings(request: Request):
+    started = time.monotonic()
+    engine: Engine = request.app.state.engine
+    req = parse_body(await request.body(), EmbeddingRequest)
+    check_model(engine, req.model)
+    inputs = embedding_inputs(req.input)
+    # At --request-timeout the call is cancelled: the scheduler drops its inputs still queued.
+    deadline = Deadline(engine.args.request_timeout, started)
+    batch = await run_unless_disconnected(request, deadline.run(engine.embed(inputs)))
+    if req.dimensions is not None:
+        batch = batch.shortened(req.dimensions)
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+            for i, v in enumerate(batch.vectors)]
+    usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
+    return JSONResponse({"object": "list", "data": data, "model": engine.served_name, "usage": usage})

@@ -1,0 +1,109 @@
+"""The public gRPC Gateway service (gateway.proto), sharing the engine with the REST API."""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from radixserve.common.grpc_util import aio_server, bind
+from radixserve.gateway.api.auth import grpc_interceptors
+from radixserve.gateway.pipeline.engine import Engine
+from radixserve.gateway.api.errors import ApiError, bad_request, grpc_status_for
+from radixserve.gateway.pipeline.generation import Cancellation, Delta, GenerationInput
+from radixserve.gateway.pipeline.request_control import Deadline
+from radixserve.gateway.telemetry.request_tracing import grpc_entry_span
+from radixserve.gateway.pipeline.sampling import build_sampling
+from radixserve.gateway.pipeline.structured_output import copy_constraint
+
+log = logging.getLogger("radixserve.gateway.grpc")
+FINISH_ENUMS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+                "abort": common_pb2.FINISH_REASON_ABORT}
+
+
+def generation_input(engine: Engine, request: gateway_pb2.GatewayGenerateRequest) -> GenerationInput:
+    if request.model and request.model not in (engine.served_name, engine.args.model_path):
+        raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise bad_request("one of text, chat or input_ids is required", param="prompt")
+    prompt = {"text": lambda: request.text, "chat": lambda: request.chat,
+              "input_ids": lambda: list(request.input_ids.ids)}[kind]()
+    s = request.sampling
+    if s.max_new_tokens < 0:
+        raise bad_request("max_new_tokens must be at least 1", param="max_new_tokens")
+    # Proto3 cannot tell "unset" from 0: top_p 0 means the default (1), max_new_tokens 0 means "fill".
+    sampling = build_sampling(
+        temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
+        seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_new_tokens or None,
+        max_tokens_param="max_new_tokens", stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        logprobs=s.return_logprob, top_logprobs=s.top_logprobs_num, frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or None,
+        logit_bias=dict(s.logit_bias), min_tokens=s.min_new_tokens, min_tokens_param="min_new_tokens")
+    copy_constraint(s, sampling)
+    return GenerationInput(prompt, sampling, list(request.stop), request.skip_special_tokens,
+                           request_id=request.request_id, prompt_param=kind)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        with grpc_entry_span("radixserve.v1.Gateway/Generate", context.invocation_metadata()):
+            async for response in self._generate(request, context):
+                yield response
+
+    async def _generate(self, request, context: grpc.aio.ServicerContext):
+        # --request-timeout as in the REST API: preparation past it is DEADLINE_EXCEEDED, generation past
+        # it is aborted in the scheduler and ends with FINISH_REASON_ABORT.
+        deadline = Deadline(self.engine.args.request_timeout, time.monotonic())
+        cancellation = Cancellation()
+        timer = None
+        try:
+            self.engine.check_sequences(1, "prompt")
+            prepared = await deadline.run(self.engine.prepare(generation_input(self.engine, request)))
+            timer = deadline.arm(cancellation, prepared.request_id)
+            stream = self.engine.stream(prepared, cancellation=cancellation)
+            try:
+                async for item in stream:
+                    if isinstance(item, Delta):
+                        yield gateway_pb2.GatewayGenerateResponse(
+                            request_id=prepared.request_id, text=item.text, token_ids=item.token_ids,
+                            logprobs=item.logprobs)
+                        continue
+                    yield gateway_pb2.GatewayGenerateResponse(
+                        request_id=prepared.request_id, finish_reason=FINISH_ENUMS[item.reason],
+                        usage=common_pb2.Usage(prompt_tokens=item.prompt_tokens,
+                                               completion_tokens=item.completion_tokens,
+                                               cached_tokens=item.cached_tokens),
+                        matched_stop=item.matched if isinstance(item.matched, str) else "")
+            finally:
+                await stream.aclose()
+        except ApiError as e:
+            await context.abort(grpc_status_for(e.status), e.message)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def ListModels(self, request, context):
+        try:
+            info = await self.engine.model_info()
+        except ApiError as e:
+            await context.abort(grpc_status_for(e.status), e.message)
+        return gateway_pb2.GatewayListModelsResponse(models=[gateway_pb2.GatewayModel(
+            id=self.engine.served_name, context_length=info.context_length, root=info.model_path)])
+
+    async def Health(self, request, context):
+        healthy, detail = await self.engine.health()
+        return gateway_pb2.GatewayHealthResponse(healthy=healthy, detail=detail)
+
+
+async def start_grpc_api(engine: Engine, addr: str, api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the public gRPC server on addr (host:port); returns it and the bound port."""
+    server = aio_server(grpc_interceptors(api_key), public=True)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(engine), server)
+    port = bind(server, addr, public=True)
+    await server.start()
+    return server, port

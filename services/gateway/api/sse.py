@@ -1,0 +1,82 @@
+"""Server-sent events in OpenAI's framing, and tying a request's work to its client connection."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import orjson
+from fastapi import Request
+from starlette.responses import StreamingResponse
+
+from radixserve.gateway.api.errors import ApiError
+
+log = logging.getLogger("radixserve.gateway.sse")
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+T = TypeVar("T")
+# How often a stream asks whether its client is still there (each check costs a task switch).
+DISCONNECT_CHECK_INTERVAL_S = 0.1
+
+
+def sse_event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone away (the request body must already be read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it (and so aborting the generation) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        log.info("client disconnected; request cancelled")
+        raise ApiError(499, "the client disconnected", code="client_disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def sse_response(request: Request, events: AsyncIterator[dict]) -> StreamingResponse:
+    """Stream events as SSE. The first event is awaited before the headers go out, so errors that
+    happen before any output (bad prompt, backend down) still get a real HTTP status."""
+    try:
+        first = await run_unless_disconnected(request, anext(events))
+    except BaseException:
+        await events.aclose()
+        raise
+    return StreamingResponse(_frames(request, first, events), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def _frames(request: Request, first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    try:
+        yield sse_event(first)
+        next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
+        async for event in events:
+            # Starlette also cancels this generator on disconnect; this check covers servers that don't.
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    log.info("client disconnected mid-stream; request aborted")
+                    return
+                next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
+            yield sse_event(event)
+        yield DONE
+    except ApiError as e:
+        yield sse_event(e.body())
+        yield DONE
+    finally:
+        await events.aclose()

@@ -1,0 +1,58 @@
+"""The request fields that constrain the output (SamplingParams.constraint): OpenAI's response_format,
+and SGLang's regex, ebnf and json_schema extensions. Whether the schema, regex or grammar compiles
+is the scheduler's to say (it answers INVALID_ARGUMENT, a 400)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from radixserve.v1 import common_pb2
+from radixserve.gateway.api.errors import bad_request
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def add_constraint(sampling: common_pb2.SamplingParams, *, response_format: dict[str, Any] | None = None,
+                   json_schema: str | dict | None = None, regex: str | None = None, ebnf: str | None = None,
+                   param_prefix: str = "") -> None:
+    """Set sampling's constraint from whichever of these the request gave; more than one is a 400."""
+    given: list[tuple[str, str, str | bool]] = []  # (request param, constraint field, value)
+    if response_format is not None:
+        field_value = _from_response_format(response_format)
+        if field_value is not None:
+            given.append(("response_format", *field_value))
+    if json_schema is not None:
+        spec = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        given.append((param_prefix + "json_schema", "json_schema", spec))
+    if regex is not None:
+        given.append((param_prefix + "regex", "regex", regex))
+    if ebnf is not None:
+        given.append((param_prefix + "ebnf", "ebnf", ebnf))
+    if len(given) > 1:
+        names = ", ".join(param for param, _, _ in given)
+        raise bad_request(f"give at most one output constraint; got {names}", param=given[1][0])
+    for _, field, value in given:
+        setattr(sampling, field, value)
+
+
+def copy_constraint(source: common_pb2.SamplingParams, target: common_pb2.SamplingParams) -> None:
+    field = source.WhichOneof("constraint")
+    if field is not None:
+        setattr(target, field, getattr(source, field))
+
+
+def _from_response_format(response_format: dict[str, Any]) -> tuple[str, str | bool] | None:
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", True
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, bool)):
+            raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
+                              param="response_format.json_schema", code="invalid_value")
+        return "json_schema", json.dumps(schema)
+    raise bad_request(f"response_format type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}",
+                      param="response_format.type", code="invalid_value")

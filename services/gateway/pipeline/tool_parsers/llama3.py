@@ -1,0 +1,87 @@
+"""Llama 3.1 / 3.2 JSON calls: `{"name": ..., "parameters": {...}}`, several joined by `;`.
+
+Calls are recognised when the output opens with a JSON object, or after `<|python_tag|>`.
+Once something that is not a call follows, the rest of the output is content."""
+from __future__ import annotations
+
+import json
+
+from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
+from radixserve.gateway.pipeline.tool_parsers.streaming import Segment, partial_marker_length
+
+PYTHON_TAG = "<|python_tag|>"
+_decoder = json.JSONDecoder()
+
+
+class Llama3Scanner:
+    def __init__(self):
+        self._phase = self._undecided
+        self._made_call = False
+
+    def scan(self, text: str, final: bool) -> tuple[list[Segment], str]:
+        segments: list[Segment] = []
+        while True:
+            phase = self._phase
+            text = phase(text, final, segments)
+            if self._phase is phase:
+                return segments, text
+
+    def _undecided(self, text: str, final: bool, segments: list[Segment]) -> str:
+        head = text.lstrip()
+        if head.startswith("{") or head.startswith(PYTHON_TAG):
+            self._phase = self._calls
+        elif head and (final or not PYTHON_TAG.startswith(head)):
+            self._phase = self._content_until_tag
+        elif final:
+            self._phase = self._plain_content
+        return text
+
+    def _content_until_tag(self, text: str, final: bool, segments: list[Segment]) -> str:
+        at = text.find(PYTHON_TAG)
+        if at >= 0:
+            segments.append(text[:at])
+            self._phase = self._calls
+            return text[at:]
+        held = 0 if final else partial_marker_length(text, PYTHON_TAG)
+        segments.append(text[:len(text) - held])
+        return text[len(text) - held:]
+
+    def _calls(self, text: str, final: bool, segments: list[Segment]) -> str:
+        resolved = 0
+        while True:
+            at = _skip_separators(text, resolved)
+            rest = text[at:]
+            if not final and PYTHON_TAG.startswith(rest):  # nothing more yet, or a tag still arriving
+                return text[resolved:]
+            if not rest and self._made_call:  # trailing separators
+                return ""
+            call = None
+            if rest.startswith("{"):
+                try:
+                    decoded, end = _decoder.raw_decode(text, at)
+                except ValueError:  # not complete yet, or not JSON
+                    if not final:
+                        return text[resolved:]
+                else:
+                    call = tool_call_from_object(decoded, ("parameters", "arguments"))
+            if call is None:
+                self._phase = self._plain_content
+                return text[resolved:]
+            segments.append(call)
+            self._made_call = True
+            resolved = end
+
+    def _plain_content(self, text: str, final: bool, segments: list[Segment]) -> str:
+        segments.append(text)
+        return ""
+
+
+def _skip_separators(text: str, at: int) -> int:
+    while at < len(text):
+        if text[at].isspace() or text[at] == ";":
+            at += 1
+        elif text.startswith(PYTHON_TAG, at):
+            at += len(PYTHON_TAG)
+        else:
+            break
+    return at
