@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -18,8 +17,6 @@ log = logging.getLogger("radixserve.gateway.sse")
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 T = TypeVar("T")
-# How often a stream asks whether its client is still there (each check costs a task switch).
-DISCONNECT_CHECK_INTERVAL_S = 0.1
 
 
 def sse_event(payload: dict) -> bytes:
@@ -58,21 +55,18 @@ async def sse_response(request: Request, events: AsyncIterator[dict]) -> Streami
     except BaseException:
         await events.aclose()
         raise
-    return StreamingResponse(_frames(request, first, events), media_type="text/event-stream",
+    return StreamingResponse(_frames(first, events), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
-async def _frames(request: Request, first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def _frames(first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    # No disconnect polling here: Starlette's StreamingResponse cancels this generator when the client
+    # goes away (it listens for http.disconnect under ASGI spec < 2.4, which uvicorn speaks, and turns a
+    # failed send into ClientDisconnect from 2.4 on), and the finally below then aborts the request.
+    # Polling request.is_disconnected() per stream cost ~13% of the gateway's CPU at 256 streams.
     try:
         yield sse_event(first)
-        next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
         async for event in events:
-            # Starlette also cancels this generator on disconnect; this check covers servers that don't.
-            if time.monotonic() >= next_check:
-                if await request.is_disconnected():
-                    log.info("client disconnected mid-stream; request aborted")
-                    return
-                next_check = time.monotonic() + DISCONNECT_CHECK_INTERVAL_S
             yield sse_event(event)
         yield DONE
     except ApiError as e:
