@@ -3,7 +3,7 @@ invalid requests for every operation; reports any 5xx and any 4xx not in OpenAI'
 
 Usage: python scripts/fuzz_api.py --base-url http://127.0.0.1:30000 [--cases-per-operation 200]
        [--seed N] [--api-key KEY] [--cap-tokens 16] [--timeout 60]
-Exit status 1 when a problem was found. tests/test_schemathesis.py runs the same checks in CI.
+Exit status 1 when a problem was found. tests/gateway/test_schemathesis.py runs the same checks in CI.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import schemathesis
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from tests.test_schemathesis import fuzz_schema  # noqa: E402
+from tests.gateway.test_schemathesis import fuzz_schema  # noqa: E402
 
 MAX_INT32 = (1 << 31) - 1
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")

@@ -15,8 +15,7 @@ import time
 import pytest
 
 from radixserve.gateway.http_limits import LINGER_S, MAX_DEFAULT_CONNECTIONS, HttpLimits, default_max_connections
-from tests.test_gateway_api import RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import FakeBackends, RunningGateway
 
 
 @pytest.fixture(scope="module")

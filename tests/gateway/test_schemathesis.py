@@ -18,8 +18,7 @@ from hypothesis.errors import Unsatisfiable
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.app import create_app
 from scripts import fuzz_api
-from tests.test_gateway_api import RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import FakeBackends, RunningGateway
 
 CASES_PER_OPERATION = 60  # per generation mode; operations without inputs have a single case
 MIN_TOTAL_CASES = 500
