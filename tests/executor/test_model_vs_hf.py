@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from radixserve.executor.runner import ModelRunner  # noqa: E402
-from tests.executor.hf_parity import (CONFIGS, build_hf_model, check_batched_prefill_decode_and_prefix_reuse,  # noqa: E402
-                                      check_chunked_prefill, check_greedy_matches_hf_generate)
+from tests.executor.hf_parity import (CONFIGS, build_hf_model,  # noqa: E402
+                                      check_batched_prefill_decode_and_prefix_reuse, check_chunked_prefill,
+                                      check_greedy_matches_hf_generate)
 
 
 @pytest.fixture(scope="module", params=[(c, b) for c in CONFIGS for b in ("torch_native", "triton")],
