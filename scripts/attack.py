@@ -30,7 +30,7 @@ Attacks (names for --only; issue 17's defect numbers in brackets):
                      only the client side is seen here (the server's log is checked by the test suite)
   null-content       [8] chat messages whose content is null or missing (expected: 400)
 Defects 7 (SIGTERM drain), 9 (start-up back-off) and 10 (idle keepalive) need control of the server's
-processes; the test suite covers them (tests/test_drain.py, tests/test_internal_auth.py).
+processes; the test suite covers them (tests/e2e/test_drain.py, tests/e2e/test_internal_auth.py).
 
 During grammar, amplification, slow-headers and huge-header a probe thread polls GET /health and sends a
 small chat (max_tokens 4) back to back; its line gives the number of answers, any non-200 (a 200 whose
@@ -876,7 +876,7 @@ def attack_upload_disconnect(target: Target, report: Report) -> None:
     got = (f"client side: {count - sum(errors.values())} uploads cut off after {mb(len(head) + len(partial))} of "
            f"1 MB ({count // 2} closed, {count - count // 2} reset){'; errors ' + str(dict(errors)) if errors else ''}"
            f"; then /health {health}, a chat {after.describe()} in {after.seconds:.2f} s "
-           "(the server's log: see tests/test_http_limits.py)")
+           "(the server's log: see tests/gateway/test_http_limits.py)")
     report.add(Result("upload-disconnect", "cut-uploads", f"{count} POST /v1/chat/completions announcing 1 MB",
                       got, seconds, bounded=health == 200 and after.status == 200, correct=not errors))
 
@@ -990,8 +990,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = Counter(r.status for r in report.results)
     if args.json != "-":
         print(f"{len(report.results)} cases: {counts['pass']} passed, {counts['fail']} failed, {counts['info']} "
-              f"info, {counts['skip']} skipped. Not run here (need server control; see tests/test_drain.py, "
-              "tests/test_internal_auth.py): 7 SIGTERM drain, 9 start-up back-off, 10 idle keepalive.", flush=True)
+              f"info, {counts['skip']} skipped. Not run here (need server control; see tests/e2e/test_drain.py, "
+              "tests/e2e/test_internal_auth.py): 7 SIGTERM drain, 9 start-up back-off, 10 idle keepalive.", flush=True)
     report.close()
     return 1 if counts["fail"] else 0
 

@@ -3,21 +3,103 @@ invalid requests for every operation; reports any 5xx and any 4xx not in OpenAI'
 
 Usage: python scripts/fuzz_api.py --base-url http://127.0.0.1:30000 [--cases-per-operation 200]
        [--seed N] [--api-key KEY] [--cap-tokens 16] [--timeout 60]
-Exit status 1 when a problem was found. tests/test_schemathesis.py runs the same checks in CI.
+Exit status 1 when a problem was found. tests/gateway/test_schemathesis.py runs the same checks in CI.
 """
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
+from collections import Counter
+from collections.abc import Callable
 
 import schemathesis
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from tests.test_schemathesis import fuzz_schema  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis.errors import Unsatisfiable
 
 MAX_INT32 = (1 << 31) - 1
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
+MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+
+
+def openai_error_problem(response) -> str | None:
+    """Why a 4xx response is not OpenAI's {"error": {"message", "type", "param", "code"}}, or None."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "the body is not JSON"
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+        return "the body is not {'error': {message, type, param, code}}"
+    if not isinstance(error["message"], str) or not isinstance(error["type"], str):
+        return "message and type must be strings"
+    if any(leak in error["message"] for leak in ("Traceback", "object at 0x", "<class ")):
+        return "the message leaks Python internals"
+    return None
+
+
+def response_problem(response) -> str | None:
+    if response.status_code >= 500:
+        return f"server error {response.status_code}: {response.text[:300]}"
+    if response.status_code >= 400:
+        problem = openai_error_problem(response)
+        if problem:
+            return f"{response.status_code}: {problem}: {response.text[:300]}"
+    return None
+
+
+class FuzzReport:
+    """Status codes per operation, and the first problem found per operation."""
+
+    def __init__(self):
+        self.statuses: dict[str, Counter] = {}
+        self.problems: dict[str, str] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.statuses.values())
+
+    def record(self, case, response) -> None:
+        self.statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
+        problem = response_problem(response)
+        if problem:
+            self.fail(case, problem)
+
+    def fail(self, case, problem: str) -> None:
+        label = case.operation.label
+        self.statuses.setdefault(label, Counter())["error"] += 1
+        if label not in self.problems:
+            self.problems[label] = f"{problem}\n    reproduce: {case.as_curl_command()}"
+
+
+def fuzz_operation(operation, mode, cases: int, call: Callable, report: FuzzReport, seed: int | None = None) -> None:
+    """cases generated requests (derandomized unless seed is given) against one operation."""
+
+    @settings(max_examples=cases, derandomize=seed is None, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def run(case):
+        try:
+            response = call(case)
+        except Exception as e:  # in process, what the app raised (after its 500); over HTTP, a failed request
+            report.fail(case, f"the call raised {type(e).__name__}: {e}")
+            return
+        report.record(case, response)
+
+    if seed is not None:
+        run = hypothesis_seed(seed)(run)
+    try:
+        run()
+    except Unsatisfiable:
+        assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong: no parameters, no body
+
+
+def fuzz_schema(schema, cases: int, call: Callable, seed: int | None = None) -> FuzzReport:
+    report = FuzzReport()
+    for result in schema.get_all_operations():
+        for mode in MODES:
+            fuzz_operation(result.ok(), mode, cases, call, report, seed)
+    return report
 
 
 def cap_generation(body, cap: int) -> None:

@@ -1,6 +1,6 @@
 """Regenerate the Python gRPC stubs from protos/ into services/pb/ (the `radixserve.v1` package).
 
-Run after editing a .proto: `python scripts/gen_protos.py`. tests/test_protos.py fails when the
+Run after editing a .proto: `python scripts/gen_protos.py`. tests/packaging/test_protos.py fails when the
 committed stubs differ from what this produces.
 """
 import pathlib

@@ -15,9 +15,9 @@ common=(--model-path "$MODEL" --load-format dummy --dtype bfloat16 --skip-tokeni
 
 stage_tests() {
   timeout 300 python -m pytest -q -x -m "cuda or not cuda" -p no:cacheprovider \
-    tests/test_kernels_extend_attention.py tests/test_kernels_decode_attention.py \
-    tests/test_kernels_triton_elementwise.py tests/test_kernels_skinny_gemm.py tests/test_kernels_rotary_kv_store.py \
-    tests/test_cuda_executor.py tests/test_executor_launch_ahead.py tests/test_model_vs_hf.py 2>&1 | tail -25
+    tests/kernels/test_kernels_extend_attention.py tests/kernels/test_kernels_decode_attention.py \
+    tests/kernels/test_kernels_triton_elementwise.py tests/kernels/test_kernels_skinny_gemm.py tests/kernels/test_kernels_rotary_kv_store.py \
+    tests/executor/test_cuda_executor.py tests/executor/test_executor_launch_ahead.py tests/executor/test_model_vs_hf.py 2>&1 | tail -25
 }
 
 stage_one_batch() {
@@ -183,8 +183,8 @@ stage_comm() {
 }
 
 stage_parallel_tests() {
-  timeout 400 python -m pytest -q -m "(cuda or not cuda) and not e2e" -p no:cacheprovider tests/test_kernels_fused_moe.py \
-    tests/test_tensor_parallel.py tests/test_moe_tensor_parallel.py 2>&1 | tail -15
+  timeout 400 python -m pytest -q -m "(cuda or not cuda) and not e2e" -p no:cacheprovider tests/kernels/test_kernels_fused_moe.py \
+    tests/executor/test_tensor_parallel.py tests/executor/test_moe_tensor_parallel.py 2>&1 | tail -15
 }
 
 stage_tp_parity() {

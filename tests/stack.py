@@ -15,9 +15,13 @@ from dataclasses import dataclass
 import grpc
 
 from radixserve.common.grpc_security import TOKEN_ENV, SyncTokenInterceptor
+from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 # The inter-service token the test stacks run with, so that tests can call the services directly.
 STACK_GRPC_TOKEN = f"test-stack-{secrets.token_hex(8)}"
+
+MODEL = "SmolLM2-135M-Instruct"  # what start_stack serves without --model-path (the embedded SmolLM2)
+FIXED_PROMPT = "The three most important inventions of the nineteenth century were"
 
 
 def free_ports(n: int) -> list[int]:
@@ -114,3 +118,24 @@ def stop_stack(stack: Stack) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(stack.proc.pid, signal.SIGKILL)
             stack.proc.wait()
+
+
+def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
+    with stack.grpc_channel(stack.scheduler_addr) as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
+
+
+def wait_idle_and_check_no_leak(stack, timeout=30.0) -> scheduler_pb2.SchedulerInfo:
+    """Idle, every slot free or cached. An abort frees its KV only once the in-flight step that
+    writes those slots has come back (overlap scheduling), so the release may trail the abort."""
+    deadline = time.time() + timeout
+    while True:
+        info = scheduler_info(stack)
+        settled = info.running_requests == 0 and info.waiting_requests == 0 and info.in_use_tokens == 0
+        if settled or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert info.running_requests == 0 and info.waiting_requests == 0, info
+    assert info.in_use_tokens == 0, info
+    assert info.free_tokens + info.cached_tokens == info.max_total_tokens, info
+    return info

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from radixserve.common.model_files import resolve_model_path
@@ -60,3 +62,32 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
 
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def generate(stack, timeout: float = 120) -> dict:
+    """/generate of a fixed prompt, greedy; retried while the stack answers 503 (an executor restarting)."""
+    body = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 24,
+                                                                    "ignore_eos": True}}
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = httpx.post(stack.base_url + "/generate", json=body, timeout=120)
+        if resp.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def replicas(stack) -> list[dict]:
+    resp = httpx.get(stack.base_url + "/get_server_info", timeout=60)
+    assert resp.status_code == 200, resp.text
+    listed = resp.json()["scheduler"]["replicas"]
+    assert [r["index"] for r in listed] == [0, 1] and all(r["reachable"] for r in listed)
+    return listed
+
+
+def routed(stack) -> list[int]:
+    return [int(r["routed_requests"]) for r in replicas(stack)]

@@ -1,14 +1,18 @@
-"""A tensor-parallel group of ModelRunners as processes, for tests/test_tensor_parallel.py.
+"""A tensor-parallel group of ModelRunners as processes, for tests/executor/test_tensor_parallel.py.
 
 `python -m tests.tp_ranks --rank R --world N --port P --model DIR --out FILE [--device cuda] [--ep E]` runs one
 shard (on the CPU over gloo, or on cuda:R over NCCL; MoE experts split over E groups, as --ep-size): rank 0
 drives `scenario` through TensorParallelLeader (the gRPC servicer's path) and saves what it returned to
-FILE; the other ranks follow it. The test runs the same scenario on a TP=1 runner and compares.
+FILE; the other ranks follow it. run_group starts the ranks and returns what rank 0 saved; the tests run the
+same scenario on a TP=1 runner and compare.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,8 +21,10 @@ from radixserve.executor.parallel_state import destroy_tensor_parallel, init_ten
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
+from tests.stack import free_ports
 
 GREEDY_TOKENS = 24
+ATOL = 1e-5  # fp32; the shards' partial sums add up in another order
 
 
 def build_runner(model: str, device: str = "cpu") -> ModelRunner:
@@ -62,6 +68,23 @@ def scenario(runner) -> dict:
         tokens.append(step.outputs[1].token_id)
     out["greedy"] = tokens
     return out
+
+
+def run_group(model: Path, out: Path, world: int = 2, device: str = "cpu", ep: int = 1) -> dict:
+    """The scenario on `world` shards (processes), MoE experts split over `ep` groups; what rank 0 returned."""
+    (port,) = free_ports(1)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_ranks", "--rank", str(r), "--world", str(world),
+                               "--port", str(port), "--model", str(model), "--out", str(out), "--device", device,
+                               "--ep", str(ep)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return torch.load(out)
 
 
 def main() -> None:

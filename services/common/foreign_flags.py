@@ -10,7 +10,7 @@ Each flag of SGLang's `launch_server` (its server-arguments reference) and each 
 - refused: the start stops (exit 2) with a message that says what to use instead, or that the feature
   is not supported yet (REFUSED).
 tests/data/sglang_flags.tsv and tests/data/vllm_flags.tsv list every flag with its class, and
-tests/test_foreign_flags.py checks what the parser does with each.
+tests/common/test_foreign_flags.py checks what the parser does with each.
 
 Tables: one flag per line, `spellings | arity | ...`: spellings comma-separated, arity `none` (a
 switch), `one` (one value) or `many` (one or more values). These flags are left out of `--help`, which

@@ -7,7 +7,7 @@ import pytest
 
 from radixserve.bench import one_batch
 from tests.stack import free_ports
-from tests.test_model_vs_hf import build_hf_model
+from tests.executor.hf_parity import build_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from radixserve.cli import build_parser
 from radixserve.common.args import FlagError, ServerArgs, args_from_namespace, load_config_file
 from radixserve.common.foreign_flags import IGNORED_KEY, warn_ignored
 
-DATA = pathlib.Path(__file__).parent / "data"
+DATA = pathlib.Path(__file__).parents[1] / "data"
 
 
 def rows(name: str) -> list[dict]:

@@ -27,8 +27,7 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.gateway.api.grpc_api import start_grpc_api
 from radixserve.tokenizer.core import TokenizerCore
 from radixserve.tokenizer.server import start_server as start_tokenizer
-from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import MESSAGES, MODEL, FakeBackends, RunningGateway
 
 TOKEN = "inter-service-s3cret"
 TEXT = "Hello, TLS!"

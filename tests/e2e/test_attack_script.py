@@ -13,7 +13,7 @@ import httpx
 from tests.stack import stop_stack
 from tests.tiny_stack import start_tiny_stack
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "attack.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "attack.py"
 
 
 def flag(argv: list[str], name: str) -> str:

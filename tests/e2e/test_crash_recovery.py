@@ -12,8 +12,7 @@ import time
 import httpx
 import pytest
 
-from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
-from tests.stack import stop_stack
+from tests.stack import scheduler_info, stop_stack
 from tests.tiny_stack import MODEL, service_pids, start_tiny_stack
 
 pytestmark = pytest.mark.e2e
@@ -28,11 +27,6 @@ def stack(tmp_path_factory):
     yield s
     stop_stack(s)
     assert s.proc.returncode == 0, s.log_tail()
-
-
-def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
-    with stack.grpc_channel(stack.scheduler_addr) as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -9,7 +9,7 @@ import pytest
 from radixserve.cli import build_parser
 from radixserve.common.args import args_from_namespace, check_parallelism, replica_addrs
 from tests.stack import free_ports, stop_stack
-from tests.tiny_stack import service_pids, start_tiny_stack
+from tests.tiny_stack import replicas, routed, service_pids, start_tiny_stack
 
 SHARED = ("You are a careful assistant. Answer every question with one short sentence, name your sources, "
           "and never guess when you do not know. ") * 4
@@ -21,18 +21,6 @@ def generate(stack, text: str) -> dict:
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["output_ids"]) == 4
     return resp.json()["meta_info"]
-
-
-def replicas(stack) -> list[dict]:
-    resp = httpx.get(stack.base_url + "/get_server_info", timeout=60)
-    assert resp.status_code == 200, resp.text
-    listed = resp.json()["scheduler"]["replicas"]
-    assert [r["index"] for r in listed] == [0, 1] and all(r["reachable"] for r in listed)
-    return listed
-
-
-def routed(stack) -> list[int]:
-    return [int(r["routed_requests"]) for r in replicas(stack)]
 
 
 @pytest.mark.e2e

@@ -14,8 +14,7 @@ import pytest
 
 from radixserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.stack import stop_stack
-from tests.test_gateway_api import RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import FakeBackends, RunningGateway
 from tests.tiny_stack import MODEL, alive, service_pids, start_tiny_stack
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import time
 
 import grpc
 import httpx
@@ -12,13 +11,9 @@ import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.common.model_files import resolve_model_path
-from tests.stack import openai_client, running_stack
+from tests.stack import FIXED_PROMPT, MODEL, openai_client, running_stack, scheduler_info, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
-
-MODEL = "SmolLM2-135M-Instruct"
-FIXED_PROMPT = "The three most important inventions of the nineteenth century were"
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
@@ -30,27 +25,6 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(stack):
     return openai_client(stack)
-
-
-def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
-    with stack.grpc_channel(stack.scheduler_addr) as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
-
-
-def wait_idle_and_check_no_leak(stack, timeout=30.0) -> scheduler_pb2.SchedulerInfo:
-    """Idle, every slot free or cached. An abort frees its KV only once the in-flight step that
-    writes those slots has come back (overlap scheduling), so the release may trail the abort."""
-    deadline = time.time() + timeout
-    while True:
-        info = scheduler_info(stack)
-        settled = info.running_requests == 0 and info.waiting_requests == 0 and info.in_use_tokens == 0
-        if settled or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert info.running_requests == 0 and info.waiting_requests == 0, info
-    assert info.in_use_tokens == 0, info
-    assert info.free_tokens + info.cached_tokens == info.max_total_tokens, info
-    return info
 
 
 def test_chat_capital_of_france(client):

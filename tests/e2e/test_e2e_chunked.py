@@ -8,8 +8,7 @@ import httpx
 import pytest
 
 from radixserve.common.model_files import resolve_model_path
-from tests.stack import running_stack
-from tests.test_e2e import FIXED_PROMPT, wait_idle_and_check_no_leak
+from tests.stack import FIXED_PROMPT, running_stack, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
 

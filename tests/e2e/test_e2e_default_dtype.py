@@ -6,8 +6,7 @@ import concurrent.futures
 
 import pytest
 
-from tests.stack import openai_client, running_stack
-from tests.test_e2e import MODEL, wait_idle_and_check_no_leak
+from tests.stack import MODEL, openai_client, running_stack, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
 

@@ -25,9 +25,7 @@ from radixserve.common.step_session import BlockingExecutorSession
 from radixserve.executor.server import step_input_to_pb
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
 from tests.stack import free_ports, stop_stack
-from tests.test_data_parallel import replicas, routed
-from tests.test_tensor_parallel import children, generate
-from tests.tiny_stack import service_pids, start_tiny_stack, tiny_model
+from tests.tiny_stack import children, generate, replicas, routed, service_pids, start_tiny_stack, tiny_model
 
 READY_TIMEOUT_S = 90
 NOTICE_TIMEOUT_S = 30  # how long a node may take to notice that the other one died

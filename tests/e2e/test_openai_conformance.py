@@ -13,8 +13,7 @@ import pytest
 
 from radixserve.common.args import ServerArgs
 from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
-from tests.stack import openai_client, running_stack
-from tests.test_e2e import wait_idle_and_check_no_leak
+from tests.stack import openai_client, running_stack, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
 SHORT = [{"role": "user", "content": "Name three colors."}]

@@ -1,7 +1,7 @@
 """SGLang launch commands pasted as they are (the package renamed): they start on a dummy model and answer.
 
 The multi-node one (`--tp 2 --nnodes 2 --nccl-init HOST:PORT`, SGLang's spelling abbreviated as argparse
-allows) is tests/test_multi_node.py::test_serve_on_two_nodes_answers_like_tp1. Here: data, tensor and
+allows) is tests/e2e/test_multi_node.py::test_serve_on_two_nodes_answers_like_tp1. Here: data, tensor and
 expert parallelism together on a mixture-of-experts model with the flags SGLang users pass for it, and a
 server guarded by an API key under a served name."""
 from __future__ import annotations
@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from tests.stack import free_ports, start_stack, stop_stack
-from tests.test_tensor_parallel import generate
-from tests.tiny_stack import service_pids, tiny_model
+from tests.tiny_stack import generate, service_pids, tiny_model
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import transformers
 
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
-from tests.test_model_vs_hf import build_hf_model
+from tests.executor.hf_parity import build_hf_model
 
 pytestmark = pytest.mark.cuda
 

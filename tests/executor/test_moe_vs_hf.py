@@ -1,7 +1,7 @@
 """Our Mixtral, Qwen2-MoE and Qwen3-MoE against transformers, on tiny random fp32 models saved as HF
 folders and loaded through the executor's normal path (ModelRunner: safetensors, stacked experts).
 
-The three parity tests are test_model_vs_hf's own, imported so that they run here against this
+The three parity tests are test_model_vs_hf's (tests/executor/hf_parity.py), run here against this
 module's `models` fixture: batched prefill + decode + prefix reuse and chunked prefill (last-position
 logits within atol 1e-4 of HF's forward) and 32 greedy tokens identical to HF's generate. Attention
 runs torch_native on CPU and triton on CUDA (where the MoE layers then run kernels/fused_moe.py); the
@@ -10,33 +10,16 @@ would cost ~50 s here).
 """
 import pytest
 import torch
-import transformers
 
 from radixserve.executor.layers.moe import SparseMoeBlock
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import NewRequest, StepInput
 from radixserve.executor.weights import iterate_safetensors
-from tests.test_model_vs_hf import (VOCAB, build_hf_model, prompts,  # noqa: F401 (the tests run here)
-                                    test_batched_prefill_decode_and_prefix_reuse, test_chunked_prefill,
-                                    test_greedy_matches_hf_generate)
+from tests.executor.hf_parity import (MOE_CONFIGS, VOCAB, build_hf_model, check_batched_prefill_decode_and_prefix_reuse,
+                                      check_chunked_prefill, check_greedy_matches_hf_generate, prompts)
 
 CUDA = torch.cuda.is_available()
 BACKEND = "triton" if CUDA else "torch_native"
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512, tie_word_embeddings=False, num_experts_per_tok=2)
-
-MOE_CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(
-        **COMMON, intermediate_size=96, num_hidden_layers=2, num_local_experts=8, rms_norm_eps=1e-5),
-    # layer 1 dense (mlp_only_layers), layers 0 and 2 sparse with the gated shared expert
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
-        num_hidden_layers=3, num_experts=8, mlp_only_layers=[1], decoder_sparse_step=1, norm_topk_prob=False),
-    # head_dim 32 (q width 128 != hidden 64); decoder_sparse_step 2: layers 1 and 3 sparse, 0 and 2 dense
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=4,
-        num_experts=4, decoder_sparse_step=2, norm_topk_prob=True),
-}
 
 
 @pytest.fixture(scope="module", params=list(MOE_CONFIGS))
@@ -46,6 +29,18 @@ def models(request, tmp_path_factory):
     runner = ModelRunner(folder, dtype="float32", device="cuda" if CUDA else "cpu", max_total_tokens=1024,
                          attention_backend=BACKEND)
     return hf, runner
+
+
+def test_batched_prefill_decode_and_prefix_reuse(models):
+    check_batched_prefill_decode_and_prefix_reuse(models)
+
+
+def test_chunked_prefill(models):
+    check_chunked_prefill(models)
+
+
+def test_greedy_matches_hf_generate(models):
+    check_greedy_matches_hf_generate(models)
 
 
 def test_sparse_layers_where_hf_has_them(models):

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import transformers
@@ -20,11 +19,9 @@ from radixserve.common.args import args_from_namespace, check_parallelism
 from radixserve.executor.shard_group import ShardLayout
 from radixserve.launcher import service_specs
 from tests.stack import free_ports, stop_stack
-from tests.test_model_vs_hf import build_hf_model
-from tests.tiny_stack import service_pids, start_tiny_stack
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, scenario
-
-ATOL = 1e-5  # fp32; the shards' partial sums add up in another order
+from tests.executor.hf_parity import build_hf_model
+from tests.tiny_stack import children, generate, service_pids, start_tiny_stack
+from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario
 
 CONFIGS = {
     # KV heads split over the shards; a vocabulary that does not split evenly (padded slice).
@@ -37,23 +34,6 @@ CONFIGS = {
         num_key_value_heads=1, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
         attention_bias=True, mlp_bias=True),
 }
-
-
-def run_group(model: Path, out: Path, world: int = 2, device: str = "cpu", ep: int = 1) -> dict:
-    """The scenario on `world` shards (processes), MoE experts split over `ep` groups; what rank 0 returned."""
-    (port,) = free_ports(1)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_ranks", "--rank", str(r), "--world", str(world),
-                               "--port", str(port), "--model", str(model), "--out", str(out), "--device", device,
-                               "--ep", str(ep)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return torch.load(out)
 
 
 def check_two_shards_match_one(config: str, folder: Path, device: str, atol: float) -> None:
@@ -80,10 +60,6 @@ def test_two_gpu_shards_match_one_over_nccl(config, tmp_path):
     check_two_shards_match_one(config, tmp_path, "cuda", 1e-4)
 
 
-def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
 def test_a_dead_shard_takes_the_executor_down(tmp_path):
     """So that the supervisor of `radixserve serve` restarts the executor with all its shards."""
     build_hf_model(CONFIGS["kv_split_odd_vocab"](), tmp_path)
@@ -104,20 +80,6 @@ def test_a_dead_shard_takes_the_executor_down(tmp_path):
     finally:
         if executor.poll() is None:
             executor.kill()
-
-
-def generate(stack, timeout: float = 120) -> dict:
-    """/generate of a fixed prompt, greedy; retried while the stack answers 503 (an executor restarting)."""
-    body = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 24,
-                                                                    "ignore_eos": True}}
-    deadline = time.monotonic() + timeout
-    while True:
-        resp = httpx.post(stack.base_url + "/generate", json=body, timeout=120)
-        if resp.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
 
 def kill_shard_and_wait_for_restart(stack) -> None:

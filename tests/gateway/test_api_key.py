@@ -12,7 +12,7 @@ import pytest
 
 from radixserve.v1 import gateway_pb2, gateway_pb2_grpc
 from radixserve.gateway.api.auth import OPEN_PATHS
-from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway, backends  # noqa: F401
+from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from radixserve.gateway.api.file_store import BatchStore
-from tests.test_gateway_api import MESSAGES, MODEL, RunningGateway, backends, expected_output, wait_until  # noqa: F401
+from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway, expected_output, wait_until
 
 FINISHED = ("completed", "failed", "cancelled", "expired")
 SLOW_STEP_S = 0.02

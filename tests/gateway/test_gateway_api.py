@@ -4,8 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
-import time
 
 import grpc
 import httpx
@@ -13,45 +11,10 @@ import openai
 import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from radixserve.common.args import ServerArgs
-from radixserve.gateway.server import Gateway
-from tests.test_gateway_fakes import (CONTEXT_LENGTH, EOS_MARKER, EXECUTOR_FAIL_MARKER, FAIL_MARKER, MODEL_PATH,
-                                      OUTPUT_TEXT, POISON, FakeBackends, render_chat)
+from tests.gateway.fakes import (CONTEXT_LENGTH, EOS_MARKER, EXECUTOR_FAIL_MARKER, FAIL_MARKER, MESSAGES, MODEL,
+                                 MODEL_PATH, POISON, RunningGateway, expected_output, render_chat, wait_until)
 
-MODEL = "fake-model"
-MESSAGES = [{"role": "user", "content": "Hi"}]
 SSE_BODY = re.compile(rb"^(data: \{[^\n]*\}\n\n)+data: \[DONE\]\n\n$")
-
-
-class RunningGateway:
-    def __init__(self, backends: FakeBackends, **overrides):
-        self.backends = backends
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        args = ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
-                          tokenizer_addr=backends.tokenizer_addr, scheduler_addr=backends.scheduler_addr,
-                          detokenizer_addr=backends.detokenizer_addr, served_model_name=MODEL, log_level="warning",
-                          **overrides)
-        self.gateway = Gateway(args)
-        self.run(self.gateway.start())
-        self.base_url = f"http://127.0.0.1:{self.gateway.http_port}"
-        self.grpc_addr = f"127.0.0.1:{self.gateway.grpc_port}"
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.run(self.gateway.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def backends():
-    fakes = FakeBackends()
-    yield fakes
-    fakes.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +29,9 @@ def client(gw):
     return openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
 
 
-def expected_output(n: int) -> str:
-    return (OUTPUT_TEXT * (n // len(OUTPUT_TEXT) + 1))[:n]
-
-
 def sse_events(body: bytes) -> list:
     assert SSE_BODY.match(body), body
     return [json.loads(frame[len(b"data: "):]) for frame in body.split(b"\n\n")[:-2]]
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # ---- OpenAI chat and completions ----

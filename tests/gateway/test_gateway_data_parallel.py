@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.test_gateway_api import RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import FakeBackends, RunningGateway
 
 
 @pytest.fixture(scope="module")

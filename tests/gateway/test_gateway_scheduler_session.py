@@ -10,7 +10,7 @@ import pytest
 from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.gateway.pipeline.scheduler_session import RequestFailed, SchedulerSession
 from tests.stack import free_ports
-from tests.test_gateway_fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
+from tests.gateway.fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
 
 
 def serve_fake(port: int, scheduler: FakeScheduler) -> grpc.Server:
@@ -128,7 +128,7 @@ def test_an_id_already_open_is_a_400_not_a_server_error():
     from radixserve.gateway.pipeline.engine import Engine
     from radixserve.gateway.api.errors import ApiError
     from radixserve.gateway.pipeline.generation import PreparedRequest
-    from tests.test_gateway_fakes import FakeBackends
+    from tests.gateway.fakes import FakeBackends
 
     fakes = FakeBackends(step_delay=0.01)
     engine = Engine(ServerArgs(tokenizer_addr=fakes.tokenizer_addr, scheduler_addr=fakes.scheduler_addr,

@@ -1,4 +1,4 @@
-"""HTTP/1.1 limits of the gateway (services/gateway/api/http_limits.py), over raw sockets against a real
+"""HTTP/1.1 limits of the gateway (services/gateway/http_limits.py), over raw sockets against a real
 gateway on fake backends: request head size and header count (431), the header timeout (slowloris), the
 keep-alive timeout, the connection limit, and one quiet log line for a client gone during its upload."""
 from __future__ import annotations
@@ -15,8 +15,7 @@ import time
 import pytest
 
 from radixserve.gateway.api.http_limits import LINGER_S, MAX_DEFAULT_CONNECTIONS, HttpLimits, default_max_connections
-from tests.test_gateway_api import RunningGateway
-from tests.test_gateway_fakes import FakeBackends
+from tests.gateway.fakes import FakeBackends, RunningGateway
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import logging
 
 import httpx
 
-from tests.test_gateway_fakes import CONTEXT_LENGTH, FakeBackends, encode, gateway_client
+from tests.gateway.fakes import CONTEXT_LENGTH, FakeBackends, encode, gateway_client
 
 MODEL = "fake-model"
 LIMIT = 2000

@@ -21,10 +21,10 @@ from tests.fake_executor import FakeExecutorServicer
 from radixserve.scheduler.metrics import SchedulerMetrics
 from radixserve.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
 from radixserve.scheduler.server import start_scheduler
-from tests.test_gateway_fakes import FAIL_MARKER, POISON, FakeBackends, gateway_client
+from tests.gateway.fakes import FAIL_MARKER, POISON, FakeBackends, gateway_client
 
 MODEL = "fake-model"
-DASHBOARD = pathlib.Path(__file__).parent.parent / "deploy" / "grafana" / "radixserve-dashboard.json"
+DASHBOARD = pathlib.Path(__file__).parents[2] / "deploy" / "grafana" / "radixserve-dashboard.json"
 STEP_DELAY_S = 0.01
 
 

@@ -12,8 +12,7 @@ import pytest
 
 from radixserve.v1 import detokenizer_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
-from tests.test_gateway_api import RunningGateway, expected_output
-from tests.test_gateway_fakes import FakeBackends, FakeDetokenizer, FakeTokenizer
+from tests.gateway.fakes import FakeBackends, FakeDetokenizer, FakeTokenizer, RunningGateway, expected_output
 
 
 class Counted:

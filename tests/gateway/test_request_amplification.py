@@ -22,9 +22,8 @@ from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.runtime import SchedulerRuntime
-from tests.test_abort_storm import MESSAGES, VOCAB, Stack, read_stream,\
-    scheduler_on_fake_executor, sse_payloads
-from tests.test_gateway_fakes import FakeBackends, FakeTokenizer, encode, gateway_client
+from tests.gateway.real_scheduler import MESSAGES, VOCAB, Stack, read_stream, scheduler_on_fake_executor, sse_payloads
+from tests.gateway.fakes import FakeBackends, FakeTokenizer, encode, gateway_client
 
 MODEL = "fake-model"
 LONG = 2048  # tokens: 4 ms a step, so a sequence of them runs far past every timeout here

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixserve.kernels.fused_moe import fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
-from tests.test_kernels_triton_elementwise import close as elementwise_close  # noqa: E402
+from tests.kernels.kernel_checks import close as elementwise_close  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,7 +1,7 @@
 """Fused rotary + KV store (kernels/rotary_kv_store.py) against what it replaces: rotary then store.
 
 Two comparisons per case: with the torch references (apply_rotary_ref then store_kv_ref), to the
-shared tolerance of tests/test_kernels_triton_elementwise.py (`close`), and with the rotary kernel
+shared tolerance of tests/kernels/kernel_checks.py (`close`), and with the rotary kernel
 followed by the (copying) store reference, which must agree bit for bit:
 the fused kernel does the same float32 math in the same order. Without a GPU the kernels run in the
 Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on small shapes; on CUDA the
@@ -19,8 +19,7 @@ import pytest  # noqa: E402
 from radixserve.kernels.rotary import apply_rotary  # noqa: E402
 from radixserve.kernels.rotary_kv_store import rotary_and_store_kv, rotary_and_store_kv_ref, store_kv_ref  # noqa: E402
 from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
-from tests.test_kernels_triton_elementwise import (DEVICE, DTYPES, close, cuda_only, exact_or_close,  # noqa: E402
-                                                   gen, randn)
+from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_or_close, gen, randn  # noqa: E402
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}

@@ -5,7 +5,7 @@ Without a GPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set
 imported) on small shapes whose N and K are not multiples of the blocks (masked tail, clamped rows);
 on CUDA (`-m cuda`) the Llama-3-8B decode shapes are added, through autotuning.
 
-Tolerances: the shared helper of tests/test_kernels_triton_elementwise.py: float32 1e-5; half types
+Tolerances: the shared helper of tests/kernels/kernel_checks.py: float32 1e-5; half types
 2e-2 of max|ref| (atol) and 2e-2 (rtol): both sides accumulate in float32 in another order and round
 once to the output dtype, and the interpreter rounds fp32 -> bf16 by truncation (a bf16 step, ~0.8%).
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from radixserve.kernels import skinny_gemm as sg  # noqa: E402
 from radixserve.executor.layers import linear as linear_mod  # noqa: E402
-from tests.test_kernels_triton_elementwise import close as elementwise_close  # noqa: E402
+from tests.kernels.kernel_checks import close as elementwise_close  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

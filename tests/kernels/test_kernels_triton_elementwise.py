@@ -1,5 +1,5 @@
 """Triton elementwise kernels (kernels/rmsnorm.py, rotary.py, silu_mul.py) vs their torch refs (the KV store:
-tests/test_kernels_rotary_kv_store.py).
+tests/kernels/test_kernels_rotary_kv_store.py).
 
 Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported), on small shapes; on CUDA one realistic shape per kernel is added. bf16 and fp16 both run
@@ -25,37 +25,7 @@ from radixserve.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E4
 from radixserve.kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from radixserve.executor.layers.norm import RMSNorm  # noqa: E402
 from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-cuda_only = pytest.mark.cuda  # realistic shapes: selected on a GPU machine (`-m cuda`), deselected in CPU CI
-
-
-def close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> None:
-    """fp32 to 1e-5; half types to tol relative to the largest reference value."""
-    assert got.dtype == ref.dtype and got.shape == ref.shape, (got.dtype, ref.dtype, got.shape, ref.shape)
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    else:
-        got, ref = got.float(), ref.float()
-        torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item() + 1e-6, rtol=tol)
-
-
-def exact_or_close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bit-exact where fp32 -> dtype rounding is round-to-nearest-even (all but bf16 in the interpreter)."""
-    if got.dtype == torch.bfloat16 and not CUDA:
-        close(got, ref)
-    else:
-        assert torch.equal(got, ref)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(g, *shape, dtype, scale=1.0):
-    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
+from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_or_close, gen, randn  # noqa: E402
 
 
 # ---------------------------------------------------------------- rmsnorm

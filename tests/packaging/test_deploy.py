@@ -38,7 +38,7 @@ from radixserve.common.grpc_security import check_internal_security
 from radixserve.healthcheck import check, split_host_port
 from tests.stack import free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 OBSERVABILITY_ENV = ROOT / "deploy" / "observability.env"

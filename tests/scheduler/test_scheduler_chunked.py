@@ -14,8 +14,7 @@ import pytest
 from radixserve.v1 import scheduler_pb2
 from radixserve.scheduler.kv_pool import DoubleFreeError, PagedKVPool
 from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, SampledToken
-from tests.test_scheduler_core import Harness, prompts, reference_tokens
-from tests.test_scheduler_overlap import OverlapHarness, final_fields
+from tests.scheduler.harness import Harness, OverlapHarness, final_fields, prompts, reference_tokens
 
 
 def chunks_of(harness, rid):
@@ -425,7 +424,7 @@ def test_overlapped_chunked_mixed_paged_run_matches_serial():
 # ---- the server wires the flags ---------------------------------------------------------------
 
 def test_server_runs_chunked_mixed_paged():
-    from tests.test_scheduler_server import collect, gen_request, run, stack
+    from tests.scheduler.server_stack import collect, gen_request, run, stack
 
     async def body():
         async with stack(chunked_prefill_size=8, enable_mixed_chunk=True, page_size=4) as (stub, executor, sched):

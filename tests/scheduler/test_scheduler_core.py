@@ -9,56 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
-from tests.fake_executor import FakeModel
-from tests.fake_executor import reference_tokens as fake_reference_tokens
 from radixserve.scheduler.request import FinishReason, Request, SampledToken
-
-VOCAB = 1000
-
-
-def reference_tokens(prompt: list[int], n: int) -> list[int]:
-    return fake_reference_tokens(prompt, n, VOCAB)
-
-class Harness:
-    def __init__(self, pool_size=512, context_length=1024, max_running_requests=16,
-                 max_prefill_tokens=4096, **kwargs):
-        self.sched = Scheduler(pool_size, context_length, max_running_requests, max_prefill_tokens, **kwargs)
-        self.model = FakeModel(pool_size, VOCAB, page_size=kwargs.get("page_size", 1))
-        self.plans = []
-        self.outputs: dict[str, list[int]] = defaultdict(list)
-        self.finals = {}
-
-    def add(self, rid, prompt, max_new=8, **kwargs):
-        self.sched.add_request(Request(rid, list(prompt), max_new, **kwargs))
-
-    def step(self):
-        plan = self.sched.schedule()
-        if plan is None:
-            return None
-        self.plans.append(plan)
-        assert len(self.sched.running) <= self.sched.max_running_requests
-        outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
-        events = self.sched.update(plan, outputs)
-        for ev in events:
-            self.outputs[ev.request_id] += ev.token_ids
-            if ev.finished:
-                self.finals[ev.request_id] = ev
-        assert self.sched.check_leak(deep=True) is None
-        return plan, events
-
-    def run(self, max_steps=10_000):
-        for _ in range(max_steps):
-            if self.step() is None:
-                break
-        assert not self.sched.has_work()
-        assert self.sched.check_leak(deep=True) is None
-
-    def new_plan_of(self, rid):
-        return next(n for p in self.plans for n in p.new_requests if n.request_id == rid)
-
-
-def prompts(n, length=8, shared=0):
-    return [[7] * shared + [100 + i] * (length - shared) for i in range(n)]
+from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
+                                     prompts, reference_tokens)
 
 
 def test_single_request_matches_reference():
@@ -323,54 +276,6 @@ def test_reset_drops_everything():
     h.add("c", [1, 2], max_new=2)
     h.run()
     assert plan is not None and h.outputs["c"] == reference_tokens([1, 2], 2)
-
-
-def drive_random_traffic(h, rng: random.Random, steps: int, eos: set[int] | None = None):
-    """Random arrivals, aborts and cache flushes, then run to the end. Returns the reference tokens
-    of every request (cut at the first eos where the request does not ignore it) and the aborted ids."""
-    capacity = h.sched.pool.capacity
-    expected, aborted, next_id = {}, set(), 0
-    for _ in range(steps):
-        if rng.random() < 0.3:
-            prompt = [rng.randrange(3) for _ in range(rng.randint(1, 10))]
-            max_new = rng.randint(1, min(12, capacity + 1 - len(prompt)))
-            rid = f"r{next_id}"
-            next_id += 1
-            ignore_eos = eos is None or rng.random() < 0.5
-            h.add(rid, prompt, max_new=max_new, ignore_eos=ignore_eos)
-            tokens = reference_tokens(prompt, max_new)
-            if not ignore_eos:
-                tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
-            expected[rid] = tokens
-        if h.sched.requests and rng.random() < 0.05:
-            rid = rng.choice(sorted(h.sched.requests))
-            h.sched.abort(rid)
-            aborted.add(rid)
-        if rng.random() < 0.05:
-            h.sched.flush_cache()
-        h.step()
-    h.run()
-    return expected, aborted
-
-
-def check_random_traffic(h, expected: dict, aborted: set, deep: bool, check_usage: bool = False) -> None:
-    """Finished requests got exactly their reference tokens (aborted ones a prefix), nothing leaked,
-    and a flush frees the whole pool."""
-    for rid, tokens in expected.items():
-        if rid in aborted:
-            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
-        else:
-            assert h.outputs[rid] == tokens
-            if check_usage:
-                assert h.finals[rid].completion_tokens == len(tokens)
-    assert h.sched.check_leak(deep=deep) is None
-    h.sched.flush_cache()
-    assert h.sched.pool.available() == h.sched.pool.capacity
-
-
-# Chunk sizes (-1: off), mixing and page sizes the random traffic tests run under.
-CHUNK_SIZES = st.sampled_from([-1, 1, 3, 8])
-PAGE_SIZES = st.sampled_from([1, 4, 16])
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,44 +7,13 @@ token. Every run is compared with the serial run of the same traffic.
 from __future__ import annotations
 
 import random
-from collections import deque
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.scheduler.request import FinishReason, Request, SampledToken
-from tests.test_scheduler_core import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
-                                      prompts, reference_tokens)
-
-
-class OverlapHarness(Harness):
-    """Keeps up to `depth` plans in flight; updates the oldest only when it cannot plan another."""
-
-    def __init__(self, depth=2, **kwargs):
-        super().__init__(**kwargs)
-        self.depth = depth
-        self.in_flight: deque = deque()
-        self.overlapped = 0  # plans made while another was in flight
-
-    def step(self):
-        plan = self.sched.schedule() if len(self.in_flight) < self.depth else None
-        if plan is not None:
-            self.overlapped += bool(self.in_flight)
-            self.plans.append(plan)
-            self.in_flight.append(plan)
-            return plan, []
-        if not self.in_flight:
-            return None
-        plan = self.in_flight.popleft()
-        outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
-        events = self.sched.update(plan, outputs)
-        for ev in events:
-            assert ev.request_id not in self.finals, f"{ev.request_id} got a token after it finished"
-            self.outputs[ev.request_id] += ev.token_ids
-            if ev.finished:
-                self.finals[ev.request_id] = ev
-        assert self.sched.check_leak(deep=True) is None
-        return plan, events
+from radixserve.scheduler.request import FinishReason, Request
+from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, OverlapHarness, check_random_traffic,
+                                     drive_random_traffic, final_fields, prompts, reference_tokens)
 
 
 def run_both(traffic, **kwargs):
@@ -56,11 +25,6 @@ def run_both(traffic, **kwargs):
         harness.run()
         runs.append(harness)
     return runs
-
-
-def final_fields(harness):
-    return {rid: (ev.finish_reason, ev.matched_stop_token_id, ev.prompt_tokens, ev.completion_tokens,
-                  ev.cached_tokens) for rid, ev in harness.finals.items()}
 
 
 def eos_traffic():

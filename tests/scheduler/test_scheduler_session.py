@@ -1,11 +1,11 @@
 """The scheduler's Session stream: many requests over one gRPC stream, events batched per step."""
 from __future__ import annotations
 
-
 import grpc
 
 from radixserve.v1 import common_pb2, scheduler_pb2
-from tests.test_scheduler_server import KV_SLOTS, gen_request, reference_tokens, run, stack, wait_idle
+from tests.scheduler.harness import reference_tokens
+from tests.scheduler.server_stack import KV_SLOTS, gen_request, run, stack, wait_idle
 
 
 class SessionClient:

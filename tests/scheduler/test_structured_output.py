@@ -24,8 +24,8 @@ from radixserve.gateway.api.native_routes import native_input
 from radixserve.gateway.api.openai_routes import chat_input, completion_input
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
 from radixserve.scheduler.core import Scheduler
-from tests.fake_executor import FakeExecutorServicer, FakeModel, allowed_tokens
-from tests.fake_executor import reference_tokens as fake_reference_tokens
+from tests.fake_executor import (FakeExecutorServicer, FakeModel, allowed_tokens,
+                                 reference_tokens as fake_reference_tokens)
 from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
 from radixserve.scheduler.request import FinishReason, Request, SampledToken
 from radixserve.scheduler.server import start_scheduler

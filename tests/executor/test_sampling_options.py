@@ -5,7 +5,6 @@ import torch
 
 from radixserve.v1 import common_pb2, gateway_pb2
 from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
-from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
 from radixserve.gateway.api.errors import ApiError
 from radixserve.gateway.api.grpc_api import generation_input
@@ -15,16 +14,10 @@ from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionReq
 from radixserve.gateway.pipeline.sampling import build_sampling
 from radixserve.scheduler.convert import plan_to_proto
 from radixserve.scheduler.request import ContinuingRequestPlan, FinishReason, NewRequestPlan, StepPlan
-from tests.test_executor_runner import VOCAB, model_dir, new  # noqa: F401  (model_dir is a fixture)
-from tests.test_scheduler_core import Harness, prompts, reference_tokens
+from tests.executor.tiny_llama import VOCAB, new
+from tests.scheduler.harness import Harness, prompts, reference_tokens
 
 EOS = 2  # the tiny model's generation config has eos_token_id [2, 5]
-
-
-@pytest.fixture()
-def runner(model_dir):  # noqa: F811
-    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                       max_total_tokens=200)
 
 
 def random_logits(rows, vocab=VOCAB, seed=0):
