@@ -29,6 +29,7 @@ from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunne
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.pooling import PoolingConfig
 from radixserve.executor.runner import ModelRunner, load_model
+from tests.configs import runner_config
 from radixserve.gateway import embedding_routes
 from radixserve.gateway.app import install_error_handlers
 from radixserve.gateway.embeddings import GENERATION_SERVER_ONLY
@@ -117,7 +118,7 @@ def test_encoder_matches_transformers(encoder_pair):
 def test_generation_runner_refuses_an_encoder(encoder_pair):
     _, _, folder = encoder_pair
     with pytest.raises(ValueError, match="--is-embedding"):
-        ModelRunner(folder, dtype="float32", device="cpu", max_total_tokens=64)
+        ModelRunner(folder, runner_config(dtype="float32", device="cpu", max_total_tokens=64))
 
 
 @pytest.mark.parametrize("modes", [(m,) for m in Pooling.POOLING_MODES] + [("cls", "mean", "max")])

@@ -11,6 +11,7 @@ from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from radixserve.common.grpc_util import aio_channel
 from radixserve.executor.kv_cache import CPU_MAX_KV_TOKENS, compute_kv_slots
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.sampling import _filter_probs, sample
 from radixserve.common.step_order import StepOrder
 from radixserve.common.step_session import ExecutorSession
@@ -36,8 +37,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def runner(model_dir):
-    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                       max_total_tokens=200)
+    return ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                max_total_tokens=200))
 
 
 def new(rid, ids, slots, **kw):
@@ -180,8 +181,8 @@ def test_seeded_request_through_runner_is_reproducible(runner):
 def test_dummy_weights_are_finite_and_seeded(model_dir, runner):
     out = runner.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
     assert torch.isfinite(out.logits).all() and out.logits.abs().max() > 0
-    again = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                        max_total_tokens=200)
+    again = ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                 max_total_tokens=200))
     torch.testing.assert_close(again.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])])).logits,
                                out.logits)
 
@@ -191,7 +192,7 @@ def test_model_info_and_dtype_auto(model_dir, runner):
     assert info.kv_slots == 201 and info.vocab_size == VOCAB and info.eos_token_ids == [2, 5]
     assert info.dtype == "float32" and info.device == "cpu" and info.context_length == 256
     assert info.architecture == "LlamaForCausalLM" and info.num_parameters > 0
-    auto = ModelRunner(model_dir, load_format="dummy", max_total_tokens=16, context_length=64)
+    auto = ModelRunner(model_dir, runner_config(load_format="dummy", max_total_tokens=16, context_length=64))
     assert auto.model_info().dtype == "bfloat16" and auto.model_info().context_length == 64
     out = auto.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
     assert torch.isfinite(out.logits).all()

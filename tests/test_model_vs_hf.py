@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 
 ATOL = 1e-4
@@ -59,7 +60,8 @@ def models(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(config)
     hf = build_hf_model(config, folder)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    runner = ModelRunner(folder, dtype="float32", device=device, max_total_tokens=1024, attention_backend=backend)
+    runner = ModelRunner(folder, runner_config(dtype="float32", device=device, max_total_tokens=1024,
+                                               attention_backend=backend))
     return hf, runner
 
 

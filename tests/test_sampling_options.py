@@ -6,6 +6,7 @@ import torch
 from radixserve.v1 import common_pb2, gateway_pb2
 from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
 from radixserve.gateway.errors import ApiError
 from radixserve.gateway.grpc_api import generation_input
@@ -23,8 +24,8 @@ EOS = 2  # the tiny model's generation config has eos_token_id [2, 5]
 
 @pytest.fixture()
 def runner(model_dir):  # noqa: F811
-    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                       max_total_tokens=200)
+    return ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                max_total_tokens=200))
 
 
 def random_logits(rows, vocab=VOCAB, seed=0):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
 
@@ -22,7 +23,7 @@ GREEDY_TOKENS = 24
 
 
 def build_runner(model: str, device: str = "cpu") -> ModelRunner:
-    return ModelRunner(model, dtype="float32", device=device, max_total_tokens=1024, random_seed=0)
+    return ModelRunner(model, runner_config(dtype="float32", device=device, max_total_tokens=1024, random_seed=0))
 
 
 def on_cpu(result: dict) -> dict:
