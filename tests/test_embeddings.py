@@ -153,7 +153,7 @@ def test_pooling_config_follows_the_model_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_runner() -> EmbeddingRunner:
-    return EmbeddingRunner(MINILM, device="cpu")
+    return EmbeddingRunner(MINILM, runner_config(device="cpu"))
 
 
 def test_minilm_embeddings_match_sentence_transformers(minilm_runner, minilm_tokens, reference):
