@@ -1,10 +1,12 @@
-"""The configuration of each component, one dataclass per component or concern, composed into ServerArgs
-(services/common/args.py), the flags every service takes.
+"""Each component's configuration, one dataclass per component or concern: what is served (ModelSpec),
+the scheduler, the executor's model runner, parallelism, the gateway, addresses, lifecycle, telemetry
+and security between services.
 
 Each field declares its flag once with option(...): help, choices, aliases and its section of `--help`
-live in the field's metadata, and the parser is generated from them (args.add_server_args). A component
-takes its config object whole: Scheduler(SchedulerConfig, ...), ModelRunner(folder, RunnerConfig, ...);
-ServerArgs is each of them, so a service passes its ServerArgs where one is asked for.
+live in the field's metadata, and the parser is generated from them (args.add_server_args). ServerArgs
+(services/common/args.py), the flags every service takes, inherits every one of these classes, so a
+service hands its ServerArgs to a component that asks for its own config: components take their config
+whole, Scheduler(SchedulerConfig, ...) and ModelRunner(folder, RunnerConfig, ...).
 """
 from __future__ import annotations
 
