@@ -20,6 +20,7 @@ import sys
 import torch
 import transformers
 
+from radixserve.common.config import RunnerConfig
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 
@@ -97,9 +98,9 @@ def main(argv=None) -> int:
     with torch.device("cuda"):
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     init_variance_preserving(hf, a.seed)
-    runner = ModelRunner(a.model_path, dtype=a.dtype, device="cuda", load_format="dummy",
-                         max_total_tokens=a.num_prompts * (a.prompt_len + a.max_new_tokens) + 64,
-                         cuda_graph_max_bs=max(8, a.num_prompts))
+    kv_tokens = a.num_prompts * (a.prompt_len + a.max_new_tokens) + 64
+    runner = ModelRunner(a.model_path, RunnerConfig(dtype=a.dtype, device="cuda", load_format="dummy",
+                                                    max_total_tokens=kv_tokens, cuda_graph_max_bs=max(8, a.num_prompts)))
     runner.model.load_weights((name, t) for name, t in hf.state_dict().items())
     vocab = config.vocab_size
     g = torch.Generator().manual_seed(a.seed)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
 from tests.stack import free_ports
@@ -28,7 +29,7 @@ ATOL = 1e-5  # fp32; the shards' partial sums add up in another order
 
 
 def build_runner(model: str, device: str = "cpu") -> ModelRunner:
-    return ModelRunner(model, dtype="float32", device=device, max_total_tokens=1024, random_seed=0)
+    return ModelRunner(model, runner_config(dtype="float32", device=device, max_total_tokens=1024, random_seed=0))
 
 
 def on_cpu(result: dict) -> dict:

@@ -2,7 +2,7 @@
 
 Each flag of SGLang's `launch_server` (its server-arguments reference) and each everyday flag of
 `vllm serve` is exactly one of:
-- honoured: a ServerArgs field or one of its aliases (services/common/args.py); a switch mapped onto
+- honoured: a ServerArgs field or one of its aliases (services/common/config.py); a switch mapped onto
   fields (MAPPED below: `--enforce-eager` is `--disable-cuda-graph`, ...); or a setting that has one
   value here, accepted with that value and refused with any other (FIXED: `--pp-size 1`);
 - ignored: accepted with a one-line warning that it has no effect here and why, only where ignoring it

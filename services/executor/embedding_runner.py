@@ -23,6 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from radixserve.common.args import ServerArgs
+from radixserve.common.config import RunnerConfig
 from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, forward_context
 from radixserve.executor.attention.no_cache import NoCacheCausalBackend
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
@@ -44,13 +45,13 @@ class EmbedOutput:
 
 
 class EmbeddingRunner:
-    def __init__(self, model_path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
-                 load_format: str = "auto", context_length: int | None = None, random_seed: int | None = None):
-        self.device = resolve_device(device)
+    def __init__(self, model_path: str | os.PathLike, settings: RunnerConfig):
+        """model_path: the model's folder (settings.model_path resolved)."""
+        self.device = resolve_device(settings.device)
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
-        self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
-        self.model = load_model(self.config, self.device, load_format, random_seed)
+        self.config = ModelConfig.load(pathlib.Path(model_path), settings.dtype, settings.context_length)
+        self.model = load_model(self.config, self.device, settings.load_format, settings.random_seed)
         self.is_encoder = isinstance(self.model, BertModel)
         self.pooling = PoolingConfig.from_folder(self.config.path, self.is_encoder)
         limits = [self.config.context_length, self.pooling.max_seq_length]
@@ -65,8 +66,7 @@ class EmbeddingRunner:
         from radixserve.common.model_files import resolve_model_path
         folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
                                     weights=args.load_format != "dummy")
-        return cls(folder, dtype=args.dtype, device=args.device,
-                   load_format=args.load_format, context_length=args.context_length, random_seed=args.random_seed)
+        return cls(folder, args)
 
     def model_info(self) -> ModelInfo:
         cfg = self.config

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.common.args import ServerArgs
+from radixserve.common.config import RunnerConfig
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import ForwardBatch, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
@@ -90,16 +91,14 @@ def load_model(cfg: ModelConfig, device: torch.device, load_format: str, seed: i
 
 
 class ModelRunner:
-    def __init__(self, model_path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
-                 load_format: str = "auto", context_length: int | None = None,
-                 max_total_tokens: int | None = None, mem_fraction_static: float | None = None,
-                 random_seed: int | None = None, attention_backend: str | None = None,
-                 max_running_requests: int | None = None, cuda_graph_max_bs: int = 0, keep_logits: bool = True,
+    def __init__(self, model_path: str | os.PathLike, settings: RunnerConfig, *, keep_logits: bool = True,
                  host_replicas: int = 1, clock: PhaseClock | None = None):
-        """host_replicas: data-parallel replicas on this host (--dp-size); on the CPU they share its cores
-        and memory with this one, as its tensor-parallel shards do. clock: times the start's phases."""
+        """model_path: the model's folder (settings.model_path resolved). host_replicas: data-parallel replicas
+        on this host (--dp-size); on the CPU they share its cores and memory with this one, as its
+        tensor-parallel shards do. clock: times the start's phases."""
+        cuda_graph_max_bs = 0 if settings.disable_cuda_graph else settings.cuda_graph_max_bs
         self.clock = clock = clock or PhaseClock()
-        self.device = resolve_device(device)
+        self.device = resolve_device(settings.device)
         # StepOutput.logits for callers that read them (tests, parity checks); the server does not.
         self.keep_logits = keep_logits
         if self.device.type == "cpu":
@@ -107,10 +106,10 @@ class ModelRunner:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp_local_size() * host_replicas)))
         # Rank 0 samples; the other shards only run the forward passes with it.
         self.samples = tp_rank() == 0
-        self.config = ModelConfig.load(pathlib.Path(model_path), dtype, context_length)
+        self.config = ModelConfig.load(pathlib.Path(model_path), settings.dtype, settings.context_length)
         self.dtype = self.config.dtype
         with clock.phase("load weights"):
-            self.model = self._load_model(load_format, random_seed)
+            self.model = self._load_model(settings.load_format, settings.random_seed)
         # Summed over the shards (a replicated tensor, e.g. a norm, counts once per shard).
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
@@ -120,16 +119,16 @@ class ModelRunner:
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
         sizing_per_token = per_token * (tp_local_size() * host_replicas if self.device.type == "cpu" else 1)
         with clock.phase("KV pool"):
-            self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, max_total_tokens,
-                                                       mem_fraction_static), "min")
+            self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, settings.max_total_tokens,
+                                                       settings.mem_fraction_static), "min")
             self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype,
                                   self.device)
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
-        self.attn_backend = create_attention_backend(attention_backend, self.device, num_kv_heads)
+        self.attn_backend = create_attention_backend(settings.attention_backend, self.device, num_kv_heads)
         self.slot_table = None
         if getattr(self.attn_backend, "needs_slot_table", False):
-            rows = max_running_requests or DEFAULT_SLOT_TABLE_ROWS
+            rows = settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS
             self.slot_table = SlotTable(rows, cfg.context_length, self.device)
         self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
         self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device,
@@ -146,8 +145,8 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
-        if random_seed is not None:
-            self.generator.manual_seed(random_seed)
+        if settings.random_seed is not None:
+            self.generator.manual_seed(settings.random_seed)
         else:
             self.generator.seed()
 
@@ -158,13 +157,7 @@ class ModelRunner:
         with clock.phase("resolve model"):
             folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
                                         weights=args.load_format != "dummy")
-        return cls(folder, dtype=args.dtype, device=args.device,
-                   load_format=args.load_format, context_length=args.context_length,
-                   max_total_tokens=args.max_total_tokens, mem_fraction_static=args.mem_fraction_static,
-                   random_seed=args.random_seed, attention_backend=args.attention_backend,
-                   max_running_requests=args.max_running_requests,
-                   cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-                   keep_logits=False, host_replicas=args.dp_size, clock=clock)
+        return cls(folder, args, keep_logits=False, host_replicas=args.dp_size, clock=clock)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         if issubclass(get_model_class(self.config.architecture), BertModel):

@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 
+from radixserve.common.config import SchedulerConfig
 from radixserve.scheduler.decode import DecodeManager
 from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
@@ -60,23 +61,16 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        pool_size: int,
-        context_length: int,
-        max_running_requests: int,
-        max_prefill_tokens: int = 16384,
-        policy: str = "fcfs",
-        disable_radix_cache: bool = False,
-        eos_token_ids: Iterable[int] = (),
-        init_new_token_ratio: float = 0.7,
-        min_new_token_ratio: float = 0.1,
-        new_token_ratio_decay: float = 0.001,
-        debug: bool = True,
-        chunked_prefill_size: int = -1,
-        enable_mixed_chunk: bool = False,
-        page_size: int = 1,
-    ):
+    def __init__(self, config: SchedulerConfig, pool_size: int, context_length: int, *,
+                 eos_token_ids: Iterable[int] = (), min_new_token_ratio: float = 0.1,
+                 new_token_ratio_decay: float = 0.001, debug: bool = True):
+        """pool_size, context_length: the KV slots and longest sequence, as the executor serving the model
+        has them; config.max_running_requests must be set (the server derives it from the pool if unset)."""
+        policy, page_size, max_prefill_tokens = config.schedule_policy, config.page_size, config.max_prefill_tokens
+        chunked_prefill_size, enable_mixed_chunk = config.chunked_prefill_size, config.enable_mixed_chunk
+        disable_radix_cache, max_running_requests = config.disable_radix_cache, config.max_running_requests
+        # SGLang's --schedule-conservativeness: the assumed share of a request's remaining tokens to reserve.
+        init_new_token_ratio = min(0.7 * config.schedule_conservativeness, 1.0)
         self.kv = KVAccounting(pool_size, page_size, disable_radix_cache, debug)
         self.page_size = page_size
         self.context_length = context_length

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -197,20 +198,8 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
         pool_size = min(pool_size, args.max_total_tokens + args.page_size)
     context_length = min(args.context_length or model.context_length, model.context_length)
     max_running = args.max_running_requests or default_max_running_requests(pool_size - 1)
-    return Scheduler(
-        pool_size=pool_size,
-        context_length=context_length,
-        max_running_requests=max_running,
-        max_prefill_tokens=args.max_prefill_tokens,
-        policy=args.schedule_policy,
-        disable_radix_cache=args.disable_radix_cache,
-        eos_token_ids=model.eos_token_ids,
-        chunked_prefill_size=args.chunked_prefill_size,
-        enable_mixed_chunk=args.enable_mixed_chunk,
-        page_size=args.page_size,
-        # SGLang's --schedule-conservativeness: the assumed share of a request's remaining tokens to reserve.
-        init_new_token_ratio=min(0.7 * args.schedule_conservativeness, 1.0),
-    )
+    config = dataclasses.replace(args, max_running_requests=max_running)
+    return Scheduler(config, pool_size, context_length, eos_token_ids=model.eos_token_ids)
 
 
 @dataclass

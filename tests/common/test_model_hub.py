@@ -409,6 +409,7 @@ def test_model_runner_loads_a_hub_id(tmp_path, hub_env):
 
     from radixserve.common.args import ServerArgs
     from radixserve.executor.runner import ModelRunner
+    from tests.configs import runner_config
     from radixserve.executor.step_io import NewRequest, StepInput
 
     saved = tmp_path / "saved"
@@ -422,7 +423,7 @@ def test_model_runner_loads_a_hub_id(tmp_path, hub_env):
     args = ServerArgs(model_path=REPO, download_dir=str(tmp_path / "hub-cache"), dtype="float32", device="cpu",
                       random_seed=0, max_total_tokens=64, disable_cuda_graph=True)
     from_id = ModelRunner.from_args(args)
-    from_folder = ModelRunner(saved, dtype="float32", device="cpu", random_seed=0, max_total_tokens=64)
+    from_folder = ModelRunner(saved, runner_config(dtype="float32", device="cpu", random_seed=0, max_total_tokens=64))
     assert from_id.config.path.name == MAIN
     ours, reference = from_id.model.state_dict(), from_folder.model.state_dict()
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)

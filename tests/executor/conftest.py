@@ -5,6 +5,7 @@ import pytest
 
 from radixserve.executor.runner import ModelRunner
 from tests.executor.tiny_llama import TINY_CONFIG
+from tests.configs import runner_config
 
 
 @pytest.fixture(scope="module")
@@ -17,5 +18,5 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def runner(model_dir):
-    return ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                       max_total_tokens=200)
+    return ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                max_total_tokens=200))

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 from tests.executor.hf_parity import build_hf_model
 
@@ -41,8 +42,9 @@ def run_steps(runner: ModelRunner, batch: int, steps: int) -> list[torch.Tensor]
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_graphs_equal_eager(folder, batch):
-    eager = ModelRunner(folder, dtype="bfloat16", device="cuda", max_total_tokens=2048)
-    graphs = ModelRunner(folder, dtype="bfloat16", device="cuda", max_total_tokens=2048, cuda_graph_max_bs=8)
+    eager = ModelRunner(folder, runner_config(dtype="bfloat16", device="cuda", max_total_tokens=2048))
+    graphs = ModelRunner(folder, runner_config(dtype="bfloat16", device="cuda", max_total_tokens=2048,
+                                               cuda_graph_max_bs=8))
     assert graphs.cuda_graphs is not None and graphs.cuda_graphs.buckets == [1, 2, 4, 8]
     for a, b in zip(run_steps(eager, batch, 6), run_steps(graphs, batch, 6)):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
@@ -50,7 +52,8 @@ def test_graphs_equal_eager(folder, batch):
 
 def test_greedy_through_graphs_matches_hf(folder):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
-    runner = ModelRunner(folder, dtype="float32", device="cuda", max_total_tokens=2048, cuda_graph_max_bs=4)
+    runner = ModelRunner(folder, runner_config(dtype="float32", device="cuda", max_total_tokens=2048,
+                                               cuda_graph_max_bs=4))
     prompt = list(range(5, 25))
     with torch.no_grad():
         expected = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,

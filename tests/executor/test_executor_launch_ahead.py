@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 from radixserve.v1 import executor_pb2_grpc
 from radixserve.common.grpc_util import aio_channel
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server, step_input_to_pb
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
@@ -38,8 +39,8 @@ def model_dir(tmp_path_factory):
 
 def make_runner(model_dir, backend):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    return ModelRunner(model_dir, dtype="float32", device=device, load_format="dummy", random_seed=0,
-                       max_total_tokens=400, attention_backend=backend)
+    return ModelRunner(model_dir, runner_config(dtype="float32", device=device, load_format="dummy", random_seed=0,
+                                                max_total_tokens=400, attention_backend=backend))
 
 
 def steps():

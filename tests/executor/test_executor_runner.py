@@ -16,6 +16,7 @@ from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
 from tests.executor.tiny_llama import VOCAB, new
+from tests.configs import runner_config
 
 
 # --- step diff semantics -------------------------------------------------------------------------
@@ -153,8 +154,8 @@ def test_seeded_request_through_runner_is_reproducible(runner):
 def test_dummy_weights_are_finite_and_seeded(model_dir, runner):
     out = runner.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
     assert torch.isfinite(out.logits).all() and out.logits.abs().max() > 0
-    again = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                        max_total_tokens=200)
+    again = ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                 max_total_tokens=200))
     torch.testing.assert_close(again.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])])).logits,
                                out.logits)
 
@@ -164,7 +165,7 @@ def test_model_info_and_dtype_auto(model_dir, runner):
     assert info.kv_slots == 201 and info.vocab_size == VOCAB and info.eos_token_ids == [2, 5]
     assert info.dtype == "float32" and info.device == "cpu" and info.context_length == 256
     assert info.architecture == "LlamaForCausalLM" and info.num_parameters > 0
-    auto = ModelRunner(model_dir, load_format="dummy", max_total_tokens=16, context_length=64)
+    auto = ModelRunner(model_dir, runner_config(load_format="dummy", max_total_tokens=16, context_length=64))
     assert auto.model_info().dtype == "bfloat16" and auto.model_info().context_length == 64
     out = auto.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
     assert torch.isfinite(out.logits).all()

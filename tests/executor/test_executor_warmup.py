@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.warmup import Warmup, run_warmup
 from tests.executor.tiny_llama import TINY_CONFIG
@@ -38,8 +39,8 @@ def greedy(runner: ModelRunner, prompt: list[int], steps: int) -> list[int]:
 
 
 def test_warmup_leaves_the_runner_clean(model_dir):
-    runner = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                         max_total_tokens=4096)
+    runner = ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                  max_total_tokens=4096))
     before = greedy(runner, [3, 4, 5, 6, 7], 6)
     report = run_warmup(runner, server_args())  # the CPU plan: one small prefill and its decodes
     assert report.skipped == [] and report.failed == [] and report.steps == 4 and report.tokens == 9
@@ -56,8 +57,8 @@ def test_warmup_leaves_the_runner_clean(model_dir):
 def test_the_gpu_plan_is_made_of_valid_steps(model_dir):
     """Every scenario of the GPU plan (all shape classes, eager decode above the graphs, the largest prefill)
     run through a CPU runner: no step is refused and the runner ends clean."""
-    runner = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                         max_total_tokens=12000)
+    runner = ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                  max_total_tokens=12000))
     warmup = Warmup(runner, kv_slots=runner.kv_slots, vocab_size=TINY_CONFIG["vocab_size"], max_prefill_tokens=16384,
                     chunked_prefill_size=8192, max_running_requests=24, graph_max_bs=16, on_gpu=True)
     names = [name for name, _ in warmup.plan()]
@@ -67,8 +68,8 @@ def test_the_gpu_plan_is_made_of_valid_steps(model_dir):
 
 
 def test_a_small_pool_skips_what_does_not_fit_without_failing(model_dir):
-    runner = ModelRunner(model_dir, dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                         max_total_tokens=25)
+    runner = ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
+                                                  max_total_tokens=25))
     report = Warmup(runner, kv_slots=runner.kv_slots, vocab_size=TINY_CONFIG["vocab_size"], max_prefill_tokens=16384,
                     chunked_prefill_size=8192, max_running_requests=64, graph_max_bs=0, on_gpu=True).run()
     assert report.steps > 0 and report.skipped and report.failed == [] and runner.states == {}
@@ -138,8 +139,8 @@ def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
     build_hf_model(transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
                                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                                             max_position_embeddings=4096), tmp_path)
-    runner = ModelRunner(tmp_path, dtype="bfloat16", device="cuda", max_total_tokens=65536, cuda_graph_max_bs=32,
-                         max_running_requests=64)
+    runner = ModelRunner(tmp_path, runner_config(dtype="bfloat16", device="cuda", max_total_tokens=65536,
+                                                 cuda_graph_max_bs=32, max_running_requests=64))
     report = run_warmup(runner, server_args(max_running_requests=64))
     assert report.failed == [] and report.skipped == []
     rng = random.Random(0)

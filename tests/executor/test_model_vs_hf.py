@@ -16,6 +16,7 @@ from radixserve.executor.runner import ModelRunner  # noqa: E402
 from tests.executor.hf_parity import (CONFIGS, build_hf_model,  # noqa: E402
                                       check_batched_prefill_decode_and_prefix_reuse, check_chunked_prefill,
                                       check_greedy_matches_hf_generate)
+from tests.configs import runner_config
 
 
 @pytest.fixture(scope="module", params=[(c, b) for c in CONFIGS for b in ("torch_native", "triton")],
@@ -25,7 +26,8 @@ def models(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(config)
     hf = build_hf_model(config, folder)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    runner = ModelRunner(folder, dtype="float32", device=device, max_total_tokens=1024, attention_backend=backend)
+    runner = ModelRunner(folder, runner_config(dtype="float32", device=device, max_total_tokens=1024,
+                                               attention_backend=backend))
     return hf, runner
 
 

@@ -13,6 +13,7 @@ import torch
 
 from radixserve.executor.layers.moe import SparseMoeBlock
 from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 from radixserve.executor.step_io import NewRequest, StepInput
 from radixserve.executor.weights import iterate_safetensors
 from tests.executor.hf_parity import (MOE_CONFIGS, VOCAB, build_hf_model, check_batched_prefill_decode_and_prefix_reuse,
@@ -26,8 +27,8 @@ BACKEND = "triton" if CUDA else "torch_native"
 def models(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = build_hf_model(MOE_CONFIGS[request.param](), folder)
-    runner = ModelRunner(folder, dtype="float32", device="cuda" if CUDA else "cpu", max_total_tokens=1024,
-                         attention_backend=BACKEND)
+    runner = ModelRunner(folder, runner_config(dtype="float32", device="cuda" if CUDA else "cpu", max_total_tokens=1024,
+                                               attention_backend=BACKEND))
     return hf, runner
 
 
@@ -52,8 +53,9 @@ def test_sparse_layers_where_hf_has_them(models):
 
 def test_dummy_load_format_runs(models):
     _, runner = models
-    dummy = ModelRunner(runner.config.path, dtype="float32", device=str(runner.device), load_format="dummy",
-                        max_total_tokens=64, attention_backend=BACKEND, random_seed=1)
+    dummy = ModelRunner(runner.config.path, runner_config(dtype="float32", device=str(runner.device),
+                                                          load_format="dummy", max_total_tokens=64,
+                                                          attention_backend=BACKEND, random_seed=1))
     out = dummy.step(StepInput(1, new_requests=[NewRequest("a", prompts(5, 6)[0], list(range(1, 7)))]))
     assert out.logits.shape == (1, VOCAB) and torch.isfinite(out.logits).all()
     assert out.logits.std() > 0

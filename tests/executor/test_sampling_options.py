@@ -231,7 +231,7 @@ def test_plan_to_proto_carries_bitmasks_penalty_prompt_and_discounted_min_tokens
 
 
 def test_retracted_request_is_resent_with_its_whole_sequence():
-    h = Harness(pool_size=48, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    h = Harness(pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     sampling = common_pb2.SamplingParams(repetition_penalty=1.1, min_new_tokens=15)
     for i, prompt in enumerate(prompts(6, length=8, shared=3)):
         h.add(f"r{i}", prompt, max_new=20, ignore_eos=True, sampling=sampling, min_new_tokens=15)

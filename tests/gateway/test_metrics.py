@@ -17,6 +17,7 @@ from radixserve.v1 import executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.scheduler.core import Scheduler
+from tests.configs import scheduler_config
 from tests.fake_executor import FakeExecutorServicer
 from radixserve.scheduler.metrics import SchedulerMetrics
 from radixserve.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
@@ -248,7 +249,7 @@ def test_scheduler_get_metrics_is_empty_without_the_flag():
 
 
 def test_queue_time_is_observed_at_the_first_admission_only():
-    metrics = SchedulerMetrics(Scheduler(pool_size=64, context_length=32, max_running_requests=4), MODEL)
+    metrics = SchedulerMetrics(Scheduler(scheduler_config(max_running_requests=4), pool_size=64, context_length=32), MODEL)
     for rid in ("admitted", "aborted while waiting"):
         metrics.submitted(Request(rid, [1, 2, 3], max_new_tokens=4, arrival_time=time.monotonic() - 0.5))
 

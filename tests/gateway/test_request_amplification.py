@@ -19,6 +19,7 @@ import httpx
 from radixserve.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, gateway_pb2, gateway_pb2_grpc,
                            scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2_grpc)
 from radixserve.scheduler.core import Scheduler
+from tests.configs import scheduler_config
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.runtime import SchedulerRuntime
@@ -246,7 +247,7 @@ def test_aborting_a_request_of_many_queued_sequences_is_one_cheap_batch():
     quadratic: about 14 s for 20,000 and 100 s for 50,000 on a test machine, minutes of a blocked
     scheduler loop for the 102,400 of the 800 x 128 attack."""
     async def main():
-        core = Scheduler(pool_size=4096, context_length=1024, max_running_requests=256)
+        core = Scheduler(scheduler_config(max_running_requests=256), pool_size=4096, context_length=1024)
         runtime = SchedulerRuntime(core, executor=None)
         delivered = []
         for i in range(30_000):

@@ -174,10 +174,11 @@ def write_model(folder, config):
 
 def make_runner(folder, enabled: bool, monkeypatch):
     from radixserve.executor.runner import ModelRunner
+    from tests.configs import runner_config
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if enabled else "0")
     cpu_decode.reset_for_tests()
     try:
-        return ModelRunner(folder, dtype="bfloat16", device="cpu", random_seed=0, max_total_tokens=2000)
+        return ModelRunner(folder, runner_config(dtype="bfloat16", device="cpu", random_seed=0, max_total_tokens=2000))
     finally:
         cpu_decode.reset_for_tests()
 

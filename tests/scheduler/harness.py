@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.request import Request, SampledToken
 from tests.fake_executor import FakeModel, reference_tokens as fake_reference_tokens
+from tests.configs import scheduler_config
 
 VOCAB = 1000
 
@@ -21,9 +22,12 @@ def reference_tokens(prompt: list[int], n: int) -> list[int]:
 
 class Harness:
     def __init__(self, pool_size=512, context_length=1024, max_running_requests=16,
-                 max_prefill_tokens=4096, **kwargs):
-        self.sched = Scheduler(pool_size, context_length, max_running_requests, max_prefill_tokens, **kwargs)
-        self.model = FakeModel(pool_size, VOCAB, page_size=kwargs.get("page_size", 1))
+                 max_prefill_tokens=4096, eos_token_ids=(), min_new_token_ratio=0.1, **config):
+        config = scheduler_config(max_running_requests=max_running_requests, max_prefill_tokens=max_prefill_tokens,
+                                  **config)
+        self.sched = Scheduler(config, pool_size, context_length, eos_token_ids=eos_token_ids,
+                               min_new_token_ratio=min_new_token_ratio)
+        self.model = FakeModel(pool_size, VOCAB, page_size=config.page_size)
         self.plans = []
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}

@@ -200,7 +200,7 @@ def test_next_chunk_is_planned_while_the_previous_runs():
 def test_retraction_takes_the_chunked_request_first():
     # No reservation for future tokens: the mixed decodes of "a" and the chunks of "b" outgrow the pool.
     h = Harness(pool_size=33, chunked_prefill_size=4, enable_mixed_chunk=True,
-                init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+                schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     h.add("a", list(range(1, 11)), max_new=22, ignore_eos=True)
     h.step()
     h.add("b", list(range(30, 50)), max_new=1, ignore_eos=True)
@@ -358,7 +358,7 @@ def test_eviction_and_retraction_with_pages(page_size):
     traffic = [(f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))]
     for harness_cls in (Harness, OverlapHarness):
         h = harness_cls(pool_size=48 + 3 * page_size, page_size=page_size, chunked_prefill_size=5,
-                        init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+                        schedule_conservativeness=0.0, min_new_token_ratio=0.0)
         for rid, prompt, max_new, extra in traffic:
             h.add(rid, prompt, max_new=max_new, **extra)
         h.run()
@@ -406,7 +406,7 @@ def test_greedy_outputs_are_identical_in_every_mode(overlap, page_size, chunk, m
 
 def test_overlapped_chunked_mixed_paged_run_matches_serial():
     kwargs = dict(pool_size=96, page_size=4, chunked_prefill_size=6, enable_mixed_chunk=True,
-                  max_running_requests=4, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+                  max_running_requests=4, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     eos = {reference_tokens([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 9, 8, 21, 21], 8)[2]}
     runs = []
     for harness_cls in (Harness, OverlapHarness):

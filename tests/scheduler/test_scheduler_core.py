@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
 from radixserve.scheduler.request import FinishReason, Request, SampledToken
 from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
+from tests.configs import scheduler_config
                                      prompts, reference_tokens)
 
 
@@ -119,7 +120,7 @@ def unconstrained_outputs(reqs):
 
 def test_retraction_when_decodes_do_not_fit():
     reqs = [(f"r{i}", p, 20) for i, p in enumerate(prompts(6, length=8, shared=3))]
-    h = Harness(pool_size=48, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    h = Harness(pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     for rid, prompt, max_new in reqs:
         h.add(rid, prompt, max_new=max_new, ignore_eos=True)
     h.run()
@@ -139,7 +140,7 @@ def test_retraction_when_decodes_do_not_fit():
 
 
 def test_retracted_request_goes_to_the_front_of_the_queue():
-    h = Harness(pool_size=20, max_running_requests=2, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    h = Harness(pool_size=20, max_running_requests=2, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     h.add("a", [1] * 6, max_new=12, ignore_eos=True)
     h.add("b", [2] * 6, max_new=12, ignore_eos=True)
     h.add("c", [3] * 6, max_new=12, ignore_eos=True)
@@ -213,7 +214,7 @@ def test_lpm_admits_longest_cached_prefix_first():
     shared = [5] * 12
     order = {}
     for policy in ("fcfs", "lpm"):
-        h = Harness(max_running_requests=1, policy=policy)
+        h = Harness(max_running_requests=1, schedule_policy=policy)
         h.add("warm", shared + [1], max_new=1)
         h.run()
         h.add("cold", [9, 9, 9], max_new=1)
@@ -257,7 +258,7 @@ def test_validation_and_duplicates():
         h.add("long", [1] * 15, max_new=6)
     with pytest.raises(ValueError, match="at least one"):
         h.add("empty", [], max_new=1)
-    assert "KV pool" in Scheduler(16, 100, 4).validate(10, 10)
+    assert "KV pool" in Scheduler(scheduler_config(max_running_requests=4), 16, 100).validate(10, 10)
     h.add("a", [1], max_new=2)
     with pytest.raises(DuplicateRequestError):
         h.add("a", [2], max_new=2)
@@ -285,7 +286,7 @@ def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, polic
                                                           mixed, page_size):
     rng = random.Random(seed)
     h = Harness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
-                max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
+                max_prefill_tokens=16, schedule_policy=policy, schedule_conservativeness=rng.choice([0.0, 1.0]),
                 chunked_prefill_size=chunk, enable_mixed_chunk=mixed, page_size=page_size)
     expected, aborted = drive_random_traffic(h, rng, steps=200)
     check_random_traffic(h, expected, aborted, deep=False)

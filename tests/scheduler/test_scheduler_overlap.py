@@ -101,7 +101,7 @@ def test_abort_with_two_steps_in_flight_frees_kv_after_the_last():
 
 def test_retraction_under_a_tiny_pool_matches_unconstrained():
     traffic = [(f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))]
-    serial, overlap = run_both(traffic, pool_size=48, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    serial, overlap = run_both(traffic, pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     assert overlap.sched.num_retractions > 0 and overlap.overlapped > 0
     assert dict(overlap.outputs) == dict(serial.outputs)
     for rid, prompt, max_new, _ in traffic:
@@ -130,7 +130,7 @@ def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, ma
     rng = random.Random(seed)
     eos = {rng.randrange(1000) for _ in range(40)}
     h = OverlapHarness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
-                       max_prefill_tokens=16, policy=policy, init_new_token_ratio=rng.choice([0.0, 0.7]),
+                       max_prefill_tokens=16, schedule_policy=policy, schedule_conservativeness=rng.choice([0.0, 1.0]),
                        eos_token_ids=eos, chunked_prefill_size=chunk, enable_mixed_chunk=mixed,
                        page_size=page_size)
     expected, aborted = drive_random_traffic(h, rng, steps=250, eos=eos)

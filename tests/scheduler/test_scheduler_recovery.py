@@ -13,6 +13,7 @@ from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, schedule
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.scheduler.core import Scheduler
+from tests.configs import scheduler_config
 from tests.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
 from radixserve.scheduler.request import Request, SampledToken
 from radixserve.scheduler.runtime import ExecutorChanged, step_deadline
@@ -23,7 +24,7 @@ KV_SLOTS = 1025
 
 
 def test_core_reset_keeping_waiting_fails_only_admitted_requests():
-    sched = Scheduler(64, 256, max_running_requests=2)
+    sched = Scheduler(scheduler_config(max_running_requests=2), 64, 256)
     model = FakeModel(64, VOCAB)
     for i, rid in enumerate("abcd"):
         sched.add_request(Request(rid, [i + 1, 2, 3], 5))

@@ -24,6 +24,7 @@ from radixserve.gateway.api.native_routes import native_input
 from radixserve.gateway.api.openai_routes import chat_input, completion_input
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
 from radixserve.scheduler.core import Scheduler
+from tests.configs import scheduler_config
 from tests.fake_executor import (FakeExecutorServicer, FakeModel, allowed_tokens,
                                  reference_tokens as fake_reference_tokens)
 from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
@@ -126,9 +127,9 @@ class Harness:
     that no plan samples a constrained request that a plan in flight already samples (its mask
     would miss that plan's token)."""
 
-    def __init__(self, backend: GrammarBackend, pool_size=2048, depth=1, **core_args):
-        self.sched = Scheduler(pool_size, context_length=512, max_running_requests=16,
-                               eos_token_ids=[EOS], **core_args)
+    def __init__(self, backend: GrammarBackend, pool_size=2048, depth=1, min_new_token_ratio=0.1, **core_args):
+        self.sched = Scheduler(scheduler_config(max_running_requests=16, **core_args), pool_size, context_length=512,
+                               eos_token_ids=[EOS], min_new_token_ratio=min_new_token_ratio)
         self.model = FakeModel(pool_size, VOCAB)
         self.backend = backend
         self.depth = depth
@@ -252,7 +253,7 @@ def test_needs_result_while_a_constrained_request_runs(backend):
 
 def test_retracted_requests_resume_their_grammar(backend, tokenizer):
     digits = r"[0-9]{30}"
-    h = Harness(backend, pool_size=96, init_new_token_ratio=0.0, min_new_token_ratio=0.0)
+    h = Harness(backend, pool_size=96, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
     for i in range(5):
         h.add(f"r{i}", [5 + i] * 8, regex=digits)
     h.run()
