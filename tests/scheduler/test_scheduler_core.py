@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
 from radixserve.scheduler.request import FinishReason, Request, SampledToken
-from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
 from tests.configs import scheduler_config
+from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
                                      prompts, reference_tokens)
 
 
