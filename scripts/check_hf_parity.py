@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 
 TOP = 5
 

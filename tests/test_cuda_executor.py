@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from tests.test_model_vs_hf import build_hf_model
 
 pytestmark = pytest.mark.cuda

@@ -17,7 +17,8 @@ from radixserve.common.grpc_util import aio_channel
 from radixserve.executor.runner import ModelRunner
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server, step_input_to_pb
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 
 VOCAB = 96
 CONFIG = {

@@ -15,7 +15,8 @@ from radixserve.executor.sampling import _filter_probs, sample
 from radixserve.common.step_order import StepOrder
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 
 VOCAB = 128
 TINY_CONFIG = {

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.warmup import Warmup, run_warmup
 from tests.test_executor_runner import TINY_CONFIG
 

@@ -24,7 +24,7 @@ def serve_fake(port: int, scheduler: FakeScheduler) -> grpc.Server:
 def request(rid: str, prompt: str, max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
     return scheduler_pb2.SchedulerGenerateRequest(
         request_id=rid, input_ids=encode(prompt),
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True))
 
 
 async def collect(events) -> tuple[str, int]:

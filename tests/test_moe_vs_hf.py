@@ -14,7 +14,7 @@ import transformers
 
 from radixserve.executor.layers.moe import SparseMoeBlock
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import NewRequest, StepInput
+from radixserve.common.step import NewRequest, StepInput
 from radixserve.executor.weights import iterate_safetensors
 from tests.test_model_vs_hf import (VOCAB, build_hf_model, prompts,  # noqa: F401 (the tests run here)
                                     test_batched_prefill_decode_and_prefix_reuse, test_chunked_prefill,

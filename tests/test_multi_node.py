@@ -23,7 +23,8 @@ import pytest
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.step_session import BlockingExecutorSession
 from radixserve.executor.server import step_input_to_pb
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from tests.stack import free_ports, stop_stack
 from tests.test_data_parallel import replicas, routed
 from tests.test_tensor_parallel import children, generate

@@ -6,7 +6,8 @@ import torch
 from radixserve.v1 import common_pb2, gateway_pb2
 from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, StepError, StepInput
 from radixserve.gateway.errors import ApiError
 from radixserve.gateway.grpc_api import generation_input
 from radixserve.gateway.native_routes import native_input

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
 from tests.fake_executor import FakeModel
 from tests.fake_executor import reference_tokens as fake_reference_tokens
-from radixserve.scheduler.request import FinishReason, Request, SampledToken
+from radixserve.common.sampling import StoppingCriteria
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import FinishReason, Request
 
 VOCAB = 1000
 
@@ -28,8 +30,9 @@ class Harness:
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}
 
-    def add(self, rid, prompt, max_new=8, **kwargs):
-        self.sched.add_request(Request(rid, list(prompt), max_new, **kwargs))
+    def add(self, rid, prompt, max_new=8, sampling=None, **stopping):
+        extra = {} if sampling is None else {"sampling": sampling}
+        self.sched.add_request(Request(rid, list(prompt), StoppingCriteria(max_new, **stopping), **extra))
 
     def step(self):
         plan = self.sched.schedule()
@@ -235,7 +238,7 @@ def test_abort_during_step_in_flight():
     plan = h.sched.schedule()
     outputs = [SampledToken(rid, tok) for rid, tok in h.model.step(plan)]
     assert h.sched.abort("a").finish_reason == FinishReason.ABORT
-    h.sched.add_request(Request("a", [7, 7], 2))  # the id is free again at once
+    h.sched.add_request(Request("a", [7, 7], StoppingCriteria(2)))  # the id is free again at once
     events = h.sched.update(plan, outputs)
     assert [e.request_id for e in events] == ["b"]
     assert h.sched.check_leak(deep=True) is None

@@ -12,7 +12,8 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.scheduler.request import FinishReason, Request, SampledToken
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import FinishReason, Request
 from tests.test_scheduler_core import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
                                       prompts, reference_tokens)
 

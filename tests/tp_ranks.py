@@ -16,7 +16,7 @@ import torch.distributed as dist
 from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 
 GREEDY_TOKENS = 24
 

@@ -45,16 +45,8 @@ from typing import Iterable
 
 from radixserve.scheduler.kv_pool import make_kv_pool
 from radixserve.scheduler.radix_cache import make_radix_cache
-from radixserve.scheduler.request import (
-    ContinuingRequestPlan,
-    FinishReason,
-    NewRequestPlan,
-    Request,
-    RequestEvent,
-    Status,
-    SampledToken,
-    StepPlan,
-)
+from radixserve.common.step import ContinuingRequest, NewRequest, SampledToken, StepInput
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent, Status
 
 POLICIES = ("fcfs", "lpm")
 # Cap on one request's future tokens when estimating memory at admission (as SGLang does).
@@ -85,7 +77,7 @@ class SchedulerStats:
 @dataclass
 class _Step:
     """A planned step and the requests whose counters it holds until its update."""
-    plan: StepPlan
+    plan: StepInput
     sampled: list[Request]  # requests it samples a token for
     chunk_req: Request | None = None  # the request it runs a non-sampling prefill chunk of
 
@@ -96,7 +88,7 @@ class _PrefillBuild:
     tokens_left: int  # of the step's token budget
     keep: int  # slots the step's mixed decodes will take: every allocation leaves them
     reserved: int  # slots promised to running requests' future tokens (keep included)
-    new_requests: list[NewRequestPlan] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
     continuing: list[ContinuingRequestPlan] = field(default_factory=list)
     joined: list[Request] = field(default_factory=list)  # finish their prefill: join `running`
     chunk_req: Request | None = None
@@ -184,7 +176,7 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise DuplicateRequestError(req.request_id)
-        error = self.validate(len(req.prompt_ids), req.max_new_tokens)
+        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
         if error:
             raise ValueError(error)
         req.status = Status.WAITING
@@ -251,7 +243,7 @@ class Scheduler:
 
     # ---- planning --------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan | None:
+    def schedule(self) -> StepInput | None:
         """The next step: a prefill batch when a prefill can run, else a decode batch.
 
         With steps in flight, None can also mean: wait for their results first.
@@ -268,9 +260,9 @@ class Scheduler:
         self._inflight.append(step)
         return step.plan
 
-    def _next_plan(self) -> StepPlan:
+    def _next_plan(self) -> StepInput:
         self._step_id += 1
-        return StepPlan(step_id=self._step_id)
+        return StepInput(step_id=self._step_id)
 
     def _reclaimable(self) -> int:
         return self.pool.available() + self.cache.evictable_size()
@@ -320,7 +312,7 @@ class Scheduler:
             return False
         req.slots += new_slots
         last = start + n == len(fill)
-        build.continuing.append(ContinuingRequestPlan(
+        build.continuing.append(ContinuingRequest(
             req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last,
             token_bitmask=self._allowed_tokens(req, last)))
         build.tokens_left -= n
@@ -363,11 +355,12 @@ class Scheduler:
             return False
         self._admit(req, prefix_slots, node, new_slots)
         sample = n == extend
-        build.new_requests.append(NewRequestPlan(
+        build.new_requests.append(NewRequest(
             request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
             prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample,
             token_bitmask=self._allowed_tokens(req, sample),
-            seq_ids=fill, num_output_ids=len(req.output_ids), trace_context=req.trace_context))
+            penalty_prompt_ids=fill if req.sampling.repetition_active else [], stopping=req.stopping,
+            generated_tokens=len(req.output_ids), trace_context=req.trace_context))
         build.tokens_left -= n
         build.reserved += future
         if sample:
@@ -424,13 +417,13 @@ class Scheduler:
             self.cache.evict(short, self.pool.free)
         return self.pool.alloc_decode(batch)
 
-    def _plan_decodes(self, plan: StepPlan, batch: list[Request]) -> None:
+    def _plan_decodes(self, plan: StepInput, batch: list[Request]) -> None:
         slots = self._alloc_decode(batch)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
-            plan.continuing_requests.append(ContinuingRequestPlan(
+            plan.continuing_requests.append(ContinuingRequest(
                 req.request_id, new_slots=[slot], token_bitmask=self._allowed_tokens(req)))
 
     @staticmethod
@@ -464,7 +457,7 @@ class Scheduler:
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""
-        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.max_new_tokens
+        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.stopping.max_new_tokens
                                        or req.seq_len + req.inflight >= self.context_length)
 
     def _decode_fits(self) -> bool:
@@ -506,7 +499,7 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
+    def update(self, plan: StepInput, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
         """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
         if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")
@@ -525,14 +518,15 @@ class Scheduler:
             if out is None:
                 raise RuntimeError(f"executor returned no token for request {rid} in step {plan.step_id}")
             req.output_ids.append(out.token_id)
-            if out.logprob is not None:
-                req.logprobs.append(out.logprob)
+            logprob = out.token_logprob()
+            if logprob is not None:
+                req.logprobs.append(logprob)
             reason, matched = self._finish_reason(req, out.token_id)
             if req.grammar is not None:
                 reason, matched = self._grammar_verdict(req, out.token_id, reason, matched)
             event = self._event(req, reason, matched)
             event.token_ids = [out.token_id]
-            event.logprobs = [out.logprob] if out.logprob is not None else []
+            event.logprobs = [logprob] if logprob is not None else []
             events.append(event)
             if reason is not None:
                 # Cache what a serial run caches: all but the last token. A step in flight may still
@@ -550,12 +544,12 @@ class Scheduler:
 
     def _finish_reason(self, req: Request, token: int) -> tuple[FinishReason | None, int]:
         # As the executor's mask: min_new_tokens tokens come before a stop token (which is in output_ids).
-        stop_allowed = len(req.output_ids) > req.min_new_tokens
-        if stop_allowed and token in self.eos_token_ids and not req.ignore_eos:
+        stop_allowed = len(req.output_ids) > req.stopping.min_new_tokens
+        if stop_allowed and token in self.eos_token_ids and not req.stopping.ignore_eos:
             return FinishReason.STOP, token
-        if stop_allowed and token in req.stop_token_ids:
+        if stop_allowed and token in req.stopping.stop_token_ids:
             return FinishReason.STOP, token
-        if len(req.output_ids) >= req.max_new_tokens or req.seq_len >= self.context_length:
+        if len(req.output_ids) >= req.stopping.max_new_tokens or req.seq_len >= self.context_length:
             return FinishReason.LENGTH, 0
         return None, 0
 
