@@ -391,9 +391,10 @@ def test_gateway_fills_the_constraint_from_each_api():
         (native_input(NativeGenerateRequest(text="x", sampling_params={"regex": CODE_REGEX})), "regex", CODE_REGEX),
     ]
     for inp, field, value in cases:
-        assert inp.sampling.WhichOneof("constraint") == field
+        sent = inp.sampling.to_proto()
+        assert sent.WhichOneof("constraint") == field
         if field is not None:
-            assert getattr(inp.sampling, field) == value
+            assert getattr(sent, field) == value
 
 
 @pytest.mark.parametrize("build, param", [
