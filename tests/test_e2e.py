@@ -173,8 +173,8 @@ def test_direct_grpc_clients(stack):
                 chat=common_pb2.ChatConversation(
                     messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")],
                     add_generation_prompt=True),
-                sampling=common_pb2.SamplingParams(temperature=0), stopping=common_pb2.StoppingCriteria(max_new_tokens=30),
-                skip_special_tokens=True)
+                sampling=common_pb2.SamplingParams(temperature=0),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=30), skip_special_tokens=True)
             pieces = [m async for m in stub.Generate(req)]
             models = await stub.ListModels(gateway_pb2.GatewayListModelsRequest())
             health = await stub.Health(gateway_pb2.GatewayHealthRequest())

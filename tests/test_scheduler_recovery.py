@@ -82,8 +82,9 @@ async def scheduler_over(exec_port: int, **arg_overrides):
 
 
 def gen_request(rid, prompt, max_new):
-    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt, stopping=common_pb2.StoppingCriteria(
-        max_new_tokens=max_new, ignore_eos=True))
+    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
+                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new,
+                                                                                       ignore_eos=True))
 
 
 async def tokens_or_error(stub, request) -> list[int] | grpc.aio.AioRpcError:

@@ -64,7 +64,8 @@ def sampling(**constraint) -> SamplingParams:
     return SamplingParams.from_proto(common_pb2.SamplingParams(**constraint))
 
 
-def generate_request(rid: str, prompt: list[int], ignore_eos=False, **constraint) -> scheduler_pb2.SchedulerGenerateRequest:
+def generate_request(rid: str, prompt: list[int], ignore_eos=False,
+                     **constraint) -> scheduler_pb2.SchedulerGenerateRequest:
     return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
                                                   sampling=common_pb2.SamplingParams(**constraint),
                                                   stopping=common_pb2.StoppingCriteria(max_new_tokens=64,

@@ -65,8 +65,8 @@ class SampledToken:
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:
             return None
-        return common_pb2.TokenLogprob(token_id=self.token_id, logprob=self.logprob,
-                                       top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in self.top_logprobs])
+        top = [common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in self.top_logprobs]
+        return common_pb2.TokenLogprob(token_id=self.token_id, logprob=self.logprob, top=top)
 
 
 @dataclass

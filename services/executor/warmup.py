@@ -29,9 +29,10 @@ log = logging.getLogger("radixserve.executor.warmup")
 _SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05)
 _PENALISED = SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
                             logit_bias={0: -1.0, 1: 2.0}, return_logprob=True, top_logprobs_num=5)
-_HOLDING_STOPS = StoppingCriteria(min_new_tokens=2)
 _SEEDED = SamplingParams(temperature=1.0, seed=1234, return_logprob=True)
-SAMPLING_VARIANTS = (SamplingParams(), _SAMPLED, _PENALISED, _SEEDED)
+# Each with the stop conditions it warms up beside: the penalised one also holds EOS back (min_new_tokens).
+SAMPLING_VARIANTS = ((SamplingParams(), StoppingCriteria()), (_SAMPLED, StoppingCriteria()),
+                     (_PENALISED, StoppingCriteria(min_new_tokens=2)), (_SEEDED, StoppingCriteria()))
 
 
 @dataclasses.dataclass
@@ -168,8 +169,7 @@ class Warmup:
 
     def _sampling_variants(self) -> None:
         slots = _Slots(self.kv_slots)
-        requests = [self._new(slots, 4, sampling, stopping=_HOLDING_STOPS if sampling is _PENALISED else StoppingCriteria())
-                    for sampling in SAMPLING_VARIANTS]
+        requests = [self._new(slots, 4, sampling, stopping=stopping) for sampling, stopping in SAMPLING_VARIANTS]
         requests.append(self._new(slots, 4, _SAMPLED, bitmask=self._bitmask()))
         self._step(new=requests)
         self._decode(slots, requests, self.decode_steps)

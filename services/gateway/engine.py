@@ -265,7 +265,8 @@ class Engine:
         try:
             events = session.start_group([scheduler_pb2.SchedulerGenerateRequest(
                 request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling.to_proto(),
-                stopping=req.stopping.to_proto(), trace_context=telemetry.trace_context) for req, telemetry in zip(reqs, telemetries)])
+                stopping=req.stopping.to_proto(), trace_context=telemetry.trace_context)
+                for req, telemetry in zip(reqs, telemetries)])
         except BaseException as e:
             for _ in reqs:
                 self.router.finished(replica)

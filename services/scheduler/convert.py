@@ -1,4 +1,5 @@
-"""Between the core's requests and events and the radixserve.v1 scheduler messages (its steps: common/step_convert.py)."""
+"""Between the core's requests and events and the radixserve.v1 scheduler messages (its steps: see
+common/step_convert.py)."""
 from __future__ import annotations
 
 from radixserve.v1 import common_pb2, scheduler_pb2

@@ -89,7 +89,7 @@ class _PrefillBuild:
     keep: int  # slots the step's mixed decodes will take: every allocation leaves them
     reserved: int  # slots promised to running requests' future tokens (keep included)
     new_requests: list[NewRequest] = field(default_factory=list)
-    continuing: list[ContinuingRequestPlan] = field(default_factory=list)
+    continuing: list[ContinuingRequest] = field(default_factory=list)
     joined: list[Request] = field(default_factory=list)  # finish their prefill: join `running`
     chunk_req: Request | None = None
 

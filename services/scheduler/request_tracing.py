@@ -91,7 +91,7 @@ class RequestTracer(RuntimeObserver):
             return
         for new in plan.new_requests:
             if (spans := self.live.get(new.request_id)) is not None:
-                spans.admitted(len(new.input_ids), plan.step_id, len(new.prefix_slots), new.num_output_ids)
+                spans.admitted(len(new.input_ids), plan.step_id, len(new.prefix_slots), new.generated_tokens)
         for cont in plan.continuing_requests:
             if cont.input_ids and (spans := self.live.get(cont.request_id)) is not None:
                 spans.chunk(len(cont.input_ids), plan.step_id)
