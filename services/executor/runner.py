@@ -50,6 +50,7 @@ class LaunchedStep:
 
 @dataclass
 class ModelInfo:
+    """What GetModelInfo answers: the fields of ExecutorModelInfo."""
     architecture: str
     model_path: str
     context_length: int

@@ -124,11 +124,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return output_to_proto(out)
 
     async def GetModelInfo(self, request, context):
-        info = self.runner.model_info()
-        return executor_pb2.ExecutorModelInfo(
-            architecture=info.architecture, model_path=info.model_path, context_length=info.context_length,
-            kv_slots=info.kv_slots, vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids,
-            dtype=info.dtype, device=info.device, num_parameters=info.num_parameters)
+        return executor_pb2.ExecutorModelInfo(**dataclasses.asdict(self.runner.model_info()))
 
     async def Reset(self, request, context):
         session = await self.sessions.admit(request.session_id, context)
