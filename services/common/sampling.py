@@ -2,8 +2,8 @@
 defaults, allowed ranges, and the mapping to and from the radixserve.v1 messages.
 
 Proto3 cannot tell "unset" from 0, so a 0 read from a message means the default where 0 is not a
-meaningful value: top_p 0 is 1, top_k -1 is 0 (disabled), repetition_penalty 0 is 1. from_proto applies
-that rule; nothing after it sees a raw proto.
+meaningful value: top_p 0 is 1 and repetition_penalty 0 is 1 (from_proto applies that rule; nothing after
+it sees a raw proto). top_k -1, as SGLang spells "disabled", is 0 wherever it comes from.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Constraint:
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0  # 1: disabled
-    top_k: int = 0  # 0: disabled
+    top_k: int = 0  # 0 (or -1, which becomes 0): disabled
     min_p: float = 0.0
     seed: int | None = None  # None: random
     return_logprob: bool = False
@@ -51,6 +51,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: disabled
     logit_bias: dict[int, float] = field(default_factory=dict)
     constraint: Constraint | None = None
+
+    def __post_init__(self):
+        if self.top_k == -1:
+            self.top_k = 0
 
     @property
     def repetition_active(self) -> bool:
@@ -81,7 +85,7 @@ class SamplingParams:
     def from_proto(cls, msg: common_pb2.SamplingParams) -> SamplingParams:
         kind = msg.WhichOneof("constraint")
         constraint = None if kind is None else Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
-        return cls(temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=0 if msg.top_k == -1 else msg.top_k,
+        return cls(temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k,
                    min_p=msg.min_p, seed=msg.seed if msg.HasField("seed") else None,
                    return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
                    frequency_penalty=msg.frequency_penalty, presence_penalty=msg.presence_penalty,

@@ -86,7 +86,7 @@ def build_sampling(*, temperature: float | None, top_p: float | None, top_k: int
     """
     sampling = SamplingParams(
         temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
-        top_k=0 if top_k is None or top_k == -1 else top_k, min_p=min_p or 0.0,
+        top_k=top_k or 0, min_p=min_p or 0.0,
         seed=None if seed is None else seed & UINT64_MASK, return_logprob=logprobs,
         top_logprobs_num=top_logprobs or 0, frequency_penalty=frequency_penalty or 0.0,
         presence_penalty=presence_penalty or 0.0,
@@ -95,10 +95,10 @@ def build_sampling(*, temperature: float | None, top_p: float | None, top_k: int
     stopping = StoppingCriteria(max_new_tokens=0 if max_tokens is None else max_tokens,
                                 stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos,
                                 min_new_tokens=0 if min_tokens is None else min_tokens)
-    if max_tokens is not None and max_tokens < 1:  # 0 is "not given" only where the field was left out
-        raise bad_request(f"{max_tokens_param} must be between 1 and {MAX_INT32}, got {max_tokens}",
-                          param=max_tokens_param, code="invalid_value")
     checked(sampling, stopping, max_tokens_param, min_tokens_param)
+    if max_tokens == 0:  # stopping's 0 means "not given": a client that gave 0 asked for nothing
+        raise bad_request(f"{max_tokens_param} must be between 1 and {MAX_INT32}, got 0",
+                          param=max_tokens_param, code="invalid_value")
     if not logprobs:
         sampling.top_logprobs_num = 0
     return sampling, stopping
