@@ -805,7 +805,7 @@ def attack_internal(target: Target, report: Report) -> None:
         request_id="attack-step", input_ids=[7] * 8, new_slots=list(range(1, 9)), sample=True)])
     generate = scheduler_pb2.SchedulerGenerateRequest(
         request_id=f"attack-{random.getrandbits(32):08x}", input_ids=[1, 2, 3],
-        sampling=common_pb2.SamplingParams(max_new_tokens=4))
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=4))
     keys = [("none", [], "UNAUTHENTICATED"), ("wrong-token", [(TOKEN_METADATA_KEY, "wrong-token")], "UNAUTHENTICATED")]
     channels = []
     try:

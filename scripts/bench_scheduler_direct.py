@@ -33,8 +33,8 @@ def main() -> None:
                 for rep in range(3):
                     req = scheduler_pb2.SchedulerGenerateRequest(
                         request_id=f"probe-{rep}", input_ids=list(range(100, 228)),
-                        sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=a.output_len,
-                                                           ignore_eos=True))
+                        sampling=common_pb2.SamplingParams(temperature=0),
+                        stopping=common_pb2.StoppingCriteria(max_new_tokens=a.output_len, ignore_eos=True))
                     stamps = [time.perf_counter() for _ in stub.Generate(req)]
                     rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         finally:

@@ -22,7 +22,7 @@ import transformers
 
 from radixserve.common.config import RunnerConfig
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 
 TOP = 5
 

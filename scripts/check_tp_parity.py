@@ -41,11 +41,12 @@ def greedy_runs(flags: list[str], max_new_tokens: int) -> list[list[tuple[int, s
 
 
 def _generate(stub, ids: list[int], max_new_tokens: int) -> list[tuple[int, set[int]]]:
-    sampling = common_pb2.SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True,
-                                         return_logprob=True, top_logprobs_num=TOP)
+    sampling = common_pb2.SamplingParams(temperature=0, return_logprob=True, top_logprobs_num=TOP)
+    stopping = common_pb2.StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True)
     out = []
     for msg in stub.Generate(gateway_pb2.GatewayGenerateRequest(input_ids=common_pb2.TokenIds(ids=ids),
-                                                                sampling=sampling), timeout=300):
+                                                                sampling=sampling, stopping=stopping),
+                                 timeout=300):
         out += [(lp.token_id, {t.token_id for t in lp.top}) for lp in msg.logprobs]
     return out
 

@@ -8,8 +8,8 @@ as outputs that differ from an unconstrained run. It runs steps as the executor 
 may carry a first prefill chunk that does not sample, continuing requests may run explicit
 input_ids (later chunks), and only requests with sample set get an output. With page_size > 1 it
 also checks the page layout of every slot written. A token_bitmask restricts the sample to the
-tokens it allows, picked by the same hash (uniformly, over hashes). Plans may be protobuf messages
-or the core's dataclasses: only attribute names are used.
+tokens it allows, picked by the same hash (uniformly, over hashes). Steps are common/step.py's
+StepInput; the servicer converts the executor's messages to it with common/step_convert.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from radixserve.v1 import executor_pb2, executor_pb2_grpc
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import SampledToken, StepInput, StepOutput
+from radixserve.common.step_convert import output_to_proto, step_from_proto
 from radixserve.common.step_session import StepSessions
 
 _MOD = (1 << 61) - 1
@@ -56,7 +59,7 @@ class _ReqState:
     slots: list[int]
     kv_hash: int  # hash of every token with KV
     last_token: int | None  # sampled by the request's last step; None after a chunk that did not sample
-    sampling: object = None
+    sampling: SamplingParams
 
 
 @dataclass
@@ -73,7 +76,7 @@ class FakeModel:
     def token_for(self, seq_hash: int) -> int:
         return seq_hash % self.vocab_size
 
-    def step(self, plan) -> list[tuple[str, int]]:
+    def step(self, plan: StepInput) -> list[tuple[str, int]]:
         """Run one plan; return (request_id, token_id) per sampling request, new requests first."""
         self.steps.append(plan)
         for rid in plan.finished_request_ids:
@@ -88,7 +91,7 @@ class FakeModel:
             if not new.input_ids:
                 raise FakeExecutorError(f"new request {rid} has no input_ids")
             prefix = list(new.prefix_slots)
-            st = _ReqState(prefix, self._read_prefix(rid, prefix), None, getattr(new, "sampling", None))
+            st = _ReqState(prefix, self._read_prefix(rid, prefix), None, new.sampling)
             live_slots.update(prefix)
             self.reqs[rid] = st
             self._run(rid, st, list(new.input_ids), list(new.new_slots), live_slots, written)
@@ -187,16 +190,12 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         if self.fail_steps or request.step_id in self.fail_step_ids:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fake executor failure")
         try:
-            outputs = self.model.step(request)
+            outputs = self.model.step(step_from_proto(request))
         except FakeExecutorError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        resp = executor_pb2.ExecutorStepResponse(step_id=request.step_id)
-        for rid, token in outputs:
-            out = resp.outputs.add(request_id=rid, token_id=token)
-            sampling = self.model.reqs[rid].sampling
-            if sampling is not None and sampling.return_logprob:
-                out.logprob.CopyFrom(common_pb2.TokenLogprob(token_id=token, logprob=-0.5))
-        return resp
+        return output_to_proto(StepOutput(request.step_id, [
+            SampledToken(rid, token, -0.5 if self.model.reqs[rid].sampling.return_logprob else None)
+            for rid, token in outputs], forward_ms=0.0))
 
     async def Reset(self, request, context):
         session = await self.sessions.admit(request.session_id, context)

@@ -21,7 +21,7 @@ from radixserve.executor.parallel_state import destroy_tensor_parallel, init_ten
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepError, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 from tests.stack import free_ports
 
 GREEDY_TOKENS = 24

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.common.args import add_server_args, args_from_namespace
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput, StepOutput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput, StepOutput
 
 
 @dataclass
@@ -76,9 +76,9 @@ class GrpcTarget:
         from radixserve.v1 import executor_pb2, executor_pb2_grpc
         from radixserve.common import grpc_util
         from radixserve.common.step_session import BlockingExecutorSession, SessionRefused
-        from radixserve.executor.server import step_input_to_pb
+        from radixserve.common.step_convert import output_from_proto, step_to_proto
         self.pb = executor_pb2
-        self.to_pb = step_input_to_pb
+        self.to_pb, self.from_pb = step_to_proto, output_from_proto
         self.channel = grpc_util.channel(addr)
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
         info = self.stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=600)
@@ -101,7 +101,7 @@ class GrpcTarget:
         t0 = time.perf_counter()
         resp = self.stub.Step(msg, timeout=600)
         wall = time.perf_counter() - t0
-        return StepOutput(resp.step_id, [], resp.forward_ms), StepTiming(wall, resp.forward_ms)
+        return self.from_pb(resp), StepTiming(wall, resp.forward_ms)
 
     def reset(self) -> None:
         self.stub.Reset(self.session.stamp(self.pb.ExecutorResetRequest()), timeout=600)

@@ -12,7 +12,7 @@ import torch
 from radixserve.executor.attention.metadata import ExtendSeq, TableMeta
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.slot_table import SlotTable
-from radixserve.executor.step_io import StepError, StepInput
+from radixserve.common.step import StepError, StepInput
 
 
 @dataclass

@@ -30,7 +30,7 @@ from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_de
 from radixserve.executor.models.bert import BertModel
 from radixserve.executor.pooling import PoolingConfig
 from radixserve.executor.runner import ModelInfo, load_model
-from radixserve.executor.step_io import StepError, StepInput
+from radixserve.common.step import StepError, StepInput
 
 
 class EmbedInputError(ValueError):

@@ -14,7 +14,7 @@ drawn from (before temperature, top-k, top-p and min-p); a forbidden token repor
 Retraction: the scheduler drops a retracted request and later re-sends it as a new request whose prompt
 includes the tokens it had generated. Its generated-token counts then restart from zero, so the frequency
 and presence penalties forget the earlier tokens; the repetition penalty still sees them, as prompt tokens.
-(The scheduler lowers min_new_tokens by the tokens already generated when it re-sends a request.)
+(min_new_tokens still counts them: the re-sent request says how many it had generated, generated_tokens.)
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from radixserve.executor.penalty_table import PenaltyTable
-from radixserve.executor.step_io import NewRequest, SamplingParams, StepInput
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import NewRequest, StepInput
 
 if TYPE_CHECKING:
     from radixserve.executor.request_state import RequestState
@@ -40,16 +41,13 @@ class LogitsState:
     bias_ids: list[int]
     bias_values: list[float]
     min_tokens_blocked: list[int]  # ids held back until min_new_tokens tokens were generated
+    min_new_tokens: int = 0
     penalty_row: int = -1  # its PenaltyTable row; -1: no penalties
-    num_generated: int = 0
-
-
-def repetition_active(p: SamplingParams) -> bool:
-    return p.repetition_penalty > 0 and p.repetition_penalty != 1.0
+    num_generated: int = 0  # output tokens so far, those generated before a retraction included
 
 
 def uses_penalties(p: SamplingParams) -> bool:
-    return p.frequency_penalty != 0 or p.presence_penalty != 0 or repetition_active(p)
+    return p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_active
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
@@ -81,7 +79,7 @@ def apply_bitmask_(logits: torch.Tensor, words: torch.Tensor) -> None:
 
 def _acts_this_step(ls: LogitsState | None) -> bool:
     return ls is not None and (ls.penalty_row >= 0 or bool(ls.bias_ids)
-                               or ls.num_generated < ls.sampling.min_new_tokens)
+                               or ls.num_generated < ls.min_new_tokens)
 
 
 class LogitsProcessor:
@@ -97,15 +95,17 @@ class LogitsProcessor:
         p = req.sampling
         in_vocab = range(self.vocab_size)
         bias = {t: b for t, b in p.logit_bias.items() if t in in_vocab and b != 0}
+        stop = req.stopping
         blocked = []
-        if p.min_new_tokens > 0:
-            stops = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
+        if stop.min_new_tokens > req.generated_tokens:
+            stops = [*stop.stop_token_ids, *([] if stop.ignore_eos else self.eos_token_ids)]
             blocked = sorted({t for t in stops if t in in_vocab})
         if not (bias or blocked or uses_penalties(p)):
             return
-        ls = LogitsState(p, list(bias), list(bias.values()), blocked)
+        ls = LogitsState(p, list(bias), list(bias.values()), blocked, stop.min_new_tokens,
+                         num_generated=req.generated_tokens)
         if uses_penalties(p):
-            prompt = (req.penalty_prompt_ids or req.input_ids) if repetition_active(p) else []
+            prompt = (req.penalty_prompt_ids or req.input_ids) if p.repetition_active else []
             ls.penalty_row = self.penalties.assign(prompt)
         state.logits_state = ls
         self.num_active += 1
@@ -167,7 +167,7 @@ class LogitsProcessor:
         params = [picked[j].sampling for j in rows]
         table_rows = torch.tensor([picked[j].penalty_row for j in rows], device=device)
         factors = torch.tensor([[p.frequency_penalty for p in params], [p.presence_penalty for p in params],
-                                [p.repetition_penalty if repetition_active(p) else 1.0 for p in params]],
+                                [p.repetition_penalty if p.repetition_active else 1.0 for p in params]],
                                dtype=sub.dtype, device=device)
         index = torch.tensor(rows, device=device)
         penalised = apply_penalties(sub.index_select(0, index), self.penalties.counts.index_select(0, table_rows),
@@ -184,7 +184,7 @@ class LogitsProcessor:
                 bias_rows += [j] * len(ls.bias_ids)
                 bias_ids += ls.bias_ids
                 bias_values += ls.bias_values
-            if ls.min_tokens_blocked and ls.num_generated < ls.sampling.min_new_tokens:
+            if ls.min_tokens_blocked and ls.num_generated < ls.min_new_tokens:
                 block_rows += [j] * len(ls.min_tokens_blocked)
                 block_ids += ls.min_tokens_blocked
         device = sub.device

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.executor.logits_processors import LogitsState
-from radixserve.executor.step_io import SamplingParams
+from radixserve.common.sampling import SamplingParams
 
 
 @dataclass

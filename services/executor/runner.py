@@ -30,7 +30,7 @@ from radixserve.executor.parallel_state import agree_int, broadcast_from_rank0, 
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.sampling import DeviceSample, sample_on_device
 from radixserve.executor.slot_table import SlotTable
-from radixserve.executor.step_io import RequestOutput, StepInput, StepOutput
+from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -51,6 +51,7 @@ class LaunchedStep:
 
 @dataclass
 class ModelInfo:
+    """What GetModelInfo answers: the fields of ExecutorModelInfo."""
     architecture: str
     model_path: str
     context_length: int
@@ -255,10 +256,10 @@ class ModelRunner:
         """Wait for a launched step on the device and read its sampled tokens."""
         if launched.done is not None:
             launched.done.synchronize()
-        outputs: list[RequestOutput] = []
+        outputs: list[SampledToken] = []
         if launched.sampled is not None:
             result = launched.sampled.result()
-            outputs = [RequestOutput(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+            outputs = [SampledToken(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
                        for i, rid in enumerate(launched.request_ids)]
         return StepOutput(launched.step_id, outputs, (time.perf_counter() - launched.t0) * 1000, launched.logits)
 

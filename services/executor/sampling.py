@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.executor.step_io import SamplingParams
+from radixserve.common.sampling import SamplingParams
 
 MIN_LOGPROB = -9999.0
 

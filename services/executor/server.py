@@ -27,7 +27,7 @@ import os
 import grpc
 import torch
 
-from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.args import ServerArgs, replica_name
 from radixserve.common.grpc_security import install_from_args
 from radixserve.common import tracing
@@ -45,67 +45,10 @@ from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from radixserve.executor.step_tracing import StepTracer
 from radixserve.executor.warmup import run_warmup
 from radixserve.executor.watchdog import StepWatchdog
-from radixserve.executor.step_io import (ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput,
-                                       StepOutput)
+from radixserve.common.step import StepError, StepInput, StepOutput
+from radixserve.common.step_convert import output_to_proto, step_from_proto
 
 log = logging.getLogger("radixserve.executor")
-
-# How long a step waits for the steps before it to arrive before running anyway.
-
-
-def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                          seed=p.seed if p.HasField("seed") else None, return_logprob=p.return_logprob,
-                          top_logprobs_num=p.top_logprobs_num, frequency_penalty=p.frequency_penalty,
-                          presence_penalty=p.presence_penalty, repetition_penalty=p.repetition_penalty or 1.0,
-                          min_new_tokens=p.min_new_tokens, logit_bias=dict(p.logit_bias),
-                          stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
-
-
-def sampling_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                                     seed=p.seed, return_logprob=p.return_logprob,
-                                     top_logprobs_num=p.top_logprobs_num, frequency_penalty=p.frequency_penalty,
-                                     presence_penalty=p.presence_penalty, repetition_penalty=p.repetition_penalty,
-                                     min_new_tokens=p.min_new_tokens, logit_bias=p.logit_bias,
-                                     stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
-
-
-def step_input_to_pb(step: StepInput) -> executor_pb2.ExecutorStepRequest:
-    """The inverse of step_from_pb (for clients that drive an executor directly, e.g. benchmarks)."""
-    msg = executor_pb2.ExecutorStepRequest(step_id=step.step_id, finished_request_ids=step.finished_request_ids)
-    for r in step.new_requests:
-        msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
-                             new_slots=r.new_slots, sampling=sampling_to_pb(r.sampling), sample=r.sample,
-                             token_bitmask=r.token_bitmask, penalty_prompt_ids=r.penalty_prompt_ids)
-    for r in step.continuing_requests:
-        msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
-                                    sample=r.sample, token_bitmask=r.token_bitmask)
-    return msg
-
-
-def step_from_pb(req: executor_pb2.ExecutorStepRequest) -> StepInput:
-    return StepInput(
-        step_id=req.step_id,
-        finished_request_ids=list(req.finished_request_ids),
-        new_requests=[NewRequest(r.request_id, list(r.input_ids), list(r.new_slots), list(r.prefix_slots),
-                                 sampling_from_pb(r.sampling), r.sample, r.token_bitmask,
-                                 list(r.penalty_prompt_ids)) for r in req.new_requests],
-        continuing_requests=[ContinuingRequest(r.request_id, list(r.new_slots), list(r.input_ids), r.sample,
-                                               r.token_bitmask) for r in req.continuing_requests],
-    )
-
-
-def step_to_pb(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
-    resp = executor_pb2.ExecutorStepResponse(step_id=out.step_id, forward_ms=out.forward_ms)
-    for o in out.outputs:
-        item = resp.outputs.add(request_id=o.request_id, token_id=o.token_id)
-        if o.logprob is not None:
-            item.logprob.token_id = o.token_id
-            item.logprob.logprob = o.logprob
-            for tid, lp in o.top_logprobs:
-                item.logprob.top.add(token_id=tid, logprob=lp)
-    return resp
 
 
 def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
@@ -164,7 +107,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     async def Step(self, request, context):
         # Refused before it takes a place in the step order unless it comes from the live session.
         session = await self.sessions.wait_turn(request, context)
-        step = step_from_pb(request)
+        step = step_from_proto(request)
         # The worker launches steps in step order; the collector waits for each on the device. So the
         # next step is launched as soon as it arrives, while this one still runs: the device goes from
         # one step to the next while this one's tokens are read back and answered.
@@ -178,14 +121,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         except Exception as e:
             log.exception("step %d failed", request.step_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"step failed: {e}")
-        return step_to_pb(out)
+        return output_to_proto(out)
 
     async def GetModelInfo(self, request, context):
-        info = self.runner.model_info()
-        return executor_pb2.ExecutorModelInfo(
-            architecture=info.architecture, model_path=info.model_path, context_length=info.context_length,
-            kv_slots=info.kv_slots, vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids,
-            dtype=info.dtype, device=info.device, num_parameters=info.num_parameters)
+        return executor_pb2.ExecutorModelInfo(**dataclasses.asdict(self.runner.model_info()))
 
     async def Reset(self, request, context):
         session = await self.sessions.admit(request.session_id, context)

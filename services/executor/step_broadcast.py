@@ -23,7 +23,8 @@ from typing import Callable
 
 from radixserve.executor.parallel_state import broadcast_control, receive_control
 from radixserve.executor.runner import LaunchedStep
-from radixserve.executor.step_io import SamplingParams, StepError, StepInput, StepOutput
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.step import StepError, StepInput, StepOutput
 
 log = logging.getLogger("radixserve.executor.step_broadcast")
 
@@ -41,8 +42,9 @@ def exit_broken_group(error: BaseException) -> None:
 
 
 def for_other_shards(step: StepInput) -> StepInput:
-    """The step as the shards that do not sample need it: no sampling settings."""
-    new = [dataclasses.replace(req, sampling=SamplingParams(), penalty_prompt_ids=[]) for req in step.new_requests]
+    """The step as the shards that do not sample need it: no sampling or stopping settings."""
+    new = [dataclasses.replace(req, sampling=SamplingParams(), penalty_prompt_ids=[], stopping=StoppingCriteria(),
+                               trace_context=None) for req in step.new_requests]
     return dataclasses.replace(step, new_requests=new)
 
 

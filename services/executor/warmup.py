@@ -21,16 +21,18 @@ import dataclasses
 import logging
 import time
 
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 
 log = logging.getLogger("radixserve.executor.warmup")
 
 _SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05)
 _PENALISED = SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
-                            logit_bias={0: -1.0, 1: 2.0}, return_logprob=True, top_logprobs_num=5,
-                            min_new_tokens=2)
+                            logit_bias={0: -1.0, 1: 2.0}, return_logprob=True, top_logprobs_num=5)
 _SEEDED = SamplingParams(temperature=1.0, seed=1234, return_logprob=True)
-SAMPLING_VARIANTS = (SamplingParams(), _SAMPLED, _PENALISED, _SEEDED)
+# Each with the stop conditions it warms up beside: the penalised one also holds EOS back (min_new_tokens).
+SAMPLING_VARIANTS = ((SamplingParams(), StoppingCriteria()), (_SAMPLED, StoppingCriteria()),
+                     (_PENALISED, StoppingCriteria(min_new_tokens=2)), (_SEEDED, StoppingCriteria()))
 
 
 @dataclasses.dataclass
@@ -141,10 +143,10 @@ class Warmup:
         self.report.tokens += sum(len(r.input_ids) for r in new) + sum(max(1, len(r.input_ids)) for r in continuing)
 
     def _new(self, slots: _Slots, length: int, sampling: SamplingParams = SamplingParams(), sample: bool = True,
-             bitmask: bytes = b"") -> NewRequest:
+             bitmask: bytes = b"", stopping: StoppingCriteria = StoppingCriteria()) -> NewRequest:
         ids = self._tokens(length)
         return NewRequest(self._rid(), ids, slots.take(length), sampling=sampling, sample=sample,
-                          token_bitmask=bitmask, penalty_prompt_ids=ids)
+                          token_bitmask=bitmask, penalty_prompt_ids=ids, stopping=stopping)
 
     def _decode(self, slots: _Slots, requests: list[NewRequest], steps: int) -> None:
         for _ in range(steps):
@@ -167,7 +169,7 @@ class Warmup:
 
     def _sampling_variants(self) -> None:
         slots = _Slots(self.kv_slots)
-        requests = [self._new(slots, 4, sampling) for sampling in SAMPLING_VARIANTS]
+        requests = [self._new(slots, 4, sampling, stopping=stopping) for sampling, stopping in SAMPLING_VARIANTS]
         requests.append(self._new(slots, 4, _SAMPLED, bitmask=self._bitmask()))
         self._step(new=requests)
         self._decode(slots, requests, self.decode_steps)

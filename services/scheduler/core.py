@@ -32,7 +32,8 @@ from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager
 from radixserve.scheduler.radix_cache import DisabledRadixCache, RadixCache
-from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SampledToken, Status, StepPlan
+from radixserve.common.step import SampledToken, StepInput
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent, Status
 
 
 class DuplicateRequestError(KeyError):
@@ -55,7 +56,7 @@ class SchedulerStats:
 @dataclass
 class _Step:
     """A planned step and the requests whose counters it holds until its update."""
-    plan: StepPlan
+    plan: StepInput
     sampled: list[Request]  # requests it samples a token for
     chunk_req: Request | None = None  # the request it runs a non-sampling prefill chunk of
 
@@ -154,7 +155,7 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise DuplicateRequestError(req.request_id)
-        error = self.validate(len(req.prompt_ids), req.max_new_tokens)
+        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
         if error:
             raise ValueError(error)
         req.status = Status.WAITING
@@ -211,7 +212,7 @@ class Scheduler:
 
     # ---- planning --------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan | None:
+    def schedule(self) -> StepInput | None:
         """The next step: a prefill batch when a prefill can run, else a decode batch.
 
         With steps in flight, None can also mean: wait for their results first.
@@ -228,9 +229,9 @@ class Scheduler:
         self._inflight.append(step)
         return step.plan
 
-    def _next_plan(self) -> StepPlan:
+    def _next_plan(self) -> StepInput:
         self._step_id += 1
-        return StepPlan(step_id=self._step_id)
+        return StepInput(step_id=self._step_id)
 
     def _schedule_prefill(self) -> _Step | None:
         if not self.prefill.wants_step(len(self.running)):
@@ -266,7 +267,7 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
+    def update(self, plan: StepInput, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
         """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
         if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")
@@ -285,14 +286,15 @@ class Scheduler:
             if out is None:
                 raise RuntimeError(f"executor returned no token for request {rid} in step {plan.step_id}")
             req.output_ids.append(out.token_id)
-            if out.logprob is not None:
-                req.logprobs.append(out.logprob)
+            logprob = out.token_logprob()
+            if logprob is not None:
+                req.logprobs.append(logprob)
             reason, matched = self._finish_reason(req, out.token_id)
             if req.grammar is not None:
                 reason, matched = self._grammar_verdict(req, out.token_id, reason, matched)
             event = self._event(req, reason, matched)
             event.token_ids = [out.token_id]
-            event.logprobs = [out.logprob] if out.logprob is not None else []
+            event.logprobs = [logprob] if logprob is not None else []
             events.append(event)
             if reason is not None:
                 # Cache what a serial run caches: all but the last token. A step in flight may still
@@ -310,12 +312,12 @@ class Scheduler:
 
     def _finish_reason(self, req: Request, token: int) -> tuple[FinishReason | None, int]:
         # As the executor's mask: min_new_tokens tokens come before a stop token (which is in output_ids).
-        stop_allowed = len(req.output_ids) > req.min_new_tokens
-        if stop_allowed and token in self.eos_token_ids and not req.ignore_eos:
+        stop_allowed = len(req.output_ids) > req.stopping.min_new_tokens
+        if stop_allowed and token in self.eos_token_ids and not req.stopping.ignore_eos:
             return FinishReason.STOP, token
-        if stop_allowed and token in req.stop_token_ids:
+        if stop_allowed and token in req.stopping.stop_token_ids:
             return FinishReason.STOP, token
-        if len(req.output_ids) >= req.max_new_tokens or req.seq_len >= self.context_length:
+        if len(req.output_ids) >= req.stopping.max_new_tokens or req.seq_len >= self.context_length:
             return FinishReason.LENGTH, 0
         return None, 0
 

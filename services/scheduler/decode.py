@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
-from radixserve.scheduler.request import ContinuingRequestPlan, Request, StepPlan
+from radixserve.common.step import ContinuingRequest, StepInput
+from radixserve.scheduler.request import Request
 
 
 class DecodeManager:
@@ -39,13 +40,13 @@ class DecodeManager:
             return []
         return batch
 
-    def plan_decodes(self, plan: StepPlan, batch: list[Request]) -> None:
+    def plan_decodes(self, plan: StepInput, batch: list[Request]) -> None:
         slots = self.kv.alloc_decode(batch)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
-            plan.continuing_requests.append(ContinuingRequestPlan(
+            plan.continuing_requests.append(ContinuingRequest(
                 req.request_id, new_slots=[slot], token_bitmask=allowed_tokens(req)))
 
     def retract_until_decode_fits(self, prefill: PrefillManager) -> list[str]:
@@ -77,5 +78,5 @@ class DecodeManager:
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""
-        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.max_new_tokens
+        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.stopping.max_new_tokens
                                        or req.seq_len + req.inflight >= self.context_length)

@@ -53,7 +53,8 @@ from typing import Any
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
-from radixserve.v1 import common_pb2, executor_pb2
+from radixserve.v1 import executor_pb2
+from radixserve.common.sampling import Constraint, SamplingParams
 from radixserve.common.args import ServerArgs
 from radixserve.scheduler.grammar_worker import (JSON_OBJECT_SCHEMA, WORKER_NICENESS, FrameTooLarge,
                                                  InvalidConstraint, compile_constraint, receive_worker, recv_frame,
@@ -116,20 +117,8 @@ class GrammarLimits:
         return max(1, min(COMPILE_THREADS, (os.cpu_count() or 1) // max(1, self.max_concurrent_compiles)))
 
 
-@dataclass(frozen=True)
-class Constraint:
-    kind: str  # "json_schema" | "regex" | "ebnf" | "json_object"
-    spec: str  # "" for json_object
-
-    @classmethod
-    def of(cls, sampling: common_pb2.SamplingParams) -> Constraint | None:
-        kind = sampling.WhichOneof("constraint")
-        if kind is None:
-            return None
-        return cls(kind, "" if kind == "json_object" else getattr(sampling, kind))
-
-    def key(self) -> ConstraintKey:
-        return self.kind, hashlib.sha256(self.spec.encode()).digest()
+def constraint_key(constraint: Constraint) -> ConstraintKey:
+    return constraint.kind, hashlib.sha256(constraint.spec.encode()).digest()
 
 
 def check_constraint(constraint: Constraint, limits: GrammarLimits) -> None:
@@ -251,9 +240,9 @@ class GrammarBackend:
         check_constraint(constraint, self.limits)
         return compile_constraint(self.compiler, constraint.kind, constraint.spec)
 
-    def matcher_for(self, sampling: common_pb2.SamplingParams) -> RequestGrammar | None:
+    def matcher_for(self, sampling: SamplingParams) -> RequestGrammar | None:
         """A fresh matcher for the request's constraint, or None when it has none (compiled in process)."""
-        constraint = Constraint.of(sampling)
+        constraint = sampling.constraint
         if constraint is None:
             return None
         return RequestGrammar(self.compile(constraint), self.vocab_size)
@@ -268,7 +257,7 @@ class GrammarBackend:
         if self._closed:
             raise CompilerUnavailable(SHUTTING_DOWN)
         check_size(constraint, self.limits)
-        key = constraint.key()
+        key = constraint_key(constraint)
         compiled = self._cache.get(key)
         if compiled is not None:
             return compiled
@@ -689,10 +678,10 @@ def grammar_backend(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> 
 
 
 async def request_grammar(backend: GrammarBackend | None,
-                          sampling: common_pb2.SamplingParams) -> RequestGrammar | None:
+                          sampling: SamplingParams) -> RequestGrammar | None:
     """The request's matcher (None if unconstrained), compiled in a worker process (compile_async):
     the step loop never waits for it. Raises InvalidConstraint, CompileBusy or CompilerUnavailable."""
-    constraint = Constraint.of(sampling)
+    constraint = sampling.constraint
     if constraint is None:
         return None
     if backend is None:

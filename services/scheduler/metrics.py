@@ -11,7 +11,8 @@ from prometheus_client.registry import Collector
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.pipeline.engine import served_model_name
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request, RequestEvent, StepPlan
+from radixserve.common.step import StepInput
+from radixserve.scheduler.request import Request, RequestEvent
 from radixserve.scheduler.runtime import RuntimeObserver, SchedulerRuntime
 
 QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -36,7 +37,7 @@ class SchedulerMetrics(RuntimeObserver):
     def submitted(self, req: Request) -> None:
         self._arrival_times[req.request_id] = req.arrival_time
 
-    def sent(self, plan: StepPlan) -> None:
+    def sent(self, plan: StepInput) -> None:
         now = time.monotonic()
         for new in plan.new_requests:
             # A request re-admitted after a retraction is no longer here: its queue time counts once.
@@ -44,7 +45,7 @@ class SchedulerMetrics(RuntimeObserver):
             if arrival is not None:
                 self.queue_time.observe(now - arrival)
 
-    def completed(self, plan: StepPlan, seconds: float) -> None:
+    def completed(self, plan: StepInput, seconds: float) -> None:
         mode = "prefill" if plan.is_prefill else "decode"
         self.step_latency.labels(self.model_name, mode).observe(seconds)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.radix_cache import TreeNode
-from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, Request, Status
+from radixserve.common.step import ContinuingRequest, NewRequest
+from radixserve.scheduler.request import Request, Status
 
 POLICIES = ("fcfs", "lpm")
 # Cap on one request's future tokens when estimating memory at admission (as SGLang does).
@@ -64,8 +65,8 @@ class PrefillBuild:
     tokens_left: int  # of the step's token budget
     keep: int  # slots the step's mixed decodes will take: every allocation leaves them
     reserved: int  # slots promised to running requests' future tokens (keep included)
-    new_requests: list[NewRequestPlan] = field(default_factory=list)
-    continuing: list[ContinuingRequestPlan] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    continuing: list[ContinuingRequest] = field(default_factory=list)
     joined: list[Request] = field(default_factory=list)  # finish their prefill: join `running`
     chunk_req: Request | None = None
 
@@ -139,7 +140,7 @@ class PrefillManager:
             return False
         req.slots += new_slots
         last = start + n == len(fill)
-        build.continuing.append(ContinuingRequestPlan(
+        build.continuing.append(ContinuingRequest(
             req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last,
             token_bitmask=allowed_tokens(req, last)))
         build.tokens_left -= n
@@ -183,11 +184,12 @@ class PrefillManager:
             return False
         self._admit(req, prefix_slots, node, new_slots)
         sample = n == extend
-        build.new_requests.append(NewRequestPlan(
+        build.new_requests.append(NewRequest(
             request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
             prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample,
             token_bitmask=allowed_tokens(req, sample),
-            seq_ids=fill, num_output_ids=len(req.output_ids), trace_context=req.trace_context))
+            penalty_prompt_ids=fill if req.sampling.repetition_active else [], stopping=req.stopping,
+            generated_tokens=len(req.output_ids), trace_context=req.trace_context))
         build.tokens_left -= n
         build.reserved += future
         if sample:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 from radixserve.common import tracing
-from radixserve.scheduler.request import FinishReason, Request, RequestEvent, StepPlan
+from radixserve.common.step import StepInput
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent
 from radixserve.scheduler.runtime import RuntimeObserver
 
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
@@ -27,7 +28,7 @@ class _RequestSpans:
         self.arrival = time.monotonic()
         self.request = tracer.start_span("scheduler.request", context=parent, attributes={
             "radixserve.request_id": req.request_id, "gen_ai.usage.input_tokens": len(req.prompt_ids),
-            "gen_ai.request.max_tokens": req.max_new_tokens})
+            "gen_ai.request.max_tokens": req.stopping.max_new_tokens})
         self.context = set_span_in_context(self.request)
         self.phase = tracer.start_span("queue", context=self.context)
         self.phase_name = "queue"
@@ -85,12 +86,12 @@ class RequestTracer(RuntimeObserver):
         spans = self.live[req.request_id] = _RequestSpans(req, parent)
         req.trace_context = tracing.span_to_proto(spans.request)
 
-    def sent(self, plan: StepPlan) -> None:
+    def sent(self, plan: StepInput) -> None:
         if not self.live:
             return
         for new in plan.new_requests:
             if (spans := self.live.get(new.request_id)) is not None:
-                spans.admitted(len(new.input_ids), plan.step_id, len(new.prefix_slots), new.num_output_ids)
+                spans.admitted(len(new.input_ids), plan.step_id, len(new.prefix_slots), new.generated_tokens)
         for cont in plan.continuing_requests:
             if cont.input_ids and (spans := self.live.get(cont.request_id)) is not None:
                 spans.chunk(len(cont.input_ids), plan.step_id)

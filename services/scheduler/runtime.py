@@ -24,9 +24,10 @@ import grpc
 from radixserve.v1 import executor_pb2, executor_pb2_grpc, scheduler_pb2
 
 from radixserve.common.step_session import ExecutorSession, SessionRefused
-from radixserve.scheduler.convert import outputs_from_proto, plan_to_proto
+from radixserve.common.step_convert import output_from_proto, step_to_proto
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request, RequestEvent, StepPlan
+from radixserve.common.step import StepInput
+from radixserve.scheduler.request import Request, RequestEvent
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -72,10 +73,10 @@ class RuntimeObserver:
     def submitted(self, req: Request) -> None:
         """req was queued (req.arrival_time is set)."""
 
-    def sent(self, plan: StepPlan) -> None:
+    def sent(self, plan: StepInput) -> None:
         """plan went to the executor."""
 
-    def completed(self, plan: StepPlan, seconds: float) -> None:
+    def completed(self, plan: StepInput, seconds: float) -> None:
         """plan's result came back, seconds after it was sent."""
 
     def dispatched(self, events: list[RequestEvent]) -> None:
@@ -99,7 +100,7 @@ class SchedulerRuntime:
         self.observers: list[RuntimeObserver] = []
         self.wake = asyncio.Event()
         self.steps = 0
-        self.inflight: deque[tuple[StepPlan, grpc.aio.UnaryUnaryCall, float]] = deque()
+        self.inflight: deque[tuple[StepInput, grpc.aio.UnaryUnaryCall, float]] = deque()
         # The executor orders steps from the first one it sees (after a start or Reset), so the
         # first step goes alone: a second one arriving before it would set the wrong base.
         self.executor_synced = False
@@ -173,7 +174,7 @@ class SchedulerRuntime:
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
                     leak_checked = False
-                    msg = plan_to_proto(plan)
+                    msg = step_to_proto(plan)
                     msg.session_id = self.session.id
                     call = self.executor.Step(msg, timeout=self.step_timeout)
                     self.inflight.append((plan, call, time.monotonic()))
@@ -213,7 +214,7 @@ class SchedulerRuntime:
         self.steps += 1
         for observer in self.observers:
             observer.completed(plan, time.monotonic() - sent_at)
-        self._dispatch(self.core.update(plan, outputs_from_proto(resp)))
+        self._dispatch(self.core.update(plan, output_from_proto(resp).outputs))
 
     def _cancel_inflight(self) -> None:
         """Forget the steps in flight; their results, should they come, are ignored."""

@@ -18,6 +18,7 @@ from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.common.lifecycle import SHUTDOWN_GRACE_S, run_service, unless_stopped, wait_until_signalled
 from radixserve.common import tracing
 from radixserve.common.log import setup_logging
+from radixserve.common.sampling import SamplingError
 from radixserve.scheduler.convert import event_to_proto, request_from_proto
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.embed_batcher import EmbedBatcher
@@ -37,7 +38,6 @@ log = logging.getLogger("radixserve.scheduler")
 # sequence; retraction covers the cases where requests grow longer), between 1 and the cap.
 TOKENS_PER_RUNNING_REQUEST = 128
 MAX_RUNNING_REQUESTS_CAP = 256
-MAX_TOP_LOGPROBS = 20
 EXECUTOR_WAIT_LOG_EVERY_S = 10.0
 
 
@@ -63,32 +63,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.model = model
         self.config = config
 
-    def _invalid(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> str | None:
+    def _invalid(self, req: Request) -> str | None:
         vocab = self.model.vocab_size
-        bad = next((t for t in msg.input_ids if not 0 <= t < vocab), None)
+        bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             return f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})"
-        if not 0 <= msg.sampling.top_logprobs_num <= MAX_TOP_LOGPROBS:
-            return f"top_logprobs_num must be in 0..{MAX_TOP_LOGPROBS}"
-        return self.runtime.core.validate(len(msg.input_ids), msg.sampling.max_new_tokens)
+        try:
+            req.sampling.check()
+            req.stopping.check()
+        except SamplingError as e:
+            return str(e)
+        return self.runtime.core.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
 
     async def build(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
         """The core Request for a generate action, or Rejected; the queue limit is not checked here."""
-        error = self._invalid(msg)
+        rid = msg.request_id or uuid.uuid4().hex
+        req = request_from_proto(rid, msg)
+        error = self._invalid(req)
         if error:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, error)
         try:
-            grammar = await request_grammar(self.grammars, msg.sampling)
+            grammar = await request_grammar(self.grammars, req.sampling)
         except InvalidConstraint as e:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except CompileBusy as e:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except CompilerUnavailable as e:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        rid = msg.request_id or uuid.uuid4().hex
         if rid in self.runtime.core.requests:
             raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already running")
-        req = request_from_proto(rid, msg)
         req.grammar = grammar
         return req
 

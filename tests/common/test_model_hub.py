@@ -410,7 +410,7 @@ def test_model_runner_loads_a_hub_id(tmp_path, hub_env):
     from radixserve.common.args import ServerArgs
     from radixserve.executor.runner import ModelRunner
     from tests.configs import runner_config
-    from radixserve.executor.step_io import NewRequest, StepInput
+    from radixserve.common.step import NewRequest, StepInput
 
     saved = tmp_path / "saved"
     saved.mkdir()

@@ -147,7 +147,8 @@ def test_direct_grpc_clients(stack):
                 chat=common_pb2.ChatConversation(
                     messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")],
                     add_generation_prompt=True),
-                sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=30), skip_special_tokens=True)
+                sampling=common_pb2.SamplingParams(temperature=0),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=30), skip_special_tokens=True)
             pieces = [m async for m in stub.Generate(req)]
             models = await stub.ListModels(gateway_pb2.GatewayListModelsRequest())
             health = await stub.Health(gateway_pb2.GatewayHealthRequest())
@@ -162,7 +163,7 @@ def test_direct_grpc_clients(stack):
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         req = scheduler_pb2.SchedulerGenerateRequest(
             request_id="direct-1", input_ids=[1, 504, 3458, 282], sampling=common_pb2.SamplingParams(
-                temperature=0, max_new_tokens=8, ignore_eos=True))
+                temperature=0), stopping=common_pb2.StoppingCriteria(max_new_tokens=8, ignore_eos=True))
         msgs = list(stub.Generate(req, timeout=60))
     tokens = [t for m in msgs for t in m.token_ids]
     assert len(tokens) == 8

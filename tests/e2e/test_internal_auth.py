@@ -57,8 +57,9 @@ async def serve_fake_executor(port: int = 0, executor: FakeExecutorServicer | No
 
 
 def gen_request(rid: str, prompt: list[int], max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
-    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt, sampling=common_pb2.SamplingParams(
-        max_new_tokens=max_new, ignore_eos=True))
+    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
+                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new,
+                                                                                       ignore_eos=True))
 
 
 async def generate(stub, request) -> list[int]:

@@ -22,8 +22,9 @@ import pytest
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.step_session import BlockingExecutorSession
-from radixserve.executor.server import step_input_to_pb
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+from radixserve.common.step_convert import step_to_proto
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from tests.stack import free_ports, stop_stack
 from tests.tiny_stack import children, generate, replicas, routed, service_pids, start_tiny_stack, tiny_model
 
@@ -122,7 +123,7 @@ def step_session(addr: str):
 
 def step(driver, step_input: StepInput, timeout: float = 60) -> executor_pb2.ExecutorStepResponse:
     stub, session = driver
-    return stub.Step(session.stamp(step_input_to_pb(step_input)), timeout=timeout)
+    return stub.Step(session.stamp(step_to_proto(step_input)), timeout=timeout)
 
 
 def decode(addr: str) -> list[tuple]:

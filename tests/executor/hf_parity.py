@@ -13,7 +13,7 @@ import transformers
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 
 ATOL = 1e-4
 VOCAB = 256

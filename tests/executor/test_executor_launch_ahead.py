@@ -17,8 +17,10 @@ from radixserve.common.grpc_util import aio_channel
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
 from radixserve.common.step_session import ExecutorSession
-from radixserve.executor.server import start_server, step_input_to_pb
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.step_convert import step_to_proto
+from radixserve.executor.server import start_server
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 
 VOCAB = 96
 CONFIG = {
@@ -142,7 +144,7 @@ def test_server_launches_an_early_step_before_collecting_the_previous_one(model_
                 session = await ExecutorSession.open(stub)  # Step only from the executor's step session
 
                 def step(i):
-                    msg = step_input_to_pb(steps()[i])
+                    msg = step_to_proto(steps()[i])
                     msg.session_id = session.id
                     return stub.Step(msg)
 

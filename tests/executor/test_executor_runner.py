@@ -14,7 +14,8 @@ from radixserve.executor.sampling import _filter_probs, sample
 from radixserve.common.step_order import StepOrder
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import Constraint, SamplingParams, StoppingCriteria
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 from tests.executor.tiny_llama import VOCAB, new
 from tests.configs import runner_config
 
@@ -292,17 +293,21 @@ def test_seeded_request_gives_the_same_tokens_after_retraction(runner):
 
 
 def test_step_protobuf_round_trip():
-    from radixserve.executor.server import step_from_pb, step_input_to_pb
+    from radixserve.common.step_convert import step_from_proto, step_to_proto
     step = StepInput(7, finished_request_ids=["old"],
                      new_requests=[NewRequest("a", [3, 4], [5, 6], prefix_slots=[1, 2], sample=False,
                                               sampling=SamplingParams(temperature=0.5, top_p=0.75, top_k=4, min_p=0.125,
                                                                       seed=11, return_logprob=True,
                                                                       top_logprobs_num=2, frequency_penalty=0.5,
                                                                       presence_penalty=-0.25, repetition_penalty=1.25,
-                                                                      min_new_tokens=4, logit_bias={3: -100.0, 17: 2.5},
-                                                                      stop_token_ids=[9], ignore_eos=True),
-                                              token_bitmask=b"\x01\x00\x00\x00", penalty_prompt_ids=[7, 3]),
+                                                                      logit_bias={3: -100.0, 17: 2.5},
+                                                                      constraint=Constraint("regex", "[0-9]+")),
+                                              token_bitmask=b"\x01\x00\x00\x00", penalty_prompt_ids=[7, 3],
+                                              stopping=StoppingCriteria(max_new_tokens=8, stop_token_ids=(9,),
+                                                                        ignore_eos=True, min_new_tokens=4),
+                                              generated_tokens=3,
+                                              trace_context=common_pb2.TraceContext(traceparent="00-ab-cd-01")),
                                    NewRequest("b", [9], [8])],
                      continuing_requests=[ContinuingRequest("c", [10], token_bitmask=b"\xff\x00\x00\x00"),
                                           ContinuingRequest("d", [12, 13], [1, 2])])
-    assert step_from_pb(step_input_to_pb(step)) == step
+    assert step_from_proto(step_to_proto(step)) == step

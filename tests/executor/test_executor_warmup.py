@@ -11,7 +11,7 @@ import transformers
 
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
-from radixserve.executor.step_io import ContinuingRequest, NewRequest, StepInput
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.warmup import Warmup, run_warmup
 from tests.executor.tiny_llama import TINY_CONFIG
 

@@ -12,7 +12,7 @@ from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.grpc_util import aio_channel
 from radixserve.common.step_session import ExecutorSession
 from radixserve.executor.server import start_server, torch_worker
-from radixserve.executor.step_io import StepOutput
+from radixserve.common.step import StepOutput
 from radixserve.executor.watchdog import WATCHDOG_EXIT_CODE, StepWatchdog
 
 

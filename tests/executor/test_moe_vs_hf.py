@@ -14,7 +14,7 @@ import torch
 from radixserve.executor.layers.moe import SparseMoeBlock
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
-from radixserve.executor.step_io import NewRequest, StepInput
+from radixserve.common.step import NewRequest, StepInput
 from radixserve.executor.weights import iterate_safetensors
 from tests.executor.hf_parity import (MOE_CONFIGS, VOCAB, build_hf_model, check_batched_prefill_decode_and_prefix_reuse,
                                       check_chunked_prefill, check_greedy_matches_hf_generate, prompts)

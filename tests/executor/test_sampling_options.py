@@ -5,15 +5,16 @@ import torch
 
 from radixserve.v1 import common_pb2, gateway_pb2
 from radixserve.executor.logits_processors import apply_bitmask_, apply_penalties, bitmask_words
-from radixserve.executor.step_io import ContinuingRequest, SamplingParams, StepError, StepInput
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
+from radixserve.common.step_convert import step_from_proto, step_to_proto
 from radixserve.gateway.api.errors import ApiError
 from radixserve.gateway.api.grpc_api import generation_input
 from radixserve.gateway.api.native_routes import native_input
 from radixserve.gateway.api.openai_routes import chat_input, completion_input
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
 from radixserve.gateway.pipeline.sampling import build_sampling
-from radixserve.scheduler.convert import plan_to_proto
-from radixserve.scheduler.request import ContinuingRequestPlan, FinishReason, NewRequestPlan, StepPlan
+from radixserve.scheduler.request import FinishReason
 from tests.executor.tiny_llama import VOCAB, new
 from tests.scheduler.harness import Harness, prompts, reference_tokens
 
@@ -117,13 +118,25 @@ def test_logit_bias_forces_and_forbids_tokens(runner):
 
 
 def test_min_new_tokens_holds_back_eos_and_stop_ids(runner):
-    forced_eos = SamplingParams(logit_bias={EOS: 100.0}, min_new_tokens=3)
-    tokens = generate(runner, forced_eos, [3, 4, 5], 5)
+    forced_eos = SamplingParams(logit_bias={EOS: 100.0})
+    tokens = generate(runner, forced_eos, [3, 4, 5], 5, stopping=StoppingCriteria(min_new_tokens=3))
     assert EOS not in tokens[:3] and 5 not in tokens[:3] and tokens[3:] == [EOS, EOS]
     runner.reset()
     # With ignore_eos only the stop ids are held back; EOS may come any time.
-    stop = SamplingParams(logit_bias={EOS: 50.0, 7: 100.0}, min_new_tokens=2, stop_token_ids=[7], ignore_eos=True)
-    assert generate(runner, stop, [3, 4, 5], 4) == [EOS, EOS, 7, 7]
+    stop = SamplingParams(logit_bias={EOS: 50.0, 7: 100.0})
+    assert generate(runner, stop, [3, 4, 5], 4, stopping=StoppingCriteria(min_new_tokens=2, stop_token_ids=(7,),
+                                                                           ignore_eos=True)) == [EOS, EOS, 7, 7]
+
+
+def test_min_new_tokens_counts_tokens_generated_before_a_retraction(runner):
+    forced_eos = SamplingParams(logit_bias={EOS: 100.0})
+    # Re-sent after a retraction with 2 of its 3 held-back tokens already generated: one more is held back.
+    tokens = generate(runner, forced_eos, [3, 4, 5, 9, 9], 3, stopping=StoppingCriteria(min_new_tokens=3),
+                      generated_tokens=2)
+    assert tokens[0] not in (EOS, 5) and tokens[1:] == [EOS, EOS]
+    runner.reset()
+    assert generate(runner, forced_eos, [3, 4, 5, 9, 9, 9], 2, stopping=StoppingCriteria(min_new_tokens=3),
+                    generated_tokens=3) == [EOS, EOS]
 
 
 def test_bitmask_forces_the_one_allowed_token(runner):
@@ -165,15 +178,17 @@ def test_penalties_through_the_runner_see_cached_prompt_and_generated_tokens(run
 
 def test_plain_rows_are_bit_identical_next_to_rows_with_options(runner):
     options = [SamplingParams(frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={3: 5.0}),
-               SamplingParams(temperature=1.0, seed=5, min_new_tokens=2, logit_bias={EOS: 10.0})]
+               SamplingParams(temperature=1.0, seed=5, logit_bias={EOS: 10.0})]
+    holding_stops = [StoppingCriteria()] * 3 + [StoppingCriteria(min_new_tokens=2)]
     plain = [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=3)]
 
     def run(with_options: bool):
         runner.reset()
         params = plain + (options if with_options else [SamplingParams(), SamplingParams(temperature=1.0, seed=5)])
         masks = [b"", b"", b"", bitmask(range(0, VOCAB, 2))] if with_options else [b""] * 4
-        reqs = [new(f"r{i}", [3 + i, 4, 5], [1 + 3 * i, 2 + 3 * i, 3 + 3 * i], sampling=p, token_bitmask=m)
-                for i, (p, m) in enumerate(zip(params, masks))]
+        stops = holding_stops if with_options else [StoppingCriteria()] * 4
+        reqs = [new(f"r{i}", [3 + i, 4, 5], [1 + 3 * i, 2 + 3 * i, 3 + 3 * i], sampling=p, token_bitmask=m,
+                    stopping=stop) for i, (p, m, stop) in enumerate(zip(params, masks, stops))]
         outs = [runner.step(StepInput(1, new_requests=reqs))]
         for step in range(4):
             outs.append(runner.step(StepInput(2 + step, continuing_requests=[
@@ -206,44 +221,46 @@ def test_forbidden_tokens_report_a_finite_logprob(runner):
 
 
 def test_unset_repetition_penalty_in_the_proto_means_off():
-    from radixserve.executor.server import step_from_pb, step_input_to_pb
-    msg = step_input_to_pb(StepInput(1, new_requests=[new("a", [3], [1])]))
+    msg = step_to_proto(StepInput(1, new_requests=[new("a", [3], [1])]))
     msg.new_requests[0].sampling.repetition_penalty = 0.0  # proto3 default
-    assert step_from_pb(msg).new_requests[0].sampling.repetition_penalty == 1.0
+    assert step_from_proto(msg).new_requests[0].sampling.repetition_penalty == 1.0
 
 
 # --- scheduler ----------------------------------------------------------------------------------
 
-def test_plan_to_proto_carries_bitmasks_penalty_prompt_and_discounted_min_tokens():
-    repetition = common_pb2.SamplingParams(repetition_penalty=1.3, min_new_tokens=5)
-    plan = StepPlan(3, new_requests=[
-        NewRequestPlan("a", [4, 5], [1, 2, 3], [7, 8], sampling=repetition, token_bitmask=bitmask([1]),
-                       seq_ids=[1, 2, 3, 4, 5], num_output_ids=2),
-        NewRequestPlan("b", [6], [], [9], sampling=common_pb2.SamplingParams(min_new_tokens=5), seq_ids=[6])],
-        continuing_requests=[ContinuingRequestPlan("c", [10], token_bitmask=bitmask([2]))])
-    msg = plan_to_proto(plan)
+def test_step_to_proto_carries_bitmasks_penalty_prompt_and_tokens_generated_before():
+    repetition = SamplingParams(repetition_penalty=1.3)
+    stopping = StoppingCriteria(max_new_tokens=9, min_new_tokens=5)
+    plan = StepInput(3, new_requests=[
+        NewRequest("a", [4, 5], [7, 8], [1, 2, 3], sampling=repetition, token_bitmask=bitmask([1]),
+                   penalty_prompt_ids=[1, 2, 3, 4, 5], stopping=stopping, generated_tokens=2),
+        NewRequest("b", [6], [9], stopping=stopping)],
+        continuing_requests=[ContinuingRequest("c", [10], token_bitmask=bitmask([2]))])
+    msg = step_to_proto(plan)
     a, b = msg.new_requests
     assert list(a.penalty_prompt_ids) == [1, 2, 3, 4, 5] and a.token_bitmask == bitmask([1])
-    assert a.sampling.min_new_tokens == 3 and a.sampling.repetition_penalty == pytest.approx(1.3)
-    assert repetition.min_new_tokens == 5  # the request's own params are not modified
-    assert list(b.penalty_prompt_ids) == [] and b.sampling.min_new_tokens == 5 and b.token_bitmask == b""
+    assert a.stopping.min_new_tokens == 5 and a.generated_tokens == 2
+    assert a.sampling.repetition_penalty == pytest.approx(1.3)
+    assert list(b.penalty_prompt_ids) == [] and b.stopping.min_new_tokens == 5 and b.generated_tokens == 0
+    assert b.token_bitmask == b""
     assert msg.continuing_requests[0].token_bitmask == bitmask([2])
 
 
 def test_retracted_request_is_resent_with_its_whole_sequence():
     h = Harness(pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
-    sampling = common_pb2.SamplingParams(repetition_penalty=1.1, min_new_tokens=15)
+    sampling = SamplingParams(repetition_penalty=1.1)
     for i, prompt in enumerate(prompts(6, length=8, shared=3)):
         h.add(f"r{i}", prompt, max_new=20, ignore_eos=True, sampling=sampling, min_new_tokens=15)
     h.run()
-    readmitted = [(p, n) for p in h.plans for n in p.new_requests if n.num_output_ids]
+    readmitted = [(p, n) for p in h.plans for n in p.new_requests if n.generated_tokens]
     assert h.sched.num_retractions > 0 and readmitted
     for plan, n in readmitted:
         prompt = prompts(6, length=8, shared=3)[int(n.request_id[1:])]
-        assert n.seq_ids == prompt + h.outputs[n.request_id][:n.num_output_ids]
-        sent = next(r for r in plan_to_proto(plan).new_requests if r.request_id == n.request_id)
-        assert list(sent.penalty_prompt_ids) == n.seq_ids
-        assert sent.sampling.min_new_tokens == max(0, 15 - n.num_output_ids)
+        assert n.penalty_prompt_ids == prompt + h.outputs[n.request_id][:n.generated_tokens]
+        sent = next(r for r in step_to_proto(plan).new_requests if r.request_id == n.request_id)
+        assert list(sent.penalty_prompt_ids) == n.penalty_prompt_ids
+        # The request's own stop conditions go out unchanged, with the count the executor discounts.
+        assert sent.stopping.min_new_tokens == 15 and sent.generated_tokens == n.generated_tokens
 
 
 def test_scheduler_does_not_stop_before_min_new_tokens():
@@ -287,17 +304,22 @@ def test_build_sampling_rejects_bad_options(options, param):
 def test_options_reach_the_sampling_params_from_every_api():
     body = {"frequency_penalty": 0.5, "presence_penalty": -1.0, "repetition_penalty": 1.1,
             "logit_bias": {"12": -100, "7": 3.5}, "min_tokens": 4, "max_tokens": 10}
-    chat = chat_input(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **body)).sampling
-    text = completion_input(CompletionRequest(prompt="hi", **body)).sampling
-    for s in (chat, text):
-        assert (s.frequency_penalty, s.presence_penalty, s.min_new_tokens) == (0.5, -1.0, 4)
+    chat = chat_input(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **body))
+    text = completion_input(CompletionRequest(prompt="hi", **body))
+    for s, stop in ((chat.sampling, chat.stopping), (text.sampling, text.stopping)):
+        assert (s.frequency_penalty, s.presence_penalty, stop.min_new_tokens) == (0.5, -1.0, 4)
         assert s.repetition_penalty == pytest.approx(1.1) and dict(s.logit_bias) == {12: -100.0, 7: 3.5}
     native = native_input(NativeGenerateRequest(text="hi", sampling_params={
-        "frequency_penalty": 0.25, "repetition_penalty": 1.5, "min_new_tokens": 3})).sampling
-    assert (native.frequency_penalty, native.repetition_penalty, native.min_new_tokens) == (0.25, 1.5, 3)
-    defaults = completion_input(CompletionRequest(prompt="hi")).sampling
-    assert (defaults.frequency_penalty, defaults.repetition_penalty, defaults.min_new_tokens) == (0, 1, 0)
-    grpc_sampling = common_pb2.SamplingParams(presence_penalty=1.5, min_new_tokens=2, logit_bias={4: 9.0})
-    via_grpc = generation_input(None, gateway_pb2.GatewayGenerateRequest(text="hi", sampling=grpc_sampling)).sampling
-    assert (via_grpc.presence_penalty, via_grpc.min_new_tokens, dict(via_grpc.logit_bias)) == (1.5, 2, {4: 9.0})
+        "frequency_penalty": 0.25, "repetition_penalty": 1.5, "min_new_tokens": 3}))
+    assert (native.sampling.frequency_penalty, native.sampling.repetition_penalty,
+            native.stopping.min_new_tokens) == (0.25, 1.5, 3)
+    defaults = completion_input(CompletionRequest(prompt="hi"))
+    assert (defaults.sampling.frequency_penalty, defaults.sampling.repetition_penalty,
+            defaults.stopping.min_new_tokens) == (0, 1, 0)
+    grpc_sampling = common_pb2.SamplingParams(presence_penalty=1.5, logit_bias={4: 9.0})
+    grpc_input = generation_input(None, gateway_pb2.GatewayGenerateRequest(
+        text="hi", sampling=grpc_sampling, stopping=common_pb2.StoppingCriteria(min_new_tokens=2)))
+    via_grpc = grpc_input.sampling
+    assert (via_grpc.presence_penalty, grpc_input.stopping.min_new_tokens, dict(via_grpc.logit_bias)) == \
+        (1.5, 2, {4: 9.0})
     assert via_grpc.repetition_penalty == 1.0

@@ -1,5 +1,6 @@
 """A tiny Llama (a config.json alone: ModelRunner loads it with dummy weights) for the executor tests."""
-from radixserve.executor.step_io import NewRequest, SamplingParams
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import NewRequest
 
 VOCAB = 128
 TINY_CONFIG = {

@@ -91,10 +91,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return min(best, len(ids) - 1)
 
     def Generate(self, request, context):
-        rid, ids, sp = request.request_id, list(request.input_ids), request.sampling
+        rid, ids, sp, stop = request.request_id, list(request.input_ids), request.sampling, request.stopping
         if POISON in "".join(map(chr, ids)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the fake scheduler rejects this prompt")
-        if len(ids) + sp.max_new_tokens > CONTEXT_LENGTH:
+        if len(ids) + stop.max_new_tokens > CONTEXT_LENGTH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
         finished = threading.Event()
 
@@ -118,9 +118,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             produced += 1
             pending.append(token)
             reason, matched = common_pb2.FINISH_REASON_UNSPECIFIED, 0
-            if (token == EOS_ID and not sp.ignore_eos) or token in sp.stop_token_ids:
+            if (token == EOS_ID and not stop.ignore_eos) or token in stop.stop_token_ids:
                 reason, matched = common_pb2.FINISH_REASON_STOP, token
-            elif produced >= sp.max_new_tokens:
+            elif produced >= stop.max_new_tokens:
                 reason = common_pb2.FINISH_REASON_LENGTH
             if len(pending) < 2 and reason == common_pb2.FINISH_REASON_UNSPECIFIED:
                 continue

@@ -256,7 +256,7 @@ def test_client_disconnect_mid_stream_cancels_the_scheduler_call(gw, backends):
         async def cancel_grpc_stream():
             async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:
                 call = gateway_pb2_grpc.GatewayStub(channel).Generate(gateway_pb2.GatewayGenerateRequest(
-                    text="x", request_id="grpc-cancelled", sampling=common_pb2.SamplingParams(max_new_tokens=200)))
+                    text="x", request_id="grpc-cancelled", stopping=common_pb2.StoppingCriteria(max_new_tokens=200)))
                 await call.read()
                 await call.read()
                 call.cancel()
@@ -321,17 +321,18 @@ def test_grpc_gateway_api(gw, backends):
             chat = common_pb2.ChatConversation(messages=[common_pb2.ChatMessage(role="user", content="Hi")],
                                                add_generation_prompt=True)
             pieces = [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(
-                chat=chat, sampling=common_pb2.SamplingParams(temperature=0, max_new_tokens=60),
+                chat=chat, sampling=common_pb2.SamplingParams(temperature=0),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=60),
                 stop=["lazy"], skip_special_tokens=True, request_id="grpc-1"))]
             ids_only = [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(
-                input_ids=common_pb2.TokenIds(ids=[1, 2, 3]), sampling=common_pb2.SamplingParams(max_new_tokens=4)))]
+                input_ids=common_pb2.TokenIds(ids=[1, 2, 3]), stopping=common_pb2.StoppingCriteria(max_new_tokens=4)))]
             models = await stub.ListModels(gateway_pb2.GatewayListModelsRequest())
             health = await stub.Health(gateway_pb2.GatewayHealthRequest())
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(model="other", text="x"))]
             with pytest.raises(grpc.aio.AioRpcError) as too_long:
                 [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(
-                    text="x", sampling=common_pb2.SamplingParams(max_new_tokens=10 ** 6)))]
+                    text="x", stopping=common_pb2.StoppingCriteria(max_new_tokens=10 ** 6)))]
             return pieces, ids_only, models, health, missing.value.code(), too_long.value.code()
 
     pieces, ids_only, models, health, missing, too_long = asyncio.run(calls())

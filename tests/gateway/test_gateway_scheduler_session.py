@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.gateway.pipeline.scheduler_session import RequestFailed, SchedulerSession
 from tests.stack import free_ports
 from tests.gateway.fakes import FAIL_MARKER, OUTPUT_TEXT, POISON, FakeScheduler, encode
@@ -24,7 +25,7 @@ def serve_fake(port: int, scheduler: FakeScheduler) -> grpc.Server:
 def request(rid: str, prompt: str, max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
     return scheduler_pb2.SchedulerGenerateRequest(
         request_id=rid, input_ids=encode(prompt),
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True))
 
 
 async def collect(events) -> tuple[str, int]:
@@ -135,8 +136,8 @@ def test_an_id_already_open_is_a_400_not_a_server_error():
                                detokenizer_addr=fakes.detokenizer_addr))
 
     def prepared() -> PreparedRequest:
-        return PreparedRequest("same-id", encode("hi"), common_pb2.SamplingParams(max_new_tokens=50, ignore_eos=True),
-                               stop=[], skip_special_tokens=True)
+        return PreparedRequest("same-id", encode("hi"), SamplingParams(),
+                               StoppingCriteria(max_new_tokens=50, ignore_eos=True), stop=[], skip_special_tokens=True)
 
     async def main():
         first = engine.stream(prepared())

@@ -20,7 +20,9 @@ from radixserve.scheduler.core import Scheduler
 from tests.configs import scheduler_config
 from tests.fake_executor import FakeExecutorServicer
 from radixserve.scheduler.metrics import SchedulerMetrics
-from radixserve.scheduler.request import FinishReason, NewRequestPlan, Request, RequestEvent, StepPlan
+from radixserve.common.sampling import StoppingCriteria
+from radixserve.common.step import NewRequest, StepInput
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent
 from radixserve.scheduler.server import start_scheduler
 from tests.gateway.fakes import FAIL_MARKER, POISON, FakeBackends, gateway_client
 
@@ -251,10 +253,10 @@ def test_scheduler_get_metrics_is_empty_without_the_flag():
 def test_queue_time_is_observed_at_the_first_admission_only():
     metrics = SchedulerMetrics(Scheduler(scheduler_config(max_running_requests=4), pool_size=64, context_length=32), MODEL)
     for rid in ("admitted", "aborted while waiting"):
-        metrics.submitted(Request(rid, [1, 2, 3], max_new_tokens=4, arrival_time=time.monotonic() - 0.5))
+        metrics.submitted(Request(rid, [1, 2, 3], StoppingCriteria(4), arrival_time=time.monotonic() - 0.5))
 
-    def admit(rid: str) -> StepPlan:
-        return StepPlan(step_id=1, new_requests=[NewRequestPlan(rid, [1, 2, 3], [], [1, 2, 3])])
+    def admit(rid: str) -> StepInput:
+        return StepInput(step_id=1, new_requests=[NewRequest(rid, [1, 2, 3], [1, 2, 3])])
 
     metrics.sent(admit("admitted"))
     metrics.sent(admit("admitted"))  # re-admitted after a retraction

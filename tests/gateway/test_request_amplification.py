@@ -21,6 +21,7 @@ from radixserve.v1 import (common_pb2, executor_pb2, executor_pb2_grpc, gateway_
 from radixserve.scheduler.core import Scheduler
 from tests.configs import scheduler_config
 from radixserve.scheduler.embed_batcher import EmbedBatcher, EmbedFailed
+from radixserve.common.sampling import StoppingCriteria
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.runtime import SchedulerRuntime
 from tests.gateway.real_scheduler import MESSAGES, VOCAB, Stack, read_stream, scheduler_on_fake_executor, sse_payloads
@@ -187,8 +188,8 @@ def test_a_session_group_is_queued_all_or_none():
 
         def group(*ids, tokens=LONG):
             return scheduler_pb2.SchedulerSessionRequest(generate_group=scheduler_pb2.SchedulerGenerateGroup(requests=[
-                scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=encode("hi"), sampling=common_pb2.
-                                                       SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+                scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=encode("hi"), stopping=common_pb2.
+                                                       StoppingCriteria(max_new_tokens=tokens, ignore_eos=True))
                 for rid in ids]))
 
         try:
@@ -251,9 +252,9 @@ def test_aborting_a_request_of_many_queued_sequences_is_one_cheap_batch():
         runtime = SchedulerRuntime(core, executor=None)
         delivered = []
         for i in range(30_000):
-            runtime.submit(Request(request_id=f"cmpl-x-{i}", prompt_ids=[1, 2, 3], max_new_tokens=16),
+            runtime.submit(Request(request_id=f"cmpl-x-{i}", prompt_ids=[1, 2, 3], stopping=StoppingCriteria(16)),
                            delivered.append)
-        other = Request(request_id="small", prompt_ids=[4, 5], max_new_tokens=2)
+        other = Request(request_id="small", prompt_ids=[4, 5], stopping=StoppingCriteria(2))
         runtime.submit(other, delivered.append)
         ids = [f"cmpl-x-{i}" for i in reversed(range(30_000))]
         started = time.perf_counter()
@@ -324,7 +325,7 @@ def test_request_timeout_on_the_grpc_api(tmp_path):
                     started = time.monotonic()
                     msgs = [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(
                         input_ids=common_pb2.TokenIds(ids=ids),
-                        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, ignore_eos=True)))]
+                        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True)))]
                     return msgs, time.monotonic() - started
 
                 started = time.monotonic()
@@ -345,7 +346,7 @@ def test_request_timeout_on_the_grpc_api(tmp_path):
                 started = time.monotonic()
                 try:
                     [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(
-                        text="Once upon a time", sampling=common_pb2.SamplingParams(max_new_tokens=LONG)))]
+                        text="Once upon a time", stopping=common_pb2.StoppingCriteria(max_new_tokens=LONG)))]
                     raise AssertionError("the generation was not cut at --request-timeout")
                 except grpc.aio.AioRpcError as e:
                     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e

@@ -185,7 +185,8 @@ def make_runner(folder, enabled: bool, monkeypatch):
 
 def run_greedy(runner, prompts, steps):
     """Prefill the prompts (torch path), then `steps` decode steps; slots of a sequence are scattered."""
-    from radixserve.executor.step_io import ContinuingRequest, NewRequest, SamplingParams, StepInput
+    from radixserve.common.sampling import SamplingParams
+    from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
     greedy = SamplingParams(temperature=0.0)
     free = list(range(1, 1800))
     free = free[1::2] + free[0::2]  # odd slots first: prompts and decode tokens never get adjacent runs

@@ -8,8 +8,10 @@ from collections import defaultdict, deque
 
 from hypothesis import strategies as st
 
+from radixserve.common.sampling import StoppingCriteria
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request, SampledToken
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import Request
 from tests.fake_executor import FakeModel, reference_tokens as fake_reference_tokens
 from tests.configs import scheduler_config
 
@@ -32,8 +34,9 @@ class Harness:
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}
 
-    def add(self, rid, prompt, max_new=8, **kwargs):
-        self.sched.add_request(Request(rid, list(prompt), max_new, **kwargs))
+    def add(self, rid, prompt, max_new=8, sampling=None, **stopping):
+        extra = {} if sampling is None else {"sampling": sampling}
+        self.sched.add_request(Request(rid, list(prompt), StoppingCriteria(max_new, **stopping), **extra))
 
     def step(self):
         plan = self.sched.schedule()

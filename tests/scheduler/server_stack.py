@@ -54,10 +54,10 @@ def run(coro):
     asyncio.run(asyncio.wait_for(coro, timeout=30))
 
 
-def gen_request(rid, prompt, max_new=5, **sampling):
+def gen_request(rid, prompt, max_new=5, ignore_eos=True, **sampling):
     return scheduler_pb2.SchedulerGenerateRequest(
-        request_id=rid, input_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_new_tokens=max_new, **{"ignore_eos": True, **sampling}))
+        request_id=rid, input_ids=prompt, sampling=common_pb2.SamplingParams(**sampling),
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=ignore_eos))
 
 
 async def collect(stub, request):

@@ -330,10 +330,10 @@ def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
         figures = {}
         stopped = False
         try:
-            def generate(rid, max_new=8, **sampling):
+            def generate(rid, max_new=8, ignore_eos=False, **sampling):
                 return stub.Generate(scheduler_pb2.SchedulerGenerateRequest(
-                    request_id=rid, input_ids=[1, 2, 3],
-                    sampling=common_pb2.SamplingParams(max_new_tokens=max_new, **sampling)))
+                    request_id=rid, input_ids=[1, 2, 3], sampling=common_pb2.SamplingParams(**sampling),
+                    stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=ignore_eos)))
 
             await collect(generate("warm", json_object=True))  # starts the compiler zygote (seconds)
 

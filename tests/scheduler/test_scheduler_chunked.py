@@ -13,12 +13,12 @@ import pytest
 
 from radixserve.v1 import scheduler_pb2
 from radixserve.scheduler.kv_pool import DoubleFreeError, PagedKVPool
-from radixserve.scheduler.request import ContinuingRequestPlan, NewRequestPlan, SampledToken
+from radixserve.common.step import ContinuingRequest, NewRequest, SampledToken
 from tests.scheduler.harness import Harness, OverlapHarness, final_fields, prompts, reference_tokens
 
 
 def chunks_of(harness, rid):
-    """Every prefill piece planned for rid, in order: NewRequestPlan, then ContinuingRequestPlans."""
+    """Every prefill piece planned for rid, in order: NewRequest, then ContinuingRequests."""
     out = []
     for plan in harness.plans:
         out += [n for n in plan.new_requests if n.request_id == rid]
@@ -54,8 +54,8 @@ def test_long_prompt_is_split_into_chunks_of_the_budget():
         h.add("a", prompt, max_new=4)
         h.run()
     pieces = chunks_of(chunked, "a")
-    assert isinstance(pieces[0], NewRequestPlan)
-    assert all(isinstance(p, ContinuingRequestPlan) for p in pieces[1:])
+    assert isinstance(pieces[0], NewRequest)
+    assert all(isinstance(p, ContinuingRequest) for p in pieces[1:])
     assert [len(p.input_ids) for p in pieces] == [8, 8, 8, 6]
     assert [p.sample for p in pieces] == [False, False, False, True]
     assert all(len(p.new_slots) == len(p.input_ids) for p in pieces)

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.scheduler.core import DuplicateRequestError, Scheduler
-from radixserve.scheduler.request import FinishReason, Request, SampledToken
+from radixserve.common.sampling import StoppingCriteria
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import FinishReason, Request
 from tests.configs import scheduler_config
 from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
                                      prompts, reference_tokens)
@@ -189,7 +191,7 @@ def test_abort_during_step_in_flight():
     plan = h.sched.schedule()
     outputs = [SampledToken(rid, tok) for rid, tok in h.model.step(plan)]
     assert h.sched.abort("a").finish_reason == FinishReason.ABORT
-    h.sched.add_request(Request("a", [7, 7], 2))  # the id is free again at once
+    h.sched.add_request(Request("a", [7, 7], StoppingCriteria(2)))  # the id is free again at once
     events = h.sched.update(plan, outputs)
     assert [e.request_id for e in events] == ["b"]
     assert h.sched.check_leak(deep=True) is None

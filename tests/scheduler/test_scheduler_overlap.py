@@ -11,6 +11,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from radixserve.common.sampling import StoppingCriteria
 from radixserve.scheduler.request import FinishReason, Request
 from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, OverlapHarness, check_random_traffic,
                                      drive_random_traffic, final_fields, prompts, reference_tokens)
@@ -83,7 +84,7 @@ def test_abort_with_two_steps_in_flight_frees_kv_after_the_last():
     while len(h.in_flight) < 2 or not h.in_flight[1].continuing_requests:
         h.step()
     assert h.sched.abort("a").finish_reason == FinishReason.ABORT
-    h.sched.add_request(Request("a", [7, 7], 2))  # the id is free again at once
+    h.sched.add_request(Request("a", [7, 7], StoppingCriteria(2)))  # the id is free again at once
     assert h.sched.check_leak(deep=True) is None
     aborted = h.sched._releasing[0]
     held = list(aborted.slots)

@@ -15,7 +15,9 @@ from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.scheduler.core import Scheduler
 from tests.configs import scheduler_config
 from tests.fake_executor import FakeExecutorServicer, FakeModel, reference_tokens
-from radixserve.scheduler.request import Request, SampledToken
+from radixserve.common.sampling import StoppingCriteria
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import Request
 from radixserve.scheduler.runtime import ExecutorChanged, step_deadline
 from radixserve.scheduler.server import start_scheduler
 
@@ -27,7 +29,7 @@ def test_core_reset_keeping_waiting_fails_only_admitted_requests():
     sched = Scheduler(scheduler_config(max_running_requests=2), 64, 256)
     model = FakeModel(64, VOCAB)
     for i, rid in enumerate("abcd"):
-        sched.add_request(Request(rid, [i + 1, 2, 3], 5))
+        sched.add_request(Request(rid, [i + 1, 2, 3], StoppingCriteria(5)))
     plan = sched.schedule()
     sched.update(plan, [SampledToken(r, t) for r, t in model.step(plan)])
     sched.schedule()  # a step in flight when the executor fails
@@ -81,8 +83,9 @@ async def scheduler_over(exec_port: int, **arg_overrides):
 
 
 def gen_request(rid, prompt, max_new):
-    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt, sampling=common_pb2.SamplingParams(
-        max_new_tokens=max_new, ignore_eos=True))
+    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
+                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new,
+                                                                                       ignore_eos=True))
 
 
 async def tokens_or_error(stub, request) -> list[int] | grpc.aio.AioRpcError:

@@ -112,7 +112,7 @@ def test_overlap_and_serial_streams_are_identical():
             executor.step_delay = 0.002
             await collect(stub, gen_request("warm", shared + [0], max_new=1))  # cached: deterministic
             requests = [gen_request(f"r{i}", shared + [i], max_new=8, ignore_eos=False) for i in range(1, 5)]
-            requests[2].sampling.stop_token_ids.append(stop)
+            requests[2].stopping.stop_token_ids.append(stop)
             requests.append(gen_request("long", [7, 7, 7], max_new=20))
             streams = await asyncio.gather(*(collect(stub, r) for r in requests))
             # A follow-up whose prompt extends a finished request reuses the same cached prefix.

@@ -28,7 +28,9 @@ from tests.configs import scheduler_config
 from tests.fake_executor import (FakeExecutorServicer, FakeModel, allowed_tokens,
                                  reference_tokens as fake_reference_tokens)
 from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
-from radixserve.scheduler.request import FinishReason, Request, SampledToken
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.step import SampledToken
+from radixserve.scheduler.request import FinishReason, Request
 from radixserve.scheduler.server import start_scheduler
 from radixserve.tokenizer.core import load_tokenizer
 from tests.stack import openai_client, running_stack
@@ -59,8 +61,16 @@ def backend(tokenizer):
     return GrammarBackend(lambda: tokenizer, VOCAB, [EOS])
 
 
-def sampling(**constraint) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(max_new_tokens=64, **constraint)
+def sampling(**constraint) -> SamplingParams:
+    return SamplingParams.from_proto(common_pb2.SamplingParams(**constraint))
+
+
+def generate_request(rid: str, prompt: list[int], ignore_eos=False,
+                     **constraint) -> scheduler_pb2.SchedulerGenerateRequest:
+    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
+                                                  sampling=common_pb2.SamplingParams(**constraint),
+                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=64,
+                                                                                       ignore_eos=ignore_eos))
 
 
 # ---- grammar.py ------------------------------------------------------------------------------
@@ -140,7 +150,7 @@ class Harness:
         self.finals = {}
 
     def add(self, rid: str, prompt: list[int], max_new=64, ignore_eos=False, **constraint) -> Request:
-        req = Request(rid, prompt, max_new, ignore_eos=ignore_eos)
+        req = Request(rid, prompt, StoppingCriteria(max_new, ignore_eos=ignore_eos))
         req.grammar = self.backend.matcher_for(sampling(**constraint))
         self.sched.add_request(req)
         self.requests[rid] = req
@@ -308,8 +318,7 @@ def test_scheduler_server_compiles_and_rejects(tokenizer):
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
             def generate(rid, **constraint):
-                return stub.Generate(scheduler_pb2.SchedulerGenerateRequest(
-                    request_id=rid, input_ids=[1, 2, 3], sampling=sampling(**constraint)))
+                return stub.Generate(generate_request(rid, [1, 2, 3], **constraint))
             json_call = generate("json", json_schema=json.dumps(PERSON_SCHEMA))
             json_out = [await json_call.read()]  # running: the free request decodes beside it
             free = asyncio.create_task(collect(generate("free", ignore_eos=True)))
@@ -348,7 +357,7 @@ def test_skip_tokenizer_init_rejects_constraints():
         scheduler = await start_scheduler(args)
         channel = aio_channel(f"127.0.0.1:{scheduler.port}")
         try:
-            msg = scheduler_pb2.SchedulerGenerateRequest(request_id="r", input_ids=[1], sampling=sampling(regex="a"))
+            msg = generate_request("r", [1], regex="a")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await collect(scheduler_pb2_grpc.SchedulerStub(channel).Generate(msg))
             return caught.value
@@ -384,9 +393,10 @@ def test_gateway_fills_the_constraint_from_each_api():
         (native_input(NativeGenerateRequest(text="x", sampling_params={"regex": CODE_REGEX})), "regex", CODE_REGEX),
     ]
     for inp, field, value in cases:
-        assert inp.sampling.WhichOneof("constraint") == field
+        sent = inp.sampling.to_proto()
+        assert sent.WhichOneof("constraint") == field
         if field is not None:
-            assert getattr(inp.sampling, field) == value
+            assert getattr(sent, field) == value
 
 
 @pytest.mark.parametrize("build, param", [

@@ -14,8 +14,8 @@ from radixserve.gateway.api.errors import ApiError, bad_request, grpc_status_for
 from radixserve.gateway.pipeline.generation import Cancellation, Delta, GenerationInput
 from radixserve.gateway.pipeline.request_control import Deadline
 from radixserve.gateway.telemetry.request_tracing import grpc_entry_span
-from radixserve.gateway.pipeline.sampling import build_sampling
-from radixserve.gateway.pipeline.structured_output import copy_constraint
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.gateway.pipeline.sampling import checked
 
 log = logging.getLogger("radixserve.gateway.grpc")
 FINISH_ENUMS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
@@ -30,19 +30,10 @@ def generation_input(engine: Engine, request: gateway_pb2.GatewayGenerateRequest
         raise bad_request("one of text, chat or input_ids is required", param="prompt")
     prompt = {"text": lambda: request.text, "chat": lambda: request.chat,
               "input_ids": lambda: list(request.input_ids.ids)}[kind]()
-    s = request.sampling
-    if s.max_new_tokens < 0:
-        raise bad_request("max_new_tokens must be at least 1", param="max_new_tokens")
-    # Proto3 cannot tell "unset" from 0: top_p 0 means the default (1), max_new_tokens 0 means "fill".
-    sampling = build_sampling(
-        temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, min_p=s.min_p,
-        seed=s.seed if s.HasField("seed") else None, max_tokens=s.max_new_tokens or None,
-        max_tokens_param="max_new_tokens", stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        logprobs=s.return_logprob, top_logprobs=s.top_logprobs_num, frequency_penalty=s.frequency_penalty,
-        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or None,
-        logit_bias=dict(s.logit_bias), min_tokens=s.min_new_tokens, min_tokens_param="min_new_tokens")
-    copy_constraint(s, sampling)
-    return GenerationInput(prompt, sampling, list(request.stop), request.skip_special_tokens,
+    # max_new_tokens 0: as many as the context leaves.
+    sampling, stopping = checked(SamplingParams.from_proto(request.sampling),
+                                 StoppingCriteria.from_proto(request.stopping))
+    return GenerationInput(prompt, sampling, stopping, list(request.stop), request.skip_special_tokens,
                            request_id=request.request_id, prompt_param=kind)
 
 

@@ -21,7 +21,7 @@ from radixserve.gateway.api.protocol import AbortRequest, NativeGenerateRequest,
 from radixserve.gateway.pipeline.request_control import live_requests
 from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, stop_list
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
-from radixserve.gateway.pipeline.structured_output import add_constraint
+from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128
@@ -48,18 +48,18 @@ def native_input(req: NativeGenerateRequest) -> GenerationInput:
     if req.return_logprob:
         raise not_supported("return_logprob on /generate", param="return_logprob")
     sp = req.sampling_params or NativeSamplingParams()
-    sampling = build_sampling(
+    sampling, stopping = build_sampling(
         temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=sp.seed,
         max_tokens=sp.max_new_tokens, max_tokens_param="max_new_tokens", stop_token_ids=sp.stop_token_ids,
         ignore_eos=sp.ignore_eos, frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
         repetition_penalty=sp.repetition_penalty, min_tokens=sp.min_new_tokens, min_tokens_param="min_new_tokens")
-    add_constraint(sampling, json_schema=sp.json_schema, regex=sp.regex, ebnf=sp.ebnf,
-                   param_prefix="sampling_params.")
+    sampling.constraint = request_constraint(json_schema=sp.json_schema, regex=sp.regex, ebnf=sp.ebnf,
+                                             param_prefix="sampling_params.")
     if req.text is not None:
         prompt, param = _single(req.text, "text"), "text"
     else:
         prompt, param = list(_single(req.input_ids, "input_ids")), "input_ids"
-    return GenerationInput(prompt, sampling, stop_list(sp.stop), sp.skip_special_tokens,
+    return GenerationInput(prompt, sampling, stopping, stop_list(sp.stop), sp.skip_special_tokens,
                            request_id=req.rid or uuid.uuid4().hex, prompt_param=param,
                            default_max_new_tokens=NATIVE_DEFAULT_MAX_NEW_TOKENS)
 

@@ -21,7 +21,7 @@ from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionReq
 from radixserve.gateway.pipeline.request_control import live_requests
 from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, penalty_args, stop_list
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
-from radixserve.gateway.pipeline.structured_output import add_constraint
+from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
 STARTED_AT = int(time.time())
@@ -112,13 +112,13 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    sampling = build_sampling(
+    sampling, stopping = build_sampling(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=max_tokens, max_tokens_param=max_param, stop_token_ids=req.stop_token_ids,
         ignore_eos=req.ignore_eos, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs,
         **penalty_args(req))
-    add_constraint(sampling, response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
-    return GenerationInput(chat_conversation(req), sampling, stop_list(req.stop), req.skip_special_tokens,
+    sampling.constraint = request_constraint(response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
+    return GenerationInput(chat_conversation(req), sampling, stopping, stop_list(req.stop), req.skip_special_tokens,
                            request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_param="messages")
 
 
@@ -248,14 +248,14 @@ def completion_input(req: CompletionRequest, prompt: str | list[int] | None = No
     if req.logprobs is not None and req.logprobs < 0:
         raise bad_request("logprobs must be between 0 and 20", param="logprobs")
     logprobs = req.logprobs is not None
-    sampling = build_sampling(
+    sampling, stopping = build_sampling(
         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=req.max_tokens, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
         logprobs=logprobs, top_logprobs=req.logprobs, **penalty_args(req))
-    add_constraint(sampling, response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
+    sampling.constraint = request_constraint(response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
     if prompt is None:
         prompt = completion_prompts(req.prompt)[0]
-    return GenerationInput(prompt, sampling, stop_list(req.stop), req.skip_special_tokens,
+    return GenerationInput(prompt, sampling, stopping, stop_list(req.stop), req.skip_special_tokens,
                            request_id=f"cmpl-{uuid.uuid4().hex}", prompt_param="prompt")
 
 

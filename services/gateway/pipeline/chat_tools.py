@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from radixserve.v1 import common_pb2
+from radixserve.common.sampling import Constraint, SamplingParams
 from radixserve.gateway.api.errors import bad_request
 from radixserve.gateway.pipeline.generation import ServedModel
 from radixserve.gateway.pipeline.tool_parsers import (ConstrainedStreamingParser, ParsedOutput, StreamingToolParser, ToolParser,
@@ -33,7 +33,7 @@ def tools_for_template(tools: list[dict] | None, tool_choice) -> list[dict] | No
 
 
 def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, info: ServedModel,
-               sampling: common_pb2.SamplingParams) -> ToolPlan | None:
+               sampling: SamplingParams) -> ToolPlan | None:
     """How this request's tool calls are produced and read; None when it has no tools in play.
     For "required" and named choices, sets sampling's constraint to the calls' JSON schema."""
     choice = resolve_tool_choice(tools, tool_choice)
@@ -48,8 +48,8 @@ def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, i
             return ToolPlan(choice, get_tool_parser(name))
         except ValueError as e:
             raise bad_request(str(e), param="tools") from None
-    if sampling.WhichOneof("constraint"):
+    if sampling.constraint is not None:
         raise bad_request("tool_choice \"required\" or a named function cannot be combined with response_format, "
                           "regex or ebnf", param="tool_choice")
-    sampling.json_schema = json.dumps(tool_call_json_schema(tools, choice))
+    sampling.constraint = Constraint("json_schema", json.dumps(tool_call_json_schema(tools, choice)))
     return ToolPlan(choice, None)

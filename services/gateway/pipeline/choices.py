@@ -7,11 +7,9 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from radixserve.v1 import common_pb2
+from radixserve.common.sampling import UINT64_MASK
 from radixserve.gateway.pipeline.engine import Engine, collect
 from radixserve.gateway.pipeline.generation import Cancellation, Completion, Delta, Finish, PreparedRequest
-
-UINT64_MASK = (1 << 64) - 1
 
 
 def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[PreparedRequest]:
@@ -21,10 +19,9 @@ def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[Pre
         return [prepared]
     copies = []
     for i in range(n):
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(prepared.sampling)
-        if sampling.HasField("seed"):
-            sampling.seed = (sampling.seed + i) & UINT64_MASK
+        sampling = prepared.sampling
+        if sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) & UINT64_MASK)
         copies.append(dataclasses.replace(prepared, request_id=f"{prepared.request_id}-{first_index + i}",
                                           sampling=sampling))
     return copies

@@ -7,6 +7,7 @@ which aborts the request and frees its KV in every stage.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from radixserve.common.args import ServerArgs, replica_addrs
 from radixserve.common.grpc_util import aio_channel
 from radixserve.common.log import request_id as log_request_id
 from radixserve.common.model_files import default_model_name
+from radixserve.common.sampling import MAX_TOKEN_ID, SamplingParams, StoppingCriteria
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
@@ -42,7 +44,6 @@ INFO_WAIT_S = 60.0
 HEALTH_TIMEOUT_S = 20.0
 HEALTH_INFO_TIMEOUT_S = 5.0
 TOKEN_TEXT_CACHE_LIMIT = 500_000
-MAX_TOKEN_ID = (1 << 31) - 1  # token ids travel as int32
 FINISH_NAMES = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -167,16 +168,14 @@ class Engine:
         input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
         if not input_ids:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(inp.sampling)
-        outside = sorted(t for t in sampling.logit_bias if info.vocab_size and t >= info.vocab_size)
+        outside = sorted(t for t in inp.sampling.logit_bias if info.vocab_size and t >= info.vocab_size)
         if outside:
             raise bad_request(f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
                               param="logit_bias", code="invalid_value")
         request_id = inp.request_id or uuid.uuid4().hex
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None
-        requested = sampling.max_new_tokens
+        requested = inp.stopping.max_new_tokens
         if room is not None and room < (requested or 1):
             completion = requested or inp.default_max_new_tokens or 1
             if not (self.args.allow_auto_truncate and completion < info.context_length):
@@ -197,9 +196,9 @@ class Engine:
             if not defaults:
                 raise bad_request("max_tokens is required: the context length is unknown", param="max_tokens")
             requested = min(defaults)
-        sampling.max_new_tokens = requested
-        return PreparedRequest(request_id=request_id, input_ids=input_ids,
-                               sampling=sampling, stop=[s for s in inp.stop if s],
+        return PreparedRequest(request_id=request_id, input_ids=input_ids, sampling=inp.sampling,
+                               stopping=dataclasses.replace(inp.stopping, max_new_tokens=requested),
+                               stop=[s for s in inp.stop if s],
                                skip_special_tokens=inp.skip_special_tokens)
 
     async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
@@ -265,8 +264,9 @@ class Engine:
         session = self.sessions[replica]
         try:
             events = session.start_group([scheduler_pb2.SchedulerGenerateRequest(
-                request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling,
-                trace_context=telemetry.trace_context) for req, telemetry in zip(reqs, telemetries)])
+                request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling.to_proto(),
+                stopping=req.stopping.to_proto(), trace_context=telemetry.trace_context)
+                for req, telemetry in zip(reqs, telemetries)])
         except BaseException as e:
             for _ in reqs:
                 self.router.finished(replica)
@@ -454,7 +454,7 @@ class Engine:
         else:
             ids = [0]
         req = PreparedRequest(f"health-{uuid.uuid4().hex}", ids,
-                              common_pb2.SamplingParams(temperature=0, top_p=1, max_new_tokens=1, ignore_eos=True),
+                              SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=1, ignore_eos=True),
                               stop=[], skip_special_tokens=True)
         result = await self.complete(req, observed=False, replica=replica)  # probes are not requests
         if result.finish is None or result.finish.reason == "abort" or not result.token_ids:

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixserve.v1 import common_pb2
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 Prompt = str | common_pb2.ChatConversation | list[int]
 
@@ -13,7 +14,8 @@ Prompt = str | common_pb2.ChatConversation | list[int]
 class GenerationInput:
     """One generation request as the API layers hand it to the engine."""
     prompt: Prompt
-    sampling: common_pb2.SamplingParams  # max_new_tokens 0: use default_max_new_tokens
+    sampling: SamplingParams
+    stopping: StoppingCriteria  # max_new_tokens 0: use default_max_new_tokens
     stop: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
     request_id: str = ""
@@ -26,7 +28,8 @@ class PreparedRequest:
     """A validated request in token ids, ready for the scheduler."""
     request_id: str
     input_ids: list[int]
-    sampling: common_pb2.SamplingParams
+    sampling: SamplingParams
+    stopping: StoppingCriteria  # max_new_tokens set
     stop: list[str]
     skip_special_tokens: bool
 

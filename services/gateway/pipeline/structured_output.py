@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from radixserve.v1 import common_pb2
+from radixserve.common.sampling import Constraint
 from radixserve.gateway.api.errors import bad_request
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
-def add_constraint(sampling: common_pb2.SamplingParams, *, response_format: dict[str, Any] | None = None,
-                   json_schema: str | dict | None = None, regex: str | None = None, ebnf: str | None = None,
-                   param_prefix: str = "") -> None:
-    """Set sampling's constraint from whichever of these the request gave; more than one is a 400."""
-    given: list[tuple[str, str, str | bool]] = []  # (request param, constraint field, value)
+def request_constraint(*, response_format: dict[str, Any] | None = None, json_schema: str | dict | None = None,
+                       regex: str | None = None, ebnf: str | None = None, param_prefix: str = "") -> Constraint | None:
+    """The constraint of whichever of these the request gave (None: none); more than one is a 400."""
+    given: list[tuple[str, str, str]] = []  # (request param, constraint kind, spec)
     if response_format is not None:
         field_value = _from_response_format(response_format)
         if field_value is not None:
@@ -31,22 +30,15 @@ def add_constraint(sampling: common_pb2.SamplingParams, *, response_format: dict
     if len(given) > 1:
         names = ", ".join(param for param, _, _ in given)
         raise bad_request(f"give at most one output constraint; got {names}", param=given[1][0])
-    for _, field, value in given:
-        setattr(sampling, field, value)
+    return Constraint(given[0][1], given[0][2]) if given else None
 
 
-def copy_constraint(source: common_pb2.SamplingParams, target: common_pb2.SamplingParams) -> None:
-    field = source.WhichOneof("constraint")
-    if field is not None:
-        setattr(target, field, getattr(source, field))
-
-
-def _from_response_format(response_format: dict[str, Any]) -> tuple[str, str | bool] | None:
+def _from_response_format(response_format: dict[str, Any]) -> tuple[str, str] | None:
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return "json_object", True
+        return "json_object", ""
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None

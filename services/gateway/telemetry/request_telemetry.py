@@ -23,7 +23,8 @@ class RequestTelemetry:
         """record=False (health probes): no metrics, no span, no log line."""
         self.prompt_tokens = len(req.input_ids)
         self.metrics = metrics if record else None
-        self.trace = RequestTrace.start(req.request_id, model, self.prompt_tokens, req.sampling) if record else NO_TRACE
+        self.trace = RequestTrace.start(req.request_id, model, self.prompt_tokens, req.sampling,
+                                        req.stopping) if record else NO_TRACE
         self.log = log_requests and record
         self.request_id = req.request_id
         self.started = time.perf_counter()
@@ -36,8 +37,8 @@ class RequestTelemetry:
         if self.log:
             s = req.sampling
             self._log("request started: %d prompt tokens, max_new_tokens %d, temperature %g, top_p %g, top_k %d%s",
-                      self.prompt_tokens, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
-                      f", seed {s.seed}" if s.HasField("seed") else "")
+                      self.prompt_tokens, req.stopping.max_new_tokens, s.temperature, s.top_p, s.top_k,
+                      f", seed {s.seed}" if s.seed is not None else "")
 
     @property
     def trace_context(self):

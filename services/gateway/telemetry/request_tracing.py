@@ -12,6 +12,7 @@ import contextlib
 
 from radixserve.v1 import common_pb2
 from radixserve.common import tracing
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 
 UNTRACED_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
@@ -44,17 +45,19 @@ class _NoTrace:
 NO_TRACE = _NoTrace()
 
 
-def _sampling_attributes(sampling: common_pb2.SamplingParams) -> dict:
+def _sampling_attributes(sampling: SamplingParams, stopping: StoppingCriteria) -> dict:
     attrs = {"gen_ai.request.temperature": sampling.temperature, "gen_ai.request.top_p": sampling.top_p,
-             "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.top_k": sampling.top_k}
-    if sampling.HasField("seed"):
+             "gen_ai.request.max_tokens": stopping.max_new_tokens, "gen_ai.request.top_k": sampling.top_k}
+    if sampling.seed is not None:
         attrs["gen_ai.request.seed"] = sampling.seed
-    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_p", "min_new_tokens"):
+    for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_p"):
         value = getattr(sampling, name)
         if value:
             attrs[f"radixserve.sampling.{name}"] = value
-    if sampling.WhichOneof("constraint"):
-        attrs["radixserve.sampling.constraint"] = sampling.WhichOneof("constraint")
+    if stopping.min_new_tokens:
+        attrs["radixserve.sampling.min_new_tokens"] = stopping.min_new_tokens
+    if sampling.constraint is not None:
+        attrs["radixserve.sampling.constraint"] = sampling.constraint.kind
     return attrs
 
 
@@ -62,7 +65,7 @@ class RequestTrace:
     """A live `generate` span; see the module docstring. RequestTelemetry calls finish or fail once."""
 
     @staticmethod
-    def start(request_id: str, model: str, prompt_tokens: int, sampling: common_pb2.SamplingParams):
+    def start(request_id: str, model: str, prompt_tokens: int, sampling: SamplingParams, stopping: StoppingCriteria):
         if not tracing.enabled():
             return NO_TRACE
         from opentelemetry import trace
@@ -70,7 +73,7 @@ class RequestTrace:
             return NO_TRACE  # outside a traced HTTP or gRPC request (health probes, batch jobs)
         return RequestTrace(tracing.tracer().start_span("generate", attributes={
             "radixserve.request_id": request_id, "gen_ai.request.model": model,
-            "gen_ai.usage.input_tokens": prompt_tokens, **_sampling_attributes(sampling)}))
+            "gen_ai.usage.input_tokens": prompt_tokens, **_sampling_attributes(sampling, stopping)}))
 
     def __init__(self, span):
         self.span = span

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecutorNewRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context")
+    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context", "stopping", "generated_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,8 @@ class ExecutorNewRequest(_message.Message):
     TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
     PENALTY_PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_slots: _containers.RepeatedScalarFieldContainer[int]
@@ -27,7 +29,9 @@ class ExecutorNewRequest(_message.Message):
     token_bitmask: bytes
     penalty_prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     trace_context: _common_pb2.TraceContext
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+    stopping: _common_pb2.StoppingCriteria
+    generated_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
 
 class ExecutorContinuingRequest(_message.Message):
     __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask")

@@ -1,0 +1,82 @@
+"""One executor step, as the scheduler plans it and the executor runs it (mirrors ExecutorStepRequest and
+ExecutorStepResponse; step_convert.py maps them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixserve.v1 import common_pb2
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+
+
+@dataclass
+class NewRequest:
+    """A request the executor has not seen (or has dropped): its uncached tokens and all its slots."""
+    request_id: str
+    input_ids: list[int]
+    new_slots: list[int]
+    prefix_slots: list[int] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sample: bool = True  # False when input_ids is the first chunk of a longer prefill
+    token_bitmask: bytes = b""  # non-empty: only tokens whose bit is set may be sampled this step
+    # The whole sequence so far (prompt, then tokens generated before a retraction), sent only when the
+    # repetition penalty is on: the penalty sees tokens the executor never received.
+    penalty_prompt_ids: list[int] = field(default_factory=list)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    generated_tokens: int = 0  # output tokens generated before a retraction (count toward min_new_tokens)
+    trace_context: common_pb2.TraceContext | None = None  # the request's span; None: not traced
+
+
+@dataclass
+class ContinuingRequest:
+    """A request the executor already holds state for."""
+    request_id: str
+    new_slots: list[int]
+    input_ids: list[int] = field(default_factory=list)  # empty: decode the token sampled last step
+    sample: bool = True  # False for a prefill chunk that is not the last
+    token_bitmask: bytes = b""
+
+
+@dataclass
+class StepInput:
+    """One step: the diff since the previous one."""
+    step_id: int = 0
+    finished_request_ids: list[str] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    continuing_requests: list[ContinuingRequest] = field(default_factory=list)
+
+    @property
+    def is_prefill(self) -> bool:
+        """Whether the step runs prompt tokens (a new request, or a later chunk of a prefill)."""
+        return bool(self.new_requests) or any(c.input_ids for c in self.continuing_requests)
+
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self.new_requests] + [r.request_id for r in self.continuing_requests]
+
+
+@dataclass
+class SampledToken:
+    """The token sampled for one request."""
+    request_id: str
+    token_id: int
+    logprob: float | None = None  # set when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+
+    def token_logprob(self) -> common_pb2.TokenLogprob | None:
+        if self.logprob is None:
+            return None
+        top = [common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in self.top_logprobs]
+        return common_pb2.TokenLogprob(token_id=self.token_id, logprob=self.logprob, top=top)
+
+
+@dataclass
+class StepOutput:
+    """The result of one step: a SampledToken per sampling request, new requests first."""
+    step_id: int
+    outputs: list[SampledToken]
+    forward_ms: float
+    logits: Any = None  # executor only: the float32 [len(outputs), vocab] tensor the outputs were sampled from
+
+
+class StepError(ValueError):
+    """The executor refuses the step (unknown id, bad slot, length mismatch); nothing was run."""
