@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types only: the grammar module loads xgrammar
     from radixserve.scheduler.grammar import RequestGrammar
     from radixserve.scheduler.radix_cache import TreeNode
     from radixserve.v1.common_pb2 import TokenLogprob, TraceContext
 
-from radixserve.v1 import common_pb2
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 
@@ -41,10 +40,10 @@ class Request:
     # When the request reached the scheduler (time.monotonic()), for queue-time metrics and spans.
     arrival_time: float = 0.0
     # The caller's W3C trace context; None: not traced.
-    trace_context: common_pb2.TraceContext | None = None
+    trace_context: TraceContext | None = None
 
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.
     # While a prefill is chunked, len(slots) is how far it has been planned.
     slots: list[int] = field(default_factory=list)
@@ -83,7 +82,7 @@ class RequestEvent:
     """What one step (or an abort) produced for one request."""
     request_id: str
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     matched_stop_token_id: int = 0
     prompt_tokens: int = 0

@@ -39,8 +39,9 @@ def test_lengths_stay_within_sglang_bounds(ratio):
 
 
 def test_random_ids_are_deterministic_and_within_the_vocab():
-    make = lambda seed: random_ids_requests(num_prompts=50, input_len=64, output_len=16, range_ratio=0.5,
-                                            vocab_size=FAKE_VOCAB, seed=seed)
+    def make(seed):
+        return random_ids_requests(num_prompts=50, input_len=64, output_len=16, range_ratio=0.5,
+                                   vocab_size=FAKE_VOCAB, seed=seed)
     first, again, other = make(1), make(1), make(2)
     assert first == again
     assert first != other
@@ -59,8 +60,9 @@ def test_random_ids_of_a_tiny_vocab():
 
 def test_random_text_has_the_length_it_claims():
     tokenizer = serving.load_tokenizer(None)  # the embedded SmolLM2's
-    make = lambda: random_text_requests(num_prompts=12, input_len=40, output_len=10, range_ratio=0.5,
-                                        tokenizer=tokenizer, seed=7)
+    def make():
+        return random_text_requests(num_prompts=12, input_len=40, output_len=10, range_ratio=0.5,
+                                    tokenizer=tokenizer, seed=7)
     requests = make()
     assert requests == make()
     for r in requests:

@@ -31,7 +31,7 @@ CASES = {
     "hermes arguments as a JSON string": (
         "hermes", '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', None, [("f", {"x": 1})]),
     "hermes no arguments": ("hermes", '<tool_call>{"name": "ping"}</tool_call>', None, [("ping", {})]),
-    "hermes plain text": ("hermes", "Just an answer, with a < sign and <tool> tag.\n", 
+    "hermes plain text": ("hermes", "Just an answer, with a < sign and <tool> tag.\n",
                           "Just an answer, with a < sign and <tool> tag.\n", []),
     "hermes invalid JSON stays content": (
         "hermes", 'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
