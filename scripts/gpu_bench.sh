@@ -138,6 +138,24 @@ stage_host_profile() {
   kill $pid; wait $pid
 }
 
+stage_bs1_vs_base() {
+  # Issue 16: the bs1 launch-ahead step of this tree against another commit's tree (BASE_TREE, e.g. a
+  # `git archive` of the pre-change commit), alternated twice in the same call. The base is installed
+  # as a plain (non-editable) package in /tmp/base-site and put first on PYTHONPATH.
+  local base=${BASE_TREE:?set BASE_TREE to the tree of the commit to compare with}
+  python -m pip install -q --no-deps --no-build-isolation --target /tmp/base-site "$base" > /dev/null 2>&1 \
+    || { echo "base install failed"; return 1; }
+  local args=(bench one-batch "${common[@]}" --batch-size 1 --input-len 128 --output-len 64 --launch-ahead)
+  for i in 1 2; do
+    echo "--- base, run $i"
+    PYTHONPATH=/tmp/base-site:${PYTHONPATH:-} timeout 200 python -m radixserve.cli "${args[@]}" --run-name base \
+      --result-filename "$OUT/bs1_vs_base.jsonl" 2>&1 | grep -v '^{' | tail -3
+    echo "--- this tree, run $i"
+    timeout 200 "${rs[@]}" "${args[@]}" --run-name new --result-filename "$OUT/bs1_vs_base.jsonl" 2>&1 \
+      | grep -v '^{' | tail -3
+  done
+}
+
 stage_warm_start() {
   # Issue 15: the start phase by phase, and two back-to-back 256 x 512 in / 256 out rate-inf runs right after
   # "ready" (no warm-up request of the client's own). Runs (WARM_RUNS): cold-skip = an empty Triton cache and
