@@ -28,8 +28,9 @@ def test_state_is_cached_and_outputs_are_ordered(runner):
     out = runner.step(StepInput(2, new_requests=[new("c", [7, 8], [5, 6], sample=False)],
                                 continuing_requests=[ContinuingRequest("b", [7]), ContinuingRequest("a", [8])]))
     assert [o.request_id for o in out.outputs] == ["b", "a"]  # c did not sample
-    assert runner.states["a"].length == 4 and runner.states["a"].slots[:4].tolist() == [1, 2, 3, 8]
-    assert runner.states["a"].last_token == out.outputs[1].token_id
+    row = runner.states["a"].table_row
+    assert runner.states["a"].length == 4 and runner.slot_table.tensor[row, :4].tolist() == [1, 2, 3, 8]
+    assert runner.slot_table.next_tokens[row].item() == out.outputs[1].token_id
 
 
 def test_decode_uses_last_sampled_token(runner):
@@ -233,8 +234,9 @@ def test_grpc_steps_run_in_step_id_order(runner):
                 later = decode(3, 11)
                 await asyncio.sleep(0.1)  # step 3 arrives first and must wait for step 2
                 second, third = await asyncio.gather(decode(2, 10), later)
-                assert runner.states["a"].slots[:5].tolist() == [1, 2, 3, 10, 11]
-                assert runner.states["a"].last_token == third.outputs[0].token_id
+                row = runner.states["a"].table_row
+                assert runner.slot_table.tensor[row, :5].tolist() == [1, 2, 3, 10, 11]
+                assert runner.slot_table.next_tokens[row].item() == third.outputs[0].token_id
                 # Step 2 decoded the token step 1 sampled: a fresh request with it spelled out agrees.
                 tokens = [3, 4, 5, first.outputs[0].token_id]
                 check = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=4, session_id=sid, new_requests=[

@@ -29,7 +29,7 @@ class _StepMetadata:
 
 
 class TritonAttentionBackend(AttentionBackend):
-    needs_slot_table = True
+    supports_cuda_graphs = True
 
     def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
         self.num_kv_heads = num_kv_heads
