@@ -44,6 +44,21 @@ def test_decode_uses_last_sampled_token(runner):
     torch.testing.assert_close(out.logits[0], explicit, atol=1e-5, rtol=0)
 
 
+def test_a_reused_table_row_is_read_only_up_to_its_requests_length(runner):
+    runner.step(StepInput(1, new_requests=[new("long", list(range(3, 11)), list(range(1, 9)))]))
+    row = runner.states["long"].table_row
+    # "long" finishes; its SlotTable row goes to "b", which is shorter, batched with the longer "c".
+    out = runner.step(StepInput(2, finished_request_ids=["long"], new_requests=[
+        new("b", [3, 4], [20, 21]), new("c", [5, 6, 7, 8, 9], [30, 31, 32, 33, 34])]))
+    assert runner.states["b"].table_row == row
+    first = out.outputs[0].token_id
+    out = runner.step(StepInput(3, continuing_requests=[ContinuingRequest("b", [22]), ContinuingRequest("c", [35])]))
+    assert runner.slot_table.tensor[row, :8].tolist() == [20, 21, 22, 4, 5, 6, 7, 8]  # long's slots past b's 3
+    decoded = out.logits[0]
+    out = runner.step(StepInput(4, new_requests=[new("z", [3, 4, first], [40, 41, 42])]))
+    torch.testing.assert_close(out.logits[0], decoded, atol=1e-5, rtol=0)
+
+
 def test_finished_ids_dropped_before_step_allows_retraction(runner):
     runner.step(StepInput(1, new_requests=[new("a", [3, 4], [1, 2])]))
     out = runner.step(StepInput(2, finished_request_ids=["a", "never-seen"],
