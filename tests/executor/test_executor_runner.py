@@ -59,6 +59,26 @@ def test_a_reused_table_row_is_read_only_up_to_its_requests_length(runner):
     torch.testing.assert_close(out.logits[0], decoded, atol=1e-5, rtol=0)
 
 
+def test_fused_decode_gets_each_sequences_slots_from_its_table_row(runner):
+    from radixserve.executor.fast_decode import FastDecode
+
+    class Recorder:  # stands in for the C++ kernels (which need AVX512-BF16): records its inputs
+        def forward(self, x, positions, out_slots, table, lens):
+            self.args = (positions.tolist(), out_slots.tolist(), table.clone(), lens.tolist())
+            return torch.zeros_like(x)
+
+    recorder = Recorder()
+    runner.fast_decode = FastDecode(None, recorder, runner.model)
+    runner.step(StepInput(1, new_requests=[new("long", list(range(3, 11)), list(range(1, 9)))]))
+    runner.step(StepInput(2, finished_request_ids=["long"], new_requests=[
+        new("b", [3, 4], [20, 21]), new("c", [5, 6, 7], [30, 31, 32], prefix_slots=[9, 10])]))
+    runner.step(StepInput(3, continuing_requests=[ContinuingRequest("c", [33]), ContinuingRequest("b", [22])]))
+    positions, out_slots, table, lens = recorder.args
+    assert positions == [5, 2] and out_slots == [33, 22] and lens == [6, 3]
+    assert table.shape == (2, 6) and table.is_contiguous()
+    assert table[0].tolist() == [9, 10, 30, 31, 32, 33] and table[1, :3].tolist() == [20, 21, 22]
+
+
 def test_finished_ids_dropped_before_step_allows_retraction(runner):
     runner.step(StepInput(1, new_requests=[new("a", [3, 4], [1, 2])]))
     out = runner.step(StepInput(2, finished_request_ids=["a", "never-seen"],
