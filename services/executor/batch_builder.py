@@ -35,17 +35,17 @@ class _Packer:
 
     def __init__(self):
         self.values: list[int] = []
-        self.spans: list[tuple[int, int]] = []
+        self.sizes: list[int] = []
 
     def add(self, values: list[int]) -> None:
-        self.spans.append((len(self.values), len(values)))
+        self.sizes.append(len(values))
         self.values += values
 
-    def ship(self, device: torch.device) -> list[torch.Tensor]:
+    def ship(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         packed = torch.tensor(self.values, dtype=torch.int64)
         if device.type != "cpu":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        return [packed[start:start + n] for start, n in self.spans]
+        return packed.split_with_sizes(self.sizes)  # one op: cheaper than a slice per list on the CPU
 
 
 class BatchBuilder:
