@@ -75,7 +75,8 @@ class ForwardBatch:
     out_slots: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
     extend_seqs: list[ExtendSeq]
     num_extend_tokens: int
-    decode_lens: list[int]  # per decode sequence, its tokens with KV after this step (host)
+    decode_lens: list[int]  # per decode sequence, its tokens with KV after this step (host ints; the device
+    # copy is table_meta.decode_lens)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
     table_meta: TableMeta | None = None  # None only in a forward without KV cache (embeddings)
