@@ -1,4 +1,5 @@
-"""Turn a step's diff into one flattened token batch: validate, update request state, lay out tokens.
+"""Turn a step's diff into the ForwardBatch the model runs: validate, update request state and the
+SlotTable, lay out tokens.
 
 Validation runs before any state changes, so an invalid step leaves the executor as it was
 (except for finished_request_ids, which are dropped first by definition).
@@ -6,13 +7,18 @@ Validation runs before any state changes, so an invalid step leaves the executor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from radixserve.executor.attention.metadata import ExtendSeq, TableMeta
+from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, StepSamples, TableMeta
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.slot_table import SlotTable
 from radixserve.common.step import StepError, StepInput
+
+if TYPE_CHECKING:
+    from radixserve.executor.attention.backend import AttentionBackend
+    from radixserve.executor.kv_cache import KVPool
 
 
 @dataclass
@@ -24,47 +30,30 @@ class _Seq:
     sample: bool
 
 
-@dataclass
-class BuiltBatch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    out_slots: torch.Tensor
-    extend_seqs: list[ExtendSeq]
-    num_extend_tokens: int
-    decode_slots: list[torch.Tensor]
-    sample_token_index: torch.Tensor  # flattened-batch index of each sampling request's last token
-    samples_every_token: bool  # sample_token_index is 0..num_tokens-1 (one token per request, each sampling)
-    sample_request_ids: list[str]
-    sample_states: list[RequestState]
-    table_meta: TableMeta | None = None
-    sample_rows: torch.Tensor | None = None  # the sampling requests' SlotTable rows (device), with a table
-
-
 class _Packer:
     """Collects the step's int lists and moves them to the device in one copy."""
 
     def __init__(self):
         self.values: list[int] = []
-        self.spans: list[tuple[int, int]] = []
+        self.sizes: list[int] = []
 
-    def add(self, values: list[int]) -> int:
-        self.spans.append((len(self.values), len(values)))
+    def add(self, values: list[int]) -> None:
+        self.sizes.append(len(values))
         self.values += values
-        return len(self.spans) - 1
 
-    def ship(self, device: torch.device) -> list[torch.Tensor]:
+    def ship(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         packed = torch.tensor(self.values, dtype=torch.int64)
         if device.type != "cpu":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        return [packed[start:start + n] for start, n in self.spans]
+        return packed.split_with_sizes(self.sizes)  # one op: cheaper than a slice per list on the CPU
 
 
 class BatchBuilder:
-    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, device: torch.device,
-                 slot_table: SlotTable | None = None):
+    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, slot_table: SlotTable,
+                 kv_pool: "KVPool", attn_backend: "AttentionBackend"):
         self.kv_slots, self.vocab_size, self.context_length = kv_slots, vocab_size, context_length
-        self.device = device
-        self.slot_table = slot_table
+        self.slot_table, self.kv_pool, self.attn_backend = slot_table, kv_pool, attn_backend
+        self.device = slot_table.tensor.device
 
     def _check_ids_and_slots(self, rid: str, input_ids, slots, what: str) -> None:
         if slots and (min(slots) < 1 or max(slots) >= self.kv_slots):
@@ -82,7 +71,7 @@ class BatchBuilder:
             raise StepError(f"request {rid}: token_bitmask has {len(bitmask)} bytes, not whole int32 words")
 
     def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
-        if self.slot_table is not None and len(step.new_requests) > self.slot_table.free_rows:
+        if len(step.new_requests) > self.slot_table.free_rows:
             raise StepError(f"{len(step.new_requests)} new requests but only {self.slot_table.free_rows} free rows "
                             "in the executor's slot table; raise --max-running-requests on the executor "
                             "or lower it on the scheduler")
@@ -117,18 +106,17 @@ class BatchBuilder:
             self._check_length(rid, state.length + n)
             self._check_bitmask(rid, req.token_bitmask)
 
-    def build(self, step: StepInput, states: dict[str, RequestState]) -> BuiltBatch:
-        """Validate, register new requests, append slots and lay the tokens out (extends first)."""
+    def build(self, step: StepInput, states: dict[str, RequestState]) -> ForwardBatch:
+        """Validate, register new requests, write their slots to the SlotTable and lay the tokens out
+        (extends first)."""
         self.validate(step, states)
+        table = self.slot_table
         seqs: list[_Seq] = []
         table_writes: tuple[list[int], list[int], list[int]] = ([], [], [])
         for req in step.new_requests:
-            state = RequestState.create(list(req.prefix_slots), req.sampling, self.device,
-                                        host_slots=self.slot_table is None)
+            state = RequestState.create(table.assign(), len(req.prefix_slots), req.sampling, self.device)
             states[req.request_id] = state
-            if self.slot_table is not None:
-                state.table_row = self.slot_table.assign()
-                self._table_write(table_writes, state.table_row, 0, list(req.prefix_slots))
+            self._table_write(table_writes, state.table_row, 0, req.prefix_slots)
             seqs.append(_Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample))
         for req in step.continuing_requests:
             tokens = list(req.input_ids) if req.input_ids else None
@@ -136,80 +124,62 @@ class BatchBuilder:
 
         extends = [s for s in seqs if len(s.new_slots) > 1]
         decodes = [s for s in seqs if len(s.new_slots) == 1]
+        ordered = extends + decodes
         input_ids: list[int] = []
         positions: list[int] = []
         out_slots: list[int] = []
         extend_seqs: list[ExtendSeq] = []
-        decode_slots: list[torch.Tensor] = []
+        decode_lens: list[int] = []
         last_index: dict[int, int] = {}
-        # Decode inputs sampled last step, with a SlotTable: read from its next_tokens on the device.
+        # Decode inputs sampled last step: read from the table's next_tokens on the device.
         gather_at: list[int] = []
         gather_rows: list[int] = []
-        for seq in extends + decodes:
+        for seq in ordered:
             state = seq.state
             start, prefix = len(input_ids), state.length
             n = len(seq.new_slots)
             if seq.tokens is not None:
                 input_ids += seq.tokens
-            elif self.slot_table is not None:
+            else:
                 gather_at.append(start)
                 gather_rows.append(state.table_row)
                 input_ids.append(0)
-            else:
-                input_ids.append(state.last_token)
             state.has_token = seq.sample  # the runner samples it this step
             positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
-            if self.slot_table is not None:
-                # The device table is the slot list GPU backends read; no host copy is kept.
-                self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
-                state.length += n
-                all_slots = None
-            else:
-                all_slots = state.append_slots(seq.new_slots)
+            self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
+            state.length += n
             if n > 1:
-                extend_seqs.append(ExtendSeq(start, n, prefix, all_slots))
+                extend_seqs.append(ExtendSeq(start, n, prefix, state.table_row))
             else:
-                decode_slots.append(all_slots)
+                decode_lens.append(state.length)
             last_index[id(seq)] = start + n - 1
 
         sampling = [s for s in seqs if s.sample]
         sample_index = [last_index[id(s)] for s in sampling]
         packer = _Packer()
-        fields = [packer.add(v) for v in (input_ids, positions, out_slots, sample_index)]
-        if self.slot_table is not None:
-            ordered = extends + decodes
-            fields += [packer.add(v) for v in (
-                [s.state.table_row for s in ordered], [s.state.length for s in ordered],
-                [e.prefix_len for e in extend_seqs], [e.start for e in extend_seqs],
-                [e.num_tokens for e in extend_seqs], *table_writes, gather_at, gather_rows,
-                [s.state.table_row for s in sampling])]
-        shipped = packer.ship(self.device)
-        ids_t, pos_t, out_t, sample_t = shipped[:4]
-        table_meta = None
-        if self.slot_table is not None:
-            rows_t, lens_t, prefix_t, starts_t, qlens_t, w_rows, w_cols, w_vals, g_at, g_rows, sample_rows = shipped[4:]
-            self.slot_table.write(w_rows, w_cols, w_vals)
-            if len(gather_at) == len(input_ids):
-                ids_t = self.slot_table.next_tokens.index_select(0, g_rows)
-            elif gather_at:
-                ids_t.index_copy_(0, g_at, self.slot_table.next_tokens.index_select(0, g_rows))
-            table_meta = TableMeta(self.slot_table.tensor, rows_t, lens_t, prefix_t, starts_t, qlens_t,
-                                   max((e.num_tokens for e in extend_seqs), default=0))
-        return BuiltBatch(
-            input_ids=ids_t,
-            positions=pos_t,
-            out_slots=out_t,
-            extend_seqs=extend_seqs,
-            num_extend_tokens=sum(len(s.new_slots) for s in extends),
-            decode_slots=decode_slots,
-            sample_token_index=sample_t,
-            samples_every_token=sample_index == list(range(len(input_ids))),
-            sample_request_ids=[s.request_id for s in sampling],
-            sample_states=[s.state for s in sampling],
-            table_meta=table_meta,
-            sample_rows=sample_rows if self.slot_table is not None else None,
-        )
+        for values in (input_ids, positions, out_slots, sample_index, [s.state.table_row for s in sampling],
+                       [s.state.table_row for s in ordered], [s.state.length for s in ordered],
+                       [e.prefix_len for e in extend_seqs], [e.start for e in extend_seqs],
+                       [e.num_tokens for e in extend_seqs], *table_writes, gather_at, gather_rows):
+            packer.add(values)
+        (ids_t, pos_t, out_t, sample_t, sample_rows, rows_t, lens_t, prefix_t, starts_t, qlens_t,
+         w_rows, w_cols, w_vals, g_at, g_rows) = packer.ship(self.device)
+        table.write(w_rows, w_cols, w_vals)
+        if len(gather_at) == len(input_ids):
+            ids_t = table.next_tokens.index_select(0, g_rows)
+        elif gather_at:
+            ids_t.index_copy_(0, g_at, table.next_tokens.index_select(0, g_rows))
+        table_meta = TableMeta(table.tensor, rows_t, lens_t, prefix_t, starts_t, qlens_t,
+                               max((e.num_tokens for e in extend_seqs), default=0))
+        samples = None
+        if sampling:
+            samples = StepSamples(sample_t, sample_index == list(range(len(input_ids))),
+                                  [s.request_id for s in sampling], [s.state for s in sampling], sample_rows)
+        return ForwardBatch(input_ids=ids_t, positions=pos_t, out_slots=out_t, extend_seqs=extend_seqs,
+                            num_extend_tokens=sum(e.num_tokens for e in extend_seqs), decode_lens=decode_lens,
+                            kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=table_meta,
+                            samples=samples)
 
     @staticmethod
     def _table_write(writes: tuple[list[int], list[int], list[int]], row: int, first_col: int,

@@ -51,38 +51,40 @@ class CudaGraphRunner:
                  self.max_bs, time.perf_counter() - t0)
 
     def _forward_batch(self, bs: int) -> ForwardBatch:
+        """The bucket's step over the static buffers (decode_lens is not read by graph-safe backends)."""
         meta = TableMeta(self.slot_table.tensor, self.rows[:bs], self.lens[:bs], self._empty, self._empty,
                          self._empty, 0)
-        return ForwardBatch(num_tokens=bs, out_slots=self.out_slots[:bs], extend_seqs=[], num_extend_tokens=0,
-                            decode_slots=[], kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=meta)
+        return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs],
+                            out_slots=self.out_slots[:bs], extend_seqs=[], num_extend_tokens=0, decode_lens=[],
+                            kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=meta)
 
-    def _run(self, bs: int) -> torch.Tensor:
-        return self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs]))
+    def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(batch.input_ids, batch.positions))
 
     def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        with forward_context(self._forward_batch(bs)):
+        with forward_context(self._forward_batch(bs)) as batch:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # compiles / autotunes the kernels for this shape outside the capture
-                    self._run(bs)
+                    self._run(batch)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._run(bs)
+                logits = self._run(batch)
         return graph, logits
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.num_extend_tokens == 0 and 0 < batch.num_tokens <= self.max_bs
 
-    def replay(self, batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] (float32) of a decode step of B <= max_bs tokens."""
         bs = batch.num_tokens
         bucket = self.buckets[bisect.bisect_left(self.buckets, bs)]
         meta = batch.table_meta
-        self.input_ids[:bs].copy_(input_ids)
-        self.positions[:bs].copy_(positions)
+        self.input_ids[:bs].copy_(batch.input_ids)
+        self.positions[:bs].copy_(batch.positions)
         self.out_slots[:bs].copy_(batch.out_slots)
         self.rows[:bs].copy_(meta.seq_rows)
         self.lens[:bs].copy_(meta.seq_lens)

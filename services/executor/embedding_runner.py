@@ -115,12 +115,12 @@ class EmbeddingRunner:
         ids = torch.tensor([t for s in sequences for t in s], device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         starts = [0, *itertools.accumulate(lengths[:-1])]
-        batch = ForwardBatch(num_tokens=ids.numel(), out_slots=ids.new_empty(0),
-                             extend_seqs=[ExtendSeq(s, n, 0, None) for s, n in zip(starts, lengths)],
-                             num_extend_tokens=ids.numel(), decode_slots=[], kv_pool=None,
+        batch = ForwardBatch(input_ids=ids, positions=positions, out_slots=ids.new_empty(0),
+                             extend_seqs=[ExtendSeq(s, n, 0) for s, n in zip(starts, lengths)],
+                             num_extend_tokens=ids.numel(), decode_lens=[], kv_pool=None,
                              attn_backend=self.attn_backend)
         with forward_context(batch):
-            hidden = self.model(ids, positions)
+            hidden = self.model(batch.input_ids, batch.positions)
         return pad_sequence(list(hidden.split(lengths)), batch_first=True)
 
 

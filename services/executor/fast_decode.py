@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from radixserve.kernels import cpu_decode
 from radixserve.executor.attention.metadata import ForwardBatch
@@ -90,9 +89,10 @@ class FastDecode:
     def supports(self, batch: ForwardBatch) -> bool:
         return batch.num_extend_tokens == 0 and 0 < batch.num_tokens <= self.MAX_TOKENS
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final-normed hidden states [T, hidden], like model(input_ids, positions), for a decode-only step."""
-        lens = torch.tensor([len(s) for s in batch.decode_slots], dtype=torch.int64)
-        table = pad_sequence(batch.decode_slots, batch_first=True, padding_value=0)
-        x = self._embed(input_ids)
-        return self._kernel_model.forward(x, positions, batch.out_slots, table, lens)
+        meta = batch.table_meta
+        # The kernels read row t of a [T, max_len] table up to lens[t]: the sequences' table rows, cut there.
+        table = meta.table[:, :max(batch.decode_lens)].index_select(0, meta.seq_rows)
+        x = self._embed(batch.input_ids)
+        return self._kernel_model.forward(x, batch.positions, batch.out_slots, table, meta.seq_lens)

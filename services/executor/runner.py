@@ -17,9 +17,9 @@ import torch
 from radixserve.common.args import ServerArgs
 from radixserve.common.config import RunnerConfig
 from radixserve.common.phase_clock import PhaseClock
-from radixserve.executor.attention.metadata import ForwardBatch, forward_context
+from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
-from radixserve.executor.batch_builder import BatchBuilder, BuiltBatch
+from radixserve.executor.batch_builder import BatchBuilder
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
 from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
@@ -127,17 +127,15 @@ class ModelRunner:
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
         self.attn_backend = create_attention_backend(settings.attention_backend, self.device, num_kv_heads)
-        self.slot_table = None
-        if getattr(self.attn_backend, "needs_slot_table", False):
-            rows = settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS
-            self.slot_table = SlotTable(rows, cfg.context_length, self.device)
+        self.slot_table = SlotTable(settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS, cfg.context_length,
+                                    self.device)
         self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
-        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.device,
-                                          self.slot_table)
+        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.slot_table,
+                                          self.kv_pool, self.attn_backend)
         self.cuda_graphs = None
         # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
         # replays them in the same order (each runs every step rank 0 broadcasts).
-        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.slot_table is not None:
+        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.attn_backend.supports_cuda_graphs:
             from radixserve.executor.cuda_graph_runner import CudaGraphRunner
             max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
             with clock.phase("CUDA graphs"):
@@ -174,15 +172,13 @@ class ModelRunner:
         dropped = len(self.states)
         self.states.clear()
         self.logits_processor.reset()
-        if self.slot_table is not None:
-            self.slot_table.reset()
+        self.slot_table.reset()
         return dropped
 
     def _drop(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
         if state is not None:
             self.logits_processor.release(state)
-        if state is not None and self.slot_table is not None:
             self.slot_table.release(state.table_row)
 
     def step(self, step: StepInput) -> StepOutput:
@@ -203,27 +199,24 @@ class ModelRunner:
         batch = self.batch_builder.build(step, self.states)
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
-        fb = ForwardBatch(num_tokens=batch.input_ids.numel(), out_slots=batch.out_slots,
-                          extend_seqs=batch.extend_seqs, num_extend_tokens=batch.num_extend_tokens,
-                          decode_slots=batch.decode_slots, kv_pool=self.kv_pool, attn_backend=self.attn_backend,
-                          table_meta=batch.table_meta)
         all_logits = hidden = None
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(fb):
-            all_logits = self.cuda_graphs.replay(fb, batch.input_ids, batch.positions)
-        elif self.fast_decode is not None and self.fast_decode.supports(fb):
-            hidden = self.fast_decode.forward(batch.input_ids, batch.positions, fb)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+            all_logits = self.cuda_graphs.replay(batch)
+        elif self.fast_decode is not None and self.fast_decode.supports(batch):
+            hidden = self.fast_decode.forward(batch)
         else:
-            with forward_context(fb):
+            with forward_context(batch):
                 hidden = self.model(batch.input_ids, batch.positions)
-        launched = LaunchedStep(step.step_id, t0, batch.sample_request_ids)
+        samples = batch.samples
+        launched = LaunchedStep(step.step_id, t0, samples.request_ids if samples is not None else [])
         logits = None
-        if batch.sample_request_ids:
+        if samples is not None:
             if all_logits is None:
-                rows = hidden if batch.samples_every_token else hidden.index_select(0, batch.sample_token_index)
+                rows = hidden if samples.every_token else hidden.index_select(0, samples.token_index)
                 logits = self.model.compute_logits(rows)
             else:
-                logits = all_logits if batch.samples_every_token else all_logits.index_select(0, batch.sample_token_index)
-            launched.sampled = self._sample(step, batch, logits)
+                logits = all_logits if samples.every_token else all_logits.index_select(0, samples.token_index)
+            launched.sampled = self._sample(step, samples, logits)
         if self.keep_logits and logits is not None:
             launched.logits = logits.clone()  # the CUDA graph's output buffer, which the next replay overwrites
         if self.device.type == "cuda":
@@ -231,13 +224,13 @@ class ModelRunner:
             launched.done.record()
         return launched
 
-    def _sample(self, step: StepInput, batch: BuiltBatch, logits: torch.Tensor) -> DeviceSample | None:
+    def _sample(self, step: StepInput, sampling: StepSamples, logits: torch.Tensor) -> DeviceSample | None:
         """Sample (rank 0), hand the tokens to every shard and keep them for the next step's decode
         inputs; returns rank 0's sample with its copy to the host under way."""
-        states = batch.sample_states
+        states = sampling.states
         drawn = None
         if self.samples:
-            self.logits_processor.apply(logits, states, step_bitmasks(step, batch.sample_request_ids))
+            self.logits_processor.apply(logits, states, step_bitmasks(step, sampling.request_ids))
             drawn = sample_on_device(logits, [s.sampling for s in states],
                                      [s.generator_for_next_token() for s in states], self.generator)
             self.logits_processor.record(states, drawn.tokens)
@@ -245,11 +238,7 @@ class ModelRunner:
         else:
             tokens = torch.empty(len(states), dtype=torch.int64, device=self.device)
         broadcast_from_rank0(tokens)
-        if self.slot_table is not None:
-            self.slot_table.next_tokens.index_copy_(0, batch.sample_rows, tokens)
-        else:
-            for state, token in zip(states, tokens.tolist()):
-                state.last_token = token
+        self.slot_table.next_tokens.index_copy_(0, sampling.rows, tokens)
         return drawn.to_host() if drawn is not None else None
 
     def collect(self, launched: LaunchedStep) -> StepOutput:

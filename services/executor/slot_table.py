@@ -1,8 +1,8 @@
-"""The request-to-slot table GPU attention kernels read: one row per active request, holding its KV
-slot ids in position order (SGLang's req_to_token). The scheduler still decides every slot id;
-this table only mirrors the slot lists the steps carry, on the device, so that kernels (and CUDA
-graphs) find them without a per-step gather. Rows are handed to requests as they arrive and taken
-back when they finish.
+"""The request-to-slot table attention reads, on every device: one row per active request, holding its
+KV slot ids in position order (SGLang's req_to_token). It is the executor's only copy of the slot
+lists. The scheduler still decides every slot id; this table only mirrors the slot lists the steps
+carry, on the device, so that kernels (and CUDA graphs) find them without a per-step gather. Rows
+are handed to requests as they arrive and taken back when they finish.
 
 Each row also keeps, on the device, the token last sampled for its request (next_tokens): a decode
 step takes its input from there, so it can be launched before the previous step's tokens reach the

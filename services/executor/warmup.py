@@ -197,7 +197,7 @@ class Warmup:
 def run_warmup(runner, args) -> WarmupReport:
     """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
     inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
-    rows = inner.slot_table.tensor.shape[0] if inner.slot_table is not None else (args.max_running_requests or 256)
+    rows = inner.slot_table.tensor.shape[0]
     warmup = Warmup(runner, kv_slots=inner.kv_slots, vocab_size=inner.config.vocab_size,
                     max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
                     max_running_requests=min(rows, args.max_running_requests or rows),

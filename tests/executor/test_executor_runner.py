@@ -28,8 +28,9 @@ def test_state_is_cached_and_outputs_are_ordered(runner):
     out = runner.step(StepInput(2, new_requests=[new("c", [7, 8], [5, 6], sample=False)],
                                 continuing_requests=[ContinuingRequest("b", [7]), ContinuingRequest("a", [8])]))
     assert [o.request_id for o in out.outputs] == ["b", "a"]  # c did not sample
-    assert runner.states["a"].length == 4 and runner.states["a"].slots[:4].tolist() == [1, 2, 3, 8]
-    assert runner.states["a"].last_token == out.outputs[1].token_id
+    row = runner.states["a"].table_row
+    assert runner.states["a"].length == 4 and runner.slot_table.tensor[row, :4].tolist() == [1, 2, 3, 8]
+    assert runner.slot_table.next_tokens[row].item() == out.outputs[1].token_id
 
 
 def test_decode_uses_last_sampled_token(runner):
@@ -41,6 +42,41 @@ def test_decode_uses_last_sampled_token(runner):
     # The same sequence with the token given explicitly, as a fresh request, gives the same logits.
     out = runner.step(StepInput(3, new_requests=[new("z", ids + [first], [10, 11, 12, 13])]))
     torch.testing.assert_close(out.logits[0], explicit, atol=1e-5, rtol=0)
+
+
+def test_a_reused_table_row_is_read_only_up_to_its_requests_length(runner):
+    runner.step(StepInput(1, new_requests=[new("long", list(range(3, 11)), list(range(1, 9)))]))
+    row = runner.states["long"].table_row
+    # "long" finishes; its SlotTable row goes to "b", which is shorter, batched with the longer "c".
+    out = runner.step(StepInput(2, finished_request_ids=["long"], new_requests=[
+        new("b", [3, 4], [20, 21]), new("c", [5, 6, 7, 8, 9], [30, 31, 32, 33, 34])]))
+    assert runner.states["b"].table_row == row
+    first = out.outputs[0].token_id
+    out = runner.step(StepInput(3, continuing_requests=[ContinuingRequest("b", [22]), ContinuingRequest("c", [35])]))
+    assert runner.slot_table.tensor[row, :8].tolist() == [20, 21, 22, 4, 5, 6, 7, 8]  # long's slots past b's 3
+    decoded = out.logits[0]
+    out = runner.step(StepInput(4, new_requests=[new("z", [3, 4, first], [40, 41, 42])]))
+    torch.testing.assert_close(out.logits[0], decoded, atol=1e-5, rtol=0)
+
+
+def test_fused_decode_gets_each_sequences_slots_from_its_table_row(runner):
+    from radixserve.executor.fast_decode import FastDecode
+
+    class Recorder:  # stands in for the C++ kernels (which need AVX512-BF16): records its inputs
+        def forward(self, x, positions, out_slots, table, lens):
+            self.args = (positions.tolist(), out_slots.tolist(), table.clone(), lens.tolist())
+            return torch.zeros_like(x)
+
+    recorder = Recorder()
+    runner.fast_decode = FastDecode(None, recorder, runner.model)
+    runner.step(StepInput(1, new_requests=[new("long", list(range(3, 11)), list(range(1, 9)))]))
+    runner.step(StepInput(2, finished_request_ids=["long"], new_requests=[
+        new("b", [3, 4], [20, 21]), new("c", [5, 6, 7], [30, 31, 32], prefix_slots=[9, 10])]))
+    runner.step(StepInput(3, continuing_requests=[ContinuingRequest("c", [33]), ContinuingRequest("b", [22])]))
+    positions, out_slots, table, lens = recorder.args
+    assert positions == [5, 2] and out_slots == [33, 22] and lens == [6, 3]
+    assert table.shape == (2, 6) and table.is_contiguous()
+    assert table[0].tolist() == [9, 10, 30, 31, 32, 33] and table[1, :3].tolist() == [20, 21, 22]
 
 
 def test_finished_ids_dropped_before_step_allows_retraction(runner):
@@ -233,8 +269,9 @@ def test_grpc_steps_run_in_step_id_order(runner):
                 later = decode(3, 11)
                 await asyncio.sleep(0.1)  # step 3 arrives first and must wait for step 2
                 second, third = await asyncio.gather(decode(2, 10), later)
-                assert runner.states["a"].slots[:5].tolist() == [1, 2, 3, 10, 11]
-                assert runner.states["a"].last_token == third.outputs[0].token_id
+                row = runner.states["a"].table_row
+                assert runner.slot_table.tensor[row, :5].tolist() == [1, 2, 3, 10, 11]
+                assert runner.slot_table.next_tokens[row].item() == third.outputs[0].token_id
                 # Step 2 decoded the token step 1 sampled: a fresh request with it spelled out agrees.
                 tokens = [3, 4, 5, first.outputs[0].token_id]
                 check = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=4, session_id=sid, new_requests=[

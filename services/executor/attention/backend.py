@@ -10,6 +10,9 @@ from radixserve.executor.layers.rotary import RopeStep
 
 
 class AttentionBackend(abc.ABC):
+    # Reads a decode step only from device tensors (no host lengths), so CUDA graphs can capture it.
+    supports_cuda_graphs = False
+
     @abc.abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Build per-step tensors once (not per layer); store them in batch.attn_metadata."""

@@ -1,7 +1,8 @@
-"""Per-step batch description that attention layers read from a context the runner sets.
+"""The step as the model runs it (ForwardBatch), which attention layers read from a context the runner sets.
 
 Token order of a step: all extend (prefill) sequences first, then all decode tokens (one per
 sequence). Models see only the flattened token batch; attention layers find everything else here.
+Every sequence's KV slot ids are in the executor's SlotTable (TableMeta.table), on every device.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 if TYPE_CHECKING:
     from radixserve.executor.attention.backend import AttentionBackend
     from radixserve.executor.kv_cache import KVPool
+    from radixserve.executor.request_state import RequestState
 
 
 @dataclass
@@ -21,8 +23,7 @@ class ExtendSeq:
     start: int  # first token of the sequence in the flattened batch
     num_tokens: int  # tokens run this step
     prefix_len: int  # tokens whose KV is already in the cache
-    slots: torch.Tensor | None  # all slots of the sequence, prefix + new, in position order (int64, host);
-    # None when the executor keeps a SlotTable (GPU backends read that instead)
+    row: int = -1  # its SlotTable row (slots [0, seq_len) of it); -1 in a forward without KV cache
 
     @property
     def seq_len(self) -> int:
@@ -31,7 +32,7 @@ class ExtendSeq:
 
 @dataclass
 class TableMeta:
-    """The step as GPU backends read it: sequences index rows of the executor's SlotTable.
+    """Where the step's sequences find their KV slots: rows of the executor's SlotTable.
 
     Sequence order is the token order: extend sequences first, then decode sequences. All device
     int64 tensors; max_extend_len is a host int (it sizes a kernel grid).
@@ -58,16 +59,33 @@ class TableMeta:
 
 
 @dataclass
+class StepSamples:
+    """The requests of a step that sample, in output order."""
+    token_index: torch.Tensor  # flattened-batch index of each one's last token
+    every_token: bool  # token_index is 0..num_tokens-1 (one token per request, each sampling)
+    request_ids: list[str]
+    states: list["RequestState"]
+    rows: torch.Tensor  # their SlotTable rows (device), where their sampled tokens are kept
+
+
+@dataclass
 class ForwardBatch:
-    num_tokens: int
+    input_ids: torch.Tensor  # [num_tokens] int64 (device)
+    positions: torch.Tensor  # [num_tokens] int64 (device)
     out_slots: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
     extend_seqs: list[ExtendSeq]
     num_extend_tokens: int
-    decode_slots: list[torch.Tensor | None]  # per decode sequence, its full slot list (incl. the new slot); None as above
+    decode_lens: list[int]  # per decode sequence, its tokens with KV after this step (host ints; the device
+    # copy is table_meta.decode_lens)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
-    table_meta: TableMeta | None = None  # set when the executor keeps a SlotTable (GPU backends)
+    table_meta: TableMeta | None = None  # None only in a forward without KV cache (embeddings)
+    samples: StepSamples | None = None  # None: no request samples this step
     attn_metadata: Any = field(default=None)  # whatever the backend prepared for this step
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
 
     @property
     def num_decode(self) -> int:

@@ -1,10 +1,11 @@
 """Attention with torch's scaled_dot_product_attention; runs on CPU and CUDA.
 
-Decode tokens of the whole batch are handled by one SDPA call: their K/V are gathered through a
-padded [B, max_len] slot table (padding reads slot 0) into buffers reused by every layer, and a
-key-padding mask hides the padding. Grouped-query heads need no K/V expansion for decode: the
-query heads sharing a kv head become that kv head's query rows. Extend sequences run one causal
-SDPA each, the mask offset by the cached prefix length.
+Decode tokens of the whole batch are handled by one SDPA call: their K/V are gathered through their
+SlotTable rows, cut at the longest length ([B, max_len]), into buffers reused by every layer, and a
+key-padding mask hides what lies past each sequence's length. Grouped-query heads need no K/V
+expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
+sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
+from their SlotTable row).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
@@ -22,7 +22,7 @@ from radixserve.executor.attention.metadata import ForwardBatch
 class _StepMetadata:
     extend_masks: list[torch.Tensor | None]  # None: no prefix, plain causal attention on the new K/V
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
-    decode_table: torch.Tensor | None  # [B * max_len] slot ids, padded with slot 0
+    decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
     decode_max_len: int
     decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, None when no padding
     k_buf: torch.Tensor | None
@@ -32,6 +32,7 @@ class _StepMetadata:
 class TorchNativeAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.out_slots.device
+        table = batch.table_meta.table
         masks, slots = [], []
         for seq in batch.extend_seqs:
             if seq.prefix_len == 0:
@@ -40,21 +41,23 @@ class TorchNativeAttentionBackend(AttentionBackend):
             else:
                 ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
                 masks.append(ones.tril_(seq.prefix_len))
-                slots.append(seq.slots.to(device))
-        table = mask = k_buf = v_buf = None
+                slots.append(table[seq.row, :seq.seq_len])
+        decode_table = mask = k_buf = v_buf = None
         max_len = 0
-        if batch.decode_slots:
-            lens = [len(s) for s in batch.decode_slots]
+        if batch.decode_lens:
+            lens = batch.decode_lens
             max_len = max(lens)
-            table = pad_sequence(batch.decode_slots, batch_first=True, padding_value=0).reshape(-1).to(device)
+            meta = batch.table_meta
+            # Entries past a sequence's length are stale slot ids of the row: in range, and masked out.
+            decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
             if min(lens) != max_len:
-                lens_t = torch.tensor(lens, device=device)
+                lens_t = meta.decode_lens
                 mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, max_len)
             pool = batch.kv_pool
-            shape = (table.numel(), pool.num_kv_heads, pool.head_dim)
+            shape = (decode_table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
-        batch.attn_metadata = _StepMetadata(masks, slots, table, max_len, mask, k_buf, v_buf)
+        batch.attn_metadata = _StepMetadata(masks, slots, decode_table, max_len, mask, k_buf, v_buf)
 
     def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
         q, k = self.rotate(qk, rope, layer)

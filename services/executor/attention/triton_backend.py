@@ -5,8 +5,8 @@ writes the rotated k and v to the cache (kernels/rotary_kv_store.py), instead of
 then a KV-store kernel; at small batch both are launch-bound. k itself stays unrotated, which is
 fine since the attention kernels here read K/V only from the cache.
 
-Reads the step from batch.table_meta (the executor's SlotTable rows and lengths), never from
-host-side slot lists, and launches a fixed set of kernels whose shapes depend only on the token
+Reads the step's sequences from batch.table_meta (the executor's SlotTable rows and lengths, device
+tensors), never from host lengths, and launches a fixed set of kernels whose shapes depend only on the token
 count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class _StepMetadata:
 
 
 class TritonAttentionBackend(AttentionBackend):
-    needs_slot_table = True
+    supports_cuda_graphs = True
 
     def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
         self.num_kv_heads = num_kv_heads
