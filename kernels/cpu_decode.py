@@ -10,6 +10,7 @@ Builds are guarded by a flock next to the build folder, which the OS releases wh
 build killed midway (Ctrl-C, the launcher stopping the executor) never blocks later ones, and waiting for
 another live process's build is bounded by RADIXSERVE_CPU_DECODE_BUILD_WAIT seconds (default 600).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -69,6 +70,7 @@ def _build_directory(name: str) -> pathlib.Path:
     else <torch cache>/py<ver>_<accelerator>/<name>). We compute it and pass it to load() explicitly, so
     that our lock file and torch's build folder can never disagree."""
     from torch.utils import cpp_extension
+
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
         if torch.version.hip is not None:
@@ -89,7 +91,12 @@ def _build_wait_s() -> float:
     try:
         return max(0.0, float(raw))
     except ValueError:
-        log.warning("%s=%r is not a number of seconds; using %gs", _ENV_BUILD_WAIT, raw, _DEFAULT_BUILD_WAIT_S)
+        log.warning(
+            "%s=%r is not a number of seconds; using %gs",
+            _ENV_BUILD_WAIT,
+            raw,
+            _DEFAULT_BUILD_WAIT_S,
+        )
         return _DEFAULT_BUILD_WAIT_S
 
 
@@ -108,8 +115,8 @@ def _leftover_build_pids(build_dir: pathlib.Path) -> list[int]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
             children.setdefault(ppid, []).append(pid)
             if comm == "ninja" and os.readlink(f"/proc/{pid}/cwd") == target:
                 ninjas.append(pid)
@@ -137,14 +144,22 @@ def _stop_leftover_build(build_dir: pathlib.Path) -> bool:
             return True
         waited = time.monotonic() - start
         if waited >= 15.0:
-            log.warning("processes of a killed build (pid %s) still run in %s; using the torch path",
-                        ", ".join(map(str, pids)), build_dir)
+            log.warning(
+                "processes of a killed build (pid %s) still run in %s; using the torch path",
+                ", ".join(map(str, pids)),
+                build_dir,
+            )
             return False
         if not logged:
-            log.warning("stopping the build left running in %s by a killed process (pid %s)",
-                        build_dir, ", ".join(map(str, pids)))
+            log.warning(
+                "stopping the build left running in %s by a killed process (pid %s)",
+                build_dir,
+                ", ".join(map(str, pids)),
+            )
             logged = True
-        sig = signal.SIGTERM if waited < 5.0 else signal.SIGKILL  # ninja and gcc end at once on SIGTERM
+        sig = (
+            signal.SIGTERM if waited < 5.0 else signal.SIGKILL
+        )  # ninja and gcc end at once on SIGTERM
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -176,8 +191,13 @@ def _acquire_build_lock(lock_path: pathlib.Path, deadline: float) -> int | None:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 except OSError:
                     holder = "?"
-                log.warning("waiting up to %.0fs for another process (pid %s) to build the CPU decode kernels "
-                            "(lock %s)", deadline - now, holder, lock_path)
+                log.warning(
+                    "waiting up to %.0fs for another process (pid %s) to build the CPU decode kernels "
+                    "(lock %s)",
+                    deadline - now,
+                    holder,
+                    lock_path,
+                )
                 logged = True
             time.sleep(min(_LOCK_POLL_S, max(0.0, deadline - now)))
         os.ftruncate(fd, 0)
@@ -196,11 +216,25 @@ def _compile(name: str, build_dir: pathlib.Path) -> str:
     The ISA flags are spelled out although -march=native implies them on the CPUs load() accepts (it
     checks exactly these four), so that the build does not depend on the CPU it runs on."""
     from torch.utils import cpp_extension
+
     return cpp_extension.load(
-        name=name, sources=[str(_SOURCE)], build_directory=str(build_dir), is_python_module=False,
-        extra_cflags=["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                      "-fopenmp", "-DNDEBUG"],
-        extra_ldflags=["-fopenmp"], verbose=False)
+        name=name,
+        sources=[str(_SOURCE)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        extra_cflags=[
+            "-O3",
+            "-march=native",
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512bf16",
+            "-fopenmp",
+            "-DNDEBUG",
+        ],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _build_library() -> str | None:
@@ -220,16 +254,23 @@ def _build_library() -> str | None:
     deadline = time.monotonic() + wait_s
     fd = _acquire_build_lock(lock_path, deadline)
     if fd is None:
-        log.warning("another process has been building the CPU decode kernels for over %gs (%s; lock %s); "
-                    "using the torch path", wait_s, _ENV_BUILD_WAIT, lock_path)
+        log.warning(
+            "another process has been building the CPU decode kernels for over %gs (%s; lock %s); "
+            "using the torch path",
+            wait_s,
+            _ENV_BUILD_WAIT,
+            lock_path,
+        )
         return None
     try:
         torch_lock = build_dir / "lock"
         if torch_lock.exists():
             if not _stop_leftover_build(build_dir):
                 return None
-            log.warning("removing stale torch build lock %s left by a killed build of the CPU decode kernels",
-                        torch_lock)
+            log.warning(
+                "removing stale torch build lock %s left by a killed build of the CPU decode kernels",
+                torch_lock,
+            )
             torch_lock.unlink(missing_ok=True)
         return _compile(name, build_dir)
     finally:
@@ -274,8 +315,11 @@ def load():
             try:
                 _module = _build()
             except Exception as e:  # compiler missing, ninja missing, build error, bad .so
-                log.warning("building the CPU decode kernels failed (%s: %s); using the torch path",
-                            type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+                log.warning(
+                    "building the CPU decode kernels failed (%s: %s); using the torch path",
+                    type(e).__name__,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else "",
+                )
         return _module
 
 

@@ -19,6 +19,7 @@ request-to-slot table, as the executor keeps), else b.
 
 decode_attention_ref is the torch reference (gather per sequence, fp32 softmax).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,17 +31,36 @@ from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 @triton.jit
 def _decode_stage1(
-    q_ptr, k_ptr, v_ptr, slot_ptr, rows_ptr, lens_ptr, part_ptr, lse_ptr,
-    scale, num_splits,
-    stride_qb, stride_qh,
-    stride_ks, stride_kh,
-    stride_vs, stride_vh,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slot_ptr,
+    rows_ptr,
+    lens_ptr,
+    part_ptr,
+    lse_ptr,
+    scale,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
     stride_tb,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr, HAS_ROWS: tl.constexpr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_WHILE: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -58,8 +78,11 @@ def _decode_stage1(
     heads = kh * GROUP + offs_h
 
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -75,32 +98,83 @@ def _decode_stage1(
         # runs the same block step there.
         n0 = start
         while n0 < end:
-            m_i, l_i, acc = attend_block(q, 0, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
-                                         stride_ks, stride_kh, stride_vs, stride_vh,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False)
+            m_i, l_i, acc = attend_block(
+                q,
+                0,
+                k_ptr,
+                v_ptr,
+                slot_row,
+                kh,
+                n0,
+                end,
+                m_i,
+                l_i,
+                acc,
+                scale,
+                stride_ks,
+                stride_kh,
+                stride_vs,
+                stride_vh,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_D,
+                PRECISION,
+                CAUSAL=False,
+            )
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = attend_block(q, 0, k_ptr, v_ptr, slot_row, kh, n0, end, m_i, l_i, acc, scale,
-                                         stride_ks, stride_kh, stride_vs, stride_vh,
-                                         HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False)
+            m_i, l_i, acc = attend_block(
+                q,
+                0,
+                k_ptr,
+                v_ptr,
+                slot_row,
+                kh,
+                n0,
+                end,
+                m_i,
+                l_i,
+                acc,
+                scale,
+                stride_ks,
+                stride_kh,
+                stride_vs,
+                stride_vh,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_D,
+                PRECISION,
+                CAUSAL=False,
+            )
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(part_ptr + b64 * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
-             out, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(
+        part_ptr + b64 * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
+        out,
+        mask=h_mask[:, None] & d_mask[None, :],
+    )
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + s, lse, mask=h_mask)
 
 
 @triton.jit
 def _decode_stage2(
-    part_ptr, lse_ptr, o_ptr,
+    part_ptr,
+    lse_ptr,
+    o_ptr,
     num_splits,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -109,16 +183,23 @@ def _decode_stage2(
     s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
 
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    lse = tl.load(
+        lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf")
+    )
     valid = lse > float("-inf")
     m = tl.max(lse, 0)
     m = tl.where(m > float("-inf"), m, 0.0)
     w = tl.where(valid, tl.exp(lse - m), 0.0)
     w_sum = tl.sum(w, 0)
-    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    part = tl.load(
+        part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(
+        o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask
+    )
 
 
 def default_num_splits(max_len: int) -> int:
@@ -132,9 +213,17 @@ def num_splits_for_batch(batch: int, num_kv_heads: int, num_sms: int, max_splits
     return max(1, min(max_splits, triton.next_power_of_2(want)))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                     block_n: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
     r = rows[b] (or b without rows).
 
@@ -144,7 +233,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
     B, H, D = q.shape
     H_kv = k_cache.shape[1]
-    assert k_cache.shape[2] == D and v_cache.shape == k_cache.shape, "K/V cache shapes must match q's head_dim"
+    assert k_cache.shape[2] == D and v_cache.shape == k_cache.shape, (
+        "K/V cache shapes must match q's head_dim"
+    )
     assert H % H_kv == 0, "num_heads must be divisible by num_kv_heads"
     assert D <= 256, "head_dim up to 256"
     assert slot_table.dim() == 2 and seq_lens.shape == (B,)
@@ -182,32 +273,69 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
 
     _decode_stage1[(B, H_kv, num_splits)](
-        q, k_cache, v_cache, slot_table, seq_lens if rows is None else rows, seq_lens, part, lse,
-        float(scale), num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1),
+        q,
+        k_cache,
+        v_cache,
+        slot_table,
+        seq_lens if rows is None else rows,
+        seq_lens,
+        part,
+        lse,
+        float(scale),
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
         slot_table.stride(0),
-        part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1),
-        GROUP=group, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        PRECISION=precision, USE_WHILE=interpreting(), HAS_ROWS=rows is not None,
-        num_warps=4, num_stages=2,
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        GROUP=group,
+        HEAD_DIM=D,
+        BLOCK_H=BLOCK_H,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        PRECISION=precision,
+        USE_WHILE=interpreting(),
+        HAS_ROWS=rows is not None,
+        num_warps=4,
+        num_stages=2,
     )
     _decode_stage2[(B, H)](
-        part, lse, o, num_splits,
-        part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1),
-        o.stride(0), o.stride(1),
-        HEAD_DIM=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D,
+        part,
+        lse,
+        o,
+        num_splits,
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        o.stride(0),
+        o.stride(1),
+        HEAD_DIM=D,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_D=BLOCK_D,
         num_warps=4,
     )
     return o
 
 
-def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_table: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                         rows: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Torch reference: per sequence, gather its K/V slots and run an fp32 softmax attention."""
     B, H, D = q.shape
     H_kv = k_cache.shape[1]
@@ -219,7 +347,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             continue
         row = b if rows is None else int(rows[b])
         slots = slot_table[row, :n].long()
-        k = k_cache[slots].float().repeat_interleave(group, dim=1)      # [n, H, D]
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
         v = v_cache[slots].float().repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
         p = torch.softmax(s, dim=-1)

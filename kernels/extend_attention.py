@@ -12,6 +12,7 @@ one launch covers sequences of any mix of lengths.
 
 extend_attention_ref is the torch reference (per sequence, fp32, explicit causal mask).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,12 +24,32 @@ from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, rows_ptr, prefix_ptr, qstart_ptr, qlen_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    table_ptr,
+    rows_ptr,
+    prefix_ptr,
+    qstart_ptr,
+    qlen_ptr,
     scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, USE_WHILE: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_tr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_WHILE: tl.constexpr,
 ):
     s = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -45,8 +66,11 @@ def _extend_kernel(
         m_mask = offs_m < q_len
         d_mask = offs_d < HEAD_DIM
         tokens = q_start + offs_m.to(tl.int64)
-        q = tl.load(q_ptr + tokens[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + tokens[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         q_pos = prefix + offs_m
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -57,24 +81,78 @@ def _extend_kernel(
         if USE_WHILE:  # see paged_attention_block.interpreting
             n0 = 0
             while n0 < kv_end:
-                m_i, l_i, acc = attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
-                                             scale, stride_ks, stride_kh, stride_vs, stride_vh,
-                                             HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=True)
+                m_i, l_i, acc = attend_block(
+                    q,
+                    q_pos,
+                    k_ptr,
+                    v_ptr,
+                    slot_row,
+                    kh,
+                    n0,
+                    kv_end,
+                    m_i,
+                    l_i,
+                    acc,
+                    scale,
+                    stride_ks,
+                    stride_kh,
+                    stride_vs,
+                    stride_vh,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    BLOCK_D,
+                    PRECISION,
+                    CAUSAL=True,
+                )
                 n0 += BLOCK_N
         else:
             for n0 in range(0, kv_end, BLOCK_N):
-                m_i, l_i, acc = attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc,
-                                             scale, stride_ks, stride_kh, stride_vs, stride_vh,
-                                             HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=True)
+                m_i, l_i, acc = attend_block(
+                    q,
+                    q_pos,
+                    k_ptr,
+                    v_ptr,
+                    slot_row,
+                    kh,
+                    n0,
+                    kv_end,
+                    m_i,
+                    l_i,
+                    acc,
+                    scale,
+                    stride_ks,
+                    stride_kh,
+                    stride_vs,
+                    stride_vh,
+                    HEAD_DIM,
+                    BLOCK_N,
+                    BLOCK_D,
+                    PRECISION,
+                    CAUSAL=True,
+                )
         out = acc / l_i[:, None]
-        tl.store(o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(
+            o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
 
 
-def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                     rows: torch.Tensor, prefix_lens: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
-                     max_q_len: int, scale: float, out: torch.Tensor | None = None,
-                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    q_starts: torch.Tensor,
+    q_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
     """Causal attention of each extend sequence's new tokens over its prefix and themselves.
 
     q [T, H, D] (rows q_starts[s] .. q_starts[s] + q_lens[s] - 1 are sequence s); k_cache / v_cache
@@ -104,19 +182,41 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (S, triton.cdiv(max_q_len, block_m), H)
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, table, rows, prefix_lens, q_starts, q_lens,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        table,
+        rows,
+        prefix_lens,
+        q_starts,
+        q_lens,
         float(scale),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), table.stride(0),
-        GROUP=H // H_kv, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        PRECISION=precision, USE_WHILE=interpreting(),
-        num_warps=4, num_stages=2,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        table.stride(0),
+        GROUP=H // H_kv,
+        HEAD_DIM=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=BLOCK_D,
+        PRECISION=precision,
+        USE_WHILE=interpreting(),
+        num_warps=4,
+        num_stages=2,
     )
     return out
 
 
-def extend_attention_ref(q, k_cache, v_cache, table, rows, prefix_lens, q_starts, q_lens, max_q_len=None,
-                         scale=1.0) -> torch.Tensor:
+def extend_attention_ref(
+    q, k_cache, v_cache, table, rows, prefix_lens, q_starts, q_lens, max_q_len=None, scale=1.0
+) -> torch.Tensor:
     """Torch reference: per sequence, gather prefix + new K/V, fp32 causal softmax."""
     T, H, D = q.shape
     group = H // k_cache.shape[1]
@@ -125,13 +225,15 @@ def extend_attention_ref(q, k_cache, v_cache, table, rows, prefix_lens, q_starts
         prefix, start, n = int(prefix_lens[s]), int(q_starts[s]), int(q_lens[s])
         if n == 0:
             continue
-        slots = table[int(rows[s]), :prefix + n].long()
-        k = k_cache[slots].float().repeat_interleave(group, dim=1)          # [L, H, D]
+        slots = table[int(rows[s]), : prefix + n].long()
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
         v = v_cache[slots].float().repeat_interleave(group, dim=1)
-        qs = q[start:start + n].float()                                      # [n, H, D]
+        qs = q[start : start + n].float()  # [n, H, D]
         scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
         q_pos = prefix + torch.arange(n)[:, None]
         k_pos = torch.arange(prefix + n)[None, :]
         scores = scores.masked_fill((k_pos > q_pos)[None], float("-inf"))
-        out[start:start + n] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, -1), v).to(q.dtype)
+        out[start : start + n] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, -1), v).to(
+            q.dtype
+        )
     return out

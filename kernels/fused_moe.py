@@ -16,6 +16,7 @@ expert this rank does not hold: that pair contributes nothing here).
 Accumulation is float32; gate_up, act and the per-pair outputs are stored in x.dtype. fused_moe_ref is
 the torch reference (a loop over the experts that received tokens); the executor runs it on CPU.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,11 +30,28 @@ from radixserve.kernels.silu_mul import silu_and_mul
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
-    N, num_pairs, pairs_per_row,
-    stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-    K: tl.constexpr, MUL_WEIGHT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    weights_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    N,
+    num_pairs,
+    pairs_per_row,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    K: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """C[p, n] = sum_k A[p // pairs_per_row, k] * B[e, n, k] (* weights[p]) for the pairs p of one block."""
     block = tl.program_id(0)
@@ -48,7 +66,9 @@ def _moe_gemm_kernel(
         n_mask = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        b_ptrs = (
+            b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
@@ -61,8 +81,11 @@ def _moe_gemm_kernel(
             b_ptrs += BLOCK_K * stride_bk
         if MUL_WEIGHT:
             acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
-        tl.store(c_ptr + pair[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=valid[:, None] & n_mask[None, :])
+        tl.store(
+            c_ptr + pair[:, None] * stride_cm + offs_n[None, :],
+            acc.to(c_ptr.dtype.element_ty),
+            mask=valid[:, None] & n_mask[None, :],
+        )
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int):
@@ -77,17 +100,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     P = flat.numel()
     E = num_experts
     bucket = torch.where((flat >= 0) & (flat < E), flat, E)  # E: not an expert of this rank
-    counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, bucket, torch.ones_like(bucket))
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, bucket, torch.ones_like(bucket)
+    )
     padded = (counts[:E] + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     capacity = triton.cdiv(P + min(E, P) * (block_m - 1), block_m) * block_m
     order = torch.argsort(bucket, stable=True)
     sorted_bucket = bucket[order]
     rank_in_expert = torch.arange(P, device=device) - (counts.cumsum(0) - counts)[sorted_bucket]
-    starts = torch.cat((padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device)))
+    starts = torch.cat(
+        (padded_ends - padded, torch.full((1,), capacity, dtype=torch.int64, device=device))
+    )
     dest = torch.where(sorted_bucket < E, starts[sorted_bucket] + rank_in_expert, capacity)
     sorted_ids = torch.full((capacity + 1,), P, dtype=torch.int32, device=device)
-    sorted_ids[dest] = order.to(torch.int32)  # pairs of other ranks all land in the dropped last entry
+    sorted_ids[dest] = order.to(
+        torch.int32
+    )  # pairs of other ranks all land in the dropped last entry
     block_starts = torch.arange(0, capacity, block_m, device=device)
     expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
     return sorted_ids[:capacity], expert_ids, padded_ends[-1:].to(torch.int32)
@@ -98,7 +127,9 @@ def _default_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
 
 
-def _moe_gemm(a, w, out, weights, sorted_ids, expert_ids, num_padded, pairs_per_row, block_m, mul_weight):
+def _moe_gemm(
+    a, w, out, weights, sorted_ids, expert_ids, num_padded, pairs_per_row, block_m, mul_weight
+):
     N, K = w.shape[1], w.shape[2]
     assert a.shape[1] == K and a.stride(1) == 1 and w.stride(2) == 1 and out.stride(1) == 1
     block_n = 64 if N >= 64 else max(16, triton.next_power_of_2(N))
@@ -111,17 +142,41 @@ def _moe_gemm(a, w, out, weights, sorted_ids, expert_ids, num_padded, pairs_per_
     upcast = interpreting() and not fp32
     grid = (expert_ids.numel(), triton.cdiv(N, block_n))
     _moe_gemm_kernel[grid](
-        a, w, out, weights, sorted_ids, expert_ids, num_padded,
-        N, out.shape[0], pairs_per_row,
-        a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
-        K=K, MUL_WEIGHT=mul_weight, PRECISION="ieee" if fp32 else "tf32", UPCAST=upcast,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=2 if fp32 else 3,
+        a,
+        w,
+        out,
+        weights,
+        sorted_ids,
+        expert_ids,
+        num_padded,
+        N,
+        out.shape[0],
+        pairs_per_row,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        K=K,
+        MUL_WEIGHT=mul_weight,
+        PRECISION="ieee" if fp32 else "tf32",
+        UPCAST=upcast,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=2 if fp32 else 3,
     )
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """sum_j topk_weights[t, j] * w2[e] @ (silu(gate) * up)(w13[e] @ x[t]), e = topk_ids[t, j] -> [T, H]."""
     T, H = x.shape
     E, two_i, _ = w13.shape
@@ -137,15 +192,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     block_m = block_m or _default_block_m(P, E)
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, E, block_m)
     gate_up = torch.empty((P, two_i), dtype=x.dtype, device=x.device)
-    _moe_gemm(x, w13, gate_up, weights, sorted_ids, expert_ids, num_padded, k, block_m, mul_weight=False)
+    _moe_gemm(
+        x, w13, gate_up, weights, sorted_ids, expert_ids, num_padded, k, block_m, mul_weight=False
+    )
     act = silu_and_mul(gate_up)
     per_pair = torch.zeros((P, H), dtype=x.dtype, device=x.device)
-    _moe_gemm(act, w2, per_pair, weights, sorted_ids, expert_ids, num_padded, 1, block_m, mul_weight=True)
+    _moe_gemm(
+        act, w2, per_pair, weights, sorted_ids, expert_ids, num_padded, 1, block_m, mul_weight=True
+    )
     return per_pair.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """Torch reference (and the CPU path): per expert that received tokens, its SwiGLU MLP on them."""
     T, k = topk_ids.shape
     E, two_i, _ = w13.shape
@@ -159,7 +223,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     start = 0
     for e in range(E):
         if counts[e]:
-            pairs = order[start:start + counts[e]]
+            pairs = order[start : start + counts[e]]
             tokens = pairs // k
             gate_up = F.linear(x[tokens], w13[e])
             y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[e])

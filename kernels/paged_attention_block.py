@@ -1,5 +1,6 @@
 """The online-softmax step both paged attention kernels (decode_attention, extend_attention) take
 over one block of key positions, gathering K/V rows through a sequence's slot-table row."""
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,29 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc, scale,
-                 stride_ks, stride_kh, stride_vs, stride_vh,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                 CAUSAL: tl.constexpr):
+def attend_block(
+    q,
+    q_pos,
+    k_ptr,
+    v_ptr,
+    slot_row,
+    kh,
+    n0,
+    kv_end,
+    m_i,
+    l_i,
+    acc,
+    scale,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     """Positions [n0, min(n0 + BLOCK_N, kv_end)), n0 < kv_end, folded into the running (m_i, l_i, acc) of
     the query rows q; with CAUSAL, row r sees only positions <= q_pos[r].
 
@@ -32,8 +52,12 @@ def attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc
     n_mask = pos < kv_end
     slots = tl.load(slot_row + pos, mask=n_mask, other=0).to(tl.int64)
     kv_mask = n_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [rows, BLOCK_N] fp32
+    k = tl.load(
+        k_ptr + slots[:, None] * stride_ks + kh * stride_kh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, BLOCK_N] fp32
     if CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
     else:
@@ -43,6 +67,10 @@ def attend_block(q, q_pos, k_ptr, v_ptr, slot_row, kh, n0, kv_end, m_i, l_i, acc
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(
+        v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc

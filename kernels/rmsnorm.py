@@ -6,6 +6,7 @@ Numerics follow HF transformers and services/executor/layers/norm.py:
   activation dtype (product computed in fp32 and rounded once, which is what torch does for bf16/fp16).
 One program per token row; the whole row is one block (BLOCK = next power of 2 of hidden, up to 8192).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,10 +18,19 @@ MAX_HIDDEN = 8192
 
 @triton.jit
 def _rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
-    stride_x, stride_res, stride_out, stride_new_res,
-    N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    new_res_ptr,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_new_res,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -57,7 +67,10 @@ def _launch(x, residual, weight, eps):
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     weight = weight.contiguous()
     if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype, (residual.shape, residual.dtype)
+        assert residual.shape == x.shape and residual.dtype == x.dtype, (
+            residual.shape,
+            residual.dtype,
+        )
         r2 = _rows(residual, n)
         new_res = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     else:
@@ -66,10 +79,20 @@ def _launch(x, residual, weight, eps):
         block = triton.next_power_of_2(n)
         num_warps = min(max(block // 256, 1), 8)
         _rmsnorm_kernel[(rows,)](
-            x2, r2, weight, out, new_res,
-            x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
-            n, float(eps),
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+            x2,
+            r2,
+            weight,
+            out,
+            new_res,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            new_res.stride(0),
+            n,
+            float(eps),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     out = out.view(x.shape)
     if residual is None:
@@ -82,7 +105,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
     return _launch(x, None, weight, eps)
 
 
-def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+):
     """(rmsnorm(x + residual), x + residual) as new tensors; the inputs are not modified."""
     return _launch(x, residual, weight, eps)
 
@@ -93,6 +118,8 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tor
     return weight.to(x.dtype) * h.to(x.dtype)
 
 
-def fused_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+def fused_add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+):
     new_res = x + residual
     return rmsnorm_ref(new_res, weight, eps), new_res

@@ -6,6 +6,7 @@ Tables as services/executor/layers/rotary.py builds them ([max_pos, head_dim] ea
 Computed in float32 (table values read in their stored dtype and widened), stored in q/k's dtype.
 One program per token handles all heads of q and of k.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(x_ptr, stride_h, H, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    stride_h,
+    H,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < H) & (d < HALF)
@@ -33,8 +44,16 @@ def _rotate_heads(x_ptr, stride_h, H, c1, c2, s1, s2, HALF: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr):
+def _cos_sin_of_token(
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    t,
+    stride_cos,
+    stride_sin,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     """Both halves of token t's cos and sin table rows, as float32 [1, BLOCK_HALF] each."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -48,19 +67,39 @@ def _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
-    HQ, HK,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cos,
+    stride_sin,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    c1, c2, s1, s2 = _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    c1, c2, s1, s2 = _cos_sin_of_token(
+        cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF
+    )
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, HK, c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                 positions: torch.Tensor):
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+):
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place (views with a strided token/head dim are fine,
     the last dim must be contiguous); positions [T] int index into the [max_pos, D] tables.
     Returns (q, k)."""
@@ -68,7 +107,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_
     assert k.shape[0] == T and k.shape[2] == D, (q.shape, k.shape)
     HK = k.shape[1]
     assert D % 2 == 0 and cos_table.shape[-1] == D and sin_table.shape[-1] == D
-    assert q.stride(-1) == 1 and k.stride(-1) == 1, "last dim of q/k must be contiguous (in-place op)"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, (
+        "last dim of q/k must be contiguous (in-place op)"
+    )
     assert cos_table.stride(-1) == 1 and sin_table.stride(-1) == 1
     assert positions.shape == (T,), (positions.shape, T)
     if T == 0:
@@ -76,11 +117,24 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_
     positions = positions.contiguous()
     half = D // 2
     _rotary_kernel[(T,)](
-        q, k, cos_table, sin_table, positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_table.stride(0), sin_table.stride(0),
-        HQ, HK,
-        HALF=half, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        q,
+        k,
+        cos_table,
+        sin_table,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_table.stride(0),
+        sin_table.stride(0),
+        HQ,
+        HK,
+        HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(HQ),
+        BLOCK_HK=triton.next_power_of_2(HK),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4,
     )
     return q, k
 

@@ -19,6 +19,7 @@ Why fused: at small batch every per-layer kernel is launch-bound (~2 us on an H1
 size); one launch per layer instead of two (rotary, then KV store) saves one launch per layer per step.
 One program per token handles all q heads, k heads and v heads of that token.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,20 @@ from radixserve.kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_ro
 
 
 @triton.jit
-def _rotate_heads_into(x_ptr, stride_h, out_ptr, stride_oh, H, c1, c2, s1, s2, HALF: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads_into(
+    x_ptr,
+    stride_h,
+    out_ptr,
+    stride_oh,
+    H,
+    c1,
+    c2,
+    s1,
+    s2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     """As kernels/rotary.py's _rotate_heads, but the result goes to out_ptr (rounded to x's dtype, then
     cast to out's) and x is left as it is."""
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -52,38 +65,94 @@ def _rotate_heads_into(x_ptr, stride_h, out_ptr, stride_oh, H, c1, c2, s1, s2, H
 
 @triton.jit
 def _rotary_kv_store_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-    stride_kcs, stride_kch, stride_vcs, stride_vch,
-    HQ, HK, D,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    stride_kcs,
+    stride_kch,
+    stride_vcs,
+    stride_vch,
+    HQ,
+    HK,
+    D,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    c1, c2, s1, s2 = _cos_sin_of_token(cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    c1, c2, s1, s2 = _cos_sin_of_token(
+        cos_ptr, sin_ptr, pos_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF
+    )
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, HQ, c1, c2, s1, s2, HALF, BLOCK_HQ, BLOCK_HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        _rotate_heads_into(k_ptr + t * stride_kt, stride_kh, kc_ptr + slot * stride_kcs, stride_kch, HK,
-                           c1, c2, s1, s2, HALF, BLOCK_HK, BLOCK_HALF)
+        _rotate_heads_into(
+            k_ptr + t * stride_kt,
+            stride_kh,
+            kc_ptr + slot * stride_kcs,
+            stride_kch,
+            HK,
+            c1,
+            c2,
+            s1,
+            s2,
+            HALF,
+            BLOCK_HK,
+            BLOCK_HALF,
+        )
         h = tl.arange(0, BLOCK_HK)[:, None]
         dv = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < HK) & (dv < D)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dv, mask=mask)
-        tl.store(vc_ptr + slot * stride_vcs + h * stride_vch + dv, v.to(vc_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            vc_ptr + slot * stride_vcs + h * stride_vch + dv,
+            v.to(vc_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
-def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
-                        sin_table: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, out_slots: torch.Tensor) -> torch.Tensor:
+def rotary_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_slots: torch.Tensor,
+) -> torch.Tensor:
     """Rotate q [T, Hq, D] in place; k_cache[s] = rotate(k), v_cache[s] = v at each slot s >= 0 of
     out_slots [T]. positions [T] index the [max_pos, D] tables; k and v are not modified. Returns q."""
     T, HQ, D = q.shape
     HK = k.shape[1]
     assert k.shape == (T, HK, D) and v.shape == k.shape, (q.shape, k.shape, v.shape)
-    assert k_cache.shape[1:] == (HK, D) and v_cache.shape[1:] == (HK, D), (k_cache.shape, v_cache.shape)
+    assert k_cache.shape[1:] == (HK, D) and v_cache.shape[1:] == (HK, D), (
+        k_cache.shape,
+        v_cache.shape,
+    )
     assert D % 2 == 0 and cos_table.shape[-1] == D and sin_table.shape[-1] == D
-    assert positions.shape == (T,) and out_slots.shape == (T,), (positions.shape, out_slots.shape, T)
+    assert positions.shape == (T,) and out_slots.shape == (T,), (
+        positions.shape,
+        out_slots.shape,
+        T,
+    )
     assert q.stride(-1) == 1, "last dim of q must be contiguous (in-place op)"
     assert cos_table.stride(-1) == 1 and sin_table.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -96,13 +165,36 @@ def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_t
     positions, out_slots = positions.contiguous(), out_slots.contiguous()
     half = D // 2
     _rotary_kv_store_kernel[(T,)](
-        q, k, v, cos_table, sin_table, positions, k_cache, v_cache, out_slots,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_table.stride(0), sin_table.stride(0),
-        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        HQ, HK, D,
-        HALF=half, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK),
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+        q,
+        k,
+        v,
+        cos_table,
+        sin_table,
+        positions,
+        k_cache,
+        v_cache,
+        out_slots,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_table.stride(0),
+        sin_table.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        HQ,
+        HK,
+        D,
+        HALF=half,
+        BLOCK_HQ=triton.next_power_of_2(HQ),
+        BLOCK_HK=triton.next_power_of_2(HK),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
     )
     return q
 
@@ -114,7 +206,9 @@ def store_kv_ref(k, v, k_cache, v_cache, slots) -> None:
     v_cache[slots[keep]] = v[keep].to(v_cache.dtype)
 
 
-def rotary_and_store_kv_ref(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, out_slots) -> torch.Tensor:
+def rotary_and_store_kv_ref(
+    q, k, v, cos_table, sin_table, positions, k_cache, v_cache, out_slots
+) -> torch.Tensor:
     """Reference: the rotary reference, then the KV-store reference. Stores into the caches in place;
     returns the rotated q (out of place: q is not modified)."""
     q_rot, k_rot = apply_rotary_ref(q, k, cos_table, sin_table, positions)

@@ -2,6 +2,7 @@
 
 Computed in float32, stored in the input dtype. Grid: (T, cdiv(I, BLOCK)).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if rows and inter:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
-            gu, out, gu.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+            gu,
+            out,
+            gu.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=block,
+            num_warps=4,
         )
     return out.view(*gate_up.shape[:-1], inter)
 

@@ -35,6 +35,7 @@ the caller's config), and the dot operands go up to float32, since the interpret
 types is wrong (same as kernels/fused_moe.py); the GPU's half-type MMA computes exact products with
 float32 sums, so the numerics match.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,12 +49,22 @@ M_MAX = 16  # largest M (rows of x) the kernel takes; larger batches belong to c
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    M, N, stride_xm, stride_ym,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    stride_xm,
+    stride_ym,
     M_BUCKET,  # unused in the kernel: the autotuning key (next power of 2 of M)
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for this program's BLOCK_N features n, all m < M."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,7 +114,9 @@ def _skinny_gemm_kernel(
 
 
 def _config(block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=num_stages
+    )
 
 
 # Each list best first: on an H100 (Llama-3-8B bf16 shapes, M = 1..16) the first config of each list came
@@ -127,7 +140,9 @@ DOT_CONFIGS = [
     _config(32, 512, 4, 3),
     _config(64, 256, 4, 3),
 ]
-AUTOTUNE = True  # False: always the first config of the list (deterministic, no tuning at the first call)
+AUTOTUNE = (
+    True  # False: always the first config of the list (deterministic, no tuning at the first call)
+)
 # Under the interpreter: small blocks, so that the tests' K (64, 200) run both the loop and the tail.
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
 
@@ -139,8 +154,12 @@ def _bench(fn, quantiles):
 _KEY = ["M_BUCKET", "N", "K"]
 # cache_results: each shape's pick is kept in Triton's cache folder (the executor points TRITON_CACHE_DIR at
 # radixserve's cache), so a restart reads it instead of timing the configs again.
-_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(_skinny_gemm_kernel)
-_dot_tuned = triton.autotune(DOT_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(_skinny_gemm_kernel)
+_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(
+    _skinny_gemm_kernel
+)
+_dot_tuned = triton.autotune(DOT_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(
+    _skinny_gemm_kernel
+)
 
 
 def tuned_config(m: int) -> triton.Config | None:
@@ -148,8 +167,13 @@ def tuned_config(m: int) -> triton.Config | None:
     return getattr(_gemv_tuned if m == 1 else _dot_tuned, "best_config", None)
 
 
-def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                config: dict | None = None) -> torch.Tensor:
+def skinny_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for at most M_MAX rows of x (leading dims flattened); y in x.dtype.
 
     config (BLOCK_N, BLOCK_K, num_warps, num_stages) skips autotuning, e.g. to time one config.
@@ -157,7 +181,9 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     N, K = weight.shape
     assert x.shape[-1] == K, (x.shape, weight.shape)
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
-    assert bias is None or (bias.shape == (N,) and bias.dtype == x.dtype), (None if bias is None else bias.shape)
+    assert bias is None or (bias.shape == (N,) and bias.dtype == x.dtype), (
+        None if bias is None else bias.shape
+    )
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -172,10 +198,24 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         fp32 = x.dtype == torch.float32
         upcast = interpreting() and not fp32
         block_m = 1 if M == 1 else 16
-        args = (x2, weight, weight if bias is None else bias, y, M, N, x2.stride(0), y.stride(0),
-                triton.next_power_of_2(M))
-        meta = dict(K=K, HAS_BIAS=bias is not None, BLOCK_M=block_m, UPCAST=upcast,
-                    PRECISION="ieee" if fp32 or upcast else "tf32")
+        args = (
+            x2,
+            weight,
+            weight if bias is None else bias,
+            y,
+            M,
+            N,
+            x2.stride(0),
+            y.stride(0),
+            triton.next_power_of_2(M),
+        )
+        meta = dict(
+            K=K,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            UPCAST=upcast,
+            PRECISION="ieee" if fp32 or upcast else "tf32",
+        )
         if config is None and interpreting():
             config = INTERPRET_CONFIG
         elif config is None and not AUTOTUNE:

@@ -49,6 +49,7 @@ Output: one line per case: PASS / FAIL / INFO / SKIP, the case, what was sent, w
 status 1 when any case failed, 2 when the server cannot be reached or an attack overran its time cap (the
 script then stops).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,13 +75,22 @@ from urllib.parse import urlsplit
 import httpx
 
 TOKEN_METADATA_KEY = "x-radixserve-grpc-token"  # radixserve.common.grpc_security.TOKEN_METADATA_KEY
-ATTACKS = ("grammar", "amplification", "slow-headers", "huge-header", "internal", "n-over-queue",
-           "upload-disconnect", "null-content")
+ATTACKS = (
+    "grammar",
+    "amplification",
+    "slow-headers",
+    "huge-header",
+    "internal",
+    "n-over-queue",
+    "upload-disconnect",
+    "null-content",
+)
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 OVERRUN_GRACE_S = 60.0  # past an attack's cap by this much, the watchdog stops the script
 
 
 # ---- results ----
+
 
 @dataclass
 class Result:
@@ -100,15 +110,22 @@ class Result:
 
     def line(self) -> str:
         timing = "" if self.seconds is None else f" in {self.seconds:.2f} s"
-        verdict = "" if self.status in ("info", "skip") else \
-            f" [{'bounded' if self.bounded else 'NOT BOUNDED'}, {'correct' if self.correct else 'NOT CORRECT'}]"
+        verdict = (
+            ""
+            if self.status in ("info", "skip")
+            else f" [{'bounded' if self.bounded else 'NOT BOUNDED'}, {'correct' if self.correct else 'NOT CORRECT'}]"
+        )
         return f"{self.status.upper():4} {self.attack}/{self.case}: sent {self.sent} -> {self.got}{timing}{verdict}"
 
 
 class Report:
     def __init__(self, json_path: str | None):
         self.results: list[Result] = []
-        self.json_file = None if json_path is None else (sys.stdout if json_path == "-" else open(json_path, "w"))
+        self.json_file = (
+            None
+            if json_path is None
+            else (sys.stdout if json_path == "-" else open(json_path, "w"))
+        )
         self.lock = threading.Lock()
 
     def add(self, result: Result) -> Result:
@@ -128,6 +145,7 @@ class Report:
 
 # ---- HTTP helpers ----
 
+
 @dataclass
 class Answer:
     status: int | None  # None: no answer (the client's timeout or a transport error)
@@ -143,8 +161,12 @@ class Answer:
             return self.failure
         text = f"{self.status}"
         if isinstance(self.body, dict) and isinstance(self.body.get("choices"), list):
-            reasons = Counter(c.get("finish_reason") for c in self.body["choices"] if isinstance(c, dict))
-            text += " finish_reason " + ", ".join(f"{r}" + (f" x{n}" if n > 1 else "") for r, n in reasons.items())
+            reasons = Counter(
+                c.get("finish_reason") for c in self.body["choices"] if isinstance(c, dict)
+            )
+            text += " finish_reason " + ", ".join(
+                f"{r}" + (f" x{n}" if n > 1 else "") for r, n in reasons.items()
+            )
         if self.code:
             text += f" {self.code}"
         if self.message:
@@ -170,8 +192,12 @@ class Target:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30,
-                                   limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=30,
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+        )
         self.model = args.model or self._first_model()
         self.server_args = self._server_info() or {}
 
@@ -200,17 +226,27 @@ class Target:
         sched = info["scheduler"]
         return int(sched.get("running_requests", 0)), int(sched.get("waiting_requests", 0))
 
-    def post(self, path: str, body: dict | bytes, timeout: float, client: httpx.Client | None = None) -> Answer:
+    def post(
+        self, path: str, body: dict | bytes, timeout: float, client: httpx.Client | None = None
+    ) -> Answer:
         """body: JSON, or a JSON text already encoded."""
         started = time.monotonic()
         try:
             if isinstance(body, bytes):
-                resp = (client or self.client).post(path, content=body, timeout=timeout,
-                                                    headers={"Content-Type": "application/json"})
+                resp = (client or self.client).post(
+                    path,
+                    content=body,
+                    timeout=timeout,
+                    headers={"Content-Type": "application/json"},
+                )
             else:
                 resp = (client or self.client).post(path, json=body, timeout=timeout)
         except httpx.TimeoutException:
-            return Answer(None, time.monotonic() - started, failure=f"no answer within the client's {timeout:g} s")
+            return Answer(
+                None,
+                time.monotonic() - started,
+                failure=f"no answer within the client's {timeout:g} s",
+            )
         except httpx.HTTPError as e:
             return Answer(None, time.monotonic() - started, failure=f"{type(e).__name__}: {e}")
         return answer_of(resp, time.monotonic() - started)
@@ -229,7 +265,11 @@ class Target:
         return sock
 
     def head_prefix(self, method: str = "GET", path: str = "/health") -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "User-Agent: radixserve-attack"]
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self.host}:{self.port}",
+            "User-Agent: radixserve-attack",
+        ]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         return ("\r\n".join(lines) + "\r\n").encode()
 
@@ -270,7 +310,9 @@ def local_services() -> dict[str, dict[str, float]]:
     workers it forks; "procs" counts them, "ticks" gives each one's CPU ticks by pid) and "attack": this
     script's own CPU time."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid=,rss=,args="], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid=,rss=,args="], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
     found: dict[str, dict[str, float]] = {}
@@ -294,8 +336,11 @@ def local_services() -> dict[str, dict[str, float]]:
         entry["procs"] += 1
         entry["ticks"][pid] = ticks
     times = os.times()
-    found["attack"] = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                       "cpu_s": times.user + times.system, "procs": 1}
+    found["attack"] = {
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_s": times.user + times.system,
+        "procs": 1,
+    }
     return found
 
 
@@ -314,14 +359,17 @@ class Probe(threading.Thread):
         self.rss_max = {name: v["rss_mb"] for name, v in self.local_before.items()}
         self.compilers_max = self.local_before.get("grammar", {}).get("procs", 0)
         # CPU ticks of each compiler process as last seen: a worker killed between two rounds keeps its last figure
-        self.compiler_ticks: dict[str, int] = dict(self.local_before.get("grammar", {}).get("ticks", {}))
+        self.compiler_ticks: dict[str, int] = dict(
+            self.local_before.get("grammar", {}).get("ticks", {})
+        )
         self.compiler_ticks_before = sum(self.compiler_ticks.values())
         self.wall_started = time.monotonic()
 
     def run(self) -> None:
         target = self.target
-        with httpx.Client(base_url=target.base_url, headers=target.headers,
-                          limits=httpx.Limits(max_connections=2)) as client:
+        with httpx.Client(
+            base_url=target.base_url, headers=target.headers, limits=httpx.Limits(max_connections=2)
+        ) as client:
             while True:  # at least one round, begun before the attack
                 self.started_round.set()
                 started = time.monotonic()
@@ -369,23 +417,45 @@ class Probe(threading.Thread):
             wall = time.monotonic() - self.wall_started
             after = local_services()
             self.compiler_ticks.update(after.get("grammar", {}).get("ticks", {}))
-            cpu = {n: round(after[n]["cpu_s"] - self.local_before.get(n, {"cpu_s": 0.0})["cpu_s"], 1) for n in after}
+            cpu = {
+                n: round(after[n]["cpu_s"] - self.local_before.get(n, {"cpu_s": 0.0})["cpu_s"], 1)
+                for n in after
+            }
             if self.compiler_ticks:
                 spent = sum(self.compiler_ticks.values()) - self.compiler_ticks_before
                 cpu["grammar"] = round(spent / CLOCK_TICKS, 1)
             before = {n: v["rss_mb"] for n, v in self.local_before.items()}
             got += "; RSS MB before -> max: " + ", ".join(
-                f"{n} {before.get(n, 0):.0f} -> {self.rss_max[n]:.0f}" for n in SERVICES if n in self.rss_max)
+                f"{n} {before.get(n, 0):.0f} -> {self.rss_max[n]:.0f}"
+                for n in SERVICES
+                if n in self.rss_max
+            )
             got += f"; CPU s in {wall:.1f} s: " + ", ".join(
-                f"{n} {cpu[n]:.1f}" for n in (*SERVICES, "grammar", "attack") if n in cpu)
+                f"{n} {cpu[n]:.1f}" for n in (*SERVICES, "grammar", "attack") if n in cpu
+            )
             if self.compilers_max:
-                got += f"; grammar compiler processes (zygote + workers) at most {self.compilers_max}"
-            details.update(rss_before_mb={n: round(v, 1) for n, v in before.items()},
-                           rss_max_mb={n: round(v, 1) for n, v in self.rss_max.items()}, cpu_s=cpu,
-                           wall_s=round(wall, 2), compiler_processes_max=self.compilers_max)
+                got += (
+                    f"; grammar compiler processes (zygote + workers) at most {self.compilers_max}"
+                )
+            details.update(
+                rss_before_mb={n: round(v, 1) for n, v in before.items()},
+                rss_max_mb={n: round(v, 1) for n, v in self.rss_max.items()},
+                cpu_s=cpu,
+                wall_s=round(wall, 2),
+                compiler_processes_max=self.compilers_max,
+            )
         status = "" if counts else "info"
-        return Result(attack, "probe", f"/health + chat back to back during {attack} (limit {limit:g} s)", got,
-                      None, bounded, correct, status, details)
+        return Result(
+            attack,
+            "probe",
+            f"/health + chat back to back during {attack} (limit {limit:g} s)",
+            got,
+            None,
+            bounded,
+            correct,
+            status,
+            details,
+        )
 
 
 @contextlib.contextmanager
@@ -402,6 +472,7 @@ def probing(target: Target, report: Report, attack: str, counts: bool = True) ->
 
 # ---- 1: grammar compile DoS ----
 
+
 def json_schema_format(schema: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "attack", "schema": json.loads(schema)}}
 
@@ -409,8 +480,11 @@ def json_schema_format(schema: str) -> dict:
 def chat_with_raw_schema(target: Target, schema: str) -> bytes:
     """A chat body with a json_schema given as text (one nested too deep for Python's json to build)."""
     body = json.dumps({"model": target.model, "messages": MESSAGES, "max_tokens": 8})
-    return (body[:-1] + ', "response_format": {"type": "json_schema", "json_schema": {"name": "attack", '
-            '"schema": ' + schema + "}}}").encode()
+    return (
+        body[:-1]
+        + ', "response_format": {"type": "json_schema", "json_schema": {"name": "attack", '
+        '"schema": ' + schema + "}}}"
+    ).encode()
 
 
 def poison(n: int) -> str:
@@ -426,13 +500,25 @@ def expect_4xx(attack: str, case: str, sent: str, answers: list[Answer], within:
     """Every answer a 4xx in OpenAI's error shape, each within `within` seconds."""
     worst = max(a.seconds for a in answers)
     bounded = all(a.status is not None for a in answers) and worst < within
-    correct = all(a.status is not None and 400 <= a.status < 500 and a.openai_error for a in answers)
+    correct = all(
+        a.status is not None and 400 <= a.status < 500 and a.openai_error for a in answers
+    )
     got = "; ".join(dict.fromkeys(a.describe() for a in answers))
     if len(answers) > 1:
         got = f"{len(answers)} x {got}, slowest"
-    return Result(attack, case, sent, got, worst, bounded, correct,
-                  details={"seconds": [round(a.seconds, 3) for a in answers],
-                           "statuses": [a.status for a in answers]})
+    return Result(
+        attack,
+        case,
+        sent,
+        got,
+        worst,
+        bounded,
+        correct,
+        details={
+            "seconds": [round(a.seconds, 3) for a in answers],
+            "statuses": [a.status for a in answers],
+        },
+    )
 
 
 def attack_grammar(target: Target, report: Report) -> None:
@@ -446,21 +532,48 @@ def attack_grammar(target: Target, report: Report) -> None:
         tries.append(target.chat(args.grammar_wait, response_format={"type": "json_object"}))
         if "abort" not in tries[-1].describe():
             break
-    report.add(Result("grammar", "warm-up", "chat with response_format json_object until it is not aborted (the "
-                      "first constraint starts the server's compiler)", "; ".join(
-                          f"{a.describe()} in {a.seconds:.2f} s" for a in tries), time.monotonic() - started,
-                      status="info"))
+    report.add(
+        Result(
+            "grammar",
+            "warm-up",
+            "chat with response_format json_object until it is not aborted (the "
+            "first constraint starts the server's compiler)",
+            "; ".join(f"{a.describe()} in {a.seconds:.2f} s" for a in tries),
+            time.monotonic() - started,
+            status="info",
+        )
+    )
     with probing(target, report, "grammar"):
         enum = json.dumps({"enum": [f"value-{i:06d}" for i in range(args.enum_size)]})
         answers = [target.chat(give_up, response_format=json_schema_format(enum)) for _ in range(2)]
-        report.add(expect_4xx("grammar", "huge-enum", f"2 chats, json_schema enum of {args.enum_size} strings "
-                              f"({mb(len(enum))}), client timeout {give_up:g} s", answers, give_up))
+        report.add(
+            expect_4xx(
+                "grammar",
+                "huge-enum",
+                f"2 chats, json_schema enum of {args.enum_size} strings "
+                f"({mb(len(enum))}), client timeout {give_up:g} s",
+                answers,
+                give_up,
+            )
+        )
 
-        for depth in sorted({150, args.deep_nesting}):  # past the server's schema depth limit; past JSON parsers'
+        for depth in sorted(
+            {150, args.deep_nesting}
+        ):  # past the server's schema depth limit; past JSON parsers'
             deep = nested_arrays(depth)
-            answer = target.post("/v1/chat/completions", chat_with_raw_schema(target, deep), give_up)
-            report.add(expect_4xx("grammar", f"deep-nesting-{depth}", f"json_schema of arrays nested {depth} deep "
-                                  f"({mb(len(deep))}), client timeout {give_up:g} s", [answer], give_up))
+            answer = target.post(
+                "/v1/chat/completions", chat_with_raw_schema(target, deep), give_up
+            )
+            report.add(
+                expect_4xx(
+                    "grammar",
+                    f"deep-nesting-{depth}",
+                    f"json_schema of arrays nested {depth} deep "
+                    f"({mb(len(deep))}), client timeout {give_up:g} s",
+                    [answer],
+                    give_up,
+                )
+            )
 
         # The slow schema, abandoned by its clients (two at a time), each a schema not seen before.
         base = 20000 + random.randrange(0, 5000, 100)  # (counts of 100,000 and more compile fast)
@@ -468,80 +581,144 @@ def attack_grammar(target: Target, report: Report) -> None:
 
         def abandon(i: int) -> None:  # its own connection, closed when the client gives up
             with httpx.Client(base_url=target.base_url, headers=target.headers) as client:
-                outcomes.append(target.chat(give_up, client, response_format=json_schema_format(poison(base + i))))
+                outcomes.append(
+                    target.chat(
+                        give_up, client, response_format=json_schema_format(poison(base + i))
+                    )
+                )
+
         started = time.monotonic()
         for first in range(0, args.grammar_repeats, 2):
-            threads = [threading.Thread(target=abandon, args=(i,), daemon=True)
-                       for i in range(first + 1, min(first + 3, args.grammar_repeats + 1))]
+            threads = [
+                threading.Thread(target=abandon, args=(i,), daemon=True)
+                for i in range(first + 1, min(first + 3, args.grammar_repeats + 1))
+            ]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(give_up + 30)
         kinds = Counter(a.describe(60) for a in outcomes)
-        report.add(Result("grammar", "slow-schema-abandoned",
-                          f"{args.grammar_repeats} chats, 2 at a time, json_schema pattern [a-z]{{1,2xxxx}} "
-                          f"(47 bytes, compiles for minutes), client timeout {give_up:g} s",
-                          "; ".join(f"{n} x {k}" for k, n in kinds.items()), time.monotonic() - started,
-                          bounded=len(outcomes) == args.grammar_repeats,
-                          correct=all(a.status is None or 400 <= a.status < 500 for a in outcomes),
-                          details={"note": "the server's side shows in the probe and in slow-schema-waited"}))
+        report.add(
+            Result(
+                "grammar",
+                "slow-schema-abandoned",
+                f"{args.grammar_repeats} chats, 2 at a time, json_schema pattern [a-z]{{1,2xxxx}} "
+                f"(47 bytes, compiles for minutes), client timeout {give_up:g} s",
+                "; ".join(f"{n} x {k}" for k, n in kinds.items()),
+                time.monotonic() - started,
+                bounded=len(outcomes) == args.grammar_repeats,
+                correct=all(a.status is None or 400 <= a.status < 500 for a in outcomes),
+                details={"note": "the server's side shows in the probe and in slow-schema-waited"},
+            )
+        )
 
         schema = poison(base + 99)
         answer = target.chat(args.grammar_wait, response_format=json_schema_format(schema))
-        report.add(slow_schema_result("slow-schema-waited", f"the same kind of schema (new), client timeout "
-                                      f"{args.grammar_wait:g} s", answer, args.grammar_wait, target))
+        report.add(
+            slow_schema_result(
+                "slow-schema-waited",
+                f"the same kind of schema (new), client timeout {args.grammar_wait:g} s",
+                answer,
+                args.grammar_wait,
+                target,
+            )
+        )
         again = target.chat(args.grammar_wait, response_format=json_schema_format(schema))
         ended_by_timeout = answer.status == 200
-        report.add(slow_schema_result("slow-schema-again", "the same schema again (expected at once: a failure the "
-                                      "server remembers" + (", unless its compile was cut by --request-timeout)"
-                                                            if ended_by_timeout else ")"),
-                                      again, args.grammar_wait if ended_by_timeout else min(args.grammar_wait, 2.0),
-                                      target))
+        report.add(
+            slow_schema_result(
+                "slow-schema-again",
+                "the same schema again (expected at once: a failure the "
+                "server remembers"
+                + (
+                    ", unless its compile was cut by --request-timeout)"
+                    if ended_by_timeout
+                    else ")"
+                ),
+                again,
+                args.grammar_wait if ended_by_timeout else min(args.grammar_wait, 2.0),
+                target,
+            )
+        )
 
 
-def slow_schema_result(case: str, sent: str, answer: Answer, within: float, target: Target) -> Result:
+def slow_schema_result(
+    case: str, sent: str, answer: Answer, within: float, target: Target
+) -> Result:
     """A 4xx; or, on a server whose --request-timeout is shorter than its --grammar-compile-timeout, a 200 whose
     choices all ended "abort" at that timeout (the request timeout ends the request in every stage)."""
     result = expect_4xx("grammar", case, sent, [answer], within)
     timeout = target.server_args.get("request_timeout")
     compile_limit = target.server_args.get("grammar_compile_timeout")
     if answer.status == 200 and timeout and compile_limit and timeout < compile_limit:
-        reasons = {c.get("finish_reason") for c in answer.body.get("choices", [])} if isinstance(answer.body, dict) \
+        reasons = (
+            {c.get("finish_reason") for c in answer.body.get("choices", [])}
+            if isinstance(answer.body, dict)
             else set()
+        )
         result.correct = reasons == {"abort"} and answer.seconds < timeout + 1.5
         result.bounded = answer.seconds < within
         result.status = "pass" if result.bounded and result.correct else "fail"
-        result.got += (f" (ended by --request-timeout {timeout:g}, shorter than --grammar-compile-timeout "
-                       f"{compile_limit:g})")
+        result.got += (
+            f" (ended by --request-timeout {timeout:g}, shorter than --grammar-compile-timeout "
+            f"{compile_limit:g})"
+        )
     return result
 
 
 # ---- 2: amplification; a timeout that stops work ----
+
 
 def attack_amplification(target: Target, report: Report) -> None:
     args = target.args
     with probing(target, report, "amplification"):
         body = {"model": target.model, "prompt": ["a"] * 800, "n": 128, "max_tokens": 4}
         size = len(json.dumps(body))
-        answers = repeat_for(args.repeat_seconds, args.repeat_pause, lambda: target.post("/v1/completions", body, 30))
-        report.add(expect_4xx("amplification", "800-prompts-x-n128",
-                              f"/v1/completions prompt [\"a\"]*800, n 128 (102,400 sequences, {mb(size)}), "
-                              f"{repeated(args)}", answers, 5.0))
+        answers = repeat_for(
+            args.repeat_seconds, args.repeat_pause, lambda: target.post("/v1/completions", body, 30)
+        )
+        report.add(
+            expect_4xx(
+                "amplification",
+                "800-prompts-x-n128",
+                f'/v1/completions prompt ["a"]*800, n 128 (102,400 sequences, {mb(size)}), '
+                f"{repeated(args)}",
+                answers,
+                5.0,
+            )
+        )
 
     timeout = target.server_args.get("request_timeout")
     if not timeout:
-        report.add(Result("amplification", "big-allowed-with-timeout", "(nothing)",
-                          "skipped: the server reports no --request-timeout (/get_server_info)", status="skip"))
+        report.add(
+            Result(
+                "amplification",
+                "big-allowed-with-timeout",
+                "(nothing)",
+                "skipped: the server reports no --request-timeout (/get_server_info)",
+                status="skip",
+            )
+        )
         return
-    limits = [args.big_sequences] + [target.server_args[k] for k in ("max_request_sequences", "max_queued_requests")
-                                     if target.server_args.get(k)]
+    limits = [args.big_sequences] + [
+        target.server_args[k]
+        for k in ("max_request_sequences", "max_queued_requests")
+        if target.server_args.get(k)
+    ]
     count = max(1, min(limits))
     n = 8 if count >= 8 else 1
     prompts = [f"Story {i}: once upon a time" for i in range(count // n)]
-    body = {"model": target.model, "prompt": prompts, "n": n, "max_tokens": args.big_max_tokens,
-            "ignore_eos": True}
-    sent = (f"/v1/completions {len(prompts)} prompts x n {n} = {len(prompts) * n} sequences of max_tokens "
-            f"{args.big_max_tokens} (ignore_eos) against --request-timeout {timeout:g}")
+    body = {
+        "model": target.model,
+        "prompt": prompts,
+        "n": n,
+        "max_tokens": args.big_max_tokens,
+        "ignore_eos": True,
+    }
+    sent = (
+        f"/v1/completions {len(prompts)} prompts x n {n} = {len(prompts) * n} sequences of max_tokens "
+        f"{args.big_max_tokens} (ignore_eos) against --request-timeout {timeout:g}"
+    )
     with probing(target, report, "amplification/big-allowed", counts=False):
         answer = target.post("/v1/completions", body, timeout + 60)
         drained, drain_s, counts = wait_drained(target, 15.0)
@@ -549,16 +726,29 @@ def attack_amplification(target: Target, report: Report) -> None:
     if answer.status == 200 and isinstance(answer.body, dict):
         finish = Counter(c.get("finish_reason") for c in answer.body.get("choices", []))
     got = answer.describe() + (f" finish_reason {dict(finish)}" if finish else "")
-    got += (f"; scheduler queues empty {drain_s:.2f} s after the answer" if drained else
-            f"; scheduler still (running, waiting) = {counts} 15 s after the answer")
+    got += (
+        f"; scheduler queues empty {drain_s:.2f} s after the answer"
+        if drained
+        else f"; scheduler still (running, waiting) = {counts} 15 s after the answer"
+    )
     ended_at_timeout = answer.status is not None and answer.seconds < timeout + 5
-    report.add(Result("amplification", "big-allowed-with-timeout", sent, got, answer.seconds,
-                      bounded=ended_at_timeout and drained,
-                      correct=answer.status in (200, 504) and (answer.status != 504 or answer.openai_error),
-                      details={"finish_reasons": dict(finish), "drain_s": drain_s, "queues": counts}))
+    report.add(
+        Result(
+            "amplification",
+            "big-allowed-with-timeout",
+            sent,
+            got,
+            answer.seconds,
+            bounded=ended_at_timeout and drained,
+            correct=answer.status in (200, 504) and (answer.status != 504 or answer.openai_error),
+            details={"finish_reasons": dict(finish), "drain_s": drain_s, "queues": counts},
+        )
+    )
 
 
-def wait_drained(target: Target, cap: float, allowed_running: int = 1) -> tuple[bool, float, tuple | None]:
+def wait_drained(
+    target: Target, cap: float, allowed_running: int = 1
+) -> tuple[bool, float, tuple | None]:
     """Wait until the scheduler runs at most `allowed_running` requests (the probe's own) and queues nothing."""
     started = time.monotonic()
     counts = None
@@ -574,11 +764,14 @@ def wait_drained(target: Target, cap: float, allowed_running: int = 1) -> tuple[
 
 # ---- 3: slow and huge heads ----
 
+
 def raise_open_file_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
-                                                    hard))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE,
+            (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard),
+        )
 
 
 def attack_slow_headers(target: Target, report: Report) -> None:
@@ -625,7 +818,9 @@ def attack_slow_headers(target: Target, report: Report) -> None:
                     selector.unregister(sock)
                     closed_at[socks.pop(sock)] = time.monotonic()
                     sock.close()
-                if time.monotonic() >= next_trickle:  # slowloris: a header line a second keeps data coming
+                if (
+                    time.monotonic() >= next_trickle
+                ):  # slowloris: a header line a second keeps data coming
                     line += 1
                     for sock in list(socks):
                         with contextlib.suppress(OSError):
@@ -639,28 +834,50 @@ def attack_slow_headers(target: Target, report: Report) -> None:
                 sock.close()
             selector.close()
     longest = max((closed_at[i] - opened[i] for i in closed_at), default=0.0)
-    got = (f"{len(closed_at)} closed by the server (answers: {dict(answers) or 'none'}), the last after "
-           f"{longest:.1f} s; {still_open} still open at the {cap:g} s cap")
+    got = (
+        f"{len(closed_at)} closed by the server (answers: {dict(answers) or 'none'}), the last after "
+        f"{longest:.1f} s; {still_open} still open at the {cap:g} s cap"
+    )
     if connect_errors:
         got += f"; connect errors {dict(connect_errors)}"
-    report.add(Result("slow-headers", "unfinished-heads",
-                      f"{count} sockets sending a head without its end (opened in {open_done - started:.1f} s), "
-                      f"one more header line a second", got, time.monotonic() - started,
-                      bounded=still_open == 0,
-                      correct=all(s in (408, 431, 503, "other") for s in answers) or not answers,
-                      details={"closed": len(closed_at), "answers": {str(k): v for k, v in answers.items()},
-                               "still_open": still_open, "longest_s": longest,
-                               "connect_errors": dict(connect_errors)}))
+    report.add(
+        Result(
+            "slow-headers",
+            "unfinished-heads",
+            f"{count} sockets sending a head without its end (opened in {open_done - started:.1f} s), "
+            f"one more header line a second",
+            got,
+            time.monotonic() - started,
+            bounded=still_open == 0,
+            correct=all(s in (408, 431, 503, "other") for s in answers) or not answers,
+            details={
+                "closed": len(closed_at),
+                "answers": {str(k): v for k, v in answers.items()},
+                "still_open": still_open,
+                "longest_s": longest,
+                "connect_errors": dict(connect_errors),
+            },
+        )
+    )
 
 
 def attack_huge_header(target: Target, report: Report) -> None:
     args = target.args
     with probing(target, report, "huge-header"):
-        results = repeat_for(args.repeat_seconds, args.repeat_pause,
-                             lambda: huge_header(target, args.header_mb * 1_000_000, args.huge_header_seconds))
+        results = repeat_for(
+            args.repeat_seconds,
+            args.repeat_pause,
+            lambda: huge_header(target, args.header_mb * 1_000_000, args.huge_header_seconds),
+        )
         report.add(worst_of(results, repeated(args)))
-        report.add(worst_of(repeat_for(args.repeat_seconds, args.repeat_pause, lambda: many_headers(target, 1000)),
-                            repeated(args)))
+        report.add(
+            worst_of(
+                repeat_for(
+                    args.repeat_seconds, args.repeat_pause, lambda: many_headers(target, 1000)
+                ),
+                repeated(args),
+            )
+        )
 
 
 def repeat_for(seconds: float, pause: float, attempt: Callable[[], object]) -> list:
@@ -674,7 +891,9 @@ def repeat_for(seconds: float, pause: float, attempt: Callable[[], object]) -> l
 
 
 def repeated(args) -> str:
-    pause = f"with {args.repeat_pause:g} s between attempts" if args.repeat_pause else "back to back"
+    pause = (
+        f"with {args.repeat_pause:g} s between attempts" if args.repeat_pause else "back to back"
+    )
     return f"repeated {pause} for {args.repeat_seconds:g} s"
 
 
@@ -682,10 +901,22 @@ def worst_of(results: list[Result], how: str) -> Result:
     """One line for a case repeated: the first failing attempt, else the slowest; with the count."""
     failing = [r for r in results if r.status == "fail"]
     pick = failing[0] if failing else max(results, key=lambda r: r.seconds or 0.0)
-    extra = f"{len(failing)} of {len(results)} attempts failed, e.g." if failing else \
-        f"{len(results)} attempts, all like this; slowest"
-    return Result(pick.attack, pick.case, f"{pick.sent}, {how}", f"{extra} {pick.got}", pick.seconds, pick.bounded,
-                  pick.correct, pick.status, {**pick.details, "attempts": len(results), "failed": len(failing)})
+    extra = (
+        f"{len(failing)} of {len(results)} attempts failed, e.g."
+        if failing
+        else f"{len(results)} attempts, all like this; slowest"
+    )
+    return Result(
+        pick.attack,
+        pick.case,
+        f"{pick.sent}, {how}",
+        f"{extra} {pick.got}",
+        pick.seconds,
+        pick.bounded,
+        pick.correct,
+        pick.status,
+        {**pick.details, "attempts": len(results), "failed": len(failing)},
+    )
 
 
 def huge_header(target: Target, total: int, cap: float) -> Result:
@@ -698,7 +929,14 @@ def huge_header(target: Target, total: int, cap: float) -> Result:
     try:
         sock = target.connect()
     except OSError as e:
-        return Result("huge-header", "200MB-header", sent_desc, f"could not connect: {e}", bounded=False, correct=False)
+        return Result(
+            "huge-header",
+            "200MB-header",
+            sent_desc,
+            f"could not connect: {e}",
+            bounded=False,
+            correct=False,
+        )
     try:
         sock.sendall(target.head_prefix() + b"X-Huge: ")
         sock.setblocking(False)
@@ -723,7 +961,9 @@ def huge_header(target: Target, total: int, cap: float) -> Result:
                     continue
             if writable:
                 try:
-                    sent += sock.send(chunk if total - sent >= len(chunk) else chunk[:total - sent])
+                    sent += sock.send(
+                        chunk if total - sent >= len(chunk) else chunk[: total - sent]
+                    )
                 except (BlockingIOError, ssl.SSLWantWriteError):
                     pass
                 except OSError as e:  # the server closed or reset: read whatever answer arrived
@@ -736,11 +976,21 @@ def huge_header(target: Target, total: int, cap: float) -> Result:
         sock.close()
     seconds = time.monotonic() - started
     status = status_line(reply)
-    got = (f"{status if status else 'no HTTP answer'} after {mb(sent)} sent"
-           + (f" ({ended})" if ended else "") + (f': "{body_excerpt(reply)}"' if status else ""))
-    return Result("huge-header", "200MB-header", sent_desc, got, seconds,
-                  bounded=sent < total and seconds < cap, correct=status == 431,
-                  details={"bytes_sent": sent, "status": status})
+    got = (
+        f"{status if status else 'no HTTP answer'} after {mb(sent)} sent"
+        + (f" ({ended})" if ended else "")
+        + (f': "{body_excerpt(reply)}"' if status else "")
+    )
+    return Result(
+        "huge-header",
+        "200MB-header",
+        sent_desc,
+        got,
+        seconds,
+        bounded=sent < total and seconds < cap,
+        correct=status == 431,
+        details={"bytes_sent": sent, "status": status},
+    )
 
 
 def body_excerpt(reply: bytes, limit: int = 100) -> str:
@@ -751,7 +1001,11 @@ def body_excerpt(reply: bytes, limit: int = 100) -> str:
 
 
 def many_headers(target: Target, count: int) -> Result:
-    head = target.head_prefix() + b"".join(f"X-Many-{i}: v\r\n".encode() for i in range(count)) + b"\r\n"
+    head = (
+        target.head_prefix()
+        + b"".join(f"X-Many-{i}: v\r\n".encode() for i in range(count))
+        + b"\r\n"
+    )
     started = time.monotonic()
     reply = b""
     try:
@@ -770,22 +1024,42 @@ def many_headers(target: Target, count: int) -> Result:
     except OSError as e:
         reply = reply or f"error {e}".encode()
     status = status_line(reply)
-    return Result("huge-header", "1000-headers", f"GET /health with {count} headers ({mb(len(head))})",
-                  f"{status}: \"{body_excerpt(reply)}\"" if status else "no HTTP answer", time.monotonic() - started,
-                  bounded=status is not None, correct=status == 431)
+    return Result(
+        "huge-header",
+        "1000-headers",
+        f"GET /health with {count} headers ({mb(len(head))})",
+        f'{status}: "{body_excerpt(reply)}"' if status else "no HTTP answer",
+        time.monotonic() - started,
+        bounded=status is not None,
+        correct=status == 431,
+    )
 
 
 # ---- 4: internal services ----
 
+
 def attack_internal(target: Target, report: Report) -> None:
     args = target.args
     if not (args.grpc_scheduler or args.grpc_executor):
-        report.add(Result("internal", "unauthenticated", "(nothing)", "skipped: no --grpc-scheduler/--grpc-executor",
-                          status="skip"))
+        report.add(
+            Result(
+                "internal",
+                "unauthenticated",
+                "(nothing)",
+                "skipped: no --grpc-scheduler/--grpc-executor",
+                status="skip",
+            )
+        )
         return
     import grpc
 
-    from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+    from radixserve.v1 import (
+        common_pb2,
+        executor_pb2,
+        executor_pb2_grpc,
+        scheduler_pb2,
+        scheduler_pb2_grpc,
+    )
 
     def call(fn: Callable[[list], object], metadata: list) -> tuple[str, str, float]:
         started = time.monotonic()
@@ -795,46 +1069,103 @@ def attack_internal(target: Target, report: Report) -> None:
         except grpc.RpcError as e:
             return e.code().name, (e.details() or "")[:100], time.monotonic() - started
 
-    def case(name: str, sent: str, fn: Callable[[list], object], metadata: list, expect: str) -> None:
+    def case(
+        name: str, sent: str, fn: Callable[[list], object], metadata: list, expect: str
+    ) -> None:
         code, detail, seconds = call(fn, metadata)
         got = code + (f' "{detail}"' if detail else "")
-        report.add(Result("internal", name, sent, got, seconds, bounded=seconds < 15, correct=code == expect,
-                          details={"expected": expect}))
+        report.add(
+            Result(
+                "internal",
+                name,
+                sent,
+                got,
+                seconds,
+                bounded=seconds < 15,
+                correct=code == expect,
+                details={"expected": expect},
+            )
+        )
 
-    step = executor_pb2.ExecutorStepRequest(step_id=1, new_requests=[executor_pb2.ExecutorNewRequest(
-        request_id="attack-step", input_ids=[7] * 8, new_slots=list(range(1, 9)), sample=True)])
+    step = executor_pb2.ExecutorStepRequest(
+        step_id=1,
+        new_requests=[
+            executor_pb2.ExecutorNewRequest(
+                request_id="attack-step",
+                input_ids=[7] * 8,
+                new_slots=list(range(1, 9)),
+                sample=True,
+            )
+        ],
+    )
     generate = scheduler_pb2.SchedulerGenerateRequest(
-        request_id=f"attack-{random.getrandbits(32):08x}", input_ids=[1, 2, 3],
-        stopping=common_pb2.StoppingCriteria(max_new_tokens=4))
-    keys = [("none", [], "UNAUTHENTICATED"), ("wrong-token", [(TOKEN_METADATA_KEY, "wrong-token")], "UNAUTHENTICATED")]
+        request_id=f"attack-{random.getrandbits(32):08x}",
+        input_ids=[1, 2, 3],
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=4),
+    )
+    keys = [
+        ("none", [], "UNAUTHENTICATED"),
+        ("wrong-token", [(TOKEN_METADATA_KEY, "wrong-token")], "UNAUTHENTICATED"),
+    ]
     channels = []
     try:
         if args.grpc_executor:
             channels.append(channel := grpc.insecure_channel(args.grpc_executor))
             executor = executor_pb2_grpc.ExecutorStub(channel)
             for key, metadata, expect in keys:
-                case(f"executor-step-{key}", f"Executor.Step (input_ids [7]*8 into KV slots 1..8), token: {key}",
-                     lambda md: executor.Step(step, timeout=10, metadata=md), metadata, expect)
+                case(
+                    f"executor-step-{key}",
+                    f"Executor.Step (input_ids [7]*8 into KV slots 1..8), token: {key}",
+                    lambda md: executor.Step(step, timeout=10, metadata=md),
+                    metadata,
+                    expect,
+                )
             if args.grpc_token:
-                case("executor-step-token-no-session", "Executor.Step with the token, outside the scheduler's session",
-                     lambda md: executor.Step(step, timeout=10, metadata=md),
-                     [(TOKEN_METADATA_KEY, args.grpc_token)], "FAILED_PRECONDITION")
+                case(
+                    "executor-step-token-no-session",
+                    "Executor.Step with the token, outside the scheduler's session",
+                    lambda md: executor.Step(step, timeout=10, metadata=md),
+                    [(TOKEN_METADATA_KEY, args.grpc_token)],
+                    "FAILED_PRECONDITION",
+                )
         if args.grpc_scheduler:
             channels.append(channel := grpc.insecure_channel(args.grpc_scheduler))
             scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
             for key, metadata, expect in keys:
-                case(f"scheduler-generate-{key}", f"Scheduler.Generate (3 tokens, max_new_tokens 4), token: {key}",
-                     lambda md: list(scheduler.Generate(generate, timeout=10, metadata=md)), metadata, expect)
-                case(f"scheduler-abort-all-{key}", f"Scheduler.Abort(abort_all), token: {key}",
-                     lambda md: scheduler.Abort(scheduler_pb2.SchedulerAbortRequest(abort_all=True), timeout=10,
-                                                metadata=md), metadata, expect)
+                case(
+                    f"scheduler-generate-{key}",
+                    f"Scheduler.Generate (3 tokens, max_new_tokens 4), token: {key}",
+                    lambda md: list(scheduler.Generate(generate, timeout=10, metadata=md)),
+                    metadata,
+                    expect,
+                )
+                case(
+                    f"scheduler-abort-all-{key}",
+                    f"Scheduler.Abort(abort_all), token: {key}",
+                    lambda md: scheduler.Abort(
+                        scheduler_pb2.SchedulerAbortRequest(abort_all=True), timeout=10, metadata=md
+                    ),
+                    metadata,
+                    expect,
+                )
             if args.grpc_token:
                 token = [(TOKEN_METADATA_KEY, args.grpc_token)]
-                case("scheduler-getinfo-token", "Scheduler.GetInfo with the token",
-                     lambda md: scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10, metadata=md),
-                     token, "OK")
-                case("scheduler-generate-token", "Scheduler.Generate with the token (max_new_tokens 4)",
-                     lambda md: list(scheduler.Generate(generate, timeout=30, metadata=md)), token, "OK")
+                case(
+                    "scheduler-getinfo-token",
+                    "Scheduler.GetInfo with the token",
+                    lambda md: scheduler.GetInfo(
+                        scheduler_pb2.SchedulerInfoRequest(), timeout=10, metadata=md
+                    ),
+                    token,
+                    "OK",
+                )
+                case(
+                    "scheduler-generate-token",
+                    "Scheduler.Generate with the token (max_new_tokens 4)",
+                    lambda md: list(scheduler.Generate(generate, timeout=30, metadata=md)),
+                    token,
+                    "OK",
+                )
     finally:
         for channel in channels:
             channel.close()
@@ -842,22 +1173,34 @@ def attack_internal(target: Target, report: Report) -> None:
 
 # ---- 5, 6, 8 ----
 
+
 def attack_n_over_queue(target: Target, report: Report) -> None:
     queue = target.server_args.get("max_queued_requests")
     n = queue + 36 if queue else (target.server_args.get("max_request_sequences") or 256) + 1
     answer = target.chat(30, n=n, max_tokens=4)
     retry_after = answer.headers.get("retry-after")
-    got = answer.describe() + (f", Retry-After: {retry_after}" if retry_after else ", no Retry-After")
+    got = answer.describe() + (
+        f", Retry-After: {retry_after}" if retry_after else ", no Retry-After"
+    )
     limit = f"--max-queued-requests {queue}" if queue else "no --max-queued-requests reported"
-    report.add(Result("n-over-queue", "n-above-queue-limit", f"chat n {n}, max_tokens 4, idle server ({limit})", got,
-                      answer.seconds, bounded=answer.status is not None and answer.seconds < 10,
-                      correct=answer.status == 400 and answer.openai_error and not retry_after))
+    report.add(
+        Result(
+            "n-over-queue",
+            "n-above-queue-limit",
+            f"chat n {n}, max_tokens 4, idle server ({limit})",
+            got,
+            answer.seconds,
+            bounded=answer.status is not None and answer.seconds < 10,
+            correct=answer.status == 400 and answer.openai_error and not retry_after,
+        )
+    )
 
 
 def attack_upload_disconnect(target: Target, report: Report) -> None:
     count = target.args.upload_disconnects
     head = target.head_prefix("POST", "/v1/chat/completions") + (
-        b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+        b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
     partial = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 16000
     started = time.monotonic()
     errors: Counter = Counter()
@@ -873,73 +1216,166 @@ def attack_upload_disconnect(target: Target, report: Report) -> None:
     seconds = time.monotonic() - started
     health = target.client.get("/health", timeout=10).status_code
     after = target.chat(30, max_tokens=4)
-    got = (f"client side: {count - sum(errors.values())} uploads cut off after {mb(len(head) + len(partial))} of "
-           f"1 MB ({count // 2} closed, {count - count // 2} reset){'; errors ' + str(dict(errors)) if errors else ''}"
-           f"; then /health {health}, a chat {after.describe()} in {after.seconds:.2f} s "
-           "(the server's log: see tests/gateway/test_http_limits.py)")
-    report.add(Result("upload-disconnect", "cut-uploads", f"{count} POST /v1/chat/completions announcing 1 MB",
-                      got, seconds, bounded=health == 200 and after.status == 200, correct=not errors))
+    got = (
+        f"client side: {count - sum(errors.values())} uploads cut off after {mb(len(head) + len(partial))} of "
+        f"1 MB ({count // 2} closed, {count - count // 2} reset){'; errors ' + str(dict(errors)) if errors else ''}"
+        f"; then /health {health}, a chat {after.describe()} in {after.seconds:.2f} s "
+        "(the server's log: see tests/gateway/test_http_limits.py)"
+    )
+    report.add(
+        Result(
+            "upload-disconnect",
+            "cut-uploads",
+            f"{count} POST /v1/chat/completions announcing 1 MB",
+            got,
+            seconds,
+            bounded=health == 200 and after.status == 200,
+            correct=not errors,
+        )
+    )
 
 
 def attack_null_content(target: Target, report: Report) -> None:
-    cases = (("null-content", [{"role": "user", "content": None}]),
-             ("missing-content", [{"role": "user"}]),
-             ("null-content-after-system", [{"role": "system", "content": "Be brief."},
-                                            {"role": "user", "content": None}]))
+    cases = (
+        ("null-content", [{"role": "user", "content": None}]),
+        ("missing-content", [{"role": "user"}]),
+        (
+            "null-content-after-system",
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": None}],
+        ),
+    )
     for name, messages in cases:
         answer = target.chat(30, messages=messages, max_tokens=4)
-        report.add(Result("null-content", name, f"chat messages {json.dumps(messages)}", answer.describe(),
-                          answer.seconds, bounded=answer.status is not None,
-                          correct=answer.status == 400 and answer.openai_error))
+        report.add(
+            Result(
+                "null-content",
+                name,
+                f"chat messages {json.dumps(messages)}",
+                answer.describe(),
+                answer.seconds,
+                bounded=answer.status is not None,
+                correct=answer.status == 400 and answer.openai_error,
+            )
+        )
 
 
 RUNNERS: dict[str, Callable[[Target, Report], None]] = {
-    "grammar": attack_grammar, "amplification": attack_amplification, "slow-headers": attack_slow_headers,
-    "huge-header": attack_huge_header, "internal": attack_internal, "n-over-queue": attack_n_over_queue,
-    "upload-disconnect": attack_upload_disconnect, "null-content": attack_null_content}
+    "grammar": attack_grammar,
+    "amplification": attack_amplification,
+    "slow-headers": attack_slow_headers,
+    "huge-header": attack_huge_header,
+    "internal": attack_internal,
+    "n-over-queue": attack_n_over_queue,
+    "upload-disconnect": attack_upload_disconnect,
+    "null-content": attack_null_content,
+}
 
 
 def cap_of(name: str, args) -> float:
     """Seconds attack `name` may take before the watchdog stops the script."""
-    return {"grammar": 2 * args.grammar_client_timeout + args.grammar_repeats / 2 * (args.grammar_client_timeout + 1)
-            + 2 * args.grammar_wait + 60,
-            "amplification": args.repeat_seconds + 30.0 + 180,
-            "slow-headers": args.slow_headers_seconds + 60,
-            "huge-header": 2 * args.repeat_seconds + args.huge_header_seconds + 30 + 60,
-            "internal": 120.0, "n-over-queue": 60.0,
-            "upload-disconnect": 5.0 * args.upload_disconnects + 60, "null-content": 120.0}[name]
+    return {
+        "grammar": 2 * args.grammar_client_timeout
+        + args.grammar_repeats / 2 * (args.grammar_client_timeout + 1)
+        + 2 * args.grammar_wait
+        + 60,
+        "amplification": args.repeat_seconds + 30.0 + 180,
+        "slow-headers": args.slow_headers_seconds + 60,
+        "huge-header": 2 * args.repeat_seconds + args.huge_header_seconds + 30 + 60,
+        "internal": 120.0,
+        "n-over-queue": 60.0,
+        "upload-disconnect": 5.0 * args.upload_disconnects + 60,
+        "null-content": 120.0,
+    }[name]
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
-    p.add_argument("--model", default=None, help="model name in requests (default: the first of /v1/models)")
-    p.add_argument("--grpc-scheduler", default=None, help="the scheduler's gRPC address (for the internal attack)")
-    p.add_argument("--grpc-executor", default=None, help="the executor's gRPC address (for the internal attack)")
-    p.add_argument("--grpc-token", default=None,
-                   help="the inter-service token, to show that an authenticated call works (never used for Abort)")
-    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"attacks to run, of {', '.join(ATTACKS)}"
-                   " (space or comma separated)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write JSON lines to FILE ('-': stdout only)")
-    p.add_argument("--watch-local", action="store_true",
-                   help="with each probe, the RSS and CPU time of local radixserve processes and of this script")
-    p.add_argument("--probe-max-latency", type=float, default=2.0, help="largest latency of the probe's small chat")
-    p.add_argument("--probe-interval", type=float, default=0.2, help="pause between probe rounds (s)")
+    p.add_argument(
+        "--model", default=None, help="model name in requests (default: the first of /v1/models)"
+    )
+    p.add_argument(
+        "--grpc-scheduler",
+        default=None,
+        help="the scheduler's gRPC address (for the internal attack)",
+    )
+    p.add_argument(
+        "--grpc-executor",
+        default=None,
+        help="the executor's gRPC address (for the internal attack)",
+    )
+    p.add_argument(
+        "--grpc-token",
+        default=None,
+        help="the inter-service token, to show that an authenticated call works (never used for Abort)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=f"attacks to run, of {', '.join(ATTACKS)} (space or comma separated)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="also write JSON lines to FILE ('-': stdout only)",
+    )
+    p.add_argument(
+        "--watch-local",
+        action="store_true",
+        help="with each probe, the RSS and CPU time of local radixserve processes and of this script",
+    )
+    p.add_argument(
+        "--probe-max-latency",
+        type=float,
+        default=2.0,
+        help="largest latency of the probe's small chat",
+    )
+    p.add_argument(
+        "--probe-interval", type=float, default=0.2, help="pause between probe rounds (s)"
+    )
     p.add_argument("--enum-size", type=int, default=100_000)
     p.add_argument("--deep-nesting", type=int, default=1000)
     p.add_argument("--grammar-client-timeout", type=float, default=3.0)
-    p.add_argument("--grammar-repeats", type=int, default=4, help="slow-schema requests the client abandons")
-    p.add_argument("--grammar-wait", type=float, default=60.0, help="client timeout for the slow schema's answer")
-    p.add_argument("--repeat-seconds", type=float, default=10.0,
-                   help="the amplification and huge-header requests are repeated this long")
-    p.add_argument("--repeat-pause", type=float, default=0.0, help="seconds between those repeats (0: back to back)")
-    p.add_argument("--big-sequences", type=int, default=32,
-                   help="sequences of the big allowed request (at most the server's limits)")
+    p.add_argument(
+        "--grammar-repeats", type=int, default=4, help="slow-schema requests the client abandons"
+    )
+    p.add_argument(
+        "--grammar-wait",
+        type=float,
+        default=60.0,
+        help="client timeout for the slow schema's answer",
+    )
+    p.add_argument(
+        "--repeat-seconds",
+        type=float,
+        default=10.0,
+        help="the amplification and huge-header requests are repeated this long",
+    )
+    p.add_argument(
+        "--repeat-pause",
+        type=float,
+        default=0.0,
+        help="seconds between those repeats (0: back to back)",
+    )
+    p.add_argument(
+        "--big-sequences",
+        type=int,
+        default=32,
+        help="sequences of the big allowed request (at most the server's limits)",
+    )
     p.add_argument("--big-max-tokens", type=int, default=512)
-    p.add_argument("--slow-headers", type=int, default=300, help="sockets that never finish their head")
-    p.add_argument("--slow-headers-seconds", type=float, default=40.0, help="how long they are held at most")
+    p.add_argument(
+        "--slow-headers", type=int, default=300, help="sockets that never finish their head"
+    )
+    p.add_argument(
+        "--slow-headers-seconds", type=float, default=40.0, help="how long they are held at most"
+    )
     p.add_argument("--header-mb", type=float, default=200.0, help="size of the huge header (MB)")
     p.add_argument("--huge-header-seconds", type=float, default=60.0)
     p.add_argument("--upload-disconnects", type=int, default=20)
@@ -955,7 +1391,9 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with httpx.Client(headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}) as client:
+        with httpx.Client(
+            headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        ) as client:
             client.get(args.base_url.rstrip("/") + "/health", timeout=10)
     except httpx.HTTPError as e:
         print(f"cannot reach {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -964,11 +1402,23 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(args)
     try:
         if args.json != "-":
-            known = {k: target.server_args.get(k) for k in (
-                "max_queued_requests", "max_request_sequences", "request_timeout", "grammar_compile_timeout",
-                "http_header_timeout", "http_max_header_bytes", "http_max_connections")}
-            print(f"target {target.base_url}, model {target.model!r}, server flags "
-                  f"{known if target.server_args else 'unknown (no /get_server_info)'}", flush=True)
+            known = {
+                k: target.server_args.get(k)
+                for k in (
+                    "max_queued_requests",
+                    "max_request_sequences",
+                    "request_timeout",
+                    "grammar_compile_timeout",
+                    "http_header_timeout",
+                    "http_max_header_bytes",
+                    "http_max_connections",
+                )
+            }
+            print(
+                f"target {target.base_url}, model {target.model!r}, server flags "
+                f"{known if target.server_args else 'unknown (no /get_server_info)'}",
+                flush=True,
+            )
         for i, name in enumerate(args.only):
             if i:  # let the previous attack's work end, so that it does not count against this one
                 wait_drained(target, 15.0, allowed_running=0)
@@ -981,24 +1431,45 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 RUNNERS[name](target, report)
             except Exception as e:  # noqa: BLE001 - one attack's failure must not stop the others
-                report.add(Result(name, "error", "(the attack stopped)", f"{type(e).__name__}: {e}",
-                                  time.monotonic() - started, bounded=False, correct=False))
+                report.add(
+                    Result(
+                        name,
+                        "error",
+                        "(the attack stopped)",
+                        f"{type(e).__name__}: {e}",
+                        time.monotonic() - started,
+                        bounded=False,
+                        correct=False,
+                    )
+                )
             finally:
                 watchdog.cancel()
     finally:
         target.close()
     counts = Counter(r.status for r in report.results)
     if args.json != "-":
-        print(f"{len(report.results)} cases: {counts['pass']} passed, {counts['fail']} failed, {counts['info']} "
-              f"info, {counts['skip']} skipped. Not run here (need server control; see tests/e2e/test_drain.py, "
-              "tests/e2e/test_internal_auth.py): 7 SIGTERM drain, 9 start-up back-off, 10 idle keepalive.", flush=True)
+        print(
+            f"{len(report.results)} cases: {counts['pass']} passed, {counts['fail']} failed, {counts['info']} "
+            f"info, {counts['skip']} skipped. Not run here (need server control; see tests/e2e/test_drain.py, "
+            "tests/e2e/test_internal_auth.py): 7 SIGTERM drain, 9 start-up back-off, 10 idle keepalive.",
+            flush=True,
+        )
     report.close()
     return 1 if counts["fail"] else 0
 
 
 def overrun(name: str, cap: float, report: Report) -> None:
-    report.add(Result(name, "overrun", "(the attack)", f"still running {cap + OVERRUN_GRACE_S:g} s after it started "
-                      f"(cap {cap:g} s): stopping the script", bounded=False, correct=False))
+    report.add(
+        Result(
+            name,
+            "overrun",
+            "(the attack)",
+            f"still running {cap + OVERRUN_GRACE_S:g} s after it started "
+            f"(cap {cap:g} s): stopping the script",
+            bounded=False,
+            correct=False,
+        )
+    )
     report.close()
     sys.stdout.flush()
     os._exit(2)

@@ -3,6 +3,7 @@
 Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
 Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128] [--hf-baseline]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ PROMPT = "Write a long essay about the history of the Roman Empire."
 
 
 def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
-    body = {"text": prompt, "stream": True,
-            "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "text": prompt,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     meta = {}
@@ -37,8 +41,12 @@ def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
             last = now
             meta = json.loads(line[6:]).get("meta_info", meta)
     n = meta["completion_tokens"]
-    return {"ttft_s": first - t0, "e2e_s": last - t0, "completion_tokens": n,
-            "decode_tok_s": (n - 1) / (last - first) if last > first else float("nan")}
+    return {
+        "ttft_s": first - t0,
+        "e2e_s": last - t0,
+        "completion_tokens": n,
+        "decode_tok_s": (n - 1) / (last - first) if last > first else float("nan"),
+    }
 
 
 def bench(dtype: str, output_len: int, concurrency: int) -> dict:
@@ -49,16 +57,25 @@ def bench(dtype: str, output_len: int, concurrency: int) -> dict:
             single = stream_one(stack.base_url, output_len)
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-                runs = list(pool.map(lambda i: stream_one(stack.base_url, output_len, f"{PROMPT} ({i})"),
-                                     range(concurrency)))
+                runs = list(
+                    pool.map(
+                        lambda i: stream_one(stack.base_url, output_len, f"{PROMPT} ({i})"),
+                        range(concurrency),
+                    )
+                )
             wall = time.perf_counter() - t0
         finally:
             stop_stack(stack)
     out_tokens = sum(r["completion_tokens"] for r in runs)
-    return {"dtype": dtype, "output_len": output_len,
-            "bs1_decode_tok_s": round(single["decode_tok_s"], 1), "bs1_ttft_ms": round(single["ttft_s"] * 1e3, 1),
-            "concurrency": concurrency, "concurrent_output_tok_s": round(out_tokens / wall, 1),
-            "concurrent_wall_s": round(wall, 2)}
+    return {
+        "dtype": dtype,
+        "output_len": output_len,
+        "bs1_decode_tok_s": round(single["decode_tok_s"], 1),
+        "bs1_ttft_ms": round(single["ttft_s"] * 1e3, 1),
+        "concurrency": concurrency,
+        "concurrent_output_tok_s": round(out_tokens / wall, 1),
+        "concurrent_wall_s": round(wall, 2),
+    }
 
 
 def hf_baseline(dtype: str, output_len: int) -> dict:
@@ -81,8 +98,12 @@ def hf_baseline(dtype: str, output_len: int) -> dict:
 
     timed(4)  # warm-up
     one, full = timed(1), timed(output_len)
-    return {"baseline": "hf-transformers generate", "dtype": dtype, "output_len": output_len,
-            "bs1_decode_tok_s": round((output_len - 1) / (full - one), 1)}
+    return {
+        "baseline": "hf-transformers generate",
+        "dtype": dtype,
+        "output_len": output_len,
+        "bs1_decode_tok_s": round((output_len - 1) / (full - one), 1),
+    }
 
 
 def main() -> None:
@@ -90,7 +111,9 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--hf-baseline", action="store_true", help="also time HF transformers at batch 1")
+    p.add_argument(
+        "--hf-baseline", action="store_true", help="also time HF transformers at batch 1"
+    )
     a = p.parse_args()
     for dtype in a.dtypes:
         print(json.dumps(bench(dtype, a.output_len, a.concurrency)), flush=True)

@@ -3,6 +3,7 @@ detokenizer): isolates the scheduler <-> executor path. Starts the five-process 
 
 Usage: python scripts/bench_scheduler_direct.py [--dtype bfloat16] [--output-len 128] [extra serve flags...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,22 @@ def main() -> None:
                 rates = []
                 for rep in range(3):
                     req = scheduler_pb2.SchedulerGenerateRequest(
-                        request_id=f"probe-{rep}", input_ids=list(range(100, 228)),
+                        request_id=f"probe-{rep}",
+                        input_ids=list(range(100, 228)),
                         sampling=common_pb2.SamplingParams(temperature=0),
-                        stopping=common_pb2.StoppingCriteria(max_new_tokens=a.output_len, ignore_eos=True))
+                        stopping=common_pb2.StoppingCriteria(
+                            max_new_tokens=a.output_len, ignore_eos=True
+                        ),
+                    )
                     stamps = [time.perf_counter() for _ in stub.Generate(req)]
                     rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         finally:
             stop_stack(stack)
-    print(json.dumps({"dtype": a.dtype, "flags": extra, "bs1_decode_tok_s": [round(r, 1) for r in rates]}))
+    print(
+        json.dumps(
+            {"dtype": a.dtype, "flags": extra, "bs1_decode_tok_s": [round(r, 1) for r in rates]}
+        )
+    )
 
 
 if __name__ == "__main__":

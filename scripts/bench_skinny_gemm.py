@@ -14,6 +14,7 @@ of the kernel vs torch, the autotuned config, the first call's seconds (compile 
 summary line per M: a 32-layer decode step's GEMMs (32 * (qkv + o + gate_up + down) + lm_head) for each
 implementation. --out also writes the lines. Needs the repo on the path (PYTHONPATH=. or pip install -e .).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,9 +87,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--sweep", action="store_true", help="also time each config of the kernel's config list")
-    p.add_argument("--config", nargs="+", default=[], metavar="BN,BK,WARPS,STAGES",
-                   help="with --sweep: more configs to time (M == 1: gemv ones, M > 1: dot ones; prefix g: or d:)")
+    p.add_argument(
+        "--sweep", action="store_true", help="also time each config of the kernel's config list"
+    )
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=[],
+        metavar="BN,BK,WARPS,STAGES",
+        help="with --sweep: more configs to time (M == 1: gemv ones, M > 1: dot ones; prefix g: or d:)",
+    )
     p.add_argument("--out", help="also write the JSON lines to this file")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -102,14 +110,21 @@ def main() -> None:
         lines.append(line)
 
     props = torch.cuda.get_device_properties(0)
-    emit({"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-          "triton": __import__("triton").__version__, "copy_gbps": round(copy_bandwidth_gbps(), 1)})
+    emit(
+        {
+            "device": props.name,
+            "sms": props.multi_processor_count,
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "copy_gbps": round(copy_bandwidth_gbps(), 1),
+        }
+    )
     per_m: dict[int, dict[str, tuple[float, float]]] = {m: {} for m in args.m}
     for name in args.shapes:
         N, K = SHAPES[name]
         nbytes = N * K * 2
         copies = max(1, math.ceil(L2_FLUSH_BYTES / nbytes))
-        weights = [torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5 for _ in range(copies)]
+        weights = [torch.randn(N, K, device="cuda", dtype=dtype) * K**-0.5 for _ in range(copies)]
         calls = copies * max(1, math.ceil(max(20, 2e9 / nbytes) / copies))
         for m in args.m:
             x = torch.randn(m, K, device="cuda", dtype=dtype)
@@ -123,24 +138,39 @@ def main() -> None:
             t_cublas = graph_time_us(lambda w: F.linear(x, w), weights, calls)
             t_skinny = graph_time_us(lambda w: sg.skinny_gemm(x, w), weights, calls)
             per_m[m][name] = (t_cublas, t_skinny)
-            rec = {"M": m, "shape": name, "N": N, "K": K,
-                   "cublas_us": round(t_cublas, 2), "skinny_us": round(t_skinny, 2),
-                   "cublas_gbps": round(nbytes / t_cublas / 1e3, 1), "skinny_gbps": round(nbytes / t_skinny / 1e3, 1),
-                   "speedup": round(t_cublas / t_skinny, 3), "max_abs_err": err,
-                   "max_abs_ref": ref.abs().max().item(), "config": chosen,
-                   "first_call_s": round(first_call_s, 2)}
+            rec = {
+                "M": m,
+                "shape": name,
+                "N": N,
+                "K": K,
+                "cublas_us": round(t_cublas, 2),
+                "skinny_us": round(t_skinny, 2),
+                "cublas_gbps": round(nbytes / t_cublas / 1e3, 1),
+                "skinny_gbps": round(nbytes / t_skinny / 1e3, 1),
+                "speedup": round(t_cublas / t_skinny, 3),
+                "max_abs_err": err,
+                "max_abs_ref": ref.abs().max().item(),
+                "config": chosen,
+                "first_call_s": round(first_call_s, 2),
+            }
             if args.sweep:
                 sweep = {}
-                cfgs = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                        for c in (sg.GEMV_CONFIGS if m == 1 else sg.DOT_CONFIGS)]
+                cfgs = [
+                    {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                    for c in (sg.GEMV_CONFIGS if m == 1 else sg.DOT_CONFIGS)
+                ]
                 for spec in args.config:
                     kind, _, nums = spec.rpartition(":")
                     if kind in ("", "g" if m == 1 else "d"):
                         bn, bk, nw, ns = map(int, nums.split(","))
-                        cfgs.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns})
+                        cfgs.append(
+                            {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+                        )
                 for cfg in cfgs:
                     try:
-                        us = graph_time_us(lambda w: sg.skinny_gemm(x, w, config=cfg), weights, calls)
+                        us = graph_time_us(
+                            lambda w: sg.skinny_gemm(x, w, config=cfg), weights, calls
+                        )
                         sweep[config_str(cfg)] = round(us, 2)
                     except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
                         sweep[config_str(cfg)] = f"{type(e).__name__}"
@@ -152,9 +182,20 @@ def main() -> None:
     for m in args.m:
         t = per_m[m]
         if all(s in t for s in SHAPES):
-            step = [LAYERS * sum(t[s][i] for s in ("qkv", "o", "gate_up", "down")) + t["lm_head"][i] for i in (0, 1)]
-            emit({"summary": "decode_step_gemms", "M": m, "layers": LAYERS, "cublas_ms": round(step[0] / 1e3, 3),
-                  "skinny_ms": round(step[1] / 1e3, 3), "speedup": round(step[0] / step[1], 3)})
+            step = [
+                LAYERS * sum(t[s][i] for s in ("qkv", "o", "gate_up", "down")) + t["lm_head"][i]
+                for i in (0, 1)
+            ]
+            emit(
+                {
+                    "summary": "decode_step_gemms",
+                    "M": m,
+                    "layers": LAYERS,
+                    "cublas_ms": round(step[0] / 1e3, 3),
+                    "skinny_ms": round(step[1] / 1e3, 3),
+                    "speedup": round(step[0] / step[1], 3),
+                }
+            )
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -5,6 +5,7 @@ Prints one JSON line per configuration and the ratio. Each run: a warm-up reques
 sequential /generate requests of --output-len tokens; the median decode tok/s is reported.
 Usage: python scripts/bench_tracing_overhead.py [--output-len 128] [--runs 5] [--dtype bfloat16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def run(flags: list[str], output_len: int, runs: int) -> dict:
             results = [stream_one(stack.base_url, output_len) for _ in range(runs)]
         finally:
             stop_stack(stack)
-    return {"decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in results), 2),
-            "ttft_ms": round(statistics.median(r["ttft_s"] for r in results) * 1e3, 2)}
+    return {
+        "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in results), 2),
+        "ttft_ms": round(statistics.median(r["ttft_s"] for r in results) * 1e3, 2),
+    }
 
 
 def main() -> None:
@@ -43,14 +46,24 @@ def main() -> None:
     print(json.dumps({"tracing": "off", **off}), flush=True)
     receiver = start_receiver()
     try:
-        on = run([*base, "--otlp-traces-endpoint", receiver.endpoint, "--trace-sample-ratio", "1.0"],
-                 a.output_len, a.runs)
+        on = run(
+            [*base, "--otlp-traces-endpoint", receiver.endpoint, "--trace-sample-ratio", "1.0"],
+            a.output_len,
+            a.runs,
+        )
         spans = len(receiver.snapshot())
     finally:
         receiver.stop()
     print(json.dumps({"tracing": "on, ratio 1.0", **on, "spans_received": spans}), flush=True)
-    print(json.dumps({"decode_tok_s_on_over_off": round(on["decode_tok_s"] / off["decode_tok_s"], 4),
-                      "ttft_on_over_off": round(on["ttft_ms"] / off["ttft_ms"], 4)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "decode_tok_s_on_over_off": round(on["decode_tok_s"] / off["decode_tok_s"], 4),
+                "ttft_on_over_off": round(on["ttft_ms"] / off["ttft_ms"], 4),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

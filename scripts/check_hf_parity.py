@@ -11,6 +11,7 @@ must be among the other side's top-5, and the comparison of that prompt stops th
 
   python scripts/check_hf_parity.py --model-path .models/llama-3-8b --dtype bfloat16 --max-new-tokens 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,21 @@ TOP = 5
 
 
 def hf_generate(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), [s[0].float() for s in out.scores]
+    out = hf.generate(
+        torch.tensor([prompt], device="cuda"),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt) :].tolist(), [s[0].float() for s in out.scores]
 
 
-def ours_generate(runner: ModelRunner, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+def ours_generate(
+    runner: ModelRunner, prompts: list[list[int]], n: int
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """All prompts in one batch (prefill together, then decode together)."""
     runner.reset()
     slot, spans = 1, []
@@ -60,8 +70,14 @@ def compare(ours: list[int], ours_logits, theirs: list[int], their_logits) -> di
             ours_top = ours_logits[pos].topk(TOP).indices.tolist()
             their_top = their_logits[pos].topk(TOP).indices.tolist()
             ok = a in their_top and b in ours_top
-            return {"identical_prefix": pos, "fork_ok": ok, "ours": a, "hf": b, "ours_top5": ours_top,
-                    "hf_top5": their_top}
+            return {
+                "identical_prefix": pos,
+                "fork_ok": ok,
+                "ours": a,
+                "hf": b,
+                "ours_top5": ours_top,
+                "hf_top5": their_top,
+            }
     return {"identical_prefix": len(ours), "fork_ok": True}
 
 
@@ -79,12 +95,18 @@ def init_variance_preserving(model: torch.nn.Module, seed: int) -> None:
 
 def logits_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
     diff = (ours - theirs).abs()
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "logit_std": theirs.std().item(),
-            "cosine": torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()}
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "logit_std": theirs.std().item(),
+        "cosine": torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item(),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-path", required=True)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -99,21 +121,39 @@ def main(argv=None) -> int:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     init_variance_preserving(hf, a.seed)
     kv_tokens = a.num_prompts * (a.prompt_len + a.max_new_tokens) + 64
-    runner = ModelRunner(a.model_path, RunnerConfig(dtype=a.dtype, device="cuda", load_format="dummy",
-                                                    max_total_tokens=kv_tokens, cuda_graph_max_bs=max(8, a.num_prompts)))
+    runner = ModelRunner(
+        a.model_path,
+        RunnerConfig(
+            dtype=a.dtype,
+            device="cuda",
+            load_format="dummy",
+            max_total_tokens=kv_tokens,
+            cuda_graph_max_bs=max(8, a.num_prompts),
+        ),
+    )
     runner.model.load_weights((name, t) for name, t in hf.state_dict().items())
     vocab = config.vocab_size
     g = torch.Generator().manual_seed(a.seed)
-    prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.num_prompts)]
+    prompts = [
+        torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist()
+        for _ in range(a.num_prompts)
+    ]
     ours, ours_logits = ours_generate(runner, prompts, a.max_new_tokens)
     results = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             theirs, their_logits = hf_generate(hf, prompt, a.max_new_tokens)
-            results.append(compare(ours[i], ours_logits[i], theirs, their_logits)
-                           | {"first_step_logits": logits_agreement(ours_logits[i][0], their_logits[0])})
-    summary = {"model": a.model_path, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "prompts": results,
-               "all_ok": all(r["fork_ok"] for r in results)}
+            results.append(
+                compare(ours[i], ours_logits[i], theirs, their_logits)
+                | {"first_step_logits": logits_agreement(ours_logits[i][0], their_logits[0])}
+            )
+    summary = {
+        "model": a.model_path,
+        "dtype": a.dtype,
+        "max_new_tokens": a.max_new_tokens,
+        "prompts": results,
+        "all_ok": all(r["fork_ok"] for r in results),
+    }
     print(json.dumps(summary))
     return 0 if summary["all_ok"] else 1
 

@@ -6,6 +6,7 @@ ties can fork. As vLLM's check_logprobs_close does, a prompt passes when the tok
 when, at the first difference, each side's token is in the other side's top-5; the comparison stops there.
 Usage: python scripts/check_tp_parity.py --model-path M --tp 2 [--extra "--ep 2"] [--max-new-tokens 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,11 @@ from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tests.stack import start_stack, stop_stack  # noqa: E402
 
-PROMPTS = [[1, 791, 6864, 315, 9822, 374], list(range(1000, 1100)), [1] + list(range(5000, 9000, 13))]
+PROMPTS = [
+    [1, 791, 6864, 315, 9822, 374],
+    list(range(1000, 1100)),
+    [1] + list(range(5000, 9000, 13)),
+]
 
 
 TOP = 5
@@ -44,9 +49,12 @@ def _generate(stub, ids: list[int], max_new_tokens: int) -> list[tuple[int, set[
     sampling = common_pb2.SamplingParams(temperature=0, return_logprob=True, top_logprobs_num=TOP)
     stopping = common_pb2.StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True)
     out = []
-    for msg in stub.Generate(gateway_pb2.GatewayGenerateRequest(input_ids=common_pb2.TokenIds(ids=ids),
-                                                                sampling=sampling, stopping=stopping),
-                                 timeout=300):
+    for msg in stub.Generate(
+        gateway_pb2.GatewayGenerateRequest(
+            input_ids=common_pb2.TokenIds(ids=ids), sampling=sampling, stopping=stopping
+        ),
+        timeout=300,
+    ):
         out += [(lp.token_id, {t.token_id for t in lp.top}) for lp in msg.logprobs]
     return out
 
@@ -65,14 +73,33 @@ def main() -> None:
     p.add_argument("--extra", default="", help="more flags for the --tp N run, e.g. '--ep 2'")
     p.add_argument("--max-new-tokens", type=int, default=32)
     a = p.parse_args()
-    base = ["--model-path", a.model_path, "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init",
-            "--max-total-tokens", "32768"]
+    base = [
+        "--model-path",
+        a.model_path,
+        "--load-format",
+        "dummy",
+        "--dtype",
+        "bfloat16",
+        "--skip-tokenizer-init",
+        "--max-total-tokens",
+        "32768",
+    ]
     one = greedy_runs(base, a.max_new_tokens)
     many = greedy_runs([*base, "--tp", str(a.tp), *shlex.split(a.extra)], a.max_new_tokens)
     prompts = [compare(x, y) for x, y in zip(one, many)]
-    print(json.dumps({"model": a.model_path, "tp": a.tp, "extra": a.extra, "passed": all(p["passed"] for p in prompts),
-                      "prompts": prompts, "tp1": [[t for t, _ in r] for r in one],
-                      f"tp{a.tp}": [[t for t, _ in r] for r in many]}))
+    print(
+        json.dumps(
+            {
+                "model": a.model_path,
+                "tp": a.tp,
+                "extra": a.extra,
+                "passed": all(p["passed"] for p in prompts),
+                "prompts": prompts,
+                "tp1": [[t for t, _ in r] for r in one],
+                f"tp{a.tp}": [[t for t, _ in r] for r in many],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Usage: python scripts/fuzz_api.py --base-url http://127.0.0.1:30000 [--cases-per
        [--seed N] [--api-key KEY] [--cap-tokens 16] [--timeout 60]
 Exit status 1 when a problem was found. tests/gateway/test_schemathesis.py runs the same checks in CI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,16 +73,26 @@ class FuzzReport:
             self.problems[label] = f"{problem}\n    reproduce: {case.as_curl_command()}"
 
 
-def fuzz_operation(operation, mode, cases: int, call: Callable, report: FuzzReport, seed: int | None = None) -> None:
+def fuzz_operation(
+    operation, mode, cases: int, call: Callable, report: FuzzReport, seed: int | None = None
+) -> None:
     """cases generated requests (derandomized unless seed is given) against one operation."""
 
-    @settings(max_examples=cases, derandomize=seed is None, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases,
+        derandomize=seed is None,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
         try:
             response = call(case)
-        except Exception as e:  # in process, what the app raised (after its 500); over HTTP, a failed request
+        except (
+            Exception
+        ) as e:  # in process, what the app raised (after its 500); over HTTP, a failed request
             report.fail(case, f"the call raised {type(e).__name__}: {e}")
             return
         report.record(case, response)
@@ -91,7 +102,9 @@ def fuzz_operation(operation, mode, cases: int, call: Callable, report: FuzzRepo
     try:
         run()
     except Unsatisfiable:
-        assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong: no parameters, no body
+        assert (
+            mode is schemathesis.GenerationMode.NEGATIVE
+        )  # nothing to get wrong: no parameters, no body
 
 
 def fuzz_schema(schema, cases: int, call: Callable, seed: int | None = None) -> FuzzReport:
@@ -128,24 +141,37 @@ def make_call(base_url: str, headers: dict, cap: int, timeout: float):
         if cap:
             cap_generation(case.body, cap)
         return case.call(base_url=base_url, headers=headers, timeout=timeout)
+
     return call
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:30000")
-    parser.add_argument("--cases-per-operation", type=int, default=200, help="per generation mode (valid, invalid)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="random generation with this seed (default: derandomized)")
+    parser.add_argument(
+        "--cases-per-operation", type=int, default=200, help="per generation mode (valid, invalid)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random generation with this seed (default: derandomized)",
+    )
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
-    parser.add_argument("--cap-tokens", type=int, default=16, help="cap valid generation lengths (0: no cap)")
+    parser.add_argument(
+        "--cap-tokens", type=int, default=16, help="cap valid generation lengths (0: no cap)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     args = parser.parse_args(argv)
     base_url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json", headers=headers)
-    report = fuzz_schema(schema, args.cases_per_operation, make_call(base_url, headers, args.cap_tokens, args.timeout),
-                         seed=args.seed)
+    report = fuzz_schema(
+        schema,
+        args.cases_per_operation,
+        make_call(base_url, headers, args.cap_tokens, args.timeout),
+        seed=args.seed,
+    )
     for label, statuses in sorted(report.statuses.items()):
         print(f"{label}: {dict(sorted(statuses.items(), key=str))}")
     for label, problem in report.problems.items():

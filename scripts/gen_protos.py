@@ -3,6 +3,7 @@
 Run after editing a .proto: `python scripts/gen_protos.py`. tests/packaging/test_protos.py fails when the
 committed stubs differ from what this produces.
 """
+
 import pathlib
 import sys
 import tempfile
@@ -18,8 +19,14 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Write the *_pb2.py, *_pb2.pyi and *_pb2_grpc.py files under out_dir; return their paths."""
     protos = sorted(PROTO_DIR.rglob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}"]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+    ]
     args += [str(p.relative_to(PROTO_DIR)) for p in protos]
     out_dir.mkdir(parents=True, exist_ok=True)
     if protoc.main(args) != 0:
@@ -35,8 +42,11 @@ def main() -> int:
     if "--check" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = {p.relative_to(tmp): p.read_bytes() for p in generate(pathlib.Path(tmp))}
-        stale = [str(rel) for rel, data in fresh.items()
-                 if not (OUT_DIR / rel).exists() or (OUT_DIR / rel).read_bytes() != data]
+        stale = [
+            str(rel)
+            for rel, data in fresh.items()
+            if not (OUT_DIR / rel).exists() or (OUT_DIR / rel).read_bytes() != data
+        ]
         print("stale stubs: " + ", ".join(stale) if stale else "stubs up to date")
         return 1 if stale else 0
     for path in generate(OUT_DIR):

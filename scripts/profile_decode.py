@@ -3,6 +3,7 @@ GPU time alone (back-to-back replays), and the GPU kernels of one replay by tota
 
   python scripts/profile_decode.py --model-path .models/llama-3-8b --batch-size 1 128
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 5, rows: int = 14) 
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    kernels = sorted(((e.key, e.device_time_total / replays / 1000, e.count // replays) for e in prof.key_averages()),
-                     key=lambda k: -k[1])[:rows]
+    kernels = sorted(
+        (
+            (e.key, e.device_time_total / replays / 1000, e.count // replays)
+            for e in prof.key_averages()
+        ),
+        key=lambda k: -k[1],
+    )[:rows]
     return [(name[:70], round(ms, 4), n) for name, ms, n in kernels]
 
 
@@ -42,16 +48,32 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     a = p.parse_args()
-    target = InProcessTarget(ServerArgs(model_path=a.model_path, dtype="bfloat16", device="cuda", load_format="dummy",
-                                        max_total_tokens=200_000, cuda_graph_max_bs=max(a.batch_size)))
+    target = InProcessTarget(
+        ServerArgs(
+            model_path=a.model_path,
+            dtype="bfloat16",
+            device="cuda",
+            load_format="dummy",
+            max_total_tokens=200_000,
+            cuda_graph_max_bs=max(a.batch_size),
+        )
+    )
     graphs = target.runner.cuda_graphs
     for bs in a.batch_size:
         # The graph's static buffers keep this batch's last step, so its replays redo that step.
         step = run_once(target, bs, a.input_len, a.steps, seed=1)
         graph = graphs.graphs[next(b for b in graphs.buckets if b >= bs)]
-        print(json.dumps({"batch_size": bs, "step_wall_ms_median": 1000 * step["median_decode_latency"],
-                          "graph_replay_gpu_ms": graph_gpu_ms(graph), "kernels_ms_per_step": kernel_table(graph)},
-                         indent=1))
+        print(
+            json.dumps(
+                {
+                    "batch_size": bs,
+                    "step_wall_ms_median": 1000 * step["median_decode_latency"],
+                    "graph_replay_gpu_ms": graph_gpu_ms(graph),
+                    "kernels_ms_per_step": kernel_table(graph),
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ clients stop and the server is idle, the KV in use must be 0. Prints JSON lines;
 or leaked slots.
 Usage: python scripts/soak.py --base-url http://127.0.0.1:30000 --clients 32 --minutes 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,23 @@ def error(stats: dict, message: str) -> None:
         stats["first_errors"].append(message)
 
 
-async def client(session: aiohttp.ClientSession, url: str, model: str, stop_at: float, rng: random.Random,
-                 stats: dict) -> None:
+async def client(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    stop_at: float,
+    rng: random.Random,
+    stats: dict,
+) -> None:
     while time.monotonic() < stop_at:
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(5, 60)))
-        body = {"model": model, "stream": True, "max_tokens": rng.randint(16, 256), "temperature": 0.8,
-                "messages": [{"role": "user", "content": prompt}]}
+        body = {
+            "model": model,
+            "stream": True,
+            "max_tokens": rng.randint(16, 256),
+            "temperature": 0.8,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         cut_after = rng.randint(2, 20) if rng.random() < 0.1 else None
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as resp:
@@ -74,7 +86,10 @@ async def server_info(session: aiohttp.ClientSession, url: str) -> dict:
         if resp.status != 200:
             return {"error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
         scheduler = (await resp.json())["scheduler"]
-    return {k: scheduler.get(k, 0) for k in ("running_requests", "waiting_requests", "in_use_tokens", "cached_tokens")}
+    return {
+        k: scheduler.get(k, 0)
+        for k in ("running_requests", "waiting_requests", "in_use_tokens", "cached_tokens")
+    }
 
 
 async def main() -> int:
@@ -92,20 +107,47 @@ async def main() -> int:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async with session.get(a.base_url + "/v1/models") as resp:
             model = (await resp.json())["data"][0]["id"]
-        clients = [asyncio.create_task(client(session, a.base_url, model, stop_at, random.Random(a.seed + i), stats))
-                   for i in range(a.clients)]
+        clients = [
+            asyncio.create_task(
+                client(session, a.base_url, model, stop_at, random.Random(a.seed + i), stats)
+            )
+            for i in range(a.clients)
+        ]
         while time.monotonic() < stop_at:
             await asyncio.sleep(min(a.sample_s, max(0.0, stop_at - time.monotonic())))
-            print(json.dumps({"t_s": round(time.monotonic() - started), "completed": stats["completed"],
-                              "cut": stats["cut"], "errors": stats["errors"], "rss_mb": rss_mb(),
-                              "server": await server_info(session, a.base_url)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "t_s": round(time.monotonic() - started),
+                        "completed": stats["completed"],
+                        "cut": stats["cut"],
+                        "errors": stats["errors"],
+                        "rss_mb": rss_mb(),
+                        "server": await server_info(session, a.base_url),
+                    }
+                ),
+                flush=True,
+            )
         await asyncio.gather(*clients)
         await asyncio.sleep(2)  # the last aborts settle
         idle = await server_info(session, a.base_url)
-    leaked = "error" in idle or any(idle[k] for k in ("in_use_tokens", "running_requests", "waiting_requests"))
-    print(json.dumps({"done": True, "completed": stats["completed"], "cut": stats["cut"],
-                      "errors": stats["errors"], "first_errors": stats["first_errors"], "idle_server": idle,
-                      "leaked": bool(leaked)}), flush=True)
+    leaked = "error" in idle or any(
+        idle[k] for k in ("in_use_tokens", "running_requests", "waiting_requests")
+    )
+    print(
+        json.dumps(
+            {
+                "done": True,
+                "completed": stats["completed"],
+                "cut": stats["cut"],
+                "errors": stats["errors"],
+                "first_errors": stats["first_errors"],
+                "idle_server": idle,
+                "leaked": bool(leaked),
+            }
+        ),
+        flush=True,
+    )
     return 1 if stats["errors"] or leaked else 0
 
 

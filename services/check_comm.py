@@ -9,6 +9,7 @@ Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADD
 it is set, e.g. `torchrun --nnodes 2 --nproc-per-node 8 ... -m radixserve.cli check-comm`; otherwise
 `--nproc N` starts N local ranks (default 1). NCCL ranks use cuda:<local rank>, gloo ranks the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,21 +28,35 @@ BROADCAST_OBJECT = {"from": 0, "text": "radixserve check-comm", "ids": [1, 2, 3]
 BROADCAST_NUMEL = 4096
 
 
-
 def _emit(result: dict) -> None:
     """One JSON line in one write: ranks share stdout, and print's separate newline can interleave."""
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["nccl", "gloo"], default=None,
-                        help="process-group backend (default: nccl when CUDA is available, else gloo)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks (ignored under torchrun, which starts the ranks)")
-    parser.add_argument("--size-mb", type=float, default=None,
-                        help="MiB all-reduced for the bandwidth figure (default: 256 for nccl, 16 for gloo)")
+    parser.add_argument(
+        "--backend",
+        choices=["nccl", "gloo"],
+        default=None,
+        help="process-group backend (default: nccl when CUDA is available, else gloo)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="start this many local ranks (ignored under torchrun, which starts the ranks)",
+    )
+    parser.add_argument(
+        "--size-mb",
+        type=float,
+        default=None,
+        help="MiB all-reduced for the bandwidth figure (default: 256 for nccl, 16 for gloo)",
+    )
     parser.add_argument("--iters", type=int, default=5, help="timed all-reduces of that tensor")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds the ranks wait for each other")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds the ranks wait for each other"
+    )
 
 
 def check(got, expected) -> dict:
@@ -54,7 +69,9 @@ def bus_bandwidth(nbytes: int, seconds: float, world: int) -> dict:
     return {"algbw_GBps": round(algbw, 3), "busbw_GBps": round(algbw * 2 * (world - 1) / world, 3)}
 
 
-def run_checks(rank: int, world: int, device, size_mb: float, iters: int, faulty: bool = False) -> dict:
+def run_checks(
+    rank: int, world: int, device, size_mb: float, iters: int, faulty: bool = False
+) -> dict:
     """The checks of one rank, in a formed default process group; faulty: contribute wrong values."""
     import torch
     import torch.distributed as dist
@@ -76,7 +93,9 @@ def run_checks(rank: int, world: int, device, size_mb: float, iters: int, faulty
     expected = torch.arange(BROADCAST_NUMEL, dtype=torch.float32, device=device) * 0.5
     payload = expected.clone() if rank == 0 else torch.zeros_like(expected)
     dist.broadcast(payload, src=0)
-    checks["broadcast"] = check(float((payload != expected).sum().item()), 0.0)  # entries that differ
+    checks["broadcast"] = check(
+        float((payload != expected).sum().item()), 0.0
+    )  # entries that differ
     box = [BROADCAST_OBJECT if rank == 0 else None]
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
     checks["broadcast_object"] = check(box[0], BROADCAST_OBJECT)
@@ -93,11 +112,22 @@ def run_checks(rank: int, world: int, device, size_mb: float, iters: int, faulty
     sync()
     seconds = (time.perf_counter() - t0) / max(1, iters)
     checks["large_all_reduce"] = check(float(big[-1].item()), 1.0)
-    bandwidth = {"bytes": numel * 4, "iters": iters, "avg_ms": round(seconds * 1e3, 3),
-                 **bus_bandwidth(numel * 4, seconds, world)}
-    return {"rank": rank, "world_size": world, "backend": dist.get_backend(), "device": str(device),
-            "host": socket.gethostname(), "ok": all(c["ok"] for c in checks.values()), "checks": checks,
-            "bandwidth": bandwidth}
+    bandwidth = {
+        "bytes": numel * 4,
+        "iters": iters,
+        "avg_ms": round(seconds * 1e3, 3),
+        **bus_bandwidth(numel * 4, seconds, world),
+    }
+    return {
+        "rank": rank,
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "device": str(device),
+        "host": socket.gethostname(),
+        "ok": all(c["ok"] for c in checks.values()),
+        "checks": checks,
+        "bandwidth": bandwidth,
+    }
 
 
 def _free_port() -> int:
@@ -108,6 +138,7 @@ def _free_port() -> int:
 
 def _default_backend() -> str:
     import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -129,8 +160,13 @@ def run_rank(ns: argparse.Namespace) -> int:
         device = torch.device("cpu")
     size_mb = ns.size_mb if ns.size_mb is not None else (256.0 if backend == "nccl" else 16.0)
     try:
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=ns.timeout))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=ns.timeout),
+        )
     except Exception as e:  # noqa: BLE001 - reported, not raised
         _emit({"rank": rank, "ok": False, "error": f"cannot form the group: {e}"})
         return 2
@@ -148,9 +184,18 @@ def spawn_local(ns: argparse.Namespace, argv: list[str]) -> int:
     port = str(_free_port())
     procs = []
     for rank in range(ns.nproc):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ns.nproc), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(ns.nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "radixserve.cli", "check-comm", *argv], env=env))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(ns.nproc),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(ns.nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "radixserve.cli", "check-comm", *argv], env=env)
+        )
     deadline = time.monotonic() + ns.timeout + 60
     codes = []
     for proc in procs:
@@ -160,9 +205,12 @@ def spawn_local(ns: argparse.Namespace, argv: list[str]) -> int:
             proc.kill()
             codes.append(proc.wait())
     failed = [rank for rank, code in enumerate(codes) if code != 0]
-    print(f"check-comm: {ns.nproc - len(failed)} of {ns.nproc} ranks passed"
-          + (f"; failed: ranks {failed} (exit codes {[codes[r] for r in failed]})" if failed else ""),
-          file=sys.stderr, flush=True)
+    print(
+        f"check-comm: {ns.nproc - len(failed)} of {ns.nproc} ranks passed"
+        + (f"; failed: ranks {failed} (exit codes {[codes[r] for r in failed]})" if failed else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return max([1] + [code for code in codes if code > 0]) if failed else 0
 
 

@@ -1,5 +1,6 @@
 """`python -m radixserve.launch_server [flags]`: `radixserve serve [flags]`, so that scripts written for
 `python -m sglang.launch_server` work by renaming the package."""
+
 import sys
 
 from radixserve.cli import main

@@ -29,6 +29,7 @@ their environment, never on their command line (argv shows in `ps`).
 SIGTERM or SIGINT stops the gateway first and gives it --shutdown-timeout (plus a margin) to drain
 its requests, then stops the other services; the launcher exits 0 with no child left.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,15 +77,21 @@ def ensure_internal_token(args: ServerArgs) -> None:
     in their environment (child_env), never on their command line."""
     if auth_token(args) is None:
         args.grpc_auth_token = secrets.token_urlsafe(32)
-        log.info("services authenticate each other with a token made up for this launch (choose one with "
-                 "--grpc-auth-token or $%s to call them directly)", TOKEN_ENV)
+        log.info(
+            "services authenticate each other with a token made up for this launch (choose one with "
+            "--grpc-auth-token or $%s to call them directly)",
+            TOKEN_ENV,
+        )
 
 
 def child_env(args: ServerArgs) -> dict[str, str] | None:
     """Secrets (the inter-service token, the API key) go to the children in their environment, as
     RADIXSERVE_<FLAG>: argv shows in `ps`. None: they inherit the launcher's."""
-    secrets = {env_name(f.name): getattr(args, f.name) for f in dataclasses.fields(args)
-               if f.metadata.get("secret") and getattr(args, f.name)}
+    secrets = {
+        env_name(f.name): getattr(args, f.name)
+        for f in dataclasses.fields(args)
+        if f.metadata.get("secret") and getattr(args, f.name)
+    }
     return {**os.environ, **secrets} if secrets else None
 
 
@@ -97,7 +104,11 @@ def service_specs(args: ServerArgs) -> list[ProcessSpec]:
     for service in START_ORDER:
         if service in DATA_PARALLEL:
             for i in range(args.dp_size):
-                specs.append(ProcessSpec(replica_name(service, i), child_command(service, replica_args(args, i)), env))
+                specs.append(
+                    ProcessSpec(
+                        replica_name(service, i), child_command(service, replica_args(args, i)), env
+                    )
+                )
             continue
         if service not in REPLICATED:
             specs.append(ProcessSpec(service, child_command(service, args), env))
@@ -106,13 +117,21 @@ def service_specs(args: ServerArgs) -> list[ProcessSpec]:
             continue
         addrs = parse_addrs(getattr(args, f"{service}_addr"))
         for i, addr in enumerate(addrs):
-            own = args if len(addrs) == 1 else dataclasses.replace(args, **{f"{service}_addr": addr})
-            specs.append(ProcessSpec(service if i == 0 else f"{service}-{i + 1}", child_command(service, own), env))
+            own = (
+                args if len(addrs) == 1 else dataclasses.replace(args, **{f"{service}_addr": addr})
+            )
+            specs.append(
+                ProcessSpec(
+                    service if i == 0 else f"{service}-{i + 1}", child_command(service, own), env
+                )
+            )
     return specs
 
 
 def start_services(args: ServerArgs) -> dict[str, subprocess.Popen]:
-    TlsCredentials.from_args(args)  # half-given or unreadable TLS flags stop here, before any child starts
+    TlsCredentials.from_args(
+        args
+    )  # half-given or unreadable TLS flags stop here, before any child starts
     return {spec.name: spec.spawn() for spec in service_specs(args)}
 
 
@@ -124,7 +143,9 @@ def _healthy(args: ServerArgs) -> bool:
     if args.node_rank > 0:
         return True  # shards only: node 0's gateway reports the server's health
     try:
-        with urllib.request.urlopen(f"http://{args.host}:{args.port}/health", timeout=READY_PROBE_TIMEOUT_S) as resp:
+        with urllib.request.urlopen(
+            f"http://{args.host}:{args.port}/health", timeout=READY_PROBE_TIMEOUT_S
+        ) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -133,12 +154,15 @@ def _healthy(args: ServerArgs) -> bool:
 def _resolve_model(args: ServerArgs, original: str | None, hub: dict) -> None:
     """The model (and a hub-id tokenizer) as local folders, for the services: converted, downloaded or looked up."""
     if args.load_format != "dummy" or args.model_path is None or is_hub_id(original):
-        args.model_path = str(resolve_model_path(original, **hub, weights=args.load_format != "dummy"))
+        args.model_path = str(
+            resolve_model_path(original, **hub, weights=args.load_format != "dummy")
+        )
     if is_hub_id(args.tokenizer_path):
         # --revision belongs to the model: it applies to a tokenizer id only when that is the model's id.
         revision = args.revision if args.tokenizer_path == original else None
-        args.tokenizer_path = str(resolve_model_path(args.tokenizer_path, revision, args.download_dir,
-                                                     weights=False))
+        args.tokenizer_path = str(
+            resolve_model_path(args.tokenizer_path, revision, args.download_dir, weights=False)
+        )
 
 
 def launch(args: ServerArgs) -> int:
@@ -182,20 +206,34 @@ def launch(args: ServerArgs) -> int:
                 log.info("waiting for the services to come up (%.0fs)", waited)
             time.sleep(0.5)
         if not stopping and args.node_rank > 0:
-            log.info("node %d of %d: executor shards started; they join %s", args.node_rank, args.nnodes,
-                     args.dist_init_addr)
+            log.info(
+                "node %d of %d: executor shards started; they join %s",
+                args.node_rank,
+                args.nnodes,
+                args.dist_init_addr,
+            )
         elif not stopping:
-            clock.phases.append(("services up (the executor's phases: its `startup:` line)", time.time() - t0))
-            log.info("ready: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d; start: %s", args.host, args.port,
-                     args.grpc_host, args.gateway_grpc_port, clock.summary())
+            clock.phases.append(
+                ("services up (the executor's phases: its `startup:` line)", time.time() - t0)
+            )
+            log.info(
+                "ready: OpenAI API at http://%s:%d/v1, gRPC API at %s:%d; start: %s",
+                args.host,
+                args.port,
+                args.grpc_host,
+                args.gateway_grpc_port,
+                clock.summary(),
+            )
             print(f"radixserve ready: http://{args.host}:{args.port}/v1", flush=True)
         while not stopping:
             if (why := supervisor.check()) is not None:
                 log.error("%s; stopping the server", why)
                 return 1
             time.sleep(POLL_S)
-        log.info("shutting down: the gateway drains its requests (up to %gs), then the other services stop",
-                 args.shutdown_timeout)
+        log.info(
+            "shutting down: the gateway drains its requests (up to %gs), then the other services stop",
+            args.shutdown_timeout,
+        )
         return 0
     finally:
         supervisor.stop("gateway", args.shutdown_timeout + GATEWAY_STOP_MARGIN_S, STOP_TIMEOUT_S)

@@ -7,6 +7,7 @@ max_quick_crashes quick crashes in a row the supervisor gives up. Only the child
 restarted. Each child runs in its own process group, so a terminal's Ctrl-C reaches only the
 launcher (which then stops the children in order), and gets SIGTERM if the launcher dies.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -69,8 +70,12 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, specs: list[ProcessSpec], procs: dict[str, subprocess.Popen],
-                 policy: RestartPolicy | None = None):
+    def __init__(
+        self,
+        specs: list[ProcessSpec],
+        procs: dict[str, subprocess.Popen],
+        policy: RestartPolicy | None = None,
+    ):
         self.specs = {spec.name: spec for spec in specs}
         self.procs = procs
         self.policy = policy or RestartPolicy()
@@ -106,15 +111,25 @@ class Supervisor:
             ran = now - life.started_at
             life.quick_crashes = life.quick_crashes + 1 if ran < self.policy.stable_after_s else 0
             if life.quick_crashes >= self.policy.max_quick_crashes:
-                return (f"{name} exited with {describe_exit(code)}, {life.quick_crashes} times in a row within "
-                        f"{self.policy.stable_after_s:g}s of starting; giving up")
+                return (
+                    f"{name} exited with {describe_exit(code)}, {life.quick_crashes} times in a row within "
+                    f"{self.policy.stable_after_s:g}s of starting; giving up"
+                )
             delay = self.policy.backoff(life.quick_crashes)
-            log.error("%s (pid %d) exited with %s after %.1fs; restarting it in %.1fs", name, proc.pid,
-                      describe_exit(code), ran, delay)
+            log.error(
+                "%s (pid %d) exited with %s after %.1fs; restarting it in %.1fs",
+                name,
+                proc.pid,
+                describe_exit(code),
+                ran,
+                delay,
+            )
             life.restart_at = now + delay
         return None
 
-    def stop(self, first: str | None = None, first_timeout: float = 10.0, timeout: float = 10.0) -> None:
+    def stop(
+        self, first: str | None = None, first_timeout: float = 10.0, timeout: float = 10.0
+    ) -> None:
         """Stop `first` (waiting up to first_timeout for it), then all the others."""
         if first in self.procs:
             stop_processes({first: self.procs[first]}, first_timeout)

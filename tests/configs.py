@@ -1,4 +1,5 @@
 """Component configs as the unit tests build them: the defaults their expectations were written against."""
+
 from radixserve.common.config import RunnerConfig, SchedulerConfig
 
 

@@ -11,6 +11,7 @@ also checks the page layout of every slot written. A token_bitmask restricts the
 tokens it allows, picked by the same hash (uniformly, over hashes). Steps are common/step.py's
 StepInput; the servicer converts the executor's messages to it with common/step_convert.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ def allowed_tokens(token_bitmask: bytes, vocab_size: int) -> np.ndarray:
 class _ReqState:
     slots: list[int]
     kv_hash: int  # hash of every token with KV
-    last_token: int | None  # sampled by the request's last step; None after a chunk that did not sample
+    last_token: (
+        int | None
+    )  # sampled by the request's last step; None after a chunk that did not sample
     sampling: SamplingParams
 
 
@@ -112,8 +115,15 @@ class FakeModel:
                 outputs.append((rid, self._sample(rid, st, cont.token_bitmask)))
         return outputs
 
-    def _run(self, rid: str, st: _ReqState, tokens: list[int], slots: list[int],
-             live_slots: set[int], written: list[int]) -> None:
+    def _run(
+        self,
+        rid: str,
+        st: _ReqState,
+        tokens: list[int],
+        slots: list[int],
+        live_slots: set[int],
+        written: list[int],
+    ) -> None:
         """Write the KV of tokens at the request's next positions."""
         if len(slots) != len(tokens):
             raise FakeExecutorError(f"{rid}: {len(tokens)} tokens, {len(slots)} slots")
@@ -140,8 +150,9 @@ class FakeModel:
         if ps == 1:
             return
         if slot % ps != pos % ps or (pos % ps and slot != slots[-1] + 1):
-            raise FakeExecutorError(f"{rid}: slot {slot} for position {pos} breaks the page layout "
-                                    f"(page size {ps})")
+            raise FakeExecutorError(
+                f"{rid}: slot {slot} for position {pos} breaks the page layout (page size {ps})"
+            )
 
     def _read_prefix(self, rid: str, prefix: list[int]) -> int:
         h = 0
@@ -151,7 +162,9 @@ class FakeModel:
                 raise FakeExecutorError(f"{rid}: prefix slot {slot} was never written")
             kv_pos, token, kv_hash = entry
             if kv_pos != pos or chain_hash(h, token) != kv_hash:
-                raise FakeExecutorError(f"{rid}: prefix slot {slot} at position {pos} holds stale KV")
+                raise FakeExecutorError(
+                    f"{rid}: prefix slot {slot} at position {pos} holds stale KV"
+                )
             h = kv_hash
         return h
 
@@ -169,20 +182,35 @@ class FakeModel:
 class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     """The FakeModel behind the Executor gRPC interface."""
 
-    def __init__(self, kv_slots: int = 512, vocab_size: int = 1000, context_length: int = 256,
-                 eos_token_ids: tuple[int, ...] = (), fail_steps: bool = False, page_size: int = 1):
+    def __init__(
+        self,
+        kv_slots: int = 512,
+        vocab_size: int = 1000,
+        context_length: int = 256,
+        eos_token_ids: tuple[int, ...] = (),
+        fail_steps: bool = False,
+        page_size: int = 1,
+    ):
         self.model = FakeModel(kv_slots, vocab_size, page_size=page_size)
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.fail_steps = fail_steps  # answer Step with UNAVAILABLE (to test failure handling)
         self.fail_step_ids: set[int] = set()  # answer these steps with UNAVAILABLE
-        self.sessions = StepSessions()  # as on the real executor: steps from the live session, in step_id order
+        self.sessions = (
+            StepSessions()
+        )  # as on the real executor: steps from the live session, in step_id order
 
     async def GetModelInfo(self, request, context):
         return executor_pb2.ExecutorModelInfo(
-            architecture="FakeForCausalLM", model_path="fake", context_length=self.context_length,
-            kv_slots=self.model.kv_slots, vocab_size=self.model.vocab_size,
-            eos_token_ids=list(self.eos_token_ids), dtype="float32", device="cpu")
+            architecture="FakeForCausalLM",
+            model_path="fake",
+            context_length=self.context_length,
+            kv_slots=self.model.kv_slots,
+            vocab_size=self.model.vocab_size,
+            eos_token_ids=list(self.eos_token_ids),
+            dtype="float32",
+            device="cpu",
+        )
 
     async def Step(self, request, context):
         session = await self.sessions.wait_turn(request, context)
@@ -193,9 +221,18 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             outputs = self.model.step(step_from_proto(request))
         except FakeExecutorError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        return output_to_proto(StepOutput(request.step_id, [
-            SampledToken(rid, token, -0.5 if self.model.reqs[rid].sampling.return_logprob else None)
-            for rid, token in outputs], forward_ms=0.0))
+        return output_to_proto(
+            StepOutput(
+                request.step_id,
+                [
+                    SampledToken(
+                        rid, token, -0.5 if self.model.reqs[rid].sampling.return_logprob else None
+                    )
+                    for rid, token in outputs
+                ],
+                forward_ms=0.0,
+            )
+        )
 
     async def Reset(self, request, context):
         session = await self.sessions.admit(request.session_id, context)

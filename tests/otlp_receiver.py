@@ -1,5 +1,6 @@
 """A real OTLP/gRPC trace receiver (opentelemetry-proto's TraceService) that keeps every span it is
 sent, for tests and benchmarks that run the services with --otlp-traces-endpoint."""
+
 from __future__ import annotations
 
 import threading
@@ -51,13 +52,22 @@ class OtlpReceiver:
             attrs = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for s in scope_spans.spans:
-                    received.append(ReceivedSpan(
-                        service=attrs.get("service.name", ""), name=s.name, trace_id=s.trace_id.hex(),
-                        span_id=s.span_id.hex(), parent_span_id=s.parent_span_id.hex(), kind=s.kind,
-                        attributes={a.key: _value(a.value) for a in s.attributes},
-                        events=[e.name for e in s.events],
-                        links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                        status_code=s.status.code, start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano))
+                    received.append(
+                        ReceivedSpan(
+                            service=attrs.get("service.name", ""),
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            kind=s.kind,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            events=[e.name for e in s.events],
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                            status_code=s.status.code,
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
+                        )
+                    )
         with self.lock:
             self.spans.extend(received)
 

@@ -1,4 +1,5 @@
 """Start `radixserve serve` (five processes) on free loopback ports for end-to-end tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,9 @@ from radixserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 # The inter-service token the test stacks run with, so that tests can call the services directly.
 STACK_GRPC_TOKEN = f"test-stack-{secrets.token_hex(8)}"
 
-MODEL = "SmolLM2-135M-Instruct"  # what start_stack serves without --model-path (the embedded SmolLM2)
+MODEL = (
+    "SmolLM2-135M-Instruct"  # what start_stack serves without --model-path (the embedded SmolLM2)
+)
 FIXED_PROMPT = "The three most important inventions of the nineteenth century were"
 
 
@@ -43,7 +46,9 @@ class Stack:
     grpc_port: int
     scheduler_addr: str
     log_path: str
-    grpc_token: str | None = None  # the services' inter-service token (None: one the launcher made up)
+    grpc_token: str | None = (
+        None  # the services' inter-service token (None: one the launcher made up)
+    )
 
     @property
     def base_url(self) -> str:
@@ -52,8 +57,11 @@ class Stack:
     def grpc_channel(self, addr: str) -> grpc.Channel:
         """A blocking channel to one of the stack's services that carries its inter-service token."""
         channel = grpc.insecure_channel(addr)
-        return channel if self.grpc_token is None else grpc.intercept_channel(channel,
-                                                                              SyncTokenInterceptor(self.grpc_token))
+        return (
+            channel
+            if self.grpc_token is None
+            else grpc.intercept_channel(channel, SyncTokenInterceptor(self.grpc_token))
+        )
 
     def log_tail(self, n: int = 60) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -63,23 +71,46 @@ class Stack:
 READY_LINE = "radixserve ready: "  # what the launcher prints once /health answered 200
 
 
-def start_stack(*extra: str, log_path: str, timeout: float = 600,
-                command: tuple[str, ...] = ("radixserve.cli", "serve"),
-                grpc_token: str | None = STACK_GRPC_TOKEN) -> Stack:
+def start_stack(
+    *extra: str,
+    log_path: str,
+    timeout: float = 600,
+    command: tuple[str, ...] = ("radixserve.cli", "serve"),
+    grpc_token: str | None = STACK_GRPC_TOKEN,
+) -> Stack:
     """command: the module (and subcommand) run with `python -m`, e.g. ("radixserve.launch_server",).
     grpc_token: the services' inter-service token, given in the environment; None: none given (the
     launcher makes one up, which the test does not know)."""
     http, grpc_port, tok, sch, exe, detok = free_ports(6)
-    cmd = [sys.executable, "-m", *command, "--port", str(http),
-           "--gateway-grpc-port", str(grpc_port),
-           "--tokenizer-addr", f"127.0.0.1:{tok}", "--scheduler-addr", f"127.0.0.1:{sch}",
-           "--executor-addr", f"127.0.0.1:{exe}", "--detokenizer-addr", f"127.0.0.1:{detok}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        *command,
+        "--port",
+        str(http),
+        "--gateway-grpc-port",
+        str(grpc_port),
+        "--tokenizer-addr",
+        f"127.0.0.1:{tok}",
+        "--scheduler-addr",
+        f"127.0.0.1:{sch}",
+        "--executor-addr",
+        f"127.0.0.1:{exe}",
+        "--detokenizer-addr",
+        f"127.0.0.1:{detok}",
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if grpc_token is not None:
         env[TOKEN_ENV] = grpc_token
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**env, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+    )
     stack = Stack(proc, http, grpc_port, f"127.0.0.1:{sch}", log_path, grpc_token)
     deadline = time.time() + timeout
     # Ready when the launcher says so: from then on its own readiness probes (/health, a generation)
@@ -107,7 +138,10 @@ def running_stack(log_dir, *flags: str):
 
 def openai_client(stack: Stack):
     import openai
-    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    return openai.OpenAI(
+        base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def stop_stack(stack: Stack) -> None:
@@ -122,7 +156,9 @@ def stop_stack(stack: Stack) -> None:
 
 def scheduler_info(stack) -> scheduler_pb2.SchedulerInfo:
     with stack.grpc_channel(stack.scheduler_addr) as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
+        return scheduler_pb2_grpc.SchedulerStub(ch).GetInfo(
+            scheduler_pb2.SchedulerInfoRequest(), timeout=10
+        )
 
 
 def wait_idle_and_check_no_leak(stack, timeout=30.0) -> scheduler_pb2.SchedulerInfo:
@@ -131,7 +167,9 @@ def wait_idle_and_check_no_leak(stack, timeout=30.0) -> scheduler_pb2.SchedulerI
     deadline = time.time() + timeout
     while True:
         info = scheduler_info(stack)
-        settled = info.running_requests == 0 and info.waiting_requests == 0 and info.in_use_tokens == 0
+        settled = (
+            info.running_requests == 0 and info.waiting_requests == 0 and info.in_use_tokens == 0
+        )
         if settled or time.time() > deadline:
             break
         time.sleep(0.2)

@@ -1,5 +1,6 @@
 """`radixserve serve` on a tiny random Llama with the real SmolLM2 tokenizer: starts and restarts in
 seconds, and decodes fast enough that long requests are still running when a test disrupts them."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,24 @@ def tiny_model(folder: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (smol / name).exists():
             shutil.copy(smol / name, folder / name)
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32"}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "vocab_size": 49152,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 32768,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "dtype": "float32",
+            }
+        )
+    )
     return folder
 
 
@@ -35,9 +50,20 @@ def start_tiny_stack(tmp_path: Path, *flags: str, **stack_options) -> Stack:
     """stack_options: start_stack's (grpc_token)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "0")  # no kernel build on a fresh machine
-        return start_stack("--model-path", str(tiny_model(tmp_path / "model")), "--load-format", "dummy",
-                           "--served-model-name", MODEL, "--max-total-tokens", "40000", *flags,
-                           log_path=str(tmp_path / "serve.log"), timeout=180, **stack_options)
+        return start_stack(
+            "--model-path",
+            str(tiny_model(tmp_path / "model")),
+            "--load-format",
+            "dummy",
+            "--served-model-name",
+            MODEL,
+            "--max-total-tokens",
+            "40000",
+            *flags,
+            log_path=str(tmp_path / "serve.log"),
+            timeout=180,
+            **stack_options,
+        )
 
 
 def service_pids(launcher_pid: int) -> dict[str, int]:
@@ -64,13 +90,19 @@ def alive(pid: int) -> bool:
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    ]
 
 
 def generate(stack, timeout: float = 120) -> dict:
     """/generate of a fixed prompt, greedy; retried while the stack answers 503 (an executor restarting)."""
-    body = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 24,
-                                                                    "ignore_eos": True}}
+    body = {
+        "text": "The capital of France is",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+    }
     deadline = time.monotonic() + timeout
     while True:
         resp = httpx.post(stack.base_url + "/generate", json=body, timeout=120)

@@ -6,6 +6,7 @@ drives `scenario` through TensorParallelLeader (the gRPC servicer's path) and sa
 FILE; the other ranks follow it. run_group starts the ranks and returns what rank 0 saved; the tests run the
 same scenario on a TP=1 runner and compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ ATOL = 1e-5  # fp32; the shards' partial sums add up in another order
 
 
 def build_runner(model: str, device: str = "cpu") -> ModelRunner:
-    return ModelRunner(model, runner_config(dtype="float32", device=device, max_total_tokens=1024, random_seed=0))
+    return ModelRunner(
+        model, runner_config(dtype="float32", device=device, max_total_tokens=1024, random_seed=0)
+    )
 
 
 def on_cpu(result: dict) -> dict:
@@ -40,18 +43,45 @@ def scenario(runner) -> dict:
     """Prefill of three prompts, a prefix-reusing request and decodes, a chunked prefill, an invalid step,
     a reset, then greedy decoding; the logits and tokens of each part."""
     out = {}
-    step = runner.step(StepInput(1, new_requests=[
-        NewRequest("a", list(range(3, 10)), list(range(1, 8))),
-        NewRequest("b", list(range(40, 52)), list(range(10, 22))),
-        NewRequest("c", [7], [30])]))
+    step = runner.step(
+        StepInput(
+            1,
+            new_requests=[
+                NewRequest("a", list(range(3, 10)), list(range(1, 8))),
+                NewRequest("b", list(range(40, 52)), list(range(10, 22))),
+                NewRequest("c", [7], [30]),
+            ],
+        )
+    )
     out["prefill"] = step.logits
-    step = runner.step(StepInput(2, continuing_requests=[
-        ContinuingRequest("b", [40]), ContinuingRequest("a", [41]), ContinuingRequest("c", [42])],
-        new_requests=[NewRequest("d", [90, 91, 92], [50, 51, 52], prefix_slots=list(range(1, 6)))]))
+    step = runner.step(
+        StepInput(
+            2,
+            continuing_requests=[
+                ContinuingRequest("b", [40]),
+                ContinuingRequest("a", [41]),
+                ContinuingRequest("c", [42]),
+            ],
+            new_requests=[
+                NewRequest("d", [90, 91, 92], [50, 51, 52], prefix_slots=list(range(1, 6)))
+            ],
+        )
+    )
     out["decode"] = step.logits
-    runner.step(StepInput(3, new_requests=[NewRequest("e", list(range(60, 70)), list(range(60, 70)), sample=False)]))
-    step = runner.step(StepInput(4, continuing_requests=[ContinuingRequest("e", list(range(70, 76)),
-                                                                           list(range(100, 106)))]))
+    runner.step(
+        StepInput(
+            3,
+            new_requests=[NewRequest("e", list(range(60, 70)), list(range(60, 70)), sample=False)],
+        )
+    )
+    step = runner.step(
+        StepInput(
+            4,
+            continuing_requests=[
+                ContinuingRequest("e", list(range(70, 76)), list(range(100, 106)))
+            ],
+        )
+    )
     out["chunked"] = step.logits
     try:  # invalid on every shard alike: the group carries on
         runner.step(StepInput(5, continuing_requests=[ContinuingRequest("ghost", [77])]))
@@ -60,12 +90,26 @@ def scenario(runner) -> dict:
         out["invalid_step_error"] = str(e)
     out["dropped"] = runner.reset()
     prompt, other = [5, 17, 33, 2, 200, 9, 11, 64, 128], [3, 3, 4]
-    step = runner.step(StepInput(10, new_requests=[NewRequest("g", prompt, list(range(1, 10))),
-                                                   NewRequest("o", other, list(range(20, 23)))]))
+    step = runner.step(
+        StepInput(
+            10,
+            new_requests=[
+                NewRequest("g", prompt, list(range(1, 10))),
+                NewRequest("o", other, list(range(20, 23))),
+            ],
+        )
+    )
     tokens = [step.outputs[0].token_id]
     for i in range(GREEDY_TOKENS - 1):
-        step = runner.step(StepInput(11 + i, continuing_requests=[ContinuingRequest("o", [200 + i]),
-                                                                  ContinuingRequest("g", [300 + i])]))
+        step = runner.step(
+            StepInput(
+                11 + i,
+                continuing_requests=[
+                    ContinuingRequest("o", [200 + i]),
+                    ContinuingRequest("g", [300 + i]),
+                ],
+            )
+        )
         tokens.append(step.outputs[1].token_id)
     out["greedy"] = tokens
     return out
@@ -74,10 +118,33 @@ def scenario(runner) -> dict:
 def run_group(model: Path, out: Path, world: int = 2, device: str = "cpu", ep: int = 1) -> dict:
     """The scenario on `world` shards (processes), MoE experts split over `ep` groups; what rank 0 returned."""
     (port,) = free_ports(1)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_ranks", "--rank", str(r), "--world", str(world),
-                               "--port", str(port), "--model", str(model), "--out", str(out), "--device", device,
-                               "--ep", str(ep)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.tp_ranks",
+                "--rank",
+                str(r),
+                "--world",
+                str(world),
+                "--port",
+                str(port),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--device",
+                device,
+                "--ep",
+                str(ep),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     try:
         logs = [p.communicate(timeout=120)[0] for p in procs]
     finally:
@@ -98,18 +165,27 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1)
     ns = parser.parse_args()
     device = torch.device("cuda", ns.rank) if ns.device == "cuda" else torch.device("cpu")
-    store = dist.TCPStore("127.0.0.1", ns.port, ns.world, is_master=ns.rank == 0,
-                          timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1",
+        ns.port,
+        ns.world,
+        is_master=ns.rank == 0,
+        timeout=datetime.timedelta(seconds=60),
+        wait_for_workers=False,
+    )
     init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, device, ep_size=ns.ep)
     runner = build_runner(ns.model, str(device))
     if ns.rank == 0:
+
         def broken(error):
             raise error
+
         leader = TensorParallelLeader(runner, on_broken=broken)
         result = scenario(leader)
         result["kv_slots"] = leader.model_info().kv_slots
-        result["moe_local_experts"] = sorted({m.num_local_experts for m in runner.model.modules()
-                                              if hasattr(m, "num_local_experts")})
+        result["moe_local_experts"] = sorted(
+            {m.num_local_experts for m in runner.model.modules() if hasattr(m, "num_local_experts")}
+        )
         leader.stop()
         torch.save(on_cpu(result), ns.out)
     else:

@@ -15,6 +15,7 @@ Example:
     requests = random_ids_requests(num_prompts=8, input_len=512, output_len=256, range_ratio=0.5,
                                    vocab_size=49152, seed=1)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ class BenchRequest:
     output_len: int  # max_new_tokens asked for
 
 
-def sample_lengths(full_len: int, range_ratio: float, count: int, rng: np.random.RandomState) -> list[int]:
+def sample_lengths(
+    full_len: int, range_ratio: float, count: int, rng: np.random.RandomState
+) -> list[int]:
     """SGLang's formula: uniform in [max(int(full_len * range_ratio), 1), full_len]."""
     if full_len < 1:
         raise ValueError(f"lengths must be at least 1, got {full_len}")
@@ -50,18 +53,27 @@ def safe_id_range(vocab_size: int) -> tuple[int, int]:
     return min(SAFE_FIRST_ID, vocab_size // 10), vocab_size
 
 
-def random_ids_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                        seed: int) -> list[BenchRequest]:
+def random_ids_requests(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    vocab_size: int,
+    seed: int,
+) -> list[BenchRequest]:
     rng = np.random.RandomState(seed)
     input_lens = sample_lengths(input_len, range_ratio, num_prompts, rng)
     output_lens = sample_lengths(output_len, range_ratio, num_prompts, rng)
     low, high = safe_id_range(vocab_size)
-    return [BenchRequest([int(t) for t in rng.randint(low, high, size=n_in)], n_in, n_out)
-            for n_in, n_out in zip(input_lens, output_lens)]
+    return [
+        BenchRequest([int(t) for t in rng.randint(low, high, size=n_in)], n_in, n_out)
+        for n_in, n_out in zip(input_lens, output_lens)
+    ]
 
 
-def random_text_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float, tokenizer,
-                         seed: int) -> list[BenchRequest]:
+def random_text_requests(
+    num_prompts: int, input_len: int, output_len: int, range_ratio: float, tokenizer, seed: int
+) -> list[BenchRequest]:
     """tokenizer: an HF tokenizer (anything with encode, decode, vocab_size, all_special_ids)."""
     rng = np.random.RandomState(seed)
     input_lens = sample_lengths(input_len, range_ratio, num_prompts, rng)
@@ -79,7 +91,9 @@ def ordinary_token_ids(tokenizer) -> np.ndarray:
     return np.array([t for t in range(tokenizer.vocab_size) if t not in special])
 
 
-def text_of_length(tokenizer, target_len: int, allowed: np.ndarray, rng: np.random.RandomState) -> tuple[str, int]:
+def text_of_length(
+    tokenizer, target_len: int, allowed: np.ndarray, rng: np.random.RandomState
+) -> tuple[str, int]:
     """Text of random tokens that re-encodes to target_len tokens (or as close as a few tries get)."""
     ids = [int(t) for t in rng.choice(allowed, size=target_len)]
     for _ in range(TEXT_FIT_ATTEMPTS):

@@ -25,6 +25,7 @@ Example:
         --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \\
         --num-prompts 200 --output-file results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,10 @@ def prompt_token_ids(requests: list[BenchRequest], tokenizer_path: str) -> list[
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    return [r.prompt if isinstance(r.prompt, list) else tokenizer(r.prompt)["input_ids"] for r in requests]
+    return [
+        r.prompt if isinstance(r.prompt, list) else tokenizer(r.prompt)["input_ids"]
+        for r in requests
+    ]
 
 
 def generation_config(model, max_new_tokens: int, ignore_eos: bool):
@@ -88,14 +92,20 @@ def generation_config(model, max_new_tokens: int, ignore_eos: bool):
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos
     # -1: no EOS (None would make generate_batch fall back to the model's EOS)
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1 if eos is None else eos)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1 if eos is None else eos
+    )
 
 
 def batching_config(args: argparse.Namespace):
     from transformers import ContinuousBatchingConfig
 
-    options = {"num_blocks": args.hf_num_blocks, "max_batch_tokens": args.hf_max_batch_tokens,
-               "max_requests_per_batch": args.max_concurrency, "scheduler_type": args.hf_scheduler}
+    options = {
+        "num_blocks": args.hf_num_blocks,
+        "max_batch_tokens": args.hf_max_batch_tokens,
+        "max_requests_per_batch": args.max_concurrency,
+        "scheduler_type": args.hf_scheduler,
+    }
     return ContinuousBatchingConfig(**{k: v for k, v in options.items() if v is not None})
 
 
@@ -126,11 +136,16 @@ def request_span(outputs) -> float:
     return max(end_time(o) for o in outputs) - min(o.created_time for o in outputs)
 
 
-def generate(model, inputs: list[list[int]], max_new_tokens: int, args: argparse.Namespace, timestamps: bool):
+def generate(
+    model, inputs: list[list[int]], max_new_tokens: int, args: argparse.Namespace, timestamps: bool
+):
     return model.generate_batch(
-        inputs=inputs, generation_config=generation_config(model, max_new_tokens, not args.disable_ignore_eos),
-        continuous_batching_config=batching_config(args), record_timestamps=timestamps,
-        progress_bar=timestamps and not args.disable_tqdm)
+        inputs=inputs,
+        generation_config=generation_config(model, max_new_tokens, not args.disable_ignore_eos),
+        continuous_batching_config=batching_config(args),
+        record_timestamps=timestamps,
+        progress_bar=timestamps and not args.disable_tqdm,
+    )
 
 
 def run_hf_baseline(args: argparse.Namespace) -> tuple[list[RequestResult], float, dict]:
@@ -140,20 +155,34 @@ def run_hf_baseline(args: argparse.Namespace) -> tuple[list[RequestResult], floa
 
     from radixserve.common.model_files import resolve_model_path
 
-    folder = str(resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
-                                    weights=args.load_format != "dummy"))
+    folder = str(
+        resolve_model_path(
+            args.model_path,
+            revision=args.revision,
+            download_dir=args.download_dir,
+            weights=args.load_format != "dummy",
+        )
+    )
     config = AutoConfig.from_pretrained(folder)
     requests = build_requests(args, vocab_size_of(config), folder)
     tokenizer = folder
     if args.tokenizer:
-        tokenizer = str(resolve_model_path(args.tokenizer, download_dir=args.download_dir, weights=False))
+        tokenizer = str(
+            resolve_model_path(args.tokenizer, download_dir=args.download_dir, weights=False)
+        )
     inputs = prompt_token_ids(requests, tokenizer)
     max_new_tokens = max(r.output_len for r in requests)
     if len({r.output_len for r in requests}) > 1:
-        print(f"note: generate_batch takes one max_new_tokens; every request generates up to {max_new_tokens} "
-              "tokens (use --random-range-ratio 1.0 for the same work as a server run)", file=sys.stderr)
+        print(
+            f"note: generate_batch takes one max_new_tokens; every request generates up to {max_new_tokens} "
+            "tokens (use --random-range-ratio 1.0 for the same work as a server run)",
+            file=sys.stderr,
+        )
     if not math.isinf(args.request_rate):
-        print("note: hf-transformers queues every request at once; --request-rate is ignored", file=sys.stderr)
+        print(
+            "note: hf-transformers queues every request at once; --request-rate is ignored",
+            file=sys.stderr,
+        )
     device = pick_device(args.device)
     model = load_model(folder, config, args.dtype, args.load_format, device)
     if args.warmup_requests > 0:
@@ -163,8 +192,16 @@ def run_hf_baseline(args: argparse.Namespace) -> tuple[list[RequestResult], floa
     wall = time.perf_counter() - started
     missing = len(inputs) - len(outputs)
     results = [result_of(o) for o in outputs]
-    results += [RequestResult(0, error="missing from generate_batch's results") for _ in range(missing)]
-    extra = {"model_path": folder, "device": device, "dtype": args.dtype, "load_format": args.load_format,
-             "transformers_version": transformers.__version__, "hf_max_new_tokens": max_new_tokens,
-             "hf_generate_batch_wall_s": wall}
+    results += [
+        RequestResult(0, error="missing from generate_batch's results") for _ in range(missing)
+    ]
+    extra = {
+        "model_path": folder,
+        "device": device,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "transformers_version": transformers.__version__,
+        "hf_max_new_tokens": max_new_tokens,
+        "hf_generate_batch_wall_s": wall,
+    }
     return results, request_span(outputs) if outputs else wall, extra

@@ -14,6 +14,7 @@ scheduler overlaps steps: the decode latency is then the interval between consec
   radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
       --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ class InProcessTarget:
 
     def __init__(self, args):
         from radixserve.executor.runner import build_model_runner
+
         self.runner = build_model_runner(args)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
@@ -77,6 +79,7 @@ class GrpcTarget:
         from radixserve.common import grpc_util
         from radixserve.common.step_session import BlockingExecutorSession, SessionRefused
         from radixserve.common.step_convert import output_from_proto, step_to_proto
+
         self.pb = executor_pb2
         self.to_pb, self.from_pb = step_to_proto, output_from_proto
         self.channel = grpc_util.channel(addr)
@@ -86,8 +89,10 @@ class GrpcTarget:
         try:
             self.session = BlockingExecutorSession(self.stub)
         except SessionRefused as e:
-            raise SystemExit(f"cannot drive the executor at {addr}: {e} (a scheduler holds its step session: "
-                             "benchmark an executor no scheduler is connected to)") from None
+            raise SystemExit(
+                f"cannot drive the executor at {addr}: {e} (a scheduler holds its step session: "
+                "benchmark an executor no scheduler is connected to)"
+            ) from None
         self.step_id = 0
 
     def close(self) -> None:
@@ -108,85 +113,134 @@ class GrpcTarget:
         self.step_id = 0
 
 
-def run_once(target, batch_size: int, input_len: int, output_len: int, seed: int,
-             launch_ahead: bool = False) -> dict:
+def run_once(
+    target, batch_size: int, input_len: int, output_len: int, seed: int, launch_ahead: bool = False
+) -> dict:
     span = input_len + output_len
     if batch_size * span + 1 > target.kv_slots:
-        raise SystemExit(f"batch {batch_size} x {span} tokens needs {batch_size * span} KV slots; "
-                         f"the pool has {target.kv_slots - 1} (raise --max-total-tokens or --mem-fraction-static)")
+        raise SystemExit(
+            f"batch {batch_size} x {span} tokens needs {batch_size * span} KV slots; "
+            f"the pool has {target.kv_slots - 1} (raise --max-total-tokens or --mem-fraction-static)"
+        )
     target.reset()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, target.vocab_size, (batch_size, input_len), generator=g).tolist()
     first_slot = [1 + b * span for b in range(batch_size)]
-    new = [NewRequest(f"r{b}", ids[b], list(range(first_slot[b], first_slot[b] + input_len)))
-           for b in range(batch_size)]
+    new = [
+        NewRequest(f"r{b}", ids[b], list(range(first_slot[b], first_slot[b] + input_len)))
+        for b in range(batch_size)
+    ]
     _, prefill = target.step(StepInput(1, new_requests=new))
-    steps = [StepInput(2 + i, continuing_requests=[ContinuingRequest(f"r{b}", [first_slot[b] + input_len + i])
-                                                   for b in range(batch_size)]) for i in range(output_len - 1)]
+    steps = [
+        StepInput(
+            2 + i,
+            continuing_requests=[
+                ContinuingRequest(f"r{b}", [first_slot[b] + input_len + i])
+                for b in range(batch_size)
+            ],
+        )
+        for i in range(output_len - 1)
+    ]
     if launch_ahead:
         decodes = target.decode_launching_ahead(steps)
     else:
         decodes = [target.step(step)[1] for step in steps]
-    target.step(StepInput(output_len + 1, finished_request_ids=[f"r{b}" for b in range(batch_size)]))
+    target.step(
+        StepInput(output_len + 1, finished_request_ids=[f"r{b}" for b in range(batch_size)])
+    )
     return summarize(batch_size, input_len, output_len, prefill, decodes)
 
 
-def summarize(batch_size: int, input_len: int, output_len: int, prefill: StepTiming,
-              decodes: list[StepTiming]) -> dict:
+def summarize(
+    batch_size: int, input_len: int, output_len: int, prefill: StepTiming, decodes: list[StepTiming]
+) -> dict:
     result = {
-        "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
+        "batch_size": batch_size,
+        "input_len": input_len,
+        "output_len": output_len,
         "prefill_latency": prefill.wall_s,
         "prefill_throughput": batch_size * input_len / prefill.wall_s,
     }
     total = prefill.wall_s + sum(d.wall_s for d in decodes)
     if decodes:
         median = statistics.median(d.wall_s for d in decodes)
-        result.update({
-            "median_decode_latency": median,
-            "median_decode_throughput": batch_size / median,
-            "median_decode_executor_ms": statistics.median(d.executor_ms for d in decodes),
-        })
-    result.update({"overall_latency": total, "overall_throughput": batch_size * (input_len + output_len) / total})
+        result.update(
+            {
+                "median_decode_latency": median,
+                "median_decode_throughput": batch_size / median,
+                "median_decode_executor_ms": statistics.median(d.executor_ms for d in decodes),
+            }
+        )
+    result.update(
+        {
+            "overall_latency": total,
+            "overall_throughput": batch_size * (input_len + output_len) / total,
+        }
+    )
     return result
 
 
 def print_result(r: dict) -> None:
-    print(f"Prefill. latency: {r['prefill_latency']:.5f} s, throughput: {r['prefill_throughput']:9.2f} token/s")
+    print(
+        f"Prefill. latency: {r['prefill_latency']:.5f} s, throughput: {r['prefill_throughput']:9.2f} token/s"
+    )
     if "median_decode_latency" in r:
-        print(f"Decode.  median latency: {r['median_decode_latency']:.5f} s, "
-              f"median throughput: {r['median_decode_throughput']:9.2f} token/s "
-              f"(executor's own step: {r['median_decode_executor_ms']:.3f} ms)")
-    print(f"Total. latency: {r['overall_latency']:.3f} s, throughput: {r['overall_throughput']:9.2f} token/s")
+        print(
+            f"Decode.  median latency: {r['median_decode_latency']:.5f} s, "
+            f"median throughput: {r['median_decode_throughput']:9.2f} token/s "
+            f"(executor's own step: {r['median_decode_executor_ms']:.3f} ms)"
+        )
+    print(
+        f"Total. latency: {r['overall_latency']:.3f} s, throughput: {r['overall_throughput']:9.2f} token/s"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="radixserve bench one-batch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="radixserve bench one-batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_server_args(p)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, nargs="+", default=[1024])
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--run-name", default="default")
     p.add_argument("--result-filename", default=None, help="append one JSON line per run here")
-    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up run (kernel compilation)")
-    p.add_argument("--launch-ahead", action="store_true",
-                   help="in process: launch each decode step before collecting the previous one")
-    p.add_argument("--over-grpc", action="store_true",
-                   help="drive the running executor at --executor-addr over gRPC instead of one in process")
+    p.add_argument(
+        "--no-warmup", action="store_true", help="skip the warm-up run (kernel compilation)"
+    )
+    p.add_argument(
+        "--launch-ahead",
+        action="store_true",
+        help="in process: launch each decode step before collecting the previous one",
+    )
+    p.add_argument(
+        "--over-grpc",
+        action="store_true",
+        help="drive the running executor at --executor-addr over gRPC instead of one in process",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    prompt_seed = 1 if ns.random_seed is None else ns.random_seed  # --random-seed / --seed: the prompts' too
+    prompt_seed = (
+        1 if ns.random_seed is None else ns.random_seed
+    )  # --random-seed / --seed: the prompts' too
     if ns.output_len < 1:
         raise SystemExit("--output-len must be at least 1")
     if ns.launch_ahead and ns.over_grpc:
-        raise SystemExit("--launch-ahead drives the executor in process; over gRPC steps go one at a time")
+        raise SystemExit(
+            "--launch-ahead drives the executor in process; over gRPC steps go one at a time"
+        )
     args = args_from_namespace(ns, "executor")
     if ns.over_grpc:
         from radixserve.common.grpc_security import install_from_args
-        install_from_args(args)  # the token (--grpc-auth-token, $RADIXSERVE_GRPC_AUTH_TOKEN) and TLS flags
+
+        install_from_args(
+            args
+        )  # the token (--grpc-auth-token, $RADIXSERVE_GRPC_AUTH_TOKEN) and TLS flags
         target = GrpcTarget(ns.executor_addr)
     else:
         target = InProcessTarget(args)
@@ -199,12 +253,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
     if not ns.no_warmup:
-        run_once(target, min(ns.batch_size), min(ns.input_len), min(ns.output_len, 8), prompt_seed, ns.launch_ahead)
+        run_once(
+            target,
+            min(ns.batch_size),
+            min(ns.input_len),
+            min(ns.output_len, 8),
+            prompt_seed,
+            ns.launch_ahead,
+        )
     for bs in ns.batch_size:
         for input_len in ns.input_len:
             r = run_once(target, bs, input_len, ns.output_len, prompt_seed, ns.launch_ahead)
-            r.update({"run_name": ns.run_name, "device": target.device, "launch_ahead": ns.launch_ahead,
-                      "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process"})
+            r.update(
+                {
+                    "run_name": ns.run_name,
+                    "device": target.device,
+                    "launch_ahead": ns.launch_ahead,
+                    "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process",
+                }
+            )
             print_result(r)
             line = json.dumps(r)
             print(line, flush=True)

@@ -24,6 +24,7 @@ The same prompts through HF transformers, for a side-by-side baseline:
         --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \\
         --num-prompts 200 --output-file results.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ ERROR_TEXT_LIMIT = 500
 
 
 # ---- one request ----
+
 
 @dataclass
 class RequestResult:
@@ -138,8 +140,14 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[fl
         yield now, json.loads(payload)
 
 
-async def stream_request(client, url: str, payload: dict, prompt_len: int, read_chunk: ChunkReader,
-                         chunk_error: Callable[[dict], str]) -> RequestResult:
+async def stream_request(
+    client,
+    url: str,
+    payload: dict,
+    prompt_len: int,
+    read_chunk: ChunkReader,
+    chunk_error: Callable[[dict], str],
+) -> RequestResult:
     result = RequestResult(prompt_len)
     start = time.perf_counter()
     clock = TokenClock(start)
@@ -176,22 +184,44 @@ def prompt_field(request: BenchRequest) -> str:
     return "text" if isinstance(request.prompt, str) else "input_ids"
 
 
-async def send_native(client, base_url: str, request: BenchRequest, ignore_eos: bool) -> RequestResult:
-    payload = {prompt_field(request): request.prompt, "stream": True, "sampling_params": {
-        "temperature": 0.0, "max_new_tokens": request.output_len, "ignore_eos": ignore_eos}}
-    return await stream_request(client, base_url + "/generate", payload, request.prompt_len,
-                                read_native_chunk, native_error)
+async def send_native(
+    client, base_url: str, request: BenchRequest, ignore_eos: bool
+) -> RequestResult:
+    payload = {
+        prompt_field(request): request.prompt,
+        "stream": True,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": request.output_len,
+            "ignore_eos": ignore_eos,
+        },
+    }
+    return await stream_request(
+        client, base_url + "/generate", payload, request.prompt_len, read_native_chunk, native_error
+    )
 
 
-async def send_openai_completion(client, base_url: str, request: BenchRequest, ignore_eos: bool,
-                                 model: str | None) -> RequestResult:
-    payload = {"prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-               "ignore_eos": ignore_eos, "stream": True,
-               "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+async def send_openai_completion(
+    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
+) -> RequestResult:
+    payload = {
+        "prompt": request.prompt,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     if model:
         payload["model"] = model
-    return await stream_request(client, base_url + "/v1/completions", payload, request.prompt_len,
-                                read_openai_chunk, openai_error)
+    return await stream_request(
+        client,
+        base_url + "/v1/completions",
+        payload,
+        request.prompt_len,
+        read_openai_chunk,
+        openai_error,
+    )
 
 
 Sender = Callable[[object, BenchRequest], Awaitable[RequestResult]]
@@ -200,18 +230,22 @@ Sender = Callable[[object, BenchRequest], Awaitable[RequestResult]]
 def make_sender(backend: str, base_url: str, ignore_eos: bool, model: str | None) -> Sender:
     base_url = base_url.rstrip("/")
     if backend == "openai-completions":
-        return lambda client, request: send_openai_completion(client, base_url, request, ignore_eos, model)
+        return lambda client, request: send_openai_completion(
+            client, base_url, request, ignore_eos, model
+        )
     return lambda client, request: send_native(client, base_url, request, ignore_eos)
 
 
 # ---- the load ----
 
+
 class WarmupFailed(RuntimeError):
     pass
 
 
-async def arrivals(requests: list[BenchRequest], request_rate: float,
-                   rng: np.random.RandomState) -> AsyncIterator[BenchRequest]:
+async def arrivals(
+    requests: list[BenchRequest], request_rate: float, rng: np.random.RandomState
+) -> AsyncIterator[BenchRequest]:
     """The requests, spaced by exponential gaps (a Poisson process); all at once for rate inf."""
     for request in requests:
         yield request
@@ -224,7 +258,9 @@ def http_client() -> aiohttp.ClientSession:
     the client far less CPU than httpx's, so the client does not become the bottleneck."""
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
-        connector=aiohttp.TCPConnector(limit=0, force_close=False), read_bufsize=1 << 20)
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        read_bufsize=1 << 20,
+    )
 
 
 async def warm_up(client, send: Sender, request: BenchRequest, count: int) -> None:
@@ -234,9 +270,16 @@ async def warm_up(client, send: Sender, request: BenchRequest, count: int) -> No
         raise WarmupFailed(failed[0].error)
 
 
-async def run_load(send: Sender, requests: list[BenchRequest], request_rate: float, max_concurrency: int | None,
-                   seed: int, warmup_requests: int = 1, flush_url: str | None = None,
-                   show_progress: bool = False) -> tuple[list[RequestResult], float]:
+async def run_load(
+    send: Sender,
+    requests: list[BenchRequest],
+    request_rate: float,
+    max_concurrency: int | None,
+    seed: int,
+    warmup_requests: int = 1,
+    flush_url: str | None = None,
+    show_progress: bool = False,
+) -> tuple[list[RequestResult], float]:
     """Send every request; returns the results in request order and the duration in seconds."""
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     progress = progress_bar(len(requests), show_progress)
@@ -258,7 +301,10 @@ async def run_load(send: Sender, requests: list[BenchRequest], request_rate: flo
                 await response.read()
         rng = np.random.RandomState(seed)
         start = time.perf_counter()
-        tasks = [asyncio.create_task(limited(client, r)) async for r in arrivals(requests, request_rate, rng)]
+        tasks = [
+            asyncio.create_task(limited(client, r))
+            async for r in arrivals(requests, request_rate, rng)
+        ]
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     progress.close()
@@ -272,6 +318,7 @@ def progress_bar(total: int, enabled: bool):
 
 
 # ---- metrics ----
+
 
 def latency_stats(name: str, values_s: list[float], stats: tuple[str, ...]) -> dict:
     """{"mean_<name>_ms": ..., "p99_<name>_ms": ...}; None where there are no values."""
@@ -317,10 +364,23 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict:
         "output_throughput": per_second(total_output, duration_s),
         "total_throughput": per_second(total_input + total_output, duration_s),
     }
-    metrics.update(latency_stats("ttft", [r.ttft for r in done if r.ttft is not None], ("mean", "median", "p99")))
-    metrics.update(latency_stats("tpot", [tpot(r) for r in done if r.output_len > 1 and r.ttft is not None],
-                                 ("mean", "median", "p99")))
-    metrics.update(latency_stats("itl", [x for r in done for x in r.itl], ("mean", "median", "p95", "p99", "max")))
+    metrics.update(
+        latency_stats(
+            "ttft", [r.ttft for r in done if r.ttft is not None], ("mean", "median", "p99")
+        )
+    )
+    metrics.update(
+        latency_stats(
+            "tpot",
+            [tpot(r) for r in done if r.output_len > 1 and r.ttft is not None],
+            ("mean", "median", "p99"),
+        )
+    )
+    metrics.update(
+        latency_stats(
+            "itl", [x for r in done for x in r.itl], ("mean", "median", "p95", "p99", "max")
+        )
+    )
     metrics.update(latency_stats("e2e_latency", e2e, ("mean", "median", "p99")))
     metrics["concurrency"] = per_second(sum(e2e), duration_s)
     return metrics
@@ -372,10 +432,12 @@ def table_value(value) -> str:
 
 def format_table(summary: dict) -> str:
     rate = summary["request_rate"]
-    lines = ["{:=^{n}}".format(" Serving Benchmark Result ", n=TABLE_WIDTH),
-             f"{'Backend:':<40} {summary['backend']}",
-             f"{'Traffic request rate:':<40} {rate}",
-             f"{'Max request concurrency:':<40} {summary['max_concurrency'] or 'not set'}"]
+    lines = [
+        "{:=^{n}}".format(" Serving Benchmark Result ", n=TABLE_WIDTH),
+        f"{'Backend:':<40} {summary['backend']}",
+        f"{'Traffic request rate:':<40} {rate}",
+        f"{'Max request concurrency:':<40} {summary['max_concurrency'] or 'not set'}",
+    ]
     for label, key in TABLE_ROWS:
         if key is None:
             lines.append("{:-^{n}}".format(label, n=TABLE_WIDTH))
@@ -386,11 +448,18 @@ def format_table(summary: dict) -> str:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return {"backend": args.backend, "dataset": args.dataset, "num_prompts": args.num_prompts,
-            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
-            "max_concurrency": args.max_concurrency, "random_input_len": args.random_input_len,
-            "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio,
-            "seed": args.seed, "ignore_eos": not args.disable_ignore_eos}
+    return {
+        "backend": args.backend,
+        "dataset": args.dataset,
+        "num_prompts": args.num_prompts,
+        "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+        "max_concurrency": args.max_concurrency,
+        "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio,
+        "seed": args.seed,
+        "ignore_eos": not args.disable_ignore_eos,
+    }
 
 
 def first_error(results: list[RequestResult]) -> str | None:
@@ -410,6 +479,7 @@ def report(summary: dict, results: list[RequestResult], output_file: str | None)
 
 
 # ---- the server and the prompts ----
+
 
 def base_url_of(args: argparse.Namespace) -> str:
     return (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
@@ -437,83 +507,162 @@ def load_tokenizer(path: str | None, revision: str | None = None, download_dir: 
 
     from radixserve.common.model_files import resolve_model_path
 
-    return AutoTokenizer.from_pretrained(str(resolve_model_path(path, revision, download_dir, weights=False)))
+    return AutoTokenizer.from_pretrained(
+        str(resolve_model_path(path, revision, download_dir, weights=False))
+    )
 
 
-def build_requests(args: argparse.Namespace, vocab_size: int | None, tokenizer_path: str | None) -> list[BenchRequest]:
-    common = dict(num_prompts=args.num_prompts, input_len=args.random_input_len, output_len=args.random_output_len,
-                  range_ratio=args.random_range_ratio, seed=args.seed)
+def build_requests(
+    args: argparse.Namespace, vocab_size: int | None, tokenizer_path: str | None
+) -> list[BenchRequest]:
+    common = dict(
+        num_prompts=args.num_prompts,
+        input_len=args.random_input_len,
+        output_len=args.random_output_len,
+        range_ratio=args.random_range_ratio,
+        seed=args.seed,
+    )
     if args.dataset == "random-ids":
         vocab_size = args.vocab_size or vocab_size
         if not vocab_size:
-            raise SystemExit("error: random-ids needs the vocabulary size: the server did not report it "
-                             "(GET /get_model_info); pass --vocab-size")
+            raise SystemExit(
+                "error: random-ids needs the vocabulary size: the server did not report it "
+                "(GET /get_model_info); pass --vocab-size"
+            )
         return random_ids_requests(vocab_size=vocab_size, **common)
     path = args.tokenizer or tokenizer_path
     revision = args.revision if path == args.model_path else None  # --revision is the model's
-    return random_text_requests(tokenizer=load_tokenizer(path, revision, args.download_dir), **common)
+    return random_text_requests(
+        tokenizer=load_tokenizer(path, revision, args.download_dir), **common
+    )
 
 
 def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], float, dict]:
     base_url = base_url_of(args)
     info = get_json(base_url + "/get_model_info")
-    requests = build_requests(args, info.get("vocab_size"), info.get("tokenizer_path") or info.get("model_path")
-                              or args.model_path)
+    requests = build_requests(
+        args,
+        info.get("vocab_size"),
+        info.get("tokenizer_path") or info.get("model_path") or args.model_path,
+    )
     model = args.model
     if args.backend == "openai-completions" and not model:
         model = served_model_name(base_url)
     send = make_sender(args.backend, base_url, not args.disable_ignore_eos, model)
     flush_url = base_url + "/flush_cache" if args.flush_cache else None
-    results, duration = run_event_loop(run_load(
-        send, requests, args.request_rate, args.max_concurrency, args.seed, args.warmup_requests, flush_url,
-        show_progress=not args.disable_tqdm))
+    results, duration = run_event_loop(
+        run_load(
+            send,
+            requests,
+            args.request_rate,
+            args.max_concurrency,
+            args.seed,
+            args.warmup_requests,
+            flush_url,
+            show_progress=not args.disable_tqdm,
+        )
+    )
     return results, duration, {"base_url": base_url}
 
 
 # ---- command line ----
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="radixserve bench serving",
-                                description="Online serving benchmark (sglang.bench_serving semantics).")
-    p.add_argument("--backend", choices=(*SERVER_BACKENDS, HF_BACKEND), default="radixserve",
-                   help="radixserve and sglang-native: POST /generate; openai-completions: POST /v1/completions; "
-                        "hf-transformers: no server, transformers' generate_batch")
+    p = argparse.ArgumentParser(
+        prog="radixserve bench serving",
+        description="Online serving benchmark (sglang.bench_serving semantics).",
+    )
+    p.add_argument(
+        "--backend",
+        choices=(*SERVER_BACKENDS, HF_BACKEND),
+        default="radixserve",
+        help="radixserve and sglang-native: POST /generate; openai-completions: POST /v1/completions; "
+        "hf-transformers: no server, transformers' generate_batch",
+    )
     p.add_argument("--base-url", default=None, help="server URL (default: http://HOST:PORT)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--dataset", "--dataset-name", dest="dataset", choices=DATASETS, default="random",
-                   help="random: random text (needs a tokenizer); random-ids: random token ids sent as input_ids")
+    p.add_argument(
+        "--dataset",
+        "--dataset-name",
+        dest="dataset",
+        choices=DATASETS,
+        default="random",
+        help="random: random text (needs a tokenizer); random-ids: random token ids sent as input_ids",
+    )
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=1024)
-    p.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths are uniform in [max(int(len * ratio), 1), len]")
+    p.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths are uniform in [max(int(len * ratio), 1), len]",
+    )
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second, Poisson arrivals (inf: all at once)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (inf: all at once)",
+    )
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--disable-ignore-eos", action="store_true", help="let requests stop at EOS")
-    p.add_argument("--warmup-requests", type=int, default=1, help="requests sent (and awaited) before measuring")
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=1,
+        help="requests sent (and awaited) before measuring",
+    )
     p.add_argument("--flush-cache", action="store_true", help="POST /flush_cache after the warmup")
-    p.add_argument("--model", default=None, help="model name for openai-completions (default: GET /v1/models)")
-    p.add_argument("--model-path", default=None,
-                   help="hf-transformers: the model folder; random dataset: fallback tokenizer "
-                        "(default: the embedded SmolLM2)")
-    p.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer for the random dataset (default: the server's tokenizer path)")
-    p.add_argument("--revision", default=None, help="for a hub id --model-path: the branch, tag or commit")
-    p.add_argument("--download-dir", default=None,
-                   help="for hub ids: the cache folder to read and download into (default: the hub's cache)")
-    p.add_argument("--vocab-size", type=int, default=None, help="random-ids vocabulary (default: the server's)")
+    p.add_argument(
+        "--model", default=None, help="model name for openai-completions (default: GET /v1/models)"
+    )
+    p.add_argument(
+        "--model-path",
+        default=None,
+        help="hf-transformers: the model folder; random dataset: fallback tokenizer "
+        "(default: the embedded SmolLM2)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer for the random dataset (default: the server's tokenizer path)",
+    )
+    p.add_argument(
+        "--revision", default=None, help="for a hub id --model-path: the branch, tag or commit"
+    )
+    p.add_argument(
+        "--download-dir",
+        default=None,
+        help="for hub ids: the cache folder to read and download into (default: the hub's cache)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="random-ids vocabulary (default: the server's)"
+    )
     p.add_argument("--output-file", default=None, help="append the JSON result line to this file")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     hf = p.add_argument_group("hf-transformers backend")
-    hf.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float16", "float32"])
-    hf.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                    help="dummy: random weights from the model's config")
+    hf.add_argument(
+        "--dtype", default="bfloat16", choices=["auto", "bfloat16", "float16", "float32"]
+    )
+    hf.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights from the model's config",
+    )
     hf.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    hf.add_argument("--hf-num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
-    hf.add_argument("--hf-max-batch-tokens", type=int, default=None, help="most tokens per step (default: auto)")
+    hf.add_argument(
+        "--hf-num-blocks",
+        type=int,
+        default=None,
+        help="KV cache blocks (default: sized from memory)",
+    )
+    hf.add_argument(
+        "--hf-max-batch-tokens", type=int, default=None, help="most tokens per step (default: auto)"
+    )
     hf.add_argument("--hf-scheduler", default="fifo", choices=["fifo", "prefill_first"])
     return p
 
@@ -535,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.backend == HF_BACKEND:
             from radixserve.bench.hf_baseline import run_hf_baseline
+
             results, duration, extra = run_hf_baseline(args)
         else:
             results, duration, extra = run_against_server(args)

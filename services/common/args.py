@@ -15,6 +15,7 @@ the flag's name upper-cased with `_`, e.g. `--model-path` is `RADIXSERVE_MODEL_P
 the command line). An empty variable counts as unset. Flags on the command line win over the
 environment, which wins over a `--config` YAML file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,19 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from radixserve.common.config import (DP_PORT_STRIDE, GROUPS, AddressConfig, GatewayConfig, LifecycleConfig,
-                                      ParallelConfig, RunnerConfig, SchedulerConfig, SecurityConfig, TelemetryConfig,
-                                      option)
+from radixserve.common.config import (
+    DP_PORT_STRIDE,
+    GROUPS,
+    AddressConfig,
+    GatewayConfig,
+    LifecycleConfig,
+    ParallelConfig,
+    RunnerConfig,
+    SchedulerConfig,
+    SecurityConfig,
+    TelemetryConfig,
+    option,
+)
 
 ENV_PREFIX = "RADIXSERVE_"
 _TRUE = ("1", "true", "yes", "on")
@@ -70,8 +81,16 @@ class FlagError(ValueError):
 
 
 @dataclass
-class ServerArgs(SecurityConfig, TelemetryConfig, LifecycleConfig, AddressConfig, ParallelConfig, GatewayConfig,
-                 SchedulerConfig, RunnerConfig):
+class ServerArgs(
+    SecurityConfig,
+    TelemetryConfig,
+    LifecycleConfig,
+    AddressConfig,
+    ParallelConfig,
+    GatewayConfig,
+    SchedulerConfig,
+    RunnerConfig,
+):
     """Every component's config in one: the flags of every service and of `radixserve serve`. (Fields collect
     from the last base first: within a section of `--help`, the model's flags come first.)"""
 
@@ -90,7 +109,9 @@ class ServerArgs(SecurityConfig, TelemetryConfig, LifecycleConfig, AddressConfig
                 if value:
                     argv.append(flag)
                 elif _env_value(f.name) is not None:
-                    argv.append("--no-" + flag[2:])  # the child inherits the environment: the flag wins
+                    argv.append(
+                        "--no-" + flag[2:]
+                    )  # the child inherits the environment: the flag wins
             elif value is not None:
                 argv += [flag, str(value)]
         return argv
@@ -142,7 +163,9 @@ def _env_default(parser: argparse.ArgumentParser, f: dataclasses.Field, kind=Non
     name = env_name(f.name)
 
     def refuse(why: str):
-        parser.exit(2, f"{parser.prog.split()[0]}: error: environment variable {name}={raw!r}: {why}\n")
+        parser.exit(
+            2, f"{parser.prog.split()[0]}: error: environment variable {name}={raw!r}: {why}\n"
+        )
 
     if kind is bool:
         if raw.lower() in _TRUE:
@@ -155,7 +178,11 @@ def _env_default(parser: argparse.ArgumentParser, f: dataclasses.Field, kind=Non
         try:
             value = kind(raw)
         except (ValueError, argparse.ArgumentTypeError) as e:
-            refuse(str(e) if isinstance(e, argparse.ArgumentTypeError) else f"not a valid {kind.__name__}")
+            refuse(
+                str(e)
+                if isinstance(e, argparse.ArgumentTypeError)
+                else f"not a valid {kind.__name__}"
+            )
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
         refuse(f"invalid choice (choose from {', '.join(choices)})")
@@ -176,18 +203,23 @@ class _FieldAction(argparse.Action):
         f = self.server_field
         if f.metadata["one_of_many"]:
             if len(values) != 1:
-                parser.exit(2, f"{parser.prog}: error: {option_string} got {len(values)} values: "
-                               f"{f.metadata['one_of_many']}\n")
+                parser.exit(
+                    2,
+                    f"{parser.prog}: error: {option_string} got {len(values)} values: "
+                    f"{f.metadata['one_of_many']}\n",
+                )
             values = values[0]
         if (why := _unsupported_message(f, values)) is not None:
             parser.exit(2, f"{parser.prog}: error: {why}\n")
         setattr(namespace, self.dest, _mapped(f, values))
 
 
-ENV_EPILOG = (f"Every flag can also be set in the environment as {ENV_PREFIX}<FLAG>: the flag's name upper-cased "
-              f"with _ (--model-path: {ENV_PREFIX}MODEL_PATH; booleans 1/true/yes/on or 0/false/no/off). "
-              "Flags on the command line win. SGLang's and vLLM's other flags are accepted with a warning where "
-              "they cannot change what is served, and refused with a reason otherwise.")
+ENV_EPILOG = (
+    f"Every flag can also be set in the environment as {ENV_PREFIX}<FLAG>: the flag's name upper-cased "
+    f"with _ (--model-path: {ENV_PREFIX}MODEL_PATH; booleans 1/true/yes/on or 0/false/no/off). "
+    "Flags on the command line win. SGLang's and vLLM's other flags are accepted with a warning where "
+    "they cannot change what is served, and refused with a reason otherwise."
+)
 
 
 def _field_type(f: dataclasses.Field):
@@ -210,8 +242,12 @@ def add_server_args(parser: argparse.ArgumentParser, with_foreign: bool = True) 
 
     if parser.epilog is None:
         parser.epilog = ENV_EPILOG
-    parser.add_argument("--config", metavar="YAML", help="a YAML file of flags (`model-path: M`, `tp-size: 2`, "
-                        "`disable-radix-cache: true`), as SGLang's --config; the command line wins")
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a YAML file of flags (`model-path: M`, `tp-size: 2`, "
+        "`disable-radix-cache: true`), as SGLang's --config; the command line wins",
+    )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in flag_fields():
         group = groups[f.metadata["group"]]
@@ -219,15 +255,24 @@ def add_server_args(parser: argparse.ArgumentParser, with_foreign: bool = True) 
         kwargs: dict = {"dest": f.name, "help": f.metadata["help"]}
         if isinstance(f.default, bool):
             # --flag / --no-flag, so that the command line can turn off what the environment turned on.
-            group.add_argument(flag, *f.metadata["aliases"], action=argparse.BooleanOptionalAction,
-                               default=_env_default(parser, f, bool), **kwargs)
+            group.add_argument(
+                flag,
+                *f.metadata["aliases"],
+                action=argparse.BooleanOptionalAction,
+                default=_env_default(parser, f, bool),
+                **kwargs,
+            )
             continue
         kind = _field_type(f)
         if kind is not None:
             kwargs["type"] = kind
         if f.metadata["choices"] is not None:
             kwargs["choices"] = f.metadata["choices"]
-        if f.metadata["supported"] is not None or f.metadata["one_of_many"] or f.metadata["value_map"]:
+        if (
+            f.metadata["supported"] is not None
+            or f.metadata["one_of_many"]
+            or f.metadata["value_map"]
+        ):
             kwargs.update(action=_FieldAction, server_field=f)
             if f.metadata["supported"]:
                 kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["supported"])) + "}"
@@ -300,8 +345,10 @@ def normalize(args: ServerArgs) -> ServerArgs:
     if args.quantization == "gguf" and args.load_format == "auto":
         changes["load_format"] = "gguf"
     if args.kv_cache_dtype in ("bf16", "bfloat16") and args.dtype not in ("bfloat16", "bf16"):
-        raise FlagError(f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the model's dtype here; "
-                        "pass --dtype bfloat16 with it, or leave --kv-cache-dtype at auto")
+        raise FlagError(
+            f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is kept in the model's dtype here; "
+            "pass --dtype bfloat16 with it, or leave --kv-cache-dtype at auto"
+        )
     if args.schedule_conservativeness < 0:
         raise FlagError("--schedule-conservativeness must be at least 0")
     for service in ("tokenizer", "detokenizer"):
@@ -319,6 +366,7 @@ def normalize(args: ServerArgs) -> ServerArgs:
 def check_parallelism(args: ServerArgs) -> None:
     """Refuse (SystemExit) parallelism flags (tensor, expert, data) that do not fit together (`serve`,
     `executor`, `scheduler` and `gateway` check)."""
+
     def refuse(why: str):
         raise SystemExit(f"error: {why}")
 
@@ -329,7 +377,9 @@ def check_parallelism(args: ServerArgs) -> None:
     if not 0 <= args.node_rank < args.nnodes:
         refuse(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1}")
     if args.nnodes > 1 and not args.dist_init_addr:
-        refuse("--nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's rendezvous, reachable from every node)")
+        refuse(
+            "--nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's rendezvous, reachable from every node)"
+        )
     if args.dist_init_addr and not args.dist_init_addr.rpartition(":")[2].isdigit():
         refuse(f"--dist-init-addr {args.dist_init_addr!r} is not HOST:PORT")
     if args.tp_rank is not None:
@@ -360,11 +410,17 @@ def check_data_parallelism(args: ServerArgs, refuse) -> None:
         return
     if args.nnodes > 1:
         refuse("--dp-size > 1 runs on one node: leave --nnodes at 1")
-    if args.dist_init_addr and args.tp_rank is None:  # shards (--tp-rank) get their executor's rendezvous
-        refuse("--dp-size > 1: leave --dist-init-addr unset (each replica's shards meet on a free loopback port)")
+    if (
+        args.dist_init_addr and args.tp_rank is None
+    ):  # shards (--tp-rank) get their executor's rendezvous
+        refuse(
+            "--dp-size > 1: leave --dist-init-addr unset (each replica's shards meet on a free loopback port)"
+        )
     if args.device not in ("auto", "cpu", "cuda"):
-        refuse(f"--device {args.device} with --dp-size > 1: replica i takes cuda:(base_gpu_id + i * tp_size); "
-               "choose the first with --base-gpu-id and pass --device cuda")
+        refuse(
+            f"--device {args.device} with --dp-size > 1: replica i takes cuda:(base_gpu_id + i * tp_size); "
+            "choose the first with --base-gpu-id and pass --device cuda"
+        )
 
 
 def replica_addrs(value: str, dp_size: int) -> list[str]:
@@ -390,9 +446,13 @@ def replica_args(args: ServerArgs, index: int) -> ServerArgs:
     """The config of replica `index`'s scheduler and executor: its own addresses, its first GPU, its rank."""
     if args.dp_size == 1:
         return args
-    return dataclasses.replace(args, scheduler_addr=replica_addrs(args.scheduler_addr, args.dp_size)[index],
-                               executor_addr=replica_addrs(args.executor_addr, args.dp_size)[index],
-                               base_gpu_id=args.base_gpu_id + index * args.tp_size, dp_rank=index)
+    return dataclasses.replace(
+        args,
+        scheduler_addr=replica_addrs(args.scheduler_addr, args.dp_size)[index],
+        executor_addr=replica_addrs(args.executor_addr, args.dp_size)[index],
+        base_gpu_id=args.base_gpu_id + index * args.tp_size,
+        dp_rank=index,
+    )
 
 
 def args_from_namespace(ns: argparse.Namespace, service: str) -> ServerArgs:

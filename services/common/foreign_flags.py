@@ -16,6 +16,7 @@ Tables: one flag per line, `spellings | arity | ...`: spellings comma-separated,
 switch), `one` (one value) or `many` (one or more values). These flags are left out of `--help`, which
 lists what is honoured as radixserve's own flags in SGLang's sections.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,21 @@ def _table(text: str, fixed: bool = False) -> list[ForeignFlag]:
         else:
             (spellings, arity, reason), honoured = (part.strip() for part in line.split("|", 2)), ""
         assert arity in ("none", "one", "many"), line
-        flags.append(ForeignFlag(tuple(s.strip() for s in spellings.split(",")), arity, reason,
-                                 tuple(v.strip() for v in honoured.split(",") if v.strip())))
+        flags.append(
+            ForeignFlag(
+                tuple(s.strip() for s in spellings.split(",")),
+                arity,
+                reason,
+                tuple(v.strip() for v in honoured.split(",") if v.strip()),
+            )
+        )
     return flags
 
 
 # Settings with one value here: `spellings | arity | honoured values | why another value is refused`.
 # A switch (arity none) is radixserve's behaviour already: accepted silently. <tp_size>: equal to --tp-size.
-FIXED = _table("""
+FIXED = _table(
+    """
 --tokenizer-mode | one | auto | only fast (Rust) tokenizers are used here; leave it at auto
 --tokenizer-backend | one | huggingface | only the Hugging Face tokenizers are used here
 --model-loader-extra-config | one | {} | model loader options are not supported yet
@@ -81,7 +89,9 @@ FIXED = _table("""
 --enable-auto-tool-choice | none | | tool_choice "auto" is always allowed here
 --max-logprobs | one | 20 | top_logprobs is capped at 20 here
 --generation-config | one | vllm | the model's generation_config.json sampling defaults are not applied yet: pass them per request
-""", fixed=True)
+""",
+    fixed=True,
+)
 
 # Accepted with a warning: `spellings | arity | why it has no effect here`.
 IGNORED = _table("""
@@ -367,7 +377,6 @@ REFUSED = _table("""
 """)
 
 
-
 class _Ignore(argparse.Action):
     """Accepts the flag (and its values), remembering it for one warning after parsing."""
 
@@ -408,15 +417,20 @@ class _Fixed(argparse.Action):
             setattr(namespace, FIXED_KEY, fixed)
             return
         if str(values) not in self.flag.honoured:
-            parser.exit(2, f"{parser.prog}: error: {option_string} {values}: {self.flag.reason} "
-                           f"(honoured here: {', '.join(self.flag.honoured)})\n")
+            parser.exit(
+                2,
+                f"{parser.prog}: error: {option_string} {values}: {self.flag.reason} "
+                f"(honoured here: {', '.join(self.flag.honoured)})\n",
+            )
 
 
 def _store_many(dest: str, pick):
     """An action storing pick(values) into dest (e.g. the largest of --cuda-graph-bs)."""
+
     class _Store(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             setattr(namespace, dest, pick(values))
+
     return _Store
 
 
@@ -434,11 +448,17 @@ class _PhaseBackend(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, "attention_backend", None)
         if values not in ("triton", "torch_native"):
-            parser.exit(2, f"{parser.prog}: error: {option_string} {values}: not available here; use triton (CUDA) "
-                           "or torch_native\n")
+            parser.exit(
+                2,
+                f"{parser.prog}: error: {option_string} {values}: not available here; use triton (CUDA) "
+                "or torch_native\n",
+            )
         if current not in (None, values):
-            parser.exit(2, f"{parser.prog}: error: {option_string} {values}: one attention backend serves prefill "
-                           f"and decode here, and --attention-backend is {current}\n")
+            parser.exit(
+                2,
+                f"{parser.prog}: error: {option_string} {values}: one attention backend serves prefill "
+                f"and decode here, and --attention-backend is {current}\n",
+            )
         namespace.attention_backend = values
 
 
@@ -449,8 +469,11 @@ class _CudaGraphBackendDecode(argparse.Action):
         if values == "disabled":
             namespace.disable_cuda_graph = True
         elif values != "full":
-            parser.exit(2, f"{parser.prog}: error: {option_string} {values}: only full decode CUDA graphs "
-                           "(or disabled) are supported here\n")
+            parser.exit(
+                2,
+                f"{parser.prog}: error: {option_string} {values}: only full decode CUDA graphs "
+                "(or disabled) are supported here\n",
+            )
 
 
 _NARGS = {"none": 0, "one": None, "many": "+"}
@@ -461,7 +484,9 @@ def add_foreign_flags(parser: argparse.ArgumentParser) -> None:
     hidden, unset = argparse.SUPPRESS, argparse.SUPPRESS
 
     def const(flags, dest, value):
-        parser.add_argument(*flags, dest=dest, action="store_const", const=value, default=unset, help=hidden)
+        parser.add_argument(
+            *flags, dest=dest, action="store_const", const=value, default=unset, help=hidden
+        )
 
     # MAPPED onto ServerArgs fields: vLLM's spellings and SGLang's per-phase variants.
     const(["--enforce-eager", "--disable-decode-cuda-graph"], "disable_cuda_graph", True)
@@ -470,25 +495,65 @@ def add_foreign_flags(parser: argparse.ArgumentParser) -> None:
     const(["--enable-expert-parallel", "-ep"], VLLM_EP_KEY, True)  # see after_parse
     const(["--enable-log-requests"], "log_requests", True)
     const(["--disable-log-requests"], "log_requests", False)
-    parser.add_argument("--max-num-batched-tokens", dest="max_prefill_tokens", type=_int,
-                        action=_MaxNumBatchedTokens, default=unset, help=hidden)
-    parser.add_argument("--cuda-graph-bs", "--cuda-graph-bs-decode", dest="cuda_graph_max_bs", type=int, nargs="+",
-                        action=_store_many("cuda_graph_max_bs", max), default=unset, help=hidden)
-    parser.add_argument("--prefill-attention-backend", "--decode-attention-backend", dest="attention_backend",
-                        action=_PhaseBackend, default=unset, help=hidden)
-    parser.add_argument("--cuda-graph-backend-decode", dest="disable_cuda_graph", action=_CudaGraphBackendDecode,
-                        default=unset, help=hidden)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        dest="max_prefill_tokens",
+        type=_int,
+        action=_MaxNumBatchedTokens,
+        default=unset,
+        help=hidden,
+    )
+    parser.add_argument(
+        "--cuda-graph-bs",
+        "--cuda-graph-bs-decode",
+        dest="cuda_graph_max_bs",
+        type=int,
+        nargs="+",
+        action=_store_many("cuda_graph_max_bs", max),
+        default=unset,
+        help=hidden,
+    )
+    parser.add_argument(
+        "--prefill-attention-backend",
+        "--decode-attention-backend",
+        dest="attention_backend",
+        action=_PhaseBackend,
+        default=unset,
+        help=hidden,
+    )
+    parser.add_argument(
+        "--cuda-graph-backend-decode",
+        dest="disable_cuda_graph",
+        action=_CudaGraphBackendDecode,
+        default=unset,
+        help=hidden,
+    )
     for flag in FIXED:
-        parser.add_argument(*flag.spellings, dest=_dest(flag), nargs=_NARGS[flag.arity], action=_Fixed, flag=flag,
-                            default=unset, help=hidden)
+        parser.add_argument(
+            *flag.spellings,
+            dest=_dest(flag),
+            nargs=_NARGS[flag.arity],
+            action=_Fixed,
+            flag=flag,
+            default=unset,
+            help=hidden,
+        )
     for table, action in ((IGNORED, _Ignore), (REFUSED, _Refuse)):
         for flag in table:
-            parser.add_argument(*flag.spellings, dest=_dest(flag), nargs=_NARGS[flag.arity], action=action,
-                                reason=flag.reason, default=unset, help=hidden)
+            parser.add_argument(
+                *flag.spellings,
+                dest=_dest(flag),
+                nargs=_NARGS[flag.arity],
+                action=action,
+                reason=flag.reason,
+                default=unset,
+                help=hidden,
+            )
 
 
 def _int(value: str) -> int:
     from radixserve.common.args import human_int
+
     return human_int(value)
 
 
@@ -505,21 +570,27 @@ def after_parse(ns: argparse.Namespace, args):
 
     for option, value in (getattr(ns, FIXED_KEY, None) or {}).items():
         if str(value) != str(args.tp_size):
-            return args, (f"{option} {value}: dense layers are split over all --tp-size shards ({args.tp_size}); "
-                          "another split is not supported yet")
+            return args, (
+                f"{option} {value}: dense layers are split over all --tp-size shards ({args.tp_size}); "
+                "another split is not supported yet"
+            )
     if getattr(ns, VLLM_EP_KEY, False):
         if args.dp_size > 1:
-            return args, ("--enable-expert-parallel with --data-parallel-size > 1: experts spread over data-parallel "
-                          "replicas are not supported yet; each replica's experts are split over its --tp-size shards "
-                          "with --enable-ep-moe")
+            return args, (
+                "--enable-expert-parallel with --data-parallel-size > 1: experts spread over data-parallel "
+                "replicas are not supported yet; each replica's experts are split over its --tp-size shards "
+                "with --enable-ep-moe"
+            )
         args = dataclasses.replace(args, enable_ep_moe=True, ep_size=args.tp_size)
     return args, None
 
 
 def warn_ignored(ns: argparse.Namespace, prog: str = "radixserve") -> list[str]:
     """Print one warning line per ignored flag given (stderr); return the lines."""
-    lines = [f"{prog}: warning: {flag} has no effect here: {reason}"
-             for flag, reason in getattr(ns, IGNORED_KEY, None) or []]
+    lines = [
+        f"{prog}: warning: {flag} has no effect here: {reason}"
+        for flag, reason in getattr(ns, IGNORED_KEY, None) or []
+    ]
     for line in lines:
         print(line, file=sys.stderr)
     return lines

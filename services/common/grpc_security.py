@@ -9,6 +9,7 @@ and without the token: --api-key guards it.
 alone on a non-loopback address must have the token or mutual TLS, or --insecure-internal
 (check_internal_security, run by the CLI before the service starts).
 """
+
 from __future__ import annotations
 
 import collections
@@ -43,7 +44,8 @@ def install_from_args(args: ServerArgs) -> None:
         inter_service_interceptors=[TokenServerInterceptor(token)] if token else (),
         channel_credentials=tls and tls.channel,
         server_credentials=tls and tls.server,
-        public_server_credentials=tls and tls.public_server)
+        public_server_credentials=tls and tls.public_server,
+    )
 
 
 def listen_hosts(args: ServerArgs, service: str) -> list[str]:
@@ -52,10 +54,18 @@ def listen_hosts(args: ServerArgs, service: str) -> list[str]:
     if service == "gateway":
         return [args.host, args.grpc_host]
     if service == "executor" and args.tp_size > 1:
-        rank = args.tp_rank if args.tp_rank is not None else args.node_rank * (args.tp_size // max(args.nnodes, 1))
+        rank = (
+            args.tp_rank
+            if args.tp_rank is not None
+            else args.node_rank * (args.tp_size // max(args.nnodes, 1))
+        )
         if rank != 0:
             return []
-    return [addr.strip().rpartition(":")[0] for addr in getattr(args, f"{service}_addr").split(",") if addr.strip()]
+    return [
+        addr.strip().rpartition(":")[0]
+        for addr in getattr(args, f"{service}_addr").split(",")
+        if addr.strip()
+    ]
 
 
 def is_loopback(host: str) -> bool:
@@ -73,7 +83,11 @@ def check_internal_security(args: ServerArgs, service: str) -> None:
     the other services' calls, unless --insecure-internal: anyone who reaches its port could drive it (write
     KV through Executor.Step, abort every request through Scheduler.Abort). `radixserve serve` gives its
     services a token of its own when none is given."""
-    if args.insecure_internal or auth_token(args) is not None or (args.grpc_tls_ca and args.grpc_tls_cert):
+    if (
+        args.insecure_internal
+        or auth_token(args) is not None
+        or (args.grpc_tls_ca and args.grpc_tls_cert)
+    ):
         return
     exposed = [host or "*" for host in listen_hosts(args, service) if not is_loopback(host)]
     if exposed:
@@ -81,18 +95,21 @@ def check_internal_security(args: ServerArgs, service: str) -> None:
             f"{service} would listen on {', '.join(dict.fromkeys(exposed))} (not loopback) and accept calls from "
             f"anyone who reaches it: give every service the same --grpc-auth-token (or ${TOKEN_ENV}; e.g. "
             f"`openssl rand -hex 32`), or mutual TLS (--grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca); "
-            f"--insecure-internal starts it unauthenticated anyway")
+            f"--insecure-internal starts it unauthenticated anyway"
+        )
 
 
 class TlsCredentials:
     def __init__(self, cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None):
         # With a CA, servers require client certificates signed by it (mutual TLS).
-        self.server = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem,
-                                                  require_client_auth=ca_pem is not None)
+        self.server = grpc.ssl_server_credentials(
+            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
+        )
         self.public_server = grpc.ssl_server_credentials([(key_pem, cert_pem)])
         # Without a CA, clients verify servers against the system's roots.
-        self.channel = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
-                                                    certificate_chain=cert_pem)
+        self.channel = grpc.ssl_channel_credentials(
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+        )
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> "TlsCredentials | None":
@@ -100,11 +117,20 @@ class TlsCredentials:
         if not (cert or key or ca):
             return None
         if not (cert and key):
-            missing = [flag for flag, value in (("--grpc-tls-cert", cert), ("--grpc-tls-key", key)) if not value]
-            raise SystemExit(f"error: TLS between services needs --grpc-tls-cert and --grpc-tls-key "
-                             f"(--grpc-tls-ca is optional); missing {' and '.join(missing)}")
-        return cls(read_pem(cert, "--grpc-tls-cert"), read_pem(key, "--grpc-tls-key"),
-                   read_pem(ca, "--grpc-tls-ca") if ca else None)
+            missing = [
+                flag
+                for flag, value in (("--grpc-tls-cert", cert), ("--grpc-tls-key", key))
+                if not value
+            ]
+            raise SystemExit(
+                f"error: TLS between services needs --grpc-tls-cert and --grpc-tls-key "
+                f"(--grpc-tls-ca is optional); missing {' and '.join(missing)}"
+            )
+        return cls(
+            read_pem(cert, "--grpc-tls-cert"),
+            read_pem(key, "--grpc-tls-key"),
+            read_pem(ca, "--grpc-tls-ca") if ca else None,
+        )
 
 
 def read_pem(path: str, flag: str) -> bytes:
@@ -117,7 +143,9 @@ def read_pem(path: str, flag: str) -> bytes:
     return data
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, entry: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+def _with_token(
+    details: grpc.aio.ClientCallDetails, entry: tuple[str, str]
+) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
     metadata.add(*entry)
     return details._replace(metadata=metadata)
@@ -157,26 +185,42 @@ class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
 
 def token_client_interceptors(token: str) -> list:
     """One interceptor per RPC kind: a grpc.aio channel files each interceptor under one kind only."""
-    return [kind(token) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)]
+    return [
+        kind(token)
+        for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    ]
 
 
-class _SyncCallDetails(collections.namedtuple("_SyncCallDetails", ("method", "timeout", "metadata", "credentials",
-                                                                     "wait_for_ready", "compression")),
-                       grpc.ClientCallDetails):
+class _SyncCallDetails(
+    collections.namedtuple(
+        "_SyncCallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class SyncTokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class SyncTokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """The token on every call of a blocking channel (grpc.intercept_channel; see grpc_util.channel)."""
 
     def __init__(self, token: str):
         self.entry = (TOKEN_METADATA_KEY, token)
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _SyncCallDetails(details.method, details.timeout, [*(details.metadata or ()), self.entry],
-                                details.credentials, getattr(details, "wait_for_ready", None),
-                                getattr(details, "compression", None))
+        return _SyncCallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), self.entry],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
@@ -201,20 +245,33 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        sent = next((value for key, value in handler_call_details.invocation_metadata or ()
-                     if key == TOKEN_METADATA_KEY), None)
+        sent = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == TOKEN_METADATA_KEY
+            ),
+            None,
+        )
         if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self.token):
             return handler
-        return denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong inter-service token")
+        return denying_handler(
+            handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong inter-service token"
+        )
 
 
-def denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def denying_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as handler that ends every call with code."""
+
     async def deny(_request, context: grpc.aio.ServicerContext):
         await context.abort(code, message)
 
-    serializers = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **serializers)
     if handler.unary_stream:

@@ -5,6 +5,7 @@ and the interceptors of tracing and of the inter-service token. Every channel an
 afterwards uses them; with nothing installed, channels and servers are plain insecure ones with no
 interceptor on the hot path.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ def server_options() -> list[tuple[str, object]]:
 @dataclass
 class GrpcSettings:
     """What every channel and server of this process uses (see install)."""
+
     client_interceptors: list = field(default_factory=list)  # grpc.aio.ClientInterceptor instances
     server_interceptors: list = field(default_factory=list)  # grpc.aio.ServerInterceptor instances
     channel_credentials: grpc.ChannelCredentials | None = None  # None: insecure channels
@@ -83,15 +85,23 @@ class GrpcSettings:
     inter_service_interceptors: list = field(default_factory=list)
     public_server_credentials: grpc.ServerCredentials | None = None  # None: insecure public ports
     # The client interceptors for blocking channels (see channel), e.g. the inter-service token's.
-    sync_client_interceptors: list = field(default_factory=list)  # grpc.UnaryUnaryClientInterceptor ...
+    sync_client_interceptors: list = field(
+        default_factory=list
+    )  # grpc.UnaryUnaryClientInterceptor ...
 
 
 settings = GrpcSettings()
 
 
-def install(client_interceptors=(), server_interceptors=(), channel_credentials=None,
-            server_credentials=None, inter_service_interceptors=(), public_server_credentials=None,
-            sync_client_interceptors=()) -> None:
+def install(
+    client_interceptors=(),
+    server_interceptors=(),
+    channel_credentials=None,
+    server_credentials=None,
+    inter_service_interceptors=(),
+    public_server_credentials=None,
+    sync_client_interceptors=(),
+) -> None:
     """Add interceptors and set credentials for the channels and servers made from now on."""
     settings.client_interceptors.extend(client_interceptors)
     settings.sync_client_interceptors.extend(sync_client_interceptors)
@@ -111,12 +121,15 @@ def reset() -> None:
     settings = GrpcSettings()
 
 
-def aio_channel(addr: str, interceptors: list[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+def aio_channel(
+    addr: str, interceptors: list[grpc.aio.ClientInterceptor] | None = None
+) -> grpc.aio.Channel:
     """A channel with the installed interceptors first, then these."""
     interceptors = [*settings.client_interceptors, *(interceptors or [])] or None
     if settings.channel_credentials is not None:
-        return grpc.aio.secure_channel(addr, settings.channel_credentials, options=channel_options(),
-                                       interceptors=interceptors)
+        return grpc.aio.secure_channel(
+            addr, settings.channel_credentials, options=channel_options(), interceptors=interceptors
+        )
     return grpc.aio.insecure_channel(addr, options=channel_options(), interceptors=interceptors)
 
 
@@ -130,7 +143,9 @@ def channel(addr: str) -> grpc.Channel:
     return grpc.intercept_channel(plain, *settings.sync_client_interceptors)
 
 
-def aio_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None, public: bool = False) -> grpc.aio.Server:
+def aio_server(
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None, public: bool = False
+) -> grpc.aio.Server:
     """A server with the installed interceptors first, then these; a public one (for clients outside
     the deployment) leaves out the inter-service ones."""
     inter_service = [] if public else settings.inter_service_interceptors

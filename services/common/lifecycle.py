@@ -1,5 +1,6 @@
 """A service process's life: SIGTERM/SIGINT caught from its event loop's first moment, a started
 grpc.aio server served until one arrives, then stopped gracefully (every gRPC service)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,9 @@ SHUTDOWN_GRACE_S = 5.0
 Args = TypeVar("Args")
 T = TypeVar("T")
 # The stop event of each loop run_service started: set by SIGTERM/SIGINT.
-_stop_events: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event]" = weakref.WeakKeyDictionary()
+_stop_events: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _stop_event() -> asyncio.Event:
@@ -36,6 +39,7 @@ def run_service(serve: Callable[[Args], Awaitable[None]], args: Args) -> int:
     """asyncio.run(serve(args)) with the signals caught before serve starts: a stop that arrives
     while the service loads, or right after it reports ready, is a clean one (exit code 0).
     Tracing (when configured) starts before serve and is flushed after it."""
+
     async def main() -> None:
         _stop_event()
         await serve(args)

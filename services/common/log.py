@@ -1,6 +1,7 @@
 """Logging setup: one format for every service, the service name in each line, and the request id
 and trace id of the request being served when there is one (`request_id` context variable, the
 current span)."""
+
 import contextvars
 import logging
 import sys
@@ -14,6 +15,7 @@ class RequestContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         from radixserve.common.tracing import current_trace_id
+
         parts = []
         if rid := request_id.get():
             parts.append(f"rid={rid}")

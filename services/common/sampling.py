@@ -5,6 +5,7 @@ Proto3 cannot tell "unset" from 0, so a 0 read from a message means the default 
 meaningful value: top_p 0 is 1 and repetition_penalty 0 is 1 (from_proto applies that rule; nothing after
 it sees a raw proto). top_k -1, as SGLang spells "disabled", is 0 wherever it comes from.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ UINT64_MASK = (1 << 64) - 1
 MAX_INT32 = (1 << 31) - 1
 MAX_TOKEN_ID = MAX_INT32
 MAX_TOP_LOGPROBS = 20
-MAX_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
+MAX_PENALTY = (
+    2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
+)
 MAX_LOGIT_BIAS = 100.0
 MAX_TEMPERATURE = 2.0
 
@@ -33,6 +36,7 @@ class SamplingError(ValueError):
 @dataclass(frozen=True)
 class Constraint:
     """Structured output: the text must match this (see common.proto SamplingParams.constraint)."""
+
     kind: str  # one of CONSTRAINT_KINDS
     spec: str  # "" for json_object
 
@@ -62,42 +66,88 @@ class SamplingParams:
 
     def check(self) -> SamplingParams:
         """self, or SamplingError for the first option out of range."""
-        _require(0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature",
-                 f"temperature must be between 0 and 2, got {self.temperature}")
+        _require(
+            0.0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            f"temperature must be between 0 and 2, got {self.temperature}",
+        )
         _require(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, "top_k", f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
-        _require(self.top_k <= MAX_INT32, "top_k", f"top_k must be at most {MAX_INT32}, got {self.top_k}")
+        _require(
+            self.top_k >= 0, "top_k", f"top_k must be -1 (disabled) or at least 1, got {self.top_k}"
+        )
+        _require(
+            self.top_k <= MAX_INT32, "top_k", f"top_k must be at most {MAX_INT32}, got {self.top_k}"
+        )
         _require(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        _require(0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS, "top_logprobs",
-                 f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-        for value, name in ((self.frequency_penalty, "frequency_penalty"), (self.presence_penalty, "presence_penalty")):
-            _require(-MAX_PENALTY <= value <= MAX_PENALTY, name, f"{name} must be between -2 and 2, got {value}")
-        _require(0.0 < self.repetition_penalty <= MAX_PENALTY, "repetition_penalty",
-                 f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        _require(
+            0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+        )
+        for value, name in (
+            (self.frequency_penalty, "frequency_penalty"),
+            (self.presence_penalty, "presence_penalty"),
+        ):
+            _require(
+                -MAX_PENALTY <= value <= MAX_PENALTY,
+                name,
+                f"{name} must be between -2 and 2, got {value}",
+            )
+        _require(
+            0.0 < self.repetition_penalty <= MAX_PENALTY,
+            "repetition_penalty",
+            f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+        )
         for token, value in self.logit_bias.items():
-            _require(0 <= token <= MAX_TOKEN_ID, "logit_bias",
-                     f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
-            _require(-MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS, "logit_bias",
-                     f"logit_bias values must be between -100 and 100, got {value} for token {token}")
+            _require(
+                0 <= token <= MAX_TOKEN_ID,
+                "logit_bias",
+                f"logit_bias keys must be token ids (non-negative integers), got {token!r}",
+            )
+            _require(
+                -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"logit_bias values must be between -100 and 100, got {value} for token {token}",
+            )
         return self
 
     @classmethod
     def from_proto(cls, msg: common_pb2.SamplingParams) -> SamplingParams:
         kind = msg.WhichOneof("constraint")
-        constraint = None if kind is None else Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
-        return cls(temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k,
-                   min_p=msg.min_p, seed=msg.seed if msg.HasField("seed") else None,
-                   return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
-                   frequency_penalty=msg.frequency_penalty, presence_penalty=msg.presence_penalty,
-                   repetition_penalty=msg.repetition_penalty or 1.0, logit_bias=dict(msg.logit_bias),
-                   constraint=constraint)
+        constraint = (
+            None
+            if kind is None
+            else Constraint(kind, "" if kind == "json_object" else getattr(msg, kind))
+        )
+        return cls(
+            temperature=msg.temperature,
+            top_p=msg.top_p or 1.0,
+            top_k=msg.top_k,
+            min_p=msg.min_p,
+            seed=msg.seed if msg.HasField("seed") else None,
+            return_logprob=msg.return_logprob,
+            top_logprobs_num=msg.top_logprobs_num,
+            frequency_penalty=msg.frequency_penalty,
+            presence_penalty=msg.presence_penalty,
+            repetition_penalty=msg.repetition_penalty or 1.0,
+            logit_bias=dict(msg.logit_bias),
+            constraint=constraint,
+        )
 
     def to_proto(self) -> common_pb2.SamplingParams:
         msg = common_pb2.SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
-            return_logprob=self.return_logprob, top_logprobs_num=self.top_logprobs_num,
-            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias)
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            return_logprob=self.return_logprob,
+            top_logprobs_num=self.top_logprobs_num,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias,
+        )
         if self.constraint is not None:
             kind = self.constraint.kind
             setattr(msg, kind, True if kind == "json_object" else self.constraint.spec)
@@ -109,31 +159,54 @@ class StoppingCriteria:
     max_new_tokens: int = 0  # 0 only before the gateway fills it in: as many as the context leaves
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids (unless ignore_eos)
     ignore_eos: bool = False
-    min_new_tokens: int = 0  # EOS and stop_token_ids do not end the request before this many output tokens
+    min_new_tokens: int = (
+        0  # EOS and stop_token_ids do not end the request before this many output tokens
+    )
 
-    def check(self, max_tokens_param: str = "max_new_tokens",
-              min_tokens_param: str = "min_new_tokens") -> StoppingCriteria:
+    def check(
+        self, max_tokens_param: str = "max_new_tokens", min_tokens_param: str = "min_new_tokens"
+    ) -> StoppingCriteria:
         """self, or SamplingError for the first option out of range (max_new_tokens 0: not given yet)."""
-        _require(0 <= self.max_new_tokens <= MAX_INT32, max_tokens_param,
-                 f"{max_tokens_param} must be between 1 and {MAX_INT32}, got {self.max_new_tokens}")
+        _require(
+            0 <= self.max_new_tokens <= MAX_INT32,
+            max_tokens_param,
+            f"{max_tokens_param} must be between 1 and {MAX_INT32}, got {self.max_new_tokens}",
+        )
         bad_stop = next((t for t in self.stop_token_ids if not 0 <= t <= MAX_TOKEN_ID), None)
-        _require(bad_stop is None, "stop_token_ids",
-                 f"stop_token_ids must be token ids (non-negative integers), got {bad_stop}")
-        _require(0 <= self.min_new_tokens <= MAX_INT32, min_tokens_param,
-                 f"{min_tokens_param} must be between 0 and {MAX_INT32}, got {self.min_new_tokens}")
-        _require(not self.max_new_tokens or self.min_new_tokens <= self.max_new_tokens, min_tokens_param,
-                 f"{min_tokens_param} ({self.min_new_tokens}) must not exceed the maximum number of tokens "
-                 f"({self.max_new_tokens})")
+        _require(
+            bad_stop is None,
+            "stop_token_ids",
+            f"stop_token_ids must be token ids (non-negative integers), got {bad_stop}",
+        )
+        _require(
+            0 <= self.min_new_tokens <= MAX_INT32,
+            min_tokens_param,
+            f"{min_tokens_param} must be between 0 and {MAX_INT32}, got {self.min_new_tokens}",
+        )
+        _require(
+            not self.max_new_tokens or self.min_new_tokens <= self.max_new_tokens,
+            min_tokens_param,
+            f"{min_tokens_param} ({self.min_new_tokens}) must not exceed the maximum number of tokens "
+            f"({self.max_new_tokens})",
+        )
         return self
 
     @classmethod
     def from_proto(cls, msg: common_pb2.StoppingCriteria) -> StoppingCriteria:
-        return cls(max_new_tokens=msg.max_new_tokens, stop_token_ids=tuple(msg.stop_token_ids),
-                   ignore_eos=msg.ignore_eos, min_new_tokens=msg.min_new_tokens)
+        return cls(
+            max_new_tokens=msg.max_new_tokens,
+            stop_token_ids=tuple(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            min_new_tokens=msg.min_new_tokens,
+        )
 
     def to_proto(self) -> common_pb2.StoppingCriteria:
-        return common_pb2.StoppingCriteria(max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
-                                           ignore_eos=self.ignore_eos, min_new_tokens=self.min_new_tokens)
+        return common_pb2.StoppingCriteria(
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            min_new_tokens=self.min_new_tokens,
+        )
 
 
 def _require(ok: bool, param: str, message: str) -> None:

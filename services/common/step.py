@@ -1,5 +1,6 @@
 """One executor step, as the scheduler plans it and the executor runs it (mirrors ExecutorStepRequest and
 ExecutorStepResponse; step_convert.py maps them)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from radixserve.common.sampling import SamplingParams, StoppingCriteria
 @dataclass
 class NewRequest:
     """A request the executor has not seen (or has dropped): its uncached tokens and all its slots."""
+
     request_id: str
     input_ids: list[int]
     new_slots: list[int]
@@ -23,13 +25,16 @@ class NewRequest:
     # repetition penalty is on: the penalty sees tokens the executor never received.
     penalty_prompt_ids: list[int] = field(default_factory=list)
     stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
-    generated_tokens: int = 0  # output tokens generated before a retraction (count toward min_new_tokens)
+    generated_tokens: int = (
+        0  # output tokens generated before a retraction (count toward min_new_tokens)
+    )
     trace_context: common_pb2.TraceContext | None = None  # the request's span; None: not traced
 
 
 @dataclass
 class ContinuingRequest:
     """A request the executor already holds state for."""
+
     request_id: str
     new_slots: list[int]
     input_ids: list[int] = field(default_factory=list)  # empty: decode the token sampled last step
@@ -40,6 +45,7 @@ class ContinuingRequest:
 @dataclass
 class StepInput:
     """One step: the diff since the previous one."""
+
     step_id: int = 0
     finished_request_ids: list[str] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
@@ -51,16 +57,21 @@ class StepInput:
         return bool(self.new_requests) or any(c.input_ids for c in self.continuing_requests)
 
     def request_ids(self) -> list[str]:
-        return [r.request_id for r in self.new_requests] + [r.request_id for r in self.continuing_requests]
+        return [r.request_id for r in self.new_requests] + [
+            r.request_id for r in self.continuing_requests
+        ]
 
 
 @dataclass
 class SampledToken:
     """The token sampled for one request."""
+
     request_id: str
     token_id: int
     logprob: float | None = None  # set when the request asked for logprobs
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+    top_logprobs: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (token id, logprob), most likely first
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:
@@ -72,6 +83,7 @@ class SampledToken:
 @dataclass
 class StepOutput:
     """The result of one step: a SampledToken per sampling request, new requests first."""
+
     step_id: int
     outputs: list[SampledToken]
     forward_ms: float

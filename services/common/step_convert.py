@@ -1,23 +1,45 @@
 """The step types (step.py) to and from the executor.proto messages: the one mapping each way, used by
 the scheduler, the executor, the fake executor and the benchmarks."""
+
 from __future__ import annotations
 
 from radixserve.v1 import executor_pb2
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
-from radixserve.common.step import ContinuingRequest, NewRequest, SampledToken, StepInput, StepOutput
+from radixserve.common.step import (
+    ContinuingRequest,
+    NewRequest,
+    SampledToken,
+    StepInput,
+    StepOutput,
+)
 
 
 def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
-    msg = executor_pb2.ExecutorStepRequest(step_id=step.step_id, finished_request_ids=step.finished_request_ids)
+    msg = executor_pb2.ExecutorStepRequest(
+        step_id=step.step_id, finished_request_ids=step.finished_request_ids
+    )
     for r in step.new_requests:
-        msg.new_requests.add(request_id=r.request_id, input_ids=r.input_ids, prefix_slots=r.prefix_slots,
-                             new_slots=r.new_slots, sampling=r.sampling.to_proto(), sample=r.sample,
-                             token_bitmask=r.token_bitmask, penalty_prompt_ids=r.penalty_prompt_ids,
-                             trace_context=r.trace_context, stopping=r.stopping.to_proto(),
-                             generated_tokens=r.generated_tokens)
+        msg.new_requests.add(
+            request_id=r.request_id,
+            input_ids=r.input_ids,
+            prefix_slots=r.prefix_slots,
+            new_slots=r.new_slots,
+            sampling=r.sampling.to_proto(),
+            sample=r.sample,
+            token_bitmask=r.token_bitmask,
+            penalty_prompt_ids=r.penalty_prompt_ids,
+            trace_context=r.trace_context,
+            stopping=r.stopping.to_proto(),
+            generated_tokens=r.generated_tokens,
+        )
     for r in step.continuing_requests:
-        msg.continuing_requests.add(request_id=r.request_id, input_ids=r.input_ids, new_slots=r.new_slots,
-                                    sample=r.sample, token_bitmask=r.token_bitmask)
+        msg.continuing_requests.add(
+            request_id=r.request_id,
+            input_ids=r.input_ids,
+            new_slots=r.new_slots,
+            sample=r.sample,
+            token_bitmask=r.token_bitmask,
+        )
     return msg
 
 
@@ -25,13 +47,28 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
     return StepInput(
         step_id=msg.step_id,
         finished_request_ids=list(msg.finished_request_ids),
-        new_requests=[NewRequest(r.request_id, list(r.input_ids), list(r.new_slots), list(r.prefix_slots),
-                                 SamplingParams.from_proto(r.sampling), r.sample, r.token_bitmask,
-                                 list(r.penalty_prompt_ids), StoppingCriteria.from_proto(r.stopping),
-                                 r.generated_tokens, r.trace_context if r.HasField("trace_context") else None)
-                      for r in msg.new_requests],
-        continuing_requests=[ContinuingRequest(r.request_id, list(r.new_slots), list(r.input_ids), r.sample,
-                                               r.token_bitmask) for r in msg.continuing_requests],
+        new_requests=[
+            NewRequest(
+                r.request_id,
+                list(r.input_ids),
+                list(r.new_slots),
+                list(r.prefix_slots),
+                SamplingParams.from_proto(r.sampling),
+                r.sample,
+                r.token_bitmask,
+                list(r.penalty_prompt_ids),
+                StoppingCriteria.from_proto(r.stopping),
+                r.generated_tokens,
+                r.trace_context if r.HasField("trace_context") else None,
+            )
+            for r in msg.new_requests
+        ],
+        continuing_requests=[
+            ContinuingRequest(
+                r.request_id, list(r.new_slots), list(r.input_ids), r.sample, r.token_bitmask
+            )
+            for r in msg.continuing_requests
+        ],
     )
 
 
@@ -48,8 +85,11 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
 
 
 def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
-    return StepOutput(resp.step_id, [SampledToken(o.request_id, o.token_id, *_logprob(o)) for o in resp.outputs],
-                      resp.forward_ms)
+    return StepOutput(
+        resp.step_id,
+        [SampledToken(o.request_id, o.token_id, *_logprob(o)) for o in resp.outputs],
+        resp.forward_ms,
+    )
 
 
 def _logprob(o: executor_pb2.ExecutorRequestOutput) -> tuple[float | None, list[tuple[int, float]]]:

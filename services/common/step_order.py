@@ -1,6 +1,7 @@
 """Step ordering on the executor side: the scheduler sends step N+1 before step N returns (overlap
 scheduling), and the two unary calls may arrive in either order. Used by the executor and by the
 scheduler's fake executor (torch-free)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,10 +29,15 @@ class StepOrder:
             try:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self.next_id is None or self.next_id >= step_id),
-                    self.timeout_s)
+                    self.timeout_s,
+                )
             except TimeoutError:
-                log.warning("step %d: step %d did not arrive within %.0fs; running out of order",
-                            step_id, self.next_id, self.timeout_s)
+                log.warning(
+                    "step %d: step %d did not arrive within %.0fs; running out of order",
+                    step_id,
+                    self.next_id,
+                    self.timeout_s,
+                )
 
     async def done(self, step_id: int) -> None:
         async with self._changed:

@@ -10,6 +10,7 @@ lives as long as its stream, so a scheduler that dies (its connection closes) fr
 Server side: StepSessions (the executor and the scheduler's fake executor, torch-free). Client side:
 ExecutorSession (asyncio; the scheduler) and BlockingExecutorSession (benchmarks, tests).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,14 +50,20 @@ class StepSessions:
     def get(self, session_id: str) -> StepSession | None:
         """The live session if session_id is its id, else None."""
         current = self.current
-        if current is None or not session_id or not hmac.compare_digest(session_id.encode(), current.id.encode()):
+        if (
+            current is None
+            or not session_id
+            or not hmac.compare_digest(session_id.encode(), current.id.encode())
+        ):
             return None
         return current
 
     def refusal(self) -> str:
         if self.current is None:
             return "no step session is open: Step and Reset need one (Executor.OpenSession)"
-        return "not the executor's step session: another client (its scheduler) drives this executor"
+        return (
+            "not the executor's step session: another client (its scheduler) drives this executor"
+        )
 
     async def admit(self, session_id: str, context: grpc.aio.ServicerContext) -> StepSession:
         """The live session of a Step or Reset call; aborts the call with FAILED_PRECONDITION otherwise."""
@@ -65,28 +72,39 @@ class StepSessions:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.refusal())
         return session
 
-    async def wait_turn(self, request: executor_pb2.ExecutorStepRequest,
-                        context: grpc.aio.ServicerContext) -> StepSession:
+    async def wait_turn(
+        self, request: executor_pb2.ExecutorStepRequest, context: grpc.aio.ServicerContext
+    ) -> StepSession:
         """Admit a step (refused before it enters the step order unless it is the live session's), then wait
         for its turn in that session's order; refused too if its session was replaced meanwhile. The caller
         calls session.order.done(step_id) once the step is launched."""
         session = await self.admit(request.session_id, context)
         await session.order.wait_turn(request.step_id)
         if self.current is not session:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the step session ended while the step waited for its turn")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the step session ended while the step waited for its turn",
+            )
         return session
 
-    async def open(self, request: executor_pb2.ExecutorOpenSessionRequest, context: grpc.aio.ServicerContext,
-                   reset: Callable[[], Awaitable[int]]) -> AsyncIterator[executor_pb2.ExecutorSessionEvent]:
+    async def open(
+        self,
+        request: executor_pb2.ExecutorOpenSessionRequest,
+        context: grpc.aio.ServicerContext,
+        reset: Callable[[], Awaitable[int]],
+    ) -> AsyncIterator[executor_pb2.ExecutorSessionEvent]:
         """The OpenSession handler: reset() drops the request state (returns how many requests it dropped)."""
         live = self.current
         if live is not None:
-            takes_over = bool(request.replaces_session_id) and self.get(request.replaces_session_id) is live
+            takes_over = (
+                bool(request.replaces_session_id) and self.get(request.replaces_session_id) is live
+            )
             if not takes_over:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    "another client holds this executor's step session (its scheduler); "
-                                    "one session at a time")
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "another client holds this executor's step session (its scheduler); "
+                    "one session at a time",
+                )
             live.replaced.set()
         session = StepSession(self.order_timeout_s)
         self.current = session
@@ -94,11 +112,16 @@ class StepSessions:
             dropped = await reset()
             if self.current is not session:
                 return
-            log.info("step session opened (%d requests dropped)%s", dropped,
-                     ", replacing the previous one" if live is not None else "")
+            log.info(
+                "step session opened (%d requests dropped)%s",
+                dropped,
+                ", replacing the previous one" if live is not None else "",
+            )
             yield executor_pb2.ExecutorSessionEvent(session_id=session.id, dropped=dropped)
             await session.replaced.wait()
-            await context.abort(grpc.StatusCode.ABORTED, "the step session was replaced by a new one")
+            await context.abort(
+                grpc.StatusCode.ABORTED, "the step session was replaced by a new one"
+            )
         finally:
             if self.current is session:
                 self.current = None
@@ -126,21 +149,32 @@ class ExecutorSession:
         self._watch = asyncio.create_task(self._wait_end(), name="executor-session")
 
     @classmethod
-    async def open(cls, stub, replaces: str = "", on_end: Callable[[], None] | None = None,
-                   timeout: float = OPEN_TIMEOUT_S) -> "ExecutorSession":
+    async def open(
+        cls,
+        stub,
+        replaces: str = "",
+        on_end: Callable[[], None] | None = None,
+        timeout: float = OPEN_TIMEOUT_S,
+    ) -> "ExecutorSession":
         """Open the session (replacing this client's previous one, `replaces`); SessionRefused when the
         executor refuses or does not answer within timeout."""
-        call = stub.OpenSession(executor_pb2.ExecutorOpenSessionRequest(replaces_session_id=replaces),
-                                wait_for_ready=True)
+        call = stub.OpenSession(
+            executor_pb2.ExecutorOpenSessionRequest(replaces_session_id=replaces),
+            wait_for_ready=True,
+        )
         try:
             first = await asyncio.wait_for(call.read(), timeout)
         except asyncio.TimeoutError:
             call.cancel()
-            raise SessionRefused(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s") from None
+            raise SessionRefused(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s"
+            ) from None
         except grpc.aio.AioRpcError as e:
             raise SessionRefused(e.code(), e.details() or "") from None
         if first is grpc.aio.EOF:
-            raise SessionRefused(grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once")
+            raise SessionRefused(
+                grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once"
+            )
         return cls(call, first.session_id, on_end)
 
     @property
@@ -202,6 +236,8 @@ def _first_message(call, timeout: float):
     try:
         return next(call)
     except StopIteration:
-        raise SessionRefused(grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once") from None
+        raise SessionRefused(
+            grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once"
+        ) from None
     finally:
         timer.cancel()

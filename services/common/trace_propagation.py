@@ -6,13 +6,19 @@ gateway's coalesced detokenizer batches, the Session stream) pass through untouc
 not start a trace of their own every few milliseconds. The server interceptor opens a SERVER span
 for a unary call that arrives with a traceparent, and does nothing for one without.
 """
+
 from __future__ import annotations
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace.sampling import (Decision, ParentBased, Sampler, SamplingResult,
-                                              TraceIdRatioBased)
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -29,11 +35,21 @@ class _LinkedOrRatio(Sampler):
     def __init__(self, ratio: float):
         self._ratio = TraceIdRatioBased(ratio)
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:
+    def should_sample(
+        self,
+        parent_context,
+        trace_id,
+        name,
+        kind=None,
+        attributes=None,
+        links=None,
+        trace_state=None,
+    ) -> SamplingResult:
         if links and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-        return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        return self._ratio.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
 
     def get_description(self) -> str:
         return f"LinkedOrRatio{{{self._ratio.get_description()}}}"
@@ -67,14 +83,17 @@ def _in_traced_request() -> bool:
     return trace.get_current_span().get_span_context().trace_flags.sampled
 
 
-class ClientTracingInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class ClientTracingInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         if not _in_traced_request():
             return await continuation(client_call_details, request)
         method = client_call_details.method
         method = method.decode() if isinstance(method, bytes) else method
-        with tracing.tracer().start_as_current_span(method.lstrip("/"), kind=SpanKind.CLIENT,
-                                          attributes=_rpc_attributes(method)) as span:
+        with tracing.tracer().start_as_current_span(
+            method.lstrip("/"), kind=SpanKind.CLIENT, attributes=_rpc_attributes(method)
+        ) as span:
             call = await continuation(_with_trace_metadata(client_call_details), request)
             code = await call.code()
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -110,11 +129,14 @@ class ServerTracingInterceptor(grpc.aio.ServerInterceptor):
             token = otel_context.attach(parent)
             try:
                 with tracing.tracer().start_as_current_span(
-                        method.lstrip("/"), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)):
+                    method.lstrip("/"), kind=SpanKind.SERVER, attributes=_rpc_attributes(method)
+                ):
                     return await inner(request, context)
             finally:
                 otel_context.detach(token)
 
-        return grpc.unary_unary_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
-
+        return grpc.unary_unary_rpc_method_handler(
+            traced,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

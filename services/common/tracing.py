@@ -9,6 +9,7 @@ With tracing off (the default) `setup` installs nothing, `enabled()` is False an
 span work: the hot path has no exporter, interceptor or context handling at all. The OpenTelemetry
 SDK is imported only when tracing is on; a missing package stops the service at start.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,9 @@ from radixserve.v1 import common_pb2
 
 log = logging.getLogger("radixserve.tracing")
 
-INSTALL_HINT = "tracing needs the OpenTelemetry SDK and OTLP exporter: pip install 'radixserve[tracing]'"
+INSTALL_HINT = (
+    "tracing needs the OpenTelemetry SDK and OTLP exporter: pip install 'radixserve[tracing]'"
+)
 EXPORT_DELAY_MS = 500
 # A step span links every traced request it served; a request span is never linked from more.
 MAX_LINKS_PER_SPAN = 1024
@@ -54,27 +57,41 @@ def setup(service: str, endpoint: str | None, sample_ratio: float = 1.0, exporte
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import SpanLimits, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     except ImportError as e:
         raise SystemExit(f"error: {INSTALL_HINT} ({e})") from None
     from radixserve.common import grpc_util
-    from radixserve.common.trace_propagation import ClientTracingInterceptor, ServerTracingInterceptor, sampler
+    from radixserve.common.trace_propagation import (
+        ClientTracingInterceptor,
+        ServerTracingInterceptor,
+        sampler,
+    )
 
     if exporter is None:
         url = endpoint if "://" in endpoint else f"http://{endpoint}"
         exporter = OTLPSpanExporter(endpoint=url, insecure=url.startswith("http://"))
     _state.service_name = f"radixserve-{service}"
-    provider = TracerProvider(resource=Resource.create({"service.name": _state.service_name}),
-                              sampler=sampler(sample_ratio), span_limits=SpanLimits(max_links=MAX_LINKS_PER_SPAN))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": _state.service_name}),
+        sampler=sampler(sample_ratio),
+        span_limits=SpanLimits(max_links=MAX_LINKS_PER_SPAN),
+    )
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS))
     trace.set_tracer_provider(provider)
     _state.provider = provider
     _state.tracer = provider.get_tracer("radixserve")
-    grpc_util.install(client_interceptors=[ClientTracingInterceptor()],
-                      server_interceptors=[ServerTracingInterceptor()])
-    log.info("tracing to %s as %s (sample ratio %g)", endpoint or "a test exporter", _state.service_name,
-             sample_ratio)
+    grpc_util.install(
+        client_interceptors=[ClientTracingInterceptor()],
+        server_interceptors=[ServerTracingInterceptor()],
+    )
+    log.info(
+        "tracing to %s as %s (sample ratio %g)",
+        endpoint or "a test exporter",
+        _state.service_name,
+        sample_ratio,
+    )
     return True
 
 
@@ -87,12 +104,14 @@ def shutdown() -> None:
 
 # ---- contexts inside messages ----
 
+
 def context_from_proto(tc: common_pb2.TraceContext | None):
     """The OpenTelemetry Context of a TraceContext field, or None when it is unset or invalid."""
     if tc is None or not tc.traceparent:
         return None
     from opentelemetry.trace import get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     carrier = {"traceparent": tc.traceparent}
     if tc.tracestate:
         carrier["tracestate"] = tc.tracestate
@@ -107,10 +126,12 @@ def span_to_proto(span) -> common_pb2.TraceContext | None:
         return None
     from opentelemetry.trace import set_span_in_context
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     carrier: dict[str, str] = {}
     TraceContextTextMapPropagator().inject(carrier, context=set_span_in_context(span))
-    return common_pb2.TraceContext(traceparent=carrier.get("traceparent", ""),
-                                   tracestate=carrier.get("tracestate", ""))
+    return common_pb2.TraceContext(
+        traceparent=carrier.get("traceparent", ""), tracestate=carrier.get("tracestate", "")
+    )
 
 
 def current_trace_id() -> str:
@@ -118,6 +139,7 @@ def current_trace_id() -> str:
     if not enabled():
         return ""
     from opentelemetry.trace import get_current_span
+
     span_context = get_current_span().get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else ""
 

@@ -7,6 +7,7 @@ emitted; the difference is new text, emitted once it no longer ends in U+FFFD (t
 character an incomplete UTF-8 sequence decodes to). Ids before prefix_offset are never needed again
 and are dropped, so the state stays small however long the generation runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,8 +39,14 @@ class DecodeStep:
     matched_stop: str = ""
 
 
-def _take_new_text(tokenizer: Decoder, window: list[int], prefix: int, read: int, skip_special_tokens: bool,
-                   final: bool) -> tuple[str, list[int], int]:
+def _take_new_text(
+    tokenizer: Decoder,
+    window: list[int],
+    prefix: int,
+    read: int,
+    skip_special_tokens: bool,
+    final: bool,
+) -> tuple[str, list[int], int]:
     """The new stable text of the window, the window left after taking it, and its read offset.
 
     The returned window always starts at its prefix offset (ids before it are dropped).
@@ -48,23 +55,34 @@ def _take_new_text(tokenizer: Decoder, window: list[int], prefix: int, read: int
     full_text = tokenizer.decode(window[prefix:], skip_special_tokens=skip_special_tokens)
     incomplete = full_text.endswith(REPLACEMENT_CHAR) and not final
     if len(full_text) > len(prefix_text) and not incomplete:
-        return full_text[len(prefix_text):], window[read:], len(window) - read
+        return full_text[len(prefix_text) :], window[read:], len(window) - read
     if len(full_text) == len(prefix_text) and not incomplete:
         # The new ids added no text (e.g. skipped special tokens): forget them.
         return "", window[prefix:read], read - prefix
     return "", window[prefix:], read - prefix
 
 
-def decode_step(tokenizer: Decoder, state: DecodeState, new_ids: list[int], stop: list[str] = (),
-                skip_special_tokens: bool = True, final: bool = False) -> DecodeStep:
+def decode_step(
+    tokenizer: Decoder,
+    state: DecodeState,
+    new_ids: list[int],
+    stop: list[str] = (),
+    skip_special_tokens: bool = True,
+    final: bool = False,
+) -> DecodeStep:
     """Feed new_ids; return the text now safe to show and the state for the next call.
 
     With final, everything left is emitted (an incomplete character as U+FFFD). A stop string ends
     the text right before its first occurrence and sets stopped/matched_stop.
     """
     new_text, window, read = _take_new_text(
-        tokenizer, list(state.window_ids) + list(new_ids), state.prefix_offset, state.read_offset,
-        skip_special_tokens, final)
+        tokenizer,
+        list(state.window_ids) + list(new_ids),
+        state.prefix_offset,
+        state.read_offset,
+        skip_special_tokens,
+        final,
+    )
     scan = scan_for_stops(state.held_text + new_text, list(stop), final)
     next_state = DecodeState(window, 0, read, scan.held, state.emitted_chars + len(scan.emit))
     return DecodeStep(scan.emit, next_state, scan.matched_stop is not None, scan.matched_stop or "")

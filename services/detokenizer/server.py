@@ -3,6 +3,7 @@
 Per-request state lives with the caller (the gateway), in DetokenizerState, sent with every call;
 this process keeps none, so any replica can serve any call.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,15 +27,23 @@ log = logging.getLogger("radixserve.detokenizer")
 def state_from_proto(state: detokenizer_pb2.DetokenizerState) -> DecodeState:
     window = list(state.window_ids)
     if not 0 <= state.prefix_offset <= state.read_offset <= len(window):
-        raise ValueError(f"bad DetokenizerState offsets: prefix {state.prefix_offset}, "
-                         f"read {state.read_offset}, window of {len(window)}")
-    return DecodeState(window, state.prefix_offset, state.read_offset, state.held_text, state.emitted_chars)
+        raise ValueError(
+            f"bad DetokenizerState offsets: prefix {state.prefix_offset}, "
+            f"read {state.read_offset}, window of {len(window)}"
+        )
+    return DecodeState(
+        window, state.prefix_offset, state.read_offset, state.held_text, state.emitted_chars
+    )
 
 
 def state_to_proto(state: DecodeState) -> detokenizer_pb2.DetokenizerState:
     return detokenizer_pb2.DetokenizerState(
-        window_ids=state.window_ids, prefix_offset=state.prefix_offset, read_offset=state.read_offset,
-        held_text=state.held_text, emitted_chars=state.emitted_chars)
+        window_ids=state.window_ids,
+        prefix_offset=state.prefix_offset,
+        read_offset=state.read_offset,
+        held_text=state.held_text,
+        emitted_chars=state.emitted_chars,
+    )
 
 
 class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
@@ -45,27 +54,48 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
     def _check_ids(self, request_id: str, ids) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"request {request_id!r}: token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"request {request_id!r}: token ids out of range [0, {self.vocab_size}): {bad[:5]}"
+            )
 
-    def _decode_item(self, item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.DetokenizerDecodeResult:
+    def _decode_item(
+        self, item: detokenizer_pb2.DetokenizerDecodeItem
+    ) -> detokenizer_pb2.DetokenizerDecodeResult:
         self._check_ids(item.request_id, item.new_token_ids)
         step: DecodeStep = decode_step(
-            self.tokenizer, state_from_proto(item.state), list(item.new_token_ids), list(item.stop),
-            skip_special_tokens=item.skip_special_tokens, final=item.final)
+            self.tokenizer,
+            state_from_proto(item.state),
+            list(item.new_token_ids),
+            list(item.stop),
+            skip_special_tokens=item.skip_special_tokens,
+            final=item.final,
+        )
         return detokenizer_pb2.DetokenizerDecodeResult(
-            request_id=item.request_id, text=step.text, state=state_to_proto(step.state),
-            stopped=step.stopped, matched_stop=step.matched_stop)
+            request_id=item.request_id,
+            text=step.text,
+            state=state_to_proto(step.state),
+            stopped=step.stopped,
+            matched_stop=step.matched_stop,
+        )
 
     def _decode_traced_item(self, item: detokenizer_pb2.DetokenizerDecodeItem):
         """_decode_item inside a `detokenize` span, when the item carries a trace context."""
         parent = tracing.context_from_proto(item.trace_context) if tracing.enabled() else None
         if parent is None:
             return self._decode_item(item)
-        with tracing.tracer().start_as_current_span("detokenize", context=parent, attributes={
-                "radixserve.request_id": item.request_id, "radixserve.tokens": len(item.new_token_ids),
-                "radixserve.final": item.final}) as span:
+        with tracing.tracer().start_as_current_span(
+            "detokenize",
+            context=parent,
+            attributes={
+                "radixserve.request_id": item.request_id,
+                "radixserve.tokens": len(item.new_token_ids),
+                "radixserve.final": item.final,
+            },
+        ) as span:
             result = self._decode_item(item)
-            span.set_attributes({"radixserve.text_chars": len(result.text), "radixserve.stopped": result.stopped})
+            span.set_attributes(
+                {"radixserve.text_chars": len(result.text), "radixserve.stopped": result.stopped}
+            )
             return result
 
     def _decode_batch(self, request: detokenizer_pb2.DetokenizerDecodeRequest):
@@ -79,9 +109,13 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
-async def start_server(tokenizer: PreTrainedTokenizerBase, addr: str) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    tokenizer: PreTrainedTokenizerBase, addr: str
+) -> tuple[grpc.aio.Server, int]:
     """Start serving on addr ("host:0" picks a free port); returns the server and its port."""
-    return await grpc_util.start_aio_server(detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, DetokenizerServicer(tokenizer), addr)
+    return await grpc_util.start_aio_server(
+        detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, DetokenizerServicer(tokenizer), addr
+    )
 
 
 async def serve(args: ServerArgs) -> None:

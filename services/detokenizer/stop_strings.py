@@ -1,4 +1,5 @@
 """Stop-string matching over streamed text: emit what is safe, hold back what may start a stop string."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,4 +42,4 @@ def scan_for_stops(held: str, stops: list[str], final: bool) -> StopScan:
     if final:
         return StopScan(emit=held, held="")
     keep = held_suffix_length(held, stops)
-    return StopScan(emit=held[:len(held) - keep], held=held[len(held) - keep:])
+    return StopScan(emit=held[: len(held) - keep], held=held[len(held) - keep :])

@@ -4,6 +4,7 @@ SlotTable, lay out tokens.
 Validation runs before any state changes, so an invalid step leaves the executor as it was
 (except for finished_request_ids, which are dropped first by definition).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,12 +46,21 @@ class _Packer:
         packed = torch.tensor(self.values, dtype=torch.int64)
         if device.type != "cpu":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        return packed.split_with_sizes(self.sizes)  # one op: cheaper than a slice per list on the CPU
+        return packed.split_with_sizes(
+            self.sizes
+        )  # one op: cheaper than a slice per list on the CPU
 
 
 class BatchBuilder:
-    def __init__(self, kv_slots: int, vocab_size: int, context_length: int, slot_table: SlotTable,
-                 kv_pool: "KVPool", attn_backend: "AttentionBackend"):
+    def __init__(
+        self,
+        kv_slots: int,
+        vocab_size: int,
+        context_length: int,
+        slot_table: SlotTable,
+        kv_pool: "KVPool",
+        attn_backend: "AttentionBackend",
+    ):
         self.kv_slots, self.vocab_size, self.context_length = kv_slots, vocab_size, context_length
         self.slot_table, self.kv_pool, self.attn_backend = slot_table, kv_pool, attn_backend
         self.device = slot_table.tensor.device
@@ -63,18 +73,24 @@ class BatchBuilder:
 
     def _check_length(self, rid: str, length: int) -> None:
         if length > self.context_length:
-            raise StepError(f"request {rid}: {length} tokens exceed the context length {self.context_length}")
+            raise StepError(
+                f"request {rid}: {length} tokens exceed the context length {self.context_length}"
+            )
 
     @staticmethod
     def _check_bitmask(rid: str, bitmask: bytes) -> None:
         if len(bitmask) % 4:
-            raise StepError(f"request {rid}: token_bitmask has {len(bitmask)} bytes, not whole int32 words")
+            raise StepError(
+                f"request {rid}: token_bitmask has {len(bitmask)} bytes, not whole int32 words"
+            )
 
     def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
         if len(step.new_requests) > self.slot_table.free_rows:
-            raise StepError(f"{len(step.new_requests)} new requests but only {self.slot_table.free_rows} free rows "
-                            "in the executor's slot table; raise --max-running-requests on the executor "
-                            "or lower it on the scheduler")
+            raise StepError(
+                f"{len(step.new_requests)} new requests but only {self.slot_table.free_rows} free rows "
+                "in the executor's slot table; raise --max-running-requests on the executor "
+                "or lower it on the scheduler"
+            )
         seen: set[str] = set()
         for req in step.new_requests:
             rid = req.request_id
@@ -84,7 +100,9 @@ class BatchBuilder:
             if not req.input_ids:
                 raise StepError(f"new request {rid} has no input_ids")
             if len(req.new_slots) != len(req.input_ids):
-                raise StepError(f"new request {rid}: {len(req.new_slots)} new_slots for {len(req.input_ids)} input_ids")
+                raise StepError(
+                    f"new request {rid}: {len(req.new_slots)} new_slots for {len(req.input_ids)} input_ids"
+                )
             self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
             self._check_ids_and_slots(rid, None, req.prefix_slots, "prefix")
             self._check_length(rid, len(req.prefix_slots) + len(req.input_ids))
@@ -99,9 +117,13 @@ class BatchBuilder:
             seen.add(rid)
             n = len(req.input_ids) or 1
             if not req.input_ids and not state.has_token:
-                raise StepError(f"continuing request {rid} has no input_ids and no token sampled for it")
+                raise StepError(
+                    f"continuing request {rid} has no input_ids and no token sampled for it"
+                )
             if len(req.new_slots) != n:
-                raise StepError(f"continuing request {rid}: {len(req.new_slots)} new_slots for {n} tokens")
+                raise StepError(
+                    f"continuing request {rid}: {len(req.new_slots)} new_slots for {n} tokens"
+                )
             self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
             self._check_length(rid, state.length + n)
             self._check_bitmask(rid, req.token_bitmask)
@@ -114,13 +136,21 @@ class BatchBuilder:
         seqs: list[_Seq] = []
         table_writes: tuple[list[int], list[int], list[int]] = ([], [], [])
         for req in step.new_requests:
-            state = RequestState.create(table.assign(), len(req.prefix_slots), req.sampling, self.device)
+            state = RequestState.create(
+                table.assign(), len(req.prefix_slots), req.sampling, self.device
+            )
             states[req.request_id] = state
             self._table_write(table_writes, state.table_row, 0, req.prefix_slots)
-            seqs.append(_Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample))
+            seqs.append(
+                _Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample)
+            )
         for req in step.continuing_requests:
             tokens = list(req.input_ids) if req.input_ids else None
-            seqs.append(_Seq(req.request_id, states[req.request_id], tokens, list(req.new_slots), req.sample))
+            seqs.append(
+                _Seq(
+                    req.request_id, states[req.request_id], tokens, list(req.new_slots), req.sample
+                )
+            )
 
         extends = [s for s in seqs if len(s.new_slots) > 1]
         decodes = [s for s in seqs if len(s.new_slots) == 1]
@@ -158,32 +188,79 @@ class BatchBuilder:
         sampling = [s for s in seqs if s.sample]
         sample_index = [last_index[id(s)] for s in sampling]
         packer = _Packer()
-        for values in (input_ids, positions, out_slots, sample_index, [s.state.table_row for s in sampling],
-                       [s.state.table_row for s in ordered], [s.state.length for s in ordered],
-                       [e.prefix_len for e in extend_seqs], [e.start for e in extend_seqs],
-                       [e.num_tokens for e in extend_seqs], *table_writes, gather_at, gather_rows):
+        for values in (
+            input_ids,
+            positions,
+            out_slots,
+            sample_index,
+            [s.state.table_row for s in sampling],
+            [s.state.table_row for s in ordered],
+            [s.state.length for s in ordered],
+            [e.prefix_len for e in extend_seqs],
+            [e.start for e in extend_seqs],
+            [e.num_tokens for e in extend_seqs],
+            *table_writes,
+            gather_at,
+            gather_rows,
+        ):
             packer.add(values)
-        (ids_t, pos_t, out_t, sample_t, sample_rows, rows_t, lens_t, prefix_t, starts_t, qlens_t,
-         w_rows, w_cols, w_vals, g_at, g_rows) = packer.ship(self.device)
+        (
+            ids_t,
+            pos_t,
+            out_t,
+            sample_t,
+            sample_rows,
+            rows_t,
+            lens_t,
+            prefix_t,
+            starts_t,
+            qlens_t,
+            w_rows,
+            w_cols,
+            w_vals,
+            g_at,
+            g_rows,
+        ) = packer.ship(self.device)
         table.write(w_rows, w_cols, w_vals)
         if len(gather_at) == len(input_ids):
             ids_t = table.next_tokens.index_select(0, g_rows)
         elif gather_at:
             ids_t.index_copy_(0, g_at, table.next_tokens.index_select(0, g_rows))
-        table_meta = TableMeta(table.tensor, rows_t, lens_t, prefix_t, starts_t, qlens_t,
-                               max((e.num_tokens for e in extend_seqs), default=0))
+        table_meta = TableMeta(
+            table.tensor,
+            rows_t,
+            lens_t,
+            prefix_t,
+            starts_t,
+            qlens_t,
+            max((e.num_tokens for e in extend_seqs), default=0),
+        )
         samples = None
         if sampling:
-            samples = StepSamples(sample_t, sample_index == list(range(len(input_ids))),
-                                  [s.request_id for s in sampling], [s.state for s in sampling], sample_rows)
-        return ForwardBatch(input_ids=ids_t, positions=pos_t, out_slots=out_t, extend_seqs=extend_seqs,
-                            num_extend_tokens=sum(e.num_tokens for e in extend_seqs), decode_lens=decode_lens,
-                            kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=table_meta,
-                            samples=samples)
+            samples = StepSamples(
+                sample_t,
+                sample_index == list(range(len(input_ids))),
+                [s.request_id for s in sampling],
+                [s.state for s in sampling],
+                sample_rows,
+            )
+        return ForwardBatch(
+            input_ids=ids_t,
+            positions=pos_t,
+            out_slots=out_t,
+            extend_seqs=extend_seqs,
+            num_extend_tokens=sum(e.num_tokens for e in extend_seqs),
+            decode_lens=decode_lens,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+            table_meta=table_meta,
+            samples=samples,
+        )
 
     @staticmethod
-    def _table_write(writes: tuple[list[int], list[int], list[int]], row: int, first_col: int,
-                     slots: list[int]) -> None:
+    def _table_write(
+        writes: tuple[list[int], list[int], list[int]], row: int, first_col: int, slots: list[int]
+    ) -> None:
         rows, cols, values = writes
         rows += [row] * len(slots)
         cols += range(first_col, first_col + len(slots))

@@ -6,6 +6,7 @@ logits, over static input buffers. A step of B requests runs the smallest bucket
 are copied into the first B entries and the padding entries are made inert (KV slot -1: not
 stored; length 0: nothing read). All graphs share one memory pool, captured largest first.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,7 +31,12 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model, kv_pool, attn_backend, slot_table, max_bs: int, device: torch.device):
-        self.model, self.kv_pool, self.attn_backend, self.slot_table = model, kv_pool, attn_backend, slot_table
+        self.model, self.kv_pool, self.attn_backend, self.slot_table = (
+            model,
+            kv_pool,
+            attn_backend,
+            slot_table,
+        )
         self.buckets = graph_buckets(max_bs)
         self.max_bs = self.buckets[-1]
         n = self.max_bs
@@ -47,16 +53,36 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
             self.graphs[bs], self.logits[bs] = self._capture(bs, pool)
-        log.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1fs", len(self.buckets), self.buckets[0],
-                 self.max_bs, time.perf_counter() - t0)
+        log.info(
+            "captured %d CUDA graphs (batch sizes %d..%d) in %.1fs",
+            len(self.buckets),
+            self.buckets[0],
+            self.max_bs,
+            time.perf_counter() - t0,
+        )
 
     def _forward_batch(self, bs: int) -> ForwardBatch:
         """The bucket's step over the static buffers (decode_lens is not read by graph-safe backends)."""
-        meta = TableMeta(self.slot_table.tensor, self.rows[:bs], self.lens[:bs], self._empty, self._empty,
-                         self._empty, 0)
-        return ForwardBatch(input_ids=self.input_ids[:bs], positions=self.positions[:bs],
-                            out_slots=self.out_slots[:bs], extend_seqs=[], num_extend_tokens=0, decode_lens=[],
-                            kv_pool=self.kv_pool, attn_backend=self.attn_backend, table_meta=meta)
+        meta = TableMeta(
+            self.slot_table.tensor,
+            self.rows[:bs],
+            self.lens[:bs],
+            self._empty,
+            self._empty,
+            self._empty,
+            0,
+        )
+        return ForwardBatch(
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_slots=self.out_slots[:bs],
+            extend_seqs=[],
+            num_extend_tokens=0,
+            decode_lens=[],
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+            table_meta=meta,
+        )
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.compute_logits(self.model(batch.input_ids, batch.positions))
@@ -66,7 +92,9 @@ class CudaGraphRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # compiles / autotunes the kernels for this shape outside the capture
+                for _ in range(
+                    2
+                ):  # compiles / autotunes the kernels for this shape outside the capture
                     self._run(batch)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()

@@ -11,6 +11,7 @@ The longest sequence accepted is the model's context length, lowered to sentence
 max_seq_length when the folder sets one: sentence-transformers would truncate longer inputs, and
 rejecting them keeps every vector served equal to the reference's.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,8 +51,12 @@ class EmbeddingRunner:
         self.device = resolve_device(settings.device)
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
-        self.config = ModelConfig.load(pathlib.Path(model_path), settings.dtype, settings.context_length)
-        self.model = load_model(self.config, self.device, settings.load_format, settings.random_seed)
+        self.config = ModelConfig.load(
+            pathlib.Path(model_path), settings.dtype, settings.context_length
+        )
+        self.model = load_model(
+            self.config, self.device, settings.load_format, settings.random_seed
+        )
         self.is_encoder = isinstance(self.model, BertModel)
         self.pooling = PoolingConfig.from_folder(self.config.path, self.is_encoder)
         limits = [self.config.context_length, self.pooling.max_seq_length]
@@ -64,20 +69,36 @@ class EmbeddingRunner:
     @classmethod
     def from_args(cls, args: ServerArgs) -> "EmbeddingRunner":
         from radixserve.common.model_files import resolve_model_path
-        folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
-                                    weights=args.load_format != "dummy")
+
+        folder = resolve_model_path(
+            args.model_path,
+            revision=args.revision,
+            download_dir=args.download_dir,
+            weights=args.load_format != "dummy",
+        )
         return cls(folder, args)
 
     def model_info(self) -> ModelInfo:
         cfg = self.config
-        return ModelInfo(cfg.architecture, str(cfg.path), self.context_length, 0, cfg.vocab_size,
-                         list(cfg.eos_token_ids), dtype_name(cfg.dtype), str(self.device), self.num_parameters)
+        return ModelInfo(
+            cfg.architecture,
+            str(cfg.path),
+            self.context_length,
+            0,
+            cfg.vocab_size,
+            list(cfg.eos_token_ids),
+            dtype_name(cfg.dtype),
+            str(self.device),
+            self.num_parameters,
+        )
 
     def reset(self) -> int:
         return 0
 
     def launch(self, step: StepInput):
-        raise StepError("this executor serves embeddings (--is-embedding): it runs no generation steps")
+        raise StepError(
+            "this executor serves embeddings (--is-embedding): it runs no generation steps"
+        )
 
     step = launch
 
@@ -88,25 +109,34 @@ class EmbeddingRunner:
         vocab = self.config.vocab_size
         for i, seq in enumerate(sequences):
             if not 1 <= len(seq) <= self.context_length:
-                raise EmbedInputError(f"sequence {i} has {len(seq)} tokens; embeddings take 1 to "
-                                      f"{self.context_length}")
+                raise EmbedInputError(
+                    f"sequence {i} has {len(seq)} tokens; embeddings take 1 to "
+                    f"{self.context_length}"
+                )
             bad = next((t for t in seq if not 0 <= t < vocab), None)
             if bad is not None:
-                raise EmbedInputError(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {vocab})")
+                raise EmbedInputError(
+                    f"sequence {i} holds token id {bad}, outside the vocabulary [0, {vocab})"
+                )
 
     @torch.inference_mode()
     def embed(self, sequences: list[list[int]]) -> EmbedOutput:
         self.check(sequences)
         t0 = time.perf_counter()
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
-        mask = (torch.arange(int(lengths.max()), device=self.device)[None, :] < lengths[:, None]).long()
+        mask = (
+            torch.arange(int(lengths.max()), device=self.device)[None, :] < lengths[:, None]
+        ).long()
         hidden = self._encode(sequences, mask) if self.is_encoder else self._decode(sequences)
         vectors = self.pooling.pool(hidden, mask).cpu()
         return EmbedOutput(vectors, self.pooling.normalize, (time.perf_counter() - t0) * 1000)
 
     def _encode(self, sequences: list[list[int]], mask: torch.Tensor) -> torch.Tensor:
-        ids = pad_sequence([torch.tensor(s) for s in sequences], batch_first=True,
-                           padding_value=self.model.pad_token_id).to(self.device)
+        ids = pad_sequence(
+            [torch.tensor(s) for s in sequences],
+            batch_first=True,
+            padding_value=self.model.pad_token_id,
+        ).to(self.device)
         return self.model(ids, mask)
 
     def _decode(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -115,10 +145,16 @@ class EmbeddingRunner:
         ids = torch.tensor([t for s in sequences for t in s], device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         starts = [0, *itertools.accumulate(lengths[:-1])]
-        batch = ForwardBatch(input_ids=ids, positions=positions, out_slots=ids.new_empty(0),
-                             extend_seqs=[ExtendSeq(s, n, 0) for s, n in zip(starts, lengths)],
-                             num_extend_tokens=ids.numel(), decode_lens=[], kv_pool=None,
-                             attn_backend=self.attn_backend)
+        batch = ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            out_slots=ids.new_empty(0),
+            extend_seqs=[ExtendSeq(s, n, 0) for s, n in zip(starts, lengths)],
+            num_extend_tokens=ids.numel(),
+            decode_lens=[],
+            kv_pool=None,
+            attn_backend=self.attn_backend,
+        )
         with forward_context(batch):
             hidden = self.model(batch.input_ids, batch.positions)
         return pad_sequence(list(hidden.split(lengths)), batch_first=True)

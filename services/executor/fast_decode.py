@@ -9,6 +9,7 @@ RADIXSERVE_CPU_DECODE_KERNELS=0 to turn the fast path off.
 The kernels get their own packed copy of the layer weights (the torch path's weights stay as they
 are for prefill) and read/write the runner's KV pool in place.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,11 +42,14 @@ class FastDecode:
     def build(cls, runner) -> "FastDecode | None":
         """The fast path for this runner's model, or None where it does not apply (reason logged)."""
         from radixserve.executor.models.llama import LlamaForCausalLM
+
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.bfloat16 or tp_size() != 1:
             return None
         if not isinstance(model, LlamaForCausalLM):
-            log.info("fused CPU decode: %s not supported; using the torch path", type(model).__name__)
+            log.info(
+                "fused CPU decode: %s not supported; using the torch path", type(model).__name__
+            )
             return None
         layers = model.model.layers
         attn0 = layers[0].self_attn
@@ -65,25 +69,45 @@ class FastDecode:
         rot = model.rotary_emb
         hidden = model.model.embed_tokens.weight.shape[1]
         mlp0 = layers[0].mlp
-        eps = {l.input_layernorm.eps for l in layers} | {l.post_attention_layernorm.eps for l in layers}
+        eps = {l.input_layernorm.eps for l in layers} | {
+            l.post_attention_layernorm.eps for l in layers
+        }
         if len(eps) != 1 or model.model.norm.eps not in eps:
             log.info("fused CPU decode: mixed RMSNorm eps; using the torch path")
             return None
         kernel_model = module.DecodeModel(
-            hidden, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, mlp0.down_proj.in_features, eps.pop(),
-            attn0.attn.scaling, rot.cos_table.contiguous(), rot.sin_table.contiguous(),
-            bf16(model.model.norm.weight))
+            hidden,
+            attn0.num_heads,
+            attn0.num_kv_heads,
+            attn0.head_dim,
+            mlp0.down_proj.in_features,
+            eps.pop(),
+            attn0.attn.scaling,
+            rot.cos_table.contiguous(),
+            rot.sin_table.contiguous(),
+            bf16(model.model.norm.weight),
+        )
         pack, f32 = cpu_decode.pack_weight, cpu_decode.bias_f32
         pool = runner.kv_pool
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
-            kernel_model.add_layer(pack(a.qkv_proj.weight.detach()), f32(a.qkv_proj.bias),
-                                   pack(a.o_proj.weight.detach()), f32(a.o_proj.bias),
-                                   pack(m.gate_up_proj.weight.detach()), f32(m.gate_up_proj.bias),
-                                   pack(m.down_proj.weight.detach()), f32(m.down_proj.bias),
-                                   pool.k[i], pool.v[i], bf16(layer.input_layernorm.weight),
-                                   bf16(layer.post_attention_layernorm.weight))
-        log.info("fused CPU decode kernels on for decode batches of up to %d tokens", cls.MAX_TOKENS)
+            kernel_model.add_layer(
+                pack(a.qkv_proj.weight.detach()),
+                f32(a.qkv_proj.bias),
+                pack(a.o_proj.weight.detach()),
+                f32(a.o_proj.bias),
+                pack(m.gate_up_proj.weight.detach()),
+                f32(m.gate_up_proj.bias),
+                pack(m.down_proj.weight.detach()),
+                f32(m.down_proj.bias),
+                pool.k[i],
+                pool.v[i],
+                bf16(layer.input_layernorm.weight),
+                bf16(layer.post_attention_layernorm.weight),
+            )
+        log.info(
+            "fused CPU decode kernels on for decode batches of up to %d tokens", cls.MAX_TOKENS
+        )
         return cls(module, kernel_model, model)
 
     def supports(self, batch: ForwardBatch) -> bool:
@@ -93,6 +117,6 @@ class FastDecode:
         """Final-normed hidden states [T, hidden], like model(input_ids, positions), for a decode-only step."""
         meta = batch.table_meta
         # The kernels read row t of a [T, max_len] table up to lens[t]: the sequences' table rows, cut there.
-        table = meta.table[:, :max(batch.decode_lens)].index_select(0, meta.seq_rows)
+        table = meta.table[:, : max(batch.decode_lens)].index_select(0, meta.seq_rows)
         x = self._embed(batch.input_ids)
         return self._kernel_model.forward(x, batch.positions, batch.out_slots, table, meta.seq_lens)

@@ -1,5 +1,6 @@
 """The KV pool: per layer K and V tensors [kv_slots, kv_heads, head_dim]. No allocator here: the
 scheduler owns slot ids. Slot 0 is a padding sink that padded reads hit (kept zero, never valid)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,15 @@ CUDA_DEFAULT_MEM_FRACTION = 0.85
 
 
 class KVPool:
-    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
         shape = (num_slots, num_kv_heads, head_dim)
@@ -31,7 +39,9 @@ class KVPool:
         return self.k[layer_id], self.v[layer_id]
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
@@ -44,8 +54,12 @@ def mem_available_bytes() -> int:
     raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
-def compute_kv_slots(bytes_per_token: int, device: torch.device, max_total_tokens: int | None,
-                     mem_fraction_static: float | None) -> int:
+def compute_kv_slots(
+    bytes_per_token: int,
+    device: torch.device,
+    max_total_tokens: int | None,
+    mem_fraction_static: float | None,
+) -> int:
     """Number of KV slots, including the padding slot 0."""
     if max_total_tokens:
         return max_total_tokens + 1
@@ -60,6 +74,8 @@ def compute_kv_slots(bytes_per_token: int, device: torch.device, max_total_token
         fraction = mem_fraction_static or CPU_DEFAULT_MEM_FRACTION
         tokens = min(int(mem_available_bytes() * fraction // bytes_per_token), CPU_MAX_KV_TOKENS)
     if tokens < 16:
-        raise RuntimeError(f"not enough memory for a KV cache ({tokens} tokens); lower the model size "
-                           "or raise --mem-fraction-static / set --max-total-tokens")
+        raise RuntimeError(
+            f"not enough memory for a KV cache ({tokens} tokens); lower the model size "
+            "or raise --mem-fraction-static / set --max-total-tokens"
+        )
     return tokens + 1

@@ -16,6 +16,7 @@ includes the tokens it had generated. Its generated-token counts then restart fr
 and presence penalties forget the earlier tokens; the repetition penalty still sees them, as prompt tokens.
 (min_new_tokens still counts them: the re-sent request says how many it had generated, generated_tokens.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ BITS_PER_WORD = 32
 @dataclass
 class LogitsState:
     """What a request using these options carries between steps (RequestState.logits_state)."""
+
     sampling: SamplingParams
     bias_ids: list[int]
     bias_values: list[float]
@@ -50,8 +52,14 @@ def uses_penalties(p: SamplingParams) -> bool:
     return p.frequency_penalty != 0 or p.presence_penalty != 0 or p.repetition_active
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, in_prompt: torch.Tensor,
-                    frequency: torch.Tensor, presence: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    in_prompt: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
     """Penalised copy of logits [R, V]; counts [R, V] of generated tokens, the per-row factors [R]."""
     generated = counts > 0
     seen = generated | in_prompt
@@ -66,20 +74,21 @@ def bitmask_words(masks: list[bytes], vocab_size: int) -> torch.Tensor:
     words = np.zeros((len(masks), width), dtype=np.int32)
     for row, mask in enumerate(masks):
         row_words = np.frombuffer(mask, dtype="<i4")[:width]
-        words[row, :len(row_words)] = row_words
+        words[row, : len(row_words)] = row_words
     return torch.from_numpy(words)
 
 
 def apply_bitmask_(logits: torch.Tensor, words: torch.Tensor) -> None:
     """Set logits [R, V] to -inf where the bit of words [R, ceil(V / 32)] (xgrammar's layout) is 0."""
     shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=words.device)
-    allowed = ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1)[:, :logits.shape[1]]
+    allowed = ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1)[:, : logits.shape[1]]
     logits.masked_fill_(allowed == 0, float("-inf"))
 
 
 def _acts_this_step(ls: LogitsState | None) -> bool:
-    return ls is not None and (ls.penalty_row >= 0 or bool(ls.bias_ids)
-                               or ls.num_generated < ls.min_new_tokens)
+    return ls is not None and (
+        ls.penalty_row >= 0 or bool(ls.bias_ids) or ls.num_generated < ls.min_new_tokens
+    )
 
 
 class LogitsProcessor:
@@ -102,8 +111,14 @@ class LogitsProcessor:
             blocked = sorted({t for t in stops if t in in_vocab})
         if not (bias or blocked or uses_penalties(p)):
             return
-        ls = LogitsState(p, list(bias), list(bias.values()), blocked, stop.min_new_tokens,
-                         num_generated=req.generated_tokens)
+        ls = LogitsState(
+            p,
+            list(bias),
+            list(bias.values()),
+            blocked,
+            stop.min_new_tokens,
+            num_generated=req.generated_tokens,
+        )
         if uses_penalties(p):
             prompt = (req.penalty_prompt_ids or req.input_ids) if p.repetition_active else []
             ls.penalty_row = self.penalties.assign(prompt)
@@ -123,12 +138,16 @@ class LogitsProcessor:
         self.penalties = PenaltyTable(self.vocab_size, self.device)
         self.num_active = 0
 
-    def apply(self, logits: torch.Tensor, states: list[RequestState], bitmasks: list[bytes] | None) -> None:
+    def apply(
+        self, logits: torch.Tensor, states: list[RequestState], bitmasks: list[bytes] | None
+    ) -> None:
         """Process, in place, the rows of logits [len(states), V] whose request uses an option."""
         if not self.num_active and bitmasks is None:
             return
         masks = bitmasks or [b""] * len(states)
-        rows = [i for i, (s, m) in enumerate(zip(states, masks)) if m or _acts_this_step(s.logits_state)]
+        rows = [
+            i for i, (s, m) in enumerate(zip(states, masks)) if m or _acts_this_step(s.logits_state)
+        ]
         if not rows:
             return
         row_index = torch.tensor(rows, device=logits.device)
@@ -140,7 +159,10 @@ class LogitsProcessor:
         if masked:
             index = torch.tensor(masked, device=logits.device)
             part = sub.index_select(0, index)
-            apply_bitmask_(part, bitmask_words([masks[rows[j]] for j in masked], part.shape[1]).to(logits.device))
+            apply_bitmask_(
+                part,
+                bitmask_words([masks[rows[j]] for j in masked], part.shape[1]).to(logits.device),
+            )
             sub.index_copy_(0, index, part)
         logits.index_copy_(0, row_index, sub)
 
@@ -157,7 +179,9 @@ class LogitsProcessor:
                     rows.append(ls.penalty_row)
                     positions.append(i)
         if rows:
-            self.penalties.count(rows, tokens.index_select(0, torch.tensor(positions, device=tokens.device)))
+            self.penalties.count(
+                rows, tokens.index_select(0, torch.tensor(positions, device=tokens.device))
+            )
 
     def _penalise(self, sub: torch.Tensor, picked: list[LogitsState | None]) -> None:
         rows = [j for j, ls in enumerate(picked) if ls is not None and ls.penalty_row >= 0]
@@ -166,12 +190,22 @@ class LogitsProcessor:
         device = sub.device
         params = [picked[j].sampling for j in rows]
         table_rows = torch.tensor([picked[j].penalty_row for j in rows], device=device)
-        factors = torch.tensor([[p.frequency_penalty for p in params], [p.presence_penalty for p in params],
-                                [p.repetition_penalty if p.repetition_active else 1.0 for p in params]],
-                               dtype=sub.dtype, device=device)
+        factors = torch.tensor(
+            [
+                [p.frequency_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.repetition_penalty if p.repetition_active else 1.0 for p in params],
+            ],
+            dtype=sub.dtype,
+            device=device,
+        )
         index = torch.tensor(rows, device=device)
-        penalised = apply_penalties(sub.index_select(0, index), self.penalties.counts.index_select(0, table_rows),
-                                    self.penalties.in_prompt.index_select(0, table_rows), *factors)
+        penalised = apply_penalties(
+            sub.index_select(0, index),
+            self.penalties.counts.index_select(0, table_rows),
+            self.penalties.in_prompt.index_select(0, table_rows),
+            *factors,
+        )
         sub.index_copy_(0, index, penalised)
 
     @staticmethod
@@ -199,8 +233,11 @@ class LogitsProcessor:
 
 def step_bitmasks(step: StepInput, sample_request_ids: list[str]) -> list[bytes] | None:
     """Each sampling row's token_bitmask (b"": none), or None when the step carries no bitmask at all."""
-    given = {r.request_id: r.token_bitmask for r in (*step.new_requests, *step.continuing_requests)
-             if r.token_bitmask}
+    given = {
+        r.request_id: r.token_bitmask
+        for r in (*step.new_requests, *step.continuing_requests)
+        if r.token_bitmask
+    }
     if not given:
         return None
     return [given.get(rid, b"") for rid in sample_request_ids]

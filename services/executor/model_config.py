@@ -1,4 +1,5 @@
 """What the executor needs from an HF model folder: config.json, generation_config.json, dtype."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,14 @@ from dataclasses import dataclass, field
 import torch
 
 _DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -53,7 +59,9 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: pathlib.Path, dtype: str = "auto", context_length: int | None = None) -> "ModelConfig":
+    def load(
+        cls, path: pathlib.Path, dtype: str = "auto", context_length: int | None = None
+    ) -> "ModelConfig":
         path = pathlib.Path(path)
         hf = json.loads((path / "config.json").read_text())
         architectures = hf.get("architectures") or []
@@ -65,9 +73,14 @@ class ModelConfig:
             eos = _as_id_list(json.loads(gen_file.read_text()).get("eos_token_id"))
         if not eos:
             eos = _as_id_list(hf.get("eos_token_id"))
-        return cls(path=path, hf=hf, architecture=architectures[0], dtype=resolve_dtype(dtype, hf),
-                   context_length=context_length or int(hf.get("max_position_embeddings", 4096)),
-                   eos_token_ids=eos)
+        return cls(
+            path=path,
+            hf=hf,
+            architecture=architectures[0],
+            dtype=resolve_dtype(dtype, hf),
+            context_length=context_length or int(hf.get("max_position_embeddings", 4096)),
+            eos_token_ids=eos,
+        )
 
     def get(self, key: str, default=None):
         return self.hf.get(key, default)

@@ -10,6 +10,7 @@ others and small integer agreements (KV slots). The control group has a very lon
 shard waits on it for the next step for as long as the server is idle; a dead peer still shows at once
 (gloo reports the closed connection).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -62,21 +63,43 @@ def data_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_tensor_parallel(rank: int, size: int, local_rank: int, local_size: int, store: dist.Store,
-                         device: torch.device, ep_size: int = 1) -> None:
+def init_tensor_parallel(
+    rank: int,
+    size: int,
+    local_rank: int,
+    local_size: int,
+    store: dist.Store,
+    device: torch.device,
+    ep_size: int = 1,
+) -> None:
     """Join the group of `size` shards through `store` (a TCPStore all shards reach) as `rank`; MoE
     layers split their experts over ep_size groups of them (--ep-size)."""
     if ep_size < 1 or size % ep_size:
-        raise ValueError(f"expert-parallel size {ep_size} does not divide the tensor-parallel size {size}")
+        raise ValueError(
+            f"expert-parallel size {ep_size} does not divide the tensor-parallel size {size}"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(data_backend(device), store=store, rank=rank, world_size=size,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        data_backend(device),
+        store=store,
+        rank=rank,
+        world_size=size,
+        device_id=device if device.type == "cuda" else None,
+    )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     global _state
     _state = _TensorParallel(rank, size, local_rank, local_size, control, ep_size)
-    log.info("tensor-parallel shard %d of %d (local %d of %d) on %s, %s, expert-parallel size %d", rank, size,
-             local_rank, local_size, device, data_backend(device), ep_size)
+    log.info(
+        "tensor-parallel shard %d of %d (local %d of %d) on %s, %s, expert-parallel size %d",
+        rank,
+        size,
+        local_rank,
+        local_size,
+        device,
+        data_backend(device),
+        ep_size,
+    )
 
 
 def destroy_tensor_parallel() -> None:
@@ -115,7 +138,9 @@ def agree_int(value: int, op: str) -> int:
     if _state.size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=_state.control_group)
+    dist.all_reduce(
+        t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=_state.control_group
+    )
     return int(t.item())
 
 

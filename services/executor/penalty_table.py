@@ -3,6 +3,7 @@
 Keeping them in shared [rows, vocab] tensors lets a step gather every penalised row with one
 index_select and count the sampled tokens with one indexed add, whatever the batch size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,12 +39,15 @@ class PenaltyTable:
     def count(self, rows: list[int], token_ids: torch.Tensor) -> None:
         """Add one generated occurrence of token_ids[i] (a device tensor) to rows[i] (rows are distinct)."""
         index = torch.tensor(rows, device=self.device)
-        self.counts.index_put_((index, token_ids.to(self.device)), torch.ones((), device=self.device),
-                               accumulate=True)
+        self.counts.index_put_(
+            (index, token_ids.to(self.device)), torch.ones((), device=self.device), accumulate=True
+        )
 
     def _grow(self) -> None:
         old = self.counts.shape[0]
         extra = max(MIN_ROWS, old)
         self.counts = torch.cat([self.counts, self.counts.new_zeros(extra, self.vocab_size)])
-        self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(extra, self.vocab_size)])
+        self.in_prompt = torch.cat(
+            [self.in_prompt, self.in_prompt.new_zeros(extra, self.vocab_size)]
+        )
         self.free += reversed(range(old, old + extra))

@@ -10,6 +10,7 @@ token and normalize (e5-mistral / gte-Qwen2 style), encoders take the mean of th
 
 Every function takes right-padded hidden states [B, L, H] and a mask [B, L] (1 = real token).
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,9 @@ class PoolingConfig:
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in POOLERS]
         if unknown or not self.modes:
-            raise ValueError(f"unsupported pooling modes {list(self.modes)}; supported: {sorted(POOLERS)}")
+            raise ValueError(
+                f"unsupported pooling modes {list(self.modes)}; supported: {sorted(POOLERS)}"
+            )
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, H] states and [B, L] mask -> [B, H * len(modes)] float32 vectors."""
@@ -110,7 +113,9 @@ class PoolingConfig:
             elif kind == "Normalize":
                 normalize = True
             else:
-                raise ValueError(f"{modules_file}: sentence-transformers module {module['type']!r} is not supported")
+                raise ValueError(
+                    f"{modules_file}: sentence-transformers module {module['type']!r} is not supported"
+                )
         if not modes:
             raise ValueError(f"{modules_file} lists no Pooling module")
         return cls(modes, normalize, max_seq_length)

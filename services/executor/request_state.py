@@ -1,4 +1,5 @@
 """What the executor remembers about a request between steps."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,18 +12,23 @@ from radixserve.common.sampling import SamplingParams
 
 @dataclass
 class RequestState:
-    table_row: int  # this request's row of the executor's SlotTable: its KV slots and last sampled token
+    table_row: (
+        int  # this request's row of the executor's SlotTable: its KV slots and last sampled token
+    )
     length: int  # tokens with KV: the row's first `length` slots
     sampling: SamplingParams
     generator: torch.Generator | None
     # A token was sampled for it (in a step launched, perhaps not finished yet): the next decode's input,
     # kept in SlotTable.next_tokens.
     has_token: bool = False
-    logits_state: LogitsState | None = None  # set when its sampling options need history (LogitsProcessor)
+    logits_state: LogitsState | None = (
+        None  # set when its sampling options need history (LogitsProcessor)
+    )
 
     @classmethod
-    def create(cls, table_row: int, prefix_len: int, sampling: SamplingParams,
-               device: torch.device) -> "RequestState":
+    def create(
+        cls, table_row: int, prefix_len: int, sampling: SamplingParams, device: torch.device
+    ) -> "RequestState":
         generator = torch.Generator(device=device) if sampling.seed is not None else None
         return cls(table_row, prefix_len, sampling, generator)
 
@@ -34,4 +40,6 @@ class RequestState:
         """
         if self.generator is None:
             return None
-        return self.generator.manual_seed(hash((self.sampling.seed, self.length)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return self.generator.manual_seed(
+            hash((self.sampling.seed, self.length)) & 0x7FFF_FFFF_FFFF_FFFF
+        )

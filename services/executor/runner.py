@@ -3,6 +3,7 @@
 Under tensor parallelism every shard builds a ModelRunner over its slice of the model and KV heads and
 runs every step (see step_broadcast.py); shards agree on the KV slot count, and only rank 0 samples.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,12 @@ from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
 from radixserve.executor.models.bert import BertModel
 from radixserve.executor.models.registry import get_model_class
-from radixserve.executor.parallel_state import agree_int, broadcast_from_rank0, tp_local_size, tp_rank
+from radixserve.executor.parallel_state import (
+    agree_int,
+    broadcast_from_rank0,
+    tp_local_size,
+    tp_rank,
+)
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.sampling import DeviceSample, sample_on_device
 from radixserve.executor.slot_table import SlotTable
@@ -41,6 +47,7 @@ DEFAULT_SLOT_TABLE_ROWS = 256  # the scheduler's default cap on running requests
 @dataclass
 class LaunchedStep:
     """A step queued on the device (ModelRunner.launch), to be read back by ModelRunner.collect."""
+
     step_id: int
     t0: float  # when launch began (perf_counter)
     request_ids: list[str]  # the requests that sample, in output order
@@ -52,6 +59,7 @@ class LaunchedStep:
 @dataclass
 class ModelInfo:
     """What GetModelInfo answers: the fields of ExecutorModelInfo."""
+
     architecture: str
     model_path: str
     context_length: int
@@ -73,7 +81,9 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def load_model(cfg: ModelConfig, device: torch.device, load_format: str, seed: int | None) -> torch.nn.Module:
+def load_model(
+    cfg: ModelConfig, device: torch.device, load_format: str, seed: int | None
+) -> torch.nn.Module:
     """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy)."""
     t0 = time.perf_counter()
     with torch.device(device), _default_dtype(cfg.dtype):
@@ -86,14 +96,27 @@ def load_model(cfg: ModelConfig, device: torch.device, load_format: str, seed: i
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
     model.eval()
-    log.info("loaded %s (%s, %s weights) on %s in %.1fs", cfg.architecture, dtype_name(cfg.dtype),
-             load_format, device, time.perf_counter() - t0)
+    log.info(
+        "loaded %s (%s, %s weights) on %s in %.1fs",
+        cfg.architecture,
+        dtype_name(cfg.dtype),
+        load_format,
+        device,
+        time.perf_counter() - t0,
+    )
     return model
 
 
 class ModelRunner:
-    def __init__(self, model_path: str | os.PathLike, settings: RunnerConfig, *, keep_logits: bool = True,
-                 host_replicas: int = 1, clock: PhaseClock | None = None):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        settings: RunnerConfig,
+        *,
+        keep_logits: bool = True,
+        host_replicas: int = 1,
+        clock: PhaseClock | None = None,
+    ):
         """model_path: the model's folder (settings.model_path resolved). host_replicas: data-parallel replicas
         on this host (--dp-size); on the CPU they share its cores and memory with this one, as its
         tensor-parallel shards do. clock: times the start's phases."""
@@ -104,10 +127,14 @@ class ModelRunner:
         self.keep_logits = keep_logits
         if self.device.type == "cpu":
             # Shards on one host share its cores.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp_local_size() * host_replicas)))
+            torch.set_num_threads(
+                max(1, (os.cpu_count() or 1) // (tp_local_size() * host_replicas))
+            )
         # Rank 0 samples; the other shards only run the forward passes with it.
         self.samples = tp_rank() == 0
-        self.config = ModelConfig.load(pathlib.Path(model_path), settings.dtype, settings.context_length)
+        self.config = ModelConfig.load(
+            pathlib.Path(model_path), settings.dtype, settings.context_length
+        )
         self.dtype = self.config.dtype
         with clock.phase("load weights"):
             self.model = self._load_model(settings.load_format, settings.random_seed)
@@ -118,29 +145,61 @@ class ModelRunner:
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this shard's
         per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype)
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
-        sizing_per_token = per_token * (tp_local_size() * host_replicas if self.device.type == "cpu" else 1)
+        sizing_per_token = per_token * (
+            tp_local_size() * host_replicas if self.device.type == "cpu" else 1
+        )
         with clock.phase("KV pool"):
-            self.kv_slots = agree_int(compute_kv_slots(sizing_per_token, self.device, settings.max_total_tokens,
-                                                       settings.mem_fraction_static), "min")
-            self.kv_pool = KVPool(self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype,
-                                  self.device)
+            self.kv_slots = agree_int(
+                compute_kv_slots(
+                    sizing_per_token,
+                    self.device,
+                    settings.max_total_tokens,
+                    settings.mem_fraction_static,
+                ),
+                "min",
+            )
+            self.kv_pool = KVPool(
+                self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device
+            )
         log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
 
-        self.attn_backend = create_attention_backend(settings.attention_backend, self.device, num_kv_heads)
-        self.slot_table = SlotTable(settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS, cfg.context_length,
-                                    self.device)
+        self.attn_backend = create_attention_backend(
+            settings.attention_backend, self.device, num_kv_heads
+        )
+        self.slot_table = SlotTable(
+            settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS,
+            cfg.context_length,
+            self.device,
+        )
         self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
-        self.batch_builder = BatchBuilder(self.kv_slots, cfg.vocab_size, cfg.context_length, self.slot_table,
-                                          self.kv_pool, self.attn_backend)
+        self.batch_builder = BatchBuilder(
+            self.kv_slots,
+            cfg.vocab_size,
+            cfg.context_length,
+            self.slot_table,
+            self.kv_pool,
+            self.attn_backend,
+        )
         self.cuda_graphs = None
         # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
         # replays them in the same order (each runs every step rank 0 broadcasts).
-        if cuda_graph_max_bs > 0 and self.device.type == "cuda" and self.attn_backend.supports_cuda_graphs:
+        if (
+            cuda_graph_max_bs > 0
+            and self.device.type == "cuda"
+            and self.attn_backend.supports_cuda_graphs
+        ):
             from radixserve.executor.cuda_graph_runner import CudaGraphRunner
+
             max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
             with clock.phase("CUDA graphs"):
-                self.cuda_graphs = CudaGraphRunner(self.model, self.kv_pool, self.attn_backend, self.slot_table,
-                                                   max_bs, self.device)
+                self.cuda_graphs = CudaGraphRunner(
+                    self.model,
+                    self.kv_pool,
+                    self.attn_backend,
+                    self.slot_table,
+                    max_bs,
+                    self.device,
+                )
         self.states: dict[str, RequestState] = {}
         self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
@@ -152,21 +211,37 @@ class ModelRunner:
     @classmethod
     def from_args(cls, args: ServerArgs) -> "ModelRunner":
         from radixserve.common.model_files import resolve_model_path
+
         clock = PhaseClock()
         with clock.phase("resolve model"):
-            folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
-                                        weights=args.load_format != "dummy")
+            folder = resolve_model_path(
+                args.model_path,
+                revision=args.revision,
+                download_dir=args.download_dir,
+                weights=args.load_format != "dummy",
+            )
         return cls(folder, args, keep_logits=False, host_replicas=args.dp_size, clock=clock)
 
     def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
         if issubclass(get_model_class(self.config.architecture), BertModel):
-            raise ValueError(f"{self.config.architecture} is an encoder: serve it with --is-embedding")
+            raise ValueError(
+                f"{self.config.architecture} is an encoder: serve it with --is-embedding"
+            )
         return load_model(self.config, self.device, load_format, seed)
 
     def model_info(self) -> ModelInfo:
         cfg = self.config
-        return ModelInfo(cfg.architecture, str(cfg.path), cfg.context_length, self.kv_slots, cfg.vocab_size,
-                         list(cfg.eos_token_ids), dtype_name(self.dtype), str(self.device), self.num_parameters)
+        return ModelInfo(
+            cfg.architecture,
+            str(cfg.path),
+            cfg.context_length,
+            self.kv_slots,
+            cfg.vocab_size,
+            list(cfg.eos_token_ids),
+            dtype_name(self.dtype),
+            str(self.device),
+            self.num_parameters,
+        )
 
     def reset(self) -> int:
         dropped = len(self.states)
@@ -208,31 +283,47 @@ class ModelRunner:
             with forward_context(batch):
                 hidden = self.model(batch.input_ids, batch.positions)
         samples = batch.samples
-        launched = LaunchedStep(step.step_id, t0, samples.request_ids if samples is not None else [])
+        launched = LaunchedStep(
+            step.step_id, t0, samples.request_ids if samples is not None else []
+        )
         logits = None
         if samples is not None:
             if all_logits is None:
-                rows = hidden if samples.every_token else hidden.index_select(0, samples.token_index)
+                rows = (
+                    hidden if samples.every_token else hidden.index_select(0, samples.token_index)
+                )
                 logits = self.model.compute_logits(rows)
             else:
-                logits = all_logits if samples.every_token else all_logits.index_select(0, samples.token_index)
+                logits = (
+                    all_logits
+                    if samples.every_token
+                    else all_logits.index_select(0, samples.token_index)
+                )
             launched.sampled = self._sample(step, samples, logits)
         if self.keep_logits and logits is not None:
-            launched.logits = logits.clone()  # the CUDA graph's output buffer, which the next replay overwrites
+            launched.logits = (
+                logits.clone()
+            )  # the CUDA graph's output buffer, which the next replay overwrites
         if self.device.type == "cuda":
             launched.done = torch.cuda.Event()
             launched.done.record()
         return launched
 
-    def _sample(self, step: StepInput, sampling: StepSamples, logits: torch.Tensor) -> DeviceSample | None:
+    def _sample(
+        self, step: StepInput, sampling: StepSamples, logits: torch.Tensor
+    ) -> DeviceSample | None:
         """Sample (rank 0), hand the tokens to every shard and keep them for the next step's decode
         inputs; returns rank 0's sample with its copy to the host under way."""
         states = sampling.states
         drawn = None
         if self.samples:
             self.logits_processor.apply(logits, states, step_bitmasks(step, sampling.request_ids))
-            drawn = sample_on_device(logits, [s.sampling for s in states],
-                                     [s.generator_for_next_token() for s in states], self.generator)
+            drawn = sample_on_device(
+                logits,
+                [s.sampling for s in states],
+                [s.generator_for_next_token() for s in states],
+                self.generator,
+            )
             self.logits_processor.record(states, drawn.tokens)
             tokens = drawn.tokens
         else:
@@ -248,9 +339,13 @@ class ModelRunner:
         outputs: list[SampledToken] = []
         if launched.sampled is not None:
             result = launched.sampled.result()
-            outputs = [SampledToken(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
-                       for i, rid in enumerate(launched.request_ids)]
-        return StepOutput(launched.step_id, outputs, (time.perf_counter() - launched.t0) * 1000, launched.logits)
+            outputs = [
+                SampledToken(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                for i, rid in enumerate(launched.request_ids)
+            ]
+        return StepOutput(
+            launched.step_id, outputs, (time.perf_counter() - launched.t0) * 1000, launched.logits
+        )
 
 
 def build_model_runner(args: ServerArgs) -> ModelRunner:

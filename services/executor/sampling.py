@@ -4,6 +4,7 @@ Sampling draws by the exponential race: token = argmax(p / E) with E ~ Exp(1) i.
 entry, which picks token i with probability p_i. Each seeded request draws its row of E from its
 own torch.Generator, so its tokens do not depend on which other requests share the batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.empty_like(probs).scatter_(1, order, sorted_probs)
     if any(m > 0 for m in min_p):
-        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)
+        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None] * probs.amax(
+            -1, keepdim=True
+        )
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
 
@@ -48,6 +51,7 @@ def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 class DeviceSample:
     """A step's sampled tokens (and asked-for logprobs) still on the logits' device; to_host() starts
     their copy to the host without waiting, result() reads it (after the device has finished)."""
+
     tokens: torch.Tensor  # int64 [S]
     logprob_rows: list[int]  # rows that asked for logprobs
     top_nums: list[int]  # top_logprobs_num of each such row
@@ -57,13 +61,21 @@ class DeviceSample:
 
     def to_host(self) -> "DeviceSample":
         """Copies of the tensors in pinned host memory, made asynchronously on the current stream."""
+
         def copy(t):
             if t is None or t.device.type == "cpu":
                 return t
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             return host.copy_(t, non_blocking=True)
-        return DeviceSample(copy(self.tokens), self.logprob_rows, self.top_nums, copy(self.chosen),
-                            copy(self.top_values), copy(self.top_ids))
+
+        return DeviceSample(
+            copy(self.tokens),
+            self.logprob_rows,
+            self.top_nums,
+            copy(self.chosen),
+            copy(self.top_values),
+            copy(self.top_ids),
+        )
 
     def result(self) -> SampleResult:
         token_ids = self.tokens.tolist()
@@ -80,15 +92,22 @@ class DeviceSample:
         return SampleResult(token_ids, logprobs, tops)
 
 
-def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     default_generator: torch.Generator | None = None) -> DeviceSample:
+def sample_on_device(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> DeviceSample:
     """Pick one token per row of float32 logits [S, vocab]; generators[i] is row i's seeded generator.
     Nothing waits for the device: the tokens stay there (see DeviceSample)."""
     greedy = [p.temperature <= 0 or p.top_k == 1 for p in params]
     tokens = logits.argmax(dim=-1)
     if not all(greedy):
-        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                             device=logits.device, dtype=logits.dtype)
+        temps = torch.tensor(
+            [1.0 if g else p.temperature for g, p in zip(greedy, params)],
+            device=logits.device,
+            dtype=logits.dtype,
+        )
         probs = _filter_probs(torch.softmax(logits / temps[:, None], dim=-1), params)
         noise = torch.empty_like(probs).exponential_(generator=default_generator)
         for row, gen in enumerate(generators):
@@ -101,7 +120,9 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     if rows:
         row_index = torch.tensor(rows, device=logits.device)
         # Floored like OpenAI's: a token a logits processor forbade (-inf) reports MIN_LOGPROB.
-        log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1).clamp_(min=MIN_LOGPROB)
+        log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1).clamp_(
+            min=MIN_LOGPROB
+        )
         out.chosen = log_probs.gather(1, tokens.index_select(0, row_index)[:, None]).squeeze(1)
         n_top = min(max(out.top_nums), log_probs.shape[1])
         if n_top > 0:
@@ -109,7 +130,11 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     return out
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> SampleResult:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> SampleResult:
     """sample_on_device, read back at once."""
     return sample_on_device(logits, params, generators, default_generator).result()

@@ -15,6 +15,7 @@ next to its forward pass. The other shards serve no gRPC.
 Only the client that holds the executor's step session (its scheduler; see common/step_session.py) may
 Step or Reset: anyone else is refused before a step takes a place in the step order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,10 +38,20 @@ from radixserve.common.log import setup_logging
 from radixserve.common.step_session import StepSessions
 from radixserve.common.model_files import cache_root, resolve_model_path
 from radixserve.common.phase_clock import PhaseClock
-from radixserve.executor.embedding_runner import EmbedInputError, EmbeddingRunner, build_embedding_runner
+from radixserve.executor.embedding_runner import (
+    EmbedInputError,
+    EmbeddingRunner,
+    build_embedding_runner,
+)
 from radixserve.executor.parallel_state import destroy_tensor_parallel
 from radixserve.executor.runner import LaunchedStep, ModelRunner, build_model_runner
-from radixserve.executor.shard_group import NodeShards, ShardLayout, join_group, open_store, shard_device
+from radixserve.executor.shard_group import (
+    NodeShards,
+    ShardLayout,
+    join_group,
+    open_store,
+    shard_device,
+)
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from radixserve.executor.step_tracing import StepTracer
 from radixserve.executor.warmup import run_warmup
@@ -61,15 +72,23 @@ def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
-    def __init__(self, runner: ModelRunner, worker: concurrent.futures.ThreadPoolExecutor,
-                 watchdog: StepWatchdog | None = None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        worker: concurrent.futures.ThreadPoolExecutor,
+        watchdog: StepWatchdog | None = None,
+    ):
         self.runner = runner
         self.worker = worker
         # Waits for launched steps on the device and reads their tokens back, leaving the worker free
         # to launch the next step meanwhile.
-        self.collector = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-collect")
+        self.collector = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="executor-collect"
+        )
         self.watchdog = watchdog  # watches every job on the worker and the collector
-        self.sessions = StepSessions()  # Step and Reset only from the live session's client (its scheduler)
+        self.sessions = (
+            StepSessions()
+        )  # Step and Reset only from the live session's client (its scheduler)
         self.step_tracer = StepTracer() if tracing.enabled() else None
 
     def _launch(self, request: executor_pb2.ExecutorStepRequest, step: StepInput):
@@ -133,13 +152,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         return executor_pb2.ExecutorResetResponse(dropped=dropped)
 
     async def OpenSession(self, request, context):
-        async for event in self.sessions.open(request, context, functools.partial(self._run, self._reset)):
+        async for event in self.sessions.open(
+            request, context, functools.partial(self._run, self._reset)
+        ):
             yield event
 
     async def Embed(self, request, context):
         if not isinstance(self.runner, EmbeddingRunner):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this executor serves generation; start it with --is-embedding to embed")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this executor serves generation; start it with --is-embedding to embed",
+            )
         try:
             out = await self._run(self.runner.embed, [list(s.ids) for s in request.sequences])
         except EmbedInputError as e:
@@ -147,13 +170,20 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         except Exception as e:
             log.exception("embedding %d sequences failed", len(request.sequences))
             await context.abort(grpc.StatusCode.INTERNAL, f"embed failed: {e}")
-        return executor_pb2.ExecutorEmbedResponse(dimension=out.vectors.shape[1],
-                                                  embeddings=out.vectors.reshape(-1).tolist(),
-                                                  normalized=out.normalized, forward_ms=out.forward_ms)
+        return executor_pb2.ExecutorEmbedResponse(
+            dimension=out.vectors.shape[1],
+            embeddings=out.vectors.reshape(-1).tolist(),
+            normalized=out.normalized,
+            forward_ms=out.forward_ms,
+        )
 
 
-async def start_server(runner: ModelRunner, addr: str, worker: concurrent.futures.ThreadPoolExecutor | None = None,
-                       watchdog: StepWatchdog | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    runner: ModelRunner,
+    addr: str,
+    worker: concurrent.futures.ThreadPoolExecutor | None = None,
+    watchdog: StepWatchdog | None = None,
+) -> tuple[grpc.aio.Server, int]:
     """Start serving runner on addr (port 0: any free port); returns the server and its port.
 
     worker: the thread the runner was built on (see torch_worker); a new one when not given.
@@ -170,11 +200,17 @@ async def start_server(runner: ModelRunner, addr: str, worker: concurrent.future
 SHARD_STOP_TIMEOUT_S = 10.0
 
 
-def start_shard_group(args: ServerArgs) -> tuple[ServerArgs, ShardLayout, object, NodeShards | None]:
+def start_shard_group(
+    args: ServerArgs,
+) -> tuple[ServerArgs, ShardLayout, object, NodeShards | None]:
     """Tensor parallelism, on the main thread: the model resolved once for every shard, the group's
     store opened and the node's other shards started (by the node's first shard)."""
-    folder = resolve_model_path(args.model_path, revision=args.revision, download_dir=args.download_dir,
-                                weights=args.load_format != "dummy")
+    folder = resolve_model_path(
+        args.model_path,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        weights=args.load_format != "dummy",
+    )
     args = dataclasses.replace(args, model_path=str(folder))
     layout = ShardLayout.from_args(args)
     store, addr = open_store(args, layout)
@@ -209,8 +245,13 @@ def _stop_group(leader: TensorParallelLeader) -> None:
 
 async def serve(args: ServerArgs) -> None:
     install_from_args(args)
-    log.info("loading model %s (dtype %s, load format %s, tp %d)", args.model_path or "<embedded SmolLM2>",
-             args.dtype, args.load_format, args.tp_size)
+    log.info(
+        "loading model %s (dtype %s, load format %s, tp %d)",
+        args.model_path or "<embedded SmolLM2>",
+        args.dtype,
+        args.load_format,
+        args.tp_size,
+    )
     worker = torch_worker()
     loop = asyncio.get_running_loop()
     shards = None
@@ -219,7 +260,9 @@ async def serve(args: ServerArgs) -> None:
         build = functools.partial(build_shard_runner, layout, store)
     else:
         args = on_base_gpu(args)
-        build = functools.partial(build_on_device, build_embedding_runner if args.is_embedding else build_model_runner)
+        build = functools.partial(
+            build_on_device, build_embedding_runner if args.is_embedding else build_model_runner
+        )
     try:
         runner = await loop.run_in_executor(worker, build, args)
         if args.tp_size > 1:
@@ -229,10 +272,18 @@ async def serve(args: ServerArgs) -> None:
             with clock.phase("warm-up"):
                 await loop.run_in_executor(worker, run_warmup, runner, args)
         info = runner.model_info()
-        log.info("model %s ready: %s on %s, %d KV slots, context %d", info.architecture, info.dtype, info.device,
-                 info.kv_slots, info.context_length)
+        log.info(
+            "model %s ready: %s on %s, %d KV slots, context %d",
+            info.architecture,
+            info.dtype,
+            info.device,
+            info.kv_slots,
+            info.context_length,
+        )
         log.info("startup: %s", clock.summary())
-        watchdog = StepWatchdog(args.watchdog_timeout).start() if args.watchdog_timeout > 0 else None
+        watchdog = (
+            StepWatchdog(args.watchdog_timeout).start() if args.watchdog_timeout > 0 else None
+        )
         server, _ = await start_server(runner, args.executor_addr, worker, watchdog)
         log.info("executor ready on %s", args.executor_addr)
         await run_until_signalled(server)

@@ -11,6 +11,7 @@ Rendezvous is a TCPStore served by rank 0: at --dist-init-addr HOST:PORT (needed
 or on a free loopback port that rank 0 hands to its shards. Devices: cuda:<--base-gpu-id + local rank> on
 CUDA (`serve --dp-size N` gives replica i base id i * tp_size), every shard on the CPU otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,17 +57,23 @@ class ShardLayout:
         return self.local_rank == 0 and self.local_size > 1
 
 
-def shard_device(requested: str, local_rank: int, local_size: int, base_gpu_id: int = 0) -> torch.device:
+def shard_device(
+    requested: str, local_rank: int, local_size: int, base_gpu_id: int = 0
+) -> torch.device:
     """cuda:<base_gpu_id + local rank> (--device auto on a CUDA machine, or cuda), else the CPU."""
     device = resolve_device(requested)
     if device.type != "cuda":
         return device
     if requested not in ("auto", "cuda"):
-        raise ValueError(f"--device {requested}: shard k of a node takes cuda:(--base-gpu-id + k); "
-                         "pick the GPUs with CUDA_VISIBLE_DEVICES and --base-gpu-id, and pass --device cuda")
+        raise ValueError(
+            f"--device {requested}: shard k of a node takes cuda:(--base-gpu-id + k); "
+            "pick the GPUs with CUDA_VISIBLE_DEVICES and --base-gpu-id, and pass --device cuda"
+        )
     if torch.cuda.device_count() < base_gpu_id + local_size:
-        raise ValueError(f"{local_size} shards per node from --base-gpu-id {base_gpu_id} but "
-                         f"{torch.cuda.device_count()} CUDA devices visible")
+        raise ValueError(
+            f"{local_size} shards per node from --base-gpu-id {base_gpu_id} but "
+            f"{torch.cuda.device_count()} CUDA devices visible"
+        )
     return torch.device("cuda", base_gpu_id + local_rank)
 
 
@@ -78,8 +85,14 @@ def open_store(args: ServerArgs, layout: ShardLayout) -> tuple[dist.TCPStore, st
         host, port = "127.0.0.1", "0"
     else:
         raise ValueError("a tensor-parallel shard other than rank 0 needs --dist-init-addr")
-    store = dist.TCPStore(host.strip("[]"), int(port), layout.size, is_master=layout.rank == 0,
-                          timeout=STORE_TIMEOUT, wait_for_workers=False)
+    store = dist.TCPStore(
+        host.strip("[]"),
+        int(port),
+        layout.size,
+        is_master=layout.rank == 0,
+        timeout=STORE_TIMEOUT,
+        wait_for_workers=False,
+    )
     return store, f"{host}:{store.port}"
 
 
@@ -87,8 +100,9 @@ def join_group(args: ServerArgs, layout: ShardLayout, store: dist.Store) -> Serv
     """Join the process group on the calling thread (the one that runs torch); the args to build this
     shard's runner with (its device)."""
     device = shard_device(args.device, layout.local_rank, layout.local_size, args.base_gpu_id)
-    init_tensor_parallel(layout.rank, layout.size, layout.local_rank, layout.local_size, store, device,
-                         args.ep_size)
+    init_tensor_parallel(
+        layout.rank, layout.size, layout.local_rank, layout.local_size, store, device, args.ep_size
+    )
     return dataclasses.replace(args, device=str(device))
 
 
@@ -112,8 +126,12 @@ class NodeShards:
         while not self._stopping.wait(WATCH_POLL_S):
             for name, proc in self.procs.items():
                 if proc.poll() is not None and not self._stopping.is_set():
-                    log.critical("tensor-parallel %s exited with %s; exiting so the executor restarts with all "
-                                 "its shards", name, describe_exit(proc.returncode))
+                    log.critical(
+                        "tensor-parallel %s exited with %s; exiting so the executor restarts with all "
+                        "its shards",
+                        name,
+                        describe_exit(proc.returncode),
+                    )
                     for handler in logging.getLogger().handlers:
                         handler.flush()
                     os._exit(1)

@@ -8,6 +8,7 @@ Each row also keeps, on the device, the token last sampled for its request (next
 step takes its input from there, so it can be launched before the previous step's tokens reach the
 host.
 """
+
 from __future__ import annotations
 
 import torch

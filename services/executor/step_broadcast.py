@@ -13,6 +13,7 @@ on all of them together and the group carries on. Any other failure may leave sh
 different collectives: the group cannot go on, and rank 0 exits so that the supervisor restarts the
 executor with all its shards.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,12 @@ BROKEN_GROUP_EXIT_CODE = 1
 
 def exit_broken_group(error: BaseException) -> None:
     """The default on_broken: log, flush and leave at once (the other shards then fail too)."""
-    log.critical("a tensor-parallel step failed midway (%s: %s); the shards can no longer agree, exiting so "
-                 "the executor restarts with all its shards", type(error).__name__, error)
+    log.critical(
+        "a tensor-parallel step failed midway (%s: %s); the shards can no longer agree, exiting so "
+        "the executor restarts with all its shards",
+        type(error).__name__,
+        error,
+    )
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
@@ -43,8 +48,16 @@ def exit_broken_group(error: BaseException) -> None:
 
 def for_other_shards(step: StepInput) -> StepInput:
     """The step as the shards that do not sample need it: no sampling or stopping settings."""
-    new = [dataclasses.replace(req, sampling=SamplingParams(), penalty_prompt_ids=[], stopping=StoppingCriteria(),
-                               trace_context=None) for req in step.new_requests]
+    new = [
+        dataclasses.replace(
+            req,
+            sampling=SamplingParams(),
+            penalty_prompt_ids=[],
+            stopping=StoppingCriteria(),
+            trace_context=None,
+        )
+        for req in step.new_requests
+    ]
     return dataclasses.replace(step, new_requests=new)
 
 

@@ -10,6 +10,7 @@
 Decode steps of a request are therefore found through the step spans' links, not one span per
 token in the request's trace.
 """
+
 from __future__ import annotations
 
 from radixserve.v1 import executor_pb2
@@ -31,28 +32,52 @@ class StepTracer:
                     self.parents[new.request_id] = parent
         if not self.parents:
             return None
-        prefills = [(r.request_id, len(r.input_ids)) for r in step.new_requests if r.request_id in self.parents]
-        prefills += [(r.request_id, len(r.input_ids)) for r in step.continuing_requests
-                     if r.input_ids and r.request_id in self.parents]
-        decodes = [r.request_id for r in step.continuing_requests if not r.input_ids and r.request_id in self.parents]
+        prefills = [
+            (r.request_id, len(r.input_ids))
+            for r in step.new_requests
+            if r.request_id in self.parents
+        ]
+        prefills += [
+            (r.request_id, len(r.input_ids))
+            for r in step.continuing_requests
+            if r.input_ids and r.request_id in self.parents
+        ]
+        decodes = [
+            r.request_id
+            for r in step.continuing_requests
+            if not r.input_ids and r.request_id in self.parents
+        ]
         traced = [rid for rid, _ in prefills] + decodes
         if not traced:
             return None
         from opentelemetry.trace import Link, get_current_span
+
         tracer = tracing.tracer()
-        step_span = tracer.start_span("executor.step", links=[
-            Link(get_current_span(self.parents[rid]).get_span_context()) for rid in traced], attributes={
-            "radixserve.step_id": step.step_id,
-            "radixserve.batch_size": len(step.new_requests) + len(step.continuing_requests),
-            "radixserve.new_requests": len(step.new_requests),
-            "radixserve.prefill_tokens": sum(len(r.input_ids) for r in step.new_requests)
-            + sum(len(r.input_ids) for r in step.continuing_requests),
-            "radixserve.traced_requests": len(traced)})
-        prefill_spans = [tracer.start_span("executor.prefill", context=self.parents[rid],
-                                           links=[Link(step_span.get_span_context())],
-                                           attributes={"radixserve.request_id": rid, "radixserve.tokens": n,
-                                                       "radixserve.step_id": step.step_id})
-                         for rid, n in prefills]
+        step_span = tracer.start_span(
+            "executor.step",
+            links=[Link(get_current_span(self.parents[rid]).get_span_context()) for rid in traced],
+            attributes={
+                "radixserve.step_id": step.step_id,
+                "radixserve.batch_size": len(step.new_requests) + len(step.continuing_requests),
+                "radixserve.new_requests": len(step.new_requests),
+                "radixserve.prefill_tokens": sum(len(r.input_ids) for r in step.new_requests)
+                + sum(len(r.input_ids) for r in step.continuing_requests),
+                "radixserve.traced_requests": len(traced),
+            },
+        )
+        prefill_spans = [
+            tracer.start_span(
+                "executor.prefill",
+                context=self.parents[rid],
+                links=[Link(step_span.get_span_context())],
+                attributes={
+                    "radixserve.request_id": rid,
+                    "radixserve.tokens": n,
+                    "radixserve.step_id": step.step_id,
+                },
+            )
+            for rid, n in prefills
+        ]
         return step_span, prefill_spans
 
     @staticmethod
@@ -64,6 +89,7 @@ class StepTracer:
             step_span.set_attribute("radixserve.forward_ms", round(forward_ms, 3))
         if error is not None:
             from opentelemetry.trace import Status, StatusCode
+
             step_span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
         for span in prefill_spans:
             span.end()

@@ -15,6 +15,7 @@ the KV written here is garbage nobody reads.
 Triton keeps compiled kernels in its cache (TRITON_CACHE_DIR) and, with TRITON_CACHE_AUTOTUNING=1
 (set by the executor), the autotuner's choices, so a restart mostly loads instead of compiling.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,20 +28,35 @@ from radixserve.common.step import ContinuingRequest, NewRequest, StepError, Ste
 log = logging.getLogger("radixserve.executor.warmup")
 
 _SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05)
-_PENALISED = SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
-                            logit_bias={0: -1.0, 1: 2.0}, return_logprob=True, top_logprobs_num=5)
+_PENALISED = SamplingParams(
+    temperature=0.7,
+    frequency_penalty=0.5,
+    presence_penalty=0.3,
+    repetition_penalty=1.1,
+    logit_bias={0: -1.0, 1: 2.0},
+    return_logprob=True,
+    top_logprobs_num=5,
+)
 _SEEDED = SamplingParams(temperature=1.0, seed=1234, return_logprob=True)
 # Each with the stop conditions it warms up beside: the penalised one also holds EOS back (min_new_tokens).
-SAMPLING_VARIANTS = ((SamplingParams(), StoppingCriteria()), (_SAMPLED, StoppingCriteria()),
-                     (_PENALISED, StoppingCriteria(min_new_tokens=2)), (_SEEDED, StoppingCriteria()))
+SAMPLING_VARIANTS = (
+    (SamplingParams(), StoppingCriteria()),
+    (_SAMPLED, StoppingCriteria()),
+    (_PENALISED, StoppingCriteria(min_new_tokens=2)),
+    (_SEEDED, StoppingCriteria()),
+)
 
 
 @dataclasses.dataclass
 class WarmupReport:
     steps: int = 0
     tokens: int = 0
-    skipped: list[str] = dataclasses.field(default_factory=list)  # scenarios that did not fit the KV pool
-    failed: list[str] = dataclasses.field(default_factory=list)  # scenarios whose step was refused (a bug)
+    skipped: list[str] = dataclasses.field(
+        default_factory=list
+    )  # scenarios that did not fit the KV pool
+    failed: list[str] = dataclasses.field(
+        default_factory=list
+    )  # scenarios whose step was refused (a bug)
     seconds: float = 0.0
 
 
@@ -63,13 +79,26 @@ class _DoesNotFit(Exception):
 
 
 class Warmup:
-    def __init__(self, runner, *, kv_slots: int, vocab_size: int, max_prefill_tokens: int,
-                 chunked_prefill_size: int, max_running_requests: int, graph_max_bs: int, on_gpu: bool,
-                 decode_steps: int = 2):
+    def __init__(
+        self,
+        runner,
+        *,
+        kv_slots: int,
+        vocab_size: int,
+        max_prefill_tokens: int,
+        chunked_prefill_size: int,
+        max_running_requests: int,
+        graph_max_bs: int,
+        on_gpu: bool,
+        decode_steps: int = 2,
+    ):
         self.runner = runner
         self.kv_slots, self.vocab = kv_slots, vocab_size
-        step_tokens = max_prefill_tokens if chunked_prefill_size <= 0 else min(max_prefill_tokens,
-                                                                               chunked_prefill_size)
+        step_tokens = (
+            max_prefill_tokens
+            if chunked_prefill_size <= 0
+            else min(max_prefill_tokens, chunked_prefill_size)
+        )
         self.step_tokens = max(1, step_tokens)
         self.max_running = max(1, max_running_requests)
         self.graph_max_bs = graph_max_bs
@@ -87,10 +116,18 @@ class Warmup:
         # set-up (measured on the embedded model: the whole GPU-style plan took 7 s of the start and made the
         # first chat no faster, docs/benchmarks.md).
         if not self.on_gpu:
-            return [("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens)))]
+            return [
+                ("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens)))
+            ]
         shapes = [(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)]
-        scenarios = [(f"prefill {n}x{length} + decode", lambda n=n, length=length: self._prefill_decode(n, length))
-                     for n, length in shapes if n <= self.max_running and n * length <= self.step_tokens]
+        scenarios = [
+            (
+                f"prefill {n}x{length} + decode",
+                lambda n=n, length=length: self._prefill_decode(n, length),
+            )
+            for n, length in shapes
+            if n <= self.max_running and n * length <= self.step_tokens
+        ]
         scenarios.append(("sampling variants", self._sampling_variants))
         scenarios.append(("chunked prefill", self._chunked_prefill))
         scenarios.append(("mixed prefill + decode", self._mixed))
@@ -101,7 +138,12 @@ class Warmup:
         big = self._largest_prefill() if self.on_gpu else None
         if big is not None:
             n, length = big
-            scenarios.append((f"largest prefill {n}x{length}", lambda: self._prefill_decode(n, length, decode=False)))
+            scenarios.append(
+                (
+                    f"largest prefill {n}x{length}",
+                    lambda: self._prefill_decode(n, length, decode=False),
+                )
+            )
         return scenarios
 
     def _largest_prefill(self) -> tuple[int, int] | None:
@@ -118,8 +160,14 @@ class Warmup:
                 scenario()
             except _DoesNotFit:
                 self.report.skipped.append(name)
-            except StepError as e:  # refused before anything ran, on every shard alike: the server can still start
-                log.warning("warm-up step %r was refused (%s); the first requests of that shape may compile", name, e)
+            except (
+                StepError
+            ) as e:  # refused before anything ran, on every shard alike: the server can still start
+                log.warning(
+                    "warm-up step %r was refused (%s); the first requests of that shape may compile",
+                    name,
+                    e,
+                )
                 self.report.failed.append(name)
             finally:
                 self.runner.reset()
@@ -136,21 +184,44 @@ class Warmup:
 
     def _step(self, new=(), continuing=(), finished=()) -> None:
         self._step_id += 1
-        step = StepInput(step_id=self._step_id, finished_request_ids=list(finished), new_requests=list(new),
-                         continuing_requests=list(continuing))
+        step = StepInput(
+            step_id=self._step_id,
+            finished_request_ids=list(finished),
+            new_requests=list(new),
+            continuing_requests=list(continuing),
+        )
         self.runner.step(step)
         self.report.steps += 1
-        self.report.tokens += sum(len(r.input_ids) for r in new) + sum(max(1, len(r.input_ids)) for r in continuing)
+        self.report.tokens += sum(len(r.input_ids) for r in new) + sum(
+            max(1, len(r.input_ids)) for r in continuing
+        )
 
-    def _new(self, slots: _Slots, length: int, sampling: SamplingParams = SamplingParams(), sample: bool = True,
-             bitmask: bytes = b"", stopping: StoppingCriteria = StoppingCriteria()) -> NewRequest:
+    def _new(
+        self,
+        slots: _Slots,
+        length: int,
+        sampling: SamplingParams = SamplingParams(),
+        sample: bool = True,
+        bitmask: bytes = b"",
+        stopping: StoppingCriteria = StoppingCriteria(),
+    ) -> NewRequest:
         ids = self._tokens(length)
-        return NewRequest(self._rid(), ids, slots.take(length), sampling=sampling, sample=sample,
-                          token_bitmask=bitmask, penalty_prompt_ids=ids, stopping=stopping)
+        return NewRequest(
+            self._rid(),
+            ids,
+            slots.take(length),
+            sampling=sampling,
+            sample=sample,
+            token_bitmask=bitmask,
+            penalty_prompt_ids=ids,
+            stopping=stopping,
+        )
 
     def _decode(self, slots: _Slots, requests: list[NewRequest], steps: int) -> None:
         for _ in range(steps):
-            self._step(continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in requests])
+            self._step(
+                continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in requests]
+            )
 
     # -- scenarios
     def _prefill_decode(self, n: int, length: int, decode: bool = True) -> None:
@@ -169,7 +240,10 @@ class Warmup:
 
     def _sampling_variants(self) -> None:
         slots = _Slots(self.kv_slots)
-        requests = [self._new(slots, 4, sampling, stopping=stopping) for sampling, stopping in SAMPLING_VARIANTS]
+        requests = [
+            self._new(slots, 4, sampling, stopping=stopping)
+            for sampling, stopping in SAMPLING_VARIANTS
+        ]
         requests.append(self._new(slots, 4, _SAMPLED, bitmask=self._bitmask()))
         self._step(new=requests)
         self._decode(slots, requests, self.decode_steps)
@@ -189,7 +263,10 @@ class Warmup:
         running = [self._new(slots, 6) for _ in range(2)]
         self._step(new=running)
         arriving = self._new(slots, 20)
-        self._step(new=[arriving], continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in running])
+        self._step(
+            new=[arriving],
+            continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in running],
+        )
         self._decode(slots, [*running, arriving], 1)
         self._step(finished=[r.request_id for r in (*running, arriving)])
 
@@ -198,12 +275,22 @@ def run_warmup(runner, args) -> WarmupReport:
     """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
     inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
     rows = inner.slot_table.tensor.shape[0]
-    warmup = Warmup(runner, kv_slots=inner.kv_slots, vocab_size=inner.config.vocab_size,
-                    max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.chunked_prefill_size,
-                    max_running_requests=min(rows, args.max_running_requests or rows),
-                    graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
-                    on_gpu=inner.device.type == "cuda")
+    warmup = Warmup(
+        runner,
+        kv_slots=inner.kv_slots,
+        vocab_size=inner.config.vocab_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_running_requests=min(rows, args.max_running_requests or rows),
+        graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
+        on_gpu=inner.device.type == "cuda",
+    )
     report = warmup.run()
-    log.info("warm-up: %d steps, %d tokens in %.1fs%s", report.steps, report.tokens, report.seconds,
-             f" (did not fit the KV pool: {', '.join(report.skipped)})" if report.skipped else "")
+    log.info(
+        "warm-up: %d steps, %d tokens in %.1fs%s",
+        report.steps,
+        report.tokens,
+        report.seconds,
+        f" (did not fit the KV pool: {', '.join(report.skipped)})" if report.skipped else "",
+    )
     return report

@@ -6,6 +6,7 @@ timeout it logs, dumps every thread's stack with faulthandler (the stuck one run
 thread named in the log) and calls on_hang, by default an exit with WATCHDOG_EXIT_CODE: the launcher
 restarts the executor and the scheduler, its step failed, re-runs the queued requests on the new one.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -75,8 +76,10 @@ class StepWatchdog:
             elapsed = time.monotonic() - started
             if elapsed > self.timeout_s:
                 reported = job
-                message = (f"{what} on thread {thread} has run {elapsed:.1f}s, over --watchdog-timeout "
-                           f"{self.timeout_s:g}s: the executor is hung")
+                message = (
+                    f"{what} on thread {thread} has run {elapsed:.1f}s, over --watchdog-timeout "
+                    f"{self.timeout_s:g}s: the executor is hung"
+                )
                 log.error("%s; stacks of all threads follow, then the process exits", message)
                 _dump_stacks()
                 self.on_hang(message)
@@ -85,5 +88,9 @@ class StepWatchdog:
 def _dump_stacks() -> None:
     try:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file descriptor
+    except (
+        AttributeError,
+        OSError,
+        ValueError,
+    ):  # stderr replaced by an object without a file descriptor
         faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)

@@ -2,6 +2,7 @@
 
 Under tensor parallelism each tensor is read whole and the parameter's weight_loader keeps this rank's
 slice (see layers/linear.py); dummy weights are drawn whole too and sliced the same way."""
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,11 @@ def init_dummy_weights(model: nn.Module, seed: int | None, std: float = 0.02) ->
             param.data.zero_()
         elif hasattr(module, "load_full"):
             shape = module.full_shape(param)
-            module.load_full(param, torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std)
+            module.load_full(
+                param, torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std
+            )
         else:
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device) * std
+            values = (
+                torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device) * std
+            )
             param.data.copy_(values)

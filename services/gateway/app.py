@@ -1,4 +1,5 @@
 """The FastAPI application: routes plus error handlers that always answer in OpenAI's error shape."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from radixserve.common.args import ServerArgs
-from radixserve.gateway.api import batch_routes, embedding_routes, metrics_routes, native_routes, openai_routes
+from radixserve.gateway.api import (
+    batch_routes,
+    embedding_routes,
+    metrics_routes,
+    native_routes,
+    openai_routes,
+)
 from radixserve.gateway.api.auth import install_api_key
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError
@@ -35,8 +42,12 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
 
     # FastAPI's own OpenTelemetry instrumentation makes the HTTP request span (honouring an incoming
     # traceparent) once tracing.setup has installed a tracer provider; Prometheus does the metrics.
-    app = FastAPI(title="radixserve", version="0.1.0", lifespan=lifespan,
-                  telemetry={"metrics": False, "exclude": untraced_http_request})
+    app = FastAPI(
+        title="radixserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"metrics": False, "exclude": untraced_http_request},
+    )
     app.state.args = args
     app.state.engine = engine
     app.include_router(openai_routes.router)
@@ -64,7 +75,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_client_disconnect(request: Request, _exc: ClientDisconnect):
         # Raised while reading the body: an ordinary event, logged once, without a traceback. The answer
         # goes nowhere (the server drops what is sent to a gone client) but completes the request.
-        log.info("client disconnected while sending the body of %s %s", request.method, request.url.path)
+        log.info(
+            "client disconnected while sending the body of %s %s", request.method, request.url.path
+        )
         err = ApiError(499, "the client disconnected", code="client_disconnected")
         return JSONResponse(err.body(), status_code=err.status)
 
@@ -72,7 +85,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         err = ApiError(exc.status_code, message, code=None)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

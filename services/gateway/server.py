@@ -10,6 +10,7 @@ are refused) and the process exits 0. A second signal stops at once.
 HTTP/1.1 is served by uvicorn's httptools protocol with the limits of http_limits.py (request head size,
 header count and time, open connections) and --http-keep-alive-timeout.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,10 +53,17 @@ class Gateway:
         self.engine = engine or Engine(args)
         self.app = create_app(args, self.engine)
         self.gate = DrainGate(self.app)
-        self.http = _HttpServer(uvicorn.Config(
-            self.gate, host=args.host, port=args.port, log_level=args.log_level,
-            timeout_graceful_shutdown=HTTP_STOP_GRACE_S, http=protocol_class(self.http_limits),
-            timeout_keep_alive=self.http_limits.keep_alive_timeout))
+        self.http = _HttpServer(
+            uvicorn.Config(
+                self.gate,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                timeout_graceful_shutdown=HTTP_STOP_GRACE_S,
+                http=protocol_class(self.http_limits),
+                timeout_keep_alive=self.http_limits.keep_alive_timeout,
+            )
+        )
         self.grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
         self._http_task: asyncio.Task | None = None
@@ -66,21 +74,31 @@ class Gateway:
         return self.http.servers[0].sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        self.grpc, self.grpc_port = await start_grpc_api(self.engine, self.args.listen_addr("gateway"),
-                                                          api_key=self.args.api_key)
+        self.grpc, self.grpc_port = await start_grpc_api(
+            self.engine, self.args.listen_addr("gateway"), api_key=self.args.api_key
+        )
         self._http_task = asyncio.create_task(self.http.serve())
         while not self.http.started:
             if self._http_task.done():
                 await self._http_task
-                raise RuntimeError(f"the HTTP server did not start on {self.args.host}:{self.args.port}")
+                raise RuntimeError(
+                    f"the HTTP server did not start on {self.args.host}:{self.args.port}"
+                )
             await asyncio.sleep(0.05)
-        log.info("gateway ready on http://%s:%d (gRPC API on %s:%d)", self.args.host, self.http_port,
-                 self.args.grpc_host, self.grpc_port)
+        log.info(
+            "gateway ready on http://%s:%d (gRPC API on %s:%d)",
+            self.args.host,
+            self.http_port,
+            self.args.grpc_host,
+            self.grpc_port,
+        )
 
     def request_stop(self) -> None:
         """Drain, then stop (SIGTERM/SIGINT); a second call stops at once."""
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self.drain(self.args.shutdown_timeout))
+            self._drain_task = asyncio.get_running_loop().create_task(
+                self.drain(self.args.shutdown_timeout)
+            )
         else:
             log.warning("stopping now, without waiting for the requests in progress")
             self.http.should_exit = self.http.force_exit = True
@@ -88,14 +106,21 @@ class Gateway:
     async def drain(self, timeout: float) -> None:
         """Refuse new requests, give the accepted ones up to timeout seconds, then stop serving HTTP."""
         self.gate.close()
-        log.info("draining: %d HTTP requests in progress, new ones get 503 (up to %gs)", self.gate.active, timeout)
+        log.info(
+            "draining: %d HTTP requests in progress, new ones get 503 (up to %gs)",
+            self.gate.active,
+            timeout,
+        )
         waits = [self.gate.wait_idle(timeout)]
         if self.grpc is not None:
             waits.append(self.grpc.stop(timeout))
         http_idle, *_ = await asyncio.gather(*waits)
         if not http_idle:
-            log.warning("%d HTTP requests still running after --shutdown-timeout %gs; cutting them",
-                        self.gate.active, timeout)
+            log.warning(
+                "%d HTTP requests still running after --shutdown-timeout %gs; cutting them",
+                self.gate.active,
+                timeout,
+            )
             await self.gate.cut(CUT_GRACE_S)
         self.http.should_exit = True
 

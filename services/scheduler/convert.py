@@ -1,5 +1,6 @@
 """Between the core's requests and events and the radixserve.v1 scheduler messages (its steps: see
 common/step_convert.py)."""
+
 from __future__ import annotations
 
 from radixserve.v1 import common_pb2, scheduler_pb2
@@ -26,9 +27,11 @@ def event_fields(event: RequestEvent) -> dict:
         logprobs=event.logprobs,
         finish_reason=int(event.finish_reason or 0),
         matched_stop_token_id=event.matched_stop_token_id,
-        usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                               completion_tokens=event.completion_tokens,
-                               cached_tokens=event.cached_tokens),
+        usage=common_pb2.Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            cached_tokens=event.cached_tokens,
+        ),
     )
 
 

@@ -20,6 +20,7 @@ flight at once; needs_result_before_next_step() tells the runtime to stop overla
 rather than have such requests skip every other step. A retracted request keeps its grammar: it has
 accepted exactly output_ids, which the re-prefill runs as prompt.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -56,20 +57,39 @@ class SchedulerStats:
 @dataclass
 class _Step:
     """A planned step and the requests whose counters it holds until its update."""
+
     plan: StepInput
     sampled: list[Request]  # requests it samples a token for
     chunk_req: Request | None = None  # the request it runs a non-sampling prefill chunk of
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool_size: int, context_length: int, *,
-                 eos_token_ids: Iterable[int] = (), min_new_token_ratio: float = 0.1,
-                 new_token_ratio_decay: float = 0.001, debug: bool = True):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool_size: int,
+        context_length: int,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        min_new_token_ratio: float = 0.1,
+        new_token_ratio_decay: float = 0.001,
+        debug: bool = True,
+    ):
         """pool_size, context_length: the KV slots and longest sequence, as the executor serving the model
         has them; config.max_running_requests must be set (the server derives it from the pool if unset)."""
-        policy, page_size, max_prefill_tokens = config.schedule_policy, config.page_size, config.max_prefill_tokens
-        chunked_prefill_size, enable_mixed_chunk = config.chunked_prefill_size, config.enable_mixed_chunk
-        disable_radix_cache, max_running_requests = config.disable_radix_cache, config.max_running_requests
+        policy, page_size, max_prefill_tokens = (
+            config.schedule_policy,
+            config.page_size,
+            config.max_prefill_tokens,
+        )
+        chunked_prefill_size, enable_mixed_chunk = (
+            config.chunked_prefill_size,
+            config.enable_mixed_chunk,
+        )
+        disable_radix_cache, max_running_requests = (
+            config.disable_radix_cache,
+            config.max_running_requests,
+        )
         # SGLang's --schedule-conservativeness: the assumed share of a request's remaining tokens to reserve.
         init_new_token_ratio = min(0.7 * config.schedule_conservativeness, 1.0)
         self.kv = KVAccounting(pool_size, page_size, disable_radix_cache, debug)
@@ -81,15 +101,24 @@ class Scheduler:
         self.chunking = chunked_prefill_size > 0
         self.enable_mixed_chunk = enable_mixed_chunk
         # Most tokens one prefill step runs (without chunking, a lone long prompt may exceed it).
-        self.prefill_budget = (min(max_prefill_tokens, chunked_prefill_size) if self.chunking
-                               else max_prefill_tokens)
+        self.prefill_budget = (
+            min(max_prefill_tokens, chunked_prefill_size) if self.chunking else max_prefill_tokens
+        )
         self.policy = policy
         self.disable_radix_cache = disable_radix_cache
         self.eos_token_ids = frozenset(eos_token_ids)
         self.init_new_token_ratio = init_new_token_ratio
-        self.new_token_ratio = NewTokenRatio(init_new_token_ratio, min_new_token_ratio, new_token_ratio_decay)
-        self.prefill = PrefillManager(self.kv, self.new_token_ratio, policy, self.max_running_requests,
-                                      self.prefill_budget, self.chunking)
+        self.new_token_ratio = NewTokenRatio(
+            init_new_token_ratio, min_new_token_ratio, new_token_ratio_decay
+        )
+        self.prefill = PrefillManager(
+            self.kv,
+            self.new_token_ratio,
+            policy,
+            self.max_running_requests,
+            self.prefill_budget,
+            self.chunking,
+        )
         self.decode = DecodeManager(self.kv, self.new_token_ratio, context_length)
 
         self.requests: dict[str, Request] = {}
@@ -144,12 +173,16 @@ class Scheduler:
         if max_new_tokens < 1:
             return f"max_new_tokens must be at least 1 (got {max_new_tokens})"
         if prompt_len + max_new_tokens > self.context_length:
-            return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                    f"the context length ({self.context_length})")
+            return (
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the context length ({self.context_length})"
+            )
         # Alone in the pool, a request needs a slot per token but its last one.
         if prompt_len + max_new_tokens - 1 > self.pool.capacity:
-            return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                    f"the KV pool ({self.pool.capacity} tokens)")
+            return (
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the KV pool ({self.pool.capacity} tokens)"
+            )
         return None
 
     def add_request(self, req: Request) -> None:
@@ -270,7 +303,9 @@ class Scheduler:
     def update(self, plan: StepInput, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
         """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
         if not self._inflight or plan is not self._inflight[0].plan:
-            raise RuntimeError(f"update() for step {plan.step_id}, which is not the oldest step in flight")
+            raise RuntimeError(
+                f"update() for step {plan.step_id}, which is not the oldest step in flight"
+            )
         step = self._inflight.popleft()
         if step.chunk_req is not None:
             step.chunk_req.chunks_inflight -= 1  # a chunk that does not sample has no output
@@ -284,7 +319,9 @@ class Scheduler:
             rid = req.request_id
             out = by_id.get(rid)
             if out is None:
-                raise RuntimeError(f"executor returned no token for request {rid} in step {plan.step_id}")
+                raise RuntimeError(
+                    f"executor returned no token for request {rid} in step {plan.step_id}"
+                )
             req.output_ids.append(out.token_id)
             logprob = out.token_logprob()
             if logprob is not None:
@@ -322,8 +359,9 @@ class Scheduler:
         return None, 0
 
     @staticmethod
-    def _grammar_verdict(req: Request, token: int, reason: FinishReason | None,
-                         matched: int) -> tuple[FinishReason | None, int]:
+    def _grammar_verdict(
+        req: Request, token: int, reason: FinishReason | None, matched: int
+    ) -> tuple[FinishReason | None, int]:
         """Feed a sampled token to req's grammar, unless a stop token already ended the request:
         the grammar's stop token (EOS, even with ignore_eos) ends it, a token the grammar forbids
         (the executor ignored the mask) aborts it."""
@@ -338,9 +376,13 @@ class Scheduler:
     @staticmethod
     def _event(req: Request, reason: FinishReason | None, matched: int = 0) -> RequestEvent:
         return RequestEvent(
-            request_id=req.request_id, finish_reason=reason, matched_stop_token_id=matched,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens)
+            request_id=req.request_id,
+            finish_reason=reason,
+            matched_stop_token_id=matched,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+        )
 
     # ---- maintenance -----------------------------------------------------------------------
 
@@ -356,8 +398,11 @@ class Scheduler:
         kept_ids = {req.request_id for req in kept}
         dropped = [rid for rid in self.requests if rid not in kept_ids]
         admitted = self.running + ([self.chunked] if self.chunked is not None else [])
-        known_to_executor = ([r.request_id for r in admitted] + self._pending_finished
-                             + [rid for step in self._inflight for rid in step.plan.request_ids()])
+        known_to_executor = (
+            [r.request_id for r in admitted]
+            + self._pending_finished
+            + [rid for step in self._inflight for rid in step.plan.request_ids()]
+        )
         for req in admitted:
             req.status = Status.DONE
             req.grammar = None

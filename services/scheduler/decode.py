@@ -9,6 +9,7 @@ Retraction sends the newest admission back to the waiting queue (first in line);
 stays in the prefix cache, so its re-prefill is mostly a cache hit. Only a serial schedule() (no
 step in flight) retracts.
 """
+
 from __future__ import annotations
 
 from radixserve.scheduler.kv_accounting import KVAccounting
@@ -46,8 +47,11 @@ class DecodeManager:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
-            plan.continuing_requests.append(ContinuingRequest(
-                req.request_id, new_slots=[slot], token_bitmask=allowed_tokens(req)))
+            plan.continuing_requests.append(
+                ContinuingRequest(
+                    req.request_id, new_slots=[slot], token_bitmask=allowed_tokens(req)
+                )
+            )
 
     def retract_until_decode_fits(self, prefill: PrefillManager) -> list[str]:
         """Retract requests until memory holds one more token of each running one (a lone request
@@ -78,5 +82,7 @@ class DecodeManager:
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""
-        return bool(req.inflight) and (len(req.output_ids) + req.inflight >= req.stopping.max_new_tokens
-                                       or req.seq_len + req.inflight >= self.context_length)
+        return bool(req.inflight) and (
+            len(req.output_ids) + req.inflight >= req.stopping.max_new_tokens
+            or req.seq_len + req.inflight >= self.context_length
+        )

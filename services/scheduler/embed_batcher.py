@@ -10,6 +10,7 @@ be (INVALID_ARGUMENT), more than the room left now is RESOURCE_EXHAUSTED. A canc
 sequences still queued are dropped. This runs
 apart from the generation step loop: an embedding server has no KV pool and runs no steps.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,8 +51,12 @@ class _Pending:
 
 
 class EmbedBatcher:
-    def __init__(self, executor: executor_pb2_grpc.ExecutorStub, max_batch_tokens: int,
-                 max_queued: int | None = None):
+    def __init__(
+        self,
+        executor: executor_pb2_grpc.ExecutorStub,
+        max_batch_tokens: int,
+        max_queued: int | None = None,
+    ):
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
         self.max_queued = max_queued
@@ -75,7 +80,9 @@ class EmbedBatcher:
         return Embeddings(len(results[0][0]), values, results[0][1])
 
     def _check_room(self, count: int) -> None:
-        self.queue = deque(p for p in self.queue if not p.result.done())  # callers gone: not waiting
+        self.queue = deque(
+            p for p in self.queue if not p.result.done()
+        )  # callers gone: not waiting
         refusal = queue_refusal(count, len(self.queue), self.max_queued, "inputs", "inputs")
         if refusal is not None:
             raise EmbedFailed(*refusal)
@@ -104,26 +111,39 @@ class EmbedBatcher:
         return batch
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
-        request = executor_pb2.ExecutorEmbedRequest(sequences=[common_pb2.TokenIds(ids=p.ids) for p in batch])
+        request = executor_pb2.ExecutorEmbedRequest(
+            sequences=[common_pb2.TokenIds(ids=p.ids) for p in batch]
+        )
         self.executor_calls += 1
         try:
             response = await self.executor.Embed(request, timeout=EXECUTOR_EMBED_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
-            log.warning("executor Embed of %d sequences failed: %s %s", len(batch), e.code().name, e.details())
+            log.warning(
+                "executor Embed of %d sequences failed: %s %s",
+                len(batch),
+                e.code().name,
+                e.details(),
+            )
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 failure = EmbedFailed(e.code(), e.details())
             else:
-                failure = EmbedFailed(grpc.StatusCode.UNAVAILABLE, f"the executor failed to embed ({e.code().name})")
+                failure = EmbedFailed(
+                    grpc.StatusCode.UNAVAILABLE, f"the executor failed to embed ({e.code().name})"
+                )
             self._fail(batch, failure)
             return
         except Exception:  # anything else must not end run(): later callers would wait forever
             log.exception("executor Embed of %d sequences failed", len(batch))
-            self._fail(batch, EmbedFailed(grpc.StatusCode.INTERNAL, "embedding failed in the scheduler"))
+            self._fail(
+                batch, EmbedFailed(grpc.StatusCode.INTERNAL, "embedding failed in the scheduler")
+            )
             return
         dim = response.dimension
         for i, p in enumerate(batch):
             if not p.result.done():
-                p.result.set_result((response.embeddings[i * dim:(i + 1) * dim], response.normalized))
+                p.result.set_result(
+                    (response.embeddings[i * dim : (i + 1) * dim], response.normalized)
+                )
 
     @staticmethod
     def _fail(batch: list[_Pending], failure: EmbedFailed) -> None:

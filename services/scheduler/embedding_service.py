@@ -4,6 +4,7 @@ There is no KV pool, prefix cache or step loop: Generate is refused, Abort and F
 nothing to do, GetInfo describes the model with an empty pool. Requests are checked here, before
 batching, so one bad request cannot fail the executor call it would share with others.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,11 @@ class EmbeddingSchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except EmbedFailed as e:
             await context.abort(e.code, e.message)
         return scheduler_pb2.SchedulerEmbedResponse(
-            dimension=result.dimension, embeddings=result.values, normalized=result.normalized,
-            prompt_tokens=sum(len(ids) for ids in sequences))
+            dimension=result.dimension,
+            embeddings=result.values,
+            normalized=result.normalized,
+            prompt_tokens=sum(len(ids) for ids in sequences),
+        )
 
     async def Generate(self, request, context):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, GENERATION_REFUSED)
@@ -55,10 +59,14 @@ class EmbeddingSchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetInfo(self, request, context):
         return scheduler_pb2.SchedulerInfo(
-            architecture=self.model.architecture, model_path=self.model.model_path,
+            architecture=self.model.architecture,
+            model_path=self.model.model_path,
             context_length=self.model.context_length,
-            eos_token_ids=self.model.eos_token_ids, dtype=self.model.dtype, config_json=json.dumps(self.config),
-            vocab_size=self.model.vocab_size)
+            eos_token_ids=self.model.eos_token_ids,
+            dtype=self.model.dtype,
+            config_json=json.dumps(self.config),
+            vocab_size=self.model.vocab_size,
+        )
 
     async def FlushCache(self, request, context):
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=0)

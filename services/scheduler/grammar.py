@@ -30,6 +30,7 @@ The synchronous compile()/matcher_for() compile in process (tests and tools; no 
 JSON is generated on one line, with ", " and ": " as the only whitespace (xgrammar's
 any_whitespace=False): with free whitespace, small models tend to loop on newlines and spaces.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,14 +57,32 @@ from transformers import PreTrainedTokenizerBase
 from radixserve.v1 import executor_pb2
 from radixserve.common.sampling import Constraint, SamplingParams
 from radixserve.common.args import ServerArgs
-from radixserve.scheduler.grammar_worker import (JSON_OBJECT_SCHEMA, WORKER_NICENESS, FrameTooLarge,
-                                                 InvalidConstraint, compile_constraint, receive_worker, recv_frame,
-                                                 send_frame)
+from radixserve.scheduler.grammar_worker import (
+    JSON_OBJECT_SCHEMA,
+    WORKER_NICENESS,
+    FrameTooLarge,
+    InvalidConstraint,
+    compile_constraint,
+    receive_worker,
+    recv_frame,
+    send_frame,
+)
 from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
 
-__all__ = ["JSON_OBJECT_SCHEMA", "CompileBusy", "CompilerProcesses", "CompilerUnavailable", "Constraint",
-           "GrammarBackend", "GrammarLimits", "InvalidConstraint", "RequestGrammar", "check_constraint",
-           "grammar_backend", "request_grammar"]
+__all__ = [
+    "JSON_OBJECT_SCHEMA",
+    "CompileBusy",
+    "CompilerProcesses",
+    "CompilerUnavailable",
+    "Constraint",
+    "GrammarBackend",
+    "GrammarLimits",
+    "InvalidConstraint",
+    "RequestGrammar",
+    "check_constraint",
+    "grammar_backend",
+    "request_grammar",
+]
 
 log = logging.getLogger("radixserve.scheduler")
 
@@ -73,7 +92,9 @@ COMPILE_THREADS = 4  # per compile, at most; fewer when cores are scarce (see co
 # JSON nesting (objects and arrays) of a json_schema. Compile time grows steeply with depth: arrays
 # nested 100 deep compile in 0.1 s, 300 deep in 2.5 s, 500 deep in 12 s.
 MAX_SCHEMA_DEPTH = 100
-MAX_COMPILED_BYTES = 64 << 20  # a compiled grammar, serialized (a 120 KB enum of 8000 strings: 19 MB)
+MAX_COMPILED_BYTES = (
+    64 << 20
+)  # a compiled grammar, serialized (a 120 KB enum of 8000 strings: 19 MB)
 REMEMBER_FAILURES_S = 600.0  # how long a constraint that failed or ran out of time stays remembered
 REMEMBERED_CONSTRAINTS = 4096
 COMPILER_START_TIMEOUT_S = 120.0  # the zygote imports xgrammar and torch: seconds
@@ -96,16 +117,20 @@ class GrammarLimits:
     compile_timeout: float = 10.0  # --grammar-compile-timeout
     max_concurrent_compiles: int = 2  # --grammar-max-concurrent-compiles
     max_bytes: int = 131072  # --grammar-max-bytes
-    queue_timeout: float | None = None  # how long a compile may wait for a slot; None: compile_timeout
+    queue_timeout: float | None = (
+        None  # how long a compile may wait for a slot; None: compile_timeout
+    )
     # Heap a compile worker may allocate (RLIMIT_DATA beyond what it inherits); past it the compile is
     # a 400. Valid 120 KB schemas (an enum of 8000 strings) take about 350 MB.
     worker_memory_bytes: int = 4 << 30
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> GrammarLimits:
-        return cls(compile_timeout=args.grammar_compile_timeout,
-                   max_concurrent_compiles=args.grammar_max_concurrent_compiles,
-                   max_bytes=args.grammar_max_bytes)
+        return cls(
+            compile_timeout=args.grammar_compile_timeout,
+            max_concurrent_compiles=args.grammar_max_concurrent_compiles,
+            max_bytes=args.grammar_max_bytes,
+        )
 
     @property
     def slot_timeout(self) -> float:
@@ -114,7 +139,9 @@ class GrammarLimits:
     @property
     def compile_threads(self) -> int:
         """xgrammar threads per compile: the concurrent compiles together use at most the machine's cores."""
-        return max(1, min(COMPILE_THREADS, (os.cpu_count() or 1) // max(1, self.max_concurrent_compiles)))
+        return max(
+            1, min(COMPILE_THREADS, (os.cpu_count() or 1) // max(1, self.max_concurrent_compiles))
+        )
 
 
 def constraint_key(constraint: Constraint) -> ConstraintKey:
@@ -130,14 +157,18 @@ def check_constraint(constraint: Constraint, limits: GrammarLimits) -> None:
 def check_size(constraint: Constraint, limits: GrammarLimits) -> None:
     size = len(constraint.spec.encode())
     if size > limits.max_bytes:
-        raise InvalidConstraint(f"the {constraint.kind} is {size} bytes, more than the {limits.max_bytes} allowed "
-                                f"(--grammar-max-bytes)")
+        raise InvalidConstraint(
+            f"the {constraint.kind} is {size} bytes, more than the {limits.max_bytes} allowed "
+            f"(--grammar-max-bytes)"
+        )
 
 
 def check_shape(constraint: Constraint) -> None:
     """Parses a json_schema (about 1 ms per 100 KB): compiled ones are not checked again."""
     if constraint.kind == "json_schema" and _nests_deeper(constraint.spec, MAX_SCHEMA_DEPTH):
-        raise InvalidConstraint(f"the json_schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
+        raise InvalidConstraint(
+            f"the json_schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep"
+        )
 
 
 def _nests_deeper(text: str, limit: int) -> bool:
@@ -185,9 +216,14 @@ class GrammarBackend:
     processes, bounded by `limits` (the scheduler's way); compile/matcher_for in process, unbounded
     (tests and tools). Its async methods run on one event loop."""
 
-    def __init__(self, load: Callable[[], PreTrainedTokenizerBase], vocab_size: int,
-                 stop_token_ids: list[int], limits: GrammarLimits | None = None,
-                 processes: CompilerProcesses | None = None):
+    def __init__(
+        self,
+        load: Callable[[], PreTrainedTokenizerBase],
+        vocab_size: int,
+        stop_token_ids: list[int],
+        limits: GrammarLimits | None = None,
+        processes: CompilerProcesses | None = None,
+    ):
         """vocab_size is the model's (its logits width), which may exceed the tokenizer's;
         stop_token_ids (the model's EOS ids; empty: the tokenizer's) end a complete output.
         processes: compiler processes to share with another backend of the same tokenizer (tests); their
@@ -219,7 +255,10 @@ class GrammarBackend:
         with self._lock:
             if self._info is None:
                 self._info = xgr.TokenizerInfo.from_huggingface(
-                    self.load_tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None)
+                    self.load_tokenizer(),
+                    vocab_size=self.vocab_size,
+                    stop_token_ids=self.stop_token_ids or None,
+                )
             return self._info
 
     def _tokenizer_info_json(self) -> bytes:
@@ -231,8 +270,9 @@ class GrammarBackend:
         info = self.tokenizer_info
         with self._lock:
             if self._compiler is None:
-                self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS,
-                                                     cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=COMPILE_THREADS, cache_limit_bytes=GRAMMAR_CACHE_BYTES
+                )
             return self._compiler
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
@@ -267,8 +307,11 @@ class GrammarBackend:
         check_shape(constraint)
         job = self._jobs.get(key)
         if job is None:
-            job = self._jobs[key] = _Job(asyncio.create_task(self._compile_job(key, constraint),
-                                                             name=f"compile-{constraint.kind}"))
+            job = self._jobs[key] = _Job(
+                asyncio.create_task(
+                    self._compile_job(key, constraint), name=f"compile-{constraint.kind}"
+                )
+            )
             job.task.add_done_callback(functools.partial(self._job_done, key, job))
         job.waiters += 1
         try:
@@ -297,18 +340,23 @@ class GrammarBackend:
             raise CompileBusy(
                 f"{limits.max_concurrent_compiles} structured-output constraints are compiling "
                 f"(--grammar-max-concurrent-compiles) and this one could not start within "
-                f"{limits.slot_timeout:g} s; retry later") from None
+                f"{limits.slot_timeout:g} s; retry later"
+            ) from None
         try:
             return await self._compile_in_worker(key, constraint)
         finally:
             self._slots.release()
 
-    async def _compile_in_worker(self, key: ConstraintKey, constraint: Constraint) -> xgr.CompiledGrammar:
+    async def _compile_in_worker(
+        self, key: ConstraintKey, constraint: Constraint
+    ) -> xgr.CompiledGrammar:
         loop = asyncio.get_running_loop()
         request = json.dumps([constraint.kind, constraint.spec]).encode()
         limit = self.limits.compile_timeout
-        timed_out = (f"the {constraint.kind} did not compile within {limit:g} s (--grammar-compile-timeout); "
-                     f"simplify it")
+        timed_out = (
+            f"the {constraint.kind} did not compile within {limit:g} s (--grammar-compile-timeout); "
+            f"simplify it"
+        )
         for attempt in (1, 2):
             worker = await self._worker()
             budget = limit - self._attempts.spent(key)
@@ -324,8 +372,12 @@ class GrammarBackend:
                 worker.kill()
                 self.timed_out += 1
                 self._attempts.fail(key, timed_out)
-                log.warning("a %s did not compile within %g s; its compiler process (pid %d) was killed",
-                            constraint.kind, limit, worker.pid)
+                log.warning(
+                    "a %s did not compile within %g s; its compiler process (pid %d) was killed",
+                    constraint.kind,
+                    limit,
+                    worker.pid,
+                )
                 raise InvalidConstraint(timed_out) from None
             except asyncio.CancelledError:
                 worker.kill()
@@ -333,8 +385,10 @@ class GrammarBackend:
                 raise
             except FrameTooLarge:
                 worker.kill()
-                message = (f"the {constraint.kind} compiles to a grammar of more than {MAX_COMPILED_BYTES >> 20} MiB; "
-                           f"simplify it")
+                message = (
+                    f"the {constraint.kind} compiles to a grammar of more than {MAX_COMPILED_BYTES >> 20} MiB; "
+                    f"simplify it"
+                )
                 self._attempts.fail(key, message)
                 raise InvalidConstraint(message) from None
             except (EOFError, OSError) as e:
@@ -342,8 +396,14 @@ class GrammarBackend:
                 if self._closed:
                     raise CompilerUnavailable(SHUTTING_DOWN) from None
                 self._attempts.add_spent(key, loop.time() - started, limit, timed_out)
-                if attempt == 1:  # maybe the worker had died idle: try a fresh one before blaming the constraint
-                    log.warning("a grammar compiler process (pid %d) failed (%s); retrying in a new one", worker.pid, e)
+                if (
+                    attempt == 1
+                ):  # maybe the worker had died idle: try a fresh one before blaming the constraint
+                    log.warning(
+                        "a grammar compiler process (pid %d) failed (%s); retrying in a new one",
+                        worker.pid,
+                        e,
+                    )
                     continue
                 message = f"the {constraint.kind} could not be compiled (the compiler process failed on it)"
                 self._attempts.fail(key, message)
@@ -358,8 +418,13 @@ class GrammarBackend:
             self._attempts.fail(key, message)
             raise InvalidConstraint(message)
         # Deserializing takes ~0.1 s per MB and cannot be interrupted either: a daemon thread (GIL released).
-        compiled = await _in_thread(xgr.CompiledGrammar.deserialize_json, reply[1:].decode(), self.tokenizer_info,
-                                    name="grammar-load", orphan=functools.partial(self._cache.put, key))
+        compiled = await _in_thread(
+            xgr.CompiledGrammar.deserialize_json,
+            reply[1:].decode(),
+            self.tokenizer_info,
+            name="grammar-load",
+            orphan=functools.partial(self._cache.put, key),
+        )
         self._cache.put(key, compiled)
         return compiled
 
@@ -370,9 +435,13 @@ class GrammarBackend:
                 return worker
         # The first one loads the tokenizer and starts the zygote (seconds); later ones fork in ms.
         try:
-            return await _in_thread(self.processes.start_worker, self.limits.compile_threads,
-                                    self.limits.worker_memory_bytes, name="grammar-compiler-start",
-                                    orphan=self._give_back)
+            return await _in_thread(
+                self.processes.start_worker,
+                self.limits.compile_threads,
+                self.limits.worker_memory_bytes,
+                name="grammar-compiler-start",
+                orphan=self._give_back,
+            )
         except CompilerUnavailable:
             raise
         except Exception as e:  # e.g. the tokenizer does not load
@@ -409,6 +478,7 @@ class GrammarBackend:
 @dataclass
 class _Job:
     """One constraint's compile, shared by the requests that wait for it."""
+
     task: asyncio.Task
     waiters: int = 0
 
@@ -418,8 +488,9 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _in_thread(fn: Callable[..., Any], *args: Any, name: str,
-               orphan: Callable[[Any], None] | None = None) -> asyncio.Future:
+def _in_thread(
+    fn: Callable[..., Any], *args: Any, name: str, orphan: Callable[[Any], None] | None = None
+) -> asyncio.Future:
     """fn(*args) in a new daemon thread, as a future of this loop: unlike the default executor's
     threads, nothing at shutdown waits for it. Cancelling the future does not stop fn; its result
     then goes to orphan (if given)."""
@@ -566,7 +637,9 @@ class _Worker:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
                 else:
                     os.kill(self.pid, signal.SIGKILL)
-            if not self._busy:  # else compile() releases once its read ends (at once: the socket closes)
+            if (
+                not self._busy
+            ):  # else compile() releases once its read ends (at once: the socket closes)
                 self._release()
 
     def _release(self) -> None:
@@ -577,8 +650,11 @@ class _Worker:
 
 
 # Lower its priority before importing xgrammar and torch (seconds of CPU), then serve.
-_ZYGOTE_MAIN = ("import os\ntry:\n    os.nice(%d)\nexcept OSError:\n    pass\n"
-                "from radixserve.scheduler.grammar_worker import zygote_main\nzygote_main(%%d)\n" % WORKER_NICENESS)
+_ZYGOTE_MAIN = (
+    "import os\ntry:\n    os.nice(%d)\nexcept OSError:\n    pass\n"
+    "from radixserve.scheduler.grammar_worker import zygote_main\nzygote_main(%%d)\n"
+    % WORKER_NICENESS
+)
 
 
 class CompilerProcesses:
@@ -615,7 +691,9 @@ class CompilerProcesses:
                     if self._closed:
                         raise CompilerUnavailable(SHUTTING_DOWN) from None
                     if attempt == 2:
-                        raise CompilerUnavailable(f"the grammar compiler process failed to start: {e}") from None
+                        raise CompilerUnavailable(
+                            f"the grammar compiler process failed to start: {e}"
+                        ) from None
                     log.warning("the grammar compiler zygote failed (%s); starting it again", e)
         raise AssertionError("unreachable")
 
@@ -623,8 +701,11 @@ class CompilerProcesses:
         started = time.monotonic()
         ours, theirs = socket.socketpair()
         try:
-            self._zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE_MAIN % theirs.fileno()],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            self._zygote = subprocess.Popen(
+                [sys.executable, "-c", _ZYGOTE_MAIN % theirs.fileno()],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
         except OSError:
             ours.close()
             raise
@@ -640,7 +721,11 @@ class CompilerProcesses:
         except BaseException:
             self._stop_zygote()
             raise
-        log.info("grammar compiler zygote started (pid %d) in %.1f s", self._zygote.pid, time.monotonic() - started)
+        log.info(
+            "grammar compiler zygote started (pid %d) in %.1f s",
+            self._zygote.pid,
+            time.monotonic() - started,
+        )
 
     def _stop_zygote(self) -> None:
         control, zygote = self._control, self._zygote
@@ -669,23 +754,31 @@ class CompilerProcesses:
                 zygote.wait(1.0)
 
 
-def grammar_backend(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> GrammarBackend | None:
+def grammar_backend(
+    args: ServerArgs, model: executor_pb2.ExecutorModelInfo
+) -> GrammarBackend | None:
     """The scheduler's backend for the served model; None without a tokenizer."""
     if args.skip_tokenizer_init:
         return None
-    return GrammarBackend(lambda: load_tokenizer(tokenizer_folder(args)), model.vocab_size,
-                          list(model.eos_token_ids), GrammarLimits.from_args(args))
+    return GrammarBackend(
+        lambda: load_tokenizer(tokenizer_folder(args)),
+        model.vocab_size,
+        list(model.eos_token_ids),
+        GrammarLimits.from_args(args),
+    )
 
 
-async def request_grammar(backend: GrammarBackend | None,
-                          sampling: SamplingParams) -> RequestGrammar | None:
+async def request_grammar(
+    backend: GrammarBackend | None, sampling: SamplingParams
+) -> RequestGrammar | None:
     """The request's matcher (None if unconstrained), compiled in a worker process (compile_async):
     the step loop never waits for it. Raises InvalidConstraint, CompileBusy or CompilerUnavailable."""
     constraint = sampling.constraint
     if constraint is None:
         return None
     if backend is None:
-        raise InvalidConstraint("structured output needs the tokenizer (the server runs with "
-                                "--skip-tokenizer-init)")
+        raise InvalidConstraint(
+            "structured output needs the tokenizer (the server runs with --skip-tokenizer-init)"
+        )
     compiled = await backend.compile_async(constraint)
     return RequestGrammar(compiled, backend.vocab_size)  # ~1 ms

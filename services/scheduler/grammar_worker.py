@@ -22,6 +22,7 @@ Messages are frames: an 8-byte big-endian length, then that many bytes.
   worker socket, scheduler -> worker: JSON [kind, spec]
   worker socket, worker -> scheduler: b"K" + the compiled grammar's JSON, or b"E" + the client-facing error
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -84,6 +85,7 @@ def client_message(error: Exception) -> str:
 
 # ---- frames ----------------------------------------------------------------------------------
 
+
 def send_frame(sock: socket.socket, data: bytes) -> None:
     if len(data) < 65536:
         sock.sendall(_HEADER.pack(len(data)) + data)
@@ -114,13 +116,16 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 # ---- the zygote and its workers -------------------------------------------------------------
 
+
 def zygote_main(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the scheduler's to handle
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited workers
     try:
         send_frame(control, b"R")
-        info = xgr.TokenizerInfo.deserialize_json(recv_frame(control, MAX_TOKENIZER_INFO_BYTES).decode())
+        info = xgr.TokenizerInfo.deserialize_json(
+            recv_frame(control, MAX_TOKENIZER_INFO_BYTES).decode()
+        )
         while True:
             command = recv_frame(control, 64)
             if command[:1] != b"F":
@@ -132,7 +137,9 @@ def zygote_main(control_fd: int) -> None:
     os._exit(0)
 
 
-def _fork_worker(control: socket.socket, info: xgr.TokenizerInfo, threads: int, memory: int) -> None:
+def _fork_worker(
+    control: socket.socket, info: xgr.TokenizerInfo, threads: int, memory: int
+) -> None:
     ours, theirs = socket.socketpair()
     zygote = os.getpid()
     pid = os.fork()
@@ -144,7 +151,9 @@ def _fork_worker(control: socket.socket, info: xgr.TokenizerInfo, threads: int, 
             _die_with(zygote)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _limit_memory(memory)
-            serve_compiles(theirs, xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False))
+            serve_compiles(
+                theirs, xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+            )
             code = 0
         finally:
             os._exit(code)
@@ -210,5 +219,3 @@ def receive_worker(control: socket.socket) -> tuple[int, socket.socket]:
     if len(data) < _PID.size:
         data += _recv_exactly(control, _PID.size - len(data))
     return _PID.unpack(data)[0], sock
-
-

@@ -8,6 +8,7 @@ not cached. The pool's and the cache's sizes are counted in slots.
 Every slot is at all times exactly one of: free in the pool, evictable in the cache, locked in the
 cache (the prefix path of a request), or owned by a request (its slots past that prefix).
 """
+
 from __future__ import annotations
 
 from radixserve.scheduler.kv_pool import make_kv_pool
@@ -56,7 +57,7 @@ class KVAccounting:
             cache_len = min(len(req.slots), req.seq_len)
         cache_len = self.pool.round_down(cache_len)
         already_cached = self.cache.insert(req.seq[:cache_len], req.slots[:cache_len])
-        self.pool.free(req.slots[req.prefix_len:already_cached] + req.slots[cache_len:])
+        self.pool.free(req.slots[req.prefix_len : already_cached] + req.slots[cache_len:])
         self.cache.dec_lock_ref(req.last_node)
         req.slots = []
         req.prefix_len = 0
@@ -102,8 +103,10 @@ class KVAccounting:
         protected = self.cache.protected_size()
         total = self.pool.capacity
         if free + evictable + protected + own != total:
-            return (f"KV slot leak: free {free} + cached {evictable} + locked {protected} + "
-                    f"request-owned {own} != pool {total}")
+            return (
+                f"KV slot leak: free {free} + cached {evictable} + locked {protected} + "
+                f"request-owned {own} != pool {total}"
+            )
         if not holders and protected:
             return f"KV lock leak: {protected} cached slots still locked with no running request"
         if deep:
@@ -117,7 +120,7 @@ class KVAccounting:
             if r.prefix_len % ps:
                 return f"request {r.request_id}: cached prefix of {r.prefix_len} is not whole pages"
             try:
-                held += self.pool.occupied(r.slots[r.prefix_len:])
+                held += self.pool.occupied(r.slots[r.prefix_len :])
             except ValueError as e:
                 return f"request {r.request_id}: {e}"
         if sorted(held) != list(range(ps, self.pool.num_pages * ps)):

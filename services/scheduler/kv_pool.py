@@ -7,6 +7,7 @@ request's slot list is laid out page by page: its token i sits at offset i % pag
 partly used. Both pools count free memory in slots and share one interface, so the scheduler core
 does not branch on the page size.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Protocol, Sequence
@@ -14,6 +15,7 @@ from typing import Iterable, Protocol, Sequence
 
 class SlotHolder(Protocol):
     """Anything that holds a page-by-page slot list (a request)."""
+
     slots: list[int]
 
 
@@ -23,6 +25,7 @@ class DoubleFreeError(RuntimeError):
 
 class KVPool:
     """Single slots 1..size-1 (PagedKVPool also uses one as its allocator of page ids)."""
+
     page_size = 1
 
     def __init__(self, size: int, debug: bool = True, unit: str = "slot"):
@@ -107,8 +110,10 @@ class PagedKVPool:
         if page_size < 2:
             raise ValueError(f"use KVPool for page size {page_size}")
         if size // page_size < 2:
-            raise ValueError(f"a KV pool of page size {page_size} needs at least {2 * page_size} slots "
-                             f"(got {size})")
+            raise ValueError(
+                f"a KV pool of page size {page_size} needs at least {2 * page_size} slots "
+                f"(got {size})"
+            )
         self.size = size
         self.page_size = page_size
         self.debug = debug
@@ -180,8 +185,10 @@ class PagedKVPool:
         if check:
             for i, s in enumerate(slots):
                 if s != pages[i // ps] * ps + i % ps:
-                    raise ValueError(f"slot list is not laid out by pages of {ps} at index {i}: "
-                                     f"{list(slots[:i + 1])}")
+                    raise ValueError(
+                        f"slot list is not laid out by pages of {ps} at index {i}: "
+                        f"{list(slots[: i + 1])}"
+                    )
         return pages
 
 

@@ -1,5 +1,6 @@
 """The scheduler's Prometheus metrics (--enable-metrics), served through the GetMetrics RPC: queue time and
 executor step latency observed on the step loop, and load figures read from the core at scrape time."""
+
 from __future__ import annotations
 
 import time
@@ -15,21 +16,67 @@ from radixserve.common.step import StepInput
 from radixserve.scheduler.request import Request, RequestEvent
 from radixserve.scheduler.runtime import RuntimeObserver, SchedulerRuntime
 
-QUEUE_TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
-                      160.0, 320.0, 640.0)
-STEP_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
-                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_TIME_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+)
+STEP_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 
 class SchedulerMetrics(RuntimeObserver):
     def __init__(self, core: Scheduler, model_name: str):
         self.registry = CollectorRegistry()
-        self.queue_time = Histogram("radixserve:queue_time_seconds", "Time from a request's arrival at the "
-                                    "scheduler to its first admission into a step", ["model_name"],
-                                    registry=self.registry, buckets=QUEUE_TIME_BUCKETS).labels(model_name)
-        self.step_latency = Histogram("radixserve:executor_step_latency_seconds", "Round trip of a step from "
-                                      "the scheduler to the executor and back", ["model_name", "forward_mode"],
-                                      registry=self.registry, buckets=STEP_LATENCY_BUCKETS)
+        self.queue_time = Histogram(
+            "radixserve:queue_time_seconds",
+            "Time from a request's arrival at the scheduler to its first admission into a step",
+            ["model_name"],
+            registry=self.registry,
+            buckets=QUEUE_TIME_BUCKETS,
+        ).labels(model_name)
+        self.step_latency = Histogram(
+            "radixserve:executor_step_latency_seconds",
+            "Round trip of a step from the scheduler to the executor and back",
+            ["model_name", "forward_mode"],
+            registry=self.registry,
+            buckets=STEP_LATENCY_BUCKETS,
+        )
         self.model_name = model_name
         self.registry.register(SchedulerStatsCollector(core, model_name))
         self._arrival_times: dict[str, float] = {}  # of requests not yet admitted
@@ -76,24 +123,45 @@ class SchedulerStatsCollector(Collector):
             ("radixserve:num_running_reqs", "Requests in the running batch", stats.running),
             ("radixserve:num_queue_reqs", "Requests waiting to be admitted", stats.waiting),
             ("radixserve:num_used_tokens", "KV slots held by running requests", stats.in_use),
-            ("radixserve:num_cached_tokens", "KV slots held only by the prefix cache (evictable)", stats.cached),
+            (
+                "radixserve:num_cached_tokens",
+                "KV slots held only by the prefix cache (evictable)",
+                stats.cached,
+            ),
             ("radixserve:max_total_num_tokens", "KV slots in the pool", stats.pool_tokens),
-            ("radixserve:token_usage", "Fraction of the KV pool held by running requests",
-             stats.in_use / stats.pool_tokens if stats.pool_tokens else 0.0),
-            ("radixserve:cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens, since start",
-             stats.total_cached_prompt_tokens / stats.total_prompt_tokens if stats.total_prompt_tokens else 0.0),
+            (
+                "radixserve:token_usage",
+                "Fraction of the KV pool held by running requests",
+                stats.in_use / stats.pool_tokens if stats.pool_tokens else 0.0,
+            ),
+            (
+                "radixserve:cache_hit_rate",
+                "Prompt tokens served from the prefix cache / prompt tokens, since start",
+                stats.total_cached_prompt_tokens / stats.total_prompt_tokens
+                if stats.total_prompt_tokens
+                else 0.0,
+            ),
         ]
         for name, documentation, value in gauges:
             family = GaugeMetricFamily(name, documentation, labels=["model_name"])
             family.add_metric(labels, value)
             yield family
         counters = [
-            ("radixserve:scheduler_prompt_tokens", "Prompt tokens received by the scheduler",
-             stats.total_prompt_tokens),
-            ("radixserve:cached_prompt_tokens", "Prompt tokens served from the prefix cache",
-             stats.total_cached_prompt_tokens),
-            ("radixserve:retracted_requests", "Requests retracted to free KV for running ones",
-             stats.num_retractions),
+            (
+                "radixserve:scheduler_prompt_tokens",
+                "Prompt tokens received by the scheduler",
+                stats.total_prompt_tokens,
+            ),
+            (
+                "radixserve:cached_prompt_tokens",
+                "Prompt tokens served from the prefix cache",
+                stats.total_cached_prompt_tokens,
+            ),
+            (
+                "radixserve:retracted_requests",
+                "Requests retracted to free KV for running ones",
+                stats.num_retractions,
+            ),
         ]
         for name, documentation, value in counters:
             family = CounterMetricFamily(name, documentation, labels=["model_name"])

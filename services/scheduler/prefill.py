@@ -11,6 +11,7 @@ A request is admitted only when memory holds its whole prompt plus an estimate o
 every running request will still generate (NewTokenRatio); a request alone is admitted whenever its
 prompt fits.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,6 +63,7 @@ def allowed_tokens(req: Request, sample: bool = True) -> bytes:
 @dataclass
 class PrefillBuild:
     """A prefill step while it is being planned."""
+
     tokens_left: int  # of the step's token budget
     keep: int  # slots the step's mixed decodes will take: every allocation leaves them
     reserved: int  # slots promised to running requests' future tokens (keep included)
@@ -79,8 +81,15 @@ class PrefillManager:
     """The queue of requests waiting for admission and the chunked request, and the planning of
     prefill steps over them."""
 
-    def __init__(self, kv: KVAccounting, ratio: NewTokenRatio, policy: str, max_running_requests: int,
-                 budget: int, chunking: bool):
+    def __init__(
+        self,
+        kv: KVAccounting,
+        ratio: NewTokenRatio,
+        policy: str,
+        max_running_requests: int,
+        budget: int,
+        chunking: bool,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown schedule policy {policy!r}; expected one of {POLICIES}")
         self.kv = kv
@@ -98,14 +107,19 @@ class PrefillManager:
 
     def wants_step(self, num_running: int) -> bool:
         """Whether a prefill step may run: a chunk is pending, or requests wait and may join `running`."""
-        return self.chunked is not None or (bool(self.waiting) and num_running < self.max_running_requests)
+        return self.chunked is not None or (
+            bool(self.waiting) and num_running < self.max_running_requests
+        )
 
     def plan(self, running: list[Request], decodes: list[Request]) -> PrefillBuild | None:
         """The next chunk of the chunked request and, after its last chunk, admissions from the
         queue; the step also decodes `decodes`. None when nothing can run."""
         keep = self.kv.pool.decode_need(decodes)
-        build = PrefillBuild(tokens_left=self.budget - len(decodes), keep=keep,
-                             reserved=keep + sum(self.ratio.future_tokens(r) for r in running))
+        build = PrefillBuild(
+            tokens_left=self.budget - len(decodes),
+            keep=keep,
+            reserved=keep + sum(self.ratio.future_tokens(r) for r in running),
+        )
         if self.chunked is not None and not self._plan_next_chunk(build):
             return None  # memory cannot hold the chunk yet; nothing may overtake it
         if self.chunked is None:
@@ -140,9 +154,15 @@ class PrefillManager:
             return False
         req.slots += new_slots
         last = start + n == len(fill)
-        build.continuing.append(ContinuingRequest(
-            req.request_id, new_slots=new_slots, input_ids=fill[start:start + n], sample=last,
-            token_bitmask=allowed_tokens(req, last)))
+        build.continuing.append(
+            ContinuingRequest(
+                req.request_id,
+                new_slots=new_slots,
+                input_ids=fill[start : start + n],
+                sample=last,
+                token_bitmask=allowed_tokens(req, last),
+            )
+        )
         build.tokens_left -= n
         if last:
             self.chunked = None
@@ -184,12 +204,21 @@ class PrefillManager:
             return False
         self._admit(req, prefix_slots, node, new_slots)
         sample = n == extend
-        build.new_requests.append(NewRequest(
-            request_id=req.request_id, input_ids=fill[prefix_len:prefix_len + n],
-            prefix_slots=prefix_slots, new_slots=new_slots, sampling=req.sampling, sample=sample,
-            token_bitmask=allowed_tokens(req, sample),
-            penalty_prompt_ids=fill if req.sampling.repetition_active else [], stopping=req.stopping,
-            generated_tokens=len(req.output_ids), trace_context=req.trace_context))
+        build.new_requests.append(
+            NewRequest(
+                request_id=req.request_id,
+                input_ids=fill[prefix_len : prefix_len + n],
+                prefix_slots=prefix_slots,
+                new_slots=new_slots,
+                sampling=req.sampling,
+                sample=sample,
+                token_bitmask=allowed_tokens(req, sample),
+                penalty_prompt_ids=fill if req.sampling.repetition_active else [],
+                stopping=req.stopping,
+                generated_tokens=len(req.output_ids),
+                trace_context=req.trace_context,
+            )
+        )
         build.tokens_left -= n
         build.reserved += future
         if sample:
@@ -212,7 +241,9 @@ class PrefillManager:
             return sorted(self.waiting, key=lambda r: -matched[id(r)])
         return list(self.waiting)
 
-    def _admit(self, req: Request, prefix_slots: list[int], node: TreeNode, new_slots: list[int]) -> None:
+    def _admit(
+        self, req: Request, prefix_slots: list[int], node: TreeNode, new_slots: list[int]
+    ) -> None:
         req.status = Status.RUNNING
         req.prefix_len = len(prefix_slots)
         req.last_node = node

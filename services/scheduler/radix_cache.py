@@ -8,6 +8,7 @@ PagedRadixCache works in whole pages (as SGLang's paged radix cache): edges are 
 children are keyed by their first page, matches are rounded down to a page multiple, and only
 page multiples can be inserted, so every node holds whole KV pages and eviction frees whole pages.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -83,7 +84,7 @@ class RadixCache:
             child = node.children.get(self._child_key(tokens, i))
             if child is None:
                 break
-            n = self._match_len(child.key, tokens[i:min(i + len(child.key), end)])
+            n = self._match_len(child.key, tokens[i : min(i + len(child.key), end)])
             if n < len(child.key):
                 child = self._split(child, n)
             self._touch(child)
@@ -102,7 +103,9 @@ class RadixCache:
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
         if len(tokens) % self.page_size:
-            raise ValueError(f"{len(tokens)} tokens are not a whole number of pages of {self.page_size}")
+            raise ValueError(
+                f"{len(tokens)} tokens are not a whole number of pages of {self.page_size}"
+            )
         node = self.root
         i = 0
         while i < len(tokens):
@@ -114,7 +117,7 @@ class RadixCache:
                 self._evictable += len(leaf.key)
                 self._touch(leaf)
                 return i
-            n = self._match_len(child.key, tokens[i:i + len(child.key)])
+            n = self._match_len(child.key, tokens[i : i + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             self._touch(child)
@@ -210,7 +213,7 @@ class PagedRadixCache(RadixCache):
         super().__init__()
 
     def _child_key(self, key: Sequence[int], i: int):
-        return tuple(key[i:i + self.page_size])
+        return tuple(key[i : i + self.page_size])
 
     def _match_len(self, a: Sequence[int], b: Sequence[int]) -> int:
         n = _common_prefix_len(a, b)

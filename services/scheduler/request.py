@@ -1,4 +1,5 @@
 """Plain data of the scheduler core: requests and events (its steps are common/step.py's)."""
+
 from __future__ import annotations
 
 import enum
@@ -80,6 +81,7 @@ class Request:
 @dataclass
 class RequestEvent:
     """What one step (or an abort) produced for one request."""
+
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)

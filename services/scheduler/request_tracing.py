@@ -9,6 +9,7 @@ The executor's spans of the request become children of `scheduler.request`: on s
 request's trace_context is replaced by that span's, and the core hands it to the executor with the
 request. Requests without a trace context cost one dict lookup per step.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,17 +19,28 @@ from radixserve.common.step import StepInput
 from radixserve.scheduler.request import FinishReason, Request, RequestEvent
 from radixserve.scheduler.runtime import RuntimeObserver
 
-_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+_FINISH_NAMES = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.ABORT: "abort",
+}
 
 
 class _RequestSpans:
     def __init__(self, req: Request, parent):
         from opentelemetry.trace import set_span_in_context
+
         tracer = tracing.tracer()
         self.arrival = time.monotonic()
-        self.request = tracer.start_span("scheduler.request", context=parent, attributes={
-            "radixserve.request_id": req.request_id, "gen_ai.usage.input_tokens": len(req.prompt_ids),
-            "gen_ai.request.max_tokens": req.stopping.max_new_tokens})
+        self.request = tracer.start_span(
+            "scheduler.request",
+            context=parent,
+            attributes={
+                "radixserve.request_id": req.request_id,
+                "gen_ai.usage.input_tokens": len(req.prompt_ids),
+                "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
+            },
+        )
         self.context = set_span_in_context(self.request)
         self.phase = tracer.start_span("queue", context=self.context)
         self.phase_name = "queue"
@@ -42,10 +54,14 @@ class _RequestSpans:
 
     def admitted(self, tokens: int, step_id: int, cached: int, resumed_after: int) -> None:
         if self.phase_name == "queue":
-            self.request.set_attribute("radixserve.queue_ms", round((time.monotonic() - self.arrival) * 1000, 3))
+            self.request.set_attribute(
+                "radixserve.queue_ms", round((time.monotonic() - self.arrival) * 1000, 3)
+            )
             self._next_phase("prefill", **{"radixserve.cached_tokens": cached})
         elif self.phase_name == "decode":  # a retracted request admitted again
-            self.request.add_event("readmitted_after_retraction", {"radixserve.generated_tokens": resumed_after})
+            self.request.add_event(
+                "readmitted_after_retraction", {"radixserve.generated_tokens": resumed_after}
+            )
         self.chunk(tokens, step_id)
 
     def chunk(self, tokens: int, step_id: int) -> None:
@@ -54,7 +70,9 @@ class _RequestSpans:
 
     def tokens(self, n: int) -> None:
         if not self.generated:
-            self.request.set_attribute("radixserve.ttft_ms", round((time.monotonic() - self.arrival) * 1000, 3))
+            self.request.set_attribute(
+                "radixserve.ttft_ms", round((time.monotonic() - self.arrival) * 1000, 3)
+            )
             self.phase.set_attribute("radixserve.chunks", self.chunks)
             self._next_phase("decode")
         self.generated += n
@@ -63,13 +81,18 @@ class _RequestSpans:
         reason = _FINISH_NAMES.get(event.finish_reason, "abort")
         self.phase.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
         self.phase.end()
-        self.request.set_attributes({
-            "gen_ai.response.finish_reasons": [reason], "gen_ai.usage.output_tokens": event.completion_tokens,
-            "radixserve.cached_tokens": event.cached_tokens})
+        self.request.set_attributes(
+            {
+                "gen_ai.response.finish_reasons": [reason],
+                "gen_ai.usage.output_tokens": event.completion_tokens,
+                "radixserve.cached_tokens": event.cached_tokens,
+            }
+        )
         self.request.end()
 
     def fail(self, message: str) -> None:
         from opentelemetry.trace import Status, StatusCode
+
         self.phase.end()
         self.request.set_status(Status(StatusCode.ERROR, message[:200]))
         self.request.end()
@@ -91,7 +114,9 @@ class RequestTracer(RuntimeObserver):
             return
         for new in plan.new_requests:
             if (spans := self.live.get(new.request_id)) is not None:
-                spans.admitted(len(new.input_ids), plan.step_id, len(new.prefix_slots), new.generated_tokens)
+                spans.admitted(
+                    len(new.input_ids), plan.step_id, len(new.prefix_slots), new.generated_tokens
+                )
         for cont in plan.continuing_requests:
             if cont.input_ids and (spans := self.live.get(cont.request_id)) is not None:
                 spans.chunk(len(cont.input_ids), plan.step_id)

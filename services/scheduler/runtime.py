@@ -11,6 +11,7 @@ fails every request instead.
 The scheduler drives its executor through a step session (common/step_session.py), opened when it
 connects and again after every failure: the executor refuses steps from any other client. A session
 that ends under it (the executor went away) is handled as a failed step, also while idle."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,9 @@ log = logging.getLogger("radixserve.scheduler")
 
 EXECUTOR_RESET_TIMEOUT_S = 5.0
 EXECUTOR_PROBE_TIMEOUT_S = 5.0
-EXECUTOR_RETRY_S = 0.2  # after a refused or failed attempt; the probe itself waits for the channel to connect
+EXECUTOR_RETRY_S = (
+    0.2  # after a refused or failed attempt; the probe itself waits for the channel to connect
+)
 EXECUTOR_WAIT_LOG_EVERY_S = 10.0
 # Past the executor's --watchdog-timeout, which restarts a hung executor first; the deadline covers
 # an executor that hangs without its watchdog firing.
@@ -87,8 +90,14 @@ class RuntimeObserver:
 
 
 class SchedulerRuntime:
-    def __init__(self, core: Scheduler, executor: executor_pb2_grpc.ExecutorStub, overlap: bool = True,
-                 step_timeout: float | None = None, model: executor_pb2.ExecutorModelInfo | None = None):
+    def __init__(
+        self,
+        core: Scheduler,
+        executor: executor_pb2_grpc.ExecutorStub,
+        overlap: bool = True,
+        step_timeout: float | None = None,
+        model: executor_pb2.ExecutorModelInfo | None = None,
+    ):
         self.core = core
         self.executor = executor
         self.overlap = overlap
@@ -139,8 +148,12 @@ class SchedulerRuntime:
                 live.append(req.request_id)
         if live:
             events = self.core.abort_many(live)
-            log.info("%d requests cancelled by the client (%s%s)", len(events), ", ".join(live[:3]),
-                     ", ..." if len(live) > 3 else "")
+            log.info(
+                "%d requests cancelled by the client (%s%s)",
+                len(events),
+                ", ".join(live[:3]),
+                ", ..." if len(live) > 3 else "",
+            )
             for observer in self.observers:
                 observer.dispatched(events)
             self.wake.set()
@@ -156,7 +169,9 @@ class SchedulerRuntime:
     # ---- the loop ----------------------------------------------------------------------------
 
     def _depth(self) -> int:
-        overlap = self.overlap and self.executor_synced and not self.core.needs_result_before_next_step()
+        overlap = (
+            self.overlap and self.executor_synced and not self.core.needs_result_before_next_step()
+        )
         return OVERLAP_DEPTH if overlap else 1
 
     async def run(self) -> None:
@@ -168,8 +183,11 @@ class SchedulerRuntime:
         while True:
             try:
                 if not self.session.live and not self.inflight:
-                    await self._recover(f"the executor's step session ended ({self.session.end_reason})",
-                                        keep_waiting=True, stage=scheduler_pb2.FAILED_STAGE_EXECUTOR)
+                    await self._recover(
+                        f"the executor's step session ended ({self.session.end_reason})",
+                        keep_waiting=True,
+                        stage=scheduler_pb2.FAILED_STAGE_EXECUTOR,
+                    )
                     continue
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
@@ -198,16 +216,22 @@ class SchedulerRuntime:
                 raise  # fatal: the process exits and is restarted
             except Exception as e:  # a bug must not leave every stream hanging
                 log.exception("scheduler step failed")
-                await self._recover(f"scheduler error: {e}", keep_waiting=False,
-                                    stage=scheduler_pb2.FAILED_STAGE_SCHEDULER)
+                await self._recover(
+                    f"scheduler error: {e}",
+                    keep_waiting=False,
+                    stage=scheduler_pb2.FAILED_STAGE_SCHEDULER,
+                )
 
     async def _finish_oldest_step(self) -> None:
         plan, call, sent_at = self.inflight[0]
         try:
             resp = await call
         except grpc.aio.AioRpcError as e:
-            await self._recover(f"executor step failed: {e.code().name}: {e.details()}", keep_waiting=True,
-                                stage=scheduler_pb2.FAILED_STAGE_EXECUTOR)
+            await self._recover(
+                f"executor step failed: {e.code().name}: {e.details()}",
+                keep_waiting=True,
+                stage=scheduler_pb2.FAILED_STAGE_EXECUTOR,
+            )
             return
         self.inflight.popleft()
         self.executor_synced = True
@@ -238,8 +262,12 @@ class SchedulerRuntime:
         self._cancel_inflight()
         self.executor_synced = False
         failed = self.core.reset(keep_waiting=keep_waiting)
-        log.error("%s; failing %d requests, keeping %d queued, dropping all KV", message, len(failed),
-                  len(self.core.waiting))
+        log.error(
+            "%s; failing %d requests, keeping %d queued, dropping all KV",
+            message,
+            len(failed),
+            len(self.core.waiting),
+        )
         for observer in self.observers:
             observer.failed(failed, message)
         for rid in failed:
@@ -266,8 +294,11 @@ class SchedulerRuntime:
         refused_before = False
         while True:
             try:
-                info = await self.executor.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(),
-                                                        timeout=EXECUTOR_PROBE_TIMEOUT_S, wait_for_ready=True)
+                info = await self.executor.GetModelInfo(
+                    executor_pb2.ExecutorModelInfoRequest(),
+                    timeout=EXECUTOR_PROBE_TIMEOUT_S,
+                    wait_for_ready=True,
+                )
                 self._check_same_model(info)
                 await self._open_session()
                 return
@@ -277,10 +308,17 @@ class SchedulerRuntime:
                 why = f"step session: {e}"
                 if e.code == grpc.StatusCode.FAILED_PRECONDITION and not refused_before:
                     refused_before = True
-                    log.warning("the executor's step session is held by another client (%s); waiting for it to "
-                                "end", e.details)
+                    log.warning(
+                        "the executor's step session is held by another client (%s); waiting for it to "
+                        "end",
+                        e.details,
+                    )
             if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
-                log.warning("still waiting for the executor (%s); %d requests queued", why, len(self.core.waiting))
+                log.warning(
+                    "still waiting for the executor (%s); %d requests queued",
+                    why,
+                    len(self.core.waiting),
+                )
                 last_log = loop.time()
             await asyncio.sleep(EXECUTOR_RETRY_S)
 
@@ -291,15 +329,19 @@ class SchedulerRuntime:
         if self.session is not None:
             replaces = self.session.id
             self.session.close()
-        self.session = await ExecutorSession.open(self.executor, replaces, on_end=self.wake.set,
-                                                  timeout=EXECUTOR_RESET_TIMEOUT_S)
+        self.session = await ExecutorSession.open(
+            self.executor, replaces, on_end=self.wake.set, timeout=EXECUTOR_RESET_TIMEOUT_S
+        )
 
     def _check_same_model(self, info: executor_pb2.ExecutorModelInfo) -> None:
         if self.model is None:
             return
         slots_used = self.core.pool.num_pages * self.core.page_size
-        if (info.architecture, info.vocab_size) != (self.model.architecture, self.model.vocab_size) \
-                or info.kv_slots < slots_used:
+        if (info.architecture, info.vocab_size) != (
+            self.model.architecture,
+            self.model.vocab_size,
+        ) or info.kv_slots < slots_used:
             raise ExecutorChanged(
                 f"the executor came back with {info.architecture} (vocab {info.vocab_size}, {info.kv_slots} KV "
-                f"slots), not {self.model.architecture} (vocab {self.model.vocab_size}, {slots_used} slots used)")
+                f"slots), not {self.model.architecture} (vocab {self.model.vocab_size}, {slots_used} slots used)"
+            )

@@ -1,4 +1,5 @@
 """The Scheduler gRPC service: a thin servicer over SchedulerRuntime, and process startup."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,12 +11,23 @@ from dataclasses import dataclass
 
 import grpc
 
-from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from radixserve.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 from radixserve.common.args import ServerArgs, replica_name
 from radixserve.common.grpc_security import install_from_args
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
-from radixserve.common.lifecycle import SHUTDOWN_GRACE_S, run_service, unless_stopped, wait_until_signalled
+from radixserve.common.lifecycle import (
+    SHUTDOWN_GRACE_S,
+    run_service,
+    unless_stopped,
+    wait_until_signalled,
+)
 from radixserve.common import tracing
 from radixserve.common.log import setup_logging
 from radixserve.common.sampling import SamplingError
@@ -25,8 +37,14 @@ from radixserve.scheduler.embed_batcher import EmbedBatcher
 from radixserve.scheduler.embedding_service import EmbeddingSchedulerServicer
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.request_tracing import RequestTracer
-from radixserve.scheduler.grammar import (CompileBusy, CompilerUnavailable, GrammarBackend, InvalidConstraint,
-                                         grammar_backend, request_grammar)
+from radixserve.scheduler.grammar import (
+    CompileBusy,
+    CompilerUnavailable,
+    GrammarBackend,
+    InvalidConstraint,
+    grammar_backend,
+    request_grammar,
+)
 from radixserve.scheduler.metrics import SchedulerMetrics, attach_metrics
 from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
 from radixserve.scheduler.queue_limit import queue_refusal
@@ -55,8 +73,14 @@ def default_max_running_requests(pool_tokens: int) -> int:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     max_queued_requests: int | None = None  # --max-queued-requests; None: no limit
 
-    def __init__(self, runtime: SchedulerRuntime, model: executor_pb2.ExecutorModelInfo, config: dict,
-                 grammars: GrammarBackend | None = None, metrics: SchedulerMetrics | None = None):
+    def __init__(
+        self,
+        runtime: SchedulerRuntime,
+        model: executor_pb2.ExecutorModelInfo,
+        config: dict,
+        grammars: GrammarBackend | None = None,
+        metrics: SchedulerMetrics | None = None,
+    ):
         self.grammars = grammars
         self.metrics = metrics
         self.runtime = runtime
@@ -97,8 +121,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def check_room(self, count: int) -> None:
         """Rejected unless `count` more requests fit the queue (queue_limit.queue_refusal)."""
-        refusal = queue_refusal(count, len(self.runtime.core.waiting), self.max_queued_requests, "sequences",
-                                "requests")
+        refusal = queue_refusal(
+            count, len(self.runtime.core.waiting), self.max_queued_requests, "sequences", "requests"
+        )
         if refusal is not None:
             raise Rejected(*refusal)
 
@@ -167,18 +192,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     async def FlushCache(self, request, context):
-        return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=self.runtime.core.flush_cache())
+        return scheduler_pb2.SchedulerFlushCacheResponse(
+            freed_tokens=self.runtime.core.flush_cache()
+        )
 
     async def Embed(self, request, context):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            "this server serves generation; start it with --is-embedding to embed")
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "this server serves generation; start it with --is-embedding to embed",
+        )
 
     async def GetMetrics(self, request, context):
         text = self.metrics.prometheus_text() if self.metrics is not None else ""
         return scheduler_pb2.SchedulerMetrics(prometheus_text=text)
 
 
-async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> executor_pb2.ExecutorModelInfo:
+async def wait_for_executor(
+    stub: executor_pb2_grpc.ExecutorStub, addr: str
+) -> executor_pb2.ExecutorModelInfo:
     """GetModelInfo, retried until the executor answers (it may still be loading the model). Each call
     waits for the channel to connect, so it goes out as soon as the executor listens (the channel retries
     the connection at short intervals: grpc_util.RECONNECT_MAX_BACKOFF_MS)."""
@@ -186,7 +217,9 @@ async def wait_for_executor(stub: executor_pb2_grpc.ExecutorStub, addr: str) -> 
     last_log = -EXECUTOR_WAIT_LOG_EVERY_S
     while True:
         try:
-            return await stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=5.0, wait_for_ready=True)
+            return await stub.GetModelInfo(
+                executor_pb2.ExecutorModelInfoRequest(), timeout=5.0, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as e:
             if loop.time() - last_log >= EXECUTOR_WAIT_LOG_EVERY_S:
                 log.info("waiting for the executor at %s (%s)", addr, e.code().name)
@@ -222,19 +255,35 @@ class RunningScheduler:
         await self.channel.close()
 
 
-async def start_embedding_scheduler(args: ServerArgs, channel: grpc.aio.Channel, stub: executor_pb2_grpc.ExecutorStub,
-                                    model: executor_pb2.ExecutorModelInfo) -> RunningScheduler:
+async def start_embedding_scheduler(
+    args: ServerArgs,
+    channel: grpc.aio.Channel,
+    stub: executor_pb2_grpc.ExecutorStub,
+    model: executor_pb2.ExecutorModelInfo,
+) -> RunningScheduler:
     """--is-embedding: no KV pool and no step loop; Embed calls are batched by an EmbedBatcher."""
-    batcher = EmbedBatcher(stub, max_batch_tokens=args.max_prefill_tokens, max_queued=args.max_queued_requests)
-    config = {"is_embedding": True, "max_prefill_tokens": args.max_prefill_tokens,
-              "context_length": model.context_length}
+    batcher = EmbedBatcher(
+        stub, max_batch_tokens=args.max_prefill_tokens, max_queued=args.max_queued_requests
+    )
+    config = {
+        "is_embedding": True,
+        "max_prefill_tokens": args.max_prefill_tokens,
+        "context_length": model.context_length,
+    }
     server = aio_server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(EmbeddingSchedulerServicer(batcher, model, config), server)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+        EmbeddingSchedulerServicer(batcher, model, config), server
+    )
     port = bind(server, args.scheduler_addr)
     await server.start()
     loop_task = asyncio.create_task(batcher.run(), name="embed-batcher")
-    log.info("embedding scheduler ready on port %d (model %s, context %d, batches of %d padded tokens)",
-             port, model.architecture, model.context_length, args.max_prefill_tokens)
+    log.info(
+        "embedding scheduler ready on port %d (model %s, context %d, batches of %d padded tokens)",
+        port,
+        model.architecture,
+        model.context_length,
+        args.max_prefill_tokens,
+    )
     return RunningScheduler(server, None, port, loop_task, channel)
 
 
@@ -259,8 +308,13 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "chunked_prefill_size": core.chunked_prefill_size,
         "enable_mixed_chunk": core.enable_mixed_chunk,
     }
-    runtime = SchedulerRuntime(core, stub, overlap=not args.disable_overlap_schedule,
-                               step_timeout=step_deadline(args.watchdog_timeout), model=model)
+    runtime = SchedulerRuntime(
+        core,
+        stub,
+        overlap=not args.disable_overlap_schedule,
+        step_timeout=step_deadline(args.watchdog_timeout),
+        model=model,
+    )
     if tracing.enabled():
         runtime.observers.append(RequestTracer())
     await runtime.connect()  # the executor's step session: ready means able to run steps
@@ -273,8 +327,15 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     await server.start()
     loop_task = asyncio.create_task(runtime.run(), name="scheduler-loop")
     host = args.scheduler_addr.rsplit(":", 1)[0]
-    log.info("scheduler ready on %s:%d (model %s, %d KV tokens, context %d, config %s)",
-             host, port, model.architecture, core.pool.capacity, core.context_length, json.dumps(config))
+    log.info(
+        "scheduler ready on %s:%d (model %s, %d KV tokens, context %d, config %s)",
+        host,
+        port,
+        model.architecture,
+        core.pool.capacity,
+        core.context_length,
+        json.dumps(config),
+    )
     return RunningScheduler(server, runtime, port, loop_task, channel, grammars)
 
 

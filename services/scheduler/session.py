@@ -5,6 +5,7 @@ SchedulerSessionEvents per event-loop turn, i.e. one message per step for all of
 gateway streaming hundreds of requests then receives one message per step instead of one per
 request per step, which is what keeps gRPC off the critical path at high concurrency.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,9 @@ class _Starting:
 
 
 class Session:
-    def __init__(self, runtime: SchedulerRuntime, prepare: Prepare, check_room: CheckRoom | None = None):
+    def __init__(
+        self, runtime: SchedulerRuntime, prepare: Prepare, check_room: CheckRoom | None = None
+    ):
         """prepare: validation of one request; check_room: the queue limit, applied to each action's
         requests together right before they are queued (prepare then must not check it)."""
         self.runtime = runtime
@@ -76,7 +79,9 @@ class Session:
 
     def close(self) -> None:
         """The stream is gone: abort every request still running or starting (in one batch)."""
-        for task in {id(s.task): s.task for s in self.starting.values() if s.task is not None}.values():
+        for task in {
+            id(s.task): s.task for s in self.starting.values() if s.task is not None
+        }.values():
             task.cancel()
         entries = list(self.live.values())
         self.live.clear()
@@ -108,13 +113,19 @@ class Session:
             self.starting[rid] = start
         start.task = asyncio.create_task(self._submit(start, msgs))
 
-    async def _submit(self, start: _Starting, msgs: list[scheduler_pb2.SchedulerGenerateRequest]) -> None:
+    async def _submit(
+        self, start: _Starting, msgs: list[scheduler_pb2.SchedulerGenerateRequest]
+    ) -> None:
         try:
             reqs = [await self.prepare(msg) for msg in msgs if msg.request_id in start.ids]
             reqs = [req for req in reqs if req.request_id in start.ids]  # not aborted meanwhile
-            clash = next((r.request_id for r in reqs if r.request_id in self.runtime.core.requests), None)
+            clash = next(
+                (r.request_id for r in reqs if r.request_id in self.runtime.core.requests), None
+            )
             if clash is not None:
-                raise Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request {clash} is already running")
+                raise Rejected(
+                    grpc.StatusCode.ALREADY_EXISTS, f"request {clash} is already running"
+                )
             if reqs and self.check_room is not None:
                 self.check_room(len(reqs))
         except Rejected as e:
@@ -169,9 +180,16 @@ class Session:
         if entry is not None:
             self.runtime.detach(*entry, abort=False)
 
-    def _error(self, rid: str, code: grpc.StatusCode, message: str,
-               stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER) -> None:
-        self.pending.errors.add(request_id=rid, code=code.value[0], message=message, failed_stage=stage)
+    def _error(
+        self,
+        rid: str,
+        code: grpc.StatusCode,
+        message: str,
+        stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER,
+    ) -> None:
+        self.pending.errors.add(
+            request_id=rid, code=code.value[0], message=message, failed_stage=stage
+        )
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

@@ -1,4 +1,5 @@
 """Chat conversations as the chat template sees them, converted from the gRPC messages."""
+
 from __future__ import annotations
 
 import json

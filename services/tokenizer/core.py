@@ -3,6 +3,7 @@
 transformers renders chat templates in a sandboxed Jinja environment; templates are only ever
 rendered through `apply_chat_template`, so that stays true here.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,12 @@ class TokenizerDescription:
 def tokenizer_folder(args: ServerArgs) -> pathlib.Path:
     # --revision is the model's: it applies to --tokenizer-path only when that names the model itself.
     own_tokenizer = args.tokenizer_path is not None and args.tokenizer_path != args.model_path
-    return resolve_model_path(args.tokenizer_path or args.model_path,
-                              revision=None if own_tokenizer else args.revision,
-                              download_dir=args.download_dir, weights=False)
+    return resolve_model_path(
+        args.tokenizer_path or args.model_path,
+        revision=None if own_tokenizer else args.revision,
+        download_dir=args.download_dir,
+        weights=False,
+    )
 
 
 def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -86,7 +90,9 @@ class TokenizerCore:
 
     def render_chat(self, conversation: Conversation) -> str:
         if not self.tokenizer.chat_template:
-            raise ValueError(f"the tokenizer in {self.folder} has no chat template; pass --chat-template")
+            raise ValueError(
+                f"the tokenizer in {self.folder} has no chat template; pass --chat-template"
+            )
         try:
             return self.tokenizer.apply_chat_template(
                 conversation.messages,
@@ -97,7 +103,9 @@ class TokenizerCore:
             )
         except ValueError:
             raise
-        except Exception as e:  # anything a template raises (raise_exception, undefined, type errors)
+        except (
+            Exception
+        ) as e:  # anything a template raises (raise_exception, undefined, type errors)
             raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
 
     def apply_chat_template(self, conversations: list[Conversation]) -> list[RenderedChat]:

@@ -2,6 +2,7 @@
 
 Tokenizing is CPU work, so it runs in a worker thread and the event loop stays responsive.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,9 @@ log = logging.getLogger("radixserve.tokenizer")
 T = TypeVar("T")
 
 
-async def run_in_thread_or_abort(context: grpc.aio.ServicerContext, fn: Callable[..., T], *args) -> T:
+async def run_in_thread_or_abort(
+    context: grpc.aio.ServicerContext, fn: Callable[..., T], *args
+) -> T:
     """fn(*args) in a worker thread; a ValueError ends the call with INVALID_ARGUMENT."""
     try:
         return await asyncio.to_thread(fn, *args)
@@ -37,28 +40,41 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def Encode(self, request, context):
         results = await run_in_thread_or_abort(
-            context, self.core.encode, list(request.texts), request.add_special_tokens)
+            context, self.core.encode, list(request.texts), request.add_special_tokens
+        )
         return tokenizer_pb2.TokenizerEncodeResponse(
-            results=[common_pb2.TokenIds(ids=ids) for ids in results])
+            results=[common_pb2.TokenIds(ids=ids) for ids in results]
+        )
 
     async def ApplyChatTemplate(self, request, context):
         def render():
-            return self.core.apply_chat_template([conversation_from_proto(c) for c in request.conversations])
+            return self.core.apply_chat_template(
+                [conversation_from_proto(c) for c in request.conversations]
+            )
 
         rendered = await run_in_thread_or_abort(context, render)
         return tokenizer_pb2.TokenizerChatResponse(
-            results=[tokenizer_pb2.TokenizerChatResult(prompt=r.prompt, ids=r.ids) for r in rendered])
+            results=[
+                tokenizer_pb2.TokenizerChatResult(prompt=r.prompt, ids=r.ids) for r in rendered
+            ]
+        )
 
     async def GetInfo(self, request, context):
         info = self.core.info()
         return tokenizer_pb2.TokenizerInfo(
-            vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids, bos_token_id=info.bos_token_id,
-            chat_template=info.chat_template, tokenizer_path=info.tokenizer_path)
+            vocab_size=info.vocab_size,
+            eos_token_ids=info.eos_token_ids,
+            bos_token_id=info.bos_token_id,
+            chat_template=info.chat_template,
+            tokenizer_path=info.tokenizer_path,
+        )
 
 
 async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server, int]:
     """Start serving core on addr ("host:0" picks a free port); returns the server and its port."""
-    return await grpc_util.start_aio_server(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, TokenizerServicer(core), addr)
+    return await grpc_util.start_aio_server(
+        tokenizer_pb2_grpc.add_TokenizerServicer_to_server, TokenizerServicer(core), addr
+    )
 
 
 async def serve(args: ServerArgs) -> None:

@@ -1,4 +1,5 @@
 """`radixserve bench one-batch`: in process and over gRPC against a running executor, on a tiny model."""
+
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ def tiny_model(tmp_path_factory):
 def wait_for_port(port: int, timeout: float) -> None:
     import socket
     import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -35,8 +37,15 @@ def json_lines(out: str) -> list[dict]:
 
 def check_record(r: dict, bs: int, input_len: int, output_len: int) -> None:
     assert (r["batch_size"], r["input_len"], r["output_len"]) == (bs, input_len, output_len)
-    for key in ("prefill_latency", "prefill_throughput", "median_decode_latency", "median_decode_throughput",
-                "overall_latency", "overall_throughput", "median_decode_executor_ms"):
+    for key in (
+        "prefill_latency",
+        "prefill_throughput",
+        "median_decode_latency",
+        "median_decode_throughput",
+        "overall_latency",
+        "overall_throughput",
+        "median_decode_executor_ms",
+    ):
         assert r[key] > 0, key
     assert r["prefill_throughput"] == pytest.approx(bs * input_len / r["prefill_latency"])
     assert r["median_decode_throughput"] == pytest.approx(bs / r["median_decode_latency"])
@@ -44,11 +53,36 @@ def check_record(r: dict, bs: int, input_len: int, output_len: int) -> None:
 
 def test_in_process(tiny_model, capsys, tmp_path):
     results = tmp_path / "r.jsonl"
-    assert one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "1", "3",
-                           "--input-len", "5", "17", "--output-len", "4", "--max-total-tokens", "200",
-                           "--result-filename", str(results)]) == 0
+    assert (
+        one_batch.main(
+            [
+                "--model-path",
+                str(tiny_model),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "1",
+                "3",
+                "--input-len",
+                "5",
+                "17",
+                "--output-len",
+                "4",
+                "--max-total-tokens",
+                "200",
+                "--result-filename",
+                str(results),
+            ]
+        )
+        == 0
+    )
     records = json_lines(capsys.readouterr().out)
-    assert [(r["batch_size"], r["input_len"]) for r in records] == [(1, 5), (1, 17), (3, 5), (3, 17)]
+    assert [(r["batch_size"], r["input_len"]) for r in records] == [
+        (1, 5),
+        (1, 17),
+        (3, 5),
+        (3, 17),
+    ]
     for r in records:
         check_record(r, r["batch_size"], r["input_len"], 4)
         assert r["target"] == "in-process"
@@ -56,9 +90,27 @@ def test_in_process(tiny_model, capsys, tmp_path):
 
 
 def test_in_process_launching_ahead(tiny_model, capsys):
-    assert one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "2",
-                           "--input-len", "5", "--output-len", "6", "--max-total-tokens", "200",
-                           "--launch-ahead", "--no-warmup"]) == 0
+    assert (
+        one_batch.main(
+            [
+                "--model-path",
+                str(tiny_model),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+                "--input-len",
+                "5",
+                "--output-len",
+                "6",
+                "--max-total-tokens",
+                "200",
+                "--launch-ahead",
+                "--no-warmup",
+            ]
+        )
+        == 0
+    )
     [record] = json_lines(capsys.readouterr().out)
     check_record(record, 2, 5, 6)
     assert record["launch_ahead"] is True
@@ -66,19 +118,62 @@ def test_in_process_launching_ahead(tiny_model, capsys):
 
 def test_pool_too_small_is_a_clear_error(tiny_model):
     with pytest.raises(SystemExit, match="KV slots"):
-        one_batch.main(["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "4",
-                        "--input-len", "100", "--output-len", "4", "--max-total-tokens", "200", "--no-warmup"])
+        one_batch.main(
+            [
+                "--model-path",
+                str(tiny_model),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--input-len",
+                "100",
+                "--output-len",
+                "4",
+                "--max-total-tokens",
+                "200",
+                "--no-warmup",
+            ]
+        )
 
 
 def test_over_grpc(tiny_model, capsys):
     (port,) = free_ports(1)
     addr = f"127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "radixserve.cli", "executor", "--model-path", str(tiny_model),
-                             "--device", "cpu", "--executor-addr", addr, "--max-total-tokens", "200"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "radixserve.cli",
+            "executor",
+            "--model-path",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--executor-addr",
+            addr,
+            "--max-total-tokens",
+            "200",
+        ]
+    )
     try:
         wait_for_port(port, timeout=120)
-        assert one_batch.main(["--over-grpc", "--executor-addr", addr, "--batch-size", "2", "--input-len", "9",
-                               "--output-len", "3"]) == 0
+        assert (
+            one_batch.main(
+                [
+                    "--over-grpc",
+                    "--executor-addr",
+                    addr,
+                    "--batch-size",
+                    "2",
+                    "--input-len",
+                    "9",
+                    "--output-len",
+                    "3",
+                ]
+            )
+            == 0
+        )
         (r,) = json_lines(capsys.readouterr().out)
         check_record(r, 2, 9, 3)
         assert r["target"] == f"grpc {addr}"

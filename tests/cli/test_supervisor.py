@@ -1,5 +1,6 @@
 """The launcher's supervision of its children, on stand-in processes: restart with backoff, giving up
 after quick crashes in a row, stopping the gateway first, replica processes."""
+
 from __future__ import annotations
 
 import os
@@ -104,21 +105,42 @@ def test_quick_crashes_in_a_row_make_it_give_up_with_growing_backoff():
 
 def test_stop_drains_the_gateway_before_stopping_the_others(tmp_path):
     log = tmp_path / "events"
-    supervisor = start([sleeper("executor", log), sleeper("scheduler", log), sleeper("gateway", log, term_delay=0.5)])
-    deadline = time.monotonic() + 30  # until the children installed their SIGTERM handlers (slow under load)
-    while time.monotonic() < deadline and (not log.exists() or log.read_text().count(" ready\n") < 3):
+    supervisor = start(
+        [
+            sleeper("executor", log),
+            sleeper("scheduler", log),
+            sleeper("gateway", log, term_delay=0.5),
+        ]
+    )
+    deadline = (
+        time.monotonic() + 30
+    )  # until the children installed their SIGTERM handlers (slow under load)
+    while time.monotonic() < deadline and (
+        not log.exists() or log.read_text().count(" ready\n") < 3
+    ):
         time.sleep(0.02)
     supervisor.stop("gateway", first_timeout=5, timeout=5)
     events = [e for e in log.read_text().split("\n")[:-1] if not e.endswith(" ready")]
     assert events[:2] == ["gateway term", "gateway exit"]
-    assert sorted(events[2:]) == ["executor exit", "executor term", "scheduler exit", "scheduler term"]
+    assert sorted(events[2:]) == [
+        "executor exit",
+        "executor term",
+        "scheduler exit",
+        "scheduler term",
+    ]
     assert all(proc.returncode == 0 for proc in supervisor.procs.values())
 
 
 def test_a_child_that_ignores_sigterm_is_killed():
-    stubborn = ProcessSpec("executor", [sys.executable, "-c",
-                                        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                        "print('ready', flush=True)\ntime.sleep(60)"])
+    stubborn = ProcessSpec(
+        "executor",
+        [
+            sys.executable,
+            "-c",
+            "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\ntime.sleep(60)",
+        ],
+    )
     supervisor = start([stubborn])
     time.sleep(0.5)
     started = time.monotonic()
@@ -128,12 +150,22 @@ def test_a_child_that_ignores_sigterm_is_killed():
 
 
 def test_replica_lists_start_one_process_per_address():
-    args = ServerArgs(tokenizer_addr="127.0.0.1:7001,127.0.0.1:7002", detokenizer_addr="127.0.0.1:7003")
+    args = ServerArgs(
+        tokenizer_addr="127.0.0.1:7001,127.0.0.1:7002", detokenizer_addr="127.0.0.1:7003"
+    )
     specs = {spec.name: spec.command for spec in service_specs(args)}
-    assert list(specs) == ["executor", "scheduler", "tokenizer", "tokenizer-2", "detokenizer", "gateway"]
+    assert list(specs) == [
+        "executor",
+        "scheduler",
+        "tokenizer",
+        "tokenizer-2",
+        "detokenizer",
+        "gateway",
+    ]
 
     def flag(command, name):
         return command[command.index(name) + 1]
+
     assert flag(specs["tokenizer"], "--tokenizer-addr") == "127.0.0.1:7001"
     assert flag(specs["tokenizer-2"], "--tokenizer-addr") == "127.0.0.1:7002"
     assert flag(specs["gateway"], "--tokenizer-addr") == "127.0.0.1:7001,127.0.0.1:7002"
@@ -142,18 +174,34 @@ def test_replica_lists_start_one_process_per_address():
 
 
 def test_data_parallel_replicas_start_a_scheduler_and_an_executor_each():
-    args = ServerArgs(dp_size=2, tp_size=2, scheduler_addr="127.0.0.1:7012", executor_addr="127.0.0.1:7013,h:9")
+    args = ServerArgs(
+        dp_size=2, tp_size=2, scheduler_addr="127.0.0.1:7012", executor_addr="127.0.0.1:7013,h:9"
+    )
     specs = {spec.name: spec.command for spec in service_specs(args)}
-    assert list(specs) == ["executor", "executor-dp1", "scheduler", "scheduler-dp1", "tokenizer", "detokenizer",
-                           "gateway"]
+    assert list(specs) == [
+        "executor",
+        "executor-dp1",
+        "scheduler",
+        "scheduler-dp1",
+        "tokenizer",
+        "detokenizer",
+        "gateway",
+    ]
 
     def flags(command, *names):
         return [command[command.index(name) + 1] if name in command else None for name in names]
+
     own = ("--scheduler-addr", "--executor-addr", "--base-gpu-id", "--dp-rank")
-    assert flags(specs["scheduler"], *own) == flags(specs["executor"], *own) == ["127.0.0.1:7012", "127.0.0.1:7013",
-                                                                                  "0", "0"]
-    assert flags(specs["scheduler-dp1"], *own) == flags(specs["executor-dp1"], *own) == ["127.0.0.1:7112", "h:9",
-                                                                                          "2", "1"]
+    assert (
+        flags(specs["scheduler"], *own)
+        == flags(specs["executor"], *own)
+        == ["127.0.0.1:7012", "127.0.0.1:7013", "0", "0"]
+    )
+    assert (
+        flags(specs["scheduler-dp1"], *own)
+        == flags(specs["executor-dp1"], *own)
+        == ["127.0.0.1:7112", "h:9", "2", "1"]
+    )
     assert flags(specs["gateway"], *own) == ["127.0.0.1:7012", "127.0.0.1:7013,h:9", "0", None]
 
 

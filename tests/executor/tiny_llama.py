@@ -1,13 +1,24 @@
 """A tiny Llama (a config.json alone: ModelRunner loads it with dummy weights) for the executor tests."""
+
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import NewRequest
 
 VOCAB = 128
 TINY_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32,
-    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "rope_theta": 10000.0, "eos_token_id": 2, "dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+    "eos_token_id": 2,
+    "dtype": "bfloat16",
 }
 
 

@@ -1,4 +1,5 @@
 """Fixtures of the gateway tests."""
+
 import pytest
 
 from tests.gateway.fakes import FakeBackends

@@ -3,6 +3,7 @@
 Text is one token per character (id = code point). The fake scheduler streams OUTPUT_TEXT two
 tokens per message and records which requests were cancelled by their caller.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,15 @@ from concurrent import futures
 import grpc
 import httpx
 
-from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc,
-                           tokenizer_pb2, tokenizer_pb2_grpc)
+from radixserve.v1 import (
+    common_pb2,
+    detokenizer_pb2,
+    detokenizer_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
 
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.server import Gateway
@@ -50,7 +58,9 @@ def render_chat(conv: common_pb2.ChatConversation) -> str:
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
     def Encode(self, request, context):
-        return tokenizer_pb2.TokenizerEncodeResponse(results=[common_pb2.TokenIds(ids=encode(t)) for t in request.texts])
+        return tokenizer_pb2.TokenizerEncodeResponse(
+            results=[common_pb2.TokenIds(ids=encode(t)) for t in request.texts]
+        )
 
     def ApplyChatTemplate(self, request, context):
         results = []
@@ -60,8 +70,13 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.TokenizerChatResponse(results=results)
 
     def GetInfo(self, request, context):
-        return tokenizer_pb2.TokenizerInfo(vocab_size=VOCAB_SIZE, eos_token_ids=[EOS_ID], bos_token_id=-1,
-                                           chat_template="fake", tokenizer_path="/models/fake-tokenizer")
+        return tokenizer_pb2.TokenizerInfo(
+            vocab_size=VOCAB_SIZE,
+            eos_token_ids=[EOS_ID],
+            bos_token_id=-1,
+            chat_template="fake",
+            tokenizer_path="/models/fake-tokenizer",
+        )
 
 
 def output_token(i: int, prompt: list[int]) -> int:
@@ -91,9 +106,16 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return min(best, len(ids) - 1)
 
     def Generate(self, request, context):
-        rid, ids, sp, stop = request.request_id, list(request.input_ids), request.sampling, request.stopping
+        rid, ids, sp, stop = (
+            request.request_id,
+            list(request.input_ids),
+            request.sampling,
+            request.stopping,
+        )
         if POISON in "".join(map(chr, ids)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the fake scheduler rejects this prompt")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the fake scheduler rejects this prompt"
+            )
         if len(ids) + stop.max_new_tokens > CONTEXT_LENGTH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
         finished = threading.Event()
@@ -131,15 +153,23 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             if EXECUTOR_FAIL_MARKER in "".join(map(chr, ids)) and produced > FAIL_AFTER:
                 finished.set()
                 if isinstance(context, _SessionRequestContext):
-                    raise _RequestAborted(grpc.StatusCode.UNAVAILABLE, EXECUTOR_FAILURE_MESSAGE,
-                                          scheduler_pb2.FAILED_STAGE_EXECUTOR)
+                    raise _RequestAborted(
+                        grpc.StatusCode.UNAVAILABLE,
+                        EXECUTOR_FAILURE_MESSAGE,
+                        scheduler_pb2.FAILED_STAGE_EXECUTOR,
+                    )
                 context.abort(grpc.StatusCode.UNAVAILABLE, EXECUTOR_FAILURE_MESSAGE)
             if not context.is_active():
                 return
             usage.completion_tokens = produced
             msg = scheduler_pb2.SchedulerGenerateResponse(
-                request_id=rid, token_ids=pending, finish_reason=reason, matched_stop_token_id=matched,
-                usage=usage, logprobs=[fake_logprob(t, sp) for t in pending] if sp.return_logprob else [])
+                request_id=rid,
+                token_ids=pending,
+                finish_reason=reason,
+                matched_stop_token_id=matched,
+                usage=usage,
+                logprobs=[fake_logprob(t, sp) for t in pending] if sp.return_logprob else [],
+            )
             pending = []
             if reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 finished.set()
@@ -162,8 +192,18 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 for resp in self.Generate(msg, ctx):
                     out.put(scheduler_pb2.SchedulerSessionEvents(events=[resp]))
             except _RequestAborted as e:
-                out.put(scheduler_pb2.SchedulerSessionEvents(errors=[scheduler_pb2.SchedulerRequestError(
-                    request_id=msg.request_id, code=e.code.value[0], message=e.details, failed_stage=e.stage)]))
+                out.put(
+                    scheduler_pb2.SchedulerSessionEvents(
+                        errors=[
+                            scheduler_pb2.SchedulerRequestError(
+                                request_id=msg.request_id,
+                                code=e.code.value[0],
+                                message=e.details,
+                                failed_stage=e.stage,
+                            )
+                        ]
+                    )
+                )
             finally:
                 ctx.end()
 
@@ -172,7 +212,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 for action in request_iterator:
                     kind = action.WhichOneof("action")
                     if kind in ("generate", "generate_group"):
-                        msgs = [action.generate] if kind == "generate" else list(action.generate_group.requests)
+                        msgs = (
+                            [action.generate]
+                            if kind == "generate"
+                            else list(action.generate_group.requests)
+                        )
                         for msg in msgs:
                             contexts[msg.request_id] = _SessionRequestContext()
                             threading.Thread(target=run, args=(msg,), daemon=True).start()
@@ -198,9 +242,17 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         with self.lock:
             running = len(self.active)
         return scheduler_pb2.SchedulerInfo(
-            architecture="FakeForCausalLM", model_path=MODEL_PATH, context_length=CONTEXT_LENGTH,
-            max_total_tokens=4096, free_tokens=4096, running_requests=running, eos_token_ids=[EOS_ID],
-            dtype="float32", config_json='{"schedule_policy": "fcfs"}', vocab_size=VOCAB_SIZE)
+            architecture="FakeForCausalLM",
+            model_path=MODEL_PATH,
+            context_length=CONTEXT_LENGTH,
+            max_total_tokens=4096,
+            free_tokens=4096,
+            running_requests=running,
+            eos_token_ids=[EOS_ID],
+            dtype="float32",
+            config_json='{"schedule_policy": "fcfs"}',
+            vocab_size=VOCAB_SIZE,
+        )
 
     def Abort(self, request, context):
         return scheduler_pb2.SchedulerAbortResponse()
@@ -212,7 +264,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
 
 class _RequestAborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER):
+    def __init__(
+        self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER
+    ):
         self.code, self.details, self.stage = code, details, stage
 
 
@@ -241,22 +295,34 @@ class _SessionRequestContext:
 
 
 def fake_logprob(token: int, sp: common_pb2.SamplingParams) -> common_pb2.TokenLogprob:
-    top = [common_pb2.TopLogprob(token_id=token, logprob=-0.25), common_pb2.TopLogprob(token_id=ord("?"), logprob=-2.0)]
-    return common_pb2.TokenLogprob(token_id=token, logprob=-0.25, top=top[:sp.top_logprobs_num])
+    top = [
+        common_pb2.TopLogprob(token_id=token, logprob=-0.25),
+        common_pb2.TopLogprob(token_id=ord("?"), logprob=-2.0),
+    ]
+    return common_pb2.TokenLogprob(token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num])
 
 
-def decode_item(item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.DetokenizerDecodeResult:
+def decode_item(
+    item: detokenizer_pb2.DetokenizerDecodeItem,
+) -> detokenizer_pb2.DetokenizerDecodeResult:
     """One char per id; text that could start a stop string is held back until it is decided."""
-    new_text = "".join("" if (i == EOS_ID and item.skip_special_tokens) else ("<eos>" if i == EOS_ID else chr(i))
-                       for i in item.new_token_ids)
+    new_text = "".join(
+        "" if (i == EOS_ID and item.skip_special_tokens) else ("<eos>" if i == EOS_ID else chr(i))
+        for i in item.new_token_ids
+    )
     full = item.state.held_text + new_text
     state = detokenizer_pb2.DetokenizerState(emitted_chars=item.state.emitted_chars)
     hits = [(full.find(s), s) for s in item.stop if s and s in full]
     if hits:
         index, stop = min(hits)
         state.emitted_chars += index
-        return detokenizer_pb2.DetokenizerDecodeResult(request_id=item.request_id, text=full[:index], state=state,
-                                                       stopped=True, matched_stop=stop)
+        return detokenizer_pb2.DetokenizerDecodeResult(
+            request_id=item.request_id,
+            text=full[:index],
+            state=state,
+            stopped=True,
+            matched_stop=stop,
+        )
     hold = 0
     if not item.final:
         for s in item.stop:
@@ -264,15 +330,19 @@ def decode_item(item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.
                 if full.endswith(s[:k]):
                     hold = max(hold, k)
                     break
-    text = full[:len(full) - hold]
-    state.held_text = full[len(full) - hold:]
+    text = full[: len(full) - hold]
+    state.held_text = full[len(full) - hold :]
     state.emitted_chars += len(text)
-    return detokenizer_pb2.DetokenizerDecodeResult(request_id=item.request_id, text=text, state=state)
+    return detokenizer_pb2.DetokenizerDecodeResult(
+        request_id=item.request_id, text=text, state=state
+    )
 
 
 class FakeDetokenizer(detokenizer_pb2_grpc.DetokenizerServicer):
     def Decode(self, request, context):
-        return detokenizer_pb2.DetokenizerDecodeResponse(results=[decode_item(i) for i in request.items])
+        return detokenizer_pb2.DetokenizerDecodeResponse(
+            results=[decode_item(i) for i in request.items]
+        )
 
 
 class FakeBackends:
@@ -282,12 +352,15 @@ class FakeBackends:
         self.tokenizer = FakeTokenizer()
         self.scheduler = FakeScheduler(step_delay)
         self.detokenizer = FakeDetokenizer()
-        self.tokenizer_addr = self._serve("tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server,
-                                          self.tokenizer)
-        self.detokenizer_addr = self._serve("detokenizer", detokenizer_pb2_grpc.add_DetokenizerServicer_to_server,
-                                            self.detokenizer)
-        self.scheduler_addr = self._serve("scheduler", scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-                                          self.scheduler)
+        self.tokenizer_addr = self._serve(
+            "tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server, self.tokenizer
+        )
+        self.detokenizer_addr = self._serve(
+            "detokenizer", detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, self.detokenizer
+        )
+        self.scheduler_addr = self._serve(
+            "scheduler", scheduler_pb2_grpc.add_SchedulerServicer_to_server, self.scheduler
+        )
 
     def _serve(self, name, add, servicer) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
@@ -308,12 +381,24 @@ class FakeBackends:
 @contextlib.asynccontextmanager
 async def gateway_client(tokenizer_addr: str, scheduler_addr: str, detokenizer_addr: str, **flags):
     """A Gateway on free loopback ports (its gRPC API too) and an httpx client for it: yields (client, gateway)."""
-    gateway = Gateway(ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
-                                 tokenizer_addr=tokenizer_addr, scheduler_addr=scheduler_addr,
-                                 detokenizer_addr=detokenizer_addr, log_level="warning", **flags))
+    gateway = Gateway(
+        ServerArgs(
+            host="127.0.0.1",
+            port=0,
+            grpc_host="127.0.0.1",
+            gateway_grpc_port=0,
+            tokenizer_addr=tokenizer_addr,
+            scheduler_addr=scheduler_addr,
+            detokenizer_addr=detokenizer_addr,
+            log_level="warning",
+            **flags,
+        )
+    )
     await gateway.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30
+        ) as client:
             yield client, gateway
     finally:
         await gateway.stop()
@@ -327,10 +412,18 @@ class RunningGateway:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        args = ServerArgs(host="127.0.0.1", port=0, grpc_host="127.0.0.1", gateway_grpc_port=0,
-                          tokenizer_addr=backends.tokenizer_addr, scheduler_addr=backends.scheduler_addr,
-                          detokenizer_addr=backends.detokenizer_addr, served_model_name=MODEL, log_level="warning",
-                          **overrides)
+        args = ServerArgs(
+            host="127.0.0.1",
+            port=0,
+            grpc_host="127.0.0.1",
+            gateway_grpc_port=0,
+            tokenizer_addr=backends.tokenizer_addr,
+            scheduler_addr=backends.scheduler_addr,
+            detokenizer_addr=backends.detokenizer_addr,
+            served_model_name=MODEL,
+            log_level="warning",
+            **overrides,
+        )
         self.gateway = Gateway(args)
         self.run(self.gateway.start())
         self.base_url = f"http://127.0.0.1:{self.gateway.http_port}"

@@ -1,5 +1,6 @@
 """The real scheduler stepping a fake executor, behind a gateway over the fake tokenizer and detokenizer
 (tests/gateway/fakes.py): a Stack to drive it, and helpers to read or cut streamed requests."""
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,14 @@ class Stack:
 
     async def assert_idle_without_leaks(self, timeout: float = 5.0) -> None:
         """Within timeout, well before an unaborted 2048-token request could finish by itself."""
-        info = await self.wait_for(lambda i: i["running_requests"] == 0 and i["waiting_requests"] == 0
-                                   and i["in_use_tokens"] == 0, timeout)
+        info = await self.wait_for(
+            lambda i: (
+                i["running_requests"] == 0
+                and i["waiting_requests"] == 0
+                and i["in_use_tokens"] == 0
+            ),
+            timeout,
+        )
         assert info["free_tokens"] + info["cached_tokens"] == info["max_total_tokens"], info
         assert self.core.check_leak(deep=True) is None
         assert not self.core.requests
@@ -64,17 +71,24 @@ class Stack:
         assert live is None or not live.groups
 
 
-async def scheduler_on_fake_executor(executor: executor_pb2_grpc.ExecutorServicer | None = None, **flags):
+async def scheduler_on_fake_executor(
+    executor: executor_pb2_grpc.ExecutorServicer | None = None, **flags
+):
     """The real scheduler (ServerArgs(**flags)) stepping a fake executor (default: a PacedFakeExecutor), both
     on free ports: (the scheduler, an async function that stops both)."""
-    executor = executor or PacedFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT)
+    executor = executor or PacedFakeExecutor(
+        kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=CONTEXT
+    )
     exec_server = aio_server()
     executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
     exec_port = bind(exec_server, "127.0.0.1:0")
     await exec_server.start()
     try:
-        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0",
-                                                     executor_addr=f"127.0.0.1:{exec_port}", **flags))
+        scheduler = await start_scheduler(
+            ServerArgs(
+                scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}", **flags
+            )
+        )
     except BaseException:
         await exec_server.stop(None)
         raise
@@ -82,6 +96,7 @@ async def scheduler_on_fake_executor(executor: executor_pb2_grpc.ExecutorService
     async def stop():
         await scheduler.stop()
         await exec_server.stop(None)
+
     return scheduler, stop
 
 
@@ -90,8 +105,14 @@ async def gateway_stack(tmp_path, **flags):
     backends = FakeBackends()  # its tokenizer and detokenizer; the scheduler is the real one
     scheduler, stop = await scheduler_on_fake_executor(**flags)
     try:
-        async with gateway_client(backends.tokenizer_addr, f"127.0.0.1:{scheduler.port}", backends.detokenizer_addr,
-                                  served_model_name=MODEL, file_storage_path=str(tmp_path), **flags) as (client, gateway):
+        async with gateway_client(
+            backends.tokenizer_addr,
+            f"127.0.0.1:{scheduler.port}",
+            backends.detokenizer_addr,
+            served_model_name=MODEL,
+            file_storage_path=str(tmp_path),
+            **flags,
+        ) as (client, gateway):
             yield Stack(client, scheduler.runtime.core, gateway)
     finally:
         await stop()
@@ -103,10 +124,12 @@ def run(coro, timeout: float = 60):
 
 
 def sse_payloads(lines: list[str]) -> list[dict]:
-    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {")]
 
 
-async def read_stream(client: httpx.AsyncClient, path: str, body: dict, seconds: float | None = None) -> list[str]:
+async def read_stream(
+    client: httpx.AsyncClient, path: str, body: dict, seconds: float | None = None
+) -> list[str]:
     """The SSE lines of a streamed request; with seconds, the connection is cut after that long."""
     lines: list[str] = []
     with contextlib.suppress(TimeoutError):

@@ -1,4 +1,5 @@
 """--api-key: every HTTP route but the health checks, and the gRPC API, need `Authorization: Bearer KEY`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,14 +18,20 @@ from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PATH_PARAM = re.compile(r"\{(\w+)(:\w+)?\}")
-SLOW_STEP_S = 0.05  # the fake scheduler's step while the minimal requests run: a batch stays cancellable
+SLOW_STEP_S = (
+    0.05  # the fake scheduler's step while the minimal requests run: a batch stays cancellable
+)
 
 
 @pytest.fixture(scope="module")
 def gw(backends, tmp_path_factory):
     # (grpc_auth_token is only read here, not installed: the fakes take no token)
-    running = RunningGateway(backends, api_key=KEY, grpc_auth_token="inter-service-secret",
-                             file_storage_path=str(tmp_path_factory.mktemp("storage")))
+    running = RunningGateway(
+        backends,
+        api_key=KEY,
+        grpc_auth_token="inter-service-secret",
+        file_storage_path=str(tmp_path_factory.mktemp("storage")),
+    )
     yield running
     running.close()
 
@@ -34,7 +41,9 @@ def http_routes(routes, prefix: str = "") -> list[tuple[str, str]]:
     found = []
     for route in routes:
         if hasattr(route, "original_router"):  # FastAPI's wrapper around an included router
-            found += http_routes(route.original_router.routes, prefix + route.include_context.prefix)
+            found += http_routes(
+                route.original_router.routes, prefix + route.include_context.prefix
+            )
         elif hasattr(route, "methods") and route.methods:
             found += [(method, prefix + route.path) for method in sorted(route.methods)]
     return found
@@ -46,8 +55,12 @@ def fill(template: str, params: dict[str, str] | None = None) -> str:
 
 def test_every_route_but_health_needs_the_key(gw):
     routes = http_routes(gw.gateway.app.routes)
-    assert {("POST", "/v1/chat/completions"), ("POST", "/v1/batches"), ("GET", "/v1/files/{file_id}/content"),
-            ("GET", "/health")} <= set(routes)
+    assert {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/batches"),
+        ("GET", "/v1/files/{file_id}/content"),
+        ("GET", "/health"),
+    } <= set(routes)
     for method, template in routes:
         path = fill(template)
         url = gw.base_url + path
@@ -61,12 +74,20 @@ def test_every_route_but_health_needs_the_key(gw):
         assert missing.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
         if method != "HEAD":
             assert missing.json()["error"]["type"] == "invalid_request_error"
-            assert (missing.json()["error"]["code"], wrong.json()["error"]["code"]) == (None, "invalid_api_key")
+            assert (missing.json()["error"]["code"], wrong.json()["error"]["code"]) == (
+                None,
+                "invalid_api_key",
+            )
 
 
 def upload(gw, content: bytes, purpose: str) -> str:
-    r = httpx.post(gw.base_url + "/v1/files", headers=AUTH, data={"purpose": purpose},
-                   files={"file": ("in.jsonl", content)}, timeout=30)
+    r = httpx.post(
+        gw.base_url + "/v1/files",
+        headers=AUTH,
+        data={"purpose": purpose},
+        files={"file": ("in.jsonl", content)},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -81,21 +102,39 @@ def slow_backends(gw):
 def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
     """A valid minimal request for each route, as httpx.request keyword arguments (plus "path": its
     parameters), and the status it gets with the key."""
-    slow_line = {"custom_id": "slow", "method": "POST", "url": "/v1/completions",
-                 "body": {"model": MODEL, "prompt": "x", "max_tokens": 200}}
+    slow_line = {
+        "custom_id": "slow",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": MODEL, "prompt": "x", "max_tokens": 200},
+    }
     batch_file = upload(gw, json.dumps(slow_line).encode(), "batch")
     batch = {"input_file_id": batch_file, "endpoint": "/v1/completions", "completion_window": "24h"}
-    batch_id = httpx.post(gw.base_url + "/v1/batches", headers=AUTH, json=batch, timeout=30).json()["id"]
+    batch_id = httpx.post(gw.base_url + "/v1/batches", headers=AUTH, json=batch, timeout=30).json()[
+        "id"
+    ]
     file_param, batch_param = {"file_id": batch_file}, {"batch_id": batch_id}
     ok = 200
     return {
-        **{(method, path): ({}, ok) for method in ("GET", "HEAD")
-           for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")},
+        **{
+            (method, path): ({}, ok)
+            for method in ("GET", "HEAD")
+            for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+        },
         ("GET", "/v1/models"): ({}, ok),
         ("GET", "/v1/models/{model_id:path}"): ({"path": {"model_id": MODEL}}, ok),
-        ("POST", "/v1/chat/completions"): ({"json": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}}, ok),
-        ("POST", "/v1/completions"): ({"json": {"model": MODEL, "prompt": "x", "max_tokens": 2}}, ok),
-        ("POST", "/generate"): ({"json": {"text": "x", "sampling_params": {"max_new_tokens": 2}}}, ok),
+        ("POST", "/v1/chat/completions"): (
+            {"json": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}},
+            ok,
+        ),
+        ("POST", "/v1/completions"): (
+            {"json": {"model": MODEL, "prompt": "x", "max_tokens": 2}},
+            ok,
+        ),
+        ("POST", "/generate"): (
+            {"json": {"text": "x", "sampling_params": {"max_new_tokens": 2}}},
+            ok,
+        ),
         ("GET", "/health"): ({}, ok),
         ("GET", "/health_generate"): ({}, ok),
         ("GET", "/get_model_info"): ({}, ok),
@@ -104,7 +143,10 @@ def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
         ("POST", "/flush_cache"): ({}, ok),
         # A generation server refuses embeddings: the key let the request through to say so.
         ("POST", "/v1/embeddings"): ({"json": {"model": MODEL, "input": "x"}}, 400),
-        ("POST", "/v1/files"): ({"data": {"purpose": "user_data"}, "files": {"file": ("a.txt", b"a")}}, ok),
+        ("POST", "/v1/files"): (
+            {"data": {"purpose": "user_data"}, "files": {"file": ("a.txt", b"a")}},
+            ok,
+        ),
         ("GET", "/v1/files"): ({}, ok),
         ("GET", "/v1/files/{file_id}"): ({"path": file_param}, ok),
         ("GET", "/v1/files/{file_id}/content"): ({"path": file_param}, ok),
@@ -112,9 +154,15 @@ def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
         ("GET", "/v1/batches"): ({}, ok),
         ("GET", "/v1/batches/{batch_id}"): ({"path": batch_param}, ok),
         ("POST", "/v1/batches/{batch_id}/cancel"): ({"path": batch_param}, ok),
-        ("DELETE", "/v1/files/{file_id}"): ({"path": {"file_id": upload(gw, b"bye", "user_data")}}, ok),
+        ("DELETE", "/v1/files/{file_id}"): (
+            {"path": {"file_id": upload(gw, b"bye", "user_data")}},
+            ok,
+        ),
         ("GET", "/metrics"): ({}, 404),  # off without --enable-metrics
-        ("POST", "/abort_request"): ({"json": {"abort_all": True}}, ok),  # last: it ends the batches' lines
+        ("POST", "/abort_request"): (
+            {"json": {"abort_all": True}},
+            ok,
+        ),  # last: it ends the batches' lines
     }
 
 
@@ -133,8 +181,12 @@ def test_every_route_serves_a_minimal_request_with_the_key(gw, slow_backends):
 
 def test_requests_with_the_key_are_served(gw):
     headers = {"Authorization": f"bearer {KEY}"}  # the scheme is case-insensitive
-    r = httpx.post(gw.base_url + "/v1/chat/completions", headers=headers, timeout=30,
-                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4})
+    r = httpx.post(
+        gw.base_url + "/v1/chat/completions",
+        headers=headers,
+        timeout=30,
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4},
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     info = httpx.get(gw.base_url + "/get_server_info", headers=headers, timeout=30).json()
     assert info["api_key"] is None and info["grpc_auth_token"] is None  # secrets are not echoed
@@ -142,12 +194,27 @@ def test_requests_with_the_key_are_served(gw):
 
 def test_batch_lines_run_in_process_carry_the_key(gw):
     headers = {"Authorization": f"Bearer {KEY}"}
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
-            "body": {"model": MODEL, "prompt": "x", "max_tokens": 3}}
-    uploaded = httpx.post(gw.base_url + "/v1/files", headers=headers, data={"purpose": "batch"},
-                          files={"file": ("in.jsonl", json.dumps(line).encode())}).json()
-    batch = httpx.post(gw.base_url + "/v1/batches", headers=headers, json={
-        "input_file_id": uploaded["id"], "endpoint": "/v1/completions", "completion_window": "24h"}).json()
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": MODEL, "prompt": "x", "max_tokens": 3},
+    }
+    uploaded = httpx.post(
+        gw.base_url + "/v1/files",
+        headers=headers,
+        data={"purpose": "batch"},
+        files={"file": ("in.jsonl", json.dumps(line).encode())},
+    ).json()
+    batch = httpx.post(
+        gw.base_url + "/v1/batches",
+        headers=headers,
+        json={
+            "input_file_id": uploaded["id"],
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    ).json()
     deadline = time.time() + 10
     while batch["status"] != "completed":
         assert time.time() < deadline, batch
@@ -166,11 +233,21 @@ def test_grpc_api_needs_the_key_but_health(gw):
                     await stub.ListModels(gateway_pb2.GatewayListModelsRequest(), metadata=metadata)
                 codes.append(denied.value.code())
                 with pytest.raises(grpc.aio.AioRpcError) as denied:
-                    [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(text="x"), metadata=metadata)]
+                    [
+                        m
+                        async for m in stub.Generate(
+                            gateway_pb2.GatewayGenerateRequest(text="x"), metadata=metadata
+                        )
+                    ]
                 codes.append(denied.value.code())
             key = (("authorization", f"Bearer {KEY}"),)
             models = await stub.ListModels(gateway_pb2.GatewayListModelsRequest(), metadata=key)
-            pieces = [m async for m in stub.Generate(gateway_pb2.GatewayGenerateRequest(text="x"), metadata=key)]
+            pieces = [
+                m
+                async for m in stub.Generate(
+                    gateway_pb2.GatewayGenerateRequest(text="x"), metadata=key
+                )
+            ]
             health = await stub.Health(gateway_pb2.GatewayHealthRequest())
             return codes, models, pieces, health
 

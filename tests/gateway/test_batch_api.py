@@ -1,4 +1,5 @@
 """OpenAI's Files and Batch APIs through the official client, on a gateway over the fake backends."""
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,21 @@ def slow_lines(backends):
 
 
 def chat_line(custom_id: str, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": MESSAGES, **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "messages": MESSAGES, **body},
+    }
 
 
 def completion_line(custom_id: str, **body) -> dict:
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
-            "body": {"model": MODEL, "prompt": "Once", **body}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": MODEL, "prompt": "Once", **body},
+    }
 
 
 def jsonl(entries: list[dict]) -> bytes:
@@ -55,8 +64,9 @@ def jsonl(entries: list[dict]) -> bytes:
 
 def start_batch(client: openai.OpenAI, entries: list[dict], **extra):
     input_file = client.files.create(file=("input.jsonl", jsonl(entries)), purpose="batch")
-    return client.batches.create(input_file_id=input_file.id, endpoint=entries[0]["url"], completion_window="24h",
-                                 **extra)
+    return client.batches.create(
+        input_file_id=input_file.id, endpoint=entries[0]["url"], completion_window="24h", **extra
+    )
 
 
 def wait_for_batch(client: openai.OpenAI, batch_id: str, timeout: float = 15):
@@ -82,10 +92,15 @@ def comparable(body: dict) -> dict:
 
 # ---- files ----
 
+
 def test_files_upload_retrieve_list_download_delete(client, gw):
     data = jsonl([chat_line("a")])
     uploaded = client.files.create(file=("in.jsonl", data), purpose="batch")
-    assert uploaded.id.startswith("file-") and uploaded.object == "file" and uploaded.status == "processed"
+    assert (
+        uploaded.id.startswith("file-")
+        and uploaded.object == "file"
+        and uploaded.status == "processed"
+    )
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (len(data), "in.jsonl", "batch")
     assert client.files.retrieve(uploaded.id) == uploaded
     assert client.files.content(uploaded.id).content == data
@@ -100,12 +115,19 @@ def test_files_upload_retrieve_list_download_delete(client, gw):
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(notes.id)
     r = httpx.get(f"{gw.base_url}/v1/files/{notes.id}/content")
-    assert r.status_code == 404 and r.json() == {"error": {
-        "message": f"No such File object: {notes.id}", "type": "invalid_request_error", "param": "file_id",
-        "code": "not_found"}}
+    assert r.status_code == 404 and r.json() == {
+        "error": {
+            "message": f"No such File object: {notes.id}",
+            "type": "invalid_request_error",
+            "param": "file_id",
+            "code": "not_found",
+        }
+    }
     assert httpx.delete(f"{gw.base_url}/v1/files/{notes.id}").status_code == 404
 
-    bad_purpose = httpx.post(gw.base_url + "/v1/files", files={"file": ("x", b"y")}, data={"purpose": "junk"})
+    bad_purpose = httpx.post(
+        gw.base_url + "/v1/files", files={"file": ("x", b"y")}, data={"purpose": "junk"}
+    )
     assert bad_purpose.status_code == 400 and bad_purpose.json()["error"]["param"] == "purpose"
     no_file = httpx.post(gw.base_url + "/v1/files", data={"purpose": "batch"})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
@@ -113,17 +135,30 @@ def test_files_upload_retrieve_list_download_delete(client, gw):
 
 # ---- batches ----
 
+
 def test_batch_results_are_the_bodies_direct_calls_give(client, gw):
-    entries = [chat_line("short", max_tokens=5), chat_line("long", max_tokens=30, temperature=0),
-               chat_line("bad", max_tokens=-1), chat_line("streamed", max_tokens=5, stream=True)]
+    entries = [
+        chat_line("short", max_tokens=5),
+        chat_line("long", max_tokens=30, temperature=0),
+        chat_line("bad", max_tokens=-1),
+        chat_line("streamed", max_tokens=5, stream=True),
+    ]
     batch = start_batch(client, entries, metadata={"job": "nightly"})
-    assert batch.id.startswith("batch_") and batch.object == "batch" and batch.endpoint == "/v1/chat/completions"
+    assert (
+        batch.id.startswith("batch_")
+        and batch.object == "batch"
+        and batch.endpoint == "/v1/chat/completions"
+    )
     assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "nightly"}
     assert batch.expires_at == batch.created_at + 24 * 3600
 
     done = wait_for_batch(client, batch.id)
     assert done.status == "completed" and done.errors is None
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (4, 2, 2)
+    assert (
+        done.request_counts.total,
+        done.request_counts.completed,
+        done.request_counts.failed,
+    ) == (4, 2, 2)
     assert done.in_progress_at and done.finalizing_at and done.completed_at
     assert done.failed_at is None and done.cancelled_at is None and done.expired_at is None
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
@@ -135,7 +170,9 @@ def test_batch_results_are_the_bodies_direct_calls_give(client, gw):
         assert line["id"].startswith("batch_req_") and line["error"] is None
         assert line["response"]["status_code"] == 200
         assert line["response"]["request_id"] == line["response"]["body"]["id"]
-        direct = httpx.post(gw.base_url + "/v1/chat/completions", json=entry["body"], timeout=30).json()
+        direct = httpx.post(
+            gw.base_url + "/v1/chat/completions", json=entry["body"], timeout=30
+        ).json()
         assert comparable(line["response"]["body"]) == comparable(direct)
 
     errors = results(client, done.error_file_id)
@@ -163,36 +200,50 @@ def test_bad_input_lines_are_rejected_at_creation(client, second_line, code):
     data = json.dumps(chat_line("first")).encode() + b"\n" + second_line + b"\n"
     input_file = client.files.create(file=("input.jsonl", data), purpose="batch")
     with pytest.raises(openai.BadRequestError) as err:
-        client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        client.batches.create(
+            input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
     assert err.value.code == code and err.value.param == "input_file_id"
     assert err.value.body["message"].startswith("Line 2 of the input file:")
 
 
 def test_bad_batch_parameters_are_rejected(client):
     good = client.files.create(file=("input.jsonl", jsonl([chat_line("a")])), purpose="batch").id
-    other_purpose = client.files.create(file=("input.jsonl", jsonl([chat_line("a")])), purpose="user_data").id
+    other_purpose = client.files.create(
+        file=("input.jsonl", jsonl([chat_line("a")])), purpose="user_data"
+    ).id
     empty = client.files.create(file=("input.jsonl", b"\n"), purpose="batch").id
-    cases = [(dict(input_file_id=good, endpoint="/v1/responses"), "endpoint"),
-             (dict(input_file_id=good, completion_window="1h"), "completion_window"),
-             (dict(input_file_id=other_purpose), "input_file_id"),
-             (dict(input_file_id=empty), "input_file_id")]
+    cases = [
+        (dict(input_file_id=good, endpoint="/v1/responses"), "endpoint"),
+        (dict(input_file_id=good, completion_window="1h"), "completion_window"),
+        (dict(input_file_id=other_purpose), "input_file_id"),
+        (dict(input_file_id=empty), "input_file_id"),
+    ]
     for overrides, param in cases:
         with pytest.raises(openai.BadRequestError) as err:
-            client.batches.create(**{"endpoint": "/v1/chat/completions", "completion_window": "24h", **overrides})
+            client.batches.create(
+                **{"endpoint": "/v1/chat/completions", "completion_window": "24h", **overrides}
+            )
         assert err.value.param == param, overrides
     with pytest.raises(openai.NotFoundError):
-        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
 
 
 def test_batches_list_newest_first_in_pages_and_unknown_ids_are_404(client, gw):
-    created = [start_batch(client, [completion_line(f"c{i}", max_tokens=i + 1)]).id for i in range(3)]
+    created = [
+        start_batch(client, [completion_line(f"c{i}", max_tokens=i + 1)]).id for i in range(3)
+    ]
     first = client.batches.list(limit=2)
     assert [b.id for b in first.data] == created[::-1][:2] and first.has_more
     second = client.batches.list(limit=2, after=first.data[-1].id)
     assert second.data[0].id == created[0]
     for i, batch_id in enumerate(created):
         done = wait_for_batch(client, batch_id)
-        text = results(client, done.output_file_id)[f"c{i}"]["response"]["body"]["choices"][0]["text"]
+        text = results(client, done.output_file_id)[f"c{i}"]["response"]["body"]["choices"][0][
+            "text"
+        ]
         assert text == expected_output(i + 1)
 
     with pytest.raises(openai.NotFoundError):
@@ -200,14 +251,18 @@ def test_batches_list_newest_first_in_pages_and_unknown_ids_are_404(client, gw):
     with pytest.raises(openai.NotFoundError):
         client.batches.cancel("batch_nope")
     r = httpx.get(gw.base_url + "/v1/batches/batch_nope")
-    assert r.status_code == 404 and r.json()["error"]["message"] == "No such Batch object: batch_nope"
+    assert (
+        r.status_code == 404 and r.json()["error"]["message"] == "No such Batch object: batch_nope"
+    )
 
 
 def test_cancel_stops_launching_and_keeps_partial_output(client, gw, slow_lines):
     gw.gateway.app.state.batch_runner.concurrency = 2
     try:
         batch = start_batch(client, [chat_line(f"r{i}", max_tokens=20) for i in range(12)])
-        assert wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2, timeout=10)
+        assert wait_until(
+            lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2, timeout=10
+        )
         cancelling = client.batches.cancel(batch.id)
         assert cancelling.status == "cancelling" and cancelling.cancelling_at
         done = wait_for_batch(client, batch.id)
@@ -220,18 +275,27 @@ def test_cancel_stops_launching_and_keeps_partial_output(client, gw, slow_lines)
         client.batches.cancel(batch.id)
 
 
-def test_restart_keeps_files_and_batches_and_resumes_or_expires_interrupted_ones(backends, tmp_path, slow_lines):
+def test_restart_keeps_files_and_batches_and_resumes_or_expires_interrupted_ones(
+    backends, tmp_path, slow_lines
+):
     first = RunningGateway(backends, file_storage_path=str(tmp_path))
     try:
         client = client_of(first)
         backends.scheduler.step_delay = 0.002
-        finished = wait_for_batch(client, start_batch(client, [completion_line("only", max_tokens=3)]).id)
+        finished = wait_for_batch(
+            client, start_batch(client, [completion_line("only", max_tokens=3)]).id
+        )
         backends.scheduler.step_delay = SLOW_STEP_S
         first.gateway.app.state.batch_runner.concurrency = 2
         entries = [chat_line(f"r{i}", max_tokens=20) for i in range(10)]
         resumed, expiring = start_batch(client, entries), start_batch(client, entries)
-        assert wait_until(lambda: client.batches.retrieve(resumed.id).request_counts.completed >= 3
-                          and client.batches.retrieve(expiring.id).request_counts.completed >= 1, timeout=10)
+        assert wait_until(
+            lambda: (
+                client.batches.retrieve(resumed.id).request_counts.completed >= 3
+                and client.batches.retrieve(expiring.id).request_counts.completed >= 1
+            ),
+            timeout=10,
+        )
     finally:
         first.close()
     finished_before_restart = set(backends.scheduler.completed)
@@ -247,17 +311,26 @@ def test_restart_keeps_files_and_batches_and_resumes_or_expires_interrupted_ones
         assert {b.id for b in client.batches.list()} == {finished.id, resumed.id, expiring.id}
         done = wait_for_batch(client, resumed.id)
         expired = wait_for_batch(client, expiring.id)
-        outputs, expired_outputs = results(client, done.output_file_id), results(client, expired.output_file_id)
+        outputs, expired_outputs = (
+            results(client, done.output_file_id),
+            results(client, expired.output_file_id),
+        )
         expired_errors = results(client, expired.error_file_id)
     finally:
         second.close()
 
-    assert done.status == "completed" and done.request_counts.completed == 10 and set(outputs) == {
-        e["custom_id"] for e in entries}
+    assert (
+        done.status == "completed"
+        and done.request_counts.completed == 10
+        and set(outputs) == {e["custom_id"] for e in entries}
+    )
     kept = [o for o in outputs.values() if o["response"]["request_id"] in finished_before_restart]
     assert len(kept) >= 3  # lines finished before the restart were not run again
 
     assert expired.status == "expired" and expired.expired_at and expired.completed_at is None
     assert expired.request_counts.completed == len(expired_outputs) >= 1
     assert set(expired_outputs) | set(expired_errors) == {e["custom_id"] for e in entries}
-    assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in expired_errors.values())
+    assert all(
+        e["response"] is None and e["error"]["code"] == "batch_expired"
+        for e in expired_errors.values()
+    )

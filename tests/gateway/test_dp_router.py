@@ -1,5 +1,6 @@
 """The gateway's data-parallel router (services/gateway/pipeline/dp_router.py), its prefix trees and the merge of the
 replicas' metrics, in process."""
+
 from __future__ import annotations
 
 import random
@@ -63,7 +64,12 @@ def test_distinct_prompts_spread_over_the_replicas():
     router = DataParallelRouter(4, "cache_aware")
     chosen = [route_and_finish(router, prompt(seed)) for seed in range(8)]
     assert sorted(set(chosen)) == [0, 1, 2, 3]
-    assert router.routed == [2, 2, 2, 2]  # the least-loaded replica with the smallest tree each time
+    assert router.routed == [
+        2,
+        2,
+        2,
+        2,
+    ]  # the least-loaded replica with the smallest tree each time
 
 
 def test_cache_aware_balances_when_the_load_is_too_uneven():
@@ -72,7 +78,9 @@ def test_cache_aware_balances_when_the_load_is_too_uneven():
     hot = router.route(shared + [1])
     choices = [router.route(shared + [i + 2]) for i in range(40)]  # cache hits, all still running
     assert choices[:32] == [hot] * 32  # up to 33 in flight there the prefix decides
-    assert choices[32] == 1 - hot  # 33 against 0: more than 32 apart (and 1.1 times), so the other replica
+    assert (
+        choices[32] == 1 - hot
+    )  # 33 against 0: more than 32 apart (and 1.1 times), so the other replica
     assert router.inflight[hot] - router.inflight[1 - hot] <= 33
 
 
@@ -118,18 +126,25 @@ def test_unknown_method_is_refused():
 
 def test_replica_metrics_merge_into_one_exposition_labelled_by_replica():
     def text(running: int, hits: int) -> str:
-        return ("# HELP radixserve:num_running_reqs Running requests.\n"
-                "# TYPE radixserve:num_running_reqs gauge\n"
-                f'radixserve:num_running_reqs{{model_name="m"}} {running}.0\n'
-                "# HELP radixserve:cached_prompt_tokens_total Cached prompt tokens.\n"
-                "# TYPE radixserve:cached_prompt_tokens_total counter\n"
-                f"radixserve:cached_prompt_tokens_total {hits}.0\n")
+        return (
+            "# HELP radixserve:num_running_reqs Running requests.\n"
+            "# TYPE radixserve:num_running_reqs gauge\n"
+            f'radixserve:num_running_reqs{{model_name="m"}} {running}.0\n'
+            "# HELP radixserve:cached_prompt_tokens_total Cached prompt tokens.\n"
+            "# TYPE radixserve:cached_prompt_tokens_total counter\n"
+            f"radixserve:cached_prompt_tokens_total {hits}.0\n"
+        )
+
     merged = merge_prometheus_texts({0: text(3, 10), 1: text(5, 20)})
     families = {f.name: f for f in text_string_to_metric_families(merged)}
-    running = {s.labels["dp_rank"]: (s.labels["model_name"], s.value)
-               for s in families["radixserve:num_running_reqs"].samples}
+    running = {
+        s.labels["dp_rank"]: (s.labels["model_name"], s.value)
+        for s in families["radixserve:num_running_reqs"].samples
+    }
     assert running == {"0": ("m", 3.0), "1": ("m", 5.0)}
-    hits = {s.labels["dp_rank"]: s.value for s in families["radixserve:cached_prompt_tokens"].samples}
+    hits = {
+        s.labels["dp_rank"]: s.value for s in families["radixserve:cached_prompt_tokens"].samples
+    }
     assert hits == {"0": 10.0, "1": 20.0}
     assert merged.count("# TYPE radixserve:num_running_reqs gauge") == 1
 

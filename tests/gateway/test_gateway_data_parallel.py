@@ -1,5 +1,6 @@
 """The gateway over two data-parallel schedulers (--dp-size 2, fake backends): routing by prefix, one Session
 stream per replica, /get_server_info per replica, /health over every replica, FlushCache on each."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -21,16 +22,22 @@ def replicas():
 @pytest.fixture(scope="module")
 def gw(replicas):
     first, second = replicas
-    addrs = SimpleNamespace(tokenizer_addr=first.tokenizer_addr, detokenizer_addr=first.detokenizer_addr,
-                            scheduler_addr=f"{first.scheduler_addr},{second.scheduler_addr}")
+    addrs = SimpleNamespace(
+        tokenizer_addr=first.tokenizer_addr,
+        detokenizer_addr=first.detokenizer_addr,
+        scheduler_addr=f"{first.scheduler_addr},{second.scheduler_addr}",
+    )
     running = RunningGateway(addrs, dp_size=2)
     yield running
     running.close()
 
 
 def generate(gw, text: str) -> dict:
-    r = httpx.post(gw.base_url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 4}},
-                   timeout=30)
+    r = httpx.post(
+        gw.base_url + "/generate",
+        json={"text": text, "sampling_params": {"max_new_tokens": 4}},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -59,7 +66,11 @@ def test_requests_spread_and_a_repeated_prefix_stays_on_one_replica(gw, replicas
     assert [r["index"] for r in listed] == [0, 1] and all(r["reachable"] for r in listed)
     assert [r["addr"] for r in listed] == [b.scheduler_addr for b in replicas]
     assert sorted(int(r["routed_requests"]) for r in listed) == [2, 5]  # int64: a string in JSON
-    assert info["scheduler"]["max_total_tokens"] == sum(r["info"]["max_total_tokens"] for r in listed) == 8192
+    assert (
+        info["scheduler"]["max_total_tokens"]
+        == sum(r["info"]["max_total_tokens"] for r in listed)
+        == 8192
+    )
     assert info["dp_size"] == 2 and info["load_balance_method"] == "cache_aware"
 
 
@@ -72,10 +83,17 @@ def test_health_needs_every_replica_and_routing_avoids_a_dead_one(gw, replicas):
     assert httpx.get(gw.base_url + "/health", timeout=30).status_code == 200
     replicas[1].stop_scheduler()
     r = httpx.get(gw.base_url + "/health", timeout=30)
-    assert r.status_code == 503 and f"replica 1 ({replicas[1].scheduler_addr})" in r.json()["error"]["message"]
+    assert (
+        r.status_code == 503
+        and f"replica 1 ({replicas[1].scheduler_addr})" in r.json()["error"]["message"]
+    )
     started = len(replicas[0].scheduler.started)
     for word in ("echo", "foxtrot", "golf"):  # the failed probe marked replica 1 unavailable
         assert generate(gw, word)["text"] == "The "
     assert len(replicas[0].scheduler.started) == started + 3
     listed = server_info(gw)["scheduler"]["replicas"]
-    assert listed[0]["reachable"] and not listed[1]["reachable"] and "UNAVAILABLE" in listed[1]["error"]
+    assert (
+        listed[0]["reachable"]
+        and not listed[1]["reachable"]
+        and "UNAVAILABLE" in listed[1]["error"]
+    )

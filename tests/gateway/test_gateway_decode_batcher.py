@@ -1,4 +1,5 @@
 """DecodeBatcher: concurrent detokenizer calls share batch RPCs and each gets its own result."""
+
 import asyncio
 
 import grpc
@@ -17,12 +18,21 @@ class FakeDetokenizer:
         self.batch_sizes.append(len(request.items))
         await asyncio.sleep(0.01)
         if self.fail:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       details="detokenizer down")
-        return detokenizer_pb2.DetokenizerDecodeResponse(results=[
-            detokenizer_pb2.DetokenizerDecodeResult(request_id=item.request_id,
-                                                    text="".join(chr(65 + t) for t in item.new_token_ids))
-            for item in request.items])
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="detokenizer down",
+            )
+        return detokenizer_pb2.DetokenizerDecodeResponse(
+            results=[
+                detokenizer_pb2.DetokenizerDecodeResult(
+                    request_id=item.request_id,
+                    text="".join(chr(65 + t) for t in item.new_token_ids),
+                )
+                for item in request.items
+            ]
+        )
 
 
 def item(rid: str, ids: list[int]) -> detokenizer_pb2.DetokenizerDecodeItem:
@@ -34,7 +44,9 @@ def test_lone_call_is_sent_at_once_and_concurrent_calls_are_coalesced():
         fake = FakeDetokenizer()
         batcher = DecodeBatcher(lambda: fake, timeout_s=5)
         first = await batcher.decode(item("solo", [0]))
-        results = await asyncio.gather(*(batcher.decode(item(f"r{i}", [i % 26, (i + 1) % 26])) for i in range(16)))
+        results = await asyncio.gather(
+            *(batcher.decode(item(f"r{i}", [i % 26, (i + 1) % 26])) for i in range(16))
+        )
         return fake, batcher, first, results
 
     fake, batcher, first, results = asyncio.run(run())
@@ -62,8 +74,9 @@ def test_cancelled_caller_does_not_disturb_the_others():
 def test_rpc_failure_reaches_every_caller_of_the_batch_as_503():
     async def run():
         batcher = DecodeBatcher(lambda: FakeDetokenizer(fail=True), timeout_s=5)
-        return await asyncio.gather(*(batcher.decode(item(f"r{i}", [i])) for i in range(3)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.decode(item(f"r{i}", [i])) for i in range(3)), return_exceptions=True
+        )
 
     errors = asyncio.run(run())
     assert all(isinstance(e, ApiError) and e.status == 503 for e in errors), errors

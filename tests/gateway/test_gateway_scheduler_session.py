@@ -1,4 +1,5 @@
 """The gateway's SchedulerSession: many requests over one stream, failure of the stream, reconnection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,10 @@ def serve_fake(port: int, scheduler: FakeScheduler) -> grpc.Server:
 
 def request(rid: str, prompt: str, max_new: int) -> scheduler_pb2.SchedulerGenerateRequest:
     return scheduler_pb2.SchedulerGenerateRequest(
-        request_id=rid, input_ids=encode(prompt),
-        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True))
+        request_id=rid,
+        input_ids=encode(prompt),
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=True),
+    )
 
 
 async def collect(events) -> tuple[str, int]:
@@ -114,7 +117,9 @@ def test_a_broken_stream_fails_open_requests_and_the_next_request_reconnects():
         for _ in range(100):  # the channel reconnects with backoff
             try:
                 assert await collect(session.start(request("after", "hi", 3))) == (
-                    OUTPUT_TEXT[:3], common_pb2.FINISH_REASON_LENGTH)
+                    OUTPUT_TEXT[:3],
+                    common_pb2.FINISH_REASON_LENGTH,
+                )
                 break
             except RequestFailed:
                 await asyncio.sleep(0.1)
@@ -132,12 +137,23 @@ def test_an_id_already_open_is_a_400_not_a_server_error():
     from tests.gateway.fakes import FakeBackends
 
     fakes = FakeBackends(step_delay=0.01)
-    engine = Engine(ServerArgs(tokenizer_addr=fakes.tokenizer_addr, scheduler_addr=fakes.scheduler_addr,
-                               detokenizer_addr=fakes.detokenizer_addr))
+    engine = Engine(
+        ServerArgs(
+            tokenizer_addr=fakes.tokenizer_addr,
+            scheduler_addr=fakes.scheduler_addr,
+            detokenizer_addr=fakes.detokenizer_addr,
+        )
+    )
 
     def prepared() -> PreparedRequest:
-        return PreparedRequest("same-id", encode("hi"), SamplingParams(),
-                               StoppingCriteria(max_new_tokens=50, ignore_eos=True), stop=[], skip_special_tokens=True)
+        return PreparedRequest(
+            "same-id",
+            encode("hi"),
+            SamplingParams(),
+            StoppingCriteria(max_new_tokens=50, ignore_eos=True),
+            stop=[],
+            skip_special_tokens=True,
+        )
 
     async def main():
         first = engine.stream(prepared())
@@ -157,13 +173,39 @@ def test_an_id_already_open_is_a_400_not_a_server_error():
 def test_the_api_error_names_the_stage_from_the_detail_not_the_message_prefix():
     from radixserve.gateway.pipeline.engine import request_failure
 
-    executor = request_failure(RequestFailed(grpc.StatusCode.UNAVAILABLE, "step 7 lost its worker",
-                                             scheduler_pb2.FAILED_STAGE_EXECUTOR))
-    assert (executor.status, executor.body()) == (503, {"error": {
-        "message": "the executor service failed while running this request; retry it",
-        "type": "service_unavailable_error", "param": None, "code": "service_unavailable"}})
-    scheduler = request_failure(RequestFailed(grpc.StatusCode.UNAVAILABLE, "executor-shaped words from the scheduler",
-                                              scheduler_pb2.FAILED_STAGE_SCHEDULER))
-    assert (scheduler.status, scheduler.body()) == (503, {"error": {
-        "message": "the scheduler service is unavailable", "type": "service_unavailable_error", "param": None,
-        "code": "service_unavailable"}})
+    executor = request_failure(
+        RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            "step 7 lost its worker",
+            scheduler_pb2.FAILED_STAGE_EXECUTOR,
+        )
+    )
+    assert (executor.status, executor.body()) == (
+        503,
+        {
+            "error": {
+                "message": "the executor service failed while running this request; retry it",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
+        },
+    )
+    scheduler = request_failure(
+        RequestFailed(
+            grpc.StatusCode.UNAVAILABLE,
+            "executor-shaped words from the scheduler",
+            scheduler_pb2.FAILED_STAGE_SCHEDULER,
+        )
+    )
+    assert (scheduler.status, scheduler.body()) == (
+        503,
+        {
+            "error": {
+                "message": "the scheduler service is unavailable",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": "service_unavailable",
+            }
+        },
+    )

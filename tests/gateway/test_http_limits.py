@@ -1,6 +1,7 @@
 """HTTP/1.1 limits of the gateway (services/gateway/http_limits.py), over raw sockets against a real
 gateway on fake backends: request head size and header count (431), the header timeout (slowloris), the
 keep-alive timeout, the connection limit, and one quiet log line for a client gone during its upload."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,12 @@ import time
 
 import pytest
 
-from radixserve.gateway.api.http_limits import LINGER_S, MAX_DEFAULT_CONNECTIONS, HttpLimits, default_max_connections
+from radixserve.gateway.api.http_limits import (
+    LINGER_S,
+    MAX_DEFAULT_CONNECTIONS,
+    HttpLimits,
+    default_max_connections,
+)
 from tests.gateway.fakes import FakeBackends, RunningGateway
 
 
@@ -38,9 +44,15 @@ def connect(gw, timeout: float = 10) -> socket.socket:
     return socket.create_connection(("127.0.0.1", gw.gateway.http_port), timeout=timeout)
 
 
-def request(path: str = "/health", headers: list[tuple[str, str]] = (), method: str = "GET",
-            body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: gateway"] + [f"{name}: {value}" for name, value in headers]
+def request(
+    path: str = "/health",
+    headers: list[tuple[str, str]] = (),
+    method: str = "GET",
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gateway"] + [
+        f"{name}: {value}" for name, value in headers
+    ]
     if body or method == "POST":
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
@@ -55,7 +67,10 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode().split("\r\n")
-    headers = {name.strip().lower(): value.strip() for name, value in (h.split(":", 1) for h in header_lines)}
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, value in (h.split(":", 1) for h in header_lines)
+    }
     while len(body) < int(headers.get("content-length", 0)):
         chunk = sock.recv(65536)
         assert chunk, "the connection closed in the middle of a body"
@@ -113,6 +128,7 @@ def send_until_answered(sock: socket.socket, chunk: bytes, total: int) -> int:
 
 # ---- head size and header count ----
 
+
 def test_a_head_over_the_size_limit_gets_431_without_growing_memory(backends):
     with running(backends) as gw:  # the default limit: 64 KiB
         assert health(gw) == 200
@@ -137,7 +153,9 @@ def test_a_head_over_the_size_limit_gets_431_without_growing_memory(backends):
                 grown = rss_bytes() - before
                 assert_error(*read_response(sock), 431, "request_header_fields_too_large")
                 assert sent < 24 << 20, "the gateway read a 24 MB header without answering"
-                assert grown < 8 << 20, f"the process grew by {grown >> 20} MB while a header streamed in"
+                assert grown < 8 << 20, (
+                    f"the process grew by {grown >> 20} MB while a header streamed in"
+                )
         assert health(gw) == 200
 
 
@@ -153,7 +171,9 @@ def test_a_refused_client_that_keeps_sending_is_reset_after_a_bounded_drain(back
                 sent += len(chunk)
         elapsed = time.monotonic() - started
         assert sent < 32 << 20 and elapsed < LINGER_S, (sent, elapsed)
-        assert_error(*read_response(sock), 431, "request_header_fields_too_large")  # still in the receive queue
+        assert_error(
+            *read_response(sock), 431, "request_header_fields_too_large"
+        )  # still in the receive queue
         assert health(gw) == 200
 
 
@@ -184,8 +204,12 @@ def test_the_head_limit_applies_to_each_head_not_to_pipelined_requests_or_bodies
         with connect(gw) as sock:
             sock.sendall(request() * 3)  # three heads in one packet, together over 200 bytes
             assert [read_response(sock)[0] for _ in range(3)] == [200, 200, 200]
-            body = json.dumps({"model": "fake-model", "prompt": "x" * 200, "max_tokens": 2}).encode()
-            sock.sendall(request("/v1/completions", method="POST", body=body))  # head and body in one packet
+            body = json.dumps(
+                {"model": "fake-model", "prompt": "x" * 200, "max_tokens": 2}
+            ).encode()
+            sock.sendall(
+                request("/v1/completions", method="POST", body=body)
+            )  # head and body in one packet
             status, _, answer = read_response(sock)
             assert status == 200 and json.loads(answer)["choices"][0]["text"], answer
             sock.sendall(request(headers=[("X-Filler", "a" * 150)]))  # a head of 200 bytes and more
@@ -194,6 +218,7 @@ def test_the_head_limit_applies_to_each_head_not_to_pipelined_requests_or_bodies
 
 
 # ---- timeouts ----
+
 
 def test_a_head_not_complete_within_the_header_timeout_is_closed(backends):
     with running(backends, http_header_timeout=0.5) as gw:
@@ -223,6 +248,7 @@ def test_an_idle_kept_alive_connection_closes_after_the_keep_alive_timeout(backe
 
 # ---- the connection limit ----
 
+
 def open_connections(gw) -> int:
     return len(gw.gateway.http.server_state.connections)
 
@@ -237,8 +263,10 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 def test_past_the_connection_limit_new_connections_get_503_and_the_others_are_served(backends):
-    with running(backends, http_max_connections=8, http_header_timeout=2.0) as gw, \
-            contextlib.ExitStack() as stack:
+    with (
+        running(backends, http_max_connections=8, http_header_timeout=2.0) as gw,
+        contextlib.ExitStack() as stack,
+    ):
         keeper = stack.enter_context(connect(gw))
         keeper.sendall(request())
         assert read_response(keeper)[0] == 200
@@ -265,12 +293,18 @@ def test_past_the_connection_limit_new_connections_get_503_and_the_others_are_se
 
 
 def test_a_flood_of_idle_sockets_does_not_stop_health(backends):
-    with running(backends, http_max_connections=16, http_header_timeout=0.5) as gw, \
-            contextlib.ExitStack() as stack:
+    with (
+        running(backends, http_max_connections=16, http_header_timeout=0.5) as gw,
+        contextlib.ExitStack() as stack,
+    ):
         flood = [stack.enter_context(connect(gw)) for _ in range(120)]
         for sock in flood:
-            assert closed_after(sock, 5) is not None  # at once, at the header timeout, or after lingering
-        assert wait_until(lambda: open_connections(gw) == 0 and gw.gateway.http_limits.refusing == 0, 5)
+            assert (
+                closed_after(sock, 5) is not None
+            )  # at once, at the header timeout, or after lingering
+        assert wait_until(
+            lambda: open_connections(gw) == 0 and gw.gateway.http_limits.refusing == 0, 5
+        )
         assert health(gw) == 200
 
 
@@ -293,6 +327,7 @@ def test_the_default_connection_limit_comes_from_the_open_file_limit(backends):
 
 # ---- a client gone during its upload ----
 
+
 class Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -305,7 +340,10 @@ class Records(logging.Handler):
 def test_a_client_gone_during_its_upload_makes_one_info_line(backends):
     with running(backends) as gw:
         handler = Records()
-        loggers = [logging.getLogger(), logging.getLogger("uvicorn")]  # uvicorn's does not propagate to the root
+        loggers = [
+            logging.getLogger(),
+            logging.getLogger("uvicorn"),
+        ]  # uvicorn's does not propagate to the root
         radixserve = logging.getLogger("radixserve")
         level = radixserve.level
         radixserve.setLevel(logging.INFO)
@@ -314,10 +352,16 @@ def test_a_client_gone_during_its_upload_makes_one_info_line(backends):
         try:
             for path in ("/v1/chat/completions", "/v1/completions"):
                 with connect(gw) as sock:
-                    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: gateway\r\n"
-                                 b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000)
+                    sock.sendall(
+                        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: gateway\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                        + b"{"
+                        * 1000
+                    )
                     time.sleep(0.2)
-            assert wait_until(lambda: sum("disconnected" in r.getMessage() for r in handler.records) >= 2, 5)
+            assert wait_until(
+                lambda: sum("disconnected" in r.getMessage() for r in handler.records) >= 2, 5
+            )
             time.sleep(0.3)
             assert health(gw) == 200
         finally:
@@ -325,9 +369,11 @@ def test_a_client_gone_during_its_upload_makes_one_info_line(backends):
                 logger.removeHandler(handler)
             radixserve.setLevel(level)
         about = [r for r in handler.records if "disconnect" in r.getMessage().lower() or r.exc_info]
-        assert [(r.levelno, r.exc_info) for r in about] == [(logging.INFO, None)] * 2, \
-            [(r.name, r.levelname, r.getMessage()) for r in about]
+        assert [(r.levelno, r.exc_info) for r in about] == [(logging.INFO, None)] * 2, [
+            (r.name, r.levelname, r.getMessage()) for r in about
+        ]
         assert [r.getMessage() for r in about] == [
             "client disconnected while sending the body of POST /v1/chat/completions",
-            "client disconnected while sending the body of POST /v1/completions"]
+            "client disconnected while sending the body of POST /v1/completions",
+        ]
         assert not [r for r in handler.records if r.levelno >= logging.WARNING]

@@ -1,5 +1,6 @@
 """Prometheus metrics (--enable-metrics): the gateway's per-request and gRPC-hop metrics against fake backends,
 the scheduler's against a real scheduler driven by the fake executor, the Grafana dashboard's metric names."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,11 @@ STEP_DELAY_S = 0.01
 
 def parse(text: str) -> dict[tuple[str, frozenset], float]:
     """Sample values keyed by (sample name, labels)."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -53,13 +57,16 @@ def backends():
 @contextlib.asynccontextmanager
 async def gateway(tokenizer_addr: str, scheduler_addr: str, detokenizer_addr: str, **overrides):
     """A gateway on free ports and an HTTP client for it."""
-    async with gateway_client(tokenizer_addr, scheduler_addr, detokenizer_addr, served_model_name=MODEL,
-                              **overrides) as (client, _):
+    async with gateway_client(
+        tokenizer_addr, scheduler_addr, detokenizer_addr, served_model_name=MODEL, **overrides
+    ) as (client, _):
         yield client
 
 
 def fake_gateway(backends: FakeBackends, **overrides):
-    return gateway(backends.tokenizer_addr, backends.scheduler_addr, backends.detokenizer_addr, **overrides)
+    return gateway(
+        backends.tokenizer_addr, backends.scheduler_addr, backends.detokenizer_addr, **overrides
+    )
 
 
 async def scrape(client: httpx.AsyncClient) -> dict:
@@ -75,19 +82,34 @@ def run(coro):
 
 # ---- the gateway's request metrics, against fake backends ----
 
+
 def test_each_request_is_recorded_once_and_the_health_probe_not_at_all(backends):
     async def body():
         async with fake_gateway(backends, enable_metrics=True) as client:
             usages = []
             for i in range(3):
-                resp = await client.post("/v1/chat/completions", json={
-                    "model": MODEL, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 7})
+                resp = await client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": f"hi {i}"}],
+                        "max_tokens": 7,
+                    },
+                )
                 usages.append(resp.json()["usage"])
-            async with client.stream("POST", "/v1/completions", json={
-                    "model": MODEL, "prompt": "hello", "max_tokens": 5, "stream": True,
-                    "stream_options": {"include_usage": True}}) as resp:
+            async with client.stream(
+                "POST",
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "hello",
+                    "max_tokens": 5,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ) as resp:
                 frames = [line async for line in resp.aiter_lines() if line.startswith("data: {")]
-            usages.append(json.loads(frames[-1][len("data: "):])["usage"])
+            usages.append(json.loads(frames[-1][len("data: ") :])["usage"])
             assert (await client.get("/health")).status_code == 200
             m = await scrape(client)
 
@@ -95,7 +117,11 @@ def test_each_request_is_recorded_once_and_the_health_probe_not_at_all(backends)
         generated = sum(u["completion_tokens"] for u in usages)
         assert value(m, "radixserve:time_to_first_token_seconds_count", model_name=MODEL) == n
         assert value(m, "radixserve:e2e_request_latency_seconds_count", model_name=MODEL) == n
-        assert value(m, "radixserve:generation_tokens_total", model_name=MODEL) == generated == 3 * 7 + 5
+        assert (
+            value(m, "radixserve:generation_tokens_total", model_name=MODEL)
+            == generated
+            == 3 * 7 + 5
+        )
         assert value(m, "radixserve:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
         assert value(m, "radixserve:request_success_total", finish_reason="length") == n
         assert value(m, "radixserve:request_success_total") == n
@@ -104,22 +130,31 @@ def test_each_request_is_recorded_once_and_the_health_probe_not_at_all(backends)
         assert value(m, "radixserve:inter_token_latency_seconds_count") == generated - 2 * n
         hops = "radixserve:grpc_client_latency_seconds_count"
         assert value(m, hops, service="tokenizer", method="ApplyChatTemplate") == 3
-        assert value(m, hops, service="tokenizer", method="Encode") == 2  # /v1/completions and the probe
+        assert (
+            value(m, hops, service="tokenizer", method="Encode") == 2
+        )  # /v1/completions and the probe
         assert value(m, hops, service="detokenizer", method="Decode") > 0
         assert value(m, hops, service="scheduler", method="GetInfo") >= 1
+
     run(body())
 
 
 def test_failed_and_abandoned_requests_are_counted_once(backends):
     async def body():
         async with fake_gateway(backends, enable_metrics=True) as client:
-            rejected = await client.post("/v1/completions", json={"model": MODEL, "prompt": POISON, "max_tokens": 5})
+            rejected = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": POISON, "max_tokens": 5}
+            )
             assert rejected.status_code == 400
-            failed = await client.post("/v1/completions", json={"model": MODEL, "prompt": FAIL_MARKER,
-                                                                 "max_tokens": 20})
+            failed = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": FAIL_MARKER, "max_tokens": 20}
+            )
             assert failed.status_code == 503
-            async with client.stream("POST", "/v1/completions", json={
-                    "model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True}) as resp:
+            async with client.stream(
+                "POST",
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True},
+            ) as resp:
                 await anext(resp.aiter_lines())  # then the client goes away
             for _ in range(100):
                 m = await scrape(client)
@@ -129,8 +164,13 @@ def test_failed_and_abandoned_requests_are_counted_once(backends):
         assert value(m, "radixserve:request_errors_total") == 2
         assert value(m, "radixserve:request_success_total", finish_reason="abort") == 1
         assert value(m, "radixserve:request_success_total") == 1
-        assert value(m, "radixserve:e2e_request_latency_seconds_count") == 1  # failures have no e2e latency
-        assert value(m, "radixserve:time_to_first_token_seconds_count") == 2  # the rejected one had no token
+        assert (
+            value(m, "radixserve:e2e_request_latency_seconds_count") == 1
+        )  # failures have no e2e latency
+        assert (
+            value(m, "radixserve:time_to_first_token_seconds_count") == 2
+        )  # the rejected one had no token
+
     run(body())
 
 
@@ -140,10 +180,12 @@ def test_metrics_route_is_404_without_the_flag(backends):
             resp = await client.get("/metrics")
         assert resp.status_code == 404
         assert resp.json()["error"]["code"] == "not_found"
+
     run(body())
 
 
 # ---- the scheduler's metrics: a real scheduler on the fake executor ----
+
 
 class PacedFakeExecutor(FakeExecutorServicer):
     """Steps take STEP_DELAY_S, so long requests stay running while the test looks."""
@@ -156,11 +198,19 @@ class PacedFakeExecutor(FakeExecutorServicer):
 @contextlib.asynccontextmanager
 async def real_scheduler(**overrides):
     exec_server = aio_server()
-    executor_pb2_grpc.add_ExecutorServicer_to_server(PacedFakeExecutor(kv_slots=1025, context_length=512), exec_server)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(
+        PacedFakeExecutor(kv_slots=1025, context_length=512), exec_server
+    )
     exec_port = bind(exec_server, "127.0.0.1:0")
     await exec_server.start()
-    scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}",
-                                                 served_model_name=MODEL, **overrides))
+    scheduler = await start_scheduler(
+        ServerArgs(
+            scheduler_addr="127.0.0.1:0",
+            executor_addr=f"127.0.0.1:{exec_port}",
+            served_model_name=MODEL,
+            **overrides,
+        )
+    )
     try:
         yield f"127.0.0.1:{scheduler.port}"
     finally:
@@ -172,8 +222,9 @@ async def real_scheduler(**overrides):
 async def real_stack(backends: FakeBackends):
     """Gateway -> real scheduler -> fake executor; the fake tokenizer and detokenizer."""
     async with real_scheduler(enable_metrics=True, max_running_requests=2) as scheduler_addr:
-        async with gateway(backends.tokenizer_addr, scheduler_addr, backends.detokenizer_addr,
-                           enable_metrics=True) as client:
+        async with gateway(
+            backends.tokenizer_addr, scheduler_addr, backends.detokenizer_addr, enable_metrics=True
+        ) as client:
             yield client
 
 
@@ -187,13 +238,19 @@ async def wait_for(client: httpx.AsyncClient, predicate, what: str) -> dict:
 
 
 def load(m: dict) -> tuple[float, float, float]:
-    return (value(m, "radixserve:num_running_reqs"), value(m, "radixserve:num_queue_reqs"),
-            value(m, "radixserve:token_usage"))
+    return (
+        value(m, "radixserve:num_running_reqs"),
+        value(m, "radixserve:num_queue_reqs"),
+        value(m, "radixserve:token_usage"),
+    )
 
 
 async def stream_forever(client: httpx.AsyncClient, i: int) -> None:
-    async with client.stream("POST", "/v1/completions", json={
-            "model": MODEL, "prompt": f"long request {i}", "max_tokens": 400, "stream": True}) as resp:
+    async with client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": MODEL, "prompt": f"long request {i}", "max_tokens": 400, "stream": True},
+    ) as resp:
         async for _ in resp.aiter_bytes():
             pass
 
@@ -202,19 +259,31 @@ def test_scheduler_gauges_follow_running_waiting_and_aborted_requests(backends):
     async def body():
         async with real_stack(backends) as client:
             streams = [asyncio.create_task(stream_forever(client, i)) for i in range(4)]
-            m = await wait_for(client, lambda m: load(m)[:2] == (2, 2), "2 running and 2 waiting requests")
+            m = await wait_for(
+                client, lambda m: load(m)[:2] == (2, 2), "2 running and 2 waiting requests"
+            )
             assert 0 < load(m)[2] < 1
             for task in streams:
                 task.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
             m = await wait_for(client, lambda m: load(m) == (0, 0, 0), "an idle scheduler")
             assert value(m, "radixserve:queue_time_seconds_count", model_name=MODEL) >= 2
-            assert value(m, "radixserve:executor_step_latency_seconds_count", forward_mode="prefill") > 0
-            assert value(m, "radixserve:executor_step_latency_seconds_count", forward_mode="decode") > 0
+            assert (
+                value(m, "radixserve:executor_step_latency_seconds_count", forward_mode="prefill")
+                > 0
+            )
+            assert (
+                value(m, "radixserve:executor_step_latency_seconds_count", forward_mode="decode")
+                > 0
+            )
             assert value(m, "radixserve:scheduler_prompt_tokens_total") > 0
-            m = await wait_for(client, lambda m: value(m, "radixserve:request_success_total") == 4,
-                               "the 4 abandoned requests")
+            m = await wait_for(
+                client,
+                lambda m: value(m, "radixserve:request_success_total") == 4,
+                "the 4 abandoned requests",
+            )
             assert value(m, "radixserve:request_success_total", finish_reason="abort") == 4
+
     run(body())
 
 
@@ -226,11 +295,15 @@ def test_every_metric_of_the_grafana_dashboard_is_served(backends):
 
     async def body():
         async with real_stack(backends) as client:
-            resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+            resp = await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}
+            )
             assert resp.status_code == 200
             text = (await client.get("/metrics")).text
             families = re.findall(r"^# TYPE (\S+)", text, flags=re.MULTILINE)
-            assert len(families) == len(set(families))  # the gateway's and the scheduler's names differ
+            assert len(families) == len(
+                set(families)
+            )  # the gateway's and the scheduler's names differ
             return {name for name, _ in parse(text)}
 
     served = asyncio.run(asyncio.wait_for(body(), 30))
@@ -243,17 +316,23 @@ def test_scheduler_get_metrics_is_empty_without_the_flag():
             channel = aio_channel(scheduler_addr)
             try:
                 resp = await scheduler_pb2_grpc.SchedulerStub(channel).GetMetrics(
-                    scheduler_pb2.SchedulerMetricsRequest())
+                    scheduler_pb2.SchedulerMetricsRequest()
+                )
             finally:
                 await channel.close()
         assert resp.prometheus_text == ""
+
     run(body())
 
 
 def test_queue_time_is_observed_at_the_first_admission_only():
-    metrics = SchedulerMetrics(Scheduler(scheduler_config(max_running_requests=4), pool_size=64, context_length=32), MODEL)
+    metrics = SchedulerMetrics(
+        Scheduler(scheduler_config(max_running_requests=4), pool_size=64, context_length=32), MODEL
+    )
     for rid in ("admitted", "aborted while waiting"):
-        metrics.submitted(Request(rid, [1, 2, 3], StoppingCriteria(4), arrival_time=time.monotonic() - 0.5))
+        metrics.submitted(
+            Request(rid, [1, 2, 3], StoppingCriteria(4), arrival_time=time.monotonic() - 0.5)
+        )
 
     def admit(rid: str) -> StepInput:
         return StepInput(step_id=1, new_requests=[NewRequest(rid, [1, 2, 3], [1, 2, 3])])
@@ -261,7 +340,9 @@ def test_queue_time_is_observed_at_the_first_admission_only():
     metrics.sent(admit("admitted"))
     metrics.sent(admit("admitted"))  # re-admitted after a retraction
     metrics.dispatched([RequestEvent("aborted while waiting", finish_reason=FinishReason.ABORT)])
-    metrics.sent(admit("aborted while waiting"))  # only a new request of the same id could be admitted now
+    metrics.sent(
+        admit("aborted while waiting")
+    )  # only a new request of the same id could be admitted now
     m = parse(metrics.prometheus_text())
     assert value(m, "radixserve:queue_time_seconds_count") == 1
     assert value(m, "radixserve:queue_time_seconds_sum") >= 0.5

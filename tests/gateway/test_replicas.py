@@ -1,5 +1,6 @@
 """Tokenizer and detokenizer replicas behind one gateway: calls are spread round robin, and a replica
 that dies is failed over to the others."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,11 +13,18 @@ import pytest
 
 from radixserve.v1 import detokenizer_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
-from tests.gateway.fakes import FakeBackends, FakeDetokenizer, FakeTokenizer, RunningGateway, expected_output
+from tests.gateway.fakes import (
+    FakeBackends,
+    FakeDetokenizer,
+    FakeTokenizer,
+    RunningGateway,
+    expected_output,
+)
 
 
 class Counted:
     """Counts the calls a fake servicer answers."""
+
     def __init__(self):
         self.calls = 0
         self._lock = threading.Lock()
@@ -56,7 +64,9 @@ def stack():
     tokenizers = [CountedTokenizer(), CountedTokenizer()]
     detokenizers = [CountedDetokenizer(), CountedDetokenizer()]
     servers = [serve(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, t) for t in tokenizers]
-    servers += [serve(detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, d) for d in detokenizers]
+    servers += [
+        serve(detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, d) for d in detokenizers
+    ]
     backends.tokenizer_addr = f"{servers[0][1]},{servers[1][1]}"
     backends.detokenizer_addr = f"{servers[2][1]}, {servers[3][1]}"
     gateway = RunningGateway(backends)
@@ -68,9 +78,16 @@ def stack():
 
 
 def chat(gateway, i: int, stream: bool = False) -> httpx.Response:
-    return httpx.post(gateway.base_url + "/v1/chat/completions", timeout=30, json={
-        "model": "fake-model", "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 8,
-        "stream": stream})
+    return httpx.post(
+        gateway.base_url + "/v1/chat/completions",
+        timeout=30,
+        json={
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": f"hello {i}"}],
+            "max_tokens": 8,
+            "stream": stream,
+        },
+    )
 
 
 def test_both_replicas_serve_then_the_survivors_take_over(stack):
@@ -104,6 +121,7 @@ def test_parse_addrs():
 
 class ScriptedStub:
     """A stub whose Encode answers from a script of results and status codes."""
+
     def __init__(self, channel, script):
         self.script = script
         self.seen = 0
@@ -112,14 +130,19 @@ class ScriptedStub:
         self.seen += 1
         outcome = self.script.pop(0)
         if isinstance(outcome, grpc.StatusCode):
-            raise grpc.aio.AioRpcError(outcome, grpc.aio.Metadata(), grpc.aio.Metadata(), details="scripted")
+            raise grpc.aio.AioRpcError(
+                outcome, grpc.aio.Metadata(), grpc.aio.Metadata(), details="scripted"
+            )
         return outcome
 
 
 def scripted_replicas(*scripts) -> tuple[ReplicaSet, list[ScriptedStub]]:
     scripts = list(scripts)
-    replicas = ReplicaSet([f"r{i}:1" for i in range(len(scripts))], lambda ch: ScriptedStub(ch, scripts.pop(0)),
-                          channel=lambda addr: None)
+    replicas = ReplicaSet(
+        [f"r{i}:1" for i in range(len(scripts))],
+        lambda ch: ScriptedStub(ch, scripts.pop(0)),
+        channel=lambda addr: None,
+    )
     return replicas, replicas.stubs
 
 
@@ -131,7 +154,9 @@ def test_only_unavailable_is_retried_and_the_last_error_reaches_the_caller():
             await replicas.Encode(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and stubs[1].seen == 0
 
-        replicas, stubs = scripted_replicas([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.UNAVAILABLE])
+        replicas, stubs = scripted_replicas(
+            [grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.UNAVAILABLE]
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await replicas.Encode(request)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and [s.seen for s in stubs] == [1, 1]
@@ -140,4 +165,5 @@ def test_only_unavailable_is_retried_and_the_last_error_reaches_the_caller():
         replicas, stubs = scripted_replicas([grpc.StatusCode.UNAVAILABLE], ["b1", "b2", "b3"])
         assert [await replicas.Encode(request) for _ in range(3)] == ["b1", "b2", "b3"]
         assert [s.seen for s in stubs] == [1, 3]
+
     asyncio.run(body())

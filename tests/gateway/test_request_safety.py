@@ -1,4 +1,5 @@
 """Request data cannot reach Python internals through chat templates, nor files outside the storage folder."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,16 @@ HOSTILE_TEMPLATES = [
     "{{ namespace.__init__.__globals__ }}",
     "{% set _ = messages.append(1) %}{{ messages }}",  # the environment is immutable too
 ]
-HOSTILE_IDS = ["../secret", "..", "%2E%2E", "/etc/passwd", "file-\x00", "a/../../secret", "x" * 300, ""]
+HOSTILE_IDS = [
+    "../secret",
+    "..",
+    "%2E%2E",
+    "/etc/passwd",
+    "file-\x00",
+    "a/../../secret",
+    "x" * 300,
+    "",
+]
 SECRET = "do-not-serve-me"
 
 
@@ -31,7 +41,9 @@ def core() -> TokenizerCore:
 
 def render(core: TokenizerCore, template: str, content: str = "hi") -> str:
     core.tokenizer.chat_template = template
-    return core.render_chat(Conversation([{"role": "user", "content": content}], add_generation_prompt=True))
+    return core.render_chat(
+        Conversation([{"role": "user", "content": content}], add_generation_prompt=True)
+    )
 
 
 @pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
@@ -63,7 +75,9 @@ def storage(tmp_path):
     root.mkdir()
     # Files beside and above the stores' folders that a traversing id would name.
     for folder in (tmp_path, root):
-        (folder / "secret.json").write_text(f'{{"id": "x", "purpose": "batch", "secret": "{SECRET}"}}')
+        (folder / "secret.json").write_text(
+            f'{{"id": "x", "purpose": "batch", "secret": "{SECRET}"}}'
+        )
         (folder / "secret.data").write_text(SECRET)
     return root
 
@@ -71,24 +85,43 @@ def storage(tmp_path):
 @pytest.mark.parametrize("bad_id", HOSTILE_IDS)
 def test_store_ids_cannot_leave_the_storage_folder(storage, bad_id):
     files, batches = FileStore(storage), BatchStore(storage)
-    for operation in (files.get, files.read, files.delete, files.content_path, batches.get, batches.progress_path):
+    for operation in (
+        files.get,
+        files.read,
+        files.delete,
+        files.content_path,
+        batches.get,
+        batches.progress_path,
+    ):
         with pytest.raises(ApiError) as err:
             operation(bad_id)
         assert err.value.status == 404, operation
     assert (storage / "secret.data").read_text() == SECRET  # delete did not reach it
 
 
-@pytest.mark.parametrize("bad_id", ["..%2Fsecret", "..%2F..%2Fsecret", "%2E%2E", "%2Fetc%2Fpasswd", "file-%00",
-                                    "..%5Csecret"])
+@pytest.mark.parametrize(
+    "bad_id",
+    ["..%2Fsecret", "..%2F..%2Fsecret", "%2E%2E", "%2Fetc%2Fpasswd", "file-%00", "..%5Csecret"],
+)
 def test_file_and_batch_routes_refuse_traversing_ids(storage, bad_id):
     client = TestClient(create_app(ServerArgs(file_storage_path=str(storage))))
-    for method, path in (("GET", f"/v1/files/{bad_id}"), ("GET", f"/v1/files/{bad_id}/content"),
-                         ("DELETE", f"/v1/files/{bad_id}"), ("GET", f"/v1/batches/{bad_id}"),
-                         ("POST", f"/v1/batches/{bad_id}/cancel")):
+    for method, path in (
+        ("GET", f"/v1/files/{bad_id}"),
+        ("GET", f"/v1/files/{bad_id}/content"),
+        ("DELETE", f"/v1/files/{bad_id}"),
+        ("GET", f"/v1/batches/{bad_id}"),
+        ("POST", f"/v1/batches/{bad_id}/cancel"),
+    ):
         r = client.request(method, path)
         assert r.status_code in (400, 404), (method, path, r.status_code)
         assert SECRET not in r.text
-    r = client.post("/v1/batches", json={"input_file_id": "../secret", "endpoint": "/v1/completions",
-                                         "completion_window": "24h"})
+    r = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": "../secret",
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
     assert r.status_code == 404 and SECRET not in r.text
     assert (storage / "secret.data").read_text() == SECRET

@@ -1,4 +1,5 @@
 """Tool-call parsing: formats, streaming vs non-streaming, tool_choice validation and constrained output."""
+
 import json
 import random
 import re
@@ -6,15 +7,24 @@ import re
 import pytest
 
 from radixserve.gateway.api.errors import ApiError
-from radixserve.gateway.pipeline.tool_parsers import (ConstrainedStreamingParser, default_tool_parser_name, get_tool_parser,
-                                           parse_constrained_output, resolve_tool_choice, tool_call_json_schema)
+from radixserve.gateway.pipeline.tool_parsers import (
+    ConstrainedStreamingParser,
+    default_tool_parser_name,
+    get_tool_parser,
+    parse_constrained_output,
+    resolve_tool_choice,
+    tool_call_json_schema,
+)
 
 WEATHER_ARGS = {"city": "Paris", "unit": "celsius"}
-TIME_ARGS = {"zone": "Europe/Zürich", "nested": {"list": [1, 2.5, None, True], "text": "a } brace \" quote"}}
+TIME_ARGS = {
+    "zone": "Europe/Zürich",
+    "nested": {"list": [1, 2.5, None, True], "text": 'a } brace " quote'},
+}
 
 
 def hermes_block(name, arguments):
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 def llama_call(name, parameters, key="parameters"):
@@ -23,40 +33,123 @@ def llama_call(name, parameters, key="parameters"):
 
 # (parser name, model output, expected content, expected [(name, arguments object)])
 CASES = {
-    "hermes single": ("hermes", hermes_block("get_weather", WEATHER_ARGS), None, [("get_weather", WEATHER_ARGS)]),
+    "hermes single": (
+        "hermes",
+        hermes_block("get_weather", WEATHER_ARGS),
+        None,
+        [("get_weather", WEATHER_ARGS)],
+    ),
     "hermes content then calls": (
-        "hermes", "Let me check both.\n\n" + hermes_block("get_weather", WEATHER_ARGS) + "\n"
-        + hermes_block("get_time", TIME_ARGS) + "\n", "Let me check both.",
-        [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)]),
+        "hermes",
+        "Let me check both.\n\n"
+        + hermes_block("get_weather", WEATHER_ARGS)
+        + "\n"
+        + hermes_block("get_time", TIME_ARGS)
+        + "\n",
+        "Let me check both.",
+        [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)],
+    ),
     "hermes arguments as a JSON string": (
-        "hermes", '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', None, [("f", {"x": 1})]),
-    "hermes no arguments": ("hermes", '<tool_call>{"name": "ping"}</tool_call>', None, [("ping", {})]),
-    "hermes plain text": ("hermes", "Just an answer, with a < sign and <tool> tag.\n",
-                          "Just an answer, with a < sign and <tool> tag.\n", []),
+        "hermes",
+        '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>',
+        None,
+        [("f", {"x": 1})],
+    ),
+    "hermes no arguments": (
+        "hermes",
+        '<tool_call>{"name": "ping"}</tool_call>',
+        None,
+        [("ping", {})],
+    ),
+    "hermes plain text": (
+        "hermes",
+        "Just an answer, with a < sign and <tool> tag.\n",
+        "Just an answer, with a < sign and <tool> tag.\n",
+        [],
+    ),
     "hermes invalid JSON stays content": (
-        "hermes", 'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
-        'Try <tool_call>{"name": "f", "arguments": {</tool_call> done', []),
+        "hermes",
+        'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
+        'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
+        [],
+    ),
     "hermes JSON that is not a call stays content": (
-        "hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
-    "hermes unclosed last call": ("hermes", 'ok <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n', "ok",
-                                  [("f", {"a": 1})]),
-    "hermes unclosed invalid block stays content": ("hermes", "see <tool_call> here", "see <tool_call> here", []),
-    "hermes text after a call": ("hermes", hermes_block("f", {}) + "\n\nDone.", "Done.", [("f", {})]),
+        "hermes",
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"arguments": {}}</tool_call>',
+        [],
+    ),
+    "hermes unclosed last call": (
+        "hermes",
+        'ok <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n',
+        "ok",
+        [("f", {"a": 1})],
+    ),
+    "hermes unclosed invalid block stays content": (
+        "hermes",
+        "see <tool_call> here",
+        "see <tool_call> here",
+        [],
+    ),
+    "hermes text after a call": (
+        "hermes",
+        hermes_block("f", {}) + "\n\nDone.",
+        "Done.",
+        [("f", {})],
+    ),
     "hermes partial marker at the end": ("hermes", "the end <tool_ca", "the end <tool_ca", []),
-    "llama3 bare call": ("llama3", llama_call("get_weather", WEATHER_ARGS), None, [("get_weather", WEATHER_ARGS)]),
+    "llama3 bare call": (
+        "llama3",
+        llama_call("get_weather", WEATHER_ARGS),
+        None,
+        [("get_weather", WEATHER_ARGS)],
+    ),
     "llama3 python tag and arguments key": (
-        "llama3", "<|python_tag|>" + llama_call("get_time", TIME_ARGS, key="arguments"), None,
-        [("get_time", TIME_ARGS)]),
+        "llama3",
+        "<|python_tag|>" + llama_call("get_time", TIME_ARGS, key="arguments"),
+        None,
+        [("get_time", TIME_ARGS)],
+    ),
     "llama3 several calls": (
-        "llama3", " " + llama_call("get_weather", WEATHER_ARGS) + "; " + llama_call("get_time", TIME_ARGS) + ";\n",
-        None, [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)]),
+        "llama3",
+        " "
+        + llama_call("get_weather", WEATHER_ARGS)
+        + "; "
+        + llama_call("get_time", TIME_ARGS)
+        + ";\n",
+        None,
+        [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)],
+    ),
     "llama3 content before the python tag": (
-        "llama3", "Checking.\n<|python_tag|>" + llama_call("f", {"q": "x"}), "Checking.", [("f", {"q": "x"})]),
-    "llama3 call then text": ("llama3", llama_call("f", {}) + "\nHope that helps.", "Hope that helps.", [("f", {})]),
-    "llama3 plain text with braces": ("llama3", "Use {x} in the template.", "Use {x} in the template.", []),
-    "llama3 invalid JSON stays content": ("llama3", '{"name": "f", "parameters": {oops}}',
-                                          '{"name": "f", "parameters": {oops}}', []),
-    "llama3 JSON that is not a call stays content": ("llama3", '{"answer": 42}', '{"answer": 42}', []),
+        "llama3",
+        "Checking.\n<|python_tag|>" + llama_call("f", {"q": "x"}),
+        "Checking.",
+        [("f", {"q": "x"})],
+    ),
+    "llama3 call then text": (
+        "llama3",
+        llama_call("f", {}) + "\nHope that helps.",
+        "Hope that helps.",
+        [("f", {})],
+    ),
+    "llama3 plain text with braces": (
+        "llama3",
+        "Use {x} in the template.",
+        "Use {x} in the template.",
+        [],
+    ),
+    "llama3 invalid JSON stays content": (
+        "llama3",
+        '{"name": "f", "parameters": {oops}}',
+        '{"name": "f", "parameters": {oops}}',
+        [],
+    ),
+    "llama3 JSON that is not a call stays content": (
+        "llama3",
+        '{"answer": 42}',
+        '{"answer": 42}',
+        [],
+    ),
     "llama3 lone python tag stays content": ("llama3", "<|python_tag|>", "<|python_tag|>", []),
     "llama3 partial python tag at the start": ("llama3", "<|pyth", "<|pyth", []),
 }
@@ -95,7 +188,11 @@ def splittings(text, seed=0):
         yield [text[:cut], text[cut:]]
     rng = random.Random(seed)
     for _ in range(20):
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8)))) if len(text) > 1 else []
+        cuts = (
+            sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8))))
+            if len(text) > 1
+            else []
+        )
         yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
@@ -143,11 +240,14 @@ def test_content_streams_before_a_call_and_the_call_when_its_block_closes():
     assert stream.finish() == []
 
 
-@pytest.mark.parametrize("parser_name, held, continuation", [
-    ("hermes", "<tool_c", "ar is red"),
-    ("hermes", "<", " 3"),
-    ("llama3", "<|python_t", "ag is not here"),
-])
+@pytest.mark.parametrize(
+    "parser_name, held, continuation",
+    [
+        ("hermes", "<tool_c", "ar is red"),
+        ("hermes", "<", " 3"),
+        ("llama3", "<|python_t", "ag is not here"),
+    ],
+)
 def test_partial_marker_is_held_then_released_as_content(parser_name, held, continuation):
     stream = get_tool_parser(parser_name).streaming()
     assert stream.feed("x " + held) == ["x"]
@@ -160,7 +260,9 @@ def test_llama3_call_is_emitted_once_its_object_closes():
     stream = get_tool_parser("llama3").streaming()
     assert stream.feed('{"name": "f", "parameters": {"a": {"b": 1}}') == []
     deltas = stream.feed("}")
-    assert deltas[0]["function"]["name"] == "f" and json.loads(deltas[1]["function"]["arguments"]) == {"a": {"b": 1}}
+    assert deltas[0]["function"]["name"] == "f" and json.loads(
+        deltas[1]["function"]["arguments"]
+    ) == {"a": {"b": 1}}
 
 
 def test_parser_registry_and_defaults():
@@ -171,7 +273,10 @@ def test_parser_registry_and_defaults():
     assert default_tool_parser_name("Qwen2ForCausalLM") == "hermes"
     assert default_tool_parser_name("Qwen3ForCausalLM") == "hermes"
     assert default_tool_parser_name("LlamaForCausalLM") == "llama3"
-    assert default_tool_parser_name("LlamaForCausalLM", "NousResearch/Hermes-3-Llama-3.1-8B") == "hermes"
+    assert (
+        default_tool_parser_name("LlamaForCausalLM", "NousResearch/Hermes-3-Llama-3.1-8B")
+        == "hermes"
+    )
     assert default_tool_parser_name(None, "meta-llama/Llama-3.2-1B-Instruct") == "llama3"
     assert default_tool_parser_name("GPT2LMHeadModel", "gpt2") is None
     assert default_tool_parser_name() is None
@@ -179,45 +284,68 @@ def test_parser_registry_and_defaults():
 
 # ---- tools / tool_choice ----
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                   "additionalProperties": False}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 PING_TOOL = {"type": "function", "function": {"name": "ping"}}
 TOOLS = [WEATHER_TOOL, PING_TOOL]
 NAMED_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 
 
-@pytest.mark.parametrize("tools, tool_choice, expected", [
-    (None, None, "none"),
-    ([], None, "none"),
-    (TOOLS, None, "auto"),
-    (TOOLS, "none", "none"),
-    (TOOLS, "required", "required"),
-    (TOOLS, NAMED_WEATHER, NAMED_WEATHER),
-])
+@pytest.mark.parametrize(
+    "tools, tool_choice, expected",
+    [
+        (None, None, "none"),
+        ([], None, "none"),
+        (TOOLS, None, "auto"),
+        (TOOLS, "none", "none"),
+        (TOOLS, "required", "required"),
+        (TOOLS, NAMED_WEATHER, NAMED_WEATHER),
+    ],
+)
 def test_resolve_tool_choice(tools, tool_choice, expected):
     assert resolve_tool_choice(tools, tool_choice) == expected
 
 
-@pytest.mark.parametrize("tools, tool_choice, param", [
-    (None, "auto", "tool_choice"),
-    ([], "required", "tool_choice"),
-    (None, NAMED_WEATHER, "tool_choice"),
-    (TOOLS, "sometimes", "tool_choice"),
-    (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice"),
-    (TOOLS, {"type": "function"}, "tool_choice"),
-    (TOOLS, {"type": "other", "function": {"name": "ping"}}, "tool_choice"),
-    (TOOLS, 3, "tool_choice"),
-    ({"type": "function"}, None, "tools"),
-    ([{"type": "retrieval"}], None, "tools[0].type"),
-    ([PING_TOOL, "ping"], None, "tools[1].type"),
-    ([{"type": "function"}], None, "tools[0].function"),
-    ([{"type": "function", "function": {"name": ""}}], None, "tools[0].function.name"),
-    ([PING_TOOL, PING_TOOL], None, "tools[1].function.name"),
-    ([{"type": "function", "function": {"name": "f", "parameters": "{}"}}], None, "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "description": 1}}], None, "tools[0].function.description"),
-])
+@pytest.mark.parametrize(
+    "tools, tool_choice, param",
+    [
+        (None, "auto", "tool_choice"),
+        ([], "required", "tool_choice"),
+        (None, NAMED_WEATHER, "tool_choice"),
+        (TOOLS, "sometimes", "tool_choice"),
+        (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice"),
+        (TOOLS, {"type": "function"}, "tool_choice"),
+        (TOOLS, {"type": "other", "function": {"name": "ping"}}, "tool_choice"),
+        (TOOLS, 3, "tool_choice"),
+        ({"type": "function"}, None, "tools"),
+        ([{"type": "retrieval"}], None, "tools[0].type"),
+        ([PING_TOOL, "ping"], None, "tools[1].type"),
+        ([{"type": "function"}], None, "tools[0].function"),
+        ([{"type": "function", "function": {"name": ""}}], None, "tools[0].function.name"),
+        ([PING_TOOL, PING_TOOL], None, "tools[1].function.name"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+            None,
+            "tools[0].function.parameters",
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "description": 1}}],
+            None,
+            "tools[0].function.description",
+        ),
+    ],
+)
 def test_invalid_tools_or_tool_choice_is_a_400(tools, tool_choice, param):
     with pytest.raises(ApiError) as raised:
         resolve_tool_choice(tools, tool_choice)
@@ -231,27 +359,50 @@ def test_no_schema_when_generation_is_free():
     assert tool_call_json_schema(None, None) is None
 
 
-@pytest.mark.parametrize("output, valid", [
-    ([{"name": "get_weather", "parameters": {"city": "Paris"}}], True),
-    ([{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Rome"}}], True),
-    ([], False),
-    ([{"name": "get_weather", "parameters": {}}], False),
-    ([{"name": "get_weather", "parameters": {"city": 3}}], False),
-    ([{"name": "ping", "parameters": {"city": "Paris"}}, ], False),
-    ([{"name": "unknown", "parameters": {}}], False),
-    ([{"name": "ping"}], False),
-    ({"name": "ping", "parameters": {}}, False),
-])
+@pytest.mark.parametrize(
+    "output, valid",
+    [
+        ([{"name": "get_weather", "parameters": {"city": "Paris"}}], True),
+        (
+            [
+                {"name": "ping", "parameters": {}},
+                {"name": "get_weather", "parameters": {"city": "Rome"}},
+            ],
+            True,
+        ),
+        ([], False),
+        ([{"name": "get_weather", "parameters": {}}], False),
+        ([{"name": "get_weather", "parameters": {"city": 3}}], False),
+        (
+            [
+                {"name": "ping", "parameters": {"city": "Paris"}},
+            ],
+            False,
+        ),
+        ([{"name": "unknown", "parameters": {}}], False),
+        ([{"name": "ping"}], False),
+        ({"name": "ping", "parameters": {}}, False),
+    ],
+)
 def test_required_schema(output, valid):
     import jsonschema
+
     schema = tool_call_json_schema(TOOLS, "required")
     assert jsonschema.Draft202012Validator(schema).is_valid(output) is valid
 
 
-@pytest.mark.parametrize("output, valid", [({"city": "Paris"}, True), ({}, False), ({"city": "Paris", "x": 1}, False),
-                                           ([{"city": "Paris"}], False)])
+@pytest.mark.parametrize(
+    "output, valid",
+    [
+        ({"city": "Paris"}, True),
+        ({}, False),
+        ({"city": "Paris", "x": 1}, False),
+        ([{"city": "Paris"}], False),
+    ],
+)
 def test_named_schema_is_the_functions_parameters(output, valid):
     import jsonschema
+
     schema = tool_call_json_schema(TOOLS, NAMED_WEATHER)
     assert schema == WEATHER_TOOL["function"]["parameters"]
     assert jsonschema.Draft202012Validator(schema).is_valid(output) is valid
@@ -259,6 +410,7 @@ def test_named_schema_is_the_functions_parameters(output, valid):
 
 def test_named_schema_for_a_function_without_parameters_is_an_empty_object():
     import jsonschema
+
     schema = tool_call_json_schema(TOOLS, {"type": "function", "function": {"name": "ping"}})
     assert jsonschema.Draft202012Validator(schema).is_valid({})
     assert not jsonschema.Draft202012Validator(schema).is_valid([])
@@ -267,7 +419,10 @@ def test_named_schema_for_a_function_without_parameters_is_an_empty_object():
 @pytest.mark.parametrize("tool_choice", ["required", NAMED_WEATHER])
 def test_schemas_compile_with_xgrammar(tool_choice):
     import xgrammar
-    assert "root" in str(xgrammar.Grammar.from_json_schema(json.dumps(tool_call_json_schema(TOOLS, tool_choice))))
+
+    assert "root" in str(
+        xgrammar.Grammar.from_json_schema(json.dumps(tool_call_json_schema(TOOLS, tool_choice)))
+    )
 
 
 def test_constrained_required_output_to_tool_calls():
@@ -280,16 +435,21 @@ def test_constrained_required_output_to_tool_calls():
 def test_constrained_named_output_to_tool_call():
     parsed = parse_constrained_output('{ "city" : "Zürich" }', NAMED_WEATHER)
     assert parsed.content is None
-    assert [(call.name, call.arguments) for call in parsed.tool_calls] == [("get_weather", '{"city": "Zürich"}')]
+    assert [(call.name, call.arguments) for call in parsed.tool_calls] == [
+        ("get_weather", '{"city": "Zürich"}')
+    ]
 
 
-@pytest.mark.parametrize("text, tool_choice", [
-    ('[{"name": "get_weather", "parameters": {"ci', "required"),
-    ("[]", "required"),
-    ('[{"parameters": {}}]', "required"),
-    ('{"city": "Par', NAMED_WEATHER),
-    ('["Paris"]', NAMED_WEATHER),
-])
+@pytest.mark.parametrize(
+    "text, tool_choice",
+    [
+        ('[{"name": "get_weather", "parameters": {"ci', "required"),
+        ("[]", "required"),
+        ('[{"parameters": {}}]', "required"),
+        ('{"city": "Par', NAMED_WEATHER),
+        ('["Paris"]', NAMED_WEATHER),
+    ],
+)
 def test_constrained_output_that_does_not_decode_is_content(text, tool_choice):
     parsed = parse_constrained_output(text, tool_choice)
     assert parsed.content == text and parsed.tool_calls == []
@@ -303,9 +463,16 @@ def test_constrained_output_needs_a_constraining_choice():
 def test_constrained_streaming_resolves_at_finish():
     stream = ConstrainedStreamingParser("required")
     text = '[{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'
-    assert [stream.feed(text[i:i + 7]) for i in range(0, len(text), 7)] == [[]] * len(range(0, len(text), 7))
+    assert [stream.feed(text[i : i + 7]) for i in range(0, len(text), 7)] == [[]] * len(
+        range(0, len(text), 7)
+    )
     events = stream.finish()
-    assert [(e["index"], e.get("id") is not None) for e in events] == [(0, True), (0, False), (1, True), (1, False)]
+    assert [(e["index"], e.get("id") is not None) for e in events] == [
+        (0, True),
+        (0, False),
+        (1, True),
+        (1, False),
+    ]
     assert events[2]["function"]["name"] == "get_weather"
     assert json.loads(events[3]["function"]["arguments"]) == {"city": "Oslo"}
     assert [call.name for call in stream.tool_calls] == ["ping", "get_weather"]

@@ -5,6 +5,7 @@ the build ends); a builder killed midway leaves it and torch then waits on it fo
 the build with a flock of its own, which the OS drops when its holder dies, and removes the stale torch
 lock while holding it. The fast tests replace the compile; one test compiles for real (~1 min).
 """
+
 import fcntl
 import logging
 import os
@@ -149,8 +150,12 @@ def test_build_left_running_by_a_killed_builder_is_stopped(ext_dir, fake_compile
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "ninja").symlink_to(shutil.which("sh"))
-    orphan = subprocess.Popen([str(bin_dir / "ninja"), "-c", "sleep 120 & echo $!; wait"], cwd=ext_dir,
-                              stdout=subprocess.PIPE, text=True)
+    orphan = subprocess.Popen(
+        [str(bin_dir / "ninja"), "-c", "sleep 120 & echo $!; wait"],
+        cwd=ext_dir,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     child = int(orphan.stdout.readline())
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -199,15 +204,23 @@ REBUILD_BOUND_S = 180  # one build: ~35 s, ~60 s on 2 cores; without the fix it 
 @pytest.mark.timeout(REBUILD_BOUND_S + 120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 def test_rebuild_after_the_builder_was_killed_midway(tmp_path):
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(tmp_path),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    }
     env.pop("RADIXSERVE_CPU_DECODE_BUILD_WAIT", None)
     if not (shutil.which("c++", path=env["PATH"]) and shutil.which("ninja", path=env["PATH"])):
         pytest.skip("no C++ compiler or ninja")
     # Its own session, so that the cleanup can reach everything it started; killed alone, as the
     # launcher kills the executor (its ninja and compiler go on running)
-    first = subprocess.Popen([sys.executable, "-c", BUILD], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-c", BUILD],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob("*/lock")):
@@ -218,11 +231,18 @@ def test_rebuild_after_the_builder_was_killed_midway(tmp_path):
         assert first.poll() is None
         first.kill()
         first.wait()
-        [torch_lock] = tmp_path.glob("*/lock")  # left behind: without the fix, the next build waits forever
+        [torch_lock] = tmp_path.glob(
+            "*/lock"
+        )  # left behind: without the fix, the next build waits forever
 
         t0 = time.monotonic()
-        second = subprocess.run([sys.executable, "-c", BUILD], env=env, capture_output=True, text=True,
-                                timeout=REBUILD_BOUND_S)
+        second = subprocess.run(
+            [sys.executable, "-c", BUILD],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=REBUILD_BOUND_S,
+        )
         took = time.monotonic() - t0
     finally:
         try:

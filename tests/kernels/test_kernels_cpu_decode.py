@@ -4,6 +4,7 @@ Tolerances: outputs are bf16 (8 bits of mantissa, relative step 2^-8 = 0.0039); 
 fp32 in another order than torch, so results may differ by a bf16 rounding step or two of the output
 magnitude. Checks use atol = 2e-2 * max|reference| and rtol = 2e-2.
 """
+
 import json
 
 import pytest
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from radixserve.kernels import cpu_decode
 
 cd = cpu_decode.load()
-pytestmark = pytest.mark.skipif(cd is None, reason="CPU decode kernels unavailable (no AVX512-BF16 or no compiler)")
+pytestmark = pytest.mark.skipif(
+    cd is None, reason="CPU decode kernels unavailable (no AVX512-BF16 or no compiler)"
+)
 
 BF = torch.bfloat16
 
@@ -24,12 +27,14 @@ def close(got: torch.Tensor, ref: torch.Tensor, rel: float = 2e-2) -> None:
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 7, 16])
-@pytest.mark.parametrize("n, k", [(64, 32), (960, 576), (200, 96), (8, 2), (3072, 576), (576, 1536)])
+@pytest.mark.parametrize(
+    "n, k", [(64, 32), (960, 576), (200, 96), (8, 2), (3072, 576), (576, 1536)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm(m, n, k, bias):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g).to(BF)
-    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(BF)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(BF)
     b = torch.randn(n, generator=g).to(BF) if bias else None
     got = cd.gemm(x, cpu_decode.pack_weight(w), n, cpu_decode.bias_f32(b))
     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
@@ -60,9 +65,12 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torc
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
     f = pos.float()[:, None] * inv[None, :]
-    cos, sin = torch.cat((f.cos(), f.cos()), -1)[:, None], torch.cat((f.sin(), f.sin()), -1)[:, None]
+    cos, sin = (
+        torch.cat((f.cos(), f.cos()), -1)[:, None],
+        torch.cat((f.sin(), f.sin()), -1)[:, None],
+    )
     xf = x.float()
-    rot = torch.cat((-xf[..., d // 2:], xf[..., :d // 2]), -1)
+    rot = torch.cat((-xf[..., d // 2 :], xf[..., : d // 2]), -1)
     return xf * cos + rot * sin
 
 
@@ -86,11 +94,11 @@ def test_rope_store(d):
     cos, sin = tables(d, 256)
     orig = qkv.clone()
     cd.rope_store(qkv, nh, nkv, pos, cos, sin, out_slots, k_cache, v_cache)
-    q_ref = rope_ref(orig[:, :nh * d].view(m, nh, d), pos)
-    k_ref = rope_ref(orig[:, nh * d:(nh + nkv) * d].view(m, nkv, d), pos)
-    close(qkv[:, :nh * d].view(m, nh, d), q_ref)
+    q_ref = rope_ref(orig[:, : nh * d].view(m, nh, d), pos)
+    k_ref = rope_ref(orig[:, nh * d : (nh + nkv) * d].view(m, nkv, d), pos)
+    close(qkv[:, : nh * d].view(m, nh, d), q_ref)
     close(k_cache[out_slots], k_ref)
-    assert torch.equal(v_cache[out_slots], orig[:, (nh + nkv) * d:].view(m, nkv, d))
+    assert torch.equal(v_cache[out_slots], orig[:, (nh + nkv) * d :].view(m, nkv, d))
     untouched = torch.ones(slots, dtype=torch.bool)
     untouched[out_slots] = False
     assert k_cache[untouched].abs().sum() == 0 and v_cache[untouched].abs().sum() == 0
@@ -107,11 +115,11 @@ def test_decode_attention_paged_gqa(d, nh, nkv):
     perm = torch.randperm(num_slots - 1, generator=g) + 1  # scattered slots, never slot 0
     seqs, start = [], 0
     for n in lens:
-        seqs.append(perm[start:start + n])
+        seqs.append(perm[start : start + n])
         start += n
     table = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=0)
     q = torch.randn(len(lens), nh, d, generator=g).to(BF)
-    scale = d ** -0.5
+    scale = d**-0.5
     got = cd.decode_attention(q, k_cache, v_cache, table, torch.tensor(lens), scale)
     for i, s in enumerate(seqs):
         k = k_cache[s].float().transpose(0, 1)  # [nkv, L, d]
@@ -133,16 +141,26 @@ def test_silu_mul(m, i):
 # --- the fused decode path inside the ModelRunner ---------------------------------------------------
 
 TINY = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 128,
-    "intermediate_size": 320, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-    "rope_theta": 10000.0, "eos_token_id": 2,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 320,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+    "eos_token_id": 2,
 }
 
 
 def write_model(folder, config):
     """config.json + random safetensors weights, scaled so logits are spread (decisive greedy choices)."""
     from safetensors.torch import save_file
+
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(0)
@@ -154,20 +172,22 @@ def write_model(folder, config):
     def rnd(*shape, std):
         return (torch.randn(*shape, generator=g) * std).to(BF)
 
-    tensors = {"model.embed_tokens.weight": rnd(config["vocab_size"], h, std=1.0),
-               "model.norm.weight": (1 + rnd(h, std=0.1)).to(BF)}
+    tensors = {
+        "model.embed_tokens.weight": rnd(config["vocab_size"], h, std=1.0),
+        "model.norm.weight": (1 + rnd(h, std=0.1)).to(BF),
+    }
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = (1 + rnd(h, std=0.1)).to(BF)
         tensors[p + "post_attention_layernorm.weight"] = (1 + rnd(h, std=0.1)).to(BF)
         for name, out in (("q", h), ("k", nkv * d), ("v", nkv * d)):
-            tensors[p + f"self_attn.{name}_proj.weight"] = rnd(out, h, std=h ** -0.5)
+            tensors[p + f"self_attn.{name}_proj.weight"] = rnd(out, h, std=h**-0.5)
             if bias:
                 tensors[p + f"self_attn.{name}_proj.bias"] = rnd(out, std=0.5)
-        tensors[p + "self_attn.o_proj.weight"] = rnd(h, h, std=h ** -0.5)
-        tensors[p + "mlp.gate_proj.weight"] = rnd(inter, h, std=h ** -0.5)
-        tensors[p + "mlp.up_proj.weight"] = rnd(inter, h, std=h ** -0.5)
-        tensors[p + "mlp.down_proj.weight"] = rnd(h, inter, std=inter ** -0.5)
+        tensors[p + "self_attn.o_proj.weight"] = rnd(h, h, std=h**-0.5)
+        tensors[p + "mlp.gate_proj.weight"] = rnd(inter, h, std=h**-0.5)
+        tensors[p + "mlp.up_proj.weight"] = rnd(inter, h, std=h**-0.5)
+        tensors[p + "mlp.down_proj.weight"] = rnd(h, inter, std=inter**-0.5)
     save_file(tensors, str(folder / "model.safetensors"))
     return folder
 
@@ -175,10 +195,14 @@ def write_model(folder, config):
 def make_runner(folder, enabled: bool, monkeypatch):
     from radixserve.executor.runner import ModelRunner
     from tests.configs import runner_config
+
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if enabled else "0")
     cpu_decode.reset_for_tests()
     try:
-        return ModelRunner(folder, runner_config(dtype="bfloat16", device="cpu", random_seed=0, max_total_tokens=2000))
+        return ModelRunner(
+            folder,
+            runner_config(dtype="bfloat16", device="cpu", random_seed=0, max_total_tokens=2000),
+        )
     finally:
         cpu_decode.reset_for_tests()
 
@@ -187,9 +211,12 @@ def run_greedy(runner, prompts, steps):
     """Prefill the prompts (torch path), then `steps` decode steps; slots of a sequence are scattered."""
     from radixserve.common.sampling import SamplingParams
     from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
+
     greedy = SamplingParams(temperature=0.0)
     free = list(range(1, 1800))
-    free = free[1::2] + free[0::2]  # odd slots first: prompts and decode tokens never get adjacent runs
+    free = (
+        free[1::2] + free[0::2]
+    )  # odd slots first: prompts and decode tokens never get adjacent runs
     new = []
     for r, p in enumerate(prompts):
         new.append(NewRequest(f"r{r}", p, [free.pop() for _ in p], sampling=greedy))

@@ -10,6 +10,7 @@ float16 / bfloat16 atol = rtol = 2e-2 (bfloat16 only on CUDA: the interpreter's 
 bf16 operands; the softmax probabilities are rounded to the input dtype before the
 P.V product, and the output is rounded to the input dtype).
 """
+
 import os
 
 import torch
@@ -19,14 +20,20 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from radixserve.kernels.decode_attention import (decode_attention, decode_attention_ref, default_num_splits,  # noqa: E402
-                                     num_splits_for_batch)
+from radixserve.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    default_num_splits,  # noqa: E402
+    num_splits_for_batch,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-def make_case(lens, heads, kv_heads, head_dim, dtype, seed=0, extra_slots=7, pad=3, idx_dtype=torch.int32):
+def make_case(
+    lens, heads, kv_heads, head_dim, dtype, seed=0, extra_slots=7, pad=3, idx_dtype=torch.int32
+):
     g = torch.Generator().manual_seed(seed)
     B = len(lens)
     max_len = max(lens) + pad
@@ -35,16 +42,22 @@ def make_case(lens, heads, kv_heads, head_dim, dtype, seed=0, extra_slots=7, pad
     v = torch.randn(num_slots, kv_heads, head_dim, generator=g)
     k[0] = float("nan")
     v[0] = float("nan")
-    perm = (torch.randperm(num_slots - 1, generator=g) + 1)       # shuffled, never slot 0
-    table = torch.zeros(B, max_len, dtype=torch.int64)             # padding -> poison slot 0
+    perm = torch.randperm(num_slots - 1, generator=g) + 1  # shuffled, never slot 0
+    table = torch.zeros(B, max_len, dtype=torch.int64)  # padding -> poison slot 0
     off = 0
     for b, n in enumerate(lens):
-        table[b, :n] = perm[off:off + n]
+        table[b, :n] = perm[off : off + n]
         off += n
     q = torch.randn(B, heads, head_dim, generator=g)
     to = dict(device=DEVICE)
-    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to),
-            table.to(dtype=idx_dtype, **to), torch.tensor(lens, dtype=torch.int32, **to), head_dim ** -0.5)
+    return (
+        q.to(dtype=dtype, **to),
+        k.to(dtype=dtype, **to),
+        v.to(dtype=dtype, **to),
+        table.to(dtype=idx_dtype, **to),
+        torch.tensor(lens, dtype=torch.int32, **to),
+        head_dim**-0.5,
+    )
 
 
 def check(got, ref, dtype):
@@ -58,7 +71,9 @@ def check(got, ref, dtype):
 @pytest.mark.parametrize("lens", [[1], [17, 70], [1, 17, 70]])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_fp32(heads, kv_heads, lens, num_splits):
-    q, k, v, table, seq_lens, scale = make_case(lens, heads, kv_heads, 64, torch.float32, seed=len(lens) + heads)
+    q, k, v, table, seq_lens, scale = make_case(
+        lens, heads, kv_heads, 64, torch.float32, seed=len(lens) + heads
+    )
     got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=num_splits, block_n=16)
     check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), torch.float32)
 
@@ -66,9 +81,14 @@ def test_fp32(heads, kv_heads, lens, num_splits):
 def test_default_splits_and_int64_table():
     # max_len 600 -> default 3 splits; each sequence splits its own length in whole 64-token blocks,
     # so length 5 leaves two splits empty.
-    assert default_num_splits(600) == 3 and default_num_splits(1) == 1 and default_num_splits(10**6) == 16
-    q, k, v, table, seq_lens, scale = make_case([5, 130, 597], 4, 2, 64, torch.float32, seed=3,
-                                                pad=3, idx_dtype=torch.int64)
+    assert (
+        default_num_splits(600) == 3
+        and default_num_splits(1) == 1
+        and default_num_splits(10**6) == 16
+    )
+    q, k, v, table, seq_lens, scale = make_case(
+        [5, 130, 597], 4, 2, 64, torch.float32, seed=3, pad=3, idx_dtype=torch.int64
+    )
     got = decode_attention(q, k, v, table, seq_lens, scale)
     check(got, decode_attention_ref(q, k, v, table, seq_lens, scale), torch.float32)
 
@@ -101,7 +121,9 @@ def test_num_splits_for_batch():
 
 
 # The Triton 3.6 interpreter's tl.dot returns garbage for bfloat16 operands: bf16 is a CUDA case.
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)]
+)
 def test_half(dtype):
     q, k, v, table, seq_lens, scale = make_case([1, 17, 70], 9, 3, 64, dtype, seed=11)
     got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=3, block_n=16)
@@ -114,7 +136,9 @@ def test_cuda_realistic(head_dim):
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(1, 4097, (32,), generator=g).tolist()
     lens[0], lens[1] = 1, 4096
-    q, k, v, table, seq_lens, scale = make_case(lens, 32, 8, head_dim, torch.bfloat16, seed=1, pad=0)
+    q, k, v, table, seq_lens, scale = make_case(
+        lens, 32, 8, head_dim, torch.bfloat16, seed=1, pad=0
+    )
     ref = decode_attention_ref(q, k, v, table, seq_lens, scale)
     for ns in (None, 1, 16):
         got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=ns)

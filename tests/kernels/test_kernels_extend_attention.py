@@ -4,6 +4,7 @@ Like test_kernels_decode_attention: under TRITON_INTERPRET=1 without CUDA, slots
 poisoned with NaN and every table entry past a sequence's length pointing at it, so a read past the
 causal horizon shows up as NaN. q rows that belong to no sequence (a decode tail) must stay untouched.
 """
+
 import os
 
 import torch
@@ -27,27 +28,49 @@ def make_case(prefixes, q_lens, heads, kv_heads, head_dim, dtype, seed=0, tail=2
     v = torch.randn(num_slots, kv_heads, head_dim, generator=g)
     k[0] = v[0] = float("nan")
     perm = torch.randperm(num_slots - 1, generator=g) + 1
-    rows = torch.randperm(S + 2, generator=g)[:S]               # sequences live in scattered table rows
+    rows = torch.randperm(S + 2, generator=g)[:S]  # sequences live in scattered table rows
     table = torch.zeros(S + 2, width, dtype=torch.int32)
     off = 0
     for s, (p, n) in enumerate(zip(prefixes, q_lens)):
-        table[rows[s], :p + n] = perm[off:off + p + n].int()
+        table[rows[s], : p + n] = perm[off : off + p + n].int()
         off += p + n
     starts = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)[:-1]), dtype=torch.int32)
     T = sum(q_lens) + tail
     q = torch.randn(T, heads, head_dim, generator=g)
     to = dict(device=DEVICE)
-    ints = [x.to(dtype=torch.int32, **to) for x in (rows, torch.tensor(prefixes), starts, torch.tensor(q_lens))]
-    return (q.to(dtype=dtype, **to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to), table.to(**to), *ints,
-            max(q_lens), head_dim ** -0.5)
+    ints = [
+        x.to(dtype=torch.int32, **to)
+        for x in (rows, torch.tensor(prefixes), starts, torch.tensor(q_lens))
+    ]
+    return (
+        q.to(dtype=dtype, **to),
+        k.to(dtype=dtype, **to),
+        v.to(dtype=dtype, **to),
+        table.to(**to),
+        *ints,
+        max(q_lens),
+        head_dim**-0.5,
+    )
 
 
 def run_and_check(case, dtype, atol, **kw):
     q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale = case
     out = torch.full_like(q, 7.0)
-    got = extend_attention(q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale, out=out, **kw)
-    ref = extend_attention_ref(q.cpu(), k.cpu(), v.cpu(), table.cpu(), rows.cpu(), prefixes.cpu(), starts.cpu(),
-                               q_lens.cpu(), max_q, scale)
+    got = extend_attention(
+        q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale, out=out, **kw
+    )
+    ref = extend_attention_ref(
+        q.cpu(),
+        k.cpu(),
+        v.cpu(),
+        table.cpu(),
+        rows.cpu(),
+        prefixes.cpu(),
+        starts.cpu(),
+        q_lens.cpu(),
+        max_q,
+        scale,
+    )
     n = int(q_lens.sum())
     assert torch.isfinite(got[:n].float()).all()
     torch.testing.assert_close(got[:n].float().cpu(), ref[:n].float(), atol=atol, rtol=atol)

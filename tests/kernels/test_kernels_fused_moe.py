@@ -10,6 +10,7 @@ Tolerances: float32 1e-5 (atol and rtol; the GEMMs run in IEEE fp32). bfloat16: 
 there (the interpreter rounds fp32 -> bf16 by truncation, torch to nearest) reaches the output
 through the down projection, a couple of bf16 steps of the largest value.
 """
+
 import os
 
 import torch
@@ -48,8 +49,8 @@ def routing(T, E, k, seed, hot=0, empty=None, foreign=0.0):
 def make_case(T, E, H, I, k, dtype, seed, **route):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(DEVICE, dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(DEVICE, dtype)
-    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(DEVICE, dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(DEVICE, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) * I**-0.5).to(DEVICE, dtype)
     return (x, w13, w2, *routing(T, E, k, seed, **route))
 
 
@@ -64,25 +65,35 @@ def test_align_groups_pairs_by_expert_in_padded_blocks():
     assert used == int(((counts + block_m - 1) // block_m * block_m).sum())
     assert sorted_ids.numel() % block_m == 0 and expert_ids.numel() == sorted_ids.numel() // block_m
     real = sorted_ids[sorted_ids < T * k]
-    assert sorted(real.tolist()) == torch.nonzero(flat >= 0).flatten().tolist()  # each held pair once
-    assert (sorted_ids[used:] == T * k).all() and (expert_ids[used // block_m:] == E).all()
+    assert (
+        sorted(real.tolist()) == torch.nonzero(flat >= 0).flatten().tolist()
+    )  # each held pair once
+    assert (sorted_ids[used:] == T * k).all() and (expert_ids[used // block_m :] == E).all()
     for b in range(used // block_m):
-        pairs = sorted_ids[b * block_m:(b + 1) * block_m]
+        pairs = sorted_ids[b * block_m : (b + 1) * block_m]
         pairs = pairs[pairs < T * k]
         assert len(pairs) > 0 and (flat[pairs] == expert_ids[b]).all()
-    assert 3 not in expert_ids[:used // block_m].tolist()
+    assert 3 not in expert_ids[: used // block_m].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T, E, H, I, k, block_m, foreign", [
-    (1, 4, 64, 32, 2, None, 0.0),      # one decode token
-    (13, 8, 64, 96, 2, 16, 0.0),       # skewed loads, an empty expert, N tail (2I = 192)
-    (40, 8, 96, 48, 2, 32, 0.0),       # K tail (H = 96 over BLOCK_K 64), larger blocks
-    (21, 6, 64, 32, 2, 16, 0.3),       # expert parallel: some pairs held by another rank
-])
+@pytest.mark.parametrize(
+    "T, E, H, I, k, block_m, foreign",
+    [
+        (1, 4, 64, 32, 2, None, 0.0),  # one decode token
+        (13, 8, 64, 96, 2, 16, 0.0),  # skewed loads, an empty expert, N tail (2I = 192)
+        (40, 8, 96, 48, 2, 32, 0.0),  # K tail (H = 96 over BLOCK_K 64), larger blocks
+        (21, 6, 64, 32, 2, 16, 0.3),  # expert parallel: some pairs held by another rank
+    ],
+)
 def test_fused_moe_matches_reference(T, E, H, I, k, block_m, foreign, dtype):
-    x, w13, w2, weights, ids = make_case(T, E, H, I, k, dtype, seed=T, hot=1, empty=E - 1, foreign=foreign)
-    close(fused_moe(x, w13, w2, weights, ids, block_m=block_m), fused_moe_ref(x, w13, w2, weights, ids))
+    x, w13, w2, weights, ids = make_case(
+        T, E, H, I, k, dtype, seed=T, hot=1, empty=E - 1, foreign=foreign
+    )
+    close(
+        fused_moe(x, w13, w2, weights, ids, block_m=block_m),
+        fused_moe_ref(x, w13, w2, weights, ids),
+    )
 
 
 def test_pairs_of_other_ranks_contribute_nothing():

@@ -7,6 +7,7 @@ the fused kernel does the same float32 math in the same order. Without a GPU the
 Triton interpreter (TRITON_INTERPRET=1, set before triton is imported) on small shapes; on CUDA the
 realistic 8B shapes are added (`-m cuda`).
 """
+
 import os
 
 import torch
@@ -17,26 +18,51 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from radixserve.kernels.rotary import apply_rotary  # noqa: E402
-from radixserve.kernels.rotary_kv_store import rotary_and_store_kv, rotary_and_store_kv_ref, store_kv_ref  # noqa: E402
+from radixserve.kernels.rotary_kv_store import (
+    rotary_and_store_kv,
+    rotary_and_store_kv_ref,
+    store_kv_ref,
+)  # noqa: E402
 from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_or_close, gen, randn  # noqa: E402
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 64}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-def _check(T, hq, hk, head_dim, dtype, num_slots=64, max_pos=256, scaling=None, strided=False,
-           with_padding=False, cache_dtype=None):
+def _check(
+    T,
+    hq,
+    hk,
+    head_dim,
+    dtype,
+    num_slots=64,
+    max_pos=256,
+    scaling=None,
+    strided=False,
+    with_padding=False,
+    cache_dtype=None,
+):
     g = gen(T * 19 + hq * 7 + hk * 3 + head_dim)
     cache_dtype = cache_dtype or dtype
-    rope = RotaryEmbedding(head_dim, max_pos, 500000.0 if scaling else 10000.0, scaling or {"rope_type": "default"},
-                           dtype).to(DEVICE)
+    rope = RotaryEmbedding(
+        head_dim,
+        max_pos,
+        500000.0 if scaling else 10000.0,
+        scaling or {"rope_type": "default"},
+        dtype,
+    ).to(DEVICE)
     positions = torch.randint(0, max_pos, (T,), generator=g).to(DEVICE)
     if strided:  # q, k and v as views of one fused qkv projection output, as the models pass them
         qkv = randn(g, T, (hq + 2 * hk) * head_dim, dtype=dtype)
         q = qkv[:, : hq * head_dim].view(T, hq, head_dim)
-        k = qkv[:, hq * head_dim: (hq + hk) * head_dim].view(T, hk, head_dim)
-        v = qkv[:, (hq + hk) * head_dim:].view(T, hk, head_dim)
+        k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(T, hk, head_dim)
+        v = qkv[:, (hq + hk) * head_dim :].view(T, hk, head_dim)
     else:
         q = randn(g, T, hq, head_dim, dtype=dtype)
         k = randn(g, T, hk, head_dim, dtype=dtype)
@@ -70,11 +96,15 @@ def _check(T, hq, hk, head_dim, dtype, num_slots=64, max_pos=256, scaling=None, 
     else:  # bit for bit but for a cast to a bf16 cache in the interpreter (it truncates; torch rounds)
         exact_or_close(k_cache, kc_two)
         exact_or_close(v_cache, vc_two)
-    assert torch.equal(k, k0) and torch.equal(v, v0)  # k is read only: the rotated k lives in the cache
+    assert torch.equal(k, k0) and torch.equal(
+        v, v0
+    )  # k is read only: the rotated k lives in the cache
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, hq, hk, head_dim", [(1, 4, 2, 64), (5, 4, 2, 128), (33, 4, 4, 64), (6, 6, 2, 96)])
+@pytest.mark.parametrize(
+    "T, hq, hk, head_dim", [(1, 4, 2, 64), (5, 4, 2, 128), (33, 4, 4, 64), (6, 6, 2, 96)]
+)
 def test_rotary_and_store_kv(T, hq, hk, head_dim, dtype):
     _check(T, hq, hk, head_dim, dtype)
 
@@ -100,5 +130,15 @@ def test_no_tokens():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 256])
 def test_rotary_and_store_kv_cuda_realistic(T, dtype):
-    _check(T, 32, 8, 128, dtype, num_slots=100_000, max_pos=8192, scaling=LLAMA3_SCALING, strided=True,
-           with_padding=T > 1)
+    _check(
+        T,
+        32,
+        8,
+        128,
+        dtype,
+        num_slots=100_000,
+        max_pos=8192,
+        scaling=LLAMA3_SCALING,
+        strided=True,
+        with_padding=T > 1,
+    )

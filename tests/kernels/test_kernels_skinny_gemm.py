@@ -9,6 +9,7 @@ Tolerances: the shared helper of tests/kernels/kernel_checks.py: float32 1e-5; h
 2e-2 of max|ref| (atol) and 2e-2 (rtol): both sides accumulate in float32 in another order and round
 once to the output dtype, and the interpreter rounds fp32 -> bf16 by truncation (a bf16 step, ~0.8%).
 """
+
 import os
 
 import torch
@@ -39,7 +40,7 @@ def randn(g, *shape, dtype, scale=1.0):
 def _check(M, N, K, dtype, with_bias, seed=0, config=None):
     g = torch.Generator().manual_seed(seed * 1000 + M * 100 + N + K)
     x = randn(g, M, K, dtype=dtype)
-    w = randn(g, N, K, dtype=dtype, scale=K ** -0.5)
+    w = randn(g, N, K, dtype=dtype, scale=K**-0.5)
     b = randn(g, N, dtype=dtype) if with_bias else None
     got = sg.skinny_gemm(x, w, b, config=config)
     close(got, F.linear(x, w, b))
@@ -69,19 +70,30 @@ def test_skinny_gemm_gpu_block_shapes(M):
     configs = sg.GEMV_CONFIGS if M == 1 else sg.DOT_CONFIGS
     for c in {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}:
         block_n, block_k = c
-        _check(M, 3 * block_n - 5, 2 * block_k + 24, torch.bfloat16, with_bias=True,
-               config={"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2})
+        _check(
+            M,
+            3 * block_n - 5,
+            2 * block_k + 24,
+            torch.bfloat16,
+            with_bias=True,
+            config={"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2},
+        )
 
 
 def test_skinny_gemm_rejects_large_m_and_handles_empty():
     w = torch.zeros(8, 32, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError):
         sg.skinny_gemm(torch.zeros(sg.M_MAX + 1, 32, dtype=torch.bfloat16, device=DEVICE), w)
-    assert sg.skinny_gemm(torch.zeros(0, 32, dtype=torch.bfloat16, device=DEVICE), w).shape == (0, 8)
+    assert sg.skinny_gemm(torch.zeros(0, 32, dtype=torch.bfloat16, device=DEVICE), w).shape == (
+        0,
+        8,
+    )
 
 
 @cuda_only
-@pytest.mark.parametrize("N, K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)])
+@pytest.mark.parametrize(
+    "N, K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+)
 @pytest.mark.parametrize("M", [1, 4, 8])
 def test_skinny_gemm_cuda_realistic(M, N, K):
     _check(M, N, K, torch.bfloat16, with_bias=False)
@@ -90,6 +102,7 @@ def test_skinny_gemm_cuda_realistic(M, N, K):
 
 
 # ---------------------------------------------------------------- the switch in LinearBase._linear
+
 
 def _layer(dtype, in_features=64, out_features=48, bias=True):
     g = torch.Generator().manual_seed(3)

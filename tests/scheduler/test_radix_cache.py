@@ -1,5 +1,6 @@
 """RadixCache and PagedRadixCache: exact hand cases and hypothesis state-machine invariants
 against a dict model."""
+
 from __future__ import annotations
 
 from hypothesis import settings
@@ -163,7 +164,7 @@ class _LockingMachine(RuleBasedStateMachine):
     def lock(self, tokens):
         slots, node = self.cache.match_prefix(tokens)
         self.cache.inc_lock_ref(node)
-        self.locks.append((node, slots, tuple(tokens[:len(slots)])))
+        self.locks.append((node, slots, tuple(tokens[: len(slots)])))
 
     @precondition(lambda self: self.locks)
     @rule(index=st.integers(0, 100))
@@ -206,7 +207,7 @@ class RadixCacheMachine(_LockingMachine):
     def _expected_match(self, tokens) -> list[int]:
         out = []
         for i in range(len(tokens)):
-            slot = self.ref.get(tuple(tokens[:i + 1]))
+            slot = self.ref.get(tuple(tokens[: i + 1]))
             if slot is None:
                 break
             out.append(slot)
@@ -219,7 +220,7 @@ class RadixCacheMachine(_LockingMachine):
         expected_dup = len(self._expected_match(tokens))
         assert self.cache.insert(tokens, slots) == expected_dup
         for i in range(expected_dup, len(tokens)):
-            self.ref[tuple(tokens[:i + 1])] = slots[i]
+            self.ref[tuple(tokens[: i + 1])] = slots[i]
 
     @rule(tokens=tokens_st)
     def match(self, tokens):
@@ -236,7 +237,11 @@ class RadixCacheMachine(_LockingMachine):
         slots = self.cache.all_slots()
         assert len(slots) == len(set(slots))
         assert set(slots) == set(self.ref.values())
-        assert self.cache.evictable_size() + self.cache.protected_size() == self.cache.total_size() == len(slots)
+        assert (
+            self.cache.evictable_size() + self.cache.protected_size()
+            == self.cache.total_size()
+            == len(slots)
+        )
         assert self.cache.protected_size() == len(self.locked_slots())
 
     @invariant()
@@ -245,13 +250,16 @@ class RadixCacheMachine(_LockingMachine):
             assert len(key) == 1 or key[:-1] in self.ref
 
 
-RadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+RadixCacheMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
 TestRadixCacheMachine = RadixCacheMachine.TestCase
 
 
 PAGE = 2
-pages_st = st.lists(st.lists(st.integers(0, 2), min_size=PAGE, max_size=PAGE), min_size=1, max_size=3).map(
-    lambda pages: [t for page in pages for t in page])
+pages_st = st.lists(
+    st.lists(st.integers(0, 2), min_size=PAGE, max_size=PAGE), min_size=1, max_size=3
+).map(lambda pages: [t for page in pages for t in page])
 
 
 class PagedRadixCacheMachine(_LockingMachine):
@@ -278,7 +286,7 @@ class PagedRadixCacheMachine(_LockingMachine):
         expected_dup = len(self._expected_match(tokens))
         assert self.cache.insert(tokens, slots) == expected_dup
         for end in range(expected_dup + PAGE, len(tokens) + 1, PAGE):
-            self.ref[tuple(tokens[:end])] = tuple(slots[end - PAGE:end])
+            self.ref[tuple(tokens[:end])] = tuple(slots[end - PAGE : end])
 
     @rule(tokens=tokens_st)
     def match(self, tokens):
@@ -301,5 +309,7 @@ class PagedRadixCacheMachine(_LockingMachine):
         assert self.cache.protected_size() == len(self.locked_slots())
 
 
-PagedRadixCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+PagedRadixCacheMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
 TestPagedRadixCacheMachine = PagedRadixCacheMachine.TestCase

@@ -4,6 +4,7 @@ Driven by the FakeModel, which runs chunks as the executor does, checks every sl
 (with page_size > 1, its page layout too) and samples tokens that depend on the whole sequence,
 so a wrong chunk, slot or prefix shows up as an error or as a token that differs from the reference.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,9 @@ def decodes_of(plan):
 
 
 def prefill_tokens(plan):
-    return (sum(len(n.input_ids) for n in plan.new_requests)
-            + sum(len(c.input_ids) for c in plan.continuing_requests if c.input_ids))
+    return sum(len(n.input_ids) for n in plan.new_requests) + sum(
+        len(c.input_ids) for c in plan.continuing_requests if c.input_ids
+    )
 
 
 def check_page_layout(slots, page_size):
@@ -45,6 +47,7 @@ def check_page_layout(slots, page_size):
 
 
 # ---- chunked prefill ----------------------------------------------------------------------------
+
 
 def test_long_prompt_is_split_into_chunks_of_the_budget():
     prompt = [(7 * i) % 11 for i in range(30)]
@@ -72,8 +75,10 @@ def test_long_prompt_is_split_into_chunks_of_the_budget():
 
 
 def test_budget_is_the_smaller_of_max_prefill_tokens_and_chunk_size():
-    for kwargs in ({"max_prefill_tokens": 5, "chunked_prefill_size": 100},
-                   {"max_prefill_tokens": 100, "chunked_prefill_size": 5}):
+    for kwargs in (
+        {"max_prefill_tokens": 5, "chunked_prefill_size": 100},
+        {"max_prefill_tokens": 100, "chunked_prefill_size": 5},
+    ):
         h = Harness(**kwargs)
         h.add("a", list(range(12)), max_new=2)
         h.run()
@@ -88,14 +93,20 @@ def test_step_budget_is_shared_and_the_chunked_request_goes_first():
     plan, _ = h.step()
     # The budget left after "short" (3 tokens) starts "long"; nothing more joins the step.
     assert [(n.request_id, len(n.input_ids), n.sample) for n in plan.new_requests] == [
-        ("short", 5, True), ("long", 3, False)]
-    assert h.sched.chunked.request_id == "long" and [r.request_id for r in h.sched.waiting] == ["next"]
+        ("short", 5, True),
+        ("long", 3, False),
+    ]
+    assert h.sched.chunked.request_id == "long" and [r.request_id for r in h.sched.waiting] == [
+        "next"
+    ]
     while h.sched.chunked is not None:
         plan, _ = h.step()
         assert plan.continuing_requests[0].request_id == "long"
         assert not decodes_of(plan)  # without mixing, the decode of "short" waits
     # The last chunk (1 token) samples, and "next" is admitted into the rest of that step's budget.
-    assert [(c.request_id, len(c.input_ids), c.sample) for c in plan.continuing_requests] == [("long", 1, True)]
+    assert [(c.request_id, len(c.input_ids), c.sample) for c in plan.continuing_requests] == [
+        ("long", 1, True)
+    ]
     assert [(n.request_id, n.sample) for n in plan.new_requests] == [("next", True)]
     h.run()
     for p in h.plans:
@@ -111,7 +122,9 @@ def test_only_one_request_is_chunked_at_a_time():
     seen = []
     while h.step() is not None:
         in_prefill = {p.request_id for p in h.plans[-1].new_requests if not p.sample}
-        in_prefill |= {c.request_id for c in h.plans[-1].continuing_requests if c.input_ids and not c.sample}
+        in_prefill |= {
+            c.request_id for c in h.plans[-1].continuing_requests if c.input_ids and not c.sample
+        }
         assert len(in_prefill) <= 1
         seen.append(h.sched.chunked.request_id if h.sched.chunked else None)
         assert len(h.sched.running) + (h.sched.chunked is not None) <= h.sched.max_running_requests
@@ -130,7 +143,7 @@ def test_chunked_prefill_reuses_a_cached_prefix():
     h.run()
     pieces = chunks_of(h, "b")
     warm_slots = [s for p in chunks_of(h, "warm") for s in p.new_slots]
-    assert pieces[0].prefix_slots == warm_slots[:len(shared)]
+    assert pieces[0].prefix_slots == warm_slots[: len(shared)]
     assert [len(p.input_ids) for p in pieces] == [5, 5, 1]
     assert h.finals["b"].cached_tokens == len(shared)
     assert h.outputs["b"] == reference_tokens(shared + list(range(60, 71)), 3)
@@ -184,7 +197,10 @@ def test_next_chunk_is_planned_while_the_previous_runs():
     h.add("a", prompt, max_new=3)
     first, second, third = h.sched.schedule(), h.sched.schedule(), h.sched.schedule()
     assert [p.request_ids() for p in (first, second, third)] == [["a"], ["a"], ["a"]]
-    assert [c.sample for c in second.continuing_requests + third.continuing_requests] == [False, True]
+    assert [c.sample for c in second.continuing_requests + third.continuing_requests] == [
+        False,
+        True,
+    ]
     # A decode can follow the last chunk before its result, as after an unchunked prefill.
     fourth = h.sched.schedule()
     assert decodes_of(fourth) == ["a"]
@@ -199,8 +215,13 @@ def test_next_chunk_is_planned_while_the_previous_runs():
 
 def test_retraction_takes_the_chunked_request_first():
     # No reservation for future tokens: the mixed decodes of "a" and the chunks of "b" outgrow the pool.
-    h = Harness(pool_size=33, chunked_prefill_size=4, enable_mixed_chunk=True,
-                schedule_conservativeness=0.0, min_new_token_ratio=0.0)
+    h = Harness(
+        pool_size=33,
+        chunked_prefill_size=4,
+        enable_mixed_chunk=True,
+        schedule_conservativeness=0.0,
+        min_new_token_ratio=0.0,
+    )
     h.add("a", list(range(1, 11)), max_new=22, ignore_eos=True)
     h.step()
     h.add("b", list(range(30, 50)), max_new=1, ignore_eos=True)
@@ -216,6 +237,7 @@ def test_retraction_takes_the_chunked_request_first():
 
 
 # ---- mixed steps ----------------------------------------------------------------------------
+
 
 def test_mixed_steps_carry_the_chunk_and_every_decode():
     h = Harness(chunked_prefill_size=6, enable_mixed_chunk=True)
@@ -241,8 +263,9 @@ def test_mixed_steps_carry_the_chunk_and_every_decode():
 
 
 def chunks_of_plan(plan):
-    return ([n.request_id for n in plan.new_requests]
-            + [c.request_id for c in plan.continuing_requests if c.input_ids])
+    return [n.request_id for n in plan.new_requests] + [
+        c.request_id for c in plan.continuing_requests if c.input_ids
+    ]
 
 
 def test_without_mixing_a_step_is_prefill_or_decode():
@@ -268,6 +291,7 @@ def test_mixing_falls_back_to_a_plain_prefill_when_decodes_fill_the_budget():
 
 
 # ---- pages ----------------------------------------------------------------------------------
+
 
 def test_paged_pool_fills_the_last_page_before_opening_new_ones():
     pool = PagedKVPool(size=4 * 8 + 3, page_size=4)  # pages 1..7; slots 32-34 are a partial page
@@ -337,7 +361,9 @@ def test_prefix_reuse_is_in_whole_pages():
 
 
 def test_pool_counts_slots_but_allocates_pages():
-    h = Harness(pool_size=66, page_size=16)  # pages 1..3: page 0 holds slot 0, slots 64-65 are left over
+    h = Harness(
+        pool_size=66, page_size=16
+    )  # pages 1..3: page 0 holds slot 0, slots 64-65 are left over
     assert h.sched.stats().pool_tokens == h.sched.pool.capacity == 48
     assert "KV pool (48 tokens)" in h.sched.validate(40, 10)
     h.add("a", [1] * 5, max_new=3)
@@ -355,10 +381,17 @@ def test_pool_counts_slots_but_allocates_pages():
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_eviction_and_retraction_with_pages(page_size):
-    traffic = [(f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))]
+    traffic = [
+        (f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))
+    ]
     for harness_cls in (Harness, OverlapHarness):
-        h = harness_cls(pool_size=48 + 3 * page_size, page_size=page_size, chunked_prefill_size=5,
-                        schedule_conservativeness=0.0, min_new_token_ratio=0.0)
+        h = harness_cls(
+            pool_size=48 + 3 * page_size,
+            page_size=page_size,
+            chunked_prefill_size=5,
+            schedule_conservativeness=0.0,
+            min_new_token_ratio=0.0,
+        )
         for rid, prompt, max_new, extra in traffic:
             h.add(rid, prompt, max_new=max_new, **extra)
         h.run()
@@ -370,6 +403,7 @@ def test_eviction_and_retraction_with_pages(page_size):
 
 
 # ---- everything together ----------------------------------------------------------------------
+
 
 def mode_traffic():
     shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 9, 8]
@@ -391,7 +425,9 @@ def run_mode(overlap, **kwargs):
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-@pytest.mark.parametrize("chunk,mixed", [(-1, False), (-1, True), (5, False), (5, True), (16, True)])
+@pytest.mark.parametrize(
+    "chunk,mixed", [(-1, False), (-1, True), (5, False), (5, True), (16, True)]
+)
 def test_greedy_outputs_are_identical_in_every_mode(overlap, page_size, chunk, mixed):
     h = run_mode(overlap, page_size=page_size, chunked_prefill_size=chunk, enable_mixed_chunk=mixed)
     for rid, prompt, max_new, _ in mode_traffic():
@@ -405,8 +441,15 @@ def test_greedy_outputs_are_identical_in_every_mode(overlap, page_size, chunk, m
 
 
 def test_overlapped_chunked_mixed_paged_run_matches_serial():
-    kwargs = dict(pool_size=96, page_size=4, chunked_prefill_size=6, enable_mixed_chunk=True,
-                  max_running_requests=4, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
+    kwargs = dict(
+        pool_size=96,
+        page_size=4,
+        chunked_prefill_size=6,
+        enable_mixed_chunk=True,
+        max_running_requests=4,
+        schedule_conservativeness=0.0,
+        min_new_token_ratio=0.0,
+    )
     eos = {reference_tokens([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 9, 8, 21, 21], 8)[2]}
     runs = []
     for harness_cls in (Harness, OverlapHarness):
@@ -423,21 +466,33 @@ def test_overlapped_chunked_mixed_paged_run_matches_serial():
 
 # ---- the server wires the flags ---------------------------------------------------------------
 
+
 def test_server_runs_chunked_mixed_paged():
     from tests.scheduler.server_stack import collect, gen_request, run, stack
 
     async def body():
-        async with stack(chunked_prefill_size=8, enable_mixed_chunk=True, page_size=4) as (stub, executor, sched):
+        async with stack(chunked_prefill_size=8, enable_mixed_chunk=True, page_size=4) as (
+            stub,
+            executor,
+            sched,
+        ):
             executor.model.page_size = 4  # the fake checks the page layout of every slot
             core = sched.runtime.core
             assert (core.prefill_budget, core.enable_mixed_chunk, core.page_size) == (8, True, 4)
             info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
             config = json.loads(info.config_json)
-            assert (config["page_size"], config["chunked_prefill"], config["enable_mixed_chunk"]) == (4, True, True)
+            assert (
+                config["page_size"],
+                config["chunked_prefill"],
+                config["enable_mixed_chunk"],
+            ) == (4, True, True)
             assert info.max_total_tokens % 4 == 0
             requests = [gen_request(f"r{i}", list(range(i, i + 30)), max_new=6) for i in range(3)]
             streams = await asyncio.gather(*(collect(stub, r) for r in requests))
             for i, msgs in enumerate(streams):
-                assert [t for m in msgs for t in m.token_ids] == reference_tokens(list(range(i, i + 30)), 6)
+                assert [t for m in msgs for t in m.token_ids] == reference_tokens(
+                    list(range(i, i + 30)), 6
+                )
             assert any(not n.sample for p in executor.model.steps for n in p.new_requests)
+
     run(body())

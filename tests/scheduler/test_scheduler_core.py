@@ -1,4 +1,5 @@
 """Scheduler core driven by the pure-Python FakeModel, which checks every plan's slots and KV."""
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,15 @@ from radixserve.common.sampling import StoppingCriteria
 from radixserve.common.step import SampledToken
 from radixserve.scheduler.request import FinishReason, Request
 from tests.configs import scheduler_config
-from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, check_random_traffic, drive_random_traffic,
-                                     prompts, reference_tokens)
+from tests.scheduler.harness import (
+    CHUNK_SIZES,
+    PAGE_SIZES,
+    Harness,
+    check_random_traffic,
+    drive_random_traffic,
+    prompts,
+    reference_tokens,
+)
 
 
 def test_single_request_matches_reference():
@@ -26,7 +34,9 @@ def test_single_request_matches_reference():
     assert final.finish_reason == FinishReason.LENGTH
     assert (final.prompt_tokens, final.completion_tokens, final.cached_tokens) == (4, 10, 0)
     first = h.plans[0].new_requests[0]
-    assert first.prefix_slots == [] and first.input_ids == [1, 2, 3, 4] and len(first.new_slots) == 4
+    assert (
+        first.prefix_slots == [] and first.input_ids == [1, 2, 3, 4] and len(first.new_slots) == 4
+    )
     assert all(len(p.continuing_requests[0].new_slots) == 1 for p in h.plans[1:])
 
 
@@ -62,7 +72,11 @@ def test_max_prefill_tokens_respected_but_one_request_always_admitted():
     h.add("big", [9] * 40)
     h.run()
     prefills = [p for p in h.plans if p.new_requests]
-    assert [[n.request_id for n in p.new_requests] for p in prefills] == [["r0", "r1"], ["r2"], ["big"]]
+    assert [[n.request_id for n in p.new_requests] for p in prefills] == [
+        ["r0", "r1"],
+        ["r2"],
+        ["big"],
+    ]
     for p in prefills:
         assert len(p.new_requests) == 1 or sum(len(n.input_ids) for n in p.new_requests) <= 25
 
@@ -75,7 +89,7 @@ def test_prefix_reuse_shares_slots_and_reports_cached_tokens():
     h.add("b", shared + [20], max_new=3)
     h.run()
     a_new, b_new = h.new_plan_of("a"), h.new_plan_of("b")
-    assert b_new.prefix_slots == a_new.new_slots[:len(shared)]
+    assert b_new.prefix_slots == a_new.new_slots[: len(shared)]
     assert b_new.input_ids == [20]
     assert h.finals["b"].cached_tokens == len(shared)
     assert h.outputs["b"] == reference_tokens(shared + [20], 3)
@@ -135,14 +149,18 @@ def test_retraction_when_decodes_do_not_fit():
     for index, plan in enumerate(h.plans):
         for n in plan.new_requests:
             admissions[n.request_id].append((index, n))
-    rid, ((first, _), (again, readmitted), *_) = next((r, a) for r, a in admissions.items() if len(a) > 1)
-    assert any(rid in p.finished_request_ids for p in h.plans[first + 1:again + 1])
+    rid, ((first, _), (again, readmitted), *_) = next(
+        (r, a) for r, a in admissions.items() if len(a) > 1
+    )
+    assert any(rid in p.finished_request_ids for p in h.plans[first + 1 : again + 1])
     assert len(readmitted.prefix_slots) + len(readmitted.input_ids) > 8
     assert readmitted.prefix_slots  # its computed KV was kept in the cache
 
 
 def test_retracted_request_goes_to_the_front_of_the_queue():
-    h = Harness(pool_size=20, max_running_requests=2, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
+    h = Harness(
+        pool_size=20, max_running_requests=2, schedule_conservativeness=0.0, min_new_token_ratio=0.0
+    )
     h.add("a", [1] * 6, max_new=12, ignore_eos=True)
     h.add("b", [2] * 6, max_new=12, ignore_eos=True)
     h.add("c", [3] * 6, max_new=12, ignore_eos=True)
@@ -248,7 +266,10 @@ def test_eos_and_stop_tokens():
     h.add("stop", prompt, max_new=6, stop_token_ids=(ref[1],))
     h.run()
     assert h.outputs["eos"] == ref[:3]
-    assert (h.finals["eos"].finish_reason, h.finals["eos"].matched_stop_token_id) == (FinishReason.STOP, eos)
+    assert (h.finals["eos"].finish_reason, h.finals["eos"].matched_stop_token_id) == (
+        FinishReason.STOP,
+        eos,
+    )
     assert h.outputs["ignore"] == ref
     assert h.finals["ignore"].finish_reason == FinishReason.LENGTH
     assert h.outputs["stop"] == ref[:2] and h.finals["stop"].matched_stop_token_id == ref[1]
@@ -260,7 +281,9 @@ def test_validation_and_duplicates():
         h.add("long", [1] * 15, max_new=6)
     with pytest.raises(ValueError, match="at least one"):
         h.add("empty", [], max_new=1)
-    assert "KV pool" in Scheduler(scheduler_config(max_running_requests=4), 16, 100).validate(10, 10)
+    assert "KV pool" in Scheduler(scheduler_config(max_running_requests=4), 16, 100).validate(
+        10, 10
+    )
     h.add("a", [1], max_new=2)
     with pytest.raises(DuplicateRequestError):
         h.add("a", [2], max_new=2)
@@ -282,13 +305,28 @@ def test_reset_drops_everything():
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 10**6), pool_size=st.integers(24, 96), policy=st.sampled_from(["fcfs", "lpm"]),
-       max_running=st.integers(1, 6), chunk=CHUNK_SIZES, mixed=st.booleans(), page_size=PAGE_SIZES)
-def test_random_traffic_never_leaks_and_matches_reference(seed, pool_size, policy, max_running, chunk,
-                                                          mixed, page_size):
+@given(
+    seed=st.integers(0, 10**6),
+    pool_size=st.integers(24, 96),
+    policy=st.sampled_from(["fcfs", "lpm"]),
+    max_running=st.integers(1, 6),
+    chunk=CHUNK_SIZES,
+    mixed=st.booleans(),
+    page_size=PAGE_SIZES,
+)
+def test_random_traffic_never_leaks_and_matches_reference(
+    seed, pool_size, policy, max_running, chunk, mixed, page_size
+):
     rng = random.Random(seed)
-    h = Harness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
-                max_prefill_tokens=16, schedule_policy=policy, schedule_conservativeness=rng.choice([0.0, 1.0]),
-                chunked_prefill_size=chunk, enable_mixed_chunk=mixed, page_size=page_size)
+    h = Harness(
+        pool_size=max(pool_size, 3 * page_size),
+        max_running_requests=max_running,
+        max_prefill_tokens=16,
+        schedule_policy=policy,
+        schedule_conservativeness=rng.choice([0.0, 1.0]),
+        chunked_prefill_size=chunk,
+        enable_mixed_chunk=mixed,
+        page_size=page_size,
+    )
     expected, aborted = drive_random_traffic(h, rng, steps=200)
     check_random_traffic(h, expected, aborted, deep=False)

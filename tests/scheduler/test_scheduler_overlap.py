@@ -4,6 +4,7 @@ The FakeModel runs each plan only when its result is needed (the latest an execu
 plan changed after it was handed out, or a slot reused too early, shows up as an error or a wrong
 token. Every run is compared with the serial run of the same traffic.
 """
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,17 @@ from hypothesis import strategies as st
 
 from radixserve.common.sampling import StoppingCriteria
 from radixserve.scheduler.request import FinishReason, Request
-from tests.scheduler.harness import (CHUNK_SIZES, PAGE_SIZES, Harness, OverlapHarness, check_random_traffic,
-                                     drive_random_traffic, final_fields, prompts, reference_tokens)
+from tests.scheduler.harness import (
+    CHUNK_SIZES,
+    PAGE_SIZES,
+    Harness,
+    OverlapHarness,
+    check_random_traffic,
+    drive_random_traffic,
+    final_fields,
+    prompts,
+    reference_tokens,
+)
 
 
 def run_both(traffic, **kwargs):
@@ -47,9 +57,13 @@ def test_mixed_finishes_match_serial_and_emit_nothing_extra():
     assert final_fields(overlap) == final_fields(serial)
     reasons = {ev.finish_reason for ev in overlap.finals.values()}
     assert reasons == {FinishReason.STOP, FinishReason.LENGTH}
-    assert overlap.finals["p0"].completion_tokens == 5 and overlap.finals["p1"].completion_tokens == 1
+    assert (
+        overlap.finals["p0"].completion_tokens == 5 and overlap.finals["p1"].completion_tokens == 1
+    )
     for rid, prompt, max_new, extra in traffic:
-        assert overlap.outputs[rid] == reference_tokens(prompt, max_new)[:len(overlap.outputs[rid])]
+        assert (
+            overlap.outputs[rid] == reference_tokens(prompt, max_new)[: len(overlap.outputs[rid])]
+        )
 
 
 def test_eos_finish_was_planned_again_and_is_dropped_by_a_later_plan():
@@ -101,8 +115,12 @@ def test_abort_with_two_steps_in_flight_frees_kv_after_the_last():
 
 
 def test_retraction_under_a_tiny_pool_matches_unconstrained():
-    traffic = [(f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))]
-    serial, overlap = run_both(traffic, pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0)
+    traffic = [
+        (f"r{i}", p, 20, {"ignore_eos": True}) for i, p in enumerate(prompts(6, length=8, shared=3))
+    ]
+    serial, overlap = run_both(
+        traffic, pool_size=48, schedule_conservativeness=0.0, min_new_token_ratio=0.0
+    )
     assert overlap.sched.num_retractions > 0 and overlap.overlapped > 0
     assert dict(overlap.outputs) == dict(serial.outputs)
     for rid, prompt, max_new, _ in traffic:
@@ -124,15 +142,30 @@ def test_prefix_reuse_after_eos_finish_caches_as_serial():
 
 
 @settings(max_examples=50, deadline=None)
-@given(seed=st.integers(0, 10**6), pool_size=st.integers(24, 96), policy=st.sampled_from(["fcfs", "lpm"]),
-       max_running=st.integers(1, 6), chunk=CHUNK_SIZES, mixed=st.booleans(), page_size=PAGE_SIZES)
-def test_random_traffic_overlapped_matches_reference(seed, pool_size, policy, max_running, chunk, mixed,
-                                                     page_size):
+@given(
+    seed=st.integers(0, 10**6),
+    pool_size=st.integers(24, 96),
+    policy=st.sampled_from(["fcfs", "lpm"]),
+    max_running=st.integers(1, 6),
+    chunk=CHUNK_SIZES,
+    mixed=st.booleans(),
+    page_size=PAGE_SIZES,
+)
+def test_random_traffic_overlapped_matches_reference(
+    seed, pool_size, policy, max_running, chunk, mixed, page_size
+):
     rng = random.Random(seed)
     eos = {rng.randrange(1000) for _ in range(40)}
-    h = OverlapHarness(pool_size=max(pool_size, 3 * page_size), max_running_requests=max_running,
-                       max_prefill_tokens=16, schedule_policy=policy, schedule_conservativeness=rng.choice([0.0, 1.0]),
-                       eos_token_ids=eos, chunked_prefill_size=chunk, enable_mixed_chunk=mixed,
-                       page_size=page_size)
+    h = OverlapHarness(
+        pool_size=max(pool_size, 3 * page_size),
+        max_running_requests=max_running,
+        max_prefill_tokens=16,
+        schedule_policy=policy,
+        schedule_conservativeness=rng.choice([0.0, 1.0]),
+        eos_token_ids=eos,
+        chunked_prefill_size=chunk,
+        enable_mixed_chunk=mixed,
+        page_size=page_size,
+    )
     expected, aborted = drive_random_traffic(h, rng, steps=250, eos=eos)
     check_random_traffic(h, expected, aborted, deep=True, check_usage=True)

@@ -1,4 +1,5 @@
 """The real gRPC scheduler in-process against a fake executor servicer, on ephemeral ports."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,12 @@ def test_generate_streams_tokens_with_usage():
             assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
             last = msgs[-1]
             assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
-            assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_tokens) == (3, 6, 0)
+            assert (
+                last.usage.prompt_tokens,
+                last.usage.completion_tokens,
+                last.usage.cached_tokens,
+            ) == (3, 6, 0)
+
     run(body())
 
 
@@ -36,15 +42,22 @@ def test_concurrent_requests_and_cached_tokens():
             shared = list(range(10, 30))
             await collect(stub, gen_request("warm", shared + [1], max_new=2))
             results = await asyncio.gather(
-                *(collect(stub, gen_request(f"r{i}", shared + [i + 2], max_new=4)) for i in range(4)))
+                *(
+                    collect(stub, gen_request(f"r{i}", shared + [i + 2], max_new=4))
+                    for i in range(4)
+                )
+            )
             for i, msgs in enumerate(results):
-                assert [t for m in msgs for t in m.token_ids] == reference_tokens(shared + [i + 2], 4)
+                assert [t for m in msgs for t in m.token_ids] == reference_tokens(
+                    shared + [i + 2], 4
+                )
                 assert msgs[0].usage.cached_tokens == len(shared)
                 assert msgs[-1].usage.cached_tokens == len(shared)
             info = await wait_idle(stub)
             assert info.total_prompt_tokens == 21 * 5
             assert info.total_cached_prompt_tokens == 20 * 4
             assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
+
     run(body())
 
 
@@ -61,6 +74,7 @@ def test_invalid_arguments():
                     await collect(stub, request)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert fragment in err.value.details()
+
     run(body())
 
 
@@ -74,6 +88,7 @@ def test_duplicate_request_id_is_rejected():
                 await collect(stub, gen_request("dup", [3], max_new=2))
             assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
             call.cancel()
+
     run(body())
 
 
@@ -94,12 +109,22 @@ def test_client_cancellation_frees_kv(disable_overlap):
             assert flushed.freed_tokens == info.cached_tokens > 0
             info = await stub.GetInfo(scheduler_pb2.SchedulerInfoRequest())
             assert info.free_tokens == KV_SLOTS - 1
+
     run(body())
 
 
 def stream_fields(msgs):
-    return [(list(m.token_ids), m.finish_reason, m.matched_stop_token_id, m.usage.prompt_tokens,
-             m.usage.completion_tokens, m.usage.cached_tokens) for m in msgs]
+    return [
+        (
+            list(m.token_ids),
+            m.finish_reason,
+            m.matched_stop_token_id,
+            m.usage.prompt_tokens,
+            m.usage.completion_tokens,
+            m.usage.cached_tokens,
+        )
+        for m in msgs
+    ]
 
 
 def test_overlap_and_serial_streams_are_identical():
@@ -108,16 +133,26 @@ def test_overlap_and_serial_streams_are_identical():
     stop = reference_tokens(shared + [3], 8)[5]
 
     async def traffic(disable_overlap):
-        async with stack(eos_token_ids=tuple(eos), disable_overlap_schedule=disable_overlap) as (stub, executor, sched):
+        async with stack(eos_token_ids=tuple(eos), disable_overlap_schedule=disable_overlap) as (
+            stub,
+            executor,
+            sched,
+        ):
             executor.step_delay = 0.002
-            await collect(stub, gen_request("warm", shared + [0], max_new=1))  # cached: deterministic
-            requests = [gen_request(f"r{i}", shared + [i], max_new=8, ignore_eos=False) for i in range(1, 5)]
+            await collect(
+                stub, gen_request("warm", shared + [0], max_new=1)
+            )  # cached: deterministic
+            requests = [
+                gen_request(f"r{i}", shared + [i], max_new=8, ignore_eos=False) for i in range(1, 5)
+            ]
             requests[2].stopping.stop_token_ids.append(stop)
             requests.append(gen_request("long", [7, 7, 7], max_new=20))
             streams = await asyncio.gather(*(collect(stub, r) for r in requests))
             # A follow-up whose prompt extends a finished request reuses the same cached prefix.
             first = [t for m in streams[0] for t in m.token_ids]
-            streams.append(await collect(stub, gen_request("next", shared + [1] + first + [9], max_new=3)))
+            streams.append(
+                await collect(stub, gen_request("next", shared + [1] + first + [9], max_new=3))
+            )
             await wait_idle(stub)
             return [stream_fields(s) for s in streams], executor.max_concurrent_steps
 
@@ -127,9 +162,14 @@ def test_overlap_and_serial_streams_are_identical():
         assert (overlap_depth, serial_depth) == (2, 1)
         assert overlapped == serial
         tokens = [[t for m in s for t in m[0]] for s in overlapped]
-        assert tokens[0] == reference_tokens(shared + [1], 4) and tokens[1] == reference_tokens(shared + [2], 1)
+        assert tokens[0] == reference_tokens(shared + [1], 4) and tokens[1] == reference_tokens(
+            shared + [2], 1
+        )
         assert tokens[2] == reference_tokens(shared + [3], 6) and len(tokens[4]) == 20
-        assert overlapped[5][-1][5] == len(shared) + 1 + 3  # cached: prompt and all but the last token
+        assert (
+            overlapped[5][-1][5] == len(shared) + 1 + 3
+        )  # cached: prompt and all but the last token
+
     run(body())
 
 
@@ -146,6 +186,7 @@ def test_abort_rpc_ends_stream_with_abort():
                 rest.append(msg)
             assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
             await wait_idle(stub)
+
     run(body())
 
 
@@ -159,6 +200,7 @@ def test_executor_failure_fails_requests_then_recovers():
             executor.fail_steps = False
             msgs = await collect(stub, gen_request("g", [1, 2], max_new=3))
             assert [t for m in msgs for t in m.token_ids] == reference_tokens([1, 2], 3)
+
     run(body())
 
 
@@ -176,6 +218,7 @@ def test_failed_step_with_another_in_flight_fails_all_then_recovers():
             info = await wait_idle(stub)
             assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
             assert not sched.runtime.inflight
+
     run(body())
 
 
@@ -188,6 +231,7 @@ def test_get_info_reports_model_and_config():
             assert info.context_length == 128
             config = json.loads(info.config_json)
             assert config["schedule_policy"] == "lpm" and config["max_running_requests"] == 1
+
     run(body())
 
 
@@ -205,4 +249,5 @@ def test_scheduler_waits_for_a_late_executor():
         scheduler = await starting
         await scheduler.stop()
         await exec_server.stop(None)
+
     run(body())

@@ -1,4 +1,5 @@
 """The scheduler's Session stream: many requests over one gRPC stream, events batched per step."""
+
 from __future__ import annotations
 
 import grpc
@@ -18,8 +19,11 @@ class SessionClient:
         await self.call.write(scheduler_pb2.SchedulerSessionRequest(generate=request))
 
     async def abort(self, *request_ids) -> None:
-        await self.call.write(scheduler_pb2.SchedulerSessionRequest(
-            abort=scheduler_pb2.SchedulerAbortRequest(request_ids=request_ids)))
+        await self.call.write(
+            scheduler_pb2.SchedulerSessionRequest(
+                abort=scheduler_pb2.SchedulerAbortRequest(request_ids=request_ids)
+            )
+        )
 
     async def read_until_done(self, request_ids: set[str]):
         """Batches read until every id finished or failed; returns (batches, tokens, last events, errors)."""
@@ -61,6 +65,7 @@ def test_session_multiplexes_requests_with_one_message_per_step():
                 assert len(ids) == len(set(ids))
             session.call.cancel()
             await wait_idle(stub)
+
     run(body())
 
 
@@ -71,15 +76,18 @@ def test_session_rejects_bad_requests_without_ending_the_others():
             session = SessionClient(stub)
             await session.generate(gen_request("good", [1, 2, 3], max_new=6))
             await session.generate(gen_request("", [1, 2], max_new=2))
-            await session.generate(gen_request("bad-token", [10 ** 6], max_new=2))
+            await session.generate(gen_request("bad-token", [10**6], max_new=2))
             _, tokens, last, errors = await session.read_until_done({"good", "", "bad-token"})
             assert errors[""].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert errors["bad-token"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert "vocabulary" in errors["bad-token"].message
-            assert {e.failed_stage for e in errors.values()} == {scheduler_pb2.FAILED_STAGE_SCHEDULER}
+            assert {e.failed_stage for e in errors.values()} == {
+                scheduler_pb2.FAILED_STAGE_SCHEDULER
+            }
             assert tokens["good"] == reference_tokens([1, 2, 3], 6)
             assert last["good"].finish_reason == common_pb2.FINISH_REASON_LENGTH
             session.call.cancel()
+
     run(body())
 
 
@@ -99,8 +107,12 @@ def test_session_rejects_a_duplicate_id_and_keeps_the_original():
                     if event.finish_reason:
                         finished = event.finish_reason
             assert codes == [grpc.StatusCode.ALREADY_EXISTS.value[0]]
-            assert tokens == reference_tokens([1, 2, 3], 6) and finished == common_pb2.FINISH_REASON_LENGTH
+            assert (
+                tokens == reference_tokens([1, 2, 3], 6)
+                and finished == common_pb2.FINISH_REASON_LENGTH
+            )
             session.call.cancel()
+
     run(body())
 
 
@@ -120,6 +132,7 @@ def test_session_abort_action_and_closing_the_stream_free_the_kv():
             session.call.cancel()  # the gateway went away: its requests are aborted
             info = await wait_idle(stub)
             assert info.free_tokens + info.cached_tokens == KV_SLOTS - 1
+
     run(body())
 
 
@@ -132,12 +145,15 @@ def test_executor_failure_reaches_every_session_request_as_an_error():
             await session.generate(gen_request("y", [3, 4], max_new=3))
             _, _, _, errors = await session.read_until_done({"x", "y"})
             assert {e.code for e in errors.values()} == {grpc.StatusCode.UNAVAILABLE.value[0]}
-            assert {e.failed_stage for e in errors.values()} == {scheduler_pb2.FAILED_STAGE_EXECUTOR}
+            assert {e.failed_stage for e in errors.values()} == {
+                scheduler_pb2.FAILED_STAGE_EXECUTOR
+            }
             executor.fail_steps = False
             await session.generate(gen_request("z", [1, 2], max_new=3))
             _, tokens, _, errors = await session.read_until_done({"z"})
             assert not errors and tokens["z"] == reference_tokens([1, 2], 3)
             session.call.cancel()
+
     run(body())
 
 
@@ -152,4 +168,5 @@ def test_half_closed_session_ends_after_its_requests_finish():
                 tokens += [t for e in batch.events for t in e.token_ids]
             assert tokens == reference_tokens([1, 2], 4)
             assert await session.call.code() == grpc.StatusCode.OK
+
     run(body())

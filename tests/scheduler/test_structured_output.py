@@ -1,6 +1,7 @@
 """Structured output: xgrammar grammars compiled against the real SmolLM2 tokenizer, masks the
 scheduler core sends, a fake model sampling at random among the allowed tokens, the gRPC scheduler,
 and (e2e) the whole stack through the official openai client."""
+
 from __future__ import annotations
 
 import ast
@@ -22,11 +23,19 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.gateway.api.errors import ApiError
 from radixserve.gateway.api.native_routes import native_input
 from radixserve.gateway.api.openai_routes import chat_input, completion_input
-from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, NativeGenerateRequest
+from radixserve.gateway.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NativeGenerateRequest,
+)
 from radixserve.scheduler.core import Scheduler
 from tests.configs import scheduler_config
-from tests.fake_executor import (FakeExecutorServicer, FakeModel, allowed_tokens,
-                                 reference_tokens as fake_reference_tokens)
+from tests.fake_executor import (
+    FakeExecutorServicer,
+    FakeModel,
+    allowed_tokens,
+    reference_tokens as fake_reference_tokens,
+)
 from radixserve.scheduler.grammar import GrammarBackend, InvalidConstraint, request_grammar
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.common.step import SampledToken
@@ -65,15 +74,19 @@ def sampling(**constraint) -> SamplingParams:
     return SamplingParams.from_proto(common_pb2.SamplingParams(**constraint))
 
 
-def generate_request(rid: str, prompt: list[int], ignore_eos=False,
-                     **constraint) -> scheduler_pb2.SchedulerGenerateRequest:
-    return scheduler_pb2.SchedulerGenerateRequest(request_id=rid, input_ids=prompt,
-                                                  sampling=common_pb2.SamplingParams(**constraint),
-                                                  stopping=common_pb2.StoppingCriteria(max_new_tokens=64,
-                                                                                       ignore_eos=ignore_eos))
+def generate_request(
+    rid: str, prompt: list[int], ignore_eos=False, **constraint
+) -> scheduler_pb2.SchedulerGenerateRequest:
+    return scheduler_pb2.SchedulerGenerateRequest(
+        request_id=rid,
+        input_ids=prompt,
+        sampling=common_pb2.SamplingParams(**constraint),
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=64, ignore_eos=ignore_eos),
+    )
 
 
 # ---- grammar.py ------------------------------------------------------------------------------
+
 
 def test_json_schema_mask_allows_a_brace_first_and_no_letters(backend, tokenizer):
     grammar = backend.matcher_for(sampling(json_schema=json.dumps(PERSON_SCHEMA)))
@@ -109,12 +122,15 @@ def test_second_compile_of_a_schema_is_a_cache_hit(backend):
     assert first.next_token_bitmask() == second.next_token_bitmask()
 
 
-@pytest.mark.parametrize("field, spec", [
-    ("json_schema", "{not json"),
-    ("json_schema", '{"type": 3}'),
-    ("regex", "[a-"),
-    ("ebnf", "root ::= undefined_rule"),
-])
+@pytest.mark.parametrize(
+    "field, spec",
+    [
+        ("json_schema", "{not json"),
+        ("json_schema", '{"type": 3}'),
+        ("regex", "[a-"),
+        ("ebnf", "root ::= undefined_rule"),
+    ],
+)
 def test_constraints_that_do_not_compile_raise_a_client_message(backend, field, spec):
     with pytest.raises(InvalidConstraint, match=f"^invalid {field}: ") as caught:
         backend.matcher_for(sampling(**{field: spec}))
@@ -129,17 +145,26 @@ def test_no_backend_means_no_constraints():
 
 # ---- the scheduler core with a fake model that samples among the allowed tokens -------------
 
+
 def reference_tokens(prompt: list[int], n: int) -> list[int]:
     return fake_reference_tokens(prompt, n, VOCAB)
+
 
 class Harness:
     """Drives a core and a FakeModel; depth > 1 plans that many steps ahead, as overlap does. Checks
     that no plan samples a constrained request that a plan in flight already samples (its mask
     would miss that plan's token)."""
 
-    def __init__(self, backend: GrammarBackend, pool_size=2048, depth=1, min_new_token_ratio=0.1, **core_args):
-        self.sched = Scheduler(scheduler_config(max_running_requests=16, **core_args), pool_size, context_length=512,
-                               eos_token_ids=[EOS], min_new_token_ratio=min_new_token_ratio)
+    def __init__(
+        self, backend: GrammarBackend, pool_size=2048, depth=1, min_new_token_ratio=0.1, **core_args
+    ):
+        self.sched = Scheduler(
+            scheduler_config(max_running_requests=16, **core_args),
+            pool_size,
+            context_length=512,
+            eos_token_ids=[EOS],
+            min_new_token_ratio=min_new_token_ratio,
+        )
         self.model = FakeModel(pool_size, VOCAB)
         self.backend = backend
         self.depth = depth
@@ -149,7 +174,9 @@ class Harness:
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}
 
-    def add(self, rid: str, prompt: list[int], max_new=64, ignore_eos=False, **constraint) -> Request:
+    def add(
+        self, rid: str, prompt: list[int], max_new=64, ignore_eos=False, **constraint
+    ) -> Request:
         req = Request(rid, prompt, StoppingCriteria(max_new, ignore_eos=ignore_eos))
         req.grammar = self.backend.matcher_for(sampling(**constraint))
         self.sched.add_request(req)
@@ -197,7 +224,9 @@ def sampled_ids(plan) -> set[str]:
 
 
 def masked_ids(plan) -> set[str]:
-    return {e.request_id for e in [*plan.new_requests, *plan.continuing_requests] if e.token_bitmask}
+    return {
+        e.request_id for e in [*plan.new_requests, *plan.continuing_requests] if e.token_bitmask
+    }
 
 
 def check_constrained_outputs(h: Harness, tokenizer, n: int) -> None:
@@ -228,8 +257,11 @@ def add_mixed_batch(h: Harness, n: int) -> dict[str, list[int]]:
     return expected
 
 
-@pytest.mark.parametrize("core_args", [{}, {"chunked_prefill_size": 8, "enable_mixed_chunk": True}],
-                         ids=["plain", "chunked-mixed"])
+@pytest.mark.parametrize(
+    "core_args",
+    [{}, {"chunked_prefill_size": 8, "enable_mixed_chunk": True}],
+    ids=["plain", "chunked-mixed"],
+)
 def test_outputs_follow_their_grammars_and_stop_with_them(backend, tokenizer, core_args):
     h = Harness(backend, **core_args)
     expected_free = add_mixed_batch(h, 3)
@@ -299,6 +331,7 @@ def test_a_token_the_grammar_forbids_aborts_the_request(backend, tokenizer):
 
 # ---- the gRPC scheduler with the fake executor -------------------------------------------------
 
+
 async def collect(call) -> list:
     messages = []
     while (message := await call.read()) is not grpc.aio.EOF:
@@ -308,17 +341,23 @@ async def collect(call) -> list:
 
 def test_scheduler_server_compiles_and_rejects(tokenizer):
     async def body():
-        executor = FakeExecutorServicer(kv_slots=1024, vocab_size=VOCAB, context_length=256, eos_token_ids=(EOS,))
+        executor = FakeExecutorServicer(
+            kv_slots=1024, vocab_size=VOCAB, context_length=256, eos_token_ids=(EOS,)
+        )
         exec_server = aio_server()
         executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
         port = bind(exec_server, "127.0.0.1:0")
         await exec_server.start()
-        scheduler = await start_scheduler(ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}"))
+        scheduler = await start_scheduler(
+            ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}")
+        )
         channel = aio_channel(f"127.0.0.1:{scheduler.port}")
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
+
             def generate(rid, **constraint):
                 return stub.Generate(generate_request(rid, [1, 2, 3], **constraint))
+
             json_call = generate("json", json_schema=json.dumps(PERSON_SCHEMA))
             json_out = [await json_call.read()]  # running: the free request decodes beside it
             free = asyncio.create_task(collect(generate("free", ignore_eos=True)))
@@ -340,10 +379,15 @@ def test_scheduler_server_compiles_and_rejects(tokenizer):
     # Not overlapped while it ran: every decode step from its prefill to its last token sampled it.
     with_json = [i for i, plan in enumerate(steps) if "json" in sampled_ids(plan)]
     assert len(with_json) == len(ids)
-    decodes_without_it = [plan for plan in steps[with_json[0]:with_json[-1]]
-                          if not plan.new_requests and "json" not in sampled_ids(plan)]
+    decodes_without_it = [
+        plan
+        for plan in steps[with_json[0] : with_json[-1]]
+        if not plan.new_requests and "json" not in sampled_ids(plan)
+    ]
     assert not decodes_without_it
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("invalid regex: ")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(
+        "invalid regex: "
+    )
 
 
 def test_skip_tokenizer_init_rejects_constraints():
@@ -353,7 +397,11 @@ def test_skip_tokenizer_init_rejects_constraints():
         executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
         port = bind(exec_server, "127.0.0.1:0")
         await exec_server.start()
-        args = ServerArgs(scheduler_addr="127.0.0.1:0", executor_addr=f"127.0.0.1:{port}", skip_tokenizer_init=True)
+        args = ServerArgs(
+            scheduler_addr="127.0.0.1:0",
+            executor_addr=f"127.0.0.1:{port}",
+            skip_tokenizer_init=True,
+        )
         scheduler = await start_scheduler(args)
         channel = aio_channel(f"127.0.0.1:{scheduler.port}")
         try:
@@ -373,24 +421,40 @@ def test_skip_tokenizer_init_rejects_constraints():
 
 # ---- the gateway's request fields -------------------------------------------------------------
 
+
 def chat(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], **fields)
 
 
 def test_gateway_fills_the_constraint_from_each_api():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    json_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    json_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": schema, "strict": True},
+    }
     cases = [
         (chat_input(chat(response_format=json_format)), "json_schema", json.dumps(schema)),
         (chat_input(chat(response_format={"type": "json_object"})), "json_object", True),
         (chat_input(chat(response_format={"type": "text"})), None, None),
         (chat_input(chat(ebnf=SUM_EBNF)), "ebnf", SUM_EBNF),
         (completion_input(CompletionRequest(prompt="x", regex=CODE_REGEX)), "regex", CODE_REGEX),
-        (completion_input(CompletionRequest(prompt="x", response_format=json_format)), "json_schema",
-         json.dumps(schema)),
-        (native_input(NativeGenerateRequest(text="x", sampling_params={"json_schema": json.dumps(schema)})),
-         "json_schema", json.dumps(schema)),
-        (native_input(NativeGenerateRequest(text="x", sampling_params={"regex": CODE_REGEX})), "regex", CODE_REGEX),
+        (
+            completion_input(CompletionRequest(prompt="x", response_format=json_format)),
+            "json_schema",
+            json.dumps(schema),
+        ),
+        (
+            native_input(
+                NativeGenerateRequest(text="x", sampling_params={"json_schema": json.dumps(schema)})
+            ),
+            "json_schema",
+            json.dumps(schema),
+        ),
+        (
+            native_input(NativeGenerateRequest(text="x", sampling_params={"regex": CODE_REGEX})),
+            "regex",
+            CODE_REGEX,
+        ),
     ]
     for inp, field, value in cases:
         sent = inp.sampling.to_proto()
@@ -399,14 +463,25 @@ def test_gateway_fills_the_constraint_from_each_api():
             assert getattr(sent, field) == value
 
 
-@pytest.mark.parametrize("build, param", [
-    (lambda: chat_input(chat(response_format={"type": "json_object"}, regex="a")), "regex"),
-    (lambda: native_input(NativeGenerateRequest(text="x", sampling_params={"regex": "a", "ebnf": SUM_EBNF})),
-     "sampling_params.ebnf"),
-    (lambda: chat_input(chat(response_format={"type": "json_schema", "json_schema": {"name": "a"}})),
-     "response_format.json_schema"),
-    (lambda: chat_input(chat(response_format={"type": "yaml"})), "response_format.type"),
-])
+@pytest.mark.parametrize(
+    "build, param",
+    [
+        (lambda: chat_input(chat(response_format={"type": "json_object"}, regex="a")), "regex"),
+        (
+            lambda: native_input(
+                NativeGenerateRequest(text="x", sampling_params={"regex": "a", "ebnf": SUM_EBNF})
+            ),
+            "sampling_params.ebnf",
+        ),
+        (
+            lambda: chat_input(
+                chat(response_format={"type": "json_schema", "json_schema": {"name": "a"}})
+            ),
+            "response_format.json_schema",
+        ),
+        (lambda: chat_input(chat(response_format={"type": "yaml"})), "response_format.type"),
+    ],
+)
 def test_gateway_rejects_conflicting_or_malformed_constraints(build, param):
     with pytest.raises(ApiError) as caught:
         build()
@@ -415,27 +490,55 @@ def test_gateway_rejects_conflicting_or_malformed_constraints(build, param):
 
 # ---- end to end --------------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_structured_output_through_the_openai_api(tmp_path_factory):
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                               "population": {"type": "integer"}},
-              "required": ["city", "population"], "additionalProperties": False}
-    with running_stack(tmp_path_factory.mktemp("structured"), "--max-total-tokens", "4000") as stack:
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer"},
+        },
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    with running_stack(
+        tmp_path_factory.mktemp("structured"), "--max-total-tokens", "4000"
+    ) as stack:
         client = openai_client(stack)
-        messages = [{"role": "user", "content": "Describe Paris as JSON with its city name and population."}]
+        messages = [
+            {"role": "user", "content": "Describe Paris as JSON with its city name and population."}
+        ]
         resp = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct", messages=messages, temperature=0, max_tokens=80,
-            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema,
-                                                                      "strict": True}})
+            model="SmolLM2-135M-Instruct",
+            messages=messages,
+            temperature=0,
+            max_tokens=80,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": schema, "strict": True},
+            },
+        )
         assert resp.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
 
-        resp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The answer is", max_tokens=20,
-                                         temperature=0.8, extra_body={"regex": CODE_REGEX})
+        resp = client.completions.create(
+            model="SmolLM2-135M-Instruct",
+            prompt="The answer is",
+            max_tokens=20,
+            temperature=0.8,
+            extra_body={"regex": CODE_REGEX},
+        )
         assert re.fullmatch(CODE_REGEX, resp.choices[0].text)
 
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model="SmolLM2-135M-Instruct", messages=messages, max_tokens=10,
-                response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": 3}}})
+                model="SmolLM2-135M-Instruct",
+                messages=messages,
+                max_tokens=10,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "bad", "schema": {"type": 3}},
+                },
+            )
         assert "invalid json_schema" in caught.value.message

@@ -1,4 +1,5 @@
 """The tokenizer service with the real SmolLM2 tokenizer: encoding, chat templates, gRPC."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,14 @@ from radixserve.tokenizer.named_chat_templates import resolve_chat_template
 from radixserve.tokenizer.server import start_server
 
 SMOL_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-TEXTS = ["Hello, world!", "  leading spaces\nand newlines\n\n", "café ünïcödé", "中文分词测试", "emoji 🤖🎉", ""]
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces\nand newlines\n\n",
+    "café ünïcödé",
+    "中文分词测试",
+    "emoji 🤖🎉",
+    "",
+]
 ROLE_TEMPLATE = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
 
 
@@ -53,24 +61,35 @@ def test_encode_empty_batch(core):
 def test_chat_matches_transformers(core, hf):
     [rendered] = core.apply_chat_template([user_chat()])
     messages = [{"role": "user", "content": "What is 2+2?"}]
-    expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert rendered.ids == list(expected)
-    assert rendered.prompt == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.prompt == hf.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
     assert rendered.prompt.endswith("<|im_start|>assistant\n")
 
 
 def test_default_system_prompt_only_without_system_message(core):
     [plain] = core.apply_chat_template([user_chat()])
     assert SMOL_SYSTEM_PROMPT in plain.prompt
-    with_system = Conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    with_system = Conversation(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    )
     [custom] = core.apply_chat_template([with_system])
     assert SMOL_SYSTEM_PROMPT not in custom.prompt
     assert custom.prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 def test_continue_final_message_leaves_assistant_open(core):
-    conv = Conversation([{"role": "user", "content": "Count to three."},
-                         {"role": "assistant", "content": "One, two,"}], continue_final_message=True)
+    conv = Conversation(
+        [
+            {"role": "user", "content": "Count to three."},
+            {"role": "assistant", "content": "One, two,"},
+        ],
+        continue_final_message=True,
+    )
     [rendered] = core.apply_chat_template([conv])
     assert rendered.prompt.endswith("<|im_start|>assistant\nOne, two,")
     assert rendered.ids == core.encode([rendered.prompt])[0]
@@ -118,19 +137,29 @@ def test_template_runs_sandboxed(folder):
 
 
 def test_tools_and_tool_calls_reach_the_template(folder):
-    template = ("{{ tools | map(attribute='function.name') | join(',') }}|"
-                "{% for m in messages %}{{ m.role }}:{% if m.tool_calls is defined %}"
-                "{{ m.tool_calls[0].function.name }}{% endif %}"
-                "{% if m.tool_call_id is defined %}#{{ m.tool_call_id }}{% endif %}"
-                "{% if m.name is defined %}@{{ m.name }}{% endif %};{% endfor %}")
+    template = (
+        "{{ tools | map(attribute='function.name') | join(',') }}|"
+        "{% for m in messages %}{{ m.role }}:{% if m.tool_calls is defined %}"
+        "{{ m.tool_calls[0].function.name }}{% endif %}"
+        "{% if m.tool_call_id is defined %}#{{ m.tool_call_id }}{% endif %}"
+        "{% if m.name is defined %}@{{ m.name }}{% endif %};{% endfor %}"
+    )
     core = TokenizerCore(folder, chat_template=template)
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object"}},
+    }
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-    conv = common_pb2.ChatConversation(tools_json=json.dumps([tool]), messages=[
-        common_pb2.ChatMessage(role="user", content="weather?", name="ann"),
-        common_pb2.ChatMessage(role="assistant", content="", tool_calls_json=json.dumps([call])),
-        common_pb2.ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
-    ])
+    conv = common_pb2.ChatConversation(
+        tools_json=json.dumps([tool]),
+        messages=[
+            common_pb2.ChatMessage(role="user", content="weather?", name="ann"),
+            common_pb2.ChatMessage(
+                role="assistant", content="", tool_calls_json=json.dumps([call])
+            ),
+            common_pb2.ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
+        ],
+    )
     [rendered] = core.apply_chat_template([conversation_from_proto(conv)])
     assert rendered.prompt == "get_weather|user:@ann;assistant:get_weather;tool:#c1;"
 
@@ -163,10 +192,14 @@ async def _grpc_scenario(core: TokenizerCore) -> None:
             assert [list(r.ids) for r in encoded.results] == core.encode(TEXTS)
 
             user = common_pb2.ChatMessage(role="user", content="hi")
-            chats = await stub.ApplyChatTemplate(tokenizer_pb2.TokenizerChatRequest(conversations=[
-                common_pb2.ChatConversation(messages=[user], add_generation_prompt=True),
-                common_pb2.ChatConversation(messages=[user]),
-            ]))
+            chats = await stub.ApplyChatTemplate(
+                tokenizer_pb2.TokenizerChatRequest(
+                    conversations=[
+                        common_pb2.ChatConversation(messages=[user], add_generation_prompt=True),
+                        common_pb2.ChatConversation(messages=[user]),
+                    ]
+                )
+            )
             assert len(chats.results) == 2
             assert chats.results[0].prompt.endswith("<|im_start|>assistant\n")
             assert not chats.results[1].prompt.endswith("<|im_start|>assistant\n")
@@ -178,7 +211,9 @@ async def _grpc_scenario(core: TokenizerCore) -> None:
 
             bad = common_pb2.ChatConversation(messages=[user], tools_json="[oops")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.ApplyChatTemplate(tokenizer_pb2.TokenizerChatRequest(conversations=[bad]))
+                await stub.ApplyChatTemplate(
+                    tokenizer_pb2.TokenizerChatRequest(conversations=[bad])
+                )
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "tools_json" in err.value.details()
     finally:

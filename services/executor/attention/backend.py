@@ -1,4 +1,5 @@
 """The interface attention backends (torch_native, triton; see registry.py) implement."""
+
 from __future__ import annotations
 
 import abc
@@ -18,7 +19,9 @@ class AttentionBackend(abc.ABC):
         """Build per-step tensors once (not per layer); store them in batch.attn_metadata."""
 
     @abc.abstractmethod
-    def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
         """Rotate q and k with the step's rope, write k/v at batch.out_slots, then attend.
 
         qk is [T, heads + kv_heads, head_dim], q heads first, not yet rotated (a backend may fuse the
@@ -29,4 +32,4 @@ class AttentionBackend(abc.ABC):
     def rotate(qk: torch.Tensor, rope: RopeStep, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, heads, head_dim] and k [T, kv_heads, head_dim], rotated (for backends that do not fuse it)."""
         qk = rope.rotate(qk, layer.num_heads)
-        return qk[:, :layer.num_heads], qk[:, layer.num_heads:]
+        return qk[:, : layer.num_heads], qk[:, layer.num_heads :]

@@ -1,4 +1,5 @@
 """The attention op models call: it knows its layer and shapes, the step comes from the context."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ from radixserve.executor.layers.rotary import RopeStep
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float):
+    def __init__(
+        self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+    ):
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -4,6 +4,7 @@ Token order of a step: all extend (prefill) sequences first, then all decode tok
 sequence). Models see only the flattened token batch; attention layers find everything else here.
 Every sequence's KV slot ids are in the executor's SlotTable (TableMeta.table), on every device.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ class TableMeta:
     Sequence order is the token order: extend sequences first, then decode sequences. All device
     int64 tensors; max_extend_len is a host int (it sizes a kernel grid).
     """
+
     table: torch.Tensor  # [rows, width] slot ids (SlotTable.tensor)
     seq_rows: torch.Tensor  # [num_seqs] table row of each sequence
     seq_lens: torch.Tensor  # [num_seqs] tokens with KV after this step (prefix + new)
@@ -51,16 +53,17 @@ class TableMeta:
 
     @property
     def decode_rows(self) -> torch.Tensor:
-        return self.seq_rows[self.num_extends:]
+        return self.seq_rows[self.num_extends :]
 
     @property
     def decode_lens(self) -> torch.Tensor:
-        return self.seq_lens[self.num_extends:]
+        return self.seq_lens[self.num_extends :]
 
 
 @dataclass
 class StepSamples:
     """The requests of a step that sample, in output order."""
+
     token_index: torch.Tensor  # flattened-batch index of each one's last token
     every_token: bool  # token_index is 0..num_tokens-1 (one token per request, each sampling)
     request_ids: list[str]
@@ -75,7 +78,9 @@ class ForwardBatch:
     out_slots: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
     extend_seqs: list[ExtendSeq]
     num_extend_tokens: int
-    decode_lens: list[int]  # per decode sequence, its tokens with KV after this step (host ints; the device
+    decode_lens: list[
+        int
+    ]  # per decode sequence, its tokens with KV after this step (host ints; the device
     # copy is table_meta.decode_lens)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"

@@ -7,6 +7,7 @@ expansion for decode: the query heads sharing a kv head become that kv head's qu
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from radixserve.executor.attention.metadata import ForwardBatch
 
 @dataclass
 class _StepMetadata:
-    extend_masks: list[torch.Tensor | None]  # None: no prefix, plain causal attention on the new K/V
+    extend_masks: list[
+        torch.Tensor | None
+    ]  # None: no prefix, plain causal attention on the new K/V
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
     decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
     decode_max_len: int
@@ -41,7 +44,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
             else:
                 ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
                 masks.append(ones.tril_(seq.prefix_len))
-                slots.append(table[seq.row, :seq.seq_len])
+                slots.append(table[seq.row, : seq.seq_len])
         decode_table = mask = k_buf = v_buf = None
         max_len = 0
         if batch.decode_lens:
@@ -52,7 +55,9 @@ class TorchNativeAttentionBackend(AttentionBackend):
             decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
             if min(lens) != max_len:
                 lens_t = meta.decode_lens
-                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(len(lens), 1, 1, max_len)
+                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(
+                    len(lens), 1, 1, max_len
+                )
             pool = batch.kv_pool
             shape = (decode_table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
@@ -75,15 +80,21 @@ class TorchNativeAttentionBackend(AttentionBackend):
         for seq, mask, slots in zip(batch.extend_seqs, meta.extend_masks, meta.extend_slots):
             end = seq.start + seq.num_tokens
             # 4-D [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
-            qs = q[seq.start:end].transpose(0, 1).unsqueeze(0)
+            qs = q[seq.start : end].transpose(0, 1).unsqueeze(0)
             if mask is None:
-                ks, vs = k[seq.start:end], v[seq.start:end]
+                ks, vs = k[seq.start : end], v[seq.start : end]
             else:
                 ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
-                                               attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
-                                               enable_gqa=True)
-            out[seq.start:end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
+            o = F.scaled_dot_product_attention(
+                qs,
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=layer.scaling,
+                enable_gqa=True,
+            )
+            out[seq.start : end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta)
         return out
@@ -97,5 +108,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys = meta.k_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
         values = meta.v_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling)
+        o = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling
+        )
         return o.reshape(bsz, layer.num_heads * d)

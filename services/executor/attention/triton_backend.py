@@ -9,6 +9,7 @@ Reads the step's sequences from batch.table_meta (the executor's SlotTable rows 
 tensors), never from host lengths, and launches a fixed set of kernels whose shapes depend only on the token
 count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
         self.num_kv_heads = num_kv_heads
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 8
+        )
         self.max_splits = max_splits
 
     def num_splits(self, decode_batch: int) -> int:
@@ -46,18 +51,39 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, qk, v, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
         k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
-        q, k = qk[:, :layer.num_heads], qk[:, layer.num_heads:]
-        rotary_and_store_kv(q, k, v, rope.cos_table, rope.sin_table, rope.positions, k_cache, v_cache,
-                            batch.out_slots)
+        q, k = qk[:, : layer.num_heads], qk[:, layer.num_heads :]
+        rotary_and_store_kv(
+            q,
+            k,
+            v,
+            rope.cos_table,
+            rope.sin_table,
+            rope.positions,
+            k_cache,
+            v_cache,
+            batch.out_slots,
+        )
         meta = batch.table_meta
         num_tokens = q.shape[0]
         n_ext = batch.num_extend_tokens
         if n_ext == 0:
             return self._decode(q, k_cache, v_cache, layer, batch).view(num_tokens, -1)
-        out = torch.empty(num_tokens, layer.num_heads, layer.head_dim, dtype=q.dtype, device=q.device)
-        extend_attention(q, k_cache, v_cache, meta.table, meta.seq_rows[:meta.num_extends],
-                             meta.extend_prefix_lens, meta.extend_q_starts, meta.extend_q_lens,
-                         meta.max_extend_len, layer.scaling, out=out)
+        out = torch.empty(
+            num_tokens, layer.num_heads, layer.head_dim, dtype=q.dtype, device=q.device
+        )
+        extend_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.table,
+            meta.seq_rows[: meta.num_extends],
+            meta.extend_prefix_lens,
+            meta.extend_q_starts,
+            meta.extend_q_lens,
+            meta.max_extend_len,
+            layer.scaling,
+            out=out,
+        )
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, batch)
         return out.view(num_tokens, layer.num_heads * layer.head_dim)
@@ -65,5 +91,13 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(q, k_cache, v_cache, layer, batch: ForwardBatch) -> torch.Tensor:
         meta = batch.table_meta
-        return decode_attention(q, k_cache, v_cache, meta.table, meta.decode_lens, layer.scaling,
-                                num_splits=batch.attn_metadata.num_splits, rows=meta.decode_rows)
+        return decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.table,
+            meta.decode_lens,
+            layer.scaling,
+            num_splits=batch.attn_metadata.num_splits,
+            rows=meta.decode_rows,
+        )

@@ -5,6 +5,7 @@ computes the logits of its slice and all-gathers them, so every rank holds the w
 samples from it). With a vocabulary that does not split evenly the last slice is padded with zero
 rows, whose logits are cut off after the gather.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,4 +73,4 @@ class ParallelLMHead(LinearBase):
         logits = super().forward(x)
         if tp_size() == 1:
             return logits
-        return all_gather_last_dim(logits)[..., :self.vocab_size]
+        return all_gather_last_dim(logits)[..., : self.vocab_size]

@@ -12,6 +12,7 @@ On CPU in bfloat16 the weight is additionally pre-packed for oneDNN, which measu
 than F.linear for the small-batch GEMMs of decode (and slower for large prefill batches, which
 keep using F.linear on the plain weight).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,9 @@ log = logging.getLogger("radixserve.executor.linear")
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -50,12 +53,17 @@ def _onednn_bf16_available() -> bool:
     if _onednn_ok is None:
         _onednn_ok = False
         try:
-            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            if (
+                torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            ):
                 w = torch.randn(64, 32, dtype=torch.bfloat16)
                 x = torch.randn(3, 32, dtype=torch.bfloat16)
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
                 got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-                _onednn_ok = torch.allclose(got.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+                _onednn_ok = torch.allclose(
+                    got.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2
+                )
         except (RuntimeError, AttributeError) as e:
             log.info("oneDNN bf16 linear unavailable (%s); using F.linear", e)
     return _onednn_ok
@@ -96,8 +104,13 @@ class LinearBase(nn.Module):
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if SKINNY_GEMM and x.device.type in SKINNY_DEVICES and x.dtype in (torch.bfloat16, torch.float16):
+        if (
+            SKINNY_GEMM
+            and x.device.type in SKINNY_DEVICES
+            and x.dtype in (torch.bfloat16, torch.float16)
+        ):
             from radixserve.kernels import skinny_gemm
+
             if x.numel() <= skinny_gemm.M_MAX * x.shape[-1] and self.weight.dtype == x.dtype:
                 return skinny_gemm.skinny_gemm(x, self.weight, bias)
         if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:
@@ -139,7 +152,9 @@ class RowParallelLinear(LinearBase):
         default_weight_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
 
     def full_shape(self, param):
-        return tuple(param.shape) if param.dim() == 1 else (param.shape[0], param.shape[1] * tp_size())
+        return (
+            tuple(param.shape) if param.dim() == 1 else (param.shape[0], param.shape[1] * tp_size())
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
@@ -158,7 +173,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id: int):
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
-        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
+        default_weight_loader(
+            param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size)
+        )
 
     def load_full(self, param, full):
         for shard_id, part in enumerate(full.split([s * tp_size() for s in self.output_sizes])):
@@ -168,12 +185,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections stacked in one weight: rows [q | k | v] of this rank's heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ):
         tp = tp_size()
         if num_heads % tp:
-            raise ValueError(f"{num_heads} attention heads do not split over tensor-parallel size {tp}")
+            raise ValueError(
+                f"{num_heads} attention heads do not split over tensor-parallel size {tp}"
+            )
         if num_kv_heads % tp and tp % num_kv_heads:
-            raise ValueError(f"{num_kv_heads} KV heads neither split over nor replicate to tensor-parallel size {tp}")
+            raise ValueError(
+                f"{num_kv_heads} KV heads neither split over nor replicate to tensor-parallel size {tp}"
+            )
         self.num_heads = num_heads // tp
         # With more ranks than kv heads, each kv head is replicated.
         self.num_kv_heads = max(1, num_kv_heads // tp)
@@ -188,7 +211,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         rank = tp_rank() if shard_id == "q" else tp_rank() // self.kv_replicas
-        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+        default_weight_loader(
+            param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size)
+        )
 
     def full_shape(self, param):
         rows = (self.num_heads * tp_size() + 2 * self.total_num_kv_heads) * self.head_dim

@@ -10,6 +10,7 @@ reduce_partial_outputs adds them up over the group (an all-reduce; nothing on a 
 `--ep-size E` sets ep_size (parallel_state.ep_size(); 1, the default, splits experts by intermediate size
 only): rank r is in expert group r // (tp_size / E), so the ranks of one group are consecutive.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,9 @@ def reduce_partial_outputs(x: torch.Tensor, num_partials: int) -> torch.Tensor:
     return all_reduce(x)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] float32, expert ids [T, k]) from router logits [T, E]: softmax in float32, top-k,
     optionally renormalized to sum to 1 (Mixtral always, Qwen MoE by norm_topk_prob)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
@@ -49,8 +52,14 @@ class FusedMoE(nn.Module):
     """This rank's experts, stacked: w13_weight [E_local, 2 * I_shard, H] ([gate | up] rows),
     w2_weight [E_local, H, I_shard]."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 ep_rank: int | None = None, ep_size: int | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        ep_rank: int | None = None,
+        ep_size: int | None = None,
+    ):
         super().__init__()
         if ep_rank is None or ep_size is None:
             ep_rank, ep_size = default_ep()
@@ -59,19 +68,29 @@ class FusedMoE(nn.Module):
         self.inter_rank = tp_rank() % self.inter_split
         assert num_experts % ep_size == 0, (num_experts, ep_size)
         assert intermediate_size % self.inter_split == 0, (intermediate_size, self.inter_split)
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = (
+            num_experts,
+            hidden_size,
+            intermediate_size,
+        )
         self.num_local_experts = num_experts // ep_size
         self.expert_start = ep_rank * self.num_local_experts
         self.ep_size = ep_size
         self.intermediate_shard = intermediate_size // self.inter_split
         self.w13_weight = nn.Parameter(
-            torch.empty(self.num_local_experts, 2 * self.intermediate_shard, hidden_size), requires_grad=False)
+            torch.empty(self.num_local_experts, 2 * self.intermediate_shard, hidden_size),
+            requires_grad=False,
+        )
         self.w2_weight = nn.Parameter(
-            torch.empty(self.num_local_experts, hidden_size, self.intermediate_shard), requires_grad=False)
+            torch.empty(self.num_local_experts, hidden_size, self.intermediate_shard),
+            requires_grad=False,
+        )
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard_id: str) -> bool:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard_id: str
+    ) -> bool:
         """Copy one checkpoint tensor of global expert expert_id: shard_id "gate" or "up" [I, H] (into w13),
         "down" [H, I] (into w2). Returns False (and copies nothing) for an expert of another rank."""
         local = expert_id - self.expert_start
@@ -87,8 +106,10 @@ class FusedMoE(nn.Module):
             offset = 0 if shard_id == "gate" else size
             src, dst = loaded.narrow(0, begin, size), param.data[local].narrow(0, offset, size)
         if tuple(loaded.shape) != expected:
-            raise ValueError(f"expert {expert_id} {shard_id}: checkpoint shape {tuple(loaded.shape)}, "
-                             f"expected {expected}")
+            raise ValueError(
+                f"expert {expert_id} {shard_id}: checkpoint shape {tuple(loaded.shape)}, "
+                f"expected {expected}"
+            )
         dst.copy_(src)
         return True
 
@@ -115,31 +136,48 @@ class FusedMoE(nn.Module):
         local = topk_ids - self.expert_start
         return torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
 
-    def forward_partial(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward_partial(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         """This rank's share of the output: its experts' pairs (and its slice of their intermediate size)."""
         ids = self.local_ids(topk_ids)
         if x.is_cuda:
             from radixserve.kernels.fused_moe import fused_moe
+
             return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, ids)
         from radixserve.kernels.fused_moe import fused_moe_ref
+
         return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, ids)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return reduce_partial_outputs(self.forward_partial(x, topk_weights, topk_ids), self.inter_split * self.ep_size)
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return reduce_partial_outputs(
+            self.forward_partial(x, topk_weights, topk_ids), self.inter_split * self.ep_size
+        )
 
 
 class SparseMoeBlock(nn.Module):
     """x -> sum_j w_j * expert_j(x) over the top-k experts of the router `gate`, plus, when given,
     sigmoid(shared_expert_gate(x)) * shared_expert(x) (Qwen2-MoE)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 shared_expert: nn.Module | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        shared_expert: nn.Module | None = None,
+    ):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.experts = FusedMoE(num_experts, hidden_size, intermediate_size)
         self.shared_expert = shared_expert
-        self.shared_expert_gate = ReplicatedLinear(hidden_size, 1) if shared_expert is not None else None
+        self.shared_expert_gate = (
+            ReplicatedLinear(hidden_size, 1) if shared_expert is not None else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)

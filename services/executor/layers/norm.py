@@ -5,6 +5,7 @@ by the weight in that dtype. In bf16 the shortcuts (scaling by a bf16 1/rms, or 
 into the next linear) change greedy answers of small models, so none are taken.
 On CUDA the Triton kernel (kernels/rmsnorm.py, same numerics) does the add and the norm in one pass.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,7 @@ class RMSNorm(nn.Module):
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
         if x.is_cuda:
             from radixserve.kernels import rmsnorm
+
             if residual is None:
                 return rmsnorm.rmsnorm(x, self.weight, self.eps)
             return rmsnorm.fused_add_rmsnorm(x, residual, self.weight, self.eps)

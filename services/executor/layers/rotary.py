@@ -3,6 +3,7 @@
 Scaling types: default, linear, llama3. Both the transformers-5 `rope_parameters` dict and the
 older `rope_theta` + `rope_scaling` keys are read.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,14 +42,20 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) ->
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype):
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype
+    ):
         super().__init__()
         self.head_dim = head_dim
         inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        self.register_buffer("cos_table", torch.cat((freqs.cos(), freqs.cos()), -1).to(dtype), persistent=False)
+        self.register_buffer(
+            "cos_table", torch.cat((freqs.cos(), freqs.cos()), -1).to(dtype), persistent=False
+        )
         # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
-        self.register_buffer("sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False)
+        self.register_buffer(
+            "sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False
+        )
 
     def prepare(self, positions: torch.Tensor) -> "RopeStep":
         """What every layer of one step uses to rotate its q and k (built once per step)."""
@@ -91,5 +98,8 @@ class _TorchRope(RopeStep):
 class _TritonRope(RopeStep):
     def rotate(self, qk, num_q_heads):
         from radixserve.kernels.rotary import apply_rotary
-        apply_rotary(qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions)
+
+        apply_rotary(
+            qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions
+        )
         return qk

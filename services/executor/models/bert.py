@@ -5,6 +5,7 @@ Unlike the decoders this runs on padded [B, L] batches, needs no KV cache and no
 attention is one scaled_dot_product_attention call per layer with a key-padding mask. Module names
 follow HF's, so checkpoints load by name. Only single-segment inputs (token type 0) are embedded.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -56,8 +57,9 @@ class BertSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-        o = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                           attn_mask=key_mask)
+        o = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=key_mask
+        )
         return o.transpose(1, 2).reshape(b, length, hidden)
 
 
@@ -122,7 +124,9 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         if config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {config.get('position_embedding_type')!r} is not supported")
+            raise ValueError(
+                f"position_embedding_type {config.get('position_embedding_type')!r} is not supported"
+            )
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
@@ -164,6 +168,7 @@ class BertModel(nn.Module):
 
 class XLMRobertaModel(BertModel):
     """BERT with positions counted from pad_token_id + 1 (RoBERTa's convention) and one token type."""
+
     checkpoint_prefix = "roberta."
 
     @property

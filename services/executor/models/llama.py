@@ -1,4 +1,5 @@
 """Llama family (Llama 2/3, Mistral-style, SmolLM2): forward over a flattened token batch."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -9,8 +10,12 @@ from torch import nn
 from radixserve.executor.attention.layer import Attention
 from radixserve.executor.layers.activation import SiluAndMul
 from radixserve.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from radixserve.executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                             default_weight_loader)
+from radixserve.executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
 from radixserve.executor.layers.norm import RMSNorm
 from radixserve.executor.layers.rotary import RopeStep, RotaryEmbedding, rope_settings
 from radixserve.executor.model_config import ModelConfig
@@ -19,7 +24,9 @@ from radixserve.executor.model_config import ModelConfig
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=bias
+        )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
@@ -32,10 +39,14 @@ class LlamaAttention(nn.Module):
         super().__init__()
         hidden = config.get("hidden_size")
         d = config.head_dim
-        self.qkv_proj = QKVParallelLinear(hidden, d, config.num_heads, config.num_kv_heads, bias=qkv_bias)
+        self.qkv_proj = QKVParallelLinear(
+            hidden, d, config.num_heads, config.num_kv_heads, bias=qkv_bias
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_heads * d, hidden, bias=o_bias)  # all heads: it shards them
-        self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, d, scaling=d ** -0.5)
+        self.o_proj = RowParallelLinear(
+            config.num_heads * d, hidden, bias=o_bias
+        )  # all heads: it shards them
+        self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, d, scaling=d**-0.5)
         self.qk_width = (self.num_heads + self.num_kv_heads) * d
         self.head_dim = d
 
@@ -44,8 +55,8 @@ class LlamaAttention(nn.Module):
         t = qkv.shape[0]
         # q and k go to attention together and unrotated: its backend rotates them in one op, or in
         # the kernel that stores K/V.
-        qk = qkv[:, :self.qk_width].view(t, -1, self.head_dim)
-        v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.qk_width].view(t, -1, self.head_dim)
+        v = qkv[:, self.qk_width :].view(t, self.num_kv_heads, self.head_dim)
         o = self.attn(qk, v, rope)
         return self.o_proj(o)
 
@@ -55,7 +66,9 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         hidden, eps = config.get("hidden_size"), config.get("rms_norm_eps", 1e-6)
         self.self_attn = LlamaAttention(config, layer_id, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(hidden, config.get("intermediate_size"), bias=config.get("mlp_bias", False))
+        self.mlp = LlamaMLP(
+            hidden, config.get("intermediate_size"), bias=config.get("mlp_bias", False)
+        )
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
@@ -74,15 +87,20 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.get("hidden_size"))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, qkv_bias, o_bias) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.get("hidden_size"), config.get("rms_norm_eps", 1e-6))
 
 
 class LlamaForCausalLM(nn.Module):
     # HF weight name fragment -> (our fused parameter fragment, shard id)
     stacked_params = {
-        ".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v"),
-        ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
     }
 
     def __init__(self, config: ModelConfig):
@@ -116,7 +134,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            if "rotary_emb.inv_freq" in name or (
+                self.tie_word_embeddings and name == "lm_head.weight"
+            ):
                 continue
             loaded.add(load_checkpoint_tensor(params, self.stacked_params, name, tensor))
         missing = {n for n in params if n not in loaded}
@@ -131,14 +151,18 @@ def add_rotary_and_lm_head(causal_lm: nn.Module, config: ModelConfig) -> None:
     tables and the LM head, tied to the input embedding when the config says so."""
     theta, scaling = rope_settings(config.hf)
     max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
-    causal_lm.rotary_emb = RotaryEmbedding(config.head_dim, max_pos, theta, scaling, torch.get_default_dtype())
+    causal_lm.rotary_emb = RotaryEmbedding(
+        config.head_dim, max_pos, theta, scaling, torch.get_default_dtype()
+    )
     causal_lm.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
     causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
     if causal_lm.tie_word_embeddings:
         causal_lm.lm_head.tie_to(causal_lm.model.embed_tokens)
 
 
-def load_checkpoint_tensor(params: dict, stacked_params: dict, name: str, tensor: torch.Tensor) -> str:
+def load_checkpoint_tensor(
+    params: dict, stacked_params: dict, name: str, tensor: torch.Tensor
+) -> str:
     """Load one checkpoint tensor into its parameter (q/k/v and gate/up into their fused parameter,
     through its shard); returns the parameter's name."""
     shard = None

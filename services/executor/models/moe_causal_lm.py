@@ -6,6 +6,7 @@ projections; checkpoint tensors `...experts.<j>.<proj>.weight` of every expert a
 layer's FusedMoE parameters [num_experts, ...]. Not a LlamaForCausalLM subclass on purpose: the fused
 CPU decode path (fast_decode.py) covers dense Llama layers only.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,13 @@ from radixserve.executor.layers.embedding import VocabParallelEmbedding
 from radixserve.executor.layers.moe import FusedMoE
 from radixserve.executor.layers.norm import RMSNorm
 from radixserve.executor.model_config import ModelConfig
-from radixserve.executor.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
-                                           add_rotary_and_lm_head, load_checkpoint_tensor)
+from radixserve.executor.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    add_rotary_and_lm_head,
+    load_checkpoint_tensor,
+)
 
 _EXPERT_TENSOR = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 
@@ -32,8 +38,11 @@ def config_num_experts(config: ModelConfig) -> int:
 
 def qwen_layer_is_sparse(config: ModelConfig, layer_id: int) -> bool:
     """Qwen MoE configs: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step."""
-    return (layer_id not in (config.get("mlp_only_layers") or []) and config_num_experts(config) > 0
-            and (layer_id + 1) % config.get("decoder_sparse_step", 1) == 0)
+    return (
+        layer_id not in (config.get("mlp_only_layers") or [])
+        and config_num_experts(config) > 0
+        and (layer_id + 1) % config.get("decoder_sparse_step", 1) == 0
+    )
 
 
 class MoeDecoderLayer(nn.Module):
@@ -66,8 +75,13 @@ class MoeCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = MoeModel(config, (MoeDecoderLayer(config, self.make_attention(config, i), self.make_mlp(config, i))
-                                       for i in range(config.num_layers)))
+        self.model = MoeModel(
+            config,
+            (
+                MoeDecoderLayer(config, self.make_attention(config, i), self.make_mlp(config, i))
+                for i in range(config.num_layers)
+            ),
+        )
         add_rotary_and_lm_head(self, config)
 
     def make_attention(self, config: ModelConfig, layer_id: int) -> nn.Module:
@@ -86,7 +100,9 @@ class MoeCausalLM(nn.Module):
         loaded: set[str] = set()
         expert_tensors: Counter[str] = Counter()  # per stacked parameter: checkpoint tensors seen
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            if "rotary_emb.inv_freq" in name or (
+                self.tie_word_embeddings and name == "lm_head.weight"
+            ):
                 continue
             for old, new in self.checkpoint_renames.items():
                 name = name.replace(old, new)
@@ -108,7 +124,9 @@ class MoeCausalLM(nn.Module):
             if isinstance(module, FusedMoE):
                 for stacked, per_expert in ((f"{name}.w13_weight", 2), (f"{name}.w2_weight", 1)):
                     if expert_tensors[stacked] != per_expert * module.num_experts:
-                        missing.add(f"{stacked} ({expert_tensors[stacked]} of "
-                                    f"{per_expert * module.num_experts} expert tensors)")
+                        missing.add(
+                            f"{stacked} ({expert_tensors[stacked]} of "
+                            f"{per_expert * module.num_experts} expert tensors)"
+                        )
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")

@@ -1,4 +1,5 @@
 """Qwen2: the Llama architecture with biases on q, k and v (none on o)."""
+
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.models.llama import LlamaForCausalLM
 

@@ -1,6 +1,7 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): attention with an RMSNorm over each q and k head before
 the rotary embedding (as Qwen3), optional attention biases, sparse MoE blocks without a shared expert
 (routing weights renormalized with norm_topk_prob), dense MLPs where the config says so."""
+
 import torch
 from torch import nn
 
@@ -24,9 +25,11 @@ class QKNormAttention(LlamaAttention):
         t, d = qkv.shape[0], self.head_dim
         q_width = self.num_heads * d
         q = self.q_norm(qkv[:, :q_width].view(t, self.num_heads, d))
-        k = self.k_norm(qkv[:, q_width:self.qk_width].view(t, self.num_kv_heads, d))
-        v = qkv[:, self.qk_width:].view(t, self.num_kv_heads, d)
-        o = self.attn(torch.cat((q, k), dim=1), v, rope)  # normed, then rotated by the attention backend
+        k = self.k_norm(qkv[:, q_width : self.qk_width].view(t, self.num_kv_heads, d))
+        v = qkv[:, self.qk_width :].view(t, self.num_kv_heads, d)
+        o = self.attn(
+            torch.cat((q, k), dim=1), v, rope
+        )  # normed, then rotated by the attention backend
         return self.o_proj(o)
 
 

@@ -1,4 +1,5 @@
 """HF architecture name -> model class. The BERT-family encoders serve only with --is-embedding."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -27,4 +28,6 @@ def get_model_class(architecture: str) -> type[nn.Module]:
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:
-        raise ValueError(f"unsupported architecture {architecture!r}; supported: {sorted(MODEL_REGISTRY)}") from None
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {sorted(MODEL_REGISTRY)}"
+        ) from None

@@ -1,4 +1,5 @@
 """--api-key: `Authorization: Bearer KEY` on every HTTP route but the health checks, and on the gRPC API."""
+
 from __future__ import annotations
 
 import hmac
@@ -29,10 +30,15 @@ def key_matches(authorization: str | None, api_key: str) -> bool:
 def auth_error(authorization: str | None) -> ApiError:
     """OpenAI's answers: code null for a missing key, invalid_api_key for a wrong one."""
     if bearer_token(authorization) is None:
-        return ApiError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
-                             "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                        type="invalid_request_error")
-    return ApiError(401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key")
+        return ApiError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            type="invalid_request_error",
+        )
+    return ApiError(
+        401, "Incorrect API key provided.", type="invalid_request_error", code="invalid_api_key"
+    )
 
 
 class ApiKeyMiddleware:
@@ -49,7 +55,9 @@ class ApiKeyMiddleware:
         if key_matches(authorization, self.api_key):
             return await self.app(scope, receive, send)
         err = auth_error(authorization)
-        response = JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
+        response = JSONResponse(
+            err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"}
+        )
         await response(scope, receive, send)
 
 
@@ -66,13 +74,20 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_GRPC_METHODS:
             return handler
-        authorization = next((value for key, value in handler_call_details.invocation_metadata or ()
-                              if key == "authorization"), None)
+        authorization = next(
+            (
+                value
+                for key, value in handler_call_details.invocation_metadata or ()
+                if key == "authorization"
+            ),
+            None,
+        )
         if key_matches(authorization, self.api_key):
             return handler
-        return denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, auth_error(authorization).message)
+        return denying_handler(
+            handler, grpc.StatusCode.UNAUTHENTICATED, auth_error(authorization).message
+        )
 
 
 def grpc_interceptors(api_key: str | None) -> list[grpc.aio.ServerInterceptor]:
     return [GrpcApiKeyInterceptor(api_key)] if api_key else []
-

@@ -12,6 +12,7 @@ their generations as a client disconnect would, and each gets a proper end inste
 mid-chunk: a server-sent event stream ends with an OpenAI-shaped error event and `data: [DONE]`, a
 request not answered yet gets a 503. (A non-streamed response already being written cannot be completed.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,11 @@ from radixserve.gateway.api.sse import DONE, sse_event
 log = logging.getLogger("radixserve.gateway.drain")
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", code="service_unavailable")
-CUT_SHORT = ApiError(503, "the server shut down before this request finished (--shutdown-timeout)",
-                     code="service_unavailable")
+CUT_SHORT = ApiError(
+    503,
+    "the server shut down before this request finished (--shutdown-timeout)",
+    code="service_unavailable",
+)
 
 
 class _Exchange:
@@ -112,14 +116,28 @@ async def _end_cut_short(exchange: _Exchange, send) -> None:
     if not exchange.started:
         await _refuse(send, CUT_SHORT)
     elif exchange.event_stream:
-        await send({"type": "http.response.body", "body": sse_event(CUT_SHORT.body()) + DONE, "more_body": False})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": sse_event(CUT_SHORT.body()) + DONE,
+                "more_body": False,
+            }
+        )
     else:
         log.warning("a response cut at --shutdown-timeout could not be completed")
 
 
 async def _refuse(send, error: ApiError = SHUTTING_DOWN) -> None:
     body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -5,6 +5,7 @@ get the model's special tokens. Inputs longer than the model takes are refused (
 truncated, and so are empty ones. `encoding_format` is "float" (JSON numbers) or "base64"
 (little-endian float32). `dimensions`: see services/gateway/pipeline/embeddings.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -60,7 +61,11 @@ async def create_embeddings(request: Request):
     batch = await run_unless_disconnected(request, deadline.run(engine.embed(inputs)))
     if req.dimensions is not None:
         batch = batch.shortened(req.dimensions)
-    data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
-            for i, v in enumerate(batch.vectors)]
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+        for i, v in enumerate(batch.vectors)
+    ]
     usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
-    return JSONResponse({"object": "list", "data": data, "model": engine.served_name, "usage": usage})
+    return JSONResponse(
+        {"object": "list", "data": data, "model": engine.served_name, "usage": usage}
+    )

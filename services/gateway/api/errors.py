@@ -1,4 +1,5 @@
 """API errors in OpenAI's shape, and how backend gRPC failures map onto them."""
+
 from __future__ import annotations
 
 import grpc
@@ -18,18 +19,37 @@ _TYPE_BY_STATUS = {
 class ApiError(Exception):
     """An error answered to the client: HTTP status plus OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPE_BY_STATUS.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+        self.type = (
+            type
+            or _TYPE_BY_STATUS.get(status)
+            or ("invalid_request_error" if status < 500 else "server_error")
+        )
         self.headers = headers  # extra HTTP response headers, e.g. Retry-After
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -49,10 +69,16 @@ def from_status(code: grpc.StatusCode, details: str, stage: str) -> ApiError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ApiError(400, details or f"{stage} rejected the request", code="invalid_argument")
     if code == grpc.StatusCode.ALREADY_EXISTS:
-        return ApiError(400, details or "a request with this id is already running", code="duplicate_request_id")
+        return ApiError(
+            400, details or "a request with this id is already running", code="duplicate_request_id"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(503, f"the {stage} is overloaded: {details}", code="resource_exhausted",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+        return ApiError(
+            503,
+            f"the {stage} is overloaded: {details}",
+            code="resource_exhausted",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ApiError(503, f"the {stage} service is unavailable", code="service_unavailable")
     if code == grpc.StatusCode.CANCELLED:

@@ -7,6 +7,7 @@ Objects are written to a temporary file and renamed over the old one, so a crash
 whole; content is in place before its object, so a listed file always has its bytes. Folders are made
 on the first write: a gateway that never stores anything leaves no trace.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def default_storage_path() -> Path:
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(data_home) / "radixserve" / "storage"
 
 
@@ -75,10 +78,15 @@ def page(objects: list[dict], limit: int, after: str | None) -> dict:
     """OpenAI's cursor page over objects (already in list order): the `limit` objects after id `after`."""
     if after is not None:
         ids = [o["id"] for o in objects]
-        objects = objects[ids.index(after) + 1:] if after in ids else []
+        objects = objects[ids.index(after) + 1 :] if after in ids else []
     data = objects[:limit]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(objects) > limit}
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(objects) > limit,
+    }
 
 
 class FileStore:
@@ -105,8 +113,15 @@ class FileStore:
         except BaseException:
             content.unlink(missing_ok=True)
             raise
-        obj = {"id": file_id, "object": "file", "bytes": content.stat().st_size, "created_at": int(time.time()),
-               "filename": filename, "purpose": purpose, "status": "processed"}
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": content.stat().st_size,
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
         write_json_atomic(self._object_path(file_id), obj)
         return obj
 
@@ -114,7 +129,9 @@ class FileStore:
         try:
             return json.loads(self._object_path(file_id).read_text())
         except FileNotFoundError:
-            raise ApiError(404, f"No such File object: {file_id}", param="file_id", code="not_found") from None
+            raise ApiError(
+                404, f"No such File object: {file_id}", param="file_id", code="not_found"
+            ) from None
 
     def read(self, file_id: str) -> bytes:
         self.get(file_id)
@@ -144,7 +161,9 @@ class BatchStore:
         try:
             return json.loads(self._object_path(batch_id).read_text())
         except FileNotFoundError:
-            raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found") from None
+            raise ApiError(
+                404, f"No such Batch object: {batch_id}", param="batch_id", code="not_found"
+            ) from None
 
     def list(self) -> list[dict]:
         return _read_objects(self.folder)
@@ -172,7 +191,9 @@ class BatchStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         out = open(path, "a")
         if out.tell() and not path.read_bytes().endswith(b"\n"):
-            out.write("\n")  # ends a line cut short by a crash, so it stays one line read_progress skips
+            out.write(
+                "\n"
+            )  # ends a line cut short by a crash, so it stays one line read_progress skips
         return out
 
     def delete_progress(self, batch_id: str) -> None:

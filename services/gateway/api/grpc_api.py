@@ -1,4 +1,5 @@
 """The public gRPC Gateway service (gateway.proto), sharing the engine with the REST API."""
+
 from __future__ import annotations
 
 import logging
@@ -18,23 +19,44 @@ from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.gateway.pipeline.sampling import checked
 
 log = logging.getLogger("radixserve.gateway.grpc")
-FINISH_ENUMS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-                "abort": common_pb2.FINISH_REASON_ABORT}
+FINISH_ENUMS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
 
 
-def generation_input(engine: Engine, request: gateway_pb2.GatewayGenerateRequest) -> GenerationInput:
+def generation_input(
+    engine: Engine, request: gateway_pb2.GatewayGenerateRequest
+) -> GenerationInput:
     if request.model and request.model not in (engine.served_name, engine.args.model_path):
-        raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{request.model}` does not exist.",
+            param="model",
+            code="model_not_found",
+        )
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise bad_request("one of text, chat or input_ids is required", param="prompt")
-    prompt = {"text": lambda: request.text, "chat": lambda: request.chat,
-              "input_ids": lambda: list(request.input_ids.ids)}[kind]()
+    prompt = {
+        "text": lambda: request.text,
+        "chat": lambda: request.chat,
+        "input_ids": lambda: list(request.input_ids.ids),
+    }[kind]()
     # max_new_tokens 0: as many as the context leaves.
-    sampling, stopping = checked(SamplingParams.from_proto(request.sampling),
-                                 StoppingCriteria.from_proto(request.stopping))
-    return GenerationInput(prompt, sampling, stopping, list(request.stop), request.skip_special_tokens,
-                           request_id=request.request_id, prompt_param=kind)
+    sampling, stopping = checked(
+        SamplingParams.from_proto(request.sampling), StoppingCriteria.from_proto(request.stopping)
+    )
+    return GenerationInput(
+        prompt,
+        sampling,
+        stopping,
+        list(request.stop),
+        request.skip_special_tokens,
+        request_id=request.request_id,
+        prompt_param=kind,
+    )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -54,22 +76,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         timer = None
         try:
             self.engine.check_sequences(1, "prompt")
-            prepared = await deadline.run(self.engine.prepare(generation_input(self.engine, request)))
+            prepared = await deadline.run(
+                self.engine.prepare(generation_input(self.engine, request))
+            )
             timer = deadline.arm(cancellation, prepared.request_id)
             stream = self.engine.stream(prepared, cancellation=cancellation)
             try:
                 async for item in stream:
                     if isinstance(item, Delta):
                         yield gateway_pb2.GatewayGenerateResponse(
-                            request_id=prepared.request_id, text=item.text, token_ids=item.token_ids,
-                            logprobs=item.logprobs)
+                            request_id=prepared.request_id,
+                            text=item.text,
+                            token_ids=item.token_ids,
+                            logprobs=item.logprobs,
+                        )
                         continue
                     yield gateway_pb2.GatewayGenerateResponse(
-                        request_id=prepared.request_id, finish_reason=FINISH_ENUMS[item.reason],
-                        usage=common_pb2.Usage(prompt_tokens=item.prompt_tokens,
-                                               completion_tokens=item.completion_tokens,
-                                               cached_tokens=item.cached_tokens),
-                        matched_stop=item.matched if isinstance(item.matched, str) else "")
+                        request_id=prepared.request_id,
+                        finish_reason=FINISH_ENUMS[item.reason],
+                        usage=common_pb2.Usage(
+                            prompt_tokens=item.prompt_tokens,
+                            completion_tokens=item.completion_tokens,
+                            cached_tokens=item.cached_tokens,
+                        ),
+                        matched_stop=item.matched if isinstance(item.matched, str) else "",
+                    )
             finally:
                 await stream.aclose()
         except ApiError as e:
@@ -83,15 +114,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             info = await self.engine.model_info()
         except ApiError as e:
             await context.abort(grpc_status_for(e.status), e.message)
-        return gateway_pb2.GatewayListModelsResponse(models=[gateway_pb2.GatewayModel(
-            id=self.engine.served_name, context_length=info.context_length, root=info.model_path)])
+        return gateway_pb2.GatewayListModelsResponse(
+            models=[
+                gateway_pb2.GatewayModel(
+                    id=self.engine.served_name,
+                    context_length=info.context_length,
+                    root=info.model_path,
+                )
+            ]
+        )
 
     async def Health(self, request, context):
         healthy, detail = await self.engine.health()
         return gateway_pb2.GatewayHealthResponse(healthy=healthy, detail=detail)
 
 
-async def start_grpc_api(engine: Engine, addr: str, api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_api(
+    engine: Engine, addr: str, api_key: str | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Start the public gRPC server on addr (host:port); returns it and the bound port."""
     server = aio_server(grpc_interceptors(api_key), public=True)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(engine), server)

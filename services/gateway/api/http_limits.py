@@ -22,6 +22,7 @@ requests from that connection but, for up to LINGER_S and LINGER_MAX_BYTES, drop
 sending, so the client reads the answer instead of a connection reset. Refusals are logged as a warning at most once per
 WARN_INTERVAL_S per kind (with a count), so that an attack does not flood the log.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,13 +40,19 @@ from radixserve.gateway.api.errors import RETRY_AFTER_S, ApiError
 
 log = logging.getLogger("radixserve.gateway.http")
 
-LINGER_S = 1.0  # how long a refused connection's remaining input is read and dropped before closing it
+LINGER_S = (
+    1.0  # how long a refused connection's remaining input is read and dropped before closing it
+)
 # ... and how much of it: a client streaming a huge header has megabytes in flight when its 431 leaves, and
 # reading them all cost the gateway more CPU than the rest of the refusal. Past this the connection is reset
 # (the answer is in the client's receive queue by then).
 LINGER_MAX_BYTES = 256 * 1024
-MIN_FD_HEADROOM = 128  # descriptors kept for what is not a client connection (gRPC channels, files, ...)
-MAX_DEFAULT_CONNECTIONS = 65536  # the derived default never exceeds this, however high the open-file limit
+MIN_FD_HEADROOM = (
+    128  # descriptors kept for what is not a client connection (gRPC channels, files, ...)
+)
+MAX_DEFAULT_CONNECTIONS = (
+    65536  # the derived default never exceeds this, however high the open-file limit
+)
 WARN_INTERVAL_S = 10.0
 
 
@@ -72,20 +79,37 @@ class HttpLimits:
     # many, a further one is closed at once without an answer.
     max_refusing: int = 0
     refusing: int = 0
-    _warned: dict = field(default_factory=dict)  # kind -> (time of the last warning, refusals not logged since)
+    _warned: dict = field(
+        default_factory=dict
+    )  # kind -> (time of the last warning, refusals not logged since)
 
     def __post_init__(self):
-        for name in ("max_header_bytes", "max_headers", "header_timeout", "keep_alive_timeout", "max_connections"):
+        for name in (
+            "max_header_bytes",
+            "max_headers",
+            "header_timeout",
+            "keep_alive_timeout",
+            "max_connections",
+        ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--http-{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--http-{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         self.max_refusing = self.max_refusing or max(8, self.max_connections // 32)
 
     @classmethod
     def from_args(cls, args) -> HttpLimits:
-        return cls(max_header_bytes=args.http_max_header_bytes, max_headers=args.http_max_headers,
-                   header_timeout=args.http_header_timeout, keep_alive_timeout=args.http_keep_alive_timeout,
-                   max_connections=(default_max_connections() if args.http_max_connections is None
-                                    else args.http_max_connections))
+        return cls(
+            max_header_bytes=args.http_max_header_bytes,
+            max_headers=args.http_max_headers,
+            header_timeout=args.http_header_timeout,
+            keep_alive_timeout=args.http_keep_alive_timeout,
+            max_connections=(
+                default_max_connections()
+                if args.http_max_connections is None
+                else args.http_max_connections
+            ),
+        )
 
     def warn(self, kind: str, message: str, *log_args) -> None:
         """A warning for this kind of refusal, at most once per WARN_INTERVAL_S."""
@@ -99,11 +123,17 @@ class HttpLimits:
         log.warning(message + suffix, *log_args)
 
 
-def http_error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> bytes:
+def http_error_response(
+    status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> bytes:
     """A whole HTTP/1.1 response carrying an OpenAI-shaped error, closing the connection."""
     body = json.dumps(ApiError(status, message, code=code).body()).encode()
-    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]
+    head = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
     head += [f"{name}: {value}" for name, value in (headers or {}).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
@@ -124,8 +154,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._rejection: tuple[int, str, str] | None = None  # set by a parser callback that broke a limit
-        self._discarding = False  # answered with an error: further input is dropped until the connection closes
+        self._rejection: tuple[int, str, str] | None = (
+            None  # set by a parser callback that broke a limit
+        )
+        self._discarding = (
+            False  # answered with an error: further input is dropped until the connection closes
+        )
         self._dropped_bytes = 0  # input dropped while lingering
         self._over_limit = False  # beyond max_connections: never served
         self._counted_refusing = False
@@ -140,16 +174,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.transport = transport
         self._over_limit = True
-        limits.warn("connections", "%d HTTP connections open (--http-max-connections); refusing new ones with 503",
-                    len(self.connections))
+        limits.warn(
+            "connections",
+            "%d HTTP connections open (--http-max-connections); refusing new ones with 503",
+            len(self.connections),
+        )
         if limits.refusing >= limits.max_refusing:
             transport.abort()
             return
         limits.refusing += 1
         self._counted_refusing = True
-        self._answer_and_linger(http_error_response(
-            503, f"The server has too many open connections ({limits.max_connections}); retry later.",
-            "too_many_connections", {"retry-after": str(RETRY_AFTER_S)}))
+        self._answer_and_linger(
+            http_error_response(
+                503,
+                f"The server has too many open connections ({limits.max_connections}); retry later.",
+                "too_many_connections",
+                {"retry-after": str(RETRY_AFTER_S)},
+            )
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._head_timer, self._linger_timer):
@@ -189,15 +231,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._in_head:
                 if self._head_timer is None:
                     self._arm_head_timer()
-                piece, data = data[:limit - self._head_bytes], data[limit - self._head_bytes:]
+                piece, data = data[: limit - self._head_bytes], data[limit - self._head_bytes :]
                 self._head_bytes += len(piece)
             else:
                 piece, data = data, b""
             if not self._feed(piece):
                 return
             if self._in_head and self._head_bytes >= limit and not self.transport.is_closing():
-                self._reject(431, f"The request head is larger than the server's limit of {limit} bytes.",
-                             "request_header_fields_too_large")
+                self._reject(
+                    431,
+                    f"The request head is larger than the server's limit of {limit} bytes.",
+                    "request_header_fields_too_large",
+                )
 
     def _feed(self, data: bytes) -> bool:
         """Feed the parser as uvicorn does; False once the connection stops being read as HTTP/1.1."""
@@ -238,8 +283,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
-            self._rejection = (431, f"The request has more than the server's limit of {self.limits.max_headers} "
-                                    "header fields.", "request_header_fields_too_large")
+            self._rejection = (
+                431,
+                f"The request has more than the server's limit of {self.limits.max_headers} "
+                "header fields.",
+                "request_header_fields_too_large",
+            )
             raise _HeadRejected()
         super().on_header(name, value)
 
@@ -271,12 +320,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self._arm_head_timer()  # a pipelined head waits behind a response in progress
             return
-        self.limits.warn("header_timeout", "closed an HTTP connection from %s that sent no complete request head "
-                         "within %gs (--http-header-timeout)", _peer(self.client), self.limits.header_timeout)
+        self.limits.warn(
+            "header_timeout",
+            "closed an HTTP connection from %s that sent no complete request head "
+            "within %gs (--http-header-timeout)",
+            _peer(self.client),
+            self.limits.header_timeout,
+        )
         self._discarding = True
         if self._head_bytes:
-            self.transport.write(http_error_response(
-                408, f"The request head did not arrive within {self.limits.header_timeout:g}s.", "request_timeout"))
+            self.transport.write(
+                http_error_response(
+                    408,
+                    f"The request head did not arrive within {self.limits.header_timeout:g}s.",
+                    "request_timeout",
+                )
+            )
         self.transport.close()
 
 

@@ -1,4 +1,5 @@
 """GET /metrics (--enable-metrics): the gateway's Prometheus metrics followed by the scheduler's."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,9 @@ SCHEDULER_METRICS_TIMEOUT_S = 5.0
 async def metrics(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     if engine.metrics is None:
-        raise ApiError(404, "metrics are off: start the server with --enable-metrics", code="not_found")
+        raise ApiError(
+            404, "metrics are off: start the server with --enable-metrics", code="not_found"
+        )
     text = engine.metrics.prometheus_text() + await scheduler_metrics_text(engine)
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 
@@ -29,8 +32,9 @@ async def metrics(request: Request) -> Response:
 async def scheduler_metrics_text(engine: Engine) -> str:
     """The scheduler's metrics; empty while it cannot be reached (the gateway's are served anyway)."""
     try:
-        resp = await engine.stubs().scheduler.GetMetrics(scheduler_pb2.SchedulerMetricsRequest(),
-                                                         timeout=SCHEDULER_METRICS_TIMEOUT_S)
+        resp = await engine.stubs().scheduler.GetMetrics(
+            scheduler_pb2.SchedulerMetricsRequest(), timeout=SCHEDULER_METRICS_TIMEOUT_S
+        )
     except grpc.aio.AioRpcError as e:
         log.warning("scheduler metrics unavailable: %s", e.code().name)
         return ""

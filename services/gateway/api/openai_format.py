@@ -1,4 +1,5 @@
 """OpenAI response objects: chat and text completions, chunks, usage and logprobs."""
+
 from __future__ import annotations
 
 import time
@@ -17,14 +18,22 @@ class ResponseMeta:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
 
     def envelope(self, object_name: str) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
 
 
 def usage(finish: Finish) -> dict:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
+    }
 
 
 def matched_stop(finish: Finish) -> str | int | None:
@@ -33,22 +42,46 @@ def matched_stop(finish: Finish) -> str | int | None:
 
 # ---- chat ----
 
-def chat_choice(index: int, text: str | None, finish: Finish, logprobs: dict | None,
-                tool_calls: list[dict] | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None,
-                                        "tool_calls": tool_calls or None},
-            "logprobs": logprobs, "finish_reason": "tool_calls" if tool_calls else finish.reason,
-            "matched_stop": matched_stop(finish)}
+
+def chat_choice(
+    index: int,
+    text: str | None,
+    finish: Finish,
+    logprobs: dict | None,
+    tool_calls: list[dict] | None = None,
+) -> dict:
+    return {
+        "index": index,
+        "message": {
+            "role": "assistant",
+            "content": text,
+            "refusal": None,
+            "tool_calls": tool_calls or None,
+        },
+        "logprobs": logprobs,
+        "finish_reason": "tool_calls" if tool_calls else finish.reason,
+        "matched_stop": matched_stop(finish),
+    }
 
 
 def chat_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:
     return {**meta.envelope("chat.completion"), "choices": choices, "usage": usage(total)}
 
 
-def chat_chunk(meta: ResponseMeta, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None, index: int = 0, running: Finish | None = None) -> dict:
-    chunk = {**meta.envelope("chat.completion.chunk"),
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+def chat_chunk(
+    meta: ResponseMeta,
+    delta: dict,
+    finish_reason: str | None = None,
+    logprobs: dict | None = None,
+    index: int = 0,
+    running: Finish | None = None,
+) -> dict:
+    chunk = {
+        **meta.envelope("chat.completion.chunk"),
+        "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
     return _with_usage_field(meta, chunk, running)
 
 
@@ -65,7 +98,9 @@ def usage_chunk(meta: ResponseMeta, object_name: str, finish: Finish) -> dict:
     return {**meta.envelope(object_name), "choices": [], "usage": usage(finish)}
 
 
-def chat_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int, str], with_top: bool) -> dict:
+def chat_logprobs(
+    entries: list[common_pb2.TokenLogprob], texts: dict[int, str], with_top: bool
+) -> dict:
     def token(token_id: int, logprob: float) -> dict:
         text = texts.get(token_id, "")
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
@@ -80,24 +115,41 @@ def chat_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int, str],
 
 # ---- text completions ----
 
+
 def completion_choice(index: int, text: str, finish: Finish, logprobs: dict | None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish.reason,
-            "matched_stop": matched_stop(finish)}
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": finish.reason,
+        "matched_stop": matched_stop(finish),
+    }
 
 
 def completion_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:
     return {**meta.envelope("text_completion"), "choices": choices, "usage": usage(total)}
 
 
-def completion_chunk(meta: ResponseMeta, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None, index: int = 0, running: Finish | None = None) -> dict:
-    chunk = {**meta.envelope("text_completion"),
-             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+def completion_chunk(
+    meta: ResponseMeta,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict | None = None,
+    index: int = 0,
+    running: Finish | None = None,
+) -> dict:
+    chunk = {
+        **meta.envelope("text_completion"),
+        "choices": [
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        ],
+    }
     return _with_usage_field(meta, chunk, running)
 
 
-def completion_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int, str],
-                        text_offset: int = 0) -> dict:
+def completion_logprobs(
+    entries: list[common_pb2.TokenLogprob], texts: dict[int, str], text_offset: int = 0
+) -> dict:
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entry in entries:
         text = texts.get(entry.token_id, "")
@@ -106,7 +158,12 @@ def completion_logprobs(entries: list[common_pb2.TokenLogprob], texts: dict[int,
         tops.append({texts.get(t.token_id, ""): t.logprob for t in entry.top} or None)
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 def logprob_token_ids(entries: list[common_pb2.TokenLogprob]) -> list[int]:

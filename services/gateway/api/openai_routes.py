@@ -1,4 +1,5 @@
 """OpenAI-compatible REST endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,14 @@ from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools, tools_for_template
 from radixserve.gateway.pipeline.choices import complete_all, fan_out, merged_streams, total_usage
-from radixserve.gateway.pipeline.generation import Cancellation, Completion, Delta, Finish, GenerationInput, PreparedRequest
+from radixserve.gateway.pipeline.generation import (
+    Cancellation,
+    Completion,
+    Delta,
+    Finish,
+    GenerationInput,
+    PreparedRequest,
+)
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
 from radixserve.gateway.pipeline.request_control import live_requests
 from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, penalty_args, stop_list
@@ -34,15 +42,25 @@ def engine_of(request: Request) -> Engine:
 
 def check_model(engine: Engine, model: str | None) -> None:
     if model and model not in (engine.served_name, engine.args.model_path):
-        raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        raise ApiError(
+            404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+        )
 
 
 # ---- /v1/models ----
 
+
 async def model_card(engine: Engine) -> dict:
     info = await engine.model_info()
-    return {"id": engine.served_name, "object": "model", "created": STARTED_AT, "owned_by": "radixserve",
-            "root": info.model_path, "parent": None, "max_model_len": info.context_length}
+    return {
+        "id": engine.served_name,
+        "object": "model",
+        "created": STARTED_AT,
+        "owned_by": "radixserve",
+        "root": info.model_path,
+        "parent": None,
+        "max_model_len": info.context_length,
+    }
 
 
 @router.get("/v1/models")
@@ -59,18 +77,24 @@ async def get_model(model_id: str, request: Request):
 
 # ---- shared by both endpoints ----
 
+
 def choice_count(n: int | None) -> int:
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {n}", param="n", code="invalid_value")
+        raise bad_request(
+            f"n must be between 1 and {MAX_CHOICES}, got {n}", param="n", code="invalid_value"
+        )
     return n
 
 
 def response_meta(engine: Engine, request_id: str, body) -> fmt.ResponseMeta:
     options = body.stream_options if body.stream else None
-    return fmt.ResponseMeta(request_id, engine.served_name,
-                            include_usage=bool(options and (options.include_usage or options.continuous_usage_stats)),
-                            continuous_usage=bool(options and options.continuous_usage_stats))
+    return fmt.ResponseMeta(
+        request_id,
+        engine.served_name,
+        include_usage=bool(options and (options.include_usage or options.continuous_usage_stats)),
+        continuous_usage=bool(options and options.continuous_usage_stats),
+    )
 
 
 class RunningCounts:
@@ -87,6 +111,7 @@ class RunningCounts:
 
 # ---- /v1/chat/completions ----
 
+
 def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation:
     messages = []
     for i, m in enumerate(req.messages):
@@ -94,32 +119,63 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
         if isinstance(content, list):
             kinds = {p.type for p in content} - {"text"}
             if kinds:
-                raise not_supported(f"content of type {sorted(kinds)[0]!r}", param=f"messages.{i}.content")
+                raise not_supported(
+                    f"content of type {sorted(kinds)[0]!r}", param=f"messages.{i}.content"
+                )
             content = "\n".join(p.text or "" for p in content)
-        messages.append(common_pb2.ChatMessage(
-            role="system" if m.role == "developer" else m.role, content=content or "", name=m.name or "",
-            tool_calls_json=json.dumps(m.tool_calls) if m.tool_calls else "",
-            tool_call_id=m.tool_call_id or ""))
+        messages.append(
+            common_pb2.ChatMessage(
+                role="system" if m.role == "developer" else m.role,
+                content=content or "",
+                name=m.name or "",
+                tool_calls_json=json.dumps(m.tool_calls) if m.tool_calls else "",
+                tool_call_id=m.tool_call_id or "",
+            )
+        )
     return common_pb2.ChatConversation(
-        messages=messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+        messages=messages,
+        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
         continue_final_message=req.continue_final_message,
-        tools_json=json.dumps(tools) if (tools := tools_for_template(req.tools, req.tool_choice)) else "")
+        tools_json=json.dumps(tools)
+        if (tools := tools_for_template(req.tools, req.tool_choice))
+        else "",
+    )
 
 
 def chat_input(req: ChatCompletionRequest) -> GenerationInput:
     choice_count(req.n)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     sampling, stopping = build_sampling(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-        max_tokens=max_tokens, max_tokens_param=max_param, stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs,
-        **penalty_args(req))
-    sampling.constraint = request_constraint(response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
-    return GenerationInput(chat_conversation(req), sampling, stopping, stop_list(req.stop), req.skip_special_tokens,
-                           request_id=f"chatcmpl-{uuid.uuid4().hex}", prompt_param="messages")
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        max_tokens_param=max_param,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs,
+        **penalty_args(req),
+    )
+    sampling.constraint = request_constraint(
+        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+    )
+    return GenerationInput(
+        chat_conversation(req),
+        sampling,
+        stopping,
+        stop_list(req.stop),
+        req.skip_special_tokens,
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_param="messages",
+    )
 
 
 @dataclass
@@ -139,20 +195,36 @@ async def chat_completions(request: Request):
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
     prepared = await live.deadline(started).run(engine.prepare(chat_input(req)))
-    tools = plan_tools(req.tools, req.tool_choice, engine.args.tool_call_parser, await engine.model_info(),
-                       prepared.sampling)
+    tools = plan_tools(
+        req.tools,
+        req.tool_choice,
+        engine.args.tool_call_parser,
+        await engine.model_info(),
+        prepared.sampling,
+    )
     options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
-        return await sse_response(request, live.tracked_events(
-            prepared.request_id, requests, started, cancellation,
-            chat_events(engine, requests, meta, options, cancellation)))
+        return await sse_response(
+            request,
+            live.tracked_events(
+                prepared.request_id,
+                requests,
+                started,
+                cancellation,
+                chat_events(engine, requests, meta, options, cancellation),
+            ),
+        )
     with live.track(prepared.request_id, requests, started, cancellation):
-        results = await run_unless_disconnected(request, complete_all(engine, requests, cancellation))
+        results = await run_unless_disconnected(
+            request, complete_all(engine, requests, cancellation)
+        )
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
-    return JSONResponse(fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n)))
+    return JSONResponse(
+        fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
+    )
 
 
 async def chat_choice(engine: Engine, index: int, result: Completion, options: ChatOptions) -> dict:
@@ -167,8 +239,13 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
     return fmt.chat_choice(index, text, result.finish, logprobs, calls)
 
 
-async def chat_events(engine: Engine, requests: list[PreparedRequest], meta: fmt.ResponseMeta,
-                      options: ChatOptions, cancellation: Cancellation | None = None) -> AsyncIterator[dict]:
+async def chat_events(
+    engine: Engine,
+    requests: list[PreparedRequest],
+    meta: fmt.ResponseMeta,
+    options: ChatOptions,
+    cancellation: Cancellation | None = None,
+) -> AsyncIterator[dict]:
     """Per choice: a role chunk, content (or tool-call) deltas, one chunk with its finish_reason;
     then the usage chunk when asked for."""
     stream = merged_streams(engine, requests, cancellation)
@@ -177,7 +254,9 @@ async def chat_events(engine: Engine, requests: list[PreparedRequest], meta: fmt
     started: set[int] = set()
     finishes: list[Finish | None] = [None] * len(requests)
     try:
-        index, item = await anext(stream)  # before any chunk, so early failures get a real HTTP status
+        index, item = await anext(
+            stream
+        )  # before any chunk, so early failures get a real HTTP status
         while True:
             if index not in started:
                 started.add(index)
@@ -188,12 +267,20 @@ async def chat_events(engine: Engine, requests: list[PreparedRequest], meta: fmt
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
-                events = parsers[index].feed(item.text) if parsers[index] else ([item.text] if item.text else [])
+                events = (
+                    parsers[index].feed(item.text)
+                    if parsers[index]
+                    else ([item.text] if item.text else [])
+                )
                 for delta in chat_deltas(events):
-                    yield fmt.chat_chunk(meta, delta, logprobs=logprobs, index=index, running=running)
+                    yield fmt.chat_chunk(
+                        meta, delta, logprobs=logprobs, index=index, running=running
+                    )
                     logprobs = None
                 if logprobs:
-                    yield fmt.chat_chunk(meta, {"content": ""}, logprobs=logprobs, index=index, running=running)
+                    yield fmt.chat_chunk(
+                        meta, {"content": ""}, logprobs=logprobs, index=index, running=running
+                    )
             else:
                 finishes[index] = item
                 parser = parsers[index]
@@ -207,17 +294,22 @@ async def chat_events(engine: Engine, requests: list[PreparedRequest], meta: fmt
             except StopAsyncIteration:
                 break
         if meta.include_usage:
-            yield fmt.usage_chunk(meta, "chat.completion.chunk", total_usage(finishes, len(requests)))
+            yield fmt.usage_chunk(
+                meta, "chat.completion.chunk", total_usage(finishes, len(requests))
+            )
     finally:
         await stream.aclose()
 
 
 def chat_deltas(events: list) -> list[dict]:
     """Tool-parser events as chat deltas: text -> content, dicts -> one tool_calls item each."""
-    return [{"content": e} if isinstance(e, str) else {"tool_calls": [e]} for e in events if e != ""]
+    return [
+        {"content": e} if isinstance(e, str) else {"tool_calls": [e]} for e in events if e != ""
+    ]
 
 
 # ---- /v1/completions ----
+
 
 def prompt_count(prompt) -> int:
     """How many prompts completion_prompts will make of a request's prompt, without making them."""
@@ -237,7 +329,9 @@ def completion_prompts(prompt) -> list[str | list[int]]:
     return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
-def completion_input(req: CompletionRequest, prompt: str | list[int] | None = None) -> GenerationInput:
+def completion_input(
+    req: CompletionRequest, prompt: str | list[int] | None = None
+) -> GenerationInput:
     choice_count(req.n)
     if req.suffix:
         raise not_supported("suffix", param="suffix")
@@ -249,14 +343,32 @@ def completion_input(req: CompletionRequest, prompt: str | list[int] | None = No
         raise bad_request("logprobs must be between 0 and 20", param="logprobs")
     logprobs = req.logprobs is not None
     sampling, stopping = build_sampling(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-        max_tokens=req.max_tokens, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-        logprobs=logprobs, top_logprobs=req.logprobs, **penalty_args(req))
-    sampling.constraint = request_constraint(response_format=req.response_format, regex=req.regex, ebnf=req.ebnf)
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        max_tokens=req.max_tokens,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=req.logprobs,
+        **penalty_args(req),
+    )
+    sampling.constraint = request_constraint(
+        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+    )
     if prompt is None:
         prompt = completion_prompts(req.prompt)[0]
-    return GenerationInput(prompt, sampling, stopping, stop_list(req.stop), req.skip_special_tokens,
-                           request_id=f"cmpl-{uuid.uuid4().hex}", prompt_param="prompt")
+    return GenerationInput(
+        prompt,
+        sampling,
+        stopping,
+        stop_list(req.stop),
+        req.skip_special_tokens,
+        request_id=f"cmpl-{uuid.uuid4().hex}",
+        prompt_param="prompt",
+    )
 
 
 @router.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
@@ -271,17 +383,28 @@ async def completions(request: Request):
     engine.check_sequences(count * n, "n" if n > 1 else "prompt", f"{count} prompts x n={n}")
     prompts = completion_prompts(req.prompt)
     live = live_requests(request)
-    prepared, echoes = await live.deadline(started).run(prepare_completions(engine, req, prompts, n))
+    prepared, echoes = await live.deadline(started).run(
+        prepare_completions(engine, req, prompts, n)
+    )
     requests = [copy for i, p in enumerate(prepared) for copy in fan_out(p, n, first_index=i * n)]
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
     cancellation = Cancellation()
     if req.stream:
-        return await sse_response(request, live.tracked_events(
-            meta.id, requests, started, cancellation,
-            completion_events(engine, requests, n, meta, want_logprobs, echoes, cancellation)))
+        return await sse_response(
+            request,
+            live.tracked_events(
+                meta.id,
+                requests,
+                started,
+                cancellation,
+                completion_events(engine, requests, n, meta, want_logprobs, echoes, cancellation),
+            ),
+        )
     with live.track(meta.id, requests, started, cancellation):
-        results = await run_unless_disconnected(request, complete_all(engine, requests, cancellation))
+        results = await run_unless_disconnected(
+            request, complete_all(engine, requests, cancellation)
+        )
     choices = []
     for i, result in enumerate(results):
         logprobs = None
@@ -289,11 +412,14 @@ async def completions(request: Request):
             texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
             logprobs = fmt.completion_logprobs(result.logprobs, texts)
         choices.append(fmt.completion_choice(i, echoes[i] + result.text, result.finish, logprobs))
-    return JSONResponse(fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n)))
+    return JSONResponse(
+        fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n))
+    )
 
 
-async def prepare_completions(engine: Engine, req: CompletionRequest, prompts: list[str | list[int]],
-                              n: int) -> tuple[list[PreparedRequest], list[str]]:
+async def prepare_completions(
+    engine: Engine, req: CompletionRequest, prompts: list[str | list[int]], n: int
+) -> tuple[list[PreparedRequest], list[str]]:
     """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
     prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
@@ -305,9 +431,15 @@ async def echo_text(engine: Engine, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else await engine.detokenize(prompt)
 
 
-async def completion_events(engine: Engine, requests: list[PreparedRequest], n: int, meta: fmt.ResponseMeta,
-                            want_logprobs: bool, echoes: list[str],
-                            cancellation: Cancellation | None = None) -> AsyncIterator[dict]:
+async def completion_events(
+    engine: Engine,
+    requests: list[PreparedRequest],
+    n: int,
+    meta: fmt.ResponseMeta,
+    want_logprobs: bool,
+    echoes: list[str],
+    cancellation: Cancellation | None = None,
+) -> AsyncIterator[dict]:
     stream = merged_streams(engine, requests, cancellation)
     offsets = [0] * len(requests)
     counts = RunningCounts(requests, n)
@@ -329,7 +461,9 @@ async def completion_events(engine: Engine, requests: list[PreparedRequest], n: 
                 logprobs = fmt.completion_logprobs(item.logprobs, texts, offsets[index])
             offsets[index] += len(item.text)
             if item.text or logprobs or meta.continuous_usage:
-                yield fmt.completion_chunk(meta, item.text, logprobs=logprobs, index=index, running=running)
+                yield fmt.completion_chunk(
+                    meta, item.text, logprobs=logprobs, index=index, running=running
+                )
         if meta.include_usage:
             yield fmt.usage_chunk(meta, "text_completion", total_usage(finishes, n))
     finally:

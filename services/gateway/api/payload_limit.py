@@ -4,6 +4,7 @@ A pure ASGI middleware: a Content-Length over the limit is refused before the ap
 one (chunked) or with a lying one is counted as it is read, and once past the limit the read fails and
 whatever the app would have answered is replaced by the 413.
 """
+
 from __future__ import annotations
 
 from starlette.datastructures import Headers
@@ -17,8 +18,11 @@ class PayloadTooLarge(Exception):
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"The request body is larger than the server's limit of {limit} bytes.",
-                    code="payload_too_large")
+    return ApiError(
+        413,
+        f"The request body is larger than the server's limit of {limit} bytes.",
+        code="payload_too_large",
+    )
 
 
 class PayloadLimitMiddleware:
@@ -62,7 +66,9 @@ class PayloadLimitMiddleware:
 
     async def _refuse(self, scope, receive, send) -> None:
         err = too_large(self.max_bytes)
-        await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(scope, receive, send)
+        await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(
+            scope, receive, send
+        )
 
 
 def install_payload_limit(app, max_bytes: int | None) -> None:

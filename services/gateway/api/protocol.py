@@ -1,4 +1,5 @@
 """Request bodies of the REST APIs (OpenAI and SGLang native). Unknown fields are ignored."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -38,15 +39,20 @@ class ChatMessageIn(_Body):
         if content is not None or role is None:
             return content
         if role != "assistant":
-            raise ValueError(f"a {role} message needs content (a string or a list of content parts), "
-                             "got null or nothing")
+            raise ValueError(
+                f"a {role} message needs content (a string or a list of content parts), "
+                "got null or nothing"
+            )
         if info.data.get("tool_calls") is None and info.data.get("function_call") is None:
-            raise ValueError("an assistant message needs content unless it has tool_calls or function_call")
+            raise ValueError(
+                "an assistant message needs content unless it has tool_calls or function_call"
+            )
         return content
 
 
 class _OpenAISampling(_Body):
     """Fields shared by chat and text completions."""
+
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -74,9 +80,20 @@ class _OpenAISampling(_Body):
 
 
 class ChatCompletionRequest(_OpenAISampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
-        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16, "stream": True, "n": 2}]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
+                {
+                    "messages": [{"role": "user", "content": "Hello!"}],
+                    "max_tokens": 16,
+                    "stream": True,
+                    "n": 2,
+                },
+            ]
+        },
+    )
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -88,9 +105,15 @@ class ChatCompletionRequest(_OpenAISampling):
 
 
 class CompletionRequest(_OpenAISampling):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"prompt": "Once upon a time", "max_tokens": 16},
-        {"prompt": [[1, 2, 3], "Hi"], "max_tokens": 4, "stream": True, "echo": True}]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "Once upon a time", "max_tokens": 16},
+                {"prompt": [[1, 2, 3], "Hi"], "max_tokens": 4, "stream": True, "echo": True},
+            ]
+        },
+    )
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = False
@@ -121,9 +144,15 @@ class NativeSamplingParams(_Body):
 
 
 class NativeGenerateRequest(_Body):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 16}},
-        {"input_ids": [1, 2, 3], "stream": True, "rid": "my-request"}]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 16}},
+                {"input_ids": [1, 2, 3], "stream": True, "rid": "my-request"},
+            ]
+        },
+    )
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: NativeSamplingParams | None = None
@@ -134,8 +163,10 @@ class NativeGenerateRequest(_Body):
 
 class AbortRequest(_Body):
     """SGLang's POST /abort_request: one request by id, or every request."""
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"rid": "my-request"},
-                                                                             {"abort_all": True}]})
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"rid": "my-request"}, {"abort_all": True}]}
+    )
     rid: str | None = None
     abort_all: bool = False
 
@@ -145,7 +176,12 @@ def openapi_body(model: type[BaseModel]) -> dict:
     request body (with its $defs inlined, so the schema stands alone inside the OpenAPI document)."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_refs(schema, defs)}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline_refs(schema, defs)}},
+        }
+    }
 
 
 def _inline_refs(node, defs: dict):

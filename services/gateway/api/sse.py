@@ -1,4 +1,5 @@
 """Server-sent events in OpenAI's framing, and tying a request's work to its client connection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,9 @@ async def sse_response(request: Request, events: AsyncIterator[dict]) -> Streami
     except BaseException:
         await events.aclose()
         raise
-    return StreamingResponse(_frames(first, events), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(
+        _frames(first, events), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
 async def _frames(first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:

@@ -1,5 +1,6 @@
 """Tool calls in chat completions: which parser reads the model's calls, and how tool_choice
 "required" or a named function constrains generation (a JSON schema, through structured output)."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,17 @@ from dataclasses import dataclass
 from radixserve.common.sampling import Constraint, SamplingParams
 from radixserve.gateway.api.errors import bad_request
 from radixserve.gateway.pipeline.generation import ServedModel
-from radixserve.gateway.pipeline.tool_parsers import (ConstrainedStreamingParser, ParsedOutput, StreamingToolParser, ToolParser,
-                                           default_tool_parser_name, get_tool_parser, parse_constrained_output,
-                                           resolve_tool_choice, tool_call_json_schema)
+from radixserve.gateway.pipeline.tool_parsers import (
+    ConstrainedStreamingParser,
+    ParsedOutput,
+    StreamingToolParser,
+    ToolParser,
+    default_tool_parser_name,
+    get_tool_parser,
+    parse_constrained_output,
+    resolve_tool_choice,
+    tool_call_json_schema,
+)
 
 
 @dataclass
@@ -22,7 +31,9 @@ class ToolPlan:
         return self.parser.streaming() if self.parser else ConstrainedStreamingParser(self.choice)
 
     def parse(self, text: str) -> ParsedOutput:
-        return self.parser.parse(text) if self.parser else parse_constrained_output(text, self.choice)
+        return (
+            self.parser.parse(text) if self.parser else parse_constrained_output(text, self.choice)
+        )
 
 
 def tools_for_template(tools: list[dict] | None, tool_choice) -> list[dict] | None:
@@ -32,8 +43,13 @@ def tools_for_template(tools: list[dict] | None, tool_choice) -> list[dict] | No
     return tools
 
 
-def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, info: ServedModel,
-               sampling: SamplingParams) -> ToolPlan | None:
+def plan_tools(
+    tools: list[dict] | None,
+    tool_choice,
+    parser_name: str | None,
+    info: ServedModel,
+    sampling: SamplingParams,
+) -> ToolPlan | None:
     """How this request's tool calls are produced and read; None when it has no tools in play.
     For "required" and named choices, sets sampling's constraint to the calls' JSON schema."""
     choice = resolve_tool_choice(tools, tool_choice)
@@ -42,14 +58,21 @@ def plan_tools(tools: list[dict] | None, tool_choice, parser_name: str | None, i
     if choice == "auto":
         name = parser_name or default_tool_parser_name(info.architecture, info.served_name)
         if name is None:
-            raise bad_request("this model has no known tool-call format; start the server with --tool-call-parser",
-                              param="tools")
+            raise bad_request(
+                "this model has no known tool-call format; start the server with --tool-call-parser",
+                param="tools",
+            )
         try:
             return ToolPlan(choice, get_tool_parser(name))
         except ValueError as e:
             raise bad_request(str(e), param="tools") from None
     if sampling.constraint is not None:
-        raise bad_request("tool_choice \"required\" or a named function cannot be combined with response_format, "
-                          "regex or ebnf", param="tool_choice")
-    sampling.constraint = Constraint("json_schema", json.dumps(tool_call_json_schema(tools, choice)))
+        raise bad_request(
+            'tool_choice "required" or a named function cannot be combined with response_format, '
+            "regex or ebnf",
+            param="tool_choice",
+        )
+    sampling.constraint = Constraint(
+        "json_schema", json.dumps(tool_call_json_schema(tools, choice))
+    )
     return ToolPlan(choice, None)

@@ -1,6 +1,7 @@
 """Several choices from one API request: `n` samples of each prompt, and a list of prompts
 (/v1/completions). Each choice is its own scheduler request (the radix cache shares the prompt's
 KV between them); their streams are merged here, tagged with the choice index."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,7 +10,13 @@ from collections.abc import AsyncIterator
 
 from radixserve.common.sampling import UINT64_MASK
 from radixserve.gateway.pipeline.engine import Engine, collect
-from radixserve.gateway.pipeline.generation import Cancellation, Completion, Delta, Finish, PreparedRequest
+from radixserve.gateway.pipeline.generation import (
+    Cancellation,
+    Completion,
+    Delta,
+    Finish,
+    PreparedRequest,
+)
 
 
 def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[PreparedRequest]:
@@ -22,13 +29,17 @@ def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[Pre
         sampling = prepared.sampling
         if sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) & UINT64_MASK)
-        copies.append(dataclasses.replace(prepared, request_id=f"{prepared.request_id}-{first_index + i}",
-                                          sampling=sampling))
+        copies.append(
+            dataclasses.replace(
+                prepared, request_id=f"{prepared.request_id}-{first_index + i}", sampling=sampling
+            )
+        )
     return copies
 
 
-async def complete_all(engine: Engine, requests: list[PreparedRequest],
-                       cancellation: Cancellation | None = None) -> list[Completion]:
+async def complete_all(
+    engine: Engine, requests: list[PreparedRequest], cancellation: Cancellation | None = None
+) -> list[Completion]:
     """Run the requests (started together, see Engine.open_streams) to the end and collect them."""
     streams = engine.open_streams(requests, cancellation=cancellation)
     tasks = [asyncio.ensure_future(collect(s)) for s in streams]
@@ -41,8 +52,9 @@ async def complete_all(engine: Engine, requests: list[PreparedRequest],
             stream.close()
 
 
-async def merged_streams(engine: Engine, requests: list[PreparedRequest],
-                         cancellation: Cancellation | None = None) -> AsyncIterator[tuple[int, Delta | Finish]]:
+async def merged_streams(
+    engine: Engine, requests: list[PreparedRequest], cancellation: Cancellation | None = None
+) -> AsyncIterator[tuple[int, Delta | Finish]]:
     """(choice index, item) from every request's stream as items arrive; an error in any choice
     ends the whole response; closing the iterator aborts the unfinished ones."""
     streams = engine.open_streams(requests, cancellation=cancellation)
@@ -86,6 +98,10 @@ def total_usage(finishes: list[Finish], n: int) -> Finish:
     """One usage for the choices of a response (n per prompt, grouped by prompt): each prompt
     counted once, every completion token."""
     firsts = finishes[::n]
-    return Finish(reason="", matched=None, prompt_tokens=sum(f.prompt_tokens for f in firsts),
-                  completion_tokens=sum(f.completion_tokens for f in finishes),
-                  cached_tokens=sum(f.cached_tokens for f in firsts))
+    return Finish(
+        reason="",
+        matched=None,
+        prompt_tokens=sum(f.prompt_tokens for f in firsts),
+        completion_tokens=sum(f.completion_tokens for f in finishes),
+        cached_tokens=sum(f.cached_tokens for f in firsts),
+    )

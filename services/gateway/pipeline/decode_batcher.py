@@ -5,6 +5,7 @@ them over the replicas); items that arrive meanwhile ride the next one. A lone r
 latency (its item is sent at once); N concurrent streams cost about one RPC per scheduler step
 instead of N.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,12 @@ MAX_BATCH_ITEMS = 512
 
 
 class DecodeBatcher:
-    def __init__(self, stub: Callable[[], detokenizer_pb2_grpc.DetokenizerStub], timeout_s: float,
-                 max_inflight: int = 1):
+    def __init__(
+        self,
+        stub: Callable[[], detokenizer_pb2_grpc.DetokenizerStub],
+        timeout_s: float,
+        max_inflight: int = 1,
+    ):
         self._stub = stub
         self._timeout_s = timeout_s
         self._max_inflight = max(1, max_inflight)
@@ -28,7 +33,9 @@ class DecodeBatcher:
         self._pumps: set[asyncio.Task] = set()
         self.rpcs = 0  # batch RPCs sent (for tests and debugging)
 
-    async def decode(self, item: detokenizer_pb2.DetokenizerDecodeItem) -> detokenizer_pb2.DetokenizerDecodeResult:
+    async def decode(
+        self, item: detokenizer_pb2.DetokenizerDecodeItem
+    ) -> detokenizer_pb2.DetokenizerDecodeResult:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._pumps = {pump for pump in self._pumps if not pump.done()}
@@ -39,14 +46,17 @@ class DecodeBatcher:
     async def _pump(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH_ITEMS], self._pending[MAX_BATCH_ITEMS:]
-            batch = [(item, future) for item, future in batch if not future.done()]  # drop cancelled callers
+            batch = [
+                (item, future) for item, future in batch if not future.done()
+            ]  # drop cancelled callers
             if not batch:
                 continue
             self.rpcs += 1
             try:
                 resp = await self._stub().Decode(
                     detokenizer_pb2.DetokenizerDecodeRequest(items=[item for item, _ in batch]),
-                    timeout=self._timeout_s)
+                    timeout=self._timeout_s,
+                )
             except grpc.aio.AioRpcError as e:
                 error = from_grpc(e, "detokenizer")
                 for _, future in batch:

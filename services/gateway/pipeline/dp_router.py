@@ -17,6 +17,7 @@ tree with per-worker timestamps, evicted on a timer) each replica has its own tr
 A replica marked unavailable (its requests failed with UNAVAILABLE, or its health probe failed) is left
 out for UNAVAILABLE_S seconds, unless every replica is.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,11 +34,20 @@ UNAVAILABLE_S = 5.0
 
 
 class DataParallelRouter:
-    def __init__(self, replicas: int, method: str = "cache_aware", *, cache_threshold: float = CACHE_THRESHOLD,
-                 balance_abs_threshold: int = BALANCE_ABS_THRESHOLD,
-                 balance_rel_threshold: float = BALANCE_REL_THRESHOLD, max_tree_tokens: int = MAX_TREE_TOKENS):
+    def __init__(
+        self,
+        replicas: int,
+        method: str = "cache_aware",
+        *,
+        cache_threshold: float = CACHE_THRESHOLD,
+        balance_abs_threshold: int = BALANCE_ABS_THRESHOLD,
+        balance_rel_threshold: float = BALANCE_REL_THRESHOLD,
+        max_tree_tokens: int = MAX_TREE_TOKENS,
+    ):
         if method not in METHODS:
-            raise ValueError(f"unknown load balance method {method!r} (choose from {', '.join(METHODS)})")
+            raise ValueError(
+                f"unknown load balance method {method!r} (choose from {', '.join(METHODS)})"
+            )
         if replicas < 1:
             raise ValueError("at least one replica")
         self.method = method
@@ -47,8 +57,11 @@ class DataParallelRouter:
         self.inflight = [0] * replicas  # requests running on each replica (routed or pinned)
         self.routed = [0] * replicas  # requests route() sent to each replica since start
         # Prompts are remembered only where there is a choice to make (one replica: no trees at all).
-        self.trees = ([PrefixTree(max_tree_tokens) for _ in range(replicas)]
-                      if method == "cache_aware" and replicas > 1 else [])
+        self.trees = (
+            [PrefixTree(max_tree_tokens) for _ in range(replicas)]
+            if method == "cache_aware" and replicas > 1
+            else []
+        )
         self._next = 0
         self._unavailable_until = [float("-inf")] * replicas
 

@@ -4,6 +4,7 @@
 than 1, L2-normalizes them again (what OpenAI does for its Matryoshka-trained models). It is
 refused for models whose vectors are not normalized: no rule says what a shortened one would be.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,9 @@ from radixserve.v1 import scheduler_pb2
 from radixserve.gateway.api.errors import bad_request
 
 EMBEDDING_SERVER_ONLY = "this server serves embeddings (--is-embedding); use /v1/embeddings"
-GENERATION_SERVER_ONLY = "this server serves text generation; start it with --is-embedding to serve /v1/embeddings"
+GENERATION_SERVER_ONLY = (
+    "this server serves text generation; start it with --is-embedding to serve /v1/embeddings"
+)
 
 
 @dataclass
@@ -33,13 +36,18 @@ class EmbeddingBatch:
         """The first `dimensions` components of each vector, normalized again."""
         size = self.vectors.shape[1]
         if dimensions > size:
-            raise bad_request(f"dimensions must be at most {size} for this model (got {dimensions})",
-                              param="dimensions")
+            raise bad_request(
+                f"dimensions must be at most {size} for this model (got {dimensions})",
+                param="dimensions",
+            )
         if dimensions == size:
             return self
         if not self.normalized:
-            raise bad_request("this model's embeddings are not normalized, so they cannot be shortened: "
-                              "leave dimensions out", param="dimensions")
+            raise bad_request(
+                "this model's embeddings are not normalized, so they cannot be shortened: "
+                "leave dimensions out",
+                param="dimensions",
+            )
         kept = self.vectors[:, :dimensions]
         norms = np.linalg.norm(kept, axis=1, keepdims=True)
         return EmbeddingBatch(kept / np.maximum(norms, 1e-12), True, self.prompt_tokens)
@@ -55,7 +63,9 @@ def check_lengths(sequences: list[list[int]], context_length: int, param: str) -
             raise bad_request(
                 f"This model's maximum context length is {context_length} tokens, however {where} has "
                 f"{len(ids)} tokens. Please reduce the length of the input.",
-                param=param, code="context_length_exceeded")
+                param=param,
+                code="context_length_exceeded",
+            )
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -4,6 +4,7 @@ tokenize -> scheduler Generate stream -> detokenizer Decode per chunk -> Delta i
 Closing the stream (client gone, task cancelled, stop string matched) cancels the scheduler call,
 which aborts the request and frees its KV in every stage.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from radixserve.v1 import (common_pb2, detokenizer_pb2, detokenizer_pb2_grpc, scheduler_pb2,
-                           tokenizer_pb2, tokenizer_pb2_grpc)
+from radixserve.v1 import (
+    common_pb2,
+    detokenizer_pb2,
+    detokenizer_pb2_grpc,
+    scheduler_pb2,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
 from radixserve.common.args import ServerArgs, replica_addrs
 from radixserve.common.grpc_util import aio_channel
 from radixserve.common.log import request_id as log_request_id
@@ -27,15 +34,30 @@ from radixserve.common.sampling import MAX_TOKEN_ID, SamplingParams, StoppingCri
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
-from radixserve.gateway.pipeline.embeddings import (EMBEDDING_SERVER_ONLY, GENERATION_SERVER_ONLY, EmbeddingBatch,
-                                         check_lengths)
+from radixserve.gateway.pipeline.embeddings import (
+    EMBEDDING_SERVER_ONLY,
+    GENERATION_SERVER_ONLY,
+    EmbeddingBatch,
+    check_lengths,
+)
 from radixserve.gateway.telemetry.request_telemetry import RequestTelemetry
 from radixserve.gateway.pipeline.scheduler_replicas import SchedulerReplicas
-from radixserve.gateway.pipeline.scheduler_session import DuplicateRequestId, RequestFailed, SchedulerSession
+from radixserve.gateway.pipeline.scheduler_session import (
+    DuplicateRequestId,
+    RequestFailed,
+    SchedulerSession,
+)
 from radixserve.gateway.api.errors import ApiError, bad_request, from_grpc, from_status
 from radixserve.gateway.telemetry.metrics import GatewayMetrics, client_interceptors
-from radixserve.gateway.pipeline.generation import (Cancellation, Completion, Delta, Finish, GenerationInput, ServedModel,
-                                         PreparedRequest)
+from radixserve.gateway.pipeline.generation import (
+    Cancellation,
+    Completion,
+    Delta,
+    Finish,
+    GenerationInput,
+    ServedModel,
+    PreparedRequest,
+)
 
 log = logging.getLogger("radixserve.gateway.engine")
 
@@ -55,7 +77,9 @@ def served_model_name(args: ServerArgs) -> str:
     if args.served_model_name:
         return args.served_model_name
     try:
-        return default_model_name(args.model_path, revision=args.revision, download_dir=args.download_dir)
+        return default_model_name(
+            args.model_path, revision=args.revision, download_dir=args.download_dir
+        )
     except (OSError, ValueError):
         return os.path.basename(str(args.model_path or "").rstrip("/")) or "default"
 
@@ -79,13 +103,18 @@ class Engine:
         self._info_lock: asyncio.Lock | None = None
         self._token_texts: dict[int, str] = {}
         # One batch in flight per detokenizer replica.
-        self._decode_batcher = DecodeBatcher(lambda: self.stubs().detokenizer, UNARY_TIMEOUT_S,
-                                             max_inflight=len(parse_addrs(args.detokenizer_addr)))
+        self._decode_batcher = DecodeBatcher(
+            lambda: self.stubs().detokenizer,
+            UNARY_TIMEOUT_S,
+            max_inflight=len(parse_addrs(args.detokenizer_addr)),
+        )
         # Data parallelism (--dp-size): a Session stream per scheduler replica; the router picks one per request.
         self.scheduler_addrs = replica_addrs(args.scheduler_addr, args.dp_size)
         self.router = DataParallelRouter(len(self.scheduler_addrs), args.load_balance_method)
-        self.sessions = [SchedulerSession(lambda i=i: self.stubs().scheduler.stub(i))
-                         for i in range(len(self.scheduler_addrs))]
+        self.sessions = [
+            SchedulerSession(lambda i=i: self.stubs().scheduler.stub(i))
+            for i in range(len(self.scheduler_addrs))
+        ]
 
     # ---- connections and backend info ----
 
@@ -96,13 +125,26 @@ class Engine:
 
             def channel_to(service: str):
                 return lambda addr: aio_channel(addr, client_interceptors(self.metrics, service))
-            tokenizer = ReplicaSet(parse_addrs(a.tokenizer_addr), tokenizer_pb2_grpc.TokenizerStub,
-                                   channel_to("tokenizer"))
-            detokenizer = ReplicaSet(parse_addrs(a.detokenizer_addr), detokenizer_pb2_grpc.DetokenizerStub,
-                                     channel_to("detokenizer"))
-            scheduler = SchedulerReplicas(self.scheduler_addrs, channel_to("scheduler"), self.router)
-            self._stubs = _Stubs([*tokenizer.channels, *scheduler.channels, *detokenizer.channels], tokenizer,
-                                 scheduler, detokenizer)
+
+            tokenizer = ReplicaSet(
+                parse_addrs(a.tokenizer_addr),
+                tokenizer_pb2_grpc.TokenizerStub,
+                channel_to("tokenizer"),
+            )
+            detokenizer = ReplicaSet(
+                parse_addrs(a.detokenizer_addr),
+                detokenizer_pb2_grpc.DetokenizerStub,
+                channel_to("detokenizer"),
+            )
+            scheduler = SchedulerReplicas(
+                self.scheduler_addrs, channel_to("scheduler"), self.router
+            )
+            self._stubs = _Stubs(
+                [*tokenizer.channels, *scheduler.channels, *detokenizer.channels],
+                tokenizer,
+                scheduler,
+                detokenizer,
+            )
         return self._stubs
 
     async def close(self) -> None:
@@ -115,8 +157,9 @@ class Engine:
 
     async def scheduler_info(self) -> scheduler_pb2.SchedulerInfo:
         try:
-            return await self.stubs().scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(),
-                                                        timeout=UNARY_TIMEOUT_S)
+            return await self.stubs().scheduler.GetInfo(
+                scheduler_pb2.SchedulerInfoRequest(), timeout=UNARY_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
 
@@ -138,7 +181,9 @@ class Engine:
                 return await self._fetch_info_once()
             except grpc.aio.AioRpcError as e:
                 if asyncio.get_running_loop().time() >= deadline:
-                    raise ApiError(503, "the backend services are not ready", code="service_unavailable") from None
+                    raise ApiError(
+                        503, "the backend services are not ready", code="service_unavailable"
+                    ) from None
                 log.info("waiting for backends: %s", e.code().name)
                 await asyncio.sleep(0.5)
 
@@ -151,12 +196,16 @@ class Engine:
         context_length = sched.context_length or self.args.context_length or 0
         model_path = sched.model_path or str(self.args.model_path or "")
         return ServedModel(
-            served_name=self.served_name, model_path=model_path,
-            tokenizer_path=(tok.tokenizer_path if tok else "") or str(self.args.tokenizer_path or model_path),
-            architecture=sched.architecture, context_length=context_length,
+            served_name=self.served_name,
+            model_path=model_path,
+            tokenizer_path=(tok.tokenizer_path if tok else "")
+            or str(self.args.tokenizer_path or model_path),
+            architecture=sched.architecture,
+            context_length=context_length,
             vocab_size=sched.vocab_size or (tok.vocab_size if tok else 0),
             eos_token_ids=list(sched.eos_token_ids or (tok.eos_token_ids if tok else [])),
-            has_chat_template=bool(tok and tok.chat_template))
+            has_chat_template=bool(tok and tok.chat_template),
+        )
 
     # ---- preparing a request ----
 
@@ -168,10 +217,15 @@ class Engine:
         input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
         if not input_ids:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
-        outside = sorted(t for t in inp.sampling.logit_bias if info.vocab_size and t >= info.vocab_size)
+        outside = sorted(
+            t for t in inp.sampling.logit_bias if info.vocab_size and t >= info.vocab_size
+        )
         if outside:
-            raise bad_request(f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
-                              param="logit_bias", code="invalid_value")
+            raise bad_request(
+                f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
+                param="logit_bias",
+                code="invalid_value",
+            )
         request_id = inp.request_id or uuid.uuid4().hex
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None
@@ -185,21 +239,35 @@ class Engine:
                     f"This model's maximum context length is {info.context_length} tokens. However, you requested "
                     f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} in the "
                     f"completion). Please reduce the length of the {where} or completion.",
-                    param=inp.prompt_param, code="context_length_exceeded")
-            input_ids = input_ids[prompt_len - (info.context_length - completion):]
-            log.warning("request %s: prompt of %d tokens truncated to its last %d (--allow-auto-truncate; context "
-                        "length %d, %d left for the completion)", request_id, prompt_len, len(input_ids),
-                        info.context_length, completion)
+                    param=inp.prompt_param,
+                    code="context_length_exceeded",
+                )
+            input_ids = input_ids[prompt_len - (info.context_length - completion) :]
+            log.warning(
+                "request %s: prompt of %d tokens truncated to its last %d (--allow-auto-truncate; context "
+                "length %d, %d left for the completion)",
+                request_id,
+                prompt_len,
+                len(input_ids),
+                info.context_length,
+                completion,
+            )
             room = completion
         if not requested:
             defaults = [n for n in (inp.default_max_new_tokens, room) if n]
             if not defaults:
-                raise bad_request("max_tokens is required: the context length is unknown", param="max_tokens")
+                raise bad_request(
+                    "max_tokens is required: the context length is unknown", param="max_tokens"
+                )
             requested = min(defaults)
-        return PreparedRequest(request_id=request_id, input_ids=input_ids, sampling=inp.sampling,
-                               stopping=dataclasses.replace(inp.stopping, max_new_tokens=requested),
-                               stop=[s for s in inp.stop if s],
-                               skip_special_tokens=inp.skip_special_tokens)
+        return PreparedRequest(
+            request_id=request_id,
+            input_ids=input_ids,
+            sampling=inp.sampling,
+            stopping=dataclasses.replace(inp.stopping, max_new_tokens=requested),
+            stop=[s for s in inp.stop if s],
+            skip_special_tokens=inp.skip_special_tokens,
+        )
 
     async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
         if isinstance(prompt, list):
@@ -209,16 +277,21 @@ class Engine:
                 raise bad_request(f"token id {bad[0]} is out of range [0, {limit})", param=param)
             return list(prompt)
         if not self.uses_tokenizer:
-            raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
-                              param=param)
+            raise bad_request(
+                "the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                param=param,
+            )
         tokenizer = self.stubs().tokenizer
         try:
             if isinstance(prompt, str):
-                resp = await tokenizer.Encode(tokenizer_pb2.TokenizerEncodeRequest(
-                    texts=[prompt], add_special_tokens=True), timeout=UNARY_TIMEOUT_S)
+                resp = await tokenizer.Encode(
+                    tokenizer_pb2.TokenizerEncodeRequest(texts=[prompt], add_special_tokens=True),
+                    timeout=UNARY_TIMEOUT_S,
+                )
                 return list(resp.results[0].ids)
             resp = await tokenizer.ApplyChatTemplate(
-                tokenizer_pb2.TokenizerChatRequest(conversations=[prompt]), timeout=UNARY_TIMEOUT_S)
+                tokenizer_pb2.TokenizerChatRequest(conversations=[prompt]), timeout=UNARY_TIMEOUT_S
+            )
             return list(resp.results[0].ids)
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "tokenizer") from None
@@ -232,29 +305,45 @@ class Engine:
         limit = self.args.max_request_sequences
         what = f"{count} sequences" + (f" ({detail})" if detail else "")
         if count > limit:
-            raise bad_request(f"this request asks for {what}, more than the {limit} one request may have "
-                              f"(--max-request-sequences)", param=param, code="too_many_sequences")
+            raise bad_request(
+                f"this request asks for {what}, more than the {limit} one request may have "
+                f"(--max-request-sequences)",
+                param=param,
+                code="too_many_sequences",
+            )
         queued = self.args.max_queued_requests
         if queued is not None and count > queued:
-            raise bad_request(f"this request asks for {what}, more than the {queued} that may wait in the queue "
-                              f"(--max-queued-requests): it could never be admitted", param=param,
-                              code="too_many_sequences")
+            raise bad_request(
+                f"this request asks for {what}, more than the {queued} that may wait in the queue "
+                f"(--max-queued-requests): it could never be admitted",
+                param=param,
+                code="too_many_sequences",
+            )
 
-    def open_streams(self, reqs: list[PreparedRequest], observed: bool = True, replica: int | None = None,
-                     cancellation: Cancellation | None = None) -> list["RequestStream"]:
+    def open_streams(
+        self,
+        reqs: list[PreparedRequest],
+        observed: bool = True,
+        replica: int | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> list["RequestStream"]:
         """Start requests on the scheduler together (the sequences of one API request: one data-parallel
         replica, one group that is queued all or none) and return one stream per request: Delta items, then
         exactly one Finish. Closing a stream aborts its request. cancellation.cancel() aborts them all (they
         finish with "abort"; if it was cancelled already they do so at once, never reaching the scheduler).
         observed=False (health probes): no metrics, span or request log. replica: the data-parallel replica
         (health probes); None: the router picks one (--load-balance-method)."""
-        telemetries = [RequestTelemetry(req, self.served_name, self.metrics, self.args.log_requests, observed)
-                       for req in reqs]
+        telemetries = [
+            RequestTelemetry(req, self.served_name, self.metrics, self.args.log_requests, observed)
+            for req in reqs
+        ]
         if observed and len(reqs) > 1:
             log_request_id.set(reqs[0].request_id)
         if cancellation is not None and cancellation.cancelled:
-            return [RequestStream(self, req, NotStarted(req.request_id), telemetry, None)
-                    for req, telemetry in zip(reqs, telemetries)]
+            return [
+                RequestStream(self, req, NotStarted(req.request_id), telemetry, None)
+                for req, telemetry in zip(reqs, telemetries)
+            ]
         if replica is None:
             replica = self.router.route(reqs[0].input_ids)
         else:
@@ -263,25 +352,43 @@ class Engine:
             self.router.pin(replica)
         session = self.sessions[replica]
         try:
-            events = session.start_group([scheduler_pb2.SchedulerGenerateRequest(
-                request_id=req.request_id, input_ids=req.input_ids, sampling=req.sampling.to_proto(),
-                stopping=req.stopping.to_proto(), trace_context=telemetry.trace_context)
-                for req, telemetry in zip(reqs, telemetries)])
+            events = session.start_group(
+                [
+                    scheduler_pb2.SchedulerGenerateRequest(
+                        request_id=req.request_id,
+                        input_ids=req.input_ids,
+                        sampling=req.sampling.to_proto(),
+                        stopping=req.stopping.to_proto(),
+                        trace_context=telemetry.trace_context,
+                    )
+                    for req, telemetry in zip(reqs, telemetries)
+                ]
+            )
         except BaseException as e:
             for _ in reqs:
                 self.router.finished(replica)
-            error = bad_request(str(e), param="rid", code="duplicate_request_id") \
-                if isinstance(e, DuplicateRequestId) else e
+            error = (
+                bad_request(str(e), param="rid", code="duplicate_request_id")
+                if isinstance(e, DuplicateRequestId)
+                else e
+            )
             for telemetry in telemetries:
                 telemetry.fail(error)
             raise error from None
         if cancellation is not None:
             cancellation.on_cancel(lambda: session.cancel(events))
-        return [RequestStream(self, req, ev, telemetry, replica)
-                for req, ev, telemetry in zip(reqs, events, telemetries)]
+        return [
+            RequestStream(self, req, ev, telemetry, replica)
+            for req, ev, telemetry in zip(reqs, events, telemetries)
+        ]
 
-    async def stream(self, req: PreparedRequest, observed: bool = True, replica: int | None = None,
-                     cancellation: Cancellation | None = None) -> AsyncIterator[Delta | Finish]:
+    async def stream(
+        self,
+        req: PreparedRequest,
+        observed: bool = True,
+        replica: int | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> AsyncIterator[Delta | Finish]:
         """Delta items, then exactly one Finish; closing the iterator aborts the request (see open_streams)."""
         [stream] = self.open_streams([req], observed, replica, cancellation)
         try:
@@ -306,7 +413,9 @@ class Engine:
                     state, text = result.state, result.text
                     if result.stopped:
                         matched_stop = result.matched_stop
-                telemetry.tokens(len(msg.token_ids))  # after detokenizing: TTFT as the client sees it
+                telemetry.tokens(
+                    len(msg.token_ids)
+                )  # after detokenizing: TTFT as the client sees it
                 if text or msg.token_ids:
                     yield Delta(text, list(msg.token_ids), list(msg.logprobs))
                 if matched_stop is not None:
@@ -322,22 +431,38 @@ class Engine:
                     return
         except RequestFailed as e:
             if e.code == grpc.StatusCode.UNAVAILABLE and stream.replica is not None:
-                self.router.mark_unavailable(stream.replica)  # the others take new requests for a while
+                self.router.mark_unavailable(
+                    stream.replica
+                )  # the others take new requests for a while
             raise request_failure(e) from None
         finally:
             stream.close()
 
-    async def _decode(self, req: PreparedRequest, state, new_ids, final: bool, telemetry: RequestTelemetry):
+    async def _decode(
+        self, req: PreparedRequest, state, new_ids, final: bool, telemetry: RequestTelemetry
+    ):
         started = time.monotonic()
-        result = await self._decode_batcher.decode(detokenizer_pb2.DetokenizerDecodeItem(
-            request_id=req.request_id, state=state, new_token_ids=new_ids, stop=req.stop,
-            skip_special_tokens=req.skip_special_tokens, final=final,
-            trace_context=telemetry.decode_context(final)))
+        result = await self._decode_batcher.decode(
+            detokenizer_pb2.DetokenizerDecodeItem(
+                request_id=req.request_id,
+                state=state,
+                new_token_ids=new_ids,
+                stop=req.stop,
+                skip_special_tokens=req.skip_special_tokens,
+                final=final,
+                trace_context=telemetry.decode_context(final),
+            )
+        )
         telemetry.decoded(time.monotonic() - started)
         return result
 
-    async def complete(self, req: PreparedRequest, observed: bool = True, replica: int | None = None,
-                       cancellation: Cancellation | None = None) -> Completion:
+    async def complete(
+        self,
+        req: PreparedRequest,
+        observed: bool = True,
+        replica: int | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Completion:
         """Run a request to the end and collect its output (the arguments: as for open_streams)."""
         return await collect(self.stream(req, observed, replica, cancellation))
 
@@ -345,11 +470,13 @@ class Engine:
         """The text of a token sequence, special tokens included ("" without a tokenizer)."""
         if not self.uses_tokenizer or not ids:
             return ""
-        item = detokenizer_pb2.DetokenizerDecodeItem(request_id="detokenize", new_token_ids=ids, final=True,
-                                                     skip_special_tokens=False)
+        item = detokenizer_pb2.DetokenizerDecodeItem(
+            request_id="detokenize", new_token_ids=ids, final=True, skip_special_tokens=False
+        )
         try:
             resp = await self.stubs().detokenizer.Decode(
-                detokenizer_pb2.DetokenizerDecodeRequest(items=[item]), timeout=UNARY_TIMEOUT_S)
+                detokenizer_pb2.DetokenizerDecodeRequest(items=[item]), timeout=UNARY_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "detokenizer") from None
         return resp.results[0].text
@@ -358,11 +485,16 @@ class Engine:
         """The text of single tokens (for logprobs), special tokens included; cached."""
         missing = sorted({i for i in ids if i not in self._token_texts})
         if missing and self.uses_tokenizer:
-            items = [detokenizer_pb2.DetokenizerDecodeItem(request_id=str(i), new_token_ids=[i], final=True)
-                     for i in missing]
+            items = [
+                detokenizer_pb2.DetokenizerDecodeItem(
+                    request_id=str(i), new_token_ids=[i], final=True
+                )
+                for i in missing
+            ]
             try:
                 resp = await self.stubs().detokenizer.Decode(
-                    detokenizer_pb2.DetokenizerDecodeRequest(items=items), timeout=UNARY_TIMEOUT_S)
+                    detokenizer_pb2.DetokenizerDecodeRequest(items=items), timeout=UNARY_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as e:
                 raise from_grpc(e, "detokenizer") from None
             if len(self._token_texts) > TOKEN_TEXT_CACHE_LIMIT:
@@ -373,7 +505,9 @@ class Engine:
 
     # ---- embeddings (--is-embedding) ----
 
-    async def embed(self, inputs: list[str] | list[list[int]], param: str = "input") -> EmbeddingBatch:
+    async def embed(
+        self, inputs: list[str] | list[list[int]], param: str = "input"
+    ) -> EmbeddingBatch:
         """One vector per input, in order: texts are tokenized with the model's special tokens (BERT's
         [CLS] ... [SEP]), token-id lists are taken as they are. Raises ApiError."""
         if not self.args.is_embedding:
@@ -385,19 +519,27 @@ class Engine:
         else:
             sequences = [await self._tokenize(ids, param, info.vocab_size) for ids in inputs]
         check_lengths(sequences, info.context_length, param)
-        request = scheduler_pb2.SchedulerEmbedRequest(sequences=[common_pb2.TokenIds(ids=s) for s in sequences])
+        request = scheduler_pb2.SchedulerEmbedRequest(
+            sequences=[common_pb2.TokenIds(ids=s) for s in sequences]
+        )
         try:
-            return EmbeddingBatch.from_proto(await self.stubs().scheduler.Embed(request, timeout=UNARY_TIMEOUT_S))
+            return EmbeddingBatch.from_proto(
+                await self.stubs().scheduler.Embed(request, timeout=UNARY_TIMEOUT_S)
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
 
     async def _encode_texts(self, texts: list[str], param: str) -> list[list[int]]:
         if not self.uses_tokenizer:
-            raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
-                              param=param)
+            raise bad_request(
+                "the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                param=param,
+            )
         try:
-            resp = await self.stubs().tokenizer.Encode(tokenizer_pb2.TokenizerEncodeRequest(
-                texts=texts, add_special_tokens=True), timeout=UNARY_TIMEOUT_S)
+            resp = await self.stubs().tokenizer.Encode(
+                tokenizer_pb2.TokenizerEncodeRequest(texts=texts, add_special_tokens=True),
+                timeout=UNARY_TIMEOUT_S,
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "tokenizer") from None
         return [list(r.ids) for r in resp.results]
@@ -409,7 +551,9 @@ class Engine:
         all of them are (a replica that is not is also left out of routing for a while). A replica fails at
         once while its scheduler reports its executor unavailable (a probe would wait in the queue until
         the executor is back)."""
-        results = await asyncio.gather(*(self._replica_health(i, timeout) for i in range(len(self.sessions))))
+        results = await asyncio.gather(
+            *(self._replica_health(i, timeout) for i in range(len(self.sessions)))
+        )
         failed = [(i, why) for i, why in enumerate(results) if why is not None]
         for i, why in enumerate(results):
             if why is None:
@@ -420,7 +564,9 @@ class Engine:
             return True, ""
         if len(self.sessions) == 1:
             return False, failed[0][1]
-        return False, "; ".join(f"replica {i} ({self.scheduler_addrs[i]}): {why}" for i, why in failed)
+        return False, "; ".join(
+            f"replica {i} ({self.scheduler_addrs[i]}): {why}" for i, why in failed
+        )
 
     async def _replica_health(self, replica: int, timeout: float) -> str | None:
         """Why the replica is unhealthy, or None."""
@@ -435,12 +581,17 @@ class Engine:
     async def _health_probe(self, replica: int = 0) -> None:
         scheduler = self.stubs().scheduler.stub(replica)
         try:
-            info = await scheduler.GetInfo(scheduler_pb2.SchedulerInfoRequest(), timeout=HEALTH_INFO_TIMEOUT_S)
+            info = await scheduler.GetInfo(
+                scheduler_pb2.SchedulerInfoRequest(), timeout=HEALTH_INFO_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
         if info.executor_unavailable:
-            raise ApiError(503, "the executor service is unavailable (the scheduler waits for it to come back)",
-                           code="service_unavailable")
+            raise ApiError(
+                503,
+                "the executor service is unavailable (the scheduler waits for it to come back)",
+                code="service_unavailable",
+            )
         if self.args.is_embedding:
             ids = (await self._encode_texts(["ping"], "input"))[0] if self.uses_tokenizer else [0]
             request = scheduler_pb2.SchedulerEmbedRequest(sequences=[common_pb2.TokenIds(ids=ids)])
@@ -453,10 +604,17 @@ class Engine:
             ids = await self._tokenize("ping", "text")
         else:
             ids = [0]
-        req = PreparedRequest(f"health-{uuid.uuid4().hex}", ids,
-                              SamplingParams(temperature=0), StoppingCriteria(max_new_tokens=1, ignore_eos=True),
-                              stop=[], skip_special_tokens=True)
-        result = await self.complete(req, observed=False, replica=replica)  # probes are not requests
+        req = PreparedRequest(
+            f"health-{uuid.uuid4().hex}",
+            ids,
+            SamplingParams(temperature=0),
+            StoppingCriteria(max_new_tokens=1, ignore_eos=True),
+            stop=[],
+            skip_special_tokens=True,
+        )
+        result = await self.complete(
+            req, observed=False, replica=replica
+        )  # probes are not requests
         if result.finish is None or result.finish.reason == "abort" or not result.token_ids:
             raise ApiError(503, "the health probe produced no token")
 
@@ -466,8 +624,14 @@ class RequestStream:
     close() or aclose() (either, any number of times) ends it: an unfinished request is aborted in the
     scheduler, its routing slot and telemetry are released."""
 
-    def __init__(self, engine: Engine, req: PreparedRequest, events, telemetry: RequestTelemetry,
-                 replica: int | None):
+    def __init__(
+        self,
+        engine: Engine,
+        req: PreparedRequest,
+        events,
+        telemetry: RequestTelemetry,
+        replica: int | None,
+    ):
         self.engine = engine
         self.request = req
         self.events = events  # RequestEvents, or NotStarted
@@ -511,8 +675,9 @@ class NotStarted:
         if self.done:
             raise StopAsyncIteration
         self.done = True
-        return scheduler_pb2.SchedulerGenerateResponse(request_id=self.request_id,
-                                                       finish_reason=common_pb2.FINISH_REASON_ABORT)
+        return scheduler_pb2.SchedulerGenerateResponse(
+            request_id=self.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT
+        )
 
     def close(self) -> None:
         self.done = True
@@ -539,8 +704,11 @@ def request_failure(e: RequestFailed) -> ApiError:
     """The API error of a request the scheduler failed, naming the stage that failed it: the executor
     (it died, hung or raised while running the request's step) or the scheduler."""
     if e.stage == scheduler_pb2.FAILED_STAGE_EXECUTOR:
-        return ApiError(503, "the executor service failed while running this request; retry it",
-                        code="service_unavailable")
+        return ApiError(
+            503,
+            "the executor service failed while running this request; retry it",
+            code="service_unavailable",
+        )
     return from_status(e.code, e.details, "scheduler")
 
 

@@ -1,4 +1,5 @@
 """The data that flows through the gateway's pipeline, independent of REST or gRPC."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ Prompt = str | common_pb2.ChatConversation | list[int]
 @dataclass
 class GenerationInput:
     """One generation request as the API layers hand it to the engine."""
+
     prompt: Prompt
     sampling: SamplingParams
     stopping: StoppingCriteria  # max_new_tokens 0: use default_max_new_tokens
@@ -26,6 +28,7 @@ class GenerationInput:
 @dataclass
 class PreparedRequest:
     """A validated request in token ids, ready for the scheduler."""
+
     request_id: str
     input_ids: list[int]
     sampling: SamplingParams
@@ -37,6 +40,7 @@ class PreparedRequest:
 @dataclass
 class Delta:
     """New output since the previous item."""
+
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]
@@ -45,6 +49,7 @@ class Delta:
 @dataclass
 class Finish:
     """The last item of a generation."""
+
     reason: str  # "stop" | "length" | "abort"
     matched: str | int | None  # the stop string or stop token id that ended it
     prompt_tokens: int
@@ -55,6 +60,7 @@ class Finish:
 @dataclass
 class Completion:
     """A whole generation, collected from its stream."""
+
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]
@@ -64,6 +70,7 @@ class Completion:
 @dataclass
 class ServedModel:
     """What the backends say about the served model."""
+
     served_name: str
     model_path: str
     tokenizer_path: str

@@ -5,6 +5,7 @@ Edges hold runs of token ids; a node's children are keyed by the first id of the
 bounded: once it holds more than max_tokens ids, the least recently used leaves are dropped until it
 holds at most EVICT_TO of that (so a full tree does not scan its leaves on every insert).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -27,7 +28,7 @@ class _Node:
 def _common_length(key: tuple[int, ...], ids: tuple[int, ...], start: int) -> int:
     """How many leading ids of key equal ids[start:]."""
     n = min(len(key), len(ids) - start)
-    if key[:n] == ids[start:start + n]:
+    if key[:n] == ids[start : start + n]:
         return n
     return next(j for j in range(n) if key[j] != ids[start + j])
 
@@ -58,7 +59,7 @@ class PrefixTree:
 
     def insert(self, ids: Sequence[int]) -> None:
         """Add ids (at most max_tokens of them) and mark their path as just used; evict if past the bound."""
-        ids = tuple(ids[:self.max_tokens])
+        ids = tuple(ids[: self.max_tokens])
         now = next(self._clock)
         node, i = self._root, 0
         while i < len(ids):

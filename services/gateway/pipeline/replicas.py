@@ -6,6 +6,7 @@ retried on the others, each at most once, before the error reaches the caller. A
 answered UNAVAILABLE within the last SUSPECT_S seconds is tried after the others. The calls are
 idempotent (the detokenizer's state travels in each request), so a retry cannot do harm.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,12 @@ class ReplicaSet:
     """Stands in for one stub of the service: `replicas.Encode(request, timeout=...)` is a balanced,
     failed-over call of the stub method of that name (unary methods only)."""
 
-    def __init__(self, addrs: list[str], stub_class: Callable[[grpc.aio.Channel], Any],
-                 channel: Callable[[str], grpc.aio.Channel] = aio_channel):
+    def __init__(
+        self,
+        addrs: list[str],
+        stub_class: Callable[[grpc.aio.Channel], Any],
+        channel: Callable[[str], grpc.aio.Channel] = aio_channel,
+    ):
         self.addrs = list(addrs)
         self.channels = [channel(addr) for addr in self.addrs]
         self.stubs = [stub_class(ch) for ch in self.channels]
@@ -49,6 +54,7 @@ class ReplicaSet:
 
         async def call(request, **kwargs):
             return await self.call(method, request, **kwargs)
+
         return call
 
     def _order(self) -> list[int]:
@@ -73,7 +79,9 @@ class ReplicaSet:
                 self._failed_at[i] = time.monotonic()
                 if attempt == len(order) - 1:
                     raise
-                log.warning("%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i])
+                log.warning(
+                    "%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i]
+                )
 
     async def close(self) -> None:
         for channel in self.channels:

@@ -8,6 +8,7 @@ its queues and frees their KV within a step, and each stream then finishes with 
 preparation (tokenizing) past it is a 504, generation past it is cancelled. Ids the gateway does not
 track (another client's) are aborted with the scheduler's Abort call.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,11 @@ class Deadline:
             raise self.error() from None
 
     def error(self) -> ApiError:
-        return ApiError(504, f"the request did not finish within --request-timeout ({self.timeout_s:g}s)",
-                        code="request_timeout")
+        return ApiError(
+            504,
+            f"the request did not finish within --request-timeout ({self.timeout_s:g}s)",
+            code="request_timeout",
+        )
 
     def arm(self, cancellation: Cancellation, what: str) -> asyncio.TimerHandle | None:
         """Cancel the generations at the deadline; the handle's cancel() disarms it."""
@@ -65,8 +69,13 @@ class Deadline:
 
         def expire() -> None:
             aborted = cancellation.cancel()
-            log.warning("request %s ran past --request-timeout (%gs); aborted %d sequences", what, self.timeout_s,
-                        aborted)
+            log.warning(
+                "request %s ran past --request-timeout (%gs); aborted %d sequences",
+                what,
+                self.timeout_s,
+                aborted,
+            )
+
         return asyncio.get_running_loop().call_later(self.remaining(), expire)
 
 
@@ -89,11 +98,19 @@ class LiveRequests:
         return Deadline(self.timeout_s, started)
 
     @contextlib.contextmanager
-    def track(self, api_id: str, requests: list[PreparedRequest], started: float, cancellation: Cancellation):
+    def track(
+        self,
+        api_id: str,
+        requests: list[PreparedRequest],
+        started: float,
+        cancellation: Cancellation,
+    ):
         """While inside, the requests can be aborted by api_id and are cancelled at the deadline (generate
         them with this cancellation)."""
         if api_id in self.groups:
-            raise bad_request(f"request id {api_id!r} is already in use", param="rid", code="duplicate_request_id")
+            raise bad_request(
+                f"request id {api_id!r} is already in use", param="rid", code="duplicate_request_id"
+            )
         tracked = _Tracked([r.request_id for r in requests], cancellation)
         self.groups[api_id] = tracked
         timer = self.deadline(started).arm(cancellation, api_id)
@@ -105,8 +122,14 @@ class LiveRequests:
             if self.groups.get(api_id) is tracked:
                 del self.groups[api_id]
 
-    async def tracked_events(self, api_id: str, requests: list[PreparedRequest], started: float,
-                             cancellation: Cancellation, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    async def tracked_events(
+        self,
+        api_id: str,
+        requests: list[PreparedRequest],
+        started: float,
+        cancellation: Cancellation,
+        events: AsyncIterator[dict],
+    ) -> AsyncIterator[dict]:
         """events (a streamed response's) with its requests tracked until the stream ends."""
         with self.track(api_id, requests, started, cancellation):
             try:
@@ -132,7 +155,9 @@ class LiveRequests:
     async def _scheduler_abort(self, ids: list[str], abort_all: bool = False) -> int:
         try:
             resp = await self.engine.stubs().scheduler.Abort(
-                scheduler_pb2.SchedulerAbortRequest(request_ids=ids, abort_all=abort_all), timeout=UNARY_TIMEOUT_S)
+                scheduler_pb2.SchedulerAbortRequest(request_ids=ids, abort_all=abort_all),
+                timeout=UNARY_TIMEOUT_S,
+            )
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
         return resp.aborted

@@ -10,6 +10,7 @@ SchedulerStub-like object, so that the unary calls' callers need not know about 
 Generation does not come here: the engine runs one SchedulerSession per replica (stub(i)) and the router
 (dp_router.py) picks it. With one replica every call goes straight to it, unchanged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +27,26 @@ from radixserve.gateway.pipeline.replicas import ReplicaSet
 log = logging.getLogger("radixserve.gateway.scheduler_replicas")
 
 DP_LABEL = "dp_rank"
-_SUMMED = ("max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests",
-           "waiting_requests", "total_cached_prompt_tokens", "total_prompt_tokens")
+_SUMMED = (
+    "max_total_tokens",
+    "free_tokens",
+    "cached_tokens",
+    "in_use_tokens",
+    "running_requests",
+    "waiting_requests",
+    "total_cached_prompt_tokens",
+    "total_prompt_tokens",
+)
 _SAMPLE_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
 class SchedulerReplicas:
-    def __init__(self, addrs: list[str], channel: Callable[[str], grpc.aio.Channel], router: DataParallelRouter):
+    def __init__(
+        self,
+        addrs: list[str],
+        channel: Callable[[str], grpc.aio.Channel],
+        router: DataParallelRouter,
+    ):
         self.addrs = list(addrs)
         self.router = router
         self._balanced = ReplicaSet(self.addrs, scheduler_pb2_grpc.SchedulerStub, channel)
@@ -53,7 +67,9 @@ class SchedulerReplicas:
     async def GetInfo(self, request, **kwargs) -> scheduler_pb2.SchedulerInfo:
         if len(self.addrs) == 1:
             return await self.stub(0).GetInfo(request, **kwargs)
-        return aggregate_info(await self._each("GetInfo", request, **kwargs), self.addrs, self.router)
+        return aggregate_info(
+            await self._each("GetInfo", request, **kwargs), self.addrs, self.router
+        )
 
     async def Abort(self, request, **kwargs) -> scheduler_pb2.SchedulerAbortResponse:
         results = _answered(await self._each("Abort", request, **kwargs), require_all=False)
@@ -61,7 +77,9 @@ class SchedulerReplicas:
 
     async def FlushCache(self, request, **kwargs) -> scheduler_pb2.SchedulerFlushCacheResponse:
         results = _answered(await self._each("FlushCache", request, **kwargs), require_all=True)
-        return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=sum(r.freed_tokens for r in results))
+        return scheduler_pb2.SchedulerFlushCacheResponse(
+            freed_tokens=sum(r.freed_tokens for r in results)
+        )
 
     async def GetMetrics(self, request, **kwargs) -> scheduler_pb2.SchedulerMetrics:
         if len(self.addrs) == 1:
@@ -70,8 +88,12 @@ class SchedulerReplicas:
         texts = {}
         for i, result in enumerate(results):
             if isinstance(result, grpc.aio.AioRpcError):
-                log.warning("metrics of scheduler replica %d (%s) unavailable: %s", i, self.addrs[i],
-                            result.code().name)
+                log.warning(
+                    "metrics of scheduler replica %d (%s) unavailable: %s",
+                    i,
+                    self.addrs[i],
+                    result.code().name,
+                )
             else:
                 texts[i] = result.prometheus_text
         _answered(results, require_all=False)
@@ -89,7 +111,9 @@ def _answered(results: list, require_all: bool) -> list:
     return [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
 
 
-def aggregate_info(results: list, addrs: list[str], router: DataParallelRouter) -> scheduler_pb2.SchedulerInfo:
+def aggregate_info(
+    results: list, addrs: list[str], router: DataParallelRouter
+) -> scheduler_pb2.SchedulerInfo:
     """One SchedulerInfo for the replicas' GetInfo answers (see SchedulerInfo.replicas)."""
     infos = _answered(results, require_all=False)
     total = scheduler_pb2.SchedulerInfo()
@@ -99,8 +123,12 @@ def aggregate_info(results: list, addrs: list[str], router: DataParallelRouter) 
     total.context_length = min(info.context_length for info in infos)
     total.executor_unavailable = any(info.executor_unavailable for info in infos)
     for i, (addr, result) in enumerate(zip(addrs, results)):
-        replica = total.replicas.add(index=i, addr=addr, routed_requests=router.routed[i],
-                                     inflight_requests=router.inflight[i])
+        replica = total.replicas.add(
+            index=i,
+            addr=addr,
+            routed_requests=router.routed[i],
+            inflight_requests=router.inflight[i],
+        )
         if isinstance(result, grpc.aio.AioRpcError):
             replica.error = f"{result.code().name}: {result.details() or ''}"
         else:
@@ -112,14 +140,18 @@ def aggregate_info(results: list, addrs: list[str], router: DataParallelRouter) 
 def merge_prometheus_texts(texts: dict[int, str]) -> str:
     """Prometheus text expositions of several replicas (by index) as one: each metric family once (its HELP
     and TYPE lines), with the samples of every replica, labelled dp_rank="<index>"."""
-    families: dict[str, tuple[list[str], list[str]]] = {}  # name -> (its HELP and TYPE lines, its samples)
+    families: dict[
+        str, tuple[list[str], list[str]]
+    ] = {}  # name -> (its HELP and TYPE lines, its samples)
     for replica, text in texts.items():
         family = None
         for line in text.splitlines():
             if line.startswith(("# HELP ", "# TYPE ")):
                 family = line.split(maxsplit=3)[2]
                 meta, _ = families.setdefault(family, ([], []))
-                if not any(m.startswith(line[:7]) for m in meta):  # the first replica's HELP and TYPE
+                if not any(
+                    m.startswith(line[:7]) for m in meta
+                ):  # the first replica's HELP and TYPE
                     meta.append(line)
             elif line and not line.startswith("#"):
                 name = family or _SAMPLE_NAME.match(line).group(0)
@@ -130,7 +162,7 @@ def merge_prometheus_texts(texts: dict[int, str]) -> str:
 def _with_label(sample: str, replica: int) -> str:
     """A sample line with dp_rank="<replica>" added to its labels."""
     name = _SAMPLE_NAME.match(sample).group(0)
-    rest = sample[len(name):]
+    rest = sample[len(name) :]
     label = f'{DP_LABEL}="{replica}"'
     if rest.startswith("{}"):
         return f"{name}{{{label}}}{rest[2:]}"

@@ -8,6 +8,7 @@ The sequences of one API request start in one generate_group action (queued all 
 down the same stream, so one can never overtake the start of its request, and those of one event-loop
 turn travel as one abort action: ending a request of many sequences costs the scheduler one batch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,9 @@ class RequestFailed(Exception):
     """The scheduler ended a request with an error status (or the stream carrying it broke); stage: the
     one that failed it, a scheduler_pb2.FailedStage (SchedulerRequestError.failed_stage)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER):
+    def __init__(
+        self, code: grpc.StatusCode, details: str, stage: int = scheduler_pb2.FAILED_STAGE_SCHEDULER
+    ):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
@@ -47,7 +50,9 @@ class RequestEvents:
         self.request_id = request_id
         self._queue = queue
         self.done = False
-        self.cancelled = False  # cancel(): ends with an abort finish, also when it had not started yet
+        self.cancelled = (
+            False  # cancel(): ends with an abort finish, also when it had not started yet
+        )
 
     def __aiter__(self):
         return self
@@ -58,9 +63,12 @@ class RequestEvents:
         item = await self._queue.get()
         if isinstance(item, RequestFailed):
             self.done = True
-            if self.cancelled and item.code == grpc.StatusCode.CANCELLED:  # aborted before it started
-                return scheduler_pb2.SchedulerGenerateResponse(request_id=self.request_id,
-                                                               finish_reason=common_pb2.FINISH_REASON_ABORT)
+            if (
+                self.cancelled and item.code == grpc.StatusCode.CANCELLED
+            ):  # aborted before it started
+                return scheduler_pb2.SchedulerGenerateResponse(
+                    request_id=self.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT
+                )
             raise item
         if item.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.done = True
@@ -87,7 +95,9 @@ class SchedulerSession:
         """Send a generate action; msg.request_id must be set and not in use."""
         return self.start_group([msg])[0]
 
-    def start_group(self, msgs: list[scheduler_pb2.SchedulerGenerateRequest]) -> list[RequestEvents]:
+    def start_group(
+        self, msgs: list[scheduler_pb2.SchedulerGenerateRequest]
+    ) -> list[RequestEvents]:
         """Send requests as one group (queued all or none; see SchedulerGenerateGroup); request ids
         must be set, distinct and not in use."""
         ids = [msg.request_id for msg in msgs]
@@ -107,7 +117,8 @@ class SchedulerSession:
             action = scheduler_pb2.SchedulerSessionRequest(generate=msgs[0])
         else:
             action = scheduler_pb2.SchedulerSessionRequest(
-                generate_group=scheduler_pb2.SchedulerGenerateGroup(requests=msgs))
+                generate_group=scheduler_pb2.SchedulerGenerateGroup(requests=msgs)
+            )
         self._outbox.put_nowait(action)
         return streams
 
@@ -144,15 +155,20 @@ class SchedulerSession:
         ids, outbox = self._aborts, self._aborts_outbox
         self._aborts, self._aborts_outbox = [], None
         if ids and outbox is not None and outbox is self._outbox:
-            outbox.put_nowait(scheduler_pb2.SchedulerSessionRequest(
-                abort=scheduler_pb2.SchedulerAbortRequest(request_ids=ids)))
+            outbox.put_nowait(
+                scheduler_pb2.SchedulerSessionRequest(
+                    abort=scheduler_pb2.SchedulerAbortRequest(request_ids=ids)
+                )
+            )
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         if self._call is not None:
             self._call.cancel()
-        self._fail_open_requests(RequestFailed(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))
+        self._fail_open_requests(
+            RequestFailed(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        )
         self._call = self._outbox = None
         self._tasks = []
 
@@ -164,8 +180,10 @@ class SchedulerSession:
         call = self._stub().Session()
         outbox: asyncio.Queue = asyncio.Queue()
         self._call, self._outbox = call, outbox
-        self._tasks = [asyncio.create_task(self._write(call, outbox), name="scheduler-session-writer"),
-                       asyncio.create_task(self._read(call), name="scheduler-session-reader")]
+        self._tasks = [
+            asyncio.create_task(self._write(call, outbox), name="scheduler-session-writer"),
+            asyncio.create_task(self._read(call), name="scheduler-session-reader"),
+        ]
 
     async def _write(self, call, outbox: asyncio.Queue) -> None:
         try:
@@ -194,7 +212,9 @@ class SchedulerSession:
         except grpc.aio.AioRpcError as e:
             failure = RequestFailed(e.code(), e.details() or "")
         if self._call is call:
-            log.warning("scheduler session ended (%s); failing %d open requests", failure, len(self._queues))
+            log.warning(
+                "scheduler session ended (%s); failing %d open requests", failure, len(self._queues)
+            )
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()

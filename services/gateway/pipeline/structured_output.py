@@ -1,6 +1,7 @@
 """The request fields that constrain the output (SamplingParams.constraint): OpenAI's response_format,
 and SGLang's regex, ebnf and json_schema extensions. Whether the schema, regex or grammar compiles
 is the scheduler's to say (it answers INVALID_ARGUMENT, a 400)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ from radixserve.gateway.api.errors import bad_request
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
-def request_constraint(*, response_format: dict[str, Any] | None = None, json_schema: str | dict | None = None,
-                       regex: str | None = None, ebnf: str | None = None, param_prefix: str = "") -> Constraint | None:
+def request_constraint(
+    *,
+    response_format: dict[str, Any] | None = None,
+    json_schema: str | dict | None = None,
+    regex: str | None = None,
+    ebnf: str | None = None,
+    param_prefix: str = "",
+) -> Constraint | None:
     """The constraint of whichever of these the request gave (None: none); more than one is a 400."""
     given: list[tuple[str, str, str]] = []  # (request param, constraint kind, spec)
     if response_format is not None:
@@ -43,8 +50,14 @@ def _from_response_format(response_format: dict[str, Any]) -> tuple[str, str] | 
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
-            raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
-                              param="response_format.json_schema", code="invalid_value")
+            raise bad_request(
+                "response_format json_schema needs json_schema.schema, a JSON schema object",
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
         return "json_schema", json.dumps(schema)
-    raise bad_request(f"response_format type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}",
-                      param="response_format.type", code="invalid_value")
+    raise bad_request(
+        f"response_format type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}",
+        param="response_format.type",
+        code="invalid_value",
+    )

@@ -1,5 +1,6 @@
 """The gateway's Prometheus metrics (--enable-metrics): request latencies and token counts recorded per
 request by Engine.stream, and the latency of each gRPC hop to the backend services."""
+
 from __future__ import annotations
 
 import time
@@ -8,14 +9,91 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 # Seconds; LLM serving spans millisecond decode steps to generations of minutes.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0)
-ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-               0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
-               2400.0)
-GRPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    2400.0,
+)
+GRPC_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -25,28 +103,53 @@ class GatewayMetrics:
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         labels, r = ["model_name"], self.registry
-        self.ttft = Histogram("radixserve:time_to_first_token_seconds", "Time from sending the tokenized "
-                              "request to the scheduler to its first tokens, detokenized", labels, registry=r,
-                              buckets=TTFT_BUCKETS).labels(model_name)
-        self.itl = Histogram("radixserve:inter_token_latency_seconds", "Time between tokens after the first "
-                             "(a message's gap split over its tokens)", labels, registry=r,
-                             buckets=ITL_BUCKETS).labels(model_name)
-        self.e2e = Histogram("radixserve:e2e_request_latency_seconds", "Duration of requests that finished "
-                             "(stop, length or abort); failed ones are not included", labels, registry=r,
-                             buckets=E2E_BUCKETS).labels(model_name)
-        self.prompt_tokens = Counter("radixserve:prompt_tokens_total", "Prompt tokens of ended requests",
-                                     labels, registry=r).labels(model_name)
-        self.generation_tokens = Counter("radixserve:generation_tokens_total", "Tokens generated",
-                                         labels, registry=r).labels(model_name)
-        success = Counter("radixserve:request_success_total", "Requests that finished, by finish reason "
-                          "(abort: aborted by the scheduler or the client went away)",
-                          [*labels, "finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "radixserve:time_to_first_token_seconds",
+            "Time from sending the tokenized "
+            "request to the scheduler to its first tokens, detokenized",
+            labels,
+            registry=r,
+            buckets=TTFT_BUCKETS,
+        ).labels(model_name)
+        self.itl = Histogram(
+            "radixserve:inter_token_latency_seconds",
+            "Time between tokens after the first (a message's gap split over its tokens)",
+            labels,
+            registry=r,
+            buckets=ITL_BUCKETS,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "radixserve:e2e_request_latency_seconds",
+            "Duration of requests that finished "
+            "(stop, length or abort); failed ones are not included",
+            labels,
+            registry=r,
+            buckets=E2E_BUCKETS,
+        ).labels(model_name)
+        self.prompt_tokens = Counter(
+            "radixserve:prompt_tokens_total", "Prompt tokens of ended requests", labels, registry=r
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            "radixserve:generation_tokens_total", "Tokens generated", labels, registry=r
+        ).labels(model_name)
+        success = Counter(
+            "radixserve:request_success_total",
+            "Requests that finished, by finish reason "
+            "(abort: aborted by the scheduler or the client went away)",
+            [*labels, "finish_reason"],
+            registry=r,
+        )
         self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
-        self.errors = Counter("radixserve:request_errors_total", "Requests that ended in an error",
-                              labels, registry=r).labels(model_name)
-        self.grpc_latency = Histogram("radixserve:grpc_client_latency_seconds", "Round trip of the gateway's "
-                                      "unary gRPC calls to the backend services", ["service", "method"],
-                                      registry=r, buckets=GRPC_BUCKETS)
+        self.errors = Counter(
+            "radixserve:request_errors_total", "Requests that ended in an error", labels, registry=r
+        ).labels(model_name)
+        self.grpc_latency = Histogram(
+            "radixserve:grpc_client_latency_seconds",
+            "Round trip of the gateway's unary gRPC calls to the backend services",
+            ["service", "method"],
+            registry=r,
+            buckets=GRPC_BUCKETS,
+        )
 
     def first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
@@ -73,7 +176,9 @@ class GatewayMetrics:
         return generate_latest(self.registry).decode()
 
 
-def client_interceptors(metrics: GatewayMetrics | None, service: str) -> list[grpc.aio.ClientInterceptor]:
+def client_interceptors(
+    metrics: GatewayMetrics | None, service: str
+) -> list[grpc.aio.ClientInterceptor]:
     return metrics.client_interceptors(service) if metrics is not None else []
 
 

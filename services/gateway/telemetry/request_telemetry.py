@@ -2,6 +2,7 @@
 metrics (--enable-metrics), its `generate` span (--otlp-traces-endpoint) and its log lines
 (--log-requests). This object owns the request's timings and counts and ends it exactly once;
 metrics and span are told. Log lines carry the request id and trace id (services/common/log.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,13 +19,24 @@ log = logging.getLogger("radixserve.gateway.requests")
 
 
 class RequestTelemetry:
-    def __init__(self, req: PreparedRequest, model: str, metrics: GatewayMetrics | None, log_requests: bool,
-                 record: bool = True):
+    def __init__(
+        self,
+        req: PreparedRequest,
+        model: str,
+        metrics: GatewayMetrics | None,
+        log_requests: bool,
+        record: bool = True,
+    ):
         """record=False (health probes): no metrics, no span, no log line."""
         self.prompt_tokens = len(req.input_ids)
         self.metrics = metrics if record else None
-        self.trace = RequestTrace.start(req.request_id, model, self.prompt_tokens, req.sampling,
-                                        req.stopping) if record else NO_TRACE
+        self.trace = (
+            RequestTrace.start(
+                req.request_id, model, self.prompt_tokens, req.sampling, req.stopping
+            )
+            if record
+            else NO_TRACE
+        )
         self.log = log_requests and record
         self.request_id = req.request_id
         self.started = time.perf_counter()
@@ -36,9 +48,15 @@ class RequestTelemetry:
             request_id.set(req.request_id)
         if self.log:
             s = req.sampling
-            self._log("request started: %d prompt tokens, max_new_tokens %d, temperature %g, top_p %g, top_k %d%s",
-                      self.prompt_tokens, req.stopping.max_new_tokens, s.temperature, s.top_p, s.top_k,
-                      f", seed {s.seed}" if s.seed is not None else "")
+            self._log(
+                "request started: %d prompt tokens, max_new_tokens %d, temperature %g, top_p %g, top_k %d%s",
+                self.prompt_tokens,
+                req.stopping.max_new_tokens,
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                f", seed {s.seed}" if s.seed is not None else "",
+            )
 
     @property
     def trace_context(self):
@@ -91,15 +109,27 @@ class RequestTelemetry:
             return False
         self.ended = True
         if self.metrics is not None:
-            self.metrics.ended(self.prompt_tokens, self.generated, reason, time.perf_counter() - self.started)
+            self.metrics.ended(
+                self.prompt_tokens, self.generated, reason, time.perf_counter() - self.started
+            )
         return True
 
     def _log_end(self, outcome: str, completion_tokens: int, cached_tokens: int) -> None:
         if self.log:
-            ttft = f"{(self.first_token_at - self.started) * 1000:.1f} ms" if self.first_token_at else "-"
-            self._log("request %s: %d prompt tokens (%d cached), %d completion tokens, TTFT %s, latency %.1f ms",
-                      outcome, self.prompt_tokens, cached_tokens, completion_tokens, ttft,
-                      (time.perf_counter() - self.started) * 1000)
+            ttft = (
+                f"{(self.first_token_at - self.started) * 1000:.1f} ms"
+                if self.first_token_at
+                else "-"
+            )
+            self._log(
+                "request %s: %d prompt tokens (%d cached), %d completion tokens, TTFT %s, latency %.1f ms",
+                outcome,
+                self.prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+                ttft,
+                (time.perf_counter() - self.started) * 1000,
+            )
 
     def _log(self, message: str, *args) -> None:
         """Log with this request's id: a stream's later steps may run in another task's context."""

@@ -6,6 +6,7 @@ to the detokenizer on the first and the final decode item. Token arrivals are co
 `RequestTrace.start` returns NO_TRACE, whose methods do nothing; so it does outside a traced HTTP or
 gRPC request.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,9 @@ UNTRACED_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
 
 def untraced_http_request(scope) -> bool:
     """Probes and scrapes start no trace of their own (unless the caller sends a traceparent)."""
-    return scope.get("path") in UNTRACED_PATHS and not any(key == b"traceparent" for key, _ in scope["headers"])
+    return scope.get("path") in UNTRACED_PATHS and not any(
+        key == b"traceparent" for key, _ in scope["headers"]
+    )
 
 
 class _NoTrace:
@@ -35,7 +38,9 @@ class _NoTrace:
     def decoded(self, seconds: float) -> None:
         pass
 
-    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
+    def finish(
+        self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+    ) -> None:
         pass
 
     def fail(self, error: BaseException) -> None:
@@ -46,8 +51,12 @@ NO_TRACE = _NoTrace()
 
 
 def _sampling_attributes(sampling: SamplingParams, stopping: StoppingCriteria) -> dict:
-    attrs = {"gen_ai.request.temperature": sampling.temperature, "gen_ai.request.top_p": sampling.top_p,
-             "gen_ai.request.max_tokens": stopping.max_new_tokens, "gen_ai.request.top_k": sampling.top_k}
+    attrs = {
+        "gen_ai.request.temperature": sampling.temperature,
+        "gen_ai.request.top_p": sampling.top_p,
+        "gen_ai.request.max_tokens": stopping.max_new_tokens,
+        "gen_ai.request.top_k": sampling.top_k,
+    }
     if sampling.seed is not None:
         attrs["gen_ai.request.seed"] = sampling.seed
     for name in ("frequency_penalty", "presence_penalty", "repetition_penalty", "min_p"):
@@ -65,15 +74,30 @@ class RequestTrace:
     """A live `generate` span; see the module docstring. RequestTelemetry calls finish or fail once."""
 
     @staticmethod
-    def start(request_id: str, model: str, prompt_tokens: int, sampling: SamplingParams, stopping: StoppingCriteria):
+    def start(
+        request_id: str,
+        model: str,
+        prompt_tokens: int,
+        sampling: SamplingParams,
+        stopping: StoppingCriteria,
+    ):
         if not tracing.enabled():
             return NO_TRACE
         from opentelemetry import trace
+
         if not trace.get_current_span().get_span_context().trace_flags.sampled:
             return NO_TRACE  # outside a traced HTTP or gRPC request (health probes, batch jobs)
-        return RequestTrace(tracing.tracer().start_span("generate", attributes={
-            "radixserve.request_id": request_id, "gen_ai.request.model": model,
-            "gen_ai.usage.input_tokens": prompt_tokens, **_sampling_attributes(sampling, stopping)}))
+        return RequestTrace(
+            tracing.tracer().start_span(
+                "generate",
+                attributes={
+                    "radixserve.request_id": request_id,
+                    "gen_ai.request.model": model,
+                    "gen_ai.usage.input_tokens": prompt_tokens,
+                    **_sampling_attributes(sampling, stopping),
+                },
+            )
+        )
 
     def __init__(self, span):
         self.span = span
@@ -97,16 +121,24 @@ class RequestTrace:
         self.decode_calls += 1
         self.decode_seconds += seconds
 
-    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
-        self.span.set_attributes({
-            "gen_ai.response.finish_reasons": [reason], "gen_ai.usage.input_tokens": prompt_tokens,
-            "gen_ai.usage.output_tokens": completion_tokens, "radixserve.cached_tokens": cached_tokens,
-            "radixserve.detokenize.calls": self.decode_calls,
-            "radixserve.detokenize.ms": round(self.decode_seconds * 1000, 3)})
+    def finish(
+        self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+    ) -> None:
+        self.span.set_attributes(
+            {
+                "gen_ai.response.finish_reasons": [reason],
+                "gen_ai.usage.input_tokens": prompt_tokens,
+                "gen_ai.usage.output_tokens": completion_tokens,
+                "radixserve.cached_tokens": cached_tokens,
+                "radixserve.detokenize.calls": self.decode_calls,
+                "radixserve.detokenize.ms": round(self.decode_seconds * 1000, 3),
+            }
+        )
         self.span.end()
 
     def fail(self, error: BaseException) -> None:
         from opentelemetry.trace import Status, StatusCode
+
         self.span.record_exception(error)
         self.span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
         self.span.end()
@@ -121,8 +153,12 @@ def grpc_entry_span(method: str, invocation_metadata):
         return
     from opentelemetry.trace import SpanKind
     from radixserve.common.trace_propagation import context_from_metadata
+
     service, _, name = method.partition("/")
     with tracing.tracer().start_as_current_span(
-            method, context=context_from_metadata(invocation_metadata), kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}):
+        method,
+        context=context_from_metadata(invocation_metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    ):
         yield

@@ -1,4 +1,5 @@
 """Tool calls as OpenAI shapes them: the call object, a parsed output, and the streamed deltas."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,11 @@ class ToolCall:
     type: str = "function"
 
     def to_openai(self) -> dict:
-        return {"id": self.id, "type": self.type, "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass
@@ -32,7 +37,9 @@ def serialise_arguments(arguments: dict) -> str:
     return json.dumps(arguments, ensure_ascii=False)
 
 
-def tool_call_from_object(obj: Any, arguments_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
+def tool_call_from_object(
+    obj: Any, arguments_keys: tuple[str, ...] = ("arguments", "parameters")
+) -> ToolCall | None:
     """A call from a decoded {"name": ..., "arguments": {...}} object, or None when it isn't one.
 
     Arguments may be missing (no arguments) or be a JSON object encoded as a string."""
@@ -55,5 +62,12 @@ def tool_call_from_object(obj: Any, arguments_keys: tuple[str, ...] = ("argument
 
 def tool_call_deltas(index: int, call: ToolCall) -> list[dict]:
     """The streamed `choices[].delta.tool_calls` items announcing a call, then carrying its arguments whole."""
-    return [{"index": index, "id": call.id, "type": call.type, "function": {"name": call.name, "arguments": ""}},
-            {"index": index, "function": {"arguments": call.arguments}}]
+    return [
+        {
+            "index": index,
+            "id": call.id,
+            "type": call.type,
+            "function": {"name": call.name, "arguments": ""},
+        },
+        {"index": index, "function": {"arguments": call.arguments}},
+    ]

@@ -1,4 +1,5 @@
 """Hermes / Qwen2.5 / Qwen3 calls: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` blocks."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ class HermesScanner:
             start = text.find(START)
             if start < 0:
                 held = 0 if final else partial_marker_length(text, START)
-                segments.append(text[:len(text) - held])
-                return segments, text[len(text) - held:]
+                segments.append(text[: len(text) - held])
+                return segments, text[len(text) - held :]
             segments.append(text[:start])
             body_start = start + len(START)
             end = text.find(END, body_start)
@@ -27,8 +28,8 @@ class HermesScanner:
                 # An unclosed last block still counts when its body is a whole call (e.g. END was a stop string).
                 segments.append(_call_or_text(text[start:], text[body_start:]))
                 return segments, ""
-            segments.append(_call_or_text(text[start:end + len(END)], text[body_start:end]))
-            text = text[end + len(END):]
+            segments.append(_call_or_text(text[start : end + len(END)], text[body_start:end]))
+            text = text[end + len(END) :]
 
 
 def _call_or_text(block: str, body: str) -> Segment:

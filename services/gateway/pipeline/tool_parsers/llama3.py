@@ -2,6 +2,7 @@
 
 Calls are recognised when the output opens with a JSON object, or after `<|python_tag|>`.
 Once something that is not a call follows, the rest of the output is content."""
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,17 @@ class Llama3Scanner:
             self._phase = self._calls
             return text[at:]
         held = 0 if final else partial_marker_length(text, PYTHON_TAG)
-        segments.append(text[:len(text) - held])
-        return text[len(text) - held:]
+        segments.append(text[: len(text) - held])
+        return text[len(text) - held :]
 
     def _calls(self, text: str, final: bool, segments: list[Segment]) -> str:
         resolved = 0
         while True:
             at = _skip_separators(text, resolved)
             rest = text[at:]
-            if not final and PYTHON_TAG.startswith(rest):  # nothing more yet, or a tag still arriving
+            if not final and PYTHON_TAG.startswith(
+                rest
+            ):  # nothing more yet, or a tag still arriving
                 return text[resolved:]
             if not rest and self._made_call:  # trailing separators
                 return ""

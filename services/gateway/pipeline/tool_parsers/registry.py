@@ -1,4 +1,5 @@
 """Tool-call parsers by --tool-call-parser name, and a default guessed from the model."""
+
 from __future__ import annotations
 
 from radixserve.gateway.pipeline.tool_parsers.hermes import HermesScanner
@@ -8,7 +9,12 @@ from radixserve.gateway.pipeline.tool_parsers.streaming import ToolParser
 _HERMES = ToolParser("hermes", HermesScanner)
 _LLAMA3 = ToolParser("llama3", Llama3Scanner)
 
-TOOL_PARSERS: dict[str, ToolParser] = {"hermes": _HERMES, "qwen25": _HERMES, "qwen": _HERMES, "llama3": _LLAMA3}
+TOOL_PARSERS: dict[str, ToolParser] = {
+    "hermes": _HERMES,
+    "qwen25": _HERMES,
+    "qwen": _HERMES,
+    "llama3": _LLAMA3,
+}
 
 _BY_ARCHITECTURE = {
     "Qwen2ForCausalLM": "hermes",
@@ -19,8 +25,13 @@ _BY_ARCHITECTURE = {
 }
 
 # Checked before the architecture: Hermes fine-tunes of Llama speak the Hermes format.
-_BY_MODEL_NAME_PART = (("hermes", "hermes"), ("qwen", "hermes"), ("llama-3", "llama3"), ("llama3", "llama3"),
-                       ("llama_3", "llama3"))
+_BY_MODEL_NAME_PART = (
+    ("hermes", "hermes"),
+    ("qwen", "hermes"),
+    ("llama-3", "llama3"),
+    ("llama3", "llama3"),
+    ("llama_3", "llama3"),
+)
 
 
 def get_tool_parser(name: str) -> ToolParser:
@@ -31,7 +42,9 @@ def get_tool_parser(name: str) -> ToolParser:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {known}") from None
 
 
-def default_tool_parser_name(architecture: str | None = None, model_name: str | None = None) -> str | None:
+def default_tool_parser_name(
+    architecture: str | None = None, model_name: str | None = None
+) -> str | None:
     lowered = (model_name or "").lower()
     for part, parser_name in _BY_MODEL_NAME_PART:
         if part in lowered:

@@ -3,6 +3,7 @@
 A format is a Scanner: given the text not yet resolved, it resolves what it can into content and
 tool calls and returns the rest to be held until more text arrives. Around resolved calls the driver
 drops separator whitespace, and holds trailing whitespace until it knows whether a call follows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class StreamingToolParser:
             self._after_call = False
         text = self._held_whitespace + text
         body = text.rstrip()
-        self._held_whitespace = text[len(body):]
+        self._held_whitespace = text[len(body) :]
         if body:
             _append_content(events, body)
 
@@ -85,6 +86,7 @@ def _append_content(events: list[StreamEvent], text: str) -> None:
 @dataclass(frozen=True)
 class ToolParser:
     """A tool-call format, selectable by name with --tool-call-parser."""
+
     name: str
     new_scanner: Callable[[], Scanner]
 
@@ -95,5 +97,7 @@ class ToolParser:
         stream = self.streaming()
         events = stream.feed(text) + stream.finish()
         content = "".join(event for event in events if isinstance(event, str))
-        return ParsedOutput(content=None if stream.tool_calls and not content else content,
-                            tool_calls=stream.tool_calls)
+        return ParsedOutput(
+            content=None if stream.tool_calls and not content else content,
+            tool_calls=stream.tool_calls,
+        )
