@@ -1,5 +1,6 @@
 """The scheduler core: requests in and out, the steps in flight, their results. No I/O. Its parts:
-admission and chunked prefill (prefill.py), decoding and retraction (decode.py), KV (kv_accounting.py).
+admission and chunked prefill (prefill.py), decoding and retraction (decode.py), KV (kv_accounting.py),
+when a request stops (stopping.py).
 
 Usage: add_request(); then repeatedly plan = schedule(), run it on the executor, events =
 update(plan, outputs). Between steps every running request holds KV slots for all of its tokens
@@ -34,24 +35,12 @@ from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager
 from radixserve.scheduler.radix_cache import DisabledRadixCache, RadixCache
 from radixserve.common.step import SampledToken, StepInput
-from radixserve.scheduler.request import FinishReason, Request, RequestEvent, Status
+from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SchedulerStats, Status
+from radixserve.scheduler.stopping import finish_reason, grammar_verdict, request_event
 
 
 class DuplicateRequestError(KeyError):
     pass
-
-
-@dataclass
-class SchedulerStats:
-    pool_tokens: int
-    free: int
-    cached: int  # evictable: held only by the prefix cache
-    in_use: int  # held by running requests, their locked cache paths included
-    running: int
-    waiting: int
-    total_prompt_tokens: int
-    total_cached_prompt_tokens: int
-    num_retractions: int
 
 
 @dataclass
@@ -221,7 +210,7 @@ class Scheduler:
                 self.kv.release_when_settled(req)  # steps in flight may still write its KV
             req.status = Status.DONE
             req.grammar = None
-            events.append(self._event(req, FinishReason.ABORT))
+            events.append(request_event(req, FinishReason.ABORT))
         if left_queue:
             self.prefill.drop_left_queue()
         if left_running:
@@ -326,10 +315,12 @@ class Scheduler:
             logprob = out.token_logprob()
             if logprob is not None:
                 req.logprobs.append(logprob)
-            reason, matched = self._finish_reason(req, out.token_id)
+            reason, matched = finish_reason(
+                req, out.token_id, self.eos_token_ids, self.context_length
+            )
             if req.grammar is not None:
-                reason, matched = self._grammar_verdict(req, out.token_id, reason, matched)
-            event = self._event(req, reason, matched)
+                reason, matched = grammar_verdict(req, out.token_id, reason, matched)
+            event = request_event(req, reason, matched)
             event.token_ids = [out.token_id]
             event.logprobs = [logprob] if logprob is not None else []
             events.append(event)
@@ -346,43 +337,6 @@ class Scheduler:
             self.decode.running = [r for r in self.running if id(r) not in finished]
         self.kv.release_settled()
         return events
-
-    def _finish_reason(self, req: Request, token: int) -> tuple[FinishReason | None, int]:
-        # As the executor's mask: min_new_tokens tokens come before a stop token (which is in output_ids).
-        stop_allowed = len(req.output_ids) > req.stopping.min_new_tokens
-        if stop_allowed and token in self.eos_token_ids and not req.stopping.ignore_eos:
-            return FinishReason.STOP, token
-        if stop_allowed and token in req.stopping.stop_token_ids:
-            return FinishReason.STOP, token
-        if len(req.output_ids) >= req.stopping.max_new_tokens or req.seq_len >= self.context_length:
-            return FinishReason.LENGTH, 0
-        return None, 0
-
-    @staticmethod
-    def _grammar_verdict(
-        req: Request, token: int, reason: FinishReason | None, matched: int
-    ) -> tuple[FinishReason | None, int]:
-        """Feed a sampled token to req's grammar, unless a stop token already ended the request:
-        the grammar's stop token (EOS, even with ignore_eos) ends it, a token the grammar forbids
-        (the executor ignored the mask) aborts it."""
-        if reason is FinishReason.STOP:
-            return reason, matched
-        if not req.grammar.accept(token):
-            return FinishReason.ABORT, 0
-        if req.grammar.terminated:
-            return FinishReason.STOP, token
-        return reason, matched
-
-    @staticmethod
-    def _event(req: Request, reason: FinishReason | None, matched: int = 0) -> RequestEvent:
-        return RequestEvent(
-            request_id=req.request_id,
-            finish_reason=reason,
-            matched_stop_token_id=matched,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens,
-        )
 
     # ---- maintenance -----------------------------------------------------------------------
 

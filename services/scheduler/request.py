@@ -94,3 +94,18 @@ class RequestEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """The core's counters (GetInfo, metrics)."""
+
+    pool_tokens: int
+    free: int
+    cached: int  # evictable: held only by the prefix cache
+    in_use: int  # held by running requests, their locked cache paths included
+    running: int
+    waiting: int
+    total_prompt_tokens: int
+    total_cached_prompt_tokens: int
+    num_retractions: int
