@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The most requests decoded together when --max-running-requests is unset: the scheduler's default
+# is below it (scheduler/server.py) and the executor sizes its slot table for it.
+MAX_RUNNING_REQUESTS_CAP = 256
 DP_PORT_STRIDE = 100  # replica i of --dp-size listens at the given port + i * DP_PORT_STRIDE
 
 DEFAULT_GRPC_PORTS = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.common.args import ServerArgs
-from radixserve.common.config import RunnerConfig
+from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP, RunnerConfig
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
@@ -40,8 +40,6 @@ from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
-
-DEFAULT_SLOT_TABLE_ROWS = 256  # the scheduler's default cap on running requests
 
 
 @dataclass
@@ -167,7 +165,7 @@ class ModelRunner:
             settings.attention_backend, self.device, num_kv_heads
         )
         self.slot_table = SlotTable(
-            settings.max_running_requests or DEFAULT_SLOT_TABLE_ROWS,
+            settings.max_running_requests or MAX_RUNNING_REQUESTS_CAP,
             cfg.context_length,
             self.device,
         )

@@ -19,6 +19,7 @@ from radixserve.v1 import (
     scheduler_pb2_grpc,
 )
 
+from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP
 from radixserve.common.args import ServerArgs, replica_name
 from radixserve.common.grpc_security import install_from_args
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
@@ -55,7 +56,6 @@ log = logging.getLogger("radixserve.scheduler")
 # Default --max-running-requests: one request per this many pool tokens (a modest average
 # sequence; retraction covers the cases where requests grow longer), between 1 and the cap.
 TOKENS_PER_RUNNING_REQUEST = 128
-MAX_RUNNING_REQUESTS_CAP = 256
 EXECUTOR_WAIT_LOG_EVERY_S = 10.0
 
 
