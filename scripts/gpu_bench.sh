@@ -66,12 +66,18 @@ wait_http() {  # port [pid]: up to 300 s, and no longer than the server process 
   return 1
 }
 
+serve_stack() {  # LOG [flags...]: the five services on fixed local ports, in the background (pid in $serve_pid)
+  local log=$1; shift
+  "${rs[@]}" serve "${common[@]}" --port 31000 --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
+    --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
+    ${SERVE_FLAGS:-} "$@" > "$log" 2>&1 &
+  serve_pid=$!
+}
+
 stage_serving() {
   local port=31000
-  "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
-    --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
-    ${SERVE_FLAGS:-} > "$OUT/serve.log" 2>&1 &
-  local pid=$!
+  serve_stack "$OUT/serve.log"
+  local pid=$serve_pid
   wait_http $port $pid || { tail -30 "$OUT/serve.log"; kill $pid; return 1; }
   local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
                --random-range-ratio 1.0 --output-file "$OUT/serving.jsonl")
@@ -105,10 +111,8 @@ stage_host_profile() {
   # Issue 16: the 256 x 512 in / 256 out rate-inf run twice on one server; during the second, each process's
   # CPU seconds (from /proc) and a py-spy sample (carried wheel) of PROFILE_S seconds starting PROFILE_AT s in.
   local port=31000
-  "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
-    --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
-    ${SERVE_FLAGS:-} > "$OUT/serve-profile.log" 2>&1 &
-  local pid=$!
+  serve_stack "$OUT/serve-profile.log"
+  local pid=$serve_pid
   wait_http $port $pid || { tail -30 "$OUT/serve-profile.log"; kill $pid; return 1; }
   local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
                --random-range-ratio 1.0 --random-input-len 512 --random-output-len 256 --num-prompts 256
@@ -171,10 +175,8 @@ stage_warm_start() {
     local extra=()
     [ "$run" = cold-skip ] && extra=(--skip-server-warmup)
     local t0=$(date +%s)
-    "${rs[@]}" serve "${common[@]}" --port $port --gateway-grpc-port 31010 --tokenizer-addr 127.0.0.1:31011 \
-      --scheduler-addr 127.0.0.1:31012 --executor-addr 127.0.0.1:31013 --detokenizer-addr 127.0.0.1:31014 \
-      ${SERVE_FLAGS:-} "${extra[@]}" > "$OUT/serve-$run.log" 2>&1 &
-    local pid=$!
+    serve_stack "$OUT/serve-$run.log" "${extra[@]}"
+    local pid=$serve_pid
     wait_http $port $pid || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
     echo "--- $run: ready $(( $(date +%s) - t0 ))s after the command"
     grep -h "startup:\|warm-up:\|captured" "$OUT/serve-$run.log" | sed 's/^.*INFO //'
