@@ -29,7 +29,9 @@ import triton.language as tl
 from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 
-@triton.jit
+# rows/lens are views into the step's packed ints at a traffic-dependent offset, read one value per
+# program: alignment specialization would buy nothing and compile new variants on live traffic.
+@triton.jit(do_not_specialize_on_alignment=["rows_ptr", "lens_ptr"])
 def _decode_stage1(
     q_ptr,
     k_ptr,
@@ -223,6 +225,8 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     rows: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
     r = rows[b] (or b without rows).
@@ -303,8 +307,8 @@ def decode_attention(
         PRECISION=precision,
         USE_WHILE=interpreting(),
         HAS_ROWS=rows is not None,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_stage2[(B, H)](
         part,
