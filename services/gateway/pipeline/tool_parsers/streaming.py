@@ -20,14 +20,6 @@ class Scanner(Protocol):
         """Resolve a prefix of `text`; return its segments and the unresolved rest ("" when final)."""
 
 
-def partial_marker_length(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the beginning of `marker`."""
-    for length in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
-
-
 class StreamingToolParser:
     """Turns one choice's text deltas into content deltas and tool-call deltas."""
 
