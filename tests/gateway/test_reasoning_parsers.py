@@ -16,7 +16,12 @@ HARMONY_CALL = (
 
 # (parser, model text, reasoning, content)
 CASES = [
-    ("qwen3", "<think>\nLet me think.\n</think>\n\nThe answer is 4.", "Let me think.", "The answer is 4."),
+    (
+        "qwen3",
+        "<think>\nLet me think.\n</think>\n\nThe answer is 4.",
+        "Let me think.",
+        "The answer is 4.",
+    ),
     ("qwen3", "The answer is 4.", None, "The answer is 4."),  # enable_thinking=false: no block
     ("qwen3", "<think>\nCut off by max_tok", "Cut off by max_tok", ""),
     ("qwen3", "  <think>a < b </thin", "a < b </thin", ""),

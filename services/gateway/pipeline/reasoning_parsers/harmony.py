@@ -31,7 +31,9 @@ class Header:
 def parse_header(raw: str) -> Header:
     channel = _CHANNEL_NAME.search(raw)
     recipient = _RECIPIENT.search(raw)
-    return Header(raw, channel.group(1) if channel else "", recipient.group(1) if recipient else None)
+    return Header(
+        raw, channel.group(1) if channel else "", recipient.group(1) if recipient else None
+    )
 
 
 @dataclass(frozen=True)

@@ -80,13 +80,15 @@ class ToolParser:
     """A tool-call format, selectable by name with --tool-call-parser."""
 
     name: str
-    new_scanner: Callable[[], Scanner]
+    new_scanner: Callable[
+        [list[dict]], Scanner
+    ]  # given the request's tools (some formats type by them)
 
-    def streaming(self) -> StreamingToolParser:
-        return StreamingToolParser(self.new_scanner())
+    def streaming(self, tools: list[dict] | None = None) -> StreamingToolParser:
+        return StreamingToolParser(self.new_scanner(tools or []))
 
-    def parse(self, text: str) -> ParsedOutput:
-        stream = self.streaming()
+    def parse(self, text: str, tools: list[dict] | None = None) -> ParsedOutput:
+        stream = self.streaming(tools)
         events = stream.feed(text) + stream.finish()
         content = "".join(event for event in events if isinstance(event, str))
         return ParsedOutput(
