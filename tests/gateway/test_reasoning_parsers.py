@@ -1,13 +1,21 @@
 """Reasoning parsers: whole-text splits per format, and streamed splits equal to them wherever the
 deltas are cut (inside a marker too)."""
 
+import json
+
+import httpx
+import openai
 import pytest
 
+from radixserve.gateway.api.openai_routes import chat_conversation
+from radixserve.gateway.api.protocol import ChatCompletionRequest
 from radixserve.gateway.pipeline.reasoning_parsers import (
     REASONING_PARSER_NAMES,
     ReasoningSplit,
     get_reasoning_parser,
 )
+from tests.gateway import fakes
+from tests.gateway.fakes import RunningGateway
 
 HARMONY_CALL = (
     "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
@@ -93,3 +101,147 @@ def test_every_name_resolves_and_an_unknown_one_lists_the_known():
     )
     with pytest.raises(ValueError, match="choose one of .*deepseek-r1"):
         get_reasoning_parser("nope")
+
+
+# ---- /v1/chat/completions with --reasoning-parser, over the fake backends ----
+
+THINKING_OUTPUT = (
+    '<think>\nMaybe <tool_call>{"name": "ping"}</tool_call> later.\n</think>\n\nChecking.'
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+)
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "ping"}},
+]
+
+
+@pytest.fixture(scope="module")
+def thinking_gw(backends):
+    running = RunningGateway(backends, reasoning_parser="qwen3", tool_call_parser="hermes")
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def thinking_model(monkeypatch):
+    """The fake model answers THINKING_OUTPUT, then repeats it (max_tokens cuts it)."""
+    monkeypatch.setattr(fakes, "OUTPUT_TEXT", THINKING_OUTPUT)
+
+
+@pytest.fixture
+def client(thinking_gw):
+    return openai.OpenAI(
+        base_url=thinking_gw.base_url + "/v1", api_key="x", max_retries=0, timeout=30
+    )
+
+
+def chat(client, stream=False, **extra):
+    return client.chat.completions.create(
+        model=fakes.MODEL,
+        messages=fakes.MESSAGES,
+        max_tokens=len(THINKING_OUTPUT),
+        stream=stream,
+        extra_body=extra or None,
+    )
+
+
+def test_reasoning_and_content_are_returned_apart(thinking_model, client):
+    message = chat(client).choices[0].message
+    reasoning = 'Maybe <tool_call>{"name": "ping"}</tool_call> later.'
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == reasoning
+    assert message.content == THINKING_OUTPUT[THINKING_OUTPUT.index("Checking") :]
+
+
+def test_tool_calls_are_read_from_the_content_only(thinking_model, client):
+    response = client.chat.completions.create(
+        model=fakes.MODEL,
+        messages=fakes.MESSAGES,
+        max_tokens=len(THINKING_OUTPUT),
+        tools=WEATHER_TOOLS,
+    )
+    choice = response.choices[0]
+    assert [
+        (c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls
+    ] == [("get_weather", {"city": "Paris"})]
+    assert choice.message.content == "Checking."
+    assert choice.finish_reason == "tool_calls"
+    assert "ping" in choice.message.model_extra["reasoning_content"]
+
+
+def test_streamed_reasoning_and_content_add_up_to_the_whole(thinking_model, client):
+    whole = chat(client).choices[0].message
+    reasoning, content, reasoning_chunks = "", "", 0
+    for chunk in chat(client, stream=True):
+        for choice in chunk.choices:
+            extra = choice.delta.model_extra or {}
+            if extra.get("reasoning_content"):
+                assert extra["reasoning"] == extra["reasoning_content"]
+                reasoning += extra["reasoning_content"]
+                reasoning_chunks += 1
+            content += choice.delta.content or ""
+    assert reasoning == whole.model_extra["reasoning_content"] and reasoning_chunks > 1
+    assert content == whole.content
+
+
+def test_streamed_tool_calls_come_from_the_content(thinking_model, client):
+    stream = client.chat.completions.create(
+        model=fakes.MODEL,
+        messages=fakes.MESSAGES,
+        max_tokens=len(THINKING_OUTPUT),
+        tools=WEATHER_TOOLS,
+        stream=True,
+    )
+    names, reasons = [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            names += [call.function.name for call in choice.delta.tool_calls or [] if call.id]
+            reasons.append(choice.finish_reason)
+    assert names == ["get_weather"] and reasons[-1] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "extra", [{"separate_reasoning": False}, {"chat_template_kwargs": {"enable_thinking": False}}]
+)
+def test_reasoning_split_off_leaves_the_text_whole(thinking_model, client, extra):
+    message = chat(client, **extra).choices[0].message
+    assert message.content == THINKING_OUTPUT
+    assert message.model_extra["reasoning_content"] is None
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in chat(client, stream=True, **extra) if c.choices
+    )
+    assert streamed == THINKING_OUTPUT
+
+
+def test_output_cut_inside_the_reasoning_is_all_reasoning(thinking_model, client):
+    message = client.chat.completions.create(
+        model=fakes.MODEL, messages=fakes.MESSAGES, max_tokens=19
+    ).choices[0]
+    assert message.finish_reason == "length"
+    assert message.message.model_extra["reasoning_content"] == "Maybe <tool"
+    assert message.message.content is None
+
+
+def test_chat_template_kwargs_reach_the_template():
+    req = ChatCompletionRequest(
+        messages=fakes.MESSAGES, chat_template_kwargs={"enable_thinking": False}
+    )
+    assert json.loads(chat_conversation(req).template_kwargs_json) == {"enable_thinking": False}
+    assert (
+        chat_conversation(ChatCompletionRequest(messages=fakes.MESSAGES)).template_kwargs_json == ""
+    )
+
+
+def test_chat_template_kwargs_must_be_an_object(client):
+    with pytest.raises(openai.BadRequestError):
+        chat(client, chat_template_kwargs=["enable_thinking"])
+
+
+def test_without_a_reasoning_parser_the_fields_are_null(thinking_model, backends):
+    plain = RunningGateway(backends)
+    try:
+        body = {"messages": fakes.MESSAGES, "max_tokens": len(THINKING_OUTPUT)}
+        message = httpx.post(plain.base_url + "/v1/chat/completions", json=body).json()
+        message = message["choices"][0]["message"]
+        assert message["content"] == THINKING_OUTPUT and message["reasoning_content"] is None
+    finally:
+        plain.close()

@@ -102,6 +102,10 @@ class ChatCompletionRequest(_OpenAISampling):
     tool_choice: Any = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables
+    separate_reasoning: bool = (
+        True  # SGLang: return reasoning apart from content (--reasoning-parser)
+    )
 
 
 class CompletionRequest(_OpenAISampling):
