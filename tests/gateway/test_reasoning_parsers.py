@@ -2,6 +2,7 @@
 deltas are cut (inside a marker too)."""
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -9,6 +10,7 @@ import pytest
 
 from radixserve.gateway.api.openai_routes import chat_conversation
 from radixserve.gateway.api.protocol import ChatCompletionRequest
+from radixserve.gateway.pipeline.chat_reasoning import reasoning_parser_for
 from radixserve.gateway.pipeline.reasoning_parsers import (
     REASONING_PARSER_NAMES,
     ReasoningSplit,
@@ -245,3 +247,16 @@ def test_without_a_reasoning_parser_the_fields_are_null(thinking_model, backends
         assert message["content"] == THINKING_OUTPUT and message["reasoning_content"] is None
     finally:
         plain.close()
+
+
+def test_which_requests_get_their_reasoning_split():
+    engine = SimpleNamespace(args=SimpleNamespace(reasoning_parser="deepseek-r1"))
+    assert reasoning_parser_for(engine).name == "deepseek-r1"
+    assert reasoning_parser_for(engine, separate_reasoning=False) is None
+    assert reasoning_parser_for(engine, chat_template_kwargs={"enable_thinking": False}) is None
+    assert reasoning_parser_for(engine, chat_template_kwargs={"thinking": False}) is None
+    assert reasoning_parser_for(engine, chat_template_kwargs={"enable_thinking": True}) is not None
+    # Output constrained from its first token (JSON schema, tool_choice "required") has no reasoning.
+    assert reasoning_parser_for(engine, constrained=True) is None
+    engine.args.reasoning_parser = None
+    assert reasoning_parser_for(engine) is None

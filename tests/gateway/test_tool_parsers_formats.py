@@ -1,12 +1,14 @@
 """The tool-call formats beside hermes and llama3 (qwen3_coder, mistral, deepseekv3, pythonic, kimi_k2,
 gpt-oss): whole parses, streams cut at every character equal to them, and malformed calls as content."""
 
+import dataclasses
 import json
 
 import pytest
 
+from radixserve.common.args import ServerArgs
 from radixserve.gateway.pipeline.reasoning_parsers import get_reasoning_parser
-from radixserve.gateway.pipeline.tool_parsers import get_tool_parser
+from radixserve.gateway.pipeline.tool_parsers import TOOL_PARSERS, get_tool_parser
 
 TOOLS = [
     {
@@ -294,3 +296,11 @@ def test_sglang_and_vllm_names():
         assert get_tool_parser(name).name == name
     assert get_tool_parser("deepseek_v3") is get_tool_parser("deepseekv3")
     assert get_tool_parser("openai") is get_tool_parser("gpt-oss")
+
+
+def test_every_name_the_flag_honours_is_a_registered_parser():
+    flag = next(f for f in dataclasses.fields(ServerArgs) if f.name == "tool_call_parser")
+    value_map = flag.metadata["value_map"]
+    names = {value_map.get(name, name) for name in flag.metadata["supported"]} - {None}
+    assert names <= set(TOOL_PARSERS)
+    assert {parser.name for parser in TOOL_PARSERS.values()} <= names
