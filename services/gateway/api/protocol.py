@@ -103,9 +103,8 @@ class ChatCompletionRequest(_OpenAISampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables
-    separate_reasoning: bool = (
-        True  # SGLang: return reasoning apart from content (--reasoning-parser)
-    )
+    # SGLang's: return the reasoning apart from the content (with --reasoning-parser)
+    separate_reasoning: bool = True
 
 
 class CompletionRequest(_OpenAISampling):
