@@ -3,11 +3,15 @@ gpt-oss): whole parses, streams cut at every character equal to them, and malfor
 
 import dataclasses
 import json
+import random
 
 import pytest
 
 from radixserve.common.args import ServerArgs
-from radixserve.gateway.pipeline.reasoning_parsers import get_reasoning_parser
+from radixserve.gateway.pipeline.reasoning_parsers import (
+    REASONING_PARSER_NAMES,
+    get_reasoning_parser,
+)
 from radixserve.gateway.pipeline.tool_parsers import TOOL_PARSERS, get_tool_parser
 
 TOOLS = [
@@ -304,3 +308,49 @@ def test_every_name_the_flag_honours_is_a_registered_parser():
     names = {value_map.get(name, name) for name in flag.metadata["supported"]} - {None}
     assert names <= set(TOOL_PARSERS)
     assert {parser.name for parser in TOOL_PARSERS.values()} <= names
+
+
+# Marker pieces of every format, shuffled into random outputs: nothing raises, and a stream cut
+# anywhere gives the whole parse (tool parsers and reasoning parsers alike).
+FUZZ_PIECES = [
+    *("<think>", "</think>", "◁think▷", "◁/think▷", "<tool_call>", "</tool_call>", "<function=f>"),
+    *("</function>", "<parameter=a>", "</parameter>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+    *(DS_BEGIN, DS_CALL, DS_SEP, DS_CALL_END, DS_END, "function", "```json\n", "\n```"),
+    *(KIMI_BEGIN, "<|tool_call_begin|>", "functions.f:0", "<|tool_call_argument_begin|>"),
+    *("<|tool_call_end|>", "<|channel|>", "analysis", "final", "commentary to=functions.f"),
+    *("<|constrain|>json", "<|message|>", "<|end|>", "<|call|>", "<|start|>assistant"),
+    *('{"a": 1}', '{"name": "f", "arguments": {}}', "[", "]", "f(a=1)", '"', "{", "}", " ", "\n"),
+    *("x", "<|python_start|>"),
+]
+
+
+def random_cuts(rng, text):
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 5))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+def test_random_marker_soup_streams_as_it_parses():
+    rng = random.Random(18)
+    for _ in range(300):
+        text = "".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(1, 14)))
+        for name in TOOL_PARSERS:
+            whole = get_tool_parser(name).parse(text)
+            stream = get_tool_parser(name).streaming()
+            chunks = random_cuts(rng, text)
+            events = [e for chunk in chunks for e in stream.feed(chunk)] + stream.finish()
+            arguments: dict[int, str] = {}
+            for event in events:
+                if isinstance(event, dict):
+                    so_far = arguments.get(event["index"], "")
+                    arguments[event["index"]] = so_far + event["function"]["arguments"]
+            content = "".join(e for e in events if isinstance(e, str))
+            assert content == (whole.content or ""), (name, chunks)
+            assert list(arguments.values()) == [c.arguments for c in whole.tool_calls], (name, text)
+        for name in REASONING_PARSER_NAMES:
+            whole = get_reasoning_parser(name).parse(text)
+            splitter = get_reasoning_parser(name).splitter()
+            pieces = [splitter.feed(chunk) for chunk in random_cuts(rng, text)] + [
+                splitter.finish()
+            ]
+            reasoning = "".join(r for r, _ in pieces) or None
+            assert (reasoning, "".join(c for _, c in pieces)) == (whole.reasoning, whole.content)
