@@ -16,10 +16,13 @@ from radixserve.gateway.api.responses_protocol import ResponsesRequest
 from radixserve.gateway.api.responses_routes import chat_request
 from radixserve.gateway.api import responses_format as rfmt
 from radixserve.gateway.api.openai_routes import chat_input
+from radixserve.gateway.pipeline.generation import Finish
 from radixserve.gateway.pipeline.response_store import ResponseStore, stored_size
 from tests.gateway.fakes import (
     CONTEXT_LENGTH,
+    FAIL_MARKER,
     MODEL,
+    POISON,
     SCRIPT_CLOSE,
     SCRIPT_OPEN,
     RunningGateway,
@@ -173,6 +176,20 @@ def test_stream_frames_name_their_event_and_validate(gw):
     last = json.loads(frames[-1].split("\n")[1].removeprefix("data: "))
     assert last["type"] == "response.incomplete"
     assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_failures_before_output_get_their_status_and_later_ones_response_failed(client, gw):
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input=POISON, stream=True)
+    events = list(client.responses.create(model=MODEL, input=FAIL_MARKER, stream=True))
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed" and events[-1].response.error.message
+    assert any(e.type == "response.output_text.delta" for e in events)
+    with pytest.raises(openai.NotFoundError):  # a failed response is not stored
+        client.responses.retrieve(events[-1].response.id)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.responses.create(model=MODEL, input=FAIL_MARKER)
+    assert err.value.status_code == 503
 
 
 # ---- function tools ----
@@ -410,3 +427,14 @@ def test_store_evicts_the_oldest_beyond_max_bytes_and_refuses_one_too_large():
     assert store.total_bytes == 2 * size
     store.put(*entry(1, pad=100))  # replacing an entry counts it once
     assert store.total_bytes == 2 * size and len(store) == 2
+
+
+def test_finish_reasons_map_to_response_statuses():
+    def status(reason: str) -> str:
+        return rfmt.final_status(Finish(reason, None, 1, 1, 0))
+
+    assert [status(r) for r in ("stop", "length", "abort")] == [
+        "completed",
+        "incomplete",
+        "cancelled",
+    ]
