@@ -335,6 +335,20 @@ def test_bad_requests_are_400(gw, body, param):
         assert (error["param"] or "").startswith(param), error
 
 
+def test_malformed_ids_are_400_and_unknown_ones_404(gw, client):
+    for method in ("GET", "DELETE"):
+        r = httpx.request(method, gw.base_url + "/v1/responses/chatcmpl-1", timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_id"
+        r = httpx.request(method, gw.base_url + "/v1/responses/resp_unknown", timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+    r = post(gw, {"input": "Hi", "previous_response_id": "bad"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
+
+
 def test_unknown_model_is_404(gw):
     r = post(gw, {"input": "Hi", "model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

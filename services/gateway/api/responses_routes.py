@@ -43,7 +43,18 @@ def response_store(request: Request) -> ResponseStore:
     return store
 
 
+def check_id(response_id: str, param: str) -> None:
+    """As OpenAI: an id that is not a response id at all is a 400 (an unknown one is not found)."""
+    if not response_id.startswith("resp_"):
+        raise bad_request(
+            f"Invalid '{param}': '{response_id[:64]}'. Expected an ID that begins with 'resp'.",
+            param=param,
+            code="invalid_value",
+        )
+
+
 def stored(request: Request, response_id: str):
+    check_id(response_id, "response_id")
     entry = response_store(request).get(response_id)
     if entry is None:
         raise ApiError(
@@ -129,6 +140,7 @@ async def create_response(request: Request):
     store = response_store(request)
     history: list[dict] = []
     if req.previous_response_id is not None:
+        check_id(req.previous_response_id, "previous_response_id")
         previous = store.get(req.previous_response_id)
         if previous is None:
             raise bad_request(
