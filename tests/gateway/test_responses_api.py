@@ -18,6 +18,8 @@ from radixserve.gateway.api import responses_format as rfmt
 from radixserve.gateway.api.openai_routes import chat_input
 from radixserve.gateway.pipeline.generation import Finish
 from radixserve.gateway.pipeline.response_store import ResponseStore, stored_size
+from tests.gateway.real_scheduler import gateway_stack, read_stream
+from tests.gateway.real_scheduler import run as run_stack
 from tests.gateway.fakes import (
     CONTEXT_LENGTH,
     FAIL_MARKER,
@@ -25,8 +27,10 @@ from tests.gateway.fakes import (
     POISON,
     SCRIPT_CLOSE,
     SCRIPT_OPEN,
+    FakeBackends,
     RunningGateway,
     expected_output,
+    wait_until,
     render_chat,
 )
 
@@ -307,6 +311,61 @@ def test_input_items_page_through_with_after(gw, client):
     assert httpx.get(url, params={"limit": 0}).status_code == 400
 
 
+# ---- background mode ----
+
+
+@pytest.fixture(scope="module")
+def slow_client():
+    """A gateway whose fake model takes 50 ms a step, so a background response can be caught running."""
+    backends = FakeBackends(step_delay=0.05)
+    running = RunningGateway(backends)
+    yield openai.OpenAI(base_url=running.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+    running.close()
+    backends.stop()
+
+
+def test_background_response_runs_on_and_can_be_retrieved(slow_client):
+    resp = slow_client.responses.create(
+        model=MODEL, input="Hi", background=True, max_output_tokens=6
+    )
+    assert resp.background is True and resp.status == "in_progress" and resp.output == []
+    assert slow_client.responses.retrieve(resp.id).status == "in_progress"
+    with pytest.raises(openai.BadRequestError):  # not yet a conversation to continue
+        slow_client.responses.create(model=MODEL, input="more", previous_response_id=resp.id)
+    assert wait_until(lambda: slow_client.responses.retrieve(resp.id).status != "in_progress")
+    done = slow_client.responses.retrieve(resp.id)
+    assert done.status == "incomplete" and done.output_text == expected_output(6)
+    assert [i.content[0].text for i in slow_client.responses.input_items.list(resp.id).data] == [
+        "Hi"
+    ]
+    with pytest.raises(openai.BadRequestError) as err:
+        slow_client.responses.cancel(resp.id)
+    assert "incomplete" in err.value.message
+
+
+def test_cancel_a_running_background_response_and_cut_streams_leave_no_leaks(tmp_path):
+    """Against the real scheduler (the fake one never reports an abort)."""
+
+    async def main():
+        async with gateway_stack(tmp_path) as stack:
+            body = {"model": MODEL, "input": "Hello", "max_output_tokens": 2048}
+            r = await stack.client.post("/v1/responses", json={**body, "background": True})
+            resp = r.json()
+            assert r.status_code == 200 and resp["status"] == "in_progress"
+            await stack.wait_for(lambda info: info["running_requests"] == 1)
+            r = await stack.client.post(f"/v1/responses/{resp['id']}/cancel")
+            cancelled = Response.model_validate(r.json())
+            assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 2048
+            again = await stack.client.post(f"/v1/responses/{resp['id']}/cancel")
+            assert again.json()["status"] == "cancelled"  # cancelling twice answers it as it ended
+            await stack.assert_idle_without_leaks()
+            lines = await read_stream(stack.client, "/v1/responses", {**body, "stream": True}, 0.5)
+            assert "event: response.output_text.delta" in lines
+            await stack.assert_idle_without_leaks()
+
+    run_stack(main())
+
+
 # ---- bad requests ----
 
 
@@ -314,7 +373,8 @@ def test_input_items_page_through_with_after(gw, client):
     "body, param",
     [
         ({"input": "Hi", "frequency_penalty": 1}, "frequency_penalty"),  # not a Responses field
-        ({"input": "Hi", "background": True}, "background"),
+        ({"input": "Hi", "background": True, "store": False}, "background"),
+        ({"input": "Hi", "background": True, "stream": True}, "stream"),
         ({"input": "Hi", "tools": [{"type": "web_search"}]}, "tools.0"),
         ({"input": "Hi", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": []}, "input"),

@@ -169,7 +169,7 @@ class ResponseHead:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
+            "background": req.background,
             "completed_at": int(time.time()) if status == "completed" else None,
             "error": error,
             "incomplete_details": {"reason": "max_output_tokens"}

@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -26,12 +29,20 @@ from radixserve.gateway.api.sse import named_sse_event, run_unless_disconnected,
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools
 from radixserve.gateway.pipeline.choices import complete_all, merged_streams
 from radixserve.gateway.pipeline.engine import Engine
-from radixserve.gateway.pipeline.generation import Cancellation, Delta, Finish, PreparedRequest
+from radixserve.gateway.pipeline.generation import (
+    Cancellation,
+    Completion,
+    Delta,
+    Finish,
+    PreparedRequest,
+)
 from radixserve.gateway.pipeline.request_control import live_requests
 from radixserve.gateway.pipeline.response_store import ResponseStore
 from radixserve.gateway.pipeline.sampling import parse_body, validation_error
 
+log = logging.getLogger("radixserve.gateway.responses")
 router = APIRouter()
+MAX_BACKGROUND_RESPONSES = 256  # background responses generating at once
 
 
 def response_store(request: Request) -> ResponseStore:
@@ -70,8 +81,10 @@ def stored(request: Request, response_id: str):
 
 
 def check_request(req: ResponsesRequest) -> None:
-    if req.background:
-        raise not_supported("background mode", param="background")
+    if req.background and not req.store:
+        raise bad_request("background mode requires store=true", param="background")
+    if req.background and req.stream:
+        raise not_supported("streaming a background response", param="stream")
     if req.include:
         raise not_supported(f"include {req.include[0]!r}", param="include")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
@@ -148,6 +161,11 @@ async def create_response(request: Request):
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
+        if previous.response["status"] == "in_progress":
+            raise bad_request(
+                f"Previous response with id '{req.previous_response_id}' is still in progress.",
+                param="previous_response_id",
+            )
         history = previous.context
     own_items = rfmt.input_items(req)
     if not own_items and not history:
@@ -176,6 +194,11 @@ async def create_response(request: Request):
         if req.store:
             store.put(response, own_items, items + response["output"])
 
+    def finished(result: Completion) -> dict:
+        response = finished_response(result, plan, head, builder)
+        keep(response)
+        return response
+
     cancellation = Cancellation()
     if req.stream:
         events = response_events(engine, prepared, plan, head, builder, keep, cancellation)
@@ -185,17 +208,27 @@ async def create_response(request: Request):
             frame=named_sse_event,
             done=b"",
         )
-    with live.track(response_id, [prepared], started, cancellation):
-        [result] = await run_unless_disconnected(
-            request, complete_all(engine, [prepared], cancellation)
+    generation = complete_all(engine, [prepared], cancellation)
+    if req.background:
+        return JSONResponse(
+            start_background(
+                request, head, generation, prepared, started, cancellation, finished, keep
+            )
         )
+    with live.track(response_id, [prepared], started, cancellation):
+        [result] = await run_unless_disconnected(request, generation)
+    return JSONResponse(finished(result))
+
+
+def finished_response(
+    result: Completion, plan: ToolPlan | None, head: rfmt.ResponseHead, builder: rfmt.OutputBuilder
+) -> dict:
+    """The response of a whole generation."""
     parser = plan.stream_parser() if plan else None
     builder.feed(parser.feed(result.text) + parser.finish() if parser else [result.text])
     status = rfmt.final_status(result.finish)
     builder.finish(status)
-    response = head.response(status, builder.output, result.finish)
-    keep(response)
-    return JSONResponse(response)
+    return head.response(status, builder.output, result.finish)
 
 
 async def response_events(
@@ -246,6 +279,66 @@ async def response_events(
         await stream.aclose()
 
 
+# ---- background mode ----
+
+
+@dataclass
+class BackgroundRun:
+    task: asyncio.Task
+    cancellation: Cancellation
+
+
+def background_runs(request: Request) -> dict[str, BackgroundRun]:
+    """The app's background responses still running, by response id, made on first use."""
+    state = request.app.state
+    runs = getattr(state, "background_responses", None)
+    if runs is None:
+        runs = state.background_responses = {}
+    return runs
+
+
+def start_background(
+    request: Request,
+    head: rfmt.ResponseHead,
+    generation: Awaitable[list[Completion]],
+    prepared: PreparedRequest,
+    started: float,
+    cancellation: Cancellation,
+    finished: Callable[[Completion], dict],
+    keep: Callable[[dict], None],
+) -> dict:
+    """Store the response in progress and generate it in a task, independent of this connection;
+    answers the response as it stands."""
+    runs = background_runs(request)
+    if len(runs) >= MAX_BACKGROUND_RESPONSES:
+        generation.close()
+        raise ApiError(
+            429,
+            f"at most {MAX_BACKGROUND_RESPONSES} background responses run at once",
+            param="background",
+            code="too_many_background_responses",
+        )
+    live = live_requests(request)
+    pending = head.response("in_progress", [])
+    keep(pending)
+
+    async def run() -> None:
+        try:
+            with live.track(head.id, [prepared], started, cancellation):
+                [result] = await generation
+            finished(result)
+        except Exception as e:
+            if not isinstance(e, ApiError):
+                log.exception("background response %s failed", head.id)
+            message = e.message if isinstance(e, ApiError) else "Internal server error"
+            keep(head.response("failed", [], error={"code": "server_error", "message": message}))
+        finally:
+            runs.pop(head.id, None)
+
+    runs[head.id] = BackgroundRun(asyncio.ensure_future(run()), cancellation)
+    return pending
+
+
 # ---- stored responses ----
 
 
@@ -259,17 +352,31 @@ async def retrieve_response(response_id: str, request: Request):
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request):
     stored(request, response_id)
+    run = background_runs(request).get(response_id)
+    if run is not None:
+        run.cancellation.cancel()
+        await asyncio.shield(run.task)
     response_store(request).delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request):
-    stored(request, response_id)
-    raise bad_request(
-        "Only responses created with background=true can be cancelled.",
-        param="response_id",
-    )
+    """Cancels a background response still running; cancelling it again answers it as it ended."""
+    run = background_runs(request).get(response_id)
+    if run is not None:
+        run.cancellation.cancel()
+        await asyncio.shield(run.task)
+    response = stored(request, response_id).response
+    if not response["background"]:
+        raise bad_request(
+            "Only responses created with background=true can be cancelled.", param="response_id"
+        )
+    if response["status"] != "cancelled":
+        raise bad_request(
+            f"Cannot cancel a response with status '{response['status']}'.", param="response_id"
+        )
+    return JSONResponse(response)
 
 
 @router.get("/v1/responses/{response_id}/input_items")
