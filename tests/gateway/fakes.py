@@ -57,6 +57,9 @@ def render_chat(conv: common_pb2.ChatConversation) -> str:
 
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
+    # What GetInfo reports as the model's generation_config.json sampling defaults (set before a gateway starts).
+    generation_defaults: tokenizer_pb2.TokenizerGenerationDefaults | None = None
+
     def Encode(self, request, context):
         return tokenizer_pb2.TokenizerEncodeResponse(
             results=[common_pb2.TokenIds(ids=encode(t)) for t in request.texts]
@@ -76,6 +79,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
             bos_token_id=-1,
             chat_template="fake",
             tokenizer_path="/models/fake-tokenizer",
+            generation_defaults=self.generation_defaults,
         )
 
 
@@ -95,6 +99,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.completed: list[str] = []
         self.active: set[str] = set()
         self.sessions = 0
+        self.requests: dict[str, scheduler_pb2.SchedulerGenerateRequest] = {}  # by request id
 
     def _cached_tokens(self, ids: list[int]) -> int:
         best = 0
@@ -130,6 +135,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         with self.lock:
             cached = self._cached_tokens(ids)
             self.prompts.append(ids)
+            self.requests[rid] = request
             self.started.append(rid)
             self.active.add(rid)
         usage = common_pb2.Usage(prompt_tokens=len(ids), cached_tokens=cached)

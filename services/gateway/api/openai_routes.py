@@ -27,7 +27,15 @@ from radixserve.gateway.pipeline.generation import (
 )
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
 from radixserve.gateway.pipeline.request_control import live_requests
-from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, penalty_args, stop_list
+from radixserve.common.sampling import SamplingDefaults
+from radixserve.gateway.pipeline.sampling import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    NO_DEFAULTS,
+    build_sampling,
+    parse_body,
+    penalty_args,
+    stop_list,
+)
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
 from radixserve.gateway.pipeline.structured_output import request_constraint
 
@@ -57,7 +65,7 @@ async def model_card(engine: Engine) -> dict:
         "object": "model",
         "created": STARTED_AT,
         "owned_by": "radixserve",
-        "root": info.model_path,
+        "root": engine.served_name,
         "parent": None,
         "max_model_len": info.context_length,
     }
@@ -142,7 +150,9 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
     )
 
 
-def chat_input(req: ChatCompletionRequest) -> GenerationInput:
+def chat_input(
+    req: ChatCompletionRequest, defaults: SamplingDefaults = NO_DEFAULTS
+) -> GenerationInput:
     choice_count(req.n)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -162,6 +172,7 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         ignore_eos=req.ignore_eos,
         logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs,
+        defaults=defaults,
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
@@ -175,6 +186,7 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         req.skip_special_tokens,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_param="messages",
+        default_max_new_tokens=defaults.max_new_tokens,  # None: to the end of the context
     )
 
 
@@ -194,7 +206,8 @@ async def chat_completions(request: Request):
     n = choice_count(req.n)
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
-    prepared = await live.deadline(started).run(engine.prepare(chat_input(req)))
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults)))
     tools = plan_tools(
         req.tools,
         req.tool_choice,
@@ -330,7 +343,9 @@ def completion_prompts(prompt) -> list[str | list[int]]:
 
 
 def completion_input(
-    req: CompletionRequest, prompt: str | list[int] | None = None
+    req: CompletionRequest,
+    prompt: str | list[int] | None = None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> GenerationInput:
     choice_count(req.n)
     if req.suffix:
@@ -353,6 +368,7 @@ def completion_input(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         top_logprobs=req.logprobs,
+        defaults=defaults,
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
@@ -368,6 +384,7 @@ def completion_input(
         req.skip_special_tokens,
         request_id=f"cmpl-{uuid.uuid4().hex}",
         prompt_param="prompt",
+        default_max_new_tokens=defaults.max_new_tokens or COMPLETION_DEFAULT_MAX_TOKENS,
     )
 
 
@@ -421,7 +438,8 @@ async def prepare_completions(
     engine: Engine, req: CompletionRequest, prompts: list[str | list[int]], n: int
 ) -> tuple[list[PreparedRequest], list[str]]:
     """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
-    prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = [await engine.prepare(completion_input(req, p, defaults)) for p in prompts]
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     return prepared, echoes
 

@@ -122,20 +122,22 @@ class CompletionRequest(_OpenAISampling):
 
 
 class NativeSamplingParams(_Body):
-    max_new_tokens: int | None = 128
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = -1
-    min_p: float | None = 0.0
+    # None: the server's default (--preferred-sampling-params ...), else SGLang's (max_new_tokens 128,
+    # temperature 1, top_p 1, top_k -1, min_p 0, no penalties): pipeline/sampling.py build_sampling.
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = Field(default=None, alias="sampling_seed")
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    min_new_tokens: int | None = 0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None

@@ -30,10 +30,16 @@ from radixserve.common.args import ServerArgs, replica_addrs
 from radixserve.common.grpc_util import aio_channel
 from radixserve.common.log import request_id as log_request_id
 from radixserve.common.model_files import default_model_name
-from radixserve.common.sampling import MAX_TOKEN_ID, SamplingParams, StoppingCriteria
+from radixserve.common.sampling import (
+    MAX_TOKEN_ID,
+    SamplingDefaults,
+    SamplingParams,
+    StoppingCriteria,
+)
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
+from radixserve.gateway.pipeline.sampling import server_defaults
 from radixserve.gateway.pipeline.embeddings import (
     EMBEDDING_SERVER_ONLY,
     GENERATION_SERVER_ONLY,
@@ -172,6 +178,10 @@ class Engine:
         async with self._info_lock:
             if self._info is None:
                 self._info = await self._fetch_info(wait_s)
+                log.info(
+                    "sampling defaults for what requests leave out: %s",
+                    self._info.sampling_defaults.as_dict() or "the APIs' own",
+                )
         return self._info
 
     async def _fetch_info(self, wait_s: float) -> ServedModel:
@@ -205,6 +215,10 @@ class Engine:
             vocab_size=sched.vocab_size or (tok.vocab_size if tok else 0),
             eos_token_ids=list(sched.eos_token_ids or (tok.eos_token_ids if tok else [])),
             has_chat_template=bool(tok and tok.chat_template),
+            sampling_defaults=server_defaults(
+                SamplingDefaults.from_proto(tok.generation_defaults) if tok else SamplingDefaults(),
+                self.args,
+            ),
         )
 
     # ---- preparing a request ----

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixserve.v1 import common_pb2
-from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.sampling import SamplingDefaults, SamplingParams, StoppingCriteria
 
 Prompt = str | common_pb2.ChatConversation | list[int]
 
@@ -79,6 +79,9 @@ class ServedModel:
     vocab_size: int
     eos_token_ids: list[int]
     has_chat_template: bool
+    # The sampling defaults for what requests leave out (--generation-config, --preferred-sampling-params,
+    # --override-generation-config layered; see pipeline/sampling.py server_defaults).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class Cancellation:
