@@ -27,6 +27,7 @@ from radixserve.v1 import (
 )
 
 from radixserve.common.args import ServerArgs
+from radixserve.detokenizer.stop_strings import scan_for_stops
 from radixserve.gateway.server import Gateway
 
 EOS_ID = 3
@@ -318,6 +319,17 @@ def decode_item(
     )
     full = item.state.held_text + new_text
     state = detokenizer_pb2.DetokenizerState(emitted_chars=item.state.emitted_chars)
+    if item.stop_regex:  # the real scan, which owns stop regexes
+        scan = scan_for_stops(full, list(item.stop), item.final, list(item.stop_regex))
+        state.held_text = scan.held
+        state.emitted_chars += len(scan.emit)
+        return detokenizer_pb2.DetokenizerDecodeResult(
+            request_id=item.request_id,
+            text=scan.emit,
+            state=state,
+            stopped=scan.matched_stop is not None,
+            matched_stop=scan.matched_stop or "",
+        )
     hits = [(full.find(s), s) for s in item.stop if s and s in full]
     if hits:
         index, stop = min(hits)

@@ -38,6 +38,7 @@ from radixserve.gateway.pipeline.sampling import (
     build_sampling,
     parse_body,
     stop_list,
+    stop_regexes,
 )
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
 from radixserve.gateway.pipeline.structured_output import request_constraint
@@ -102,6 +103,7 @@ def native_input(
         request_id=req.rid or uuid.uuid4().hex,
         prompt_param=param,
         default_max_new_tokens=defaults.max_new_tokens or NATIVE_DEFAULT_MAX_NEW_TOKENS,
+        stop_regex=stop_regexes(sp.stop_regex, "sampling_params.stop_regex"),
     )
 
 

@@ -35,8 +35,10 @@ from radixserve.gateway.pipeline.sampling import (
     parse_body,
     penalty_args,
     stop_list,
+    stop_regexes,
 )
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
+from radixserve.gateway.api.token_ids import StreamedTokenIds
 from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
@@ -176,7 +178,10 @@ def chat_input(
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     return GenerationInput(
         chat_conversation(req),
@@ -187,6 +192,8 @@ def chat_input(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_param="messages",
         default_max_new_tokens=defaults.max_new_tokens,  # None: to the end of the context
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -195,6 +202,7 @@ class ChatOptions:
     logprobs: bool
     with_top: bool
     tools: ToolPlan | None
+    token_ids: StreamedTokenIds | None = None  # return_token_ids
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -215,8 +223,11 @@ async def chat_completions(request: Request):
         await engine.model_info(),
         prepared.sampling,
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools)
     requests = fan_out(prepared, n)
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=False
+    )
+    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, token_ids)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
@@ -227,7 +238,7 @@ async def chat_completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                chat_events(engine, requests, meta, options, cancellation),
+                token_ids.attached(chat_events(engine, requests, meta, options, cancellation)),
             ),
         )
     with live.track(prepared.request_id, requests, started, cancellation):
@@ -235,9 +246,12 @@ async def chat_completions(request: Request):
             request, complete_all(engine, requests, cancellation)
         )
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
-    return JSONResponse(
-        fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
-    )
+    response = fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
+    if req.return_token_ids:
+        response["prompt_token_ids"] = prepared.input_ids
+        for choice, result in zip(choices, results):
+            choice["token_ids"] = result.token_ids
+    return JSONResponse(response)
 
 
 async def chat_choice(engine: Engine, index: int, result: Completion, options: ChatOptions) -> dict:
@@ -276,6 +290,8 @@ async def chat_events(
                 yield fmt.chat_chunk(meta, {"role": "assistant", "content": ""}, index=index)
             if isinstance(item, Delta):
                 running = counts.add(item)
+                if options.token_ids is not None:
+                    options.token_ids.add(index, item.token_ids)
                 logprobs = None
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
@@ -372,7 +388,10 @@ def completion_input(
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     if prompt is None:
         prompt = completion_prompts(req.prompt)[0]
@@ -385,6 +404,8 @@ def completion_input(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         prompt_param="prompt",
         default_max_new_tokens=defaults.max_new_tokens or COMPLETION_DEFAULT_MAX_TOKENS,
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -407,6 +428,9 @@ async def completions(request: Request):
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
     cancellation = Cancellation()
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=True
+    )
     if req.stream:
         return await sse_response(
             request,
@@ -415,7 +439,11 @@ async def completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                completion_events(engine, requests, n, meta, want_logprobs, echoes, cancellation),
+                token_ids.attached(
+                    completion_events(
+                        engine, requests, n, meta, want_logprobs, echoes, cancellation, token_ids
+                    )
+                ),
             ),
         )
     with live.track(meta.id, requests, started, cancellation):
@@ -429,6 +457,9 @@ async def completions(request: Request):
             texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
             logprobs = fmt.completion_logprobs(result.logprobs, texts)
         choices.append(fmt.completion_choice(i, echoes[i] + result.text, result.finish, logprobs))
+        if req.return_token_ids:
+            choices[-1]["prompt_token_ids"] = requests[i].input_ids
+            choices[-1]["token_ids"] = result.token_ids
     return JSONResponse(
         fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n))
     )
@@ -457,6 +488,7 @@ async def completion_events(
     want_logprobs: bool,
     echoes: list[str],
     cancellation: Cancellation | None = None,
+    token_ids: StreamedTokenIds | None = None,
 ) -> AsyncIterator[dict]:
     stream = merged_streams(engine, requests, cancellation)
     offsets = [0] * len(requests)
@@ -473,6 +505,8 @@ async def completion_events(
                 yield fmt.completion_chunk(meta, "", item.reason, index=index)
                 continue
             running = counts.add(item)
+            if token_ids is not None:
+                token_ids.add(index, item.token_ids)
             logprobs = None
             if want_logprobs and item.logprobs:
                 texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))

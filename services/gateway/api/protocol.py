@@ -50,6 +50,16 @@ class ChatMessageIn(_Body):
         return content
 
 
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: one of these constrains the output (pipeline/structured_output.py)."""
+
+    json_schema: str | dict[str, Any] | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _OpenAISampling(_Body):
     """Fields shared by chat and text completions."""
 
@@ -77,6 +87,12 @@ class _OpenAISampling(_Body):
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM
+    stop_regex: str | list[str] | None = None  # SGLang
+    return_token_ids: bool | None = False  # vLLM: prompt_token_ids and token_ids in the answer
+    truncate_prompt_tokens: int | None = (
+        None  # vLLM: keep the prompt's last k tokens (-1: the context)
+    )
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -121,6 +137,31 @@ class CompletionRequest(_OpenAISampling):
     best_of: int | None = None
 
 
+class TokenizeRequest(_Body):
+    """vLLM's and SGLang's /tokenize: a prompt (SGLang: or a list of them), or chat messages (vLLM)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"prompt": "Hello!"}, {"messages": [{"role": "user", "content": "Hi"}]}]
+        },
+    )
+    model: str | None = None
+    prompt: str | list[str] | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"tokens": [1, 2]}]})
+    model: str | None = None
+    tokens: list[int] | list[list[int]]
+
+
 class NativeSamplingParams(_Body):
     # None: the server's default (--preferred-sampling-params ...), else SGLang's (max_new_tokens 128,
     # temperature 1, top_p 1, top_k -1, min_p 0, no penalties): pipeline/sampling.py build_sampling.
@@ -141,6 +182,7 @@ class NativeSamplingParams(_Body):
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    stop_regex: str | list[str] | None = None
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

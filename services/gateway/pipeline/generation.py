@@ -23,6 +23,10 @@ class GenerationInput:
     request_id: str = ""
     prompt_param: str = "prompt"  # the request field named in prompt-related errors
     default_max_new_tokens: int | None = None  # None: fill the context
+    stop_regex: list[str] = field(
+        default_factory=list
+    )  # checked (pipeline/sampling.py stop_regexes)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PreparedRequest:
     stopping: StoppingCriteria  # max_new_tokens set
     stop: list[str]
     skip_special_tokens: bool
+    stop_regex: list[str] = field(default_factory=list)
 
 
 @dataclass

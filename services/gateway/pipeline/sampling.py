@@ -16,6 +16,7 @@ from radixserve.common.sampling import (
     SamplingParams,
     StoppingCriteria,
 )
+from radixserve.detokenizer.stop_strings import MAX_STOP_REGEXES, compile_stop_regex
 from radixserve.gateway.api.errors import bad_request, not_supported
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -111,6 +112,24 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+def stop_regexes(value: str | list[str] | None, param: str = "stop_regex") -> list[str]:
+    """SGLang's stop_regex as a list, each pattern checked to compile as the detokenizer will (a 400 names
+    the first bad one)."""
+    patterns = stop_list(value)
+    if len(patterns) > MAX_STOP_REGEXES:
+        raise bad_request(
+            f"{param} may hold at most {MAX_STOP_REGEXES} patterns, got {len(patterns)}",
+            param=param,
+            code="invalid_value",
+        )
+    for pattern in patterns:
+        try:
+            compile_stop_regex(pattern)
+        except ValueError as e:
+            raise bad_request(f"{param}: {e}", param=param, code="invalid_value") from None
+    return patterns
 
 
 def build_sampling(
