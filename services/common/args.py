@@ -366,10 +366,15 @@ def normalize(args: ServerArgs) -> ServerArgs:
 
 def check_sampling_defaults(args: ServerArgs) -> None:
     """FlagError unless --preferred-sampling-params and --override-generation-config are JSON objects of
-    known sampling keys with values in range."""
+    known sampling keys with values in range (sampling.py, with its protobuf stubs, is only imported then)."""
+    given = [
+        n for n in ("preferred_sampling_params", "override_generation_config") if getattr(args, n)
+    ]
+    if not given:
+        return
     from radixserve.common.sampling import SamplingDefaults, SamplingError
 
-    for name in ("preferred_sampling_params", "override_generation_config"):
+    for name in given:
         try:
             SamplingDefaults.from_json(getattr(args, name), "--" + name.replace("_", "-"))
         except SamplingError as e:
