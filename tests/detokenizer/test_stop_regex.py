@@ -3,10 +3,15 @@ text where a match may still begin, and bounds what a pattern may cost."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import grpc
 import pytest
 
+from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
+from radixserve.common import grpc_util
+from radixserve.detokenizer.server import start_server
 from radixserve.detokenizer.incremental import DecodeState, decode_step
 from radixserve.detokenizer.stop_strings import (
     MAX_STOP_REGEX_CHARS,
@@ -21,6 +26,9 @@ class CharDecoder:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(map(chr, ids))
+
+    def __len__(self):
+        return 0x110000
 
 
 def feed(text: str, stop_regex: list[str], stop: list[str] = (), chunk: int = 1):
@@ -85,3 +93,28 @@ def test_a_catastrophic_pattern_costs_a_bounded_time():
 def test_bad_patterns_are_refused_with_a_reason(pattern, why):
     with pytest.raises(ValueError, match=why):
         compile_stop_regex(pattern)
+
+
+async def _over_grpc(items: list[detokenizer_pb2.DetokenizerDecodeItem]):
+    server, port = await start_server(CharDecoder(), "127.0.0.1:0")
+    try:
+        async with grpc_util.aio_channel(f"127.0.0.1:{port}") as channel:
+            stub = detokenizer_pb2_grpc.DetokenizerStub(channel)
+            return await stub.Decode(detokenizer_pb2.DetokenizerDecodeRequest(items=items))
+    finally:
+        await server.stop(None)
+
+
+def test_the_service_applies_stop_regexes_and_refuses_bad_ones():
+    ids = [ord(c) for c in "total: 12 apples"]
+    item = detokenizer_pb2.DetokenizerDecodeItem(
+        request_id="r", new_token_ids=ids, stop_regex=[r"\d+ a"], final=True
+    )
+    [result] = asyncio.run(_over_grpc([item])).results
+    assert (result.text, result.stopped, result.matched_stop) == ("total: ", True, r"\d+ a")
+    for bad in (["("], ["a", "b", "c", "d", "e"]):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            asyncio.run(
+                _over_grpc([detokenizer_pb2.DetokenizerDecodeItem(request_id="x", stop_regex=bad)])
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
