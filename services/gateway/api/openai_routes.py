@@ -15,7 +15,14 @@ from radixserve.v1 import common_pb2
 from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
+from radixserve.gateway.pipeline.chat_reasoning import (
+    reasoning_parser_for,
+    split_delta,
+    split_rest,
+    split_text,
+)
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools, tools_for_template
+from radixserve.gateway.pipeline.reasoning_parsers import ReasoningParser
 from radixserve.gateway.pipeline.choices import complete_all, fan_out, merged_streams, total_usage
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -149,6 +156,9 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
         tools_json=json.dumps(tools)
         if (tools := tools_for_template(req.tools, req.tool_choice))
         else "",
+        template_kwargs_json=json.dumps(req.chat_template_kwargs)
+        if req.chat_template_kwargs
+        else "",
     )
 
 
@@ -202,6 +212,7 @@ class ChatOptions:
     logprobs: bool
     with_top: bool
     tools: ToolPlan | None
+    reasoning: ReasoningParser | None = None
     token_ids: StreamedTokenIds | None = None  # return_token_ids
 
 
@@ -223,11 +234,17 @@ async def chat_completions(request: Request):
         await engine.model_info(),
         prepared.sampling,
     )
+    reasoning = reasoning_parser_for(
+        engine,
+        req.separate_reasoning,
+        req.chat_template_kwargs,
+        constrained=prepared.sampling.constraint is not None,
+    )
     requests = fan_out(prepared, n)
     token_ids = StreamedTokenIds(
         bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=False
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, token_ids)
+    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning, token_ids)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
@@ -259,11 +276,14 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
     if options.logprobs:
         texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
         logprobs = fmt.chat_logprobs(result.logprobs, texts, options.with_top)
-    text, calls = result.text, None
-    if options.tools is not None:
-        parsed = options.tools.parse(result.text)
+    split = split_text(options.reasoning, result.text)
+    text, calls = split.content, None
+    if options.tools is not None:  # calls are read from the content only
+        parsed = options.tools.parse(text)
         text, calls = parsed.content, [call.to_openai() for call in parsed.tool_calls]
-    return fmt.chat_choice(index, text, result.finish, logprobs, calls)
+    if options.reasoning is not None and not text:
+        text = None
+    return fmt.chat_choice(index, text, result.finish, logprobs, calls, split.reasoning)
 
 
 async def chat_events(
@@ -277,6 +297,7 @@ async def chat_events(
     then the usage chunk when asked for."""
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
+    splitters = [options.reasoning.splitter() if options.reasoning else None for _ in requests]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
     finishes: list[Finish | None] = [None] * len(requests)
@@ -296,12 +317,9 @@ async def chat_events(
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
-                events = (
-                    parsers[index].feed(item.text)
-                    if parsers[index]
-                    else ([item.text] if item.text else [])
-                )
-                for delta in chat_deltas(events):
+                reasoning, text = split_delta(splitters[index], item.text)
+                events = parsers[index].feed(text) if parsers[index] else ([text] if text else [])
+                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
                     yield fmt.chat_chunk(
                         meta, delta, logprobs=logprobs, index=index, running=running
                     )
@@ -313,9 +331,10 @@ async def chat_events(
             else:
                 finishes[index] = item
                 parser = parsers[index]
-                if parser is not None:
-                    for delta in chat_deltas(parser.finish()):
-                        yield fmt.chat_chunk(meta, delta, index=index)
+                reasoning, text = split_rest(splitters[index])
+                events = (parser.feed(text) + parser.finish()) if parser is not None else [text]
+                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
+                    yield fmt.chat_chunk(meta, delta, index=index)
                 reason = "tool_calls" if parser is not None and parser.tool_calls else item.reason
                 yield fmt.chat_chunk(meta, {}, reason, index=index)
             try:
@@ -328,6 +347,10 @@ async def chat_events(
             )
     finally:
         await stream.aclose()
+
+
+def reasoning_deltas(reasoning: str) -> list[dict]:
+    return [fmt.reasoning_delta(reasoning)] if reasoning else []
 
 
 def chat_deltas(events: list) -> list[dict]:
