@@ -34,8 +34,18 @@ from radixserve.gateway.pipeline.generation import (
 )
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
 from radixserve.gateway.pipeline.request_control import live_requests
-from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, penalty_args, stop_list
+from radixserve.common.sampling import SamplingDefaults
+from radixserve.gateway.pipeline.sampling import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    NO_DEFAULTS,
+    build_sampling,
+    parse_body,
+    penalty_args,
+    stop_list,
+    stop_regexes,
+)
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
+from radixserve.gateway.api.token_ids import StreamedTokenIds
 from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
@@ -64,7 +74,7 @@ async def model_card(engine: Engine) -> dict:
         "object": "model",
         "created": STARTED_AT,
         "owned_by": "radixserve",
-        "root": info.model_path,
+        "root": engine.served_name,
         "parent": None,
         "max_model_len": info.context_length,
     }
@@ -152,7 +162,9 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
     )
 
 
-def chat_input(req: ChatCompletionRequest) -> GenerationInput:
+def chat_input(
+    req: ChatCompletionRequest, defaults: SamplingDefaults = NO_DEFAULTS
+) -> GenerationInput:
     choice_count(req.n)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -172,10 +184,14 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         ignore_eos=req.ignore_eos,
         logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs,
+        defaults=defaults,
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     return GenerationInput(
         chat_conversation(req),
@@ -185,6 +201,9 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         req.skip_special_tokens,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_param="messages",
+        default_max_new_tokens=defaults.max_new_tokens,  # None: to the end of the context
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -194,6 +213,7 @@ class ChatOptions:
     with_top: bool
     tools: ToolPlan | None
     reasoning: ReasoningParser | None = None
+    token_ids: StreamedTokenIds | None = None  # return_token_ids
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -205,7 +225,8 @@ async def chat_completions(request: Request):
     n = choice_count(req.n)
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
-    prepared = await live.deadline(started).run(engine.prepare(chat_input(req)))
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults)))
     tools = plan_tools(
         req.tools,
         req.tool_choice,
@@ -219,8 +240,11 @@ async def chat_completions(request: Request):
         req.chat_template_kwargs,
         constrained=prepared.sampling.constraint is not None,
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning)
     requests = fan_out(prepared, n)
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=False
+    )
+    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning, token_ids)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
@@ -231,7 +255,7 @@ async def chat_completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                chat_events(engine, requests, meta, options, cancellation),
+                token_ids.attached(chat_events(engine, requests, meta, options, cancellation)),
             ),
         )
     with live.track(prepared.request_id, requests, started, cancellation):
@@ -239,9 +263,12 @@ async def chat_completions(request: Request):
             request, complete_all(engine, requests, cancellation)
         )
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
-    return JSONResponse(
-        fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
-    )
+    response = fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
+    if req.return_token_ids:
+        response["prompt_token_ids"] = prepared.input_ids
+        for choice, result in zip(choices, results):
+            choice["token_ids"] = result.token_ids
+    return JSONResponse(response)
 
 
 async def chat_choice(engine: Engine, index: int, result: Completion, options: ChatOptions) -> dict:
@@ -284,6 +311,8 @@ async def chat_events(
                 yield fmt.chat_chunk(meta, {"role": "assistant", "content": ""}, index=index)
             if isinstance(item, Delta):
                 running = counts.add(item)
+                if options.token_ids is not None:
+                    options.token_ids.add(index, item.token_ids)
                 logprobs = None
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
@@ -353,7 +382,9 @@ def completion_prompts(prompt) -> list[str | list[int]]:
 
 
 def completion_input(
-    req: CompletionRequest, prompt: str | list[int] | None = None
+    req: CompletionRequest,
+    prompt: str | list[int] | None = None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> GenerationInput:
     choice_count(req.n)
     if req.suffix:
@@ -376,10 +407,14 @@ def completion_input(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         top_logprobs=req.logprobs,
+        defaults=defaults,
         **penalty_args(req),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     if prompt is None:
         prompt = completion_prompts(req.prompt)[0]
@@ -391,6 +426,9 @@ def completion_input(
         req.skip_special_tokens,
         request_id=f"cmpl-{uuid.uuid4().hex}",
         prompt_param="prompt",
+        default_max_new_tokens=defaults.max_new_tokens or COMPLETION_DEFAULT_MAX_TOKENS,
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -413,6 +451,9 @@ async def completions(request: Request):
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
     cancellation = Cancellation()
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=True
+    )
     if req.stream:
         return await sse_response(
             request,
@@ -421,7 +462,11 @@ async def completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                completion_events(engine, requests, n, meta, want_logprobs, echoes, cancellation),
+                token_ids.attached(
+                    completion_events(
+                        engine, requests, n, meta, want_logprobs, echoes, cancellation, token_ids
+                    )
+                ),
             ),
         )
     with live.track(meta.id, requests, started, cancellation):
@@ -435,6 +480,9 @@ async def completions(request: Request):
             texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
             logprobs = fmt.completion_logprobs(result.logprobs, texts)
         choices.append(fmt.completion_choice(i, echoes[i] + result.text, result.finish, logprobs))
+        if req.return_token_ids:
+            choices[-1]["prompt_token_ids"] = requests[i].input_ids
+            choices[-1]["token_ids"] = result.token_ids
     return JSONResponse(
         fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n))
     )
@@ -444,7 +492,8 @@ async def prepare_completions(
     engine: Engine, req: CompletionRequest, prompts: list[str | list[int]], n: int
 ) -> tuple[list[PreparedRequest], list[str]]:
     """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
-    prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = [await engine.prepare(completion_input(req, p, defaults)) for p in prompts]
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     return prepared, echoes
 
@@ -462,6 +511,7 @@ async def completion_events(
     want_logprobs: bool,
     echoes: list[str],
     cancellation: Cancellation | None = None,
+    token_ids: StreamedTokenIds | None = None,
 ) -> AsyncIterator[dict]:
     stream = merged_streams(engine, requests, cancellation)
     offsets = [0] * len(requests)
@@ -478,6 +528,8 @@ async def completion_events(
                 yield fmt.completion_chunk(meta, "", item.reason, index=index)
                 continue
             running = counts.add(item)
+            if token_ids is not None:
+                token_ids.add(index, item.token_ids)
             logprobs = None
             if want_logprobs and item.logprobs:
                 texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
