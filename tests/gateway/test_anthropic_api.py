@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 from tests.gateway import fakes
 from tests.gateway.fakes import EOS_ID, MODEL, RunningGateway, expected_output
 
+MAX_PAYLOAD = 64 * 1024
 WEATHER_TOOL = {
     "name": "get_weather",
     "description": "The weather in a city.",
@@ -55,7 +56,7 @@ ORIGINAL_OUTPUT_TOKEN = fakes.output_token
 @pytest.fixture(scope="module")
 def gw(backends):
     fakes.output_token = scripted_output_token
-    running = RunningGateway(backends, tool_call_parser="hermes")
+    running = RunningGateway(backends, tool_call_parser="hermes", max_payload_size=MAX_PAYLOAD)
     yield running
     running.close()
     fakes.output_token = ORIGINAL_OUTPUT_TOKEN
@@ -403,6 +404,20 @@ def test_openai_routes_keep_openais_errors(gw):
     assert "type" not in r.json()
     r = httpx.post(gw.base_url + "/v1/messages", content=b"{not json", timeout=30)
     assert_anthropic_error(r, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_too_large_a_body_is_an_anthropic_413(gw, declared):
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "x" * MAX_PAYLOAD}],
+        }
+    ).encode()
+    content = body if declared else iter([body[:1024], body[1024:]])  # chunked: no content-length
+    r = httpx.post(gw.base_url + "/v1/messages", content=content, timeout=30)
+    assert_anthropic_error(r, 413, "request_too_large")
 
 
 def test_accepted_fields_without_effect(client):

@@ -24,6 +24,7 @@ from radixserve.gateway.api.anthropic_protocol import (
 )
 from radixserve.gateway.api.errors import ApiError
 from radixserve.gateway.api.openai_routes import chat_input, check_model, engine_of
+from radixserve.gateway.api.payload_limit import PayloadTooLarge
 from radixserve.gateway.api.protocol import openapi_body
 from radixserve.gateway.api.sse import SSE_HEADERS, run_unless_disconnected
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools
@@ -48,7 +49,7 @@ class AnthropicErrorRoute(APIRoute):
                 return await handler(request)
             except ApiError as e:
                 return anthropic_error(e)
-            except ClientDisconnect:
+            except (ClientDisconnect, PayloadTooLarge):  # the app's and the middleware's to answer
                 raise
             except Exception:
                 log.exception("unexpected error serving %s %s", request.method, request.url.path)
