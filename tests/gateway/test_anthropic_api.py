@@ -126,6 +126,33 @@ def test_create_message_with_system_blocks_and_stop_reasons(client, backends):
     assert (ended.stop_reason, ended.stop_sequence) == ("end_turn", None)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_beyond_the_context_stops_at_its_end(client, stream):
+    prompt = "<user>Hi<assistant>"
+    kwargs = dict(model=MODEL, max_tokens=1000, messages=[{"role": "user", "content": "Hi"}])
+    if stream:
+        with client.messages.stream(**kwargs) as s:
+            message = s.get_final_message()
+    else:
+        message = client.messages.create(**kwargs)
+    room = fakes.CONTEXT_LENGTH - len(prompt)
+    assert message.content[0].text == expected_output(room)
+    assert (message.stop_reason, message.usage.output_tokens) == (
+        "model_context_window_exceeded",
+        room,
+    )
+
+
+def test_a_prompt_that_fills_the_context_is_refused(gw):
+    body = {
+        "model": MODEL,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "x" * fakes.CONTEXT_LENGTH}],
+    }
+    r = httpx.post(gw.base_url + "/v1/messages", json=body, timeout=30)
+    assert "maximum context length" in assert_anthropic_error(r, 400, "invalid_request_error")
+
+
 def test_prefill_continues_the_last_assistant_message(client, backends):
     client.messages.create(
         model=MODEL,

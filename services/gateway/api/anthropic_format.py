@@ -3,14 +3,16 @@ route runs, and what comes out as Anthropic's message, stream events and errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from radixserve.gateway.api import anthropic_protocol as ap
 from radixserve.gateway.api.errors import ApiError, bad_request
 from radixserve.gateway.api.protocol import ChatCompletionRequest
-from radixserve.gateway.pipeline.generation import Finish
+from radixserve.gateway.pipeline.generation import Finish, GenerationInput
 from radixserve.gateway.pipeline.sampling import validation_error
 from radixserve.gateway.pipeline.tool_parsers import ParsedOutput, StreamEvent, ToolCall
 
@@ -160,7 +162,22 @@ def single_tool_call(choice: ap.ToolChoice | None) -> bool:
     return bool(getattr(choice, "disable_parallel_tool_use", False))
 
 
+def up_to_the_context(generation: GenerationInput) -> None:
+    """max_tokens as a bound, not a demand: where the prompt leaves less room in the context, the
+    answer stops where the context ends (model_context_window_exceeded) instead of being refused."""
+    generation.default_max_new_tokens = generation.stopping.max_new_tokens
+    generation.stopping = dataclasses.replace(generation.stopping, max_new_tokens=0)
+
+
 # ---- response ----
+
+
+@dataclass
+class MessageMeta:
+    id: str
+    model: str
+    single_call: bool = False  # disable_parallel_tool_use
+    context_cut: bool = False  # max_tokens was cut to the room the prompt left in the context
 
 
 def usage(finish: Finish) -> dict:
@@ -172,12 +189,12 @@ def usage(finish: Finish) -> dict:
     }
 
 
-def stop_reason(finish: Finish, called_tools: bool) -> tuple[str, str | None]:
+def stop_reason(finish: Finish, called_tools: bool, context_cut: bool) -> tuple[str, str | None]:
     """stop_reason and stop_sequence ("abort", a cancelled request, reads as end_turn)."""
     if called_tools:
         return "tool_use", None
     if finish.reason == "length":
-        return "max_tokens", None
+        return ("model_context_window_exceeded" if context_cut else "max_tokens"), None
     if finish.reason == "stop" and isinstance(finish.matched, str):
         return "stop_sequence", finish.matched
     return "end_turn", None
@@ -196,15 +213,13 @@ def text_block(text: str) -> dict:
     return {"type": "text", "text": text, "citations": None}
 
 
-def message(
-    message_id: str, model: str, output: ParsedOutput, finish: Finish, single_call: bool
-) -> dict:
-    calls = output.tool_calls[:1] if single_call else output.tool_calls
+def message(meta: MessageMeta, output: ParsedOutput, finish: Finish) -> dict:
+    calls = output.tool_calls[:1] if meta.single_call else output.tool_calls
     content = [text_block(output.content)] if output.content else []
     content += [tool_use_block(call) for call in calls]
-    reason, sequence = stop_reason(finish, bool(calls))
+    reason, sequence = stop_reason(finish, bool(calls), meta.context_cut)
     return {
-        **message_envelope(message_id, model),
+        **message_envelope(meta),
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
@@ -212,18 +227,17 @@ def message(
     }
 
 
-def message_envelope(message_id: str, model: str) -> dict:
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model}
+def message_envelope(meta: MessageMeta) -> dict:
+    return {"id": meta.id, "type": "message", "role": "assistant", "model": meta.model}
 
 
 class MessageStream:
     """Anthropic's stream events for one generation, fed the chat tool parser's events (text, and
     OpenAI tool-call delta items) or, without tools, the text itself."""
 
-    def __init__(self, message_id: str, model: str, input_tokens: int, single_call: bool):
-        self.message_id, self.model = message_id, model
+    def __init__(self, meta: MessageMeta, input_tokens: int):
+        self.meta = meta
         self.input_tokens = input_tokens
-        self.single_call = single_call
         self.index = -1  # of the content block now open, or last closed
         self.open: str | None = None  # its type while open
         self.calls = 0
@@ -231,7 +245,7 @@ class MessageStream:
 
     def start(self) -> list[dict]:
         start = {
-            **message_envelope(self.message_id, self.model),
+            **message_envelope(self.meta),
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
@@ -252,7 +266,7 @@ class MessageStream:
         return out
 
     def finish(self, finish: Finish) -> list[dict]:
-        reason, sequence = stop_reason(finish, self.calls > 0)
+        reason, sequence = stop_reason(finish, self.calls > 0, self.meta.context_cut)
         return [
             *self._close(),
             {
@@ -271,7 +285,7 @@ class MessageStream:
         return out + [self._delta({"type": "text_delta", "text": text})]
 
     def _new_call(self, event: dict) -> list[dict]:
-        self.dropping = self.single_call and self.calls >= 1
+        self.dropping = self.meta.single_call and self.calls >= 1
         if self.dropping:
             return []
         self.calls += 1

@@ -74,27 +74,32 @@ async def create_message(request: Request):
     chat = fmt.chat_request(body)
     generation = chat_input(chat)
     generation.request_id = f"msg_{uuid.uuid4().hex}"
+    fmt.up_to_the_context(generation)
     live = live_requests(request)
     prepared = await live.deadline(started).run(engine.prepare(generation))
     info = await engine.model_info()
     tools = plan_tools(
         chat.tools, chat.tool_choice, engine.args.tool_call_parser, info, prepared.sampling
     )
-    single_call = fmt.single_tool_call(body.tool_choice)
-    message_id, model = prepared.request_id, engine.served_name
+    meta = fmt.MessageMeta(
+        prepared.request_id,
+        engine.served_name,
+        single_call=fmt.single_tool_call(body.tool_choice),
+        context_cut=prepared.stopping.max_new_tokens < body.max_tokens,
+    )
     cancellation = Cancellation()
     if body.stream:
-        writer = fmt.MessageStream(message_id, model, len(prepared.input_ids), single_call)
+        writer = fmt.MessageStream(meta, len(prepared.input_ids))
         events = message_events(engine, prepared, tools, writer, cancellation)
         return await anthropic_sse_response(
-            request, live.tracked_events(message_id, [prepared], started, cancellation, events)
+            request, live.tracked_events(meta.id, [prepared], started, cancellation, events)
         )
-    with live.track(message_id, [prepared], started, cancellation):
+    with live.track(meta.id, [prepared], started, cancellation):
         [result] = await run_unless_disconnected(
             request, complete_all(engine, [prepared], cancellation)
         )
     output = tools.parse(result.text) if tools else ParsedOutput(result.text, [])
-    return JSONResponse(fmt.message(message_id, model, output, result.finish, single_call))
+    return JSONResponse(fmt.message(meta, output, result.finish))
 
 
 @router.post(COUNT_TOKENS_PATH, openapi_extra=openapi_body(CountTokensRequest))
