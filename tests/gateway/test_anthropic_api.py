@@ -396,6 +396,23 @@ def test_errors_through_the_client(client):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages.0.content"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "a",
+                                "content": [{"type": "document", "source": {}}],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "document",
+        ),
         ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "name"),
         ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools.0"),
         ({"tool_choice": {"type": "tool", "name": "nope"}, "tools": [WEATHER_TOOL]}, "nope"),
@@ -447,7 +464,7 @@ def test_too_large_a_body_is_an_anthropic_413(gw, declared):
     assert_anthropic_error(r, 413, "request_too_large")
 
 
-def test_accepted_fields_without_effect(client):
+def test_accepted_fields_without_effect(client, backends):
     message = client.messages.create(
         model=MODEL,
         max_tokens=3,
@@ -471,6 +488,23 @@ def test_accepted_fields_without_effect(client):
         ],
     )
     assert message.content[0].text == expected_output(3)
+    # Thinking blocks of earlier turns are not shown to the model.
+    prompt = "<system>S<user>Hi<assistant>Hello<user>Again<assistant>"
+    assert backends.scheduler.prompts[-1] == fakes.encode(prompt)
+
+
+def test_system_role_messages_are_system_turns(client, backends):
+    client.messages.create(
+        model=MODEL,
+        max_tokens=2,
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "system", "content": [{"type": "text", "text": "Now be terse."}]},
+            {"role": "user", "content": "Go"},
+        ],
+    )
+    prompt = "<user>Hi<system>Now be terse.<user>Go<assistant>"
+    assert backends.scheduler.prompts[-1] == fakes.encode(prompt)
 
 
 def test_backend_failure_mid_stream_is_an_error_event(gw):
