@@ -1,5 +1,6 @@
 """Fuzz a running radixserve gateway through its own /openapi.json with schemathesis: valid and
-invalid requests for every operation; reports any 5xx and any 4xx not in OpenAI's error shape.
+invalid requests for every operation; reports any 5xx and any 4xx not in OpenAI's error shape
+(Anthropic's on Anthropic's routes, /v1/messages...).
 
 Usage: python scripts/fuzz_api.py --base-url http://127.0.0.1:30000 [--cases-per-operation 200]
        [--seed N] [--api-key KEY] [--cap-tokens 16] [--timeout 60]
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Unsatisfiable
 
+from radixserve.gateway.api.anthropic_protocol import is_anthropic_path
+
 MAX_INT32 = (1 << 31) - 1
 LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 MODES = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
@@ -32,6 +35,26 @@ def openai_error_problem(response) -> str | None:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
         return "the body is not {'error': {message, type, param, code}}"
+    return message_problem(error)
+
+
+def anthropic_error_problem(response) -> str | None:
+    """Why a 4xx response is not Anthropic's {"type": "error", "error": {"type", "message"}}."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "the body is not JSON"
+    error = body.get("error") if isinstance(body, dict) else None
+    if (
+        body.get("type") != "error"
+        or not isinstance(error, dict)
+        or set(error) != {"type", "message"}
+    ):
+        return "the body is not {'type': 'error', 'error': {type, message}}"
+    return message_problem(error)
+
+
+def message_problem(error: dict) -> str | None:
     if not isinstance(error["message"], str) or not isinstance(error["type"], str):
         return "message and type must be strings"
     if any(leak in error["message"] for leak in ("Traceback", "object at 0x", "<class ")):
@@ -39,11 +62,12 @@ def openai_error_problem(response) -> str | None:
     return None
 
 
-def response_problem(response) -> str | None:
+def response_problem(response, path: str = "") -> str | None:
     if response.status_code >= 500:
         return f"server error {response.status_code}: {response.text[:300]}"
     if response.status_code >= 400:
-        problem = openai_error_problem(response)
+        check = anthropic_error_problem if is_anthropic_path(path) else openai_error_problem
+        problem = check(response)
         if problem:
             return f"{response.status_code}: {problem}: {response.text[:300]}"
     return None
@@ -62,7 +86,7 @@ class FuzzReport:
 
     def record(self, case, response) -> None:
         self.statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
-        problem = response_problem(response)
+        problem = response_problem(response, case.operation.path)
         if problem:
             self.fail(case, problem)
 

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.api import (
+    anthropic_routes,
     batch_routes,
     embedding_routes,
     extension_routes,
@@ -54,6 +55,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
+    app.include_router(anthropic_routes.router)
     app.include_router(native_routes.router)
     app.include_router(embedding_routes.router)
     app.include_router(extension_routes.router)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from radixserve.v1 import gateway_pb2, gateway_pb2_grpc
+from radixserve.gateway.api.anthropic_protocol import is_anthropic_path
 from radixserve.gateway.api.auth import OPEN_PATHS
 from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway
 
@@ -71,6 +72,9 @@ def test_every_route_but_health_needs_the_key(gw):
         wrong = httpx.request(method, url, headers={"Authorization": "Bearer sk-wrong"})
         prefix = httpx.request(method, url, headers={"Authorization": f"Bearer {KEY[:-1]}"})
         assert missing.status_code == wrong.status_code == prefix.status_code == 401, (method, path)
+        if is_anthropic_path(path):  # Anthropic's answer: its error shape, no WWW-Authenticate
+            assert_anthropic_refusals(missing, wrong)
+            continue
         assert missing.headers["www-authenticate"] == wrong.headers["www-authenticate"] == "Bearer"
         if method != "HEAD":
             assert missing.json()["error"]["type"] == "invalid_request_error"
@@ -78,6 +82,36 @@ def test_every_route_but_health_needs_the_key(gw):
                 None,
                 "invalid_api_key",
             )
+
+
+def assert_anthropic_refusals(missing: httpx.Response, wrong: httpx.Response) -> None:
+    assert (missing.json(), wrong.json()) == (
+        {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "missing x-api-key"},
+        },
+        {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "invalid x-api-key"},
+        },
+    )
+
+
+def test_anthropic_routes_take_the_key_as_x_api_key_too(gw):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    url = gw.base_url + "/v1/messages"
+    for headers in (AUTH, {"x-api-key": KEY}):
+        r = httpx.post(url, headers=headers, json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["type"] == "message", r.text
+    missing = httpx.post(url, json=body, timeout=30)
+    wrong = httpx.post(url, headers={"x-api-key": KEY[:-1]}, json=body, timeout=30)
+    assert missing.status_code == wrong.status_code == 401
+    assert_anthropic_refusals(missing, wrong)
+    # Elsewhere x-api-key is no key: the OpenAI routes take Bearer only.
+    chat = httpx.post(
+        gw.base_url + "/v1/chat/completions", headers={"x-api-key": KEY}, json=body, timeout=30
+    )
+    assert chat.status_code == 401 and chat.json()["error"]["code"] is None
 
 
 def upload(gw, content: bytes, purpose: str) -> str:
@@ -156,6 +190,15 @@ def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
         ("POST", "/v1/batches/{batch_id}/cancel"): ({"path": batch_param}, ok),
         ("DELETE", "/v1/files/{file_id}"): (
             {"path": {"file_id": upload(gw, b"bye", "user_data")}},
+            ok,
+        ),
+        # After the batch's cancel, so as not to give its slow line more time to complete first.
+        ("POST", "/v1/messages"): (
+            {"json": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}},
+            ok,
+        ),
+        ("POST", "/v1/messages/count_tokens"): (
+            {"json": {"model": MODEL, "messages": MESSAGES}},
             ok,
         ),
         ("GET", "/metrics"): ({}, 404),  # off without --enable-metrics

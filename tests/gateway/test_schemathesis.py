@@ -1,5 +1,6 @@
 """schemathesis against the gateway's own /openapi.json, in process over ASGI, with fake backends:
-no generated request (valid or not) may get a 5xx, and every 4xx answers in OpenAI's error shape.
+no generated request (valid or not) may get a 5xx, and every 4xx answers in OpenAI's error shape
+(Anthropic's on Anthropic's routes).
 
 Generation is derandomized, so CI runs the same cases every time; scripts/fuzz_api.py runs the same
 checks with more cases against a running server.

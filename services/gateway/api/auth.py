@@ -1,4 +1,6 @@
-"""--api-key: `Authorization: Bearer KEY` on every HTTP route but the health checks, and on the gRPC API."""
+"""--api-key: `Authorization: Bearer KEY` on every HTTP route but the health checks, and on the gRPC API.
+Anthropic's routes also take the key as Anthropic's clients send it (`x-api-key: KEY`) and answer
+a refusal in Anthropic's error shape."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from radixserve.common.grpc_security import denying_handler
+from radixserve.gateway.api.anthropic_format import error_body as anthropic_error_body
+from radixserve.gateway.api.anthropic_protocol import is_anthropic_path
 from radixserve.gateway.api.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/health_generate"})
@@ -23,7 +27,10 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def key_matches(authorization: str | None, api_key: str) -> bool:
-    token = bearer_token(authorization)
+    return token_matches(bearer_token(authorization), api_key)
+
+
+def token_matches(token: str | None, api_key: str) -> bool:
     return token is not None and hmac.compare_digest(token.encode(), api_key.encode())
 
 
@@ -51,9 +58,17 @@ class ApiKeyMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        authorization = Headers(scope=scope).get("authorization")
+        headers = Headers(scope=scope)
+        authorization = headers.get("authorization")
         if key_matches(authorization, self.api_key):
             return await self.app(scope, receive, send)
+        if is_anthropic_path(scope["path"]):
+            x_api_key = headers.get("x-api-key")
+            if token_matches(x_api_key, self.api_key):
+                return await self.app(scope, receive, send)
+            message = "invalid x-api-key" if x_api_key or authorization else "missing x-api-key"
+            body = anthropic_error_body(ApiError(401, message))
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
         err = auth_error(authorization)
         response = JSONResponse(
             err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"}

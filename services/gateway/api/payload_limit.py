@@ -10,6 +10,8 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from radixserve.gateway.api.anthropic_format import error_body as anthropic_error_body
+from radixserve.gateway.api.anthropic_protocol import is_anthropic_path
 from radixserve.gateway.api.errors import ApiError
 
 
@@ -66,7 +68,8 @@ class PayloadLimitMiddleware:
 
     async def _refuse(self, scope, receive, send) -> None:
         err = too_large(self.max_bytes)
-        await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(
+        body = anthropic_error_body(err) if is_anthropic_path(scope["path"]) else err.body()
+        await JSONResponse(body, status_code=err.status, headers={"Connection": "close"})(
             scope, receive, send
         )
 
