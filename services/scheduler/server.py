@@ -93,7 +93,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if bad is not None:
             return f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})"
         try:
-            req.sampling.check()
+            req.sampling.check().check_prompt_logprobs(len(req.prompt_ids))
             req.stopping.check()
         except SamplingError as e:
             return str(e)
