@@ -43,13 +43,13 @@ def fake_prompt_logprob(token_id: int) -> float:
 def fake_prompt_logprobs(
     rid: str, r: PromptLogprobRange, input_ids: list[int], vocab_size: int
 ) -> PromptLogprobs:
-    """FakeModel's prompt logprobs of a range: each target with fake_prompt_logprob, and as top
-    alternatives the target, then the ids after it, each one lower."""
+    """FakeModel's prompt logprobs of a range: each target with fake_prompt_logprob and rank 1, and as
+    top alternatives the target, then the ids after it, each one lower."""
     out = []
     for t in r.targets(input_ids):
         lp = fake_prompt_logprob(t)
         top = [((t + j) % vocab_size, lp - j) for j in range(r.top_logprobs_num)]
-        out.append(token_logprob(t, lp, top))
+        out.append(token_logprob(t, lp, top, rank=1))
     return PromptLogprobs(rid, out)
 
 

@@ -77,10 +77,16 @@ class SamplingParams:
         return max(self.prompt_logprob_start, 1)
 
     def check_prompt_logprobs(self, prompt_len: int) -> SamplingParams:
-        """self, or SamplingError when its prompt logprobs over a prompt of prompt_len tokens ask for
-        more than MAX_PROMPT_LOGPROB_VALUES values."""
+        """self, or SamplingError when its prompt logprobs start past a prompt of prompt_len tokens or
+        ask for more than MAX_PROMPT_LOGPROB_VALUES values."""
         if not self.wants_prompt_logprobs:
             return self
+        _require(
+            self.prompt_logprob_start < prompt_len,
+            "logprob_start_len",
+            f"logprob_start_len ({self.prompt_logprob_start}) must be less than the prompt's "
+            f"{prompt_len} tokens",
+        )
         positions = max(0, prompt_len - self.first_prompt_logprob_token())
         values = positions * (1 + self.prompt_top_logprobs_num)
         _require(

@@ -100,13 +100,15 @@ class SampledToken:
 
 
 def token_logprob(
-    token_id: int, logprob: float, top: list[tuple[int, float]]
+    token_id: int, logprob: float, top: list[tuple[int, float]], rank: int = 0
 ) -> common_pb2.TokenLogprob:
-    """The message of one token's logprob (sampled or prompt) with its top alternatives."""
+    """The message of one token's logprob (sampled or prompt) with its top alternatives; rank 0:
+    not computed."""
     return common_pb2.TokenLogprob(
         token_id=token_id,
         logprob=logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top],
+        rank=rank,
     )
 
 

@@ -35,19 +35,20 @@ class DevicePromptLogprobs:
 
     rows: PromptLogprobRows
     chosen: torch.Tensor  # [positions] logprob of each target
+    ranks: torch.Tensor  # [positions] its rank (1: the most likely)
     top_values: torch.Tensor | None  # [positions, top_logprobs_num]
     top_ids: torch.Tensor | None
 
     def read(self) -> PromptLogprobs:
-        chosen = self.chosen.tolist()
+        chosen, ranks = self.chosen.tolist(), self.ranks.tolist()
         k = self.rows.top_logprobs_num
         values = self.top_values.tolist() if k else [[]] * len(chosen)
         ids = self.top_ids.tolist() if k else [[]] * len(chosen)
         return PromptLogprobs(
             self.rows.request_id,
             [
-                token_logprob(t, lp, list(zip(i, v)))
-                for t, lp, i, v in zip(self.rows.targets, chosen, ids, values)
+                token_logprob(t, lp, list(zip(i, v)), rank)
+                for t, lp, rank, i, v in zip(self.rows.targets, chosen, ranks, ids, values)
             ],
         )
 
@@ -70,13 +71,15 @@ def compute_prompt_logprobs(
     for req in requests:
         n, k = len(req.targets), req.top_logprobs_num
         targets = torch.tensor(req.targets, dtype=torch.int64, device=device)
-        chosen, top_values, top_ids = [], [], []
+        chosen, ranks, top_values, top_ids = [], [], [], []
         for lo in range(0, n, group):
             hi = min(n, lo + group)
             log_probs = torch.log_softmax(
                 compute_logits(hidden[req.first_index + lo : req.first_index + hi]), dim=-1
             )
-            chosen.append(log_probs.gather(1, targets[lo:hi, None]).squeeze(1))
+            picked = log_probs.gather(1, targets[lo:hi, None])
+            chosen.append(picked.squeeze(1))
+            ranks.append((log_probs > picked).sum(dim=-1) + 1)
             if k:
                 values, ids = log_probs.topk(min(k, log_probs.shape[1]), dim=-1)
                 top_values.append(values)
@@ -85,6 +88,7 @@ def compute_prompt_logprobs(
             DevicePromptLogprobs(
                 req,
                 torch.cat(chosen),
+                torch.cat(ranks),
                 torch.cat(top_values) if k else None,
                 torch.cat(top_ids) if k else None,
             )

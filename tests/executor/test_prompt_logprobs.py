@@ -48,6 +48,7 @@ def assert_matches_hf(hf, prompt, entries, first_token=1):
     got = torch.tensor([e.logprob for e in entries])
     want = expected.gather(1, torch.tensor(targets)[:, None]).squeeze(1)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert [e.rank for e in entries] == ((expected > want[:, None]).sum(-1) + 1).tolist()
     for entry, row in zip(entries, expected):
         values, ids = row.topk(TOP)
         assert [t.token_id for t in entry.top] == ids.tolist()

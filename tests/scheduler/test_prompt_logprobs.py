@@ -26,7 +26,7 @@ def check_prompt_logprobs(h, rid, prompt, start, top=0):
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
 
 
-@pytest.mark.parametrize("start", [0, 1, 4, 10, 11, 50])
+@pytest.mark.parametrize("start", [0, 1, 4, 10])
 def test_whole_prefill_returns_the_prompt_tokens_from_start(start):
     h = Harness()
     h.add("a", PROMPT, max_new=3, sampling=wanting(start, top=2))
