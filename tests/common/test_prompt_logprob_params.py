@@ -24,7 +24,7 @@ def test_values_limit_counts_positions_times_one_plus_top():
     assert e.value.param == "prompt_logprobs"
     # Starting later asks for fewer positions.
     SamplingParams(prompt_logprob_start=10, prompt_top_logprobs_num=top).check_prompt_logprobs(
-        positions + 11
+        positions + 10
     )
 
 
