@@ -77,6 +77,7 @@ class _OpenAISampling(_Body):
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: this many top alternatives per prompt token
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -159,6 +160,9 @@ class NativeGenerateRequest(_Body):
     stream: bool = False
     rid: str | None = None
     return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no input (prompt) logprobs
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
 
 
 class AbortRequest(_Body):

@@ -32,6 +32,7 @@ from radixserve.common.log import request_id as log_request_id
 from radixserve.common.model_files import default_model_name
 from radixserve.common.sampling import MAX_TOKEN_ID, SamplingParams, StoppingCriteria
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
+from radixserve.gateway.pipeline.sampling import checked_prompt_logprobs
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
 from radixserve.gateway.pipeline.embeddings import (
@@ -260,6 +261,7 @@ class Engine:
                     "max_tokens is required: the context length is unknown", param="max_tokens"
                 )
             requested = min(defaults)
+        checked_prompt_logprobs(inp.sampling, len(input_ids))
         return PreparedRequest(
             request_id=request_id,
             input_ids=input_ids,
@@ -417,7 +419,9 @@ class Engine:
                     len(msg.token_ids)
                 )  # after detokenizing: TTFT as the client sees it
                 if text or msg.token_ids:
-                    yield Delta(text, list(msg.token_ids), list(msg.logprobs))
+                    yield Delta(
+                        text, list(msg.token_ids), list(msg.logprobs), list(msg.prompt_logprobs)
+                    )
                 if matched_stop is not None:
                     events.close()  # aborts the request in the scheduler and frees its KV
                     telemetry.finish("stop", generated, cached)
@@ -685,7 +689,7 @@ class NotStarted:
 
 async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
     """A stream's items as one Completion; the stream is closed at the end (or on error/cancel)."""
-    texts, ids, logprobs = [], [], []
+    texts, ids, logprobs, prompt_logprobs = [], [], [], []
     finish = None
     try:
         async for item in stream:
@@ -693,11 +697,12 @@ async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
                 texts.append(item.text)
                 ids += item.token_ids
                 logprobs += item.logprobs
+                prompt_logprobs += item.prompt_logprobs
             else:
                 finish = item
     finally:
         await stream.aclose()
-    return Completion("".join(texts), ids, logprobs, finish)
+    return Completion("".join(texts), ids, logprobs, finish, prompt_logprobs)
 
 
 def request_failure(e: RequestFailed) -> ApiError:
