@@ -5,11 +5,14 @@ prompt_logprobs, SGLang's /generate return_logprob with logprob_start_len."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import grpc
 import httpx
 import pytest
 
+from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from radixserve.common import sampling
 from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway, render_chat
 
@@ -104,8 +107,6 @@ def test_vllm_prompt_logprobs_on_chat_sit_beside_the_choices(gw):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    from radixserve.v1 import common_pb2
-
     rendered = render_chat(
         common_pb2.ChatConversation(
             messages=[common_pb2.ChatMessage(**m) for m in MESSAGES], add_generation_prompt=True
@@ -205,3 +206,23 @@ def test_generate_logprob_start_len_and_defaults(gw):
     assert default["output_token_logprobs"] == [[lp, t, None] for lp, t, _ in HELLO_OUTPUT]
     plain = post(gw, "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3}})
     assert "input_token_logprobs" not in plain.json()["meta_info"]
+
+
+def test_grpc_gateway_returns_prompt_logprobs_on_the_first_message(gw):
+    async def call():
+        async with grpc.aio.insecure_channel(gw.grpc_addr) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            request = gateway_pb2.GatewayGenerateRequest(
+                text="Hello",
+                sampling=common_pb2.SamplingParams(prompt_logprob_start=2),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=3),
+            )
+            return [m async for m in stub.Generate(request)]
+
+    messages = asyncio.run(call())
+    assert [(e.token_id, e.logprob) for e in messages[0].prompt_logprobs] == [
+        (108, -0.25),
+        (108, -0.375),
+        (111, -0.5),
+    ]
+    assert all(not m.prompt_logprobs for m in messages[1:])
