@@ -76,6 +76,13 @@ class SamplingParams:
         """The first prompt index that gets a logprob (the first token has none); needs prompt logprobs."""
         return max(self.prompt_logprob_start, 1)
 
+    def prompt_logprob_values(self, prompt_len: int) -> int:
+        """How many logprob values its prompt logprobs over a prompt of prompt_len tokens return."""
+        if not self.wants_prompt_logprobs:
+            return 0
+        positions = max(0, prompt_len - self.first_prompt_logprob_token())
+        return positions * (1 + self.prompt_top_logprobs_num)
+
     def check_prompt_logprobs(self, prompt_len: int) -> SamplingParams:
         """self, or SamplingError when its prompt logprobs start past a prompt of prompt_len tokens or
         ask for more than MAX_PROMPT_LOGPROB_VALUES values."""
@@ -88,7 +95,7 @@ class SamplingParams:
             f"{prompt_len} tokens",
         )
         positions = max(0, prompt_len - self.first_prompt_logprob_token())
-        values = positions * (1 + self.prompt_top_logprobs_num)
+        values = self.prompt_logprob_values(prompt_len)
         _require(
             values <= MAX_PROMPT_LOGPROB_VALUES,
             "prompt_logprobs",

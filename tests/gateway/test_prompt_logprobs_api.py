@@ -14,6 +14,7 @@ import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from radixserve.common import sampling
+from radixserve.gateway.pipeline import choices
 from tests.gateway.fakes import MESSAGES, MODEL, RunningGateway, render_chat
 
 
@@ -153,11 +154,18 @@ def test_bad_prompt_logprob_requests_get_a_400(gw, path, body, param):
 
 def test_more_prompt_logprob_values_than_the_limit_get_a_400(gw, monkeypatch):
     monkeypatch.setattr(sampling, "MAX_PROMPT_LOGPROB_VALUES", 6)
+    monkeypatch.setattr(choices, "MAX_PROMPT_LOGPROB_VALUES", 6)
     ok = post(gw, "/v1/completions", {"prompt": "abcd", "max_tokens": 1, "prompt_logprobs": 1})
     assert ok.status_code == 200, ok.text  # 3 positions x 2 values
     r = post(gw, "/v1/completions", {"prompt": "abcde", "max_tokens": 1, "prompt_logprobs": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
     assert "limit" in r.json()["error"]["message"]
+    # The limit holds for all the choices of one request together.
+    for stream in (False, True):
+        body = {"prompt": "ab", "max_tokens": 1, "echo": True, "logprobs": 1, "stream": stream}
+        assert post(gw, "/v1/completions", {**body, "n": 3}).status_code == 200
+        r = post(gw, "/v1/completions", {**body, "n": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
     later = {"text": "abcde", "return_logprob": True, "logprob_start_len": 2, "top_logprobs_num": 1}
     assert post(gw, "/generate", later).status_code == 200
 
