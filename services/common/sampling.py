@@ -18,6 +18,9 @@ MAX_TOKEN_ID = MAX_INT32
 MAX_TOP_LOGPROBS = 20
 # Most prompt logprob values one request may ask for: its prompt positions x (1 + prompt top logprobs).
 MAX_PROMPT_LOGPROB_VALUES = 1 << 18
+MAX_TOKEN_IDS_LOGPROB = (
+    256  # token ids whose logprobs one request may ask for at every output position
+)
 MAX_PENALTY = (
     2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
 )
@@ -59,6 +62,9 @@ class SamplingParams:
     constraint: Constraint | None = None
     prompt_logprob_start: int = -1  # -1: no prompt logprobs; else the first prompt index returned
     prompt_top_logprobs_num: int = 0
+    token_ids_logprob: tuple[
+        int, ...
+    ] = ()  # with return_logprob: these ids' logprobs per output token
 
     def __post_init__(self):
         if self.top_k == -1:
@@ -135,6 +141,18 @@ class SamplingParams:
             "prompt_logprobs",
             f"prompt top logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
         )
+        _require(
+            len(self.token_ids_logprob) <= MAX_TOKEN_IDS_LOGPROB,
+            "token_ids_logprob",
+            f"token_ids_logprob may name at most {MAX_TOKEN_IDS_LOGPROB} token ids, got "
+            f"{len(self.token_ids_logprob)}",
+        )
+        bad_id = next((t for t in self.token_ids_logprob if not 0 <= t <= MAX_TOKEN_ID), None)
+        _require(
+            bad_id is None,
+            "token_ids_logprob",
+            f"token_ids_logprob must be token ids (non-negative integers), got {bad_id}",
+        )
         for value, name in (
             (self.frequency_penalty, "frequency_penalty"),
             (self.presence_penalty, "presence_penalty"),
@@ -187,6 +205,7 @@ class SamplingParams:
                 msg.prompt_logprob_start if msg.HasField("prompt_logprob_start") else -1
             ),
             prompt_top_logprobs_num=msg.prompt_top_logprobs_num,
+            token_ids_logprob=tuple(msg.token_ids_logprob),
         )
 
     def to_proto(self) -> common_pb2.SamplingParams:
@@ -204,6 +223,7 @@ class SamplingParams:
             logit_bias=self.logit_bias,
             prompt_logprob_start=self.prompt_logprob_start if self.wants_prompt_logprobs else None,
             prompt_top_logprobs_num=self.prompt_top_logprobs_num,
+            token_ids_logprob=self.token_ids_logprob,
         )
         if self.constraint is not None:
             kind = self.constraint.kind

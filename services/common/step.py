@@ -92,23 +92,32 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] = field(
         default_factory=list
     )  # (token id, logprob), most likely first
+    # (token id, logprob) of each of sampling.token_ids_logprob, in that order
+    token_ids_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:
             return None
-        return token_logprob(self.token_id, self.logprob, self.top_logprobs)
+        return token_logprob(
+            self.token_id, self.logprob, self.top_logprobs, requested=self.token_ids_logprobs
+        )
 
 
 def token_logprob(
-    token_id: int, logprob: float, top: list[tuple[int, float]], rank: int = 0
+    token_id: int,
+    logprob: float,
+    top: list[tuple[int, float]],
+    rank: int = 0,
+    requested: list[tuple[int, float]] = (),
 ) -> common_pb2.TokenLogprob:
     """The message of one token's logprob (sampled or prompt) with its top alternatives; rank 0:
-    not computed."""
+    not computed; requested: the logprobs of sampling.token_ids_logprob."""
     return common_pb2.TokenLogprob(
         token_id=token_id,
         logprob=logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top],
         rank=rank,
+        token_ids_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in requested],
     )
 
 

@@ -104,11 +104,9 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
     resp = executor_pb2.ExecutorStepResponse(step_id=out.step_id, forward_ms=out.forward_ms)
     for o in out.outputs:
         item = resp.outputs.add(request_id=o.request_id, token_id=o.token_id)
-        if o.logprob is not None:
-            item.logprob.token_id = o.token_id
-            item.logprob.logprob = o.logprob
-            for tid, lp in o.top_logprobs:
-                item.logprob.top.add(token_id=tid, logprob=lp)
+        logprob = o.token_logprob()
+        if logprob is not None:
+            item.logprob.CopyFrom(logprob)
     for p in out.prompt_logprobs:
         resp.prompt_logprobs.add(request_id=p.request_id, logprobs=p.logprobs)
     return resp
@@ -125,7 +123,13 @@ def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
     )
 
 
-def _logprob(o: executor_pb2.ExecutorRequestOutput) -> tuple[float | None, list[tuple[int, float]]]:
+def _logprob(
+    o: executor_pb2.ExecutorRequestOutput,
+) -> tuple[float | None, list[tuple[int, float]], list[tuple[int, float]]]:
     if not o.HasField("logprob"):
-        return None, []
-    return o.logprob.logprob, [(t.token_id, t.logprob) for t in o.logprob.top]
+        return None, [], []
+    return o.logprob.logprob, _pairs(o.logprob.top), _pairs(o.logprob.token_ids_logprobs)
+
+
+def _pairs(items) -> list[tuple[int, float]]:
+    return [(t.token_id, t.logprob) for t in items]

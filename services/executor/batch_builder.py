@@ -127,6 +127,10 @@ class BatchBuilder:
             self._check_length(rid, len(req.prefix_slots) + len(req.input_ids))
             self._check_bitmask(rid, req.token_bitmask)
             self._check_prompt_logprobs(rid, req.prompt_logprobs, len(req.input_ids))
+            if any(not 0 <= t < self.vocab_size for t in req.sampling.token_ids_logprob):
+                raise StepError(
+                    f"request {rid}: token_ids_logprob must be in 0..{self.vocab_size - 1}"
+                )
         for req in step.continuing_requests:
             rid = req.request_id
             state = states.get(rid)

@@ -351,7 +351,13 @@ class ModelRunner:
         if launched.sampled is not None:
             result = launched.sampled.result()
             outputs = [
-                SampledToken(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                SampledToken(
+                    rid,
+                    result.token_ids[i],
+                    result.logprobs[i],
+                    result.top_logprobs[i],
+                    result.token_ids_logprobs[i],
+                )
                 for i, rid in enumerate(launched.request_ids)
             ]
         return StepOutput(

@@ -300,7 +300,10 @@ def fake_logprob(token: int, sp: common_pb2.SamplingParams) -> common_pb2.TokenL
         common_pb2.TopLogprob(token_id=token, logprob=-0.25),
         common_pb2.TopLogprob(token_id=ord("?"), logprob=-2.0),
     ]
-    return common_pb2.TokenLogprob(token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num])
+    asked = [common_pb2.TopLogprob(token_id=t, logprob=-4.0) for t in sp.token_ids_logprob]
+    return common_pb2.TokenLogprob(
+        token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num], token_ids_logprobs=asked
+    )
 
 
 def fake_prompt_logprob(position: int) -> float:

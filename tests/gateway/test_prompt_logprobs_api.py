@@ -144,6 +144,14 @@ def test_vllm_prompt_logprobs_on_chat_sit_beside_the_choices(gw):
             {"text": "Hello", "return_logprob": True, "logprob_start_len": -2},
             "logprob_start_len",
         ),
+        *[
+            (
+                "/generate",
+                {"text": "H", "return_logprob": True, "token_ids_logprob": ids},
+                "token_ids_logprob",
+            )
+            for ids in ([1] * 257, [-1], [0x110000])
+        ],
     ],
 )
 def test_bad_prompt_logprob_requests_get_a_400(gw, path, body, param):
@@ -234,3 +242,19 @@ def test_grpc_gateway_returns_prompt_logprobs_on_the_first_message(gw):
         (111, -0.5),
     ]
     assert all(not m.prompt_logprobs for m in messages[1:])
+
+
+def test_generate_token_ids_logprob_at_every_output_position(gw):
+    body = {
+        "text": "Hello",
+        "sampling_params": {"max_new_tokens": 3},
+        "return_logprob": True,
+        "token_ids_logprob": [65, 66],
+        "return_text_in_logprobs": True,
+    }
+    meta = post(gw, "/generate", body).json()["meta_info"]
+    assert meta["output_token_ids_logprobs"] == [[[-4.0, 65, "A"], [-4.0, 66, "B"]]] * 3
+    streamed = stream_events(gw, "/generate", {**body, "stream": True})[-1]["meta_info"]
+    assert streamed["output_token_ids_logprobs"] == meta["output_token_ids_logprobs"]
+    plain = post(gw, "/generate", {**body, "token_ids_logprob": None}).json()["meta_info"]
+    assert "output_token_ids_logprobs" not in plain

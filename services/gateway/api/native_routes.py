@@ -81,6 +81,7 @@ def native_input(req: NativeGenerateRequest) -> GenerationInput:
         top_logprobs=req.top_logprobs_num,
         prompt_logprob_start=req.logprob_start_len if req.return_logprob else -1,
         prompt_top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
+        token_ids_logprob=req.token_ids_logprob if req.return_logprob else None,
     )
     sampling.constraint = request_constraint(
         json_schema=sp.json_schema, regex=sp.regex, ebnf=sp.ebnf, param_prefix="sampling_params."
@@ -127,6 +128,7 @@ class LogprobsSoFar:
         texts: dict[int, str] | None = None
         if self.req.return_text_in_logprobs:
             ids = [t for t, _ in inputs] + fmt.logprob_token_ids(self.prompt + self.output)
+            ids += list(self.req.token_ids_logprob or ())
             texts = await engine.token_texts(ids)
 
         def entry(logprob: float | None, token_id: int) -> list:
@@ -148,6 +150,10 @@ class LogprobsSoFar:
         if self.req.top_logprobs_num > 0:
             out["input_top_logprobs"] = tops(inputs)
             out["output_top_logprobs"] = tops(outputs)
+        if self.req.token_ids_logprob:
+            out["output_token_ids_logprobs"] = [
+                [entry(a.logprob, a.token_id) for a in e.token_ids_logprobs] for e in self.output
+            ]
         return out
 
 

@@ -218,15 +218,17 @@ class Engine:
         input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
         if not input_ids:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
-        outside = sorted(
-            t for t in inp.sampling.logit_bias if info.vocab_size and t >= info.vocab_size
-        )
-        if outside:
-            raise bad_request(
-                f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
-                param="logit_bias",
-                code="invalid_value",
-            )
+        for param, ids in (
+            ("logit_bias", inp.sampling.logit_bias),
+            ("token_ids_logprob", inp.sampling.token_ids_logprob),
+        ):
+            outside = sorted(t for t in ids if info.vocab_size and t >= info.vocab_size)
+            if outside:
+                raise bad_request(
+                    f"{param} names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
+                    param=param,
+                    code="invalid_value",
+                )
         request_id = inp.request_id or uuid.uuid4().hex
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None

@@ -109,6 +109,7 @@ def build_sampling(
     min_tokens_param: str = "min_tokens",
     prompt_logprob_start: int = -1,
     prompt_top_logprobs: int = 0,
+    token_ids_logprob: list[int] | None = None,
 ) -> tuple[SamplingParams, StoppingCriteria]:
     """A REST request's sampling options and stop conditions, with the API's defaults for what it left out
     (temperature 1), checked; max_new_tokens stays 0 when the client left the length open.
@@ -131,6 +132,7 @@ def build_sampling(
         logit_bias=_logit_bias_ids(logit_bias),
         prompt_logprob_start=prompt_logprob_start,
         prompt_top_logprobs_num=prompt_top_logprobs,
+        token_ids_logprob=tuple(token_ids_logprob or ()),
     )
     stopping = StoppingCriteria(
         max_new_tokens=0 if max_tokens is None else max_tokens,
