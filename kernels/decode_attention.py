@@ -29,7 +29,9 @@ import triton.language as tl
 from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 
-@triton.jit
+# rows/lens are views into the step's packed ints at a traffic-dependent offset, read one value per
+# program: alignment specialization would buy nothing and compile new variants on live traffic.
+@triton.jit(do_not_specialize_on_alignment=["rows_ptr", "lens_ptr"])
 def _decode_stage1(
     q_ptr,
     k_ptr,
@@ -61,9 +63,14 @@ def _decode_stage1(
     PRECISION: tl.constexpr,
     USE_WHILE: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kh = tl.program_id(1)
+    if HEADS_FASTEST:  # a sequence's kv heads run side by side and share its tokens' DRAM rows
+        kh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kh = tl.program_id(1)
     s = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
@@ -223,6 +230,9 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     rows: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    heads_fastest: bool = False,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
     r = rows[b] (or b without rows).
@@ -272,7 +282,8 @@ def decode_attention(
     part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
 
-    _decode_stage1[(B, H_kv, num_splits)](
+    grid = (H_kv, B, num_splits) if heads_fastest else (B, H_kv, num_splits)
+    _decode_stage1[grid](
         q,
         k_cache,
         v_cache,
@@ -303,8 +314,9 @@ def decode_attention(
         PRECISION=precision,
         USE_WHILE=interpreting(),
         HAS_ROWS=rows is not None,
-        num_warps=4,
-        num_stages=2,
+        HEADS_FASTEST=heads_fastest,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_stage2[(B, H)](
         part,

@@ -22,7 +22,9 @@ import triton.language as tl
 from radixserve.kernels.paged_attention_block import attend_block, interpreting
 
 
-@triton.jit
+# The per-sequence arrays are views into the step's packed ints, read one value per program: alignment
+# specialization would buy nothing and compile new variants on live traffic.
+@triton.jit(do_not_specialize_on_alignment=["rows_ptr", "prefix_ptr", "qstart_ptr", "qlen_ptr"])
 def _extend_kernel(
     q_ptr,
     k_ptr,

@@ -160,6 +160,30 @@ stage_bs1_vs_base() {
   done
 }
 
+stage_rate_inf() {
+  # Issue 16's target: 256 x 512 in / 256 out at rate inf on a fresh server, this tree; with BASE_TREE set,
+  # then the same on the base tree's install (/tmp/base-site, see bs1_vs_base), same machine.
+  local port=31000 trees="new"
+  [ -n "${BASE_TREE:-}" ] && trees="new base"
+  for tree in $trees; do
+    local path=${PYTHONPATH:-}
+    if [ "$tree" = base ]; then
+      [ -d /tmp/base-site ] || python -m pip install -q --no-deps --no-build-isolation --target /tmp/base-site \
+        "$BASE_TREE" > /dev/null 2>&1 || { echo "base install failed"; return 1; }
+      path=/tmp/base-site:$path
+    fi
+    PYTHONPATH=$path serve_stack "$OUT/serve-rate-inf-$tree.log"
+    local pid=$serve_pid
+    wait_http $port $pid || { tail -30 "$OUT/serve-rate-inf-$tree.log"; kill $pid; return 1; }
+    echo "--- $tree"
+    timeout 200 "${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids \
+      --random-range-ratio 1.0 --random-input-len 512 --random-output-len 256 --num-prompts 256 --request-rate inf \
+      --disable-tqdm --output-file "$OUT/rate_inf.jsonl" \
+      | grep -E "Output token throughput|Median TTFT|P99 TTFT|Median ITL|Benchmark duration"
+    kill $pid; wait $pid
+  done
+}
+
 stage_warm_start() {
   # Issue 15: the start phase by phase, and two back-to-back 256 x 512 in / 256 out rate-inf runs right after
   # "ready" (no warm-up request of the client's own). Runs (WARM_RUNS): cold-skip = an empty Triton cache and

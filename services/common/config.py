@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from radixserve.gateway.pipeline.reasoning_parsers.registry import REASONING_PARSER_NAMES
+
 # The most requests decoded together when --max-running-requests is unset: the scheduler's default
 # is below it (scheduler/server.py) and the executor sizes its slot table for it.
 MAX_RUNNING_REQUESTS_CAP = 256
@@ -464,12 +466,47 @@ class GatewayConfig:
     )
     tool_call_parser: str | None = option(
         None,
-        "format of the model's tool calls: hermes (Qwen, Hermes; SGLang's qwen25) | llama3 (default or auto: "
-        "chosen from the model's architecture and name)",
+        "format of the model's tool calls: hermes (Qwen, Hermes; SGLang's qwen25) | llama3 | qwen3_coder | "
+        "mistral | deepseekv3 | pythonic | kimi_k2 | gpt-oss (default or auto: hermes or llama3, chosen "
+        "from the model's architecture and name)",
         group="API related",
-        supported=["hermes", "qwen", "qwen25", "llama3", "llama3_json", "auto"],
-        value_map={"llama3_json": "llama3", "qwen": "hermes", "qwen25": "hermes", "auto": None},
+        supported=[
+            "hermes",
+            "qwen",
+            "qwen25",
+            "llama3",
+            "llama3_json",
+            "qwen3_coder",
+            "mistral",
+            "deepseekv3",
+            "deepseek_v3",
+            "deepseekv31",
+            "pythonic",
+            "kimi_k2",
+            "gpt-oss",
+            "openai",
+            "auto",
+        ],
+        value_map={
+            "llama3_json": "llama3",
+            "qwen": "hermes",
+            "qwen25": "hermes",
+            "deepseek_v3": "deepseekv3",
+            "deepseekv31": "deepseekv3",
+            "openai": "gpt-oss",
+            "auto": None,
+        },
         unsupported_hint="this tool call format is not supported yet",
+    )
+    reasoning_parser: str | None = option(
+        None,
+        "split the model's reasoning from its answer in chat completions (message.reasoning_content "
+        "and vLLM's reasoning): deepseek-r1 | qwen3 | qwen3-thinking (templates that open <think> in "
+        "the prompt) | glm45 | kimi | gpt-oss (harmony's analysis channel); vLLM's deepseek_r1 and "
+        "openai_gptoss too. Default: no split",
+        group="API related",
+        supported=list(REASONING_PARSER_NAMES),
+        unsupported_hint="unknown reasoning parser",
     )
     file_storage_path: str | None = option(
         None,

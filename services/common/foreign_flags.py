@@ -333,7 +333,6 @@ REFUSED = _table("""
 --admin-api-key | one | a separate admin key is not supported yet: use --api-key, which guards every route
 --hf-chat-template-name | one | selecting a named tokenizer template is not supported yet: pass that template with --chat-template
 --completion-template | one | code-completion (FIM) templates not supported yet
---reasoning-parser | one | reasoning parsers not supported yet
 --tool-server | one | built-in tool servers not supported yet
 --default-chat-template-kwargs | one | chat template kwargs are not supported yet
 --preferred-sampling-params | one | server-wide default sampling parameters not supported yet: set them per request

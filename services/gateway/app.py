@@ -19,6 +19,7 @@ from radixserve.gateway.api import (
     metrics_routes,
     native_routes,
     openai_routes,
+    responses_routes,
 )
 from radixserve.gateway.api.auth import install_api_key
 from radixserve.gateway.pipeline.engine import Engine
@@ -51,6 +52,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     app.state.args = args
     app.state.engine = engine
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(native_routes.router)
     app.include_router(embedding_routes.router)
     app.include_router(metrics_routes.router)

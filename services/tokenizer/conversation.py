@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.v1 import common_pb2
@@ -15,6 +15,29 @@ class Conversation:
     add_generation_prompt: bool = False
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+
+
+# apply_chat_template's own arguments, which chat_template_kwargs may not set.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def _json_list(text: str, what: str) -> list[Any]:
@@ -24,6 +47,18 @@ def _json_list(text: str, what: str) -> list[Any]:
         raise ValueError(f"{what} is not valid JSON: {e}") from e
     if not isinstance(value, list):
         raise ValueError(f"{what} must be a JSON array, got {type(value).__name__}")
+    return value
+
+
+def template_kwargs_from_json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"chat_template_kwargs is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"chat_template_kwargs must be an object, got {type(value).__name__}")
+    if reserved := sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
     return value
 
 
@@ -45,4 +80,7 @@ def conversation_from_proto(conv: common_pb2.ChatConversation) -> Conversation:
         add_generation_prompt=conv.add_generation_prompt,
         continue_final_message=conv.continue_final_message,
         tools=_json_list(conv.tools_json, "tools_json") if conv.tools_json else None,
+        template_kwargs=template_kwargs_from_json(conv.template_kwargs_json)
+        if conv.template_kwargs_json
+        else {},
     )

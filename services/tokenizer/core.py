@@ -100,6 +100,7 @@ class TokenizerCore:
                 add_generation_prompt=conversation.add_generation_prompt,
                 continue_final_message=conversation.continue_final_message,
                 tokenize=False,
+                **conversation.template_kwargs,
             )
         except ValueError:
             raise

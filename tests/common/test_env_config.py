@@ -89,7 +89,7 @@ def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_enviro
         "attention_backend": "fa3",
         "schedule_policy": "lof",
         "load_balance_method": "total_tokens",
-        "tool_call_parser": "mistral",
+        "tool_call_parser": "glm45",
         "device": "npu",
     }
     for name, raw in refused.items():

@@ -431,6 +431,41 @@ def test_named_tool_choice_and_none(client, model):
     assert err.value.body["param"] == "tool_choice"
 
 
+def test_responses_api_tool_round_trip_and_structured_text(client, model):
+    weather = {"type": "function", **WEATHER["function"]}  # Responses' flat function tool
+    first = client.responses.create(
+        model=model,
+        input="What's the weather in Paris?",
+        tools=[weather],
+        tool_choice="required",
+        max_output_tokens=60,
+        temperature=0,
+    )
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), weather["parameters"])
+    second = client.responses.create(
+        model=model,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+        max_output_tokens=12,
+        temperature=0,
+    )
+    assert second.output_text and second.usage.input_tokens > first.usage.input_tokens
+    events = list(
+        client.responses.create(
+            model=model,
+            input="Invent a person.",
+            text={"format": {"type": "json_schema", "name": "person", "schema": SCHEMA}},
+            max_output_tokens=60,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert events[-1].type == "response.completed"
+    jsonschema.validate(json.loads(events[-1].response.output_text), SCHEMA)
+
+
 # ---- errors ----
 
 

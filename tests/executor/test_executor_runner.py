@@ -553,3 +553,36 @@ def test_step_protobuf_round_trip():
         ],
     )
     assert step_from_proto(step_to_proto(step)) == step
+
+
+def test_step_int_tensors_start_16_byte_aligned_whatever_the_list_sizes(runner):
+    """Triton specializes kernels on each pointer's 16-byte alignment: the step's packed int lists must
+    not shift it with their sizes, or live traffic compiles kernel variants the warm-up never saw."""
+    built = []
+    build = runner.batch_builder.build
+    runner.batch_builder.build = lambda step, states: built.append(build(step, states)) or built[-1]
+    runner.step(StepInput(1, new_requests=[new("a", [3, 4, 5], [1, 2, 3])]))
+    runner.step(
+        StepInput(
+            2,
+            new_requests=[new("b", [6], [10]), new("c", [7, 8, 9, 10, 11], [20, 21, 22, 23, 24])],
+            continuing_requests=[ContinuingRequest("a", [4])],
+        )
+    )
+    batch = built[-1]
+    meta = batch.table_meta
+    assert meta.num_extends == 1 and len(batch.decode_lens) == 2  # c extends; a and b decode
+    tensors = {
+        "input_ids": batch.input_ids,
+        "positions": batch.positions,
+        "out_slots": batch.out_slots,
+        "seq_rows": meta.seq_rows,
+        "seq_lens": meta.seq_lens,
+        "extend_prefix_lens": meta.extend_prefix_lens,
+        "extend_q_starts": meta.extend_q_starts,
+        "extend_q_lens": meta.extend_q_lens,
+        "sample_index": batch.samples.token_index,
+        "sample_rows": batch.samples.rows,
+    }
+    misaligned = {name: t.data_ptr() % 16 for name, t in tensors.items() if t.data_ptr() % 16}
+    assert misaligned == {}

@@ -43,6 +43,9 @@ FAIL_AFTER = 4
 # names the executor, and its message (EXECUTOR_FAILURE_MESSAGE) does not.
 EXECUTOR_FAIL_MARKER = "CRASH"
 EXECUTOR_FAILURE_MESSAGE = "step 3 lost its worker (connection reset)"
+# A prompt holding SCRIPT_OPEN + text + SCRIPT_CLOSE makes the fake model say that text and then EOS
+# (the last such span of the prompt counts): how tests script tool calls and answers.
+SCRIPT_OPEN, SCRIPT_CLOSE = "⟦", "⟧"
 MODEL = "fake-model"  # the served model name of a RunningGateway
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -79,7 +82,17 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
         )
 
 
+def scripted_output(prompt_text: str) -> str | None:
+    """The text between the prompt's last SCRIPT_OPEN and the SCRIPT_CLOSE after it, if any."""
+    start = prompt_text.rfind(SCRIPT_OPEN)
+    end = prompt_text.find(SCRIPT_CLOSE, start + 1)
+    return None if start < 0 or end < 0 else prompt_text[start + 1 : end]
+
+
 def output_token(i: int, prompt: list[int]) -> int:
+    script = scripted_output("".join(map(chr, prompt))) if ord(SCRIPT_OPEN) in prompt else None
+    if script is not None:
+        return ord(script[i]) if i < len(script) else EOS_ID
     if EOS_MARKER in "".join(map(chr, prompt)) and i == EOS_AFTER:
         return EOS_ID
     return ord(OUTPUT_TEXT[i % len(OUTPUT_TEXT)])

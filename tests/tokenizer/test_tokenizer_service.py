@@ -222,3 +222,30 @@ async def _grpc_scenario(core: TokenizerCore) -> None:
 
 def test_grpc_batch_rpcs_in_process(core):
     asyncio.run(_grpc_scenario(core))
+
+
+def test_chat_template_kwargs_reach_the_template(folder):
+    template = "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    core = TokenizerCore(folder, chat_template=ROLE_TEMPLATE + template)
+    conv = common_pb2.ChatConversation(
+        messages=[common_pb2.ChatMessage(role="user", content="hi")],
+        template_kwargs_json=json.dumps({"enable_thinking": False}),
+    )
+    [rendered] = core.apply_chat_template([conversation_from_proto(conv)])
+    assert rendered.prompt == "[user]hi<no-think>"
+    [rendered] = core.apply_chat_template([user_chat("hi")])
+    assert rendered.prompt == "[user]hi"
+
+
+@pytest.mark.parametrize(
+    "kwargs_json, error",
+    [
+        ('{"tokenize": true, "add_generation_prompt": false}', "may not set add_generation_prompt"),
+        ("[1]", "must be an object"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_chat_template_kwargs_may_not_replace_the_templates_own_arguments(kwargs_json, error):
+    conv = common_pb2.ChatConversation(template_kwargs_json=kwargs_json)
+    with pytest.raises(ValueError, match=error):
+        conversation_from_proto(conv)

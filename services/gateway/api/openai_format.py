@@ -49,6 +49,7 @@ def chat_choice(
     finish: Finish,
     logprobs: dict | None,
     tool_calls: list[dict] | None = None,
+    reasoning: str | None = None,
 ) -> dict:
     return {
         "index": index,
@@ -57,11 +58,18 @@ def chat_choice(
             "content": text,
             "refusal": None,
             "tool_calls": tool_calls or None,
+            # SGLang's and DeepSeek's name, and vLLM's
+            "reasoning_content": reasoning,
+            "reasoning": reasoning,
         },
         "logprobs": logprobs,
         "finish_reason": "tool_calls" if tool_calls else finish.reason,
         "matched_stop": matched_stop(finish),
     }
+
+
+def reasoning_delta(text: str) -> dict:
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def chat_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:

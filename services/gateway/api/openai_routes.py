@@ -16,7 +16,14 @@ from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
+from radixserve.gateway.pipeline.chat_reasoning import (
+    reasoning_parser_for,
+    split_delta,
+    split_rest,
+    split_text,
+)
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools, tools_for_template
+from radixserve.gateway.pipeline.reasoning_parsers import ReasoningParser
 from radixserve.gateway.pipeline.choices import complete_all, fan_out, merged_streams, total_usage
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -146,6 +153,9 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
         tools_json=json.dumps(tools)
         if (tools := tools_for_template(req.tools, req.tool_choice))
         else "",
+        template_kwargs_json=json.dumps(req.chat_template_kwargs)
+        if req.chat_template_kwargs
+        else "",
     )
 
 
@@ -191,6 +201,7 @@ class ChatOptions:
     logprobs: bool
     with_top: bool
     tools: ToolPlan | None
+    reasoning: ReasoningParser | None = None
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -210,7 +221,13 @@ async def chat_completions(request: Request):
         await engine.model_info(),
         prepared.sampling,
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools)
+    reasoning = reasoning_parser_for(
+        engine,
+        req.separate_reasoning,
+        req.chat_template_kwargs,
+        constrained=prepared.sampling.constraint is not None,
+    )
+    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
@@ -243,11 +260,14 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
     if options.logprobs:
         texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
         logprobs = fmt.chat_logprobs(result.logprobs, texts, options.with_top)
-    text, calls = result.text, None
-    if options.tools is not None:
-        parsed = options.tools.parse(result.text)
+    split = split_text(options.reasoning, result.text)
+    text, calls = split.content, None
+    if options.tools is not None:  # calls are read from the content only
+        parsed = options.tools.parse(text)
         text, calls = parsed.content, [call.to_openai() for call in parsed.tool_calls]
-    return fmt.chat_choice(index, text, result.finish, logprobs, calls)
+    if options.reasoning is not None and not text:
+        text = None
+    return fmt.chat_choice(index, text, result.finish, logprobs, calls, split.reasoning)
 
 
 async def chat_events(
@@ -261,6 +281,7 @@ async def chat_events(
     then the usage chunk when asked for."""
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
+    splitters = [options.reasoning.splitter() if options.reasoning else None for _ in requests]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
     finishes: list[Finish | None] = [None] * len(requests)
@@ -278,12 +299,9 @@ async def chat_events(
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
-                events = (
-                    parsers[index].feed(item.text)
-                    if parsers[index]
-                    else ([item.text] if item.text else [])
-                )
-                for delta in chat_deltas(events):
+                reasoning, text = split_delta(splitters[index], item.text)
+                events = parsers[index].feed(text) if parsers[index] else ([text] if text else [])
+                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
                     yield fmt.chat_chunk(
                         meta, delta, logprobs=logprobs, index=index, running=running
                     )
@@ -295,9 +313,10 @@ async def chat_events(
             else:
                 finishes[index] = item
                 parser = parsers[index]
-                if parser is not None:
-                    for delta in chat_deltas(parser.finish()):
-                        yield fmt.chat_chunk(meta, delta, index=index)
+                reasoning, text = split_rest(splitters[index])
+                events = (parser.feed(text) + parser.finish()) if parser is not None else [text]
+                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
+                    yield fmt.chat_chunk(meta, delta, index=index)
                 reason = "tool_calls" if parser is not None and parser.tool_calls else item.reason
                 yield fmt.chat_chunk(meta, {}, reason, index=index)
             try:
@@ -310,6 +329,10 @@ async def chat_events(
             )
     finally:
         await stream.aclose()
+
+
+def reasoning_deltas(reasoning: str) -> list[dict]:
+    return [fmt.reasoning_delta(reasoning)] if reasoning else []
 
 
 def chat_deltas(events: list) -> list[dict]:

@@ -103,6 +103,9 @@ class ChatCompletionRequest(_OpenAISampling):
     tool_choice: Any = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables
+    # SGLang's: return the reasoning apart from the content (with --reasoning-parser)
+    separate_reasoning: bool = True
 
 
 class CompletionRequest(_OpenAISampling):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import orjson
@@ -22,6 +22,11 @@ T = TypeVar("T")
 
 def sse_event(payload: dict) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def named_sse_event(payload: dict) -> bytes:
+    """A frame with an `event:` line naming the payload's type (OpenAI's Responses stream)."""
+    return b"event: " + payload["type"].encode() + b"\n" + sse_event(payload)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -48,31 +53,41 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def sse_response(request: Request, events: AsyncIterator[dict]) -> StreamingResponse:
-    """Stream events as SSE. The first event is awaited before the headers go out, so errors that
-    happen before any output (bad prompt, backend down) still get a real HTTP status."""
+async def sse_response(
+    request: Request,
+    events: AsyncIterator[dict],
+    frame: Callable[[dict], bytes] = sse_event,
+    done: bytes = DONE,
+) -> StreamingResponse:
+    """Stream events as SSE (each made a frame by `frame`, then `done`; b"" for none). The first event
+    is awaited before the headers go out, so errors that happen before any output (bad prompt,
+    backend down) still get a real HTTP status."""
     try:
         first = await run_unless_disconnected(request, anext(events))
     except BaseException:
         await events.aclose()
         raise
     return StreamingResponse(
-        _frames(first, events), media_type="text/event-stream", headers=SSE_HEADERS
+        _frames(first, events, frame, done), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
-async def _frames(first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+async def _frames(
+    first: dict, events: AsyncIterator[dict], frame: Callable[[dict], bytes], done: bytes
+) -> AsyncIterator[bytes]:
     # No disconnect polling here: Starlette's StreamingResponse cancels this generator when the client
     # goes away (it listens for http.disconnect under ASGI spec < 2.4, which uvicorn speaks, and turns a
     # failed send into ClientDisconnect from 2.4 on), and the finally below then aborts the request.
     # Polling request.is_disconnected() per stream cost ~13% of the gateway's CPU at 256 streams.
     try:
-        yield sse_event(first)
+        yield frame(first)
         async for event in events:
-            yield sse_event(event)
-        yield DONE
+            yield frame(event)
+        if done:
+            yield done
     except ApiError as e:
         yield sse_event(e.body())
-        yield DONE
+        if done:
+            yield done
     finally:
         await events.aclose()

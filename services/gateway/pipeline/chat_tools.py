@@ -26,14 +26,17 @@ from radixserve.gateway.pipeline.tool_parsers import (
 class ToolPlan:
     choice: str | dict  # "auto", "required" or {"type": "function", "function": {"name": ...}}
     parser: ToolParser | None  # the model's own call format ("auto"); None: constrained JSON
+    tools: list[dict] | None = None  # the request's tools (qwen3_coder types arguments by them)
 
     def stream_parser(self) -> StreamingToolParser | ConstrainedStreamingParser:
-        return self.parser.streaming() if self.parser else ConstrainedStreamingParser(self.choice)
+        if self.parser is None:
+            return ConstrainedStreamingParser(self.choice)
+        return self.parser.streaming(self.tools)
 
     def parse(self, text: str) -> ParsedOutput:
-        return (
-            self.parser.parse(text) if self.parser else parse_constrained_output(text, self.choice)
-        )
+        if self.parser is None:
+            return parse_constrained_output(text, self.choice)
+        return self.parser.parse(text, self.tools)
 
 
 def tools_for_template(tools: list[dict] | None, tool_choice) -> list[dict] | None:
@@ -63,7 +66,7 @@ def plan_tools(
                 param="tools",
             )
         try:
-            return ToolPlan(choice, get_tool_parser(name))
+            return ToolPlan(choice, get_tool_parser(name), tools)
         except ValueError as e:
             raise bad_request(str(e), param="tools") from None
     if sampling.constraint is not None:

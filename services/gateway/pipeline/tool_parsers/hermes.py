@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
-from radixserve.gateway.pipeline.tool_parsers.streaming import Segment, partial_marker_length
+from radixserve.gateway.pipeline.text_markers import partial_marker_length
+from radixserve.gateway.pipeline.tool_parsers.streaming import Segment
 
 START, END = "<tool_call>", "</tool_call>"
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
-from radixserve.gateway.pipeline.tool_parsers.streaming import Segment, partial_marker_length
+from radixserve.gateway.pipeline.text_markers import partial_marker_length
+from radixserve.gateway.pipeline.tool_parsers.streaming import Segment
 
 PYTHON_TAG = "<|python_tag|>"
 _decoder = json.JSONDecoder()

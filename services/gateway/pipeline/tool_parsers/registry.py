@@ -1,19 +1,39 @@
-"""Tool-call parsers by --tool-call-parser name, and a default guessed from the model."""
+"""Tool-call parsers by --tool-call-parser name (SGLang's names, and vLLM's where they differ), and a
+default guessed from the model."""
 
 from __future__ import annotations
 
+from radixserve.gateway.pipeline.tool_parsers.deepseekv3 import deepseekv3_scanner
+from radixserve.gateway.pipeline.tool_parsers.gpt_oss import GptOssToolScanner
 from radixserve.gateway.pipeline.tool_parsers.hermes import HermesScanner
+from radixserve.gateway.pipeline.tool_parsers.kimi_k2 import kimi_k2_scanner
 from radixserve.gateway.pipeline.tool_parsers.llama3 import Llama3Scanner
+from radixserve.gateway.pipeline.tool_parsers.mistral import MistralScanner
+from radixserve.gateway.pipeline.tool_parsers.pythonic import PythonicScanner
+from radixserve.gateway.pipeline.tool_parsers.qwen3_coder import qwen3_coder_scanner
 from radixserve.gateway.pipeline.tool_parsers.streaming import ToolParser
 
-_HERMES = ToolParser("hermes", HermesScanner)
-_LLAMA3 = ToolParser("llama3", Llama3Scanner)
+_HERMES = ToolParser("hermes", lambda tools: HermesScanner())
+_LLAMA3 = ToolParser("llama3", lambda tools: Llama3Scanner())
+_QWEN3_CODER = ToolParser("qwen3_coder", qwen3_coder_scanner)
+_DEEPSEEKV3 = ToolParser("deepseekv3", deepseekv3_scanner)
+_KIMI_K2 = ToolParser("kimi_k2", kimi_k2_scanner)
+_GPT_OSS = ToolParser("gpt-oss", lambda tools: GptOssToolScanner())
 
 TOOL_PARSERS: dict[str, ToolParser] = {
     "hermes": _HERMES,
     "qwen25": _HERMES,
     "qwen": _HERMES,
     "llama3": _LLAMA3,
+    "qwen3_coder": _QWEN3_CODER,
+    "mistral": ToolParser("mistral", lambda tools: MistralScanner()),
+    "deepseekv3": _DEEPSEEKV3,
+    "deepseek_v3": _DEEPSEEKV3,  # vLLM
+    "deepseekv31": _DEEPSEEKV3,  # the V3.1 layout is read by the same parser
+    "pythonic": ToolParser("pythonic", lambda tools: PythonicScanner()),
+    "kimi_k2": _KIMI_K2,
+    "gpt-oss": _GPT_OSS,
+    "openai": _GPT_OSS,  # vLLM
 }
 
 _BY_ARCHITECTURE = {

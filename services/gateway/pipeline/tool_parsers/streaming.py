@@ -20,14 +20,6 @@ class Scanner(Protocol):
         """Resolve a prefix of `text`; return its segments and the unresolved rest ("" when final)."""
 
 
-def partial_marker_length(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the beginning of `marker`."""
-    for length in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
-
-
 class StreamingToolParser:
     """Turns one choice's text deltas into content deltas and tool-call deltas."""
 
@@ -88,13 +80,15 @@ class ToolParser:
     """A tool-call format, selectable by name with --tool-call-parser."""
 
     name: str
-    new_scanner: Callable[[], Scanner]
+    new_scanner: Callable[
+        [list[dict]], Scanner
+    ]  # given the request's tools (some formats type by them)
 
-    def streaming(self) -> StreamingToolParser:
-        return StreamingToolParser(self.new_scanner())
+    def streaming(self, tools: list[dict] | None = None) -> StreamingToolParser:
+        return StreamingToolParser(self.new_scanner(tools or []))
 
-    def parse(self, text: str) -> ParsedOutput:
-        stream = self.streaming()
+    def parse(self, text: str, tools: list[dict] | None = None) -> ParsedOutput:
+        stream = self.streaming(tools)
         events = stream.feed(text) + stream.finish()
         content = "".join(event for event in events if isinstance(event, str))
         return ParsedOutput(

@@ -1,0 +1,124 @@
+"""Decode attention's achieved memory bandwidth on the GPU, across launch configurations.
+
+A decode batch as the rate-inf benchmark makes it (default: 256 sequences of 512-768 tokens, Llama-3-8B's
+32 query / 8 kv heads of 128), its K/V spread over the pool either contiguously per sequence or shuffled
+slot by slot. For each (BLOCK_N, num_warps, num_stages, num_splits) it prints the kernel time (CUDA
+events, median of the repeats) and GB/s of K/V read, best first, and the ratio to the configuration the
+backend uses today.
+
+  python scripts/bench_decode_attention.py [--batch 256] [--min-len 512 --max-len 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+
+import torch
+
+from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
+
+
+def make_batch(a, shuffled: bool):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(a.min_len, a.max_len + 1, (a.batch,), generator=g)
+    total = int(lens.sum())
+    slots = torch.randperm(total, generator=g) if shuffled else torch.arange(total)
+    table = torch.zeros(a.batch, a.max_len, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(lens.tolist()):
+        table[b, :n] = slots[at : at + n]
+        at += n
+    dev = "cuda"
+    k = torch.randn(total, a.kv_heads, a.head_dim, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    q = torch.randn(a.batch, a.heads, a.head_dim, dtype=torch.bfloat16, device=dev)
+    kv_bytes = 2 * total * a.kv_heads * a.head_dim * 2
+    return q, k, v, table.to(dev), lens.to(dev), kv_bytes
+
+
+def time_ms(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=768)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    a = p.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    today = dict(
+        block_n=64,
+        num_warps=4,
+        num_stages=2,
+        num_splits=num_splits_for_batch(a.batch, a.kv_heads, sms),
+    )
+    grid = [
+        dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp, heads_fastest=hf)
+        for bn, w, s, sp, hf in itertools.product(
+            (32, 64, 128), (4, 8), (2, 3, 4), (1, 2), (False, True)
+        )
+    ]
+    for shuffled in (False, True):
+        q, k, v, table, lens, kv_bytes = make_batch(a, shuffled)
+        ref = decode_attention(q, k, v, table, lens, 0.088, **today)
+        rows = []
+        for cfg in grid:
+            try:
+                out = decode_attention(q, k, v, table, lens, 0.088, **cfg)
+                if not torch.allclose(out, ref, atol=2e-2, rtol=2e-2):
+                    rows.append((cfg, None, "mismatch"))
+                    continue
+                ms = time_ms(
+                    lambda: decode_attention(q, k, v, table, lens, 0.088, **cfg), a.repeats
+                )
+                rows.append((cfg, ms, None))
+            except Exception as e:  # a config the compiler rejects (shared memory) is skipped
+                rows.append((cfg, None, type(e).__name__))
+        base = next(ms for cfg, ms, _ in rows if cfg == today)
+        ok = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
+        print(
+            json.dumps(
+                {
+                    "layout": "shuffled slots" if shuffled else "contiguous slots",
+                    "device": torch.cuda.get_device_name(0),
+                    "kv_gb": round(kv_bytes / 1e9, 3),
+                    "today": {
+                        **today,
+                        "ms": round(base, 4),
+                        "tb_s": round(kv_bytes / base / 1e9, 3),
+                    },
+                    "best": [
+                        {
+                            **cfg,
+                            "ms": round(ms, 4),
+                            "tb_s": round(kv_bytes / ms / 1e9, 3),
+                            "vs_today": round(base / ms, 3),
+                        }
+                        for cfg, ms, _ in ok[:12]
+                    ],
+                    "failed": [{**cfg, "why": why} for cfg, ms, why in rows if ms is None][:10],
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

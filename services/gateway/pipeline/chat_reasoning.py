@@ -1,0 +1,52 @@
+"""Reasoning in chat outputs: which parser splits a request's output (--reasoning-parser, the request's
+separate_reasoning and chat_template_kwargs), for every API that returns chat text."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from radixserve.gateway.pipeline.reasoning_parsers import (
+    ReasoningParser,
+    ReasoningSplit,
+    ReasoningSplitter,
+    get_reasoning_parser,
+)
+
+if TYPE_CHECKING:
+    from radixserve.gateway.pipeline.engine import Engine
+
+# chat_template_kwargs that turn thinking off (Qwen3 and GLM-4.5 templates; DeepSeek-V3.1's "thinking").
+_THINKING_SWITCHES = ("enable_thinking", "thinking")
+
+
+def reasoning_parser_for(
+    engine: Engine,
+    separate_reasoning: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    constrained: bool = False,
+) -> ReasoningParser | None:
+    """The parser that splits this request's output, or None when its text is all content: no
+    --reasoning-parser, separate_reasoning false, thinking turned off in chat_template_kwargs, or
+    output constrained (a JSON schema, regex or grammar from the first token has no reasoning)."""
+    name = engine.args.reasoning_parser
+    if name is None or not separate_reasoning or constrained:
+        return None
+    kwargs = chat_template_kwargs or {}
+    if any(kwargs.get(switch) is False for switch in _THINKING_SWITCHES):
+        return None
+    return get_reasoning_parser(name)
+
+
+def split_text(parser: ReasoningParser | None, text: str) -> ReasoningSplit:
+    """A whole output's reasoning and content (all content without a parser)."""
+    return parser.parse(text) if parser is not None else ReasoningSplit(None, text)
+
+
+def split_delta(splitter: ReasoningSplitter | None, text: str) -> tuple[str, str]:
+    """A streamed delta's (reasoning, content)."""
+    return splitter.feed(text) if splitter is not None else ("", text)
+
+
+def split_rest(splitter: ReasoningSplitter | None) -> tuple[str, str]:
+    """What a splitter held back, at the end of the stream: (reasoning, content)."""
+    return splitter.finish() if splitter is not None else ("", "")
