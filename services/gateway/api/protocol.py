@@ -166,9 +166,8 @@ class NativeGenerateRequest(_Body):
     logprob_start_len: int = -1  # -1: no input (prompt) logprobs
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
-    token_ids_logprob: list[int] | None = (
-        None  # with return_logprob: these ids' logprobs per output token
-    )
+    # With return_logprob: the logprobs of these token ids at every output position.
+    token_ids_logprob: list[int] | None = None
 
 
 class AbortRequest(_Body):
