@@ -10,6 +10,7 @@ import json
 
 import grpc
 import httpx
+import openai
 import pytest
 
 from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -258,3 +259,23 @@ def test_generate_token_ids_logprob_at_every_output_position(gw):
     assert streamed["output_token_ids_logprobs"] == meta["output_token_ids_logprobs"]
     plain = post(gw, "/generate", {**body, "token_ids_logprob": None}).json()["meta_info"]
     assert "output_token_ids_logprobs" not in plain
+
+
+def test_the_openai_client_reads_echo_logprobs_and_prompt_logprobs(gw):
+    client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=30)
+    resp = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, echo=True, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert lp.tokens == ECHO_LOGPROBS["tokens"]
+    assert lp.token_logprobs == ECHO_LOGPROBS["token_logprobs"]
+    assert lp.top_logprobs == ECHO_LOGPROBS["top_logprobs"]
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=3, echo=True, logprobs=2, stream=True
+        )
+    )
+    assert chunks[0].choices[0].logprobs.token_logprobs == [None, -0.125, -0.25]
+    vllm = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    assert vllm.choices[0].prompt_logprobs[0] is None
+    assert vllm.choices[0].prompt_logprobs[1] == {str(ord("b")): vllm_entry("b", -0.125, 2)}

@@ -89,3 +89,22 @@ def test_aborted_request_drops_its_prompt_logprobs_without_leaking():
     h.run()
     assert h.prompt_logprobs["a"] == []
     assert h.sched.check_leak(deep=True) is None
+
+
+@pytest.mark.parametrize("chunk", [-1, 5])
+def test_retracted_requests_get_their_prompt_logprobs_once(chunk):
+    prompts = [[7, 7, 7] + [100 + i] * 5 for i in range(6)]
+    h = Harness(
+        pool_size=48,
+        schedule_conservativeness=0.0,
+        min_new_token_ratio=0.0,
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=5 if chunk > 0 else 4096,
+    )
+    for i, prompt in enumerate(prompts):
+        h.add(f"r{i}", prompt, max_new=20, ignore_eos=True, sampling=wanting(0))
+    h.run()
+    assert h.sched.num_retractions > 0
+    for i, prompt in enumerate(prompts):
+        check_prompt_logprobs(h, f"r{i}", prompt, 0)
+        assert h.outputs[f"r{i}"] == reference_tokens(prompt, 20)
