@@ -351,6 +351,7 @@ def normalize(args: ServerArgs) -> ServerArgs:
         )
     if args.schedule_conservativeness < 0:
         raise FlagError("--schedule-conservativeness must be at least 0")
+    check_sampling_defaults(args)
     for service in ("tokenizer", "detokenizer"):
         count, addrs = getattr(args, f"{service}_worker_num"), getattr(args, f"{service}_addr")
         if count < 1:
@@ -361,6 +362,23 @@ def normalize(args: ServerArgs) -> ServerArgs:
             except ValueError as e:
                 raise FlagError(f"--{service}-worker-num {count}: --{service}-addr {e}") from e
     return dataclasses.replace(args, **changes) if changes else args
+
+
+def check_sampling_defaults(args: ServerArgs) -> None:
+    """FlagError unless --preferred-sampling-params and --override-generation-config are JSON objects of
+    known sampling keys with values in range (sampling.py, with its protobuf stubs, is only imported then)."""
+    given = [
+        n for n in ("preferred_sampling_params", "override_generation_config") if getattr(args, n)
+    ]
+    if not given:
+        return
+    from radixserve.common.sampling import SamplingDefaults, SamplingError
+
+    for name in given:
+        try:
+            SamplingDefaults.from_json(getattr(args, name), "--" + name.replace("_", "-"))
+        except SamplingError as e:
+            raise FlagError(str(e)) from None
 
 
 def check_parallelism(args: ServerArgs) -> None:

@@ -508,6 +508,30 @@ class GatewayConfig:
         supported=list(REASONING_PARSER_NAMES),
         unsupported_hint="unknown reasoning parser",
     )
+    generation_config: str = option(
+        "auto",
+        "sampling defaults for what a request leaves out: auto (the model's generation_config.json: "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) | vllm (none: the API's "
+        "own defaults) | a folder holding a generation_config.json (vLLM's flag; SGLang's "
+        "--sampling-defaults model is auto, openai is vllm)",
+        group="API related",
+        aliases=("--sampling-defaults",),
+        value_map={"model": "auto", "openai": "vllm"},
+    )
+    preferred_sampling_params: str | None = option(
+        None,
+        "JSON object of server-wide sampling defaults for what a request leaves out, over "
+        "--generation-config's (keys: temperature, top_p, top_k, min_p, repetition_penalty, "
+        "frequency_penalty, presence_penalty, max_new_tokens), e.g. "
+        '\'{"temperature": 0.7, "max_new_tokens": 512}\'',
+        group="API related",
+    )
+    override_generation_config: str | None = option(
+        None,
+        "JSON object over --generation-config's defaults and --preferred-sampling-params "
+        "(vLLM's flag; same keys)",
+        group="API related",
+    )
     file_storage_path: str | None = option(
         None,
         "folder for /v1/files uploads and /v1/batches state "

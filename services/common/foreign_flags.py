@@ -73,7 +73,6 @@ FIXED = _table(
 --constrained-json-disable-any-whitespace | none | | JSON constraints already allow no free whitespace here
 --gpu-id-step | one | 1 | shards take consecutive GPUs from --base-gpu-id; choose others with CUDA_VISIBLE_DEVICES
 --radix-eviction-policy | one | lru | the prefix cache evicts least recently used leaves; other policies are not supported yet
---sampling-defaults | one | openai | the model's generation_config.json sampling defaults are not applied yet: pass them per request
 --json-model-override-args | one | {} | overriding the model's config is not supported yet
 --grammar-backend | one | xgrammar | structured output runs on xgrammar only
 --moe-a2a-backend | one | none | expert outputs are combined by all-reduce; all-to-all backends are not supported yet
@@ -88,7 +87,6 @@ FIXED = _table(
 --disaggregation-mode | one | null | prefill/decode disaggregation is not supported yet
 --enable-auto-tool-choice | none | | tool_choice "auto" is always allowed here
 --max-logprobs | one | 20 | top_logprobs is capped at 20 here
---generation-config | one | vllm | the model's generation_config.json sampling defaults are not applied yet: pass them per request
 """,
     fixed=True,
 )
@@ -335,7 +333,6 @@ REFUSED = _table("""
 --completion-template | one | code-completion (FIM) templates not supported yet
 --tool-server | one | built-in tool servers not supported yet
 --default-chat-template-kwargs | one | chat template kwargs are not supported yet
---preferred-sampling-params | one | server-wide default sampling parameters not supported yet: set them per request
 --enable-lora | none | LoRA adapters not supported yet
 --lora-paths | many | LoRA adapters not supported yet
 --speculative-algorithm | one | speculative decoding not supported yet

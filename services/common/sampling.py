@@ -8,9 +8,10 @@ it sees a raw proto). top_k -1, as SGLang spells "disabled", is 0 wherever it co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields, replace
 
-from radixserve.v1 import common_pb2
+from radixserve.v1 import common_pb2, tokenizer_pb2
 
 UINT64_MASK = (1 << 64) - 1
 MAX_INT32 = (1 << 31) - 1
@@ -283,6 +284,116 @@ class StoppingCriteria:
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             min_new_tokens=self.min_new_tokens,
+        )
+
+
+# The keys of generation_config.json that vLLM reads as sampling defaults (--generation-config auto).
+GENERATION_CONFIG_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Server-side defaults for the sampling options a request leaves out; None: the API's own default.
+
+    Made from the model's generation_config.json (--generation-config), SGLang's
+    --preferred-sampling-params and vLLM's --override-generation-config, in that order, a later one
+    winning per field (layered); a request's own values win over all of them."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+    def layered(self, over: SamplingDefaults) -> SamplingDefaults:
+        """self with every field that `over` sets taken from it."""
+        return replace(self, **{k: v for k, v in over.as_dict().items()})
+
+    def as_dict(self) -> dict:
+        """The fields that are set."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+    def check(self, source: str) -> SamplingDefaults:
+        """self, or SamplingError (naming source) when a value is out of the range a request may give."""
+        try:
+            SamplingParams(
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=self.top_k or 0,
+                min_p=self.min_p or 0.0,
+                repetition_penalty=(
+                    1.0 if self.repetition_penalty is None else self.repetition_penalty
+                ),
+                frequency_penalty=self.frequency_penalty or 0.0,
+                presence_penalty=self.presence_penalty or 0.0,
+            ).check()
+            StoppingCriteria(max_new_tokens=self.max_new_tokens or 0).check()
+        except SamplingError as e:
+            raise SamplingError(e.param, f"{source}: {e}") from None
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise SamplingError("max_new_tokens", f"{source}: max_new_tokens must be at least 1")
+        return self
+
+    @classmethod
+    def from_mapping(cls, values: dict, source: str, keys=None) -> SamplingDefaults:
+        """Defaults from a JSON object; keys: the names it may hold (default: every field). An unknown
+        key or a value of the wrong type is a SamplingError naming source."""
+        allowed = keys or tuple(f.name for f in fields(cls))
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise SamplingError(
+                unknown[0], f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})"
+            )
+        kinds = {f.name: f.type for f in fields(cls)}
+        out = {}
+        for key, value in values.items():
+            integral = "int" in str(kinds[key])
+            ok = isinstance(value, int) if integral else isinstance(value, (int, float))
+            if value is not None and (isinstance(value, bool) or not ok):
+                kind = "an integer" if integral else "a number"
+                raise SamplingError(key, f"{source}: {key} must be {kind}, got {value!r}")
+            out[key] = value if value is None or integral else float(value)
+        return cls(**out).check(source)
+
+    @classmethod
+    def from_json(cls, text: str | None, source: str) -> SamplingDefaults:
+        """Defaults from a flag's JSON object ("" or None: none)."""
+        if not text:
+            return cls()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SamplingError(source, f"{source}: not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise SamplingError(source, f"{source}: must be a JSON object")
+        return cls.from_mapping(values, source)
+
+    @classmethod
+    def from_generation_config(cls, config: dict, source: str) -> SamplingDefaults:
+        """The sampling keys of a generation_config.json (the others, eos_token_id etc., are not sampling
+        defaults); a value of the wrong type or out of range is a SamplingError."""
+        picked = {k: config[k] for k in GENERATION_CONFIG_KEYS if config.get(k) is not None}
+        return cls.from_mapping(picked, source, GENERATION_CONFIG_KEYS)
+
+    @classmethod
+    def from_proto(cls, msg: tokenizer_pb2.TokenizerGenerationDefaults) -> SamplingDefaults:
+        return cls(**{k: getattr(msg, k) for k in GENERATION_CONFIG_KEYS if msg.HasField(k)})
+
+    def to_proto(self) -> tokenizer_pb2.TokenizerGenerationDefaults:
+        return tokenizer_pb2.TokenizerGenerationDefaults(
+            **{k: v for k, v in self.as_dict().items() if k in GENERATION_CONFIG_KEYS}
         )
 
 

@@ -69,11 +69,13 @@ def decode_step(
     stop: list[str] = (),
     skip_special_tokens: bool = True,
     final: bool = False,
+    stop_regex: list[str] = (),
 ) -> DecodeStep:
     """Feed new_ids; return the text now safe to show and the state for the next call.
 
     With final, everything left is emitted (an incomplete character as U+FFFD). A stop string ends
-    the text right before its first occurrence and sets stopped/matched_stop.
+    the text right before its first occurrence and sets stopped/matched_stop; so does a match of a
+    stop regex (matched_stop: its pattern).
     """
     new_text, window, read = _take_new_text(
         tokenizer,
@@ -83,6 +85,6 @@ def decode_step(
         skip_special_tokens,
         final,
     )
-    scan = scan_for_stops(state.held_text + new_text, list(stop), final)
+    scan = scan_for_stops(state.held_text + new_text, list(stop), final, list(stop_regex))
     next_state = DecodeState(window, 0, read, scan.held, state.emitted_chars + len(scan.emit))
     return DecodeStep(scan.emit, next_state, scan.matched_stop is not None, scan.matched_stop or "")

@@ -18,6 +18,7 @@ from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_security import install_from_args
 from radixserve.common.log import setup_logging
 from radixserve.detokenizer.incremental import DecodeState, DecodeStep, decode_step
+from radixserve.detokenizer.stop_strings import MAX_STOP_REGEXES, compile_stop_regex
 from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
 from radixserve.common.lifecycle import run_service, run_until_signalled
 
@@ -51,6 +52,12 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
 
+    def _check_stop_regexes(self, patterns) -> None:
+        if len(patterns) > MAX_STOP_REGEXES:
+            raise ValueError(f"at most {MAX_STOP_REGEXES} stop regexes, got {len(patterns)}")
+        for pattern in patterns:
+            compile_stop_regex(pattern)
+
     def _check_ids(self, request_id: str, ids) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -62,6 +69,7 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
         self, item: detokenizer_pb2.DetokenizerDecodeItem
     ) -> detokenizer_pb2.DetokenizerDecodeResult:
         self._check_ids(item.request_id, item.new_token_ids)
+        self._check_stop_regexes(item.stop_regex)
         step: DecodeStep = decode_step(
             self.tokenizer,
             state_from_proto(item.state),
@@ -69,6 +77,7 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
             list(item.stop),
             skip_special_tokens=item.skip_special_tokens,
             final=item.final,
+            stop_regex=list(item.stop_regex),
         )
         return detokenizer_pb2.DetokenizerDecodeResult(
             request_id=item.request_id,

@@ -16,6 +16,7 @@ from radixserve.common.args import ServerArgs
 from radixserve.gateway.api import (
     batch_routes,
     embedding_routes,
+    extension_routes,
     metrics_routes,
     native_routes,
     openai_routes,
@@ -55,6 +56,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     app.include_router(responses_routes.router)
     app.include_router(native_routes.router)
     app.include_router(embedding_routes.router)
+    app.include_router(extension_routes.router)
     app.include_router(metrics_routes.router)
     batch_routes.install(app, args)
     install_api_key(app, args.api_key)

@@ -7,16 +7,20 @@ rendered through `apply_chat_template`, so that stays true here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from radixserve.common.args import ServerArgs
 from radixserve.common.model_files import resolve_model_path
+from radixserve.common.sampling import SamplingDefaults, SamplingError
 from radixserve.tokenizer.conversation import Conversation
 from radixserve.tokenizer.named_chat_templates import resolve_chat_template
+
+log = logging.getLogger("radixserve.tokenizer")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class TokenizerDescription:
     bos_token_id: int  # -1 when there is none
     chat_template: str  # "" when there is none
     tokenizer_path: str
+    generation_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def tokenizer_folder(args: ServerArgs) -> pathlib.Path:
@@ -62,6 +67,27 @@ def generation_config_eos_ids(folder: pathlib.Path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def generation_defaults(folder: pathlib.Path, setting: str = "auto") -> SamplingDefaults:
+    """The sampling defaults --generation-config names: auto, those of folder's generation_config.json;
+    vllm, none; otherwise the generation_config.json of the folder it names (which must exist)."""
+    if setting == "vllm":
+        return SamplingDefaults()
+    if setting != "auto":
+        folder = pathlib.Path(setting).expanduser()
+        if not (folder / "generation_config.json").is_file():
+            raise FileNotFoundError(
+                f"--generation-config {setting}: no generation_config.json there"
+            )
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return SamplingDefaults()
+    try:
+        return SamplingDefaults.from_generation_config(json.loads(path.read_text()), str(path))
+    except (json.JSONDecodeError, SamplingError) as e:
+        log.warning("ignoring the sampling defaults of %s: %s", path, e)
+        return SamplingDefaults()
+
+
 def _default_template(template: str | dict | None) -> str:
     if isinstance(template, dict):  # named templates: the "default" one is what plain chats use
         return template.get("default", "")
@@ -69,8 +95,14 @@ def _default_template(template: str | dict | None) -> str:
 
 
 class TokenizerCore:
-    def __init__(self, folder: str | os.PathLike, chat_template: str | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        chat_template: str | None = None,
+        generation_config: str = "auto",
+    ):
         self.folder = pathlib.Path(folder)
+        self.generation_defaults = generation_defaults(self.folder, generation_config)
         self.tokenizer = load_tokenizer(self.folder)
         if chat_template is not None:
             self.tokenizer.chat_template = resolve_chat_template(chat_template)
@@ -123,4 +155,5 @@ class TokenizerCore:
             bos_token_id=-1 if bos is None else bos,
             chat_template=_default_template(self.tokenizer.chat_template),
             tokenizer_path=str(self.folder),
+            generation_defaults=self.generation_defaults,
         )

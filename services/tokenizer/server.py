@@ -67,6 +67,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             bos_token_id=info.bos_token_id,
             chat_template=info.chat_template,
             tokenizer_path=info.tokenizer_path,
+            generation_defaults=info.generation_defaults.to_proto(),
         )
 
 
@@ -80,8 +81,11 @@ async def start_server(core: TokenizerCore, addr: str) -> tuple[grpc.aio.Server,
 async def serve(args: ServerArgs) -> None:
     install_from_args(args)
     folder = tokenizer_folder(args)
-    core = await asyncio.to_thread(TokenizerCore, folder, args.chat_template)
+    core = await asyncio.to_thread(
+        TokenizerCore, folder, args.chat_template, args.generation_config
+    )
     log.info("loaded tokenizer from %s (vocab %d)", folder, core.info().vocab_size)
+    log.info("sampling defaults of the generation config: %s", core.generation_defaults.as_dict())
     server, _ = await start_server(core, args.tokenizer_addr)
     log.info("tokenizer ready on %s", args.tokenizer_addr)
     await run_until_signalled(server)

@@ -39,6 +39,9 @@ SAMPLES = {
     "tokenizer_addr": ("h:1", "h:1,h:101"),
     "detokenizer_worker_num": ("3", 3),
     "detokenizer_addr": ("h:2", "h:2,h:102,h:202"),
+    "generation_config": ("openai", "vllm"),  # SGLang's --sampling-defaults name of vllm
+    "preferred_sampling_params": ('{"temperature": 0.5}', '{"temperature": 0.5}'),
+    "override_generation_config": ('{"top_k": 4}', '{"top_k": 4}'),
 }
 
 

@@ -27,6 +27,7 @@ from radixserve.v1 import (
 )
 
 from radixserve.common.args import ServerArgs
+from radixserve.detokenizer.stop_strings import scan_for_stops
 from radixserve.gateway.server import Gateway
 
 EOS_ID = 3
@@ -60,6 +61,9 @@ def render_chat(conv: common_pb2.ChatConversation) -> str:
 
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
+    # What GetInfo reports as the model's generation_config.json sampling defaults (set before a gateway starts).
+    generation_defaults: tokenizer_pb2.TokenizerGenerationDefaults | None = None
+
     def Encode(self, request, context):
         return tokenizer_pb2.TokenizerEncodeResponse(
             results=[common_pb2.TokenIds(ids=encode(t)) for t in request.texts]
@@ -79,6 +83,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
             bos_token_id=-1,
             chat_template="fake",
             tokenizer_path="/models/fake-tokenizer",
+            generation_defaults=self.generation_defaults,
         )
 
 
@@ -108,6 +113,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.completed: list[str] = []
         self.active: set[str] = set()
         self.sessions = 0
+        self.requests: dict[str, scheduler_pb2.SchedulerGenerateRequest] = {}  # by request id
 
     def _cached_tokens(self, ids: list[int]) -> int:
         best = 0
@@ -143,6 +149,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         with self.lock:
             cached = self._cached_tokens(ids)
             self.prompts.append(ids)
+            self.requests[rid] = request
             self.started.append(rid)
             self.active.add(rid)
         usage = common_pb2.Usage(prompt_tokens=len(ids), cached_tokens=cached)
@@ -356,6 +363,17 @@ def decode_item(
     )
     full = item.state.held_text + new_text
     state = detokenizer_pb2.DetokenizerState(emitted_chars=item.state.emitted_chars)
+    if item.stop_regex:  # the real scan, which owns stop regexes
+        scan = scan_for_stops(full, list(item.stop), item.final, list(item.stop_regex))
+        state.held_text = scan.held
+        state.emitted_chars += len(scan.emit)
+        return detokenizer_pb2.DetokenizerDecodeResult(
+            request_id=item.request_id,
+            text=scan.emit,
+            state=state,
+            stopped=scan.matched_stop is not None,
+            matched_stop=scan.matched_stop or "",
+        )
     hits = [(full.find(s), s) for s in item.stop if s and s in full]
     if hits:
         index, stop = min(hits)

@@ -172,10 +172,17 @@ def test_completions_prompt_shapes_and_streaming(client, gw):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
-def test_max_tokens_defaults_to_the_rest_of_the_context(client):
+def test_max_tokens_defaults_to_16_for_completions_and_the_rest_of_the_context_for_chat(client):
     resp = client.completions.create(model=MODEL, prompt="x" * 200)
-    assert resp.usage.completion_tokens == CONTEXT_LENGTH - 200
+    assert resp.usage.completion_tokens == 16  # OpenAI's, SGLang's and vLLM's default
     assert resp.choices[0].finish_reason == "length"
+    resp = client.completions.create(model=MODEL, prompt="x" * (CONTEXT_LENGTH - 6))
+    assert resp.usage.completion_tokens == 6  # no more than the context leaves
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x" * 200}]
+    )
+    assert chat.usage.completion_tokens == CONTEXT_LENGTH - chat.usage.prompt_tokens
+    assert chat.choices[0].finish_reason == "length"
 
 
 def test_stop_string_ends_the_request_and_aborts_the_scheduler(client, backends):
@@ -473,7 +480,7 @@ def test_models_and_info_endpoints(gw, client):
         "object": "model",
         "created": card["created"],
         "owned_by": "radixserve",
-        "root": MODEL_PATH,
+        "root": MODEL,  # the served name, as vLLM (not the path)
         "parent": None,
         "max_model_len": CONTEXT_LENGTH,
     }

@@ -34,12 +34,19 @@ from radixserve.gateway.api.protocol import (
     openapi_body,
 )
 from radixserve.gateway.pipeline.request_control import live_requests
-from radixserve.gateway.pipeline.sampling import build_sampling, parse_body, stop_list
+from radixserve.common.sampling import SamplingDefaults
+from radixserve.gateway.pipeline.sampling import (
+    NATIVE_DEFAULT_MAX_NEW_TOKENS,
+    NO_DEFAULTS,
+    build_sampling,
+    parse_body,
+    stop_list,
+    stop_regexes,
+)
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
 from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
-NATIVE_DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def engine_of(request: Request) -> Engine:
@@ -58,7 +65,9 @@ def _single(value, name: str):
     return value
 
 
-def native_input(req: NativeGenerateRequest) -> GenerationInput:
+def native_input(
+    req: NativeGenerateRequest, defaults: SamplingDefaults = NO_DEFAULTS
+) -> GenerationInput:
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
     sp = req.sampling_params or NativeSamplingParams()
@@ -82,6 +91,7 @@ def native_input(req: NativeGenerateRequest) -> GenerationInput:
         prompt_logprob_start=req.logprob_start_len if req.return_logprob else -1,
         prompt_top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
         token_ids_logprob=req.token_ids_logprob if req.return_logprob else None,
+        defaults=defaults,
     )
     sampling.constraint = request_constraint(
         json_schema=sp.json_schema, regex=sp.regex, ebnf=sp.ebnf, param_prefix="sampling_params."
@@ -98,7 +108,8 @@ def native_input(req: NativeGenerateRequest) -> GenerationInput:
         sp.skip_special_tokens,
         request_id=req.rid or uuid.uuid4().hex,
         prompt_param=param,
-        default_max_new_tokens=NATIVE_DEFAULT_MAX_NEW_TOKENS,
+        default_max_new_tokens=defaults.max_new_tokens or NATIVE_DEFAULT_MAX_NEW_TOKENS,
+        stop_regex=stop_regexes(sp.stop_regex, "sampling_params.stop_regex"),
     )
 
 
@@ -196,7 +207,8 @@ async def generate(request: Request):
             len(prompts), "text" if req.text is not None else "input_ids", f"{len(prompts)} prompts"
         )
     live = live_requests(request)
-    prepared = await live.deadline(started).run(engine.prepare(native_input(req)))
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = await live.deadline(started).run(engine.prepare(native_input(req, defaults)))
     cancellation = Cancellation()
     if req.stream:
         return await sse_response(
@@ -316,7 +328,7 @@ async def get_model_info(request: Request):
         "context_length": info.context_length,
         "vocab_size": info.vocab_size,
         "eos_token_ids": info.eos_token_ids,
-        "preferred_sampling_params": None,
+        "preferred_sampling_params": info.sampling_defaults.as_dict() or None,
     }
 
 
@@ -337,6 +349,7 @@ async def get_server_info(request: Request):
         **dataclasses.asdict(engine.args),
         **secrets,
         "served_model_name": engine.served_name,
+        "sampling_defaults": (await engine.model_info()).sampling_defaults.as_dict(),
         "scheduler": scheduler,
         "version": "radixserve-0.1.0",
     }

@@ -35,14 +35,19 @@ from radixserve.gateway.pipeline.generation import (
 )
 from radixserve.gateway.api.protocol import ChatCompletionRequest, CompletionRequest, openapi_body
 from radixserve.gateway.pipeline.request_control import live_requests
+from radixserve.common.sampling import SamplingDefaults
 from radixserve.gateway.pipeline.sampling import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    NO_DEFAULTS,
     build_sampling,
     parse_body,
     penalty_args,
     prompt_logprob_args,
     stop_list,
+    stop_regexes,
 )
 from radixserve.gateway.api.sse import run_unless_disconnected, sse_response
+from radixserve.gateway.api.token_ids import StreamedTokenIds
 from radixserve.gateway.pipeline.structured_output import request_constraint
 
 router = APIRouter()
@@ -71,7 +76,7 @@ async def model_card(engine: Engine) -> dict:
         "object": "model",
         "created": STARTED_AT,
         "owned_by": "radixserve",
-        "root": info.model_path,
+        "root": engine.served_name,
         "parent": None,
         "max_model_len": info.context_length,
     }
@@ -159,7 +164,9 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
     )
 
 
-def chat_input(req: ChatCompletionRequest) -> GenerationInput:
+def chat_input(
+    req: ChatCompletionRequest, defaults: SamplingDefaults = NO_DEFAULTS
+) -> GenerationInput:
     choice_count(req.n)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -179,11 +186,15 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         ignore_eos=req.ignore_eos,
         logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs,
+        defaults=defaults,
         **penalty_args(req),
         **prompt_logprob_args(prompt_logprobs=req.prompt_logprobs, stream=bool(req.stream)),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     return GenerationInput(
         chat_conversation(req),
@@ -193,6 +204,9 @@ def chat_input(req: ChatCompletionRequest) -> GenerationInput:
         req.skip_special_tokens,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_param="messages",
+        default_max_new_tokens=defaults.max_new_tokens,  # None: to the end of the context
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -202,6 +216,7 @@ class ChatOptions:
     with_top: bool
     tools: ToolPlan | None
     reasoning: ReasoningParser | None = None
+    token_ids: StreamedTokenIds | None = None  # return_token_ids
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -213,7 +228,8 @@ async def chat_completions(request: Request):
     n = choice_count(req.n)
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
-    prepared = await live.deadline(started).run(engine.prepare(chat_input(req)))
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults)))
     tools = plan_tools(
         req.tools,
         req.tool_choice,
@@ -227,8 +243,11 @@ async def chat_completions(request: Request):
         req.chat_template_kwargs,
         constrained=prepared.sampling.constraint is not None,
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning)
     requests = fan_out(prepared, n)
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=False
+    )
+    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning, token_ids)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
@@ -239,7 +258,7 @@ async def chat_completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                chat_events(engine, requests, meta, options, cancellation),
+                token_ids.attached(chat_events(engine, requests, meta, options, cancellation)),
             ),
         )
     with live.track(prepared.request_id, requests, started, cancellation):
@@ -247,12 +266,16 @@ async def chat_completions(request: Request):
             request, complete_all(engine, requests, cancellation)
         )
     choices = [await chat_choice(engine, i, result, options) for i, result in enumerate(results)]
-    body = fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
+    response = fmt.chat_response(meta, choices, total_usage([r.finish for r in results], n))
+    if req.return_token_ids:
+        response["prompt_token_ids"] = prepared.input_ids
+        for choice, result in zip(choices, results):
+            choice["token_ids"] = result.token_ids
     if req.prompt_logprobs is not None:  # vLLM: one list for the request, beside the choices
-        body["prompt_logprobs"] = await prompt_views.vllm_prompt_logprobs(
+        response["prompt_logprobs"] = await prompt_views.vllm_prompt_logprobs(
             engine, results[0].prompt_logprobs, req.prompt_logprobs
         )
-    return JSONResponse(body)
+    return JSONResponse(response)
 
 
 async def chat_choice(engine: Engine, index: int, result: Completion, options: ChatOptions) -> dict:
@@ -295,6 +318,8 @@ async def chat_events(
                 yield fmt.chat_chunk(meta, {"role": "assistant", "content": ""}, index=index)
             if isinstance(item, Delta):
                 running = counts.add(item)
+                if options.token_ids is not None:
+                    options.token_ids.add(index, item.token_ids)
                 logprobs = None
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
@@ -364,7 +389,9 @@ def completion_prompts(prompt) -> list[str | list[int]]:
 
 
 def completion_input(
-    req: CompletionRequest, prompt: str | list[int] | None = None
+    req: CompletionRequest,
+    prompt: str | list[int] | None = None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> GenerationInput:
     choice_count(req.n)
     if req.suffix:
@@ -385,6 +412,7 @@ def completion_input(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         top_logprobs=req.logprobs,
+        defaults=defaults,
         **penalty_args(req),
         **prompt_logprob_args(
             prompt_logprobs=req.prompt_logprobs,
@@ -393,7 +421,10 @@ def completion_input(
         ),
     )
     sampling.constraint = request_constraint(
-        response_format=req.response_format, regex=req.regex, ebnf=req.ebnf
+        response_format=req.response_format,
+        regex=req.regex,
+        ebnf=req.ebnf,
+        structured_outputs=req.structured_outputs,
     )
     if prompt is None:
         prompt = completion_prompts(req.prompt)[0]
@@ -405,6 +436,9 @@ def completion_input(
         req.skip_special_tokens,
         request_id=f"cmpl-{uuid.uuid4().hex}",
         prompt_param="prompt",
+        default_max_new_tokens=defaults.max_new_tokens or COMPLETION_DEFAULT_MAX_TOKENS,
+        stop_regex=stop_regexes(req.stop_regex),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
 
 
@@ -427,6 +461,9 @@ async def completions(request: Request):
     meta = response_meta(engine, prepared[0].request_id, req)
     want_logprobs = req.logprobs is not None
     cancellation = Cancellation()
+    token_ids = StreamedTokenIds(
+        bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=True
+    )
     if req.stream:
         return await sse_response(
             request,
@@ -435,8 +472,18 @@ async def completions(request: Request):
                 requests,
                 started,
                 cancellation,
-                completion_events(
-                    engine, requests, n, meta, want_logprobs, echoes, cancellation, req.logprobs
+                token_ids.attached(
+                    completion_events(
+                        engine,
+                        requests,
+                        n,
+                        meta,
+                        want_logprobs,
+                        echoes,
+                        cancellation,
+                        token_ids,
+                        req.logprobs,
+                    )
                 ),
             ),
         )
@@ -462,6 +509,9 @@ async def completions(request: Request):
                 engine, result.prompt_logprobs, req.prompt_logprobs
             )
         choices.append(choice)
+        if req.return_token_ids:
+            choices[-1]["prompt_token_ids"] = requests[i].input_ids
+            choices[-1]["token_ids"] = result.token_ids
     return JSONResponse(
         fmt.completion_response(meta, choices, total_usage([r.finish for r in results], n))
     )
@@ -471,7 +521,8 @@ async def prepare_completions(
     engine: Engine, req: CompletionRequest, prompts: list[str | list[int]], n: int
 ) -> tuple[list[PreparedRequest], list[str]]:
     """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
-    prepared = [await engine.prepare(completion_input(req, p)) for p in prompts]
+    defaults = (await engine.model_info()).sampling_defaults
+    prepared = [await engine.prepare(completion_input(req, p, defaults)) for p in prompts]
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     return prepared, echoes
 
@@ -489,6 +540,7 @@ async def completion_events(
     want_logprobs: bool,
     echoes: list[str],
     cancellation: Cancellation | None = None,
+    token_ids: StreamedTokenIds | None = None,
     top_logprobs: int | None = None,
 ) -> AsyncIterator[dict]:
     stream = merged_streams(engine, requests, cancellation)
@@ -515,6 +567,8 @@ async def completion_events(
                 yield fmt.completion_chunk(meta, "", item.reason, index=index)
                 continue
             running = counts.add(item)
+            if token_ids is not None:
+                token_ids.add(index, item.token_ids)
             logprobs = None
             if want_logprobs and item.logprobs:
                 texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))

@@ -50,6 +50,16 @@ class ChatMessageIn(_Body):
         return content
 
 
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: one of these constrains the output (pipeline/structured_output.py)."""
+
+    json_schema: str | dict[str, Any] | bool | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _OpenAISampling(_Body):
     """Fields shared by chat and text completions."""
 
@@ -77,6 +87,12 @@ class _OpenAISampling(_Body):
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM
+    stop_regex: str | list[str] | None = None  # SGLang
+    return_token_ids: bool | None = False  # vLLM: prompt_token_ids and token_ids in the answer
+    truncate_prompt_tokens: int | None = (
+        None  # vLLM: keep the prompt's last k tokens (-1: the context)
+    )
     prompt_logprobs: int | None = None  # vLLM: this many top alternatives per prompt token
 
 
@@ -125,24 +141,52 @@ class CompletionRequest(_OpenAISampling):
     best_of: int | None = None
 
 
+class TokenizeRequest(_Body):
+    """vLLM's and SGLang's /tokenize: a prompt (SGLang: or a list of them), or chat messages (vLLM)."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [{"prompt": "Hello!"}, {"messages": [{"role": "user", "content": "Hi"}]}]
+        },
+    )
+    model: str | None = None
+    prompt: str | list[str] | None = None
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"tokens": [1, 2]}]})
+    model: str | None = None
+    tokens: list[int] | list[list[int]]
+
+
 class NativeSamplingParams(_Body):
-    max_new_tokens: int | None = 128
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: int | None = -1
-    min_p: float | None = 0.0
+    # None: the server's default (--preferred-sampling-params ...), else SGLang's (max_new_tokens 128,
+    # temperature 1, top_p 1, top_k -1, min_p 0, no penalties): pipeline/sampling.py build_sampling.
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = Field(default=None, alias="sampling_seed")
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0
-    min_new_tokens: int | None = 0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    stop_regex: str | list[str] | None = None
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

@@ -30,11 +30,17 @@ from radixserve.common.args import ServerArgs, replica_addrs
 from radixserve.common.grpc_util import aio_channel
 from radixserve.common.log import request_id as log_request_id
 from radixserve.common.model_files import default_model_name
-from radixserve.common.sampling import MAX_TOKEN_ID, SamplingParams, StoppingCriteria
+from radixserve.common.sampling import (
+    MAX_TOKEN_ID,
+    SamplingDefaults,
+    SamplingParams,
+    StoppingCriteria,
+)
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
 from radixserve.gateway.pipeline.sampling import checked_prompt_logprobs
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
+from radixserve.gateway.pipeline.sampling import server_defaults
 from radixserve.gateway.pipeline.embeddings import (
     EMBEDDING_SERVER_ONLY,
     GENERATION_SERVER_ONLY,
@@ -173,6 +179,10 @@ class Engine:
         async with self._info_lock:
             if self._info is None:
                 self._info = await self._fetch_info(wait_s)
+                log.info(
+                    "sampling defaults for what requests leave out: %s",
+                    self._info.sampling_defaults.as_dict() or "the APIs' own",
+                )
         return self._info
 
     async def _fetch_info(self, wait_s: float) -> ServedModel:
@@ -206,6 +216,10 @@ class Engine:
             vocab_size=sched.vocab_size or (tok.vocab_size if tok else 0),
             eos_token_ids=list(sched.eos_token_ids or (tok.eos_token_ids if tok else [])),
             has_chat_template=bool(tok and tok.chat_template),
+            sampling_defaults=server_defaults(
+                SamplingDefaults.from_proto(tok.generation_defaults) if tok else SamplingDefaults(),
+                self.args,
+            ),
         )
 
     # ---- preparing a request ----
@@ -218,6 +232,8 @@ class Engine:
         input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
         if not input_ids:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
+        if inp.truncate_prompt_tokens is not None:
+            input_ids = truncated_prompt(input_ids, inp.truncate_prompt_tokens, info.context_length)
         for param, ids in (
             ("logit_bias", inp.sampling.logit_bias),
             ("token_ids_logprob", inp.sampling.token_ids_logprob),
@@ -271,6 +287,7 @@ class Engine:
             stopping=dataclasses.replace(inp.stopping, max_new_tokens=requested),
             stop=[s for s in inp.stop if s],
             skip_special_tokens=inp.skip_special_tokens,
+            stop_regex=list(inp.stop_regex),
         )
 
     async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
@@ -454,6 +471,7 @@ class Engine:
                 state=state,
                 new_token_ids=new_ids,
                 stop=req.stop,
+                stop_regex=req.stop_regex,
                 skip_special_tokens=req.skip_special_tokens,
                 final=final,
                 trace_context=telemetry.decode_context(final),
@@ -535,7 +553,35 @@ class Engine:
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "scheduler") from None
 
-    async def _encode_texts(self, texts: list[str], param: str) -> list[list[int]]:
+    async def encode(
+        self, texts: list[str], param: str, add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """Token ids of each text (/tokenize; a 400 without a tokenizer)."""
+        return await self._encode_texts(texts, param, add_special_tokens)
+
+    async def render_chat(self, conversation: common_pb2.ChatConversation) -> tuple[str, list[int]]:
+        """The chat template's prompt text and its ids (/tokenize)."""
+        if not self.uses_tokenizer:
+            raise bad_request(
+                "the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                param="messages",
+            )
+        try:
+            resp = await self.stubs().tokenizer.ApplyChatTemplate(
+                tokenizer_pb2.TokenizerChatRequest(conversations=[conversation]),
+                timeout=UNARY_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, "tokenizer") from None
+        return resp.results[0].prompt, list(resp.results[0].ids)
+
+    async def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        """ids, or a 400 naming the first one outside the vocabulary."""
+        return await self._tokenize(list(ids), param, (await self.model_info()).vocab_size)
+
+    async def _encode_texts(
+        self, texts: list[str], param: str, add_special_tokens: bool = True
+    ) -> list[list[int]]:
         if not self.uses_tokenizer:
             raise bad_request(
                 "the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
@@ -543,7 +589,9 @@ class Engine:
             )
         try:
             resp = await self.stubs().tokenizer.Encode(
-                tokenizer_pb2.TokenizerEncodeRequest(texts=texts, add_special_tokens=True),
+                tokenizer_pb2.TokenizerEncodeRequest(
+                    texts=texts, add_special_tokens=add_special_tokens
+                ),
                 timeout=UNARY_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as e:
@@ -705,6 +753,21 @@ async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
     finally:
         await stream.aclose()
     return Completion("".join(texts), ids, logprobs, finish, prompt_logprobs)
+
+
+def truncated_prompt(ids: list[int], keep: int, context_length: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` prompt tokens (-1: the last context_length); 0,
+    below -1 or more than the context length is a 400."""
+    if keep == -1 and context_length:
+        keep = context_length
+    if keep < 1 or (context_length and keep > context_length):
+        raise bad_request(
+            f"truncate_prompt_tokens must be -1 or between 1 and the context length "
+            f"({context_length}), got {keep}",
+            param="truncate_prompt_tokens",
+            code="invalid_value",
+        )
+    return ids[-keep:]
 
 
 def request_failure(e: RequestFailed) -> ApiError:

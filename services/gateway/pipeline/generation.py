@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixserve.v1 import common_pb2
-from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.sampling import SamplingDefaults, SamplingParams, StoppingCriteria
 
 Prompt = str | common_pb2.ChatConversation | list[int]
 
@@ -23,6 +23,10 @@ class GenerationInput:
     request_id: str = ""
     prompt_param: str = "prompt"  # the request field named in prompt-related errors
     default_max_new_tokens: int | None = None  # None: fill the context
+    stop_regex: list[str] = field(
+        default_factory=list
+    )  # checked (pipeline/sampling.py stop_regexes)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PreparedRequest:
     stopping: StoppingCriteria  # max_new_tokens set
     stop: list[str]
     skip_special_tokens: bool
+    stop_regex: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +88,9 @@ class ServedModel:
     vocab_size: int
     eos_token_ids: list[int]
     has_chat_template: bool
+    # The sampling defaults for what requests leave out (--generation-config, --preferred-sampling-params,
+    # --override-generation-config layered; see pipeline/sampling.py server_defaults).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class Cancellation:

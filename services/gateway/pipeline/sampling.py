@@ -12,10 +12,12 @@ from radixserve.common.sampling import (
     MAX_INT32,
     MAX_TOP_LOGPROBS,
     UINT64_MASK,
+    SamplingDefaults,
     SamplingError,
     SamplingParams,
     StoppingCriteria,
 )
+from radixserve.detokenizer.stop_strings import MAX_STOP_REGEXES, compile_stop_regex
 from radixserve.gateway.api.errors import bad_request, not_supported
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -23,6 +25,31 @@ PYTHON_CLASS = re.compile(
     r"<class '(?:[\w.]+\.)?(\w+)'>"
 )  # in some pydantic messages: show the bare name
 Body = TypeVar("Body", bound=BaseModel)
+# The length of a /v1/completions answer without max_tokens (OpenAI's, SGLang's and vLLM's default) and of
+# a native /generate one without max_new_tokens (SGLang's), unless the server sets max_new_tokens.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+NATIVE_DEFAULT_MAX_NEW_TOKENS = 128
+NO_DEFAULTS = SamplingDefaults()
+
+
+def server_defaults(model: SamplingDefaults, args) -> SamplingDefaults:
+    """The defaults for what requests leave out: the model's generation config (--generation-config),
+    then --preferred-sampling-params, then --override-generation-config, a later one winning per field.
+    The flags were checked at parse time (args.check_sampling_defaults)."""
+    preferred = SamplingDefaults.from_json(
+        args.preferred_sampling_params, "--preferred-sampling-params"
+    )
+    override = SamplingDefaults.from_json(
+        args.override_generation_config, "--override-generation-config"
+    )
+    return model.layered(preferred).layered(override)
+
+
+def _default(value, server_default, api_default):
+    """A request's value; left out: the server's default, else the API's."""
+    if value is not None:
+        return value
+    return api_default if server_default is None else server_default
 
 
 def parse_body(raw: bytes, model: type[Body]) -> Body:
@@ -88,6 +115,24 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def stop_regexes(value: str | list[str] | None, param: str = "stop_regex") -> list[str]:
+    """SGLang's stop_regex as a list, each pattern checked to compile as the detokenizer will (a 400 names
+    the first bad one)."""
+    patterns = stop_list(value)
+    if len(patterns) > MAX_STOP_REGEXES:
+        raise bad_request(
+            f"{param} may hold at most {MAX_STOP_REGEXES} patterns, got {len(patterns)}",
+            param=param,
+            code="invalid_value",
+        )
+    for pattern in patterns:
+        try:
+            compile_stop_regex(pattern)
+        except ValueError as e:
+            raise bad_request(f"{param}: {e}", param=param, code="invalid_value") from None
+    return patterns
+
+
 def build_sampling(
     *,
     temperature: float | None,
@@ -110,25 +155,27 @@ def build_sampling(
     prompt_logprob_start: int = -1,
     prompt_top_logprobs: int = 0,
     token_ids_logprob: list[int] | None = None,
+    defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> tuple[SamplingParams, StoppingCriteria]:
-    """A REST request's sampling options and stop conditions, with the API's defaults for what it left out
-    (temperature 1), checked; max_new_tokens stays 0 when the client left the length open.
+    """A REST request's sampling options and stop conditions, checked: for what it left out the server's
+    defaults (server_defaults), else the API's (temperature 1); max_new_tokens stays 0 when the client
+    left the length open (the caller's GenerationInput.default_max_new_tokens decides it).
     prompt_logprob_start -1: no prompt logprobs (their count is checked against the prompt later).
 
     logit_bias token ids are checked to be integers >= 0 only (the vocabulary may be unknown here);
     the executor ignores ids beyond the model's vocabulary.
     """
     sampling = SamplingParams(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=top_k or 0,
-        min_p=min_p or 0.0,
+        temperature=_default(temperature, defaults.temperature, 1.0),
+        top_p=_default(top_p, defaults.top_p, 1.0),
+        top_k=_default(top_k, defaults.top_k, 0),
+        min_p=_default(min_p, defaults.min_p, 0.0),
         seed=None if seed is None else seed & UINT64_MASK,
         return_logprob=logprobs,
         top_logprobs_num=top_logprobs or 0,
-        frequency_penalty=frequency_penalty or 0.0,
-        presence_penalty=presence_penalty or 0.0,
-        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        frequency_penalty=_default(frequency_penalty, defaults.frequency_penalty, 0.0),
+        presence_penalty=_default(presence_penalty, defaults.presence_penalty, 0.0),
+        repetition_penalty=_default(repetition_penalty, defaults.repetition_penalty, 1.0),
         logit_bias=_logit_bias_ids(logit_bias),
         prompt_logprob_start=prompt_logprob_start,
         prompt_top_logprobs_num=prompt_top_logprobs,

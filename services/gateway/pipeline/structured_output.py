@@ -20,9 +20,13 @@ def request_constraint(
     regex: str | None = None,
     ebnf: str | None = None,
     param_prefix: str = "",
+    structured_outputs=None,
 ) -> Constraint | None:
-    """The constraint of whichever of these the request gave (None: none); more than one is a 400."""
+    """The constraint of whichever of these the request gave (None: none); more than one is a 400.
+    structured_outputs: vLLM's field (protocol.StructuredOutputs), each of its keys one more choice."""
     given: list[tuple[str, str, str]] = []  # (request param, constraint kind, spec)
+    if structured_outputs is not None:
+        given += _from_structured_outputs(structured_outputs)
     if response_format is not None:
         field_value = _from_response_format(response_format)
         if field_value is not None:
@@ -61,3 +65,34 @@ def _from_response_format(response_format: dict[str, Any]) -> tuple[str, str] | 
         param="response_format.type",
         code="invalid_value",
     )
+
+
+def _from_structured_outputs(so) -> list[tuple[str, str, str]]:
+    """vLLM's structured_outputs keys as (param, kind, spec): json a schema, regex, choice one of the
+    strings (an EBNF alternation of literals), grammar EBNF, json_object any JSON object."""
+    given = []
+    if so.json_schema is not None:
+        if isinstance(so.json_schema, bool) or not isinstance(so.json_schema, (str, dict)):
+            raise bad_request(
+                "structured_outputs.json must be a JSON schema (an object or its JSON text)",
+                param="structured_outputs.json",
+                code="invalid_value",
+            )
+        spec = so.json_schema if isinstance(so.json_schema, str) else json.dumps(so.json_schema)
+        given.append(("structured_outputs.json", "json_schema", spec))
+    if so.regex is not None:
+        given.append(("structured_outputs.regex", "regex", so.regex))
+    if so.choice is not None:
+        if not so.choice:
+            raise bad_request(
+                "structured_outputs.choice must list at least one string",
+                param="structured_outputs.choice",
+                code="invalid_value",
+            )
+        literals = " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice)
+        given.append(("structured_outputs.choice", "ebnf", f"root ::= {literals}"))
+    if so.grammar is not None:
+        given.append(("structured_outputs.grammar", "ebnf", so.grammar))
+    if so.json_object:
+        given.append(("structured_outputs.json_object", "json_object", ""))
+    return given

@@ -22,7 +22,7 @@ class DetokenizerState(_message.Message):
     def __init__(self, window_ids: _Optional[_Iterable[int]] = ..., prefix_offset: _Optional[int] = ..., read_offset: _Optional[int] = ..., held_text: _Optional[str] = ..., emitted_chars: _Optional[int] = ...) -> None: ...
 
 class DetokenizerDecodeItem(_message.Message):
-    __slots__ = ("request_id", "state", "new_token_ids", "stop", "skip_special_tokens", "final", "trace_context")
+    __slots__ = ("request_id", "state", "new_token_ids", "stop", "skip_special_tokens", "final", "trace_context", "stop_regex")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class DetokenizerDecodeItem(_message.Message):
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    STOP_REGEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: DetokenizerState
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -37,7 +38,8 @@ class DetokenizerDecodeItem(_message.Message):
     skip_special_tokens: bool
     final: bool
     trace_context: _common_pb2.TraceContext
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., final: _Optional[bool] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+    stop_regex: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., final: _Optional[bool] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stop_regex: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DetokenizerDecodeRequest(_message.Message):
     __slots__ = ("items",)

@@ -46,15 +46,33 @@ class TokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("vocab_size", "eos_token_ids", "bos_token_id", "chat_template", "tokenizer_path")
+    __slots__ = ("vocab_size", "eos_token_ids", "bos_token_id", "chat_template", "tokenizer_path", "generation_defaults")
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_PATH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     bos_token_id: int
     chat_template: str
     tokenizer_path: str
-    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., chat_template: _Optional[str] = ..., tokenizer_path: _Optional[str] = ...) -> None: ...
+    generation_defaults: TokenizerGenerationDefaults
+    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., chat_template: _Optional[str] = ..., tokenizer_path: _Optional[str] = ..., generation_defaults: _Optional[_Union[TokenizerGenerationDefaults, _Mapping]] = ...) -> None: ...
+
+class TokenizerGenerationDefaults(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    max_new_tokens: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
