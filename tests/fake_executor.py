@@ -21,11 +21,36 @@ import numpy as np
 
 from radixserve.v1 import executor_pb2, executor_pb2_grpc
 from radixserve.common.sampling import SamplingParams
-from radixserve.common.step import SampledToken, StepInput, StepOutput
+from radixserve.common.step import (
+    PromptLogprobRange,
+    PromptLogprobs,
+    SampledToken,
+    StepInput,
+    StepOutput,
+    token_logprob,
+)
 from radixserve.common.step_convert import output_to_proto, step_from_proto
 from radixserve.common.step_session import StepSessions
 
 _MOD = (1 << 61) - 1
+
+
+def fake_prompt_logprob(token_id: int) -> float:
+    """The logprob FakeModel reports for prompt token token_id (any position)."""
+    return -0.25 - (token_id % 8) / 8
+
+
+def fake_prompt_logprobs(
+    rid: str, r: PromptLogprobRange, input_ids: list[int], vocab_size: int
+) -> PromptLogprobs:
+    """FakeModel's prompt logprobs of a range: each target with fake_prompt_logprob and rank 1, and as
+    top alternatives the target, then the ids after it, each one lower."""
+    out = []
+    for t in r.targets(input_ids):
+        lp = fake_prompt_logprob(t)
+        top = [((t + j) % vocab_size, lp - j) for j in range(r.top_logprobs_num)]
+        out.append(token_logprob(t, lp, top, rank=1))
+    return PromptLogprobs(rid, out)
 
 
 def chain_hash(prev: int, token: int) -> int:
@@ -75,6 +100,8 @@ class FakeModel:
     kv: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     reqs: dict[str, _ReqState] = field(default_factory=dict)
     steps: list = field(default_factory=list)
+    # The prompt logprobs of the last step's ranges (see fake_prompt_logprobs).
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     def token_for(self, seq_hash: int) -> int:
         return seq_hash % self.vocab_size
@@ -87,6 +114,14 @@ class FakeModel:
         live_slots = {s for st in self.reqs.values() for s in st.slots}
         written: list[int] = []
         outputs: list[tuple[str, int]] = []
+        self.prompt_logprobs = []
+        for req in plan.new_requests + plan.continuing_requests:
+            if req.prompt_logprobs is not None:
+                self.prompt_logprobs.append(
+                    fake_prompt_logprobs(
+                        req.request_id, req.prompt_logprobs, req.input_ids, self.vocab_size
+                    )
+                )
         for new in plan.new_requests:
             rid = new.request_id
             if rid in self.reqs:
@@ -231,6 +266,7 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
                     for rid, token in outputs
                 ],
                 forward_ms=0.0,
+                prompt_logprobs=self.model.prompt_logprobs,
             )
         )
 

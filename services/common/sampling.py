@@ -17,6 +17,11 @@ UINT64_MASK = (1 << 64) - 1
 MAX_INT32 = (1 << 31) - 1
 MAX_TOKEN_ID = MAX_INT32
 MAX_TOP_LOGPROBS = 20
+# Most prompt logprob values one request may ask for: its prompt positions x (1 + prompt top logprobs).
+MAX_PROMPT_LOGPROB_VALUES = 1 << 18
+MAX_TOKEN_IDS_LOGPROB = (
+    256  # token ids whose logprobs one request may ask for at every output position
+)
 MAX_PENALTY = (
     2.0  # frequency and presence penalties lie in [-2, 2], the repetition penalty in (0, 2]
 )
@@ -56,6 +61,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: disabled
     logit_bias: dict[int, float] = field(default_factory=dict)
     constraint: Constraint | None = None
+    prompt_logprob_start: int = -1  # -1: no prompt logprobs; else the first prompt index returned
+    prompt_top_logprobs_num: int = 0
+    token_ids_logprob: tuple[
+        int, ...
+    ] = ()  # with return_logprob: these ids' logprobs per output token
 
     def __post_init__(self):
         if self.top_k == -1:
@@ -64,6 +74,43 @@ class SamplingParams:
     @property
     def repetition_active(self) -> bool:
         return self.repetition_penalty > 0 and self.repetition_penalty != 1.0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprob_start >= 0
+
+    def first_prompt_logprob_token(self) -> int:
+        """The first prompt index that gets a logprob (the first token has none); needs prompt logprobs."""
+        return max(self.prompt_logprob_start, 1)
+
+    def prompt_logprob_values(self, prompt_len: int) -> int:
+        """How many logprob values its prompt logprobs over a prompt of prompt_len tokens return."""
+        if not self.wants_prompt_logprobs:
+            return 0
+        positions = max(0, prompt_len - self.first_prompt_logprob_token())
+        return positions * (1 + self.prompt_top_logprobs_num)
+
+    def check_prompt_logprobs(self, prompt_len: int) -> SamplingParams:
+        """self, or SamplingError when its prompt logprobs start past a prompt of prompt_len tokens or
+        ask for more than MAX_PROMPT_LOGPROB_VALUES values."""
+        if not self.wants_prompt_logprobs:
+            return self
+        _require(
+            self.prompt_logprob_start < prompt_len,
+            "logprob_start_len",
+            f"logprob_start_len ({self.prompt_logprob_start}) must be less than the prompt's "
+            f"{prompt_len} tokens",
+        )
+        positions = max(0, prompt_len - self.first_prompt_logprob_token())
+        values = self.prompt_logprob_values(prompt_len)
+        _require(
+            values <= MAX_PROMPT_LOGPROB_VALUES,
+            "prompt_logprobs",
+            f"prompt logprobs would return {positions} prompt positions x "
+            f"{1 + self.prompt_top_logprobs_num} values = {values}, more than the limit of "
+            f"{MAX_PROMPT_LOGPROB_VALUES}; ask for fewer positions or top alternatives",
+        )
+        return self
 
     def check(self) -> SamplingParams:
         """self, or SamplingError for the first option out of range."""
@@ -84,6 +131,28 @@ class SamplingParams:
             0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
             "top_logprobs",
             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+        )
+        _require(
+            -1 <= self.prompt_logprob_start <= MAX_INT32,
+            "logprob_start_len",
+            f"logprob_start_len must be -1 (none) or a prompt index, got {self.prompt_logprob_start}",
+        )
+        _require(
+            0 <= self.prompt_top_logprobs_num <= MAX_TOP_LOGPROBS,
+            "prompt_logprobs",
+            f"prompt top logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+        )
+        _require(
+            len(self.token_ids_logprob) <= MAX_TOKEN_IDS_LOGPROB,
+            "token_ids_logprob",
+            f"token_ids_logprob may name at most {MAX_TOKEN_IDS_LOGPROB} token ids, got "
+            f"{len(self.token_ids_logprob)}",
+        )
+        bad_id = next((t for t in self.token_ids_logprob if not 0 <= t <= MAX_TOKEN_ID), None)
+        _require(
+            bad_id is None,
+            "token_ids_logprob",
+            f"token_ids_logprob must be token ids (non-negative integers), got {bad_id}",
         )
         for value, name in (
             (self.frequency_penalty, "frequency_penalty"),
@@ -133,6 +202,11 @@ class SamplingParams:
             repetition_penalty=msg.repetition_penalty or 1.0,
             logit_bias=dict(msg.logit_bias),
             constraint=constraint,
+            prompt_logprob_start=(
+                msg.prompt_logprob_start if msg.HasField("prompt_logprob_start") else -1
+            ),
+            prompt_top_logprobs_num=msg.prompt_top_logprobs_num,
+            token_ids_logprob=tuple(msg.token_ids_logprob),
         )
 
     def to_proto(self) -> common_pb2.SamplingParams:
@@ -148,6 +222,9 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
             logit_bias=self.logit_bias,
+            prompt_logprob_start=self.prompt_logprob_start if self.wants_prompt_logprobs else None,
+            prompt_top_logprobs_num=self.prompt_top_logprobs_num,
+            token_ids_logprob=self.token_ids_logprob,
         )
         if self.constraint is not None:
             kind = self.constraint.kind

@@ -11,6 +11,24 @@ from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 
 @dataclass
+class PromptLogprobRange:
+    """Which positions of a step's input_ids get the logprob of the prompt token after them (see
+    ExecutorPromptLogprobRange): input_ids[start : start + count], whose targets are the ids after
+    each, with next_token_id after the last input id (-1: none, the range must end before it)."""
+
+    start: int
+    count: int
+    next_token_id: int = -1
+    top_logprobs_num: int = 0
+
+    def targets(self, input_ids: list[int]) -> list[int]:
+        """The prompt token after each position of the range."""
+        return (list(input_ids) + [self.next_token_id])[
+            self.start + 1 : self.start + self.count + 1
+        ]
+
+
+@dataclass
 class NewRequest:
     """A request the executor has not seen (or has dropped): its uncached tokens and all its slots."""
 
@@ -29,6 +47,7 @@ class NewRequest:
         0  # output tokens generated before a retraction (count toward min_new_tokens)
     )
     trace_context: common_pb2.TraceContext | None = None  # the request's span; None: not traced
+    prompt_logprobs: PromptLogprobRange | None = None
 
 
 @dataclass
@@ -40,6 +59,7 @@ class ContinuingRequest:
     input_ids: list[int] = field(default_factory=list)  # empty: decode the token sampled last step
     sample: bool = True  # False for a prefill chunk that is not the last
     token_bitmask: bytes = b""
+    prompt_logprobs: PromptLogprobRange | None = None
 
 
 @dataclass
@@ -72,12 +92,41 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] = field(
         default_factory=list
     )  # (token id, logprob), most likely first
+    # (token id, logprob) of each of sampling.token_ids_logprob, in that order
+    token_ids_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:
             return None
-        top = [common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in self.top_logprobs]
-        return common_pb2.TokenLogprob(token_id=self.token_id, logprob=self.logprob, top=top)
+        return token_logprob(
+            self.token_id, self.logprob, self.top_logprobs, requested=self.token_ids_logprobs
+        )
+
+
+def token_logprob(
+    token_id: int,
+    logprob: float,
+    top: list[tuple[int, float]],
+    rank: int = 0,
+    requested: list[tuple[int, float]] = (),
+) -> common_pb2.TokenLogprob:
+    """The message of one token's logprob (sampled or prompt) with its top alternatives; rank 0:
+    not computed; requested: the logprobs of sampling.token_ids_logprob."""
+    return common_pb2.TokenLogprob(
+        token_id=token_id,
+        logprob=logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top],
+        rank=rank,
+        token_ids_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in requested],
+    )
+
+
+@dataclass
+class PromptLogprobs:
+    """The logprobs one step computed for a PromptLogprobRange of one request, in prompt order."""
+
+    request_id: str
+    logprobs: list[common_pb2.TokenLogprob]  # token_id: the prompt token after each position
 
 
 @dataclass
@@ -88,6 +137,7 @@ class StepOutput:
     outputs: list[SampledToken]
     forward_ms: float
     logits: Any = None  # executor only: the float32 [len(outputs), vocab] tensor the outputs were sampled from
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 class StepError(ValueError):

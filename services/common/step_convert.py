@@ -8,6 +8,8 @@ from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.common.step import (
     ContinuingRequest,
     NewRequest,
+    PromptLogprobRange,
+    PromptLogprobs,
     SampledToken,
     StepInput,
     StepOutput,
@@ -31,6 +33,7 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             trace_context=r.trace_context,
             stopping=r.stopping.to_proto(),
             generated_tokens=r.generated_tokens,
+            prompt_logprobs=_range_to_proto(r.prompt_logprobs),
         )
     for r in step.continuing_requests:
         msg.continuing_requests.add(
@@ -39,8 +42,27 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             new_slots=r.new_slots,
             sample=r.sample,
             token_bitmask=r.token_bitmask,
+            prompt_logprobs=_range_to_proto(r.prompt_logprobs),
         )
     return msg
+
+
+def _range_to_proto(r: PromptLogprobRange | None) -> executor_pb2.ExecutorPromptLogprobRange | None:
+    if r is None:
+        return None
+    return executor_pb2.ExecutorPromptLogprobRange(
+        start=r.start,
+        count=r.count,
+        next_token_id=r.next_token_id,
+        top_logprobs_num=r.top_logprobs_num,
+    )
+
+
+def _range_from_proto(msg) -> PromptLogprobRange | None:
+    if not msg.HasField("prompt_logprobs"):
+        return None
+    r = msg.prompt_logprobs
+    return PromptLogprobRange(r.start, r.count, r.next_token_id, r.top_logprobs_num)
 
 
 def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
@@ -60,12 +82,18 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 StoppingCriteria.from_proto(r.stopping),
                 r.generated_tokens,
                 r.trace_context if r.HasField("trace_context") else None,
+                _range_from_proto(r),
             )
             for r in msg.new_requests
         ],
         continuing_requests=[
             ContinuingRequest(
-                r.request_id, list(r.new_slots), list(r.input_ids), r.sample, r.token_bitmask
+                r.request_id,
+                list(r.new_slots),
+                list(r.input_ids),
+                r.sample,
+                r.token_bitmask,
+                _range_from_proto(r),
             )
             for r in msg.continuing_requests
         ],
@@ -76,11 +104,11 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
     resp = executor_pb2.ExecutorStepResponse(step_id=out.step_id, forward_ms=out.forward_ms)
     for o in out.outputs:
         item = resp.outputs.add(request_id=o.request_id, token_id=o.token_id)
-        if o.logprob is not None:
-            item.logprob.token_id = o.token_id
-            item.logprob.logprob = o.logprob
-            for tid, lp in o.top_logprobs:
-                item.logprob.top.add(token_id=tid, logprob=lp)
+        logprob = o.token_logprob()
+        if logprob is not None:
+            item.logprob.CopyFrom(logprob)
+    for p in out.prompt_logprobs:
+        resp.prompt_logprobs.add(request_id=p.request_id, logprobs=p.logprobs)
     return resp
 
 
@@ -89,10 +117,19 @@ def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
         resp.step_id,
         [SampledToken(o.request_id, o.token_id, *_logprob(o)) for o in resp.outputs],
         resp.forward_ms,
+        prompt_logprobs=[
+            PromptLogprobs(p.request_id, list(p.logprobs)) for p in resp.prompt_logprobs
+        ],
     )
 
 
-def _logprob(o: executor_pb2.ExecutorRequestOutput) -> tuple[float | None, list[tuple[int, float]]]:
+def _logprob(
+    o: executor_pb2.ExecutorRequestOutput,
+) -> tuple[float | None, list[tuple[int, float]], list[tuple[int, float]]]:
     if not o.HasField("logprob"):
-        return None, []
-    return o.logprob.logprob, [(t.token_id, t.logprob) for t in o.logprob.top]
+        return None, [], []
+    return o.logprob.logprob, _pairs(o.logprob.top), _pairs(o.logprob.token_ids_logprobs)
+
+
+def _pairs(items) -> list[tuple[int, float]]:
+    return [(t.token_id, t.logprob) for t in items]

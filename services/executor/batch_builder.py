@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixserve.common.sampling import MAX_TOP_LOGPROBS
 from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, StepSamples, TableMeta
+from radixserve.executor.prompt_logprobs import PromptLogprobRows
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.slot_table import SlotTable
-from radixserve.common.step import StepError, StepInput
+from radixserve.common.step import PromptLogprobRange, StepError, StepInput
 
 if TYPE_CHECKING:
     from radixserve.executor.attention.backend import AttentionBackend
@@ -29,6 +31,7 @@ class _Seq:
     tokens: list[int] | None  # None: the token sampled last step
     new_slots: list[int]
     sample: bool
+    prompt_logprobs: PromptLogprobRange | None = None
 
 
 class _Packer:
@@ -91,6 +94,22 @@ class BatchBuilder:
                 f"request {rid}: token_bitmask has {len(bitmask)} bytes, not whole int32 words"
             )
 
+    def _check_prompt_logprobs(self, rid: str, r: PromptLogprobRange | None, n: int) -> None:
+        if r is None:
+            return
+        if not (r.start >= 0 and r.count >= 1 and r.start + r.count <= n):
+            raise StepError(
+                f"request {rid}: prompt logprob range [{r.start}, {r.start + r.count}) is not "
+                f"inside its {n} input ids"
+            )
+        if r.start + r.count == n and not 0 <= r.next_token_id < self.vocab_size:
+            raise StepError(
+                f"request {rid}: prompt logprob range ends at the last input id but next_token_id "
+                f"{r.next_token_id} is not a token id"
+            )
+        if not 0 <= r.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise StepError(f"request {rid}: top_logprobs_num must be in 0..{MAX_TOP_LOGPROBS}")
+
     def validate(self, step: StepInput, states: dict[str, RequestState]) -> None:
         if len(step.new_requests) > self.slot_table.free_rows:
             raise StepError(
@@ -114,6 +133,11 @@ class BatchBuilder:
             self._check_ids_and_slots(rid, None, req.prefix_slots, "prefix")
             self._check_length(rid, len(req.prefix_slots) + len(req.input_ids))
             self._check_bitmask(rid, req.token_bitmask)
+            self._check_prompt_logprobs(rid, req.prompt_logprobs, len(req.input_ids))
+            if any(not 0 <= t < self.vocab_size for t in req.sampling.token_ids_logprob):
+                raise StepError(
+                    f"request {rid}: token_ids_logprob must be in 0..{self.vocab_size - 1}"
+                )
         for req in step.continuing_requests:
             rid = req.request_id
             state = states.get(rid)
@@ -134,6 +158,7 @@ class BatchBuilder:
             self._check_ids_and_slots(rid, req.input_ids, req.new_slots, "new")
             self._check_length(rid, state.length + n)
             self._check_bitmask(rid, req.token_bitmask)
+            self._check_prompt_logprobs(rid, req.prompt_logprobs, len(req.input_ids))
 
     def build(self, step: StepInput, states: dict[str, RequestState]) -> ForwardBatch:
         """Validate, register new requests, write their slots to the SlotTable and lay the tokens out
@@ -149,13 +174,25 @@ class BatchBuilder:
             states[req.request_id] = state
             self._table_write(table_writes, state.table_row, 0, req.prefix_slots)
             seqs.append(
-                _Seq(req.request_id, state, list(req.input_ids), list(req.new_slots), req.sample)
+                _Seq(
+                    req.request_id,
+                    state,
+                    list(req.input_ids),
+                    list(req.new_slots),
+                    req.sample,
+                    req.prompt_logprobs,
+                )
             )
         for req in step.continuing_requests:
             tokens = list(req.input_ids) if req.input_ids else None
             seqs.append(
                 _Seq(
-                    req.request_id, states[req.request_id], tokens, list(req.new_slots), req.sample
+                    req.request_id,
+                    states[req.request_id],
+                    tokens,
+                    list(req.new_slots),
+                    req.sample,
+                    req.prompt_logprobs,
                 )
             )
 
@@ -168,6 +205,7 @@ class BatchBuilder:
         extend_seqs: list[ExtendSeq] = []
         decode_lens: list[int] = []
         last_index: dict[int, int] = {}
+        prompt_logprobs: list[PromptLogprobRows] = []
         # Decode inputs sampled last step: read from the table's next_tokens on the device.
         gather_at: list[int] = []
         gather_rows: list[int] = []
@@ -191,6 +229,8 @@ class BatchBuilder:
             else:
                 decode_lens.append(state.length)
             last_index[id(seq)] = start + n - 1
+            if seq.prompt_logprobs is not None:
+                prompt_logprobs.append(_prompt_logprob_rows(seq, start))
 
         sampling = [s for s in seqs if s.sample]
         sample_index = [last_index[id(s)] for s in sampling]
@@ -262,6 +302,7 @@ class BatchBuilder:
             attn_backend=self.attn_backend,
             table_meta=table_meta,
             samples=samples,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @staticmethod
@@ -272,3 +313,10 @@ class BatchBuilder:
         rows += [row] * len(slots)
         cols += range(first_col, first_col + len(slots))
         values += slots
+
+
+def _prompt_logprob_rows(seq: _Seq, batch_start: int) -> PromptLogprobRows:
+    r = seq.prompt_logprobs
+    return PromptLogprobRows(
+        seq.request_id, batch_start + r.start, r.targets(seq.tokens), r.top_logprobs_num
+    )

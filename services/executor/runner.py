@@ -24,6 +24,7 @@ from radixserve.executor.batch_builder import BatchBuilder
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
 from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
+from radixserve.executor.prompt_logprobs import DevicePromptLogprobs, compute_prompt_logprobs
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
 from radixserve.executor.models.bert import BertModel
 from radixserve.executor.models.registry import get_model_class
@@ -52,6 +53,7 @@ class LaunchedStep:
     sampled: DeviceSample | None = None  # rank 0's tokens (and logprobs), on their way to the host
     done: torch.cuda.Event | None = None  # recorded after the step's last kernel (CUDA)
     logits: torch.Tensor | None = None  # a copy, when the runner keeps logits
+    prompt_logprobs: list[DevicePromptLogprobs] | None = None  # rank 0's
 
 
 @dataclass
@@ -273,7 +275,12 @@ class ModelRunner:
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
         all_logits = hidden = None
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(batch):
+        # Prompt logprobs read hidden states, which a graph replay does not keep.
+        if (
+            self.cuda_graphs is not None
+            and not batch.prompt_logprobs
+            and self.cuda_graphs.can_run(batch)
+        ):
             all_logits = self.cuda_graphs.replay(batch)
         elif self.fast_decode is not None and self.fast_decode.supports(batch):
             hidden = self.fast_decode.forward(batch)
@@ -298,6 +305,12 @@ class ModelRunner:
                     else all_logits.index_select(0, samples.token_index)
                 )
             launched.sampled = self._sample(step, samples, logits)
+        if batch.prompt_logprobs:
+            # Every shard runs the LM head (it gathers across them); rank 0 keeps the result.
+            computed = compute_prompt_logprobs(
+                hidden, batch.prompt_logprobs, self.model.compute_logits, self.config.vocab_size
+            )
+            launched.prompt_logprobs = computed if self.samples else None
         if self.keep_logits and logits is not None:
             launched.logits = (
                 logits.clone()
@@ -338,11 +351,21 @@ class ModelRunner:
         if launched.sampled is not None:
             result = launched.sampled.result()
             outputs = [
-                SampledToken(rid, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                SampledToken(
+                    rid,
+                    result.token_ids[i],
+                    result.logprobs[i],
+                    result.top_logprobs[i],
+                    result.token_ids_logprobs[i],
+                )
                 for i, rid in enumerate(launched.request_ids)
             ]
         return StepOutput(
-            launched.step_id, outputs, (time.perf_counter() - launched.t0) * 1000, launched.logits
+            launched.step_id,
+            outputs,
+            (time.perf_counter() - launched.t0) * 1000,
+            launched.logits,
+            [p.read() for p in launched.prompt_logprobs or ()],
         )
 
 

@@ -21,6 +21,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]]]
+    token_ids_logprobs: list[list[tuple[int, float]]]  # per row: sampling.token_ids_logprob's
 
 
 def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -58,6 +59,8 @@ class DeviceSample:
     chosen: torch.Tensor | None = None  # [len(logprob_rows)] logprob of each row's token
     top_values: torch.Tensor | None = None  # [len(logprob_rows), max top_nums]
     top_ids: torch.Tensor | None = None
+    asked_ids: list[tuple[int, ...]] | None = None  # token_ids_logprob of each logprob row
+    asked_values: torch.Tensor | None = None  # [len(logprob_rows), max len(asked_ids)]
 
     def to_host(self) -> "DeviceSample":
         """Copies of the tensors in pinned host memory, made asynchronously on the current stream."""
@@ -75,21 +78,27 @@ class DeviceSample:
             copy(self.chosen),
             copy(self.top_values),
             copy(self.top_ids),
+            self.asked_ids,
+            copy(self.asked_values),
         )
 
     def result(self) -> SampleResult:
         token_ids = self.tokens.tolist()
         logprobs: list[float | None] = [None] * len(token_ids)
         tops: list[list[tuple[int, float]]] = [[] for _ in token_ids]
+        asked: list[list[tuple[int, float]]] = [[] for _ in token_ids]
         if self.logprob_rows:
             chosen = self.chosen.tolist()
             top_values = self.top_values.tolist() if self.top_values is not None else None
             top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            asked_values = self.asked_values.tolist() if self.asked_values is not None else None
             for j, (i, n) in enumerate(zip(self.logprob_rows, self.top_nums)):
                 logprobs[i] = chosen[j]
                 if n > 0:
                     tops[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
-        return SampleResult(token_ids, logprobs, tops)
+                if asked_values is not None and self.asked_ids[j]:
+                    asked[i] = list(zip(self.asked_ids[j], asked_values[j]))
+        return SampleResult(token_ids, logprobs, tops, asked)
 
 
 def sample_on_device(
@@ -127,6 +136,14 @@ def sample_on_device(
         n_top = min(max(out.top_nums), log_probs.shape[1])
         if n_top > 0:
             out.top_values, out.top_ids = log_probs.topk(n_top, dim=-1)
+        out.asked_ids = [params[i].token_ids_logprob for i in rows]
+        width = max(len(ids) for ids in out.asked_ids)
+        if width:
+            # Rows asking for fewer ids are padded with id 0; result() reads only their own.
+            padded = [list(ids) + [0] * (width - len(ids)) for ids in out.asked_ids]
+            out.asked_values = log_probs.gather(
+                1, torch.tensor(padded, dtype=torch.int64, device=logits.device)
+            )
     return out
 
 

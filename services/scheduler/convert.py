@@ -25,6 +25,7 @@ def event_fields(event: RequestEvent) -> dict:
         request_id=event.request_id,
         token_ids=event.token_ids,
         logprobs=event.logprobs,
+        prompt_logprobs=event.prompt_logprobs,
         finish_reason=int(event.finish_reason or 0),
         matched_stop_token_id=event.matched_stop_token_id,
         usage=common_pb2.Usage(

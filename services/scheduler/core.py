@@ -34,7 +34,7 @@ from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager
 from radixserve.scheduler.radix_cache import DisabledRadixCache, RadixCache
-from radixserve.common.step import SampledToken, StepInput
+from radixserve.common.step import PromptLogprobs, SampledToken, StepInput
 from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SchedulerStats, Status
 from radixserve.scheduler.stopping import finish_reason, grammar_verdict, request_event
 
@@ -289,8 +289,14 @@ class Scheduler:
 
     # ---- results ---------------------------------------------------------------------------
 
-    def update(self, plan: StepInput, outputs: Iterable[SampledToken]) -> list[RequestEvent]:
-        """Apply the executor's sampled tokens; return one event per live request the plan sampled for."""
+    def update(
+        self,
+        plan: StepInput,
+        outputs: Iterable[SampledToken],
+        prompt_logprobs: Iterable[PromptLogprobs] = (),
+    ) -> list[RequestEvent]:
+        """Apply the executor's sampled tokens (and prompt logprobs, sent with a request's first token);
+        return one event per live request the plan sampled for."""
         if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(
                 f"update() for step {plan.step_id}, which is not the oldest step in flight"
@@ -299,6 +305,10 @@ class Scheduler:
         if step.chunk_req is not None:
             step.chunk_req.chunks_inflight -= 1  # a chunk that does not sample has no output
         by_id = {o.request_id: o for o in outputs}
+        for computed in prompt_logprobs:
+            holder = self.requests.get(computed.request_id)
+            if holder is not None:
+                holder.prompt_logprobs += computed.logprobs
         events = []
         finished: set[int] = set()
         for req in step.sampled:
@@ -323,6 +333,7 @@ class Scheduler:
             event = request_event(req, reason, matched)
             event.token_ids = [out.token_id]
             event.logprobs = [logprob] if logprob is not None else []
+            event.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, []
             events.append(event)
             if reason is not None:
                 # Cache what a serial run caches: all but the last token. A step in flight may still

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from radixserve.scheduler.kv_accounting import KVAccounting
+from radixserve.scheduler.prompt_logprobs import plan_range, prefix_limit
 from radixserve.scheduler.radix_cache import TreeNode
 from radixserve.common.step import ContinuingRequest, NewRequest
 from radixserve.scheduler.request import Request, Status
@@ -161,6 +162,7 @@ class PrefillManager:
                 input_ids=fill[start : start + n],
                 sample=last,
                 token_bitmask=allowed_tokens(req, last),
+                prompt_logprobs=plan_range(req, start, n),
             )
         )
         build.tokens_left -= n
@@ -184,8 +186,8 @@ class PrefillManager:
         """Admit req into the step (whole, or its first chunk); False if it does not fit."""
         cache, pool = self.kv.cache, self.kv.pool
         fill = req.seq
-        # At least one token must run to sample from, so never match the whole sequence.
-        prefix_slots, node = cache.match_prefix(fill[:-1])
+        # Never the whole sequence (a token must run to sample from), nor wanted prompt logprobs.
+        prefix_slots, node = cache.match_prefix(fill[: prefix_limit(req, len(fill))])
         prefix_len = len(prefix_slots)
         extend = len(fill) - prefix_len
         n = self._first_chunk_len(extend, build)
@@ -217,6 +219,7 @@ class PrefillManager:
                 stopping=req.stopping,
                 generated_tokens=len(req.output_ids),
                 trace_context=req.trace_context,
+                prompt_logprobs=plan_range(req, prefix_len, n),
             )
         )
         build.tokens_left -= n

@@ -45,6 +45,10 @@ class Request:
 
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Prompt logprobs (sampling.prompt_logprob_start): those returned and not yet sent, and the first
+    # prompt position no planned step computes them at (see prompt_logprobs.py).
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprob_next: int = 0
     # KV slots of seq[:len(slots)]; the first prefix_len of them belong to the locked cache path.
     # While a prefill is chunked, len(slots) is how far it has been planned.
     slots: list[int] = field(default_factory=list)
@@ -85,6 +89,7 @@ class RequestEvent:
     request_id: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first token's event
     finish_reason: FinishReason | None = None
     matched_stop_token_id: int = 0
     prompt_tokens: int = 0

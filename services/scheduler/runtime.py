@@ -238,7 +238,8 @@ class SchedulerRuntime:
         self.steps += 1
         for observer in self.observers:
             observer.completed(plan, time.monotonic() - sent_at)
-        self._dispatch(self.core.update(plan, output_from_proto(resp).outputs))
+        out = output_from_proto(resp)
+        self._dispatch(self.core.update(plan, out.outputs, out.prompt_logprobs))
 
     def _cancel_inflight(self) -> None:
         """Forget the steps in flight; their results, should they come, are ignored."""

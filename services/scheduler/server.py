@@ -92,8 +92,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             return f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})"
+        bad = next((t for t in req.sampling.token_ids_logprob if not 0 <= t < vocab), None)
+        if bad is not None:
+            return f"token_ids_logprob holds token id {bad}, outside the vocabulary [0, {vocab})"
         try:
-            req.sampling.check()
+            req.sampling.check().check_prompt_logprobs(len(req.prompt_ids))
             req.stopping.check()
         except SamplingError as e:
             return str(e)

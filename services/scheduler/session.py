@@ -214,6 +214,7 @@ def merge_into(earlier: scheduler_pb2.SchedulerGenerateResponse, later: RequestE
     fields = event_fields(later)
     earlier.token_ids.extend(fields["token_ids"])
     earlier.logprobs.extend(fields["logprobs"])
+    earlier.prompt_logprobs.extend(fields["prompt_logprobs"])
     earlier.finish_reason = fields["finish_reason"]
     earlier.matched_stop_token_id = fields["matched_stop_token_id"]
     earlier.usage.CopyFrom(fields["usage"])

@@ -189,6 +189,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
                 matched_stop_token_id=matched,
                 usage=usage,
                 logprobs=[fake_logprob(t, sp) for t in pending] if sp.return_logprob else [],
+                prompt_logprobs=fake_prompt_logprobs(ids, sp) if produced <= 2 else [],
             )
             pending = []
             if reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -319,7 +320,37 @@ def fake_logprob(token: int, sp: common_pb2.SamplingParams) -> common_pb2.TokenL
         common_pb2.TopLogprob(token_id=token, logprob=-0.25),
         common_pb2.TopLogprob(token_id=ord("?"), logprob=-2.0),
     ]
-    return common_pb2.TokenLogprob(token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num])
+    asked = [common_pb2.TopLogprob(token_id=t, logprob=-4.0) for t in sp.token_ids_logprob]
+    return common_pb2.TokenLogprob(
+        token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num], token_ids_logprobs=asked
+    )
+
+
+def fake_prompt_logprob(position: int) -> float:
+    """The fake scheduler's logprob of the prompt token at position (1, 2, ...)."""
+    return -position / 8
+
+
+def fake_prompt_logprobs(ids: list[int], sp: common_pb2.SamplingParams) -> list:
+    """Prompt logprobs from max(prompt_logprob_start, 1) on, when asked: each token with
+    fake_prompt_logprob and rank 2, and as top alternatives "e" (-0.0625), then the token itself."""
+    if not sp.HasField("prompt_logprob_start"):
+        return []
+    out = []
+    for j in range(max(sp.prompt_logprob_start, 1), len(ids)):
+        top = [
+            common_pb2.TopLogprob(token_id=ord("e"), logprob=-0.0625),
+            common_pb2.TopLogprob(token_id=ids[j], logprob=fake_prompt_logprob(j)),
+        ]
+        out.append(
+            common_pb2.TokenLogprob(
+                token_id=ids[j],
+                logprob=fake_prompt_logprob(j),
+                rank=2,
+                top=top[: sp.prompt_top_logprobs_num],
+            )
+        )
+    return out
 
 
 def decode_item(

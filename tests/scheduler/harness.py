@@ -50,6 +50,7 @@ class Harness:
         self.plans = []
         self.outputs: dict[str, list[int]] = defaultdict(list)
         self.finals = {}
+        self.prompt_logprobs: dict[str, list] = defaultdict(list)
 
     def add(self, rid, prompt, max_new=8, sampling=None, **stopping):
         extra = {} if sampling is None else {"sampling": sampling}
@@ -64,9 +65,10 @@ class Harness:
         self.plans.append(plan)
         assert len(self.sched.running) <= self.sched.max_running_requests
         outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
-        events = self.sched.update(plan, outputs)
+        events = self.sched.update(plan, outputs, self.model.prompt_logprobs)
         for ev in events:
             self.outputs[ev.request_id] += ev.token_ids
+            self.prompt_logprobs[ev.request_id] += ev.prompt_logprobs
             if ev.finished:
                 self.finals[ev.request_id] = ev
         assert self.sched.check_leak(deep=True) is None
@@ -107,12 +109,13 @@ class OverlapHarness(Harness):
             return None
         plan = self.in_flight.popleft()
         outputs = [SampledToken(rid, tok) for rid, tok in self.model.step(plan)]
-        events = self.sched.update(plan, outputs)
+        events = self.sched.update(plan, outputs, self.model.prompt_logprobs)
         for ev in events:
             assert ev.request_id not in self.finals, (
                 f"{ev.request_id} got a token after it finished"
             )
             self.outputs[ev.request_id] += ev.token_ids
+            self.prompt_logprobs[ev.request_id] += ev.prompt_logprobs
             if ev.finished:
                 self.finals[ev.request_id] = ev
         assert self.sched.check_leak(deep=True) is None

@@ -86,6 +86,8 @@ class ForwardBatch:
     attn_backend: "AttentionBackend"
     table_meta: TableMeta | None = None  # None only in a forward without KV cache (embeddings)
     samples: StepSamples | None = None  # None: no request samples this step
+    # Requests that asked for prompt logprobs over this step's tokens (prompt_logprobs.PromptLogprobRows).
+    prompt_logprobs: list[Any] = field(default_factory=list)
     attn_metadata: Any = field(default=None)  # whatever the backend prepared for this step
 
     @property

@@ -89,6 +89,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             text=item.text,
                             token_ids=item.token_ids,
                             logprobs=item.logprobs,
+                            prompt_logprobs=item.prompt_logprobs,
                         )
                         continue
                     yield gateway_pb2.GatewayGenerateResponse(

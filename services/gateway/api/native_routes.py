@@ -8,17 +8,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf.json_format import MessageToDict
 
-from radixserve.v1 import scheduler_pb2
+from radixserve.v1 import common_pb2, scheduler_pb2
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, from_grpc, not_supported
+from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
+    Completion,
     Delta,
     Finish,
     GenerationInput,
@@ -67,8 +70,6 @@ def native_input(
 ) -> GenerationInput:
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
-    if req.return_logprob:
-        raise not_supported("return_logprob on /generate", param="return_logprob")
     sp = req.sampling_params or NativeSamplingParams()
     sampling, stopping = build_sampling(
         temperature=sp.temperature,
@@ -85,6 +86,11 @@ def native_input(
         repetition_penalty=sp.repetition_penalty,
         min_tokens=sp.min_new_tokens,
         min_tokens_param="min_new_tokens",
+        logprobs=req.return_logprob,
+        top_logprobs=req.top_logprobs_num,
+        prompt_logprob_start=req.logprob_start_len if req.return_logprob else -1,
+        prompt_top_logprobs=req.top_logprobs_num if req.return_logprob else 0,
+        token_ids_logprob=req.token_ids_logprob if req.return_logprob else None,
         defaults=defaults,
     )
     sampling.constraint = request_constraint(
@@ -105,6 +111,61 @@ def native_input(
         default_max_new_tokens=defaults.max_new_tokens or NATIVE_DEFAULT_MAX_NEW_TOKENS,
         stop_regex=stop_regexes(sp.stop_regex, "sampling_params.stop_regex"),
     )
+
+
+@dataclass
+class LogprobsSoFar:
+    """What /generate's meta_info shows of logprobs (return_logprob): the prompt's from
+    logprob_start_len on and the output's, in SGLang's (logprob, token_id, text) tuples."""
+
+    req: NativeGenerateRequest
+    prompt_ids: list[int]
+    prompt: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    output: list[common_pb2.TokenLogprob] = field(default_factory=list)
+
+    def add(self, item: Delta | Completion) -> None:
+        self.prompt += item.prompt_logprobs
+        self.output += item.logprobs
+
+    async def fields(self, engine: Engine) -> dict:
+        start = self.req.logprob_start_len
+        # The first prompt token has no logprob: its entry is None when the range starts there.
+        inputs: list[tuple[int, common_pb2.TokenLogprob | None]] = []
+        if start >= 0:
+            inputs = list(
+                zip(self.prompt_ids[start:], ([None] if start == 0 else []) + self.prompt)
+            )
+        outputs = [(e.token_id, e) for e in self.output]
+        texts: dict[int, str] | None = None
+        if self.req.return_text_in_logprobs:
+            ids = [t for t, _ in inputs] + fmt.logprob_token_ids(self.prompt + self.output)
+            ids += list(self.req.token_ids_logprob or ())
+            texts = await engine.token_texts(ids)
+
+        def entry(logprob: float | None, token_id: int) -> list:
+            return [logprob, token_id, None if texts is None else texts.get(token_id, "")]
+
+        def tokens(pairs) -> list:
+            return [entry(e.logprob if e is not None else None, t) for t, e in pairs]
+
+        def tops(pairs) -> list:
+            return [
+                None if e is None else [entry(a.logprob, a.token_id) for a in e.top]
+                for _, e in pairs
+            ]
+
+        out = {
+            "input_token_logprobs": tokens(inputs),
+            "output_token_logprobs": tokens(outputs),
+        }
+        if self.req.top_logprobs_num > 0:
+            out["input_top_logprobs"] = tops(inputs)
+            out["output_top_logprobs"] = tops(outputs)
+        if self.req.token_ids_logprob:
+            out["output_token_ids_logprobs"] = [
+                [entry(a.logprob, a.token_id) for a in e.token_ids_logprobs] for e in self.output
+            ]
+        return out
 
 
 def meta_info(
@@ -157,26 +218,27 @@ async def generate(request: Request):
                 [prepared],
                 started,
                 cancellation,
-                native_events(engine, prepared, started, cancellation),
+                native_events(
+                    engine,
+                    prepared,
+                    started,
+                    cancellation,
+                    LogprobsSoFar(req, prepared.input_ids) if req.return_logprob else None,
+                ),
             ),
         )
     with live.track(prepared.request_id, [prepared], started, cancellation):
         result = await run_unless_disconnected(
             request, engine.complete(prepared, cancellation=cancellation)
         )
-    return JSONResponse(
-        {
-            "text": result.text,
-            "output_ids": result.token_ids,
-            "meta_info": meta_info(
-                prepared.request_id,
-                result.finish,
-                len(prepared.input_ids),
-                len(result.token_ids),
-                started,
-            ),
-        }
+    info = meta_info(
+        prepared.request_id, result.finish, len(prepared.input_ids), len(result.token_ids), started
     )
+    if req.return_logprob:
+        logprobs = LogprobsSoFar(req, prepared.input_ids)
+        logprobs.add(result)
+        info.update(await logprobs.fields(engine))
+    return JSONResponse({"text": result.text, "output_ids": result.token_ids, "meta_info": info})
 
 
 async def native_events(
@@ -184,8 +246,9 @@ async def native_events(
     prepared: PreparedRequest,
     started: float,
     cancellation: Cancellation | None = None,
+    logprobs: LogprobsSoFar | None = None,
 ) -> AsyncIterator[dict]:
-    """Cumulative text and output ids in every event, as SGLang streams them."""
+    """Cumulative text, output ids (and logprobs) in every event, as SGLang streams them."""
     text, ids = "", []
     stream = engine.stream(prepared, cancellation=cancellation)
     try:
@@ -194,17 +257,18 @@ async def native_events(
             if isinstance(item, Delta):
                 text += item.text
                 ids += item.token_ids
+                if logprobs is not None:
+                    logprobs.add(item)
                 # With a tokenizer, a delta whose text is held back (stop strings, partial UTF-8) waits
                 # for the next; without one (--skip-tokenizer-init) every delta carries ids only.
                 if not item.text and (engine.uses_tokenizer or not item.token_ids):
                     continue
-            yield {
-                "text": text,
-                "output_ids": list(ids),
-                "meta_info": meta_info(
-                    prepared.request_id, finish, len(prepared.input_ids), len(ids), started
-                ),
-            }
+            info = meta_info(
+                prepared.request_id, finish, len(prepared.input_ids), len(ids), started
+            )
+            if logprobs is not None:
+                info.update(await logprobs.fields(engine))
+            yield {"text": text, "output_ids": list(ids), "meta_info": info}
     finally:
         await stream.aclose()
 

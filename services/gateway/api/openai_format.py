@@ -156,14 +156,19 @@ def completion_chunk(
 
 
 def completion_logprobs(
-    entries: list[common_pb2.TokenLogprob], texts: dict[int, str], text_offset: int = 0
+    entries: list[common_pb2.TokenLogprob],
+    texts: dict[int, str],
+    text_offset: int = 0,
+    top: int | None = None,
 ) -> dict:
+    """choices[].logprobs of tokens whose text starts at text_offset; top: at most this many
+    alternatives per token (None: all the entries carry)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entry in entries:
         text = texts.get(entry.token_id, "")
         tokens.append(text)
         token_logprobs.append(entry.logprob)
-        tops.append({texts.get(t.token_id, ""): t.logprob for t in entry.top} or None)
+        tops.append({texts.get(t.token_id, ""): t.logprob for t in entry.top[:top]} or None)
         offsets.append(text_offset)
         text_offset += len(text)
     return {
@@ -176,3 +181,55 @@ def completion_logprobs(
 
 def logprob_token_ids(entries: list[common_pb2.TokenLogprob]) -> list[int]:
     return [i for e in entries for i in (e.token_id, *(t.token_id for t in e.top))]
+
+
+# ---- prompt logprobs ----
+
+
+def prompt_logprob_token_ids(
+    prompt_ids: list[int], entries: list[common_pb2.TokenLogprob]
+) -> list[int]:
+    """The ids whose text the prompt's logprobs show (its first token has no entry)."""
+    return prompt_ids[:1] + logprob_token_ids(entries)
+
+
+def echo_logprobs(
+    prompt_ids: list[int], entries: list[common_pb2.TokenLogprob], texts: dict[int, str], top: int
+) -> dict:
+    """choices[].logprobs of an echoed prompt: its first token has no logprob (null), the others are
+    entries (the prompt's logprobs from its second token on)."""
+    first = texts.get(prompt_ids[0], "")
+    rest = completion_logprobs(entries, texts, len(first), top)
+    head = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    return join_completion_logprobs(head, rest)
+
+
+def join_completion_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
+
+
+def vllm_prompt_logprobs(
+    entries: list[common_pb2.TokenLogprob], texts: dict[int, str], top: int
+) -> list[dict | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then for each token a dict of it and
+    its top alternatives, token id -> {logprob, rank, decoded_token}."""
+    out: list[dict | None] = [None]
+    for entry in entries:
+        item = {
+            entry.token_id: {
+                "logprob": entry.logprob,
+                "rank": entry.rank or None,
+                "decoded_token": texts.get(entry.token_id, ""),
+            }
+        }
+        for rank, alt in enumerate(entry.top[:top], 1):
+            item.setdefault(
+                alt.token_id,
+                {
+                    "logprob": alt.logprob,
+                    "rank": rank,
+                    "decoded_token": texts.get(alt.token_id, ""),
+                },
+            )
+        out.append(item)
+    return out

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from radixserve.v1 import common_pb2
 from radixserve.gateway.api import openai_format as fmt
+from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
 from radixserve.gateway.pipeline.chat_reasoning import (
@@ -41,6 +42,7 @@ from radixserve.gateway.pipeline.sampling import (
     build_sampling,
     parse_body,
     penalty_args,
+    prompt_logprob_args,
     stop_list,
     stop_regexes,
 )
@@ -186,6 +188,7 @@ def chat_input(
         top_logprobs=req.top_logprobs,
         defaults=defaults,
         **penalty_args(req),
+        **prompt_logprob_args(prompt_logprobs=req.prompt_logprobs, stream=bool(req.stream)),
     )
     sampling.constraint = request_constraint(
         response_format=req.response_format,
@@ -268,6 +271,10 @@ async def chat_completions(request: Request):
         response["prompt_token_ids"] = prepared.input_ids
         for choice, result in zip(choices, results):
             choice["token_ids"] = result.token_ids
+    if req.prompt_logprobs is not None:  # vLLM: one list for the request, beside the choices
+        response["prompt_logprobs"] = await prompt_views.vllm_prompt_logprobs(
+            engine, results[0].prompt_logprobs, req.prompt_logprobs
+        )
     return JSONResponse(response)
 
 
@@ -391,8 +398,6 @@ def completion_input(
         raise not_supported("suffix", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise not_supported("best_of other than n", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise not_supported("echo together with logprobs (prompt logprobs)", param="echo")
     if req.logprobs is not None and req.logprobs < 0:
         raise bad_request("logprobs must be between 0 and 20", param="logprobs")
     logprobs = req.logprobs is not None
@@ -409,6 +414,11 @@ def completion_input(
         top_logprobs=req.logprobs,
         defaults=defaults,
         **penalty_args(req),
+        **prompt_logprob_args(
+            prompt_logprobs=req.prompt_logprobs,
+            stream=bool(req.stream),
+            echo_logprobs=req.logprobs if req.echo else None,
+        ),
     )
     sampling.constraint = request_constraint(
         response_format=req.response_format,
@@ -464,7 +474,15 @@ async def completions(request: Request):
                 cancellation,
                 token_ids.attached(
                     completion_events(
-                        engine, requests, n, meta, want_logprobs, echoes, cancellation, token_ids
+                        engine,
+                        requests,
+                        n,
+                        meta,
+                        want_logprobs,
+                        echoes,
+                        cancellation,
+                        token_ids,
+                        req.logprobs,
                     )
                 ),
             ),
@@ -477,9 +495,20 @@ async def completions(request: Request):
     for i, result in enumerate(results):
         logprobs = None
         if want_logprobs:
-            texts = await engine.token_texts(fmt.logprob_token_ids(result.logprobs))
-            logprobs = fmt.completion_logprobs(result.logprobs, texts)
-        choices.append(fmt.completion_choice(i, echoes[i] + result.text, result.finish, logprobs))
+            logprobs = await prompt_views.completion_choice_logprobs(
+                engine,
+                requests[i].input_ids,
+                result.prompt_logprobs,
+                result.logprobs,
+                echoes[i],
+                req.logprobs,
+            )
+        choice = fmt.completion_choice(i, echoes[i] + result.text, result.finish, logprobs)
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = await prompt_views.vllm_prompt_logprobs(
+                engine, result.prompt_logprobs, req.prompt_logprobs
+            )
+        choices.append(choice)
         if req.return_token_ids:
             choices[-1]["prompt_token_ids"] = requests[i].input_ids
             choices[-1]["token_ids"] = result.token_ids
@@ -512,17 +541,27 @@ async def completion_events(
     echoes: list[str],
     cancellation: Cancellation | None = None,
     token_ids: StreamedTokenIds | None = None,
+    top_logprobs: int | None = None,
 ) -> AsyncIterator[dict]:
     stream = merged_streams(engine, requests, cancellation)
-    offsets = [0] * len(requests)
+    offsets = [len(echo) for echo in echoes]
     counts = RunningCounts(requests, n)
     finishes: list[Finish | None] = [None] * len(requests)
+    # With logprobs, an echo waits for its choice's first delta, which brings the prompt's logprobs.
+    echo_waits = {i for i, echo in enumerate(echoes) if echo and want_logprobs}
     try:
         for index, echo in enumerate(echoes):
-            if echo:
-                offsets[index] = len(echo)
+            if echo and index not in echo_waits:
                 yield fmt.completion_chunk(meta, echo, index=index)
         async for index, item in stream:
+            if index in echo_waits:
+                echo_waits.discard(index)
+                echo_logprobs = None
+                if isinstance(item, Delta):
+                    echo_logprobs = await prompt_views.echo_chunk_logprobs(
+                        engine, requests[index].input_ids, item.prompt_logprobs, top_logprobs or 0
+                    )
+                yield fmt.completion_chunk(meta, echoes[index], logprobs=echo_logprobs, index=index)
             if isinstance(item, Finish):
                 finishes[index] = item
                 yield fmt.completion_chunk(meta, "", item.reason, index=index)

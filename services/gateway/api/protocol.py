@@ -93,6 +93,7 @@ class _OpenAISampling(_Body):
     truncate_prompt_tokens: int | None = (
         None  # vLLM: keep the prompt's last k tokens (-1: the context)
     )
+    prompt_logprobs: int | None = None  # vLLM: this many top alternatives per prompt token
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -206,6 +207,11 @@ class NativeGenerateRequest(_Body):
     stream: bool = False
     rid: str | None = None
     return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no input (prompt) logprobs
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    # With return_logprob: the logprobs of these token ids at every output position.
+    token_ids_logprob: list[int] | None = None
 
 
 class AbortRequest(_Body):

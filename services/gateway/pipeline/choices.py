@@ -8,7 +8,8 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from radixserve.common.sampling import UINT64_MASK
+from radixserve.common.sampling import MAX_PROMPT_LOGPROB_VALUES, UINT64_MASK
+from radixserve.gateway.api.errors import bad_request
 from radixserve.gateway.pipeline.engine import Engine, collect
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -37,10 +38,25 @@ def fan_out(prepared: PreparedRequest, n: int, first_index: int = 0) -> list[Pre
     return copies
 
 
+def check_prompt_logprob_total(requests: list[PreparedRequest]) -> None:
+    """A 400 when the choices of one API request together ask for more than
+    MAX_PROMPT_LOGPROB_VALUES prompt logprob values (each choice computes its prompt's)."""
+    total = sum(r.sampling.prompt_logprob_values(len(r.input_ids)) for r in requests)
+    if total > MAX_PROMPT_LOGPROB_VALUES:
+        raise bad_request(
+            f"the {len(requests)} choices would return {total} prompt logprob values, more than "
+            f"the limit of {MAX_PROMPT_LOGPROB_VALUES}; ask for fewer choices, prompt positions "
+            "or top alternatives",
+            param="prompt_logprobs",
+            code="invalid_value",
+        )
+
+
 async def complete_all(
     engine: Engine, requests: list[PreparedRequest], cancellation: Cancellation | None = None
 ) -> list[Completion]:
     """Run the requests (started together, see Engine.open_streams) to the end and collect them."""
+    check_prompt_logprob_total(requests)
     streams = engine.open_streams(requests, cancellation=cancellation)
     tasks = [asyncio.ensure_future(collect(s)) for s in streams]
     try:
@@ -57,6 +73,7 @@ async def merged_streams(
 ) -> AsyncIterator[tuple[int, Delta | Finish]]:
     """(choice index, item) from every request's stream as items arrive; an error in any choice
     ends the whole response; closing the iterator aborts the unfinished ones."""
+    check_prompt_logprob_total(requests)
     streams = engine.open_streams(requests, cancellation=cancellation)
     if len(streams) == 1:
         try:

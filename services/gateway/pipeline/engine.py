@@ -37,6 +37,7 @@ from radixserve.common.sampling import (
     StoppingCriteria,
 )
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
+from radixserve.gateway.pipeline.sampling import checked_prompt_logprobs
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
 from radixserve.gateway.pipeline.replicas import ReplicaSet, parse_addrs
 from radixserve.gateway.pipeline.sampling import server_defaults
@@ -233,15 +234,17 @@ class Engine:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
         if inp.truncate_prompt_tokens is not None:
             input_ids = truncated_prompt(input_ids, inp.truncate_prompt_tokens, info.context_length)
-        outside = sorted(
-            t for t in inp.sampling.logit_bias if info.vocab_size and t >= info.vocab_size
-        )
-        if outside:
-            raise bad_request(
-                f"logit_bias names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
-                param="logit_bias",
-                code="invalid_value",
-            )
+        for param, ids in (
+            ("logit_bias", inp.sampling.logit_bias),
+            ("token_ids_logprob", inp.sampling.token_ids_logprob),
+        ):
+            outside = sorted(t for t in ids if info.vocab_size and t >= info.vocab_size)
+            if outside:
+                raise bad_request(
+                    f"{param} names token id {outside[0]}, outside the vocabulary [0, {info.vocab_size})",
+                    param=param,
+                    code="invalid_value",
+                )
         request_id = inp.request_id or uuid.uuid4().hex
         prompt_len = len(input_ids)
         room = info.context_length - prompt_len if info.context_length else None
@@ -276,6 +279,7 @@ class Engine:
                     "max_tokens is required: the context length is unknown", param="max_tokens"
                 )
             requested = min(defaults)
+        checked_prompt_logprobs(inp.sampling, len(input_ids))
         return PreparedRequest(
             request_id=request_id,
             input_ids=input_ids,
@@ -434,7 +438,9 @@ class Engine:
                     len(msg.token_ids)
                 )  # after detokenizing: TTFT as the client sees it
                 if text or msg.token_ids:
-                    yield Delta(text, list(msg.token_ids), list(msg.logprobs))
+                    yield Delta(
+                        text, list(msg.token_ids), list(msg.logprobs), list(msg.prompt_logprobs)
+                    )
                 if matched_stop is not None:
                     events.close()  # aborts the request in the scheduler and frees its KV
                     telemetry.finish("stop", generated, cached)
@@ -733,7 +739,7 @@ class NotStarted:
 
 async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
     """A stream's items as one Completion; the stream is closed at the end (or on error/cancel)."""
-    texts, ids, logprobs = [], [], []
+    texts, ids, logprobs, prompt_logprobs = [], [], [], []
     finish = None
     try:
         async for item in stream:
@@ -741,11 +747,12 @@ async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
                 texts.append(item.text)
                 ids += item.token_ids
                 logprobs += item.logprobs
+                prompt_logprobs += item.prompt_logprobs
             else:
                 finish = item
     finally:
         await stream.aclose()
-    return Completion("".join(texts), ids, logprobs, finish)
+    return Completion("".join(texts), ids, logprobs, finish, prompt_logprobs)
 
 
 def truncated_prompt(ids: list[int], keep: int, context_length: int) -> list[int]:

@@ -49,6 +49,9 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]
+    # On the first delta, when sampling.prompt_logprob_start is set: prompt tokens' logprobs, from
+    # prompt index max(prompt_logprob_start, 1) on.
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]
     finish: Finish
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

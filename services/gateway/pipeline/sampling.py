@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from radixserve.common.sampling import (
     MAX_INT32,
+    MAX_TOP_LOGPROBS,
     UINT64_MASK,
     SamplingDefaults,
     SamplingError,
@@ -151,11 +152,15 @@ def build_sampling(
     logit_bias: dict[str, float] | dict[int, float] | None = None,
     min_tokens: int | None = None,
     min_tokens_param: str = "min_tokens",
+    prompt_logprob_start: int = -1,
+    prompt_top_logprobs: int = 0,
+    token_ids_logprob: list[int] | None = None,
     defaults: SamplingDefaults = NO_DEFAULTS,
 ) -> tuple[SamplingParams, StoppingCriteria]:
     """A REST request's sampling options and stop conditions, checked: for what it left out the server's
     defaults (server_defaults), else the API's (temperature 1); max_new_tokens stays 0 when the client
     left the length open (the caller's GenerationInput.default_max_new_tokens decides it).
+    prompt_logprob_start -1: no prompt logprobs (their count is checked against the prompt later).
 
     logit_bias token ids are checked to be integers >= 0 only (the vocabulary may be unknown here);
     the executor ignores ids beyond the model's vocabulary.
@@ -172,6 +177,9 @@ def build_sampling(
         presence_penalty=_default(presence_penalty, defaults.presence_penalty, 0.0),
         repetition_penalty=_default(repetition_penalty, defaults.repetition_penalty, 1.0),
         logit_bias=_logit_bias_ids(logit_bias),
+        prompt_logprob_start=prompt_logprob_start,
+        prompt_top_logprobs_num=prompt_top_logprobs,
+        token_ids_logprob=tuple(token_ids_logprob or ()),
     )
     stopping = StoppingCriteria(
         max_new_tokens=0 if max_tokens is None else max_tokens,
@@ -200,6 +208,37 @@ def checked(
     """The pair, or a 400 naming the first option out of range."""
     try:
         return sampling.check(), stopping.check(max_tokens_param, min_tokens_param)
+    except SamplingError as e:
+        raise bad_request(str(e), param=e.param, code="invalid_value") from None
+
+
+def prompt_logprob_args(
+    *, prompt_logprobs: int | None, stream: bool, echo_logprobs: int | None = None
+) -> dict:
+    """build_sampling's prompt logprob arguments for an OpenAI body: vLLM's prompt_logprobs (this many
+    alternatives per prompt token; refused with stream, as vLLM does) and, on /v1/completions, the
+    logprobs of an echo (echo_logprobs: its logprobs field)."""
+    if prompt_logprobs is not None:
+        if stream:
+            raise bad_request(
+                "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
+            )
+        if not 0 <= prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request(
+                f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {prompt_logprobs}",
+                param="prompt_logprobs",
+                code="invalid_value",
+            )
+    asked = [k for k in (prompt_logprobs, echo_logprobs) if k is not None]
+    if not asked:
+        return {}
+    return {"prompt_logprob_start": 0, "prompt_top_logprobs": max(asked)}
+
+
+def checked_prompt_logprobs(sampling: SamplingParams, prompt_len: int) -> SamplingParams:
+    """sampling, or a 400 when its prompt logprobs do not fit a prompt of prompt_len tokens."""
+    try:
+        return sampling.check_prompt_logprobs(prompt_len)
     except SamplingError as e:
         raise bad_request(str(e), param=e.param, code="invalid_value") from None
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aradixserve/v1/common.proto\x12\rradixserve.v1\"\xda\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0ereturn_logprob\x18\t \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\n \x01(\x05\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12@\n\nlogit_bias\x18\x0f \x03(\x0b\x32,.radixserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x10 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x11 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x07\n\x05_seedJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\x0e\x10\x0f\"n\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.radixserve.v1.TopLogprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xb1\x01\n\x10\x43hatConversation\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x12\n\ntools_json\x18\x04 \x01(\t\x12\x1c\n\x14template_kwargs_json\x18\x05 \x01(\t\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aradixserve/v1/common.proto\x12\rradixserve.v1\"\xd2\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0ereturn_logprob\x18\t \x01(\x08\x12\x18\n\x10top_logprobs_num\x18\n \x01(\x05\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12@\n\nlogit_bias\x18\x0f \x03(\x0b\x32,.radixserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x10 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x11 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x12!\n\x14prompt_logprob_start\x18\x14 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x17prompt_top_logprobs_num\x18\x15 \x01(\x05\x12\x19\n\x11token_ids_logprob\x18\x16 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\x07\n\x05_seedB\x17\n\x15_prompt_logprob_startJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\x0e\x10\x0f\"n\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9e\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.radixserve.v1.TopLogprob\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x35\n\x12token_ids_logprobs\x18\x05 \x03(\x0b\x32\x19.radixserve.v1.TopLogprob\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xb1\x01\n\x10\x43hatConversation\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.radixserve.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x12\n\ntools_json\x18\x04 \x01(\t\x12\x1c\n\x14template_kwargs_json\x18\x05 \x01(\t\"7\n\x0cTraceContext\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12\x12\n\ntracestate\x18\x02 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1225
-  _globals['_FINISHREASON']._serialized_end=1345
+  _globals['_FINISHREASON']._serialized_start=1415
+  _globals['_FINISHREASON']._serialized_end=1535
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=520
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=425
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=473
-  _globals['_STOPPINGCRITERIA']._serialized_start=522
-  _globals['_STOPPINGCRITERIA']._serialized_end=632
-  _globals['_TOPLOGPROB']._serialized_start=634
-  _globals['_TOPLOGPROB']._serialized_end=681
-  _globals['_TOKENLOGPROB']._serialized_start=683
-  _globals['_TOKENLOGPROB']._serialized_end=772
-  _globals['_TOKENIDS']._serialized_start=774
-  _globals['_TOKENIDS']._serialized_end=797
-  _globals['_CHATMESSAGE']._serialized_start=799
-  _globals['_CHATMESSAGE']._serialized_end=904
-  _globals['_CHATCONVERSATION']._serialized_start=907
-  _globals['_CHATCONVERSATION']._serialized_end=1084
-  _globals['_TRACECONTEXT']._serialized_start=1086
-  _globals['_TRACECONTEXT']._serialized_end=1141
-  _globals['_USAGE']._serialized_start=1143
-  _globals['_USAGE']._serialized_end=1223
+  _globals['_SAMPLINGPARAMS']._serialized_end=640
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=520
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=568
+  _globals['_STOPPINGCRITERIA']._serialized_start=642
+  _globals['_STOPPINGCRITERIA']._serialized_end=752
+  _globals['_TOPLOGPROB']._serialized_start=754
+  _globals['_TOPLOGPROB']._serialized_end=801
+  _globals['_TOKENLOGPROB']._serialized_start=804
+  _globals['_TOKENLOGPROB']._serialized_end=962
+  _globals['_TOKENIDS']._serialized_start=964
+  _globals['_TOKENIDS']._serialized_end=987
+  _globals['_CHATMESSAGE']._serialized_start=989
+  _globals['_CHATMESSAGE']._serialized_end=1094
+  _globals['_CHATCONVERSATION']._serialized_start=1097
+  _globals['_CHATCONVERSATION']._serialized_end=1274
+  _globals['_TRACECONTEXT']._serialized_start=1276
+  _globals['_TRACECONTEXT']._serialized_end=1331
+  _globals['_USAGE']._serialized_start=1333
+  _globals['_USAGE']._serialized_end=1413
 # @@protoc_insertion_point(module_scope)
