@@ -246,12 +246,14 @@ async def chat_events(
     options: ChatOptions,
     cancellation: Cancellation | None = None,
 ) -> AsyncIterator[dict]:
-    """Per choice: a role chunk, content (or tool-call) deltas, one chunk with its finish_reason;
-    then the usage chunk when asked for."""
+    """Per choice: a role chunk, content (or tool-call) deltas, the last of them carrying the
+    finish_reason (an empty delta carries it when the finish brings no output of its own); then
+    the usage chunk when asked for."""
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
+    held: dict[int, list[ChatPiece]] = {}  # a choice's last output, until its Finish (next item)
     finishes: list[Finish | None] = [None] * len(requests)
     try:
         index, item = await anext(
@@ -261,34 +263,40 @@ async def chat_events(
             if index not in started:
                 started.add(index)
                 yield fmt.chat_chunk(meta, {"role": "assistant", "content": ""}, index=index)
+            parser = parsers[index]
             if isinstance(item, Delta):
                 running = counts.add(item)
                 logprobs = None
                 if options.logprobs and item.logprobs:
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
-                events = (
-                    parsers[index].feed(item.text)
-                    if parsers[index]
-                    else ([item.text] if item.text else [])
-                )
-                for delta in chat_deltas(events):
+                events = parser.feed(item.text) if parser else ([item.text] if item.text else [])
+                pieces = chat_pieces(chat_deltas(events), logprobs, running)
+                if item.last:
+                    held[index] = pieces
+                    pieces = []
+                for delta, logprobs, running in pieces:
                     yield fmt.chat_chunk(
                         meta, delta, logprobs=logprobs, index=index, running=running
                     )
-                    logprobs = None
-                if logprobs:
-                    yield fmt.chat_chunk(
-                        meta, {"content": ""}, logprobs=logprobs, index=index, running=running
-                    )
             else:
                 finishes[index] = item
-                parser = parsers[index]
+                pieces = held.pop(index, [])
                 if parser is not None:
-                    for delta in chat_deltas(parser.finish()):
-                        yield fmt.chat_chunk(meta, delta, index=index)
+                    pieces += chat_pieces(chat_deltas(parser.finish()), None, None)
                 reason = "tool_calls" if parser is not None and parser.tool_calls else item.reason
-                yield fmt.chat_chunk(meta, {}, reason, index=index)
+                *pieces, (delta, logprobs, running) = pieces or [({}, None, None)]
+                for piece_delta, piece_logprobs, piece_running in pieces:
+                    yield fmt.chat_chunk(
+                        meta,
+                        piece_delta,
+                        logprobs=piece_logprobs,
+                        index=index,
+                        running=piece_running,
+                    )
+                yield fmt.chat_chunk(
+                    meta, delta, reason, logprobs=logprobs, index=index, running=running
+                )
             try:
                 index, item = await anext(stream)
             except StopAsyncIteration:
@@ -299,6 +307,18 @@ async def chat_events(
             )
     finally:
         await stream.aclose()
+
+
+ChatPiece = tuple[dict, dict | None, Finish | None]  # one chunk's delta, logprobs, running counts
+
+
+def chat_pieces(
+    deltas: list[dict], logprobs: dict | None, running: Finish | None
+) -> list[ChatPiece]:
+    """The chunks of one Delta: its logprobs ride on the first (or on an empty content delta)."""
+    if not deltas:
+        return [({"content": ""}, logprobs, running)] if logprobs else []
+    return [(d, logprobs if i == 0 else None, running) for i, d in enumerate(deltas)]
 
 
 def chat_deltas(events: list) -> list[dict]:
@@ -443,6 +463,7 @@ async def completion_events(
     stream = merged_streams(engine, requests, cancellation)
     offsets = [0] * len(requests)
     counts = RunningCounts(requests, n)
+    held: dict[int, tuple] = {}  # a choice's last output, until its Finish (the next item)
     finishes: list[Finish | None] = [None] * len(requests)
     try:
         for index, echo in enumerate(echoes):
@@ -452,7 +473,10 @@ async def completion_events(
         async for index, item in stream:
             if isinstance(item, Finish):
                 finishes[index] = item
-                yield fmt.completion_chunk(meta, "", item.reason, index=index)
+                text, logprobs, running = held.pop(index, ("", None, None))
+                yield fmt.completion_chunk(
+                    meta, text, item.reason, logprobs=logprobs, index=index, running=running
+                )
                 continue
             running = counts.add(item)
             logprobs = None
@@ -460,7 +484,9 @@ async def completion_events(
                 texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                 logprobs = fmt.completion_logprobs(item.logprobs, texts, offsets[index])
             offsets[index] += len(item.text)
-            if item.text or logprobs or meta.continuous_usage:
+            if item.last:
+                held[index] = (item.text, logprobs, running)
+            elif item.text or logprobs or meta.continuous_usage:
                 yield fmt.completion_chunk(
                     meta, item.text, logprobs=logprobs, index=index, running=running
                 )

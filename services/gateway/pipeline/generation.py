@@ -44,6 +44,9 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]
+    # The generation's Finish comes next, at once: the same scheduler message ended it. A streamed
+    # response puts finish_reason on this Delta's chunk instead of sending one more empty chunk.
+    last: bool = False
 
 
 @dataclass
