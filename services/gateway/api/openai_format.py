@@ -155,7 +155,11 @@ def completion_logprobs(
         text = texts.get(entry.token_id, "")
         tokens.append(text)
         token_logprobs.append(entry.logprob)
-        tops.append({texts.get(t.token_id, ""): t.logprob for t in entry.top} or None)
+        # As OpenAI documents (and vLLM does): the sampled token is always among the top
+        # entries, so logprobs=0 gives one-entry dicts and logprobs=k up to k+1 entries.
+        top = {texts.get(t.token_id, ""): t.logprob for t in entry.top}
+        top.setdefault(text, entry.logprob)
+        tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
     return {

@@ -1,27 +1,74 @@
-"""Request bodies of the REST APIs (OpenAI and SGLang native). Unknown fields are ignored."""
+"""Request bodies of the REST APIs (OpenAI and SGLang native).
+
+Unknown fields are rejected, never silently ignored: a field a body does not declare is a 400 naming
+it. A field that clients send routinely and whose absence of effect is harmless is accepted and
+ignored, listed in its body's `ignored` with the reason (subclasses add to their bases' lists)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Body(BaseModel):
+    """A request body: undeclared fields are refused (see ignored_fields for the accepted ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # field -> why accepting and ignoring it is harmless; merged with every base class's list
+    ignored: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def ignored_fields(cls) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("ignored", {}))
+        return merged
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = cls.ignored_fields()
+            if not ignored.keys().isdisjoint(data):
+                data = {k: v for k, v in data.items() if k not in ignored}
+        return data
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
+    ignored = {
+        "include_obfuscation": "OpenAI pads chunks against network side channels; none is sent here",
+    }
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
-class ContentPart(_Body):
+class ContentPart(BaseModel):
+    # Every part type brings its own fields (image_url, input_audio, file, cache_control, ...):
+    # they are not checked here; the route refuses any part that is not text, by its type.
+    model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
 
 
-class ChatMessageIn(_Body):
+class ChatMessageIn(Body):
+    # What clients echo back of an earlier assistant turn, which the prompt does not need.
+    ignored = {
+        "refusal": "an earlier answer's refusal text (null for any answer this server gave)",
+        "annotations": "an earlier answer's URL citations",
+        "audio": "the id of an earlier answer's audio; this server produces text only",
+        "reasoning_content": "an earlier answer's reasoning, which chat templates leave out",
+        "reasoning": "vLLM's name for reasoning_content",
+    }
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Before content, so that its check below sees them.
     tool_calls: list[dict[str, Any]] | None = None
@@ -50,15 +97,25 @@ class ChatMessageIn(_Body):
         return content
 
 
-class _OpenAISampling(_Body):
+class _OpenAISampling(Body):
     """Fields shared by chat and text completions."""
+
+    ignored = {
+        "user": "an end-user id for OpenAI's abuse monitoring; nothing is monitored here",
+        "metadata": "tags for OpenAI's stored-completions dashboard; nothing is stored here",
+        "store": "OpenAI keeps chat completions for its dashboard and evals; none is kept here",
+        "service_tier": "OpenAI's billing and latency tier; this server has one tier",
+        "prompt_cache_key": "a cache-routing hint; the radix cache finds shared prefixes itself",
+        "safety_identifier": "an end-user id for OpenAI's abuse monitoring, like user",
+        "priority": "vLLM's scheduling priority; this scheduler serves in arrival order",
+    }
 
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -72,16 +129,22 @@ class _OpenAISampling(_Body):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
-    user: str | None = None
     # Structured output: OpenAI's response_format, or SGLang's regex / ebnf extensions.
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options, info: ValidationInfo):
+        """As OpenAI and vLLM: stream_options (other than null) only with stream true."""
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
 
 class ChatCompletionRequest(_OpenAISampling):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
@@ -94,19 +157,27 @@ class ChatCompletionRequest(_OpenAISampling):
             ]
         },
     )
+    ignored = {
+        "parallel_tool_calls": "the tool parser returns every call the model makes",
+        "prediction": "a predicted output only speeds generation up; the output is the same",
+        "reasoning_effort": "a hint to reasoning models; the served model reasons as it does",
+        "verbosity": "a length hint to OpenAI's models; max_tokens bounds the length here",
+        "web_search_options": "no search tool here: the model answers from what it knows",
+        "audio": "output audio settings, inert: modalities allows only text",
+    }
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    modalities: list[Literal["text"]] | None = None  # text is the only output
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
 
 class CompletionRequest(_OpenAISampling):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"prompt": "Once upon a time", "max_tokens": 16},
@@ -121,7 +192,7 @@ class CompletionRequest(_OpenAISampling):
     best_of: int | None = None
 
 
-class NativeSamplingParams(_Body):
+class NativeSamplingParams(Body):
     max_new_tokens: int | None = 128
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -131,7 +202,7 @@ class NativeSamplingParams(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    seed: int | None = Field(default=None, alias="sampling_seed")
+    seed: int | None = Field(default=None, alias="sampling_seed", ge=INT64_MIN, le=INT64_MAX)
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
     repetition_penalty: float | None = 1.0
@@ -140,12 +211,11 @@ class NativeSamplingParams(_Body):
     regex: str | None = None
     ebnf: str | None = None
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
-class NativeGenerateRequest(_Body):
+class NativeGenerateRequest(Body):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 16}},
@@ -161,11 +231,11 @@ class NativeGenerateRequest(_Body):
     return_logprob: bool = False
 
 
-class AbortRequest(_Body):
+class AbortRequest(Body):
     """SGLang's POST /abort_request: one request by id, or every request."""
 
     model_config = ConfigDict(
-        extra="ignore", json_schema_extra={"examples": [{"rid": "my-request"}, {"abort_all": True}]}
+        json_schema_extra={"examples": [{"rid": "my-request"}, {"abort_all": True}]}
     )
     rid: str | None = None
     abort_all: bool = False
