@@ -59,9 +59,15 @@ def chat_choice(
             "tool_calls": tool_calls or None,
         },
         "logprobs": logprobs,
-        "finish_reason": "tool_calls" if tool_calls else finish.reason,
+        "finish_reason": chat_finish_reason(finish.reason, bool(tool_calls)),
         "matched_stop": matched_stop(finish),
     }
+
+
+def chat_finish_reason(reason: str, made_tool_calls: bool) -> str:
+    """ "tool_calls" for an answer that ended with its calls; one cut short by max_tokens (even in
+    the middle of a call's arguments) or aborted keeps "length" or "abort", as OpenAI."""
+    return "tool_calls" if made_tool_calls and reason == "stop" else reason
 
 
 def chat_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:

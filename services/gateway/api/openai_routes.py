@@ -284,7 +284,9 @@ async def chat_events(
                 pieces = held.pop(index, [])
                 if parser is not None:
                     pieces += chat_pieces(chat_deltas(parser.finish()), None, None)
-                reason = "tool_calls" if parser is not None and parser.tool_calls else item.reason
+                reason = fmt.chat_finish_reason(
+                    item.reason, parser is not None and bool(parser.tool_calls)
+                )
                 *pieces, (delta, logprobs, running) = pieces or [({}, None, None)]
                 for piece_delta, piece_logprobs, piece_running in pieces:
                     yield fmt.chat_chunk(
