@@ -338,3 +338,23 @@ def test_openai_client_accepts_the_ignored_fields(client):
     )
     assert resp.choices[0].message.content == expected_output(2)
     assert json.loads(resp.model_dump_json())["choices"][0]["finish_reason"] == "length"
+
+
+def test_embeddings_and_batches_bodies_refuse_unknown_fields_too(backends, tmp_path):
+    gw = RunningGateway(backends, file_storage_path=str(tmp_path))
+    try:
+        embedding = {"input": "x", "dimensionz": 3}
+        error = assert_400(post(gw, "/v1/embeddings", embedding), "dimensionz")
+        assert error["message"] == "Unrecognized request argument supplied: dimensionz"
+        # user is accepted (this text-generation server then refuses embeddings for its own reason)
+        refusal = post(gw, "/v1/embeddings", {"input": "x", "user": "u"}).json()["error"]
+        assert "--is-embedding" in refusal["message"]
+        batch = {
+            "input_file_id": "file-1",
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        assert_400(post(gw, "/v1/batches", {**batch, "priority": 1}), "priority")
+        assert post(gw, "/v1/batches", batch).status_code == 404  # no such file: past the body
+    finally:
+        gw.close()
