@@ -105,3 +105,21 @@ def test_openai_client_sees_finish_reason_on_the_last_content_chunk(client):
     assert chunks[-1].choices[0].delta.content == expected_output(4)[2:]
     completion = list(client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream=True))
     assert [c.choices[0].finish_reason for c in completion] == [None, "length"]
+
+
+def test_tool_parser_flush_at_the_end_is_sent_once_with_the_finish_reason(backends):
+    """The hermes parser holds trailing whitespace until it knows no call follows: at the finish
+    it flushes it, on the chunk that carries finish_reason."""
+    gw = RunningGateway(backends, tool_call_parser="hermes")
+    try:
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        body = {"messages": MESSAGES, "max_tokens": 4, "tools": tools}
+        _, *content = stream_choices(gw, "/v1/chat/completions", body)
+        assert [c["delta"] for c in content] == [
+            {"content": "Th"},
+            {"content": "e"},
+            {"content": " "},
+        ]
+        assert [c["finish_reason"] for c in content] == [None, None, "length"]
+    finally:
+        gw.close()

@@ -106,6 +106,9 @@ class RunningCounts:
 
     def add(self, delta: Delta) -> Finish:
         self.completion_tokens += len(delta.token_ids)
+        return self.now()
+
+    def now(self) -> Finish:
         return Finish("", None, self.prompt_tokens, self.completion_tokens, 0)
 
 
@@ -283,22 +286,20 @@ async def chat_events(
                 finishes[index] = item
                 pieces = held.pop(index, [])
                 if parser is not None:
-                    pieces += chat_pieces(chat_deltas(parser.finish()), None, None)
+                    pieces += chat_pieces(chat_deltas(parser.finish()), None, counts.now())
                 reason = fmt.chat_finish_reason(
                     item.reason, parser is not None and bool(parser.tool_calls)
                 )
-                *pieces, (delta, logprobs, running) = pieces or [({}, None, None)]
-                for piece_delta, piece_logprobs, piece_running in pieces:
+                pieces = pieces or [({}, None, None)]
+                for i, (delta, logprobs, running) in enumerate(pieces):
                     yield fmt.chat_chunk(
                         meta,
-                        piece_delta,
-                        logprobs=piece_logprobs,
+                        delta,
+                        reason if i == len(pieces) - 1 else None,
+                        logprobs=logprobs,
                         index=index,
-                        running=piece_running,
+                        running=running,
                     )
-                yield fmt.chat_chunk(
-                    meta, delta, reason, logprobs=logprobs, index=index, running=running
-                )
             try:
                 index, item = await anext(stream)
             except StopAsyncIteration:
