@@ -214,6 +214,7 @@ def test_ignored_lists_merge_along_the_bases_and_stay_out_of_declared_fields():
         AbortRequest,
     ):
         assert not body_class.ignored_fields().keys() & body_class.model_fields.keys()
+        assert "ignored" not in body_class.model_fields
 
 
 WEATHER_TOOL = {

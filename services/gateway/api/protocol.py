@@ -21,7 +21,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed
 
 
 class Body(BaseModel):
-    """A request body: undeclared fields are refused (see ignored_fields for the accepted ones)."""
+    """A request body: undeclared fields are refused (see ignored_fields for the accepted ones).
+    A subclass declares the fields it honours and lists in `ignored` those it accepts without
+    effect; honouring a listed field later means declaring it and taking it off the list."""
 
     model_config = ConfigDict(extra="forbid")
     # field -> why accepting and ignoring it is harmless; merged with every base class's list
