@@ -359,3 +359,14 @@ def test_embeddings_and_batches_bodies_refuse_unknown_fields_too(backends, tmp_p
         assert post(gw, "/v1/batches", batch).status_code == 404  # no such file: past the body
     finally:
         gw.close()
+
+
+def test_an_assistant_function_call_reaches_the_template_as_a_tool_call():
+    from radixserve.gateway.api.openai_routes import chat_conversation
+
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    req = ChatCompletionRequest.model_validate(
+        {"messages": [*MESSAGES, {"role": "assistant", "content": None, "function_call": call}]}
+    )
+    [shown] = json.loads(chat_conversation(req).messages[1].tool_calls_json)
+    assert shown["type"] == "function" and shown["function"] == call

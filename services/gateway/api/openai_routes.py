@@ -131,7 +131,7 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
                 role="system" if m.role == "developer" else m.role,
                 content=content or "",
                 name=m.name or "",
-                tool_calls_json=json.dumps(m.tool_calls) if m.tool_calls else "",
+                tool_calls_json=json.dumps(calls) if (calls := message_tool_calls(m)) else "",
                 tool_call_id=m.tool_call_id or "",
             )
         )
@@ -143,6 +143,14 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
         if (tools := tools_for_template(req.tools, req.tool_choice))
         else "",
     )
+
+
+def message_tool_calls(message) -> list[dict] | None:
+    """An assistant message's calls: tool_calls, or the one call of OpenAI's deprecated
+    function_call (shown to the chat template as a tool call)."""
+    if message.tool_calls or not message.function_call:
+        return message.tool_calls
+    return [{"id": "", "type": "function", "function": message.function_call}]
 
 
 def chat_input(req: ChatCompletionRequest) -> GenerationInput:
