@@ -119,9 +119,12 @@ def test_chat_sse_framing_is_openais(gw):
         }
     ]
     assert all(e["id"] == first["id"] and e["usage"] is None for e in [first, *middle, finish])
-    assert "".join(e["choices"][0]["delta"]["content"] for e in middle) == expected_output(7)
+    content = [e["choices"][0]["delta"]["content"] for e in [*middle, finish]]
+    assert "".join(content) == expected_output(7) and all(content)
     assert all(e["choices"][0]["finish_reason"] is None for e in middle)
-    assert finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"] == "length"
+    # The last token's chunk carries finish_reason (no extra empty chunk), as SGLang and vLLM.
+    assert finish["choices"][0]["delta"] == {"content": expected_output(7)[6:]}
+    assert finish["choices"][0]["finish_reason"] == "length"
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 7
     assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 7
 

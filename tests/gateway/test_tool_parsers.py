@@ -69,8 +69,8 @@ CASES = {
     ),
     "hermes invalid JSON stays content": (
         "hermes",
-        'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
-        'Try <tool_call>{"name": "f", "arguments": {</tool_call> done',
+        'Try <tool_call>{"name": f, "arguments": {}}</tool_call> done',
+        'Try <tool_call>{"name": f, "arguments": {}}</tool_call> done',
         [],
     ),
     "hermes JSON that is not a call stays content": (
@@ -140,8 +140,8 @@ CASES = {
     ),
     "llama3 invalid JSON stays content": (
         "llama3",
-        '{"name": "f", "parameters": {oops}}',
-        '{"name": "f", "parameters": {oops}}',
+        '{"name": f, "parameters": {}}',
+        '{"name": f, "parameters": {}}',
         [],
     ),
     "llama3 JSON that is not a call stays content": (
@@ -228,16 +228,19 @@ def test_arguments_keep_non_ascii_text():
     assert parsed.tool_calls[0].arguments == '{"city": "Zürich"}'
 
 
-def test_content_streams_before_a_call_and_the_call_when_its_block_closes():
+def test_content_streams_before_a_call_and_the_arguments_as_they_are_written():
     stream = get_tool_parser("hermes").streaming()
     assert stream.feed("Sure, checking") == ["Sure, checking"]
     assert stream.feed(" now. <tool_") == [" now."]
-    assert stream.feed('call>{"name": "f", "arguments": {"a": 1}}') == []
-    deltas = stream.feed("</tool_call>")
-    assert [delta["index"] for delta in deltas] == [0, 0]
-    assert deltas[0]["function"] == {"name": "f", "arguments": ""}
-    assert json.loads(deltas[1]["function"]["arguments"]) == {"a": 1}
+    assert stream.feed('call>{"name": "f", "argum') == []
+    assert stream.feed('ents": ') == []  # the call begins with its arguments' brace
+    start, arguments = stream.feed('{"a": ')
+    assert start["index"] == 0 and start["function"] == {"name": "f", "arguments": ""}
+    assert arguments == {"index": 0, "function": {"arguments": '{"a": '}}
+    assert stream.feed("1}") == [{"index": 0, "function": {"arguments": "1}"}}]
+    assert stream.feed("}</tool_call>") == []
     assert stream.finish() == []
+    assert stream.tool_calls[0].arguments == '{"a": 1}'
 
 
 @pytest.mark.parametrize(
@@ -256,13 +259,14 @@ def test_partial_marker_is_held_then_released_as_content(parser_name, held, cont
     assert stream.tool_calls == []
 
 
-def test_llama3_call_is_emitted_once_its_object_closes():
+def test_llama3_call_streams_its_parameters_as_they_are_written():
     stream = get_tool_parser("llama3").streaming()
-    assert stream.feed('{"name": "f", "parameters": {"a": {"b": 1}}') == []
-    deltas = stream.feed("}")
-    assert deltas[0]["function"]["name"] == "f" and json.loads(
-        deltas[1]["function"]["arguments"]
-    ) == {"a": {"b": 1}}
+    start, first = stream.feed('{"name": "f", "parameters": {"a": {"b": 1')
+    assert start["function"] == {"name": "f", "arguments": ""}
+    assert first == {"index": 0, "function": {"arguments": '{"a": {"b": '}}  # 1 may go on: 10
+    assert stream.feed("}") == [{"index": 0, "function": {"arguments": "1}"}}]
+    assert stream.feed("}}") == [{"index": 0, "function": {"arguments": "}"}}]
+    assert stream.finish() == [] and stream.tool_calls[0].arguments == '{"a": {"b": 1}}'
 
 
 def test_parser_registry_and_defaults():
@@ -443,10 +447,9 @@ def test_constrained_named_output_to_tool_call():
 @pytest.mark.parametrize(
     "text, tool_choice",
     [
-        ('[{"name": "get_weather", "parameters": {"ci', "required"),
+        ('[{"name": "get_weat', "required"),
         ("[]", "required"),
         ('[{"parameters": {}}]', "required"),
-        ('{"city": "Par', NAMED_WEATHER),
         ('["Paris"]', NAMED_WEATHER),
     ],
 )
@@ -460,19 +463,17 @@ def test_constrained_output_needs_a_constraining_choice():
         parse_constrained_output("{}", "auto")
 
 
-def test_constrained_streaming_resolves_at_finish():
+def test_constrained_streaming_streams_each_call_as_it_is_written():
     stream = ConstrainedStreamingParser("required")
     text = '[{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'
-    assert [stream.feed(text[i : i + 7]) for i in range(0, len(text), 7)] == [[]] * len(
-        range(0, len(text), 7)
-    )
-    events = stream.finish()
+    events = [e for i in range(0, len(text), 7) for e in stream.feed(text[i : i + 7])]
+    assert stream.finish() == []
     assert [(e["index"], e.get("id") is not None) for e in events] == [
         (0, True),
         (0, False),
         (1, True),
-        (1, False),
+        *[(1, False)] * 3,
     ]
     assert events[2]["function"]["name"] == "get_weather"
-    assert json.loads(events[3]["function"]["arguments"]) == {"city": "Oslo"}
+    assert "".join(e["function"]["arguments"] for e in events[3:]) == '{"city": "Oslo"}'
     assert [call.name for call in stream.tool_calls] == ["ping", "get_weather"]

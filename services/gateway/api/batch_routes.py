@@ -8,7 +8,6 @@ from typing import Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict
 
 from radixserve.common.args import ServerArgs
 from radixserve.gateway.api.batch_runner import BatchRunner
@@ -20,7 +19,7 @@ from radixserve.gateway.api.file_store import (
     default_storage_path,
     page,
 )
-from radixserve.gateway.api.protocol import openapi_body
+from radixserve.gateway.api.protocol import Body, openapi_body
 from radixserve.gateway.pipeline.sampling import parse_body
 
 router = APIRouter()
@@ -89,8 +88,7 @@ async def delete_file(file_id: str, request: Request):
 # ---- /v1/batches ----
 
 
-class CreateBatchBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CreateBatchBody(Body):
     input_file_id: str
     endpoint: str
     completion_window: str

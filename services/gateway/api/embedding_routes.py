@@ -13,13 +13,13 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import Field, StrictInt, StrictStr
 
 from radixserve.gateway.pipeline.embeddings import encode_vector
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import bad_request
 from radixserve.gateway.api.openai_routes import check_model
-from radixserve.gateway.api.protocol import openapi_body
+from radixserve.gateway.api.protocol import Body, openapi_body
 from radixserve.gateway.pipeline.request_control import Deadline
 from radixserve.gateway.pipeline.sampling import parse_body
 from radixserve.gateway.api.sse import run_unless_disconnected
@@ -27,13 +27,12 @@ from radixserve.gateway.api.sse import run_unless_disconnected
 router = APIRouter()
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EmbeddingRequest(Body):
+    ignored = {"user": "an end-user id for OpenAI's abuse monitoring; nothing is monitored here"}
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
-    user: str | None = None
 
 
 def embedding_inputs(value: str | list) -> list[str] | list[list[int]]:

@@ -63,13 +63,19 @@ def chat_choice(
             "reasoning": reasoning,
         },
         "logprobs": logprobs,
-        "finish_reason": "tool_calls" if tool_calls else finish.reason,
+        "finish_reason": chat_finish_reason(finish.reason, bool(tool_calls)),
         "matched_stop": matched_stop(finish),
     }
 
 
 def reasoning_delta(text: str) -> dict:
     return {"reasoning_content": text, "reasoning": text}
+
+
+def chat_finish_reason(reason: str, made_tool_calls: bool) -> str:
+    """ "tool_calls" for an answer that ended with its calls; one cut short by max_tokens (even in
+    the middle of a call's arguments) or aborted keeps "length" or "abort", as OpenAI."""
+    return "tool_calls" if made_tool_calls and reason == "stop" else reason
 
 
 def chat_response(meta: ResponseMeta, choices: list[dict], total: Finish) -> dict:
@@ -168,7 +174,11 @@ def completion_logprobs(
         text = texts.get(entry.token_id, "")
         tokens.append(text)
         token_logprobs.append(entry.logprob)
-        tops.append({texts.get(t.token_id, ""): t.logprob for t in entry.top[:top]} or None)
+        # As OpenAI documents (and vLLM does): the sampled token is always among the top
+        # entries, so logprobs=0 gives one-entry dicts and logprobs=k up to k+1 entries.
+        alternatives = {texts.get(t.token_id, ""): t.logprob for t in entry.top[:top]}
+        alternatives.setdefault(text, entry.logprob)
+        tops.append(alternatives)
         offsets.append(text_offset)
         text_offset += len(text)
     return {

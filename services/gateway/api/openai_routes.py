@@ -125,6 +125,9 @@ class RunningCounts:
 
     def add(self, delta: Delta) -> Finish:
         self.completion_tokens += len(delta.token_ids)
+        return self.now()
+
+    def now(self) -> Finish:
         return Finish("", None, self.prompt_tokens, self.completion_tokens, 0)
 
 
@@ -147,7 +150,7 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
                 role="system" if m.role == "developer" else m.role,
                 content=content or "",
                 name=m.name or "",
-                tool_calls_json=json.dumps(m.tool_calls) if m.tool_calls else "",
+                tool_calls_json=json.dumps(calls) if (calls := message_tool_calls(m)) else "",
                 tool_call_id=m.tool_call_id or "",
             )
         )
@@ -162,6 +165,14 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
         if req.chat_template_kwargs
         else "",
     )
+
+
+def message_tool_calls(message) -> list[dict] | None:
+    """An assistant message's calls: tool_calls, or the one call of OpenAI's deprecated
+    function_call (shown to the chat template as a tool call)."""
+    if message.tool_calls or not message.function_call:
+        return message.tool_calls
+    return [{"id": "", "type": "function", "function": message.function_call}]
 
 
 def chat_input(
@@ -300,13 +311,15 @@ async def chat_events(
     options: ChatOptions,
     cancellation: Cancellation | None = None,
 ) -> AsyncIterator[dict]:
-    """Per choice: a role chunk, content (or tool-call) deltas, one chunk with its finish_reason;
-    then the usage chunk when asked for."""
+    """Per choice: a role chunk, content (or tool-call) deltas, the last of them carrying the
+    finish_reason (an empty delta carries it when the finish brings no output of its own); then
+    the usage chunk when asked for."""
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
     splitters = [options.reasoning.splitter() if options.reasoning else None for _ in requests]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
+    held: dict[int, list[ChatPiece]] = {}  # a choice's last output, until its Finish (next item)
     finishes: list[Finish | None] = [None] * len(requests)
     try:
         index, item = await anext(
@@ -316,6 +329,7 @@ async def chat_events(
             if index not in started:
                 started.add(index)
                 yield fmt.chat_chunk(meta, {"role": "assistant", "content": ""}, index=index)
+            parser = parsers[index]
             if isinstance(item, Delta):
                 running = counts.add(item)
                 if options.token_ids is not None:
@@ -325,25 +339,36 @@ async def chat_events(
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
                 reasoning, text = split_delta(splitters[index], item.text)
-                events = parsers[index].feed(text) if parsers[index] else ([text] if text else [])
-                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
+                events = parser.feed(text) if parser else ([text] if text else [])
+                deltas = reasoning_deltas(reasoning) + chat_deltas(events)
+                pieces = chat_pieces(deltas, logprobs, running)
+                if item.last:
+                    held[index] = pieces
+                    pieces = []
+                for delta, logprobs, running in pieces:
                     yield fmt.chat_chunk(
                         meta, delta, logprobs=logprobs, index=index, running=running
                     )
-                    logprobs = None
-                if logprobs:
-                    yield fmt.chat_chunk(
-                        meta, {"content": ""}, logprobs=logprobs, index=index, running=running
-                    )
             else:
                 finishes[index] = item
-                parser = parsers[index]
+                pieces = held.pop(index, [])
                 reasoning, text = split_rest(splitters[index])
                 events = (parser.feed(text) + parser.finish()) if parser is not None else [text]
-                for delta in reasoning_deltas(reasoning) + chat_deltas(events):
-                    yield fmt.chat_chunk(meta, delta, index=index)
-                reason = "tool_calls" if parser is not None and parser.tool_calls else item.reason
-                yield fmt.chat_chunk(meta, {}, reason, index=index)
+                deltas = reasoning_deltas(reasoning) + chat_deltas(events)
+                pieces += chat_pieces(deltas, None, counts.now())
+                reason = fmt.chat_finish_reason(
+                    item.reason, parser is not None and bool(parser.tool_calls)
+                )
+                pieces = pieces or [({}, None, None)]
+                for i, (delta, logprobs, running) in enumerate(pieces):
+                    yield fmt.chat_chunk(
+                        meta,
+                        delta,
+                        reason if i == len(pieces) - 1 else None,
+                        logprobs=logprobs,
+                        index=index,
+                        running=running,
+                    )
             try:
                 index, item = await anext(stream)
             except StopAsyncIteration:
@@ -358,6 +383,18 @@ async def chat_events(
 
 def reasoning_deltas(reasoning: str) -> list[dict]:
     return [fmt.reasoning_delta(reasoning)] if reasoning else []
+
+
+ChatPiece = tuple[dict, dict | None, Finish | None]  # one chunk's delta, logprobs, running counts
+
+
+def chat_pieces(
+    deltas: list[dict], logprobs: dict | None, running: Finish | None
+) -> list[ChatPiece]:
+    """The chunks of one Delta: its logprobs ride on the first (or on an empty content delta)."""
+    if not deltas:
+        return [({"content": ""}, logprobs, running)] if logprobs else []
+    return [(d, logprobs if i == 0 else None, running) for i, d in enumerate(deltas)]
 
 
 def chat_deltas(events: list) -> list[dict]:
@@ -546,6 +583,7 @@ async def completion_events(
     stream = merged_streams(engine, requests, cancellation)
     offsets = [len(echo) for echo in echoes]
     counts = RunningCounts(requests, n)
+    held: dict[int, tuple] = {}  # a choice's last output, until its Finish (the next item)
     finishes: list[Finish | None] = [None] * len(requests)
     # With logprobs, an echo waits for its choice's first delta, which brings the prompt's logprobs.
     echo_waits = {i for i, echo in enumerate(echoes) if echo and want_logprobs}
@@ -564,7 +602,10 @@ async def completion_events(
                 yield fmt.completion_chunk(meta, echoes[index], logprobs=echo_logprobs, index=index)
             if isinstance(item, Finish):
                 finishes[index] = item
-                yield fmt.completion_chunk(meta, "", item.reason, index=index)
+                text, logprobs, running = held.pop(index, ("", None, None))
+                yield fmt.completion_chunk(
+                    meta, text, item.reason, logprobs=logprobs, index=index, running=running
+                )
                 continue
             running = counts.add(item)
             if token_ids is not None:
@@ -574,7 +615,9 @@ async def completion_events(
                 texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                 logprobs = fmt.completion_logprobs(item.logprobs, texts, offsets[index])
             offsets[index] += len(item.text)
-            if item.text or logprobs or meta.continuous_usage:
+            if item.last:
+                held[index] = (item.text, logprobs, running)
+            elif item.text or logprobs or meta.continuous_usage:
                 yield fmt.completion_chunk(
                     meta, item.text, logprobs=logprobs, index=index, running=running
                 )

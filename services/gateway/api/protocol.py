@@ -1,27 +1,76 @@
-"""Request bodies of the REST APIs (OpenAI and SGLang native). Unknown fields are ignored."""
+"""Request bodies of the REST APIs (OpenAI and SGLang native).
+
+Unknown fields are rejected, never silently ignored: a field a body does not declare is a 400 naming
+it. A field that clients send routinely and whose absence of effect is harmless is accepted and
+ignored, listed in its body's `ignored` with the reason (subclasses add to their bases' lists)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's range for seed
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Body(BaseModel):
+    """A request body: undeclared fields are refused (see ignored_fields for the accepted ones).
+    A subclass declares the fields it honours and lists in `ignored` those it accepts without
+    effect; honouring a listed field later means declaring it and taking it off the list."""
+
+    model_config = ConfigDict(extra="forbid")
+    # field -> why accepting and ignoring it is harmless; merged with every base class's list
+    ignored: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def ignored_fields(cls) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("ignored", {}))
+        return merged
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = cls.ignored_fields()
+            if not ignored.keys().isdisjoint(data):
+                data = {k: v for k, v in data.items() if k not in ignored}
+        return data
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
+    ignored = {
+        "include_obfuscation": "OpenAI pads chunks against network side channels; none is sent here",
+    }
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
-class ContentPart(_Body):
+class ContentPart(BaseModel):
+    # Every part type brings its own fields (image_url, input_audio, file, cache_control, ...):
+    # they are not checked here; the route refuses any part that is not text, by its type.
+    model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
 
 
-class ChatMessageIn(_Body):
+class ChatMessageIn(Body):
+    # What clients echo back of an earlier assistant turn, which the prompt does not need.
+    ignored = {
+        "refusal": "an earlier answer's refusal text (null for any answer this server gave)",
+        "annotations": "an earlier answer's URL citations",
+        "audio": "the id of an earlier answer's audio; this server produces text only",
+        "reasoning_content": "an earlier answer's reasoning, which chat templates leave out",
+        "reasoning": "vLLM's name for reasoning_content",
+    }
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Before content, so that its check below sees them.
     tool_calls: list[dict[str, Any]] | None = None
@@ -50,7 +99,7 @@ class ChatMessageIn(_Body):
         return content
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(Body):
     """vLLM's structured_outputs: one of these constrains the output (pipeline/structured_output.py)."""
 
     json_schema: str | dict[str, Any] | bool | None = Field(default=None, alias="json")
@@ -60,15 +109,25 @@ class StructuredOutputs(_Body):
     json_object: bool | None = None
 
 
-class _OpenAISampling(_Body):
+class _OpenAISampling(Body):
     """Fields shared by chat and text completions."""
+
+    ignored = {
+        "user": "an end-user id for OpenAI's abuse monitoring; nothing is monitored here",
+        "metadata": "tags for OpenAI's stored-completions dashboard; nothing is stored here",
+        "store": "OpenAI keeps chat completions for its dashboard and evals; none is kept here",
+        "service_tier": "OpenAI's billing and latency tier; this server has one tier",
+        "prompt_cache_key": "a cache-routing hint; the radix cache finds shared prefixes itself",
+        "safety_identifier": "an end-user id for OpenAI's abuse monitoring, like user",
+        "priority": "vLLM's scheduling priority; this scheduler serves in arrival order",
+    }
 
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -82,7 +141,6 @@ class _OpenAISampling(_Body):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
-    user: str | None = None
     # Structured output: OpenAI's response_format, or SGLang's regex / ebnf extensions.
     response_format: dict[str, Any] | None = None
     regex: str | None = None
@@ -95,10 +153,17 @@ class _OpenAISampling(_Body):
     )
     prompt_logprobs: int | None = None  # vLLM: this many top alternatives per prompt token
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options, info: ValidationInfo):
+        """As OpenAI and vLLM: stream_options (other than null) only with stream true."""
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
 
 class ChatCompletionRequest(_OpenAISampling):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
@@ -111,12 +176,21 @@ class ChatCompletionRequest(_OpenAISampling):
             ]
         },
     )
+    ignored = {
+        "parallel_tool_calls": "the tool parser returns every call the model makes",
+        "prediction": "a predicted output only speeds generation up; the output is the same",
+        "reasoning_effort": "a hint to reasoning models; the served model reasons as it does",
+        "verbosity": "a length hint to OpenAI's models; max_tokens bounds the length here",
+        "web_search_options": "no search tool here: the model answers from what it knows",
+        "audio": "output audio settings, inert: modalities allows only text",
+    }
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    modalities: list[Literal["text"]] | None = None  # text is the only output
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables
@@ -126,7 +200,6 @@ class ChatCompletionRequest(_OpenAISampling):
 
 class CompletionRequest(_OpenAISampling):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"prompt": "Once upon a time", "max_tokens": 16},
@@ -141,18 +214,17 @@ class CompletionRequest(_OpenAISampling):
     best_of: int | None = None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(Body):
     """vLLM's and SGLang's /tokenize: a prompt (SGLang: or a list of them), or chat messages (vLLM)."""
 
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [{"prompt": "Hello!"}, {"messages": [{"role": "user", "content": "Hi"}]}]
         },
     )
     model: str | None = None
     prompt: str | list[str] | None = None
-    messages: list[ChatMessageIn] | None = None
+    messages: list[ChatMessageIn] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (vLLM)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -160,13 +232,13 @@ class TokenizeRequest(_Body):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Body):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"tokens": [1, 2]}]})
+class DetokenizeRequest(Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2]}]})
     model: str | None = None
     tokens: list[int] | list[list[int]]
 
 
-class NativeSamplingParams(_Body):
+class NativeSamplingParams(Body):
     # None: the server's default (--preferred-sampling-params ...), else SGLang's (max_new_tokens 128,
     # temperature 1, top_p 1, top_k -1, min_p 0, no penalties): pipeline/sampling.py build_sampling.
     max_new_tokens: int | None = None
@@ -178,7 +250,7 @@ class NativeSamplingParams(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    seed: int | None = Field(default=None, alias="sampling_seed")
+    seed: int | None = Field(default=None, alias="sampling_seed", ge=INT64_MIN, le=INT64_MAX)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -188,12 +260,11 @@ class NativeSamplingParams(_Body):
     ebnf: str | None = None
     stop_regex: str | list[str] | None = None
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
-class NativeGenerateRequest(_Body):
+class NativeGenerateRequest(Body):
     model_config = ConfigDict(
-        extra="ignore",
         json_schema_extra={
             "examples": [
                 {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 16}},
@@ -214,11 +285,11 @@ class NativeGenerateRequest(_Body):
     token_ids_logprob: list[int] | None = None
 
 
-class AbortRequest(_Body):
+class AbortRequest(Body):
     """SGLang's POST /abort_request: one request by id, or every request."""
 
     model_config = ConfigDict(
-        extra="ignore", json_schema_extra={"examples": [{"rid": "my-request"}, {"abort_all": True}]}
+        json_schema_extra={"examples": [{"rid": "my-request"}, {"abort_all": True}]}
     )
     rid: str | None = None
     abort_all: bool = False

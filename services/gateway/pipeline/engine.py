@@ -438,8 +438,13 @@ class Engine:
                     len(msg.token_ids)
                 )  # after detokenizing: TTFT as the client sees it
                 if text or msg.token_ids:
+                    last = done or matched_stop is not None
                     yield Delta(
-                        text, list(msg.token_ids), list(msg.logprobs), list(msg.prompt_logprobs)
+                        text,
+                        list(msg.token_ids),
+                        list(msg.logprobs),
+                        list(msg.prompt_logprobs),
+                        last,
                     )
                 if matched_stop is not None:
                     events.close()  # aborts the request in the scheduler and frees its KV

@@ -52,6 +52,9 @@ class Delta:
     # On the first delta, when sampling.prompt_logprob_start is set: prompt tokens' logprobs, from
     # prompt index max(prompt_logprob_start, 1) on.
     prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    # The generation's Finish comes next, at once: the same scheduler message ended it. A streamed
+    # response puts finish_reason on this Delta's chunk instead of sending one more empty chunk.
+    last: bool = False
 
 
 @dataclass

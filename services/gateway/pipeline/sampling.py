@@ -97,6 +97,10 @@ def _has_lone_surrogate(data) -> bool:
 
 
 def validation_error(errors) -> Exception:
+    unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:  # in OpenAI's words, naming the first (the path, for a nested one)
+        param = ".".join(str(part) for part in unknown[0]["loc"])
+        return bad_request(f"Unrecognized request argument supplied: {param}", param=param)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
     param = ".".join(loc) or None

@@ -60,14 +60,16 @@ def tool_call_from_object(
     return ToolCall(name=obj["name"], arguments=serialise_arguments(arguments))
 
 
-def tool_call_deltas(index: int, call: ToolCall) -> list[dict]:
-    """The streamed `choices[].delta.tool_calls` items announcing a call, then carrying its arguments whole."""
-    return [
-        {
-            "index": index,
-            "id": call.id,
-            "type": call.type,
-            "function": {"name": call.name, "arguments": ""},
-        },
-        {"index": index, "function": {"arguments": call.arguments}},
-    ]
+def call_start_delta(index: int, call: ToolCall) -> dict:
+    """The streamed `choices[].delta.tool_calls` item announcing a call (its arguments follow)."""
+    return {
+        "index": index,
+        "id": call.id,
+        "type": call.type,
+        "function": {"name": call.name, "arguments": ""},
+    }
+
+
+def arguments_delta(index: int, text: str) -> dict:
+    """A streamed piece of call `index`'s arguments."""
+    return {"index": index, "function": {"arguments": text}}

@@ -1,17 +1,30 @@
 """Llama 3.1 / 3.2 JSON calls: `{"name": ..., "parameters": {...}}`, several joined by `;`.
 
 Calls are recognised when the output opens with a JSON object, or after `<|python_tag|>`.
-Once something that is not a call follows, the rest of the output is content."""
+Once something that is not a call follows, the rest of the output is content. A call that opens
+`{"name": "...", "parameters": {` streams its arguments as they come; others resolve whole."""
 
 from __future__ import annotations
 
 import json
 
+from radixserve.gateway.pipeline.tool_parsers.arguments import (
+    MORE,
+    YES,
+    ArgumentsWriter,
+    match_call_header,
+)
 from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
 from radixserve.gateway.pipeline.text_markers import partial_marker_length
-from radixserve.gateway.pipeline.tool_parsers.streaming import Segment
+from radixserve.gateway.pipeline.tool_parsers.streaming import (
+    ArgumentsText,
+    CallEnd,
+    CallStart,
+    Segment,
+)
 
 PYTHON_TAG = "<|python_tag|>"
+ARGUMENT_KEYS = ("parameters", "arguments")
 _decoder = json.JSONDecoder()
 
 
@@ -19,6 +32,7 @@ class Llama3Scanner:
     def __init__(self):
         self._phase = self._undecided
         self._made_call = False
+        self._writer: ArgumentsWriter | None = None  # the open call's arguments, then its object
 
     def scan(self, text: str, final: bool) -> tuple[list[Segment], str]:
         segments: list[Segment] = []
@@ -61,19 +75,48 @@ class Llama3Scanner:
                 return ""
             call = None
             if rest.startswith("{"):
+                status, name, brace = match_call_header(text, at, ARGUMENT_KEYS)
+                if status == MORE and not final:
+                    return text[resolved:]
+                if status == YES:
+                    segments.append(CallStart(name))
+                    self._writer = ArgumentsWriter()
+                    self._phase = self._arguments
+                    return text[brace:]
                 try:
                     decoded, end = _decoder.raw_decode(text, at)
                 except ValueError:  # not complete yet, or not JSON
                     if not final:
                         return text[resolved:]
                 else:
-                    call = tool_call_from_object(decoded, ("parameters", "arguments"))
+                    call = tool_call_from_object(decoded, ARGUMENT_KEYS)
             if call is None:
                 self._phase = self._plain_content
                 return text[resolved:]
             segments.append(call)
             self._made_call = True
             resolved = end
+
+    def _arguments(self, text: str, final: bool, segments: list[Segment]) -> str:
+        _, closed = self._writer.feed(text)
+        if closed is None:
+            segments.append(ArgumentsText(text))
+            if final:
+                segments.append(CallEnd())
+            return ""
+        segments += [ArgumentsText(text[:closed]), CallEnd()]
+        self._made_call = True
+        self._writer = ArgumentsWriter()
+        self._writer.depth = 1  # what is left of the call's own object, dropped
+        self._phase = self._rest_of_call
+        return text[closed:]
+
+    def _rest_of_call(self, text: str, final: bool, segments: list[Segment]) -> str:
+        _, closed = self._writer.feed(text)
+        if closed is None:
+            return ""
+        self._phase = self._calls
+        return text[closed:]
 
     def _plain_content(self, text: str, final: bool, segments: list[Segment]) -> str:
         segments.append(text)

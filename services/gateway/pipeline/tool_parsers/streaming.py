@@ -1,17 +1,43 @@
 """The streaming driver shared by all formats, and non-streaming parsing as one feed of the whole text.
 
 A format is a Scanner: given the text not yet resolved, it resolves what it can into content and
-tool calls and returns the rest to be held until more text arrives. Around resolved calls the driver
-drops separator whitespace, and holds trailing whitespace until it knows whether a call follows."""
+tool calls and returns the rest to be held until more text arrives. A call comes either whole (a
+ToolCall) or as it is written: CallStart once its name is known, the arguments' text in pieces
+(ArgumentsText), CallEnd. Around calls the driver drops separator whitespace, and holds trailing
+whitespace until it knows whether a call follows."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Protocol, Union
 
-from radixserve.gateway.pipeline.tool_parsers.calls import ParsedOutput, ToolCall, tool_call_deltas
+from radixserve.gateway.pipeline.tool_parsers.arguments import ArgumentsWriter
+from radixserve.gateway.pipeline.tool_parsers.calls import (
+    ParsedOutput,
+    ToolCall,
+    arguments_delta,
+    call_start_delta,
+)
 
-Segment = Union[str, ToolCall]
+
+@dataclass(frozen=True)
+class CallStart:
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsText:
+    """Model text of the open call's arguments object (re-serialised by the driver)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    """The open call is over (its arguments may be cut short)."""
+
+
+Segment = Union[str, ToolCall, CallStart, ArgumentsText, CallEnd]
 StreamEvent = Union[str, dict]  # a content delta, or one OpenAI `delta.tool_calls` item
 
 
@@ -28,6 +54,7 @@ class StreamingToolParser:
         self._unresolved = ""
         self._held_whitespace = ""
         self._after_call = False
+        self._writer: ArgumentsWriter | None = None  # the open call's arguments
         self.tool_calls: list[ToolCall] = []
 
     def feed(self, delta_text: str) -> list[StreamEvent]:
@@ -38,6 +65,8 @@ class StreamingToolParser:
         segments, _ = self._scanner.scan(self._unresolved, final=True)
         self._unresolved = ""
         events = self._events(segments)
+        if self._writer is not None:  # cut off inside its arguments
+            events += self._events([CallEnd()])
         if self._held_whitespace:
             _append_content(events, self._held_whitespace)
             self._held_whitespace = ""
@@ -47,13 +76,38 @@ class StreamingToolParser:
         events: list[StreamEvent] = []
         for segment in segments:
             if isinstance(segment, ToolCall):
-                self._held_whitespace = ""
+                self._start_call(segment, events)
+                events.append(arguments_delta(len(self.tool_calls) - 1, segment.arguments))
                 self._after_call = True
-                events.extend(tool_call_deltas(len(self.tool_calls), segment))
-                self.tool_calls.append(segment)
+            elif isinstance(segment, CallStart):
+                self._start_call(ToolCall(name=segment.name, arguments=""), events)
+                self._writer = ArgumentsWriter()
+            elif isinstance(segment, ArgumentsText):
+                self._add_arguments(self._writer.feed(segment.text)[0], events)
+            elif isinstance(segment, CallEnd):
+                if self._writer is not None:
+                    self._add_arguments(self._writer.flush(), events)
+                self._writer = None
+                self._after_call = True
             else:
                 self._add_content(segment, events)
         return events
+
+    def _start_call(self, call: ToolCall, events: list[StreamEvent]) -> None:
+        self._held_whitespace = ""
+        events.append(call_start_delta(len(self.tool_calls), call))
+        self.tool_calls.append(call)
+
+    def _add_arguments(self, text: str, events: list[StreamEvent]) -> None:
+        if not text:
+            return
+        index = len(self.tool_calls) - 1
+        self.tool_calls[index].arguments += text
+        last = events[-1] if events else None
+        if isinstance(last, dict) and last["index"] == index and "id" not in last:
+            last["function"]["arguments"] += text
+        else:
+            events.append(arguments_delta(index, text))
 
     def _add_content(self, text: str, events: list[StreamEvent]) -> None:
         if self._after_call:
