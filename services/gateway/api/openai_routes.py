@@ -21,6 +21,7 @@ from radixserve.gateway.pipeline.chat_reasoning import (
     split_rest,
     split_text,
 )
+from radixserve.gateway.pipeline import special_tokens
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools, tools_for_template
 from radixserve.gateway.pipeline.reasoning_parsers import ReasoningParser
 from radixserve.gateway.pipeline.choices import complete_all, fan_out, merged_streams, total_usage
@@ -220,6 +221,7 @@ async def chat_completions(request: Request):
         constrained=prepared.sampling.constraint is not None,
     )
     options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning)
+    prepared = special_tokens.for_parsers(prepared, tools, reasoning)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
