@@ -16,6 +16,7 @@ from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
 from radixserve.gateway.pipeline.chat_reasoning import (
+    ReasoningDelivery,
     reasoning_parser_for,
     split_delta,
     split_rest,
@@ -195,6 +196,8 @@ class ChatOptions:
     with_top: bool
     tools: ToolPlan | None
     reasoning: ReasoningParser | None = None
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -220,7 +223,14 @@ async def chat_completions(request: Request):
         req.chat_template_kwargs,
         constrained=prepared.sampling.constraint is not None,
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning)
+    options = ChatOptions(
+        bool(req.logprobs),
+        bool(req.top_logprobs),
+        tools,
+        reasoning,
+        req.stream_reasoning,
+        req.include_reasoning,
+    )
     prepared = special_tokens.for_parsers(prepared, tools, reasoning)
     requests = fan_out(prepared, n)
     meta = response_meta(engine, prepared.request_id, req)
@@ -258,7 +268,8 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
         text, calls = parsed.content, [call.to_openai() for call in parsed.tool_calls]
     if options.reasoning is not None and not text:
         text = None
-    return fmt.chat_choice(index, text, result.finish, logprobs, calls, split.reasoning)
+    reasoning = split.reasoning if options.include_reasoning else None
+    return fmt.chat_choice(index, text, result.finish, logprobs, calls, reasoning)
 
 
 async def chat_events(
@@ -273,6 +284,9 @@ async def chat_events(
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
     splitters = [options.reasoning.splitter() if options.reasoning else None for _ in requests]
+    deliveries = [
+        ReasoningDelivery(options.stream_reasoning, options.include_reasoning) for _ in requests
+    ]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
     finishes: list[Finish | None] = [None] * len(requests)
@@ -291,6 +305,7 @@ async def chat_events(
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
                 reasoning, text = split_delta(splitters[index], item.text)
+                reasoning = deliveries[index].deliver(reasoning, flush=bool(text))
                 events = parsers[index].feed(text) if parsers[index] else ([text] if text else [])
                 for delta in reasoning_deltas(reasoning) + chat_deltas(events):
                     yield fmt.chat_chunk(
@@ -305,6 +320,7 @@ async def chat_events(
                 finishes[index] = item
                 parser = parsers[index]
                 reasoning, text = split_rest(splitters[index])
+                reasoning = deliveries[index].deliver(reasoning, flush=True)
                 events = (parser.feed(text) + parser.finish()) if parser is not None else [text]
                 for delta in reasoning_deltas(reasoning) + chat_deltas(events):
                     yield fmt.chat_chunk(meta, delta, index=index)

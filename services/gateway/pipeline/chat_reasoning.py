@@ -83,3 +83,26 @@ class CountingSplitter:
     @property
     def reasoning_tokens(self) -> int:
         return self._tokens_before_content if self._had_reasoning else 0
+
+
+class ReasoningDelivery:
+    """How a streamed choice's reasoning reaches the client: as it comes; with stream_reasoning
+    false (SGLang's), held and sent in one piece once the content starts or the output ends; with
+    include_reasoning false (vLLM's), not at all."""
+
+    def __init__(self, stream_reasoning: bool = True, include_reasoning: bool = True):
+        self._stream = stream_reasoning
+        self._include = include_reasoning
+        self._held = ""
+
+    def deliver(self, reasoning: str, flush: bool) -> str:
+        """The reasoning to send now, given this delta's; flush: the reasoning is over."""
+        if not self._include:
+            return ""
+        if self._stream:
+            return reasoning
+        self._held += reasoning
+        if not flush:
+            return ""
+        held, self._held = self._held, ""
+        return held
