@@ -616,3 +616,15 @@ def test_output_cut_inside_the_reasoning_is_incomplete_reasoning(thinking_client
     assert reasoning.content[0].text == THINKING[len("<think>") : 12]
     assert reasoning.status == message.status == "incomplete" and resp.output_text == ""
     assert resp.usage.output_tokens_details.reasoning_tokens == 12
+
+
+def test_reasoning_items_sent_back_as_input_are_left_out_of_the_prompt(thinking_client, backends):
+    first = thinking_client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
+    replayed = [item.model_dump(exclude_none=True) for item in first.output]
+    second = thinking_client.responses.create(
+        model=MODEL, input=[*replayed, {"role": "user", "content": script("Thanks.")}], store=False
+    )
+    assert second.output_text == "Thanks."
+    assert last_prompt(backends) == conversation(
+        ("assistant", "Sunny."), ("user", script("Thanks."))
+    )

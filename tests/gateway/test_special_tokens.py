@@ -174,3 +174,15 @@ def test_without_such_a_parser_special_tokens_are_skipped_as_before(plain_gw):
         extra_body={"skip_special_tokens": False},
     )
     assert text.choices[0].text == "Hi[TOOL_CALLS]"
+
+
+def test_responses_api_reads_special_token_calls_too(mistral_gw):
+    response = client_of(mistral_gw).responses.create(
+        model=fakes.MODEL,
+        input=SCRIPT_OPEN + TOOL_OUTPUT + SCRIPT_CLOSE,
+        tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+    )
+    message, call = response.output
+    assert response.output_text == "Sure." and message.type == "message"
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == CALL_ARGS

@@ -14,6 +14,7 @@ from radixserve.gateway.api.responses_protocol import (
     FunctionToolChoice,
     InputContentPart,
     InputMessage,
+    ReasoningItem,
     ResponsesRequest,
     TextFormatJsonObject,
     TextFormatJsonSchema,
@@ -38,12 +39,19 @@ def input_items(req: ResponsesRequest) -> list[dict]:
     return [_stored_item(item) for item in req.input]
 
 
-def _stored_item(item: InputMessage | FunctionCallItem | FunctionCallOutputItem) -> dict:
+def _stored_item(
+    item: InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+) -> dict:
     data = item.model_dump(exclude_none=True)
     if isinstance(item, InputMessage) and isinstance(item.content, str):
         kind = "output_text" if item.role == "assistant" else "input_text"
         data["content"] = [{"type": kind, "text": item.content}]
-    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}[item.type]
+    prefix = {
+        "message": "msg",
+        "function_call": "fc",
+        "function_call_output": "fco",
+        "reasoning": "rs",
+    }[item.type]
     data.setdefault("id", new_id(prefix))
     data.setdefault("status", "completed")
     return data
