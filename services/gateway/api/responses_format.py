@@ -63,9 +63,8 @@ def chat_messages(instructions: str | None, items: list[dict]) -> list[dict]:
     messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
     for i, item in enumerate(items):
         kind = item["type"]
-        if (
-            kind == "reasoning"
-        ):  # earlier turns' reasoning is not shown again (as chat templates do)
+        # Earlier turns' reasoning is not shown to the model again (as chat templates do).
+        if kind == "reasoning":
             continue
         if kind == "message":
             messages.append({"role": item["role"], "content": _text(item["content"], i)})
