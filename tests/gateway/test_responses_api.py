@@ -618,7 +618,9 @@ def test_output_cut_inside_the_reasoning_is_incomplete_reasoning(thinking_client
     assert resp.usage.output_tokens_details.reasoning_tokens == 12
 
 
-def test_reasoning_items_sent_back_as_input_are_left_out_of_the_prompt(thinking_client, backends):
+def test_reasoning_items_sent_back_as_input_are_left_out_of_the_prompt(
+    thinking_gw, thinking_client, backends
+):
     first = thinking_client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
     replayed = [item.model_dump(exclude_none=True) for item in first.output]
     second = thinking_client.responses.create(
@@ -628,3 +630,5 @@ def test_reasoning_items_sent_back_as_input_are_left_out_of_the_prompt(thinking_
     assert last_prompt(backends) == conversation(
         ("assistant", "Sunny."), ("user", script("Thanks."))
     )
+    only_reasoning = post(thinking_gw, {"input": replayed[:1]})
+    assert only_reasoning.status_code == 400 and only_reasoning.json()["error"]["param"] == "input"

@@ -177,6 +177,8 @@ async def create_response(request: Request):
     if not own_items and not history:
         raise bad_request("input must not be empty", param="input")
     items = history + own_items
+    if all(item["type"] == "reasoning" for item in items):
+        raise bad_request("input must hold more than reasoning items", param="input")
     live = live_requests(request)
     response_id = rfmt.new_id("resp")
     chat, prepared = await live.deadline(started).run(prepare(engine, req, items, response_id))
