@@ -220,7 +220,7 @@ def test_eos_and_stop_token_ids(gw, client):
         gw.base_url + "/generate",
         json={"text": "a", "sampling_params": {"max_new_tokens": 30, "stop_token_ids": [ord("k")]}},
     )
-    assert r.json()["text"] == "The quick"
+    assert r.json()["text"] == "The quic"  # the stop token's text is not shown (as SGLang, vLLM)
     assert r.json()["meta_info"]["finish_reason"] == {"type": "stop", "matched": ord("k")}
 
 

@@ -262,3 +262,47 @@ def test_which_requests_get_their_reasoning_split():
     assert reasoning_parser_for(engine, constrained=True) is None
     engine.args.reasoning_parser = None
     assert reasoning_parser_for(engine) is None
+
+
+def streamed_parts(client, **extra) -> list[tuple[str, str]]:
+    """The stream's ("reasoning" | "content", text) deltas in order."""
+    parts = []
+    for chunk in chat(client, stream=True, **extra):
+        for choice in chunk.choices:
+            extra_fields = choice.delta.model_extra or {}
+            if extra_fields.get("reasoning_content"):
+                assert extra_fields["reasoning"] == extra_fields["reasoning_content"]
+                parts.append(("reasoning", extra_fields["reasoning_content"]))
+            if choice.delta.content:
+                parts.append(("content", choice.delta.content))
+    return parts
+
+
+def test_stream_reasoning_false_sends_the_reasoning_in_one_chunk(thinking_model, client):
+    whole = chat(client).choices[0].message
+    parts = streamed_parts(client, stream_reasoning=False)
+    assert parts[0] == ("reasoning", whole.model_extra["reasoning_content"])
+    assert [kind for kind, _ in parts[1:]] == ["content"] * (len(parts) - 1) and len(parts) > 2
+    assert "".join(text for _, text in parts[1:]) == whole.content
+    # Cut inside the reasoning: it comes whole at the end.
+    cut = client.chat.completions.create(
+        model=fakes.MODEL,
+        messages=fakes.MESSAGES,
+        max_tokens=19,
+        stream=True,
+        extra_body={"stream_reasoning": False},
+    )
+    reasoning = [
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in cut if c.choices
+    ]
+    assert [r for r in reasoning if r] == ["Maybe <tool"]
+
+
+def test_include_reasoning_false_leaves_the_reasoning_out(thinking_model, client):
+    whole = chat(client).choices[0].message
+    message = chat(client, include_reasoning=False).choices[0].message
+    assert message.content == whole.content
+    assert message.model_extra["reasoning_content"] is None
+    parts = streamed_parts(client, include_reasoning=False)
+    assert {kind for kind, _ in parts} == {"content"}
+    assert "".join(text for _, text in parts) == whole.content

@@ -512,3 +512,123 @@ def test_finish_reasons_map_to_response_statuses():
         "incomplete",
         "cancelled",
     ]
+
+
+# ---- reasoning (--reasoning-parser) ----
+
+THOUGHT = "Paris is in France."
+THINKING = f"<think>{THOUGHT}</think>"
+
+
+@pytest.fixture(scope="module")
+def thinking_gw(backends):
+    running = RunningGateway(backends, tool_call_parser="hermes", reasoning_parser="qwen3")
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def thinking_client(thinking_gw):
+    return openai.OpenAI(
+        base_url=thinking_gw.base_url + "/v1", api_key="x", max_retries=0, timeout=30
+    )
+
+
+def test_reasoning_comes_as_a_reasoning_item_before_the_message(thinking_client, client):
+    resp = thinking_client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
+    reasoning, message = resp.output
+    assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_")
+    assert reasoning.summary == [] and reasoning.status == "completed"
+    assert [(c.type, c.text) for c in reasoning.content] == [("reasoning_text", THOUGHT)]
+    assert message.type == "message" and resp.output_text == "Sunny."
+    # The tokens up to the delta that brings the first content (the fake sends two a message).
+    tokens = resp.usage.output_tokens_details.reasoning_tokens
+    assert len(THINKING) <= tokens <= len(THINKING) + 2 < resp.usage.output_tokens
+    # Without --reasoning-parser the text is all content and no token is reasoning.
+    plain = client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
+    assert plain.output_text == THINKING + "Sunny."
+    assert plain.usage.output_tokens_details.reasoning_tokens == 0
+
+
+def test_reasoning_streams_as_reasoning_text_events(thinking_gw, thinking_client):
+    body = {"input": script(THINKING + "Sunny."), "stream": True}
+    with httpx.stream("POST", thinking_gw.base_url + "/v1/responses", json=body, timeout=30) as r:
+        frames = r.read().decode().strip("\n").split("\n\n")
+    events = [EVENTS.validate_python(json.loads(f.split("\n")[1][6:])) for f in frames]
+    kinds = [e.type for e in events]
+    first_text = kinds.index("response.output_text.delta")
+    assert kinds[2:5] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+    ]
+    assert kinds[first_text - 5 : first_text] == [
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert events[2].item.type == "reasoning" and events[3].part.type == "reasoning_text"
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == THOUGHT
+    [done] = [e for e in events if e.type == "response.reasoning_text.done"]
+    assert done.text == THOUGHT and done.output_index == 0
+    final = events[-1].response
+    assert final.status == "completed" and final.output_text == "Sunny."
+    assert final.usage.output_tokens_details.reasoning_tokens >= len(THINKING)
+    done_items = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.model_dump() for i in done_items] == [o.model_dump() for o in final.output]
+    whole = thinking_client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
+    assert [o.type for o in whole.output] == [o.type for o in final.output]
+
+
+def test_reasoning_then_a_call_and_the_next_turn_leaves_the_reasoning_out(
+    thinking_client, backends
+):
+    call_text = hermes_call("get_weather", {"city": "Paris"})
+    first = thinking_client.responses.create(
+        model=MODEL, input=script(THINKING + call_text), tools=[WEATHER]
+    )
+    reasoning, call = first.output
+    assert reasoning.type == "reasoning" and call.type == "function_call"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    second = thinking_client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": script("Sunny.")}
+        ],
+        tools=[WEATHER],
+    )
+    assert second.status == "completed" and second.output_text == "Sunny."
+    assert last_prompt(backends) == conversation(
+        ("user", script(THINKING + call_text)), ("assistant", ""), ("tool", script("Sunny."))
+    )
+
+
+def test_output_cut_inside_the_reasoning_is_incomplete_reasoning(thinking_client):
+    resp = thinking_client.responses.create(
+        model=MODEL, input=script(THINKING + "Sunny."), max_output_tokens=12
+    )
+    assert resp.status == "incomplete"
+    reasoning, message = resp.output
+    assert reasoning.content[0].text == THINKING[len("<think>") : 12]
+    assert reasoning.status == message.status == "incomplete" and resp.output_text == ""
+    assert resp.usage.output_tokens_details.reasoning_tokens == 12
+
+
+def test_reasoning_items_sent_back_as_input_are_left_out_of_the_prompt(
+    thinking_gw, thinking_client, backends
+):
+    first = thinking_client.responses.create(model=MODEL, input=script(THINKING + "Sunny."))
+    replayed = [item.model_dump(exclude_none=True) for item in first.output]
+    second = thinking_client.responses.create(
+        model=MODEL, input=[*replayed, {"role": "user", "content": script("Thanks.")}], store=False
+    )
+    assert second.output_text == "Thanks."
+    assert last_prompt(backends) == conversation(
+        ("assistant", "Sunny."), ("user", script("Thanks."))
+    )
+    only_reasoning = post(thinking_gw, {"input": replayed[:1]})
+    assert only_reasoning.status_code == 400 and only_reasoning.json()["error"]["param"] == "input"

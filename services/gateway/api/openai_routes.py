@@ -17,11 +17,13 @@ from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
 from radixserve.gateway.pipeline.chat_reasoning import (
+    ReasoningDelivery,
     reasoning_parser_for,
     split_delta,
     split_rest,
     split_text,
 )
+from radixserve.gateway.pipeline import special_tokens
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools, tools_for_template
 from radixserve.gateway.pipeline.reasoning_parsers import ReasoningParser
 from radixserve.gateway.pipeline.choices import complete_all, fan_out, merged_streams, total_usage
@@ -228,6 +230,8 @@ class ChatOptions:
     tools: ToolPlan | None
     reasoning: ReasoningParser | None = None
     token_ids: StreamedTokenIds | None = None  # return_token_ids
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
@@ -254,11 +258,20 @@ async def chat_completions(request: Request):
         req.chat_template_kwargs,
         constrained=prepared.sampling.constraint is not None,
     )
+    prepared = special_tokens.for_parsers(prepared, tools, reasoning)
     requests = fan_out(prepared, n)
     token_ids = StreamedTokenIds(
         bool(req.return_token_ids), [r.input_ids for r in requests], prompt_in_choice=False
     )
-    options = ChatOptions(bool(req.logprobs), bool(req.top_logprobs), tools, reasoning, token_ids)
+    options = ChatOptions(
+        bool(req.logprobs),
+        bool(req.top_logprobs),
+        tools,
+        reasoning,
+        token_ids,
+        stream_reasoning=req.stream_reasoning,
+        include_reasoning=req.include_reasoning,
+    )
     meta = response_meta(engine, prepared.request_id, req)
     cancellation = Cancellation()
     if req.stream:
@@ -301,7 +314,8 @@ async def chat_choice(engine: Engine, index: int, result: Completion, options: C
         text, calls = parsed.content, [call.to_openai() for call in parsed.tool_calls]
     if options.reasoning is not None and not text:
         text = None
-    return fmt.chat_choice(index, text, result.finish, logprobs, calls, split.reasoning)
+    reasoning = split.reasoning if options.include_reasoning else None
+    return fmt.chat_choice(index, text, result.finish, logprobs, calls, reasoning)
 
 
 async def chat_events(
@@ -317,6 +331,9 @@ async def chat_events(
     stream = merged_streams(engine, requests, cancellation)
     parsers = [options.tools.stream_parser() if options.tools else None for _ in requests]
     splitters = [options.reasoning.splitter() if options.reasoning else None for _ in requests]
+    deliveries = [
+        ReasoningDelivery(options.stream_reasoning, options.include_reasoning) for _ in requests
+    ]
     counts = RunningCounts(requests, len(requests))
     started: set[int] = set()
     held: dict[int, list[ChatPiece]] = {}  # a choice's last output, until its Finish (next item)
@@ -339,6 +356,7 @@ async def chat_events(
                     texts = await engine.token_texts(fmt.logprob_token_ids(item.logprobs))
                     logprobs = fmt.chat_logprobs(item.logprobs, texts, options.with_top)
                 reasoning, text = split_delta(splitters[index], item.text)
+                reasoning = deliveries[index].deliver(reasoning, flush=bool(text))
                 events = parser.feed(text) if parser else ([text] if text else [])
                 deltas = reasoning_deltas(reasoning) + chat_deltas(events)
                 pieces = chat_pieces(deltas, logprobs, running)
@@ -353,6 +371,7 @@ async def chat_events(
                 finishes[index] = item
                 pieces = held.pop(index, [])
                 reasoning, text = split_rest(splitters[index])
+                reasoning = deliveries[index].deliver(reasoning, flush=True)
                 events = (parser.feed(text) + parser.finish()) if parser is not None else [text]
                 deltas = reasoning_deltas(reasoning) + chat_deltas(events)
                 pieces += chat_pieces(deltas, None, counts.now())

@@ -196,6 +196,10 @@ class ChatCompletionRequest(_OpenAISampling):
     chat_template_kwargs: dict[str, Any] | None = None  # extra chat template variables
     # SGLang's: return the reasoning apart from the content (with --reasoning-parser)
     separate_reasoning: bool = True
+    # SGLang's: false sends a stream's reasoning in one chunk once it is over
+    stream_reasoning: bool = True
+    # vLLM's: false leaves the reasoning out of the response
+    include_reasoning: bool = True
 
 
 class CompletionRequest(_OpenAISampling):

@@ -14,6 +14,7 @@ from radixserve.gateway.api.responses_protocol import (
     FunctionToolChoice,
     InputContentPart,
     InputMessage,
+    ReasoningItem,
     ResponsesRequest,
     TextFormatJsonObject,
     TextFormatJsonSchema,
@@ -38,12 +39,19 @@ def input_items(req: ResponsesRequest) -> list[dict]:
     return [_stored_item(item) for item in req.input]
 
 
-def _stored_item(item: InputMessage | FunctionCallItem | FunctionCallOutputItem) -> dict:
+def _stored_item(
+    item: InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+) -> dict:
     data = item.model_dump(exclude_none=True)
     if isinstance(item, InputMessage) and isinstance(item.content, str):
         kind = "output_text" if item.role == "assistant" else "input_text"
         data["content"] = [{"type": kind, "text": item.content}]
-    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}[item.type]
+    prefix = {
+        "message": "msg",
+        "function_call": "fc",
+        "function_call_output": "fco",
+        "reasoning": "rs",
+    }[item.type]
     data.setdefault("id", new_id(prefix))
     data.setdefault("status", "completed")
     return data
@@ -55,6 +63,9 @@ def chat_messages(instructions: str | None, items: list[dict]) -> list[dict]:
     messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
     for i, item in enumerate(items):
         kind = item["type"]
+        # Earlier turns' reasoning is not shown to the model again (as chat templates do).
+        if kind == "reasoning":
+            continue
         if kind == "message":
             messages.append({"role": item["role"], "content": _text(item["content"], i)})
         elif kind == "function_call":
@@ -123,14 +134,14 @@ def response_format(req: ResponsesRequest) -> dict | None:
 # ---- output ----
 
 
-def usage(finish: Finish | None) -> dict | None:
+def usage(finish: Finish | None, reasoning_tokens: int = 0) -> dict | None:
     if finish is None:
         return None
     return {
         "input_tokens": finish.prompt_tokens,
         "input_tokens_details": {"cached_tokens": finish.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": finish.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
     }
 
@@ -156,6 +167,7 @@ class ResponseHead:
         output: list[dict],
         finish: Finish | None = None,
         error: dict | None = None,
+        reasoning_tokens: int = 0,
     ) -> dict:
         req = self.req
         choice = req.tool_choice or "auto"
@@ -194,14 +206,22 @@ class ResponseHead:
             ],
             "top_p": self.top_p,
             "truncation": req.truncation,
-            "usage": usage(finish),
+            "usage": usage(finish, reasoning_tokens),
             "user": req.user,
         }
 
 
+@dataclass(frozen=True)
+class ReasoningText:
+    """Reasoning split off the output, as it is fed to OutputBuilder beside content and calls."""
+
+    text: str
+
+
 class OutputBuilder:
-    """Builds the output items from the tool parser's events (content text, or chat tool-call deltas)
-    and, as it goes, the stream events that announce them, each with its sequence number."""
+    """Builds the output items from reasoning text and the tool parser's events (content text, or
+    chat tool-call deltas) and, as it goes, the stream events that announce them, each with its
+    sequence number."""
 
     def __init__(self, parallel_tool_calls: bool = True):
         self.parallel_tool_calls = parallel_tool_calls
@@ -218,7 +238,10 @@ class OutputBuilder:
     def feed(self, events: list) -> list[dict]:
         out: list[dict] = []
         for e in events:
-            if isinstance(e, str):
+            if isinstance(e, ReasoningText):
+                if e.text:
+                    out += self._reasoning(e.text)
+            elif isinstance(e, str):
                 if e:
                     out += self._text(e)
             else:
@@ -226,28 +249,48 @@ class OutputBuilder:
         return out
 
     def finish(self, status: str) -> list[dict]:
-        """Close the item still open; with no item at all, an empty message (as OpenAI answers)."""
+        """Close the item still open; with no message or call at all (reasoning aside), an empty
+        message (as OpenAI answers)."""
         item_status = "incomplete" if status == "incomplete" else "completed"
-        if not self.output:
-            return self._open_message() + self._close(item_status)
+        if all(item["type"] == "reasoning" for item in self.output):
+            return self._close(item_status) + self._open_message() + self._close(item_status)
         return self._close(item_status)
 
     def _index(self, item: dict) -> int:
         return next(i for i, it in enumerate(self.output) if it is item)
 
+    def _reasoning(self, text: str) -> list[dict]:
+        out = []
+        if not (self._open and self._open["type"] == "reasoning"):
+            reasoning = {"type": "reasoning", "summary": []}
+            out = self._close() + self._open_item(
+                "rs", reasoning, {"type": "reasoning_text", "text": ""}
+            )
+        item = self._open
+        item["content"][0]["text"] += text
+        return out + [
+            self.event(
+                "response.reasoning_text.delta",
+                item_id=item["id"],
+                output_index=self._index(item),
+                content_index=0,
+                delta=text,
+            )
+        ]
+
     def _open_message(self) -> list[dict]:
-        item = {
-            "id": new_id("msg"),
-            "type": "message",
-            "role": "assistant",
-            "status": "in_progress",
-            "content": [],
-        }
+        return self._open_item(
+            "msg",
+            {"type": "message", "role": "assistant"},
+            {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        )
+
+    def _open_item(self, prefix: str, fields: dict, part: dict) -> list[dict]:
+        """Open an item of one content part (a message, or reasoning)."""
+        item = {"id": new_id(prefix), **fields, "status": "in_progress", "content": [part]}
         self.output.append(item)
         self._open = item
         index = len(self.output) - 1
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        item["content"].append(part)
         return [
             self.event("response.output_item.added", output_index=index, item=_snapshot(item, [])),
             self.event(
@@ -323,24 +366,18 @@ class OutputBuilder:
         index = self._index(item)
         item["status"] = status
         out = []
-        if item["type"] == "message":
+        if item["type"] in ("message", "reasoning"):
             part = item["content"][0]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            if item["type"] == "message":
+                done = self.event(
+                    "response.output_text.done", **where, text=part["text"], logprobs=[]
+                )
+            else:
+                done = self.event("response.reasoning_text.done", **where, text=part["text"])
             out += [
-                self.event(
-                    "response.output_text.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    text=part["text"],
-                    logprobs=[],
-                ),
-                self.event(
-                    "response.content_part.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=dict(part),
-                ),
+                done,
+                self.event("response.content_part.done", **where, part=dict(part)),
             ]
         else:
             out.append(

@@ -53,6 +53,22 @@ class FunctionCallOutputItem(_Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class ReasoningTextPart(_Strict):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Strict):
+    """An earlier response's reasoning, sent back as input: accepted, and left out of the prompt."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningTextPart]
+    content: list[ReasoningTextPart] | None = None
+    encrypted_content: str | None = None
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
 def _item_type(item: Any) -> str:
     """Messages may leave out their type (OpenAI's "easy input message")."""
     if isinstance(item, dict):
@@ -63,7 +79,8 @@ def _item_type(item: Any) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type),
 ]
 

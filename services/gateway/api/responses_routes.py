@@ -26,9 +26,15 @@ from radixserve.gateway.api.responses_protocol import (
     ResponsesRequest,
 )
 from radixserve.gateway.api.sse import named_sse_event, run_unless_disconnected, sse_response
-from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools
-from radixserve.gateway.pipeline.choices import complete_all, merged_streams
-from radixserve.gateway.pipeline.engine import Engine
+from radixserve.gateway.pipeline import special_tokens
+from radixserve.gateway.pipeline.chat_reasoning import CountingSplitter, reasoning_parser_for
+from radixserve.gateway.pipeline.chat_tools import plan_tools
+from radixserve.gateway.pipeline.choices import merged_streams
+from radixserve.gateway.pipeline.engine import Engine, collect
+from radixserve.gateway.pipeline.tool_parsers import (
+    ConstrainedStreamingParser,
+    StreamingToolParser,
+)
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
     Completion,
@@ -171,6 +177,8 @@ async def create_response(request: Request):
     if not own_items and not history:
         raise bad_request("input must not be empty", param="input")
     items = history + own_items
+    if all(item["type"] == "reasoning" for item in items):
+        raise bad_request("input must hold more than reasoning items", param="input")
     live = live_requests(request)
     response_id = rfmt.new_id("resp")
     chat, prepared = await live.deadline(started).run(prepare(engine, req, items, response_id))
@@ -181,6 +189,9 @@ async def create_response(request: Request):
         await engine.model_info(),
         prepared.sampling,
     )
+    reasoning = reasoning_parser_for(engine, constrained=prepared.sampling.constraint is not None)
+    prepared = special_tokens.for_parsers(prepared, plan, reasoning)
+    reader = OutputReader(CountingSplitter(reasoning), plan.stream_parser() if plan else None)
     head = rfmt.ResponseHead(
         response_id,
         engine.served_name,
@@ -195,20 +206,20 @@ async def create_response(request: Request):
             store.put(response, own_items, items + response["output"])
 
     def finished(result: Completion) -> dict:
-        response = finished_response(result, plan, head, builder)
+        response = finished_response(result, reader, head, builder)
         keep(response)
         return response
 
     cancellation = Cancellation()
     if req.stream:
-        events = response_events(engine, prepared, plan, head, builder, keep, cancellation)
+        events = response_events(engine, prepared, reader, head, builder, keep, cancellation)
         return await sse_response(
             request,
             live.tracked_events(response_id, [prepared], started, cancellation, events),
             frame=named_sse_event,
             done=b"",
         )
-    generation = complete_all(engine, [prepared], cancellation)
+    generation = generate(engine, prepared, cancellation, reader, builder)
     if req.background:
         return JSONResponse(
             start_background(
@@ -220,21 +231,68 @@ async def create_response(request: Request):
     return JSONResponse(finished(result))
 
 
+@dataclass
+class OutputReader:
+    """One response's output as OutputBuilder reads it: reasoning split off (--reasoning-parser),
+    then tool calls read from the content."""
+
+    splitter: CountingSplitter
+    tools: StreamingToolParser | ConstrainedStreamingParser | None
+
+    def read(self, delta: Delta) -> list:
+        reasoning, content = self.splitter.feed(delta.text, len(delta.token_ids))
+        return self._events(reasoning, content, final=False)
+
+    def finish(self) -> list:
+        reasoning, content = self.splitter.finish()
+        return self._events(reasoning, content, final=True)
+
+    def _events(self, reasoning: str, content: str, final: bool) -> list:
+        events: list = [rfmt.ReasoningText(reasoning)] if reasoning else []
+        if self.tools is None:
+            return events + [content]
+        return events + self.tools.feed(content) + (self.tools.finish() if final else [])
+
+
+async def generate(
+    engine: Engine,
+    prepared: PreparedRequest,
+    cancellation: Cancellation,
+    reader: OutputReader,
+    builder: rfmt.OutputBuilder,
+) -> list[Completion]:
+    """The whole generation, read into builder delta by delta (its events unused): the reasoning
+    tokens are counted by delta, as when streaming."""
+
+    async def items() -> AsyncIterator[Delta | Finish]:
+        stream = merged_streams(engine, [prepared], cancellation)
+        try:
+            async for _, item in stream:
+                if isinstance(item, Delta):
+                    builder.feed(reader.read(item))
+                yield item
+        finally:
+            await stream.aclose()
+
+    return [await collect(items())]
+
+
 def finished_response(
-    result: Completion, plan: ToolPlan | None, head: rfmt.ResponseHead, builder: rfmt.OutputBuilder
+    result: Completion, reader: OutputReader, head: rfmt.ResponseHead, builder: rfmt.OutputBuilder
 ) -> dict:
-    """The response of a whole generation."""
-    parser = plan.stream_parser() if plan else None
-    builder.feed(parser.feed(result.text) + parser.finish() if parser else [result.text])
+    """The response of a whole generation, its deltas already read."""
+    builder.feed(reader.finish())
     status = rfmt.final_status(result.finish)
     builder.finish(status)
-    return head.response(status, builder.output, result.finish)
+    return head.response(
+        status, builder.output, result.finish, reasoning_tokens=reader.splitter.reasoning_tokens
+    )
 
 
 async def response_events(
     engine: Engine,
     prepared: PreparedRequest,
-    plan: ToolPlan | None,
+    reader: OutputReader,
     head: rfmt.ResponseHead,
     builder: rfmt.OutputBuilder,
     keep: Callable[[dict], None],
@@ -244,7 +302,6 @@ async def response_events(
     (.incomplete when cut by max_output_tokens; .failed when the generation failed or was
     cancelled)."""
     stream = merged_streams(engine, [prepared], cancellation)
-    parser = plan.stream_parser() if plan else None
     try:
         _, item = await anext(stream)  # before any event, so early failures get a real HTTP status
         yield builder.event("response.created", response=head.response("in_progress", []))
@@ -253,11 +310,11 @@ async def response_events(
         try:
             while True:
                 if isinstance(item, Delta):
-                    for event in builder.feed(parser.feed(item.text) if parser else [item.text]):
+                    for event in builder.feed(reader.read(item)):
                         yield event
                 else:
                     finish = item
-                    for event in builder.feed(parser.finish() if parser else []):
+                    for event in builder.feed(reader.finish()):
                         yield event
                 try:
                     _, item = await anext(stream)
@@ -271,7 +328,9 @@ async def response_events(
         status = rfmt.final_status(finish)
         for event in builder.finish(status):
             yield event
-        response = head.response(status, builder.output, finish)
+        response = head.response(
+            status, builder.output, finish, reasoning_tokens=reader.splitter.reasoning_tokens
+        )
         keep(response)
         kind = {"completed": "completed", "incomplete": "incomplete"}.get(status, "failed")
         yield builder.event(f"response.{kind}", response=response)

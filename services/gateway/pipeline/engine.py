@@ -429,8 +429,9 @@ class Engine:
                     cached = msg.usage.cached_tokens
                 done = msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 text, matched_stop = "", None
-                if self.uses_tokenizer and (msg.token_ids or (done and _has_pending_text(state))):
-                    result = await self._decode(req, state, msg.token_ids, done, telemetry)
+                shown = shown_ids(msg)
+                if self.uses_tokenizer and (shown or (done and _has_pending_text(state))):
+                    result = await self._decode(req, state, shown, done, telemetry)
                     state, text = result.state, result.text
                     if result.stopped:
                         matched_stop = result.matched_stop
@@ -785,6 +786,20 @@ def request_failure(e: RequestFailed) -> ApiError:
             code="service_unavailable",
         )
     return from_status(e.code, e.details, "scheduler")
+
+
+def shown_ids(msg: scheduler_pb2.SchedulerGenerateResponse) -> list[int]:
+    """The ids of a scheduler message whose text is output: all but the stop token (EOS or one of
+    stop_token_ids) that ended the request, whose text (`</s>`, `<|im_end|>`, ...) is never shown,
+    also when special tokens are kept (as SGLang and vLLM). Its id stays in the token ids."""
+    ids = list(msg.token_ids)
+    if (
+        msg.finish_reason == common_pb2.FINISH_REASON_STOP
+        and ids
+        and ids[-1] == msg.matched_stop_token_id
+    ):
+        return ids[:-1]
+    return ids
 
 
 def _has_pending_text(state: detokenizer_pb2.DetokenizerState) -> bool:

@@ -53,6 +53,8 @@ class ReasoningParser:
 
     name: str
     new_scanner: Callable[[], ReasoningScanner]
+    # Its markers are special tokens of the model's tokenizer: the output is detokenized with them.
+    needs_special_tokens: bool = False
 
     def splitter(self) -> ReasoningSplitter:
         return ReasoningSplitter(self.new_scanner())

@@ -17,8 +17,8 @@ _HERMES = ToolParser("hermes", lambda tools: HermesScanner())
 _LLAMA3 = ToolParser("llama3", lambda tools: Llama3Scanner())
 _QWEN3_CODER = ToolParser("qwen3_coder", qwen3_coder_scanner)
 _DEEPSEEKV3 = ToolParser("deepseekv3", deepseekv3_scanner)
-_KIMI_K2 = ToolParser("kimi_k2", kimi_k2_scanner)
-_GPT_OSS = ToolParser("gpt-oss", lambda tools: GptOssToolScanner())
+_KIMI_K2 = ToolParser("kimi_k2", kimi_k2_scanner, needs_special_tokens=True)
+_GPT_OSS = ToolParser("gpt-oss", lambda tools: GptOssToolScanner(), needs_special_tokens=True)
 
 TOOL_PARSERS: dict[str, ToolParser] = {
     "hermes": _HERMES,
@@ -26,7 +26,7 @@ TOOL_PARSERS: dict[str, ToolParser] = {
     "qwen": _HERMES,
     "llama3": _LLAMA3,
     "qwen3_coder": _QWEN3_CODER,
-    "mistral": ToolParser("mistral", lambda tools: MistralScanner()),
+    "mistral": ToolParser("mistral", lambda tools: MistralScanner(), needs_special_tokens=True),
     "deepseekv3": _DEEPSEEKV3,
     "deepseek_v3": _DEEPSEEKV3,  # vLLM
     "deepseekv31": _DEEPSEEKV3,  # the V3.1 layout is read by the same parser

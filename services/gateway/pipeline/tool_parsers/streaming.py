@@ -137,6 +137,8 @@ class ToolParser:
     new_scanner: Callable[
         [list[dict]], Scanner
     ]  # given the request's tools (some formats type by them)
+    # Its markers are special tokens of the model's tokenizer: the output is detokenized with them.
+    needs_special_tokens: bool = False
 
     def streaming(self, tools: list[dict] | None = None) -> StreamingToolParser:
         return StreamingToolParser(self.new_scanner(tools or []))
