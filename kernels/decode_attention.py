@@ -63,14 +63,9 @@ def _decode_stage1(
     PRECISION: tl.constexpr,
     USE_WHILE: tl.constexpr,
     HAS_ROWS: tl.constexpr,
-    HEADS_FASTEST: tl.constexpr,
 ):
-    if HEADS_FASTEST:  # a sequence's kv heads run side by side and share its tokens' DRAM rows
-        kh = tl.program_id(0)
-        b = tl.program_id(1)
-    else:
-        b = tl.program_id(0)
-        kh = tl.program_id(1)
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
     s = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
@@ -232,7 +227,6 @@ def decode_attention(
     rows: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    heads_fastest: bool = False,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
     r = rows[b] (or b without rows).
@@ -282,8 +276,7 @@ def decode_attention(
     part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
 
-    grid = (H_kv, B, num_splits) if heads_fastest else (B, H_kv, num_splits)
-    _decode_stage1[grid](
+    _decode_stage1[(B, H_kv, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -314,7 +307,6 @@ def decode_attention(
         PRECISION=precision,
         USE_WHILE=interpreting(),
         HAS_ROWS=rows is not None,
-        HEADS_FASTEST=heads_fastest,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -71,10 +71,8 @@ def main() -> None:
         num_splits=num_splits_for_batch(a.batch, a.kv_heads, sms),
     )
     grid = [
-        dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp, heads_fastest=hf)
-        for bn, w, s, sp, hf in itertools.product(
-            (32, 64, 128), (4, 8), (2, 3, 4), (1, 2), (False, True)
-        )
+        dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp)
+        for bn, w, s, sp in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2))
     ]
     for shuffled in (False, True):
         q, k, v, table, lens, kv_bytes = make_batch(a, shuffled)
