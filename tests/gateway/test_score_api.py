@@ -4,19 +4,24 @@ output position the fake model gives "Y" the logprob -0.5, "N" -1.5 and any othe
 from __future__ import annotations
 
 import math
+import threading
 
 import httpx
 import pytest
 
 from radixserve.common.sampling import MAX_TOKEN_IDS_LOGPROB
+from radixserve.v1 import common_pb2, scheduler_pb2
 from radixserve.gateway.api import scoring
+from tests.gateway import fakes
 from tests.gateway.fakes import (
     ASKED_LOGPROB,
     ASKED_LOGPROBS,
     MODEL,
     VOCAB_SIZE,
+    FakeBackends,
     RunningGateway,
     encode,
+    wait_until,
 )
 
 Y, N, A = ord("Y"), ord("N"), ord("A")
@@ -153,3 +158,35 @@ def test_an_unknown_model_is_a_404(gw):
     body = {"model": "no-such-model", "query": "Q", "items": ["a"], "label_token_ids": [Y]}
     err = error(post(gw, body), "model", status=404)
     assert err["code"] == "model_not_found"
+
+
+class AbortAnsweringScheduler(fakes.FakeScheduler):
+    """Answers an abort with the finish event the real scheduler sends (FINISH_REASON_ABORT)."""
+
+    def Generate(self, request, context):
+        yield from super().Generate(request, context)
+        if not context.is_active():
+            yield scheduler_pb2.SchedulerGenerateResponse(
+                request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT
+            )
+
+
+def test_a_score_cut_off_by_the_deadline_or_an_abort_answers_an_error(monkeypatch):
+    monkeypatch.setattr(fakes, "FakeScheduler", AbortAnsweringScheduler)
+    slow = FakeBackends(step_delay=0.5)  # the one output position comes after 0.5 s
+    timed, untimed = RunningGateway(slow, request_timeout=0.1), RunningGateway(slow)
+    body = {"query": "Q", "items": ["a", "b"], "label_token_ids": [Y]}
+    try:
+        assert error(post(timed, body), None, status=504)["code"] == "request_timeout"
+        answers = []
+        scoring = threading.Thread(target=lambda: answers.append(post(untimed, body)))
+        scoring.start()
+        assert wait_until(lambda: len(slow.scheduler.active) == 2)
+        aborted = httpx.post(untimed.base_url + "/abort_request", json={"abort_all": True})
+        assert aborted.status_code == 200, aborted.text
+        scoring.join(10)
+        assert error(answers[0], None, status=499)["code"] == "cancelled"
+    finally:
+        timed.close()
+        untimed.close()
+        slow.stop()
