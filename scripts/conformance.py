@@ -292,7 +292,9 @@ def check_score(s: Server):
     body = s.ok(
         "/v1/score", {"query": "Is it sunny?", "items": ["yes", "no"], "label_token_ids": [1, 2]}
     )
-    assert len(body["scores"]) == 2
+    assert len(body["scores"]) == 2 and all(len(row) == 2 for row in body["scores"])
+    assert all(0 <= p <= 1 for row in body["scores"] for p in row)
+    assert body["object"] == "scoring"
 
 
 # ---- the agent APIs ----

@@ -47,6 +47,10 @@ EXECUTOR_FAILURE_MESSAGE = "step 3 lost its worker (connection reset)"
 # A prompt holding SCRIPT_OPEN + text + SCRIPT_CLOSE makes the fake model say that text and then EOS
 # (the last such span of the prompt counts): how tests script tool calls and answers.
 SCRIPT_OPEN, SCRIPT_CLOSE = "⟦", "⟧"
+# The fake model's logprob of a token asked for with token_ids_logprob, at every output position:
+# ASKED_LOGPROBS' where listed, else ASKED_LOGPROB (all exact in float32).
+ASKED_LOGPROB = -4.0
+ASKED_LOGPROBS = {ord("Y"): -0.5, ord("N"): -1.5}
 MODEL = "fake-model"  # the served model name of a RunningGateway
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -320,7 +324,10 @@ def fake_logprob(token: int, sp: common_pb2.SamplingParams) -> common_pb2.TokenL
         common_pb2.TopLogprob(token_id=token, logprob=-0.25),
         common_pb2.TopLogprob(token_id=ord("?"), logprob=-2.0),
     ]
-    asked = [common_pb2.TopLogprob(token_id=t, logprob=-4.0) for t in sp.token_ids_logprob]
+    asked = [
+        common_pb2.TopLogprob(token_id=t, logprob=ASKED_LOGPROBS.get(t, ASKED_LOGPROB))
+        for t in sp.token_ids_logprob
+    ]
     return common_pb2.TokenLogprob(
         token_id=token, logprob=-0.25, top=top[: sp.top_logprobs_num], token_ids_logprobs=asked
     )

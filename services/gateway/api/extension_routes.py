@@ -1,22 +1,40 @@
 """The peers' utility endpoints: /tokenize and /detokenize (vLLM's shapes; SGLang's batched prompts too,
-also under /v1/), and /version."""
+also under /v1/), /version, and SGLang's /v1/score (its pure part in scoring.py)."""
 
 from __future__ import annotations
 
+import time
+import uuid
 from importlib import metadata
 
 from fastapi import APIRouter, Request
 
-from radixserve.gateway.api.errors import bad_request
+from radixserve.gateway.api.errors import ApiError, bad_request
 from radixserve.gateway.api.openai_routes import chat_conversation, check_model, engine_of
 from radixserve.gateway.api.protocol import (
     ChatCompletionRequest,
     DetokenizeRequest,
+    ScoreRequest,
     TokenizeRequest,
     openapi_body,
 )
+from radixserve.gateway.api.scoring import (
+    check_labels,
+    label_scores,
+    score_prompts,
+    score_response,
+)
+from radixserve.gateway.api.sse import run_unless_disconnected
+from radixserve.gateway.pipeline.choices import complete_all
 from radixserve.gateway.pipeline.engine import Engine
-from radixserve.gateway.pipeline.sampling import parse_body
+from radixserve.gateway.pipeline.generation import (
+    Cancellation,
+    Completion,
+    GenerationInput,
+    PreparedRequest,
+)
+from radixserve.gateway.pipeline.request_control import live_requests
+from radixserve.gateway.pipeline.sampling import build_sampling, parse_body
 
 router = APIRouter()
 PACKAGE = "radixserve"
@@ -104,3 +122,75 @@ async def detokenize(request: Request):
         texts.append(await engine.detokenize(ids))
     text = texts if batched else texts[0]
     return {"prompt": text, "text": text}
+
+
+# ---- /v1/score (SGLang) ----
+
+
+@router.post("/v1/score", openapi_extra=openapi_body(ScoreRequest))
+async def score(request: Request):
+    """Per item, each label token's probability at the position after its prompt: one greedy output
+    position per item, the items generated together (the radix cache shares the query's KV)."""
+    started = time.monotonic()
+    engine = engine_of(request)
+    req = parse_body(await request.body(), ScoreRequest)
+    check_model(engine, req.model)
+    check_labels(req.label_token_ids)
+    prompts = score_prompts(req.query, req.items, req.item_first)
+    engine.check_sequences(len(prompts), "items", f"{len(prompts)} items")
+    await engine.check_token_ids(req.label_token_ids, "label_token_ids")
+    if not isinstance(req.query, str):
+        await engine.check_token_ids(req.query, "query")
+    score_id = f"score-{uuid.uuid4().hex}"
+    live = live_requests(request)
+    deadline = live.deadline(started)
+    requests = await deadline.run(prepare_scores(engine, prompts, req.label_token_ids, score_id))
+    cancellation = Cancellation()
+    with live.track(score_id, requests, started, cancellation):
+        results = await run_unless_disconnected(
+            request, complete_all(engine, requests, cancellation)
+        )
+    scores = []
+    for result in results:
+        logprobs = label_logprobs(result)
+        if logprobs is None:  # aborted before its output position: at the deadline or by request
+            if deadline.remaining() == 0:
+                raise deadline.error()
+            raise ApiError(499, "the request was cancelled", code="cancelled")
+        scores.append(label_scores(req.label_token_ids, logprobs, req.apply_softmax))
+    prompt_tokens = sum(len(r.input_ids) for r in requests)
+    return score_response(engine.served_name, scores, prompt_tokens)
+
+
+async def prepare_scores(
+    engine: Engine, prompts: list[str | list[int]], labels: list[int], score_id: str
+) -> list[PreparedRequest]:
+    """One generation per item: a single greedy output position returning the labels' logprobs
+    (server sampling defaults do not apply: a score is the model's distribution)."""
+    sampling, stopping = build_sampling(
+        temperature=0.0,
+        top_p=None,
+        top_k=None,
+        min_p=None,
+        seed=None,
+        max_tokens=1,
+        stop_token_ids=None,
+        ignore_eos=False,
+        logprobs=True,
+        token_ids_logprob=labels,
+    )
+    return [
+        await engine.prepare(
+            GenerationInput(
+                prompt, sampling, stopping, request_id=f"{score_id}-{i}", prompt_param="items"
+            )
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def label_logprobs(result: Completion) -> dict[int, float] | None:
+    """The labels' logprobs at the output position (None: the generation ended before it)."""
+    if not result.logprobs:
+        return None
+    return {entry.token_id: entry.logprob for entry in result.logprobs[0].token_ids_logprobs}

@@ -242,6 +242,24 @@ class DetokenizeRequest(Body):
     tokens: list[int] | list[list[int]]
 
 
+class ScoreRequest(Body):
+    """SGLang's /v1/score: the probability of each label token right after query + item, per item."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"query": "Is Paris in France? ", "items": ["Yes", "No"], "label_token_ids": [1, 2]}
+            ]
+        },
+    )
+    model: str | None = None
+    query: str | list[int]
+    items: str | list[str] | list[list[int]]
+    label_token_ids: list[int]
+    apply_softmax: bool = False
+    item_first: bool = False
+
+
 class NativeSamplingParams(Body):
     # None: the server's default (--preferred-sampling-params ...), else SGLang's (max_new_tokens 128,
     # temperature 1, top_p 1, top_k -1, min_p 0, no penalties): pipeline/sampling.py build_sampling.
