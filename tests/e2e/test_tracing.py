@@ -177,9 +177,13 @@ def test_one_request_is_one_trace_across_all_five_services(stack, receiver):
 
     detokenize = by_name["detokenize"]
     assert all(d.service == "radixserve-detokenizer" and parent(d) is generate for d in detokenize)
-    assert [d.attributes["radixserve.final"] for d in sorted(detokenize, key=lambda d: d.start_ns)][
-        -1
-    ] is True
+    finals = [
+        d.attributes["radixserve.final"] for d in sorted(detokenize, key=lambda d: d.start_ns)
+    ]
+    # Only the last call flushes; when the request ended on its stop token with no text held back,
+    # there is none (that token's text is never shown, so nothing is left to decode).
+    assert True not in finals[:-1]
+    assert finals[-1] is True or response["choices"][0]["finish_reason"] == "stop"
 
     # Each executor step that served the request is a span of its own trace, linked to the request.
     steps = receiver.wait_for(
