@@ -1,6 +1,25 @@
-"""Finding markers (`</think>`, `<tool_call>`, ...) in text that arrives in pieces."""
+"""Scanning text that arrives in pieces: finding markers (`</think>`, `<tool_call>`, ...) and running
+a scanner's phases."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class PhaseScanner:
+    """A scanner written as phases: a phase takes the unresolved text, appends what it resolves to
+    the output list, may switch self._phase, and returns the rest. scan() runs phases until one
+    leaves the phase as it was (it waits for more text)."""
+
+    _phase: Callable[[str, bool, list], str]
+
+    def scan(self, text: str, final: bool) -> tuple[list[Any], str]:
+        out: list[Any] = []
+        while True:
+            phase = self._phase
+            text = phase(text, final, out)
+            if self._phase is phase:
+                return out, text
 
 
 def partial_marker_length(text: str, marker: str) -> int:

@@ -10,22 +10,14 @@ and between the end marker and the content is dropped."""
 from __future__ import annotations
 
 from radixserve.gateway.pipeline.reasoning_parsers.splitter import Piece
-from radixserve.gateway.pipeline.text_markers import partial_marker_length
+from radixserve.gateway.pipeline.text_markers import PhaseScanner, partial_marker_length
 
 
-class ThinkScanner:
+class ThinkScanner(PhaseScanner):
     def __init__(self, start: str, end: str, starts_inside: bool):
         self._start, self._end, self._starts_inside = start, end, starts_inside
         self._phase = self._opening
         self._reasoning_begun = False
-
-    def scan(self, text: str, final: bool) -> tuple[list[Piece], str]:
-        pieces: list[Piece] = []
-        while True:
-            phase = self._phase
-            text = phase(text, final, pieces)
-            if self._phase is phase:
-                return pieces, text
 
     def _opening(self, text: str, final: bool, pieces: list[Piece]) -> str:
         head = text.lstrip()

@@ -14,7 +14,7 @@ from radixserve.gateway.pipeline.tool_parsers.arguments import (
     match_call_header,
 )
 from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
-from radixserve.gateway.pipeline.text_markers import partial_marker_length
+from radixserve.gateway.pipeline.text_markers import PhaseScanner, partial_marker_length
 from radixserve.gateway.pipeline.tool_parsers.streaming import (
     ArgumentsText,
     CallEnd,
@@ -26,18 +26,10 @@ START, END = "<tool_call>", "</tool_call>"
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
-class HermesScanner:
+class HermesScanner(PhaseScanner):
     def __init__(self):
         self._phase = self._content
         self._writer: ArgumentsWriter | None = None  # tracks the open call's arguments
-
-    def scan(self, text: str, final: bool) -> tuple[list[Segment], str]:
-        segments: list[Segment] = []
-        while True:
-            phase = self._phase
-            text = phase(text, final, segments)
-            if self._phase is phase:
-                return segments, text
 
     def _content(self, text: str, final: bool, segments: list[Segment]) -> str:
         start = text.find(START)

@@ -15,7 +15,7 @@ from radixserve.gateway.pipeline.tool_parsers.arguments import (
     match_call_header,
 )
 from radixserve.gateway.pipeline.tool_parsers.calls import tool_call_from_object
-from radixserve.gateway.pipeline.text_markers import partial_marker_length
+from radixserve.gateway.pipeline.text_markers import PhaseScanner, partial_marker_length
 from radixserve.gateway.pipeline.tool_parsers.streaming import (
     ArgumentsText,
     CallEnd,
@@ -28,19 +28,11 @@ ARGUMENT_KEYS = ("parameters", "arguments")
 _decoder = json.JSONDecoder()
 
 
-class Llama3Scanner:
+class Llama3Scanner(PhaseScanner):
     def __init__(self):
         self._phase = self._undecided
         self._made_call = False
         self._writer: ArgumentsWriter | None = None  # the open call's arguments, then its object
-
-    def scan(self, text: str, final: bool) -> tuple[list[Segment], str]:
-        segments: list[Segment] = []
-        while True:
-            phase = self._phase
-            text = phase(text, final, segments)
-            if self._phase is phase:
-                return segments, text
 
     def _undecided(self, text: str, final: bool, segments: list[Segment]) -> str:
         head = text.lstrip()

@@ -12,6 +12,7 @@ from radixserve.gateway.pipeline.tool_parsers.arguments import (
     ArgumentsWriter,
     match_call_header,
 )
+from radixserve.gateway.pipeline.text_markers import PhaseScanner
 from radixserve.gateway.pipeline.tool_parsers.calls import ParsedOutput
 from radixserve.gateway.pipeline.tool_parsers.streaming import (
     ArgumentsText,
@@ -248,21 +249,13 @@ class ConstrainedStreamingParser(StreamingToolParser):
         )
 
 
-class _ConstrainedScanner:
+class _ConstrainedScanner(PhaseScanner):
     """Output that is a call's arguments object, or a list of calls: streamed as written; until a
     call begins, held, and content if none does."""
 
     def __init__(self):
         self._phase = self._opening
         self._writer: ArgumentsWriter | None = None
-
-    def scan(self, text: str, final: bool) -> tuple[list[Segment], str]:
-        segments: list[Segment] = []
-        while True:
-            phase = self._phase
-            text = phase(text, final, segments)
-            if self._phase is phase:
-                return segments, text
 
     def _opening(self, text: str, final: bool, segments: list[Segment]) -> str:
         raise NotImplementedError
