@@ -8,12 +8,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
 
 from radixserve.gateway.api import anthropic_format as fmt
 from radixserve.gateway.api.anthropic_protocol import (
@@ -26,7 +24,7 @@ from radixserve.gateway.api.errors import ApiError
 from radixserve.gateway.api.openai_routes import chat_input, check_model, engine_of
 from radixserve.gateway.api.payload_limit import PayloadTooLarge
 from radixserve.gateway.api.protocol import openapi_body
-from radixserve.gateway.api.sse import SSE_HEADERS, run_unless_disconnected
+from radixserve.gateway.api.sse import named_sse_event, run_unless_disconnected, sse_response
 from radixserve.gateway.pipeline.chat_tools import ToolPlan, plan_tools
 from radixserve.gateway.pipeline.choices import complete_all, merged_streams
 from radixserve.gateway.pipeline.engine import Engine
@@ -91,8 +89,13 @@ async def create_message(request: Request):
     if body.stream:
         writer = fmt.MessageStream(meta, len(prepared.input_ids))
         events = message_events(engine, prepared, tools, writer, cancellation)
-        return await anthropic_sse_response(
-            request, live.tracked_events(meta.id, [prepared], started, cancellation, events)
+        # Anthropic's framing: an event line per event, no [DONE], errors in its shape.
+        return await sse_response(
+            request,
+            live.tracked_events(meta.id, [prepared], started, cancellation, events),
+            frame=named_sse_event,
+            done=b"",
+            error_frame=anthropic_error_frame,
         )
     with live.track(meta.id, [prepared], started, cancellation):
         [result] = await run_unless_disconnected(
@@ -140,30 +143,5 @@ async def message_events(
         await stream.aclose()
 
 
-def sse_frame(event: dict) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-
-async def anthropic_sse_response(request: Request, events: AsyncIterator[dict]):
-    """Anthropic's framing (an event line per event, no [DONE]); the first event is awaited before
-    the headers go out, so errors before any output get a real HTTP status."""
-    try:
-        first = await run_unless_disconnected(request, anext(events))
-    except BaseException:
-        await events.aclose()
-        raise
-    return StreamingResponse(
-        _frames(first, events), media_type="text/event-stream", headers=SSE_HEADERS
-    )
-
-
-async def _frames(first: dict, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    # As sse.py's: Starlette cancels this generator when the client goes away, and the finally aborts.
-    try:
-        yield sse_frame(first)
-        async for event in events:
-            yield sse_frame(event)
-    except ApiError as e:
-        yield sse_frame(fmt.error_body(e))
-    finally:
-        await events.aclose()
+def anthropic_error_frame(error: ApiError) -> bytes:
+    return named_sse_event(fmt.error_body(error))

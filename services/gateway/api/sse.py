@@ -53,27 +53,38 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
+def openai_error_frame(error: ApiError) -> bytes:
+    return sse_event(error.body())
+
+
 async def sse_response(
     request: Request,
     events: AsyncIterator[dict],
     frame: Callable[[dict], bytes] = sse_event,
     done: bytes = DONE,
+    error_frame: Callable[[ApiError], bytes] = openai_error_frame,
 ) -> StreamingResponse:
-    """Stream events as SSE (each made a frame by `frame`, then `done`; b"" for none). The first event
-    is awaited before the headers go out, so errors that happen before any output (bad prompt,
-    backend down) still get a real HTTP status."""
+    """Stream events as SSE (each made a frame by `frame`, then `done`; b"" for none; an error once
+    streaming has begun as `error_frame`). The first event is awaited before the headers go out, so
+    errors that happen before any output (bad prompt, backend down) still get a real HTTP status."""
     try:
         first = await run_unless_disconnected(request, anext(events))
     except BaseException:
         await events.aclose()
         raise
     return StreamingResponse(
-        _frames(first, events, frame, done), media_type="text/event-stream", headers=SSE_HEADERS
+        _frames(first, events, frame, done, error_frame),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
     )
 
 
 async def _frames(
-    first: dict, events: AsyncIterator[dict], frame: Callable[[dict], bytes], done: bytes
+    first: dict,
+    events: AsyncIterator[dict],
+    frame: Callable[[dict], bytes],
+    done: bytes,
+    error_frame: Callable[[ApiError], bytes],
 ) -> AsyncIterator[bytes]:
     # No disconnect polling here: Starlette's StreamingResponse cancels this generator when the client
     # goes away (it listens for http.disconnect under ASGI spec < 2.4, which uvicorn speaks, and turns a
@@ -86,7 +97,7 @@ async def _frames(
         if done:
             yield done
     except ApiError as e:
-        yield sse_event(e.body())
+        yield error_frame(e)
         if done:
             yield done
     finally:
