@@ -98,6 +98,23 @@ def test_server_max_new_tokens_is_also_the_completions_and_generate_default(conf
     assert request.sampling.temperature == pytest.approx(0.3) and request.sampling.top_k == 40
 
 
+def test_server_defaults_also_fill_responses_and_messages(configured):
+    gw, fakes = configured
+    r = httpx.post(gw.base_url + "/v1/responses", json={"model": MODEL, "input": "Once"})
+    assert r.status_code == 200, r.text
+    request = fakes.scheduler.requests[r.json()["id"]]
+    assert request.sampling.temperature == pytest.approx(0.3) and request.sampling.top_k == 40
+    assert request.stopping.max_new_tokens == 7
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}
+    r = httpx.post(gw.base_url + "/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    request = fakes.scheduler.requests[r.json()["id"]]
+    assert request.sampling.temperature == pytest.approx(0.3) and request.sampling.top_p == (
+        pytest.approx(0.5)
+    )
+    assert request.stopping.max_new_tokens == 5  # Anthropic's max_tokens is required
+
+
 def test_info_routes_show_the_effective_defaults(configured):
     gw, _ = configured
     want = {

@@ -70,7 +70,7 @@ async def create_message(request: Request):
     body = parse_body(await request.body(), MessagesRequest)
     check_model(engine, body.model)
     chat = fmt.chat_request(body)
-    generation = chat_input(chat)
+    generation = chat_input(chat, (await engine.model_info()).sampling_defaults)
     generation.request_id = f"msg_{uuid.uuid4().hex}"
     fmt.up_to_the_context(generation)
     live = live_requests(request)

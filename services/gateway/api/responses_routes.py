@@ -134,9 +134,10 @@ async def prepare(
 ) -> tuple[ChatCompletionRequest, PreparedRequest]:
     """Tokenized and checked; with truncation "auto", the oldest items are dropped until the
     conversation fits the context (a function call's outputs go with it)."""
+    defaults = (await engine.model_info()).sampling_defaults
     while True:
         chat = chat_request(req, items)
-        inp = chat_input(chat)
+        inp = chat_input(chat, defaults)
         inp.request_id = response_id
         inp.prompt_param = "input"
         try:
