@@ -198,7 +198,8 @@ class ModelSpec:
     )
     quantization: str | None = option(
         None,
-        "gguf: a .gguf model (dequantized at load); other quantized weights are not supported yet",
+        "fp8 (online from a bf16/fp16 checkpoint, or an fp8 checkpoint as published), awq, gptq, "
+        "w8a8_int8, compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf model",
         group="Quantization and data type",
         aliases=("-q",),
         choices=[
@@ -233,7 +234,7 @@ class ModelSpec:
             "gptq_marlin_24",
             "awq_marlin_24",
         ],
-        supported=["gguf", "unquant"],
+        supported=["gguf", "unquant", "fp8", "awq", "gptq", "w8a8_int8", "compressed-tensors"],
         value_map={"unquant": None},
         unsupported_hint="quantized weights are not supported yet: serve a bf16/fp16 checkpoint",
     )

@@ -38,6 +38,8 @@ from radixserve.executor.request_state import RequestState
 from radixserve.executor.sampling import DeviceSample, sample_on_device
 from radixserve.executor.slot_table import SlotTable
 from radixserve.common.step import SampledToken, StepInput, StepOutput
+from radixserve.executor.quantization import building_with as quantized_linears
+from radixserve.executor.quantization import resolve as resolve_quantization
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -82,12 +84,19 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, load_format: str, seed: int | None
+    cfg: ModelConfig,
+    device: torch.device,
+    load_format: str,
+    seed: int | None,
+    quantization: str | None = None,
 ) -> torch.nn.Module:
-    """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy)."""
+    """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy);
+    its linear layers quantized as --quantization and the checkpoint's quantization_config say."""
     t0 = time.perf_counter()
-    with torch.device(device), _default_dtype(cfg.dtype):
+    quant = resolve_quantization(quantization, cfg.hf)
+    with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
+    model.quant_config = quant
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
@@ -97,10 +106,11 @@ def load_model(
             module.process_weights_after_loading()
     model.eval()
     log.info(
-        "loaded %s (%s, %s weights) on %s in %.1fs",
+        "loaded %s (%s, %s weights%s) on %s in %.1fs",
         cfg.architecture,
         dtype_name(cfg.dtype),
         load_format,
+        "" if quant is None else f", {quant.describe()}",
         device,
         time.perf_counter() - t0,
     )
@@ -137,7 +147,9 @@ class ModelRunner:
         )
         self.dtype = self.config.dtype
         with clock.phase("load weights"):
-            self.model = self._load_model(settings.load_format, settings.random_seed)
+            self.model = self._load_model(
+                settings.load_format, settings.random_seed, settings.quantization
+            )
         # Summed over the shards (a replicated tensor, e.g. a norm, counts once per shard).
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
@@ -222,12 +234,14 @@ class ModelRunner:
             )
         return cls(folder, args, keep_logits=False, host_replicas=args.dp_size, clock=clock)
 
-    def _load_model(self, load_format: str, seed: int | None) -> torch.nn.Module:
+    def _load_model(
+        self, load_format: str, seed: int | None, quantization: str | None
+    ) -> torch.nn.Module:
         if issubclass(get_model_class(self.config.architecture), BertModel):
             raise ValueError(
                 f"{self.config.architecture} is an encoder: serve it with --is-embedding"
             )
-        return load_model(self.config, self.device, load_format, seed)
+        return load_model(self.config, self.device, load_format, seed, quantization)
 
     def model_info(self) -> ModelInfo:
         cfg = self.config

@@ -49,11 +49,17 @@ def init_dummy_weights(model: nn.Module, seed: int | None, std: float = 0.02) ->
     Tensor-parallel layers (those with full_shape / load_full) draw their whole tp=1 value and keep
     their rank's slice, so a model has the same dummy weights at every --tp-size."""
     generators: dict[torch.device, torch.Generator] = {}
+    quantized: dict[int, bool] = {}  # id(module) -> its quantization scheme filled it
     for name, param, module in _params_with_owner(model):
         device = param.device
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed or 0)
         gen = generators[device]
+        quant = getattr(module, "quant", None)
+        if quant is not None and id(module) not in quantized:
+            quantized[id(module)] = quant.init_dummy(module, gen, std)
+        if quantized.get(id(module)) and param is not getattr(module, "bias", None):
+            continue
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith(".bias"):

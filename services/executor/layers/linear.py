@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.executor import quantization
 from radixserve.executor.parallel_state import all_reduce, tp_rank, tp_size
+from radixserve.executor.quantization.base import tag
 
 log = logging.getLogger("radixserve.executor.linear")
 
@@ -37,6 +39,11 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 def _new_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def _rank_slice(loaded: torch.Tensor, dim: int | None, size: int, rank: int) -> torch.Tensor:
+    """This rank's `size` elements of loaded along dim (all of it when dim is None)."""
+    return loaded if dim is None else loaded.narrow(dim, rank * size, size)
 
 
 _onednn_ok: bool | None = None
@@ -75,10 +82,17 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = _new_param(out_features, in_features)
-        self.weight.weight_loader = self.weight_loader
+        # None: a plain weight in the model's dtype; else the quantization scheme's (quantization/).
+        self.quant = quantization.linear_method()
+        if self.quant is None:
+            self.weight = tag(_new_param(out_features, in_features), output_dim=0, input_dim=1)
+        else:
+            self.quant.create_weights(self, in_features, out_features, torch.get_default_dtype())
+        for param in self.parameters(recurse=False):
+            if not hasattr(param, "weight_loader"):
+                param.weight_loader = self.weight_loader
         if bias:
-            self.bias = _new_param(out_features)
+            self.bias = tag(_new_param(out_features), output_dim=0, input_dim=None)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
@@ -96,6 +110,9 @@ class LinearBase(nn.Module):
         self.weight_loader(param, full)
 
     def process_weights_after_loading(self) -> None:
+        if self.quant is not None:
+            self.quant.process_weights_after_loading(self)
+            return
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _onednn_bf16_available():
             self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.data, 1)
@@ -104,6 +121,8 @@ class LinearBase(nn.Module):
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x, bias)
         if (
             SKINNY_GEMM
             and x.device.type in SKINNY_DEVICES
@@ -130,11 +149,12 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(in_features, out_features // tp_size(), bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        rows = param.shape[0]
-        default_weight_loader(param, loaded.narrow(0, tp_rank() * rows, rows))
+        dim = param.output_dim
+        size = None if dim is None else param.shape[dim]
+        default_weight_loader(param, _rank_slice(loaded, dim, size, tp_rank()))
 
     def full_shape(self, param):
-        return (param.shape[0] * tp_size(), *param.shape[1:])
+        return _scaled_shape(param, param.output_dim)
 
 
 class RowParallelLinear(LinearBase):
@@ -145,16 +165,13 @@ class RowParallelLinear(LinearBase):
         super().__init__(in_features // tp_size(), out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        if param.dim() == 1:  # the bias is added once, not sharded
-            default_weight_loader(param, loaded)
-            return
-        cols = param.shape[1]
-        default_weight_loader(param, loaded.narrow(1, tp_rank() * cols, cols))
+        # The bias (input_dim None) is added once, after the all-reduce: not split.
+        dim = param.input_dim
+        size = None if dim is None else param.shape[dim]
+        default_weight_loader(param, _rank_slice(loaded, dim, size, tp_rank()))
 
     def full_shape(self, param):
-        return (
-            tuple(param.shape) if param.dim() == 1 else (param.shape[0], param.shape[1] * tp_size())
-        )
+        return _scaled_shape(param, param.input_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
@@ -170,15 +187,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = [s // tp_size() for s in output_sizes]
         super().__init__(in_features, sum(output_sizes), bias)
 
-    def weight_loader(self, param, loaded, shard_id: int):
-        size = self.output_sizes[shard_id]
-        offset = sum(self.output_sizes[:shard_id])
-        default_weight_loader(
-            param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size)
-        )
+    def weight_loader(self, param, loaded, shard_id: int | None = None):
+        if shard_id is None:  # the fused tensor whole (a checkpoint that stores it fused)
+            super().weight_loader(param, loaded)
+            return
+        _load_shard(param, loaded, shard_id, self.output_sizes, tp_rank())
 
     def load_full(self, param, full):
-        for shard_id, part in enumerate(full.split([s * tp_size() for s in self.output_sizes])):
+        if param.output_dim is None:
+            self.weight_loader(param, full)
+            return
+        div = param.output_div
+        parts = full.split([s * tp_size() // div for s in self.output_sizes], param.output_dim)
+        for shard_id, part in enumerate(parts):
             self.weight_loader(param, part, shard_id)
 
 
@@ -206,21 +227,59 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param, loaded, shard_id: str):
+    def weight_loader(self, param, loaded, shard_id: str | None = None):
+        if shard_id is None:
+            raise ValueError("a fused qkv tensor needs its q/k/v split; load q, k and v separately")
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         rank = tp_rank() if shard_id == "q" else tp_rank() // self.kv_replicas
-        default_weight_loader(
-            param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size)
-        )
+        _load_shard(param, loaded, "qkv".index(shard_id), [q, kv, kv], rank)
 
     def full_shape(self, param):
+        dim = param.output_dim
+        if dim is None:
+            return tuple(param.shape)
         rows = (self.num_heads * tp_size() + 2 * self.total_num_kv_heads) * self.head_dim
-        return (rows, *param.shape[1:])
+        shape = list(param.shape)
+        shape[dim] = rows // param.output_div
+        return tuple(shape)
 
     def load_full(self, param, full):
+        if param.output_dim is None:
+            for shard_id, part in zip("qkv", full.unbind(0) if param.per_shard else [full] * 3):
+                self.weight_loader(param, part, shard_id)
+            return
         q = self.num_heads * tp_size() * self.head_dim
         kv = self.total_num_kv_heads * self.head_dim
-        for shard_id, part in zip("qkv", full.split([q, kv, kv])):
+        div = param.output_div
+        for shard_id, part in zip(
+            "qkv", full.split([q // div, kv // div, kv // div], param.output_dim)
+        ):
             self.weight_loader(param, part, shard_id)
+
+
+def _scaled_shape(param: nn.Parameter, dim: int | None) -> tuple[int, ...]:
+    """param's shape with axis dim (split over the ranks) at its tp=1 size."""
+    shape = list(param.shape)
+    if dim is not None:
+        shape[dim] *= tp_size()
+    return tuple(shape)
+
+
+def _load_shard(
+    param: nn.Parameter, loaded: torch.Tensor, index: int, sizes: list[int], rank: int
+) -> None:
+    """Load fused shard `index` (of this rank's output sizes `sizes`, in features) of param from the
+    checkpoint's whole tensor for that shard."""
+    if param.per_shard:  # one entry per shard (e.g. a per-tensor scale)
+        default_weight_loader(param.data[index], loaded.reshape(param.data[index].shape))
+        return
+    dim = param.output_dim
+    if dim is None:  # the same value for every shard
+        default_weight_loader(param, loaded)
+        return
+    div = param.output_div
+    size, offset = sizes[index] // div, sum(sizes[:index]) // div
+    default_weight_loader(
+        param.data.narrow(dim, offset, size), loaded.narrow(dim, rank * size, size)
+    )

@@ -1,0 +1,68 @@
+"""Quantized weights: which scheme a model's linear layers use, chosen once when the model is built.
+
+`resolve(flag, hf_config)` makes the QuantConfig from --quantization and the checkpoint's
+`quantization_config`; load_model builds the model inside `building_with(config)`, and every linear
+layer asks `linear_method()` at construction (None: an unquantized bf16/fp16/fp32 weight)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+from radixserve.executor.quantization.base import LinearMethod, QuantConfig
+
+# --quantization value (or a checkpoint's quant_method) -> "module:class" under this package.
+SCHEMES = {
+    "fp8": "fp8:Fp8Config",
+    "compressed-tensors": "compressed_tensors:CompressedTensorsConfig",
+    "awq": "awq:AwqConfig",
+    "gptq": "gptq:GptqConfig",
+    "w8a8_int8": "int8:W8A8Int8Config",
+    "gguf": "gguf:GgufConfig",
+}
+
+_building: list[QuantConfig | None] = [None]
+
+
+def scheme_class(name: str) -> type[QuantConfig]:
+    if name not in SCHEMES:
+        raise ValueError(
+            f"quantization {name!r} is not supported; supported: {', '.join(sorted(SCHEMES))}"
+        )
+    module, cls = SCHEMES[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def resolve(flag: str | None, hf_config: dict) -> QuantConfig | None:
+    """The model's quantization. A checkpoint that says how it is quantized is loaded that way (a flag
+    naming another scheme is an error); an unquantized one is quantized online when the flag asks."""
+    checkpoint = hf_config.get("quantization_config")
+    if checkpoint:
+        method = str(checkpoint.get("quant_method", "")).lower()
+        if flag and flag != method:
+            raise ValueError(
+                f"--quantization {flag}: the checkpoint is already quantized with {method!r}"
+            )
+        return scheme_class(method).from_checkpoint(checkpoint)
+    if flag in (None, "unquant", "gguf"):
+        # gguf: a .gguf file, which model_files converts (dequantized) or a native GGUF loader reads.
+        return None
+    return scheme_class(flag).from_checkpoint(None)
+
+
+@contextlib.contextmanager
+def building_with(config: QuantConfig | None):
+    """Linear layers constructed inside take their method from config."""
+    _building.append(config)
+    try:
+        yield
+    finally:
+        _building.pop()
+
+
+def linear_method() -> LinearMethod | None:
+    config = _building[-1]
+    return None if config is None else config.linear_method()
+
+
+__all__ = ["LinearMethod", "QuantConfig", "building_with", "linear_method", "resolve"]
