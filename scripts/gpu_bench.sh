@@ -184,6 +184,19 @@ stage_rate_inf() {
   done
 }
 
+stage_quant_bs1() {
+  # Issue 19: the bs1 launch-ahead decode step (128 in / 64 out) in bf16 and each weight quantization
+  # (QUANTS, default "none fp8 awq gptq"), one fresh process each, same machine.
+  for q in ${QUANTS:-none fp8 awq gptq}; do
+    local flags=()
+    [ "$q" != none ] && flags=(--quantization "$q")
+    echo "--- $q"
+    timeout 400 "${rs[@]}" bench one-batch "${common[@]}" "${flags[@]}" --batch-size 1 --input-len 128 \
+      --output-len 64 --launch-ahead --run-name "quant-$q" --result-filename "$OUT/quant_bs1.jsonl" 2>&1 \
+      | grep -v '^{' | tail -4
+  done
+}
+
 stage_warm_start() {
   # Issue 15: the start phase by phase, and two back-to-back 256 x 512 in / 256 out rate-inf runs right after
   # "ready" (no warm-up request of the client's own). Runs (WARM_RUNS): cold-skip = an empty Triton cache and

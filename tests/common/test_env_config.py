@@ -87,7 +87,7 @@ def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_enviro
 ):
     refused = {
         "kv_cache_dtype": "fp8_e5m2",
-        "quantization": "fp8",
+        "quantization": "bitsandbytes",
         "load_format": "pt",
         "attention_backend": "fa3",
         "schedule_policy": "lof",

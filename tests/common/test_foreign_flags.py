@@ -111,8 +111,8 @@ def test_every_reference_flag_is_listed_once():
 
 # Values the honoured flags refuse (the row's note says which): the flag exits 2 naming itself.
 REFUSED_VALUES = [
-    ["--quantization", "fp8"],
-    ["-q", "awq"],
+    ["--quantization", "bitsandbytes"],
+    ["-q", "marlin"],
     ["--kv-cache-dtype", "fp8_e5m2"],
     ["--kv-cache-dtype", "fp8_e4m3"],
     ["--load-format", "pt"],
