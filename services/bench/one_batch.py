@@ -43,6 +43,13 @@ class InProcessTarget:
         from radixserve.executor.runner import build_model_runner
 
         self.runner = build_model_runner(args)
+        compiled = self.runner.compiled_decode
+        if compiled is not None and not compiled.static_shapes:
+            # Outside CUDA graphs --enable-torch-compile compiles in the executor's warm-up: run it
+            # here too, so that no timed step compiles.
+            from radixserve.executor.warmup import run_warmup
+
+            run_warmup(self.runner, args)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
 
