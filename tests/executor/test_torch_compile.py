@@ -123,8 +123,10 @@ def test_every_attention_layer_has_a_compiled_op_key(compiled):
 
     keys = [layer.self_attn.attn.compiled_key for layer in compiled.model.model.layers]
     assert len(set(keys)) == len(keys)
-    assert all(compiled_ops._layers[k] is compiled.model.model.layers[i].self_attn.attn
-               for i, k in enumerate(keys))
+    assert all(
+        compiled_ops._layers[k] is compiled.model.model.layers[i].self_attn.attn
+        for i, k in enumerate(keys)
+    )
 
 
 @pytest.mark.cuda
