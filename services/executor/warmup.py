@@ -67,13 +67,21 @@ class _Slots:
 
     def __init__(self, total: int):
         self.total, self.next = total, 1
+        self.free: list[int] = []
 
     def take(self, n: int) -> list[int]:
+        if n <= len(self.free):
+            slots, self.free = self.free[:n], self.free[n:]
+            return slots
         if self.next + n > self.total:
             raise _DoesNotFit
         slots = list(range(self.next, self.next + n))
         self.next += n
         return slots
+
+    def give_back(self, slots: list[int]) -> None:
+        """Slots of a finished request, handed out again."""
+        self.free += slots
 
 
 class _DoesNotFit(Exception):
@@ -244,13 +252,18 @@ class Warmup:
         self._step(finished=[r.request_id for r in requests])
 
     def _every_decode_size(self, n: int) -> None:
-        """Decode steps of n, n-1, ..., 1 requests (each step the first k of n one-token prompts)."""
+        """A decode step of n requests, then of n-1, ..., 1: each group of one-token prompts is
+        prefilled as the previous one finishes and takes its slots again (2n slots in all)."""
         slots = _Slots(self.kv_slots)
-        requests = [self._new(slots, 1) for _ in range(n)]
-        self._step(new=requests)
+        done: list[str] = []
         for k in range(n, 0, -1):
-            self._decode(slots, requests[:k], 1)
-        self._step(finished=[r.request_id for r in requests])
+            group = [self._new(slots, 1) for _ in range(k)]
+            self._step(new=group, finished=done)
+            decode = [ContinuingRequest(r.request_id, slots.take(1)) for r in group]
+            self._step(continuing=decode)
+            done = [r.request_id for r in group]
+            slots.give_back([s for r in (*group, *decode) for s in r.new_slots])
+        self._step(finished=done)
 
     def _bitmask(self) -> bytes:
         words = (self.vocab + 31) // 32

@@ -12,7 +12,7 @@ import torch._dynamo
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.runner import ModelRunner
 from radixserve.executor.torch_compile import graphs_compiled
-from radixserve.executor.warmup import run_warmup
+from radixserve.executor.warmup import Warmup, run_warmup
 from tests.configs import runner_config
 
 MAX_BS = 4
@@ -127,6 +127,47 @@ def test_every_attention_layer_has_a_compiled_op_key(compiled):
         compiled_ops._layers[k] is compiled.model.model.layers[i].self_attn.attn
         for i, k in enumerate(keys)
     )
+
+
+class RecordingRunner:
+    def __init__(self):
+        self.steps: list[StepInput] = []
+
+    def step(self, step: StepInput):
+        self.steps.append(step)
+
+    def reset(self):
+        pass
+
+
+def test_warmup_runs_a_decode_step_of_every_compiled_size_in_few_slots():
+    runner = RecordingRunner()
+    warmup = Warmup(
+        runner,
+        kv_slots=17,  # slot 0 and 2 * 8 others suffice
+        vocab_size=128,
+        max_prefill_tokens=64,
+        chunked_prefill_size=-1,
+        max_running_requests=8,
+        graph_max_bs=0,
+        on_gpu=False,
+        compiled_max_bs=32,  # clamped to the 8 requests that can run
+    )
+    names = [name for name, _ in warmup.plan()]
+    assert names == ["prefill 1x7 + decode", "compiled decode of 1..8"]
+    report = warmup.run()
+    assert report.skipped == [] and report.failed == []
+    compiled_steps = runner.steps[4:]  # after the small prefill + 2 decodes + finish
+    decode_sizes = [len(s.continuing_requests) for s in compiled_steps if s.continuing_requests]
+    assert decode_sizes == [8, 7, 6, 5, 4, 3, 2, 1]
+    used = {
+        slot
+        for s in compiled_steps
+        for r in (*s.new_requests, *s.continuing_requests)
+        for slot in r.new_slots
+    }
+    assert max(used) <= 16
+    assert compiled_steps[-1].finished_request_ids and not compiled_steps[-1].continuing_requests
 
 
 @pytest.mark.cuda
