@@ -44,7 +44,7 @@ class InProcessTarget:
 
         self.runner = build_model_runner(args)
         compiled = self.runner.compiled_decode
-        if compiled is not None and not compiled.static_shapes:
+        if compiled is not None and self.runner.cuda_graphs is None:
             # Outside CUDA graphs --enable-torch-compile compiles in the executor's warm-up: run it
             # here too, so that no timed step compiles.
             from radixserve.executor.warmup import run_warmup

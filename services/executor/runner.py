@@ -199,7 +199,7 @@ class ModelRunner:
             and self.attn_backend.supports_cuda_graphs
         )
         graph_max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
-        # Compiled inside the graph capture (static shapes), else at warm-up (dynamic batch size).
+        # Compiled in the graph capture, else at warm-up.
         self.compiled_decode = (
             self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)
             if settings.enable_torch_compile
@@ -245,18 +245,16 @@ class ModelRunner:
         return cls(folder, args, keep_logits=False, host_replicas=args.dp_size, clock=clock)
 
     def _compiled_decode(self, max_bs: int, use_graphs: bool, graph_max_bs: int):
+        """The compiled decode forward: for the graph batch sizes up to max_bs under CUDA graphs,
+        else for every size up to max_bs (None when no graph size is that small)."""
         from radixserve.executor.cuda_graph_runner import graph_buckets
         from radixserve.executor.torch_compile import CompiledDecode
 
         max_bs = min(max_bs, self.slot_table.tensor.shape[0])
         if not use_graphs:
-            return CompiledDecode(self.model, max_bs, static_shapes=False)
-        static_sizes = [b for b in graph_buckets(graph_max_bs) if b <= max_bs]
-        if not static_sizes:
-            return None
-        return CompiledDecode(
-            self.model, static_sizes[-1], static_shapes=True, num_static_sizes=len(static_sizes)
-        )
+            return CompiledDecode(self.model, max_bs, num_sizes=max_bs)
+        sizes = [b for b in graph_buckets(graph_max_bs) if b <= max_bs]
+        return CompiledDecode(self.model, sizes[-1], num_sizes=len(sizes)) if sizes else None
 
     def _load_model(
         self, load_format: str, seed: int | None, quantization: str | None

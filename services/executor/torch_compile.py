@@ -7,16 +7,17 @@ slowdown). Attention and the skinny GEMM are custom ops inductor calls as they a
 (compiled_ops.py); RMSNorm and SiluAndMul take their torch code under compile, which inductor fuses
 with the residual adds around them.
 
-Shapes: with CUDA graphs (cuda_graph_runner.py) every graph batch size up to max_bs is compiled with
-static shapes (dynamic=False) and the compiled forward is then captured, so a replay runs it. Without
-them (CPU, --disable-cuda-graph, a backend that cannot be captured) the batch dimension is marked
-dynamic: the executor's warm-up (warmup.py) runs a decode step of every size 1..max_bs, which compiles
-the graph for size 1 and the dynamic one(s) for the rest (a guard on the size, e.g. the skinny GEMM's
-16 rows, splits them) before the first request.
+Shapes: the batch dimension is marked dynamic, so one graph serves size 1 and one or two (a guard on
+the size, e.g. the skinny GEMM's 16 rows, splits them) every other size; RADIXSERVE_TORCH_COMPILE_STATIC=1
+compiles each size with static shapes instead (dynamic=False, as SGLang; one compile per size, which
+at 32 layers takes tens of seconds each). With CUDA graphs (cuda_graph_runner.py) the compiled forward
+is compiled for each graph batch size up to max_bs and then captured, so a replay runs it. Without
+them (CPU, --disable-cuda-graph, a backend that cannot be captured) the executor's warm-up
+(warmup.py) runs a decode step of every size 1..max_bs, which compiles what traffic will need.
 
-Mode: "default" (fused pointwise and reduction kernels, GEMMs from cuBLAS / the skinny GEMM; a 32-layer
-model compiles in tens of seconds per size). RADIXSERVE_TORCH_COMPILE_MODE picks another, e.g.
-max-autotune-no-cudagraphs (SGLang's default, which also autotunes GEMM templates: minutes per size).
+Mode: "default" (fused pointwise and reduction kernels, GEMMs from cuBLAS / the skinny GEMM).
+RADIXSERVE_TORCH_COMPILE_MODE picks another, e.g. max-autotune-no-cudagraphs (SGLang's default,
+which also autotunes GEMM templates: minutes per shape).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from radixserve.executor.attention.metadata import ForwardBatch
 log = logging.getLogger("radixserve.executor.torch_compile")
 
 MODE = os.environ.get("RADIXSERVE_TORCH_COMPILE_MODE", "default")
+STATIC_SHAPES = os.environ.get("RADIXSERVE_TORCH_COMPILE_STATIC", "0") == "1"
 
 
 def graphs_compiled() -> int:
@@ -42,15 +44,14 @@ def graphs_compiled() -> int:
 
 
 class CompiledDecode:
-    def __init__(self, model, max_bs: int, static_shapes: bool, num_static_sizes: int = 0):
-        """static_shapes: one compile per batch size (num_static_sizes of them, under CUDA graphs);
-        else one for size 1 and dynamic ones for the others."""
+    def __init__(self, model, max_bs: int, num_sizes: int, static_shapes: bool = STATIC_SHAPES):
+        """num_sizes: the batch sizes that will be compiled (with static shapes, one compile each)."""
         self.model, self.max_bs, self.static_shapes = model, max_bs, static_shapes
         self.compiled_sizes: set[int] = set()
         self.compile_seconds = 0.0
         self.graphs = 0
-        # Each static size (and each dynamic range) is a recompile of the same code.
-        needed = num_static_sizes + 4
+        # Every static size (or dynamic range) is a recompile of the same code.
+        needed = (num_sizes if static_shapes else 3) + 4
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
         self._compiled = torch.compile(
             self._logits, mode=MODE, fullgraph=True, dynamic=False if static_shapes else None

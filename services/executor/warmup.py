@@ -308,7 +308,8 @@ def run_warmup(runner, args) -> WarmupReport:
     """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
     inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
     rows = inner.slot_table.tensor.shape[0]
-    compiled = inner.compiled_decode
+    # A compiled decode forward outside CUDA graphs compiles here (under them, in the capture).
+    compiled = inner.compiled_decode if inner.cuda_graphs is None else None
     warmup = Warmup(
         runner,
         kv_slots=inner.kv_slots,
@@ -318,9 +319,7 @@ def run_warmup(runner, args) -> WarmupReport:
         max_running_requests=min(rows, args.max_running_requests or rows),
         graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
         on_gpu=inner.device.type == "cuda",
-        compiled_max_bs=compiled.max_bs
-        if compiled is not None and not compiled.static_shapes
-        else 0,
+        compiled_max_bs=compiled.max_bs if compiled is not None else 0,
     )
     report = warmup.run()
     log.info(
@@ -330,6 +329,6 @@ def run_warmup(runner, args) -> WarmupReport:
         report.seconds,
         f" (did not fit the KV pool: {', '.join(report.skipped)})" if report.skipped else "",
     )
-    if compiled is not None and not compiled.static_shapes:
+    if compiled is not None:
         log.info("%s", compiled.describe())
     return report

@@ -196,8 +196,8 @@ def test_compiled_graphs_match_eager_graphs_on_cuda(tmp_path):
         return ModelRunner(tmp_path, config)
 
     compiled = build(enable_torch_compile=True, torch_compile_max_bs=8)
-    assert compiled.compiled_decode.static_shapes
-    assert sorted(compiled.compiled_decode.compiled_sizes) == [1, 2, 4, 8]
+    # Captured largest first: 8 compiles the dynamic graph that 4 and 2 reuse, 1 has its own.
+    assert sorted(compiled.compiled_decode.compiled_sizes) == [1, 8]
     before = graphs_compiled()
     with torch.compiler.set_stance("fail_on_recompile"):
         got_tokens, got_logits = traffic(compiled)
