@@ -50,6 +50,8 @@ class InProcessTarget:
             from radixserve.executor.warmup import run_warmup
 
             run_warmup(self.runner, args)
+        if compiled is not None:
+            print(compiled.describe(), file=sys.stderr)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
 
