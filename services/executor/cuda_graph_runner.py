@@ -42,7 +42,7 @@ class CudaGraphRunner:
         device: torch.device,
         compiled=None,
     ):
-        """compiled: a CompiledDecode (static shapes), run for the buckets up to its max_bs."""
+        """compiled: a CompiledDecode (torch_compile.py), run for the buckets up to its max_bs."""
         self.model, self.kv_pool, self.attn_backend, self.slot_table = (
             model,
             kv_pool,
