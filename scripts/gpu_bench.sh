@@ -30,6 +30,15 @@ stage_one_batch_ahead() {  # each decode step launched before the previous one i
     --launch-ahead --run-name launch-ahead --result-filename "$OUT/one_batch.jsonl" 2>&1 | grep -v '^{' | tail -20
 }
 
+stage_torch_compile() {  # --enable-torch-compile vs the same CUDA graphs without it, then its GPU test
+  for run in cuda-graph: torch-compile:--enable-torch-compile; do
+    timeout 540 "${rs[@]}" bench one-batch "${common[@]}" --batch-size 1 8 32 --input-len 128 --output-len 32 \
+      --cuda-graph-max-bs 32 ${run#*:} --run-name "${run%%:*}" --result-filename "$OUT/one_batch_compile.jsonl" \
+      2>&1 | grep -E 'torch.compile|captured|Decode|Error' | tail -8
+  done
+  timeout 300 python -m pytest -q -m cuda -p no:cacheprovider tests/executor/test_torch_compile.py 2>&1 | tail -5
+}
+
 stage_gemm() {
   timeout 300 python scripts/bench_skinny_gemm.py --out "$OUT/skinny_gemm.jsonl" 2>&1 | tail -40
 }

@@ -43,6 +43,15 @@ class InProcessTarget:
         from radixserve.executor.runner import build_model_runner
 
         self.runner = build_model_runner(args)
+        compiled = self.runner.compiled_decode
+        if compiled is not None and self.runner.cuda_graphs is None:
+            # Outside CUDA graphs --enable-torch-compile compiles in the executor's warm-up: run it
+            # here too, so that no timed step compiles.
+            from radixserve.executor.warmup import run_warmup
+
+            run_warmup(self.runner, args)
+        if compiled is not None:
+            print(compiled.describe(), file=sys.stderr)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
 

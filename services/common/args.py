@@ -351,6 +351,8 @@ def normalize(args: ServerArgs) -> ServerArgs:
         )
     if args.schedule_conservativeness < 0:
         raise FlagError("--schedule-conservativeness must be at least 0")
+    if args.enable_torch_compile and args.torch_compile_max_bs < 1:
+        raise FlagError("--torch-compile-max-bs must be at least 1 with --enable-torch-compile")
     check_sampling_defaults(args)
     for service in ("tokenizer", "detokenizer"):
         count, addrs = getattr(args, f"{service}_worker_num"), getattr(args, f"{service}_addr")

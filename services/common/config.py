@@ -377,6 +377,18 @@ class RunnerConfig(ModelSpec, CapacityConfig):
     disable_cuda_graph: bool = option(
         False, "run every step eagerly (no CUDA graphs)", group="Optimization/debug options"
     )
+    enable_torch_compile: bool = option(
+        False,
+        "run decode batches of up to --torch-compile-max-bs through a torch.compile'd forward, compiled "
+        "at start (then captured in the CUDA graphs where those are on); larger batches and prefill run "
+        "uncompiled",
+        group="Optimization/debug options",
+    )
+    torch_compile_max_bs: int = option(
+        32,
+        "largest decode batch run compiled with --enable-torch-compile",
+        group="Optimization/debug options",
+    )
 
 
 @dataclass

@@ -234,11 +234,10 @@ IGNORED = _table("""
 --enable-two-batch-overlap | none | only works with DeepEP or DP attention, which radixserve refuses
 --enable-single-batch-overlap | none | only works with DeepEP or DP attention, which radixserve refuses
 --tbo-token-distribution-threshold | one | only used with --enable-two-batch-overlap, which has no effect here
---enable-torch-compile-debug-mode | none | only used with --enable-torch-compile, which radixserve refuses
+--enable-torch-compile-debug-mode | none | SGLang's compile debug switch; torch.compile's own logs (TORCH_LOGS) show the same
 --disable-piecewise-cuda-graph | none | radixserve runs prefill eagerly; there are no piecewise CUDA graphs to disable
 --piecewise-cuda-graph-tokens,--cuda-graph-bs-prefill | many | radixserve runs prefill eagerly (no piecewise CUDA graphs)
 --piecewise-cuda-graph-compiler,--cuda-graph-tc-compiler | one | radixserve runs prefill eagerly (no piecewise CUDA graphs)
---torch-compile-max-bs | one | only used with --enable-torch-compile, which radixserve refuses
 --piecewise-cuda-graph-max-tokens,--cuda-graph-max-bs-prefill | one | radixserve runs prefill eagerly (no piecewise CUDA graphs)
 --enable-p2p-check | none | radixserve does not test GPU peer access; NCCL chooses the transport
 --triton-attention-reduce-in-fp32 | none | radixserve's Triton attention always accumulates and reduces in fp32
@@ -348,7 +347,6 @@ REFUSED = _table("""
 --dllm-algorithm | one | diffusion LLM inference not supported yet
 --multi-item-scoring-delimiter | one | multi-item scoring not supported yet
 --enable-dp-attention | none | DP attention not supported yet: use --dp-size for independent replicas
---enable-torch-compile | none | torch.compile not supported yet; decode already runs from CUDA graphs
 --enforce-piecewise-cuda-graph | none | piecewise (prefill) CUDA graphs not supported yet
 --torchao-config | one | torchao quantization not supported yet
 --enable-nan-detection | none | NaN detection (and replacement of NaN logits) not supported yet

@@ -5,6 +5,8 @@ slot-table rows from device tensors), so each bucket is captured once at start, 
 logits, over static input buffers. A step of B requests runs the smallest bucket >= B: its inputs
 are copied into the first B entries and the padding entries are made inert (KV slot -1: not
 stored; length 0: nothing read). All graphs share one memory pool, captured largest first.
+With --enable-torch-compile the buckets up to its max batch size run the compiled forward
+(torch_compile.py): it is compiled for the bucket by the warm-up runs before the capture, then captured.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, kv_pool, attn_backend, slot_table, max_bs: int, device: torch.device):
+    def __init__(
+        self,
+        model,
+        kv_pool,
+        attn_backend,
+        slot_table,
+        max_bs: int,
+        device: torch.device,
+        compiled=None,
+    ):
+        """compiled: a CompiledDecode (torch_compile.py), run for the buckets up to its max_bs."""
         self.model, self.kv_pool, self.attn_backend, self.slot_table = (
             model,
             kv_pool,
@@ -38,6 +50,7 @@ class CudaGraphRunner:
             slot_table,
         )
         self.buckets = graph_buckets(max_bs)
+        self.compiled = compiled
         self.max_bs = self.buckets[-1]
         n = self.max_bs
         as_long = dict(dtype=torch.int64, device=device)
@@ -85,6 +98,8 @@ class CudaGraphRunner:
         )
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.compiled is not None and batch.num_tokens <= self.compiled.max_bs:
+            return self.compiled(batch.input_ids, batch.positions)
         return self.model.compute_logits(self.model(batch.input_ids, batch.positions))
 
     def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -92,9 +107,8 @@ class CudaGraphRunner:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(
-                    2
-                ):  # compiles / autotunes the kernels for this shape outside the capture
+                # Compiles (torch.compile, Triton) and autotunes for this shape outside the capture.
+                for _ in range(2):
                     self._run(batch)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()

@@ -193,25 +193,35 @@ class ModelRunner:
             self.attn_backend,
         )
         self.cuda_graphs = None
-        # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
-        # replays them in the same order (each runs every step rank 0 broadcasts).
-        if (
+        use_graphs = (
             cuda_graph_max_bs > 0
             and self.device.type == "cuda"
             and self.attn_backend.supports_cuda_graphs
-        ):
+        )
+        graph_max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
+        # Compiled in the graph capture, else at warm-up.
+        self.compiled_decode = (
+            self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)
+            if settings.enable_torch_compile
+            else None
+        )
+        # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
+        # replays them in the same order (each runs every step rank 0 broadcasts).
+        if use_graphs:
             from radixserve.executor.cuda_graph_runner import CudaGraphRunner
 
-            max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
             with clock.phase("CUDA graphs"):
                 self.cuda_graphs = CudaGraphRunner(
                     self.model,
                     self.kv_pool,
                     self.attn_backend,
                     self.slot_table,
-                    max_bs,
+                    graph_max_bs,
                     self.device,
+                    self.compiled_decode,
                 )
+            if self.compiled_decode is not None:
+                log.info("%s", self.compiled_decode.describe())
         self.states: dict[str, RequestState] = {}
         self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
@@ -233,6 +243,18 @@ class ModelRunner:
                 weights=args.load_format != "dummy",
             )
         return cls(folder, args, keep_logits=False, host_replicas=args.dp_size, clock=clock)
+
+    def _compiled_decode(self, max_bs: int, use_graphs: bool, graph_max_bs: int):
+        """The compiled decode forward: for the graph batch sizes up to max_bs under CUDA graphs,
+        else for every size up to max_bs (None when no graph size is that small)."""
+        from radixserve.executor.cuda_graph_runner import graph_buckets
+        from radixserve.executor.torch_compile import CompiledDecode
+
+        max_bs = min(max_bs, self.slot_table.tensor.shape[0])
+        if not use_graphs:
+            return CompiledDecode(self.model, max_bs, num_sizes=max_bs)
+        sizes = [b for b in graph_buckets(graph_max_bs) if b <= max_bs]
+        return CompiledDecode(self.model, sizes[-1], num_sizes=len(sizes)) if sizes else None
 
     def _load_model(
         self, load_format: str, seed: int | None, quantization: str | None
@@ -296,6 +318,13 @@ class ModelRunner:
             and self.cuda_graphs.can_run(batch)
         ):
             all_logits = self.cuda_graphs.replay(batch)
+        elif (
+            self.cuda_graphs is None
+            and self.compiled_decode is not None
+            and self.compiled_decode.supports(batch)
+        ):
+            with forward_context(batch):
+                all_logits = self.compiled_decode(batch.input_ids, batch.positions)
         elif self.fast_decode is not None and self.fast_decode.supports(batch):
             hidden = self.fast_decode.forward(batch)
         else:

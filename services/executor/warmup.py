@@ -9,8 +9,10 @@ the leader's, so every shard warms up too): prefills of 1, 3, 16 and 17 sequence
 each class and one as large as a step can be, a prefill in two chunks, decode steps right after each
 (graph replay), a decode batch above the graph sizes (eager), a step mixing a prefill with decodes,
 and every sampling path (greedy, temperature / top-p / top-k / min-p, seeded, penalties, logit bias,
-logprobs, a token bitmask). On the CPU, where nothing is compiled per shape, one small step. Then the runner is reset: the scheduler starts with every slot free and
-the KV written here is garbage nobody reads.
+logprobs, a token bitmask). On the CPU, where nothing is compiled per shape, one small step. With
+--enable-torch-compile outside CUDA graphs (torch_compile.py), a decode step of every batch size the
+compiled forward takes, which compiles it. Then the runner is reset: the scheduler starts with every
+slot free and the KV written here is garbage nobody reads.
 
 Triton keeps compiled kernels in its cache (TRITON_CACHE_DIR) and, with TRITON_CACHE_AUTOTUNING=1
 (set by the executor), the autotuner's choices, so a restart mostly loads instead of compiling.
@@ -65,13 +67,21 @@ class _Slots:
 
     def __init__(self, total: int):
         self.total, self.next = total, 1
+        self.free: list[int] = []
 
     def take(self, n: int) -> list[int]:
+        if n <= len(self.free):
+            slots, self.free = self.free[:n], self.free[n:]
+            return slots
         if self.next + n > self.total:
             raise _DoesNotFit
         slots = list(range(self.next, self.next + n))
         self.next += n
         return slots
+
+    def give_back(self, slots: list[int]) -> None:
+        """Slots of a finished request, handed out again."""
+        self.free += slots
 
 
 class _DoesNotFit(Exception):
@@ -91,7 +101,9 @@ class Warmup:
         graph_max_bs: int,
         on_gpu: bool,
         decode_steps: int = 2,
+        compiled_max_bs: int = 0,
     ):
+        """compiled_max_bs: the largest decode batch of a torch.compile'd forward compiled here (0: none)."""
         self.runner = runner
         self.kv_slots, self.vocab = kv_slots, vocab_size
         step_tokens = (
@@ -103,6 +115,7 @@ class Warmup:
         self.max_running = max(1, max_running_requests)
         self.graph_max_bs = graph_max_bs
         self.on_gpu = on_gpu
+        self.compiled_max_bs = min(compiled_max_bs, self.max_running)
         self.decode_steps = decode_steps
         self.report = WarmupReport()
         self._ids = 0
@@ -115,9 +128,14 @@ class Warmup:
         # others). On the CPU nothing is compiled or tuned per shape: one small step pays the first call's
         # set-up (measured on the embedded model: the whole GPU-style plan took 7 s of the start and made the
         # first chat no faster, docs/benchmarks.md).
+        compiled = []
+        if self.compiled_max_bs:
+            n = self.compiled_max_bs
+            compiled.append((f"compiled decode of 1..{n}", lambda: self._every_decode_size(n)))
         if not self.on_gpu:
             return [
-                ("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens)))
+                ("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens))),
+                *compiled,
             ]
         shapes = [(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)]
         scenarios = [
@@ -128,6 +146,7 @@ class Warmup:
             for n, length in shapes
             if n <= self.max_running and n * length <= self.step_tokens
         ]
+        scenarios.extend(compiled)
         scenarios.append(("sampling variants", self._sampling_variants))
         scenarios.append(("chunked prefill", self._chunked_prefill))
         scenarios.append(("mixed prefill + decode", self._mixed))
@@ -232,6 +251,20 @@ class Warmup:
             self._decode(slots, requests, self.decode_steps)
         self._step(finished=[r.request_id for r in requests])
 
+    def _every_decode_size(self, n: int) -> None:
+        """A decode step of n requests, then of n-1, ..., 1: each group of one-token prompts is
+        prefilled as the previous one finishes and takes its slots again (2n slots in all)."""
+        slots = _Slots(self.kv_slots)
+        done: list[str] = []
+        for k in range(n, 0, -1):
+            group = [self._new(slots, 1) for _ in range(k)]
+            self._step(new=group, finished=done)
+            decode = [ContinuingRequest(r.request_id, slots.take(1)) for r in group]
+            self._step(continuing=decode)
+            done = [r.request_id for r in group]
+            slots.give_back([s for r in (*group, *decode) for s in r.new_slots])
+        self._step(finished=done)
+
     def _bitmask(self) -> bytes:
         words = (self.vocab + 31) // 32
         mask = bytearray(b"\xff" * (words * 4))
@@ -275,6 +308,8 @@ def run_warmup(runner, args) -> WarmupReport:
     """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
     inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
     rows = inner.slot_table.tensor.shape[0]
+    # A compiled decode forward outside CUDA graphs compiles here (under them, in the capture).
+    compiled = inner.compiled_decode if inner.cuda_graphs is None else None
     warmup = Warmup(
         runner,
         kv_slots=inner.kv_slots,
@@ -284,6 +319,7 @@ def run_warmup(runner, args) -> WarmupReport:
         max_running_requests=min(rows, args.max_running_requests or rows),
         graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
         on_gpu=inner.device.type == "cuda",
+        compiled_max_bs=compiled.max_bs if compiled is not None else 0,
     )
     report = warmup.run()
     log.info(
@@ -293,4 +329,6 @@ def run_warmup(runner, args) -> WarmupReport:
         report.seconds,
         f" (did not fit the KV pool: {', '.join(report.skipped)})" if report.skipped else "",
     )
+    if compiled is not None:
+        log.info("%s", compiled.describe())
     return report

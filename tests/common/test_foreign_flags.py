@@ -143,6 +143,7 @@ REFUSED_VALUES = [
     ["--decode-attention-backend", "fa3"],
     ["--moe-dense-tp-size", "2"],
     ["--enable-expert-parallel", "--data-parallel-size", "2"],
+    ["--torch-compile-max-bs", "0", "--enable-torch-compile"],
 ]
 
 

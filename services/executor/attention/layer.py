@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixserve.executor import compiled_ops
 from radixserve.executor.attention.metadata import get_forward_batch
 from radixserve.executor.layers.rotary import RopeStep
 
@@ -17,10 +18,15 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = scaling
+        self.compiled_key = compiled_ops.register_layer(self)
 
     def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep) -> torch.Tensor:
         """qk [T, heads + kv_heads, head_dim] (q heads first) not yet rotated, v [T, kv_heads, head_dim]:
         the backend rotates q and k with `rope` (on its own or fused with its KV store), stores k and v,
         attends. Returns [T, heads * head_dim]."""
+        if torch.compiler.is_compiling():  # opaque to torch.compile: compiled_ops.py
+            return compiled_ops.attention(
+                qk, v, rope.cos_table, rope.sin_table, rope.positions, self.compiled_key
+            )
         batch = get_forward_batch()
         return batch.attn_backend.forward(qk, v, rope, self, batch)

@@ -7,7 +7,9 @@ from torch import nn
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if (
+            x.is_cuda and not torch.compiler.is_compiling()
+        ):  # compiled: inductor fuses the torch code
             from radixserve.kernels.silu_mul import silu_and_mul
 
             return silu_and_mul(x)

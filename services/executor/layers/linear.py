@@ -131,6 +131,8 @@ class LinearBase(nn.Module):
             from radixserve.kernels import skinny_gemm
 
             if x.numel() <= skinny_gemm.M_MAX * x.shape[-1] and self.weight.dtype == x.dtype:
+                if torch.compiler.is_compiling():  # opaque to inductor (executor/compiled_ops.py)
+                    return torch.ops.radixserve.skinny_gemm(x, self.weight, bias)
                 return skinny_gemm.skinny_gemm(x, self.weight, bias)
         if self._packed_weight is not None and x.shape[0] <= PACKED_MAX_TOKENS:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, bias, "none", [], "")

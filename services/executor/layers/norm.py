@@ -26,7 +26,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        if x.is_cuda:
+        if (
+            x.is_cuda and not torch.compiler.is_compiling()
+        ):  # compiled: inductor fuses the torch code
             from radixserve.kernels import rmsnorm
 
             if residual is None:

@@ -59,13 +59,11 @@ class RotaryEmbedding(nn.Module):
 
     def prepare(self, positions: torch.Tensor) -> "RopeStep":
         """What every layer of one step uses to rotate its q and k (built once per step)."""
-        if positions.is_cuda:
-            return _TritonRope(self.cos_table, self.sin_table, positions)
-        return _TorchRope(self.cos_table, self.sin_table, positions, *self.cos_sin(positions))
+        return rope_step(self.cos_table, self.sin_table, positions)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tables [T, 1, head_dim] for the step (computed once, used by every layer)."""
-        return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
+        return _cos_sin(self.cos_table, self.sin_table, positions)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,3 +101,17 @@ class _TritonRope(RopeStep):
             qk[:, :num_q_heads], qk[:, num_q_heads:], self.cos_table, self.sin_table, self.positions
         )
         return qk
+
+
+def rope_step(
+    cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor
+) -> RopeStep:
+    """The step's rotation over the [max_pos, head_dim] tables: a Triton kernel on CUDA, torch elsewhere
+    (with the per-token tables [T, 1, head_dim] gathered once, for every layer)."""
+    if positions.is_cuda:
+        return _TritonRope(cos_table, sin_table, positions)
+    return _TorchRope(cos_table, sin_table, positions, *_cos_sin(cos_table, sin_table, positions))
+
+
+def _cos_sin(cos_table, sin_table, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
