@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds output feature AWQ_ORDER[i]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
 
 @dataclasses.dataclass
@@ -119,12 +121,12 @@ def quantize_hf_model(
     """Quantize hf's decoder linears into folder (config.json + model.safetensors) and replace hf's
     weights by their dequantized values, so that hf computes what the checkpoint stands for."""
     tensors = {}
-    seed = 0
     with torch.no_grad():
         for name, param in hf.state_dict().items():
             module = name.rsplit(".", 2)
             if len(module) == 3 and module[1] in LINEARS and module[2] == "weight":
-                seed += 1
+                # one act order per input: q/k/v (and gate/up) share theirs, as GPTQ gives them
+                seed = zlib.crc32(f"{module[0]}.{SHARED_INPUT.get(module[1], module[1])}".encode())
                 k = param.shape[1]
                 g_idx = groups_of(k, group_size, seed if desc_act else None)
                 qz = quantize(param, g_idx, min_zero=1 if method == "gptq" else 0)

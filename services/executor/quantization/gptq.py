@@ -12,6 +12,8 @@ sym (zero fixed at 8) needs nothing special: the stored zeros say so.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from radixserve.executor.quantization.base import new_param, tag
@@ -23,6 +25,18 @@ from radixserve.executor.quantization.int4_linear import (
     nibbles,
     rank_rows,
 )
+
+
+def _load_shared_g_idx(layer, param, loaded, shard_id=None) -> None:
+    """A fused layer (q/k/v, gate/up) holds one g_idx: its projections share their input, so GPTQ gave
+    them one act-order; a checkpoint whose shards differ cannot be fused and is refused."""
+    before = param.data.clone() if getattr(param, "loaded_shards", 0) else None
+    layer.weight_loader(param, loaded, shard_id)
+    if before is not None and not torch.equal(before, param.data):
+        raise ValueError(
+            "gptq act-order: the projections fused into one layer have different g_idx"
+        )
+    param.loaded_shards = getattr(param, "loaded_shards", 0) + 1
 
 
 class GptqLinearMethod(Int4LinearMethod):
@@ -39,6 +53,8 @@ class GptqLinearMethod(Int4LinearMethod):
         )
         g_idx = new_param(in_features, dtype=torch.int32)
         layer.register_parameter("g_idx", tag(g_idx, output_dim=None, input_dim=0))
+        if self.config.desc_act:
+            g_idx.weight_loader = functools.partial(_load_shared_g_idx, layer)
 
     def logical(self, layer):
         qweight = layer.qweight  # [K / 8, N]
