@@ -15,12 +15,13 @@ The one layout the kernels read (`Int4Weight`; quantization/int4_linear.py conve
   at load (perm: x's columns are gathered to that order at run time, one index_select per call).
 
 Kernels:
-- `_int4_gemm_kernel`: each program owns BLOCK_N output features and BLOCK_M rows of x and walks K in
-  BLOCK_K steps (NB = BLOCK_K / 128 packs unrolled, num_stages-deep software pipelining), so every code
-  is read from memory once per BLOCK_M rows. BLOCK_M == 1 (decode of one sequence): a GEMV on the CUDA
-  cores, (q - z) * s * x accumulated elementwise in float32 and reduced once after the loop. BLOCK_M >
-  1: the dequantized [BLOCK_N, 16] chunk goes to x.dtype and through tl.dot (tensor cores; x rows past M
-  are masked to zeros, as in kernels/skinny_gemm.py).
+- `_int4_gemv_kernel` (one row of x: decode of one sequence): each program owns BLOCK_N output
+  features and walks K in BLOCK_K steps, loading the whole [BLOCK_N, BLOCK_K / 8] tile of codes at
+  once (BLOCK_K / 2 contiguous bytes per feature, read once, evict-first) as [BLOCK_N, packs, 16];
+  (q - z) * s * x accumulates elementwise in float32 on the CUDA cores, reduced once after the loop.
+- `_int4_gemm_kernel` (more rows): programs own [BLOCK_M, BLOCK_N] of y; per pack and nibble the
+  dequantized [BLOCK_N, 16] chunk goes to x.dtype and through tl.dot (tensor cores; x rows past M are
+  masked to zeros, as in kernels/skinny_gemm.py), so every code is read once per BLOCK_M rows.
 - `_dequantize_kernel`: W in x.dtype, one 128-row pack per program, for `DEQUANT_MIN_M` rows and more,
   where dequantizing once per call and cuBLAS beat the tiled kernel (the dequantization is
   O(N K), the GEMM O(M N K)).
@@ -153,6 +154,77 @@ def _scale_zero_rows(s_ptr, z_ptr, g_ptr, rows, cols, N):
     return s, z
 
 
+@triton.jit
+def _scale_zero_packs(s_ptr, z_ptr, grp, cols, N):
+    """Scales and zeros of groups grp [NB] (one per pack) for features cols: [BLOCK_N, NB, 1]."""
+    addr = grp[None, :] * N + cols[:, None]
+    s = tl.load(s_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    return s[:, :, None], z[:, :, None]
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    GROUP: tl.constexpr,
+    NGROUPS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    PER_PACK: tl.constexpr,  # one group per pack (GROUP a multiple of 128, no g_idx)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[n] = sum_k x[k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n]) for one row of x: each step
+    loads a whole [BLOCK_N, BLOCK_K / 8] tile of codes (BLOCK_K / 2 contiguous bytes per feature) as
+    [BLOCK_N, NB packs, 16] and accumulates elementwise in float32, reduced once after the loop."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
+    NB: tl.constexpr = BLOCK_K // 128
+    packs = tl.arange(0, NB)
+    run = tl.arange(0, 16)
+    q_ptrs = (
+        q_ptr
+        + cols.to(tl.int64)[:, None, None] * (KP // 8)
+        + packs[None, :, None] * 16
+        + run[None, None, :]
+    )
+    acc = tl.zeros((BLOCK_N, NB, 16), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        qt = tl.load(q_ptrs, eviction_policy="evict_first")
+        q_ptrs += BLOCK_K // 8
+        base = k0 + packs * 128  # [NB] first row of each pack
+        if PER_PACK:
+            s, z = _scale_zero_packs(s_ptr, z_ptr, tl.minimum(base // GROUP, NGROUPS - 1), cols, N)
+        for j in tl.static_range(8):
+            rows = base[:, None] + j * 16 + run[None, :]  # [NB, 16]
+            if HAS_G_IDX:
+                addr = tl.load(g_ptr + rows)[None, :, :] * N + cols[:, None, None]
+                s = tl.load(s_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+                z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+            elif PER_PACK:
+                pass  # this tile's s, z, loaded above
+            else:
+                grp = tl.minimum((base + j * 16) // GROUP, NGROUPS - 1)
+                s, z = _scale_zero_packs(s_ptr, z_ptr, grp, cols, N)
+            xk = tl.load(x_ptr + rows, mask=rows < K, other=0.0, eviction_policy="evict_last")
+            w = (((qt >> (4 * j)) & 15).to(tl.float32) - z) * s
+            acc += w * xk.to(tl.float32)[None, :, :]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemm_kernel(
     x_ptr,
@@ -171,6 +243,7 @@ def _int4_gemm_kernel(
     GROUP: tl.constexpr,
     NGROUPS: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
+    PER_PACK: tl.constexpr,  # one group per pack (GROUP a multiple of 128, no g_idx)
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -178,21 +251,18 @@ def _int4_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n])."""
+    """y[m, n] = sum_k x[m, k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n]) on the tensor cores:
+    per pack and nibble j, a dequantized [BLOCK_N, 16] chunk in x.dtype through tl.dot."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
     run = tl.arange(0, 16)
     q_ptrs = q_ptr + cols.to(tl.int64)[:, None] * (KP // 8) + run[None, :]
     NB: tl.constexpr = BLOCK_K // 128
-    PER_PACK: tl.constexpr = (GROUP % 128 == 0) and not HAS_G_IDX  # one group per pack
-    if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    else:
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         for p in tl.static_range(NB):
             kb = k0 + p * 128
@@ -203,36 +273,27 @@ def _int4_gemm_kernel(
                 rows = kb + j * 16 + run
                 if HAS_G_IDX:
                     s, z = _scale_zero_rows(s_ptr, z_ptr, g_ptr, rows, cols, N)
-                elif not PER_PACK:
+                elif PER_PACK:
+                    pass  # this pack's s, z, loaded above
+                else:
                     grp = tl.minimum((kb + j * 16) // GROUP, NGROUPS - 1)
                     s, z = _scale_zero(s_ptr, z_ptr, grp, cols, N)
                 w = (((qt >> (4 * j)) & 15).to(tl.float32) - z) * s  # [BLOCK_N, 16]
-                k_mask = rows < K
-                if BLOCK_M == 1:
-                    xk = tl.load(x_ptr + rows, mask=k_mask, other=0.0, eviction_policy="evict_last")
-                    acc2 += w * xk.to(tl.float32)[None, :]
+                xk = tl.load(
+                    x_rows + rows[None, :],
+                    mask=m_mask[:, None] & (rows < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_last",
+                )
+                if UPCAST:
+                    xk = xk.to(tl.float32)
                 else:
-                    xk = tl.load(
-                        x_rows + rows[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0,
-                        eviction_policy="evict_last",
-                    )
-                    if UPCAST:
-                        xk = xk.to(tl.float32)
-                    else:
-                        w = w.to(xk.dtype)
-                    acc = tl.dot(xk, tl.trans(w), acc, input_precision=PRECISION)
-    if BLOCK_M == 1:
-        out = tl.sum(acc2, axis=1)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+                    w = w.to(xk.dtype)
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -283,12 +344,13 @@ def _config(block_m, block_n, block_k, num_warps, num_stages) -> dict:
 
 
 # By class of M (the rows of x): (largest M of the class, config). Not yet measured on a GPU
-# (scripts/bench_int4_gemm.py --sweep times alternatives). M == 1: BLOCK_N 16, so that even N = 4096
-# gives 256 programs, each loading 4 packs (16 rows x 64 B each) per step; M <= 16: the same streaming
-# shape on the tensor cores; larger M: square tiles that reuse each dequantized chunk over 64 / 128
-# rows of x.
+# (scripts/bench_int4_gemm.py --sweep times alternatives). M == 1 (the GEMV kernel): BLOCK_N 8, so
+# that even N = 4096 gives 512 programs, each loading 8 x 512 contiguous bytes of codes per step (its
+# loads are not software-pipelined: the bytes in flight come from the wide tile and the programs per SM);
+# M <= 16: the streaming shape on the tensor cores (cp.async pipelined num_stages deep); larger M:
+# square tiles that reuse each dequantized chunk over 64 / 128 rows of x.
 M_CLASSES = [
-    (1, _config(1, 16, 512, 2, 3)),
+    (1, _config(1, 8, 1024, 2, 1)),
     (16, _config(16, 16, 512, 2, 3)),
     (64, _config(64, 64, 256, 4, 3)),
     (None, _config(128, 128, 128, 8, 3)),
@@ -341,30 +403,31 @@ def int4_gemm(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.view(*x.shape[:-1], N)
-    config = dict(config or config_for(M))
     upcast = interpreting() and x.dtype != torch.float32
-    if interpreting():
-        config["BLOCK_K"] = INTERPRET_BLOCK_K
+    if config is None and interpreting():
+        config = {**config_for(M), "BLOCK_K": INTERPRET_BLOCK_K}
+    config = dict(config or config_for(M))
     config["BLOCK_K"] = _block_k(config["BLOCK_K"], w.padded_in)
-    grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, config["BLOCK_M"]))
-    _int4_gemm_kernel[grid](
-        x2,
-        w.packed,
-        w.scales,
-        w.zeros,
-        w.packed if w.g_idx is None else w.g_idx,
-        w.packed if bias is None else bias.contiguous(),
-        y,
-        M,
-        N,
-        x2.stride(0),
-        y.stride(0),
+    bias_arg = w.packed if bias is None else bias.contiguous()
+    g_arg = w.packed if w.g_idx is None else w.g_idx
+    flags = dict(
         **_meta(w),
+        PER_PACK=w.g_idx is None and w.group_size % PACK == 0,
         HAS_BIAS=bias is not None,
-        UPCAST=upcast,
-        PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32",
-        **config,
     )
+    block_m, launch = config.pop("BLOCK_M"), config
+    grid = (triton.cdiv(N, launch["BLOCK_N"]), triton.cdiv(M, block_m))
+    if block_m == 1:
+        assert M == 1, "the GEMV config takes one row"
+        _int4_gemv_kernel[grid](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, N, **flags, **launch
+        )
+    else:
+        _int4_gemm_kernel[grid](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, M, N, x2.stride(0), y.stride(0),
+            **flags, UPCAST=upcast, BLOCK_M=block_m,
+            PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32", **launch,
+        )  # fmt: skip
     return y.view(*x.shape[:-1], N)
 
 

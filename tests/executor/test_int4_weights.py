@@ -93,6 +93,17 @@ def test_layer_through_the_kernel(monkeypatch):
             torch.testing.assert_close(layer(x), F.linear(x, deq, bias), atol=1e-5, rtol=1e-5)
 
 
+def test_fused_act_order_shards_must_share_g_idx():
+    qc = quantization_config("gptq", 32, desc_act=True)
+    with quantization.building_with(quantization.resolve(None, {"quantization_config": qc})):
+        layer = linear_mod.MergedColumnParallelLinear(64, [16, 16])
+    a, b = groups_of(64, 32, 1), groups_of(64, 32, 2)
+    layer.g_idx.weight_loader(layer.g_idx, a, 0)
+    layer.g_idx.weight_loader(layer.g_idx, a, 1)  # gate and up with one act order: fine
+    with pytest.raises(ValueError, match="different g_idx"):
+        layer.g_idx.weight_loader(layer.g_idx, b, 1)
+
+
 def test_checkpoint_configs():
     awq = quantization.resolve(None, {"quantization_config": quantization_config("awq", 64)})
     assert awq.describe() == "awq int4 (group 64, checkpoint)"
@@ -214,6 +225,18 @@ def test_dummy_awq_weights(tmp_path):
     assert 0.005 < w.std().item() < 0.05  # about std 0.02, like the float dummy weights
     out = runner.step(StepInput(1, new_requests=[NewRequest("d", [3, 4, 5], [1, 2, 3])]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_bench_one_batch_with_dummy_awq(tmp_path, capsys):
+    """`radixserve bench one-batch --load-format dummy --quantization awq` (the lead's GPU timing)."""
+    from radixserve.bench import one_batch
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "hidden_size": 128}))
+    argv = ["--model-path", str(tmp_path), "--load-format", "dummy", "--quantization", "awq"]
+    argv += ["--device", "cpu", "--batch-size", "1", "--input-len", "8", "--output-len", "3"]
+    assert one_batch.main(argv) == 0
+    (record,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x[:1] == "{"]
+    assert record["batch_size"] == 1 and record["median_decode_latency"] > 0
 
 
 def test_gpu_warmup_reaches_every_kernel_class():
