@@ -7,7 +7,10 @@ on CUDA (`-m cuda`) the Llama-3-8B shapes are added. Tolerances (tests/kernels/k
 1e-5; half types 2e-2 of max|ref|: the tensor-core path rounds each dequantized weight to x.dtype.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -20,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from radixserve.executor.quantization.int4_linear import to_kernel_layout  # noqa: E402
 from radixserve.kernels import int4_gemm as ig  # noqa: E402
 from tests.int4_quantizer import groups_of, quantize  # noqa: E402
-from tests.kernels.kernel_checks import DEVICE, close, cuda_only  # noqa: E402
+from tests.kernels.kernel_checks import CUDA, DEVICE, close, cuda_only  # noqa: E402
 
 
 def quantized_weight(n, k, group_size, act_order=False, seed=0):
@@ -149,6 +152,27 @@ def test_config_classes_and_empty():
     weight, _ = quantized_weight(16, 128, 128)
     y = ig.int4_gemm(torch.zeros(0, 128, device=DEVICE), weight)
     assert y.shape == (0, 16)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the cuda tests below run the kernels")
+def test_kernels_compile_for_hopper():
+    """The CUDA path is real without a GPU here: each class's kernel compiles for sm_90 (Triton's LLVM and
+    ptxas), the GEMV's code loads are 16-byte vectors (4 per thread per step) and the tensor-core kernels
+    stream their tiles through cp.async within the H100's 227 KB of shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.compile_for_hopper"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert set(kernels) == {"gemv", "gemm16", "gemm_large", "dequantize"}
+    assert kernels["gemv"]["v4_loads"] == 4
+    for name in ("gemm16", "gemm_large"):
+        assert kernels[name]["cp_async"] > 0 and kernels[name]["shared"] <= 227 * 1024
 
 
 @cuda_only
