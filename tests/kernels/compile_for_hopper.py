@@ -29,8 +29,11 @@ def compile_kernel(name, fn, scalars: dict, consts: dict, config: dict) -> dict:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     kernel = triton.compile(src, target=TARGET, options=config)
-    loads = [line for line in kernel.asm["ptx"].splitlines() if "ld.global" in line]
+    ptx = kernel.asm["ptx"].splitlines()
+    loads = [line for line in ptx if "ld.global" in line]
     return {
+        "int_to_float": sum("cvt.rn.f32.s32" in line or "cvt.rn.f32.u32" in line for line in ptx),
+        "fma": sum("fma.rn.f32" in line for line in ptx),
         "kernel": name,
         "shared": kernel.metadata.shared,
         "loads": len(loads),
