@@ -130,7 +130,6 @@ def test_checkpoint_configs():
 
 MODEL_CASES = {
     "llama-awq-g32": ("llama", "awq", 32, False),
-    "qwen2-awq-g64": ("qwen2", "awq", 64, False),
     "llama-gptq-act-order-g32": ("llama", "gptq", 32, True),
     "qwen2-gptq-g128": ("qwen2", "gptq", 128, False),
 }
