@@ -59,9 +59,8 @@ class ParallelLMHead(LinearBase):
 
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         self.vocab_size = vocab_size
-        with quantization.building_with(
-            None
-        ):  # the LM head stays unquantized (as checkpoints keep it)
+        # The LM head stays unquantized, as quantized checkpoints keep it.
+        with quantization.building_with(None):
             super().__init__(hidden_size, (vocab_size + tp_size() - 1) // tp_size(), bias)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
