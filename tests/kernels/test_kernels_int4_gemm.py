@@ -7,6 +7,7 @@ on CUDA (`-m cuda`) the Llama-3-8B shapes are added. Tolerances (tests/kernels/k
 1e-5; half types 2e-2 of max|ref|: the tensor-core path rounds each dequantized weight to x.dtype.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from tests.int4_quantizer import groups_of, quantize  # noqa: E402
 from tests.kernels.kernel_checks import CUDA, DEVICE, close, cuda_only  # noqa: E402
 
 
+@functools.lru_cache(maxsize=8)  # the CUDA tests reuse each Llama shape's weight
 def quantized_weight(n, k, group_size, act_order=False, seed=0):
     """(Int4Weight on DEVICE, the dequantized float32 weight [N, K] on DEVICE)."""
     g = torch.Generator().manual_seed(seed)
