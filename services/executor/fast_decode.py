@@ -60,6 +60,8 @@ class FastDecode:
             reason = "heads not a multiple of kv heads"
         elif any(not isinstance(l.mlp.act, SiluAndMul) for l in layers):
             reason = "unexpected layer structure"
+        elif getattr(model, "quant_config", None) is not None:
+            reason = f"quantized weights ({model.quant_config.describe()})"
         if reason:
             log.info("fused CPU decode: unsupported model (%s); using the torch path", reason)
             return None

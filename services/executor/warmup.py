@@ -2,8 +2,9 @@
 requests do not pay for compilation, autotuning or the allocator's first growth.
 
 Triton compiles a kernel per specialization of its integer arguments (== 1, divisible by 16, other),
-the skinny GEMM autotunes per (rows bucket, N, K), cuBLAS picks and caches an algorithm per shape, and
-the caching allocator grows at the first large step. CUDA graph capture already covers decode at the
+the skinny GEMM autotunes per (rows bucket, N, K), the int4 kernels compile once per class of rows
+(kernels/int4_gemm.M_CLASSES; the plan below reaches every class), cuBLAS picks and caches an
+algorithm per shape, and the caching allocator grows at the first large step. CUDA graph capture already covers decode at the
 graph batch sizes; this runs the rest through the runner's real step path (under tensor parallelism,
 the leader's, so every shard warms up too): prefills of 1, 3, 16 and 17 sequences of short lengths of
 each class and one as large as a step can be, a prefill in two chunks, decode steps right after each

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.executor import quantization
 from radixserve.executor.layers.linear import LinearBase, default_weight_loader
 from radixserve.executor.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
@@ -58,7 +59,9 @@ class ParallelLMHead(LinearBase):
 
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         self.vocab_size = vocab_size
-        super().__init__(hidden_size, (vocab_size + tp_size() - 1) // tp_size(), bias)
+        # The LM head stays unquantized, as quantized checkpoints keep it.
+        with quantization.building_with(None):
+            super().__init__(hidden_size, (vocab_size + tp_size() - 1) // tp_size(), bias)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight

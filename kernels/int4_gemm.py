@@ -1,0 +1,473 @@
+"""Triton int4 weight-only GEMM: y = x @ W^T (+ bias) with W stored as 4-bit codes, per-group scales and
+zero points (the AWQ and GPTQ checkpoint formats, repacked at load by `pack`), w = (q - z) * s.
+
+The one layout the kernels read (`Int4Weight`; quantization/int4_linear.py converts both formats to it):
+- packed int32 [N, KP / 8], KP = K rounded up to PACK (128) rows. Row n holds output feature n's codes
+  along the input, in packs of 128 input rows: int32 column p * 16 + r holds rows p * 128 + 16 j + r at
+  bits 4 j (j = 0..7). Unpacking nibble j of a [BLOCK_N, 16] tile gives the 16 consecutive input rows
+  p * 128 + 16 j + (0..15): one shift and mask per code, and x is read in contiguous runs of 16 (no
+  interleaved x gather). Rows past K hold code 0 and meet x = 0 (masked loads).
+- scales [G, N] (fp16 / bf16, the checkpoint's) and zeros uint8 [G, N], group g covering input rows
+  g * GROUP ... (GROUP a multiple of 16, so each run of 16 rows lies in one group; one group = KP).
+- g_idx int32 [KP] or None: the group of each input row when the groups are not contiguous runs
+  (GPTQ act-order under row-parallel tensor parallelism); scales and zeros are then gathered per row.
+  A checkpoint whose act-order groups become contiguous once its rows are sorted is instead permuted
+  at load (perm: x's columns are gathered to that order at run time, one index_select per call).
+
+Kernels:
+- `_int4_gemv_kernel` (one row of x: decode of one sequence): each program owns BLOCK_N output
+  features and walks K in BLOCK_K steps, loading the whole [BLOCK_N, BLOCK_K / 8] tile of codes at
+  once (BLOCK_K / 2 contiguous bytes per feature, read once, evict-first) as [BLOCK_N, packs, 16];
+  (q - z) * s * x accumulates elementwise in float32 on the CUDA cores, reduced once after the loop.
+- `_int4_gemm_kernel` (more rows): programs own [BLOCK_M, BLOCK_N] of y; per pack and nibble the
+  dequantized [BLOCK_N, 16] chunk goes to x.dtype and through tl.dot (tensor cores; x rows past M are
+  masked to zeros, as in kernels/skinny_gemm.py), so every code is read once per BLOCK_M rows.
+- `_dequantize_kernel`: W in x.dtype, one 128-row pack per program, for `DEQUANT_MIN_M` rows and more,
+  where dequantizing once per call and cuBLAS beat the tiled kernel (the dequantization is
+  O(N K), the GEMM O(M N K)).
+Blocks are fixed per class of M (`config_for`), not autotuned: a served shape compiles once for each
+class (the warm-up's steps cover every class) and no first call ever times configs.
+
+References: `dequantize_reference` (torch) and `int4_gemm_reference` = F.linear on the dequantized
+weight in float32, rounded once to x.dtype. The kernels accumulate in float32 too; the tensor-core path
+rounds each dequantized weight to x.dtype first (bf16: ~0.4% per weight, averaging out over K).
+Under the Triton interpreter (CPU tests) the dot operands go to float32 (as in skinny_gemm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from radixserve.kernels.paged_attention_block import interpreting
+
+PACK = 128  # input rows per pack: 16 int32 columns of 8 nibbles
+RUN = 16  # consecutive input rows per nibble position
+DEQUANT_MIN_M = 1024  # from this many rows of x on CUDA: dequantize to x.dtype once, then cuBLAS
+KERNEL_DEVICES = ("cuda",)  # elsewhere the torch reference; tests add "cpu" to run the interpreter
+
+
+@dataclasses.dataclass
+class Int4Weight:
+    """One linear layer's int4 weight in the kernels' layout (see the module docstring)."""
+
+    packed: torch.Tensor  # int32 [N, KP / 8]
+    scales: torch.Tensor  # [G, N], float
+    zeros: torch.Tensor  # uint8 [G, N]
+    in_features: int  # K
+    group_size: int  # input rows per group (KP when the whole input is one group)
+    g_idx: torch.Tensor | None = None  # int32 [KP]: per-row groups (non-contiguous groups)
+    perm: torch.Tensor | None = None  # int64 [K]: x's columns in the packed rows' order
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def padded_in(self) -> int:
+        return self.packed.shape[1] * 8
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.packed, self.scales, self.zeros, self.g_idx)
+            if t is not None
+        )
+
+
+def padded(k: int) -> int:
+    return -(-k // PACK) * PACK
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [K, N] (values 0..15, input rows first, as the checkpoints' logical layout) -> int32
+    [N, KP / 8] in the kernels' layout."""
+    K, N = q.shape
+    kp = padded(K)
+    qt = torch.zeros(N, kp, dtype=torch.int64, device=q.device)
+    qt[:, :K] = q.t().to(torch.int64)
+    # [N, packs, j, r] -> [N, packs, r, j]: nibble j of column (pack, r) is row pack * 128 + 16 j + r
+    qt = qt.view(N, kp // PACK, 8, RUN).transpose(2, 3)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
+    words = (qt << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.reshape(N, kp // 8).to(torch.int32).contiguous()
+
+
+def unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack: codes uint8 [K, N]."""
+    N, cols = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.view(N, cols // RUN, RUN, 1) >> shifts) & 15  # [N, packs, r, j]
+    rows = nibbles.transpose(2, 3).reshape(N, cols * 8)
+    return rows[:, :k].t().to(torch.uint8)
+
+
+def dequantize_reference(w: Int4Weight) -> torch.Tensor:
+    """W [N, K] in float32, rows in the packed order (x must be permuted by w.perm first)."""
+    K = w.in_features
+    q = unpack(w.packed, K).float()  # [K, N]
+    if w.g_idx is not None:
+        groups = w.g_idx[:K].long()
+    else:
+        groups = torch.arange(K, device=q.device) // w.group_size
+    s = w.scales.float()[groups]  # [K, N]
+    z = w.zeros.float()[groups]
+    return ((q - z) * s).t().contiguous()
+
+
+def permute_x(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    return x if w.perm is None else x.index_select(-1, w.perm)
+
+
+def int4_gemm_reference(
+    x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear(x, W, bias) in float32 on the dequantized weight, rounded once to x.dtype (also the CPU
+    path: correct, not fast)."""
+    b = None if bias is None else bias.float()
+    return F.linear(permute_x(x, w).float(), dequantize_reference(w), b).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, grp, cols, N):
+    """Scales and zeros of group grp (a scalar) for features cols, as [BLOCK_N, 1] float32."""
+    s = tl.load(s_ptr + grp * N + cols, eviction_policy="evict_last").to(tl.float32)
+    z = tl.load(z_ptr + grp * N + cols, eviction_policy="evict_last").to(tl.float32)
+    return s[:, None], z[:, None]
+
+
+@triton.jit
+def _scale_zero_rows(s_ptr, z_ptr, g_ptr, rows, cols, N):
+    """Scales and zeros of each row's own group (g_idx) for features cols: [BLOCK_N, 16] float32."""
+    grp = tl.load(g_ptr + rows)
+    addr = grp[None, :] * N + cols[:, None]
+    s = tl.load(s_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _scale_zero_packs(s_ptr, z_ptr, grp, cols, N):
+    """Scales and zeros of groups grp [NB] (one per pack) for features cols: [BLOCK_N, NB, 1]."""
+    addr = grp[None, :] * N + cols[:, None]
+    s = tl.load(s_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+    return s[:, :, None], z[:, :, None]
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    GROUP: tl.constexpr,
+    NGROUPS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    PER_PACK: tl.constexpr,  # one group per pack (GROUP a multiple of 128, no g_idx)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[n] = sum_k x[k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n]) for one row of x: each step
+    loads a whole [BLOCK_N, BLOCK_K / 8] tile of codes (BLOCK_K / 2 contiguous bytes per feature) as
+    [BLOCK_N, NB packs, 16] and accumulates elementwise in float32, reduced once after the loop."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
+    NB: tl.constexpr = BLOCK_K // 128
+    packs = tl.arange(0, NB)
+    run = tl.arange(0, 16)
+    q_ptrs = (
+        q_ptr
+        + cols.to(tl.int64)[:, None, None] * (KP // 8)
+        + packs[None, :, None] * 16
+        + run[None, None, :]
+    )
+    acc = tl.zeros((BLOCK_N, NB, 16), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        qt = tl.load(q_ptrs, eviction_policy="evict_first")
+        q_ptrs += BLOCK_K // 8
+        halves = (qt, qt >> 16)  # nibbles 0-3 and 4-7 in bits 0..15
+        base = k0 + packs * 128  # [NB] first row of each pack
+        if PER_PACK:
+            s, z = _scale_zero_packs(s_ptr, z_ptr, tl.minimum(base // GROUP, NGROUPS - 1), cols, N)
+            part = tl.zeros((BLOCK_N, NB, 16), dtype=tl.float32)
+        for j in tl.static_range(8):
+            rows = base[:, None] + j * 16 + run[None, :]  # [NB, 16]
+            if HAS_G_IDX:
+                addr = tl.load(g_ptr + rows)[None, :, :] * N + cols[:, None, None]
+                s = tl.load(s_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+                z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+            elif PER_PACK:
+                pass  # this tile's s, z, loaded above
+            else:
+                grp = tl.minimum((base + j * 16) // GROUP, NGROUPS - 1)
+                s, z = _scale_zero_packs(s_ptr, z_ptr, grp, cols, N)
+            # Code q left at its place in a float's mantissa with exponent 2^23: the float is 2^23 + q * place
+            # (one and-or per code instead of an int-to-float conversion, which runs at a quarter of
+            # the FMA rate); minus 2^23 + z * place it is (q - z) * place exactly, and x comes scaled
+            # by 1 / place.
+            place = 1 << (4 * (j % 4))  # 16^nib: the code's place in its half-word
+            bits = (halves[j // 4] & (15 * place)) | 0x4B000000
+            shifted = bits.to(tl.float32, bitcast=True) - (8388608.0 + z * place)
+            xk = tl.load(x_ptr + rows, mask=rows < K, other=0.0, eviction_policy="evict_last")
+            xk = xk.to(tl.float32)[None, :, :] * (1.0 / place)
+            if PER_PACK:
+                part += shifted * xk
+            else:
+                acc += shifted * s * xk
+        if PER_PACK:
+            acc += part * s
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_gemm_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    stride_xm,
+    stride_ym,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    GROUP: tl.constexpr,
+    NGROUPS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    PER_PACK: tl.constexpr,  # one group per pack (GROUP a multiple of 128, no g_idx)
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n]) on the tensor cores:
+    per pack and nibble j, a dequantized [BLOCK_N, 16] chunk in x.dtype through tl.dot."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
+    run = tl.arange(0, 16)
+    q_ptrs = q_ptr + cols.to(tl.int64)[:, None] * (KP // 8) + run[None, :]
+    NB: tl.constexpr = BLOCK_K // 128
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        for p in tl.static_range(NB):
+            kb = k0 + p * 128
+            qt = tl.load(q_ptrs + kb // 8, eviction_policy="evict_first")
+            halves = (qt, qt >> 16)  # nibbles 0-3 and 4-7 in bits 0..15
+            if PER_PACK:
+                s, z = _scale_zero(s_ptr, z_ptr, tl.minimum(kb // GROUP, NGROUPS - 1), cols, N)
+            for j in tl.static_range(8):
+                rows = kb + j * 16 + run
+                if HAS_G_IDX:
+                    s, z = _scale_zero_rows(s_ptr, z_ptr, g_ptr, rows, cols, N)
+                elif PER_PACK:
+                    pass  # this pack's s, z, loaded above
+                else:
+                    grp = tl.minimum((kb + j * 16) // GROUP, NGROUPS - 1)
+                    s, z = _scale_zero(s_ptr, z_ptr, grp, cols, N)
+                place = 1 << (4 * (j % 4))  # as in the GEMV: no int-to-float conversion
+                bits = (halves[j // 4] & (15 * place)) | 0x4B000000
+                w = bits.to(tl.float32, bitcast=True) - (8388608.0 + z * place)
+                w = w * (s * (1.0 / place))  # [BLOCK_N, 16]
+                xk = tl.load(
+                    x_rows + rows[None, :],
+                    mask=m_mask[:, None] & (rows < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_last",
+                )
+                if UPCAST:
+                    xk = xk.to(tl.float32)
+                else:
+                    w = w.to(xk.dtype)
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    w_ptr,
+    N,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    GROUP: tl.constexpr,
+    NGROUPS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W[n, k] = (q[k, n] - z[g(k), n]) * s[g(k), n] for one 128-row pack and BLOCK_N features."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = tl.minimum(offs_n, N - 1)
+    kb = tl.program_id(1) * 128
+    run = tl.arange(0, 16)
+    qt = tl.load(q_ptr + cols.to(tl.int64)[:, None] * (KP // 8) + kb // 8 + run[None, :])
+    for j in tl.static_range(8):
+        rows = kb + j * 16 + run
+        if HAS_G_IDX:
+            s, z = _scale_zero_rows(s_ptr, z_ptr, g_ptr, rows, cols, N)
+        else:
+            grp = tl.minimum((kb + j * 16) // GROUP, NGROUPS - 1)
+            s, z = _scale_zero(s_ptr, z_ptr, grp, cols, N)
+        w = (((qt >> (4 * j)) & 15).to(tl.float32) - z) * s
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + rows[None, :]
+        tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None] & (rows < K)[None, :])
+
+
+# ----------------------------------------------------------------------------------------- launch
+
+
+def _config(block_m, block_n, block_k, num_warps, num_stages) -> dict:
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# By class of M (the rows of x): (largest M of the class, config). Not yet measured on a GPU
+# (scripts/bench_int4_gemm.py --sweep times alternatives). M == 1 (the GEMV kernel): BLOCK_N 8, so
+# that even N = 4096 gives 512 programs, each loading 8 x 512 contiguous bytes of codes per step (its
+# loads are not software-pipelined: the bytes in flight come from the wide tile and the programs per SM);
+# M <= 16: the streaming shape on the tensor cores (cp.async pipelined num_stages deep); larger M:
+# square tiles that reuse each dequantized chunk over 64 / 128 rows of x.
+M_CLASSES = [
+    (1, _config(1, 8, 1024, 2, 1)),
+    (16, _config(16, 16, 512, 2, 3)),
+    (64, _config(64, 64, 256, 4, 3)),
+    (None, _config(128, 128, 128, 8, 3)),
+]
+DEQUANT_BLOCK_N = 64
+# Under the interpreter: one pack per step (the tests' K of 128..384 then run several steps).
+INTERPRET_BLOCK_K = 128
+
+
+def config_for(m: int) -> dict:
+    for largest, config in M_CLASSES:
+        if largest is None or m <= largest:
+            return config
+    raise AssertionError("unreachable")
+
+
+def _meta(w: Int4Weight) -> dict:
+    return dict(
+        K=w.in_features,
+        KP=w.padded_in,
+        GROUP=w.group_size,
+        NGROUPS=w.scales.shape[0],
+        HAS_G_IDX=w.g_idx is not None,
+    )
+
+
+def _block_k(block_k: int, kp: int) -> int:
+    """The largest of block_k, block_k / 2, ... 128 that divides the padded K."""
+    while kp % block_k:
+        block_k //= 2
+    return block_k
+
+
+def int4_gemm(
+    x: torch.Tensor,
+    w: Int4Weight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """F.linear(x, W, bias) through the tiled kernel (any M; leading dims of x flattened); y in x.dtype.
+    config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the class's (benchmarks)."""
+    K, N = w.in_features, w.out_features
+    assert x.shape[-1] == K, (x.shape, K)
+    assert bias is None or bias.shape == (N,), None if bias is None else bias.shape
+    x2 = permute_x(x.reshape(-1, K), w)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y.view(*x.shape[:-1], N)
+    upcast = interpreting() and x.dtype != torch.float32
+    if config is None and interpreting():
+        config = {**config_for(M), "BLOCK_K": INTERPRET_BLOCK_K}
+    config = dict(config or config_for(M))
+    config["BLOCK_K"] = _block_k(config["BLOCK_K"], w.padded_in)
+    bias_arg = w.packed if bias is None else bias.contiguous()
+    g_arg = w.packed if w.g_idx is None else w.g_idx
+    flags = dict(
+        **_meta(w),
+        PER_PACK=w.g_idx is None and w.group_size % PACK == 0,
+        HAS_BIAS=bias is not None,
+    )
+    block_m, launch = config.pop("BLOCK_M"), config
+    grid = (triton.cdiv(N, launch["BLOCK_N"]), triton.cdiv(M, block_m))
+    if block_m == 1:
+        assert M == 1, "the GEMV config takes one row"
+        _int4_gemv_kernel[grid](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, N, **flags, **launch
+        )
+    else:
+        _int4_gemm_kernel[grid](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, M, N, x2.stride(0), y.stride(0),
+            **flags, UPCAST=upcast, BLOCK_M=block_m,
+            PRECISION="ieee" if upcast or x.dtype == torch.float32 else "tf32", **launch,
+        )  # fmt: skip
+    return y.view(*x.shape[:-1], N)
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in dtype (packed row order) through the Triton kernel."""
+    K, N = w.in_features, w.out_features
+    out = torch.empty((N, K), dtype=dtype, device=w.packed.device)
+    if N and K:
+        grid = (triton.cdiv(N, DEQUANT_BLOCK_N), w.padded_in // PACK)
+        _dequantize_kernel[grid](
+            w.packed, w.scales, w.zeros, w.packed if w.g_idx is None else w.g_idx, out, N,
+            **_meta(w), BLOCK_N=DEQUANT_BLOCK_N,
+        )  # fmt: skip
+    return out
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the executor's int4 linear layers call: on CUDA the tiled kernel, or from DEQUANT_MIN_M rows
+    a dequantized copy and cuBLAS; elsewhere the torch reference."""
+    if x.device.type not in KERNEL_DEVICES:
+        return int4_gemm_reference(x, w, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows >= DEQUANT_MIN_M:
+        return F.linear(permute_x(x, w), dequantize(w, x.dtype), bias)
+    return int4_gemm(x, w, bias)
