@@ -189,9 +189,7 @@ def _rotary_kv_store_kernel(
         dv = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < HK) & (dv < D)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + dv, mask=mask)
-        v = _to_cache(
-            v, v_scale, vc_ptr.dtype.element_ty, FP8, FP8_MAX, MANT, MIN_EXP, ROUND
-        )
+        v = _to_cache(v, v_scale, vc_ptr.dtype.element_ty, FP8, FP8_MAX, MANT, MIN_EXP, ROUND)
         tl.store(vc_ptr + slot * stride_vcs + h * stride_vch + dv, v, mask=mask)
 
 

@@ -23,7 +23,9 @@ import torch
 # --kv-cache-dtype values that store fp8 (others keep the model's dtype).
 FP8_KV_DTYPES = {"fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn}
 
-_CHECKPOINT_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:attn\.)?(k_scale|v_scale|kv_scale)$")
+_CHECKPOINT_SCALE = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:attn\.)?(k_scale|v_scale|kv_scale)$"
+)
 
 
 def kv_cache_torch_dtype(flag: str | None, model_dtype: torch.dtype) -> torch.dtype:
@@ -89,7 +91,9 @@ def scales_from_param_file(path: str, num_layers: int, tp_rank: int) -> KVScales
         ) from None
     rank = table.get(str(tp_rank))
     if not isinstance(rank, dict):
-        raise ValueError(f"--quantization-param-path {path}: no scaling_factor for tp rank {tp_rank}")
+        raise ValueError(
+            f"--quantization-param-path {path}: no scaling_factor for tp rank {tp_rank}"
+        )
     missing = [i for i in range(num_layers) if str(i) not in rank]
     if missing:
         raise ValueError(
@@ -112,5 +116,7 @@ def resolve_kv_scales(
 def _checked(scales: KVScales) -> KVScales:
     for value in scales.k + scales.v:
         if not (value > 0 and value != float("inf")):
-            raise ValueError(f"KV cache scales must be positive and finite; got {value} ({scales.source})")
+            raise ValueError(
+                f"KV cache scales must be positive and finite; got {value} ({scales.source})"
+            )
     return scales

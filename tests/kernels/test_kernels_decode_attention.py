@@ -154,7 +154,16 @@ def test_fp8_kv_cache_with_scales(kv_dtype, dtype):
     k_scale, v_scale = 0.25, 3.0
     k8, v8 = (k.float() * 4 / k_scale).to(kv_dtype), (v.float() / v_scale).to(kv_dtype)
     got = decode_attention(
-        q, k8, v8, table, seq_lens, scale, num_splits=3, block_n=16, k_scale=k_scale, v_scale=v_scale
+        q,
+        k8,
+        v8,
+        table,
+        seq_lens,
+        scale,
+        num_splits=3,
+        block_n=16,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     ref = decode_attention_ref(q, k8, v8, table, seq_lens, scale, k_scale=k_scale, v_scale=v_scale)
     check(got, ref, dtype)
