@@ -37,6 +37,15 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_KV_DTYPES.values()
 
 
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    """The pool's dtype as ModelInfo reports it: the flag's name for fp8 (fp8_e5m2), else torch's
+    (bfloat16)."""
+    for name, fp8 in FP8_KV_DTYPES.items():
+        if dtype == fp8:
+            return name
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class KVScales:
     k: tuple[float, ...]  # per layer
