@@ -3,9 +3,13 @@ scales' precedence, and what a model run with an fp8 pool computes against the s
 KV in the model's dtype."""
 
 import json
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the triton backend's kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.executor import kv_cache
@@ -143,6 +147,21 @@ def test_scales_divide_on_store_and_multiply_on_read(model_dir):
         scaled, PROMPT[8:], 3, rid="second", first_slot=100, prefix_slots=range(1, 9)
     )
     ref, ref_tokens = greedy(make_runner(model_dir), PROMPT, 3)
+    assert tokens == ref_tokens
+    assert (cont - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_triton_backend_with_fp8_kv(model_dir):
+    # One fp8 dtype here (the kernel tests take both): the interpreter is slow. The GPU backend (fused rotary + fp8 store, paged extend and split-KV decode reading fp8; on
+    # the CPU in the interpreter, fp32 model) against torch_native with fp32 KV, scales != 1; the
+    # continuation extends over a cached fp8 prefix.
+    runner = make_runner(model_dir, "fp8_e5m2", dtype="float32", attention_backend="triton")
+    runner.kv_pool.scales = KVScales((0.5,) * LAYERS, (2.0,) * LAYERS, "test")
+    ref, ref_tokens = greedy(make_runner(model_dir, dtype="float32"), PROMPT, 4)
+    greedy(runner, PROMPT[:8], 0, rid="first", first_slot=1)
+    cont, tokens = greedy(
+        runner, PROMPT[8:], 4, rid="second", first_slot=100, prefix_slots=range(1, 9)
+    )
     assert tokens == ref_tokens
     assert (cont - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
