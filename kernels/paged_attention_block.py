@@ -21,13 +21,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-FP8_KV_DTYPES = (torch.float8_e5m2, torch.float8_e4m3fn)
+# An fp8 KV cache's dtypes: (largest finite value, mantissa bits, smallest normal exponent).
+FP8_KV_FORMATS = {
+    torch.float8_e4m3fn: (448.0, 3, -6),
+    torch.float8_e5m2: (57344.0, 2, -14),
+}
 
 
 def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """The caches share one dtype: q's, or an fp8 one."""
     assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
-    assert k_cache.dtype in (q.dtype, *FP8_KV_DTYPES), (
+    assert k_cache.dtype == q.dtype or k_cache.dtype in FP8_KV_FORMATS, (
         f"the KV cache must be in q's dtype ({q.dtype}) or fp8, not {k_cache.dtype}"
     )
 

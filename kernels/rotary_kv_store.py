@@ -29,14 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.kernels.paged_attention_block import interpreting
+from radixserve.kernels.paged_attention_block import FP8_KV_FORMATS, interpreting
 from radixserve.kernels.rotary import _cos_sin_of_token, _rotate_heads, apply_rotary_ref
-
-# fp8 cache dtype -> (largest finite value, mantissa bits, smallest normal exponent)
-_FP8_FORMATS = {
-    torch.float8_e4m3fn: (448.0, 3, -6),
-    torch.float8_e5m2: (57344.0, 2, -14),
-}
 
 
 @triton.jit
@@ -227,7 +221,7 @@ def rotary_and_store_kv(
     assert cos_table.stride(-1) == 1 and sin_table.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
-    fp8 = _FP8_FORMATS.get(k_cache.dtype)
+    fp8 = FP8_KV_FORMATS.get(k_cache.dtype)
     fp8_max, mant, min_exp = fp8 or (0.0, 0, 0)
     if T == 0:
         return q
@@ -281,7 +275,7 @@ def rotary_and_store_kv(
 
 def to_cache_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """x as a cache of dtype stores it: cast, or for fp8 x / scale (float32) saturated."""
-    fp8 = _FP8_FORMATS.get(dtype)
+    fp8 = FP8_KV_FORMATS.get(dtype)
     if fp8 is None:
         return x.to(dtype)
     return (x.float() / scale).clamp(-fp8[0], fp8[0]).to(dtype)

@@ -23,9 +23,10 @@ import statistics
 
 import torch
 
+from radixserve.executor.kv_scales import FP8_KV_DTYPES
 from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
 
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e5m2": torch.float8_e5m2, "fp8_e4m3": torch.float8_e4m3fn}
+KV_DTYPES = {"bf16": torch.bfloat16, **FP8_KV_DTYPES}  # --kv-dtype: as --kv-cache-dtype names them
 K_SCALE, V_SCALE = 0.5, 2.0  # fp8 only
 
 

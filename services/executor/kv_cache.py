@@ -75,11 +75,6 @@ def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
     return (x.float() / scale).clamp_(-limit, limit).to(dtype)
 
 
-def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """x * scale in dtype, computed in float32 (x as the pool stores it)."""
-    return (x.float() * scale).to(dtype)
-
-
 def kv_bytes_per_token(
     num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
