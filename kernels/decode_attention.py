@@ -17,7 +17,11 @@ launch shape a function of (B, num_splits) alone, which CUDA graphs need. Table 
 never loaded. The table row of sequence b is rows[b] when rows is given (a persistent
 request-to-slot table, as the executor keeps), else b.
 
-decode_attention_ref is the torch reference (gather per sequence, fp32 softmax).
+An fp8 KV cache (k_cache / v_cache in float8_e5m2 or float8_e4m3fn holding k / k_scale and
+v / v_scale) is read in q's dtype: k_scale folds into the softmax scale, v_scale multiplies each
+split's output; both are host floats, fixed in a captured CUDA graph.
+
+decode_attention_ref is the torch reference (gather per sequence, dequantize, fp32 softmax).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.kernels.paged_attention_block import attend_block, interpreting
+from radixserve.kernels.paged_attention_block import attend_block, check_kv_dtype, interpreting
 
 
 # rows/lens are views into the step's packed ints at a traffic-dependent offset, read one value per
@@ -42,6 +46,7 @@ def _decode_stage1(
     part_ptr,
     lse_ptr,
     scale,
+    v_scale,
     num_splits,
     stride_qb,
     stride_qh,
@@ -151,7 +156,7 @@ def _decode_stage1(
             )
 
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(
         part_ptr + b64 * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :],
@@ -227,12 +232,14 @@ def decode_attention(
     rows: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
-    r = rows[b] (or b without rows).
+    r = rows[b] (or b without rows), K = k_cache * k_scale and V = v_cache * v_scale.
 
-    q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D]; slot_table [R, max_len] int32/int64;
-    seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
+    q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D] in q's dtype or fp8; slot_table [R, max_len]
+    int32/int64; seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
     """
     assert q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
     B, H, D = q.shape
@@ -244,7 +251,7 @@ def decode_attention(
     assert D <= 256, "head_dim up to 256"
     assert slot_table.dim() == 2 and seq_lens.shape == (B,)
     assert (slot_table.shape[0] == B) if rows is None else (rows.shape == (B,))
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    check_kv_dtype(q, k_cache, v_cache)
     assert not slot_table.dtype.is_floating_point and not seq_lens.dtype.is_floating_point
 
     # Innermost (head_dim) dimension must be unit-stride; other strides are passed through.
@@ -285,7 +292,8 @@ def decode_attention(
         seq_lens,
         part,
         lse,
-        float(scale),
+        float(scale) * float(k_scale),
+        float(v_scale),
         num_splits,
         q.stride(0),
         q.stride(1),
@@ -339,8 +347,11 @@ def decode_attention_ref(
     scale: float,
     num_splits: int | None = None,
     rows: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Torch reference: per sequence, gather its K/V slots and run an fp32 softmax attention."""
+    """Torch reference: per sequence, gather its K/V slots, dequantize (x * scale) and run an fp32
+    softmax attention."""
     B, H, D = q.shape
     H_kv = k_cache.shape[1]
     group = H // H_kv
@@ -351,8 +362,8 @@ def decode_attention_ref(
             continue
         row = b if rows is None else int(rows[b])
         slots = slot_table[row, :n].long()
-        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        k = (k_cache[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [n, H, D]
+        v = (v_cache[slots].float() * v_scale).repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
         p = torch.softmax(s, dim=-1)
         o[b] = torch.einsum("hn,nhd->hd", p, v)

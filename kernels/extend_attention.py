@@ -10,7 +10,10 @@ sequence and one head and walks the keys in BLOCK_N blocks up to its last query'
 online softmax in float32 (flash-attention forward). Blocks past a sequence's q_len do nothing, so
 one launch covers sequences of any mix of lengths.
 
-extend_attention_ref is the torch reference (per sequence, fp32, explicit causal mask).
+An fp8 KV cache is read as decode_attention reads it (k_scale folded into the softmax scale, v_scale
+into the output).
+
+extend_attention_ref is the torch reference (per sequence, dequantized, fp32, explicit causal mask).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.kernels.paged_attention_block import attend_block, interpreting
+from radixserve.kernels.paged_attention_block import attend_block, check_kv_dtype, interpreting
 
 
 # The per-sequence arrays are views into the step's packed ints, read one value per program: alignment
@@ -36,6 +39,7 @@ def _extend_kernel(
     qstart_ptr,
     qlen_ptr,
     scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ks,
@@ -132,7 +136,7 @@ def _extend_kernel(
                     PRECISION,
                     CAUSAL=True,
                 )
-        out = acc / l_i[:, None]
+        out = acc * (v_scale / l_i)[:, None]
         tl.store(
             o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
             out.to(o_ptr.dtype.element_ty),
@@ -154,19 +158,22 @@ def extend_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each extend sequence's new tokens over its prefix and themselves.
 
     q [T, H, D] (rows q_starts[s] .. q_starts[s] + q_lens[s] - 1 are sequence s); k_cache / v_cache
     [num_slots, H_kv, D] already holding the new tokens' K/V; table [R, width] slot ids; rows,
     prefix_lens, q_starts, q_lens [S] ints; max_q_len = max(q_lens) (host int: it sizes the grid).
+    K = k_cache * k_scale, V = v_cache * v_scale (the caches in q's dtype or fp8).
     Returns out [T, H, D] (rows of no sequence are left untouched).
     """
     T, H, D = q.shape
     H_kv = k_cache.shape[1]
     S = rows.shape[0]
     assert H % H_kv == 0 and k_cache.shape[2] == D and v_cache.shape == k_cache.shape
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the KV cache must share a dtype"
+    check_kv_dtype(q, k_cache, v_cache)
     assert prefix_lens.shape == q_starts.shape == q_lens.shape == (S,)
     assert D <= 256, "head_dim up to 256"
     if q.stride(2) != 1:
@@ -193,7 +200,8 @@ def extend_attention(
         prefix_lens,
         q_starts,
         q_lens,
-        float(scale),
+        float(scale) * float(k_scale),
+        float(v_scale),
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -217,9 +225,21 @@ def extend_attention(
 
 
 def extend_attention_ref(
-    q, k_cache, v_cache, table, rows, prefix_lens, q_starts, q_lens, max_q_len=None, scale=1.0
+    q,
+    k_cache,
+    v_cache,
+    table,
+    rows,
+    prefix_lens,
+    q_starts,
+    q_lens,
+    max_q_len=None,
+    scale=1.0,
+    k_scale=1.0,
+    v_scale=1.0,
 ) -> torch.Tensor:
-    """Torch reference: per sequence, gather prefix + new K/V, fp32 causal softmax."""
+    """Torch reference: per sequence, gather prefix + new K/V, dequantize (x * scale), fp32 causal
+    softmax."""
     T, H, D = q.shape
     group = H // k_cache.shape[1]
     out = torch.zeros_like(q)
@@ -228,8 +248,8 @@ def extend_attention_ref(
         if n == 0:
             continue
         slots = table[int(rows[s]), : prefix + n].long()
-        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
-        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        k = (k_cache[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, H, D]
+        v = (v_cache[slots].float() * v_scale).repeat_interleave(group, dim=1)
         qs = q[start : start + n].float()  # [n, H, D]
         scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
         q_pos = prefix + torch.arange(n)[:, None]

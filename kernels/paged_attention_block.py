@@ -1,10 +1,15 @@
 """The online-softmax step both paged attention kernels (decode_attention, extend_attention) take
-over one block of key positions, gathering K/V rows through a sequence's slot-table row."""
+over one block of key positions, gathering K/V rows through a sequence's slot-table row.
+
+K/V may be stored in fp8 (an fp8 KV cache): they are converted to the query's dtype as they load, and
+the cache's scales are applied by the callers (the K scale folded into `scale`, the V scale into the
+final output), so the block step itself never multiplies by them."""
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -14,6 +19,21 @@ def interpreting() -> bool:
     blocks with a while loop, since the interpreter (triton 3.6, numpy 2.x) cannot run `range` over
     runtime bounds."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# An fp8 KV cache's dtypes: (largest finite value, mantissa bits, smallest normal exponent).
+FP8_KV_FORMATS = {
+    torch.float8_e4m3fn: (448.0, 3, -6),
+    torch.float8_e5m2: (57344.0, 2, -14),
+}
+
+
+def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The caches share one dtype: q's, or an fp8 one."""
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == q.dtype or k_cache.dtype in FP8_KV_FORMATS, (
+        f"the KV cache must be in q's dtype ({q.dtype}) or fp8, not {k_cache.dtype}"
+    )
 
 
 @triton.jit
@@ -57,6 +77,7 @@ def attend_block(
         mask=kv_mask,
         other=0.0,
     )
+    k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, BLOCK_N] fp32
     if CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
@@ -72,5 +93,5 @@ def attend_block(
         mask=kv_mask,
         other=0.0,
     )
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return m_new, l_i, acc

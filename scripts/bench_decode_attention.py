@@ -6,7 +6,12 @@ slot by slot. For each (BLOCK_N, num_warps, num_stages, num_splits) it prints th
 events, median of the repeats) and GB/s of K/V read, best first, and the ratio to the configuration the
 backend uses today.
 
-  python scripts/bench_decode_attention.py [--batch 256] [--min-len 512 --max-len 768]
+With --kv-dtype fp8_e5m2 | fp8_e4m3 the pool is fp8 (scales 0.5 / 2.0, as a served fp8 pool passes
+them): the grid runs on it, checked against the kernel over the same values in bf16, and "bf16_today"
+times the bf16 pool at today's configuration side by side ("fp8_vs_bf16": its speed-up).
+
+  python scripts/bench_decode_attention.py [--batch 256] [--min-len 512 --max-len 768] \
+      [--kv-dtype fp8_e5m2]
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ import statistics
 
 import torch
 
+from radixserve.executor.kv_scales import FP8_KV_DTYPES
 from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
+
+KV_DTYPES = {"bf16": torch.bfloat16, **FP8_KV_DTYPES}  # --kv-dtype: as --kv-cache-dtype names them
+K_SCALE, V_SCALE = 0.5, 2.0  # fp8 only
 
 
 def make_batch(a, shuffled: bool):
@@ -35,8 +44,19 @@ def make_batch(a, shuffled: bool):
     k = torch.randn(total, a.kv_heads, a.head_dim, dtype=torch.bfloat16, device=dev)
     v = torch.randn_like(k)
     q = torch.randn(a.batch, a.heads, a.head_dim, dtype=torch.bfloat16, device=dev)
-    kv_bytes = 2 * total * a.kv_heads * a.head_dim * 2
+    kv_dtype = KV_DTYPES[a.kv_dtype]
+    if (
+        kv_dtype != torch.bfloat16
+    ):  # the pool holds x / scale; the bf16 copy holds what it reads back
+        k, v = (k / K_SCALE).to(kv_dtype), (v / V_SCALE).to(kv_dtype)
+    kv_bytes = 2 * total * a.kv_heads * a.head_dim * k.element_size()
     return q, k, v, table.to(dev), lens.to(dev), kv_bytes
+
+
+def kernel(q, k, v, table, lens, cfg):
+    """decode_attention on the pool (fp8: with its scales) at one launch configuration."""
+    scales = {} if k.dtype == torch.bfloat16 else dict(k_scale=K_SCALE, v_scale=V_SCALE)
+    return decode_attention(q, k, v, table, lens, 0.088, **cfg, **scales)
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -62,6 +82,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
     a = p.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     today = dict(
@@ -76,27 +97,38 @@ def main() -> None:
     ]
     for shuffled in (False, True):
         q, k, v, table, lens, kv_bytes = make_batch(a, shuffled)
-        ref = decode_attention(q, k, v, table, lens, 0.088, **today)
+        fp8 = k.dtype != torch.bfloat16
+        # bf16 K/V holding exactly what an fp8 pool reads back (the reference and the side-by-side)
+        k16 = (k.float() * K_SCALE).to(torch.bfloat16) if fp8 else k
+        v16 = (v.float() * V_SCALE).to(torch.bfloat16) if fp8 else v
+        ref = decode_attention(q, k16, v16, table, lens, 0.088, **today)
         rows = []
         for cfg in grid:
             try:
-                out = decode_attention(q, k, v, table, lens, 0.088, **cfg)
+                out = kernel(q, k, v, table, lens, cfg)
                 torch.cuda.synchronize()
                 if not torch.allclose(out, ref, atol=2e-2, rtol=2e-2):
                     rows.append((cfg, None, "mismatch"))
                     continue
-                ms = time_ms(
-                    lambda: decode_attention(q, k, v, table, lens, 0.088, **cfg), a.repeats
-                )
+                ms = time_ms(lambda: kernel(q, k, v, table, lens, cfg), a.repeats)
                 rows.append((cfg, ms, None))
             except Exception as e:  # a config the compiler rejects (shared memory) is skipped
                 rows.append((cfg, None, f"{type(e).__name__}: {str(e)[:200]}"))
         ok = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
         base = next((ms for cfg, ms, _ in ok if cfg == today), float("nan"))
+        side = {}
+        if fp8:
+            bf16_ms = time_ms(lambda: kernel(q, k16, v16, table, lens, today), a.repeats)
+            side = {
+                "bf16_today": {**today, "ms": round(bf16_ms, 4)},
+                "fp8_vs_bf16": round(bf16_ms / base, 3),
+            }
         print(
             json.dumps(
                 {
                     "layout": "shuffled slots" if shuffled else "contiguous slots",
+                    "kv_dtype": a.kv_dtype,
+                    **side,
                     "device": torch.cuda.get_device_name(0),
                     "kv_gb": round(kv_bytes / 1e9, 3),
                     "today": {

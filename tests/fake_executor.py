@@ -245,6 +245,8 @@ class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             eos_token_ids=list(self.eos_token_ids),
             dtype="float32",
             device="cpu",
+            kv_cache_dtype="float32",
+            kv_bytes_per_token=64,
         )
 
     async def Step(self, request, context):

@@ -54,6 +54,7 @@ class InProcessTarget:
             print(compiled.describe(), file=sys.stderr)
         info = self.runner.model_info()
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
+        self.kv_cache_dtype = info.kv_cache_dtype
 
     def step(self, step: StepInput) -> tuple[StepOutput, StepTiming]:
         t0 = time.perf_counter()
@@ -95,6 +96,7 @@ class GrpcTarget:
         self.stub = executor_pb2_grpc.ExecutorStub(self.channel)
         info = self.stub.GetModelInfo(executor_pb2.ExecutorModelInfoRequest(), timeout=600)
         self.kv_slots, self.vocab_size, self.device = info.kv_slots, info.vocab_size, info.device
+        self.kv_cache_dtype = info.kv_cache_dtype
         try:
             self.session = BlockingExecutorSession(self.stub)
         except SessionRefused as e:
@@ -277,6 +279,7 @@ def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
                 {
                     "run_name": ns.run_name,
                     "device": target.device,
+                    "kv_cache_dtype": target.kv_cache_dtype,
                     "launch_ahead": ns.launch_ahead,
                     "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process",
                 }

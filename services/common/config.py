@@ -240,11 +240,21 @@ class ModelSpec:
     )
     kv_cache_dtype: str = option(
         "auto",
-        "KV cache dtype; auto: the model's dtype",
+        "KV cache dtype. auto: the model's dtype; fp8_e5m2 / fp8_e4m3 (vLLM's fp8): fp8 with a K and a "
+        "V scale per layer (--quantization-param-path, else the checkpoint's k_scale/v_scale, else 1.0), "
+        "twice the tokens of a bf16 cache in the same memory",
         group="Quantization and data type",
         choices=_SGLANG_KV_CACHE_DTYPES,
-        supported=["auto", "bf16", "bfloat16"],
-        unsupported_hint="a quantized KV cache is not supported yet; leave it at auto (the model's dtype)",
+        supported=["auto", "bf16", "bfloat16", "fp8_e5m2", "fp8_e4m3", "fp8"],
+        value_map={"fp8": "fp8_e4m3"},
+        unsupported_hint="this KV cache dtype is not supported yet; use auto, fp8_e5m2 or fp8_e4m3",
+    )
+    quantization_param_path: str | None = option(
+        None,
+        "JSON of per-layer KV cache scales for --kv-cache-dtype fp8_* (vLLM's and SGLang's format: "
+        '{"kv_cache": {"scaling_factor": {"<tp rank>": {"<layer>": scale}}}}); it wins over the '
+        "checkpoint's k_scale/v_scale tensors; unused with a KV cache in the model's dtype",
+        group="Quantization and data type",
     )
     chat_template: str | None = option(
         None,

@@ -97,7 +97,6 @@ IGNORED = _table("""
 --enable-multimodal | none | multimodal inputs are not supported; text-only models are served as usual (VLM architectures are refused at load)
 --warmups | one | SGLang's custom warmup functions do not exist here; radixserve runs its own warm-up
 --nccl-port | one | tensor-parallel shards meet on a free loopback port (or --dist-init-addr); no fixed NCCL port is needed
---quantization-param-path | one | KV cache scaling factors are only read for an FP8 KV cache, which radixserve refuses
 --rl-quant-profile | one | only used with --load-format flash_rl, which radixserve refuses
 --enable-dynamic-chunking | none | only used with pipeline parallelism (--pp-size > 1), which radixserve refuses
 --schedule-low-priority-values-first | none | only used with --enable-priority-scheduling, which radixserve refuses

@@ -90,6 +90,8 @@ class EmbeddingRunner:
             dtype_name(cfg.dtype),
             str(self.device),
             self.num_parameters,
+            kv_cache_dtype="",  # no KV cache
+            kv_bytes_per_token=0,
         )
 
     def reset(self) -> int:

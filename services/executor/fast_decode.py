@@ -51,6 +51,9 @@ class FastDecode:
                 "fused CPU decode: %s not supported; using the torch path", type(model).__name__
             )
             return None
+        if runner.kv_pool.fp8:  # the fused kernel reads a bf16 pool only
+            log.info("fused CPU decode: fp8 KV cache not supported; using the torch path")
+            return None
         layers = model.model.layers
         attn0 = layers[0].self_attn
         reason = None

@@ -1,11 +1,17 @@
 """The KV pool: per layer K and V tensors [kv_slots, kv_heads, head_dim]. No allocator here: the
-scheduler owns slot ids. Slot 0 is a padding sink that padded reads hit (kept zero, never valid)."""
+scheduler owns slot ids. Slot 0 is a padding sink that padded reads hit (kept zero, never valid).
+
+The pool's dtype is the model's, or fp8 (--kv-cache-dtype fp8_e5m2 | fp8_e4m3): then it holds
+x / scale saturated to the fp8 range, with one K and one V scale per layer (kv_scales.py), and
+attention reads x = stored * scale."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+
+from radixserve.executor.kv_scales import KVScales, is_fp8
 
 log = logging.getLogger("radixserve.executor.kv_cache")
 
@@ -23,9 +29,14 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        scales: KVScales | None = None,
     ):
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
+        self.fp8 = is_fp8(dtype)
+        scales = scales or KVScales.ones(num_layers)
+        assert len(scales.k) == len(scales.v) == num_layers, (len(scales.k), num_layers)
+        self.scales = scales
         shape = (num_slots, num_kv_heads, head_dim)
         # Only slot 0 is ever read before being written (as padding); it must hold finite values,
         # since a masked-out key still multiplies its value by 0. Not zeroing the rest keeps start fast
@@ -38,10 +49,36 @@ class KVPool:
     def layer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer_id], self.v[layer_id]
 
+    def layer_scales(self, layer_id: int) -> tuple[float, float]:
+        """(k_scale, v_scale) of the layer: stored = x / scale, read back as stored * scale (1.0
+        unless the pool is fp8)."""
+        return self.scales.k[layer_id], self.scales.v[layer_id]
+
+    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k_cache[slots] = k, v_cache[slots] = v (quantized with the layer's scales when fp8)."""
+        k_cache, v_cache = self.layer(layer_id)
+        if not self.fp8:
+            k_cache.index_copy_(0, slots, k)
+            v_cache.index_copy_(0, slots, v)
+            return
+        k_scale, v_scale = self.layer_scales(layer_id)
+        # index_copy_ has no fp8 kernel on the CPU; the bytes copy the same.
+        for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+            cache.view(torch.uint8).index_copy_(
+                0, slots, quantize_kv(x, scale, self.dtype).view(torch.uint8)
+            )
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in fp8 dtype, saturated to its finite range (computed in float32)."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
+
 
 def kv_bytes_per_token(
     num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
+    """K and V of one token over every layer, in the pool's dtype (fp8: half of bf16)."""
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 

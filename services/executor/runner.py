@@ -23,6 +23,13 @@ from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
+from radixserve.executor.kv_scales import (
+    is_fp8,
+    kv_cache_dtype_name,
+    kv_cache_torch_dtype,
+    resolve_kv_scales,
+    split_checkpoint_scales,
+)
 from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
 from radixserve.executor.prompt_logprobs import DevicePromptLogprobs, compute_prompt_logprobs
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
@@ -71,6 +78,8 @@ class ModelInfo:
     dtype: str
     device: str
     num_parameters: int
+    kv_cache_dtype: str  # the KV pool's: the model's dtype, or fp8_e5m2 / fp8_e4m3
+    kv_bytes_per_token: int  # K and V of one token over every layer, on this shard
 
 
 @contextlib.contextmanager
@@ -91,16 +100,21 @@ def load_model(
     quantization: str | None = None,
 ) -> torch.nn.Module:
     """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy);
-    its linear layers quantized as --quantization and the checkpoint's quantization_config say."""
+    its linear layers quantized as --quantization and the checkpoint's quantization_config say. The
+    checkpoint's KV-cache scales (k_scale / v_scale tensors) are kept aside in
+    model.checkpoint_kv_scales ({name: value}) for an fp8 KV pool."""
     t0 = time.perf_counter()
     quant = resolve_quantization(quantization, cfg.hf)
     with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
     model.quant_config = quant
+    model.checkpoint_kv_scales = {}
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        model.load_weights(iterate_safetensors(cfg.path))
+        model.load_weights(
+            split_checkpoint_scales(iterate_safetensors(cfg.path), model.checkpoint_kv_scales)
+        )
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
@@ -155,7 +169,9 @@ class ModelRunner:
 
         cfg = self.config
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this shard's
-        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype)
+        self.kv_dtype = kv_cache_torch_dtype(settings.kv_cache_dtype, self.dtype)
+        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.kv_dtype)
+        self.kv_bytes_per_token = per_token
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
         sizing_per_token = per_token * (
             tp_local_size() * host_replicas if self.device.type == "cpu" else 1
@@ -171,9 +187,22 @@ class ModelRunner:
                 "min",
             )
             self.kv_pool = KVPool(
-                self.kv_slots, cfg.num_layers, num_kv_heads, cfg.head_dim, self.dtype, self.device
+                self.kv_slots,
+                cfg.num_layers,
+                num_kv_heads,
+                cfg.head_dim,
+                self.kv_dtype,
+                self.device,
+                self._kv_scales(settings),
             )
-        log.info("KV pool: %d slots (%.1f MiB)", self.kv_slots, self.kv_slots * per_token / 2**20)
+        log.info(
+            "KV pool: %d slots (%.1f MiB), %s, %d bytes per token%s",
+            self.kv_slots,
+            self.kv_slots * per_token / 2**20,
+            kv_cache_dtype_name(self.kv_dtype),
+            per_token,
+            f", scales from {self.kv_pool.scales.source}" if self.kv_pool.fp8 else "",
+        )
 
         self.attn_backend = create_attention_backend(
             settings.attention_backend, self.device, num_kv_heads
@@ -265,6 +294,23 @@ class ModelRunner:
             )
         return load_model(self.config, self.device, load_format, seed, quantization)
 
+    def _kv_scales(self, settings: RunnerConfig):
+        """The fp8 pool's per-layer scales (kv_scales.py's precedence); None for a pool in the
+        model's dtype."""
+        if not is_fp8(self.kv_dtype):
+            if settings.quantization_param_path:
+                log.warning(
+                    "--quantization-param-path is unused: the KV cache is %s, not fp8",
+                    kv_cache_dtype_name(self.kv_dtype),
+                )
+            return None
+        return resolve_kv_scales(
+            settings.quantization_param_path,
+            self.model.checkpoint_kv_scales,
+            self.config.num_layers,
+            tp_rank(),
+        )
+
     def model_info(self) -> ModelInfo:
         cfg = self.config
         return ModelInfo(
@@ -277,6 +323,8 @@ class ModelRunner:
             dtype_name(self.dtype),
             str(self.device),
             self.num_parameters,
+            kv_cache_dtype_name(self.kv_dtype),
+            self.kv_bytes_per_token,
         )
 
     def reset(self) -> int:

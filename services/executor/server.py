@@ -273,11 +273,13 @@ async def serve(args: ServerArgs) -> None:
                 await loop.run_in_executor(worker, run_warmup, runner, args)
         info = runner.model_info()
         log.info(
-            "model %s ready: %s on %s, %d KV slots, context %d",
+            "model %s ready: %s on %s, %d KV slots (%s, %d bytes per token), context %d",
             info.architecture,
             info.dtype,
             info.device,
             info.kv_slots,
+            info.kv_cache_dtype or "none",
+            info.kv_bytes_per_token,
             info.context_length,
         )
         log.info("startup: %s", clock.summary())

@@ -187,6 +187,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             waiting_requests=stats.waiting,
             eos_token_ids=sorted(core.eos_token_ids),
             dtype=self.model.dtype,
+            kv_cache_dtype=self.model.kv_cache_dtype,
+            kv_bytes_per_token=self.model.kv_bytes_per_token,
             total_cached_prompt_tokens=stats.total_cached_prompt_tokens,
             total_prompt_tokens=stats.total_prompt_tokens,
             config_json=json.dumps(self.config),

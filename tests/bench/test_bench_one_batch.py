@@ -89,6 +89,15 @@ def test_in_process(tiny_model, capsys, tmp_path):
     assert json_lines(results.read_text()) == records
 
 
+def test_fp8_kv_cache(tiny_model, capsys):
+    argv = ["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "2"]
+    argv += ["--input-len", "9", "--output-len", "3", "--max-total-tokens", "200"]
+    assert one_batch.main([*argv, "--kv-cache-dtype", "fp8_e5m2"]) == 0
+    (record,) = json_lines(capsys.readouterr().out)
+    check_record(record, 2, 9, 3)
+    assert record["kv_cache_dtype"] == "fp8_e5m2"
+
+
 def test_in_process_launching_ahead(tiny_model, capsys):
     assert (
         one_batch.main(

@@ -86,7 +86,7 @@ def test_a_value_sglang_has_but_this_version_does_not_is_refused_from_the_enviro
     monkeypatch, capsys
 ):
     refused = {
-        "kv_cache_dtype": "fp8_e5m2",
+        "kv_cache_dtype": "fp4_e2m1",
         "quantization": "bitsandbytes",
         "load_format": "pt",
         "attention_backend": "fa3",

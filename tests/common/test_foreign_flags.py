@@ -113,8 +113,8 @@ def test_every_reference_flag_is_listed_once():
 REFUSED_VALUES = [
     ["--quantization", "bitsandbytes"],
     ["-q", "marlin"],
-    ["--kv-cache-dtype", "fp8_e5m2"],
-    ["--kv-cache-dtype", "fp8_e4m3"],
+    ["--kv-cache-dtype", "fp4_e2m1"],
+    ["--kv-cache-dtype", "mxfp8"],
     ["--load-format", "pt"],
     ["--attention-backend", "fa3"],
     ["--attention-backend", "flashinfer"],

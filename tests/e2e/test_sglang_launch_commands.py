@@ -164,7 +164,7 @@ def test_a_refused_flag_stops_the_launch_before_anything_starts(tmp_path):
             "--model-path",
             "/nonexistent",
             "--kv-cache-dtype",
-            "fp8_e5m2",
+            "fp4_e2m1",
             "--tp",
             "2",
         ],
@@ -174,6 +174,6 @@ def test_a_refused_flag_stops_the_launch_before_anything_starts(tmp_path):
     )
     assert (
         out.returncode == 2
-        and "--kv-cache-dtype fp8_e5m2" in out.stderr
+        and "--kv-cache-dtype fp4_e2m1" in out.stderr
         and "not supported yet" in out.stderr
     )

@@ -317,6 +317,9 @@ def test_grpc_server_in_process(runner):
                     info.kv_slots == 201
                     and list(info.eos_token_ids) == [2, 5]
                     and info.dtype == "float32"
+                    and info.kv_cache_dtype == "float32"
+                    and info.kv_bytes_per_token
+                    == 2 * 2 * 2 * 8 * 4  # K+V, 2 layers, 2 kv heads of 8
                 )
                 session = await ExecutorSession.open(stub)
                 sid = session.id  # Step and Reset only from the executor's step session

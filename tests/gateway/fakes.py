@@ -34,6 +34,7 @@ EOS_ID = 3
 CONTEXT_LENGTH = 256
 VOCAB_SIZE = 0x110000
 MODEL_PATH = "/models/fake-model"
+KV_BYTES_PER_TOKEN = 4096  # what the fake scheduler says of its executor's KV pool (fp8_e5m2)
 OUTPUT_TEXT = "The quick brown fox jumps over the lazy dog. "
 POISON = "☠"  # a prompt holding it is rejected by the fake scheduler with INVALID_ARGUMENT
 EOS_MARKER = "EOS"  # a prompt holding it makes the fake scheduler emit EOS after EOS_AFTER tokens
@@ -275,6 +276,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             running_requests=running,
             eos_token_ids=[EOS_ID],
             dtype="float32",
+            kv_cache_dtype="fp8_e5m2",
+            kv_bytes_per_token=KV_BYTES_PER_TOKEN,
             config_json='{"schedule_policy": "fcfs"}',
             vocab_size=VOCAB_SIZE,
         )

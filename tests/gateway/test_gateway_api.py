@@ -20,6 +20,7 @@ from tests.gateway.fakes import (
     MESSAGES,
     MODEL,
     MODEL_PATH,
+    KV_BYTES_PER_TOKEN,
     POISON,
     RunningGateway,
     expected_output,
@@ -494,6 +495,8 @@ def test_models_and_info_endpoints(gw, client):
         info["model_path"] == MODEL_PATH
         and info["is_generation"] is True
         and info["tokenizer_path"]
+        and info["kv_cache_dtype"] == "fp8_e5m2"
+        and info["kv_bytes_per_token"] == KV_BYTES_PER_TOKEN
     )
     server = httpx.get(gw.base_url + "/get_server_info").json()
     assert (

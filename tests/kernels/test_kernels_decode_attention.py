@@ -143,3 +143,45 @@ def test_cuda_realistic(head_dim):
     for ns in (None, 1, 16):
         got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=ns)
         check(got, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_kv_cache_with_scales(kv_dtype, dtype):
+    # An fp8 cache holds k / k_scale and v / v_scale; the kernel reads it back times the scales and
+    # must match the reference over the same dequantized cache (the fp8 rounding is in both).
+    q, k, v, table, seq_lens, scale = make_case([1, 17, 70], 8, 2, 64, dtype, seed=21)
+    k_scale, v_scale = 0.25, 3.0
+    k8, v8 = (k.float() * 4 / k_scale).to(kv_dtype), (v.float() / v_scale).to(kv_dtype)
+    got = decode_attention(
+        q,
+        k8,
+        v8,
+        table,
+        seq_lens,
+        scale,
+        num_splits=3,
+        block_n=16,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    ref = decode_attention_ref(q, k8, v8, table, seq_lens, scale, k_scale=k_scale, v_scale=v_scale)
+    check(got, ref, dtype)
+    # and the dequantization is really applied: the scales change the answer as x * scale would
+    unscaled = decode_attention_ref(q, k8, v8, table, seq_lens, scale)
+    assert not torch.allclose(got.float(), unscaled.float(), atol=0.1)
+
+
+@pytest.mark.cuda  # Llama-3-8B decode with an fp8 pool at the rate-inf shape: `-m cuda` on a GPU
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_cuda_realistic_fp8(kv_dtype):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(512, 769, (256,), generator=g).tolist()
+    q, k, v, table, seq_lens, scale = make_case(lens, 32, 8, 128, torch.bfloat16, seed=2, pad=0)
+    k8, v8 = (k.float() / 0.5).to(kv_dtype), (v.float() / 2.0).to(kv_dtype)
+    ref = decode_attention_ref(q, k8, v8, table, seq_lens, scale, k_scale=0.5, v_scale=2.0)
+    for ns in (None, 1, 16):
+        got = decode_attention(
+            q, k8, v8, table, seq_lens, scale, num_splits=ns, k_scale=0.5, v_scale=2.0
+        )
+        check(got, ref, torch.bfloat16)

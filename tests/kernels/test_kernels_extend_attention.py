@@ -53,11 +53,24 @@ def make_case(prefixes, q_lens, heads, kv_heads, head_dim, dtype, seed=0, tail=2
     )
 
 
-def run_and_check(case, dtype, atol, **kw):
+def run_and_check(case, dtype, atol, k_scale=1.0, v_scale=1.0, **kw):
     q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale = case
     out = torch.full_like(q, 7.0)
     got = extend_attention(
-        q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale, out=out, **kw
+        q,
+        k,
+        v,
+        table,
+        rows,
+        prefixes,
+        starts,
+        q_lens,
+        max_q,
+        scale,
+        out=out,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        **kw,
     )
     ref = extend_attention_ref(
         q.cpu(),
@@ -70,6 +83,8 @@ def run_and_check(case, dtype, atol, **kw):
         q_lens.cpu(),
         max_q,
         scale,
+        k_scale,
+        v_scale,
     )
     n = int(q_lens.sum())
     assert torch.isfinite(got[:n].float()).all()
@@ -92,6 +107,18 @@ def test_head_dim_not_power_of_two():
 def test_fp16():
     case = make_case([30, 3], [17, 12], 4, 2, 64, torch.float16, seed=4)
     run_and_check(case, torch.float16, 2e-2, block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_kv_cache_with_scales(kv_dtype, dtype):
+    # The cache holds k / k_scale, v / v_scale in fp8; the reference dequantizes the same cache.
+    q, k, v, *rest = make_case([30, 0, 3], [17, 9, 12], 4, 2, 64, dtype, seed=8)
+    k_scale, v_scale = 0.5, 4.0
+    k8, v8 = (k.float() / k_scale).to(kv_dtype), (v.float() / v_scale).to(kv_dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    case = (q, k8, v8, *rest)
+    run_and_check(case, dtype, tol, k_scale, v_scale, block_m=16, block_n=16)
 
 
 @pytest.mark.cuda

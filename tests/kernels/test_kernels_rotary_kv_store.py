@@ -24,7 +24,17 @@ from radixserve.kernels.rotary_kv_store import (
     store_kv_ref,
 )  # noqa: E402
 from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
-from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_or_close, gen, randn  # noqa: E402
+from radixserve.kernels.rotary import apply_rotary_ref  # noqa: E402
+from tests.kernels.kernel_checks import (  # noqa: E402
+    CUDA,
+    DEVICE,
+    DTYPES,
+    close,
+    cuda_only,
+    exact_or_close,
+    gen,
+    randn,
+)
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -142,3 +152,52 @@ def test_rotary_and_store_kv_cuda_realistic(T, dtype):
         strided=True,
         with_padding=T > 1,
     )
+
+
+FP8 = [torch.float8_e5m2, torch.float8_e4m3fn]
+
+
+def fp8_codes_apart(got: torch.Tensor, ref: torch.Tensor) -> int:
+    """How many fp8 steps apart two fp8 tensors are at most (0: bit-equal)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    return int((got.view(torch.uint8).int() - ref.view(torch.uint8).int()).abs().max())
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_scale, v_scale", [(1.0, 1.0), (0.37, 2.5)])
+def test_fp8_cache_stores_x_over_scale(cache_dtype, dtype, k_scale, v_scale):
+    g = gen(11)
+    T, hq, hk, head_dim, num_slots = 9, 4, 2, 64, 32
+    rope = RotaryEmbedding(head_dim, 64, 10000.0, {"rope_type": "default"}, dtype).to(DEVICE)
+    positions = torch.randint(0, 64, (T,), generator=g).to(DEVICE)
+    q = randn(g, T, hq, head_dim, dtype=dtype, scale=3.0)
+    k = randn(g, T, hk, head_dim, dtype=dtype, scale=3.0)
+    v = randn(g, T, hk, head_dim, dtype=dtype, scale=3.0)
+    k[0, 0, :4] = 1e6  # past the fp8 range (after / scale): saturates, never inf/NaN
+    v[1, 1, :4] = -1e6
+    slots = (torch.randperm(num_slots - 1, generator=g)[:T] + 1).to(DEVICE)  # never slot 0
+    slots[4] = -1
+    k_cache = torch.zeros(num_slots, hk, head_dim, dtype=cache_dtype, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    tables = (rope.cos_table, rope.sin_table, positions)
+    q_ref = rotary_and_store_kv_ref(q, k, v, *tables, kc_ref, vc_ref, slots, k_scale, v_scale)
+    rotary_and_store_kv(q, k, v, *tables, k_cache, v_cache, slots, k_scale, v_scale)
+    close(q, q_ref)
+    # The rotated k is rounded to k's dtype before quantizing; a bf16 rounding in the interpreter
+    # truncates, which may move its fp8 value by one step. fp32 (and v, a plain copy) match exactly.
+    assert fp8_codes_apart(k_cache, kc_ref) <= (0 if dtype == torch.float32 or CUDA else 1)
+    assert fp8_codes_apart(v_cache, vc_ref) == 0
+    assert torch.isfinite(k_cache.float()).all() and torch.isfinite(v_cache.float()).all()
+    limit = torch.finfo(cache_dtype).max
+    assert k_cache[slots[0], 0, 0].float() == limit and v_cache[slots[1], 1, 0].float() == -limit
+    assert not k_cache[0].float().any(), "slot 0 (not in slots) untouched"
+    # Read back times the scale, the cache holds x to fp8's precision.
+    k_rot = apply_rotary_ref(q, k, *tables)[1]
+    kept = torch.arange(T) != 4
+    back = k_cache[slots[kept]].float() * k_scale
+    want = k_rot[kept].float()
+    inside = want.abs() < limit * k_scale
+    rel = 2.0 ** -(3 if cache_dtype == torch.float8_e4m3fn else 2)
+    torch.testing.assert_close(back[inside], want[inside], rtol=rel, atol=1e-2 * k_scale)

@@ -229,6 +229,8 @@ def test_get_info_reports_model_and_config():
             assert info.architecture == "FakeForCausalLM" and info.vocab_size == VOCAB
             assert info.max_total_tokens == 200 and info.free_tokens == 200
             assert info.context_length == 128
+            # the executor's KV pool as tests/fake_executor.py describes it, passed through
+            assert info.kv_cache_dtype == "float32" and info.kv_bytes_per_token == 64
             config = json.loads(info.config_json)
             assert config["schedule_policy"] == "lpm" and config["max_running_requests"] == 1
 

@@ -67,48 +67,59 @@ class TorchNativeAttentionBackend(AttentionBackend):
     def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
         q, k = self.rotate(qk, rope, layer)
         meta: _StepMetadata = batch.attn_metadata
-        k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
-        k_cache.index_copy_(0, batch.out_slots, k)
-        v_cache.index_copy_(0, batch.out_slots, v)
+        pool = batch.kv_pool
+        pool.store(layer.layer_id, batch.out_slots, k, v)
+        k_cache, v_cache = pool.layer(layer.layer_id)
+        k_scale, v_scale = pool.layer_scales(layer.layer_id)
 
         num_tokens = q.shape[0]
         hidden = layer.num_heads * layer.head_dim
         n_ext = batch.num_extend_tokens
         if n_ext == 0:
-            return self._decode(q, k_cache, v_cache, layer, meta)
+            return self._decode(q, k_cache, v_cache, layer, meta, k_scale, v_scale)
         out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
         for seq, mask, slots in zip(batch.extend_seqs, meta.extend_masks, meta.extend_slots):
             end = seq.start + seq.num_tokens
             # 4-D [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
             qs = q[seq.start : end].transpose(0, 1).unsqueeze(0)
+            scale, out_scale = layer.scaling, 1.0
             if mask is None:
                 ks, vs = k[seq.start : end], v[seq.start : end]
             else:
-                ks, vs = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+                ks = k_cache.index_select(0, slots).to(q.dtype)
+                vs = v_cache.index_select(0, slots).to(q.dtype)
+                scale, out_scale = scale * k_scale, v_scale
             o = F.scaled_dot_product_attention(
                 qs,
                 ks.transpose(0, 1).unsqueeze(0),
                 vs.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask,
                 is_causal=mask is None,
-                scale=layer.scaling,
+                scale=scale,
                 enable_gqa=True,
             )
+            if out_scale != 1.0:
+                o = o * out_scale
             out[seq.start : end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
         if n_ext < num_tokens:
-            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta)
+            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta, k_scale, v_scale)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, layer, meta: _StepMetadata) -> torch.Tensor:
+    def _decode(
+        q, k_cache, v_cache, layer, meta: _StepMetadata, k_scale: float, v_scale: float
+    ) -> torch.Tensor:
         bsz = q.shape[0]
         kvh, d = layer.num_kv_heads, layer.head_dim
         torch.index_select(k_cache, 0, meta.decode_table, out=meta.k_buf)
         torch.index_select(v_cache, 0, meta.decode_table, out=meta.v_buf)
-        keys = meta.k_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
-        values = meta.v_buf.view(bsz, meta.decode_max_len, kvh, d).transpose(1, 2)
+        shape = (bsz, meta.decode_max_len, kvh, d)
+        keys = meta.k_buf.to(q.dtype).view(shape).transpose(1, 2)  # to(): no copy unless fp8
+        values = meta.v_buf.to(q.dtype).view(shape).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
         o = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling
+            queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling * k_scale
         )
+        if v_scale != 1.0:
+            o = o * v_scale
         return o.reshape(bsz, layer.num_heads * d)

@@ -5,6 +5,9 @@ writes the rotated k and v to the cache (kernels/rotary_kv_store.py), instead of
 then a KV-store kernel; at small batch both are launch-bound. k itself stays unrotated, which is
 fine since the attention kernels here read K/V only from the cache.
 
+An fp8 pool (kv_cache.py) is written and read by the same kernels with the layer's K and V scales,
+Python floats fixed for the life of the pool, so captured graphs replay them unchanged.
+
 Reads the step's sequences from batch.table_meta (the executor's SlotTable rows and lengths, device
 tensors), never from host lengths, and launches a fixed set of kernels whose shapes depend only on the token
 count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
@@ -51,6 +54,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, qk, v, rope: RopeStep, layer, batch: ForwardBatch) -> torch.Tensor:
         k_cache, v_cache = batch.kv_pool.layer(layer.layer_id)
+        k_scale, v_scale = batch.kv_pool.layer_scales(layer.layer_id)
         q, k = qk[:, : layer.num_heads], qk[:, layer.num_heads :]
         rotary_and_store_kv(
             q,
@@ -62,6 +66,8 @@ class TritonAttentionBackend(AttentionBackend):
             k_cache,
             v_cache,
             batch.out_slots,
+            k_scale,
+            v_scale,
         )
         meta = batch.table_meta
         num_tokens = q.shape[0]
@@ -83,6 +89,8 @@ class TritonAttentionBackend(AttentionBackend):
             meta.max_extend_len,
             layer.scaling,
             out=out,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, batch)
@@ -91,6 +99,7 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(q, k_cache, v_cache, layer, batch: ForwardBatch) -> torch.Tensor:
         meta = batch.table_meta
+        k_scale, v_scale = batch.kv_pool.layer_scales(layer.layer_id)
         return decode_attention(
             q,
             k_cache,
@@ -100,4 +109,6 @@ class TritonAttentionBackend(AttentionBackend):
             layer.scaling,
             num_splits=batch.attn_metadata.num_splits,
             rows=meta.decode_rows,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

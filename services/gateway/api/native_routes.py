@@ -328,6 +328,8 @@ async def get_model_info(request: Request):
         "context_length": info.context_length,
         "vocab_size": info.vocab_size,
         "eos_token_ids": info.eos_token_ids,
+        "kv_cache_dtype": info.kv_cache_dtype or None,
+        "kv_bytes_per_token": info.kv_bytes_per_token or None,
         "preferred_sampling_params": info.sampling_defaults.as_dict() or None,
     }
 

@@ -216,6 +216,8 @@ class Engine:
             vocab_size=sched.vocab_size or (tok.vocab_size if tok else 0),
             eos_token_ids=list(sched.eos_token_ids or (tok.eos_token_ids if tok else [])),
             has_chat_template=bool(tok and tok.chat_template),
+            kv_cache_dtype=sched.kv_cache_dtype,
+            kv_bytes_per_token=sched.kv_bytes_per_token,
             sampling_defaults=server_defaults(
                 SamplingDefaults.from_proto(tok.generation_defaults) if tok else SamplingDefaults(),
                 self.args,

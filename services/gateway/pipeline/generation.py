@@ -91,6 +91,9 @@ class ServedModel:
     vocab_size: int
     eos_token_ids: list[int]
     has_chat_template: bool
+    # The executor's KV pool: its dtype (the model's, or fp8_e5m2 / fp8_e4m3) and bytes per token.
+    kv_cache_dtype: str = ""
+    kv_bytes_per_token: int = 0
     # The sampling defaults for what requests leave out (--generation-config, --preferred-sampling-params,
     # --override-generation-config layered; see pipeline/sampling.py server_defaults).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)

@@ -112,7 +112,7 @@ class ExecutorModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorModelInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters")
+    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters", "kv_cache_dtype", "kv_bytes_per_token")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,8 @@ class ExecutorModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -131,7 +133,9 @@ class ExecutorModelInfo(_message.Message):
     dtype: str
     device: str
     num_parameters: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_bytes_per_token: int
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class ExecutorResetRequest(_message.Message):
     __slots__ = ("session_id",)
