@@ -1,0 +1,140 @@
+"""kernels/gguf_triton.py (GGUF block-quantized GEMM and dequantization) against gguf.quants.dequantize, the
+published layouts' ground truth.
+
+Weights: Q8_0 / Q4_0 / Q4_1 blocks are made by gguf.quants.quantize from random float weights; gguf 0.19
+cannot quantize the K-quants (NotImplementedError), so their blocks are random bytes with finite scales
+(random_qweight), which exercises every bit of the packed fields. Without a GPU the kernels run in the
+Triton interpreter (TRITON_INTERPRET=1) at small K, with 16-row tiles of two blocks so that N and K leave a
+masked tail; on CUDA (`-m cuda`) the Llama-3-8B shapes are added.
+
+Tolerances: dequantization to float32 is bit-exact (the same float32 products as numpy). GEMMs: the shared
+helper of tests/kernels/kernel_checks.py, float32 1e-5, half types 2e-2 of max|ref|: both sides sum in
+float32 in another order and round once to x's dtype (the interpreter rounds to bf16 by truncation).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from gguf.constants import GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import quantize  # noqa: E402
+
+from radixserve.kernels import gguf_triton as gt  # noqa: E402
+from tests.kernels.kernel_checks import DEVICE, cuda_only  # noqa: E402
+from tests.kernels.kernel_checks import close as elementwise_close  # noqa: E402
+
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
+# K: three blocks (a full two-block tile plus a masked tail) for the super-block types, seven for the others
+K_OF = {t: 768 if t in K_QUANTS else 224 for t in gt.SUPPORTED}
+
+
+def close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    elementwise_close(got, ref, tol=2e-2)
+
+
+def qweight(n: int, k: int, qtype: T, seed: int = 0) -> torch.Tensor:
+    """Raw GGUF rows uint8 [n, row bytes] on DEVICE: quantized random weights where gguf can quantize."""
+    g = torch.Generator().manual_seed(seed)
+    if qtype in K_QUANTS:
+        return gt.random_qweight(n, k, qtype, generator=g, device=DEVICE)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).numpy()
+    return torch.from_numpy(quantize(w, qtype)).to(DEVICE)
+
+
+def test_supported_types_are_the_assignment():
+    assert set(gt.SUPPORTED) == {T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K}
+
+
+@pytest.mark.parametrize("qtype", gt.SUPPORTED, ids=lambda t: t.name)
+def test_dequantize_bit_exact_vs_gguf(qtype):
+    q = qweight(19, K_OF[qtype], qtype)
+    want = gt.gguf_dequantize_ref(q, qtype).cpu()
+    got = gt.gguf_dequantize(q, int(qtype), torch.float32)
+    assert got.shape == want.shape == (19, K_OF[qtype])
+    assert torch.equal(got.cpu(), want)
+    close(gt.gguf_dequantize(q, qtype, torch.bfloat16), want.to(DEVICE, torch.bfloat16))
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 40])
+@pytest.mark.parametrize("qtype", gt.SUPPORTED, ids=lambda t: t.name)
+def test_gguf_linear_vs_reference(qtype, M):
+    N, K = 21, K_OF[qtype]
+    q = qweight(N, K, qtype, seed=M)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(DEVICE, torch.bfloat16) if M != 3 else None
+    got = gt.gguf_linear(x, q, qtype, bias)
+    assert got.shape == (M, N) and got.dtype == torch.bfloat16
+    close(got, gt.gguf_linear_ref(x, q, qtype, bias))
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_gguf_linear_float32_and_fp16_strided(M):
+    q = qweight(13, 256, T.Q4_K, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x32 = torch.randn(M, 256, generator=g).to(DEVICE)
+    close(gt.gguf_linear(x32, q, T.Q4_K), gt.gguf_linear_ref(x32, q, T.Q4_K))
+    big = torch.randn(2, M, 300, generator=g).to(DEVICE, torch.float16)
+    x = big[..., 20:276]  # [2, M, 256], row stride 300
+    got = gt.gguf_linear(x, q, T.Q4_K)
+    assert got.shape == (2, M, 13)
+    close(got, gt.gguf_linear_ref(x.reshape(-1, 256), q, T.Q4_K).view(2, M, 13))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 5])
+def test_gguf_linear_gpu_block_shapes(M, qtype):
+    """The block shapes autotuning picks from on the GPU, at K = BLOCK_K + one block (loop and tail)."""
+    qk = 256 if qtype in K_QUANTS else 32
+    configs = gt.GEMV_CONFIGS if M == 1 else gt.DOT_CONFIGS
+    for block_n, block_k in sorted({(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}):
+        N, K = block_n + 3, block_k + qk
+        q = qweight(N, K, qtype, seed=block_n + block_k)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, torch.bfloat16)
+        cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+        close(gt.gguf_linear(x, q, qtype, config=cfg), gt.gguf_linear_ref(x, q, qtype))
+
+
+def test_bad_inputs_and_empty():
+    q = qweight(8, 64, T.Q8_0)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="Q5_0"):
+        gt.gguf_linear(x, q, T.Q5_0)
+    with pytest.raises(ValueError, match="64"):
+        gt.gguf_linear(x[:, :32], q, T.Q8_0)
+    with pytest.raises(ValueError, match="34-byte blocks"):
+        gt.gguf_dequantize(q[:, :40], T.Q8_0, torch.bfloat16)
+    with pytest.raises(ValueError, match="uint8"):
+        gt.gguf_dequantize(q.view(torch.int8), T.Q8_0, torch.bfloat16)
+    with pytest.raises(ValueError, match="divisible by 256"):
+        gt.random_qweight(2, 300, T.Q6_K)
+    assert gt.gguf_linear(x[:0], q, T.Q8_0).shape == (0, 8)
+    assert gt.gguf_dequantize(q[:0], T.Q8_0, torch.bfloat16).shape == (0, 64)
+
+
+def test_random_qweight_scales_are_finite_and_small():
+    for qtype in gt.SUPPORTED:
+        k = 512
+        w = gt.gguf_dequantize_ref(gt.random_qweight(4, k, qtype), qtype)
+        assert w.shape == (4, k) and torch.isfinite(w).all()
+        assert 0 < w.abs().max() < 16.0, qtype.name  # f16 fields < 1.5e-3, |scale * q| < 8192
+
+
+@cuda_only
+@pytest.mark.parametrize("N, K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+@pytest.mark.parametrize("qtype", gt.SUPPORTED, ids=lambda t: t.name)
+def test_gguf_cuda_llama3_8b_shapes(qtype, N, K):
+    q = gt.random_qweight(N, K, qtype, generator=torch.Generator().manual_seed(0), device="cuda")
+    rows = slice(
+        0, 512
+    )  # the numpy reference on a slice of rows: the whole 28672 x 4096 takes seconds
+    w_ref = gt.gguf_dequantize_ref(q[rows], qtype)
+    w = gt.gguf_dequantize(q, qtype, torch.float32)
+    assert torch.equal(w[rows], w_ref)
+    for M in (1, 4, 16, 64):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        close(gt.gguf_linear(x, q, qtype)[:, rows], gt.gguf_linear_ref(x, q[rows], qtype))
