@@ -33,9 +33,13 @@ gguf_linear by the number of rows M of x:
 - M > M_MAX (prefill): gguf_dequantize to x's dtype, then cuBLAS (F.linear). At prefill sizes the GEMM is
   compute-bound and the dequantized copy costs one write + read of N * K * 2 bytes, well under the GEMM.
 
-Block sizes: triton.autotune over GEMV_CONFIGS / DOT_CONFIGS keyed on (M bucket, N, K, qtype) and the
-dtypes, as in skinny_gemm (tuning runs at the first call of a shape: the executor's eager warm-up before
-CUDA-graph capture must run it). BLOCK_K counts elements and is at least 256 (one super-block).
+Tiles: BLOCK_N rows by PLANE_COLS columns of each plane, i.e. PLANE_COLS // PLANE blocks (BLOCK_K =
+that many blocks' elements) per K step: a plane tile has the same shape for every type (the loads per
+thread stay as wide), while the K step grows with the planes per block (Q8_0: BLOCK_K = PLANE_COLS, Q4_K:
+8 * PLANE_COLS, Q6_K: 16 * PLANE_COLS). triton.autotune over GEMV_CONFIGS / DOT_CONFIGS keyed on
+(M bucket, N, K, qtype) and the dtypes, configs whose K step exceeds the row twice over pruned, as in
+skinny_gemm (tuning runs at the first call of a shape: the executor's eager warm-up before CUDA-graph
+capture must run it).
 Under TRITON_INTERPRET=1 (CPU tests): INTERPRET_CONFIG, and the dot operands go up to float32 (the
 interpreter's half-type tl.dot is wrong), as in skinny_gemm.
 """
@@ -208,10 +212,10 @@ def _gguf_gemm_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PLANE_COLS: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for this program's BLOCK_N rows n, all m < M."""
-    NBLK: tl.constexpr = BLOCK_K // QK
+    NBLK: tl.constexpr = PLANE_COLS // PLANE
     NB: tl.constexpr = K // QK
     n_full: tl.constexpr = NB // NBLK
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -257,10 +261,10 @@ def _gguf_dequant_kernel(
     BB: tl.constexpr,
     PLANE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PLANE_COLS: tl.constexpr,
 ):
-    """out[n, k] = W[n, k] for this program's BLOCK_N rows and BLOCK_K // QK blocks."""
-    NBLK: tl.constexpr = BLOCK_K // QK
+    """out[n, k] = W[n, k] for this program's BLOCK_N rows and PLANE_COLS // PLANE blocks."""
+    NBLK: tl.constexpr = PLANE_COLS // PLANE
     NB: tl.constexpr = K // QK
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -279,49 +283,56 @@ def _gguf_dequant_kernel(
         tl.store(out_at + p * PLANE, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _config(block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+def _config(block_n: int, plane_cols: int, num_warps: int, num_stages: int) -> triton.Config:
     return triton.Config(
-        {"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=num_stages
+        {"BLOCK_N": block_n, "PLANE_COLS": plane_cols}, num_warps=num_warps, num_stages=num_stages
     )
 
 
-# Starting points for Hopper (not yet timed on a GPU; scripts/bench_gguf_triton.py prints the picks): the
-# bf16 skinny GEMM's best tiles, with more warps since each weight costs a dequantization (a few integer
-# ops and an FMA) on top of the multiply-add. BLOCK_K (elements) >= 256: one K-quant super-block.
-# M == 1. Per thread the float32 accumulator holds BLOCK_N * BLOCK_K / (32 * num_warps) values (16..64).
+# Starting points for Hopper, not yet timed on a GPU (scripts/bench_gguf_triton.py prints the picks).
+# Compiled for sm_90 without a GPU: no config spills registers. Each thread holds
+# BLOCK_N * PLANE_COLS / (32 * num_warps) elements of a plane (8..32).
+# M == 1 (float32 accumulator of one plane tile, reduced after the loop).
 GEMV_CONFIGS = [
     _config(8, 512, 8, 4),
-    _config(4, 512, 4, 4),
-    _config(8, 1024, 8, 3),
-    _config(16, 1024, 8, 3),
     _config(8, 256, 4, 4),
+    _config(16, 256, 8, 4),
+    _config(4, 512, 4, 4),
     _config(16, 512, 8, 3),
+    _config(8, 128, 4, 6),
 ]
-# M > 1 (x padded to 16 rows): one tl.dot per plane.
+# M > 1 (x padded to 16 rows): one tl.dot per plane, the plane tile in x's dtype.
 DOT_CONFIGS = [
-    _config(16, 512, 4, 3),
-    _config(16, 256, 4, 4),
-    _config(32, 256, 4, 3),
-    _config(32, 512, 8, 3),
-    _config(64, 256, 8, 3),
-    _config(16, 1024, 8, 2),
+    _config(16, 128, 4, 3),
+    _config(16, 256, 4, 3),
+    _config(32, 128, 4, 3),
+    _config(32, 256, 8, 3),
+    _config(64, 128, 8, 3),
+    _config(16, 512, 8, 2),
 ]
 AUTOTUNE = True  # False: always the first config of the list (no tuning at the first call)
-DEQUANT_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
-INTERPRET_BLOCK_N = 16  # under the interpreter: 16 rows, two blocks per K tile (loop and tail)
+DEQUANT_CONFIG = {"BLOCK_N": 16, "PLANE_COLS": 128, "num_warps": 4, "num_stages": 1}
+INTERPRET_BLOCK_N = 16  # under the interpreter: 16 rows, two blocks per K step (loop and tail)
 
 
 def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+def _prune(configs, named_args, **meta):
+    """Configs whose K step (PLANE_COLS // PLANE blocks) fits in twice the row; the smallest step if none."""
+    blocks = meta["K"] // meta["QK"]
+    steps = {c: c.kwargs["PLANE_COLS"] // meta["PLANE"] for c in configs}
+    kept = [c for c in configs if steps[c] < 2 * blocks]
+    return kept or [min(configs, key=steps.get)]
+
+
 _KEY = ["M_BUCKET", "N", "K", "QTYPE"]
-_gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(
-    _gguf_gemm_kernel
+_TUNE = dict(
+    key=_KEY, do_bench=_bench, cache_results=True, prune_configs_by={"early_config_prune": _prune}
 )
-_dot_tuned = triton.autotune(DOT_CONFIGS, key=_KEY, do_bench=_bench, cache_results=True)(
-    _gguf_gemm_kernel
-)
+_gemv_tuned = triton.autotune(GEMV_CONFIGS, **_TUNE)(_gguf_gemm_kernel)
+_dot_tuned = triton.autotune(DOT_CONFIGS, **_TUNE)(_gguf_gemm_kernel)
 
 
 def tuned_config(m: int) -> triton.Config | None:
@@ -360,15 +371,16 @@ def _views(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gguf_dequantize(qweight: torch.Tensor, qtype: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in dtype of raw GGUF rows qweight (uint8 [N, row bytes])."""
     qtype, N, K, qk, bb = _layout(qweight, qtype)
+    plane = PLANES[qtype][0]
     out = torch.empty((N, K), dtype=dtype, device=qweight.device)
     if N and K:
         wq, wh = _views(qweight)
         cfg = dict(DEQUANT_CONFIG)
         if interpreting():
-            cfg.update(BLOCK_N=INTERPRET_BLOCK_N, BLOCK_K=2 * qk)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K // qk, cfg["BLOCK_K"] // qk))
+            cfg.update(BLOCK_N=INTERPRET_BLOCK_N, PLANE_COLS=2 * plane)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K // qk, cfg["PLANE_COLS"] // plane))
         _gguf_dequant_kernel[grid](
-            wq, wh, out, N, K=K, QTYPE=int(qtype), QK=qk, BB=bb, PLANE=PLANES[qtype][0], **cfg
+            wq, wh, out, N, K=K, QTYPE=int(qtype), QK=qk, BB=bb, PLANE=plane, **cfg
         )
     return out
 
@@ -383,7 +395,7 @@ def gguf_linear(
 ) -> torch.Tensor:
     """F.linear(x, W, bias) for W given as raw GGUF rows (uint8 [N, row bytes] of type qtype); y in x.dtype.
 
-    Leading dims of x are flattened. config (BLOCK_N, BLOCK_K, num_warps, num_stages) skips autotuning.
+    Leading dims of x are flattened. config (BLOCK_N, PLANE_COLS, num_warps, num_stages) skips autotuning.
     """
     qtype, N, K, qk, bb = _layout(qweight, qtype)
     if x.shape[-1] != K:
@@ -417,7 +429,11 @@ def gguf_linear(
             PRECISION="ieee" if fp32 or upcast else "tf32",
         )
         if config is None and interpreting():
-            config = {"BLOCK_N": INTERPRET_BLOCK_N, "BLOCK_K": 2 * qk, "num_warps": 4}
+            config = {
+                "BLOCK_N": INTERPRET_BLOCK_N,
+                "PLANE_COLS": 2 * PLANES[qtype][0],
+                "num_warps": 4,
+            }
         elif config is None and not AUTOTUNE:
             c = (GEMV_CONFIGS if M == 1 else DOT_CONFIGS)[0]
             config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
@@ -85,17 +86,16 @@ def test_gguf_linear_float32_and_fp16_strided(M):
     close(got, gt.gguf_linear_ref(x.reshape(-1, 256), q, T.Q4_K).view(2, M, 13))
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M, qtype", [(1, T.Q8_0), (5, T.Q4_1)], ids=["gemv-Q8_0", "dot-Q4_1"])
 def test_gguf_linear_gpu_block_shapes(M, qtype):
-    """The block shapes autotuning picks from on the GPU, at K = BLOCK_K + one block (loop and tail)."""
-    qk = 256 if qtype in K_QUANTS else 32
+    """The tiles autotuning picks from on the GPU, at K = one K step + one block (loop and tail)."""
+    qk, plane = GGML_QUANT_SIZES[qtype][0], gt.PLANES[qtype][0]
     configs = gt.GEMV_CONFIGS if M == 1 else gt.DOT_CONFIGS
-    for block_n, block_k in sorted({(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}):
-        N, K = block_n + 3, block_k + qk
-        q = qweight(N, K, qtype, seed=block_n + block_k)
+    for block_n, cols in sorted({(c.kwargs["BLOCK_N"], c.kwargs["PLANE_COLS"]) for c in configs}):
+        N, K = block_n + 3, cols // plane * qk + qk
+        q = qweight(N, K, qtype, seed=block_n + cols)
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, torch.bfloat16)
-        cfg = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+        cfg = {"BLOCK_N": block_n, "PLANE_COLS": cols, "num_warps": 4, "num_stages": 2}
         close(gt.gguf_linear(x, q, qtype, config=cfg), gt.gguf_linear_ref(x, q, qtype))
 
 
