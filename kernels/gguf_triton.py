@@ -36,12 +36,12 @@ gguf_linear by the number of rows M of x:
 Tiles: BLOCK_N rows by PLANE_COLS columns of each plane, i.e. PLANE_COLS // PLANE blocks (BLOCK_K =
 that many blocks' elements) per K step: a plane tile has the same shape for every type (the loads per
 thread stay as wide), while the K step grows with the planes per block (Q8_0: BLOCK_K = PLANE_COLS, Q4_K:
-8 * PLANE_COLS, Q6_K: 16 * PLANE_COLS). triton.autotune over GEMV_CONFIGS / DOT_CONFIGS keyed on
-(M bucket, N, K, qtype) and the dtypes, configs whose K step exceeds the row twice over pruned, as in
-skinny_gemm (tuning runs at the first call of a shape: the executor's eager warm-up before CUDA-graph
-capture must run it).
-Under TRITON_INTERPRET=1 (CPU tests): INTERPRET_CONFIG, and the dot operands go up to float32 (the
-interpreter's half-type tl.dot is wrong), as in skinny_gemm.
+8 * PLANE_COLS, Q6_K: 16 * PLANE_COLS). triton.autotune over GEMV_CONFIGS / DOT_CONFIGS (a list per
+path and plane count) keyed on (M bucket, N, K, qtype) and the dtypes, configs whose K step exceeds the
+row twice over pruned, as in skinny_gemm: tuning runs at the first call of a shape, so the executor's
+eager warm-up before CUDA-graph capture must run it (TRITON_CACHE_AUTOTUNING=1 keeps the picks).
+Under TRITON_INTERPRET=1 (CPU tests): 16-row tiles of two blocks per K step (INTERPRET_BLOCK_N), and the
+dot operands go up to float32 (the interpreter's half-type tl.dot is wrong), as in skinny_gemm.
 """
 
 from __future__ import annotations
@@ -289,27 +289,48 @@ def _config(block_n: int, plane_cols: int, num_warps: int, num_stages: int) -> t
     )
 
 
-# Starting points for Hopper, not yet timed on a GPU (scripts/bench_gguf_triton.py prints the picks).
-# Compiled for sm_90 without a GPU: no config spills registers. Each thread holds
-# BLOCK_N * PLANE_COLS / (32 * num_warps) elements of a plane (8..32).
-# M == 1 (float32 accumulator of one plane tile, reduced after the loop).
-GEMV_CONFIGS = [
-    _config(8, 512, 8, 4),
-    _config(8, 256, 4, 4),
-    _config(16, 256, 8, 4),
-    _config(4, 512, 4, 4),
-    _config(16, 512, 8, 3),
-    _config(8, 128, 4, 6),
-]
+# Starting points for Hopper, not yet timed on a GPU (scripts/bench_gguf_triton.py prints the picks), one
+# list per path and plane count: "few" (1-2 planes per block: Q8_0, Q4_0, Q4_1) and "many" (8-16: the
+# K-quants, whose unrolled plane loop holds more bytes in registers). Each thread holds
+# BLOCK_N * PLANE_COLS / (32 * num_warps) elements of a plane. Every config was compiled for sm_90 here
+# (no GPU, ptxas) for each type it serves at K = 4096: none spills registers (larger dot tiles did,
+# by up to 6 KB per thread at 16 x 512).
+# M == 1 (float32 accumulator of one plane tile, reduced after the loop; 40-174 registers).
+GEMV_CONFIGS = {
+    "few": [
+        _config(8, 512, 8, 4),
+        _config(8, 256, 4, 4),
+        _config(16, 256, 8, 4),
+        _config(4, 512, 4, 4),
+        _config(16, 512, 8, 3),
+        _config(8, 128, 4, 6),
+    ],
+    "many": [
+        _config(8, 512, 8, 3),
+        _config(8, 256, 4, 3),
+        _config(16, 256, 8, 3),
+        _config(4, 512, 4, 3),
+        _config(8, 128, 4, 4),
+        _config(16, 128, 4, 3),
+    ],
+}
 # M > 1 (x padded to 16 rows): one tl.dot per plane, the plane tile in x's dtype.
-DOT_CONFIGS = [
-    _config(16, 128, 4, 3),
-    _config(16, 256, 4, 3),
-    _config(32, 128, 4, 3),
-    _config(32, 256, 8, 3),
-    _config(64, 128, 8, 3),
-    _config(16, 512, 8, 2),
-]
+DOT_CONFIGS = {
+    "few": [
+        _config(16, 128, 4, 3),
+        _config(32, 128, 4, 3),
+        _config(32, 256, 8, 3),
+        _config(64, 128, 8, 3),
+        _config(32, 64, 4, 3),
+        _config(64, 64, 8, 3),
+    ],
+    "many": [
+        _config(32, 64, 4, 2),
+        _config(64, 64, 8, 2),
+        _config(32, 32, 4, 3),
+        _config(64, 32, 4, 2),
+    ],
+}
 AUTOTUNE = True  # False: always the first config of the list (no tuning at the first call)
 DEQUANT_CONFIG = {"BLOCK_N": 16, "PLANE_COLS": 128, "num_warps": 4, "num_stages": 1}
 INTERPRET_BLOCK_N = 16  # under the interpreter: 16 rows, two blocks per K step (loop and tail)
@@ -331,13 +352,27 @@ _KEY = ["M_BUCKET", "N", "K", "QTYPE"]
 _TUNE = dict(
     key=_KEY, do_bench=_bench, cache_results=True, prune_configs_by={"early_config_prune": _prune}
 )
-_gemv_tuned = triton.autotune(GEMV_CONFIGS, **_TUNE)(_gguf_gemm_kernel)
-_dot_tuned = triton.autotune(DOT_CONFIGS, **_TUNE)(_gguf_gemm_kernel)
+_TUNED = {
+    (m1, planes): triton.autotune(configs[planes], **_TUNE)(_gguf_gemm_kernel)
+    for m1, configs in ((True, GEMV_CONFIGS), (False, DOT_CONFIGS))
+    for planes in configs
+}
 
 
-def tuned_config(m: int) -> triton.Config | None:
-    """The config autotuning picked for the last shape run with this M (None before any), for benchmarks."""
-    return getattr(_gemv_tuned if m == 1 else _dot_tuned, "best_config", None)
+def plane_count(qtype: int) -> str:
+    """The config family of a type: "few" planes per block (Q8_0, Q4_0, Q4_1) or "many" (K-quants)."""
+    qtype = _qtype(qtype)
+    return "few" if GGML_QUANT_SIZES[qtype][0] // PLANES[qtype][0] <= 2 else "many"
+
+
+def configs_for(m: int, qtype: int) -> list[triton.Config]:
+    """The configs autotuning picks from for M rows of x and this type."""
+    return (GEMV_CONFIGS if m == 1 else DOT_CONFIGS)[plane_count(qtype)]
+
+
+def tuned_config(m: int, qtype: int) -> triton.Config | None:
+    """The config autotuning picked for the last shape run with this M and type's family (None before any)."""
+    return getattr(_TUNED[m == 1, plane_count(qtype)], "best_config", None)
 
 
 def _qtype(qtype: int) -> GGMLQuantizationType:
@@ -435,13 +470,13 @@ def gguf_linear(
                 "num_warps": 4,
             }
         elif config is None and not AUTOTUNE:
-            c = (GEMV_CONFIGS if M == 1 else DOT_CONFIGS)[0]
+            c = configs_for(M, qtype)[0]
             config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
         if config is not None:
             grid = (triton.cdiv(N, config["BLOCK_N"]),)
             _gguf_gemm_kernel[grid](*args, triton.next_power_of_2(M), **meta, **config)
         else:
-            tuned = _gemv_tuned if M == 1 else _dot_tuned
+            tuned = _TUNED[M == 1, plane_count(qtype)]
             tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
                 *args, triton.next_power_of_2(M), **meta
             )

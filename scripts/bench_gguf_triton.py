@@ -28,7 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_skinny_gemm import L2_FLUSH_BYTES, LAYERS, config_str, copy_bandwidth_gbps, graph_time_us
+from bench_skinny_gemm import L2_FLUSH_BYTES, LAYERS, copy_bandwidth_gbps, graph_time_us
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from radixserve.kernels import gguf_triton as gt
@@ -41,6 +41,12 @@ SHAPES = {  # Llama-3-8B, tp=1: name -> (N, K); the LM head is usually kept at Q
     "down": (4096, 14336),
 }
 CHECK_ROWS = 256
+
+
+def config_str(c) -> str:
+    if c is None:
+        return "?"
+    return f"BN{c.kwargs['BLOCK_N']}_PC{c.kwargs['PLANE_COLS']}_w{c.num_warps}_s{c.num_stages}"
 
 
 def check(q: torch.Tensor, qtype: GGMLQuantizationType, K: int) -> float:
@@ -134,7 +140,9 @@ def main() -> None:
                 gt.gguf_linear(x, q0, qtype)  # compiles and autotunes this (M bucket, N, K, type)
                 torch.cuda.synchronize()
                 first_call_s = time.perf_counter() - t0
-                chosen = config_str(gt.tuned_config(m)) if m <= sg.M_MAX else "dequantize+cublas"
+                chosen = (
+                    config_str(gt.tuned_config(m, qtype)) if m <= sg.M_MAX else "dequantize+cublas"
+                )
                 us = graph_time_us(lambda q: gt.gguf_linear(x, q, qtype), copies, calls)
                 base = bf16_us[name, m]
                 steps.setdefault((qtype.name, m), [0.0, 0.0])

@@ -90,7 +90,7 @@ def test_gguf_linear_float32_and_fp16_strided(M):
 def test_gguf_linear_gpu_block_shapes(M, qtype):
     """The tiles autotuning picks from on the GPU, at K = one K step + one block (loop and tail)."""
     qk, plane = GGML_QUANT_SIZES[qtype][0], gt.PLANES[qtype][0]
-    configs = gt.GEMV_CONFIGS if M == 1 else gt.DOT_CONFIGS
+    configs = gt.configs_for(M, qtype)
     for block_n, cols in sorted({(c.kwargs["BLOCK_N"], c.kwargs["PLANE_COLS"]) for c in configs}):
         N, K = block_n + 3, cols // plane * qk + qk
         q = qweight(N, K, qtype, seed=block_n + cols)
