@@ -321,7 +321,7 @@ DOT_CONFIGS = {
         _config(32, 128, 4, 3),
         _config(32, 256, 8, 3),
         _config(64, 128, 8, 3),
-        _config(32, 64, 4, 3),
+        _config(16, 64, 4, 3),
         _config(64, 64, 8, 3),
     ],
     "many": [
