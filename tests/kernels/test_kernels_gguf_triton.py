@@ -12,7 +12,10 @@ helper of tests/kernels/kernel_checks.py, float32 1e-5, half types 2e-2 of max|r
 float32 in another order and round once to x's dtype (the interpreter rounds to bf16 by truncation).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -138,3 +141,54 @@ def test_gguf_cuda_llama3_8b_shapes(qtype, N, K):
     for M in (1, 4, 16, 64):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         close(gt.gguf_linear(x, q, qtype)[:, rows], gt.gguf_linear_ref(x, q[rows], qtype))
+
+
+_COMPILE_SM90 = """
+import json, os, subprocess, sys, tempfile
+import triton
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from radixserve.kernels import gguf_triton as gt
+
+qtype, m = GGMLQuantizationType(int(sys.argv[1])), int(sys.argv[2])
+cfg = gt.configs_for(m, qtype)[0]
+fn = gt._gguf_gemm_kernel
+qk, bb = GGML_QUANT_SIZES[qtype]
+sig = {"x_ptr": "*bf16", "wq_ptr": "*u8", "wh_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+sig.update({a: "i32" for a in ("M", "N", "stride_xm", "stride_ym", "M_BUCKET")})
+const = dict(K=4096, QTYPE=int(qtype), QK=qk, BB=bb, PLANE=gt.PLANES[qtype][0], HAS_BIAS=True)
+const.update(BLOCK_M=1 if m == 1 else 16, UPCAST=False, PRECISION="tf32", **cfg.kwargs)
+sig.update({a: "constexpr" for a in const})
+src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(a),): v for a, v in const.items()})
+opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+cuobjdump = os.path.join(triton.__path__[0], "backends", "nvidia", "bin", "cuobjdump")
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(kernel.asm["cubin"])
+    f.flush()
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                           text=True, check=True).stdout
+print(json.dumps({"ptx": kernel.asm["ptx"], "usage": usage}))
+"""
+
+
+@pytest.mark.parametrize("M, qtype", [(1, T.Q5_K), (16, T.Q4_1)], ids=["gemv-Q5_K", "dot-Q4_1"])
+def test_cuda_path_compiles_for_sm90_without_spills(M, qtype):
+    """The CUDA path, not the interpreter's: compiled for sm_90 by Triton's bundled ptxas with the first
+    config of its list (no GPU needed; in a subprocess, since TRITON_INTERPRET=1 replaces the compiler
+    here): evict-first loads of the blocks, the dot path on the tensor cores, no stack (no spills)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90, str(int(qtype)), str(M)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "L1::evict_first" in out["ptx"]
+    assert ("mma.sync" in out["ptx"]) == (M > 1)
+    assert "STACK:0" in out["usage"], out["usage"]
