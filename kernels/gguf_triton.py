@@ -21,7 +21,10 @@ are contiguous byte runs and the scales are loaded per (row, block), not per ele
 - Q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: 16 planes of 16; element e = 128 h + r of half h
   takes nibble r // 64 of ql[64 h + r % 64] and bits 2 (r // 32) of qh[32 h + r % 32];
   w = d * scales[e // 16] * (q - 32).
-Both the kernels and the test ground truth (gguf.quants.dequantize) follow these layouts.
+Both the kernels and the test ground truth (gguf.quants.dequantize) follow these layouts. A code q becomes
+a float by or-ing it into the mantissa of 2^23 (_placed) and subtracting 2^23 plus its offset, exact, as
+kernels/int4_gemm.py does: per weight only integer ops, one subtract and one multiply (no int-to-float
+conversion, a quarter-rate instruction on sm_90).
 
 gguf_linear by the number of rows M of x:
 - M <= M_MAX (16, decode): the skinny kernel, streaming the blocks once (~4.5-8.5 bits per weight
@@ -82,27 +85,36 @@ def _k_scale_min(wq_ptr, sbase, j: tl.constexpr):
 
 
 @triton.jit
+def _placed(q):
+    """2^23 + q as float32, exactly, for integers 0 <= q < 2^23: q or-ed into the mantissa of 2^23. Costs
+    one integer op where an int-to-float conversion runs at a quarter of the FMA rate on sm_90."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _plane(
     wq_ptr, wh_ptr, byte_base, half_base, p: tl.constexpr, QTYPE: tl.constexpr, PLANE: tl.constexpr
 ):
     """Plane p of a [BN, NBLK] grid of blocks, dequantized: float32 [BN, NBLK, PLANE] (elements p * PLANE + l).
 
     byte_base / half_base [BN, NBLK]: each block's first byte, in bytes (wq_ptr, uint8) and 2-byte units
-    (wh_ptr, fp16 view of the same bytes)."""
+    (wh_ptr, fp16 view of the same bytes). Codes become floats through _placed: 2^23 + q, less 2^23 and
+    the code's offset (both exact) is q - offset."""
+    TWO23: tl.constexpr = 8388608.0
     q_at = wq_ptr + byte_base[:, :, None] + tl.arange(0, PLANE)[None, None, :]
-    if QTYPE == 8:  # Q8_0
-        q = tl.load(q_at + 2, eviction_policy="evict_first").to(tl.int8, bitcast=True)
+    if QTYPE == 8:  # Q8_0: int8 codes; byte ^ 0x80 is the code + 128
+        q = tl.load(q_at + 2, eviction_policy="evict_first") ^ 0x80
         d = tl.load(wh_ptr + half_base).to(tl.float32)
-        w = q.to(tl.float32) * d[:, :, None]
+        w = (_placed(q) - (TWO23 + 128.0)) * d[:, :, None]
     elif QTYPE == 2:  # Q4_0
         q = (tl.load(q_at + 2, eviction_policy="evict_first") >> (4 * p)) & 15
         d = tl.load(wh_ptr + half_base).to(tl.float32)
-        w = (q.to(tl.float32) - 8.0) * d[:, :, None]
+        w = (_placed(q) - (TWO23 + 8.0)) * d[:, :, None]
     elif QTYPE == 3:  # Q4_1
         q = (tl.load(q_at + 4, eviction_policy="evict_first") >> (4 * p)) & 15
         d = tl.load(wh_ptr + half_base).to(tl.float32)
         m = tl.load(wh_ptr + half_base + 1).to(tl.float32)
-        w = q.to(tl.float32) * d[:, :, None] + m[:, :, None]
+        w = (_placed(q) - TWO23) * d[:, :, None] + m[:, :, None]
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K, Q5_K
         if QTYPE == 12:
             q = tl.load(q_at + (16 + 32 * (p // 2)), eviction_policy="evict_first")
@@ -114,7 +126,7 @@ def _plane(
         sc, mn = _k_scale_min(wq_ptr, byte_base + 4, p)
         d = tl.load(wh_ptr + half_base).to(tl.float32)
         dmin = tl.load(wh_ptr + half_base + 1).to(tl.float32)
-        w = q.to(tl.float32) * (d * sc)[:, :, None] - (dmin * mn)[:, :, None]
+        w = (_placed(q) - TWO23) * (d * sc)[:, :, None] - (dmin * mn)[:, :, None]
     else:  # Q6_K (14)
         h: tl.constexpr = p // 8
         r: tl.constexpr = p % 8  # 16-element run r of the half
@@ -123,7 +135,7 @@ def _plane(
         q = ((ql >> (4 * (r // 4))) & 15) | (((qh >> (2 * (r // 2))) & 3) << 4)
         s = tl.load(wq_ptr + byte_base + (192 + p)).to(tl.int8, bitcast=True).to(tl.float32)
         d = tl.load(wh_ptr + half_base + 104).to(tl.float32)
-        w = (q.to(tl.float32) - 32.0) * (d * s)[:, :, None]
+        w = (_placed(q) - (TWO23 + 32.0)) * (d * s)[:, :, None]
     return w
 
 

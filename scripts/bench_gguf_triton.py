@@ -5,7 +5,8 @@ GEMMs, for each GGUF type, at M = 1 and 16 rows by default.
   python scripts/bench_gguf_triton.py --types Q4_K Q6_K --m 1 4 16 64    # M > 16: dequantize + cuBLAS
 
 First, per (type, shape), a correctness check against gguf.quants.dequantize (numpy) on the first
-CHECK_ROWS rows: gguf_dequantize to float32 bit-exact, gguf_linear within 2e-2 of max|ref| (bf16 output);
+CHECK_ROWS rows: gguf_dequantize to float32 within 2^-22 of max|w| (FMA vs numpy's multiply and add),
+gguf_linear within 2e-2 of max|ref| (bf16 output);
 a failure stops the run. Weights are random bytes with finite scales (random_qweight).
 
 Timing as in bench_skinny_gemm.py (its graph_time_us): each implementation's calls captured in one CUDA
@@ -53,9 +54,9 @@ def check(q: torch.Tensor, qtype: GGMLQuantizationType, K: int) -> float:
     """Max error of gguf_linear vs the numpy-based reference on the first rows, relative to max|ref|."""
     rows = slice(0, CHECK_ROWS)
     w = gt.gguf_dequantize(q, qtype, torch.float32)[rows]
-    assert torch.equal(w, gt.gguf_dequantize_ref(q[rows], qtype)), (
-        f"{qtype.name}: dequantize differs"
-    )
+    ref = gt.gguf_dequantize_ref(q[rows], qtype)
+    tol = 2**-22 * ref.abs().max().item()  # one FMA (GPU) vs a multiply and an add (numpy)
+    assert (w - ref).abs().max().item() <= tol, f"{qtype.name}: dequantize differs"
     worst = 0.0
     for m in (1, 16, 40):
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)

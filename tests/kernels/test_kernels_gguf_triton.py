@@ -7,7 +7,8 @@ cannot quantize the K-quants (NotImplementedError), so their blocks are random b
 Triton interpreter (TRITON_INTERPRET=1) at small K, with 16-row tiles of two blocks so that N and K leave a
 masked tail; on CUDA (`-m cuda`) the Llama-3-8B shapes are added.
 
-Tolerances: dequantization to float32 is bit-exact (the same float32 products as numpy). GEMMs: the shared
+Tolerances: dequantization to float32 is bit-exact in the interpreter (the same float32 operations as
+numpy); on the GPU within a float32 step of the largest weight (a * b + c becomes one FMA there). GEMMs: the shared
 helper of tests/kernels/kernel_checks.py, float32 1e-5, half types 2e-2 of max|ref|: both sides sum in
 float32 in another order and round once to x's dtype (the interpreter rounds to bf16 by truncation).
 """
@@ -137,7 +138,8 @@ def test_gguf_cuda_llama3_8b_shapes(qtype, N, K):
     )  # the numpy reference on a slice of rows: the whole 28672 x 4096 takes seconds
     w_ref = gt.gguf_dequantize_ref(q[rows], qtype)
     w = gt.gguf_dequantize(q, qtype, torch.float32)
-    assert torch.equal(w[rows], w_ref)
+    # the GPU contracts a * b + c into one FMA (numpy rounds twice): a float32 step of the largest term
+    torch.testing.assert_close(w[rows], w_ref, rtol=0, atol=2**-22 * w_ref.abs().max().item())
     for M in (1, 4, 16, 64):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         close(gt.gguf_linear(x, q, qtype)[:, rows], gt.gguf_linear_ref(x, q[rows], qtype))
