@@ -307,7 +307,7 @@ def _config(block_n: int, plane_cols: int, num_warps: int, num_stages: int) -> t
 # BLOCK_N * PLANE_COLS / (32 * num_warps) elements of a plane. Every config was compiled for sm_90 here
 # (no GPU, ptxas) for each type it serves at K = 4096: none spills registers (larger dot tiles did,
 # by up to 6 KB per thread at 16 x 512).
-# M == 1 (float32 accumulator of one plane tile, reduced after the loop; 40-174 registers).
+# M == 1 (float32 accumulator of one plane tile, reduced after the loop; 40-177 registers).
 GEMV_CONFIGS = {
     "few": [
         _config(8, 512, 8, 4),
