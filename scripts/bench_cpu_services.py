@@ -76,6 +76,16 @@ def measured(pids: dict[str, int], run) -> tuple[dict, float, int]:
     return per_token, wall, tokens
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU milliseconds per second of each service while no request runs (timers, polling)."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    return {
+        name: round((cpu_seconds(pid) - before[name]) / seconds * 1e3, 2)
+        for name, pid in pids.items()
+    }
+
+
 def spy(pids: dict[str, int], folder: str) -> list[subprocess.Popen]:
     os.makedirs(folder, exist_ok=True)
     return [
@@ -87,7 +97,8 @@ def spy(pids: dict[str, int], folder: str) -> list[subprocess.Popen]:
                 "200",
                 "--format",
                 "raw",
-                "--threads",
+                "--gil",  # only samples that run Python (a thread waiting in C is not CPU)
+                "--nonblocking",  # without pausing the process, which would add to its CPU time
                 "-o",
                 f"{folder}/spy-{name}.txt",
                 "-p",
@@ -106,6 +117,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--label", default="", help="a name printed with every line")
     p.add_argument(
         "--profile",
@@ -120,6 +132,8 @@ def main() -> None:
         try:
             pids = service_pids(stack.proc.pid)
             stream_one(stack.base_url, 8)  # warm-up
+            idle = idle_cpu(pids, a.idle_seconds)
+            print(json.dumps({"label": a.label, "run": "idle", "cpu_ms_per_s": idle}), flush=True)
             spies = spy(pids, a.profile) if a.profile else []
             for i in range(a.repeats):
                 single = {}
