@@ -340,6 +340,12 @@ class ModelRunner:
             self.logits_processor.release(state)
             self.slot_table.release(state.table_row)
 
+    @property
+    def launches_ahead(self) -> bool:
+        """Whether launch() returns with the step still running on the device (CUDA). On the CPU it
+        returns the finished step, so collect() has nothing left to wait for."""
+        return self.device.type != "cpu"
+
     def step(self, step: StepInput) -> StepOutput:
         """Drop finished requests, run the step's tokens, sample, wait for the result. Raises StepError
         on invalid input."""

@@ -1,6 +1,7 @@
 """The executor's gRPC service: a thin layer over ModelRunner. Steps run one at a time in a worker
 thread so the event loop stays responsive; each is launched on the device, then collected (its tokens
 read back) on a second thread, so a step that arrives while the previous one runs is launched at once.
+On the CPU launching runs the whole step, so both happen in the one worker job (no second hop).
 
 Tensor parallelism (--tp-size N > 1) runs one process per shard (shard_group.py). How a step reaches
 every shard: leader broadcast. Rank 0 is the only executor the scheduler talks to; its worker thread
@@ -86,6 +87,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             max_workers=1, thread_name_prefix="executor-collect"
         )
         self.watchdog = watchdog  # watches every job on the worker and the collector
+        # False where launch() returns a finished step (runner.launches_ahead; absent: True).
+        self.launches_ahead = getattr(runner, "launches_ahead", True)
         self.sessions = (
             StepSessions()
         )  # Step and Reset only from the live session's client (its scheduler)
@@ -109,6 +112,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         StepTracer.end(spans, out.forward_ms)
         return out
 
+    def _launch_and_collect(self, request: executor_pb2.ExecutorStepRequest, step: StepInput):
+        """Both on the worker, for a runner whose launch already ran the step (the CPU): a hop to the
+        collector would cost a thread wake-up per step and overlap nothing."""
+        return self._collect(*self._launch(request, step))
+
     def _reset(self) -> int:
         if self.step_tracer is not None:
             self.step_tracer.reset()
@@ -130,11 +138,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         # The worker launches steps in step order; the collector waits for each on the device. So the
         # next step is launched as soon as it arrives, while this one still runs: the device goes from
         # one step to the next while this one's tokens are read back and answered.
-        launching = self._submit(self._launch, request, step)
+        if self.launches_ahead:
+            launching = self._submit(self._launch, request, step)
+        else:
+            launching = self._submit(self._launch_and_collect, request, step)
         await session.order.done(request.step_id)
         try:
-            launched, spans = await launching
-            out = await self._submit(self._collect, launched, spans, on=self.collector)
+            if self.launches_ahead:
+                launched, spans = await launching
+                out = await self._submit(self._collect, launched, spans, on=self.collector)
+            else:
+                out = await launching
         except StepError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:

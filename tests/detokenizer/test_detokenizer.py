@@ -14,7 +14,7 @@ from radixserve.v1 import detokenizer_pb2, detokenizer_pb2_grpc
 from radixserve.common import grpc_util
 from radixserve.common.model_files import resolve_model_path
 from radixserve.detokenizer.incremental import DecodeState, decode_step
-from radixserve.detokenizer.server import start_server
+from radixserve.detokenizer.server import INLINE_DECODE_MAX_ITEMS, decodes_inline, start_server
 from radixserve.tokenizer.core import load_tokenizer
 
 TEXTS = [
@@ -245,3 +245,40 @@ async def _grpc_scenario(tokenizer) -> None:
 
 def test_grpc_batch_decode_in_process(tokenizer):
     asyncio.run(_grpc_scenario(tokenizer))
+
+
+def test_small_batches_decode_on_the_loop_large_ones_on_a_thread_with_the_same_results(tokenizer):
+    def batch(n: int) -> detokenizer_pb2.DetokenizerDecodeRequest:
+        ids = tokenizer.encode("Crème brûlée 🌍 STOP", add_special_tokens=False)
+        return detokenizer_pb2.DetokenizerDecodeRequest(
+            items=[
+                detokenizer_pb2.DetokenizerDecodeItem(
+                    request_id=str(i), new_token_ids=ids, stop=["STOP"], final=True
+                )
+                for i in range(n)
+            ]
+        )
+
+    small, large = batch(INLINE_DECODE_MAX_ITEMS), batch(INLINE_DECODE_MAX_ITEMS + 1)
+    assert decodes_inline(small) and not decodes_inline(large)
+
+    async def decode_both():
+        server, port = await start_server(tokenizer, "127.0.0.1:0")
+        try:
+            async with grpc_util.aio_channel(f"127.0.0.1:{port}") as channel:
+                stub = detokenizer_pb2_grpc.DetokenizerStub(channel)
+                bad = detokenizer_pb2.DetokenizerDecodeItem(request_id="x", new_token_ids=[10**9])
+                large_bad = detokenizer_pb2.DetokenizerDecodeRequest(items=[*large.items, bad])
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Decode(large_bad)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                return await stub.Decode(small), await stub.Decode(large)
+        finally:
+            await server.stop(None)
+
+    small_out, large_out = asyncio.run(decode_both())
+    assert [(r.text, r.stopped) for r in small_out.results] == [("Crème brûlée 🌍 ", True)] * len(
+        small.items
+    )
+    assert list(large_out.results)[: len(small.items)] == list(small_out.results)
+    assert len(large_out.results) == len(large.items)
