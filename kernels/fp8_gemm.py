@@ -49,13 +49,15 @@ _EPS = 1e-12  # floor of a scale's amax (an all-zero row keeps a finite scale)
 
 
 def quantize_weight(
-    w: torch.Tensor, block: tuple[int, int] | None = None
+    w: torch.Tensor, block: tuple[int, int] | None = None, *, row_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Wq fp8 [N, K], scale float32): per output row (block None, scale [N]) or per [BN, BK] tile
-    (scale [cdiv(N, BN), cdiv(K, BK)]); scale = amax / 448, so that Wq * scale ~ w."""
+    (scale [cdiv(N, BN), cdiv(K, BK)]); scale = amax / 448, so that Wq * scale ~ w. row_amax: each row's
+    amax when w is a slice of longer rows (tensor parallelism)."""
     w = w.float()
     if block is None:
-        scale = w.abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX
+        amax = w.abs().amax(dim=1) if row_amax is None else row_amax.float()
+        scale = amax.clamp(min=_EPS) / FP8_MAX
         return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
     bn, bk = block
     N, K = w.shape

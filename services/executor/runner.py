@@ -40,6 +40,7 @@ from radixserve.executor.slot_table import SlotTable
 from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
+from radixserve.executor.quantization import unquantize_skipped
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -96,6 +97,7 @@ def load_model(
     quant = resolve_quantization(quantization, cfg.hf)
     with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
+        unquantize_skipped(model, quant)
     model.quant_config = quant
     if load_format == "dummy":
         init_dummy_weights(model, seed)
