@@ -25,6 +25,7 @@ import dataclasses
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from radixserve.executor.parallel_state import all_reduce_max, tp_size
@@ -175,6 +176,16 @@ class Fp8LinearMethod(LinearMethod):
 
     # -- forward
     def apply(self, layer, x, bias):
+        if x.device.type != "cuda":
+            # No fp8 GEMM here: the weight dequantized once, at the first forward, in x's dtype (CPU
+            # fp8 -> float conversion runs ~50 ns a value; every step would pay it). Correct, not small.
+            w = layer.__dict__.get("_dequantized")
+            if w is None or w.dtype != x.dtype:
+                w = fp8_gemm.dequantize_weight(
+                    layer.weight, layer.weight_scale, self.scheme.block, x.dtype
+                )
+                layer._dequantized = w
+            return F.linear(x, w, bias)
         return fp8_gemm.fp8_linear(
             x,
             layer.weight,
