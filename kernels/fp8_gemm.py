@@ -572,7 +572,12 @@ def fp8_linear(
         y = scaled_gemm_fp8(xq, xs, wq, w_scale, block, bias, x.dtype)
         return y.view(*lead, N)
     xq, xs = quantize_activations(x2, static_scale=input_scale)
-    if _scaled_mm_rowwise_ok(x.device) and K % 16 == 0 and N % 16 == 0 and x.dtype == torch.bfloat16:
+    if (
+        _scaled_mm_rowwise_ok(x.device)
+        and K % 16 == 0
+        and N % 16 == 0
+        and x.dtype == torch.bfloat16
+    ):
         y = torch._scaled_mm(
             xq,
             wq.t(),

@@ -49,7 +49,11 @@ BLOCK = (16, 16)
 IGNORED = "model.layers.1.mlp.down_proj"
 
 LAYOUTS = {
-    "fp8_block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 16]},
+    "fp8_block": {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [16, 16],
+    },
     "fp8_tensor_static": {"quant_method": "fp8", "activation_scheme": "static"},
     "ct_channel": {
         "quant_method": "compressed-tensors",
@@ -177,7 +181,9 @@ def test_online_fp8_is_close_to_the_unquantized_model(hf_folder):
     for runner in (plain, fp8):
         runner.reset()
     pool = list(range(1, 20))
-    step = StepInput(1, new_requests=[NewRequest("a", ids[0], pool[:9]), NewRequest("b", ids[1], pool[9:13])])
+    step = StepInput(
+        1, new_requests=[NewRequest("a", ids[0], pool[:9]), NewRequest("b", ids[1], pool[9:13])]
+    )
     got, ref = fp8.step(step).logits, plain.step(step).logits
     span = (ref.max() - ref.min()).item()
     assert (got - ref).abs().max().item() < 0.05 * span
@@ -188,7 +194,9 @@ def test_online_fp8_is_close_to_the_unquantized_model(hf_folder):
 
 def test_online_fp8_with_dummy_weights_quantizes_the_drawn_bf16_weight(hf_folder):
     folder, _ = hf_folder
-    cfg = dict(dtype="bfloat16", device="cpu", max_total_tokens=256, random_seed=0, load_format="dummy")
+    cfg = dict(
+        dtype="bfloat16", device="cpu", max_total_tokens=256, random_seed=0, load_format="dummy"
+    )
     plain = ModelRunner(folder, runner_config(**cfg))
     fp8 = ModelRunner(folder, runner_config(**cfg, quantization="fp8"))
     w = plain.model.model.layers[0].mlp.gate_up_proj.weight
@@ -212,9 +220,15 @@ def test_dummy_weights_in_a_checkpoint_layout(tmp_path, hf_folder):
 
 def test_resolve_rejects_what_it_cannot_load():
     with pytest.raises(ValueError, match="static activations"):
-        resolve(None, {"quantization_config": {**LAYOUTS["fp8_block"], "activation_scheme": "static"}})
+        resolve(
+            None, {"quantization_config": {**LAYOUTS["fp8_block"], "activation_scheme": "static"}}
+        )
     int4 = json.loads(json.dumps(LAYOUTS["ct_channel"]))
-    int4["config_groups"]["group_0"]["weights"] = {"num_bits": 4, "type": "int", "strategy": "group"}
+    int4["config_groups"]["group_0"]["weights"] = {
+        "num_bits": 4,
+        "type": "int",
+        "strategy": "group",
+    }
     with pytest.raises(ValueError, match="only fp8 weights"):
         resolve(None, {"quantization_config": int4})
     with pytest.raises(ValueError, match="needs a compressed-tensors checkpoint"):
@@ -271,7 +285,9 @@ def _nll(runner, ids: list[int]) -> float:
 
 def _greedy(runner, ids: list[int], n: int) -> list[int]:
     runner.reset()
-    out = runner.step(StepInput(1, new_requests=[NewRequest("g", ids, list(range(1, len(ids) + 1)))]))
+    out = runner.step(
+        StepInput(1, new_requests=[NewRequest("g", ids, list(range(1, len(ids) + 1)))])
+    )
     tokens = [out.outputs[0].token_id]
     for i in range(n - 1):
         slot = len(ids) + 1 + i

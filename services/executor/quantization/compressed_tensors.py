@@ -24,7 +24,9 @@ def _fp8_group(hf_quant_config: dict) -> dict:
     if any(g.get("weights") != first.get("weights") for g in groups) or any(
         g.get("input_activations") != first.get("input_activations") for g in groups
     ):
-        raise ValueError("compressed-tensors: config groups with different schemes are not supported")
+        raise ValueError(
+            "compressed-tensors: config groups with different schemes are not supported"
+        )
     return first
 
 

@@ -90,7 +90,9 @@ class Fp8LinearMethod(LinearMethod):
                 new_param(out_features, in_features, dtype=params_dtype), output_dim=0, input_dim=1
             )
             return
-        layer.weight = tag(new_param(out_features, in_features, dtype=FP8), output_dim=0, input_dim=1)
+        layer.weight = tag(
+            new_param(out_features, in_features, dtype=FP8), output_dim=0, input_dim=1
+        )
         shards = len(_shard_rows(layer))
         if s.granularity == "block":
             bn, bk = s.block
@@ -108,7 +110,9 @@ class Fp8LinearMethod(LinearMethod):
             scale = new_param(-(-out_features // bn), -(-in_features // bk), dtype=torch.float32)
             tag(scale, output_dim=0, input_dim=1, output_div=bn, input_div=bk)
         elif s.granularity == "channel":
-            scale = tag(new_param(out_features, 1, dtype=torch.float32), output_dim=0, input_dim=None)
+            scale = tag(
+                new_param(out_features, 1, dtype=torch.float32), output_dim=0, input_dim=None
+            )
         else:
             scale = tag(
                 new_param(shards, dtype=torch.float32),
