@@ -232,6 +232,7 @@ def _skinny_fp8_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for float32 operands, else "tf32" (unused by half / fp8 dots)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -281,10 +282,10 @@ def _skinny_fp8_kernel(
                 xk = xk.to(tl.float32)
             w = w.to(xk.dtype)
             if BN > 0:
-                part = tl.dot(xk, tl.trans(w), input_precision="ieee")
+                part = tl.dot(xk, tl.trans(w), input_precision=PRECISION)
                 acc += part * tl.load(s_row + k0 // BK)[None, :]
             else:
-                acc = tl.dot(xk, tl.trans(w), acc, input_precision="ieee")
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision=PRECISION)
         if BN == 0:
             acc = acc * tl.load(s_ptr + rows)[None, :]
         if HAS_BIAS:
@@ -310,6 +311,7 @@ GEMV_CONFIGS = [
     _config(16, 512, 8, 4),
 ]
 DOT_CONFIGS = [
+    _config(16, 512, 4, 4),
     _config(16, 1024, 4, 3),
     _config(16, 512, 2, 4),
     _config(32, 512, 4, 4),
@@ -378,6 +380,7 @@ def skinny_gemm_fp8(
     w_scale = w_scale.float().contiguous()
     bias = None if bias is None else bias.contiguous()
     dot = M > 1
+    upcast = interpreting() or x.dtype == torch.float32
     args = (
         x2,
         wq.contiguous(),
@@ -397,7 +400,8 @@ def skinny_gemm_fp8(
         BK=bk,
         HAS_BIAS=bias is not None,
         BLOCK_M=16 if dot else 1,
-        UPCAST=interpreting() or x.dtype == torch.float32,
+        UPCAST=upcast,
+        PRECISION="ieee" if upcast else "tf32",
     )
     if config is None and interpreting():
         config = dict(INTERPRET_CONFIG)
@@ -442,6 +446,7 @@ def _scaled_gemm_kernel(
     BLOCK_K: tl.constexpr,  # = BK for block scales
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -470,12 +475,12 @@ def _scaled_gemm_kernel(
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         if BN > 0:
-            part = tl.dot(a, tl.trans(w), input_precision="ieee")
+            part = tl.dot(a, tl.trans(w), input_precision=PRECISION)
             a_s = tl.load(as_ptr + rows_m * stride_as + k0 // BLOCK_K)
             w_s = tl.load(ws_ptr + (rows_n // BN) * stride_ws + k0 // BLOCK_K)
             acc += part * a_s[:, None] * w_s[None, :]
         else:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
     if BN == 0:
         acc = acc * tl.load(as_ptr + rows_m)[:, None] * tl.load(ws_ptr + rows_n)[None, :]
     if HAS_BIAS:
@@ -531,6 +536,7 @@ def scaled_gemm_fp8(
         BLOCK_K=block_k,
         HAS_BIAS=bias is not None,
         UPCAST=interpreting(),
+        PRECISION="ieee" if interpreting() else "tf32",
         **blocks,
     )
     return y
@@ -583,9 +589,10 @@ def fp8_linear(
             wq.t(),
             scale_a=xs[:, None],
             scale_b=w_scale[None, :],
-            bias=bias,
             out_dtype=x.dtype,
         )
+        if bias is not None:  # added after: not every torch takes a bias with rowwise scales
+            y += bias
     else:
         y = scaled_gemm_fp8(xq, xs, wq, w_scale, None, bias, x.dtype)
     return y.view(*lead, N)

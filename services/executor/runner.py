@@ -106,6 +106,10 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
+    if quant is not None and device.type == "cuda":
+        # Weights replaced after loading (online quantization) leave their memory in the allocator's
+        # cache, where the KV pool's sizing (mem_get_info) would count it as taken.
+        torch.cuda.empty_cache()
     model.eval()
     log.info(
         "loaded %s (%s, %s weights%s) on %s in %.1fs",

@@ -223,6 +223,8 @@ class Fp8Config(QuantConfig):
         activations = str(hf_quant_config.get("activation_scheme", "dynamic")).lower()
         if activations not in ("dynamic", "static"):
             raise ValueError(f"fp8 checkpoint: unknown activation_scheme {activations!r}")
+        if str(hf_quant_config.get("fmt", "e4m3")).lower() != "e4m3":
+            raise ValueError(f"fp8 checkpoint: format {hf_quant_config['fmt']!r} (only e4m3)")
         block = hf_quant_config.get("weight_block_size")
         ignore = tuple(
             hf_quant_config.get("modules_to_not_convert") or hf_quant_config.get("ignore") or ()
