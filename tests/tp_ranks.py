@@ -29,9 +29,16 @@ GREEDY_TOKENS = 24
 ATOL = 1e-5  # fp32; the shards' partial sums add up in another order
 
 
-def build_runner(model: str, device: str = "cpu") -> ModelRunner:
+def build_runner(model: str, device: str = "cpu", quantization: str | None = None) -> ModelRunner:
     return ModelRunner(
-        model, runner_config(dtype="float32", device=device, max_total_tokens=1024, random_seed=0)
+        model,
+        runner_config(
+            dtype="float32",
+            device=device,
+            max_total_tokens=1024,
+            random_seed=0,
+            quantization=quantization,
+        ),
     )
 
 
@@ -115,8 +122,16 @@ def scenario(runner) -> dict:
     return out
 
 
-def run_group(model: Path, out: Path, world: int = 2, device: str = "cpu", ep: int = 1) -> dict:
-    """The scenario on `world` shards (processes), MoE experts split over `ep` groups; what rank 0 returned."""
+def run_group(
+    model: Path,
+    out: Path,
+    world: int = 2,
+    device: str = "cpu",
+    ep: int = 1,
+    quantization: str | None = None,
+) -> dict:
+    """The scenario on `world` shards (processes), MoE experts split over `ep` groups, linear layers
+    quantized as --quantization says; what rank 0 returned."""
     (port,) = free_ports(1)
     procs = [
         subprocess.Popen(
@@ -138,6 +153,7 @@ def run_group(model: Path, out: Path, world: int = 2, device: str = "cpu", ep: i
                 device,
                 "--ep",
                 str(ep),
+                *(["--quantization", quantization] if quantization else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -163,6 +179,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--quantization", default=None)
     ns = parser.parse_args()
     device = torch.device("cuda", ns.rank) if ns.device == "cuda" else torch.device("cpu")
     store = dist.TCPStore(
@@ -174,7 +191,7 @@ def main() -> None:
         wait_for_workers=False,
     )
     init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, device, ep_size=ns.ep)
-    runner = build_runner(ns.model, str(device))
+    runner = build_runner(ns.model, str(device), ns.quantization)
     if ns.rank == 0:
 
         def broken(error):

@@ -116,6 +116,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of x over the shards, in place; returns x."""
+    if _state.size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """The shards' x side by side along the last dimension, rank order (every shard gets it)."""
     if _state.size == 1:

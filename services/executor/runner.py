@@ -47,6 +47,7 @@ from radixserve.executor.slot_table import SlotTable
 from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
+from radixserve.executor.quantization import unquantize_skipped
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -107,6 +108,7 @@ def load_model(
     quant = resolve_quantization(quantization, cfg.hf)
     with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
+        unquantize_skipped(model, quant)
     model.quant_config = quant
     model.checkpoint_kv_scales = {}
     if load_format == "dummy":
@@ -118,6 +120,10 @@ def load_model(
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
+    if quant is not None and device.type == "cuda":
+        # Weights replaced after loading (online quantization) leave their memory in the allocator's
+        # cache, where the KV pool's sizing (mem_get_info) would count it as taken.
+        torch.cuda.empty_cache()
     model.eval()
     log.info(
         "loaded %s (%s, %s weights%s) on %s in %.1fs",

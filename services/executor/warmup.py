@@ -3,7 +3,9 @@ requests do not pay for compilation, autotuning or the allocator's first growth.
 
 Triton compiles a kernel per specialization of its integer arguments (== 1, divisible by 16, other),
 the skinny GEMM autotunes per (rows bucket, N, K), the int4 kernels compile once per class of rows
-(kernels/int4_gemm.M_CLASSES; the plan below reaches every class), cuBLAS picks and caches an
+(kernels/int4_gemm.M_CLASSES; the plan below reaches every class), the fp8 kernels (kernels/fp8_gemm.py)
+compile for <= 16 rows (the skinny kernel, tuned per rows bucket) and two block sets of the prefill GEMM
+(<= 64 rows and more; the 1x33 and 3x48 prefills reach both), cuBLAS picks and caches an
 algorithm per shape, and the caching allocator grows at the first large step. CUDA graph capture already covers decode at the
 graph batch sizes; this runs the rest through the runner's real step path (under tensor parallelism,
 the leader's, so every shard warms up too): prefills of 1, 3, 16 and 17 sequences of short lengths of

@@ -224,7 +224,8 @@ class CompileCounter:
 
 
 @pytest.mark.cuda
-def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "fp8"])  # fp8: kernels/fp8_gemm.py's kernels
+def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path, quantization):
     from tests.executor.hf_parity import build_hf_model
 
     build_hf_model(
@@ -247,6 +248,7 @@ def test_traffic_after_the_warmup_compiles_and_autotunes_nothing(tmp_path):
             max_total_tokens=65536,
             cuda_graph_max_bs=32,
             max_running_requests=64,
+            quantization=quantization,
         ),
     )
     report = run_warmup(runner, server_args(max_running_requests=64))

@@ -101,6 +101,18 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         default_weight_loader(param, loaded)
 
+    def drop_quantization(self) -> None:
+        """Back to a plain weight in the default dtype and device (a layer the checkpoint left
+        unquantized; see quantization.unquantize_skipped)."""
+        for name, param in list(self.named_parameters(recurse=False)):
+            if param is not self.bias:
+                delattr(self, name)
+        self.quant = None
+        self.weight = tag(
+            _new_param(self.out_features, self.in_features), output_dim=0, input_dim=1
+        )
+        self.weight.weight_loader = self.weight_loader
+
     def full_shape(self, param: nn.Parameter) -> tuple[int, ...]:
         """The shape of param at tp=1 (what load_full takes)."""
         return tuple(param.shape)

@@ -60,9 +60,41 @@ def building_with(config: QuantConfig | None):
         _building.pop()
 
 
+def unquantize_skipped(model, config: QuantConfig | None) -> None:
+    """Turn the linear layers that config.skip names back into plain ones (call while building, on the
+    model's device and dtype). A fused layer (q/k/v, gate/up) goes by the HF names of its shards
+    (model.stacked_params), which must all be skipped or none."""
+    if config is None:
+        return
+    stacked = getattr(model, "stacked_params", {})
+    for name, module in model.named_modules():
+        if getattr(module, "quant", None) is None or not hasattr(module, "drop_quantization"):
+            continue
+        dotted = f".{name}."
+        hf_names = [
+            dotted.replace(fused, fragment).strip(".")
+            for fragment, (fused, _) in stacked.items()
+            if fused in dotted
+        ] or [name]
+        skipped = [config.skip(n) for n in hf_names]
+        if all(skipped):
+            module.drop_quantization()
+        elif any(skipped):
+            raise ValueError(
+                f"the checkpoint quantizes only some of {hf_names}, which are one fused layer here"
+            )
+
+
 def linear_method() -> LinearMethod | None:
     config = _building[-1]
     return None if config is None else config.linear_method()
 
 
-__all__ = ["LinearMethod", "QuantConfig", "building_with", "linear_method", "resolve"]
+__all__ = [
+    "LinearMethod",
+    "QuantConfig",
+    "building_with",
+    "linear_method",
+    "resolve",
+    "unquantize_skipped",
+]

@@ -87,6 +87,11 @@ class QuantConfig:
         """The method for the next linear layer built (None: keep it unquantized)."""
         raise NotImplementedError
 
+    def skip(self, hf_module_name: str) -> bool:
+        """Whether the checkpoint left this linear layer unquantized (its ignore / modules_to_not_convert
+        list), by the module's HF name (e.g. 'model.layers.0.mlp.down_proj')."""
+        return False
+
     def describe(self) -> str:
         """One line for the startup log and /get_model_info, e.g. 'fp8 (block 128x128, checkpoint)'."""
         return self.name
