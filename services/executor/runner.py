@@ -40,6 +40,8 @@ from radixserve.executor.slot_table import SlotTable
 from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
+from radixserve.executor.quantization import weight_bytes
+from radixserve.executor.quantization.gguf import native_config as native_gguf
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -93,24 +95,28 @@ def load_model(
     """The model of cfg's architecture in cfg.dtype on device, weights from cfg.path (or random: dummy);
     its linear layers quantized as --quantization and the checkpoint's quantization_config say."""
     t0 = time.perf_counter()
-    quant = resolve_quantization(quantization, cfg.hf)
+    quant = native_gguf(quantization, cfg.path, device, load_format) or resolve_quantization(
+        quantization, cfg.hf
+    )
     with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
     model.quant_config = quant
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        model.load_weights(iterate_safetensors(cfg.path))
+        own = None if quant is None else quant.weights(cfg)
+        model.load_weights(iterate_safetensors(cfg.path) if own is None else own)
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
     model.eval()
     log.info(
-        "loaded %s (%s, %s weights%s) on %s in %.1fs",
+        "loaded %s (%s, %s weights%s, %.1f MB of weights) on %s in %.1fs",
         cfg.architecture,
         dtype_name(cfg.dtype),
         load_format,
         "" if quant is None else f", {quant.describe()}",
+        weight_bytes(model) / 1e6,
         device,
         time.perf_counter() - t0,
     )
