@@ -96,6 +96,8 @@ class GgufLinearMethod(LinearMethod):
         weight.gguf_parts = parts
         if len(parts) == 1 and parts[0][1].dtype == torch.uint8:
             weight.data = parts[0][1]  # the file's rows themselves
+        if weight.device.type == "cpu":
+            gguf_cpu.load()  # build (first start) or load the kernels now, not at the first request
 
     def apply(self, layer, x, bias):
         parts = layer.weight.gguf_parts
