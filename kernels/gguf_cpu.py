@@ -2,8 +2,7 @@
 
 `gguf_linear(x, qweight, qtype)` takes the weight as the file stores it: uint8 [N, K / block values *
 block bytes], one row per output feature. Q4_0, Q4_1 and Q8_0 run the C++ kernel (activations quantized
-to int8 per 32 values, int8 dot products; from DEQUANTIZE_ROWS rows on, the kernel's dequantize and a
-float32 GEMM); every other type, and every CPU where the extension does not
+to int8 per 32 values, int8 dot products; see DEQUANTIZE_ROWS); every other type, and every CPU where the extension does not
 build or run, dequantizes the weight per call and multiplies in torch (`dequantize`).
 
 The extension is compiled at first use and cached like cpu_decode's (same build lock and stale-build
@@ -38,10 +37,11 @@ FUSED_TYPES = (Q4_0, Q4_1, Q8_0)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 _BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
 BLOCK_VALUES = 32  # of the fused types
-# From this many activation rows on (prefill), dequantizing the weight once (C++) and running a float32
-# GEMM measured faster than the int8 row dots (1536x576 Q4_1, one core: 0.84x the time at 32 rows,
-# 0.5x at 512; 1.3x slower at 8).
-DEQUANTIZE_ROWS = 32
+# None: the fused types always take the int8 row dots, so a row's result does not depend on how many
+# rows share its batch (greedy tokens must not change with a request's batch-mates). A row count here
+# switches larger batches to a dequantize (C++) and a float32 GEMM: 0.84x the time at 32 rows, 0.5x at
+# 512 (1536x576 Q4_1, one core), but float activations where the row dots quantize them to int8.
+DEQUANTIZE_ROWS: int | None = None
 
 _lock = threading.Lock()
 _module = None
@@ -171,7 +171,7 @@ def gguf_linear(
         module = load()
         if module is not None:
             flat = x.reshape(-1, k).float().contiguous()
-            if flat.shape[0] >= DEQUANTIZE_ROWS:
+            if DEQUANTIZE_ROWS is not None and flat.shape[0] >= DEQUANTIZE_ROWS:
                 y = F.linear(flat, module.gguf_dequantize(qweight, qtype, k))
             else:
                 y = module.gguf_matmul(flat, qweight, qtype)

@@ -41,8 +41,12 @@ def _close(got, ref, rel):
 
 
 @pytest.mark.parametrize("qtype", [*QUANTIZABLE, *K_QUANTS], ids=lambda q: T(q).name)
-@pytest.mark.parametrize("rows", [1, 5, gguf_cpu.DEQUANTIZE_ROWS + 3])
-def test_kernel_matches_the_dequantizing_reference(stored, qtype, rows):
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dequantize_rows", [None, 32], ids=["int8-dots", "dequantize-gemm"])
+def test_kernel_matches_the_dequantizing_reference(
+    stored, qtype, rows, dequantize_rows, monkeypatch
+):
+    monkeypatch.setattr(gguf_cpu, "DEQUANTIZE_ROWS", dequantize_rows)
     qweight = stored[qtype]
     assert qweight.dtype == torch.uint8 and qweight.shape[0] == N
     assert qweight.shape[1] == gguf_cpu.row_bytes(qtype, K)
@@ -67,6 +71,15 @@ def test_int8_dot_products_are_exact_for_activations_int8_represents(stored, qty
     x[:, ::32] = 127.0
     ref = gguf_cpu.gguf_linear_ref(x, stored[qtype], qtype)
     _close(gguf_cpu.gguf_linear(x, stored[qtype], qtype), ref, 1e-5)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
+def test_a_rows_result_does_not_depend_on_its_batch(stored, qtype):
+    """Bitwise: a request's tokens must not change with the requests batched beside it."""
+    x = torch.randn(37, K, generator=torch.Generator().manual_seed(2))
+    batch = gguf_cpu.gguf_linear(x, stored[qtype], qtype)
+    for i in (0, 5, 36):
+        assert torch.equal(gguf_cpu.gguf_linear(x[i : i + 1], stored[qtype], qtype)[0], batch[i])
 
 
 @pytest.mark.parametrize("qtype", [*QUANTIZABLE, *K_QUANTS], ids=lambda q: T(q).name)
