@@ -117,21 +117,28 @@ inline void rows_dot(const uint8_t* w, int64_t row_bytes, const QRow& x, int64_t
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + extra[r];
 }
 
+constexpr int64_t TILE = 4;  // weight rows per tile
+
+// Tiles [begin, end) of TILE weight rows. A row always falls in the same tile, whatever the number of
+// activation rows or threads, so its result is bitwise the same in any batch.
 template <int QT>
-void matmul_rows(const uint8_t* w, int64_t row_bytes, const QRow* xs, int64_t m, int64_t nb,
-                 float* out, int64_t n, int64_t begin, int64_t end) {
-  constexpr int R = 4;
-  float tile[R];
-  int64_t r = begin;
-  for (; r + R <= end; r += R) {  // a tile of R weight rows stays in L1 across the activation rows
+void matmul_tiles(const uint8_t* w, int64_t row_bytes, const QRow* xs, int64_t m, int64_t nb,
+                  float* out, int64_t n, int64_t begin, int64_t end) {
+  float tile[TILE];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r = t * TILE;
     const uint8_t* wr = w + r * row_bytes;
-    for (int64_t i = 0; i < m; ++i) {
-      rows_dot<QT, R>(wr, row_bytes, xs[i], nb, tile);
-      for (int j = 0; j < R; ++j) out[i * n + r + j] = tile[j];
+    if (r + TILE <= n) {  // the tile stays in L1 across the activation rows
+      for (int64_t i = 0; i < m; ++i) {
+        rows_dot<QT, TILE>(wr, row_bytes, xs[i], nb, tile);
+        for (int j = 0; j < TILE; ++j) out[i * n + r + j] = tile[j];
+      }
+    } else {
+      for (int64_t j = r; j < n; ++j)
+        for (int64_t i = 0; i < m; ++i)
+          rows_dot<QT, 1>(w + j * row_bytes, row_bytes, xs[i], nb, out + i * n + j);
     }
   }
-  for (; r < end; ++r)
-    for (int64_t i = 0; i < m; ++i) rows_dot<QT, 1>(w + r * row_bytes, row_bytes, xs[i], nb, out + i * n + r);
 }
 
 // x: [M, K] float32 contiguous; w: [N, K/32 * block bytes] uint8; returns float32 [M, N].
@@ -162,12 +169,13 @@ torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   // Enough rows per task that a thread's share is worth a wake-up, few enough that every thread works.
-  const int64_t grain = std::max<int64_t>(16, 2048 / std::max<int64_t>(m, 1));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+  const int64_t tiles = (n + TILE - 1) / TILE;
+  const int64_t grain = std::max<int64_t>(4, 512 / std::max<int64_t>(m, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     switch (qt) {
-      case Q8_0: matmul_rows<Q8_0>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
-      case Q4_1: matmul_rows<Q4_1>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
-      default: matmul_rows<Q4_0>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
+      case Q8_0: matmul_tiles<Q8_0>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
+      case Q4_1: matmul_tiles<Q4_1>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
+      default: matmul_tiles<Q4_0>(wp, row_bytes, xs.data(), m, nb, op, n, b, e); break;
     }
   });
   return out;

@@ -30,6 +30,8 @@ log = logging.getLogger("radixserve.kernels.gguf_cpu")
 _SOURCE = pathlib.Path(__file__).with_name("gguf_cpu.cpp")
 ENV_SWITCH = "RADIXSERVE_GGUF_CPU_KERNELS"
 _REQUIRED_FLAGS = {"avx2", "fma", "f16c"}
+# No FMA contraction of scalar code: a row's result must not depend on which code path computed it.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
 
 # gguf.GGMLQuantizationType values (the gguf package is only imported where the other types need it).
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
@@ -54,7 +56,7 @@ def cpu_supported() -> bool:
 
 def _extension_name() -> str:
     key = hashlib.sha256(
-        (" ".join(sorted(cpu_decode._cpu_flags())) + _SOURCE.read_text()).encode()
+        " ".join([*sorted(cpu_decode._cpu_flags()), *_CFLAGS, _SOURCE.read_text()]).encode()
     ).hexdigest()[:10]
     return f"radixserve_gguf_cpu_{key}"
 
@@ -83,7 +85,7 @@ def _build():
             sources=[str(_SOURCE)],
             build_directory=str(build_dir),
             is_python_module=False,
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-DNDEBUG"],
+            extra_cflags=_CFLAGS,
             verbose=False,
         )
     finally:

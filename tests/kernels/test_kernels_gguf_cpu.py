@@ -76,7 +76,7 @@ def test_int8_dot_products_are_exact_for_activations_int8_represents(stored, qty
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
 def test_a_rows_result_does_not_depend_on_its_batch(stored, qtype):
     """Bitwise: a request's tokens must not change with the requests batched beside it."""
-    x = torch.randn(37, K, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(37, K, generator=torch.Generator().manual_seed(2))  # N = 72: one thread split
     batch = gguf_cpu.gguf_linear(x, stored[qtype], qtype)
     for i in (0, 5, 36):
         assert torch.equal(gguf_cpu.gguf_linear(x[i : i + 1], stored[qtype], qtype)[0], batch[i])
