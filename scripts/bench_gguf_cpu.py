@@ -56,7 +56,7 @@ def bench_runner(folder, dtype: str, quantization: str | None, tokens: int, repe
     decode_run(runner, 8)  # warm-up (builds the kernels, first allocations)
     runs = [decode_run(runner, tokens) for _ in range(repeats)]
     return {
-        "variant": "native gguf" if quantization is None else "dequantized",
+        "variant": "native gguf" if quantization == "gguf" else "dequantized",
         "dtype": dtype,
         "ms_per_token": round(statistics.median(r[0] for r in runs), 3),
         "cpu_ms_per_token": round(statistics.median(r[1] for r in runs), 3),
@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = resolve_model_path(None)
     for dtype in args.dtypes:
-        for quantization in (None, "unquant"):
+        for quantization in ("gguf", "unquant"):
             print(json.dumps(bench_runner(folder, dtype, quantization, args.tokens, args.repeats)))
     reference = bench_llama_cpp(args.tokens, args.repeats)
     if reference is not None:

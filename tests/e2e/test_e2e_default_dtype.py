@@ -27,9 +27,7 @@ def test_default_dtype_is_bf16_and_answers_paris(stack, client):
     assert "bfloat16" in stack.log_tail(400)
     resp = client.chat.completions.create(
         model=MODEL,
-        # Not "What is the capital of France?": its first token is a near-tie ("The" vs "L'"; 0.06
-        # logits apart in float32, tied in bf16 with the native Q4_1 weights); this one leads by 0.75.
-        messages=[{"role": "user", "content": "Name the capital city of France."}],
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0,
         max_tokens=30,
     )

@@ -65,7 +65,7 @@ def greedy(runner: ModelRunner, ids: list[int], steps: int) -> tuple[list[int], 
     return tokens, first
 
 
-def runner_for(folder, quantization=None) -> ModelRunner:
+def runner_for(folder, quantization="gguf") -> ModelRunner:
     config = runner_config(
         dtype="float32", device="cpu", quantization=quantization, max_total_tokens=256
     )
@@ -78,7 +78,7 @@ def smollm2():
     return runner_for(folder), runner_for(folder, "unquant")
 
 
-def test_the_embedded_gguf_runs_natively_by_default(smollm2):
+def test_the_embedded_gguf_runs_natively_with_quantization_gguf(smollm2):
     native, dequantized = smollm2
     assert isinstance(native.model.quant_config, GgufConfig)
     assert dequantized.model.quant_config is None

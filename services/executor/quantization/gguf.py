@@ -27,8 +27,11 @@ from radixserve.kernels import gguf_cpu
 
 log = logging.getLogger("radixserve.executor.quantization.gguf")
 
-# A flag value that keeps a .gguf dequantized (the converted safetensors in the model's dtype).
-DEQUANTIZED_FLAG = "unquant"
+# Whether a .gguf runs natively without --quantization gguf. Off for now: with the native weights in
+# bf16, tests/e2e/test_e2e_default_dtype.py's concurrent requests do not all give the text each gives
+# alone (the kernels are bitwise batch-independent; the cause is not found yet), and the embedded
+# model's "What is the capital of France?" is a near-tie at its first token.
+NATIVE_BY_DEFAULT = False
 
 
 def _shard_index(shard_id) -> int:
@@ -152,12 +155,14 @@ def native_config(
     flag: str | None, folder: pathlib.Path, device: torch.device, load_format: str
 ) -> GgufConfig | None:
     """The native GGUF config for a model folder converted from a .gguf (model_files), or None: not from
-    a .gguf, `--quantization unquant` (or another scheme) asked for the dequantized weights, dummy weights,
-    tensor parallelism, or CUDA without the Triton GGUF kernels."""
+    a .gguf, not asked for (--quantization gguf, or unset while NATIVE_BY_DEFAULT; `unquant` or another
+    scheme takes the dequantized weights), dummy weights, tensor parallelism, or CUDA without the Triton
+    GGUF kernels."""
     from radixserve.common.model_files import gguf_source
 
     source = gguf_source(folder)
-    if source is None or flag not in (None, "gguf") or load_format == "dummy":
+    wanted = flag == "gguf" or (flag is None and NATIVE_BY_DEFAULT)
+    if source is None or not wanted or load_format == "dummy":
         return None
     if tp_size() != 1:
         log.info("GGUF at --tp-size %d: serving the dequantized weights", tp_size())
