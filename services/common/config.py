@@ -199,7 +199,9 @@ class ModelSpec:
     quantization: str | None = option(
         None,
         "fp8 (online from a bf16/fp16 checkpoint, or an fp8 checkpoint as published), awq, gptq, "
-        "w8a8_int8, compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf model",
+        "w8a8_int8, compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf "
+        "model served with its quantized blocks as stored (on the CPU; on CUDA once the Triton GGUF "
+        "kernels exist); unquant (the default for now): a .gguf dequantized to the --dtype at load",
         group="Quantization and data type",
         aliases=("-q",),
         choices=[
@@ -234,8 +236,7 @@ class ModelSpec:
             "gptq_marlin_24",
             "awq_marlin_24",
         ],
-        supported=["gguf", "unquant", "fp8", "awq", "gptq", "w8a8_int8", "compressed-tensors"],
-        value_map={"unquant": None},
+        supported=["gguf", "unquant", "fp8", "awq", "gptq", "compressed-tensors"],
         unsupported_hint="quantized weights are not supported yet: serve a bf16/fp16 checkpoint",
     )
     kv_cache_dtype: str = option(

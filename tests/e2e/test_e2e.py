@@ -32,9 +32,16 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    # float32 so greedy tokens can be compared exactly with HF transformers in float32
+    # float32 and the GGUF dequantized (--quantization unquant; natively its activations are quantized
+    # to int8) so greedy tokens can be compared exactly with HF transformers in float32
     with running_stack(
-        tmp_path_factory.mktemp("stack"), "--dtype", "float32", "--max-total-tokens", "20000"
+        tmp_path_factory.mktemp("stack"),
+        "--dtype",
+        "float32",
+        "--quantization",
+        "unquant",
+        "--max-total-tokens",
+        "20000",
     ) as s:
         yield s
 

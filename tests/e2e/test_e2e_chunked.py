@@ -20,6 +20,8 @@ def stack(tmp_path_factory):
         tmp_path_factory.mktemp("chunked"),
         "--dtype",
         "float32",
+        "--quantization",
+        "unquant",  # compared exactly with HF transformers on the dequantized weights
         "--max-total-tokens",
         "20000",
         "--chunked-prefill-size",

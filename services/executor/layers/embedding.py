@@ -31,8 +31,17 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.rows = (vocab_size + tp_size() - 1) // tp_size()
+        # None: a plain weight; else the quantization scheme's (e.g. GGUF blocks), looked up by it.
+        self.quant = quantization.embedding_method()
+        if self.quant is not None:
+            self.quant.create_weights(self, hidden_size, self.rows, torch.get_default_dtype())
+            return
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+
+    def process_weights_after_loading(self) -> None:
+        if self.quant is not None:
+            self.quant.process_weights_after_loading(self)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _load_vocab_slice(param, loaded)
@@ -44,6 +53,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight_loader(param, full)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.embed(self, input_ids)
         if tp_size() == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - tp_rank() * self.rows
@@ -64,6 +75,8 @@ class ParallelLMHead(LinearBase):
             super().__init__(hidden_size, (vocab_size + tp_size() - 1) // tp_size(), bias)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the embedding's weight (a quantized embedding's blocks too: the head's method reads
+        the same parameter)."""
         self.weight = embedding.weight
 
     def weight_loader(self, param, loaded, shard_id=None):

@@ -17,7 +17,6 @@ SCHEMES = {
     "compressed-tensors": "compressed_tensors:CompressedTensorsConfig",
     "awq": "awq:AwqConfig",
     "gptq": "gptq:GptqConfig",
-    "w8a8_int8": "int8:W8A8Int8Config",
     "gguf": "gguf:GgufConfig",
 }
 
@@ -90,10 +89,33 @@ def linear_method() -> LinearMethod | None:
     return None if config is None else config.linear_method()
 
 
+def weight_bytes(model) -> int:
+    """Bytes of weight data a forward reads: quantized layers by their method, others by their
+    parameters (a parameter shared by two modules, e.g. a tied LM head, once)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        method = getattr(module, "quant", None)
+        if method is not None:
+            if any(p is getattr(module, "weight", None) for p in own):
+                total += method.weight_bytes(module)
+            own = [p for p in own if p is getattr(module, "bias", None)]
+        total += sum(p.numel() * p.element_size() for p in own)
+    return total
+
+
+def embedding_method() -> LinearMethod | None:
+    config = _building[-1]
+    return None if config is None else config.embedding_method()
+
+
 __all__ = [
     "LinearMethod",
     "QuantConfig",
     "building_with",
+    "embedding_method",
     "linear_method",
     "resolve",
     "unquantize_skipped",

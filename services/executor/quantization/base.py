@@ -16,6 +16,8 @@ The linear layers (layers/linear.py) load every parameter by its tags, set with 
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -66,6 +68,10 @@ class LinearMethod:
         False leaves it to the plain path (normal(0, std) per float parameter, drawn whole and sliced)."""
         return False
 
+    def embed(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of input_ids (for a method its QuantConfig.embedding_method returns)."""
+        raise NotImplementedError
+
     def weight_bytes(self, layer: nn.Module) -> int:
         """Bytes of weight data a forward reads (for the startup log and /get_model_info)."""
         return sum(p.numel() * p.element_size() for p in layer.parameters() if p is not layer.bias)
@@ -91,6 +97,16 @@ class QuantConfig:
         """Whether the checkpoint left this linear layer unquantized (its ignore / modules_to_not_convert
         list), by the module's HF name (e.g. 'model.layers.0.mlp.down_proj')."""
         return False
+
+    def embedding_method(self) -> LinearMethod | None:
+        """The method for the token embedding (None: a plain weight in the model's dtype); its
+        create_weights gets (layer, hidden size, vocabulary rows, dtype) and `embed` looks rows up."""
+        return None
+
+    def weights(self, model_config) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """The checkpoint's tensors when the scheme reads its own file format (GGUF); None: the
+        model folder's safetensors."""
+        return None
 
     def describe(self) -> str:
         """One line for the startup log and /get_model_info, e.g. 'fp8 (block 128x128, checkpoint)'."""

@@ -1,0 +1,206 @@
+"""y = x W^T with W kept in a GGUF file's quantized blocks, on the CPU (gguf_cpu.cpp, AVX2 + FMA).
+
+`gguf_linear(x, qweight, qtype)` takes the weight as the file stores it: uint8 [N, K / block values *
+block bytes], one row per output feature. Q4_0, Q4_1 and Q8_0 run the C++ kernel (activations quantized
+to int8 per 32 values, int8 dot products; see DEQUANTIZE_ROWS); every other type, and every CPU where the extension does not
+build or run, dequantizes the weight per call and multiplies in torch (`dequantize`).
+
+The extension is compiled at first use and cached like cpu_decode's (same build lock and stale-build
+handling, RADIXSERVE_CPU_DECODE_BUILD_WAIT bounds waiting for another process's build);
+RADIXSERVE_GGUF_CPU_KERNELS=0 keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from radixserve.kernels import cpu_decode
+
+log = logging.getLogger("radixserve.kernels.gguf_cpu")
+
+_SOURCE = pathlib.Path(__file__).with_name("gguf_cpu.cpp")
+ENV_SWITCH = "RADIXSERVE_GGUF_CPU_KERNELS"
+_REQUIRED_FLAGS = {"avx2", "fma", "f16c"}
+# No FMA contraction of scalar code: a row's result must not depend on which code path computed it.
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
+
+# gguf.GGMLQuantizationType values (the gguf package is only imported where the other types need it).
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+FUSED_TYPES = (Q4_0, Q4_1, Q8_0)
+FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
+BLOCK_VALUES = 32  # of the fused types
+# None: the fused types always take the int8 row dots, so a row's result does not depend on how many
+# rows share its batch (greedy tokens must not change with a request's batch-mates). A row count here
+# switches larger batches to a dequantize (C++) and a float32 GEMM: 0.84x the time at 32 rows, 0.5x at
+# 512 (1536x576 Q4_1, one core), but float activations where the row dots quantize them to int8.
+DEQUANTIZE_ROWS: int | None = None
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def cpu_supported() -> bool:
+    return _REQUIRED_FLAGS <= cpu_decode._cpu_flags()
+
+
+def _extension_name() -> str:
+    key = hashlib.sha256(
+        " ".join([*sorted(cpu_decode._cpu_flags()), *_CFLAGS, _SOURCE.read_text()]).encode()
+    ).hexdigest()[:10]
+    return f"radixserve_gguf_cpu_{key}"
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    t0 = time.perf_counter()
+    name = _extension_name()
+    build_dir = cpu_decode._build_directory(name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = build_dir.with_name(build_dir.name + ".lock")
+    wait_s = cpu_decode._build_wait_s()
+    fd = cpu_decode._acquire_build_lock(lock_path, time.monotonic() + wait_s)
+    if fd is None:
+        log.warning("another process has built the GGUF CPU kernels for over %gs", wait_s)
+        return None
+    try:
+        torch_lock = build_dir / "lock"
+        if torch_lock.exists():
+            if not cpu_decode._stop_leftover_build(build_dir):
+                return None
+            torch_lock.unlink(missing_ok=True)
+        path = cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            extra_cflags=_CFLAGS,
+            verbose=False,
+        )
+    finally:
+        os.close(fd)
+    module = cpu_decode._import_library(path)
+    log.info("GGUF CPU kernels ready in %.1fs", time.perf_counter() - t0)
+    return module
+
+
+def load():
+    """The compiled extension, or None when unavailable (reason logged once)."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get(ENV_SWITCH, "1").lower() in ("0", "false", "no", "off"):
+            log.info("GGUF CPU kernels disabled by %s; dequantizing per call", ENV_SWITCH)
+        elif not cpu_supported():
+            log.info("GGUF CPU kernels need AVX2, FMA and F16C; dequantizing per call")
+        else:
+            try:
+                _module = _build()
+            except Exception as e:  # compiler or ninja missing, build error, bad .so
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                log.warning(
+                    "building the GGUF CPU kernels failed (%s: %s); dequantizing per call",
+                    type(e).__name__,
+                    last,
+                )
+        return _module
+
+
+def reset_for_tests() -> None:
+    global _module, _tried
+    with _lock:
+        _module, _tried = None, False
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one row of k values of qtype."""
+    import gguf
+
+    values, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    if k % values:
+        raise ValueError(f"{k} values do not fill whole blocks of {values}")
+    return k // values * nbytes
+
+
+def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    return blocks[..., start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+
+
+def dequantize(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """float32 [rows, k] of raw rows (uint8 [rows, row bytes]; or a float tensor for F32/F16/BF16), on
+    qweight's device. Q4_0 / Q4_1 / Q8_0 in torch; other types through gguf.quants on the CPU."""
+    if qtype in FLOAT_TYPES:
+        return qweight.float()
+    rows = qweight.shape[0]
+    if qtype in FUSED_TYPES:
+        blocks = qweight.reshape(rows, -1, _BLOCK_BYTES[qtype])
+        d = _halves(blocks, 0)
+        if qtype == Q8_0:
+            q = blocks[..., 2:].contiguous().view(torch.int8).float()
+            return (d * q).reshape(rows, k)
+        if qtype == Q4_1:
+            return (d * _nibbles(blocks[..., 4:]) + _halves(blocks, 2)).reshape(rows, k)
+        return (d * (_nibbles(blocks[..., 2:]) - 8.0)).reshape(rows, k)
+    import gguf
+
+    values = gguf.quants.dequantize(qweight.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(qweight.device)
+
+
+def gguf_linear(
+    x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ W^T for W in GGUF blocks (uint8 [N, row bytes]); [M, N] in x's dtype."""
+    k = x.shape[-1]
+    if qtype in FUSED_TYPES and x.device.type == "cpu":
+        module = load()
+        if module is not None:
+            flat = x.reshape(-1, k).float().contiguous()
+            if DEQUANTIZE_ROWS is not None and flat.shape[0] >= DEQUANTIZE_ROWS:
+                y = F.linear(flat, module.gguf_dequantize(qweight, qtype, k))
+            else:
+                y = module.gguf_matmul(flat, qweight, qtype)
+            y = y.reshape(*x.shape[:-1], qweight.shape[0])
+            if bias is not None:
+                y += bias
+            return y.to(x.dtype)
+    # On the CPU in float32 (bf16 GEMMs are slow without AVX512-BF16), elsewhere in x's dtype.
+    dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+    w = dequantize(qweight, qtype, k).to(dtype)
+    return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+
+
+def gguf_linear_ref(
+    x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reference: dequantized by the gguf package, multiplied in float32."""
+    import gguf
+
+    if qtype in FLOAT_TYPES:
+        w = qweight.float()
+    else:
+        w = torch.from_numpy(
+            np.ascontiguousarray(
+                gguf.quants.dequantize(qweight.numpy(), gguf.GGMLQuantizationType(qtype)),
+                dtype=np.float32,
+            )
+        )
+    y = x.float() @ w.T
+    return y if bias is None else y + bias.float()

@@ -1,0 +1,237 @@
+"""A .gguf served with its blocks as stored (quantization/gguf.py) against the same file dequantized
+(--quantization unquant): the embedded SmolLM2 Q4_1, and a tiny Llama of mixed block types written here."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from radixserve.common.model_files import SOURCE_MARKER, resolve_model_path
+from radixserve.common.sampling import SamplingParams
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.quantization import weight_bytes
+from radixserve.executor.quantization.gguf import GgufConfig
+from radixserve.executor.runner import ModelRunner
+from radixserve.kernels import gguf_cpu
+from tests.configs import runner_config
+from tests.gguf_files import T, dequantize, llama_cpp_permute, quantize, random_blocks, write_gguf
+
+# Tokenized with the model's tokenizer: "The capital of France is", "Once upon a time, there was a
+# little", "def fibonacci(n):\n    ", and the chat template around "What is 2+2?".
+PROMPTS = [
+    [504, 3575, 282, 4649, 314],
+    [6403, 1980, 253, 655, 28, 665, 436, 253, 1838],
+    [1604, 3987, 46477, 24, 94, 727, 2367],
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407]
+    + [
+        19712,
+        8182,
+        2,
+        198,
+        1,
+        4093,
+        198,
+        1780,
+        314,
+        216,
+        34,
+        27,
+        34,
+        47,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ],
+]
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def greedy(runner: ModelRunner, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy tokens after ids, and the logits of the first."""
+    runner.reset()
+    n = len(ids)
+    out = runner.step(
+        StepInput(1, new_requests=[NewRequest("r", ids, list(range(1, n + 1)), sampling=GREEDY)])
+    )
+    first, tokens = out.logits[0].float(), [out.outputs[0].token_id]
+    for i in range(steps - 1):
+        step = StepInput(i + 2, continuing_requests=[ContinuingRequest("r", [n + 1 + i])])
+        tokens.append(runner.step(step).outputs[0].token_id)
+    return tokens, first
+
+
+def runner_for(folder, quantization="gguf") -> ModelRunner:
+    config = runner_config(
+        dtype="float32", device="cpu", quantization=quantization, max_total_tokens=256
+    )
+    return ModelRunner(folder, config)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = resolve_model_path(None)
+    return runner_for(folder), runner_for(folder, "unquant")
+
+
+def test_the_embedded_gguf_runs_natively_with_quantization_gguf(smollm2):
+    native, dequantized = smollm2
+    assert isinstance(native.model.quant_config, GgufConfig)
+    assert dequantized.model.quant_config is None
+    qkv = native.model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.dtype == torch.uint8 and qkv.shape == (960, 576 // 32 * 20)  # Q4_1 rows, q|k|v
+    head = native.model.lm_head
+    assert head.weight is native.model.model.embed_tokens.weight  # the tied head reads the Q8_0
+    assert head.weight.gguf_parts[0][0] == T.Q8_0
+    # Q4_1 layers + a Q8_0 embedding: under 100 MB read per token (vs 538 MB dequantized in fp32).
+    assert weight_bytes(native.model) < 100e6 < 500e6 < weight_bytes(dequantized.model)
+
+
+def forced_logits(
+    runner: ModelRunner, ids: list[int], continuation: list[int]
+) -> list[torch.Tensor]:
+    """The logits before each token of continuation, fed one decode token at a time (each step a
+    request of one token over the previous one's cached slots, so every step runs as decode)."""
+    runner.reset()
+    n = len(ids)
+    out = runner.step(
+        StepInput(1, new_requests=[NewRequest("r0", ids, list(range(1, n + 1)), sampling=GREEDY)])
+    )
+    logits = [out.logits[0].float()]
+    for i, token in enumerate(continuation[:-1]):
+        slot = n + 1 + i
+        req = NewRequest(f"r{i + 1}", [token], [slot], list(range(1, slot)), sampling=GREEDY)
+        out = runner.step(StepInput(i + 2, finished_request_ids=[f"r{i}"], new_requests=[req]))
+        logits.append(out.logits[0].float())
+    return logits
+
+
+# int8 activations (per 32 values, as llama.cpp quantizes them) through 30 layers against float32 ones:
+# logits within 8% of the largest (measured: 5.6% at most); the same greedy token wherever the
+# reference's best token leads the native pick by more than 1 logit (measured: the picks that differ
+# are near-ties, at most 0.22 apart).
+LOGIT_TOLERANCE, TIE_MARGIN = 0.08, 1.0
+
+
+def test_native_q4_1_gives_the_dequantized_models_greedy_answers(smollm2):
+    native, dequantized = smollm2
+    for ids in PROMPTS[:3]:
+        want, _ = greedy(dequantized, ids, 6)
+        for got, ref in zip(
+            forced_logits(native, ids, want), forced_logits(dequantized, ids, want)
+        ):
+            err = (got - ref).abs().max().item()
+            assert err < LOGIT_TOLERANCE * ref.abs().max().item(), err
+            pick = int(got.argmax())
+            assert pick == int(ref.argmax()) or ref.max() - ref[pick] < TIE_MARGIN
+
+
+def test_native_weights_are_exactly_the_dequantized_ones(smollm2, monkeypatch):
+    """With float activations (the dequantize-then-GEMM path for every row count) the native model is
+    the dequantized one: names, the q/k row permutation, the tied Q8_0 head and embedding are right."""
+    monkeypatch.setattr(gguf_cpu, "DEQUANTIZE_ROWS", 1)
+    native, dequantized = smollm2
+    ids = PROMPTS[1]
+    want, _ = greedy(dequantized, ids, 4)
+    for got, ref in zip(forced_logits(native, ids, want), forced_logits(dequantized, ids, want)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_and_greedy_agree_on_a_confident_prompt(smollm2):
+    """Free-running greedy (the runner's own decode steps) gives the reference's answer."""
+    native, dequantized = smollm2
+    assert greedy(native, PROMPTS[3], 8)[0] == greedy(dequantized, PROMPTS[3], 8)[0]
+
+
+# --- a tiny Llama of mixed block types -------------------------------------------------------------
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 96
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": INTER,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "eos_token_id": 2,
+    "dtype": "float32",
+}
+# Each layer's types (q/k/v differ, so the fused qkv keeps two runs of rows), HF name -> GGUF name.
+LAYER_TENSORS = {
+    "self_attn.q_proj": ("attn_q", T.Q4_0, (HIDDEN, HIDDEN)),
+    "self_attn.k_proj": ("attn_k", T.Q4_0, (KV_HEADS * 64, HIDDEN)),
+    "self_attn.v_proj": ("attn_v", T.Q6_K, (KV_HEADS * 64, HIDDEN)),
+    "self_attn.o_proj": ("attn_output", T.Q5_K, (HIDDEN, HIDDEN)),
+    "mlp.gate_proj": ("ffn_gate", T.Q4_K, (INTER, HIDDEN)),
+    "mlp.up_proj": ("ffn_up", T.Q4_1, (INTER, HIDDEN)),
+    "mlp.down_proj": ("ffn_down", T.F16, (HIDDEN, INTER)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A folder as model_files makes from a .gguf: config.json, the dequantized weights under HF names
+    and order (what --quantization unquant serves), and the marker naming the .gguf."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    stored, hf = {}, {}
+
+    def add(gguf_name, hf_name, shape, qtype, heads=None):
+        if qtype in K_TYPES:
+            raw = random_blocks(shape[0], shape[1], qtype, rng)
+        else:
+            raw = quantize(rng.standard_normal(shape).astype(np.float32) * 0.05, qtype)
+        hf[hf_name] = np.ascontiguousarray(dequantize(raw, qtype))
+        stored[gguf_name] = (raw if heads is None else llama_cpp_permute(raw, heads), qtype)
+
+    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, HIDDEN), T.Q8_0)
+    add("output.weight", "lm_head.weight", (VOCAB, HIDDEN), T.Q6_K)
+    stored["output_norm.weight"] = (np.ones(HIDDEN, np.float32), T.F32)
+    hf["model.norm.weight"] = stored["output_norm.weight"][0]
+    for i in range(LAYERS):
+        for hf_part, (part, qtype, shape) in LAYER_TENSORS.items():
+            heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(part)
+            add(f"blk.{i}.{part}.weight", f"model.layers.{i}.{hf_part}.weight", shape, qtype, heads)
+        for part, hf_part in (
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+        ):
+            norm = (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+            stored[f"blk.{i}.{part}.weight"] = (norm, T.F32)
+            hf[f"model.layers.{i}.{hf_part}.weight"] = norm
+    fields = {
+        "llama.attention.head_count": HEADS,
+        "llama.attention.head_count_kv": KV_HEADS,
+        "llama.block_count": LAYERS,
+    }
+    gguf_file = write_gguf(folder / "tiny.gguf", stored, fields)
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    save_file(hf, str(folder / "model.safetensors"))
+    (folder / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf_file)}))
+    return folder
+
+
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+def test_a_mixed_type_gguf_llama_matches_its_dequantized_reference(tiny_gguf):
+    native, dequantized = runner_for(tiny_gguf), runner_for(tiny_gguf, "unquant")
+    qkv = native.model.model.layers[0].self_attn.qkv_proj.weight
+    assert [q for q, _ in qkv.gguf_parts] == [T.Q4_0, T.Q6_K]  # q and k fused, v apart
+    assert native.model.lm_head.weight is not native.model.model.embed_tokens.weight
+    for ids in ([3, 17, 42, 9, 88, 1], [5] * 40):  # decode rows, and a prefill past DEQUANTIZE_ROWS
+        got, got_logits = greedy(native, ids, 4)
+        want, want_logits = greedy(dequantized, ids, 4)
+        err = (got_logits - want_logits).abs().max().item()
+        assert err < 0.02 * want_logits.abs().max().item(), err
+        assert got == want
