@@ -273,7 +273,9 @@ def decode_attention(
     BLOCK_H = max(16, triton.next_power_of_2(group))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if block_n is None:
-        block_n = 32 if BLOCK_D >= 256 else 64
+        # fp8 caches: twice the tokens per load for the same bytes (H100, bs256 x 512-768 tokens, 32/8
+        # heads of 128: 0.226 ms at 128 against 0.253 ms at 64; bf16 is flat across block sizes).
+        block_n = 32 if BLOCK_D >= 256 else (128 if k_cache.element_size() == 1 else 64)
     BLOCK_N = block_n
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
 

@@ -199,9 +199,9 @@ class ModelSpec:
     quantization: str | None = option(
         None,
         "fp8 (online from a bf16/fp16 checkpoint, or an fp8 checkpoint as published), awq, gptq, "
-        "w8a8_int8, compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf "
-        "model served with its quantized blocks as stored (on the CPU; on CUDA once the Triton GGUF "
-        "kernels exist); unquant (the default for now): a .gguf dequantized to the --dtype at load",
+        "compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf model "
+        "served with its quantized blocks as stored (CPU int8-dot kernels, Triton kernels on CUDA); "
+        "unquant (the default for now): a .gguf dequantized to the --dtype at load",
         group="Quantization and data type",
         aliases=("-q",),
         choices=[
