@@ -203,6 +203,20 @@ def test_compiled_graphs_match_eager_graphs_on_cuda(tmp_path):
         got_tokens, got_logits = traffic(compiled)
     assert graphs_compiled() == before
     want_tokens, want_logits = traffic(build())
-    assert got_tokens == want_tokens
+    # bf16, fused differently: each step's logits within 2% of the step's largest |logit|, and the
+    # same greedy tokens until a near-tie (eager's two candidates within that tolerance) breaks the
+    # other way; after that the inputs differ, so the comparison ends there.
+    compared = 0
     for got, want in zip(got_logits, want_logits, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # bf16, fused differently
+        tolerance = 2e-2 * want.abs().max().item()
+        assert (got - want).abs().max().item() <= tolerance
+        rows = got.shape[0]
+        pairs = zip(got_tokens[compared : compared + rows], want_tokens[compared : compared + rows])
+        split = [(row, g, w) for row, (g, w) in enumerate(pairs) if g != w]
+        for row, g, w in split:
+            gap = (want[row, w] - want[row, g]).item()
+            assert 0 <= gap <= tolerance, (row, g, w, gap)
+        if split:
+            break
+        compared += rows
+    assert compared >= 10  # the prefill and the first decode steps agree token for token
