@@ -70,8 +70,8 @@ class ParallelLMHead(LinearBase):
 
     def __init__(self, vocab_size: int, hidden_size: int, bias: bool = False):
         self.vocab_size = vocab_size
-        # The LM head stays unquantized, as quantized checkpoints keep it.
-        with quantization.building_with(None):
+        # Unquantized, as fp8 / AWQ / GPTQ checkpoints keep it, unless the scheme stores it (GGUF).
+        with quantization.building_lm_head():
             super().__init__(hidden_size, (vocab_size + tp_size() - 1) // tp_size(), bias)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:

@@ -84,6 +84,12 @@ def unquantize_skipped(model, config: QuantConfig | None) -> None:
             )
 
 
+def building_lm_head():
+    """The scope an LM head is built in: unquantized unless the scheme quantizes it (quantizes_lm_head)."""
+    config = _building[-1]
+    return building_with(config if config is not None and config.quantizes_lm_head else None)
+
+
 def linear_method() -> LinearMethod | None:
     config = _building[-1]
     return None if config is None else config.linear_method()

@@ -82,6 +82,9 @@ class QuantConfig:
     `quantization_config` (config.json), it hands each linear layer its method."""
 
     name = "unquantized"
+    # Whether the LM head takes this scheme's linear method too. Published fp8 / AWQ / GPTQ checkpoints
+    # keep the head in bf16 (False); a GGUF stores it quantized, or ties it to the quantized embedding.
+    quantizes_lm_head = False
 
     @classmethod
     def from_checkpoint(cls, hf_quant_config: dict | None) -> "QuantConfig":

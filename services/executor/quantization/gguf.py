@@ -124,6 +124,7 @@ class GgufConfig(QuantConfig):
     """The linear layers and the token embedding of a model read from `gguf_file`."""
 
     name = "gguf"
+    quantizes_lm_head = True  # the file's output.weight blocks, or the tied token_embd ones
 
     def __init__(self, gguf_file: pathlib.Path):
         self.gguf_file = pathlib.Path(gguf_file)
