@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from radixserve.kernels.paged_attention_block import interpreting
+from radixserve.kernels.skinny_gemm import _config  # the same BLOCK_N / BLOCK_K launch configs
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -292,12 +293,6 @@ def _skinny_fp8_kernel(
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def _config(block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=num_stages
-    )
 
 
 # Starting points for Hopper, first = default without tuning: W rows of 1 KiB per step (BLOCK_K 1024 fp8,
