@@ -37,6 +37,7 @@ Under the Triton interpreter (CPU tests) the dot operands go to float32 (as in s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -184,10 +185,15 @@ def _int4_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs along K; > 1: partial sums added atomically to float32 y
 ):
     """y[n] = sum_k x[k] * (q[k, n] - z[g(k), n]) * s[g(k), n] (+ bias[n]) for one row of x: each step
     loads a whole [BLOCK_N, BLOCK_K / 8] tile of codes (BLOCK_K / 2 contiguous bytes per feature) as
-    [BLOCK_N, NB packs, 16] and accumulates elementwise in float32, reduced once after the loop."""
+    [BLOCK_N, NB packs, 16] and accumulates elementwise in float32, reduced once after the loop. With
+    SPLIT_K > 1 program (i, s) covers the s-th of SPLIT_K equal runs of K (more programs in flight when
+    N alone gives too few for the GPU's SMs)."""
+    K_SPLIT: tl.constexpr = KP // SPLIT_K
+    k_begin = tl.program_id(1) * K_SPLIT
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
@@ -200,11 +206,12 @@ def _int4_gemv_kernel(
         + packs[None, :, None] * 16
         + run[None, None, :]
     )
+    q_ptrs += k_begin // 8
     acc = tl.zeros((BLOCK_N, NB, 16), dtype=tl.float32)
-    for k0 in range(0, KP, BLOCK_K):
+    for k_step in range(0, K_SPLIT, BLOCK_K):
+        k0 = k_begin + k_step
         qt = tl.load(q_ptrs, eviction_policy="evict_first")
         q_ptrs += BLOCK_K // 8
-        halves = (qt, qt >> 16)  # nibbles 0-3 and 4-7 in bits 0..15
         base = k0 + packs * 128  # [NB] first row of each pack
         if PER_PACK:
             s, z = _scale_zero_packs(s_ptr, z_ptr, tl.minimum(base // GROUP, NGROUPS - 1), cols, N)
@@ -220,15 +227,13 @@ def _int4_gemv_kernel(
             else:
                 grp = tl.minimum((base + j * 16) // GROUP, NGROUPS - 1)
                 s, z = _scale_zero_packs(s_ptr, z_ptr, grp, cols, N)
-            # Code q left at its place in a float's mantissa with exponent 2^23: the float is 2^23 + q * place
-            # (one and-or per code instead of an int-to-float conversion, which runs at a quarter of
-            # the FMA rate); minus 2^23 + z * place it is (q - z) * place exactly, and x comes scaled
-            # by 1 / place.
-            place = 1 << (4 * (j % 4))  # 16^nib: the code's place in its half-word
-            bits = (halves[j // 4] & (15 * place)) | 0x4B000000
-            shifted = bits.to(tl.float32, bitcast=True) - (8388608.0 + z * place)
+            # Code q put in a float's mantissa under exponent 2^23 (one bit-field extract and one or,
+            # instead of an int-to-float conversion at a quarter of the FMA rate): the float is
+            # 2^23 + q, and minus 2^23 + z it is q - z exactly.
+            bits = ((qt >> (4 * j)) & 15) | 0x4B000000
+            shifted = bits.to(tl.float32, bitcast=True) - (8388608.0 + z)
             xk = tl.load(x_ptr + rows, mask=rows < K, other=0.0, eviction_policy="evict_last")
-            xk = xk.to(tl.float32)[None, :, :] * (1.0 / place)
+            xk = xk.to(tl.float32)[None, :, :]
             if PER_PACK:
                 part += shifted * xk
             else:
@@ -237,8 +242,12 @@ def _int4_gemv_kernel(
             acc += part * s
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if tl.program_id(1) == 0:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -365,7 +374,7 @@ def _config(block_m, block_n, block_k, num_warps, num_stages) -> dict:
 
 # By class of M (the rows of x): (largest M of the class, config). H100 (scripts/bench_int4_gemm.py --m 1 16
 # --sweep, Llama-3-8B shapes): at M=16, BN32/BK512/4 warps took 20 / 61.8 / 71 us (qkv / down / gate_up)
-# against 27 / 86 / 114 for BN16/BK512/2 warps; the GEMV configs for M=1 were all within 5% of each other. M == 1 (the GEMV kernel): BLOCK_N 8, so
+# against 27 / 86 / 114 for BN16/BK512/2 warps. M == 1 (the GEMV kernel; with K split by gemv_split_k): BLOCK_N 8, so
 # that even N = 4096 gives 512 programs, each loading 8 x 512 contiguous bytes of codes per step (its
 # loads are not software-pipelined: the bytes in flight come from the wide tile and the programs per SM);
 # M <= 16: the streaming shape on the tensor cores (cp.async pipelined num_stages deep); larger M:
@@ -379,6 +388,27 @@ M_CLASSES = [
 DEQUANT_BLOCK_N = 64
 # Under the interpreter: one pack per step (the tests' K of 128..384 then run several steps).
 INTERPRET_BLOCK_K = 128
+
+
+# The GEMV splits K into runs until about this many programs per SM run (N alone may give few: o_proj's
+# N = 4096 makes 32 programs at BLOCK_N 128); 0: never split.
+GEMV_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_split_k(programs: int, kp: int, block_k: int, device: torch.device) -> int:
+    """Runs of K for the GEMV: doubled while fewer than GEMV_PROGRAMS_PER_SM programs per SM would run
+    and each run still holds a whole number of BLOCK_K steps."""
+    split, target = 1, GEMV_PROGRAMS_PER_SM * _num_sms(device)
+    while programs * split < target and kp % (block_k * split * 2) == 0:
+        split *= 2
+    return split
 
 
 def config_for(m: int) -> dict:
@@ -440,9 +470,16 @@ def int4_gemm(
     grid = (triton.cdiv(N, launch["BLOCK_N"]), triton.cdiv(M, block_m))
     if block_m == 1:
         assert M == 1, "the GEMV config takes one row"
-        _int4_gemv_kernel[grid](
-            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, N, **flags, **launch
-        )
+        split = launch.pop("SPLIT_K", None)
+        if split is None:
+            split = gemv_split_k(grid[0], w.padded_in, launch["BLOCK_K"], x.device)
+        out = y if split == 1 else torch.zeros((1, N), dtype=torch.float32, device=x.device)
+        _int4_gemv_kernel[(grid[0], split)](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, **flags, SPLIT_K=split,
+            **launch,
+        )  # fmt: skip
+        if split > 1:
+            y.copy_(out)
     else:
         _int4_gemm_kernel[grid](
             x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, y, M, N, x2.stride(0), y.stride(0),

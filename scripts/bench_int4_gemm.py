@@ -36,7 +36,15 @@ from radixserve.kernels import skinny_gemm as sg  # noqa: E402
 
 GROUP = 128
 SWEEP = {  # M class -> alternatives to the class's config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-    1: [(1, 16, 256, 2, 4), (1, 32, 512, 4, 3), (1, 8, 512, 2, 4), (1, 16, 1024, 4, 2)],
+    1: [
+        (1, 8, 1024, 2, 1, 1),  # the class's config without splitting K
+        (1, 8, 512, 2, 2),
+        (1, 16, 512, 2, 2),
+        (1, 32, 256, 2, 3),
+        (1, 32, 512, 4, 2),
+        (1, 64, 256, 4, 2),
+        (1, 16, 1024, 4, 1),
+    ],
     16: [(16, 32, 512, 4, 3), (16, 16, 256, 2, 4), (16, 64, 256, 4, 3)],
     64: [(64, 128, 128, 4, 3), (32, 64, 256, 4, 3)],
     None: [(128, 64, 256, 4, 3), (64, 128, 256, 4, 3), (128, 256, 128, 8, 3)],
@@ -53,12 +61,15 @@ def random_int4(n: int, k: int, g: torch.Generator) -> ig.Int4Weight:
 
 
 def as_config(spec) -> dict:
-    bm, bn, bk, nw, ns = spec
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, SPLIT_K of the GEMV; else chosen per shape])."""
+    bm, bn, bk, nw, ns, *split = spec
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+    return cfg | ({"SPLIT_K": split[0]} if split else {})
 
 
 def config_str(c: dict) -> str:
-    return "BM{BLOCK_M}_BN{BLOCK_N}_BK{BLOCK_K}_w{num_warps}_s{num_stages}".format(**c)
+    split = f"_split{c['SPLIT_K']}" if "SPLIT_K" in c else ""
+    return "BM{BLOCK_M}_BN{BLOCK_N}_BK{BLOCK_K}_w{num_warps}_s{num_stages}".format(**c) + split
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -70,7 +81,7 @@ def main() -> None:
     p.add_argument("--m", type=int, nargs="+", default=[1, 8, 16, 256, 8192])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP configs of each class")
-    p.add_argument("--config", nargs="+", default=[], metavar="BM,BN,BK,WARPS,STAGES")
+    p.add_argument("--config", nargs="+", default=[], metavar="BM,BN,BK,WARPS,STAGES[,SPLIT_K]")
     p.add_argument("--out", help="also write the JSON lines to this file")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"

@@ -6,6 +6,7 @@ vector loads."""
 
 import json
 import os
+import re
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -16,6 +17,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 from radixserve.kernels import int4_gemm as ig  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+ATOMIC = re.compile(r"\s*(@%p\d+\s+)?(atom|red)\.global")
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "g_ptr": "*i32"}
 POINTERS |= {"b_ptr": "*bf16", "y_ptr": "*bf16"}
 
@@ -38,6 +40,7 @@ def compile_kernel(name, fn, scalars: dict, consts: dict, config: dict) -> dict:
         "shared": kernel.metadata.shared,
         "loads": len(loads),
         "v4_loads": sum(".v4." in line for line in loads),
+        "atomics": sum(bool(ATOMIC.match(line)) for line in ptx),
         "cp_async": kernel.asm["ptx"].count("cp.async.cg") + kernel.asm["ptx"].count("cp.async.ca"),
     }
 
@@ -45,13 +48,15 @@ def compile_kernel(name, fn, scalars: dict, consts: dict, config: dict) -> dict:
 def main() -> None:
     k = 4096
     layout = dict(K=k, KP=k, GROUP=128, NGROUPS=k // 128)
-    for m, label in ((1, "gemv"), (16, "gemm16"), (4096, "gemm_large")):
+    for m, label in ((1, "gemv"), (1, "gemv_split"), (16, "gemm16"), (4096, "gemm_large")):
         config = dict(ig.config_for(m))
         block_m = config.pop("BLOCK_M")
         launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         flags = dict(HAS_G_IDX=False, PER_PACK=True, HAS_BIAS=m == 16, **config)
-        if m == 1:
-            scalars = {**POINTERS, "N": "i32"}
+        if m == 1:  # split: partial sums added atomically to a float32 y
+            split = label == "gemv_split"
+            scalars = {**POINTERS, "N": "i32"} | ({"y_ptr": "*fp32"} if split else {})
+            flags["SPLIT_K"] = 4 if split else 1
             fn = ig._int4_gemv_kernel
         else:
             scalars = {**POINTERS, "M": "i32", "N": "i32", "stride_xm": "i32", "stride_ym": "i32"}

@@ -148,6 +148,19 @@ def test_gpu_block_shapes():
         check(m, weight, deq, torch.bfloat16, config={**config, "num_stages": 1})
 
 
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gemv_split_k(split):
+    """The GEMV over 1, 2 or 4 runs of K (partials added atomically; the bias counted once), and the
+    split chosen per shape: doubled while the programs are fewer than GEMV_PROGRAMS_PER_SM per SM."""
+    weight, deq = quantized_weight(40, 512, 128, seed=3)
+    config = dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=128, num_warps=2, num_stages=1, SPLIT_K=split)
+    check(1, weight, deq, torch.bfloat16, config=config)
+    cpu = torch.device("cpu")  # 8 SMs assumed off the GPU: a target of 32 programs
+    assert ig.gemv_split_k(5, 512, 128, cpu) == 4  # 5 -> 10 -> 20 -> 40 programs, 4 steps of K
+    assert ig.gemv_split_k(5, 512, 256, cpu) == 2  # two steps of K: no more than 2 runs
+    assert ig.gemv_split_k(64, 4096, 1024, cpu) == 1
+
+
 def test_config_classes_and_empty():
     assert ig.config_for(1)["BLOCK_M"] == 1 and ig.config_for(16)["BLOCK_M"] == 16
     assert ig.config_for(17)["BLOCK_M"] == 64 and ig.config_for(5000)["BLOCK_M"] == 128
@@ -172,11 +185,12 @@ def test_kernels_compile_for_hopper():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     kernels = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}
-    assert set(kernels) == {"gemv", "gemm16", "gemm_large", "dequantize"}
-    assert kernels["gemv"]["v4_loads"] == 4
+    assert set(kernels) == {"gemv", "gemv_split", "gemm16", "gemm_large", "dequantize"}
+    assert kernels["gemv"]["v4_loads"] == 4 and kernels["gemv_split"]["v4_loads"] == 4
+    assert kernels["gemv_split"]["atomics"] > 0 and kernels["gemv"]["atomics"] == 0
     for name in ("gemm16", "gemm_large"):
         assert kernels[name]["cp_async"] > 0 and kernels[name]["shared"] <= 227 * 1024
-    for name in ("gemv", "gemm16", "gemm_large"):  # codes become floats by bit operations
+    for name in ("gemv", "gemv_split", "gemm16", "gemm_large"):  # floats by bit operations
         assert kernels[name]["int_to_float"] == 0, kernels[name]
 
 
