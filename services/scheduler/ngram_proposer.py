@@ -9,10 +9,12 @@ copy reaches the end of the history it goes on over the draft itself (as an LZ77
 repeating pattern yields a full-length draft.
 
 Per request, an index maps each n-gram (n in [min, max]) of the window to where its most recent
-occurrence was followed; appending a token updates it and forgets what left the window, so a token
-costs O(max_match_window_size^2) whatever the history's length, a proposal as much plus its length,
-and memory is O(history_window x (max - min + 1)) entries. Keys are the n-grams' hashes; a hit is
-checked against the tokens themselves, so a hash collision only loses a draft.
+occurrence was followed. Appending a token indexes the n-grams ending before it (O(max) hashing, each
+n-gram's hash chained from the next shorter one's); entries that left the window are ignored, and
+the index is rebuilt from the window whenever it spans twice the window, so a token costs amortised
+O(max_match_window_size) whatever the history's length, a proposal as much plus its length, and
+memory stays under 2 x history_window x (max - min + 1) entries. A hit is checked against the tokens
+themselves, so a hash collision only loses a draft.
 
 Parameters are named after SGLang's --speculative-ngram-* flags where they mean the same. SGLang
 drafts a tree from a cache shared by all requests (--speculative-ngram-{min,max}-bfs-breadth,
@@ -22,7 +24,7 @@ have no counterpart here (a chain is a breadth of 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -31,7 +33,8 @@ class NgramParams:
     """Defaults: SGLang's match window sizes (1 and 12); 8 draft tokens, because at small batches a
     verify step reads the weights once whatever its width, so a long draft costs little when wrong
     and saves many steps on copy-heavy output (code edits, quoting); a 2048-token window covers a
-    typical prompt plus its answer at a bounded cost per request (about 25k index entries)."""
+    typical prompt plus its answer at a bounded cost per request (under 50k index entries, about
+    3 MB, and tens of microseconds of CPU per token)."""
 
     min_match_window_size: int = 1  # --speculative-ngram-min-match-window-size
     max_match_window_size: int = 12  # --speculative-ngram-max-match-window-size
@@ -60,8 +63,8 @@ class NgramProposer:
     def __init__(self, params: NgramParams = NgramParams(), tokens: Iterable[int] = ()):
         self.params = params
         self._sizes = range(params.min_match_window_size, params.max_match_window_size + 1)
-        # _tokens[i] is the sequence's token at position _offset + i: the window and, between trims,
-        # up to history_window older tokens.
+        # _tokens[i] is the sequence's token at position _offset + i (_offset: where the index was
+        # last rebuilt): the window and up to history_window older tokens.
         self._tokens: list[int] = []
         self._offset = 0
         self._length = 0
@@ -74,34 +77,23 @@ class NgramProposer:
         return self._length
 
     def extend(self, tokens: Iterable[int]) -> None:
-        """Append tokens to the sequence. Tokens that are already out of the window by the end of
-        the call are never indexed, so a long prompt costs only its last history_window tokens."""
+        """Append tokens to the sequence. Tokens already out of the window by the end of the call are
+        never indexed, so a long prompt costs only its last history_window tokens."""
         new = list(tokens)
         if not new:
             return
-        old_length = self._length
-        self._length += len(new)
+        first = self._length
         self._tokens.extend(new)
-        old_start = max(0, old_length - self.params.history_window)
-        new_start = max(0, self._length - self.params.history_window)
-        # Forget the n-grams that start before the new window (only those indexed: before old_length).
-        for start in range(old_start, min(new_start, old_length)):
-            for n in self._sizes:
-                follower = start + n
-                if follower >= old_length:
-                    break
-                key = self._hash(start, follower)
-                if self._follower[n].get(key) == follower:
-                    del self._follower[n][key]
-        # Index each new position as the follower of the n-grams ending right before it.
-        for follower in range(max(old_length, new_start + 1), self._length):
-            for n in self._sizes:
-                if follower - n < new_start:
-                    break
-                self._follower[n][self._hash(follower - n, follower)] = follower
-        if new_start - self._offset > self.params.history_window:
-            del self._tokens[: new_start - self._offset]
-            self._offset = new_start
+        self._length += len(new)
+        window_start = self._window_start()
+        if window_start - self._offset > self.params.history_window:
+            # Index and tokens cover over twice the window: start both again from the window.
+            del self._tokens[: window_start - self._offset]
+            self._offset = first = window_start
+            self._follower = {n: {} for n in self._sizes}
+        for follower in range(max(first, window_start + 1), self._length):
+            for n, key in self._keys(follower, window_start):
+                self._follower[n][key] = follower
 
     def propose(self, max_tokens: int | None = None) -> list[int]:
         """The draft for the tokens after the sequence: up to min(max_tokens, max_draft_tokens) of
@@ -110,14 +102,29 @@ class NgramProposer:
         limit = min(limit, self.params.max_draft_tokens)
         if limit <= 0:
             return []
-        for n in reversed(self._sizes):
-            if n >= self._length:
-                continue
-            follower = self._follower[n].get(self._hash(self._length - n, self._length))
-            if follower is None or not self._same(follower - n, self._length - n, n):
-                continue
-            return self._copy(follower, limit)
+        window_start = self._window_start()
+        for n, key in reversed(list(self._keys(self._length, window_start))):
+            follower = self._follower[n].get(key)
+            if follower is None or follower - n < window_start:
+                continue  # never seen, or last seen before the window (not yet forgotten)
+            if self._same(follower - n, self._length - n, n):
+                return self._copy(follower, limit)
         return []
+
+    def _window_start(self) -> int:
+        return max(0, self._length - self.params.history_window)
+
+    def _keys(self, end: int, lowest: int) -> Iterator[tuple[int, int]]:
+        """(n, hash) of the n-grams ending right before position end and starting at or after
+        lowest, shortest first; each hash chains the previous one with one more token."""
+        key = 0
+        for n in range(1, self.params.max_match_window_size + 1):
+            start = end - n
+            if start < lowest:
+                return
+            key = hash((key, self._tokens[start - self._offset]))
+            if n >= self.params.min_match_window_size:
+                yield n, key
 
     def _copy(self, source: int, count: int) -> list[int]:
         """count tokens from position source on, reading past the end into the copy itself."""
@@ -129,9 +136,6 @@ class NgramProposer:
             else:
                 out.append(out[position - self._length])
         return out
-
-    def _hash(self, start: int, end: int) -> int:
-        return hash(tuple(self._tokens[start - self._offset : end - self._offset]))
 
     def _same(self, a: int, b: int, n: int) -> bool:
         tokens, offset = self._tokens, self._offset

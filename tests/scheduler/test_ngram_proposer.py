@@ -84,7 +84,7 @@ def test_memory_is_bounded_by_the_window():
     assert len(proposer) == 5000
     assert len(proposer._tokens) <= 2 * params.history_window + 1
     sizes = range(params.min_match_window_size, params.max_match_window_size + 1)
-    assert sum(len(proposer._follower[n]) for n in sizes) <= params.history_window * len(sizes)
+    assert sum(len(proposer._follower[n]) for n in sizes) <= 2 * params.history_window * len(sizes)
 
 
 @pytest.mark.parametrize("seed", range(4))
