@@ -38,7 +38,9 @@ class NgramParams:
 
     min_match_window_size: int = 1  # --speculative-ngram-min-match-window-size
     max_match_window_size: int = 12  # --speculative-ngram-max-match-window-size
-    max_draft_tokens: int = 8  # the chain length verified per step (--speculative-num-draft-tokens)
+    # Draft tokens per verify step; SGLang's --speculative-num-draft-tokens counts the last verified
+    # token too, so it is this + 1.
+    max_draft_tokens: int = 8
     history_window: int = 2048  # matches are searched in this many most recent tokens
 
     def __post_init__(self) -> None:
