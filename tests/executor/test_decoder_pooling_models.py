@@ -50,10 +50,14 @@ TINY = dict(
     max_position_embeddings=128,
     tie_word_embeddings=False,
 )
-CONFIG_CLASSES = {
-    "Llama": transformers.LlamaConfig,
-    "Mistral": transformers.MistralConfig,
-    "Qwen2": transformers.Qwen2Config,
+MOE = dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4)
+CONFIG_CLASSES = {  # by architecture prefix, the longest first
+    "Qwen2Moe": lambda **kw: transformers.Qwen2MoeConfig(
+        **TINY, **MOE, num_experts_per_tok=2, **kw
+    ),
+    "Llama": lambda **kw: transformers.LlamaConfig(**TINY, **kw),
+    "Mistral": lambda **kw: transformers.MistralConfig(**TINY, **kw),
+    "Qwen2": lambda **kw: transformers.Qwen2Config(**TINY, **kw),
 }
 
 
@@ -61,7 +65,7 @@ def save_hf(architecture: str, folder: pathlib.Path, **extra) -> torch.nn.Module
     """A random HF `architecture` (e.g. "MistralModel") saved to folder, with wide random weights."""
     family = next(f for f in CONFIG_CLASSES if architecture.startswith(f))
     torch.manual_seed(0)
-    config = CONFIG_CLASSES[family](**TINY, **extra)
+    config = CONFIG_CLASSES[family](**extra)
     model = getattr(transformers, architecture)(config).float().eval()
     with torch.no_grad():  # larger than the default init so that differences would show
         for name, p in model.named_parameters():
@@ -145,6 +149,7 @@ def test_decoder_embeddings_match_hf_pooled_as_the_folder_says(architecture, poo
         "LlamaForSequenceClassification",
         "Qwen2ForSequenceClassification",
         "MistralForSequenceClassification",
+        "Qwen2MoeForSequenceClassification",  # any registered XForCausalLM, MoE too
     ],
 )
 def test_classifier_scores_are_hf_logits(architecture, tmp_path):

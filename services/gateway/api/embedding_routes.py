@@ -93,7 +93,7 @@ async def embed_within_deadline(
 
 
 @router.post("/v1/classify", openapi_extra=openapi_body(ClassifyRequest))
-@router.post("/classify", openapi_extra=openapi_body(ClassifyRequest))
+@router.post("/classify", include_in_schema=False)  # SGLang's path, the same route
 async def classify(request: Request):
     started = time.monotonic()
     engine: Engine = request.app.state.engine
