@@ -183,8 +183,10 @@ class ModelSpec:
     )
     is_embedding: bool = option(
         False,
-        "serve embeddings (/v1/embeddings) instead of generation: BERT-family encoders pooled as their "
-        "sentence-transformers config says, decoders on the last token and L2-normalized",
+        "serve embeddings (/v1/embeddings) instead of generation: models pooled as their "
+        "sentence-transformers config says (without one: encoders by mean, decoders on the last "
+        "token, L2-normalized); *ForSequenceClassification models answer their label scores, "
+        "also through /v1/classify",
         group="Model and tokenizer",
     )
     skip_tokenizer_init: bool = option(

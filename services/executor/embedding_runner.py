@@ -5,7 +5,10 @@ runs no generation steps. Each Embed call is one forward over whole sequences:
 - BERT-family encoders (models/bert.py) run a right-padded [B, L] batch with bidirectional attention;
 - decoders (Llama, Qwen2, ...) run their usual flattened forward under NoCacheCausalBackend, which
   attends causally within each sequence and writes no K/V (so --attention-backend does not apply).
-The hidden states are then pooled as pooling.PoolingConfig reads the model folder.
+The hidden states are then pooled as pooling.PoolingConfig reads the model folder, except for a
+sequence classifier (models/pooling_heads.py: reward models, *ForSequenceClassification): its
+vector is its `score` head over the last token's hidden state, one raw score per label, not
+normalized (what HF's `logits` holds).
 
 The longest sequence accepted is the model's context length, lowered to sentence-transformers'
 max_seq_length when the folder sets one: sentence-transformers would truncate longer inputs, and
@@ -29,6 +32,7 @@ from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, forw
 from radixserve.executor.attention.no_cache import NoCacheCausalBackend
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
 from radixserve.executor.models.bert import BertModel
+from radixserve.executor.models.pooling_heads import SequenceClassifier
 from radixserve.executor.pooling import PoolingConfig
 from radixserve.executor.runner import ModelInfo, load_model
 from radixserve.common.step import StepError, StepInput
@@ -58,7 +62,12 @@ class EmbeddingRunner:
             self.config, self.device, settings.load_format, settings.random_seed
         )
         self.is_encoder = isinstance(self.model, BertModel)
-        self.pooling = PoolingConfig.from_folder(self.config.path, self.is_encoder)
+        self.is_classifier = isinstance(self.model, SequenceClassifier)
+        self.pooling = (
+            PoolingConfig(("lasttoken",), normalize=False)
+            if self.is_classifier
+            else PoolingConfig.from_folder(self.config.path, self.is_encoder)
+        )
         limits = [self.config.context_length, self.pooling.max_seq_length]
         if self.is_encoder:
             limits.append(self.model.max_tokens)
@@ -130,7 +139,10 @@ class EmbeddingRunner:
             torch.arange(int(lengths.max()), device=self.device)[None, :] < lengths[:, None]
         ).long()
         hidden = self._encode(sequences, mask) if self.is_encoder else self._decode(sequences)
-        vectors = self.pooling.pool(hidden, mask).cpu()
+        vectors = self.pooling.pool(hidden, mask)
+        if self.is_classifier:
+            vectors = self.model.classify(vectors)
+        vectors = vectors.cpu()
         return EmbedOutput(vectors, self.pooling.normalize, (time.perf_counter() - t0) * 1000)
 
     def _encode(self, sequences: list[list[int]], mask: torch.Tensor) -> torch.Tensor:

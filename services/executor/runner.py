@@ -34,6 +34,7 @@ from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
 from radixserve.executor.prompt_logprobs import DevicePromptLogprobs, compute_prompt_logprobs
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
 from radixserve.executor.models.bert import BertModel
+from radixserve.executor.models.pooling_heads import PoolingOnly
 from radixserve.executor.models.registry import get_model_class
 from radixserve.executor.parallel_state import (
     agree_int,
@@ -302,9 +303,14 @@ class ModelRunner:
     def _load_model(
         self, load_format: str, seed: int | None, quantization: str | None
     ) -> torch.nn.Module:
-        if issubclass(get_model_class(self.config.architecture), BertModel):
+        model_class = get_model_class(self.config.architecture)
+        if issubclass(model_class, BertModel):
             raise ValueError(
                 f"{self.config.architecture} is an encoder: serve it with --is-embedding"
+            )
+        if issubclass(model_class, PoolingOnly):
+            raise ValueError(
+                f"{self.config.architecture} has no LM head: serve it with --is-embedding"
             )
         return load_model(self.config, self.device, load_format, seed, quantization)
 

@@ -177,6 +177,8 @@ def minimal_requests(gw) -> dict[tuple[str, str], tuple[dict, int]]:
         ("POST", "/flush_cache"): ({}, ok),
         # A generation server refuses embeddings: the key let the request through to say so.
         ("POST", "/v1/embeddings"): ({"json": {"model": MODEL, "input": "x"}}, 400),
+        ("POST", "/v1/classify"): ({"json": {"model": MODEL, "input": "x"}}, 400),
+        ("POST", "/classify"): ({"json": {"model": MODEL, "input": "x"}}, 400),
         ("POST", "/v1/files"): (
             {"data": {"purpose": "user_data"}, "files": {"file": ("a.txt", b"a")}},
             ok,

@@ -7,6 +7,7 @@ from torch import nn
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
+from radixserve.executor.models.pooling_heads import derived_model_class
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
 from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -25,9 +26,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
-    try:
-        return MODEL_REGISTRY[architecture]
-    except KeyError:
+    model_class = MODEL_REGISTRY.get(architecture) or derived_model_class(
+        architecture, MODEL_REGISTRY
+    )
+    if model_class is None:
         raise ValueError(
-            f"unsupported architecture {architecture!r}; supported: {sorted(MODEL_REGISTRY)}"
-        ) from None
+            f"unsupported architecture {architecture!r}; supported: {sorted(MODEL_REGISTRY)}, "
+            "and XModel / XForSequenceClassification for each XForCausalLM (--is-embedding)"
+        )
+    return model_class
