@@ -13,11 +13,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from radixserve.common.args import ServerArgs  # noqa: E402
+from radixserve.executor.embedding_runner import EmbeddingRunner  # noqa: E402
 from radixserve.executor.model_config import ModelConfig  # noqa: E402
 from radixserve.executor.models.gemma2 import is_sliding_layer  # noqa: E402
 from radixserve.executor.models.gemma3 import gemma3_rope  # noqa: E402
@@ -162,3 +165,18 @@ def test_two_shards_match_one(tmp_path):
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]
+
+
+def test_gemma2_as_an_embedder_keeps_window_and_caps(tmp_path):
+    # The no-KV-cache backend (--is-embedding) masks and caps like the paged ones.
+    hf = build_hf_model(CONFIGS["gemma2"](), tmp_path)
+    runner = EmbeddingRunner.from_args(
+        ServerArgs(model_path=str(tmp_path), is_embedding=True, dtype="float32", device="cpu")
+    )
+    sequences = [list(range(3, 23)), [7, 9, 11]]
+    out = runner.embed(sequences)
+    with torch.no_grad():
+        expected = torch.stack(
+            [hf.model(torch.tensor([ids])).last_hidden_state[0, -1] for ids in sequences]
+        )
+    torch.testing.assert_close(out.vectors, F.normalize(expected, dim=1), atol=1e-5, rtol=1e-5)

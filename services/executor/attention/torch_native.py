@@ -37,7 +37,7 @@ class _StepMetadata:
     v_buf: torch.Tensor | None
 
 
-def _extend_mask(seq, window: int | None, device) -> torch.Tensor | None:
+def extend_mask(seq, window: int | None, device) -> torch.Tensor | None:
     """Key j of the sequence is visible to its new token i (at position prefix_len + i) when
     j <= prefix_len + i and, with a window W, j > prefix_len + i - W."""
     if window is not None and window >= seq.seq_len:
@@ -62,7 +62,7 @@ def _decode_mask(batch: ForwardBatch, max_len: int, window: int | None) -> torch
     return mask.view(len(lens), 1, 1, max_len)
 
 
-def _attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> torch.Tensor:
+def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> torch.Tensor:
     """Attention of q [N, H, n, d] over k, v [N, H_kv, L, d]; mask [.., n, L] bool; with no mask,
     causal (n == L) or nothing masked."""
     if softcap is None:
@@ -92,7 +92,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.out_slots.device
         table = batch.table_meta.table
-        masks = [_extend_mask(seq, None, device) for seq in batch.extend_seqs]
+        masks = [extend_mask(seq, None, device) for seq in batch.extend_seqs]
         slots = [
             None if seq.prefix_len == 0 else table[seq.row, : seq.seq_len]
             for seq in batch.extend_seqs
@@ -119,7 +119,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
         """(extend masks, decode mask) of this step for a layer's window, built at first use."""
         if window not in meta.extend_masks:
             device = batch.out_slots.device
-            meta.extend_masks[window] = [_extend_mask(s, window, device) for s in batch.extend_seqs]
+            meta.extend_masks[window] = [extend_mask(s, window, device) for s in batch.extend_seqs]
             if batch.decode_lens:
                 meta.decode_masks[window] = _decode_mask(batch, meta.decode_max_len, window)
         return meta.extend_masks[window], meta.decode_masks.get(window)
@@ -150,7 +150,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 ks = k_cache.index_select(0, slots).to(q.dtype)
                 vs = v_cache.index_select(0, slots).to(q.dtype)
                 scale, out_scale = scale * k_scale, v_scale
-            o = _attend(
+            o = attend(
                 qs,
                 ks.transpose(0, 1).unsqueeze(0),
                 vs.transpose(0, 1).unsqueeze(0),
@@ -180,7 +180,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys = meta.k_buf.to(q.dtype).view(shape).transpose(1, 2)  # to(): no copy unless fp8
         values = meta.v_buf.to(q.dtype).view(shape).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
-        o = _attend(
+        o = attend(
             queries, keys, values, mask, layer.scaling * k_scale, layer.logit_softcap, causal=False
         )
         if v_scale != 1.0:
