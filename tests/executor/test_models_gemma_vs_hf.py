@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 from radixserve.common.args import ServerArgs  # noqa: E402
 from radixserve.executor.embedding_runner import EmbeddingRunner  # noqa: E402
 from radixserve.executor.model_config import ModelConfig  # noqa: E402
+from radixserve.executor.models.gemma import GELU, GEMMA1_GELU, gelu_approximation  # noqa: E402
 from radixserve.executor.models.gemma2 import is_sliding_layer  # noqa: E402
 from radixserve.executor.models.gemma3 import gemma3_rope  # noqa: E402
 from radixserve.executor.runner import ModelRunner  # noqa: E402
@@ -138,7 +139,12 @@ def test_mistral_window_past_the_context_is_dropped(tmp_path):
     assert all(layer.self_attn.attn.sliding_window is None for layer in model.model.layers)
 
 
-def test_sliding_layers_and_rope_from_older_config_keys():
+def test_sliding_layers_rope_and_activation_from_older_config_keys():
+    # Gemma 1 configs say "gelu" for the tanh form (as transformers reads them); Gemma 2 / 3 mean it.
+    assert gelu_approximation("gelu", GEMMA1_GELU) == "tanh"
+    assert gelu_approximation("gelu", GELU) == "none"
+    with pytest.raises(ValueError, match="relu"):
+        gelu_approximation("relu", GELU)
     legacy = ModelConfig(None, {"num_hidden_layers": 12}, "Gemma3ForCausalLM", torch.float32, 512)
     assert [is_sliding_layer(legacy, i, 6) for i in range(12)] == ([True] * 5 + [False]) * 2
     assert [is_sliding_layer(legacy, i, 2) for i in range(4)] == [True, False, True, False]
