@@ -42,7 +42,7 @@ def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 @triton.jit
 def tanh(x):
-    """tanh from exp (the interpreter has no libdevice); exact to a few float32 ulps of 1."""
+    """tanh from exp (the interpreter has no libdevice), to within a few float32 ulps of 1."""
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
