@@ -21,6 +21,10 @@ An fp8 KV cache (k_cache / v_cache in float8_e5m2 or float8_e4m3fn holding k / k
 v / v_scale) is read in q's dtype: k_scale folds into the softmax scale, v_scale multiplies each
 split's output; both are host floats, fixed in a captured CUDA graph.
 
+A layer's sliding window W (window, a compile-time constant; 0: off) leaves each sequence only its last
+W positions to split and walk; a logit soft-cap (softcap, likewise) caps the scaled scores
+(paged_attention_block). Neither costs anything when off.
+
 decode_attention_ref is the torch reference (gather per sequence, dequantize, fp32 softmax).
 """
 
@@ -68,14 +72,21 @@ def _decode_stage1(
     PRECISION: tl.constexpr,
     USE_WHILE: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
     s = tl.program_id(2)
 
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = s * split_len
+    if WINDOW > 0:
+        first = tl.maximum(seq_len - WINDOW, 0)
+        split_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+        start = first + s * split_len
+    else:
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -127,6 +138,8 @@ def _decode_stage1(
                 BLOCK_D,
                 PRECISION,
                 CAUSAL=False,
+                WINDOW=0,
+                SOFTCAP=SOFTCAP,
             )
             n0 += BLOCK_N
     else:
@@ -153,6 +166,8 @@ def _decode_stage1(
                 BLOCK_D,
                 PRECISION,
                 CAUSAL=False,
+                WINDOW=0,
+                SOFTCAP=SOFTCAP,
             )
 
     has = l_i > 0
@@ -234,9 +249,12 @@ def decode_attention(
     num_stages: int = 2,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
-    r = rows[b] (or b without rows), K = k_cache * k_scale and V = v_cache * v_scale.
+    r = rows[b] (or b without rows), K = k_cache * k_scale and V = v_cache * v_scale; with a window
+    only the last `window` of those slots, with a softcap c the scores capped as c * tanh(s / c).
 
     q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D] in q's dtype or fp8; slot_table [R, max_len]
     int32/int64; seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
@@ -317,6 +335,8 @@ def decode_attention(
         PRECISION=precision,
         USE_WHILE=interpreting(),
         HAS_ROWS=rows is not None,
+        WINDOW=int(window or 0),
+        SOFTCAP=float(softcap or 0.0),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -351,9 +371,11 @@ def decode_attention_ref(
     rows: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Torch reference: per sequence, gather its K/V slots, dequantize (x * scale) and run an fp32
-    softmax attention."""
+    """Torch reference: per sequence, gather its K/V slots (the last `window` of them with a window),
+    dequantize (x * scale) and run an fp32 softmax attention (scores capped with a softcap)."""
     B, H, D = q.shape
     H_kv = k_cache.shape[1]
     group = H // H_kv
@@ -363,10 +385,13 @@ def decode_attention_ref(
         if n == 0:
             continue
         row = b if rows is None else int(rows[b])
-        slots = slot_table[row, :n].long()
+        first = max(0, n - window) if window else 0
+        slots = slot_table[row, first:n].long()
         k = (k_cache[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [n, H, D]
         v = (v_cache[slots].float() * v_scale).repeat_interleave(group, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
         p = torch.softmax(s, dim=-1)
         o[b] = torch.einsum("hn,nhd->hd", p, v)
     return o.to(q.dtype)

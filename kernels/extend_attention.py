@@ -13,6 +13,10 @@ one launch covers sequences of any mix of lengths.
 An fp8 KV cache is read as decode_attention reads it (k_scale folded into the softmax scale, v_scale
 into the output).
 
+A layer's sliding window W (window; 0: off) starts each query block's key walk at its first query's
+window and masks per row; a logit soft-cap (softcap) caps the scaled scores. Both are compile-time
+constants of the kernel, so neither costs anything when off.
+
 extend_attention_ref is the torch reference (per sequence, dequantized, fp32, explicit causal mask).
 """
 
@@ -56,6 +60,8 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_WHILE: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     s = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -84,8 +90,12 @@ def _extend_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         slot_row = table_ptr + row * stride_tr
         kv_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
+        if WINDOW > 0:  # the block's first query sees nothing before its window
+            kv_start = tl.maximum(prefix + m0 - WINDOW + 1, 0)
+        else:
+            kv_start = 0
         if USE_WHILE:  # see paged_attention_block.interpreting
-            n0 = 0
+            n0 = kv_start
             while n0 < kv_end:
                 m_i, l_i, acc = attend_block(
                     q,
@@ -109,10 +119,12 @@ def _extend_kernel(
                     BLOCK_D,
                     PRECISION,
                     CAUSAL=True,
+                    WINDOW=WINDOW,
+                    SOFTCAP=SOFTCAP,
                 )
                 n0 += BLOCK_N
         else:
-            for n0 in range(0, kv_end, BLOCK_N):
+            for n0 in range(kv_start, kv_end, BLOCK_N):
                 m_i, l_i, acc = attend_block(
                     q,
                     q_pos,
@@ -135,7 +147,11 @@ def _extend_kernel(
                     BLOCK_D,
                     PRECISION,
                     CAUSAL=True,
+                    WINDOW=WINDOW,
+                    SOFTCAP=SOFTCAP,
                 )
+        if WINDOW > 0:  # rows past q_len may see no key in their window
+            l_i = tl.where(l_i > 0, l_i, 1.0)
         out = acc * (v_scale / l_i)[:, None]
         tl.store(
             o_ptr + tokens[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -160,8 +176,12 @@ def extend_attention(
     block_n: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each extend sequence's new tokens over its prefix and themselves.
+    """Causal attention of each extend sequence's new tokens over its prefix and themselves (with a
+    window W, a token at position p sees positions p - W + 1 .. p; with a softcap c the scores are
+    capped as c * tanh(s / c)).
 
     q [T, H, D] (rows q_starts[s] .. q_starts[s] + q_lens[s] - 1 are sequence s); k_cache / v_cache
     [num_slots, H_kv, D] already holding the new tokens' K/V; table [R, width] slot ids; rows,
@@ -218,6 +238,8 @@ def extend_attention(
         BLOCK_D=BLOCK_D,
         PRECISION=precision,
         USE_WHILE=interpreting(),
+        WINDOW=int(window or 0),
+        SOFTCAP=float(softcap or 0.0),
         num_warps=4,
         num_stages=2,
     )
@@ -237,9 +259,11 @@ def extend_attention_ref(
     scale=1.0,
     k_scale=1.0,
     v_scale=1.0,
+    window=None,
+    softcap=None,
 ) -> torch.Tensor:
     """Torch reference: per sequence, gather prefix + new K/V, dequantize (x * scale), fp32 causal
-    softmax."""
+    softmax (sliding-window mask and capped scores when asked)."""
     T, H, D = q.shape
     group = H // k_cache.shape[1]
     out = torch.zeros_like(q)
@@ -252,9 +276,14 @@ def extend_attention_ref(
         v = (v_cache[slots].float() * v_scale).repeat_interleave(group, dim=1)
         qs = q[start : start + n].float()  # [n, H, D]
         scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         q_pos = prefix + torch.arange(n)[:, None]
         k_pos = torch.arange(prefix + n)[None, :]
-        scores = scores.masked_fill((k_pos > q_pos)[None], float("-inf"))
+        hidden = k_pos > q_pos
+        if window:
+            hidden |= k_pos <= q_pos - window
+        scores = scores.masked_fill(hidden[None], float("-inf"))
         out[start : start + n] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, -1), v).to(
             q.dtype
         )

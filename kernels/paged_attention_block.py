@@ -3,7 +3,11 @@ over one block of key positions, gathering K/V rows through a sequence's slot-ta
 
 K/V may be stored in fp8 (an fp8 KV cache): they are converted to the query's dtype as they load, and
 the cache's scales are applied by the callers (the K scale folded into `scale`, the V scale into the
-final output), so the block step itself never multiplies by them."""
+final output), so the block step itself never multiplies by them.
+
+Two per-layer options, compile-time constants (0: off, and then no code at all): SOFTCAP c caps the
+scaled scores as c * tanh(score / c) (Gemma 2); WINDOW W (with CAUSAL) hides the keys at positions
+<= q_pos - W, a sliding window of W keys ending at the query itself (HF: kv > q - W)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,14 @@ def check_kv_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 @triton.jit
+def tanh(x):
+    """tanh from exp (the interpreter has no libdevice), to within a few float32 ulps of 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def attend_block(
     q,
     q_pos,
@@ -59,12 +71,15 @@ def attend_block(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Positions [n0, min(n0 + BLOCK_N, kv_end)), n0 < kv_end, folded into the running (m_i, l_i, acc) of
     the query rows q; with CAUSAL, row r sees only positions <= q_pos[r].
 
     Every row sees some position of the block (decode: n0 < kv_end; extend: rows see position 0 in the
     first block and so have a finite m_i from then on), so m_new is finite and exp(-inf - m_new) = 0.
+    With a WINDOW a row may see nothing of a block (all of it before its window): its state stays.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -79,14 +94,23 @@ def attend_block(
     )
     k = k.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, BLOCK_N] fp32
+    if SOFTCAP > 0:
+        qk = tanh(qk / SOFTCAP) * SOFTCAP
     if CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
     else:
         visible = n_mask[None, :]
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
+    if WINDOW > 0:
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows that have seen nothing yet
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(qk - m_ref[:, None])
+    else:
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
         v_ptr + slots[:, None] * stride_vs + kh * stride_vh + offs_d[None, :],

@@ -66,6 +66,8 @@ class FastDecode:
             reason = "heads not a multiple of kv heads"
         elif any(not isinstance(l.mlp.act, SiluAndMul) for l in layers):
             reason = "unexpected layer structure"
+        elif any(l.self_attn.attn.sliding_window or l.self_attn.attn.logit_softcap for l in layers):
+            reason = "sliding-window or soft-capped attention"
         elif getattr(model, "quant_config", None) is not None:
             reason = f"quantized weights ({model.quant_config.describe()})"
         if reason:

@@ -185,3 +185,21 @@ def test_cuda_realistic_fp8(kv_dtype):
             q, k8, v8, table, seq_lens, scale, num_splits=ns, k_scale=0.5, v_scale=2.0
         )
         check(got, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("window, softcap", [(8, None), (20, 1.5), (None, 1.5)])
+def test_sliding_window_and_softcap(window, softcap):
+    # The slots before each sequence's window are poisoned with NaN: the kernel must never read them.
+    lens = [1, 17, 70]
+    q, k, v, table, seq_lens, scale = make_case(lens, 4, 2, 64, torch.float32, seed=31)
+    for b, n in enumerate(lens):
+        if window and n > window:
+            before = table[b, : n - window].long()
+            k[before] = v[before] = float("nan")
+    opts = dict(window=window, softcap=softcap)
+    got = decode_attention(q, k, v, table, seq_lens, scale, num_splits=3, block_n=16, **opts)
+    ref = decode_attention_ref(q, k, v, table, seq_lens, scale, **opts)
+    check(got, ref, torch.float32)
+    if not window:  # the cap changes the answer
+        plain = decode_attention_ref(q, k, v, table, seq_lens, scale)
+        assert not torch.allclose(got, plain, atol=1e-2)

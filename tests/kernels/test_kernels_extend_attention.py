@@ -126,3 +126,19 @@ def test_fp8_kv_cache_with_scales(kv_dtype, dtype):
 def test_cuda_realistic(head_dim):
     case = make_case([0, 1000, 37, 0], [512, 300, 1, 2048], 32, 8, head_dim, torch.bfloat16, seed=1)
     run_and_check(case, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("window, softcap", [(7, None), (20, 1.5), (None, 1.5)])
+def test_sliding_window_and_softcap(window, softcap):
+    # Windows shorter and longer than a 16-key block, over prefixes of every kind.
+    case = make_case([13, 0, 40], [5, 33, 2], 4, 2, 32, torch.float32, seed=12)
+    opts = dict(window=window, softcap=softcap)
+    q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale = case
+    out = extend_attention(
+        q, k, v, table, rows, prefixes, starts, q_lens, max_q, scale, block_m=16, block_n=16, **opts
+    )
+    ref = extend_attention_ref(*(x.cpu() for x in case[:8]), max_q, scale, **opts)
+    n = int(q_lens.sum())
+    torch.testing.assert_close(out[:n].cpu(), ref[:n], atol=1e-4, rtol=1e-4)
+    plain = extend_attention_ref(*(x.cpu() for x in case[:8]), max_q, scale)
+    assert not torch.allclose(ref[:n], plain[:n], atol=1e-2)  # the options change the answer

@@ -12,12 +12,26 @@ from radixserve.executor.layers.rotary import RopeStep
 
 class Attention(nn.Module):
     def __init__(
-        self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+        self,
+        layer_id: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ):
+        """sliding_window W: a query at position p sees keys at positions p - W + 1 .. p (None: all);
+        logit_softcap c: scores become c * tanh(score / c) before the softmax (None: off). Both are
+        fixed per layer (the KV of every position stays cached; the window only masks)."""
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = scaling
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap or None
         self.compiled_key = compiled_ops.register_layer(self)
 
     def forward(self, qk: torch.Tensor, v: torch.Tensor, rope: RopeStep) -> torch.Tensor:

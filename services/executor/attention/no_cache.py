@@ -9,10 +9,10 @@ tokens); batch.kv_pool and batch.out_slots are not read.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.attention.torch_native import attend, extend_mask
 
 
 class NoCacheCausalBackend(AttentionBackend):
@@ -32,11 +32,12 @@ class NoCacheCausalBackend(AttentionBackend):
         for seq in batch.extend_seqs:
             rows = slice(seq.start, seq.start + seq.num_tokens)
             # [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
-            o = F.scaled_dot_product_attention(
+            o = attend(
                 *(t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
-                is_causal=True,
-                scale=layer.scaling,
-                enable_gqa=True,
+                extend_mask(seq, layer.sliding_window, q.device),
+                layer.scaling,
+                layer.logit_softcap,
+                causal=True,
             )
             out[rows] = o[0].transpose(0, 1).reshape(seq.num_tokens, -1)
         return out

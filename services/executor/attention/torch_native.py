@@ -6,6 +6,10 @@ key-padding mask hides what lies past each sequence's length. Grouped-query head
 expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
+
+A layer's sliding window (Attention.sliding_window) only masks: its masks are built once per step
+and window, at the first layer that asks. A layer with a logit soft-cap runs the attention in torch
+ops (SDPA cannot cap the scores), in HF's eager order: scale, cap, mask, fp32 softmax.
 """
 
 from __future__ import annotations
@@ -21,30 +25,78 @@ from radixserve.executor.attention.metadata import ForwardBatch
 
 @dataclass
 class _StepMetadata:
-    extend_masks: list[
-        torch.Tensor | None
-    ]  # None: no prefix, plain causal attention on the new K/V
+    # By sliding window (None: none): per extend sequence its [num_tokens, seq_len] bool mask, None
+    # for plain causal attention on the new K/V (no prefix, and no window that cuts anything).
+    extend_masks: dict[int | None, list[torch.Tensor | None]]
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
     decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
     decode_max_len: int
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, None when no padding
+    # By sliding window: [B, 1, 1, max_len] bool, None when nothing is masked.
+    decode_masks: dict[int | None, torch.Tensor | None]
     k_buf: torch.Tensor | None
     v_buf: torch.Tensor | None
+
+
+def extend_mask(seq, window: int | None, device) -> torch.Tensor | None:
+    """Key j of the sequence is visible to its new token i (at position prefix_len + i) when
+    j <= prefix_len + i and, with a window W, j > prefix_len + i - W."""
+    if window is not None and window >= seq.seq_len:
+        window = None
+    if seq.prefix_len == 0 and window is None:
+        return None
+    ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
+    mask = ones.tril_(seq.prefix_len)
+    return mask if window is None else mask.triu_(seq.prefix_len - window + 1)
+
+
+def _decode_mask(batch: ForwardBatch, max_len: int, window: int | None) -> torch.Tensor | None:
+    lens = batch.decode_lens
+    cuts = window is not None and max(lens) > window
+    if min(lens) == max_len and not cuts:
+        return None
+    lens_t = batch.table_meta.decode_lens
+    pos = torch.arange(max_len, device=lens_t.device)[None, :]
+    mask = pos < lens_t[:, None]
+    if cuts:
+        mask &= pos >= lens_t[:, None] - window
+    return mask.view(len(lens), 1, 1, max_len)
+
+
+def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> torch.Tensor:
+    """Attention of q [N, H, n, d] over k, v [N, H_kv, L, d]; mask [.., n, L] bool; with no mask,
+    causal (n == L) or nothing masked."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril_()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 class TorchNativeAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.out_slots.device
         table = batch.table_meta.table
-        masks, slots = [], []
-        for seq in batch.extend_seqs:
-            if seq.prefix_len == 0:
-                masks.append(None)
-                slots.append(None)
-            else:
-                ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
-                masks.append(ones.tril_(seq.prefix_len))
-                slots.append(table[seq.row, : seq.seq_len])
+        masks = [extend_mask(seq, None, device) for seq in batch.extend_seqs]
+        slots = [
+            None if seq.prefix_len == 0 else table[seq.row, : seq.seq_len]
+            for seq in batch.extend_seqs
+        ]
         decode_table = mask = k_buf = v_buf = None
         max_len = 0
         if batch.decode_lens:
@@ -53,16 +105,24 @@ class TorchNativeAttentionBackend(AttentionBackend):
             meta = batch.table_meta
             # Entries past a sequence's length are stale slot ids of the row: in range, and masked out.
             decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
-            if min(lens) != max_len:
-                lens_t = meta.decode_lens
-                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(
-                    len(lens), 1, 1, max_len
-                )
+            mask = _decode_mask(batch, max_len, None)
             pool = batch.kv_pool
             shape = (decode_table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
-        batch.attn_metadata = _StepMetadata(masks, slots, decode_table, max_len, mask, k_buf, v_buf)
+        batch.attn_metadata = _StepMetadata(
+            {None: masks}, slots, decode_table, max_len, {None: mask}, k_buf, v_buf
+        )
+
+    @staticmethod
+    def _window_masks(meta: _StepMetadata, batch: ForwardBatch, window: int | None):
+        """(extend masks, decode mask) of this step for a layer's window, built at first use."""
+        if window not in meta.extend_masks:
+            device = batch.out_slots.device
+            meta.extend_masks[window] = [extend_mask(s, window, device) for s in batch.extend_seqs]
+            if batch.decode_lens:
+                meta.decode_masks[window] = _decode_mask(batch, meta.decode_max_len, window)
+        return meta.extend_masks[window], meta.decode_masks.get(window)
 
     def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
         q, k = self.rotate(qk, rope, layer)
@@ -75,39 +135,42 @@ class TorchNativeAttentionBackend(AttentionBackend):
         num_tokens = q.shape[0]
         hidden = layer.num_heads * layer.head_dim
         n_ext = batch.num_extend_tokens
+        ext_masks, dec_mask = self._window_masks(meta, batch, layer.sliding_window)
         if n_ext == 0:
-            return self._decode(q, k_cache, v_cache, layer, meta, k_scale, v_scale)
+            return self._decode(q, k_cache, v_cache, layer, meta, dec_mask, k_scale, v_scale)
         out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
-        for seq, mask, slots in zip(batch.extend_seqs, meta.extend_masks, meta.extend_slots):
+        for seq, mask, slots in zip(batch.extend_seqs, ext_masks, meta.extend_slots):
             end = seq.start + seq.num_tokens
             # 4-D [1, heads, len, dim]: CPU SDPA takes its fast (flash) path only for 4-D inputs.
             qs = q[seq.start : end].transpose(0, 1).unsqueeze(0)
             scale, out_scale = layer.scaling, 1.0
-            if mask is None:
+            if slots is None:
                 ks, vs = k[seq.start : end], v[seq.start : end]
             else:
                 ks = k_cache.index_select(0, slots).to(q.dtype)
                 vs = v_cache.index_select(0, slots).to(q.dtype)
                 scale, out_scale = scale * k_scale, v_scale
-            o = F.scaled_dot_product_attention(
+            o = attend(
                 qs,
                 ks.transpose(0, 1).unsqueeze(0),
                 vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=scale,
-                enable_gqa=True,
+                mask,
+                scale,
+                layer.logit_softcap,
+                causal=True,
             )
             if out_scale != 1.0:
                 o = o * out_scale
             out[seq.start : end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
         if n_ext < num_tokens:
-            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta, k_scale, v_scale)
+            out[n_ext:] = self._decode(
+                q[n_ext:], k_cache, v_cache, layer, meta, dec_mask, k_scale, v_scale
+            )
         return out
 
     @staticmethod
     def _decode(
-        q, k_cache, v_cache, layer, meta: _StepMetadata, k_scale: float, v_scale: float
+        q, k_cache, v_cache, layer, meta: _StepMetadata, mask, k_scale: float, v_scale: float
     ) -> torch.Tensor:
         bsz = q.shape[0]
         kvh, d = layer.num_kv_heads, layer.head_dim
@@ -117,8 +180,8 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys = meta.k_buf.to(q.dtype).view(shape).transpose(1, 2)  # to(): no copy unless fp8
         values = meta.v_buf.to(q.dtype).view(shape).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
-        o = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling * k_scale
+        o = attend(
+            queries, keys, values, mask, layer.scaling * k_scale, layer.logit_softcap, causal=False
         )
         if v_scale != 1.0:
             o = o * v_scale

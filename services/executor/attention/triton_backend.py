@@ -8,6 +8,8 @@ fine since the attention kernels here read K/V only from the cache.
 An fp8 pool (kv_cache.py) is written and read by the same kernels with the layer's K and V scales,
 Python floats fixed for the life of the pool, so captured graphs replay them unchanged.
 
+A layer's sliding window and logit soft-cap (Attention) are compile-time constants of the kernels.
+
 Reads the step's sequences from batch.table_meta (the executor's SlotTable rows and lengths, device
 tensors), never from host lengths, and launches a fixed set of kernels whose shapes depend only on the token
 count and the decode batch size: the decode path can be captured in a CUDA graph as it is.
@@ -91,6 +93,8 @@ class TritonAttentionBackend(AttentionBackend):
             out=out,
             k_scale=k_scale,
             v_scale=v_scale,
+            window=layer.sliding_window,
+            softcap=layer.logit_softcap,
         )
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, batch)
@@ -111,4 +115,6 @@ class TritonAttentionBackend(AttentionBackend):
             rows=meta.decode_rows,
             k_scale=k_scale,
             v_scale=v_scale,
+            window=layer.sliding_window,
+            softcap=layer.logit_softcap,
         )

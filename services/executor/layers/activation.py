@@ -1,4 +1,4 @@
-"""Gated activations over a fused [gate | up] projection (a Triton kernel on CUDA)."""
+"""Gated activations over a fused [gate | up] projection (SiLU: a Triton kernel on CUDA)."""
 
 import torch
 import torch.nn.functional as F
@@ -15,3 +15,17 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         half = x.shape[-1] // 2
         return F.silu(x[..., :half]).mul_(x[..., half:])
+
+
+class GeluAndMul(nn.Module):
+    """GeGLU: gelu(gate) * up; approximate "tanh" (HF's gelu_pytorch_tanh) or "none" (exact gelu)."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"gelu approximation must be 'tanh' or 'none', not {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return F.gelu(x[..., :half], approximate=self.approximate).mul_(x[..., half:])

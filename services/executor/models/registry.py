@@ -5,7 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.gemma import GemmaForCausalLM
+from radixserve.executor.models.gemma2 import Gemma2ForCausalLM
+from radixserve.executor.models.gemma3 import Gemma3ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
 from radixserve.executor.models.pooling_heads import derived_model_class
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
@@ -14,7 +18,10 @@ from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
