@@ -29,12 +29,14 @@ from radixserve.executor.models.phi3 import Phi3ForCausalLM  # noqa: E402
 from radixserve.executor.runner import ModelRunner  # noqa: E402
 from tests.configs import runner_config  # noqa: E402
 from tests.executor.dense_tp_ranks import run_models_on_two_ranks  # noqa: E402
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput  # noqa: E402
 from tests.executor.hf_parity import (  # noqa: E402
     VOCAB,
     build_hf_model,
     check_batched_prefill_decode_and_prefix_reuse,
     check_chunked_prefill,
     check_greedy_matches_hf_generate,
+    prompts,
 )
 from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, scenario  # noqa: E402
 
@@ -345,6 +347,45 @@ def test_two_shards_match_one_for_every_model(tmp_path):
                 two[part], expected[part], atol=ATOL, rtol=ATOL, msg=f"{arch} {part}"
             )
         assert len(two["greedy"]) == GREEDY_TOKENS and two["greedy"] == expected["greedy"], arch
+
+
+# --- the fused CPU decode path (kernels/cpu_decode.cpp) on the Llama subclasses --------------------
+
+
+@pytest.mark.parametrize("arch", ["phi3", "internlm2"])
+def test_fused_cpu_decode_matches_the_torch_path(arch, tmp_path, monkeypatch):
+    """Phi-3 (LongRoPE tables with the attention factor) and InternLM2 (biases on qkv and o) are
+    LlamaForCausalLM subclasses, so bf16 decode on the CPU takes the fused kernels: one decode step of
+    three sequences against the torch path (bf16 tolerance of tests/kernels/test_kernels_cpu_decode.py)."""
+    from radixserve.kernels import cpu_decode
+
+    if cpu_decode.load() is None:
+        pytest.skip("CPU decode kernels unavailable (no AVX512-BF16 or no compiler)")
+    build_any(arch, tmp_path)
+    logits = {}
+    for fused in (True, False):
+        monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if fused else "0")
+        cpu_decode.reset_for_tests()
+        runner = ModelRunner(
+            tmp_path, runner_config(dtype="bfloat16", device="cpu", max_total_tokens=1024)
+        )
+        assert (runner.fast_decode is not None) == fused
+        a, b, c = prompts(5, 7, 12, 3)
+        runner.step(
+            StepInput(
+                1,
+                new_requests=[
+                    NewRequest("a", a, list(range(1, 8))),
+                    NewRequest("b", b, list(range(20, 32))),
+                    NewRequest("c", c, list(range(40, 43))),
+                ],
+            )
+        )
+        cont = [ContinuingRequest(r, [s]) for r, s in (("a", 100), ("b", 101), ("c", 102))]
+        logits[fused] = runner.step(StepInput(2, continuing_requests=cont)).logits.float()
+    cpu_decode.reset_for_tests()
+    ref = logits[False]
+    torch.testing.assert_close(logits[True], ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
 
 
 # --- LongRoPE past the original context, and what is refused ---------------------------------------
