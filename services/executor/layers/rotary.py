@@ -1,7 +1,7 @@
 """Rotary position embedding (NeoX / HF rotate-half layout) with precomputed cos/sin tables.
 
-Scaling types: default, linear, llama3, longrope (Phi-3). Both the transformers-5 `rope_parameters` dict and the
-older `rope_theta` + `rope_scaling` keys are read.
+Scaling types: default, linear, llama3, longrope (Phi-3). Both the transformers-5 `rope_parameters`
+dict and the older `rope_theta` + `rope_scaling` keys are read.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ def rope_settings(hf_config: dict) -> tuple[float, dict]:
     params.update(hf_config.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    if (
-        params["rope_type"] == "longrope"
-    ):  # Phi-3 configs keep the original context beside rope_scaling
-        original = params.setdefault(
-            "original_max_position_embeddings", hf_config.get("original_max_position_embeddings")
+    if params["rope_type"] == "longrope":
+        # Phi-3 configs keep the original context length beside rope_scaling
+        original = params.get("original_max_position_embeddings") or hf_config.get(
+            "original_max_position_embeddings"
         )
-        params.setdefault("factor", hf_config["max_position_embeddings"] / original)
+        if not original:
+            raise ValueError("longrope scaling needs original_max_position_embeddings")
+        params["original_max_position_embeddings"] = original
+        if params.get("factor") is None:
+            params["factor"] = hf_config["max_position_embeddings"] / original
     return float(theta), params
 
 
@@ -87,11 +90,10 @@ def _longrope(cos, sin, head_dim: int, theta: float, scaling: dict):
     long_inv_freq = _inv_freq(head_dim, theta, {"rope_type": "default"}, 0) / torch.tensor(
         scaling["long_factor"], dtype=torch.float32
     )
-    positions = torch.arange(original, cos.shape[0], dtype=torch.int64).float()[:, None]
-    cos[original:], sin[original:] = (
-        (positions * long_inv_freq).cos(),
-        (positions * long_inv_freq).sin(),
+    angles = (
+        torch.arange(original, cos.shape[0], dtype=torch.int64).float()[:, None] * long_inv_freq
     )
+    cos[original:], sin[original:] = angles.cos(), angles.sin()
     factor = scaling["factor"]
     attention = scaling.get("attention_factor") or (
         math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
