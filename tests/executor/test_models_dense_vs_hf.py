@@ -96,15 +96,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RemoteCodeReference:
     """The forward of a Llama-shaped remote-code model (pre-RMSNorm, rotate-half rope, GQA, SiLU-gated
-    MLP) over its checkpoint tensors, named the way its modelling code names them; `qkv(layer, x)` and
+    MLP) over its checkpoint tensors, named the way its modelling code names them; `qkv(self, layer, x)` and
     `names` are the architecture's. Called like an HF model (`.logits`) and greedy `generate` without a
     cache (the whole sequence each step)."""
 
     def __init__(self, tensors: dict, names: dict, qkv):
         self.t, self.names, self.qkv = tensors, names, qkv
         d = REMOTE["hidden"] // REMOTE["heads"]
-        inv_freq = 1.0 / (REMOTE["theta"] ** (torch.arange(0, d, 2).float() / d))
-        self.inv_freq = inv_freq
+        self.inv_freq = 1.0 / (REMOTE["theta"] ** (torch.arange(0, d, 2).float() / d))
 
     def w(self, key: str, layer: int | None = None) -> torch.Tensor:
         return self.t[self.names[key].format(i=layer)]
