@@ -87,7 +87,7 @@ class ModelConfig:
 
     @property
     def num_layers(self) -> int:
-        return self.hf["num_hidden_layers"]
+        return self.hf.get("num_hidden_layers") or self.hf["num_layers"]  # num_layers: EXAONE
 
     @property
     def num_heads(self) -> int:

@@ -1,7 +1,7 @@
 """Rotary position embedding (NeoX / HF rotate-half layout) with precomputed cos/sin tables.
 
-Scaling types: default, linear, llama3. Both the transformers-5 `rope_parameters` dict and the
-older `rope_theta` + `rope_scaling` keys are read.
+Scaling types: default, linear, llama3, longrope (Phi-3). Both the transformers-5 `rope_parameters`
+dict and the older `rope_theta` + `rope_scaling` keys are read.
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ def rope_settings(hf_config: dict) -> tuple[float, dict]:
     params.update(hf_config.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "longrope":
+        # Phi-3 configs keep the original context length beside rope_scaling
+        original = params.get("original_max_position_embeddings") or hf_config.get(
+            "original_max_position_embeddings"
+        )
+        if not original:
+            raise ValueError("longrope scaling needs original_max_position_embeddings")
+        params["original_max_position_embeddings"] = original
+        if params.get("factor") is None:
+            params["factor"] = hf_config["max_position_embeddings"] / original
     return float(theta), params
 
 
@@ -38,6 +48,8 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) ->
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "longrope":  # the short factors; positions past the original context: _longrope
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     raise NotImplementedError(f"rope type {kind!r} is not supported")
 
 
@@ -49,13 +61,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        self.register_buffer(
-            "cos_table", torch.cat((freqs.cos(), freqs.cos()), -1).to(dtype), persistent=False
-        )
+        cos, sin = freqs.cos(), freqs.sin()
+        if scaling["rope_type"] == "longrope":
+            cos, sin = _longrope(cos, sin, head_dim, theta, scaling)
+        self.register_buffer("cos_table", torch.cat((cos, cos), -1).to(dtype), persistent=False)
         # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
-        self.register_buffer(
-            "sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False
-        )
+        self.register_buffer("sin_table", torch.cat((-sin, sin), -1).to(dtype), persistent=False)
 
     def prepare(self, positions: torch.Tensor) -> "RopeStep":
         """What every layer of one step uses to rotate its q and k (built once per step)."""
@@ -70,6 +81,24 @@ class RotaryEmbedding(nn.Module):
         """x [T, heads, head_dim] rotated; returns a new contiguous tensor."""
         half = x.shape[-1] // 2
         return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), -1), sin)
+
+
+def _longrope(cos, sin, head_dim: int, theta: float, scaling: dict):
+    """LongRoPE's tables from the short-factor ones: the long factors from the original context length
+    on, and cos and sin scaled by the attention factor."""
+    original = scaling["original_max_position_embeddings"]
+    long_inv_freq = _inv_freq(head_dim, theta, {"rope_type": "default"}, 0) / torch.tensor(
+        scaling["long_factor"], dtype=torch.float32
+    )
+    angles = (
+        torch.arange(original, cos.shape[0], dtype=torch.int64).float()[:, None] * long_inv_freq
+    )
+    cos[original:], sin[original:] = angles.cos(), angles.sin()
+    factor = scaling["factor"]
+    attention = scaling.get("attention_factor") or (
+        math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    )
+    return cos * attention, sin * attention
 
 
 class RopeStep:

@@ -51,7 +51,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = d
 
     def forward(self, x: torch.Tensor, rope: RopeStep) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.attend(self.qkv_proj(x), rope)
+
+    def attend(self, qkv: torch.Tensor, rope: RopeStep) -> torch.Tensor:
+        """Attention and the output projection over the fused [q | k | v] projection [T, width]."""
         t = qkv.shape[0]
         # q and k go to attention together and unrotated: its backend rotates them in one op, or in
         # the kernel that stores K/V.
@@ -102,6 +105,8 @@ class LlamaForCausalLM(nn.Module):
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
+    # checkpoint name fragment -> ours (Llama's), applied in order before anything else
+    checkpoint_renames: dict[str, str] = {}
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -134,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
+            for old, new in self.checkpoint_renames.items():
+                name = name.replace(old, new)
             if "rotary_emb.inv_freq" in name or (
                 self.tie_word_embeddings and name == "lm_head.weight"
             ):

@@ -5,15 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.exaone import ExaoneForCausalLM
 from radixserve.executor.models.gemma import GemmaForCausalLM
 from radixserve.executor.models.gemma2 import Gemma2ForCausalLM
 from radixserve.executor.models.gemma3 import Gemma3ForCausalLM
+from radixserve.executor.models.internlm2 import InternLM2ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
+from radixserve.executor.models.olmo import Olmo2ForCausalLM, OlmoForCausalLM
+from radixserve.executor.models.phi3 import Phi3ForCausalLM
 from radixserve.executor.models.pooling_heads import derived_model_class
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
 from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from radixserve.executor.models.qwen3 import Qwen3ForCausalLM
 from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -26,6 +31,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "OlmoForCausalLM": OlmoForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "ExaoneForCausalLM": ExaoneForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,

@@ -1,0 +1,84 @@
+"""Several models, one after another, on one tensor-parallel group of CPU processes (gloo): what
+tests/tp_ranks.py does for one model, without starting the processes again for each.
+
+`python -m tests.executor.dense_tp_ranks --rank R --world N --port P --out FILE MODEL_DIR...`: rank 0
+drives tp_ranks.scenario on each model through TensorParallelLeader and saves {model dir: result} to
+FILE; the other ranks follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from tests.stack import free_ports
+from tests.tp_ranks import build_runner, on_cpu, scenario
+
+
+def run_models_on_two_ranks(models: list[Path], out: Path) -> dict[str, dict]:
+    """The scenario on each model with TP=2; {str(model dir): what rank 0 returned}."""
+    (port,) = free_ports(1)
+    argv = ["--world", "2", "--port", str(port), "--out", str(out), *map(str, models)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.executor.dense_tp_ranks", "--rank", str(r), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for flag in ("--rank", "--world", "--port"):
+        parser.add_argument(flag, type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("models", nargs="+")
+    ns = parser.parse_args()
+    store = dist.TCPStore(
+        "127.0.0.1",
+        ns.port,
+        ns.world,
+        is_master=ns.rank == 0,
+        timeout=datetime.timedelta(seconds=60),
+        wait_for_workers=False,
+    )
+    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, torch.device("cpu"))
+    results = {}
+    for model in ns.models:
+        runner = build_runner(model)
+        if ns.rank == 0:
+
+            def broken(error):
+                raise error
+
+            leader = TensorParallelLeader(runner, on_broken=broken)
+            results[model] = on_cpu(scenario(leader))
+            leader.stop()
+        else:
+            follow(runner)
+    if ns.rank == 0:
+        torch.save(results, ns.out)
+    destroy_tensor_parallel()
+
+
+if __name__ == "__main__":
+    main()
