@@ -5,11 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.cohere import CohereForCausalLM
+from radixserve.executor.models.glm import GlmForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
 from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from radixserve.executor.models.stablelm import StableLmForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -18,6 +21,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "CohereForCausalLM": CohereForCausalLM,
+    "GlmForCausalLM": GlmForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
