@@ -1,7 +1,7 @@
 """StableLM, Cohere (Command-R) and GLM against transformers on tiny random fp32 models: prefill, decode
-and prefix reuse, chunked prefill, 32 greedy tokens; torch_native everywhere, the triton backend (under
-TRITON_INTERPRET=1 without CUDA) on one case each; each model on two tensor-parallel shards (gloo) equal
-to one. Their rotaries (partial, interleaved) load as a permutation of each q/k head
+and prefix reuse, chunked prefill, 32 greedy tokens on the torch_native backend; the triton backend
+(under TRITON_INTERPRET=1 without CUDA) on GLM's partial interleaved rotary; each model on two
+tensor-parallel shards (gloo) equal to one (GLM's through ChatGLM, test_chatglm_vs_reference.py). Their rotaries (partial, interleaved) load as a permutation of each q/k head
 (layers/rotary.py RotaryLayout), which the first tests check against the reference rotations.
 
 Tolerance: logits agree to atol 1e-4 (hf_parity.ATOL; fp32, the differences come from op order).
@@ -79,8 +79,8 @@ CONFIGS = {
         bos_token_id=None,
     ),
 }
-TRITON_CASES = ("stablelm_qknorm", "cohere_qknorm", "glm")
-TP_CASES = ("stablelm_qknorm", "cohere_qknorm", "glm")
+# GLM's TP path (split gate_up, permuted q/k rows) is ChatGLM's: test_chatglm_vs_reference runs it.
+TP_CASES = ("stablelm_qknorm", "cohere_qknorm")
 
 
 # --- the rotary layouts ----------------------------------------------------------------------------
@@ -159,13 +159,25 @@ def hf_folders(tmp_path_factory):
     return get
 
 
-@pytest.fixture(
-    scope="module",
-    params=[(c, "torch_native") for c in CONFIGS] + [(c, "triton") for c in TRITON_CASES],
-    ids=lambda p: f"{p[0]}-{p[1]}",
+ALL_CHECKS = (
+    check_batched_prefill_decode_and_prefix_reuse,
+    check_chunked_prefill,
+    check_greedy_matches_hf_generate,
 )
-def models(request, hf_folders):
-    config, backend = request.param
+# (config, attention backend, checks): the whole set once per model; the others cover one feature more
+# (the parallel residual of StableLM; the triton kernels on the partial interleaved rotary) cheaply.
+CASES = {
+    "stablelm_qknorm-torch_native": ("stablelm_qknorm", "torch_native", ALL_CHECKS),
+    "stablelm_parallel-torch_native": ("stablelm_parallel", "torch_native", ALL_CHECKS[:1]),
+    "cohere_qknorm-torch_native": ("cohere_qknorm", "torch_native", ALL_CHECKS),
+    "glm-torch_native": ("glm", "torch_native", ALL_CHECKS),
+    "glm-triton": ("glm", "triton", ALL_CHECKS[:2]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_hf(case, hf_folders):
+    config, backend, checks = CASES[case]
     hf, folder = hf_folders(config)
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     runner = ModelRunner(
@@ -174,19 +186,8 @@ def models(request, hf_folders):
             dtype="float32", device=device, max_total_tokens=1024, attention_backend=backend
         ),
     )
-    return hf, runner
-
-
-def test_batched_prefill_decode_and_prefix_reuse(models):
-    check_batched_prefill_decode_and_prefix_reuse(models)
-
-
-def test_chunked_prefill(models):
-    check_chunked_prefill(models)
-
-
-def test_greedy_matches_hf_generate(models):
-    check_greedy_matches_hf_generate(models)
+    for check in checks:
+        check((hf, runner))
 
 
 # --- tensor parallel -------------------------------------------------------------------------------

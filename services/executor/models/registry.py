@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.chatglm import ChatGLMForCausalLM
 from radixserve.executor.models.cohere import CohereForCausalLM
 from radixserve.executor.models.glm import GlmForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
@@ -24,6 +25,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "StableLmForCausalLM": StableLmForCausalLM,
     "CohereForCausalLM": CohereForCausalLM,
     "GlmForCausalLM": GlmForCausalLM,
+    "ChatGLMModel": ChatGLMForCausalLM,  # remote code (ChatGLM2/3, GLM-4 chat)
+    "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
