@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.chatglm import ChatGLMForCausalLM
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
 from tests.executor.hf_parity import (
@@ -215,3 +217,17 @@ def test_two_shards_match_one(folders, tmp_path):
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=TP_ATOL, rtol=TP_ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"position_encoding_2d": True, "vocab_size": VOCAB}, "first ChatGLM-6B"),
+        ({**CONFIG, "rmsnorm": False}, "rmsnorm=False"),
+        ({**CONFIG, "apply_residual_connection_post_layernorm": True}, "apply_residual"),
+    ],
+)
+def test_layouts_it_does_not_implement_are_refused(config, message, tmp_path):
+    cfg = ModelConfig(tmp_path, dict(config), "ChatGLMModel", torch.float32, 512)
+    with pytest.raises(ValueError, match=message):
+        ChatGLMForCausalLM(cfg)

@@ -51,6 +51,11 @@ def llama_config_keys(hf: dict) -> dict:
 class ChatGLMForCausalLM(GlmForCausalLM):
     def __init__(self, config: ModelConfig):
         hf = config.hf
+        if "padded_vocab_size" not in hf or hf.get("position_encoding_2d"):
+            raise ValueError(
+                "the first ChatGLM-6B (2D position encoding) is not supported; ChatGLM2/3 and"
+                " GLM-4 are"
+            )
         for key, needed in (
             ("rmsnorm", True),
             ("post_layer_norm", True),
