@@ -78,7 +78,9 @@ class ModelConfig:
             hf=hf,
             architecture=architectures[0],
             dtype=resolve_dtype(dtype, hf),
-            context_length=context_length or int(hf.get("max_position_embeddings", 4096)),
+            # seq_length: ChatGLM's name for it
+            context_length=context_length
+            or int(hf.get("max_position_embeddings") or hf.get("seq_length") or 4096),
             eos_token_ids=eos,
         )
 

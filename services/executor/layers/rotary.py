@@ -2,11 +2,18 @@
 
 Scaling types: default, linear, llama3, longrope (Phi-3). Both the transformers-5 `rope_parameters`
 dict and the older `rope_theta` + `rope_scaling` keys are read.
+
+Every attention backend rotates the pairs (i, i + head_dim/2) of the whole head. Other layouts map onto
+that at load time (`RotaryLayout`): partial rotary (only the first rotary_dim dims rotate) and
+interleaved pairs (2j, 2j+1) become a permutation of the head dimension applied to the q and k
+projection rows (and their biases and per-head norm weights), plus tables whose extra dims have
+frequency 0 (cos 1, sin 0). q.k is unchanged when q and k are permuted alike; v is not touched.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -53,13 +60,82 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) ->
     raise NotImplementedError(f"rope type {kind!r} is not supported")
 
 
+def partial_rotary_dim(hf_config: dict, head_dim: int, default_factor: float = 1.0) -> int:
+    """How many leading dims of a head rotate (config `partial_rotary_factor`, top level or in
+    `rope_parameters`)."""
+    params = hf_config.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+    return int(head_dim * (default_factor if factor is None else factor))
+
+
+class RotaryLayout:
+    """The checkpoint's rotary layout of one head: the first `rotary_dim` dims rotate, in pairs
+    (j, j + rotary_dim/2), or (2j, 2j+1) when interleaved; the rest pass through.
+
+    `perm` is the head-dimension permutation that puts pair j at (j, j + head_dim/2) and the
+    passing dims after the rotated ones in each half: our head dim i holds the checkpoint's perm[i]."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, interleaved: bool):
+        if rotary_dim % 2 or head_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary dim {rotary_dim} does not fit head dim {head_dim}")
+        self.head_dim, self.rotary_dim, self.interleaved = head_dim, rotary_dim, interleaved
+        pairs, rest = rotary_dim // 2, (head_dim - rotary_dim) // 2
+        j = torch.arange(pairs)
+        first, second = (2 * j, 2 * j + 1) if interleaved else (j, j + pairs)
+        passing = torch.arange(rotary_dim, head_dim)
+        self.perm = torch.cat((first, passing[:rest], second, passing[rest:]))
+        self.identity = bool((self.perm == torch.arange(head_dim)).all())
+
+    def permute_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A q or k projection's weight [heads * head_dim, ...] or bias, each head permuted."""
+        if self.identity:
+            return tensor
+        shape = tensor.shape
+        heads = tensor.reshape(-1, self.head_dim, *shape[1:])
+        return heads[:, self.perm.to(tensor.device)].reshape(shape)
+
+    def permute_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-head norm weight [..., head_dim], permuted."""
+        return tensor if self.identity else tensor[..., self.perm.to(tensor.device)]
+
+    def permute_checkpoint(
+        self, weights: Iterable[tuple[str, torch.Tensor]], rows: tuple[str, ...], norms=()
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor)s with the heads of the q/k projections (names holding a
+        `rows` fragment) and per-head q/k norm weights (a `norms` fragment) permuted."""
+        for name, tensor in weights:
+            if self.identity:
+                pass
+            elif any(f in name for f in rows):
+                if not name.endswith((".weight", ".bias")) and tensor.numel() > 1:
+                    raise NotImplementedError(
+                        f"{name}: quantized q/k projections with a partial or interleaved rotary"
+                        " are not supported"
+                    )
+                if tensor.numel() > 1:
+                    tensor = self.permute_rows(tensor)
+            elif any(f in name for f in norms):
+                tensor = self.permute_last(tensor)
+            yield name, tensor
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict,
+        dtype: torch.dtype,
+        rotary_dim: int | None = None,
     ):
+        """rotary_dim < head_dim: the frequencies of a partial rotary over rotary_dim dims on the
+        first rotary_dim/2 pairs, frequency 0 on the others (the layout RotaryLayout loads)."""
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
+        rotary_dim = rotary_dim or head_dim
+        inv_freq = _inv_freq(rotary_dim, theta, scaling, max_positions)
+        inv_freq = torch.cat((inv_freq, inv_freq.new_zeros((head_dim - rotary_dim) // 2)))
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         cos, sin = freqs.cos(), freqs.sin()
         if scaling["rope_type"] == "longrope":

@@ -112,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, qkv_bias=self.qkv_bias(config), o_bias=self.o_bias(config))
-        add_rotary_and_lm_head(self, config)
+        add_rotary_and_lm_head(self, config, self.rotary_dim(config))
 
     @staticmethod
     def qkv_bias(config: ModelConfig) -> bool:
@@ -121,6 +121,11 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def o_bias(config: ModelConfig) -> bool:
         return bool(config.get("attention_bias", False))
+
+    @staticmethod
+    def rotary_dim(config: ModelConfig) -> int | None:
+        """How many dims of each head rotate (None: all)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] of a flattened token batch (after the final norm)."""
@@ -153,13 +158,16 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
 
 
-def add_rotary_and_lm_head(causal_lm: nn.Module, config: ModelConfig) -> None:
+def add_rotary_and_lm_head(
+    causal_lm: nn.Module, config: ModelConfig, rotary_dim: int | None = None
+) -> None:
     """What every Llama-style causal LM has around its decoder (`causal_lm.model`): the rotary
-    tables and the LM head, tied to the input embedding when the config says so."""
+    tables (over rotary_dim dims of each head: layers/rotary.py's RotaryLayout) and the LM head,
+    tied to the input embedding when the config says so."""
     theta, scaling = rope_settings(config.hf)
     max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
     causal_lm.rotary_emb = RotaryEmbedding(
-        config.head_dim, max_pos, theta, scaling, torch.get_default_dtype()
+        config.head_dim, max_pos, theta, scaling, torch.get_default_dtype(), rotary_dim
     )
     causal_lm.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
     causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))

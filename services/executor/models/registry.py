@@ -10,6 +10,9 @@ from radixserve.executor.models.gemma import GemmaForCausalLM
 from radixserve.executor.models.gemma2 import Gemma2ForCausalLM
 from radixserve.executor.models.gemma3 import Gemma3ForCausalLM
 from radixserve.executor.models.internlm2 import InternLM2ForCausalLM
+from radixserve.executor.models.chatglm import ChatGLMForCausalLM
+from radixserve.executor.models.cohere import CohereForCausalLM
+from radixserve.executor.models.glm import GlmForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
@@ -20,6 +23,7 @@ from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
 from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from radixserve.executor.models.qwen3 import Qwen3ForCausalLM
 from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from radixserve.executor.models.stablelm import StableLmForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -37,6 +41,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "ExaoneForCausalLM": ExaoneForCausalLM,
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "CohereForCausalLM": CohereForCausalLM,
+    "GlmForCausalLM": GlmForCausalLM,
+    "ChatGLMModel": ChatGLMForCausalLM,  # remote code (ChatGLM2/3, GLM-4 chat)
+    "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
