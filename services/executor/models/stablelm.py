@@ -68,6 +68,7 @@ class LayerNormCausalLM(nn.Module):
     checkpoint's q/k heads are permuted into our rotary layout while loading (layers/rotary.py)."""
 
     stacked_params = LlamaForCausalLM.stacked_params
+    checkpoint_renames = LlamaForCausalLM.checkpoint_renames
     norm_bias = True
     interleaved_rotary = False
     default_rotary_factor = 1.0
