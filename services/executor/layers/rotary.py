@@ -1,6 +1,6 @@
 """Rotary position embedding (NeoX / HF rotate-half layout) with precomputed cos/sin tables.
 
-Scaling types: default, linear, llama3. Both the transformers-5 `rope_parameters` dict and the
+Scaling types: default, linear, llama3, yarn (with its attention factor folded into the tables). Both the transformers-5 `rope_parameters` dict and the
 older `rope_theta` + `rope_scaling` keys are read.
 """
 
@@ -38,7 +38,48 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) ->
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
     raise NotImplementedError(f"rope type {kind!r} is not supported")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: dict) -> float:
+    """What the cos/sin tables are multiplied by: YaRN's attention factor (the config's, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, else mscale(factor));
+    1 for the other types."""
+    if scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim)
+    return yarn_mscale(factor)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN: interpolated (inv_freq / factor) below the low correction dim, extrapolated (as is)
+    above the high one, a linear ramp between."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
 class RotaryEmbedding(nn.Module):
@@ -49,13 +90,13 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         inv_freq = _inv_freq(head_dim, theta, scaling, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        self.register_buffer(
-            "cos_table", torch.cat((freqs.cos(), freqs.cos()), -1).to(dtype), persistent=False
-        )
+        cos, sin = freqs.cos(), freqs.sin()
+        factor = rope_attention_factor(scaling)
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        self.register_buffer("cos_table", torch.cat((cos, cos), -1).to(dtype), persistent=False)
         # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
-        self.register_buffer(
-            "sin_table", torch.cat((-freqs.sin(), freqs.sin()), -1).to(dtype), persistent=False
-        )
+        self.register_buffer("sin_table", torch.cat((-sin, sin), -1).to(dtype), persistent=False)
 
     def prepare(self, positions: torch.Tensor) -> "RopeStep":
         """What every layer of one step uses to rotate its q and k (built once per step)."""

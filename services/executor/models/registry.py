@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
+from radixserve.executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
@@ -18,6 +19,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,

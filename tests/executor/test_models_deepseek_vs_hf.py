@@ -1,0 +1,209 @@
+"""DeepSeek V2 (with and without q_lora_rank) and V3 against transformers, on tiny random fp32 models
+saved as HF folders and loaded through ModelRunner (the compressed MLA cache, grouped MoE routing).
+
+The parity checks are hf_parity's: batched prefill + decode + prefix reuse and chunked prefill
+(last-position logits within atol 1e-4 of HF's forward) and 32 greedy tokens identical to HF's
+generate, with attention on torch_native (the triton backend, under the interpreter, runs once in
+test_triton_backend_matches_torch). Also: absorbed decode equals the naive (expanded) decode, the KV
+pool's bytes per token are MLA's, and V3's MTP layer tensors load into a module the forward skips.
+"""
+
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.kv_cache import kv_bytes_per_token
+from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
+from tests.executor.hf_parity import (
+    VOCAB,
+    SlotPool,
+    build_hf_model,
+    check_batched_prefill_decode_and_prefix_reuse,
+    check_chunked_prefill,
+    check_greedy_matches_hf_generate,
+    prompts,
+)
+
+CUDA = torch.cuda.is_available()
+BACKEND = "triton" if CUDA else "torch_native"
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+CONFIGS = {
+    # V2-Lite's shape: q_proj directly, greedy softmax routing, YaRN with mscale.
+    "v2_lite": lambda: transformers.DeepseekV2Config(
+        **COMMON, q_lora_rank=None, n_routed_experts=8, topk_method="greedy", rope_parameters=YARN
+    ),
+    # V2's: q_lora_rank, group-limited greedy routing, routed_scaling_factor.
+    "v2_qlora": lambda: transformers.DeepseekV2Config(
+        **COMMON,
+        q_lora_rank=24,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=2.0,
+    ),
+    # V3's: noaux_tc sigmoid routing with a correction bias, norm_topk_prob, interleaved YaRN rope.
+    "v3": lambda: transformers.DeepseekV3Config(
+        **COMMON,
+        q_lora_rank=24,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_parameters=YARN,
+    ),
+}
+
+
+def _build(name: str, folder) -> torch.nn.Module:
+    hf = build_hf_model(CONFIGS[name](), folder)
+    with torch.no_grad():  # a bias that changes the routing (HF leaves it zero)
+        for module in hf.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.uniform_(-0.3, 0.3)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def _runner(folder, **fields) -> ModelRunner:
+    fields.setdefault("attention_backend", BACKEND)
+    fields.setdefault("max_total_tokens", 1024)
+    return ModelRunner(
+        folder, runner_config(dtype="float32", device="cuda" if CUDA else "cpu", **fields)
+    )
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def models(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = _build(request.param, folder)
+    return hf, _runner(folder)
+
+
+def test_batched_prefill_decode_and_prefix_reuse(models):
+    check_batched_prefill_decode_and_prefix_reuse(models)
+
+
+def test_chunked_prefill(models):
+    check_chunked_prefill(models)
+
+
+def test_greedy_matches_hf_generate(models):
+    check_greedy_matches_hf_generate(models)
+
+
+def test_kv_pool_holds_the_compressed_latent(models):
+    hf, runner = models
+    cfg = hf.config
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert runner.kv_pool.k[0].shape == (runner.kv_slots, 1, row)
+    assert runner.kv_pool.v[0].numel() == 0
+    assert runner.kv_bytes_per_token == cfg.num_hidden_layers * row * 4
+    mha = kv_bytes_per_token(
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim,
+        torch.float32,
+        cfg.v_head_dim,
+    )
+    assert runner.kv_bytes_per_token * 3 < mha
+
+
+def _decode_logits(runner: ModelRunner) -> torch.Tensor:
+    """Logits of a batched decode step (sequences of different lengths) after their prefill."""
+    runner.reset()
+    pool = SlotPool(runner.kv_slots, seed=5)
+    ps = prompts(7, 11, 4, 17)
+    runner.step(
+        StepInput(1, new_requests=[NewRequest(str(i), p, pool.take(len(p))) for i, p in enumerate(ps)])
+    )
+    out = runner.step(
+        StepInput(2, continuing_requests=[ContinuingRequest(str(i), pool.take(1)) for i in range(3)])
+    )
+    return out.logits.cpu()
+
+
+def test_absorbed_decode_equals_naive(models):
+    _, runner = models
+    attns = [layer.self_attn.attn for layer in runner.model.model.layers]
+    absorbed = _decode_logits(runner)
+    try:
+        for attn in attns:
+            attn.absorb = False
+        naive = _decode_logits(runner)
+    finally:
+        for attn in attns:
+            attn.absorb = True
+    torch.testing.assert_close(absorbed, naive, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("models", ["v3"], indirect=True)
+def test_mtp_layer_tensors_are_kept(models, tmp_path):
+    """V3's checkpoint layer num_hidden_layers (the MTP layer) loads into model.mtp_layers."""
+    hf, base = models
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base.config.path / name, tmp_path / name)
+    n = hf.config.num_hidden_layers
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    mtp = {  # the last layer's tensors (as saved: one tensor per expert) under the MTP index
+        name.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): t
+        for name, t in saved.items()
+        if name.startswith(f"model.layers.{n - 1}.")
+    }
+    hidden = hf.config.hidden_size
+    mtp.update(
+        {
+            f"model.layers.{n}.embed_tokens.weight": torch.randn(VOCAB, hidden),
+            f"model.layers.{n}.enorm.weight": torch.rand(hidden),
+            f"model.layers.{n}.hnorm.weight": torch.rand(hidden),
+            f"model.layers.{n}.eh_proj.weight": torch.randn(hidden, 2 * hidden),
+            f"model.layers.{n}.shared_head.norm.weight": torch.rand(hidden),
+            f"model.layers.{n}.shared_head.head.weight": torch.randn(VOCAB, hidden),
+        }
+    )
+    safetensors.torch.save_file(mtp, tmp_path / "mtp.safetensors")
+    runner = _runner(tmp_path, max_total_tokens=64)
+    (layer,) = runner.model.model.mtp_layers
+    assert torch.equal(layer.eh_proj.weight.cpu(), mtp[f"model.layers.{n}.eh_proj.weight"])
+    assert torch.equal(
+        layer.self_attn.kv_b_proj.weight.cpu(), mtp[f"model.layers.{n}.self_attn.kv_b_proj.weight"]
+    )
+    assert len(runner.model.model.layers) == n
+    (p,) = prompts(9, 6)
+    out = runner.step(StepInput(1, new_requests=[NewRequest("m", p, list(range(1, 7)))]))
+    torch.testing.assert_close(
+        out.logits[0].cpu(), hf(torch.tensor([p])).logits[0, -1].detach(), atol=1e-4, rtol=0
+    )
