@@ -148,10 +148,14 @@ def _decode_logits(runner: ModelRunner) -> torch.Tensor:
     pool = SlotPool(runner.kv_slots, seed=5)
     ps = prompts(7, 11, 4, 17)
     runner.step(
-        StepInput(1, new_requests=[NewRequest(str(i), p, pool.take(len(p))) for i, p in enumerate(ps)])
+        StepInput(
+            1, new_requests=[NewRequest(str(i), p, pool.take(len(p))) for i, p in enumerate(ps)]
+        )
     )
     out = runner.step(
-        StepInput(2, continuing_requests=[ContinuingRequest(str(i), pool.take(1)) for i in range(3)])
+        StepInput(
+            2, continuing_requests=[ContinuingRequest(str(i), pool.take(1)) for i in range(3)]
+        )
     )
     return out.logits.cpu()
 

@@ -34,7 +34,9 @@ from radixserve.executor.models.llama import LlamaMLP
 from radixserve.executor.models.moe_causal_lm import MoeCausalLM, MoeDecoderLayer
 from radixserve.executor.parallel_state import tp_size
 
-LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: the published code's default, not rms_norm_eps
+LATENT_NORM_EPS = (
+    1e-6  # q_a_layernorm / kv_a_layernorm: the published code's default, not rms_norm_eps
+)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -103,7 +105,9 @@ class DeepseekV2Attention(nn.Module):
         if self.interleaved_rope:
             pe = deinterleave(pe)
         pe = rope.rotate(pe.contiguous(), self.num_heads)
-        o = self.attn(q_nope, pe[:, : self.num_heads], latent, pe[:, self.num_heads], self.kv_b_proj)
+        o = self.attn(
+            q_nope, pe[:, : self.num_heads], latent, pe[:, self.num_heads], self.kv_b_proj
+        )
         return self.o_proj(o)
 
 
