@@ -15,11 +15,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
-from radixserve.executor.kv_cache import kv_bytes_per_token
-from radixserve.executor.runner import ModelRunner
-from tests.configs import runner_config
-from tests.executor.hf_parity import (
+from tests.executor.hf_parity import (  # sets TRITON_INTERPRET=1 without CUDA, before triton loads
     VOCAB,
     SlotPool,
     build_hf_model,
@@ -28,6 +24,11 @@ from tests.executor.hf_parity import (
     check_greedy_matches_hf_generate,
     prompts,
 )
+
+from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
+from radixserve.executor.kv_cache import kv_bytes_per_token
+from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 
 CUDA = torch.cuda.is_available()
 BACKEND = "triton" if CUDA else "torch_native"
@@ -211,3 +212,19 @@ def test_mtp_layer_tensors_are_kept(models, tmp_path):
     torch.testing.assert_close(
         out.logits[0].cpu(), hf(torch.tensor([p])).logits[0, -1].detach(), atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA every test above runs the triton backend")
+@pytest.mark.parametrize("models", ["v3"], indirect=True)
+def test_triton_backend_matches_hf(models, monkeypatch):
+    """The triton attention backend (kernels/mla_decode.py for decode), under the interpreter."""
+    import radixserve.kernels.mla_decode as kernel
+
+    calls = []
+    kernel_fn = kernel.mla_decode
+    monkeypatch.setattr(kernel, "mla_decode", lambda *a, **k: calls.append(1) or kernel_fn(*a, **k))
+    hf, runner = models
+    triton_runner = _runner(runner.config.path, attention_backend="triton", max_total_tokens=256)
+    check_batched_prefill_decode_and_prefix_reuse((hf, triton_runner))
+    # per layer, in both steps: a one-token prompt runs as a decode token
+    assert len(calls) == 2 * hf.config.num_hidden_layers, len(calls)
