@@ -92,11 +92,14 @@ CONFIGS = {
 
 def _build(name: str, folder) -> torch.nn.Module:
     hf = build_hf_model(CONFIGS[name](), folder)
-    with torch.no_grad():  # a bias that changes the routing (HF leaves it zero)
-        for module in hf.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.uniform_(-0.3, 0.3)
-    hf.save_pretrained(folder)
+    biases = [
+        m.e_score_correction_bias for m in hf.modules() if hasattr(m, "e_score_correction_bias")
+    ]
+    if biases:
+        with torch.no_grad():  # a bias that changes the routing (HF leaves it zero)
+            for bias in biases:
+                bias.uniform_(-0.3, 0.3)
+        hf.save_pretrained(folder)
     return hf
 
 
