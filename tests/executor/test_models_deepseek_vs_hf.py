@@ -85,7 +85,7 @@ CONFIGS = {
         topk_group=2,
         norm_topk_prob=True,
         routed_scaling_factor=2.5,
-        rope_parameters=YARN,
+        rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.8),  # an attention factor != 1
     ),
 }
 
@@ -245,3 +245,30 @@ def test_two_shards_match_one(models, tmp_path):
         torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]
     assert got["kv_slots"] == 1025  # max_total_tokens + the padding slot, on every shard
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"mscale": 1.0, "mscale_all_dim": 0.8},
+        {"mscale": None, "mscale_all_dim": None, "truncate": False},
+        {"attention_factor": 1.3},
+    ],
+)
+def test_yarn_tables_match_transformers(extra):
+    """layers/rotary.py's YaRN: inv_freq and the attention factor (mscale / mscale_all_dim) as
+    transformers computes them, folded into the cos/sin tables."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from radixserve.executor.layers.rotary import RotaryEmbedding, rope_settings
+
+    config = CONFIGS["v2_lite"]()
+    config.rope_parameters = {k: v for k, v in dict(YARN, **extra).items() if v is not None}
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    theta, scaling = rope_settings(config.to_dict())
+    rotary = RotaryEmbedding(config.qk_rope_head_dim, 100, theta, scaling, torch.float32)
+    freqs = torch.arange(100).float()[:, None] * inv_freq[None, :]
+    half = config.qk_rope_head_dim // 2
+    assert factor != 1.0
+    torch.testing.assert_close(rotary.cos_table[:, :half], freqs.cos() * factor)
+    torch.testing.assert_close(rotary.sin_table[:, half:], freqs.sin() * factor)
