@@ -119,8 +119,12 @@ def _mla_stage1(
     offs_r = tl.arange(0, BLOCK_R)
     b64 = b.to(tl.int64)
     q_row = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh
-    q_lat = tl.load(q_row + offs_l[None, :], mask=h_mask[:, None] & (offs_l < LORA)[None, :])
-    q_pe = tl.load(q_row + LORA + offs_r[None, :], mask=h_mask[:, None] & (offs_r < ROPE)[None, :])
+    q_lat = tl.load(
+        q_row + offs_l[None, :], mask=h_mask[:, None] & (offs_l < LORA)[None, :], other=0.0
+    )
+    q_pe = tl.load(
+        q_row + LORA + offs_r[None, :], mask=h_mask[:, None] & (offs_r < ROPE)[None, :], other=0.0
+    )
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)

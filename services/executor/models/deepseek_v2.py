@@ -58,6 +58,8 @@ class DeepseekV2Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         hidden, heads = config.get("hidden_size"), config.num_heads
+        if heads % tp_size():
+            raise ValueError(f"{heads} attention heads do not split over {tp_size()} ranks")
         bias = bool(config.get("attention_bias", False))
         self.qk_nope = config.get("qk_nope_head_dim")
         self.qk_rope = config.get("qk_rope_head_dim")
@@ -77,8 +79,6 @@ class DeepseekV2Attention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = LatentUpProjection(self.kv_lora_rank, heads, self.qk_nope, self.v_head_dim)
         self.o_proj = RowParallelLinear(heads * self.v_head_dim, hidden, bias=bias)
-        if heads % tp_size():
-            raise ValueError(f"{heads} attention heads do not split over {tp_size()} ranks")
         self.num_heads = heads // tp_size()
         self.num_kv_heads = 1  # the latent row: one "kv head" of the pool
         self.interleaved_rope = bool(config.get("rope_interleave", True))
