@@ -272,3 +272,49 @@ def test_yarn_tables_match_transformers(extra):
     assert factor != 1.0
     torch.testing.assert_close(rotary.cos_table[:, :half], freqs.cos() * factor)
     torch.testing.assert_close(rotary.sin_table[:, half:], freqs.sin() * factor)
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy", "noaux_tc"])
+def test_routing_matches_transformers_routers(method):
+    """select_experts_grouped against HF's V2 (softmax) and V3 (sigmoid, correction bias) routers,
+    with more experts per token than groups kept, so that the group limit changes the choice."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from radixserve.executor.layers.moe import select_experts_grouped
+
+    shape = dict(
+        hidden_size=32,
+        num_experts_per_tok=4,
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.0,
+    )
+    torch.manual_seed(0)
+    if method == "noaux_tc":
+        hf = DeepseekV3TopkRouter(transformers.DeepseekV3Config(**shape, norm_topk_prob=True))
+        hf.e_score_correction_bias.uniform_(-0.2, 0.2)
+    else:
+        hf = DeepseekV2TopkRouter(transformers.DeepseekV2Config(**shape, topk_method=method))
+    with torch.no_grad():
+        hf.weight.normal_()
+        x = torch.randn(64, 32)
+        logits, hf_weights, hf_ids = hf(x)
+    weights, ids = select_experts_grouped(
+        logits,
+        4,
+        method,
+        4,
+        2,
+        "sigmoid" if method == "noaux_tc" else "softmax",
+        getattr(hf, "e_score_correction_bias", None),
+        renormalize=method == "noaux_tc",
+        scaling_factor=2.0,
+    )
+    order, hf_order = ids.argsort(dim=-1), hf_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
+    torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order))
+    if method != "greedy":  # the group limit made a difference somewhere
+        greedy = select_experts_grouped(logits, 4, "greedy")[1].sort(dim=-1).values
+        assert not torch.equal(greedy, ids.sort(dim=-1).values)
