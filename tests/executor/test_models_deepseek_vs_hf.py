@@ -318,3 +318,14 @@ def test_routing_matches_transformers_routers(method):
     if method != "greedy":  # the group limit made a difference somewhere
         greedy = select_experts_grouped(logits, 4, "greedy")[1].sort(dim=-1).values
         assert not torch.equal(greedy, ids.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("models", ["v2_lite"], indirect=True)
+def test_fp8_latent_cache(models):
+    """--kv-cache-dtype fp8_e4m3: the latent rows stored in fp8 (a quarter of fp32's bytes), decode
+    logits near the fp32 cache's (fp8's rounding of the latents: within 0.05 here)."""
+    _, runner = models
+    fp8 = _runner(runner.config.path, kv_cache_dtype="fp8_e4m3", max_total_tokens=256)
+    assert fp8.kv_pool.k[0].dtype == torch.float8_e4m3fn
+    assert fp8.kv_bytes_per_token * 4 == runner.kv_bytes_per_token
+    torch.testing.assert_close(_decode_logits(fp8), _decode_logits(runner), atol=0.05, rtol=0)
