@@ -183,6 +183,7 @@ def test_absorbed_decode_equals_naive(models):
 def test_mtp_layer_tensors_are_kept(models, tmp_path):
     """V3's checkpoint layer num_hidden_layers (the MTP layer) loads into model.mtp_layers."""
     hf, base = models
+    assert len(base.model.model.mtp_layers) == 0  # HF's checkpoint has none: dropped after loading
     for name in ("config.json", "model.safetensors"):
         shutil.copy(base.config.path / name, tmp_path / name)
     n = hf.config.num_hidden_layers
