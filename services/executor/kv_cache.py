@@ -1,5 +1,6 @@
-"""The KV pool: per layer K and V tensors [kv_slots, kv_heads, head_dim]. No allocator here: the
-scheduler owns slot ids. Slot 0 is a padding sink that padded reads hit (kept zero, never valid).
+"""The KV pool: per layer K and V tensors [kv_slots, kv_heads, head_dim] (V's width is v_head_dim:
+multi-head latent attention stores one row [latent | rope key] in K and nothing in V, see
+attention/mla.py). No allocator here: the scheduler owns slot ids. Slot 0 is a padding sink that padded reads hit (kept zero, never valid).
 
 The pool's dtype is the model's, or fp8 (--kv-cache-dtype fp8_e5m2 | fp8_e4m3): then it holds
 x / scale saturated to the fp8 range, with one K and one V scale per layer (kv_scales.py), and
@@ -30,19 +31,22 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device,
         scales: KVScales | None = None,
+        v_head_dim: int | None = None,
     ):
         self.num_slots, self.num_kv_heads, self.head_dim = num_slots, num_kv_heads, head_dim
+        self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
         self.dtype, self.device = dtype, device
         self.fp8 = is_fp8(dtype)
         scales = scales or KVScales.ones(num_layers)
         assert len(scales.k) == len(scales.v) == num_layers, (len(scales.k), num_layers)
         self.scales = scales
-        shape = (num_slots, num_kv_heads, head_dim)
+        k_shape = (num_slots, num_kv_heads, head_dim)
+        v_shape = (num_slots, num_kv_heads, self.v_head_dim)
         # Only slot 0 is ever read before being written (as padding); it must hold finite values,
         # since a masked-out key still multiplies its value by 0. Not zeroing the rest keeps start fast
         # and, on CPU, leaves untouched pages uncommitted.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.empty(k_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         for buf in self.k + self.v:
             buf[0].zero_()
 
@@ -76,10 +80,16 @@ def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
 
 
 def kv_bytes_per_token(
-    num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    v_head_dim: int | None = None,
 ) -> int:
-    """K and V of one token over every layer, in the pool's dtype (fp8: half of bf16)."""
-    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    """K and V of one token over every layer, in the pool's dtype (fp8: half of bf16); V is
+    v_head_dim wide (head_dim when None)."""
+    width = head_dim + (head_dim if v_head_dim is None else v_head_dim)
+    return num_layers * num_kv_heads * width * torch.empty((), dtype=dtype).element_size()
 
 
 def mem_available_bytes() -> int:

@@ -185,7 +185,9 @@ class ModelRunner:
         cfg = self.config
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this shard's
         self.kv_dtype = kv_cache_torch_dtype(settings.kv_cache_dtype, self.dtype)
-        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, cfg.head_dim, self.kv_dtype)
+        # A model whose cache rows are not K and V of head_dim (MLA: one latent row) says so.
+        k_dim, v_dim = getattr(self.model, "kv_head_dims", (cfg.head_dim, cfg.head_dim))
+        per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, k_dim, self.kv_dtype, v_dim)
         self.kv_bytes_per_token = per_token
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
         sizing_per_token = per_token * (
@@ -205,10 +207,11 @@ class ModelRunner:
                 self.kv_slots,
                 cfg.num_layers,
                 num_kv_heads,
-                cfg.head_dim,
+                k_dim,
                 self.kv_dtype,
                 self.device,
                 self._kv_scales(settings),
+                v_head_dim=v_dim,
             )
         log.info(
             "KV pool: %d slots (%.1f MiB), %s, %d bytes per token%s",

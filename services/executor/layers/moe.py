@@ -48,6 +48,46 @@ def select_experts(
     return weights, ids
 
 
+def select_experts_grouped(
+    router_logits: torch.Tensor,
+    top_k: int,
+    method: str,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek V2/V3 routing: (weights [T, k] float32, expert ids [T, k]) from router logits [T, E].
+
+    Scores are softmax or sigmoid of the logits (float32). method "greedy": the top-k scores;
+    "group_limited_greedy": only experts of the topk_groups groups (of num_groups equal groups)
+    with the highest best score; "noaux_tc": experts are chosen by score + correction_bias, groups
+    by the sum of their two best such values, and weighted by their plain score. Then optionally
+    renormalized to sum to 1, then times scaling_factor."""
+    logits = router_logits.float()
+    scores = torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if method in ("group_limited_greedy", "noaux_tc") and num_groups > 1:
+        grouped = choice.view(choice.shape[0], num_groups, -1)
+        if method == "noaux_tc":
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        groups = group_scores.topk(topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+        dropped = 0.0 if method == "group_limited_greedy" else float("-inf")
+        choice = grouped.masked_fill(~keep[..., None], dropped).view_as(choice)
+    elif method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"unsupported topk_method {method!r}")
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize and top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling_factor, ids
+
+
 class FusedMoE(nn.Module):
     """This rank's experts, stacked: w13_weight [E_local, 2 * I_shard, H] ([gate | up] rows),
     w2_weight [E_local, H, I_shard]."""

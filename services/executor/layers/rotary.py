@@ -1,7 +1,8 @@
 """Rotary position embedding (NeoX / HF rotate-half layout) with precomputed cos/sin tables.
 
-Scaling types: default, linear, llama3, longrope (Phi-3). Both the transformers-5 `rope_parameters`
-dict and the older `rope_theta` + `rope_scaling` keys are read.
+Scaling types: default, linear, llama3, longrope (Phi-3), yarn (DeepSeek; its attention factor folded
+into the tables). Both the transformers-5 `rope_parameters` dict and the older `rope_theta` +
+`rope_scaling` keys are read.
 
 Every attention backend rotates the pairs (i, i + head_dim/2) of the whole head. Other layouts map onto
 that at load time (`RotaryLayout`): partial rotary (only the first rotary_dim dims rotate) and
@@ -57,6 +58,8 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict, max_positions: int) ->
         return torch.where(medium, smoothed, scaled)
     if kind == "longrope":  # the short factors; positions past the original context: _longrope
         return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
     raise NotImplementedError(f"rope type {kind!r} is not supported")
 
 
@@ -119,6 +122,49 @@ class RotaryLayout:
             yield name, tensor
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: dict) -> float:
+    """What the cos/sin tables are multiplied by: YaRN's attention factor (the config's, else
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, else mscale(factor));
+    1 for the other types."""
+    if scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, all_dim = (
+        scaling["factor"],
+        scaling.get("mscale"),
+        scaling.get("mscale_all_dim"),
+    )
+    if mscale and all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim)
+    return yarn_mscale(factor)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN: interpolated (inv_freq / factor) below the low correction dim, extrapolated (as is)
+    above the high one, a linear ramp between."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(
         self,
@@ -140,6 +186,9 @@ class RotaryEmbedding(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         if scaling["rope_type"] == "longrope":
             cos, sin = _longrope(cos, sin, head_dim, theta, scaling)
+        factor = rope_attention_factor(scaling)
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
         self.register_buffer("cos_table", torch.cat((cos, cos), -1).to(dtype), persistent=False)
         # rotate_half(x) * sin == [x2 | x1] * [-sin | sin]: the sign lives in the table.
         self.register_buffer("sin_table", torch.cat((-sin, sin), -1).to(dtype), persistent=False)

@@ -159,15 +159,18 @@ class LlamaForCausalLM(nn.Module):
 
 
 def add_rotary_and_lm_head(
-    causal_lm: nn.Module, config: ModelConfig, rotary_dim: int | None = None
+    causal_lm: nn.Module,
+    config: ModelConfig,
+    rotary_dim: int | None = None,
+    table_dim: int | None = None,
 ) -> None:
     """What every Llama-style causal LM has around its decoder (`causal_lm.model`): the rotary
-    tables (over rotary_dim dims of each head: layers/rotary.py's RotaryLayout) and the LM head,
-    tied to the input embedding when the config says so."""
+    tables (`table_dim` columns, else the head dim, of which the first `rotary_dim` rotate: layers/
+    rotary.py's RotaryLayout) and the LM head, tied to the input embedding when the config says so."""
     theta, scaling = rope_settings(config.hf)
     max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
     causal_lm.rotary_emb = RotaryEmbedding(
-        config.head_dim, max_pos, theta, scaling, torch.get_default_dtype(), rotary_dim
+        table_dim or config.head_dim, max_pos, theta, scaling, torch.get_default_dtype(), rotary_dim
     )
     causal_lm.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
     causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))

@@ -72,7 +72,7 @@ class MoeCausalLM(nn.Module):
     checkpoint_renames: dict[str, str] = {}
     stacked_params = LlamaForCausalLM.stacked_params  # q/k/v and dense gate/up fused as in Llama
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, rope_table_dim: int | None = None):
         super().__init__()
         self.config = config
         self.model = MoeModel(
@@ -82,7 +82,7 @@ class MoeCausalLM(nn.Module):
                 for i in range(config.num_layers)
             ),
         )
-        add_rotary_and_lm_head(self, config)
+        add_rotary_and_lm_head(self, config, table_dim=rope_table_dim)
 
     def make_attention(self, config: ModelConfig, layer_id: int) -> nn.Module:
         bias = bool(config.get("attention_bias", False))
@@ -128,5 +128,10 @@ class MoeCausalLM(nn.Module):
                             f"{stacked} ({expert_tensors[stacked]} of "
                             f"{per_expert * module.num_experts} expert tensors)"
                         )
+        missing = {n for n in missing if not self.may_be_absent(n)}
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
+
+    def may_be_absent(self, name: str) -> bool:
+        """Whether a parameter the checkpoint did not fill is fine (a module kept only when present)."""
+        return False

@@ -13,6 +13,7 @@ from radixserve.executor.models.internlm2 import InternLM2ForCausalLM
 from radixserve.executor.models.chatglm import ChatGLMForCausalLM
 from radixserve.executor.models.cohere import CohereForCausalLM
 from radixserve.executor.models.glm import GlmForCausalLM
+from radixserve.executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
@@ -46,6 +47,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "ChatGLMModel": ChatGLMForCausalLM,  # remote code (ChatGLM2/3, GLM-4 chat)
     "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
