@@ -6,9 +6,11 @@ from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
 from radixserve.executor.models.exaone import ExaoneForCausalLM
+from radixserve.executor.models.dbrx import DbrxForCausalLM
 from radixserve.executor.models.gemma import GemmaForCausalLM
 from radixserve.executor.models.gemma2 import Gemma2ForCausalLM
 from radixserve.executor.models.gemma3 import Gemma3ForCausalLM
+from radixserve.executor.models.grok import Grok1ForCausalLM, Grok1ModelForCausalLM
 from radixserve.executor.models.internlm2 import InternLM2ForCausalLM
 from radixserve.executor.models.chatglm import ChatGLMForCausalLM
 from radixserve.executor.models.cohere import CohereForCausalLM
@@ -46,6 +48,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "ChatGLMModel": ChatGLMForCausalLM,  # remote code (ChatGLM2/3, GLM-4 chat)
     "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
+    "DbrxForCausalLM": DbrxForCausalLM,
+    "Grok1ForCausalLM": Grok1ForCausalLM,
+    "Grok1ModelForCausalLM": Grok1ModelForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
