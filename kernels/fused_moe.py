@@ -9,7 +9,8 @@ expert this rank does not hold: that pair contributes nothing here).
    block b. Sizes depend only on T, k, E and BLOCK_M and nothing is read back to the host, so a CUDA
    graph can hold it; blocks past the used length (num_padded) do nothing.
 2. GEMM 1, one program per (block of routed pairs, N tile): x[p // k] @ w13[e]^T -> gate_up [T*k, 2I].
-3. silu_and_mul (kernels/silu_mul.py) -> act [T*k, I] (rows of pairs held elsewhere: unset, never read).
+3. act(gate) * up -> act [T*k, I] (rows of pairs held elsewhere: unset, never read); the activation is
+   SiLU (SwiGLU, kernels/silu_mul.py) unless `activation` names another of MOE_ACTIVATIONS (torch ops).
 4. GEMM 2: act[p] @ w2[e]^T * topk_weights[p] -> [T*k, H] (rows of pairs not held here stay 0).
 5. Sum of each token's k rows (in float32) -> [T, H] in x.dtype.
 
@@ -26,6 +27,19 @@ import triton.language as tl
 
 from radixserve.kernels.paged_attention_block import interpreting
 from radixserve.kernels.silu_mul import silu_and_mul
+
+# The experts' gate activation by name: SiLU (Mixtral, Qwen, DBRX), exact or tanh-approximated GELU (Grok-1).
+MOE_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def _act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(gate) * up of [.., gate | up] rows."""
+    inter = gate_up.shape[-1] // 2
+    return MOE_ACTIVATIONS[activation](gate_up[:, :inter]) * gate_up[:, inter:]
 
 
 @triton.jit
@@ -176,8 +190,9 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     block_m: int | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * w2[e] @ (silu(gate) * up)(w13[e] @ x[t]), e = topk_ids[t, j] -> [T, H]."""
+    """sum_j topk_weights[t, j] * w2[e] @ (act(gate) * up)(w13[e] @ x[t]), e = topk_ids[t, j] -> [T, H]."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -195,7 +210,7 @@ def fused_moe(
     _moe_gemm(
         x, w13, gate_up, weights, sorted_ids, expert_ids, num_padded, k, block_m, mul_weight=False
     )
-    act = silu_and_mul(gate_up)
+    act = silu_and_mul(gate_up) if activation == "silu" else _act_and_mul(gate_up, activation)
     per_pair = torch.zeros((P, H), dtype=x.dtype, device=x.device)
     _moe_gemm(
         act, w2, per_pair, weights, sorted_ids, expert_ids, num_padded, 1, block_m, mul_weight=True
@@ -209,11 +224,11 @@ def fused_moe_ref(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """Torch reference (and the CPU path): per expert that received tokens, its SwiGLU MLP on them."""
+    """Torch reference (and the CPU path): per expert that received tokens, its gated MLP on them."""
     T, k = topk_ids.shape
-    E, two_i, _ = w13.shape
-    inter = two_i // 2
+    E = w13.shape[0]
     flat = topk_ids.reshape(-1).to(torch.int64)
     bucket = torch.where((flat >= 0) & (flat < E), flat, E)
     order = torch.argsort(bucket, stable=True)
@@ -226,7 +241,7 @@ def fused_moe_ref(
             pairs = order[start : start + counts[e]]
             tokens = pairs // k
             gate_up = F.linear(x[tokens], w13[e])
-            y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[e])
+            y = F.linear(_act_and_mul(gate_up, activation), w2[e])
             out.index_add_(0, tokens, y.float() * weights[pairs])
             start += counts[e]
     return out.to(x.dtype)

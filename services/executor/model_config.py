@@ -43,6 +43,30 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+# Config keys some architectures spell otherwise (DBRX), a dotted name being a key of a nested dict ->
+# the name the executor reads; ModelConfig.load adds the standard key where the config lacks it.
+_KEY_ALIASES = {
+    "d_model": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "n_layers": "num_hidden_layers",
+    "max_seq_len": "max_position_embeddings",
+    "attn_config.kv_n_heads": "num_key_value_heads",
+    "attn_config.rope_theta": "rope_theta",
+}
+
+
+def with_standard_keys(hf: dict) -> dict:
+    """hf plus the standard names of the keys it spells otherwise (_KEY_ALIASES)."""
+    out = dict(hf)
+    for alias, key in _KEY_ALIASES.items():
+        value = hf
+        for part in alias.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and out.get(key) is None:
+            out[key] = value
+    return out
+
+
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
@@ -52,7 +76,7 @@ def _as_id_list(value) -> list[int]:
 @dataclass
 class ModelConfig:
     path: pathlib.Path
-    hf: dict  # the raw config.json
+    hf: dict  # config.json, plus the standard names of keys it spells otherwise (with_standard_keys)
     architecture: str
     dtype: torch.dtype
     context_length: int
@@ -63,7 +87,7 @@ class ModelConfig:
         cls, path: pathlib.Path, dtype: str = "auto", context_length: int | None = None
     ) -> "ModelConfig":
         path = pathlib.Path(path)
-        hf = json.loads((path / "config.json").read_text())
+        hf = with_standard_keys(json.loads((path / "config.json").read_text()))
         architectures = hf.get("architectures") or []
         if not architectures:
             raise ValueError(f"{path}/config.json names no architecture")

@@ -90,7 +90,8 @@ def select_experts_grouped(
 
 class FusedMoE(nn.Module):
     """This rank's experts, stacked: w13_weight [E_local, 2 * I_shard, H] ([gate | up] rows),
-    w2_weight [E_local, H, I_shard]."""
+    w2_weight [E_local, H, I_shard]; each expert is activation(gate) * up, then down (activation: a
+    key of kernels/fused_moe.py's MOE_ACTIVATIONS, SiLU by default)."""
 
     def __init__(
         self,
@@ -99,8 +100,10 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         ep_rank: int | None = None,
         ep_size: int | None = None,
+        activation: str = "silu",
     ):
         super().__init__()
+        self.activation = activation
         if ep_rank is None or ep_size is None:
             ep_rank, ep_size = default_ep()
         # Ranks sharing this rank's experts split their intermediate size (one on a single process).
@@ -184,10 +187,14 @@ class FusedMoE(nn.Module):
         if x.is_cuda:
             from radixserve.kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, ids)
+            return fused_moe(
+                x, self.w13_weight, self.w2_weight, topk_weights, ids, activation=self.activation
+            )
         from radixserve.kernels.fused_moe import fused_moe_ref
 
-        return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, ids)
+        return fused_moe_ref(
+            x, self.w13_weight, self.w2_weight, topk_weights, ids, activation=self.activation
+        )
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -209,11 +216,12 @@ class SparseMoeBlock(nn.Module):
         intermediate_size: int,
         renormalize: bool,
         shared_expert: nn.Module | None = None,
+        activation: str = "silu",
     ):
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = ReplicatedLinear(hidden_size, num_experts)
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, activation=activation)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (
             ReplicatedLinear(hidden_size, 1) if shared_expert is not None else None

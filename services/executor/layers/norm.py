@@ -46,7 +46,8 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim, computed in float32 and rounded to the activation dtype once;
-    weight, and a bias unless bias=False (Cohere's)."""
+    weight, and a bias unless bias=False (Cohere's, DBRX's). Called like RMSNorm: norm(x), or with a
+    residual (norm(x + residual), x + residual)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -54,7 +55,10 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            residual = x.add_(residual)
+            return self.forward(residual), residual
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps).to(
             x.dtype

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -45,24 +45,33 @@ def qwen_layer_is_sparse(config: ModelConfig, layer_id: int) -> bool:
     )
 
 
+def rms_norm(config: ModelConfig) -> RMSNorm:
+    return RMSNorm(config.get("hidden_size"), config.get("rms_norm_eps", 1e-6))
+
+
 class MoeDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        self_attn: nn.Module,
+        mlp: nn.Module,
+        make_norm: Callable[[ModelConfig], nn.Module] = rms_norm,
+    ):
         super().__init__()
-        hidden, eps = config.get("hidden_size"), config.get("rms_norm_eps", 1e-6)
         self.self_attn = self_attn
         self.mlp = mlp
-        self.input_layernorm = RMSNorm(hidden, eps)
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
 
     forward = LlamaDecoderLayer.forward  # same residual / norm order; only the modules differ
 
 
 class MoeModel(nn.Module):
-    def __init__(self, config: ModelConfig, layers: Iterable[MoeDecoderLayer]):
+    def __init__(self, config: ModelConfig, layers: Iterable[nn.Module], norm: nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.get("hidden_size"))
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.get("hidden_size"), config.get("rms_norm_eps", 1e-6))
+        self.norm = norm
 
 
 class MoeCausalLM(nn.Module):
@@ -77,12 +86,22 @@ class MoeCausalLM(nn.Module):
         self.config = config
         self.model = MoeModel(
             config,
-            (
-                MoeDecoderLayer(config, self.make_attention(config, i), self.make_mlp(config, i))
-                for i in range(config.num_layers)
-            ),
+            (self.make_layer(config, i) for i in range(config.num_layers)),
+            self.make_norm(config),
         )
         add_rotary_and_lm_head(self, config, table_dim=rope_table_dim)
+
+    def make_norm(self, config: ModelConfig) -> nn.Module:
+        """The norm of each layer's two norms and of the final one."""
+        return rms_norm(config)
+
+    def make_layer(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        return MoeDecoderLayer(
+            config,
+            self.make_attention(config, layer_id),
+            self.make_mlp(config, layer_id),
+            self.make_norm,
+        )
 
     def make_attention(self, config: ModelConfig, layer_id: int) -> nn.Module:
         bias = bool(config.get("attention_bias", False))

@@ -6,9 +6,11 @@ from torch import nn
 
 from radixserve.executor.models.bert import BertModel, XLMRobertaModel
 from radixserve.executor.models.exaone import ExaoneForCausalLM
+from radixserve.executor.models.dbrx import DbrxForCausalLM
 from radixserve.executor.models.gemma import GemmaForCausalLM
 from radixserve.executor.models.gemma2 import Gemma2ForCausalLM
 from radixserve.executor.models.gemma3 import Gemma3ForCausalLM
+from radixserve.executor.models.grok import Grok1ForCausalLM, Grok1ModelForCausalLM
 from radixserve.executor.models.internlm2 import InternLM2ForCausalLM
 from radixserve.executor.models.chatglm import ChatGLMForCausalLM
 from radixserve.executor.models.cohere import CohereForCausalLM
@@ -49,6 +51,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "DbrxForCausalLM": DbrxForCausalLM,
+    "Grok1ForCausalLM": Grok1ForCausalLM,
+    "Grok1ModelForCausalLM": Grok1ModelForCausalLM,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
