@@ -94,7 +94,9 @@ class GemmaForCausalLM(LlamaForCausalLM):
         )
         self.model.norm = GemmaRMSNorm(hidden, config.get("rms_norm_eps", 1e-6))
         # HF multiplies by sqrt(hidden) rounded to the weights' dtype.
-        self.embed_scale = float(torch.tensor(hidden**0.5, dtype=torch.get_default_dtype()))
+        self.embed_scale = float(
+            torch.tensor(hidden**0.5, dtype=torch.get_default_dtype(), device="cpu")
+        )
         self.max_positions = max(config.context_length, config.get("max_position_embeddings", 0))
         # local_rotary_emb: the sliding layers' own table (Gemma 3), None where they share rotary_emb
         self.rotary_emb, self.local_rotary_emb = self.make_rotaries(config)
