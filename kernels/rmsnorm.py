@@ -4,6 +4,7 @@ Numerics follow HF transformers and services/executor/layers/norm.py:
   residual add in the activation dtype (rounded), normalize in float32
   (h * rsqrt(mean(h^2) + eps)), round to the activation dtype, then multiply by the weight in the
   activation dtype (product computed in fp32 and rounded once, which is what torch does for bf16/fp16).
+  With unit_offset (Gemma): the float32 normalized row times (1 + weight) in float32, rounded once.
 One program per token row; the whole row is one block (BLOCK = next power of 2 of hidden, up to 8192).
 """
 
@@ -30,6 +31,7 @@ def _rmsnorm_kernel(
     N,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -45,8 +47,11 @@ def _rmsnorm_kernel(
     h = x.to(tl.float32)
     var = tl.sum(h * h, axis=0) / N
     h = h * tl.rsqrt(var + eps)
-    h = h.to(dtype).to(tl.float32)  # round to the activation dtype before the weight
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = h.to(dtype).to(tl.float32)  # round to the activation dtype before the weight
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (h * w).to(dtype), mask=mask)
 
 
@@ -57,7 +62,7 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, unit_offset=False):
     n = x.shape[-1]
     if n > MAX_HIDDEN:
         raise ValueError(f"hidden size {n} > {MAX_HIDDEN}")
@@ -91,6 +96,7 @@ def _launch(x, residual, weight, eps):
             n,
             float(eps),
             HAS_RESIDUAL=residual is not None,
+            UNIT_OFFSET=unit_offset,
             BLOCK=block,
             num_warps=num_warps,
         )
@@ -100,26 +106,40 @@ def _launch(x, residual, weight, eps):
     return out, new_res.view(x.shape)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offset: bool = False
+) -> torch.Tensor:
     """RMSNorm over the last dim of x; returns a new tensor in x.dtype."""
-    return _launch(x, None, weight, eps)
+    return _launch(x, None, weight, eps, unit_offset)
 
 
 def fused_add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
 ):
     """(rmsnorm(x + residual), x + residual) as new tensors; the inputs are not modified."""
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps, unit_offset)
 
 
-def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rmsnorm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, unit_offset: bool = False
+) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.float())).to(x.dtype)
     return weight.to(x.dtype) * h.to(x.dtype)
 
 
 def fused_add_rmsnorm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    unit_offset: bool = False,
 ):
     new_res = x + residual
-    return rmsnorm_ref(new_res, weight, eps), new_res
+    return rmsnorm_ref(new_res, weight, eps, unit_offset), new_res

@@ -330,3 +330,14 @@ def test_fp8_latent_cache(models):
     assert fp8.kv_pool.k[0].dtype == torch.float8_e4m3fn
     assert fp8.kv_bytes_per_token * 4 == runner.kv_bytes_per_token
     torch.testing.assert_close(_decode_logits(fp8), _decode_logits(runner), atol=0.05, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_with_padded_batch(tmp_path):
+    """Decode replayed from CUDA graphs: a batch of 3 runs in the graph of 4, whose padding token
+    carries KV slot -1 (the MLA store sends it to the sink slot instead of indexing out of bounds)."""
+    hf = _build("v3", tmp_path)
+    runner = _runner(tmp_path, attention_backend="triton", cuda_graph_max_bs=4)
+    check_batched_prefill_decode_and_prefix_reuse((hf, runner))
+    check_greedy_matches_hf_generate((hf, runner))

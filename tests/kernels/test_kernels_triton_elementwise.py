@@ -28,7 +28,12 @@ from radixserve.kernels.rmsnorm import (
     rmsnorm_ref,
 )  # noqa: E402
 from radixserve.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
-from radixserve.kernels.silu_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from radixserve.kernels.silu_mul import (  # noqa: E402
+    gelu_tanh_and_mul,
+    gelu_tanh_and_mul_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
 from radixserve.executor.layers.norm import RMSNorm  # noqa: E402
 from radixserve.executor.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.kernels.kernel_checks import DEVICE, DTYPES, close, cuda_only, exact_or_close, gen, randn  # noqa: E402
@@ -63,6 +68,24 @@ def test_rmsnorm(T, hidden, dtype):
 @pytest.mark.parametrize("hidden", [4096, 8192])
 def test_rmsnorm_cuda_realistic(hidden, dtype):
     _check_rmsnorm(128, hidden, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_unit_offset_is_gemmas(dtype):
+    """unit_offset: x / rms(x) * (1 + w) in float32, rounded once (Gemma's norm, on the CPU its
+    torch code), alone and after the residual add."""
+    from radixserve.executor.models.gemma import GemmaRMSNorm
+
+    g = gen(3)
+    layer = GemmaRMSNorm(96, eps=1e-6).to(DEVICE, dtype)
+    layer.weight.data.copy_(randn(g, 96, dtype=dtype, scale=0.5))
+    x, res = randn(g, 5, 96, dtype=dtype, scale=2.0), randn(g, 5, 96, dtype=dtype)
+    want = layer._normalize(x.clone())
+    close(rmsnorm_ref(x, layer.weight, 1e-6, unit_offset=True), want)
+    close(rmsnorm(x, layer.weight, 1e-6, unit_offset=True), want)
+    out, new_res = fused_add_rmsnorm(x, res, layer.weight, 1e-6, unit_offset=True)
+    exact_or_close(new_res, x + res)
+    close(out, layer._normalize(x + res))
 
 
 def test_rmsnorm_ref_matches_layer():
@@ -140,6 +163,15 @@ def test_silu_and_mul(T, inter, dtype):
     g = gen(T * 11 + inter)
     gu = randn(g, T, 2 * inter, dtype=dtype, scale=3.0)
     close(silu_and_mul(gu), silu_and_mul_ref(gu))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, inter", [(1, 64), (33, 1536)])
+def test_gelu_tanh_and_mul(T, inter, dtype):
+    """Gemma's GeGLU (layers/activation.py's GeluAndMul off CUDA is the reference)."""
+    g = gen(T * 13 + inter)
+    gu = randn(g, T, 2 * inter, dtype=dtype, scale=3.0)
+    close(gelu_tanh_and_mul(gu), gelu_tanh_and_mul_ref(gu))
 
 
 @cuda_only

@@ -87,7 +87,9 @@ class MLAAttention(nn.Module):
         batch = get_forward_batch()
         pool = batch.kv_pool
         rows = torch.cat((latent, k_pe), dim=-1).unsqueeze(1)
-        pool.store(self.layer_id, batch.out_slots, rows, rows[..., :0])
+        # Padding tokens of a captured decode graph carry slot -1: they write to the sink, slot 0
+        # (never handed out by the scheduler).
+        pool.store(self.layer_id, batch.out_slots.clamp(min=0), rows, rows[..., :0])
         cache = pool.layer(self.layer_id)[0].view(pool.num_slots, -1)
         k_scale = pool.layer_scales(self.layer_id)[0]
         num_tokens, n_ext = q_nope.shape[0], batch.num_extend_tokens

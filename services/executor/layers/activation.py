@@ -27,5 +27,9 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.approximate == "tanh" and not torch.compiler.is_compiling():
+            from radixserve.kernels.silu_mul import gelu_tanh_and_mul
+
+            return gelu_tanh_and_mul(x)
         half = x.shape[-1] // 2
         return F.gelu(x[..., :half], approximate=self.approximate).mul_(x[..., half:])

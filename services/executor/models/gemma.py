@@ -39,6 +39,12 @@ class GemmaRMSNorm(RMSNorm):
         return (h * (1.0 + self.weight.float())).to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and not torch.compiler.is_compiling():  # the Triton kernel, same numerics
+            from radixserve.kernels import rmsnorm
+
+            if residual is None:
+                return rmsnorm.rmsnorm(x, self.weight, self.eps, unit_offset=True)
+            return rmsnorm.fused_add_rmsnorm(x, residual, self.weight, self.eps, unit_offset=True)
         if residual is None:
             return self._normalize(x)
         residual = x.add_(residual)
