@@ -66,9 +66,9 @@ def greedy(runner: ModelRunner, ids: list[int], steps: int) -> tuple[list[int], 
     return tokens, first
 
 
-def runner_for(folder, quantization="gguf") -> ModelRunner:
+def runner_for(folder, quantization="gguf", dtype="float32") -> ModelRunner:
     config = runner_config(
-        dtype="float32", device="cpu", quantization=quantization, max_total_tokens=256
+        dtype=dtype, device="cpu", quantization=quantization, max_total_tokens=256
     )
     return ModelRunner(folder, config)
 
@@ -130,9 +130,11 @@ def batched_logits(runner: ModelRunner, prompts: list[list[int]], steps: int) ->
     return logits
 
 
-# The kernels multiply the file's values with float32 activations: logits within 1e-4 of the largest
-# (measured: 3.1e-6 at most), the same greedy token unless the reference's two best are within 1e-3.
-LOGIT_TOLERANCE, TIE_MARGIN = 1e-4, 1e-3
+# int8 activations (per 32 values, as llama.cpp quantizes them) through 30 layers against float32 ones:
+# logits within 8% of the largest (measured: 5.6% at most); the same greedy token wherever the
+# reference's best token leads the native pick by more than 1 logit (measured: the picks that differ
+# are near-ties, at most 0.22 apart).
+LOGIT_TOLERANCE, TIE_MARGIN = 0.08, 1.0
 
 
 def test_native_q4_1_gives_the_dequantized_models_greedy_answers(smollm2):
@@ -149,7 +151,7 @@ def test_native_q4_1_gives_the_dequantized_models_greedy_answers(smollm2):
 
 
 def test_native_weights_are_exactly_the_dequantized_ones(smollm2, monkeypatch):
-    """Through the dequantize-then-GEMM path (DEQUANTIZE_ROWS, for every row count) the native model is
+    """With float activations (the dequantize-then-GEMM path for every row count) the native model is
     the dequantized one: names, the q/k row permutation, the tied Q8_0 head and embedding are right."""
     monkeypatch.setattr(gguf_cpu, "DEQUANTIZE_ROWS", 1)
     native, dequantized = smollm2
@@ -165,18 +167,18 @@ def test_native_decode_and_greedy_agree_on_a_confident_prompt(smollm2):
     assert greedy(native, PROMPTS[3], 8)[0] == greedy(dequantized, PROMPTS[3], 8)[0]
 
 
-def test_a_requests_logits_do_not_depend_on_its_batch(smollm2):
-    """A request's logits alone and batched with others (prefill and decode) differ by float rounding
-    only, as the dequantized model's do (measured: 3.3e-5 both; batched decode attention differs from a
-    lone sequence's in the last bits). The int8 activations of the first kernels turned those bits
-    into whole quantization steps: 0.6 logits apart after 3 steps, and under 8 concurrent requests a
-    streamed answer differed from the same request's non-streamed one."""
-    native, _ = smollm2
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_requests_logits_do_not_depend_on_its_batch(smollm2, dtype):
+    """Bitwise, prefill and decode: a request alone, beside requests of other lengths, and beside one of
+    its own length. The decode attention once ran a batch padded to its longest sequence under a mask,
+    which changed a sequence's attention in the last bits; the int8 activation rounding (and bf16)
+    turned that into logits 0.6-0.8 apart within 3 steps, and under 8 concurrent requests a streamed
+    answer differed from the same request's non-streamed one."""
+    native = smollm2[0] if dtype == "float32" else runner_for(resolve_model_path(None), dtype=dtype)
     alone = batched_logits(native, PROMPTS[:1], 4)
-    batched = batched_logits(native, PROMPTS[:3], 4)
-    for got, ref in zip(batched, alone):
-        assert (got - ref).abs().max().item() < 1e-3
-        assert int(got.argmax()) == int(ref.argmax())
+    for others in (PROMPTS[1:3], [PROMPTS[0][::-1]]):
+        for got, ref in zip(batched_logits(native, [PROMPTS[0], *others], 4), alone):
+            assert torch.equal(got, ref)
 
 
 def test_a_gguf_the_cpu_kernels_cover_runs_natively_by_default(tiny_gguf):

@@ -1,9 +1,10 @@
 """Attention with torch's scaled_dot_product_attention; runs on CPU and CUDA.
 
-Decode tokens of the whole batch are handled by one SDPA call: their K/V are gathered through their
-SlotTable rows, cut at the longest length ([B, max_len]), into buffers reused by every layer, and a
-key-padding mask hides what lies past each sequence's length. Grouped-query heads need no K/V
-expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
+Decode tokens of the whole batch gather their K/V through their SlotTable rows, cut at the longest
+length ([B, max_len]), into buffers reused by every layer; sequences of one length run as one SDPA
+call, sequences of different lengths one call each at its own length (a padded, masked batch computes
+a sequence's attention differently in the last bits from the same sequence alone, and a request's
+tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
 """
@@ -27,7 +28,7 @@ class _StepMetadata:
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
     decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
     decode_max_len: int
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool, None when no padding
+    decode_lens: list[int] | None  # each sequence's length; None when all are decode_max_len
     k_buf: torch.Tensor | None
     v_buf: torch.Tensor | None
 
@@ -45,7 +46,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
                 masks.append(ones.tril_(seq.prefix_len))
                 slots.append(table[seq.row, : seq.seq_len])
-        decode_table = mask = k_buf = v_buf = None
+        decode_table = decode_lens = k_buf = v_buf = None
         max_len = 0
         if batch.decode_lens:
             lens = batch.decode_lens
@@ -54,15 +55,14 @@ class TorchNativeAttentionBackend(AttentionBackend):
             # Entries past a sequence's length are stale slot ids of the row: in range, and masked out.
             decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
             if min(lens) != max_len:
-                lens_t = meta.decode_lens
-                mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(
-                    len(lens), 1, 1, max_len
-                )
+                decode_lens = list(lens)
             pool = batch.kv_pool
             shape = (decode_table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
-        batch.attn_metadata = _StepMetadata(masks, slots, decode_table, max_len, mask, k_buf, v_buf)
+        batch.attn_metadata = _StepMetadata(
+            masks, slots, decode_table, max_len, decode_lens, k_buf, v_buf
+        )
 
     def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
         q, k = self.rotate(qk, rope, layer)
@@ -117,9 +117,21 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys = meta.k_buf.to(q.dtype).view(shape).transpose(1, 2)  # to(): no copy unless fp8
         values = meta.v_buf.to(q.dtype).view(shape).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
-        o = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=layer.scaling * k_scale
-        )
+        scale = layer.scaling * k_scale
+        if meta.decode_lens is None:
+            o = F.scaled_dot_product_attention(queries, keys, values, scale=scale)
+        else:
+            o = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        queries[i : i + 1],
+                        keys[i : i + 1, :, :n],
+                        values[i : i + 1, :, :n],
+                        scale=scale,
+                    )
+                    for i, n in enumerate(meta.decode_lens)
+                ]
+            )
         if v_scale != 1.0:
             o = o * v_scale
         return o.reshape(bsz, layer.num_heads * d)

@@ -9,7 +9,7 @@ loading, shards of one type are concatenated into one tensor; a layer whose shar
 concatenates the outputs. A tied LM head shares the embedding's parameter and so its blocks.
 
 On the CPU the kernels are kernels/gguf_cpu.py's; on CUDA kernels/gguf_triton.py's when present, else
-the weight is dequantized per call.
+the weight is dequantized per call. Which .gguf runs natively without --quantization: native_config.
 """
 
 from __future__ import annotations
