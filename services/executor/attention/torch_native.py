@@ -4,7 +4,8 @@ Decode tokens of the whole batch gather their K/V through their SlotTable rows, 
 length ([B, max_len]), into buffers reused by every layer; sequences of one length run as one SDPA
 call, sequences of different lengths one call each at its own length (a padded, masked batch computes
 a sequence's attention differently in the last bits from the same sequence alone, and a request's
-tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
+tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode:
+the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
 """
@@ -26,7 +27,7 @@ class _StepMetadata:
         torch.Tensor | None
     ]  # None: no prefix, plain causal attention on the new K/V
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
-    decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
+    decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: unread)
     decode_max_len: int
     decode_lens: list[int] | None  # each sequence's length; None when all are decode_max_len
     k_buf: torch.Tensor | None
@@ -52,7 +53,7 @@ class TorchNativeAttentionBackend(AttentionBackend):
             lens = batch.decode_lens
             max_len = max(lens)
             meta = batch.table_meta
-            # Entries past a sequence's length are stale slot ids of the row: in range, and masked out.
+            # Entries past a sequence's length are stale slot ids of the row: in range, and not read.
             decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
             if min(lens) != max_len:
                 decode_lens = list(lens)
