@@ -202,8 +202,9 @@ class ModelSpec:
         None,
         "fp8 (online from a bf16/fp16 checkpoint, or an fp8 checkpoint as published), awq, gptq, "
         "compressed-tensors (read from the checkpoint's quantization_config), gguf: a .gguf model "
-        "served with its quantized blocks as stored (CPU int8-dot kernels, Triton kernels on CUDA); "
-        "unquant (the default for now): a .gguf dequantized to the --dtype at load",
+        "served with its quantized blocks as stored (CPU AVX2 kernels, Triton kernels on CUDA; the "
+        "default on the CPU for Q4_0/Q4_1/Q8_0 files), unquant: a .gguf dequantized to the --dtype "
+        "at load (the default on CUDA and for other block types)",
         group="Quantization and data type",
         aliases=("-q",),
         choices=[

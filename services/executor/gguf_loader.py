@@ -182,3 +182,9 @@ def iterate_gguf(path: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
             values = unpermute_rope_rows(values, heads if "q_proj" in name else kv_heads)
         values.gguf_qtype = info.qtype
         yield name, values
+
+
+def weight_types(path: pathlib.Path) -> list[int]:
+    """The block types of the model's weight tensors in a .gguf (from its header alone)."""
+    _, infos = read_header(path)
+    return [info.qtype for info in infos if (hf_name(info.name) or "").endswith(".weight")]

@@ -1,5 +1,6 @@
-"""A .gguf served with its blocks as stored (quantization/gguf.py) against the same file dequantized
-(--quantization unquant): the embedded SmolLM2 Q4_1, and a tiny Llama of mixed block types written here."""
+"""A .gguf served with its blocks as stored (quantization/gguf.py; the CPU default for files the kernels
+cover) against the same file dequantized (--quantization unquant): the embedded SmolLM2 Q4_1, and a tiny
+Llama of mixed block types written here."""
 
 import json
 
@@ -8,11 +9,11 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from radixserve.common.model_files import SOURCE_MARKER, resolve_model_path
+from radixserve.common.model_files import SOURCE_MARKER, gguf_source, resolve_model_path
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.quantization import weight_bytes
-from radixserve.executor.quantization.gguf import GgufConfig
+from radixserve.executor.quantization.gguf import GgufConfig, default_native, native_config
 from radixserve.executor.runner import ModelRunner
 from radixserve.kernels import gguf_cpu
 from tests.configs import runner_config
@@ -65,9 +66,9 @@ def greedy(runner: ModelRunner, ids: list[int], steps: int) -> tuple[list[int], 
     return tokens, first
 
 
-def runner_for(folder, quantization="gguf") -> ModelRunner:
+def runner_for(folder, quantization="gguf", dtype="float32") -> ModelRunner:
     config = runner_config(
-        dtype="float32", device="cpu", quantization=quantization, max_total_tokens=256
+        dtype=dtype, device="cpu", quantization=quantization, max_total_tokens=256
     )
     return ModelRunner(folder, config)
 
@@ -110,6 +111,25 @@ def forced_logits(
     return logits
 
 
+def batched_logits(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """The first prompt's logits at its prefill and `steps - 1` greedy decode steps, with the other
+    prompts prefilled and decoded in the same steps."""
+    runner.reset()
+    starts = [1 + sum(len(p) + steps for p in prompts[:i]) for i in range(len(prompts))]
+    new = [
+        NewRequest(f"r{i}", p, list(range(s, s + len(p))), sampling=GREEDY)
+        for i, (p, s) in enumerate(zip(prompts, starts))
+    ]
+    logits = [runner.step(StepInput(1, new_requests=new)).logits[0].float()]
+    for k in range(steps - 1):
+        cont = [
+            ContinuingRequest(f"r{i}", [s + len(p) + k])
+            for i, (p, s) in enumerate(zip(prompts, starts))
+        ]
+        logits.append(runner.step(StepInput(k + 2, continuing_requests=cont)).logits[0].float())
+    return logits
+
+
 # int8 activations (per 32 values, as llama.cpp quantizes them) through 30 layers against float32 ones:
 # logits within 8% of the largest (measured: 5.6% at most); the same greedy token wherever the
 # reference's best token leads the native pick by more than 1 logit (measured: the picks that differ
@@ -145,6 +165,33 @@ def test_native_decode_and_greedy_agree_on_a_confident_prompt(smollm2):
     """Free-running greedy (the runner's own decode steps) gives the reference's answer."""
     native, dequantized = smollm2
     assert greedy(native, PROMPTS[3], 8)[0] == greedy(dequantized, PROMPTS[3], 8)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_requests_logits_do_not_depend_on_its_batch(smollm2, dtype):
+    """Bitwise, prefill and decode: a request alone, beside requests of other lengths, and beside one of
+    its own length. The decode attention once ran a batch padded to its longest sequence under a mask,
+    which changed a sequence's attention in the last bits; the int8 activation rounding (and bf16)
+    turned that into logits 0.6-0.8 apart within 3 steps, and under 8 concurrent requests a streamed
+    answer differed from the same request's non-streamed one."""
+    native = smollm2[0] if dtype == "float32" else runner_for(resolve_model_path(None), dtype=dtype)
+    alone = batched_logits(native, PROMPTS[:1], 4)
+    for others in (PROMPTS[1:3], [PROMPTS[0][::-1]]):
+        for got, ref in zip(batched_logits(native, [PROMPTS[0], *others], 4), alone):
+            assert torch.equal(got, ref)
+
+
+def test_a_gguf_the_cpu_kernels_cover_runs_natively_by_default(tiny_gguf):
+    folder = resolve_model_path(None)
+    cpu = torch.device("cpu")
+    assert isinstance(native_config(None, folder, cpu, "auto"), GgufConfig)
+    assert native_config("unquant", folder, cpu, "auto") is None  # the dequantized path
+    assert native_config(None, folder, cpu, "dummy") is None
+    assert native_config(None, folder, torch.device("cuda"), "auto") is None  # CUDA: opt-in
+    # K-quants have no CPU kernel: dequantized at load unless --quantization gguf.
+    assert not default_native(gguf_source(tiny_gguf), cpu)
+    assert native_config(None, tiny_gguf, cpu, "auto") is None
+    assert isinstance(native_config("gguf", tiny_gguf, cpu, "auto"), GgufConfig)
 
 
 # --- a tiny Llama of mixed block types -------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Attention with torch's scaled_dot_product_attention; runs on CPU and CUDA.
 
-Decode tokens of the whole batch are handled by one SDPA call: their K/V are gathered through their
-SlotTable rows, cut at the longest length ([B, max_len]), into buffers reused by every layer, and a
-key-padding mask hides what lies past each sequence's length. Grouped-query heads need no K/V
-expansion for decode: the query heads sharing a kv head become that kv head's query rows. Extend
+Decode tokens of the whole batch gather their K/V through their SlotTable rows, cut at the longest
+length ([B, max_len]), into buffers reused by every layer; sequences of one length run as one SDPA
+call, sequences of different lengths one call each at its own length (a padded, masked batch computes
+a sequence's attention differently in the last bits from the same sequence alone, and a request's
+tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode:
+the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
 
-A layer's sliding window (Attention.sliding_window) only masks: its masks are built once per step
-and window, at the first layer that asks. A layer with a logit soft-cap runs the attention in torch
-ops (SDPA cannot cap the scores), in HF's eager order: scale, cap, mask, fp32 softmax.
+A layer's sliding window (Attention.sliding_window) only masks: a decode sequence attends to its last
+`window` keys (a slice, no mask); extend masks are built once per step and window, at the first layer
+that asks. A layer with a logit soft-cap runs the attention in torch ops (SDPA cannot cap the scores),
+in HF's eager order: scale, cap, mask, fp32 softmax.
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ class _StepMetadata:
     # for plain causal attention on the new K/V (no prefix, and no window that cuts anything).
     extend_masks: dict[int | None, list[torch.Tensor | None]]
     extend_slots: list[torch.Tensor | None]  # on the KV device; None where there is no prefix
-    decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: masked)
+    decode_table: torch.Tensor | None  # [B * max_len] slot ids (past a sequence's length: unread)
     decode_max_len: int
-    # By sliding window: [B, 1, 1, max_len] bool, None when nothing is masked.
-    decode_masks: dict[int | None, torch.Tensor | None]
+    decode_lens: list[int] | None  # each sequence's length; None when all are decode_max_len
     k_buf: torch.Tensor | None
     v_buf: torch.Tensor | None
 
@@ -47,19 +49,6 @@ def extend_mask(seq, window: int | None, device) -> torch.Tensor | None:
     ones = torch.ones(seq.num_tokens, seq.seq_len, dtype=torch.bool, device=device)
     mask = ones.tril_(seq.prefix_len)
     return mask if window is None else mask.triu_(seq.prefix_len - window + 1)
-
-
-def _decode_mask(batch: ForwardBatch, max_len: int, window: int | None) -> torch.Tensor | None:
-    lens = batch.decode_lens
-    cuts = window is not None and max(lens) > window
-    if min(lens) == max_len and not cuts:
-        return None
-    lens_t = batch.table_meta.decode_lens
-    pos = torch.arange(max_len, device=lens_t.device)[None, :]
-    mask = pos < lens_t[:, None]
-    if cuts:
-        mask &= pos >= lens_t[:, None] - window
-    return mask.view(len(lens), 1, 1, max_len)
 
 
 def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> torch.Tensor:
@@ -97,32 +86,31 @@ class TorchNativeAttentionBackend(AttentionBackend):
             None if seq.prefix_len == 0 else table[seq.row, : seq.seq_len]
             for seq in batch.extend_seqs
         ]
-        decode_table = mask = k_buf = v_buf = None
+        decode_table = decode_lens = k_buf = v_buf = None
         max_len = 0
         if batch.decode_lens:
             lens = batch.decode_lens
             max_len = max(lens)
             meta = batch.table_meta
-            # Entries past a sequence's length are stale slot ids of the row: in range, and masked out.
+            # Entries past a sequence's length are stale slot ids of the row: in range, and not read.
             decode_table = table[:, :max_len].index_select(0, meta.decode_rows).reshape(-1)
-            mask = _decode_mask(batch, max_len, None)
+            if min(lens) != max_len:
+                decode_lens = list(lens)
             pool = batch.kv_pool
             shape = (decode_table.numel(), pool.num_kv_heads, pool.head_dim)
             k_buf = torch.empty(shape, dtype=pool.dtype, device=device)
             v_buf = torch.empty(shape, dtype=pool.dtype, device=device)
         batch.attn_metadata = _StepMetadata(
-            {None: masks}, slots, decode_table, max_len, {None: mask}, k_buf, v_buf
+            {None: masks}, slots, decode_table, max_len, decode_lens, k_buf, v_buf
         )
 
     @staticmethod
-    def _window_masks(meta: _StepMetadata, batch: ForwardBatch, window: int | None):
-        """(extend masks, decode mask) of this step for a layer's window, built at first use."""
+    def _extend_masks(meta: _StepMetadata, batch: ForwardBatch, window: int | None):
+        """This step's extend masks for a layer's window, built at first use."""
         if window not in meta.extend_masks:
             device = batch.out_slots.device
             meta.extend_masks[window] = [extend_mask(s, window, device) for s in batch.extend_seqs]
-            if batch.decode_lens:
-                meta.decode_masks[window] = _decode_mask(batch, meta.decode_max_len, window)
-        return meta.extend_masks[window], meta.decode_masks.get(window)
+        return meta.extend_masks[window]
 
     def forward(self, qk, v, rope, layer, batch: ForwardBatch) -> torch.Tensor:
         q, k = self.rotate(qk, rope, layer)
@@ -135,9 +123,9 @@ class TorchNativeAttentionBackend(AttentionBackend):
         num_tokens = q.shape[0]
         hidden = layer.num_heads * layer.head_dim
         n_ext = batch.num_extend_tokens
-        ext_masks, dec_mask = self._window_masks(meta, batch, layer.sliding_window)
         if n_ext == 0:
-            return self._decode(q, k_cache, v_cache, layer, meta, dec_mask, k_scale, v_scale)
+            return self._decode(q, k_cache, v_cache, layer, meta, k_scale, v_scale)
+        ext_masks = self._extend_masks(meta, batch, layer.sliding_window)
         out = torch.empty(num_tokens, hidden, dtype=q.dtype, device=q.device)
         for seq, mask, slots in zip(batch.extend_seqs, ext_masks, meta.extend_slots):
             end = seq.start + seq.num_tokens
@@ -163,14 +151,12 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 o = o * out_scale
             out[seq.start : end] = o[0].transpose(0, 1).reshape(seq.num_tokens, hidden)
         if n_ext < num_tokens:
-            out[n_ext:] = self._decode(
-                q[n_ext:], k_cache, v_cache, layer, meta, dec_mask, k_scale, v_scale
-            )
+            out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta, k_scale, v_scale)
         return out
 
     @staticmethod
     def _decode(
-        q, k_cache, v_cache, layer, meta: _StepMetadata, mask, k_scale: float, v_scale: float
+        q, k_cache, v_cache, layer, meta: _StepMetadata, k_scale: float, v_scale: float
     ) -> torch.Tensor:
         bsz = q.shape[0]
         kvh, d = layer.num_kv_heads, layer.head_dim
@@ -180,9 +166,23 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys = meta.k_buf.to(q.dtype).view(shape).transpose(1, 2)  # to(): no copy unless fp8
         values = meta.v_buf.to(q.dtype).view(shape).transpose(1, 2)
         queries = q.reshape(bsz, kvh, layer.num_heads // kvh, d)
-        o = attend(
-            queries, keys, values, mask, layer.scaling * k_scale, layer.logit_softcap, causal=False
-        )
+        scale, window = layer.scaling * k_scale, layer.sliding_window
+
+        def attend_last(qs, ks, vs, n: int) -> torch.Tensor:  # over keys [0, n), the window's tail
+            start = 0 if window is None else max(0, n - window)
+            return attend(
+                qs, ks[:, :, start:n], vs[:, :, start:n], None, scale, layer.logit_softcap, False
+            )
+
+        if meta.decode_lens is None:
+            o = attend_last(queries, keys, values, meta.decode_max_len)
+        else:
+            o = torch.cat(
+                [
+                    attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
+                    for i, n in enumerate(meta.decode_lens)
+                ]
+            )
         if v_scale != 1.0:
             o = o * v_scale
         return o.reshape(bsz, layer.num_heads * d)

@@ -9,7 +9,7 @@ loading, shards of one type are concatenated into one tensor; a layer whose shar
 concatenates the outputs. A tied LM head shares the embedding's parameter and so its blocks.
 
 On the CPU the kernels are kernels/gguf_cpu.py's; on CUDA kernels/gguf_triton.py's when present, else
-the weight is dequantized per call.
+the weight is dequantized per call. Which .gguf runs natively without --quantization: native_config.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from radixserve.kernels import gguf_cpu
 
 log = logging.getLogger("radixserve.executor.quantization.gguf")
 
-# Whether a .gguf runs natively without --quantization gguf. Off for now: with the native weights in
-# bf16, tests/e2e/test_e2e_default_dtype.py's concurrent requests do not all give the text each gives
-# alone (the kernels are bitwise batch-independent; the cause is not found yet), and the embedded
-# model's "What is the capital of France?" is a near-tie at its first token.
-NATIVE_BY_DEFAULT = False
+# Without --quantization, a .gguf runs natively on the CPU when the AVX2 kernels serve every quantized
+# linear layer of the file (Q4_0 / Q4_1 / Q8_0, as the embedded SmolLM2's Q4_1 with its Q8_0 embedding);
+# other files, other devices (the Triton GGUF kernels beat bf16 only at one row) and CPUs without the
+# kernels get the dequantized weights, as `--quantization unquant` asks explicitly.
+NATIVE_BY_DEFAULT_DEVICES = ("cpu",)
 
 
 def _shard_index(shard_id) -> int:
@@ -156,14 +156,15 @@ def native_config(
     flag: str | None, folder: pathlib.Path, device: torch.device, load_format: str
 ) -> GgufConfig | None:
     """The native GGUF config for a model folder converted from a .gguf (model_files), or None: not from
-    a .gguf, not asked for (--quantization gguf, or unset while NATIVE_BY_DEFAULT; `unquant` or another
-    scheme takes the dequantized weights), dummy weights, tensor parallelism, or CUDA without the Triton
-    GGUF kernels."""
+    a .gguf, not asked for (`unquant` or another scheme takes the dequantized weights; unset asks for it
+    where default_native says), dummy weights, tensor parallelism, or CUDA without the Triton GGUF
+    kernels."""
     from radixserve.common.model_files import gguf_source
 
     source = gguf_source(folder)
-    wanted = flag == "gguf" or (flag is None and NATIVE_BY_DEFAULT)
-    if source is None or not wanted or load_format == "dummy":
+    if source is None or load_format == "dummy" or flag not in (None, "gguf"):
+        return None
+    if flag is None and not default_native(source, device):
         return None
     if tp_size() != 1:
         log.info("GGUF at --tp-size %d: serving the dequantized weights", tp_size())
@@ -177,3 +178,26 @@ def native_config(
     elif device.type != "cpu":
         return None
     return GgufConfig(source)
+
+
+def default_native(source: pathlib.Path, device: torch.device) -> bool:
+    """Whether a .gguf runs natively without --quantization (see NATIVE_BY_DEFAULT_DEVICES)."""
+    from radixserve.executor.gguf_loader import weight_types
+
+    if device.type not in NATIVE_BY_DEFAULT_DEVICES:
+        return False
+    others = sorted(
+        set(weight_types(source)) - set(gguf_cpu.FUSED_TYPES) - set(gguf_cpu.FLOAT_TYPES)
+    )
+    if others:
+        log.info(
+            "%s: block types %s have no CPU kernel; serving the dequantized weights "
+            "(--quantization gguf serves them natively, dequantized per call)",
+            source.name,
+            others,
+        )
+        return False
+    if gguf_cpu.load() is None:
+        log.info("no GGUF CPU kernels (reason above): serving the dequantized weights")
+        return False
+    return True
