@@ -340,6 +340,14 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    merge_splits(part, lse, o, num_splits, D, BLOCK_D)
+    return o
+
+
+def merge_splits(part, lse, o, num_splits: int, head_dim: int, block_d: int) -> None:
+    """Stage 2: o[b, h] = the splits' partial outputs part [B, H, S, D] weighted by their
+    log-sum-exps lse [B, H, S] (also kernels/mla_decode.py's)."""
+    B, H = o.shape[0], o.shape[1]
     _decode_stage2[(B, H)](
         part,
         lse,
@@ -352,12 +360,11 @@ def decode_attention(
         lse.stride(1),
         o.stride(0),
         o.stride(1),
-        HEAD_DIM=D,
+        HEAD_DIM=head_dim,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_D=BLOCK_D,
+        BLOCK_D=block_d,
         num_warps=4,
     )
-    return o
 
 
 def decode_attention_ref(

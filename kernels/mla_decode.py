@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.kernels.decode_attention import _decode_stage2, num_splits_for_batch
+from radixserve.kernels.decode_attention import merge_splits, num_splits_for_batch
 from radixserve.kernels.paged_attention_block import check_kv_dtype, interpreting
 
 
@@ -233,23 +233,7 @@ def mla_decode(
         num_warps=4,
         num_stages=2,
     )
-    _decode_stage2[(B, H)](
-        part,
-        lse,
-        o,
-        num_splits,
-        part.stride(0),
-        part.stride(1),
-        part.stride(2),
-        lse.stride(0),
-        lse.stride(1),
-        o.stride(0),
-        o.stride(1),
-        HEAD_DIM=lora,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_D=BLOCK_L,
-        num_warps=4,
-    )
+    merge_splits(part, lse, o, num_splits, lora, BLOCK_L)
     return o
 
 
