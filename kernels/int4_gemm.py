@@ -37,14 +37,13 @@ Under the Triton interpreter (CPU tests) the dot operands go to float32 (as in s
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from radixserve.kernels.paged_attention_block import interpreting
+from radixserve.kernels.paged_attention_block import interpreting, num_sms
 
 PACK = 128  # input rows per pack: 16 int32 columns of 8 nibbles
 RUN = 16  # consecutive input rows per nibble position
@@ -395,17 +394,10 @@ INTERPRET_BLOCK_K = 128
 GEMV_PROGRAMS_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gemv_split_k(programs: int, kp: int, block_k: int, device: torch.device) -> int:
     """Runs of K for the GEMV: doubled while fewer than GEMV_PROGRAMS_PER_SM programs per SM would run
     and each run still holds a whole number of BLOCK_K steps."""
-    split, target = 1, GEMV_PROGRAMS_PER_SM * _num_sms(device)
+    split, target = 1, GEMV_PROGRAMS_PER_SM * num_sms(device)
     while programs * split < target and kp % (block_k * split * 2) == 0:
         split *= 2
     return split

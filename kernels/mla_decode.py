@@ -20,14 +20,13 @@ mla_decode_ref is the torch reference (gather per sequence, dequantize, fp32 sof
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from radixserve.kernels.decode_attention import merge_splits, num_splits_for_batch
-from radixserve.kernels.paged_attention_block import check_kv_dtype, interpreting
+from radixserve.kernels.paged_attention_block import check_kv_dtype, interpreting, num_sms
 
 
 @triton.jit
@@ -156,11 +155,6 @@ def _mla_stage1(
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + s, lse, mask=h_mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def mla_decode(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -191,8 +185,7 @@ def mla_decode(
     BLOCK_H = 16
     head_blocks = triton.cdiv(H, BLOCK_H)
     if num_splits is None:
-        sms = _num_sms(q.device) if q.is_cuda else 8
-        num_splits = num_splits_for_batch(B, head_blocks, sms)
+        num_splits = num_splits_for_batch(B, head_blocks, num_sms(q.device))
     BLOCK_L = max(16, triton.next_power_of_2(lora))
     BLOCK_R = max(16, triton.next_power_of_2(rope))
     BLOCK_N = block_n or (16 if BLOCK_L >= 512 else 32)

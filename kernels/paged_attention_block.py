@@ -11,11 +11,20 @@ scaled scores as c * tanh(score / c) (Gemma 2); WINDOW W (with CAUSAL) hides the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (8 off CUDA: the interpreter's grids stay small)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreting() -> bool:

@@ -133,28 +133,17 @@ def run_group(
     """The scenario on `world` shards (processes), MoE experts split over `ep` groups, linear layers
     quantized as --quantization says; what rank 0 returned."""
     (port,) = free_ports(1)
+    argv = ["--world", str(world), "--port", str(port), "--model", str(model), "--out", str(out)]
+    argv += ["--device", device, "--ep", str(ep)]
+    argv += ["--quantization", quantization] if quantization else []
+    return spawn_ranks("tests.tp_ranks", world, argv, out, timeout=120)
+
+
+def spawn_ranks(module: str, world: int, argv: list[str], out: Path, timeout: float) -> dict:
+    """`python -m module --rank R *argv` for each rank; what rank 0 saved to out."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.tp_ranks",
-                "--rank",
-                str(r),
-                "--world",
-                str(world),
-                "--port",
-                str(port),
-                "--model",
-                str(model),
-                "--out",
-                str(out),
-                "--device",
-                device,
-                "--ep",
-                str(ep),
-                *(["--quantization", quantization] if quantization else []),
-            ],
+            [sys.executable, "-m", module, "--rank", str(r), *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -162,7 +151,7 @@ def run_group(
         for r in range(world)
     ]
     try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,30 +18,14 @@ import torch.distributed as dist
 from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from tests.stack import free_ports
-from tests.tp_ranks import build_runner, on_cpu, scenario
+from tests.tp_ranks import build_runner, on_cpu, scenario, spawn_ranks
 
 
 def run_models_on_two_ranks(models: list[Path], out: Path) -> dict[str, dict]:
     """The scenario on each model with TP=2; {str(model dir): what rank 0 returned}."""
     (port,) = free_ports(1)
     argv = ["--world", "2", "--port", str(port), "--out", str(out), *map(str, models)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.executor.dense_tp_ranks", "--rank", str(r), *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return torch.load(out)
+    return spawn_ranks("tests.executor.dense_tp_ranks", 2, argv, out, timeout=240)
 
 
 def main() -> None:

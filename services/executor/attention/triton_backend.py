@@ -23,6 +23,7 @@ import torch
 
 from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
 from radixserve.kernels.extend_attention import extend_attention
+from radixserve.kernels.paged_attention_block import num_sms
 from radixserve.kernels.rotary_kv_store import rotary_and_store_kv
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
@@ -39,11 +40,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
         self.num_kv_heads = num_kv_heads
-        self.num_sms = (
-            torch.cuda.get_device_properties(device).multi_processor_count
-            if device.type == "cuda"
-            else 8
-        )
+        self.num_sms = num_sms(device)
         self.max_splits = max_splits
 
     def num_splits(self, decode_batch: int) -> int:
