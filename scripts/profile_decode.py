@@ -2,6 +2,7 @@
 GPU time alone (back-to-back replays), and the GPU kernels of one replay by total time.
 
   python scripts/profile_decode.py --model-path .models/llama-3-8b --batch-size 1 128
+  python scripts/profile_decode.py --model-path .models/llama-3-8b --quantization fp8 --rows 40
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--quantization", default=None, help="e.g. fp8 (default: the checkpoint's)")
+    p.add_argument("--rows", type=int, default=14, help="kernels listed, longest first")
     a = p.parse_args()
     target = InProcessTarget(
         ServerArgs(
@@ -56,6 +59,7 @@ def main() -> None:
             load_format="dummy",
             max_total_tokens=200_000,
             cuda_graph_max_bs=max(a.batch_size),
+            quantization=a.quantization,
         )
     )
     graphs = target.runner.cuda_graphs
@@ -69,7 +73,7 @@ def main() -> None:
                     "batch_size": bs,
                     "step_wall_ms_median": 1000 * step["median_decode_latency"],
                     "graph_replay_gpu_ms": graph_gpu_ms(graph),
-                    "kernels_ms_per_step": kernel_table(graph),
+                    "kernels_ms_per_step": kernel_table(graph, rows=a.rows),
                 },
                 indent=1,
             )

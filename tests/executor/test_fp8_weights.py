@@ -311,12 +311,14 @@ def test_smollm2_fp8_nll_within_2_percent_and_the_capital_of_france_unchanged():
     )
     chat = tok(chat_text, add_special_tokens=False)["input_ids"]
     nll, answers = {}, {}
-    for quantization in (None, "fp8"):
+    # The reference is the dequantized model ("unquant"): the CPU default runs the GGUF's Q4_1 blocks
+    # natively, whose numerics depend on the CPU's instruction set (0.6% of NLL apart on one machine).
+    for quantization in ("unquant", "fp8"):
         runner = _runner(folder, quantization)
         nll[quantization] = _nll(runner, text_ids)
         answers[quantization] = _greedy(runner, chat, 6)
         del runner
-    assert math.isfinite(nll[None]) and nll[None] < 4.0, nll
-    assert abs(nll["fp8"] - nll[None]) <= 0.02 * nll[None], nll
-    assert answers["fp8"] == answers[None], answers
+    assert math.isfinite(nll["unquant"]) and nll["unquant"] < 4.0, nll
+    assert abs(nll["fp8"] - nll["unquant"]) <= 0.02 * nll["unquant"], nll
+    assert answers["fp8"] == answers["unquant"], answers
     assert "Paris" in tok.decode(answers["fp8"])
