@@ -36,10 +36,15 @@ from radixserve.executor.models.qwen2_vl import (  # noqa: E402
     mrope_positions,
 )
 from radixserve.executor.models.registry import get_model_class  # noqa: E402
-from radixserve.executor.runner import load_model  # noqa: E402
+from radixserve.executor.runner import ModelRunner, load_model  # noqa: E402
 from radixserve.executor.slot_table import SlotTable  # noqa: E402
 from radixserve.executor.weights import iterate_safetensors  # noqa: E402
-from tests.executor.hf_parity import ATOL, SlotPool  # noqa: E402
+from tests.configs import runner_config  # noqa: E402
+from tests.executor.hf_parity import (  # noqa: E402
+    ATOL,
+    SlotPool,
+    check_batched_prefill_decode_and_prefix_reuse,
+)
 
 VOCAB = 256
 IMAGE, VIDEO, START, END = 250, 251, 252, 253  # image placeholder, video, vision start / end tokens
@@ -455,3 +460,17 @@ def test_triton_backend_matches_hf(models):
     if name != "qwen2_vl":
         pytest.skip("the decoder is the same for both versions: one backend run is enough")
     check_prefill_and_decode(hf, ours, "triton", steps=2)
+
+
+def test_text_requests_through_the_model_runner(models, tmp_path):
+    """With the hub's flat config the executor's ModelRunner, which knows nothing of images yet, serves
+    text: positions [T] rotate as three equal rows (delta 0), as transformers does without images."""
+    _, hf, _, folder = models
+    nested = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(flat_config(nested)))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    runner = ModelRunner(
+        tmp_path,
+        runner_config(dtype="float32", device="cpu", max_total_tokens=1024),
+    )
+    check_batched_prefill_decode_and_prefix_reuse((hf, runner))
