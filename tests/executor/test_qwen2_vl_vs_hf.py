@@ -3,7 +3,8 @@ positions against get_rope_index, the M-RoPE rotation against transformers' rota
 then our model run through the executor's slot table, KV pool and attention backend (a step built by
 BatchBuilder, its positions replaced by M-RoPE ones and its token embeddings by the image-merged ones,
 as the image pipeline does): prefill logits of prompts with one and two images (batched, and chunked)
-and greedy decode at positions p + delta against transformers' forward and generate.
+and greedy decode at positions p + delta against transformers' forward and generate (torch_native;
+triton under TRITON_INTERPRET=1 on the CPU); text requests through the unchanged ModelRunner.
 
 Images are random pixels through transformers' Qwen2-VL image processor (patch 4, merge 2).
 Tolerance: logits agree to atol 1e-4 (hf_parity.ATOL; fp32, the differences come from op order).
