@@ -269,3 +269,49 @@ def rope_step(
 
 def _cos_sin(cos_table, sin_table, positions) -> tuple[torch.Tensor, torch.Tensor]:
     return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary (M-RoPE, Qwen2-VL): each token has three positions (temporal, height, width;
+    all equal for text) and the head's frequency pairs are split in `mrope_section` runs: pair j of the
+    first run rotates by the temporal position, of the second by the height, of the third by the width.
+
+    A step's rotation is an ordinary one over per-token tables: the [T, head_dim] cos/sin rows mixed
+    from the three positions, indexed by 0..T-1, so every backend (and the fused rotary + KV store
+    kernel) applies it unchanged. Positions [T] (text only) rotate as the plain rotary does."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict,
+        dtype: torch.dtype,
+        mrope_section: list[int],
+    ):
+        super().__init__(head_dim, max_positions, theta, scaling, dtype)
+        if len(mrope_section) != 3 or sum(mrope_section) != head_dim // 2:
+            raise ValueError(
+                f"mrope_section {mrope_section} must be 3 runs summing to head_dim/2 = {head_dim // 2}"
+            )
+        section = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
+        # which of the 3 position rows each table column reads (the two halves alike)
+        self.register_buffer("section_rows", torch.cat((section, section)), persistent=False)
+        self.register_buffer("columns", torch.arange(head_dim), persistent=False)
+
+    def prepare(self, positions: torch.Tensor) -> RopeStep:
+        """positions [3, T] (or [T]: text, all three alike)."""
+        if positions.dim() == 1:
+            return super().prepare(positions)
+        cos, sin = self.mixed_tables(positions)
+        return rope_step(cos, sin, torch.arange(cos.shape[0], device=positions.device))
+
+    def mixed_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token tables [T, head_dim]: column c of token t is the table's at position
+        positions[section_rows[c], t]."""
+        if positions.dim() != 2 or positions.shape[0] != 3:
+            raise ValueError(f"M-RoPE positions must be [3, T], got {list(positions.shape)}")
+        rows = positions.index_select(0, self.section_rows).t()  # [T, head_dim]
+        # (contiguous: the kernels read table rows with unit column stride)
+        cos = self.cos_table[rows, self.columns].contiguous()
+        return cos, self.sin_table[rows, self.columns].contiguous()

@@ -23,6 +23,10 @@ from radixserve.executor.models.olmo import Olmo2ForCausalLM, OlmoForCausalLM
 from radixserve.executor.models.phi3 import Phi3ForCausalLM
 from radixserve.executor.models.pooling_heads import derived_model_class
 from radixserve.executor.models.qwen2 import Qwen2ForCausalLM
+from radixserve.executor.models.qwen2_vl import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 from radixserve.executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from radixserve.executor.models.qwen3 import Qwen3ForCausalLM
 from radixserve.executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -35,6 +39,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,  # vision (issue 22)
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
