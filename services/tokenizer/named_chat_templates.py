@@ -80,6 +80,8 @@ class _ServerFormat:
     tail: str = ""  # written after everything (QWEN2_VL_EMBED's stop string)
     bos: bool = False
     note: str = ""
+    # What an image part ({"type": "image"}, as radixserve passes images) is written as; "": refused.
+    image_token: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +213,8 @@ _SERVER_FORMATS: dict[str, _ServerFormat] = {
         _IM_ROLES,
         default_system=_HELPFUL,
         sep="<|im_end|>",
-        note="Text only: image parts are refused (no image inputs in radixserve yet).",
+        note="An image part is written as SGLang's image token for it, '<image>' and a newline.",
+        image_token="<image>\n",
     ),
     "vicuna_v1.1": _ServerFormat(
         "ADD_COLON_TWO",
@@ -237,6 +240,8 @@ _SERVER_FORMATS: dict[str, _ServerFormat] = {
         default_system=_LLAVA_LLAMA3_SYSTEM,
         sep="",
         bos=True,
+        note="An image part is written as SGLang's image token for it, '<image>' and a newline.",
+        image_token="<image>\n",
     ),
     "internlm2-chat": _ServerFormat(
         "ADD_COLON_SINGLE",
@@ -415,16 +420,25 @@ def _header(name: str, origin: str, note: str) -> str:
     return "\n".join(lines) + " -#}\n"
 
 
-def _text_macro(name: str) -> str:
-    """text_of(content): a message's text; list content: its text parts joined, other parts refused."""
+def _text_macro(name: str, image_token: str = "") -> str:
+    """text_of(content): a message's text; list content: its text parts joined, image parts written as
+    image_token where it is set, other parts refused."""
     refuse = _lit(f"the '{name}' chat template renders text only; content parts of type ")
+    image = (
+        "      {%- elif part is mapping and part.type == 'image' -%}{{- "
+        + _lit(image_token)
+        + " -}}\n"
+        if image_token
+        else ""
+    )
     return (
         "{%- macro text_of(content) -%}\n"
         "  {%- if content is string -%}{{- content -}}\n"
         "  {%- elif content is iterable and content is not mapping -%}\n"
         "    {%- for part in content -%}\n"
         "      {%- if part is mapping and part.type == 'text' -%}{{- part.text if part.text is string else '' -}}\n"
-        "      {%- else -%}{{- raise_exception("
+        + image
+        + "      {%- else -%}{{- raise_exception("
         + refuse
         + " ~ (part.type if part is mapping else part)"
         " ~ ' are not supported') -}}\n"
@@ -494,7 +508,7 @@ def _server_jinja(name: str, f: _ServerFormat) -> str:
     }[f.style]
     return (
         _header(name, "SGLang conversation.py", f.note)
-        + _text_macro(name)
+        + _text_macro(name, f.image_token)
         + "{%- set ns = namespace(system="
         + _lit(f.default_system)
         + ", turns=[]) -%}\n"
