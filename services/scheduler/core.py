@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from radixserve.common.config import SchedulerConfig
+from radixserve.common.multimodal import check_images
 from radixserve.scheduler.decode import DecodeManager
 from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
@@ -177,7 +178,15 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise DuplicateRequestError(req.request_id)
-        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
+        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens) or check_images(
+            req.images, len(req.prompt_ids)
+        )
+        if (
+            not error
+            and req.mrope_positions
+            and len(req.mrope_positions) != 3 * len(req.prompt_ids)
+        ):
+            error = "mrope_positions must hold 3 positions per prompt token"
         if error:
             raise ValueError(error)
         req.status = Status.WAITING

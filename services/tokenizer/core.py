@@ -19,7 +19,7 @@ from radixserve.common.multimodal import PromptImage
 from radixserve.common.model_files import resolve_model_path
 from radixserve.common.sampling import SamplingDefaults, SamplingError
 from radixserve.tokenizer.conversation import Conversation
-from radixserve.tokenizer.images import ImageProcessing
+from radixserve.tokenizer.images import NO_IMAGE_INPUTS, ImageProcessing
 from radixserve.tokenizer.named_chat_templates import resolve_chat_template
 
 log = logging.getLogger("radixserve.tokenizer")
@@ -148,6 +148,8 @@ class TokenizerCore:
             raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
 
     def apply_chat_template(self, conversations: list[Conversation]) -> list[RenderedChat]:
+        if any(c.images for c in conversations) and not self.images.enabled:
+            raise ValueError(NO_IMAGE_INPUTS)
         prompts = [self.render_chat(c) for c in conversations]
         # The template writes its own special tokens; adding more would double the BOS.
         ids = self.encode(prompts, add_special_tokens=False)

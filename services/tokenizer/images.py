@@ -21,6 +21,7 @@ from radixserve.common.multimodal import ImageTensors, PromptImage, image_hash
 
 log = logging.getLogger("radixserve.tokenizer")
 
+NO_IMAGE_INPUTS = "this model takes no image inputs"
 # Most pixels of one decoded image (width * height); larger ones are refused before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -123,7 +124,7 @@ class ImageProcessing:
         """(token ids with each image's placeholder expanded, the images, M-RoPE positions flattened
         (empty: none), M-RoPE delta) of a prompt whose image placeholders the images fill in order."""
         if not self.enabled:
-            raise ValueError("this model takes no image inputs")
+            raise ValueError(NO_IMAGE_INPUTS)
         pictures = [decode_image(data, i) for i, data in enumerate(images)]
         try:
             outputs = self.processor(
