@@ -24,7 +24,7 @@ from tests.executor.hf_parity import SlotPool  # noqa: E402
 from tests.executor.tiny_llava import build_tiny_llava, picture  # noqa: E402
 
 ATOL = 1e-4
-KINDS = ["llava"]
+KINDS = ["llava", "llava_next", "llava_onevision"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -37,7 +37,47 @@ def setup(request, tmp_path_factory):
             dtype="float32", device="cpu", max_total_tokens=4096, attention_backend="torch_native"
         ),
     )
-    return hf, TokenizerCore(folder), runner
+    core = (
+        OnevisionCore(folder, hf, runner.model)
+        if request.param == "llava_onevision"
+        else TokenizerCore(folder)
+    )
+    return hf, core, runner
+
+
+class OnevisionCore:
+    """The tokenizer core's part for OneVision without its processor (tiny_llava.ONEVISION_NOTE): the
+    image processor's tensors, the placeholder expanded to as many tokens as our embedding has rows
+    (HF's forward refuses a count that differs from its own features)."""
+
+    def __init__(self, folder, hf, model):
+        import transformers
+
+        self.images = transformers.AutoImageProcessor.from_pretrained(str(folder))
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        self.hf = hf
+        self.model = model
+
+    def apply_chat_template(self, conversations):
+        from radixserve.common.multimodal import ImageTensors, PromptImage, image_hash
+        from radixserve.tokenizer.images import decode_image
+
+        conv = conversations[0]
+        text = self.tokenizer.apply_chat_template(
+            conv.messages, add_generation_prompt=True, tokenize=False
+        )
+        token = self.hf.config.image_token_id
+        pieces = text.split("<image>")
+        ids = self.tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+        images = []
+        for i, (data, piece) in enumerate(zip(conv.images, pieces[1:])):
+            out = self.images([decode_image(data, i)], return_tensors="pt")
+            t = ImageTensors(out["pixel_values"], {"image_sizes": out["image_sizes"]})
+            with torch.no_grad():
+                rows = self.model.embed_images([t])[0].shape[0]
+            images.append(PromptImage(t, len(ids), rows, image_hash(t)))
+            ids += [token] * rows + self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return [RenderedChat(text, ids, images)]
 
 
 def chat(core: TokenizerCore, pictures: list[bytes], question: str = "What is this?"):

@@ -18,6 +18,10 @@ from radixserve.executor.models.glm import GlmForCausalLM
 from radixserve.executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.llava import LlavaForConditionalGeneration
+from radixserve.executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
 from radixserve.executor.models.olmo import Olmo2ForCausalLM, OlmoForCausalLM
@@ -56,6 +60,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Grok1ForCausalLM": Grok1ForCausalLM,
     "Grok1ModelForCausalLM": Grok1ModelForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,
