@@ -105,7 +105,7 @@ class ImageInputs:
                     del self.requests[rid]
         if not writes:
             return None
-        embeds = self.model.embed_tokens(input_ids)
+        embeds = self.model.model.embed_tokens(input_ids)  # the language model's token embedding
         for at, rows in writes:
             embeds[at : at + rows.shape[0]] = rows.to(embeds.dtype)
         return embeds

@@ -27,10 +27,11 @@ How the conversation is read (the same for every template)
 ----------------------------------------------------------
 * Roles are system, user and assistant; any other role (tool, ...) is an error, as in SGLang.
 * `content` is a string, None (as for an assistant turn holding only tool calls) or a list of parts.
-  Text parts are concatenated without a separator, as SGLang does. Any other part (image_url,
-  audio_url, video_url) is refused with an error: radixserve has no image or audio inputs yet, and
-  writing a placeholder token such as `<image>` or `<|vision_start|><|image_pad|><|vision_end|>`
-  would give the model an image slot with no image behind it.
+  Text parts are concatenated without a separator, as SGLang does. Image parts ({"type": "image"}, as the
+  tokenizer service passes an image) are written as the format's image token where it has one
+  (`chatml-llava`, `llava_llama_3`: `<image>` and a newline), whose placeholder the model's processor then
+  expands; any other part, or an image part elsewhere, is refused with an error (a placeholder with no
+  image processing behind it would give the model an empty image slot).
 * conversation.py formats: the LAST system message is the system message wherever it stands (a
   format's default system message applies when there is none); the other turns keep their order.
   An empty turn is written as its bare role prefix, as SGLang writes it. Where SGLang picks a

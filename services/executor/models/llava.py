@@ -18,8 +18,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
-from transformers.activations import ACT2FN
 
 from radixserve.common.multimodal import ImageTensors
 from radixserve.executor.model_config import ModelConfig
@@ -68,6 +66,9 @@ def text_model_class(config: ModelConfig) -> type[nn.Module]:
 
 def build_vision_tower(config: ModelConfig) -> nn.Module:
     """transformers' vision model for the config's vision_config (CLIP, SigLIP), SDPA attention."""
+    # Imported here: transformers' model code is only needed by vision-language models.
+    from transformers import AutoConfig, AutoModel
+
     vision = dict(config.get("vision_config"))
     vision_config = AutoConfig.for_model(**vision)
     vision_config._attn_implementation = "sdpa"
@@ -78,6 +79,8 @@ class LlavaProjector(nn.Module):
     """linear_1, the config's activation, linear_2 (HF's LlavaMultiModalProjector)."""
 
     def __init__(self, in_features: int, hidden: int, act: str, bias: bool):
+        from transformers.activations import ACT2FN
+
         super().__init__()
         self.linear_1 = nn.Linear(in_features, hidden, bias=bias)
         self.act = ACT2FN[act]
@@ -132,9 +135,6 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projected features [images, patches, hidden] of a batch of same-sized images."""

@@ -15,7 +15,6 @@ import math
 
 import torch
 from torch import nn
-from transformers.image_processing_utils import select_best_resolution
 
 from radixserve.common.multimodal import ImageTensors
 from radixserve.executor.model_config import ModelConfig
@@ -24,6 +23,8 @@ from radixserve.executor.models.llava import LlavaForConditionalGeneration
 
 def crop_grid(image_size: list[int], pinpoints: list, tile: int) -> tuple[int, int]:
     """(rows, columns) of crops the processor made of an image of image_size (height, width)."""
+    from transformers.image_processing_utils import select_best_resolution
+
     height, width = select_best_resolution(tuple(image_size), pinpoints)
     return math.ceil(height / tile), math.ceil(width / tile)
 
