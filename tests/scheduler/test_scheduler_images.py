@@ -58,3 +58,38 @@ def test_image_runs_outside_the_prompt_are_refused(images):
     with pytest.raises(ValueError, match="placeholder run"):
         add(h, "bad", images)
     assert h.sched.requests == {}
+
+
+def test_grpc_generate_with_images_and_bad_images():
+    """Over gRPC (a fake executor): a request with an image is served; a run outside the prompt or a
+    tensor that does not decode is INVALID_ARGUMENT."""
+    import grpc
+
+    from radixserve.common.multimodal import prompt_image_to_proto
+    from radixserve.v1 import common_pb2, scheduler_pb2
+    from tests.scheduler.server_stack import run, stack
+
+    def request(rid, images):
+        return scheduler_pb2.SchedulerGenerateRequest(
+            request_id=rid,
+            input_ids=PROMPT,
+            stopping=common_pb2.StoppingCriteria(max_new_tokens=2),
+            images=images,
+        )
+
+    async def scenario():
+        async with stack() as (stub, executor, _):
+            good = [prompt_image_to_proto(image(11))]
+            out = [m async for m in stub.Generate(request("ok", good))]
+            assert out[-1].finish_reason and out[-1].usage.prompt_tokens == len(PROMPT)
+            broken = prompt_image_to_proto(image(12))
+            broken.tensors.pixel_values.dtype = "float99"
+            for rid, images in (
+                ("past", [prompt_image_to_proto(image(1, offset=10))]),
+                ("broken", [broken]),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    _ = [m async for m in stub.Generate(request(rid, images))]
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rid
+
+    run(scenario())
