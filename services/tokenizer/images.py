@@ -110,7 +110,14 @@ class ImageProcessing:
             return
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(str(folder), tokenizer=tokenizer)
+        try:
+            self.processor = AutoProcessor.from_pretrained(str(folder), tokenizer=tokenizer)
+        except (AttributeError, ImportError, OSError, ValueError) as e:
+            # e.g. LlavaOnevisionProcessor, which transformers builds only with torchvision installed
+            raise ValueError(
+                f"the image processor of {folder} could not be loaded ({type(e).__name__}: {e}); "
+                "some processors need torchvision"
+            ) from e
         self.image_token_id = int(token)
         self.mrope = _mrope_fn(self.hf_config)
 
