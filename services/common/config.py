@@ -585,6 +585,25 @@ class GatewayConfig:
         value_map={"auto": "round_robin", "total_requests": "shortest_queue"},
         unsupported_hint="not supported yet",
     )
+    allowed_local_media_path: str | None = option(
+        None,
+        "folder whose files requests may name as images (file:// URLs or absolute paths; vLLM's "
+        "flag); unset: local files are refused",
+        group="API related",
+    )
+    max_images_per_request: int = option(
+        16, "most images one request may carry; more is a 400", group="API related"
+    )
+    max_image_bytes: int = option(
+        20 * 1024 * 1024,
+        "largest encoded image in bytes (a data: URL's decoded bytes, a file, a download); larger is a 400",
+        group="API related",
+    )
+    media_fetch_timeout: float = option(
+        10.0,
+        "seconds the gateway may take to download one http(s) image; then the request gets a 400",
+        group="API related",
+    )
     max_payload_size: int = option(
         32 * 1024 * 1024,
         "largest HTTP request body in bytes; a larger one gets 413",

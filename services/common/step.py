@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.v1 import common_pb2
+from radixserve.common.multimodal import PromptImage
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 
@@ -48,6 +49,13 @@ class NewRequest:
     )
     trace_context: common_pb2.TraceContext | None = None  # the request's span; None: not traced
     prompt_logprobs: PromptLogprobRange | None = None
+    # The prompt's images (offsets from the prompt's start, cached prefix included); see
+    # ExecutorNewRequest.images.
+    images: list[PromptImage] = field(default_factory=list)
+    # M-RoPE models: the prompt's [3, prompt length] positions flattened row by row (empty: none), and
+    # the delta of the positions past the prompt.
+    mrope_positions: list[int] = field(default_factory=list)
+    mrope_position_delta: int = 0
 
 
 @dataclass

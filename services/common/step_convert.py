@@ -4,6 +4,7 @@ the scheduler, the executor, the fake executor and the benchmarks."""
 from __future__ import annotations
 
 from radixserve.v1 import executor_pb2
+from radixserve.common.multimodal import prompt_image_to_proto, prompt_images_from_proto
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.common.step import (
     ContinuingRequest,
@@ -34,6 +35,9 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             stopping=r.stopping.to_proto(),
             generated_tokens=r.generated_tokens,
             prompt_logprobs=_range_to_proto(r.prompt_logprobs),
+            images=[prompt_image_to_proto(i) for i in r.images],
+            mrope_positions=r.mrope_positions,
+            mrope_position_delta=r.mrope_position_delta,
         )
     for r in step.continuing_requests:
         msg.continuing_requests.add(
@@ -83,6 +87,9 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 r.generated_tokens,
                 r.trace_context if r.HasField("trace_context") else None,
                 _range_from_proto(r),
+                prompt_images_from_proto(r.images),
+                list(r.mrope_positions),
+                r.mrope_position_delta,
             )
             for r in msg.new_requests
         ],

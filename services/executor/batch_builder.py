@@ -209,10 +209,12 @@ class BatchBuilder:
         # Decode inputs sampled last step: read from the table's next_tokens on the device.
         gather_at: list[int] = []
         gather_rows: list[int] = []
+        seq_spans: list[tuple[str, int, int, int]] = []
         for seq in ordered:
             state = seq.state
             start, prefix = len(input_ids), state.length
             n = len(seq.new_slots)
+            seq_spans.append((seq.request_id, start, prefix, n))
             if seq.tokens is not None:
                 input_ids += seq.tokens
             else:
@@ -303,6 +305,7 @@ class BatchBuilder:
             table_meta=table_meta,
             samples=samples,
             prompt_logprobs=prompt_logprobs,
+            seq_spans=seq_spans,
         )
 
     @staticmethod

@@ -67,6 +67,23 @@ def with_standard_keys(hf: dict) -> dict:
     return out
 
 
+# Keys of a vision-language config's text_config that describe the text config itself, not the model.
+_TEXT_CONFIG_OWN_KEYS = frozenset(
+    {"architectures", "model_type", "_name_or_path", "transformers_version"}
+)
+
+
+def with_text_config(hf: dict) -> dict:
+    """A vision-language config (text_config and vision_config nested) with its text_config's keys
+    lifted to the top, where the language model reads them; the rest (image_token_index,
+    vision_config, architectures, ...) stays. Other configs unchanged."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict) or "vision_config" not in hf:
+        return hf
+    lifted = {k: v for k, v in text.items() if v is not None and k not in _TEXT_CONFIG_OWN_KEYS}
+    return {**hf, **with_standard_keys(lifted)}
+
+
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
@@ -87,7 +104,7 @@ class ModelConfig:
         cls, path: pathlib.Path, dtype: str = "auto", context_length: int | None = None
     ) -> "ModelConfig":
         path = pathlib.Path(path)
-        hf = with_standard_keys(json.loads((path / "config.json").read_text()))
+        hf = with_text_config(with_standard_keys(json.loads((path / "config.json").read_text())))
         architectures = hf.get("architectures") or []
         if not architectures:
             raise ValueError(f"{path}/config.json names no architecture")

@@ -22,6 +22,7 @@ from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
 from radixserve.executor.fast_decode import FastDecode
+from radixserve.executor.image_inputs import ImageInputs
 from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
 from radixserve.executor.kv_scales import (
     is_fp8,
@@ -270,6 +271,7 @@ class ModelRunner:
             if self.compiled_decode is not None:
                 log.info("%s", self.compiled_decode.describe())
         self.states: dict[str, RequestState] = {}
+        self.image_inputs = ImageInputs(self.model, self.device, cfg.context_length)
         self.logits_processor = LogitsProcessor(cfg.vocab_size, cfg.eos_token_ids, self.device)
         self.generator = torch.Generator(device=self.device)
         if settings.random_seed is not None:
@@ -353,11 +355,13 @@ class ModelRunner:
     def reset(self) -> int:
         dropped = len(self.states)
         self.states.clear()
+        self.image_inputs.reset()
         self.logits_processor.reset()
         self.slot_table.reset()
         return dropped
 
     def _drop(self, request_id: str) -> None:
+        self.image_inputs.drop(request_id)
         state = self.states.pop(request_id, None)
         if state is not None:
             self.logits_processor.release(state)
@@ -384,12 +388,28 @@ class ModelRunner:
         t0 = time.perf_counter()
         if not step.new_requests and not step.continuing_requests:
             return LaunchedStep(step.step_id, t0, [])
+        images = self.image_inputs.prepare(step.new_requests)
         batch = self.batch_builder.build(step, self.states)
+        self.image_inputs.admit(images)
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
         all_logits = hidden = None
+        input_embeds = (
+            self.image_inputs.input_embeds(batch.input_ids, batch.seq_spans)
+            if self.image_inputs.requests
+            else None
+        )
+        if input_embeds is not None or self.image_inputs.uses_mrope:
+            # Image rows or 3-row positions: the plain forward (graphs and fast paths take ids).
+            positions = (
+                self.image_inputs.positions(batch.positions, batch.seq_spans)
+                if self.image_inputs.uses_mrope
+                else batch.positions
+            )
+            with forward_context(batch):
+                hidden = self.model(batch.input_ids, positions, input_embeds)
         # Prompt logprobs read hidden states, which a graph replay does not keep.
-        if (
+        elif (
             self.cuda_graphs is not None
             and not batch.prompt_logprobs
             and self.cuda_graphs.can_run(batch)

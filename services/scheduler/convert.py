@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from radixserve.v1 import common_pb2, scheduler_pb2
 
+from radixserve.common.multimodal import prompt_images_from_proto
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.scheduler.request import Request, RequestEvent
 
@@ -16,6 +17,9 @@ def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequ
         stopping=StoppingCriteria.from_proto(msg.stopping),
         sampling=SamplingParams.from_proto(msg.sampling),
         trace_context=msg.trace_context if msg.HasField("trace_context") else None,
+        images=prompt_images_from_proto(msg.images),
+        mrope_positions=list(msg.mrope_positions),
+        mrope_position_delta=msg.mrope_position_delta,
     )
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from radixserve.common.config import SchedulerConfig
+from radixserve.common.multimodal import check_images
 from radixserve.scheduler.decode import DecodeManager
 from radixserve.scheduler.kv_accounting import KVAccounting
 from radixserve.scheduler.kv_pool import KVPool, PagedKVPool
@@ -50,6 +51,14 @@ class _Step:
     plan: StepInput
     sampled: list[Request]  # requests it samples a token for
     chunk_req: Request | None = None  # the request it runs a non-sampling prefill chunk of
+
+
+def image_error(req: Request) -> str | None:
+    """Why a request's images or M-RoPE positions do not fit its prompt, or None."""
+    error = check_images(req.images, len(req.prompt_ids))
+    if not error and req.mrope_positions and len(req.mrope_positions) != 3 * len(req.prompt_ids):
+        error = "mrope_positions must hold 3 positions per prompt token"
+    return error
 
 
 class Scheduler:
@@ -175,9 +184,10 @@ class Scheduler:
         return None
 
     def add_request(self, req: Request) -> None:
+        """Queue req; ValueError when it can never be served (validate, image_error)."""
         if req.request_id in self.requests:
             raise DuplicateRequestError(req.request_id)
-        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
+        error = self.validate(len(req.prompt_ids), req.stopping.max_new_tokens) or image_error(req)
         if error:
             raise ValueError(error)
         req.status = Status.WAITING

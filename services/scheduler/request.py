@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # types only: the grammar module loads xgrammar
     from radixserve.scheduler.radix_cache import TreeNode
     from radixserve.v1.common_pb2 import TokenLogprob, TraceContext
 
+from radixserve.common.multimodal import PromptImage, cache_key_ids
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 
 
@@ -42,6 +43,11 @@ class Request:
     arrival_time: float = 0.0
     # The caller's W3C trace context; None: not traced.
     trace_context: TraceContext | None = None
+    # The prompt's images (sent to the executor with every NewRequest of it) and, for M-RoPE models,
+    # its [3, prompt length] positions flattened and their delta; see SchedulerGenerateRequest.
+    images: list[PromptImage] = field(default_factory=list)
+    mrope_positions: list[int] = field(default_factory=list)
+    mrope_position_delta: int = 0
 
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -67,6 +73,13 @@ class Request:
     @property
     def seq(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cache_seq(self) -> list[int]:
+        """seq as the prefix cache keys it: each image's placeholder positions by the image's hash."""
+        if not self.images:
+            return self.seq
+        return cache_key_ids(self.prompt_ids, self.images) + self.output_ids
 
     @property
     def seq_len(self) -> int:

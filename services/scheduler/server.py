@@ -33,7 +33,7 @@ from radixserve.common import tracing
 from radixserve.common.log import setup_logging
 from radixserve.common.sampling import SamplingError
 from radixserve.scheduler.convert import event_to_proto, request_from_proto
-from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.core import Scheduler, image_error
 from radixserve.scheduler.embed_batcher import EmbedBatcher
 from radixserve.scheduler.embedding_service import EmbeddingSchedulerServicer
 from radixserve.scheduler.request import Request
@@ -100,12 +100,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             req.stopping.check()
         except SamplingError as e:
             return str(e)
-        return self.runtime.core.validate(len(req.prompt_ids), req.stopping.max_new_tokens)
+        return self.runtime.core.validate(
+            len(req.prompt_ids), req.stopping.max_new_tokens
+        ) or image_error(req)
 
     async def build(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
         """The core Request for a generate action, or Rejected; the queue limit is not checked here."""
         rid = msg.request_id or uuid.uuid4().hex
-        req = request_from_proto(rid, msg)
+        try:
+            req = request_from_proto(rid, msg)
+        except ValueError as e:  # an image tensor that does not decode
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         error = self._invalid(req)
         if error:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, error)

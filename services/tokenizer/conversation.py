@@ -16,6 +16,8 @@ class Conversation:
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    # The encoded image files of the messages' {"type": "image"} parts, in order.
+    images: list[bytes] = field(default_factory=list)
 
 
 # apply_chat_template's own arguments, which chat_template_kwargs may not set.
@@ -62,9 +64,20 @@ def template_kwargs_from_json(text: str) -> dict[str, Any]:
     return value
 
 
-def message_from_proto(msg: common_pb2.ChatMessage) -> dict[str, Any]:
-    """Only the fields a message sets are passed, so templates can test them with `is defined`."""
+def message_from_proto(msg: common_pb2.ChatMessage, images: list[bytes]) -> dict[str, Any]:
+    """Only the fields a message sets are passed, so templates can test them with `is defined`.
+    Content parts become the HF list form ({"type": "text", "text"} and {"type": "image"}, whose
+    files are appended to images)."""
     message: dict[str, Any] = {"role": msg.role, "content": msg.content}
+    if msg.content_parts:
+        parts: list[dict[str, Any]] = []
+        for part in msg.content_parts:
+            if part.WhichOneof("part") == "image":
+                images.append(part.image)
+                parts.append({"type": "image"})
+            else:
+                parts.append({"type": "text", "text": part.text})
+        message["content"] = parts
     if msg.name:
         message["name"] = msg.name
     if msg.tool_calls_json:
@@ -75,12 +88,14 @@ def message_from_proto(msg: common_pb2.ChatMessage) -> dict[str, Any]:
 
 
 def conversation_from_proto(conv: common_pb2.ChatConversation) -> Conversation:
+    images: list[bytes] = []
     return Conversation(
-        messages=[message_from_proto(m) for m in conv.messages],
+        messages=[message_from_proto(m, images) for m in conv.messages],
         add_generation_prompt=conv.add_generation_prompt,
         continue_final_message=conv.continue_final_message,
         tools=_json_list(conv.tools_json, "tools_json") if conv.tools_json else None,
         template_kwargs=template_kwargs_from_json(conv.template_kwargs_json)
         if conv.template_kwargs_json
         else {},
+        images=images,
     )

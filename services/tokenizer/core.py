@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from radixserve.common.args import ServerArgs
+from radixserve.common.multimodal import PromptImage
 from radixserve.common.model_files import resolve_model_path
 from radixserve.common.sampling import SamplingDefaults, SamplingError
 from radixserve.tokenizer.conversation import Conversation
+from radixserve.tokenizer.images import NO_IMAGE_INPUTS, ImageProcessing
 from radixserve.tokenizer.named_chat_templates import resolve_chat_template
 
 log = logging.getLogger("radixserve.tokenizer")
@@ -27,6 +29,9 @@ log = logging.getLogger("radixserve.tokenizer")
 class RenderedChat:
     prompt: str
     ids: list[int]
+    images: list[PromptImage] = field(default_factory=list)
+    mrope_positions: list[int] = field(default_factory=list)  # [3, len(ids)] flattened, or empty
+    mrope_position_delta: int = 0
 
 
 @dataclass
@@ -107,6 +112,7 @@ class TokenizerCore:
         if chat_template is not None:
             self.tokenizer.chat_template = resolve_chat_template(chat_template)
         self._eos_ids = self._collect_eos_ids()
+        self.images = ImageProcessing(self.folder, self.tokenizer)
 
     def _collect_eos_ids(self) -> list[int]:
         ids = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
@@ -142,10 +148,23 @@ class TokenizerCore:
             raise ValueError(f"chat template error: {type(e).__name__}: {e}") from e
 
     def apply_chat_template(self, conversations: list[Conversation]) -> list[RenderedChat]:
+        if any(c.images for c in conversations) and not self.images.enabled:
+            raise ValueError(NO_IMAGE_INPUTS)
         prompts = [self.render_chat(c) for c in conversations]
         # The template writes its own special tokens; adding more would double the BOS.
         ids = self.encode(prompts, add_special_tokens=False)
-        return [RenderedChat(p, i) for p, i in zip(prompts, ids)]
+        return [
+            self.with_images(p, c.images) if c.images else RenderedChat(p, i)
+            for p, i, c in zip(prompts, ids, conversations)
+        ]
+
+    def with_images(
+        self, prompt: str, images: list[bytes], add_special_tokens: bool = False
+    ) -> RenderedChat:
+        """A prompt whose image placeholders the images fill: its ids with the placeholders
+        expanded, and the processed images (ValueError: no image inputs, or bad images)."""
+        ids, prompt_images, mrope, delta = self.images.process(prompt, images, add_special_tokens)
+        return RenderedChat(prompt, ids, prompt_images, mrope, delta)
 
     def info(self) -> TokenizerDescription:
         bos = self.tokenizer.bos_token_id

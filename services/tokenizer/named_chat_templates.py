@@ -27,10 +27,11 @@ How the conversation is read (the same for every template)
 ----------------------------------------------------------
 * Roles are system, user and assistant; any other role (tool, ...) is an error, as in SGLang.
 * `content` is a string, None (as for an assistant turn holding only tool calls) or a list of parts.
-  Text parts are concatenated without a separator, as SGLang does. Any other part (image_url,
-  audio_url, video_url) is refused with an error: radixserve has no image or audio inputs yet, and
-  writing a placeholder token such as `<image>` or `<|vision_start|><|image_pad|><|vision_end|>`
-  would give the model an image slot with no image behind it.
+  Text parts are concatenated without a separator, as SGLang does. Image parts ({"type": "image"}, as the
+  tokenizer service passes an image) are written as the format's image token where it has one
+  (`chatml-llava`, `llava_llama_3`: `<image>` and a newline), whose placeholder the model's processor then
+  expands; any other part, or an image part elsewhere, is refused with an error (a placeholder with no
+  image processing behind it would give the model an empty image slot).
 * conversation.py formats: the LAST system message is the system message wherever it stands (a
   format's default system message applies when there is none); the other turns keep their order.
   An empty turn is written as its bare role prefix, as SGLang writes it. Where SGLang picks a
@@ -80,6 +81,8 @@ class _ServerFormat:
     tail: str = ""  # written after everything (QWEN2_VL_EMBED's stop string)
     bos: bool = False
     note: str = ""
+    # What an image part ({"type": "image"}, as radixserve passes images) is written as; "": refused.
+    image_token: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +214,8 @@ _SERVER_FORMATS: dict[str, _ServerFormat] = {
         _IM_ROLES,
         default_system=_HELPFUL,
         sep="<|im_end|>",
-        note="Text only: image parts are refused (no image inputs in radixserve yet).",
+        note="An image part is written as SGLang's image token for it, '<image>' and a newline.",
+        image_token="<image>\n",
     ),
     "vicuna_v1.1": _ServerFormat(
         "ADD_COLON_TWO",
@@ -237,6 +241,8 @@ _SERVER_FORMATS: dict[str, _ServerFormat] = {
         default_system=_LLAVA_LLAMA3_SYSTEM,
         sep="",
         bos=True,
+        note="An image part is written as SGLang's image token for it, '<image>' and a newline.",
+        image_token="<image>\n",
     ),
     "internlm2-chat": _ServerFormat(
         "ADD_COLON_SINGLE",
@@ -415,16 +421,25 @@ def _header(name: str, origin: str, note: str) -> str:
     return "\n".join(lines) + " -#}\n"
 
 
-def _text_macro(name: str) -> str:
-    """text_of(content): a message's text; list content: its text parts joined, other parts refused."""
+def _text_macro(name: str, image_token: str = "") -> str:
+    """text_of(content): a message's text; list content: its text parts joined, image parts written as
+    image_token where it is set, other parts refused."""
     refuse = _lit(f"the '{name}' chat template renders text only; content parts of type ")
+    image = (
+        "      {%- elif part is mapping and part.type == 'image' -%}{{- "
+        + _lit(image_token)
+        + " -}}\n"
+        if image_token
+        else ""
+    )
     return (
         "{%- macro text_of(content) -%}\n"
         "  {%- if content is string -%}{{- content -}}\n"
         "  {%- elif content is iterable and content is not mapping -%}\n"
         "    {%- for part in content -%}\n"
         "      {%- if part is mapping and part.type == 'text' -%}{{- part.text if part.text is string else '' -}}\n"
-        "      {%- else -%}{{- raise_exception("
+        + image
+        + "      {%- else -%}{{- raise_exception("
         + refuse
         + " ~ (part.type if part is mapping else part)"
         " ~ ' are not supported') -}}\n"
@@ -494,7 +509,7 @@ def _server_jinja(name: str, f: _ServerFormat) -> str:
     }[f.style]
     return (
         _header(name, "SGLang conversation.py", f.note)
-        + _text_macro(name)
+        + _text_macro(name, f.image_token)
         + "{%- set ns = namespace(system="
         + _lit(f.default_system)
         + ", turns=[]) -%}\n"

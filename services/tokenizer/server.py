@@ -15,9 +15,10 @@ from radixserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from radixserve.common import grpc_util
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_security import install_from_args
+from radixserve.common.multimodal import prompt_image_to_proto
 from radixserve.common.log import setup_logging
 from radixserve.tokenizer.conversation import conversation_from_proto
-from radixserve.tokenizer.core import TokenizerCore, tokenizer_folder
+from radixserve.tokenizer.core import RenderedChat, TokenizerCore, tokenizer_folder
 from radixserve.common.lifecycle import run_service, run_until_signalled
 
 log = logging.getLogger("radixserve.tokenizer")
@@ -34,16 +35,49 @@ async def run_in_thread_or_abort(
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
+def chat_result(r: RenderedChat) -> tokenizer_pb2.TokenizerChatResult:
+    return tokenizer_pb2.TokenizerChatResult(
+        prompt=r.prompt,
+        ids=r.ids,
+        images=[prompt_image_to_proto(i) for i in r.images],
+        mrope_positions=r.mrope_positions,
+        mrope_position_delta=r.mrope_position_delta,
+    )
+
+
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(self, core: TokenizerCore):
         self.core = core
 
     async def Encode(self, request, context):
+        if request.images:
+            return await self._encode_with_images(request, context)
         results = await run_in_thread_or_abort(
             context, self.core.encode, list(request.texts), request.add_special_tokens
         )
         return tokenizer_pb2.TokenizerEncodeResponse(
             results=[common_pb2.TokenIds(ids=ids) for ids in results]
+        )
+
+    async def _encode_with_images(self, request, context):
+        if len(request.images) != len(request.texts):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.images)} image lists for {len(request.texts)} texts",
+            )
+
+        def encode():
+            return [
+                self.core.with_images(text, list(images.images), request.add_special_tokens)
+                if images.images
+                else RenderedChat(text, self.core.encode([text], request.add_special_tokens)[0])
+                for text, images in zip(request.texts, request.images)
+            ]
+
+        rendered = await run_in_thread_or_abort(context, encode)
+        return tokenizer_pb2.TokenizerEncodeResponse(
+            results=[common_pb2.TokenIds(ids=r.ids) for r in rendered],
+            multimodal=[chat_result(r) for r in rendered],
         )
 
     async def ApplyChatTemplate(self, request, context):
@@ -53,11 +87,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             )
 
         rendered = await run_in_thread_or_abort(context, render)
-        return tokenizer_pb2.TokenizerChatResponse(
-            results=[
-                tokenizer_pb2.TokenizerChatResult(prompt=r.prompt, ids=r.ids) for r in rendered
-            ]
-        )
+        return tokenizer_pb2.TokenizerChatResponse(results=[chat_result(r) for r in rendered])
 
     async def GetInfo(self, request, context):
         info = self.core.info()

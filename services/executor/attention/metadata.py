@@ -89,6 +89,9 @@ class ForwardBatch:
     # Requests that asked for prompt logprobs over this step's tokens (prompt_logprobs.PromptLogprobRows).
     prompt_logprobs: list[Any] = field(default_factory=list)
     attn_metadata: Any = field(default=None)  # whatever the backend prepared for this step
+    # Per sequence, in batch order: (request id, index of its first token in the batch, that token's
+    # position, its token count); for the inputs of vision-language models (image rows, M-RoPE).
+    seq_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

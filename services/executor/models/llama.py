@@ -127,10 +127,17 @@ class LlamaForCausalLM(nn.Module):
         """How many dims of each head rotate (None: all)."""
         return None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flattened token batch (after the final norm)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flattened token batch (after the final norm). input_embeds:
+        the input rows [T, hidden] instead of the embeddings of input_ids (a vision-language model's
+        image rows written in)."""
         rope = self.rotary_emb.prepare(positions)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope)

@@ -17,6 +17,11 @@ from radixserve.executor.models.cohere import CohereForCausalLM
 from radixserve.executor.models.glm import GlmForCausalLM
 from radixserve.executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.models.llava import LlavaForConditionalGeneration
+from radixserve.executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 from radixserve.executor.models.mistral import MistralForCausalLM
 from radixserve.executor.models.mixtral import MixtralForCausalLM
 from radixserve.executor.models.olmo import Olmo2ForCausalLM, OlmoForCausalLM
@@ -60,6 +65,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DbrxForCausalLM": DbrxForCausalLM,
     "Grok1ForCausalLM": Grok1ForCausalLM,
     "Grok1ModelForCausalLM": Grok1ModelForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
     "XLMRobertaModel": XLMRobertaModel,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -18,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from radixserve.v1 import common_pb2, scheduler_pb2
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, from_grpc, not_supported
+from radixserve.gateway.api.media import MediaLimits, check_image_count, load_image
 from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -65,8 +67,39 @@ def _single(value, name: str):
     return value
 
 
+def image_data_urls(req: NativeGenerateRequest) -> list[str]:
+    """The one prompt's image URLs of image_data."""
+    data = req.image_data
+    if data is None:
+        return []
+    if isinstance(data, str):
+        return [data]
+    if data and isinstance(data[0], list):
+        if len(data) != 1:
+            raise not_supported("more than one prompt per request", param="image_data")
+        return list(data[0])
+    return list(data)
+
+
+async def native_images(req: NativeGenerateRequest, limits: MediaLimits) -> list[bytes]:
+    urls = image_data_urls(req)
+    if urls and req.text is None:
+        raise bad_request("image_data needs text, not input_ids", param="image_data")
+    check_image_count(len(urls), limits, "image_data")
+    return list(
+        await asyncio.gather(
+            *(
+                load_image(url, limits, f"image_data.{i}", bare_base64=True)
+                for i, url in enumerate(urls)
+            )
+        )
+    )
+
+
 def native_input(
-    req: NativeGenerateRequest, defaults: SamplingDefaults = NO_DEFAULTS
+    req: NativeGenerateRequest,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    images: list[bytes] | None = None,
 ) -> GenerationInput:
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", param="text")
@@ -110,6 +143,7 @@ def native_input(
         prompt_param=param,
         default_max_new_tokens=defaults.max_new_tokens or NATIVE_DEFAULT_MAX_NEW_TOKENS,
         stop_regex=stop_regexes(sp.stop_regex, "sampling_params.stop_regex"),
+        images=images or [],
     )
 
 
@@ -208,7 +242,10 @@ async def generate(request: Request):
         )
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
-    prepared = await live.deadline(started).run(engine.prepare(native_input(req, defaults)))
+    images = await live.deadline(started).run(
+        native_images(req, MediaLimits.from_args(engine.args))
+    )
+    prepared = await live.deadline(started).run(engine.prepare(native_input(req, defaults, images)))
     cancellation = Cancellation()
     if req.stream:
         return await sse_response(

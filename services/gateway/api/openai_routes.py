@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
+from radixserve.gateway.api.media import MediaLimits, check_image_count, load_image
 from radixserve.gateway.pipeline.chat_reasoning import (
     ReasoningDelivery,
     reasoning_parser_for,
@@ -136,17 +138,30 @@ class RunningCounts:
 # ---- /v1/chat/completions ----
 
 
-def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation:
+def chat_conversation(
+    req: ChatCompletionRequest, images: dict[tuple[int, int], bytes] | None = None
+) -> common_pb2.ChatConversation:
+    """images: the files of the image_url parts by (message, part) index (chat_images); without
+    them an image part is refused."""
     messages = []
     for i, m in enumerate(req.messages):
-        content = m.content
+        content, parts = m.content, []
         if isinstance(content, list):
-            kinds = {p.type for p in content} - {"text"}
+            kinds = {p.type for p in content} - {"text"} - ({"image_url"} if images else set())
             if kinds:
                 raise not_supported(
                     f"content of type {sorted(kinds)[0]!r}", param=f"messages.{i}.content"
                 )
-            content = "\n".join(p.text or "" for p in content)
+            if any(p.type == "image_url" for p in content):
+                parts = [
+                    common_pb2.ChatContentPart(image=images[i, j])
+                    if p.type == "image_url"
+                    else common_pb2.ChatContentPart(text=p.text or "")
+                    for j, p in enumerate(content)
+                ]
+                content = ""
+            else:
+                content = "\n".join(p.text or "" for p in content)
         messages.append(
             common_pb2.ChatMessage(
                 role="system" if m.role == "developer" else m.role,
@@ -154,6 +169,7 @@ def chat_conversation(req: ChatCompletionRequest) -> common_pb2.ChatConversation
                 name=m.name or "",
                 tool_calls_json=json.dumps(calls) if (calls := message_tool_calls(m)) else "",
                 tool_call_id=m.tool_call_id or "",
+                content_parts=parts,
             )
         )
     return common_pb2.ChatConversation(
@@ -177,8 +193,28 @@ def message_tool_calls(message) -> list[dict] | None:
     return [{"id": "", "type": "function", "function": message.function_call}]
 
 
+async def chat_images(
+    req: ChatCompletionRequest, limits: MediaLimits
+) -> dict[tuple[int, int], bytes]:
+    """The files of the request's image_url parts by (message, part) index, fetched concurrently."""
+    where = [
+        (i, j, p.url)
+        for i, m in enumerate(req.messages)
+        if isinstance(m.content, list)
+        for j, p in enumerate(m.content)
+        if p.type == "image_url"
+    ]
+    check_image_count(len(where), limits, "messages")
+    files = await asyncio.gather(
+        *(load_image(url, limits, f"messages.{i}.content.{j}.image_url") for i, j, url in where)
+    )
+    return {(i, j): data for (i, j, _), data in zip(where, files)}
+
+
 def chat_input(
-    req: ChatCompletionRequest, defaults: SamplingDefaults = NO_DEFAULTS
+    req: ChatCompletionRequest,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    images: dict[tuple[int, int], bytes] | None = None,
 ) -> GenerationInput:
     choice_count(req.n)
     if req.top_logprobs and not req.logprobs:
@@ -210,7 +246,7 @@ def chat_input(
         structured_outputs=req.structured_outputs,
     )
     return GenerationInput(
-        chat_conversation(req),
+        chat_conversation(req, images),
         sampling,
         stopping,
         stop_list(req.stop),
@@ -244,7 +280,8 @@ async def chat_completions(request: Request):
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
-    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults)))
+    images = await live.deadline(started).run(chat_images(req, MediaLimits.from_args(engine.args)))
+    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults, images)))
     tools = plan_tools(
         req.tools,
         req.tool_choice,

@@ -56,10 +56,20 @@ class StreamOptions(Body):
 
 class ContentPart(BaseModel):
     # Every part type brings its own fields (image_url, input_audio, file, cache_control, ...):
-    # they are not checked here; the route refuses any part that is not text, by its type.
+    # they are not checked here; the route refuses any part that is neither text nor an image.
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
+    # An image part's {"url": ..., "detail": ...} (a bare URL string too, as some clients send it);
+    # detail is accepted and has no effect (the model's processor decides the resolution).
+    image_url: dict | str | None = None
+
+    @property
+    def url(self) -> str | None:
+        """An image part's URL."""
+        if isinstance(self.image_url, dict):
+            return self.image_url.get("url")
+        return self.image_url
 
 
 class ChatMessageIn(Body):
@@ -305,6 +315,9 @@ class NativeGenerateRequest(Body):
     return_text_in_logprobs: bool = False
     # With return_logprob: the logprobs of these token ids at every output position.
     token_ids_logprob: list[int] | None = None
+    # SGLang's image_data: the prompt's images (data: / http(s) / file URLs or bare base64), filling the
+    # text's image placeholder tokens in order; one string, a list, or a list holding the one prompt's list.
+    image_data: str | list[str] | list[list[str]] | None = None
 
 
 class AbortRequest(Body):

@@ -231,9 +231,15 @@ class Engine:
         if self.args.is_embedding:
             raise bad_request(EMBEDDING_SERVER_ONLY)
         info = await self.model_info()
-        input_ids = await self._tokenize(inp.prompt, inp.prompt_param, info.vocab_size)
+        input_ids, multimodal = await self._tokenize(
+            inp.prompt, inp.prompt_param, info.vocab_size, inp.images
+        )
         if not input_ids:
             raise bad_request("the prompt is empty", param=inp.prompt_param)
+        if multimodal is not None and inp.truncate_prompt_tokens is not None:
+            raise bad_request(
+                "a prompt with images cannot be truncated", param="truncate_prompt_tokens"
+            )
         if inp.truncate_prompt_tokens is not None:
             input_ids = truncated_prompt(input_ids, inp.truncate_prompt_tokens, info.context_length)
         for param, ids in (
@@ -253,7 +259,9 @@ class Engine:
         requested = inp.stopping.max_new_tokens
         if room is not None and room < (requested or 1):
             completion = requested or inp.default_max_new_tokens or 1
-            if not (self.args.allow_auto_truncate and completion < info.context_length):
+            if multimodal is not None or not (
+                self.args.allow_auto_truncate and completion < info.context_length
+            ):
                 completion = requested or 1
                 where = "messages" if inp.prompt_param == "messages" else "prompt"
                 raise bad_request(
@@ -290,15 +298,21 @@ class Engine:
             stop=[s for s in inp.stop if s],
             skip_special_tokens=inp.skip_special_tokens,
             stop_regex=list(inp.stop_regex),
+            multimodal=multimodal,
         )
 
-    async def _tokenize(self, prompt, param: str, vocab_size: int = 0) -> list[int]:
+    async def _tokenize(
+        self, prompt, param: str, vocab_size: int = 0, images: list[bytes] = ()
+    ) -> tuple[list[int], tokenizer_pb2.TokenizerChatResult | None]:
+        """The prompt's token ids, and its images as the tokenizer processed them (None: none)."""
         if isinstance(prompt, list):
+            if images:
+                raise bad_request("images need a text prompt, not token ids", param=param)
             limit = vocab_size or MAX_TOKEN_ID + 1
             bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < limit]
             if bad:
                 raise bad_request(f"token id {bad[0]} is out of range [0, {limit})", param=param)
-            return list(prompt)
+            return list(prompt), None
         if not self.uses_tokenizer:
             raise bad_request(
                 "the server runs without a tokenizer (--skip-tokenizer-init): send token ids",
@@ -308,14 +322,19 @@ class Engine:
         try:
             if isinstance(prompt, str):
                 resp = await tokenizer.Encode(
-                    tokenizer_pb2.TokenizerEncodeRequest(texts=[prompt], add_special_tokens=True),
+                    tokenizer_pb2.TokenizerEncodeRequest(
+                        texts=[prompt],
+                        add_special_tokens=True,
+                        images=[tokenizer_pb2.TokenizerTextImages(images=images)] if images else [],
+                    ),
                     timeout=UNARY_TIMEOUT_S,
                 )
-                return list(resp.results[0].ids)
+                result = resp.multimodal[0] if resp.multimodal else None
+                return list(resp.results[0].ids), _with_images(result)
             resp = await tokenizer.ApplyChatTemplate(
                 tokenizer_pb2.TokenizerChatRequest(conversations=[prompt]), timeout=UNARY_TIMEOUT_S
             )
-            return list(resp.results[0].ids)
+            return list(resp.results[0].ids), _with_images(resp.results[0])
         except grpc.aio.AioRpcError as e:
             raise from_grpc(e, "tokenizer") from None
 
@@ -383,6 +402,7 @@ class Engine:
                         sampling=req.sampling.to_proto(),
                         stopping=req.stopping.to_proto(),
                         trace_context=telemetry.trace_context,
+                        **_multimodal_fields(req.multimodal),
                     )
                     for req, telemetry in zip(reqs, telemetries)
                 ]
@@ -549,7 +569,7 @@ class Engine:
         if inputs and isinstance(inputs[0], str):
             sequences = await self._encode_texts(inputs, param)
         else:
-            sequences = [await self._tokenize(ids, param, info.vocab_size) for ids in inputs]
+            sequences = [(await self._tokenize(ids, param, info.vocab_size))[0] for ids in inputs]
         check_lengths(sequences, info.context_length, param)
         request = scheduler_pb2.SchedulerEmbedRequest(
             sequences=[common_pb2.TokenIds(ids=s) for s in sequences]
@@ -585,7 +605,7 @@ class Engine:
 
     async def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         """ids, or a 400 naming the first one outside the vocabulary."""
-        return await self._tokenize(list(ids), param, (await self.model_info()).vocab_size)
+        return (await self._tokenize(list(ids), param, (await self.model_info()).vocab_size))[0]
 
     async def _encode_texts(
         self, texts: list[str], param: str, add_special_tokens: bool = True
@@ -663,7 +683,7 @@ class Engine:
                 raise from_grpc(e, "scheduler") from None
             return
         if self.uses_tokenizer:
-            ids = await self._tokenize("ping", "text")
+            ids, _ = await self._tokenize("ping", "text")
         else:
             ids = [0]
         req = PreparedRequest(
@@ -761,6 +781,27 @@ async def collect(stream: AsyncIterator[Delta | Finish]) -> Completion:
     finally:
         await stream.aclose()
     return Completion("".join(texts), ids, logprobs, finish, prompt_logprobs)
+
+
+def _with_images(
+    result: tokenizer_pb2.TokenizerChatResult | None,
+) -> tokenizer_pb2.TokenizerChatResult | None:
+    """result when it carries images or M-RoPE positions, else None; without its (large) prompt text."""
+    if result is None or not (result.images or result.mrope_positions):
+        return None
+    result.ClearField("prompt")
+    return result
+
+
+def _multimodal_fields(result: tokenizer_pb2.TokenizerChatResult | None) -> dict:
+    """The SchedulerGenerateRequest fields of a prompt's images."""
+    if result is None:
+        return {}
+    return dict(
+        images=result.images,
+        mrope_positions=result.mrope_positions,
+        mrope_position_delta=result.mrope_position_delta,
+    )
 
 
 def truncated_prompt(ids: list[int], keep: int, context_length: int) -> list[int]:

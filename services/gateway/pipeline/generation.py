@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from radixserve.v1 import common_pb2
+from radixserve.v1 import common_pb2, tokenizer_pb2
 from radixserve.common.sampling import SamplingDefaults, SamplingParams, StoppingCriteria
 
 Prompt = str | common_pb2.ChatConversation | list[int]
@@ -27,6 +27,9 @@ class GenerationInput:
         default_factory=list
     )  # checked (pipeline/sampling.py stop_regexes)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    # A text prompt's encoded image files, filling its image placeholders in order (SGLang's
+    # image_data); a chat's images travel in its conversation.
+    images: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class PreparedRequest:
     stop: list[str]
     skip_special_tokens: bool
     stop_regex: list[str] = field(default_factory=list)
+    # The prompt's processed images (and M-RoPE positions) as the tokenizer returned them; None: none.
+    multimodal: tokenizer_pb2.TokenizerChatResult | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecutorNewRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context", "stopping", "generated_tokens", "prompt_logprobs")
+    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context", "stopping", "generated_tokens", "prompt_logprobs", "images", "mrope_positions", "mrope_position_delta")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,9 @@ class ExecutorNewRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_slots: _containers.RepeatedScalarFieldContainer[int]
@@ -33,7 +36,10 @@ class ExecutorNewRequest(_message.Message):
     stopping: _common_pb2.StoppingCriteria
     generated_tokens: int
     prompt_logprobs: ExecutorPromptLogprobRange
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptImage]
+    mrope_positions: _containers.RepeatedScalarFieldContainer[int]
+    mrope_position_delta: int
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
 
 class ExecutorPromptLogprobRange(_message.Message):
     __slots__ = ("start", "count", "next_token_id", "top_logprobs_num")

@@ -18,18 +18,24 @@ FAILED_STAGE_SCHEDULER: FailedStage
 FAILED_STAGE_EXECUTOR: FailedStage
 
 class SchedulerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "sampling", "trace_context", "stopping")
+    __slots__ = ("request_id", "input_ids", "sampling", "trace_context", "stopping", "images", "mrope_positions", "mrope_position_delta")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     trace_context: _common_pb2.TraceContext
     stopping: _common_pb2.StoppingCriteria
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptImage]
+    mrope_positions: _containers.RepeatedScalarFieldContainer[int]
+    mrope_position_delta: int
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
 
 class SchedulerGenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "finish_reason", "matched_stop_token_id", "usage", "prompt_logprobs")

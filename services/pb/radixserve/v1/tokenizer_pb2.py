@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import common_pb2 as radixserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/tokenizer.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"C\n\x16TokenizerEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"C\n\x17TokenizerEncodeResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\"N\n\x14TokenizerChatRequest\x12\x36\n\rconversations\x18\x01 \x03(\x0b\x32\x1f.radixserve.v1.ChatConversation\"2\n\x13TokenizerChatResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x05\"L\n\x15TokenizerChatResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".radixserve.v1.TokenizerChatResult\"\x16\n\x14TokenizerInfoRequest\"\xc8\x01\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x15\n\reos_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x16\n\x0etokenizer_path\x18\x05 \x01(\t\x12G\n\x13generation_defaults\x18\x06 \x01(\x0b\x32*.radixserve.v1.TokenizerGenerationDefaults\"\x89\x02\n\x1bTokenizerGenerationDefaults\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokens2\x92\x02\n\tTokenizer\x12W\n\x06\x45ncode\x12%.radixserve.v1.TokenizerEncodeRequest\x1a&.radixserve.v1.TokenizerEncodeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.radixserve.v1.TokenizerChatRequest\x1a$.radixserve.v1.TokenizerChatResponse\x12L\n\x07GetInfo\x12#.radixserve.v1.TokenizerInfoRequest\x1a\x1c.radixserve.v1.TokenizerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/tokenizer.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"w\n\x16TokenizerEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\x12\x32\n\x06images\x18\x03 \x03(\x0b\x32\".radixserve.v1.TokenizerTextImages\"%\n\x13TokenizerTextImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"{\n\x17TokenizerEncodeResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\x12\x36\n\nmultimodal\x18\x02 \x03(\x0b\x32\".radixserve.v1.TokenizerChatResult\"N\n\x14TokenizerChatRequest\x12\x36\n\rconversations\x18\x01 \x03(\x0b\x32\x1f.radixserve.v1.ChatConversation\"\x95\x01\n\x13TokenizerChatResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x05\x12*\n\x06images\x18\x03 \x03(\x0b\x32\x1a.radixserve.v1.PromptImage\x12\x17\n\x0fmrope_positions\x18\x04 \x03(\x05\x12\x1c\n\x14mrope_position_delta\x18\x05 \x01(\x05\"L\n\x15TokenizerChatResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".radixserve.v1.TokenizerChatResult\"\x16\n\x14TokenizerInfoRequest\"\xc8\x01\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x15\n\reos_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x15\n\rchat_template\x18\x04 \x01(\t\x12\x16\n\x0etokenizer_path\x18\x05 \x01(\t\x12G\n\x13generation_defaults\x18\x06 \x01(\x0b\x32*.radixserve.v1.TokenizerGenerationDefaults\"\x89\x02\n\x1bTokenizerGenerationDefaults\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x11\n\x0f_max_new_tokens2\x92\x02\n\tTokenizer\x12W\n\x06\x45ncode\x12%.radixserve.v1.TokenizerEncodeRequest\x1a&.radixserve.v1.TokenizerEncodeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.radixserve.v1.TokenizerChatRequest\x1a$.radixserve.v1.TokenizerChatResponse\x12L\n\x07GetInfo\x12#.radixserve.v1.TokenizerInfoRequest\x1a\x1c.radixserve.v1.TokenizerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'radixserve.v1.tokenizer_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIZERENCODEREQUEST']._serialized_start=76
-  _globals['_TOKENIZERENCODEREQUEST']._serialized_end=143
-  _globals['_TOKENIZERENCODERESPONSE']._serialized_start=145
-  _globals['_TOKENIZERENCODERESPONSE']._serialized_end=212
-  _globals['_TOKENIZERCHATREQUEST']._serialized_start=214
-  _globals['_TOKENIZERCHATREQUEST']._serialized_end=292
-  _globals['_TOKENIZERCHATRESULT']._serialized_start=294
-  _globals['_TOKENIZERCHATRESULT']._serialized_end=344
-  _globals['_TOKENIZERCHATRESPONSE']._serialized_start=346
-  _globals['_TOKENIZERCHATRESPONSE']._serialized_end=422
-  _globals['_TOKENIZERINFOREQUEST']._serialized_start=424
-  _globals['_TOKENIZERINFOREQUEST']._serialized_end=446
-  _globals['_TOKENIZERINFO']._serialized_start=449
-  _globals['_TOKENIZERINFO']._serialized_end=649
-  _globals['_TOKENIZERGENERATIONDEFAULTS']._serialized_start=652
-  _globals['_TOKENIZERGENERATIONDEFAULTS']._serialized_end=917
-  _globals['_TOKENIZER']._serialized_start=920
-  _globals['_TOKENIZER']._serialized_end=1194
+  _globals['_TOKENIZERENCODEREQUEST']._serialized_end=195
+  _globals['_TOKENIZERTEXTIMAGES']._serialized_start=197
+  _globals['_TOKENIZERTEXTIMAGES']._serialized_end=234
+  _globals['_TOKENIZERENCODERESPONSE']._serialized_start=236
+  _globals['_TOKENIZERENCODERESPONSE']._serialized_end=359
+  _globals['_TOKENIZERCHATREQUEST']._serialized_start=361
+  _globals['_TOKENIZERCHATREQUEST']._serialized_end=439
+  _globals['_TOKENIZERCHATRESULT']._serialized_start=442
+  _globals['_TOKENIZERCHATRESULT']._serialized_end=591
+  _globals['_TOKENIZERCHATRESPONSE']._serialized_start=593
+  _globals['_TOKENIZERCHATRESPONSE']._serialized_end=669
+  _globals['_TOKENIZERINFOREQUEST']._serialized_start=671
+  _globals['_TOKENIZERINFOREQUEST']._serialized_end=693
+  _globals['_TOKENIZERINFO']._serialized_start=696
+  _globals['_TOKENIZERINFO']._serialized_end=896
+  _globals['_TOKENIZERGENERATIONDEFAULTS']._serialized_start=899
+  _globals['_TOKENIZERGENERATIONDEFAULTS']._serialized_end=1164
+  _globals['_TOKENIZER']._serialized_start=1167
+  _globals['_TOKENIZER']._serialized_end=1441
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TokenizerEncodeRequest(_message.Message):
-    __slots__ = ("texts", "add_special_tokens")
+    __slots__ = ("texts", "add_special_tokens", "images")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     add_special_tokens: bool
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[TokenizerTextImages]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., add_special_tokens: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[TokenizerTextImages, _Mapping]]] = ...) -> None: ...
+
+class TokenizerTextImages(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TokenizerEncodeResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "multimodal")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenIds]
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ...) -> None: ...
+    multimodal: _containers.RepeatedCompositeFieldContainer[TokenizerChatResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.TokenIds, _Mapping]]] = ..., multimodal: _Optional[_Iterable[_Union[TokenizerChatResult, _Mapping]]] = ...) -> None: ...
 
 class TokenizerChatRequest(_message.Message):
     __slots__ = ("conversations",)
@@ -28,12 +38,18 @@ class TokenizerChatRequest(_message.Message):
     def __init__(self, conversations: _Optional[_Iterable[_Union[_common_pb2.ChatConversation, _Mapping]]] = ...) -> None: ...
 
 class TokenizerChatResult(_message.Message):
-    __slots__ = ("prompt", "ids")
+    __slots__ = ("prompt", "ids", "images", "mrope_positions", "mrope_position_delta")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptImage]
+    mrope_positions: _containers.RepeatedScalarFieldContainer[int]
+    mrope_position_delta: int
+    def __init__(self, prompt: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
 
 class TokenizerChatResponse(_message.Message):
     __slots__ = ("results",)
