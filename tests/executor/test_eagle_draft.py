@@ -438,6 +438,14 @@ def test_loading_accepts_published_names_and_refuses_missing(target, tmp_path):
     with pytest.raises(ValueError, match="outside the target vocabulary"):
         load_draft_model("EAGLE3", tmp_path / "bad_d2t", ours, torch.device("cpu"))
 
+    save_draft(
+        tmp_path / "one_layer",
+        {**cfg3, "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1]}},
+        eagle3_tensors(),
+    )
+    with pytest.raises(ValueError, match="at least 2 target layers"):
+        load_draft_model("EAGLE3", tmp_path / "one_layer", ours, torch.device("cpu"))
+
     W = eagle3_tensors()
     W["midlayer.extra.weight"] = torch.ones(3)
     save_draft(tmp_path / "extra", cfg3, W)

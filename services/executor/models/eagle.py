@@ -223,6 +223,8 @@ class Eagle3DraftModel(_DraftHead):
             )
         hidden = self.hidden_size
         self.capture_layers = target_capture_layers(config, target.config.num_layers)
+        if len(self.capture_layers) < 2:  # forward tells target states from its own by width
+            raise ValueError("EAGLE3 needs the hidden states of at least 2 target layers")
         self.fc = ReplicatedLinear(
             len(self.capture_layers) * hidden, hidden, bias=bool(config.get("bias", False))
         )
