@@ -108,6 +108,12 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> ours (Llama's), applied in order before anything else
     checkpoint_renames: dict[str, str] = {}
 
+    # Opt-in (the runner sets it; EAGLE3 draft heads read the result): forward keeps the hidden state
+    # entering each of these layers (the pre-norm residual stream) in captured_hidden, [T, n * hidden]
+    # in this order. Empty: nothing kept, forward unchanged.
+    capture_hidden_layers: tuple[int, ...] = ()
+    captured_hidden: torch.Tensor | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -139,8 +145,14 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary_emb.prepare(positions)
         x = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
         residual = None
-        for layer in self.model.layers:
+        capture = getattr(self, "capture_hidden_layers", ())  # also run by non-subclasses
+        kept: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in capture:
+                kept[i] = keep_layer_input(x, residual)
             x, residual = layer(x, residual, rope)
+        if capture:
+            self.captured_hidden = torch.cat([kept[i] for i in capture], dim=-1)
         x, _ = self.model.norm(x, residual)
         return x
 
@@ -165,6 +177,11 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks weights for: {sorted(missing)[:8]}")
 
 
+def keep_layer_input(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A copy of the hidden state entering a layer (x + residual: norms may add in place)."""
+    return x.clone() if residual is None else x + residual
+
+
 def add_rotary_and_lm_head(
     causal_lm: nn.Module,
     config: ModelConfig,
@@ -174,15 +191,22 @@ def add_rotary_and_lm_head(
     """What every Llama-style causal LM has around its decoder (`causal_lm.model`): the rotary
     tables (`table_dim` columns, else the head dim, of which the first `rotary_dim` rotate: layers/
     rotary.py's RotaryLayout) and the LM head, tied to the input embedding when the config says so."""
-    theta, scaling = rope_settings(config.hf)
-    max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
-    causal_lm.rotary_emb = RotaryEmbedding(
-        table_dim or config.head_dim, max_pos, theta, scaling, torch.get_default_dtype(), rotary_dim
-    )
+    causal_lm.rotary_emb = config_rotary(config, rotary_dim, table_dim)
     causal_lm.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
     causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.get("hidden_size"))
     if causal_lm.tie_word_embeddings:
         causal_lm.lm_head.tie_to(causal_lm.model.embed_tokens)
+
+
+def config_rotary(
+    config: ModelConfig, rotary_dim: int | None = None, table_dim: int | None = None
+) -> RotaryEmbedding:
+    """The config's rotary tables, long enough for the context and max_position_embeddings."""
+    theta, scaling = rope_settings(config.hf)
+    max_pos = max(config.context_length, config.get("max_position_embeddings", 0))
+    return RotaryEmbedding(
+        table_dim or config.head_dim, max_pos, theta, scaling, torch.get_default_dtype(), rotary_dim
+    )
 
 
 def load_checkpoint_tensor(

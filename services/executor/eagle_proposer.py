@@ -1,0 +1,215 @@
+"""EAGLE drafting on the executor: run a draft head (models/eagle.py) K times per request, a chain with
+top-1 (greedy) choices, and return K draft tokens per request in the target's vocabulary
+(docs/speculative.md, "EAGLE: the plan").
+
+Per request the caller hands over the positions the target has just run and kept (after a prefill
+chunk: its tokens; after a verify step: the last token and the accepted drafts): the target's hidden
+states there (rows of one tensor, in request order), the token that follows each position (input ids
+shifted by one: at the last position, the token the target has just sampled), the positions' target
+slots, and how many positions before them already have draft K/V (prefix_len). Round 1, an extend
+over those positions, writes the draft's K/V there and proposes the first token; rounds 2..K, decodes,
+each run one position further on the head's own output and the token proposed last.
+
+The draft's KV pool has one layer per draft layer and the target's slot ids: slot s holds the draft
+K/V of the position whose target K/V is at s, so the scheduler's slots cover both and freeing a slot
+frees both. Rounds 2..K run positions that have no target slot yet; their K/V goes to scratch slots
+past the target's ([num_slots, num_slots + max_requests * (max_steps - 1))), read only within one
+propose call: the next call's extend rewrites those positions at their own slots, from the target's
+hidden states.
+
+Attention reads a private slot table: the requests' rows of the target's SlotTable (their prefix),
+then these positions' slots, then their scratch slots; the target's table is never written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.metadata import (
+    ExtendSeq,
+    ForwardBatch,
+    TableMeta,
+    forward_context,
+)
+from radixserve.executor.kv_cache import KVPool
+
+
+@dataclass
+class DraftRequest:
+    """One request's positions to draft from."""
+
+    row: int  # its row in the target's SlotTable: the slots of positions 0 .. prefix_len - 1
+    prefix_len: int  # positions before these whose draft K/V is already in the pool
+    next_token_ids: list[int]  # per position run, the token at the position after it (target ids)
+    slots: list[int]  # the target slots of positions prefix_len .. prefix_len + n - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.slots)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + len(self.slots)
+
+
+class EagleProposer:
+    def __init__(
+        self,
+        draft,
+        num_slots: int,
+        max_requests: int,
+        max_steps: int,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+        kv_dtype: torch.dtype,
+        keep_logits: bool = False,
+    ):
+        """draft: an EagleDraftModel / Eagle3DraftModel; num_slots: the target pool's slot count
+        (slot 0 the padding sink); max_requests, max_steps: bounds of one propose call;
+        keep_logits: keep each round's draft logits [B, draft vocab] in `logits` (tests)."""
+        if max_requests < 1 or max_steps < 1:
+            raise ValueError("max_requests and max_steps must be at least 1")
+        self.draft, self.attn_backend, self.device = draft, attn_backend, device
+        self.num_slots, self.max_requests, self.max_steps = num_slots, max_requests, max_steps
+        layers, kv_heads, head_dim = draft.kv_shape
+        scratch = max_requests * (max_steps - 1)
+        self.kv_pool = KVPool(num_slots + scratch, layers, kv_heads, head_dim, kv_dtype, device)
+        self.max_positions = draft.rotary_emb.cos_table.shape[0]
+        self.keep_logits = keep_logits
+        self.logits: list[torch.Tensor] = []
+
+    def _validate(
+        self, table: torch.Tensor, requests: list[DraftRequest], hidden: torch.Tensor, k: int
+    ):
+        if not 1 <= len(requests) <= self.max_requests:
+            raise ValueError(f"{len(requests)} requests; one call drafts 1..{self.max_requests}")
+        if not 1 <= k <= self.max_steps:
+            raise ValueError(f"{k} draft steps; 1..{self.max_steps} allowed")
+        total = 0
+        for r in requests:
+            n = r.num_tokens
+            if n < 1 or len(r.next_token_ids) != n:
+                raise ValueError(
+                    f"row {r.row}: {len(r.next_token_ids)} token ids for {n} slots (need >= 1)"
+                )
+            if min(r.slots) < 1 or max(r.slots) >= self.num_slots:
+                raise ValueError(f"row {r.row}: slot ids must be in 1..{self.num_slots - 1}")
+            if r.prefix_len < 0 or r.seq_len + k - 1 > min(table.shape[1], self.max_positions):
+                raise ValueError(
+                    f"row {r.row}: {r.seq_len} positions + {k - 1} drafted exceed the context"
+                )
+            total += n
+        if hidden.shape[0] != total:
+            raise ValueError(f"{hidden.shape[0]} hidden rows for {total} positions")
+
+    @torch.inference_mode()
+    def propose(
+        self, table: torch.Tensor, requests: list[DraftRequest], hidden: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
+        table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
+        states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs)."""
+        self._validate(table, requests, hidden, k)
+        self.logits = []
+        device, scratch_per = self.device, self.max_steps - 1
+        batch = len(requests)
+        lens = [r.seq_len for r in requests]
+        private = self._private_table(table, requests, k)
+
+        # Round 1: an extend over each request's positions.
+        starts, ids, positions, slots = [], [], [], []
+        for r in requests:
+            starts.append(len(ids))
+            ids += r.next_token_ids
+            positions += range(r.prefix_len, r.seq_len)
+            slots += r.slots
+        extend = [
+            ExtendSeq(s, r.num_tokens, r.prefix_len, i)
+            for i, (s, r) in enumerate(zip(starts, requests))
+        ]
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        rows = torch.arange(batch, dtype=torch.int64, device=device)
+        meta = TableMeta(
+            private,
+            rows,
+            tensor(lens),
+            tensor([r.prefix_len for r in requests]),
+            tensor(starts),
+            tensor([r.num_tokens for r in requests]),
+            max(r.num_tokens for r in requests),
+        )
+        last = tensor([s + r.num_tokens - 1 for s, r in zip(starts, requests)])
+        step = ForwardBatch(
+            tensor(ids),
+            tensor(positions),
+            tensor(slots),
+            extend,
+            len(ids),
+            [],
+            self.kv_pool,
+            self.attn_backend,
+            meta,
+        )
+        token, own = self._run(step, hidden, last)
+        drafts = [token]
+
+        # Rounds 2..k: one position further each, on the head's own output.
+        empty = tensor([])
+        for j in range(1, k):
+            seq_lens = [n + j for n in lens]
+            scratch = [self.num_slots + i * scratch_per + j - 1 for i in range(batch)]
+            meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
+            step = ForwardBatch(
+                token,
+                tensor([n - 1 for n in seq_lens]),
+                tensor(scratch),
+                [],
+                0,
+                seq_lens,
+                self.kv_pool,
+                self.attn_backend,
+                meta,
+            )
+            token, own = self._run(step, own, None)
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)
+
+    def _run(self, step: ForwardBatch, hidden: torch.Tensor, last: torch.Tensor | None):
+        """One draft forward: (each request's proposed target id [B], its next hidden [B, H])."""
+        with forward_context(step):
+            to_logits, to_next = self.draft(step.input_ids, step.positions, hidden)
+        if last is not None:
+            to_logits, to_next = to_logits.index_select(0, last), to_next.index_select(0, last)
+        logits = self.draft.compute_logits(to_logits)
+        if self.keep_logits:
+            self.logits.append(logits)
+        draft_ids = logits.argmax(dim=-1)
+        return self.draft.to_target_ids(draft_ids), to_next
+
+    def _private_table(
+        self, table: torch.Tensor, requests: list[DraftRequest], k: int
+    ) -> torch.Tensor:
+        """[B, longest + k - 1] slot ids: each request's target row up to its prefix, then its
+        positions' slots, then its k - 1 scratch slots."""
+        width = max(r.seq_len for r in requests) + k - 1
+        rows = torch.tensor([r.row for r in requests], dtype=torch.int64, device=table.device)
+        private = table[:, :width].index_select(0, rows).to(self.device)
+        scratch_per = self.max_steps - 1
+        at_rows, at_cols, values = [], [], []
+        for i, r in enumerate(requests):
+            extra = [self.num_slots + i * scratch_per + j for j in range(k - 1)]
+            new = r.slots + extra
+            at_rows += [i] * len(new)
+            at_cols += range(r.prefix_len, r.prefix_len + len(new))
+            values += new
+        index = torch.tensor([at_rows, at_cols], dtype=torch.int64, device=self.device)
+        private.index_put_(
+            (index[0], index[1]), torch.tensor(values, dtype=torch.int64, device=self.device)
+        )
+        return private
