@@ -2,6 +2,9 @@
 by the model's own HF processor (resize, anyres tiling, normalisation; its placeholder expansion
 gives the true prompt length), split per image, and located in the prompt's token ids.
 
+A Qwen2-VL-style (M-RoPE) model whose processor transformers cannot build (Qwen2VLProcessor needs
+torchvision) takes its image processor alone, the placeholders expanded here (GridPlaceholderProcessor).
+
 A folder without a processor (no preprocessor_config.json / processor_config.json) has no image
 inputs: a prompt with images is refused (ValueError, INVALID_ARGUMENT).
 """
@@ -80,6 +83,49 @@ def _per_image(outputs: dict, count: int) -> list[ImageTensors]:
     ]
 
 
+class GridPlaceholderProcessor:
+    """A Qwen2-VL-style processor made of the image processor alone, for when transformers cannot
+    build the model's own processor (Qwen2VLProcessor needs torchvision for its video processor): the
+    prompt tokenized, each single image token expanded to as many as the image's merged patch grid
+    fills (qwen2_vl.image_token_count), as the model's processor does."""
+
+    def __init__(self, folder: pathlib.Path, tokenizer, hf_config: dict, image_token_id: int):
+        from transformers import AutoImageProcessor
+
+        from radixserve.executor.models.qwen2_vl import image_token_count
+
+        try:
+            # transformers falls back to the pillow backend when torchvision is missing
+            self.image_processor = AutoImageProcessor.from_pretrained(str(folder))
+        except (AttributeError, ImportError, OSError, ValueError) as e:
+            raise ValueError(
+                f"the image processor of {folder} could not be loaded ({type(e).__name__}: {e})"
+            ) from e
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        self.image_token_id = image_token_id
+        self.token_count = image_token_count
+
+    def __call__(self, text: list[str], images, return_tensors: str, add_special_tokens: bool):
+        outputs = dict(self.image_processor(images=images, return_tensors=return_tensors))
+        grids = [tuple(g) for g in outputs["image_grid_thw"].tolist()]
+        ids = self.tokenizer(text[0], add_special_tokens=add_special_tokens)["input_ids"]
+        at = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(at) != len(grids):
+            raise ValueError(
+                f"the prompt has {len(at)} image tokens for {len(grids)} images (one each)"
+            )
+        expanded: list[int] = []
+        cursor = 0
+        for i, grid in zip(at, grids):
+            expanded += ids[cursor:i] + [self.image_token_id] * self.token_count(
+                self.hf_config, grid
+            )
+            cursor = i + 1
+        outputs["input_ids"] = torch.tensor([expanded + ids[cursor:]])
+        return outputs
+
+
 def _mrope_fn(hf_config: dict):
     """The M-RoPE position function of a Qwen2-VL-style model (None for others)."""
     text = hf_config.get("text_config") or hf_config
@@ -110,16 +156,23 @@ class ImageProcessing:
             return
         from transformers import AutoProcessor
 
+        self.image_token_id = int(token)
+        self.mrope = _mrope_fn(self.hf_config)
         try:
             self.processor = AutoProcessor.from_pretrained(str(folder), tokenizer=tokenizer)
         except (AttributeError, ImportError, OSError, ValueError) as e:
-            # e.g. LlavaOnevisionProcessor, which transformers builds only with torchvision installed
-            raise ValueError(
-                f"the image processor of {folder} could not be loaded ({type(e).__name__}: {e}); "
-                "some processors need torchvision"
-            ) from e
-        self.image_token_id = int(token)
-        self.mrope = _mrope_fn(self.hf_config)
+            # e.g. LlavaOnevisionProcessor and Qwen2VLProcessor, which transformers builds only with
+            # torchvision installed (their video processors)
+            if self.mrope is None:
+                raise ValueError(
+                    f"the image processor of {folder} could not be loaded ({type(e).__name__}: "
+                    f"{e}); some processors need torchvision"
+                ) from e
+            log.info("%s: %s; images through its image processor alone", folder, e)
+        if self.mrope is not None and not hasattr(self.processor, "tokenizer"):
+            self.processor = GridPlaceholderProcessor(
+                folder, tokenizer, self.hf_config, self.image_token_id
+            )
 
     @property
     def enabled(self) -> bool:
@@ -156,7 +209,7 @@ class ImageProcessing:
         ]
         mrope, delta = [], 0
         if self.mrope is not None:
-            grid = outputs.get("image_grid_thw")
-            positions, delta = self.mrope(self.hf_config, torch.tensor(ids), grid)
+            grid = [tuple(g) for g in outputs["image_grid_thw"].tolist()]
+            positions, delta = self.mrope(self.hf_config, ids, grid)
             mrope = positions.reshape(-1).tolist()
         return ids, prompt_images, mrope, int(delta)
