@@ -54,6 +54,9 @@ class FastDecode:
                 "fused CPU decode: %s not supported; using the torch path", type(model).__name__
             )
             return None
+        if getattr(model, "uses_mrope", False):  # the runner gives M-RoPE models the plain forward
+            log.info("fused CPU decode: M-RoPE positions not supported; using the torch path")
+            return None
         if runner.kv_pool.fp8:  # the fused kernel reads a bf16 pool only
             log.info("fused CPU decode: fp8 KV cache not supported; using the torch path")
             return None

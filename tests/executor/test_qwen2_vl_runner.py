@@ -194,3 +194,17 @@ def test_greedy_decode_matches_hf_generate(setup, monkeypatch):
     assert got == expected
     runner.step(StepInput(steps + 1, finished_request_ids=["g"]))
     assert runner.image_inputs.requests == {}
+
+
+def test_no_fast_decode_kernels_are_built_for_an_m_rope_model(setup, caplog):
+    from types import SimpleNamespace
+
+    from radixserve.executor.fast_decode import FastDecode
+
+    _, _, runner = setup
+    bf16_cpu = SimpleNamespace(
+        model=runner.model, device=torch.device("cpu"), dtype=torch.bfloat16, kv_pool=runner.kv_pool
+    )
+    with caplog.at_level("INFO", logger="radixserve.executor.fast_decode"):
+        assert FastDecode.build(bf16_cpu) is None
+    assert "M-RoPE positions not supported" in caplog.text
