@@ -208,3 +208,37 @@ def test_no_fast_decode_kernels_are_built_for_an_m_rope_model(setup, caplog):
     with caplog.at_level("INFO", logger="radixserve.executor.fast_decode"):
         assert FastDecode.build(bf16_cpu) is None
     assert "M-RoPE positions not supported" in caplog.text
+
+
+def test_readmitted_request_with_generated_tokens_continues_at_p_plus_delta(setup):
+    """A retracted request comes back as a new one whose ids are its prompt and the tokens it had
+    generated; its M-RoPE positions cover the prompt, the generated tokens take p + delta."""
+    hf, core, runner = setup
+    runner.reset()
+    r = chat(core, pictures(9, 10))
+    with torch.no_grad():
+        expected = hf.generate(
+            **hf_inputs(hf, r), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(r.ids) :].tolist()
+    ids = r.ids + expected[:4]
+    pool = SlotPool(runner.kv_slots, seed=4)
+    out = runner.step(StepInput(1, new_requests=[new_request("h", r, ids, pool.take(len(ids)))]))
+    assert out.outputs[0].token_id == expected[4]
+    # transformers' positions of the whole sequence continue the prompt's as p + delta
+    inputs = hf_inputs(hf, r)
+    inputs["input_ids"] = torch.tensor([ids])
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == hf.config.image_token_id).int()
+    with torch.no_grad():
+        expected_logits = hf(**inputs).logits[0, -1].float()
+    torch.testing.assert_close(out.logits[0], expected_logits, atol=ATOL, rtol=0)
+
+
+def test_placeholders_that_do_not_fit_the_images_are_refused(setup):
+    _, core, _ = setup
+    two = "<|vision_start|><|image_pad|><|vision_end|> and <|vision_start|><|image_pad|><|vision_end|>"
+    with pytest.raises(ValueError, match="do not fit the prompt"):
+        core.with_images(two, pictures(1))
+    with pytest.raises(ValueError, match="do not fit the prompt"):
+        core.with_images("no image here", pictures(1))
+    r = core.with_images(two, pictures(1, 2))
+    assert [i.length for i in r.images] == [12, 6] and len(r.mrope_positions) == 3 * len(r.ids)
