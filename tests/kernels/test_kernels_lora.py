@@ -31,7 +31,9 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T, K, N, R, S", [(1, 32, 48, 8, 1), (9, 100, 130, 24, 3), (17, 64, 96, 192, 4)])
+@pytest.mark.parametrize(
+    "T, K, N, R, S", [(1, 32, 48, 8, 1), (9, 100, 130, 24, 3), (17, 64, 96, 192, 4)]
+)
 def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
     x, a, b, scales, slots = _inputs(T, K, N, R, S, dtype)
     y0 = randn(gen(1), T, N, dtype=dtype)
@@ -49,8 +51,14 @@ def test_reference_is_a_per_token_matmul():
     x, a, b, scales, slots = _inputs(6, 16, 20, 4, 2, torch.float64)
     delta = lora.lora_reference(x, a, b, scales, slots)
     for t, slot in enumerate(slots.tolist()):
-        want = torch.zeros(20, dtype=torch.float64) if slot < 0 else scales[slot] * (b[slot] @ (a[slot] @ x[t]))
-        torch.testing.assert_close(delta[t].double(), want.double().to(delta.device), rtol=1e-5, atol=1e-5)
+        want = (
+            torch.zeros(20, dtype=torch.float64)
+            if slot < 0
+            else scales[slot] * (b[slot] @ (a[slot] @ x[t]))
+        )
+        torch.testing.assert_close(
+            delta[t].double(), want.double().to(delta.device), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_strided_rows_and_int32_slots():
