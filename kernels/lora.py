@@ -136,6 +136,28 @@ def lora_expand(
     return y
 
 
+def shrink_reference(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """lora_shrink in plain torch (float32): one GEMM per distinct slot of the batch (host sync)."""
+    s = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    for slot in slots.unique().tolist():
+        if slot >= 0:
+            rows = (slots == slot).nonzero().squeeze(1)
+            s[rows] = x[rows].float() @ a[slot].float().T
+    return s
+
+
+def expand_reference(
+    y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """lora_expand in plain torch: y += the delta (rounded once to y's dtype), in place."""
+    for slot in slots.unique().tolist():
+        if slot >= 0:
+            rows = (slots == slot).nonzero().squeeze(1)
+            delta = (s[rows] @ b[slot].float().T) * scales[slot]
+            y[rows] = (y[rows].float() + delta).to(y.dtype)
+    return y
+
+
 def lora_reference(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -144,9 +166,6 @@ def lora_reference(
     slots: torch.Tensor,
 ) -> torch.Tensor:
     """The delta shrink + expand add to y ([T, N] float32), in plain torch: the reference of the
-    kernels, and the path of the executor's `--lora-backend torch`."""
-    use = slots >= 0
-    idx = slots.clamp(min=0).long()
-    s = torch.einsum("tk,trk->tr", x.float(), a[idx].float())
-    delta = torch.einsum("tr,tnr->tn", s, b[idx].float()) * scales[idx][:, None]
-    return delta * use[:, None]
+    kernels (the executor's `--lora-backend torch` runs shrink_reference and expand_reference)."""
+    y = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float32, device=x.device)
+    return expand_reference(y, shrink_reference(x, a, slots), b, scales, slots)

@@ -48,6 +48,7 @@ class NewRequest:
     )
     trace_context: common_pb2.TraceContext | None = None  # the request's span; None: not traced
     prompt_logprobs: PromptLogprobRange | None = None
+    lora_name: str = ""  # the LoRA adapter it runs with ("": the base model)
 
 
 @dataclass

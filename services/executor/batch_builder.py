@@ -171,6 +171,7 @@ class BatchBuilder:
             state = RequestState.create(
                 table.assign(), len(req.prefix_slots), req.sampling, self.device
             )
+            state.lora_name = req.lora_name
             states[req.request_id] = state
             self._table_write(table_writes, state.table_row, 0, req.prefix_slots)
             seqs.append(
@@ -303,6 +304,7 @@ class BatchBuilder:
             table_meta=table_meta,
             samples=samples,
             prompt_logprobs=prompt_logprobs,
+            seq_states=[s.state for s in ordered],
         )
 
     @staticmethod

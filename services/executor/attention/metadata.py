@@ -89,6 +89,9 @@ class ForwardBatch:
     # Requests that asked for prompt logprobs over this step's tokens (prompt_logprobs.PromptLogprobRows).
     prompt_logprobs: list[Any] = field(default_factory=list)
     attn_metadata: Any = field(default=None)  # whatever the backend prepared for this step
+    # Each sequence's RequestState in token order (extends, then decodes): what per-sequence state
+    # outside attention reads (the LoRA adapter of each token).
+    seq_states: list["RequestState"] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
