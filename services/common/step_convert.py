@@ -34,6 +34,7 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             stopping=r.stopping.to_proto(),
             generated_tokens=r.generated_tokens,
             prompt_logprobs=_range_to_proto(r.prompt_logprobs),
+            lora_name=r.lora_name,
         )
     for r in step.continuing_requests:
         msg.continuing_requests.add(
@@ -83,6 +84,7 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 r.generated_tokens,
                 r.trace_context if r.HasField("trace_context") else None,
                 _range_from_proto(r),
+                r.lora_name,
             )
             for r in msg.new_requests
         ],

@@ -16,6 +16,7 @@ def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequ
         stopping=StoppingCriteria.from_proto(msg.stopping),
         sampling=SamplingParams.from_proto(msg.sampling),
         trace_context=msg.trace_context if msg.HasField("trace_context") else None,
+        lora_name=msg.lora_name,
     )
 
 

@@ -187,7 +187,7 @@ class PrefillManager:
         cache, pool = self.kv.cache, self.kv.pool
         fill = req.seq
         # Never the whole sequence (a token must run to sample from), nor wanted prompt logprobs.
-        prefix_slots, node = cache.match_prefix(fill[: prefix_limit(req, len(fill))])
+        prefix_slots, node = cache.match_prefix(fill[: prefix_limit(req, len(fill))], req.lora_name)
         prefix_len = len(prefix_slots)
         extend = len(fill) - prefix_len
         n = self._first_chunk_len(extend, build)
@@ -220,6 +220,7 @@ class PrefillManager:
                 generated_tokens=len(req.output_ids),
                 trace_context=req.trace_context,
                 prompt_logprobs=plan_range(req, prefix_len, n),
+                lora_name=req.lora_name,
             )
         )
         build.tokens_left -= n
@@ -240,7 +241,10 @@ class PrefillManager:
 
     def _admission_order(self) -> list[Request]:
         if self.policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
-            matched = {id(r): len(self.kv.cache.match_prefix(r.seq[:-1])[0]) for r in self.waiting}
+            matched = {
+                id(r): len(self.kv.cache.match_prefix(r.seq[:-1], r.lora_name)[0])
+                for r in self.waiting
+            }
             return sorted(self.waiting, key=lambda r: -matched[id(r)])
         return list(self.waiting)
 

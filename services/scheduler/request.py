@@ -42,6 +42,8 @@ class Request:
     arrival_time: float = 0.0
     # The caller's W3C trace context; None: not traced.
     trace_context: TraceContext | None = None
+    # The LoRA adapter it runs with ("": the base model); its prefix-cache namespace too.
+    lora_name: str = ""
 
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
