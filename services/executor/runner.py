@@ -11,7 +11,7 @@ import logging
 import os
 import pathlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ from radixserve.executor.kv_scales import (
     split_checkpoint_scales,
 )
 from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
+from radixserve.executor.lora.adapter import LoraDisabled
 from radixserve.executor.lora.manager import build_lora_manager, check_no_lora
 from radixserve.executor.prompt_logprobs import DevicePromptLogprobs, compute_prompt_logprobs
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
@@ -85,6 +86,8 @@ class ModelInfo:
     num_parameters: int
     kv_cache_dtype: str  # the KV pool's: the model's dtype, or fp8_e5m2 / fp8_e4m3
     kv_bytes_per_token: int  # K and V of one token over every layer, on this shard
+    max_loras_per_batch: int = 0  # LoRA GPU slots; 0: LoRA off
+    lora_adapters: list[dict] = field(default_factory=list)  # ExecutorLoraAdapter fields
 
 
 @contextlib.contextmanager
@@ -358,7 +361,21 @@ class ModelRunner:
             self.num_parameters,
             kv_cache_dtype_name(self.kv_dtype),
             self.kv_bytes_per_token,
+            self.lora.num_slots if self.lora is not None else 0,
+            self.lora.describe() if self.lora is not None else [],
         )
+
+    def load_lora(self, name: str, path: str) -> dict:
+        """Load a LoRA adapter (LoraError if it cannot be served); its ExecutorLoraAdapter fields."""
+        if self.lora is None:
+            raise LoraDisabled("LoRA is off: start the executor with --enable-lora")
+        adapter = self.lora.load(name, path)
+        return {"name": adapter.name, "path": adapter.path, "rank": adapter.rank}
+
+    def unload_lora(self, name: str) -> None:
+        if self.lora is None:
+            raise LoraDisabled("LoRA is off: start the executor with --enable-lora")
+        self.lora.unload(name)
 
     def reset(self) -> int:
         dropped = len(self.states)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from radixserve.scheduler.kv_accounting import KVAccounting
+from radixserve.scheduler.lora_admission import active_adapters, adapter_fits, resident_first
 from radixserve.scheduler.prompt_logprobs import plan_range, prefix_limit
 from radixserve.scheduler.radix_cache import TreeNode
 from radixserve.common.step import ContinuingRequest, NewRequest
@@ -103,6 +104,8 @@ class PrefillManager:
         # The request whose prefill is split over steps and not finished (holds KV, not running).
         self.chunked: Request | None = None
         self.admit_counter = 0
+        # Most distinct LoRA adapters among the running requests (lora_admission.py); 0: LoRA off.
+        self.max_loras = 0
         self.total_prompt_tokens = 0
         self.total_cached_prompt_tokens = 0
 
@@ -174,9 +177,17 @@ class PrefillManager:
         return True
 
     def _plan_admissions(self, running: list[Request], build: PrefillBuild) -> None:
-        for req in self._admission_order():
+        order = self._admission_order()
+        active = active_adapters([*running, self.chunked]) if self.max_loras else set()
+        if self.max_loras:
+            order = resident_first(order, active)
+        for req in order:
             if len(running) + len(build.joined) >= self.max_running_requests:
                 break
+            if self.max_loras:
+                if not adapter_fits(req, active, self.max_loras):
+                    continue
+                active |= active_adapters([req])
             if not self._try_admit(req, running, build) or build.chunk_req is not None:
                 break
         if build.new_requests:

@@ -91,11 +91,19 @@ class RadixCache:
             self.root.children[key] = node
         return node
 
-    def drop_namespace(self, namespace: str) -> bool:
-        """Forget an empty namespace's root (its adapter is gone); False if it still holds tokens."""
-        node = self._namespace_root(namespace, create=False) if namespace else None
-        if node is None or node.children or node.lock_ref > 1:
+    def drop_namespace(self, namespace: str, free_fn: FreeFn | None = None) -> bool:
+        """Forget a namespace (its adapter is gone): with free_fn, free the slots of all its tokens
+        first. False (nothing changed) while a request locks part of it, or, without free_fn, while
+        it holds tokens."""
+        root = self._namespace_root(namespace, create=False) if namespace else None
+        if root is None or root.lock_ref > 1 or (root.children and free_fn is None):
             return False
+        stack = list(root.children.values())
+        while stack:
+            node = stack.pop()
+            free_fn(list(node.slots))
+            self._evictable -= len(node.key)
+            stack.extend(node.children.values())
         del self.root.children[("lora", namespace)]
         return True
 
@@ -268,7 +276,7 @@ class DisabledRadixCache:
     ) -> tuple[list[int], TreeNode]:
         return [], self.root
 
-    def drop_namespace(self, namespace: str) -> bool:
+    def drop_namespace(self, namespace: str, free_fn: FreeFn | None = None) -> bool:
         return True
 
     def insert(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> int:

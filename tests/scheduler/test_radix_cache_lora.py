@@ -55,3 +55,17 @@ def test_disabled_cache_takes_namespaces():
     assert cache.match_prefix([1, 2], "a")[0] == []
     assert cache.insert([1, 2], [3, 4], "a") == 2
     assert cache.drop_namespace("a")
+
+
+def test_drop_namespace_frees_its_tokens(cache):
+    cache.insert([1, 2, 3, 4], [10, 11, 12, 13], "a")
+    cache.insert([1, 2, 5, 6], [20, 21, 22, 23], "a")
+    cache.insert([1, 2], [30, 31])
+    _, node = cache.match_prefix([1, 2, 5, 6, 7, 7], "a")
+    cache.inc_lock_ref(node)
+    freed: list[int] = []
+    assert not cache.drop_namespace("a", freed.extend) and freed == []
+    cache.dec_lock_ref(node)
+    assert cache.drop_namespace("a", freed.extend)
+    assert sorted(freed) == [10, 11, 12, 13, 22, 23]
+    assert cache.total_size() == cache.evictable_size() == 2 and cache.all_slots() == [30, 31]

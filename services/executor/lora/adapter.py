@@ -41,6 +41,10 @@ class LoraNotFound(LoraError):
     """An adapter name that is not loaded."""
 
 
+class LoraDisabled(LoraError):
+    """The executor runs without LoRA (--enable-lora)."""
+
+
 @dataclass
 class ShardPart:
     """One HF module of an adapter in a fused layer: its shard, A [r, in] and B [out, r], this rank's

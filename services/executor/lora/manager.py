@@ -31,6 +31,7 @@ from radixserve.executor.lora.adapter import (
     read_adapter,
 )
 from radixserve.executor.lora.layers import LoraLinear, LoraSlotsState
+from radixserve.kernels.paged_attention_block import interpreting
 
 log = logging.getLogger("radixserve.executor.lora")
 
@@ -108,7 +109,10 @@ class LoraManager:
         self.max_rank = resolve_max_rank(settings)
         self.targets = parse_target_modules(settings.lora_target_modules)
         self.device, self.dtype, self.num_layers = device, dtype, num_layers
-        self.state = LoraSlotsState(self.num_slots, device, settings.lora_backend)
+        backend = settings.lora_backend
+        if backend == "triton" and device.type == "cpu" and not interpreting():
+            backend = "torch"  # Triton kernels need a GPU (or the interpreter, in tests)
+        self.state = LoraSlotsState(self.num_slots, device, backend)
         self.layers = wrap_model(model, self.state, self.num_slots, self.max_rank, dtype)
         self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.slot_names: list[str | None] = [None] * self.num_slots
@@ -165,6 +169,10 @@ class LoraManager:
 
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    def describe(self) -> list[dict]:
+        """The loaded adapters as ExecutorLoraAdapter fields."""
+        return [{"name": a.name, "path": a.path, "rank": a.rank} for a in self.adapters.values()]
 
     # ---- per step ----
     def check_step(self, step: StepInput, states: dict) -> None:

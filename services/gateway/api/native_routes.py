@@ -208,7 +208,11 @@ async def generate(request: Request):
         )
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
-    prepared = await live.deadline(started).run(engine.prepare(native_input(req, defaults)))
+    inp = native_input(req, defaults)
+    if req.lora_path:  # SGLang's adapter choice: an adapter name (or BASE:ADAPTER)
+        lora = await engine.lora.resolve(req.lora_path, "lora_path")
+        inp = dataclasses.replace(inp, lora_name=lora)
+    prepared = await live.deadline(started).run(engine.prepare(inp))
     cancellation = Cancellation()
     if req.stream:
         return await sse_response(

@@ -305,6 +305,8 @@ class NativeGenerateRequest(Body):
     return_text_in_logprobs: bool = False
     # With return_logprob: the logprobs of these token ids at every output position.
     token_ids_logprob: list[int] | None = None
+    # The LoRA adapter to generate with, by name (SGLang's field; its path form is --lora-paths').
+    lora_path: str | None = None
 
 
 class AbortRequest(Body):

@@ -27,6 +27,7 @@ class GenerationInput:
         default_factory=list
     )  # checked (pipeline/sampling.py stop_regexes)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    lora_name: str = ""  # the LoRA adapter to generate with ("": the base model)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PreparedRequest:
     stop: list[str]
     skip_special_tokens: bool
     stop_regex: list[str] = field(default_factory=list)
+    lora_name: str = ""  # the LoRA adapter to generate with ("": the base model)
 
 
 @dataclass
