@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import OrderedDict
 
 import torch
@@ -31,7 +32,6 @@ from radixserve.executor.lora.adapter import (
     read_adapter,
 )
 from radixserve.executor.lora.layers import LoraLinear, LoraSlotsState
-from radixserve.kernels.paged_attention_block import interpreting
 
 log = logging.getLogger("radixserve.executor.lora")
 
@@ -110,7 +110,9 @@ class LoraManager:
         self.targets = parse_target_modules(settings.lora_target_modules)
         self.device, self.dtype, self.num_layers = device, dtype, num_layers
         backend = settings.lora_backend
-        if backend == "triton" and device.type == "cpu" and not interpreting():
+        # (kernels/ is imported only when a kernel runs: importing Triton fixes whether it interprets)
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if backend == "triton" and device.type == "cpu" and not interpreting:
             backend = "torch"  # Triton kernels need a GPU (or the interpreter, in tests)
         self.state = LoraSlotsState(self.num_slots, device, backend)
         self.layers = wrap_model(model, self.state, self.num_slots, self.max_rank, dtype)
