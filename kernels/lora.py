@@ -13,13 +13,15 @@ shards * r rows, and B is block-diagonal [N, R] (shard i's output rows read only
 shrink and one expand serve the fused GEMM. s stays float32 between the two (no rounding of the small
 intermediate), and is what a row-parallel layer all-reduces between them.
 
-Grid: one program per (token, block of outputs); a program whose token has slot -1 stores zeros (shrink)
-or returns at once (expand), so base-model tokens cost a load of their slot id. The weights live in fixed
-slot buffers, and the slot ids are a tensor, so the launch is the same for every mix of adapters: CUDA
-graphs capture it once per batch size. Tokens of one request share their adapter, so the per-token
-re-reads of A and B hit L2 (A and B of one slot and target are R * (K + N) elements).
+Grid: one program per tile of BLOCK_T (16) consecutive tokens and block of outputs (SGMV-like). Tokens of
+one request are consecutive and share their adapter, so the tiles of a prefill are uniform: one tile GEMM
+on the tensor cores (tl.dot, float32 sums) over that slot's A or B, or nothing for base-model tokens. A
+tile that mixes adapters (decode steps, request boundaries) runs a gathered GEMV per token (BGMV). The
+weights live in fixed slot buffers and the slot ids are a tensor, so the launch is the same for every mix
+of adapters: CUDA graphs capture it once per batch size. In the expand, half-type inputs round s to
+their dtype for the tensor cores (as PEFT computes in that dtype); float32 stays float32 (ieee).
 
-Under the Triton interpreter (CPU tests) everything is computed in float32.
+Under the Triton interpreter (CPU tests) the dot operands go up to float32 (its half-type dot is wrong).
 """
 
 from __future__ import annotations
@@ -28,72 +30,149 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.kernels.paged_attention_block import interpreting
+
 MAX_STACKED_RANK = 256  # R: up to 3 shards (q/k/v) of rank 64, padded to a power of two
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
     slots_ptr,
     s_ptr,
+    T,
     stride_xt,
     stride_as,
-    R,
+    R: tl.constexpr,
     K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    offs_r = tl.arange(0, BLOCK_R)
+    """s[t, r] for this program's BLOCK_T tokens and BLOCK_R of the R rank rows."""
+    t0 = tl.program_id(0) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    slot = tl.load(slots_ptr + t)
-    if slot < 0:
-        tl.store(s_ptr + t * R + offs_r, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=r_mask)
-        return
-    a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xk = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=k_mask, other=0.0)
-        a = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += a.to(tl.float32) * xk.to(tl.float32)[None, :]
-    tl.store(s_ptr + t * R + offs_r, tl.sum(acc, axis=1), mask=r_mask)
+    offs_k = tl.arange(0, BLOCK_K)
+    slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
+    first = tl.load(slots_ptr + t0)
+    uniform = tl.sum(((slots != first) & t_mask).to(tl.int32), axis=0) == 0
+    if uniform:  # one request's tokens (a prefill), or all base-model tokens: one tile GEMM
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        if first >= 0:
+            a_rows = a_ptr + first.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
+            x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = k0 + offs_k < K
+                xk = tl.load(
+                    x_rows + k0 + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0
+                )
+                a = tl.load(
+                    a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
+                )
+                if UPCAST:
+                    xk, a = xk.to(tl.float32), a.to(tl.float32)
+                acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
+        tl.store(
+            s_ptr + offs_t[:, None] * R + offs_r[None, :],
+            acc,
+            mask=t_mask[:, None] & r_mask[None, :],
+        )
+    else:  # tokens of several adapters (decode): a gathered GEMV per token
+        for i in tl.static_range(BLOCK_T):
+            t = t0 + i
+            slot = tl.load(slots_ptr + t, mask=t < T, other=-1)
+            acc1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            if slot >= 0:
+                a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
+                for k0 in range(0, K, BLOCK_K):
+                    k_mask = k0 + offs_k < K
+                    xk = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k0 + offs_k, mask=k_mask)
+                    a = tl.load(
+                        a_rows + k0 + offs_k[None, :],
+                        mask=r_mask[:, None] & k_mask[None, :],
+                        other=0.0,
+                    )
+                    acc1 += tl.sum(a.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+            tl.store(s_ptr + t * R + offs_r, acc1, mask=r_mask & (t < T))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _expand_kernel(
     s_ptr,
     b_ptr,
     scales_ptr,
     slots_ptr,
     y_ptr,
+    T,
     stride_yt,
     stride_bs,
-    R,
     N,
+    R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    slot = tl.load(slots_ptr + t)
-    if slot < 0:
-        return
+    """y[t, n] += scale * s[t, :] . B[n, :] for this program's BLOCK_T tokens and BLOCK_N outputs."""
+    t0 = tl.program_id(0) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    s = tl.load(s_ptr + t * R + offs_r, mask=r_mask, other=0.0)
-    b = tl.load(
-        b_ptr + slot.to(tl.int64) * stride_bs + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
-        mask=n_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    delta = tl.sum(b.to(tl.float32) * s[None, :], axis=1) * tl.load(scales_ptr + slot)
-    y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + offs_n
-    y = tl.load(y_ptrs, mask=n_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
+    slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
+    first = tl.load(slots_ptr + t0)
+    uniform = tl.sum(((slots != first) & t_mask).to(tl.int32), axis=0) == 0
+    if uniform:
+        if first >= 0:
+            s = tl.load(
+                s_ptr + offs_t[:, None] * R + offs_r[None, :],
+                mask=t_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr
+                + first.to(tl.int64) * stride_bs
+                + offs_n[:, None].to(tl.int64) * R
+                + offs_r[None, :],
+                mask=n_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                b = b.to(tl.float32)
+            else:
+                s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
+            delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + first)
+            y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+            mask = t_mask[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        for i in tl.static_range(BLOCK_T):
+            t = t0 + i
+            slot = tl.load(slots_ptr + t, mask=t < T, other=-1)
+            if slot >= 0:
+                s1 = tl.load(s_ptr + t * R + offs_r, mask=r_mask, other=0.0)
+                b = tl.load(
+                    b_ptr
+                    + slot.to(tl.int64) * stride_bs
+                    + offs_n[:, None].to(tl.int64) * R
+                    + offs_r[None, :],
+                    mask=n_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                delta = tl.sum(b.to(tl.float32) * s1[None, :], axis=1) * tl.load(scales_ptr + slot)
+                y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + offs_n
+                y = tl.load(y_ptrs, mask=n_mask, other=0.0)
+                tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
@@ -102,17 +181,29 @@ def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
     assert slots.shape == (x.shape[0],) and slots.dtype in (torch.int32, torch.int64)
 
 
+BLOCK_T = 16  # tokens per program: a tl.dot needs 16 rows
+
+
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast the dot operands to float32, tl.dot's input_precision) for these inputs."""
+    upcast = interpreting() and dtype != torch.float32  # the interpreter's half-type dot is wrong
+    return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """s [T, R] float32: x[t] @ a[slots[t]]^T (zeros where slots[t] < 0). x [T, K], a [S, R, K]."""
     _check(x, a, slots)
     T, K = x.shape
     R = a.shape[1]
-    assert a.shape[2] == K and R <= MAX_STACKED_RANK, (x.shape, a.shape)
+    assert a.shape[2] == K and R <= MAX_STACKED_RANK and a.dtype == x.dtype, (x.shape, a.shape)
     s = torch.empty((T, R), dtype=torch.float32, device=x.device)
     if T:
-        _shrink_kernel[(T,)](
-            x, a, slots, s, x.stride(0), a.stride(0), R, K,
-            BLOCK_R=triton.next_power_of_2(R), BLOCK_K=64,
+        block_r = min(max(16, triton.next_power_of_2(R)), 128)
+        upcast, precision = _precision(x.dtype)
+        grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(R, block_r))
+        _shrink_kernel[grid](
+            x, a, slots, s, T, x.stride(0), a.stride(0), R, K,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64, UPCAST=upcast, PRECISION=precision,
         )  # fmt: skip
     return s
 
@@ -128,10 +219,12 @@ def lora_expand(
     assert s.shape == (T, R) and s.dtype == torch.float32 and s.is_contiguous(), s.shape
     assert b.shape[1] == N and scales.shape == (b.shape[0],), (b.shape, scales.shape)
     if T:
-        block_n = 64
-        _expand_kernel[(T, triton.cdiv(N, block_n))](
-            s, b, scales, slots, y, y.stride(0), b.stride(0), R, N,
-            BLOCK_R=triton.next_power_of_2(R), BLOCK_N=block_n,
+        block_r = max(16, triton.next_power_of_2(R))
+        block_n = 64 if block_r <= 64 else 32
+        upcast, precision = _precision(b.dtype)
+        _expand_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(N, block_n))](
+            s, b, scales, slots, y, T, y.stride(0), b.stride(0), N, R,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision,
         )  # fmt: skip
     return y
 

@@ -25,14 +25,21 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
     a = randn(g, S, R, K, dtype=dtype, scale=K**-0.5)
     b = randn(g, S, N, R, dtype=dtype, scale=R**-0.5)
     scales = torch.rand(S, generator=g).to(DEVICE) + 0.5
-    # every slot, the base model (-1), and runs of one slot as a request's prefill gives
-    slots = torch.tensor(([-1, 0, 0, S - 1, -1] + list(range(S)) * 3)[:T], device=DEVICE)
+    # short batches: every slot and the base model (-1) mixed in one tile of 16 tokens (decode); long ones:
+    # runs of one slot as prefills give (uniform tiles of an adapter and of the base model, a tile
+    # mixing two requests, a last partial tile)
+    if T < 48:
+        slots = ([-1, 0, 0, S - 1, -1] + list(range(S)) * 6)[:T]
+    else:
+        slots = [S - 1] * 16 + [-1] * 16 + [0] * 5 + [S - 1] * (T - 37)
+    slots = torch.tensor(slots, device=DEVICE)
     return x, a, b, scales, slots
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "T, K, N, R, S", [(1, 32, 48, 8, 1), (9, 100, 130, 24, 3), (17, 64, 96, 192, 4)]
+    "T, K, N, R, S",
+    [(1, 32, 48, 8, 1), (9, 100, 130, 24, 3), (17, 64, 96, 192, 4), (57, 72, 80, 16, 2)],
 )
 def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
     x, a, b, scales, slots = _inputs(T, K, N, R, S, dtype)
