@@ -25,7 +25,8 @@ def adapter_fits(req: Request, active: set[str], max_loras: int) -> bool:
 
 
 def resident_first(order: list[Request], active: set[str]) -> list[Request]:
-    """order with the requests of active adapters (and the base model) first, each part in order."""
+    """order with the requests of active adapters (and the base model) first, each part in order (the
+    planner applies it only while some adapter is active)."""
     near = [r for r in order if not r.lora_name or r.lora_name in active]
     far = [r for r in order if r.lora_name and r.lora_name not in active]
     return near + far

@@ -179,7 +179,7 @@ class PrefillManager:
     def _plan_admissions(self, running: list[Request], build: PrefillBuild) -> None:
         order = self._admission_order()
         active = active_adapters([*running, self.chunked]) if self.max_loras else set()
-        if self.max_loras:
+        if active:
             order = resident_first(order, active)
         for req in order:
             if len(running) + len(build.joined) >= self.max_running_requests:
