@@ -189,3 +189,22 @@ def test_lora_off_refuses_adapter_requests(setup):
     assert runner.lora is None
     with pytest.raises(StepError, match="enable-lora"):
         runner.step(StepInput(1, new_requests=[NewRequest("z", [3, 4], [1, 2], lora_name="qv4")]))
+
+
+def test_cuda_graph_slot_buffer(setup):
+    """What a captured graph reads (CUDA graphs themselves need a GPU: the merger's check): the LoRA
+    layers see a fixed buffer during capture, and each replay fills it with the step's per-token
+    slots, -1 for the padding of the bucket and for base-model tokens."""
+    runner = make_runner(setup)
+    lora = runner.lora
+    with lora.graph_capture(4, 8):
+        captured = lora.state.token_slots
+        assert captured.tolist() == [-1] * 4
+    assert lora.state.token_slots is None
+    lora.prepare(["all8", "", "qv4"], [1, 1, 1])
+    lora.graph_fill(3, 4)
+    slot = {n: lora.slot_names.index(n) for n in ("all8", "qv4")}
+    assert captured.tolist() == [slot["all8"], -1, slot["qv4"], -1]
+    lora.prepare(["", ""], [1, 1])  # no adapter in the step: every entry -1
+    lora.graph_fill(2, 4)
+    assert captured.tolist() == [-1] * 4

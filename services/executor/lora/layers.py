@@ -121,6 +121,8 @@ class LoraLinear(nn.Module):
             return y
         from radixserve.kernels import lora as kernels
 
+        if not y.is_contiguous():  # the expand adds into it in place, through a 2-d view
+            y = y.contiguous()
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         if self.state.backend == "torch":
             shrink, expand = kernels.shrink_reference, kernels.expand_reference
