@@ -293,6 +293,14 @@ class CapacityConfig:
 # Defaults and limits of the LoRA flags (LoraConfig), imported by the executor and the scheduler.
 MAX_LORA_RANK_LIMIT = 64  # the largest --max-lora-rank: kernels/lora.py stacks 3 shards of it
 DEFAULT_MAX_LORAS_PER_BATCH = 8
+MAX_LORA_NAME_CHARS = 256  # an adapter's name travels in every request that uses it
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why name cannot name a LoRA adapter (None: it can): ':' separates BASE:ADAPTER model names."""
+    if not name or len(name) > MAX_LORA_NAME_CHARS or ":" in name:
+        return f"an adapter name must have 1..{MAX_LORA_NAME_CHARS} characters and no ':'"
+    return None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import logging
 import grpc
 
 from radixserve.v1 import executor_pb2, scheduler_pb2
+from radixserve.common.config import lora_name_problem
 from radixserve.scheduler.lora_admission import adapter_in_use, drop_adapter_cache
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.session import Rejected
@@ -23,7 +24,6 @@ from radixserve.scheduler.session import Rejected
 log = logging.getLogger("radixserve.scheduler.lora")
 
 UNLOAD_POLL_S = 0.02  # how often an unload looks whether its adapter's requests have ended
-MAX_NAME_CHARS = 256  # an adapter name (it travels in every request that uses it)
 MAX_PATH_CHARS = 4096
 
 
@@ -69,11 +69,8 @@ class LoraAdapters:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "LoRA is off: start the server with --enable-lora to load adapters",
             )
-        if not name or len(name) > MAX_NAME_CHARS or ":" in name:
-            raise Rejected(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"an adapter name must have 1..{MAX_NAME_CHARS} characters and no ':'",
-            )
+        if (problem := lora_name_problem(name)) is not None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if not path or len(path) > MAX_PATH_CHARS:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "lora_path is required")
         async with self._busy:

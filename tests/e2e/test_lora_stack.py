@@ -162,3 +162,27 @@ def test_unload_waits_for_running_requests(stack):
     )
     assert r.status_code == 404
     wait_idle_and_check_no_leak(stack)
+
+
+def test_grpc_api_lora_name(stack):
+    import grpc
+
+    from radixserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    def generate(**fields) -> list[int]:
+        with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            request = gateway_pb2.GatewayGenerateRequest(
+                input_ids=common_pb2.TokenIds(ids=PROMPT),
+                sampling=common_pb2.SamplingParams(temperature=0),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=6),
+                **fields,
+            )
+            return [t for m in stub.Generate(request, timeout=60) for t in m.token_ids]
+
+    by_name = generate(lora_name="alpha")
+    assert by_name == generate(model="alpha") == generate(model=f"{MODEL}:alpha")
+    assert by_name != generate()
+    with pytest.raises(grpc.RpcError) as err:
+        generate(lora_name="nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

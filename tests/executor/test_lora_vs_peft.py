@@ -208,3 +208,18 @@ def test_cuda_graph_slot_buffer(setup):
     lora.prepare(["", ""], [1, 1])  # no adapter in the step: every entry -1
     lora.graph_fill(2, 4)
     assert captured.tolist() == [-1] * 4
+
+
+def test_target_modules_limit_the_wrapped_layers(setup):
+    _, folders, refs = setup
+    runner = make_runner(
+        setup, lora_paths=f"qv4={folders['qv4']}", lora_target_modules="q_proj v_proj"
+    )
+    assert {name for _, name in runner.lora.layers} == {"qkv_proj"}
+    with pytest.raises(LoraError, match="outside --lora-target-modules"):
+        runner.lora.load("all8", str(folders["all8"]))
+    (p,) = prompts(10, 6)
+    out = runner.step(
+        StepInput(1, new_requests=[NewRequest("t", p, list(range(1, 7)), lora_name="qv4")])
+    )
+    torch.testing.assert_close(out.logits[0], hf_last_logits(refs["qv4"], p), atol=ATOL, rtol=0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixserve.common.config import lora_name_problem
+
 # The adapter targets radixserve serves: HF module name -> (our fused module, shard index in it).
 TARGETS = {
     "q_proj": ("qkv_proj", 0),
@@ -75,7 +77,10 @@ def parse_lora_paths(value: str | None) -> list[tuple[str, str]]:
     pairs = []
     for item in (value or "").split():
         name, sep, path = item.partition("=")
-        pairs.append((name, path) if sep else (item, item))
+        name, path = (name, path) if sep else (item, item)
+        if (problem := lora_name_problem(name)) is not None:
+            raise LoraError(f"--lora-paths {item}: {problem} (name it: NAME=PATH)")
+        pairs.append((name, path))
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise LoraError(f"--lora-paths names an adapter twice: {names}")

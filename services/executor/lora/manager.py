@@ -18,11 +18,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from radixserve.common.config import MAX_LORA_RANK_LIMIT, LoraConfig
+from radixserve.common.config import MAX_LORA_RANK_LIMIT, LoraConfig, lora_name_problem
 from radixserve.common.step import StepError, StepInput
 from radixserve.executor.layers.linear import LinearBase
 from radixserve.executor.lora.adapter import (
-    FUSED_SHARDS,
+    TARGETS,
     LoraAdapter,
     LoraError,
     LoraNotFound,
@@ -74,15 +74,24 @@ def resolve_max_rank(settings: LoraConfig) -> int:
     return rank
 
 
-def wrap_model(model: nn.Module, state: LoraSlotsState, num_slots: int, max_rank: int, dtype):
-    """Replace each decoder layer's qkv_proj, o_proj, gate_up_proj and down_proj by a LoraLinear over
-    it; {(layer index, fused name): LoraLinear}. Raises LoraError for a model without them."""
+def wrap_model(
+    model: nn.Module,
+    state: LoraSlotsState,
+    num_slots: int,
+    max_rank: int,
+    dtype,
+    targets: frozenset[str] = frozenset(TARGETS),
+):
+    """Replace each decoder layer's qkv_proj, o_proj, gate_up_proj and down_proj (those that hold one of
+    targets: their slot buffers take GPU memory) by a LoraLinear over it; {(layer index, fused name):
+    LoraLinear}. Raises LoraError for a model without them."""
+    fused = {TARGETS[t][0] for t in targets}
     layers = getattr(getattr(model, "model", None), "layers", None)
     wrapped: dict[tuple[int, str], LoraLinear] = {}
     for i, layer in enumerate(layers or ()):
         for parent_name in ("self_attn", "mlp"):
             parent = getattr(layer, parent_name, None)
-            for name in FUSED_SHARDS:
+            for name in sorted(fused):
                 base = getattr(parent, name, None) if parent is not None else None
                 if isinstance(base, LinearBase):
                     lora = LoraLinear(base, name, state, num_slots, max_rank, dtype)
@@ -115,7 +124,19 @@ class LoraManager:
         if backend == "triton" and device.type == "cpu" and not interpreting:
             backend = "torch"  # Triton kernels need a GPU (or the interpreter, in tests)
         self.state = LoraSlotsState(self.num_slots, device, backend)
-        self.layers = wrap_model(model, self.state, self.num_slots, self.max_rank, dtype)
+        self.layers = wrap_model(
+            model, self.state, self.num_slots, self.max_rank, dtype, self.targets
+        )
+        log.info(
+            "LoRA: %d GPU slots of rank %d over %s (%.1f MB), up to %d adapters in host memory, "
+            "%s backend",
+            self.num_slots,
+            self.max_rank,
+            ", ".join(sorted(self.targets)),
+            sum(lyr.lora_a.nbytes + lyr.lora_b.nbytes for lyr in self.layers.values()) / 1e6,
+            self.max_loaded,
+            backend,
+        )
         self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.slot_names: list[str | None] = [None] * self.num_slots
         self._lru: list[int] = list(range(self.num_slots))  # least recently used first
@@ -126,8 +147,8 @@ class LoraManager:
 
     # ---- run-time management ----
     def load(self, name: str, path: str) -> LoraAdapter:
-        if not name:
-            raise LoraError("an adapter needs a name")
+        if (problem := lora_name_problem(name)) is not None:
+            raise LoraError(problem)
         if name in self.adapters:
             raise LoraError(f"adapter {name!r} is already loaded")
         if len(self.adapters) >= self.max_loaded:
@@ -226,7 +247,9 @@ class LoraManager:
             if name not in self.adapters:  # unloaded while its request ran: a planning bug
                 raise StepError(f"LoRA adapter {name!r} is not loaded")
             busy = set(slot_of.values())
-            slot = next(s for s in self._lru if s not in busy)
+            # an empty slot first, else the least recently used one the step does not need
+            free = [s for s in self._lru if self.slot_names[s] is None]
+            slot = free[0] if free else next(s for s in self._lru if s not in busy)
             self._fill(slot, name)
             slot_of[name] = slot
         for slot in slot_of.values():  # most recently used last
