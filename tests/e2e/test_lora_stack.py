@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from radixserve.executor.lora.dummy import make_dummy_adapter
-from tests.stack import stop_stack, wait_idle_and_check_no_leak
+from tests.stack import scheduler_info, stop_stack, wait_idle_and_check_no_leak
 from tests.tiny_stack import MODEL, start_tiny_stack
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 1234, 88, 99, 2000, 3000, 4000]
@@ -22,7 +22,11 @@ PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 1234, 88, 99, 2000, 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_stack")
-    running = start_tiny_stack(root, "--enable-lora", "--max-loras-per-batch", "2")
+    # the torch backend: the same on any CPU test run (the triton kernels would run in the Triton
+    # interpreter when an earlier test module set TRITON_INTERPRET; tests/executor covers them)
+    running = start_tiny_stack(
+        root, "--enable-lora", "--max-loras-per-batch", "2", "--lora-backend", "torch"
+    )
     config = json.loads((root / "model" / "config.json").read_text())
     running.adapters = {
         name: make_dummy_adapter(
@@ -130,37 +134,50 @@ def test_load_use_unload_then_404(stack):
 
 def test_unload_waits_for_running_requests(stack):
     import threading
+    import time
 
     url = stack.base_url
     results = {}
 
     def long_request():
-        results["r"] = httpx.post(
+        results["long"] = httpx.post(
             url + "/v1/completions",
             json={
                 "model": "beta",
                 "prompt": PROMPT,
-                "max_tokens": 200,
+                "max_tokens": 1000,
                 "temperature": 0,
                 "ignore_eos": True,
             },
-            timeout=120,
+            timeout=300,
         )
 
-    t = threading.Thread(target=long_request)
-    t.start()
-    import time
+    def unload():
+        results["unload"] = httpx.post(
+            url + "/unload_lora_adapter", json={"lora_name": "beta"}, timeout=300
+        )
 
-    time.sleep(0.5)
-    r = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "beta"}, timeout=120)
-    assert r.status_code == 200, r.text
-    t.join(120)
-    assert results["r"].status_code == 200
-    assert results["r"].json()["usage"]["completion_tokens"] == 200
+    running = threading.Thread(target=long_request)
+    running.start()
+    deadline = time.time() + 30
+    while scheduler_info(stack).running_requests == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    unloading = threading.Thread(target=unload)
+    unloading.start()
+    time.sleep(0.3)
+    # while beta's request runs, the unload waits, and new requests naming beta get 404 at once
+    assert running.is_alive() and unloading.is_alive()
     r = httpx.post(
         url + "/v1/completions", json={"model": "beta", "prompt": PROMPT, "max_tokens": 2}
     )
-    assert r.status_code == 404
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "beta" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    unloading.join(300)
+    assert results["unload"].status_code == 200, results["unload"].text
+    assert scheduler_info(stack).running_requests == 0  # it returned once beta's request ended
+    running.join(300)
+    assert results["long"].status_code == 200
+    assert results["long"].json()["usage"]["completion_tokens"] == 1000
     wait_idle_and_check_no_leak(stack)
 
 

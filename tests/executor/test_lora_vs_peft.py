@@ -41,16 +41,9 @@ def setup(request, tmp_path_factory):
 def make_runner(setup, **kw):
     folder, folders, _ = setup
     kw.setdefault("lora_paths", lora_paths(folders))
-    return ModelRunner(
-        folder,
-        runner_config(
-            dtype="float32",
-            device="cpu",
-            max_total_tokens=1024,
-            attention_backend="torch_native",
-            **kw,
-        ),
-    )
+    kw.setdefault("device", "cpu")
+    kw.setdefault("attention_backend", "torch_native")
+    return ModelRunner(folder, runner_config(dtype="float32", max_total_tokens=1024, **kw))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -213,7 +206,10 @@ def test_cuda_graph_slot_buffer(setup):
 def test_target_modules_limit_the_wrapped_layers(setup):
     _, folders, refs = setup
     runner = make_runner(
-        setup, lora_paths=f"qv4={folders['qv4']}", lora_target_modules="q_proj v_proj"
+        setup,
+        lora_paths=f"qv4={folders['qv4']}",
+        lora_target_modules="q_proj v_proj",
+        max_lora_rank=16,
     )
     assert {name for _, name in runner.lora.layers} == {"qkv_proj"}
     with pytest.raises(LoraError, match="outside --lora-target-modules"):
@@ -223,3 +219,39 @@ def test_target_modules_limit_the_wrapped_layers(setup):
         StepInput(1, new_requests=[NewRequest("t", p, list(range(1, 7)), lora_name="qv4")])
     )
     torch.testing.assert_close(out.logits[0], hf_last_logits(refs["qv4"], p), atol=ATOL, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_decode_matches_eager(setup):
+    """On a GPU (`-m cuda`): decode steps of the base model and three adapters replayed from CUDA graphs
+    (triton attention and LoRA kernels) give the logits of eager steps, and PEFT's."""
+    _, _, refs = setup
+    names = ["", "qv4", "all8", "mix16"]
+    ps = prompts(11, 5, 7, 6, 8)
+    logits = {}
+    for graphs in (False, True):
+        runner = make_runner(
+            setup,
+            device="cuda",
+            attention_backend="triton",
+            **({"cuda_graph_max_bs": 8} if graphs else {}),
+        )
+        assert (runner.cuda_graphs is not None) == graphs
+        pool = SlotPool(runner.kv_slots, seed=4)
+        runner.step(
+            StepInput(
+                1,
+                new_requests=[
+                    NewRequest(f"c{i}", p, pool.take(len(p)), lora_name=n)
+                    for i, (n, p) in enumerate(zip(names, ps))
+                ],
+            )
+        )
+        out = runner.step(
+            StepInput(
+                2, continuing_requests=[ContinuingRequest(f"c{i}", pool.take(1)) for i in range(4)]
+            )
+        )
+        logits[graphs] = out.logits.cpu()
+    torch.testing.assert_close(logits[True], logits[False], atol=ATOL, rtol=0)

@@ -82,3 +82,15 @@ def test_rank_above_the_limit_is_refused():
     x, a, b, scales, slots = _inputs(2, 16, 16, lora.MAX_STACKED_RANK + 1, 1, torch.float32)
     with pytest.raises(AssertionError):
         lora.lora_shrink(x, a, slots)
+
+
+# Llama-3-8B's LoRA shapes at rank 64 (qkv: K 4096, N 6144, R 3 x 64; down: K 14336, N 4096, R 64), decode
+# and prefill token counts: run on a GPU with `-m cuda` (not on the CPU: the interpreter is too slow).
+@pytest.mark.cuda
+@pytest.mark.parametrize("K, N, R", [(4096, 6144, 192), (14336, 4096, 64), (4096, 28672, 128)])
+@pytest.mark.parametrize("T", [1, 16, 100, 512])
+def test_llama8b_shapes_on_cuda(T, K, N, R):
+    x, a, b, scales, slots = _inputs(T, K, N, R, 8, torch.bfloat16)
+    y0 = randn(gen(2), T, N, dtype=torch.bfloat16)
+    y = lora.lora_expand(y0.clone(), lora.lora_shrink(x, a, slots), b, scales, slots)
+    close(y, (y0.float() + lora.lora_reference(x, a, b, scales, slots)).to(torch.bfloat16))

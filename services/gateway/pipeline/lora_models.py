@@ -80,12 +80,15 @@ class LoraModels:
         self.paths[name] = path
 
     async def unload(self, name: str) -> None:
+        """Unload name; it leaves the listed models at once (the call waits for its requests)."""
         import grpc
 
+        path = self.paths.pop(name, None)
         try:
             await self.engine.stubs().scheduler.UnloadLoraAdapter(
                 scheduler_pb2.SchedulerUnloadLoraAdapterRequest(name=name)
             )
         except grpc.aio.AioRpcError as e:
+            if path is not None and e.code() != grpc.StatusCode.NOT_FOUND:
+                self.paths[name] = path  # still loaded
             raise from_grpc(e, "scheduler") from None
-        self.paths.pop(name, None)
