@@ -36,6 +36,24 @@ class LoraAdapters:
         self.unloading: set[str] = set()
         self._busy = asyncio.Lock()  # one load or unload at a time
 
+    async def reload_missing(self, model: executor_pb2.ExecutorModelInfo) -> None:
+        """After the executor came back (a restart forgets adapters loaded at run time): load again
+        those it lacks; one that fails to load is dropped (its requests then get NOT_FOUND)."""
+        held = {a.name for a in model.lora_adapters}
+        for name, path in list(self.paths.items()):
+            if name in held:
+                continue
+            try:
+                await self.executor.LoadLoraAdapter(
+                    executor_pb2.ExecutorLoadLoraAdapterRequest(name=name, path=path)
+                )
+                log.info("LoRA adapter %r loaded again on the restarted executor", name)
+            except grpc.aio.AioRpcError as e:
+                log.error(
+                    "LoRA adapter %r could not be loaded again (%s); dropped", name, e.details()
+                )
+                del self.paths[name]
+
     @property
     def enabled(self) -> bool:
         return self.max_loras > 0

@@ -88,6 +88,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.model = model
         self.config = config
         self.lora = LoraAdapters(runtime, runtime.executor, model)
+        runtime.after_reconnect.append(self.lora.reload_missing)
 
     def _invalid(self, req: Request) -> str | None:
         vocab = self.model.vocab_size

@@ -203,3 +203,33 @@ def test_grpc_api_lora_name(stack):
     with pytest.raises(grpc.RpcError) as err:
         generate(lora_name="nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_adapters_loaded_at_run_time_survive_an_executor_restart(stack):
+    """The supervisor restarts a killed executor, which loads only --lora-paths: the scheduler loads the
+    adapters it had loaded at run time again before steps resume. (Last: it restarts the executor.)"""
+    import os
+    import signal
+    import time
+
+    from tests.tiny_stack import service_pids
+
+    url = stack.base_url
+    delta = str(stack.adapters["alpha"])
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "delta", "lora_path": delta})
+    assert r.status_code == 200, r.text
+    before = tokens(complete(stack, "delta"))
+    executor = service_pids(stack.proc.pid)["executor"]
+    os.kill(executor, signal.SIGKILL)
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+    ):  # /health generates: it fails over the dead executor, then recovers
+        health = httpx.get(url + "/health", timeout=30)
+        if health.status_code == 200 and service_pids(stack.proc.pid).get("executor") != executor:
+            break
+        time.sleep(0.5)
+    assert health.status_code == 200, stack.log_tail()
+    assert tokens(complete(stack, "delta")) == before
+    assert "loaded again on the restarted executor" in stack.log_tail(400)
+    wait_idle_and_check_no_leak(stack)
