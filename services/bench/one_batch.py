@@ -10,6 +10,9 @@ measured directly (the benchmark opens the executor's step session, so no schedu
 it; the inter-service token and TLS flags apply as for a service). With --launch-ahead (in process) each
 decode step is launched before the previous one is collected, as the executor server does when the
 scheduler overlaps steps: the decode latency is then the interval between consecutive steps' results.
+With --num-loras N (in process) the runner serves N random rank --lora-rank adapters on every target
+(q/k/v/o/gate/up/down, scripts/make_dummy_lora.py's), request b running adapter b mod N: distinct per
+request up to N; --max-loras-per-batch is raised to N when lower.
 
   radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
       --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
@@ -125,8 +128,15 @@ class GrpcTarget:
 
 
 def run_once(
-    target, batch_size: int, input_len: int, output_len: int, seed: int, launch_ahead: bool = False
+    target,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    launch_ahead: bool = False,
+    lora_names: list[str] = (),
 ) -> dict:
+    """lora_names: request b runs adapter lora_names[b % len], none when empty."""
     span = input_len + output_len
     if batch_size * span + 1 > target.kv_slots:
         raise SystemExit(
@@ -138,7 +148,12 @@ def run_once(
     ids = torch.randint(10, target.vocab_size, (batch_size, input_len), generator=g).tolist()
     first_slot = [1 + b * span for b in range(batch_size)]
     new = [
-        NewRequest(f"r{b}", ids[b], list(range(first_slot[b], first_slot[b] + input_len)))
+        NewRequest(
+            f"r{b}",
+            ids[b],
+            list(range(first_slot[b], first_slot[b] + input_len)),
+            lora_name=lora_names[b % len(lora_names)] if lora_names else "",
+        )
         for b in range(batch_size)
     ]
     _, prefill = target.step(StepInput(1, new_requests=new))
@@ -227,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="in process: launch each decode step before collecting the previous one",
     )
     p.add_argument(
+        "--num-loras",
+        type=int,
+        default=0,
+        help="in process: serve this many random LoRA adapters, request b running adapter b mod N",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="the rank of --num-loras' adapters")
+    p.add_argument(
         "--over-grpc",
         action="store_true",
         help="drive the running executor at --executor-addr over gRPC instead of one in process",
@@ -246,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             "--launch-ahead drives the executor in process; over gRPC steps go one at a time"
         )
     args = args_from_namespace(ns, "executor")
+    ns.lora_names = []
+    if ns.num_loras:
+        if ns.over_grpc:
+            raise SystemExit("--num-loras runs in process; start the executor with --lora-paths")
+        args, ns.lora_names = with_dummy_loras(args, ns.num_loras, ns.lora_rank)
     if ns.over_grpc:
         from radixserve.common.grpc_security import install_from_args
 
@@ -262,6 +289,33 @@ def main(argv: list[str] | None = None) -> int:
             target.close()
 
 
+def with_dummy_loras(args, count: int, rank: int):
+    """args serving `count` random rank-`rank` adapters written to a temporary folder; their names."""
+    import dataclasses
+    import pathlib
+    import tempfile
+
+    from radixserve.common.model_files import resolve_model_path
+    from radixserve.executor.lora.dummy import make_dummy_adapters
+
+    folder = resolve_model_path(
+        args.model_path, revision=args.revision, download_dir=args.download_dir, weights=False
+    )
+    config = json.loads((pathlib.Path(folder) / "config.json").read_text())
+    adapters = make_dummy_adapters(
+        config.get("text_config", config), tempfile.mkdtemp(prefix="radixserve-loras-"), count, rank
+    )
+    args = dataclasses.replace(
+        args,
+        enable_lora=True,
+        lora_paths=" ".join(f"{n}={p}" for n, p in adapters.items()),
+        max_loras_per_batch=max(args.max_loras_per_batch, count),
+        max_lora_rank=rank,
+        max_loaded_loras=max(args.max_loaded_loras or 0, count) or None,
+    )
+    return args, list(adapters)
+
+
 def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
     if not ns.no_warmup:
         run_once(
@@ -271,16 +325,27 @@ def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
             min(ns.output_len, 8),
             prompt_seed,
             ns.launch_ahead,
+            getattr(ns, "lora_names", []),
         )
     for bs in ns.batch_size:
         for input_len in ns.input_len:
-            r = run_once(target, bs, input_len, ns.output_len, prompt_seed, ns.launch_ahead)
+            r = run_once(
+                target,
+                bs,
+                input_len,
+                ns.output_len,
+                prompt_seed,
+                ns.launch_ahead,
+                getattr(ns, "lora_names", []),
+            )
             r.update(
                 {
                     "run_name": ns.run_name,
                     "device": target.device,
                     "kv_cache_dtype": target.kv_cache_dtype,
                     "launch_ahead": ns.launch_ahead,
+                    "num_loras": getattr(ns, "num_loras", 0),
+                    "lora_rank": getattr(ns, "lora_rank", 0) if getattr(ns, "num_loras", 0) else 0,
                     "target": f"grpc {ns.executor_addr}" if ns.over_grpc else "in-process",
                 }
             )

@@ -191,6 +191,13 @@ def _env_default(parser: argparse.ArgumentParser, f: dataclasses.Field, kind=Non
     return _mapped(f, value)
 
 
+class _JoinAction(argparse.Action):
+    """Stores a flag of several values (option(many=True)) as one space-separated string."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, " ".join(values))
+
+
 class _FieldAction(argparse.Action):
     """Stores a flag's value: one of several (vLLM's nargs +) only; a value SGLang has but this version
     does not is refused (exit 2, with the flag's hint); other projects' names mapped to this one's."""
@@ -262,6 +269,10 @@ def add_server_args(parser: argparse.ArgumentParser, with_foreign: bool = True) 
                 default=_env_default(parser, f, bool),
                 **kwargs,
             )
+            continue
+        if f.metadata["many"]:
+            kwargs.update(nargs="+", action=_JoinAction, default=_env_default(parser, f))
+            group.add_argument(flag, *f.metadata["aliases"], **kwargs)
             continue
         kind = _field_type(f)
         if kind is not None:

@@ -39,6 +39,7 @@ GROUPS = (
     "API related",
     "Data parallelism",
     "Multi-node distributed serving",
+    "LoRA",
     "Kernel backends",
     "Expert parallelism",
     "Optimization/debug options",
@@ -62,6 +63,7 @@ def option(
     one_of_many: str = "",
     secret: bool = False,
     cli: bool = True,
+    many: bool = False,
 ):
     """A config field with its flag's description.
 
@@ -71,7 +73,8 @@ def option(
     value_map: other projects' names of a supported value (SGLang's `qwen25` tool parser is `hermes`).
     tokens: a token count, also written 32k (32,000) or 32K (32,768) as SGLang and vLLM take it.
     one_of_many: the flag takes several values in vLLM (nargs +); one is honoured, more are refused
-    with this reason. secret: never passed on a command line (argv shows in `ps`). cli=False: not a flag."""
+    with this reason. secret: never passed on a command line (argv shows in `ps`). cli=False: not a flag.
+    many: the flag takes several values (nargs +), kept as one space-separated string."""
     assert group in GROUPS, group
     meta = {
         "help": help,
@@ -85,6 +88,7 @@ def option(
         "one_of_many": one_of_many,
         "secret": secret,
         "cli": cli,
+        "many": many,
     }
     return field(default=default, metadata=meta)
 
@@ -286,8 +290,76 @@ class CapacityConfig:
     )
 
 
+# Defaults and limits of the LoRA flags (LoraConfig), imported by the executor and the scheduler.
+MAX_LORA_RANK_LIMIT = 64  # the largest --max-lora-rank: kernels/lora.py stacks 3 shards of it
+DEFAULT_MAX_LORAS_PER_BATCH = 8
+MAX_LORA_NAME_CHARS = 256  # an adapter's name travels in every request that uses it
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why name cannot name a LoRA adapter (None: it can): ':' separates BASE:ADAPTER model names."""
+    if not name or len(name) > MAX_LORA_NAME_CHARS or ":" in name:
+        return f"an adapter name must have 1..{MAX_LORA_NAME_CHARS} characters and no ':'"
+    return None
+
+
 @dataclass
-class SchedulerConfig(CapacityConfig):
+class LoraConfig:
+    """LoRA adapters served beside the base model (the executor holds their weights, the scheduler
+    caps how many distinct ones a step runs)."""
+
+    enable_lora: bool = option(
+        False,
+        "serve LoRA adapters (on by itself with --lora-paths); adapters can then be loaded at run time",
+        group="LoRA",
+    )
+    lora_paths: str | None = option(
+        None,
+        "adapters loaded at start: NAME=PATH or PATH (named PATH), each a PEFT folder "
+        "(adapter_config.json + adapter_model.safetensors)",
+        group="LoRA",
+        aliases=("--lora-modules",),
+        many=True,
+    )
+    max_loras_per_batch: int = option(
+        DEFAULT_MAX_LORAS_PER_BATCH,
+        "most distinct adapters in one step (the executor's GPU adapter slots)",
+        group="LoRA",
+    )
+    max_loaded_loras: int | None = option(
+        None,
+        "most adapters held in host memory (default: 4 x --max-loras-per-batch); more is a 400 at load",
+        group="LoRA",
+    )
+    max_lora_rank: int | None = option(
+        None,
+        f"largest adapter rank (default: the largest of --lora-paths, else {MAX_LORA_RANK_LIMIT}; "
+        f"at most {MAX_LORA_RANK_LIMIT})",
+        group="LoRA",
+    )
+    lora_target_modules: str | None = option(
+        None,
+        "modules adapters may target: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj or all "
+        "(default: all)",
+        group="LoRA",
+        many=True,
+    )
+    lora_backend: str = option(
+        "triton",
+        "triton (kernels/lora.py) | torch (its torch reference)",
+        group="LoRA",
+        choices=["triton", "csgmv", "flashinfer", "torch", "ascend"],
+        supported=["triton", "torch"],
+        unsupported_hint="not available here; use triton or torch",
+    )
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.enable_lora or self.lora_paths)
+
+
+@dataclass
+class SchedulerConfig(CapacityConfig, LoraConfig):
     """The scheduler: admission, prefill chunking, the radix prefix cache and structured-output limits."""
 
     max_queued_requests: int | None = option(
@@ -358,7 +430,7 @@ class SchedulerConfig(CapacityConfig):
 
 
 @dataclass
-class RunnerConfig(ModelSpec, CapacityConfig):
+class RunnerConfig(ModelSpec, CapacityConfig, LoraConfig):
     """The executor's model runner: device, KV memory, kernels and CUDA graphs."""
 
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="Runtime options")

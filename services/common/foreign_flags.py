@@ -140,15 +140,10 @@ IGNORED = _table("""
 --export-metrics-to-file-dir | one | only used with --export-metrics-to-file, which radixserve refuses
 --weight-version | one | weight versions are not tracked (no weight updates); responses carry none
 --enable-cache-report | none | usage.prompt_tokens_details.cached_tokens is always reported
---enable-lora-overlap-loading | none | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---max-lora-rank | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---lora-target-modules | many | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---max-loras-per-batch | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---max-loaded-loras | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---lora-eviction-policy | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---lora-backend | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---max-lora-chunk-size | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
---lora-drain-wait-threshold | one | only used with LoRA adapters (--enable-lora / --lora-paths), which radixserve refuses
+--enable-lora-overlap-loading | none | adapters are copied to their GPU slot in the step that needs them (no overlap yet)
+--lora-eviction-policy | one | GPU adapter slots are always evicted least recently used first
+--max-lora-chunk-size | one | the triton LoRA kernels run per token (no chunk size)
+--lora-drain-wait-threshold | one | requests of non-resident adapters wait behind resident ones (no drain threshold)
 --sampling-backend | one | radixserve samples with its own torch sampler; the kernel choice does not change results
 --mm-attention-backend | one | multimodal inputs are not supported (text-only models); no effect on them
 --dsa-prefill-backend,--nsa-prefill-backend,--nsa-prefill | one | DeepSeek sparse-attention (DSA/NSA) models are not supported; no effect on supported models
@@ -331,8 +326,6 @@ REFUSED = _table("""
 --completion-template | one | code-completion (FIM) templates not supported yet
 --tool-server | one | built-in tool servers not supported yet
 --default-chat-template-kwargs | one | chat template kwargs are not supported yet
---enable-lora | none | LoRA adapters not supported yet
---lora-paths | many | LoRA adapters not supported yet
 --speculative-algorithm | one | speculative decoding not supported yet
 --speculative-draft-model-path,--speculative-draft-model | one | speculative decoding not supported yet
 --enable-eplb | none | expert load balancing (EPLB) not supported yet
@@ -366,7 +359,6 @@ REFUSED = _table("""
 --forward-hooks | one | forward hooks not supported: no Python code named by flags is run
 --enable-deepep-moe | none | DeepEP not supported yet (SGLang now spells it --moe-a2a-backend deepep)
 --crash-on-nan | one | crashing on NaN logprobs not supported yet
---lora-modules | many | LoRA adapters not supported yet
 """)
 
 

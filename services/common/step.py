@@ -56,6 +56,7 @@ class NewRequest:
     # the delta of the positions past the prompt.
     mrope_positions: list[int] = field(default_factory=list)
     mrope_position_delta: int = 0
+    lora_name: str = ""  # the LoRA adapter it runs with ("": the base model)
 
 
 @dataclass

@@ -38,6 +38,7 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             images=[prompt_image_to_proto(i) for i in r.images],
             mrope_positions=r.mrope_positions,
             mrope_position_delta=r.mrope_position_delta,
+            lora_name=r.lora_name,
         )
     for r in step.continuing_requests:
         msg.continuing_requests.add(
@@ -87,9 +88,10 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 r.generated_tokens,
                 r.trace_context if r.HasField("trace_context") else None,
                 _range_from_proto(r),
-                prompt_images_from_proto(r.images),
-                list(r.mrope_positions),
-                r.mrope_position_delta,
+                images=prompt_images_from_proto(r.images),
+                mrope_positions=list(r.mrope_positions),
+                mrope_position_delta=r.mrope_position_delta,
+                lora_name=r.lora_name,
             )
             for r in msg.new_requests
         ],

@@ -171,6 +171,7 @@ class BatchBuilder:
             state = RequestState.create(
                 table.assign(), len(req.prefix_slots), req.sampling, self.device
             )
+            state.lora_name = req.lora_name
             states[req.request_id] = state
             self._table_write(table_writes, state.table_row, 0, req.prefix_slots)
             seqs.append(
@@ -306,6 +307,7 @@ class BatchBuilder:
             samples=samples,
             prompt_logprobs=prompt_logprobs,
             seq_spans=seq_spans,
+            seq_states=[s.state for s in ordered],
         )
 
     @staticmethod

@@ -12,6 +12,7 @@ With --enable-torch-compile the buckets up to its max batch size run the compile
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 
@@ -41,8 +42,11 @@ class CudaGraphRunner:
         max_bs: int,
         device: torch.device,
         compiled=None,
+        lora=None,
     ):
-        """compiled: a CompiledDecode (torch_compile.py), run for the buckets up to its max_bs."""
+        """compiled: a CompiledDecode (torch_compile.py), run for the buckets up to its max_bs.
+        lora: the runner's LoraManager: its kernels read the per-token slot ids from a fixed buffer."""
+        self.lora = lora
         self.model, self.kv_pool, self.attn_backend, self.slot_table = (
             model,
             kv_pool,
@@ -103,7 +107,8 @@ class CudaGraphRunner:
         return self.model.compute_logits(self.model(batch.input_ids, batch.positions))
 
     def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        with forward_context(self._forward_batch(bs)) as batch:
+        lora = self.lora.graph_capture(bs, self.max_bs) if self.lora else contextlib.nullcontext()
+        with lora, forward_context(self._forward_batch(bs)) as batch:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -133,5 +138,7 @@ class CudaGraphRunner:
         if bucket > bs:
             self.out_slots[bs:bucket].fill_(-1)
             self.lens[bs:bucket].zero_()
+        if self.lora is not None:
+            self.lora.graph_fill(bs, bucket)
         self.graphs[bucket].replay()
         return self.logits[bucket][:bs]

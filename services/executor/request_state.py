@@ -24,6 +24,7 @@ class RequestState:
     logits_state: LogitsState | None = (
         None  # set when its sampling options need history (LogitsProcessor)
     )
+    lora_name: str = ""  # its LoRA adapter ("": the base model)
 
     @classmethod
     def create(

@@ -11,7 +11,7 @@ import logging
 import os
 import pathlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,8 @@ from radixserve.executor.kv_scales import (
     split_checkpoint_scales,
 )
 from radixserve.executor.logits_processors import LogitsProcessor, step_bitmasks
+from radixserve.executor.lora.adapter import LoraDisabled
+from radixserve.executor.lora.manager import build_lora_manager, check_no_lora
 from radixserve.executor.prompt_logprobs import DevicePromptLogprobs, compute_prompt_logprobs
 from radixserve.executor.model_config import ModelConfig, dtype_name, resolve_device
 from radixserve.executor.models.bert import BertModel
@@ -85,6 +87,8 @@ class ModelInfo:
     num_parameters: int
     kv_cache_dtype: str  # the KV pool's: the model's dtype, or fp8_e5m2 / fp8_e4m3
     kv_bytes_per_token: int  # K and V of one token over every layer, on this shard
+    max_loras_per_batch: int = 0  # LoRA GPU slots; 0: LoRA off
+    lora_adapters: list[dict] = field(default_factory=list)  # ExecutorLoraAdapter fields
 
 
 @contextlib.contextmanager
@@ -184,6 +188,13 @@ class ModelRunner:
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
         cfg = self.config
+        # LoRA adapters (None without --enable-lora): no fused CPU decode, torch.compile, or (with the
+        # torch backend, which syncs with the host) CUDA graphs.
+        self.lora = build_lora_manager(
+            self.model, settings, self.device, self.dtype, cfg.num_layers
+        )
+        if self.lora is not None and settings.lora_backend == "torch":
+            cuda_graph_max_bs = 0
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this shard's
         self.kv_dtype = kv_cache_torch_dtype(settings.kv_cache_dtype, self.dtype)
         # A model whose cache rows are not K and V of head_dim (MLA: one latent row) says so.
@@ -231,7 +242,8 @@ class ModelRunner:
             cfg.context_length,
             self.device,
         )
-        self.fast_decode = FastDecode.build(self)  # None: every step takes the torch path
+        # None: every step takes the torch path
+        self.fast_decode = FastDecode.build(self) if self.lora is None else None
         self.batch_builder = BatchBuilder(
             self.kv_slots,
             cfg.vocab_size,
@@ -250,7 +262,7 @@ class ModelRunner:
         # Compiled in the graph capture, else at warm-up.
         self.compiled_decode = (
             self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)
-            if settings.enable_torch_compile
+            if settings.enable_torch_compile and self.lora is None
             else None
         )
         # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
@@ -267,6 +279,7 @@ class ModelRunner:
                     graph_max_bs,
                     self.device,
                     self.compiled_decode,
+                    lora=self.lora,
                 )
             if self.compiled_decode is not None:
                 log.info("%s", self.compiled_decode.describe())
@@ -350,7 +363,21 @@ class ModelRunner:
             self.num_parameters,
             kv_cache_dtype_name(self.kv_dtype),
             self.kv_bytes_per_token,
+            self.lora.num_slots if self.lora is not None else 0,
+            self.lora.describe() if self.lora is not None else [],
         )
+
+    def load_lora(self, name: str, path: str) -> dict:
+        """Load a LoRA adapter (LoraError if it cannot be served); its ExecutorLoraAdapter fields."""
+        if self.lora is None:
+            raise LoraDisabled("LoRA is off: start the executor with --enable-lora")
+        adapter = self.lora.load(name, path)
+        return {"name": adapter.name, "path": adapter.path, "rank": adapter.rank}
+
+    def unload_lora(self, name: str) -> None:
+        if self.lora is None:
+            raise LoraDisabled("LoRA is off: start the executor with --enable-lora")
+        self.lora.unload(name)
 
     def reset(self) -> int:
         dropped = len(self.states)
@@ -388,9 +415,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         if not step.new_requests and not step.continuing_requests:
             return LaunchedStep(step.step_id, t0, [])
+        if self.lora is None:
+            check_no_lora(step)
+        else:
+            self.lora.check_step(step, self.states)
         images = self.image_inputs.prepare(step.new_requests)
         batch = self.batch_builder.build(step, self.states)
         self.image_inputs.admit(images)
+        if self.lora is not None:
+            self.lora.prepare_batch(batch)
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
         all_logits = hidden = None

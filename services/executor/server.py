@@ -44,6 +44,7 @@ from radixserve.executor.embedding_runner import (
     EmbeddingRunner,
     build_embedding_runner,
 )
+from radixserve.executor.lora.adapter import LoraDisabled, LoraError, LoraNotFound
 from radixserve.executor.parallel_state import destroy_tensor_parallel
 from radixserve.executor.runner import LaunchedStep, ModelRunner, build_model_runner
 from radixserve.executor.shard_group import (
@@ -61,6 +62,14 @@ from radixserve.common.step import StepError, StepInput, StepOutput
 from radixserve.common.step_convert import output_to_proto, step_from_proto
 
 log = logging.getLogger("radixserve.executor")
+
+
+def lora_status(e: LoraError) -> grpc.StatusCode:
+    if isinstance(e, LoraNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(e, LoraDisabled):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
@@ -170,6 +179,22 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             request, context, functools.partial(self._run, self._reset)
         ):
             yield event
+
+    async def LoadLoraAdapter(self, request, context):
+        try:
+            adapter = await self._run(self.runner.load_lora, request.name, request.path)
+        except LoraError as e:
+            await context.abort(lora_status(e), str(e))
+        return executor_pb2.ExecutorLoadLoraAdapterResponse(
+            adapter=executor_pb2.ExecutorLoraAdapter(**adapter)
+        )
+
+    async def UnloadLoraAdapter(self, request, context):
+        try:
+            await self._run(self.runner.unload_lora, request.name)
+        except LoraError as e:
+            await context.abort(lora_status(e), str(e))
+        return executor_pb2.ExecutorUnloadLoraAdapterResponse()
 
     async def Embed(self, request, context):
         if not isinstance(self.runner, EmbeddingRunner):

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Callable
 
+from radixserve.executor.lora.adapter import LoraError
 from radixserve.executor.parallel_state import broadcast_control, receive_control
 from radixserve.executor.runner import LaunchedStep
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
@@ -91,6 +92,15 @@ class TensorParallelLeader:
         self._unless_broken(broadcast_control, ("reset", None))
         return self.runner.reset()
 
+    def load_lora(self, name: str, path: str) -> dict:
+        """Every shard loads the adapter (its own slices of A and B); each refuses a bad one alike."""
+        self._unless_broken(broadcast_control, ("lora_load", (name, path)))
+        return self.runner.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._unless_broken(broadcast_control, ("lora_unload", name))
+        self.runner.unload_lora(name)
+
     def stop(self) -> None:
         """Tell the other shards to exit (their process exits 0)."""
         broadcast_control(("stop", None))
@@ -112,6 +122,14 @@ def follow(runner) -> None:
                 runner.collect(previous)
                 previous = None
             runner.reset()
+        elif kind in ("lora_load", "lora_unload"):
+            try:
+                if kind == "lora_load":
+                    runner.load_lora(*payload)
+                else:
+                    runner.unload_lora(payload)
+            except LoraError:
+                pass  # rank 0 refuses it the same way and reports it
         elif kind == "step":
             try:
                 launched = runner.launch(payload)

@@ -18,6 +18,7 @@ from radixserve.gateway.api import (
     batch_routes,
     embedding_routes,
     extension_routes,
+    lora_routes,
     metrics_routes,
     native_routes,
     openai_routes,
@@ -60,6 +61,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     app.include_router(embedding_routes.router)
     app.include_router(extension_routes.router)
     app.include_router(metrics_routes.router)
+    app.include_router(lora_routes.router)
     batch_routes.install(app, args)
     install_api_key(app, args.api_key)
     install_payload_limit(app, args.max_payload_size)

@@ -20,6 +20,7 @@ def request_from_proto(request_id: str, msg: scheduler_pb2.SchedulerGenerateRequ
         images=prompt_images_from_proto(msg.images),
         mrope_positions=list(msg.mrope_positions),
         mrope_position_delta=msg.mrope_position_delta,
+        lora_name=msg.lora_name,
     )
 
 

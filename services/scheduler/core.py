@@ -117,6 +117,7 @@ class Scheduler:
             self.prefill_budget,
             self.chunking,
         )
+        self.prefill.max_loras = config.max_loras_per_batch if config.lora_enabled else 0
         self.decode = DecodeManager(self.kv, self.new_token_ratio, context_length)
 
         self.requests: dict[str, Request] = {}

@@ -56,7 +56,9 @@ class KVAccounting:
         if cache_len is None:
             cache_len = min(len(req.slots), req.seq_len)
         cache_len = self.pool.round_down(cache_len)
-        already_cached = self.cache.insert(req.cache_seq[:cache_len], req.slots[:cache_len])
+        already_cached = self.cache.insert(
+            req.cache_seq[:cache_len], req.slots[:cache_len], req.lora_name
+        )
         self.pool.free(req.slots[req.prefix_len : already_cached] + req.slots[cache_len:])
         self.cache.dec_lock_ref(req.last_node)
         req.slots = []

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from radixserve.scheduler.kv_accounting import KVAccounting
+from radixserve.scheduler.lora_admission import active_adapters, adapter_fits, resident_first
 from radixserve.scheduler.prompt_logprobs import plan_range, prefix_limit
 from radixserve.scheduler.radix_cache import TreeNode
 from radixserve.common.step import ContinuingRequest, NewRequest
@@ -103,6 +104,8 @@ class PrefillManager:
         # The request whose prefill is split over steps and not finished (holds KV, not running).
         self.chunked: Request | None = None
         self.admit_counter = 0
+        # Most distinct LoRA adapters among the running requests (lora_admission.py); 0: LoRA off.
+        self.max_loras = 0
         self.total_prompt_tokens = 0
         self.total_cached_prompt_tokens = 0
 
@@ -174,9 +177,17 @@ class PrefillManager:
         return True
 
     def _plan_admissions(self, running: list[Request], build: PrefillBuild) -> None:
-        for req in self._admission_order():
+        order = self._admission_order()
+        active = active_adapters([*running, self.chunked]) if self.max_loras else set()
+        if active:
+            order = resident_first(order, active)
+        for req in order:
             if len(running) + len(build.joined) >= self.max_running_requests:
                 break
+            if self.max_loras:
+                if not adapter_fits(req, active, self.max_loras):
+                    continue
+                active |= active_adapters([req])
             if not self._try_admit(req, running, build) or build.chunk_req is not None:
                 break
         if build.new_requests:
@@ -187,7 +198,9 @@ class PrefillManager:
         cache, pool = self.kv.cache, self.kv.pool
         fill = req.seq
         # Never the whole sequence (a token must run to sample from), nor wanted prompt logprobs.
-        prefix_slots, node = cache.match_prefix(req.cache_seq[: prefix_limit(req, len(fill))])
+        prefix_slots, node = cache.match_prefix(
+            req.cache_seq[: prefix_limit(req, len(fill))], req.lora_name
+        )
         prefix_len = len(prefix_slots)
         extend = len(fill) - prefix_len
         n = self._first_chunk_len(extend, build)
@@ -223,6 +236,7 @@ class PrefillManager:
                 images=req.images,
                 mrope_positions=req.mrope_positions,
                 mrope_position_delta=req.mrope_position_delta,
+                lora_name=req.lora_name,
             )
         )
         build.tokens_left -= n
@@ -244,7 +258,8 @@ class PrefillManager:
     def _admission_order(self) -> list[Request]:
         if self.policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
             matched = {
-                id(r): len(self.kv.cache.match_prefix(r.cache_seq[:-1])[0]) for r in self.waiting
+                id(r): len(self.kv.cache.match_prefix(r.cache_seq[:-1], r.lora_name)[0])
+                for r in self.waiting
             }
             return sorted(self.waiting, key=lambda r: -matched[id(r)])
         return list(self.waiting)

@@ -4,6 +4,11 @@ Each edge holds a run of tokens and the KV slots that hold their keys/values. A 
 path to the node its cached prefix ends at, so that path cannot be evicted while it runs.
 Eviction frees unlocked leaves, least recently used first. Pure Python, no I/O.
 
+Namespaces keep KV of different LoRA adapters apart: the same tokens under two adapters have different
+keys and values. Each namespace but the base model's ("") has its own root, a node with an empty edge
+hanging off the tree's root under the key ("lora", name) (no token key is such a tuple), holding one
+lock of its own so that eviction never removes it (drop_namespace does, once it is empty).
+
 PagedRadixCache works in whole pages (as SGLang's paged radix cache): edges are page multiples,
 children are keyed by their first page, matches are rounded down to a page multiple, and only
 page multiples can be inserted, so every node holds whole KV pages and eviction frees whole pages.
@@ -74,9 +79,39 @@ class RadixCache:
         self._clock += 1
         node.last_access = self._clock
 
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], TreeNode]:
-        """Slots of the longest cached prefix of tokens, and the node that prefix ends at."""
-        node = self.root
+    def _namespace_root(self, namespace: str, create: bool) -> TreeNode | None:
+        """The root of a namespace's tokens (the tree's root for ""); None if absent and not create."""
+        if not namespace:
+            return self.root
+        key = ("lora", namespace)
+        node = self.root.children.get(key)
+        if node is None and create:
+            node = self._new_node([], [], self.root)
+            node.lock_ref = 1  # never a leaf eviction picks
+            self.root.children[key] = node
+        return node
+
+    def drop_namespace(self, namespace: str, free_fn: FreeFn | None = None) -> bool:
+        """Forget a namespace (its adapter is gone): with free_fn, free the slots of all its tokens
+        first. False (nothing changed) while a request locks part of it, or, without free_fn, while
+        it holds tokens."""
+        root = self._namespace_root(namespace, create=False) if namespace else None
+        if root is None or root.lock_ref > 1 or (root.children and free_fn is None):
+            return False
+        stack = list(root.children.values())
+        while stack:
+            node = stack.pop()
+            free_fn(list(node.slots))
+            self._evictable -= len(node.key)
+            stack.extend(node.children.values())
+        del self.root.children[("lora", namespace)]
+        return True
+
+    def match_prefix(
+        self, tokens: Sequence[int], namespace: str = ""
+    ) -> tuple[list[int], TreeNode]:
+        """Slots of the longest cached prefix of tokens (in namespace), and the node it ends at."""
+        node = self._namespace_root(namespace, create=True)
         slots: list[int] = []
         i = 0
         end = len(tokens) - len(tokens) % self.page_size
@@ -93,8 +128,9 @@ class RadixCache:
             i += n
         return slots, node
 
-    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> int:
-        """Cache tokens with their slots; return how many leading tokens were cached already.
+    def insert(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> int:
+        """Cache tokens with their slots (in namespace); return how many leading tokens were cached
+        already.
 
         The cache keeps the slots it already had for those leading tokens, so the caller's own
         slots at those positions are duplicates it must free (unless they are the very slots it
@@ -106,7 +142,7 @@ class RadixCache:
             raise ValueError(
                 f"{len(tokens)} tokens are not a whole number of pages of {self.page_size}"
             )
-        node = self.root
+        node = self._namespace_root(namespace, create=True)
         i = 0
         while i < len(tokens):
             key = self._child_key(tokens, i)
@@ -235,10 +271,15 @@ class DisabledRadixCache:
     def reset(self) -> None:
         pass
 
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], TreeNode]:
+    def match_prefix(
+        self, tokens: Sequence[int], namespace: str = ""
+    ) -> tuple[list[int], TreeNode]:
         return [], self.root
 
-    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> int:
+    def drop_namespace(self, namespace: str, free_fn: FreeFn | None = None) -> bool:
+        return True
+
+    def insert(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> int:
         # Report every token as already cached, so the caller frees all of its slots.
         return len(tokens)
 

@@ -48,6 +48,8 @@ class Request:
     images: list[PromptImage] = field(default_factory=list)
     mrope_positions: list[int] = field(default_factory=list)
     mrope_position_delta: int = 0
+    # The LoRA adapter it runs with ("": the base model); its prefix-cache namespace too.
+    lora_name: str = ""
 
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -114,6 +114,9 @@ class SchedulerRuntime:
         # first step goes alone: a second one arriving before it would set the wrong base.
         self.executor_synced = False
         self.session: ExecutorSession | None = None  # the executor's step session (connect)
+        self.model_now = model  # the executor's GetModelInfo at the last (re)connection
+        # Awaited with it after a reconnection, before steps resume.
+        self.after_reconnect: list[Callable[[executor_pb2.ExecutorModelInfo], Awaitable[None]]] = []
 
     # ---- called by the gRPC handlers ---------------------------------------------------------
 
@@ -276,6 +279,8 @@ class SchedulerRuntime:
             if deliver is not None:
                 deliver(StepFailure(message, stage))
         await self._reconnect()
+        for hook in self.after_reconnect:  # e.g. LoRA adapters loaded at run time, loaded again
+            await hook(self.model_now)
         self.core.executor_was_reset()
         self.executor_available = True
         log.info("executor is back; %d queued requests go on", len(self.core.waiting))
@@ -302,6 +307,7 @@ class SchedulerRuntime:
                 )
                 self._check_same_model(info)
                 await self._open_session()
+                self.model_now = info
                 return
             except grpc.aio.AioRpcError as e:
                 why = e.code().name

@@ -36,6 +36,7 @@ from radixserve.scheduler.convert import event_to_proto, request_from_proto
 from radixserve.scheduler.core import Scheduler, image_error
 from radixserve.scheduler.embed_batcher import EmbedBatcher
 from radixserve.scheduler.embedding_service import EmbeddingSchedulerServicer
+from radixserve.scheduler.lora_service import LoraAdapters
 from radixserve.scheduler.request import Request
 from radixserve.scheduler.request_tracing import RequestTracer
 from radixserve.scheduler.grammar import (
@@ -86,6 +87,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.runtime = runtime
         self.model = model
         self.config = config
+        self.lora = LoraAdapters(runtime, runtime.executor, model)
+        runtime.after_reconnect.append(self.lora.reload_missing)
 
     def _invalid(self, req: Request) -> str | None:
         vocab = self.model.vocab_size
@@ -114,6 +117,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         error = self._invalid(req)
         if error:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, error)
+        self.lora.check(req.lora_name)
         try:
             grammar = await request_grammar(self.grammars, req.sampling)
         except InvalidConstraint as e:
@@ -127,8 +131,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         req.grammar = grammar
         return req
 
-    def check_room(self, count: int) -> None:
-        """Rejected unless `count` more requests fit the queue (queue_limit.queue_refusal)."""
+    def check_room(self, count: int, reqs: list[Request] = ()) -> None:
+        """Rejected unless `count` more requests fit the queue (queue_limit.queue_refusal) and reqs'
+        LoRA adapters are still loaded."""
+        self.lora.check_queued(list(reqs))
         refusal = queue_refusal(
             count, len(self.runtime.core.waiting), self.max_queued_requests, "sequences", "requests"
         )
@@ -138,7 +144,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def prepare(self, msg: scheduler_pb2.SchedulerGenerateRequest) -> Request:
         """The core Request for a generate call, or Rejected (the queue limit included)."""
         req = await self.build(msg)
-        self.check_room(1)
+        self.check_room(1, [req])
         return req
 
     async def Generate(self, request, context):
@@ -199,6 +205,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             config_json=json.dumps(self.config),
             vocab_size=self.model.vocab_size,
             executor_unavailable=not self.runtime.executor_available,
+            lora_adapters=self.lora.available(),
+            max_loras_per_batch=self.lora.max_loras,
         )
 
     async def FlushCache(self, request, context):
@@ -211,6 +219,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             grpc.StatusCode.INVALID_ARGUMENT,
             "this server serves generation; start it with --is-embedding to embed",
         )
+
+    async def LoadLoraAdapter(self, request, context):
+        try:
+            adapter = await self.lora.load(request.name, request.path)
+        except Rejected as e:
+            await context.abort(e.code, e.message)
+        return scheduler_pb2.SchedulerLoadLoraAdapterResponse(adapter=adapter)
+
+    async def UnloadLoraAdapter(self, request, context):
+        try:
+            await self.lora.unload(request.name)
+        except Rejected as e:
+            await context.abort(e.code, e.message)
+        return scheduler_pb2.SchedulerUnloadLoraAdapterResponse()
 
     async def GetMetrics(self, request, context):
         text = self.metrics.prometheus_text() if self.metrics is not None else ""

@@ -35,8 +35,9 @@ class Rejected(Exception):
 
 # Validates a generate action and builds its core Request, or raises Rejected.
 Prepare = Callable[[scheduler_pb2.SchedulerGenerateRequest], Awaitable[Request]]
-# Raises Rejected unless the queue has room for this many more requests (--max-queued-requests).
-CheckRoom = Callable[[int], None]
+# Raises Rejected unless the queue has room for these requests (--max-queued-requests) and they may be
+# queued now (their LoRA adapters are still loaded); nothing is awaited between it and queueing them.
+CheckRoom = Callable[[int, list[Request]], None]
 
 
 class _Starting:
@@ -127,7 +128,7 @@ class Session:
                     grpc.StatusCode.ALREADY_EXISTS, f"request {clash} is already running"
                 )
             if reqs and self.check_room is not None:
-                self.check_room(len(reqs))
+                self.check_room(len(reqs), reqs)
         except Rejected as e:
             for rid in start.ids:
                 self._error(rid, e.code, e.message)

@@ -290,6 +290,13 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.prompts.clear()
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=7)
 
+    # A scheduler without LoRA (--enable-lora off), as the real one answers.
+    def LoadLoraAdapter(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoRA is off")
+
+    def UnloadLoraAdapter(self, request, context):
+        context.abort(grpc.StatusCode.NOT_FOUND, f"LoRA adapter {request.name!r} is not loaded")
+
 
 class _RequestAborted(Exception):
     def __init__(

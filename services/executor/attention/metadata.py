@@ -92,6 +92,9 @@ class ForwardBatch:
     # Per sequence, in batch order: (request id, index of its first token in the batch, that token's
     # position, its token count); for the inputs of vision-language models (image rows, M-RoPE).
     seq_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # Each sequence's RequestState in token order (extends, then decodes): what per-sequence state
+    # outside attention reads (the LoRA adapter of each token).
+    seq_states: list["RequestState"] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

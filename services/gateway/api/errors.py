@@ -83,6 +83,10 @@ def from_status(code: grpc.StatusCode, details: str, stage: str) -> ApiError:
         return ApiError(503, f"the {stage} service is unavailable", code="service_unavailable")
     if code == grpc.StatusCode.CANCELLED:
         return ApiError(499, "the request was cancelled", code="cancelled")
+    if code == grpc.StatusCode.NOT_FOUND:  # a LoRA adapter that is not loaded (vLLM's code)
+        return ApiError(404, details or "not found", param="model", code="model_not_found")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return ApiError(400, details or f"{stage} refused the request", code="invalid_request")
     return ApiError(500, f"the {stage} service failed ({code.name})", code="internal_error")
 
 

@@ -27,15 +27,9 @@ FINISH_ENUMS = {
 
 
 def generation_input(
-    engine: Engine, request: gateway_pb2.GatewayGenerateRequest
+    engine: Engine, request: gateway_pb2.GatewayGenerateRequest, lora: str = ""
 ) -> GenerationInput:
-    if request.model and request.model not in (engine.served_name, engine.args.model_path):
-        raise ApiError(
-            404,
-            f"The model `{request.model}` does not exist.",
-            param="model",
-            code="model_not_found",
-        )
+    """request as the engine takes it, run with LoRA adapter lora (the model checked already)."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise bad_request("one of text, chat or input_ids is required", param="prompt")
@@ -56,6 +50,7 @@ def generation_input(
         request.skip_special_tokens,
         request_id=request.request_id,
         prompt_param=kind,
+        lora_name=lora,
     )
 
 
@@ -76,8 +71,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         timer = None
         try:
             self.engine.check_sequences(1, "prompt")
+            # lora_name, else model, may name a LoRA adapter; any other unknown name: model_not_found
+            lora = await self.engine.lora.resolve(request.lora_name or request.model)
             prepared = await deadline.run(
-                self.engine.prepare(generation_input(self.engine, request))
+                self.engine.prepare(generation_input(self.engine, request, lora))
             )
             timer = deadline.arm(cancellation, prepared.request_id)
             stream = self.engine.stream(prepared, cancellation=cancellation)

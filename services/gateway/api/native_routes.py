@@ -245,7 +245,11 @@ async def generate(request: Request):
     images = await live.deadline(started).run(
         native_images(req, MediaLimits.from_args(engine.args))
     )
-    prepared = await live.deadline(started).run(engine.prepare(native_input(req, defaults, images)))
+    inp = native_input(req, defaults, images)
+    if req.lora_path:  # SGLang's adapter choice: an adapter name (or BASE:ADAPTER)
+        lora = await engine.lora.resolve(req.lora_path, "lora_path")
+        inp = dataclasses.replace(inp, lora_name=lora)
+    prepared = await live.deadline(started).run(engine.prepare(inp))
     cancellation = Cancellation()
     if req.stream:
         return await sse_response(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -86,16 +87,25 @@ async def model_card(engine: Engine) -> dict:
     }
 
 
+def adapter_card(base: dict, name: str, path: str) -> dict:
+    """A LoRA adapter's /v1/models entry (vLLM's form): its parent is the base model."""
+    return {**base, "id": name, "root": path, "parent": base["id"]}
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [await model_card(engine_of(request))]}
+    engine = engine_of(request)
+    base = await model_card(engine)
+    adapters = (await engine.lora.names()).items()
+    return {"object": "list", "data": [base] + [adapter_card(base, n, p) for n, p in adapters]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     engine = engine_of(request)
-    check_model(engine, model_id)
-    return await model_card(engine)
+    lora = await engine.lora.resolve(model_id)
+    base = await model_card(engine)
+    return adapter_card(base, lora, engine.lora.paths[lora]) if lora else base
 
 
 # ---- shared by both endpoints ----
@@ -275,13 +285,14 @@ async def chat_completions(request: Request):
     started = time.monotonic()
     engine = engine_of(request)
     req = parse_body(await request.body(), ChatCompletionRequest)
-    check_model(engine, req.model)
+    lora = await engine.lora.resolve(req.model)
     n = choice_count(req.n)
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
     images = await live.deadline(started).run(chat_images(req, MediaLimits.from_args(engine.args)))
-    prepared = await live.deadline(started).run(engine.prepare(chat_input(req, defaults, images)))
+    inp = dataclasses.replace(chat_input(req, defaults, images), lora_name=lora)
+    prepared = await live.deadline(started).run(engine.prepare(inp))
     tools = plan_tools(
         req.tools,
         req.tool_choice,
@@ -540,7 +551,7 @@ async def completions(request: Request):
     started = time.monotonic()
     engine = engine_of(request)
     req = parse_body(await request.body(), CompletionRequest)
-    check_model(engine, req.model)
+    lora = await engine.lora.resolve(req.model)
     n = choice_count(req.n)
     # Before anything is made per sequence: 800 prompts x n 128 must cost nothing but this 400.
     count = prompt_count(req.prompt)
@@ -548,7 +559,7 @@ async def completions(request: Request):
     prompts = completion_prompts(req.prompt)
     live = live_requests(request)
     prepared, echoes = await live.deadline(started).run(
-        prepare_completions(engine, req, prompts, n)
+        prepare_completions(engine, req, prompts, n, lora)
     )
     requests = [copy for i, p in enumerate(prepared) for copy in fan_out(p, n, first_index=i * n)]
     meta = response_meta(engine, prepared[0].request_id, req)
@@ -611,11 +622,21 @@ async def completions(request: Request):
 
 
 async def prepare_completions(
-    engine: Engine, req: CompletionRequest, prompts: list[str | list[int]], n: int
+    engine: Engine,
+    req: CompletionRequest,
+    prompts: list[str | list[int]],
+    n: int,
+    lora: str = "",
 ) -> tuple[list[PreparedRequest], list[str]]:
-    """Each prompt tokenized and checked, and the echo text of each choice ("" without echo)."""
+    """Each prompt tokenized and checked (run with LoRA adapter lora), and the echo text of each
+    choice ("" without echo)."""
     defaults = (await engine.model_info()).sampling_defaults
-    prepared = [await engine.prepare(completion_input(req, p, defaults)) for p in prompts]
+    prepared = [
+        await engine.prepare(
+            dataclasses.replace(completion_input(req, p, defaults), lora_name=lora)
+        )
+        for p in prompts
+    ]
     echoes = [await echo_text(engine, p) if req.echo else "" for p in prompts for _ in range(n)]
     return prepared, echoes
 

@@ -318,6 +318,8 @@ class NativeGenerateRequest(Body):
     # SGLang's image_data: the prompt's images (data: / http(s) / file URLs or bare base64), filling the
     # text's image placeholder tokens in order; one string, a list, or a list holding the one prompt's list.
     image_data: str | list[str] | list[list[str]] | None = None
+    # The LoRA adapter to generate with, by name (SGLang's field; its path form is --lora-paths').
+    lora_path: str | None = None
 
 
 class AbortRequest(Body):

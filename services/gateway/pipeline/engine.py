@@ -36,6 +36,7 @@ from radixserve.common.sampling import (
     SamplingParams,
     StoppingCriteria,
 )
+from radixserve.gateway.pipeline.lora_models import LoraModels
 from radixserve.gateway.pipeline.decode_batcher import DecodeBatcher
 from radixserve.gateway.pipeline.sampling import checked_prompt_logprobs
 from radixserve.gateway.pipeline.dp_router import DataParallelRouter
@@ -103,6 +104,7 @@ class Engine:
     def __init__(self, args: ServerArgs):
         self.args = args
         self.served_name = served_model_name(args)
+        self.lora = LoraModels(self)  # LoRA adapters as model names
         self.metrics = GatewayMetrics(self.served_name) if args.enable_metrics else None
         self.uses_tokenizer = not args.skip_tokenizer_init
         self._stubs: _Stubs | None = None
@@ -299,6 +301,7 @@ class Engine:
             skip_special_tokens=inp.skip_special_tokens,
             stop_regex=list(inp.stop_regex),
             multimodal=multimodal,
+            lora_name=inp.lora_name,
         )
 
     async def _tokenize(
@@ -403,6 +406,7 @@ class Engine:
                         stopping=req.stopping.to_proto(),
                         trace_context=telemetry.trace_context,
                         **_multimodal_fields(req.multimodal),
+                        lora_name=req.lora_name,
                     )
                     for req, telemetry in zip(reqs, telemetries)
                 ]

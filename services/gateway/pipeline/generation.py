@@ -30,6 +30,7 @@ class GenerationInput:
     # A text prompt's encoded image files, filling its image placeholders in order (SGLang's
     # image_data); a chat's images travel in its conversation.
     images: list[bytes] = field(default_factory=list)
+    lora_name: str = ""  # the LoRA adapter to generate with ("": the base model)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PreparedRequest:
     stop_regex: list[str] = field(default_factory=list)
     # The prompt's processed images (and M-RoPE positions) as the tokenizer returned them; None: none.
     multimodal: tokenizer_pb2.TokenizerChatResult | None = None
+    lora_name: str = ""  # the LoRA adapter to generate with ("": the base model)
 
 
 @dataclass

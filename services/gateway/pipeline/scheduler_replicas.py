@@ -6,6 +6,7 @@ SchedulerStub-like object, so that the unary calls' callers need not know about 
 - Abort, FlushCache: sent to every replica, their counts summed (request ids are unique: only the replica
   running a request aborts it). Abort fails only when no replica answered, FlushCache when one did not.
 - GetMetrics: the replicas' Prometheus texts merged, each sample labelled dp_rank="i".
+- LoadLoraAdapter, UnloadLoraAdapter: sent to every replica; fail when one did not answer.
 - Embed: round robin, failing over on UNAVAILABLE (replicas.ReplicaSet).
 Generation does not come here: the engine runs one SchedulerSession per replica (stub(i)) and the router
 (dp_router.py) picks it. With one replica every call goes straight to it, unchanged.
@@ -98,6 +99,18 @@ class SchedulerReplicas:
                 texts[i] = result.prometheus_text
         _answered(results, require_all=False)
         return scheduler_pb2.SchedulerMetrics(prometheus_text=merge_prometheus_texts(texts))
+
+    async def LoadLoraAdapter(self, request, **kwargs):
+        """Every replica loads it (fails when one did not)."""
+        if len(self.addrs) == 1:
+            return await self.stub(0).LoadLoraAdapter(request, **kwargs)
+        return _answered(await self._each("LoadLoraAdapter", request, **kwargs), True)[0]
+
+    async def UnloadLoraAdapter(self, request, **kwargs):
+        """Every replica unloads it (fails when one did not)."""
+        if len(self.addrs) == 1:
+            return await self.stub(0).UnloadLoraAdapter(request, **kwargs)
+        return _answered(await self._each("UnloadLoraAdapter", request, **kwargs), True)[0]
 
     async def Embed(self, request, **kwargs) -> scheduler_pb2.SchedulerEmbedResponse:
         return await self._balanced.call("Embed", request, **kwargs)

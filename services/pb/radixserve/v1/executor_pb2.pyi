@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecutorNewRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context", "stopping", "generated_tokens", "prompt_logprobs", "images", "mrope_positions", "mrope_position_delta")
+    __slots__ = ("request_id", "input_ids", "prefix_slots", "new_slots", "sampling", "sample", "token_bitmask", "penalty_prompt_ids", "trace_context", "stopping", "generated_tokens", "prompt_logprobs", "images", "mrope_positions", "mrope_position_delta", "lora_name")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ExecutorNewRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MROPE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_slots: _containers.RepeatedScalarFieldContainer[int]
@@ -39,7 +40,8 @@ class ExecutorNewRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptImage]
     mrope_positions: _containers.RepeatedScalarFieldContainer[int]
     mrope_position_delta: int
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., prefix_slots: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., penalty_prompt_ids: _Optional[_Iterable[int]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class ExecutorPromptLogprobRange(_message.Message):
     __slots__ = ("start", "count", "next_token_id", "top_logprobs_num")
@@ -118,7 +120,7 @@ class ExecutorModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorModelInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters", "kv_cache_dtype", "kv_bytes_per_token")
+    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters", "kv_cache_dtype", "kv_bytes_per_token", "max_loras_per_batch", "lora_adapters")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,8 @@ class ExecutorModelInfo(_message.Message):
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -141,7 +145,43 @@ class ExecutorModelInfo(_message.Message):
     num_parameters: int
     kv_cache_dtype: str
     kv_bytes_per_token: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+    max_loras_per_batch: int
+    lora_adapters: _containers.RepeatedCompositeFieldContainer[ExecutorLoraAdapter]
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[ExecutorLoraAdapter, _Mapping]]] = ...) -> None: ...
+
+class ExecutorLoraAdapter(_message.Message):
+    __slots__ = ("name", "path", "rank")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    rank: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class ExecutorLoadLoraAdapterRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ExecutorLoadLoraAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: ExecutorLoraAdapter
+    def __init__(self, adapter: _Optional[_Union[ExecutorLoraAdapter, _Mapping]] = ...) -> None: ...
+
+class ExecutorUnloadLoraAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExecutorUnloadLoraAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ExecutorResetRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -59,6 +59,16 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/radixserve.v1.Executor/LoadLoraAdapter',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/radixserve.v1.Executor/UnloadLoraAdapter',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -102,6 +112,23 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Load a LoRA adapter (a PEFT folder) into host memory, on every tensor-parallel shard; new requests
+        may then name it (ExecutorNewRequest.lora_name). INVALID_ARGUMENT for an adapter it cannot serve (rank,
+        targets, shapes, a name already loaded, --max-loaded-loras reached); FAILED_PRECONDITION without LoRA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Forget a loaded LoRA adapter (NOT_FOUND when it is not loaded). The caller ensures no running request
+        uses it any more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +156,16 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +303,60 @@ class Executor:
             '/radixserve.v1.Executor/Embed',
             radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Executor/LoadLoraAdapter',
+            radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.ExecutorLoadLoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Executor/UnloadLoraAdapter',
+            radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.ExecutorUnloadLoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

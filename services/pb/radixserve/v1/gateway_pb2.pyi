@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("model", "text", "chat", "input_ids", "sampling", "stop", "skip_special_tokens", "request_id", "stopping")
+    __slots__ = ("model", "text", "chat", "input_ids", "sampling", "stop", "skip_special_tokens", "request_id", "stopping", "lora_name")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class GatewayGenerateRequest(_message.Message):
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     model: str
     text: str
     chat: _common_pb2.ChatConversation
@@ -27,7 +28,8 @@ class GatewayGenerateRequest(_message.Message):
     skip_special_tokens: bool
     request_id: str
     stopping: _common_pb2.StoppingCriteria
-    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatConversation, _Mapping]] = ..., input_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., request_id: _Optional[str] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatConversation, _Mapping]] = ..., input_ids: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., skip_special_tokens: _Optional[bool] = ..., request_id: _Optional[str] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "logprobs", "matched_stop", "prompt_logprobs")

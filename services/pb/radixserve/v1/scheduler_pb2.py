@@ -25,49 +25,59 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import common_pb2 as radixserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/scheduler.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\xbc\x02\n\x18SchedulerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x32\n\rtrace_context\x18\x04 \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x31\n\x08stopping\x18\x05 \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12*\n\x06images\x18\x06 \x03(\x0b\x32\x1a.radixserve.v1.PromptImage\x12\x17\n\x0fmrope_positions\x18\x07 \x03(\x05\x12\x1c\n\x14mrope_position_delta\x18\x08 \x01(\x05\"\x9f\x02\n\x19SchedulerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12\x1d\n\x15matched_stop_token_id\x18\x05 \x01(\x05\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.radixserve.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\xd8\x01\n\x17SchedulerSessionRequest\x12;\n\x08generate\x18\x01 \x01(\x0b\x32\'.radixserve.v1.SchedulerGenerateRequestH\x00\x12\x35\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32$.radixserve.v1.SchedulerAbortRequestH\x00\x12?\n\x0egenerate_group\x18\x03 \x01(\x0b\x32%.radixserve.v1.SchedulerGenerateGroupH\x00\x42\x08\n\x06\x61\x63tion\"S\n\x16SchedulerGenerateGroup\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.radixserve.v1.SchedulerGenerateRequest\"|\n\x15SchedulerRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x30\n\x0c\x66\x61iled_stage\x18\x04 \x01(\x0e\x32\x1a.radixserve.v1.FailedStage\"\x88\x01\n\x16SchedulerSessionEvents\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.radixserve.v1.SchedulerGenerateResponse\x12\x34\n\x06\x65rrors\x18\x02 \x03(\x0b\x32$.radixserve.v1.SchedulerRequestError\"?\n\x15SchedulerAbortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x11\n\tabort_all\x18\x02 \x01(\x08\")\n\x16SchedulerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05\"\x16\n\x14SchedulerInfoRequest\"\xfb\x03\n\rSchedulerInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ree_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x15\n\rin_use_tokens\x18\x07 \x01(\x05\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x18\n\x10waiting_requests\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\"\n\x1atotal_cached_prompt_tokens\x18\x0c \x01(\x03\x12\x1b\n\x13total_prompt_tokens\x18\r \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\x12\x12\n\nvocab_size\x18\x0f \x01(\x05\x12\x1c\n\x14\x65xecutor_unavailable\x18\x10 \x01(\x08\x12\x35\n\x08replicas\x18\x11 \x03(\x0b\x32#.radixserve.v1.SchedulerReplicaInfo\x12\x16\n\x0ekv_cache_dtype\x18\x12 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x13 \x01(\x03\"\xb5\x01\n\x14SchedulerReplicaInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12*\n\x04info\x18\x05 \x01(\x0b\x32\x1c.radixserve.v1.SchedulerInfo\x12\x17\n\x0frouted_requests\x18\x06 \x01(\x03\x12\x19\n\x11inflight_requests\x18\x07 \x01(\x05\"\x1c\n\x1aSchedulerFlushCacheRequest\"3\n\x1bSchedulerFlushCacheResponse\x12\x14\n\x0c\x66reed_tokens\x18\x01 \x01(\x05\"C\n\x15SchedulerEmbedRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\"j\n\x16SchedulerEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\"\x19\n\x17SchedulerMetricsRequest\"+\n\x10SchedulerMetrics\x12\x17\n\x0fprometheus_text\x18\x01 \x01(\t*b\n\x0b\x46\x61iledStage\x12\x1c\n\x18\x46\x41ILED_STAGE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILED_STAGE_SCHEDULER\x10\x01\x12\x19\n\x15\x46\x41ILED_STAGE_EXECUTOR\x10\x02\x32\x80\x05\n\tScheduler\x12_\n\x08Generate\x12\'.radixserve.v1.SchedulerGenerateRequest\x1a(.radixserve.v1.SchedulerGenerateResponse0\x01\x12\\\n\x07Session\x12&.radixserve.v1.SchedulerSessionRequest\x1a%.radixserve.v1.SchedulerSessionEvents(\x01\x30\x01\x12T\n\x05\x41\x62ort\x12$.radixserve.v1.SchedulerAbortRequest\x1a%.radixserve.v1.SchedulerAbortResponse\x12L\n\x07GetInfo\x12#.radixserve.v1.SchedulerInfoRequest\x1a\x1c.radixserve.v1.SchedulerInfo\x12\x63\n\nFlushCache\x12).radixserve.v1.SchedulerFlushCacheRequest\x1a*.radixserve.v1.SchedulerFlushCacheResponse\x12T\n\x05\x45mbed\x12$.radixserve.v1.SchedulerEmbedRequest\x1a%.radixserve.v1.SchedulerEmbedResponse\x12U\n\nGetMetrics\x12&.radixserve.v1.SchedulerMetricsRequest\x1a\x1f.radixserve.v1.SchedulerMetricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dradixserve/v1/scheduler.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\xcf\x02\n\x18SchedulerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x32\n\rtrace_context\x18\x04 \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x31\n\x08stopping\x18\x05 \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12*\n\x06images\x18\x06 \x03(\x0b\x32\x1a.radixserve.v1.PromptImage\x12\x17\n\x0fmrope_positions\x18\x07 \x03(\x05\x12\x1c\n\x14mrope_position_delta\x18\x08 \x01(\x05\x12\x11\n\tlora_name\x18\t \x01(\t\"\x9f\x02\n\x19SchedulerGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12\x1d\n\x15matched_stop_token_id\x18\x05 \x01(\x05\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.radixserve.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\xd8\x01\n\x17SchedulerSessionRequest\x12;\n\x08generate\x18\x01 \x01(\x0b\x32\'.radixserve.v1.SchedulerGenerateRequestH\x00\x12\x35\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32$.radixserve.v1.SchedulerAbortRequestH\x00\x12?\n\x0egenerate_group\x18\x03 \x01(\x0b\x32%.radixserve.v1.SchedulerGenerateGroupH\x00\x42\x08\n\x06\x61\x63tion\"S\n\x16SchedulerGenerateGroup\x12\x39\n\x08requests\x18\x01 \x03(\x0b\x32\'.radixserve.v1.SchedulerGenerateRequest\"|\n\x15SchedulerRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x30\n\x0c\x66\x61iled_stage\x18\x04 \x01(\x0e\x32\x1a.radixserve.v1.FailedStage\"\x88\x01\n\x16SchedulerSessionEvents\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.radixserve.v1.SchedulerGenerateResponse\x12\x34\n\x06\x65rrors\x18\x02 \x03(\x0b\x32$.radixserve.v1.SchedulerRequestError\"?\n\x15SchedulerAbortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x11\n\tabort_all\x18\x02 \x01(\x08\")\n\x16SchedulerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05\"\x16\n\x14SchedulerInfoRequest\"\xd4\x04\n\rSchedulerInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ree_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x15\n\rin_use_tokens\x18\x07 \x01(\x05\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x18\n\x10waiting_requests\x18\t \x01(\x05\x12\x15\n\reos_token_ids\x18\n \x03(\x05\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\"\n\x1atotal_cached_prompt_tokens\x18\x0c \x01(\x03\x12\x1b\n\x13total_prompt_tokens\x18\r \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x0e \x01(\t\x12\x12\n\nvocab_size\x18\x0f \x01(\x05\x12\x1c\n\x14\x65xecutor_unavailable\x18\x10 \x01(\x08\x12\x35\n\x08replicas\x18\x11 \x03(\x0b\x32#.radixserve.v1.SchedulerReplicaInfo\x12\x16\n\x0ekv_cache_dtype\x18\x12 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x13 \x01(\x03\x12:\n\rlora_adapters\x18\x14 \x03(\x0b\x32#.radixserve.v1.SchedulerLoraAdapter\x12\x1b\n\x13max_loras_per_batch\x18\x15 \x01(\x05\"2\n\x14SchedulerLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"=\n\x1fSchedulerLoadLoraAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"X\n SchedulerLoadLoraAdapterResponse\x12\x34\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32#.radixserve.v1.SchedulerLoraAdapter\"1\n!SchedulerUnloadLoraAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\"SchedulerUnloadLoraAdapterResponse\"\xb5\x01\n\x14SchedulerReplicaInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x61\x64\x64r\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12*\n\x04info\x18\x05 \x01(\x0b\x32\x1c.radixserve.v1.SchedulerInfo\x12\x17\n\x0frouted_requests\x18\x06 \x01(\x03\x12\x19\n\x11inflight_requests\x18\x07 \x01(\x05\"\x1c\n\x1aSchedulerFlushCacheRequest\"3\n\x1bSchedulerFlushCacheResponse\x12\x14\n\x0c\x66reed_tokens\x18\x01 \x01(\x05\"C\n\x15SchedulerEmbedRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\"j\n\x16SchedulerEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\"\x19\n\x17SchedulerMetricsRequest\"+\n\x10SchedulerMetrics\x12\x17\n\x0fprometheus_text\x18\x01 \x01(\t*b\n\x0b\x46\x61iledStage\x12\x1c\n\x18\x46\x41ILED_STAGE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x41ILED_STAGE_SCHEDULER\x10\x01\x12\x19\n\x15\x46\x41ILED_STAGE_EXECUTOR\x10\x02\x32\xee\x06\n\tScheduler\x12_\n\x08Generate\x12\'.radixserve.v1.SchedulerGenerateRequest\x1a(.radixserve.v1.SchedulerGenerateResponse0\x01\x12\\\n\x07Session\x12&.radixserve.v1.SchedulerSessionRequest\x1a%.radixserve.v1.SchedulerSessionEvents(\x01\x30\x01\x12T\n\x05\x41\x62ort\x12$.radixserve.v1.SchedulerAbortRequest\x1a%.radixserve.v1.SchedulerAbortResponse\x12L\n\x07GetInfo\x12#.radixserve.v1.SchedulerInfoRequest\x1a\x1c.radixserve.v1.SchedulerInfo\x12\x63\n\nFlushCache\x12).radixserve.v1.SchedulerFlushCacheRequest\x1a*.radixserve.v1.SchedulerFlushCacheResponse\x12T\n\x05\x45mbed\x12$.radixserve.v1.SchedulerEmbedRequest\x1a%.radixserve.v1.SchedulerEmbedResponse\x12U\n\nGetMetrics\x12&.radixserve.v1.SchedulerMetricsRequest\x1a\x1f.radixserve.v1.SchedulerMetrics\x12r\n\x0fLoadLoraAdapter\x12..radixserve.v1.SchedulerLoadLoraAdapterRequest\x1a/.radixserve.v1.SchedulerLoadLoraAdapterResponse\x12x\n\x11UnloadLoraAdapter\x12\x30.radixserve.v1.SchedulerUnloadLoraAdapterRequest\x1a\x31.radixserve.v1.SchedulerUnloadLoraAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'radixserve.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILEDSTAGE']._serialized_start=2412
-  _globals['_FAILEDSTAGE']._serialized_end=2510
+  _globals['_FAILEDSTAGE']._serialized_start=2814
+  _globals['_FAILEDSTAGE']._serialized_end=2912
   _globals['_SCHEDULERGENERATEREQUEST']._serialized_start=77
-  _globals['_SCHEDULERGENERATEREQUEST']._serialized_end=393
-  _globals['_SCHEDULERGENERATERESPONSE']._serialized_start=396
-  _globals['_SCHEDULERGENERATERESPONSE']._serialized_end=683
-  _globals['_SCHEDULERSESSIONREQUEST']._serialized_start=686
-  _globals['_SCHEDULERSESSIONREQUEST']._serialized_end=902
-  _globals['_SCHEDULERGENERATEGROUP']._serialized_start=904
-  _globals['_SCHEDULERGENERATEGROUP']._serialized_end=987
-  _globals['_SCHEDULERREQUESTERROR']._serialized_start=989
-  _globals['_SCHEDULERREQUESTERROR']._serialized_end=1113
-  _globals['_SCHEDULERSESSIONEVENTS']._serialized_start=1116
-  _globals['_SCHEDULERSESSIONEVENTS']._serialized_end=1252
-  _globals['_SCHEDULERABORTREQUEST']._serialized_start=1254
-  _globals['_SCHEDULERABORTREQUEST']._serialized_end=1317
-  _globals['_SCHEDULERABORTRESPONSE']._serialized_start=1319
-  _globals['_SCHEDULERABORTRESPONSE']._serialized_end=1360
-  _globals['_SCHEDULERINFOREQUEST']._serialized_start=1362
-  _globals['_SCHEDULERINFOREQUEST']._serialized_end=1384
-  _globals['_SCHEDULERINFO']._serialized_start=1387
-  _globals['_SCHEDULERINFO']._serialized_end=1894
-  _globals['_SCHEDULERREPLICAINFO']._serialized_start=1897
-  _globals['_SCHEDULERREPLICAINFO']._serialized_end=2078
-  _globals['_SCHEDULERFLUSHCACHEREQUEST']._serialized_start=2080
-  _globals['_SCHEDULERFLUSHCACHEREQUEST']._serialized_end=2108
-  _globals['_SCHEDULERFLUSHCACHERESPONSE']._serialized_start=2110
-  _globals['_SCHEDULERFLUSHCACHERESPONSE']._serialized_end=2161
-  _globals['_SCHEDULEREMBEDREQUEST']._serialized_start=2163
-  _globals['_SCHEDULEREMBEDREQUEST']._serialized_end=2230
-  _globals['_SCHEDULEREMBEDRESPONSE']._serialized_start=2232
-  _globals['_SCHEDULEREMBEDRESPONSE']._serialized_end=2338
-  _globals['_SCHEDULERMETRICSREQUEST']._serialized_start=2340
-  _globals['_SCHEDULERMETRICSREQUEST']._serialized_end=2365
-  _globals['_SCHEDULERMETRICS']._serialized_start=2367
-  _globals['_SCHEDULERMETRICS']._serialized_end=2410
-  _globals['_SCHEDULER']._serialized_start=2513
-  _globals['_SCHEDULER']._serialized_end=3153
+  _globals['_SCHEDULERGENERATEREQUEST']._serialized_end=412
+  _globals['_SCHEDULERGENERATERESPONSE']._serialized_start=415
+  _globals['_SCHEDULERGENERATERESPONSE']._serialized_end=702
+  _globals['_SCHEDULERSESSIONREQUEST']._serialized_start=705
+  _globals['_SCHEDULERSESSIONREQUEST']._serialized_end=921
+  _globals['_SCHEDULERGENERATEGROUP']._serialized_start=923
+  _globals['_SCHEDULERGENERATEGROUP']._serialized_end=1006
+  _globals['_SCHEDULERREQUESTERROR']._serialized_start=1008
+  _globals['_SCHEDULERREQUESTERROR']._serialized_end=1132
+  _globals['_SCHEDULERSESSIONEVENTS']._serialized_start=1135
+  _globals['_SCHEDULERSESSIONEVENTS']._serialized_end=1271
+  _globals['_SCHEDULERABORTREQUEST']._serialized_start=1273
+  _globals['_SCHEDULERABORTREQUEST']._serialized_end=1336
+  _globals['_SCHEDULERABORTRESPONSE']._serialized_start=1338
+  _globals['_SCHEDULERABORTRESPONSE']._serialized_end=1379
+  _globals['_SCHEDULERINFOREQUEST']._serialized_start=1381
+  _globals['_SCHEDULERINFOREQUEST']._serialized_end=1403
+  _globals['_SCHEDULERINFO']._serialized_start=1406
+  _globals['_SCHEDULERINFO']._serialized_end=2002
+  _globals['_SCHEDULERLORAADAPTER']._serialized_start=2004
+  _globals['_SCHEDULERLORAADAPTER']._serialized_end=2054
+  _globals['_SCHEDULERLOADLORAADAPTERREQUEST']._serialized_start=2056
+  _globals['_SCHEDULERLOADLORAADAPTERREQUEST']._serialized_end=2117
+  _globals['_SCHEDULERLOADLORAADAPTERRESPONSE']._serialized_start=2119
+  _globals['_SCHEDULERLOADLORAADAPTERRESPONSE']._serialized_end=2207
+  _globals['_SCHEDULERUNLOADLORAADAPTERREQUEST']._serialized_start=2209
+  _globals['_SCHEDULERUNLOADLORAADAPTERREQUEST']._serialized_end=2258
+  _globals['_SCHEDULERUNLOADLORAADAPTERRESPONSE']._serialized_start=2260
+  _globals['_SCHEDULERUNLOADLORAADAPTERRESPONSE']._serialized_end=2296
+  _globals['_SCHEDULERREPLICAINFO']._serialized_start=2299
+  _globals['_SCHEDULERREPLICAINFO']._serialized_end=2480
+  _globals['_SCHEDULERFLUSHCACHEREQUEST']._serialized_start=2482
+  _globals['_SCHEDULERFLUSHCACHEREQUEST']._serialized_end=2510
+  _globals['_SCHEDULERFLUSHCACHERESPONSE']._serialized_start=2512
+  _globals['_SCHEDULERFLUSHCACHERESPONSE']._serialized_end=2563
+  _globals['_SCHEDULEREMBEDREQUEST']._serialized_start=2565
+  _globals['_SCHEDULEREMBEDREQUEST']._serialized_end=2632
+  _globals['_SCHEDULEREMBEDRESPONSE']._serialized_start=2634
+  _globals['_SCHEDULEREMBEDRESPONSE']._serialized_end=2740
+  _globals['_SCHEDULERMETRICSREQUEST']._serialized_start=2742
+  _globals['_SCHEDULERMETRICSREQUEST']._serialized_end=2767
+  _globals['_SCHEDULERMETRICS']._serialized_start=2769
+  _globals['_SCHEDULERMETRICS']._serialized_end=2812
+  _globals['_SCHEDULER']._serialized_start=2915
+  _globals['_SCHEDULER']._serialized_end=3793
 # @@protoc_insertion_point(module_scope)

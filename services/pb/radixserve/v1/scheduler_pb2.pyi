@@ -18,7 +18,7 @@ FAILED_STAGE_SCHEDULER: FailedStage
 FAILED_STAGE_EXECUTOR: FailedStage
 
 class SchedulerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "sampling", "trace_context", "stopping", "images", "mrope_positions", "mrope_position_delta")
+    __slots__ = ("request_id", "input_ids", "sampling", "trace_context", "stopping", "images", "mrope_positions", "mrope_position_delta", "lora_name")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class SchedulerGenerateRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MROPE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -35,7 +36,8 @@ class SchedulerGenerateRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.PromptImage]
     mrope_positions: _containers.RepeatedScalarFieldContainer[int]
     mrope_position_delta: int
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., stopping: _Optional[_Union[_common_pb2.StoppingCriteria, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.PromptImage, _Mapping]]] = ..., mrope_positions: _Optional[_Iterable[int]] = ..., mrope_position_delta: _Optional[int] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class SchedulerGenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "finish_reason", "matched_stop_token_id", "usage", "prompt_logprobs")
@@ -110,7 +112,7 @@ class SchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size", "executor_unavailable", "replicas", "kv_cache_dtype", "kv_bytes_per_token")
+    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size", "executor_unavailable", "replicas", "kv_cache_dtype", "kv_bytes_per_token", "lora_adapters", "max_loras_per_batch")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,8 @@ class SchedulerInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -149,7 +153,41 @@ class SchedulerInfo(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[SchedulerReplicaInfo]
     kv_cache_dtype: str
     kv_bytes_per_token: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., executor_unavailable: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[SchedulerReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedCompositeFieldContainer[SchedulerLoraAdapter]
+    max_loras_per_batch: int
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., executor_unavailable: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[SchedulerReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[SchedulerLoraAdapter, _Mapping]]] = ..., max_loras_per_batch: _Optional[int] = ...) -> None: ...
+
+class SchedulerLoraAdapter(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class SchedulerLoadLoraAdapterRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class SchedulerLoadLoraAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: SchedulerLoraAdapter
+    def __init__(self, adapter: _Optional[_Union[SchedulerLoraAdapter, _Mapping]] = ...) -> None: ...
+
+class SchedulerUnloadLoraAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SchedulerUnloadLoraAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SchedulerReplicaInfo(_message.Message):
     __slots__ = ("index", "addr", "reachable", "error", "info", "routed_requests", "inflight_requests")

@@ -69,6 +69,16 @@ class SchedulerStub:
                 request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/radixserve.v1.Scheduler/LoadLoraAdapter',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/radixserve.v1.Scheduler/UnloadLoraAdapter',
+                request_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -129,6 +139,22 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Load a LoRA adapter on the executor (every shard) and accept requests naming it. INVALID_ARGUMENT for
+        an adapter the executor refuses, FAILED_PRECONDITION when LoRA is off (--enable-lora).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Unload a LoRA adapter: new requests naming it are refused (NOT_FOUND) at once; it leaves the executor
+        once the requests that use it have ended, and the call returns then. NOT_FOUND for an unknown name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +192,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +393,60 @@ class Scheduler:
             '/radixserve.v1.Scheduler/GetMetrics',
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetricsRequest.SerializeToString,
             radixserve_dot_v1_dot_scheduler__pb2.SchedulerMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Scheduler/LoadLoraAdapter',
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerLoadLoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radixserve.v1.Scheduler/UnloadLoraAdapter',
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterRequest.SerializeToString,
+            radixserve_dot_v1_dot_scheduler__pb2.SchedulerUnloadLoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
