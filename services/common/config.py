@@ -41,6 +41,7 @@ GROUPS = (
     "Multi-node distributed serving",
     "Kernel backends",
     "Expert parallelism",
+    "Speculative decoding",
     "Optimization/debug options",
     "Services and addresses (radixserve)",
     "Limits and lifecycle (radixserve)",
@@ -354,6 +355,38 @@ class SchedulerConfig(CapacityConfig):
         131072,
         "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
         group="Limits and lifecycle (radixserve)",
+    )
+    # Speculative decoding (docs/speculative.md). Defaults of the n-gram settings: NgramParams.
+    speculative_algorithm: str | None = option(
+        None,
+        "NGRAM: draft tokens by n-gram lookup in each request's own prompt + output and verify them "
+        "in one step (default: off)",
+        group="Speculative decoding",
+        choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"],
+        supported=["NGRAM"],
+        unsupported_hint="not supported yet: only NGRAM speculative decoding is built (EAGLE, "
+        "EAGLE3, NEXTN and STANDALONE need a draft model or heads, not built)",
+    )
+    speculative_num_draft_tokens: int | None = option(
+        None,
+        "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
+        "draft tokens (default: NgramParams.max_draft_tokens + 1 = 9)",
+        group="Speculative decoding",
+    )
+    speculative_ngram_min_match_window_size: int | None = option(
+        None,
+        "shortest suffix of a request's tokens looked up for a draft (default 1)",
+        group="Speculative decoding",
+    )
+    speculative_ngram_max_match_window_size: int | None = option(
+        None,
+        "longest suffix of a request's tokens looked up for a draft, tried first (default 12)",
+        group="Speculative decoding",
+    )
+    speculative_ngram_history_window: int | None = option(
+        None,
+        "drafts are looked up in this many most recent tokens of the request (default 2048)",
+        group="Speculative decoding",
     )
 
 

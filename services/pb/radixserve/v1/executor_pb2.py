@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import common_pb2 as radixserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cradixserve/v1/executor.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\x9d\x03\n\x12\x45xecutorNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x14\n\x0cprefix_slots\x18\x03 \x03(\x05\x12\x11\n\tnew_slots\x18\x04 \x03(\x05\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x15\n\rtoken_bitmask\x18\x07 \x01(\x0c\x12\x1a\n\x12penalty_prompt_ids\x18\x08 \x03(\x05\x12\x32\n\rtrace_context\x18\t \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x31\n\x08stopping\x18\n \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x05\x12\x42\n\x0fprompt_logprobs\x18\x0c \x01(\x0b\x32).radixserve.v1.ExecutorPromptLogprobRange\"k\n\x1a\x45xecutorPromptLogprobRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x18\n\x10top_logprobs_num\x18\x04 \x01(\x05\"\xc0\x01\n\x19\x45xecutorContinuingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x11\n\tnew_slots\x18\x03 \x03(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x15\n\rtoken_bitmask\x18\x05 \x01(\x0c\x12\x42\n\x0fprompt_logprobs\x18\x06 \x01(\x0b\x32).radixserve.v1.ExecutorPromptLogprobRange\"\xd8\x01\n\x13\x45xecutorStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x1c\n\x14\x66inished_request_ids\x18\x02 \x03(\t\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.radixserve.v1.ExecutorNewRequest\x12\x45\n\x13\x63ontinuing_requests\x18\x04 \x03(\x0b\x32(.radixserve.v1.ExecutorContinuingRequest\x12\x12\n\nsession_id\x18\x05 \x01(\t\"k\n\x15\x45xecutorRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12,\n\x07logprob\x18\x03 \x01(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\xb2\x01\n\x14\x45xecutorStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x35\n\x07outputs\x18\x02 \x03(\x0b\x32$.radixserve.v1.ExecutorRequestOutput\x12\x12\n\nforward_ms\x18\x03 \x01(\x02\x12>\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32%.radixserve.v1.ExecutorPromptLogprobs\"[\n\x16\x45xecutorPromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\x1a\n\x18\x45xecutorModelInfoRequest\"\xfd\x01\n\x11\x45xecutorModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08kv_slots\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0enum_parameters\x18\t \x01(\x03\x12\x16\n\x0ekv_cache_dtype\x18\n \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x0b \x01(\x03\"*\n\x14\x45xecutorResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x1a\x45xecutorOpenSessionRequest\x12\x1b\n\x13replaces_session_id\x18\x01 \x01(\t\";\n\x14\x45xecutorSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x05\"(\n\x15\x45xecutorResetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x05\"B\n\x14\x45xecutorEmbedRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\"f\n\x15\x45xecutorEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x12\n\nforward_ms\x18\x04 \x01(\x02\x32\xbf\x03\n\x08\x45xecutor\x12O\n\x04Step\x12\".radixserve.v1.ExecutorStepRequest\x1a#.radixserve.v1.ExecutorStepResponse\x12Y\n\x0cGetModelInfo\x12\'.radixserve.v1.ExecutorModelInfoRequest\x1a .radixserve.v1.ExecutorModelInfo\x12R\n\x05Reset\x12#.radixserve.v1.ExecutorResetRequest\x1a$.radixserve.v1.ExecutorResetResponse\x12_\n\x0bOpenSession\x12).radixserve.v1.ExecutorOpenSessionRequest\x1a#.radixserve.v1.ExecutorSessionEvent0\x01\x12R\n\x05\x45mbed\x12#.radixserve.v1.ExecutorEmbedRequest\x1a$.radixserve.v1.ExecutorEmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cradixserve/v1/executor.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\x9d\x03\n\x12\x45xecutorNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x14\n\x0cprefix_slots\x18\x03 \x03(\x05\x12\x11\n\tnew_slots\x18\x04 \x03(\x05\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x12\x15\n\rtoken_bitmask\x18\x07 \x01(\x0c\x12\x1a\n\x12penalty_prompt_ids\x18\x08 \x03(\x05\x12\x32\n\rtrace_context\x18\t \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x31\n\x08stopping\x18\n \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x05\x12\x42\n\x0fprompt_logprobs\x18\x0c \x01(\x0b\x32).radixserve.v1.ExecutorPromptLogprobRange\"k\n\x1a\x45xecutorPromptLogprobRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x18\n\x10top_logprobs_num\x18\x04 \x01(\x05\"\xd3\x01\n\x19\x45xecutorContinuingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x11\n\tnew_slots\x18\x03 \x03(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\x15\n\rtoken_bitmask\x18\x05 \x01(\x0c\x12\x42\n\x0fprompt_logprobs\x18\x06 \x01(\x0b\x32).radixserve.v1.ExecutorPromptLogprobRange\x12\x11\n\tdraft_ids\x18\x07 \x03(\x05\"\xd8\x01\n\x13\x45xecutorStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x1c\n\x14\x66inished_request_ids\x18\x02 \x03(\t\x12\x37\n\x0cnew_requests\x18\x03 \x03(\x0b\x32!.radixserve.v1.ExecutorNewRequest\x12\x45\n\x13\x63ontinuing_requests\x18\x04 \x03(\x0b\x32(.radixserve.v1.ExecutorContinuingRequest\x12\x12\n\nsession_id\x18\x05 \x01(\t\"\xc5\x01\n\x15\x45xecutorRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12,\n\x07logprob\x18\x03 \x01(\x0b\x32\x1b.radixserve.v1.TokenLogprob\x12\x1a\n\x12\x61\x63\x63\x65pted_draft_ids\x18\x04 \x03(\x05\x12<\n\x17\x61\x63\x63\x65pted_draft_logprobs\x18\x05 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\xb2\x01\n\x14\x45xecutorStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x35\n\x07outputs\x18\x02 \x03(\x0b\x32$.radixserve.v1.ExecutorRequestOutput\x12\x12\n\nforward_ms\x18\x03 \x01(\x02\x12>\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32%.radixserve.v1.ExecutorPromptLogprobs\"[\n\x16\x45xecutorPromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\x1a\n\x18\x45xecutorModelInfoRequest\"\xfd\x01\n\x11\x45xecutorModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x10\n\x08kv_slots\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x16\n\x0enum_parameters\x18\t \x01(\x03\x12\x16\n\x0ekv_cache_dtype\x18\n \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x0b \x01(\x03\"*\n\x14\x45xecutorResetRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x1a\x45xecutorOpenSessionRequest\x12\x1b\n\x13replaces_session_id\x18\x01 \x01(\t\";\n\x14\x45xecutorSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x05\"(\n\x15\x45xecutorResetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x05\"B\n\x14\x45xecutorEmbedRequest\x12*\n\tsequences\x18\x01 \x03(\x0b\x32\x17.radixserve.v1.TokenIds\"f\n\x15\x45xecutorEmbedResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x12\n\nembeddings\x18\x02 \x03(\x02\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x12\n\nforward_ms\x18\x04 \x01(\x02\x32\xbf\x03\n\x08\x45xecutor\x12O\n\x04Step\x12\".radixserve.v1.ExecutorStepRequest\x1a#.radixserve.v1.ExecutorStepResponse\x12Y\n\x0cGetModelInfo\x12\'.radixserve.v1.ExecutorModelInfoRequest\x1a .radixserve.v1.ExecutorModelInfo\x12R\n\x05Reset\x12#.radixserve.v1.ExecutorResetRequest\x1a$.radixserve.v1.ExecutorResetResponse\x12_\n\x0bOpenSession\x12).radixserve.v1.ExecutorOpenSessionRequest\x1a#.radixserve.v1.ExecutorSessionEvent0\x01\x12R\n\x05\x45mbed\x12#.radixserve.v1.ExecutorEmbedRequest\x1a$.radixserve.v1.ExecutorEmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTORPROMPTLOGPROBRANGE']._serialized_start=491
   _globals['_EXECUTORPROMPTLOGPROBRANGE']._serialized_end=598
   _globals['_EXECUTORCONTINUINGREQUEST']._serialized_start=601
-  _globals['_EXECUTORCONTINUINGREQUEST']._serialized_end=793
-  _globals['_EXECUTORSTEPREQUEST']._serialized_start=796
-  _globals['_EXECUTORSTEPREQUEST']._serialized_end=1012
-  _globals['_EXECUTORREQUESTOUTPUT']._serialized_start=1014
-  _globals['_EXECUTORREQUESTOUTPUT']._serialized_end=1121
-  _globals['_EXECUTORSTEPRESPONSE']._serialized_start=1124
-  _globals['_EXECUTORSTEPRESPONSE']._serialized_end=1302
-  _globals['_EXECUTORPROMPTLOGPROBS']._serialized_start=1304
-  _globals['_EXECUTORPROMPTLOGPROBS']._serialized_end=1395
-  _globals['_EXECUTORMODELINFOREQUEST']._serialized_start=1397
-  _globals['_EXECUTORMODELINFOREQUEST']._serialized_end=1423
-  _globals['_EXECUTORMODELINFO']._serialized_start=1426
-  _globals['_EXECUTORMODELINFO']._serialized_end=1679
-  _globals['_EXECUTORRESETREQUEST']._serialized_start=1681
-  _globals['_EXECUTORRESETREQUEST']._serialized_end=1723
-  _globals['_EXECUTOROPENSESSIONREQUEST']._serialized_start=1725
-  _globals['_EXECUTOROPENSESSIONREQUEST']._serialized_end=1782
-  _globals['_EXECUTORSESSIONEVENT']._serialized_start=1784
-  _globals['_EXECUTORSESSIONEVENT']._serialized_end=1843
-  _globals['_EXECUTORRESETRESPONSE']._serialized_start=1845
-  _globals['_EXECUTORRESETRESPONSE']._serialized_end=1885
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=1887
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=1953
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=1955
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=2057
-  _globals['_EXECUTOR']._serialized_start=2060
-  _globals['_EXECUTOR']._serialized_end=2507
+  _globals['_EXECUTORCONTINUINGREQUEST']._serialized_end=812
+  _globals['_EXECUTORSTEPREQUEST']._serialized_start=815
+  _globals['_EXECUTORSTEPREQUEST']._serialized_end=1031
+  _globals['_EXECUTORREQUESTOUTPUT']._serialized_start=1034
+  _globals['_EXECUTORREQUESTOUTPUT']._serialized_end=1231
+  _globals['_EXECUTORSTEPRESPONSE']._serialized_start=1234
+  _globals['_EXECUTORSTEPRESPONSE']._serialized_end=1412
+  _globals['_EXECUTORPROMPTLOGPROBS']._serialized_start=1414
+  _globals['_EXECUTORPROMPTLOGPROBS']._serialized_end=1505
+  _globals['_EXECUTORMODELINFOREQUEST']._serialized_start=1507
+  _globals['_EXECUTORMODELINFOREQUEST']._serialized_end=1533
+  _globals['_EXECUTORMODELINFO']._serialized_start=1536
+  _globals['_EXECUTORMODELINFO']._serialized_end=1789
+  _globals['_EXECUTORRESETREQUEST']._serialized_start=1791
+  _globals['_EXECUTORRESETREQUEST']._serialized_end=1833
+  _globals['_EXECUTOROPENSESSIONREQUEST']._serialized_start=1835
+  _globals['_EXECUTOROPENSESSIONREQUEST']._serialized_end=1892
+  _globals['_EXECUTORSESSIONEVENT']._serialized_start=1894
+  _globals['_EXECUTORSESSIONEVENT']._serialized_end=1953
+  _globals['_EXECUTORRESETRESPONSE']._serialized_start=1955
+  _globals['_EXECUTORRESETRESPONSE']._serialized_end=1995
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=1997
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=2063
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=2065
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=2167
+  _globals['_EXECUTOR']._serialized_start=2170
+  _globals['_EXECUTOR']._serialized_end=2617
 # @@protoc_insertion_point(module_scope)
