@@ -230,3 +230,82 @@ def test_flags_make_the_ngram_settings():
             check_speculation(scheduler_config(speculative_algorithm="NGRAM", **bad))
     with pytest.raises(ValueError, match="NGRAM only"):
         ngram_params(scheduler_config(speculative_algorithm="EAGLE"))
+
+
+def run_overlapped(runner, sched, arrivals, rng, depth=2):
+    """Like run(), with up to depth plans in flight (as the runtime overlaps), requests arriving over
+    time (arrivals: {step index: [requests]}), random aborts and cache flushes. Returns the tokens
+    and the aborted ids."""
+    tokens, aborted, in_flight = {}, set(), []
+    step = 0
+    while arrivals or sched.has_work() or in_flight:
+        for rid, prompt, max_new, sampling, stop in arrivals.pop(step, []):
+            sched.add_request(
+                Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
+            )
+        step += 1
+        if sched.requests and rng.random() < 0.01:
+            rid = rng.choice(sorted(sched.requests))
+            sched.abort(rid)
+            aborted.add(rid)
+        if rng.random() < 0.05:
+            sched.flush_cache()
+        plan = sched.schedule() if len(in_flight) < depth else None
+        if plan is not None:
+            in_flight.append(plan)
+            continue
+        if not in_flight:
+            continue
+        plan = in_flight.pop(0)
+        out = runner.step(plan)
+        for ev in sched.update(plan, out.outputs, out.prompt_logprobs):
+            assert ev.request_id not in aborted or not ev.token_ids
+            tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+        assert sched.check_leak(deep=True) is None
+    # Finished requests' ids still reach the executor with the next step: send an empty one.
+    runner.step(StepInput(10**6, finished_request_ids=sched._pending_finished))
+    assert not runner.states
+    assert sched.check_leak(deep=True) is None and sched.stats().in_use == 0
+    sched.flush_cache()
+    assert sched.pool.available() == sched.pool.capacity
+    return tokens, aborted
+
+
+@pytest.mark.parametrize("page_size,mixed", [(1, False), (4, True)])
+def test_mixed_traffic_with_overlap_chunking_and_pages_leaves_the_pool_whole(
+    model_dir, page_size, mixed
+):
+    import random
+
+    rng = random.Random(page_size)
+    requests = []
+    for i in range(16):
+        unit = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))]
+        prompt = (unit * 12)[: rng.randint(3, 30)]
+        kind = rng.random()
+        if kind < 0.15:
+            sampling = SamplingParams(temperature=0.8, seed=i)
+        elif kind < 0.25:
+            sampling = greedy(repetition_penalty=1.2)
+        else:
+            sampling = greedy(return_logprob=kind < 0.4)
+        requests.append((f"r{i}", prompt, rng.randint(1, 24), sampling, {}))
+    config = dict(page_size=page_size, chunked_prefill_size=8, enable_mixed_chunk=mixed)
+    runner = make_runner(model_dir)
+    ref, _, _ = run(runner, make_scheduler(runner, **config), requests)
+    runner = make_runner(model_dir)
+    sched = make_scheduler(
+        runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=6, **config
+    )
+    arrivals = {}
+    for req in requests:
+        arrivals.setdefault(rng.randrange(40), []).append(req)
+    tokens, aborted = run_overlapped(runner, sched, arrivals, rng)
+    for rid, _, _, sampling, _ in requests:
+        if sampling.temperature > 0:
+            continue
+        if rid in aborted:
+            assert tokens.get(rid, []) == ref[rid][: len(tokens.get(rid, []))]
+        else:
+            assert tokens[rid] == ref[rid], rid
+    assert sched.spec_stats.accepted_tokens > 0
