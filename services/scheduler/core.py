@@ -427,4 +427,7 @@ class Scheduler:
             total_prompt_tokens=self.total_prompt_tokens,
             total_cached_prompt_tokens=self.total_cached_prompt_tokens,
             num_retractions=self.num_retractions,
+            spec_verify_steps=self.spec_stats.verify_steps,
+            spec_draft_tokens=self.spec_stats.draft_tokens,
+            spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )

@@ -119,3 +119,7 @@ class SchedulerStats:
     total_prompt_tokens: int
     total_cached_prompt_tokens: int
     num_retractions: int
+    # Speculative decoding (scheduler/speculation.py's SpecStats).
+    spec_verify_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
