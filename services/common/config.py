@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from radixserve.gateway.pipeline.reasoning_parsers.registry import REASONING_PARSER_NAMES
+from radixserve.scheduler.ngram_proposer import NgramParams
+
+_NGRAM = NgramParams()  # the n-gram flags' defaults (the flags default to None: these)
 
 # The most requests decoded together when --max-running-requests is unset: the scheduler's default
 # is below it (scheduler/server.py) and the executor sizes its slot table for it.
@@ -370,22 +373,25 @@ class SchedulerConfig(CapacityConfig):
     speculative_num_draft_tokens: int | None = option(
         None,
         "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
-        "draft tokens (default: NgramParams.max_draft_tokens + 1 = 9)",
+        f"draft tokens (default {_NGRAM.max_draft_tokens + 1})",
         group="Speculative decoding",
     )
     speculative_ngram_min_match_window_size: int | None = option(
         None,
-        "shortest suffix of a request's tokens looked up for a draft (default 1)",
+        "shortest suffix of a request's tokens looked up for a draft "
+        f"(default {_NGRAM.min_match_window_size})",
         group="Speculative decoding",
     )
     speculative_ngram_max_match_window_size: int | None = option(
         None,
-        "longest suffix of a request's tokens looked up for a draft, tried first (default 12)",
+        "longest suffix of a request's tokens looked up for a draft, tried first "
+        f"(default {_NGRAM.max_match_window_size})",
         group="Speculative decoding",
     )
     speculative_ngram_history_window: int | None = option(
         None,
-        "drafts are looked up in this many most recent tokens of the request (default 2048)",
+        "drafts are looked up in this many most recent tokens of the request "
+        f"(default {_NGRAM.history_window})",
         group="Speculative decoding",
     )
 
