@@ -14,6 +14,10 @@ With --num-loras N (in process) the runner serves N random rank --lora-rank adap
 (q/k/v/o/gate/up/down, scripts/make_dummy_lora.py's), request b running adapter b mod N: distinct per
 request up to N; --max-loras-per-batch is raised to N when lower.
 
+With --verify-drafts K [K ...], each run then times output_len - 1 speculative verify steps per K: every
+request runs its last token plus K random draft tokens and the executor verifies them (as an NGRAM step
+does), so the cost of a verify step with K drafts is measured against a plain decode step.
+
   radixserve bench one-batch --model-path ../shared/models/llama-3-8b --load-format dummy \\
       --dtype bfloat16 --batch-size 1 128 --input-len 128 --output-len 32
 """
@@ -135,9 +139,12 @@ def run_once(
     seed: int,
     launch_ahead: bool = False,
     lora_names: list[str] = (),
+    verify_drafts: tuple[int, ...] = (),
 ) -> dict:
-    """lora_names: request b runs adapter lora_names[b % len], none when empty."""
-    span = input_len + output_len
+    """lora_names: request b runs adapter lora_names[b % len], none when empty. verify_drafts: also
+    time verify steps with each K drafts; they take 1 + K slots each (at most, when every draft is
+    accepted)."""
+    span = input_len + output_len + sum((output_len - 1) * (k + 1) for k in verify_drafts)
     if batch_size * span + 1 > target.kv_slots:
         raise SystemExit(
             f"batch {batch_size} x {span} tokens needs {batch_size * span} KV slots; "
@@ -171,10 +178,41 @@ def run_once(
         decodes = target.decode_launching_ahead(steps)
     else:
         decodes = [target.step(step)[1] for step in steps]
-    target.step(
-        StepInput(output_len + 1, finished_request_ids=[f"r{b}" for b in range(batch_size)])
-    )
-    return summarize(batch_size, input_len, output_len, prefill, decodes)
+    lengths = [input_len + output_len - 1] * batch_size  # tokens with KV, per request
+    verifies = {}
+    step_id = output_len + 1
+    for k in verify_drafts:
+        verifies[k] = []
+        for _ in range(output_len - 1):
+            drafts = torch.randint(10, target.vocab_size, (batch_size, k), generator=g).tolist()
+            step = StepInput(
+                step_id,
+                continuing_requests=[
+                    ContinuingRequest(
+                        f"r{b}",
+                        list(range(first_slot[b] + lengths[b], first_slot[b] + lengths[b] + k + 1)),
+                        draft_ids=drafts[b],
+                    )
+                    for b in range(batch_size)
+                ],
+            )
+            step_id += 1
+            out, timing = target.step(step)
+            verifies[k].append(timing)
+            for b, o in enumerate(out.outputs):
+                lengths[b] += 1 + len(o.accepted_draft_ids)
+    target.step(StepInput(step_id, finished_request_ids=[f"r{b}" for b in range(batch_size)]))
+    result = summarize(batch_size, input_len, output_len, prefill, decodes)
+    for k, timings in verifies.items():
+        if timings:
+            median = statistics.median(t.wall_s for t in timings)
+            result[f"median_verify_latency_k{k}"] = median
+            result[f"median_verify_executor_ms_k{k}"] = statistics.median(
+                t.executor_ms for t in timings
+            )
+            if "median_decode_latency" in result:
+                result[f"verify_k{k}_over_decode"] = median / result["median_decode_latency"]
+    return result
 
 
 def summarize(
@@ -216,6 +254,13 @@ def print_result(r: dict) -> None:
             f"median throughput: {r['median_decode_throughput']:9.2f} token/s "
             f"(executor's own step: {r['median_decode_executor_ms']:.3f} ms)"
         )
+    for key in sorted(k for k in r if k.startswith("median_verify_latency_k")):
+        k = key.rsplit("_k", 1)[1]
+        ratio = r.get(f"verify_k{k}_over_decode")
+        print(
+            f"Verify (K={k} drafts). median latency: {r[key]:.5f} s"
+            + (f" ({ratio:.2f}x a decode step)" if ratio is not None else "")
+        )
     print(
         f"Total. latency: {r['overall_latency']:.3f} s, throughput: {r['overall_throughput']:9.2f} token/s"
     )
@@ -249,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lora-rank", type=int, default=16, help="the rank of --num-loras' adapters")
     p.add_argument(
+        "--verify-drafts",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="also time output-len - 1 speculative verify steps with K random draft tokens per "
+        "request, for each K (e.g. 4 8 16), against the plain decode step",
+    )
+    p.add_argument(
         "--over-grpc",
         action="store_true",
         help="drive the running executor at --executor-addr over gRPC instead of one in process",
@@ -263,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # --random-seed / --seed: the prompts' too
     if ns.output_len < 1:
         raise SystemExit("--output-len must be at least 1")
+    if any(k < 1 for k in ns.verify_drafts):
+        raise SystemExit("--verify-drafts takes draft counts of at least 1")
     if ns.launch_ahead and ns.over_grpc:
         raise SystemExit(
             "--launch-ahead drives the executor in process; over gRPC steps go one at a time"
@@ -326,6 +382,7 @@ def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
             prompt_seed,
             ns.launch_ahead,
             getattr(ns, "lora_names", []),
+            tuple(ns.verify_drafts),
         )
     for bs in ns.batch_size:
         for input_len in ns.input_len:
@@ -337,6 +394,7 @@ def run_all(ns: argparse.Namespace, target, prompt_seed: int) -> int:
                 prompt_seed,
                 ns.launch_ahead,
                 getattr(ns, "lora_names", []),
+                tuple(ns.verify_drafts),
             )
             r.update(
                 {

@@ -443,6 +443,8 @@ def format_table(summary: dict) -> str:
             lines.append("{:-^{n}}".format(label, n=TABLE_WIDTH))
         else:
             lines.append(f"{label:<40} {table_value(summary[key])}")
+    if summary.get("accept_length") is not None:
+        lines.append(f"{'Accept length:':<40} {summary['accept_length']:.2f}")
     lines.append("=" * TABLE_WIDTH)
     return "\n".join(lines)
 
@@ -494,6 +496,22 @@ def get_json(url: str) -> dict:
     if response.status_code != 200:
         return {}
     return response.json()
+
+
+def spec_counters(base_url: str) -> tuple[int, int]:
+    """The server's speculative decoding counters since start: (verify steps, accepted drafts);
+    zeros when it has none (another server, or speculation off)."""
+    scheduler = get_json(base_url + "/get_server_info").get("scheduler") or {}
+    return int(scheduler.get("spec_verify_steps") or 0), int(
+        scheduler.get("spec_accepted_tokens") or 0
+    )
+
+
+def accept_length(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Average tokens per verify step between two spec_counters() readings (accepted drafts + 1);
+    None when no verify step ran."""
+    steps, accepted = after[0] - before[0], after[1] - before[1]
+    return 1 + accepted / steps if steps > 0 else None
 
 
 def served_model_name(base_url: str) -> str | None:
@@ -550,6 +568,7 @@ def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], f
         model = served_model_name(base_url)
     send = make_sender(args.backend, base_url, not args.disable_ignore_eos, model)
     flush_url = base_url + "/flush_cache" if args.flush_cache else None
+    spec_before = spec_counters(base_url)  # the warmup requests' verify steps count too
     results, duration = run_event_loop(
         run_load(
             send,
@@ -562,7 +581,14 @@ def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], f
             show_progress=not args.disable_tqdm,
         )
     )
-    return results, duration, {"base_url": base_url}
+    return (
+        results,
+        duration,
+        {
+            "base_url": base_url,
+            "accept_length": accept_length(spec_before, spec_counters(base_url)),
+        },
+    )
 
 
 # ---- command line ----

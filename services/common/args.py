@@ -365,6 +365,7 @@ def normalize(args: ServerArgs) -> ServerArgs:
     if args.enable_torch_compile and args.torch_compile_max_bs < 1:
         raise FlagError("--torch-compile-max-bs must be at least 1 with --enable-torch-compile")
     check_sampling_defaults(args)
+    check_speculation(args)
     for service in ("tokenizer", "detokenizer"):
         count, addrs = getattr(args, f"{service}_worker_num"), getattr(args, f"{service}_addr")
         if count < 1:
@@ -375,6 +376,16 @@ def normalize(args: ServerArgs) -> ServerArgs:
             except ValueError as e:
                 raise FlagError(f"--{service}-worker-num {count}: --{service}-addr {e}") from e
     return dataclasses.replace(args, **changes) if changes else args
+
+
+def check_speculation(args: ServerArgs) -> None:
+    """FlagError unless the --speculative-* flags make valid n-gram settings."""
+    from radixserve.scheduler.speculation import ngram_params
+
+    try:
+        ngram_params(args)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
 
 
 def check_sampling_defaults(args: ServerArgs) -> None:

@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from radixserve.gateway.pipeline.reasoning_parsers.registry import REASONING_PARSER_NAMES
+from radixserve.scheduler.ngram_proposer import NgramParams
+
+_NGRAM = NgramParams()  # the n-gram flags' defaults (the flags default to None: these)
 
 # The most requests decoded together when --max-running-requests is unset: the scheduler's default
 # is below it (scheduler/server.py) and the executor sizes its slot table for it.
@@ -42,6 +45,7 @@ GROUPS = (
     "LoRA",
     "Kernel backends",
     "Expert parallelism",
+    "Speculative decoding",
     "Optimization/debug options",
     "Services and addresses (radixserve)",
     "Limits and lifecycle (radixserve)",
@@ -426,6 +430,41 @@ class SchedulerConfig(CapacityConfig, LoraConfig):
         131072,
         "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
         group="Limits and lifecycle (radixserve)",
+    )
+    # Speculative decoding (docs/speculative.md). Defaults of the n-gram settings: NgramParams.
+    speculative_algorithm: str | None = option(
+        None,
+        "NGRAM: draft tokens by n-gram lookup in each request's own prompt + output and verify them "
+        "in one step (default: off)",
+        group="Speculative decoding",
+        choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"],
+        supported=["NGRAM"],
+        unsupported_hint="not supported yet: only NGRAM speculative decoding is built (EAGLE, "
+        "EAGLE3, NEXTN and STANDALONE need a draft model or heads, not built)",
+    )
+    speculative_num_draft_tokens: int | None = option(
+        None,
+        "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
+        f"draft tokens (default {_NGRAM.max_draft_tokens + 1})",
+        group="Speculative decoding",
+    )
+    speculative_ngram_min_match_window_size: int | None = option(
+        None,
+        "shortest suffix of a request's tokens looked up for a draft "
+        f"(default {_NGRAM.min_match_window_size})",
+        group="Speculative decoding",
+    )
+    speculative_ngram_max_match_window_size: int | None = option(
+        None,
+        "longest suffix of a request's tokens looked up for a draft, tried first "
+        f"(default {_NGRAM.max_match_window_size})",
+        group="Speculative decoding",
+    )
+    speculative_ngram_history_window: int | None = option(
+        None,
+        "drafts are looked up in this many most recent tokens of the request "
+        f"(default {_NGRAM.history_window})",
+        group="Speculative decoding",
     )
 
 

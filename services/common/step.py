@@ -69,6 +69,9 @@ class ContinuingRequest:
     sample: bool = True  # False for a prefill chunk that is not the last
     token_bitmask: bytes = b""
     prompt_logprobs: PromptLogprobRange | None = None
+    # Speculative decoding: tokens drafted after the last sampled one, verified this step; new_slots
+    # then holds 1 + len(draft_ids) slots (that token's, then each draft token's).
+    draft_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +106,10 @@ class SampledToken:
     )  # (token id, logprob), most likely first
     # (token id, logprob) of each of sampling.token_ids_logprob, in that order
     token_ids_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    # Speculative decoding: the draft tokens accepted this step, emitted before token_id, and their
+    # logprobs (when the request asked for logprobs).
+    accepted_draft_ids: list[int] = field(default_factory=list)
+    accepted_draft_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:

@@ -48,6 +48,7 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             sample=r.sample,
             token_bitmask=r.token_bitmask,
             prompt_logprobs=_range_to_proto(r.prompt_logprobs),
+            draft_ids=r.draft_ids,
         )
     return msg
 
@@ -103,6 +104,7 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 r.sample,
                 r.token_bitmask,
                 _range_from_proto(r),
+                list(r.draft_ids),
             )
             for r in msg.continuing_requests
         ],
@@ -112,7 +114,12 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
 def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
     resp = executor_pb2.ExecutorStepResponse(step_id=out.step_id, forward_ms=out.forward_ms)
     for o in out.outputs:
-        item = resp.outputs.add(request_id=o.request_id, token_id=o.token_id)
+        item = resp.outputs.add(
+            request_id=o.request_id,
+            token_id=o.token_id,
+            accepted_draft_ids=o.accepted_draft_ids,
+            accepted_draft_logprobs=o.accepted_draft_logprobs,
+        )
         logprob = o.token_logprob()
         if logprob is not None:
             item.logprob.CopyFrom(logprob)
@@ -124,7 +131,16 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
 def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
     return StepOutput(
         resp.step_id,
-        [SampledToken(o.request_id, o.token_id, *_logprob(o)) for o in resp.outputs],
+        [
+            SampledToken(
+                o.request_id,
+                o.token_id,
+                *_logprob(o),
+                list(o.accepted_draft_ids),
+                list(o.accepted_draft_logprobs),
+            )
+            for o in resp.outputs
+        ],
         resp.forward_ms,
         prompt_logprobs=[
             PromptLogprobs(p.request_id, list(p.logprobs)) for p in resp.prompt_logprobs

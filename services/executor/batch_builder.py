@@ -7,7 +7,7 @@ Validation runs before any state changes, so an invalid step leaves the executor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +32,7 @@ class _Seq:
     new_slots: list[int]
     sample: bool
     prompt_logprobs: PromptLogprobRange | None = None
+    drafts: list[int] = field(default_factory=list)  # run after the token sampled last step
 
 
 class _Packer:
@@ -146,7 +147,13 @@ class BatchBuilder:
             if rid in seen:
                 raise StepError(f"request {rid} appears twice in the step")
             seen.add(rid)
-            n = len(req.input_ids) or 1
+            if state.verifying:
+                raise StepError(
+                    f"request {rid}: the result of its previous verify step is not read yet"
+                )
+            if req.draft_ids:
+                self._check_drafts(rid, req, state)
+            n = len(req.input_ids) or 1 + len(req.draft_ids)
             if not req.input_ids and not state.has_token:
                 raise StepError(
                     f"continuing request {rid} has no input_ids and no token sampled for it"
@@ -159,6 +166,22 @@ class BatchBuilder:
             self._check_length(rid, state.length + n)
             self._check_bitmask(rid, req.token_bitmask)
             self._check_prompt_logprobs(rid, req.prompt_logprobs, len(req.input_ids))
+
+    def _check_drafts(self, rid: str, req, state: RequestState) -> None:
+        if req.input_ids or not req.sample or req.token_bitmask or req.prompt_logprobs:
+            raise StepError(
+                f"request {rid}: draft_ids only come with a plain decode (no input_ids, no "
+                "token_bitmask, no prompt logprobs, sampling)"
+            )
+        ls = state.logits_state
+        if ls is not None and (
+            ls.penalty_row >= 0 or ls.bias_ids or ls.num_generated < ls.min_new_tokens
+        ):
+            raise StepError(
+                f"request {rid}: draft_ids with penalties, logit_bias or min_new_tokens pending "
+                "(those requests decode without speculation)"
+            )
+        self._check_ids_and_slots(rid, req.draft_ids, None, "draft")
 
     def build(self, step: StepInput, states: dict[str, RequestState]) -> ForwardBatch:
         """Validate, register new requests, write their slots to the SlotTable and lay the tokens out
@@ -194,6 +217,7 @@ class BatchBuilder:
                     list(req.new_slots),
                     req.sample,
                     req.prompt_logprobs,
+                    list(req.draft_ids),
                 )
             )
 
@@ -222,6 +246,7 @@ class BatchBuilder:
                 gather_at.append(start)
                 gather_rows.append(state.table_row)
                 input_ids.append(0)
+                input_ids += seq.drafts
             state.has_token = seq.sample  # the runner samples it this step
             positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
@@ -236,7 +261,13 @@ class BatchBuilder:
                 prompt_logprobs.append(_prompt_logprob_rows(seq, start))
 
         sampling = [s for s in seqs if s.sample]
-        sample_index = [last_index[id(s)] for s in sampling]
+        # A request with drafts samples at each of its tokens: after the last verified one, then
+        # after each draft token.
+        sample_index = [
+            i
+            for s in sampling
+            for i in range(last_index[id(s)] - len(s.drafts), last_index[id(s)] + 1)
+        ]
         packer = _Packer()
         for values in (
             input_ids,
@@ -293,6 +324,8 @@ class BatchBuilder:
                 [s.request_id for s in sampling],
                 [s.state for s in sampling],
                 sample_rows,
+                [len(s.drafts) for s in sampling] if any(s.drafts for s in sampling) else [],
+                [s.drafts for s in sampling],
             )
         return ForwardBatch(
             input_ids=ids_t,

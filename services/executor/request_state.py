@@ -25,6 +25,9 @@ class RequestState:
         None  # set when its sampling options need history (LogitsProcessor)
     )
     lora_name: str = ""  # its LoRA adapter ("": the base model)
+    # A verify step of its drafts is launched and not collected: length counts every draft until
+    # collect() takes the rejected ones back.
+    verifying: bool = False
 
     @classmethod
     def create(
@@ -33,14 +36,16 @@ class RequestState:
         generator = torch.Generator(device=device) if sampling.seed is not None else None
         return cls(table_row, prefix_len, sampling, generator)
 
-    def generator_for_next_token(self) -> torch.Generator | None:
+    def generator_for_next_token(self, length: int | None = None) -> torch.Generator | None:
         """The seeded generator, reseeded from (seed, position of the token being sampled).
 
         Seeding by position rather than advancing one stream keeps a seeded request's tokens the
-        same when it is retracted and re-prefilled, and whichever requests share its batch.
+        same when it is retracted and re-prefilled, and whichever requests share its batch. length:
+        the position to seed from instead of the request's length (a verify step's first token).
         """
         if self.generator is None:
             return None
         return self.generator.manual_seed(
-            hash((self.sampling.seed, self.length)) & 0x7FFF_FFFF_FFFF_FFFF
+            hash((self.sampling.seed, self.length if length is None else length))
+            & 0x7FFF_FFFF_FFFF_FFFF
         )

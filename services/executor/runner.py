@@ -48,6 +48,7 @@ from radixserve.executor.parallel_state import (
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.sampling import DeviceSample, sample_on_device
 from radixserve.executor.slot_table import SlotTable
+from radixserve.executor.spec_step import DeviceSpecSample, next_tokens, verify_on_device
 from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
@@ -70,6 +71,12 @@ class LaunchedStep:
     done: torch.cuda.Event | None = None  # recorded after the step's last kernel (CUDA)
     logits: torch.Tensor | None = None  # a copy, when the runner keeps logits
     prompt_logprobs: list[DevicePromptLogprobs] | None = None  # rank 0's
+    # A verify step (speculative decoding): rank 0's verified tokens, and on every shard the states
+    # whose drafts it verifies with their draft counts and the accepted counts (on their way to the
+    # host), for collect() to take the rejected drafts off their lengths.
+    spec: DeviceSpecSample | None = None
+    verifying: list[tuple[RequestState, int]] | None = None
+    num_accepted: torch.Tensor | None = None
 
 
 @dataclass
@@ -477,7 +484,10 @@ class ModelRunner:
                     if samples.every_token
                     else all_logits.index_select(0, samples.token_index)
                 )
-            launched.sampled = self._sample(step, samples, logits)
+            if samples.num_drafts:
+                self._verify(step, samples, logits, launched)
+            else:
+                launched.sampled = self._sample(step, samples, logits)
         if batch.prompt_logprobs:
             # Every shard runs the LM head (it gathers across them); rank 0 keeps the result.
             computed = compute_prompt_logprobs(
@@ -516,12 +526,64 @@ class ModelRunner:
         self.slot_table.next_tokens.index_copy_(0, sampling.rows, tokens)
         return drawn.to_host() if drawn is not None else None
 
+    def _verify(
+        self, step: StepInput, sampling: StepSamples, logits: torch.Tensor, launched: LaunchedStep
+    ) -> None:
+        """_sample for a step with drafts: verify them (rank 0), hand every shard the verified
+        tokens and keep each request's last one for its next decode. Verify steps run eagerly (an
+        extend), never as a decode CUDA graph."""
+        states, counts = sampling.states, sampling.num_drafts
+        starts = [sum(n + 1 for n in counts[:i]) for i in range(len(counts))]
+        width = max(counts) + 1
+        if self.samples:
+            bitmasks = step_bitmasks(step, sampling.request_ids)
+            if self.logits_processor.num_active or bitmasks is not None:
+                # Requests with drafts use no processor (validated), so each request's first row
+                # is the one its options act on.
+                first = torch.tensor(starts, device=logits.device)
+                own = logits.index_select(0, first)
+                self.logits_processor.apply(own, states, bitmasks)
+                logits.index_copy_(0, first, own)
+            spec = verify_on_device(
+                logits,
+                counts,
+                sampling.draft_ids,
+                [s.sampling for s in states],
+                [s.generator_for_next_token(s.length - n) for s, n in zip(states, counts)],
+                self.generator,
+            )
+            tokens, accepted = spec.verified.tokens, spec.verified.num_accepted
+            self.logits_processor.record(states, next_tokens(spec.verified))
+        else:
+            spec = None
+            tokens = torch.empty(len(states), width, dtype=torch.int64, device=self.device)
+            accepted = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        broadcast_from_rank0(tokens)
+        broadcast_from_rank0(accepted)
+        last = tokens.gather(1, accepted[:, None]).squeeze(1)
+        self.slot_table.next_tokens.index_copy_(0, sampling.rows, last)
+        for state in states:
+            state.verifying = True
+        launched.verifying = list(zip(states, counts))
+        launched.spec = spec.to_host() if spec is not None else None
+        launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
+        if launched.num_accepted.device.type != "cpu":
+            launched.num_accepted = torch.empty(
+                launched.num_accepted.shape, dtype=torch.int64, pin_memory=True
+            ).copy_(launched.num_accepted, non_blocking=True)
+
     def collect(self, launched: LaunchedStep) -> StepOutput:
         """Wait for a launched step on the device and read its sampled tokens."""
         if launched.done is not None:
             launched.done.synchronize()
         outputs: list[SampledToken] = []
-        if launched.sampled is not None:
+        if launched.verifying is not None:
+            for (state, n), a in zip(launched.verifying, launched.num_accepted.tolist()):
+                state.length -= n - a  # the rejected drafts' KV is left behind, unread
+                state.verifying = False
+        if launched.spec is not None:
+            outputs = launched.spec.outputs(launched.request_ids)
+        elif launched.sampled is not None:
             result = launched.sampled.result()
             outputs = [
                 SampledToken(

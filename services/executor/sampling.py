@@ -109,21 +109,41 @@ def sample_on_device(
 ) -> DeviceSample:
     """Pick one token per row of float32 logits [S, vocab]; generators[i] is row i's seeded generator.
     Nothing waits for the device: the tokens stay there (see DeviceSample)."""
-    greedy = [p.temperature <= 0 or p.top_k == 1 for p in params]
+    greedy = [is_greedy(p) for p in params]
     tokens = logits.argmax(dim=-1)
     if not all(greedy):
-        temps = torch.tensor(
-            [1.0 if g else p.temperature for g, p in zip(greedy, params)],
-            device=logits.device,
-            dtype=logits.dtype,
-        )
-        probs = _filter_probs(torch.softmax(logits / temps[:, None], dim=-1), params)
+        probs = sampling_probs(logits, params, greedy)
         noise = torch.empty_like(probs).exponential_(generator=default_generator)
         for row, gen in enumerate(generators):
             if gen is not None and not greedy[row]:
                 noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
+    return with_logprobs(logits, tokens, params)
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature <= 0 or params.top_k == 1
+
+
+def sampling_probs(
+    logits: torch.Tensor, params: list[SamplingParams], greedy: list[bool]
+) -> torch.Tensor:
+    """The distributions rows are sampled from: softmax at the row's temperature, then top-k /
+    top-p / min-p (rows need not sum to 1); greedy rows are left at temperature 1, unfiltered."""
+    temps = torch.tensor(
+        [1.0 if g else p.temperature for g, p in zip(greedy, params)],
+        device=logits.device,
+        dtype=logits.dtype,
+    )
+    return _filter_probs(torch.softmax(logits / temps[:, None], dim=-1), params)
+
+
+def with_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+) -> DeviceSample:
+    """The DeviceSample of tokens [S] picked from logits [S, vocab], with the logprobs the rows whose
+    params ask for them want (computed on the device, not read back)."""
     rows = [i for i, p in enumerate(params) if p.return_logprob]
     out = DeviceSample(tokens, rows, [params[i].top_logprobs_num for i in rows])
     if rows:

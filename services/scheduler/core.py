@@ -37,6 +37,7 @@ from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager
 from radixserve.scheduler.radix_cache import DisabledRadixCache, RadixCache
 from radixserve.common.step import PromptLogprobs, SampledToken, StepInput
 from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SchedulerStats, Status
+from radixserve.scheduler.speculation import SpecStats, ngram_params
 from radixserve.scheduler.stopping import finish_reason, grammar_verdict, request_event
 
 
@@ -118,7 +119,10 @@ class Scheduler:
             self.chunking,
         )
         self.prefill.max_loras = config.max_loras_per_batch if config.lora_enabled else 0
-        self.decode = DecodeManager(self.kv, self.new_token_ratio, context_length)
+        self.decode = DecodeManager(
+            self.kv, self.new_token_ratio, context_length, ngram_params(config)
+        )
+        self.spec_stats = SpecStats()
 
         self.requests: dict[str, Request] = {}
         self._pending_finished: list[str] = []
@@ -278,7 +282,7 @@ class Scheduler:
         plan.new_requests = build.new_requests
         plan.continuing_requests = build.continuing
         if decodes:
-            self.decode.plan_decodes(plan, decodes)
+            self.decode.plan_decodes(plan, decodes, drafts=False)
         return _Step(plan, build.joined + decodes, build.chunk_req)
 
     def _schedule_decode(self) -> _Step | None:
@@ -332,20 +336,15 @@ class Scheduler:
                 raise RuntimeError(
                     f"executor returned no token for request {rid} in step {plan.step_id}"
                 )
-            req.output_ids.append(out.token_id)
-            logprob = out.token_logprob()
-            if logprob is not None:
-                req.logprobs.append(logprob)
-            reason, matched = finish_reason(
-                req, out.token_id, self.eos_token_ids, self.context_length
-            )
-            if req.grammar is not None:
-                reason, matched = grammar_verdict(req, out.token_id, reason, matched)
-            event = request_event(req, reason, matched)
-            event.token_ids = [out.token_id]
-            event.logprobs = [logprob] if logprob is not None else []
+            drafted, req.drafts_inflight = req.drafts_inflight, []
+            if drafted:
+                self.spec_stats.add(len(drafted), len(out.accepted_draft_ids))
+            event = self._append_tokens(req, out)
             event.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, []
             events.append(event)
+            reason = event.finish_reason
+            if reason is None and drafted:
+                self.kv.keep_slots(req, req.seq_len - 1)  # rejected drafts' slots
             if reason is not None:
                 # Cache what a serial run caches: all but the last token. A step in flight may still
                 # write that token's KV slot; it runs before any step that can reuse the slot.
@@ -359,6 +358,30 @@ class Scheduler:
             self.decode.running = [r for r in self.running if id(r) not in finished]
         self.kv.release_settled()
         return events
+
+    def _append_tokens(self, req: Request, out: SampledToken) -> RequestEvent:
+        """Append a step's tokens for req (its accepted drafts, then the executor's own token),
+        checking its stop conditions after each: tokens after a stop are dropped."""
+        tokens = [*out.accepted_draft_ids, out.token_id]
+        drafts_logprobs = out.accepted_draft_logprobs or [None] * len(out.accepted_draft_ids)
+        logprobs = [*drafts_logprobs, out.token_logprob()]
+        emitted, emitted_logprobs = [], []
+        reason, matched = None, 0
+        for token, logprob in zip(tokens, logprobs):
+            req.output_ids.append(token)
+            emitted.append(token)
+            if logprob is not None:
+                req.logprobs.append(logprob)
+                emitted_logprobs.append(logprob)
+            reason, matched = finish_reason(req, token, self.eos_token_ids, self.context_length)
+            if req.grammar is not None:
+                reason, matched = grammar_verdict(req, token, reason, matched)
+            if reason is not None:
+                break
+        event = request_event(req, reason, matched)
+        event.token_ids = emitted
+        event.logprobs = emitted_logprobs
+        return event
 
     # ---- maintenance -----------------------------------------------------------------------
 
@@ -384,6 +407,7 @@ class Scheduler:
             req.grammar = None
         for req in kept:
             req.inflight = req.chunks_inflight = 0
+            req.drafts_inflight = []
         self.kv.reset()
         self.requests = {req.request_id: req for req in kept}
         self.prefill.reset(kept)
@@ -414,4 +438,7 @@ class Scheduler:
             total_prompt_tokens=self.total_prompt_tokens,
             total_cached_prompt_tokens=self.total_cached_prompt_tokens,
             num_retractions=self.num_retractions,
+            spec_verify_steps=self.spec_stats.verify_steps,
+            spec_draft_tokens=self.spec_stats.draft_tokens,
+            spec_accepted_tokens=self.spec_stats.accepted_tokens,
         )

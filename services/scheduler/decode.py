@@ -8,21 +8,36 @@ take the whole budget, or memory cannot hold them, the step prefills only, as wi
 Retraction sends the newest admission back to the waiting queue (first in line); the KV it computed
 stays in the prefix cache, so its re-prefill is mostly a cache hit. Only a serial schedule() (no
 step in flight) retracts.
+
+Speculative decoding (spec set): a request that may speculate drafts up to spec.max_draft_tokens
+tokens by n-gram lookup and gets a slot for each from free memory (no draft when memory is short:
+drafts never evict or retract). Its draft is made from its known tokens, so it is decoded only when
+no step in flight samples for it (it alternates with the rest of the batch instead of overlapping).
+Mixed prefill steps decode without drafts.
 """
 
 from __future__ import annotations
 
 from radixserve.scheduler.kv_accounting import KVAccounting
+from radixserve.scheduler.ngram_proposer import NgramParams
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.scheduler.request import Request
+from radixserve.scheduler.speculation import draft_for, may_speculate
 
 
 class DecodeManager:
-    def __init__(self, kv: KVAccounting, ratio: NewTokenRatio, context_length: int):
+    def __init__(
+        self,
+        kv: KVAccounting,
+        ratio: NewTokenRatio,
+        context_length: int,
+        spec: NgramParams | None = None,
+    ):
         self.kv = kv
         self.ratio = ratio
         self.context_length = context_length
+        self.spec = spec
         self.running: list[Request] = []
         self.num_retractions = 0
 
@@ -41,17 +56,38 @@ class DecodeManager:
             return []
         return batch
 
-    def plan_decodes(self, plan: StepInput, batch: list[Request]) -> None:
+    def plan_decodes(self, plan: StepInput, batch: list[Request], drafts: bool = True) -> None:
         slots = self.kv.alloc_decode(batch)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
+            new_slots = [slot]
+            draft = self._draft(req) if drafts else []
+            if draft:
+                more = self.kv.alloc_draft(req.slots, len(draft))
+                if more is None:
+                    draft = []
+                else:
+                    req.slots += more
+                    new_slots += more
+            req.drafts_inflight = draft
             plan.continuing_requests.append(
                 ContinuingRequest(
-                    req.request_id, new_slots=[slot], token_bitmask=allowed_tokens(req)
+                    req.request_id,
+                    new_slots=new_slots,
+                    token_bitmask=allowed_tokens(req),
+                    draft_ids=draft,
                 )
             )
+
+    def speculates(self, req: Request) -> bool:
+        return self.spec is not None and may_speculate(req)
+
+    def _draft(self, req: Request) -> list[int]:
+        if not self.speculates(req) or req.inflight:
+            return []
+        return draft_for(req, self.spec, self.context_length)
 
     def retract_until_decode_fits(self, prefill: PrefillManager) -> list[str]:
         """Retract requests until memory holds one more token of each running one (a lone request
@@ -77,8 +113,10 @@ class DecodeManager:
 
     def _may_decode(self, req: Request) -> bool:
         """Whether a decode of req may be planned now: not when the steps in flight already finish
-        it, nor when its grammar's mask waits for the token a step in flight samples."""
-        return not self._finishes_in_flight(req) and not (req.grammar is not None and req.inflight)
+        it, nor when its grammar's mask or its draft waits for the token a step in flight samples."""
+        if req.inflight and (req.grammar is not None or self.speculates(req)):
+            return False
+        return not self._finishes_in_flight(req)
 
     def _finishes_in_flight(self, req: Request) -> bool:
         """Whether the steps in flight already bring req to max_new_tokens or the context length."""

@@ -48,6 +48,21 @@ class KVAccounting:
             self.cache.evict(short, self.pool.free)
         return self.pool.alloc_decode(batch)
 
+    def alloc_draft(self, held: list[int], n: int) -> list[int] | None:
+        """Slots for n draft tokens after held, from free memory only (drafts are optional: they do
+        not evict the cache); None if it cannot."""
+        if self.pool.slots_needed(len(held), n) > self.pool.available():
+            return None
+        return self.pool.extend(held, n)
+
+    def keep_slots(self, req: Request, keep: int) -> None:
+        """Shorten req's slots to its first keep (its rejected draft slots go back to the pool; with
+        pages, only whole pages past them: the rest of its last page stays its own)."""
+        cut = max(self.pool.round_up(keep), req.prefix_len)
+        if cut < len(req.slots):
+            self.pool.free(req.slots[cut:])
+        del req.slots[keep:]
+
     def release(self, req: Request, cache_len: int | None = None) -> None:
         """Hand the KV of the first cache_len tokens (default: all known tokens with a slot), in
         whole pages, to the cache, free the rest of the request's slots, and unlock its prefix."""

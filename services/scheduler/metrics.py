@@ -135,6 +135,14 @@ class SchedulerStatsCollector(Collector):
                 stats.in_use / stats.pool_tokens if stats.pool_tokens else 0.0,
             ),
             (
+                "radixserve:spec_accept_length",
+                "Speculative decoding: average tokens a verify step emits per request (accepted "
+                "drafts + 1), since start; 0 without speculation",
+                1 + stats.spec_accepted_tokens / stats.spec_verify_steps
+                if stats.spec_verify_steps
+                else 0.0,
+            ),
+            (
                 "radixserve:cache_hit_rate",
                 "Prompt tokens served from the prefix cache / prompt tokens, since start",
                 stats.total_cached_prompt_tokens / stats.total_prompt_tokens
@@ -156,6 +164,21 @@ class SchedulerStatsCollector(Collector):
                 "radixserve:cached_prompt_tokens",
                 "Prompt tokens served from the prefix cache",
                 stats.total_cached_prompt_tokens,
+            ),
+            (
+                "radixserve:spec_verify_steps",
+                "Speculative decoding: verify steps, one per request and step that carried drafts",
+                stats.spec_verify_steps,
+            ),
+            (
+                "radixserve:spec_draft_tokens",
+                "Speculative decoding: draft tokens proposed",
+                stats.spec_draft_tokens,
+            ),
+            (
+                "radixserve:spec_accepted_tokens",
+                "Speculative decoding: draft tokens accepted",
+                stats.spec_accepted_tokens,
             ),
             (
                 "radixserve:retracted_requests",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types only: the grammar module loads xgrammar
     from radixserve.scheduler.grammar import RequestGrammar
+    from radixserve.scheduler.ngram_proposer import NgramProposer
     from radixserve.scheduler.radix_cache import TreeNode
     from radixserve.v1.common_pb2 import TokenLogprob, TraceContext
 
@@ -71,6 +72,10 @@ class Request:
     inflight: int = 0
     # Planned steps not yet updated that run a prefill chunk of it without sampling.
     chunks_inflight: int = 0
+    # Speculative decoding: its n-gram drafter (made at its first decode, brought up to date with
+    # seq before each draft), and the draft tokens of its step in flight (verified by that step).
+    proposer: NgramProposer | None = None
+    drafts_inflight: list[int] = field(default_factory=list)
 
     @property
     def seq(self) -> list[int]:
@@ -129,3 +134,7 @@ class SchedulerStats:
     total_prompt_tokens: int
     total_cached_prompt_tokens: int
     num_retractions: int
+    # Speculative decoding (scheduler/speculation.py's SpecStats).
+    spec_verify_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0

@@ -47,6 +47,7 @@ from radixserve.scheduler.grammar import (
     grammar_backend,
     request_grammar,
 )
+from radixserve.scheduler.decode_log import DecodeLog
 from radixserve.scheduler.metrics import SchedulerMetrics, attach_metrics
 from radixserve.scheduler.runtime import SchedulerRuntime, StepFailure, step_deadline
 from radixserve.scheduler.queue_limit import queue_refusal
@@ -202,6 +203,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kv_bytes_per_token=self.model.kv_bytes_per_token,
             total_cached_prompt_tokens=stats.total_cached_prompt_tokens,
             total_prompt_tokens=stats.total_prompt_tokens,
+            spec_verify_steps=stats.spec_verify_steps,
+            spec_draft_tokens=stats.spec_draft_tokens,
+            spec_accepted_tokens=stats.spec_accepted_tokens,
             config_json=json.dumps(self.config),
             vocab_size=self.model.vocab_size,
             executor_unavailable=not self.runtime.executor_available,
@@ -339,6 +343,10 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "chunked_prefill": core.chunking,
         "chunked_prefill_size": core.chunked_prefill_size,
         "enable_mixed_chunk": core.enable_mixed_chunk,
+        "speculative_algorithm": args.speculative_algorithm,
+        "speculative_num_draft_tokens": (
+            core.decode.spec.max_draft_tokens + 1 if core.decode.spec is not None else None
+        ),
     }
     runtime = SchedulerRuntime(
         core,
@@ -349,6 +357,7 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
     )
     if tracing.enabled():
         runtime.observers.append(RequestTracer())
+    runtime.observers.append(DecodeLog(core))
     await runtime.connect()  # the executor's step session: ready means able to run steps
     server = aio_server()
     grammars = grammar_backend(args, model)

@@ -191,3 +191,19 @@ def test_over_grpc(tiny_model, capsys):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_verify_steps_with_k_drafts(tiny_model, capsys):
+    argv = ["--model-path", str(tiny_model), "--device", "cpu", "--batch-size", "2"]
+    argv += ["--input-len", "9", "--output-len", "4", "--max-total-tokens", "200"]
+    assert one_batch.main([*argv, "--verify-drafts", "2", "5", "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    (record,) = json_lines(out)
+    check_record(record, 2, 9, 4)
+    for k in (2, 5):
+        assert record[f"median_verify_latency_k{k}"] > 0
+        assert record[f"median_verify_executor_ms_k{k}"] > 0
+        assert record[f"verify_k{k}_over_decode"] == pytest.approx(
+            record[f"median_verify_latency_k{k}"] / record["median_decode_latency"]
+        )
+    assert "Verify (K=5 drafts). median latency" in out

@@ -42,6 +42,8 @@ SAMPLES = {
     "generation_config": ("openai", "vllm"),  # SGLang's --sampling-defaults name of vllm
     "preferred_sampling_params": ('{"temperature": 0.5}', '{"temperature": 0.5}'),
     "override_generation_config": ('{"top_k": 4}', '{"top_k": 4}'),
+    # Must exceed the max match window (4097 like every other int).
+    "speculative_ngram_history_window": ("8192", 8192),
 }
 
 

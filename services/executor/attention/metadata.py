@@ -69,6 +69,10 @@ class StepSamples:
     request_ids: list[str]
     states: list["RequestState"]
     rows: torch.Tensor  # their SlotTable rows (device), where their sampled tokens are kept
+    # Speculative decoding: draft tokens per request (empty: none in this step). A request with n
+    # drafts has n + 1 entries in token_index, its last token's among them (spec_verify.py).
+    num_drafts: list[int] = field(default_factory=list)
+    draft_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

@@ -37,6 +37,9 @@ _SUMMED = (
     "waiting_requests",
     "total_cached_prompt_tokens",
     "total_prompt_tokens",
+    "spec_verify_steps",
+    "spec_draft_tokens",
+    "spec_accepted_tokens",
 )
 _SAMPLE_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 

@@ -56,20 +56,22 @@ class ExecutorPromptLogprobRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ..., next_token_id: _Optional[int] = ..., top_logprobs_num: _Optional[int] = ...) -> None: ...
 
 class ExecutorContinuingRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask", "prompt_logprobs")
+    __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask", "prompt_logprobs", "draft_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     new_slots: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
     token_bitmask: bytes
     prompt_logprobs: ExecutorPromptLogprobRange
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ...) -> None: ...
+    draft_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., draft_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecutorStepRequest(_message.Message):
     __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests", "session_id")
@@ -86,14 +88,18 @@ class ExecutorStepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., new_requests: _Optional[_Iterable[_Union[ExecutorNewRequest, _Mapping]]] = ..., continuing_requests: _Optional[_Iterable[_Union[ExecutorContinuingRequest, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ExecutorRequestOutput(_message.Message):
-    __slots__ = ("request_id", "token_id", "logprob")
+    __slots__ = ("request_id", "token_id", "logprob", "accepted_draft_ids", "accepted_draft_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DRAFT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     logprob: _common_pb2.TokenLogprob
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
+    accepted_draft_ids: _containers.RepeatedScalarFieldContainer[int]
+    accepted_draft_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., accepted_draft_ids: _Optional[_Iterable[int]] = ..., accepted_draft_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class ExecutorStepResponse(_message.Message):
     __slots__ = ("step_id", "outputs", "forward_ms", "prompt_logprobs")

@@ -112,7 +112,7 @@ class SchedulerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size", "executor_unavailable", "replicas", "kv_cache_dtype", "kv_bytes_per_token", "lora_adapters", "max_loras_per_batch")
+    __slots__ = ("architecture", "model_path", "context_length", "max_total_tokens", "free_tokens", "cached_tokens", "in_use_tokens", "running_requests", "waiting_requests", "eos_token_ids", "dtype", "total_cached_prompt_tokens", "total_prompt_tokens", "config_json", "vocab_size", "executor_unavailable", "replicas", "kv_cache_dtype", "kv_bytes_per_token", "lora_adapters", "max_loras_per_batch", "spec_verify_steps", "spec_draft_tokens", "spec_accepted_tokens")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,9 @@ class SchedulerInfo(_message.Message):
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SPEC_VERIFY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -155,7 +158,10 @@ class SchedulerInfo(_message.Message):
     kv_bytes_per_token: int
     lora_adapters: _containers.RepeatedCompositeFieldContainer[SchedulerLoraAdapter]
     max_loras_per_batch: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., executor_unavailable: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[SchedulerReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[SchedulerLoraAdapter, _Mapping]]] = ..., max_loras_per_batch: _Optional[int] = ...) -> None: ...
+    spec_verify_steps: int
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., free_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., in_use_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., total_cached_prompt_tokens: _Optional[int] = ..., total_prompt_tokens: _Optional[int] = ..., config_json: _Optional[str] = ..., vocab_size: _Optional[int] = ..., executor_unavailable: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[SchedulerReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[SchedulerLoraAdapter, _Mapping]]] = ..., max_loras_per_batch: _Optional[int] = ..., spec_verify_steps: _Optional[int] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class SchedulerLoraAdapter(_message.Message):
     __slots__ = ("name", "path")

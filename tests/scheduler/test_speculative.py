@@ -1,0 +1,311 @@
+"""Speculative decoding (NGRAM) end to end in one process: the scheduler core plans verify steps and a
+real tiny ModelRunner (random Llama weights, CPU) runs them. Greedy outputs with speculation equal
+those without, token for token and logprob for logprob; oracle drafts (the reference's own next tokens)
+are all accepted, wrong ones never; stop tokens inside an accepted draft end the request there; and
+the KV pool is whole after every step and at the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.step import ContinuingRequest, StepError, StepInput
+from radixserve.executor.runner import ModelRunner
+from radixserve.scheduler import decode as decode_module
+from radixserve.scheduler.core import Scheduler
+from radixserve.scheduler.request import Request
+from tests.configs import runner_config, scheduler_config
+from tests.executor.tiny_llama import TINY_CONFIG, VOCAB, new
+
+POOL = 400
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    # Untied embeddings: random tied ones mostly echo the last token, which any draft would predict.
+    config = {**TINY_CONFIG, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def make_runner(model_dir) -> ModelRunner:
+    return ModelRunner(
+        model_dir,
+        runner_config(
+            dtype="float32",
+            device="cpu",
+            load_format="dummy",
+            random_seed=0,
+            max_total_tokens=POOL,
+        ),
+    )
+
+
+def make_scheduler(runner: ModelRunner, **config) -> Scheduler:
+    return Scheduler(
+        scheduler_config(max_running_requests=8, **config),
+        runner.kv_slots,
+        runner.config.context_length,
+    )
+
+
+def run(runner, sched, requests, max_steps=2000):
+    """Serve requests [(id, prompt, max_new, sampling, stopping kw)] to the end; per request its
+    tokens, logprobs and finish event. The pool is checked after every step."""
+    for rid, prompt, max_new, sampling, stop in requests:
+        sched.add_request(
+            Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
+        )
+    tokens, logprobs, finals = {}, {}, {}
+    for _ in range(max_steps):
+        plan = sched.schedule()
+        if plan is None:
+            break
+        out = runner.step(plan)
+        for ev in sched.update(plan, out.outputs, out.prompt_logprobs):
+            tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+            logprobs.setdefault(ev.request_id, []).extend(lp.logprob for lp in ev.logprobs)
+            if ev.finished:
+                finals[ev.request_id] = ev
+        assert sched.check_leak(deep=True) is None
+    assert not sched.has_work()
+    # The pool is whole: nothing held, every slot free or in the cache.
+    assert sched.check_leak(deep=True) is None
+    sched.flush_cache()
+    assert sched.pool.available() == sched.pool.capacity
+    return tokens, logprobs, finals
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **kw)
+
+
+REPEATING = [10, 11, 12, 13, 14, 15] * 6
+MIXED = [
+    ("rep", REPEATING, 40, greedy(return_logprob=True, top_logprobs_num=2), {}),
+    ("short", [3, 4, 5], 12, greedy(), {}),
+    ("long", list(range(20, 80)), 30, greedy(return_logprob=True), {}),
+    ("pen", REPEATING[:12], 16, greedy(frequency_penalty=0.5), {}),
+    ("rep2", [7, 8, 9] * 5, 25, greedy(), {}),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    runner = make_runner(model_dir)
+    return run(runner, make_scheduler(runner), MIXED)
+
+
+def test_greedy_ngram_equals_plain_decoding_token_for_token(model_dir, reference):
+    runner = make_runner(model_dir)
+    sched = make_scheduler(runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
+    tokens, logprobs, finals = run(runner, sched, MIXED)
+    ref_tokens, ref_logprobs, ref_finals = reference
+    assert tokens == ref_tokens
+    for rid in ref_logprobs:
+        assert logprobs[rid] == pytest.approx(ref_logprobs[rid], abs=1e-4)
+    assert {r: f.finish_reason for r, f in finals.items()} == {
+        r: f.finish_reason for r, f in ref_finals.items()
+    }
+    stats = sched.spec_stats
+    # The repeating prompts make n-gram drafts that the model partly follows.
+    assert stats.verify_steps > 0 and stats.accepted_tokens > 0
+    assert 1.0 < stats.accept_length <= 5.0
+
+
+def oracle(reference_tokens, wrong: bool):
+    """A draft_for that proposes the reference's own next tokens (or, wrong, a different token at
+    each of them)."""
+
+    def draft_for(req, params, context_length):
+        ref = reference_tokens[req.request_id]
+        done = len(req.output_ids)
+        k = min(params.max_draft_tokens, req.remaining_new_tokens - 1)
+        draft = ref[done : done + k]
+        return [(t + 1) % VOCAB for t in draft] if wrong else draft
+
+    return draft_for
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["always-right", "always-wrong"])
+def test_forced_drafts_accepted_length(model_dir, reference, monkeypatch, wrong):
+    ref_tokens = reference[0]
+    monkeypatch.setattr(decode_module, "draft_for", oracle(ref_tokens, wrong))
+    runner = make_runner(model_dir)
+    sched = make_scheduler(runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
+    requests = [r for r in MIXED if r[0] != "pen"]
+    tokens, _, _ = run(runner, sched, requests)
+    assert tokens == {r: t for r, t in ref_tokens.items() if r != "pen"}
+    stats = sched.spec_stats
+    if wrong:
+        assert stats.accepted_tokens == 0 and stats.accept_length == 1.0
+    else:
+        assert stats.accepted_tokens == stats.draft_tokens
+        # Every step of a request drafts min(4, tokens left - 1): 4 accepted per full step.
+        assert stats.accept_length > 4.0
+
+
+def test_stop_token_inside_accepted_draft_ends_the_request(model_dir, reference, monkeypatch):
+    ref = reference[0]["long"]
+    stop = ref[6]
+    assert stop not in ref[:6]
+    monkeypatch.setattr(decode_module, "draft_for", oracle(reference[0], wrong=False))
+    runner = make_runner(model_dir)
+    sched = make_scheduler(runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=9)
+    tokens, _, finals = run(
+        runner, sched, [("long", list(range(20, 80)), 30, greedy(), {"stop_token_ids": [stop]})]
+    )
+    assert tokens["long"] == ref[:7] and finals["long"].matched_stop_token_id == stop
+
+
+def test_sampled_requests_with_drafts_keep_the_pool_whole(model_dir):
+    runner = make_runner(model_dir)
+    sched = make_scheduler(runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
+    requests = [
+        (f"s{i}", REPEATING[i:], 30, SamplingParams(temperature=0.7, top_p=0.9, seed=i), {})
+        for i in range(4)
+    ] + [(f"g{i}", [7, 8, 9] * 4, 20, greedy(), {}) for i in range(3)]
+    tokens, _, finals = run(runner, sched, requests)
+    assert all(len(tokens[r[0]]) == r[2] for r in requests)
+    assert all(0 <= t < VOCAB for ts in tokens.values() for t in ts)
+    assert sched.spec_stats.verify_steps > 0
+
+
+def test_executor_refuses_drafts_it_cannot_verify(model_dir):
+    runner = make_runner(model_dir)
+    runner.step(
+        StepInput(
+            1,
+            new_requests=[
+                new("a", [3, 4, 5], [1, 2, 3]),
+                new("p", [3, 4, 5], [4, 5, 6], sampling=greedy(presence_penalty=1.0)),
+            ],
+        )
+    )
+    with pytest.raises(StepError, match="token ids"):
+        runner.step(
+            StepInput(2, continuing_requests=[ContinuingRequest("a", [7, 8], draft_ids=[VOCAB])])
+        )
+    with pytest.raises(StepError, match="penalties"):
+        runner.step(
+            StepInput(2, continuing_requests=[ContinuingRequest("p", [7, 8], draft_ids=[1])])
+        )
+    with pytest.raises(StepError, match="new_slots"):
+        runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", [7], draft_ids=[1])]))
+    # A valid verify step then moves the length by the accepted tokens only.
+    out = runner.step(
+        StepInput(2, continuing_requests=[ContinuingRequest("a", [7, 8, 9], draft_ids=[1, 1])])
+    )
+    a = len(out.outputs[0].accepted_draft_ids)
+    assert runner.states["a"].length == 3 + 1 + a
+
+
+def test_flags_make_the_ngram_settings():
+    from radixserve.common.args import FlagError, check_speculation
+    from radixserve.scheduler.ngram_proposer import NgramParams
+    from radixserve.scheduler.speculation import ngram_params
+
+    assert ngram_params(scheduler_config()) is None
+    assert ngram_params(scheduler_config(speculative_algorithm="NGRAM")) == NgramParams()
+    params = ngram_params(
+        scheduler_config(
+            speculative_algorithm="NGRAM",
+            speculative_num_draft_tokens=4,
+            speculative_ngram_min_match_window_size=2,
+            speculative_ngram_max_match_window_size=5,
+        )
+    )
+    assert params == NgramParams(2, 5, 3, NgramParams().history_window)
+    for bad in (
+        {"speculative_num_draft_tokens": 1},
+        {
+            "speculative_ngram_min_match_window_size": 6,
+            "speculative_ngram_max_match_window_size": 5,
+        },
+    ):
+        with pytest.raises(FlagError):
+            check_speculation(scheduler_config(speculative_algorithm="NGRAM", **bad))
+    with pytest.raises(ValueError, match="NGRAM only"):
+        ngram_params(scheduler_config(speculative_algorithm="EAGLE"))
+
+
+def run_overlapped(runner, sched, arrivals, rng, depth=2):
+    """Like run(), with up to depth plans in flight (as the runtime overlaps), requests arriving over
+    time (arrivals: {step index: [requests]}), random aborts and cache flushes. Returns the tokens
+    and the aborted ids."""
+    tokens, aborted, in_flight = {}, set(), []
+    step = 0
+    while arrivals or sched.has_work() or in_flight:
+        for rid, prompt, max_new, sampling, stop in arrivals.pop(step, []):
+            sched.add_request(
+                Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
+            )
+        step += 1
+        if sched.requests and rng.random() < 0.01:
+            rid = rng.choice(sorted(sched.requests))
+            sched.abort(rid)
+            aborted.add(rid)
+        if rng.random() < 0.05:
+            sched.flush_cache()
+        plan = sched.schedule() if len(in_flight) < depth else None
+        if plan is not None:
+            in_flight.append(plan)
+            continue
+        if not in_flight:
+            continue
+        plan = in_flight.pop(0)
+        out = runner.step(plan)
+        for ev in sched.update(plan, out.outputs, out.prompt_logprobs):
+            assert ev.request_id not in aborted or not ev.token_ids
+            tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+        assert sched.check_leak(deep=True) is None
+    # Finished requests' ids still reach the executor with the next step: send an empty one.
+    runner.step(StepInput(10**6, finished_request_ids=sched._pending_finished))
+    assert not runner.states
+    assert sched.check_leak(deep=True) is None and sched.stats().in_use == 0
+    sched.flush_cache()
+    assert sched.pool.available() == sched.pool.capacity
+    return tokens, aborted
+
+
+@pytest.mark.parametrize("page_size,mixed", [(1, False), (4, True)])
+def test_mixed_traffic_with_overlap_chunking_and_pages_leaves_the_pool_whole(
+    model_dir, page_size, mixed
+):
+    import random
+
+    rng = random.Random(page_size)
+    requests = []
+    for i in range(16):
+        unit = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))]
+        prompt = (unit * 12)[: rng.randint(3, 30)]
+        kind = rng.random()
+        if kind < 0.15:
+            sampling = SamplingParams(temperature=0.8, seed=i)
+        elif kind < 0.25:
+            sampling = greedy(repetition_penalty=1.2)
+        else:
+            sampling = greedy(return_logprob=kind < 0.4)
+        requests.append((f"r{i}", prompt, rng.randint(1, 24), sampling, {}))
+    config = dict(page_size=page_size, chunked_prefill_size=8, enable_mixed_chunk=mixed)
+    runner = make_runner(model_dir)
+    ref, _, _ = run(runner, make_scheduler(runner, **config), requests)
+    runner = make_runner(model_dir)
+    sched = make_scheduler(
+        runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=6, **config
+    )
+    arrivals = {}
+    for req in requests:
+        arrivals.setdefault(rng.randrange(40), []).append(req)
+    tokens, aborted = run_overlapped(runner, sched, arrivals, rng)
+    for rid, _, _, sampling, _ in requests:
+        if sampling.temperature > 0:
+            continue
+        if rid in aborted:
+            assert tokens.get(rid, []) == ref[rid][: len(tokens.get(rid, []))]
+        else:
+            assert tokens[rid] == ref[rid], rid
+    assert sched.spec_stats.accepted_tokens > 0
