@@ -13,7 +13,9 @@ shards * r rows, and B is block-diagonal [N, R] (shard i's output rows read only
 shrink and one expand serve the fused GEMM. s stays float32 between the two (no rounding of the small
 intermediate), and is what a row-parallel layer all-reduces between them.
 
-Grid: one program per tile of BLOCK_T (16) consecutive tokens and block of outputs (SGMV-like). Tokens of
+Grid: one program per tile of BLOCK_T (16) consecutive tokens and block of outputs (SGMV-like); the
+shrink also splits K over programs (SHRINK_K_CHUNK columns each, partial sums added atomically to s),
+since its few outputs (T x R) alone give too few programs to stream A and x at speed. Tokens of
 one request are consecutive and share their adapter, so the tiles of a prefill are uniform: one tile GEMM
 on the tensor cores (tl.dot, float32 sums) over that slot's A or B, or nothing for base-model tokens. A
 tile that mixes adapters (decode steps, request boundaries) runs a gathered GEMV per token (BGMV). The
@@ -49,10 +51,13 @@ def _shrink_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_CHUNK: tl.constexpr,  # columns of x (and A) per program: K is split over programs
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """s[t, r] for this program's BLOCK_T tokens and BLOCK_R of the R rank rows."""
+    """s[t, r] += the part of x[t] . A[slot(t), r] over this program's K_CHUNK columns, for its
+    BLOCK_T tokens and BLOCK_R of the R rank rows (s starts at zero; partial sums added atomically)."""
+    k_begin = tl.program_id(2) * K_CHUNK
     t0 = tl.program_id(0) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
@@ -67,7 +72,8 @@ def _shrink_kernel(
         if first >= 0:
             a_rows = a_ptr + first.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
             x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
-            for k0 in range(0, K, BLOCK_K):
+            for kk in range(0, K_CHUNK, BLOCK_K):
+                k0 = k_begin + kk
                 k_mask = k0 + offs_k < K
                 xk = tl.load(
                     x_rows + k0 + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0
@@ -78,11 +84,12 @@ def _shrink_kernel(
                 if UPCAST:
                     xk, a = xk.to(tl.float32), a.to(tl.float32)
                 acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
-        tl.store(
-            s_ptr + offs_t[:, None] * R + offs_r[None, :],
-            acc,
-            mask=t_mask[:, None] & r_mask[None, :],
-        )
+            tl.atomic_add(
+                s_ptr + offs_t[:, None] * R + offs_r[None, :],
+                acc,
+                mask=t_mask[:, None] & r_mask[None, :],
+                sem="relaxed",
+            )
     else:  # tokens of several adapters (decode): a gathered GEMV per token
         for i in tl.static_range(BLOCK_T):
             t = t0 + i
@@ -90,16 +97,19 @@ def _shrink_kernel(
             acc1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
             if slot >= 0:
                 a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
-                for k0 in range(0, K, BLOCK_K):
+                for kk in range(0, K_CHUNK, BLOCK_K):
+                    k0 = k_begin + kk
                     k_mask = k0 + offs_k < K
-                    xk = tl.load(x_ptr + t.to(tl.int64) * stride_xt + k0 + offs_k, mask=k_mask)
+                    xk = tl.load(
+                        x_ptr + t.to(tl.int64) * stride_xt + k0 + offs_k, mask=k_mask, other=0.0
+                    )
                     a = tl.load(
                         a_rows + k0 + offs_k[None, :],
                         mask=r_mask[:, None] & k_mask[None, :],
                         other=0.0,
                     )
                     acc1 += tl.sum(a.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
-            tl.store(s_ptr + t * R + offs_r, acc1, mask=r_mask & (t < T))
+                tl.atomic_add(s_ptr + t * R + offs_r, acc1, mask=r_mask & (t < T), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -182,6 +192,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
 
 
 BLOCK_T = 16  # tokens per program: a tl.dot needs 16 rows
+SHRINK_K_CHUNK = 256  # columns of K per shrink program
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
@@ -196,14 +207,19 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
     T, K = x.shape
     R = a.shape[1]
     assert a.shape[2] == K and R <= MAX_STACKED_RANK and a.dtype == x.dtype, (x.shape, a.shape)
-    s = torch.empty((T, R), dtype=torch.float32, device=x.device)
+    s = torch.zeros((T, R), dtype=torch.float32, device=x.device)
     if T:
         block_r = min(max(16, triton.next_power_of_2(R)), 128)
         upcast, precision = _precision(x.dtype)
-        grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(R, block_r))
+        block_k = 64
+        # K split over programs (one program per tile streaming all of K ran a bs16 decode step of a
+        # Llama-3-8B with 4 adapters at 212 ms on an H100): about SHRINK_K_CHUNK columns each
+        k_chunk = block_k * max(1, min(SHRINK_K_CHUNK, K) // block_k)
+        grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(R, block_r), triton.cdiv(K, k_chunk))
         _shrink_kernel[grid](
             x, a, slots, s, T, x.stride(0), a.stride(0), R, K,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64, UPCAST=upcast, PRECISION=precision,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, K_CHUNK=k_chunk, UPCAST=upcast,
+            PRECISION=precision,
         )  # fmt: skip
     return s
 
