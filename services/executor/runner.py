@@ -6,7 +6,6 @@ runs every step (see step_broadcast.py); shards agree on the KV slot count, and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pathlib
@@ -55,7 +54,7 @@ from radixserve.executor.quantization import resolve as resolve_quantization
 from radixserve.executor.quantization import unquantize_skipped
 from radixserve.executor.quantization import weight_bytes
 from radixserve.executor.quantization.gguf import native_config as native_gguf
-from radixserve.executor.weights import init_dummy_weights, iterate_safetensors
+from radixserve.executor.weights import default_dtype, init_dummy_weights, iterate_safetensors
 
 log = logging.getLogger("radixserve.executor.runner")
 
@@ -98,16 +97,6 @@ class ModelInfo:
     lora_adapters: list[dict] = field(default_factory=list)  # ExecutorLoraAdapter fields
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def load_model(
     cfg: ModelConfig,
     device: torch.device,
@@ -123,7 +112,7 @@ def load_model(
     quant = native_gguf(quantization, cfg.path, device, load_format) or resolve_quantization(
         quantization, cfg.hf
     )
-    with torch.device(device), _default_dtype(cfg.dtype), quantized_linears(quant):
+    with torch.device(device), default_dtype(cfg.dtype), quantized_linears(quant):
         model = get_model_class(cfg.architecture)(cfg)
         unquantize_skipped(model, quant)
     model.quant_config = quant

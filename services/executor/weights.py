@@ -5,6 +5,7 @@ slice (see layers/linear.py); dummy weights are drawn whole too and sliced the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from typing import Iterator
@@ -12,6 +13,17 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 from torch import nn
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default dtype set to dtype inside the block (parameters are created in it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:

@@ -497,7 +497,8 @@ def test_structured_output_through_the_openai_api(tmp_path_factory):
         "type": "object",
         "properties": {
             "city": {"type": "string", "maxLength": 20},
-            "population": {"type": "integer"},
+            # bounded: an unbounded integer let greedy decoding on one CPU repeat "1" up to max_tokens
+            "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
         },
         "required": ["city", "population"],
         "additionalProperties": False,

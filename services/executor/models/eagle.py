@@ -29,7 +29,6 @@ are held outside the module tree, so the draft's parameters are only its own.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 from typing import Iterable, Iterator
 
@@ -48,7 +47,7 @@ from radixserve.executor.models.llama import (
     config_rotary,
     load_checkpoint_tensor,
 )
-from radixserve.executor.weights import iterate_safetensors
+from radixserve.executor.weights import default_dtype, iterate_safetensors
 
 
 def _checkpoint_name(name: str) -> str:
@@ -310,16 +309,6 @@ def draft_checkpoint(folder: pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]
         yield from torch.load(path, map_location="cpu", weights_only=True).items()
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def load_draft_model(
     algorithm: str, folder: str | pathlib.Path, target: nn.Module, device: torch.device
 ) -> _DraftHead:
@@ -330,7 +319,7 @@ def load_draft_model(
     cfg = ModelConfig.load(
         pathlib.Path(folder), dtype_name(target.config.dtype), target.config.context_length
     )
-    with torch.device(device), _default_dtype(cfg.dtype):
+    with torch.device(device), default_dtype(cfg.dtype):
         model = DRAFT_MODELS[algorithm](cfg, target)
     model.load_weights(draft_checkpoint(cfg.path))
     for module in model.modules():
