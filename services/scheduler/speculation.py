@@ -5,10 +5,15 @@ Plain Python, no I/O."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from radixserve.common.config import SchedulerConfig
 from radixserve.scheduler.ngram_proposer import NgramParams, NgramProposer
-from radixserve.scheduler.request import Request
+
+if (
+    TYPE_CHECKING
+):  # (the flag check imports this module: no torch or protobuf before the executor's)
+    from radixserve.scheduler.request import Request
 
 
 def ngram_params(config: SchedulerConfig) -> NgramParams | None:

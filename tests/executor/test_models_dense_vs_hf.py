@@ -360,7 +360,25 @@ def test_fused_cpu_decode_matches_the_torch_path(arch, tmp_path, monkeypatch):
 
     if cpu_decode.load() is None:
         pytest.skip("CPU decode kernels unavailable (no AVX512-BF16 or no compiler)")
-    build_any(arch, tmp_path)
+    # head_dim 32, the fused kernels' smallest (the parity geometry's 64 / 4 heads = 16 is not one)
+    monkeypatch.setitem(REMOTE, "heads", 2)
+    monkeypatch.setitem(REMOTE, "kv_heads", 1)
+    if arch == "phi3":
+        heads = dict(num_attention_heads=2, num_key_value_heads=1)
+        longrope = {
+            **LONGROPE,
+            "short_factor": [1.0 + 0.125 * i for i in range(16)],
+            "long_factor": [2.0 + 0.5 * i for i in range(16)],
+        }
+        config = transformers.Phi3Config(
+            **{**GEOMETRY, **heads},
+            original_max_position_embeddings=64,
+            rope_parameters=longrope,
+            pad_token_id=0,
+        )
+        build_hf_model(config, tmp_path)
+    else:
+        build_any(arch, tmp_path)
     logits = {}
     for fused in (True, False):
         monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if fused else "0")
