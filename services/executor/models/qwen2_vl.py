@@ -167,22 +167,6 @@ class Qwen2VLForConditionalGeneration(Qwen2ForCausalLM):
         ).eval()
         self.spatial_merge_size = int(vision_config.spatial_merge_size)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        input_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm. positions: M-RoPE [3, T] ([T] for text
-        only); input_embeds [T, hidden], when given, replaces the token embeddings (images merged in)."""
-        rope = self.rotary_emb.prepare(positions)
-        x = self.model.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, rope)
-        x, _ = self.model.norm(x, residual)
-        return x
-
     @torch.no_grad()
     def embed_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         """Each image's embeddings [n_i, hidden] (n_i its merged grid's size, image_token_count), in
