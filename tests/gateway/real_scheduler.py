@@ -128,16 +128,18 @@ def sse_payloads(lines: list[str]) -> list[dict]:
 
 
 async def read_stream(
-    client: httpx.AsyncClient, path: str, body: dict, seconds: float | None = None
+    client: httpx.AsyncClient, path: str, body: dict, cut_after: int | None = None
 ) -> list[str]:
-    """The SSE lines of a streamed request; with seconds, the connection is cut after that long."""
+    """The SSE lines of a streamed request; with cut_after, the client closes the connection as soon
+    as that many data payloads have arrived (a cut mid-generation, however slow the machine)."""
     lines: list[str] = []
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            async with client.stream("POST", path, json=body) as r:
-                assert r.status_code == 200, await r.aread()
-                async for line in r.aiter_lines():
-                    lines.append(line)
+    async with asyncio.timeout(120):
+        async with client.stream("POST", path, json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                lines.append(line)
+                if cut_after is not None and len(sse_payloads(lines)) >= cut_after:
+                    break
     return lines
 
 

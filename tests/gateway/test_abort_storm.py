@@ -47,7 +47,7 @@ def test_abort_storm_of_cut_streams_leaves_the_scheduler_idle_without_leaks(tmp_
     async def main():
         async with gateway_stack(tmp_path) as stack:
             cut = [
-                read_stream(stack.client, *STORM_REQUESTS[i % len(STORM_REQUESTS)], seconds=0.5)
+                read_stream(stack.client, *STORM_REQUESTS[i % len(STORM_REQUESTS)], cut_after=1)
                 for i in range(16)
             ]
             cut_plain = [
@@ -55,9 +55,7 @@ def test_abort_storm_of_cut_streams_leaves_the_scheduler_idle_without_leaks(tmp_
                 for i in range(len(STORM_REQUESTS))
             ]
             results = (await asyncio.gather(*cut, *cut_plain))[:16]
-            assert (
-                sum(bool(sse_payloads(lines)) for lines in results) >= 8
-            )  # most were cut mid-generation
+            assert all(sse_payloads(lines) for lines in results)  # each cut mid-generation
             assert not any("[DONE]" in line for lines in results for line in lines)
             await stack.assert_idle_without_leaks()
             # and the server still serves
