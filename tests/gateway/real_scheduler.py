@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -128,17 +129,20 @@ def sse_payloads(lines: list[str]) -> list[dict]:
 
 
 async def read_stream(
-    client: httpx.AsyncClient, path: str, body: dict, cut_after: int | None = None
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict,
+    cut_when: Callable[[list[str]], bool] | None = None,
 ) -> list[str]:
-    """The SSE lines of a streamed request; with cut_after, the client closes the connection as soon
-    as that many data payloads have arrived (a cut mid-generation, however slow the machine)."""
+    """The SSE lines of a streamed request; with cut_when, the client closes the connection as soon
+    as the lines so far satisfy it (a cut mid-generation, however slow the machine)."""
     lines: list[str] = []
     async with asyncio.timeout(120):
         async with client.stream("POST", path, json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
                 lines.append(line)
-                if cut_after is not None and len(sse_payloads(lines)) >= cut_after:
+                if cut_when is not None and cut_when(lines):
                     break
     return lines
 

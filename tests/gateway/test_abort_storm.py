@@ -47,7 +47,9 @@ def test_abort_storm_of_cut_streams_leaves_the_scheduler_idle_without_leaks(tmp_
     async def main():
         async with gateway_stack(tmp_path) as stack:
             cut = [
-                read_stream(stack.client, *STORM_REQUESTS[i % len(STORM_REQUESTS)], cut_after=1)
+                read_stream(
+                    stack.client, *STORM_REQUESTS[i % len(STORM_REQUESTS)], cut_when=sse_payloads
+                )
                 for i in range(16)
             ]
             cut_plain = [

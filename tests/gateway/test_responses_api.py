@@ -359,8 +359,16 @@ def test_cancel_a_running_background_response_and_cut_streams_leave_no_leaks(tmp
             again = await stack.client.post(f"/v1/responses/{resp['id']}/cancel")
             assert again.json()["status"] == "cancelled"  # cancelling twice answers it as it ended
             await stack.assert_idle_without_leaks()
-            lines = await read_stream(stack.client, "/v1/responses", {**body, "stream": True}, 0.5)
-            assert "event: response.output_text.delta" in lines
+            lines = await read_stream(
+                stack.client,
+                "/v1/responses",
+                {**body, "stream": True},
+                cut_when=lambda lines: "event: response.output_text.delta" in lines,
+            )
+            assert (
+                "event: response.output_text.delta" in lines
+                and "event: response.completed" not in lines
+            )
             await stack.assert_idle_without_leaks()
 
     run_stack(main())
