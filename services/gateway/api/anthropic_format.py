@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from radixserve.gateway.api import anthropic_protocol as ap
 from radixserve.gateway.api.errors import ApiError, bad_request
@@ -17,6 +17,7 @@ from radixserve.gateway.pipeline.sampling import validation_error
 from radixserve.gateway.pipeline.tool_parsers import ParsedOutput, StreamEvent, ToolCall
 
 TOOL_ERROR_PREFIX = "Error: "  # how a tool_result with is_error reads to the model
+IMAGE_SOURCE = TypeAdapter(ap.ImageSource)
 
 _ERROR_TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -88,7 +89,7 @@ def chat_messages(message: ap.MessageIn, where: str) -> list[dict]:
     messages (first, as they answer the preceding assistant turn), tool_use blocks tool_calls."""
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
-    texts: list[ap.TextBlock] = []
+    parts: list[dict] = []  # text and image blocks, in order, as chat content parts
     calls: list[dict] = []
     tool_messages: list[dict] = []
     for j, block in enumerate(message.content):
@@ -96,17 +97,45 @@ def chat_messages(message: ap.MessageIn, where: str) -> list[dict]:
         if isinstance(block, ap.UnreadableBlock):
             raise unreadable(block, place)
         if isinstance(block, ap.TextBlock):
-            texts.append(block)
+            parts.append({"type": "text", "text": block.text})
+        elif isinstance(block, ap.ImageBlock):
+            parts.append(image_part(block, message.role, place))
         elif isinstance(block, ap.ToolUseBlock):
             calls.append(tool_call(block, message.role, place))
         elif isinstance(block, ap.ToolResultBlock):
             tool_messages.append(tool_message(block, message.role, place))
     if message.role == "assistant":
-        return [{"role": "assistant", "content": text_parts(texts), "tool_calls": calls or None}]
-    turn = (
-        [{"role": message.role, "content": text_parts(texts)}] if texts or not tool_messages else []
-    )
+        return [{"role": "assistant", "content": parts, "tool_calls": calls or None}]
+    turn = [{"role": message.role, "content": parts}] if parts or not tool_messages else []
     return tool_messages + turn
+
+
+def image_part(block: ap.ImageBlock, role: str, where: str) -> dict:
+    """An image block as the chat API's image_url part (a base64 source as a data: URL), which the
+    chat route loads with its limits."""
+    if role != "user":
+        raise bad_request("image blocks belong in user messages", param=where)
+    try:
+        source = IMAGE_SOURCE.validate_python(block.source)
+    except ValidationError as e:
+        first = e.errors()[0]
+        at = ".".join(str(part) for part in first["loc"][1:])
+        raise bad_request(
+            f"invalid image source{f' ({at})' if at else ''}: {first['msg']}; expected "
+            '{"type": "base64", "media_type": ..., "data": ...} or {"type": "url", "url": ...}',
+            param=f"{where}.source",
+        ) from None
+    if isinstance(source, ap.FileImageSource):
+        raise bad_request(
+            "image sources of type 'file' are not supported: send a base64 or url source",
+            param=where,
+            code="not_supported",
+        )
+    if isinstance(source, ap.UrlImageSource):
+        url = source.url
+    else:
+        url = f"data:{source.media_type};base64,{source.data}"
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def unreadable(block: ap.UnreadableBlock, where: str) -> ApiError:
@@ -136,6 +165,13 @@ def tool_message(block: ap.ToolResultBlock, role: str, where: str) -> dict:
         for k, part in enumerate(content):
             if isinstance(part, ap.UnreadableBlock):
                 raise unreadable(part, f"{where}.content.{k}")
+            if isinstance(part, ap.ImageBlock):
+                raise bad_request(
+                    "image blocks in tool_result content are not supported: send the image in a "
+                    "user message's content",
+                    param=f"{where}.content.{k}",
+                    code="not_supported",
+                )
         content = "\n".join(part.text for part in content)
     if block.is_error:
         content = TOOL_ERROR_PREFIX + content

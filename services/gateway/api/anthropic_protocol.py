@@ -45,18 +45,55 @@ class ToolUseBlock(_Body):
     toolset_name: str | None = None
 
 
+class Base64ImageSource(_Body):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class UrlImageSource(_Body):
+    """An image by URL: http(s), or a local file under --allowed-local-media-path."""
+
+    type: Literal["url"]
+    url: str
+
+
+class FileImageSource(_Body):
+    """An image uploaded through Anthropic's Files API: refused (no file is stored here)."""
+
+    type: Literal["file"]
+    file_id: str
+
+
+ImageSource = Annotated[
+    Base64ImageSource | UrlImageSource | FileImageSource, Field(discriminator="type")
+]
+
+
+class ImageBlock(_Body):
+    """An image of a user message, loaded as the chat API's image_url parts (gateway/api/media.py).
+    Its source is read as an ImageSource when the message is converted, so that a bad one is a 400
+    about the image (not about every other form the message's content could take)."""
+
+    type: Literal["image"]
+    source: dict[str, Any]
+    cache_control: CacheControl | None = None
+
+
 class UnreadableBlock(BaseModel):
     """Content a text model cannot read; named so that the answer is a clear 400."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["image", "document", "search_result", "container_upload"]
+    type: Literal["document", "search_result", "container_upload"]
 
 
 class ToolResultBlock(_Body):
     type: Literal["tool_result"]
     tool_use_id: str
     content: (
-        str | list[Annotated[TextBlock | UnreadableBlock, Field(discriminator="type")]] | None
+        str
+        | list[Annotated[TextBlock | ImageBlock | UnreadableBlock, Field(discriminator="type")]]
+        | None
     ) = None
     is_error: bool = False
     cache_control: CacheControl | None = None
@@ -78,6 +115,7 @@ class RedactedThinkingBlock(_Body):
 
 ContentBlock = Annotated[
     TextBlock
+    | ImageBlock
     | ToolUseBlock
     | ToolResultBlock
     | ThinkingBlock

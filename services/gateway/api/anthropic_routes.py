@@ -21,7 +21,8 @@ from radixserve.gateway.api.anthropic_protocol import (
     MessagesRequest,
 )
 from radixserve.gateway.api.errors import ApiError
-from radixserve.gateway.api.openai_routes import chat_input, check_model, engine_of
+from radixserve.gateway.api.media import MediaLimits
+from radixserve.gateway.api.openai_routes import chat_images, chat_input, engine_of
 from radixserve.gateway.api.payload_limit import PayloadTooLarge
 from radixserve.gateway.api.protocol import openapi_body
 from radixserve.gateway.api.sse import named_sse_event, run_unless_disconnected, sse_response
@@ -68,12 +69,15 @@ async def create_message(request: Request):
     started = time.monotonic()
     engine = engine_of(request)
     body = parse_body(await request.body(), MessagesRequest)
-    check_model(engine, body.model)
+    lora = await engine.lora.resolve(body.model)
     chat = fmt.chat_request(body)
-    generation = chat_input(chat, (await engine.model_info()).sampling_defaults)
-    generation.request_id = f"msg_{uuid.uuid4().hex}"
-    fmt.up_to_the_context(generation)
     live = live_requests(request)
+    limits = MediaLimits.from_args(engine.args)
+    images = await live.deadline(started).run(chat_images(chat, limits))
+    generation = chat_input(chat, (await engine.model_info()).sampling_defaults, images)
+    generation.request_id = f"msg_{uuid.uuid4().hex}"
+    generation.lora_name = lora
+    fmt.up_to_the_context(generation)
     prepared = await live.deadline(started).run(engine.prepare(generation))
     info = await engine.model_info()
     tools = plan_tools(
@@ -81,7 +85,7 @@ async def create_message(request: Request):
     )
     meta = fmt.MessageMeta(
         prepared.request_id,
-        engine.served_name,
+        engine.lora.shown_name(body.model, lora),
         single_call=fmt.single_tool_call(body.tool_choice),
         context_cut=prepared.stopping.max_new_tokens < body.max_tokens,
     )
@@ -111,9 +115,11 @@ async def count_tokens(request: Request):
     started = time.monotonic()
     engine = engine_of(request)
     body = parse_body(await request.body(), CountTokensRequest)
-    check_model(engine, body.model)
-    generation = chat_input(fmt.chat_request(body, max_tokens=1))
-    prepared = await live_requests(request).deadline(started).run(engine.prepare(generation))
+    await engine.lora.resolve(body.model)  # an adapter's prompt is the base model's
+    chat = fmt.chat_request(body, max_tokens=1)
+    deadline = live_requests(request).deadline(started)
+    images = await deadline.run(chat_images(chat, MediaLimits.from_args(engine.args)))
+    prepared = await deadline.run(engine.prepare(chat_input(chat, images=images)))
     return {"input_tokens": len(prepared.input_ids)}
 
 

@@ -27,7 +27,7 @@ from radixserve.gateway.pipeline.classification import (
 )
 from radixserve.gateway.pipeline.embeddings import EmbeddingBatch, encode_vector
 from radixserve.gateway.pipeline.engine import Engine
-from radixserve.gateway.api.errors import bad_request
+from radixserve.gateway.api.errors import bad_request, not_supported
 from radixserve.gateway.api.openai_routes import check_model
 from radixserve.gateway.api.protocol import Body, openapi_body
 from radixserve.gateway.pipeline.request_control import Deadline
@@ -69,7 +69,9 @@ async def create_embeddings(request: Request):
     started = time.monotonic()
     engine: Engine = request.app.state.engine
     req = parse_body(await request.body(), EmbeddingRequest)
-    check_model(engine, req.model)
+    lora = await engine.lora.resolve(req.model)
+    if lora:  # named as chat's are; the scheduler's Embed runs the base model only
+        raise not_supported(f"embedding with LoRA adapter {lora!r}", param="model")
     inputs = embedding_inputs(req.input)
     batch = await embed_within_deadline(request, engine, inputs, started)
     if req.dimensions is not None:

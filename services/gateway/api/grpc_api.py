@@ -12,6 +12,7 @@ from radixserve.common.grpc_util import aio_server, bind
 from radixserve.gateway.api.auth import grpc_interceptors
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, grpc_status_for
+from radixserve.gateway.api.media import MediaLimits, check_image_count, check_image_size
 from radixserve.gateway.pipeline.generation import Cancellation, Delta, GenerationInput
 from radixserve.gateway.pipeline.request_control import Deadline
 from radixserve.gateway.telemetry.request_tracing import grpc_entry_span
@@ -50,8 +51,27 @@ def generation_input(
         request.skip_special_tokens,
         request_id=request.request_id,
         prompt_param=kind,
+        images=request_images(request, MediaLimits.from_args(engine.args)),
         lora_name=lora,
     )
+
+
+def request_images(request: gateway_pb2.GatewayGenerateRequest, limits: MediaLimits) -> list[bytes]:
+    """A text prompt's images (`images`), checked as the REST API checks its images: the count of
+    the request's images (a chat's are in its content parts) and each one's size."""
+    if request.images and request.WhichOneof("prompt") != "text":
+        raise bad_request("images go with a text prompt (a chat's in its content parts)", "images")
+    in_chat = [
+        (part.image, f"chat.messages.{i}.content_parts.{j}.image")
+        for i, message in enumerate(request.chat.messages)
+        for j, part in enumerate(message.content_parts)
+        if part.WhichOneof("part") == "image"
+    ]
+    where = [(data, f"images.{i}") for i, data in enumerate(request.images)] + in_chat
+    check_image_count(len(where), limits, "images" if request.images else "chat")
+    for data, param in where:
+        check_image_size(data, limits, param)
+    return list(request.images)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

@@ -46,6 +46,13 @@ def check_image_count(count: int, limits: MediaLimits, param: str) -> None:
         )
 
 
+def check_image_size(data: bytes, limits: MediaLimits, param: str) -> bytes:
+    """data, when it is at most --max-image-bytes (an image file a client sent as bytes)."""
+    if len(data) > limits.max_image_bytes:
+        raise _too_large(len(data), limits, param)
+    return data
+
+
 def _too_large(size: int, limits: MediaLimits, param: str) -> ApiError:
     return bad_request(
         f"image of {size} bytes is over the limit of {limits.max_image_bytes} (--max-image-bytes)",
@@ -153,3 +160,14 @@ async def load_image(url: str, limits: MediaLimits, param: str, bare_base64: boo
     if bare_base64:
         return _b64(url, limits, param)
     raise _invalid("an image URL must be a data:, http(s) or file URL", param)
+
+
+async def load_images(
+    where: list[tuple[str, str]], limits: MediaLimits, param: str, bare_base64: bool = False
+) -> list[bytes]:
+    """The files of a request's images, given as (URL, param naming it) pairs, fetched concurrently
+    after the count is checked (param names the request's image list in that error)."""
+    check_image_count(len(where), limits, param)
+    return list(
+        await asyncio.gather(*(load_image(url, limits, at, bare_base64) for url, at in where))
+    )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -19,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from radixserve.v1 import common_pb2, scheduler_pb2
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, from_grpc, not_supported
-from radixserve.gateway.api.media import MediaLimits, check_image_count, load_image
+from radixserve.gateway.api.media import MediaLimits, load_images
 from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -85,15 +84,8 @@ async def native_images(req: NativeGenerateRequest, limits: MediaLimits) -> list
     urls = image_data_urls(req)
     if urls and req.text is None:
         raise bad_request("image_data needs text, not input_ids", param="image_data")
-    check_image_count(len(urls), limits, "image_data")
-    return list(
-        await asyncio.gather(
-            *(
-                load_image(url, limits, f"image_data.{i}", bare_base64=True)
-                for i, url in enumerate(urls)
-            )
-        )
-    )
+    where = [(url, f"image_data.{i}") for i, url in enumerate(urls)]
+    return await load_images(where, limits, "image_data", bare_base64=True)
 
 
 def native_input(

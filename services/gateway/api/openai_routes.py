@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import dataclasses
 import time
@@ -18,7 +17,7 @@ from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
-from radixserve.gateway.api.media import MediaLimits, check_image_count, load_image
+from radixserve.gateway.api.media import MediaLimits, load_images
 from radixserve.gateway.pipeline.chat_reasoning import (
     ReasoningDelivery,
     reasoning_parser_for,
@@ -120,11 +119,12 @@ def choice_count(n: int | None) -> int:
     return n
 
 
-def response_meta(engine: Engine, request_id: str, body) -> fmt.ResponseMeta:
+def response_meta(engine: Engine, request_id: str, body, lora: str = "") -> fmt.ResponseMeta:
+    """The response's id and fields; its model as body names it when that is LoRA adapter lora."""
     options = body.stream_options if body.stream else None
     return fmt.ResponseMeta(
         request_id,
-        engine.served_name,
+        engine.lora.shown_name(body.model, lora),
         include_usage=bool(options and (options.include_usage or options.continuous_usage_stats)),
         continuous_usage=bool(options and options.continuous_usage_stats),
     )
@@ -203,22 +203,24 @@ def message_tool_calls(message) -> list[dict] | None:
     return [{"id": "", "type": "function", "function": message.function_call}]
 
 
-async def chat_images(
-    req: ChatCompletionRequest, limits: MediaLimits
-) -> dict[tuple[int, int], bytes]:
-    """The files of the request's image_url parts by (message, part) index, fetched concurrently."""
-    where = [
-        (i, j, p.url)
+def image_urls(req: ChatCompletionRequest) -> dict[tuple[int, int], str]:
+    """The URLs of the request's image_url parts by (message, part) index."""
+    return {
+        (i, j): p.url
         for i, m in enumerate(req.messages)
         if isinstance(m.content, list)
         for j, p in enumerate(m.content)
         if p.type == "image_url"
-    ]
-    check_image_count(len(where), limits, "messages")
-    files = await asyncio.gather(
-        *(load_image(url, limits, f"messages.{i}.content.{j}.image_url") for i, j, url in where)
-    )
-    return {(i, j): data for (i, j, _), data in zip(where, files)}
+    }
+
+
+async def chat_images(
+    req: ChatCompletionRequest, limits: MediaLimits
+) -> dict[tuple[int, int], bytes]:
+    """The files of the request's image_url parts by (message, part) index, fetched concurrently."""
+    urls = image_urls(req)
+    where = [(url, f"messages.{i}.content.{j}.image_url") for (i, j), url in urls.items()]
+    return dict(zip(urls, await load_images(where, limits, "messages")))
 
 
 def chat_input(
@@ -320,7 +322,7 @@ async def chat_completions(request: Request):
         stream_reasoning=req.stream_reasoning,
         include_reasoning=req.include_reasoning,
     )
-    meta = response_meta(engine, prepared.request_id, req)
+    meta = response_meta(engine, prepared.request_id, req, lora)
     cancellation = Cancellation()
     if req.stream:
         return await sse_response(
@@ -562,7 +564,7 @@ async def completions(request: Request):
         prepare_completions(engine, req, prompts, n, lora)
     )
     requests = [copy for i, p in enumerate(prepared) for copy in fan_out(p, n, first_index=i * n)]
-    meta = response_meta(engine, prepared[0].request_id, req)
+    meta = response_meta(engine, prepared[0].request_id, req, lora)
     want_logprobs = req.logprobs is not None
     cancellation = Cancellation()
     token_ids = StreamedTokenIds(

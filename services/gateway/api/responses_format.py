@@ -7,7 +7,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from radixserve.gateway.api.errors import not_supported
+from radixserve.gateway.api.errors import bad_request, not_supported
 from radixserve.gateway.api.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -67,7 +67,7 @@ def chat_messages(instructions: str | None, items: list[dict]) -> list[dict]:
         if kind == "reasoning":
             continue
         if kind == "message":
-            messages.append({"role": item["role"], "content": _text(item["content"], i)})
+            messages.append({"role": item["role"], "content": _content(item["content"], i)})
         elif kind == "function_call":
             call = {
                 "id": item["call_id"],
@@ -88,6 +88,38 @@ def chat_messages(instructions: str | None, items: list[dict]) -> list[dict]:
                 }
             )
     return messages
+
+
+def _content(content: str | list[dict], index: int) -> str | list[dict]:
+    """A message's content for the chat API: its text, or its parts in order when it holds images
+    (input_image as the chat API's image_url part)."""
+    if isinstance(content, str) or all(part["type"] != "input_image" for part in content):
+        return _text(content, index)
+    return [
+        {"type": "image_url", "image_url": {"url": part["image_url"]}}
+        if part["type"] == "input_image"
+        else {"type": "text", "text": part["text"]}
+        for part in content
+    ]
+
+
+def image_urls(items: list[dict], own_from: int) -> list[tuple[str, str]]:
+    """The input_image URLs of items (stored shape), each with the param naming it: input.N.content.M
+    for this request's own items (from index own_from on), previous_response_id for earlier ones."""
+    where = []
+    for i, item in enumerate(items):
+        if item["type"] != "message" or isinstance(item["content"], str):
+            continue
+        for j, part in enumerate(item["content"]):
+            if part["type"] != "input_image":
+                continue
+            param = f"input.{i - own_from}.content.{j}" if i >= own_from else "previous_response_id"
+            if part.get("file_id") is not None:
+                raise not_supported("input_image by file_id (send image_url)", param=param)
+            if not part.get("image_url"):
+                raise bad_request("an input_image part needs image_url", param=param)
+            where.append((part["image_url"], param + ".image_url"))
+    return where
 
 
 def _text(content: str | list[dict], index: int) -> str:

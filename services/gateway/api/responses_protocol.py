@@ -26,10 +26,32 @@ class InputContentPart(_Strict):
     logprobs: list[Any] | None = None
 
 
+class InputImagePart(_Strict):
+    """An image part by URL: data:, http(s) or a local file, loaded as the chat API's image_url parts
+    (services/gateway/api/media.py). file_id (an uploaded file) is refused when the input is read."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    detail: Literal["low", "high", "auto"] | None = None  # accepted; images are processed whole
+    file_id: str | None = None
+
+
+MessagePart = Annotated[InputContentPart | InputImagePart, Field(discriminator="type")]
+
+
+def text_or(items: Any) -> Any:
+    """`str | items`, where a value that is not a string is checked as items only, so that a bad part
+    is a 400 about that part (not "should be a valid string")."""
+    return Annotated[
+        Annotated[str, Tag("text")] | Annotated[items, Tag("items")],
+        Discriminator(lambda value: "text" if isinstance(value, str) else "items"),
+    ]
+
+
 class InputMessage(_Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputContentPart]
+    content: text_or(list[MessagePart])
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
@@ -148,7 +170,7 @@ class ResponsesRequest(_Strict):
             ]
         },
     )
-    input: str | list[InputItem]
+    input: text_or(list[InputItem])
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None

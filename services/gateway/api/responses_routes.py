@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from radixserve.gateway.api import responses_format as rfmt
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
-from radixserve.gateway.api.openai_routes import chat_input, check_model, engine_of
+from radixserve.gateway.api.media import MediaLimits, load_images
+from radixserve.gateway.api.openai_routes import chat_input, engine_of, image_urls
 from radixserve.gateway.api.protocol import ChatCompletionRequest, openapi_body
 from radixserve.gateway.api.responses_protocol import (
     MAX_METADATA_KEY,
@@ -130,16 +131,28 @@ def chat_request(req: ResponsesRequest, items: list[dict]) -> ChatCompletionRequ
 
 
 async def prepare(
-    engine: Engine, req: ResponsesRequest, items: list[dict], response_id: str
+    engine: Engine,
+    req: ResponsesRequest,
+    items: list[dict],
+    response_id: str,
+    own_from: int = 0,
+    lora: str = "",
 ) -> tuple[ChatCompletionRequest, PreparedRequest]:
-    """Tokenized and checked; with truncation "auto", the oldest items are dropped until the
-    conversation fits the context (a function call's outputs go with it)."""
+    """Tokenized and checked, run with LoRA adapter lora; items from index own_from on are this
+    request's own (the rest come from previous_response_id). Their images are loaded once, as the
+    chat route loads its image_url parts. With truncation "auto", the oldest items are dropped until
+    the conversation fits the context (a function call's outputs go with it)."""
     defaults = (await engine.model_info()).sampling_defaults
+    where = rfmt.image_urls(items, own_from)
+    limits = MediaLimits.from_args(engine.args)
+    files = dict(zip((url for url, _ in where), await load_images(where, limits, "input")))
     while True:
         chat = chat_request(req, items)
-        inp = chat_input(chat, defaults)
+        images = {at: files[url] for at, url in image_urls(chat).items()}
+        inp = chat_input(chat, defaults, images)
         inp.request_id = response_id
         inp.prompt_param = "input"
+        inp.lora_name = lora
         try:
             return chat, await engine.prepare(inp)
         except ApiError as e:
@@ -155,7 +168,7 @@ async def create_response(request: Request):
     started = time.monotonic()
     engine = engine_of(request)
     req = parse_body(await request.body(), ResponsesRequest)
-    check_model(engine, req.model)
+    lora = await engine.lora.resolve(req.model)
     check_request(req)
     store = response_store(request)
     history: list[dict] = []
@@ -182,7 +195,9 @@ async def create_response(request: Request):
         raise bad_request("input must hold more than reasoning items", param="input")
     live = live_requests(request)
     response_id = rfmt.new_id("resp")
-    chat, prepared = await live.deadline(started).run(prepare(engine, req, items, response_id))
+    chat, prepared = await live.deadline(started).run(
+        prepare(engine, req, items, response_id, len(history), lora)
+    )
     plan = plan_tools(
         chat.tools,
         chat.tool_choice,
@@ -195,7 +210,7 @@ async def create_response(request: Request):
     reader = OutputReader(CountingSplitter(reasoning), plan.stream_parser() if plan else None)
     head = rfmt.ResponseHead(
         response_id,
-        engine.served_name,
+        engine.lora.shown_name(req.model, lora),
         req,
         prepared.sampling.temperature,
         prepared.sampling.top_p,

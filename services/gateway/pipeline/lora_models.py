@@ -68,6 +68,11 @@ class LoraModels:
                 return name
         raise model_not_found(model)
 
+    def shown_name(self, model: str | None, lora: str) -> str:
+        """The model a response names: as the request named it when that picked LoRA adapter lora
+        ("BASE:NAME" or "NAME", as vLLM answers for an adapter), else the served model name."""
+        return model if lora and model else self.engine.served_name
+
     async def load(self, name: str, path: str) -> None:
         import grpc
 

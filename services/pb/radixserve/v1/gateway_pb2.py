@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import common_pb2 as radixserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradixserve/v1/gateway.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\xd6\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.ChatConversationH\x00\x12,\n\tinput_ids\x18\x04 \x01(\x0b\x32\x17.radixserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x31\n\x08stopping\x18\t \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12\x11\n\tlora_name\x18\n \x01(\tB\x08\n\x06prompt\"\xa2\x02\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.radixserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\x12\x14\n\x0cmatched_stop\x18\x07 \x01(\t\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\x1a\n\x18GatewayListModelsRequest\"@\n\x0cGatewayModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0c\n\x04root\x18\x03 \x01(\t\"H\n\x19GatewayListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.radixserve.v1.GatewayModel\"\x16\n\x14GatewayHealthRequest\"8\n\x15GatewayHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x9c\x02\n\x07Gateway\x12[\n\x08Generate\x12%.radixserve.v1.GatewayGenerateRequest\x1a&.radixserve.v1.GatewayGenerateResponse0\x01\x12_\n\nListModels\x12\'.radixserve.v1.GatewayListModelsRequest\x1a(.radixserve.v1.GatewayListModelsResponse\x12S\n\x06Health\x12#.radixserve.v1.GatewayHealthRequest\x1a$.radixserve.v1.GatewayHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradixserve/v1/gateway.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"\xe6\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12/\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.ChatConversationH\x00\x12,\n\tinput_ids\x18\x04 \x01(\x0b\x32\x17.radixserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.radixserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x31\n\x08stopping\x18\t \x01(\x0b\x32\x1f.radixserve.v1.StoppingCriteria\x12\x11\n\tlora_name\x18\n \x01(\t\x12\x0e\n\x06images\x18\x0b \x03(\x0c\x42\x08\n\x06prompt\"\xa2\x02\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.radixserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.radixserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\x12\x14\n\x0cmatched_stop\x18\x07 \x01(\t\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.radixserve.v1.TokenLogprob\"\x1a\n\x18GatewayListModelsRequest\"@\n\x0cGatewayModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0c\n\x04root\x18\x03 \x01(\t\"H\n\x19GatewayListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.radixserve.v1.GatewayModel\"\x16\n\x14GatewayHealthRequest\"8\n\x15GatewayHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x9c\x02\n\x07Gateway\x12[\n\x08Generate\x12%.radixserve.v1.GatewayGenerateRequest\x1a&.radixserve.v1.GatewayGenerateResponse0\x01\x12_\n\nListModels\x12\'.radixserve.v1.GatewayListModelsRequest\x1a(.radixserve.v1.GatewayListModelsResponse\x12S\n\x06Health\x12#.radixserve.v1.GatewayHealthRequest\x1a$.radixserve.v1.GatewayHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'radixserve.v1.gateway_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=75
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=417
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=420
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=710
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=712
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=738
-  _globals['_GATEWAYMODEL']._serialized_start=740
-  _globals['_GATEWAYMODEL']._serialized_end=804
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=806
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=878
-  _globals['_GATEWAYHEALTHREQUEST']._serialized_start=880
-  _globals['_GATEWAYHEALTHREQUEST']._serialized_end=902
-  _globals['_GATEWAYHEALTHRESPONSE']._serialized_start=904
-  _globals['_GATEWAYHEALTHRESPONSE']._serialized_end=960
-  _globals['_GATEWAY']._serialized_start=963
-  _globals['_GATEWAY']._serialized_end=1247
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=433
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=436
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=726
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=728
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=754
+  _globals['_GATEWAYMODEL']._serialized_start=756
+  _globals['_GATEWAYMODEL']._serialized_end=820
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=822
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=894
+  _globals['_GATEWAYHEALTHREQUEST']._serialized_start=896
+  _globals['_GATEWAYHEALTHREQUEST']._serialized_end=918
+  _globals['_GATEWAYHEALTHRESPONSE']._serialized_start=920
+  _globals['_GATEWAYHEALTHRESPONSE']._serialized_end=976
+  _globals['_GATEWAY']._serialized_start=979
+  _globals['_GATEWAY']._serialized_end=1263
 # @@protoc_insertion_point(module_scope)
