@@ -37,6 +37,8 @@ class DecodeStep:
     state: DecodeState
     stopped: bool = False
     matched_stop: str = ""
+    # When stopped: how many of the new ids it took (see tokens_to_stop).
+    stop_token_count: int = 0
 
 
 def _take_new_text(
@@ -75,8 +77,45 @@ def decode_step(
 
     With final, everything left is emitted (an incomplete character as U+FFFD). A stop string ends
     the text right before its first occurrence and sets stopped/matched_stop; so does a match of a
-    stop regex (matched_stop: its pattern).
+    stop regex (matched_stop: its pattern), and stop_token_count says how many of new_ids it took.
     """
+    step = _decode(tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex)
+    if step.stopped:
+        step.stop_token_count = tokens_to_stop(
+            tokenizer, state, new_ids, stop, skip_special_tokens, stop_regex
+        )
+    return step
+
+
+def tokens_to_stop(
+    tokenizer: Decoder,
+    state: DecodeState,
+    new_ids: list[int],
+    stop: list[str],
+    skip_special_tokens: bool,
+    stop_regex: list[str],
+) -> int:
+    """The fewest of new_ids (fed after state) whose text already stops: where token-by-token decoding
+    would have stopped. Several ids come in one call with --stream-interval N or speculative steps; the
+    ones after the match are dropped by the caller. Costs len(new_ids) - 1 decodes at most, once a request."""
+    for count in range(1, len(new_ids)):
+        step = _decode(
+            tokenizer, state, new_ids[:count], stop, skip_special_tokens, False, stop_regex
+        )
+        if step.stopped:
+            return count
+    return len(new_ids)
+
+
+def _decode(
+    tokenizer: Decoder,
+    state: DecodeState,
+    new_ids: list[int],
+    stop: list[str],
+    skip_special_tokens: bool,
+    final: bool,
+    stop_regex: list[str],
+) -> DecodeStep:
     new_text, window, read = _take_new_text(
         tokenizer,
         list(state.window_ids) + list(new_ids),
