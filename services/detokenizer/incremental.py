@@ -37,7 +37,7 @@ class DecodeStep:
     state: DecodeState
     stopped: bool = False
     matched_stop: str = ""
-    # When stopped: how many of the new ids it took (see tokens_to_stop).
+    # When stopped: how many of the new ids it took to reach the stop (the ones after it are dropped).
     stop_token_count: int = 0
 
 
@@ -79,32 +79,40 @@ def decode_step(
     the text right before its first occurrence and sets stopped/matched_stop; so does a match of a
     stop regex (matched_stop: its pattern), and stop_token_count says how many of new_ids it took.
     """
+    if len(new_ids) > 1 and (any(stop) or stop_regex):
+        return _decode_one_by_one(
+            tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex
+        )
     step = _decode(tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex)
     if step.stopped:
-        step.stop_token_count = tokens_to_stop(
-            tokenizer, state, new_ids, stop, skip_special_tokens, stop_regex
-        )
+        step.stop_token_count = len(new_ids)
     return step
 
 
-def tokens_to_stop(
+def _decode_one_by_one(
     tokenizer: Decoder,
     state: DecodeState,
     new_ids: list[int],
     stop: list[str],
     skip_special_tokens: bool,
+    final: bool,
     stop_regex: list[str],
-) -> int:
-    """The fewest of new_ids (fed after state) whose text already stops: where token-by-token decoding
-    would have stopped. Several ids come in one call with --stream-interval N or speculative steps; the
-    ones after the match are dropped by the caller. Costs len(new_ids) - 1 decodes at most, once a request."""
-    for count in range(1, len(new_ids)):
+) -> DecodeStep:
+    """Several ids (--stream-interval N, speculative steps) against stop strings: fed one at a time, as
+    when they come one per call, so that the stop is found at the same token (a batch's text can end in
+    half a character and be held back whole, which would find it a batch late) and stop_token_count says
+    which; the ids after it are never decoded."""
+    texts = []
+    for count, token in enumerate(new_ids, 1):
+        last = count == len(new_ids)
         step = _decode(
-            tokenizer, state, new_ids[:count], stop, skip_special_tokens, False, stop_regex
+            tokenizer, state, [token], stop, skip_special_tokens, final and last, stop_regex
         )
+        texts.append(step.text)
+        state = step.state
         if step.stopped:
-            return count
-    return len(new_ids)
+            return DecodeStep("".join(texts), state, True, step.matched_stop, count)
+    return DecodeStep("".join(texts), state)
 
 
 def _decode(
