@@ -65,6 +65,12 @@ async def streamed_completion(stack, **extra) -> dict:
             for p in events
             if p["choices"][0]["logprobs"]
         ),
+        # Each event's logprobs are those of its own tokens (one char each here, no stop held back).
+        "aligned": all(
+            len((p["choices"][0]["logprobs"] or {}).get("tokens", []))
+            == len(p["choices"][0]["text"])
+            for p in events
+        ),
         "finish": [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]][-1],
         "usage": [p["usage"] for p in payloads if p.get("usage")][-1],
     }
@@ -144,6 +150,7 @@ def test_stream_interval_4_sends_a_quarter_of_the_events_with_the_same_output(tm
         assert batched["native"]["completion_tokens"] == MAX_TOKENS
         for run_ in (every, batched):
             assert run_["completion"]["logprobs"] == MAX_TOKENS
+            assert run_["completion"]["aligned"]
             assert run_["completion"]["usage"]["completion_tokens"] == MAX_TOKENS
             assert run_["completion"]["finish"] == "length"
 
