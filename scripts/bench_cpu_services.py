@@ -7,7 +7,8 @@ concurrent streams, reading every process's CPU time from /proc around each run.
 figure to compare between commits on a shared machine; wall tok/s moves with other people's load.
 
 Usage: python scripts/bench_cpu_services.py [--repeats 5] [--output-len 128] [--concurrency 16]
-Prints one JSON line per run, then one with the medians.
+[--stream-interval 1 8] [-- SERVE_FLAGS]. Prints one JSON line per run, then one with the medians (per
+--stream-interval value: one server each, their runs alternated).
 """
 
 from __future__ import annotations
@@ -120,77 +121,98 @@ def main() -> None:
     p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument("--label", default="", help="a name printed with every line")
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="one server per value, started with --stream-interval N, their runs alternated "
+        "(e.g. 1 8: a side-by-side comparison on a shared machine); labels get `si=N`",
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="py-spy every service over the bs1 runs into DIR/spy-NAME.txt",
     )
     p.add_argument("serve_flags", nargs="*", help="extra flags for radixserve serve (after --)")
     a = p.parse_args()
-    runs: dict[str, list[dict]] = {"bs1": [], "concurrent": []}
+    variants = [(a.label, [])]
+    if a.stream_interval:
+        prefix = f"{a.label} " if a.label else ""
+        variants = [(f"{prefix}si={n}", ["--stream-interval", str(n)]) for n in a.stream_interval]
+    runs = {label: {"bs1": [], "concurrent": []} for label, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        stack = start_stack("--dtype", a.dtype, *a.serve_flags, log_path=f"{tmp}/serve.log")
+        stacks = []
         try:
-            pids = service_pids(stack.proc.pid)
-            stream_one(stack.base_url, 8)  # warm-up
-            idle = idle_cpu(pids, a.idle_seconds)
-            print(json.dumps({"label": a.label, "run": "idle", "cpu_ms_per_s": idle}), flush=True)
-            spies = spy(pids, a.profile) if a.profile else []
-            for i in range(a.repeats):
-                single = {}
-
-                def bs1():
-                    single.update(stream_one(stack.base_url, a.output_len))
-                    return single["completion_tokens"]
-
-                cpu, wall, tokens = measured(pids, bs1)
-                if i == 0:
-                    for proc in spies:
-                        proc.send_signal(signal.SIGINT)
-                        proc.wait(60)
-                runs["bs1"].append({"tok_s": single["decode_tok_s"], "cpu_us": cpu})
-                print(
-                    json.dumps(
-                        {"label": a.label, "run": "bs1", "i": i, **_rounded(runs["bs1"][-1])}
-                    ),
-                    flush=True,
+            for k, (label, flags) in enumerate(variants):
+                stack = start_stack(
+                    "--dtype", a.dtype, *flags, *a.serve_flags, log_path=f"{tmp}/serve{k}.log"
                 )
-                if a.concurrency > 1:
-
-                    def burst():
-                        with concurrent.futures.ThreadPoolExecutor(a.concurrency) as pool:
-                            return sum(
-                                r["completion_tokens"]
-                                for r in pool.map(
-                                    lambda j: stream_one(
-                                        stack.base_url, a.output_len, f"{PROMPT} ({i}, {j})"
-                                    ),
-                                    range(a.concurrency),
-                                )
-                            )
-
-                    cpu, wall, tokens = measured(pids, burst)
-                    runs["concurrent"].append({"tok_s": tokens / wall, "cpu_us": cpu})
-                    print(
-                        json.dumps(
-                            {
-                                "label": a.label,
-                                "run": "concurrent",
-                                "i": i,
-                                **_rounded(runs["concurrent"][-1]),
-                            }
-                        ),
-                        flush=True,
+                stacks.append((label, stack, service_pids(stack.proc.pid)))
+            for label, stack, pids in stacks:
+                stream_one(stack.base_url, 8)  # warm-up
+                idle = idle_cpu(pids, a.idle_seconds)
+                print(json.dumps({"label": label, "run": "idle", "cpu_ms_per_s": idle}), flush=True)
+            for i in range(a.repeats):
+                for label, stack, pids in stacks:  # alternated: the same load for each
+                    profile = f"{a.profile}/{label}" if a.profile and len(stacks) > 1 else a.profile
+                    measure_round(
+                        a, i, label, stack, pids, runs[label], profile if i == 0 else None
                     )
         finally:
-            stop_stack(stack)
-    for kind, rs in runs.items():
-        if not rs:
-            continue
-        median = {
-            "tok_s": statistics.median(r["tok_s"] for r in rs),
-            "cpu_us": {k: statistics.median(r["cpu_us"][k] for r in rs) for k in rs[0]["cpu_us"]},
-        }
-        print(json.dumps({"label": a.label, "run": kind, "median_of": len(rs), **_rounded(median)}))
+            for _, stack, _ in stacks:
+                stop_stack(stack)
+    for label, by_kind in runs.items():
+        for kind, rs in by_kind.items():
+            if not rs:
+                continue
+            median = {
+                "tok_s": statistics.median(r["tok_s"] for r in rs),
+                "cpu_us": {
+                    k: statistics.median(r["cpu_us"][k] for r in rs) for k in rs[0]["cpu_us"]
+                },
+            }
+            print(
+                json.dumps({"label": label, "run": kind, "median_of": len(rs), **_rounded(median)})
+            )
+
+
+def measure_round(a, i: int, label: str, stack, pids, runs: dict, profile: str | None) -> None:
+    """One bs1 stream (py-spied into profile, when given) and, with --concurrency > 1, one burst."""
+    spies = spy(pids, profile) if profile else []
+    single = {}
+
+    def bs1():
+        single.update(stream_one(stack.base_url, a.output_len))
+        return single["completion_tokens"]
+
+    cpu, wall, tokens = measured(pids, bs1)
+    for proc in spies:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    runs["bs1"].append({"tok_s": single["decode_tok_s"], "cpu_us": cpu})
+    print(
+        json.dumps({"label": label, "run": "bs1", "i": i, **_rounded(runs["bs1"][-1])}), flush=True
+    )
+    if a.concurrency > 1:
+
+        def burst():
+            with concurrent.futures.ThreadPoolExecutor(a.concurrency) as pool:
+                return sum(
+                    r["completion_tokens"]
+                    for r in pool.map(
+                        lambda j: stream_one(stack.base_url, a.output_len, f"{PROMPT} ({i}, {j})"),
+                        range(a.concurrency),
+                    )
+                )
+
+        cpu, wall, tokens = measured(pids, burst)
+        runs["concurrent"].append({"tok_s": tokens / wall, "cpu_us": cpu})
+        print(
+            json.dumps(
+                {"label": label, "run": "concurrent", "i": i, **_rounded(runs["concurrent"][-1])}
+            ),
+            flush=True,
+        )
 
 
 def _rounded(r: dict) -> dict:

@@ -362,6 +362,8 @@ def normalize(args: ServerArgs) -> ServerArgs:
         )
     if args.schedule_conservativeness < 0:
         raise FlagError("--schedule-conservativeness must be at least 0")
+    if args.stream_interval < 1:
+        raise FlagError("--stream-interval must be at least 1")
     if args.enable_torch_compile and args.torch_compile_max_bs < 1:
         raise FlagError("--torch-compile-max-bs must be at least 1 with --enable-torch-compile")
     check_sampling_defaults(args)

@@ -402,6 +402,12 @@ class SchedulerConfig(CapacityConfig, LoraConfig):
         "run a prefill chunk and the running requests' decode tokens in one step",
         group="Memory and scheduling",
     )
+    stream_interval: int = option(
+        1,
+        "stream a request's output every this many generated tokens (the first token and the finish "
+        "at once): larger sends fewer, larger messages to the client, for throughput",
+        group="Runtime options",
+    )
     page_size: int = option(
         1,
         "KV slots per page: allocation and prefix-cache reuse happen in whole pages",

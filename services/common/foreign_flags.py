@@ -69,7 +69,6 @@ FIXED = _table(
 --attn-cp-size, --attention-context-parallel-size | one | 1 | attention context parallelism is not supported yet
 --moe-dp-size, --moe-data-parallel-size | one | 1 | MoE data parallelism is not supported yet (use --ep-size)
 --dcp-size, --decode-context-parallel-size | one | 1 | decode context parallelism is not supported yet
---stream-interval | one | 1 | every step's tokens are streamed here; a larger interval is not supported yet
 --constrained-json-disable-any-whitespace | none | | JSON constraints already allow no free whitespace here
 --gpu-id-step | one | 1 | shards take consecutive GPUs from --base-gpu-id; choose others with CUDA_VISIBLE_DEVICES
 --radix-eviction-policy | one | lru | the prefix cache evicts least recently used leaves; other policies are not supported yet

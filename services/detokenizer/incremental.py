@@ -37,6 +37,8 @@ class DecodeStep:
     state: DecodeState
     stopped: bool = False
     matched_stop: str = ""
+    # When stopped: how many of the new ids it took to reach the stop (the ones after it are dropped).
+    stop_token_count: int = 0
 
 
 def _take_new_text(
@@ -75,8 +77,53 @@ def decode_step(
 
     With final, everything left is emitted (an incomplete character as U+FFFD). A stop string ends
     the text right before its first occurrence and sets stopped/matched_stop; so does a match of a
-    stop regex (matched_stop: its pattern).
+    stop regex (matched_stop: its pattern), and stop_token_count says how many of new_ids it took.
     """
+    if len(new_ids) > 1 and (any(stop) or stop_regex):
+        return _decode_one_by_one(
+            tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex
+        )
+    step = _decode(tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex)
+    if step.stopped:
+        step.stop_token_count = len(new_ids)
+    return step
+
+
+def _decode_one_by_one(
+    tokenizer: Decoder,
+    state: DecodeState,
+    new_ids: list[int],
+    stop: list[str],
+    skip_special_tokens: bool,
+    final: bool,
+    stop_regex: list[str],
+) -> DecodeStep:
+    """Several ids (--stream-interval N, speculative steps) against stop strings: fed one at a time, as
+    when they come one per call, so that the stop is found at the same token (a batch's text can end in
+    half a character and be held back whole, which would find it a batch late) and stop_token_count says
+    which; the ids after it are never decoded."""
+    texts = []
+    for count, token in enumerate(new_ids, 1):
+        last = count == len(new_ids)
+        step = _decode(
+            tokenizer, state, [token], stop, skip_special_tokens, final and last, stop_regex
+        )
+        texts.append(step.text)
+        state = step.state
+        if step.stopped:
+            return DecodeStep("".join(texts), state, True, step.matched_stop, count)
+    return DecodeStep("".join(texts), state)
+
+
+def _decode(
+    tokenizer: Decoder,
+    state: DecodeState,
+    new_ids: list[int],
+    stop: list[str],
+    skip_special_tokens: bool,
+    final: bool,
+    stop_regex: list[str],
+) -> DecodeStep:
     new_text, window, read = _take_new_text(
         tokenizer,
         list(state.window_ids) + list(new_ids),

@@ -95,6 +95,7 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
             state=state_to_proto(step.state),
             stopped=step.stopped,
             matched_stop=step.matched_stop,
+            stop_token_count=step.stop_token_count,
         )
 
     def _decode_traced_item(self, item: detokenizer_pb2.DetokenizerDecodeItem):

@@ -39,6 +39,7 @@ from radixserve.common.step import PromptLogprobs, SampledToken, StepInput
 from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SchedulerStats, Status
 from radixserve.scheduler.speculation import SpecStats, ngram_params
 from radixserve.scheduler.stopping import finish_reason, grammar_verdict, request_event
+from radixserve.scheduler.stream_interval import StreamBuffer
 
 
 class DuplicateRequestError(KeyError):
@@ -123,6 +124,8 @@ class Scheduler:
             self.kv, self.new_token_ratio, context_length, ngram_params(config)
         )
         self.spec_stats = SpecStats()
+        # --stream-interval: events of a request leave update() every N tokens (stream_interval.py).
+        self.stream = StreamBuffer(config.stream_interval)
 
         self.requests: dict[str, Request] = {}
         self._pending_finished: list[str] = []
@@ -225,7 +228,7 @@ class Scheduler:
                 self.kv.release_when_settled(req)  # steps in flight may still write its KV
             req.status = Status.DONE
             req.grammar = None
-            events.append(request_event(req, FinishReason.ABORT))
+            events.append(self.stream.flush(request_event(req, FinishReason.ABORT)))
         if left_queue:
             self.prefill.drop_left_queue()
         if left_running:
@@ -311,7 +314,8 @@ class Scheduler:
         prompt_logprobs: Iterable[PromptLogprobs] = (),
     ) -> list[RequestEvent]:
         """Apply the executor's sampled tokens (and prompt logprobs, sent with a request's first token);
-        return one event per live request the plan sampled for."""
+        return at most one event per live request the plan sampled for: with --stream-interval N > 1,
+        a request's tokens are held until N have gathered (its first token and its finish at once)."""
         if not self._inflight or plan is not self._inflight[0].plan:
             raise RuntimeError(
                 f"update() for step {plan.step_id}, which is not the oldest step in flight"
@@ -357,7 +361,7 @@ class Scheduler:
         if finished:
             self.decode.running = [r for r in self.running if id(r) not in finished]
         self.kv.release_settled()
-        return events
+        return self.stream.release(events)
 
     def _append_tokens(self, req: Request, out: SampledToken) -> RequestEvent:
         """Append a step's tokens for req (its accepted drafts, then the executor's own token),
@@ -414,6 +418,7 @@ class Scheduler:
         self.decode.running = []
         self._inflight.clear()
         self.new_token_ratio.reset()
+        self.stream.keep_only(kept_ids)
         # The executor may still hold their state; the next step drops it.
         self._pending_finished = list(dict.fromkeys(known_to_executor))
         return dropped

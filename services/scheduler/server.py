@@ -343,6 +343,7 @@ async def start_scheduler(args: ServerArgs) -> RunningScheduler:
         "chunked_prefill": core.chunking,
         "chunked_prefill_size": core.chunked_prefill_size,
         "enable_mixed_chunk": core.enable_mixed_chunk,
+        "stream_interval": core.stream.interval,
         "speculative_algorithm": args.speculative_algorithm,
         "speculative_num_draft_tokens": (
             core.decode.spec.max_draft_tokens + 1 if core.decode.spec is not None else None

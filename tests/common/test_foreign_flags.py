@@ -127,7 +127,7 @@ REFUSED_VALUES = [
     ["--reasoning-parser", "step3"],
     ["--load-balance-method", "total_tokens"],
     ["--grammar-backend", "outlines"],
-    ["--stream-interval", "4"],
+    ["--stream-interval", "0"],
     ["--radix-eviction-policy", "lfu"],
     ["--disaggregation-mode", "prefill"],
     ["--cpu-offload-gb", "8"],

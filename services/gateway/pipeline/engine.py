@@ -461,6 +461,7 @@ class Engine:
                     state, text = result.state, result.text
                     if result.stopped:
                         matched_stop = result.matched_stop
+                        generated -= drop_after_stop(msg, result.stop_token_count)
                 telemetry.tokens(
                     len(msg.token_ids)
                 )  # after detokenizing: TTFT as the client sees it
@@ -847,6 +848,18 @@ def shown_ids(msg: scheduler_pb2.SchedulerGenerateResponse) -> list[int]:
     ):
         return ids[:-1]
     return ids
+
+
+def drop_after_stop(msg: scheduler_pb2.SchedulerGenerateResponse, keep: int) -> int:
+    """Cut msg's tokens (and their logprobs) after the first `keep`, those generated past the stop string
+    the detokenizer matched (DetokenizerDecodeResult.stop_token_count; 0: keep all); the number cut. A
+    message carries several tokens with --stream-interval N or speculative steps: the response is then
+    what token-by-token streaming gives."""
+    cut = len(msg.token_ids) - keep if 0 < keep < len(msg.token_ids) else 0
+    if cut:
+        del msg.token_ids[keep:]
+        del msg.logprobs[keep:]
+    return cut
 
 
 def _has_pending_text(state: detokenizer_pb2.DetokenizerState) -> bool:

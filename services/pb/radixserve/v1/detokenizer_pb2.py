@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radixserve.v1 import common_pb2 as radixserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fradixserve/v1/detokenizer.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"|\n\x10\x44\x65tokenizerState\x12\x12\n\nwindow_ids\x18\x01 \x03(\x05\x12\x15\n\rprefix_offset\x18\x02 \x01(\x05\x12\x13\n\x0bread_offset\x18\x03 \x01(\x05\x12\x11\n\theld_text\x18\x04 \x01(\t\x12\x15\n\remitted_chars\x18\x05 \x01(\x03\"\xf4\x01\n\x15\x44\x65tokenizerDecodeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizerState\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12\x32\n\rtrace_context\x18\x07 \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x12\n\nstop_regex\x18\x08 \x03(\t\"O\n\x18\x44\x65tokenizerDecodeRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.radixserve.v1.DetokenizerDecodeItem\"\x92\x01\n\x17\x44\x65tokenizerDecodeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizerState\x12\x0f\n\x07stopped\x18\x04 \x01(\x08\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"T\n\x19\x44\x65tokenizerDecodeResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.radixserve.v1.DetokenizerDecodeResult2j\n\x0b\x44\x65tokenizer\x12[\n\x06\x44\x65\x63ode\x12\'.radixserve.v1.DetokenizerDecodeRequest\x1a(.radixserve.v1.DetokenizerDecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fradixserve/v1/detokenizer.proto\x12\rradixserve.v1\x1a\x1aradixserve/v1/common.proto\"|\n\x10\x44\x65tokenizerState\x12\x12\n\nwindow_ids\x18\x01 \x03(\x05\x12\x15\n\rprefix_offset\x18\x02 \x01(\x05\x12\x13\n\x0bread_offset\x18\x03 \x01(\x05\x12\x11\n\theld_text\x18\x04 \x01(\t\x12\x15\n\remitted_chars\x18\x05 \x01(\x03\"\xf4\x01\n\x15\x44\x65tokenizerDecodeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizerState\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12\x32\n\rtrace_context\x18\x07 \x01(\x0b\x32\x1b.radixserve.v1.TraceContext\x12\x12\n\nstop_regex\x18\x08 \x03(\t\"O\n\x18\x44\x65tokenizerDecodeRequest\x12\x33\n\x05items\x18\x01 \x03(\x0b\x32$.radixserve.v1.DetokenizerDecodeItem\"\xac\x01\n\x17\x44\x65tokenizerDecodeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0b\x32\x1f.radixserve.v1.DetokenizerState\x12\x0f\n\x07stopped\x18\x04 \x01(\x08\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\x18\n\x10stop_token_count\x18\x06 \x01(\x05\"T\n\x19\x44\x65tokenizerDecodeResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.radixserve.v1.DetokenizerDecodeResult2j\n\x0b\x44\x65tokenizer\x12[\n\x06\x44\x65\x63ode\x12\'.radixserve.v1.DetokenizerDecodeRequest\x1a(.radixserve.v1.DetokenizerDecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETOKENIZERDECODEREQUEST']._serialized_start=451
   _globals['_DETOKENIZERDECODEREQUEST']._serialized_end=530
   _globals['_DETOKENIZERDECODERESULT']._serialized_start=533
-  _globals['_DETOKENIZERDECODERESULT']._serialized_end=679
-  _globals['_DETOKENIZERDECODERESPONSE']._serialized_start=681
-  _globals['_DETOKENIZERDECODERESPONSE']._serialized_end=765
-  _globals['_DETOKENIZER']._serialized_start=767
-  _globals['_DETOKENIZER']._serialized_end=873
+  _globals['_DETOKENIZERDECODERESULT']._serialized_end=705
+  _globals['_DETOKENIZERDECODERESPONSE']._serialized_start=707
+  _globals['_DETOKENIZERDECODERESPONSE']._serialized_end=791
+  _globals['_DETOKENIZER']._serialized_start=793
+  _globals['_DETOKENIZER']._serialized_end=899
 # @@protoc_insertion_point(module_scope)

@@ -48,18 +48,20 @@ class DetokenizerDecodeRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[DetokenizerDecodeItem, _Mapping]]] = ...) -> None: ...
 
 class DetokenizerDecodeResult(_message.Message):
-    __slots__ = ("request_id", "text", "state", "stopped", "matched_stop")
+    __slots__ = ("request_id", "text", "state", "stopped", "matched_stop", "stop_token_count")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     state: DetokenizerState
     stopped: bool
     matched_stop: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ...) -> None: ...
+    stop_token_count: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., state: _Optional[_Union[DetokenizerState, _Mapping]] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ..., stop_token_count: _Optional[int] = ...) -> None: ...
 
 class DetokenizerDecodeResponse(_message.Message):
     __slots__ = ("results",)

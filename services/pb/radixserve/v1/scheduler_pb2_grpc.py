@@ -85,7 +85,8 @@ class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Generate from token ids; streams one message per step that produced tokens for this request.
+        """Generate from token ids; streams one message per step that produced tokens for this request (with
+        --stream-interval N: per N tokens, the first token and the finish at once).
         Cancelling the call aborts the request and frees its KV memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
