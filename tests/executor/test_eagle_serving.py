@@ -339,3 +339,14 @@ def test_proposed_draft_ids_cross_the_contract():
     )
     back = output_from_proto(output_to_proto(out))
     assert [o.proposed_draft_ids for o in back.outputs] == [[7, 8, 9], []]
+
+
+def test_a_target_without_the_llama_forward_is_refused(folders):
+    from radixserve.executor.eagle_step import EagleStep
+
+    class OwnForward(torch.nn.Module):  # e.g. Gemma's: no hidden-state capture
+        pass
+
+    params = EagleParams("EAGLE3", str(folders / "EAGLE3"), K)
+    with pytest.raises(ValueError, match="Llama family's forward; OwnForward has its own"):
+        EagleStep(params, OwnForward(), torch.device("cpu"), torch.float32)
