@@ -129,8 +129,10 @@ class EagleStep:
             return None
         at = torch.tensor(last_rows, dtype=torch.int64, device=next_tokens.device)
         last_tokens = torch.where(at >= 0, next_tokens.index_select(0, at.clamp(min=0)), -1)
+        # Only chunks that do not sample: one round writes their draft K/V, no draft is wanted.
+        k = self.num_steps if sampled else 1
         drafts = self.proposer.propose(
-            table, requests, torch.cat(rows), self.num_steps, last_tokens.to(self.device)
+            table, requests, torch.cat(rows), k, last_tokens.to(self.device)
         )
         if not sampled:
             return None
