@@ -405,7 +405,8 @@ class SpeculativeConfig:
     )
     speculative_draft_model_path: str | None = option(
         None,
-        "EAGLE / EAGLE3: the draft head's folder (config.json + safetensors or pytorch_model.bin)",
+        "EAGLE / EAGLE3: the draft head's folder (config.json + safetensors or pytorch_model.bin) or "
+        "hub id (fetched like --model-path's, into --download-dir)",
         group="Speculative decoding",
         aliases=("--speculative-draft-model",),
     )

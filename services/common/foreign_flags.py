@@ -151,7 +151,7 @@ IGNORED = _table("""
 --fp8-gemm-backend | one | no FP8 GEMMs run (FP8 quantization is refused)
 --fp4-gemm-backend | one | no FP4 GEMMs run (FP4 quantization is refused)
 --disable-flashinfer-autotune | none | FlashInfer is not used, so there is nothing to autotune
---speculative-draft-model-revision | one | the draft head is read from --speculative-draft-model-path as it is (a local folder, no revision)
+--speculative-draft-model-revision | one | the draft head (a folder, or a hub id at its default revision) is read as --speculative-draft-model-path names it
 --speculative-draft-load-format | one | the draft head loads its safetensors (or pytorch_model.bin) as they are
 --speculative-accept-threshold-single | one | drafts are verified exactly (argmax or rejection sampling): no relaxed acceptance
 --speculative-accept-threshold-acc | one | drafts are verified exactly (argmax or rejection sampling): no relaxed acceptance

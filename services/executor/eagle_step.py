@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
@@ -36,10 +37,16 @@ log = logging.getLogger("radixserve.executor.eagle_step")
 
 class EagleStep:
     def __init__(
-        self, params: EagleParams, model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+        self,
+        params: EagleParams,
+        model: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        download_dir: str | None = None,
     ):
-        """Load params' head for model (a Llama-family target: its forward keeps the hidden states
-        the head reads); ValueError when the head or the target cannot serve."""
+        """Load params' head (a folder, or a hub id fetched like the target's) for model (a
+        Llama-family target: its forward keeps the hidden states the head reads); ValueError when the
+        head or the target cannot serve."""
         if not isinstance(model, LlamaForCausalLM) or type(model).forward is not (
             LlamaForCausalLM.forward
         ):
@@ -47,7 +54,8 @@ class EagleStep:
                 f"--speculative-algorithm {params.algorithm}: draft heads are wired for targets "
                 f"that run the Llama family's forward; {type(model).__name__} has its own"
             )
-        self.head = load_draft_model(params.algorithm, params.draft_model_path, model, device)
+        folder = resolve_model_path(params.draft_model_path, download_dir=download_dir)
+        self.head = load_draft_model(params.algorithm, folder, model, device)
         self.num_steps, self.device, self.dtype = params.num_steps, device, dtype
         # EAGLE3 reads the inputs of some target layers; EAGLE the target's output.
         self.capture = tuple(getattr(self.head, "capture_layers", ()))

@@ -191,7 +191,7 @@ class ModelRunner:
         # EAGLE / EAGLE3 (None otherwise): the draft head, its KV counted in the budget below.
         spec = speculation_params(settings)
         self.eagle = (
-            EagleStep(spec, self.model, self.device, self.dtype)
+            EagleStep(spec, self.model, self.device, self.dtype, settings.download_dir)
             if isinstance(spec, EagleParams)
             else None
         )
