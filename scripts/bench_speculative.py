@@ -1,11 +1,13 @@
-"""NGRAM speculative decoding against plain decoding at batch size 1, side by side in one process.
+"""Speculative decoding (NGRAM, or EAGLE / EAGLE3 with --speculative-draft-model-path) against plain
+decoding at batch size 1, side by side in one process.
 
 The scheduler core and the executor's ModelRunner run in this process (no gRPC hops), on the model
 `radixserve serve` serves by default (the embedded SmolLM2-135M-Instruct, or --model-path), with every
 server flag available. Each round serves the prompt set (tests/data/speculative_prompts.json: code to
 repeat with a variable renamed, greedy) one request at a time, once without speculation and once with
---speculative-algorithm NGRAM, alternating which goes first, so that noise from other work on the
-machine falls on both. Per round and configuration it prints the generated tokens, tokens/s and the
+--speculative-algorithm (NGRAM by default), alternating which goes first, so that noise from other work
+on the machine falls on both. EAGLE drafts on the executor, so it gets a runner of its own (the plain
+configuration keeps the fast decode paths an EAGLE runner turns off). Per round and configuration it prints the generated tokens, tokens/s and the
 average accepted length per verify step, then the totals and whether both produced the same tokens.
 
   python scripts/bench_speculative.py --rounds 3 --max-new-tokens 256 [--speculative-num-draft-tokens 9]
@@ -98,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.speculative_algorithm is None:
         args = dataclasses.replace(args, speculative_algorithm="NGRAM")
     plain_args = dataclasses.replace(args, speculative_algorithm=None)
+    label = args.speculative_algorithm.lower()
     from transformers import AutoTokenizer
 
     from radixserve.executor.runner import ModelRunner
     from radixserve.executor.warmup import run_warmup
     from radixserve.scheduler.server import build_core
 
-    runner = ModelRunner.from_args(args)
-    run_warmup(runner, args)
+    runner = ModelRunner.from_args(plain_args)
+    run_warmup(runner, plain_args)
+    runners = {"plain": runner, "ngram": runner}
+    if args.speculative_algorithm != "NGRAM":  # a draft head: the executor drafts
+        runners["ngram"] = ModelRunner.from_args(args)
+        run_warmup(runners["ngram"], args)
     info = runner.model_info()
     tokenizer = AutoTokenizer.from_pretrained(info.model_path)
     prompts = json.loads(pathlib.Path(ns.prompts_file).read_text())["prompts"][: ns.num_prompts]
@@ -121,14 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     # A warm-up pass of each (not timed): first-call costs of the verify shapes.
     for name, sched in configs.items():
-        run_config(runner, sched, ids[:1], 32, f"warm-{name}")
+        run_config(runners[name], sched, ids[:1], 32, f"warm-{name}")
     totals = {name: {"tokens": 0, "seconds": 0.0} for name in configs}
     same = True
     for r in range(ns.rounds):
         order = list(configs) if r % 2 == 0 else list(reversed(configs))
         results = {}
         for name in order:
-            results[name] = run_config(runner, configs[name], ids, ns.max_new_tokens, f"{r}-{name}")
+            results[name] = run_config(
+                runners[name], configs[name], ids, ns.max_new_tokens, f"{r}-{name}"
+            )
             totals[name]["tokens"] += results[name]["tokens"]
             totals[name]["seconds"] += results[name]["seconds"]
         for i, (a, b) in enumerate(zip(results["plain"]["outputs"], results["ngram"]["outputs"])):
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         p, n = results["plain"], results["ngram"]
         print(
             f"round {r + 1} ({' then '.join(order)}): plain {p['tokens']} tok in {p['seconds']:.1f}s "
-            f"= {p['tokens_per_s']:.1f} tok/s | ngram {n['tokens']} tok in {n['seconds']:.1f}s = "
+            f"= {p['tokens_per_s']:.1f} tok/s | {label} {n['tokens']} tok in {n['seconds']:.1f}s = "
             f"{n['tokens_per_s']:.1f} tok/s, accept length {n['accept_length'] or 0:.2f} "
             f"| speed-up {n['tokens_per_s'] / p['tokens_per_s']:.2f}x",
             flush=True,
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = {name: t["tokens"] / t["seconds"] for name, t in totals.items()}
     spec = configs["ngram"].spec_stats
     print(
-        f"total: plain {rate['plain']:.1f} tok/s, ngram {rate['ngram']:.1f} tok/s "
+        f"total: plain {rate['plain']:.1f} tok/s, {label} {rate['ngram']:.1f} tok/s "
         f"({rate['ngram'] / rate['plain']:.2f}x), accept length {spec.accept_length:.2f}; "
         f"outputs {'identical' if same else 'DIFFER'} with and without speculation"
     )

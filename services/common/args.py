@@ -381,11 +381,11 @@ def normalize(args: ServerArgs) -> ServerArgs:
 
 
 def check_speculation(args: ServerArgs) -> None:
-    """FlagError unless the --speculative-* flags make valid n-gram settings."""
-    from radixserve.scheduler.speculation import ngram_params
+    """FlagError unless the --speculative-* flags make valid n-gram or EAGLE settings."""
+    from radixserve.scheduler.speculation import speculation_params
 
     try:
-        ngram_params(args)
+        speculation_params(args)
     except ValueError as e:
         raise FlagError(str(e)) from None
 

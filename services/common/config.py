@@ -17,6 +17,7 @@ from radixserve.gateway.pipeline.reasoning_parsers.registry import REASONING_PAR
 from radixserve.scheduler.ngram_proposer import NgramParams
 
 _NGRAM = NgramParams()  # the n-gram flags' defaults (the flags default to None: these)
+DEFAULT_EAGLE_STEPS = 3  # --speculative-num-steps when unset (SGLang's usual EAGLE chain)
 
 # The most requests decoded together when --max-running-requests is unset: the scheduler's default
 # is below it (scheduler/server.py) and the executor sizes its slot table for it.
@@ -363,7 +364,67 @@ class LoraConfig:
 
 
 @dataclass
-class SchedulerConfig(CapacityConfig, LoraConfig):
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md): the scheduler plans verify steps, the executor
+    runs the draft head (EAGLE). Defaults of the n-gram settings: NgramParams."""
+
+    speculative_algorithm: str | None = option(
+        None,
+        "NGRAM: draft tokens by n-gram lookup in each request's own prompt + output; EAGLE / EAGLE3: "
+        "draft them with a draft head on the executor (--speculative-draft-model-path); the target "
+        "verifies them in one step (default: off)",
+        group="Speculative decoding",
+        choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"],
+        supported=["NGRAM", "EAGLE", "EAGLE3"],
+        unsupported_hint="not supported yet: NGRAM, EAGLE and EAGLE3 speculative decoding are built "
+        "(NEXTN's MTP heads and a STANDALONE draft model are not)",
+    )
+    speculative_num_draft_tokens: int | None = option(
+        None,
+        "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
+        f"draft tokens (NGRAM default {_NGRAM.max_draft_tokens + 1}; EAGLE: --speculative-num-steps + 1)",
+        group="Speculative decoding",
+    )
+    speculative_ngram_min_match_window_size: int | None = option(
+        None,
+        "shortest suffix of a request's tokens looked up for a draft "
+        f"(default {_NGRAM.min_match_window_size})",
+        group="Speculative decoding",
+    )
+    speculative_ngram_max_match_window_size: int | None = option(
+        None,
+        "longest suffix of a request's tokens looked up for a draft, tried first "
+        f"(default {_NGRAM.max_match_window_size})",
+        group="Speculative decoding",
+    )
+    speculative_ngram_history_window: int | None = option(
+        None,
+        "drafts are looked up in this many most recent tokens of the request "
+        f"(default {_NGRAM.history_window})",
+        group="Speculative decoding",
+    )
+    speculative_draft_model_path: str | None = option(
+        None,
+        "EAGLE / EAGLE3: the draft head's folder (config.json + safetensors or pytorch_model.bin) or "
+        "hub id (fetched like --model-path's, into --download-dir)",
+        group="Speculative decoding",
+        aliases=("--speculative-draft-model",),
+    )
+    speculative_num_steps: int | None = option(
+        None,
+        "EAGLE / EAGLE3: draft tokens the head proposes per step, one draft forward each "
+        f"(default {DEFAULT_EAGLE_STEPS})",
+        group="Speculative decoding",
+    )
+    speculative_eagle_topk: int | None = option(
+        None,
+        "EAGLE / EAGLE3: drafts kept per draft step; only 1 (a chain) is built, not trees",
+        group="Speculative decoding",
+    )
+
+
+@dataclass
+class SchedulerConfig(CapacityConfig, LoraConfig, SpeculativeConfig):
     """The scheduler: admission, prefill chunking, the radix prefix cache and structured-output limits."""
 
     max_queued_requests: int | None = option(
@@ -437,45 +498,10 @@ class SchedulerConfig(CapacityConfig, LoraConfig):
         "largest constraint (schema, regex or grammar text) in bytes; a larger one is a 400 before compiling",
         group="Limits and lifecycle (radixserve)",
     )
-    # Speculative decoding (docs/speculative.md). Defaults of the n-gram settings: NgramParams.
-    speculative_algorithm: str | None = option(
-        None,
-        "NGRAM: draft tokens by n-gram lookup in each request's own prompt + output and verify them "
-        "in one step (default: off)",
-        group="Speculative decoding",
-        choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"],
-        supported=["NGRAM"],
-        unsupported_hint="not supported yet: only NGRAM speculative decoding is built (EAGLE, "
-        "EAGLE3, NEXTN and STANDALONE need a draft model or heads, not built)",
-    )
-    speculative_num_draft_tokens: int | None = option(
-        None,
-        "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
-        f"draft tokens (default {_NGRAM.max_draft_tokens + 1})",
-        group="Speculative decoding",
-    )
-    speculative_ngram_min_match_window_size: int | None = option(
-        None,
-        "shortest suffix of a request's tokens looked up for a draft "
-        f"(default {_NGRAM.min_match_window_size})",
-        group="Speculative decoding",
-    )
-    speculative_ngram_max_match_window_size: int | None = option(
-        None,
-        "longest suffix of a request's tokens looked up for a draft, tried first "
-        f"(default {_NGRAM.max_match_window_size})",
-        group="Speculative decoding",
-    )
-    speculative_ngram_history_window: int | None = option(
-        None,
-        "drafts are looked up in this many most recent tokens of the request "
-        f"(default {_NGRAM.history_window})",
-        group="Speculative decoding",
-    )
 
 
 @dataclass
-class RunnerConfig(ModelSpec, CapacityConfig, LoraConfig):
+class RunnerConfig(ModelSpec, CapacityConfig, LoraConfig, SpeculativeConfig):
     """The executor's model runner: device, KV memory, kernels and CUDA graphs."""
 
     device: str = option("auto", "auto | cpu | cuda | cuda:N", group="Runtime options")

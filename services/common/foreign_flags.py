@@ -150,24 +150,22 @@ IGNORED = _table("""
 --fp8-gemm-backend | one | no FP8 GEMMs run (FP8 quantization is refused)
 --fp4-gemm-backend | one | no FP4 GEMMs run (FP4 quantization is refused)
 --disable-flashinfer-autotune | none | FlashInfer is not used, so there is nothing to autotune
---speculative-draft-model-revision | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-draft-load-format | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-num-steps | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-eagle-topk | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-accept-threshold-single | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-accept-threshold-acc | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-token-map | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-attention-mode | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-draft-attention-backend | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-moe-runner-backend | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-moe-a2a-backend | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
---speculative-draft-model-quantization | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
+--speculative-draft-model-revision | one | the draft head (a folder, or a hub id at its default revision) is read as --speculative-draft-model-path names it
+--speculative-draft-load-format | one | the draft head loads its safetensors (or pytorch_model.bin) as they are
+--speculative-accept-threshold-single | one | drafts are verified exactly (argmax or rejection sampling): no relaxed acceptance
+--speculative-accept-threshold-acc | one | drafts are verified exactly (argmax or rejection sampling): no relaxed acceptance
+--speculative-token-map | one | an EAGLE3 head's own d2t maps its vocabulary (a separate token map is not read)
+--speculative-attention-mode | one | the draft head runs with the target's --attention-backend
+--speculative-draft-attention-backend | one | the draft head runs with the target's --attention-backend
+--speculative-moe-runner-backend | one | EAGLE draft heads are dense (no MoE runner)
+--speculative-moe-a2a-backend | one | EAGLE draft heads are dense (no MoE all-to-all)
+--speculative-draft-model-quantization | one | the draft head runs unquantized, in the target's dtype
 --speculative-ngram-min-bfs-breadth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
 --speculative-ngram-max-bfs-breadth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
 --speculative-ngram-match-type | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
 --speculative-ngram-max-trie-depth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
 --speculative-ngram-capacity | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
---enable-multi-layer-eagle | none | only used with --speculative-algorithm EAGLE, which is not built yet (NGRAM only)
+--enable-multi-layer-eagle | none | multi-layer EAGLE (MTP) heads are not built; EAGLE heads run their layers as one draft step
 --moe-runner-backend | one | radixserve runs its own fused Triton MoE kernel; the MoE runner choice does not change results
 --flashinfer-mxfp4-moe-precision | one | no MXFP4 MoE runs (MXFP4 quantization is refused)
 --enable-flashinfer-allreduce-fusion | none | fused all-reduce kernels only change speed; radixserve uses NCCL all-reduce
@@ -279,7 +277,7 @@ IGNORED = _table("""
 --mm-enable-dp-encoder | none | multimodal inputs are not supported (text-only models); no effect on them
 --limit-mm-data-per-request | one | multimodal inputs are refused outright, which is stricter than any limit
 --enable-mm-global-cache | none | multimodal inputs are not supported (text-only models); no effect on them
---decrypted-draft-config-file | one | only used with a draft model (--speculative-algorithm EAGLE/EAGLE3/STANDALONE), not built yet
+--decrypted-draft-config-file | one | the draft head's config.json is read as it is (no encrypted configs)
 --enable-prefix-mm-cache | none | multimodal inputs are not supported (text-only models); no effect on them
 --msprobe-dump-config | one | msProbe dumps (Ascend NPU debugging) are not written
 --prefill-round-robin-balance | none | deprecated in SGLang, where it has no effect either
@@ -324,7 +322,6 @@ REFUSED = _table("""
 --completion-template | one | code-completion (FIM) templates not supported yet
 --tool-server | one | built-in tool servers not supported yet
 --default-chat-template-kwargs | one | chat template kwargs are not supported yet
---speculative-draft-model-path,--speculative-draft-model | one | speculative decoding not supported yet
 --enable-eplb | none | expert load balancing (EPLB) not supported yet
 --enable-deepep-waterfill,--enable-waterfill | none | DeepEP waterfill not supported yet (DeepEP is not supported)
 --elastic-ep-rejoin | none | elastic expert parallelism not supported yet

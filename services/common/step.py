@@ -110,6 +110,9 @@ class SampledToken:
     # logprobs (when the request asked for logprobs).
     accepted_draft_ids: list[int] = field(default_factory=list)
     accepted_draft_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    # Speculative decoding with a draft head (EAGLE, EAGLE3): the tokens the executor drafts after
+    # token_id, for the request's next step (its draft_ids).
+    proposed_draft_ids: list[int] = field(default_factory=list)
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:

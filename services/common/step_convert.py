@@ -119,6 +119,7 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
             token_id=o.token_id,
             accepted_draft_ids=o.accepted_draft_ids,
             accepted_draft_logprobs=o.accepted_draft_logprobs,
+            proposed_draft_ids=o.proposed_draft_ids,
         )
         logprob = o.token_logprob()
         if logprob is not None:
@@ -138,6 +139,7 @@ def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
                 *_logprob(o),
                 list(o.accepted_draft_ids),
                 list(o.accepted_draft_logprobs),
+                list(o.proposed_draft_ids),
             )
             for o in resp.outputs
         ],

@@ -107,11 +107,18 @@ class EagleProposer:
 
     @torch.inference_mode()
     def propose(
-        self, table: torch.Tensor, requests: list[DraftRequest], hidden: torch.Tensor, k: int
+        self,
+        table: torch.Tensor,
+        requests: list[DraftRequest],
+        hidden: torch.Tensor,
+        k: int,
+        last_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
         table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
-        states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs)."""
+        states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs).
+        last_tokens: [B] on the device, each request's last next_token_ids entry where not negative
+        (the token just sampled, not read back to the host)."""
         self._validate(table, requests, hidden, k)
         self.logits = []
         device, scratch_per = self.device, self.max_steps - 1
@@ -145,8 +152,11 @@ class EagleProposer:
             max(r.num_tokens for r in requests),
         )
         last = tensor([s + r.num_tokens - 1 for s, r in zip(starts, requests)])
+        ids_t = tensor(ids)
+        if last_tokens is not None:
+            ids_t[last] = torch.where(last_tokens >= 0, last_tokens, ids_t[last])
         step = ForwardBatch(
-            tensor(ids),
+            ids_t,
             tensor(positions),
             tensor(slots),
             extend,

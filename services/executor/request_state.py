@@ -28,6 +28,9 @@ class RequestState:
     # A verify step of its drafts is launched and not collected: length counts every draft until
     # collect() takes the rejected ones back.
     verifying: bool = False
+    # EAGLE (eagle_step.py): the last position of a prefill chunk that did not sample, waiting for the
+    # next chunk's first token to run the draft head: (its hidden row [1, width], its slot).
+    draft_pending: tuple[torch.Tensor, int] | None = None
 
     @classmethod
     def create(

@@ -20,6 +20,7 @@ from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
+from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.image_inputs import ImageInputs
 from radixserve.executor.kv_cache import KVPool, compute_kv_slots, kv_bytes_per_token
@@ -55,6 +56,7 @@ from radixserve.executor.quantization import unquantize_skipped
 from radixserve.executor.quantization import weight_bytes
 from radixserve.executor.quantization.gguf import native_config as native_gguf
 from radixserve.executor.weights import default_dtype, init_dummy_weights, iterate_safetensors
+from radixserve.scheduler.speculation import EagleParams, speculation_params
 
 log = logging.getLogger("radixserve.executor.runner")
 
@@ -76,6 +78,8 @@ class LaunchedStep:
     spec: DeviceSpecSample | None = None
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
+    # EAGLE: the drafts proposed after this step (request ids, [B, K] on the device), rank 0's.
+    proposals: tuple[list[str], torch.Tensor] | None = None
 
 
 @dataclass
@@ -184,6 +188,16 @@ class ModelRunner:
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
         cfg = self.config
+        # EAGLE / EAGLE3 (None otherwise): the draft head, its KV counted in the budget below.
+        spec = speculation_params(settings)
+        self.eagle = (
+            EagleStep(spec, self.model, self.device, self.dtype, settings.download_dir)
+            if isinstance(spec, EagleParams)
+            else None
+        )
+        if self.eagle is not None:
+            # Drafting reads the target's hidden states, which only the plain forward returns.
+            cuda_graph_max_bs = 0
         # LoRA adapters (None without --enable-lora): no fused CPU decode, torch.compile, or (with the
         # torch backend, which syncs with the host) CUDA graphs.
         self.lora = build_lora_manager(
@@ -196,6 +210,8 @@ class ModelRunner:
         # A model whose cache rows are not K and V of head_dim (MLA: one latent row) says so.
         k_dim, v_dim = getattr(self.model, "kv_head_dims", (cfg.head_dim, cfg.head_dim))
         per_token = kv_bytes_per_token(cfg.num_layers, num_kv_heads, k_dim, self.kv_dtype, v_dim)
+        if self.eagle is not None:
+            per_token += self.eagle.kv_bytes_per_token  # its draft K/V at the same slot ids
         self.kv_bytes_per_token = per_token
         # CPU shards share the host's memory: size each for its share. Every shard must hold the same slots.
         sizing_per_token = per_token * (
@@ -238,8 +254,12 @@ class ModelRunner:
             cfg.context_length,
             self.device,
         )
+        if self.eagle is not None:
+            self.eagle.build(self.kv_slots, self.slot_table.tensor.shape[0], self.attn_backend)
         # None: every step takes the torch path
-        self.fast_decode = FastDecode.build(self) if self.lora is None else None
+        self.fast_decode = (
+            FastDecode.build(self) if self.lora is None and self.eagle is None else None
+        )
         self.batch_builder = BatchBuilder(
             self.kv_slots,
             cfg.vocab_size,
@@ -258,7 +278,7 @@ class ModelRunner:
         # Compiled in the graph capture, else at warm-up.
         self.compiled_decode = (
             self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)
-            if settings.enable_torch_compile and self.lora is None
+            if settings.enable_torch_compile and self.lora is None and self.eagle is None
             else None
         )
         # Under tensor parallelism every shard captures the same graphs, NCCL all-reduces included, and
@@ -483,6 +503,8 @@ class ModelRunner:
                 hidden, batch.prompt_logprobs, self.model.compute_logits, self.config.vocab_size
             )
             launched.prompt_logprobs = computed if self.samples else None
+        if self.eagle is not None:
+            launched.proposals = self._propose(step, batch, hidden, launched)
         if self.keep_logits and logits is not None:
             launched.logits = (
                 logits.clone()
@@ -561,6 +583,27 @@ class ModelRunner:
                 launched.num_accepted.shape, dtype=torch.int64, pin_memory=True
             ).copy_(launched.num_accepted, non_blocking=True)
 
+    def _propose(
+        self, step: StepInput, batch, hidden: torch.Tensor, launched: LaunchedStep
+    ) -> tuple[list[str], torch.Tensor] | None:
+        """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
+        drafts."""
+        accepted = {}
+        if launched.verifying is not None:
+            if launched.num_accepted.is_pinned():
+                torch.cuda.current_stream().synchronize()  # its copy to the host
+            counts = launched.num_accepted.tolist()
+            accepted = dict(zip(launched.request_ids, counts))
+        proposals = self.eagle.after_step(
+            step,
+            batch,
+            hidden,
+            self.slot_table.tensor,
+            self.slot_table.next_tokens,
+            accepted,
+        )
+        return proposals if self.samples else None
+
     def collect(self, launched: LaunchedStep) -> StepOutput:
         """Wait for a launched step on the device and read its sampled tokens."""
         if launched.done is not None:
@@ -584,6 +627,11 @@ class ModelRunner:
                 )
                 for i, rid in enumerate(launched.request_ids)
             ]
+        if launched.proposals is not None:
+            rids, drafts = launched.proposals
+            by_id = dict(zip(rids, drafts.tolist()))
+            for out in outputs:
+                out.proposed_draft_ids = by_id.get(out.request_id, [])
         return StepOutput(
             launched.step_id,
             outputs,

@@ -37,7 +37,7 @@ from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager
 from radixserve.scheduler.radix_cache import DisabledRadixCache, RadixCache
 from radixserve.common.step import PromptLogprobs, SampledToken, StepInput
 from radixserve.scheduler.request import FinishReason, Request, RequestEvent, SchedulerStats, Status
-from radixserve.scheduler.speculation import SpecStats, ngram_params
+from radixserve.scheduler.speculation import SpecStats, speculation_params
 from radixserve.scheduler.stopping import finish_reason, grammar_verdict, request_event
 from radixserve.scheduler.stream_interval import StreamBuffer
 
@@ -121,7 +121,7 @@ class Scheduler:
         )
         self.prefill.max_loras = config.max_loras_per_batch if config.lora_enabled else 0
         self.decode = DecodeManager(
-            self.kv, self.new_token_ratio, context_length, ngram_params(config)
+            self.kv, self.new_token_ratio, context_length, speculation_params(config)
         )
         self.spec_stats = SpecStats()
         # --stream-interval: events of a request leave update() every N tokens (stream_interval.py).
@@ -341,6 +341,7 @@ class Scheduler:
                     f"executor returned no token for request {rid} in step {plan.step_id}"
                 )
             drafted, req.drafts_inflight = req.drafts_inflight, []
+            req.proposed_draft_ids = list(out.proposed_draft_ids)
             if drafted:
                 self.spec_stats.add(len(drafted), len(out.accepted_draft_ids))
             event = self._append_tokens(req, out)
@@ -412,6 +413,7 @@ class Scheduler:
         for req in kept:
             req.inflight = req.chunks_inflight = 0
             req.drafts_inflight = []
+            req.proposed_draft_ids = []
         self.kv.reset()
         self.requests = {req.request_id: req for req in kept}
         self.prefill.reset(kept)

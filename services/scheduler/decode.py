@@ -10,10 +10,11 @@ stays in the prefix cache, so its re-prefill is mostly a cache hit. Only a seria
 step in flight) retracts.
 
 Speculative decoding (spec set): a request that may speculate drafts up to spec.max_draft_tokens
-tokens by n-gram lookup and gets a slot for each from free memory (no draft when memory is short:
-drafts never evict or retract). Its draft is made from its known tokens, so it is decoded only when
-no step in flight samples for it (it alternates with the rest of the batch instead of overlapping).
-Mixed prefill steps decode without drafts.
+tokens (by n-gram lookup, or EAGLE: the executor's proposal that came with its last token) and gets a
+slot for each from free memory (no draft when memory is short: drafts never evict or retract). Its
+draft follows its known tokens, so it is decoded only when no step in flight samples for it (it
+alternates with the rest of the batch instead of overlapping). Mixed prefill steps decode without
+drafts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from radixserve.scheduler.ngram_proposer import NgramParams
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.scheduler.request import Request
-from radixserve.scheduler.speculation import draft_for, may_speculate
+from radixserve.scheduler.speculation import EagleParams, draft_for, may_speculate
 
 
 class DecodeManager:
@@ -32,7 +33,7 @@ class DecodeManager:
         kv: KVAccounting,
         ratio: NewTokenRatio,
         context_length: int,
-        spec: NgramParams | None = None,
+        spec: NgramParams | EagleParams | None = None,
     ):
         self.kv = kv
         self.ratio = ratio
@@ -106,6 +107,7 @@ class DecodeManager:
         if req is not prefill.chunked:
             self.running.remove(req)
         self.kv.release(req)
+        req.proposed_draft_ids = []  # its re-prefill brings a new proposal
         prefill.requeue(req)
         self.num_retractions += 1
         self.ratio.bump()

@@ -1,13 +1,17 @@
-"""Speculative decoding on the scheduler's side (docs/speculative.md): the n-gram settings from the
-flags, which requests may speculate, how many tokens a request drafts, and the acceptance counters.
-Plain Python, no I/O."""
+"""Speculative decoding on the scheduler's side (docs/speculative.md): the n-gram or EAGLE settings
+from the flags, which requests may speculate, how many tokens a request drafts, and the acceptance
+counters. Plain Python, no I/O.
+
+NGRAM drafts here (ngram_proposer.py). EAGLE / EAGLE3 draft on the executor, after each step that
+samples: a request's step output carries the head's proposal (proposed_draft_ids), which its next
+step sends back as draft_ids, with a slot for each, exactly like an n-gram draft."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from radixserve.common.config import SchedulerConfig
+from radixserve.common.config import DEFAULT_EAGLE_STEPS, SchedulerConfig
 from radixserve.scheduler.ngram_proposer import NgramParams, NgramProposer
 
 if (
@@ -16,22 +20,74 @@ if (
     from radixserve.scheduler.request import Request
 
 
-def ngram_params(config: SchedulerConfig) -> NgramParams | None:
-    """The n-gram drafter's settings, None when speculation is off; ValueError for settings that do
-    not fit (unset flags take NgramParams' defaults)."""
-    if config.speculative_algorithm is None:
+EAGLE_ALGORITHMS = ("EAGLE", "EAGLE3")
+
+
+@dataclass(frozen=True)
+class EagleParams:
+    """A draft head's settings: the executor loads it and proposes num_steps tokens per step."""
+
+    algorithm: str  # EAGLE | EAGLE3
+    draft_model_path: str
+    num_steps: int
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.num_steps
+
+
+def speculation_params(config: SchedulerConfig) -> NgramParams | EagleParams | None:
+    """The drafter's settings (n-gram or EAGLE), None when speculation is off; ValueError for
+    settings that do not fit."""
+    algorithm = config.speculative_algorithm
+    if algorithm is None:
         return None
-    if config.speculative_algorithm != "NGRAM":
-        raise ValueError(
-            f"--speculative-algorithm {config.speculative_algorithm}: not built yet (NGRAM only)"
-        )
-    defaults = NgramParams()
     num_draft_tokens = config.speculative_num_draft_tokens
     if num_draft_tokens is not None and num_draft_tokens < 2:
         raise ValueError(
             "--speculative-num-draft-tokens counts the last verified token too: it must be at "
             f"least 2 (got {num_draft_tokens})"
         )
+    if algorithm in EAGLE_ALGORITHMS:
+        return eagle_params(config)
+    return ngram_params(config)
+
+
+def eagle_params(config: SchedulerConfig) -> EagleParams:
+    """EAGLE / EAGLE3 settings: a draft head's folder, a chain of --speculative-num-steps drafts."""
+    algorithm = config.speculative_algorithm
+    if not config.speculative_draft_model_path:
+        raise ValueError(
+            f"--speculative-algorithm {algorithm} needs --speculative-draft-model-path (the draft "
+            "head's folder)"
+        )
+    topk = config.speculative_eagle_topk
+    if topk is not None and topk != 1:
+        raise ValueError(
+            f"--speculative-eagle-topk {topk}: only 1 is supported (EAGLE drafts a chain here; "
+            "tree drafts are not built)"
+        )
+    steps = config.speculative_num_steps
+    num_draft_tokens = config.speculative_num_draft_tokens
+    if steps is None:
+        steps = DEFAULT_EAGLE_STEPS if num_draft_tokens is None else num_draft_tokens - 1
+    if steps < 1:
+        raise ValueError(f"--speculative-num-steps must be at least 1 (got {steps})")
+    if num_draft_tokens is not None and num_draft_tokens != steps + 1:
+        raise ValueError(
+            f"--speculative-num-draft-tokens {num_draft_tokens} with --speculative-num-steps "
+            f"{steps}: a chain (topk 1) verifies num-steps + 1 tokens; leave one of them unset"
+        )
+    return EagleParams(algorithm, config.speculative_draft_model_path, steps)
+
+
+def ngram_params(config: SchedulerConfig) -> NgramParams | None:
+    """The n-gram drafter's settings, None unless the algorithm is NGRAM; ValueError for settings
+    that do not fit (unset flags take NgramParams' defaults)."""
+    if config.speculative_algorithm != "NGRAM":
+        return None
+    defaults = NgramParams()
+    num_draft_tokens = config.speculative_num_draft_tokens
 
     def pick(value, default):
         return default if value is None else value
@@ -64,14 +120,19 @@ def may_speculate(req: Request) -> bool:
     )
 
 
-def draft_for(req: Request, params: NgramParams, context_length: int) -> list[int]:
-    """req's draft for its next step (its proposer brought up to date with its tokens first)."""
+def draft_for(req: Request, params: NgramParams | EagleParams, context_length: int) -> list[int]:
+    """req's draft for its next step: the executor's last proposal for it (EAGLE), or an n-gram
+    lookup (its proposer brought up to date with its tokens first)."""
+    limit = min(
+        params.max_draft_tokens, req.remaining_new_tokens - 1, context_length - req.seq_len - 1
+    )
+    if isinstance(params, EagleParams):
+        return req.proposed_draft_ids[: max(limit, 0)]
     if req.proposer is None:
         req.proposer = NgramProposer(params)
     seq_len = req.seq_len
     if len(req.proposer) < seq_len:
         req.proposer.extend(req.seq[len(req.proposer) :])
-    limit = min(params.max_draft_tokens, req.remaining_new_tokens - 1, context_length - seq_len - 1)
     return req.proposer.propose(limit) if limit > 0 else []
 
 

@@ -44,6 +44,9 @@ SAMPLES = {
     "override_generation_config": ('{"top_k": 4}', '{"top_k": 4}'),
     # Must exceed the max match window (4097 like every other int).
     "speculative_ngram_history_window": ("8192", 8192),
+    # EAGLE3 (the last supported algorithm) builds chains only, of num_steps + 1 tokens per step.
+    "speculative_eagle_topk": ("1", 1),
+    "speculative_num_draft_tokens": ("4098", 4098),
 }
 
 

@@ -251,7 +251,7 @@ def test_ignored_flags_warn_once_and_are_not_passed_to_children(capsys):
 def test_launch_server_module_starts_like_sglangs(tmp_path):
     """`python -m radixserve.launch_server` is `radixserve serve`: a refused flag stops it as serve does."""
     out = subprocess.run(
-        [sys.executable, "-m", "radixserve.launch_server", "--speculative-algorithm", "EAGLE"],
+        [sys.executable, "-m", "radixserve.launch_server", "--speculative-algorithm", "NEXTN"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,150 @@
+"""EAGLE / EAGLE3 in the runner (docs/speculative.md, "EAGLE: the plan"): the draft head loaded beside
+the target, its KV pool counted in the KV budget, and after every step the head run over the
+positions the step kept, proposing the next step's drafts of each request that sampled.
+
+Kept positions, per request of the step: a prefill chunk's tokens; a decode's one token; a verify
+step's last token and its accepted drafts (the rejected ones need no draft K/V: they are past the
+sequence, and their slots go back to the scheduler's pool). The token after each kept position is
+known on the host (the chunk's next id, an accepted draft) except after the last one of a request
+that sampled: that is the token just sampled, read from the SlotTable's next_tokens on the device.
+The last position of a chunk that does not sample waits (RequestState.draft_pending: its hidden row
+and slot) until the next chunk brings the token after it.
+
+Every sampled request's draft K/V is kept up to date, speculating or not, so a request may start
+drafting at any step (after min_new_tokens, say); the proposals of requests that may not speculate
+are returned and ignored by the scheduler. Reading a verify step's accepted counts syncs with the
+device (device-side lengths are later work, as for the overlap of speculating requests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from radixserve.common.model_files import resolve_model_path
+from radixserve.common.step import StepInput
+from radixserve.executor.attention.backend import AttentionBackend
+from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
+from radixserve.executor.kv_cache import kv_bytes_per_token
+from radixserve.executor.models.eagle import load_draft_model
+from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.scheduler.speculation import EagleParams
+
+log = logging.getLogger("radixserve.executor.eagle_step")
+
+
+class EagleStep:
+    def __init__(
+        self,
+        params: EagleParams,
+        model: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        download_dir: str | None = None,
+    ):
+        """Load params' head (a folder, or a hub id fetched like the target's) for model (a
+        Llama-family target: its forward keeps the hidden states the head reads); ValueError when the
+        head or the target cannot serve."""
+        if not isinstance(model, LlamaForCausalLM) or type(model).forward is not (
+            LlamaForCausalLM.forward
+        ):
+            raise ValueError(
+                f"--speculative-algorithm {params.algorithm}: draft heads are wired for targets "
+                f"that run the Llama family's forward; {type(model).__name__} has its own"
+            )
+        folder = resolve_model_path(params.draft_model_path, download_dir=download_dir)
+        self.head = load_draft_model(params.algorithm, folder, model, device)
+        self.num_steps, self.device, self.dtype = params.num_steps, device, dtype
+        # EAGLE3 reads the inputs of some target layers; EAGLE the target's output.
+        self.capture = tuple(getattr(self.head, "capture_layers", ()))
+        model.capture_hidden_layers = self.capture
+        self.model = model
+        layers, kv_heads, head_dim = self.head.kv_shape
+        self.kv_bytes_per_token = kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
+        self.proposer: EagleProposer | None = None
+        log.info(
+            "%s draft head from %s: %d draft tokens per step, %d bytes of draft KV per token",
+            params.algorithm,
+            params.draft_model_path,
+            self.num_steps,
+            self.kv_bytes_per_token,
+        )
+
+    def build(self, num_slots: int, max_requests: int, attn_backend: AttentionBackend) -> None:
+        """The proposer over the target pool's slot ids (num_slots) and its scratch slots."""
+        self.proposer = EagleProposer(
+            self.head,
+            num_slots,
+            max_requests,
+            self.num_steps,
+            attn_backend,
+            self.device,
+            self.dtype,
+        )
+
+    def after_step(
+        self,
+        step: StepInput,
+        batch: ForwardBatch,
+        hidden: torch.Tensor,
+        table: torch.Tensor,
+        next_tokens: torch.Tensor,
+        accepted: dict[str, int],
+    ) -> tuple[list[str], torch.Tensor] | None:
+        """Run the head over the step's kept positions; (request ids, their drafts [B, K] on the
+        device) of the requests that sampled, or None when none did. hidden: the target forward's
+        output; table, next_tokens: the SlotTable's; accepted: each verified request's accepted
+        draft count."""
+        by_id = {r.request_id: r for r in step.new_requests}
+        by_id.update({r.request_id: r for r in step.continuing_requests})
+        states = hidden if not self.capture else self.model.captured_hidden
+        limit = min(table.shape[1], self.proposer.max_positions)
+        requests: list[DraftRequest] = []
+        rows: list[torch.Tensor] = []
+        sampled: list[str] = []
+        last_rows: list[int] = []  # per draft request: its table row if it sampled, else -1
+        for (rid, start, prefix, n), state in zip(batch.seq_spans, batch.seq_states):
+            req = by_id[rid]
+            tokens, drafts = list(req.input_ids), list(getattr(req, "draft_ids", ()))
+            if tokens:  # a prefill chunk: the token after each position is the prompt's next
+                kept, next_ids = n, tokens[1:] + [0]
+            else:  # a decode or verify: the last sampled token, then the accepted drafts
+                kept = 1 + accepted.get(rid, 0)
+                next_ids = drafts[: kept - 1] + [0]
+            slots, first = list(req.new_slots[:kept]), prefix
+            pieces = [states[start : start + kept]]
+            pending, state.draft_pending = state.draft_pending, None
+            if pending is not None and tokens:
+                row, slot = pending
+                pieces.insert(0, row)
+                slots.insert(0, slot)
+                next_ids.insert(0, tokens[0])
+                first -= 1
+            if not req.sample:  # its last token's next id comes with the next chunk
+                state.draft_pending = (states[start + kept - 1 : start + kept].clone(), slots[-1])
+                slots, next_ids = slots[:-1], next_ids[:-1]
+                pieces[-1] = pieces[-1][:-1]
+            if not slots or first + len(slots) + self.num_steps - 1 > limit:
+                continue  # nothing to run, or no room to draft before the context's end
+            requests.append(DraftRequest(state.table_row, first, next_ids, slots))
+            rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+            last_rows.append(state.table_row if req.sample else -1)
+            if req.sample:
+                sampled.append(rid)
+        if not requests:
+            return None
+        at = torch.tensor(last_rows, dtype=torch.int64, device=next_tokens.device)
+        last_tokens = torch.where(at >= 0, next_tokens.index_select(0, at.clamp(min=0)), -1)
+        # Only chunks that do not sample: one round writes their draft K/V, no draft is wanted.
+        k = self.num_steps if sampled else 1
+        drafts = self.proposer.propose(
+            table, requests, torch.cat(rows), k, last_tokens.to(self.device)
+        )
+        if not sampled:
+            return None
+        keep = torch.tensor(
+            [i for i, r in enumerate(last_rows) if r >= 0], dtype=torch.int64, device=drafts.device
+        )
+        return sampled, drafts.index_select(0, keep)
