@@ -2,6 +2,12 @@
 
 Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
 Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128] [--hf-baseline]
+       [--serve-args "--stream-interval 8"] [--llama-cpp-rounds N]
+
+--llama-cpp-rounds N (needs the optional llama-cpp-python package): instead of the figures above, N
+rounds that alternate one bs1 request through the stack (kept running) with llama.cpp decoding the
+same GGUF file the stack serves (all cores, greedy, the same prompt and token count) in this process;
+each round prints both decode tokens/s and their ratio.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
     }
 
 
-def bench(dtype: str, output_len: int, concurrency: int) -> dict:
+def bench(dtype: str, output_len: int, concurrency: int, serve_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        stack = start_stack("--dtype", dtype, log_path=f"{tmp}/serve.log")
+        stack = start_stack("--dtype", dtype, *serve_args, log_path=f"{tmp}/serve.log")
         try:
             stream_one(stack.base_url, 8)  # warm-up
             single = stream_one(stack.base_url, output_len)
@@ -76,6 +82,49 @@ def bench(dtype: str, output_len: int, concurrency: int) -> dict:
         "concurrent_output_tok_s": round(out_tokens / wall, 1),
         "concurrent_wall_s": round(wall, 2),
     }
+
+
+def llama_cpp_side_by_side(dtype: str, output_len: int, rounds: int, serve_args: list[str]):
+    import os
+
+    import llama_cpp
+
+    from radixserve.common.model_files import embedded_gguf
+
+    llm = llama_cpp.Llama(
+        model_path=str(embedded_gguf()), n_ctx=1024, n_threads=os.cpu_count(), verbose=False
+    )
+    prompt_ids = llm.tokenize(PROMPT.encode())
+
+    def llama_decode_tok_s() -> float:
+        llm.reset()
+        llm.eval(prompt_ids)
+        t0 = time.perf_counter()
+        for _ in range(output_len - 1):
+            llm.eval([llm.sample(temp=0.0)])
+        return (output_len - 1) / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack("--dtype", dtype, *serve_args, log_path=f"{tmp}/serve.log")
+        try:
+            stream_one(stack.base_url, 8)  # warm-up
+            llama_decode_tok_s()
+            for r in range(rounds):
+                ours = stream_one(stack.base_url, output_len)["decode_tok_s"]
+                theirs = llama_decode_tok_s()
+                row = {
+                    "round": r + 1,
+                    "dtype": dtype,
+                    "serve_args": " ".join(serve_args),
+                    "output_len": output_len,
+                    "radixserve_bs1_decode_tok_s": round(ours, 1),
+                    "llama_cpp_bs1_decode_tok_s": round(theirs, 1),
+                    "ratio": round(ours / theirs, 3),
+                    "load_average_1min": os.getloadavg()[0],
+                }
+                print(json.dumps(row), flush=True)
+        finally:
+            stop_stack(stack)
 
 
 def hf_baseline(dtype: str, output_len: int) -> dict:
@@ -114,9 +163,17 @@ def main() -> None:
     p.add_argument(
         "--hf-baseline", action="store_true", help="also time HF transformers at batch 1"
     )
+    p.add_argument("--serve-args", default="", help="extra `radixserve serve` flags, one string")
+    p.add_argument("--llama-cpp-rounds", type=int, default=0)
     a = p.parse_args()
+    if a.llama_cpp_rounds:
+        for dtype in a.dtypes:
+            llama_cpp_side_by_side(dtype, a.output_len, a.llama_cpp_rounds, a.serve_args.split())
+        return
     for dtype in a.dtypes:
-        print(json.dumps(bench(dtype, a.output_len, a.concurrency)), flush=True)
+        print(
+            json.dumps(bench(dtype, a.output_len, a.concurrency, a.serve_args.split())), flush=True
+        )
         if a.hf_baseline:
             print(json.dumps(hf_baseline(dtype, a.output_len)), flush=True)
 
