@@ -4,7 +4,8 @@ Decode tokens of the whole batch gather their K/V through their SlotTable rows, 
 length ([B, max_len]), into buffers reused by every layer; sequences of one length run as one SDPA
 call, sequences of different lengths one call each at its own length (a padded, masked batch computes
 a sequence's attention differently in the last bits from the same sequence alone, and a request's
-tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode:
+tokens must not change with its batch-mates), as do float32 sequences on the CPU (there a batch of
+equal lengths also differs from a sequence alone once torch runs 2+ threads). Grouped-query heads need no K/V expansion for decode:
 the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
 from their SlotTable row).
@@ -174,15 +175,21 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 qs, ks[:, :, start:n], vs[:, :, start:n], None, scale, layer.logit_softcap, False
             )
 
-        if meta.decode_lens is None:
-            o = attend_last(queries, keys, values, meta.decode_max_len)
-        else:
+        # One call per sequence where lengths differ, and for float32 on the CPU: there torch's SDPA
+        # with 2+ threads computes a sequence of a batch differently in the last bits than alone.
+        per_sequence = meta.decode_lens is not None or (
+            bsz > 1 and q.dtype == torch.float32 and q.device.type == "cpu"
+        )
+        if per_sequence:
+            lens = meta.decode_lens or [meta.decode_max_len] * bsz
             o = torch.cat(
                 [
                     attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
-                    for i, n in enumerate(meta.decode_lens)
+                    for i, n in enumerate(lens)
                 ]
             )
+        else:
+            o = attend_last(queries, keys, values, meta.decode_max_len)
         if v_scale != 1.0:
             o = o * v_scale
         return o.reshape(bsz, layer.num_heads * d)
