@@ -9,8 +9,8 @@
 //   Q4_1: d_w d_x sum(q_w q_x) + m_w s_x            (w = d_w q_w + m_w, q_w in 0..15)
 //   Q4_0: d_w d_x sum(q_w q_x) - 8 d_w s_x          (w = d_w (q_w - 8))
 // Output rows are split over torch's intra-op threads in tiles of 2 weight rows; each weight block pair
-// is unpacked once for up to 8 activation rows (a speculative verify step's K + 1 rows, a prefill), so
-// extra rows cost their int8 dot products and not the unpacking.
+// is unpacked once for up to 16 activation rows on AVX-512 VNNI (a speculative verify step's K + 1 rows;
+// a prefill's in chunks of 8), 2 on AVX2, so extra rows cost their int8 dot products, not the unpacking.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -177,7 +177,7 @@ void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
     }
 }
 
-// ---- AVX-512 VNNI: one 16-lane register per pair, each weight pair unpacked once for up to 8 rows ----
+// ---- AVX-512 VNNI: one 16-lane register per pair, each weight pair unpacked once for up to 16 rows ----
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
@@ -289,8 +289,25 @@ int64_t run_chunk(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& 
   }
 }
 
-// Weight-row tiles [begin, end) against all m activation rows, in chunks of up to 8 (VNNI) / 2 (AVX2)
-// rows. Every (weight row, activation row) pair has its own accumulators and runs the same operations
+// 9 to 16 activation rows (a verify step with 8 to 15 drafts) against one weight row: one chunk, so
+// the weight is unpacked once for all of them (two chunks of up to 8 would unpack it twice).
+template <int QT>
+void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, int64_t left,
+              float* out, int64_t n, int64_t r0, float* mw) {
+  switch (left) {
+    case 16: tile_vnni<QT, 1, 16>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 15: tile_vnni<QT, 1, 15>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 14: tile_vnni<QT, 1, 14>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 13: tile_vnni<QT, 1, 13>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 12: tile_vnni<QT, 1, 12>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 11: tile_vnni<QT, 1, 11>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 10: tile_vnni<QT, 1, 10>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    default: tile_vnni<QT, 1, 9>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+  }
+}
+
+// Weight-row tiles [begin, end) against all m activation rows: 9 to 16 rows in one chunk per weight row
+// (VNNI), else chunks of up to 8 (VNNI) / 2 (AVX2) rows against both rows of a tile. Every (weight row, activation row) pair has its own accumulators and runs the same operations
 // whatever its tile or chunk, so the result is bitwise the same in any batch.
 template <int QT, int ISA>
 void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t m,
@@ -299,6 +316,11 @@ void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a
   for (int64_t t = begin; t < end; ++t) {
     const int64_t r0 = t * NR;
     const uint8_t* wr = w + r0 * row_bytes;
+    if (ISA == AVX512_VNNI && m > 8 && m <= 16) {
+      for (int64_t r = r0; r < std::min(r0 + NR, n); ++r)
+        run_wide<QT>(w + r * row_bytes, row_bytes, nb, a, m, out, n, r, mw.data());
+      continue;
+    }
     for (int64_t i0 = 0; i0 < m;) {
       i0 += r0 + NR <= n ? run_chunk<QT, ISA, NR>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data())
                          : run_chunk<QT, ISA, 1>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data());
