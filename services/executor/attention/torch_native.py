@@ -8,7 +8,8 @@ tokens must not change with its batch-mates), as do float32 sequences on the CPU
 equal lengths also differs from a sequence alone once torch runs 2+ threads). Grouped-query heads need no K/V expansion for decode:
 the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
-from their SlotTable row).
+from their SlotTable row); one of at most DECODE_ROWS_MAX_TOKENS tokens after a prefix (a speculative
+verify step) runs each token as a decode step would, so that its rows equal decode's bit for bit.
 
 A layer's sliding window (Attention.sliding_window) only masks: a decode sequence attends to its last
 `window` keys (a slice, no mask); extend masks are built once per step and window, at the first layer
@@ -78,6 +79,10 @@ def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> 
     return torch.matmul(probs, v)
 
 
+# Extend sequences of at most this many new tokens after a cached prefix run their tokens as decode does.
+DECODE_ROWS_MAX_TOKENS = 16
+
+
 class TorchNativeAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.out_slots.device
@@ -139,6 +144,11 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 ks = k_cache.index_select(0, slots).to(q.dtype)
                 vs = v_cache.index_select(0, slots).to(q.dtype)
                 scale, out_scale = scale * k_scale, v_scale
+                if seq.num_tokens <= DECODE_ROWS_MAX_TOKENS:
+                    out[seq.start : end] = self._as_decode_rows(
+                        q[seq.start : end], ks, vs, seq.prefix_len, layer, k_scale, v_scale
+                    )
+                    continue
             o = attend(
                 qs,
                 ks.transpose(0, 1).unsqueeze(0),
@@ -154,6 +164,34 @@ class TorchNativeAttentionBackend(AttentionBackend):
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta, k_scale, v_scale)
         return out
+
+    @staticmethod
+    def _as_decode_rows(q, ks, vs, prefix_len: int, layer, k_scale: float, v_scale: float):
+        """A few new tokens after a prefix (a speculative verify step), each exactly as a decode step
+        at its length computes it (one SDPA call per token over its keys, no mask): a masked extend
+        rounds differently in the last bits, and NGRAM's outputs must equal plain decoding's."""
+        kvh, d = layer.num_kv_heads, layer.head_dim
+        keys, values = ks.unsqueeze(0).transpose(1, 2), vs.unsqueeze(0).transpose(1, 2)
+        scale, window = layer.scaling * k_scale, layer.sliding_window
+        rows = []
+        for t in range(q.shape[0]):
+            n = prefix_len + t + 1
+            start = 0 if window is None else max(0, n - window)
+            rows.append(
+                attend(
+                    q[t : t + 1].reshape(1, kvh, layer.num_heads // kvh, d),
+                    keys[:, :, start:n],
+                    values[:, :, start:n],
+                    None,
+                    scale,
+                    layer.logit_softcap,
+                    False,
+                )
+            )
+        o = torch.cat(rows)
+        if v_scale != 1.0:
+            o = o * v_scale
+        return o.reshape(q.shape[0], layer.num_heads * d)
 
     @staticmethod
     def _decode(
