@@ -19,6 +19,7 @@ in HF's eager order: scale, cap, mask, fp32 softmax.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,22 @@ def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> 
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """On the CPU, torch ops inside run on one thread: a decode-shaped SDPA call of one sequence is
+    too small to share, and its bits (float32) depend on the thread count, so decode and verify make
+    it alike."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # Extend sequences of at most this many new tokens after a cached prefix run their tokens as decode does.
@@ -174,20 +191,21 @@ class TorchNativeAttentionBackend(AttentionBackend):
         keys, values = ks.unsqueeze(0).transpose(1, 2), vs.unsqueeze(0).transpose(1, 2)
         scale, window = layer.scaling * k_scale, layer.sliding_window
         rows = []
-        for t in range(q.shape[0]):
-            n = prefix_len + t + 1
-            start = 0 if window is None else max(0, n - window)
-            rows.append(
-                attend(
-                    q[t : t + 1].reshape(1, kvh, layer.num_heads // kvh, d),
-                    keys[:, :, start:n],
-                    values[:, :, start:n],
-                    None,
-                    scale,
-                    layer.logit_softcap,
-                    False,
+        with one_thread(q.device):
+            for t in range(q.shape[0]):
+                n = prefix_len + t + 1
+                start = 0 if window is None else max(0, n - window)
+                rows.append(
+                    attend(
+                        q[t : t + 1].reshape(1, kvh, layer.num_heads // kvh, d),
+                        keys[:, :, start:n],
+                        values[:, :, start:n],
+                        None,
+                        scale,
+                        layer.logit_softcap,
+                        False,
+                    )
                 )
-            )
         o = torch.cat(rows)
         if v_scale != 1.0:
             o = o * v_scale
@@ -215,17 +233,21 @@ class TorchNativeAttentionBackend(AttentionBackend):
 
         # One call per sequence where lengths differ, and for float32 on the CPU: there torch's SDPA
         # with 2+ threads computes a sequence of a batch differently in the last bits than alone.
-        per_sequence = meta.decode_lens is not None or (
-            bsz > 1 and q.dtype == torch.float32 and q.device.type == "cpu"
+        # A lone sequence too: these calls are the ones a verify step's tokens make (_as_decode_rows).
+        per_sequence = (
+            bsz == 1
+            or meta.decode_lens is not None
+            or (q.dtype == torch.float32 and q.device.type == "cpu")
         )
         if per_sequence:
             lens = meta.decode_lens or [meta.decode_max_len] * bsz
-            o = torch.cat(
-                [
-                    attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
-                    for i, n in enumerate(lens)
-                ]
-            )
+            with one_thread(q.device):
+                o = torch.cat(
+                    [
+                        attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
+                        for i, n in enumerate(lens)
+                    ]
+                )
         else:
             o = attend_last(queries, keys, values, meta.decode_max_len)
         if v_scale != 1.0:
