@@ -1,4 +1,5 @@
-"""y = x W^T with W kept in a GGUF file's quantized blocks, on the CPU (gguf_cpu.cpp, AVX2 + FMA).
+"""y = x W^T with W kept in a GGUF file's quantized blocks, on the CPU (gguf_cpu.cpp: AVX2 + FMA, and
+AVX-512 VNNI where the CPU has it; both kernels give the same bits).
 
 `gguf_linear(x, qweight, qtype)` takes the weight as the file stores it: uint8 [N, K / block values *
 block bytes], one row per output feature. Q4_0, Q4_1 and Q8_0 run the C++ kernel (activations quantized

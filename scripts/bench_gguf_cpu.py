@@ -5,16 +5,26 @@ services), and llama.cpp on the same file when llama-cpp-python is importable (o
 Prints one JSON line per variant: median wall ms per decode step over --repeats runs of --tokens steps,
 and CPU ms per step (process CPU time: less disturbed by other jobs on a shared machine).
 Usage: python scripts/bench_gguf_cpu.py [--tokens 64] [--repeats 3] [--dtypes bfloat16 float32]
+
+With --kernel-rows M [M ...] it times the linear kernels alone instead (gguf_cpu.gguf_matmul on the
+model's shapes: q|k|v, o, gate|up, down as Q4_1, the Q8_0 LM head; M activation rows: 1 is a decode
+step, K + 1 a verify step with K drafts), and with --baseline-source another gguf_cpu.cpp built beside
+it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternating; one JSON line per
+(shape, M) with each kernel's best ms of --repeats, and the model's total (30 layers + the head):
+  python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import statistics
 import sys
 import time
+
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -93,12 +103,91 @@ def bench_llama_cpp(tokens: int, repeats: int) -> dict | None:
     }
 
 
+# SmolLM2-135M's linear layers: (name, out features, in features, block type, per model).
+SHAPES = [
+    ("qkv", 960, 576, 3, 30),
+    ("o", 576, 576, 3, 30),
+    ("gate_up", 3072, 576, 3, 30),
+    ("down", 576, 1536, 3, 30),
+    ("lm_head", 49152, 576, 8, 1),
+]
+
+
+def random_blocks(n: int, k: int, qtype: int, g: torch.Generator) -> torch.Tensor:
+    """uint8 [n, row bytes] of random nibbles / int8 values with small f16 scales (and Q4_1 mins)."""
+    from radixserve.kernels import gguf_cpu
+
+    nb, bb = k // 32, gguf_cpu._BLOCK_BYTES[qtype]
+    w = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=g)
+    w[..., 0:2] = (torch.rand(n, nb, generator=g) * 0.02).half().view(torch.uint8).view(n, nb, 2)
+    if qtype == gguf_cpu.Q4_1:
+        m = -torch.rand(n, nb, generator=g) * 0.05
+        w[..., 2:4] = m.half().view(torch.uint8).view(n, nb, 2)
+    return w.reshape(n, nb * bb)
+
+
+def bench_kernels(rows: list[int], repeats: int, baseline: str | None) -> None:
+    from torch.utils import cpp_extension
+
+    from radixserve.kernels import gguf_cpu
+
+    kernels = {"current": gguf_cpu.load()}
+    if kernels["current"] is None:
+        raise SystemExit("the GGUF CPU extension is unavailable on this machine")
+    if baseline:
+        kernels["baseline"] = cpp_extension.load(
+            name="radixserve_gguf_cpu_baseline_"
+            + hashlib.sha256(pathlib.Path(baseline).read_bytes()).hexdigest()[:10],
+            sources=[baseline],
+            extra_cflags=gguf_cpu._CFLAGS,
+        )
+    g = torch.Generator().manual_seed(0)
+    totals: dict[tuple[str, int], float] = {}
+    for name, n, k, qtype, count in SHAPES:
+        w = random_blocks(n, k, qtype, g)
+        for m in rows:
+            x = torch.randn(m, k, generator=g)
+            calls = max(3, int(2e8 / (n * k * m)))
+            best = {key: float("inf") for key in kernels}
+            for _ in range(repeats):
+                for key, module in kernels.items():  # alternating: load falls on both
+                    module.gguf_matmul(x, w, qtype)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        module.gguf_matmul(x, w, qtype)
+                    best[key] = min(best[key], (time.perf_counter() - t0) * 1e3 / calls)
+            for key, ms in best.items():
+                totals[key, m] = totals.get((key, m), 0.0) + ms * count
+            line = {"shape": f"{name} {n}x{k}", "rows": m}
+            line.update({f"{key}_ms": round(ms, 4) for key, ms in best.items()})
+            if baseline:
+                line["speedup"] = round(best["baseline"] / best["current"], 2)
+            print(json.dumps(line), flush=True)
+    for m in rows:
+        line = {"shape": "model (30 layers + head)", "rows": m}
+        line.update({f"{key}_ms": round(totals[key, m], 2) for key in kernels})
+        line["current_over_1_row"] = round(totals["current", m] / totals["current", rows[0]], 2)
+        if baseline:
+            line["speedup"] = round(totals["baseline", m] / totals["current", m], 2)
+        print(json.dumps(line))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    parser.add_argument(
+        "--kernel-rows",
+        nargs="+",
+        type=int,
+        help="time the linear kernels alone at these row counts",
+    )
+    parser.add_argument("--baseline-source", help="with --kernel-rows: a gguf_cpu.cpp to compare")
     args = parser.parse_args()
+    if args.kernel_rows:
+        bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
+        return
     folder = resolve_model_path(None)
     for dtype in args.dtypes:
         for quantization in ("gguf", "unquant"):

@@ -4,10 +4,12 @@ Decode tokens of the whole batch gather their K/V through their SlotTable rows, 
 length ([B, max_len]), into buffers reused by every layer; sequences of one length run as one SDPA
 call, sequences of different lengths one call each at its own length (a padded, masked batch computes
 a sequence's attention differently in the last bits from the same sequence alone, and a request's
-tokens must not change with its batch-mates). Grouped-query heads need no K/V expansion for decode:
+tokens must not change with its batch-mates), as do float32 sequences on the CPU (there a batch of
+equal lengths also differs from a sequence alone once torch runs 2+ threads). Grouped-query heads need no K/V expansion for decode:
 the query heads sharing a kv head become that kv head's query rows. Extend
 sequences run one causal SDPA each, the mask offset by the cached prefix length (their slots read
-from their SlotTable row).
+from their SlotTable row); one of at most DECODE_ROWS_MAX_TOKENS tokens after a prefix (a speculative
+verify step) runs each token as a decode step would, so that its rows equal decode's bit for bit.
 
 A layer's sliding window (Attention.sliding_window) only masks: a decode sequence attends to its last
 `window` keys (a slice, no mask); extend masks are built once per step and window, at the first layer
@@ -17,6 +19,7 @@ in HF's eager order: scale, cap, mask, fp32 softmax.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +78,26 @@ def attend(q, k, v, mask, scale: float, softcap: float | None, causal: bool) -> 
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """On the CPU, torch ops inside run on one thread: a decode-shaped SDPA call of one sequence is
+    too small to share, and its bits (float32) depend on the thread count, so decode and verify make
+    it alike."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Extend sequences of at most this many new tokens after a cached prefix run their tokens as decode does.
+DECODE_ROWS_MAX_TOKENS = 16
 
 
 class TorchNativeAttentionBackend(AttentionBackend):
@@ -138,6 +161,11 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 ks = k_cache.index_select(0, slots).to(q.dtype)
                 vs = v_cache.index_select(0, slots).to(q.dtype)
                 scale, out_scale = scale * k_scale, v_scale
+                if seq.num_tokens <= DECODE_ROWS_MAX_TOKENS:
+                    out[seq.start : end] = self._as_decode_rows(
+                        q[seq.start : end], ks, vs, seq.prefix_len, layer, k_scale, v_scale
+                    )
+                    continue
             o = attend(
                 qs,
                 ks.transpose(0, 1).unsqueeze(0),
@@ -153,6 +181,35 @@ class TorchNativeAttentionBackend(AttentionBackend):
         if n_ext < num_tokens:
             out[n_ext:] = self._decode(q[n_ext:], k_cache, v_cache, layer, meta, k_scale, v_scale)
         return out
+
+    @staticmethod
+    def _as_decode_rows(q, ks, vs, prefix_len: int, layer, k_scale: float, v_scale: float):
+        """A few new tokens after a prefix (a speculative verify step), each exactly as a decode step
+        at its length computes it (one SDPA call per token over its keys, no mask): a masked extend
+        rounds differently in the last bits, and NGRAM's outputs must equal plain decoding's."""
+        kvh, d = layer.num_kv_heads, layer.head_dim
+        keys, values = ks.unsqueeze(0).transpose(1, 2), vs.unsqueeze(0).transpose(1, 2)
+        scale, window = layer.scaling * k_scale, layer.sliding_window
+        rows = []
+        with one_thread(q.device):
+            for t in range(q.shape[0]):
+                n = prefix_len + t + 1
+                start = 0 if window is None else max(0, n - window)
+                rows.append(
+                    attend(
+                        q[t : t + 1].reshape(1, kvh, layer.num_heads // kvh, d),
+                        keys[:, :, start:n],
+                        values[:, :, start:n],
+                        None,
+                        scale,
+                        layer.logit_softcap,
+                        False,
+                    )
+                )
+        o = torch.cat(rows)
+        if v_scale != 1.0:
+            o = o * v_scale
+        return o.reshape(q.shape[0], layer.num_heads * d)
 
     @staticmethod
     def _decode(
@@ -174,15 +231,25 @@ class TorchNativeAttentionBackend(AttentionBackend):
                 qs, ks[:, :, start:n], vs[:, :, start:n], None, scale, layer.logit_softcap, False
             )
 
-        if meta.decode_lens is None:
-            o = attend_last(queries, keys, values, meta.decode_max_len)
+        # One call per sequence where lengths differ, and for float32 on the CPU: there torch's SDPA
+        # with 2+ threads computes a sequence of a batch differently in the last bits than alone.
+        # A lone sequence too: these calls are the ones a verify step's tokens make (_as_decode_rows).
+        per_sequence = (
+            bsz == 1
+            or meta.decode_lens is not None
+            or (q.dtype == torch.float32 and q.device.type == "cpu")
+        )
+        if per_sequence:
+            lens = meta.decode_lens or [meta.decode_max_len] * bsz
+            with one_thread(q.device):
+                o = torch.cat(
+                    [
+                        attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
+                        for i, n in enumerate(lens)
+                    ]
+                )
         else:
-            o = torch.cat(
-                [
-                    attend_last(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], n)
-                    for i, n in enumerate(meta.decode_lens)
-                ]
-            )
+            o = attend_last(queries, keys, values, meta.decode_max_len)
         if v_scale != 1.0:
             o = o * v_scale
         return o.reshape(bsz, layer.num_heads * d)
