@@ -198,3 +198,75 @@ def test_the_warmup_under_tensor_parallelism(tmp_path):
     torch.testing.assert_close(got["prefill"], expected["prefill"], atol=TP_ATOL, rtol=TP_ATOL)
     want = hf_last_logits(make_adapter(hf, tmp_path / "again", "qv4", seed=0), list(range(3, 12)))
     torch.testing.assert_close(got["prefill"][0], want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.cuda
+def test_lora_traffic_after_the_warmup_compiles_nothing(tmp_path):
+    """On a GPU (not run on the CPU): with an adapter of --lora-paths in use beside the base model, in
+    prefills of every size class and decodes (graphs and eager), no Triton kernel compiles after the
+    warm-up."""
+    import random
+
+    import transformers
+
+    from tests.executor.test_executor_warmup import CompileCounter
+
+    hf = build_hf_model(
+        transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+        ),
+        tmp_path / "base",
+    )
+    make_adapter(hf, tmp_path / "all8", "all8")
+    runner = ModelRunner(
+        tmp_path / "base",
+        runner_config(
+            dtype="bfloat16",
+            device="cuda",
+            max_total_tokens=65536,
+            cuda_graph_max_bs=16,
+            max_running_requests=64,
+            lora_paths=f"all8={tmp_path / 'all8'}",
+            max_lora_rank=8,
+        ),
+    )
+    report = run_warmup(runner, server_args(max_running_requests=64))
+    assert report.failed == [] and report.skipped == []
+    assert_clean(runner, loaded=["all8"])
+    rng = random.Random(0)
+    with CompileCounter() as counter:
+        slot, step, live = 1, 1, []
+        for wave in range(6):
+            new = []
+            for i in range(rng.choice([1, 2, 5, 17, 23])):
+                length = rng.choice([1, 3, 15, 16, 17, 64, 257])
+                new.append(
+                    NewRequest(
+                        f"w{wave}-{i}",
+                        [rng.randrange(512) for _ in range(length)],
+                        list(range(slot, slot + length)),
+                        lora_name=rng.choice(["all8", ""]),
+                    )
+                )
+                slot += length
+            cont = [ContinuingRequest(rid, [slot + k]) for k, rid in enumerate(live)]
+            slot += len(live)
+            runner.step(StepInput(step, new_requests=new, continuing_requests=cont))
+            step += 1
+            live += [r.request_id for r in new]
+            finished, live = live[:-40], live[-40:]
+            for _ in range(2):
+                cont = [ContinuingRequest(rid, [slot + k]) for k, rid in enumerate(live)]
+                slot += len(live)
+                runner.step(
+                    StepInput(step, continuing_requests=cont, finished_request_ids=finished)
+                )
+                finished, step = [], step + 1
+        torch.cuda.synchronize()
+    assert (counter.compiles, counter.tunes) == (0, 0), counter.what
