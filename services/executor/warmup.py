@@ -17,6 +17,19 @@ logprobs, a token bitmask). On the CPU, where nothing is compiled per shape, one
 compiled forward takes, which compiles it. Then the runner is reset: the scheduler starts with every
 slot free and the KV written here is garbage nobody reads.
 
+With --enable-lora, the LoRA layers run kernels/lora.py's shrink and expand (or, with --lora-backend
+torch, their torch references) on every step that names an adapter, and CUDA graph capture covers only
+decode: so the same prefill shapes run again through them, each prefill of one sequence on an adapter
+(uniform tiles: the tile GEMM), each of several sequences alternating adapter and base-model rows
+(mixed tiles: the per-token GEMV; uniform base-model tiles beside them), and their decodes, the chunked
+prefill, the mixed prefill + decode step, the eager decode above the graphs and the largest prefill, all
+mixing an adapter's rows with the base model's; on the CPU, one small mixed step. Adapters may not be
+loaded yet (--lora-paths is optional), so these run a warm-up adapter of zeros at --max-lora-rank on
+every target module (lora/dummy.write_zero_adapter), loaded through the runner (under tensor
+parallelism, by every shard) into the first free GPU slot and unloaded afterwards: the loaded adapters,
+/v1/models and the slots (every one free, in their first order) are as if no warm-up ran. Where the
+host set is already full (--max-loaded-loras), the LoRA scenarios are skipped with a warning.
+
 Triton keeps compiled kernels in its cache (TRITON_CACHE_DIR) and, with TRITON_CACHE_AUTOTUNING=1
 (set by the executor), the autotuner's choices, so a restart mostly loads instead of compiling.
 """
@@ -25,10 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 
 from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
+from radixserve.executor.lora.adapter import LoraError
+from radixserve.executor.lora.dummy import write_zero_adapter
 
 log = logging.getLogger("radixserve.executor.warmup")
 
@@ -50,6 +66,9 @@ SAMPLING_VARIANTS = (
     (_PENALISED, StoppingCriteria(min_new_tokens=2)),
     (_SEEDED, StoppingCriteria()),
 )
+# (sequences, tokens each) of the GPU plan's prefills: each class of counts Triton specializes on.
+PREFILL_SHAPES = ((1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16))
+WARMUP_LORA_NAME = "radixserve-warmup"  # the warm-up adapter's name (another where it is taken)
 
 
 @dataclasses.dataclass
@@ -105,8 +124,10 @@ class Warmup:
         on_gpu: bool,
         decode_steps: int = 2,
         compiled_max_bs: int = 0,
+        lora=None,
     ):
-        """compiled_max_bs: the largest decode batch of a torch.compile'd forward compiled here (0: none)."""
+        """compiled_max_bs: the largest decode batch of a torch.compile'd forward compiled here (0: none).
+        lora: the runner's LoraManager (None: LoRA off), whose layers the warm-up adapter fits."""
         self.runner = runner
         self.kv_slots, self.vocab = kv_slots, vocab_size
         step_tokens = (
@@ -120,6 +141,7 @@ class Warmup:
         self.on_gpu = on_gpu
         self.compiled_max_bs = min(compiled_max_bs, self.max_running)
         self.decode_steps = decode_steps
+        self.lora = lora
         self.report = WarmupReport()
         self._ids = 0
         self._step_id = 0
@@ -140,14 +162,12 @@ class Warmup:
                 ("prefill 1x7 + decode", lambda: self._prefill_decode(1, min(7, self.step_tokens))),
                 *compiled,
             ]
-        shapes = [(1, 1), (1, 7), (1, 16), (1, 33), (3, 5), (3, 48), (16, 1), (17, 3), (17, 16)]
         scenarios = [
             (
                 f"prefill {n}x{length} + decode",
                 lambda n=n, length=length: self._prefill_decode(n, length),
             )
-            for n, length in shapes
-            if n <= self.max_running and n * length <= self.step_tokens
+            for n, length in self._prefill_shapes()
         ]
         scenarios.extend(compiled)
         scenarios.append(("sampling variants", self._sampling_variants))
@@ -168,6 +188,54 @@ class Warmup:
             )
         return scenarios
 
+    def lora_plan(self, name: str) -> list[tuple[str, callable]]:
+        """The scenarios that run the LoRA layers, on adapter `name` (loaded): a sequence alone on it
+        (uniform tiles), several alternating it with the base model (mixed tiles)."""
+        both = (name, "")
+        if not self.on_gpu:  # nothing compiled per shape: one small step sets the LoRA path up
+            n, length = min(2, self.max_running), min(7, self.step_tokens)
+            return [
+                (
+                    f"LoRA prefill {n}x{length} + decode",
+                    lambda: self._prefill_decode(n, length, adapters=both),
+                )
+            ]
+        scenarios = [
+            (
+                f"LoRA prefill {n}x{length} + decode",
+                lambda n=n, length=length: self._prefill_decode(n, length, adapters=both),
+            )
+            for n, length in self._prefill_shapes()
+        ]
+        scenarios.append(("LoRA chunked prefill", lambda: self._chunked_prefill(name)))
+        scenarios.append(("LoRA mixed prefill + decode", lambda: self._mixed(both)))
+        if self.graph_max_bs and self.max_running > self.graph_max_bs:
+            n = self.graph_max_bs + 1
+            scenarios.append(
+                (
+                    f"LoRA eager decode of {n}",
+                    lambda n=n: self._prefill_decode(n, 1, adapters=both),
+                )
+            )
+        big = self._largest_prefill()
+        if big is not None:
+            n, length = big
+            scenarios.append(
+                (
+                    f"LoRA largest prefill {n}x{length}",
+                    lambda: self._prefill_decode(n, length, decode=False, adapters=both),
+                )
+            )
+        return scenarios
+
+    def _prefill_shapes(self) -> list[tuple[int, int]]:
+        """PREFILL_SHAPES that fit one step."""
+        return [
+            (n, length)
+            for n, length in PREFILL_SHAPES
+            if n <= self.max_running and n * length <= self.step_tokens
+        ]
+
     def _largest_prefill(self) -> tuple[int, int] | None:
         budget = min(self.step_tokens, self.kv_slots - 64)
         if budget < 512:
@@ -177,7 +245,37 @@ class Warmup:
 
     def run(self) -> WarmupReport:
         t0 = time.perf_counter()
-        for name, scenario in self.plan():
+        self._run(self.plan())
+        if self.lora is not None:
+            self._run_lora()
+        self.report.seconds = time.perf_counter() - t0
+        return self.report
+
+    def _run_lora(self) -> None:
+        """lora_plan() on a warm-up adapter of zeros, loaded for it and unloaded after."""
+        names = set(self.lora.names())
+        name = WARMUP_LORA_NAME
+        while name in names:
+            name += "-"
+        with tempfile.TemporaryDirectory(prefix="radixserve-lora-warmup-") as folder:
+            write_zero_adapter(
+                self.lora.layers, self.lora.targets, folder, self.lora.max_rank, self.lora.dtype
+            )
+            try:
+                self.runner.load_lora(name, folder)
+            except LoraError as e:  # the host set is full (--max-loaded-loras)
+                log.warning(
+                    "the LoRA warm-up did not run (%s); the first LoRA requests may compile", e
+                )
+                self.report.skipped += [n for n, _ in self.lora_plan(name)]
+                return
+            try:  # (the folder outlives the load: under tensor parallelism, every shard reads it)
+                self._run(self.lora_plan(name))
+            finally:
+                self.runner.unload_lora(name)
+
+    def _run(self, scenarios: list[tuple[str, callable]]) -> None:
+        for name, scenario in scenarios:
             try:
                 scenario()
             except _DoesNotFit:
@@ -193,8 +291,6 @@ class Warmup:
                 self.report.failed.append(name)
             finally:
                 self.runner.reset()
-        self.report.seconds = time.perf_counter() - t0
-        return self.report
 
     # -- helpers
     def _tokens(self, n: int) -> list[int]:
@@ -226,6 +322,7 @@ class Warmup:
         sample: bool = True,
         bitmask: bytes = b"",
         stopping: StoppingCriteria = StoppingCriteria(),
+        lora_name: str = "",
     ) -> NewRequest:
         ids = self._tokens(length)
         return NewRequest(
@@ -237,6 +334,7 @@ class Warmup:
             token_bitmask=bitmask,
             penalty_prompt_ids=ids,
             stopping=stopping,
+            lora_name=lora_name,
         )
 
     def _decode(self, slots: _Slots, requests: list[NewRequest], steps: int) -> None:
@@ -246,9 +344,14 @@ class Warmup:
             )
 
     # -- scenarios
-    def _prefill_decode(self, n: int, length: int, decode: bool = True) -> None:
+    def _prefill_decode(
+        self, n: int, length: int, decode: bool = True, adapters: tuple[str, ...] = ("",)
+    ) -> None:
+        """n prompts of length tokens (request i on adapters[i % len(adapters)]), decode steps after."""
         slots = _Slots(self.kv_slots)
-        requests = [self._new(slots, length) for _ in range(n)]
+        requests = [
+            self._new(slots, length, lora_name=adapters[i % len(adapters)]) for i in range(n)
+        ]
         self._step(new=requests)
         if decode:
             self._decode(slots, requests, self.decode_steps)
@@ -285,20 +388,21 @@ class Warmup:
         self._decode(slots, requests, self.decode_steps)
         self._step(finished=[r.request_id for r in requests])
 
-    def _chunked_prefill(self) -> None:
+    def _chunked_prefill(self, lora_name: str = "") -> None:
         slots = _Slots(self.kv_slots)
-        first = self._new(slots, 24, sample=False)
+        first = self._new(slots, 24, sample=False, lora_name=lora_name)
         self._step(new=[first])
         rest = ContinuingRequest(first.request_id, slots.take(9), input_ids=self._tokens(9))
         self._step(continuing=[rest])
         self._decode(slots, [first], 1)
         self._step(finished=[first.request_id])
 
-    def _mixed(self) -> None:
+    def _mixed(self, adapters: tuple[str, ...] = ("",)) -> None:
+        """Two running requests decode beside a third's prefill (request i on adapters[i % len])."""
         slots = _Slots(self.kv_slots)
-        running = [self._new(slots, 6) for _ in range(2)]
+        running = [self._new(slots, 6, lora_name=adapters[i % len(adapters)]) for i in range(2)]
         self._step(new=running)
-        arriving = self._new(slots, 20)
+        arriving = self._new(slots, 20, lora_name=adapters[2 % len(adapters)])
         self._step(
             new=[arriving],
             continuing=[ContinuingRequest(r.request_id, slots.take(1)) for r in running],
@@ -323,6 +427,7 @@ def run_warmup(runner, args) -> WarmupReport:
         graph_max_bs=inner.cuda_graphs.max_bs if inner.cuda_graphs is not None else 0,
         on_gpu=inner.device.type == "cuda",
         compiled_max_bs=compiled.max_bs if compiled is not None else 0,
+        lora=inner.lora,
     )
     report = warmup.run()
     log.info(

@@ -2,7 +2,8 @@
 
 `python -m tests.executor.lora_tp_ranks --rank R --world N --port P --model DIR --adapters DIR --out FILE`:
 rank 0 drives `lora_scenario` through TensorParallelLeader (adapters of --lora-paths at start, one more
-loaded at run time on every shard) and saves what it returned; the other ranks follow.
+loaded at run time on every shard) and saves what it returned; the other ranks follow. With
+`--scenario warmup` (test_lora_warmup.py), rank 0 drives `warmup_scenario` instead.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ AT_START = ("qv4", "all8")  # --lora-paths; mix16 is loaded at run time
 GREEDY = 10
 
 
-def build_lora_runner(model: str, adapters: Path) -> ModelRunner:
+def build_lora_runner(model: str, adapters: Path, backend: str = "triton") -> ModelRunner:
     return ModelRunner(
         model,
         runner_config(
@@ -38,6 +39,7 @@ def build_lora_runner(model: str, adapters: Path) -> ModelRunner:
             lora_paths=" ".join(f"{n}={adapters / n}" for n in AT_START),
             max_loras_per_batch=3,
             max_lora_rank=16,
+            lora_backend=backend,
         ),
     )
 
@@ -67,10 +69,36 @@ def lora_scenario(runner, adapters: Path) -> dict:
     return out
 
 
-def run_lora_group(model: Path, adapters: Path, out: Path, world: int = 2) -> dict:
+def warmup_scenario(runner) -> dict:
+    """The executor's warm-up (the CPU plan, LoRA scenarios included), then a prefill on qv4 beside the
+    base model: its logits, the warm-up report and the adapters loaded after it."""
+    from types import SimpleNamespace
+
+    from radixserve.executor.warmup import run_warmup
+
+    args = SimpleNamespace(
+        max_prefill_tokens=16384, chunked_prefill_size=8192, max_running_requests=None
+    )
+    report = run_warmup(runner, args)
+    new = [
+        NewRequest("a", list(range(3, 12)), list(range(1, 10)), lora_name="qv4"),
+        NewRequest("b", list(range(5, 11)), list(range(10, 16))),
+    ]
+    step = runner.step(StepInput(1, new_requests=new))
+    return {
+        "prefill": step.logits,
+        "failed": report.failed,
+        "skipped": report.skipped,
+        "loaded": sorted(a["name"] for a in runner.model_info().lora_adapters),
+    }
+
+
+def run_lora_group(
+    model: Path, adapters: Path, out: Path, world: int = 2, scenario: str = "adapters"
+) -> dict:
     (port,) = free_ports(1)
     argv = ["--world", str(world), "--port", str(port), "--model", str(model)]
-    argv += ["--adapters", str(adapters), "--out", str(out)]
+    argv += ["--adapters", str(adapters), "--out", str(out), "--scenario", scenario]
     return spawn_ranks("tests.executor.lora_tp_ranks", world, argv, out, timeout=240)
 
 
@@ -81,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapters", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--scenario", choices=["adapters", "warmup"], default="adapters")
     ns = parser.parse_args()
     store = dist.TCPStore(
         "127.0.0.1",
@@ -91,14 +120,18 @@ def main() -> None:
         wait_for_workers=False,
     )
     init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, torch.device("cpu"))
-    runner = build_lora_runner(ns.model, Path(ns.adapters))
+    warmup = ns.scenario == "warmup"
+    runner = build_lora_runner(ns.model, Path(ns.adapters), "torch" if warmup else "triton")
     if ns.rank == 0:
 
         def broken(error):
             raise error
 
         leader = TensorParallelLeader(runner, on_broken=broken)
-        result = lora_scenario(leader, Path(ns.adapters))
+        if warmup:
+            result = warmup_scenario(leader)
+        else:
+            result = lora_scenario(leader, Path(ns.adapters))
         leader.stop()
         torch.save(on_cpu(result), ns.out)
     else:

@@ -2,7 +2,10 @@
 --lora-paths when no trained adapter is at hand (scripts/make_dummy_lora.py writes them to folders).
 
 The tensors have the shapes PEFT gives them for the config's q/k/v/o/gate/up/down projections, A and B
-small normal values (the delta is of the order of the base layer's output times `scale`)."""
+small normal values (the delta is of the order of the base layer's output times `scale`).
+
+write_zero_adapter: an adapter of zeros on every layer a LoraManager wrapped, the one the executor's
+warm-up (warmup.py) loads to run the LoRA kernels before traffic."""
 
 from __future__ import annotations
 
@@ -47,34 +50,59 @@ def make_dummy_adapter(
 ) -> pathlib.Path:
     """Write a rank-`rank` PEFT adapter of every target in `targets` for config (a config.json's dict) to
     folder; returns the folder."""
-    from safetensors.torch import save_file
-
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     shapes = target_shapes(config)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for module in targets:
             n_in, n_out = shapes[module]
-            prefix = (
-                f"base_model.model.model.layers.{layer}."
-                f"{'self_attn' if module in _ATTN else 'mlp'}.{module}"
-            )
             a = torch.randn(rank, n_in, generator=g) * n_in**-0.5
             b = torch.randn(n_out, rank, generator=g) * (scale * rank**-0.5)
-            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype).contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = b.to(dtype).contiguous()
+            tensors[f"{_prefix(layer, module)}.lora_A.weight"] = a.to(dtype).contiguous()
+            tensors[f"{_prefix(layer, module)}.lora_B.weight"] = b.to(dtype).contiguous()
+    base = config.get("_name_or_path", "")
+    return _save(folder, tensors, rank, alpha if alpha is not None else rank, targets, base)
+
+
+def write_zero_adapter(
+    layers: dict, targets: frozenset[str], folder: str | pathlib.Path, rank: int, dtype
+) -> pathlib.Path:
+    """Write a rank-`rank` PEFT adapter of zeros (scaling 1) to folder: A and B of every module in
+    targets of every layer in `layers` (a LoraManager's {(layer index, fused name): LoraLinear}), in
+    the whole (unsplit) shapes each LoraLinear checks; returns the folder."""
+    tensors = {}
+    for (layer, fused), lora in sorted(layers.items()):
+        for module, (fused_name, shard) in TARGETS.items():
+            if fused_name != fused or module not in targets:
+                continue
+            a = torch.zeros(rank, lora.full_in, dtype=dtype)
+            b = torch.zeros(lora.full_sizes[shard], rank, dtype=dtype)
+            tensors[f"{_prefix(layer, module)}.lora_A.weight"] = a
+            tensors[f"{_prefix(layer, module)}.lora_B.weight"] = b
+    return _save(folder, tensors, rank, rank, tuple(sorted(targets)), "")
+
+
+def _prefix(layer: int, module: str) -> str:
+    """The PEFT name of a decoder layer's module."""
+    return f"base_model.model.model.layers.{layer}.{'self_attn' if module in _ATTN else 'mlp'}.{module}"
+
+
+def _save(folder, tensors: dict, rank: int, alpha: float, targets, base: str) -> pathlib.Path:
+    """A PEFT adapter folder: tensors (adapter_model.safetensors) and its adapter_config.json."""
+    from safetensors.torch import save_file
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     adapter_config = {
         "peft_type": "LORA",
         "r": rank,
-        "lora_alpha": alpha if alpha is not None else rank,
+        "lora_alpha": alpha,
         "target_modules": list(targets),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "base_model_name_or_path": config.get("_name_or_path", ""),
+        "base_model_name_or_path": base,
     }
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return folder

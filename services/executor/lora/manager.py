@@ -186,8 +186,11 @@ class LoraManager:
         if self.adapters.pop(name, None) is None:
             raise LoraNotFound(f"adapter {name!r} is not loaded")
         for slot, held in enumerate(self.slot_names):
-            if held == name:
+            if held == name:  # the slot is free again, as at start: the first one filled next
                 self.slot_names[slot] = None
+                self.state.scales[slot] = 0.0
+                self._lru.remove(slot)
+                self._lru.insert(0, slot)
         log.info("unloaded LoRA adapter %r", name)
 
     def names(self) -> list[str]:
