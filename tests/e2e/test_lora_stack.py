@@ -164,14 +164,20 @@ def test_unload_waits_for_running_requests(stack):
         time.sleep(0.05)
     unloading = threading.Thread(target=unload)
     unloading.start()
-    time.sleep(0.3)
+
+    def listed() -> set[str]:
+        return {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+
+    deadline = time.time() + 30  # the unload has arrived once beta is no longer listed
+    while "beta" in listed() and time.time() < deadline:
+        time.sleep(0.05)
     # while beta's request runs, the unload waits, and new requests naming beta get 404 at once
     assert running.is_alive() and unloading.is_alive()
     r = httpx.post(
         url + "/v1/completions", json={"model": "beta", "prompt": PROMPT, "max_tokens": 2}
     )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert "beta" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert "beta" not in listed()
     unloading.join(300)
     assert results["unload"].status_code == 200, results["unload"].text
     assert scheduler_info(stack).running_requests == 0  # it returned once beta's request ended
