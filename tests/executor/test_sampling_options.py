@@ -10,7 +10,9 @@ from radixserve.common.sampling import SamplingParams, StoppingCriteria
 from radixserve.common.step import ContinuingRequest, NewRequest, StepError, StepInput
 from radixserve.common.step_convert import step_from_proto, step_to_proto
 from radixserve.gateway.api.errors import ApiError
+from radixserve.common.args import ServerArgs
 from radixserve.gateway.api.grpc_api import generation_input
+from radixserve.gateway.api.media import MediaLimits
 from radixserve.gateway.api.native_routes import native_input
 from radixserve.gateway.api.openai_routes import chat_input, completion_input
 from radixserve.gateway.api.protocol import (
@@ -492,12 +494,12 @@ def test_options_reach_the_sampling_params_from_every_api():
     ) == (0, 1, 0)
     grpc_sampling = common_pb2.SamplingParams(presence_penalty=1.5, logit_bias={4: 9.0})
     grpc_input = generation_input(
-        None,
         gateway_pb2.GatewayGenerateRequest(
             text="hi",
             sampling=grpc_sampling,
             stopping=common_pb2.StoppingCriteria(min_new_tokens=2),
         ),
+        MediaLimits.from_args(ServerArgs()),
     )
     via_grpc = grpc_input.sampling
     assert (

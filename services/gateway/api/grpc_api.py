@@ -28,9 +28,10 @@ FINISH_ENUMS = {
 
 
 def generation_input(
-    engine: Engine, request: gateway_pb2.GatewayGenerateRequest, lora: str = ""
+    request: gateway_pb2.GatewayGenerateRequest, limits: MediaLimits, lora: str = ""
 ) -> GenerationInput:
-    """request as the engine takes it, run with LoRA adapter lora (the model checked already)."""
+    """request as the engine takes it, its images checked against limits, run with LoRA adapter lora
+    (the model checked already)."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise bad_request("one of text, chat or input_ids is required", param="prompt")
@@ -51,7 +52,7 @@ def generation_input(
         request.skip_special_tokens,
         request_id=request.request_id,
         prompt_param=kind,
-        images=request_images(request, MediaLimits.from_args(engine.args)),
+        images=request_images(request, limits),
         lora_name=lora,
     )
 
@@ -94,7 +95,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # lora_name, else model, may name a LoRA adapter; any other unknown name: model_not_found
             lora = await self.engine.lora.resolve(request.lora_name or request.model)
             prepared = await deadline.run(
-                self.engine.prepare(generation_input(self.engine, request, lora))
+                self.engine.prepare(
+                    generation_input(request, MediaLimits.from_args(self.engine.args), lora)
+                )
             )
             timer = deadline.arm(cancellation, prepared.request_id)
             stream = self.engine.stream(prepared, cancellation=cancellation)
