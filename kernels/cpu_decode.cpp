@@ -170,49 +170,54 @@ void gemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const u16*
 // GGUF GEMM: out[M, N] (bf16, row stride ldo) = x[M, K] (bf16, row stride ldx) @ W^T + bias for W in a
 // GGUF file's blocks (uint8 [N, row bytes]), as kernels/gguf_cpu.py's gguf_linear computes it on the
 // torch path: x's float values quantized to int8 per 32 (quantize_row), the row dots (matmul_tiles), then
-// bf16(y + bias) with the float32 bias. Two stages with a barrier between: quantize (tokens split over
-// threads), then the row dots (tiles of NR weight rows split over threads). A (weight row, token) result
-// does not depend on the tiling or the token count (gguf_cpu_kernels.h), so neither on batch-mates.
+// bf16(y + bias) with the float32 bias. Every thread quantizes all M rows into its own buffers (a few
+// microseconds for decode batches; sharing the work would cost a barrier, which on a loaded machine
+// costs far more), then runs its share of the row dots (tiles of NR weight rows). A (weight row, token)
+// result does not depend on the tiling or the token count (gguf_cpu_kernels.h), so neither on batch-mates.
 
-struct QScratch {  // the quantized activations of one linear, sized for the largest K and N
-  int64_t kmax;
-  int8_t* q;    // [M, pairs * 64]
-  uint8_t* qu;  // [M, pairs * 64] (Q8_0 on VNNI)
-  float* xd;    // [M, pairs * 16]
-  float* sx;    // [M, chunks * 16]
+struct QScratch {  // per thread: one linear's quantized activations, sized for the largest K
+  int64_t q_ld, xd_ld, sx_ld, kmax;  // per-thread strides
+  int8_t* q;    // [threads][M, pairs * 64]
+  uint8_t* qu;  // [threads][M, pairs * 64] (Q8_0 on VNNI)
+  float* xd;    // [threads][M, pairs * 16]
+  float* sx;    // [threads][M, chunks * 16]
   float* xf;    // [threads, kmax]: a token's row in float
   float* y;     // [M, N] float32 results
 };
 
 struct QScratchBuf {
+  int64_t q_ld, xd_ld, sx_ld, kmax;
   std::vector<int8_t> q;
   std::vector<uint8_t> qu;
   std::vector<float> xd, sx, xf, y;
-  QScratchBuf(int64_t M, int64_t kmax, int64_t nmax, int nt) {
+  QScratchBuf(int64_t M, int64_t kmax_, int64_t nmax, int nt) : kmax(kmax_) {
     const int64_t nb = kmax / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
-    q.resize(M * pairs * 64);
-    qu.resize(M * pairs * 64);
-    xd.resize(M * pairs * 16);
-    sx.resize(M * chunks * 16);
+    q_ld = M * pairs * 64;
+    xd_ld = M * pairs * 16;
+    sx_ld = M * chunks * 16;
+    q.resize(nt * q_ld);
+    qu.resize(nt * q_ld);
+    xd.resize(nt * xd_ld);
+    sx.resize(nt * sx_ld);
     xf.resize(size_t(nt) * kmax);
     y.resize(M * nmax);
   }
-  QScratch view(int64_t kmax) { return {kmax, q.data(), qu.data(), xd.data(), sx.data(), xf.data(), y.data()}; }
+  QScratch view() { return {q_ld, xd_ld, sx_ld, kmax, q.data(), qu.data(), xd.data(), sx.data(), xf.data(), y.data()}; }
 };
 
 void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uint8_t* w, int qt, int64_t K,
                 int64_t N, const float* bias, u16* out, int64_t ldo, const QScratch& s) {
   const bool vnni = has_vnni();
   const int64_t nb = K / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
-  uint8_t* qu = vnni && qt == Q8_0 ? s.qu : nullptr;
-  float* xf = s.xf + tid * s.kmax;
-  for (int64_t t = tid; t < M; t += nt) {
+  int8_t* q = s.q + tid * s.q_ld;
+  uint8_t* qu = vnni && qt == Q8_0 ? s.qu + tid * s.q_ld : nullptr;
+  float *xd = s.xd + tid * s.xd_ld, *sx = s.sx + tid * s.sx_ld, *xf = s.xf + tid * s.kmax;
+  for (int64_t t = 0; t < M; ++t) {
     for (int64_t c = 0; c < K; ++c) xf[c] = bf2f(x[t * ldx + c]);
-    quantize_row(xf, K, pairs, chunks, s.q + t * pairs * 64, qu ? qu + t * pairs * 64 : nullptr,
-                 s.xd + t * pairs * 16, s.sx + t * chunks * 16);
+    quantize_row(xf, K, pairs, chunks, q + t * pairs * 64, qu ? qu + t * pairs * 64 : nullptr, xd + t * pairs * 16,
+                 sx + t * chunks * 16);
   }
-#pragma omp barrier
-  const Acts acts{pairs, chunks, s.q, qu, s.xd, s.sx};
+  const Acts acts{pairs, chunks, q, qu, xd, sx};
   int64_t b, e;
   split((N + NR - 1) / NR, tid, nt, b, e);
   matmul_tiles_for(qt, vnni, w, nb * block_bytes(qt), nb, acts, M, s.y, N, b, e);
@@ -453,7 +458,7 @@ at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   const float* b = fp_or_null(bias);
   const int nt = num_threads();
   QScratchBuf buf(M, K, N, nt);
-  const QScratch s = buf.view(K);
+  const QScratch s = buf.view();
 #pragma omp parallel num_threads(nt)
   qgemm_part(omp_get_thread_num(), omp_get_num_threads(), bp(x), K, M, w.data_ptr<uint8_t>(), int(qtype), K, N, b,
              bpm(out), N, s);
@@ -529,8 +534,7 @@ struct Layer {
   at::Tensor input_norm, post_attention_norm;  // RMSNorm weights, bf16 [H]
 };
 
-// This thread's part of x[M, K] @ W^T (+ bias) -> out[M, N] (row strides K and N); a GGUF linear has a
-// barrier inside (all threads call this together).
+// This thread's part of x[M, K] @ W^T (+ bias) -> out[M, N] (row strides K and N).
 inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t M, int64_t K, int64_t N, u16* out,
                         const QScratch& s) {
   if (L.qtype < 0)
@@ -622,7 +626,7 @@ class DecodeModel {
     std::vector<float> scores(size_t(nt) * ld + 16);
     const int64_t kmax = std::max({H, nh * D, I}), nmax = std::max({nqkv, H, 2 * I});
     QScratchBuf qbuf(has_gguf_ ? M : 0, has_gguf_ ? kmax : 0, nmax, has_gguf_ ? nt : 0);
-    const QScratch qs = qbuf.view(kmax);
+    const QScratch qs = qbuf.view();
     const u16 *xp = bp(x), *cos = bp(cos_), *sin = bp(sin_), *fnorm = bp(final_norm_);
     u16 *resp = bpm(res), *hp = bpm(h), *tmpp = bpm(tmp), *qkvp = bpm(qkv), *attnp = bpm(attn), *gup = bpm(gu),
         *actp = bpm(act);

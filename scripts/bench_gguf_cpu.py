@@ -78,7 +78,7 @@ def make_runner(folder, dtype: str, quantization: str, fused: bool) -> ModelRunn
         cpu_decode.reset_for_tests()
 
 
-def bench_runners(folder, dtype: str, tokens: int, repeats: int) -> list[dict]:
+def bench_runners(folder, dtype: str, tokens: int, repeats: int, threads: int | None) -> list[dict]:
     """Every variant of this dtype (fused variants only where the fused path runs), runs alternating."""
     runners = {}
     for quantization in ("gguf", "unquant"):
@@ -88,6 +88,8 @@ def bench_runners(folder, dtype: str, tokens: int, repeats: int) -> list[dict]:
                 continue
             name = "native gguf" if quantization == "gguf" else "dequantized"
             runners[name + (", fused decode" if fused else ", torch path")] = runner
+    if threads:
+        torch.set_num_threads(threads)  # after ModelRunner, which sets the CPU's count
     for runner in runners.values():
         decode_run(runner, 8)  # warm-up (builds the kernels, first allocations)
     runs = {name: [] for name in runners}
@@ -217,13 +219,21 @@ def main() -> None:
         help="time the linear kernels alone at these row counts",
     )
     parser.add_argument("--baseline-source", help="with --kernel-rows: a gguf_cpu.cpp to compare")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (the fused kernels' too); 1 on a loaded shared machine, where a "
+        "parallel region waits for descheduled workers",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the kernel timings; bench_runners sets it again
     if args.kernel_rows:
         bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
         return
     folder = resolve_model_path(None)
     for dtype in args.dtypes:
-        for line in bench_runners(folder, dtype, args.tokens, args.repeats):
+        for line in bench_runners(folder, dtype, args.tokens, args.repeats, args.threads):
             print(json.dumps(line))
     reference = bench_llama_cpp(args.tokens, args.repeats)
     if reference is not None:
