@@ -111,3 +111,28 @@ def test_verify_rows_equal_fused_decode_rows(runners, drafts):
     assert out.outputs[0].token_id == tokens[drafts + 1]
     for j in range(drafts + 1):
         assert torch.equal(out.logits[j].float(), logits[j][0]), j
+
+
+def test_unsupported_gguf_linears_keep_the_torch_path(runners, monkeypatch, caplog):
+    from radixserve.executor.fast_decode import FastDecode
+    from radixserve.kernels import gguf_cpu
+
+    fused, _ = runners
+    down = fused.model.model.layers[3].mlp.down_proj.weight
+    ((qtype, rows),) = down.gguf_parts
+    monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1")
+    cases = [
+        ([(qtype, rows[:100]), (qtype + 5, rows[100:])], "GGUF block types [3, 8]"),  # two runs
+        ([(12, rows)], "GGUF block types [12]"),  # Q4_K: no fused kernel
+    ]
+    for parts, reason in cases:
+        monkeypatch.setattr(down, "gguf_parts", parts)
+        with caplog.at_level("INFO", logger="radixserve.executor.fast_decode"):
+            assert FastDecode.build(fused) is None
+        assert any(reason in r.getMessage() for r in caplog.records), reason
+    monkeypatch.setattr(down, "gguf_parts", [(qtype, rows)])
+    # The torch path dequantizes when its GGUF kernels are off: the fused linears would differ from it.
+    monkeypatch.setattr(gguf_cpu, "load", lambda: None)
+    with caplog.at_level("INFO", logger="radixserve.executor.fast_decode"):
+        assert FastDecode.build(fused) is None
+    assert any("GGUF CPU kernels are off" in r.getMessage() for r in caplog.records)
