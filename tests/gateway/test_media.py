@@ -23,7 +23,7 @@ def limits(tmp_path=None, **kw) -> MediaLimits:
         allowed_local_media_path=str(tmp_path) if tmp_path else None,
         max_images_per_request=2,
         max_image_bytes=1000,
-        media_fetch_timeout=1.0,
+        media_fetch_timeout=10.0,  # generous: a loaded CI machine; the slow case sets 0.3
     )
     fields.update(kw)
     return MediaLimits(**fields)
