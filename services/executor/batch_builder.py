@@ -221,9 +221,14 @@ class BatchBuilder:
                 )
             )
 
-        extends = [s for s in seqs if len(s.new_slots) > 1]
-        decodes = [s for s in seqs if len(s.new_slots) == 1]
+        rows_for_drafts = self.attn_backend.verify_as_decode_rows
+        extends = [s for s in seqs if len(s.new_slots) > 1 and not (s.drafts and rows_for_drafts)]
+        in_extends = {id(s) for s in extends}
+        decodes = [s for s in seqs if id(s) not in in_extends]  # a verify step's tokens: rows
         ordered = extends + decodes
+        # Per attention sequence (an extend, or one decode row), its table row and length after the step.
+        seq_rows: list[int] = []
+        seq_lens: list[int] = []
         input_ids: list[int] = []
         positions: list[int] = []
         out_slots: list[int] = []
@@ -252,10 +257,13 @@ class BatchBuilder:
             out_slots += seq.new_slots
             self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
             state.length += n
-            if n > 1:
+            if id(seq) in in_extends:
                 extend_seqs.append(ExtendSeq(start, n, prefix, state.table_row))
+                seq_rows.append(state.table_row)
+                seq_lens.append(state.length)
             else:
-                decode_lens.append(state.length)
+                decode_lens += range(prefix + 1, prefix + n + 1)
+                seq_rows += [state.table_row] * n
             last_index[id(seq)] = start + n - 1
             if seq.prompt_logprobs is not None:
                 prompt_logprobs.append(_prompt_logprob_rows(seq, start))
@@ -275,8 +283,8 @@ class BatchBuilder:
             out_slots,
             sample_index,
             [s.state.table_row for s in sampling],
-            [s.state.table_row for s in ordered],
-            [s.state.length for s in ordered],
+            seq_rows,
+            seq_lens + decode_lens,
             [e.prefix_len for e in extend_seqs],
             [e.start for e in extend_seqs],
             [e.num_tokens for e in extend_seqs],

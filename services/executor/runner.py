@@ -274,7 +274,10 @@ class ModelRunner:
             and self.device.type == "cuda"
             and self.attn_backend.supports_cuda_graphs
         )
-        graph_max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0])
+        # A graph row is a decode token; with speculation a request verifies as up to 1 + max drafts
+        # rows (attention backends with verify_as_decode_rows), so verify steps replay the graphs too.
+        rows_per_request = 1 + spec.max_draft_tokens if spec is not None else 1
+        graph_max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0] * rows_per_request)
         # Compiled in the graph capture, else at warm-up.
         self.compiled_decode = (
             self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)

@@ -13,6 +13,11 @@ from radixserve.executor.layers.rotary import RopeStep
 class AttentionBackend(abc.ABC):
     # Reads a decode step only from device tensors (no host lengths), so CUDA graphs can capture it.
     supports_cuda_graphs = False
+    # Takes a speculative verify step's tokens as decode rows: token i of a request with prefix P is
+    # a row over the request's table row with length P + i + 1. All rows' K/V are stored before any
+    # row attends, so each row sees the drafts before it and itself: causal, with no extend kernel,
+    # and a verify step replays the decode CUDA graphs.
+    verify_as_decode_rows = False
 
     @abc.abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None:

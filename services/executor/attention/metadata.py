@@ -35,8 +35,9 @@ class ExtendSeq:
 class TableMeta:
     """Where the step's sequences find their KV slots: rows of the executor's SlotTable.
 
-    Sequence order is the token order: extend sequences first, then decode sequences. All device
-    int64 tensors; max_extend_len is a host int (it sizes a kernel grid).
+    Sequence order is the token order: extend sequences first, then decode sequences, one per decode
+    token (a verify step's tokens are several decode sequences of one table row when the backend sets
+    verify_as_decode_rows). All device int64 tensors; max_extend_len is a host int (it sizes a kernel grid).
     """
 
     table: torch.Tensor  # [rows, width] slot ids (SlotTable.tensor)

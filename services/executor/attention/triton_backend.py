@@ -37,6 +37,7 @@ class _StepMetadata:
 
 class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
+    verify_as_decode_rows = True  # rotary_and_store_kv writes every token's K/V before attention
 
     def __init__(self, num_kv_heads: int, device: torch.device, max_splits: int = 16):
         self.num_kv_heads = num_kv_heads

@@ -222,8 +222,7 @@ class LoraManager:
 
     def prepare_batch(self, batch) -> None:
         """prepare() for a ForwardBatch (its seq_states, extends first)."""
-        counts = [e.num_tokens for e in batch.extend_seqs]
-        counts += [1] * (len(batch.seq_states) - len(counts))
+        counts = [n for _, _, _, n in batch.seq_spans]
         self.prepare([s.lora_name for s in batch.seq_states], counts)
 
     def prepare(self, seq_names: list[str], seq_tokens: list[int]) -> None:
