@@ -421,6 +421,12 @@ class SpeculativeConfig:
         "EAGLE / EAGLE3: drafts kept per draft step; only 1 (a chain) is built, not trees",
         group="Speculative decoding",
     )
+    speculative_disable_by_batch_size: int | None = option(
+        None,
+        "no drafts in a step that decodes more than this many requests (a verify row costs more "
+        "as the batch grows; docs/speculative.md has the measured costs); default: no limit",
+        group="Speculative decoding",
+    )
 
 
 @dataclass

@@ -99,6 +99,7 @@ class ModelInfo:
     kv_bytes_per_token: int  # K and V of one token over every layer, on this shard
     max_loras_per_batch: int = 0  # LoRA GPU slots; 0: LoRA off
     lora_adapters: list[dict] = field(default_factory=list)  # ExecutorLoraAdapter fields
+    max_graph_tokens: int = 0  # the largest CUDA graph's decode rows; 0: no graphs
 
 
 def load_model(
@@ -384,6 +385,7 @@ class ModelRunner:
             self.kv_bytes_per_token,
             self.lora.num_slots if self.lora is not None else 0,
             self.lora.describe() if self.lora is not None else [],
+            self.cuda_graphs.max_bs if self.cuda_graphs is not None else 0,
         )
 
     def load_lora(self, name: str, path: str) -> dict:

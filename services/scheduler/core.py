@@ -74,9 +74,12 @@ class Scheduler:
         min_new_token_ratio: float = 0.1,
         new_token_ratio_decay: float = 0.001,
         debug: bool = True,
+        max_graph_tokens: int = 0,
     ):
         """pool_size, context_length: the KV slots and longest sequence, as the executor serving the model
-        has them; config.max_running_requests must be set (the server derives it from the pool if unset)."""
+        has them; config.max_running_requests must be set (the server derives it from the pool if unset).
+        max_graph_tokens: the executor's (ExecutorModelInfo.max_graph_tokens): a decode step's drafts
+        are kept within it, so verify steps replay its CUDA graphs; 0: no limit."""
         policy, page_size, max_prefill_tokens = (
             config.schedule_policy,
             config.page_size,
@@ -121,7 +124,12 @@ class Scheduler:
         )
         self.prefill.max_loras = config.max_loras_per_batch if config.lora_enabled else 0
         self.decode = DecodeManager(
-            self.kv, self.new_token_ratio, context_length, speculation_params(config)
+            self.kv,
+            self.new_token_ratio,
+            context_length,
+            speculation_params(config),
+            max_verify_rows=max_graph_tokens,
+            disable_by_batch_size=config.speculative_disable_by_batch_size,
         )
         self.spec_stats = SpecStats()
         # --stream-interval: events of a request leave update() every N tokens (stream_interval.py).

@@ -34,11 +34,17 @@ class DecodeManager:
         ratio: NewTokenRatio,
         context_length: int,
         spec: NgramParams | EagleParams | None = None,
+        max_verify_rows: int = 0,
+        disable_by_batch_size: int | None = None,
     ):
+        """max_verify_rows: a decode step's tokens, drafts included, stay within it (0: no limit);
+        disable_by_batch_size: no drafts in a step of more requests (None: no limit)."""
         self.kv = kv
         self.ratio = ratio
         self.context_length = context_length
         self.spec = spec
+        self.max_verify_rows = max_verify_rows
+        self.disable_by_batch_size = disable_by_batch_size
         self.running: list[Request] = []
         self.num_retractions = 0
 
@@ -61,10 +67,16 @@ class DecodeManager:
         slots = self.kv.alloc_decode(batch)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one more token for a lone request")
+        if self.disable_by_batch_size is not None and len(batch) > self.disable_by_batch_size:
+            drafts = False
+        # Drafts beyond the executor's largest graph would send the step down the eager path.
+        rows_left = self.max_verify_rows - len(batch) if self.max_verify_rows else None
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
             new_slots = [slot]
             draft = self._draft(req) if drafts else []
+            if rows_left is not None:
+                draft = draft[: max(0, rows_left)]
             if draft:
                 more = self.kv.alloc_draft(req.slots, len(draft))
                 if more is None:
@@ -72,6 +84,8 @@ class DecodeManager:
                 else:
                     req.slots += more
                     new_slots += more
+                    if rows_left is not None:
+                        rows_left -= len(draft)
             req.drafts_inflight = draft
             plan.continuing_requests.append(
                 ContinuingRequest(

@@ -271,7 +271,13 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
     context_length = min(args.context_length or model.context_length, model.context_length)
     max_running = args.max_running_requests or default_max_running_requests(pool_size - 1)
     config = dataclasses.replace(args, max_running_requests=max_running)
-    return Scheduler(config, pool_size, context_length, eos_token_ids=model.eos_token_ids)
+    return Scheduler(
+        config,
+        pool_size,
+        context_length,
+        eos_token_ids=model.eos_token_ids,
+        max_graph_tokens=model.max_graph_tokens,
+    )
 
 
 @dataclass

@@ -42,6 +42,9 @@ def speculation_params(config: SchedulerConfig) -> NgramParams | EagleParams | N
     algorithm = config.speculative_algorithm
     if algorithm is None:
         return None
+    limit = config.speculative_disable_by_batch_size
+    if limit is not None and limit < 1:
+        raise ValueError(f"--speculative-disable-by-batch-size must be at least 1 (got {limit})")
     num_draft_tokens = config.speculative_num_draft_tokens
     if num_draft_tokens is not None and num_draft_tokens < 2:
         raise ValueError(

@@ -148,6 +148,49 @@ def test_forced_drafts_accepted_length(model_dir, reference, monkeypatch, wrong)
         assert stats.accept_length > 4.0
 
 
+def recording_steps(runner):
+    """The runner, recording each step's (decoding requests, their tokens with drafts) when it has no prefill."""
+    seen: list[tuple[int, int]] = []
+    step = runner.step
+
+    def record(plan):
+        if not plan.new_requests and all(not c.input_ids for c in plan.continuing_requests):
+            reqs = plan.continuing_requests
+            seen.append((len(reqs), sum(1 + len(c.draft_ids) for c in reqs)))
+        return step(plan)
+
+    runner.step = record
+    return seen
+
+
+@pytest.mark.parametrize("limit", ["graph-rows", "batch-size"])
+def test_drafts_stay_within_the_graph_rows_and_the_batch_size_limit(
+    model_dir, reference, monkeypatch, limit
+):
+    ref_tokens = reference[0]
+    monkeypatch.setattr(decode_module, "draft_for", oracle(ref_tokens, wrong=False))
+    runner = make_runner(model_dir)
+    seen = recording_steps(runner)
+    config = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
+    if limit == "batch-size":
+        config["speculative_disable_by_batch_size"] = 2
+    sched = Scheduler(
+        scheduler_config(max_running_requests=8, **config),
+        runner.kv_slots,
+        runner.config.context_length,
+        max_graph_tokens=9 if limit == "graph-rows" else 0,
+    )
+    requests = [r for r in MIXED if r[0] != "pen"]
+    tokens, _, _ = run(runner, sched, requests)
+    assert tokens == {r: t for r, t in ref_tokens.items() if r != "pen"}
+    if limit == "graph-rows":
+        assert max(rows for _, rows in seen) == 9  # 4 requests: 5 drafts left, not 16
+    else:
+        assert all(rows == n for n, rows in seen if n > 2)
+        assert any(n > 2 for n, _ in seen) and any(rows > n for n, rows in seen)
+    assert sched.spec_stats.accepted_tokens == sched.spec_stats.draft_tokens > 0
+
+
 def test_stop_token_inside_accepted_draft_ends_the_request(model_dir, reference, monkeypatch):
     ref = reference[0]["long"]
     stop = ref[6]
@@ -221,6 +264,7 @@ def test_flags_make_the_ngram_settings():
     assert params == NgramParams(2, 5, 3, NgramParams().history_window)
     for bad in (
         {"speculative_num_draft_tokens": 1},
+        {"speculative_disable_by_batch_size": 0},
         {
             "speculative_ngram_min_match_window_size": 6,
             "speculative_ngram_max_match_window_size": 5,
