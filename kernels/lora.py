@@ -15,11 +15,13 @@ intermediate), and is what a row-parallel layer all-reduces between them.
 
 Grid: BLOCK_T (16) programs per tile of 16 consecutive tokens and block of outputs (SGMV-like); the
 shrink also splits K over programs (SHRINK_K_CHUNK columns each, partial sums added atomically to s),
-since its few outputs (T x R) alone give too few programs to stream A and x at speed. Tokens of
-one request are consecutive and share their adapter, so the tiles of a prefill are uniform: one tile GEMM
-on the tensor cores (tl.dot, float32 sums) over that slot's A or B, run by the tile's first program (the
-other 15 exit), or nothing for base-model tokens. In a tile that mixes adapters (decode steps, request
-boundaries) each of the 16 programs runs the gathered GEMV of its one token (BGMV). The
+since its few outputs (T x R) alone give too few programs to stream A and x at speed. Program j of a
+tile takes the tile's j-th run of consecutive tokens of one slot and runs one tile GEMM on the tensor
+cores (tl.dot, float32 sums) over that slot's A or B with the other rows masked; programs past the
+tile's last run, and runs of base-model tokens, exit. A prefill's tiles are one run (one GEMM); a
+decode tile reads each adapter's weights once per run, so the runner orders decode tokens by adapter
+(batch_builder.py) and a tile of 16 decode tokens of 16 requests on 2 adapters reads 2 adapters'
+weights, not 16. A token's result does not depend on its tile-mates (masked rows are zeros). The
 weights live in fixed slot buffers and the slot ids are a tensor, so the launch is the same for every mix
 of adapters: CUDA graphs capture it once per batch size. In the expand, half-type inputs round s to
 their dtype for the tensor cores (as PEFT computes in that dtype); float32 stays float32 (ieee).
@@ -36,6 +38,21 @@ import triton.language as tl
 from radixserve.kernels.paged_attention_block import interpreting
 
 MAX_STACKED_RANK = 256  # R: up to 3 shards (q/k/v) of rank 64, padded to a power of two
+
+
+@triton.jit
+def _tile_run(slots_ptr, t0, sub, T, BLOCK_T: tl.constexpr):
+    """The tile's tokens in its run number `sub` (a run: consecutive tokens of one slot) and that
+    run's slot (-1 where the run is of base-model tokens or there is no such run)."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
+    prev = tl.load(slots_ptr + offs_t - 1, mask=t_mask & (offs_t > t0), other=-1)
+    starts = ((offs_t == t0) | (slots != prev)) & t_mask
+    run = tl.cumsum(starts.to(tl.int32), axis=0) - 1
+    rows = t_mask & (run == sub)
+    slot = tl.max(tl.where(rows, slots, -1), axis=0)
+    return offs_t, rows, slot
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -56,63 +73,37 @@ def _shrink_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """s[t, r] += the part of x[t] . A[slot(t), r] over this program's K_CHUNK columns, for its
-    BLOCK_T tokens and BLOCK_R of the R rank rows (s starts at zero; partial sums added atomically)."""
+    """s[t, r] += the part of x[t] . A[slot, r] over this program's K_CHUNK columns, for the tokens of
+    its run of the tile (one tile GEMM, other rows masked) and BLOCK_R of the R rank rows (s starts at
+    zero; partial sums added atomically)."""
     k_begin = tl.program_id(2) * K_CHUNK
     t0 = tl.program_id(0) // BLOCK_T * BLOCK_T
-    sub = (
-        tl.program_id(0) % BLOCK_T
-    )  # this program's token of the tile, when the tile mixes adapters
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
+    offs_t, rows, slot = _tile_run(slots_ptr, t0, tl.program_id(0) % BLOCK_T, T, BLOCK_T)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
-    slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
-    first = tl.load(slots_ptr + t0)
-    uniform = tl.sum(((slots != first) & t_mask).to(tl.int32), axis=0) == 0
-    if uniform:  # one request's tokens (a prefill), or all base-model tokens: one tile GEMM
+    if slot >= 0:
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        if (first >= 0) & (sub == 0):
-            a_rows = a_ptr + first.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
-            x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
-            for kk in range(0, K_CHUNK, BLOCK_K):
-                k0 = k_begin + kk
-                k_mask = k0 + offs_k < K
-                xk = tl.load(
-                    x_rows + k0 + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0
-                )
-                a = tl.load(
-                    a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
-                )
-                if UPCAST:
-                    xk, a = xk.to(tl.float32), a.to(tl.float32)
-                acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
-            tl.atomic_add(
-                s_ptr + offs_t[:, None] * R + offs_r[None, :],
-                acc,
-                mask=t_mask[:, None] & r_mask[None, :],
-                sem="relaxed",
+        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
+        x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
+        for kk in range(0, K_CHUNK, BLOCK_K):
+            k0 = k_begin + kk
+            k_mask = k0 + offs_k < K
+            xk = tl.load(
+                x_rows + k0 + offs_k[None, :], mask=rows[:, None] & k_mask[None, :], other=0.0
             )
-    else:  # tokens of several adapters (decode): a gathered GEMV, one program per token
-        t = t0 + sub
-        slot = tl.load(slots_ptr + t, mask=t < T, other=-1)
-        acc1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        if slot >= 0:
-            a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
-            for kk in range(0, K_CHUNK, BLOCK_K):
-                k0 = k_begin + kk
-                k_mask = k0 + offs_k < K
-                xk = tl.load(
-                    x_ptr + t.to(tl.int64) * stride_xt + k0 + offs_k, mask=k_mask, other=0.0
-                )
-                a = tl.load(
-                    a_rows + k0 + offs_k[None, :],
-                    mask=r_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                acc1 += tl.sum(a.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
-            tl.atomic_add(s_ptr + t * R + offs_r, acc1, mask=r_mask & (t < T), sem="relaxed")
+            a = tl.load(
+                a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            if UPCAST:
+                xk, a = xk.to(tl.float32), a.to(tl.float32)
+            acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
+        tl.atomic_add(
+            s_ptr + offs_t[:, None] * R + offs_r[None, :],
+            acc,
+            mask=rows[:, None] & r_mask[None, :],
+            sem="relaxed",
+        )
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -133,60 +124,37 @@ def _expand_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y[t, n] += scale * s[t, :] . B[n, :] for this program's BLOCK_T tokens (or its one token of
-    them, when they mix adapters) and BLOCK_N outputs."""
+    """y[t, n] += scale * s[t, :] . B[n, :] for the tokens of this program's run of its tile (one
+    tile GEMM, other rows masked) and BLOCK_N outputs."""
     t0 = tl.program_id(0) // BLOCK_T * BLOCK_T
-    sub = tl.program_id(0) % BLOCK_T
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
+    offs_t, rows, slot = _tile_run(slots_ptr, t0, tl.program_id(0) % BLOCK_T, T, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
-    first = tl.load(slots_ptr + t0)
-    uniform = tl.sum(((slots != first) & t_mask).to(tl.int32), axis=0) == 0
-    if uniform:
-        if (first >= 0) & (sub == 0):
-            s = tl.load(
-                s_ptr + offs_t[:, None] * R + offs_r[None, :],
-                mask=t_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b_ptr
-                + first.to(tl.int64) * stride_bs
-                + offs_n[:, None].to(tl.int64) * R
-                + offs_r[None, :],
-                mask=n_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                b = b.to(tl.float32)
-            else:
-                s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
-            delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + first)
-            y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
-            mask = t_mask[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        t = t0 + sub
-        slot = tl.load(slots_ptr + t, mask=t < T, other=-1)
-        if slot >= 0:
-            s1 = tl.load(s_ptr + t * R + offs_r, mask=r_mask, other=0.0)
-            b = tl.load(
-                b_ptr
-                + slot.to(tl.int64) * stride_bs
-                + offs_n[:, None].to(tl.int64) * R
-                + offs_r[None, :],
-                mask=n_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            delta = tl.sum(b.to(tl.float32) * s1[None, :], axis=1) * tl.load(scales_ptr + slot)
-            y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + offs_n
-            y = tl.load(y_ptrs, mask=n_mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
+    if slot >= 0:
+        s = tl.load(
+            s_ptr + offs_t[:, None] * R + offs_r[None, :],
+            mask=rows[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr
+            + slot.to(tl.int64) * stride_bs
+            + offs_n[:, None].to(tl.int64) * R
+            + offs_r[None, :],
+            mask=n_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            b = b.to(tl.float32)
+        else:
+            s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
+        delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + slot)
+        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+        mask = rows[:, None] & n_mask[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
@@ -219,7 +187,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
         # K split over programs (one program per tile streaming all of K ran a bs16 decode step of a
         # Llama-3-8B with 4 adapters at 212 ms on an H100): about SHRINK_K_CHUNK columns each
         k_chunk = block_k * max(1, min(SHRINK_K_CHUNK, K) // block_k)
-        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per token: see _shrink_kernel
+        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per run of a tile: see _tile_run
         grid = (tiles, triton.cdiv(R, block_r), triton.cdiv(K, k_chunk))
         _shrink_kernel[grid](
             x, a, slots, s, T, x.stride(0), a.stride(0), R, K,
@@ -243,7 +211,7 @@ def lora_expand(
         block_r = max(16, triton.next_power_of_2(R))
         block_n = 64 if block_r <= 64 else 32
         upcast, precision = _precision(b.dtype)
-        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per token: see _expand_kernel
+        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per run of a tile: see _tile_run
         _expand_kernel[(tiles, triton.cdiv(N, block_n))](
             s, b, scales, slots, y, T, y.stride(0), b.stride(0), N, R,
             BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision,

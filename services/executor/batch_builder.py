@@ -225,6 +225,10 @@ class BatchBuilder:
         extends = [s for s in seqs if len(s.new_slots) > 1 and not (s.drafts and rows_for_drafts)]
         in_extends = {id(s) for s in extends}
         decodes = [s for s in seqs if id(s) not in in_extends]  # a verify step's tokens: rows
+        if any(s.state.lora_name for s in decodes):
+            # Tokens of one adapter side by side: the LoRA kernels read an adapter's weights once
+            # per run of its tokens in a tile (kernels/lora.py).
+            decodes.sort(key=lambda s: s.state.lora_name)
         ordered = extends + decodes
         # Per attention sequence (an extend, or one decode row), its table row and length after the step.
         seq_rows: list[int] = []

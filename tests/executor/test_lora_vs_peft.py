@@ -72,6 +72,11 @@ def test_mixed_batch_matches_peft_per_adapter(setup, backend):
     # decode of all five, in another order, beside a new base request
     order = [3, 0, 4, 1, 2]
     (q,) = prompts(6, 6)
+    laid_out = []
+    prepare = runner.lora.prepare_batch
+    runner.lora.prepare_batch = lambda b: (
+        laid_out.append([s.lora_name for s in b.seq_states]) or (prepare(b))
+    )
     out = runner.step(
         StepInput(
             2,
@@ -79,6 +84,8 @@ def test_mixed_batch_matches_peft_per_adapter(setup, backend):
             continuing_requests=[ContinuingRequest(f"r{i}", pool.take(1)) for i in order],
         )
     )
+    # The prefill first, then the decode tokens side by side per adapter (kernels/lora.py's runs).
+    assert laid_out == [["", "", "all8", "all8", "mix16", "qv4"]]
     torch.testing.assert_close(out.logits[0], hf_last_logits(base, q), atol=ATOL, rtol=0)
     for k, i in enumerate(order):
         want = hf_last_logits(refs[names[i]], seqs[i])

@@ -78,6 +78,24 @@ def test_strided_rows_and_int32_slots():
     assert torch.equal(wide[:, 40:], torch.zeros(5, 24, device=DEVICE))
 
 
+def test_a_tokens_result_does_not_depend_on_its_tile_mates():
+    """Each run of a tile is one masked tile GEMM: a token's row is the same bits alone, beside tokens
+    of other adapters (a mixed decode tile) and inside a run of its own adapter (a uniform tile)."""
+    # K = 64: one K chunk, so each s element gets one atomic add (a fixed order on a GPU too)
+    x, a, b, scales, _ = _inputs(16, 64, 48, 16, 3, torch.bfloat16)
+    y0 = randn(gen(2), 16, 48, dtype=torch.bfloat16)
+
+    def delta(slots):
+        slots = torch.tensor(slots, device=DEVICE)
+        return lora.lora_expand(y0.clone(), lora.lora_shrink(x, a, slots), b, scales, slots)
+
+    mixed = delta([0, 1, 2, -1, 1, 1, 0, 2, 2, 2, -1, 0, 1, 2, 0, 1])
+    uniform = delta([1] * 16)
+    for t in (1, 4, 5, 12, 15):  # the tokens of adapter 1
+        alone = delta([-1] * t + [1] + [-1] * (15 - t))
+        assert torch.equal(mixed[t], alone[t]) and torch.equal(uniform[t], alone[t]), t
+
+
 def test_rank_above_the_limit_is_refused():
     x, a, b, scales, slots = _inputs(2, 16, 16, lora.MAX_STACKED_RANK + 1, 1, torch.float32)
     with pytest.raises(AssertionError):
