@@ -20,20 +20,15 @@ from PIL import Image
 
 from radixserve.v1 import (
     common_pb2,
-    detokenizer_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
     scheduler_pb2,
-    scheduler_pb2_grpc,
     tokenizer_pb2,
-    tokenizer_pb2_grpc,
 )
 from radixserve.tokenizer.images import NO_IMAGE_INPUTS, decode_image
 from tests.gateway.fakes import (
     MODEL,
     FakeBackends,
-    FakeDetokenizer,
-    FakeScheduler,
     FakeTokenizer,
     RunningGateway,
     encode,
@@ -119,36 +114,8 @@ class ImageTokenizer(FakeTokenizer):
         return response
 
 
-class LoraScheduler(FakeScheduler):
-    """The fake scheduler, with LoRA on and ADAPTER loaded."""
-
-    def GetInfo(self, request, context):
-        info = super().GetInfo(request, context)
-        info.max_loras_per_batch = 2
-        info.lora_adapters.append(
-            scheduler_pb2.SchedulerLoraAdapter(name=ADAPTER, path=f"/adapters/{ADAPTER}")
-        )
-        return info
-
-
-class VisionBackends(FakeBackends):
-    def __init__(self, takes_images: bool = True):
-        self.tokenizer = ImageTokenizer(takes_images)
-        self.scheduler = LoraScheduler()
-        self.detokenizer = FakeDetokenizer()
-        self.tokenizer_addr = self._serve(
-            "tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server, self.tokenizer
-        )
-        self.detokenizer_addr = self._serve(
-            "detokenizer", detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, self.detokenizer
-        )
-        self.scheduler_addr = self._serve(
-            "scheduler", scheduler_pb2_grpc.add_SchedulerServicer_to_server, self.scheduler
-        )
-
-
 def start(takes_images: bool):
-    backends = VisionBackends(takes_images)
+    backends = FakeBackends(tokenizer=ImageTokenizer(takes_images), adapters=[ADAPTER])
     gw = RunningGateway(
         backends, max_images_per_request=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES
     )
