@@ -12,17 +12,7 @@ from radixserve.common.step import StepInput
 from radixserve.executor.runner import ModelRunner
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.request import Request
-from tests.configs import runner_config, scheduler_config
-
-
-def cpu_runner(model_dir, pool: int, **config) -> ModelRunner:
-    """A float32 CPU runner (seed 0) of model_dir with a pool of pool tokens."""
-    return ModelRunner(
-        model_dir,
-        runner_config(
-            dtype="float32", device="cpu", random_seed=0, max_total_tokens=pool, **config
-        ),
-    )
+from tests.configs import scheduler_config
 
 
 def make_scheduler(runner: ModelRunner, **config) -> Scheduler:

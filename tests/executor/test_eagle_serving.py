@@ -26,6 +26,7 @@ from radixserve.executor.runner import ModelRunner
 from radixserve.scheduler.core import Scheduler
 from radixserve.scheduler.speculation import EagleParams, speculation_params
 from tests.configs import scheduler_config
+from tests.executor.tiny_llama import cpu_runner
 from tests.executor.test_eagle_draft import (
     EAGLE3_AUX_IDS,
     DRAFT_VOCAB,
@@ -42,7 +43,6 @@ from tests.spec_serving import (
     add_requests,
     assert_greedy_outputs_match,
     assert_same_outputs,
-    cpu_runner,
     greedy,
     run,
     run_overlapped,

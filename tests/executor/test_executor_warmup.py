@@ -8,10 +8,9 @@ import types
 import pytest
 
 from radixserve.executor.runner import ModelRunner
-from tests.configs import runner_config
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.warmup import Warmup, run_warmup
-from tests.executor.tiny_llama import TINY_CONFIG
+from tests.executor.tiny_llama import TINY_CONFIG, cpu_runner
 from tests.executor.warmup_harness import (
     CompileCounter,
     build_cuda_llama,
@@ -31,19 +30,6 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def cpu_runner(model_dir, max_total_tokens: int) -> ModelRunner:
-    return ModelRunner(
-        model_dir,
-        runner_config(
-            dtype="float32",
-            device="cpu",
-            load_format="dummy",
-            random_seed=0,
-            max_total_tokens=max_total_tokens,
-        ),
-    )
-
-
 def greedy(runner: ModelRunner, prompt: list[int], steps: int) -> list[int]:
     out = runner.step(
         StepInput(100, new_requests=[NewRequest("probe", prompt, list(range(1, len(prompt) + 1)))])
@@ -61,7 +47,7 @@ def greedy(runner: ModelRunner, prompt: list[int], steps: int) -> list[int]:
 
 
 def test_warmup_leaves_the_runner_clean(model_dir):
-    runner = cpu_runner(model_dir, 4096)
+    runner = cpu_runner(model_dir, 4096, load_format="dummy")
     before = greedy(runner, [3, 4, 5, 6, 7], 6)
     report = run_warmup(runner, server_args())  # the CPU plan: one small prefill and its decodes
     assert report.skipped == [] and report.failed == [] and report.steps == 4 and report.tokens == 9
@@ -80,7 +66,7 @@ def test_warmup_leaves_the_runner_clean(model_dir):
 def test_the_gpu_plan_is_made_of_valid_steps(model_dir):
     """Every scenario of the GPU plan (all shape classes, eager decode above the graphs, the largest prefill)
     run through a CPU runner: no step is refused and the runner ends clean."""
-    runner = cpu_runner(model_dir, 12000)
+    runner = cpu_runner(model_dir, 12000, load_format="dummy")
     warmup = gpu_plan_warmup(runner, 24, 16, TINY_CONFIG["vocab_size"])
     names = [name for name, _ in warmup.plan()]
     assert "eager decode of 17" in names and "largest prefill 16x512" in names
@@ -94,7 +80,7 @@ def test_the_gpu_plan_is_made_of_valid_steps(model_dir):
 
 
 def test_a_small_pool_skips_what_does_not_fit_without_failing(model_dir):
-    runner = cpu_runner(model_dir, 25)
+    runner = cpu_runner(model_dir, 25, load_format="dummy")
     report = gpu_plan_warmup(runner, 64, 0, TINY_CONFIG["vocab_size"]).run()
     assert report.steps > 0 and report.skipped and report.failed == [] and runner.states == {}
 

@@ -15,11 +15,10 @@ from radixserve.common.step import ContinuingRequest, StepError, StepInput
 from radixserve.executor.runner import ModelRunner
 from radixserve.scheduler import decode as decode_module
 from tests.configs import scheduler_config
-from tests.executor.tiny_llama import TINY_CONFIG, VOCAB, new
+from tests.executor.tiny_llama import TINY_CONFIG, VOCAB, cpu_runner, new
 from tests.spec_serving import (
     assert_greedy_outputs_match,
     assert_same_outputs,
-    cpu_runner,
     greedy,
     make_scheduler,
     run,
