@@ -34,6 +34,7 @@ from tests.gateway.fakes import (
     encode,
     render_chat,
 )
+from tests.gateway.image_server import ImageServer
 
 PLACEHOLDER = "▣"  # the fake tokenizer's token for one image
 ADAPTER = "alpha"
@@ -206,6 +207,20 @@ def test_images_reach_the_scheduler_from_every_route(vision, route):
     assert [i.tensors.pixel_values.data for i in request.images] == [PNG, png(9)]
     assert [i.offset for i in request.images] == [text.index(PLACEHOLDER) + k for k in (0, 1)]
     assert request.lora_name == ""
+
+
+def test_http_images_of_every_route_come_over_one_kept_connection(vision):
+    """The routes fetch with the app's one client: the images of three requests (one per route)
+    come over one keep-alive connection, and no cookie goes back."""
+    backends, gw = vision
+    with ImageServer(PNG) as server:
+        for route in ROUTES:
+            before = seen(backends)
+            r = post(gw, route, [f"{server.url}/{route}.png"])
+            assert r.status_code == 200, r.text
+            [request] = new_requests(backends, before)
+            assert [i.tensors.pixel_values.data for i in request.images] == [PNG]
+        assert server.connections == 1 and server.cookies == [None] * len(ROUTES)
 
 
 def test_responses_images_come_back_with_previous_response_id(vision):

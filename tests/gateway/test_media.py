@@ -25,6 +25,7 @@ from radixserve.gateway.api.media import (
     open_fetch_client,
 )
 from radixserve.gateway.app import create_app
+from tests.gateway.image_server import ImageServer
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(100)
 
@@ -120,61 +121,29 @@ def test_image_count_limit():
     assert err.value.code == "too_many_images"
 
 
-class KeepAliveHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive: counts the connections it is opened on and records each request's
-    Cookie header; every answer sets a cookie."""
-
-    protocol_version = "HTTP/1.1"
-    connections: list[int] = []
-    cookies: list[str | None] = []
-
-    def setup(self):
-        super().setup()
-        KeepAliveHandler.connections.append(1)
-
-    def do_GET(self):
-        KeepAliveHandler.cookies.append(self.headers.get("Cookie"))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(PNG)))
-        self.send_header("Set-Cookie", f"session={len(KeepAliveHandler.cookies)}; Path=/")
-        self.end_headers()
-        self.wfile.write(PNG)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def keepalive_server():
-    KeepAliveHandler.connections.clear()
-    KeepAliveHandler.cookies.clear()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def image_server():
+    with ImageServer(PNG) as server:
+        yield server
 
 
 async def fetch_twice(url: str, lim: MediaLimits) -> list[bytes]:
     return [await load_image(f"{url}/{i}.png", lim, "image_data.0") for i in range(2)]
 
 
-def test_fetches_through_a_shared_client_reuse_its_connection(keepalive_server):
+def test_fetches_through_a_shared_client_reuse_its_connection(image_server):
     # Without a shared client, each fetch opens its own connection.
-    assert asyncio.run(fetch_twice(keepalive_server, limits())) == [PNG, PNG]
-    assert len(KeepAliveHandler.connections) == 2
+    assert asyncio.run(fetch_twice(image_server.url, limits())) == [PNG, PNG]
+    assert image_server.connections == 2
 
     async def shared() -> list[bytes]:
         async with open_fetch_client(10.0) as client:
-            return await fetch_twice(keepalive_server, limits(client=client))
+            return await fetch_twice(image_server.url, limits(client=client))
 
-    KeepAliveHandler.connections.clear()
-    KeepAliveHandler.cookies.clear()
+    image_server.reset()
     assert asyncio.run(shared()) == [PNG, PNG]
-    assert len(KeepAliveHandler.connections) == 1  # the second image came on the first's connection
-    assert KeepAliveHandler.cookies == [None, None]  # the first answer's cookie was not kept
+    assert image_server.connections == 1  # the second image came on the first's connection
+    assert image_server.cookies == [None, None]  # the first answer's cookie was not kept
 
 
 def test_shared_client_keeps_the_limits(server):
@@ -199,7 +168,7 @@ def test_shared_client_keeps_the_limits(server):
     assert time.monotonic() - t0 < 10
 
 
-def test_the_app_lifespan_opens_one_client_and_closes_it(keepalive_server):
+def test_the_app_lifespan_opens_one_client_and_closes_it(image_server):
     app = create_app(ServerArgs(media_fetch_timeout=7.0))
     assert app.state.media.client is None  # before the lifespan: a client per fetch
     with TestClient(app) as http_client:
@@ -208,7 +177,7 @@ def test_the_app_lifespan_opens_one_client_and_closes_it(keepalive_server):
         assert not media.client.is_closed
         assert media.client.timeout.read == 7.0
         assert media.client._transport._pool._max_connections == FETCH_POOL.max_connections
-        got = http_client.portal.call(fetch_twice, keepalive_server, media)
-        assert got == [PNG, PNG] and len(KeepAliveHandler.connections) == 1
+        got = http_client.portal.call(fetch_twice, image_server.url, media)
+        assert got == [PNG, PNG] and image_server.connections == 1
     assert media.client.is_closed
     assert app.state.media.client is None
