@@ -17,6 +17,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 import httpx
+from starlette.requests import Request
 
 from radixserve.gateway.api.errors import ApiError, bad_request
 
@@ -69,7 +70,7 @@ def open_fetch_client(media_fetch_timeout: float) -> httpx.AsyncClient:
     )
 
 
-def media_limits(request) -> MediaLimits:
+def media_limits(request: Request) -> MediaLimits:
     """The app's limits, with its shared fetch client once the lifespan has opened it (app.py)."""
     return request.app.state.media
 
