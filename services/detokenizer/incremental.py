@@ -64,6 +64,16 @@ def _take_new_text(
     return "", window[prefix:], read - prefix
 
 
+@dataclass(frozen=True)
+class _DecodeOptions:
+    """decode_step's settings, the same for each id it feeds (final is not: when it feeds the ids one
+    at a time, only the last one's decode is final)."""
+
+    stop: list[str]
+    skip_special_tokens: bool
+    stop_regex: list[str]
+
+
 def decode_step(
     tokenizer: Decoder,
     state: DecodeState,
@@ -79,11 +89,10 @@ def decode_step(
     the text right before its first occurrence and sets stopped/matched_stop; so does a match of a
     stop regex (matched_stop: its pattern), and stop_token_count says how many of new_ids it took.
     """
+    options = _DecodeOptions(stop, skip_special_tokens, stop_regex)
     if len(new_ids) > 1 and (any(stop) or stop_regex):
-        return _decode_one_by_one(
-            tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex
-        )
-    step = _decode(tokenizer, state, new_ids, stop, skip_special_tokens, final, stop_regex)
+        return _decode_one_by_one(tokenizer, state, new_ids, options, final)
+    step = _decode(tokenizer, state, new_ids, options, final)
     if step.stopped:
         step.stop_token_count = len(new_ids)
     return step
@@ -93,10 +102,8 @@ def _decode_one_by_one(
     tokenizer: Decoder,
     state: DecodeState,
     new_ids: list[int],
-    stop: list[str],
-    skip_special_tokens: bool,
+    options: _DecodeOptions,
     final: bool,
-    stop_regex: list[str],
 ) -> DecodeStep:
     """Several ids (--stream-interval N, speculative steps) against stop strings: fed one at a time, as
     when they come one per call, so that the stop is found at the same token (a batch's text can end in
@@ -105,9 +112,7 @@ def _decode_one_by_one(
     texts = []
     for count, token in enumerate(new_ids, 1):
         last = count == len(new_ids)
-        step = _decode(
-            tokenizer, state, [token], stop, skip_special_tokens, final and last, stop_regex
-        )
+        step = _decode(tokenizer, state, [token], options, final and last)
         texts.append(step.text)
         state = step.state
         if step.stopped:
@@ -119,19 +124,19 @@ def _decode(
     tokenizer: Decoder,
     state: DecodeState,
     new_ids: list[int],
-    stop: list[str],
-    skip_special_tokens: bool,
+    options: _DecodeOptions,
     final: bool,
-    stop_regex: list[str],
 ) -> DecodeStep:
     new_text, window, read = _take_new_text(
         tokenizer,
         list(state.window_ids) + list(new_ids),
         state.prefix_offset,
         state.read_offset,
-        skip_special_tokens,
+        options.skip_special_tokens,
         final,
     )
-    scan = scan_for_stops(state.held_text + new_text, list(stop), final, list(stop_regex))
+    scan = scan_for_stops(
+        state.held_text + new_text, list(options.stop), final, list(options.stop_regex)
+    )
     next_state = DecodeState(window, 0, read, scan.held, state.emitted_chars + len(scan.emit))
     return DecodeStep(scan.emit, next_state, scan.matched_stop is not None, scan.matched_stop or "")

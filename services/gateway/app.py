@@ -27,6 +27,7 @@ from radixserve.gateway.api import (
 from radixserve.gateway.api.auth import install_api_key
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError
+from radixserve.gateway.api.media import MediaLimits, open_fetch_client
 from radixserve.gateway.api.payload_limit import install_payload_limit
 from radixserve.gateway.telemetry.request_tracing import untraced_http_request
 from radixserve.gateway.pipeline.sampling import validation_error
@@ -39,10 +40,14 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        _app.state.batch_runner.resume_unfinished()
-        yield
-        await _app.state.batch_runner.close()
-        await engine.close()
+        # One client for the app's image downloads (media.py), closed last: batch runs fetch too.
+        async with open_fetch_client(args.media_fetch_timeout) as fetch_client:
+            _app.state.media = MediaLimits.from_args(args, fetch_client)
+            _app.state.batch_runner.resume_unfinished()
+            yield
+            await _app.state.batch_runner.close()
+            await engine.close()
+            _app.state.media = MediaLimits.from_args(args)
 
     # FastAPI's own OpenTelemetry instrumentation makes the HTTP request span (honouring an incoming
     # traceparent) once tracing.setup has installed a tracer provider; Prometheus does the metrics.
@@ -54,6 +59,7 @@ def create_app(args: ServerArgs, engine: Engine | None = None) -> FastAPI:
     )
     app.state.args = args
     app.state.engine = engine
+    app.state.media = MediaLimits.from_args(args)  # the lifespan adds the shared fetch client
     app.include_router(openai_routes.router)
     app.include_router(responses_routes.router)
     app.include_router(anthropic_routes.router)

@@ -7,7 +7,6 @@ counters reach /get_server_info, and the scheduler's idle leak check finds nothi
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 
 import httpx
@@ -15,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.e2e.test_speculative_stack import generate, spec_counters, tokens_and_logprobs
-from tests.stack import stop_stack
-from tests.tiny_stack import start_tiny_stack, tiny_model
-
-PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 30] * 4
-N = 40
+from tests.e2e.speculation import (
+    check_concurrent_requests_finish,
+    check_greedy_equals_plain_decoding,
+    speculative_stack,
+    stack_log,
+)
+from tests.tiny_stack import tiny_model
 
 
 def save_head(folder, target_config: dict) -> None:
@@ -56,47 +56,24 @@ def stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eagle")
     target = json.loads((tiny_model(folder / "model") / "config.json").read_text())
     save_head(folder / "head", target)
-    running = start_tiny_stack(
-        folder,
-        "--speculative-algorithm",
-        "EAGLE",
-        "--speculative-draft-model-path",
-        str(folder / "head"),
-        "--speculative-num-steps",
-        "3",
-        "--chunked-prefill-size",
-        "16",
-    )
-    yield running
-    stop_stack(running)
+    flags = ("--speculative-algorithm", "EAGLE", "--speculative-draft-model-path")
+    with speculative_stack(
+        folder, *flags, str(folder / "head"), "--speculative-num-steps", "3"
+    ) as s:
+        yield s
 
 
 def test_greedy_with_eagle_equals_plain_decoding(stack):
-    before = spec_counters(stack)
-    plain = generate(stack, PROMPT, min_new_tokens=N)
-    assert spec_counters(stack) == before  # min_new_tokens pending: no drafts
-    speculated = generate(stack, PROMPT)
-    after = spec_counters(stack)
-    assert after["spec_verify_steps"] > before["spec_verify_steps"]
-    plain_tokens, plain_logprobs = tokens_and_logprobs(plain)
-    tokens, logprobs = tokens_and_logprobs(speculated)
-    assert tokens == plain_tokens and len(tokens) == N
-    assert logprobs == pytest.approx(plain_logprobs, abs=1e-3)
+    check_greedy_equals_plain_decoding(stack)
 
 
 def test_concurrent_requests_finish_and_no_leak_when_idle(stack):
-    prompts = [PROMPT[i:] for i in range(10)]
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        outs = list(
-            pool.map(lambda p: generate(stack, p, max_new_tokens=20, temperature=0.7), prompts)
-        )
-    assert all(o["meta_info"]["completion_tokens"] == 20 for o in outs)
+    check_concurrent_requests_finish(stack, requests=10, threads=5, max_new_tokens=20)
     config = httpx.get(stack.base_url + "/get_server_info", timeout=60).json()["scheduler"][
         "config"
     ]
     assert config["speculative_algorithm"] == "EAGLE"
     assert config["speculative_num_draft_tokens"] == 4
-    with open(stack.log_path) as f:
-        log = f.read()
+    log = stack_log(stack)
     assert "EAGLE draft head from" in log
     assert "leak" not in log, log[-2000:]

@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from radixserve.common.args import FlagError, check_speculation
-from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import SampledToken, StepOutput
 from radixserve.common.step_convert import output_from_proto, output_to_proto
 from radixserve.executor.attention.torch_native import TorchNativeAttentionBackend
 from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
 from radixserve.executor.runner import ModelRunner
 from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request
 from radixserve.scheduler.speculation import EagleParams, speculation_params
-from tests.configs import runner_config, scheduler_config
+from tests.configs import scheduler_config
+from tests.executor.tiny_llama import cpu_runner
 from tests.executor.test_eagle_draft import (
     EAGLE3_AUX_IDS,
     DRAFT_VOCAB,
@@ -39,7 +39,15 @@ from tests.executor.test_eagle_draft import (
     save_draft,
     save_target,
 )
-from tests.scheduler.test_speculative import run, run_overlapped
+from tests.spec_serving import (
+    add_requests,
+    assert_greedy_outputs_match,
+    assert_same_outputs,
+    greedy,
+    run,
+    run_overlapped,
+)
+from tests.spec_serving import make_scheduler as plain_scheduler
 
 POOL = 600
 K = 3
@@ -68,40 +76,23 @@ def folders(tmp_path_factory):
     return root
 
 
+def eagle_flags(algorithm=None, head=None) -> dict:
+    """The flags that turn algorithm on with the draft head in head (none: plain decoding)."""
+    if algorithm is None:
+        return {}
+    return dict(
+        speculative_algorithm=algorithm,
+        speculative_draft_model_path=str(head),
+        speculative_num_steps=K,
+    )
+
+
 def make_runner(target, algorithm=None, head=None, **config) -> ModelRunner:
-    spec = (
-        {}
-        if algorithm is None
-        else dict(
-            speculative_algorithm=algorithm,
-            speculative_draft_model_path=str(head),
-            speculative_num_steps=K,
-        )
-    )
-    return ModelRunner(
-        target,
-        runner_config(
-            dtype="float32", device="cpu", random_seed=0, max_total_tokens=POOL, **spec, **config
-        ),
-    )
+    return cpu_runner(target, POOL, **eagle_flags(algorithm, head), **config)
 
 
 def make_scheduler(runner, algorithm=None, head=None, **config) -> Scheduler:
-    if algorithm is not None:
-        config.update(
-            speculative_algorithm=algorithm,
-            speculative_draft_model_path=str(head),
-            speculative_num_steps=K,
-        )
-    return Scheduler(
-        scheduler_config(max_running_requests=8, **config),
-        runner.kv_slots,
-        runner.config.context_length,
-    )
-
-
-def greedy(**kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, **kw)
+    return plain_scheduler(runner, **eagle_flags(algorithm, head), **config)
 
 
 def prompts(seed: int, n: int) -> list[list[int]]:
@@ -128,14 +119,7 @@ def test_greedy_eagle_equals_plain_decoding_token_for_token(folders, reference, 
     runner = make_runner(folders / "target", algorithm, head)
     assert runner.eagle is not None and runner.fast_decode is None
     sched = make_scheduler(runner, algorithm, head, **CHUNKED)
-    tokens, logprobs, finals = run(runner, sched, REQUESTS)
-    ref_tokens, ref_logprobs, ref_finals = reference
-    assert tokens == ref_tokens
-    for rid in ref_logprobs:
-        assert logprobs[rid] == pytest.approx(ref_logprobs[rid], abs=1e-4)
-    assert {r: f.finish_reason for r, f in finals.items()} == {
-        r: f.finish_reason for r, f in ref_finals.items()
-    }
+    assert_same_outputs(run(runner, sched, REQUESTS), reference)
     stats = sched.spec_stats
     # Every decode after the first token verifies the executor's K drafts (fewer near the end).
     assert stats.verify_steps > 0 and stats.draft_tokens > stats.verify_steps
@@ -145,10 +129,7 @@ def test_greedy_eagle_equals_plain_decoding_token_for_token(folders, reference, 
 def serve_recording(runner, sched, requests):
     """Serve requests (serially) and record, after each step, every live request's sequence and
     the drafts the executor proposed after it."""
-    for rid, prompt, max_new, sampling, stop in requests:
-        sched.add_request(
-            Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
-        )
+    add_requests(sched, requests)
     seen = []
     while (plan := sched.schedule()) is not None:
         out = runner.step(plan)
@@ -256,14 +237,7 @@ def test_random_traffic_with_eagle_leaves_the_pool_whole(folders, page_size, mix
     for req in requests:
         arrivals.setdefault(rng.randrange(30), []).append(req)
     tokens, aborted = run_overlapped(runner, sched, arrivals, rng)
-    for rid, _, _, sampling, _ in requests:
-        if sampling.temperature > 0:
-            continue
-        got = tokens.get(rid, [])
-        if rid in aborted:
-            assert got == ref[rid][: len(got)]
-        else:
-            assert got == ref[rid], rid
+    assert_greedy_outputs_match(requests, tokens, aborted, ref)
     assert sched.spec_stats.verify_steps > 0
 
 

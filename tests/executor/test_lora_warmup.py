@@ -18,12 +18,19 @@ if not torch.cuda.is_available():
 
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput  # noqa: E402
 from radixserve.executor.runner import ModelRunner  # noqa: E402
-from radixserve.executor.warmup import WARMUP_LORA_NAME, Warmup, run_warmup  # noqa: E402
+from radixserve.executor.warmup import WARMUP_LORA_NAME, run_warmup  # noqa: E402
 from radixserve.kernels import lora as kernels  # noqa: E402
 from tests.configs import runner_config  # noqa: E402
 from tests.executor.hf_parity import SlotPool, build_hf_model, hf_last_logits, prompts  # noqa: E402
 from tests.executor.lora_adapters import make_adapter  # noqa: E402
-from tests.executor.test_executor_warmup import server_args  # noqa: E402
+from tests.executor.warmup_harness import (  # noqa: E402
+    CompileCounter,
+    build_cuda_llama,
+    cuda_runner,
+    gpu_plan_warmup,
+    serve_traffic,
+    server_args,
+)
 
 ATOL = 1e-4  # as test_lora_vs_peft.py
 
@@ -98,17 +105,7 @@ def assert_clean(runner: ModelRunner, loaded: list[str]) -> None:
 def test_the_gpu_plan_runs_every_lora_kernel_path_and_leaves_nothing(setup, monkeypatch):
     runner = make_runner(setup, max_lora_rank=8, max_loras_per_batch=2, lora_backend="triton")
     spy = KernelSpy(monkeypatch, kernels.shrink_reference, kernels.expand_reference)
-    warmup = Warmup(
-        runner,
-        kv_slots=runner.kv_slots,
-        vocab_size=runner.config.vocab_size,
-        max_prefill_tokens=16384,
-        chunked_prefill_size=8192,
-        max_running_requests=24,
-        graph_max_bs=16,
-        on_gpu=True,
-        lora=runner.lora,
-    )
+    warmup = gpu_plan_warmup(runner, 24, 16, lora=runner.lora)
     base_names = [name for name, _ in warmup.plan()]
     lora_names = [name for name, _ in warmup.lora_plan(WARMUP_LORA_NAME)]
     assert all(f"LoRA {name}" in lora_names for name in base_names if name.startswith("prefill "))
@@ -205,68 +202,16 @@ def test_lora_traffic_after_the_warmup_compiles_nothing(tmp_path):
     """On a GPU (not run on the CPU): with an adapter of --lora-paths in use beside the base model, in
     prefills of every size class and decodes (graphs and eager), no Triton kernel compiles after the
     warm-up."""
-    import random
-
-    import transformers
-
-    from tests.executor.test_executor_warmup import CompileCounter
-
-    hf = build_hf_model(
-        transformers.LlamaConfig(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-        ),
-        tmp_path / "base",
-    )
+    hf = build_cuda_llama(tmp_path / "base")
     make_adapter(hf, tmp_path / "all8", "all8")
-    runner = ModelRunner(
-        tmp_path / "base",
-        runner_config(
-            dtype="bfloat16",
-            device="cuda",
-            max_total_tokens=65536,
-            cuda_graph_max_bs=16,
-            max_running_requests=64,
-            lora_paths=f"all8={tmp_path / 'all8'}",
-            max_lora_rank=8,
-        ),
+    runner = cuda_runner(
+        tmp_path / "base", 16, lora_paths=f"all8={tmp_path / 'all8'}", max_lora_rank=8
     )
     report = run_warmup(runner, server_args(max_running_requests=64))
     assert report.failed == [] and report.skipped == []
     assert_clean(runner, loaded=["all8"])
-    rng = random.Random(0)
     with CompileCounter() as counter:
-        slot, step, live = 1, 1, []
-        for wave in range(6):
-            new = []
-            for i in range(rng.choice([1, 2, 5, 17, 23])):
-                length = rng.choice([1, 3, 15, 16, 17, 64, 257])
-                new.append(
-                    NewRequest(
-                        f"w{wave}-{i}",
-                        [rng.randrange(512) for _ in range(length)],
-                        list(range(slot, slot + length)),
-                        lora_name=rng.choice(["all8", ""]),
-                    )
-                )
-                slot += length
-            cont = [ContinuingRequest(rid, [slot + k]) for k, rid in enumerate(live)]
-            slot += len(live)
-            runner.step(StepInput(step, new_requests=new, continuing_requests=cont))
-            step += 1
-            live += [r.request_id for r in new]
-            finished, live = live[:-40], live[-40:]
-            for _ in range(2):
-                cont = [ContinuingRequest(rid, [slot + k]) for k, rid in enumerate(live)]
-                slot += len(live)
-                runner.step(
-                    StepInput(step, continuing_requests=cont, finished_request_ids=finished)
-                )
-                finished, step = [], step + 1
-        torch.cuda.synchronize()
+        serve_traffic(
+            runner, [1, 2, 5, 17, 23], [1, 3, 15, 16, 17, 64, 257], decodes=2, adapters=["all8", ""]
+        )
     assert (counter.compiles, counter.tunes) == (0, 0), counter.what

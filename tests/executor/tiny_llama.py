@@ -2,6 +2,8 @@
 
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import NewRequest
+from radixserve.executor.runner import ModelRunner
+from tests.configs import runner_config
 
 VOCAB = 128
 TINY_CONFIG = {
@@ -25,3 +27,18 @@ TINY_CONFIG = {
 def new(rid, ids, slots, **kw):
     sampling = kw.pop("sampling", SamplingParams())
     return NewRequest(rid, ids, slots, sampling=sampling, **kw)
+
+
+def cpu_runner(model_dir, max_total_tokens: int, **config) -> ModelRunner:
+    """A float32 CPU runner (seed 0) of model_dir with a KV pool of max_total_tokens; this tiny Llama's
+    folder (a config.json alone) wants load_format="dummy"."""
+    return ModelRunner(
+        model_dir,
+        runner_config(
+            dtype="float32",
+            device="cpu",
+            random_seed=0,
+            max_total_tokens=max_total_tokens,
+            **config,
+        ),
+    )

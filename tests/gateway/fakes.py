@@ -11,6 +11,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -109,8 +110,12 @@ def output_token(i: int, prompt: list[int]) -> int:
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, step_delay: float = 0.002):
+    """adapters: LoRA on (2 adapters a batch) with these loaded, each from /adapters/<name>; none:
+    LoRA off, as the real scheduler answers without --enable-lora."""
+
+    def __init__(self, step_delay: float = 0.002, adapters: Sequence[str] = ()):
         self.step_delay = step_delay
+        self.adapters = list(adapters)
         self.lock = threading.Lock()
         self.prompts: list[list[int]] = []
         self.started: list[str] = []
@@ -280,6 +285,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             kv_bytes_per_token=KV_BYTES_PER_TOKEN,
             config_json='{"schedule_policy": "fcfs"}',
             vocab_size=VOCAB_SIZE,
+            max_loras_per_batch=2 if self.adapters else 0,
+            lora_adapters=[
+                scheduler_pb2.SchedulerLoraAdapter(name=name, path=f"/adapters/{name}")
+                for name in self.adapters
+            ],
         )
 
     def Abort(self, request, context):
@@ -290,7 +300,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.prompts.clear()
         return scheduler_pb2.SchedulerFlushCacheResponse(freed_tokens=7)
 
-    # A scheduler without LoRA (--enable-lora off), as the real one answers.
+    # Loading and unloading as a scheduler without LoRA (--enable-lora off) answers.
     def LoadLoraAdapter(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoRA is off")
 
@@ -425,11 +435,17 @@ class FakeDetokenizer(detokenizer_pb2_grpc.DetokenizerServicer):
 
 
 class FakeBackends:
-    """The three fakes on ephemeral loopback ports (sync gRPC servers, independent of any event loop)."""
+    """The three fakes on ephemeral loopback ports (sync gRPC servers, independent of any event loop).
+    tokenizer: another FakeTokenizer in its place; adapters: the scheduler's LoRA adapters."""
 
-    def __init__(self, step_delay: float = 0.002):
-        self.tokenizer = FakeTokenizer()
-        self.scheduler = FakeScheduler(step_delay)
+    def __init__(
+        self,
+        step_delay: float = 0.002,
+        tokenizer: FakeTokenizer | None = None,
+        adapters: Sequence[str] = (),
+    ):
+        self.tokenizer = tokenizer or FakeTokenizer()
+        self.scheduler = FakeScheduler(step_delay, adapters)
         self.detokenizer = FakeDetokenizer()
         self.tokenizer_addr = self._serve(
             "tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server, self.tokenizer

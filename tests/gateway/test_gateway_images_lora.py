@@ -20,25 +20,21 @@ from PIL import Image
 
 from radixserve.v1 import (
     common_pb2,
-    detokenizer_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
     scheduler_pb2,
-    scheduler_pb2_grpc,
     tokenizer_pb2,
-    tokenizer_pb2_grpc,
 )
 from radixserve.tokenizer.images import NO_IMAGE_INPUTS, decode_image
 from tests.gateway.fakes import (
     MODEL,
     FakeBackends,
-    FakeDetokenizer,
-    FakeScheduler,
     FakeTokenizer,
     RunningGateway,
     encode,
     render_chat,
 )
+from tests.gateway.image_server import ImageServer
 
 PLACEHOLDER = "▣"  # the fake tokenizer's token for one image
 ADAPTER = "alpha"
@@ -119,36 +115,8 @@ class ImageTokenizer(FakeTokenizer):
         return response
 
 
-class LoraScheduler(FakeScheduler):
-    """The fake scheduler, with LoRA on and ADAPTER loaded."""
-
-    def GetInfo(self, request, context):
-        info = super().GetInfo(request, context)
-        info.max_loras_per_batch = 2
-        info.lora_adapters.append(
-            scheduler_pb2.SchedulerLoraAdapter(name=ADAPTER, path=f"/adapters/{ADAPTER}")
-        )
-        return info
-
-
-class VisionBackends(FakeBackends):
-    def __init__(self, takes_images: bool = True):
-        self.tokenizer = ImageTokenizer(takes_images)
-        self.scheduler = LoraScheduler()
-        self.detokenizer = FakeDetokenizer()
-        self.tokenizer_addr = self._serve(
-            "tokenizer", tokenizer_pb2_grpc.add_TokenizerServicer_to_server, self.tokenizer
-        )
-        self.detokenizer_addr = self._serve(
-            "detokenizer", detokenizer_pb2_grpc.add_DetokenizerServicer_to_server, self.detokenizer
-        )
-        self.scheduler_addr = self._serve(
-            "scheduler", scheduler_pb2_grpc.add_SchedulerServicer_to_server, self.scheduler
-        )
-
-
 def start(takes_images: bool):
-    backends = VisionBackends(takes_images)
+    backends = FakeBackends(tokenizer=ImageTokenizer(takes_images), adapters=[ADAPTER])
     gw = RunningGateway(
         backends, max_images_per_request=MAX_IMAGES, max_image_bytes=MAX_IMAGE_BYTES
     )
@@ -239,6 +207,20 @@ def test_images_reach_the_scheduler_from_every_route(vision, route):
     assert [i.tensors.pixel_values.data for i in request.images] == [PNG, png(9)]
     assert [i.offset for i in request.images] == [text.index(PLACEHOLDER) + k for k in (0, 1)]
     assert request.lora_name == ""
+
+
+def test_http_images_of_every_route_come_over_one_kept_connection(vision):
+    """The routes fetch with the app's one client: the images of three requests (one per route)
+    come over one keep-alive connection, and no cookie goes back."""
+    backends, gw = vision
+    with ImageServer(PNG) as server:
+        for route in ROUTES:
+            before = seen(backends)
+            r = post(gw, route, [f"{server.url}/{route}.png"])
+            assert r.status_code == 200, r.text
+            [request] = new_requests(backends, before)
+            assert [i.tensors.pixel_values.data for i in request.images] == [PNG]
+        assert server.connections == 1 and server.cookies == [None] * len(ROUTES)
 
 
 def test_responses_images_come_back_with_previous_response_id(vision):

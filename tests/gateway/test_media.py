@@ -1,6 +1,7 @@
 """The gateway's image URLs (services/gateway/api/media.py) without the stack: data: URLs and bare base64,
 local files only under --allowed-local-media-path, http(s) downloads from a local server with the size,
-type and time limits; each failure an ApiError 400 with its code."""
+type and time limits; each failure an ApiError 400 with its code. Downloads share the app's one client
+(its keep-alive connections; no cookie kept), which the app's lifespan opens and closes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ import http.server
 import threading
 import time
 
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from radixserve.common.args import ServerArgs
 from radixserve.gateway.api.errors import ApiError
-from radixserve.gateway.api.media import MediaLimits, check_image_count, load_image
+from radixserve.gateway.api.media import (
+    FETCH_POOL,
+    MediaLimits,
+    check_image_count,
+    load_image,
+    open_fetch_client,
+)
+from radixserve.gateway.app import create_app
+from tests.gateway.image_server import ImageServer
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(100)
 
@@ -107,3 +119,65 @@ def test_image_count_limit():
     with pytest.raises(ApiError) as err:
         check_image_count(3, limits(), "messages")
     assert err.value.code == "too_many_images"
+
+
+@pytest.fixture
+def image_server():
+    with ImageServer(PNG) as server:
+        yield server
+
+
+async def fetch_twice(url: str, lim: MediaLimits) -> list[bytes]:
+    return [await load_image(f"{url}/{i}.png", lim, "image_data.0") for i in range(2)]
+
+
+def test_fetches_through_a_shared_client_reuse_its_connection(image_server):
+    # Without a shared client, each fetch opens its own connection.
+    assert asyncio.run(fetch_twice(image_server.url, limits())) == [PNG, PNG]
+    assert image_server.connections == 2
+
+    async def shared() -> list[bytes]:
+        async with open_fetch_client(10.0) as client:
+            return await fetch_twice(image_server.url, limits(client=client))
+
+    image_server.reset()
+    assert asyncio.run(shared()) == [PNG, PNG]
+    assert image_server.connections == 1  # the second image came on the first's connection
+    assert image_server.cookies == [None, None]  # the first answer's cookie was not kept
+
+
+def test_shared_client_keeps_the_limits(server):
+    async def run() -> None:
+        async with open_fetch_client(10.0) as client:
+            lim = limits(client=client)
+            with pytest.raises(ApiError) as err:
+                await load_image(f"{server}/big.png", lim, "p")
+            assert err.value.code == "image_too_large"
+            slow = limits(client=client, media_fetch_timeout=0.3)
+            with pytest.raises(ApiError) as err:
+                await load_image(f"{server}/slow.png", slow, "p")
+            assert "took over 0.3 s" in err.value.message
+            for path in ("page", "missing.png"):
+                with pytest.raises(ApiError) as err:
+                    await load_image(f"{server}/{path}", lim, "p")
+                assert err.value.code == "invalid_image_url"
+            assert await load_image(f"{server}/a.png", lim, "p") == PNG  # the pool still serves
+
+    t0 = time.monotonic()
+    asyncio.run(run())
+    assert time.monotonic() - t0 < 10
+
+
+def test_the_app_lifespan_opens_one_client_and_closes_it(image_server):
+    app = create_app(ServerArgs(media_fetch_timeout=7.0))
+    assert app.state.media.client is None  # before the lifespan: a client per fetch
+    with TestClient(app) as http_client:
+        media = app.state.media
+        assert isinstance(media.client, httpx.AsyncClient)
+        assert not media.client.is_closed
+        assert media.client.timeout.read == 7.0
+        assert media.client._transport._pool._max_connections == FETCH_POOL.max_connections
+        got = http_client.portal.call(fetch_twice, image_server.url, media)
+        assert got == [PNG, PNG] and image_server.connections == 1
+    assert media.client.is_closed
+    assert app.state.media.client is None

@@ -10,14 +10,20 @@ import json
 
 import pytest
 
-from radixserve.common.sampling import SamplingParams, StoppingCriteria
+from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, StepError, StepInput
 from radixserve.executor.runner import ModelRunner
 from radixserve.scheduler import decode as decode_module
-from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request
-from tests.configs import runner_config, scheduler_config
-from tests.executor.tiny_llama import TINY_CONFIG, VOCAB, new
+from tests.configs import scheduler_config
+from tests.executor.tiny_llama import TINY_CONFIG, VOCAB, cpu_runner, new
+from tests.spec_serving import (
+    assert_greedy_outputs_match,
+    assert_same_outputs,
+    greedy,
+    make_scheduler,
+    run,
+    run_overlapped,
+)
 
 POOL = 400
 
@@ -32,55 +38,7 @@ def model_dir(tmp_path_factory):
 
 
 def make_runner(model_dir) -> ModelRunner:
-    return ModelRunner(
-        model_dir,
-        runner_config(
-            dtype="float32",
-            device="cpu",
-            load_format="dummy",
-            random_seed=0,
-            max_total_tokens=POOL,
-        ),
-    )
-
-
-def make_scheduler(runner: ModelRunner, **config) -> Scheduler:
-    return Scheduler(
-        scheduler_config(max_running_requests=8, **config),
-        runner.kv_slots,
-        runner.config.context_length,
-    )
-
-
-def run(runner, sched, requests, max_steps=2000):
-    """Serve requests [(id, prompt, max_new, sampling, stopping kw)] to the end; per request its
-    tokens, logprobs and finish event. The pool is checked after every step."""
-    for rid, prompt, max_new, sampling, stop in requests:
-        sched.add_request(
-            Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
-        )
-    tokens, logprobs, finals = {}, {}, {}
-    for _ in range(max_steps):
-        plan = sched.schedule()
-        if plan is None:
-            break
-        out = runner.step(plan)
-        for ev in sched.update(plan, out.outputs, out.prompt_logprobs):
-            tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
-            logprobs.setdefault(ev.request_id, []).extend(lp.logprob for lp in ev.logprobs)
-            if ev.finished:
-                finals[ev.request_id] = ev
-        assert sched.check_leak(deep=True) is None
-    assert not sched.has_work()
-    # The pool is whole: nothing held, every slot free or in the cache.
-    assert sched.check_leak(deep=True) is None
-    sched.flush_cache()
-    assert sched.pool.available() == sched.pool.capacity
-    return tokens, logprobs, finals
-
-
-def greedy(**kw) -> SamplingParams:
-    return SamplingParams(temperature=0.0, **kw)
+    return cpu_runner(model_dir, POOL, load_format="dummy")
 
 
 REPEATING = [10, 11, 12, 13, 14, 15] * 6
@@ -102,14 +60,7 @@ def reference(model_dir):
 def test_greedy_ngram_equals_plain_decoding_token_for_token(model_dir, reference):
     runner = make_runner(model_dir)
     sched = make_scheduler(runner, speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
-    tokens, logprobs, finals = run(runner, sched, MIXED)
-    ref_tokens, ref_logprobs, ref_finals = reference
-    assert tokens == ref_tokens
-    for rid in ref_logprobs:
-        assert logprobs[rid] == pytest.approx(ref_logprobs[rid], abs=1e-4)
-    assert {r: f.finish_reason for r, f in finals.items()} == {
-        r: f.finish_reason for r, f in ref_finals.items()
-    }
+    assert_same_outputs(run(runner, sched, MIXED), reference)
     stats = sched.spec_stats
     # The repeating prompts make n-gram drafts that the model partly follows.
     assert stats.verify_steps > 0 and stats.accepted_tokens > 0
@@ -276,45 +227,6 @@ def test_flags_make_the_ngram_settings():
     assert ngram_params(scheduler_config(speculative_algorithm="EAGLE")) is None
 
 
-def run_overlapped(runner, sched, arrivals, rng, depth=2):
-    """Like run(), with up to depth plans in flight (as the runtime overlaps), requests arriving over
-    time (arrivals: {step index: [requests]}), random aborts and cache flushes. Returns the tokens
-    and the aborted ids."""
-    tokens, aborted, in_flight = {}, set(), []
-    step = 0
-    while arrivals or sched.has_work() or in_flight:
-        for rid, prompt, max_new, sampling, stop in arrivals.pop(step, []):
-            sched.add_request(
-                Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
-            )
-        step += 1
-        if sched.requests and rng.random() < 0.01:
-            rid = rng.choice(sorted(sched.requests))
-            sched.abort(rid)
-            aborted.add(rid)
-        if rng.random() < 0.05:
-            sched.flush_cache()
-        plan = sched.schedule() if len(in_flight) < depth else None
-        if plan is not None:
-            in_flight.append(plan)
-            continue
-        if not in_flight:
-            continue
-        plan = in_flight.pop(0)
-        out = runner.step(plan)
-        for ev in sched.update(plan, out.outputs, out.prompt_logprobs):
-            assert ev.request_id not in aborted or not ev.token_ids
-            tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
-        assert sched.check_leak(deep=True) is None
-    # Finished requests' ids still reach the executor with the next step: send an empty one.
-    runner.step(StepInput(10**6, finished_request_ids=sched._pending_finished))
-    assert not runner.states
-    assert sched.check_leak(deep=True) is None and sched.stats().in_use == 0
-    sched.flush_cache()
-    assert sched.pool.available() == sched.pool.capacity
-    return tokens, aborted
-
-
 @pytest.mark.parametrize("page_size,mixed", [(1, False), (4, True)])
 def test_mixed_traffic_with_overlap_chunking_and_pages_leaves_the_pool_whole(
     model_dir, page_size, mixed
@@ -345,11 +257,5 @@ def test_mixed_traffic_with_overlap_chunking_and_pages_leaves_the_pool_whole(
     for req in requests:
         arrivals.setdefault(rng.randrange(40), []).append(req)
     tokens, aborted = run_overlapped(runner, sched, arrivals, rng)
-    for rid, _, _, sampling, _ in requests:
-        if sampling.temperature > 0:
-            continue
-        if rid in aborted:
-            assert tokens.get(rid, []) == ref[rid][: len(tokens.get(rid, []))]
-        else:
-            assert tokens[rid] == ref[rid], rid
+    assert_greedy_outputs_match(requests, tokens, aborted, ref)
     assert sched.spec_stats.accepted_tokens > 0

@@ -21,7 +21,7 @@ from radixserve.gateway.api.anthropic_protocol import (
     MessagesRequest,
 )
 from radixserve.gateway.api.errors import ApiError
-from radixserve.gateway.api.media import MediaLimits
+from radixserve.gateway.api.media import media_limits
 from radixserve.gateway.api.openai_routes import chat_images, chat_input, engine_of
 from radixserve.gateway.api.payload_limit import PayloadTooLarge
 from radixserve.gateway.api.protocol import openapi_body
@@ -72,8 +72,7 @@ async def create_message(request: Request):
     lora = await engine.lora.resolve(body.model)
     chat = fmt.chat_request(body)
     live = live_requests(request)
-    limits = MediaLimits.from_args(engine.args)
-    images = await live.deadline(started).run(chat_images(chat, limits))
+    images = await live.deadline(started).run(chat_images(chat, media_limits(request)))
     generation = chat_input(chat, (await engine.model_info()).sampling_defaults, images)
     generation.request_id = f"msg_{uuid.uuid4().hex}"
     generation.lora_name = lora
@@ -118,7 +117,7 @@ async def count_tokens(request: Request):
     await engine.lora.resolve(body.model)  # an adapter's prompt is the base model's
     chat = fmt.chat_request(body, max_tokens=1)
     deadline = live_requests(request).deadline(started)
-    images = await deadline.run(chat_images(chat, MediaLimits.from_args(engine.args)))
+    images = await deadline.run(chat_images(chat, media_limits(request)))
     prepared = await deadline.run(engine.prepare(chat_input(chat, images=images)))
     return {"input_tokens": len(prepared.input_ids)}
 

@@ -2,19 +2,22 @@
 (base64), bare base64 (SGLang's image_data), local files under --allowed-local-media-path (file:// URLs
 or absolute paths), and http(s) URLs the gateway downloads within --media-fetch-timeout. Every image
 is at most --max-image-bytes and a request carries at most --max-images-per-request; anything else is
-a 400 with OpenAI's error body. Whether the bytes are an image is the tokenizer's to say."""
+a 400 with OpenAI's error body. Whether the bytes are an image is the tokenizer's to say. Downloads go
+through the gateway's one shared client (open_fetch_client, opened and closed by the app's lifespan)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import http.cookiejar
 import os
 import pathlib
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
+from starlette.requests import Request
 
 from radixserve.gateway.api.errors import ApiError, bad_request
 
@@ -25,15 +28,51 @@ class MediaLimits:
     max_images_per_request: int
     max_image_bytes: int
     media_fetch_timeout: float
+    client: httpx.AsyncClient | None = field(default=None, compare=False, repr=False)
+    """The shared client http(s) images are fetched with (open_fetch_client); None (an app whose
+    lifespan has not started, a test): each fetch opens a client of its own."""
 
     @classmethod
-    def from_args(cls, args) -> "MediaLimits":
+    def from_args(cls, args, client: httpx.AsyncClient | None = None) -> "MediaLimits":
         return cls(
             args.allowed_local_media_path,
             args.max_images_per_request,
             args.max_image_bytes,
             args.media_fetch_timeout,
+            client,
         )
+
+
+FETCH_POOL = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30.0)
+"""The shared client's connections: at most 64 open at once (more concurrent fetches wait for one,
+within --media-fetch-timeout), 16 of them kept alive for 30 s between fetches."""
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Keeps no cookie: the shared client serves every request, so what one request's fetch was sent
+    must not go out with another's."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+
+def open_fetch_client(media_fetch_timeout: float) -> httpx.AsyncClient:
+    """The client the gateway fetches http(s) images with, one for the app (made and closed by its
+    lifespan) so that fetches reuse pooled keep-alive connections instead of building a client, a TLS
+    context and a connection per image: redirects followed (at most 3), every phase within
+    --media-fetch-timeout (the fetch as a whole is held to it too), FETCH_POOL, no cookies kept."""
+    return httpx.AsyncClient(
+        follow_redirects=True,
+        max_redirects=3,
+        timeout=media_fetch_timeout,
+        limits=FETCH_POOL,
+        cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
+    )
+
+
+def media_limits(request: Request) -> MediaLimits:
+    """The app's limits, with its shared fetch client once the lifespan has opened it (app.py)."""
+    return request.app.state.media
 
 
 def check_image_count(count: int, limits: MediaLimits, param: str) -> None:
@@ -111,26 +150,32 @@ def _local_file(path: str, limits: MediaLimits, param: str) -> bytes:
         raise _invalid(f"the image file cannot be read: {e.strerror}", param) from e
 
 
+async def _fetch(client: httpx.AsyncClient, url: str, limits: MediaLimits, param: str) -> bytes:
+    async with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise _invalid(f"fetching the image gave HTTP {response.status_code}", param)
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        if media_type and not (
+            media_type.startswith("image/") or media_type == "application/octet-stream"
+        ):
+            raise _invalid(f"the URL serves {media_type!r}, not an image", param)
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
+            raise _too_large(int(declared), limits, param)
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > limits.max_image_bytes:
+                raise _too_large(len(data), limits, param)
+        return bytes(data)
+
+
 async def _download(url: str, limits: MediaLimits, param: str) -> bytes:
     async def fetch() -> bytes:
-        async with httpx.AsyncClient(follow_redirects=True, max_redirects=3) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise _invalid(f"fetching the image gave HTTP {response.status_code}", param)
-                media_type = response.headers.get("content-type", "").split(";")[0].strip()
-                if media_type and not (
-                    media_type.startswith("image/") or media_type == "application/octet-stream"
-                ):
-                    raise _invalid(f"the URL serves {media_type!r}, not an image", param)
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                    raise _too_large(int(declared), limits, param)
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > limits.max_image_bytes:
-                        raise _too_large(len(data), limits, param)
-                return bytes(data)
+        if limits.client is not None:
+            return await _fetch(limits.client, url, limits, param)
+        async with open_fetch_client(limits.media_fetch_timeout) as client:
+            return await _fetch(client, url, limits, param)
 
     try:
         return await asyncio.wait_for(fetch(), limits.media_fetch_timeout)

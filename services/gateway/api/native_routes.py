@@ -18,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from radixserve.v1 import common_pb2, scheduler_pb2
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, from_grpc, not_supported
-from radixserve.gateway.api.media import MediaLimits, load_images
+from radixserve.gateway.api.media import MediaLimits, load_images, media_limits
 from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.pipeline.generation import (
     Cancellation,
@@ -234,9 +234,7 @@ async def generate(request: Request):
         )
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
-    images = await live.deadline(started).run(
-        native_images(req, MediaLimits.from_args(engine.args))
-    )
+    images = await live.deadline(started).run(native_images(req, media_limits(request)))
     inp = native_input(req, defaults, images)
     if req.lora_path:  # SGLang's adapter choice: an adapter name (or BASE:ADAPTER)
         lora = await engine.lora.resolve(req.lora_path, "lora_path")

@@ -17,7 +17,7 @@ from radixserve.gateway.api import openai_format as fmt
 from radixserve.gateway.api import prompt_logprob_views as prompt_views
 from radixserve.gateway.pipeline.engine import Engine
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
-from radixserve.gateway.api.media import MediaLimits, load_images
+from radixserve.gateway.api.media import MediaLimits, load_images, media_limits
 from radixserve.gateway.pipeline.chat_reasoning import (
     ReasoningDelivery,
     reasoning_parser_for,
@@ -292,7 +292,7 @@ async def chat_completions(request: Request):
     engine.check_sequences(n, "n", f"n={n}")
     live = live_requests(request)
     defaults = (await engine.model_info()).sampling_defaults
-    images = await live.deadline(started).run(chat_images(req, MediaLimits.from_args(engine.args)))
+    images = await live.deadline(started).run(chat_images(req, media_limits(request)))
     inp = dataclasses.replace(chat_input(req, defaults, images), lora_name=lora)
     prepared = await live.deadline(started).run(engine.prepare(inp))
     tools = plan_tools(

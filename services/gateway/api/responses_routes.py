@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from radixserve.gateway.api import responses_format as rfmt
 from radixserve.gateway.api.errors import ApiError, bad_request, not_supported
-from radixserve.gateway.api.media import MediaLimits, load_images
+from radixserve.gateway.api.media import MediaLimits, load_images, media_limits
 from radixserve.gateway.api.openai_routes import chat_input, engine_of, image_urls
 from radixserve.gateway.api.protocol import ChatCompletionRequest, openapi_body
 from radixserve.gateway.api.responses_protocol import (
@@ -132,6 +132,7 @@ def chat_request(req: ResponsesRequest, items: list[dict]) -> ChatCompletionRequ
 
 async def prepare(
     engine: Engine,
+    limits: MediaLimits,
     req: ResponsesRequest,
     items: list[dict],
     response_id: str,
@@ -139,12 +140,11 @@ async def prepare(
     lora: str = "",
 ) -> tuple[ChatCompletionRequest, PreparedRequest]:
     """Tokenized and checked, run with LoRA adapter lora; items from index own_from on are this
-    request's own (the rest come from previous_response_id). Their images are loaded once, as the
-    chat route loads its image_url parts. With truncation "auto", the oldest items are dropped until
+    request's own (the rest come from previous_response_id). Their images are loaded once, within
+    limits (media_limits), as the chat route loads its image_url parts. With truncation "auto", the oldest items are dropped until
     the conversation fits the context (a function call's outputs go with it)."""
     defaults = (await engine.model_info()).sampling_defaults
     where = rfmt.image_urls(items, own_from)
-    limits = MediaLimits.from_args(engine.args)
     files = dict(zip((url for url, _ in where), await load_images(where, limits, "input")))
     while True:
         chat = chat_request(req, items)
@@ -196,7 +196,7 @@ async def create_response(request: Request):
     live = live_requests(request)
     response_id = rfmt.new_id("resp")
     chat, prepared = await live.deadline(started).run(
-        prepare(engine, req, items, response_id, len(history), lora)
+        prepare(engine, media_limits(request), req, items, response_id, len(history), lora)
     )
     plan = plan_tools(
         chat.tools,
