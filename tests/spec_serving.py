@@ -15,11 +15,12 @@ from radixserve.scheduler.request import Request
 from tests.configs import scheduler_config
 
 
-def make_scheduler(runner: ModelRunner, **config) -> Scheduler:
+def make_scheduler(runner: ModelRunner, max_graph_tokens: int = 0, **config) -> Scheduler:
     return Scheduler(
         scheduler_config(max_running_requests=8, **config),
         runner.kv_slots,
         runner.config.context_length,
+        max_graph_tokens=max_graph_tokens,
     )
 
 

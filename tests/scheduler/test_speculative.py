@@ -125,12 +125,7 @@ def test_drafts_stay_within_the_graph_rows_and_the_batch_size_limit(
     config = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
     if limit == "batch-size":
         config["speculative_disable_by_batch_size"] = 2
-    sched = Scheduler(
-        scheduler_config(max_running_requests=8, **config),
-        runner.kv_slots,
-        runner.config.context_length,
-        max_graph_tokens=9 if limit == "graph-rows" else 0,
-    )
+    sched = make_scheduler(runner, max_graph_tokens=9 if limit == "graph-rows" else 0, **config)
     requests = [r for r in MIXED if r[0] != "pen"]
     tokens, _, _ = run(runner, sched, requests)
     assert tokens == {r: t for r, t in ref_tokens.items() if r != "pen"}
