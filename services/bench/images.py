@@ -6,6 +6,9 @@ random pixels (seeded, made with pillow) at --image-resolution, encoded as --ima
 The text does not depend on the image count: --image-count 0 sends the same prompts without pictures,
 so that the vision tower's share of a run can be measured side by side.
 
+Random pixels do not compress: a PNG holds about 3 bytes a pixel (4k: 25 MB, over the server's default
+--max-image-bytes of 20 MiB); JPEG is several times smaller.
+
 Example:
 
     from radixserve.bench.images import image_requests, parse_resolution

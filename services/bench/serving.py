@@ -631,9 +631,8 @@ def build_requests(
         image_format=args.image_format,
         **common,
     )
-    if (
-        args.backend in NATIVE_BACKENDS
-    ):  # /generate takes text: the chat template's, placeholders in
+    if args.backend in NATIVE_BACKENDS:
+        # /generate takes text: the chat template's rendering, one placeholder per picture
         for request in requests:
             request.prompt = images.native_prompt(tokenizer, request)
     return requests
@@ -807,7 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"WxH or one of {', '.join(images.NAMED_RESOLUTIONS)} "
         f"(default {images.DEFAULT_RESOLUTION})",
     )
-    image.add_argument("--image-format", choices=images.IMAGE_FORMATS, default="png")
+    image.add_argument(
+        "--image-format",
+        choices=images.IMAGE_FORMATS,
+        default="png",
+        help="random-pixel PNGs take ~3 bytes a pixel (a 4k one is over the server's default "
+        "--max-image-bytes); JPEG is smaller",
+    )
     hf = p.add_argument_group("hf-transformers backend")
     hf.add_argument(
         "--dtype", default="bfloat16", choices=["auto", "bfloat16", "float16", "float32"]
