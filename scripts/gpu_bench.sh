@@ -5,6 +5,9 @@
 #   MODEL=.models/llama-3-8b scripts/gpu_bench.sh tests one-batch grpc-hop parity serving hf-baseline
 # Several GPUs: comm parallel-tests tp-parity, and serving with SERVE_FLAGS="--tp 2" (SKIP_RATE_1=1
 # leaves out the 1 req/s run).
+# Vision (its own model, written if missing): scripts/gpu_bench.sh vision; LoRA: MODEL=... scripts/gpu_bench.sh
+# lora-serving. On a CPU, the vision stage's wiring: VISION_TINY=1 VISION_MODEL=/tmp/ov-tiny VISION_DTYPE=float32
+# VISION_SINGLE=2 VISION_PROMPTS=4 VISION_IN=16 VISION_OUT=4 scripts/gpu_bench.sh vision
 set -uo pipefail
 MODEL=${MODEL:-.models/llama-3-8b}
 OUT=${OUT:-gpu-results}
@@ -230,6 +233,66 @@ stage_warm_start() {
       echo "  run $i:"
       timeout 200 "${bench[@]}" | grep -E "Output token throughput|Median TTFT|Median ITL|Benchmark duration" | sed 's/^/    /'
     done
+    kill $pid; wait $pid
+  done
+}
+
+stage_vision() {
+  # Issue 22: LLaVA-OneVision-7B's geometry with random weights (scripts/make_dummy_llava_onevision.py writes
+  # VISION_MODEL if missing; VISION_TINY=1: its CPU-sized twin), one fresh server with its tokenizer, the
+  # chat API: TTFT of one 1-image request at a time (VISION_SINGLE prompts, the median), then VISION_PROMPTS
+  # requests at once (rate inf, output tok/s and TTFT), then the same two with no image (--image-count 0:
+  # the same text), so the vision tower's share shows. ~128 text tokens in, VISION_OUT (128) out, 384x384
+  # PNGs (VISION_RESOLUTION). Expected on an H100: about 3 minutes (start ~1-2 min, the four runs under
+  # 1 min together).
+  local port=31000 model=${VISION_MODEL:-.models/llava-ov-7b}
+  [ -f "$model/config.json" ] || python scripts/make_dummy_llava_onevision.py --out "$model" ${VISION_TINY:+--tiny} \
+    > /dev/null || { echo "could not write $model"; return 1; }
+  local common=(--model-path "$model" --load-format dummy --dtype "${VISION_DTYPE:-bfloat16}")  # serve_stack's
+  serve_stack "$OUT/serve-vision.log"
+  local pid=$serve_pid
+  wait_http $port $pid || { tail -30 "$OUT/serve-vision.log"; kill $pid; return 1; }
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend openai-chat --dataset image
+               --image-resolution "${VISION_RESOLUTION:-384x384}" --random-input-len "${VISION_IN:-128}"
+               --random-output-len "${VISION_OUT:-128}" --random-range-ratio 1.0 --flush-cache --disable-tqdm
+               --output-file "$OUT/vision.jsonl")
+  local keys="Successful requests|Server-counted input|Output token throughput|Median TTFT|P99 TTFT|Median ITL"
+  for images in 1 0; do
+    echo "--- $images image(s): one at a time, ${VISION_SINGLE:-4} requests"
+    timeout 200 "${bench[@]}" --image-count $images --num-prompts "${VISION_SINGLE:-4}" --max-concurrency 1 \
+      | grep -E "$keys"
+    echo "--- $images image(s): ${VISION_PROMPTS:-64} at once"
+    timeout 200 "${bench[@]}" --image-count $images --num-prompts "${VISION_PROMPTS:-64}" --request-rate inf \
+      | grep -E "$keys"
+  done
+  kill $pid; wait $pid
+}
+
+stage_lora_serving() {
+  # Issue 23: 256 x 512 in / 256 out at rate inf (LORA_PROMPTS) with 0 (no --enable-lora at all), 1, 4 and 16
+  # distinct rank-16 adapters on all seven targets (scripts/make_dummy_lora.py, written once to LORA_DIR
+  # outside $OUT), request i naming adapter i mod N; a fresh server each, with the flags SGLang users pass.
+  # Expected on an H100: about 5-6 minutes (four starts of ~1 min, runs of ~20-30 s, adapters ~30 s).
+  local port=31000 dir=${LORA_DIR:-/tmp/radixserve-loras}
+  [ -f "$dir/lora_paths.txt" ] || python scripts/make_dummy_lora.py --model-path "$MODEL" --out "$dir" \
+    --count 16 --rank 16 > /dev/null || { echo "could not write the adapters"; return 1; }
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
+               --random-range-ratio 1.0 --random-input-len 512 --random-output-len 256
+               --num-prompts "${LORA_PROMPTS:-256}" --request-rate inf --disable-tqdm
+               --output-file "$OUT/lora_serving.jsonl")
+  for n in ${LORA_COUNTS:-0 1 4 16}; do
+    local flags=() names=()
+    if [ "$n" -gt 0 ]; then
+      local pairs=($(tr ' ' '\n' < "$dir/lora_paths.txt" | head -n "$n"))
+      names=(--lora-name "${pairs[@]%%=*}")
+      flags=(--enable-lora --max-loras-per-batch 16 --max-lora-rank 16 --lora-paths "${pairs[@]}")
+    fi
+    serve_stack "$OUT/serve-lora-$n.log" "${flags[@]}"
+    local pid=$serve_pid
+    wait_http $port $pid || { tail -30 "$OUT/serve-lora-$n.log"; kill $pid; return 1; }
+    echo "--- $n adapter(s)"
+    timeout 200 "${bench[@]}" "${names[@]}" \
+      | grep -E "Successful requests|Output token throughput|Median TTFT|P99 TTFT|Median ITL|P99 ITL"
     kill $pid; wait $pid
   done
 }

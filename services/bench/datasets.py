@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,8 @@ class BenchRequest:
     prompt: str | list[int]  # text, or token ids sent as input_ids
     prompt_len: int  # in tokens
     output_len: int  # max_new_tokens asked for
+    images: list[str] = field(default_factory=list)  # data: URLs (the image dataset)
+    lora_name: str | None = None  # the adapter it names (--lora-name)
 
 
 def sample_lengths(

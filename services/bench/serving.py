@@ -8,9 +8,22 @@ count the server reports; then prints SGLang's result table and, as the last std
 object with SGLang's metric keys (also appended to --output-file).
 
 Backends:
-  radixserve, sglang-native  POST /generate (`input_ids` for random-ids, `text` for random)
+  radixserve, sglang-native  POST /generate (`input_ids` for random-ids, `text` for random; the image
+                             dataset's text through the model's chat template, pictures as image_data)
   openai-completions         POST /v1/completions
+  openai-chat                POST /v1/chat/completions (the random and image datasets; pictures as
+                             image_url parts)
   hf-transformers            no server: transformers' continuous batching (services/bench/hf_baseline.py)
+
+--lora-name A B ...: request i names adapter i mod N (round-robin by request index, the same every run):
+`model` on the OpenAI backends, `lora_path` on /generate.
+
+--dataset image (services/bench/images.py): random text plus --image-count random pictures per request;
+--image-count 0 sends the same text alone. Against a tiny LLaVA server:
+
+    radixserve bench serving --backend openai-chat --dataset image --image-count 1 \\
+        --image-resolution 720p --image-format jpeg --random-input-len 128 --random-output-len 128 \\
+        --num-prompts 64
 
 Example (server: `radixserve serve --skip-tokenizer-init`):
 
@@ -41,11 +54,13 @@ import httpx
 import numpy as np
 
 from radixserve.common.lifecycle import run_event_loop
+from radixserve.bench import images
 from radixserve.bench.datasets import BenchRequest, random_ids_requests, random_text_requests
 
-SERVER_BACKENDS = ("radixserve", "sglang-native", "openai-completions")
+NATIVE_BACKENDS = ("radixserve", "sglang-native")
+SERVER_BACKENDS = (*NATIVE_BACKENDS, "openai-completions", "openai-chat")
 HF_BACKEND = "hf-transformers"
-DATASETS = ("random", "random-ids")
+DATASETS = ("random", "random-ids", "image")
 CONNECT_TIMEOUT_S = 30.0
 INFO_TIMEOUT_S = 30.0
 ERROR_TEXT_LIMIT = 500
@@ -63,6 +78,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # seconds between tokens
     e2e: float = 0.0  # seconds
     error: str = ""
+    server_prompt_len: int | None = None  # the prompt tokens the server reported (images included)
 
 
 class TokenClock:
@@ -103,15 +119,24 @@ def read_native_chunk(data: dict, seen: int) -> tuple[int, int | None]:
 
 
 def read_openai_chunk(data: dict, seen: int) -> tuple[int, int | None]:
-    """A text chunk counts as one token unless it reports usage (continuous usage stats); the
-    usage chunk at the end only reports the total."""
+    """A text chunk (completions' text, chat's delta content) counts as one token unless it reports
+    usage (continuous usage stats); the usage chunk at the end only reports the total."""
     reported = (data.get("usage") or {}).get("completion_tokens")
     choices = data.get("choices") or []
-    if not (choices and choices[0].get("text")):
+    if not (choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))):
         return 0, reported
     if reported is not None:
         return reported - seen, reported
     return 1, None
+
+
+def reported_prompt_tokens(data: dict) -> int | None:
+    """The prompt token count a chunk reports: OpenAI's usage, /generate's meta_info."""
+    for section in ("usage", "meta_info"):
+        count = (data.get(section) or {}).get("prompt_tokens")
+        if count is not None:
+            return int(count)
+    return None
 
 
 def native_error(data: dict) -> str:
@@ -167,6 +192,9 @@ async def stream_request(
                 clock.tokens_arrived(now, new_tokens)
                 if total is not None:
                     reported_total = total
+                prompt_tokens = reported_prompt_tokens(data)
+                if prompt_tokens is not None:
+                    result.server_prompt_len = prompt_tokens
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"[:ERROR_TEXT_LIMIT]
         return result
@@ -196,6 +224,10 @@ async def send_native(
             "ignore_eos": ignore_eos,
         },
     }
+    if request.images:
+        payload["image_data"] = request.images
+    if request.lora_name:
+        payload["lora_path"] = request.lora_name
     return await stream_request(
         client, base_url + "/generate", payload, request.prompt_len, read_native_chunk, native_error
     )
@@ -212,11 +244,36 @@ async def send_openai_completion(
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
+    model = request.lora_name or model
     if model:
         payload["model"] = model
     return await stream_request(
         client,
         base_url + "/v1/completions",
+        payload,
+        request.prompt_len,
+        read_openai_chunk,
+        openai_error,
+    )
+
+
+async def send_openai_chat(
+    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
+) -> RequestResult:
+    payload = {
+        "messages": [{"role": "user", "content": images.chat_content(request)}],
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    model = request.lora_name or model
+    if model:
+        payload["model"] = model
+    return await stream_request(
+        client,
+        base_url + "/v1/chat/completions",
         payload,
         request.prompt_len,
         read_openai_chunk,
@@ -231,6 +288,10 @@ def make_sender(backend: str, base_url: str, ignore_eos: bool, model: str | None
     base_url = base_url.rstrip("/")
     if backend == "openai-completions":
         return lambda client, request: send_openai_completion(
+            client, base_url, request, ignore_eos, model
+        )
+    if backend == "openai-chat":
+        return lambda client, request: send_openai_chat(
             client, base_url, request, ignore_eos, model
         )
     return lambda client, request: send_native(client, base_url, request, ignore_eos)
@@ -383,6 +444,9 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict:
     )
     metrics.update(latency_stats("e2e_latency", e2e, ("mean", "median", "p99")))
     metrics["concurrency"] = per_second(sum(e2e), duration_s)
+    reported = [r.server_prompt_len for r in done if r.server_prompt_len is not None]
+    # what the server counted (image placeholders included); None when it reported nothing
+    metrics["server_input_tokens"] = sum(reported) if reported else None
     return metrics
 
 
@@ -396,6 +460,7 @@ TABLE_ROWS = [
     ("Benchmark duration (s):", "duration"),
     ("Total input tokens:", "total_input_tokens"),
     ("Total generated tokens:", "total_output_tokens"),
+    ("Server-counted input tokens:", "server_input_tokens"),
     ("Request throughput (req/s):", "request_throughput"),
     ("Input token throughput (tok/s):", "input_throughput"),
     ("Output token throughput (tok/s):", "output_throughput"),
@@ -450,7 +515,7 @@ def format_table(summary: dict) -> str:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return {
+    settings = {
         "backend": args.backend,
         "dataset": args.dataset,
         "num_prompts": args.num_prompts,
@@ -461,7 +526,13 @@ def run_settings(args: argparse.Namespace) -> dict:
         "random_range_ratio": args.random_range_ratio,
         "seed": args.seed,
         "ignore_eos": not args.disable_ignore_eos,
+        "lora_names": args.lora_name,
     }
+    if args.dataset == "image":
+        settings["image_count"] = args.image_count
+        settings["image_resolution"] = "x".join(map(str, args.image_resolution))
+        settings["image_format"] = args.image_format
+    return settings
 
 
 def first_error(results: list[RequestResult]) -> str | None:
@@ -550,21 +621,55 @@ def build_requests(
         return random_ids_requests(vocab_size=vocab_size, **common)
     path = args.tokenizer or tokenizer_path
     revision = args.revision if path == args.model_path else None  # --revision is the model's
-    return random_text_requests(
-        tokenizer=load_tokenizer(path, revision, args.download_dir), **common
+    tokenizer = load_tokenizer(path, revision, args.download_dir)
+    if args.dataset == "random":
+        return random_text_requests(tokenizer=tokenizer, **common)
+    requests = images.image_requests(
+        tokenizer=tokenizer,
+        image_count=args.image_count,
+        resolution=args.image_resolution,
+        image_format=args.image_format,
+        **common,
     )
+    if args.backend in NATIVE_BACKENDS:
+        # /generate takes text: the chat template's rendering, one placeholder per picture
+        for request in requests:
+            request.prompt = images.native_prompt(tokenizer, request)
+    return requests
+
+
+def assign_adapters(requests: list[BenchRequest], names: list[str] | None) -> None:
+    """Request i names adapter i mod len(names) (round-robin by index: the same on every run)."""
+    for i, request in enumerate(requests):
+        request.lora_name = names[i % len(names)] if names else None
+
+
+def check_adapters(base_url: str, names: list[str] | None) -> None:
+    """SystemExit naming the adapters the server does not list in /v1/models (when it lists any)."""
+    if not names:
+        return
+    served = {m.get("id") for m in get_json(base_url + "/v1/models").get("data") or []}
+    missing = [name for name in names if name not in served]
+    if served and missing:
+        raise SystemExit(
+            f"error: the server has no LoRA adapter named {', '.join(missing)} "
+            f"(GET /v1/models lists: {', '.join(sorted(str(m) for m in served))}); "
+            "start it with --lora-paths NAME=PATH or load the adapter first"
+        )
 
 
 def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], float, dict]:
     base_url = base_url_of(args)
+    check_adapters(base_url, args.lora_name)
     info = get_json(base_url + "/get_model_info")
     requests = build_requests(
         args,
         info.get("vocab_size"),
         info.get("tokenizer_path") or info.get("model_path") or args.model_path,
     )
+    assign_adapters(requests, args.lora_name)
     model = args.model
-    if args.backend == "openai-completions" and not model:
+    if args.backend in ("openai-completions", "openai-chat") and not model:
         model = served_model_name(base_url)
     send = make_sender(args.backend, base_url, not args.disable_ignore_eos, model)
     flush_url = base_url + "/flush_cache" if args.flush_cache else None
@@ -594,6 +699,13 @@ def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], f
 # ---- command line ----
 
 
+def resolution_arg(value: str) -> tuple[int, int]:
+    try:
+        return images.parse_resolution(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="radixserve bench serving",
@@ -604,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(*SERVER_BACKENDS, HF_BACKEND),
         default="radixserve",
         help="radixserve and sglang-native: POST /generate; openai-completions: POST /v1/completions; "
-        "hf-transformers: no server, transformers' generate_batch",
+        "openai-chat: POST /v1/chat/completions; hf-transformers: no server, transformers' "
+        "generate_batch",
     )
     p.add_argument("--base-url", default=None, help="server URL (default: http://HOST:PORT)")
     p.add_argument("--host", default="127.0.0.1")
@@ -615,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="dataset",
         choices=DATASETS,
         default="random",
-        help="random: random text (needs a tokenizer); random-ids: random token ids sent as input_ids",
+        help="random: random text (needs a tokenizer); random-ids: random token ids sent as input_ids; "
+        "image: random text plus --image-count random pictures (openai-chat, radixserve, "
+        "sglang-native)",
     )
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=1024)
@@ -667,8 +782,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vocab-size", type=int, default=None, help="random-ids vocabulary (default: the server's)"
     )
+    p.add_argument(
+        "--lora-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="LoRA adapters the requests name, round-robin by request index (request i: NAME number "
+        "i mod N, the same on every run); `model` on the OpenAI backends, `lora_path` on /generate",
+    )
     p.add_argument("--output-file", default=None, help="append the JSON result line to this file")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    image = p.add_argument_group("image dataset")
+    image.add_argument(
+        "--image-count",
+        type=int,
+        default=1,
+        help="pictures per request (0: the same requests without them)",
+    )
+    image.add_argument(
+        "--image-resolution",
+        type=resolution_arg,
+        default=images.parse_resolution(images.DEFAULT_RESOLUTION),
+        help=f"WxH or one of {', '.join(images.NAMED_RESOLUTIONS)} "
+        f"(default {images.DEFAULT_RESOLUTION})",
+    )
+    image.add_argument(
+        "--image-format",
+        choices=images.IMAGE_FORMATS,
+        default="png",
+        help="random-pixel PNGs take ~3 bytes a pixel (a 4k one is over the server's default "
+        "--max-image-bytes); JPEG is smaller",
+    )
     hf = p.add_argument_group("hf-transformers backend")
     hf.add_argument(
         "--dtype", default="bfloat16", choices=["auto", "bfloat16", "float16", "float32"]
@@ -702,6 +846,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--request-rate must be positive (inf: all at once)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
+    if args.image_count < 0:
+        parser.error("--image-count must be at least 0")
+    if args.dataset == "image" and args.backend not in (*NATIVE_BACKENDS, "openai-chat"):
+        parser.error(
+            f"--dataset image needs a backend that carries pictures (openai-chat, "
+            f"{', '.join(NATIVE_BACKENDS)}), not {args.backend}"
+        )
+    if args.backend == "openai-chat" and args.dataset == "random-ids":
+        parser.error("--backend openai-chat sends text: use --dataset random or image")
+    if args.lora_name and args.backend == HF_BACKEND:
+        parser.error("--lora-name needs a server backend")
     return args
 
 

@@ -4,6 +4,8 @@ gives the true prompt length), split per image, and located in the prompt's toke
 
 A Qwen2-VL-style (M-RoPE) model whose processor transformers cannot build (Qwen2VLProcessor needs
 torchvision) takes its image processor alone, the placeholders expanded here (GridPlaceholderProcessor).
+LLaVA-OneVision's processor, which transformers likewise builds only with torchvision (its video
+processor), is built without a video processor (onevision_without_video): images need none.
 
 A folder without a processor (no preprocessor_config.json / processor_config.json) has no image
 inputs: a prompt with images is refused (ValueError, INVALID_ARGUMENT).
@@ -140,6 +142,36 @@ def _mrope_fn(hf_config: dict):
     return mrope_positions
 
 
+def onevision_without_video(folder: pathlib.Path, tokenizer):
+    """LlavaOnevisionProcessor from the folder's image processor, tokenizer and processor_config.json,
+    with no video processor (the class checks for one, which needs torchvision)."""
+    import inspect
+
+    from transformers import AutoImageProcessor, LlavaOnevisionProcessor
+
+    class ImagesOnly(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    config_file = folder / "processor_config.json"
+    fields = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    accepted = set(inspect.signature(LlavaOnevisionProcessor.__init__).parameters) - {
+        "self",
+        "image_processor",
+        "tokenizer",
+        "video_processor",
+        "kwargs",
+    }
+    return ImagesOnly(
+        image_processor=AutoImageProcessor.from_pretrained(str(folder)),
+        tokenizer=tokenizer,
+        video_processor=None,
+        **{k: v for k, v in fields.items() if k in accepted},
+    )
+
+
 class ImageProcessing:
     """The model's HF processor, when it has one."""
 
@@ -163,12 +195,16 @@ class ImageProcessing:
         except (AttributeError, ImportError, OSError, ValueError) as e:
             # e.g. LlavaOnevisionProcessor and Qwen2VLProcessor, which transformers builds only with
             # torchvision installed (their video processors)
-            if self.mrope is None:
+            if self.hf_config.get("model_type") == "llava_onevision":
+                log.info("%s: %s; LLaVA-OneVision's processor without a video processor", folder, e)
+                self.processor = onevision_without_video(folder, tokenizer)
+            elif self.mrope is None:
                 raise ValueError(
                     f"the image processor of {folder} could not be loaded ({type(e).__name__}: "
                     f"{e}); some processors need torchvision"
                 ) from e
-            log.info("%s: %s; images through its image processor alone", folder, e)
+            else:
+                log.info("%s: %s; images through its image processor alone", folder, e)
         if self.mrope is not None and not hasattr(self.processor, "tokenizer"):
             self.processor = GridPlaceholderProcessor(
                 folder, tokenizer, self.hf_config, self.image_token_id
