@@ -19,6 +19,9 @@ Kernels:
   features and walks K in BLOCK_K steps, loading the whole [BLOCK_N, BLOCK_K / 8] tile of codes at
   once (BLOCK_K / 2 contiguous bytes per feature, read once, evict-first) as [BLOCK_N, packs, 16];
   (q - z) * s * x accumulates elementwise in float32 on the CUDA cores, reduced once after the loop.
+- `_int4_gemv_half2_kernel` (the same for float16 / bfloat16 x, the default: `GEMV_KERNEL`): the same
+  tiles, with two codes per 32-bit operation (the float16 "magic number": nibbles j and j + 4 of a word
+  or-ed under 0x6400 make a half2 of 1024 + code) and half2 arithmetic per pair; float32 per word.
 - `_int4_gemm_kernel` (more rows): programs own [BLOCK_M, BLOCK_N] of y; per pack and nibble the
   dequantized [BLOCK_N, 16] chunk goes to x.dtype and through tl.dot (tensor cores; x rows past M are
   masked to zeros, as in kernels/skinny_gemm.py), so every code is read once per BLOCK_M rows.
@@ -51,6 +54,9 @@ RUN = 16  # consecutive input rows per nibble position
 # (scripts/bench_int4_gemm.py): 37-236 us that way against 91-378 us for the tiled kernel.
 DEQUANT_MIN_M = 32
 KERNEL_DEVICES = ("cuda",)  # elsewhere the torch reference; tests add "cpu" to run the interpreter
+# float16 1024.0 in both halves of a word: or-ed onto codes at bits 0-3 / 16-19 it makes the half2
+# (1024 + q, 1024 + q'), or (1024 + 16 q, 1024 + 16 q') at bits 4-7 / 20-23 (the half2 GEMV).
+MAGIC_FP16X2 = 0x64006400
 
 
 @dataclasses.dataclass
@@ -265,6 +271,7 @@ def _int4_gemv_half2_kernel(
     b_ptr,
     y_ptr,
     N,
+    MAGIC,  # 0x64006400, as a value: in a register, the mask and the or are one LOP3
     K: tl.constexpr,
     KP: tl.constexpr,
     GROUP: tl.constexpr,
@@ -277,15 +284,18 @@ def _int4_gemv_half2_kernel(
     SPLIT_K: tl.constexpr,  # programs along K; > 1: partial sums added atomically to float32 y
 ):
     """The GEMV of `_int4_gemv_kernel` (same grid, tiles and split of K) with two codes per 32-bit
-    operation: nibbles j and j + 4 of a word (rows 16 j + r and 16 j + 64 + r of its pack) sit 16 bits
-    apart, so one and + or, `(q & 0x000F000F) | 0x64006400`, makes the half2 (1024 + q_j, 1024 + q_j+4)
-    (0x6400 is 1024.0 in float16, whose 10 mantissa bits then hold the code). Nibbles 1, 3 (5, 7) are
-    taken in place with mask 0x00F000F0 (1024 + 16 q, times 1/16 exactly 64 + q) and 2, 3 after one
-    shift of the word by 8: per word one shift and four and-ors. Then in half2 arithmetic, per pair:
-    minus (1024 + z) or (64 + z) (exact: an integer of -15..15), times s (w rounded once to float16,
-    2^-11), times x (x converted to float16 once per program and step, shared by the BLOCK_N features)
-    summed over the word's four pairs; each word's half2 sum is added to float32. x beyond float16's
-    range (|x| > 65504) would overflow: the float32 kernel is the one for such activations."""
+    operation. Nibbles j and j + 4 of a word (rows 16 j + r and 16 j + 64 + r of its pack) sit 16 bits
+    apart, so one and + or, `(q & 0x000F000F) | 0x64006400` (MAGIC_FP16X2, passed as MAGIC so that
+    ptxas makes both one LOP3), gives the half2 (1024 + q_j, 1024 + q_j+4): 0x6400 is 1024.0 in float16,
+    whose 10 mantissa bits then hold the code. Nibbles 1 and 5 (3 and 7) are taken in place with mask
+    0x00F000F0 (1024 + 16 q; times 1/16 exactly 64 + q), 2 and 6, 3 and 7 after one shift of the word by
+    8: per word one shift and four LOP3s. Then in half2 arithmetic, per pair: minus (1024 + z) or
+    (64 + z) (exact: an integer of -15..15), times s (the weight rounded once to float16, 2^-11), times
+    x (converted to float16 once per step), summed over the word's four pairs and over the 4 words of
+    one thread's 16-byte load (32 products summed in float16), then added to float32 once per step.
+    The halves stay interleaved ([BLOCK_N, NB, 32]: word r's pair at 2 r, 2 r + 1) so that each half2
+    is the word's own register (joined as [.., 2], the compiler re-pairs halves of neighbouring words
+    with PRMTs). x beyond float16's range (|x| > 65504) would overflow: such x needs the float32 GEMV."""
     K_SPLIT: tl.constexpr = KP // SPLIT_K
     k_begin = tl.program_id(1) * K_SPLIT
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,7 +311,7 @@ def _int4_gemv_half2_kernel(
         + run[None, None, :]
     )
     q_ptrs += k_begin // 8
-    acc = tl.zeros((BLOCK_N, NB, 32), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
     for k_step in range(0, K_SPLIT, BLOCK_K):
         k0 = k_begin + k_step
         qt = tl.load(q_ptrs, eviction_policy="evict_first")
@@ -340,9 +350,9 @@ def _int4_gemv_half2_kernel(
                 else:
                     z_odd = _half_pair(z_lo + 64.0, z_hi + 64.0)
             if j % 2 == 0:
-                bits = (qt & 0x000F000F) | 0x64006400
+                bits = (qt & 0x000F000F) | MAGIC
             else:
-                bits = (qt & 0x00F000F0) | 0x64006400
+                bits = (qt & 0x00F000F0) | MAGIC
             h = tl.interleave(
                 bits.to(tl.int16).to(tl.float16, bitcast=True),
                 (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True),
@@ -356,7 +366,8 @@ def _int4_gemv_half2_kernel(
                 x_ptr + rows + 64, mask=rows + 64 < K, other=0.0, eviction_policy="evict_last"
             )
             part += w * _half_pair(x_lo, x_hi)[None, :, :]
-        acc += part.to(tl.float32)
+        # words 4 i .. 4 i + 3 (halves 8 i .. 8 i + 7, one thread's 16-byte load) summed in half2 first
+        acc += tl.sum(tl.reshape(part, (BLOCK_N, NB, 4, 8)), axis=3).to(tl.float32)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
@@ -508,7 +519,8 @@ INTERPRET_BLOCK_K = 128
 
 
 # The M == 1 kernel for float16 / bfloat16 x: "half2" (`_int4_gemv_half2_kernel`, two codes per 32-bit
-# operation: ~4.3 SASS instructions per code in its loop against ~7.3, tests/kernels/compile_for_hopper.py)
+# operation: 3.52 SASS instructions per code in its K loop against 7.27, tests/kernels/compile_for_hopper.py,
+# not yet timed on a GPU)
 # or "float32" (`_int4_gemv_kernel`, the previous one; float32 x always takes it). Both kept for
 # side-by-side timing (scripts/bench_int4_gemm.py --gemv float32 half2).
 GEMV_KERNELS = ("half2", "float32")
@@ -603,9 +615,10 @@ def int4_gemm(
         if split is None:
             split = gemv_split_k(grid[0], w.padded_in, launch["BLOCK_K"], x.device)
         out = y if split == 1 else torch.zeros((1, N), dtype=torch.float32, device=x.device)
+        magic = (MAGIC_FP16X2,) if kernel is _int4_gemv_half2_kernel else ()
         kernel[(grid[0], split)](
-            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, **flags, SPLIT_K=split,
-            **launch,
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, *magic, **flags,
+            SPLIT_K=split, **launch,
         )  # fmt: skip
         if split > 1:
             y.copy_(out)

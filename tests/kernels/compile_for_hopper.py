@@ -115,6 +115,8 @@ def main() -> None:
             scalars = {**POINTERS, "N": "i32"} | ({"y_ptr": "*fp32"} if split else {})
             flags["SPLIT_K"] = 4 if split else 1
             fn = ig.gemv_kernel(ig.torch.bfloat16, "float32" if "float32" in label else "half2")
+            if fn is ig._int4_gemv_half2_kernel:
+                scalars["MAGIC"] = "i32"  # after N, as in the kernel's signature
             if not split:  # (split 4 ways K = 4096 is one step: no loop)
                 codes = config["BLOCK_N"] * config["BLOCK_K"] // (32 * launch["num_warps"])
         else:
