@@ -295,7 +295,9 @@ def _int4_gemv_half2_kernel(
     one thread's 16-byte load (32 products summed in float16), then added to float32 once per step.
     The halves stay interleaved ([BLOCK_N, NB, 32]: word r's pair at 2 r, 2 r + 1) so that each half2
     is the word's own register (joined as [.., 2], the compiler re-pairs halves of neighbouring words
-    with PRMTs). x beyond float16's range (|x| > 65504) would overflow: such x needs the float32 GEMV."""
+    with PRMTs). x beyond float16's range (|x| > 65504) would overflow: such x needs the float32 GEMV.
+    x, scales and zeros load without the evict_last hint (its cache-policy instructions sat in the loop:
+    0.15 instructions per code); the codes still stream evict_first."""
     K_SPLIT: tl.constexpr = KP // SPLIT_K
     k_begin = tl.program_id(1) * K_SPLIT
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,8 +322,8 @@ def _int4_gemv_half2_kernel(
         if PER_PACK:
             grp = tl.minimum(base // GROUP, NGROUPS - 1)
             addr = grp[None, :] * N + cols[:, None]
-            s = tl.load(s_ptr + addr, eviction_policy="evict_last")
-            z = tl.load(z_ptr + addr, eviction_policy="evict_last").to(tl.float32)
+            s = tl.load(s_ptr + addr)
+            z = tl.load(z_ptr + addr).to(tl.float32)
             s2 = s.to(tl.float16)[:, :, None]  # [BLOCK_N, NB, 1]
             z_even = (z + 1024.0).to(tl.float16)[:, :, None]
             z_odd = (z + 64.0).to(tl.float16)[:, :, None]
@@ -340,11 +342,11 @@ def _int4_gemv_half2_kernel(
                 a_lo = g_lo * N + cols[:, None, None]
                 a_hi = g_hi * N + cols[:, None, None]
                 s2 = _half_pair(
-                    tl.load(s_ptr + a_lo, eviction_policy="evict_last"),
-                    tl.load(s_ptr + a_hi, eviction_policy="evict_last"),
+                    tl.load(s_ptr + a_lo),
+                    tl.load(s_ptr + a_hi),
                 )
-                z_lo = tl.load(z_ptr + a_lo, eviction_policy="evict_last").to(tl.float32)
-                z_hi = tl.load(z_ptr + a_hi, eviction_policy="evict_last").to(tl.float32)
+                z_lo = tl.load(z_ptr + a_lo).to(tl.float32)
+                z_hi = tl.load(z_ptr + a_hi).to(tl.float32)
                 if j % 2 == 0:
                     z_even = _half_pair(z_lo + 1024.0, z_hi + 1024.0)
                 else:
@@ -361,10 +363,8 @@ def _int4_gemv_half2_kernel(
                 w = (h - z_even) * s2
             else:
                 w = (h * 0.0625 - z_odd) * s2
-            x_lo = tl.load(x_ptr + rows, mask=rows < K, other=0.0, eviction_policy="evict_last")
-            x_hi = tl.load(
-                x_ptr + rows + 64, mask=rows + 64 < K, other=0.0, eviction_policy="evict_last"
-            )
+            x_lo = tl.load(x_ptr + rows, mask=rows < K, other=0.0)
+            x_hi = tl.load(x_ptr + rows + 64, mask=rows + 64 < K, other=0.0)
             part += w * _half_pair(x_lo, x_hi)[None, :, :]
         # words 4 i .. 4 i + 3 (halves 8 i .. 8 i + 7, one thread's 16-byte load) summed in half2 first
         acc += tl.sum(tl.reshape(part, (BLOCK_N, NB, 4, 8)), axis=3).to(tl.float32)
@@ -519,7 +519,7 @@ INTERPRET_BLOCK_K = 128
 
 
 # The M == 1 kernel for float16 / bfloat16 x: "half2" (`_int4_gemv_half2_kernel`, two codes per 32-bit
-# operation: 3.52 SASS instructions per code in its K loop against 7.27, tests/kernels/compile_for_hopper.py,
+# operation: 3.37 SASS instructions per code in its K loop against 7.27, tests/kernels/compile_for_hopper.py,
 # not yet timed on a GPU)
 # or "float32" (`_int4_gemv_kernel`, the previous one; float32 x always takes it). Both kept for
 # side-by-side timing (scripts/bench_int4_gemm.py --gemv float32 half2).

@@ -197,7 +197,7 @@ def test_gemv_every_code_and_zero(choice):
         w = ig.Int4Weight(
             **{f: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for f, v in vars(w).items()}
         )
-        for scale in (300.0, 1e-3):
+        for scale in (3000.0, 1e-3):  # large: float16 partial sums stay finite
             x = (torch.randn(1, k, generator=g) * scale).to(DEVICE, torch.bfloat16)
             ref = F.linear(x.float(), ig.dequantize_reference(w)).to(torch.bfloat16)
             config = {**ig.config_for(1), "BLOCK_K": 128, "GEMV": choice}
