@@ -254,3 +254,14 @@ def test_int4_cuda_realistic(M, N, K):
     weight, deq = quantized_weight(N, K, 128)
     x, b, ref = check(M, weight, deq, torch.bfloat16)
     close(ig.int4_linear(x, weight, b), ref, tol=2e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "N, K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 7168)]
+)
+def test_int4_cuda_gemv_kernels(N, K, gemv):
+    """Both GEMV kernels (M = 1) on the Llama-3-8B shapes, with and without the split of K."""
+    weight, deq = quantized_weight(N, K, 128)
+    check(1, weight, deq, torch.bfloat16)
+    check(1, weight, deq, torch.float16, config={**ig.config_for(1), "SPLIT_K": 1})
