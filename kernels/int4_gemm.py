@@ -282,6 +282,7 @@ def _int4_gemv_half2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs along K; > 1: partial sums added atomically to float32 y
+    LATE_SCALE: tl.constexpr,  # PER_PACK only: s applied in float32 per step, x / 16 in float16
 ):
     """The GEMV of `_int4_gemv_kernel` (same grid, tiles and split of K) with two codes per 32-bit
     operation. Nibbles j and j + 4 of a word (rows 16 j + r and 16 j + 64 + r of its pack) sit 16 bits
@@ -297,7 +298,13 @@ def _int4_gemv_half2_kernel(
     is the word's own register (joined as [.., 2], the compiler re-pairs halves of neighbouring words
     with PRMTs). x beyond float16's range (|x| > 65504) would overflow: such x needs the float32 GEMV.
     x, scales and zeros load without the evict_last hint (its cache-policy instructions sat in the loop:
-    0.15 instructions per code); the codes still stream evict_first."""
+    0.15 instructions per code); the codes still stream evict_first.
+
+    LATE_SCALE (one group per pack; "half2_late"): the products are (q - z) * x / 16 in float16, their
+    per-step sum times 16 s in float32 (one multiply per 4 words instead of one per pair: 3.0 against
+    3.4 instructions per code). x / 16 is exact in float16 down to |x| = 2^-10 (below, 2^-28 absolute);
+    a float16 sum of 32 such products overflows only past |x| ~ 2000 if all 32 are at |q - z| = 15 and
+    one sign (with s applied first, "half2", the bound is 65504 / (480 s), ~13,000 at s = 0.01)."""
     K_SPLIT: tl.constexpr = KP // SPLIT_K
     k_begin = tl.program_id(1) * K_SPLIT
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -325,6 +332,7 @@ def _int4_gemv_half2_kernel(
             s = tl.load(s_ptr + addr)
             z = tl.load(z_ptr + addr).to(tl.float32)
             s2 = s.to(tl.float16)[:, :, None]  # [BLOCK_N, NB, 1]
+            s_late = s.to(tl.float32)[:, :, None] * 16.0
             z_even = (z + 1024.0).to(tl.float16)[:, :, None]
             z_odd = (z + 64.0).to(tl.float16)[:, :, None]
         part = tl.zeros((BLOCK_N, NB, 32), dtype=tl.float16)
@@ -360,14 +368,22 @@ def _int4_gemv_half2_kernel(
                 (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True),
             )  # [BLOCK_N, NB, 32]: 1024 + q (j even) or 1024 + 16 q (j odd), word r's at 2 r, 2 r + 1
             if j % 2 == 0:
-                w = (h - z_even) * s2
+                w = h - z_even
             else:
-                w = (h * 0.0625 - z_odd) * s2
+                w = h * 0.0625 - z_odd
             x_lo = tl.load(x_ptr + rows, mask=rows < K, other=0.0)
             x_hi = tl.load(x_ptr + rows + 64, mask=rows + 64 < K, other=0.0)
+            if LATE_SCALE:
+                x_lo, x_hi = x_lo.to(tl.float32) * 0.0625, x_hi.to(tl.float32) * 0.0625
+            else:
+                w = w * s2
             part += w * _half_pair(x_lo, x_hi)[None, :, :]
         # words 4 i .. 4 i + 3 (halves 8 i .. 8 i + 7, one thread's 16-byte load) summed in half2 first
-        acc += tl.sum(tl.reshape(part, (BLOCK_N, NB, 4, 8)), axis=3).to(tl.float32)
+        words = tl.sum(tl.reshape(part, (BLOCK_N, NB, 4, 8)), axis=3).to(tl.float32)
+        if LATE_SCALE:
+            acc += words * s_late
+        else:
+            acc += words
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
@@ -522,18 +538,18 @@ INTERPRET_BLOCK_K = 128
 # operation: 3.37 SASS instructions per code in its K loop against 7.27, tests/kernels/compile_for_hopper.py,
 # not yet timed on a GPU)
 # or "float32" (`_int4_gemv_kernel`, the previous one; float32 x always takes it). Both kept for
-# side-by-side timing (scripts/bench_int4_gemm.py --gemv float32 half2).
-GEMV_KERNELS = ("half2", "float32")
+# side-by-side timing (scripts/bench_int4_gemm.py --gemv float32 half2). "half2_late": the half2 kernel
+# with LATE_SCALE where one group covers each pack (2.98 instructions per code; its float16 range is
+# bounded by x rather than by the weights: see the kernel), else "half2".
+GEMV_KERNELS = ("half2", "half2_late", "float32")
 GEMV_KERNEL = "half2"
 
 
-def gemv_kernel(dtype: torch.dtype, choice: str | None = None):
+def gemv_kernel(dtype: torch.dtype, choice: str | None = None) -> str:
     """The GEMV kernel for x of this dtype: choice (default GEMV_KERNEL) for half types, else float32."""
     choice = choice or GEMV_KERNEL
     assert choice in GEMV_KERNELS, choice
-    if choice == "half2" and dtype in (torch.float16, torch.bfloat16):
-        return _int4_gemv_half2_kernel
-    return _int4_gemv_kernel
+    return choice if dtype in (torch.float16, torch.bfloat16) else "float32"
 
 
 # The GEMV splits K into runs until about this many programs per SM run (N alone may give few: o_proj's
@@ -610,14 +626,17 @@ def int4_gemm(
     grid = (triton.cdiv(N, launch["BLOCK_N"]), triton.cdiv(M, block_m))
     if block_m == 1:
         assert M == 1, "the GEMV config takes one row"
-        kernel = gemv_kernel(x.dtype, launch.pop("GEMV", None))
+        choice = gemv_kernel(x.dtype, launch.pop("GEMV", None))
+        kernel, extra = _int4_gemv_kernel, {}
+        if choice != "float32":
+            late = choice == "half2_late" and flags["PER_PACK"]
+            kernel, extra = _int4_gemv_half2_kernel, dict(MAGIC=MAGIC_FP16X2, LATE_SCALE=late)
         split = launch.pop("SPLIT_K", None)
         if split is None:
             split = gemv_split_k(grid[0], w.padded_in, launch["BLOCK_K"], x.device)
         out = y if split == 1 else torch.zeros((1, N), dtype=torch.float32, device=x.device)
-        magic = (MAGIC_FP16X2,) if kernel is _int4_gemv_half2_kernel else ()
         kernel[(grid[0], split)](
-            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, *magic, **flags,
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, **extra, **flags,
             SPLIT_K=split, **launch,
         )  # fmt: skip
         if split > 1:

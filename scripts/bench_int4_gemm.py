@@ -4,7 +4,7 @@ cuBLAS above) on the Llama-3-8B linears, and a correctness check of each against
   python scripts/bench_int4_gemm.py --out int4.jsonl                 # a few minutes on an H100
   python scripts/bench_int4_gemm.py --m 1 16 --sweep                 # also time alternative configs
   python scripts/bench_int4_gemm.py --m 1 --config 1,32,512,4,3      # time extra configs (BM,BN,BK,W,S)
-  python scripts/bench_int4_gemm.py --m 1 --shapes qkv o gate_up down lm_head   # GEMV kernels side by side
+  python scripts/bench_int4_gemm.py --m 1 --out int4_gemv.jsonl     # + the GEMV kernels side by side
 
 Weights: random codes, zeros and group-128 scales in the kernels' layout (what `--load-format dummy
 --quantization awq` serves). Timing as scripts/bench_skinny_gemm.py: the calls of each implementation in
@@ -15,10 +15,10 @@ One JSON line per (M, shape): bf16_us, tiled_us (the tiled / GEMV kernel), dequa
 dequantize to bf16 once + cuBLAS), served_us (kernels/int4_gemm.int4_linear, what the executor runs),
 TB/s of each, the relative error against the reference; then per M the 32-layer step's GEMMs (qkv + o
 + gate_up + down per layer, plus the bf16 lm_head). At M = 1 each GEMV kernel of --gemv (default: all of
-kernels/int4_gemm.GEMV_KERNELS, the half2 one and the float32 one) is also timed on the same weights and x,
+kernels/int4_gemm.GEMV_KERNELS: half2, half2_late, float32) is also timed on the same weights and x,
 one after the other per shape: gemv_<kernel>_us / _tbps / _err per shape; the step_gemms line then adds
 gemv_<kernel>_ms (32 layers + bf16 lm_head), gemv_<kernel>_layers_ms (int4 layers only) and
-half2_speedup (float32 layers_ms / half2 layers_ms).
+<kernel>_speedup (float32 layers_ms / that kernel's layers_ms).
 Needs the repo on the path (pip install -e .).
 """
 
@@ -192,9 +192,10 @@ def main() -> None:
             for impl in impls[2:]:  # the int4 GEMVs' 32 layers alone (no LM head)
                 rec[f"{impl}_layers_ms"] = round(LAYERS * sum(t[s][impl] for s in layer) / 1e3, 3)
             rec["speedup"] = round(rec["bf16_ms"] / rec["served_ms"], 3)
-            if "gemv_half2_layers_ms" in rec and "gemv_float32_layers_ms" in rec:
-                ratio = rec["gemv_float32_layers_ms"] / rec["gemv_half2_layers_ms"]
-                rec["half2_speedup"] = round(ratio, 3)
+            for c in args.gemv:  # each half2 GEMV against the float32 one, int4 layers only
+                if c != "float32" and "gemv_float32_layers_ms" in rec:
+                    ratio = rec["gemv_float32_layers_ms"] / rec[f"gemv_{c}_layers_ms"]
+                    rec[f"{c}_speedup"] = round(ratio, 3)
             emit(rec)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

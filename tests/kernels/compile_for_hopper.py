@@ -103,7 +103,8 @@ def _per_code(kernel, codes: int) -> dict:
 def main() -> None:
     k = 4096
     layout = dict(K=k, KP=k, GROUP=128, NGROUPS=k // 128)
-    gemvs = ((1, "gemv"), (1, "gemv_split"), (1, "gemv_float32"), (1, "gemv_float32_split"))
+    gemvs = ((1, "gemv"), (1, "gemv_split"), (1, "gemv_late"), (1, "gemv_float32"))
+    gemvs += ((1, "gemv_float32_split"),)
     for m, label in (*gemvs, (16, "gemm16"), (4096, "gemm_large")):
         config = dict(ig.config_for(m))
         block_m = config.pop("BLOCK_M")
@@ -114,9 +115,10 @@ def main() -> None:
             split = label.endswith("_split")
             scalars = {**POINTERS, "N": "i32"} | ({"y_ptr": "*fp32"} if split else {})
             flags["SPLIT_K"] = 4 if split else 1
-            fn = ig.gemv_kernel(ig.torch.bfloat16, "float32" if "float32" in label else "half2")
+            fn = ig._int4_gemv_kernel if "float32" in label else ig._int4_gemv_half2_kernel
             if fn is ig._int4_gemv_half2_kernel:
                 scalars["MAGIC"] = "i32"  # after N, as in the kernel's signature
+                flags["LATE_SCALE"] = label == "gemv_late"
             if not split:  # (split 4 ways K = 4096 is one step: no loop)
                 codes = config["BLOCK_N"] * config["BLOCK_K"] // (32 * launch["num_warps"])
         else:
