@@ -302,7 +302,7 @@ def _int4_gemv_half2_kernel(
 
     LATE_SCALE (one group per pack; "half2_late"): the products are (q - z) * x / 16 in float16, their
     per-step sum times 16 s in float32 (one multiply per 4 words instead of one per pair: 3.0 against
-    3.4 instructions per code). x / 16 is exact in float16 down to |x| = 2^-10 (below, 2^-28 absolute);
+    3.4 instructions per code). x / 16 is exact in float16 down to |x| = 2^-10 (below, x within 2^-21);
     a float16 sum of 32 such products overflows only past |x| ~ 2000 if all 32 are at |q - z| = 15 and
     one sign (with s applied first, "half2", the bound is 65504 / (480 s), ~13,000 at s = 0.01)."""
     K_SPLIT: tl.constexpr = KP // SPLIT_K

@@ -73,7 +73,7 @@ def test_pack_roundtrip_and_padding():
 
 @pytest.fixture(params=ig.GEMV_KERNELS)
 def gemv(request, monkeypatch):
-    """Each GEMV kernel (M = 1) in turn: the half2 one and the float32 one it is timed against."""
+    """Each GEMV kernel (M = 1) in turn: half2, half2_late and the float32 one they are timed against."""
     monkeypatch.setattr(ig, "GEMV_KERNEL", request.param)
     return request.param
 
@@ -262,7 +262,7 @@ def test_int4_cuda_realistic(M, N, K):
     "N, K", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096, 7168)]
 )
 def test_int4_cuda_gemv_kernels(N, K, gemv):
-    """Both GEMV kernels (M = 1) on the Llama-3-8B shapes, with and without the split of K."""
+    """Each GEMV kernel (M = 1) on the Llama-3-8B shapes, with and without the split of K."""
     weight, deq = quantized_weight(N, K, 128)
     check(1, weight, deq, torch.bfloat16)
     check(1, weight, deq, torch.float16, config={**ig.config_for(1), "SPLIT_K": 1})
