@@ -19,6 +19,9 @@ Kernels:
   features and walks K in BLOCK_K steps, loading the whole [BLOCK_N, BLOCK_K / 8] tile of codes at
   once (BLOCK_K / 2 contiguous bytes per feature, read once, evict-first) as [BLOCK_N, packs, 16];
   (q - z) * s * x accumulates elementwise in float32 on the CUDA cores, reduced once after the loop.
+- `_int4_gemv_half2_kernel` (the same for float16 / bfloat16 x, the default: `GEMV_KERNEL`): the same
+  tiles, with two codes per 32-bit operation (the float16 "magic number": nibbles j and j + 4 of a word
+  or-ed under 0x6400 make a half2 of 1024 + code) and half2 arithmetic per pair; float32 per word.
 - `_int4_gemm_kernel` (more rows): programs own [BLOCK_M, BLOCK_N] of y; per pack and nibble the
   dequantized [BLOCK_N, 16] chunk goes to x.dtype and through tl.dot (tensor cores; x rows past M are
   masked to zeros, as in kernels/skinny_gemm.py), so every code is read once per BLOCK_M rows.
@@ -51,6 +54,9 @@ RUN = 16  # consecutive input rows per nibble position
 # (scripts/bench_int4_gemm.py): 37-236 us that way against 91-378 us for the tiled kernel.
 DEQUANT_MIN_M = 32
 KERNEL_DEVICES = ("cuda",)  # elsewhere the torch reference; tests add "cpu" to run the interpreter
+# float16 1024.0 in both halves of a word: or-ed onto codes at bits 0-3 / 16-19 it makes the half2
+# (1024 + q, 1024 + q'), or (1024 + 16 q, 1024 + 16 q') at bits 4-7 / 20-23 (the half2 GEMV).
+MAGIC_FP16X2 = 0x64006400
 
 
 @dataclasses.dataclass
@@ -249,6 +255,145 @@ def _int4_gemv_kernel(
         tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
 
 
+@triton.jit
+def _half_pair(lo, hi):
+    """[.., 16] and [.., 16] -> [.., 32] in float16, interleaved: lo[i], hi[i] adjacent (one half2)."""
+    return tl.interleave(lo.to(tl.float16), hi.to(tl.float16))
+
+
+@triton.jit
+def _int4_gemv_half2_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    MAGIC,  # 0x64006400, as a value: in a register, the mask and the or are one LOP3
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    GROUP: tl.constexpr,
+    NGROUPS: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    PER_PACK: tl.constexpr,  # one group per pack (GROUP a multiple of 128, no g_idx)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs along K; > 1: partial sums added atomically to float32 y
+    LATE_SCALE: tl.constexpr,  # PER_PACK only: s applied in float32 per step, x / 16 in float16
+):
+    """The GEMV of `_int4_gemv_kernel` (same grid, tiles and split of K) with two codes per 32-bit
+    operation. Nibbles j and j + 4 of a word (rows 16 j + r and 16 j + 64 + r of its pack) sit 16 bits
+    apart, so one and + or, `(q & 0x000F000F) | 0x64006400` (MAGIC_FP16X2, passed as MAGIC so that
+    ptxas makes both one LOP3), gives the half2 (1024 + q_j, 1024 + q_j+4): 0x6400 is 1024.0 in float16,
+    whose 10 mantissa bits then hold the code. Nibbles 1 and 5 (3 and 7) are taken in place with mask
+    0x00F000F0 (1024 + 16 q; times 1/16 exactly 64 + q), 2 and 6, 3 and 7 after one shift of the word by
+    8: per word one shift and four LOP3s. Then in half2 arithmetic, per pair: minus (1024 + z) or
+    (64 + z) (exact: an integer of -15..15), times s (the weight rounded once to float16, 2^-11), times
+    x (converted to float16 once per step), summed over the word's four pairs and over the 4 words of
+    one thread's 16-byte load (32 products summed in float16), then added to float32 once per step.
+    The halves stay interleaved ([BLOCK_N, NB, 32]: word r's pair at 2 r, 2 r + 1) so that each half2
+    is the word's own register (joined as [.., 2], the compiler re-pairs halves of neighbouring words
+    with PRMTs). x beyond float16's range (|x| > 65504) would overflow: such x needs the float32 GEMV.
+    x, scales and zeros load without the evict_last hint (its cache-policy instructions sat in the loop:
+    0.15 instructions per code); the codes still stream evict_first.
+
+    LATE_SCALE (one group per pack; "half2_late"): the products are (q - z) * x / 16 in float16, their
+    per-step sum times 16 s in float32 (one multiply per 4 words instead of one per pair: 3.0 against
+    3.4 instructions per code). x / 16 is exact in float16 down to |x| = 2^-10 (below, x within 2^-21);
+    a float16 sum of 32 such products overflows only past |x| ~ 2000 if all 32 are at |q - z| = 15 and
+    one sign (with s applied first, "half2", the bound is 65504 / (480 s), ~13,000 at s = 0.01)."""
+    K_SPLIT: tl.constexpr = KP // SPLIT_K
+    k_begin = tl.program_id(1) * K_SPLIT
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    cols = tl.minimum(offs_n, N - 1)  # past N: re-read feature N-1, dropped at the store
+    NB: tl.constexpr = BLOCK_K // 128
+    packs = tl.arange(0, NB)
+    run = tl.arange(0, 16)
+    q_ptrs = (
+        q_ptr
+        + cols.to(tl.int64)[:, None, None] * (KP // 8)
+        + packs[None, :, None] * 16
+        + run[None, None, :]
+    )
+    q_ptrs += k_begin // 8
+    acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
+    for k_step in range(0, K_SPLIT, BLOCK_K):
+        k0 = k_begin + k_step
+        qt = tl.load(q_ptrs, eviction_policy="evict_first")
+        q_ptrs += BLOCK_K // 8
+        base = k0 + packs * 128  # [NB] first row of each pack
+        if PER_PACK:
+            grp = tl.minimum(base // GROUP, NGROUPS - 1)
+            addr = grp[None, :] * N + cols[:, None]
+            s = tl.load(s_ptr + addr)
+            z = tl.load(z_ptr + addr).to(tl.float32)
+            s2 = s.to(tl.float16)[:, :, None]  # [BLOCK_N, NB, 1]
+            s_late = s.to(tl.float32)[:, :, None] * 16.0
+            z_even = (z + 1024.0).to(tl.float16)[:, :, None]
+            z_odd = (z + 64.0).to(tl.float16)[:, :, None]
+        part = tl.zeros((BLOCK_N, NB, 32), dtype=tl.float16)
+        for j in tl.static_range(4):
+            if j == 2:
+                qt = qt >> 8
+            rows = base[:, None] + j * 16 + run[None, :]  # [NB, 16]; its pair: rows + 64
+            if not PER_PACK:
+                if HAS_G_IDX:
+                    g_lo = tl.load(g_ptr + rows)[None, :, :]
+                    g_hi = tl.load(g_ptr + rows + 64)[None, :, :]
+                else:  # per row too (each run of 16 lies in one group): [1, NB, 16]
+                    g_lo = tl.minimum(rows // GROUP, NGROUPS - 1)[None, :, :]
+                    g_hi = tl.minimum((rows + 64) // GROUP, NGROUPS - 1)[None, :, :]
+                a_lo = g_lo * N + cols[:, None, None]
+                a_hi = g_hi * N + cols[:, None, None]
+                s2 = _half_pair(
+                    tl.load(s_ptr + a_lo),
+                    tl.load(s_ptr + a_hi),
+                )
+                z_lo = tl.load(z_ptr + a_lo).to(tl.float32)
+                z_hi = tl.load(z_ptr + a_hi).to(tl.float32)
+                if j % 2 == 0:
+                    z_even = _half_pair(z_lo + 1024.0, z_hi + 1024.0)
+                else:
+                    z_odd = _half_pair(z_lo + 64.0, z_hi + 64.0)
+            if j % 2 == 0:
+                bits = (qt & 0x000F000F) | MAGIC
+            else:
+                bits = (qt & 0x00F000F0) | MAGIC
+            h = tl.interleave(
+                bits.to(tl.int16).to(tl.float16, bitcast=True),
+                (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True),
+            )  # [BLOCK_N, NB, 32]: 1024 + q (j even) or 1024 + 16 q (j odd), word r's at 2 r, 2 r + 1
+            if j % 2 == 0:
+                w = h - z_even
+            else:
+                w = h * 0.0625 - z_odd
+            x_lo = tl.load(x_ptr + rows, mask=rows < K, other=0.0)
+            x_hi = tl.load(x_ptr + rows + 64, mask=rows + 64 < K, other=0.0)
+            if LATE_SCALE:
+                x_lo, x_hi = x_lo.to(tl.float32) * 0.0625, x_hi.to(tl.float32) * 0.0625
+            else:
+                w = w * s2
+            part += w * _half_pair(x_lo, x_hi)[None, :, :]
+        # words 4 i .. 4 i + 3 (halves 8 i .. 8 i + 7, one thread's 16-byte load) summed in half2 first
+        words = tl.sum(tl.reshape(part, (BLOCK_N, NB, 4, 8)), axis=3).to(tl.float32)
+        if LATE_SCALE:
+            acc += words * s_late
+        else:
+            acc += words
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, out, mask=n_mask, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemm_kernel(
     x_ptr,
@@ -389,6 +534,24 @@ DEQUANT_BLOCK_N = 64
 INTERPRET_BLOCK_K = 128
 
 
+# The M == 1 kernel for float16 / bfloat16 x: "half2" (`_int4_gemv_half2_kernel`, two codes per 32-bit
+# operation: 3.37 SASS instructions per code in its K loop against 7.27, tests/kernels/compile_for_hopper.py,
+# not yet timed on a GPU)
+# or "float32" (`_int4_gemv_kernel`, the previous one; float32 x always takes it). Both kept for
+# side-by-side timing (scripts/bench_int4_gemm.py --gemv float32 half2). "half2_late": the half2 kernel
+# with LATE_SCALE where one group covers each pack (2.98 instructions per code; its float16 range is
+# bounded by x rather than by the weights: see the kernel), else "half2".
+GEMV_KERNELS = ("half2", "half2_late", "float32")
+GEMV_KERNEL = "half2"
+
+
+def gemv_kernel(dtype: torch.dtype, choice: str | None = None) -> str:
+    """The GEMV kernel for x of this dtype: choice (default GEMV_KERNEL) for half types, else float32."""
+    choice = choice or GEMV_KERNEL
+    assert choice in GEMV_KERNELS, choice
+    return choice if dtype in (torch.float16, torch.bfloat16) else "float32"
+
+
 # The GEMV splits K into runs until about this many programs per SM run (N alone may give few: o_proj's
 # N = 4096 makes 32 programs at BLOCK_N 128); 0: never split.
 GEMV_PROGRAMS_PER_SM = 4
@@ -435,7 +598,8 @@ def int4_gemm(
     config: dict | None = None,
 ) -> torch.Tensor:
     """F.linear(x, W, bias) through the tiled kernel (any M; leading dims of x flattened); y in x.dtype.
-    config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) overrides the class's (benchmarks)."""
+    config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; for the GEMV also SPLIT_K and GEMV, one of
+    GEMV_KERNELS) overrides the class's (benchmarks)."""
     K, N = w.in_features, w.out_features
     assert x.shape[-1] == K, (x.shape, K)
     assert bias is None or bias.shape == (N,), None if bias is None else bias.shape
@@ -462,13 +626,18 @@ def int4_gemm(
     grid = (triton.cdiv(N, launch["BLOCK_N"]), triton.cdiv(M, block_m))
     if block_m == 1:
         assert M == 1, "the GEMV config takes one row"
+        choice = gemv_kernel(x.dtype, launch.pop("GEMV", None))
+        kernel, extra = _int4_gemv_kernel, {}
+        if choice != "float32":
+            late = choice == "half2_late" and flags["PER_PACK"]
+            kernel, extra = _int4_gemv_half2_kernel, dict(MAGIC=MAGIC_FP16X2, LATE_SCALE=late)
         split = launch.pop("SPLIT_K", None)
         if split is None:
             split = gemv_split_k(grid[0], w.padded_in, launch["BLOCK_K"], x.device)
         out = y if split == 1 else torch.zeros((1, N), dtype=torch.float32, device=x.device)
-        _int4_gemv_kernel[(grid[0], split)](
-            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, **flags, SPLIT_K=split,
-            **launch,
+        kernel[(grid[0], split)](
+            x2, w.packed, w.scales, w.zeros, g_arg, bias_arg, out, N, **extra, **flags,
+            SPLIT_K=split, **launch,
         )  # fmt: skip
         if split > 1:
             y.copy_(out)

@@ -4,6 +4,7 @@ cuBLAS above) on the Llama-3-8B linears, and a correctness check of each against
   python scripts/bench_int4_gemm.py --out int4.jsonl                 # a few minutes on an H100
   python scripts/bench_int4_gemm.py --m 1 16 --sweep                 # also time alternative configs
   python scripts/bench_int4_gemm.py --m 1 --config 1,32,512,4,3      # time extra configs (BM,BN,BK,W,S)
+  python scripts/bench_int4_gemm.py --m 1 --out int4_gemv.jsonl     # + the GEMV kernels side by side
 
 Weights: random codes, zeros and group-128 scales in the kernels' layout (what `--load-format dummy
 --quantization awq` serves). Timing as scripts/bench_skinny_gemm.py: the calls of each implementation in
@@ -13,7 +14,12 @@ int4 weight's bytes (codes + scales + zeros) for int4 and the bf16 weight's for 
 One JSON line per (M, shape): bf16_us, tiled_us (the tiled / GEMV kernel), dequant_cublas_us (M >= 256:
 dequantize to bf16 once + cuBLAS), served_us (kernels/int4_gemm.int4_linear, what the executor runs),
 TB/s of each, the relative error against the reference; then per M the 32-layer step's GEMMs (qkv + o
-+ gate_up + down per layer, plus the bf16 lm_head). Needs the repo on the path (pip install -e .).
++ gate_up + down per layer, plus the bf16 lm_head). At M = 1 each GEMV kernel of --gemv (default: all of
+kernels/int4_gemm.GEMV_KERNELS: half2, half2_late, float32) is also timed on the same weights and x,
+one after the other per shape: gemv_<kernel>_us / _tbps / _err per shape; the step_gemms line then adds
+gemv_<kernel>_ms (32 layers + bf16 lm_head), gemv_<kernel>_layers_ms (int4 layers only) and
+<kernel>_speedup (float32 layers_ms / that kernel's layers_ms).
+Needs the repo on the path (pip install -e .).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP configs of each class")
     p.add_argument("--config", nargs="+", default=[], metavar="BM,BN,BK,WARPS,STAGES[,SPLIT_K]")
+    p.add_argument("--gemv", nargs="+", default=list(ig.GEMV_KERNELS), choices=ig.GEMV_KERNELS)
     p.add_argument("--out", help="also write the JSON lines to this file")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -142,6 +149,15 @@ def main() -> None:
                     rec[f"{impl}_us"], rec[f"{impl}_tbps"] = round(t, 2), round(nbytes / t / 1e6, 3)
                     times[impl] = t
                 rec["speedup_vs_bf16"] = round(rec["bf16_us"] / rec["served_us"], 3)
+                for choice in args.gemv if m == 1 else ():  # the GEMV kernels side by side
+                    cfg = {**ig.config_for(1), "GEMV": choice}
+                    rec[f"gemv_{choice}_err"] = rel_err(ig.int4_gemm(x, int4[0], config=cfg), ref)
+                    t = graph_time_us(
+                        lambda w, x=x, c=cfg: ig.int4_gemm(x, w, config=c), int4, calls
+                    )
+                    rec[f"gemv_{choice}_us"] = round(t, 2)
+                    rec[f"gemv_{choice}_tbps"] = round(nbytes / t / 1e6, 3)
+                    times[f"gemv_{choice}"] = t
                 specs = [tuple(map(int, c.split(","))) for c in args.config]
                 if args.sweep:
                     largest = next(c for c, cfg in ig.M_CLASSES if cfg is ig.config_for(m))
@@ -169,11 +185,17 @@ def main() -> None:
         if all(s in t for s in SHAPES):
             layer = ("qkv", "o", "gate_up", "down")
             rec = {"summary": "step_gemms", "M": m, "layers": LAYERS}
-            for impl in ("bf16", "served"):
-                key = impl if impl == "bf16" else "served"
-                total = LAYERS * sum(t[s][key] for s in layer) + t["lm_head"]["bf16"]
+            impls = ["bf16", "served"] + [f"gemv_{c}" for c in args.gemv if m == 1]
+            for impl in impls:
+                total = LAYERS * sum(t[s][impl] for s in layer) + t["lm_head"]["bf16"]
                 rec[f"{impl}_ms"] = round(total / 1e3, 3)
+            for impl in impls[2:]:  # the int4 GEMVs' 32 layers alone (no LM head)
+                rec[f"{impl}_layers_ms"] = round(LAYERS * sum(t[s][impl] for s in layer) / 1e3, 3)
             rec["speedup"] = round(rec["bf16_ms"] / rec["served_ms"], 3)
+            for c in args.gemv:  # each half2 GEMV against the float32 one, int4 layers only
+                if c != "float32" and "gemv_float32_layers_ms" in rec:
+                    ratio = rec["gemv_float32_layers_ms"] / rec[f"gemv_{c}_layers_ms"]
+                    rec[f"{c}_speedup"] = round(ratio, 3)
             emit(rec)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
