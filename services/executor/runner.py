@@ -189,10 +189,18 @@ class ModelRunner:
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
         cfg = self.config
-        # EAGLE / EAGLE3 (None otherwise): the draft head, its KV counted in the budget below.
+        # EAGLE / EAGLE3 / STANDALONE (None otherwise): the draft, its KV counted in the budget below.
         spec = speculation_params(settings)
         self.eagle = (
-            EagleStep(spec, self.model, self.device, self.dtype, settings.download_dir)
+            EagleStep(
+                spec,
+                self.model,
+                self.device,
+                self.dtype,
+                settings.download_dir,
+                settings.load_format,
+                settings.random_seed,
+            )
             if isinstance(spec, EagleParams)
             else None
         )
