@@ -398,6 +398,13 @@ def test_executor_refuses_a_standalone_draft_it_cannot_serve(folders, tmp_path):
     message = f"STANDALONE draft model vocabulary {VOCAB + 8} != the target's {VOCAB}"
     with pytest.raises(ValueError, match=message):
         make_runner(folders / "target", "STANDALONE", tmp_path / "other")
+    # Not of the Llama family (refused before any weight is read: the folder has none).
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["Qwen3MoeForCausalLM"]})
+    )
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM is not one"):
+        make_runner(folders / "target", "STANDALONE", tmp_path / "moe")
 
 
 def test_proposed_draft_ids_cross_the_contract():

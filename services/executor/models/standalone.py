@@ -18,6 +18,7 @@ from torch import nn
 
 from radixserve.executor.model_config import ModelConfig, dtype_name
 from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.models.registry import get_model_class
 
 
 class StandaloneDraftModel(nn.Module):
@@ -73,9 +74,12 @@ def load_standalone_draft(
             f"STANDALONE draft model vocabulary {cfg.vocab_size} != the target's "
             f"{target.config.vocab_size}: the draft must share the target's tokenizer"
         )
-    model = load_model(cfg, device, "dummy" if load_format == "dummy" else "auto", seed)
-    if not isinstance(model, LlamaForCausalLM) or hasattr(model, "kv_head_dims"):
+    if not issubclass(get_model_class(cfg.architecture), LlamaForCausalLM):
         raise ValueError(
-            f"STANDALONE draft models are Llama-family causal LMs; {cfg.architecture} is not one"
+            f"STANDALONE draft models are Llama-family causal LMs (LlamaForCausalLM and the "
+            f"architectures built on it); {cfg.architecture} is not one"
         )
+    model = load_model(cfg, device, "dummy" if load_format == "dummy" else "auto", seed)
+    if hasattr(model, "kv_head_dims"):  # (none of the Llama family today)
+        raise ValueError(f"{cfg.architecture}: a KV cache of its own layout cannot draft")
     return StandaloneDraftModel(model).eval()
