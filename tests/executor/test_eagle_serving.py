@@ -155,9 +155,9 @@ def test_greedy_eagle_equals_plain_decoding_token_for_token(folders, reference, 
         assert 0 < stats.accepted_tokens < stats.draft_tokens
 
 
-def serve_recording(runner, sched, requests):
+def serve_recording(runner, sched, requests, cached=None):
     """Serve requests (serially) and record, after each step, every live request's sequence and
-    the drafts the executor proposed after it."""
+    the drafts the executor proposed after it; cached: {request id: prompt tokens from the cache}."""
     for rid, prompt, max_new, sampling, stop in requests:
         sched.add_request(
             Request(rid, list(prompt), StoppingCriteria(max_new, **stop), sampling=sampling)
@@ -168,6 +168,8 @@ def serve_recording(runner, sched, requests):
         live = {o.request_id: sched.requests[o.request_id] for o in out.outputs}
         events = sched.update(plan, out.outputs, out.prompt_logprobs)
         done = {e.request_id for e in events if e.finished}
+        if cached is not None:
+            cached.update({e.request_id: e.cached_tokens for e in events if e.finished})
         for o in out.outputs:
             if o.request_id not in done:
                 seen.append((list(live[o.request_id].seq), o.proposed_draft_ids))
@@ -175,16 +177,29 @@ def serve_recording(runner, sched, requests):
     return seen
 
 
-@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3", "STANDALONE"])
-def test_proposals_equal_the_head_run_over_the_whole_sequence(folders, algorithm):
+@pytest.mark.parametrize(
+    "algorithm,radix",
+    [("EAGLE", False), ("EAGLE3", False), ("STANDALONE", False), ("STANDALONE", True)],
+)
+def test_proposals_equal_the_head_run_over_the_whole_sequence(folders, algorithm, radix):
     """The draft K/V kept across chunks and verify steps is what a fresh run writes: each proposal
-    equals the draft's chain over the whole sequence from scratch (no radix cache: for a head, a
-    prefix hit reuses draft K/V computed with another request's next token, an approximation)."""
+    equals the draft's chain over the whole sequence from scratch. A head runs without the radix
+    cache (a prefix hit reuses draft K/V computed with another request's next token, an
+    approximation); a STANDALONE draft's K/V at a slot depends on that position's own token only, so
+    it stays exact across prefix hits (radix: later requests extend earlier ones' prompts)."""
     head = folders / algorithm
     runner = make_runner(folders / "target", algorithm, head)
-    sched = make_scheduler(runner, algorithm, head, disable_radix_cache=True, **CHUNKED)
+    sched = make_scheduler(runner, algorithm, head, disable_radix_cache=not radix, **CHUNKED)
     seen = serve_recording(runner, sched, REQUESTS[:3])
     assert len(seen) > 10
+    if radix:
+        again = [
+            (f"{rid}-again", prompt + [7, 8, 9], 8, greedy(), {})
+            for rid, prompt, _, _, _ in REQUESTS[:3]
+        ]
+        cached = {}
+        seen += serve_recording(runner, sched, again, cached)
+        assert all(cached[rid] > 0 for rid, *_ in again), cached
     fresh = EagleProposer(
         runner.eagle.head,
         200,
