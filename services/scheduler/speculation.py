@@ -3,8 +3,9 @@ from the flags, which requests may speculate, how many tokens a request drafts, 
 counters. Plain Python, no I/O.
 
 NGRAM drafts here (ngram_proposer.py). EAGLE / EAGLE3 (a draft head) and STANDALONE (a small draft
-model) draft on the executor, after each step that samples: a request's step output carries the head's proposal (proposed_draft_ids), which its next
-step sends back as draft_ids, with a slot for each, exactly like an n-gram draft."""
+model) draft on the executor, after each step that samples: a request's step output carries the
+draft's proposal (proposed_draft_ids), which its next step sends back as draft_ids, with a slot for
+each, exactly like an n-gram draft."""
 
 from __future__ import annotations
 
