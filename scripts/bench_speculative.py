@@ -172,6 +172,7 @@ class _ModelFacts:
     kv_slots: int
     context_length: int
     eos_token_ids: list[int]
+    max_graph_tokens: int = 0
 
 
 if __name__ == "__main__":

@@ -366,23 +366,25 @@ class LoraConfig:
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding (docs/speculative.md): the scheduler plans verify steps, the executor
-    runs the draft head (EAGLE). Defaults of the n-gram settings: NgramParams."""
+    runs the draft head or model (EAGLE, STANDALONE). Defaults of the n-gram settings: NgramParams."""
 
     speculative_algorithm: str | None = option(
         None,
         "NGRAM: draft tokens by n-gram lookup in each request's own prompt + output; EAGLE / EAGLE3: "
-        "draft them with a draft head on the executor (--speculative-draft-model-path); the target "
-        "verifies them in one step (default: off)",
+        "draft them with a draft head on the executor (--speculative-draft-model-path); STANDALONE: "
+        "with a small draft model of the target's vocabulary (same flag); the target verifies them in "
+        "one step (default: off)",
         group="Speculative decoding",
         choices=["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "NGRAM"],
-        supported=["NGRAM", "EAGLE", "EAGLE3"],
-        unsupported_hint="not supported yet: NGRAM, EAGLE and EAGLE3 speculative decoding are built "
-        "(NEXTN's MTP heads and a STANDALONE draft model are not)",
+        supported=["NGRAM", "EAGLE", "EAGLE3", "STANDALONE"],
+        unsupported_hint="not supported yet: NGRAM, EAGLE, EAGLE3 and STANDALONE speculative decoding "
+        "are built (NEXTN's MTP heads are not)",
     )
     speculative_num_draft_tokens: int | None = option(
         None,
         "tokens per verify step, the last verified one included (SGLang's count): at most this - 1 "
-        f"draft tokens (NGRAM default {_NGRAM.max_draft_tokens + 1}; EAGLE: --speculative-num-steps + 1)",
+        f"draft tokens (NGRAM default {_NGRAM.max_draft_tokens + 1}; EAGLE, STANDALONE: "
+        "--speculative-num-steps + 1)",
         group="Speculative decoding",
     )
     speculative_ngram_min_match_window_size: int | None = option(
@@ -405,20 +407,23 @@ class SpeculativeConfig:
     )
     speculative_draft_model_path: str | None = option(
         None,
-        "EAGLE / EAGLE3: the draft head's folder (config.json + safetensors or pytorch_model.bin) or "
-        "hub id (fetched like --model-path's, into --download-dir)",
+        "EAGLE / EAGLE3: the draft head's folder (config.json + safetensors or pytorch_model.bin); "
+        "STANDALONE: the draft model's (a Llama-family causal LM of the target's vocabulary; random "
+        "weights with --load-format dummy); or a hub id (fetched like --model-path's, into "
+        "--download-dir)",
         group="Speculative decoding",
         aliases=("--speculative-draft-model",),
     )
     speculative_num_steps: int | None = option(
         None,
-        "EAGLE / EAGLE3: draft tokens the head proposes per step, one draft forward each "
+        "EAGLE / EAGLE3 / STANDALONE: draft tokens proposed per step, one draft forward each "
         f"(default {DEFAULT_EAGLE_STEPS})",
         group="Speculative decoding",
     )
     speculative_eagle_topk: int | None = option(
         None,
-        "EAGLE / EAGLE3: drafts kept per draft step; only 1 (a chain) is built, not trees",
+        "EAGLE / EAGLE3 / STANDALONE: drafts kept per draft step; only 1 (a chain) is built, not "
+        "trees",
         group="Speculative decoding",
     )
     speculative_disable_by_batch_size: int | None = option(

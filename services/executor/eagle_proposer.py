@@ -19,6 +19,12 @@ hidden states.
 
 Attention reads a private slot table: the requests' rows of the target's SlotTable (their prefix),
 then these positions' slots, then their scratch slots; the target's table is never written.
+
+A STANDALONE draft model (models/standalone.py, `reads_own_token`) reads token p at position p, not
+token p + 1 with the target's hidden state at p: round 1 then runs the request's first position's own
+token (`first_tokens`) and next_token_ids at positions prefix_len .. seq_len, one further than a
+head, the last one (the token just sampled) at a scratch slot; each request has max_steps scratch
+slots instead of max_steps - 1, and no hidden states are read.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class EagleProposer:
         kv_dtype: torch.dtype,
         keep_logits: bool = False,
     ):
-        """draft: an EagleDraftModel / Eagle3DraftModel; num_slots: the target pool's slot count
+        """draft: an EagleDraftModel / Eagle3DraftModel / StandaloneDraftModel; num_slots: the target pool's slot count
         (slot 0 the padding sink); max_requests, max_steps: bounds of one propose call;
         keep_logits: keep each round's draft logits [B, draft vocab] in `logits` (tests)."""
         if max_requests < 1 or max_steps < 1:
@@ -75,14 +81,26 @@ class EagleProposer:
         self.draft, self.attn_backend, self.device = draft, attn_backend, device
         self.num_slots, self.max_requests, self.max_steps = num_slots, max_requests, max_steps
         layers, kv_heads, head_dim = draft.kv_shape
-        scratch = max_requests * (max_steps - 1)
+        # 1 for a draft model reading its own token: every request runs one position further.
+        self.extra = int(getattr(draft, "reads_own_token", False))
+        self.scratch_per = max_steps - 1 + self.extra
+        scratch = max_requests * self.scratch_per
         self.kv_pool = KVPool(num_slots + scratch, layers, kv_heads, head_dim, kv_dtype, device)
         self.max_positions = draft.rotary_emb.cos_table.shape[0]
         self.keep_logits = keep_logits
         self.logits: list[torch.Tensor] = []
 
+    def positions_needed(self, seq_len: int, k: int) -> int:
+        """Positions a request of seq_len kept positions runs to when drafting k tokens."""
+        return seq_len + self.extra + k - 1
+
     def _validate(
-        self, table: torch.Tensor, requests: list[DraftRequest], hidden: torch.Tensor, k: int
+        self,
+        table: torch.Tensor,
+        requests: list[DraftRequest],
+        hidden: torch.Tensor | None,
+        k: int,
+        first_tokens: torch.Tensor | None,
     ):
         if not 1 <= len(requests) <= self.max_requests:
             raise ValueError(f"{len(requests)} requests; one call drafts 1..{self.max_requests}")
@@ -97,44 +115,53 @@ class EagleProposer:
                 )
             if min(r.slots) < 1 or max(r.slots) >= self.num_slots:
                 raise ValueError(f"row {r.row}: slot ids must be in 1..{self.num_slots - 1}")
-            if r.prefix_len < 0 or r.seq_len + k - 1 > min(table.shape[1], self.max_positions):
+            if r.prefix_len < 0 or self.positions_needed(r.seq_len, k) > min(
+                table.shape[1], self.max_positions
+            ):
                 raise ValueError(
-                    f"row {r.row}: {r.seq_len} positions + {k - 1} drafted exceed the context"
+                    f"row {r.row}: {r.seq_len} positions + {k - 1 + self.extra} drafted exceed "
+                    "the context"
                 )
             total += n
-        if hidden.shape[0] != total:
-            raise ValueError(f"{hidden.shape[0]} hidden rows for {total} positions")
+        if self.extra:
+            if first_tokens is None or first_tokens.shape != (len(requests),):
+                raise ValueError("a draft model reading its own tokens needs first_tokens [B]")
+        elif hidden is None or hidden.shape[0] != total:
+            rows = None if hidden is None else hidden.shape[0]
+            raise ValueError(f"{rows} hidden rows for {total} positions")
 
     @torch.inference_mode()
     def propose(
         self,
         table: torch.Tensor,
         requests: list[DraftRequest],
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | None,
         k: int,
         last_tokens: torch.Tensor | None = None,
+        first_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
         table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
         states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs).
         last_tokens: [B] on the device, each request's last next_token_ids entry where not negative
-        (the token just sampled, not read back to the host)."""
-        self._validate(table, requests, hidden, k)
+        (the token just sampled, not read back to the host). A draft model reading its own tokens:
+        hidden None, first_tokens [B] on the device, each request's token at position prefix_len."""
+        self._validate(table, requests, hidden, k, first_tokens)
         self.logits = []
-        device, scratch_per = self.device, self.max_steps - 1
+        device, scratch_per, extra = self.device, self.scratch_per, self.extra
         batch = len(requests)
-        lens = [r.seq_len for r in requests]
+        lens = [r.seq_len + extra for r in requests]  # positions run in round 1, prefix included
         private = self._private_table(table, requests, k)
 
-        # Round 1: an extend over each request's positions.
+        # Round 1: an extend over each request's positions (one further reading own tokens).
         starts, ids, positions, slots = [], [], [], []
-        for r in requests:
+        for i, r in enumerate(requests):
             starts.append(len(ids))
-            ids += r.next_token_ids
-            positions += range(r.prefix_len, r.seq_len)
-            slots += r.slots
+            ids += [0] * extra + r.next_token_ids  # the first token: first_tokens, on the device
+            positions += range(r.prefix_len, r.seq_len + extra)
+            slots += r.slots + [self.num_slots + i * scratch_per + j for j in range(extra)]
         extend = [
-            ExtendSeq(s, r.num_tokens, r.prefix_len, i)
+            ExtendSeq(s, r.num_tokens + extra, r.prefix_len, i)
             for i, (s, r) in enumerate(zip(starts, requests))
         ]
 
@@ -148,11 +175,13 @@ class EagleProposer:
             tensor(lens),
             tensor([r.prefix_len for r in requests]),
             tensor(starts),
-            tensor([r.num_tokens for r in requests]),
-            max(r.num_tokens for r in requests),
+            tensor([r.num_tokens + extra for r in requests]),
+            max(r.num_tokens for r in requests) + extra,
         )
-        last = tensor([s + r.num_tokens - 1 for s, r in zip(starts, requests)])
+        last = tensor([s + r.num_tokens + extra - 1 for s, r in zip(starts, requests)])
         ids_t = tensor(ids)
+        if extra:
+            ids_t[tensor(starts)] = first_tokens.to(ids_t.dtype)
         if last_tokens is not None:
             ids_t[last] = torch.where(last_tokens >= 0, last_tokens, ids_t[last])
         step = ForwardBatch(
@@ -173,7 +202,7 @@ class EagleProposer:
         empty = tensor([])
         for j in range(1, k):
             seq_lens = [n + j for n in lens]
-            scratch = [self.num_slots + i * scratch_per + j - 1 for i in range(batch)]
+            scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
             meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
             step = ForwardBatch(
                 token,
@@ -205,16 +234,16 @@ class EagleProposer:
     def _private_table(
         self, table: torch.Tensor, requests: list[DraftRequest], k: int
     ) -> torch.Tensor:
-        """[B, longest + k - 1] slot ids: each request's target row up to its prefix, then its
-        positions' slots, then its k - 1 scratch slots."""
-        width = max(r.seq_len for r in requests) + k - 1
+        """[B, longest + k - 1 (+ 1 reading own tokens)] slot ids: each request's target row up to
+        its prefix, then its positions' slots, then its k - 1 (k) scratch slots."""
+        width = max(self.positions_needed(r.seq_len, k) for r in requests)
         rows = torch.tensor([r.row for r in requests], dtype=torch.int64, device=table.device)
         private = table[:, :width].index_select(0, rows).to(self.device)
-        scratch_per = self.max_steps - 1
+        scratch_per = self.scratch_per
         at_rows, at_cols, values = [], [], []
         for i, r in enumerate(requests):
-            extra = [self.num_slots + i * scratch_per + j for j in range(k - 1)]
-            new = r.slots + extra
+            scratch = [self.num_slots + i * scratch_per + j for j in range(self.extra + k - 1)]
+            new = r.slots + scratch
             at_rows += [i] * len(new)
             at_cols += range(r.prefix_len, r.prefix_len + len(new))
             values += new

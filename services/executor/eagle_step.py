@@ -14,6 +14,10 @@ Every sampled request's draft K/V is kept up to date, speculating or not, so a r
 drafting at any step (after min_new_tokens, say); the proposals of requests that may not speculate
 are returned and ignored by the scheduler. Reading a verify step's accepted counts syncs with the
 device (device-side lengths are later work, as for the overlap of speculating requests).
+
+STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
+kept position (the step's own input ids, on the device) rather than the target's hidden state and
+the token after it; nothing waits for the next chunk, and the target may be any causal LM.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
 from radixserve.executor.kv_cache import kv_bytes_per_token
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.models.llama import LlamaForCausalLM
+from radixserve.executor.models.standalone import load_standalone_draft
 from radixserve.scheduler.speculation import EagleParams
 
 log = logging.getLogger("radixserve.executor.eagle_step")
@@ -43,30 +48,42 @@ class EagleStep:
         device: torch.device,
         dtype: torch.dtype,
         download_dir: str | None = None,
+        load_format: str = "auto",
+        seed: int | None = None,
     ):
         """Load params' head (a folder, or a hub id fetched like the target's) for model (a
-        Llama-family target: its forward keeps the hidden states the head reads); ValueError when the
-        head or the target cannot serve."""
-        if not isinstance(model, LlamaForCausalLM) or type(model).forward is not (
-            LlamaForCausalLM.forward
+        Llama-family target: its forward keeps the hidden states the head reads), or its STANDALONE
+        draft model (random weights when load_format, the target's, is dummy); ValueError when the
+        draft or the target cannot serve."""
+        standalone = params.algorithm == "STANDALONE"
+        if not standalone and (
+            not isinstance(model, LlamaForCausalLM)
+            or type(model).forward is not LlamaForCausalLM.forward
         ):
             raise ValueError(
                 f"--speculative-algorithm {params.algorithm}: draft heads are wired for targets "
                 f"that run the Llama family's forward; {type(model).__name__} has its own"
             )
         folder = resolve_model_path(params.draft_model_path, download_dir=download_dir)
-        self.head = load_draft_model(params.algorithm, folder, model, device)
+        self.head = (
+            load_standalone_draft(folder, model, device, load_format, seed)
+            if standalone
+            else load_draft_model(params.algorithm, folder, model, device)
+        )
         self.num_steps, self.device, self.dtype = params.num_steps, device, dtype
         # EAGLE3 reads the inputs of some target layers; EAGLE the target's output.
         self.capture = tuple(getattr(self.head, "capture_layers", ()))
+        # EAGLE heads read the target's hidden states; a STANDALONE draft model only token ids.
+        self.reads_hidden_states = not getattr(self.head, "reads_own_token", False)
         model.capture_hidden_layers = self.capture
         self.model = model
         layers, kv_heads, head_dim = self.head.kv_shape
         self.kv_bytes_per_token = kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
         self.proposer: EagleProposer | None = None
         log.info(
-            "%s draft head from %s: %d draft tokens per step, %d bytes of draft KV per token",
+            "%s draft %s from %s: %d draft tokens per step, %d bytes of draft KV per token",
             params.algorithm,
+            "model" if standalone else "head",
             params.draft_model_path,
             self.num_steps,
             self.kv_bytes_per_token,
@@ -97,9 +114,11 @@ class EagleStep:
         device) of the requests that sampled, or None when none did. hidden: the target forward's
         output; table, next_tokens: the SlotTable's; accepted: each verified request's accepted
         draft count."""
+        own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
         states = hidden if not self.capture else self.model.captured_hidden
+        first_at: list[int] = []  # own_tokens: each draft request's first kept position in batch
         limit = min(table.shape[1], self.proposer.max_positions)
         requests: list[DraftRequest] = []
         rows: list[torch.Tensor] = []
@@ -114,22 +133,30 @@ class EagleStep:
                 kept = 1 + accepted.get(rid, 0)
                 next_ids = drafts[: kept - 1] + [0]
             slots, first = list(req.new_slots[:kept]), prefix
-            pieces = [states[start : start + kept]]
-            pending, state.draft_pending = state.draft_pending, None
-            if pending is not None and tokens:
-                row, slot = pending
-                pieces.insert(0, row)
-                slots.insert(0, slot)
-                next_ids.insert(0, tokens[0])
-                first -= 1
-            if not req.sample:  # its last token's next id comes with the next chunk
-                state.draft_pending = (states[start + kept - 1 : start + kept].clone(), slots[-1])
-                slots, next_ids = slots[:-1], next_ids[:-1]
-                pieces[-1] = pieces[-1][:-1]
-            if not slots or first + len(slots) + self.num_steps - 1 > limit:
+            # (own_tokens: no hidden rows; a CUDA-graph step has none to give)
+            pieces = [] if own_tokens else [states[start : start + kept]]
+            if not own_tokens:  # a head at p reads p + 1's token: the chunk's last one waits
+                pending, state.draft_pending = state.draft_pending, None
+                if pending is not None and tokens:
+                    row, slot = pending
+                    pieces.insert(0, row)
+                    slots.insert(0, slot)
+                    next_ids.insert(0, tokens[0])
+                    first -= 1
+                if not req.sample:  # its last token's next id comes with the next chunk
+                    state.draft_pending = (
+                        states[start + kept - 1 : start + kept].clone(),
+                        slots[-1],
+                    )
+                    slots, next_ids = slots[:-1], next_ids[:-1]
+                    pieces[-1] = pieces[-1][:-1]
+            need = self.proposer.positions_needed(first + len(slots), self.num_steps)
+            if not slots or need > limit:
                 continue  # nothing to run, or no room to draft before the context's end
             requests.append(DraftRequest(state.table_row, first, next_ids, slots))
-            rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+            if pieces:
+                rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+            first_at.append(start)  # (own_tokens: the step's input id there is the first token)
             last_rows.append(state.table_row if req.sample else -1)
             if req.sample:
                 sampled.append(rid)
@@ -139,8 +166,13 @@ class EagleStep:
         last_tokens = torch.where(at >= 0, next_tokens.index_select(0, at.clamp(min=0)), -1)
         # Only chunks that do not sample: one round writes their draft K/V, no draft is wanted.
         k = self.num_steps if sampled else 1
+        if own_tokens:
+            at = torch.tensor(first_at, dtype=torch.int64, device=batch.input_ids.device)
+            hidden_rows, first_tokens = None, batch.input_ids.index_select(0, at).to(self.device)
+        else:
+            hidden_rows, first_tokens = torch.cat(rows), None
         drafts = self.proposer.propose(
-            table, requests, torch.cat(rows), k, last_tokens.to(self.device)
+            table, requests, hidden_rows, k, last_tokens.to(self.device), first_tokens
         )
         if not sampled:
             return None

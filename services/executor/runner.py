@@ -189,15 +189,24 @@ class ModelRunner:
         self.num_parameters = agree_int(sum(p.numel() for p in self.model.parameters()), "sum")
 
         cfg = self.config
-        # EAGLE / EAGLE3 (None otherwise): the draft head, its KV counted in the budget below.
+        # EAGLE / EAGLE3 / STANDALONE (None otherwise): the draft, its KV counted in the budget below.
         spec = speculation_params(settings)
         self.eagle = (
-            EagleStep(spec, self.model, self.device, self.dtype, settings.download_dir)
+            EagleStep(
+                spec,
+                self.model,
+                self.device,
+                self.dtype,
+                settings.download_dir,
+                settings.load_format,
+                settings.random_seed,
+            )
             if isinstance(spec, EagleParams)
             else None
         )
-        if self.eagle is not None:
-            # Drafting reads the target's hidden states, which only the plain forward returns.
+        if self.eagle is not None and self.eagle.reads_hidden_states:
+            # A head reads the target's hidden states, which only the plain forward returns (a
+            # STANDALONE draft model reads token ids: the target keeps its CUDA graphs).
             cuda_graph_max_bs = 0
         # LoRA adapters (None without --enable-lora): no fused CPU decode, torch.compile, or (with the
         # torch backend, which syncs with the host) CUDA graphs.

@@ -2,9 +2,10 @@
 from the flags, which requests may speculate, how many tokens a request drafts, and the acceptance
 counters. Plain Python, no I/O.
 
-NGRAM drafts here (ngram_proposer.py). EAGLE / EAGLE3 draft on the executor, after each step that
-samples: a request's step output carries the head's proposal (proposed_draft_ids), which its next
-step sends back as draft_ids, with a slot for each, exactly like an n-gram draft."""
+NGRAM drafts here (ngram_proposer.py). EAGLE / EAGLE3 (a draft head) and STANDALONE (a small draft
+model) draft on the executor, after each step that samples: a request's step output carries the
+draft's proposal (proposed_draft_ids), which its next step sends back as draft_ids, with a slot for
+each, exactly like an n-gram draft."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ if (
     from radixserve.scheduler.request import Request
 
 
-EAGLE_ALGORITHMS = ("EAGLE", "EAGLE3")
+# Drafted on the executor (EagleParams): draft heads, and a standalone draft model.
+EAGLE_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")
 
 
 @dataclass(frozen=True)
 class EagleParams:
-    """A draft head's settings: the executor loads it and proposes num_steps tokens per step."""
+    """A draft head's (or STANDALONE draft model's) settings: the executor loads it and proposes
+    num_steps tokens per step."""
 
-    algorithm: str  # EAGLE | EAGLE3
+    algorithm: str  # EAGLE | EAGLE3 | STANDALONE
     draft_model_path: str
     num_steps: int
 
@@ -57,18 +60,19 @@ def speculation_params(config: SchedulerConfig) -> NgramParams | EagleParams | N
 
 
 def eagle_params(config: SchedulerConfig) -> EagleParams:
-    """EAGLE / EAGLE3 settings: a draft head's folder, a chain of --speculative-num-steps drafts."""
+    """EAGLE / EAGLE3 / STANDALONE settings: a draft head's (model's) folder, a chain of
+    --speculative-num-steps drafts."""
     algorithm = config.speculative_algorithm
     if not config.speculative_draft_model_path:
         raise ValueError(
             f"--speculative-algorithm {algorithm} needs --speculative-draft-model-path (the draft "
-            "head's folder)"
+            f"{'model' if algorithm == 'STANDALONE' else 'head'}'s folder)"
         )
     topk = config.speculative_eagle_topk
     if topk is not None and topk != 1:
         raise ValueError(
-            f"--speculative-eagle-topk {topk}: only 1 is supported (EAGLE drafts a chain here; "
-            "tree drafts are not built)"
+            f"--speculative-eagle-topk {topk}: only 1 is supported ({algorithm} drafts a chain "
+            "here; tree drafts are not built)"
         )
     steps = config.speculative_num_steps
     num_draft_tokens = config.speculative_num_draft_tokens

@@ -1,9 +1,11 @@
-"""EAGLE speculative decoding through the whole stack (`radixserve serve --speculative-algorithm EAGLE
---speculative-draft-model-path HEAD` on the tiny random Llama, with a tiny random EAGLE head saved in the
-published layout): the executor loads the head and proposes drafts, the scheduler verifies them;
-greedy outputs and logprobs equal plain decoding's (a request with min_new_tokens = max_new_tokens
-decodes without speculation, so it is the reference), concurrent sampled requests all finish, the
-counters reach /get_server_info, and the scheduler's idle leak check finds nothing."""
+"""EAGLE and STANDALONE speculative decoding through the whole stack (`radixserve serve
+--speculative-algorithm EAGLE --speculative-draft-model-path HEAD` on the tiny random Llama, with a tiny
+random EAGLE head saved in the published layout; `--speculative-algorithm STANDALONE` with the target's
+own folder as the draft model, dummy weights like the target's): the executor loads the draft and
+proposes drafts, the scheduler verifies them; greedy outputs and logprobs equal plain decoding's (a
+request with min_new_tokens = max_new_tokens decodes without speculation, so it is the reference),
+concurrent sampled requests all finish, the counters reach /get_server_info, and the scheduler's idle
+leak check finds nothing."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 from tests.e2e.speculation import (
     check_concurrent_requests_finish,
     check_greedy_equals_plain_decoding,
+    spec_counters,
     speculative_stack,
     stack_log,
 )
@@ -51,20 +54,28 @@ def save_head(folder, target_config: dict) -> None:
     save_file(tensors, str(folder / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eagle")
+@pytest.fixture(scope="module", params=["EAGLE", "STANDALONE"])
+def stack(tmp_path_factory, request):
+    algorithm = request.param
+    folder = tmp_path_factory.mktemp(algorithm.lower())
     target = json.loads((tiny_model(folder / "model") / "config.json").read_text())
-    save_head(folder / "head", target)
-    flags = ("--speculative-algorithm", "EAGLE", "--speculative-draft-model-path")
-    with speculative_stack(
-        folder, *flags, str(folder / "head"), "--speculative-num-steps", "3"
-    ) as s:
+    if algorithm == "EAGLE":
+        save_head(folder / "head", target)
+    draft = folder / ("head" if algorithm == "EAGLE" else "model")  # STANDALONE: the target
+    flags = ("--speculative-algorithm", algorithm, "--speculative-draft-model-path", str(draft))
+    with speculative_stack(folder, *flags, "--speculative-num-steps", "3") as s:
+        s.algorithm = algorithm
         yield s
 
 
 def test_greedy_with_eagle_equals_plain_decoding(stack):
+    before = spec_counters(stack)
     check_greedy_equals_plain_decoding(stack)
+    after = spec_counters(stack)
+    if stack.algorithm == "STANDALONE":  # the target's own weights: every draft right
+        # N tokens: the prefill's first, then 39 by 10 verify steps of 4 (the last one 3).
+        assert after["spec_verify_steps"] - before["spec_verify_steps"] == 10
+        assert after["spec_accepted_tokens"] - before["spec_accepted_tokens"] == 9 * 3 + 2
 
 
 def test_concurrent_requests_finish_and_no_leak_when_idle(stack):
@@ -72,8 +83,9 @@ def test_concurrent_requests_finish_and_no_leak_when_idle(stack):
     config = httpx.get(stack.base_url + "/get_server_info", timeout=60).json()["scheduler"][
         "config"
     ]
-    assert config["speculative_algorithm"] == "EAGLE"
+    assert config["speculative_algorithm"] == stack.algorithm
     assert config["speculative_num_draft_tokens"] == 4
     log = stack_log(stack)
-    assert "EAGLE draft head from" in log
+    draft = "head" if stack.algorithm == "EAGLE" else "model"
+    assert f"{stack.algorithm} draft {draft} from" in log
     assert "leak" not in log, log[-2000:]

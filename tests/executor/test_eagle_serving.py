@@ -1,16 +1,19 @@
-"""EAGLE / EAGLE3 speculative decoding end to end in one process: the scheduler core plans the steps, a
-real ModelRunner (a tiny random HF Llama target, CPU, float32) loads a draft head saved in the published
-layout, proposes drafts after every step and verifies them the step after.
+"""EAGLE / EAGLE3 / STANDALONE speculative decoding end to end in one process: the scheduler core plans
+the steps, a real ModelRunner (a tiny random HF Llama target, CPU, float32) loads a draft head saved in
+the published layout (or a whole small draft model: STANDALONE), proposes drafts after every step and
+verifies them the step after.
 
-Covers: greedy outputs with EAGLE and EAGLE3 equal plain decoding's, token for token, with chunked
-prefill; every proposal equals the head run from scratch over the whole sequence (the draft K/V kept
-step by step, chunk by chunk, is right); a head built to reproduce its target gets every draft
-accepted (K + 1 tokens per verify step); random traffic with overlap, chunked prefill, pages,
-mixed steps and aborts leaves the KV pool whole; the flags are checked at start.
+Covers: greedy outputs with EAGLE, EAGLE3 and STANDALONE equal plain decoding's, token for token, with
+chunked prefill; every proposal equals the draft run from scratch over the whole sequence (the draft
+K/V kept step by step, chunk by chunk, is right); a head built to reproduce its target, and the target
+as its own STANDALONE draft, get every draft accepted (K + 1 tokens per verify step); random traffic
+with overlap, chunked prefill, pages, mixed steps and aborts leaves the KV pool whole; the flags and
+the draft are checked at start.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -55,7 +58,8 @@ K = 3
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A 4-layer random target, a random EAGLE head and a random EAGLE3 head."""
+    """A 4-layer random target, a random EAGLE head, a random EAGLE3 head and a 2-layer STANDALONE
+    draft model (the target perturbed: it agrees with the target on some tokens, not all)."""
     root = tmp_path_factory.mktemp("eagle_serving")
     save_target(root / "target", layers=4)
     save_draft(
@@ -73,6 +77,7 @@ def folders(tmp_path_factory):
         ),
         eagle3_tensors(),
     )
+    save_target(root / "STANDALONE", layers=4, edit=perturb)
     return root
 
 
@@ -85,6 +90,12 @@ def eagle_flags(algorithm=None, head=None) -> dict:
         speculative_draft_model_path=str(head),
         speculative_num_steps=K,
     )
+
+
+def perturb(hf):
+    g = torch.Generator().manual_seed(7)
+    for p in hf.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def make_runner(target, algorithm=None, head=None, **config) -> ModelRunner:
@@ -113,7 +124,7 @@ def reference(folders):
     return run(runner, make_scheduler(runner, **CHUNKED), REQUESTS)
 
 
-@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
+@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3", "STANDALONE"])
 def test_greedy_eagle_equals_plain_decoding_token_for_token(folders, reference, algorithm):
     head = folders / algorithm
     runner = make_runner(folders / "target", algorithm, head)
@@ -124,11 +135,13 @@ def test_greedy_eagle_equals_plain_decoding_token_for_token(folders, reference, 
     # Every decode after the first token verifies the executor's K drafts (fewer near the end).
     assert stats.verify_steps > 0 and stats.draft_tokens > stats.verify_steps
     assert stats.draft_tokens <= K * stats.verify_steps
+    if algorithm == "STANDALONE":  # a draft model near the target's: some drafts right, not all
+        assert 0 < stats.accepted_tokens < stats.draft_tokens
 
 
-def serve_recording(runner, sched, requests):
+def serve_recording(runner, sched, requests, cached=None):
     """Serve requests (serially) and record, after each step, every live request's sequence and
-    the drafts the executor proposed after it."""
+    the drafts the executor proposed after it; cached: {request id: prompt tokens from the cache}."""
     add_requests(sched, requests)
     seen = []
     while (plan := sched.schedule()) is not None:
@@ -136,6 +149,8 @@ def serve_recording(runner, sched, requests):
         live = {o.request_id: sched.requests[o.request_id] for o in out.outputs}
         events = sched.update(plan, out.outputs, out.prompt_logprobs)
         done = {e.request_id for e in events if e.finished}
+        if cached is not None:
+            cached.update({e.request_id: e.cached_tokens for e in events if e.finished})
         for o in out.outputs:
             if o.request_id not in done:
                 seen.append((list(live[o.request_id].seq), o.proposed_draft_ids))
@@ -143,16 +158,29 @@ def serve_recording(runner, sched, requests):
     return seen
 
 
-@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
-def test_proposals_equal_the_head_run_over_the_whole_sequence(folders, algorithm):
+@pytest.mark.parametrize(
+    "algorithm,radix",
+    [("EAGLE", False), ("EAGLE3", False), ("STANDALONE", False), ("STANDALONE", True)],
+)
+def test_proposals_equal_the_head_run_over_the_whole_sequence(folders, algorithm, radix):
     """The draft K/V kept across chunks and verify steps is what a fresh run writes: each proposal
-    equals the head's chain over the whole sequence from scratch (no radix cache: a prefix hit
-    reuses draft K/V computed with another request's next token, an approximation)."""
+    equals the draft's chain over the whole sequence from scratch. A head runs without the radix
+    cache (a prefix hit reuses draft K/V computed with another request's next token, an
+    approximation); a STANDALONE draft's K/V at a slot depends on that position's own token only, so
+    it stays exact across prefix hits (radix: later requests extend earlier ones' prompts)."""
     head = folders / algorithm
     runner = make_runner(folders / "target", algorithm, head)
-    sched = make_scheduler(runner, algorithm, head, disable_radix_cache=True, **CHUNKED)
+    sched = make_scheduler(runner, algorithm, head, disable_radix_cache=not radix, **CHUNKED)
     seen = serve_recording(runner, sched, REQUESTS[:3])
     assert len(seen) > 10
+    if radix:
+        again = [
+            (f"{rid}-again", prompt + [7, 8, 9], 8, greedy(), {})
+            for rid, prompt, _, _, _ in REQUESTS[:3]
+        ]
+        cached = {}
+        seen += serve_recording(runner, sched, again, cached)
+        assert all(cached[rid] > 0 for rid, *_ in again), cached
     fresh = EagleProposer(
         runner.eagle.head,
         200,
@@ -167,9 +195,13 @@ def test_proposals_equal_the_head_run_over_the_whole_sequence(folders, algorithm
         n = len(seq) - 1  # the last token has no KV yet
         slots = list(range(1, n + 1))
         table[0, :n] = torch.tensor(slots)
-        out, captured = run_target(runner.model, seq[:n])
-        hidden = captured if algorithm == "EAGLE3" else out
-        expected = fresh.propose(table, [DraftRequest(0, 0, seq[1:], slots)], hidden, K)
+        request = DraftRequest(0, 0, seq[1:], slots)
+        if algorithm == "STANDALONE":  # the model's own tokens: seq[0] at 0, then seq[1:]
+            expected = fresh.propose(table, [request], None, K, None, torch.tensor([seq[0]]))
+        else:
+            out, captured = run_target(runner.model, seq[:n])
+            hidden = captured if algorithm == "EAGLE3" else out
+            expected = fresh.propose(table, [request], hidden, K)
         assert proposed == expected[0].tolist(), len(seq)
 
 
@@ -214,8 +246,29 @@ def test_head_reproducing_the_target_gets_every_draft_accepted(tmp_path):
     assert stats.accepted_tokens == 3 * (4 * K + 2)
 
 
-@pytest.mark.parametrize("page_size,mixed", [(1, False), (4, True)])
-def test_random_traffic_with_eagle_leaves_the_pool_whole(folders, page_size, mixed):
+def test_the_target_as_its_own_standalone_draft_gets_every_draft_accepted(folders):
+    """STANDALONE with the target's own folder: a draft that is always right (K + 1 tokens per
+    verify step), so every draft position reads the right token at the right position and slot."""
+    target = folders / "target"
+    requests = [(f"q{i}", p, 20, greedy(), {}) for i, p in enumerate(prompts(1, 3))]
+    runner = make_runner(target)
+    ref, _, _ = run(runner, make_scheduler(runner, **CHUNKED), requests)
+    runner = make_runner(target, "STANDALONE", target)
+    assert runner.eagle.head.algorithm == "STANDALONE"
+    sched = make_scheduler(runner, "STANDALONE", target, **CHUNKED)
+    tokens, _, _ = run(runner, sched, requests)
+    assert tokens == ref
+    stats = sched.spec_stats
+    assert stats.accepted_tokens == stats.draft_tokens > 0
+    assert stats.verify_steps == 3 * 5
+    assert stats.accepted_tokens == 3 * (4 * K + 2)
+
+
+@pytest.mark.parametrize(
+    "page_size,mixed,algorithm",
+    [(1, False, "EAGLE3"), (4, True, "EAGLE3"), (4, True, "STANDALONE")],
+)
+def test_random_traffic_with_eagle_leaves_the_pool_whole(folders, page_size, mixed, algorithm):
     rng = random.Random(page_size)
     requests = []
     for i, prompt in enumerate(prompts(10 + page_size, 14)):
@@ -230,9 +283,9 @@ def test_random_traffic_with_eagle_leaves_the_pool_whole(folders, page_size, mix
     config = dict(page_size=page_size, chunked_prefill_size=8, enable_mixed_chunk=mixed)
     runner = make_runner(folders / "target")
     ref, _, _ = run(runner, make_scheduler(runner, **config), requests)
-    head = folders / "EAGLE3"
-    runner = make_runner(folders / "target", "EAGLE3", head)
-    sched = make_scheduler(runner, "EAGLE3", head, **config)
+    head = folders / algorithm
+    runner = make_runner(folders / "target", algorithm, head)
+    sched = make_scheduler(runner, algorithm, head, **config)
     arrivals = {}
     for req in requests:
         arrivals.setdefault(rng.randrange(30), []).append(req)
@@ -255,6 +308,14 @@ def test_flags_make_the_eagle_settings(tmp_path):
         speculative_num_draft_tokens=6,
         speculative_eagle_topk=1,
     ) == EagleParams("EAGLE3", path, 5)
+    assert spec(
+        speculative_algorithm="STANDALONE",
+        speculative_draft_model_path=path,
+        speculative_num_draft_tokens=5,
+    ) == EagleParams("STANDALONE", path, 4)
+    assert spec(
+        speculative_algorithm="STANDALONE", speculative_draft_model_path=path
+    ) == EagleParams("STANDALONE", path, 3)
     for bad, message in (
         ({}, "needs --speculative-draft-model-path"),
         ({"speculative_draft_model_path": path, "speculative_eagle_topk": 4}, "topk 4: only 1"),
@@ -268,8 +329,9 @@ def test_flags_make_the_eagle_settings(tmp_path):
             "num-steps \\+ 1",
         ),
     ):
-        with pytest.raises(FlagError, match=message):
-            check_speculation(scheduler_config(speculative_algorithm="EAGLE", **bad))
+        for algorithm in ("EAGLE", "STANDALONE"):
+            with pytest.raises(FlagError, match=message):
+                check_speculation(scheduler_config(speculative_algorithm=algorithm, **bad))
 
 
 def test_command_line_refuses_what_is_not_built(capsys):
@@ -277,8 +339,16 @@ def test_command_line_refuses_what_is_not_built(capsys):
 
     for argv, message in (
         (["--speculative-algorithm", "NEXTN"], "NEXTN's MTP heads"),
-        (["--speculative-algorithm", "STANDALONE"], "STANDALONE draft model are not"),
         (["--speculative-algorithm", "EAGLE"], "needs --speculative-draft-model-path"),
+        (
+            ["--speculative-algorithm", "STANDALONE"],
+            "needs --speculative-draft-model-path (the draft model's folder)",
+        ),
+        (
+            ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model", "x"]
+            + ["--speculative-eagle-topk", "2"],
+            "topk 2: only 1 is supported (STANDALONE drafts a chain",
+        ),
         (
             ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model", "x"]
             + ["--speculative-eagle-topk", "8"],
@@ -305,6 +375,25 @@ def test_executor_refuses_a_head_it_cannot_load(folders, tmp_path):
     )
     with pytest.raises(ValueError, match="vocabulary"):
         make_runner(folders / "target", "EAGLE3", tmp_path / "other")
+
+
+def test_executor_refuses_a_standalone_draft_it_cannot_serve(folders, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        make_runner(folders / "target", "STANDALONE", tmp_path / "missing")
+    # A causal LM of another vocabulary: another tokenizer.
+    config = json.loads((folders / "STANDALONE" / "config.json").read_text())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "vocab_size": VOCAB + 8}))
+    message = f"STANDALONE draft model vocabulary {VOCAB + 8} != the target's {VOCAB}"
+    with pytest.raises(ValueError, match=message):
+        make_runner(folders / "target", "STANDALONE", tmp_path / "other")
+    # Not of the Llama family (refused before any weight is read: the folder has none).
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["Qwen3MoeForCausalLM"]})
+    )
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM is not one"):
+        make_runner(folders / "target", "STANDALONE", tmp_path / "moe")
 
 
 def test_proposed_draft_ids_cross_the_contract():

@@ -107,33 +107,35 @@ def test_a_verify_beside_a_prefill_and_a_decode(model_dir, plain):
     assert by_id["c"].token_id == tokens[0]
 
 
+def cuda_runner(model_dir, graphs: bool, **flags):
+    from radixserve.executor.runner import ModelRunner
+    from tests.configs import runner_config
+
+    graph_flags = {"cuda_graph_max_bs": 16} if graphs else {}
+    config = runner_config(
+        dtype="float32",
+        device="cuda",
+        load_format="dummy",
+        random_seed=0,
+        max_total_tokens=400,
+        **graph_flags,
+        **flags,
+    )
+    runner = ModelRunner(model_dir, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in runner.model.parameters():
+            if p.dim() == 2:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p.device, p.dtype))
+    return runner
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_verify_steps_replay_the_decode_graphs(model_dir):
     """On the GPU with CUDA graphs: a verify step's rows come from a graph replay and equal eager decode rows."""
-    from radixserve.executor.runner import ModelRunner
-    from tests.configs import runner_config
-
-    def cuda_runner(graphs: bool):
-        graph_flags = {"cuda_graph_max_bs": 16} if graphs else {}
-        config = runner_config(
-            dtype="float32",
-            device="cuda",
-            load_format="dummy",
-            random_seed=0,
-            max_total_tokens=400,
-            **graph_flags,
-        )
-        runner = ModelRunner(model_dir, config)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in runner.model.parameters():
-                if p.dim() == 2:
-                    p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p.device, p.dtype))
-        return runner
-
-    logits, tokens = greedy(cuda_runner(False), PROMPT, 5)
-    runner = cuda_runner(True)
+    logits, tokens = greedy(cuda_runner(model_dir, False), PROMPT, 5)
+    runner = cuda_runner(model_dir, True)
     assert runner.cuda_graphs is not None
     replays = []
     real_replay = runner.cuda_graphs.replay
@@ -143,3 +145,33 @@ def test_verify_steps_replay_the_decode_graphs(model_dir):
     assert replays == [5]
     assert out.outputs[0].accepted_draft_ids == tokens[1:5]
     torch.testing.assert_close(out.logits.float(), logits[1:6], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_standalone_drafts_keep_the_target_graphs(model_dir):
+    """STANDALONE reads token ids, not hidden states: the target keeps its CUDA graphs (verify steps
+    replay them) and greedy outputs equal plain decoding's."""
+    from tests.spec_serving import greedy as greedy_sampling
+    from tests.spec_serving import make_scheduler, run
+
+    requests = [(f"r{i}", PROMPT[i:], 24, greedy_sampling(), {}) for i in range(3)]
+    plain = cuda_runner(model_dir, True)
+    ref, _, _ = run(plain, make_scheduler(plain), requests)
+    flags = dict(
+        speculative_algorithm="STANDALONE",
+        speculative_draft_model_path=str(model_dir),
+        speculative_num_steps=3,
+    )
+    runner = cuda_runner(model_dir, True, **flags)
+    assert runner.cuda_graphs is not None
+    replayed = []
+    real_replay = runner.cuda_graphs.replay
+    runner.cuda_graphs.replay = lambda batch: (
+        replayed.append(batch.num_tokens) or real_replay(batch)
+    )
+    info = runner.model_info()
+    sched = make_scheduler(runner, info.max_graph_tokens, **flags)
+    tokens, _, _ = run(runner, sched, requests)
+    assert tokens == ref
+    assert sched.spec_stats.verify_steps > 0 and max(replayed) > 3  # verify rows in a graph
