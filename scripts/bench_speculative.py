@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(info.model_path)
     prompts = json.loads(pathlib.Path(ns.prompts_file).read_text())["prompts"][: ns.num_prompts]
     ids = prompt_ids(tokenizer, prompts)
-    model = _ModelFacts(info.kv_slots, info.context_length, info.eos_token_ids)
+    model = _ModelFacts(
+        info.kv_slots, info.context_length, info.eos_token_ids, info.max_graph_tokens
+    )
     configs = {"plain": build_core(plain_args, model), "ngram": build_core(args, model)}
     print(
         f"model {info.model_path} ({info.architecture}, {info.dtype}, {info.device}), "
