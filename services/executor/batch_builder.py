@@ -34,6 +34,11 @@ class _Seq:
     prompt_logprobs: PromptLogprobRange | None = None
     drafts: list[int] = field(default_factory=list)  # run after the token sampled last step
 
+    @property
+    def decode(self) -> bool:
+        """The token sampled last step alone: a decode row (prompt tokens and verify steps extend)."""
+        return self.tokens is None and len(self.new_slots) == 1
+
 
 class _Packer:
     """Collects the step's int lists and moves them to the device in one copy.
@@ -221,8 +226,10 @@ class BatchBuilder:
                 )
             )
 
-        extends = [s for s in seqs if len(s.new_slots) > 1]
-        decodes = [s for s in seqs if len(s.new_slots) == 1]
+        # Prompt tokens, however many (one: a prompt's last token after a full cache hit), run as an
+        # extend, as their prefill does; only a token sampled last step is a decode row.
+        extends = [s for s in seqs if not s.decode]
+        decodes = [s for s in seqs if s.decode]
         ordered = extends + decodes
         input_ids: list[int] = []
         positions: list[int] = []
@@ -252,7 +259,7 @@ class BatchBuilder:
             out_slots += seq.new_slots
             self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
             state.length += n
-            if n > 1:
+            if not seq.decode:
                 extend_seqs.append(ExtendSeq(start, n, prefix, state.table_row))
             else:
                 decode_lens.append(state.length)

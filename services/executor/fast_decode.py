@@ -2,10 +2,11 @@
 (kernels/cpu_decode.cpp) instead of ~45 torch ops per layer.
 
 The runner uses it automatically for CPU + bfloat16 steps of at most MAX_TOKENS tokens that are all
-decode rows: decode tokens, and the tokens of extends of at most DECODE_ROWS_MAX_TOKENS after a cached
-prefix (a speculative verify step), each run as a decode step at its length, as the torch path's
-attention runs them (torch_native's _as_decode_rows): so verify rows stay decode rows, bit for bit, and
-NGRAM stays lossless. Prefills, other dtypes and devices, and models or shapes the kernels do not cover
+generated ones: decode tokens, and the tokens of a speculative verify step (at most
+DECODE_ROWS_MAX_TOKENS after a cached prefix), each run as a decode step at its length, as the torch
+path's attention runs them (torch_native's _as_decode_rows): so verify rows stay decode rows, bit for
+bit, and NGRAM stays lossless. Prompt tokens (prefills, later chunks, a prompt's last token recomputed
+after a full radix-cache hit), other dtypes and devices, and models or shapes the kernels do not cover
 keep the torch path, which stays the reference. Set RADIXSERVE_CPU_DECODE_KERNELS=0 to turn the fast
 path off.
 
@@ -174,13 +175,26 @@ class FastDecode:
         return cls(module, kernel_model, model)
 
     def supports(self, batch: ForwardBatch) -> bool:
-        """Steps whose tokens are all decode rows: decode tokens, and extends after a cached prefix short
-        enough that the torch path's attention runs them as decode rows too (a verify step)."""
+        """Steps whose tokens are all generated ones: decode tokens, and verify steps (the token sampled
+        last step, then its drafts: extends after a cached prefix short enough that the torch path's
+        attention runs them as decode rows too). Prompt tokens, however few and whatever is cached
+        before them, take the prefill's path (the torch path), which the fused step does not equal bit
+        for bit: a request's text must not depend on whether its prompt was cached."""
         if not 0 < batch.num_tokens <= self.MAX_TOKENS:
             return False
+        if not batch.extend_seqs:
+            return True
+        samples = batch.samples
+        if samples is None or not samples.num_drafts:
+            return False
+        # Only a verify step's extend has drafts (batch_builder): its tokens are the drafts and one.
+        drafts = dict(zip(samples.request_ids, samples.num_drafts))
+        spans = batch.seq_spans[: len(batch.extend_seqs)]
         return all(
-            seq.prefix_len > 0 and seq.num_tokens <= DECODE_ROWS_MAX_TOKENS
-            for seq in batch.extend_seqs
+            drafts.get(rid, 0) + 1 == seq.num_tokens
+            and seq.prefix_len > 0
+            and seq.num_tokens <= DECODE_ROWS_MAX_TOKENS
+            for (rid, *_), seq in zip(spans, batch.extend_seqs)
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -136,3 +136,57 @@ def test_unsupported_gguf_linears_keep_the_torch_path(runners, monkeypatch, capl
     with caplog.at_level("INFO", logger="radixserve.executor.fast_decode"):
         assert FastDecode.build(fused) is None
     assert any("GGUF CPU kernels are off" in r.getMessage() for r in caplog.records)
+
+
+def last_token_alone(runner, prompt, how, steps, tail=1):
+    """The prompt's first-token logits and greedy tokens over `steps` decode steps. how: "uncached" (one
+    prefill), "cache_hit" (a first request left the prompt's KV in the cache; the scheduler sends the
+    cached slots as prefix_slots and recomputes the last `tail` tokens: the last one alone on a full hit,
+    whose logits it needs), or "chunk" (a chunked prefill whose last chunk is the last token)."""
+    runner.reset()
+    n = len(prompt)
+    slots = list(range(1, n + 1))
+    after = iter(range(n + 1, 1000))
+    if how == "uncached":
+        new = NewRequest("r", prompt, slots, sampling=GREEDY)
+        out = runner.step(StepInput(0, new_requests=[new]))
+    elif how == "cache_hit":
+        warm = NewRequest("warm", prompt, slots, sampling=GREEDY)
+        runner.step(StepInput(0, new_requests=[warm]))
+        tail_slots = [next(after) for _ in range(tail)]
+        new = NewRequest("r", prompt[-tail:], tail_slots, slots[:-tail], sampling=GREEDY)
+        out = runner.step(StepInput(1, finished_request_ids=["warm"], new_requests=[new]))
+    else:
+        new = NewRequest("r", prompt[:-1], slots[:-1], sampling=GREEDY, sample=False)
+        runner.step(StepInput(0, new_requests=[new]))
+        last = ContinuingRequest("r", slots[-1:], prompt[-1:])
+        out = runner.step(StepInput(1, continuing_requests=[last]))
+    first, tokens = out.logits[-1].float(), [out.outputs[0].token_id]
+    for s in range(steps):
+        cont = ContinuingRequest("r", [next(after)])
+        out = runner.step(StepInput(2 + s, continuing_requests=[cont]))
+        tokens.append(out.outputs[0].token_id)
+    return first, tokens
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_last_token_alone_runs_as_in_its_prefill(runners, prompt):
+    # A prompt's last token run alone (after a full radix-cache hit, or as a 1-token last chunk) is
+    # prompt, not decode: it takes the prefill's path (torch), not the fused decode step, which does not
+    # equal it bit for bit, so a request's text does not depend on whether its prompt was cached.
+    fused, ref = runners
+    assert fused.fast_decode is not None
+    first, tokens = last_token_alone(fused, prompt, "uncached", 16)
+    hit_first, hit_tokens = last_token_alone(fused, prompt, "cache_hit", 16)
+    assert torch.equal(hit_first, first)
+    assert hit_tokens == tokens
+    # A chunked prefill already differs from one prefill in the last bits in the torch path (its
+    # attention tiles the chunks' rows otherwise), as do longer tails after a partial hit (at most
+    # DECODE_ROWS_MAX_TOKENS run as decode rows there): what holds is that the fused runner's 1-token
+    # last chunk is the torch path's.
+    chunk_first, _ = last_token_alone(fused, prompt, "chunk", 0)
+    ref_first, _ = last_token_alone(ref, prompt, "chunk", 0)
+    assert torch.equal(chunk_first, ref_first)
+    tail_first, _ = last_token_alone(fused, prompt, "cache_hit", 0, tail=3)
+    ref_first, _ = last_token_alone(ref, prompt, "cache_hit", 0, tail=3)
+    assert torch.equal(tail_first, ref_first)
