@@ -12,6 +12,10 @@
 // [ceil(N/16)][K/2][16][2] bf16, i.e. per block of 16 output rows, the K dimension in pairs, so one
 // 64-byte load feeds one _mm512_dpbf16_ps for 16 outputs and a broadcast pair of the activation.
 //
+// A layer's linears may instead be a GGUF file's quantized blocks (Q4_0 / Q4_1 / Q8_0, as stored): they
+// run gguf_cpu_kernels.h's row dots, the code kernels/gguf_cpu.cpp runs for the torch path, on the same
+// values, so they give the torch path's bits for every row (see qgemm_part).
+//
 // Each stage is also exposed alone (its own parallel region) for the unit tests.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,6 +26,8 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "gguf_cpu_kernels.h"
 
 namespace {
 
@@ -158,6 +164,70 @@ void gemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const u16*
       }
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// GGUF GEMM: out[M, N] (bf16, row stride ldo) = x[M, K] (bf16, row stride ldx) @ W^T + bias for W in a
+// GGUF file's blocks (uint8 [N, row bytes]), as kernels/gguf_cpu.py's gguf_linear computes it on the
+// torch path: x's float values quantized to int8 per 32 (quantize_row), the row dots (matmul_tiles), then
+// bf16(y + bias) with the float32 bias. Every thread quantizes all M rows into its own buffers (a few
+// microseconds for decode batches; sharing the work would cost a barrier, which on a loaded machine
+// costs far more), then runs its share of the row dots (tiles of NR weight rows). A (weight row, token)
+// result does not depend on the tiling or the token count (gguf_cpu_kernels.h), so neither on batch-mates.
+
+struct QScratch {  // per thread: one linear's quantized activations, sized for the largest K
+  int64_t q_ld, xd_ld, sx_ld, kmax;  // per-thread strides
+  int8_t* q;    // [threads][M, pairs * 64]
+  uint8_t* qu;  // [threads][M, pairs * 64] (Q8_0 on VNNI)
+  float* xd;    // [threads][M, pairs * 16]
+  float* sx;    // [threads][M, chunks * 16]
+  float* xf;    // [threads, kmax]: a token's row in float
+  float* y;     // [M, N] float32 results
+};
+
+struct QScratchBuf {
+  int64_t q_ld, xd_ld, sx_ld, kmax;
+  std::vector<int8_t> q;
+  std::vector<uint8_t> qu;
+  std::vector<float> xd, sx, xf, y;
+  QScratchBuf(int64_t M, int64_t kmax_, int64_t nmax, int nt) : kmax(kmax_) {
+    const int64_t nb = kmax / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
+    q_ld = M * pairs * 64;
+    xd_ld = M * pairs * 16;
+    sx_ld = M * chunks * 16;
+    q.resize(nt * q_ld);
+    qu.resize(nt * q_ld);
+    xd.resize(nt * xd_ld);
+    sx.resize(nt * sx_ld);
+    xf.resize(size_t(nt) * kmax);
+    y.resize(M * nmax);
+  }
+  QScratch view() { return {q_ld, xd_ld, sx_ld, kmax, q.data(), qu.data(), xd.data(), sx.data(), xf.data(), y.data()}; }
+};
+
+void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uint8_t* w, int qt, int64_t K,
+                int64_t N, const float* bias, u16* out, int64_t ldo, const QScratch& s) {
+  const bool vnni = has_vnni();
+  const int64_t nb = K / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
+  int8_t* q = s.q + tid * s.q_ld;
+  uint8_t* qu = vnni && qt == Q8_0 ? s.qu + tid * s.q_ld : nullptr;
+  float *xd = s.xd + tid * s.xd_ld, *sx = s.sx + tid * s.sx_ld, *xf = s.xf + tid * s.kmax;
+  for (int64_t t = 0; t < M; ++t) {
+    for (int64_t c = 0; c < K; ++c) xf[c] = bf2f(x[t * ldx + c]);
+    quantize_row(xf, K, pairs, chunks, q + t * pairs * 64, qu ? qu + t * pairs * 64 : nullptr, xd + t * pairs * 16,
+                 sx + t * chunks * 16);
+  }
+  const Acts acts{pairs, chunks, q, qu, xd, sx};
+  int64_t b, e;
+  split((N + NR - 1) / NR, tid, nt, b, e);
+  matmul_tiles_for(qt, vnni, w, nb * block_bytes(qt), nb, acts, M, s.y, N, b, e);
+  const int64_t r0 = b * NR, r1 = std::min(e * NR, N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t r = r0; r < r1; ++r) {
+      float v = s.y[i * N + r];
+      if (bias) v += bias[r];
+      out[i * ldo + r] = f2bf(v);
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -351,6 +421,16 @@ void check_packed(const at::Tensor& w, int64_t N, int64_t K, const char* name) {
               name, ": expected a packed weight of [", (N + 15) / 16, ", ", K / 2, ", 16, 2]");
 }
 
+void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const char* name) {
+  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0, name, ": GGUF block type ", qtype,
+              " has no kernel (Q4_0, Q4_1 and Q8_0 do)");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && w.dim() == 2, name,
+              " must be a contiguous CPU uint8 [N, row bytes] tensor");
+  TORCH_CHECK(K % QK == 0, name, ": K must be a multiple of 32");
+  TORCH_CHECK(w.size(0) == N && w.size(1) == K / QK * block_bytes(int(qtype)), name, ": expected [", N, ", ",
+              K / QK * block_bytes(int(qtype)), "] GGUF blocks");
+}
+
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // --- standalone ops (tests) ---------------------------------------------------------------------
@@ -365,6 +445,23 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, const std::
   const float* b = fp_or_null(bias);
 #pragma omp parallel num_threads(num_threads())
   gemm_part(omp_get_thread_num(), omp_get_num_threads(), bp(x), K, M, bp(w), K, N, b, bpm(out), N);
+  return out;
+}
+
+at::Tensor gguf_gemm(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                     const std::optional<at::Tensor>& bias) {
+  check_bf16(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_gguf(w, qtype, N, K, "w");
+  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N, "bias must be float32 [N]");
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* b = fp_or_null(bias);
+  const int nt = num_threads();
+  QScratchBuf buf(M, K, N, nt);
+  const QScratch s = buf.view();
+#pragma omp parallel num_threads(nt)
+  qgemm_part(omp_get_thread_num(), omp_get_num_threads(), bp(x), K, M, w.data_ptr<uint8_t>(), int(qtype), K, N, b,
+             bpm(out), N, s);
   return out;
 }
 
@@ -425,12 +522,26 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 
 // --- the fused decode forward -------------------------------------------------------------------
 
+struct Linear {
+  at::Tensor w;                 // packed bf16 (qtype < 0), or GGUF blocks uint8 [N, row bytes]
+  int qtype;                    // -1, or the GGUF block type
+  std::optional<at::Tensor> b;  // float32 [N]
+};
+
 struct Layer {
-  at::Tensor qkv, o, gate_up, down;  // packed
-  std::optional<at::Tensor> qkv_b, o_b, gate_up_b, down_b;  // float32
+  Linear qkv, o, gate_up, down;
   at::Tensor k_cache, v_cache;
   at::Tensor input_norm, post_attention_norm;  // RMSNorm weights, bf16 [H]
 };
+
+// This thread's part of x[M, K] @ W^T (+ bias) -> out[M, N] (row strides K and N).
+inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t M, int64_t K, int64_t N, u16* out,
+                        const QScratch& s) {
+  if (L.qtype < 0)
+    gemm_part(tid, nt, x, K, M, bp(L.w), K, N, fp_or_null(L.b), out, N);
+  else
+    qgemm_part(tid, nt, x, K, M, L.w.data_ptr<uint8_t>(), L.qtype, K, N, fp_or_null(L.b), out, N, s);
+}
 
 class DecodeModel {
  public:
@@ -454,6 +565,34 @@ class DecodeModel {
     check_packed(o, H_, nh_ * D_, "o");
     check_packed(gate_up, 2 * I_, H_, "gate_up");
     check_packed(down, H_, I_, "down");
+    push_layer({qkv, -1, qkv_b}, {o, -1, o_b}, {gate_up, -1, gate_up_b}, {down, -1, down_b}, k_cache, v_cache,
+               input_norm, post_attention_norm);
+  }
+
+  // A layer whose linears are a GGUF file's blocks, uint8 [N, row bytes] of block type *_qtype each.
+  void add_gguf_layer(at::Tensor qkv, int64_t qkv_qtype, std::optional<at::Tensor> qkv_b, at::Tensor o,
+                      int64_t o_qtype, std::optional<at::Tensor> o_b, at::Tensor gate_up, int64_t gate_up_qtype,
+                      std::optional<at::Tensor> gate_up_b, at::Tensor down, int64_t down_qtype,
+                      std::optional<at::Tensor> down_b, at::Tensor k_cache, at::Tensor v_cache,
+                      at::Tensor input_norm, at::Tensor post_attention_norm) {
+    check_gguf(qkv, qkv_qtype, (nh_ + 2 * nkv_) * D_, H_, "qkv");
+    check_gguf(o, o_qtype, H_, nh_ * D_, "o");
+    check_gguf(gate_up, gate_up_qtype, 2 * I_, H_, "gate_up");
+    check_gguf(down, down_qtype, H_, I_, "down");
+    push_layer({qkv, int(qkv_qtype), qkv_b}, {o, int(o_qtype), o_b}, {gate_up, int(gate_up_qtype), gate_up_b},
+               {down, int(down_qtype), down_b}, k_cache, v_cache, input_norm, post_attention_norm);
+    has_gguf_ = true;
+  }
+
+  void push_layer(Linear qkv, Linear o, Linear gate_up, Linear down, at::Tensor k_cache, at::Tensor v_cache,
+                  at::Tensor input_norm, at::Tensor post_attention_norm) {
+    const int64_t n[4] = {(nh_ + 2 * nkv_) * D_, H_, 2 * I_, H_};
+    const Linear* lin[4] = {&qkv, &o, &gate_up, &down};
+    for (int i = 0; i < 4; ++i)
+      if (lin[i]->b) {
+        TORCH_CHECK(lin[i]->b->scalar_type() == at::kFloat && lin[i]->b->is_contiguous() && lin[i]->b->numel() == n[i],
+                    "biases must be contiguous float32 [N]");
+      }
     check_bf16(k_cache, "k_cache");
     check_bf16(v_cache, "v_cache");
     check_bf16(input_norm, "input_norm");
@@ -461,8 +600,7 @@ class DecodeModel {
     TORCH_CHECK(input_norm.numel() == H_ && post_attention_norm.numel() == H_, "norm weight size mismatch");
     TORCH_CHECK(k_cache.size(1) == nkv_ && k_cache.size(2) == D_ && v_cache.sizes() == k_cache.sizes(),
                 "cache shape mismatch");
-    layers_.push_back({qkv, o, gate_up, down, qkv_b, o_b, gate_up_b, down_b, k_cache, v_cache, input_norm,
-                       post_attention_norm});
+    layers_.push_back({qkv, o, gate_up, down, k_cache, v_cache, input_norm, post_attention_norm});
   }
 
   // x [M, H] bf16 (the token embeddings), positions/out_slots [M] int64, table [M, max_len] int64 padded,
@@ -486,6 +624,9 @@ class DecodeModel {
     const int nt = num_threads();
     const int64_t ld = std::max<int64_t>(table.size(1), 1);
     std::vector<float> scores(size_t(nt) * ld + 16);
+    const int64_t kmax = std::max({H, nh * D, I}), nmax = std::max({nqkv, H, 2 * I});
+    QScratchBuf qbuf(has_gguf_ ? M : 0, has_gguf_ ? kmax : 0, nmax, has_gguf_ ? nt : 0);
+    const QScratch qs = qbuf.view();
     const u16 *xp = bp(x), *cos = bp(cos_), *sin = bp(sin_), *fnorm = bp(final_norm_);
     u16 *resp = bpm(res), *hp = bpm(h), *tmpp = bpm(tmp), *qkvp = bpm(qkv), *attnp = bpm(attn), *gup = bpm(gu),
         *actp = bpm(act);
@@ -502,22 +643,22 @@ class DecodeModel {
         const Layer& L = layers[l];
         add_rms_part(tid, n, l == 0 ? xp : tmpp, resp, l > 0, M, H, eps, bp(L.input_norm), hp);
 #pragma omp barrier
-        gemm_part(tid, n, hp, H, M, bp(L.qkv), H, nqkv, fp_or_null(L.qkv_b), qkvp, nqkv);
+        linear_part(tid, n, L.qkv, hp, M, H, nqkv, qkvp, qs);
 #pragma omp barrier
         rope_store_part(tid, n, qkvp, M, nh, nkv, D, pos, cos, sin, slots, bpm(L.k_cache), bpm(L.v_cache));
 #pragma omp barrier
         attention_part(tid, n, qkvp, nqkv, M, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab, table.size(1), ln,
                        scale, sc, attnp);
 #pragma omp barrier
-        gemm_part(tid, n, attnp, nh * D, M, bp(L.o), nh * D, H, fp_or_null(L.o_b), tmpp, H);
+        linear_part(tid, n, L.o, attnp, M, nh * D, H, tmpp, qs);
 #pragma omp barrier
         add_rms_part(tid, n, tmpp, resp, true, M, H, eps, bp(L.post_attention_norm), hp);
 #pragma omp barrier
-        gemm_part(tid, n, hp, H, M, bp(L.gate_up), H, 2 * I, fp_or_null(L.gate_up_b), gup, 2 * I);
+        linear_part(tid, n, L.gate_up, hp, M, H, 2 * I, gup, qs);
 #pragma omp barrier
         silu_mul_part(tid, n, gup, M, I, actp);
 #pragma omp barrier
-        gemm_part(tid, n, actp, I, M, bp(L.down), I, H, fp_or_null(L.down_b), tmpp, H);
+        linear_part(tid, n, L.down, actp, M, I, H, tmpp, qs);
 #pragma omp barrier
       }
       add_rms_part(tid, n, nlayers == 0 ? xp : tmpp, resp, nlayers > 0, M, H, eps, fnorm, hp);
@@ -530,6 +671,7 @@ class DecodeModel {
   float eps_, scale_;
   at::Tensor cos_, sin_, final_norm_;
   std::vector<Layer> layers_;
+  bool has_gguf_ = false;
 };
 
 }  // namespace
@@ -537,6 +679,8 @@ class DecodeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "bf16 x @ W^T (+bias) with a packed W", py::arg("x"), py::arg("w"), py::arg("n"),
         py::arg("bias") = py::none());
+  m.def("gguf_gemm", &gguf_gemm, "bf16 x @ W^T (+bias) for W in GGUF blocks, as the torch path's gguf_linear",
+        py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("bias") = py::none());
   m.def("add_rms", &add_rms, py::arg("x"), py::arg("residual") = py::none(), py::arg("eps") = 1e-6,
         py::arg("weight") = py::none());
   m.def("rope_store", &rope_store);
@@ -545,5 +689,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
+      .def("add_gguf_layer", &DecodeModel::add_gguf_layer)
       .def("forward", &DecodeModel::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -29,6 +29,9 @@ import torch
 log = logging.getLogger("radixserve.kernels.cpu_decode")
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_decode.cpp")
+# The GGUF row-dot kernels it shares with gguf_cpu.cpp (torch rebuilds on changes of the .cpp only, so the
+# header's text is part of the extension's name).
+_GGUF_HEADER = pathlib.Path(__file__).with_name("gguf_cpu_kernels.h")
 _ENV_SWITCH = "RADIXSERVE_CPU_DECODE_KERNELS"
 # Seconds to wait for another live process's build of the extension before giving up on it (the torch
 # path then serves this process). A build takes ~35 s, ~1 min on 2 cores, ~2 min on a loaded machine;
@@ -60,8 +63,11 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 def _extension_name() -> str:
-    """Built with -march=native, so the cached .so is only valid on CPUs with the same features."""
-    cpu_key = hashlib.sha256(" ".join(sorted(_cpu_flags())).encode()).hexdigest()[:10]
+    """Built with -march=native, so the cached .so is only valid on CPUs with the same features; and it
+    includes gguf_cpu_kernels.h, which torch's rebuild check does not read."""
+    cpu_key = hashlib.sha256(
+        " ".join([*sorted(_cpu_flags()), _GGUF_HEADER.read_text()]).encode()
+    ).hexdigest()[:10]
     return f"radixserve_cpu_decode_{cpu_key}"
 
 
@@ -230,6 +236,8 @@ def _compile(name: str, build_dir: pathlib.Path) -> str:
             "-mavx512vl",
             "-mavx512bf16",
             "-fopenmp",
+            # As gguf_cpu.cpp: the shared GGUF row dots must give the torch path's bits (no FMA contraction).
+            "-ffp-contract=off",
             "-DNDEBUG",
         ],
         extra_ldflags=["-fopenmp"],

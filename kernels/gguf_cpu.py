@@ -29,6 +29,8 @@ from radixserve.kernels import cpu_decode
 log = logging.getLogger("radixserve.kernels.gguf_cpu")
 
 _SOURCE = pathlib.Path(__file__).with_name("gguf_cpu.cpp")
+# The row-dot kernels, shared with cpu_decode.cpp (torch rebuilds on changes of the .cpp only).
+KERNELS_HEADER = pathlib.Path(__file__).with_name("gguf_cpu_kernels.h")
 ENV_SWITCH = "RADIXSERVE_GGUF_CPU_KERNELS"
 _REQUIRED_FLAGS = {"avx2", "fma", "f16c"}
 # No FMA contraction of scalar code: a row's result must not depend on which code path computed it.
@@ -57,7 +59,14 @@ def cpu_supported() -> bool:
 
 def _extension_name() -> str:
     key = hashlib.sha256(
-        " ".join([*sorted(cpu_decode._cpu_flags()), *_CFLAGS, _SOURCE.read_text()]).encode()
+        " ".join(
+            [
+                *sorted(cpu_decode._cpu_flags()),
+                *_CFLAGS,
+                _SOURCE.read_text(),
+                KERNELS_HEADER.read_text(),
+            ]
+        ).encode()
     ).hexdigest()[:10]
     return f"radixserve_gguf_cpu_{key}"
 

@@ -1,6 +1,9 @@
 """bs1 decode of the embedded SmolLM2-135M-Instruct Q4_1 GGUF on the CPU: the forward per token with
-the file's blocks served natively vs dequantized (--quantization unquant), through ModelRunner (no
-services), and llama.cpp on the same file when llama-cpp-python is importable (optional, not in CI).
+the file's blocks served natively vs dequantized (--quantization unquant), each through the fused CPU
+decode step (kernels/cpu_decode.cpp, where the CPU has AVX512-BF16 and the dtype is bfloat16) and
+through the torch path (RADIXSERVE_CPU_DECODE_KERNELS=0), through ModelRunner (no services), the
+variants' runs alternating so that load from other jobs falls on all; and llama.cpp on the same file
+when llama-cpp-python is importable (optional, not in CI).
 
 Prints one JSON line per variant: median wall ms per decode step over --repeats runs of --tokens steps,
 and CPU ms per step (process CPU time: less disturbed by other jobs on a shared machine).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -57,22 +61,52 @@ def decode_run(runner: ModelRunner, tokens: int) -> tuple[float, float]:
     )
 
 
-def bench_runner(folder, dtype: str, quantization: str | None, tokens: int, repeats: int) -> dict:
-    runner = ModelRunner(
-        folder,
-        RunnerConfig(dtype=dtype, device="cpu", quantization=quantization, max_total_tokens=4096),
-        keep_logits=False,
-    )
-    decode_run(runner, 8)  # warm-up (builds the kernels, first allocations)
-    runs = [decode_run(runner, tokens) for _ in range(repeats)]
-    return {
-        "variant": "native gguf" if quantization == "gguf" else "dequantized",
-        "dtype": dtype,
-        "ms_per_token": round(statistics.median(r[0] for r in runs), 3),
-        "cpu_ms_per_token": round(statistics.median(r[1] for r in runs), 3),
-        "tokens": tokens,
-        "repeats": repeats,
-    }
+def make_runner(folder, dtype: str, quantization: str, fused: bool) -> ModelRunner:
+    from radixserve.kernels import cpu_decode
+
+    os.environ["RADIXSERVE_CPU_DECODE_KERNELS"] = "1" if fused else "0"
+    cpu_decode.reset_for_tests()  # read the switch again
+    try:
+        return ModelRunner(
+            folder,
+            RunnerConfig(
+                dtype=dtype, device="cpu", quantization=quantization, max_total_tokens=4096
+            ),
+            keep_logits=False,
+        )
+    finally:
+        cpu_decode.reset_for_tests()
+
+
+def bench_runners(folder, dtype: str, tokens: int, repeats: int, threads: int | None) -> list[dict]:
+    """Every variant of this dtype (fused variants only where the fused path runs), runs alternating."""
+    runners = {}
+    for quantization in ("gguf", "unquant"):
+        for fused in (True, False):
+            runner = make_runner(folder, dtype, quantization, fused)
+            if fused and runner.fast_decode is None:
+                continue
+            name = "native gguf" if quantization == "gguf" else "dequantized"
+            runners[name + (", fused decode" if fused else ", torch path")] = runner
+    if threads:
+        torch.set_num_threads(threads)  # after ModelRunner, which sets the CPU's count
+    for runner in runners.values():
+        decode_run(runner, 8)  # warm-up (builds the kernels, first allocations)
+    runs = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            runs[name].append(decode_run(runner, tokens))
+    return [
+        {
+            "variant": name,
+            "dtype": dtype,
+            "ms_per_token": round(statistics.median(r[0] for r in runs[name]), 3),
+            "cpu_ms_per_token": round(statistics.median(r[1] for r in runs[name]), 3),
+            "tokens": tokens,
+            "repeats": repeats,
+        }
+        for name in runners
+    ]
 
 
 def bench_llama_cpp(tokens: int, repeats: int) -> dict | None:
@@ -140,6 +174,7 @@ def bench_kernels(rows: list[int], repeats: int, baseline: str | None) -> None:
             + hashlib.sha256(pathlib.Path(baseline).read_bytes()).hexdigest()[:10],
             sources=[baseline],
             extra_cflags=gguf_cpu._CFLAGS,
+            extra_include_paths=[str(gguf_cpu.KERNELS_HEADER.parent)],  # gguf_cpu_kernels.h
         )
     g = torch.Generator().manual_seed(0)
     totals: dict[tuple[str, int], float] = {}
@@ -184,14 +219,22 @@ def main() -> None:
         help="time the linear kernels alone at these row counts",
     )
     parser.add_argument("--baseline-source", help="with --kernel-rows: a gguf_cpu.cpp to compare")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (the fused kernels' too); 1 on a loaded shared machine, where a "
+        "parallel region waits for descheduled workers",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the kernel timings; bench_runners sets it again
     if args.kernel_rows:
         bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
         return
     folder = resolve_model_path(None)
     for dtype in args.dtypes:
-        for quantization in ("gguf", "unquant"):
-            print(json.dumps(bench_runner(folder, dtype, quantization, args.tokens, args.repeats)))
+        for line in bench_runners(folder, dtype, args.tokens, args.repeats, args.threads):
+            print(json.dumps(line))
     reference = bench_llama_cpp(args.tokens, args.repeats)
     if reference is not None:
         print(json.dumps(reference))

@@ -34,6 +34,11 @@ class _Seq:
     prompt_logprobs: PromptLogprobRange | None = None
     drafts: list[int] = field(default_factory=list)  # run after the token sampled last step
 
+    @property
+    def decode(self) -> bool:
+        """The token sampled last step alone: a decode row (prompt tokens and verify steps extend)."""
+        return self.tokens is None and len(self.new_slots) == 1
+
 
 class _Packer:
     """Collects the step's int lists and moves them to the device in one copy.
@@ -221,10 +226,13 @@ class BatchBuilder:
                 )
             )
 
+        # Prompt tokens, however many (one: a prompt's last token after a full cache hit), run as an
+        # extend, as their prefill does; a token sampled last step is a decode row, and so are a
+        # verify step's tokens where the backend takes them as rows (verify_as_decode_rows).
         rows_for_drafts = self.attn_backend.verify_as_decode_rows
-        extends = [s for s in seqs if len(s.new_slots) > 1 and not (s.drafts and rows_for_drafts)]
+        extends = [s for s in seqs if not (s.decode or (s.drafts and rows_for_drafts))]
         in_extends = {id(s) for s in extends}
-        decodes = [s for s in seqs if id(s) not in in_extends]  # a verify step's tokens: rows
+        decodes = [s for s in seqs if id(s) not in in_extends]
         if any(s.state.lora_name for s in decodes):
             # Tokens of one adapter side by side: the LoRA kernels read an adapter's weights once
             # per run of its tokens in a tile (kernels/lora.py).

@@ -1,13 +1,20 @@
 """Fused CPU decode path: a decode-only step of a Llama-family model in bfloat16 runs as one C++ call
 (kernels/cpu_decode.cpp) instead of ~45 torch ops per layer.
 
-The runner uses it automatically for CPU + bfloat16 steps whose tokens are all decode tokens
-(at most MAX_TOKENS of them); prefill/extend steps, other dtypes and devices, and models or shapes
-the kernels do not cover keep the torch path, which stays the reference. Set
-RADIXSERVE_CPU_DECODE_KERNELS=0 to turn the fast path off.
+The runner uses it automatically for CPU + bfloat16 steps of at most MAX_TOKENS tokens that are all
+generated ones: decode tokens, and the tokens of a speculative verify step (at most
+DECODE_ROWS_MAX_TOKENS after a cached prefix), each run as a decode step at its length, as the torch
+path's attention runs them (torch_native's _as_decode_rows): so verify rows stay decode rows, bit for
+bit, and NGRAM stays lossless. Prompt tokens (prefills, later chunks, a prompt's last token recomputed
+after a full radix-cache hit), other dtypes and devices, and models or shapes the kernels do not cover
+keep the torch path, which stays the reference. Set RADIXSERVE_CPU_DECODE_KERNELS=0 to turn the fast
+path off.
 
-The kernels get their own packed copy of the layer weights (the torch path's weights stay as they
-are for prefill) and read/write the runner's KV pool in place.
+The kernels get their own packed copy of bf16 layer weights (the torch path's weights stay as they are
+for prefill) and read/write the runner's KV pool in place. A model served natively from a GGUF file
+(quantization gguf) whose linears are each one run of Q4_0 / Q4_1 / Q8_0 blocks hands the kernels those
+blocks as they are (no copy): they run the row dots of the torch path's gguf_cpu kernels, so each
+linear gives the torch path's bits.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import logging
 
 import torch
 
-from radixserve.kernels import cpu_decode
+from radixserve.kernels import cpu_decode, gguf_cpu
 from radixserve.executor.attention.metadata import ForwardBatch
+from radixserve.executor.attention.torch_native import DECODE_ROWS_MAX_TOKENS
 from radixserve.executor.layers.activation import SiluAndMul
 from radixserve.executor.parallel_state import tp_size
 
@@ -28,6 +36,30 @@ SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128, 160, 192, 256)
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.bfloat16).contiguous()
+
+
+def gguf_blocks(linear) -> tuple[torch.Tensor, int] | None:
+    """A GGUF linear's blocks and type when the kernels run it: one run of rows of a fused type."""
+    parts = getattr(linear.weight, "gguf_parts", None)
+    if not parts or len(parts) != 1:
+        return None
+    qtype, rows = parts[0]
+    if qtype not in gguf_cpu.FUSED_TYPES or rows.dtype != torch.uint8:
+        return None
+    return rows.contiguous(), qtype
+
+
+def gguf_unsupported(model) -> str | None:
+    """Why the fused path cannot run this GGUF model's linears as the torch path does, or None."""
+    if gguf_cpu.load() is None:  # the torch path then dequantizes: other bits than the row dots
+        return "the GGUF CPU kernels are off"
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj):
+            if gguf_blocks(lin) is None:
+                types = [q for q, _ in getattr(lin.weight, "gguf_parts", [])]
+                return f"GGUF block types {types} (one run of Q4_0, Q4_1 or Q8_0 runs fused)"
+    return None
 
 
 class FastDecode:
@@ -46,8 +78,9 @@ class FastDecode:
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.bfloat16 or tp_size() != 1:
             return None
-        if getattr(model, "quant_config", None) is not None:
-            log.info("fused CPU decode: quantized weights; using the torch path")
+        quant = getattr(model, "quant_config", None)
+        if quant is not None and quant.name != "gguf":
+            log.info("fused CPU decode: quantized weights (%s); using the torch path", quant.name)
             return None
         if not isinstance(model, LlamaForCausalLM):
             log.info(
@@ -71,8 +104,8 @@ class FastDecode:
             reason = "unexpected layer structure"
         elif any(l.self_attn.attn.sliding_window or l.self_attn.attn.logit_softcap for l in layers):
             reason = "sliding-window or soft-capped attention"
-        elif getattr(model, "quant_config", None) is not None:
-            reason = f"quantized weights ({model.quant_config.describe()})"
+        elif quant is not None:
+            reason = gguf_unsupported(model)
         if reason:
             log.info("fused CPU decode: unsupported model (%s); using the torch path", reason)
             return None
@@ -80,7 +113,7 @@ class FastDecode:
         if module is None:
             return None
         rot = model.rotary_emb
-        hidden = model.model.embed_tokens.weight.shape[1]
+        hidden = model.model.norm.weight.shape[0]  # (a GGUF embedding holds blocks, not values)
         mlp0 = layers[0].mlp
         eps = {l.input_layernorm.eps for l in layers} | {
             l.post_attention_layernorm.eps for l in layers
@@ -104,6 +137,22 @@ class FastDecode:
         pool = runner.kv_pool
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
+            if quant is not None:
+                kernel_model.add_gguf_layer(
+                    *gguf_blocks(a.qkv_proj),
+                    f32(a.qkv_proj.bias),
+                    *gguf_blocks(a.o_proj),
+                    f32(a.o_proj.bias),
+                    *gguf_blocks(m.gate_up_proj),
+                    f32(m.gate_up_proj.bias),
+                    *gguf_blocks(m.down_proj),
+                    f32(m.down_proj.bias),
+                    pool.k[i],
+                    pool.v[i],
+                    bf16(layer.input_layernorm.weight),
+                    bf16(layer.post_attention_layernorm.weight),
+                )
+                continue
             kernel_model.add_layer(
                 pack(a.qkv_proj.weight.detach()),
                 f32(a.qkv_proj.bias),
@@ -119,17 +168,56 @@ class FastDecode:
                 bf16(layer.post_attention_layernorm.weight),
             )
         log.info(
-            "fused CPU decode kernels on for decode batches of up to %d tokens", cls.MAX_TOKENS
+            "fused CPU decode kernels on for decode batches of up to %d tokens%s",
+            cls.MAX_TOKENS,
+            "" if quant is None else " (GGUF blocks as stored)",
         )
         return cls(module, kernel_model, model)
 
     def supports(self, batch: ForwardBatch) -> bool:
-        return batch.num_extend_tokens == 0 and 0 < batch.num_tokens <= self.MAX_TOKENS
+        """Steps whose tokens are all generated ones: decode tokens, and verify steps (the token sampled
+        last step, then its drafts: extends after a cached prefix short enough that the torch path's
+        attention runs them as decode rows too). Prompt tokens, however few and whatever is cached
+        before them, take the prefill's path (the torch path), which the fused step does not equal bit
+        for bit: a request's text must not depend on whether its prompt was cached."""
+        if not 0 < batch.num_tokens <= self.MAX_TOKENS:
+            return False
+        if not batch.extend_seqs:
+            return True
+        samples = batch.samples
+        if samples is None or not samples.num_drafts:
+            return False
+        # Only a verify step's extend has drafts (batch_builder): its tokens are the drafts and one.
+        drafts = dict(zip(samples.request_ids, samples.num_drafts))
+        spans = batch.seq_spans[: len(batch.extend_seqs)]
+        return all(
+            drafts.get(rid, 0) + 1 == seq.num_tokens
+            and seq.prefix_len > 0
+            and seq.num_tokens <= DECODE_ROWS_MAX_TOKENS
+            for (rid, *_), seq in zip(spans, batch.extend_seqs)
+        )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final-normed hidden states [T, hidden], like model(input_ids, positions), for a decode-only step."""
+        """Final-normed hidden states [T, hidden], like model(input_ids, positions), for a step that
+        supports() takes: every token as a decode step at its length."""
         meta = batch.table_meta
-        # The kernels read row t of a [T, max_len] table up to lens[t]: the sequences' table rows, cut there.
-        table = meta.table[:, : max(batch.decode_lens)].index_select(0, meta.seq_rows)
         x = self._embed(batch.input_ids)
-        return self._kernel_model.forward(x, batch.positions, batch.out_slots, table, meta.seq_lens)
+        if not batch.extend_seqs:
+            # The kernels read row t of a [T, max_len] table up to lens[t]: the sequences' rows, cut there.
+            table = meta.table[:, : max(batch.decode_lens)].index_select(0, meta.seq_rows)
+            return self._kernel_model.forward(
+                x, batch.positions, batch.out_slots, table, meta.seq_lens
+            )
+        # Token t of an extend after prefix p reads its sequence's row up to p + t + 1 (its own key and
+        # the earlier ones of this step, which the kernels store before attending).
+        seqs, lens = [], []
+        for i, seq in enumerate(batch.extend_seqs):
+            seqs += [i] * seq.num_tokens
+            lens += range(seq.prefix_len + 1, seq.seq_len + 1)
+        n_ext = len(batch.extend_seqs)
+        seqs += range(n_ext, n_ext + len(batch.decode_lens))
+        lens += batch.decode_lens
+        rows = meta.seq_rows.index_select(0, torch.tensor(seqs, device=meta.seq_rows.device))
+        table = meta.table[:, : max(lens)].index_select(0, rows)
+        lens_t = torch.tensor(lens, dtype=torch.int64, device=rows.device)
+        return self._kernel_model.forward(x, batch.positions, batch.out_slots, table, lens_t)

@@ -568,13 +568,19 @@ def test_step_int_tensors_start_16_byte_aligned_whatever_the_list_sizes(runner):
     runner.step(
         StepInput(
             2,
-            new_requests=[new("b", [6], [10]), new("c", [7, 8, 9, 10, 11], [20, 21, 22, 23, 24])],
+            new_requests=[
+                new("b", [6], [10]),
+                new("c", [7, 8, 9, 10, 11], [20, 21, 22, 23, 24]),
+                new("d", [12, 13], [30, 31]),
+            ],
             continuing_requests=[ContinuingRequest("a", [4])],
         )
     )
     batch = built[-1]
     meta = batch.table_meta
-    assert meta.num_extends == 1 and len(batch.decode_lens) == 2  # c extends; a and b decode
+    # b, c and d extend (a prompt's one token too: prompt tokens run as their prefill); a decodes.
+    assert meta.num_extends == 3 and batch.decode_lens == [4]
+    assert batch.num_tokens == 9  # odd-sized lists: the tokens, the three extends
     tensors = {
         "input_ids": batch.input_ids,
         "positions": batch.positions,

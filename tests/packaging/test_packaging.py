@@ -41,6 +41,7 @@ def test_every_package_of_the_repository_is_in_the_wheel(wheel):
         "radixserve/cli.py",
         "radixserve/launch_server.py",
         "radixserve/kernels/cpu_decode.cpp",
+        "radixserve/kernels/gguf_cpu_kernels.h",  # included by cpu_decode.cpp and gguf_cpu.cpp
         "radixserve/kernels/rmsnorm.py",
         "radixserve/v1/executor_pb2.py",
     }

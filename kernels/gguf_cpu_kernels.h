@@ -1,0 +1,345 @@
+// The GGUF row-dot kernels (Q4_0, Q4_1, Q8_0 weight blocks as the file stores them, activations
+// quantized to int8 per 32 values), shared by gguf_cpu.cpp (the torch path's linears) and cpu_decode.cpp
+// (the fused decode step's linears): one definition, so both give the same bits for a row.
+//
+// Everything here has internal linkage (an anonymous namespace): each extension keeps its own copy, so
+// the dynamic linker never binds one .so's calls to the other's code, built with other flags. Both
+// build with -ffp-contract=off: no FMA contraction of the scalar code, whichever extension runs it.
+#pragma once
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;  // values per block for every type here
+constexpr int Q4_0 = 2, Q4_1 = 3, Q8_0 = 8;  // gguf.GGMLQuantizationType
+
+int64_t block_bytes(int qtype) {
+  switch (qtype) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q8_0: return 34;
+  }
+  TORCH_CHECK(false, "gguf_cpu: unsupported block type ", qtype);
+  return 0;
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 nibbles of a Q4 block in value order: low nibbles are values 0..15, high nibbles 16..31.
+inline __m256i nibbles(const uint8_t* qs) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// sum over 32 lanes of u * s (u unsigned, s signed int8) as 8 float partial sums.
+inline __m256 dot_us(__m256i u, __m256i s) {
+  __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// ---- What a row computes, whichever kernel runs it (so a row's bits never depend on its batch) ----
+// Blocks go in pairs (a zero block pads an odd count), 16 float lanes per pair: lanes 0..7 belong to
+// block b = 2p, lanes 8..15 to block 2p + 1, lane l holding the int32 sum of the products of the
+// block's values 4 (l % 8) .. 4 (l % 8) + 3. For weight row r and activation row i:
+//   acc[l] = fma(dw_b * dx_b, float(dot[l]), acc[l])            over the pairs, in order
+//   ex[l]  = fma(mw_b, s_x,b, ex[l])  with b = 16 c + l         over chunks c of 16 blocks (zero-padded)
+//   y = R(acc) + R(ex)   (Q8_0: y = R(acc)),   R(v) = hsum(v[0..7] + v[8..15])
+// with mw = m_w (Q4_1), -8 d_w (Q4_0). The AVX-512 VNNI kernel runs the 16 lanes as one register, the
+// AVX2 kernel as two halves; the integer dot products are exact either way, so both give the same bits.
+
+// The activation rows quantized and laid out for the kernels (zero-padded to whole pairs / chunks).
+struct Acts {
+  int64_t pairs, chunks;
+  const int8_t* q;    // [m, pairs * 64]
+  const uint8_t* qu;  // [m, pairs * 64]: q + 128 (Q8_0 on AVX-512: the unsigned operand)
+  const float* xd;    // [m, pairs * 16]: d_x of block 2p in lanes 0..7, of block 2p + 1 in 8..15
+  const float* sx;    // [m, chunks * 16]: s_x per block
+};
+
+void quantize_row(const float* x, int64_t k, int64_t pairs, int64_t chunks, int8_t* q, uint8_t* qu,
+                  float* xd, float* sx) {
+  const int64_t nb = k / QK;
+  std::memset(q, 0, pairs * 2 * QK);
+  std::memset(xd, 0, pairs * 16 * sizeof(float));
+  std::memset(sx, 0, chunks * 16 * sizeof(float));
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < QK; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      q[b * QK + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    for (int l = 0; l < 8; ++l) xd[b * 8 + l] = scale;  // pair b / 2, half b % 2
+    sx[b] = scale * static_cast<float>(sum);
+  }
+  if (qu != nullptr)
+    for (int64_t i = 0; i < pairs * 2 * QK; ++i) qu[i] = static_cast<uint8_t>(q[i] ^ 0x80);
+}
+
+template <int QT>
+constexpr int64_t bb() {
+  return QT == Q8_0 ? 34 : (QT == Q4_1 ? 20 : 18);
+}
+
+template <int QT>
+inline float mw_of(const uint8_t* blk) {
+  return QT == Q4_1 ? f16(blk + 2) : -8.f * f16(blk);
+}
+
+const uint8_t kZeroBlock[64] = {};  // pads an odd block count: d = m = 0, all values 0
+
+// ---- AVX2 (+ FMA + F16C): two 8-lane halves per pair; up to 2 activation rows at a time ----
+template <int QT, int NR, int NI>
+void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
+               float* out, int64_t n, int64_t r0, float* mw) {
+  constexpr int64_t BB = bb<QT>(), OFF = QT == Q4_1 ? 4 : 2;
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
+  __m256 lo[NR][NI], hi[NR][NI];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) lo[r][i] = hi[r][i] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < a.pairs; ++p) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b0 = w + r * row_bytes + 2 * p * BB;
+      const uint8_t* b1 = 2 * p + 1 < nb ? b0 + BB : kZeroBlock;
+      __m256i w0, w1;
+      if constexpr (QT == Q8_0) {
+        w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
+        w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
+      } else {
+        w0 = nibbles(b0 + OFF);
+        w1 = nibbles(b1 + OFF);
+        mw[r * ss + 2 * p] = mw_of<QT>(b0);
+        mw[r * ss + 2 * p + 1] = mw_of<QT>(b1);
+      }
+      const __m256 d0 = _mm256_set1_ps(f16(b0)), d1 = _mm256_set1_ps(f16(b1));
+      for (int i = 0; i < NI; ++i) {
+        const int8_t* q = a.q + (i0 + i) * qs + p * 64;
+        const float* xd = a.xd + (i0 + i) * xs + p * 16;
+        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+        __m256 f0, f1;
+        if constexpr (QT == Q8_0) {
+          f0 = dot_us(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(q0, w0));
+          f1 = dot_us(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(q1, w1));
+        } else {
+          f0 = dot_us(w0, q0);
+          f1 = dot_us(w1, q1);
+        }
+        lo[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d0, _mm256_loadu_ps(xd)), f0, lo[r][i]);
+        hi[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d1, _mm256_loadu_ps(xd + 8)), f1, hi[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum(_mm256_add_ps(lo[r][i], hi[r][i]));
+      if constexpr (QT != Q8_0) {
+        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c) {
+          e0 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c), _mm256_loadu_ps(sx + 16 * c), e0);
+          e1 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c + 8),
+                               _mm256_loadu_ps(sx + 16 * c + 8), e1);
+        }
+        y += hsum(_mm256_add_ps(e0, e1));
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
+}
+
+// ---- AVX-512 VNNI: one 16-lane register per pair, each weight pair unpacked once for up to 16 rows ----
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+inline float hsum16(__m512 v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum(_mm256_add_ps(lo, hi));
+}
+
+template <int QT, int NR, int NI>
+void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
+               float* out, int64_t n, int64_t r0, float* mw) {
+  constexpr int64_t BB = bb<QT>(), OFF = QT == Q4_1 ? 4 : 2;
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
+  __m512 acc[NR][NI];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < a.pairs; ++p) {
+    __m512i wv[NR], corr[NR];
+    __m512 dw[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b0 = w + r * row_bytes + 2 * p * BB;
+      const uint8_t* b1 = 2 * p + 1 < nb ? b0 + BB : kZeroBlock;
+      uint16_t h0, h1;
+      std::memcpy(&h0, b0, 2);
+      std::memcpy(&h1, b1, 2);
+      dw[r] = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
+      if constexpr (QT == Q8_0) {
+        wv[r] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+        // sum (q + 128) w - 128 sum w = sum q w: start each lane's dot at -128 times its w sum.
+        corr[r] = _mm512_sub_epi32(
+            _mm512_setzero_si512(),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), wv[r]));
+      } else {
+        const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + OFF));
+        const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + OFF));
+        const __m512i both = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(_mm_srli_epi16(v0, 4), v0)),
+            _mm256_set_m128i(_mm_srli_epi16(v1, 4), v1), 1);
+        wv[r] = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+        mw[r * ss + 2 * p] = mw_of<QT>(b0);
+        mw[r * ss + 2 * p + 1] = mw_of<QT>(b1);
+      }
+    }
+    for (int i = 0; i < NI; ++i) {
+      const __m512 xd = _mm512_loadu_ps(a.xd + (i0 + i) * xs + p * 16);
+      __m512i qx;
+      if constexpr (QT == Q8_0)
+        qx = _mm512_loadu_si512(a.qu + (i0 + i) * qs + p * 64);
+      else
+        qx = _mm512_loadu_si512(a.q + (i0 + i) * qs + p * 64);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i dot = QT == Q8_0 ? _mm512_dpbusd_epi32(corr[r], qx, wv[r])
+                                       : _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], qx);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], xd), _mm512_cvtepi32_ps(dot), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum16(acc[r][i]);
+      if constexpr (QT != Q8_0) {
+        __m512 e = _mm512_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c)
+          e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(sx + 16 * c), e);
+        y += hsum16(e);
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
+}
+
+#pragma GCC pop_options
+
+enum Isa { AUTO = 0, AVX2 = 1, AVX512_VNNI = 2 };
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+constexpr int64_t NR = 2;  // weight rows per tile
+
+// The next chunk of activation rows from i0 against NRV weight rows from r0; returns its row count.
+template <int QT, int ISA, int NRV>
+int64_t run_chunk(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
+                  int64_t left, float* out, int64_t n, int64_t r0, float* mw) {
+  if constexpr (ISA == AVX512_VNNI) {
+    switch (std::min<int64_t>(left, 8)) {
+      case 8: tile_vnni<QT, NRV, 8>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 8;
+      case 7: tile_vnni<QT, NRV, 7>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 7;
+      case 6: tile_vnni<QT, NRV, 6>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 6;
+      case 5: tile_vnni<QT, NRV, 5>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 5;
+      case 4: tile_vnni<QT, NRV, 4>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 4;
+      case 3: tile_vnni<QT, NRV, 3>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 3;
+      case 2: tile_vnni<QT, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 2;
+      default: tile_vnni<QT, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 1;
+    }
+  } else {
+    if (left >= 2) {
+      tile_avx2<QT, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
+      return 2;
+    }
+    tile_avx2<QT, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
+    return 1;
+  }
+}
+
+// 9 to 16 activation rows (a verify step with 8 to 15 drafts) against one weight row: one chunk, so
+// the weight is unpacked once for all of them (two chunks of up to 8 would unpack it twice).
+template <int QT>
+void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, int64_t left,
+              float* out, int64_t n, int64_t r0, float* mw) {
+  switch (left) {
+    case 16: tile_vnni<QT, 1, 16>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 15: tile_vnni<QT, 1, 15>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 14: tile_vnni<QT, 1, 14>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 13: tile_vnni<QT, 1, 13>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 12: tile_vnni<QT, 1, 12>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 11: tile_vnni<QT, 1, 11>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 10: tile_vnni<QT, 1, 10>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    default: tile_vnni<QT, 1, 9>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+  }
+}
+
+// Weight-row tiles [begin, end) against all m activation rows: 9 to 16 rows in one chunk per weight row
+// (VNNI), else chunks of up to 8 (VNNI) / 2 (AVX2) rows against both rows of a tile. Every (weight row,
+// activation row) pair has its own accumulators and runs the same operations whatever its tile or
+// chunk, so the result is bitwise the same in any batch.
+template <int QT, int ISA>
+void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t m,
+                  float* out, int64_t n, int64_t begin, int64_t end) {
+  std::vector<float> mw(NR * a.chunks * 16, 0.f);  // per weight row: mw per block, zero-padded
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r0 = t * NR;
+    const uint8_t* wr = w + r0 * row_bytes;
+    if (ISA == AVX512_VNNI && m > 8 && m <= 16) {
+      for (int64_t r = r0; r < std::min(r0 + NR, n); ++r)
+        run_wide<QT>(w + r * row_bytes, row_bytes, nb, a, m, out, n, r, mw.data());
+      continue;
+    }
+    for (int64_t i0 = 0; i0 < m;) {
+      i0 += r0 + NR <= n ? run_chunk<QT, ISA, NR>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data())
+                         : run_chunk<QT, ISA, 1>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data());
+    }
+  }
+}
+
+// matmul_tiles for a block type and ISA chosen at run time (vnni: the AVX-512 VNNI kernel).
+inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_bytes, int64_t nb,
+                             const Acts& a, int64_t m, float* out, int64_t n, int64_t begin,
+                             int64_t end) {
+  const auto run = [&](auto isa_tag) {
+    constexpr int I = decltype(isa_tag)::value;
+    switch (qt) {
+      case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      default: matmul_tiles<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+    }
+  };
+  if (vnni)
+    run(std::integral_constant<int, AVX512_VNNI>());
+  else
+    run(std::integral_constant<int, AVX2>());
+}
+
+}  // namespace
