@@ -13,15 +13,17 @@ shards * r rows, and B is block-diagonal [N, R] (shard i's output rows read only
 shrink and one expand serve the fused GEMM. s stays float32 between the two (no rounding of the small
 intermediate), and is what a row-parallel layer all-reduces between them.
 
-Grid: BLOCK_T (16) programs per tile of 16 consecutive tokens and block of outputs (SGMV-like); the
-shrink also splits K over programs (SHRINK_K_CHUNK columns each, partial sums added atomically to s),
-since its few outputs (T x R) alone give too few programs to stream A and x at speed. Program j of a
-tile takes the tile's j-th run of consecutive tokens of one slot and runs one tile GEMM on the tensor
-cores (tl.dot, float32 sums) over that slot's A or B with the other rows masked; programs past the
-tile's last run, and runs of base-model tokens, exit. A prefill's tiles are one run (one GEMM); a
-decode tile reads each adapter's weights once per run, so the runner orders decode tokens by adapter
-(batch_builder.py) and a tile of 16 decode tokens of 16 requests on 2 adapters reads 2 adapters'
-weights, not 16. A token's result does not depend on its tile-mates (masked rows are zeros). The
+Grid: per tile of 16 consecutive tokens, block of outputs and (shrink) chunk of K, programs_per_tile(T)
+programs (SGMV-like). The shrink splits K over programs (SHRINK_K_CHUNK columns each, partial sums
+added atomically to s), since its few outputs (T x R) alone give too few programs to stream A and x at
+speed. A tile's tokens fall in runs of consecutive tokens of one slot; program j of a tile takes runs
+j, j + P, ... and runs one tile GEMM per run on the tensor cores (tl.dot, float32 sums) over that
+slot's A or B with the other rows masked; runs of base-model tokens are skipped. A prefill's tiles
+are one run (one GEMM); a decode tile reads each adapter's weights once per run, so the runner lays
+decode tokens out by adapter (batch_builder.py) and a tile of 16 decode tokens on 2 adapters reads 2
+adapters' weights, not 16. Small steps (decode batches up to 32 tokens) get a program per possible
+run (P = 16: a wide grid for few tiles); larger ones one program per tile (P = 1: no programs that
+exit at once, which at prefill sizes were most of the launch). A token's result does not depend on its tile-mates (masked rows are zeros). The
 weights live in fixed slot buffers and the slot ids are a tensor, so the launch is the same for every mix
 of adapters: CUDA graphs capture it once per batch size. In the expand, half-type inputs round s to
 their dtype for the tensor cores (as PEFT computes in that dtype); float32 stays float32 (ieee).
@@ -41,18 +43,16 @@ MAX_STACKED_RANK = 256  # R: up to 3 shards (q/k/v) of rank 64, padded to a powe
 
 
 @triton.jit
-def _tile_run(slots_ptr, t0, sub, T, BLOCK_T: tl.constexpr):
-    """The tile's tokens in its run number `sub` (a run: consecutive tokens of one slot) and that
-    run's slot (-1 where the run is of base-model tokens or there is no such run)."""
+def _tile_runs(slots_ptr, t0, T, BLOCK_T: tl.constexpr):
+    """The tile's tokens, their slots, each one's run number (a run: consecutive tokens of one slot)
+    and the tile's number of runs."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     slots = tl.load(slots_ptr + offs_t, mask=t_mask, other=-1)
     prev = tl.load(slots_ptr + offs_t - 1, mask=t_mask & (offs_t > t0), other=-1)
     starts = ((offs_t == t0) | (slots != prev)) & t_mask
-    run = tl.cumsum(starts.to(tl.int32), axis=0) - 1
-    rows = t_mask & (run == sub)
-    slot = tl.max(tl.where(rows, slots, -1), axis=0)
-    return offs_t, rows, slot
+    run = tl.where(t_mask, tl.cumsum(starts.to(tl.int32), axis=0) - 1, -1)
+    return offs_t, slots, run, tl.max(run, axis=0) + 1
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -70,6 +70,7 @@ def _shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_CHUNK: tl.constexpr,  # columns of x (and A) per program: K is split over programs
+    PROGRAMS: tl.constexpr,  # programs per tile (programs_per_tile)
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -77,33 +78,39 @@ def _shrink_kernel(
     its run of the tile (one tile GEMM, other rows masked) and BLOCK_R of the R rank rows (s starts at
     zero; partial sums added atomically)."""
     k_begin = tl.program_id(2) * K_CHUNK
-    t0 = tl.program_id(0) // BLOCK_T * BLOCK_T
-    offs_t, rows, slot = _tile_run(slots_ptr, t0, tl.program_id(0) % BLOCK_T, T, BLOCK_T)
+    t0 = tl.program_id(0) // PROGRAMS * BLOCK_T
+    offs_t, slots, run, num_runs = _tile_runs(slots_ptr, t0, T, BLOCK_T)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
-    if slot >= 0:
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
-        x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
-        for kk in range(0, K_CHUNK, BLOCK_K):
-            k0 = k_begin + kk
-            k_mask = k0 + offs_k < K
-            xk = tl.load(
-                x_rows + k0 + offs_k[None, :], mask=rows[:, None] & k_mask[None, :], other=0.0
+    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
+    sub = tl.program_id(0) % PROGRAMS
+    for i in range(0, BLOCK_T // PROGRAMS):  # runs sub, sub + P, ... (at most BLOCK_T in a tile)
+        rows = run == sub + i * PROGRAMS
+        slot = tl.max(tl.where(rows, slots, -1), axis=0)  # -1 past the tile's last run too
+        if slot >= 0:
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
+            for kk in range(0, K_CHUNK, BLOCK_K):
+                k0 = k_begin + kk
+                k_mask = k0 + offs_k < K
+                xk = tl.load(
+                    x_rows + k0 + offs_k[None, :], mask=rows[:, None] & k_mask[None, :], other=0.0
+                )
+                a = tl.load(
+                    a_rows + k0 + offs_k[None, :],
+                    mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    xk, a = xk.to(tl.float32), a.to(tl.float32)
+                acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
+            tl.atomic_add(
+                s_ptr + offs_t[:, None] * R + offs_r[None, :],
+                acc,
+                mask=rows[:, None] & r_mask[None, :],
+                sem="relaxed",
             )
-            a = tl.load(
-                a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
-            )
-            if UPCAST:
-                xk, a = xk.to(tl.float32), a.to(tl.float32)
-            acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
-        tl.atomic_add(
-            s_ptr + offs_t[:, None] * R + offs_r[None, :],
-            acc,
-            mask=rows[:, None] & r_mask[None, :],
-            sem="relaxed",
-        )
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -121,40 +128,45 @@ def _expand_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PROGRAMS: tl.constexpr,  # programs per tile (programs_per_tile)
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """y[t, n] += scale * s[t, :] . B[n, :] for the tokens of this program's run of its tile (one
     tile GEMM, other rows masked) and BLOCK_N outputs."""
-    t0 = tl.program_id(0) // BLOCK_T * BLOCK_T
-    offs_t, rows, slot = _tile_run(slots_ptr, t0, tl.program_id(0) % BLOCK_T, T, BLOCK_T)
+    t0 = tl.program_id(0) // PROGRAMS * BLOCK_T
+    offs_t, slots, run, num_runs = _tile_runs(slots_ptr, t0, T, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    if slot >= 0:
-        s = tl.load(
-            s_ptr + offs_t[:, None] * R + offs_r[None, :],
-            mask=rows[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr
-            + slot.to(tl.int64) * stride_bs
-            + offs_n[:, None].to(tl.int64) * R
-            + offs_r[None, :],
-            mask=n_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            b = b.to(tl.float32)
-        else:
-            s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
-        delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + slot)
-        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
-        mask = rows[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+    sub = tl.program_id(0) % PROGRAMS
+    for i in range(0, BLOCK_T // PROGRAMS):  # runs sub, sub + P, ... (at most BLOCK_T in a tile)
+        rows = run == sub + i * PROGRAMS
+        slot = tl.max(tl.where(rows, slots, -1), axis=0)  # -1 past the tile's last run too
+        if slot >= 0:
+            s = tl.load(
+                s_ptr + offs_t[:, None] * R + offs_r[None, :],
+                mask=rows[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr
+                + slot.to(tl.int64) * stride_bs
+                + offs_n[:, None].to(tl.int64) * R
+                + offs_r[None, :],
+                mask=n_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                b = b.to(tl.float32)
+            else:
+                s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
+            delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + slot)
+            y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+            mask = rows[:, None] & n_mask[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
@@ -164,6 +176,17 @@ def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
 
 
 BLOCK_T = 16  # tokens per program: a tl.dot needs 16 rows
+FEW_TOKENS = 2 * BLOCK_T  # at most this many tokens: a program per run of a tile
+
+
+def programs_per_tile(num_tokens: int) -> int:
+    """Programs sharing a tile's runs (program j takes runs j, j + P, ...). A small step (a decode
+    batch: few tiles, up to 16 runs each) gets one program per run, so its grid is wide; a large
+    one (prefill tiles are one run; decode tokens are laid out by adapter, so few runs) one per
+    tile, not 15 programs that exit at once per tile."""
+    return BLOCK_T if num_tokens <= FEW_TOKENS else 1
+
+
 SHRINK_K_CHUNK = 256  # columns of K per shrink program
 
 
@@ -187,11 +210,16 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.
         # K split over programs (one program per tile streaming all of K ran a bs16 decode step of a
         # Llama-3-8B with 4 adapters at 212 ms on an H100): about SHRINK_K_CHUNK columns each
         k_chunk = block_k * max(1, min(SHRINK_K_CHUNK, K) // block_k)
-        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per run of a tile: see _tile_run
-        grid = (tiles, triton.cdiv(R, block_r), triton.cdiv(K, k_chunk))
+        programs = programs_per_tile(T)
+        grid = (
+            triton.cdiv(T, BLOCK_T) * programs,
+            triton.cdiv(R, block_r),
+            triton.cdiv(K, k_chunk),
+        )
         _shrink_kernel[grid](
             x, a, slots, s, T, x.stride(0), a.stride(0), R, K,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, K_CHUNK=k_chunk, UPCAST=upcast,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, K_CHUNK=k_chunk, PROGRAMS=programs,
+            UPCAST=upcast,
             PRECISION=precision,
         )  # fmt: skip
     return s
@@ -211,10 +239,11 @@ def lora_expand(
         block_r = max(16, triton.next_power_of_2(R))
         block_n = 64 if block_r <= 64 else 32
         upcast, precision = _precision(b.dtype)
-        tiles = triton.cdiv(T, BLOCK_T) * BLOCK_T  # a program per run of a tile: see _tile_run
-        _expand_kernel[(tiles, triton.cdiv(N, block_n))](
+        programs = programs_per_tile(T)
+        _expand_kernel[(triton.cdiv(T, BLOCK_T) * programs, triton.cdiv(N, block_n))](
             s, b, scales, slots, y, T, y.stride(0), b.stride(0), N, R,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n, UPCAST=upcast, PRECISION=precision,
+            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n, PROGRAMS=programs, UPCAST=upcast,
+            PRECISION=precision,
         )  # fmt: skip
     return y
 

@@ -29,7 +29,7 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
     # runs of one slot as prefills give (uniform tiles of an adapter and of the base model, a tile
     # mixing two requests, a last partial tile)
     if T < 48:
-        slots = ([-1, 0, 0, S - 1, -1] + list(range(S)) * 6)[:T]
+        slots = ([-1, 0, 0, S - 1, -1] + list(range(S)) * 16)[:T]
     else:
         slots = [S - 1] * 16 + [-1] * 16 + [0] * 5 + [S - 1] * (T - 37)
     slots = torch.tensor(slots, device=DEVICE)
@@ -39,7 +39,13 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "T, K, N, R, S",
-    [(1, 32, 48, 8, 1), (9, 100, 130, 24, 3), (17, 64, 96, 192, 4), (57, 72, 80, 16, 2)],
+    [
+        (1, 32, 48, 8, 1),
+        (9, 100, 130, 24, 3),
+        (17, 64, 96, 192, 4),
+        (40, 64, 80, 16, 3),  # a program per tile, looping over mixed tiles' runs
+        (57, 72, 80, 16, 2),
+    ],
 )
 def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
     x, a, b, scales, slots = _inputs(T, K, N, R, S, dtype)
