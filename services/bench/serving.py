@@ -233,11 +233,10 @@ async def send_native(
     )
 
 
-async def send_openai_completion(
-    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
-) -> RequestResult:
+def _openai_payload(request: BenchRequest, ignore_eos: bool, model: str | None, **inputs) -> dict:
+    """An OpenAI streaming body for request (its adapter, if any, as the model) around inputs."""
     payload = {
-        "prompt": request.prompt,
+        **inputs,
         "max_tokens": request.output_len,
         "temperature": 0.0,
         "ignore_eos": ignore_eos,
@@ -247,6 +246,13 @@ async def send_openai_completion(
     model = request.lora_name or model
     if model:
         payload["model"] = model
+    return payload
+
+
+async def send_openai_completion(
+    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
+) -> RequestResult:
+    payload = _openai_payload(request, ignore_eos, model, prompt=request.prompt)
     return await stream_request(
         client,
         base_url + "/v1/completions",
@@ -260,17 +266,8 @@ async def send_openai_completion(
 async def send_openai_chat(
     client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
 ) -> RequestResult:
-    payload = {
-        "messages": [{"role": "user", "content": images.chat_content(request)}],
-        "max_tokens": request.output_len,
-        "temperature": 0.0,
-        "ignore_eos": ignore_eos,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    model = request.lora_name or model
-    if model:
-        payload["model"] = model
+    messages = [{"role": "user", "content": images.chat_content(request)}]
+    payload = _openai_payload(request, ignore_eos, model, messages=messages)
     return await stream_request(
         client,
         base_url + "/v1/chat/completions",
