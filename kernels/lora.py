@@ -13,17 +13,19 @@ shards * r rows, and B is block-diagonal [N, R] (shard i's output rows read only
 shrink and one expand serve the fused GEMM. s stays float32 between the two (no rounding of the small
 intermediate), and is what a row-parallel layer all-reduces between them.
 
-Grid: per tile of 16 consecutive tokens, block of outputs and (shrink) chunk of K, programs_per_tile(T)
-programs (SGMV-like). The shrink splits K over programs (SHRINK_K_CHUNK columns each, partial sums
-added atomically to s), since its few outputs (T x R) alone give too few programs to stream A and x at
-speed. A tile's tokens fall in runs of consecutive tokens of one slot; program j of a tile takes runs
-j, j + P, ... and runs one tile GEMM per run on the tensor cores (tl.dot, float32 sums) over that
-slot's A or B with the other rows masked; runs of base-model tokens are skipped. A prefill's tiles
-are one run (one GEMM); a decode tile reads each adapter's weights once per run, so the runner lays
-decode tokens out by adapter (batch_builder.py) and a tile of 16 decode tokens on 2 adapters reads 2
-adapters' weights, not 16. Small steps (decode batches up to 32 tokens) get a program per possible
-run (P = 16: a wide grid for few tiles); larger ones one program per tile (P = 1: no programs that
-exit at once, which at prefill sizes were most of the launch). A token's result does not depend on its tile-mates (masked rows are zeros). The
+Grid: per tile of consecutive tokens, block of outputs and (shrink) chunk of K; launch_for(T) picks
+the tile size and programs per tile from a few classes (Launch). The shrink splits K over programs
+(partial sums added atomically to s), since its few outputs (T x R) alone give too few programs to
+stream A and x at speed. A tile's tokens fall in runs of consecutive tokens of one slot; program j of
+a tile takes runs j, j + P, ... and runs one tile GEMM per run on the tensor cores (tl.dot, float32
+sums) over that slot's A or B with the other rows masked, into one accumulator (a row gets exact zeros
+from the other runs), so y is read and written once per program; runs of base-model tokens are
+skipped. A prefill's tiles are one run (one GEMM); a decode tile reads each adapter's weights once per
+run, so the runner lays decode tokens out by adapter (batch_builder.py) and a tile of 16 decode tokens
+on 2 adapters reads 2 adapters' weights, not 16. Decode batches up to FEW_TOKENS get a program per
+possible run (P = 16: a wide grid for few tiles); larger steps one program per tile, and
+prefill-sized ones (above MANY_TOKENS) tiles of 64 tokens and wider blocks, so x and y stream at
+speed. A token's result does not depend on its tile-mates (masked rows are zeros). The
 weights live in fixed slot buffers and the slot ids are a tensor, so the launch is the same for every mix
 of adapters: CUDA graphs capture it once per batch size. In the expand, half-type inputs round s to
 their dtype for the tensor cores (as PEFT computes in that dtype); float32 stays float32 (ieee).
@@ -32,6 +34,8 @@ Under the Triton interpreter (CPU tests) the dot operands go up to float32 (its 
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -70,13 +74,15 @@ def _shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_CHUNK: tl.constexpr,  # columns of x (and A) per program: K is split over programs
-    PROGRAMS: tl.constexpr,  # programs per tile (programs_per_tile)
+    PROGRAMS: tl.constexpr,  # programs per tile (Launch.programs)
+    STATIC_RUNS: tl.constexpr,  # loop over BLOCK_T possible runs, not the tile's count (interpreter)
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """s[t, r] += the part of x[t] . A[slot, r] over this program's K_CHUNK columns, for the tokens of
-    its run of the tile (one tile GEMM, other rows masked) and BLOCK_R of the R rank rows (s starts at
-    zero; partial sums added atomically)."""
+    its runs of the tile (one tile GEMM per run, other rows masked, summed into one accumulator: a
+    row gets nothing from other runs) and BLOCK_R of the R rank rows (s starts at zero; partial sums
+    added atomically, once per program)."""
     k_begin = tl.program_id(2) * K_CHUNK
     t0 = tl.program_id(0) // PROGRAMS * BLOCK_T
     offs_t, slots, run, num_runs = _tile_runs(slots_ptr, t0, T, BLOCK_T)
@@ -85,11 +91,12 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
     sub = tl.program_id(0) % PROGRAMS
-    for i in range(0, BLOCK_T // PROGRAMS):  # runs sub, sub + P, ... (at most BLOCK_T in a tile)
-        rows = run == sub + i * PROGRAMS
-        slot = tl.max(tl.where(rows, slots, -1), axis=0)  # -1 past the tile's last run too
-        if slot >= 0:
-            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: all)
+    for i in range(0, BLOCK_T if STATIC_RUNS else num_runs):
+        rows = run == i
+        slot = tl.max(tl.where(rows, slots, -1), axis=0)
+        if (slot >= 0) & (i % PROGRAMS == sub):
             a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
             for kk in range(0, K_CHUNK, BLOCK_K):
                 k0 = k_begin + kk
@@ -105,12 +112,13 @@ def _shrink_kernel(
                 if UPCAST:
                     xk, a = xk.to(tl.float32), a.to(tl.float32)
                 acc = tl.dot(xk, tl.trans(a), acc, input_precision=PRECISION)
-            tl.atomic_add(
-                s_ptr + offs_t[:, None] * R + offs_r[None, :],
-                acc,
-                mask=rows[:, None] & r_mask[None, :],
-                sem="relaxed",
-            )
+    mine = (run >= 0) & (run % PROGRAMS == sub) & (slots >= 0)
+    tl.atomic_add(
+        s_ptr + offs_t[:, None] * R + offs_r[None, :],
+        acc,
+        mask=mine[:, None] & r_mask[None, :],
+        sem="relaxed",
+    )
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -128,12 +136,14 @@ def _expand_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PROGRAMS: tl.constexpr,  # programs per tile (programs_per_tile)
+    PROGRAMS: tl.constexpr,  # programs per tile (Launch.programs)
+    STATIC_RUNS: tl.constexpr,  # loop over BLOCK_T possible runs, not the tile's count (interpreter)
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y[t, n] += scale * s[t, :] . B[n, :] for the tokens of this program's run of its tile (one
-    tile GEMM, other rows masked) and BLOCK_N outputs."""
+    """y[t, n] += scale * s[t, :] . B[n, :] for the tokens of this program's runs of its tile (one
+    tile GEMM per run, other rows masked, summed into one accumulator) and BLOCK_N outputs: y is read
+    and written once per program."""
     t0 = tl.program_id(0) // PROGRAMS * BLOCK_T
     offs_t, slots, run, num_runs = _tile_runs(slots_ptr, t0, T, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,10 +151,12 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     sub = tl.program_id(0) % PROGRAMS
-    for i in range(0, BLOCK_T // PROGRAMS):  # runs sub, sub + P, ... (at most BLOCK_T in a tile)
-        rows = run == sub + i * PROGRAMS
-        slot = tl.max(tl.where(rows, slots, -1), axis=0)  # -1 past the tile's last run too
-        if slot >= 0:
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: all)
+    for i in range(0, BLOCK_T if STATIC_RUNS else num_runs):
+        rows = run == i
+        slot = tl.max(tl.where(rows, slots, -1), axis=0)
+        if (slot >= 0) & (i % PROGRAMS == sub):
             s = tl.load(
                 s_ptr + offs_t[:, None] * R + offs_r[None, :],
                 mask=rows[:, None] & r_mask[None, :],
@@ -162,11 +174,12 @@ def _expand_kernel(
                 b = b.to(tl.float32)
             else:
                 s = s.to(b.dtype)  # half types: the tensor cores (float32 sums); float32: ieee
-            delta = tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + slot)
-            y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
-            mask = rows[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+            acc += tl.dot(s, tl.trans(b), input_precision=PRECISION) * tl.load(scales_ptr + slot)
+    mine = (run >= 0) & (run % PROGRAMS == sub) & (slots >= 0)
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+    mask = mine[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
@@ -175,19 +188,32 @@ def _check(x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor) -> None:
     assert slots.shape == (x.shape[0],) and slots.dtype in (torch.int32, torch.int64)
 
 
-BLOCK_T = 16  # tokens per program: a tl.dot needs 16 rows
-FEW_TOKENS = 2 * BLOCK_T  # at most this many tokens: a program per run of a tile
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How a step's tokens are cut into programs. Each distinct Launch is its own compiled kernel, so
+    there are few (launch_for's classes), and the warm-up runs a step of each."""
+
+    block_t: int  # tokens per tile (a tl.dot needs 16 rows)
+    programs: int  # programs sharing a tile's runs: program j takes runs j, j + P, ...
+    k_chunk: (
+        int  # shrink: columns of K per program, a multiple of SHRINK_BLOCK_K (K split, atomics)
+    )
+    block_n: int  # expand: outputs per program (halved above a stacked rank of 64)
+    num_warps: int = 4
 
 
-def programs_per_tile(num_tokens: int) -> int:
-    """Programs sharing a tile's runs (program j takes runs j, j + P, ...). A small step (a decode
-    batch: few tiles, up to 16 runs each) gets one program per run, so its grid is wide; a large
-    one (prefill tiles are one run; decode tokens are laid out by adapter, so few runs) one per
-    tile, not 15 programs that exit at once per tile."""
-    return BLOCK_T if num_tokens <= FEW_TOKENS else 1
+# A decode batch (few tiles, up to 16 runs each): one program per possible run, so the grid is wide.
+FEW_TOKENS, FEW = 32, Launch(block_t=16, programs=16, k_chunk=256, block_n=64)
+# Up to MANY_TOKENS (decode batches: tokens laid out by adapter, few runs a tile): one program per tile.
+MANY_TOKENS, MANY = 256, Launch(block_t=16, programs=1, k_chunk=256, block_n=64)
+# Prefill-sized steps (tiles mostly one run): large tiles, so y and x stream at speed.
+LARGE = Launch(block_t=64, programs=1, k_chunk=1024, block_n=128)
+SHRINK_BLOCK_K = 64
 
 
-SHRINK_K_CHUNK = 256  # columns of K per shrink program
+def launch_for(num_tokens: int) -> Launch:
+    """The launch class of a step of num_tokens tokens (FEW, MANY or LARGE)."""
+    return FEW if num_tokens <= FEW_TOKENS else MANY if num_tokens <= MANY_TOKENS else LARGE
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
@@ -196,54 +222,63 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """s [T, R] float32: x[t] @ a[slots[t]]^T (zeros where slots[t] < 0). x [T, K], a [S, R, K]."""
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, launch: Launch | None = None
+) -> torch.Tensor:
+    """s [T, R] float32: x[t] @ a[slots[t]]^T (zeros where slots[t] < 0). x [T, K], a [S, R, K].
+    launch: launch_for(T) unless given (benchmarks compare others)."""
     _check(x, a, slots)
     T, K = x.shape
     R = a.shape[1]
     assert a.shape[2] == K and R <= MAX_STACKED_RANK and a.dtype == x.dtype, (x.shape, a.shape)
     s = torch.zeros((T, R), dtype=torch.float32, device=x.device)
     if T:
+        launch = launch or launch_for(T)
         block_r = min(max(16, triton.next_power_of_2(R)), 128)
         upcast, precision = _precision(x.dtype)
-        block_k = 64
         # K split over programs (one program per tile streaming all of K ran a bs16 decode step of a
-        # Llama-3-8B with 4 adapters at 212 ms on an H100): about SHRINK_K_CHUNK columns each
-        k_chunk = block_k * max(1, min(SHRINK_K_CHUNK, K) // block_k)
-        programs = programs_per_tile(T)
+        # Llama-3-8B with 4 adapters at 212 ms on an H100)
+        k_chunk = SHRINK_BLOCK_K * max(1, min(launch.k_chunk, K) // SHRINK_BLOCK_K)
         grid = (
-            triton.cdiv(T, BLOCK_T) * programs,
+            triton.cdiv(T, launch.block_t) * launch.programs,
             triton.cdiv(R, block_r),
             triton.cdiv(K, k_chunk),
         )
         _shrink_kernel[grid](
             x, a, slots, s, T, x.stride(0), a.stride(0), R, K,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, K_CHUNK=k_chunk, PROGRAMS=programs,
-            UPCAST=upcast,
-            PRECISION=precision,
+            BLOCK_T=launch.block_t, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, K_CHUNK=k_chunk,
+            PROGRAMS=launch.programs, STATIC_RUNS=interpreting(), UPCAST=upcast,
+            PRECISION=precision, num_warps=launch.num_warps,
         )  # fmt: skip
     return s
 
 
 def lora_expand(
-    y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor
+    y: torch.Tensor,
+    s: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    slots: torch.Tensor,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """y[t] += scales[slots[t]] * s[t] @ b[slots[t]]^T, in place (rows with slots[t] < 0 untouched).
-    y [T, N], s [T, R] float32, b [S, N, R], scales [S] float32."""
+    y [T, N], s [T, R] float32, b [S, N, R], scales [S] float32. launch: launch_for(T) unless given."""
     _check(y, b, slots)
     T, N = y.shape
     R = b.shape[2]
     assert s.shape == (T, R) and s.dtype == torch.float32 and s.is_contiguous(), s.shape
     assert b.shape[1] == N and scales.shape == (b.shape[0],), (b.shape, scales.shape)
     if T:
+        launch = launch or launch_for(T)
         block_r = max(16, triton.next_power_of_2(R))
-        block_n = 64 if block_r <= 64 else 32
+        block_n = launch.block_n if block_r <= 64 else launch.block_n // 2
         upcast, precision = _precision(b.dtype)
-        programs = programs_per_tile(T)
-        _expand_kernel[(triton.cdiv(T, BLOCK_T) * programs, triton.cdiv(N, block_n))](
+        grid = (triton.cdiv(T, launch.block_t) * launch.programs, triton.cdiv(N, block_n))
+        _expand_kernel[grid](
             s, b, scales, slots, y, T, y.stride(0), b.stride(0), N, R,
-            BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_N=block_n, PROGRAMS=programs, UPCAST=upcast,
-            PRECISION=precision,
+            BLOCK_T=launch.block_t, BLOCK_R=block_r, BLOCK_N=block_n, PROGRAMS=launch.programs,
+            STATIC_RUNS=interpreting(), UPCAST=upcast, PRECISION=precision,
+            num_warps=launch.num_warps,
         )  # fmt: skip
     return y
 

@@ -56,10 +56,10 @@ def rows_class(t: int) -> str:
 
 
 def tile_kinds(slots: torch.Tensor) -> set[str]:
-    """What the kernels do per tile of BLOCK_T tokens: a tile GEMM on one adapter, nothing (base model),
-    or the per-token GEMV (mixed)."""
+    """What the kernels do per tile of the step's launch: a tile GEMM on one adapter, nothing (base
+    model), or one masked tile GEMM per run (mixed)."""
     kinds = set()
-    for tile in slots.split(kernels.BLOCK_T):
+    for tile in slots.split(kernels.launch_for(len(slots)).block_t):
         ids = set(tile.tolist())
         kinds.add("mixed" if len(ids) > 1 else "base" if ids == {-1} else "adapter")
     return kinds
@@ -72,6 +72,7 @@ class KernelSpy:
         self.shrink: set[tuple[str, str]] = set()
         self.expand: set[tuple[str, str]] = set()
         self.slots_used: set[int] = set()
+        self.launches: set[kernels.Launch] = set()  # each one its own compiled kernel
 
         def spy_shrink(x, a, slots):
             self._record(self.shrink, slots)
@@ -86,6 +87,7 @@ class KernelSpy:
 
     def _record(self, seen, slots):
         self.slots_used |= set(slots.tolist()) - {-1}
+        self.launches.add(kernels.launch_for(len(slots)))
         seen |= {(rows_class(len(slots)), kind) for kind in tile_kinds(slots)}
 
 
@@ -125,6 +127,7 @@ def test_the_gpu_plan_runs_every_lora_kernel_path_and_leaves_nothing(setup, monk
         ("other", "mixed"),  # prefill 3x5, 17x3, decode of 3
     }
     assert expected <= spy.shrink and expected <= spy.expand, (spy.shrink, spy.expand)
+    assert spy.launches == {kernels.FEW, kernels.MANY, kernels.LARGE}  # every compiled variant
     assert spy.slots_used == {0}  # the warm-up adapter, in the first free slot
     assert_clean(runner, loaded=[])
 

@@ -45,6 +45,7 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
         (17, 64, 96, 192, 4),
         (40, 64, 80, 16, 3),  # a program per tile, looping over mixed tiles' runs
         (57, 72, 80, 16, 2),
+        (300, 200, 150, 48, 3),  # a prefill-sized step: 64-token tiles (lora.LARGE)
     ],
 )
 def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
@@ -58,6 +59,25 @@ def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
     base = slots < 0
     assert torch.equal(y[base], y0[base])
     assert torch.equal(s[base], torch.zeros_like(s[base]))
+
+
+@pytest.mark.parametrize("launch", [lora.FEW, lora.MANY, lora.LARGE], ids=["few", "many", "large"])
+def test_every_launch_class_gives_the_reference(launch):
+    """Any launch on any step size computes the same delta: mixed tiles of every slot and the base model
+    (a decode batch) and runs of one slot across tile edges (prefills), K over several chunks."""
+    for T in (9, 70):
+        x, a, b, scales, slots = _inputs(T, 1100, 140, 24, 4, torch.float32, seed=T)
+        y0 = randn(gen(3), T, 140, dtype=torch.float32)
+        s = lora.lora_shrink(x, a, slots, launch)
+        y = lora.lora_expand(y0.clone(), s, b, scales, slots, launch)
+        close(y, y0 + lora.lora_reference(x, a, b, scales, slots))
+        assert torch.equal(y[slots < 0], y0[slots < 0])
+
+
+def test_launch_classes_by_step_size():
+    assert lora.launch_for(1) == lora.launch_for(lora.FEW_TOKENS) == lora.FEW
+    assert lora.launch_for(lora.FEW_TOKENS + 1) == lora.launch_for(lora.MANY_TOKENS) == lora.MANY
+    assert lora.launch_for(lora.MANY_TOKENS + 1) == lora.launch_for(8192) == lora.LARGE
 
 
 def test_reference_is_a_per_token_matmul():
