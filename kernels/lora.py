@@ -223,15 +223,24 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def lora_shrink(
-    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, launch: Launch | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    slots: torch.Tensor,
+    launch: Launch | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """s [T, R] float32: x[t] @ a[slots[t]]^T (zeros where slots[t] < 0). x [T, K], a [S, R, K].
-    launch: launch_for(T) unless given (benchmarks compare others)."""
+    launch: launch_for(T) unless given (benchmarks compare others). out: zeros [T, R] float32,
+    contiguous, to sum into (a view of a buffer zeroed once for many layers), else allocated."""
     _check(x, a, slots)
     T, K = x.shape
     R = a.shape[1]
     assert a.shape[2] == K and R <= MAX_STACKED_RANK and a.dtype == x.dtype, (x.shape, a.shape)
-    s = torch.zeros((T, R), dtype=torch.float32, device=x.device)
+    if out is None:
+        s = torch.zeros((T, R), dtype=torch.float32, device=x.device)
+    else:
+        assert out.shape == (T, R) and out.dtype == torch.float32 and out.is_contiguous()
+        s = out
     if T:
         launch = launch or launch_for(T)
         block_r = min(max(16, triton.next_power_of_2(R)), 128)

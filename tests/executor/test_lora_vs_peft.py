@@ -210,6 +210,34 @@ def test_cuda_graph_slot_buffer(setup):
     assert captured.tolist() == [-1] * 4
 
 
+def test_one_zeroed_shrink_buffer_per_forward(setup, monkeypatch):
+    """The triton backend's shrink outputs are disjoint views of one buffer zeroed per model forward
+    (one memset, not one per layer); a new forward (the model's pre-hook) gets a new buffer, so a
+    step never sums into the last step's values (the PEFT comparisons above check the values)."""
+    runner = make_runner(setup, lora_backend="triton")
+    state, layers = runner.lora.state, list(runner.lora.layers.values())
+    spans = sorted((lyr.scratch_offset, lyr.lora_a.shape[1]) for lyr in layers)
+    assert all(o + w == nxt for (o, w), (nxt, _) in zip(spans, spans[1:]))
+    assert spans[0][0] == 0 and state.scratch_width == sum(w for _, w in spans)
+    buffers = []
+    shrink_out = state.shrink_out
+    monkeypatch.setattr(
+        state,
+        "shrink_out",
+        lambda *a: (shrink_out(*a), buffers.append(state._scratch))[0],
+    )
+    pool = SlotPool(runner.kv_slots)
+    (p,) = prompts(8, 5)
+    out = runner.step(
+        StepInput(1, new_requests=[NewRequest("a", p, pool.take(5), lora_name="all8")])
+    )
+    first = len(buffers)
+    runner.step(StepInput(2, continuing_requests=[ContinuingRequest("a", pool.take(1))]))
+    assert first == len(layers) and len(buffers) == 2 * len(layers), out
+    assert all(b is buffers[0] for b in buffers[:first])
+    assert all(b is buffers[first] for b in buffers[first:]) and buffers[first] is not buffers[0]
+
+
 def test_target_modules_limit_the_wrapped_layers(setup):
     _, folders, refs = setup
     runner = make_runner(

@@ -36,6 +36,30 @@ class LoraSlotsState:
         self.token_slots: torch.Tensor | None = None  # [T] int64, None: no adapter in the step
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.backend = backend  # "triton" | "torch"
+        self.device = device
+        # The shrink outputs of every LoraLinear of a forward: one float32 buffer zeroed once per
+        # forward (one memset, not one per layer; under CUDA graphs captured with the forward), each
+        # layer's [T, R] a contiguous view at its own offset (scratch_width: the sum of their R).
+        self.scratch_width = 0
+        self._scratch: torch.Tensor | None = None
+
+    def reserve_scratch(self, width: int) -> int:
+        """A layer's offset (in columns of T rows) in the forward's shrink buffer."""
+        self.scratch_width += width
+        return self.scratch_width - width
+
+    def new_forward(self) -> None:
+        """A model forward begins (a pre-hook on the model, wrap_model's): its buffer is new."""
+        self._scratch = None
+
+    def shrink_out(self, tokens: int, offset: int, width: int) -> torch.Tensor:
+        """Zeros [tokens, width] for one layer's shrink, from this forward's buffer."""
+        if self._scratch is None:
+            self._scratch = torch.zeros(
+                tokens * self.scratch_width, dtype=torch.float32, device=self.device
+            )
+        assert self._scratch.numel() == tokens * self.scratch_width, "a forward of two sizes"
+        return self._scratch.narrow(0, tokens * offset, tokens * width).view(tokens, width)
 
 
 def _out_layout(base: nn.Module) -> tuple[list[int], list[int], list[int]]:
@@ -84,6 +108,7 @@ class LoraLinear(nn.Module):
             "lora_b",
             torch.zeros(num_slots, base.out_features, stacked, dtype=dtype, device=device),
         )
+        self.scratch_offset = state.reserve_scratch(stacked)
 
     def slice_for_rank(
         self, shard: int, a: torch.Tensor, b: torch.Tensor
@@ -124,11 +149,14 @@ class LoraLinear(nn.Module):
         if not y.is_contiguous():  # the expand adds into it in place, through a 2-d view
             y = y.contiguous()
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
         if self.state.backend == "torch":
-            shrink, expand = kernels.shrink_reference, kernels.expand_reference
+            s = kernels.shrink_reference(x2, self.lora_a, slots)
+            expand = kernels.expand_reference
         else:
-            shrink, expand = kernels.lora_shrink, kernels.lora_expand
-        s = shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.lora_a, slots)
+            zeros = self.state.shrink_out(x2.shape[0], self.scratch_offset, self.lora_a.shape[1])
+            s = kernels.lora_shrink(x2, self.lora_a, slots, out=zeros)
+            expand = kernels.lora_expand
         if self.row_parallel and tp_size() > 1:
             s = all_reduce(s)
         expand(y2, s, self.lora_b, self.state.scales, slots)

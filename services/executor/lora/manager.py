@@ -99,6 +99,7 @@ def wrap_model(
                     wrapped[(i, name)] = lora
     if not wrapped:
         raise LoraError(f"{type(model).__name__} has no LoRA target layers (q/k/v/o/gate/up/down)")
+    model.register_forward_pre_hook(lambda *_: state.new_forward())
     return wrapped
 
 
