@@ -92,11 +92,12 @@ def _shrink_kernel(
     x_rows = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt
     sub = tl.program_id(0) % PROGRAMS
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: all)
-    for i in range(0, BLOCK_T if STATIC_RUNS else num_runs):
-        rows = run == i
+    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: every
+    # possible run of the tile, those past its last one get slot -1)
+    for j in range(0, BLOCK_T // PROGRAMS if STATIC_RUNS else tl.cdiv(num_runs - sub, PROGRAMS)):
+        rows = run == sub + j * PROGRAMS
         slot = tl.max(tl.where(rows, slots, -1), axis=0)
-        if (slot >= 0) & (i % PROGRAMS == sub):
+        if slot >= 0:
             a_rows = a_ptr + slot.to(tl.int64) * stride_as + offs_r[:, None].to(tl.int64) * K
             for kk in range(0, K_CHUNK, BLOCK_K):
                 k0 = k_begin + kk
@@ -152,11 +153,12 @@ def _expand_kernel(
     r_mask = offs_r < R
     sub = tl.program_id(0) % PROGRAMS
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: all)
-    for i in range(0, BLOCK_T if STATIC_RUNS else num_runs):
-        rows = run == i
+    # this program's runs: sub, sub + P, ... (the interpreter's loops take no reduced bound: every
+    # possible run of the tile, those past its last one get slot -1)
+    for j in range(0, BLOCK_T // PROGRAMS if STATIC_RUNS else tl.cdiv(num_runs - sub, PROGRAMS)):
+        rows = run == sub + j * PROGRAMS
         slot = tl.max(tl.where(rows, slots, -1), axis=0)
-        if (slot >= 0) & (i % PROGRAMS == sub):
+        if slot >= 0:
             s = tl.load(
                 s_ptr + offs_t[:, None] * R + offs_r[None, :],
                 mask=rows[:, None] & r_mask[None, :],
