@@ -433,6 +433,16 @@ void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const 
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
+// Steps of up to this many tokens run the fused forward on one thread. A bs1 step passes ~300 barriers
+// (10 per layer), and with OMP_WAIT_POLICY=PASSIVE (as `radixserve executor` runs) each costs a futex
+// sleep and wake-up, ~50 us: on the 2-core EPYC VM (another process on one core) two threads took 13.0
+// ms per bs1 step where one took 11.3, and 21.5 against 20.1 ms at 4 tokens; at 16 the same (67 ms).
+// (scripts/bench_gguf_cpu.py --profile breaks a step down.) The one thread leaves the other core to the
+// services and to the LM head's split.
+constexpr int64_t kOneThreadRows = 4;
+
+int forward_threads(int64_t M) { return M <= kOneThreadRows ? 1 : num_threads(); }
+
 // --- standalone ops (tests) ---------------------------------------------------------------------
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, const std::optional<at::Tensor>& bias) {
@@ -548,8 +558,8 @@ enum Stage { kNorm, kQkv, kRope, kAttention, kO, kGateUp, kSilu, kDown, kStages 
 const char* const kStageNames[kStages] = {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"};
 
 // Closes a stage at the barrier; given a times array (DecodeModel::profile) it adds each thread's time to
-// its arrival and the stage's time to the release. (A spinning barrier was tried: on this 2-core machine
-// with another process on one core it made a bs1 step 2.3x slower than OpenMP's, whose waiter sleeps.)
+// its arrival and the stage's time to the release. (A spinning barrier was tried: on the 2-core VM with
+// another process on one core it made a 2-thread bs1 step 2.5x slower than OpenMP's, whose waiter sleeps.)
 class StageClock {
  public:
   StageClock(double* times, int tid, int rows) : times_(times), tid_(tid), rows_(rows) {
@@ -646,7 +656,7 @@ class DecodeModel {
   // wall time up to the barrier's release (its slowest thread plus the barrier).
   std::vector<at::Tensor> profile(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& out_slots,
                                   const at::Tensor& table, const at::Tensor& lens) {
-    const int nt = num_threads();
+    const int nt = forward_threads(x.size(0));
     at::Tensor times = at::zeros({nt + 1, kStages}, at::kDouble);
     at::Tensor h = run(x, positions, out_slots, table, lens, times.data_ptr<double>());
     return {h, times};
@@ -669,7 +679,7 @@ class DecodeModel {
     at::Tensor res = at::empty({M, H}, opts), h = at::empty({M, H}, opts), tmp = at::empty({M, H}, opts);
     at::Tensor qkv = at::empty({M, nqkv}, opts), attn = at::empty({M, nh * D}, opts);
     at::Tensor gu = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
-    const int nt = num_threads();
+    const int nt = forward_threads(M);
     const int64_t ld = std::max<int64_t>(table.size(1), 1);
     std::vector<float> scores(size_t(nt) * ld + 16);
     const int64_t kmax = std::max({H, nh * D, I}), nmax = std::max({nqkv, H, 2 * I});
