@@ -250,7 +250,10 @@ void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
 // One activation row (a decode step's): NR1 weight rows per tile, the same operations per (weight row,
 // activation row) as tile_vnni (so the same bits), with fewer instructions per block pair: a Q4 pair is
 // one masked 64-byte load whose words are permuted into the nibble lanes and the d / m lanes (instead of
-// two loads, shifts and inserts for the nibbles and scalar f16 loads for d and m).
+// two loads, shifts and inserts for the nibbles and scalar f16 loads for d and m). Q8_0 reads a row's d
+// halves per chunk of 16 blocks up front (scalar loads, one conversion, a permute per pair): that touches
+// each of the tile's rows across its length at once, so their cache misses overlap; an LM head row
+// (49152 x 576) streamed from memory 1.7x faster than with the d halves read pair by pair.
 constexpr int64_t NR1 = 4;
 // Bytes ahead of each block pair to prefetch: the weights stream from memory once per step (a model's
 // are far larger than the caches) and the hardware prefetcher alone kept a Q8_0 LM head at a third of
@@ -285,12 +288,24 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 dv[R];  // Q8_0: a row's d per block of the current chunk of 16
   for (int64_t p = 0; p < a.pairs; ++p) {
     const __m512 xd = _mm512_loadu_ps(a.xd + p * 16);
     const bool full = 2 * p + 1 < nb;
     if constexpr (QT == Q8_0) {
+      if (p % 8 == 0) {  // a new chunk: its blocks' d halves, gathered by scalar loads, converted once
+        const int64_t b0 = 2 * p, b1 = std::min(nb, b0 + 16);
+        for (int r = 0; r < R; ++r) {
+          alignas(32) uint16_t dh[16] = {};
+          const uint8_t* row = w + (r0 + r) * row_bytes;
+          for (int64_t b = b0; b < b1; ++b) std::memcpy(&dh[b - b0], row + b * BB, 2);
+          dv[r] = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(dh)));
+        }
+      }
+      const __m512i lanes = _mm512_add_epi32(
+          _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+          _mm512_set1_epi32(int(2 * (p % 8))));
       const __m512i qx = _mm512_loadu_si512(a.qu + p * 64);
-      const __m256i d01 = _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
       for (int r = 0; r < R; ++r) {
         const uint8_t* b0 = w + (r0 + r) * row_bytes + 2 * p * BB;
         const uint8_t* b1 = full ? b0 + BB : kZeroBlock;
@@ -298,11 +313,7 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
         const __m512i wv = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
-        uint16_t h0, h1;
-        std::memcpy(&h0, b0, 2);
-        std::memcpy(&h1, b1, 2);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_permutexvar_epi16(
-            d01, _mm256_castsi128_si256(_mm_cvtsi32_si128(static_cast<int>(h0 | (uint32_t(h1) << 16))))));
+        const __m512 dw = _mm512_permutexvar_ps(lanes, dv[r]);
         // as tile_vnni: sum (q + 128) w - 128 sum w = sum q w
         const __m512i corr = _mm512_sub_epi32(
             _mm512_setzero_si512(),
