@@ -15,6 +15,13 @@ step, K + 1 a verify step with K drafts), and with --baseline-source another ggu
 it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternating; one JSON line per
 (shape, M) with each kernel's best ms of --repeats, and the model's total (30 layers + the head):
   python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
+(a gguf_cpu_kernels.h beside the baseline source is the one it builds with.)
+
+With --profile it breaks a bs1 decode step of the native model through the fused path down instead:
+per stage of the C++ forward (DecodeModel.profile: each thread's work and each stage's wall time, barrier
+included), the LM head, the embedding and the rest of runner.step, in ms per step; then the GGUF's bytes
+by role and type, the memory read rate (a float32 sum over 512 MiB) and the floor they set:
+  OMP_WAIT_POLICY=PASSIVE python scripts/bench_gguf_cpu.py --profile --tokens 64 --repeats 3
 """
 
 from __future__ import annotations
