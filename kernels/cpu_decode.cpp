@@ -433,6 +433,16 @@ void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const 
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
+// Steps of up to this many tokens run the fused forward on one thread. A bs1 step passes ~300 barriers
+// (10 per layer), and with OMP_WAIT_POLICY=PASSIVE (as `radixserve executor` runs) each costs a futex
+// sleep and wake-up, ~50 us: on the 2-core EPYC VM (another process on one core) two threads took 13.0
+// ms per bs1 step where one took 11.3, and 21.5 against 20.1 ms at 4 tokens; at 16 the same (67 ms).
+// (scripts/bench_gguf_cpu.py --profile breaks a step down.) The one thread leaves the other core to the
+// services and to the LM head's split.
+constexpr int64_t kOneThreadRows = 4;
+
+int forward_threads(int64_t M) { return M <= kOneThreadRows ? 1 : num_threads(); }
+
 // --- standalone ops (tests) ---------------------------------------------------------------------
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& w, int64_t N, const std::optional<at::Tensor>& bias) {
@@ -543,6 +553,36 @@ inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t 
     qgemm_part(tid, nt, x, K, M, L.w.data_ptr<uint8_t>(), L.qtype, K, N, fp_or_null(L.b), out, N, s);
 }
 
+// The forward's stages, for DecodeModel::profile.
+enum Stage { kNorm, kQkv, kRope, kAttention, kO, kGateUp, kSilu, kDown, kStages };
+const char* const kStageNames[kStages] = {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"};
+
+// Closes a stage at the barrier; given a times array (DecodeModel::profile) it adds each thread's time to
+// its arrival and the stage's time to the release. (A spinning barrier was tried: on the 2-core VM with
+// another process on one core it made a 2-thread bs1 step 2.5x slower than OpenMP's, whose waiter sleeps.)
+class StageClock {
+ public:
+  StageClock(double* times, int tid, int rows) : times_(times), tid_(tid), rows_(rows) {
+    if (times_) last_ = omp_get_wtime();
+  }
+  void barrier(Stage s) {
+    if (!times_) {
+#pragma omp barrier
+      return;
+    }
+    times_[tid_ * kStages + s] += omp_get_wtime() - last_;
+#pragma omp barrier
+    const double now = omp_get_wtime();
+    if (tid_ == 0) times_[rows_ * kStages + s] += now - last_;
+    last_ = now;
+  }
+
+ private:
+  double* times_;
+  int tid_, rows_;
+  double last_ = 0.0;
+};
+
 class DecodeModel {
  public:
   DecodeModel(int64_t hidden, int64_t nh, int64_t nkv, int64_t head_dim, int64_t inter, double eps, double scale,
@@ -607,6 +647,24 @@ class DecodeModel {
   // lens [M] int64. Returns the final-normed hidden states [M, H].
   at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& out_slots,
                      const at::Tensor& table, const at::Tensor& lens) {
+    return run(x, positions, out_slots, table, lens, nullptr);
+  }
+
+  // forward, timed by stage (scripts/bench_gguf_cpu.py --profile): returns the hidden states and a float64
+  // [threads + 1, kStages] tensor of seconds summed over the layers: row t < threads is thread t's time in
+  // each stage until it reached the stage's closing barrier (its own work), the last row each stage's
+  // wall time up to the barrier's release (its slowest thread plus the barrier).
+  std::vector<at::Tensor> profile(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& out_slots,
+                                  const at::Tensor& table, const at::Tensor& lens) {
+    const int nt = forward_threads(x.size(0));
+    at::Tensor times = at::zeros({nt + 1, kStages}, at::kDouble);
+    at::Tensor h = run(x, positions, out_slots, table, lens, times.data_ptr<double>());
+    return {h, times};
+  }
+
+ private:
+  at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& out_slots,
+                 const at::Tensor& table, const at::Tensor& lens, double* times) {
     check_bf16(x, "x");
     TORCH_CHECK(positions.scalar_type() == at::kLong && out_slots.scalar_type() == at::kLong &&
                     table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
@@ -621,7 +679,7 @@ class DecodeModel {
     at::Tensor res = at::empty({M, H}, opts), h = at::empty({M, H}, opts), tmp = at::empty({M, H}, opts);
     at::Tensor qkv = at::empty({M, nqkv}, opts), attn = at::empty({M, nh * D}, opts);
     at::Tensor gu = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
-    const int nt = num_threads();
+    const int nt = forward_threads(M);
     const int64_t ld = std::max<int64_t>(table.size(1), 1);
     std::vector<float> scores(size_t(nt) * ld + 16);
     const int64_t kmax = std::max({H, nh * D, I}), nmax = std::max({nqkv, H, 2 * I});
@@ -639,34 +697,35 @@ class DecodeModel {
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
       float* sc = scores.data() + tid * ld;
+      StageClock clock(times, tid, nt);
       for (int64_t l = 0; l < nlayers; ++l) {
         const Layer& L = layers[l];
         add_rms_part(tid, n, l == 0 ? xp : tmpp, resp, l > 0, M, H, eps, bp(L.input_norm), hp);
-#pragma omp barrier
+        clock.barrier(kNorm);
         linear_part(tid, n, L.qkv, hp, M, H, nqkv, qkvp, qs);
-#pragma omp barrier
+        clock.barrier(kQkv);
         rope_store_part(tid, n, qkvp, M, nh, nkv, D, pos, cos, sin, slots, bpm(L.k_cache), bpm(L.v_cache));
-#pragma omp barrier
+        clock.barrier(kRope);
         attention_part(tid, n, qkvp, nqkv, M, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab, table.size(1), ln,
                        scale, sc, attnp);
-#pragma omp barrier
+        clock.barrier(kAttention);
         linear_part(tid, n, L.o, attnp, M, nh * D, H, tmpp, qs);
-#pragma omp barrier
+        clock.barrier(kO);
         add_rms_part(tid, n, tmpp, resp, true, M, H, eps, bp(L.post_attention_norm), hp);
-#pragma omp barrier
+        clock.barrier(kNorm);
         linear_part(tid, n, L.gate_up, hp, M, H, 2 * I, gup, qs);
-#pragma omp barrier
+        clock.barrier(kGateUp);
         silu_mul_part(tid, n, gup, M, I, actp);
-#pragma omp barrier
+        clock.barrier(kSilu);
         linear_part(tid, n, L.down, actp, M, I, H, tmpp, qs);
-#pragma omp barrier
+        clock.barrier(kDown);
       }
       add_rms_part(tid, n, nlayers == 0 ? xp : tmpp, resp, nlayers > 0, M, H, eps, fnorm, hp);
+      clock.barrier(kNorm);
     }
     return h;
   }
 
- private:
   int64_t H_, nh_, nkv_, D_, I_;
   float eps_, scale_;
   at::Tensor cos_, sin_, final_norm_;
@@ -690,5 +749,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
       .def("add_gguf_layer", &DecodeModel::add_gguf_layer)
-      .def("forward", &DecodeModel::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecodeModel::forward, py::call_guard<py::gil_scoped_release>())
+      .def("profile", &DecodeModel::profile, py::call_guard<py::gil_scoped_release>());
+  m.attr("STAGES") = std::vector<std::string>(kStageNames, kStageNames + kStages);
 }

@@ -41,6 +41,20 @@ _ENV_SWITCH = "RADIXSERVE_CPU_DECODE_KERNELS"
 # released by the OS at once).
 _ENV_BUILD_WAIT = "RADIXSERVE_CPU_DECODE_BUILD_WAIT"
 _DEFAULT_BUILD_WAIT_S = 600.0
+# -march=native plus the ISA flags load() checks, spelled out so that the build does not depend on the CPU
+# it runs on; -ffp-contract=off as gguf_cpu.cpp: the shared GGUF row dots must give the torch path's bits
+# (no FMA contraction).
+_CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-DNDEBUG",
+]
 _LOCK_POLL_S = 0.2
 _lock = threading.Lock()
 _module = None
@@ -63,10 +77,14 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 def _extension_name() -> str:
-    """Built with -march=native, so the cached .so is only valid on CPUs with the same features; and it
-    includes gguf_cpu_kernels.h, which torch's rebuild check does not read."""
+    """Built with -march=native, so the cached .so is only valid on CPUs with the same features; and the
+    name covers the sources (the .cpp and gguf_cpu_kernels.h, which torch's rebuild check does not read)
+    and the flags: a changed source builds under a new name instead of rebuilding, in place, a .so that
+    other worktrees' processes (sharing the torch extensions folder) load."""
     cpu_key = hashlib.sha256(
-        " ".join([*sorted(_cpu_flags()), _GGUF_HEADER.read_text()]).encode()
+        " ".join(
+            [*sorted(_cpu_flags()), *_CFLAGS, _SOURCE.read_text(), _GGUF_HEADER.read_text()]
+        ).encode()
     ).hexdigest()[:10]
     return f"radixserve_cpu_decode_{cpu_key}"
 
@@ -228,18 +246,7 @@ def _compile(name: str, build_dir: pathlib.Path) -> str:
         sources=[str(_SOURCE)],
         build_directory=str(build_dir),
         is_python_module=False,
-        extra_cflags=[
-            "-O3",
-            "-march=native",
-            "-mavx512f",
-            "-mavx512bw",
-            "-mavx512vl",
-            "-mavx512bf16",
-            "-fopenmp",
-            # As gguf_cpu.cpp: the shared GGUF row dots must give the torch path's bits (no FMA contraction).
-            "-ffp-contract=off",
-            "-DNDEBUG",
-        ],
+        extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

@@ -15,6 +15,13 @@ step, K + 1 a verify step with K drafts), and with --baseline-source another ggu
 it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternating; one JSON line per
 (shape, M) with each kernel's best ms of --repeats, and the model's total (30 layers + the head):
   python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
+(a gguf_cpu_kernels.h beside the baseline source is the one it builds with.)
+
+With --profile it breaks a bs1 decode step of the native model through the fused path down instead:
+per stage of the C++ forward (DecodeModel.profile: each thread's work and each stage's wall time, barrier
+included), the LM head, the embedding and the rest of runner.step, in ms per step; then the GGUF's bytes
+by role and type, the memory read rate (a float32 sum over 512 MiB) and the floor they set:
+  OMP_WAIT_POLICY=PASSIVE python scripts/bench_gguf_cpu.py --profile --tokens 64 --repeats 3
 """
 
 from __future__ import annotations
@@ -137,6 +144,118 @@ def bench_llama_cpp(tokens: int, repeats: int) -> dict | None:
     }
 
 
+def read_bandwidth(mb: int = 512, repeats: int = 7) -> dict:
+    """GB/s of a float32 sum over `mb` MiB (well past the L3): the memory read rate a decode step's weight
+    reads are bounded by, at 1 and at the runner's thread count."""
+    x = torch.ones(mb << 18, dtype=torch.float32)
+    threads, out = torch.get_num_threads(), {}
+    try:
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                x.sum()
+                best = min(best, time.perf_counter() - t0)
+            out[f"read_gb_s_{t}_threads"] = round(x.numel() * 4 / best / 1e9, 1)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def weight_bytes() -> dict:
+    """Bytes of the GGUF file's tensors a decode step reads, by role and block type."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(embedded_gguf()))
+    out: dict[str, int] = {}
+    for t in reader.tensors:
+        role = "layers" if t.name.startswith("blk.") else t.name.split(".")[0]
+        key = f"{role} {t.tensor_type.name}"
+        out[key] = out.get(key, 0) + int(t.n_bytes)
+    return out
+
+
+class _Timed:
+    """Calls of `fn` with their wall time added to totals[name]."""
+
+    def __init__(self, fn, totals: dict, name: str):
+        self.fn, self.totals, self.name = fn, totals, name
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - t0
+
+
+class _ProfiledKernelModel:
+    """Stands in for FastDecode's DecodeModel: runs its timed forward (DecodeModel.profile) and sums the
+    per-stage times."""
+
+    def __init__(self, model, stages: list[str], totals: dict):
+        self.model, self.stages, self.totals = model, stages, totals
+
+    def forward(self, *args):
+        hidden, times = self.model.profile(*args)
+        for i, stage in enumerate(self.stages):
+            for row in range(times.shape[0]):
+                who = "wall" if row == times.shape[0] - 1 else f"thread{row}"
+                key = f"{who} {stage}"
+                self.totals[key] = self.totals.get(key, 0.0) + float(times[row, i])
+        return hidden
+
+
+def profile_decode(tokens: int, repeats: int, threads: int | None) -> None:
+    """Where a bs1 decode step of the native Q4_1 model through the fused path goes: one JSON line per
+    part, ms per step (median over repeats), and the floor its weight reads set."""
+    from radixserve.kernels import cpu_decode
+
+    runner = make_runner(resolve_model_path(None), "bfloat16", "gguf", True)
+    if runner.fast_decode is None:
+        raise SystemExit("the fused CPU decode path does not run on this machine")
+    if threads:
+        torch.set_num_threads(threads)
+    fast, model = runner.fast_decode, runner.model
+    stages = list(cpu_decode.load().STAGES)
+    decode_run(runner, 8)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        totals: dict[str, float] = {}
+        kernel_model, embed = fast._kernel_model, fast._embed
+        fast._kernel_model = _ProfiledKernelModel(kernel_model, stages, totals)
+        fast._embed = _Timed(embed, totals, "embedding")
+        fast.forward = _Timed(fast.forward, totals, "fused forward (embedding + C++ call)")
+        model.compute_logits = _Timed(model.compute_logits, totals, "lm head (compute_logits)")
+        try:
+            wall, cpu = decode_run(runner, tokens)
+        finally:  # the instances' own attributes go; their class's methods show again
+            fast._kernel_model, fast._embed = kernel_model, embed
+            del fast.forward, model.compute_logits
+        totals = {k: v * 1e3 / tokens for k, v in totals.items()}
+        totals["step (runner.step)"] = wall
+        totals["step cpu"] = cpu
+        runs.append(totals)
+    parts = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    wall_stages = sum(v for k, v in parts.items() if k.startswith("wall "))
+    parts["C++ forward, all stages"] = round(wall_stages, 3)
+    parts["rest of the step (sampling, runner Python)"] = round(
+        parts["step (runner.step)"]
+        - parts["fused forward (embedding + C++ call)"]
+        - parts["lm head (compute_logits)"],
+        3,
+    )
+    for k, v in parts.items():
+        print(json.dumps({"part": k, "ms_per_step": v}))
+    sizes = weight_bytes()
+    bw = read_bandwidth()
+    print(json.dumps({"weight_bytes": sizes, **bw, "threads": torch.get_num_threads()}))
+    total = sum(sizes.values())
+    for key, rate in bw.items():
+        print(json.dumps({"floor_ms": round(total / rate / 1e6, 2), "at": key}))
+
+
 # SmolLM2-135M's linear layers: (name, out features, in features, block type, per model).
 SHAPES = [
     ("qkv", 960, 576, 3, 30),
@@ -169,12 +288,17 @@ def bench_kernels(rows: list[int], repeats: int, baseline: str | None) -> None:
     if kernels["current"] is None:
         raise SystemExit("the GGUF CPU extension is unavailable on this machine")
     if baseline:
+        # Its gguf_cpu_kernels.h: the one beside it if there is one (the compiler looks there first),
+        # else this tree's; the name covers the header's text too.
+        header = pathlib.Path(baseline).with_name(gguf_cpu.KERNELS_HEADER.name)
+        if not header.exists():
+            header = gguf_cpu.KERNELS_HEADER
+        key = hashlib.sha256(pathlib.Path(baseline).read_bytes() + header.read_bytes())
         kernels["baseline"] = cpp_extension.load(
-            name="radixserve_gguf_cpu_baseline_"
-            + hashlib.sha256(pathlib.Path(baseline).read_bytes()).hexdigest()[:10],
+            name="radixserve_gguf_cpu_baseline_" + key.hexdigest()[:10],
             sources=[baseline],
             extra_cflags=gguf_cpu._CFLAGS,
-            extra_include_paths=[str(gguf_cpu.KERNELS_HEADER.parent)],  # gguf_cpu_kernels.h
+            extra_include_paths=[str(header.parent)],
         )
     g = torch.Generator().manual_seed(0)
     totals: dict[tuple[str, int], float] = {}
@@ -225,9 +349,18 @@ def main() -> None:
         help="torch intra-op threads (the fused kernels' too); 1 on a loaded shared machine, where a "
         "parallel region waits for descheduled workers",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="break a fused bs1 decode step of the native model down by part (C++ stages, LM head, "
+        "Python) and print the weight-read floor",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the kernel timings; bench_runners sets it again
+    if args.profile:
+        profile_decode(args.tokens, args.repeats, args.threads)
+        return
     if args.kernel_rows:
         bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
         return

@@ -190,3 +190,36 @@ def test_prompt_last_token_alone_runs_as_in_its_prefill(runners, prompt):
     tail_first, _ = last_token_alone(fused, prompt, "cache_hit", 0, tail=3)
     ref_first, _ = last_token_alone(ref, prompt, "cache_hit", 0, tail=3)
     assert torch.equal(tail_first, ref_first)
+
+
+def test_profile_gives_the_forwards_bits_and_times_every_stage(runners):
+    """DecodeModel.profile (scripts/bench_gguf_cpu.py --profile) runs the forward itself, timed by stage."""
+    fused, _ = runners
+    fast = fused.fast_decode
+    calls = []
+
+    class Recording:
+        def __init__(self, model):
+            self.model = model
+
+        def forward(self, *args):
+            calls.append(args)
+            return self.model.forward(*args)
+
+    kernel_model = fast._kernel_model
+    fast._kernel_model = Recording(kernel_model)
+    try:
+        greedy(fused, PROMPTS[:1], 2)
+    finally:
+        fast._kernel_model = kernel_model
+    args = calls[-1]  # the last decode step's inputs (its K/V rewritten with the same values below)
+    hidden = kernel_model.forward(*args)
+    profiled, times = kernel_model.profile(*args)
+    assert torch.equal(profiled, hidden)
+    stages = list(fast._module.STAGES)
+    assert stages == ["norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"]
+    # a bs1 step runs on one thread (its row, then the stage walls)
+    assert times.dtype == torch.float64 and times.shape == (2, len(stages))
+    assert (times >= 0).all() and (times[1] >= times[0]).all()
+    for linear in ("qkv", "o", "gate_up", "down"):
+        assert times[1, stages.index(linear)] > 0
