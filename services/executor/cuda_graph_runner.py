@@ -60,7 +60,39 @@ def graph_buckets(max_bs: int) -> list[int]:
     return buckets
 
 
-class CudaGraphRunner:
+class BucketGraphs:
+    """What the graph runners share (this one and eagle_graphs.py's): a bucket per batch size, each
+    bucket's forward (_run) recorded once over static buffers."""
+
+    buckets: list[int]
+
+    def bucket(self, bs: int) -> int:
+        """The smallest bucket of at least bs rows."""
+        return self.buckets[bisect.bisect_left(self.buckets, bs)]
+
+    def _run(self, batch: ForwardBatch):
+        raise NotImplementedError
+
+    def _graph_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def _record(self, batch: ForwardBatch, pool):
+        """The bucket's graph and its static outputs (inside the bucket's forward_context)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # Compiles (torch.compile, Triton) and autotunes for this shape outside the capture.
+            for _ in range(2):
+                self._run(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = self._run(batch)
+        return graph, outputs
+
+
+class CudaGraphRunner(BucketGraphs):
     def __init__(
         self,
         model,
@@ -146,28 +178,10 @@ class CudaGraphRunner:
         captured = self.model.captured_hidden if capture else None
         return GraphOutputs(logits, hidden, captured)
 
-    def _graph_pool(self):
-        return torch.cuda.graph_pool_handle()
-
     def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, GraphOutputs]:
         lora = self.lora.graph_capture(bs, self.max_bs) if self.lora else contextlib.nullcontext()
         with lora, forward_context(self._forward_batch(bs)) as batch:
             return self._record(batch, pool)
-
-    def _record(self, batch: ForwardBatch, pool) -> tuple[torch.cuda.CUDAGraph, GraphOutputs]:
-        """The bucket's graph and its static outputs (inside the bucket's forward_context)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # Compiles (torch.compile, Triton) and autotunes for this shape outside the capture.
-            for _ in range(2):
-                self._run(batch)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = self._run(batch)
-        return graph, outputs
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.num_extend_tokens == 0 and 0 < batch.num_tokens <= self.max_bs
@@ -177,7 +191,7 @@ class CudaGraphRunner:
         (float32), and with keep_hidden the hidden rows (the replay's buffers: read them before the
         next replay)."""
         bs = batch.num_tokens
-        bucket = self.buckets[bisect.bisect_left(self.buckets, bs)]
+        bucket = self.bucket(bs)
         meta = batch.table_meta
         self.input_ids[:bs].copy_(batch.input_ids)
         self.positions[:bs].copy_(batch.positions)

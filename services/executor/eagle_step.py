@@ -17,8 +17,9 @@ device (device-side lengths are later work, as for the overlap of speculating re
 
 The hidden rows a head reads (head_rows) come from the target's forward, or, for decode and verify
 steps under CUDA graphs, from the rows the graph keeps for it (cuda_graph_runner.py, keep_hidden): the
-same rows in the same order, so the head cannot tell the two apart. The head's own K rounds run
-eagerly (EagleProposer), after the target's replay.
+same rows in the same order, so the head cannot tell the two apart. The head's round 1 (an extend
+over the kept positions) runs eagerly; under CUDA graphs its rounds 2..K replay graphs of their own
+(eagle_graphs.py, capture_rounds).
 
 STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
 kept position (the step's own input ids, on the device) rather than the target's hidden state and
@@ -105,6 +106,15 @@ class EagleStep:
             self.device,
             self.dtype,
         )
+
+    def capture_rounds(self, kind, max_bs: int, table_width: int) -> None:
+        """A head's decode rounds (2..K) in graphs of kind (DraftRoundGraphs, or a stand-in in
+        tests) for up to max_bs requests; a STANDALONE draft model's stay eager."""
+        if not self.reads_hidden_states or self.num_steps < 2:
+            return
+        width = min(table_width, self.proposer.max_positions)
+        max_bs = min(max_bs, self.proposer.max_requests)
+        self.proposer.round_graphs = kind(self.proposer, max_bs, width, self.dtype)
 
     def head_rows(
         self, hidden: torch.Tensor | None, captured: torch.Tensor | None = None

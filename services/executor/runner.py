@@ -295,8 +295,14 @@ class ModelRunner:
         if use_graphs:
             from radixserve.executor.cuda_graph_runner import CudaGraphRunner
 
+            from radixserve.executor.eagle_graphs import DraftRoundGraphs
+
             with clock.phase("CUDA graphs"):
                 self.cuda_graphs = self.graph_runner(CudaGraphRunner, graph_max_bs)
+                if self.eagle is not None:  # a head's rounds 2..K (a STANDALONE model's: eager)
+                    self.eagle.capture_rounds(
+                        DraftRoundGraphs, graph_max_bs, self.slot_table.tensor.shape[1]
+                    )
             if self.compiled_decode is not None:
                 log.info("%s", self.compiled_decode.describe())
         self.states: dict[str, RequestState] = {}

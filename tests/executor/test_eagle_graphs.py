@@ -23,12 +23,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend's kernels, on the CPU
 
 from radixserve.executor.attention.metadata import forward_context
+from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.cuda_graph_runner import CudaGraphRunner, GraphOutputs
-from radixserve.executor.runner import ModelRunner
+from radixserve.executor.eagle_graphs import DraftRoundGraphs
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
+from radixserve.executor.model_config import ModelConfig
+from radixserve.executor.models.eagle import load_draft_model
+from radixserve.executor.runner import ModelRunner, load_model
 from tests.configs import runner_config
 from tests.executor.test_eagle_draft import (
     DRAFT_VOCAB,
     EAGLE3_AUX_IDS,
+    HIDDEN,
+    VOCAB,
     draft_config,
     eagle3_tensors,
     eagle_tensors,
@@ -76,26 +83,27 @@ def folders(tmp_path_factory):
 class EagerGraph:
     """A CUDA graph's stand-in on the CPU: replay reruns the bucket's forward over its static input
     buffers and copies the results into the captured output tensors. Like a real replay it runs no
-    Python in the model: model.captured_hidden keeps what it was."""
+    Python in the model: the target's captured_hidden keeps what it was."""
 
-    def __init__(self, graphs: "EagerGraphRunner", batch, outputs: GraphOutputs):
+    def __init__(self, graphs, batch, outputs):
         self.graphs, self.batch, self.outputs = graphs, batch, outputs
 
     def replay(self) -> None:
-        model = self.graphs.model
+        model = getattr(self.graphs, "model", None)  # the target's (not the draft rounds')
         before = getattr(model, "captured_hidden", None)
         with forward_context(self.batch):
             fresh = self.graphs._run(self.batch)
-        model.captured_hidden = before
-        for f in dataclasses.fields(GraphOutputs):
+        if model is not None:
+            model.captured_hidden = before
+        for f in dataclasses.fields(self.outputs):
             static, new = getattr(self.outputs, f.name), getattr(fresh, f.name)
             assert (static is None) == (new is None), f.name
             if static is not None:
                 static.copy_(new)
 
 
-class EagerGraphRunner(CudaGraphRunner):
-    """CudaGraphRunner with EagerGraph for torch.cuda.CUDAGraph: its buffers, padding and outputs."""
+class EagerRecording:
+    """Records EagerGraph for torch.cuda.CUDAGraph; the graph runner's buffers, padding, outputs."""
 
     def _graph_pool(self):
         return None
@@ -103,6 +111,14 @@ class EagerGraphRunner(CudaGraphRunner):
     def _record(self, batch, pool):
         outputs = self._run(batch)
         return EagerGraph(self, batch, outputs), outputs
+
+
+class EagerGraphRunner(EagerRecording, CudaGraphRunner):
+    pass
+
+
+class EagerDraftRounds(EagerRecording, DraftRoundGraphs):
+    pass
 
 
 def make_runner(target, algorithm=None, head=None, device="cpu", graphs=True) -> ModelRunner:
@@ -123,6 +139,9 @@ def make_runner(target, algorithm=None, head=None, device="cpu", graphs=True) ->
     )
     if graphs and device == "cpu":
         runner.cuda_graphs = runner.graph_runner(EagerGraphRunner, GRAPH_BS)
+        if runner.eagle is not None:
+            width = runner.slot_table.tensor.shape[1]
+            runner.eagle.capture_rounds(EagerDraftRounds, GRAPH_BS, width)
     assert (runner.cuda_graphs is not None) == graphs
     return runner
 
@@ -160,6 +179,27 @@ class Recorder:
             return forward(*args, **kwargs)
 
         runner.model.forward = counting_forward
+        # The head: every propose call runs round 1 eagerly, rounds 2..K from the round graphs.
+        self.proposals = self.eager_rounds = self.graph_rounds = 0
+        proposer = runner.eagle.proposer if runner.eagle is not None else None
+        if proposer is not None and proposer.round_graphs is not None:
+            propose, run, rounds = proposer.propose, proposer._run, proposer.round_graphs.rounds
+
+            def counting_propose(*args, **kwargs):
+                self.proposals += 1
+                return propose(*args, **kwargs)
+
+            def counting_run(*args, **kwargs):
+                self.eager_rounds += 1
+                return run(*args, **kwargs)
+
+            def counting_rounds(*args, **kwargs):
+                drafts = rounds(*args, **kwargs)
+                self.graph_rounds += len(drafts)
+                return drafts
+
+            proposer.propose, proposer._run = counting_propose, counting_run
+            proposer.round_graphs.rounds = counting_rounds
 
     def check_decode_steps_replayed(self) -> None:
         decodes = [b for b in self.batches if b.num_extend_tokens == 0]
@@ -167,6 +207,7 @@ class Recorder:
         assert self.eager_forwards == len(self.batches) - len(decodes)
         verifies = [b for b in self.replayed if b.samples is not None and b.samples.num_drafts]
         assert any(b.num_tokens > len(b.samples.request_ids) for b in verifies)  # drafts as rows
+        assert self.graph_rounds > 0 and self.eager_rounds == self.proposals  # round 1 alone
 
 
 def serve(runner, sched, requests):
@@ -262,6 +303,7 @@ def test_no_hidden_rows_kept_without_a_head(folders, algorithm):
     target = folders / "target"
     runner = make_runner(target, algorithm, target if algorithm else None)
     assert not runner.cuda_graphs.keep_hidden
+    assert runner.eagle is None or runner.eagle.proposer.round_graphs is None  # STANDALONE: eager
     for outputs in runner.cuda_graphs.outputs.values():
         assert outputs.hidden is None and outputs.captured is None
 
@@ -278,6 +320,44 @@ def test_eagle3_graphs_keep_the_captured_layers(folders):
 def test_compiled_decode_keeps_no_hidden_rows():
     with pytest.raises(ValueError, match="keeps no hidden states"):
         CudaGraphRunner(None, None, None, None, 1, torch.device("cpu"), object(), keep_hidden=True)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_GPU])]
+)
+@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
+def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
+    """A propose call with rounds 2..K from the round graphs drafts what the eager rounds do, for
+    1 and 3 requests of different lengths (buckets 1 and 4: a padding row)."""
+    dev = torch.device(device)
+    target = load_model(ModelConfig.load(folders / "target", "float32"), dev, "auto", None)
+    head = load_draft_model(algorithm, folders / algorithm, target, dev)
+    backend = create_attention_backend("triton", dev, head.kv_shape[1])
+    proposer = EagleProposer(head, 200, 4, K, backend, dev, torch.float32)
+    graphs = (EagerDraftRounds if device == "cpu" else DraftRoundGraphs)(
+        proposer, 4, 64, torch.float32
+    )
+    assert graphs.buckets == [1, 2, 4]
+    width = HIDDEN * len(getattr(head, "capture_layers", (0,)))
+    g = torch.Generator().manual_seed(5)
+    table = torch.zeros(4, 64, dtype=torch.int64, device=dev)
+    for n in (1, 3):
+        lengths = [4 + 3 * i for i in range(n)]
+        requests = [
+            DraftRequest(
+                i,
+                0,
+                torch.randint(0, VOCAB, (m,), generator=g).tolist(),
+                list(range(1 + 30 * i, 1 + 30 * i + m)),
+            )
+            for i, m in enumerate(lengths)
+        ]
+        hidden = torch.randn(sum(lengths), width, generator=g).to(dev)
+        proposer.round_graphs = None
+        eager = proposer.propose(table, requests, hidden, K)
+        proposer.round_graphs = graphs
+        replayed = proposer.propose(table, requests, hidden, K)
+        assert eager.shape == (n, K) and torch.equal(replayed, eager)
 
 
 # ---- on a GPU: real CUDA graphs ----
