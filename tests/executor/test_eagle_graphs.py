@@ -327,8 +327,9 @@ def test_compiled_decode_keeps_no_hidden_rows():
 )
 @pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
 def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
-    """A propose call with rounds 2..K from the round graphs drafts what the eager rounds do, for
-    1 and 3 requests of different lengths (buckets 1 and 4: a padding row)."""
+    """A propose call with rounds 2..K from the round graphs drafts what the eager rounds do and
+    leaves the same draft K/V (every round's, at its scratch slot: right positions, slots and
+    lengths), for 1 and 3 requests of different lengths (buckets 1 and 4: a padding row)."""
     dev = torch.device(device)
     target = load_model(ModelConfig.load(folders / "target", "float32"), dev, "auto", None)
     head = load_draft_model(algorithm, folders / algorithm, target, dev)
@@ -353,11 +354,20 @@ def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
             for i, m in enumerate(lengths)
         ]
         hidden = torch.randn(sum(lengths), width, generator=g).to(dev)
-        proposer.round_graphs = None
-        eager = proposer.propose(table, requests, hidden, K)
-        proposer.round_graphs = graphs
-        replayed = proposer.propose(table, requests, hidden, K)
+        pool = proposer.kv_pool.k + proposer.kv_pool.v
+        results = []
+        for rounds in (None, graphs):
+            for cache in pool:
+                cache.zero_()
+            proposer.round_graphs = rounds
+            drafts = proposer.propose(table, requests, hidden, K)
+            results.append((drafts, [cache.clone() for cache in pool]))
+        (eager, eager_kv), (replayed, replayed_kv) = results
         assert eager.shape == (n, K) and torch.equal(replayed, eager)
+        scratch = slice(200, 200 + n * (K - 1))  # the rounds' slots, past the target's 200
+        assert all(cache[scratch].abs().sum() > 0 for cache in eager_kv)
+        for got, want in zip(replayed_kv, eager_kv):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- on a GPU: real CUDA graphs ----
