@@ -39,9 +39,7 @@ class GraphOutputs:
 
     logits: torch.Tensor  # [rows, vocab] float32
     hidden: torch.Tensor | None = None  # [rows, H] the final hidden states (keep_hidden)
-    captured: torch.Tensor | None = (
-        None  # [rows, n * H] model.captured_hidden (keep_hidden, EAGLE3)
-    )
+    captured: torch.Tensor | None = None  # [rows, n * H] model.captured_hidden (EAGLE3)
 
     def live(self, bs: int) -> "GraphOutputs":
         """The first bs rows of each output: a step's rows, in its order (views, no copy; the next

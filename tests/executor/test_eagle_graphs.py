@@ -367,7 +367,7 @@ def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
         scratch = slice(200, 200 + n * (K - 1))  # the rounds' slots, past the target's 200
         assert all(cache[scratch].abs().sum() > 0 for cache in eager_kv)
         for got, want in zip(replayed_kv, eager_kv):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ---- on a GPU: real CUDA graphs ----
