@@ -1,6 +1,7 @@
 """EAGLE / EAGLE3 with the target's decode CUDA graphs (cuda_graph_runner.py, keep_hidden): the graphs
 keep the hidden rows the head reads (the final hidden states; EAGLE3's captured layer inputs) and a
-replay hands the step's rows to the head as the eager forward does, so decode and verify steps replay.
+replay hands the step's rows to the head as the eager forward does, so decode and verify steps replay;
+the head's rounds 2..K replay graphs of their own (eagle_graphs.py, DraftRoundGraphs).
 
 On the CPU (the triton backend's kernels in the interpreter) a stand-in graph (EagerGraph) replays a
 bucket by rerunning its forward over the static buffers into the captured output tensors, attributes
@@ -8,7 +9,8 @@ left as a real replay leaves them (model.captured_hidden is not refreshed); the 
 and the head are the real ones. Served greedy traffic with the stand-in graphs gives, step by step, the
 graph-less run's tokens, accepted drafts and proposals (proposals read the hidden rows: a wrong row,
 order or padding row changes them), and plain decoding's tokens; every decode and verify step is a
-replay. The cuda tests check the same with real CUDA graphs (run with `-m cuda` on a GPU).
+replay, and so are every propose call's rounds 2..K (a propose call with them leaves the eager rounds'
+drafts and draft K/V). The cuda tests check the same with real CUDA graphs (`-m cuda` on a GPU).
 """
 
 from __future__ import annotations
