@@ -89,6 +89,8 @@ class EagleProposer:
         self.max_positions = draft.rotary_emb.cos_table.shape[0]
         self.keep_logits = keep_logits
         self.logits: list[torch.Tensor] = []
+        # Rounds 2..K replayed from CUDA graphs where they fit (eagle_graphs.py); None: eager.
+        self.round_graphs = None
 
     def positions_needed(self, seq_len: int, k: int) -> int:
         """Positions a request of seq_len kept positions runs to when drafting k tokens."""
@@ -199,6 +201,11 @@ class EagleProposer:
         drafts = [token]
 
         # Rounds 2..k: one position further each, on the head's own output.
+        graphs = self.round_graphs
+        if k > 1 and graphs is not None and graphs.can_run(batch, private.shape[1]):
+            scratch = [self.num_slots + i * scratch_per + extra for i in range(batch)]
+            drafts += graphs.rounds(private, lens, scratch, token, own, k)
+            return torch.stack(drafts, dim=1)
         empty = tensor([])
         for j in range(1, k):
             seq_lens = [n + j for n in lens]
@@ -225,11 +232,20 @@ class EagleProposer:
             to_logits, to_next = self.draft(step.input_ids, step.positions, hidden)
         if last is not None:
             to_logits, to_next = to_logits.index_select(0, last), to_next.index_select(0, last)
+        return self._proposed(to_logits), to_next
+
+    def draft_round(self, step: ForwardBatch, hidden: torch.Tensor):
+        """A decode round inside step's forward_context (the round graphs' forward): _run's
+        results, no logits kept."""
+        to_logits, to_next = self.draft(step.input_ids, step.positions, hidden)
+        return self._proposed(to_logits, keep=False), to_next
+
+    def _proposed(self, to_logits: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """Each row's draft (argmax) in target ids; keep: into self.logits, if keep_logits."""
         logits = self.draft.compute_logits(to_logits)
-        if self.keep_logits:
+        if keep and self.keep_logits:
             self.logits.append(logits)
-        draft_ids = logits.argmax(dim=-1)
-        return self.draft.to_target_ids(draft_ids), to_next
+        return self.draft.to_target_ids(logits.argmax(dim=-1))
 
     def _private_table(
         self, table: torch.Tensor, requests: list[DraftRequest], k: int

@@ -15,6 +15,12 @@ drafting at any step (after min_new_tokens, say); the proposals of requests that
 are returned and ignored by the scheduler. Reading a verify step's accepted counts syncs with the
 device (device-side lengths are later work, as for the overlap of speculating requests).
 
+The hidden rows a head reads (head_rows) come from the target's forward, or, for decode and verify
+steps under CUDA graphs, from the rows the graph keeps for it (cuda_graph_runner.py, keep_hidden): the
+same rows in the same order, so the head cannot tell the two apart. The head's round 1 (an extend
+over the kept positions) runs eagerly; under CUDA graphs its rounds 2..K replay graphs of their own
+(eagle_graphs.py, capture_rounds).
+
 STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
 kept position (the step's own input ids, on the device) rather than the target's hidden state and
 the token after it; nothing waits for the next chunk, and the target may be any causal LM.
@@ -101,23 +107,44 @@ class EagleStep:
             self.dtype,
         )
 
+    def capture_rounds(self, kind, max_bs: int, table_width: int) -> None:
+        """A head's decode rounds (2..K) in graphs of kind (DraftRoundGraphs, or a stand-in in
+        tests) for up to max_bs requests; a STANDALONE draft model's stay eager."""
+        if not self.reads_hidden_states or self.num_steps < 2:
+            return
+        width = min(table_width, self.proposer.max_positions)
+        max_bs = min(max_bs, self.proposer.max_requests)
+        self.proposer.round_graphs = kind(self.proposer, max_bs, width, self.dtype)
+
+    def head_rows(
+        self, hidden: torch.Tensor | None, captured: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """What the head reads at each token of the target's step, one row per token in the step's
+        order: EAGLE the target's final hidden states (hidden: the forward's output, or a CUDA-graph
+        replay's kept rows), EAGLE3 the captured layer inputs (captured: a replay's; None: the eager
+        forward's, model.captured_hidden); a STANDALONE draft model reads none (None)."""
+        if not self.reads_hidden_states:
+            return None
+        if not self.capture:
+            return hidden
+        return captured if captured is not None else self.model.captured_hidden
+
     def after_step(
         self,
         step: StepInput,
         batch: ForwardBatch,
-        hidden: torch.Tensor,
+        states: torch.Tensor | None,
         table: torch.Tensor,
         next_tokens: torch.Tensor,
         accepted: dict[str, int],
     ) -> tuple[list[str], torch.Tensor] | None:
         """Run the head over the step's kept positions; (request ids, their drafts [B, K] on the
-        device) of the requests that sampled, or None when none did. hidden: the target forward's
-        output; table, next_tokens: the SlotTable's; accepted: each verified request's accepted
-        draft count."""
+        device) of the requests that sampled, or None when none did. states: head_rows of the
+        target's step; table, next_tokens: the SlotTable's; accepted: each verified request's
+        accepted draft count."""
         own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
-        states = hidden if not self.capture else self.model.captured_hidden
         first_at: list[int] = []  # own_tokens: each draft request's first kept position in batch
         limit = min(table.shape[1], self.proposer.max_positions)
         requests: list[DraftRequest] = []
@@ -133,7 +160,7 @@ class EagleStep:
                 kept = 1 + accepted.get(rid, 0)
                 next_ids = drafts[: kept - 1] + [0]
             slots, first = list(req.new_slots[:kept]), prefix
-            # (own_tokens: no hidden rows; a CUDA-graph step has none to give)
+            # (own_tokens: no hidden rows)
             pieces = [] if own_tokens else [states[start : start + kept]]
             if not own_tokens:  # a head at p reads p + 1's token: the chunk's last one waits
                 pending, state.draft_pending = state.draft_pending, None

@@ -204,10 +204,6 @@ class ModelRunner:
             if isinstance(spec, EagleParams)
             else None
         )
-        if self.eagle is not None and self.eagle.reads_hidden_states:
-            # A head reads the target's hidden states, which only the plain forward returns (a
-            # STANDALONE draft model reads token ids: the target keeps its CUDA graphs).
-            cuda_graph_max_bs = 0
         # LoRA adapters (None without --enable-lora): no fused CPU decode, torch.compile, or (with the
         # torch backend, which syncs with the host) CUDA graphs.
         self.lora = build_lora_manager(
@@ -299,17 +295,14 @@ class ModelRunner:
         if use_graphs:
             from radixserve.executor.cuda_graph_runner import CudaGraphRunner
 
+            from radixserve.executor.eagle_graphs import DraftRoundGraphs
+
             with clock.phase("CUDA graphs"):
-                self.cuda_graphs = CudaGraphRunner(
-                    self.model,
-                    self.kv_pool,
-                    self.attn_backend,
-                    self.slot_table,
-                    graph_max_bs,
-                    self.device,
-                    self.compiled_decode,
-                    lora=self.lora,
-                )
+                self.cuda_graphs = self.graph_runner(CudaGraphRunner, graph_max_bs)
+                if self.eagle is not None:  # a head's rounds 2..K (a STANDALONE model's: eager)
+                    self.eagle.capture_rounds(
+                        DraftRoundGraphs, graph_max_bs, self.slot_table.tensor.shape[1]
+                    )
             if self.compiled_decode is not None:
                 log.info("%s", self.compiled_decode.describe())
         self.states: dict[str, RequestState] = {}
@@ -320,6 +313,22 @@ class ModelRunner:
             self.generator.manual_seed(settings.random_seed)
         else:
             self.generator.seed()
+
+    def graph_runner(self, kind, max_bs: int):
+        """A kind (CudaGraphRunner, or a stand-in in tests) over this runner's model, pool and table:
+        graphs for decode steps of up to max_bs rows. An EAGLE / EAGLE3 head reads the target's
+        hidden states: the graphs keep them as outputs (a STANDALONE draft reads token ids)."""
+        return kind(
+            self.model,
+            self.kv_pool,
+            self.attn_backend,
+            self.slot_table,
+            max_bs,
+            self.device,
+            self.compiled_decode,
+            lora=self.lora,
+            keep_hidden=self.eagle is not None and self.eagle.reads_hidden_states,
+        )
 
     @classmethod
     def from_args(cls, args: ServerArgs) -> "ModelRunner":
@@ -456,7 +465,7 @@ class ModelRunner:
             self.lora.prepare_batch(batch)
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
-        all_logits = hidden = None
+        all_logits = hidden = captured = None
         input_embeds = (
             self.image_inputs.input_embeds(batch.input_ids, batch.seq_spans)
             if self.image_inputs.requests
@@ -477,7 +486,8 @@ class ModelRunner:
             and not batch.prompt_logprobs
             and self.cuda_graphs.can_run(batch)
         ):
-            all_logits = self.cuda_graphs.replay(batch)
+            replayed = self.cuda_graphs.replay(batch)
+            all_logits, hidden, captured = replayed.logits, replayed.hidden, replayed.captured
         elif (
             self.cuda_graphs is None
             and self.compiled_decode is not None
@@ -518,7 +528,8 @@ class ModelRunner:
             )
             launched.prompt_logprobs = computed if self.samples else None
         if self.eagle is not None:
-            launched.proposals = self._propose(step, batch, hidden, launched)
+            head_rows = self.eagle.head_rows(hidden, captured)
+            launched.proposals = self._propose(step, batch, head_rows, launched)
         if self.keep_logits and logits is not None:
             launched.logits = (
                 logits.clone()
@@ -555,8 +566,8 @@ class ModelRunner:
         self, step: StepInput, sampling: StepSamples, logits: torch.Tensor, launched: LaunchedStep
     ) -> None:
         """_sample for a step with drafts: verify them (rank 0), hand every shard the verified
-        tokens and keep each request's last one for its next decode. Verify steps run eagerly (an
-        extend), never as a decode CUDA graph."""
+        tokens and keep each request's last one for its next decode. (A verify step replays the decode
+        CUDA graphs where the attention backend takes its tokens as rows: verify_as_decode_rows.)"""
         states, counts = sampling.states, sampling.num_drafts
         starts = [sum(n + 1 for n in counts[:i]) for i in range(len(counts))]
         width = max(counts) + 1
@@ -598,10 +609,10 @@ class ModelRunner:
             ).copy_(launched.num_accepted, non_blocking=True)
 
     def _propose(
-        self, step: StepInput, batch, hidden: torch.Tensor, launched: LaunchedStep
+        self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep
     ) -> tuple[list[str], torch.Tensor] | None:
         """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
-        drafts."""
+        drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows)."""
         accepted = {}
         if launched.verifying is not None:
             if launched.num_accepted.is_pinned():
@@ -611,7 +622,7 @@ class ModelRunner:
         proposals = self.eagle.after_step(
             step,
             batch,
-            hidden,
+            head_rows,
             self.slot_table.tensor,
             self.slot_table.next_tokens,
             accepted,
