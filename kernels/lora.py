@@ -282,12 +282,14 @@ def lora_expand(
     if T:
         launch = launch or launch_for(T)
         block_r = max(16, triton.next_power_of_2(R))
-        block_n = launch.block_n if block_r <= 64 else launch.block_n // 2
+        block_t, block_n = launch.block_t, launch.block_n
+        if block_r > 64:  # a [BLOCK_T, BLOCK_R] float32 tile of s in registers: smaller tiles
+            block_t, block_n = min(block_t, 32), block_n // 2
         upcast, precision = _precision(b.dtype)
-        grid = (triton.cdiv(T, launch.block_t) * launch.programs, triton.cdiv(N, block_n))
+        grid = (triton.cdiv(T, block_t) * launch.programs, triton.cdiv(N, block_n))
         _expand_kernel[grid](
             s, b, scales, slots, y, T, y.stride(0), b.stride(0), N, R,
-            BLOCK_T=launch.block_t, BLOCK_R=block_r, BLOCK_N=block_n, PROGRAMS=launch.programs,
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, PROGRAMS=launch.programs,
             STATIC_RUNS=interpreting(), UPCAST=upcast, PRECISION=precision,
             num_warps=launch.num_warps,
         )  # fmt: skip

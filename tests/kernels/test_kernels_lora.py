@@ -46,6 +46,7 @@ def _inputs(T, K, N, R, S, dtype, seed=0):
         (40, 64, 80, 16, 3),  # a program per tile, looping over mixed tiles' runs
         (57, 72, 80, 16, 2),
         (300, 200, 150, 48, 3),  # a prefill-sized step: 64-token tiles (lora.LARGE)
+        (280, 64, 70, 192, 2),  # the same above a stacked rank of 64: 32-token expand tiles
     ],
 )
 def test_shrink_expand_match_reference(T, K, N, R, S, dtype):
