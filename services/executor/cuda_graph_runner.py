@@ -71,6 +71,24 @@ class BucketGraphs:
     def _run(self, batch: ForwardBatch):
         raise NotImplementedError
 
+    def _static_batch(self, bs: int, table, kv_pool, attn_backend) -> ForwardBatch:
+        """A bucket's decode step of bs rows over the static input buffers (input_ids, positions,
+        out_slots, rows, lens: the subclass's; decode_lens is not read by graph-safe backends)."""
+        meta = TableMeta(
+            table, self.rows[:bs], self.lens[:bs], self._empty, self._empty, self._empty, 0
+        )
+        return ForwardBatch(
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_slots=self.out_slots[:bs],
+            extend_seqs=[],
+            num_extend_tokens=0,
+            decode_lens=[],
+            kv_pool=kv_pool,
+            attn_backend=attn_backend,
+            table_meta=meta,
+        )
+
     def _graph_pool(self):
         return torch.cuda.graph_pool_handle()
 
@@ -143,27 +161,7 @@ class CudaGraphRunner(BucketGraphs):
         )
 
     def _forward_batch(self, bs: int) -> ForwardBatch:
-        """The bucket's step over the static buffers (decode_lens is not read by graph-safe backends)."""
-        meta = TableMeta(
-            self.slot_table.tensor,
-            self.rows[:bs],
-            self.lens[:bs],
-            self._empty,
-            self._empty,
-            self._empty,
-            0,
-        )
-        return ForwardBatch(
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            out_slots=self.out_slots[:bs],
-            extend_seqs=[],
-            num_extend_tokens=0,
-            decode_lens=[],
-            kv_pool=self.kv_pool,
-            attn_backend=self.attn_backend,
-            table_meta=meta,
-        )
+        return self._static_batch(bs, self.slot_table.tensor, self.kv_pool, self.attn_backend)
 
     def _run(self, batch: ForwardBatch) -> GraphOutputs:
         if self.compiled is not None and batch.num_tokens <= self.compiled.max_bs:

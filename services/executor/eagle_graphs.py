@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.executor.attention.metadata import ForwardBatch, TableMeta, forward_context
+from radixserve.executor.attention.metadata import ForwardBatch, forward_context
 from radixserve.executor.cuda_graph_runner import BucketGraphs, graph_buckets
 
 log = logging.getLogger("radixserve.executor.eagle_graphs")
@@ -68,20 +68,7 @@ class DraftRoundGraphs(BucketGraphs):
         )
 
     def _forward_batch(self, bs: int) -> ForwardBatch:
-        meta = TableMeta(
-            self.table, self.rows[:bs], self.lens[:bs], self._empty, self._empty, self._empty, 0
-        )
-        return ForwardBatch(
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            out_slots=self.out_slots[:bs],
-            extend_seqs=[],
-            num_extend_tokens=0,
-            decode_lens=[],
-            kv_pool=self.proposer.kv_pool,
-            attn_backend=self.proposer.attn_backend,
-            table_meta=meta,
-        )
+        return self._static_batch(bs, self.table, self.proposer.kv_pool, self.proposer.attn_backend)
 
     def _run(self, batch: ForwardBatch) -> DraftRound:
         tokens, hidden = self.proposer.draft_round(batch, self.hidden[: batch.num_tokens])

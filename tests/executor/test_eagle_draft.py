@@ -150,6 +150,26 @@ def eagle3_tensors() -> dict:
 EAGLE3_AUX_IDS = [0, 1, 2]  # layer outputs: the inputs of target layers 1, 2, 3
 
 
+def save_target_and_heads(root) -> None:
+    """root/target: a 4-layer random target; root/EAGLE and root/EAGLE3: random heads over it."""
+    save_target(root / "target", layers=4)
+    save_draft(
+        root / "EAGLE",
+        draft_config(architectures=["LlamaForCausalLM"], num_hidden_layers=2),
+        eagle_tensors(),
+    )
+    save_draft(
+        root / "EAGLE3",
+        draft_config(
+            architectures=["LlamaForCausalLMEagle3"],
+            num_hidden_layers=1,
+            draft_vocab_size=DRAFT_VOCAB,
+            eagle_config={"eagle_aux_hidden_state_layer_ids": EAGLE3_AUX_IDS},
+        ),
+        eagle3_tensors(),
+    )
+
+
 # ---- the plain-torch reference (published weight names, whole sequence, no cache) ----
 
 

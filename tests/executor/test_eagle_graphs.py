@@ -34,15 +34,9 @@ from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.runner import ModelRunner, load_model
 from tests.configs import runner_config
 from tests.executor.test_eagle_draft import (
-    DRAFT_VOCAB,
-    EAGLE3_AUX_IDS,
     HIDDEN,
     VOCAB,
-    draft_config,
-    eagle3_tensors,
-    eagle_tensors,
-    save_draft,
-    save_target,
+    save_target_and_heads,
 )
 from tests.executor.test_eagle_serving import (
     CHUNKED,
@@ -63,22 +57,7 @@ REQUESTS = [(f"r{i}", p, 6 + 2 * i, greedy(), {}) for i, p in enumerate(prompts(
 def folders(tmp_path_factory):
     """A 4-layer random target, a random EAGLE head and a random EAGLE3 head (test_eagle_draft.py's)."""
     root = tmp_path_factory.mktemp("eagle_graphs")
-    save_target(root / "target", layers=4)
-    save_draft(
-        root / "EAGLE",
-        draft_config(architectures=["LlamaForCausalLM"], num_hidden_layers=2),
-        eagle_tensors(),
-    )
-    save_draft(
-        root / "EAGLE3",
-        draft_config(
-            architectures=["LlamaForCausalLMEagle3"],
-            num_hidden_layers=1,
-            draft_vocab_size=DRAFT_VOCAB,
-            eagle_config={"eagle_aux_hidden_state_layer_ids": EAGLE3_AUX_IDS},
-        ),
-        eagle3_tensors(),
-    )
+    save_target_and_heads(root)
     return root
 
 

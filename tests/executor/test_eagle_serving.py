@@ -31,16 +31,14 @@ from radixserve.scheduler.speculation import EagleParams, speculation_params
 from tests.configs import scheduler_config
 from tests.executor.tiny_llama import cpu_runner
 from tests.executor.test_eagle_draft import (
-    EAGLE3_AUX_IDS,
-    DRAFT_VOCAB,
     HIDDEN,
     VOCAB,
     draft_config,
     eagle3_tensors,
-    eagle_tensors,
     run_target,
     save_draft,
     save_target,
+    save_target_and_heads,
 )
 from tests.spec_serving import (
     add_requests,
@@ -61,22 +59,7 @@ def folders(tmp_path_factory):
     """A 4-layer random target, a random EAGLE head, a random EAGLE3 head and a 2-layer STANDALONE
     draft model (the target perturbed: it agrees with the target on some tokens, not all)."""
     root = tmp_path_factory.mktemp("eagle_serving")
-    save_target(root / "target", layers=4)
-    save_draft(
-        root / "EAGLE",
-        draft_config(architectures=["LlamaForCausalLM"], num_hidden_layers=2),
-        eagle_tensors(),
-    )
-    save_draft(
-        root / "EAGLE3",
-        draft_config(
-            architectures=["LlamaForCausalLMEagle3"],
-            num_hidden_layers=1,
-            draft_vocab_size=DRAFT_VOCAB,
-            eagle_config={"eagle_aux_hidden_state_layer_ids": EAGLE3_AUX_IDS},
-        ),
-        eagle3_tensors(),
-    )
+    save_target_and_heads(root)
     save_target(root / "STANDALONE", layers=4, edit=perturb)
     return root
 
