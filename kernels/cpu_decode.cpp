@@ -433,12 +433,13 @@ void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const 
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// Steps of up to this many tokens run the fused forward on one thread. A bs1 step passes ~300 barriers
-// (10 per layer), and with OMP_WAIT_POLICY=PASSIVE (as `radixserve executor` runs) each costs a futex
-// sleep and wake-up, ~50 us: on the 2-core EPYC VM (another process on one core) two threads took 13.0
-// ms per bs1 step where one took 11.3, and 21.5 against 20.1 ms at 4 tokens; at 16 the same (67 ms).
-// (scripts/bench_gguf_cpu.py --profile breaks a step down.) The one thread leaves the other core to the
-// services and to the LM head's split.
+// Steps of up to this many tokens run the fused forward on one thread; larger ones give each thread a
+// slice of the tokens (DecodeModel::run), every thread reading all the weights. The one thread leaves the
+// other core to the services and to the LM head's split. (Before the split by tokens, the threads split
+// every stage and met at ~10 barriers per layer, each a futex sleep and wake-up of ~50 us with
+// OMP_WAIT_POLICY=PASSIVE as `radixserve executor` runs: two threads took 13.0 ms per bs1 step where one
+// took 11.3 on the 2-core EPYC VM, and at 16 tokens no less than one thread.) scripts/bench_gguf_cpu.py
+// --profile breaks a step down.
 constexpr int64_t kOneThreadRows = 4;
 
 int forward_threads(int64_t M) { return M <= kOneThreadRows ? 1 : num_threads(); }
@@ -557,22 +558,19 @@ inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t 
 enum Stage { kNorm, kQkv, kRope, kAttention, kO, kGateUp, kSilu, kDown, kStages };
 const char* const kStageNames[kStages] = {"norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"};
 
-// Closes a stage at the barrier; given a times array (DecodeModel::profile) it adds each thread's time to
-// its arrival and the stage's time to the release. (A spinning barrier was tried: on the 2-core VM with
-// another process on one core it made a 2-thread bs1 step 2.5x slower than OpenMP's, whose waiter sleeps.)
+// Times the forward's stages for DecodeModel::profile: given a times array, each stage's end adds this
+// thread's time since the previous one (its own work on its tokens) to its row, and thread 0's also to
+// the last row (the stages run without barriers, so thread 0's time stands for the stage's wall time; the
+// threads meet once, at the end of the parallel region).
 class StageClock {
  public:
   StageClock(double* times, int tid, int rows) : times_(times), tid_(tid), rows_(rows) {
     if (times_) last_ = omp_get_wtime();
   }
-  void barrier(Stage s) {
-    if (!times_) {
-#pragma omp barrier
-      return;
-    }
-    times_[tid_ * kStages + s] += omp_get_wtime() - last_;
-#pragma omp barrier
+  void end(Stage s) {
+    if (!times_) return;
     const double now = omp_get_wtime();
+    times_[tid_ * kStages + s] += now - last_;
     if (tid_ == 0) times_[rows_ * kStages + s] += now - last_;
     last_ = now;
   }
@@ -582,6 +580,58 @@ class StageClock {
   int tid_, rows_;
   double last_ = 0.0;
 };
+
+// Whether the step's tokens [0, s) and [s, M) are independent: no token of either reads a K/V slot that a
+// token of the other writes this step. (A verify step's tokens of one sequence read each other's slots.)
+// A slot written this step sits at one of the M positions before a reader's own, so only the last M entries
+// of each reader's table row are checked.
+bool independent_at(int64_t s, int64_t M, const int64_t* slots, const int64_t* table, int64_t ld,
+                    const int64_t* lens) {
+  for (int64_t t = 0; t < M; ++t) {
+    const int64_t w0 = t < s ? s : 0, w1 = t < s ? M : s;  // the other side's writers
+    for (int64_t j = std::max<int64_t>(0, lens[t] - M); j < lens[t]; ++j)
+      for (int64_t w = w0; w < w1; ++w)
+        if (table[t * ld + j] == slots[w]) return false;
+  }
+  return true;
+}
+
+// The threads' token ranges: bounds[i] .. bounds[i + 1] for thread i, as even as the step's
+// dependencies allow (each bound moves to the nearest independent split point; none: the tokens stay
+// with one thread).
+std::vector<int64_t> token_bounds(int nt, int64_t M, const int64_t* slots, const int64_t* table, int64_t ld,
+                                  const int64_t* lens) {
+  std::vector<int64_t> bounds(nt + 1, M);
+  bounds[0] = 0;
+  for (int i = 1; i < nt; ++i) {
+    const int64_t target = M * i / nt, lo = bounds[i - 1];
+    bounds[i] = M;
+    for (int64_t d = 0; d <= M; ++d) {
+      if (target - d > lo && independent_at(target - d, M, slots, table, ld, lens)) {
+        bounds[i] = target - d;
+        break;
+      }
+      if (target + d < M && target + d > lo && independent_at(target + d, M, slots, table, ld, lens)) {
+        bounds[i] = target + d;
+        break;
+      }
+    }
+  }
+  return bounds;
+}
+
+std::vector<int64_t> token_bounds_of(int64_t threads, const at::Tensor& out_slots, const at::Tensor& table,
+                                     const at::Tensor& lens) {
+  TORCH_CHECK(threads >= 1 && out_slots.scalar_type() == at::kLong && table.scalar_type() == at::kLong &&
+                  lens.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 &&
+                  out_slots.numel() == table.size(0) && lens.numel() == table.size(0),
+              "token_bounds: threads >= 1, int64 out_slots [M], table [M, max_len] and lens [M]");
+  const at::Tensor s = out_slots.contiguous(), l = lens.contiguous();
+  TORCH_CHECK(l.numel() == 0 || (l.min().item<int64_t>() >= 0 && l.max().item<int64_t>() <= table.size(1)),
+              "token_bounds: lens must lie in 0..max_len");
+  return token_bounds(int(threads), table.size(0), s.data_ptr<int64_t>(), table.data_ptr<int64_t>(), table.size(1),
+                      l.data_ptr<int64_t>());
+}
 
 class DecodeModel {
  public:
@@ -693,35 +743,49 @@ class DecodeModel {
     const float eps = eps_, scale = scale_;
     const int64_t nlayers = int64_t(layers_.size());
     const Layer* layers = layers_.data();
+    const std::vector<int64_t> bounds = token_bounds(nt, M, slots, tab, table.size(1), ln);
+    // Each thread runs every stage on its own tokens (a slice of the step), all weights against them:
+    // no barrier between stages (a sleeping OpenMP barrier costs ~50 us on the loaded 2-core VM, and a
+    // split by stage passed 10 per layer), and a token's bits do not depend on its batch-mates
+    // (gguf_cpu_kernels.h), so neither on the slicing.
 #pragma omp parallel num_threads(nt)
     {
-      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+      const int tid = omp_get_thread_num();
+      const int64_t t0 = bounds[tid], m = bounds[tid + 1] - t0;
       float* sc = scores.data() + tid * ld;
       StageClock clock(times, tid, nt);
-      for (int64_t l = 0; l < nlayers; ++l) {
+      // This thread's quantization buffers, and its tokens' rows of the float32 results.
+      const QScratch q{qs.q_ld, qs.xd_ld, qs.sx_ld, qs.kmax, qs.q + tid * qs.q_ld, qs.qu + tid * qs.q_ld,
+                       qs.xd + tid * qs.xd_ld, qs.sx + tid * qs.sx_ld, qs.xf + tid * qs.kmax,
+                       qs.y ? qs.y + t0 * nmax : nullptr};
+      const u16* x0 = xp + t0 * H;
+      u16 *res0 = resp + t0 * H, *h0 = hp + t0 * H, *tmp0 = tmpp + t0 * H, *qkv0 = qkvp + t0 * nqkv,
+          *attn0 = attnp + t0 * nh * D, *gu0 = gup + t0 * 2 * I, *act0 = actp + t0 * I;
+      const int64_t *pos0 = pos + t0, *slots0 = slots + t0, *tab0 = tab + t0 * table.size(1), *ln0 = ln + t0;
+      for (int64_t l = 0; m > 0 && l < nlayers; ++l) {
         const Layer& L = layers[l];
-        add_rms_part(tid, n, l == 0 ? xp : tmpp, resp, l > 0, M, H, eps, bp(L.input_norm), hp);
-        clock.barrier(kNorm);
-        linear_part(tid, n, L.qkv, hp, M, H, nqkv, qkvp, qs);
-        clock.barrier(kQkv);
-        rope_store_part(tid, n, qkvp, M, nh, nkv, D, pos, cos, sin, slots, bpm(L.k_cache), bpm(L.v_cache));
-        clock.barrier(kRope);
-        attention_part(tid, n, qkvp, nqkv, M, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab, table.size(1), ln,
-                       scale, sc, attnp);
-        clock.barrier(kAttention);
-        linear_part(tid, n, L.o, attnp, M, nh * D, H, tmpp, qs);
-        clock.barrier(kO);
-        add_rms_part(tid, n, tmpp, resp, true, M, H, eps, bp(L.post_attention_norm), hp);
-        clock.barrier(kNorm);
-        linear_part(tid, n, L.gate_up, hp, M, H, 2 * I, gup, qs);
-        clock.barrier(kGateUp);
-        silu_mul_part(tid, n, gup, M, I, actp);
-        clock.barrier(kSilu);
-        linear_part(tid, n, L.down, actp, M, I, H, tmpp, qs);
-        clock.barrier(kDown);
+        add_rms_part(0, 1, l == 0 ? x0 : tmp0, res0, l > 0, m, H, eps, bp(L.input_norm), h0);
+        clock.end(kNorm);
+        linear_part(0, 1, L.qkv, h0, m, H, nqkv, qkv0, q);
+        clock.end(kQkv);
+        rope_store_part(0, 1, qkv0, m, nh, nkv, D, pos0, cos, sin, slots0, bpm(L.k_cache), bpm(L.v_cache));
+        clock.end(kRope);
+        attention_part(0, 1, qkv0, nqkv, m, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab0, table.size(1), ln0,
+                       scale, sc, attn0);
+        clock.end(kAttention);
+        linear_part(0, 1, L.o, attn0, m, nh * D, H, tmp0, q);
+        clock.end(kO);
+        add_rms_part(0, 1, tmp0, res0, true, m, H, eps, bp(L.post_attention_norm), h0);
+        clock.end(kNorm);
+        linear_part(0, 1, L.gate_up, h0, m, H, 2 * I, gu0, q);
+        clock.end(kGateUp);
+        silu_mul_part(0, 1, gu0, m, I, act0);
+        clock.end(kSilu);
+        linear_part(0, 1, L.down, act0, m, I, H, tmp0, q);
+        clock.end(kDown);
       }
-      add_rms_part(tid, n, nlayers == 0 ? xp : tmpp, resp, nlayers > 0, M, H, eps, fnorm, hp);
-      clock.barrier(kNorm);
+      if (m > 0) add_rms_part(0, 1, nlayers == 0 ? x0 : tmp0, res0, nlayers > 0, m, H, eps, fnorm, h0);
+      clock.end(kNorm);
     }
     return h;
   }
@@ -745,6 +809,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store);
   m.def("decode_attention", &decode_attention);
   m.def("silu_mul", &silu_mul);
+  m.def("token_bounds", &token_bounds_of, "the fused forward's token range per thread (tests)", py::arg("threads"),
+        py::arg("out_slots"), py::arg("table"), py::arg("lens"));
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &DecodeModel::add_layer)

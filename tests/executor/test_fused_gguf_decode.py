@@ -223,3 +223,43 @@ def test_profile_gives_the_forwards_bits_and_times_every_stage(runners):
     assert (times >= 0).all() and (times[1] >= times[0]).all()
     for linear in ("qkv", "o", "gate_up", "down"):
         assert times[1, stages.index(linear)] > 0
+
+
+def verify_step_logits(runner, drafts):
+    """Logits of one verify step of PROMPTS[i] with drafts[i] draft tokens each (after their prefill)."""
+    runner.reset()
+    free = iter(range(1, 1000))
+    new = [
+        NewRequest(f"r{i}", p, [next(free) for _ in p], sampling=GREEDY)
+        for i, p in enumerate(PROMPTS[: len(drafts)])
+    ]
+    runner.step(StepInput(0, new_requests=new))
+    cont = [
+        ContinuingRequest(f"r{i}", [next(free) for _ in range(k + 1)], draft_ids=[42] * k)
+        for i, k in enumerate(drafts)
+    ]
+    return runner.step(StepInput(1, continuing_requests=cont)).logits.float()
+
+
+def test_threads_split_a_step_by_sequences_with_the_same_bits(runners):
+    """Above 4 tokens each thread runs every stage on its own tokens (no barriers): the rows equal the
+    one-thread step's bit for bit, and a verify step's tokens of one sequence (which read each other's
+    K/V slots) stay on one thread (else the other thread's rows read slots not written yet)."""
+    fused, _ = runners
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            got[t] = (
+                greedy(fused, PROMPTS * 5 + PROMPTS[:1], 3)[1],  # 16 decode rows
+                verify_step_logits(fused, [2, 12]),  # rows 0..2 and 3..15: split at 3, not 8
+                verify_step_logits(fused, [6, 3, 4]),  # split at 7
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert got[1][0][0].shape[0] == 16 and got[1][1].shape[0] == 16 and got[1][2].shape[0] == 16
+    for a, b in zip(got[1][0], got[2][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1][1], got[2][1])
+    assert torch.equal(got[1][2], got[2][2])

@@ -138,6 +138,54 @@ def test_silu_mul(m, i):
     close(got, ref)
 
 
+def step_tables(seq_tokens, prefix=5, shared_prefix=False):
+    """out_slots, table and lens of a step whose sequence i has seq_tokens[i] new tokens after `prefix`
+    cached ones (distinct slots per sequence, or the same prefix slots for all): tokens of a sequence are
+    consecutive, each reading its sequence's slots up to its own."""
+    slots, rows, lens, free = [], [], [], iter(range(100, 10_000))
+    for n in seq_tokens:
+        cached = (
+            list(range(1, prefix + 1)) if shared_prefix else [next(free) for _ in range(prefix)]
+        )
+        new = [next(free) for _ in range(n)]
+        for j in range(n):
+            slots.append(new[j])
+            rows.append(cached + new)
+            lens.append(prefix + j + 1)
+    width = max(map(len, rows))
+    table = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    return torch.tensor(slots), table, torch.tensor(lens)
+
+
+@pytest.mark.parametrize(
+    "seq_tokens, threads, bounds",
+    [
+        ([1] * 16, 2, [0, 8, 16]),  # decode rows: an even split
+        ([1] * 7, 2, [0, 3, 7]),
+        ([1] * 16, 3, [0, 5, 10, 16]),
+        ([3, 13], 2, [0, 3, 16]),  # a verify step: a sequence's tokens read each other's K/V slots
+        ([6, 4, 6], 2, [0, 6, 16]),  # 8 splits a sequence; 6 and 10 are as near, the earlier wins
+        ([16], 2, [0, 16, 16]),  # one sequence: one thread
+        ([1] * 4, 1, [0, 4]),
+    ],
+)
+def test_token_bounds_keep_sequences_together(seq_tokens, threads, bounds):
+    """The fused forward gives each thread a slice of the step's tokens and runs them without barriers:
+    a slice must not read a K/V slot another slice writes in the step."""
+    assert cd.token_bounds(threads, *step_tables(seq_tokens)) == bounds
+
+
+def test_token_bounds_split_sequences_sharing_a_cached_prefix():
+    # 16 requests with one prompt share its cached slots: they only read each other's old slots.
+    assert cd.token_bounds(2, *step_tables([1] * 16, shared_prefix=True)) == [0, 8, 16]
+
+
+def test_token_bounds_refuses_lens_past_the_table():
+    slots, table, lens = step_tables([1, 1])
+    with pytest.raises(RuntimeError, match="lens must lie"):
+        cd.token_bounds(2, slots, table, lens + table.shape[1])
+
+
 # --- the fused decode path inside the ModelRunner ---------------------------------------------------
 
 TINY = {
