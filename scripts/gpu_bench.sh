@@ -297,6 +297,33 @@ stage_lora_serving() {
   done
 }
 
+stage_eagle() {
+  # Issue 20: what an EAGLE3 head costs served: plain decoding, then EAGLE3 (a random head of the target's
+  # geometry from scripts/make_dummy_eagle3.py, EAGLE_STEPS rounds; it accepts ~nothing, so the figures are
+  # the price of drafting + verifying), one fresh server each, 128 in / 256 out at 1 and 32 concurrent.
+  local port=31000 head=${EAGLE_HEAD:-/tmp/radixserve-eagle3}
+  [ -f "$head/config.json" ] || python scripts/make_dummy_eagle3.py --model-path "$MODEL" --out "$head" > /dev/null \
+    || { echo "could not write the head"; return 1; }
+  local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
+               --random-range-ratio 1.0 --random-input-len 128 --random-output-len 256 --disable-tqdm
+               --output-file "$OUT/eagle.jsonl")
+  for run in plain eagle3; do
+    local flags=()
+    [ $run = eagle3 ] && flags=(--speculative-algorithm EAGLE3 --speculative-draft-model-path "$head"
+                                --speculative-num-steps ${EAGLE_STEPS:-3} --speculative-eagle-topk 1
+                                --speculative-num-draft-tokens $(( ${EAGLE_STEPS:-3} + 1 )))
+    serve_stack "$OUT/serve-$run.log" "${flags[@]}"
+    local pid=$serve_pid
+    wait_http $port $pid || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
+    for c in 1 32; do
+      echo "--- $run, $c concurrent"
+      timeout 150 "${bench[@]}" --num-prompts $(( c == 1 ? 8 : 128 )) --max-concurrency $c \
+        | grep -E "Output token throughput|Median ITL|Median TPOT|Accept length"
+    done
+    kill $pid; wait $pid
+  done
+}
+
 stage_hf_baseline() {
   timeout 300 "${rs[@]}" bench serving --backend hf-transformers --model-path "$MODEL" --load-format dummy \
     --dtype bfloat16 --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \
