@@ -324,6 +324,30 @@ stage_eagle() {
   done
 }
 
+stage_ab_serving() {
+  # This tree against BASE_TREE's install (see bs1_vs_base), served, alternated new/base twice: 128 in / 256 out
+  # at each AB_CONCURRENCY (default "1 32"; 8 prompts one at a time, else 4 per slot), server flags AB_FLAGS,
+  # every request's body extended by AB_BODY (bench serving --extra-request-body; default greedy).
+  local port=31000 base=${BASE_TREE:?set BASE_TREE to the tree of the commit to compare with}
+  [ -d /tmp/base-site ] || python -m pip install -q --no-deps --no-build-isolation --target /tmp/base-site "$base" \
+    > /dev/null 2>&1 || { echo "base install failed"; return 1; }
+  for tree in new base new base; do
+    local path=${PYTHONPATH:-}
+    [ $tree = base ] && path=/tmp/base-site:$path
+    PYTHONPATH=$path serve_stack "$OUT/serve-ab-$tree.log" ${AB_FLAGS:-}
+    local pid=$serve_pid
+    wait_http $port $pid || { tail -30 "$OUT/serve-ab-$tree.log"; kill $pid; return 1; }
+    for c in ${AB_CONCURRENCY:-1 32}; do
+      echo "--- $tree, $c concurrent"
+      timeout 150 "${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids \
+        --random-range-ratio 1.0 --random-input-len 128 --random-output-len 256 --disable-tqdm \
+        --num-prompts $(( c == 1 ? 8 : 4 * c )) --max-concurrency $c --extra-request-body "${AB_BODY:-{\}}" \
+        --output-file "$OUT/ab_serving.jsonl" | grep -E "Output token throughput|Median ITL|Accept length"
+    done
+    kill $pid; wait $pid
+  done
+}
+
 stage_hf_baseline() {
   timeout 300 "${rs[@]}" bench serving --backend hf-transformers --model-path "$MODEL" --load-format dummy \
     --dtype bfloat16 --dataset random-ids --random-input-len 512 --random-output-len 256 --random-range-ratio 1.0 \

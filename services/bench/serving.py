@@ -212,8 +212,17 @@ def prompt_field(request: BenchRequest) -> str:
     return "text" if isinstance(request.prompt, str) else "input_ids"
 
 
+@dataclass(frozen=True)
+class RequestOptions:
+    """What every request of a run carries besides its prompt and length."""
+
+    ignore_eos: bool = True
+    # --extra-request-body: merged into /generate's sampling_params, or into an OpenAI body
+    extra_body: dict = field(default_factory=dict)
+
+
 async def send_native(
-    client, base_url: str, request: BenchRequest, ignore_eos: bool
+    client, base_url: str, request: BenchRequest, options: RequestOptions
 ) -> RequestResult:
     payload = {
         prompt_field(request): request.prompt,
@@ -221,7 +230,8 @@ async def send_native(
         "sampling_params": {
             "temperature": 0.0,
             "max_new_tokens": request.output_len,
-            "ignore_eos": ignore_eos,
+            "ignore_eos": options.ignore_eos,
+            **options.extra_body,
         },
     }
     if request.images:
@@ -233,13 +243,16 @@ async def send_native(
     )
 
 
-def _openai_payload(request: BenchRequest, ignore_eos: bool, model: str | None, **inputs) -> dict:
+def _openai_payload(
+    request: BenchRequest, options: RequestOptions, model: str | None, **inputs
+) -> dict:
     """An OpenAI streaming body for request (its adapter, if any, as the model) around inputs."""
     payload = {
         **inputs,
         "max_tokens": request.output_len,
         "temperature": 0.0,
-        "ignore_eos": ignore_eos,
+        "ignore_eos": options.ignore_eos,
+        **options.extra_body,
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
@@ -250,9 +263,9 @@ def _openai_payload(request: BenchRequest, ignore_eos: bool, model: str | None, 
 
 
 async def send_openai_completion(
-    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
+    client, base_url: str, request: BenchRequest, options: RequestOptions, model: str | None
 ) -> RequestResult:
-    payload = _openai_payload(request, ignore_eos, model, prompt=request.prompt)
+    payload = _openai_payload(request, options, model, prompt=request.prompt)
     return await stream_request(
         client,
         base_url + "/v1/completions",
@@ -264,10 +277,10 @@ async def send_openai_completion(
 
 
 async def send_openai_chat(
-    client, base_url: str, request: BenchRequest, ignore_eos: bool, model: str | None
+    client, base_url: str, request: BenchRequest, options: RequestOptions, model: str | None
 ) -> RequestResult:
     messages = [{"role": "user", "content": images.chat_content(request)}]
-    payload = _openai_payload(request, ignore_eos, model, messages=messages)
+    payload = _openai_payload(request, options, model, messages=messages)
     return await stream_request(
         client,
         base_url + "/v1/chat/completions",
@@ -281,17 +294,15 @@ async def send_openai_chat(
 Sender = Callable[[object, BenchRequest], Awaitable[RequestResult]]
 
 
-def make_sender(backend: str, base_url: str, ignore_eos: bool, model: str | None) -> Sender:
+def make_sender(backend: str, base_url: str, options: RequestOptions, model: str | None) -> Sender:
     base_url = base_url.rstrip("/")
     if backend == "openai-completions":
         return lambda client, request: send_openai_completion(
-            client, base_url, request, ignore_eos, model
+            client, base_url, request, options, model
         )
     if backend == "openai-chat":
-        return lambda client, request: send_openai_chat(
-            client, base_url, request, ignore_eos, model
-        )
-    return lambda client, request: send_native(client, base_url, request, ignore_eos)
+        return lambda client, request: send_openai_chat(client, base_url, request, options, model)
+    return lambda client, request: send_native(client, base_url, request, options)
 
 
 # ---- the load ----
@@ -523,6 +534,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "random_range_ratio": args.random_range_ratio,
         "seed": args.seed,
         "ignore_eos": not args.disable_ignore_eos,
+        "extra_request_body": args.extra_request_body,
         "lora_names": args.lora_name,
     }
     if args.dataset == "image":
@@ -668,7 +680,8 @@ def run_against_server(args: argparse.Namespace) -> tuple[list[RequestResult], f
     model = args.model
     if args.backend in ("openai-completions", "openai-chat") and not model:
         model = served_model_name(base_url)
-    send = make_sender(args.backend, base_url, not args.disable_ignore_eos, model)
+    options = RequestOptions(not args.disable_ignore_eos, args.extra_request_body)
+    send = make_sender(args.backend, base_url, options, model)
     flush_url = base_url + "/flush_cache" if args.flush_cache else None
     spec_before = spec_counters(base_url)  # the warmup requests' verify steps count too
     results, duration = run_event_loop(
@@ -701,6 +714,17 @@ def resolution_arg(value: str) -> tuple[int, int]:
         return images.parse_resolution(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (anything else is a usage error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"temperature\": 0.7}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -747,6 +771,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--disable-ignore-eos", action="store_true", help="let requests stop at EOS")
+    p.add_argument(
+        "--extra-request-body",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help='a JSON object added to every request, e.g. \'{"temperature": 0.7, "top_p": 0.9}\': '
+        "into /generate's sampling_params (radixserve backend), into the body (OpenAI backends)",
+    )
     p.add_argument(
         "--warmup-requests",
         type=int,

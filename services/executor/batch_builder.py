@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.sampling import MAX_TOP_LOGPROBS
 from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, StepSamples, TableMeta
 from radixserve.executor.prompt_logprobs import PromptLogprobRows
@@ -60,9 +61,7 @@ class _Packer:
             self.values.append(0)
 
     def ship(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        packed = torch.tensor(self.values, dtype=torch.int64)
-        if device.type != "cpu":
-            packed = packed.pin_memory().to(device, non_blocking=True)
+        packed = to_device(self.values, device, torch.int64)
         # One op (cheaper than a slice per list on the CPU); the padding parts are dropped.
         return packed.split_with_sizes(self.sizes)[::2]
 

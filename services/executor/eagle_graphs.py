@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.executor.attention.metadata import ForwardBatch, forward_context
 from radixserve.executor.cuda_graph_runner import BucketGraphs, graph_buckets
 
@@ -93,8 +94,8 @@ class DraftRoundGraphs(BucketGraphs):
         bucket = self.bucket(bs)
         graph, out = self.graphs[bucket], self.outputs[bucket]
         device = self.input_ids.device
-        first_lens = torch.tensor(lens, dtype=torch.int64, device=device)
-        first_slots = torch.tensor(scratch, dtype=torch.int64, device=device)
+        first_lens = to_device(lens, device, torch.int64)
+        first_slots = to_device(scratch, device, torch.int64)
         self.table[:bs, : private.shape[1]].copy_(private)
         self.out_slots[bs:bucket].fill_(-1)
         self.lens[bs:bucket].zero_()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import (
     ExtendSeq,
@@ -168,7 +169,7 @@ class EagleProposer:
         ]
 
         def tensor(values):
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return to_device(values, device, torch.int64)
 
         rows = torch.arange(batch, dtype=torch.int64, device=device)
         meta = TableMeta(
@@ -253,7 +254,7 @@ class EagleProposer:
         """[B, longest + k - 1 (+ 1 reading own tokens)] slot ids: each request's target row up to
         its prefix, then its positions' slots, then its k - 1 (k) scratch slots."""
         width = max(self.positions_needed(r.seq_len, k) for r in requests)
-        rows = torch.tensor([r.row for r in requests], dtype=torch.int64, device=table.device)
+        rows = to_device([r.row for r in requests], table.device, torch.int64)
         private = table[:, :width].index_select(0, rows).to(self.device)
         scratch_per = self.scratch_per
         at_rows, at_cols, values = [], [], []
@@ -263,8 +264,6 @@ class EagleProposer:
             at_rows += [i] * len(new)
             at_cols += range(r.prefix_len, r.prefix_len + len(new))
             values += new
-        index = torch.tensor([at_rows, at_cols], dtype=torch.int64, device=self.device)
-        private.index_put_(
-            (index[0], index[1]), torch.tensor(values, dtype=torch.int64, device=self.device)
-        )
+        index = to_device([at_rows, at_cols], self.device, torch.int64)
+        private.index_put_((index[0], index[1]), to_device(values, self.device, torch.int64))
         return private

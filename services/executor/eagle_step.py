@@ -32,6 +32,7 @@ import logging
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
@@ -189,12 +190,12 @@ class EagleStep:
                 sampled.append(rid)
         if not requests:
             return None
-        at = torch.tensor(last_rows, dtype=torch.int64, device=next_tokens.device)
+        at = to_device(last_rows, next_tokens.device, torch.int64)
         last_tokens = torch.where(at >= 0, next_tokens.index_select(0, at.clamp(min=0)), -1)
         # Only chunks that do not sample: one round writes their draft K/V, no draft is wanted.
         k = self.num_steps if sampled else 1
         if own_tokens:
-            at = torch.tensor(first_at, dtype=torch.int64, device=batch.input_ids.device)
+            at = to_device(first_at, batch.input_ids.device, torch.int64)
             hidden_rows, first_tokens = None, batch.input_ids.index_select(0, at).to(self.device)
         else:
             hidden_rows, first_tokens = torch.cat(rows), None
@@ -203,7 +204,5 @@ class EagleStep:
         )
         if not sampled:
             return None
-        keep = torch.tensor(
-            [i for i, r in enumerate(last_rows) if r >= 0], dtype=torch.int64, device=drafts.device
-        )
+        keep = to_device([i for i, r in enumerate(last_rows) if r >= 0], drafts.device, torch.int64)
         return sampled, drafts.index_select(0, keep)

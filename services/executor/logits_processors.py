@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.executor.penalty_table import PenaltyTable
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import NewRequest, StepInput
@@ -150,14 +151,14 @@ class LogitsProcessor:
         ]
         if not rows:
             return
-        row_index = torch.tensor(rows, device=logits.device)
+        row_index = to_device(rows, logits.device)
         sub = logits.index_select(0, row_index)
         picked = [states[i].logits_state for i in rows]
         self._penalise(sub, picked)
         self._bias_and_block(sub, picked)
         masked = [j for j, i in enumerate(rows) if masks[i]]
         if masked:
-            index = torch.tensor(masked, device=logits.device)
+            index = to_device(masked, logits.device)
             part = sub.index_select(0, index)
             apply_bitmask_(
                 part,
@@ -179,9 +180,7 @@ class LogitsProcessor:
                     rows.append(ls.penalty_row)
                     positions.append(i)
         if rows:
-            self.penalties.count(
-                rows, tokens.index_select(0, torch.tensor(positions, device=tokens.device))
-            )
+            self.penalties.count(rows, tokens.index_select(0, to_device(positions, tokens.device)))
 
     def _penalise(self, sub: torch.Tensor, picked: list[LogitsState | None]) -> None:
         rows = [j for j, ls in enumerate(picked) if ls is not None and ls.penalty_row >= 0]
@@ -189,17 +188,17 @@ class LogitsProcessor:
             return
         device = sub.device
         params = [picked[j].sampling for j in rows]
-        table_rows = torch.tensor([picked[j].penalty_row for j in rows], device=device)
-        factors = torch.tensor(
+        table_rows = to_device([picked[j].penalty_row for j in rows], device)
+        factors = to_device(
             [
                 [p.frequency_penalty for p in params],
                 [p.presence_penalty for p in params],
                 [p.repetition_penalty if p.repetition_active else 1.0 for p in params],
             ],
-            dtype=sub.dtype,
-            device=device,
+            device,
+            sub.dtype,
         )
-        index = torch.tensor(rows, device=device)
+        index = to_device(rows, device)
         penalised = apply_penalties(
             sub.index_select(0, index),
             self.penalties.counts.index_select(0, table_rows),
@@ -223,12 +222,12 @@ class LogitsProcessor:
                 block_ids += ls.min_tokens_blocked
         device = sub.device
         if bias_rows:
-            index = torch.tensor([bias_rows, bias_ids], device=device)
-            values = torch.tensor(bias_values, dtype=sub.dtype, device=device)
+            index = to_device([bias_rows, bias_ids], device)
+            values = to_device(bias_values, device, sub.dtype)
             sub.index_put_((index[0], index[1]), values, accumulate=True)
         if block_rows:
-            index = torch.tensor([block_rows, block_ids], device=device)
-            sub.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=device))
+            index = to_device([block_rows, block_ids], device)
+            sub[index[0], index[1]] = float("-inf")
 
 
 def step_bitmasks(step: StepInput, sample_request_ids: list[str]) -> list[bytes] | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.executor.host_copy import to_device
+
 MIN_ROWS = 8
 
 
@@ -20,6 +22,7 @@ class PenaltyTable:
         # in_prompt[r, t]: token t occurs in row r's prompt.
         self.in_prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self.free: list[int] = []
+        self.one = torch.ones((), device=device)  # count()'s increment, made once
 
     def assign(self, prompt_ids: list[int]) -> int:
         """A cleared row for a new request, with its prompt tokens marked (ids outside the vocab ignored)."""
@@ -30,7 +33,7 @@ class PenaltyTable:
         self.in_prompt[row].zero_()
         ids = [t for t in prompt_ids if 0 <= t < self.vocab_size]
         if ids:
-            self.in_prompt[row, torch.tensor(ids, device=self.device)] = True
+            self.in_prompt[row, to_device(ids, self.device)] = True
         return row
 
     def release(self, row: int) -> None:
@@ -38,10 +41,8 @@ class PenaltyTable:
 
     def count(self, rows: list[int], token_ids: torch.Tensor) -> None:
         """Add one generated occurrence of token_ids[i] (a device tensor) to rows[i] (rows are distinct)."""
-        index = torch.tensor(rows, device=self.device)
-        self.counts.index_put_(
-            (index, token_ids.to(self.device)), torch.ones((), device=self.device), accumulate=True
-        )
+        index = to_device(rows, self.device)
+        self.counts.index_put_((index, token_ids.to(self.device)), self.one, accumulate=True)
 
     def _grow(self) -> None:
         old = self.counts.shape[0]

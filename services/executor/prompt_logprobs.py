@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.step import PromptLogprobs, token_logprob
 
 # Most logits floats one group of positions may hold (64 MiB of float32).
@@ -70,7 +71,7 @@ def compute_prompt_logprobs(
     results = []
     for req in requests:
         n, k = len(req.targets), req.top_logprobs_num
-        targets = torch.tensor(req.targets, dtype=torch.int64, device=device)
+        targets = to_device(req.targets, device, torch.int64)
         chosen, ranks, top_values, top_ids = [], [], [], []
         for lo in range(0, n, group):
             hi = min(n, lo + group)

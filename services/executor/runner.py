@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.args import ServerArgs
 from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP, RunnerConfig
 from radixserve.common.phase_clock import PhaseClock
@@ -576,7 +577,7 @@ class ModelRunner:
             if self.logits_processor.num_active or bitmasks is not None:
                 # Requests with drafts use no processor (validated), so each request's first row
                 # is the one its options act on.
-                first = torch.tensor(starts, device=logits.device)
+                first = to_device(starts, logits.device)
                 own = logits.index_select(0, first)
                 self.logits_processor.apply(own, states, bitmasks)
                 logits.index_copy_(0, first, own)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.sampling import SamplingParams
 
 MIN_LOGPROB = -9999.0
@@ -34,16 +35,14 @@ def _filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)
-        drop = ranks[None, :] >= torch.tensor(top_k, device=device)[:, None]
+        drop = ranks[None, :] >= to_device(top_k, device)[:, None]
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # The most likely token is always kept: its mass_before is 0.
-        drop |= mass_before >= torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None]
+        drop |= mass_before >= to_device(top_p, device, probs.dtype)[:, None]
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.empty_like(probs).scatter_(1, order, sorted_probs)
     if any(m > 0 for m in min_p):
-        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None] * probs.amax(
-            -1, keepdim=True
-        )
+        threshold = to_device(min_p, device, probs.dtype)[:, None] * probs.amax(-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
 
@@ -118,7 +117,7 @@ def sample_on_device(
             if gen is not None and not greedy[row]:
                 noise[row].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
+        tokens = torch.where(to_device(greedy, logits.device), tokens, sampled)
     return with_logprobs(logits, tokens, params)
 
 
@@ -131,10 +130,8 @@ def sampling_probs(
 ) -> torch.Tensor:
     """The distributions rows are sampled from: softmax at the row's temperature, then top-k /
     top-p / min-p (rows need not sum to 1); greedy rows are left at temperature 1, unfiltered."""
-    temps = torch.tensor(
-        [1.0 if g else p.temperature for g, p in zip(greedy, params)],
-        device=logits.device,
-        dtype=logits.dtype,
+    temps = to_device(
+        [1.0 if g else p.temperature for g, p in zip(greedy, params)], logits.device, logits.dtype
     )
     return _filter_probs(torch.softmax(logits / temps[:, None], dim=-1), params)
 
@@ -147,7 +144,7 @@ def with_logprobs(
     rows = [i for i, p in enumerate(params) if p.return_logprob]
     out = DeviceSample(tokens, rows, [params[i].top_logprobs_num for i in rows])
     if rows:
-        row_index = torch.tensor(rows, device=logits.device)
+        row_index = to_device(rows, logits.device)
         # Floored like OpenAI's: a token a logits processor forbade (-inf) reports MIN_LOGPROB.
         log_probs = torch.log_softmax(logits.index_select(0, row_index), dim=-1).clamp_(
             min=MIN_LOGPROB
@@ -161,9 +158,7 @@ def with_logprobs(
         if width:
             # Rows asking for fewer ids are padded with id 0; result() reads only their own.
             padded = [list(ids) + [0] * (width - len(ids)) for ids in out.asked_ids]
-            out.asked_values = log_probs.gather(
-                1, torch.tensor(padded, dtype=torch.int64, device=logits.device)
-            )
+            out.asked_values = log_probs.gather(1, to_device(padded, logits.device, torch.int64))
     return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import SampledToken, token_logprob
 from radixserve.executor.sampling import DeviceSample, is_greedy, sampling_probs, with_logprobs
@@ -84,9 +85,9 @@ def verify_on_device(
     for n in num_drafts:
         starts.append(start)
         start += n + 1
-    drafts = torch.tensor(
-        [list(d) + [-1] * (width - 1 - len(d)) for d in draft_ids], dtype=torch.int64
-    ).to(device)
+    drafts = to_device(
+        [list(d) + [-1] * (width - 1 - len(d)) for d in draft_ids], device, torch.int64
+    )
     greedy = [is_greedy(p) for p in params]
     row_params = [p for p, n in zip(params, num_drafts) for _ in range(n + 1)]
     exact = verify_greedy(pad_positions(logits, num_drafts), drafts, num_drafts)
@@ -98,7 +99,7 @@ def verify_on_device(
         sampled = verify_sampling(
             probs, drafts, num_drafts, generators=gens, default_generator=default_generator
         )
-        rows = torch.tensor(greedy, device=device)
+        rows = to_device(greedy, device)
         verified = DeviceVerify(
             torch.where(rows[:, None], exact.tokens, sampled.tokens),
             torch.where(rows, exact.num_accepted, sampled.num_accepted),
@@ -106,7 +107,7 @@ def verify_on_device(
     # Each row's emitted token (for its logprob): request i's j-th verified token at row start + j.
     req_of_row = [i for i, n in enumerate(num_drafts) for _ in range(n + 1)]
     pos_of_row = [j for n in num_drafts for j in range(n + 1)]
-    index = torch.tensor([req_of_row, pos_of_row], dtype=torch.int64).to(device)
+    index = to_device([req_of_row, pos_of_row], device, torch.int64)
     row_tokens = verified.tokens[index[0], index[1]].clamp(min=0)
     return DeviceSpecSample(verified, with_logprobs(logits, row_tokens, row_params), starts)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from radixserve.executor.host_copy import to_device
 
 
 @dataclass
@@ -69,7 +70,7 @@ def pad_positions(flat: torch.Tensor, num_drafts: list[int]) -> torch.Tensor:
         start += n + 1
     if start != flat.shape[0]:
         raise ValueError(f"{flat.shape[0]} rows for drafts of lengths {num_drafts}")
-    index = torch.tensor(index, dtype=torch.int64, device=flat.device).reshape(-1, width)
+    index = to_device(index, flat.device, torch.int64).reshape(-1, width)
     return flat[index]
 
 
@@ -118,7 +119,7 @@ def verify_sampling(
     num_accepted = _leading_true(accepted)
 
     p_next = p[rows, num_accepted]
-    rejected = num_accepted < torch.tensor(num_drafts, device=device)
+    rejected = num_accepted < to_device(num_drafts, device)
     if width > 1:
         at = num_accepted.clamp(max=width - 2)
         if draft_probs is None:
@@ -161,7 +162,7 @@ def verify(
     if not any(greedy):
         return sampled
     exact = verify_greedy(target_probs, draft_tokens, num_drafts)
-    rows = torch.tensor(greedy, device=target_probs.device)
+    rows = to_device(greedy, target_probs.device)
     return DeviceVerify(
         torch.where(rows[:, None], exact.tokens, sampled.tokens),
         torch.where(rows, exact.num_accepted, sampled.num_accepted),
@@ -170,7 +171,7 @@ def verify(
 
 def _valid(draft_tokens: torch.Tensor, num_drafts: list[int]) -> torch.Tensor:
     """[B, K]: whether each draft position is within its request's draft."""
-    lengths = torch.tensor(num_drafts, device=draft_tokens.device)
+    lengths = to_device(num_drafts, draft_tokens.device)
     positions = torch.arange(draft_tokens.shape[1], device=draft_tokens.device)
     return positions[None, :] < lengths[:, None]
 

@@ -175,6 +175,7 @@ class FakeServer:
         self.received = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.bodies: list[dict] = []  # every request body received
         self.app = self.build_app()
 
     def admit(self) -> bool:
@@ -232,6 +233,7 @@ class FakeServer:
         @app.post("/generate")
         async def generate(request: Request):
             body = await request.json()
+            self.bodies.append(body)
             assert body["stream"] and body["sampling_params"]["ignore_eos"] and "input_ids" in body
             if not self.admit():
                 return rejected
@@ -243,6 +245,7 @@ class FakeServer:
         @app.post("/v1/completions")
         async def completions(request: Request):
             body = await request.json()
+            self.bodies.append(body)
             assert body["model"] == "fake-model" and body["ignore_eos"]
             if not self.admit():
                 return rejected
@@ -373,6 +376,44 @@ def test_openai_completions_backend(capsys):
         )
     assert code == 0 and summary["completed"] == 5
     assert summary["total_output_tokens"] == requested_output_tokens(5, 8, 6, 0.0, FAKE_VOCAB)
+
+
+@pytest.mark.parametrize("backend", ["radixserve", "openai-completions"])
+def test_extra_request_body_reaches_every_request(capsys, backend):
+    fake = FakeServer()
+    extra = {"temperature": 0.7, "top_p": 0.9}
+    with serving_app(fake.app) as url:
+        code, summary, _ = run_bench(
+            capsys,
+            "--base-url",
+            url,
+            "--backend",
+            backend,
+            "--dataset",
+            "random-ids",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "3",
+            "--num-prompts",
+            "3",
+            "--extra-request-body",
+            json.dumps(extra),
+        )
+    assert code == 0 and summary["completed"] == 3 and summary["extra_request_body"] == extra
+    assert len(fake.bodies) == 4  # the warmup too
+    for body in fake.bodies:
+        params = body["sampling_params"] if backend == "radixserve" else body
+        assert params["temperature"] == 0.7 and params["top_p"] == 0.9
+        assert params["ignore_eos"] is True and body["stream"] is True
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]"])
+def test_extra_request_body_must_be_a_json_object(capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        serving.main(["--base-url", "http://127.0.0.1:9", "--extra-request-body", bad])
+    assert exc.value.code == 2
+    assert "--extra-request-body" in capsys.readouterr().err
 
 
 def test_failed_requests_are_counted_and_reported(capsys):

@@ -18,6 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from radixserve.executor.host_copy import to_device
 from radixserve.common.config import MAX_LORA_RANK_LIMIT, LoraConfig, lora_name_problem
 from radixserve.common.step import StepError, StepInput
 from radixserve.executor.layers.linear import LinearBase
@@ -237,10 +238,7 @@ class LoraManager:
         ids: list[int] = []
         for name, n in zip(seq_names, seq_tokens):
             ids += [slot_of[name] if name else BASE_SLOT] * n
-        slots = torch.tensor(ids, dtype=torch.int64)
-        if self.device.type != "cpu":
-            slots = slots.pin_memory().to(self.device, non_blocking=True)
-        self.state.token_slots = slots
+        self.state.token_slots = to_device(ids, self.device, torch.int64)
 
     def _assign(self, needed: set[str]) -> dict[str, int]:
         slot_of = {n: s for s, n in enumerate(self.slot_names) if n in needed}
