@@ -300,7 +300,7 @@ stage_lora_serving() {
 stage_eagle() {
   # Issue 20: what an EAGLE3 head costs served: plain decoding, then EAGLE3 (a random head of the target's
   # geometry from scripts/make_dummy_eagle3.py, EAGLE_STEPS rounds; it accepts ~nothing, so the figures are
-  # the price of drafting + verifying), one fresh server each, 128 in / 256 out at 1 and 32 concurrent.
+  # the price of drafting + verifying), one fresh server each, 128 in / 256 out at EAGLE_CONCURRENCY (1 32).
   local port=31000 head=${EAGLE_HEAD:-/tmp/radixserve-eagle3}
   [ -f "$head/config.json" ] || python scripts/make_dummy_eagle3.py --model-path "$MODEL" --out "$head" > /dev/null \
     || { echo "could not write the head"; return 1; }
@@ -315,9 +315,9 @@ stage_eagle() {
     serve_stack "$OUT/serve-$run.log" "${flags[@]}"
     local pid=$serve_pid
     wait_http $port $pid || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
-    for c in 1 32; do
+    for c in ${EAGLE_CONCURRENCY:-1 32}; do
       echo "--- $run, $c concurrent"
-      timeout 150 "${bench[@]}" --num-prompts $(( c == 1 ? 8 : 128 )) --max-concurrency $c \
+      timeout 150 "${bench[@]}" --num-prompts $(( c == 1 ? 8 : 4 * c )) --max-concurrency $c \
         | grep -E "Output token throughput|Median ITL|Median TPOT|Accept length"
     done
     kill $pid; wait $pid
