@@ -280,13 +280,14 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
   // Q4: the nibble words of block 0 (quarters 0, 1) and block 1 (2, 3); d of block 0 in words 0..7 and
   // of block 1 in 8..15; m (Q4_1) or d (Q4_0) of blocks 0, 1 in words 0, 1.
   const __m512i nib_idx = pair_words(OFF / 2, (BB + OFF) / 2);
-  const __m512i d_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-                                         BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2,
-                                         0, 0, 0, 0, 0, 0, 0, 0);
+  // and, by the same permute, m (Q4_1) or d (Q4_0) of blocks 0, 1 in words 16, 17: stored as halves (mh,
+  // the mw buffer's bytes), converted 16 at a time for the m s_x sums (the same floats as mw_of).
   const int m_word = QT == Q4_1 ? 1 : 0;
-  const __m512i m_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-                                         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                         BB / 2 + m_word, m_word);
+  const __m512i dm_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
+                                          BB / 2 + m_word, m_word,                  //
+                                          BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2,
+                                          0, 0, 0, 0, 0, 0, 0, 0);
+  uint16_t* mh = reinterpret_cast<uint16_t*>(mw);  // [R, ss] halves; zero past the row's blocks
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -335,11 +336,10 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
         const __m512i raw = _mm512_maskz_loadu_epi8(bytes, b0);  // a missing block 1 reads as zeros
         __m512i wv = _mm512_permutexvar_epi16(nib_idx, raw);
         wv = _mm512_and_si512(_mm512_mask_srli_epi16(wv, 0xFF00FF00u, wv, 4), low4);
-        const __m512 dw =
-            _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(d_idx, raw)));
-        __m128 m2 = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(m_idx, raw)));
-        if constexpr (QT == Q4_0) m2 = _mm_mul_ps(m2, _mm_set1_ps(-8.f));  // mw_of: -8 d, exact
-        _mm_storel_pi(reinterpret_cast<__m64*>(mw + r * ss + 2 * p), m2);
+        const __m512i dm = _mm512_permutexvar_epi16(dm_idx, raw);
+        const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+        const int m_halves = _mm_cvtsi128_si32(_mm512_extracti32x4_epi32(dm, 2));
+        std::memcpy(mh + r * ss + 2 * p, &m_halves, 4);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, qx);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(dot), acc[r]);
       }
@@ -349,8 +349,12 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
     float y = hsum16(acc[r]);
     if constexpr (QT != Q8_0) {
       __m512 e = _mm512_setzero_ps();
-      for (int64_t c = 0; c < a.chunks; ++c)
-        e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(a.sx + 16 * c), e);
+      for (int64_t c = 0; c < a.chunks; ++c) {
+        __m512 m16 = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mh + r * ss + 16 * c)));
+        if constexpr (QT == Q4_0) m16 = _mm512_mul_ps(m16, _mm512_set1_ps(-8.f));  // mw_of: -8 d, exact
+        e = _mm512_fmadd_ps(m16, _mm512_loadu_ps(a.sx + 16 * c), e);
+      }
       y += hsum16(e);
     }
     out[r0 + r] = y;
