@@ -113,6 +113,14 @@ inline float mw_of(const uint8_t* blk) {
 
 const uint8_t kZeroBlock[64] = {};  // pads an odd block count: d = m = 0, all values 0
 
+// Bytes ahead of each block pair to prefetch: the weights stream from memory once per step (a model's
+// are far larger than the caches) and the hardware prefetcher alone kept a Q8_0 LM head at a third of
+// the memory's read rate.
+#ifndef GGUF_PREFETCH
+#define GGUF_PREFETCH 2048
+#endif
+constexpr int64_t kPrefetch = GGUF_PREFETCH;
+
 // ---- AVX2 (+ FMA + F16C): two 8-lane halves per pair; up to 2 activation rows at a time ----
 template <int QT, int NR, int NI>
 void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
@@ -196,6 +204,7 @@ void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b0 = w + r * row_bytes + 2 * p * BB;
       const uint8_t* b1 = 2 * p + 1 < nb ? b0 + BB : kZeroBlock;
+      _mm_prefetch(reinterpret_cast<const char*>(b0 + kPrefetch), _MM_HINT_T0);
       uint16_t h0, h1;
       std::memcpy(&h0, b0, 2);
       std::memcpy(&h1, b1, 2);
@@ -255,13 +264,6 @@ void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
 // each of the tile's rows across its length at once, so their cache misses overlap; an LM head row
 // (49152 x 576) streamed from memory 1.7x faster than with the d halves read pair by pair.
 constexpr int64_t NR1 = 4;
-// Bytes ahead of each block pair to prefetch: the weights stream from memory once per step (a model's
-// are far larger than the caches) and the hardware prefetcher alone kept a Q8_0 LM head at a third of
-// the memory's read rate.
-#ifndef GGUF_PREFETCH
-#define GGUF_PREFETCH 2048
-#endif
-constexpr int64_t kPrefetch = GGUF_PREFETCH;
 
 inline __m512i pair_words(int64_t lo, int64_t hi) {  // word index lo + i in quarters 0, 1; hi + i in 2, 3
   alignas(64) int16_t idx[32];
@@ -278,13 +280,14 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
   // Q4: the nibble words of block 0 (quarters 0, 1) and block 1 (2, 3); d of block 0 in words 0..7 and
   // of block 1 in 8..15; m (Q4_1) or d (Q4_0) of blocks 0, 1 in words 0, 1.
   const __m512i nib_idx = pair_words(OFF / 2, (BB + OFF) / 2);
-  const __m512i d_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-                                         BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2,
-                                         0, 0, 0, 0, 0, 0, 0, 0);
+  // and, by the same permute, m (Q4_1) or d (Q4_0) of blocks 0, 1 in words 16, 17: stored as halves (mh,
+  // the mw buffer's bytes), converted 16 at a time for the m s_x sums (the same floats as mw_of).
   const int m_word = QT == Q4_1 ? 1 : 0;
-  const __m512i m_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
-                                         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                         BB / 2 + m_word, m_word);
+  const __m512i dm_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  //
+                                          BB / 2 + m_word, m_word,                  //
+                                          BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2, BB / 2,
+                                          0, 0, 0, 0, 0, 0, 0, 0);
+  uint16_t* mh = reinterpret_cast<uint16_t*>(mw);  // [R, ss] halves; zero past the row's blocks
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -305,7 +308,14 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
       const __m512i lanes = _mm512_add_epi32(
           _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
           _mm512_set1_epi32(int(2 * (p % 8))));
-      const __m512i qx = _mm512_loadu_si512(a.qu + p * 64);
+      // The roles of tile_vnni swapped: the weight is the unsigned operand (w + 128, one xor) and the
+      // activation the signed one, so the correction, -128 times each lane's activation sum, is the
+      // pair's alone (computed once for the tile's rows): sum (w + 128) q - 128 sum q = sum q w, the
+      // same integers.
+      const __m512i qx = _mm512_loadu_si512(a.q + p * 64);
+      const __m512i flip = _mm512_set1_epi8(-128);
+      const __m512i corr = _mm512_sub_epi32(
+          _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, qx));
       for (int r = 0; r < R; ++r) {
         const uint8_t* b0 = w + (r0 + r) * row_bytes + 2 * p * BB;
         const uint8_t* b1 = full ? b0 + BB : kZeroBlock;
@@ -314,11 +324,7 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
             _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
         const __m512 dw = _mm512_permutexvar_ps(lanes, dv[r]);
-        // as tile_vnni: sum (q + 128) w - 128 sum w = sum q w
-        const __m512i corr = _mm512_sub_epi32(
-            _mm512_setzero_si512(),
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), wv));
-        const __m512i dot = _mm512_dpbusd_epi32(corr, qx, wv);
+        const __m512i dot = _mm512_dpbusd_epi32(corr, _mm512_xor_si512(wv, flip), qx);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(dot), acc[r]);
       }
     } else {
@@ -330,11 +336,10 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
         const __m512i raw = _mm512_maskz_loadu_epi8(bytes, b0);  // a missing block 1 reads as zeros
         __m512i wv = _mm512_permutexvar_epi16(nib_idx, raw);
         wv = _mm512_and_si512(_mm512_mask_srli_epi16(wv, 0xFF00FF00u, wv, 4), low4);
-        const __m512 dw =
-            _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(d_idx, raw)));
-        __m128 m2 = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(m_idx, raw)));
-        if constexpr (QT == Q4_0) m2 = _mm_mul_ps(m2, _mm_set1_ps(-8.f));  // mw_of: -8 d, exact
-        _mm_storel_pi(reinterpret_cast<__m64*>(mw + r * ss + 2 * p), m2);
+        const __m512i dm = _mm512_permutexvar_epi16(dm_idx, raw);
+        const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+        const int m_halves = _mm_cvtsi128_si32(_mm512_extracti32x4_epi32(dm, 2));
+        std::memcpy(mh + r * ss + 2 * p, &m_halves, 4);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, qx);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, xd), _mm512_cvtepi32_ps(dot), acc[r]);
       }
@@ -344,8 +349,12 @@ void tile_vnni_row(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& 
     float y = hsum16(acc[r]);
     if constexpr (QT != Q8_0) {
       __m512 e = _mm512_setzero_ps();
-      for (int64_t c = 0; c < a.chunks; ++c)
-        e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(a.sx + 16 * c), e);
+      for (int64_t c = 0; c < a.chunks; ++c) {
+        __m512 m16 = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mh + r * ss + 16 * c)));
+        if constexpr (QT == Q4_0) m16 = _mm512_mul_ps(m16, _mm512_set1_ps(-8.f));  // mw_of: -8 d, exact
+        e = _mm512_fmadd_ps(m16, _mm512_loadu_ps(a.sx + 16 * c), e);
+      }
       y += hsum16(e);
     }
     out[r0 + r] = y;
@@ -420,6 +429,13 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
   }
 }
 
+// Weight-row tiles per staged group: kStageTiles tiles' results for all m activation rows go to a small
+// buffer first, then to out row by row. Written straight to out, a weight row's m results land in m
+// lines n floats apart; with n a multiple of 1024 (gate|up's 3072, an LM head's 49152) those lines share
+// their L1 and L2 sets, so they evicted each other between consecutive weight rows: an LM head's 16 rows
+// ran at half their in-cache rate.
+constexpr int64_t kStageTiles = 32;
+
 // Weight-row tiles [begin, end) against all m activation rows: 9 to 16 rows in one chunk per weight row
 // (VNNI), else chunks of up to 8 (VNNI) / 2 (AVX2) rows against both rows of a tile. Every (weight row,
 // activation row) pair has its own accumulators and runs the same operations whatever its tile or
@@ -432,18 +448,29 @@ void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a
     rows_vnni_1<QT>(w, row_bytes, nb, a, out, begin * NR, std::min(end * NR, n), mw.data());
     return;
   }
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t r0 = t * NR;
-    const uint8_t* wr = w + r0 * row_bytes;
-    if (ISA == AVX512_VNNI && m > 8 && m <= 16) {
-      for (int64_t r = r0; r < std::min(r0 + NR, n); ++r)
-        run_wide<QT>(w + r * row_bytes, row_bytes, nb, a, m, out, n, r, mw.data());
-      continue;
+  constexpr int64_t ls = kStageTiles * NR;  // the stage's row stride
+  std::vector<float> stage(m * ls);
+  for (int64_t g = begin; g < end; g += kStageTiles) {
+    const int64_t g0 = g * NR, g1 = std::min(g + kStageTiles, end) * NR;
+    for (int64_t t = g; t < std::min(g + kStageTiles, end); ++t) {
+      const int64_t r0 = t * NR;
+      const uint8_t* wr = w + r0 * row_bytes;
+      if (ISA == AVX512_VNNI && m > 8 && m <= 16) {
+        for (int64_t r = r0; r < std::min(r0 + NR, n); ++r)
+          run_wide<QT>(w + r * row_bytes, row_bytes, nb, a, m, stage.data(), ls, r - g0, mw.data());
+        continue;
+      }
+      for (int64_t i0 = 0; i0 < m;) {
+        i0 += r0 + NR <= n
+                  ? run_chunk<QT, ISA, NR>(wr, row_bytes, nb, a, i0, m - i0, stage.data(), ls, r0 - g0,
+                                           mw.data())
+                  : run_chunk<QT, ISA, 1>(wr, row_bytes, nb, a, i0, m - i0, stage.data(), ls, r0 - g0,
+                                          mw.data());
+      }
     }
-    for (int64_t i0 = 0; i0 < m;) {
-      i0 += r0 + NR <= n ? run_chunk<QT, ISA, NR>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data())
-                         : run_chunk<QT, ISA, 1>(wr, row_bytes, nb, a, i0, m - i0, out, n, r0, mw.data());
-    }
+    const int64_t rows = std::min(g1, n) - g0;
+    for (int64_t i = 0; i < m; ++i)
+      std::memcpy(out + i * n + g0, stage.data() + i * ls, rows * sizeof(float));
   }
 }
 

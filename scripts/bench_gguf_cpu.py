@@ -17,7 +17,8 @@ it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternat
   python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
 (a gguf_cpu_kernels.h beside the baseline source is the one it builds with.)
 
-With --profile it breaks a bs1 decode step of the native model through the fused path down instead:
+With --profile it breaks a bs1 decode step (--batch N: a step of N sequences) of the native model
+through the fused path down instead:
 per stage of the C++ forward (DecodeModel.profile: each thread's work and each stage's wall time, barrier
 included), the LM head, the embedding and the rest of runner.step, in ms per step; then the GGUF's bytes
 by role and type, the memory read rate (a float32 sum over 512 MiB) and the floor they set:
@@ -48,19 +49,36 @@ from radixserve.executor.runner import ModelRunner  # noqa: E402
 PROMPT_IDS = [1, 9690, 198, 2683, 253, 1789, 4116, 563, 260, 2090, 282, 260, 7220, 6789, 30]
 
 
-def decode_run(runner: ModelRunner, tokens: int) -> tuple[float, float]:
-    """(wall ms, CPU ms) per decode step of one greedy sequence after its prefill."""
+def decode_run(runner: ModelRunner, tokens: int, batch: int = 1) -> tuple[float, float]:
+    """(wall ms, CPU ms) per decode step of `batch` greedy sequences after their prefill (one step)."""
     runner.reset()
     n = len(PROMPT_IDS)
+    stride = n + tokens + 1  # KV slots per sequence
     greedy = SamplingParams(temperature=0.0)
     runner.step(
         StepInput(
-            1, new_requests=[NewRequest("r", PROMPT_IDS, list(range(1, n + 1)), sampling=greedy)]
+            1,
+            new_requests=[
+                NewRequest(
+                    f"r{b}",
+                    PROMPT_IDS,
+                    list(range(b * stride + 1, b * stride + n + 1)),
+                    sampling=greedy,
+                )
+                for b in range(batch)
+            ],
         )
     )
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(tokens):
-        runner.step(StepInput(i + 2, continuing_requests=[ContinuingRequest("r", [n + 1 + i])]))
+        runner.step(
+            StepInput(
+                i + 2,
+                continuing_requests=[
+                    ContinuingRequest(f"r{b}", [b * stride + n + 1 + i]) for b in range(batch)
+                ],
+            )
+        )
     steps = tokens
     return (
         (time.perf_counter() - wall0) * 1e3 / steps,
@@ -207,9 +225,9 @@ class _ProfiledKernelModel:
         return hidden
 
 
-def profile_decode(tokens: int, repeats: int, threads: int | None) -> None:
-    """Where a bs1 decode step of the native Q4_1 model through the fused path goes: one JSON line per
-    part, ms per step (median over repeats), and the floor its weight reads set."""
+def profile_decode(tokens: int, repeats: int, threads: int | None, batch: int = 1) -> None:
+    """Where a decode step of `batch` sequences (1: bs1) of the native Q4_1 model through the fused path
+    goes: one JSON line per part, ms per step (median over repeats), and the floor its weight reads set."""
     from radixserve.kernels import cpu_decode
 
     runner = make_runner(resolve_model_path(None), "bfloat16", "gguf", True)
@@ -219,7 +237,7 @@ def profile_decode(tokens: int, repeats: int, threads: int | None) -> None:
         torch.set_num_threads(threads)
     fast, model = runner.fast_decode, runner.model
     stages = list(cpu_decode.load().STAGES)
-    decode_run(runner, 8)  # warm-up
+    decode_run(runner, 8, batch)  # warm-up
     runs = []
     for _ in range(repeats):
         totals: dict[str, float] = {}
@@ -229,7 +247,7 @@ def profile_decode(tokens: int, repeats: int, threads: int | None) -> None:
         fast.forward = _Timed(fast.forward, totals, "fused forward (embedding + C++ call)")
         model.compute_logits = _Timed(model.compute_logits, totals, "lm head (compute_logits)")
         try:
-            wall, cpu = decode_run(runner, tokens)
+            wall, cpu = decode_run(runner, tokens, batch)
         finally:  # the instances' own attributes go; their class's methods show again
             fast._kernel_model, fast._embed = kernel_model, embed
             del fast.forward, model.compute_logits
@@ -355,11 +373,18 @@ def main() -> None:
         help="break a fused bs1 decode step of the native model down by part (C++ stages, LM head, "
         "Python) and print the weight-read floor",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="with --profile: sequences decoding together (16: a 16-token step; at most "
+        "FastDecode.MAX_TOKENS run fused)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the kernel timings; bench_runners sets it again
     if args.profile:
-        profile_decode(args.tokens, args.repeats, args.threads)
+        profile_decode(args.tokens, args.repeats, args.threads, args.batch)
         return
     if args.kernel_rows:
         bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
