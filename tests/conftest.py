@@ -4,6 +4,7 @@ import pytest
 
 from radixserve.common import grpc_util
 from radixserve.common.grpc_security import TOKEN_ENV
+from tests.stack import DEFAULT_STACK_FLAGS, running_stack
 
 
 @pytest.fixture
@@ -14,3 +15,12 @@ def clean_grpc(monkeypatch):
     grpc_util.reset()
     yield
     grpc_util.reset()
+
+
+@pytest.fixture(scope="session")
+def default_stack(tmp_path_factory):
+    """`radixserve serve` with the default settings on the embedded SmolLM2 (DEFAULT_STACK_FLAGS), one
+    for the whole session: the test files that need nothing else share it instead of each starting its
+    own. Its radix cache holds what earlier files left; each test checks only what it sends."""
+    with running_stack(tmp_path_factory.mktemp("default_stack"), *DEFAULT_STACK_FLAGS) as s:
+        yield s
