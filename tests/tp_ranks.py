@@ -3,8 +3,8 @@
 `python -m tests.tp_ranks --rank R --world N --port P --model DIR --out FILE [--device cuda] [--ep E]` runs one
 shard (on the CPU over gloo, or on cuda:R over NCCL; MoE experts split over E groups, as --ep-size): rank 0
 drives `scenario` through TensorParallelLeader (the gRPC servicer's path) and saves what it returned to
-FILE; the other ranks follow it. start_group starts the ranks; the tests run the same scenario on a TP=1
-runner while they run, take what rank 0 saved (result()) and compare.
+FILE; the other ranks follow it. run_group starts the ranks and returns what rank 0 saved; the tests run the
+same scenario on a TP=1 runner and compare.
 """
 
 from __future__ import annotations
@@ -122,69 +122,42 @@ def scenario(runner) -> dict:
     return out
 
 
-def start_group(
+def run_group(
     model: Path,
     out: Path,
     world: int = 2,
     device: str = "cpu",
     ep: int = 1,
     quantization: str | None = None,
-) -> Ranks:
+) -> dict:
     """The scenario on `world` shards (processes), MoE experts split over `ep` groups, linear layers
-    quantized as --quantization says, started: the caller computes its TP=1 reference while they run
-    (their imports and steps overlap it), then takes what rank 0 returned (result())."""
+    quantized as --quantization says; what rank 0 returned."""
     (port,) = free_ports(1)
     argv = ["--world", str(world), "--port", str(port), "--model", str(model), "--out", str(out)]
     argv += ["--device", device, "--ep", str(ep)]
     argv += ["--quantization", quantization] if quantization else []
-    return Ranks("tests.tp_ranks", world, argv, out, timeout=120)
-
-
-class Ranks:
-    """`python -m module --rank R *argv` for each rank, started at once, each logging to a file beside
-    out (a pipe nobody reads while the caller computes could fill and stall a rank); result(): what rank
-    0 saved to out, once every rank exited 0."""
-
-    def __init__(self, module: str, world: int, argv: list[str], out: Path, timeout: float):
-        self.out, self.timeout = Path(out), timeout
-        self.logs = [self.out.with_name(f"{self.out.name}.rank{r}.log") for r in range(world)]
-        self.procs = []
-        for r, log in enumerate(self.logs):
-            with open(log, "w") as f:
-                self.procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", module, "--rank", str(r), *argv],
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-
-    def result(self) -> dict:
-        try:
-            for p in self.procs:
-                p.wait(timeout=self.timeout)
-        finally:
-            self.stop()
-        logs = [log.read_text(errors="replace") for log in self.logs]
-        assert all(p.returncode == 0 for p in self.procs), "\n".join(logs)
-        return torch.load(self.out)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def __enter__(self) -> Ranks:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()  # the reference failed before result(): no rank outlives the test
+    return spawn_ranks("tests.tp_ranks", world, argv, out, timeout=120)
 
 
 def spawn_ranks(module: str, world: int, argv: list[str], out: Path, timeout: float) -> dict:
     """`python -m module --rank R *argv` for each rank; what rank 0 saved to out."""
-    return Ranks(module, world, argv, out, timeout).result()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, "--rank", str(r), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return torch.load(out)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_broadcast import TensorParallelLeader, follow
 from tests.configs import runner_config
 from tests.stack import free_ports
-from tests.tp_ranks import Ranks, on_cpu
+from tests.tp_ranks import on_cpu, spawn_ranks
 
 AT_START = ("qv4", "all8")  # --lora-paths; mix16 is loaded at run time
 # Decode steps after the prefill: the same path each, seconds each in the Triton interpreter.
@@ -94,15 +94,13 @@ def warmup_scenario(runner) -> dict:
     }
 
 
-def start_lora_group(
+def run_lora_group(
     model: Path, adapters: Path, out: Path, world: int = 2, scenario: str = "adapters"
-) -> Ranks:
-    """The group's ranks, started: the caller computes its TP=1 reference while they run, then takes
-    what rank 0 returned (result())."""
+) -> dict:
     (port,) = free_ports(1)
     argv = ["--world", str(world), "--port", str(port), "--model", str(model)]
     argv += ["--adapters", str(adapters), "--out", str(out), "--scenario", scenario]
-    return Ranks("tests.executor.lora_tp_ranks", world, argv, out, timeout=240)
+    return spawn_ranks("tests.executor.lora_tp_ranks", world, argv, out, timeout=240)
 
 
 def main() -> None:

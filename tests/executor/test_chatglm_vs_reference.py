@@ -25,7 +25,7 @@ from tests.executor.hf_parity import (
     check_greedy_matches_hf_generate,
 )
 from tests.tp_ranks import ATOL as TP_ATOL
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group
+from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario
 
 CONFIG = {
     "architectures": ["ChatGLMModel"],
@@ -212,9 +212,8 @@ def test_per_head_qkv_layout_matches_reference(folders):
 
 def test_two_shards_match_one(folders, tmp_path):
     _, folder = folders["grouped"]
-    with start_group(folder, tmp_path / "tp2.pt") as group:
-        expected = on_cpu(scenario(build_runner(str(folder))))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(folder))))
+    got = run_group(folder, tmp_path / "tp2.pt")
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=TP_ATOL, rtol=TP_ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]

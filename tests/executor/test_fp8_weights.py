@@ -42,7 +42,7 @@ from tests.executor.hf_parity import (  # noqa: E402
     hf_last_logits,
     prompts,
 )
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group  # noqa: E402
+from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCK = (16, 16)
@@ -246,9 +246,8 @@ def test_two_shards_match_one(layout, tmp_path, hf_folder):
     if layout is not None:
         folder, quantization = tmp_path / "m", None
         write_checkpoint(src, folder, layout)
-    with start_group(folder, tmp_path / "tp2.pt", quantization=quantization) as group:
-        expected = on_cpu(scenario(build_runner(str(folder), quantization=quantization)))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(folder), quantization=quantization)))
+    got = run_group(folder, tmp_path / "tp2.pt", quantization=quantization)
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=1e-5, rtol=1e-5, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]

@@ -43,7 +43,7 @@ from tests.int4_quantizer import (  # noqa: E402
     quantize,
     quantize_hf_model,
 )
-from tests.tp_ranks import ATOL as TP_ATOL, build_runner, on_cpu, scenario, start_group  # noqa: E402
+from tests.tp_ranks import ATOL as TP_ATOL, build_runner, on_cpu, run_group, scenario  # noqa: E402
 
 # ----------------------------------------------------------------------------- one linear layer
 
@@ -189,9 +189,8 @@ def test_two_shards_match_one(tmp_path, method, desc_act):
     every group's scales on each rank and gathers them per row through its rows' g_idx."""
     quantized_model(tmp_path, CONFIGS["llama"](), method, 32, desc_act)
     path = tmp_path / "int4"
-    with start_group(path, tmp_path / "tp2.pt") as group:
-        expected = on_cpu(scenario(build_runner(str(path))))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(path))))
+    got = run_group(path, tmp_path / "tp2.pt")
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=TP_ATOL, rtol=TP_ATOL, msg=part)
     assert got["greedy"] == expected["greedy"]

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 from tests.executor.hf_parity import build_hf_model  # noqa: E402
 from tests.executor.lora_adapters import ADAPTERS, make_adapter  # noqa: E402
-from tests.executor.lora_tp_ranks import build_lora_runner, lora_scenario, start_lora_group  # noqa: E402
+from tests.executor.lora_tp_ranks import build_lora_runner, lora_scenario, run_lora_group  # noqa: E402
 from tests.executor.test_tensor_parallel import CONFIGS  # noqa: E402
 from tests.tp_ranks import ATOL, on_cpu  # noqa: E402
 
@@ -33,12 +33,12 @@ def test_two_shards_match_one_with_adapters(config, tmp_path):
     hf = build_hf_model(CONFIGS[config](), tmp_path / "model")
     for i, name in enumerate(ADAPTERS):
         make_adapter(hf, tmp_path / "adapters" / name, name, seed=i)
-    model, adapters = tmp_path / "model", tmp_path / "adapters"
-    # The shards run while the one-process reference is computed (each is mostly one core's work in the
-    # Triton interpreter).
-    with start_lora_group(model, adapters, tmp_path / "tp2.pt") as group:
-        expected = on_cpu(lora_scenario(build_lora_runner(str(model), adapters), adapters))
-        got = group.result()
+    expected = on_cpu(
+        lora_scenario(
+            build_lora_runner(str(tmp_path / "model"), tmp_path / "adapters"), tmp_path / "adapters"
+        )
+    )
+    got = run_lora_group(tmp_path / "model", tmp_path / "adapters", tmp_path / "tp2.pt")
     for part in ("prefill", "decode"):
         torch.testing.assert_close(got[part], expected[part], atol=LORA_ATOL, rtol=ATOL)
     assert got["tokens"] == expected["tokens"]

@@ -183,16 +183,17 @@ def test_the_warmup_under_tensor_parallelism(tmp_path):
     """Two CPU shards (gloo): every shard loads and unloads the warm-up adapter (the leader's broadcast),
     and afterwards the group gives one runner's logits for an adapter of --lora-paths beside the base
     model (the torch backend: the shards' Triton kernels would run in the interpreter)."""
-    from tests.executor.lora_tp_ranks import build_lora_runner, start_lora_group, warmup_scenario
+    from tests.executor.lora_tp_ranks import build_lora_runner, run_lora_group, warmup_scenario
     from tests.tp_ranks import ATOL as TP_ATOL
 
     hf = build_hf_model("llama", tmp_path / "model")
     for i, name in enumerate(("qv4", "all8")):
         make_adapter(hf, tmp_path / "adapters" / name, name, seed=i)
-    model, adapters = tmp_path / "model", tmp_path / "adapters"
-    with start_lora_group(model, adapters, tmp_path / "tp2.pt", scenario="warmup") as group:
-        expected = warmup_scenario(build_lora_runner(str(model), adapters, "torch"))
-        got = group.result()
+    one = build_lora_runner(str(tmp_path / "model"), tmp_path / "adapters", "torch")
+    expected = warmup_scenario(one)
+    got = run_lora_group(
+        tmp_path / "model", tmp_path / "adapters", tmp_path / "tp2.pt", scenario="warmup"
+    )
     assert got["failed"] == expected["failed"] == [] and got["skipped"] == []
     assert got["loaded"] == expected["loaded"] == ["all8", "qv4"]
     torch.testing.assert_close(got["prefill"], expected["prefill"], atol=TP_ATOL, rtol=TP_ATOL)

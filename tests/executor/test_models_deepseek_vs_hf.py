@@ -29,7 +29,7 @@ from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.kv_cache import kv_bytes_per_token
 from radixserve.executor.runner import ModelRunner
 from tests.configs import runner_config
-from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group
+from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario
 
 CUDA = torch.cuda.is_available()
 BACKEND = "triton" if CUDA else "torch_native"
@@ -241,9 +241,8 @@ def test_two_shards_match_one(models, tmp_path):
     """TP=2 on the CPU (gloo): heads split over the shards, the latent and its cache replicated, the
     experts split by intermediate size; the logits and greedy tokens of TP=1."""
     _, runner = models
-    with start_group(runner.config.path, tmp_path / "tp2.pt") as group:
-        expected = on_cpu(scenario(build_runner(str(runner.config.path))))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(runner.config.path))))
+    got = run_group(runner.config.path, tmp_path / "tp2.pt")
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]

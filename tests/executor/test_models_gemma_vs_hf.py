@@ -35,7 +35,7 @@ from tests.executor.hf_parity import (  # noqa: E402
     check_chunked_prefill,
     check_greedy_matches_hf_generate,
 )
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group  # noqa: E402
+from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario  # noqa: E402
 
 WINDOW = 8
 TINY = dict(
@@ -166,9 +166,8 @@ def test_two_shards_match_one(tmp_path):
         CONFIGS["gemma3"](attn_logit_softcapping=3.0, final_logit_softcapping=8.0),
         tmp_path / "model",
     )
-    with start_group(tmp_path / "model", tmp_path / "tp2.pt") as group:
-        expected = on_cpu(scenario(build_runner(str(tmp_path / "model"))))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(tmp_path / "model"))))
+    got = run_group(tmp_path / "model", tmp_path / "tp2.pt")
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]

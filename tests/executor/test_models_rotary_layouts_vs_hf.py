@@ -27,7 +27,7 @@ from tests.executor.hf_parity import (  # noqa: E402
     check_greedy_matches_hf_generate,
 )
 from tests.tp_ranks import ATOL as TP_ATOL  # noqa: E402
-from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group  # noqa: E402
+from tests.tp_ranks import GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario  # noqa: E402
 
 TINY = dict(
     vocab_size=VOCAB,
@@ -196,9 +196,8 @@ def test_matches_hf(case, hf_folders):
 @pytest.mark.parametrize("config", TP_CASES)
 def test_two_shards_match_one(config, hf_folders, tmp_path):
     _, folder = hf_folders(config)
-    with start_group(folder, tmp_path / "tp2.pt") as group:
-        expected = on_cpu(scenario(build_runner(str(folder))))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(folder))))
+    got = run_group(folder, tmp_path / "tp2.pt")
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=TP_ATOL, rtol=TP_ATOL, msg=part)
     assert len(got["greedy"]) == GREEDY_TOKENS and got["greedy"] == expected["greedy"]

@@ -40,7 +40,7 @@ from tests.executor.hf_parity import (  # noqa: E402
     prompts,
 )
 from tests.tp_ranks import ATOL as TP_ATOL  # noqa: E402
-from tests.tp_ranks import GREEDY_TOKENS, scenario, start_group  # noqa: E402
+from tests.tp_ranks import GREEDY_TOKENS, run_group, scenario  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -335,9 +335,8 @@ def test_two_shards_match_one(models, tmp_path):
     _, runner = models
     ep, experts = (1, 4) if runner.config.architecture == "DbrxForCausalLM" else (2, 8)
     runner.reset()
-    with start_group(runner.config.path, tmp_path / "tp2.pt", ep=ep) as group:
-        expected = scenario(runner)
-        got = group.result()
+    expected = scenario(runner)
+    got = run_group(runner.config.path, tmp_path / "tp2.pt", ep=ep)
     assert got["moe_local_experts"] == [experts // ep]
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=TP_ATOL, rtol=TP_ATOL, msg=part)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.executor.hf_parity import MOE_CONFIGS, build_hf_model
-from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, scenario, start_group
+from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, run_group, scenario
 
 
 @pytest.mark.parametrize("ep", [1, 2])
@@ -16,9 +16,8 @@ def test_two_shards_match_one(config, ep, tmp_path):
     build_hf_model(MOE_CONFIGS[config](), tmp_path / "model")
     single = build_runner(str(tmp_path / "model"))
     experts = {m.num_experts for m in single.model.modules() if hasattr(m, "num_local_experts")}
-    with start_group(tmp_path / "model", tmp_path / "tp2.pt", ep=ep) as group:
-        expected = scenario(single)
-        got = group.result()
+    expected = scenario(single)
+    got = run_group(tmp_path / "model", tmp_path / "tp2.pt", ep=ep)
     assert got["moe_local_experts"] == [
         n // ep for n in experts
     ]  # rank 0's share of each MoE layer

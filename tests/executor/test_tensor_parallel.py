@@ -22,7 +22,7 @@ from radixserve.launcher import service_specs
 from tests.stack import free_ports, stop_stack
 from tests.executor.hf_parity import build_hf_model
 from tests.tiny_stack import children, generate, service_pids, start_tiny_stack
-from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, scenario, start_group
+from tests.tp_ranks import ATOL, GREEDY_TOKENS, build_runner, on_cpu, run_group, scenario
 
 CONFIGS = {
     # KV heads split over the shards; a vocabulary that does not split evenly (padded slice).
@@ -56,9 +56,8 @@ CONFIGS = {
 
 def check_two_shards_match_one(config: str, folder: Path, device: str, atol: float) -> None:
     build_hf_model(CONFIGS[config](), folder / "model")
-    with start_group(folder / "model", folder / "tp2.pt", device=device) as group:
-        expected = on_cpu(scenario(build_runner(str(folder / "model"), device)))
-        got = group.result()
+    expected = on_cpu(scenario(build_runner(str(folder / "model"), device)))
+    got = run_group(folder / "model", folder / "tp2.pt", device=device)
     for part in ("prefill", "decode", "chunked"):
         torch.testing.assert_close(got[part], expected[part], atol=atol, rtol=atol, msg=part)
     assert (
