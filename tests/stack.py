@@ -25,6 +25,9 @@ MODEL = (
     "SmolLM2-135M-Instruct"  # what start_stack serves without --model-path (the embedded SmolLM2)
 )
 FIXED_PROMPT = "The three most important inventions of the nineteenth century were"
+# The default_stack fixture's (tests/conftest.py): the default settings, a KV pool far below the
+# default's (several GiB at SmolLM2's size) that no test of it fills.
+DEFAULT_STACK_FLAGS = ("--max-total-tokens", "20000")
 
 
 def free_ports(n: int) -> list[int]:

@@ -97,6 +97,11 @@ def children(pid: int) -> list[int]:
     ]
 
 
+def flush_cache(stack) -> None:
+    """Empties the stack's radix cache (refused while requests run)."""
+    httpx.post(stack.base_url + "/flush_cache", timeout=30).raise_for_status()
+
+
 def generate(stack, timeout: float = 120) -> dict:
     """/generate of a fixed prompt, greedy; retried while the stack answers 503 (an executor restarting)."""
     body = {

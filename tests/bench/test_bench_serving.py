@@ -23,7 +23,7 @@ from radixserve.bench.datasets import (
     sample_lengths,
 )
 from radixserve.bench.serving import RequestResult, TokenClock, compute_metrics
-from tests.stack import free_ports, running_stack
+from tests.stack import free_ports
 
 FAKE_VOCAB = 5000
 
@@ -488,71 +488,67 @@ def test_cli_dispatches_to_the_benchmark(capsys):
 
 
 @pytest.mark.e2e
-def test_against_the_real_stack(capsys, tmp_path):
+def test_against_the_real_stack(capsys, tmp_path, default_stack):
     results_file = tmp_path / "results.jsonl"
-    with running_stack(tmp_path, "--max-total-tokens", "20000") as stack:
-        vocab = httpx.get(stack.base_url + "/get_model_info", timeout=30).json()["vocab_size"]
-        common = ("--base-url", stack.base_url, "--output-file", str(results_file))
+    stack = default_stack
+    vocab = httpx.get(stack.base_url + "/get_model_info", timeout=30).json()["vocab_size"]
+    common = ("--base-url", stack.base_url, "--output-file", str(results_file))
 
-        code, ids_run, _ = run_bench(
-            capsys,
-            *common,
-            "--backend",
-            "radixserve",
-            "--dataset",
-            "random-ids",
-            "--random-input-len",
-            "32",
-            "--random-output-len",
-            "8",
-            "--num-prompts",
-            "8",
-            "--max-concurrency",
-            "4",
-        )
-        assert code == 0 and ids_run["completed"] == 8
-        assert ids_run["total_output_tokens"] == requested_output_tokens(8, 32, 8, 0.0, vocab)
-        assert ids_run["mean_itl_ms"] is not None  # tokens were streamed one chunk at a time
+    code, ids_run, _ = run_bench(
+        capsys,
+        *common,
+        "--backend",
+        "radixserve",
+        "--dataset",
+        "random-ids",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "8",
+        "--max-concurrency",
+        "4",
+    )
+    assert code == 0 and ids_run["completed"] == 8
+    assert ids_run["total_output_tokens"] == requested_output_tokens(8, 32, 8, 0.0, vocab)
+    assert ids_run["mean_itl_ms"] is not None  # tokens were streamed one chunk at a time
 
-        code, text_run, _ = run_bench(
-            capsys,
-            *common,
-            "--backend",
-            "sglang-native",
-            "--dataset",
-            "random",
-            "--random-input-len",
-            "24",
-            "--random-output-len",
-            "6",
-            "--random-range-ratio",
-            "1.0",
-            "--num-prompts",
-            "4",
-        )
-        assert code == 0 and text_run["completed"] == 4 and text_run["total_output_tokens"] == 4 * 6
+    code, text_run, _ = run_bench(
+        capsys,
+        *common,
+        "--backend",
+        "sglang-native",
+        "--dataset",
+        "random",
+        "--random-input-len",
+        "24",
+        "--random-output-len",
+        "6",
+        "--random-range-ratio",
+        "1.0",
+        "--num-prompts",
+        "4",
+    )
+    assert code == 0 and text_run["completed"] == 4 and text_run["total_output_tokens"] == 4 * 6
 
-        code, openai_run, _ = run_bench(
-            capsys,
-            *common,
-            "--backend",
-            "openai-completions",
-            "--dataset",
-            "random-ids",
-            "--random-input-len",
-            "16",
-            "--random-output-len",
-            "5",
-            "--random-range-ratio",
-            "1.0",
-            "--num-prompts",
-            "4",
-        )
-        assert (
-            code == 0
-            and openai_run["completed"] == 4
-            and openai_run["total_output_tokens"] == 4 * 5
-        )
+    code, openai_run, _ = run_bench(
+        capsys,
+        *common,
+        "--backend",
+        "openai-completions",
+        "--dataset",
+        "random-ids",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "5",
+        "--random-range-ratio",
+        "1.0",
+        "--num-prompts",
+        "4",
+    )
+    assert code == 0 and openai_run["completed"] == 4 and openai_run["total_output_tokens"] == 4 * 5
     assert len(results_file.read_text().splitlines()) == 3
 
 

@@ -276,7 +276,7 @@ def test_node1_exits_when_node0_dies(model, processes):
 
 
 @pytest.mark.e2e
-def test_serve_on_two_nodes_answers_like_tp1(model, processes, tmp_path):
+def test_serve_on_two_nodes_answers_like_tp1(model, processes, tmp_path, tiny_stack):
     """`radixserve serve` on each node, as deployed: node 0 runs the five services, node 1 only its executor shard
     (its launcher starts nothing else and is ready at once); node 0's gateway answers as a --tp 1 stack does."""
     (rendezvous,) = free_ports(1)
@@ -313,8 +313,7 @@ def test_serve_on_two_nodes_answers_like_tp1(model, processes, tmp_path):
         answers = {"two nodes": generate(stacks["two nodes"])}
         processes.stop_all()
         stop_stack(stacks["two nodes"])
-        stacks["tp1"] = start_tiny_stack(tmp_path / "tp1")
-        answers["tp1"] = generate(stacks["tp1"])
+        answers["tp1"] = generate(tiny_stack)
     finally:
         for stack in stacks.values():
             stop_stack(stack)

@@ -14,16 +14,15 @@ import pytest
 
 from radixserve.common.args import ServerArgs
 from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
-from tests.stack import openai_client, running_stack, wait_idle_and_check_no_leak
+from tests.stack import openai_client, wait_idle_and_check_no_leak
 
 pytestmark = pytest.mark.e2e
 SHORT = [{"role": "user", "content": "Name three colors."}]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("conformance")) as s:
-        yield s
+def stack(default_stack):
+    return default_stack
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from PIL import Image
 
 from tests.executor.tiny_llava import build_tiny_llava, picture
 from tests.stack import start_stack, stop_stack, wait_idle_and_check_no_leak
-from tests.tiny_stack import start_tiny_stack
 
 MODEL = "tiny-llava"
 MAX_IMAGE_BYTES = 60_000
@@ -189,28 +188,24 @@ def test_generate_image_data_without_a_placeholder_is_400(stack):
     wait_idle_and_check_no_leak(stack)
 
 
-def test_image_for_a_text_only_model_is_400(tmp_path):
-    text_only = start_tiny_stack(tmp_path)
-    try:
-        r = httpx.post(
-            text_only.base_url + "/v1/chat/completions",
-            json={
-                "model": "tiny-llama",
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            image_part(data_url(picture(8))),
-                            {"type": "text", "text": "What is this?"},
-                        ],
-                    }
-                ],
-                "max_tokens": 2,
-            },
-            timeout=60,
-        )
-        assert r.status_code == 400, r.text
-        assert "takes no image inputs" in r.json()["error"]["message"]
-        wait_idle_and_check_no_leak(text_only)
-    finally:
-        stop_stack(text_only)
+def test_image_for_a_text_only_model_is_400(tiny_stack):
+    r = httpx.post(
+        tiny_stack.base_url + "/v1/chat/completions",
+        json={
+            "model": "tiny-llama",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        image_part(data_url(picture(8))),
+                        {"type": "text", "text": "What is this?"},
+                    ],
+                }
+            ],
+            "max_tokens": 2,
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert "takes no image inputs" in r.json()["error"]["message"]
+    wait_idle_and_check_no_leak(tiny_stack)

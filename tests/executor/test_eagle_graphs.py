@@ -102,10 +102,13 @@ class EagerDraftRounds(EagerRecording, DraftRoundGraphs):
     pass
 
 
-def make_runner(target, algorithm=None, head=None, device="cpu", graphs=True) -> ModelRunner:
+def make_runner(
+    target, algorithm=None, head=None, device="cpu", graphs=True, graph_bs=GRAPH_BS
+) -> ModelRunner:
     """A float32 runner of target (triton attention) with algorithm's head; with graphs: real CUDA
-    graphs on a GPU, the stand-in ones on the CPU (up to GRAPH_BS rows)."""
-    flags = {"cuda_graph_max_bs": GRAPH_BS} if graphs and device == "cuda" else {}
+    graphs on a GPU, the stand-in ones on the CPU (up to graph_bs rows; each bucket's capture runs a
+    forward, seconds in the Triton interpreter)."""
+    flags = {"cuda_graph_max_bs": graph_bs} if graphs and device == "cuda" else {}
     runner = ModelRunner(
         target,
         runner_config(
@@ -119,10 +122,10 @@ def make_runner(target, algorithm=None, head=None, device="cpu", graphs=True) ->
         ),
     )
     if graphs and device == "cpu":
-        runner.cuda_graphs = runner.graph_runner(EagerGraphRunner, GRAPH_BS)
+        runner.cuda_graphs = runner.graph_runner(EagerGraphRunner, graph_bs)
         if runner.eagle is not None:
             width = runner.slot_table.tensor.shape[1]
-            runner.eagle.capture_rounds(EagerDraftRounds, GRAPH_BS, width)
+            runner.eagle.capture_rounds(EagerDraftRounds, graph_bs, width)
     assert (runner.cuda_graphs is not None) == graphs
     return runner
 
@@ -282,7 +285,7 @@ def test_a_replay_hands_over_the_steps_rows_as_the_eager_forward():
 def test_no_hidden_rows_kept_without_a_head(folders, algorithm):
     """Without speculation, or with a STANDALONE draft (token ids only), the graphs keep logits alone."""
     target = folders / "target"
-    runner = make_runner(target, algorithm, target if algorithm else None)
+    runner = make_runner(target, algorithm, target if algorithm else None, graph_bs=2)
     assert not runner.cuda_graphs.keep_hidden
     assert runner.eagle is None or runner.eagle.proposer.round_graphs is None  # STANDALONE: eager
     for outputs in runner.cuda_graphs.outputs.values():
@@ -290,7 +293,7 @@ def test_no_hidden_rows_kept_without_a_head(folders, algorithm):
 
 
 def test_eagle3_graphs_keep_the_captured_layers(folders):
-    runner = make_runner(folders / "target", "EAGLE3", folders / "EAGLE3")
+    runner = make_runner(folders / "target", "EAGLE3", folders / "EAGLE3", graph_bs=2)
     hidden = runner.config.get("hidden_size")
     layers = len(runner.eagle.capture)
     for bs, outputs in runner.cuda_graphs.outputs.items():

@@ -129,18 +129,16 @@ def kill_shard_and_wait_for_restart(stack) -> None:
 
 
 @pytest.mark.e2e
-def test_serve_tp2_answers_like_tp1_and_restarts_when_a_shard_dies(tmp_path):
-    answers = {}
-    for tp in ("1", "2"):
-        stack = start_tiny_stack(tmp_path / f"tp{tp}", "--tp", tp)
-        try:
-            answers[tp] = generate(stack)
-            if tp == "2":
-                kill_shard_and_wait_for_restart(stack)
-                answers["2 restarted"] = generate(stack)
-        finally:
-            stop_stack(stack)
-        assert stack.proc.returncode == 0, stack.log_tail()
+def test_serve_tp2_answers_like_tp1_and_restarts_when_a_shard_dies(tmp_path, tiny_stack):
+    answers = {"1": generate(tiny_stack)}  # --tp 1, the default
+    stack = start_tiny_stack(tmp_path / "tp2", "--tp", "2")
+    try:
+        answers["2"] = generate(stack)
+        kill_shard_and_wait_for_restart(stack)
+        answers["2 restarted"] = generate(stack)
+    finally:
+        stop_stack(stack)
+    assert stack.proc.returncode == 0, stack.log_tail()
     assert len(answers["2"]["output_ids"]) == 24
     assert (
         answers["2"]["output_ids"]

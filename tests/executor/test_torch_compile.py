@@ -3,8 +3,6 @@ size up to --torch-compile-max-bs, the traffic after it compiles nothing, and th
 the eager runner's greedy tokens and logits (float32, within 1e-4). One compiled runner for the file.
 On a GPU (`-m cuda`): the compiled forward captured in CUDA graphs against the eager graphs."""
 
-import types
-
 import pytest
 import torch
 import torch._dynamo
@@ -14,15 +12,10 @@ from radixserve.executor.runner import ModelRunner
 from radixserve.executor.torch_compile import graphs_compiled
 from radixserve.executor.warmup import Warmup, run_warmup
 from tests.configs import runner_config
+from tests.executor.warmup_harness import server_args
 
 MAX_BS = 4
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-4)  # float32; inductor reorders reductions
-
-
-def server_args():
-    return types.SimpleNamespace(
-        max_prefill_tokens=16384, chunked_prefill_size=8192, max_running_requests=None
-    )
 
 
 def cpu_runner(model_dir, **compile_flags) -> ModelRunner:

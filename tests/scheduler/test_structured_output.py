@@ -42,7 +42,7 @@ from radixserve.common.step import SampledToken
 from radixserve.scheduler.request import FinishReason, Request
 from radixserve.scheduler.server import start_scheduler
 from radixserve.tokenizer.core import load_tokenizer
-from tests.stack import openai_client, running_stack
+from tests.stack import openai_client
 
 VOCAB = 49152  # SmolLM2's
 EOS = 2  # <|endoftext|>
@@ -492,7 +492,7 @@ def test_gateway_rejects_conflicting_or_malformed_constraints(build, param):
 
 
 @pytest.mark.e2e
-def test_structured_output_through_the_openai_api(tmp_path_factory):
+def test_structured_output_through_the_openai_api(default_stack):
     schema = {
         "type": "object",
         "properties": {
@@ -503,43 +503,40 @@ def test_structured_output_through_the_openai_api(tmp_path_factory):
         "required": ["city", "population"],
         "additionalProperties": False,
     }
-    with running_stack(
-        tmp_path_factory.mktemp("structured"), "--max-total-tokens", "4000"
-    ) as stack:
-        client = openai_client(stack)
-        messages = [
-            {"role": "user", "content": "Describe Paris as JSON with its city name and population."}
-        ]
-        resp = client.chat.completions.create(
+    client = openai_client(default_stack)
+    messages = [
+        {"role": "user", "content": "Describe Paris as JSON with its city name and population."}
+    ]
+    resp = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,
+        temperature=0,
+        max_tokens=80,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema, "strict": True},
+        },
+    )
+    assert resp.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
+
+    resp = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt="The answer is",
+        max_tokens=20,
+        temperature=0.8,
+        extra_body={"regex": CODE_REGEX},
+    )
+    assert re.fullmatch(CODE_REGEX, resp.choices[0].text)
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
             model="SmolLM2-135M-Instruct",
             messages=messages,
-            temperature=0,
-            max_tokens=80,
+            max_tokens=10,
             response_format={
                 "type": "json_schema",
-                "json_schema": {"name": "city", "schema": schema, "strict": True},
+                "json_schema": {"name": "bad", "schema": {"type": 3}},
             },
         )
-        assert resp.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
-
-        resp = client.completions.create(
-            model="SmolLM2-135M-Instruct",
-            prompt="The answer is",
-            max_tokens=20,
-            temperature=0.8,
-            extra_body={"regex": CODE_REGEX},
-        )
-        assert re.fullmatch(CODE_REGEX, resp.choices[0].text)
-
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(
-                model="SmolLM2-135M-Instruct",
-                messages=messages,
-                max_tokens=10,
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "bad", "schema": {"type": 3}},
-                },
-            )
-        assert "invalid json_schema" in caught.value.message
+    assert "invalid json_schema" in caught.value.message
