@@ -1,4 +1,4 @@
-"""Host values onto the device without stopping the host.
+"""Host values onto the device, and device results back, without stopping the host.
 
 `torch.tensor(values, device="cuda")` (and `cpu_tensor.to("cuda")`) copies from pageable memory with
 non_blocking=False, which PyTorch completes with a stream synchronization: the host waits until every
@@ -27,3 +27,11 @@ def to_device(values, device: torch.device | str, dtype: torch.dtype | None = No
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A pinned host copy of a device tensor, queued on the current stream (read it after the stream, or an
+    event recorded after this call, has been waited on); None and CPU tensors are returned as they are."""
+    if t is None or t.device.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

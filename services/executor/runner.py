@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radixserve.executor.host_copy import to_device
+from radixserve.executor.host_copy import to_device, to_host
 from radixserve.common.args import ServerArgs
 from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP, RunnerConfig
 from radixserve.common.phase_clock import PhaseClock
@@ -604,10 +604,7 @@ class ModelRunner:
         launched.verifying = list(zip(states, counts))
         launched.spec = spec.to_host() if spec is not None else None
         launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
-        if launched.num_accepted.device.type != "cpu":
-            launched.num_accepted = torch.empty(
-                launched.num_accepted.shape, dtype=torch.int64, pin_memory=True
-            ).copy_(launched.num_accepted, non_blocking=True)
+        launched.num_accepted = to_host(launched.num_accepted)
 
     def _propose(
         self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep

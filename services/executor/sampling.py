@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.executor.host_copy import to_device
+from radixserve.executor.host_copy import to_device, to_host
 from radixserve.common.sampling import SamplingParams
 
 MIN_LOGPROB = -9999.0
@@ -63,22 +63,15 @@ class DeviceSample:
 
     def to_host(self) -> "DeviceSample":
         """Copies of the tensors in pinned host memory, made asynchronously on the current stream."""
-
-        def copy(t):
-            if t is None or t.device.type == "cpu":
-                return t
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return host.copy_(t, non_blocking=True)
-
         return DeviceSample(
-            copy(self.tokens),
+            to_host(self.tokens),
             self.logprob_rows,
             self.top_nums,
-            copy(self.chosen),
-            copy(self.top_values),
-            copy(self.top_ids),
+            to_host(self.chosen),
+            to_host(self.top_values),
+            to_host(self.top_ids),
             self.asked_ids,
-            copy(self.asked_values),
+            to_host(self.asked_values),
         )
 
     def result(self) -> SampleResult:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from radixserve.executor.host_copy import to_device
+from radixserve.executor.host_copy import to_device, to_host
 
 
 @dataclass
@@ -46,13 +46,7 @@ class DeviceVerify:
 
     def to_host(self) -> "DeviceVerify":
         """Copies in pinned host memory, made asynchronously on the current stream."""
-        if self.tokens.device.type == "cpu":
-            return self
-
-        def copy(t):
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-        return DeviceVerify(copy(self.tokens), copy(self.num_accepted))
+        return DeviceVerify(to_host(self.tokens), to_host(self.num_accepted))
 
     def result(self) -> VerifyResult:
         accepted = self.num_accepted.tolist()

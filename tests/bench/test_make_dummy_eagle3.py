@@ -3,24 +3,14 @@ loader (every published name present, d2t/t2d agreeing) and drafts target ids fr
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import torch
 import transformers
 
+from tests.bench.scripts_loader import load_script
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.runner import load_model
-
-SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "make_dummy_eagle3.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_dummy_eagle3", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_head_loads_over_its_target_and_drafts_target_ids(tmp_path):
@@ -37,7 +27,7 @@ def test_head_loads_over_its_target_and_drafts_target_ids(tmp_path):
     target = load_model(
         ModelConfig.load(tmp_path / "target", "float32"), torch.device("cpu"), "auto", None
     )
-    folder = load_script().main(
+    folder = load_script("make_dummy_eagle3").main(
         [
             "--model-path",
             str(tmp_path / "target"),

@@ -5,30 +5,21 @@ picture, whose placeholder expands to the picture's rows."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import pathlib
 
 import httpx
 import numpy as np
 import pytest
+
+from tests.bench.scripts_loader import load_script
 from PIL import Image
-
-SCRIPT = pathlib.Path(__file__).parents[2] / "scripts" / "make_dummy_llava_onevision.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_dummy_llava_onevision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_full_folder_has_onevision_7b_geometry(tmp_path):
     from transformers import AutoTokenizer, LlavaOnevisionConfig
 
-    folder = load_script().main(["--out", str(tmp_path / "ov")])
+    folder = load_script("make_dummy_llava_onevision").main(["--out", str(tmp_path / "ov")])
     config = json.loads((folder / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     assert (
@@ -76,7 +67,9 @@ def png(seed: int, size=(96, 64)) -> str:
 def test_tiny_folder_serves_a_chat_request_with_one_image(tmp_path):
     from tests.stack import start_stack, stop_stack, wait_idle_and_check_no_leak
 
-    folder = load_script().main(["--out", str(tmp_path / "ov"), "--tiny"])
+    folder = load_script("make_dummy_llava_onevision").main(
+        ["--out", str(tmp_path / "ov"), "--tiny"]
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "0")
         stack = start_stack(

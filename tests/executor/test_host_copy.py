@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from radixserve.common.sampling import SamplingParams
-from radixserve.executor.host_copy import to_device
+from radixserve.executor.host_copy import to_device, to_host
 from radixserve.executor.sampling import sample_on_device
 from radixserve.executor.spec_step import verify_on_device
 
@@ -35,6 +35,20 @@ def test_a_cpu_tensor_is_converted_not_copied_needlessly():
     host = torch.arange(4)
     assert to_device(host, torch.device("cpu")) is host
     assert to_device(host, "cpu", torch.float32).dtype == torch.float32
+
+
+def test_to_host_passes_none_and_cpu_tensors_through():
+    host = torch.arange(3)
+    assert to_host(None) is None and to_host(host) is host
+
+
+@pytest.mark.cuda
+def test_to_host_is_a_pinned_copy_that_arrives_after_a_sync():
+    t = torch.arange(6, device="cuda").reshape(2, 3)
+    host = to_host(t)
+    assert host.is_pinned() and host.device.type == "cpu"
+    torch.cuda.current_stream().synchronize()
+    assert host.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 @pytest.fixture
