@@ -26,7 +26,7 @@ from tests.tp_ranks import on_cpu, spawn_ranks
 
 AT_START = ("qv4", "all8")  # --lora-paths; mix16 is loaded at run time
 # Decode steps after the prefill: the same path each, seconds each in the Triton interpreter.
-GREEDY = 4
+GREEDY = 10
 
 
 def build_lora_runner(model: str, adapters: Path, backend: str = "triton") -> ModelRunner:
