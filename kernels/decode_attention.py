@@ -74,6 +74,7 @@ def _decode_stage1(
     HAS_ROWS: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    FP16_MATH: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -101,6 +102,8 @@ def _decode_stage1(
         mask=h_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
+    if FP16_MATH:  # fp8 blocks widen to fp16 in one instruction per pair; to bf16 they take several
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -224,6 +227,10 @@ def _decode_stage2(
     )
 
 
+# fp8 caches with bf16 queries: the block products in fp16 (decode_attention's fp16_math).
+FP16_MATH_DEFAULT = False
+
+
 def default_num_splits(max_len: int) -> int:
     """ceil(max_len / 256), at least 1, at most 16."""
     return max(1, min(16, triton.cdiv(max(max_len, 1), 256)))
@@ -251,6 +258,7 @@ def decode_attention(
     v_scale: float = 1.0,
     window: int | None = None,
     softcap: float | None = None,
+    fp16_math: bool | None = None,
 ) -> torch.Tensor:
     """o[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the seq_lens[b] slots table[r, :seq_lens[b]],
     r = rows[b] (or b without rows), K = k_cache * k_scale and V = v_cache * v_scale; with a window
@@ -258,6 +266,9 @@ def decode_attention(
 
     q [B, H, D]; k_cache / v_cache [num_slots, H_kv, D] in q's dtype or fp8; slot_table [R, max_len]
     int32/int64; seq_lens [B] int (each <= max_len). Returns [B, H, D] in q's dtype.
+    fp16_math: run the block products in fp16 (q clamped to fp16's range, K/V and the softmax weights
+    widened to fp16; float32 sums either way) instead of q's dtype; None: FP16_MATH_DEFAULT for an
+    fp8 cache with a bf16 q, off otherwise.
     """
     assert q.dim() == 3 and k_cache.dim() == 3 and v_cache.dim() == 3
     B, H, D = q.shape
@@ -296,6 +307,8 @@ def decode_attention(
         block_n = 32 if BLOCK_D >= 256 else (128 if k_cache.element_size() == 1 else 64)
     BLOCK_N = block_n
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if fp16_math is None:
+        fp16_math = FP16_MATH_DEFAULT and k_cache.element_size() == 1 and q.dtype == torch.bfloat16
 
     o = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
@@ -337,6 +350,7 @@ def decode_attention(
         HAS_ROWS=rows is not None,
         WINDOW=int(window or 0),
         SOFTCAP=float(softcap or 0.0),
+        FP16_MATH=bool(fp16_math),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -7,7 +7,8 @@ events, median of the repeats) and GB/s of K/V read, best first, and the ratio t
 backend uses today.
 
 With --kv-dtype fp8_e5m2 | fp8_e4m3 the pool is fp8 (scales 0.5 / 2.0, as a served fp8 pool passes
-them): the grid runs on it, checked against the kernel over the same values in bf16, and "bf16_today"
+them): the grid (each configuration with the block products in bf16 and in fp16, `fp16_math`) runs
+on it, checked against the kernel over the same values in bf16, and "bf16_today"
 times the bf16 pool at today's configuration side by side ("fp8_vs_bf16": its speed-up).
 
   python scripts/bench_decode_attention.py [--batch 256] [--min-len 512 --max-len 768] \
@@ -24,7 +25,11 @@ import statistics
 import torch
 
 from radixserve.executor.kv_scales import FP8_KV_DTYPES
-from radixserve.kernels.decode_attention import decode_attention, num_splits_for_batch
+from radixserve.kernels.decode_attention import (
+    FP16_MATH_DEFAULT,
+    decode_attention,
+    num_splits_for_batch,
+)
 
 KV_DTYPES = {"bf16": torch.bfloat16, **FP8_KV_DTYPES}  # --kv-dtype: as --kv-cache-dtype names them
 K_SCALE, V_SCALE = 0.5, 2.0  # fp8 only
@@ -85,15 +90,19 @@ def main() -> None:
     p.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
     a = p.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    fp8 = a.kv_dtype != "bf16"
     today = dict(
-        block_n=64,
+        block_n=128 if fp8 else 64,  # decode_attention's defaults for a head_dim of 128
         num_warps=4,
         num_stages=2,
         num_splits=num_splits_for_batch(a.batch, a.kv_heads, sms),
+        fp16_math=FP16_MATH_DEFAULT and fp8,
     )
     grid = [
-        dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp)
-        for bn, w, s, sp in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2))
+        dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp, fp16_math=f16)
+        for bn, w, s, sp, f16 in itertools.product(
+            (32, 64, 128), (4, 8), (2, 3, 4), (1, 2), (False, True) if fp8 else (False,)
+        )
     ]
     for shuffled in (False, True):
         q, k, v, table, lens, kv_bytes = make_batch(a, shuffled)
@@ -101,7 +110,8 @@ def main() -> None:
         # bf16 K/V holding exactly what an fp8 pool reads back (the reference and the side-by-side)
         k16 = (k.float() * K_SCALE).to(torch.bfloat16) if fp8 else k
         v16 = (v.float() * V_SCALE).to(torch.bfloat16) if fp8 else v
-        ref = decode_attention(q, k16, v16, table, lens, 0.088, **today)
+        plain = {**today, "block_n": 64, "fp16_math": False}  # the bf16 pool's configuration
+        ref = decode_attention(q, k16, v16, table, lens, 0.088, **plain)
         rows = []
         for cfg in grid:
             try:
@@ -118,9 +128,9 @@ def main() -> None:
         base = next((ms for cfg, ms, _ in ok if cfg == today), float("nan"))
         side = {}
         if fp8:
-            bf16_ms = time_ms(lambda: kernel(q, k16, v16, table, lens, today), a.repeats)
+            bf16_ms = time_ms(lambda: kernel(q, k16, v16, table, lens, plain), a.repeats)
             side = {
-                "bf16_today": {**today, "ms": round(bf16_ms, 4)},
+                "bf16_today": {**plain, "ms": round(bf16_ms, 4)},
                 "fp8_vs_bf16": round(bf16_ms / base, 3),
             }
         print(

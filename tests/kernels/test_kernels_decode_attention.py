@@ -180,11 +180,40 @@ def test_cuda_realistic_fp8(kv_dtype):
     q, k, v, table, seq_lens, scale = make_case(lens, 32, 8, 128, torch.bfloat16, seed=2, pad=0)
     k8, v8 = (k.float() / 0.5).to(kv_dtype), (v.float() / 2.0).to(kv_dtype)
     ref = decode_attention_ref(q, k8, v8, table, seq_lens, scale, k_scale=0.5, v_scale=2.0)
-    for ns in (None, 1, 16):
+    for ns, fp16_math in ((None, None), (1, False), (16, False), (None, True), (16, True)):
         got = decode_attention(
-            q, k8, v8, table, seq_lens, scale, num_splits=ns, k_scale=0.5, v_scale=2.0
+            q,
+            k8,
+            v8,
+            table,
+            seq_lens,
+            scale,
+            num_splits=ns,
+            k_scale=0.5,
+            v_scale=2.0,
+            fp16_math=fp16_math,
         )
         check(got, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_fp8_cache_bf16_queries_in_fp16_math(kv_dtype):
+    # fp16_math: the block products of a bf16 q over an fp8 cache run in fp16 (the interpreter's fp16
+    # dot is right, so this runs on the CPU too); a q entry past fp16's range is clamped, not inf/NaN.
+    q, k, v, table, seq_lens, scale = make_case([1, 17, 70], 8, 2, 64, torch.float32, seed=23)
+    q = q.to(torch.bfloat16)
+    k8, v8 = (k / 0.5).to(kv_dtype), (v / 2.0).to(kv_dtype)
+    kw = dict(num_splits=3, block_n=16, k_scale=0.5, v_scale=2.0)
+    got = decode_attention(q, k8, v8, table, seq_lens, scale, fp16_math=True, **kw)
+    ref = decode_attention_ref(q, k8, v8, table, seq_lens, scale, k_scale=0.5, v_scale=2.0)
+    check(got, ref, torch.bfloat16)
+    big = q.clone()
+    big[0, 0, 0] = 1e6  # bf16 holds it; fp16 tops out at 65504
+    got = decode_attention(big, k8, v8, table, seq_lens, scale, fp16_math=True, **kw)
+    assert torch.isfinite(got.float()).all()
+    clamped = big.float().clamp(-65504, 65504)
+    ref = decode_attention_ref(clamped, k8, v8, table, seq_lens, scale, k_scale=0.5, v_scale=2.0)
+    check(got, ref.to(torch.bfloat16), torch.bfloat16)
 
 
 @pytest.mark.parametrize("window, softcap", [(8, None), (20, 1.5), (None, 1.5)])
