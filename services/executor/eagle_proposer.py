@@ -3,7 +3,7 @@ top-1 (greedy) choices, and return K draft tokens per request in the target's vo
 (docs/speculative.md, "EAGLE: the plan").
 
 Per request the caller hands over the positions the target has just run and kept (after a prefill
-chunk: its tokens; after a verify step: the last token and the accepted drafts): the target's hidden
+chunk: its tokens; after a decode: its token; after a verify step: below): the target's hidden
 states there (rows of one tensor, in request order), the token that follows each position (input ids
 shifted by one: at the last position, the token the target has just sampled), the positions' target
 slots, and how many positions before them already have draft K/V (prefix_len). Round 1, an extend
@@ -33,12 +33,15 @@ Why the rows past a do no harm: they write draft K/V at the slots of rejected dr
 wrong inputs. Within the call nothing reads them: round 1 is causal (row i <= a reads positions <= i)
 and rounds 2..K read the private table up to their device length, whose columns from the first
 position past the kept ones are scratch slots. After the call those slots hold draft K/V of positions
-past the request's length: ModelRunner.collect takes the rejected drafts off the length, the
-scheduler frees their slots (or, with pages, keeps them for the request's next positions), and
-whoever writes a position at such a slot next runs a target step there and then this proposer's
-round 1 over it (its kept positions, or a chunk's pending last one at the next chunk), both on the
-one stream, after this call's writes; no draft K/V is read at a position before that round 1 has
-written it (a radix-cache hit reads only positions the cache holds, accepted ones).
+past the request's length: ModelRunner.collect takes the rejected drafts off the length, and the
+scheduler, once it has the step's output, frees their slots (scheduler/kv_accounting.py, keep_slots;
+with pages the rest of the request's last page stays its own, for its next positions; a finished
+request caches only whole pages before its last token). Whoever gets such a slot next writes it in
+a step launched after this one: the target's K/V in its forward, then the draft's in this
+proposer's round 1 over its kept positions (a chunk's last one at the next chunk), on the same
+stream, so after this call's writes; every extend stores its rows' K/V before any row attends, and
+no draft K/V is read at a position before that round 1 has written it (a radix-cache hit reads only
+positions the cache holds: accepted ones, whose rows here had the right inputs).
 
 A STANDALONE draft model (models/standalone.py, `reads_own_token`) reads token p at position p, not
 token p + 1 with the target's hidden state at p: round 1 then runs the request's first position's own

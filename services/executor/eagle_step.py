@@ -29,7 +29,8 @@ over the kept positions) runs eagerly; under CUDA graphs its rounds 2..K replay 
 
 STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
 kept position (the step's own input ids, on the device) rather than the target's hidden state and
-the token after it; nothing waits for the next chunk, and the target may be any causal LM.
+the token after it; nothing waits for the next chunk, and the target may be any causal LM. After a
+verify step it takes the same path as a head (all verified positions, the count on the device).
 """
 
 from __future__ import annotations
