@@ -244,7 +244,7 @@ def same_logits(a: EagleProposer, b: EagleProposer) -> None:
 def serve_with_trap(folders, algorithm, device, monkeypatch):
     """Serve greedy traffic with algorithm (triton attention, graphs), the accepted counts an Unread
     armed from each verify until the step's collect; (the tokens, plain decoding's, verify steps)."""
-    requests = [(f"r{i}", p, 8 + 2 * i, greedy(), {}) for i, p in enumerate(prompts(5, 3))]
+    requests = [(f"r{i}", p, 6 + 2 * i, greedy(), {}) for i, p in enumerate(prompts(5, 2))]
     target, head = folders / "target", folders / algorithm
     ref = graphs.plain_tokens(target, device, requests)
     runner = graphs.make_runner(target, algorithm, head, device=device)
