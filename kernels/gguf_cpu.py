@@ -197,6 +197,19 @@ def gguf_linear(
     return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
 
 
+def gguf_logits(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """An LM head's float32 logits [M, N] of bf16 rows x [M, K] in one C++ call: the same bits as
+    gguf_linear(x, qweight, qtype).float() (the float32 product rounded to bf16, then widened), without
+    the conversion passes and their temporaries, and without the GIL. None where the kernel does not
+    run it (another block type, device or dtype, or no extension): the caller takes gguf_linear."""
+    if qtype not in FUSED_TYPES or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    module = load()
+    if module is None:
+        return None
+    return module.gguf_logits(x.reshape(-1, x.shape[-1]).contiguous(), qweight, qtype)
+
+
 def gguf_linear_ref(
     x: torch.Tensor, qweight: torch.Tensor, qtype: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -8,6 +8,11 @@ Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128
 rounds that alternate one bs1 request through the stack (kept running) with llama.cpp decoding the
 same GGUF file the stack serves (all cores, greedy, the same prompt and token count) in this process;
 each round prints both decode tokens/s and their ratio.
+
+--cpu-breakdown N: instead, N bs1 requests through the stack, each followed by one JSON line of the CPU
+time each of the stack's processes (launcher, gateway, tokenizer, scheduler, executor, detokenizer) spent
+per generated token (from /proc, Linux only), beside the request's decode tokens/s: the services' share
+of a token is everything but the executor's.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -85,8 +91,6 @@ def bench(dtype: str, output_len: int, concurrency: int, serve_args: list[str]) 
 
 
 def llama_cpp_side_by_side(dtype: str, output_len: int, rounds: int, serve_args: list[str]):
-    import os
-
     import llama_cpp
 
     from radixserve.common.model_files import embedded_gguf
@@ -120,6 +124,55 @@ def llama_cpp_side_by_side(dtype: str, output_len: int, rounds: int, serve_args:
                     "radixserve_bs1_decode_tok_s": round(ours, 1),
                     "llama_cpp_bs1_decode_tok_s": round(theirs, 1),
                     "ratio": round(ours / theirs, 3),
+                    "load_average_1min": os.getloadavg()[0],
+                }
+                print(json.dumps(row), flush=True)
+        finally:
+            stop_stack(stack)
+
+
+def stack_cpu_seconds(stack) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process of the stack's session, by service name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) != stack.proc.pid:  # session id: the launcher started a new session
+            continue
+        names = [c.decode() for c in cmd]
+        name = names[names.index("radixserve.cli") + 1] if "radixserve.cli" in names else names[0]
+        name = "launcher" if name == "serve" else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_breakdown(dtype: str, output_len: int, rounds: int, serve_args: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack("--dtype", dtype, *serve_args, log_path=f"{tmp}/serve.log")
+        try:
+            stream_one(stack.base_url, 8)  # warm-up
+            for r in range(rounds):
+                before = stack_cpu_seconds(stack)
+                run = stream_one(stack.base_url, output_len)
+                after = stack_cpu_seconds(stack)
+                n = run["completion_tokens"]
+                per_token = {
+                    k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 3) for k in sorted(after)
+                }
+                services = sum(v for k, v in per_token.items() if k != "executor")
+                row = {
+                    "round": r + 1,
+                    "dtype": dtype,
+                    "output_len": output_len,
+                    "bs1_decode_tok_s": round(run["decode_tok_s"], 1),
+                    "wall_ms_per_token": round(1e3 / run["decode_tok_s"], 3),
+                    "cpu_ms_per_token": per_token,
+                    "services_cpu_ms_per_token": round(services, 3),
                     "load_average_1min": os.getloadavg()[0],
                 }
                 print(json.dumps(row), flush=True)
@@ -165,7 +218,12 @@ def main() -> None:
     )
     p.add_argument("--serve-args", default="", help="extra `radixserve serve` flags, one string")
     p.add_argument("--llama-cpp-rounds", type=int, default=0)
+    p.add_argument("--cpu-breakdown", type=int, default=0, metavar="N")
     a = p.parse_args()
+    if a.cpu_breakdown:
+        for dtype in a.dtypes:
+            cpu_breakdown(dtype, a.output_len, a.cpu_breakdown, a.serve_args.split())
+        return
     if a.llama_cpp_rounds:
         for dtype in a.dtypes:
             llama_cpp_side_by_side(dtype, a.output_len, a.llama_cpp_rounds, a.serve_args.split())
