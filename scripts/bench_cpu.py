@@ -180,6 +180,58 @@ def cpu_breakdown(dtype: str, output_len: int, rounds: int, serve_args: list[str
             stop_stack(stack)
 
 
+def start_stack_with(python: str, dtype: str, serve_args: list[str], log_path: str):
+    """start_stack, the services started by `python` (another checkout's venv) instead of this one."""
+    real = sys.executable
+    sys.executable = python
+    try:
+        return start_stack("--dtype", dtype, *serve_args, log_path=log_path)
+    finally:
+        sys.executable = real
+
+
+def concurrent_tok_s(base_url: str, output_len: int, concurrency: int) -> float:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        runs = list(
+            pool.map(
+                lambda i: stream_one(base_url, output_len, f"{PROMPT} ({i})"), range(concurrency)
+            )
+        )
+    return sum(r["completion_tokens"] for r in runs) / (time.perf_counter() - t0)
+
+
+def side_by_side(
+    dtype: str, output_len: int, concurrency: int, rounds: int, base_python: str, serve_args
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stacks = {
+            "new": start_stack_with(sys.executable, dtype, serve_args, f"{tmp}/new.log"),
+            "base": start_stack_with(base_python, dtype, serve_args, f"{tmp}/base.log"),
+        }
+        try:
+            for stack in stacks.values():
+                stream_one(stack.base_url, 8)  # warm-up
+            for r in range(rounds):
+                row = {"round": r + 1, "dtype": dtype, "output_len": output_len}
+                order = ("base", "new") if r % 2 == 0 else ("new", "base")
+                for name in order:
+                    row[f"{name}_bs1_decode_tok_s"] = round(
+                        stream_one(stacks[name].base_url, output_len)["decode_tok_s"], 1
+                    )
+                for name in order:
+                    row[f"{name}_concurrent_output_tok_s"] = round(
+                        concurrent_tok_s(stacks[name].base_url, output_len, concurrency), 1
+                    )
+                for key in ("bs1_decode_tok_s", "concurrent_output_tok_s"):
+                    row[f"ratio_{key}"] = round(row[f"new_{key}"] / row[f"base_{key}"], 3)
+                row["load_average_1min"] = os.getloadavg()[0]
+                print(json.dumps(row), flush=True)
+        finally:
+            for stack in stacks.values():
+                stop_stack(stack)
+
+
 def hf_baseline(dtype: str, output_len: int) -> dict:
     """HF transformers generate() at batch 1 on the same converted weights, for a side-by-side ratio."""
     import torch
@@ -219,7 +271,20 @@ def main() -> None:
     p.add_argument("--serve-args", default="", help="extra `radixserve serve` flags, one string")
     p.add_argument("--llama-cpp-rounds", type=int, default=0)
     p.add_argument("--cpu-breakdown", type=int, default=0, metavar="N")
+    p.add_argument("--baseline-python", help="side by side with the stack this python starts")
+    p.add_argument("--rounds", type=int, default=3, help="with --baseline-python")
     a = p.parse_args()
+    if a.baseline_python:
+        for dtype in a.dtypes:
+            side_by_side(
+                dtype,
+                a.output_len,
+                a.concurrency,
+                a.rounds,
+                a.baseline_python,
+                a.serve_args.split(),
+            )
+        return
     if a.cpu_breakdown:
         for dtype in a.dtypes:
             cpu_breakdown(dtype, a.output_len, a.cpu_breakdown, a.serve_args.split())

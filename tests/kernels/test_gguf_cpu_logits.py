@@ -1,6 +1,8 @@
-"""gguf_cpu.gguf_logits, the fused decode step's LM head (services/executor/fast_decode.py): float32
-logits of bf16 rows in one call must be gguf_linear(x, w, qtype).float() bit for bit (the float32
-product rounded to bf16, then widened), on both kernels, at every batch size; bad inputs raise."""
+"""The fused decode step's per-step helpers around the linears (services/executor/fast_decode.py):
+gguf_cpu.gguf_logits, the LM head, must give gguf_linear(x, w, qtype).float() bit for bit (the float32
+product rounded to bf16, then widened) on both kernels at every batch size, and bad inputs raise; the
+C++ dequantize that gguf_cpu.dequantize takes for Q8_0 / Q4_1 (the embedding lookup) must give the torch
+formulas' bits for any block bytes."""
 
 import numpy as np
 import pytest
@@ -60,3 +62,24 @@ def test_bad_inputs_raise(module):
         module.gguf_logits(torch.ones(1, 64, dtype=torch.bfloat16), w, int(T.Q8_0))
     with pytest.raises(RuntimeError, match="isa is 0"):
         module.gguf_logits(torch.ones(1, 32, dtype=torch.bfloat16), w, int(T.Q8_0), 3)
+
+
+@pytest.mark.parametrize("qtype", gguf_cpu.CPP_DEQUANTIZE_TYPES)
+def test_cpp_dequantize_gives_the_torch_formulas_bits(module, qtype, monkeypatch):
+    # Any bytes: scales and mins that are subnormal, huge, infinite or NaN as f16 included.
+    k = 4 * 32
+    w = torch.randint(0, 256, (300, k // 32 * gguf_cpu._BLOCK_BYTES[qtype]), dtype=torch.uint8)
+    want = gguf_cpu.dequantize_torch(w, qtype, k)
+
+    def no_torch_path(*args):
+        raise AssertionError("the torch formulas ran")
+
+    monkeypatch.setattr(gguf_cpu, "dequantize_torch", no_torch_path)
+    got = gguf_cpu.dequantize(w, qtype, k)
+    assert got.dtype == torch.float32 and got.shape == (300, k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # The lookup's path: a few rows picked out (not contiguous in the table).
+    ids = torch.tensor([7, 0, 299, 7])
+    torch.testing.assert_close(
+        gguf_cpu.dequantize(w[ids], qtype, k), want[ids], rtol=0, atol=0, equal_nan=True
+    )
