@@ -29,9 +29,8 @@ namespace {
 // out [M, N] = x W^T for x: [M, K] float32 contiguous and w: [N, K/32 * block bytes] uint8. With
 // round_bf16 each output is rounded to bfloat16 (round to nearest even, as torch's .to(torch.bfloat16))
 // and stored widened back to float32, tile by tile while the tile's results are in cache.
-// one_thread: every tile on the calling thread (no parallel region).
 void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bool round_bf16,
-                 bool one_thread, at::Tensor& out) {
+                 at::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   const int64_t nb = k / QK, row_bytes = w.size(1);
   const int64_t pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
@@ -56,18 +55,14 @@ void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bo
   // Enough rows per task that a thread's share is worth a wake-up, few enough that every thread works.
   const int64_t tiles = (n + NR - 1) / NR;
   const int64_t grain = std::max<int64_t>(8, 1024 / std::max<int64_t>(m, 1));
-  const auto run = [&](int64_t b, int64_t e) {
+  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     matmul_tiles_for(qt, vnni, wp, row_bytes, nb, acts, m, op, n, b, e);
     if (!round_bf16) return;
     const int64_t r0 = b * NR, r1 = std::min(e * NR, n);
     for (int64_t i = 0; i < m; ++i)
       for (float* o = op + i * n + r0; o < op + i * n + r1; ++o)
         *o = static_cast<float>(c10::BFloat16(*o));
-  };
-  if (one_thread)
-    run(0, tiles);
-  else
-    at::parallel_for(0, tiles, grain, run);
+  });
 }
 
 // The shared checks of gguf_matmul and gguf_logits; returns whether the VNNI kernel runs.
@@ -92,16 +87,9 @@ torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_
   const int qt = static_cast<int>(qtype);
   const bool vnni = check_matmul("gguf_matmul", x, w, qt, isa);
   auto out = torch::empty({x.size(0), w.size(0)}, torch::kFloat);
-  matmul_into(x, w, qt, vnni, false, false, out);
+  matmul_into(x, w, qt, vnni, false, out);
   return out;
 }
-
-// Rows of an LM head call up to this many run on the calling thread: one core streams a decode step's
-// head at the memory's read rate (the Q8_0 SmolLM2 head, 30 MB: 1.72 ms on one thread, 1.73 on two,
-// each after 6 ms of other work on the 2-core EPYC VM under load; a float32 sum reads 25-27 GB/s on one
-// thread, 22-24 on two), and the other core stays free for the services (the fused forward also runs
-// such steps on one thread: cpu_decode.cpp's kOneThreadRows).
-constexpr int64_t kLogitsOneThreadRows = 4;
 
 // An LM head's logits in one call: x [M, K] bfloat16 (the final norm's rows) @ W^T as gguf_linear
 // computes it for bf16 x (the float32 product rounded to bf16), widened to float32 as compute_logits
@@ -113,7 +101,7 @@ torch::Tensor gguf_logits(const torch::Tensor& x, const torch::Tensor& w, int64_
   const int qt = static_cast<int>(qtype);
   const bool vnni = check_matmul("gguf_logits", x, w, qt, isa);
   auto out = torch::empty({x.size(0), w.size(0)}, torch::kFloat);
-  matmul_into(x.to(torch::kFloat), w, qt, vnni, true, x.size(0) <= kLogitsOneThreadRows, out);
+  matmul_into(x.to(torch::kFloat), w, qt, vnni, true, out);
   return out;
 }
 

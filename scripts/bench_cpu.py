@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tests.stack import start_stack, stop_stack  # noqa: E402
 
 PROMPT = "Write a long essay about the history of the Roman Empire."
+BS1_PER_ROUND = 3  # --baseline-python: bs1 requests per stack and round, alternating
 
 
 def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
@@ -215,9 +217,13 @@ def side_by_side(
             for r in range(rounds):
                 row = {"round": r + 1, "dtype": dtype, "output_len": output_len}
                 order = ("base", "new") if r % 2 == 0 else ("new", "base")
+                bs1 = {name: [] for name in order}
+                for _ in range(BS1_PER_ROUND):
+                    for name in order:
+                        bs1[name].append(stream_one(stacks[name].base_url, output_len))
                 for name in order:
                     row[f"{name}_bs1_decode_tok_s"] = round(
-                        stream_one(stacks[name].base_url, output_len)["decode_tok_s"], 1
+                        statistics.median(r["decode_tok_s"] for r in bs1[name]), 1
                     )
                 for name in order:
                     row[f"{name}_concurrent_output_tok_s"] = round(
