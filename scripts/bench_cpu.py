@@ -2,7 +2,8 @@
 
 Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
 Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128] [--hf-baseline]
-       [--serve-args "--stream-interval 8"] [--llama-cpp-rounds N]
+       [--serve-args "--stream-interval 8"] [--llama-cpp-rounds N] [--cpu-breakdown N]
+       [--baseline-python PY --rounds N]
 
 --llama-cpp-rounds N (needs the optional llama-cpp-python package): instead of the figures above, N
 rounds that alternate one bs1 request through the stack (kept running) with llama.cpp decoding the
@@ -13,6 +14,12 @@ each round prints both decode tokens/s and their ratio.
 time each of the stack's processes (launcher, gateway, tokenizer, scheduler, executor, detokenizer) spent
 per generated token (from /proc, Linux only), beside the request's decode tokens/s: the services' share
 of a token is everything but the executor's.
+
+--baseline-python PY [--rounds N]: instead, side by side with another checkout (e.g. `git archive` of main
+installed in its own venv): this checkout's stack and one started by PY (that venv's python) run at once
+and take turns; each round BS1_PER_ROUND bs1 requests on each, alternating (their median), then one burst
+of --concurrency requests on each; one JSON line per round with both figures, their ratios (this
+checkout over the baseline) and the load average.
 """
 
 from __future__ import annotations
