@@ -26,23 +26,13 @@
 
 namespace {
 
-// x: [M, K] float32 contiguous; w: [N, K/32 * block bytes] uint8; returns float32 [M, N].
-// isa: 0 the best this CPU runs, 1 AVX2, 2 AVX-512 VNNI (both give the same bits; for tests).
-torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
-                          int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "gguf_matmul: x must be a contiguous float32 [M, K]");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
-              "gguf_matmul: w must be a contiguous uint8 [N, row bytes]");
+// out [M, N] = x W^T for x: [M, K] float32 contiguous and w: [N, K/32 * block bytes] uint8. With
+// round_bf16 each output is rounded to bfloat16 (round to nearest even, as torch's .to(torch.bfloat16))
+// and stored widened back to float32, tile by tile while the tile's results are in cache.
+void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bool round_bf16,
+                 at::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  const int qt = static_cast<int>(qtype);
-  TORCH_CHECK(k % QK == 0, "gguf_matmul: K must be a multiple of 32");
   const int64_t nb = k / QK, row_bytes = w.size(1);
-  TORCH_CHECK(row_bytes == nb * block_bytes(qt), "gguf_matmul: row bytes do not match K");
-  TORCH_CHECK(isa >= AUTO && isa <= AVX512_VNNI, "gguf_matmul: isa is 0 (auto), 1 or 2");
-  TORCH_CHECK(isa != AVX512_VNNI || has_vnni(), "gguf_matmul: this CPU lacks AVX-512 VNNI");
-  const bool vnni = isa == AVX512_VNNI || (isa == AUTO && has_vnni());
-
   const int64_t pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
   auto q = torch::empty({m, pairs * 64}, torch::kInt8);
   auto qu = torch::empty({vnni && qt == Q8_0 ? m : 0, pairs * 64}, torch::kUInt8);
@@ -60,7 +50,6 @@ torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_
   });
   const Acts acts{pairs, chunks, qp, qup, xdp, sxp};
 
-  auto out = torch::empty({m, n}, torch::kFloat);
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   // Enough rows per task that a thread's share is worth a wake-up, few enough that every thread works.
@@ -68,7 +57,51 @@ torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_
   const int64_t grain = std::max<int64_t>(8, 1024 / std::max<int64_t>(m, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     matmul_tiles_for(qt, vnni, wp, row_bytes, nb, acts, m, op, n, b, e);
+    if (!round_bf16) return;
+    const int64_t r0 = b * NR, r1 = std::min(e * NR, n);
+    for (int64_t i = 0; i < m; ++i)
+      for (float* o = op + i * n + r0; o < op + i * n + r1; ++o)
+        *o = static_cast<float>(c10::BFloat16(*o));
   });
+}
+
+// The shared checks of gguf_matmul and gguf_logits; returns whether the VNNI kernel runs.
+bool check_matmul(const char* fn, const torch::Tensor& x, const torch::Tensor& w, int qt,
+                  int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), fn, ": x must be a contiguous [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
+              fn, ": w must be a contiguous uint8 [N, row bytes]");
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % QK == 0, fn, ": K must be a multiple of 32");
+  TORCH_CHECK(w.size(1) == k / QK * block_bytes(qt), fn, ": row bytes do not match K");
+  TORCH_CHECK(isa >= AUTO && isa <= AVX512_VNNI, fn, ": isa is 0 (auto), 1 or 2");
+  TORCH_CHECK(isa != AVX512_VNNI || has_vnni(), fn, ": this CPU lacks AVX-512 VNNI");
+  return isa == AVX512_VNNI || (isa == AUTO && has_vnni());
+}
+
+// x: [M, K] float32 contiguous; w: [N, K/32 * block bytes] uint8; returns float32 [M, N].
+// isa: 0 the best this CPU runs, 1 AVX2, 2 AVX-512 VNNI (both give the same bits; for tests).
+torch::Tensor gguf_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
+                          int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "gguf_matmul: x must be float32");
+  const int qt = static_cast<int>(qtype);
+  const bool vnni = check_matmul("gguf_matmul", x, w, qt, isa);
+  auto out = torch::empty({x.size(0), w.size(0)}, torch::kFloat);
+  matmul_into(x, w, qt, vnni, false, out);
+  return out;
+}
+
+// An LM head's logits in one call: x [M, K] bfloat16 (the final norm's rows) @ W^T as gguf_linear
+// computes it for bf16 x (the float32 product rounded to bf16), widened to float32 as compute_logits
+// returns them: the same bits as gguf_linear(x, w, qtype).float(), without its two conversion passes
+// and their [M, N] temporaries.
+torch::Tensor gguf_logits(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
+                          int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "gguf_logits: x must be bfloat16");
+  const int qt = static_cast<int>(qtype);
+  const bool vnni = check_matmul("gguf_logits", x, w, qt, isa);
+  auto out = torch::empty({x.size(0), w.size(0)}, torch::kFloat);
+  matmul_into(x.to(torch::kFloat), w, qt, vnni, true, out);
   return out;
 }
 
@@ -111,5 +144,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks [N, row bytes] -> float32 [N, K]");
   mod.def("gguf_matmul", &gguf_matmul, "x [M,K] f32 @ GGUF blocks [N, row bytes]^T -> [M,N] f32",
           pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("isa") = 0);
+  // Without the GIL: the executor's event loop (the next step's request, this one's reply) runs meanwhile.
+  mod.def("gguf_logits", &gguf_logits,
+          "x [M,K] bf16 @ GGUF blocks [N, row bytes]^T -> [M,N] f32 holding bf16 values (an LM head)",
+          pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("isa") = 0,
+          pybind11::call_guard<pybind11::gil_scoped_release>());
   mod.def("has_vnni", &has_vnni, "whether this CPU runs the AVX-512 VNNI kernel");
 }

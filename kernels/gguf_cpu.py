@@ -153,9 +153,27 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
 
 
+# Types whose C++ dequantize (gguf_cpu.cpp) gives the torch formulas' bits: d * q (Q8_0) and d * q + m
+# (Q4_1), one rounding per operation either way. (Q4_0's C++ computes d * q - 8 d, torch d * (q - 8).)
+CPP_DEQUANTIZE_TYPES = (Q8_0, Q4_1)
+
+
 def dequantize(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """float32 [rows, k] of raw rows (uint8 [rows, row bytes]; or a float tensor for F32/F16/BF16), on
-    qweight's device. Q4_0 / Q4_1 / Q8_0 in torch; other types through gguf.quants on the CPU."""
+    qweight's device. Q4_1 / Q8_0 on the CPU in one C++ call when the extension runs (an embedding
+    lookup's rows each step: one call, not ten torch ops), else Q4_0 / Q4_1 / Q8_0 in torch (the same
+    bits); other types through gguf.quants on the CPU."""
+    if qtype in FLOAT_TYPES:
+        return qweight.float()
+    if qtype in CPP_DEQUANTIZE_TYPES and qweight.device.type == "cpu":
+        module = load()
+        if module is not None:
+            return module.gguf_dequantize(qweight.contiguous(), qtype, k)
+    return dequantize_torch(qweight, qtype, k)
+
+
+def dequantize_torch(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """dequantize without the C++ extension (any device)."""
     if qtype in FLOAT_TYPES:
         return qweight.float()
     rows = qweight.shape[0]
@@ -195,6 +213,19 @@ def gguf_linear(
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
     w = dequantize(qweight, qtype, k).to(dtype)
     return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+
+
+def gguf_logits(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> torch.Tensor | None:
+    """An LM head's float32 logits [M, N] of bf16 rows x [M, K] in one C++ call: the same bits as
+    gguf_linear(x, qweight, qtype).float() (the float32 product rounded to bf16, then widened), without
+    the conversion passes and their temporaries, and without the GIL. None where the kernel does not
+    run it (another block type, device or dtype, or no extension): the caller takes gguf_linear."""
+    if qtype not in FUSED_TYPES or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    module = load()
+    if module is None:
+        return None
+    return module.gguf_logits(x.reshape(-1, x.shape[-1]).contiguous(), qweight, qtype)
 
 
 def gguf_linear_ref(

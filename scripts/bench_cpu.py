@@ -2,12 +2,24 @@
 
 Prints JSON lines: bs1 decode tokens/s and 16-concurrent output tokens/s, per dtype.
 Usage: python scripts/bench_cpu.py [--dtypes bfloat16 float32] [--output-len 128] [--hf-baseline]
-       [--serve-args "--stream-interval 8"] [--llama-cpp-rounds N]
+       [--serve-args "--stream-interval 8"] [--llama-cpp-rounds N] [--cpu-breakdown N]
+       [--baseline-python PY --rounds N]
 
 --llama-cpp-rounds N (needs the optional llama-cpp-python package): instead of the figures above, N
 rounds that alternate one bs1 request through the stack (kept running) with llama.cpp decoding the
 same GGUF file the stack serves (all cores, greedy, the same prompt and token count) in this process;
 each round prints both decode tokens/s and their ratio.
+
+--cpu-breakdown N: instead, N bs1 requests through the stack, each followed by one JSON line of the CPU
+time each of the stack's processes (launcher, gateway, tokenizer, scheduler, executor, detokenizer) spent
+per generated token (from /proc, Linux only), beside the request's decode tokens/s: the services' share
+of a token is everything but the executor's.
+
+--baseline-python PY [--rounds N]: instead, side by side with another checkout (e.g. `git archive` of main
+installed in its own venv): this checkout's stack and one started by PY (that venv's python) run at once
+and take turns; each round BS1_PER_ROUND bs1 requests on each, alternating (their median), then one burst
+of --concurrency requests on each; one JSON line per round with both figures, their ratios (this
+checkout over the baseline) and the load average.
 """
 
 from __future__ import annotations
@@ -15,7 +27,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tests.stack import start_stack, stop_stack  # noqa: E402
 
 PROMPT = "Write a long essay about the history of the Roman Empire."
+BS1_PER_ROUND = 3  # --baseline-python: bs1 requests per stack and round, alternating
 
 
 def stream_one(base_url: str, output_len: int, prompt: str = PROMPT) -> dict:
@@ -85,8 +100,6 @@ def bench(dtype: str, output_len: int, concurrency: int, serve_args: list[str]) 
 
 
 def llama_cpp_side_by_side(dtype: str, output_len: int, rounds: int, serve_args: list[str]):
-    import os
-
     import llama_cpp
 
     from radixserve.common.model_files import embedded_gguf
@@ -127,6 +140,111 @@ def llama_cpp_side_by_side(dtype: str, output_len: int, rounds: int, serve_args:
             stop_stack(stack)
 
 
+def stack_cpu_seconds(stack) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process of the stack's session, by service name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) != stack.proc.pid:  # session id: the launcher started a new session
+            continue
+        names = [c.decode() for c in cmd]
+        name = names[names.index("radixserve.cli") + 1] if "radixserve.cli" in names else names[0]
+        name = "launcher" if name == "serve" else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_breakdown(dtype: str, output_len: int, rounds: int, serve_args: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start_stack("--dtype", dtype, *serve_args, log_path=f"{tmp}/serve.log")
+        try:
+            stream_one(stack.base_url, 8)  # warm-up
+            for r in range(rounds):
+                before = stack_cpu_seconds(stack)
+                run = stream_one(stack.base_url, output_len)
+                after = stack_cpu_seconds(stack)
+                n = run["completion_tokens"]
+                per_token = {
+                    k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 3) for k in sorted(after)
+                }
+                services = sum(v for k, v in per_token.items() if k != "executor")
+                row = {
+                    "round": r + 1,
+                    "dtype": dtype,
+                    "output_len": output_len,
+                    "bs1_decode_tok_s": round(run["decode_tok_s"], 1),
+                    "wall_ms_per_token": round(1e3 / run["decode_tok_s"], 3),
+                    "cpu_ms_per_token": per_token,
+                    "services_cpu_ms_per_token": round(services, 3),
+                    "load_average_1min": os.getloadavg()[0],
+                }
+                print(json.dumps(row), flush=True)
+        finally:
+            stop_stack(stack)
+
+
+def start_stack_with(python: str, dtype: str, serve_args: list[str], log_path: str):
+    """start_stack, the services started by `python` (another checkout's venv) instead of this one."""
+    real = sys.executable
+    sys.executable = python
+    try:
+        return start_stack("--dtype", dtype, *serve_args, log_path=log_path)
+    finally:
+        sys.executable = real
+
+
+def concurrent_tok_s(base_url: str, output_len: int, concurrency: int) -> float:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        runs = list(
+            pool.map(
+                lambda i: stream_one(base_url, output_len, f"{PROMPT} ({i})"), range(concurrency)
+            )
+        )
+    return sum(r["completion_tokens"] for r in runs) / (time.perf_counter() - t0)
+
+
+def side_by_side(
+    dtype: str, output_len: int, concurrency: int, rounds: int, base_python: str, serve_args
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        stacks = {
+            "new": start_stack_with(sys.executable, dtype, serve_args, f"{tmp}/new.log"),
+            "base": start_stack_with(base_python, dtype, serve_args, f"{tmp}/base.log"),
+        }
+        try:
+            for stack in stacks.values():
+                stream_one(stack.base_url, 8)  # warm-up
+            for r in range(rounds):
+                row = {"round": r + 1, "dtype": dtype, "output_len": output_len}
+                order = ("base", "new") if r % 2 == 0 else ("new", "base")
+                bs1 = {name: [] for name in order}
+                for _ in range(BS1_PER_ROUND):
+                    for name in order:
+                        bs1[name].append(stream_one(stacks[name].base_url, output_len))
+                for name in order:
+                    row[f"{name}_bs1_decode_tok_s"] = round(
+                        statistics.median(r["decode_tok_s"] for r in bs1[name]), 1
+                    )
+                for name in order:
+                    row[f"{name}_concurrent_output_tok_s"] = round(
+                        concurrent_tok_s(stacks[name].base_url, output_len, concurrency), 1
+                    )
+                for key in ("bs1_decode_tok_s", "concurrent_output_tok_s"):
+                    row[f"ratio_{key}"] = round(row[f"new_{key}"] / row[f"base_{key}"], 3)
+                row["load_average_1min"] = os.getloadavg()[0]
+                print(json.dumps(row), flush=True)
+        finally:
+            for stack in stacks.values():
+                stop_stack(stack)
+
+
 def hf_baseline(dtype: str, output_len: int) -> dict:
     """HF transformers generate() at batch 1 on the same converted weights, for a side-by-side ratio."""
     import torch
@@ -165,7 +283,25 @@ def main() -> None:
     )
     p.add_argument("--serve-args", default="", help="extra `radixserve serve` flags, one string")
     p.add_argument("--llama-cpp-rounds", type=int, default=0)
+    p.add_argument("--cpu-breakdown", type=int, default=0, metavar="N")
+    p.add_argument("--baseline-python", help="side by side with the stack this python starts")
+    p.add_argument("--rounds", type=int, default=3, help="with --baseline-python")
     a = p.parse_args()
+    if a.baseline_python:
+        for dtype in a.dtypes:
+            side_by_side(
+                dtype,
+                a.output_len,
+                a.concurrency,
+                a.rounds,
+                a.baseline_python,
+                a.serve_args.split(),
+            )
+        return
+    if a.cpu_breakdown:
+        for dtype in a.dtypes:
+            cpu_breakdown(dtype, a.output_len, a.cpu_breakdown, a.serve_args.split())
+        return
     if a.llama_cpp_rounds:
         for dtype in a.dtypes:
             llama_cpp_side_by_side(dtype, a.output_len, a.llama_cpp_rounds, a.serve_args.split())

@@ -235,7 +235,7 @@ def profile_decode(tokens: int, repeats: int, threads: int | None, batch: int = 
         raise SystemExit("the fused CPU decode path does not run on this machine")
     if threads:
         torch.set_num_threads(threads)
-    fast, model = runner.fast_decode, runner.model
+    fast = runner.fast_decode
     stages = list(cpu_decode.load().STAGES)
     decode_run(runner, 8, batch)  # warm-up
     runs = []
@@ -245,12 +245,13 @@ def profile_decode(tokens: int, repeats: int, threads: int | None, batch: int = 
         fast._kernel_model = _ProfiledKernelModel(kernel_model, stages, totals)
         fast._embed = _Timed(embed, totals, "embedding")
         fast.forward = _Timed(fast.forward, totals, "fused forward (embedding + C++ call)")
-        model.compute_logits = _Timed(model.compute_logits, totals, "lm head (compute_logits)")
+        # The fused steps' LM head (FastDecode.compute_logits: gguf_logits, else model.compute_logits).
+        fast.compute_logits = _Timed(fast.compute_logits, totals, "lm head (compute_logits)")
         try:
             wall, cpu = decode_run(runner, tokens, batch)
         finally:  # the instances' own attributes go; their class's methods show again
             fast._kernel_model, fast._embed = kernel_model, embed
-            del fast.forward, model.compute_logits
+            del fast.forward, fast.compute_logits
         totals = {k: v * 1e3 / tokens for k, v in totals.items()}
         totals["step (runner.step)"] = wall
         totals["step cpu"] = cpu

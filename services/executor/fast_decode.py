@@ -14,7 +14,9 @@ The kernels get their own packed copy of bf16 layer weights (the torch path's we
 for prefill) and read/write the runner's KV pool in place. A model served natively from a GGUF file
 (quantization gguf) whose linears are each one run of Q4_0 / Q4_1 / Q8_0 blocks hands the kernels those
 blocks as they are (no copy): they run the row dots of the torch path's gguf_cpu kernels, so each
-linear gives the torch path's bits.
+linear gives the torch path's bits. Such a model's LM head (compute_logits as Llama's, one run of those
+blocks, no bias) also runs as one C++ call (gguf_cpu.gguf_logits: float32 logits, the torch path's bits)
+for the steps the fused path runs.
 """
 
 from __future__ import annotations
@@ -62,6 +64,19 @@ def gguf_unsupported(model) -> str | None:
     return None
 
 
+def lm_head_blocks(model) -> tuple[torch.Tensor, int] | None:
+    """The LM head's blocks and type where gguf_cpu.gguf_logits computes model.compute_logits (Llama's:
+    the head's output widened to float32) with the same bits, else None."""
+    from radixserve.executor.models.llama import LlamaForCausalLM
+
+    head = getattr(model, "lm_head", None)
+    if type(model).compute_logits is not LlamaForCausalLM.compute_logits or head is None:
+        return None
+    if getattr(head, "bias", None) is not None or gguf_cpu.load() is None:
+        return None
+    return gguf_blocks(head)
+
+
 class FastDecode:
     MAX_TOKENS = 16  # decode batches above this run the torch path (oneDNN's GEMMs win there)
 
@@ -69,6 +84,8 @@ class FastDecode:
         self._module = module
         self._kernel_model = kernel_model
         self._embed = model.model.embed_tokens
+        self._compute_logits = model.compute_logits
+        self._lm_head = lm_head_blocks(model)
 
     @classmethod
     def build(cls, runner) -> "FastDecode | None":
@@ -196,6 +213,14 @@ class FastDecode:
             and seq.num_tokens <= DECODE_ROWS_MAX_TOKENS
             for (rid, *_), seq in zip(spans, batch.extend_seqs)
         )
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """model.compute_logits(hidden) for rows of forward()'s hidden states: float32 [T, vocab]."""
+        if self._lm_head is not None:
+            logits = gguf_cpu.gguf_logits(hidden, *self._lm_head)
+            if logits is not None:
+                return logits
+        return self._compute_logits(hidden)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Final-normed hidden states [T, hidden], like model(input_ids, positions), for a step that

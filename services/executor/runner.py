@@ -471,6 +471,7 @@ class ModelRunner:
         for req in step.new_requests if self.samples else ():
             self.logits_processor.register(self.states[req.request_id], req)
         all_logits = hidden = captured = None
+        compute_logits = self.model.compute_logits
         input_embeds = (
             self.image_inputs.input_embeds(batch.input_ids, batch.seq_spans)
             if self.image_inputs.requests
@@ -502,6 +503,7 @@ class ModelRunner:
                 all_logits = self.compiled_decode(batch.input_ids, batch.positions)
         elif self.fast_decode is not None and self.fast_decode.supports(batch):
             hidden = self.fast_decode.forward(batch)
+            compute_logits = self.fast_decode.compute_logits
         else:
             with forward_context(batch):
                 hidden = self.model(batch.input_ids, batch.positions)
@@ -515,7 +517,7 @@ class ModelRunner:
                 rows = (
                     hidden if samples.every_token else hidden.index_select(0, samples.token_index)
                 )
-                logits = self.model.compute_logits(rows)
+                logits = compute_logits(rows)
             else:
                 logits = (
                     all_logits

@@ -12,7 +12,7 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.runner import ModelRunner
-from radixserve.kernels import cpu_decode
+from radixserve.kernels import cpu_decode, gguf_cpu
 
 pytestmark = pytest.mark.skipif(
     not cpu_decode.cpu_has_avx512_bf16(), reason="the fused CPU decode kernels need AVX512-BF16"
@@ -263,3 +263,22 @@ def test_threads_split_a_step_by_sequences_with_the_same_bits(runners):
         assert torch.equal(a, b)
     assert torch.equal(got[1][1], got[2][1])
     assert torch.equal(got[1][2], got[2][2])
+
+
+def test_lm_head_runs_as_one_call_with_the_torch_paths_bits(runners, monkeypatch):
+    """The fused steps' LM head (gguf_cpu.gguf_logits on the tied Q8_0 blocks) gives model.compute_logits'
+    float32 logits bit for bit, and the runner's decode steps take it (not the torch LM head)."""
+    fused, _ = runners
+    fast = fused.fast_decode
+    assert fast._lm_head is not None and fast._lm_head[1] == gguf_cpu.Q8_0
+    hidden = (torch.randn(5, 576, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    for rows in (1, 5):
+        got = fast.compute_logits(hidden[:rows])
+        want = fused.model.compute_logits(hidden[:rows])
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want)
+    calls = []
+    real = gguf_cpu.gguf_logits
+    monkeypatch.setattr(gguf_cpu, "gguf_logits", lambda *a: calls.append(a[0].shape) or real(*a))
+    greedy(fused, PROMPTS[:2], 3)
+    assert calls == [(2, 576)] * 3  # the decode steps; the prefill keeps the torch path
