@@ -14,6 +14,23 @@ K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # only dequantize: the tests fill them with
 _K_SCALES = {T.Q4_K: ((0, 2e-3), (2, 1e-3)), T.Q5_K: ((0, 1e-3), (2, 5e-4)), T.Q6_K: ((208, 3e-5),)}
 
 
+def gguf_cpu_extension():
+    """The GGUF CPU kernels' extension (kernels/gguf_cpu.py), or skip the test where it cannot build."""
+    import pytest
+
+    from radixserve.kernels import gguf_cpu
+
+    module = gguf_cpu.load()
+    if module is None:
+        pytest.skip("the GGUF CPU extension is unavailable on this machine")
+    return module
+
+
+def kernel_isas(module) -> list[int]:
+    """The extension's kernels to test on this CPU: AVX2 (1), and AVX-512 VNNI (2) where present."""
+    return [1, 2] if module.has_vnni() else [1]
+
+
 def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
     """uint8 [rows, row bytes] of float32 values [rows, k] (Q4_0 / Q4_1 / Q8_0), F16/F32 as float."""
     if qtype == T.F32:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radixserve.kernels import gguf_cpu
-from tests.gguf_files import QUANTIZABLE, T, quantize
+from tests.gguf_files import QUANTIZABLE, T, gguf_cpu_extension, kernel_isas, quantize
 
 # An LM-head-like width (rows 1024 floats apart, a ragged tile group) and a narrow odd one.
 SHAPES = [(2048, 3 * 32), (2 * 64 + 37, 5 * 32)]
@@ -17,14 +17,7 @@ SHAPES = [(2048, 3 * 32), (2 * 64 + 37, 5 * 32)]
 
 @pytest.fixture(scope="module")
 def module():
-    m = gguf_cpu.load()
-    if m is None:
-        pytest.skip("the GGUF CPU extension is unavailable on this machine")
-    return m
-
-
-def isas(module):
-    return [1, 2] if module.has_vnni() else [1]
+    return gguf_cpu_extension()
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
@@ -42,7 +35,7 @@ def test_logits_equal_the_torch_paths_bits(module, qtype, n, k):
         assert torch.equal(got, got.bfloat16().float())
         product = module.gguf_matmul(x[:rows].float(), w, int(qtype))
         assert not torch.equal(got, product)
-        for isa in isas(module):
+        for isa in kernel_isas(module):
             assert torch.equal(module.gguf_logits(x[:rows].contiguous(), w, int(qtype), isa), want)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from radixserve.kernels import gguf_cpu
-from tests.gguf_files import QUANTIZABLE, T, quantize
+from tests.gguf_files import QUANTIZABLE, T, gguf_cpu_extension, kernel_isas, quantize
 
 # 37 weight rows: 2-row tiles and a 1-row tail; 17 blocks per row: a zero-padded last block pair and a
 # partial 16-block chunk.
@@ -17,10 +17,7 @@ SHAPES = [(37, 17 * 32), (64, 16 * 32), (5, 32)]
 
 @pytest.fixture(scope="module")
 def module():
-    m = gguf_cpu.load()
-    if m is None:
-        pytest.skip("the GGUF CPU extension is unavailable on this machine")
-    return m
+    return gguf_cpu_extension()
 
 
 def weight(n, k, qtype, seed=0):
@@ -30,16 +27,12 @@ def weight(n, k, qtype, seed=0):
     )
 
 
-def isas(module):
-    return [1, 2] if module.has_vnni() else [1]
-
-
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_a_row_alone_equals_it_in_every_batch_of_2_to_16(module, qtype, n, k):
     w = weight(n, k, qtype)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(n + k))
-    for isa in isas(module):
+    for isa in kernel_isas(module):
         alone = torch.stack(
             [module.gguf_matmul(x[i : i + 1], w, int(qtype), isa)[0] for i in range(16)]
         )
@@ -68,7 +61,7 @@ def test_the_vnni_and_avx2_kernels_give_the_same_bits(module, qtype, n, k):
 def test_zero_rows_and_all_zero_activations(module):
     w = weight(37, 17 * 32, T.Q4_1)
     assert module.gguf_matmul(torch.empty(0, 17 * 32), w, int(T.Q4_1)).shape == (0, 37)
-    for isa in isas(module):
+    for isa in kernel_isas(module):
         y = module.gguf_matmul(torch.zeros(3, 17 * 32), w, int(T.Q4_1), isa)
         assert torch.equal(y, torch.zeros(3, 37))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from radixserve.kernels import gguf_cpu
-from tests.gguf_files import QUANTIZABLE, T, quantize
+from tests.gguf_files import QUANTIZABLE, T, gguf_cpu_extension, kernel_isas, quantize
 
 # More rows than two stage groups (2 x 64) with a ragged last group and an odd tail row; an LM-head-like
 # width whose rows are 1024-float multiples apart (the case staging is for).
@@ -17,14 +17,7 @@ SHAPES = [(2 * 64 + 37, 5 * 32), (2048, 2 * 32)]
 
 @pytest.fixture(scope="module")
 def module():
-    m = gguf_cpu.load()
-    if m is None:
-        pytest.skip("the GGUF CPU extension is unavailable on this machine")
-    return m
-
-
-def isas(module):
-    return [1, 2] if module.has_vnni() else [1]
+    return gguf_cpu_extension()
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
@@ -34,7 +27,7 @@ def test_every_column_of_a_batch_equals_the_row_alone(module, qtype, n, k):
     w = torch.from_numpy(np.ascontiguousarray(quantize(rng.standard_normal((n, k)) * 0.05, qtype)))
     x = torch.randn(20, k, generator=torch.Generator().manual_seed(n)) * 2
     ref = gguf_cpu.gguf_linear_ref(x, w, int(qtype))
-    for isa in isas(module):
+    for isa in kernel_isas(module):
         alone = torch.cat([module.gguf_matmul(x[i : i + 1], w, int(qtype), isa) for i in range(20)])
         assert (alone - ref).abs().max() <= 1e-2 * ref.abs().max(), isa
         for rows in (2, 5, 8, 9, 16, 20):
