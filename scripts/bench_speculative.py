@@ -22,11 +22,15 @@ import pathlib
 import sys
 import time
 
-from radixserve.common.args import add_server_args, args_from_namespace
-from radixserve.common.sampling import SamplingParams, StoppingCriteria
-from radixserve.common.step import StepInput
-from radixserve.scheduler.core import Scheduler
-from radixserve.scheduler.request import Request
+from radixserve.cli import quiet_openmp_threads
+
+quiet_openmp_threads()  # as the executor's process does, before torch loads its OpenMP runtime
+
+from radixserve.common.args import add_server_args, args_from_namespace  # noqa: E402
+from radixserve.common.sampling import SamplingParams, StoppingCriteria  # noqa: E402
+from radixserve.common.step import StepInput  # noqa: E402
+from radixserve.scheduler.core import Scheduler  # noqa: E402
+from radixserve.scheduler.request import Request  # noqa: E402
 
 PROMPTS = (
     pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "speculative_prompts.json"
