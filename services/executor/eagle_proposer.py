@@ -3,7 +3,7 @@ top-1 (greedy) choices, and return K draft tokens per request in the target's vo
 (docs/speculative.md, "EAGLE: the plan").
 
 Per request the caller hands over the positions the target has just run and kept (after a prefill
-chunk: its tokens; after a decode: its token; after a verify step: below): the target's hidden
+chunk: its tokens; after a verify step: the last token and the accepted drafts): the target's hidden
 states there (rows of one tensor, in request order), the token that follows each position (input ids
 shifted by one: at the last position, the token the target has just sampled), the positions' target
 slots, and how many positions before them already have draft K/V (prefix_len). Round 1, an extend
@@ -19,29 +19,6 @@ hidden states.
 
 Attention reads a private slot table: the requests' rows of the target's SlotTable (their prefix),
 then these positions' slots, then their scratch slots; the target's table is never written.
-
-After a verify step (`Verified`: its tokens and accepted counts, on the device) a request's positions
-are all the step ran: its last token and its n - 1 drafts, of which the host does not know how many
-were kept (1 + a, a the accepted count). Round 1 runs them all (host-known shapes); every value that
-depends on a stays on the device: the token after verified position i is the verify's token i (for
-i < a draft i + 1, at i = a the target's corrected or bonus token), the draft comes from round 1's row
-a, and rounds 2..K run at positions seq_len - (n - 1 - a) + ... with device-side lengths and the
-private table's scratch columns scattered on the device from there. No host read of a (which on a GPU
-waits for the stream to drain): the host learns it in ModelRunner.collect.
-
-Why the rows past a do no harm: they write draft K/V at the slots of rejected drafts, computed from
-wrong inputs. Within the call nothing reads them: round 1 is causal (row i <= a reads positions <= i)
-and rounds 2..K read the private table up to their device length, whose columns from the first
-position past the kept ones are scratch slots. After the call those slots hold draft K/V of positions
-past the request's length: ModelRunner.collect takes the rejected drafts off the length, and the
-scheduler, once it has the step's output, frees their slots (scheduler/kv_accounting.py, keep_slots;
-with pages the rest of the request's last page stays its own, for its next positions; a finished
-request caches only whole pages before its last token). Whoever gets such a slot next writes it in
-a step launched after this one: the target's K/V in its forward, then the draft's in this
-proposer's round 1 over its kept positions (a chunk's last one at the next chunk), on the same
-stream, so after this call's writes; every extend stores its rows' K/V before any row attends, and
-no draft K/V is read at a position before that round 1 has written it (a radix-cache hit reads only
-positions the cache holds: accepted ones, whose rows here had the right inputs).
 
 A STANDALONE draft model (models/standalone.py, `reads_own_token`) reads token p at position p, not
 token p + 1 with the target's hidden state at p: round 1 then runs the request's first position's own
@@ -75,10 +52,6 @@ class DraftRequest:
     prefix_len: int  # positions before these whose draft K/V is already in the pool
     next_token_ids: list[int]  # per position run, the token at the position after it (target ids)
     slots: list[int]  # the target slots of positions prefix_len .. prefix_len + n - 1
-    # A verify step's request: its row in propose's `verified` tensors (-1: none). Its positions are
-    # the step's (the last token, then every draft), next_token_ids placeholders: the tokens are the
-    # verify's, and only the first 1 + accepted positions are kept (decided on the device).
-    verify_row: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -87,14 +60,6 @@ class DraftRequest:
     @property
     def seq_len(self) -> int:
         return self.prefix_len + len(self.slots)
-
-
-@dataclass
-class Verified:
-    """A verify step's results on the device (spec_verify.DeviceVerify's, broadcast to every shard)."""
-
-    tokens: torch.Tensor  # [V, W] int64: each request's verified tokens, -1 past its accepted ones
-    accepted: torch.Tensor  # [V] int64: each request's accepted draft count
 
 
 class EagleProposer:
@@ -139,7 +104,6 @@ class EagleProposer:
         hidden: torch.Tensor | None,
         k: int,
         first_tokens: torch.Tensor | None,
-        verified: Verified | None,
     ):
         if not 1 <= len(requests) <= self.max_requests:
             raise ValueError(f"{len(requests)} requests; one call drafts 1..{self.max_requests}")
@@ -161,12 +125,6 @@ class EagleProposer:
                     f"row {r.row}: {r.seq_len} positions + {k - 1 + self.extra} drafted exceed "
                     "the context"
                 )
-            if r.verify_row >= 0 and (
-                verified is None
-                or not 0 <= r.verify_row < verified.tokens.shape[0]
-                or n > verified.tokens.shape[1]
-            ):
-                raise ValueError(f"row {r.row}: no verified tokens at row {r.verify_row} for {n}")
             total += n
         if self.extra:
             if first_tokens is None or first_tokens.shape != (len(requests),):
@@ -184,23 +142,19 @@ class EagleProposer:
         k: int,
         last_tokens: torch.Tensor | None = None,
         first_tokens: torch.Tensor | None = None,
-        verified: Verified | None = None,
     ) -> torch.Tensor:
         """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
         table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
         states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs).
         last_tokens: [B] on the device, each request's last next_token_ids entry where not negative
         (the token just sampled, not read back to the host). A draft model reading its own tokens:
-        hidden None, first_tokens [B] on the device, each request's token at position prefix_len.
-        verified: the verify step that requests with a verify_row come from (module docstring)."""
-        self._validate(table, requests, hidden, k, first_tokens, verified)
+        hidden None, first_tokens [B] on the device, each request's token at position prefix_len."""
+        self._validate(table, requests, hidden, k, first_tokens)
         self.logits = []
         device, scratch_per, extra = self.device, self.scratch_per, self.extra
         batch = len(requests)
         lens = [r.seq_len + extra for r in requests]  # positions run in round 1, prefix included
-
-        def tensor(values):
-            return to_device(values, device, torch.int64)
+        private = self._private_table(table, requests, k)
 
         # Round 1: an extend over each request's positions (one further reading own tokens).
         starts, ids, positions, slots = [], [], [], []
@@ -213,31 +167,26 @@ class EagleProposer:
             ExtendSeq(s, r.num_tokens + extra, r.prefix_len, i)
             for i, (s, r) in enumerate(zip(starts, requests))
         ]
+
+        def tensor(values):
+            return to_device(values, device, torch.int64)
+
         rows = torch.arange(batch, dtype=torch.int64, device=device)
-        lens_t = tensor(lens)
-        last = tensor([s + r.num_tokens + extra - 1 for s, r in zip(starts, requests)])
-        ids_t = tensor(ids)
-        if extra:
-            ids_t[tensor(starts)] = first_tokens.to(ids_t.dtype)
-        # Positions past each request's kept ones (after a verify step: its rejected drafts), on the
-        # device; None: every position is kept.
-        past = self._verified_tokens(requests, verified, ids_t, starts) if verified else None
-        if past is not None:
-            last = last - past
-        if last_tokens is not None:
-            ids_t[last] = torch.where(last_tokens >= 0, last_tokens, ids_t[last])
-        # Each request's positions after round 1, counting only the kept ones (device).
-        kept_lens = lens_t if past is None else lens_t - past
-        private = self._private_table(table, requests, k, kept_lens)
         meta = TableMeta(
             private,
             rows,
-            lens_t,
+            tensor(lens),
             tensor([r.prefix_len for r in requests]),
             tensor(starts),
             tensor([r.num_tokens + extra for r in requests]),
             max(r.num_tokens for r in requests) + extra,
         )
+        last = tensor([s + r.num_tokens + extra - 1 for s, r in zip(starts, requests)])
+        ids_t = tensor(ids)
+        if extra:
+            ids_t[tensor(starts)] = first_tokens.to(ids_t.dtype)
+        if last_tokens is not None:
+            ids_t[last] = torch.where(last_tokens >= 0, last_tokens, ids_t[last])
         step = ForwardBatch(
             ids_t,
             tensor(positions),
@@ -256,23 +205,20 @@ class EagleProposer:
         graphs = self.round_graphs
         if k > 1 and graphs is not None and graphs.can_run(batch, private.shape[1]):
             scratch = [self.num_slots + i * scratch_per + extra for i in range(batch)]
-            drafts += graphs.rounds(private, kept_lens, tensor(scratch), token, own, k)
+            drafts += graphs.rounds(private, lens, scratch, token, own, k)
             return torch.stack(drafts, dim=1)
-        if k > 1 and past is not None and not self.attn_backend.supports_cuda_graphs:
-            # A backend that reads host lengths (torch_native): read them (on a GPU, a sync).
-            lens = kept_lens.tolist()
         empty = tensor([])
         for j in range(1, k):
+            seq_lens = [n + j for n in lens]
             scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
-            seq_lens = kept_lens + j
-            meta = TableMeta(private, rows, seq_lens, empty, empty, empty, 0)
+            meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
             step = ForwardBatch(
                 token,
-                seq_lens - 1,
+                tensor([n - 1 for n in seq_lens]),
                 tensor(scratch),
                 [],
                 0,
-                [n + j for n in lens],  # host lengths: exact, or upper bounds a backend never reads
+                seq_lens,
                 self.kv_pool,
                 self.attn_backend,
                 meta,
@@ -280,39 +226,6 @@ class EagleProposer:
             token, own = self._run(step, own, None)
             drafts.append(token)
         return torch.stack(drafts, dim=1)
-
-    def _verified_tokens(
-        self,
-        requests: list[DraftRequest],
-        verified: Verified,
-        ids: torch.Tensor,
-        starts: list[int],
-    ) -> torch.Tensor | None:
-        """Write the verify's tokens into round 1's ids at each verified request's positions (after
-        the own token of a draft model reading its own); its positions past the kept ones [B] (0 for
-        the other requests), computed on the device. None when no request comes from the verify."""
-        at, src_rows, src_cols = [], [], []
-        for r, s in zip(requests, starts):
-            if r.verify_row >= 0:
-                at += range(s + self.extra, s + self.extra + r.num_tokens)
-                src_rows += [r.verify_row] * r.num_tokens
-                src_cols += range(r.num_tokens)
-        if not at:
-            return None
-        index = to_device([at, src_rows, src_cols], self.device, torch.int64)
-        tokens = verified.tokens.to(self.device)
-        ids[index[0]] = tokens[index[1], index[2]].clamp(min=0)  # -1 past the accepted: any id
-        per = to_device(
-            [
-                [max(r.verify_row, 0) for r in requests],
-                [r.num_tokens - 1 if r.verify_row >= 0 else 0 for r in requests],
-                [int(r.verify_row >= 0) for r in requests],
-            ],
-            self.device,
-            torch.int64,
-        )
-        accepted = verified.accepted.to(self.device).index_select(0, per[0])
-        return (per[1] - accepted) * per[2]
 
     def _run(self, step: ForwardBatch, hidden: torch.Tensor, last: torch.Tensor | None):
         """One draft forward: (each request's proposed target id [B], its next hidden [B, H])."""
@@ -336,29 +249,21 @@ class EagleProposer:
         return self.draft.to_target_ids(logits.argmax(dim=-1))
 
     def _private_table(
-        self, table: torch.Tensor, requests: list[DraftRequest], k: int, kept_lens: torch.Tensor
+        self, table: torch.Tensor, requests: list[DraftRequest], k: int
     ) -> torch.Tensor:
         """[B, longest + k - 1 (+ 1 reading own tokens)] slot ids: each request's target row up to
-        its prefix, then its positions' slots (a draft model reading its own: then its first scratch
-        slot), then from its kept_lens [B] (device) on its scratch slots for rounds 2..k."""
+        its prefix, then its positions' slots, then its k - 1 (k) scratch slots."""
         width = max(self.positions_needed(r.seq_len, k) for r in requests)
         rows = to_device([r.row for r in requests], table.device, torch.int64)
         private = table[:, :width].index_select(0, rows).to(self.device)
-        scratch_per, extra = self.scratch_per, self.extra
+        scratch_per = self.scratch_per
         at_rows, at_cols, values = [], [], []
         for i, r in enumerate(requests):
-            new = r.slots + [self.num_slots + i * scratch_per + j for j in range(extra)]
+            scratch = [self.num_slots + i * scratch_per + j for j in range(self.extra + k - 1)]
+            new = r.slots + scratch
             at_rows += [i] * len(new)
             at_cols += range(r.prefix_len, r.prefix_len + len(new))
             values += new
-        index = to_device([at_rows, at_cols, values], self.device, torch.int64)
-        private.index_put_((index[0], index[1]), index[2])
-        if k > 1:  # round j + 1 writes position kept_len + j - 1 at scratch slot extra + j - 1
-            steps = torch.arange(k - 1, dtype=torch.int64, device=self.device)
-            first = (
-                self.num_slots
-                + extra
-                + scratch_per * torch.arange(len(requests), dtype=torch.int64, device=self.device)
-            )
-            private.scatter_(1, kept_lens[:, None] + steps, first[:, None] + steps)
+        index = to_device([at_rows, at_cols], self.device, torch.int64)
+        private.index_put_((index[0], index[1]), to_device(values, self.device, torch.int64))
         return private

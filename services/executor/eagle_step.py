@@ -3,23 +3,17 @@ the target, its KV pool counted in the KV budget, and after every step the head 
 positions the step kept, proposing the next step's drafts of each request that sampled.
 
 Kept positions, per request of the step: a prefill chunk's tokens; a decode's one token; a verify
-step's last token and its accepted drafts. The token after each kept position is known on the host
-(the chunk's next id) except after the last one of a request that sampled: that is the token just
-sampled, read from the SlotTable's next_tokens on the device. The last position of a chunk that does
-not sample waits (RequestState.draft_pending: its hidden row and slot) until the next chunk brings the
-token after it.
-
-A verify step's accepted counts stay on the device: the head runs over all of a verifying request's
-positions (the last token and every draft: host-known shapes), the token after each being the
-verify's (spec_verify.DeviceVerify.tokens), and the proposer keeps the first 1 + accepted of them on
-the device (eagle_proposer.py: the draft from that row, rounds 2..K from there; why the rejected
-drafts' rows do no harm is argued there). So _propose queues the head without waiting for the verify
-step; ModelRunner.collect reads the counts. A request whose verified positions would run past the
-context's end (an upper bound: all drafts kept) gets no proposal.
+step's last token and its accepted drafts (the rejected ones need no draft K/V: they are past the
+sequence, and their slots go back to the scheduler's pool). The token after each kept position is
+known on the host (the chunk's next id, an accepted draft) except after the last one of a request
+that sampled: that is the token just sampled, read from the SlotTable's next_tokens on the device.
+The last position of a chunk that does not sample waits (RequestState.draft_pending: its hidden row
+and slot) until the next chunk brings the token after it.
 
 Every sampled request's draft K/V is kept up to date, speculating or not, so a request may start
 drafting at any step (after min_new_tokens, say); the proposals of requests that may not speculate
-are returned and ignored by the scheduler.
+are returned and ignored by the scheduler. Reading a verify step's accepted counts syncs with the
+device (device-side lengths are later work, as for the overlap of speculating requests).
 
 The hidden rows a head reads (head_rows) come from the target's forward, or, for decode and verify
 steps under CUDA graphs, from the rows the graph keeps for it (cuda_graph_runner.py, keep_hidden): the
@@ -29,8 +23,7 @@ over the kept positions) runs eagerly; under CUDA graphs its rounds 2..K replay 
 
 STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
 kept position (the step's own input ids, on the device) rather than the target's hidden state and
-the token after it; nothing waits for the next chunk, and the target may be any causal LM. After a
-verify step it takes the same path as a head (all verified positions, the count on the device).
+the token after it; nothing waits for the next chunk, and the target may be any causal LM.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
-from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer, Verified
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
 from radixserve.executor.kv_cache import kv_bytes_per_token
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.models.llama import LlamaForCausalLM
@@ -144,12 +137,12 @@ class EagleStep:
         states: torch.Tensor | None,
         table: torch.Tensor,
         next_tokens: torch.Tensor,
-        verified: tuple[list[str], Verified] | None = None,
+        accepted: dict[str, int],
     ) -> tuple[list[str], torch.Tensor] | None:
         """Run the head over the step's kept positions; (request ids, their drafts [B, K] on the
         device) of the requests that sampled, or None when none did. states: head_rows of the
-        target's step; table, next_tokens: the SlotTable's; verified: a verify step's requests (in
-        the order of its rows) and its tokens and accepted counts on the device, never read here."""
+        target's step; table, next_tokens: the SlotTable's; accepted: each verified request's
+        accepted draft count."""
         own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
@@ -159,17 +152,14 @@ class EagleStep:
         rows: list[torch.Tensor] = []
         sampled: list[str] = []
         last_rows: list[int] = []  # per draft request: its table row if it sampled, else -1
-        verify_rows = {rid: i for i, rid in enumerate(verified[0])} if verified else {}
         for (rid, start, prefix, n), state in zip(batch.seq_spans, batch.seq_states):
             req = by_id[rid]
-            tokens = list(req.input_ids)
-            verify_row = -1
+            tokens, drafts = list(req.input_ids), list(getattr(req, "draft_ids", ()))
             if tokens:  # a prefill chunk: the token after each position is the prompt's next
                 kept, next_ids = n, tokens[1:] + [0]
-            else:  # a decode: its token, read after it the one just sampled (last_tokens)
-                kept, next_ids = n, [0] * n
-                if n > 1:  # a verify: all its positions, their tokens the verify's (device)
-                    verify_row = verify_rows[rid]
+            else:  # a decode or verify: the last sampled token, then the accepted drafts
+                kept = 1 + accepted.get(rid, 0)
+                next_ids = drafts[: kept - 1] + [0]
             slots, first = list(req.new_slots[:kept]), prefix
             # (own_tokens: no hidden rows)
             pieces = [] if own_tokens else [states[start : start + kept]]
@@ -191,7 +181,7 @@ class EagleStep:
             need = self.proposer.positions_needed(first + len(slots), self.num_steps)
             if not slots or need > limit:
                 continue  # nothing to run, or no room to draft before the context's end
-            requests.append(DraftRequest(state.table_row, first, next_ids, slots, verify_row))
+            requests.append(DraftRequest(state.table_row, first, next_ids, slots))
             if pieces:
                 rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
             first_at.append(start)  # (own_tokens: the step's input id there is the first token)
@@ -210,13 +200,7 @@ class EagleStep:
         else:
             hidden_rows, first_tokens = torch.cat(rows), None
         drafts = self.proposer.propose(
-            table,
-            requests,
-            hidden_rows,
-            k,
-            last_tokens.to(self.device),
-            first_tokens,
-            verified[1] if verified else None,
+            table, requests, hidden_rows, k, last_tokens.to(self.device), first_tokens
         )
         if not sampled:
             return None

@@ -21,7 +21,6 @@ from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
-from radixserve.executor.eagle_proposer import Verified
 from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.image_inputs import ImageInputs
@@ -80,9 +79,6 @@ class LaunchedStep:
     spec: DeviceSpecSample | None = None
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
-    # The verified tokens [V, K + 1] and accepted counts [V] on the device (every shard's), which the
-    # draft head reads there (EAGLE: _propose), the host only in collect.
-    verified: Verified | None = None
     # EAGLE: the drafts proposed after this step (request ids, [B, K] on the device), rank 0's.
     proposals: tuple[list[str], torch.Tensor] | None = None
 
@@ -609,24 +605,27 @@ class ModelRunner:
             state.verifying = True
         launched.verifying = list(zip(states, counts))
         launched.spec = spec.to_host() if spec is not None else None
-        launched.verified = Verified(tokens, accepted)
-        launched.num_accepted = to_host(accepted)
+        launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
+        launched.num_accepted = to_host(launched.num_accepted)
 
     def _propose(
         self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep
     ) -> tuple[list[str], torch.Tensor] | None:
         """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
         drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows)."""
-        verified = None
-        if launched.verifying is not None:  # the counts stay on the device (no sync: eagle_step.py)
-            verified = (launched.request_ids, launched.verified)
+        accepted = {}
+        if launched.verifying is not None:
+            if launched.num_accepted.is_pinned():
+                torch.cuda.current_stream().synchronize()  # its copy to the host
+            counts = launched.num_accepted.tolist()
+            accepted = dict(zip(launched.request_ids, counts))
         proposals = self.eagle.after_step(
             step,
             batch,
             head_rows,
             self.slot_table.tensor,
             self.slot_table.next_tokens,
-            verified,
+            accepted,
         )
         return proposals if self.samples else None
 
