@@ -131,6 +131,11 @@ def follow(runner) -> None:
             except LoraError:
                 pass  # rank 0 refuses it the same way and reports it
         elif kind == "step":
+            if previous is not None and previous.verifying is not None:
+                # A verify step's accepted counts set its requests' lengths, which the next step of
+                # those requests builds on: rank 0 has read them before planning it, so must we.
+                runner.collect(previous)
+                previous = None
             try:
                 launched = runner.launch(payload)
             except StepError:
