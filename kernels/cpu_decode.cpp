@@ -12,9 +12,9 @@
 // [ceil(N/16)][K/2][16][2] bf16, i.e. per block of 16 output rows, the K dimension in pairs, so one
 // 64-byte load feeds one _mm512_dpbf16_ps for 16 outputs and a broadcast pair of the activation.
 //
-// A layer's linears may instead be a GGUF file's quantized blocks (Q4_0 / Q4_1 / Q8_0, as stored): they
-// run gguf_cpu_kernels.h's row dots, the code kernels/gguf_cpu.cpp runs for the torch path, on the same
-// values, so they give the torch path's bits for every row (see qgemm_part).
+// A layer's linears may instead be a GGUF file's quantized blocks (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K /
+// Q6_K, as stored): they run gguf_cpu_kernels.h's row dots, the code kernels/gguf_cpu.cpp runs for the
+// torch path, on the same values, so they give the torch path's bits for every row (see qgemm_part).
 //
 // Each stage is also exposed alone (its own parallel region) for the unit tests.
 #include <torch/extension.h>
@@ -220,7 +220,7 @@ void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uin
   const Acts acts{pairs, chunks, q, qu, xd, sx};
   int64_t b, e;
   split((N + NR - 1) / NR, tid, nt, b, e);
-  matmul_tiles_for(qt, vnni, w, nb * block_bytes(qt), nb, acts, M, s.y, N, b, e);
+  matmul_tiles_for(qt, vnni, w, row_bytes_of(qt, K), nb, acts, M, s.y, N, b, e);
   const int64_t r0 = b * NR, r1 = std::min(e * NR, N);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t r = r0; r < r1; ++r) {
@@ -422,13 +422,14 @@ void check_packed(const at::Tensor& w, int64_t N, int64_t K, const char* name) {
 }
 
 void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const char* name) {
-  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0, name, ": GGUF block type ", qtype,
-              " has no kernel (Q4_0, Q4_1 and Q8_0 do)");
+  TORCH_CHECK(supported_type(int(qtype)), name, ": GGUF block type ", qtype,
+              " has no kernel (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K do)");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && w.dim() == 2, name,
               " must be a contiguous CPU uint8 [N, row bytes] tensor");
-  TORCH_CHECK(K % QK == 0, name, ": K must be a multiple of 32");
-  TORCH_CHECK(w.size(0) == N && w.size(1) == K / QK * block_bytes(int(qtype)), name, ": expected [", N, ", ",
-              K / QK * block_bytes(int(qtype)), "] GGUF blocks");
+  const int64_t bv = block_values(int(qtype));
+  TORCH_CHECK(K % bv == 0, name, ": K must be a multiple of ", bv);
+  TORCH_CHECK(w.size(0) == N && w.size(1) == row_bytes_of(int(qtype), K), name, ": expected [", N, ", ",
+              row_bytes_of(int(qtype), K), "] GGUF blocks");
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }

@@ -12,9 +12,9 @@ path off.
 
 The kernels get their own packed copy of bf16 layer weights (the torch path's weights stay as they are
 for prefill) and read/write the runner's KV pool in place. A model served natively from a GGUF file
-(quantization gguf) whose linears are each one run of Q4_0 / Q4_1 / Q8_0 blocks hands the kernels those
-blocks as they are (no copy): they run the row dots of the torch path's gguf_cpu kernels, so each
-linear gives the torch path's bits. Such a model's LM head (compute_logits as Llama's, one run of those
+(quantization gguf) whose linears are each one run of Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks
+hands the kernels those blocks as they are (no copy): they run the row dots of the torch path's gguf_cpu
+kernels, so each linear gives the torch path's bits. Such a model's LM head (compute_logits as Llama's, one run of those
 blocks, no bias) also runs as one C++ call (gguf_cpu.gguf_logits: float32 logits, the torch path's bits)
 for the steps the fused path runs.
 """
@@ -34,6 +34,7 @@ from radixserve.executor.parallel_state import tp_size
 log = logging.getLogger("radixserve.executor.fast_decode")
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128, 160, 192, 256)
+FUSED_NAMES = "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K"  # gguf_cpu.FUSED_TYPES
 
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,9 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def gguf_blocks(linear) -> tuple[torch.Tensor, int] | None:
-    """A GGUF linear's blocks and type when the kernels run it: one run of rows of a fused type."""
+    """A GGUF linear's blocks and type when the kernels run it: one run of rows of a fused type. (A
+    Q4_K_M layer whose q|k are Q4_K and v Q6_K is two runs: the model keeps the torch path, whose
+    gguf_linear runs each run's kernel.)"""
     parts = getattr(linear.weight, "gguf_parts", None)
     if not parts or len(parts) != 1:
         return None
@@ -60,7 +63,7 @@ def gguf_unsupported(model) -> str | None:
         for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj):
             if gguf_blocks(lin) is None:
                 types = [q for q, _ in getattr(lin.weight, "gguf_parts", [])]
-                return f"GGUF block types {types} (one run of Q4_0, Q4_1 or Q8_0 runs fused)"
+                return f"GGUF block types {types} (one run of {FUSED_NAMES} runs fused)"
     return None
 
 
