@@ -204,8 +204,9 @@ void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
 //                dw = d sc_j on the sub-block's 8 lanes, and mw = -(dmin m_j) per block as Q4_1's m
 //   Q6_K:        w = d sc_s (q - 32) (q in 0..63; sub-block s of 16, int8 sc_s): dw = d sc_s on the 4
 //                lanes of its 16 values; each lane's integer sum is of (q - 32) q_x, so there is no mw
-// d sc (an f16 times a 6-bit or 8-bit integer) is exact in float32, as gguf.quants computes it. A
-// super-block is unpacked (unpack_k) once per weight row for all the activation rows of a tile.
+// d sc (an f16 times a 6-bit or 8-bit integer) is exact in float32, as gguf.quants computes it. The
+// kernels unpack each block pair in registers (k_scales, k_pair) once for all the activation rows of a
+// tile; the C++ dequantize unpacks a whole super-block to memory (unpack_k).
 struct KBlock {
   alignas(64) uint8_t q[QK_K];  // pair j (sub-blocks 2j, 2j + 1 of 32): bytes 64 j .. 64 j + 63, in order
   alignas(64) float dw[64];     // pair j's 16 lane scales at 16 j
@@ -283,25 +284,99 @@ inline void unpack_k(const uint8_t* blk, KBlock& u) {
   }
 }
 
-// The K-quant tile on AVX2: two 8-lane halves per pair, as tile_avx2.
+// The kernels' unpacking, in registers (unpack_k above is the dequantize's, through memory):
+// k_scales: a super-block's d sc as floats (ds: Q4_K / Q5_K 8, one per sub-block of 32; Q6_K 16, one per
+// sub-block of 16) and, Q4_K / Q5_K, its 8 mw = -(dmin m) (stored at mw); -(dmin m) = (-dmin) m exactly.
+template <int QT>
+inline void k_scales(const uint8_t* blk, float* ds, float* mw) {
+  if constexpr (QT == Q6_K) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m256 d = _mm256_set1_ps(f16(blk + 208));
+    _mm256_storeu_ps(ds, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_storeu_ps(ds + 8,
+                     _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+  } else {
+    // The 12 bytes as 3 words s0, s1, s2 (byte j of each in lane j): sc 0..3 = s0 & 63, m 0..3 = s1 & 63;
+    // sc 4..7 = the low nibbles of s2 | s0's top 2 bits as bits 4, 5; m 4..7 = s2's high nibbles | s1's.
+    uint32_t s[3];
+    std::memcpy(s, blk + 4, 12);
+    const uint64_t sc = uint64_t(s[0] & 0x3F3F3F3Fu) |
+                        uint64_t((s[2] & 0x0F0F0F0Fu) | ((s[0] >> 2) & 0x30303030u)) << 32;
+    const uint64_t m = uint64_t(s[1] & 0x3F3F3F3Fu) |
+                       uint64_t(((s[2] >> 4) & 0x0F0F0F0Fu) | ((s[1] >> 2) & 0x30303030u)) << 32;
+    const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(sc))));
+    const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m))));
+    _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(f16(blk)), scf));
+    _mm256_storeu_ps(mw, _mm256_mul_ps(_mm256_set1_ps(-f16(blk + 2)), mf));
+  }
+}
+
+// k_pair: the unsigned values of pair j (sub-blocks 2j, 2j + 1 of 32) of a super-block, in value order.
+template <int QT>
+inline void k_pair(const uint8_t* blk, int j, __m256i& w0, __m256i& w1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == Q6_K) {
+    const int h = j >> 1;
+    const __m256i a = load32(blk + 64 * h), b = load32(blk + 64 * h + 32);
+    const __m256i hb = load32(blk + 128 + 32 * h), two = _mm256_set1_epi8(0x30);
+    if (j & 1) {  // sub-blocks t = 2, 3 of the half: high nibbles, qh bits 4..7
+      w0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(hb, two));
+      w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), two));
+    } else {  // t = 0, 1: low nibbles, qh bits 0..3
+      w0 = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), two));
+      w1 = _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), two));
+    }
+  } else {
+    const __m256i v = load32(blk + (QT == Q5_K ? 48 : 16) + 32 * j);
+    w0 = _mm256_and_si256(v, low4);
+    w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if constexpr (QT == Q5_K) {
+      const __m256i hb = load32(blk + 16), bit4 = _mm256_set1_epi8(0x10);
+      const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j)));
+      const __m256i b1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j + 1)));
+      w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b0), b0), bit4));
+      w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b1), b1), bit4));
+    }
+  }
+}
+
+// The K-quant tile on AVX2: two 8-lane halves per pair, as tile_avx2; each weight pair unpacked once
+// (in registers) for the tile's NI activation rows.
 template <int QT, int NR, int NI>
 void tile_avx2_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                  float* out, int64_t n, int64_t r0, float* mw) {
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
   constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
-  KBlock u[NR];
+  alignas(32) float ds[NR][16];
   __m256 lo[NR][NI], hi[NR][NI];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < NI; ++i) lo[r][i] = hi[r][i] = _mm256_setzero_ps();
   const __m256i k32 = _mm256_set1_epi8(32);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     for (int r = 0; r < NR; ++r) {
-      unpack_k<QT>(w + r * row_bytes + sb * BB, u[r]);
-      if constexpr (QT != Q6_K)
-        for (int j = 0; j < 8; ++j) mw[r * ss + 8 * sb + j] = u[r].mw[j];
+      const uint8_t* blk = w + r * row_bytes + sb * BB;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
+      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
     }
     for (int j = 0; j < 4; ++j) {
       const int64_t p = 4 * sb + j;
+      __m256i w0[NR], w1[NR];
+      __m256 d0[NR], d1[NR];
+      for (int r = 0; r < NR; ++r) {
+        k_pair<QT>(w + r * row_bytes + sb * BB, j, w0[r], w1[r]);
+        if constexpr (QT == Q6_K) {  // lanes 0..3, 4..7 of each half: sub-blocks 4j .. 4j + 3 of 16
+          d0[r] = _mm256_set_m128(_mm_set1_ps(ds[r][4 * j + 1]), _mm_set1_ps(ds[r][4 * j]));
+          d1[r] = _mm256_set_m128(_mm_set1_ps(ds[r][4 * j + 3]), _mm_set1_ps(ds[r][4 * j + 2]));
+          w0[r] = _mm256_sub_epi8(w0[r], k32);  // q - 32, signed
+          w1[r] = _mm256_sub_epi8(w1[r], k32);
+        } else {
+          d0[r] = _mm256_set1_ps(ds[r][2 * j]);
+          d1[r] = _mm256_set1_ps(ds[r][2 * j + 1]);
+        }
+      }
       for (int i = 0; i < NI; ++i) {
         const int8_t* q = a.q + (i0 + i) * qs + p * 64;
         const float* xd = a.xd + (i0 + i) * xs + p * 16;
@@ -309,21 +384,16 @@ void tile_avx2_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a,
         const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
         const __m256 x0 = _mm256_loadu_ps(xd), x1 = _mm256_loadu_ps(xd + 8);
         for (int r = 0; r < NR; ++r) {
-          __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(u[r].q + 64 * j));
-          __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(u[r].q + 64 * j + 32));
           __m256 f0, f1;
           if constexpr (QT == Q6_K) {  // (q - 32) q_x as Q8_0's signed products
-            w0 = _mm256_sub_epi8(w0, k32);
-            w1 = _mm256_sub_epi8(w1, k32);
-            f0 = dot_us(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(q0, w0));
-            f1 = dot_us(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(q1, w1));
+            f0 = dot_us(_mm256_sign_epi8(w0[r], w0[r]), _mm256_sign_epi8(q0, w0[r]));
+            f1 = dot_us(_mm256_sign_epi8(w1[r], w1[r]), _mm256_sign_epi8(q1, w1[r]));
           } else {
-            f0 = dot_us(w0, q0);
-            f1 = dot_us(w1, q1);
+            f0 = dot_us(w0[r], q0);
+            f1 = dot_us(w1[r], q1);
           }
-          const __m256 d0 = _mm256_load_ps(u[r].dw + 16 * j), d1 = _mm256_load_ps(u[r].dw + 16 * j + 8);
-          lo[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d0, x0), f0, lo[r][i]);
-          hi[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d1, x1), f1, hi[r][i]);
+          lo[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d0[r], x0), f0, lo[r][i]);
+          hi[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d1[r], x1), f1, hi[r][i]);
         }
       }
     }
@@ -362,28 +432,33 @@ void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a,
                  float* out, int64_t n, int64_t r0, float* mw) {
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
   constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
-  KBlock u[NR];
+  alignas(64) float ds[NR][16];
   __m512 acc[NR][NI];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < NI; ++i) acc[r][i] = _mm512_setzero_ps();
   const __m512i k32 = _mm512_set1_epi8(32);
+  // Lane l's scale index within the pair: Q6_K sub-block of 16 l / 4, else sub-block of 32 l / 8.
+  const __m512i lane_scale = QT == Q6_K
+                                 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t sb = 0; sb < nsb; ++sb) {
     for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w + r * row_bytes + sb * BB;
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
-      unpack_k<QT>(blk, u[r]);
-      if constexpr (QT != Q6_K)
-        for (int j = 0; j < 8; ++j) mw[r * ss + 8 * sb + j] = u[r].mw[j];
+      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
     }
     for (int j = 0; j < 4; ++j) {
       const int64_t p = 4 * sb + j;
+      const __m512i idx = _mm512_add_epi32(lane_scale, _mm512_set1_epi32(QT == Q6_K ? 4 * j : 2 * j));
       __m512i wv[NR];
       __m512 dw[NR];
       for (int r = 0; r < NR; ++r) {
-        wv[r] = _mm512_load_si512(u[r].q + 64 * j);
-        dw[r] = _mm512_load_ps(u[r].dw + 16 * j);
+        __m256i w0, w1;
+        k_pair<QT>(w + r * row_bytes + sb * BB, j, w0, w1);
+        wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        dw[r] = _mm512_permutexvar_ps(idx, _mm512_load_ps(ds[r]));
       }
       for (int i = 0; i < NI; ++i) {
         const __m512 xd = _mm512_loadu_ps(a.xd + (i0 + i) * xs + p * 16);
