@@ -8,6 +8,10 @@
 //   Q8_0: d_w d_x sum(q_w q_x)
 //   Q4_1: d_w d_x sum(q_w q_x) + m_w s_x            (w = d_w q_w + m_w, q_w in 0..15)
 //   Q4_0: d_w d_x sum(q_w q_x) - 8 d_w s_x          (w = d_w (q_w - 8))
+// The K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 values, K a multiple of 256) run each super-block
+// as 8 such blocks of 32 with the sub-blocks' scales (gguf_cpu_kernels.h, "K-quants"):
+//   Q4_K / Q5_K: (d sc_j) d_x sum(q_w q_x) - (dmin m_j) s_x   (per sub-block j of 32)
+//   Q6_K:        sum over its two sub-blocks s of 16 of (d sc_s) d_x sum((q_w - 32) q_x)
 // Output rows are split over torch's intra-op threads in tiles of 2 weight rows; each weight block pair
 // is unpacked once for up to 16 activation rows on AVX-512 VNNI (a speculative verify step's K + 1 rows;
 // a prefill's in chunks of 8), 2 on AVX2, so extra rows cost their int8 dot products, not the unpacking.

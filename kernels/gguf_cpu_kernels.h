@@ -1,5 +1,5 @@
-// The GGUF row-dot kernels (Q4_0, Q4_1, Q8_0 weight blocks as the file stores them, activations
-// quantized to int8 per 32 values), shared by gguf_cpu.cpp (the torch path's linears) and cpu_decode.cpp
+// The GGUF row-dot kernels (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K weight blocks as the file stores them,
+// activations quantized to int8 per 32 values), shared by gguf_cpu.cpp (the torch path's linears) and cpu_decode.cpp
 // (the fused decode step's linears): one definition, so both give the same bits for a row.
 //
 // Everything here has internal linkage (an anonymous namespace): each extension keeps its own copy, so
