@@ -282,3 +282,23 @@ def test_k_quant_models_run_the_fused_decode_step(tmp_path, monkeypatch, layout)
     # (measured: 2 of the 5 prompts part at a near-tie after the first decode step, 3 run all 12)
     assert assert_same_run(got, want, 0.05) >= 3 * 12
     assert torch.equal(got[1][0], want[1][0])  # the prefill: the torch path in both
+
+
+def test_a_multi_run_linear_runs_fused_unless_it_has_a_bias():
+    """The torch path adds a multi-run linear's bias after rounding each run's output (GgufLinearMethod
+    .apply), the fused step before: such a linear keeps the torch path; one run with a bias, or several
+    without, run fused; a run of a type without a kernel (Q5_0) keeps the torch path."""
+    from types import SimpleNamespace
+
+    from radixserve.executor.fast_decode import gguf_runs
+
+    q4k, q6k = torch.zeros(4, 144, dtype=torch.uint8), torch.zeros(2, 210, dtype=torch.uint8)
+
+    def linear(parts, bias=None):
+        return SimpleNamespace(weight=SimpleNamespace(gguf_parts=parts), bias=bias)
+
+    two = [(T.Q4_K, q4k), (T.Q6_K, q6k)]
+    assert [q for _, q in gguf_runs(linear(two))] == [T.Q4_K, T.Q6_K]
+    assert gguf_runs(linear(two, bias=torch.zeros(6))) is None
+    assert gguf_runs(linear(two[:1], bias=torch.zeros(4))) is not None
+    assert gguf_runs(linear([(T.Q4_K, q4k), (T.Q5_0, q6k)])) is None
