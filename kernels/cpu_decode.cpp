@@ -12,9 +12,9 @@
 // [ceil(N/16)][K/2][16][2] bf16, i.e. per block of 16 output rows, the K dimension in pairs, so one
 // 64-byte load feeds one _mm512_dpbf16_ps for 16 outputs and a broadcast pair of the activation.
 //
-// A layer's linears may instead be a GGUF file's quantized blocks (Q4_0 / Q4_1 / Q8_0, as stored): they
-// run gguf_cpu_kernels.h's row dots, the code kernels/gguf_cpu.cpp runs for the torch path, on the same
-// values, so they give the torch path's bits for every row (see qgemm_part).
+// A layer's linears may instead be a GGUF file's quantized blocks (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K /
+// Q6_K, as stored): they run gguf_cpu_kernels.h's row dots, the code kernels/gguf_cpu.cpp runs for the
+// torch path, on the same values, so they give the torch path's bits for every row (see qgemm_part).
 //
 // Each stage is also exposed alone (its own parallel region) for the unit tests.
 #include <torch/extension.h>
@@ -220,7 +220,7 @@ void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uin
   const Acts acts{pairs, chunks, q, qu, xd, sx};
   int64_t b, e;
   split((N + NR - 1) / NR, tid, nt, b, e);
-  matmul_tiles_for(qt, vnni, w, nb * block_bytes(qt), nb, acts, M, s.y, N, b, e);
+  matmul_tiles_for(qt, vnni, w, row_bytes_of(qt, K), nb, acts, M, s.y, N, b, e);
   const int64_t r0 = b * NR, r1 = std::min(e * NR, N);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t r = r0; r < r1; ++r) {
@@ -422,13 +422,14 @@ void check_packed(const at::Tensor& w, int64_t N, int64_t K, const char* name) {
 }
 
 void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const char* name) {
-  TORCH_CHECK(qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0, name, ": GGUF block type ", qtype,
-              " has no kernel (Q4_0, Q4_1 and Q8_0 do)");
+  TORCH_CHECK(supported_type(int(qtype)), name, ": GGUF block type ", qtype,
+              " has no kernel (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K do)");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && w.dim() == 2, name,
               " must be a contiguous CPU uint8 [N, row bytes] tensor");
-  TORCH_CHECK(K % QK == 0, name, ": K must be a multiple of 32");
-  TORCH_CHECK(w.size(0) == N && w.size(1) == K / QK * block_bytes(int(qtype)), name, ": expected [", N, ", ",
-              K / QK * block_bytes(int(qtype)), "] GGUF blocks");
+  const int64_t bv = block_values(int(qtype));
+  TORCH_CHECK(K % bv == 0, name, ": K must be a multiple of ", bv);
+  TORCH_CHECK(w.size(0) == N && w.size(1) == row_bytes_of(int(qtype), K), name, ": expected [", N, ", ",
+              row_bytes_of(int(qtype), K), "] GGUF blocks");
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
@@ -537,6 +538,10 @@ struct Linear {
   at::Tensor w;                 // packed bf16 (qtype < 0), or GGUF blocks uint8 [N, row bytes]
   int qtype;                    // -1, or the GGUF block type
   std::optional<at::Tensor> b;  // float32 [N]
+  // GGUF: the runs of rows in output order, each of one block type (w / qtype are the first; a Q4_K_M
+  // qkv is Q4_K q|k rows, then Q6_K v rows). Each run computes its own output columns.
+  std::vector<at::Tensor> runs = {};
+  std::vector<int> run_types = {};
 };
 
 struct Layer {
@@ -548,10 +553,20 @@ struct Layer {
 // This thread's part of x[M, K] @ W^T (+ bias) -> out[M, N] (row strides K and N).
 inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t M, int64_t K, int64_t N, u16* out,
                         const QScratch& s) {
-  if (L.qtype < 0)
+  if (L.qtype < 0) {
     gemm_part(tid, nt, x, K, M, bp(L.w), K, N, fp_or_null(L.b), out, N);
-  else
-    qgemm_part(tid, nt, x, K, M, L.w.data_ptr<uint8_t>(), L.qtype, K, N, fp_or_null(L.b), out, N, s);
+    return;
+  }
+  // Run by run. The forward calls this with nt = 1 (each thread its own tokens and its own rows of s.y), so
+  // the runs reuse s.y in turn; threads splitting one linear's rows would need the runs' s.y apart.
+  const float* bias = fp_or_null(L.b);
+  int64_t r0 = 0;
+  for (size_t p = 0; p < L.runs.size(); ++p) {
+    const int64_t n = L.runs[p].size(0);
+    qgemm_part(tid, nt, x, K, M, L.runs[p].data_ptr<uint8_t>(), L.run_types[p], K, n, bias ? bias + r0 : nullptr,
+               out + r0, N, s);
+    r0 += n;
+  }
 }
 
 // The forward's stages, for DecodeModel::profile.
@@ -659,19 +674,35 @@ class DecodeModel {
                input_norm, post_attention_norm);
   }
 
-  // A layer whose linears are a GGUF file's blocks, uint8 [N, row bytes] of block type *_qtype each.
-  void add_gguf_layer(at::Tensor qkv, int64_t qkv_qtype, std::optional<at::Tensor> qkv_b, at::Tensor o,
-                      int64_t o_qtype, std::optional<at::Tensor> o_b, at::Tensor gate_up, int64_t gate_up_qtype,
-                      std::optional<at::Tensor> gate_up_b, at::Tensor down, int64_t down_qtype,
+  // A layer whose linears are a GGUF file's blocks: each linear one or more runs of rows in output order,
+  // uint8 [n, row bytes] of block type *_qtype[i] each (their n summing to the linear's N).
+  void add_gguf_layer(std::vector<at::Tensor> qkv, std::vector<int64_t> qkv_qtype, std::optional<at::Tensor> qkv_b,
+                      std::vector<at::Tensor> o, std::vector<int64_t> o_qtype, std::optional<at::Tensor> o_b,
+                      std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_qtype,
+                      std::optional<at::Tensor> gate_up_b, std::vector<at::Tensor> down, std::vector<int64_t> down_qtype,
                       std::optional<at::Tensor> down_b, at::Tensor k_cache, at::Tensor v_cache,
                       at::Tensor input_norm, at::Tensor post_attention_norm) {
-    check_gguf(qkv, qkv_qtype, (nh_ + 2 * nkv_) * D_, H_, "qkv");
-    check_gguf(o, o_qtype, H_, nh_ * D_, "o");
-    check_gguf(gate_up, gate_up_qtype, 2 * I_, H_, "gate_up");
-    check_gguf(down, down_qtype, H_, I_, "down");
-    push_layer({qkv, int(qkv_qtype), qkv_b}, {o, int(o_qtype), o_b}, {gate_up, int(gate_up_qtype), gate_up_b},
-               {down, int(down_qtype), down_b}, k_cache, v_cache, input_norm, post_attention_norm);
+    push_layer(gguf_linear(qkv, qkv_qtype, qkv_b, (nh_ + 2 * nkv_) * D_, H_, "qkv"),
+               gguf_linear(o, o_qtype, o_b, H_, nh_ * D_, "o"),
+               gguf_linear(gate_up, gate_up_qtype, gate_up_b, 2 * I_, H_, "gate_up"),
+               gguf_linear(down, down_qtype, down_b, H_, I_, "down"), k_cache, v_cache, input_norm,
+               post_attention_norm);
     has_gguf_ = true;
+  }
+
+  static Linear gguf_linear(const std::vector<at::Tensor>& runs, const std::vector<int64_t>& types,
+                            std::optional<at::Tensor> b, int64_t N, int64_t K, const char* name) {
+    TORCH_CHECK(!runs.empty() && runs.size() == types.size(), name, ": one block type per run of rows");
+    Linear L{runs[0], int(types[0]), b};
+    int64_t n = 0;
+    for (size_t p = 0; p < runs.size(); ++p) {
+      check_gguf(runs[p], types[p], runs[p].dim() == 2 ? runs[p].size(0) : -1, K, name);
+      n += runs[p].size(0);
+      L.runs.push_back(runs[p]);
+      L.run_types.push_back(int(types[p]));
+    }
+    TORCH_CHECK(n == N, name, ": the runs hold ", n, " rows, expected ", N);
+    return L;
   }
 
   void push_layer(Linear qkv, Linear o, Linear gate_up, Linear down, at::Tensor k_cache, at::Tensor v_cache,

@@ -8,6 +8,10 @@
 //   Q8_0: d_w d_x sum(q_w q_x)
 //   Q4_1: d_w d_x sum(q_w q_x) + m_w s_x            (w = d_w q_w + m_w, q_w in 0..15)
 //   Q4_0: d_w d_x sum(q_w q_x) - 8 d_w s_x          (w = d_w (q_w - 8))
+// The K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 values, K a multiple of 256) run each super-block
+// as 8 such blocks of 32 with the sub-blocks' scales (gguf_cpu_kernels.h, "K-quants"):
+//   Q4_K / Q5_K: (d sc_j) d_x sum(q_w q_x) - (dmin m_j) s_x   (per sub-block j of 32)
+//   Q6_K:        sum over its two sub-blocks s of 16 of (d sc_s) d_x sum((q_w - 32) q_x)
 // Output rows are split over torch's intra-op threads in tiles of 2 weight rows; each weight block pair
 // is unpacked once for up to 16 activation rows on AVX-512 VNNI (a speculative verify step's K + 1 rows;
 // a prefill's in chunks of 8), 2 on AVX2, so extra rows cost their int8 dot products, not the unpacking.
@@ -72,8 +76,9 @@ bool check_matmul(const char* fn, const torch::Tensor& x, const torch::Tensor& w
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
               fn, ": w must be a contiguous uint8 [N, row bytes]");
   const int64_t k = x.size(1);
-  TORCH_CHECK(k % QK == 0, fn, ": K must be a multiple of 32");
-  TORCH_CHECK(w.size(1) == k / QK * block_bytes(qt), fn, ": row bytes do not match K");
+  TORCH_CHECK(supported_type(qt), fn, ": GGUF block type ", qt, " has no kernel");
+  TORCH_CHECK(k % block_values(qt) == 0, fn, ": K must be a multiple of ", block_values(qt));
+  TORCH_CHECK(w.size(1) == row_bytes_of(qt, k), fn, ": row bytes do not match K");
   TORCH_CHECK(isa >= AUTO && isa <= AVX512_VNNI, fn, ": isa is 0 (auto), 1 or 2");
   TORCH_CHECK(isa != AVX512_VNNI || has_vnni(), fn, ": this CPU lacks AVX-512 VNNI");
   return isa == AVX512_VNNI || (isa == AUTO && has_vnni());
@@ -105,13 +110,32 @@ torch::Tensor gguf_logits(const torch::Tensor& x, const torch::Tensor& w, int64_
   return out;
 }
 
-// w: [N, row bytes] uint8 -> float32 [N, K] (for prefill: one dequantize, then a float GEMM).
+// A K-quant super-block's 256 values, with gguf.quants' formulas and roundings: (d sc) q - (dmin m)
+// (Q4_K, Q5_K), (d sc) (q - 32) (Q6_K), d sc exact (unpack_k's scales and values).
+template <int QT>
+void dequantize_k(const uint8_t* blk, float* o) {
+  KBlock u;
+  unpack_k<QT>(blk, u);
+  for (int v = 0; v < QK_K; ++v) {
+    const int j = v / 32;  // unpack_k's q holds the values in order; dw is per lane of 4 values
+    const float ds = u.dw[v / 4];
+    if constexpr (QT == Q6_K)
+      o[v] = ds * static_cast<float>(static_cast<int>(u.q[v]) - 32);
+    else
+      o[v] = ds * static_cast<float>(u.q[v]) + u.mw[j];
+  }
+}
+
+// w: [N, row bytes] uint8 -> float32 [N, K] (for prefill: one dequantize, then a float GEMM; and an
+// embedding lookup's rows).
 torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
               "gguf_dequantize: w must be a contiguous uint8 [N, row bytes]");
   const int qt = static_cast<int>(qtype);
-  const int64_t n = w.size(0), nb = k / QK, bb = block_bytes(qt), row_bytes = w.size(1);
-  TORCH_CHECK(k % QK == 0 && row_bytes == nb * bb, "gguf_dequantize: row bytes do not match K");
+  TORCH_CHECK(supported_type(qt), "gguf_dequantize: GGUF block type ", qt, " has no kernel");
+  const int64_t n = w.size(0), bv = block_values(qt), nb = k / bv, bb = block_bytes(qt),
+                row_bytes = w.size(1);
+  TORCH_CHECK(k % bv == 0 && row_bytes == nb * bb, "gguf_dequantize: row bytes do not match K");
   auto out = torch::empty({n, k}, torch::kFloat);
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -119,7 +143,19 @@ torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) 
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = wp + r * row_bytes + b * bb;
-        float* o = op + r * k + b * QK;
+        float* o = op + r * k + b * bv;
+        if (qt == Q4_K) {
+          dequantize_k<Q4_K>(blk, o);
+          continue;
+        }
+        if (qt == Q5_K) {
+          dequantize_k<Q5_K>(blk, o);
+          continue;
+        }
+        if (qt == Q6_K) {
+          dequantize_k<Q6_K>(blk, o);
+          continue;
+        }
         const float d = f16(blk);
         if (qt == Q8_0) {
           const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);

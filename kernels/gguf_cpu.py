@@ -2,9 +2,11 @@
 AVX-512 VNNI where the CPU has it; both kernels give the same bits).
 
 `gguf_linear(x, qweight, qtype)` takes the weight as the file stores it: uint8 [N, K / block values *
-block bytes], one row per output feature. Q4_0, Q4_1 and Q8_0 run the C++ kernel (activations quantized
-to int8 per 32 values, int8 dot products; see DEQUANTIZE_ROWS); every other type, and every CPU where the extension does not
-build or run, dequantizes the weight per call and multiplies in torch (`dequantize`).
+block bytes], one row per output feature. Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K (so a
+Q4_K_M or Q6_K file) run the C++ kernel (activations quantized to int8 per 32 values, int8 dot products,
+a K-quant's 256-value super-block run as 8 blocks of 32 with its sub-block scales; see DEQUANTIZE_ROWS);
+every other type, and every CPU where the extension does not build or run, dequantizes the weight per
+call and multiplies in torch (`dequantize`).
 
 The extension is compiled at first use and cached like cpu_decode's (same build lock and stale-build
 handling, RADIXSERVE_CPU_DECODE_BUILD_WAIT bounds waiting for another process's build);
@@ -38,10 +40,13 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
 
 # gguf.GGMLQuantizationType values (the gguf package is only imported where the other types need it).
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
-FUSED_TYPES = (Q4_0, Q4_1, Q8_0)
+Q4_K, Q5_K, Q6_K = 12, 13, 14
+K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
+FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the types the C++ kernels run
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
-BLOCK_VALUES = 32  # of the fused types
+_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+_BLOCK_VALUES = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
+BLOCK_VALUES = 32  # of Q4_0 / Q4_1 / Q8_0 (and the activations' int8 blocks)
 # None: the fused types always take the int8 row dots, so a row's result does not depend on how many
 # rows share its batch (greedy tokens must not change with a request's batch-mates). A row count here
 # switches larger batches to a dequantize (C++) and a float32 GEMM: 0.84x the time at 32 rows, 0.5x at
@@ -155,14 +160,16 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 # Types whose C++ dequantize (gguf_cpu.cpp) gives the torch formulas' bits: d * q (Q8_0) and d * q + m
 # (Q4_1), one rounding per operation either way. (Q4_0's C++ computes d * q - 8 d, torch d * (q - 8).)
-CPP_DEQUANTIZE_TYPES = (Q8_0, Q4_1)
+# The K-quants' C++ dequantize gives gguf.quants' bits (the reference dequantize_torch calls):
+# (d sc) q - (dmin m), (d sc) (q - 32).
+CPP_DEQUANTIZE_TYPES = (Q8_0, Q4_1, *K_QUANT_TYPES)
 
 
 def dequantize(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """float32 [rows, k] of raw rows (uint8 [rows, row bytes]; or a float tensor for F32/F16/BF16), on
-    qweight's device. Q4_1 / Q8_0 on the CPU in one C++ call when the extension runs (an embedding
-    lookup's rows each step: one call, not ten torch ops), else Q4_0 / Q4_1 / Q8_0 in torch (the same
-    bits); other types through gguf.quants on the CPU."""
+    qweight's device. Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K on the CPU in one C++ call when the extension
+    runs (an embedding lookup's rows each step: one call, not ten torch ops), else Q4_0 / Q4_1 / Q8_0 in
+    torch (the same bits); other types through gguf.quants on the CPU (the same bits for the K-quants)."""
     if qtype in FLOAT_TYPES:
         return qweight.float()
     if qtype in CPP_DEQUANTIZE_TYPES and qweight.device.type == "cpu":
@@ -177,7 +184,7 @@ def dequantize_torch(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     if qtype in FLOAT_TYPES:
         return qweight.float()
     rows = qweight.shape[0]
-    if qtype in FUSED_TYPES:
+    if qtype in (Q4_0, Q4_1, Q8_0):
         blocks = qweight.reshape(rows, -1, _BLOCK_BYTES[qtype])
         d = _halves(blocks, 0)
         if qtype == Q8_0:

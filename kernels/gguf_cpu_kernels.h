@@ -1,5 +1,5 @@
-// The GGUF row-dot kernels (Q4_0, Q4_1, Q8_0 weight blocks as the file stores them, activations
-// quantized to int8 per 32 values), shared by gguf_cpu.cpp (the torch path's linears) and cpu_decode.cpp
+// The GGUF row-dot kernels (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K weight blocks as the file stores them,
+// activations quantized to int8 per 32 values), shared by gguf_cpu.cpp (the torch path's linears) and cpu_decode.cpp
 // (the fused decode step's linears): one definition, so both give the same bits for a row.
 //
 // Everything here has internal linkage (an anonymous namespace): each extension keeps its own copy, so
@@ -19,18 +19,35 @@
 
 namespace {
 
-constexpr int64_t QK = 32;  // values per block for every type here
+constexpr int64_t QK = 32;  // values per activation block (and per weight block of Q4_0 / Q4_1 / Q8_0)
+constexpr int64_t QK_K = 256;  // values per K-quant super-block
 constexpr int Q4_0 = 2, Q4_1 = 3, Q8_0 = 8;  // gguf.GGMLQuantizationType
+constexpr int Q4_K = 12, Q5_K = 13, Q6_K = 14;
+
+constexpr bool is_kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
+
+bool supported_type(int qtype) {
+  return qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0 || is_kquant(qtype);
+}
+
+// Values per weight block of qtype (32, or 256 for the K-quants).
+int64_t block_values(int qtype) { return is_kquant(qtype) ? QK_K : QK; }
 
 int64_t block_bytes(int qtype) {
   switch (qtype) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
   }
   TORCH_CHECK(false, "gguf_cpu: unsupported block type ", qtype);
   return 0;
 }
+
+// Bytes of one weight row of k values (k a multiple of block_values(qtype)).
+int64_t row_bytes_of(int qtype, int64_t k) { return k / block_values(qtype) * block_bytes(qtype); }
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -180,6 +197,224 @@ void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
     }
 }
 
+// ---- K-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 values, run as 8 blocks of 32 ----
+// Each 32-value sub-block is a block of the scheme above (the same activation blocks, lanes and integer
+// sums, the same order of operations per lane), with the weight's scale per lane instead of per block:
+//   Q4_K / Q5_K: w = d sc_j q - dmin m_j (q in 0..15 / 0..31; sub-block j of 32, 6-bit sc_j, m_j):
+//                dw = d sc_j on the sub-block's 8 lanes, and mw = -(dmin m_j) per block as Q4_1's m
+//   Q6_K:        w = d sc_s (q - 32) (q in 0..63; sub-block s of 16, int8 sc_s): dw = d sc_s on the 4
+//                lanes of its 16 values; each lane's integer sum is of (q - 32) q_x, so there is no mw
+// d sc (an f16 times a 6-bit or 8-bit integer) is exact in float32, as gguf.quants computes it. The
+// kernels unpack each block pair in registers (k_scales, k_pair) once for all the activation rows of a
+// tile; the C++ dequantize unpacks a whole super-block to memory (unpack_k).
+struct KBlock {
+  alignas(64) uint8_t q[QK_K];  // pair j (sub-blocks 2j, 2j + 1 of 32): bytes 64 j .. 64 j + 63, in order
+  alignas(64) float dw[64];     // pair j's 16 lane scales at 16 j
+  float mw[8];                  // Q4_K / Q5_K: -(dmin m) per sub-block of 32
+};
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j from the 12 packed bytes (j < 4: the low 6 bits of
+// bytes j and j + 4; j >= 4: a nibble of byte j + 4 and the top 2 bits of bytes j - 4 and j).
+inline void scale_min_k4(const uint8_t* sc, int j, int& scale, int& min) {
+  if (j < 4) {
+    scale = sc[j] & 63;
+    min = sc[j + 4] & 63;
+  } else {
+    scale = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+    min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  }
+}
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <int QT>
+inline void unpack_k(const uint8_t* blk, KBlock& u) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == Q6_K) {
+    // ql [128], qh [64], int8 scales [16], f16 d. Per half h of 128 values, sub-blocks of 32 t = 0..3:
+    // low 4 bits from ql[64 h + 32 (t % 2) + l] (t < 2: low nibble, else high), high 2 bits from
+    // qh[32 h + l] bits 2t, 2t + 1.
+    const __m256i two = _mm256_set1_epi8(0x30);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = load32(blk + 64 * h), b = load32(blk + 64 * h + 32);
+      const __m256i hb = load32(blk + 128 + 32 * h);
+      __m256i v[4];
+      v[0] = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), two));
+      v[1] = _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), two));
+      v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(hb, two));
+      v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi16(hb, 2), two));
+      for (int t = 0; t < 4; ++t)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(u.q + 32 * (4 * h + t)), v[t]);
+    }
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const float d = f16(blk + 208);
+    for (int s = 0; s < 16; ++s) {
+      const float ds = d * static_cast<float>(sc[s]);
+      for (int l = 0; l < 4; ++l) u.dw[4 * s + l] = ds;
+    }
+  } else {
+    // f16 d, f16 dmin, 12 bytes of scales and mins, (Q5_K: 32 bytes qh, bit j of byte l the high bit of
+    // value l of sub-block j), 128 bytes qs: bytes 32 i .. 32 i + 31 hold sub-block 2i in their low
+    // nibbles and 2i + 1 in their high nibbles.
+    const float d = f16(blk), dmin = f16(blk + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(blk + 4, j, sc, m);
+      const float ds = d * static_cast<float>(sc);
+      for (int l = 0; l < 8; ++l) u.dw[8 * j + l] = ds;
+      u.mw[j] = -(dmin * static_cast<float>(m));
+    }
+    const uint8_t* qs = blk + (QT == Q5_K ? 48 : 16);
+    __m256i hb = _mm256_setzero_si256();
+    if constexpr (QT == Q5_K) hb = load32(blk + 16);
+    const __m256i bit4 = _mm256_set1_epi8(0x10);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = load32(qs + 32 * i);
+      __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      if constexpr (QT == Q5_K) {
+        const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * i)));
+        const __m256i b1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * i + 1)));
+        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b0), b0), bit4));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b1), b1), bit4));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(u.q + 64 * i), lo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(u.q + 64 * i + 32), hi);
+    }
+  }
+}
+
+// The kernels' unpacking, in registers (unpack_k above is the dequantize's, through memory):
+// k_scales: a super-block's d sc as floats (ds: Q4_K / Q5_K 8, one per sub-block of 32; Q6_K 16, one per
+// sub-block of 16) and, Q4_K / Q5_K, its 8 mw = -(dmin m) (stored at mw); -(dmin m) = (-dmin) m exactly.
+template <int QT>
+inline void k_scales(const uint8_t* blk, float* ds, float* mw) {
+  if constexpr (QT == Q6_K) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m256 d = _mm256_set1_ps(f16(blk + 208));
+    _mm256_storeu_ps(ds, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_storeu_ps(ds + 8,
+                     _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+  } else {
+    // The 12 bytes as 3 words s0, s1, s2 (byte j of each in lane j): sc 0..3 = s0 & 63, m 0..3 = s1 & 63;
+    // sc 4..7 = the low nibbles of s2 | s0's top 2 bits as bits 4, 5; m 4..7 = s2's high nibbles | s1's.
+    uint32_t s[3];
+    std::memcpy(s, blk + 4, 12);
+    const uint64_t sc = uint64_t(s[0] & 0x3F3F3F3Fu) |
+                        uint64_t((s[2] & 0x0F0F0F0Fu) | ((s[0] >> 2) & 0x30303030u)) << 32;
+    const uint64_t m = uint64_t(s[1] & 0x3F3F3F3Fu) |
+                       uint64_t(((s[2] >> 4) & 0x0F0F0F0Fu) | ((s[1] >> 2) & 0x30303030u)) << 32;
+    const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(sc))));
+    const __m256 mf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(m))));
+    _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(f16(blk)), scf));
+    _mm256_storeu_ps(mw, _mm256_mul_ps(_mm256_set1_ps(-f16(blk + 2)), mf));
+  }
+}
+
+// k_pair: the unsigned values of pair j (sub-blocks 2j, 2j + 1 of 32) of a super-block, in value order.
+template <int QT>
+inline void k_pair(const uint8_t* blk, int j, __m256i& w0, __m256i& w1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == Q6_K) {
+    const int h = j >> 1;
+    const __m256i a = load32(blk + 64 * h), b = load32(blk + 64 * h + 32);
+    const __m256i hb = load32(blk + 128 + 32 * h), two = _mm256_set1_epi8(0x30);
+    if (j & 1) {  // sub-blocks t = 2, 3 of the half: high nibbles, qh bits 4..7
+      w0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(hb, two));
+      w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low4),
+                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), two));
+    } else {  // t = 0, 1: low nibbles, qh bits 0..3
+      w0 = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), two));
+      w1 = _mm256_or_si256(_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), two));
+    }
+  } else {
+    const __m256i v = load32(blk + (QT == Q5_K ? 48 : 16) + 32 * j);
+    w0 = _mm256_and_si256(v, low4);
+    w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    if constexpr (QT == Q5_K) {
+      const __m256i hb = load32(blk + 16), bit4 = _mm256_set1_epi8(0x10);
+      const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j)));
+      const __m256i b1 = _mm256_set1_epi8(static_cast<char>(1 << (2 * j + 1)));
+      w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b0), b0), bit4));
+      w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, b1), b1), bit4));
+    }
+  }
+}
+
+// The K-quant tile on AVX2: two 8-lane halves per pair, as tile_avx2; each weight pair unpacked once
+// (in registers) for the tile's NI activation rows.
+template <int QT, int NR, int NI>
+void tile_avx2_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
+                 float* out, int64_t n, int64_t r0, float* mw) {
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
+  constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
+  alignas(32) float ds[NR][16];
+  __m256 lo[NR][NI], hi[NR][NI];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) lo[r][i] = hi[r][i] = _mm256_setzero_ps();
+  const __m256i k32 = _mm256_set1_epi8(32);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w + r * row_bytes + sb * BB;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
+      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int64_t p = 4 * sb + j;
+      __m256i w0[NR], w1[NR];
+      __m256 d0[NR], d1[NR];
+      for (int r = 0; r < NR; ++r) {
+        k_pair<QT>(w + r * row_bytes + sb * BB, j, w0[r], w1[r]);
+        if constexpr (QT == Q6_K) {  // lanes 0..3, 4..7 of each half: sub-blocks 4j .. 4j + 3 of 16
+          d0[r] = _mm256_set_m128(_mm_set1_ps(ds[r][4 * j + 1]), _mm_set1_ps(ds[r][4 * j]));
+          d1[r] = _mm256_set_m128(_mm_set1_ps(ds[r][4 * j + 3]), _mm_set1_ps(ds[r][4 * j + 2]));
+          w0[r] = _mm256_sub_epi8(w0[r], k32);  // q - 32, signed
+          w1[r] = _mm256_sub_epi8(w1[r], k32);
+        } else {
+          d0[r] = _mm256_set1_ps(ds[r][2 * j]);
+          d1[r] = _mm256_set1_ps(ds[r][2 * j + 1]);
+        }
+      }
+      for (int i = 0; i < NI; ++i) {
+        const int8_t* q = a.q + (i0 + i) * qs + p * 64;
+        const float* xd = a.xd + (i0 + i) * xs + p * 16;
+        const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+        const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+        const __m256 x0 = _mm256_loadu_ps(xd), x1 = _mm256_loadu_ps(xd + 8);
+        for (int r = 0; r < NR; ++r) {
+          __m256 f0, f1;
+          if constexpr (QT == Q6_K) {  // (q - 32) q_x as Q8_0's signed products
+            f0 = dot_us(_mm256_sign_epi8(w0[r], w0[r]), _mm256_sign_epi8(q0, w0[r]));
+            f1 = dot_us(_mm256_sign_epi8(w1[r], w1[r]), _mm256_sign_epi8(q1, w1[r]));
+          } else {
+            f0 = dot_us(w0[r], q0);
+            f1 = dot_us(w1[r], q1);
+          }
+          lo[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d0[r], x0), f0, lo[r][i]);
+          hi[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d1[r], x1), f1, hi[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum(_mm256_add_ps(lo[r][i], hi[r][i]));
+      if constexpr (QT != Q6_K) {
+        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c) {
+          e0 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c), _mm256_loadu_ps(sx + 16 * c), e0);
+          e1 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c + 8),
+                               _mm256_loadu_ps(sx + 16 * c + 8), e1);
+        }
+        y += hsum(_mm256_add_ps(e0, e1));
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
+}
+
 // ---- AVX-512 VNNI: one 16-lane register per pair, each weight pair unpacked once for up to 16 rows ----
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
@@ -188,6 +423,68 @@ inline float hsum16(__m512 v) {
   const __m256 lo = _mm512_castps512_ps256(v);
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
   return hsum(_mm256_add_ps(lo, hi));
+}
+
+// The K-quant tile on AVX-512 VNNI: one 16-lane register per pair, as tile_vnni (the same bits as
+// tile_avx2_k). Q6_K: dpbusd of the unsigned q (0..63) started at -32 times each lane's activation sum.
+template <int QT, int NR, int NI>
+void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
+                 float* out, int64_t n, int64_t r0, float* mw) {
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
+  constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
+  alignas(64) float ds[NR][16];
+  __m512 acc[NR][NI];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) acc[r][i] = _mm512_setzero_ps();
+  const __m512i k32 = _mm512_set1_epi8(32);
+  // Lane l's scale index within the pair: Q6_K sub-block of 16 l / 4, else sub-block of 32 l / 8.
+  const __m512i lane_scale = QT == Q6_K
+                                 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t sb = 0; sb < nsb; ++sb) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* blk = w + r * row_bytes + sb * BB;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
+      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int64_t p = 4 * sb + j;
+      const __m512i idx = _mm512_add_epi32(lane_scale, _mm512_set1_epi32(QT == Q6_K ? 4 * j : 2 * j));
+      __m512i wv[NR];
+      __m512 dw[NR];
+      for (int r = 0; r < NR; ++r) {
+        __m256i w0, w1;
+        k_pair<QT>(w + r * row_bytes + sb * BB, j, w0, w1);
+        wv[r] = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        dw[r] = _mm512_permutexvar_ps(idx, _mm512_load_ps(ds[r]));
+      }
+      for (int i = 0; i < NI; ++i) {
+        const __m512 xd = _mm512_loadu_ps(a.xd + (i0 + i) * xs + p * 16);
+        const __m512i qx = _mm512_loadu_si512(a.q + (i0 + i) * qs + p * 64);
+        __m512i base = _mm512_setzero_si512();
+        if constexpr (QT == Q6_K)
+          base = _mm512_sub_epi32(base, _mm512_dpbusd_epi32(_mm512_setzero_si512(), k32, qx));
+        for (int r = 0; r < NR; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(base, wv[r], qx);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], xd), _mm512_cvtepi32_ps(dot), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum16(acc[r][i]);
+      if constexpr (QT != Q6_K) {
+        __m512 e = _mm512_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c)
+          e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(sx + 16 * c), e);
+        y += hsum16(e);
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
 }
 
 template <int QT, int NR, int NI>
@@ -387,27 +684,44 @@ bool has_vnni() {
 
 constexpr int64_t NR = 2;  // weight rows per tile
 
+// One tile of the block type's kernel for the ISA (the K-quants have their own).
+template <int QT, int ISA, int NRV, int NI>
+inline void tile(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0, float* out,
+                 int64_t n, int64_t r0, float* mw) {
+  if constexpr (ISA == AVX512_VNNI) {
+    if constexpr (is_kquant(QT))
+      tile_vnni_k<QT, NRV, NI>(w, row_bytes, nb, a, i0, out, n, r0, mw);
+    else
+      tile_vnni<QT, NRV, NI>(w, row_bytes, nb, a, i0, out, n, r0, mw);
+  } else {
+    if constexpr (is_kquant(QT))
+      tile_avx2_k<QT, NRV, NI>(w, row_bytes, nb, a, i0, out, n, r0, mw);
+    else
+      tile_avx2<QT, NRV, NI>(w, row_bytes, nb, a, i0, out, n, r0, mw);
+  }
+}
+
 // The next chunk of activation rows from i0 against NRV weight rows from r0; returns its row count.
 template <int QT, int ISA, int NRV>
 int64_t run_chunk(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                   int64_t left, float* out, int64_t n, int64_t r0, float* mw) {
   if constexpr (ISA == AVX512_VNNI) {
     switch (std::min<int64_t>(left, 8)) {
-      case 8: tile_vnni<QT, NRV, 8>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 8;
-      case 7: tile_vnni<QT, NRV, 7>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 7;
-      case 6: tile_vnni<QT, NRV, 6>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 6;
-      case 5: tile_vnni<QT, NRV, 5>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 5;
-      case 4: tile_vnni<QT, NRV, 4>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 4;
-      case 3: tile_vnni<QT, NRV, 3>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 3;
-      case 2: tile_vnni<QT, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 2;
-      default: tile_vnni<QT, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 1;
+      case 8: tile<QT, AVX512_VNNI, NRV, 8>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 8;
+      case 7: tile<QT, AVX512_VNNI, NRV, 7>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 7;
+      case 6: tile<QT, AVX512_VNNI, NRV, 6>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 6;
+      case 5: tile<QT, AVX512_VNNI, NRV, 5>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 5;
+      case 4: tile<QT, AVX512_VNNI, NRV, 4>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 4;
+      case 3: tile<QT, AVX512_VNNI, NRV, 3>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 3;
+      case 2: tile<QT, AVX512_VNNI, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 2;
+      default: tile<QT, AVX512_VNNI, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw); return 1;
     }
   } else {
     if (left >= 2) {
-      tile_avx2<QT, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
+      tile<QT, AVX2, NRV, 2>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
       return 2;
     }
-    tile_avx2<QT, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
+    tile<QT, AVX2, NRV, 1>(wr, row_bytes, nb, a, i0, out, n, r0, mw);
     return 1;
   }
 }
@@ -418,14 +732,14 @@ template <int QT>
 void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, int64_t left,
               float* out, int64_t n, int64_t r0, float* mw) {
   switch (left) {
-    case 16: tile_vnni<QT, 1, 16>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 15: tile_vnni<QT, 1, 15>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 14: tile_vnni<QT, 1, 14>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 13: tile_vnni<QT, 1, 13>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 12: tile_vnni<QT, 1, 12>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 11: tile_vnni<QT, 1, 11>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    case 10: tile_vnni<QT, 1, 10>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
-    default: tile_vnni<QT, 1, 9>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 16: tile<QT, AVX512_VNNI, 1, 16>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 15: tile<QT, AVX512_VNNI, 1, 15>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 14: tile<QT, AVX512_VNNI, 1, 14>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 13: tile<QT, AVX512_VNNI, 1, 13>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 12: tile<QT, AVX512_VNNI, 1, 12>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 11: tile<QT, AVX512_VNNI, 1, 11>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    case 10: tile<QT, AVX512_VNNI, 1, 10>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
+    default: tile<QT, AVX512_VNNI, 1, 9>(wr, row_bytes, nb, a, 0, out, n, r0, mw); break;
   }
 }
 
@@ -444,9 +758,11 @@ template <int QT, int ISA>
 void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t m,
                   float* out, int64_t n, int64_t begin, int64_t end) {
   std::vector<float> mw(NR1 * a.chunks * 16, 0.f);  // per weight row: mw per block, zero-padded
-  if (ISA == AVX512_VNNI && m == 1) {
-    rows_vnni_1<QT>(w, row_bytes, nb, a, out, begin * NR, std::min(end * NR, n), mw.data());
-    return;
+  if constexpr (!is_kquant(QT)) {  // (the K-quants run one row as the tiles below)
+    if (ISA == AVX512_VNNI && m == 1) {
+      rows_vnni_1<QT>(w, row_bytes, nb, a, out, begin * NR, std::min(end * NR, n), mw.data());
+      return;
+    }
   }
   constexpr int64_t ls = kStageTiles * NR;  // the stage's row stride
   std::vector<float> stage(m * ls);
@@ -483,6 +799,9 @@ inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_by
     switch (qt) {
       case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case Q4_K: matmul_tiles<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case Q5_K: matmul_tiles<Q5_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case Q6_K: matmul_tiles<Q6_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       default: matmul_tiles<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
     }
   };

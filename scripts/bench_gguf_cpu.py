@@ -17,6 +17,11 @@ it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternat
   python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
 (a gguf_cpu_kernels.h beside the baseline source is the one it builds with.)
 
+With --kquant-rows M [M ...] it times the K-quant kernels (Q4_K, Q6_K) at SmolLM2-135M's shapes (the
+hidden-side K of 576 taken as 768: K-quants need multiples of 256) against dequantizing per call and
+against bf16 F.linear on the dequantized weight, side by side, one JSON line per (type, shape, M):
+  python scripts/bench_gguf_cpu.py --kquant-rows 1 4 16 --repeats 5
+
 With --profile it breaks a bs1 decode step (--batch N: a step of N sequences) of the native model
 through the fused path down instead:
 per stage of the C++ forward (DecodeModel.profile: each thread's work and each stage's wall time, barrier
@@ -350,6 +355,91 @@ def bench_kernels(rows: list[int], repeats: int, baseline: str | None) -> None:
         print(json.dumps(line))
 
 
+# SmolLM2-135M's shapes for the K-quants (hidden 576, intermediate 1536, vocab 49152): K must be a whole
+# number of 256-value super-blocks, so the hidden-side inputs (576) are timed at 768 (the next multiple;
+# llama.cpp's Q4_K_M gives such tensors other types), down (K = 1536) at its own shape.
+KQUANT_SHAPES = [
+    ("qkv", 960, 768),
+    ("gate_up", 3072, 768),
+    ("down", 576, 1536),
+    ("lm_head", 49152, 768),
+]
+# (offset, scale) of each f16 scale in a K-quant block: d (and dmin) small, as a model's weights.
+_K_SCALE_OFFSETS = {12: ((0, 2e-3), (2, 1e-3)), 13: ((0, 1e-3), (2, 5e-4)), 14: ((208, 3e-5),)}
+
+
+def random_k_blocks(n: int, k: int, qtype: int, g: torch.Generator) -> torch.Tensor:
+    """uint8 [n, row bytes] of random K-quant blocks with small finite f16 scales."""
+    from radixserve.kernels import gguf_cpu
+
+    nb, bb = k // 256, gguf_cpu._BLOCK_BYTES[qtype]
+    w = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=g)
+    for off, scale in _K_SCALE_OFFSETS[qtype]:
+        h = (torch.rand(n, nb, generator=g) * scale + scale / 2).half()
+        w[..., off : off + 2] = h.view(torch.uint8).view(n, nb, 2)
+    return w.reshape(n, nb * bb)
+
+
+def _best_ms(fn, repeats: int, calls: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) * 1e3 / calls)
+    return best
+
+
+def bench_kquants(rows: list[int], repeats: int) -> None:
+    """Q4_K / Q6_K at SmolLM2-135M's shapes: the native kernel (gguf_cpu.gguf_linear on float32 rows)
+    against (a) dequantizing per call, as gguf_linear did for the K-quants before (gguf.quants, then a
+    float32 F.linear), also with the C++ dequantize (dequantize-per-call at its best), and (b) bf16
+    F.linear on the weight dequantized once (what a K-quant file got by default: bf16 weights at load)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from radixserve.kernels import gguf_cpu
+
+    module = gguf_cpu.load()
+    if module is None:
+        raise SystemExit("the GGUF CPU extension is unavailable on this machine")
+    g = torch.Generator().manual_seed(0)
+    for qtype in (gguf_cpu.Q4_K, gguf_cpu.Q6_K):
+        import gguf
+
+        name = gguf.GGMLQuantizationType(qtype).name
+        for shape, n, k in KQUANT_SHAPES:
+            w = random_k_blocks(n, k, qtype, g)
+            w_bf16 = module.gguf_dequantize(w, qtype, k).bfloat16()
+
+            def per_call_gguf(x, w=w, k=k):
+                values = gguf.quants.dequantize(w.numpy(), gguf.GGMLQuantizationType(qtype))
+                return F.linear(x, torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
+
+            for m in rows:
+                x = torch.randn(m, k, generator=g)
+                xb = x.bfloat16()
+                calls = max(3, int(1e8 / (n * k)))
+                line = {"type": name, "shape": f"{shape} {n}x{k}", "rows": m}
+                times = {
+                    "native_ms": _best_ms(
+                        lambda: gguf_cpu.gguf_linear(x, w, qtype), repeats, calls
+                    ),
+                    "dequant_per_call_gguf_ms": _best_ms(lambda: per_call_gguf(x), repeats, 1),
+                    "dequant_per_call_cpp_ms": _best_ms(
+                        lambda: F.linear(x, module.gguf_dequantize(w, qtype, k)), repeats, 3
+                    ),
+                    "bf16_linear_ms": _best_ms(lambda: F.linear(xb, w_bf16), repeats, calls),
+                }
+                line.update({key: round(ms, 4) for key, ms in times.items()})
+                line["native_vs_bf16"] = round(times["bf16_linear_ms"] / times["native_ms"], 2)
+                line["native_vs_per_call_gguf"] = round(
+                    times["dequant_per_call_gguf_ms"] / times["native_ms"], 1
+                )
+                print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -362,6 +452,12 @@ def main() -> None:
         help="time the linear kernels alone at these row counts",
     )
     parser.add_argument("--baseline-source", help="with --kernel-rows: a gguf_cpu.cpp to compare")
+    parser.add_argument(
+        "--kquant-rows",
+        nargs="+",
+        type=int,
+        help="time native Q4_K / Q6_K against dequantize-per-call and bf16 F.linear at these row counts",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -389,6 +485,9 @@ def main() -> None:
         return
     if args.kernel_rows:
         bench_kernels(args.kernel_rows, args.repeats, args.baseline_source)
+        return
+    if args.kquant_rows:
+        bench_kquants(args.kquant_rows, args.repeats)
         return
     folder = resolve_model_path(None)
     for dtype in args.dtypes:

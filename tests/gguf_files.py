@@ -32,12 +32,79 @@ def kernel_isas(module) -> list[int]:
 
 
 def quantize(values: np.ndarray, qtype: int) -> np.ndarray:
-    """uint8 [rows, row bytes] of float32 values [rows, k] (Q4_0 / Q4_1 / Q8_0), F16/F32 as float."""
+    """uint8 [rows, row bytes] of float32 values [rows, k] (Q4_0 / Q4_1 / Q8_0 by the gguf package, the
+    K-quants by quantize_k), F16/F32 as float."""
     if qtype == T.F32:
         return values.astype(np.float32)
     if qtype == T.F16:
         return values.astype(np.float16)
+    if qtype in K_QUANTS:
+        return quantize_k(values, qtype)
     return gguf.quants.quantize(values.astype(np.float32), T(qtype))
+
+
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint8).reshape(*v.shape, 2)
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+
+
+def quantize_k(values: np.ndarray, qtype: int) -> np.ndarray:
+    """uint8 [rows, row bytes] of float values [rows, k] (k a multiple of 256) as Q4_K / Q5_K / Q6_K
+    blocks: a plain round-to-nearest quantizer of the tests' own (not llama.cpp's search for the best
+    scales), enough to give a test model realistic weights. Q4_K / Q5_K: per sub-block of 32 a scale
+    (max - min) / levels and a min, both as 6-bit multiples of the super-block's f16 d and dmin; Q6_K:
+    per sub-block of 16 an int8 multiple of d for max|x| / 32."""
+    rows, k = values.shape
+    x = values.astype(np.float64).reshape(rows, k // 256, -1)  # [rows, super-blocks, 256]
+    nsb = x.shape[1]
+    if qtype == T.Q6_K:
+        sub = x.reshape(rows, nsb, 16, 16)
+        scale = np.abs(sub).max(-1) / 32  # w = d sc (q - 32), q - 32 in -32..31
+        d = (np.abs(scale).max(-1) / 127).astype(np.float16).astype(np.float64)
+        sc = np.clip(np.rint(_div(scale, d[..., None])), -128, 127)
+        step = d[..., None] * sc
+        q = np.clip(np.rint(_div(sub, step[..., None])) + 32, 0, 63).astype(np.uint8)
+        q = q.reshape(rows, nsb, 2, 4, 32)  # [half, sub-block of 32 t, l]
+        low = q & 0x0F
+        ql = np.concatenate(
+            [low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], -1
+        )
+        hi = q >> 4
+        qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+        blocks = [
+            ql.reshape(rows, nsb, 128),
+            qh.reshape(rows, nsb, 64),
+            sc.astype(np.int8).view(np.uint8),
+            _f16_bytes(d).reshape(rows, nsb, 2),
+        ]
+        return np.ascontiguousarray(np.concatenate(blocks, -1).reshape(rows, -1))
+    levels = 15 if qtype == T.Q4_K else 31
+    sub = x.reshape(rows, nsb, 8, 32)
+    lo = np.minimum(sub.min(-1), 0.0)  # w = d sc q - dmin m with m >= 0
+    scale = (sub.max(-1) - lo) / levels
+    d = (scale.max(-1) / 63).astype(np.float16).astype(np.float64)
+    dmin = (-lo.min(-1) / 63).astype(np.float16).astype(np.float64)
+    sc = np.clip(np.rint(_div(scale, d[..., None])), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(_div(-lo, dmin[..., None])), 0, 63).astype(np.uint8)
+    step = d[..., None] * sc
+    offset = (dmin[..., None] * m)[..., None]
+    q = np.clip(np.rint(_div(sub + offset, np.broadcast_to(step[..., None], sub.shape))), 0, levels)
+    q = q.astype(np.uint8)
+    packed = np.empty((rows, nsb, 12), np.uint8)
+    packed[..., 0:4] = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    packed[..., 4:8] = (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)
+    pairs = q.reshape(rows, nsb, 4, 2, 32)
+    qs = ((pairs[:, :, :, 0] & 0x0F) | ((pairs[:, :, :, 1] & 0x0F) << 4)).reshape(rows, nsb, 128)
+    blocks = [_f16_bytes(d), _f16_bytes(dmin), packed]
+    if qtype == T.Q5_K:
+        bits = (q >> 4) & 1  # [rows, nsb, 8 sub-blocks, 32]: bit j of byte l
+        blocks.append((bits << np.arange(8, dtype=np.uint8)[:, None]).sum(2, dtype=np.uint8))
+    blocks.append(qs)
+    return np.ascontiguousarray(np.concatenate(blocks, -1).reshape(rows, -1))
 
 
 def random_blocks(rows: int, k: int, qtype: int, rng: np.random.Generator) -> np.ndarray:

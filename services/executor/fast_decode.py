@@ -12,11 +12,11 @@ path off.
 
 The kernels get their own packed copy of bf16 layer weights (the torch path's weights stay as they are
 for prefill) and read/write the runner's KV pool in place. A model served natively from a GGUF file
-(quantization gguf) whose linears are each one run of Q4_0 / Q4_1 / Q8_0 blocks hands the kernels those
-blocks as they are (no copy): they run the row dots of the torch path's gguf_cpu kernels, so each
-linear gives the torch path's bits. Such a model's LM head (compute_logits as Llama's, one run of those
-blocks, no bias) also runs as one C++ call (gguf_cpu.gguf_logits: float32 logits, the torch path's bits)
-for the steps the fused path runs.
+(quantization gguf) whose linears are each one or more runs of Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K
+blocks (a Q4_K_M qkv: Q4_K q|k, Q6_K v) hands the kernels those blocks as they are (no copy): they run
+the row dots of the torch path's gguf_cpu kernels, run by run, so each linear gives the torch path's bits.
+Such a model's LM head (compute_logits as Llama's, one run of those blocks, no bias) also runs as one
+C++ call (gguf_cpu.gguf_logits: float32 logits, the torch path's bits) for the steps the fused path runs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from radixserve.executor.parallel_state import tp_size
 log = logging.getLogger("radixserve.executor.fast_decode")
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128, 160, 192, 256)
+FUSED_NAMES = "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K"  # gguf_cpu.FUSED_TYPES
 
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,31 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
 
 
 def gguf_blocks(linear) -> tuple[torch.Tensor, int] | None:
-    """A GGUF linear's blocks and type when the kernels run it: one run of rows of a fused type."""
+    """A GGUF linear's blocks and type when it is one run of rows of a fused type (an LM head for
+    gguf_cpu.gguf_logits), else None."""
+    runs = gguf_runs(linear)
+    return runs[0] if runs is not None and len(runs) == 1 else None
+
+
+def gguf_runs(linear) -> list[tuple[torch.Tensor, int]] | None:
+    """A GGUF linear's runs of rows (blocks, type) in output order when the kernels run it: every run of
+    a fused type. A Q4_K_M layer's qkv is two runs (Q4_K q|k, Q6_K v): the fused step runs each into its
+    columns, as the torch path's GgufLinearMethod.apply does; with a bias, only one run (the torch path
+    adds a multi-run linear's bias after rounding each run's output to the activations' dtype)."""
     parts = getattr(linear.weight, "gguf_parts", None)
-    if not parts or len(parts) != 1:
+    if not parts:
         return None
-    qtype, rows = parts[0]
-    if qtype not in gguf_cpu.FUSED_TYPES or rows.dtype != torch.uint8:
+    if len(parts) > 1 and getattr(linear, "bias", None) is not None:
         return None
-    return rows.contiguous(), qtype
+    if any(q not in gguf_cpu.FUSED_TYPES or rows.dtype != torch.uint8 for q, rows in parts):
+        return None
+    return [(rows.contiguous(), q) for q, rows in parts]
+
+
+def runs_args(linear) -> tuple[list[torch.Tensor], list[int]]:
+    """DecodeModel.add_gguf_layer's arguments for a linear: its runs' blocks, their types."""
+    runs = gguf_runs(linear)
+    return [rows for rows, _ in runs], [int(q) for _, q in runs]
 
 
 def gguf_unsupported(model) -> str | None:
@@ -58,9 +76,9 @@ def gguf_unsupported(model) -> str | None:
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj):
-            if gguf_blocks(lin) is None:
+            if gguf_runs(lin) is None:
                 types = [q for q, _ in getattr(lin.weight, "gguf_parts", [])]
-                return f"GGUF block types {types} (one run of Q4_0, Q4_1 or Q8_0 runs fused)"
+                return f"GGUF block types {types} (runs of {FUSED_NAMES} run fused)"
     return None
 
 
@@ -156,13 +174,13 @@ class FastDecode:
             a, m = layer.self_attn, layer.mlp
             if quant is not None:
                 kernel_model.add_gguf_layer(
-                    *gguf_blocks(a.qkv_proj),
+                    *runs_args(a.qkv_proj),
                     f32(a.qkv_proj.bias),
-                    *gguf_blocks(a.o_proj),
+                    *runs_args(a.o_proj),
                     f32(a.o_proj.bias),
-                    *gguf_blocks(m.gate_up_proj),
+                    *runs_args(m.gate_up_proj),
                     f32(m.gate_up_proj.bias),
-                    *gguf_blocks(m.down_proj),
+                    *runs_args(m.down_proj),
                     f32(m.down_proj.bias),
                     pool.k[i],
                     pool.v[i],

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from radixserve.kernels import cpu_decode, gguf_cpu
-from tests.gguf_files import T, quantize
+from tests.gguf_files import K_QUANTS, T, quantize, random_blocks
 
-FUSED = [T.Q4_0, T.Q4_1, T.Q8_0]
+FUSED = [T.Q4_0, T.Q4_1, T.Q8_0, *K_QUANTS]
 # (rows, K): 2-row tiles with a 1-row tail, a zero-padded last block pair, a partial 16-block chunk;
 # and the embedded SmolLM2's qkv, gate_up and down shapes.
 SHAPES = [(37, 17 * 32), (5, 32), (960, 576), (3072, 576), (576, 1536)]
+# The K-quants' super-blocks of 256: a partial 16-block chunk (5 x 8 blocks of 32), one super-block, and
+# SmolLM2's down shape (its other K, 576, is no multiple of 256).
+K_SHAPES = [(37, 5 * 256), (5, 256), (576, 1536)]
+CASES = [(q, n, k) for q in FUSED for n, k in (K_SHAPES if q in K_QUANTS else SHAPES)]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +32,14 @@ def module():
 
 def weight(n, k, qtype, seed=0):
     rng = np.random.default_rng(seed)
+    if qtype in K_QUANTS:  # random valid blocks (the gguf package cannot quantize to K-quants)
+        return torch.from_numpy(random_blocks(n, k, qtype, rng))
     return torch.from_numpy(
         np.ascontiguousarray(quantize(rng.standard_normal((n, k)) * 0.05, qtype))
     )
 
 
-@pytest.mark.parametrize("qtype", FUSED, ids=lambda q: T(q).name)
-@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("qtype,n,k", CASES, ids=lambda v: T(v).name if isinstance(v, T) else None)
 @pytest.mark.parametrize("m", [1, 3, 9, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_equals_the_torch_paths_gguf_linear_bit_for_bit(module, qtype, n, k, m, with_bias):
@@ -53,7 +58,7 @@ def test_equals_the_torch_paths_gguf_linear_bit_for_bit(module, qtype, n, k, m, 
 
 @pytest.mark.parametrize("qtype", FUSED, ids=lambda q: T(q).name)
 def test_a_row_does_not_depend_on_batch_mates_or_threads(module, qtype):
-    n, k = 37, 17 * 32
+    n, k = 37, 5 * 256 if qtype in K_QUANTS else 17 * 32
     w = weight(n, k, qtype, seed=1)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, k, generator=g).to(torch.bfloat16)
@@ -71,8 +76,12 @@ def test_a_row_does_not_depend_on_batch_mates_or_threads(module, qtype):
 def test_other_block_types_and_bad_weights_are_refused(module):
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
     w = weight(8, 64, T.Q4_1)
-    with pytest.raises(RuntimeError, match="block type 12 has no kernel"):
+    with pytest.raises(RuntimeError, match="block type 6 has no kernel"):
+        module.gguf_gemm(x, w, int(T.Q5_0))
+    with pytest.raises(RuntimeError, match="K must be a multiple of 256"):
         module.gguf_gemm(x, w, int(T.Q4_K))
+    with pytest.raises(RuntimeError, match=r"expected \[8, 210\] GGUF blocks"):
+        module.gguf_gemm(torch.zeros(1, 256, dtype=torch.bfloat16), w, int(T.Q6_K))
     with pytest.raises(RuntimeError, match=r"expected \[8, 40\] GGUF blocks"):
         module.gguf_gemm(x, weight(8, 64, T.Q8_0), int(T.Q4_1))
     with pytest.raises(RuntimeError, match="K must be a multiple of 32"):

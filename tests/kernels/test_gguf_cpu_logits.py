@@ -1,15 +1,23 @@
 """The fused decode step's per-step helpers around the linears (services/executor/fast_decode.py):
 gguf_cpu.gguf_logits, the LM head, must give gguf_linear(x, w, qtype).float() bit for bit (the float32
 product rounded to bf16, then widened) on both kernels at every batch size, and bad inputs raise; the
-C++ dequantize that gguf_cpu.dequantize takes for Q8_0 / Q4_1 (the embedding lookup) must give the torch
-formulas' bits for any block bytes."""
+C++ dequantize that gguf_cpu.dequantize takes for Q8_0 / Q4_1 / Q4_K / Q5_K / Q6_K (the embedding
+lookup) must give the torch formulas' (the K-quants: gguf.quants') bits for any block bytes."""
 
 import numpy as np
 import pytest
 import torch
 
 from radixserve.kernels import gguf_cpu
-from tests.gguf_files import QUANTIZABLE, T, gguf_cpu_extension, kernel_isas, quantize
+from tests.gguf_files import (
+    K_QUANTS,
+    QUANTIZABLE,
+    T,
+    gguf_cpu_extension,
+    kernel_isas,
+    quantize,
+    random_blocks,
+)
 
 # An LM-head-like width (rows 1024 floats apart, a ragged tile group) and a narrow odd one.
 SHAPES = [(2048, 3 * 32), (2 * 64 + 37, 5 * 32)]
@@ -20,11 +28,17 @@ def module():
     return gguf_cpu_extension()
 
 
-@pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: T(q).name)
+@pytest.mark.parametrize("qtype", [*QUANTIZABLE, *K_QUANTS], ids=lambda q: T(q).name)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_logits_equal_the_torch_paths_bits(module, qtype, n, k):
     rng = np.random.default_rng(n + k)
-    w = torch.from_numpy(np.ascontiguousarray(quantize(rng.standard_normal((n, k)) * 0.5, qtype)))
+    if qtype in K_QUANTS:  # whole super-blocks of 256 values
+        k = k // 32 * 256
+        w = torch.from_numpy(random_blocks(n, k, qtype, rng))
+    else:
+        w = torch.from_numpy(
+            np.ascontiguousarray(quantize(rng.standard_normal((n, k)) * 0.5, qtype))
+        )
     x = (torch.randn(17, k, generator=torch.Generator().manual_seed(n)) * 3).bfloat16()
     for rows in (1, 2, 5, 16, 17):
         want = gguf_cpu.gguf_linear(x[:rows], w, int(qtype)).float()
@@ -42,7 +56,7 @@ def test_logits_equal_the_torch_paths_bits(module, qtype, n, k):
 def test_other_types_devices_and_dtypes_take_gguf_linear(module):
     w = torch.zeros(4, 34, dtype=torch.uint8)
     assert gguf_cpu.gguf_logits(torch.ones(1, 32), w, int(T.Q8_0)) is None  # float32 rows
-    assert gguf_cpu.gguf_logits(torch.ones(1, 32, dtype=torch.bfloat16), w, int(T.Q6_K)) is None
+    assert gguf_cpu.gguf_logits(torch.ones(1, 32, dtype=torch.bfloat16), w, int(T.Q5_0)) is None
 
 
 def test_bad_inputs_raise(module):
@@ -59,9 +73,10 @@ def test_bad_inputs_raise(module):
 
 @pytest.mark.parametrize("qtype", gguf_cpu.CPP_DEQUANTIZE_TYPES)
 def test_cpp_dequantize_gives_the_torch_formulas_bits(module, qtype, monkeypatch):
-    # Any bytes: scales and mins that are subnormal, huge, infinite or NaN as f16 included.
-    k = 4 * 32
-    w = torch.randint(0, 256, (300, k // 32 * gguf_cpu._BLOCK_BYTES[qtype]), dtype=torch.uint8)
+    # Any bytes: scales and mins that are subnormal, huge, infinite or NaN as f16 included. (The K-quants'
+    # reference is gguf.quants' dequantize.)
+    k = 2 * 256
+    w = torch.randint(0, 256, (300, gguf_cpu.row_bytes(qtype, k)), dtype=torch.uint8)
     want = gguf_cpu.dequantize_torch(w, qtype, k)
 
     def no_torch_path(*args):

@@ -28,9 +28,10 @@ from radixserve.kernels import gguf_cpu
 log = logging.getLogger("radixserve.executor.quantization.gguf")
 
 # Without --quantization, a .gguf runs natively on the CPU when the AVX2 kernels serve every quantized
-# linear layer of the file (Q4_0 / Q4_1 / Q8_0, as the embedded SmolLM2's Q4_1 with its Q8_0 embedding);
-# other files, other devices (the Triton GGUF kernels beat bf16 only at one row) and CPUs without the
-# kernels get the dequantized weights, as `--quantization unquant` asks explicitly.
+# linear layer of the file (gguf_cpu.FUSED_TYPES: Q4_0 / Q4_1 / Q8_0, as the embedded SmolLM2's Q4_1 with
+# its Q8_0 embedding, and the K-quants Q4_K / Q5_K / Q6_K, so Q4_K_M and Q6_K files); other files (types
+# such as Q5_0, Q2_K, IQ*), other devices (the Triton GGUF kernels beat bf16 only at one row) and CPUs
+# without the kernels get the dequantized weights, as `--quantization unquant` asks explicitly.
 NATIVE_BY_DEFAULT_DEVICES = ("cpu",)
 
 
