@@ -139,6 +139,29 @@ const uint8_t kZeroBlock[64] = {};  // pads an odd block count: d = m = 0, all v
 constexpr int64_t kPrefetch = GGUF_PREFETCH;
 
 // ---- AVX2 (+ FMA + F16C): two 8-lane halves per pair; up to 2 activation rows at a time ----
+// A tile's results: each (weight row r, activation row i) sum, plus, for the types with a per-block
+// minimum (mins), that row's block mins mw dotted with the activation blocks' sums sx.
+template <int NR, int NI>
+inline void store_tile_avx2(const __m256 (&lo)[NR][NI], const __m256 (&hi)[NR][NI], const Acts& a,
+                            int64_t i0, float* out, int64_t n, int64_t r0, const float* mw, int64_t ss,
+                            bool mins) {
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum(_mm256_add_ps(lo[r][i], hi[r][i]));
+      if (mins) {
+        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c) {
+          e0 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c), _mm256_loadu_ps(sx + 16 * c), e0);
+          e1 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c + 8),
+                               _mm256_loadu_ps(sx + 16 * c + 8), e1);
+        }
+        y += hsum(_mm256_add_ps(e0, e1));
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
+}
+
 template <int QT, int NR, int NI>
 void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                float* out, int64_t n, int64_t r0, float* mw) {
@@ -180,21 +203,7 @@ void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NI; ++i) {
-      float y = hsum(_mm256_add_ps(lo[r][i], hi[r][i]));
-      if constexpr (QT != Q8_0) {
-        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
-        const float* sx = a.sx + (i0 + i) * ss;
-        for (int64_t c = 0; c < a.chunks; ++c) {
-          e0 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c), _mm256_loadu_ps(sx + 16 * c), e0);
-          e1 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c + 8),
-                               _mm256_loadu_ps(sx + 16 * c + 8), e1);
-        }
-        y += hsum(_mm256_add_ps(e0, e1));
-      }
-      out[(i0 + i) * n + r0 + r] = y;
-    }
+  store_tile_avx2<NR, NI>(lo, hi, a, i0, out, n, r0, mw, ss, QT != Q8_0);
 }
 
 // ---- K-quants (Q4_K, Q5_K, Q6_K): super-blocks of 256 values, run as 8 blocks of 32 ----
@@ -398,21 +407,7 @@ void tile_avx2_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a,
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NI; ++i) {
-      float y = hsum(_mm256_add_ps(lo[r][i], hi[r][i]));
-      if constexpr (QT != Q6_K) {
-        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
-        const float* sx = a.sx + (i0 + i) * ss;
-        for (int64_t c = 0; c < a.chunks; ++c) {
-          e0 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c), _mm256_loadu_ps(sx + 16 * c), e0);
-          e1 = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * ss + 16 * c + 8),
-                               _mm256_loadu_ps(sx + 16 * c + 8), e1);
-        }
-        y += hsum(_mm256_add_ps(e0, e1));
-      }
-      out[(i0 + i) * n + r0 + r] = y;
-    }
+  store_tile_avx2<NR, NI>(lo, hi, a, i0, out, n, r0, mw, ss, QT != Q6_K);
 }
 
 // ---- AVX-512 VNNI: one 16-lane register per pair, each weight pair unpacked once for up to 16 rows ----
@@ -427,6 +422,24 @@ inline float hsum16(__m512 v) {
 
 // The K-quant tile on AVX-512 VNNI: one 16-lane register per pair, as tile_vnni (the same bits as
 // tile_avx2_k). Q6_K: dpbusd of the unsigned q (0..63) started at -32 times each lane's activation sum.
+// store_tile_avx2 for 16-lane accumulators.
+template <int NR, int NI>
+inline void store_tile_vnni(const __m512 (&acc)[NR][NI], const Acts& a, int64_t i0, float* out,
+                            int64_t n, int64_t r0, const float* mw, int64_t ss, bool mins) {
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NI; ++i) {
+      float y = hsum16(acc[r][i]);
+      if (mins) {
+        __m512 e = _mm512_setzero_ps();
+        const float* sx = a.sx + (i0 + i) * ss;
+        for (int64_t c = 0; c < a.chunks; ++c)
+          e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(sx + 16 * c), e);
+        y += hsum16(e);
+      }
+      out[(i0 + i) * n + r0 + r] = y;
+    }
+}
+
 template <int QT, int NR, int NI>
 void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                  float* out, int64_t n, int64_t r0, float* mw) {
@@ -473,18 +486,7 @@ void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a,
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NI; ++i) {
-      float y = hsum16(acc[r][i]);
-      if constexpr (QT != Q6_K) {
-        __m512 e = _mm512_setzero_ps();
-        const float* sx = a.sx + (i0 + i) * ss;
-        for (int64_t c = 0; c < a.chunks; ++c)
-          e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(sx + 16 * c), e);
-        y += hsum16(e);
-      }
-      out[(i0 + i) * n + r0 + r] = y;
-    }
+  store_tile_vnni<NR, NI>(acc, a, i0, out, n, r0, mw, ss, QT != Q6_K);
 }
 
 template <int QT, int NR, int NI>
@@ -539,18 +541,7 @@ void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, i
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NI; ++i) {
-      float y = hsum16(acc[r][i]);
-      if constexpr (QT != Q8_0) {
-        __m512 e = _mm512_setzero_ps();
-        const float* sx = a.sx + (i0 + i) * ss;
-        for (int64_t c = 0; c < a.chunks; ++c)
-          e = _mm512_fmadd_ps(_mm512_loadu_ps(mw + r * ss + 16 * c), _mm512_loadu_ps(sx + 16 * c), e);
-        y += hsum16(e);
-      }
-      out[(i0 + i) * n + r0 + r] = y;
-    }
+  store_tile_vnni<NR, NI>(acc, a, i0, out, n, r0, mw, ss, QT != Q8_0);
 }
 
 // One activation row (a decode step's): NR1 weight rows per tile, the same operations per (weight row,
