@@ -123,6 +123,28 @@ def dequantize(raw: np.ndarray, qtype: int) -> np.ndarray:
     return gguf.quants.dequantize(raw, T(qtype)).astype(np.float32)
 
 
+def llama_config(
+    hidden: int, inter: int, heads: int, kv_heads: int, layers: int, vocab: int
+) -> dict:
+    """The config.json of a tiny float32 Llama (untied head, eos 2) that the GGUF tests write."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "eos_token_id": 2,
+        "dtype": "float32",
+    }
+
+
 def llama_cpp_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """The row order llama.cpp's converter gives a Llama q/k projection (rope pairs interleaved)."""
     n = rows.shape[0]

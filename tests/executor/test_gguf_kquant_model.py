@@ -20,25 +20,10 @@ from radixserve.executor.runner import ModelRunner
 from radixserve.kernels import cpu_decode, gguf_cpu
 from tests.configs import runner_config
 from tests.gguf_files import T, dequantize, gguf_cpu_extension, llama_cpp_permute, quantize
-from tests.gguf_files import write_gguf
+from tests.gguf_files import llama_config, write_gguf
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 768, 4, 2, 3, 320
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": VOCAB,
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTER,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "rope_theta": 10000.0,
-    "eos_token_id": 2,
-    "dtype": "float32",
-}
+CONFIG = llama_config(HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB)
 PARTS = {  # HF name -> (GGUF name, shape)
     "self_attn.q_proj": ("attn_q", (HIDDEN, HIDDEN)),
     "self_attn.k_proj": ("attn_k", (KV_HEADS * 64, HIDDEN)),

@@ -17,7 +17,8 @@ from radixserve.executor.quantization.gguf import GgufConfig, default_native, na
 from radixserve.executor.runner import ModelRunner
 from radixserve.kernels import gguf_cpu
 from tests.configs import runner_config
-from tests.gguf_files import T, dequantize, llama_cpp_permute, quantize, random_blocks, write_gguf
+from tests.gguf_files import T, dequantize, llama_config, llama_cpp_permute, quantize
+from tests.gguf_files import random_blocks, write_gguf
 
 # Tokenized with the model's tokenizer: "The capital of France is", "Once upon a time, there was a
 # little", "def fibonacci(n):\n    ", and the chat template around "What is 2+2?".
@@ -198,22 +199,7 @@ def test_a_gguf_the_cpu_kernels_cover_runs_natively_by_default(tiny_gguf):
 # --- a tiny Llama of mixed block types -------------------------------------------------------------
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 96
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": VOCAB,
-    "hidden_size": HIDDEN,
-    "intermediate_size": INTER,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-    "rope_theta": 10000.0,
-    "eos_token_id": 2,
-    "dtype": "float32",
-}
+CONFIG = llama_config(HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB)
 # Each layer's types (q/k/v differ, so the fused qkv keeps two runs of rows), HF name -> GGUF name.
 LAYER_TENSORS = {
     "self_attn.q_proj": ("attn_q", T.Q4_0, (HIDDEN, HIDDEN)),
