@@ -23,8 +23,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "gguf_cpu_kernels.h"
@@ -434,16 +437,65 @@ void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const 
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// Steps of up to this many tokens run the fused forward on one thread; larger ones give each thread a
-// slice of the tokens (DecodeModel::run), every thread reading all the weights. The one thread leaves the
-// other core to the services and to the LM head's split. (Before the split by tokens, the threads split
-// every stage and met at ~10 barriers per layer, each a futex sleep and wake-up of ~50 us with
-// OMP_WAIT_POLICY=PASSIVE as `radixserve executor` runs: two threads took 13.0 ms per bs1 step where one
-// took 11.3 on the 2-core EPYC VM, and at 16 tokens no less than one thread.) scripts/bench_gguf_cpu.py
-// --profile breaks a step down.
+// Steps of more than this many tokens give each thread a slice of the tokens (DecodeModel::run), every
+// thread reading all the weights, with no barrier. Smaller steps split every stage instead (below), or,
+// with the split off, run on one thread. (OpenMP's barriers between stages, each a futex sleep and wake-up
+// of ~50 us with OMP_WAIT_POLICY=PASSIVE as `radixserve executor` runs, made two threads slower than one:
+// 13.0 ms per bs1 step against 11.3 on the 2-core EPYC VM.) scripts/bench_gguf_cpu.py --profile breaks a
+// step down.
 constexpr int64_t kOneThreadRows = 4;
 
-int forward_threads(int64_t M) { return M <= kOneThreadRows ? 1 : num_threads(); }
+// Unless RADIXSERVE_CPU_DECODE_SPLIT_STAGES=0: steps of up to kOneThreadRows tokens instead split every
+// stage over the threads (each GEMM by output rows, rotary / attention by heads) and meet at a SpinBarrier
+// between stages (9 per layer): a waiting thread spins a microsecond or two, then yields its core between
+// checks, so a barrier costs about a microsecond when the threads arrive together (as balanced stages do)
+// and never sleeps in the kernel as OpenMP's does. bs1 on the 2-core EPYC VM (scripts/bench_gguf_cpu.py
+// --profile, no services): 6.82 ms per step against 8.78 on one thread; through the stack 1.10x.
+bool g_split_stages = [] {
+  const char* v = std::getenv("RADIXSERVE_CPU_DECODE_SPLIT_STAGES");
+  return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0));
+}();
+
+bool splits_stages(int64_t M) { return g_split_stages && M <= kOneThreadRows && num_threads() > 1; }
+
+int forward_threads(int64_t M) { return M <= kOneThreadRows && !splits_stages(M) ? 1 : num_threads(); }
+
+// Tests and benchmarks: set whether small steps split stages; returns the previous setting.
+bool set_split_stages(bool on) {
+  const bool was = g_split_stages;
+  g_split_stages = on;
+  return was;
+}
+
+// A barrier for the threads of one parallel region: the last to arrive opens the next phase; the others
+// spin on it (pause), then yield the core between checks once they have spun kSpins times.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const int phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      return;
+    }
+    for (int spin = 0; phase_.load(std::memory_order_acquire) == phase; ++spin) {
+      if (spin < kSpins)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+ private:
+  // ~1-2 us of pause: balanced stages arrive within that; past it the services' processes get the
+  // core (through the stack at bs1, 2000 spins measured 0.9-1.0x of one thread, 50 spins 1.10x).
+  static constexpr int kSpins = 50;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<int> phase_{0};
+  const int n_;
+};
 
 // --- standalone ops (tests) ---------------------------------------------------------------------
 
@@ -557,14 +609,16 @@ inline void linear_part(int tid, int nt, const Linear& L, const u16* x, int64_t 
     gemm_part(tid, nt, x, K, M, bp(L.w), K, N, fp_or_null(L.b), out, N);
     return;
   }
-  // Run by run. The forward calls this with nt = 1 (each thread its own tokens and its own rows of s.y), so
-  // the runs reuse s.y in turn; threads splitting one linear's rows would need the runs' s.y apart.
+  // Run by run, each run's float32 results in its own part of s.y (M * N values in all): threads that
+  // split a linear's rows may be in different runs at once.
   const float* bias = fp_or_null(L.b);
   int64_t r0 = 0;
   for (size_t p = 0; p < L.runs.size(); ++p) {
     const int64_t n = L.runs[p].size(0);
+    QScratch run_s = s;
+    run_s.y = s.y + M * r0;
     qgemm_part(tid, nt, x, K, M, L.runs[p].data_ptr<uint8_t>(), L.run_types[p], K, n, bias ? bias + r0 : nullptr,
-               out + r0, N, s);
+               out + r0, N, run_s);
     r0 += n;
   }
 }
@@ -774,6 +828,50 @@ class DecodeModel {
     const float eps = eps_, scale = scale_;
     const int64_t nlayers = int64_t(layers_.size());
     const Layer* layers = layers_.data();
+    if (splits_stages(M)) {
+      // Every thread on every token, each stage split over the threads (SpinBarrier above).
+      SpinBarrier barrier(nt);
+#pragma omp parallel num_threads(nt)
+      {
+        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        float* sc = scores.data() + tid * ld;
+        StageClock clock(times, tid, nt);
+        for (int64_t l = 0; l < nlayers; ++l) {
+          const Layer& L = layers[l];
+          if (tid == 0) add_rms_part(0, 1, l == 0 ? xp : tmpp, resp, l > 0, M, H, eps, bp(L.input_norm), hp);
+          clock.end(kNorm);
+          barrier.wait();
+          linear_part(tid, n, L.qkv, hp, M, H, nqkv, qkvp, qs);
+          clock.end(kQkv);
+          barrier.wait();
+          rope_store_part(tid, n, qkvp, M, nh, nkv, D, pos, cos, sin, slots, bpm(L.k_cache), bpm(L.v_cache));
+          clock.end(kRope);
+          barrier.wait();
+          attention_part(tid, n, qkvp, nqkv, M, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab, table.size(1), ln,
+                         scale, sc, attnp);
+          clock.end(kAttention);
+          barrier.wait();
+          linear_part(tid, n, L.o, attnp, M, nh * D, H, tmpp, qs);
+          clock.end(kO);
+          barrier.wait();
+          if (tid == 0) add_rms_part(0, 1, tmpp, resp, true, M, H, eps, bp(L.post_attention_norm), hp);
+          clock.end(kNorm);
+          barrier.wait();
+          linear_part(tid, n, L.gate_up, hp, M, H, 2 * I, gup, qs);
+          clock.end(kGateUp);
+          barrier.wait();
+          silu_mul_part(tid, n, gup, M, I, actp);
+          clock.end(kSilu);
+          barrier.wait();
+          linear_part(tid, n, L.down, actp, M, I, H, tmpp, qs);
+          clock.end(kDown);
+          barrier.wait();
+        }
+        if (tid == 0) add_rms_part(0, 1, nlayers == 0 ? xp : tmpp, resp, nlayers > 0, M, H, eps, fnorm, hp);
+        clock.end(kNorm);
+      }
+      return h;
+    }
     const std::vector<int64_t> bounds = token_bounds(nt, M, slots, tab, table.size(1), ln);
     // Each thread runs every stage on its own tokens (a slice of the step), all weights against them:
     // no barrier between stages (a sleeping OpenMP barrier costs ~50 us on the loaded 2-core VM, and a
@@ -840,6 +938,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store);
   m.def("decode_attention", &decode_attention);
   m.def("silu_mul", &silu_mul);
+  m.def("set_split_stages", &set_split_stages,
+        "whether steps of up to 4 tokens split each stage over the threads (else one thread); returns the previous",
+        py::arg("on"));
   m.def("token_bounds", &token_bounds_of, "the fused forward's token range per thread (tests)", py::arg("threads"),
         py::arg("out_slots"), py::arg("table"), py::arg("lens"));
   py::class_<DecodeModel>(m, "DecodeModel")

@@ -218,11 +218,39 @@ def test_profile_gives_the_forwards_bits_and_times_every_stage(runners):
     assert torch.equal(profiled, hidden)
     stages = list(fast._module.STAGES)
     assert stages == ["norm", "qkv", "rope_store", "attention", "o", "gate_up", "silu_mul", "down"]
-    # a bs1 step runs on one thread (its row, then the stage walls)
-    assert times.dtype == torch.float64 and times.shape == (2, len(stages))
-    assert (times >= 0).all() and (times[1] >= times[0]).all()
+    # a bs1 step splits its stages over the threads: a row per thread, then the stage walls (thread 0's)
+    threads = torch.get_num_threads()
+    assert times.dtype == torch.float64 and times.shape == (threads + 1, len(stages))
+    assert (times >= 0).all() and torch.equal(times[-1], times[0])
     for linear in ("qkv", "o", "gate_up", "down"):
-        assert times[1, stages.index(linear)] > 0
+        assert (times[:, stages.index(linear)] > 0).all()
+
+
+def test_small_steps_split_stages_over_threads_with_the_same_bits(runners):
+    """Steps of up to 4 tokens split every stage over the threads (cpu_decode.cpp, SpinBarrier): decode
+    steps of 1 and 3 rows and a 4-token verify step (its tokens read each other's K/V) give the one-thread
+    forward's bits."""
+    fused, _ = runners
+    module = fused.fast_decode._module
+    threads = torch.get_num_threads()
+    was = module.set_split_stages(True)
+    try:
+        torch.set_num_threads(2)
+        got = {}
+        for split in (True, False):
+            module.set_split_stages(split)
+            got[split] = (
+                greedy(fused, PROMPTS[:1], 3)[1],
+                greedy(fused, PROMPTS, 3)[1],
+                [verify_step_logits(fused, [3])],
+            )
+    finally:
+        module.set_split_stages(was)
+        torch.set_num_threads(threads)
+    for split_run, one_thread in zip(got[True], got[False]):
+        assert len(split_run) == len(one_thread) > 0
+        for a, b in zip(split_run, one_thread):
+            assert torch.equal(a, b)
 
 
 def verify_step_logits(runner, drafts):
