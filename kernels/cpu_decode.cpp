@@ -828,93 +828,74 @@ class DecodeModel {
     const float eps = eps_, scale = scale_;
     const int64_t nlayers = int64_t(layers_.size());
     const Layer* layers = layers_.data();
-    if (splits_stages(M)) {
-      // Every thread on every token, each stage split over the threads (SpinBarrier above).
+    // The layers for `part` of `parts` threads on tokens [t0, t0 + m): each stage split over the parts and
+    // the barrier between stages (parts = 1: one thread alone on its tokens; its barrier never waits).
+    auto run_layers = [&](int part, int parts, SpinBarrier& barrier, StageClock& clock, int64_t t0, int64_t m,
+                          const QScratch& q, float* sc) {
+      const bool first = part == 0;  // the norms (per token, cheap) run on the first part alone
+      const u16* x0 = xp + t0 * H;
+      u16 *res0 = resp + t0 * H, *h0 = hp + t0 * H, *tmp0 = tmpp + t0 * H, *qkv0 = qkvp + t0 * nqkv,
+          *attn0 = attnp + t0 * nh * D, *gu0 = gup + t0 * 2 * I, *act0 = actp + t0 * I;
+      const int64_t *pos0 = pos + t0, *slots0 = slots + t0, *tab0 = tab + t0 * table.size(1), *ln0 = ln + t0;
+      for (int64_t l = 0; l < nlayers; ++l) {
+        const Layer& L = layers[l];
+        if (first) add_rms_part(0, 1, l == 0 ? x0 : tmp0, res0, l > 0, m, H, eps, bp(L.input_norm), h0);
+        clock.end(kNorm);
+        barrier.wait();
+        linear_part(part, parts, L.qkv, h0, m, H, nqkv, qkv0, q);
+        clock.end(kQkv);
+        barrier.wait();
+        rope_store_part(part, parts, qkv0, m, nh, nkv, D, pos0, cos, sin, slots0, bpm(L.k_cache), bpm(L.v_cache));
+        clock.end(kRope);
+        barrier.wait();
+        attention_part(part, parts, qkv0, nqkv, m, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab0, table.size(1),
+                       ln0, scale, sc, attn0);
+        clock.end(kAttention);
+        barrier.wait();
+        linear_part(part, parts, L.o, attn0, m, nh * D, H, tmp0, q);
+        clock.end(kO);
+        barrier.wait();
+        if (first) add_rms_part(0, 1, tmp0, res0, true, m, H, eps, bp(L.post_attention_norm), h0);
+        clock.end(kNorm);
+        barrier.wait();
+        linear_part(part, parts, L.gate_up, h0, m, H, 2 * I, gu0, q);
+        clock.end(kGateUp);
+        barrier.wait();
+        silu_mul_part(part, parts, gu0, m, I, act0);
+        clock.end(kSilu);
+        barrier.wait();
+        linear_part(part, parts, L.down, act0, m, I, H, tmp0, q);
+        clock.end(kDown);
+        barrier.wait();
+      }
+      if (first) add_rms_part(0, 1, nlayers == 0 ? x0 : tmp0, res0, nlayers > 0, m, H, eps, fnorm, h0);
+      clock.end(kNorm);
+    };
+    if (splits_stages(M)) {  // every thread on every token, each stage split over the threads
       SpinBarrier barrier(nt);
 #pragma omp parallel num_threads(nt)
       {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        float* sc = scores.data() + tid * ld;
+        const int tid = omp_get_thread_num();
         StageClock clock(times, tid, nt);
-        for (int64_t l = 0; l < nlayers; ++l) {
-          const Layer& L = layers[l];
-          if (tid == 0) add_rms_part(0, 1, l == 0 ? xp : tmpp, resp, l > 0, M, H, eps, bp(L.input_norm), hp);
-          clock.end(kNorm);
-          barrier.wait();
-          linear_part(tid, n, L.qkv, hp, M, H, nqkv, qkvp, qs);
-          clock.end(kQkv);
-          barrier.wait();
-          rope_store_part(tid, n, qkvp, M, nh, nkv, D, pos, cos, sin, slots, bpm(L.k_cache), bpm(L.v_cache));
-          clock.end(kRope);
-          barrier.wait();
-          attention_part(tid, n, qkvp, nqkv, M, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab, table.size(1), ln,
-                         scale, sc, attnp);
-          clock.end(kAttention);
-          barrier.wait();
-          linear_part(tid, n, L.o, attnp, M, nh * D, H, tmpp, qs);
-          clock.end(kO);
-          barrier.wait();
-          if (tid == 0) add_rms_part(0, 1, tmpp, resp, true, M, H, eps, bp(L.post_attention_norm), hp);
-          clock.end(kNorm);
-          barrier.wait();
-          linear_part(tid, n, L.gate_up, hp, M, H, 2 * I, gup, qs);
-          clock.end(kGateUp);
-          barrier.wait();
-          silu_mul_part(tid, n, gup, M, I, actp);
-          clock.end(kSilu);
-          barrier.wait();
-          linear_part(tid, n, L.down, actp, M, I, H, tmpp, qs);
-          clock.end(kDown);
-          barrier.wait();
-        }
-        if (tid == 0) add_rms_part(0, 1, nlayers == 0 ? xp : tmpp, resp, nlayers > 0, M, H, eps, fnorm, hp);
-        clock.end(kNorm);
+        run_layers(tid, omp_get_num_threads(), barrier, clock, 0, M, qs, scores.data() + tid * ld);
       }
       return h;
     }
     const std::vector<int64_t> bounds = token_bounds(nt, M, slots, tab, table.size(1), ln);
     // Each thread runs every stage on its own tokens (a slice of the step), all weights against them:
-    // no barrier between stages (a sleeping OpenMP barrier costs ~50 us on the loaded 2-core VM, and a
-    // split by stage passed 10 per layer), and a token's bits do not depend on its batch-mates
+    // no barrier between stages, and a token's bits do not depend on its batch-mates
     // (gguf_cpu_kernels.h), so neither on the slicing.
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
       const int64_t t0 = bounds[tid], m = bounds[tid + 1] - t0;
-      float* sc = scores.data() + tid * ld;
       StageClock clock(times, tid, nt);
+      SpinBarrier alone(1);
       // This thread's quantization buffers, and its tokens' rows of the float32 results.
       const QScratch q{qs.q_ld, qs.xd_ld, qs.sx_ld, qs.kmax, qs.q + tid * qs.q_ld, qs.qu + tid * qs.q_ld,
                        qs.xd + tid * qs.xd_ld, qs.sx + tid * qs.sx_ld, qs.xf + tid * qs.kmax,
                        qs.y ? qs.y + t0 * nmax : nullptr};
-      const u16* x0 = xp + t0 * H;
-      u16 *res0 = resp + t0 * H, *h0 = hp + t0 * H, *tmp0 = tmpp + t0 * H, *qkv0 = qkvp + t0 * nqkv,
-          *attn0 = attnp + t0 * nh * D, *gu0 = gup + t0 * 2 * I, *act0 = actp + t0 * I;
-      const int64_t *pos0 = pos + t0, *slots0 = slots + t0, *tab0 = tab + t0 * table.size(1), *ln0 = ln + t0;
-      for (int64_t l = 0; m > 0 && l < nlayers; ++l) {
-        const Layer& L = layers[l];
-        add_rms_part(0, 1, l == 0 ? x0 : tmp0, res0, l > 0, m, H, eps, bp(L.input_norm), h0);
-        clock.end(kNorm);
-        linear_part(0, 1, L.qkv, h0, m, H, nqkv, qkv0, q);
-        clock.end(kQkv);
-        rope_store_part(0, 1, qkv0, m, nh, nkv, D, pos0, cos, sin, slots0, bpm(L.k_cache), bpm(L.v_cache));
-        clock.end(kRope);
-        attention_part(0, 1, qkv0, nqkv, m, nh, nkv, D, bp(L.k_cache), bp(L.v_cache), tab0, table.size(1), ln0,
-                       scale, sc, attn0);
-        clock.end(kAttention);
-        linear_part(0, 1, L.o, attn0, m, nh * D, H, tmp0, q);
-        clock.end(kO);
-        add_rms_part(0, 1, tmp0, res0, true, m, H, eps, bp(L.post_attention_norm), h0);
-        clock.end(kNorm);
-        linear_part(0, 1, L.gate_up, h0, m, H, 2 * I, gu0, q);
-        clock.end(kGateUp);
-        silu_mul_part(0, 1, gu0, m, I, act0);
-        clock.end(kSilu);
-        linear_part(0, 1, L.down, act0, m, I, H, tmp0, q);
-        clock.end(kDown);
-      }
-      if (m > 0) add_rms_part(0, 1, nlayers == 0 ? x0 : tmp0, res0, nlayers > 0, m, H, eps, fnorm, h0);
-      clock.end(kNorm);
+      if (m > 0) run_layers(0, 1, alone, clock, t0, m, q, scores.data() + tid * ld);
     }
     return h;
   }
