@@ -445,20 +445,30 @@ int num_threads() { return std::max(1, at::get_num_threads()); }
 // step down.
 constexpr int64_t kOneThreadRows = 4;
 
-// Unless RADIXSERVE_CPU_DECODE_SPLIT_STAGES=0: steps of up to kOneThreadRows tokens instead split every
-// stage over the threads (each GEMM by output rows, rotary / attention by heads) and meet at a SpinBarrier
-// between stages (9 per layer): a waiting thread spins a microsecond or two, then yields its core between
-// checks, so a barrier costs about a microsecond when the threads arrive together (as balanced stages do)
-// and never sleeps in the kernel as OpenMP's does. bs1 on the 2-core EPYC VM (scripts/bench_gguf_cpu.py
-// --profile, no services): 6.82 ms per step against 8.78 on one thread; through the stack 1.10x.
+// Unless RADIXSERVE_CPU_DECODE_SPLIT_STAGES=0: steps of up to kOneThreadRows tokens, and steps whose token
+// split would idle a thread (splits_stages), split every stage over the threads instead (each GEMM by
+// output rows, rotary / attention by heads) and meet at a SpinBarrier between stages (9 per layer): a
+// waiting thread spins a microsecond or two, then yields its core between checks, so a barrier costs about
+// a microsecond when the threads arrive together (as balanced stages do) and never sleeps in the kernel as
+// OpenMP's does. bs1 on the 2-core EPYC VM (scripts/bench_gguf_cpu.py --profile, no services): 6.82 ms
+// per step against 8.78 on one thread; through the stack 1.10x.
 bool g_split_stages = [] {
   const char* v = std::getenv("RADIXSERVE_CPU_DECODE_SPLIT_STAGES");
   return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0));
 }();
 
-bool splits_stages(int64_t M) { return g_split_stages && M <= kOneThreadRows && num_threads() > 1; }
+int forward_threads(int64_t M) { return M <= kOneThreadRows && !g_split_stages ? 1 : num_threads(); }
 
-int forward_threads(int64_t M) { return M <= kOneThreadRows && !splits_stages(M) ? 1 : num_threads(); }
+// Whether a step of M tokens on nt threads splits its stages: small steps, and any step whose token split
+// (bounds) would leave a thread without tokens (a verify step of one sequence, whose tokens read each
+// other's K/V, stays on one thread there).
+bool splits_stages(int64_t M, int nt, const std::vector<int64_t>& bounds) {
+  if (!g_split_stages || nt < 2) return false;
+  if (M <= kOneThreadRows) return true;
+  for (int t = 0; t < nt; ++t)
+    if (bounds[t + 1] == bounds[t]) return true;
+  return false;
+}
 
 // Tests and benchmarks: set whether small steps split stages; returns the previous setting.
 bool set_split_stages(bool on) {
@@ -871,7 +881,8 @@ class DecodeModel {
       if (first) add_rms_part(0, 1, nlayers == 0 ? x0 : tmp0, res0, nlayers > 0, m, H, eps, fnorm, h0);
       clock.end(kNorm);
     };
-    if (splits_stages(M)) {  // every thread on every token, each stage split over the threads
+    const std::vector<int64_t> bounds = token_bounds(nt, M, slots, tab, table.size(1), ln);
+    if (splits_stages(M, nt, bounds)) {  // every thread on every token, each stage split over the threads
       SpinBarrier barrier(nt);
 #pragma omp parallel num_threads(nt)
       {
@@ -881,7 +892,6 @@ class DecodeModel {
       }
       return h;
     }
-    const std::vector<int64_t> bounds = token_bounds(nt, M, slots, tab, table.size(1), ln);
     // Each thread runs every stage on its own tokens (a slice of the step), all weights against them:
     // no barrier between stages, and a token's bits do not depend on its batch-mates
     // (gguf_cpu_kernels.h), so neither on the slicing.

@@ -227,9 +227,9 @@ def test_profile_gives_the_forwards_bits_and_times_every_stage(runners):
 
 
 def test_small_steps_split_stages_over_threads_with_the_same_bits(runners):
-    """Steps of up to 4 tokens split every stage over the threads (cpu_decode.cpp, SpinBarrier): decode
-    steps of 1 and 3 rows and a 4-token verify step (its tokens read each other's K/V) give the one-thread
-    forward's bits."""
+    """Steps of up to 4 tokens, and larger ones whose split by sequences would idle a thread, split every
+    stage over the threads (cpu_decode.cpp, SpinBarrier): decode steps of 1 and 3 rows and verify steps of
+    one sequence, 4 and 7 tokens (they read each other's K/V), give the one-thread forward's bits."""
     fused, _ = runners
     module = fused.fast_decode._module
     threads = torch.get_num_threads()
@@ -242,7 +242,7 @@ def test_small_steps_split_stages_over_threads_with_the_same_bits(runners):
             got[split] = (
                 greedy(fused, PROMPTS[:1], 3)[1],
                 greedy(fused, PROMPTS, 3)[1],
-                [verify_step_logits(fused, [3])],
+                [verify_step_logits(fused, [3]), verify_step_logits(fused, [6])],
             )
     finally:
         module.set_split_stages(was)
