@@ -119,8 +119,8 @@ void quantize_row(const float* x, int64_t k, int64_t pairs, int64_t chunks, int8
 }
 
 template <int QT>
-constexpr int64_t bb() {
-  return QT == Q8_0 ? 34 : (QT == Q4_1 ? 20 : 18);
+constexpr int64_t bb() {  // block_bytes(QT), at compile time
+  return QT == Q8_0 ? 34 : QT == Q4_1 ? 20 : QT == Q4_0 ? 18 : QT == Q4_K ? 144 : QT == Q5_K ? 176 : 210;
 }
 
 template <int QT>
@@ -350,26 +350,35 @@ inline void k_pair(const uint8_t* blk, int j, __m256i& w0, __m256i& w1) {
   }
 }
 
+// Super-block sb of a tile's NR weight rows: prefetch ahead and decode the sub-block scales into ds[r]
+// and the mins into the row's mw (k_scales).
+template <int QT, int NR>
+inline void k_tile_scales(const uint8_t* w, int64_t row_bytes, int64_t sb, float (*ds)[16], float* mw,
+                          int64_t ss) {
+  constexpr int64_t BB = bb<QT>();
+  for (int r = 0; r < NR; ++r) {
+    const uint8_t* blk = w + r * row_bytes + sb * BB;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
+    k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
+  }
+}
+
 // The K-quant tile on AVX2: two 8-lane halves per pair, as tile_avx2; each weight pair unpacked once
 // (in registers) for the tile's NI activation rows.
 template <int QT, int NR, int NI>
 void tile_avx2_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                  float* out, int64_t n, int64_t r0, float* mw) {
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
-  constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
+  constexpr int64_t BB = bb<QT>();
   alignas(32) float ds[NR][16];
   __m256 lo[NR][NI], hi[NR][NI];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < NI; ++i) lo[r][i] = hi[r][i] = _mm256_setzero_ps();
   const __m256i k32 = _mm256_set1_epi8(32);
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* blk = w + r * row_bytes + sb * BB;
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
-      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
-    }
+    k_tile_scales<QT, NR>(w, row_bytes, sb, ds, mw, ss);
     for (int j = 0; j < 4; ++j) {
       const int64_t p = 4 * sb + j;
       __m256i w0[NR], w1[NR];
@@ -444,7 +453,7 @@ template <int QT, int NR, int NI>
 void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t i0,
                  float* out, int64_t n, int64_t r0, float* mw) {
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16, nsb = nb / 8;
-  constexpr int64_t BB = QT == Q6_K ? 210 : (QT == Q5_K ? 176 : 144);
+  constexpr int64_t BB = bb<QT>();
   alignas(64) float ds[NR][16];
   __m512 acc[NR][NI];
   for (int r = 0; r < NR; ++r)
@@ -455,13 +464,7 @@ void tile_vnni_k(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a,
                                  ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t sb = 0; sb < nsb; ++sb) {
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* blk = w + r * row_bytes + sb * BB;
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 128), _MM_HINT_T0);
-      k_scales<QT>(blk, ds[r], mw + r * ss + 8 * sb);
-    }
+    k_tile_scales<QT, NR>(w, row_bytes, sb, ds, mw, ss);
     for (int j = 0; j < 4; ++j) {
       const int64_t p = 4 * sb + j;
       const __m512i idx = _mm512_add_epi32(lane_scale, _mm512_set1_epi32(QT == Q6_K ? 4 * j : 2 * j));

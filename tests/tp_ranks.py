@@ -122,6 +122,28 @@ def scenario(runner) -> dict:
     return out
 
 
+def join_group(rank: int, world: int, port: int, device=torch.device("cpu"), ep: int = 1) -> None:
+    """Join the tensor-parallel group of `world` processes (rank 0 hosts the store on port)."""
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world,
+        is_master=rank == 0,
+        timeout=datetime.timedelta(seconds=60),
+        wait_for_workers=False,
+    )
+    init_tensor_parallel(rank, world, rank, world, store, device, ep_size=ep)
+
+
+def group_leader(runner) -> TensorParallelLeader:
+    """Rank 0's leader over runner; a broken group raises (the process exits non-zero) instead of exiting."""
+
+    def broken(error):
+        raise error
+
+    return TensorParallelLeader(runner, on_broken=broken)
+
+
 def run_group(
     model: Path,
     out: Path,
@@ -171,22 +193,10 @@ def main() -> None:
     parser.add_argument("--quantization", default=None)
     ns = parser.parse_args()
     device = torch.device("cuda", ns.rank) if ns.device == "cuda" else torch.device("cpu")
-    store = dist.TCPStore(
-        "127.0.0.1",
-        ns.port,
-        ns.world,
-        is_master=ns.rank == 0,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, device, ep_size=ns.ep)
+    join_group(ns.rank, ns.world, ns.port, device, ns.ep)
     runner = build_runner(ns.model, str(device), ns.quantization)
     if ns.rank == 0:
-
-        def broken(error):
-            raise error
-
-        leader = TensorParallelLeader(runner, on_broken=broken)
+        leader = group_leader(runner)
         result = scenario(leader)
         result["kv_slots"] = leader.model_info().kv_slots
         result["moe_local_experts"] = sorted(

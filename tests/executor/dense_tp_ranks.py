@@ -9,16 +9,14 @@ FILE; the other ranks follow.
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from radixserve.executor.parallel_state import destroy_tensor_parallel
+from radixserve.executor.step_broadcast import follow
 from tests.stack import free_ports
-from tests.tp_ranks import build_runner, on_cpu, scenario, spawn_ranks
+from tests.tp_ranks import build_runner, group_leader, join_group, on_cpu, scenario, spawn_ranks
 
 
 def run_models_on_two_ranks(models: list[Path], out: Path) -> dict[str, dict]:
@@ -35,24 +33,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("models", nargs="+")
     ns = parser.parse_args()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        ns.port,
-        ns.world,
-        is_master=ns.rank == 0,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, torch.device("cpu"))
+    join_group(ns.rank, ns.world, ns.port)
     results = {}
     for model in ns.models:
         runner = build_runner(model)
         if ns.rank == 0:
-
-            def broken(error):
-                raise error
-
-            leader = TensorParallelLeader(runner, on_broken=broken)
+            leader = group_leader(runner)
             results[model] = on_cpu(scenario(leader))
             leader.stop()
         else:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from radixserve.executor.parallel_state import destroy_tensor_parallel
+from radixserve.executor.step_broadcast import follow
 from tests.executor.test_eagle_serving import CHUNKED, make_runner, make_scheduler, prompts
 from tests.spec_serving import greedy, run
 from tests.stack import free_ports
-from tests.tp_ranks import spawn_ranks
+from tests.tp_ranks import group_leader, join_group, spawn_ranks
 
 NGRAM = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
 
@@ -78,25 +76,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("cases", nargs="+")
     ns = parser.parse_args()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        ns.port,
-        ns.world,
-        is_master=ns.rank == 0,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, torch.device("cpu"))
+    join_group(ns.rank, ns.world, ns.port)
     results = {}
     for case in ns.cases:
         algorithm, target, head = parse_case(case)
         runner = build_runner(algorithm, target, head)
         if ns.rank == 0:
-
-            def broken(error):
-                raise error
-
-            leader = TensorParallelLeader(runner, on_broken=broken)
+            leader = group_leader(runner)
             results[case] = serve(leader, runner, algorithm, head)
             leader.stop()
         else:

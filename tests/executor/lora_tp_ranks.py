@@ -9,20 +9,18 @@ loaded at run time on every shard) and saves what it returned; the other ranks f
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
-from radixserve.executor.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from radixserve.executor.parallel_state import destroy_tensor_parallel
 from radixserve.executor.runner import ModelRunner
-from radixserve.executor.step_broadcast import TensorParallelLeader, follow
+from radixserve.executor.step_broadcast import follow
 from tests.configs import runner_config
 from tests.stack import free_ports
-from tests.tp_ranks import on_cpu, spawn_ranks
+from tests.tp_ranks import group_leader, join_group, on_cpu, spawn_ranks
 
 AT_START = ("qv4", "all8")  # --lora-paths; mix16 is loaded at run time
 # Decode steps after the prefill: the same path each, seconds each in the Triton interpreter.
@@ -112,23 +110,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--scenario", choices=["adapters", "warmup"], default="adapters")
     ns = parser.parse_args()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        ns.port,
-        ns.world,
-        is_master=ns.rank == 0,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    init_tensor_parallel(ns.rank, ns.world, ns.rank, ns.world, store, torch.device("cpu"))
+    join_group(ns.rank, ns.world, ns.port)
     warmup = ns.scenario == "warmup"
     runner = build_lora_runner(ns.model, Path(ns.adapters), "torch" if warmup else "triton")
     if ns.rank == 0:
-
-        def broken(error):
-            raise error
-
-        leader = TensorParallelLeader(runner, on_broken=broken)
+        leader = group_leader(runner)
         if warmup:
             result = warmup_scenario(leader)
         else:
