@@ -452,10 +452,10 @@ constexpr int64_t kOneThreadRows = 4;
 // a microsecond when the threads arrive together (as balanced stages do) and never sleeps in the kernel as
 // OpenMP's does. bs1 on the 2-core EPYC VM (scripts/bench_gguf_cpu.py --profile, no services): 6.82 ms
 // per step against 8.78 on one thread; through the stack 1.10x.
-bool g_split_stages = [] {
+std::atomic<bool> g_split_stages{[] {
   const char* v = std::getenv("RADIXSERVE_CPU_DECODE_SPLIT_STAGES");
   return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0));
-}();
+}()};
 
 int forward_threads(int64_t M) { return M <= kOneThreadRows && !g_split_stages ? 1 : num_threads(); }
 
@@ -471,11 +471,7 @@ bool splits_stages(int64_t M, int nt, const std::vector<int64_t>& bounds) {
 }
 
 // Tests and benchmarks: set whether small steps split stages; returns the previous setting.
-bool set_split_stages(bool on) {
-  const bool was = g_split_stages;
-  g_split_stages = on;
-  return was;
-}
+bool set_split_stages(bool on) { return g_split_stages.exchange(on); }
 
 // A barrier for the threads of one parallel region: the last to arrive opens the next phase; the others
 // spin on it (pause), then yield the core between checks once they have spun kSpins times.

@@ -44,8 +44,6 @@ Q4_K, Q5_K, Q6_K = 12, 13, 14
 K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
 FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the types the C++ kernels run
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
-_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34, Q4_K: 144, Q5_K: 176, Q6_K: 210}
-_BLOCK_VALUES = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
 BLOCK_VALUES = 32  # of Q4_0 / Q4_1 / Q8_0 (and the activations' int8 blocks)
 # None: the fused types always take the int8 row dots, so a row's result does not depend on how many
 # rows share its batch (greedy tokens must not change with a request's batch-mates). A row count here
@@ -179,13 +177,28 @@ def dequantize(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     return dequantize_torch(qweight, qtype, k)
 
 
+def block_shape(qtype: int) -> tuple[int, int]:
+    """(values, bytes) of one block of a GGUF type, from the gguf package's table."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+
+
+def type_names(qtypes) -> str:
+    """`Q4_0, Q4_1 or Q8_0`: the GGUF names of block types."""
+    import gguf
+
+    names = [gguf.GGMLQuantizationType(q).name for q in qtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def dequantize_torch(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """dequantize without the C++ extension (any device)."""
     if qtype in FLOAT_TYPES:
         return qweight.float()
     rows = qweight.shape[0]
     if qtype in (Q4_0, Q4_1, Q8_0):
-        blocks = qweight.reshape(rows, -1, _BLOCK_BYTES[qtype])
+        blocks = qweight.reshape(rows, -1, block_shape(qtype)[1])
         d = _halves(blocks, 0)
         if qtype == Q8_0:
             q = blocks[..., 2:].contiguous().view(torch.int8).float()

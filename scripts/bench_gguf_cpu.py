@@ -294,7 +294,8 @@ def random_blocks(n: int, k: int, qtype: int, g: torch.Generator) -> torch.Tenso
     """uint8 [n, row bytes] of random nibbles / int8 values with small f16 scales (and Q4_1 mins)."""
     from radixserve.kernels import gguf_cpu
 
-    nb, bb = k // 32, gguf_cpu._BLOCK_BYTES[qtype]
+    values, bb = gguf_cpu.block_shape(qtype)
+    nb = k // values
     w = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=g)
     w[..., 0:2] = (torch.rand(n, nb, generator=g) * 0.02).half().view(torch.uint8).view(n, nb, 2)
     if qtype == gguf_cpu.Q4_1:
@@ -372,7 +373,8 @@ def random_k_blocks(n: int, k: int, qtype: int, g: torch.Generator) -> torch.Ten
     """uint8 [n, row bytes] of random K-quant blocks with small finite f16 scales."""
     from radixserve.kernels import gguf_cpu
 
-    nb, bb = k // 256, gguf_cpu._BLOCK_BYTES[qtype]
+    values, bb = gguf_cpu.block_shape(qtype)
+    nb = k // values
     w = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=g)
     for off, scale in _K_SCALE_OFFSETS[qtype]:
         h = (torch.rand(n, nb, generator=g) * scale + scale / 2).half()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import gguf
 import numpy as np
+from safetensors.numpy import save_file
+
+from radixserve.common.model_files import SOURCE_MARKER
 
 T = gguf.GGMLQuantizationType
 QUANTIZABLE = (T.Q4_0, T.Q4_1, T.Q8_0)  # gguf.quants.quantize implements these
@@ -168,3 +172,83 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# A Llama layer's linears in HF order: HF name -> GGUF name.
+LLAMA_LINEARS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_llama_gguf(
+    folder: pathlib.Path,
+    config: dict,
+    layer_types: list[dict[str, int]],
+    blocks,
+    rng: np.random.Generator,
+    embed: tuple[int, float],
+    head: int,
+    name: str = "model.gguf",
+) -> pathlib.Path:
+    """folder as model_files makes it from a .gguf of a tiny Llama (config from llama_config): the .gguf
+    (name), config.json, the dequantized weights under HF names (what --quantization unquant serves) and
+    the marker naming the .gguf. layer_types[i]: GGUF linear name -> block type of layer i (all seven);
+    blocks(shape, qtype, std): a tensor's raw blocks; embed: the token embedding's (type, std), head the
+    LM head's type; rng draws the norms, between the tensors, in file order."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    kv = kv_heads * hidden // heads
+    shapes = {
+        "attn_q": (hidden, hidden),
+        "attn_k": (kv, hidden),
+        "attn_v": (kv, hidden),
+        "attn_output": (hidden, hidden),
+        "ffn_gate": (inter, hidden),
+        "ffn_up": (inter, hidden),
+        "ffn_down": (hidden, inter),
+    }
+    stored, hf = {}, {}
+
+    def add(gguf_name, hf_name, shape, qtype, heads=None, std=0.05):
+        raw = blocks(shape, qtype, std)
+        hf[hf_name] = np.ascontiguousarray(dequantize(raw, qtype))
+        stored[gguf_name] = (raw if heads is None else llama_cpp_permute(raw, heads), qtype)
+
+    vocab = config["vocab_size"]
+    add("token_embd.weight", "model.embed_tokens.weight", (vocab, hidden), embed[0], std=embed[1])
+    add("output.weight", "lm_head.weight", (vocab, hidden), head)
+    stored["output_norm.weight"] = (np.ones(hidden, np.float32), T.F32)
+    hf["model.norm.weight"] = stored["output_norm.weight"][0]
+    for i, types in enumerate(layer_types):
+        for hf_part, part in LLAMA_LINEARS.items():
+            part_heads = {"attn_q": heads, "attn_k": kv_heads}.get(part)
+            add(
+                f"blk.{i}.{part}.weight",
+                f"model.layers.{i}.{hf_part}.weight",
+                shapes[part],
+                types[part],
+                part_heads,
+            )
+        for part, hf_part in (
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+        ):
+            norm = (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+            stored[f"blk.{i}.{part}.weight"] = (norm, T.F32)
+            hf[f"model.layers.{i}.{hf_part}.weight"] = norm
+    fields = {
+        "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": kv_heads,
+        "llama.block_count": len(layer_types),
+    }
+    gguf_file = write_gguf(folder / name, stored, fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(hf, str(folder / "model.safetensors"))
+    (folder / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf_file)}))
+    return folder

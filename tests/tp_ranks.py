@@ -122,6 +122,14 @@ def scenario(runner) -> dict:
     return out
 
 
+def group_parser() -> argparse.ArgumentParser:
+    """A rank script's arguments: --rank, --world and --port (join_group's), then its own."""
+    parser = argparse.ArgumentParser()
+    for flag in ("--rank", "--world", "--port"):
+        parser.add_argument(flag, type=int, required=True)
+    return parser
+
+
 def join_group(rank: int, world: int, port: int, device=torch.device("cpu"), ep: int = 1) -> None:
     """Join the tensor-parallel group of `world` processes (rank 0 hosts the store on port)."""
     store = dist.TCPStore(
@@ -183,9 +191,7 @@ def spawn_ranks(module: str, world: int, argv: list[str], out: Path, timeout: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for flag in ("--rank", "--world", "--port"):
-        parser.add_argument(flag, type=int, required=True)
+    parser = group_parser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -34,7 +34,6 @@ from radixserve.executor.parallel_state import tp_size
 log = logging.getLogger("radixserve.executor.fast_decode")
 
 SUPPORTED_HEAD_DIMS = (32, 48, 64, 80, 96, 128, 160, 192, 256)
-FUSED_NAMES = "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K"  # gguf_cpu.FUSED_TYPES
 
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
@@ -78,7 +77,8 @@ def gguf_unsupported(model) -> str | None:
         for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj):
             if gguf_runs(lin) is None:
                 types = [q for q, _ in getattr(lin.weight, "gguf_parts", [])]
-                return f"GGUF block types {types} (runs of {FUSED_NAMES} run fused)"
+                fused = gguf_cpu.type_names(gguf_cpu.FUSED_TYPES)
+                return f"GGUF block types {types} (runs of {fused} run fused)"
     return None
 
 

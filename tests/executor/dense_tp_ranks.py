@@ -8,7 +8,6 @@ FILE; the other ranks follow.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -16,7 +15,15 @@ import torch
 from radixserve.executor.parallel_state import destroy_tensor_parallel
 from radixserve.executor.step_broadcast import follow
 from tests.stack import free_ports
-from tests.tp_ranks import build_runner, group_leader, join_group, on_cpu, scenario, spawn_ranks
+from tests.tp_ranks import (
+    build_runner,
+    group_leader,
+    group_parser,
+    join_group,
+    on_cpu,
+    scenario,
+    spawn_ranks,
+)
 
 
 def run_models_on_two_ranks(models: list[Path], out: Path) -> dict[str, dict]:
@@ -27,9 +34,7 @@ def run_models_on_two_ranks(models: list[Path], out: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for flag in ("--rank", "--world", "--port"):
-        parser.add_argument(flag, type=int, required=True)
+    parser = group_parser()
     parser.add_argument("--out", required=True)
     parser.add_argument("models", nargs="+")
     ns = parser.parse_args()

@@ -10,7 +10,6 @@ while the others follow, and saves {case: outcome} to FILE.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from radixserve.executor.step_broadcast import follow
 from tests.executor.test_eagle_serving import CHUNKED, make_runner, make_scheduler, prompts
 from tests.spec_serving import greedy, run
 from tests.stack import free_ports
-from tests.tp_ranks import group_leader, join_group, spawn_ranks
+from tests.tp_ranks import group_leader, group_parser, join_group, spawn_ranks
 
 NGRAM = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
 
@@ -70,9 +69,7 @@ def run_cases_on_ranks(cases: list[str], out: Path, world: int = 2) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for flag in ("--rank", "--world", "--port"):
-        parser.add_argument(flag, type=int, required=True)
+    parser = group_parser()
     parser.add_argument("--out", required=True)
     parser.add_argument("cases", nargs="+")
     ns = parser.parse_args()

@@ -8,7 +8,6 @@ loaded at run time on every shard) and saves what it returned; the other ranks f
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from radixserve.executor.runner import ModelRunner
 from radixserve.executor.step_broadcast import follow
 from tests.configs import runner_config
 from tests.stack import free_ports
-from tests.tp_ranks import group_leader, join_group, on_cpu, spawn_ranks
+from tests.tp_ranks import group_leader, group_parser, join_group, on_cpu, spawn_ranks
 
 AT_START = ("qv4", "all8")  # --lora-paths; mix16 is loaded at run time
 # Decode steps after the prefill: the same path each, seconds each in the Triton interpreter.
@@ -102,9 +101,7 @@ def run_lora_group(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for flag in ("--rank", "--world", "--port"):
-        parser.add_argument(flag, type=int, required=True)
+    parser = group_parser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapters", required=True)
     parser.add_argument("--out", required=True)

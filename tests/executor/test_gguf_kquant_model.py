@@ -5,34 +5,22 @@ the same file dequantized (--quantization unquant). And the fused decode step (b
 mixes Q4_K and Q6_K rows runs each run into its columns, as a model whose every linear is one run does,
 with the torch path's greedy tokens."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
-from radixserve.common.model_files import SOURCE_MARKER, gguf_source
+from radixserve.common.model_files import gguf_source
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.quantization.gguf import GgufConfig, default_native
 from radixserve.executor.runner import ModelRunner
 from radixserve.kernels import cpu_decode, gguf_cpu
 from tests.configs import runner_config
-from tests.gguf_files import T, dequantize, gguf_cpu_extension, llama_cpp_permute, quantize
-from tests.gguf_files import llama_config, write_gguf
+from tests.gguf_files import T, gguf_cpu_extension, quantize
+from tests.gguf_files import LLAMA_LINEARS, llama_config, write_llama_gguf
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 768, 4, 2, 3, 320
 CONFIG = llama_config(HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB)
-PARTS = {  # HF name -> (GGUF name, shape)
-    "self_attn.q_proj": ("attn_q", (HIDDEN, HIDDEN)),
-    "self_attn.k_proj": ("attn_k", (KV_HEADS * 64, HIDDEN)),
-    "self_attn.v_proj": ("attn_v", (KV_HEADS * 64, HIDDEN)),
-    "self_attn.o_proj": ("attn_output", (HIDDEN, HIDDEN)),
-    "mlp.gate_proj": ("ffn_gate", (INTER, HIDDEN)),
-    "mlp.up_proj": ("ffn_up", (INTER, HIDDEN)),
-    "mlp.down_proj": ("ffn_down", (HIDDEN, INTER)),
-}
 # Q4_K_M: Q6_K v and down in some layers (layer 0 here: its qkv is two runs, Q4_K q|k and Q6_K v), Q4_K
 # elsewhere; layer 2's down is Q5_K (Q5_K_M's choice) so the three kernels all run.
 Q4_K_M = [
@@ -46,43 +34,16 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def write_model(folder, layer_types, seed=0):
-    """A folder as model_files makes from a .gguf: config.json, the dequantized weights under HF names
-    (what --quantization unquant serves) and the marker naming the .gguf. Weights are normal values
-    quantized by tests/gguf_files.quantize_k (a realistic model, not random bytes)."""
+    """A folder as model_files makes from a .gguf (tests/gguf_files.write_llama_gguf), layer i's linears
+    Q4_K unless layer_types[i] says otherwise. Weights are normal values quantized by
+    tests/gguf_files.quantize_k (a realistic model, not random bytes)."""
     rng = np.random.default_rng(seed)
-    stored, hf = {}, {}
 
-    def add(gguf_name, hf_name, shape, qtype, heads=None, std=0.05):
-        raw = quantize((rng.standard_normal(shape) * std).astype(np.float32), qtype)
-        hf[hf_name] = np.ascontiguousarray(dequantize(raw, qtype))
-        stored[gguf_name] = (raw if heads is None else llama_cpp_permute(raw, heads), qtype)
+    def blocks(shape, qtype, std):
+        return quantize((rng.standard_normal(shape) * std).astype(np.float32), qtype)
 
-    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, HIDDEN), T.Q4_K, std=1.0)
-    add("output.weight", "lm_head.weight", (VOCAB, HIDDEN), T.Q6_K)
-    stored["output_norm.weight"] = (np.ones(HIDDEN, np.float32), T.F32)
-    hf["model.norm.weight"] = stored["output_norm.weight"][0]
-    for i, types in enumerate(layer_types):
-        for hf_part, (part, shape) in PARTS.items():
-            heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(part)
-            qtype = types.get(part, T.Q4_K)
-            add(f"blk.{i}.{part}.weight", f"model.layers.{i}.{hf_part}.weight", shape, qtype, heads)
-        for part, hf_part in (
-            ("attn_norm", "input_layernorm"),
-            ("ffn_norm", "post_attention_layernorm"),
-        ):
-            norm = (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-            stored[f"blk.{i}.{part}.weight"] = (norm, T.F32)
-            hf[f"model.layers.{i}.{hf_part}.weight"] = norm
-    fields = {
-        "llama.attention.head_count": HEADS,
-        "llama.attention.head_count_kv": KV_HEADS,
-        "llama.block_count": len(layer_types),
-    }
-    gguf_file = write_gguf(folder / "model.gguf", stored, fields)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    save_file(hf, str(folder / "model.safetensors"))
-    (folder / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf_file)}))
-    return folder
+    types = [{part: t.get(part, T.Q4_K) for part in LLAMA_LINEARS.values()} for t in layer_types]
+    return write_llama_gguf(folder, CONFIG, types, blocks, rng, (T.Q4_K, 1.0), T.Q6_K)
 
 
 def runner_for(folder, quantization=None, dtype="float32") -> ModelRunner:

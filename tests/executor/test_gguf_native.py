@@ -2,14 +2,11 @@
 cover) against the same file dequantized (--quantization unquant): the embedded SmolLM2 Q4_1, and a tiny
 Llama of mixed block types written here."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
-from radixserve.common.model_files import SOURCE_MARKER, gguf_source, resolve_model_path
+from radixserve.common.model_files import gguf_source, resolve_model_path
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, NewRequest, StepInput
 from radixserve.executor.quantization import weight_bytes
@@ -17,8 +14,8 @@ from radixserve.executor.quantization.gguf import GgufConfig, default_native, na
 from radixserve.executor.runner import ModelRunner
 from radixserve.kernels import gguf_cpu
 from tests.configs import runner_config
-from tests.gguf_files import T, dequantize, llama_config, llama_cpp_permute, quantize
-from tests.gguf_files import random_blocks, write_gguf
+from tests.gguf_files import T, llama_config, quantize
+from tests.gguf_files import random_blocks, write_llama_gguf
 
 # Tokenized with the model's tokenizer: "The capital of France is", "Once upon a time, there was a
 # little", "def fibonacci(n):\n    ", and the chat template around "What is 2+2?".
@@ -200,62 +197,35 @@ def test_a_gguf_the_cpu_kernels_cover_runs_natively_by_default(tiny_gguf):
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 96
 CONFIG = llama_config(HIDDEN, INTER, HEADS, KV_HEADS, LAYERS, VOCAB)
-# Each layer's types (q/k/v differ, so the fused qkv keeps two runs of rows), HF name -> GGUF name.
-LAYER_TENSORS = {
-    "self_attn.q_proj": ("attn_q", T.Q4_0, (HIDDEN, HIDDEN)),
-    "self_attn.k_proj": ("attn_k", T.Q4_0, (KV_HEADS * 64, HIDDEN)),
-    "self_attn.v_proj": ("attn_v", T.Q6_K, (KV_HEADS * 64, HIDDEN)),
-    "self_attn.o_proj": ("attn_output", T.Q5_K, (HIDDEN, HIDDEN)),
-    "mlp.gate_proj": ("ffn_gate", T.Q4_K, (INTER, HIDDEN)),
-    "mlp.up_proj": ("ffn_up", T.Q4_1, (INTER, HIDDEN)),
-    "mlp.down_proj": ("ffn_down", T.F16, (HIDDEN, INTER)),
+# Each layer's types (q/k/v differ, so the fused qkv keeps two runs of rows), by GGUF name.
+LAYER_TYPES = {
+    "attn_q": T.Q4_0,
+    "attn_k": T.Q4_0,
+    "attn_v": T.Q6_K,
+    "attn_output": T.Q5_K,
+    "ffn_gate": T.Q4_K,
+    "ffn_up": T.Q4_1,
+    "ffn_down": T.F16,
 }
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    """A folder as model_files makes from a .gguf: config.json, the dequantized weights under HF names
-    and order (what --quantization unquant serves), and the marker naming the .gguf."""
+    """A folder as model_files makes from a .gguf (tests/gguf_files.write_llama_gguf): K-quant tensors
+    random valid blocks, the others normal values quantized."""
     rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("tiny-gguf")
-    stored, hf = {}, {}
 
-    def add(gguf_name, hf_name, shape, qtype, heads=None):
+    def blocks(shape, qtype, std):
         if qtype in K_TYPES:
-            raw = random_blocks(shape[0], shape[1], qtype, rng)
-        else:
-            raw = quantize(rng.standard_normal(shape).astype(np.float32) * 0.05, qtype)
-        hf[hf_name] = np.ascontiguousarray(dequantize(raw, qtype))
-        stored[gguf_name] = (raw if heads is None else llama_cpp_permute(raw, heads), qtype)
+            return random_blocks(shape[0], shape[1], qtype, rng)
+        return quantize(rng.standard_normal(shape).astype(np.float32) * std, qtype)
 
-    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, HIDDEN), T.Q8_0)
-    add("output.weight", "lm_head.weight", (VOCAB, HIDDEN), T.Q6_K)
-    stored["output_norm.weight"] = (np.ones(HIDDEN, np.float32), T.F32)
-    hf["model.norm.weight"] = stored["output_norm.weight"][0]
-    for i in range(LAYERS):
-        for hf_part, (part, qtype, shape) in LAYER_TENSORS.items():
-            heads = {"attn_q": HEADS, "attn_k": KV_HEADS}.get(part)
-            add(f"blk.{i}.{part}.weight", f"model.layers.{i}.{hf_part}.weight", shape, qtype, heads)
-        for part, hf_part in (
-            ("attn_norm", "input_layernorm"),
-            ("ffn_norm", "post_attention_layernorm"),
-        ):
-            norm = (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
-            stored[f"blk.{i}.{part}.weight"] = (norm, T.F32)
-            hf[f"model.layers.{i}.{hf_part}.weight"] = norm
-    fields = {
-        "llama.attention.head_count": HEADS,
-        "llama.attention.head_count_kv": KV_HEADS,
-        "llama.block_count": LAYERS,
-    }
-    gguf_file = write_gguf(folder / "tiny.gguf", stored, fields)
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    save_file(hf, str(folder / "model.safetensors"))
-    (folder / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf_file)}))
-    return folder
-
-
-K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    layers = [LAYER_TYPES] * LAYERS
+    return write_llama_gguf(
+        folder, CONFIG, layers, blocks, rng, (T.Q8_0, 0.05), T.Q6_K, "tiny.gguf"
+    )
 
 
 def test_a_mixed_type_gguf_llama_matches_its_dequantized_reference(tiny_gguf):
