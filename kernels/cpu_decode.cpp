@@ -213,7 +213,7 @@ void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uin
   const bool vnni = has_vnni();
   const int64_t nb = K / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
   int8_t* q = s.q + tid * s.q_ld;
-  uint8_t* qu = vnni && qt == Q8_0 ? s.qu + tid * s.q_ld : nullptr;
+  uint8_t* qu = vnni && base_type(qt) == Q8_0 ? s.qu + tid * s.q_ld : nullptr;
   float *xd = s.xd + tid * s.xd_ld, *sx = s.sx + tid * s.sx_ld, *xf = s.xf + tid * s.kmax;
   for (int64_t t = 0; t < M; ++t) {
     for (int64_t c = 0; c < K; ++c) xf[c] = bf2f(x[t * ldx + c]);
@@ -222,9 +222,10 @@ void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uin
   }
   const Acts acts{pairs, chunks, q, qu, xd, sx};
   int64_t b, e;
-  split((N + NR - 1) / NR, tid, nt, b, e);
+  const int64_t tr = tile_rows(qt);
+  split((N + tr - 1) / tr, tid, nt, b, e);
   matmul_tiles_for(qt, vnni, w, row_bytes_of(qt, K), nb, acts, M, s.y, N, b, e);
-  const int64_t r0 = b * NR, r1 = std::min(e * NR, N);
+  const int64_t r0 = b * tr, r1 = std::min(e * tr, N);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t r = r0; r < r1; ++r) {
       float v = s.y[i * N + r];
@@ -433,6 +434,7 @@ void check_gguf(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K, const 
   TORCH_CHECK(K % bv == 0, name, ": K must be a multiple of ", bv);
   TORCH_CHECK(w.size(0) == N && w.size(1) == row_bytes_of(int(qtype), K), name, ": expected [", N, ", ",
               row_bytes_of(int(qtype), K), "] GGUF blocks");
+  TORCH_CHECK(!is_packed(int(qtype)) || N % PACK_ROWS == 0, name, ": packed rows come in groups of 16");
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }

@@ -39,7 +39,7 @@ void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bo
   const int64_t nb = k / QK, row_bytes = w.size(1);
   const int64_t pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
   auto q = torch::empty({m, pairs * 64}, torch::kInt8);
-  auto qu = torch::empty({vnni && qt == Q8_0 ? m : 0, pairs * 64}, torch::kUInt8);
+  auto qu = torch::empty({vnni && base_type(qt) == Q8_0 ? m : 0, pairs * 64}, torch::kUInt8);
   auto xd = torch::empty({m, pairs * 16}, torch::kFloat);
   auto sx = torch::empty({m, chunks * 16}, torch::kFloat);
   const float* xp = x.data_ptr<float>();
@@ -57,12 +57,12 @@ void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bo
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   // Enough rows per task that a thread's share is worth a wake-up, few enough that every thread works.
-  const int64_t tiles = (n + NR - 1) / NR;
-  const int64_t grain = std::max<int64_t>(8, 1024 / std::max<int64_t>(m, 1));
+  const int64_t tr = tile_rows(qt), tiles = (n + tr - 1) / tr;
+  const int64_t grain = std::max<int64_t>(8, 1024 / std::max<int64_t>(m, 1)) * NR / tr;
   at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     matmul_tiles_for(qt, vnni, wp, row_bytes, nb, acts, m, op, n, b, e);
     if (!round_bf16) return;
-    const int64_t r0 = b * NR, r1 = std::min(e * NR, n);
+    const int64_t r0 = b * tr, r1 = std::min(e * tr, n);
     for (int64_t i = 0; i < m; ++i)
       for (float* o = op + i * n + r0; o < op + i * n + r1; ++o)
         *o = static_cast<float>(c10::BFloat16(*o));
@@ -79,6 +79,7 @@ bool check_matmul(const char* fn, const torch::Tensor& x, const torch::Tensor& w
   TORCH_CHECK(supported_type(qt), fn, ": GGUF block type ", qt, " has no kernel");
   TORCH_CHECK(k % block_values(qt) == 0, fn, ": K must be a multiple of ", block_values(qt));
   TORCH_CHECK(w.size(1) == row_bytes_of(qt, k), fn, ": row bytes do not match K");
+  TORCH_CHECK(!is_packed(qt) || w.size(0) % PACK_ROWS == 0, fn, ": packed rows come in groups of 16");
   TORCH_CHECK(isa >= AUTO && isa <= AVX512_VNNI, fn, ": isa is 0 (auto), 1 or 2");
   TORCH_CHECK(isa != AVX512_VNNI || has_vnni(), fn, ": this CPU lacks AVX-512 VNNI");
   return isa == AVX512_VNNI || (isa == AUTO && has_vnni());
@@ -126,9 +127,58 @@ void dequantize_k(const uint8_t* blk, float* o) {
   }
 }
 
-// w: [N, row bytes] uint8 -> float32 [N, K] (for prefill: one dequantize, then a float GEMM; and an
-// embedding lookup's rows).
-torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
+// Block b of weight row r: where its bytes start, and, for a packed type, the row's lane in its group.
+struct BlockAt {
+  const uint8_t* p;
+  int64_t lane;  // packed: r % 16 (the block's bytes are its group's); else -1
+};
+
+inline BlockAt block_at(const uint8_t* w, int qt, int64_t row_bytes, int64_t r, int64_t b) {
+  const int64_t bb = block_bytes(qt);
+  if (!is_packed(qt)) return {w + r * row_bytes + b * bb, -1};
+  return {w + (r / PACK_ROWS) * PACK_ROWS * row_bytes + b * PACK_ROWS * bb, r % PACK_ROWS};
+}
+
+// A Q4_0 / Q4_1 / Q8_0 block's 32 values, file layout or packed: d q (Q8_0), d q + m (Q4_1), d q - 8 d
+// (Q4_0).
+void dequantize_block(BlockAt at, int qt, float* o) {
+  const int base = base_type(qt);
+  if (at.lane < 0) {
+    const uint8_t* blk = at.p;
+    const float d = f16(blk);
+    if (base == Q8_0) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int i = 0; i < QK; ++i) o[i] = d * q[i];
+      return;
+    }
+    const float m = base == Q4_1 ? f16(blk + 2) : -8.f * d;
+    const uint8_t* qs = blk + (base == Q4_1 ? 4 : 2);
+    for (int i = 0; i < QK / 2; ++i) {
+      o[i] = d * (qs[i] & 0x0F) + m;
+      o[i + QK / 2] = d * (qs[i] >> 4) + m;
+    }
+    return;
+  }
+  // Packed (gguf_cpu_kernels.h, "Packed rows"): the lane's d, m and 4-byte runs of values.
+  const int64_t j = at.lane;
+  const float d = f16(at.p + 2 * j);
+  if (base == Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(at.p + 32);
+    for (int v = 0; v < QK; ++v) o[v] = d * q[64 * (v / 4) + 4 * j + v % 4];
+    return;
+  }
+  const float m = base == Q4_1 ? f16(at.p + 32 + 2 * j) : -8.f * d;
+  const uint8_t* nib = at.p + (base == Q4_1 ? 64 : 32);
+  for (int v = 0; v < QK; ++v) {
+    const uint8_t byte = nib[64 * (v / 8) + 4 * j + v % 4];
+    o[v] = d * ((v % 8) < 4 ? byte & 0x0F : byte >> 4) + m;
+  }
+}
+
+// Rows ids (or all rows when ids is null) of w: [N, row bytes] uint8 -> float32 [count, K] (for prefill:
+// one dequantize, then a float GEMM; and an embedding lookup's rows).
+torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, const int64_t* ids,
+                              int64_t count) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(),
               "gguf_dequantize: w must be a contiguous uint8 [N, row bytes]");
   const int qt = static_cast<int>(qtype);
@@ -136,37 +186,26 @@ torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) 
   const int64_t n = w.size(0), bv = block_values(qt), nb = k / bv, bb = block_bytes(qt),
                 row_bytes = w.size(1);
   TORCH_CHECK(k % bv == 0 && row_bytes == nb * bb, "gguf_dequantize: row bytes do not match K");
-  auto out = torch::empty({n, k}, torch::kFloat);
+  TORCH_CHECK(!is_packed(qt) || n % PACK_ROWS == 0, "gguf_dequantize: packed rows come in groups of 16");
+  for (int64_t i = 0; ids != nullptr && i < count; ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "gguf_dequantize: row ", ids[i], " is out of range");
+  auto out = torch::empty({count, k}, torch::kFloat);
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = ids != nullptr ? ids[i] : i;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = wp + r * row_bytes + b * bb;
-        float* o = op + r * k + b * bv;
+        float* o = op + i * k + b * bv;
         if (qt == Q4_K) {
           dequantize_k<Q4_K>(blk, o);
-          continue;
-        }
-        if (qt == Q5_K) {
+        } else if (qt == Q5_K) {
           dequantize_k<Q5_K>(blk, o);
-          continue;
-        }
-        if (qt == Q6_K) {
+        } else if (qt == Q6_K) {
           dequantize_k<Q6_K>(blk, o);
-          continue;
-        }
-        const float d = f16(blk);
-        if (qt == Q8_0) {
-          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
-          for (int i = 0; i < QK; ++i) o[i] = d * q[i];
         } else {
-          const float base = qt == Q4_1 ? f16(blk + 2) : -8.f * d;
-          const uint8_t* qs = blk + (qt == Q4_1 ? 4 : 2);
-          for (int i = 0; i < QK / 2; ++i) {
-            o[i] = d * (qs[i] & 0x0F) + base;
-            o[i + QK / 2] = d * (qs[i] >> 4) + base;
-          }
+          dequantize_block(block_at(wp, qt, row_bytes, r, b), qt, o);
         }
       }
     }
@@ -174,10 +213,21 @@ torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) 
   return out;
 }
 
+torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t qtype, int64_t k) {
+  return dequantize_rows(w, qtype, k, nullptr, w.size(0));
+}
+
+torch::Tensor gguf_dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, const torch::Tensor& ids) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "gguf_dequantize_rows: ids must be int64 [count]");
+  const auto flat = ids.contiguous();
+  return dequantize_rows(w, qtype, k, flat.data_ptr<int64_t>(), flat.size(0));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks [N, row bytes] -> float32 [N, K]");
+  mod.def("gguf_dequantize_rows", &gguf_dequantize_rows, "rows ids of GGUF blocks [N, row bytes] -> float32 [len(ids), K]");
   mod.def("gguf_matmul", &gguf_matmul, "x [M,K] f32 @ GGUF blocks [N, row bytes]^T -> [M,N] f32",
           pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("qtype"), pybind11::arg("isa") = 0);
   // Without the GIL: the executor's event loop (the next step's request, this one's reply) runs meanwhile.

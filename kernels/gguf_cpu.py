@@ -6,7 +6,10 @@ block bytes], one row per output feature. Q4_0, Q4_1, Q8_0 and the K-quants Q4_K
 Q4_K_M or Q6_K file) run the C++ kernel (activations quantized to int8 per 32 values, int8 dot products,
 a K-quant's 256-value super-block run as 8 blocks of 32 with its sub-block scales; see DEQUANTIZE_ROWS);
 every other type, and every CPU where the extension does not build or run, dequantizes the weight per
-call and multiplies in torch (`dequantize`).
+call and multiplies in torch (`dequantize`). A model's Q4_0 / Q4_1 / Q8_0 weights are loaded packed
+(`pack`: rows interleaved 16 at a time, so one int8 dot-product instruction serves 16 rows and a
+block's float work is done once per 16 rows); every function here takes either form, told apart by
+the type (PACKED + the block type).
 
 The extension is compiled at first use and cached like cpu_decode's (same build lock and stale-build
 handling, RADIXSERVE_CPU_DECODE_BUILD_WAIT bounds waiting for another process's build);
@@ -42,7 +45,15 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 Q4_K, Q5_K, Q6_K = 12, 13, 14
 K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
-FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the types the C++ kernels run
+FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the file's types the C++ kernels run
+# A Q4_0 / Q4_1 / Q8_0 weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
+# PACKED + the block type: the same bytes per row, in another order (gguf_cpu_kernels.h, "Packed rows").
+PACKED = 100
+PACK_ROWS = 16
+PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0)
+PACKED_TYPES = tuple(PACKED + q for q in PACKABLE_TYPES)
+KERNEL_TYPES = FUSED_TYPES + PACKED_TYPES  # what gguf_linear / gguf_logits run in C++
+PACK_SWITCH = "RADIXSERVE_GGUF_PACK"  # 0: keep the file's row order (for comparison)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 BLOCK_VALUES = 32  # of Q4_0 / Q4_1 / Q8_0 (and the activations' int8 blocks)
 # None: the fused types always take the int8 row dots, so a row's result does not depend on how many
@@ -148,6 +159,77 @@ def row_bytes(qtype: int, k: int) -> int:
     return k // values * nbytes
 
 
+def base_type(qtype: int) -> int:
+    """The file's block type of a (possibly packed) type."""
+    return qtype - PACKED if qtype in PACKED_TYPES else qtype
+
+
+def packing_enabled() -> bool:
+    return os.environ.get(PACK_SWITCH, "1").lower() not in ("0", "false", "no", "off")
+
+
+def pack(qtype: int, rows: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(type, rows) for the kernels: Q4_0 / Q4_1 / Q8_0 CPU rows whose count is a multiple of 16
+    regrouped (pack_rows), when the extension runs and PACK_SWITCH allows; anything else as given."""
+    if (
+        qtype not in PACKABLE_TYPES
+        or rows.dtype != torch.uint8
+        or rows.device.type != "cpu"
+        or rows.shape[0] % PACK_ROWS
+        or not packing_enabled()
+        or load() is None
+    ):
+        return qtype, rows
+    return PACKED + qtype, pack_rows(rows, qtype)
+
+
+def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
+    """The file's rows (uint8 [N, row bytes] of Q4_0 / Q4_1 / Q8_0, N a multiple of 16) in the packed
+    order, the same shape. Group g of 16 rows, block b: the 16 rows' d (f16 each), Q4_1's 16 m, then
+    the values so that 4 bytes (a 32-bit lane) hold 4 values of one row: Q8_0 chunk c (of 8), row j,
+    byte t = value 4c + t; Q4 chunk c (of 4), row j, byte t = value 8c + t | value 8c + 4 + t << 4."""
+    n, nbytes = rows.shape
+    block = block_shape(qtype)[1]
+    g, nb = n // PACK_ROWS, nbytes // block
+    blocks = rows.reshape(g, PACK_ROWS, nb, block).permute(0, 2, 1, 3)  # [g, nb, 16 rows, block]
+    heads = [blocks[..., 0:2]] + ([blocks[..., 2:4]] if qtype == Q4_1 else [])
+    if qtype == Q8_0:
+        values = blocks[..., 2:].reshape(g, nb, PACK_ROWS, 8, 4).transpose(2, 3)  # [g, nb, c, j, t]
+    else:
+        qs = blocks[..., 4 if qtype == Q4_1 else 2 :]
+        v = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(g, nb, PACK_ROWS, 4, 2, 4)
+        values = (v[..., 0, :] | (v[..., 1, :] << 4)).transpose(2, 3)  # [g, nb, c, j, t]
+    parts = [h.reshape(g, nb, -1) for h in heads] + [values.reshape(g, nb, -1)]
+    return torch.cat(parts, dim=-1).reshape(n, nbytes).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, qtype: int) -> torch.Tensor:
+    """pack_rows undone: the file's rows of a packed Q4_0 / Q4_1 / Q8_0 weight."""
+    n, nbytes = packed.shape
+    block = block_shape(qtype)[1]
+    g, nb = n // PACK_ROWS, nbytes // block
+    groups = packed.reshape(g, nb, PACK_ROWS * block)
+    heads = [groups[..., 0:32].reshape(g, nb, PACK_ROWS, 2)]
+    if qtype == Q4_1:
+        heads.append(groups[..., 32:64].reshape(g, nb, PACK_ROWS, 2))
+    start = 32 * len(heads)
+    if qtype == Q8_0:
+        values = (
+            groups[..., start:]
+            .reshape(g, nb, 8, PACK_ROWS, 4)
+            .transpose(2, 3)
+            .reshape(g, nb, PACK_ROWS, 32)
+        )
+    else:
+        nib = (
+            groups[..., start:].reshape(g, nb, 4, PACK_ROWS, 4).transpose(2, 3)
+        )  # [g, nb, j, c, t]
+        v = torch.stack([nib & 0x0F, nib >> 4], dim=-2).reshape(g, nb, PACK_ROWS, 32)  # value order
+        values = v[..., :16] | (v[..., 16:] << 4)  # the file's byte i: value i | value i + 16 << 4
+    blocks = torch.cat([*heads, values], dim=-1)  # [g, nb, 16 rows, block]
+    return blocks.permute(0, 2, 1, 3).reshape(n, nbytes).contiguous()
+
+
 def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[..., start : start + 2].contiguous().view(torch.float16).float()
 
@@ -170,11 +252,24 @@ def dequantize(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     torch (the same bits); other types through gguf.quants on the CPU (the same bits for the K-quants)."""
     if qtype in FLOAT_TYPES:
         return qweight.float()
-    if qtype in CPP_DEQUANTIZE_TYPES and qweight.device.type == "cpu":
+    if base_type(qtype) in CPP_DEQUANTIZE_TYPES and qweight.device.type == "cpu":
         module = load()
         if module is not None:
             return module.gguf_dequantize(qweight.contiguous(), qtype, k)
     return dequantize_torch(qweight, qtype, k)
+
+
+def dequantize_rows(qweight: torch.Tensor, qtype: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """float32 [len(ids), k]: dequantize of the rows ids only (an embedding lookup), packed or not."""
+    if qtype in FLOAT_TYPES:
+        return qweight[ids].float()
+    if base_type(qtype) in CPP_DEQUANTIZE_TYPES and qweight.device.type == "cpu":
+        module = load()
+        if module is not None:
+            return module.gguf_dequantize_rows(qweight.contiguous(), qtype, k, ids.long())
+    if qtype in PACKED_TYPES:
+        qweight, qtype = unpack_rows(qweight, base_type(qtype)), base_type(qtype)
+    return dequantize_torch(qweight[ids], qtype, k)
 
 
 def block_shape(qtype: int) -> tuple[int, int]:
@@ -196,6 +291,8 @@ def dequantize_torch(qweight: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """dequantize without the C++ extension (any device)."""
     if qtype in FLOAT_TYPES:
         return qweight.float()
+    if qtype in PACKED_TYPES:
+        qweight, qtype = unpack_rows(qweight, base_type(qtype)), base_type(qtype)
     rows = qweight.shape[0]
     if qtype in (Q4_0, Q4_1, Q8_0):
         blocks = qweight.reshape(rows, -1, block_shape(qtype)[1])
@@ -217,7 +314,7 @@ def gguf_linear(
 ) -> torch.Tensor:
     """x [M, K] (any float dtype) @ W^T for W in GGUF blocks (uint8 [N, row bytes]); [M, N] in x's dtype."""
     k = x.shape[-1]
-    if qtype in FUSED_TYPES and x.device.type == "cpu":
+    if qtype in KERNEL_TYPES and x.device.type == "cpu":
         module = load()
         if module is not None:
             flat = x.reshape(-1, k).float().contiguous()
@@ -240,7 +337,7 @@ def gguf_logits(x: torch.Tensor, qweight: torch.Tensor, qtype: int) -> torch.Ten
     gguf_linear(x, qweight, qtype).float() (the float32 product rounded to bf16, then widened), without
     the conversion passes and their temporaries, and without the GIL. None where the kernel does not
     run it (another block type, device or dtype, or no extension): the caller takes gguf_linear."""
-    if qtype not in FUSED_TYPES or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+    if qtype not in KERNEL_TYPES or x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return None
     module = load()
     if module is None:
@@ -254,6 +351,8 @@ def gguf_linear_ref(
     """The reference: dequantized by the gguf package, multiplied in float32."""
     import gguf
 
+    if qtype in PACKED_TYPES:
+        qweight, qtype = unpack_rows(qweight, base_type(qtype)), base_type(qtype)
     if qtype in FLOAT_TYPES:
         w = qweight.float()
     else:

@@ -26,15 +26,28 @@ constexpr int Q4_K = 12, Q5_K = 13, Q6_K = 14;
 
 constexpr bool is_kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
 
+// A Q4_0 / Q4_1 / Q8_0 weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at "Packed
+// rows" below) have the type PACKED + its block type: the same bytes per row, another order.
+constexpr int PACKED = 100;
+constexpr int64_t PACK_ROWS = 16;
+constexpr bool is_packed(int qtype) {
+  return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0;
+}
+constexpr int base_type(int qtype) { return is_packed(qtype) ? qtype - PACKED : qtype; }
+
+// Weight rows per unit of work (a thread's share of a linear is whole units): a tile's 2 rows, or a
+// packed group's 16.
+constexpr int64_t tile_rows(int qtype) { return is_packed(qtype) ? PACK_ROWS : 2; }
+
 bool supported_type(int qtype) {
-  return qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0 || is_kquant(qtype);
+  return qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0 || is_kquant(qtype) || is_packed(qtype);
 }
 
 // Values per weight block of qtype (32, or 256 for the K-quants).
 int64_t block_values(int qtype) { return is_kquant(qtype) ? QK_K : QK; }
 
 int64_t block_bytes(int qtype) {
-  switch (qtype) {
+  switch (base_type(qtype)) {
     case Q4_0: return 18;
     case Q4_1: return 20;
     case Q8_0: return 34;
@@ -737,6 +750,178 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
   }
 }
 
+// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 rows interleaved 16 at a time (type PACKED + the block type) ----
+// The file's N rows (N a multiple of 16) regrouped by gguf_cpu.pack_rows: group G (rows 16 G .. 16 G + 15)
+// holds its 16 rows' bytes (16 row bytes), block after block; block b of a group (16 block bytes) is
+//   d: 16 f16 (row j's at bytes 2 j);  Q4_1: then m, 16 f16;
+//   Q4:   4 chunks of 64 bytes: chunk c, row j, byte t < 4 (byte 4 j + t) = value 8c + t | value 8c + 4 + t << 4
+//   Q8_0: 8 chunks of 64 bytes: chunk c, row j, byte t = value 4c + t
+// so a 32-bit lane holds 4 values of one row that meet the same 4 activation bytes: one dot-product
+// instruction with those bytes broadcast serves 16 rows, and a block's 8 such steps sum its whole
+// integer dot product per row, one row per lane, before any float operation (the layout above needs 3
+// float operations per 8 values of a row, this one 3 per 32). What (weight row r, activation row i)
+// computes, in block order:
+//   acc = fma(d_w * d_x, float(sum q_w q_x), acc);  Q4_1: acc = fma(m_w, s_x, acc);  Q4_0: m_w = -8 d_w
+// y = acc: the same operations per lane on AVX2 and AVX-512, in any batch, so the same bits.
+template <int QT>
+constexpr int64_t packed_values_offset() {  // bytes before a group block's values: d (and Q4_1's m)
+  return QT == Q4_1 ? 64 : 32;
+}
+
+inline int32_t load4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Activation rows i0 .. i0 + NI - 1 against the 16 rows of the group at grp (its first block): two
+// 8-lane halves (rows 0..7, 8..15); out[i, c0 .. c0 + 15].
+template <int QT, int NI>
+void packed_tile_avx2(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0, float* out, int64_t n,
+                      int64_t c0) {
+  constexpr int64_t GB = PACK_ROWS * bb<QT>(), VOFF = packed_values_offset<QT>();
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[2][NI];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < NI; ++i) acc[h][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = grp + b * GB;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+      __m256 mw = _mm256_setzero_ps();
+      if constexpr (QT == Q4_1)
+        mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
+      if constexpr (QT == Q4_0) mw = _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));
+      __m256i wv[8];
+      if constexpr (QT == Q8_0) {
+        for (int c = 0; c < 8; ++c) wv[c] = load32(blk + VOFF + 64 * c + 32 * h);
+      } else {
+        for (int c = 0; c < 4; ++c) {
+          const __m256i x = load32(blk + VOFF + 64 * c + 32 * h);
+          wv[2 * c] = _mm256_and_si256(x, low4);
+          wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+        }
+      }
+      for (int i = 0; i < NI; ++i) {
+        const int64_t row = i0 + i;
+        const int8_t* qx = a.q + row * qs + b * QK;
+        __m256i dot = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i q4 = _mm256_set1_epi32(load4(qx + 4 * c));
+          // Q8_0: |w| times q with w's sign (|w| <= 128 fits the unsigned operand; pair sums <= 32512)
+          const __m256i p = QT == Q8_0 ? _mm256_maddubs_epi16(_mm256_sign_epi8(wv[c], wv[c]),
+                                                              _mm256_sign_epi8(q4, wv[c]))
+                                       : _mm256_maddubs_epi16(wv[c], q4);
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
+        }
+        const __m256 dx = _mm256_set1_ps(a.xd[row * xs + b * 8]);
+        acc[h][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[h][i]);
+        if constexpr (QT != Q8_0)
+          acc[h][i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.sx[row * ss + b]), acc[h][i]);
+      }
+    }
+  }
+  for (int i = 0; i < NI; ++i)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (i0 + i) * n + c0 + 8 * h, acc[h][i]);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+// packed_tile_avx2 with 16 lanes: one register per group. Q4: the weight is the unsigned operand and
+// the activation's 4 bytes the broadcast signed one. Q8_0: the activation + 128 (a.qu) is the unsigned
+// operand, and each row's dot starts at -128 times its block's weight sum (computed once per block for
+// all NI rows): sum (q + 128) w - 128 sum w = sum q w, the same integers.
+template <int QT, int NI>
+void packed_tile_vnni(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0, float* out, int64_t n,
+                      int64_t c0, bool prefetch) {
+  constexpr int64_t GB = PACK_ROWS * bb<QT>(), VOFF = packed_values_offset<QT>();
+  const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[NI];
+  for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = grp + b * GB;
+    if (prefetch)
+      for (int64_t l = 0; l < GB; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + l), _MM_HINT_T0);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    __m512 mw = _mm512_setzero_ps();
+    if constexpr (QT == Q4_1)
+      mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+    if constexpr (QT == Q4_0) mw = _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
+    __m512i wv[8], corr = _mm512_setzero_si512();
+    if constexpr (QT == Q8_0) {
+      __m512i wsum = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) {
+        wv[c] = _mm512_loadu_si512(blk + VOFF + 64 * c);
+        wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(-128), wv[c]);  // 128 (unsigned) times w
+      }
+      corr = _mm512_sub_epi32(_mm512_setzero_si512(), wsum);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i x = _mm512_loadu_si512(blk + VOFF + 64 * c);
+        wv[2 * c] = _mm512_and_si512(x, low4);
+        wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+      }
+    }
+    for (int i = 0; i < NI; ++i) {
+      const int64_t row = i0 + i;
+      __m512i dot = corr;
+      if constexpr (QT == Q8_0) {
+        const uint8_t* qx = a.qu + row * qs + b * QK;
+        for (int c = 0; c < 8; ++c) dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(load4(qx + 4 * c)), wv[c]);
+      } else {
+        const int8_t* qx = a.q + row * qs + b * QK;
+        for (int c = 0; c < 8; ++c) dot = _mm512_dpbusd_epi32(dot, wv[c], _mm512_set1_epi32(load4(qx + 4 * c)));
+      }
+      const __m512 dx = _mm512_set1_ps(a.xd[row * xs + b * 8]);
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(dot), acc[i]);
+      if constexpr (QT != Q8_0) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.sx[row * ss + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < NI; ++i) _mm512_storeu_ps(out + (i0 + i) * n + c0, acc[i]);
+}
+
+#pragma GCC pop_options
+
+// Groups [begin, end) of a packed weight against all m activation rows, up to 8 (VNNI) / 2 (AVX2) rows
+// per pass over a group (a group's blocks stay in cache for the next pass).
+template <int QT, int ISA>
+void matmul_packed(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a, int64_t m, float* out,
+                   int64_t n, int64_t begin, int64_t end) {
+  for (int64_t g = begin; g < end; ++g) {
+    const uint8_t* grp = w + g * PACK_ROWS * row_bytes;
+    const int64_t c0 = g * PACK_ROWS;
+    for (int64_t i0 = 0; i0 < m;) {
+      const int64_t left = m - i0;
+      if constexpr (ISA == AVX512_VNNI) {
+        const bool pf = i0 == 0;
+        switch (std::min<int64_t>(left, 8)) {
+          case 8: packed_tile_vnni<QT, 8>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 7: packed_tile_vnni<QT, 7>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 6: packed_tile_vnni<QT, 6>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 5: packed_tile_vnni<QT, 5>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 4: packed_tile_vnni<QT, 4>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 3: packed_tile_vnni<QT, 3>(grp, nb, a, i0, out, n, c0, pf); break;
+          case 2: packed_tile_vnni<QT, 2>(grp, nb, a, i0, out, n, c0, pf); break;
+          default: packed_tile_vnni<QT, 1>(grp, nb, a, i0, out, n, c0, pf); break;
+        }
+        i0 += std::min<int64_t>(left, 8);
+      } else {
+        if (left >= 2) {
+          packed_tile_avx2<QT, 2>(grp, nb, a, i0, out, n, c0);
+          i0 += 2;
+        } else {
+          packed_tile_avx2<QT, 1>(grp, nb, a, i0, out, n, c0);
+          i0 += 1;
+        }
+      }
+    }
+  }
+}
+
 // Weight-row tiles per staged group: kStageTiles tiles' results for all m activation rows go to a small
 // buffer first, then to out row by row. Written straight to out, a weight row's m results land in m
 // lines n floats apart; with n a multiple of 1024 (gate|up's 3072, an LM head's 49152) those lines share
@@ -784,13 +969,17 @@ void matmul_tiles(const uint8_t* w, int64_t row_bytes, int64_t nb, const Acts& a
   }
 }
 
-// matmul_tiles for a block type and ISA chosen at run time (vnni: the AVX-512 VNNI kernel).
+// matmul_tiles (matmul_packed for a packed type: begin, end count groups of 16 rows, not tiles) for a
+// block type and ISA chosen at run time (vnni: the AVX-512 VNNI kernel).
 inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_bytes, int64_t nb,
                              const Acts& a, int64_t m, float* out, int64_t n, int64_t begin,
                              int64_t end) {
   const auto run = [&](auto isa_tag) {
     constexpr int I = decltype(isa_tag)::value;
     switch (qt) {
+      case PACKED + Q8_0: matmul_packed<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case PACKED + Q4_1: matmul_packed<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case PACKED + Q4_0: matmul_packed<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_K: matmul_tiles<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;

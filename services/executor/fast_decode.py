@@ -57,7 +57,7 @@ def gguf_runs(linear) -> list[tuple[torch.Tensor, int]] | None:
         return None
     if len(parts) > 1 and getattr(linear, "bias", None) is not None:
         return None
-    if any(q not in gguf_cpu.FUSED_TYPES or rows.dtype != torch.uint8 for q, rows in parts):
+    if any(q not in gguf_cpu.KERNEL_TYPES or rows.dtype != torch.uint8 for q, rows in parts):
         return None
     return [(rows.contiguous(), q) for q, rows in parts]
 

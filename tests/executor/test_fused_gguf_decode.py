@@ -122,7 +122,7 @@ def test_unsupported_gguf_linears_keep_the_torch_path(runners, monkeypatch, capl
     ((qtype, rows),) = down.gguf_parts
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1")
     cases = [
-        ([(qtype, rows[:100]), (6, rows[100:])], "GGUF block types [3, 6]"),  # a run of Q5_0
+        ([(qtype, rows[:96]), (6, rows[96:])], f"GGUF block types [{qtype}, 6]"),  # a run of Q5_0
         ([(6, rows)], "GGUF block types [6]"),  # Q5_0: no kernel
     ]
     for parts, reason in cases:
@@ -298,7 +298,7 @@ def test_lm_head_runs_as_one_call_with_the_torch_paths_bits(runners, monkeypatch
     float32 logits bit for bit, and the runner's decode steps take it (not the torch LM head)."""
     fused, _ = runners
     fast = fused.fast_decode
-    assert fast._lm_head is not None and fast._lm_head[1] == gguf_cpu.Q8_0
+    assert fast._lm_head is not None and fast._lm_head[1] == gguf_cpu.PACKED + gguf_cpu.Q8_0
     hidden = (torch.randn(5, 576, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
     for rows in (1, 5):
         got = fast.compute_logits(hidden[:rows])

@@ -83,9 +83,11 @@ def test_the_embedded_gguf_runs_natively_with_quantization_gguf(smollm2):
     assert dequantized.model.quant_config is None
     qkv = native.model.model.layers[0].self_attn.qkv_proj.weight
     assert qkv.dtype == torch.uint8 and qkv.shape == (960, 576 // 32 * 20)  # Q4_1 rows, q|k|v
+    # On the CPU the rows are packed for the kernels (16 at a time; the same bytes)
+    assert qkv.gguf_parts[0][0] == gguf_cpu.PACKED + T.Q4_1
     head = native.model.lm_head
     assert head.weight is native.model.model.embed_tokens.weight  # the tied head reads the Q8_0
-    assert head.weight.gguf_parts[0][0] == T.Q8_0
+    assert head.weight.gguf_parts[0][0] == gguf_cpu.PACKED + T.Q8_0
     # Q4_1 layers + a Q8_0 embedding: under 100 MB read per token (vs 538 MB dequantized in fp32).
     assert weight_bytes(native.model) < 100e6 < 500e6 < weight_bytes(dequantized.model)
 
@@ -231,7 +233,7 @@ def tiny_gguf(tmp_path_factory):
 def test_a_mixed_type_gguf_llama_matches_its_dequantized_reference(tiny_gguf):
     native, dequantized = runner_for(tiny_gguf), runner_for(tiny_gguf, "unquant")
     qkv = native.model.model.layers[0].self_attn.qkv_proj.weight
-    assert [q for q, _ in qkv.gguf_parts] == [T.Q4_0, T.Q6_K]  # q and k fused, v apart
+    assert [q for q, _ in qkv.gguf_parts] == [gguf_cpu.PACKED + T.Q4_0, T.Q6_K]  # q|k, v apart
     assert native.model.lm_head.weight is not native.model.model.embed_tokens.weight
     for ids in ([3, 17, 42, 9, 88, 1], [5] * 40):  # decode rows, and a longer prefill
         want, _ = greedy(dequantized, ids, 4)

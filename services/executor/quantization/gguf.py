@@ -1,5 +1,6 @@
 """GGUF weights served as the file stores them: each linear layer (and the token embedding) keeps its
-rows of quantized blocks, uint8 [out_features, in_features / block values * block bytes].
+rows of quantized blocks, uint8 [out_features, in_features / block values * block bytes]. On the CPU
+Q4_0 / Q4_1 / Q8_0 rows are regrouped 16 at a time for the kernels (gguf_cpu.pack; the same bytes).
 
 The block type is the file's, tensor by tensor, so a parameter's size is only known when its tensor
 arrives: `create_weights` registers an empty uint8 `weight` whose loader keeps each loaded tensor (one
@@ -97,11 +98,16 @@ class GgufLinearMethod(LinearMethod):
         total = sum(rows.shape[0] for _, rows in parts)
         if total != weight.shape[0]:
             raise ValueError(f"GGUF tensors give {total} rows; the layer has {weight.shape[0]}")
-        weight.gguf_parts = parts
-        if len(parts) == 1 and parts[0][1].dtype == torch.uint8:
-            weight.data = parts[0][1]  # the file's rows themselves
         if weight.device.type == "cpu":
             gguf_cpu.load()  # build (first start) or load the kernels now, not at the first request
+            parts = [
+                gguf_cpu.pack(q, rows) for q, rows in parts
+            ]  # Q4_0 / Q4_1 / Q8_0 for the kernels
+        weight.gguf_parts = parts
+        if len(parts) == 1 and parts[0][1].dtype == torch.uint8:
+            weight.data = parts[0][
+                1
+            ]  # the file's rows (packed on the CPU: the same bytes reordered)
 
     def apply(self, layer, x, bias):
         parts = layer.weight.gguf_parts
@@ -114,7 +120,7 @@ class GgufLinearMethod(LinearMethod):
         """The embedding rows of input_ids, dequantized (only the rows looked up)."""
         ((qtype, rows),) = layer.weight.gguf_parts
         flat = input_ids.reshape(-1)
-        values = gguf_cpu.dequantize(rows[flat], qtype, layer.gguf_in_features)
+        values = gguf_cpu.dequantize_rows(rows, qtype, layer.gguf_in_features, flat)
         return values.to(layer.gguf_dtype).reshape(*input_ids.shape, -1)
 
     def weight_bytes(self, layer):
