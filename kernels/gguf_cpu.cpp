@@ -179,6 +179,23 @@ void dequantize_block(BlockAt at, int qt, float* o) {
   }
 }
 
+// A packed Q4_K super-block's bytes of one row (its lane), back in the file's order (144 bytes).
+void file_block_q4_k(BlockAt at, uint8_t* fb) {
+  const uint8_t* g = at.p;
+  const int64_t j = at.lane;
+  std::memcpy(fb, g + 2 * j, 2);            // d
+  std::memcpy(fb + 2, g + 32 + 2 * j, 2);   // dmin
+  for (int t = 0; t < 12; ++t) fb[4 + t] = g[64 + 16 * t + j];
+  uint8_t* qs = fb + 16;  // bytes 32 i + l: value l of sub-block 2i (low nibble), of 2i + 1 (high)
+  std::memset(qs, 0, 128);
+  for (int sub = 0; sub < 8; ++sub)
+    for (int v = 0; v < QK; ++v) {
+      const uint8_t byte = g[256 + 256 * sub + 64 * (v / 8) + 4 * j + v % 4];
+      const int q = (v % 8) < 4 ? byte & 0x0F : byte >> 4;
+      qs[32 * (sub / 2) + v] |= static_cast<uint8_t>(sub % 2 ? q << 4 : q);
+    }
+}
+
 // Rows ids (or all rows when ids is null) of w: [N, row bytes] uint8 -> float32 [count, K] (for prefill:
 // one dequantize, then a float GEMM; and an embedding lookup's rows).
 torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, const int64_t* ids,
@@ -204,6 +221,10 @@ torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, 
         float* o = op + i * k + b * bv;
         if (qt == Q4_K) {
           dequantize_k<Q4_K>(blk, o);
+        } else if (qt == PACKED + Q4_K) {
+          uint8_t fb[144];
+          file_block_q4_k(block_at(wp, qt, row_bytes, r, b), fb);
+          dequantize_k<Q4_K>(fb, o);
         } else if (qt == Q5_K) {
           dequantize_k<Q5_K>(blk, o);
         } else if (qt == Q6_K) {

@@ -46,11 +46,11 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 Q4_K, Q5_K, Q6_K = 12, 13, 14
 K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
 FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the file's types the C++ kernels run
-# A Q4_0 / Q4_1 / Q8_0 weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
+# A Q4_0 / Q4_1 / Q8_0 / Q4_K weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
 # PACKED + the block type: the same bytes per row, in another order (gguf_cpu_kernels.h, "Packed rows").
 PACKED = 100
 PACK_ROWS = 16
-PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0)
+PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, Q4_K)
 PACKED_TYPES = tuple(PACKED + q for q in PACKABLE_TYPES)
 KERNEL_TYPES = FUSED_TYPES + PACKED_TYPES  # what gguf_linear / gguf_logits run in C++
 PACK_SWITCH = "RADIXSERVE_GGUF_PACK"  # 0: keep the file's row order (for comparison)
@@ -169,7 +169,7 @@ def packing_enabled() -> bool:
 
 
 def pack(qtype: int, rows: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(type, rows) for the kernels: Q4_0 / Q4_1 / Q8_0 CPU rows whose count is a multiple of 16
+    """(type, rows) for the kernels: Q4_0 / Q4_1 / Q8_0 / Q4_K CPU rows whose count is a multiple of 16
     regrouped (pack_rows), when the extension runs and PACK_SWITCH allows; anything else as given."""
     if (
         qtype not in PACKABLE_TYPES
@@ -183,50 +183,70 @@ def pack(qtype: int, rows: torch.Tensor) -> tuple[int, torch.Tensor]:
     return PACKED + qtype, pack_rows(rows, qtype)
 
 
+def _q4_chunks(v: torch.Tensor) -> torch.Tensor:
+    """Values [..., 16 rows, 32] (0..15) of a block as packed Q4 bytes [..., 4 chunks, 16 rows, 4]:
+    chunk c, row j, byte t = value 8c + t | value 8c + 4 + t << 4."""
+    v = v.reshape(*v.shape[:-1], 4, 2, 4)
+    return (v[..., 0, :] | (v[..., 1, :] << 4)).transpose(-2, -3)
+
+
+def _q4_values(chunks: torch.Tensor) -> torch.Tensor:
+    """_q4_chunks undone: [..., 4, 16 rows, 4] bytes -> [..., 16 rows, 32] values."""
+    nib = chunks.transpose(-2, -3)  # [..., rows, c, t]
+    return torch.stack([nib & 0x0F, nib >> 4], dim=-2).reshape(*nib.shape[:-2], 32)
+
+
 def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
-    """The file's rows (uint8 [N, row bytes] of Q4_0 / Q4_1 / Q8_0, N a multiple of 16) in the packed
-    order, the same shape. Group g of 16 rows, block b: the 16 rows' d (f16 each), Q4_1's 16 m, then
-    the values so that 4 bytes (a 32-bit lane) hold 4 values of one row: Q8_0 chunk c (of 8), row j,
-    byte t = value 4c + t; Q4 chunk c (of 4), row j, byte t = value 8c + t | value 8c + 4 + t << 4."""
+    """The file's rows (uint8 [N, row bytes] of Q4_0 / Q4_1 / Q8_0 / Q4_K, N a multiple of 16) in the
+    packed order, the same shape (gguf_cpu_kernels.h, "Packed rows"). Group g of 16 rows, block b: the
+    16 rows' d (f16 each), Q4_1's 16 m, then the values so that 4 bytes (a 32-bit lane) hold 4 values of
+    one row: Q8_0 chunk c (of 8), row j, byte t = value 4c + t; Q4 chunk c (of 4), row j, byte t = value
+    8c + t | value 8c + 4 + t << 4. Q4_K per super-block: 16 d, 16 dmin, the 12 scale bytes as 12 x 16
+    (byte t of row j at 16 t + j), then each sub-block of 32 as a Q4 block's chunks."""
     n, nbytes = rows.shape
     block = block_shape(qtype)[1]
     g, nb = n // PACK_ROWS, nbytes // block
     blocks = rows.reshape(g, PACK_ROWS, nb, block).permute(0, 2, 1, 3)  # [g, nb, 16 rows, block]
-    heads = [blocks[..., 0:2]] + ([blocks[..., 2:4]] if qtype == Q4_1 else [])
-    if qtype == Q8_0:
+    if qtype == Q4_K:
+        qs = blocks[..., 16:].reshape(g, nb, PACK_ROWS, 4, 32)  # sub-blocks 2i (low), 2i + 1 (high)
+        subs = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(g, nb, PACK_ROWS, 8, 32)
+        values = _q4_chunks(subs.transpose(2, 3))  # [g, nb, 8, 4, 16, 4]
+        heads = [blocks[..., 0:2], blocks[..., 2:4], blocks[..., 4:16].transpose(2, 3)]
+    elif qtype == Q8_0:
         values = blocks[..., 2:].reshape(g, nb, PACK_ROWS, 8, 4).transpose(2, 3)  # [g, nb, c, j, t]
+        heads = [blocks[..., 0:2]]
     else:
         qs = blocks[..., 4 if qtype == Q4_1 else 2 :]
-        v = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(g, nb, PACK_ROWS, 4, 2, 4)
-        values = (v[..., 0, :] | (v[..., 1, :] << 4)).transpose(2, 3)  # [g, nb, c, j, t]
+        values = _q4_chunks(torch.cat([qs & 0x0F, qs >> 4], dim=-1))  # [g, nb, c, j, t]
+        heads = [blocks[..., 0:2]] + ([blocks[..., 2:4]] if qtype == Q4_1 else [])
     parts = [h.reshape(g, nb, -1) for h in heads] + [values.reshape(g, nb, -1)]
     return torch.cat(parts, dim=-1).reshape(n, nbytes).contiguous()
 
 
 def unpack_rows(packed: torch.Tensor, qtype: int) -> torch.Tensor:
-    """pack_rows undone: the file's rows of a packed Q4_0 / Q4_1 / Q8_0 weight."""
+    """pack_rows undone: the file's rows of a packed weight."""
     n, nbytes = packed.shape
     block = block_shape(qtype)[1]
     g, nb = n // PACK_ROWS, nbytes // block
     groups = packed.reshape(g, nb, PACK_ROWS * block)
-    heads = [groups[..., 0:32].reshape(g, nb, PACK_ROWS, 2)]
-    if qtype == Q4_1:
-        heads.append(groups[..., 32:64].reshape(g, nb, PACK_ROWS, 2))
-    start = 32 * len(heads)
-    if qtype == Q8_0:
-        values = (
-            groups[..., start:]
-            .reshape(g, nb, 8, PACK_ROWS, 4)
-            .transpose(2, 3)
-            .reshape(g, nb, PACK_ROWS, 32)
-        )
+
+    def halves(start):  # 16 rows' f16 at start: [g, nb, 16, 2]
+        return groups[..., start : start + 32].reshape(g, nb, PACK_ROWS, 2)
+
+    if qtype == Q4_K:
+        scales = groups[..., 64:256].reshape(g, nb, 12, PACK_ROWS).transpose(2, 3)
+        chunks = groups[..., 256:].reshape(g, nb, 8, 4, PACK_ROWS, 4)
+        subs = _q4_values(chunks).transpose(2, 3).reshape(g, nb, PACK_ROWS, 4, 2, 32)
+        qs = (subs[..., 0, :] | (subs[..., 1, :] << 4)).reshape(g, nb, PACK_ROWS, 128)
+        blocks = torch.cat([halves(0), halves(32), scales, qs], dim=-1)
+    elif qtype == Q8_0:
+        values = groups[..., 32:].reshape(g, nb, 8, PACK_ROWS, 4).transpose(2, 3)
+        blocks = torch.cat([halves(0), values.reshape(g, nb, PACK_ROWS, 32)], dim=-1)
     else:
-        nib = (
-            groups[..., start:].reshape(g, nb, 4, PACK_ROWS, 4).transpose(2, 3)
-        )  # [g, nb, j, c, t]
-        v = torch.stack([nib & 0x0F, nib >> 4], dim=-2).reshape(g, nb, PACK_ROWS, 32)  # value order
+        heads = [halves(0)] + ([halves(32)] if qtype == Q4_1 else [])
+        v = _q4_values(groups[..., 32 * len(heads) :].reshape(g, nb, 4, PACK_ROWS, 4))
         values = v[..., :16] | (v[..., 16:] << 4)  # the file's byte i: value i | value i + 16 << 4
-    blocks = torch.cat([*heads, values], dim=-1)  # [g, nb, 16 rows, block]
+        blocks = torch.cat([*heads, values], dim=-1)  # [g, nb, 16 rows, block]
     return blocks.permute(0, 2, 1, 3).reshape(n, nbytes).contiguous()
 
 

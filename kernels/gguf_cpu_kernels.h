@@ -26,12 +26,12 @@ constexpr int Q4_K = 12, Q5_K = 13, Q6_K = 14;
 
 constexpr bool is_kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
 
-// A Q4_0 / Q4_1 / Q8_0 weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at "Packed
-// rows" below) have the type PACKED + its block type: the same bytes per row, another order.
+// A Q4_0 / Q4_1 / Q8_0 / Q4_K weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at
+// "Packed rows" below) have the type PACKED + its block type: the same bytes per row, another order.
 constexpr int PACKED = 100;
 constexpr int64_t PACK_ROWS = 16;
 constexpr bool is_packed(int qtype) {
-  return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0;
+  return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0 || qtype == PACKED + Q4_K;
 }
 constexpr int base_type(int qtype) { return is_packed(qtype) ? qtype - PACKED : qtype; }
 
@@ -44,7 +44,7 @@ bool supported_type(int qtype) {
 }
 
 // Values per weight block of qtype (32, or 256 for the K-quants).
-int64_t block_values(int qtype) { return is_kquant(qtype) ? QK_K : QK; }
+int64_t block_values(int qtype) { return is_kquant(base_type(qtype)) ? QK_K : QK; }
 
 int64_t block_bytes(int qtype) {
   switch (base_type(qtype)) {
@@ -750,12 +750,16 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
   }
 }
 
-// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 rows interleaved 16 at a time (type PACKED + the block type) ----
+// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 / Q4_K rows interleaved 16 at a time (type PACKED + the block type) ----
 // The file's N rows (N a multiple of 16) regrouped by gguf_cpu.pack_rows: group G (rows 16 G .. 16 G + 15)
 // holds its 16 rows' bytes (16 row bytes), block after block; block b of a group (16 block bytes) is
 //   d: 16 f16 (row j's at bytes 2 j);  Q4_1: then m, 16 f16;
 //   Q4:   4 chunks of 64 bytes: chunk c, row j, byte t < 4 (byte 4 j + t) = value 8c + t | value 8c + 4 + t << 4
 //   Q8_0: 8 chunks of 64 bytes: chunk c, row j, byte t = value 4c + t
+// Q4_K, per super-block of 256 values (16 x 144 bytes): d, 16 f16; dmin, 16 f16; the 12 scale bytes
+// with byte t of row j at 64 + 16 t + j (scale_min_k4's bytes, one 16-byte vector per t); then its 8
+// sub-blocks of 32 values, each as a Q4 block's 4 chunks above (256 bytes). A sub-block j is a block of
+// the scheme below with d_w = d sc_j and m_w = -(dmin m_j) (exact in float32, as gguf.quants computes).
 // so a 32-bit lane holds 4 values of one row that meet the same 4 activation bytes: one dot-product
 // instruction with those bytes broadcast serves 16 rows, and a block's 8 such steps sum its whole
 // integer dot product per row, one row per lane, before any float operation (the layout above needs 3
@@ -765,7 +769,37 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
 // y = acc: the same operations per lane on AVX2 and AVX-512, in any batch, so the same bits.
 template <int QT>
 constexpr int64_t packed_values_offset() {  // bytes before a group block's values: d (and Q4_1's m)
-  return QT == Q4_1 ? 64 : 32;
+  return QT == Q4_K ? 256 : QT == Q4_1 ? 64 : 32;
+}
+
+// Q4_K: a group's super-block scales for its 16 rows, per sub-block j: ds[j] = d sc_j, mw[j] = -(dmin m_j)
+// (scale_min_k4 on 16 rows at once: byte t of the 16 rows is one 16-byte vector). One function for both
+// kernels, so both read the same floats.
+inline void packed_k_scales(const uint8_t* sblk, float (*ds)[16], float (*mw)[16]) {
+  __m128i b[12];
+  for (int t = 0; t < 12; ++t) b[t] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 64 + 16 * t));
+  const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+  const auto top2 = [&](__m128i v) {  // bits 6, 7 of each byte as bits 4, 5
+    return _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(v, 6), m3), 4);
+  };
+  for (int j = 0; j < 8; ++j) {
+    __m128i sc, mn;
+    if (j < 4) {
+      sc = _mm_and_si128(b[j], m63);
+      mn = _mm_and_si128(b[j + 4], m63);
+    } else {
+      sc = _mm_or_si128(_mm_and_si128(b[j + 4], m15), top2(b[j - 4]));
+      mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b[j + 4], 4), m15), top2(b[j]));
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 16 * h)));
+      const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 32 + 16 * h)));
+      const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(sc, 8) : sc));
+      const __m256 mnf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(mn, 8) : mn));
+      _mm256_store_ps(ds[j] + 8 * h, _mm256_mul_ps(d, scf));
+      _mm256_store_ps(mw[j] + 8 * h, _mm256_mul_ps(_mm256_mul_ps(dmin, mnf), _mm256_set1_ps(-1.f)));
+    }
+  }
 }
 
 inline int32_t load4(const void* p) {
@@ -785,11 +819,19 @@ void packed_tile_avx2(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0,
   __m256 acc[2][NI];
   for (int h = 0; h < 2; ++h)
     for (int i = 0; i < NI; ++i) acc[h][i] = _mm256_setzero_ps();
+  alignas(64) float kds[8][16], kmw[8][16];  // Q4_K: the current super-block's scales
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = grp + b * GB;
+    // Q4_K: sub-block b % 8 of super-block b / 8 (its values VOFF + 256 (b % 8) bytes in)
+    const uint8_t* blk = QT == Q4_K ? grp + (b / 8) * GB + 256 * (b % 8) : grp + b * GB;
+    if (QT == Q4_K && b % 8 == 0) packed_k_scales(blk, kds, kmw);
     for (int h = 0; h < 2; ++h) {
-      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
-      __m256 mw = _mm256_setzero_ps();
+      __m256 dw, mw = _mm256_setzero_ps();
+      if constexpr (QT == Q4_K) {
+        dw = _mm256_load_ps(kds[b % 8] + 8 * h);
+        mw = _mm256_load_ps(kmw[b % 8] + 8 * h);
+      } else {
+        dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+      }
       if constexpr (QT == Q4_1)
         mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
       if constexpr (QT == Q4_0) mw = _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));
@@ -841,13 +883,21 @@ void packed_tile_vnni(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0,
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NI];
   for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_ps();
+  alignas(64) float kds[8][16], kmw[8][16];  // Q4_K: the current super-block's scales
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = grp + b * GB;
-    if (prefetch)
+    // Q4_K: sub-block b % 8 of super-block b / 8 (its values VOFF + 256 (b % 8) bytes in)
+    const uint8_t* blk = QT == Q4_K ? grp + (b / 8) * GB + 256 * (b % 8) : grp + b * GB;
+    if (prefetch && (QT != Q4_K || b % 8 == 0))
       for (int64_t l = 0; l < GB; l += 64)
         _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + l), _MM_HINT_T0);
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-    __m512 mw = _mm512_setzero_ps();
+    if (QT == Q4_K && b % 8 == 0) packed_k_scales(blk, kds, kmw);
+    __m512 dw, mw = _mm512_setzero_ps();
+    if constexpr (QT == Q4_K) {
+      dw = _mm512_load_ps(kds[b % 8]);
+      mw = _mm512_load_ps(kmw[b % 8]);
+    } else {
+      dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    }
     if constexpr (QT == Q4_1)
       mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
     if constexpr (QT == Q4_0) mw = _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
@@ -980,6 +1030,7 @@ inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_by
       case PACKED + Q8_0: matmul_packed<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_1: matmul_packed<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_0: matmul_packed<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case PACKED + Q4_K: matmul_packed<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_K: matmul_tiles<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;

@@ -56,6 +56,17 @@ def test_equals_the_torch_paths_gguf_linear_bit_for_bit(module, qtype, n, k, m, 
     assert (got.float() - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+@pytest.mark.parametrize("qtype", gguf_cpu.PACKABLE_TYPES, ids=lambda q: T(q).name)
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_packed_rows_equal_the_torch_paths_gguf_linear_bit_for_bit(module, qtype, m):
+    """The rows a CPU model loads packed (gguf_cpu.pack), in threads' shares of whole 16-row groups."""
+    n, k = (576, 1536) if qtype in K_QUANTS else (960, 576)
+    w = gguf_cpu.pack_rows(weight(n, k, qtype, seed=m), qtype)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+    ptype = gguf_cpu.PACKED + int(qtype)
+    assert torch.equal(module.gguf_gemm(x, w, ptype, None), gguf_cpu.gguf_linear(x, w, ptype))
+
+
 @pytest.mark.parametrize("qtype", FUSED, ids=lambda q: T(q).name)
 def test_a_row_does_not_depend_on_batch_mates_or_threads(module, qtype):
     n, k = 37, 5 * 256 if qtype in K_QUANTS else 17 * 32
