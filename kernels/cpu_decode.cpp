@@ -213,7 +213,7 @@ void qgemm_part(int tid, int nt, const u16* x, int64_t ldx, int64_t M, const uin
   const bool vnni = has_vnni();
   const int64_t nb = K / QK, pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
   int8_t* q = s.q + tid * s.q_ld;
-  uint8_t* qu = vnni && base_type(qt) == Q8_0 ? s.qu + tid * s.q_ld : nullptr;
+  uint8_t* qu = vnni && needs_unsigned_acts(qt) ? s.qu + tid * s.q_ld : nullptr;
   float *xd = s.xd + tid * s.xd_ld, *sx = s.sx + tid * s.sx_ld, *xf = s.xf + tid * s.kmax;
   for (int64_t t = 0; t < M; ++t) {
     for (int64_t c = 0; c < K; ++c) xf[c] = bf2f(x[t * ldx + c]);

@@ -43,7 +43,7 @@ void matmul_into(const at::Tensor& x, const at::Tensor& w, int qt, bool vnni, bo
   const int64_t nb = k / QK, row_bytes = w.size(1);
   const int64_t pairs = (nb + 1) / 2, chunks = (nb + 15) / 16;
   auto q = torch::empty({m, pairs * 64}, torch::kInt8);
-  auto qu = torch::empty({vnni && base_type(qt) == Q8_0 ? m : 0, pairs * 64}, torch::kUInt8);
+  auto qu = torch::empty({vnni && needs_unsigned_acts(qt) ? m : 0, pairs * 64}, torch::kUInt8);
   auto xd = torch::empty({m, pairs * 16}, torch::kFloat);
   auto sx = torch::empty({m, chunks * 16}, torch::kFloat);
   const float* xp = x.data_ptr<float>();
@@ -196,6 +196,27 @@ void file_block_q4_k(BlockAt at, uint8_t* fb) {
     }
 }
 
+// A packed Q6_K super-block's bytes of one row (its lane), back in the file's order (210 bytes).
+void file_block_q6_k(BlockAt at, uint8_t* fb) {
+  const uint8_t* g = at.p;
+  const int64_t j = at.lane;
+  std::memset(fb, 0, 192);                                        // ql [128], qh [64]
+  for (int s = 0; s < 16; ++s) fb[192 + s] = g[32 + 16 * s + j];  // int8 scales
+  std::memcpy(fb + 208, g + 2 * j, 2);                            // d
+  for (int value = 0; value < QK_K; ++value) {
+    const int blk = value / 32, v = value % 32, c = v / 8, t = v % 4;
+    const bool first = (v % 8) < 4;  // value 8c + t (else 8c + 4 + t) of the block
+    const uint8_t low = g[288 + 256 * blk + 64 * c + 4 * j + t];
+    const uint8_t high = g[288 + 2048 + 128 * blk + 64 * (c / 2) + 4 * j + t];
+    const int q_low = first ? low & 0x0F : low >> 4;
+    const int q_high = (high >> (4 * (c % 2) + (first ? 0 : 2))) & 3;
+    // the file's places: half h of 128 values, quarter k of 32, l within it
+    const int h = value / 128, k = (value % 128) / 32, l = value % 32;
+    fb[64 * h + 32 * (k % 2) + l] |= static_cast<uint8_t>(k < 2 ? q_low : q_low << 4);
+    fb[128 + 32 * h + l] |= static_cast<uint8_t>(q_high << (2 * k));
+  }
+}
+
 // Rows ids (or all rows when ids is null) of w: [N, row bytes] uint8 -> float32 [count, K] (for prefill:
 // one dequantize, then a float GEMM; and an embedding lookup's rows).
 torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, const int64_t* ids,
@@ -225,6 +246,10 @@ torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, 
           uint8_t fb[144];
           file_block_q4_k(block_at(wp, qt, row_bytes, r, b), fb);
           dequantize_k<Q4_K>(fb, o);
+        } else if (qt == PACKED + Q6_K) {
+          uint8_t fb[210];
+          file_block_q6_k(block_at(wp, qt, row_bytes, r, b), fb);
+          dequantize_k<Q6_K>(fb, o);
         } else if (qt == Q5_K) {
           dequantize_k<Q5_K>(blk, o);
         } else if (qt == Q6_K) {

@@ -46,11 +46,11 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 Q4_K, Q5_K, Q6_K = 12, 13, 14
 K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
 FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the file's types the C++ kernels run
-# A Q4_0 / Q4_1 / Q8_0 / Q4_K weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
+# A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
 # PACKED + the block type: the same bytes per row, in another order (gguf_cpu_kernels.h, "Packed rows").
 PACKED = 100
 PACK_ROWS = 16
-PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, Q4_K)
+PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
 PACKED_TYPES = tuple(PACKED + q for q in PACKABLE_TYPES)
 KERNEL_TYPES = FUSED_TYPES + PACKED_TYPES  # what gguf_linear / gguf_logits run in C++
 PACK_SWITCH = "RADIXSERVE_GGUF_PACK"  # 0: keep the file's row order (for comparison)
@@ -169,7 +169,7 @@ def packing_enabled() -> bool:
 
 
 def pack(qtype: int, rows: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(type, rows) for the kernels: Q4_0 / Q4_1 / Q8_0 / Q4_K CPU rows whose count is a multiple of 16
+    """(type, rows) for the kernels: PACKABLE_TYPES' CPU rows whose count is a multiple of 16
     regrouped (pack_rows), when the extension runs and PACK_SWITCH allows; anything else as given."""
     if (
         qtype not in PACKABLE_TYPES
@@ -196,6 +196,27 @@ def _q4_values(chunks: torch.Tensor) -> torch.Tensor:
     return torch.stack([nib & 0x0F, nib >> 4], dim=-2).reshape(*nib.shape[:-2], 32)
 
 
+def _q6_k_values(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks [..., 210] -> their 256 unsigned values (0..63) in order: half h of 128, quarter k of
+    32, l: low 4 bits from ql[64 h + 32 (k % 2) + l] (k < 2 low nibble, else high), high 2 bits from
+    qh[32 h + l] bits 2k, 2k + 1."""
+    ql = blocks[..., :128].reshape(*blocks.shape[:-1], 2, 2, 32)
+    qh = blocks[..., 128:192].reshape(*blocks.shape[:-1], 2, 1, 32)
+    low = torch.cat([ql & 0x0F, ql >> 4], dim=-2)  # [..., h, k, l]
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8).reshape(4, 1)
+    return (low | (((qh >> shifts) & 3) << 4)).reshape(*blocks.shape[:-1], 256)
+
+
+def _q6_k_blocks(q: torch.Tensor) -> torch.Tensor:
+    """_q6_k_values undone: values [..., 256] -> the bytes ql | qh [..., 192]."""
+    v = q.reshape(*q.shape[:-1], 2, 4, 32)
+    low = v & 0x0F
+    ql = low[..., 0:2, :] | (low[..., 2:4, :] << 4)  # [..., h, 2, l]
+    high = v >> 4
+    qh = high[..., 0, :] | high[..., 1, :] << 2 | high[..., 2, :] << 4 | high[..., 3, :] << 6
+    return torch.cat([ql.reshape(*q.shape[:-1], 128), qh.reshape(*q.shape[:-1], 64)], dim=-1)
+
+
 def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     """The file's rows (uint8 [N, row bytes] of Q4_0 / Q4_1 / Q8_0 / Q4_K, N a multiple of 16) in the
     packed order, the same shape (gguf_cpu_kernels.h, "Packed rows"). Group g of 16 rows, block b: the
@@ -207,7 +228,19 @@ def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
     block = block_shape(qtype)[1]
     g, nb = n // PACK_ROWS, nbytes // block
     blocks = rows.reshape(g, PACK_ROWS, nb, block).permute(0, 2, 1, 3)  # [g, nb, 16 rows, block]
-    if qtype == Q4_K:
+    if qtype == Q6_K:
+        q = (
+            _q6_k_values(blocks).reshape(g, nb, PACK_ROWS, 8, 32).transpose(2, 3)
+        )  # [g, nb, 8, 16, 32]
+        low = _q4_chunks(q & 0x0F)  # [g, nb, 8, 4, 16, 4]
+        v = (q >> 4).reshape(g, nb, 8, PACK_ROWS, 4, 2, 4)  # chunk c, value 8c + t / 8c + 4 + t
+        fields = v[..., 0, :] | (v[..., 1, :] << 2)  # [g, nb, 8, 16, c, t]
+        high = (fields[..., 0::2, :] | (fields[..., 1::2, :] << 4)).transpose(
+            3, 4
+        )  # [.., 8, 2, 16, 4]
+        heads = [blocks[..., 208:210], blocks[..., 192:208].transpose(2, 3)]
+        values = torch.cat([low.reshape(g, nb, -1), high.reshape(g, nb, -1)], dim=-1)
+    elif qtype == Q4_K:
         qs = blocks[..., 16:].reshape(g, nb, PACK_ROWS, 4, 32)  # sub-blocks 2i (low), 2i + 1 (high)
         subs = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(g, nb, PACK_ROWS, 8, 32)
         values = _q4_chunks(subs.transpose(2, 3))  # [g, nb, 8, 4, 16, 4]
@@ -233,7 +266,19 @@ def unpack_rows(packed: torch.Tensor, qtype: int) -> torch.Tensor:
     def halves(start):  # 16 rows' f16 at start: [g, nb, 16, 2]
         return groups[..., start : start + 32].reshape(g, nb, PACK_ROWS, 2)
 
-    if qtype == Q4_K:
+    if qtype == Q6_K:
+        scales = groups[..., 32:288].reshape(g, nb, 16, PACK_ROWS).transpose(2, 3)
+        low = _q4_values(
+            groups[..., 288:2336].reshape(g, nb, 8, 4, PACK_ROWS, 4)
+        )  # [g, nb, 8, 16, 32]
+        high = (
+            groups[..., 2336:].reshape(g, nb, 8, 2, PACK_ROWS, 4).transpose(3, 4)
+        )  # [.., 16, 2, t]
+        fields = torch.stack([high & 0x0F, high >> 4], dim=-2).reshape(g, nb, 8, PACK_ROWS, 4, 4)
+        v = torch.stack([fields & 3, fields >> 2], dim=-2).reshape(g, nb, 8, PACK_ROWS, 32)
+        q = (low | (v << 4)).transpose(2, 3).reshape(g, nb, PACK_ROWS, 256)
+        blocks = torch.cat([_q6_k_blocks(q), scales, halves(0)], dim=-1)
+    elif qtype == Q4_K:
         scales = groups[..., 64:256].reshape(g, nb, 12, PACK_ROWS).transpose(2, 3)
         chunks = groups[..., 256:].reshape(g, nb, 8, 4, PACK_ROWS, 4)
         subs = _q4_values(chunks).transpose(2, 3).reshape(g, nb, PACK_ROWS, 4, 2, 32)

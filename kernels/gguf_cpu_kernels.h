@@ -26,14 +26,21 @@ constexpr int Q4_K = 12, Q5_K = 13, Q6_K = 14;
 
 constexpr bool is_kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
 
-// A Q4_0 / Q4_1 / Q8_0 / Q4_K weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at
+// A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at
 // "Packed rows" below) have the type PACKED + its block type: the same bytes per row, another order.
 constexpr int PACKED = 100;
 constexpr int64_t PACK_ROWS = 16;
 constexpr bool is_packed(int qtype) {
-  return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0 || qtype == PACKED + Q4_K;
+  return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0 || qtype == PACKED + Q4_K ||
+         qtype == PACKED + Q6_K;
 }
 constexpr int base_type(int qtype) { return is_packed(qtype) ? qtype - PACKED : qtype; }
+
+// Whether the kernels take the activations + 128 (Acts::qu) as the unsigned operand: the VNNI kernels of
+// the types with signed weights.
+constexpr bool needs_unsigned_acts(int qtype) {
+  return base_type(qtype) == Q8_0 || qtype == PACKED + Q6_K;
+}
 
 // Weight rows per unit of work (a thread's share of a linear is whole units): a tile's 2 rows, or a
 // packed group's 16.
@@ -750,32 +757,74 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
   }
 }
 
-// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 / Q4_K rows interleaved 16 at a time (type PACKED + the block type) ----
+// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K rows interleaved 16 at a time (type PACKED + the type) ----
 // The file's N rows (N a multiple of 16) regrouped by gguf_cpu.pack_rows: group G (rows 16 G .. 16 G + 15)
-// holds its 16 rows' bytes (16 row bytes), block after block; block b of a group (16 block bytes) is
+// holds its 16 rows' bytes (16 row bytes), block after block, so that a 32-bit lane holds 4 values of one
+// row that meet the same 4 activation bytes: one dot-product instruction with those bytes broadcast
+// serves 16 rows, and a block's 8 such steps sum its integer dot product per row, one row per lane,
+// before any float operation (the file's order needs 3 float operations per 8 values of a row, this one
+// 3 per 32). Block b of a group (16 block bytes):
 //   d: 16 f16 (row j's at bytes 2 j);  Q4_1: then m, 16 f16;
 //   Q4:   4 chunks of 64 bytes: chunk c, row j, byte t < 4 (byte 4 j + t) = value 8c + t | value 8c + 4 + t << 4
 //   Q8_0: 8 chunks of 64 bytes: chunk c, row j, byte t = value 4c + t
-// Q4_K, per super-block of 256 values (16 x 144 bytes): d, 16 f16; dmin, 16 f16; the 12 scale bytes
-// with byte t of row j at 64 + 16 t + j (scale_min_k4's bytes, one 16-byte vector per t); then its 8
-// sub-blocks of 32 values, each as a Q4 block's 4 chunks above (256 bytes). A sub-block j is a block of
-// the scheme below with d_w = d sc_j and m_w = -(dmin m_j) (exact in float32, as gguf.quants computes).
-// so a 32-bit lane holds 4 values of one row that meet the same 4 activation bytes: one dot-product
-// instruction with those bytes broadcast serves 16 rows, and a block's 8 such steps sum its whole
-// integer dot product per row, one row per lane, before any float operation (the layout above needs 3
-// float operations per 8 values of a row, this one 3 per 32). What (weight row r, activation row i)
-// computes, in block order:
-//   acc = fma(d_w * d_x, float(sum q_w q_x), acc);  Q4_1: acc = fma(m_w, s_x, acc);  Q4_0: m_w = -8 d_w
+// The K-quants, per super-block of 256 values, its 8 blocks of 32 after a header:
+//   Q4_K (16 x 144 bytes): d, 16 f16; dmin, 16 f16; the 12 scale bytes, byte t of row j at 64 + 16 t + j
+//     (scale_min_k4's bytes, one 16-byte vector per t); then each block of 32 as a Q4 block's 4 chunks.
+//     Block j has d_w = d sc_j and m_w = -(dmin m_j) (exact in float32, as gguf.quants computes them).
+//   Q6_K (16 x 210 bytes): d, 16 f16; the 16 int8 scales, scale s of row j at 32 + 16 s + j; the 8 blocks'
+//     low 4 bits as Q4 chunks (2048 bytes); then their high 2 bits, 128 bytes a block: byte 4 j + t of
+//     its 64-byte half c / 2 holds those of value 8c + t at bits 4 (c % 2), of value 8c + 4 + t at
+//     bits 4 (c % 2) + 2. Values 0..15 of a block have d_w = d sc_2j, 16..31 d sc_2j+1; w = d_w (q - 32).
+// What (weight row r, activation row i) computes, in block order:
+//   acc = fma(d_w * d_x, float(sum q_w q_x), acc);  Q4_1, Q4_K: acc = fma(m_w, s_x, acc);  Q4_0: m_w = -8 d_w
+//   Q6_K: the same over values 0..15 and then 16..31 with their d_w and q_w = q - 32, and no m_w
 // y = acc: the same operations per lane on AVX2 and AVX-512, in any batch, so the same bits.
 template <int QT>
-constexpr int64_t packed_values_offset() {  // bytes before a group block's values: d (and Q4_1's m)
-  return QT == Q4_K ? 256 : QT == Q4_1 ? 64 : 32;
+struct Packed {
+  static constexpr int64_t GB = PACK_ROWS * bb<QT>();  // bytes of a group's block (K: super-block)
+  static constexpr bool kquant = QT == Q4_K || QT == Q6_K;
+  static constexpr bool split = QT == Q6_K;  // two scales per block of 32 (sub-blocks of 16)
+  static constexpr bool signed_w = QT == Q8_0 || QT == Q6_K;  // the weight's values are signed
+  static constexpr bool mins = QT == Q4_0 || QT == Q4_1 || QT == Q4_K;
+  // Block b's first byte: its d (and the K-quants' super-block header: where the scales are read).
+  static const uint8_t* block(const uint8_t* grp, int64_t b) { return grp + (kquant ? b / 8 : b) * GB; }
+  // Block b's 4 chunks of (low) 4-bit values, or Q8_0's 8 chunks of bytes.
+  static const uint8_t* values(const uint8_t* grp, int64_t b) {
+    if constexpr (QT == Q4_K) return block(grp, b) + 256 + 256 * (b % 8);
+    if constexpr (QT == Q6_K) return block(grp, b) + 288 + 256 * (b % 8);
+    return block(grp, b) + (QT == Q4_1 ? 64 : 32);
+  }
+  static const uint8_t* high_bits(const uint8_t* grp, int64_t b) {  // Q6_K
+    return block(grp, b) + 288 + 2048 + 128 * (b % 8);
+  }
+};
+
+inline int32_t load4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
-// Q4_K: a group's super-block scales for its 16 rows, per sub-block j: ds[j] = d sc_j, mw[j] = -(dmin m_j)
-// (scale_min_k4 on 16 rows at once: byte t of the 16 rows is one 16-byte vector). One function for both
-// kernels, so both read the same floats.
+// The K-quants' scales of a group's super-block for its 16 rows, as floats, for both kernels (so both
+// read the same floats). Q4_K: ds[j] = d sc_j, mw[j] = -(dmin m_j) per block j of 32 (scale_min_k4 on
+// 16 rows at once: byte t of the 16 rows is one 16-byte vector). Q6_K: ds[s] = d sc_s per sub-block of 16.
+template <int QT>
 inline void packed_k_scales(const uint8_t* sblk, float (*ds)[16], float (*mw)[16]) {
+  const auto store = [&](float* dst, __m128i bytes, int64_t d_offset, float sign, bool is_signed) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + d_offset + 16 * h)));
+      const __m128i half = h ? _mm_srli_si128(bytes, 8) : bytes;
+      const __m256 v = _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(half) : _mm256_cvtepu8_epi32(half));
+      __m256 r = _mm256_mul_ps(d, v);
+      if (sign < 0) r = _mm256_mul_ps(r, _mm256_set1_ps(-1.f));
+      _mm256_store_ps(dst + 8 * h, r);
+    }
+  };
+  if constexpr (QT == Q6_K) {
+    for (int s = 0; s < 16; ++s)
+      store(ds[s], _mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 32 + 16 * s)), 0, 1.f, true);
+    return;
+  }
   __m128i b[12];
   for (int t = 0; t < 12; ++t) b[t] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 64 + 16 * t));
   const __m128i m63 = _mm_set1_epi8(63), m15 = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
@@ -791,75 +840,86 @@ inline void packed_k_scales(const uint8_t* sblk, float (*ds)[16], float (*mw)[16
       sc = _mm_or_si128(_mm_and_si128(b[j + 4], m15), top2(b[j - 4]));
       mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b[j + 4], 4), m15), top2(b[j]));
     }
-    for (int h = 0; h < 2; ++h) {
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 16 * h)));
-      const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sblk + 32 + 16 * h)));
-      const __m256 scf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(sc, 8) : sc));
-      const __m256 mnf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h ? _mm_srli_si128(mn, 8) : mn));
-      _mm256_store_ps(ds[j] + 8 * h, _mm256_mul_ps(d, scf));
-      _mm256_store_ps(mw[j] + 8 * h, _mm256_mul_ps(_mm256_mul_ps(dmin, mnf), _mm256_set1_ps(-1.f)));
+    store(ds[j], sc, 0, 1.f, false);
+    store(mw[j], mn, 32, -1.f, false);
+  }
+}
+
+// A block's 8 weight vectors on AVX2, half h (rows 8h..8h+7): Q4 chunk c's values 8c..8c+3 at 2c and
+// 8c+4..8c+7 at 2c + 1, so vector k meets activation bytes 4k..4k+3; Q8_0 chunk c at c. Q6_K: the low
+// nibbles with their 2 high bits (moved to bits 4, 5; byte-local after the mask), minus 32 (signed).
+// (packed_weights_vnni: the same on 64-byte vectors.)
+template <int QT>
+inline void packed_weights_avx2(const uint8_t* vals, const uint8_t* high, int h, __m256i (&wv)[8]) {
+  if constexpr (QT == Q8_0) {
+    for (int c = 0; c < 8; ++c) wv[c] = load32(vals + 64 * c + 32 * h);
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), m = _mm256_set1_epi8(0x30), k32 = _mm256_set1_epi8(32);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i x = load32(vals + 64 * c + 32 * h);
+    wv[2 * c] = _mm256_and_si256(x, low4);
+    wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+    if constexpr (QT == Q6_K) {
+      const __m256i hb = load32(high + 64 * (c / 2) + 32 * h);
+      const __m256i lo = c % 2 ? _mm256_and_si256(hb, m) : _mm256_and_si256(_mm256_slli_epi16(hb, 4), m);
+      const __m256i hi = c % 2 ? _mm256_and_si256(_mm256_srli_epi16(hb, 2), m)
+                               : _mm256_and_si256(_mm256_slli_epi16(hb, 2), m);
+      wv[2 * c] = _mm256_sub_epi8(_mm256_or_si256(wv[2 * c], lo), k32);
+      wv[2 * c + 1] = _mm256_sub_epi8(_mm256_or_si256(wv[2 * c + 1], hi), k32);
     }
   }
 }
 
-inline int32_t load4(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-// Activation rows i0 .. i0 + NI - 1 against the 16 rows of the group at grp (its first block): two
-// 8-lane halves (rows 0..7, 8..15); out[i, c0 .. c0 + 15].
+// Activation rows i0 .. i0 + NI - 1 against the 16 rows of the group at grp: two 8-lane halves (rows
+// 0..7, 8..15); out[i, c0 .. c0 + 15]. Signed weights (Q8_0, Q6_K): |w| times q with w's sign (|w| <=
+// 128 fits the unsigned operand; pair sums <= 32512).
 template <int QT, int NI>
 void packed_tile_avx2(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0, float* out, int64_t n,
                       int64_t c0) {
-  constexpr int64_t GB = PACK_ROWS * bb<QT>(), VOFF = packed_values_offset<QT>();
+  using P = Packed<QT>;
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[2][NI];
   for (int h = 0; h < 2; ++h)
     for (int i = 0; i < NI; ++i) acc[h][i] = _mm256_setzero_ps();
-  alignas(64) float kds[8][16], kmw[8][16];  // Q4_K: the current super-block's scales
+  alignas(64) float kds[16][16], kmw[8][16];  // the K-quants: the current super-block's scales
   for (int64_t b = 0; b < nb; ++b) {
-    // Q4_K: sub-block b % 8 of super-block b / 8 (its values VOFF + 256 (b % 8) bytes in)
-    const uint8_t* blk = QT == Q4_K ? grp + (b / 8) * GB + 256 * (b % 8) : grp + b * GB;
-    if (QT == Q4_K && b % 8 == 0) packed_k_scales(blk, kds, kmw);
+    const uint8_t* blk = P::block(grp, b);
+    if (P::kquant && b % 8 == 0) packed_k_scales<QT>(blk, kds, kmw);
     for (int h = 0; h < 2; ++h) {
-      __m256 dw, mw = _mm256_setzero_ps();
-      if constexpr (QT == Q4_K) {
-        dw = _mm256_load_ps(kds[b % 8] + 8 * h);
+      __m256 dw0, dw1, mw = _mm256_setzero_ps();
+      if constexpr (P::split) {
+        dw0 = _mm256_load_ps(kds[2 * (b % 8)] + 8 * h);
+        dw1 = _mm256_load_ps(kds[2 * (b % 8) + 1] + 8 * h);
+      } else if constexpr (P::kquant) {
+        dw0 = dw1 = _mm256_load_ps(kds[b % 8] + 8 * h);
         mw = _mm256_load_ps(kmw[b % 8] + 8 * h);
       } else {
-        dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
+        dw0 = dw1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16 * h)));
       }
       if constexpr (QT == Q4_1)
         mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * h)));
-      if constexpr (QT == Q4_0) mw = _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));
+      if constexpr (QT == Q4_0) mw = _mm256_mul_ps(dw0, _mm256_set1_ps(-8.f));
       __m256i wv[8];
-      if constexpr (QT == Q8_0) {
-        for (int c = 0; c < 8; ++c) wv[c] = load32(blk + VOFF + 64 * c + 32 * h);
-      } else {
-        for (int c = 0; c < 4; ++c) {
-          const __m256i x = load32(blk + VOFF + 64 * c + 32 * h);
-          wv[2 * c] = _mm256_and_si256(x, low4);
-          wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-        }
-      }
+      packed_weights_avx2<QT>(P::values(grp, b), P::high_bits(grp, b), h, wv);
       for (int i = 0; i < NI; ++i) {
         const int64_t row = i0 + i;
         const int8_t* qx = a.q + row * qs + b * QK;
-        __m256i dot = _mm256_setzero_si256();
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int c = 0; c < 8; ++c) {
           const __m256i q4 = _mm256_set1_epi32(load4(qx + 4 * c));
-          // Q8_0: |w| times q with w's sign (|w| <= 128 fits the unsigned operand; pair sums <= 32512)
-          const __m256i p = QT == Q8_0 ? _mm256_maddubs_epi16(_mm256_sign_epi8(wv[c], wv[c]),
-                                                              _mm256_sign_epi8(q4, wv[c]))
-                                       : _mm256_maddubs_epi16(wv[c], q4);
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(p, ones));
+          const __m256i p = P::signed_w ? _mm256_maddubs_epi16(_mm256_sign_epi8(wv[c], wv[c]),
+                                                               _mm256_sign_epi8(q4, wv[c]))
+                                        : _mm256_maddubs_epi16(wv[c], q4);
+          const int part = P::split && c >= 4;
+          dot[part] = _mm256_add_epi32(dot[part], _mm256_madd_epi16(p, ones));
         }
         const __m256 dx = _mm256_set1_ps(a.xd[row * xs + b * 8]);
-        acc[h][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(dot), acc[h][i]);
-        if constexpr (QT != Q8_0)
+        acc[h][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw0, dx), _mm256_cvtepi32_ps(dot[0]), acc[h][i]);
+        if constexpr (P::split)
+          acc[h][i] = _mm256_fmadd_ps(_mm256_mul_ps(dw1, dx), _mm256_cvtepi32_ps(dot[1]), acc[h][i]);
+        if constexpr (P::mins)
           acc[h][i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.sx[row * ss + b]), acc[h][i]);
       }
     }
@@ -871,64 +931,85 @@ void packed_tile_avx2(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0,
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-// packed_tile_avx2 with 16 lanes: one register per group. Q4: the weight is the unsigned operand and
-// the activation's 4 bytes the broadcast signed one. Q8_0: the activation + 128 (a.qu) is the unsigned
-// operand, and each row's dot starts at -128 times its block's weight sum (computed once per block for
-// all NI rows): sum (q + 128) w - 128 sum w = sum q w, the same integers.
+template <int QT>
+inline void packed_weights_vnni(const uint8_t* vals, const uint8_t* high, __m512i (&wv)[8]) {
+  if constexpr (QT == Q8_0) {
+    for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(vals + 64 * c);
+    return;
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F), m = _mm512_set1_epi8(0x30), k32 = _mm512_set1_epi8(32);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x = _mm512_loadu_si512(vals + 64 * c);
+    wv[2 * c] = _mm512_and_si512(x, low4);
+    wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+    if constexpr (QT == Q6_K) {
+      const __m512i hb = _mm512_loadu_si512(high + 64 * (c / 2));
+      const __m512i lo = c % 2 ? _mm512_and_si512(hb, m) : _mm512_and_si512(_mm512_slli_epi16(hb, 4), m);
+      const __m512i hi = c % 2 ? _mm512_and_si512(_mm512_srli_epi16(hb, 2), m)
+                               : _mm512_and_si512(_mm512_slli_epi16(hb, 2), m);
+      wv[2 * c] = _mm512_sub_epi8(_mm512_or_si512(wv[2 * c], lo), k32);
+      wv[2 * c + 1] = _mm512_sub_epi8(_mm512_or_si512(wv[2 * c + 1], hi), k32);
+    }
+  }
+}
+
+// packed_tile_avx2 with 16 lanes: one register per group. Unsigned weights (Q4): the weight is the
+// unsigned operand and the activation's 4 bytes the broadcast signed one. Signed weights (Q8_0, Q6_K):
+// the activation + 128 (a.qu) is the unsigned operand, and each row's dot starts at -128 times its
+// weight sum over the same values (computed once per block for all NI rows): sum (q + 128) w - 128 sum w
+// = sum q w, the same integers.
 template <int QT, int NI>
 void packed_tile_vnni(const uint8_t* grp, int64_t nb, const Acts& a, int64_t i0, float* out, int64_t n,
                       int64_t c0, bool prefetch) {
-  constexpr int64_t GB = PACK_ROWS * bb<QT>(), VOFF = packed_values_offset<QT>();
+  using P = Packed<QT>;
   const int64_t qs = a.pairs * 64, xs = a.pairs * 16, ss = a.chunks * 16;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NI];
   for (int i = 0; i < NI; ++i) acc[i] = _mm512_setzero_ps();
-  alignas(64) float kds[8][16], kmw[8][16];  // Q4_K: the current super-block's scales
+  alignas(64) float kds[16][16], kmw[8][16];  // the K-quants: the current super-block's scales
   for (int64_t b = 0; b < nb; ++b) {
-    // Q4_K: sub-block b % 8 of super-block b / 8 (its values VOFF + 256 (b % 8) bytes in)
-    const uint8_t* blk = QT == Q4_K ? grp + (b / 8) * GB + 256 * (b % 8) : grp + b * GB;
-    if (prefetch && (QT != Q4_K || b % 8 == 0))
-      for (int64_t l = 0; l < GB; l += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + l), _MM_HINT_T0);
-    if (QT == Q4_K && b % 8 == 0) packed_k_scales(blk, kds, kmw);
-    __m512 dw, mw = _mm512_setzero_ps();
-    if constexpr (QT == Q4_K) {
-      dw = _mm512_load_ps(kds[b % 8]);
+    const uint8_t* blk = P::block(grp, b);
+    if (!P::kquant || b % 8 == 0) {
+      if (prefetch)
+        for (int64_t l = 0; l < P::GB; l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + l), _MM_HINT_T0);
+      if (P::kquant) packed_k_scales<QT>(blk, kds, kmw);
+    }
+    __m512 dw0, dw1, mw = _mm512_setzero_ps();
+    if constexpr (P::split) {
+      dw0 = _mm512_load_ps(kds[2 * (b % 8)]);
+      dw1 = _mm512_load_ps(kds[2 * (b % 8) + 1]);
+    } else if constexpr (P::kquant) {
+      dw0 = dw1 = _mm512_load_ps(kds[b % 8]);
       mw = _mm512_load_ps(kmw[b % 8]);
     } else {
-      dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+      dw0 = dw1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
     }
     if constexpr (QT == Q4_1)
       mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
-    if constexpr (QT == Q4_0) mw = _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
-    __m512i wv[8], corr = _mm512_setzero_si512();
-    if constexpr (QT == Q8_0) {
-      __m512i wsum = _mm512_setzero_si512();
-      for (int c = 0; c < 8; ++c) {
-        wv[c] = _mm512_loadu_si512(blk + VOFF + 64 * c);
-        wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(-128), wv[c]);  // 128 (unsigned) times w
+    if constexpr (QT == Q4_0) mw = _mm512_mul_ps(dw0, _mm512_set1_ps(-8.f));
+    __m512i wv[8], corr[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    packed_weights_vnni<QT>(P::values(grp, b), P::high_bits(grp, b), wv);
+    if constexpr (P::signed_w) {
+      for (int c = 0; c < 8; ++c) {  // 128 (unsigned) times w, per part
+        const int part = P::split && c >= 4;
+        corr[part] = _mm512_dpbusd_epi32(corr[part], _mm512_set1_epi8(-128), wv[c]);
       }
-      corr = _mm512_sub_epi32(_mm512_setzero_si512(), wsum);
-    } else {
-      for (int c = 0; c < 4; ++c) {
-        const __m512i x = _mm512_loadu_si512(blk + VOFF + 64 * c);
-        wv[2 * c] = _mm512_and_si512(x, low4);
-        wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
-      }
+      for (int part = 0; part < 2; ++part) corr[part] = _mm512_sub_epi32(_mm512_setzero_si512(), corr[part]);
     }
     for (int i = 0; i < NI; ++i) {
       const int64_t row = i0 + i;
-      __m512i dot = corr;
-      if constexpr (QT == Q8_0) {
-        const uint8_t* qx = a.qu + row * qs + b * QK;
-        for (int c = 0; c < 8; ++c) dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(load4(qx + 4 * c)), wv[c]);
-      } else {
-        const int8_t* qx = a.q + row * qs + b * QK;
-        for (int c = 0; c < 8; ++c) dot = _mm512_dpbusd_epi32(dot, wv[c], _mm512_set1_epi32(load4(qx + 4 * c)));
+      __m512i dot[2] = {corr[0], corr[1]};
+      for (int c = 0; c < 8; ++c) {
+        const int part = P::split && c >= 4;
+        if constexpr (P::signed_w)
+          dot[part] = _mm512_dpbusd_epi32(dot[part], _mm512_set1_epi32(load4(a.qu + row * qs + b * QK + 4 * c)), wv[c]);
+        else
+          dot[part] = _mm512_dpbusd_epi32(dot[part], wv[c], _mm512_set1_epi32(load4(a.q + row * qs + b * QK + 4 * c)));
       }
       const __m512 dx = _mm512_set1_ps(a.xd[row * xs + b * 8]);
-      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(dot), acc[i]);
-      if constexpr (QT != Q8_0) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.sx[row * ss + b]), acc[i]);
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw0, dx), _mm512_cvtepi32_ps(dot[0]), acc[i]);
+      if constexpr (P::split) acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(dw1, dx), _mm512_cvtepi32_ps(dot[1]), acc[i]);
+      if constexpr (P::mins) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.sx[row * ss + b]), acc[i]);
     }
   }
   for (int i = 0; i < NI; ++i) _mm512_storeu_ps(out + (i0 + i) * n + c0, acc[i]);
@@ -1031,6 +1112,7 @@ inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_by
       case PACKED + Q4_1: matmul_packed<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_0: matmul_packed<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_K: matmul_packed<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case PACKED + Q6_K: matmul_packed<Q6_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_K: matmul_tiles<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;

@@ -8,7 +8,6 @@ import torch
 
 from radixserve.kernels import gguf_cpu
 from tests.gguf_files import (
-    QUANTIZABLE,
     T,
     gguf_cpu_extension,
     kernel_isas,
@@ -16,10 +15,10 @@ from tests.gguf_files import (
     random_blocks,
 )
 
-PACKABLE = (*QUANTIZABLE, T.Q4_K)
+PACKABLE = [T(q) for q in gguf_cpu.PACKABLE_TYPES]
 N = 48  # three groups of 16 rows
-# 17 blocks of 32 (an odd count, a partial 16-block chunk); Q4_K: 3 super-blocks of 256
-K_OF = {T.Q4_K: 3 * 256}
+# 17 blocks of 32 (an odd count, a partial 16-block chunk); the K-quants: 3 super-blocks of 256
+K_OF = {T.Q4_K: 3 * 256, T.Q6_K: 3 * 256}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def width(qtype) -> int:
 def file_rows(qtype, n=N, seed=0):
     rng = np.random.default_rng(seed)
     k = width(qtype)
-    if qtype == T.Q4_K:
+    if qtype in K_OF:  # random valid blocks (the gguf package cannot quantize to K-quants)
         return torch.from_numpy(np.ascontiguousarray(random_blocks(n, k, qtype, rng)))
     return torch.from_numpy(
         np.ascontiguousarray(quantize(rng.standard_normal((n, k)) * 0.05, qtype))
@@ -58,7 +57,8 @@ def values(rows: torch.Tensor, qtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda q: T(q).name)
 def test_packed_bytes_are_where_the_kernels_read_them(qtype):
-    """The layout gguf_cpu_kernels.h documents, byte by byte, and pack_rows undone by unpack_rows."""
+    """The layout gguf_cpu_kernels.h documents, byte by byte (Q6_K: its d and scales; its values are
+    checked through the C++ dequantize below), and pack_rows undone by unpack_rows."""
     rows = file_rows(qtype)
     packed = gguf_cpu.pack_rows(rows, int(qtype))
     assert packed.shape == rows.shape and packed.dtype == torch.uint8
@@ -66,6 +66,15 @@ def test_packed_bytes_are_where_the_kernels_read_them(qtype):
     values_per_block, block = gguf_cpu.block_shape(qtype)
     nb = width(qtype) // values_per_block
     group_blocks = packed.reshape(N // 16, nb, 16 * block)  # group g, block (super-block) b
+    if (
+        qtype == T.Q6_K
+    ):  # d (file bytes 208, 209) at 2 j, int8 scale s (file byte 192 + s) at 32 + 16 s + j
+        file_blocks = rows.reshape(N, nb, block)
+        for r in (0, 17, 47):
+            g, j = divmod(r, 16)
+            assert torch.equal(group_blocks[g, :, 2 * j : 2 * j + 2], file_blocks[r, :, 208:210])
+            assert torch.equal(group_blocks[g, :, 32 + j : 288 : 16], file_blocks[r, :, 192:208])
+        return
     v = values(rows, qtype)
     file_blocks = rows.reshape(N, nb, block)
     rng = np.random.default_rng(1)
@@ -163,8 +172,8 @@ def test_pack_takes_only_what_the_packed_kernels_run(module, monkeypatch):
     )
     uneven = file_rows(T.Q4_1, n=40)  # not whole groups of 16: kept as the file's rows
     assert gguf_cpu.pack(int(T.Q4_1), uneven) == (int(T.Q4_1), uneven)
-    q6k = torch.zeros(16, gguf_cpu.row_bytes(T.Q6_K, 256), dtype=torch.uint8)
-    assert gguf_cpu.pack(int(T.Q6_K), q6k)[0] == T.Q6_K
+    q5k = torch.zeros(16, gguf_cpu.row_bytes(T.Q5_K, 256), dtype=torch.uint8)  # no packed kernel
+    assert gguf_cpu.pack(int(T.Q5_K), q5k)[0] == T.Q5_K
     monkeypatch.setenv(gguf_cpu.PACK_SWITCH, "0")
     assert gguf_cpu.pack(int(T.Q4_1), q41) == (int(T.Q4_1), q41)
     with pytest.raises(RuntimeError, match="groups of 16"):
