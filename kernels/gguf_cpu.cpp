@@ -179,20 +179,29 @@ void dequantize_block(BlockAt at, int qt, float* o) {
   }
 }
 
-// A packed Q4_K super-block's bytes of one row (its lane), back in the file's order (144 bytes).
-void file_block_q4_k(BlockAt at, uint8_t* fb) {
+// A packed Q4_K / Q5_K super-block's bytes of one row (its lane), back in the file's order (144 / 176
+// bytes: d, dmin, the 12 scale bytes, Q5_K's 32 bytes of high bits, the 128 bytes of nibbles).
+template <int QT>
+void file_block_k(BlockAt at, uint8_t* fb) {
   const uint8_t* g = at.p;
   const int64_t j = at.lane;
   std::memcpy(fb, g + 2 * j, 2);            // d
   std::memcpy(fb + 2, g + 32 + 2 * j, 2);   // dmin
   for (int t = 0; t < 12; ++t) fb[4 + t] = g[64 + 16 * t + j];
-  uint8_t* qs = fb + 16;  // bytes 32 i + l: value l of sub-block 2i (low nibble), of 2i + 1 (high)
-  std::memset(qs, 0, 128);
+  uint8_t* qh = fb + 16;  // Q5_K: bit `sub` of byte l is value l of sub-block `sub`'s high bit
+  uint8_t* qs = fb + (QT == Q5_K ? 48 : 16);  // bytes 32 i + l: value l of sub-block 2i (low nibble), 2i + 1
+  std::memset(fb + 16, 0, QT == Q5_K ? 160 : 128);
   for (int sub = 0; sub < 8; ++sub)
     for (int v = 0; v < QK; ++v) {
-      const uint8_t byte = g[256 + 256 * sub + 64 * (v / 8) + 4 * j + v % 4];
-      const int q = (v % 8) < 4 ? byte & 0x0F : byte >> 4;
+      const int c = v / 8, t = v % 4;
+      const bool first = (v % 8) < 4;
+      const uint8_t byte = g[256 + 256 * sub + 64 * c + 4 * j + t];
+      const int q = first ? byte & 0x0F : byte >> 4;
       qs[32 * (sub / 2) + v] |= static_cast<uint8_t>(sub % 2 ? q << 4 : q);
+      if constexpr (QT == Q5_K) {
+        const uint8_t hb = g[256 + 2048 + 64 * sub + 4 * j + t];
+        qh[v] |= static_cast<uint8_t>(((hb >> (2 * c + (first ? 0 : 1))) & 1) << sub);
+      }
     }
 }
 
@@ -244,8 +253,12 @@ torch::Tensor dequantize_rows(const torch::Tensor& w, int64_t qtype, int64_t k, 
           dequantize_k<Q4_K>(blk, o);
         } else if (qt == PACKED + Q4_K) {
           uint8_t fb[144];
-          file_block_q4_k(block_at(wp, qt, row_bytes, r, b), fb);
+          file_block_k<Q4_K>(block_at(wp, qt, row_bytes, r, b), fb);
           dequantize_k<Q4_K>(fb, o);
+        } else if (qt == PACKED + Q5_K) {
+          uint8_t fb[176];
+          file_block_k<Q5_K>(block_at(wp, qt, row_bytes, r, b), fb);
+          dequantize_k<Q5_K>(fb, o);
         } else if (qt == PACKED + Q6_K) {
           uint8_t fb[210];
           file_block_q6_k(block_at(wp, qt, row_bytes, r, b), fb);

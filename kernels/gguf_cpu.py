@@ -46,11 +46,11 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 Q4_K, Q5_K, Q6_K = 12, 13, 14
 K_QUANT_TYPES = (Q4_K, Q5_K, Q6_K)  # super-blocks of 256 values: K a multiple of 256
 FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the file's types the C++ kernels run
-# A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
+# A Q4_0 / Q4_1 / Q8_0 / K-quant weight's rows regrouped 16 at a time for the kernels (pack_rows) have the type
 # PACKED + the block type: the same bytes per row, in another order (gguf_cpu_kernels.h, "Packed rows").
 PACKED = 100
 PACK_ROWS = 16
-PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
+PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)
 PACKED_TYPES = tuple(PACKED + q for q in PACKABLE_TYPES)
 KERNEL_TYPES = FUSED_TYPES + PACKED_TYPES  # what gguf_linear / gguf_logits run in C++
 PACK_SWITCH = "RADIXSERVE_GGUF_PACK"  # 0: keep the file's row order (for comparison)
@@ -196,6 +196,13 @@ def _q4_values(chunks: torch.Tensor) -> torch.Tensor:
     return torch.stack([nib & 0x0F, nib >> 4], dim=-2).reshape(*nib.shape[:-2], 32)
 
 
+# Packed Q5_K: the bit of a byte holding the high bit of value 8c + t (c, 0) and of 8c + 4 + t (c, 1).
+_Q5_K_BIT = (2 * torch.arange(4, dtype=torch.uint8)).reshape(4, 1, 1) + torch.tensor(
+    [0, 1], dtype=torch.uint8
+).reshape(2, 1)
+_BIT_OF = torch.arange(8, dtype=torch.uint8)
+
+
 def _q6_k_values(blocks: torch.Tensor) -> torch.Tensor:
     """Q6_K blocks [..., 210] -> their 256 unsigned values (0..63) in order: half h of 128, quarter k of
     32, l: low 4 bits from ql[64 h + 32 (k % 2) + l] (k < 2 low nibble, else high), high 2 bits from
@@ -240,11 +247,23 @@ def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
         )  # [.., 8, 2, 16, 4]
         heads = [blocks[..., 208:210], blocks[..., 192:208].transpose(2, 3)]
         values = torch.cat([low.reshape(g, nb, -1), high.reshape(g, nb, -1)], dim=-1)
-    elif qtype == Q4_K:
-        qs = blocks[..., 16:].reshape(g, nb, PACK_ROWS, 4, 32)  # sub-blocks 2i (low), 2i + 1 (high)
+    elif qtype in (Q4_K, Q5_K):
+        start = 48 if qtype == Q5_K else 16
+        qs = blocks[..., start:].reshape(
+            g, nb, PACK_ROWS, 4, 32
+        )  # sub-blocks 2i (low), 2i + 1 (high)
         subs = torch.stack([qs & 0x0F, qs >> 4], dim=-2).reshape(g, nb, PACK_ROWS, 8, 32)
-        values = _q4_chunks(subs.transpose(2, 3))  # [g, nb, 8, 4, 16, 4]
+        values = _q4_chunks(subs.transpose(2, 3)).reshape(g, nb, -1)  # [g, nb, 8, 4, 16, 4]
         heads = [blocks[..., 0:2], blocks[..., 2:4], blocks[..., 4:16].transpose(2, 3)]
+        if qtype == Q5_K:  # sub-block s's high bits: bit s of bytes 16 + l
+            qh = (
+                blocks[..., 16:48].unsqueeze(-2) >> _BIT_OF.reshape(8, 1)
+            ) & 1  # [g, nb, 16, s, l]
+            v = qh.transpose(2, 3).reshape(
+                g, nb, 8, PACK_ROWS, 4, 2, 4
+            )  # chunk c, first / second, t
+            bits = (v << _Q5_K_BIT).sum(dim=(-3, -2), dtype=torch.uint8)  # [g, nb, s, 16, t]
+            values = torch.cat([values, bits.reshape(g, nb, -1)], dim=-1)
     elif qtype == Q8_0:
         values = blocks[..., 2:].reshape(g, nb, PACK_ROWS, 8, 4).transpose(2, 3)  # [g, nb, c, j, t]
         heads = [blocks[..., 0:2]]
@@ -278,12 +297,18 @@ def unpack_rows(packed: torch.Tensor, qtype: int) -> torch.Tensor:
         v = torch.stack([fields & 3, fields >> 2], dim=-2).reshape(g, nb, 8, PACK_ROWS, 32)
         q = (low | (v << 4)).transpose(2, 3).reshape(g, nb, PACK_ROWS, 256)
         blocks = torch.cat([_q6_k_blocks(q), scales, halves(0)], dim=-1)
-    elif qtype == Q4_K:
+    elif qtype in (Q4_K, Q5_K):
         scales = groups[..., 64:256].reshape(g, nb, 12, PACK_ROWS).transpose(2, 3)
-        chunks = groups[..., 256:].reshape(g, nb, 8, 4, PACK_ROWS, 4)
+        chunks = groups[..., 256:2304].reshape(g, nb, 8, 4, PACK_ROWS, 4)
         subs = _q4_values(chunks).transpose(2, 3).reshape(g, nb, PACK_ROWS, 4, 2, 32)
         qs = (subs[..., 0, :] | (subs[..., 1, :] << 4)).reshape(g, nb, PACK_ROWS, 128)
-        blocks = torch.cat([halves(0), halves(32), scales, qs], dim=-1)
+        parts = [halves(0), halves(32), scales]
+        if qtype == Q5_K:  # back to bit s of bytes 16 + l
+            bits = groups[..., 2304:].reshape(g, nb, 8, PACK_ROWS, 1, 1, 4)
+            v = ((bits >> _Q5_K_BIT) & 1).reshape(g, nb, 8, PACK_ROWS, 32)  # [g, nb, s, rows, l]
+            qh = (v << _BIT_OF.reshape(8, 1, 1)).sum(dim=2, dtype=torch.uint8)
+            parts.append(qh)
+        blocks = torch.cat([*parts, qs], dim=-1)
     elif qtype == Q8_0:
         values = groups[..., 32:].reshape(g, nb, 8, PACK_ROWS, 4).transpose(2, 3)
         blocks = torch.cat([halves(0), values.reshape(g, nb, PACK_ROWS, 32)], dim=-1)

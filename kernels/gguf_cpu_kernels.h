@@ -26,13 +26,13 @@ constexpr int Q4_K = 12, Q5_K = 13, Q6_K = 14;
 
 constexpr bool is_kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
 
-// A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at
+// A Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K weight's rows regrouped 16 at a time (gguf_cpu.pack_rows; layout at
 // "Packed rows" below) have the type PACKED + its block type: the same bytes per row, another order.
 constexpr int PACKED = 100;
 constexpr int64_t PACK_ROWS = 16;
 constexpr bool is_packed(int qtype) {
   return qtype == PACKED + Q4_0 || qtype == PACKED + Q4_1 || qtype == PACKED + Q8_0 || qtype == PACKED + Q4_K ||
-         qtype == PACKED + Q6_K;
+         qtype == PACKED + Q5_K || qtype == PACKED + Q6_K;
 }
 constexpr int base_type(int qtype) { return is_packed(qtype) ? qtype - PACKED : qtype; }
 
@@ -757,7 +757,7 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
   }
 }
 
-// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K rows interleaved 16 at a time (type PACKED + the type) ----
+// ---- Packed rows: Q4_0 / Q4_1 / Q8_0 and K-quant rows interleaved 16 at a time (type PACKED + the type) ----
 // The file's N rows (N a multiple of 16) regrouped by gguf_cpu.pack_rows: group G (rows 16 G .. 16 G + 15)
 // holds its 16 rows' bytes (16 row bytes), block after block, so that a 32-bit lane holds 4 values of one
 // row that meet the same 4 activation bytes: one dot-product instruction with those bytes broadcast
@@ -771,6 +771,8 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
 //   Q4_K (16 x 144 bytes): d, 16 f16; dmin, 16 f16; the 12 scale bytes, byte t of row j at 64 + 16 t + j
 //     (scale_min_k4's bytes, one 16-byte vector per t); then each block of 32 as a Q4 block's 4 chunks.
 //     Block j has d_w = d sc_j and m_w = -(dmin m_j) (exact in float32, as gguf.quants computes them).
+//   Q5_K (16 x 176 bytes): as Q4_K (the low 4 bits), then each block's high bits, 64 bytes a block: byte
+//     4 j + t holds that of value 8c + t at bit 2c, of value 8c + 4 + t at bit 2c + 1.
 //   Q6_K (16 x 210 bytes): d, 16 f16; the 16 int8 scales, scale s of row j at 32 + 16 s + j; the 8 blocks'
 //     low 4 bits as Q4 chunks (2048 bytes); then their high 2 bits, 128 bytes a block: byte 4 j + t of
 //     its 64-byte half c / 2 holds those of value 8c + t at bits 4 (c % 2), of value 8c + 4 + t at
@@ -782,20 +784,20 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
 template <int QT>
 struct Packed {
   static constexpr int64_t GB = PACK_ROWS * bb<QT>();  // bytes of a group's block (K: super-block)
-  static constexpr bool kquant = QT == Q4_K || QT == Q6_K;
+  static constexpr bool kquant = is_kquant(QT);
   static constexpr bool split = QT == Q6_K;  // two scales per block of 32 (sub-blocks of 16)
   static constexpr bool signed_w = QT == Q8_0 || QT == Q6_K;  // the weight's values are signed
-  static constexpr bool mins = QT == Q4_0 || QT == Q4_1 || QT == Q4_K;
+  static constexpr bool mins = QT != Q8_0 && QT != Q6_K;
   // Block b's first byte: its d (and the K-quants' super-block header: where the scales are read).
   static const uint8_t* block(const uint8_t* grp, int64_t b) { return grp + (kquant ? b / 8 : b) * GB; }
   // Block b's 4 chunks of (low) 4-bit values, or Q8_0's 8 chunks of bytes.
   static const uint8_t* values(const uint8_t* grp, int64_t b) {
-    if constexpr (QT == Q4_K) return block(grp, b) + 256 + 256 * (b % 8);
+    if constexpr (QT == Q4_K || QT == Q5_K) return block(grp, b) + 256 + 256 * (b % 8);
     if constexpr (QT == Q6_K) return block(grp, b) + 288 + 256 * (b % 8);
     return block(grp, b) + (QT == Q4_1 ? 64 : 32);
   }
-  static const uint8_t* high_bits(const uint8_t* grp, int64_t b) {  // Q6_K
-    return block(grp, b) + 288 + 2048 + 128 * (b % 8);
+  static const uint8_t* high_bits(const uint8_t* grp, int64_t b) {  // Q5_K, Q6_K
+    return QT == Q5_K ? block(grp, b) + 256 + 2048 + 64 * (b % 8) : block(grp, b) + 288 + 2048 + 128 * (b % 8);
   }
 };
 
@@ -860,6 +862,13 @@ inline void packed_weights_avx2(const uint8_t* vals, const uint8_t* high, int h,
     const __m256i x = load32(vals + 64 * c + 32 * h);
     wv[2 * c] = _mm256_and_si256(x, low4);
     wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+    if constexpr (QT == Q5_K) {  // bit 2c (2c + 1) of each byte to bit 4
+      const __m256i hb = load32(high + 32 * h), b4 = _mm256_set1_epi8(0x10);
+      const __m256i lo = c < 2 ? _mm256_slli_epi16(hb, 4 - 2 * c) : _mm256_srli_epi16(hb, 2 * c - 4);
+      const __m256i hi = c < 2 ? _mm256_slli_epi16(hb, 3 - 2 * c) : _mm256_srli_epi16(hb, 2 * c - 3);
+      wv[2 * c] = _mm256_or_si256(wv[2 * c], _mm256_and_si256(lo, b4));
+      wv[2 * c + 1] = _mm256_or_si256(wv[2 * c + 1], _mm256_and_si256(hi, b4));
+    }
     if constexpr (QT == Q6_K) {
       const __m256i hb = load32(high + 64 * (c / 2) + 32 * h);
       const __m256i lo = c % 2 ? _mm256_and_si256(hb, m) : _mm256_and_si256(_mm256_slli_epi16(hb, 4), m);
@@ -942,6 +951,13 @@ inline void packed_weights_vnni(const uint8_t* vals, const uint8_t* high, __m512
     const __m512i x = _mm512_loadu_si512(vals + 64 * c);
     wv[2 * c] = _mm512_and_si512(x, low4);
     wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+    if constexpr (QT == Q5_K) {  // bit 2c (2c + 1) of each byte to bit 4
+      const __m512i hb = _mm512_loadu_si512(high), b4 = _mm512_set1_epi8(0x10);
+      const __m512i lo = c < 2 ? _mm512_slli_epi16(hb, 4 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 4);
+      const __m512i hi = c < 2 ? _mm512_slli_epi16(hb, 3 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 3);
+      wv[2 * c] = _mm512_or_si512(wv[2 * c], _mm512_and_si512(lo, b4));
+      wv[2 * c + 1] = _mm512_or_si512(wv[2 * c + 1], _mm512_and_si512(hi, b4));
+    }
     if constexpr (QT == Q6_K) {
       const __m512i hb = _mm512_loadu_si512(high + 64 * (c / 2));
       const __m512i lo = c % 2 ? _mm512_and_si512(hb, m) : _mm512_and_si512(_mm512_slli_epi16(hb, 4), m);
@@ -1112,6 +1128,7 @@ inline void matmul_tiles_for(int qt, bool vnni, const uint8_t* w, int64_t row_by
       case PACKED + Q4_1: matmul_packed<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_0: matmul_packed<Q4_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q4_K: matmul_packed<Q4_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
+      case PACKED + Q5_K: matmul_packed<Q5_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case PACKED + Q6_K: matmul_packed<Q6_K, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q8_0: matmul_tiles<Q8_0, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;
       case Q4_1: matmul_tiles<Q4_1, I>(w, row_bytes, nb, a, m, out, n, begin, end); break;

@@ -143,12 +143,11 @@ def test_a_q4_k_m_file_runs_natively_by_default(q4_k_m):
     native = runner_for(q4_k_m)  # no --quantization: the CPU default
     assert isinstance(native.model.quant_config, GgufConfig)
     layers = native.model.model.layers
-    # Q4_K and Q6_K rows are packed for the kernels (gguf_cpu.pack: 16 rows interleaved, the same
-    # bytes); Q5_K keeps the file's order
-    q4_k, q6_k = gguf_cpu.PACKED + T.Q4_K, gguf_cpu.PACKED + T.Q6_K
+    # K-quant rows are packed for the kernels (gguf_cpu.pack: 16 rows interleaved, the same bytes)
+    q4_k, q5_k, q6_k = (gguf_cpu.PACKED + q for q in (T.Q4_K, T.Q5_K, T.Q6_K))
     assert [q for q, _ in layers[0].self_attn.qkv_proj.weight.gguf_parts] == [q4_k, q6_k]
     assert [q for q, _ in layers[0].mlp.down_proj.weight.gguf_parts] == [q6_k]
-    assert [q for q, _ in layers[2].mlp.down_proj.weight.gguf_parts] == [T.Q5_K]
+    assert [q for q, _ in layers[2].mlp.down_proj.weight.gguf_parts] == [q5_k]
     assert native.model.lm_head.weight.gguf_parts[0][0] == q6_k
     assert native.model.model.embed_tokens.weight.gguf_parts[0][0] == q4_k
 
@@ -172,7 +171,7 @@ def test_native_k_quants_run_the_kernels(q4_k_m, monkeypatch):
         gguf_cpu, "dequantize_torch", lambda *a: pytest.fail("dequantized per call")
     )
     generate(native, PROMPTS[:1], 1)
-    assert {gguf_cpu.PACKED + T.Q4_K, T.Q5_K, gguf_cpu.PACKED + T.Q6_K} <= set(seen)
+    assert {gguf_cpu.PACKED + q for q in (T.Q4_K, T.Q5_K, T.Q6_K)} <= set(seen)
 
 
 # int8 activations (per 32 values) against the dequantized model's float32 ones, through 3 layers and the
@@ -221,7 +220,10 @@ def test_k_quant_models_run_the_fused_decode_step(tmp_path, monkeypatch, layout)
     cpu_decode.reset_for_tests()
     fused, torch_path = runners[True], runners[False]
     assert fused.fast_decode is not None and torch_path.fast_decode is None
-    assert fused.fast_decode._lm_head is not None and fused.fast_decode._lm_head[1] == gguf_cpu.PACKED + T.Q6_K
+    assert (
+        fused.fast_decode._lm_head is not None
+        and fused.fast_decode._lm_head[1] == gguf_cpu.PACKED + T.Q6_K
+    )
     steps = count_fused_steps(fused)
     got, want = generate(fused, PROMPTS, 12), generate(torch_path, PROMPTS, 12)
     assert steps == [len(PROMPTS)] * 12  # every decode step ran fused

@@ -233,7 +233,9 @@ def tiny_gguf(tmp_path_factory):
 def test_a_mixed_type_gguf_llama_matches_its_dequantized_reference(tiny_gguf):
     native, dequantized = runner_for(tiny_gguf), runner_for(tiny_gguf, "unquant")
     qkv = native.model.model.layers[0].self_attn.qkv_proj.weight
-    assert [q for q, _ in qkv.gguf_parts] == [gguf_cpu.PACKED + T.Q4_0, T.Q6_K]  # q|k, v apart
+    assert [q for q, _ in qkv.gguf_parts] == [
+        gguf_cpu.PACKED + q for q in (T.Q4_0, T.Q6_K)
+    ]  # q|k, v
     assert native.model.lm_head.weight is not native.model.model.embed_tokens.weight
     for ids in ([3, 17, 42, 9, 88, 1], [5] * 40):  # decode rows, and a longer prefill
         want, _ = greedy(dequantized, ids, 4)

@@ -1,4 +1,4 @@
-"""Packed GGUF rows (gguf_cpu.pack_rows: Q4_0 / Q4_1 / Q8_0 / Q4_K rows interleaved 16 at a time, the layout
+"""Packed GGUF rows (gguf_cpu.pack_rows: Q4_0 / Q4_1 / Q8_0 / K-quant rows interleaved 16 at a time, the layout
 the CPU model loads): the layout as documented, the C++ dequantize and row dots on it, and the Python
 functions that take either form."""
 
@@ -18,7 +18,7 @@ from tests.gguf_files import (
 PACKABLE = [T(q) for q in gguf_cpu.PACKABLE_TYPES]
 N = 48  # three groups of 16 rows
 # 17 blocks of 32 (an odd count, a partial 16-block chunk); the K-quants: 3 super-blocks of 256
-K_OF = {T.Q4_K: 3 * 256, T.Q6_K: 3 * 256}
+K_OF = {T.Q4_K: 3 * 256, T.Q5_K: 3 * 256, T.Q6_K: 3 * 256}
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,9 @@ def values(rows: torch.Tensor, qtype) -> torch.Tensor:
     """The file's quantized integers [N, blocks of 32, 32] in value order (Q4: 0..15; Q8_0: int8)."""
     block = gguf_cpu.block_shape(qtype)[1]
     blocks = rows.reshape(rows.shape[0], -1, block)
-    if (
-        qtype == T.Q4_K
-    ):  # 8 sub-blocks per super-block: 2i in the low nibbles of bytes 32 i.., 2i + 1 high
-        qs = blocks[..., 16:].long().reshape(rows.shape[0], -1, 4, 32)
+    if qtype in (T.Q4_K, T.Q5_K):  # Q5_K: the low 4 bits
+        # 8 blocks per super-block: 2i in the low nibbles of bytes 32 i.., 2i + 1 in the high ones
+        qs = blocks[..., 16 if qtype == T.Q4_K else 48 :].long().reshape(rows.shape[0], -1, 4, 32)
         return torch.stack([qs & 15, qs >> 4], dim=3).reshape(rows.shape[0], -1, 32)
     if qtype == T.Q8_0:
         return blocks[..., 2:].view(torch.int8).long()
@@ -84,10 +83,10 @@ def test_packed_bytes_are_where_the_kernels_read_them(qtype):
         gb = group_blocks[g, b]
         assert torch.equal(gb[2 * j : 2 * j + 2], file_blocks[r, b, 0:2])  # d
         start = 32
-        if qtype in (T.Q4_1, T.Q4_K):  # m; Q4_K's dmin
+        if qtype in (T.Q4_1, T.Q4_K, T.Q5_K):  # m; the K-quants' dmin
             assert torch.equal(gb[32 + 2 * j : 34 + 2 * j], file_blocks[r, b, 2:4])
             start = 64
-        if qtype == T.Q4_K:  # the 12 scale bytes, then sub-block s's Q4 chunks at 256 + 256 s
+        if qtype in (T.Q4_K, T.Q5_K):  # the 12 scale bytes, then block s's Q4 chunks at 256 + 256 s
             assert torch.equal(gb[64 + j : 256 : 16], file_blocks[r, b, 4:16])
             s = int(rng.integers(8))
             gb, start, b = gb[256 * s :], 256, 8 * b + s
@@ -172,8 +171,8 @@ def test_pack_takes_only_what_the_packed_kernels_run(module, monkeypatch):
     )
     uneven = file_rows(T.Q4_1, n=40)  # not whole groups of 16: kept as the file's rows
     assert gguf_cpu.pack(int(T.Q4_1), uneven) == (int(T.Q4_1), uneven)
-    q5k = torch.zeros(16, gguf_cpu.row_bytes(T.Q5_K, 256), dtype=torch.uint8)  # no packed kernel
-    assert gguf_cpu.pack(int(T.Q5_K), q5k)[0] == T.Q5_K
+    f16 = torch.zeros(16, 64, dtype=torch.float16)  # a float tensor: no blocks to pack
+    assert gguf_cpu.pack(int(T.F16), f16) == (int(T.F16), f16)
     monkeypatch.setenv(gguf_cpu.PACK_SWITCH, "0")
     assert gguf_cpu.pack(int(T.Q4_1), q41) == (int(T.Q4_1), q41)
     with pytest.raises(RuntimeError, match="groups of 16"):
