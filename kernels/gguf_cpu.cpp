@@ -15,7 +15,7 @@
 // Output rows are split over torch's intra-op threads in tiles of 2 weight rows; each weight block pair
 // is unpacked once for up to 16 activation rows on AVX-512 VNNI (a speculative verify step's K + 1 rows;
 // a prefill's in chunks of 8), 2 on AVX2, so extra rows cost their int8 dot products, not the unpacking.
-// A model's Q4_0 / Q4_1 / Q8_0 weights are loaded packed instead (16 rows interleaved; type PACKED + the
+// A model's weights (every type above) are loaded packed instead (16 rows interleaved; type PACKED + the
 // block type; gguf_cpu_kernels.h, "Packed rows"): split in groups of 16 rows, each group's block
 // unpacked once for up to 8 activation rows (VNNI) or 2 (AVX2), one dot-product instruction per 4
 // values of 16 rows and the float work once per block.

@@ -6,7 +6,7 @@ block bytes], one row per output feature. Q4_0, Q4_1, Q8_0 and the K-quants Q4_K
 Q4_K_M or Q6_K file) run the C++ kernel (activations quantized to int8 per 32 values, int8 dot products,
 a K-quant's 256-value super-block run as 8 blocks of 32 with its sub-block scales; see DEQUANTIZE_ROWS);
 every other type, and every CPU where the extension does not build or run, dequantizes the weight per
-call and multiplies in torch (`dequantize`). A model's Q4_0 / Q4_1 / Q8_0 weights are loaded packed
+call and multiplies in torch (`dequantize`). A model's weights of these types are loaded packed
 (`pack`: rows interleaved 16 at a time, so one int8 dot-product instruction serves 16 rows and a
 block's float work is done once per 16 rows); every function here takes either form, told apart by
 the type (PACKED + the block type).
@@ -225,12 +225,14 @@ def _q6_k_blocks(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_rows(rows: torch.Tensor, qtype: int) -> torch.Tensor:
-    """The file's rows (uint8 [N, row bytes] of Q4_0 / Q4_1 / Q8_0 / Q4_K, N a multiple of 16) in the
+    """The file's rows (uint8 [N, row bytes] of a PACKABLE_TYPES type, N a multiple of 16) in the
     packed order, the same shape (gguf_cpu_kernels.h, "Packed rows"). Group g of 16 rows, block b: the
     16 rows' d (f16 each), Q4_1's 16 m, then the values so that 4 bytes (a 32-bit lane) hold 4 values of
     one row: Q8_0 chunk c (of 8), row j, byte t = value 4c + t; Q4 chunk c (of 4), row j, byte t = value
     8c + t | value 8c + 4 + t << 4. Q4_K per super-block: 16 d, 16 dmin, the 12 scale bytes as 12 x 16
-    (byte t of row j at 16 t + j), then each sub-block of 32 as a Q4 block's chunks."""
+    (byte t of row j at 16 t + j), then each sub-block of 32 as a Q4 block's chunks; Q5_K the same and
+    a plane of high bits; Q6_K 16 d, its int8 scales as 16 x 16, the low nibbles as Q4 chunks and the
+    high 2 bits in planes (the kernels' header has the bit positions)."""
     n, nbytes = rows.shape
     block = block_shape(qtype)[1]
     g, nb = n // PACK_ROWS, nbytes // block

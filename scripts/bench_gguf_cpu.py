@@ -17,9 +17,10 @@ it (e.g. `git show main:kernels/gguf_cpu.cpp > /tmp/base.cpp`), the two alternat
   python scripts/bench_gguf_cpu.py --kernel-rows 1 5 9 --baseline-source /tmp/base.cpp
 (a gguf_cpu_kernels.h beside the baseline source is the one it builds with.)
 
-With --kquant-rows M [M ...] it times the K-quant kernels (Q4_K, Q6_K) at SmolLM2-135M's shapes (the
-hidden-side K of 576 taken as 768: K-quants need multiples of 256) against dequantizing per call and
-against bf16 F.linear on the dequantized weight, side by side, one JSON line per (type, shape, M):
+With --kquant-rows M [M ...] it times the K-quant kernels (Q4_K, Q5_K, Q6_K) at SmolLM2-135M's shapes
+(the hidden-side K of 576 taken as 768: K-quants need multiples of 256) on the file's rows and on the
+packed rows a model loads (gguf_cpu.pack_rows), against dequantizing per call and against bf16 F.linear
+on the dequantized weight, side by side, one JSON line per (type, shape, M):
   python scripts/bench_gguf_cpu.py --kquant-rows 1 4 16 --repeats 5
 
 With --profile it breaks a bs1 decode step (--batch N: a step of N sequences) of the native model
@@ -407,13 +408,14 @@ def bench_kquants(rows: list[int], repeats: int) -> None:
     if module is None:
         raise SystemExit("the GGUF CPU extension is unavailable on this machine")
     g = torch.Generator().manual_seed(0)
-    for qtype in (gguf_cpu.Q4_K, gguf_cpu.Q6_K):
+    for qtype in gguf_cpu.K_QUANT_TYPES:
         import gguf
 
         name = gguf.GGMLQuantizationType(qtype).name
         for shape, n, k in KQUANT_SHAPES:
             w = random_k_blocks(n, k, qtype, g)
             w_bf16 = module.gguf_dequantize(w, qtype, k).bfloat16()
+            packed, ptype = gguf_cpu.pack_rows(w, qtype), gguf_cpu.PACKED + qtype
 
             def per_call_gguf(x, w=w, k=k):
                 values = gguf.quants.dequantize(w.numpy(), gguf.GGMLQuantizationType(qtype))
@@ -428,6 +430,9 @@ def bench_kquants(rows: list[int], repeats: int) -> None:
                     "native_ms": _best_ms(
                         lambda: gguf_cpu.gguf_linear(x, w, qtype), repeats, calls
                     ),
+                    "packed_ms": _best_ms(
+                        lambda: gguf_cpu.gguf_linear(x, packed, ptype), repeats, calls
+                    ),
                     "dequant_per_call_gguf_ms": _best_ms(lambda: per_call_gguf(x), repeats, 1),
                     "dequant_per_call_cpp_ms": _best_ms(
                         lambda: F.linear(x, module.gguf_dequantize(w, qtype, k)), repeats, 3
@@ -436,6 +441,8 @@ def bench_kquants(rows: list[int], repeats: int) -> None:
                 }
                 line.update({key: round(ms, 4) for key, ms in times.items()})
                 line["native_vs_bf16"] = round(times["bf16_linear_ms"] / times["native_ms"], 2)
+                line["packed_vs_native"] = round(times["native_ms"] / times["packed_ms"], 2)
+                line["packed_vs_bf16"] = round(times["bf16_linear_ms"] / times["packed_ms"], 2)
                 line["native_vs_per_call_gguf"] = round(
                     times["dequant_per_call_gguf_ms"] / times["native_ms"], 1
                 )

@@ -1,6 +1,6 @@
 """GGUF weights served as the file stores them: each linear layer (and the token embedding) keeps its
 rows of quantized blocks, uint8 [out_features, in_features / block values * block bytes]. On the CPU
-Q4_0 / Q4_1 / Q8_0 rows are regrouped 16 at a time for the kernels (gguf_cpu.pack; the same bytes).
+the rows of the kernels' types are regrouped 16 at a time for them (gguf_cpu.pack; the same bytes).
 
 The block type is the file's, tensor by tensor, so a parameter's size is only known when its tensor
 arrives: `create_weights` registers an empty uint8 `weight` whose loader keeps each loaded tensor (one
@@ -100,9 +100,7 @@ class GgufLinearMethod(LinearMethod):
             raise ValueError(f"GGUF tensors give {total} rows; the layer has {weight.shape[0]}")
         if weight.device.type == "cpu":
             gguf_cpu.load()  # build (first start) or load the kernels now, not at the first request
-            parts = [
-                gguf_cpu.pack(q, rows) for q, rows in parts
-            ]  # Q4_0 / Q4_1 / Q8_0 for the kernels
+            parts = [gguf_cpu.pack(q, rows) for q, rows in parts]  # for the kernels
         weight.gguf_parts = parts
         if len(parts) == 1 and parts[0][1].dtype == torch.uint8:
             weight.data = parts[0][
