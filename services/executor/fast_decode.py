@@ -68,18 +68,32 @@ def runs_args(linear) -> tuple[list[torch.Tensor], list[int]]:
     return [rows for rows, _ in runs], [int(q) for _, q in runs]
 
 
+def decoder_linears(model):
+    """Every decoder layer's qkv, o, gate_up and down linears, in order."""
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield from (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+
+
 def gguf_unsupported(model) -> str | None:
     """Why the fused path cannot run this GGUF model's linears as the torch path does, or None."""
     if gguf_cpu.load() is None:  # the torch path then dequantizes: other bits than the row dots
         return "the GGUF CPU kernels are off"
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj):
-            if gguf_runs(lin) is None:
-                types = [q for q, _ in getattr(lin.weight, "gguf_parts", [])]
-                fused = gguf_cpu.type_names(gguf_cpu.FUSED_TYPES)
-                return f"GGUF block types {types} (runs of {fused} run fused)"
+    for lin in decoder_linears(model):
+        if gguf_runs(lin) is None:
+            types = [gguf_cpu.base_type(q) for q, _ in getattr(lin.weight, "gguf_parts", [])]
+            fused = gguf_cpu.type_names(gguf_cpu.FUSED_TYPES)
+            return f"GGUF block types {types} (runs of {fused} run fused)"
     return None
+
+
+def gguf_layout(model) -> str:
+    """How a GGUF model's linears hold their blocks, for the startup log."""
+    types = {q for lin in decoder_linears(model) for q, _ in getattr(lin.weight, "gguf_parts", [])}
+    packed = types & set(gguf_cpu.PACKED_TYPES)
+    if packed == types:
+        return "rows packed 16 at a time"
+    return "rows partly packed" if packed else "rows in the file's order"
 
 
 def lm_head_blocks(model) -> tuple[torch.Tensor, int] | None:
@@ -205,7 +219,7 @@ class FastDecode:
         log.info(
             "fused CPU decode kernels on for decode batches of up to %d tokens%s",
             cls.MAX_TOKENS,
-            "" if quant is None else " (GGUF blocks as stored)",
+            "" if quant is None else f" (GGUF blocks: {gguf_layout(model)})",
         )
         return cls(module, kernel_model, model)
 

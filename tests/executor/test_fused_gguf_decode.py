@@ -122,7 +122,10 @@ def test_unsupported_gguf_linears_keep_the_torch_path(runners, monkeypatch, capl
     ((qtype, rows),) = down.gguf_parts
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1")
     cases = [
-        ([(qtype, rows[:96]), (6, rows[96:])], f"GGUF block types [{qtype}, 6]"),  # a run of Q5_0
+        (
+            [(qtype, rows[:96]), (6, rows[96:])],
+            f"GGUF block types [{gguf_cpu.base_type(qtype)}, 6]",
+        ),  # a run of Q5_0
         ([(6, rows)], "GGUF block types [6]"),  # Q5_0: no kernel
     ]
     for parts, reason in cases:
@@ -291,6 +294,22 @@ def test_threads_split_a_step_by_sequences_with_the_same_bits(runners):
         assert torch.equal(a, b)
     assert torch.equal(got[1][1], got[2][1])
     assert torch.equal(got[1][2], got[2][2])
+
+
+def test_the_startup_log_says_the_rows_are_packed(runners):
+    from radixserve.executor.fast_decode import gguf_layout
+
+    fused, _ = runners
+    assert gguf_layout(fused.model) == "rows packed 16 at a time"
+    down = fused.model.model.layers[0].mlp.down_proj.weight
+    ((qtype, rows),) = down.gguf_parts
+    down.gguf_parts = [
+        (gguf_cpu.base_type(qtype), gguf_cpu.unpack_rows(rows, gguf_cpu.base_type(qtype)))
+    ]
+    try:
+        assert gguf_layout(fused.model) == "rows partly packed"
+    finally:
+        down.gguf_parts = [(qtype, rows)]
 
 
 def test_lm_head_runs_as_one_call_with_the_torch_paths_bits(runners, monkeypatch):
