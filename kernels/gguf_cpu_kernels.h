@@ -778,7 +778,8 @@ void run_wide(const uint8_t* wr, int64_t row_bytes, int64_t nb, const Acts& a, i
 //     its 64-byte half c / 2 holds those of value 8c + t at bits 4 (c % 2), of value 8c + 4 + t at
 //     bits 4 (c % 2) + 2. Values 0..15 of a block have d_w = d sc_2j, 16..31 d sc_2j+1; w = d_w (q - 32).
 // What (weight row r, activation row i) computes, in block order:
-//   acc = fma(d_w * d_x, float(sum q_w q_x), acc);  Q4_1, Q4_K: acc = fma(m_w, s_x, acc);  Q4_0: m_w = -8 d_w
+//   acc = fma(d_w * d_x, float(sum q_w q_x), acc);  then, but for Q8_0 and Q6_K, acc = fma(m_w, s_x, acc)
+//   (Q4_0: m_w = -8 d_w)
 //   Q6_K: the same over values 0..15 and then 16..31 with their d_w and q_w = q - 32, and no m_w
 // y = acc: the same operations per lane on AVX2 and AVX-512, in any batch, so the same bits.
 template <int QT>
