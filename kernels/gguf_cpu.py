@@ -50,7 +50,7 @@ FUSED_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)  # the file's types the C++ ker
 # PACKED + the block type: the same bytes per row, in another order (gguf_cpu_kernels.h, "Packed rows").
 PACKED = 100
 PACK_ROWS = 16
-PACKABLE_TYPES = (Q4_0, Q4_1, Q8_0, *K_QUANT_TYPES)
+PACKABLE_TYPES = FUSED_TYPES  # every type the kernels run has a packed kernel
 PACKED_TYPES = tuple(PACKED + q for q in PACKABLE_TYPES)
 KERNEL_TYPES = FUSED_TYPES + PACKED_TYPES  # what gguf_linear / gguf_logits run in C++
 PACK_SWITCH = "RADIXSERVE_GGUF_PACK"  # 0: keep the file's row order (for comparison)
