@@ -5,7 +5,10 @@ as every service runs) and reads both processes' CPU time: microseconds per exch
   unary              one unary call (how Executor.Step and Detokenizer.Decode go),
   unary+thread       the handler answers from asyncio.to_thread (a hop to a worker thread and back),
   unary+token        the inter-service token's client and server interceptors (what `serve` installs),
-  bidi               one write and one read on an open bidirectional stream.
+  bidi               one write and one read on an open bidirectional stream,
+  ordered            the same through common/ordered_stream.py, with the token interceptors (how
+                     Executor.Steps and Detokenizer.DecodeStream go: OrderedExchange.exchange on the
+                     client, answer_in_order around the unary handler on the server).
 Usage: python scripts/bench_grpc_costs.py [--calls 3000]   (prints one JSON line per case)
 """
 
@@ -29,8 +32,9 @@ from radixserve.common.grpc_security import (  # noqa: E402
     TokenServerInterceptor,
     token_client_interceptors,
 )
+from radixserve.common.ordered_stream import OrderedExchange, answer_in_order  # noqa: E402
 
-CASES = ("unary", "unary+thread", "unary+token", "bidi")
+CASES = ("unary", "unary+thread", "unary+token", "bidi", "ordered")
 TOKEN = "bench"
 PAYLOAD = b"x" * 40  # about a one-token step's answer
 
@@ -53,12 +57,15 @@ async def serve(case: str, port: int) -> None:
         return request
 
     async def bidi(requests, context):
+        if case == "ordered":
+            async for answer in answer_in_order(unary, requests, context):
+                yield answer
+            return
         async for request in requests:
             yield request
 
-    server = grpc.aio.server(
-        interceptors=[TokenServerInterceptor(TOKEN)] if case == "unary+token" else None
-    )
+    tokens = case in ("unary+token", "ordered")
+    server = grpc.aio.server(interceptors=[TokenServerInterceptor(TOKEN)] if tokens else None)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
@@ -70,10 +77,17 @@ async def serve(case: str, port: int) -> None:
 
 
 async def exchange(case: str, port: int, calls: int, server_pid: int) -> dict:
-    interceptors = token_client_interceptors(TOKEN) if case == "unary+token" else None
+    tokens = case in ("unary+token", "ordered")
+    interceptors = token_client_interceptors(TOKEN) if tokens else None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as ch:
         await ch.channel_ready()
-        if case == "bidi":
+        if case == "ordered":
+            ordered = OrderedExchange(ch.stream_stream("/bench.B/Bidi"))
+
+            async def one():
+                await ordered.exchange(PAYLOAD)
+
+        elif case == "bidi":
             stream = ch.stream_stream("/bench.B/Bidi")()
 
             async def one():

@@ -30,7 +30,7 @@ from radixserve.common.step import (
     token_logprob,
 )
 from radixserve.common.step_convert import output_to_proto, step_from_proto
-from radixserve.common.step_session import StepSessions
+from radixserve.common.step_session import StepSessions, StepsOverStream
 
 _MOD = (1 << 61) - 1
 
@@ -214,7 +214,7 @@ class FakeModel:
         self.kv[slot] = entry
 
 
-class FakeExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+class FakeExecutorServicer(StepsOverStream, executor_pb2_grpc.ExecutorServicer):
     """The FakeModel behind the Executor gRPC interface."""
 
     def __init__(

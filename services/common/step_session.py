@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from radixserve.common.ordered_stream import OrderedExchange, answer_in_order
 from radixserve.common.step_order import StepOrder
 from radixserve.v1 import executor_pb2
 
@@ -128,6 +129,15 @@ class StepSessions:
                 log.info("step session closed (its client went away)")
 
 
+class StepsOverStream:
+    """Executor.Steps for a servicer that has Step: each streamed request goes through self.Step (so a
+    subclass's Step, e.g. a test's paced one, serves the stream too), answered in order."""
+
+    async def Steps(self, request_iterator, context):
+        async for answer in answer_in_order(self.Step, request_iterator, context):
+            yield answer
+
+
 class SessionRefused(RuntimeError):
     """The executor did not open a session: another client holds it, or it did not answer in time."""
 
@@ -141,12 +151,25 @@ class ExecutorSession:
     """The scheduler's hold on its executor's step session (asyncio). `live` turns False when the stream
     ends (the executor went away or replaced it); on_end is then called once."""
 
-    def __init__(self, call, session_id: str, on_end: Callable[[], None] | None = None):
+    def __init__(self, call, session_id: str, on_end: Callable[[], None] | None = None, stub=None):
         self.call = call
         self.id = session_id
         self.end_reason: str | None = None
         self._on_end = on_end
         self._watch = asyncio.create_task(self._wait_end(), name="executor-session")
+        # The session's steps go over one Executor.Steps stream (stub: the executor's).
+        self._steps = OrderedExchange(lambda: stub.Steps()) if stub is not None else None
+
+    async def send_step(self, msg: executor_pb2.ExecutorStepRequest) -> asyncio.Future:
+        """Stamp msg with the session's id and send it on the session's step stream; returns a future
+        of its ExecutorStepResponse (grpc.aio.AioRpcError when the stream fails: await it with
+        wait_step)."""
+        msg.session_id = self.id
+        return await self._steps.send(msg)
+
+    async def wait_step(self, future: asyncio.Future, timeout: float | None):
+        """The answer of send_step; DEADLINE_EXCEEDED (the stream closed) when none comes in time."""
+        return await self._steps.wait(future, timeout)
 
     @classmethod
     async def open(
@@ -175,7 +198,7 @@ class ExecutorSession:
             raise SessionRefused(
                 grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once"
             )
-        return cls(call, first.session_id, on_end)
+        return cls(call, first.session_id, on_end, stub)
 
     @property
     def live(self) -> bool:
@@ -200,6 +223,8 @@ class ExecutorSession:
             self.end_reason = "closed"
         self.call.cancel()
         self._watch.cancel()
+        if self._steps is not None:
+            self._steps.close()
 
 
 class BlockingExecutorSession:

@@ -17,6 +17,7 @@ from radixserve.common import grpc_util, tracing
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_security import install_from_args
 from radixserve.common.log import setup_logging
+from radixserve.common.ordered_stream import answer_in_order
 from radixserve.detokenizer.incremental import DecodeState, DecodeStep, decode_step
 from radixserve.detokenizer.stop_strings import MAX_STOP_REGEXES, compile_stop_regex
 from radixserve.tokenizer.core import load_tokenizer, tokenizer_folder
@@ -129,6 +130,10 @@ class DetokenizerServicer(detokenizer_pb2_grpc.DetokenizerServicer):
             return await asyncio.to_thread(self._decode_batch, request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def DecodeStream(self, request_iterator, context):
+        async for answer in answer_in_order(self.Decode, request_iterator, context):
+            yield answer
 
 
 async def start_server(

@@ -36,7 +36,7 @@ from radixserve.common import tracing
 from radixserve.common.grpc_util import aio_server, bind
 from radixserve.common.lifecycle import run_service, run_until_signalled
 from radixserve.common.log import setup_logging
-from radixserve.common.step_session import StepSessions
+from radixserve.common.step_session import StepSessions, StepsOverStream
 from radixserve.common.model_files import cache_root, resolve_model_path
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.embedding_runner import (
@@ -81,7 +81,7 @@ def torch_worker() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-torch")
 
 
-class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+class ExecutorServicer(StepsOverStream, executor_pb2_grpc.ExecutorServicer):
     def __init__(
         self,
         runner: ModelRunner,

@@ -46,8 +46,8 @@ OVERLAP_DEPTH = 2
 
 
 def step_deadline(watchdog_timeout: float) -> float | None:
-    """Seconds a Step call may take (None: no watchdog, no deadline); a step sent with overlap also
-    waits for the one before it."""
+    """Seconds a step may take to be answered on the Steps stream (None: no watchdog, no deadline);
+    a step sent with overlap also waits for the one before it."""
     if watchdog_timeout <= 0:
         return None
     return OVERLAP_DEPTH * watchdog_timeout + min(STEP_DEADLINE_MARGIN_S, watchdog_timeout)
@@ -101,7 +101,7 @@ class SchedulerRuntime:
         self.core = core
         self.executor = executor
         self.overlap = overlap
-        self.step_timeout = step_timeout  # deadline of each Step call; None: none
+        self.step_timeout = step_timeout  # deadline of each step's answer; None: none
         self.model = model  # what the executor served at start; a restarted one must match it
         # False from a failed step until the executor answers again (GetInfo reports it).
         self.executor_available = True
@@ -195,10 +195,8 @@ class SchedulerRuntime:
                 plan = self.core.schedule() if len(self.inflight) < self._depth() else None
                 if plan is not None:
                     leak_checked = False
-                    msg = step_to_proto(plan)
-                    msg.session_id = self.session.id
-                    call = self.executor.Step(msg, timeout=self.step_timeout)
-                    self.inflight.append((plan, call, time.monotonic()))
+                    answer = await self.session.send_step(step_to_proto(plan))
+                    self.inflight.append((plan, answer, time.monotonic()))
                     for observer in self.observers:
                         observer.sent(plan)
                 elif self.inflight:
@@ -226,9 +224,14 @@ class SchedulerRuntime:
                 )
 
     async def _finish_oldest_step(self) -> None:
-        plan, call, sent_at = self.inflight[0]
+        plan, answer, sent_at = self.inflight[0]
         try:
-            resp = await call
+            timeout = (
+                None
+                if self.step_timeout is None
+                else sent_at + self.step_timeout - time.monotonic()
+            )
+            resp = await self.session.wait_step(answer, timeout)
         except grpc.aio.AioRpcError as e:
             await self._recover(
                 f"executor step failed: {e.code().name}: {e.details()}",
@@ -246,8 +249,8 @@ class SchedulerRuntime:
 
     def _cancel_inflight(self) -> None:
         """Forget the steps in flight; their results, should they come, are ignored."""
-        for _, call, _ in self.inflight:
-            call.cancel()
+        for _, answer, _ in self.inflight:
+            answer.cancel()
         self.inflight.clear()
 
     def _dispatch(self, events: list[RequestEvent]) -> None:

@@ -45,6 +45,7 @@ from radixserve.common.grpc_security import (
     install_from_args,
 )
 from radixserve.common.step_session import BlockingExecutorSession, ExecutorSession, SessionRefused
+from radixserve.common.ordered_stream import OrderedExchange
 from radixserve.gateway.pipeline.scheduler_session import SchedulerSession
 from tests.fake_executor import FakeExecutorServicer, reference_tokens
 from radixserve.scheduler.server import start_scheduler
@@ -503,6 +504,10 @@ def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await intruder.Step(rogue, timeout=5)
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                # The same on the step stream (Executor.Steps): the stream ends with Step's refusal.
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await OrderedExchange(intruder.Steps).exchange(rogue, timeout=5)
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await intruder.Reset(
                         executor_pb2.ExecutorResetRequest(session_id=session_id), timeout=5
@@ -550,6 +555,11 @@ def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
                 executor_pb2.ExecutorStepRequest(step_id=1, session_id=newer.id), timeout=5
             )
             assert resp.step_id == 1
+            # The live session's steps go over its step stream too, in order.
+            answers = [
+                await newer.send_step(executor_pb2.ExecutorStepRequest(step_id=i)) for i in (2, 3)
+            ]
+            assert [(await newer.wait_step(a, 5)).step_id for a in answers] == [2, 3]
             newer.close()
         await server.stop(None)
 

@@ -427,7 +427,16 @@ def decode_item(
     )
 
 
-class FakeDetokenizer(detokenizer_pb2_grpc.DetokenizerServicer):
+class SyncDecodeStream:
+    """Detokenizer.DecodeStream for a servicer on a synchronous gRPC server: each request through
+    self.Decode, answered in order (the real servicer's is asyncio)."""
+
+    def DecodeStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield self.Decode(request, context)
+
+
+class FakeDetokenizer(SyncDecodeStream, detokenizer_pb2_grpc.DetokenizerServicer):
     def Decode(self, request, context):
         return detokenizer_pb2.DetokenizerDecodeResponse(
             results=[decode_item(i) for i in request.items]

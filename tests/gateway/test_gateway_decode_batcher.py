@@ -14,7 +14,8 @@ class FakeDetokenizer:
         self.batch_sizes: list[int] = []
         self.fail = fail
 
-    async def Decode(self, request, timeout=None):
+    async def exchange(self, method, request, timeout, lane):
+        assert method == "DecodeStream" and lane == 0  # one batch in flight: one lane
         self.batch_sizes.append(len(request.items))
         await asyncio.sleep(0.01)
         if self.fail:

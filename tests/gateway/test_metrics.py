@@ -133,7 +133,8 @@ def test_each_request_is_recorded_once_and_the_health_probe_not_at_all(backends)
         assert (
             value(m, hops, service="tokenizer", method="Encode") == 2
         )  # /v1/completions and the probe
-        assert value(m, hops, service="detokenizer", method="Decode") > 0
+        # Streamed tokens are decoded on Detokenizer.DecodeStream: each batch's round trip is observed.
+        assert value(m, hops, service="detokenizer", method="DecodeStream") > 0
         assert value(m, hops, service="scheduler", method="GetInfo") >= 1
 
     run(body())

@@ -16,7 +16,7 @@ from radixserve.detokenizer.server import DetokenizerServicer
 from radixserve.gateway.pipeline.tool_parsers import get_tool_parser
 from radixserve.gateway.pipeline.reasoning_parsers import get_reasoning_parser
 from tests.gateway import fakes
-from tests.gateway.fakes import EOS_ID, SCRIPT_CLOSE, SCRIPT_OPEN, RunningGateway
+from tests.gateway.fakes import EOS_ID, SCRIPT_CLOSE, SCRIPT_OPEN, RunningGateway, SyncDecodeStream
 
 # The fake model's ids are code points; the tokenizer gives each of the first ones its character,
 # except EOS (`</s>`) and one id that is the special token `[TOOL_CALLS]`.
@@ -44,7 +44,7 @@ def special_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-class SyncDetokenizer(DetokenizerServicer):
+class SyncDetokenizer(SyncDecodeStream, DetokenizerServicer):
     """The real servicer, served by a synchronous gRPC server as the fakes are."""
 
     def Decode(self, request, context):

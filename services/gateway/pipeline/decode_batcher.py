@@ -1,9 +1,9 @@
-"""Coalesces the detokenizer calls of concurrent requests into batch Decode RPCs.
+"""Coalesces the detokenizer calls of concurrent requests into batches on Detokenizer.DecodeStream.
 
-Up to max_inflight batches are in flight at a time (one per detokenizer replica: the stub spreads
-them over the replicas); items that arrive meanwhile ride the next one. A lone request pays no extra
-latency (its item is sent at once); N concurrent streams cost about one RPC per scheduler step
-instead of N.
+Up to max_inflight batches are in flight at a time (one per detokenizer replica: the replica set
+spreads them over the replicas), each on an open stream of its own; items that arrive meanwhile ride
+the next one. A lone request pays no extra latency (its item is sent at once); N concurrent streams
+cost about one exchange per scheduler step instead of N.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class DecodeBatcher:
         self._max_inflight = max(1, max_inflight)
         self._pending: list[tuple[detokenizer_pb2.DetokenizerDecodeItem, asyncio.Future]] = []
         self._pumps: set[asyncio.Task] = set()
-        self.rpcs = 0  # batch RPCs sent (for tests and debugging)
+        self._lanes_busy: set[int] = set()  # each pump sends on a stream of its own (its lane)
+        self.rpcs = 0  # batches sent (for tests and debugging)
 
     async def decode(
         self, item: detokenizer_pb2.DetokenizerDecodeItem
@@ -44,6 +45,14 @@ class DecodeBatcher:
         return await future
 
     async def _pump(self) -> None:
+        lane = min(set(range(self._max_inflight)) - self._lanes_busy)
+        self._lanes_busy.add(lane)
+        try:
+            await self._pump_on(lane)
+        finally:
+            self._lanes_busy.discard(lane)
+
+    async def _pump_on(self, lane: int) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH_ITEMS], self._pending[MAX_BATCH_ITEMS:]
             batch = [
@@ -53,9 +62,11 @@ class DecodeBatcher:
                 continue
             self.rpcs += 1
             try:
-                resp = await self._stub().Decode(
+                resp = await self._stub().exchange(
+                    "DecodeStream",
                     detokenizer_pb2.DetokenizerDecodeRequest(items=[item for item, _ in batch]),
-                    timeout=self._timeout_s,
+                    self._timeout_s,
+                    lane,
                 )
             except grpc.aio.AioRpcError as e:
                 error = from_grpc(e, "detokenizer")

@@ -144,6 +144,7 @@ class Engine:
                 parse_addrs(a.detokenizer_addr),
                 detokenizer_pb2_grpc.DetokenizerStub,
                 channel_to("detokenizer"),
+                self.metrics.exchange_observer("detokenizer") if self.metrics else None,
             )
             scheduler = SchedulerReplicas(
                 self.scheduler_addrs, channel_to("scheduler"), self.router

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from radixserve.common.grpc_util import aio_channel
+from radixserve.common.ordered_stream import OrderedExchange
 
 log = logging.getLogger("radixserve.gateway.replicas")
 
@@ -33,13 +34,14 @@ def parse_addrs(value: str) -> list[str]:
 
 class ReplicaSet:
     """Stands in for one stub of the service: `replicas.Encode(request, timeout=...)` is a balanced,
-    failed-over call of the stub method of that name (unary methods only)."""
+    failed-over call of the stub method of that name (unary methods; streams: exchange)."""
 
     def __init__(
         self,
         addrs: list[str],
         stub_class: Callable[[grpc.aio.Channel], Any],
         channel: Callable[[str], grpc.aio.Channel] = aio_channel,
+        observe_exchange: Callable[[str, float], None] | None = None,
     ):
         self.addrs = list(addrs)
         self.channels = [channel(addr) for addr in self.addrs]
@@ -47,6 +49,8 @@ class ReplicaSet:
         self.calls = [0] * len(self.addrs)  # calls sent to each replica (for tests and debugging)
         self._next = 0
         self._failed_at = [float("-inf")] * len(self.addrs)
+        self._streams: dict[tuple[str, int, int], OrderedExchange] = {}  # see exchange
+        self._observe_exchange = observe_exchange  # (method, seconds) of each exchange answered
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
@@ -83,6 +87,36 @@ class ReplicaSet:
                     "%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i]
                 )
 
+    async def exchange(self, method: str, request, timeout: float, lane: int = 0):
+        """One request over the bidirectional stream `method` (e.g. "DecodeStream", the stream form of
+        a unary method: answers in order), with call()'s round robin and failover. Each replica keeps
+        one open stream per lane; a caller uses one lane per exchange in flight."""
+        order = self._order()
+        for attempt, i in enumerate(order):
+            self.calls[i] += 1
+            key = (method, i, lane)
+            stream = self._streams.get(key)
+            if stream is None:
+                stub = self.stubs[i]
+                stream = self._streams[key] = OrderedExchange(lambda: getattr(stub, method)())
+            try:
+                start = time.perf_counter()
+                answer = await stream.exchange(request, timeout)
+                if self._observe_exchange is not None:
+                    self._observe_exchange(method, time.perf_counter() - start)
+                return answer
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._failed_at[i] = time.monotonic()
+                if attempt == len(order) - 1:
+                    raise
+                log.warning(
+                    "%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i]
+                )
+
     async def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
         for channel in self.channels:
             await channel.close()

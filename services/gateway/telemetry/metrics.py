@@ -145,7 +145,8 @@ class GatewayMetrics:
         ).labels(model_name)
         self.grpc_latency = Histogram(
             "radixserve:grpc_client_latency_seconds",
-            "Round trip of the gateway's unary gRPC calls to the backend services",
+            "Round trip of the gateway's gRPC calls to the backend services (unary, or a request and its "
+            "answer on a stream)",
             ["service", "method"],
             registry=r,
             buckets=GRPC_BUCKETS,
@@ -171,6 +172,11 @@ class GatewayMetrics:
 
     def client_interceptors(self, service: str) -> list[grpc.aio.ClientInterceptor]:
         return [HopLatencyInterceptor(self.grpc_latency, service)]
+
+    def exchange_observer(self, service: str):
+        """observe(method, seconds) for the exchanges on a service's streams (ReplicaSet.exchange): the
+        same histogram as a unary call's round trip, under the stream method's name."""
+        return lambda method, seconds: self.grpc_latency.labels(service, method).observe(seconds)
 
     def prometheus_text(self) -> str:
         return generate_latest(self.registry).decode()

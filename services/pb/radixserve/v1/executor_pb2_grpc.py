@@ -39,6 +39,11 @@ class ExecutorStub:
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.SerializeToString,
                 response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.FromString,
                 _registered_method=True)
+        self.Steps = channel.stream_stream(
+                '/radixserve.v1.Executor/Steps',
+                request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.SerializeToString,
+                response_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/radixserve.v1.Executor/GetModelInfo',
                 request_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorModelInfoRequest.SerializeToString,
@@ -76,6 +81,16 @@ class ExecutorServicer:
 
     def Step(self, request, context):
         """Run one forward step and sample; only for the live step session (session_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Steps(self, request_iterator, context):
+        """Step over one long-lived stream (how the scheduler sends its steps: a write and a read on an open
+        stream cost about half the CPU of a unary call). Each request is handled as Step handles it, as
+        soon as it arrives; answers come in request order. A step Step would refuse or fail ends the
+        stream with the status that would end the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +152,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.FromString,
                     response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.SerializeToString,
             ),
+            'Steps': grpc.stream_stream_rpc_method_handler(
+                    servicer.Steps,
+                    request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.FromString,
+                    response_serializer=radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.SerializeToString,
+            ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=radixserve_dot_v1_dot_executor__pb2.ExecutorModelInfoRequest.FromString,
@@ -193,6 +213,33 @@ class Executor:
             request,
             target,
             '/radixserve.v1.Executor/Step',
+            radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.SerializeToString,
+            radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Steps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/radixserve.v1.Executor/Steps',
             radixserve_dot_v1_dot_executor__pb2.ExecutorStepRequest.SerializeToString,
             radixserve_dot_v1_dot_executor__pb2.ExecutorStepResponse.FromString,
             options,
