@@ -6,9 +6,10 @@ as every service runs) and reads both processes' CPU time: microseconds per exch
   unary+thread       the handler answers from asyncio.to_thread (a hop to a worker thread and back),
   unary+token        the inter-service token's client and server interceptors (what `serve` installs),
   bidi               one write and one read on an open bidirectional stream,
-  ordered            the same through common/ordered_stream.py, with the token interceptors (how
+  ordered            the same through common/ordered_stream.py with the inter-service token (how
                      Executor.Steps and Detokenizer.DecodeStream go: OrderedExchange.exchange on the
-                     client, answer_in_order around the unary handler on the server).
+                     client, the token sent at the call's start as grpc_util.open_bidi does, the token
+                     check and answer_in_order around the unary handler on the server).
 Usage: python scripts/bench_grpc_costs.py [--calls 3000]   (prints one JSON line per case)
 """
 
@@ -29,6 +30,7 @@ import uvloop
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from radixserve.common.grpc_security import (  # noqa: E402
+    TOKEN_METADATA_KEY,
     TokenServerInterceptor,
     token_client_interceptors,
 )
@@ -82,7 +84,8 @@ async def exchange(case: str, port: int, calls: int, server_pid: int) -> dict:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as ch:
         await ch.channel_ready()
         if case == "ordered":
-            ordered = OrderedExchange(ch.stream_stream("/bench.B/Bidi"))
+            bidi = ch.stream_stream("/bench.B/Bidi")  # carries the token itself, as open_bidi does
+            ordered = OrderedExchange(lambda: bidi(metadata=[(TOKEN_METADATA_KEY, TOKEN)]))
 
             async def one():
                 await ordered.exchange(PAYLOAD)

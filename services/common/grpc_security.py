@@ -40,6 +40,7 @@ def install_from_args(args: ServerArgs) -> None:
         return
     grpc_util.install(
         client_interceptors=token_client_interceptors(token) if token else (),
+        bidi_metadata=[(TOKEN_METADATA_KEY, token)] if token else (),
         sync_client_interceptors=[SyncTokenInterceptor(token)] if token else (),
         inter_service_interceptors=[TokenServerInterceptor(token)] if token else (),
         channel_credentials=tls and tls.channel,
@@ -175,20 +176,11 @@ class _StreamUnaryToken(grpc.aio.StreamUnaryClientInterceptor):
         return await continuation(_with_token(client_call_details, self.entry), request_iterator)
 
 
-class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str):
-        self.entry = (TOKEN_METADATA_KEY, token)
-
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_token(client_call_details, self.entry), request_iterator)
-
-
 def token_client_interceptors(token: str) -> list:
-    """One interceptor per RPC kind: a grpc.aio channel files each interceptor under one kind only."""
-    return [
-        kind(token)
-        for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
-    ]
+    """One interceptor per RPC kind (a grpc.aio channel files each interceptor under one kind only) but
+    bidirectional calls, which send the token themselves (grpc_util.open_bidi: such an interceptor would
+    cost every streamed message a queue and a task)."""
+    return [kind(token) for kind in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken)]
 
 
 class _SyncCallDetails(

@@ -88,6 +88,11 @@ class GrpcSettings:
     sync_client_interceptors: list = field(
         default_factory=list
     )  # grpc.UnaryUnaryClientInterceptor ...
+    # Metadata that bidirectional calls opened with open_bidi send (the inter-service token): they carry
+    # it themselves because a stream-stream client interceptor on grpc.aio routes every write through a
+    # queue, a task and asyncio.wait (~30 us a message; scripts/bench_grpc_costs.py), and the services'
+    # per-token hops are bidirectional streams.
+    bidi_metadata: tuple = ()
 
 
 settings = GrpcSettings()
@@ -101,9 +106,11 @@ def install(
     inter_service_interceptors=(),
     public_server_credentials=None,
     sync_client_interceptors=(),
+    bidi_metadata=(),
 ) -> None:
     """Add interceptors and set credentials for the channels and servers made from now on."""
     settings.client_interceptors.extend(client_interceptors)
+    settings.bidi_metadata += tuple(bidi_metadata)
     settings.sync_client_interceptors.extend(sync_client_interceptors)
     settings.server_interceptors.extend(server_interceptors)
     settings.inter_service_interceptors.extend(inter_service_interceptors)
@@ -131,6 +138,13 @@ def aio_channel(
             addr, settings.channel_credentials, options=channel_options(), interceptors=interceptors
         )
     return grpc.aio.insecure_channel(addr, options=channel_options(), interceptors=interceptors)
+
+
+def open_bidi(method: grpc.aio.StreamStreamMultiCallable, **kwargs) -> grpc.aio.StreamStreamCall:
+    """Open a bidirectional call (no request iterator: the caller writes) with the installed metadata."""
+    if settings.bidi_metadata:
+        kwargs["metadata"] = (*kwargs.get("metadata", ()), *settings.bidi_metadata)
+    return method(**kwargs)
 
 
 def channel(addr: str) -> grpc.Channel:

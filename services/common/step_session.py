@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from radixserve.common.grpc_util import open_bidi
 from radixserve.common.ordered_stream import OrderedExchange, answer_in_order
 from radixserve.common.step_order import StepOrder
 from radixserve.v1 import executor_pb2
@@ -158,7 +159,7 @@ class ExecutorSession:
         self._on_end = on_end
         self._watch = asyncio.create_task(self._wait_end(), name="executor-session")
         # The session's steps go over one Executor.Steps stream (stub: the executor's).
-        self._steps = OrderedExchange(lambda: stub.Steps()) if stub is not None else None
+        self._steps = OrderedExchange(lambda: open_bidi(stub.Steps)) if stub is not None else None
 
     async def send_step(self, msg: executor_pb2.ExecutorStepRequest) -> asyncio.Future:
         """Stamp msg with the session's id and send it on the session's step stream; returns a future

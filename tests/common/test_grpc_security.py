@@ -179,8 +179,21 @@ async def start_backends(core: TokenizerCore) -> tuple[list[grpc.aio.Server], st
     return [tokenizer, scheduler], f"127.0.0.1:{tokenizer_port}", f"127.0.0.1:{scheduler_port}"
 
 
-async def call_every_kind(make_channel, tokenizer_addr: str, scheduler_addr: str) -> dict:
-    """Each RPC kind the services use, through channels from make_channel: its result or its status code."""
+def bidi_with(token: str | None):
+    """How a client with this token opens a bidirectional call (they carry their metadata themselves:
+    grpc_util.open_bidi for the installed token)."""
+    metadata = [(TOKEN_METADATA_KEY, token)] if token else []
+    return lambda method: method(timeout=10, metadata=metadata)
+
+
+def installed_bidi(method):
+    return grpc_util.open_bidi(method, timeout=10)
+
+
+async def call_every_kind(client, tokenizer_addr: str, scheduler_addr: str) -> dict:
+    """Each RPC kind the services use, through channels from client (make_channel, or (make_channel,
+    open_bidi) when the bidirectional call carries a token): its result or its status code."""
+    make_channel, open_bidi = client if isinstance(client, tuple) else (client, bidi_with(None))
     results = {}
 
     async def attempt(kind: str, call) -> None:
@@ -207,7 +220,7 @@ async def call_every_kind(make_channel, tokenizer_addr: str, scheduler_addr: str
             return [list(m.token_ids) async for m in scheduler.Generate(request, timeout=10)]
 
         async def session():  # written and read as the gateway does
-            call = scheduler.Session(timeout=10)
+            call = open_bidi(scheduler.Session)
             try:
                 events = []
                 for i in (4, 5):
@@ -270,17 +283,29 @@ def test_mutual_tls_and_token_guard_every_rpc_kind(certs, core, clean_grpc):
     outcomes = run_against_backends(
         core,
         {
-            "installed": grpc_util.aio_channel,
+            "installed": (grpc_util.aio_channel, installed_bidi),
             "no token": lambda addr: grpc.aio.secure_channel(addr, certs.client()),
-            "wrong token": lambda addr: grpc.aio.secure_channel(
-                addr, certs.client(), interceptors=token_client_interceptors("guess")
+            "wrong token": (
+                lambda addr: grpc.aio.secure_channel(
+                    addr, certs.client(), interceptors=token_client_interceptors("guess")
+                ),
+                bidi_with("guess"),
             ),
-            "plaintext": lambda addr: grpc.aio.insecure_channel(addr, interceptors=with_token),
-            "no client cert": lambda addr: grpc.aio.secure_channel(
-                addr, certs.client(cert=None), interceptors=with_token
+            "plaintext": (
+                lambda addr: grpc.aio.insecure_channel(addr, interceptors=with_token),
+                bidi_with(TOKEN),
             ),
-            "client cert of another CA": lambda addr: grpc.aio.secure_channel(
-                addr, certs.client(cert="rogue_cert", key="rogue_key"), interceptors=with_token
+            "no client cert": (
+                lambda addr: grpc.aio.secure_channel(
+                    addr, certs.client(cert=None), interceptors=with_token
+                ),
+                bidi_with(TOKEN),
+            ),
+            "client cert of another CA": (
+                lambda addr: grpc.aio.secure_channel(
+                    addr, certs.client(cert="rogue_cert", key="rogue_key"), interceptors=with_token
+                ),
+                bidi_with(TOKEN),
             ),
         },
     )
@@ -304,7 +329,7 @@ def test_token_from_the_environment_without_tls(core, clean_grpc, monkeypatch):
     outcomes = run_against_backends(
         core,
         {
-            "installed": grpc_util.aio_channel,
+            "installed": (grpc_util.aio_channel, installed_bidi),
             "no token": grpc.aio.insecure_channel,
         },
     )
@@ -421,7 +446,7 @@ def test_gateway_sends_the_token_on_every_backend_call(clean_grpc):
         gw.close()
         backends.stop()
     calls = backends.recorder.calls
-    assert {"ApplyChatTemplate", "Session", "Decode"} <= {method for method, _ in calls}
+    assert {"ApplyChatTemplate", "Session", "DecodeStream"} <= {method for method, _ in calls}
     assert all(sent for _, sent in calls), calls
 
 

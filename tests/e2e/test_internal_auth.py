@@ -506,7 +506,8 @@ def test_only_the_schedulers_session_drives_the_executor(clean_grpc):
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 # The same on the step stream (Executor.Steps): the stream ends with Step's refusal.
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await OrderedExchange(intruder.Steps).exchange(rogue, timeout=5)
+                    steps = OrderedExchange(lambda: grpc_util.open_bidi(intruder.Steps))
+                    await steps.exchange(rogue, timeout=5)
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await intruder.Reset(

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from radixserve.common.grpc_util import aio_channel
+from radixserve.common.grpc_util import aio_channel, open_bidi
 from radixserve.common.ordered_stream import OrderedExchange
 
 log = logging.getLogger("radixserve.gateway.replicas")
@@ -98,7 +98,9 @@ class ReplicaSet:
             stream = self._streams.get(key)
             if stream is None:
                 stub = self.stubs[i]
-                stream = self._streams[key] = OrderedExchange(lambda: getattr(stub, method)())
+                stream = self._streams[key] = OrderedExchange(
+                    lambda: open_bidi(getattr(stub, method))
+                )
             try:
                 start = time.perf_counter()
                 answer = await stream.exchange(request, timeout)

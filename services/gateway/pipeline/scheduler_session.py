@@ -18,6 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from radixserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from radixserve.common.grpc_util import open_bidi
 
 log = logging.getLogger("radixserve.gateway.session")
 
@@ -177,7 +178,7 @@ class SchedulerSession:
     def _ensure_open(self) -> None:
         if self._call is not None:
             return
-        call = self._stub().Session()
+        call = open_bidi(self._stub().Session)
         outbox: asyncio.Queue = asyncio.Queue()
         self._call, self._outbox = call, outbox
         self._tasks = [
