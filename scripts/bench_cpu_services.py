@@ -7,8 +7,9 @@ concurrent streams, reading every process's CPU time from /proc around each run.
 figure to compare between commits on a shared machine; wall tok/s moves with other people's load.
 
 Usage: python scripts/bench_cpu_services.py [--repeats 5] [--output-len 128] [--concurrency 16]
-[--stream-interval 1 8] [-- SERVE_FLAGS]. Prints one JSON line per run, then one with the medians (per
---stream-interval value: one server each, their runs alternated).
+[--stream-interval 1 8] [--baseline-python PY] [-- SERVE_FLAGS]. Prints one JSON line per run, then one
+with the medians (per --stream-interval value, and per tree with --baseline-python: one server each, their
+runs alternated).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from scripts.bench_cpu import PROMPT, stream_one  # noqa: E402
-from tests.stack import start_stack, stop_stack  # noqa: E402
+from scripts.bench_cpu import PROMPT, start_stack_with, stream_one  # noqa: E402
+from tests.stack import stop_stack  # noqa: E402
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor", "detokenizer")
 
@@ -129,23 +130,37 @@ def main() -> None:
         "(e.g. 1 8: a side-by-side comparison on a shared machine); labels get `si=N`",
     )
     p.add_argument(
+        "--baseline-python",
+        metavar="PY",
+        help="also serve with another checkout's venv python (e.g. the commit before a change), the two "
+        "servers' runs alternated; labels get `new` / `base`",
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="py-spy every service over the bs1 runs into DIR/spy-NAME.txt",
     )
     p.add_argument("serve_flags", nargs="*", help="extra flags for radixserve serve (after --)")
     a = p.parse_args()
+    prefix = f"{a.label} " if a.label else ""
     variants = [(a.label, [])]
     if a.stream_interval:
-        prefix = f"{a.label} " if a.label else ""
         variants = [(f"{prefix}si={n}", ["--stream-interval", str(n)]) for n in a.stream_interval]
-    runs = {label: {"bs1": [], "concurrent": []} for label, _ in variants}
+    pythons = [("", sys.executable)]
+    if a.baseline_python:
+        pythons = [("new", sys.executable), ("base", a.baseline_python)]
+    variants = [
+        (" ".join(filter(None, (label, tree))), flags, python)
+        for label, flags in variants
+        for tree, python in pythons
+    ]
+    runs = {label: {"bs1": [], "concurrent": []} for label, _, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         stacks = []
         try:
-            for k, (label, flags) in enumerate(variants):
-                stack = start_stack(
-                    "--dtype", a.dtype, *flags, *a.serve_flags, log_path=f"{tmp}/serve{k}.log"
+            for k, (label, flags, python) in enumerate(variants):
+                stack = start_stack_with(
+                    python, a.dtype, [*flags, *a.serve_flags], log_path=f"{tmp}/serve{k}.log"
                 )
                 stacks.append((label, stack, service_pids(stack.proc.pid)))
             for label, stack, pids in stacks:
