@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -72,28 +72,16 @@ class ReplicaSet:
         return sorted(ring, key=lambda i: now - self._failed_at[i] < SUSPECT_S)
 
     async def call(self, method: str, request, **kwargs):
-        order = self._order()
-        for attempt, i in enumerate(order):
-            self.calls[i] += 1
-            try:
-                return await getattr(self.stubs[i], method)(request, **kwargs)
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                self._failed_at[i] = time.monotonic()
-                if attempt == len(order) - 1:
-                    raise
-                log.warning(
-                    "%s on %s failed (UNAVAILABLE); trying another replica", method, self.addrs[i]
-                )
+        return await self._failover(
+            method, lambda i: getattr(self.stubs[i], method)(request, **kwargs)
+        )
 
     async def exchange(self, method: str, request, timeout: float, lane: int = 0):
         """One request over the bidirectional stream `method` (e.g. "DecodeStream", the stream form of
         a unary method: answers in order), with call()'s round robin and failover. Each replica keeps
         one open stream per lane; a caller uses one lane per exchange in flight."""
-        order = self._order()
-        for attempt, i in enumerate(order):
-            self.calls[i] += 1
+
+        async def on(i: int):
             key = (method, i, lane)
             stream = self._streams.get(key)
             if stream is None:
@@ -101,12 +89,22 @@ class ReplicaSet:
                 stream = self._streams[key] = OrderedExchange(
                     lambda: open_bidi(getattr(stub, method))
                 )
+            start = time.perf_counter()
+            answer = await stream.exchange(request, timeout)
+            if self._observe_exchange is not None:
+                self._observe_exchange(method, time.perf_counter() - start)
+            return answer
+
+        return await self._failover(method, on)
+
+    async def _failover(self, method: str, send: Callable[[int], Awaitable]):
+        """send(i) to the replicas in _order(): the first answer, or the error of a call that failed with
+        anything but UNAVAILABLE, or of the last replica tried."""
+        order = self._order()
+        for attempt, i in enumerate(order):
+            self.calls[i] += 1
             try:
-                start = time.perf_counter()
-                answer = await stream.exchange(request, timeout)
-                if self._observe_exchange is not None:
-                    self._observe_exchange(method, time.perf_counter() - start)
-                return answer
+                return await send(i)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
