@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
+
 from radixserve.v1 import common_pb2, executor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from radixserve.common.args import ServerArgs
 from radixserve.common.grpc_util import aio_channel, aio_server, bind
@@ -32,12 +34,26 @@ class SlowFakeExecutor(FakeExecutorServicer):
             self.concurrent_steps -= 1
 
 
+class MethodRecorder(grpc.aio.ServerInterceptor):
+    """The name of each RPC the server is called with (a stream counts once)."""
+
+    def __init__(self):
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.methods.append(handler_call_details.method.rsplit("/", 1)[-1])
+        return await continuation(handler_call_details)
+
+
 @contextlib.asynccontextmanager
 async def stack(eos_token_ids=(), **arg_overrides):
+    """executor.rpc_methods: the RPCs the scheduler called the fake executor with."""
     executor = SlowFakeExecutor(
         kv_slots=KV_SLOTS, vocab_size=VOCAB, context_length=128, eos_token_ids=eos_token_ids
     )
-    exec_server = aio_server()
+    recorder = MethodRecorder()
+    executor.rpc_methods = recorder.methods
+    exec_server = aio_server([recorder])
     executor_pb2_grpc.add_ExecutorServicer_to_server(executor, exec_server)
     exec_port = bind(exec_server, "127.0.0.1:0")
     await exec_server.start()

@@ -154,12 +154,15 @@ def test_overlap_and_serial_streams_are_identical():
                 await collect(stub, gen_request("next", shared + [1] + first + [9], max_new=3))
             )
             await wait_idle(stub)
+            # Every step went over the step session's one Executor.Steps stream, none as a unary Step.
+            assert executor.rpc_methods.count("Steps") == 1, executor.rpc_methods
+            assert "Step" not in executor.rpc_methods
             return [stream_fields(s) for s in streams], executor.max_concurrent_steps
 
     async def body():
         overlapped, overlap_depth = await traffic(False)
         serial, serial_depth = await traffic(True)
-        assert (overlap_depth, serial_depth) == (2, 1)
+        assert (overlap_depth, serial_depth) == (2, 1)  # the stream takes a step while one runs
         assert overlapped == serial
         tokens = [[t for m in s for t in m[0]] for s in overlapped]
         assert tokens[0] == reference_tokens(shared + [1], 4) and tokens[1] == reference_tokens(
