@@ -152,14 +152,14 @@ class ExecutorSession:
     """The scheduler's hold on its executor's step session (asyncio). `live` turns False when the stream
     ends (the executor went away or replaced it); on_end is then called once."""
 
-    def __init__(self, call, session_id: str, on_end: Callable[[], None] | None = None, stub=None):
+    def __init__(self, call, session_id: str, stub, on_end: Callable[[], None] | None = None):
         self.call = call
         self.id = session_id
         self.end_reason: str | None = None
         self._on_end = on_end
         self._watch = asyncio.create_task(self._wait_end(), name="executor-session")
-        # The session's steps go over one Executor.Steps stream (stub: the executor's).
-        self._steps = OrderedExchange(lambda: open_bidi(stub.Steps)) if stub is not None else None
+        # The session's steps go over one Executor.Steps stream of the executor's stub.
+        self._steps = OrderedExchange(lambda: open_bidi(stub.Steps))
 
     async def send_step(self, msg: executor_pb2.ExecutorStepRequest) -> asyncio.Future:
         """Stamp msg with the session's id and send it on the session's step stream; returns a future
@@ -199,7 +199,7 @@ class ExecutorSession:
             raise SessionRefused(
                 grpc.StatusCode.UNAVAILABLE, "the executor ended the session at once"
             )
-        return cls(call, first.session_id, on_end, stub)
+        return cls(call, first.session_id, stub, on_end)
 
     @property
     def live(self) -> bool:
@@ -224,8 +224,7 @@ class ExecutorSession:
             self.end_reason = "closed"
         self.call.cancel()
         self._watch.cancel()
-        if self._steps is not None:
-            self._steps.close()
+        self._steps.close()
 
 
 class BlockingExecutorSession:

@@ -1,6 +1,6 @@
 """SGLang's --stream-interval N: a request's new tokens leave the core every N generated tokens, not
-every step. Each message costs the services CPU on its way (the Session stream, a DecodeStream exchange, an SSE
-frame), so N > 1 sends fewer, larger ones. Pure: no I/O.
+every step. Each message costs the services CPU on its way (the Session stream, a DecodeStream
+exchange, an SSE frame), so N > 1 sends fewer, larger ones. Pure: no I/O.
 
 What is released at once, whatever N: the first event of a request (its first token: time to first
 token is unchanged; prompt logprobs ride on it) and every finished event (a stop, the length limit, an
