@@ -7,9 +7,9 @@ concurrent streams, reading every process's CPU time from /proc around each run.
 figure to compare between commits on a shared machine; wall tok/s moves with other people's load.
 
 Usage: python scripts/bench_cpu_services.py [--repeats 5] [--output-len 128] [--concurrency 16]
-[--stream-interval 1 8] [--baseline-python PY] [-- SERVE_FLAGS]. Prints one JSON line per run, then one
-with the medians (per --stream-interval value, and per tree with --baseline-python: one server each, their
-runs alternated).
+[--stream-interval 1 8] [--baseline-python PY] [--env NAME=V1,V2] [-- SERVE_FLAGS]. Prints one JSON line
+per run, then one with the medians (per --stream-interval value, per tree with --baseline-python and per
+--env value: one server each, their runs alternated).
 """
 
 from __future__ import annotations
@@ -136,6 +136,12 @@ def main() -> None:
         "servers' runs alternated; labels get `new` / `base`",
     )
     p.add_argument(
+        "--env",
+        metavar="NAME=V1,V2",
+        help="one server per value of an environment variable, e.g. "
+        "RADIXSERVE_CPU_DECODE_SPLIT_STAGES=0,1; labels get `NAME=V`",
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="py-spy every service over the bs1 runs into DIR/spy-NAME.txt",
@@ -149,19 +155,33 @@ def main() -> None:
     pythons = [("", sys.executable)]
     if a.baseline_python:
         pythons = [("new", sys.executable), ("base", a.baseline_python)]
+    envs = [("", {})]
+    if a.env:
+        name, _, values = a.env.partition("=")
+        envs = [(f"{name}={v}", {name: v}) for v in values.split(",")]
     variants = [
-        (" ".join(filter(None, (label, tree))), flags, python)
+        (" ".join(filter(None, (label, tree, env_label))), flags, python, env)
         for label, flags in variants
         for tree, python in pythons
+        for env_label, env in envs
     ]
-    runs = {label: {"bs1": [], "concurrent": []} for label, _, _ in variants}
+    runs = {label: {"bs1": [], "concurrent": []} for label, *_ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         stacks = []
         try:
-            for k, (label, flags, python) in enumerate(variants):
-                stack = start_stack_with(
-                    python, a.dtype, [*flags, *a.serve_flags], log_path=f"{tmp}/serve{k}.log"
-                )
+            for k, (label, flags, python, env) in enumerate(variants):
+                saved = {name: os.environ.get(name) for name in env}
+                os.environ.update(env)  # the stack's processes inherit it
+                try:
+                    stack = start_stack_with(
+                        python, a.dtype, [*flags, *a.serve_flags], log_path=f"{tmp}/serve{k}.log"
+                    )
+                finally:
+                    for name, value in saved.items():
+                        if value is None:
+                            os.environ.pop(name, None)
+                        else:
+                            os.environ[name] = value
                 stacks.append((label, stack, service_pids(stack.proc.pid)))
             for label, stack, pids in stacks:
                 stream_one(stack.base_url, 8)  # warm-up
