@@ -55,6 +55,11 @@ def channel_options() -> list[tuple[str, object]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
+        # Each channel its own connections: by default a process shares them across channels to the
+        # same address, so a new channel to an address whose earlier server went away (a restarted
+        # stage, a reused port) inherits the old connection's backoff and fails fast calls with
+        # "failed to connect" although a server listens there now.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
