@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     from radixserve.executor.warmup import run_warmup
     from radixserve.scheduler.server import build_core
 
-    runner = ModelRunner.from_args(plain_args)
-    run_warmup(runner, plain_args)
+    # NGRAM drafts on the scheduler: one runner serves both (made with NGRAM's flags, so it keeps
+    # the spare rows tree drafts need).
+    shared_args = args if args.speculative_algorithm == "NGRAM" else plain_args
+    runner = ModelRunner.from_args(shared_args)
+    run_warmup(runner, shared_args)
     runners = {"plain": runner, "ngram": runner}
     if args.speculative_algorithm != "NGRAM":  # a draft head: the executor drafts
         runners["ngram"] = ModelRunner.from_args(args)

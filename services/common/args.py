@@ -382,12 +382,17 @@ def normalize(args: ServerArgs) -> ServerArgs:
 
 def check_speculation(args: ServerArgs) -> None:
     """FlagError unless the --speculative-* flags make valid n-gram or EAGLE settings."""
-    from radixserve.scheduler.speculation import speculation_params
+    from radixserve.scheduler.speculation import drafts_trees, speculation_params
 
     try:
-        speculation_params(args)
+        params = speculation_params(args)
     except ValueError as e:
         raise FlagError(str(e)) from None
+    if drafts_trees(params) and args.tp_size > 1:
+        raise FlagError(
+            "--speculative-ngram-max-bfs-breadth above 1 (tree drafts) runs on one shard: use "
+            "--tp-size 1 (under tensor parallelism NGRAM drafts chains)"
+        )
 
 
 def check_sampling_defaults(args: ServerArgs) -> None:

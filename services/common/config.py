@@ -399,6 +399,13 @@ class SpeculativeConfig:
         f"(default {_NGRAM.max_match_window_size})",
         group="Speculative decoding",
     )
+    speculative_ngram_max_bfs_breadth: int | None = option(
+        None,
+        "NGRAM: distinct continuations drafted per step, as a tree verified in one forward (each "
+        "from another earlier occurrence of the request's last tokens; needs --page-size 1 and "
+        f"--tp-size 1; default {_NGRAM.max_bfs_breadth}: a chain)",
+        group="Speculative decoding",
+    )
     speculative_ngram_history_window: int | None = option(
         None,
         "drafts are looked up in this many most recent tokens of the request "

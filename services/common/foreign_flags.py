@@ -160,11 +160,10 @@ IGNORED = _table("""
 --speculative-moe-runner-backend | one | EAGLE draft heads are dense (no MoE runner)
 --speculative-moe-a2a-backend | one | EAGLE draft heads are dense (no MoE all-to-all)
 --speculative-draft-model-quantization | one | the draft head runs unquantized, in the target's dtype
---speculative-ngram-min-bfs-breadth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
---speculative-ngram-max-bfs-breadth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
---speculative-ngram-match-type | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
---speculative-ngram-max-trie-depth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
---speculative-ngram-capacity | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts one chain per request from its own tokens (docs/speculative.md)
+--speculative-ngram-min-bfs-breadth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts from each request's own tokens (one chain, or a tree with --speculative-ngram-max-bfs-breadth; docs/speculative.md)
+--speculative-ngram-match-type | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts from each request's own tokens (one chain, or a tree with --speculative-ngram-max-bfs-breadth; docs/speculative.md)
+--speculative-ngram-max-trie-depth | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts from each request's own tokens (one chain, or a tree with --speculative-ngram-max-bfs-breadth; docs/speculative.md)
+--speculative-ngram-capacity | one | SGLang's shared n-gram trie; radixserve's NGRAM drafts from each request's own tokens (one chain, or a tree with --speculative-ngram-max-bfs-breadth; docs/speculative.md)
 --enable-multi-layer-eagle | none | multi-layer EAGLE (MTP) heads are not built; EAGLE heads run their layers as one draft step
 --moe-runner-backend | one | radixserve runs its own fused Triton MoE kernel; the MoE runner choice does not change results
 --flashinfer-mxfp4-moe-precision | one | no MXFP4 MoE runs (MXFP4 quantization is refused)

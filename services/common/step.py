@@ -72,6 +72,9 @@ class ContinuingRequest:
     # Speculative decoding: tokens drafted after the last sampled one, verified this step; new_slots
     # then holds 1 + len(draft_ids) slots (that token's, then each draft token's).
     draft_ids: list[int] = field(default_factory=list)
+    # Tree drafts: each draft token's parent (-1: the token sampled last step; else an earlier
+    # draft's index). Empty: a chain.
+    draft_parents: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -49,6 +49,7 @@ def step_to_proto(step: StepInput) -> executor_pb2.ExecutorStepRequest:
             token_bitmask=r.token_bitmask,
             prompt_logprobs=_range_to_proto(r.prompt_logprobs),
             draft_ids=r.draft_ids,
+            draft_parents=r.draft_parents,
         )
     return msg
 
@@ -105,6 +106,7 @@ def step_from_proto(msg: executor_pb2.ExecutorStepRequest) -> StepInput:
                 r.token_bitmask,
                 _range_from_proto(r),
                 list(r.draft_ids),
+                list(r.draft_parents),
             )
             for r in msg.continuing_requests
         ],

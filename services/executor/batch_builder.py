@@ -18,6 +18,7 @@ from radixserve.executor.attention.metadata import ExtendSeq, ForwardBatch, Step
 from radixserve.executor.prompt_logprobs import PromptLogprobRows
 from radixserve.executor.request_state import RequestState
 from radixserve.executor.slot_table import SlotTable
+from radixserve.common.draft_tree import depths, is_chain, path_to, tree_error
 from radixserve.common.step import PromptLogprobRange, StepError, StepInput
 
 if TYPE_CHECKING:
@@ -34,11 +35,17 @@ class _Seq:
     sample: bool
     prompt_logprobs: PromptLogprobRange | None = None
     drafts: list[int] = field(default_factory=list)  # run after the token sampled last step
+    parents: list[int] = field(default_factory=list)  # tree drafts (draft_tree.py); empty: a chain
 
     @property
     def decode(self) -> bool:
         """The token sampled last step alone: a decode row (prompt tokens and verify steps extend)."""
         return self.tokens is None and len(self.new_slots) == 1
+
+    @property
+    def tree(self) -> bool:
+        """Drafts shaped as a tree, not a chain: decode rows, each node on a spare table row."""
+        return bool(self.drafts) and not is_chain(self.parents)
 
 
 class _Packer:
@@ -123,6 +130,7 @@ class BatchBuilder:
                 "or lower it on the scheduler"
             )
         seen: set[str] = set()
+        tree_nodes = 0
         for req in step.new_requests:
             rid = req.request_id
             if rid in states or rid in seen:
@@ -157,6 +165,10 @@ class BatchBuilder:
                 )
             if req.draft_ids:
                 self._check_drafts(rid, req, state)
+            elif req.draft_parents:
+                raise StepError(f"request {rid}: draft_parents without draft_ids")
+            if not is_chain(req.draft_parents):
+                tree_nodes += len(req.draft_ids)
             n = len(req.input_ids) or 1 + len(req.draft_ids)
             if not req.input_ids and not state.has_token:
                 raise StepError(
@@ -170,6 +182,12 @@ class BatchBuilder:
             self._check_length(rid, state.length + n)
             self._check_bitmask(rid, req.token_bitmask)
             self._check_prompt_logprobs(rid, req.prompt_logprobs, len(req.input_ids))
+        if tree_nodes > self.slot_table.spare_rows:
+            raise StepError(
+                f"{tree_nodes} tree draft tokens in one step, over the executor's "
+                f"{self.slot_table.spare_rows} (tree drafts need --speculative-ngram-max-bfs-breadth "
+                "above 1 on the executor too)"
+            )
 
     def _check_drafts(self, rid: str, req, state: RequestState) -> None:
         if req.input_ids or not req.sample or req.token_bitmask or req.prompt_logprobs:
@@ -186,6 +204,9 @@ class BatchBuilder:
                 "(those requests decode without speculation)"
             )
         self._check_ids_and_slots(rid, req.draft_ids, None, "draft")
+        why = tree_error(list(req.draft_ids), list(req.draft_parents))
+        if why is not None:
+            raise StepError(f"request {rid}: {why}")
 
     def build(self, step: StepInput, states: dict[str, RequestState]) -> ForwardBatch:
         """Validate, register new requests, write their slots to the SlotTable and lay the tokens out
@@ -222,14 +243,16 @@ class BatchBuilder:
                     req.sample,
                     req.prompt_logprobs,
                     list(req.draft_ids),
+                    list(req.draft_parents),
                 )
             )
 
         # Prompt tokens, however many (one: a prompt's last token after a full cache hit), run as an
         # extend, as their prefill does; a token sampled last step is a decode row, and so are a
         # verify step's tokens where the backend takes them as rows (verify_as_decode_rows).
+        # Tree drafts are decode rows on every backend: each node sees its own ancestors only.
         rows_for_drafts = self.attn_backend.verify_as_decode_rows
-        extends = [s for s in seqs if not (s.decode or (s.drafts and rows_for_drafts))]
+        extends = [s for s in seqs if not (s.decode or s.tree or (s.drafts and rows_for_drafts))]
         in_extends = {id(s) for s in extends}
         decodes = [s for s in seqs if id(s) not in in_extends]
         if any(s.state.lora_name for s in decodes):
@@ -251,6 +274,9 @@ class BatchBuilder:
         gather_at: list[int] = []
         gather_rows: list[int] = []
         seq_spans: list[tuple[str, int, int, int]] = []
+        # Tree drafts: (the request's row, its columns each node's spare row copies, the spare rows).
+        tree_copies: list[tuple[int, int, list[int]]] = []
+        spare_used = 0
         for seq in ordered:
             state = seq.state
             start, prefix = len(input_ids), state.length
@@ -264,15 +290,28 @@ class BatchBuilder:
                 input_ids.append(0)
                 input_ids += seq.drafts
             state.has_token = seq.sample  # the runner samples it this step
-            positions += range(prefix, prefix + n)
             out_slots += seq.new_slots
             self._table_write(table_writes, state.table_row, prefix, seq.new_slots)
             state.length += n
-            if id(seq) in in_extends:
+            if seq.tree:
+                # The root at prefix, each node one position after its parent, on its own row.
+                spare = [table.spare(spare_used + i) for i in range(n - 1)]
+                spare_used += n - 1
+                tree_copies.append((state.table_row, prefix + 1, spare))
+                positions += [prefix, *(prefix + d for d in depths(seq.parents))]
+                seq_rows += [state.table_row, *spare]
+                decode_lens.append(prefix + 1)
+                for row, node in zip(spare, range(n - 1)):
+                    path = [seq.new_slots[1 + j] for j in path_to(seq.parents, node)]
+                    self._table_write(table_writes, row, prefix + 1, path)
+                    decode_lens.append(prefix + 1 + len(path))
+            elif id(seq) in in_extends:
+                positions += range(prefix, prefix + n)
                 extend_seqs.append(ExtendSeq(start, n, prefix, state.table_row))
                 seq_rows.append(state.table_row)
                 seq_lens.append(state.length)
             else:
+                positions += range(prefix, prefix + n)
                 decode_lens += range(prefix + 1, prefix + n + 1)
                 seq_rows += [state.table_row] * n
             last_index[id(seq)] = start + n - 1
@@ -322,6 +361,7 @@ class BatchBuilder:
             g_rows,
         ) = packer.ship(self.device)
         table.write(w_rows, w_cols, w_vals)
+        self._copy_tree_prefixes(tree_copies)
         if len(gather_at) == len(input_ids):
             ids_t = table.next_tokens.index_select(0, g_rows)
         elif gather_at:
@@ -345,6 +385,8 @@ class BatchBuilder:
                 sample_rows,
                 [len(s.drafts) for s in sampling] if any(s.drafts for s in sampling) else [],
                 [s.drafts for s in sampling],
+                [s.parents for s in sampling] if any(s.tree for s in sampling) else [],
+                [s.new_slots[1:] for s in sampling] if any(s.tree for s in sampling) else [],
             )
         return ForwardBatch(
             input_ids=ids_t,
@@ -361,6 +403,14 @@ class BatchBuilder:
             seq_spans=seq_spans,
             seq_states=[s.state for s in ordered],
         )
+
+    def _copy_tree_prefixes(self, copies: list[tuple[int, int, list[int]]]) -> None:
+        """Each tree node's spare row starts with its request's first slots (the prefix and the
+        root), after this step's table writes: the path columns past them were written there."""
+        tensor = self.slot_table.tensor
+        for row, cols, spare in copies:
+            spare_t = to_device(spare, self.device, torch.int64)
+            tensor[spare_t, :cols] = tensor[row, :cols]
 
     @staticmethod
     def _table_write(

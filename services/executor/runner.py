@@ -17,6 +17,7 @@ import torch
 from radixserve.executor.host_copy import to_device, to_host
 from radixserve.common.args import ServerArgs
 from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP, RunnerConfig
+from radixserve.common.draft_tree import TREE_DRAFT_ROWS
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
@@ -57,7 +58,7 @@ from radixserve.executor.quantization import unquantize_skipped
 from radixserve.executor.quantization import weight_bytes
 from radixserve.executor.quantization.gguf import native_config as native_gguf
 from radixserve.executor.weights import default_dtype, init_dummy_weights, iterate_safetensors
-from radixserve.scheduler.speculation import EagleParams, speculation_params
+from radixserve.scheduler.speculation import EagleParams, drafts_trees, speculation_params
 
 log = logging.getLogger("radixserve.executor.runner")
 
@@ -260,9 +261,10 @@ class ModelRunner:
             settings.max_running_requests or MAX_RUNNING_REQUESTS_CAP,
             cfg.context_length,
             self.device,
+            spare_rows=TREE_DRAFT_ROWS if drafts_trees(spec) else 0,
         )
         if self.eagle is not None:
-            self.eagle.build(self.kv_slots, self.slot_table.tensor.shape[0], self.attn_backend)
+            self.eagle.build(self.kv_slots, self.slot_table.rows, self.attn_backend)
         # None: every step takes the torch path
         self.fast_decode = (
             FastDecode.build(self) if self.lora is None and self.eagle is None else None
@@ -284,7 +286,7 @@ class ModelRunner:
         # A graph row is a decode token; with speculation a request verifies as up to 1 + max drafts
         # rows (attention backends with verify_as_decode_rows), so verify steps replay the graphs too.
         rows_per_request = 1 + spec.max_draft_tokens if spec is not None else 1
-        graph_max_bs = min(cuda_graph_max_bs, self.slot_table.tensor.shape[0] * rows_per_request)
+        graph_max_bs = min(cuda_graph_max_bs, self.slot_table.rows * rows_per_request)
         # Compiled in the graph capture, else at warm-up.
         self.compiled_decode = (
             self._compiled_decode(settings.torch_compile_max_bs, use_graphs, graph_max_bs)
@@ -351,7 +353,7 @@ class ModelRunner:
         from radixserve.executor.cuda_graph_runner import graph_buckets
         from radixserve.executor.torch_compile import CompiledDecode
 
-        max_bs = min(max_bs, self.slot_table.tensor.shape[0])
+        max_bs = min(max_bs, self.slot_table.rows)
         if not use_graphs:
             return CompiledDecode(self.model, max_bs, num_sizes=max_bs)
         sizes = [b for b in graph_buckets(graph_max_bs) if b <= max_bs]
@@ -590,8 +592,11 @@ class ModelRunner:
                 [s.sampling for s in states],
                 [s.generator_for_next_token(s.length - n) for s, n in zip(states, counts)],
                 self.generator,
+                sampling.draft_parents,
             )
             tokens, accepted = spec.verified.tokens, spec.verified.num_accepted
+            if sampling.draft_parents:
+                self._keep_tree_paths(sampling, spec.verified)
             self.logits_processor.record(states, next_tokens(spec.verified))
         else:
             spec = None
@@ -607,6 +612,34 @@ class ModelRunner:
         launched.spec = spec.to_host() if spec is not None else None
         launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
         launched.num_accepted = to_host(launched.num_accepted)
+
+    def _keep_tree_paths(self, sampling: StepSamples, verified) -> None:
+        """Tree drafts: the accepted path's slots move into their request's row, right after the
+        root (positions length + 1 ..), where the request's next steps read them; the row held the
+        drafts' slots in draft order (batch_builder). Rank 0 only: tree drafts run on one shard."""
+        rows, cols, index = [], [], []
+        for b, (state, slots) in enumerate(zip(sampling.states, sampling.draft_slots)):
+            first = state.length - len(slots)  # the root's position + 1
+            rows += [state.table_row] * len(slots)
+            cols += range(first, first + len(slots))
+            index += [(b, j) for j in range(len(slots))]
+        if not rows:
+            return
+        width = max(map(len, sampling.draft_slots))
+        slots = to_device(
+            [s + [0] * (width - len(s)) for s in sampling.draft_slots], self.device, torch.int64
+        )
+        # Path step j of request b (j < its accepted count) is its draft rows[b, j + 1] - 1; the
+        # columns past the path keep the draft-order slots (unread: the length drops below them).
+        nodes = (verified.rows[:, 1:] - 1).clamp(min=0, max=width - 1)
+        on_path = torch.arange(width, device=self.device)[None, :] < verified.num_accepted[:, None]
+        moved = torch.where(on_path, slots.gather(1, nodes), slots)
+        flat = to_device(index, self.device, torch.int64)
+        self.slot_table.write(
+            to_device(rows, self.device, torch.int64),
+            to_device(cols, self.device, torch.int64),
+            moved[flat[:, 0], flat[:, 1]],
+        )
 
     def _propose(
         self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep

@@ -414,7 +414,7 @@ class Warmup:
 def run_warmup(runner, args) -> WarmupReport:
     """Warm up a ModelRunner (or rank 0's TensorParallelLeader) for the traffic `args` allows."""
     inner = getattr(runner, "runner", runner)  # the leader wraps rank 0's runner
-    rows = inner.slot_table.tensor.shape[0]
+    rows = inner.slot_table.rows
     # A compiled decode forward outside CUDA graphs compiles here (under them, in the capture).
     compiled = inner.compiled_decode if inner.cuda_graphs is None else None
     warmup = Warmup(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from radixserve.common.config import SchedulerConfig
+from radixserve.common.draft_tree import keep_path_first
 from radixserve.common.multimodal import check_images
 from radixserve.scheduler.decode import DecodeManager
 from radixserve.scheduler.kv_accounting import KVAccounting
@@ -349,9 +350,12 @@ class Scheduler:
                     f"executor returned no token for request {rid} in step {plan.step_id}"
                 )
             drafted, req.drafts_inflight = req.drafts_inflight, []
+            parents, req.draft_parents_inflight = req.draft_parents_inflight, []
             req.proposed_draft_ids = list(out.proposed_draft_ids)
             if drafted:
                 self.spec_stats.add(len(drafted), len(out.accepted_draft_ids))
+            if parents:
+                keep_path_first(req.slots, drafted, parents, out.accepted_draft_ids)
             event = self._append_tokens(req, out)
             event.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, []
             events.append(event)
@@ -421,6 +425,7 @@ class Scheduler:
         for req in kept:
             req.inflight = req.chunks_inflight = 0
             req.drafts_inflight = []
+            req.draft_parents_inflight = []
             req.proposed_draft_ids = []
         self.kv.reset()
         self.requests = {req.request_id: req for req in kept}

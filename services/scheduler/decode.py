@@ -24,7 +24,14 @@ from radixserve.scheduler.ngram_proposer import NgramParams
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.scheduler.request import Request
-from radixserve.scheduler.speculation import EagleParams, draft_for, may_speculate
+from radixserve.common.draft_tree import TREE_DRAFT_ROWS, is_chain
+from radixserve.scheduler.speculation import (
+    EagleParams,
+    draft_for,
+    draft_tree_for,
+    drafts_trees,
+    may_speculate,
+)
 
 
 class DecodeManager:
@@ -71,12 +78,16 @@ class DecodeManager:
             drafts = False
         # Drafts beyond the executor's largest graph would send the step down the eager path.
         rows_left = self.max_verify_rows - len(batch) if self.max_verify_rows else None
+        tree_rows_left = TREE_DRAFT_ROWS  # the executor's spare rows (common/draft_tree.py)
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
             new_slots = [slot]
-            draft = self._draft(req) if drafts else []
+            draft, parents = self._draft(req, tree_rows_left) if drafts else ([], [])
             if rows_left is not None:
-                draft = draft[: max(0, rows_left)]
+                # Tree nodes come in breadth-first order: any first k of them are a tree.
+                draft, parents = draft[: max(0, rows_left)], parents[: max(0, rows_left)]
+            if is_chain(parents):
+                parents = []
             if draft:
                 more = self.kv.alloc_draft(req.slots, len(draft))
                 if more is None:
@@ -86,23 +97,32 @@ class DecodeManager:
                     new_slots += more
                     if rows_left is not None:
                         rows_left -= len(draft)
-            req.drafts_inflight = draft
+                    if parents:
+                        tree_rows_left -= len(draft)
+            if not draft:
+                parents = []
+            req.drafts_inflight, req.draft_parents_inflight = draft, parents
             plan.continuing_requests.append(
                 ContinuingRequest(
                     req.request_id,
                     new_slots=new_slots,
                     token_bitmask=allowed_tokens(req),
                     draft_ids=draft,
+                    draft_parents=parents,
                 )
             )
 
     def speculates(self, req: Request) -> bool:
         return self.spec is not None and may_speculate(req)
 
-    def _draft(self, req: Request) -> list[int]:
+    def _draft(self, req: Request, tree_rows_left: int) -> tuple[list[int], list[int]]:
+        """req's draft and its parents (empty: a chain). A tree only while the step's trees fit
+        the executor's spare rows; past them, the request drafts a chain."""
         if not self.speculates(req) or req.inflight:
-            return []
-        return draft_for(req, self.spec, self.context_length)
+            return [], []
+        if drafts_trees(self.spec) and tree_rows_left >= self.spec.max_draft_tokens:
+            return draft_tree_for(req, self.spec, self.context_length)
+        return draft_for(req, self.spec, self.context_length), []
 
     def retract_until_decode_fits(self, prefill: PrefillManager) -> list[str]:
         """Retract requests until memory holds one more token of each running one (a lone request

@@ -76,6 +76,7 @@ class Request:
     # seq before each draft), and the draft tokens of its step in flight (verified by that step).
     proposer: NgramProposer | None = None
     drafts_inflight: list[int] = field(default_factory=list)
+    draft_parents_inflight: list[int] = field(default_factory=list)  # a tree's (empty: a chain)
     # EAGLE: the draft the executor proposed with its last sampled token (its next step's draft_ids).
     proposed_draft_ids: list[int] = field(default_factory=list)
 

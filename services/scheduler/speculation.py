@@ -99,7 +99,7 @@ def ngram_params(config: SchedulerConfig) -> NgramParams | None:
     def pick(value, default):
         return default if value is None else value
 
-    return NgramParams(
+    params = NgramParams(
         min_match_window_size=pick(
             config.speculative_ngram_min_match_window_size, defaults.min_match_window_size
         ),
@@ -110,7 +110,21 @@ def ngram_params(config: SchedulerConfig) -> NgramParams | None:
         if num_draft_tokens is None
         else num_draft_tokens - 1,
         history_window=pick(config.speculative_ngram_history_window, defaults.history_window),
+        max_bfs_breadth=pick(config.speculative_ngram_max_bfs_breadth, defaults.max_bfs_breadth),
     )
+    # (The executor's settings carry no page size; the scheduler's, which place the slots, do.)
+    if params.max_bfs_breadth > 1 and getattr(config, "page_size", 1) > 1:
+        raise ValueError(
+            "--speculative-ngram-max-bfs-breadth above 1 (tree drafts) needs --page-size 1: the "
+            "accepted path's KV stays at the slots it was drafted in, which pages would not keep "
+            "in order"
+        )
+    return params
+
+
+def drafts_trees(params: NgramParams | EagleParams | None) -> bool:
+    """Whether the drafter makes tree drafts (the executor then keeps spare slot-table rows)."""
+    return isinstance(params, NgramParams) and params.max_bfs_breadth > 1
 
 
 def may_speculate(req: Request) -> bool:
@@ -141,6 +155,22 @@ def draft_for(req: Request, params: NgramParams | EagleParams, context_length: i
     if len(req.proposer) < seq_len:
         req.proposer.extend(req.seq[len(req.proposer) :])
     return req.proposer.propose(limit) if limit > 0 else []
+
+
+def draft_tree_for(
+    req: Request, params: NgramParams, context_length: int
+) -> tuple[list[int], list[int]]:
+    """req's tree draft for its next step (NGRAM with max_bfs_breadth > 1): (tokens, parents) as
+    common/draft_tree.py describes them, up to draft_for's limit of tokens."""
+    limit = min(
+        params.max_draft_tokens, req.remaining_new_tokens - 1, context_length - req.seq_len - 1
+    )
+    if req.proposer is None:
+        req.proposer = NgramProposer(params)
+    seq_len = req.seq_len
+    if len(req.proposer) < seq_len:
+        req.proposer.extend(req.seq[len(req.proposer) :])
+    return req.proposer.propose_tree(limit) if limit > 0 else ([], [])
 
 
 @dataclass

@@ -107,6 +107,43 @@ def test_a_verify_beside_a_prefill_and_a_decode(model_dir, plain):
     assert by_id["c"].token_id == tokens[0]
 
 
+TREE_FLAGS = dict(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=2)
+
+
+def tree_of(tokens):
+    """A tree draft for the decode steps' tokens: a wrong first child at the root (with the true next
+    token under it), then tokens[1], tokens[2], tokens[3] down the second branch. Accepting the
+    right path emits tokens[1:4] then tokens[4]; its rows are nodes 1, 3, 4 (rows 2, 4, 5)."""
+    wrong = (tokens[1] + 1) % 128
+    return [wrong, tokens[1], tokens[2], tokens[2], tokens[3]], [-1, -1, 0, 1, 3]
+
+
+def verify_tree(runner, tokens, step_id=2):
+    ids, parents = tree_of(tokens)
+    slots = list(range(N + 1, N + 2 + len(ids)))
+    step = ContinuingRequest("a", slots, draft_ids=ids, draft_parents=parents)
+    return runner.step(StepInput(step_id, continuing_requests=[step]))
+
+
+def test_tree_rows_are_the_decode_steps_rows(model_dir, plain, no_extend_kernel):
+    """Each tree node attends to the prefix and its own ancestors only: the accepted path's rows
+    equal plain decoding's, and the sequence goes on from the path's slots (the rejected ones, reused
+    at once, would corrupt it otherwise)."""
+    logits, tokens = plain
+    runner = make_runner(model_dir, dtype="float32", attention_backend="triton", **TREE_FLAGS)
+    runner.step(StepInput(1, new_requests=[new("a", PROMPT, list(range(1, N + 1)))]))
+    no_extend_kernel()
+    out = verify_tree(runner, tokens)
+    assert out.outputs[0].accepted_draft_ids == tokens[1:4]
+    assert out.outputs[0].token_id == tokens[4]
+    assert out.logits.shape[0] == 6
+    torch.testing.assert_close(out.logits[[0, 2, 4, 5]].float(), logits[1:5], rtol=1e-4, atol=1e-4)
+    # The wrong branch's slots (N + 2, N + 4) are free again: the next decode writes one.
+    out = runner.step(StepInput(3, continuing_requests=[ContinuingRequest("a", [N + 2])]))
+    assert out.outputs[0].token_id == tokens[5]
+    torch.testing.assert_close(out.logits[0].float(), logits[5], rtol=1e-4, atol=1e-4)
+
+
 def cuda_runner(model_dir, graphs: bool, **flags):
     from radixserve.executor.runner import ModelRunner
     from tests.configs import runner_config
@@ -175,3 +212,22 @@ def test_standalone_drafts_keep_the_target_graphs(model_dir):
     tokens, _, _ = run(runner, sched, requests)
     assert tokens == ref
     assert sched.spec_stats.verify_steps > 0 and max(replayed) > 3  # verify rows in a graph
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tree_verify_steps_replay_the_decode_graphs(model_dir):
+    """A tree's nodes are decode rows on spare table rows: a graph replays them, and the accepted
+    path's rows equal eager decoding's."""
+    logits, tokens = greedy(cuda_runner(model_dir, False), PROMPT, 6)
+    runner = cuda_runner(model_dir, True, **TREE_FLAGS)
+    replays = []
+    real_replay = runner.cuda_graphs.replay
+    runner.cuda_graphs.replay = lambda batch: replays.append(batch.num_tokens) or real_replay(batch)
+    runner.step(StepInput(1, new_requests=[new("a", PROMPT, list(range(1, N + 1)))]))
+    out = verify_tree(runner, tokens)
+    assert replays == [6]
+    assert out.outputs[0].accepted_draft_ids == tokens[1:4]
+    torch.testing.assert_close(out.logits[[0, 2, 4, 5]].float(), logits[1:5], rtol=1e-3, atol=1e-3)
+    out = runner.step(StepInput(3, continuing_requests=[ContinuingRequest("a", [N + 2])]))
+    assert out.outputs[0].token_id == tokens[5]

@@ -74,6 +74,10 @@ class StepSamples:
     # drafts has n + 1 entries in token_index, its last token's among them (spec_verify.py).
     num_drafts: list[int] = field(default_factory=list)
     draft_ids: list[list[int]] = field(default_factory=list)
+    # Steps with tree drafts (else empty): each request's draft parents (draft_tree.py; empty: a
+    # chain) and its drafts' KV slots, for the accepted path's slots to move to the request's row.
+    draft_parents: list[list[int]] = field(default_factory=list)
+    draft_slots: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

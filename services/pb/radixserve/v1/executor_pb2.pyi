@@ -56,7 +56,7 @@ class ExecutorPromptLogprobRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ..., next_token_id: _Optional[int] = ..., top_logprobs_num: _Optional[int] = ...) -> None: ...
 
 class ExecutorContinuingRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask", "prompt_logprobs", "draft_ids")
+    __slots__ = ("request_id", "input_ids", "new_slots", "sample", "token_bitmask", "prompt_logprobs", "draft_ids", "draft_parents")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class ExecutorContinuingRequest(_message.Message):
     TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     new_slots: _containers.RepeatedScalarFieldContainer[int]
@@ -71,7 +72,8 @@ class ExecutorContinuingRequest(_message.Message):
     token_bitmask: bytes
     prompt_logprobs: ExecutorPromptLogprobRange
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., draft_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft_parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., new_slots: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., token_bitmask: _Optional[bytes] = ..., prompt_logprobs: _Optional[_Union[ExecutorPromptLogprobRange, _Mapping]] = ..., draft_ids: _Optional[_Iterable[int]] = ..., draft_parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecutorStepRequest(_message.Message):
     __slots__ = ("step_id", "finished_request_ids", "new_requests", "continuing_requests", "session_id")
