@@ -1,5 +1,5 @@
 """NGRAM speculative decoding through the whole stack (`radixserve serve --speculative-algorithm NGRAM`
-on the tiny random Llama): greedy outputs and logprobs equal plain decoding's (a request with
+on the tiny random Llama; drafting chains, and trees with --speculative-ngram-max-bfs-breadth): greedy outputs and logprobs equal plain decoding's (a request with
 min_new_tokens = max_new_tokens decodes without speculation, as the plan says, so it is the
 reference), stop strings end the text, concurrent requests all finish, the counters reach /metrics
 and /get_server_info, and the scheduler's idle leak check finds nothing."""
@@ -19,10 +19,12 @@ from tests.e2e.speculation import (
 )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=["chain", "tree"])
+def stack(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("speculative")
     flags = ("--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "6")
+    if request.param == "tree":  # draft_parents cross the scheduler -> executor hop
+        flags += ("--speculative-ngram-max-bfs-breadth", "3")
     with speculative_stack(folder, *flags, "--enable-metrics") as running:
         yield running
 
