@@ -390,8 +390,8 @@ def check_speculation(args: ServerArgs) -> None:
         raise FlagError(str(e)) from None
     if drafts_trees(params) and args.tp_size > 1:
         raise FlagError(
-            "--speculative-ngram-max-bfs-breadth above 1 (tree drafts) runs on one shard: use "
-            "--tp-size 1 (under tensor parallelism NGRAM drafts chains)"
+            "tree drafts (--speculative-eagle-topk or --speculative-ngram-max-bfs-breadth above 1) run on "
+            "one shard: use --tp-size 1"
         )
 
 

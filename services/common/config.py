@@ -429,8 +429,9 @@ class SpeculativeConfig:
     )
     speculative_eagle_topk: int | None = option(
         None,
-        "EAGLE / EAGLE3 / STANDALONE: drafts kept per draft step; only 1 (a chain) is built, not "
-        "trees",
+        "EAGLE / EAGLE3: branches kept per draft step; above 1 the head drafts a tree of "
+        "--speculative-num-draft-tokens - 1 tokens (default num-steps * topk), verified in one "
+        "step (needs --page-size 1, --tp-size 1; STANDALONE: 1)",
         group="Speculative decoding",
     )
     speculative_disable_by_batch_size: int | None = option(

@@ -69,6 +69,18 @@ def accepted_path(tokens: list[int], parents: list[int], accepted: list[int]) ->
     return path
 
 
+def first_chain(tokens: list[int], parents: list[int]) -> list[int]:
+    """The tree's first chain: from the root, each node's first child (a draft head's proposals
+    list a node's likeliest child first)."""
+    node, chain = -1, []
+    while True:
+        child = next((i for i, p in enumerate(parents) if p == node), None)
+        if child is None:
+            return chain
+        chain.append(tokens[child])
+        node = child
+
+
 def keep_path_first(slots: list[int], tokens: list[int], parents: list[int], accepted: list[int]):
     """Reorder the last len(tokens) entries of slots (the drafts' KV slots, in draft order) in place
     so the accepted path's come first, in depth order: the slots then follow the sequence's tokens,

@@ -116,6 +116,7 @@ class SampledToken:
     # Speculative decoding with a draft head (EAGLE, EAGLE3): the tokens the executor drafts after
     # token_id, for the request's next step (its draft_ids).
     proposed_draft_ids: list[int] = field(default_factory=list)
+    proposed_draft_parents: list[int] = field(default_factory=list)  # a tree's (empty: a chain)
 
     def token_logprob(self) -> common_pb2.TokenLogprob | None:
         if self.logprob is None:

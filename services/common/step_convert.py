@@ -122,6 +122,7 @@ def output_to_proto(out: StepOutput) -> executor_pb2.ExecutorStepResponse:
             accepted_draft_ids=o.accepted_draft_ids,
             accepted_draft_logprobs=o.accepted_draft_logprobs,
             proposed_draft_ids=o.proposed_draft_ids,
+            proposed_draft_parents=o.proposed_draft_parents,
         )
         logprob = o.token_logprob()
         if logprob is not None:
@@ -142,6 +143,7 @@ def output_from_proto(resp: executor_pb2.ExecutorStepResponse) -> StepOutput:
                 list(o.accepted_draft_ids),
                 list(o.accepted_draft_logprobs),
                 list(o.proposed_draft_ids),
+                list(o.proposed_draft_parents),
             )
             for o in resp.outputs
         ],

@@ -73,10 +73,12 @@ class EagleProposer:
         device: torch.device,
         kv_dtype: torch.dtype,
         keep_logits: bool = False,
+        topk: int = 1,
     ):
         """draft: an EagleDraftModel / Eagle3DraftModel / StandaloneDraftModel; num_slots: the target pool's slot count
         (slot 0 the padding sink); max_requests, max_steps: bounds of one propose call;
-        keep_logits: keep each round's draft logits [B, draft vocab] in `logits` (tests)."""
+        keep_logits: keep each round's draft logits [B, draft vocab] in `logits` (tests);
+        topk: branches per round of a tree proposal (propose_tree), 1 for chains only."""
         if max_requests < 1 or max_steps < 1:
             raise ValueError("max_requests and max_steps must be at least 1")
         self.draft, self.attn_backend, self.device = draft, attn_backend, device
@@ -84,7 +86,9 @@ class EagleProposer:
         layers, kv_heads, head_dim = draft.kv_shape
         # 1 for a draft model reading its own token: every request runs one position further.
         self.extra = int(getattr(draft, "reads_own_token", False))
-        self.scratch_per = max_steps - 1 + self.extra
+        self.topk = topk
+        # Rounds 2..K of a tree run topk branches each, each with a scratch slot of its own.
+        self.scratch_per = (max_steps - 1) * topk + self.extra
         scratch = max_requests * self.scratch_per
         self.kv_pool = KVPool(num_slots + scratch, layers, kv_heads, head_dim, kv_dtype, device)
         self.max_positions = draft.rotary_emb.cos_table.shape[0]
@@ -155,8 +159,46 @@ class EagleProposer:
         batch = len(requests)
         lens = [r.seq_len + extra for r in requests]  # positions run in round 1, prefix included
         private = self._private_table(table, requests, k)
+        step, last = self._first_round(private, requests, last_tokens, first_tokens)
+        token, own = self._run(step, hidden, last)
+        drafts = [token]
 
-        # Round 1: an extend over each request's positions (one further reading own tokens).
+        def tensor(values):
+            return to_device(values, device, torch.int64)
+
+        rows = torch.arange(batch, dtype=torch.int64, device=device)
+        # Rounds 2..k: one position further each, on the head's own output.
+        graphs = self.round_graphs
+        if k > 1 and graphs is not None and graphs.can_run(batch, private.shape[1]):
+            scratch = [self.num_slots + i * scratch_per + extra for i in range(batch)]
+            drafts += graphs.rounds(private, lens, scratch, token, own, k)
+            return torch.stack(drafts, dim=1)
+        empty = tensor([])
+        for j in range(1, k):
+            seq_lens = [n + j for n in lens]
+            scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
+            meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
+            step = ForwardBatch(
+                token,
+                tensor([n - 1 for n in seq_lens]),
+                tensor(scratch),
+                [],
+                0,
+                seq_lens,
+                self.kv_pool,
+                self.attn_backend,
+                meta,
+            )
+            token, own = self._run(step, own, None)
+            drafts.append(token)
+        return torch.stack(drafts, dim=1)
+
+    def _first_round(self, private, requests, last_tokens, first_tokens):
+        """Round 1's step, an extend over each request's positions (one further reading own
+        tokens), and each request's last row in it."""
+        device, scratch_per, extra = self.device, self.scratch_per, self.extra
+        batch = len(requests)
+        lens = [r.seq_len + extra for r in requests]
         starts, ids, positions, slots = [], [], [], []
         for i, r in enumerate(requests):
             starts.append(len(ids))
@@ -198,24 +240,68 @@ class EagleProposer:
             self.attn_backend,
             meta,
         )
-        token, own = self._run(step, hidden, last)
-        drafts = [token]
+        return step, last
 
-        # Rounds 2..k: one position further each, on the head's own output.
-        graphs = self.round_graphs
-        if k > 1 and graphs is not None and graphs.can_run(batch, private.shape[1]):
-            scratch = [self.num_slots + i * scratch_per + extra for i in range(batch)]
-            drafts += graphs.rounds(private, lens, scratch, token, own, k)
-            return torch.stack(drafts, dim=1)
-        empty = tensor([])
+    @torch.inference_mode()
+    def propose_tree(
+        self,
+        table: torch.Tensor,
+        requests: list[DraftRequest],
+        hidden: torch.Tensor,
+        k: int,
+        num_nodes: int,
+        last_tokens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tree draft per request (EAGLE-2's beam): round 1 as propose's; each of rounds 2..k runs
+        the topk branches kept so far (one decode row each, on a private table row holding the
+        request's prefix then the branch's own scratch slots) and keeps the topk likeliest of their
+        topk * topk children, by the product of the head's probabilities along the branch. Of every
+        node ranked (topk + (k - 1) * topk^2), the num_nodes likeliest make the tree.
+
+        Returns tokens and parents [B, num_nodes] (target ids; parents as draft_tree.py's: -1 for
+        a child of the root, else an earlier node's index), on the device. A child's likelihood never
+        exceeds its parent's (ties go to the shallower node), so every kept node's parent is kept;
+        siblings come from one top-k, so their tokens differ."""
+        self._validate(table, requests, hidden, k, None)
+        topk, extra = self.topk, self.extra
+        if topk < 2 or extra:
+            raise ValueError("tree proposals need topk > 1 and a draft head (not a draft model)")
+        if not 1 <= num_nodes <= topk + (k - 1) * topk * topk:
+            raise ValueError(f"{num_nodes} nodes: the rounds rank {topk + (k - 1) * topk**2}")
+        self.logits = []
+        device, batch = self.device, len(requests)
+        private = self._private_table(table, requests, k)
+        step, last = self._first_round(private, requests, last_tokens, None)
+        with forward_context(step):
+            to_logits, own = self.draft(step.input_ids, step.positions, hidden)
+        score, token = self._top(to_logits.index_select(0, last))  # [B, topk] each
+        own = own.index_select(0, last)
+        scores, tokens, parents = [score], [token], [torch.full_like(token, -1)]
+        depth = [torch.zeros_like(score)]
+        node = torch.arange(topk, device=device).expand(batch, topk)  # each branch's node id
+        branch_req = [i for i in range(batch) for _ in range(topk)]  # request of each branch row
+        rows = to_device(branch_req, device, torch.int64)
+        tables = private.index_select(0, rows)
+        hid = own.index_select(0, rows)
+        width = batch * topk
+        lens = [requests[i].seq_len for i in branch_req]  # positions each branch has run
+        base = topk
         for j in range(1, k):
             seq_lens = [n + j for n in lens]
-            scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
-            meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
+            scratch = [
+                self.num_slots + i * self.scratch_per + (j - 1) * topk + b % topk
+                for b, i in enumerate(branch_req)
+            ]
+            positions = to_device([n - 1 for n in seq_lens], device, torch.int64)
+            scratch_t = to_device(scratch, device, torch.int64)
+            branch = torch.arange(width, device=device)
+            tables[branch, positions] = scratch_t
+            empty = to_device([], device, torch.int64)
+            meta = TableMeta(tables, branch, positions + 1, empty, empty, empty, 0)
             step = ForwardBatch(
-                token,
-                tensor([n - 1 for n in seq_lens]),
-                tensor(scratch),
+                token.reshape(-1),
+                positions,
+                scratch_t,
                 [],
                 0,
                 seq_lens,
@@ -223,9 +309,46 @@ class EagleProposer:
                 self.attn_backend,
                 meta,
             )
-            token, own = self._run(step, own, None)
-            drafts.append(token)
-        return torch.stack(drafts, dim=1)
+            with forward_context(step):
+                to_logits, to_next = self.draft(step.input_ids, step.positions, hid)
+            child_score, child_token = self._top(to_logits)  # [B * topk, topk]
+            child_score = (score.reshape(-1, 1) + child_score).reshape(batch, topk * topk)
+            child_token = child_token.reshape(batch, topk * topk)
+            child_parent = node.reshape(batch, topk, 1).expand(batch, topk, topk)
+            scores.append(child_score)
+            tokens.append(child_token)
+            parents.append(child_parent.reshape(batch, topk * topk))
+            depth.append(torch.full_like(child_score, float(j)))
+            best = child_score.topk(topk, dim=-1).indices  # [B, topk] of topk * topk
+            score, token = child_score.gather(1, best), child_token.gather(1, best)
+            node = base + best
+            base += topk * topk
+            source = (torch.arange(batch, device=device)[:, None] * topk + best // topk).reshape(-1)
+            tables, hid = tables.index_select(0, source), to_next.index_select(0, source)
+        return self._select(scores, tokens, parents, depth, num_nodes)
+
+    def _top(self, to_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's topk (log-probability, target id) under the head, likeliest first; log
+        probabilities floored at -1e4 so that products stay finite and ordered."""
+        logits = self.draft.compute_logits(to_logits)
+        if self.keep_logits:
+            self.logits.append(logits)
+        logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-1e4)
+        value, index = logp.topk(self.topk, dim=-1)
+        return value, self.draft.to_target_ids(index)
+
+    @staticmethod
+    def _select(scores, tokens, parents, depth, num_nodes: int):
+        """The num_nodes likeliest of all ranked nodes, in node-id order (a parent before its
+        children), with each one's parent as an index among them (-1: the root)."""
+        score, token, parent = torch.cat(scores, 1), torch.cat(tokens, 1), torch.cat(parents, 1)
+        # A child's score is its parent's plus a log-probability <= 0: ties go to the shallower.
+        ranked = score - 1e-3 * torch.cat(depth, 1)
+        keep = ranked.topk(num_nodes, dim=-1).indices.sort(dim=-1).values  # [B, num_nodes] ids
+        parent_id = parent.gather(1, keep)
+        same = keep[:, None, :] == parent_id[:, :, None]  # [B, node, candidate parent]
+        index = torch.where(same.any(-1), same.to(torch.int64).argmax(-1), -1)
+        return token.gather(1, keep), index
 
     def _run(self, step: ForwardBatch, hidden: torch.Tensor, last: torch.Tensor | None):
         """One draft forward: (each request's proposed target id [B], its next hidden [B, H])."""

@@ -78,6 +78,8 @@ class EagleStep:
             else load_draft_model(params.algorithm, folder, model, device)
         )
         self.num_steps, self.device, self.dtype = params.num_steps, device, dtype
+        # topk > 1: tree proposals of num_draft_tokens - 1 nodes (EagleProposer.propose_tree).
+        self.topk, self.tree_nodes = params.topk, params.max_draft_tokens
         # EAGLE3 reads the inputs of some target layers; EAGLE the target's output.
         self.capture = tuple(getattr(self.head, "capture_layers", ()))
         # EAGLE heads read the target's hidden states; a STANDALONE draft model only token ids.
@@ -106,13 +108,14 @@ class EagleStep:
             attn_backend,
             self.device,
             self.dtype,
+            topk=self.topk,
         )
 
     def capture_rounds(self, kind, max_bs: int, table_width: int) -> None:
         """A head's decode rounds (2..K) in graphs of kind (DraftRoundGraphs, or a stand-in in
         tests) for up to max_bs requests; a STANDALONE draft model's stay eager."""
-        if not self.reads_hidden_states or self.num_steps < 2:
-            return
+        if not self.reads_hidden_states or self.num_steps < 2 or self.topk > 1:
+            return  # (a tree's rounds run topk rows per request, eagerly)
         width = min(table_width, self.proposer.max_positions)
         max_bs = min(max_bs, self.proposer.max_requests)
         self.proposer.round_graphs = kind(self.proposer, max_bs, width, self.dtype)
@@ -137,12 +140,12 @@ class EagleStep:
         states: torch.Tensor | None,
         table: torch.Tensor,
         next_tokens: torch.Tensor,
-        accepted: dict[str, int],
-    ) -> tuple[list[str], torch.Tensor] | None:
-        """Run the head over the step's kept positions; (request ids, their drafts [B, K] on the
-        device) of the requests that sampled, or None when none did. states: head_rows of the
-        target's step; table, next_tokens: the SlotTable's; accepted: each verified request's
-        accepted draft count."""
+        accepted: dict[str, list[int]],
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
+        """Run the head over the step's kept positions; (request ids, their drafts [B, K] and,
+        for trees, their parents, on the device) of the requests that sampled, or None when none
+        did. states: head_rows of the target's step; table, next_tokens: the SlotTable's; accepted:
+        each verified request's accepted drafts (their indices, in depth order)."""
         own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
@@ -155,14 +158,21 @@ class EagleStep:
         for (rid, start, prefix, n), state in zip(batch.seq_spans, batch.seq_states):
             req = by_id[rid]
             tokens, drafts = list(req.input_ids), list(getattr(req, "draft_ids", ()))
+            path: list[int] = []
             if tokens:  # a prefill chunk: the token after each position is the prompt's next
                 kept, next_ids = n, tokens[1:] + [0]
             else:  # a decode or verify: the last sampled token, then the accepted drafts
-                kept = 1 + accepted.get(rid, 0)
-                next_ids = drafts[: kept - 1] + [0]
-            slots, first = list(req.new_slots[:kept]), prefix
-            # (own_tokens: no hidden rows)
-            pieces = [] if own_tokens else [states[start : start + kept]]
+                path = accepted.get(rid, [])
+                kept = 1 + len(path)
+                next_ids = [drafts[i] for i in path] + [0]
+            if path == list(range(len(path))):  # a chunk, a decode, or a chain's first drafts
+                slots, first = list(req.new_slots[:kept]), prefix
+                # (own_tokens: no hidden rows)
+                pieces = [] if own_tokens else [states[start : start + kept]]
+            else:  # a tree's accepted path: the root, then the path's nodes
+                slots, first = [req.new_slots[0], *(req.new_slots[1 + i] for i in path)], prefix
+                at = to_device([start, *(start + 1 + i for i in path)], states.device, torch.int64)
+                pieces = [states.index_select(0, at)]
             if not own_tokens:  # a head at p reads p + 1's token: the chunk's last one waits
                 pending, state.draft_pending = state.draft_pending, None
                 if pending is not None and tokens:
@@ -199,10 +209,18 @@ class EagleStep:
             hidden_rows, first_tokens = None, batch.input_ids.index_select(0, at).to(self.device)
         else:
             hidden_rows, first_tokens = torch.cat(rows), None
-        drafts = self.proposer.propose(
-            table, requests, hidden_rows, k, last_tokens.to(self.device), first_tokens
-        )
+        parents = None
+        if sampled and self.topk > 1:
+            drafts, parents = self.proposer.propose_tree(
+                table, requests, hidden_rows, k, self.tree_nodes, last_tokens.to(self.device)
+            )
+        else:
+            drafts = self.proposer.propose(
+                table, requests, hidden_rows, k, last_tokens.to(self.device), first_tokens
+            )
         if not sampled:
             return None
         keep = to_device([i for i, r in enumerate(last_rows) if r >= 0], drafts.device, torch.int64)
-        return sampled, drafts.index_select(0, keep)
+        if parents is not None:
+            parents = parents.index_select(0, keep)
+        return sampled, drafts.index_select(0, keep), parents

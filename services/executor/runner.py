@@ -81,7 +81,8 @@ class LaunchedStep:
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
     # EAGLE: the drafts proposed after this step (request ids, [B, K] on the device), rank 0's.
-    proposals: tuple[list[str], torch.Tensor] | None = None
+    # (request ids, their drafts [B, K], a tree's parents [B, K] or None)
+    proposals: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -651,7 +652,11 @@ class ModelRunner:
             if launched.num_accepted.is_pinned():
                 torch.cuda.current_stream().synchronize()  # its copy to the host
             counts = launched.num_accepted.tolist()
-            accepted = dict(zip(launched.request_ids, counts))
+            if launched.spec is not None and launched.spec.verified.rows is not None:
+                paths = launched.spec.verified.result().accepted_nodes  # a step with trees
+            else:
+                paths = [list(range(a)) for a in counts]
+            accepted = dict(zip(launched.request_ids, paths))
         proposals = self.eagle.after_step(
             step,
             batch,
@@ -686,10 +691,12 @@ class ModelRunner:
                 for i, rid in enumerate(launched.request_ids)
             ]
         if launched.proposals is not None:
-            rids, drafts = launched.proposals
+            rids, drafts, parents = launched.proposals
             by_id = dict(zip(rids, drafts.tolist()))
+            parents_by_id = dict(zip(rids, parents.tolist())) if parents is not None else {}
             for out in outputs:
                 out.proposed_draft_ids = by_id.get(out.request_id, [])
+                out.proposed_draft_parents = parents_by_id.get(out.request_id, [])
         return StepOutput(
             launched.step_id,
             outputs,

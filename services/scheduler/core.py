@@ -352,6 +352,7 @@ class Scheduler:
             drafted, req.drafts_inflight = req.drafts_inflight, []
             parents, req.draft_parents_inflight = req.draft_parents_inflight, []
             req.proposed_draft_ids = list(out.proposed_draft_ids)
+            req.proposed_draft_parents = list(out.proposed_draft_parents)
             if drafted:
                 self.spec_stats.add(len(drafted), len(out.accepted_draft_ids))
             if parents:
@@ -427,6 +428,7 @@ class Scheduler:
             req.drafts_inflight = []
             req.draft_parents_inflight = []
             req.proposed_draft_ids = []
+            req.proposed_draft_parents = []
         self.kv.reset()
         self.requests = {req.request_id: req for req in kept}
         self.prefill.reset(kept)

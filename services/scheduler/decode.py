@@ -24,7 +24,7 @@ from radixserve.scheduler.ngram_proposer import NgramParams
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.scheduler.request import Request
-from radixserve.common.draft_tree import TREE_DRAFT_ROWS, is_chain
+from radixserve.common.draft_tree import TREE_DRAFT_ROWS, first_chain, is_chain
 from radixserve.scheduler.speculation import (
     EagleParams,
     draft_for,
@@ -120,7 +120,14 @@ class DecodeManager:
         the executor's spare rows; past them, the request drafts a chain."""
         if not self.speculates(req) or req.inflight:
             return [], []
-        if drafts_trees(self.spec) and tree_rows_left >= self.spec.max_draft_tokens:
+        fits = tree_rows_left >= self.spec.max_draft_tokens
+        if isinstance(self.spec, EagleParams):  # the executor's proposal, a chain or a tree
+            draft = draft_for(req, self.spec, self.context_length)
+            parents = req.proposed_draft_parents[: len(draft)]
+            if is_chain(parents):
+                return draft, []
+            return (draft, parents) if fits else (first_chain(draft, parents), [])
+        if drafts_trees(self.spec) and fits:
             return draft_tree_for(req, self.spec, self.context_length)
         return draft_for(req, self.spec, self.context_length), []
 
@@ -142,6 +149,7 @@ class DecodeManager:
             self.running.remove(req)
         self.kv.release(req)
         req.proposed_draft_ids = []  # its re-prefill brings a new proposal
+        req.proposed_draft_parents = []
         prefill.requeue(req)
         self.num_retractions += 1
         self.ratio.bump()

@@ -79,6 +79,7 @@ class Request:
     draft_parents_inflight: list[int] = field(default_factory=list)  # a tree's (empty: a chain)
     # EAGLE: the draft the executor proposed with its last sampled token (its next step's draft_ids).
     proposed_draft_ids: list[int] = field(default_factory=list)
+    proposed_draft_parents: list[int] = field(default_factory=list)  # a tree's (empty: a chain)
 
     @property
     def seq(self) -> list[int]:

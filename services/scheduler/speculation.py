@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from radixserve.common.config import DEFAULT_EAGLE_STEPS, SchedulerConfig
+from radixserve.common.draft_tree import TREE_DRAFT_ROWS
 from radixserve.scheduler.ngram_proposer import NgramParams, NgramProposer
 
 if (
@@ -28,15 +29,18 @@ EAGLE_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")
 @dataclass(frozen=True)
 class EagleParams:
     """A draft head's (or STANDALONE draft model's) settings: the executor loads it and proposes
-    num_steps tokens per step."""
+    num_steps tokens per step (topk 1: a chain), or, with topk > 1, a tree of num_draft_tokens - 1
+    tokens picked from num_steps rounds that each keep the topk likeliest branches."""
 
     algorithm: str  # EAGLE | EAGLE3 | STANDALONE
     draft_model_path: str
     num_steps: int
+    topk: int = 1
+    num_draft_tokens: int | None = None  # the root included, as SGLang counts; topk > 1 only
 
     @property
     def max_draft_tokens(self) -> int:
-        return self.num_steps
+        return self.num_steps if self.topk == 1 else self.num_draft_tokens - 1
 
 
 def speculation_params(config: SchedulerConfig) -> NgramParams | EagleParams | None:
@@ -54,9 +58,15 @@ def speculation_params(config: SchedulerConfig) -> NgramParams | EagleParams | N
             "--speculative-num-draft-tokens counts the last verified token too: it must be at "
             f"least 2 (got {num_draft_tokens})"
         )
-    if algorithm in EAGLE_ALGORITHMS:
-        return eagle_params(config)
-    return ngram_params(config)
+    params = eagle_params(config) if algorithm in EAGLE_ALGORITHMS else ngram_params(config)
+    # (The executor's settings carry no page size; the scheduler's, which place the slots, do.)
+    if drafts_trees(params) and getattr(config, "page_size", 1) > 1:
+        raise ValueError(
+            "tree drafts (--speculative-eagle-topk or --speculative-ngram-max-bfs-breadth above 1) "
+            "need --page-size 1: the accepted path's KV stays at the slots it was drafted in, "
+            "which pages would not keep in order"
+        )
+    return params
 
 
 def eagle_params(config: SchedulerConfig) -> EagleParams:
@@ -68,14 +78,13 @@ def eagle_params(config: SchedulerConfig) -> EagleParams:
             f"--speculative-algorithm {algorithm} needs --speculative-draft-model-path (the draft "
             f"{'model' if algorithm == 'STANDALONE' else 'head'}'s folder)"
         )
-    topk = config.speculative_eagle_topk
-    if topk is not None and topk != 1:
-        raise ValueError(
-            f"--speculative-eagle-topk {topk}: only 1 is supported ({algorithm} drafts a chain "
-            "here; tree drafts are not built)"
-        )
+    topk = config.speculative_eagle_topk or 1
     steps = config.speculative_num_steps
     num_draft_tokens = config.speculative_num_draft_tokens
+    if topk > 1:
+        return eagle_tree_params(config, topk)
+    if topk < 1:
+        raise ValueError(f"--speculative-eagle-topk must be at least 1 (got {topk})")
     if steps is None:
         steps = DEFAULT_EAGLE_STEPS if num_draft_tokens is None else num_draft_tokens - 1
     if steps < 1:
@@ -86,6 +95,33 @@ def eagle_params(config: SchedulerConfig) -> EagleParams:
             f"{steps}: a chain (topk 1) verifies num-steps + 1 tokens; leave one of them unset"
         )
     return EagleParams(algorithm, config.speculative_draft_model_path, steps)
+
+
+def eagle_tree_params(config: SchedulerConfig, topk: int) -> EagleParams:
+    """EAGLE / EAGLE3 with --speculative-eagle-topk above 1: tree drafts (EAGLE-2's beam over the
+    head's rounds); --speculative-num-draft-tokens (the root included) defaults to
+    num_steps * topk + 1."""
+    algorithm = config.speculative_algorithm
+    if algorithm == "STANDALONE":
+        raise ValueError(
+            "--speculative-eagle-topk above 1 is built for draft heads (EAGLE, EAGLE3); a "
+            "STANDALONE draft model drafts a chain (topk 1)"
+        )
+    steps = config.speculative_num_steps or DEFAULT_EAGLE_STEPS
+    if steps < 1:
+        raise ValueError(f"--speculative-num-steps must be at least 1 (got {steps})")
+    candidates = topk + (steps - 1) * topk * topk  # every node the rounds rank
+    num_draft_tokens = config.speculative_num_draft_tokens or steps * topk + 1
+    if not 2 <= num_draft_tokens <= min(candidates, TREE_DRAFT_ROWS) + 1:
+        raise ValueError(
+            f"--speculative-num-draft-tokens {num_draft_tokens} with --speculative-eagle-topk "
+            f"{topk} and --speculative-num-steps {steps}: the tree holds 1..{min(candidates, TREE_DRAFT_ROWS)} "
+            "drafts plus the root (the rounds rank topk + (steps - 1) * topk^2 candidates; a step "
+            f"verifies at most {TREE_DRAFT_ROWS} tree drafts)"
+        )
+    return EagleParams(
+        algorithm, config.speculative_draft_model_path, steps, topk, num_draft_tokens
+    )
 
 
 def ngram_params(config: SchedulerConfig) -> NgramParams | None:
@@ -112,18 +148,13 @@ def ngram_params(config: SchedulerConfig) -> NgramParams | None:
         history_window=pick(config.speculative_ngram_history_window, defaults.history_window),
         max_bfs_breadth=pick(config.speculative_ngram_max_bfs_breadth, defaults.max_bfs_breadth),
     )
-    # (The executor's settings carry no page size; the scheduler's, which place the slots, do.)
-    if params.max_bfs_breadth > 1 and getattr(config, "page_size", 1) > 1:
-        raise ValueError(
-            "--speculative-ngram-max-bfs-breadth above 1 (tree drafts) needs --page-size 1: the "
-            "accepted path's KV stays at the slots it was drafted in, which pages would not keep "
-            "in order"
-        )
     return params
 
 
 def drafts_trees(params: NgramParams | EagleParams | None) -> bool:
     """Whether the drafter makes tree drafts (the executor then keeps spare slot-table rows)."""
+    if isinstance(params, EagleParams):
+        return params.topk > 1
     return isinstance(params, NgramParams) and params.max_bfs_breadth > 1
 
 

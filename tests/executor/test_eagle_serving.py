@@ -301,7 +301,6 @@ def test_flags_make_the_eagle_settings(tmp_path):
     ) == EagleParams("STANDALONE", path, 3)
     for bad, message in (
         ({}, "needs --speculative-draft-model-path"),
-        ({"speculative_draft_model_path": path, "speculative_eagle_topk": 4}, "topk 4: only 1"),
         ({"speculative_draft_model_path": path, "speculative_num_steps": 0}, "at least 1"),
         (
             {
@@ -315,6 +314,15 @@ def test_flags_make_the_eagle_settings(tmp_path):
         for algorithm in ("EAGLE", "STANDALONE"):
             with pytest.raises(FlagError, match=message):
                 check_speculation(scheduler_config(speculative_algorithm=algorithm, **bad))
+    # Trees (topk > 1) are a head's (test_eagle_tree.py); a STANDALONE draft model drafts chains.
+    with pytest.raises(FlagError, match="drafts a chain \\(topk 1\\)"):
+        check_speculation(
+            scheduler_config(
+                speculative_algorithm="STANDALONE",
+                speculative_draft_model_path=path,
+                speculative_eagle_topk=4,
+            )
+        )
 
 
 def test_command_line_refuses_what_is_not_built(capsys):
@@ -330,12 +338,12 @@ def test_command_line_refuses_what_is_not_built(capsys):
         (
             ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model", "x"]
             + ["--speculative-eagle-topk", "2"],
-            "topk 2: only 1 is supported (STANDALONE drafts a chain",
+            "a STANDALONE draft model drafts a chain (topk 1)",
         ),
         (
             ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model", "x"]
-            + ["--speculative-eagle-topk", "8"],
-            "tree drafts are not built",
+            + ["--speculative-eagle-topk", "8", "--speculative-num-draft-tokens", "100"],
+            "the tree holds 1..64 drafts",
         ),
     ):
         with pytest.raises(SystemExit) as exit_info:

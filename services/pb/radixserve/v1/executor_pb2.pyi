@@ -90,20 +90,22 @@ class ExecutorStepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., new_requests: _Optional[_Iterable[_Union[ExecutorNewRequest, _Mapping]]] = ..., continuing_requests: _Optional[_Iterable[_Union[ExecutorContinuingRequest, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ExecutorRequestOutput(_message.Message):
-    __slots__ = ("request_id", "token_id", "logprob", "accepted_draft_ids", "accepted_draft_logprobs", "proposed_draft_ids")
+    __slots__ = ("request_id", "token_id", "logprob", "accepted_draft_ids", "accepted_draft_logprobs", "proposed_draft_ids", "proposed_draft_parents")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     logprob: _common_pb2.TokenLogprob
     accepted_draft_ids: _containers.RepeatedScalarFieldContainer[int]
     accepted_draft_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     proposed_draft_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., accepted_draft_ids: _Optional[_Iterable[int]] = ..., accepted_draft_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., proposed_draft_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    proposed_draft_parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., accepted_draft_ids: _Optional[_Iterable[int]] = ..., accepted_draft_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., proposed_draft_ids: _Optional[_Iterable[int]] = ..., proposed_draft_parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecutorStepResponse(_message.Message):
     __slots__ = ("step_id", "outputs", "forward_ms", "prompt_logprobs")
