@@ -307,16 +307,18 @@ stage_eagle() {
   local bench=("${rs[@]}" bench serving --base-url http://127.0.0.1:$port --backend radixserve --dataset random-ids
                --random-range-ratio 1.0 --random-input-len 128 --random-output-len 256 --disable-tqdm
                --output-file "$OUT/eagle.jsonl")
-  for run in plain eagle3; do
+  # EAGLE_TOPKS: one EAGLE3 server per topk (default 1: chains; above 1: trees of the default
+  # num_steps * topk drafts).
+  for run in plain ${EAGLE_TOPKS:-1}; do
     local flags=()
-    [ $run = eagle3 ] && flags=(--speculative-algorithm EAGLE3 --speculative-draft-model-path "$head"
-                                --speculative-num-steps ${EAGLE_STEPS:-3} --speculative-eagle-topk 1
-                                --speculative-num-draft-tokens $(( ${EAGLE_STEPS:-3} + 1 )))
+    [ $run != plain ] && flags=(--speculative-algorithm EAGLE3 --speculative-draft-model-path "$head"
+                                --speculative-num-steps ${EAGLE_STEPS:-3} --speculative-eagle-topk $run)
+    [ "$run" = 1 ] && flags+=(--speculative-num-draft-tokens $(( ${EAGLE_STEPS:-3} + 1 )))
     serve_stack "$OUT/serve-$run.log" "${flags[@]}"
     local pid=$serve_pid
     wait_http $port $pid || { tail -30 "$OUT/serve-$run.log"; kill $pid; return 1; }
     for c in ${EAGLE_CONCURRENCY:-1 32}; do
-      echo "--- $run, $c concurrent"
+      echo "--- $([ $run = plain ] && echo plain || echo "eagle3 topk $run"), $c concurrent"
       timeout 150 "${bench[@]}" --num-prompts $(( c == 1 ? 8 : 4 * c )) --max-concurrency $c \
         | grep -E "Output token throughput|Median ITL|Median TPOT|Accept length"
     done
