@@ -26,12 +26,16 @@ PROMPTS = [
 ]
 
 
-def make_runner(enabled: bool, monkeypatch) -> ModelRunner:
+# Tree drafts need the table's spare rows (the fused runner verifies trees below).
+TREES = dict(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=2)
+
+
+def make_runner(enabled: bool, monkeypatch, **spec) -> ModelRunner:
     monkeypatch.setenv("RADIXSERVE_CPU_DECODE_KERNELS", "1" if enabled else "0")
     cpu_decode.reset_for_tests()
     try:
         config = RunnerConfig(
-            dtype="bfloat16", device="cpu", quantization="gguf", max_total_tokens=1024
+            dtype="bfloat16", device="cpu", quantization="gguf", max_total_tokens=1024, **spec
         )
         return ModelRunner(resolve_model_path(None), config, keep_logits=True)
     finally:
@@ -42,7 +46,7 @@ def make_runner(enabled: bool, monkeypatch) -> ModelRunner:
 def runners():
     mp = pytest.MonkeyPatch()
     try:
-        fused, ref = make_runner(True, mp), make_runner(False, mp)
+        fused, ref = make_runner(True, mp, **TREES), make_runner(False, mp)
     finally:
         mp.undo()
     assert fused.fast_decode is not None and ref.fast_decode is None
@@ -111,6 +115,37 @@ def test_verify_rows_equal_fused_decode_rows(runners, drafts):
     assert out.outputs[0].token_id == tokens[drafts + 1]
     for j in range(drafts + 1):
         assert torch.equal(out.logits[j].float(), logits[j][0]), j
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tree_verify_rows_equal_fused_decode_rows(runners, threads):
+    """A tree draft through the fused step: each node is a decode row over its own spare table row
+    (the prefix, then its branch), so the accepted path's rows are the decode steps' rows bit for bit;
+    on two threads the nodes that read an ancestor's K/V stay on its thread."""
+    fused, _ = runners
+    prompt = PROMPTS[0]
+    n = len(prompt)
+    tokens, logits = greedy(fused, [prompt], 5)
+    tokens = tokens[0]
+    wrong = (tokens[1] + 1) % 1000
+    # root -> wrong (0) -> tokens[2] (2); root -> tokens[1] (1) -> tokens[2] (3) -> tokens[3] (4)
+    ids, parents = [wrong, tokens[1], tokens[2], tokens[2], tokens[3]], [-1, -1, 0, 1, 3]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused.reset()
+        new = NewRequest("r0", prompt, list(range(1, n + 1)), sampling=GREEDY)
+        fused.step(StepInput(0, new_requests=[new]))
+        step = ContinuingRequest(
+            "r0", list(range(n + 1, n + 7)), draft_ids=ids, draft_parents=parents
+        )
+        out = fused.step(StepInput(1, continuing_requests=[step]))
+    finally:
+        torch.set_num_threads(previous)
+    assert out.outputs[0].accepted_draft_ids == tokens[1:4]
+    assert out.outputs[0].token_id == tokens[4]
+    for j, row in enumerate([0, 2, 4, 5]):
+        assert torch.equal(out.logits[row].float(), logits[j][0]), j
 
 
 def test_unsupported_gguf_linears_keep_the_torch_path(runners, monkeypatch, caplog):
