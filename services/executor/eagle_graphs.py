@@ -10,6 +10,11 @@ table's: one propose call copies its private table in). Padding rows store nothi
 nothing (length 0). A propose call of B requests fills the first B rows, then per round writes the
 round's positions, slots and lengths (its first ones + the round) and the previous round's outputs,
 and replays; round 1 (an extend over the kept positions: varying lengths) stays eager.
+
+With a tree proposer (topk > 1, EagleProposer.propose_tree) a row is a branch, not a request, and a
+round's outputs are each row's topk (log-probability, target id) instead of its argmax: tree_round
+replays one round over the branches' own table rows, positions, slots and hidden rows; the scoring and
+the choice of the next branches stay eager (a few small ops on [requests, topk^2]).
 """
 
 from __future__ import annotations
@@ -31,14 +36,18 @@ log = logging.getLogger("radixserve.executor.eagle_graphs")
 class DraftRound:
     """A bucket's static outputs (rows past the call's are the padding's)."""
 
-    tokens: torch.Tensor  # [rows] int64: each request's proposed token, target ids
+    tokens: (
+        torch.Tensor
+    )  # [rows] int64: each request's proposed token, target ids ([rows, topk]: a tree's)
     hidden: torch.Tensor  # [rows, H]: the next round's hidden input
+    scores: torch.Tensor | None = None  # a tree's [rows, topk] log-probabilities, likeliest first
 
 
 class DraftRoundGraphs(BucketGraphs):
     def __init__(self, proposer, max_bs: int, width: int, dtype: torch.dtype):
-        """Graphs of proposer's rounds for 1..max_bs requests over private tables up to width slots,
-        hidden rows in dtype (a head's: a STANDALONE draft model's rounds stay eager)."""
+        """Graphs of proposer's rounds for 1..max_bs rows (requests; a tree's branches) over private
+        tables up to width slots, hidden rows in dtype (a head's: a STANDALONE draft model's rounds
+        stay eager)."""
         if proposer.extra or proposer.keep_logits:
             raise ValueError("draft-round graphs run a head's rounds, keeping no logits")
         self.proposer = proposer
@@ -72,11 +81,41 @@ class DraftRoundGraphs(BucketGraphs):
         return self._static_batch(bs, self.table, self.proposer.kv_pool, self.proposer.attn_backend)
 
     def _run(self, batch: ForwardBatch) -> DraftRound:
-        tokens, hidden = self.proposer.draft_round(batch, self.hidden[: batch.num_tokens])
+        hidden = self.hidden[: batch.num_tokens]
+        if self.proposer.topk > 1:
+            to_logits, to_next = self.proposer.draft(batch.input_ids, batch.positions, hidden)
+            scores, tokens = self.proposer._top(to_logits)
+            return DraftRound(tokens, to_next, scores)
+        tokens, hidden = self.proposer.draft_round(batch, hidden)
         return DraftRound(tokens, hidden)
 
     def can_run(self, num_requests: int, width: int) -> bool:
         return num_requests <= self.max_bs and width <= self.width
+
+    def tree_round(
+        self,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round of a tree's R branches (R <= max_bs): each row's table [R, w], position, slot,
+        input token and hidden row; returns (scores [R, topk], tokens [R, topk], next hidden [R, H]),
+        copies the next replay does not overwrite."""
+        rows = tokens.shape[0]
+        bucket = self.bucket(rows)
+        graph, out = self.graphs[bucket], self.outputs[bucket]
+        self.table[:rows, : tables.shape[1]].copy_(tables)
+        self.input_ids[:rows].copy_(tokens)
+        self.hidden[:rows].copy_(hidden)
+        self.positions[:rows].copy_(positions)
+        torch.add(positions, 1, out=self.lens[:rows])
+        self.out_slots[:rows].copy_(slots)
+        self.out_slots[rows:bucket].fill_(-1)
+        self.lens[rows:bucket].zero_()
+        graph.replay()
+        return out.scores[:rows].clone(), out.tokens[:rows].clone(), out.hidden[:rows].clone()
 
     def rounds(
         self,

@@ -286,6 +286,8 @@ class EagleProposer:
         width = batch * topk
         lens = [requests[i].seq_len for i in branch_req]  # positions each branch has run
         base = topk
+        graphs = self.round_graphs
+        graphs = graphs if graphs is not None and graphs.can_run(width, tables.shape[1]) else None
         for j in range(1, k):
             seq_lens = [n + j for n in lens]
             scratch = [
@@ -296,22 +298,27 @@ class EagleProposer:
             scratch_t = to_device(scratch, device, torch.int64)
             branch = torch.arange(width, device=device)
             tables[branch, positions] = scratch_t
-            empty = to_device([], device, torch.int64)
-            meta = TableMeta(tables, branch, positions + 1, empty, empty, empty, 0)
-            step = ForwardBatch(
-                token.reshape(-1),
-                positions,
-                scratch_t,
-                [],
-                0,
-                seq_lens,
-                self.kv_pool,
-                self.attn_backend,
-                meta,
-            )
-            with forward_context(step):
-                to_logits, to_next = self.draft(step.input_ids, step.positions, hid)
-            child_score, child_token = self._top(to_logits)  # [B * topk, topk]
+            if graphs is not None:  # (rounds 2..K of the tree: each branch a graph row)
+                child_score, child_token, to_next = graphs.tree_round(
+                    tables, positions, scratch_t, token.reshape(-1), hid
+                )
+            else:
+                empty = to_device([], device, torch.int64)
+                meta = TableMeta(tables, branch, positions + 1, empty, empty, empty, 0)
+                step = ForwardBatch(
+                    token.reshape(-1),
+                    positions,
+                    scratch_t,
+                    [],
+                    0,
+                    seq_lens,
+                    self.kv_pool,
+                    self.attn_backend,
+                    meta,
+                )
+                with forward_context(step):
+                    to_logits, to_next = self.draft(step.input_ids, step.positions, hid)
+                child_score, child_token = self._top(to_logits)  # [B * topk, topk]
             child_score = (score.reshape(-1, 1) + child_score).reshape(batch, topk * topk)
             child_token = child_token.reshape(batch, topk * topk)
             child_parent = node.reshape(batch, topk, 1).expand(batch, topk, topk)

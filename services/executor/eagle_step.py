@@ -46,6 +46,9 @@ from radixserve.scheduler.speculation import EagleParams
 
 log = logging.getLogger("radixserve.executor.eagle_step")
 
+# Tree rounds (topk > 1) replay graphs of up to this many branch rows (max_bs * topk, at most this).
+MAX_TREE_ROUND_ROWS = 512
+
 
 class EagleStep:
     def __init__(
@@ -90,11 +93,13 @@ class EagleStep:
         self.kv_bytes_per_token = kv_bytes_per_token(layers, kv_heads, head_dim, dtype)
         self.proposer: EagleProposer | None = None
         log.info(
-            "%s draft %s from %s: %d draft tokens per step, %d bytes of draft KV per token",
+            "%s draft %s from %s: %s per step, %d bytes of draft KV per token",
             params.algorithm,
             "model" if standalone else "head",
             params.draft_model_path,
-            self.num_steps,
+            f"{self.num_steps} draft tokens"
+            if self.topk == 1
+            else f"a tree of {self.tree_nodes} draft tokens ({self.num_steps} rounds, topk {self.topk})",
             self.kv_bytes_per_token,
         )
 
@@ -114,11 +119,13 @@ class EagleStep:
     def capture_rounds(self, kind, max_bs: int, table_width: int) -> None:
         """A head's decode rounds (2..K) in graphs of kind (DraftRoundGraphs, or a stand-in in
         tests) for up to max_bs requests; a STANDALONE draft model's stay eager."""
-        if not self.reads_hidden_states or self.num_steps < 2 or self.topk > 1:
-            return  # (a tree's rounds run topk rows per request, eagerly)
+        if not self.reads_hidden_states or self.num_steps < 2:
+            return
         width = min(table_width, self.proposer.max_positions)
-        max_bs = min(max_bs, self.proposer.max_requests)
-        self.proposer.round_graphs = kind(self.proposer, max_bs, width, self.dtype)
+        # A tree's rows are its branches: topk per request (bounded: more run eagerly).
+        rows = min(max_bs, self.proposer.max_requests) * self.topk
+        rows = min(rows, max(max_bs, MAX_TREE_ROUND_ROWS))
+        self.proposer.round_graphs = kind(self.proposer, rows, width, self.dtype)
 
     def head_rows(
         self, hidden: torch.Tensor | None, captured: torch.Tensor | None = None

@@ -354,6 +354,58 @@ def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_GPU])]
+)
+def test_tree_round_graphs_draft_as_the_eager_rounds(folders, device):
+    """A tree proposal (topk 2) with rounds 2..K from the round graphs, each branch a graph row,
+    proposes the eager rounds' tree and leaves the same draft K/V at every branch's scratch slot,
+    for 1 and 3 requests (2 and 6 branch rows: buckets 2 and 8, padding rows)."""
+    dev = torch.device(device)
+    target = load_model(ModelConfig.load(folders / "target", "float32"), dev, "auto", None)
+    head = load_draft_model("EAGLE3", folders / "EAGLE3", target, dev)
+    backend = create_attention_backend("triton", dev, head.kv_shape[1])
+    proposer = EagleProposer(head, 200, 4, K, backend, dev, torch.float32, topk=2)
+    graphs = (EagerDraftRounds if device == "cpu" else DraftRoundGraphs)(
+        proposer, 8, 64, torch.float32
+    )
+    assert graphs.buckets == [1, 2, 4, 8]
+    replays, tree_round = [], graphs.tree_round
+    graphs.tree_round = lambda *args: replays.append(args[3].shape[0]) or tree_round(*args)
+    width = HIDDEN * len(head.capture_layers)
+    g = torch.Generator().manual_seed(6)
+    table = torch.zeros(4, 64, dtype=torch.int64, device=dev)
+    for n in (1, 3):
+        lengths = [5 + 2 * i for i in range(n)]
+        requests = [
+            DraftRequest(
+                i,
+                0,
+                torch.randint(0, VOCAB, (m,), generator=g).tolist(),
+                list(range(1 + 30 * i, 1 + 30 * i + m)),
+            )
+            for i, m in enumerate(lengths)
+        ]
+        hidden = torch.randn(sum(lengths), width, generator=g).to(dev)
+        pool = proposer.kv_pool.k + proposer.kv_pool.v
+        results = []
+        for rounds in (None, graphs):
+            for cache in pool:
+                cache.zero_()
+            proposer.round_graphs = rounds
+            tokens, parents = proposer.propose_tree(table, requests, hidden, K, 7)
+            results.append((tokens, parents, [cache.clone() for cache in pool]))
+        (tokens, parents, eager_kv), (got_tokens, got_parents, replayed_kv) = results
+        assert tokens.shape == (n, 7) and torch.equal(got_tokens, tokens)
+        assert torch.equal(got_parents, parents)
+        assert (parents[:, 1:] != parents[:, :-1] + 1).any()  # a tree, not a chain
+        assert replays[-(K - 1) :] == [2 * n] * (K - 1)  # rounds 2..K replayed, a row per branch
+        scratch = slice(200, 200 + n * proposer.scratch_per)  # every branch's slots
+        for got, want in zip(replayed_kv, eager_kv):
+            assert want[scratch].abs().sum() > 0
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 # ---- on a GPU: real CUDA graphs ----
 
 
