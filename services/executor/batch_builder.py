@@ -186,7 +186,7 @@ class BatchBuilder:
             raise StepError(
                 f"{tree_nodes} tree draft tokens in one step, over the executor's "
                 f"{self.slot_table.spare_rows} (tree drafts need --speculative-ngram-max-bfs-breadth "
-                "above 1 on the executor too)"
+                "or --speculative-eagle-topk above 1 on the executor too)"
             )
 
     def _check_drafts(self, rid: str, req, state: RequestState) -> None:
@@ -301,7 +301,7 @@ class BatchBuilder:
                 positions += [prefix, *(prefix + d for d in depths(seq.parents))]
                 seq_rows += [state.table_row, *spare]
                 decode_lens.append(prefix + 1)
-                for row, node in zip(spare, range(n - 1)):
+                for node, row in enumerate(spare):
                     path = [seq.new_slots[1 + j] for j in path_to(seq.parents, node)]
                     self._table_write(table_writes, row, prefix + 1, path)
                     decode_lens.append(prefix + 1 + len(path))

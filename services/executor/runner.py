@@ -51,6 +51,7 @@ from radixserve.executor.request_state import RequestState
 from radixserve.executor.sampling import DeviceSample, sample_on_device
 from radixserve.executor.slot_table import SlotTable
 from radixserve.executor.spec_step import DeviceSpecSample, next_tokens, verify_on_device
+from radixserve.executor.spec_verify import DeviceVerify
 from radixserve.common.step import SampledToken, StepInput, StepOutput
 from radixserve.executor.quantization import building_with as quantized_linears
 from radixserve.executor.quantization import resolve as resolve_quantization
@@ -80,8 +81,8 @@ class LaunchedStep:
     spec: DeviceSpecSample | None = None
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
-    # EAGLE: the drafts proposed after this step (request ids, [B, K] on the device), rank 0's.
-    # (request ids, their drafts [B, K], a tree's parents [B, K] or None)
+    # EAGLE: the drafts proposed after this step, rank 0's: (request ids, their drafts [B, K] on the
+    # device, and for trees their parents [B, K], else None).
     proposals: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
 
 
@@ -614,7 +615,7 @@ class ModelRunner:
         launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
         launched.num_accepted = to_host(launched.num_accepted)
 
-    def _keep_tree_paths(self, sampling: StepSamples, verified) -> None:
+    def _keep_tree_paths(self, sampling: StepSamples, verified: DeviceVerify) -> None:
         """Tree drafts: the accepted path's slots move into their request's row, right after the
         root (positions length + 1 ..), where the request's next steps read them; the row held the
         drafts' slots in draft order (batch_builder). Rank 0 only: tree drafts run on one shard."""
@@ -644,7 +645,7 @@ class ModelRunner:
 
     def _propose(
         self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep
-    ) -> tuple[list[str], torch.Tensor] | None:
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
         drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows)."""
         accepted = {}
