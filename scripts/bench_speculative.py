@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = json.loads(pathlib.Path(ns.prompts_file).read_text())["prompts"][: ns.num_prompts]
     ids = prompt_ids(tokenizer, prompts)
     model = _ModelFacts(
-        info.kv_slots, info.context_length, info.eos_token_ids, info.max_graph_tokens
+        info.kv_slots,
+        info.context_length,
+        info.eos_token_ids,
+        info.max_graph_tokens,
+        info.max_tree_draft_tokens,
     )
     configs = {"plain": build_core(plain_args, model), "ngram": build_core(args, model)}
     print(
@@ -182,6 +186,7 @@ class _ModelFacts:
     context_length: int
     eos_token_ids: list[int]
     max_graph_tokens: int = 0
+    max_tree_draft_tokens: int = 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def make_scheduler(runner: ModelRunner, max_graph_tokens: int = 0, **config) -> 
         runner.kv_slots,
         runner.config.context_length,
         max_graph_tokens=max_graph_tokens,
+        max_tree_draft_tokens=runner.slot_table.spare_rows,  # as the executor reports them
     )
 
 

@@ -8,10 +8,19 @@ KV slots) and the executor (which checks them and lays them out)."""
 
 from __future__ import annotations
 
-# Tree-shaped drafts in one step, at most (chains do not count): the executor keeps this many spare
-# rows in its slot table, one per tree node, for the node's own view of the sequence (its prefix
-# and its ancestors). Past it, the scheduler has a step's other requests draft chains.
-TREE_DRAFT_ROWS = 64
+# Draft tokens in one request's tree, at most.
+MAX_TREE_DRAFT_TOKENS = 64
+# The executor keeps spare rows in its slot table, one per tree node of a step, for the node's own
+# view of the sequence (its prefix and its ancestors): enough for every running request's tree,
+# within this many bytes of table (a row holds a slot id per position of the context).
+SPARE_TABLE_BYTES = 64 << 20
+
+
+def spare_rows(max_requests: int, max_draft_tokens: int, context_length: int) -> int:
+    """The slot table's spare rows for tree drafts (ExecutorModelInfo.max_tree_draft_tokens):
+    every request's tree where SPARE_TABLE_BYTES allow, else fewer, but one whole tree at least."""
+    fit = SPARE_TABLE_BYTES // (8 * max(1, context_length))
+    return max(max_draft_tokens, min(max_requests * max_draft_tokens, fit))
 
 
 def is_chain(parents: list[int]) -> bool:

@@ -17,7 +17,7 @@ import torch
 from radixserve.executor.host_copy import to_device, to_host
 from radixserve.common.args import ServerArgs
 from radixserve.common.config import MAX_RUNNING_REQUESTS_CAP, RunnerConfig
-from radixserve.common.draft_tree import TREE_DRAFT_ROWS
+from radixserve.common.draft_tree import spare_rows
 from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
@@ -104,6 +104,7 @@ class ModelInfo:
     max_loras_per_batch: int = 0  # LoRA GPU slots; 0: LoRA off
     lora_adapters: list[dict] = field(default_factory=list)  # ExecutorLoraAdapter fields
     max_graph_tokens: int = 0  # the largest CUDA graph's decode rows; 0: no graphs
+    max_tree_draft_tokens: int = 0  # the slot table's spare rows for tree drafts; 0: none
 
 
 def load_model(
@@ -259,11 +260,16 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             settings.attention_backend, self.device, num_kv_heads
         )
+        max_requests = settings.max_running_requests or MAX_RUNNING_REQUESTS_CAP
         self.slot_table = SlotTable(
-            settings.max_running_requests or MAX_RUNNING_REQUESTS_CAP,
+            max_requests,
             cfg.context_length,
             self.device,
-            spare_rows=TREE_DRAFT_ROWS if drafts_trees(spec) else 0,
+            spare_rows=(
+                spare_rows(max_requests, spec.max_draft_tokens, cfg.context_length)
+                if drafts_trees(spec)
+                else 0
+            ),
         )
         if self.eagle is not None:
             self.eagle.build(self.kv_slots, self.slot_table.rows, self.attn_backend)
@@ -409,6 +415,7 @@ class ModelRunner:
             self.lora.num_slots if self.lora is not None else 0,
             self.lora.describe() if self.lora is not None else [],
             self.cuda_graphs.max_bs if self.cuda_graphs is not None else 0,
+            self.slot_table.spare_rows,
         )
 
     def load_lora(self, name: str, path: str) -> dict:

@@ -4,7 +4,7 @@ lists. The scheduler still decides every slot id; this table only mirrors the sl
 carry, on the device, so that kernels (and CUDA graphs) find them without a per-step gather. Rows
 are handed to requests as they arrive and taken back when they finish.
 
-Past the requests' rows, spare rows (common/draft_tree.TREE_DRAFT_ROWS) give each node of a tree
+Past the requests' rows, spare rows (common/draft_tree.spare_rows) give each node of a tree
 draft its own view of its sequence (the request's prefix, then the node's ancestors) for one verify
 step; every step that has tree drafts writes them again, and the device runs steps in order, so a
 step never reads another step's spare rows.

@@ -76,11 +76,14 @@ class Scheduler:
         new_token_ratio_decay: float = 0.001,
         debug: bool = True,
         max_graph_tokens: int = 0,
+        max_tree_draft_tokens: int = 0,
     ):
         """pool_size, context_length: the KV slots and longest sequence, as the executor serving the model
         has them; config.max_running_requests must be set (the server derives it from the pool if unset).
         max_graph_tokens: the executor's (ExecutorModelInfo.max_graph_tokens): a decode step's drafts
-        are kept within it, so verify steps replay its CUDA graphs; 0: no limit."""
+        are kept within it, so verify steps replay its CUDA graphs; 0: no limit.
+        max_tree_draft_tokens: the executor's (ExecutorModelInfo.max_tree_draft_tokens): a step's
+        tree drafts stay within it (the other requests draft chains)."""
         policy, page_size, max_prefill_tokens = (
             config.schedule_policy,
             config.page_size,
@@ -130,6 +133,7 @@ class Scheduler:
             context_length,
             speculation_params(config),
             max_verify_rows=max_graph_tokens,
+            max_tree_rows=max_tree_draft_tokens,
             disable_by_batch_size=config.speculative_disable_by_batch_size,
         )
         self.spec_stats = SpecStats()

@@ -24,7 +24,7 @@ from radixserve.scheduler.ngram_proposer import NgramParams
 from radixserve.scheduler.prefill import NewTokenRatio, PrefillManager, allowed_tokens
 from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.scheduler.request import Request
-from radixserve.common.draft_tree import TREE_DRAFT_ROWS, first_chain, is_chain
+from radixserve.common.draft_tree import first_chain, is_chain
 from radixserve.scheduler.speculation import (
     EagleParams,
     draft_for,
@@ -43,14 +43,17 @@ class DecodeManager:
         spec: NgramParams | EagleParams | None = None,
         max_verify_rows: int = 0,
         disable_by_batch_size: int | None = None,
+        max_tree_rows: int = 0,
     ):
         """max_verify_rows: a decode step's tokens, drafts included, stay within it (0: no limit);
+        max_tree_rows: a step's tree drafts' tokens stay within it (the executor's spare rows);
         disable_by_batch_size: no drafts in a step of more requests (None: no limit)."""
         self.kv = kv
         self.ratio = ratio
         self.context_length = context_length
         self.spec = spec
         self.max_verify_rows = max_verify_rows
+        self.max_tree_rows = max_tree_rows
         self.disable_by_batch_size = disable_by_batch_size
         self.running: list[Request] = []
         self.num_retractions = 0
@@ -78,7 +81,7 @@ class DecodeManager:
             drafts = False
         # Drafts beyond the executor's largest graph would send the step down the eager path.
         rows_left = self.max_verify_rows - len(batch) if self.max_verify_rows else None
-        tree_rows_left = TREE_DRAFT_ROWS  # the executor's spare rows (common/draft_tree.py)
+        tree_rows_left = self.max_tree_rows  # the executor's spare rows (common/draft_tree.py)
         for req, slot in zip(batch, slots):
             req.slots.append(slot)
             new_slots = [slot]

@@ -277,6 +277,7 @@ def build_core(args: ServerArgs, model: executor_pb2.ExecutorModelInfo) -> Sched
         context_length,
         eos_token_ids=model.eos_token_ids,
         max_graph_tokens=model.max_graph_tokens,
+        max_tree_draft_tokens=model.max_tree_draft_tokens,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from radixserve.common.config import DEFAULT_EAGLE_STEPS, SchedulerConfig
-from radixserve.common.draft_tree import TREE_DRAFT_ROWS
+from radixserve.common.draft_tree import MAX_TREE_DRAFT_TOKENS
 from radixserve.scheduler.ngram_proposer import NgramParams, NgramProposer
 
 if (
@@ -112,12 +112,13 @@ def eagle_tree_params(config: SchedulerConfig, topk: int) -> EagleParams:
         raise ValueError(f"--speculative-num-steps must be at least 1 (got {steps})")
     candidates = topk + (steps - 1) * topk * topk  # every node the rounds rank
     num_draft_tokens = config.speculative_num_draft_tokens or steps * topk + 1
-    if not 2 <= num_draft_tokens <= min(candidates, TREE_DRAFT_ROWS) + 1:
+    most = min(candidates, MAX_TREE_DRAFT_TOKENS)
+    if not 2 <= num_draft_tokens <= most + 1:
         raise ValueError(
             f"--speculative-num-draft-tokens {num_draft_tokens} with --speculative-eagle-topk "
-            f"{topk} and --speculative-num-steps {steps}: the tree holds 1..{min(candidates, TREE_DRAFT_ROWS)} "
-            "drafts plus the root (the rounds rank topk + (steps - 1) * topk^2 candidates; a step "
-            f"verifies at most {TREE_DRAFT_ROWS} tree drafts)"
+            f"{topk} and --speculative-num-steps {steps}: the tree holds 1..{most} "
+            "drafts plus the root (the rounds rank topk + (steps - 1) * topk^2 candidates; a "
+            f"tree holds at most {MAX_TREE_DRAFT_TOKENS})"
         )
     return EagleParams(
         algorithm, config.speculative_draft_model_path, steps, topk, num_draft_tokens

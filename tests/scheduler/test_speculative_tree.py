@@ -13,7 +13,7 @@ import random
 import pytest
 
 from radixserve.common.args import FlagError, ServerArgs, check_speculation
-from radixserve.common.draft_tree import TREE_DRAFT_ROWS, accepted_path, tree_error
+from radixserve.common.draft_tree import accepted_path, spare_rows, tree_error
 from radixserve.common.sampling import SamplingParams
 from radixserve.common.step import ContinuingRequest, StepError, StepInput
 from radixserve.executor.runner import ModelRunner
@@ -69,7 +69,9 @@ def reference(model_dir):
 
 def test_greedy_tree_drafts_equal_plain_decoding(model_dir, reference):
     runner = make_runner(model_dir, **TREE)
-    assert runner.slot_table.spare_rows == TREE_DRAFT_ROWS
+    assert runner.slot_table.spare_rows == spare_rows(
+        256, 6, TINY_CONFIG["max_position_embeddings"]
+    )
     sched = make_scheduler(runner, **TREE)
     drafted = recording_trees(runner)
     assert_same_outputs(run(runner, sched, MIXED), reference)
@@ -144,6 +146,29 @@ def test_oracle_trees_accept_exactly_the_right_branch(model_dir, reference, monk
         assert stats.accepted_tokens > 0 and stats.accept_length > 2.0
     else:
         assert stats.accepted_tokens == 0 and stats.accept_length == 1.0
+
+
+def test_a_steps_trees_stay_within_the_executors_spare_rows(model_dir, reference, monkeypatch):
+    """With room for one tree per step (max_tree_draft_tokens as the executor reports it), the
+    step's other requests draft chains; outputs stay plain decoding's."""
+    ref_tokens = reference[0]
+    monkeypatch.setattr(decode_module, "draft_tree_for", oracle_tree(ref_tokens, right=True))
+    runner = make_runner(model_dir, **TREE)
+    sched = make_scheduler(runner, **TREE)
+    sched.decode.max_tree_rows = 6  # one tree of max_draft_tokens (6) per step
+    steps = []
+    step = runner.step
+
+    def record(plan):
+        drafting = [c for c in plan.continuing_requests if c.draft_ids]
+        steps.append([len(c.draft_ids) for c in drafting if c.draft_parents])
+        return step(plan)
+
+    runner.step = record
+    tokens, _, _ = run(runner, sched, MIXED)
+    assert tokens == ref_tokens
+    assert all(sum(trees) <= 6 for trees in steps) and any(trees for trees in steps)
+    assert sched.spec_stats.draft_tokens > sum(sum(trees) for trees in steps)  # chains too
 
 
 def test_accepted_path_slots_follow_the_root_in_the_executors_row(

@@ -132,7 +132,7 @@ class ExecutorModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecutorModelInfo(_message.Message):
-    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters", "kv_cache_dtype", "kv_bytes_per_token", "max_loras_per_batch", "lora_adapters", "max_graph_tokens")
+    __slots__ = ("architecture", "model_path", "context_length", "kv_slots", "vocab_size", "eos_token_ids", "dtype", "device", "num_parameters", "kv_cache_dtype", "kv_bytes_per_token", "max_loras_per_batch", "lora_adapters", "max_graph_tokens", "max_tree_draft_tokens")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ExecutorModelInfo(_message.Message):
     MAX_LORAS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAPH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_path: str
     context_length: int
@@ -161,7 +162,8 @@ class ExecutorModelInfo(_message.Message):
     max_loras_per_batch: int
     lora_adapters: _containers.RepeatedCompositeFieldContainer[ExecutorLoraAdapter]
     max_graph_tokens: int
-    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[ExecutorLoraAdapter, _Mapping]]] = ..., max_graph_tokens: _Optional[int] = ...) -> None: ...
+    max_tree_draft_tokens: int
+    def __init__(self, architecture: _Optional[str] = ..., model_path: _Optional[str] = ..., context_length: _Optional[int] = ..., kv_slots: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., max_loras_per_batch: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[_Union[ExecutorLoraAdapter, _Mapping]]] = ..., max_graph_tokens: _Optional[int] = ..., max_tree_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class ExecutorLoraAdapter(_message.Message):
     __slots__ = ("name", "path", "rank")
