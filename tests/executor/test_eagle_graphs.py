@@ -306,6 +306,33 @@ def test_compiled_decode_keeps_no_hidden_rows():
         CudaGraphRunner(None, None, None, None, 1, torch.device("cpu"), object(), keep_hidden=True)
 
 
+def random_draft_requests(lengths, width, g, dev):
+    """Draft requests of these lengths (random tokens, slots 30 apart) and their hidden rows."""
+    requests = [
+        DraftRequest(
+            i,
+            0,
+            torch.randint(0, VOCAB, (m,), generator=g).tolist(),
+            list(range(1 + 30 * i, 1 + 30 * i + m)),
+        )
+        for i, m in enumerate(lengths)
+    ]
+    return requests, torch.randn(sum(lengths), width, generator=g).to(dev)
+
+
+def eager_and_replayed(proposer, graphs, propose):
+    """propose() with the rounds eager, then from graphs, each over a zeroed draft pool: per run,
+    (its result, the draft K/V it left)."""
+    pool = proposer.kv_pool.k + proposer.kv_pool.v
+    results = []
+    for rounds in (None, graphs):
+        for cache in pool:
+            cache.zero_()
+        proposer.round_graphs = rounds
+        results.append((propose(), [cache.clone() for cache in pool]))
+    return results
+
+
 @pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_GPU])]
 )
@@ -328,25 +355,10 @@ def test_round_graphs_draft_as_the_eager_rounds(folders, algorithm, device):
     table = torch.zeros(4, 64, dtype=torch.int64, device=dev)
     for n in (1, 3):
         lengths = [4 + 3 * i for i in range(n)]
-        requests = [
-            DraftRequest(
-                i,
-                0,
-                torch.randint(0, VOCAB, (m,), generator=g).tolist(),
-                list(range(1 + 30 * i, 1 + 30 * i + m)),
-            )
-            for i, m in enumerate(lengths)
-        ]
-        hidden = torch.randn(sum(lengths), width, generator=g).to(dev)
-        pool = proposer.kv_pool.k + proposer.kv_pool.v
-        results = []
-        for rounds in (None, graphs):
-            for cache in pool:
-                cache.zero_()
-            proposer.round_graphs = rounds
-            drafts = proposer.propose(table, requests, hidden, K)
-            results.append((drafts, [cache.clone() for cache in pool]))
-        (eager, eager_kv), (replayed, replayed_kv) = results
+        requests, hidden = random_draft_requests(lengths, width, g, dev)
+        (eager, eager_kv), (replayed, replayed_kv) = eager_and_replayed(
+            proposer, graphs, lambda: proposer.propose(table, requests, hidden, K)
+        )
         assert eager.shape == (n, K) and torch.equal(replayed, eager)
         scratch = slice(200, 200 + n * (K - 1))  # the rounds' slots, past the target's 200
         assert all(cache[scratch].abs().sum() > 0 for cache in eager_kv)
@@ -377,25 +389,12 @@ def test_tree_round_graphs_draft_as_the_eager_rounds(folders, device):
     table = torch.zeros(4, 64, dtype=torch.int64, device=dev)
     for n in (1, 3):
         lengths = [5 + 2 * i for i in range(n)]
-        requests = [
-            DraftRequest(
-                i,
-                0,
-                torch.randint(0, VOCAB, (m,), generator=g).tolist(),
-                list(range(1 + 30 * i, 1 + 30 * i + m)),
+        requests, hidden = random_draft_requests(lengths, width, g, dev)
+        ((tokens, parents), eager_kv), ((got_tokens, got_parents), replayed_kv) = (
+            eager_and_replayed(
+                proposer, graphs, lambda: proposer.propose_tree(table, requests, hidden, K, 7)
             )
-            for i, m in enumerate(lengths)
-        ]
-        hidden = torch.randn(sum(lengths), width, generator=g).to(dev)
-        pool = proposer.kv_pool.k + proposer.kv_pool.v
-        results = []
-        for rounds in (None, graphs):
-            for cache in pool:
-                cache.zero_()
-            proposer.round_graphs = rounds
-            tokens, parents = proposer.propose_tree(table, requests, hidden, K, 7)
-            results.append((tokens, parents, [cache.clone() for cache in pool]))
-        (tokens, parents, eager_kv), (got_tokens, got_parents, replayed_kv) = results
+        )
         assert tokens.shape == (n, 7) and torch.equal(got_tokens, tokens)
         assert torch.equal(got_parents, parents)
         assert (parents[:, 1:] != parents[:, :-1] + 1).any()  # a tree, not a chain
