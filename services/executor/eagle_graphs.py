@@ -9,7 +9,8 @@ slots, lengths, the hidden rows and the private table ([max_bs, width] slot ids,
 table's: one propose call copies its private table in). Padding rows store nothing (slot -1) and read
 nothing (length 0). A propose call of B requests fills the first B rows, then per round writes the
 round's positions, slots and lengths (its first ones + the round) and the previous round's outputs,
-and replays; round 1 (an extend over the kept positions: varying lengths) stays eager.
+and replays; round 1 (an extend over the kept positions: varying lengths) stays eager. The lengths
+come as device tensors (after a verify step they follow the accepted counts, never read on the host).
 
 With a tree proposer (topk > 1, EagleProposer.propose_tree) a row is a branch, not a request, and a
 round's outputs are each row's topk (log-probability, target id) instead of its argmax: tree_round
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from radixserve.executor.host_copy import to_device
 from radixserve.executor.attention.metadata import ForwardBatch, forward_context
 from radixserve.executor.cuda_graph_runner import BucketGraphs, graph_buckets
 
@@ -120,21 +120,19 @@ class DraftRoundGraphs(BucketGraphs):
     def rounds(
         self,
         private: torch.Tensor,
-        lens: list[int],
-        scratch: list[int],
+        lens: torch.Tensor,
+        scratch: torch.Tensor,
         tokens: torch.Tensor,
         hidden: torch.Tensor,
         k: int,
     ) -> list[torch.Tensor]:
         """Rounds 2..k of B requests: their tokens [B] each. private: the call's table [B, w];
-        lens: each request's positions after round 1; scratch: each one's slot for round 2 (round
-        j + 1 writes slot + j - 1); tokens, hidden: round 1's outputs [B], [B, H]."""
-        bs = len(lens)
+        lens: [B] each request's positions after round 1 (device: after a verify step they follow
+        the accepted counts, which the host does not read); scratch: [B] each one's slot for round
+        2 (round j + 1 writes slot + j - 1); tokens, hidden: round 1's outputs [B], [B, H]."""
+        bs = lens.shape[0]
         bucket = self.bucket(bs)
         graph, out = self.graphs[bucket], self.outputs[bucket]
-        device = self.input_ids.device
-        first_lens = to_device(lens, device, torch.int64)
-        first_slots = to_device(scratch, device, torch.int64)
         self.table[:bs, : private.shape[1]].copy_(private)
         self.out_slots[bs:bucket].fill_(-1)
         self.lens[bs:bucket].zero_()
@@ -142,9 +140,9 @@ class DraftRoundGraphs(BucketGraphs):
         for j in range(1, k):
             self.input_ids[:bs].copy_(tokens)
             self.hidden[:bs].copy_(hidden)
-            torch.add(first_lens, j, out=self.lens[:bs])
-            torch.add(first_lens, j - 1, out=self.positions[:bs])
-            torch.add(first_slots, j - 1, out=self.out_slots[:bs])
+            torch.add(lens, j, out=self.lens[:bs])
+            torch.add(lens, j - 1, out=self.positions[:bs])
+            torch.add(scratch, j - 1, out=self.out_slots[:bs])
             graph.replay()
             tokens, hidden = out.tokens[:bs].clone(), out.hidden[:bs]
             drafts.append(tokens)

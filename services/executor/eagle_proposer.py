@@ -3,7 +3,7 @@ top-1 (greedy) choices, and return K draft tokens per request in the target's vo
 (docs/speculative.md, "EAGLE: the plan").
 
 Per request the caller hands over the positions the target has just run and kept (after a prefill
-chunk: its tokens; after a verify step: the last token and the accepted drafts): the target's hidden
+chunk: its tokens; after a decode: its token; after a verify step: below): the target's hidden
 states there (rows of one tensor, in request order), the token that follows each position (input ids
 shifted by one: at the last position, the token the target has just sampled), the positions' target
 slots, and how many positions before them already have draft K/V (prefix_len). Round 1, an extend
@@ -18,7 +18,31 @@ propose call: the next call's extend rewrites those positions at their own slots
 hidden states.
 
 Attention reads a private slot table: the requests' rows of the target's SlotTable (their prefix),
-then these positions' slots, then their scratch slots; the target's table is never written.
+then these positions' slots, then (from round 2 on) their scratch slots; the target's table is never
+written.
+
+After a chain verify step (`Verified`: its tokens and accepted counts, on the device) a request's
+positions are all the step ran: its last token and its n - 1 drafts, of which the host does not know
+how many were kept (1 + a, a the accepted count). Round 1 runs them all (host-known shapes); every
+value that depends on a stays on the device: the token after verified position i is the verify's
+token i (for i < a draft i + 1, at i = a the target's corrected or bonus token), the draft comes from
+round 1's row a, and rounds 2..K run at positions seq_len - (n - 1 - a) + ... with device-side lengths
+and the private table's scratch columns scattered on the device from there, after round 1 (round 1's
+rows past a read their own slots, written in that round: never a scratch slot's stale K/V, which a
+masked extend would multiply by zero, NaN included). No host read of a (which on a GPU waits for the
+stream to drain): the host learns it in ModelRunner.collect.
+
+Why the rows past a do no harm: they write draft K/V at the slots of rejected drafts, computed from
+wrong inputs. Within the call nothing reads them: round 1 is causal (row i <= a reads positions <= i)
+and rounds 2..K read the private table up to their device length, whose columns from the first
+position past the kept ones are scratch slots. After the call those slots hold draft K/V of positions
+past the request's length: ModelRunner.collect takes the rejected drafts off the length, and the
+scheduler, once it has the step's output, frees their slots (scheduler/kv_accounting.py, keep_slots).
+Whoever gets such a slot next writes it in a step launched after this one: the target's K/V in its
+forward, then the draft's in this proposer's round 1 over its kept positions, on the same stream, so
+after this call's writes; every extend stores its rows' K/V before any row attends, and no draft K/V
+is read at a position before a round 1 has written it (a radix-cache hit reads only positions the
+cache holds: accepted ones, whose rows here had the right inputs).
 
 A STANDALONE draft model (models/standalone.py, `reads_own_token`) reads token p at position p, not
 token p + 1 with the target's hidden state at p: round 1 then runs the request's first position's own
@@ -52,6 +76,10 @@ class DraftRequest:
     prefix_len: int  # positions before these whose draft K/V is already in the pool
     next_token_ids: list[int]  # per position run, the token at the position after it (target ids)
     slots: list[int]  # the target slots of positions prefix_len .. prefix_len + n - 1
+    # A chain verify step's request: its row in propose's `verified` tensors (-1: none). Its
+    # positions are the step's (the last token, then every draft), next_token_ids placeholders: the
+    # tokens are the verify's, and only the first 1 + accepted positions are kept (on the device).
+    verify_row: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +88,14 @@ class DraftRequest:
     @property
     def seq_len(self) -> int:
         return self.prefix_len + len(self.slots)
+
+
+@dataclass
+class Verified:
+    """A chain verify step's results on the device (spec_verify.DeviceVerify's, on every shard)."""
+
+    tokens: torch.Tensor  # [V, W] int64: each request's verified tokens, -1 past its accepted ones
+    accepted: torch.Tensor  # [V] int64: each request's accepted draft count
 
 
 class EagleProposer:
@@ -108,6 +144,7 @@ class EagleProposer:
         hidden: torch.Tensor | None,
         k: int,
         first_tokens: torch.Tensor | None,
+        verified: Verified | None = None,
     ):
         if not 1 <= len(requests) <= self.max_requests:
             raise ValueError(f"{len(requests)} requests; one call drafts 1..{self.max_requests}")
@@ -129,6 +166,12 @@ class EagleProposer:
                     f"row {r.row}: {r.seq_len} positions + {k - 1 + self.extra} drafted exceed "
                     "the context"
                 )
+            if r.verify_row >= 0 and (
+                verified is None
+                or not 0 <= r.verify_row < verified.tokens.shape[0]
+                or n > verified.tokens.shape[1]
+            ):
+                raise ValueError(f"row {r.row}: no verified tokens at row {r.verify_row} for {n}")
             total += n
         if self.extra:
             if first_tokens is None or first_tokens.shape != (len(requests),):
@@ -146,45 +189,57 @@ class EagleProposer:
         k: int,
         last_tokens: torch.Tensor | None = None,
         first_tokens: torch.Tensor | None = None,
+        verified: Verified | None = None,
     ) -> torch.Tensor:
         """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
         table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
         states at the requests' positions (EAGLE: its output; EAGLE3: the captured layer inputs).
         last_tokens: [B] on the device, each request's last next_token_ids entry where not negative
         (the token just sampled, not read back to the host). A draft model reading its own tokens:
-        hidden None, first_tokens [B] on the device, each request's token at position prefix_len."""
-        self._validate(table, requests, hidden, k, first_tokens)
+        hidden None, first_tokens [B] on the device, each request's token at position prefix_len.
+        verified: the chain verify step that requests with a verify_row come from (module doc)."""
+        self._validate(table, requests, hidden, k, first_tokens, verified)
         self.logits = []
         device, scratch_per, extra = self.device, self.scratch_per, self.extra
         batch = len(requests)
         lens = [r.seq_len + extra for r in requests]  # positions run in round 1, prefix included
         private = self._private_table(table, requests, k)
-        step, last = self._first_round(private, requests, last_tokens, first_tokens)
+        step, last, kept_lens = self._first_round(
+            private, requests, last_tokens, first_tokens, verified
+        )
         token, own = self._run(step, hidden, last)
         drafts = [token]
+        if k == 1:
+            return torch.stack(drafts, dim=1)
 
         def tensor(values):
             return to_device(values, device, torch.int64)
 
+        # Rounds 2..k: one position further each, on the head's own output; round j + 1 writes
+        # position kept_len + j - 1 at scratch slot extra + j - 1 (after round 1: module docstring).
+        kept_t = tensor(lens) if kept_lens is None else kept_lens
+        self._scratch_columns(private, kept_t, k)
         rows = torch.arange(batch, dtype=torch.int64, device=device)
-        # Rounds 2..k: one position further each, on the head's own output.
         graphs = self.round_graphs
-        if k > 1 and graphs is not None and graphs.can_run(batch, private.shape[1]):
-            scratch = [self.num_slots + i * scratch_per + extra for i in range(batch)]
-            drafts += graphs.rounds(private, lens, scratch, token, own, k)
+        if graphs is not None and graphs.can_run(batch, private.shape[1]):
+            scratch = tensor([self.num_slots + i * scratch_per + extra for i in range(batch)])
+            drafts += graphs.rounds(private, kept_t, scratch, token, own, k)
             return torch.stack(drafts, dim=1)
+        if kept_lens is not None and not self.attn_backend.supports_cuda_graphs:
+            # A backend that reads host lengths (torch_native): read them (on a GPU, a sync).
+            lens = kept_lens.tolist()
         empty = tensor([])
         for j in range(1, k):
-            seq_lens = [n + j for n in lens]
             scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
-            meta = TableMeta(private, rows, tensor(seq_lens), empty, empty, empty, 0)
+            seq_lens = kept_t + j
+            meta = TableMeta(private, rows, seq_lens, empty, empty, empty, 0)
             step = ForwardBatch(
                 token,
-                tensor([n - 1 for n in seq_lens]),
+                seq_lens - 1,
                 tensor(scratch),
                 [],
                 0,
-                seq_lens,
+                [n + j for n in lens],  # host lengths: exact, or upper bounds a backend never reads
                 self.kv_pool,
                 self.attn_backend,
                 meta,
@@ -193,9 +248,10 @@ class EagleProposer:
             drafts.append(token)
         return torch.stack(drafts, dim=1)
 
-    def _first_round(self, private, requests, last_tokens, first_tokens):
+    def _first_round(self, private, requests, last_tokens, first_tokens, verified=None):
         """Round 1's step, an extend over each request's positions (one further reading own
-        tokens), and each request's last row in it."""
+        tokens), each request's last kept row in it, and each one's positions after round 1 counting
+        only the kept ones [B] on the device (None: every position is kept, the host knows them)."""
         device, scratch_per, extra = self.device, self.scratch_per, self.extra
         batch = len(requests)
         lens = [r.seq_len + extra for r in requests]
@@ -214,10 +270,11 @@ class EagleProposer:
             return to_device(values, device, torch.int64)
 
         rows = torch.arange(batch, dtype=torch.int64, device=device)
+        lens_t = tensor(lens)
         meta = TableMeta(
             private,
             rows,
-            tensor(lens),
+            lens_t,
             tensor([r.prefix_len for r in requests]),
             tensor(starts),
             tensor([r.num_tokens + extra for r in requests]),
@@ -227,6 +284,11 @@ class EagleProposer:
         ids_t = tensor(ids)
         if extra:
             ids_t[tensor(starts)] = first_tokens.to(ids_t.dtype)
+        # Positions past each request's kept ones (after a verify step: its rejected drafts), on the
+        # device; None: every position is kept.
+        past = self._verified_tokens(requests, verified, ids_t, starts) if verified else None
+        if past is not None:
+            last = last - past
         if last_tokens is not None:
             ids_t[last] = torch.where(last_tokens >= 0, last_tokens, ids_t[last])
         step = ForwardBatch(
@@ -240,7 +302,40 @@ class EagleProposer:
             self.attn_backend,
             meta,
         )
-        return step, last
+        return step, last, None if past is None else lens_t - past
+
+    def _verified_tokens(
+        self,
+        requests: list[DraftRequest],
+        verified: Verified,
+        ids: torch.Tensor,
+        starts: list[int],
+    ) -> torch.Tensor | None:
+        """Write the verify's tokens into round 1's ids at each verified request's positions (after
+        the own token of a draft model reading its own); its positions past the kept ones [B] (0 for
+        the other requests), computed on the device. None when no request comes from the verify."""
+        at, src_rows, src_cols = [], [], []
+        for r, s in zip(requests, starts):
+            if r.verify_row >= 0:
+                at += range(s + self.extra, s + self.extra + r.num_tokens)
+                src_rows += [r.verify_row] * r.num_tokens
+                src_cols += range(r.num_tokens)
+        if not at:
+            return None
+        index = to_device([at, src_rows, src_cols], self.device, torch.int64)
+        tokens = verified.tokens.to(self.device)
+        ids[index[0]] = tokens[index[1], index[2]].clamp(min=0)  # -1 past the accepted: any id
+        per = to_device(
+            [
+                [max(r.verify_row, 0) for r in requests],
+                [r.num_tokens - 1 if r.verify_row >= 0 else 0 for r in requests],
+                [int(r.verify_row >= 0) for r in requests],
+            ],
+            self.device,
+            torch.int64,
+        )
+        accepted = verified.accepted.to(self.device).index_select(0, per[0])
+        return (per[1] - accepted) * per[2]
 
     @torch.inference_mode()
     def propose_tree(
@@ -271,7 +366,7 @@ class EagleProposer:
         self.logits = []
         device, batch = self.device, len(requests)
         private = self._private_table(table, requests, k)
-        step, last = self._first_round(private, requests, last_tokens, None)
+        step, last, _ = self._first_round(private, requests, last_tokens, None)
         with forward_context(step):
             to_logits, own = self.draft(step.input_ids, step.positions, hidden)
         score, token = self._top(to_logits.index_select(0, last))  # [B, topk] each
@@ -382,18 +477,30 @@ class EagleProposer:
         self, table: torch.Tensor, requests: list[DraftRequest], k: int
     ) -> torch.Tensor:
         """[B, longest + k - 1 (+ 1 reading own tokens)] slot ids: each request's target row up to
-        its prefix, then its positions' slots, then its k - 1 (k) scratch slots."""
+        its prefix, then its positions' slots (a draft model reading its own: then its first scratch
+        slot); the columns past them are filled per round (_scratch_columns, propose_tree)."""
         width = max(self.positions_needed(r.seq_len, k) for r in requests)
         rows = to_device([r.row for r in requests], table.device, torch.int64)
         private = table[:, :width].index_select(0, rows).to(self.device)
-        scratch_per = self.scratch_per
+        scratch_per, extra = self.scratch_per, self.extra
         at_rows, at_cols, values = [], [], []
         for i, r in enumerate(requests):
-            scratch = [self.num_slots + i * scratch_per + j for j in range(self.extra + k - 1)]
-            new = r.slots + scratch
+            new = r.slots + [self.num_slots + i * scratch_per + j for j in range(extra)]
             at_rows += [i] * len(new)
             at_cols += range(r.prefix_len, r.prefix_len + len(new))
             values += new
-        index = to_device([at_rows, at_cols], self.device, torch.int64)
-        private.index_put_((index[0], index[1]), to_device(values, self.device, torch.int64))
+        index = to_device([at_rows, at_cols, values], self.device, torch.int64)
+        private.index_put_((index[0], index[1]), index[2])
         return private
+
+    def _scratch_columns(self, private: torch.Tensor, kept_lens: torch.Tensor, k: int) -> None:
+        """A chain's rounds 2..k: round j + 1 writes position kept_len + j - 1 at the request's
+        scratch slot extra + j - 1; kept_lens [B] on the device."""
+        steps = torch.arange(k - 1, dtype=torch.int64, device=self.device)
+        first = (
+            self.num_slots
+            + self.extra
+            + self.scratch_per
+            * torch.arange(private.shape[0], dtype=torch.int64, device=self.device)
+        )
+        private.scatter_(1, kept_lens[:, None] + steps, first[:, None] + steps)

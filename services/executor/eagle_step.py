@@ -10,10 +10,18 @@ that sampled: that is the token just sampled, read from the SlotTable's next_tok
 The last position of a chunk that does not sample waits (RequestState.draft_pending: its hidden row
 and slot) until the next chunk brings the token after it.
 
+After a chain verify step (topk 1) the accepted counts stay on the device: the head runs over all of
+a verifying request's positions (the last token and every draft: host-known shapes), the token after
+each being the verify's (spec_verify.DeviceVerify.tokens), and the proposer keeps the first 1 +
+accepted of them on the device (eagle_proposer.py: the draft from that row, rounds 2..K from there;
+why the rejected drafts' rows do no harm is argued there). So _propose queues the head without
+waiting for the verify step; ModelRunner.collect reads the counts. A request whose verified
+positions would run past the context's end (an upper bound: all drafts kept) gets no proposal.
+After a tree verify step the host reads the accepted paths (a sync) and the head runs over them.
+
 Every sampled request's draft K/V is kept up to date, speculating or not, so a request may start
 drafting at any step (after min_new_tokens, say); the proposals of requests that may not speculate
-are returned and ignored by the scheduler. Reading a verify step's accepted counts syncs with the
-device (device-side lengths are later work, as for the overlap of speculating requests).
+are returned and ignored by the scheduler.
 
 The hidden rows a head reads (head_rows) come from the target's forward, or, for decode and verify
 steps under CUDA graphs, from the rows the graph keeps for it (cuda_graph_runner.py, keep_hidden): the
@@ -23,7 +31,8 @@ over the kept positions) runs eagerly; under CUDA graphs its rounds 2..K replay 
 
 STANDALONE (models/standalone.py): a whole draft model instead of a head, reading the token at each
 kept position (the step's own input ids, on the device) rather than the target's hidden state and
-the token after it; nothing waits for the next chunk, and the target may be any causal LM.
+the token after it; nothing waits for the next chunk, and the target may be any causal LM. After a
+verify step it takes the same path as a head (all verified positions, the count on the device).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
-from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer, Verified
 from radixserve.executor.kv_cache import kv_bytes_per_token
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.models.llama import LlamaForCausalLM
@@ -148,11 +157,14 @@ class EagleStep:
         table: torch.Tensor,
         next_tokens: torch.Tensor,
         accepted: dict[str, list[int]],
+        verified: tuple[list[str], Verified] | None = None,
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """Run the head over the step's kept positions; (request ids, their drafts [B, K] and,
         for trees, their parents, on the device) of the requests that sampled, or None when none
         did. states: head_rows of the target's step; table, next_tokens: the SlotTable's; accepted:
-        each verified request's accepted drafts (their indices, in depth order)."""
+        each verified request's accepted drafts (their indices, in depth order), read on the host;
+        or, after a chain verify step, verified: its requests (in the order of its rows) and its
+        tokens and accepted counts on the device, never read here."""
         own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
@@ -162,12 +174,18 @@ class EagleStep:
         rows: list[torch.Tensor] = []
         sampled: list[str] = []
         last_rows: list[int] = []  # per draft request: its table row if it sampled, else -1
+        verify_rows = {rid: i for i, rid in enumerate(verified[0])} if verified else {}
         for (rid, start, prefix, n), state in zip(batch.seq_spans, batch.seq_states):
             req = by_id[rid]
             tokens, drafts = list(req.input_ids), list(getattr(req, "draft_ids", ()))
             path: list[int] = []
+            verify_row = -1
             if tokens:  # a prefill chunk: the token after each position is the prompt's next
                 kept, next_ids = n, tokens[1:] + [0]
+            elif verified is not None:  # a decode, or a chain verify with the counts on the device
+                kept, next_ids = n, [0] * n  # (a decode's token: last_tokens; a verify's: device)
+                if n > 1:
+                    verify_row = verify_rows[rid]
             else:  # a decode or verify: the last sampled token, then the accepted drafts
                 path = accepted.get(rid, [])
                 kept = 1 + len(path)
@@ -198,7 +216,7 @@ class EagleStep:
             need = self.proposer.positions_needed(first + len(slots), self.num_steps)
             if not slots or need > limit:
                 continue  # nothing to run, or no room to draft before the context's end
-            requests.append(DraftRequest(state.table_row, first, next_ids, slots))
+            requests.append(DraftRequest(state.table_row, first, next_ids, slots, verify_row))
             if pieces:
                 rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
             first_at.append(start)  # (own_tokens: the step's input id there is the first token)
@@ -223,7 +241,13 @@ class EagleStep:
             )
         else:
             drafts = self.proposer.propose(
-                table, requests, hidden_rows, k, last_tokens.to(self.device), first_tokens
+                table,
+                requests,
+                hidden_rows,
+                k,
+                last_tokens.to(self.device),
+                first_tokens,
+                verified[1] if verified else None,
             )
         if not sampled:
             return None

@@ -22,6 +22,7 @@ from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
+from radixserve.executor.eagle_proposer import Verified
 from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.image_inputs import ImageInputs
@@ -81,6 +82,9 @@ class LaunchedStep:
     spec: DeviceSpecSample | None = None
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
+    # A chain verify step's tokens [V, K + 1] and accepted counts [V] on the device (every shard's),
+    # which an EAGLE head with topk 1 reads there (_propose), the host only in collect.
+    verified: Verified | None = None
     # EAGLE: the drafts proposed after this step, rank 0's: (request ids, their drafts [B, K] on the
     # device, and for trees their parents [B, K], else None).
     proposals: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
@@ -619,8 +623,9 @@ class ModelRunner:
             state.verifying = True
         launched.verifying = list(zip(states, counts))
         launched.spec = spec.to_host() if spec is not None else None
-        launched.num_accepted = spec.verified.num_accepted if spec is not None else accepted
-        launched.num_accepted = to_host(launched.num_accepted)
+        if self.eagle is not None and self.eagle.topk == 1:
+            launched.verified = Verified(tokens, accepted)
+        launched.num_accepted = to_host(accepted)
 
     def _keep_tree_paths(self, sampling: StepSamples, verified: DeviceVerify) -> None:
         """Tree drafts: the accepted path's slots move into their request's row, right after the
@@ -655,8 +660,10 @@ class ModelRunner:
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
         drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows)."""
-        accepted = {}
-        if launched.verifying is not None:
+        accepted, verified = {}, None
+        if launched.verified is not None:  # a chain: the counts stay on the device (eagle_step.py)
+            verified = (launched.request_ids, launched.verified)
+        elif launched.verifying is not None:
             if launched.num_accepted.is_pinned():
                 torch.cuda.current_stream().synchronize()  # its copy to the host
             counts = launched.num_accepted.tolist()
@@ -672,6 +679,7 @@ class ModelRunner:
             self.slot_table.tensor,
             self.slot_table.next_tokens,
             accepted,
+            verified,
         )
         return proposals if self.samples else None
 
