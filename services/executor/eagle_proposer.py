@@ -21,9 +21,11 @@ Attention reads a private slot table: the requests' rows of the target's SlotTab
 then these positions' slots, then (from round 2 on) their scratch slots; the target's table is never
 written.
 
-After a chain verify step (`Verified`: its tokens and accepted counts, on the device) a request's
-positions are all the step ran: its last token and its n - 1 drafts, of which the host does not know
-how many were kept (1 + a, a the accepted count). Round 1 runs them all (host-known shapes); every
+After a verify step (`Verified`: its tokens and accepted counts, on the device) a chain's positions
+are all the step ran: its last token and its n - 1 drafts, of which the host does not know how many
+were kept (1 + a, a the accepted count). (A tree's are its root and as many positions as the tree is
+deep, the accepted path first; their slots are unknown on the host, so round 1 writes staging slots
+and `_unstage` copies the kept ones' K/V to the path's slots on the device: DraftRequest.staged.) Round 1 runs them all (host-known shapes); every
 value that depends on a stays on the device: the token after verified position i is the verify's
 token i (for i < a draft i + 1, at i = a the target's corrected or bonus token), the draft comes from
 round 1's row a, and rounds 2..K run at positions seq_len - (n - 1 - a) + ... with device-side lengths
@@ -76,10 +78,16 @@ class DraftRequest:
     prefix_len: int  # positions before these whose draft K/V is already in the pool
     next_token_ids: list[int]  # per position run, the token at the position after it (target ids)
     slots: list[int]  # the target slots of positions prefix_len .. prefix_len + n - 1
-    # A chain verify step's request: its row in propose's `verified` tensors (-1: none). Its
-    # positions are the step's (the last token, then every draft), next_token_ids placeholders: the
-    # tokens are the verify's, and only the first 1 + accepted positions are kept (on the device).
+    # A verify step's request: its row in propose's `verified` tensors (-1: none). Its positions are
+    # the step's (a chain: the last token, then every draft; a tree: the root, then as many positions
+    # as the tree is deep), next_token_ids placeholders: the tokens are the verify's, and only the
+    # first 1 + accepted positions are kept (on the device).
     verify_row: int = -1
+    # A tree's verified path: its positions' slots are unknown on the host (which branch was
+    # accepted), so slots holds placeholders; round 1 writes staging slots of the proposer's, whose
+    # K/V then go, on the device, to the slots the target's row holds at positions prefix_len ..
+    # (ModelRunner._keep_tree_paths put the path's slots there).
+    staged: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +104,9 @@ class Verified:
 
     tokens: torch.Tensor  # [V, W] int64: each request's verified tokens, -1 past its accepted ones
     accepted: torch.Tensor  # [V] int64: each request's accepted draft count
+    # Trees: [V, W] int64, per verified token the row (within the request's) that produced it: 0,
+    # then 1 + each accepted draft's index, then -1 (DeviceVerify.rows); None: chains only.
+    rows: torch.Tensor | None = None
 
 
 class EagleProposer:
@@ -123,8 +134,11 @@ class EagleProposer:
         # 1 for a draft model reading its own token: every request runs one position further.
         self.extra = int(getattr(draft, "reads_own_token", False))
         self.topk = topk
-        # Rounds 2..K of a tree run topk branches each, each with a scratch slot of its own.
-        self.scratch_per = (max_steps - 1) * topk + self.extra
+        # Rounds 2..K of a tree run topk branches each, each with a scratch slot of its own; after a
+        # tree verify step round 1 writes a request's root and path (at most max_steps deep) to
+        # staging slots of its own (DraftRequest.staged), past those.
+        self.staging = max_steps + 1 if topk > 1 else 0
+        self.scratch_per = (max_steps - 1) * topk + self.extra + self.staging
         scratch = max_requests * self.scratch_per
         self.kv_pool = KVPool(num_slots + scratch, layers, kv_heads, head_dim, kv_dtype, device)
         self.max_positions = draft.rotary_emb.cos_table.shape[0]
@@ -157,7 +171,11 @@ class EagleProposer:
                 raise ValueError(
                     f"row {r.row}: {len(r.next_token_ids)} token ids for {n} slots (need >= 1)"
                 )
-            if min(r.slots) < 1 or max(r.slots) >= self.num_slots:
+            if r.staged and (r.verify_row < 0 or n > self.staging):
+                raise ValueError(
+                    f"row {r.row}: {n} staged positions ({self.staging} staging slots)"
+                )
+            if not r.staged and (min(r.slots) < 1 or max(r.slots) >= self.num_slots):
                 raise ValueError(f"row {r.row}: slot ids must be in 1..{self.num_slots - 1}")
             if r.prefix_len < 0 or self.positions_needed(r.seq_len, k) > min(
                 table.shape[1], self.max_positions
@@ -208,6 +226,7 @@ class EagleProposer:
             private, requests, last_tokens, first_tokens, verified
         )
         token, own = self._run(step, hidden, last)
+        self._unstage(table, requests, verified)
         drafts = [token]
         if k == 1:
             return torch.stack(drafts, dim=1)
@@ -260,7 +279,9 @@ class EagleProposer:
             starts.append(len(ids))
             ids += [0] * extra + r.next_token_ids  # the first token: first_tokens, on the device
             positions += range(r.prefix_len, r.seq_len + extra)
-            slots += r.slots + [self.num_slots + i * scratch_per + j for j in range(extra)]
+            slots += self._round1_slots(i, r) + [
+                self.num_slots + i * scratch_per + j for j in range(extra)
+            ]
         extend = [
             ExtendSeq(s, r.num_tokens + extra, r.prefix_len, i)
             for i, (s, r) in enumerate(zip(starts, requests))
@@ -346,6 +367,7 @@ class EagleProposer:
         k: int,
         num_nodes: int,
         last_tokens: torch.Tensor | None = None,
+        verified: Verified | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A tree draft per request (EAGLE-2's beam): round 1 as propose's; each of rounds 2..k runs
         the topk branches kept so far (one decode row each, on a private table row holding the
@@ -356,8 +378,9 @@ class EagleProposer:
         Returns tokens and parents [B, num_nodes] (target ids; parents as draft_tree.py's: -1 for
         a child of the root, else an earlier node's index), on the device. A child's likelihood never
         exceeds its parent's (ties go to the shallower node), so every kept node's parent is kept;
-        siblings come from one top-k, so their tokens differ."""
-        self._validate(table, requests, hidden, k, None)
+        siblings come from one top-k, so their tokens differ. verified: as propose's (a request's
+        kept positions, after a verify step, decided on the device)."""
+        self._validate(table, requests, hidden, k, None, verified)
         topk, extra = self.topk, self.extra
         if topk < 2 or extra:
             raise ValueError("tree proposals need topk > 1 and a draft head (not a draft model)")
@@ -366,9 +389,10 @@ class EagleProposer:
         self.logits = []
         device, batch = self.device, len(requests)
         private = self._private_table(table, requests, k)
-        step, last, _ = self._first_round(private, requests, last_tokens, None)
+        step, last, kept_lens = self._first_round(private, requests, last_tokens, None, verified)
         with forward_context(step):
             to_logits, own = self.draft(step.input_ids, step.positions, hidden)
+        self._unstage(table, requests, verified)
         score, token = self._top(to_logits.index_select(0, last))  # [B, topk] each
         own = own.index_select(0, last)
         scores, tokens, parents = [score], [token], [torch.full_like(token, -1)]
@@ -379,7 +403,13 @@ class EagleProposer:
         tables = private.index_select(0, rows)
         hid = own.index_select(0, rows)
         width = batch * topk
-        lens = [requests[i].seq_len for i in branch_req]  # positions each branch has run
+        lens = [requests[i].seq_len for i in branch_req]  # positions each branch has run (at most)
+        # The same on the device: exact after a verify step (its accepted counts never on the host).
+        lens_t = to_device(lens, device, torch.int64) if kept_lens is None else kept_lens[rows]
+        if kept_lens is not None and not self.attn_backend.supports_cuda_graphs:
+            lens = (
+                lens_t.tolist()
+            )  # a backend that reads host lengths (torch_native; a GPU: a sync)
         base = topk
         graphs = self.round_graphs
         graphs = graphs if graphs is not None and graphs.can_run(width, tables.shape[1]) else None
@@ -389,7 +419,7 @@ class EagleProposer:
                 self.num_slots + i * self.scratch_per + (j - 1) * topk + b % topk
                 for b, i in enumerate(branch_req)
             ]
-            positions = to_device([n - 1 for n in seq_lens], device, torch.int64)
+            positions = lens_t + (j - 1)
             scratch_t = to_device(scratch, device, torch.int64)
             branch = torch.arange(width, device=device)
             tables[branch, positions] = scratch_t
@@ -406,7 +436,7 @@ class EagleProposer:
                     scratch_t,
                     [],
                     0,
-                    seq_lens,
+                    seq_lens,  # host lengths: exact, or upper bounds a backend never reads
                     self.kv_pool,
                     self.attn_backend,
                     meta,
@@ -473,6 +503,36 @@ class EagleProposer:
             self.logits.append(logits)
         return self.draft.to_target_ids(logits.argmax(dim=-1))
 
+    def _round1_slots(self, i: int, r: DraftRequest) -> list[int]:
+        """The slots round 1 writes request i's positions to: its own, or (staged) its staging slots."""
+        if not r.staged:
+            return r.slots
+        first = self.num_slots + (i + 1) * self.scratch_per - self.staging
+        return list(range(first, first + r.num_tokens))
+
+    def _unstage(
+        self, table: torch.Tensor, requests: list[DraftRequest], verified: Verified | None
+    ) -> None:
+        """After round 1: each staged request's kept positions' draft K/V (the first 1 + accepted of
+        its staging slots) copied to the slots the target's row holds at those positions; the rows
+        past the kept ones to slot 0, the padding sink. On the device, no host read."""
+        src, rows, cols, verify_rows, steps = [], [], [], [], []
+        for i, r in enumerate(requests):
+            if r.staged:
+                src += self._round1_slots(i, r)
+                rows += [r.row] * r.num_tokens
+                cols += range(r.prefix_len, r.seq_len)
+                verify_rows += [r.verify_row] * r.num_tokens
+                steps += range(r.num_tokens)
+        if not src:
+            return
+        index = to_device([src, rows, cols, verify_rows, steps], self.device, torch.int64)
+        kept = index[4] <= verified.accepted.to(self.device).index_select(0, index[3])
+        target = table.to(self.device)[index[1], index[2]]
+        dest = torch.where(kept, target, 0)
+        for cache in self.kv_pool.k + self.kv_pool.v:
+            cache.index_copy_(0, dest, cache.index_select(0, index[0]))
+
     def _private_table(
         self, table: torch.Tensor, requests: list[DraftRequest], k: int
     ) -> torch.Tensor:
@@ -485,7 +545,9 @@ class EagleProposer:
         scratch_per, extra = self.scratch_per, self.extra
         at_rows, at_cols, values = [], [], []
         for i, r in enumerate(requests):
-            new = r.slots + [self.num_slots + i * scratch_per + j for j in range(extra)]
+            new = self._round1_slots(i, r) + [
+                self.num_slots + i * scratch_per + j for j in range(extra)
+            ]
             at_rows += [i] * len(new)
             at_cols += range(r.prefix_len, r.prefix_len + len(new))
             values += new

@@ -10,14 +10,15 @@ that sampled: that is the token just sampled, read from the SlotTable's next_tok
 The last position of a chunk that does not sample waits (RequestState.draft_pending: its hidden row
 and slot) until the next chunk brings the token after it.
 
-After a chain verify step (topk 1) the accepted counts stay on the device: the head runs over all of
-a verifying request's positions (the last token and every draft: host-known shapes), the token after
-each being the verify's (spec_verify.DeviceVerify.tokens), and the proposer keeps the first 1 +
-accepted of them on the device (eagle_proposer.py: the draft from that row, rounds 2..K from there;
-why the rejected drafts' rows do no harm is argued there). So _propose queues the head without
-waiting for the verify step; ModelRunner.collect reads the counts. A request whose verified
-positions would run past the context's end (an upper bound: all drafts kept) gets no proposal.
-After a tree verify step the host reads the accepted paths (a sync) and the head runs over them.
+After a verify step the accepted counts stay on the device: the head runs over all of a chain's
+positions (the last token and every draft: host-known shapes), or a tree's root and as many positions
+as the tree is deep (the hidden rows of its accepted path's nodes, gathered on the device from
+DeviceVerify.rows; staged slots, eagle_proposer.py), the token after each being the verify's
+(DeviceVerify.tokens), and the proposer keeps the first 1 + accepted of them on the device (the draft
+from that row, rounds 2..K from there; why the rows past them do no harm is argued there). So
+_propose queues the head without waiting for the verify step; ModelRunner.collect reads the counts.
+A request whose verified positions would run past the context's end (an upper bound: all kept) gets
+no proposal.
 
 Every sampled request's draft K/V is kept up to date, speculating or not, so a request may start
 drafting at any step (after min_new_tokens, say); the proposals of requests that may not speculate
@@ -42,6 +43,7 @@ import logging
 import torch
 
 from radixserve.executor.host_copy import to_device
+from radixserve.common.draft_tree import depths
 from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
@@ -156,15 +158,13 @@ class EagleStep:
         states: torch.Tensor | None,
         table: torch.Tensor,
         next_tokens: torch.Tensor,
-        accepted: dict[str, list[int]],
         verified: tuple[list[str], Verified] | None = None,
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """Run the head over the step's kept positions; (request ids, their drafts [B, K] and,
         for trees, their parents, on the device) of the requests that sampled, or None when none
-        did. states: head_rows of the target's step; table, next_tokens: the SlotTable's; accepted:
-        each verified request's accepted drafts (their indices, in depth order), read on the host;
-        or, after a chain verify step, verified: its requests (in the order of its rows) and its
-        tokens and accepted counts on the device, never read here."""
+        did. states: head_rows of the target's step; table, next_tokens: the SlotTable's; verified:
+        after a verify step, its requests (in the order of its rows) and its tokens, accepted
+        counts (and for trees the rows of the accepted paths) on the device, never read here."""
         own_tokens = self.proposer.extra  # a draft model: position p reads token p, no hidden state
         by_id = {r.request_id: r for r in step.new_requests}
         by_id.update({r.request_id: r for r in step.continuing_requests})
@@ -177,27 +177,26 @@ class EagleStep:
         verify_rows = {rid: i for i, rid in enumerate(verified[0])} if verified else {}
         for (rid, start, prefix, n), state in zip(batch.seq_spans, batch.seq_states):
             req = by_id[rid]
-            tokens, drafts = list(req.input_ids), list(getattr(req, "draft_ids", ()))
-            path: list[int] = []
-            verify_row = -1
+            tokens = list(req.input_ids)
+            parents = list(getattr(req, "draft_parents", ()))
+            verify_row, staged = -1, False
             if tokens:  # a prefill chunk: the token after each position is the prompt's next
                 kept, next_ids = n, tokens[1:] + [0]
-            elif verified is not None:  # a decode, or a chain verify with the counts on the device
-                kept, next_ids = n, [0] * n  # (a decode's token: last_tokens; a verify's: device)
-                if n > 1:
-                    verify_row = verify_rows[rid]
-            else:  # a decode or verify: the last sampled token, then the accepted drafts
-                path = accepted.get(rid, [])
-                kept = 1 + len(path)
-                next_ids = [drafts[i] for i in path] + [0]
-            if path == list(range(len(path))):  # a chunk, a decode, or a chain's first drafts
-                slots, first = list(req.new_slots[:kept]), prefix
-                # (own_tokens: no hidden rows)
-                pieces = [] if own_tokens else [states[start : start + kept]]
-            else:  # a tree's accepted path: the root, then the path's nodes
-                slots, first = [req.new_slots[0], *(req.new_slots[1 + i] for i in path)], prefix
-                at = to_device([start, *(start + 1 + i for i in path)], states.device, torch.int64)
-                pieces = [states.index_select(0, at)]
+            elif n == 1:  # a decode: its token, then the one just sampled (last_tokens)
+                kept, next_ids = 1, [0]
+            else:  # a verify: the tokens are the verify's, the kept count on the device
+                verify_row = verify_rows[rid]
+                staged = bool(parents)  # a tree: the root, then as many positions as it is deep
+                kept = 1 + max(depths(parents)) if staged else n
+                next_ids = [0] * kept
+            slots, first = [0] * kept if staged else list(req.new_slots[:kept]), prefix
+            if own_tokens:  # (no hidden rows)
+                pieces = []
+            elif staged:  # the root's row, then the accepted path's (junk past it)
+                path_rows = verified[1].rows[verify_row, :kept].clamp(min=0)
+                pieces = [states.index_select(0, start + path_rows.to(states.device))]
+            else:
+                pieces = [states[start : start + kept]]
             if not own_tokens:  # a head at p reads p + 1's token: the chunk's last one waits
                 pending, state.draft_pending = state.draft_pending, None
                 if pending is not None and tokens:
@@ -216,7 +215,9 @@ class EagleStep:
             need = self.proposer.positions_needed(first + len(slots), self.num_steps)
             if not slots or need > limit:
                 continue  # nothing to run, or no room to draft before the context's end
-            requests.append(DraftRequest(state.table_row, first, next_ids, slots, verify_row))
+            requests.append(
+                DraftRequest(state.table_row, first, next_ids, slots, verify_row, staged)
+            )
             if pieces:
                 rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
             first_at.append(start)  # (own_tokens: the step's input id there is the first token)
@@ -237,7 +238,13 @@ class EagleStep:
         parents = None
         if sampled and self.topk > 1:
             drafts, parents = self.proposer.propose_tree(
-                table, requests, hidden_rows, k, self.tree_nodes, last_tokens.to(self.device)
+                table,
+                requests,
+                hidden_rows,
+                k,
+                self.tree_nodes,
+                last_tokens.to(self.device),
+                verified[1] if verified else None,
             )
         else:
             drafts = self.proposer.propose(

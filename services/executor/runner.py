@@ -82,8 +82,9 @@ class LaunchedStep:
     spec: DeviceSpecSample | None = None
     verifying: list[tuple[RequestState, int]] | None = None
     num_accepted: torch.Tensor | None = None
-    # A chain verify step's tokens [V, K + 1] and accepted counts [V] on the device (every shard's),
-    # which an EAGLE head with topk 1 reads there (_propose), the host only in collect.
+    # A verify step's tokens [V, K + 1] and accepted counts [V] (trees: and the accepted paths' rows)
+    # on the device (every shard's), which an EAGLE head reads there (_propose), the host only in
+    # collect.
     verified: Verified | None = None
     # EAGLE: the drafts proposed after this step, rank 0's: (request ids, their drafts [B, K] on the
     # device, and for trees their parents [B, K], else None).
@@ -623,8 +624,9 @@ class ModelRunner:
             state.verifying = True
         launched.verifying = list(zip(states, counts))
         launched.spec = spec.to_host() if spec is not None else None
-        if self.eagle is not None and self.eagle.topk == 1:
-            launched.verified = Verified(tokens, accepted)
+        launched.verified = Verified(
+            tokens, accepted, spec.verified.rows if spec is not None else None
+        )
         launched.num_accepted = to_host(accepted)
 
     def _keep_tree_paths(self, sampling: StepSamples, verified: DeviceVerify) -> None:
@@ -659,26 +661,17 @@ class ModelRunner:
         self, step: StepInput, batch, head_rows: torch.Tensor | None, launched: LaunchedStep
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """EAGLE: the draft head over the step's kept positions (eagle_step.py); rank 0 keeps the
-        drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows)."""
-        accepted, verified = {}, None
-        if launched.verified is not None:  # a chain: the counts stay on the device (eagle_step.py)
+        drafts. head_rows: what the head reads at each of the step's tokens (EagleStep.head_rows).
+        A verify step's outcome stays on the device (no sync: eagle_step.py)."""
+        verified = None
+        if launched.verified is not None:
             verified = (launched.request_ids, launched.verified)
-        elif launched.verifying is not None:
-            if launched.num_accepted.is_pinned():
-                torch.cuda.current_stream().synchronize()  # its copy to the host
-            counts = launched.num_accepted.tolist()
-            if launched.spec is not None and launched.spec.verified.rows is not None:
-                paths = launched.spec.verified.result().accepted_nodes  # a step with trees
-            else:
-                paths = [list(range(a)) for a in counts]
-            accepted = dict(zip(launched.request_ids, paths))
         proposals = self.eagle.after_step(
             step,
             batch,
             head_rows,
             self.slot_table.tensor,
             self.slot_table.next_tokens,
-            accepted,
             verified,
         )
         return proposals if self.samples else None

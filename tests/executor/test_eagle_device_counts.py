@@ -8,6 +8,10 @@ the row of the last kept one and rounds 2..K start there, all chosen on the devi
   leaves the same draft K/V at the kept positions, so the next step's drafts agree too. The draft
   pools start as NaN: no round reads a slot no round has written (the reverted first version read
   the scratch slots' stale K/V at masked columns of round 1, and its CI run once drafted 0, 0, 0).
+- Trees (topk > 1): the tree proposer given the root and as many positions as the tree is deep (the
+  verify's tokens, the accepted path's hidden rows, staged slots) proposes what it proposes given the
+  accepted path on the host, for paths of 0, 1 and 3 drafts off either branch, and leaves the same
+  draft K/V at the path's slots; EagleStep gathers the path's hidden rows on the device.
 - The runner's launch never reads an accepted count on the host (a tensor subclass that raises on
   any host read of itself or of anything computed from it, armed from the verify to collect), and
   served greedy traffic still equals plain decoding's. On a GPU (`-m cuda`) the same runs with real
@@ -17,6 +21,7 @@ the row of the last kept one and rounds 2..K start there, all chosen on the devi
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +31,9 @@ if not torch.cuda.is_available():
 
 import radixserve.executor.runner as runner_module
 from radixserve.executor.attention.registry import create_attention_backend
+from radixserve.common.step import ContinuingRequest, StepInput
 from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer, Verified
+from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.models.standalone import load_standalone_draft
@@ -245,13 +252,15 @@ def same_logits(a: EagleProposer, b: EagleProposer) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def serve_with_trap(folders, algorithm, device, monkeypatch):
-    """Serve greedy traffic with algorithm (triton attention, graphs), the accepted counts an Unread
-    armed from each verify until the step's collect; (the tokens, plain decoding's, verify steps)."""
+def serve_with_trap(folders, algorithm, device, monkeypatch, topk=1):
+    """Serve greedy traffic with algorithm (triton attention, graphs; topk > 1: trees), the accepted
+    counts an Unread armed from each verify until the step's collect; (the tokens, plain decoding's,
+    verify steps)."""
+    extra = {"speculative_eagle_topk": topk} if topk > 1 else {}
     requests = [(f"r{i}", p, 6 + 2 * i, greedy(), {}) for i, p in enumerate(prompts(5, 2))]
     target, head = folders / "target", folders / algorithm
     ref = graphs.plain_tokens(target, device, requests)
-    runner = graphs.make_runner(target, algorithm, head, device=device)
+    runner = graphs.make_runner(target, algorithm, head, device=device, **extra)
     verify = runner_module.verify_on_device
     verifies = []
 
@@ -281,28 +290,199 @@ def serve_with_trap(folders, algorithm, device, monkeypatch):
         return collect(launched)
 
     runner.launch, runner.collect = guarded_launch, disarming_collect
-    sched = graphs.scheduler(runner, algorithm, head)
+    sched = graphs.scheduler(runner, algorithm, head, **extra)
     try:
         tokens, trace = graphs.serve(runner, sched, requests)
     finally:
         Unread.armed = False
     assert any(proposed for step in trace for *_, proposed in step)
+    if topk > 1:  # trees were verified
+        assert any(s.verified.rows is not None for s in verifies)
     return tokens, ref, len(verifies)
 
 
-@pytest.mark.parametrize("algorithm", ["EAGLE3", "STANDALONE"])
-def test_launch_reads_no_accepted_count_before_collect(folders, algorithm, monkeypatch):
+@pytest.mark.parametrize("algorithm, topk", [("EAGLE3", 1), ("STANDALONE", 1), ("EAGLE3", 2)])
+def test_launch_reads_no_accepted_count_before_collect(folders, algorithm, topk, monkeypatch):
     """Served through the scheduler: no launch reads a verify step's accepted counts (the draft's
-    rounds, graphs and all), and the outputs equal plain decoding's."""
-    tokens, ref, verifies = serve_with_trap(folders, algorithm, "cpu", monkeypatch)
+    rounds, graphs and all; chains and trees), and the outputs equal plain decoding's."""
+    tokens, ref, verifies = serve_with_trap(folders, algorithm, "cpu", monkeypatch, topk)
     assert tokens == ref and verifies > 0
 
 
 @pytest.mark.cuda
 @NEEDS_GPU
-@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3", "STANDALONE"])
-def test_verify_steps_launch_without_a_sync_on_a_gpu(folders, algorithm, monkeypatch):
+@pytest.mark.parametrize(
+    "algorithm, topk", [("EAGLE", 1), ("EAGLE3", 1), ("STANDALONE", 1), ("EAGLE3", 2)]
+)
+def test_verify_steps_launch_without_a_sync_on_a_gpu(folders, algorithm, topk, monkeypatch):
     """Real CUDA graphs (the target's and the head's rounds): every step with drafts launches under
     set_sync_debug_mode("error") (a synchronizing call raises) and reads no count before collect."""
-    tokens, ref, verifies = serve_with_trap(folders, algorithm, "cuda", monkeypatch)
+    tokens, ref, verifies = serve_with_trap(folders, algorithm, "cuda", monkeypatch, topk)
     assert tokens == ref and verifies > 0
+
+
+# A tree of 5 drafts (node: parent): 0: root, 1: root, 2: 0, 3: 1, 4: 3; 3 deep.
+TREE_PARENTS = [-1, -1, 0, 1, 3]
+TREE_PATHS = [[], [1], [1, 3, 4]]  # what each of three requests accepts (0, 1 and 3 drafts)
+
+
+@pytest.mark.parametrize("algorithm, backend", [("EAGLE", "torch_native"), ("EAGLE3", "triton")])
+def test_tree_proposals_after_a_verify_equal_the_host_path(folders, algorithm, backend):
+    """Three requests verify the same 5-draft tree and accept no draft, the second branch's first
+    node, and a 3-deep path off the first branch. The tree proposer given the root and 3 positions
+    per request (the tree's depth: the verify's tokens, the accepted paths' hidden rows, staged slots)
+    and the counts on the device proposes the trees it proposes given each accepted path on the host
+    (its slots, tokens and hidden rows), leaves the same draft K/V at the kept slots (the path's
+    slots, copied from the staging slots on the device), and the next step proposes alike on both.
+    The draft pools start as NaN; with the triton backend the counts are never read on the host."""
+    cpu = torch.device("cpu")
+    head = load_draft(folders, algorithm, cpu)
+    width = HIDDEN * len(getattr(head, "capture_layers", ()) or (0,))
+    attn = create_attention_backend(backend, cpu, head.kv_shape[1])
+    topk, nodes = 2, 5
+
+    def proposer():
+        p = EagleProposer(head, SLOTS, 4, K, attn, cpu, torch.float32, keep_logits=True, topk=topk)
+        for pool in p.kv_pool.k + p.kv_pool.v:
+            pool.fill_(float("nan"))
+        return p
+
+    on_device, on_host = proposer(), proposer()
+    g = torch.Generator().manual_seed(5)
+    free = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
+
+    def take(n):
+        out = free[:n]
+        del free[:n]
+        return out
+
+    def ids(n):
+        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+    table = torch.zeros(4, 64, dtype=torch.int64)
+    table_rows = [3, 0, 2]
+    prompt_ids = [ids(n) for n in (6, 11, 8)]
+    requests, hidden, bonus0 = [], [], ids(3)
+    for row, p, b in zip(table_rows, prompt_ids, bonus0):
+        slots = take(len(p))
+        table[row, : len(p)] = torch.tensor(slots)
+        requests.append(DraftRequest(row, 0, p[1:] + [b], slots))
+        hidden.append(torch.randn(len(p), width, generator=g))
+    hidden = torch.cat(hidden)
+    before = [
+        p.propose_tree(table, requests, hidden, K, nodes, torch.tensor(bonus0))
+        for p in (on_device, on_host)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*before))
+
+    # The verify step: root + 5 drafts per request. The runner's _keep_tree_paths has moved the
+    # accepted path's slots right after the root; the columns past it keep the draft-order slots.
+    depth = 3
+    bonus1 = ids(3)
+    tokens = torch.full((3, nodes + 1), -1, dtype=torch.int64)
+    rows = torch.full((3, nodes + 1), -1, dtype=torch.int64)
+    device_requests, host_requests, device_hidden, host_hidden, kept_slots = [], [], [], [], []
+    for i, (row, p, path) in enumerate(zip(table_rows, prompt_ids, TREE_PATHS)):
+        prefix, drafts = len(p), ids(nodes)
+        step_slots = take(1 + nodes)  # the root's, then each draft's
+        moved = [step_slots[1 + n] for n in path]
+        rest = [s for s in step_slots[1:] if s not in moved]
+        table[row, prefix : prefix + 1 + nodes] = torch.tensor([step_slots[0]] + moved + rest)
+        tokens[i, : len(path) + 1] = torch.tensor([drafts[n] for n in path] + [bonus1[i]])
+        rows[i, : len(path) + 1] = torch.tensor([0] + [1 + n for n in path])
+        step_hidden = torch.randn(1 + nodes, width, generator=g)  # the verify step's rows
+        device_hidden.append(step_hidden.index_select(0, rows[i, : 1 + depth].clamp(min=0)))
+        host_hidden.append(step_hidden.index_select(0, rows[i, : 1 + len(path)]))
+        device_requests.append(
+            DraftRequest(row, prefix, [0] * (1 + depth), [0] * (1 + depth), i, staged=True)
+        )
+        host_requests.append(
+            DraftRequest(
+                row, prefix, [drafts[n] for n in path] + [bonus1[i]], [step_slots[0]] + moved
+            )
+        )
+        kept_slots += [step_slots[0]] + moved
+    counts = torch.tensor([len(path) for path in TREE_PATHS]).as_subclass(Unread)
+    verified = Verified(tokens, counts, rows)
+    Unread.armed = backend == "triton"
+    got = on_device.propose_tree(
+        table, device_requests, torch.cat(device_hidden), K, nodes, torch.tensor(bonus1), verified
+    )
+    Unread.armed = False
+    want = on_host.propose_tree(
+        table, host_requests, torch.cat(host_hidden), K, nodes, torch.tensor(bonus1)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    same_logits(on_device, on_host)
+    kept = torch.tensor(kept_slots)
+    for a_pool, b_pool in zip(
+        on_device.kv_pool.k + on_device.kv_pool.v, on_host.kv_pool.k + on_host.kv_pool.v
+    ):
+        assert not a_pool[kept].isnan().any()
+        torch.testing.assert_close(a_pool[kept], b_pool[kept], rtol=1e-5, atol=1e-5)
+
+    # The next step decodes bonus1 after each kept path: both read the draft K/V the verify left.
+    requests, bonus2 = [], ids(3)
+    for row, p, path in zip(table_rows, prompt_ids, TREE_PATHS):
+        at = len(p) + len(path) + 1
+        slot = take(1)
+        table[row, at] = slot[0]
+        requests.append(DraftRequest(row, at, [0], slot))
+    hidden = torch.randn(3, width, generator=g)
+    after = [
+        p.propose_tree(table, requests, hidden, K, nodes, torch.tensor(bonus2))
+        for p in (on_device, on_host)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+    same_logits(on_device, on_host)
+
+
+def test_after_a_tree_verify_the_head_reads_the_accepted_paths_rows():
+    """EagleStep.after_step for a verify step of a tree and a chain, the counts on the device: the
+    tree's request runs its root and as many positions as the tree is deep, staged, with the hidden
+    rows of the root and of the accepted path's nodes (row 1 + node; junk past the path); the chain's
+    runs every position with its own rows; nothing read on the host."""
+    step_obj = EagleStep.__new__(EagleStep)
+    calls = []
+
+    class Proposer:
+        extra, max_positions = 0, 1000
+
+        def positions_needed(self, seq_len, k):
+            return seq_len + k - 1
+
+        def propose_tree(self, table, requests, hidden, k, nodes, last, verified):
+            calls.append((requests, hidden, verified))
+            return torch.zeros(len(requests), nodes, dtype=torch.int64), torch.zeros(
+                len(requests), nodes, dtype=torch.int64
+            )
+
+    step_obj.proposer, step_obj.num_steps, step_obj.topk, step_obj.tree_nodes = Proposer(), K, 2, 5
+    step_obj.device = torch.device("cpu")
+    tree = ContinuingRequest("t", [11, 12, 13, 14, 15, 16], draft_ids=[1, 2, 3, 4, 5])
+    tree.draft_parents = list(TREE_PARENTS)
+    chain = ContinuingRequest("c", [21, 22, 23], draft_ids=[7, 8])
+    states = torch.arange(9, dtype=torch.float32)[:, None].expand(9, 4).contiguous()
+    batch = SimpleNamespace(
+        seq_spans=[("t", 0, 10, 6), ("c", 6, 20, 3)],
+        seq_states=[SimpleNamespace(table_row=1, draft_pending=None)] * 2,
+        input_ids=torch.zeros(9, dtype=torch.int64),
+    )
+    rows = torch.tensor([[0, 2, 4, 5, -1, -1], [0, 1, 2, -1, -1, -1]])
+    accepted = torch.tensor([3, 2]).as_subclass(Unread)
+    verified = Verified(torch.zeros(2, 6, dtype=torch.int64), accepted, rows)
+    Unread.armed = True
+    step_obj.after_step(
+        StepInput(1, continuing_requests=[tree, chain]),
+        batch,
+        states,
+        torch.zeros(2, 64, dtype=torch.int64),
+        torch.zeros(2, dtype=torch.int64),
+        (["t", "c"], verified),
+    )
+    Unread.armed = False
+    ((requests, hidden, _),) = calls
+    t, c = requests
+    assert (t.prefix_len, t.num_tokens, t.verify_row, t.staged) == (10, 4, 0, True)
+    assert (c.prefix_len, c.slots, c.verify_row, c.staged) == (20, [21, 22, 23], 1, False)
+    assert hidden[:, 0].tolist() == [0, 2, 4, 5] + [6, 7, 8]

@@ -103,11 +103,11 @@ class EagerDraftRounds(EagerRecording, DraftRoundGraphs):
 
 
 def make_runner(
-    target, algorithm=None, head=None, device="cpu", graphs=True, graph_bs=GRAPH_BS
+    target, algorithm=None, head=None, device="cpu", graphs=True, graph_bs=GRAPH_BS, **extra
 ) -> ModelRunner:
     """A float32 runner of target (triton attention) with algorithm's head; with graphs: real CUDA
     graphs on a GPU, the stand-in ones on the CPU (up to graph_bs rows; each bucket's capture runs a
-    forward, seconds in the Triton interpreter)."""
+    forward, seconds in the Triton interpreter); extra: more flags (trees: topk)."""
     flags = {"cuda_graph_max_bs": graph_bs} if graphs and device == "cuda" else {}
     runner = ModelRunner(
         target,
@@ -119,6 +119,7 @@ def make_runner(
             attention_backend="triton",
             **flags,
             **eagle_flags(algorithm, head),
+            **extra,
         ),
     )
     if graphs and device == "cpu":
@@ -221,11 +222,11 @@ def serve(runner, sched, requests):
     return tokens, trace
 
 
-def scheduler(runner, algorithm=None, head=None):
+def scheduler(runner, algorithm=None, head=None, **extra):
     """The scheduler core; told of GRAPH_BS-row graphs with or without them (the same plans)."""
     graph_rows = runner.model_info().max_graph_tokens
     assert graph_rows in (0, GRAPH_BS)
-    return make_scheduler(runner, GRAPH_BS, **eagle_flags(algorithm, head), **CHUNKED)
+    return make_scheduler(runner, GRAPH_BS, **eagle_flags(algorithm, head), **CHUNKED, **extra)
 
 
 _plain: dict = {}
