@@ -121,6 +121,30 @@ def load_draft(folders, algorithm, device):
     return load_draft_model(algorithm, folders / algorithm, target, device)
 
 
+def nan_pools(proposer: EagleProposer) -> EagleProposer:
+    """The proposer, its draft pool all NaN: what a pool never written may hold (torch.empty), which
+    shows wherever a round reads a slot no round has written."""
+    for pool in proposer.kv_pool.k + proposer.kv_pool.v:
+        pool.fill_(float("nan"))
+    return proposer
+
+
+class Draws:
+    """Seeded draws: slot ids (each handed out once, never the padding slot 0) and token ids."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.free = (torch.randperm(SLOTS - 1, generator=self.g) + 1).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out = self.free[:n]
+        del self.free[:n]
+        return out
+
+    def ids(self, n: int) -> list[int]:
+        return torch.randint(0, VOCAB, (n,), generator=self.g).tolist()
+
+
 @pytest.mark.parametrize(
     "algorithm, backend, round_graphs",
     [
@@ -154,19 +178,9 @@ def test_proposals_after_a_verify_equal_the_host_count_path(
             p.round_graphs = graphs.EagerDraftRounds(p, 4, 64, torch.float32)
         return p
 
-    on_device, on_host = proposer(), proposer()
-    for pool in on_device.kv_pool.k + on_device.kv_pool.v + on_host.kv_pool.k + on_host.kv_pool.v:
-        pool.fill_(float("nan"))  # what a pool never written may hold (torch.empty): read, it shows
-    g = torch.Generator().manual_seed(11)
-    free = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
-
-    def take(n):
-        out = free[:n]
-        del free[:n]
-        return out
-
-    def ids(n):
-        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    on_device, on_host = nan_pools(proposer()), nan_pools(proposer())
+    draw = Draws(11)
+    g, take, ids = draw.g, draw.take, draw.ids
 
     def rows(n):
         return None if own else torch.randn(n, width, generator=g)
@@ -343,21 +357,11 @@ def test_tree_proposals_after_a_verify_equal_the_host_path(folders, algorithm, b
 
     def proposer():
         p = EagleProposer(head, SLOTS, 4, K, attn, cpu, torch.float32, keep_logits=True, topk=topk)
-        for pool in p.kv_pool.k + p.kv_pool.v:
-            pool.fill_(float("nan"))
-        return p
+        return nan_pools(p)
 
     on_device, on_host = proposer(), proposer()
-    g = torch.Generator().manual_seed(5)
-    free = (torch.randperm(SLOTS - 1, generator=g) + 1).tolist()
-
-    def take(n):
-        out = free[:n]
-        del free[:n]
-        return out
-
-    def ids(n):
-        return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    draw = Draws(5)
+    g, take, ids = draw.g, draw.take, draw.ids
 
     table = torch.zeros(4, 64, dtype=torch.int64)
     table_rows = [3, 0, 2]
