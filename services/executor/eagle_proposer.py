@@ -514,8 +514,8 @@ class EagleProposer:
         self, table: torch.Tensor, requests: list[DraftRequest], verified: Verified | None
     ) -> None:
         """After round 1: each staged request's kept positions' draft K/V (the first 1 + accepted of
-        its staging slots) copied to the slots the target's row holds at those positions; the rows
-        past the kept ones to slot 0, the padding sink. On the device, no host read."""
+        its staging slots) copied to the slots the target's row holds at those positions (the rows
+        past them onto themselves: every destination distinct). On the device, no host read."""
         src, rows, cols, verify_rows, steps = [], [], [], [], []
         for i, r in enumerate(requests):
             if r.staged:
@@ -529,7 +529,7 @@ class EagleProposer:
         index = to_device([src, rows, cols, verify_rows, steps], self.device, torch.int64)
         kept = index[4] <= verified.accepted.to(self.device).index_select(0, index[3])
         target = table.to(self.device)[index[1], index[2]]
-        dest = torch.where(kept, target, 0)
+        dest = torch.where(kept, target, index[0])
         for cache in self.kv_pool.k + self.kv_pool.v:
             cache.index_copy_(0, dest, cache.index_select(0, index[0]))
 
