@@ -407,9 +407,8 @@ class EagleProposer:
         # The same on the device: exact after a verify step (its accepted counts never on the host).
         lens_t = to_device(lens, device, torch.int64) if kept_lens is None else kept_lens[rows]
         if kept_lens is not None and not self.attn_backend.supports_cuda_graphs:
-            lens = (
-                lens_t.tolist()
-            )  # a backend that reads host lengths (torch_native; a GPU: a sync)
+            # A backend that reads host lengths (torch_native): read them (on a GPU, a sync).
+            lens = lens_t.tolist()
         base = topk
         graphs = self.round_graphs
         graphs = graphs if graphs is not None and graphs.can_run(width, tables.shape[1]) else None
