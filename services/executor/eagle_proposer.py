@@ -21,7 +21,7 @@ Attention reads a private slot table: the requests' rows of the target's SlotTab
 then these positions' slots, then (from round 2 on) their scratch slots; the target's table is never
 written.
 
-After a verify step (`Verified`: its tokens and accepted counts, on the device) a chain's positions
+After a verify step (spec_verify.DeviceVerify: its tokens and accepted counts, on the device) a chain's positions
 are all the step ran: its last token and its n - 1 drafts, of which the host does not know how many
 were kept (1 + a, a the accepted count). (A tree's are its root and as many positions as the tree is
 deep, the accepted path first; their slots are unknown on the host, so round 1 writes staging slots
@@ -68,6 +68,7 @@ from radixserve.executor.attention.metadata import (
     forward_context,
 )
 from radixserve.executor.kv_cache import KVPool
+from radixserve.executor.spec_verify import DeviceVerify
 
 
 @dataclass
@@ -96,17 +97,6 @@ class DraftRequest:
     @property
     def seq_len(self) -> int:
         return self.prefix_len + len(self.slots)
-
-
-@dataclass
-class Verified:
-    """A chain verify step's results on the device (spec_verify.DeviceVerify's, on every shard)."""
-
-    tokens: torch.Tensor  # [V, W] int64: each request's verified tokens, -1 past its accepted ones
-    accepted: torch.Tensor  # [V] int64: each request's accepted draft count
-    # Trees: [V, W] int64, per verified token the row (within the request's) that produced it: 0,
-    # then 1 + each accepted draft's index, then -1 (DeviceVerify.rows); None: chains only.
-    rows: torch.Tensor | None = None
 
 
 class EagleProposer:
@@ -158,7 +148,7 @@ class EagleProposer:
         hidden: torch.Tensor | None,
         k: int,
         first_tokens: torch.Tensor | None,
-        verified: Verified | None = None,
+        verified: DeviceVerify | None = None,
     ):
         if not 1 <= len(requests) <= self.max_requests:
             raise ValueError(f"{len(requests)} requests; one call drafts 1..{self.max_requests}")
@@ -207,7 +197,7 @@ class EagleProposer:
         k: int,
         last_tokens: torch.Tensor | None = None,
         first_tokens: torch.Tensor | None = None,
-        verified: Verified | None = None,
+        verified: DeviceVerify | None = None,
     ) -> torch.Tensor:
         """Draft tokens [B, k] (target ids, int64, on the device) of each request, in order.
         table: the target's SlotTable tensor; hidden: [sum of positions, width] the target's hidden
@@ -236,21 +226,20 @@ class EagleProposer:
 
         # Rounds 2..k: one position further each, on the head's own output; round j + 1 writes
         # position kept_len + j - 1 at scratch slot extra + j - 1 (after round 1: module docstring).
-        kept_t = tensor(lens) if kept_lens is None else kept_lens
-        self._scratch_columns(private, kept_t, k)
+        self._scratch_columns(private, kept_lens, k)
         rows = torch.arange(batch, dtype=torch.int64, device=device)
         graphs = self.round_graphs
         if graphs is not None and graphs.can_run(batch, private.shape[1]):
             scratch = tensor([self.num_slots + i * scratch_per + extra for i in range(batch)])
-            drafts += graphs.rounds(private, kept_t, scratch, token, own, k)
+            drafts += graphs.rounds(private, kept_lens, scratch, token, own, k)
             return torch.stack(drafts, dim=1)
-        if kept_lens is not None and not self.attn_backend.supports_cuda_graphs:
-            # A backend that reads host lengths (torch_native): read them (on a GPU, a sync).
+        if not self.attn_backend.supports_cuda_graphs:
+            # A backend that reads host lengths (torch_native): exact ones (on a GPU, a sync).
             lens = kept_lens.tolist()
         empty = tensor([])
         for j in range(1, k):
             scratch = [self.num_slots + i * scratch_per + extra + j - 1 for i in range(batch)]
-            seq_lens = kept_t + j
+            seq_lens = kept_lens + j
             meta = TableMeta(private, rows, seq_lens, empty, empty, empty, 0)
             step = ForwardBatch(
                 token,
@@ -270,7 +259,7 @@ class EagleProposer:
     def _first_round(self, private, requests, last_tokens, first_tokens, verified=None):
         """Round 1's step, an extend over each request's positions (one further reading own
         tokens), each request's last kept row in it, and each one's positions after round 1 counting
-        only the kept ones [B] on the device (None: every position is kept, the host knows them)."""
+        only the kept ones [B] on the device (after a verify step they follow its accepted counts)."""
         device, scratch_per, extra = self.device, self.scratch_per, self.extra
         batch = len(requests)
         lens = [r.seq_len + extra for r in requests]
@@ -323,12 +312,12 @@ class EagleProposer:
             self.attn_backend,
             meta,
         )
-        return step, last, None if past is None else lens_t - past
+        return step, last, lens_t if past is None else lens_t - past
 
     def _verified_tokens(
         self,
         requests: list[DraftRequest],
-        verified: Verified,
+        verified: DeviceVerify,
         ids: torch.Tensor,
         starts: list[int],
     ) -> torch.Tensor | None:
@@ -355,7 +344,7 @@ class EagleProposer:
             self.device,
             torch.int64,
         )
-        accepted = verified.accepted.to(self.device).index_select(0, per[0])
+        accepted = verified.num_accepted.to(self.device).index_select(0, per[0])
         return (per[1] - accepted) * per[2]
 
     @torch.inference_mode()
@@ -367,7 +356,7 @@ class EagleProposer:
         k: int,
         num_nodes: int,
         last_tokens: torch.Tensor | None = None,
-        verified: Verified | None = None,
+        verified: DeviceVerify | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A tree draft per request (EAGLE-2's beam): round 1 as propose's; each of rounds 2..k runs
         the topk branches kept so far (one decode row each, on a private table row holding the
@@ -405,9 +394,9 @@ class EagleProposer:
         width = batch * topk
         lens = [requests[i].seq_len for i in branch_req]  # positions each branch has run (at most)
         # The same on the device: exact after a verify step (its accepted counts never on the host).
-        lens_t = to_device(lens, device, torch.int64) if kept_lens is None else kept_lens[rows]
-        if kept_lens is not None and not self.attn_backend.supports_cuda_graphs:
-            # A backend that reads host lengths (torch_native): read them (on a GPU, a sync).
+        lens_t = kept_lens[rows]
+        if not self.attn_backend.supports_cuda_graphs:
+            # A backend that reads host lengths (torch_native): exact ones (on a GPU, a sync).
             lens = lens_t.tolist()
         base = topk
         graphs = self.round_graphs
@@ -510,7 +499,7 @@ class EagleProposer:
         return list(range(first, first + r.num_tokens))
 
     def _unstage(
-        self, table: torch.Tensor, requests: list[DraftRequest], verified: Verified | None
+        self, table: torch.Tensor, requests: list[DraftRequest], verified: DeviceVerify | None
     ) -> None:
         """After round 1: each staged request's kept positions' draft K/V (the first 1 + accepted of
         its staging slots) copied to the slots the target's row holds at those positions (the rows
@@ -526,7 +515,7 @@ class EagleProposer:
         if not src:
             return
         index = to_device([src, rows, cols, verify_rows, steps], self.device, torch.int64)
-        kept = index[4] <= verified.accepted.to(self.device).index_select(0, index[3])
+        kept = index[4] <= verified.num_accepted.to(self.device).index_select(0, index[3])
         target = table.to(self.device)[index[1], index[2]]
         dest = torch.where(kept, target, index[0])
         for cache in self.kv_pool.k + self.kv_pool.v:

@@ -48,11 +48,12 @@ from radixserve.common.model_files import resolve_model_path
 from radixserve.common.step import StepInput
 from radixserve.executor.attention.backend import AttentionBackend
 from radixserve.executor.attention.metadata import ForwardBatch
-from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer, Verified
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
 from radixserve.executor.kv_cache import kv_bytes_per_token
 from radixserve.executor.models.eagle import load_draft_model
 from radixserve.executor.models.llama import LlamaForCausalLM
 from radixserve.executor.models.standalone import load_standalone_draft
+from radixserve.executor.spec_verify import DeviceVerify
 from radixserve.scheduler.speculation import EagleParams
 
 log = logging.getLogger("radixserve.executor.eagle_step")
@@ -158,7 +159,7 @@ class EagleStep:
         states: torch.Tensor | None,
         table: torch.Tensor,
         next_tokens: torch.Tensor,
-        verified: tuple[list[str], Verified] | None = None,
+        verified: tuple[list[str], DeviceVerify] | None = None,
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None] | None:
         """Run the head over the step's kept positions; (request ids, their drafts [B, K] and,
         for trees, their parents, on the device) of the requests that sampled, or None when none

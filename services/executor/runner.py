@@ -22,7 +22,6 @@ from radixserve.common.phase_clock import PhaseClock
 from radixserve.executor.attention.metadata import StepSamples, forward_context
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.executor.batch_builder import BatchBuilder
-from radixserve.executor.eagle_proposer import Verified
 from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.fast_decode import FastDecode
 from radixserve.executor.image_inputs import ImageInputs
@@ -85,7 +84,7 @@ class LaunchedStep:
     # A verify step's tokens [V, K + 1] and accepted counts [V] (trees: and the accepted paths' rows)
     # on the device (every shard's), which an EAGLE head reads there (_propose), the host only in
     # collect.
-    verified: Verified | None = None
+    verified: DeviceVerify | None = None
     # EAGLE: the drafts proposed after this step, rank 0's: (request ids, their drafts [B, K] on the
     # device, and for trees their parents [B, K], else None).
     proposals: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
@@ -624,9 +623,8 @@ class ModelRunner:
             state.verifying = True
         launched.verifying = list(zip(states, counts))
         launched.spec = spec.to_host() if spec is not None else None
-        launched.verified = Verified(
-            tokens, accepted, spec.verified.rows if spec is not None else None
-        )
+        # Every shard's copy of the outcome (rank 0's own, the others' broadcast): the head's input.
+        launched.verified = spec.verified if spec is not None else DeviceVerify(tokens, accepted)
         launched.num_accepted = to_host(accepted)
 
     def _keep_tree_paths(self, sampling: StepSamples, verified: DeviceVerify) -> None:

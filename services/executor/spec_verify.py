@@ -48,13 +48,6 @@ class VerifyResult:
     # Per request, the row that produced each of token_ids (DeviceVerify.rows); None for a chain.
     rows: list[list[int]] | None = None
 
-    @property
-    def accepted_nodes(self) -> list[list[int]]:
-        """Per request, the draft indices of its accepted drafts, in depth order."""
-        if self.rows is None:
-            return [list(range(a)) for a in self.num_accepted]
-        return [[r - 1 for r in rows[1:]] for rows in self.rows]
-
 
 @dataclass
 class DeviceVerify:
@@ -71,14 +64,6 @@ class DeviceVerify:
     def to_host(self) -> "DeviceVerify":
         """Copies in pinned host memory, made asynchronously on the current stream."""
         return DeviceVerify(to_host(self.tokens), to_host(self.num_accepted), to_host(self.rows))
-
-    def accepted_nodes(self) -> torch.Tensor:
-        """[B, K] int64: each request's accepted draft indices in depth order (accepted draft j is
-        draft rows[:, j + 1] - 1), then -1."""
-        positions = torch.arange(self.tokens.shape[1] - 1, device=self.tokens.device)
-        accepted = positions[None, :] < self.num_accepted[:, None]
-        nodes = positions[None, :] if self.rows is None else self.rows[:, 1:] - 1
-        return torch.where(accepted, nodes, -1)
 
     def result(self) -> VerifyResult:
         accepted = self.num_accepted.tolist()

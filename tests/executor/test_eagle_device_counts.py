@@ -32,7 +32,8 @@ if not torch.cuda.is_available():
 import radixserve.executor.runner as runner_module
 from radixserve.executor.attention.registry import create_attention_backend
 from radixserve.common.step import ContinuingRequest, StepInput
-from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer, Verified
+from radixserve.executor.eagle_proposer import DraftRequest, EagleProposer
+from radixserve.executor.spec_verify import DeviceVerify
 from radixserve.executor.eagle_step import EagleStep
 from radixserve.executor.model_config import ModelConfig
 from radixserve.executor.models.eagle import load_draft_model
@@ -223,7 +224,7 @@ def test_proposals_after_a_verify_equal_the_host_count_path(
             host_hidden.append(h[: a + 1])
         kept_slots += slots[: a + 1]
     counts = torch.tensor(accepted).as_subclass(Unread)
-    verified = Verified(tokens, counts)
+    verified = DeviceVerify(tokens, counts)
     first = bonus0
     Unread.armed = backend == "triton"
     got = on_device.propose(
@@ -407,7 +408,7 @@ def test_tree_proposals_after_a_verify_equal_the_host_path(folders, algorithm, b
         )
         kept_slots += [step_slots[0]] + moved
     counts = torch.tensor([len(path) for path in TREE_PATHS]).as_subclass(Unread)
-    verified = Verified(tokens, counts, rows)
+    verified = DeviceVerify(tokens, counts, rows)
     Unread.armed = backend == "triton"
     got = on_device.propose_tree(
         table, device_requests, torch.cat(device_hidden), K, nodes, torch.tensor(bonus1), verified
@@ -474,7 +475,7 @@ def test_after_a_tree_verify_the_head_reads_the_accepted_paths_rows():
     )
     rows = torch.tensor([[0, 2, 4, 5, -1, -1], [0, 1, 2, -1, -1, -1]])
     accepted = torch.tensor([3, 2]).as_subclass(Unread)
-    verified = Verified(torch.zeros(2, 6, dtype=torch.int64), accepted, rows)
+    verified = DeviceVerify(torch.zeros(2, 6, dtype=torch.int64), accepted, rows)
     Unread.armed = True
     step_obj.after_step(
         StepInput(1, continuing_requests=[tree, chain]),

@@ -223,9 +223,7 @@ def test_tree_greedy_follows_the_matching_branch():
     assert result.token_ids == [[5, 6, 2, 7]]
     assert result.num_accepted == [3]
     assert result.rows == [[0, 2, 3, 4]]
-    assert result.accepted_nodes == [[1, 2, 3]]
-    assert verified.accepted_nodes().tolist() == [[1, 2, 3, -1, -1]]
-    assert verified.rows[0, 4:].tolist() == [-1, -1]
+    assert verified.rows.tolist() == [[0, 2, 3, 4, -1, -1]]  # accepted drafts 1, 2, 3
     host = verified.to_host()
     assert torch.equal(host.rows, verified.rows) and host.result() == result
 
@@ -234,13 +232,13 @@ def test_tree_greedy_accepts_nothing_or_a_whole_path():
     parents = [[-1, 0, -1, 1]]  # 0 -> 1 -> 3, and 2 beside 0
     drafts = torch.tensor([[3, 5, 6, 2]])
     nothing = verify_tree_greedy(logits_with_argmax([[7, 5, 1, 1, 1]]), drafts, parents).result()
-    assert nothing.token_ids == [[7]] and nothing.rows == [[0]] and nothing.accepted_nodes == [[]]
+    assert nothing.token_ids == [[7]] and nothing.rows == [[0]] and nothing.num_accepted == [0]
     # The root's argmax is draft 2's token: a leaf, so its row gives the final token.
     leaf = verify_tree_greedy(logits_with_argmax([[6, 5, 1, 4, 1]]), drafts, parents).result()
     assert leaf.token_ids == [[6, 4]] and leaf.rows == [[0, 3]]
     whole = verify_tree_greedy(logits_with_argmax([[3, 5, 2, 1, 0]]), drafts, parents).result()
     assert whole.token_ids == [[3, 5, 2, 0]]
-    assert whole.rows == [[0, 1, 2, 4]] and whole.accepted_nodes == [[0, 1, 3]]
+    assert whole.rows == [[0, 1, 2, 4]] and whole.num_accepted == [3]  # drafts 0, 1, 3
 
 
 def test_tree_greedy_pads_requests_of_different_trees():
@@ -256,7 +254,7 @@ def test_tree_greedy_pads_requests_of_different_trees():
     assert result.rows == [[0, 2, 3, 4], [0, 2]]
     assert verified.tokens[1].tolist() == [2, 6, -1, -1, -1, -1]
     assert verified.rows[1].tolist() == [0, 2, -1, -1, -1, -1]
-    assert verified.accepted_nodes().tolist() == [[1, 2, 3, -1, -1], [1, -1, -1, -1, -1]]
+    assert verified.rows[0].tolist() == [0, 2, 3, 4, -1, -1]
 
 
 def test_tree_greedy_takes_the_first_of_equal_siblings_and_checks_parents():
@@ -291,8 +289,10 @@ def test_tree_greedy_of_a_chain_is_verify_greedy():
         tree = verify_tree_greedy(logits, drafts, [chain(n) for n in num_drafts])
         assert torch.equal(tree.tokens, exact.tokens), seed
         assert torch.equal(tree.num_accepted, exact.num_accepted), seed
-        assert torch.equal(tree.accepted_nodes(), exact.accepted_nodes()), seed
-        assert tree.result().accepted_nodes == exact.result().accepted_nodes
+        # A chain's token j comes from row j: rows 0 .. num_accepted, then -1.
+        at = torch.arange(tree.tokens.shape[1])[None, :]
+        rows = torch.where(at <= exact.num_accepted[:, None], at, -1)
+        assert torch.equal(tree.rows, rows), seed
 
 
 def test_tree_sampling_keeps_the_target_distribution():
